@@ -1,0 +1,53 @@
+"""The ``edge-ptychonn`` command: one sub-command per module.
+
+Each sub-command lives in its own module, which provides
+``get_args_parser(prog) -> argparse.ArgumentParser`` and ``main(args) -> int``.
+Modules are imported only when their sub-command runs, so ``edge-ptychonn
+--help`` stays fast and works without torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> (module, one-line summary)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("edge_ptychonn.demo", "replay a scan through live PvaPy consumers and print a summary"),
+    "simulate": ("edge_ptychonn.simulate", "simulate a ptychography scan (.npy frames + .npz truth)"),
+    "train": ("edge_ptychonn.train", "train PtychoNN on simulated scans and export ONNX + model card"),
+    "evaluate": ("edge_ptychonn.evaluate", "stitch a model's predictions on a scan and score them"),
+    "export": ("edge_ptychonn.export", "export a PtychoNN (random or from a checkpoint) to ONNX"),
+    "bench": ("edge_ptychonn.bench", "benchmark engines and the live pipeline"),
+}
+
+
+def usage() -> str:
+    lines = [
+        "usage: edge-ptychonn COMMAND [options]",
+        "",
+        "Live PtychoNN phase reconstruction for PvaPy HPC streaming.",
+        "",
+        "commands:",
+    ]
+    lines += [f"  {name:<10} {summary}" for name, (_, summary) in COMMANDS.items()]
+    lines += ["", "Run 'edge-ptychonn COMMAND --help' for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"edge-ptychonn: unknown command {name!r}; known: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    args = module.get_args_parser(prog=f"edge-ptychonn {name}").parse_args(rest)
+    return int(module.main(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

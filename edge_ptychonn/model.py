@@ -1,0 +1,143 @@
+"""PtychoNN in PyTorch, and ONNX export with a dynamic batch axis.
+
+PtychoNN (Cherukara et al., 2020) maps one far-field diffraction pattern to the
+object patch that produced it: an encoder of ``depth`` levels (two 3x3
+convolutions and a 2x2 max-pool each, channels ``width * 2**level``), a decoder
+that mirrors it with bilinear 2x upsampling, and a phase head
+``pi * tanh(conv(x))`` giving radians in [-pi, pi]. An optional amplitude head
+(``sigmoid``) shares the encoder.
+
+BatchNorm after each convolution (``batch_norm=True``) lets the network learn
+from scratch on simulated scans; ``export_onnx`` exports in eval mode, so the
+batch statistics are fixed constants in the exported graph.
+
+torch is imported here at module level: import this module only where torch is
+wanted (training, export, the torch engine), never from the processor path.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ONNX_OPSET = 17
+INPUT_NAME = "diffraction"
+PHASE_NAME = "phase"
+AMPLITUDE_NAME = "amplitude"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of one PtychoNN network."""
+
+    width: int = 16
+    depth: int = 4
+    input_size: int = 128
+    batch_norm: bool = True
+    amplitude_head: bool = False
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.width <= 256:
+            raise ValueError(f"width must be 1..256, got {self.width}")
+        if not 1 <= self.depth <= 7:
+            raise ValueError(f"depth must be 1..7, got {self.depth}")
+        if self.input_size % (2**self.depth):
+            raise ValueError(
+                f"input_size must be a multiple of 2**depth = {2**self.depth}, "
+                f"got {self.input_size}"
+            )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _conv_block(c_in: int, c_out: int, batch_norm: bool) -> list[nn.Module]:
+    layers: list[nn.Module] = []
+    for c in (c_in, c_out):
+        layers.append(nn.Conv2d(c, c_out, 3, padding=1, bias=not batch_norm))
+        if batch_norm:
+            layers.append(nn.BatchNorm2d(c_out))
+        layers.append(nn.ReLU(inplace=True))
+    return layers
+
+
+class PtychoNN(nn.Module):
+    """Diffraction intensity (N, 1, H, W) -> phase (N, 1, H, W) [, amplitude]."""
+
+    def __init__(self, config: ModelConfig = ModelConfig()):
+        super().__init__()
+        self.config = config
+        w, d, bn = config.width, config.depth, config.batch_norm
+        enc: list[nn.Module] = []
+        c_in = 1
+        for level in range(d):
+            c_out = w * 2**level
+            enc += _conv_block(c_in, c_out, bn)
+            enc.append(nn.MaxPool2d(2))
+            c_in = c_out
+        self.encoder = nn.Sequential(*enc)
+        self.phase_decoder = self._decoder(c_in)
+        self.phase_head = nn.Conv2d(w, 1, 3, padding=1)
+        if config.amplitude_head:
+            self.amplitude_decoder = self._decoder(c_in)
+            self.amplitude_head = nn.Conv2d(w, 1, 3, padding=1)
+
+    def _decoder(self, c_in: int) -> nn.Sequential:
+        w, d, bn = self.config.width, self.config.depth, self.config.batch_norm
+        dec: list[nn.Module] = []
+        for level in reversed(range(d)):
+            c_out = w * 2**level
+            dec += _conv_block(c_in, c_out, bn)
+            dec.append(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False))
+            c_in = c_out
+        return nn.Sequential(*dec)
+
+    def forward(self, x: torch.Tensor):
+        z = self.encoder(x)
+        phase = math.pi * torch.tanh(self.phase_head(self.phase_decoder(z)))
+        if not self.config.amplitude_head:
+            return phase
+        amplitude = torch.sigmoid(self.amplitude_head(self.amplitude_decoder(z)))
+        return phase, amplitude
+
+
+def build_model(config: ModelConfig = ModelConfig(), seed: int | None = 0) -> PtychoNN:
+    """A PtychoNN with deterministic initial weights when ``seed`` is given."""
+    if seed is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return PtychoNN(config)
+    return PtychoNN(config)
+
+
+def export_onnx(model: PtychoNN, path: str | Path) -> Path:
+    """Export in eval mode to ONNX (opset 17) with a dynamic batch axis.
+
+    Input ``diffraction`` float32 (N, 1, H, W); outputs ``phase`` and, with an
+    amplitude head, ``amplitude``, both float32 (N, 1, H, W).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    size = model.config.input_size
+    outputs = [PHASE_NAME] + ([AMPLITUDE_NAME] if model.config.amplitude_head else [])
+    was_training = model.training
+    model.eval()
+    try:
+        example = torch.zeros(2, 1, size, size)
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            input_names=[INPUT_NAME],
+            output_names=outputs,
+            opset_version=ONNX_OPSET,
+            dynamic_axes={name: {0: "batch"} for name in [INPUT_NAME, *outputs]},
+            dynamo=False,
+        )
+    finally:
+        model.train(was_training)
+    return path
