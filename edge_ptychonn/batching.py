@@ -1,0 +1,139 @@
+"""Fixed-size batches in preallocated buffers, flushed on timeout and at stop, order kept.
+
+A :class:`Batcher` preprocesses each frame straight into the next free slot of a
+batch buffer. A full batch is returned to the caller (who queues it for
+inference); a partial batch is returned by :meth:`Batcher.flush` when it has
+waited ``batch_timeout_s`` or at stop. Buffers come from a fixed pool and go
+back to it through :meth:`Batcher.release` once the batch has been inferred: when
+all are in use, :meth:`Batcher.add` waits for one (backpressure towards the PVA
+server queue) instead of allocating.
+
+The batcher is not thread-safe: the caller serialises ``add`` and ``flush``
+(the processor holds one lock for both). ``release`` may be called from any
+thread.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .frames import BadFrame, FrameMeta
+from .preprocess import PreprocessConfig, preprocess_into
+
+
+@dataclass
+class Batch:
+    """A batch buffer's first ``n`` frames and their metadata, in input order."""
+
+    inputs: np.ndarray  # (batch_size, 1, H, W) float32; rows [:n] are valid
+    metas: list[FrameMeta] = field(default_factory=list)
+    first_added_s: float = 0.0
+
+    @property
+    def n(self) -> int:
+        return len(self.metas)
+
+    @property
+    def valid(self) -> np.ndarray:
+        return self.inputs[: self.n]
+
+
+class NoFreeBuffer(TimeoutError):
+    """All batch buffers stayed in use for the whole wait."""
+
+
+class Batcher:
+    """Preprocess frames into batches of ``batch_size`` for a model of ``input_hw``."""
+
+    def __init__(
+        self,
+        batch_size: int,
+        input_hw: tuple[int, int],
+        preprocess: PreprocessConfig,
+        n_buffers: int,
+        buffer_wait_s: float = 10.0,
+    ):
+        if n_buffers < 2:
+            raise ValueError(f"n_buffers must be >= 2, got {n_buffers}")
+        self.batch_size = batch_size
+        self.input_hw = tuple(input_hw)
+        self.buffer_wait_s = buffer_wait_s
+        self._free: queue.Queue[np.ndarray] = queue.Queue()
+        for _ in range(n_buffers):
+            self._free.put(np.zeros((batch_size, 1, *self.input_hw), dtype=np.float32))
+        self._current: Batch | None = None
+        self._shape_ok: dict[tuple[int, int], bool] = {}
+        self.preprocess = preprocess
+
+    @property
+    def preprocess(self) -> PreprocessConfig:
+        return self._preprocess
+
+    @preprocess.setter
+    def preprocess(self, config: PreprocessConfig) -> None:
+        self._preprocess = config
+        self._shape_ok.clear()
+
+    def check_shape(self, frame_hw: tuple[int, int]) -> None:
+        """Raise BadFrame('shape') unless frames of ``frame_hw`` become model input."""
+        ok = self._shape_ok.get(frame_hw)
+        if ok is None:
+            try:
+                ok = self._preprocess.output_shape(frame_hw) == self.input_hw
+            except ValueError:
+                ok = False
+            self._shape_ok[frame_hw] = ok
+        if not ok:
+            raise BadFrame(
+                "shape",
+                f"a {frame_hw[0]}x{frame_hw[1]} frame does not become the model's "
+                f"{self.input_hw[0]}x{self.input_hw[1]} input with {self._preprocess}",
+            )
+
+    @property
+    def pending(self) -> int:
+        """Frames in the batch being filled."""
+        return self._current.n if self._current else 0
+
+    def age_s(self, now_s: float | None = None) -> float:
+        """How long the batch being filled has waited (0 when there is none)."""
+        if not self._current:
+            return 0.0
+        return (time.perf_counter() if now_s is None else now_s) - self._current.first_added_s
+
+    def add(self, meta: FrameMeta, image: np.ndarray) -> Batch | None:
+        """Preprocess ``image`` into the current batch; return the batch when full.
+
+        Raises BadFrame('shape') for frames that do not fit the model (nothing is
+        added) and NoFreeBuffer when no buffer came free in ``buffer_wait_s``.
+        """
+        self.check_shape(image.shape)
+        if self._current is None:
+            try:
+                buffer = self._free.get(timeout=self.buffer_wait_s)
+            except queue.Empty:
+                raise NoFreeBuffer(f"no free batch buffer for {self.buffer_wait_s} s") from None
+            self._current = Batch(buffer, first_added_s=time.perf_counter())
+        batch = self._current
+        preprocess_into(image, batch.inputs[batch.n, 0], self._preprocess)
+        batch.metas.append(meta)
+        if batch.n == self.batch_size:
+            self._current = None
+            return batch
+        return None
+
+    def flush(self) -> Batch | None:
+        """The partial batch being filled, if any (it is no longer filled)."""
+        batch, self._current = self._current, None
+        if batch is not None and batch.n == 0:
+            self.release(batch)
+            return None
+        return batch
+
+    def release(self, batch: Batch) -> None:
+        """Give ``batch``'s buffer back to the pool (after inference)."""
+        self._free.put(batch.inputs)

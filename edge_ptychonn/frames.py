@@ -1,0 +1,139 @@
+"""NTNDArray <-> numpy, keeping each frame's uniqueId, time stamps and attributes.
+
+:func:`decode` turns one received NTNDArray into a :class:`FrameMeta` and a 2-D
+numpy image (a view into the PvObject's buffer for uncompressed frames: copy it
+out before ``process()`` returns). A frame that cannot be used raises
+:class:`BadFrame` with one of :data:`BAD_FRAME_KINDS`, so callers can count and
+report each kind.
+
+:class:`FrameEncoder` turns a float32 result image and the input's metadata into
+an NTNDArray ready for ``updateOutputChannel``. It reuses one PvObject: the PVA
+server copies it into the output record on each update.
+
+Decompression (lz4, blosc, bslz4) and reshaping use pvapy's ``AdImageUtility``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pvaccess as pva
+from pvapy.utility.adImageUtility import AdImageUtility
+
+BAD_FRAME_KINDS = ("empty", "colour", "dtype", "codec", "shape", "malformed")
+
+CODEC_PACKAGES = {"lz4": "lz4", "blosc": "blosc", "bslz4": "bitshuffle"}
+# Union fields we can turn into float32 model input.
+SUPPORTED_FIELDS = frozenset(
+    AdImageUtility.NTNDA_DATA_FIELD_KEY_MAP.values()
+)
+_ZERO_TS = {"secondsPastEpoch": 0, "nanoseconds": 0, "userTag": 0}
+
+
+class BadFrame(Exception):
+    """A frame that cannot be processed; ``kind`` is one of BAD_FRAME_KINDS."""
+
+    def __init__(self, kind: str, message: str):
+        assert kind in BAD_FRAME_KINDS, kind
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(slots=True)
+class FrameMeta:
+    """What an output frame keeps of its input frame."""
+
+    unique_id: int
+    time_stamp: dict
+    data_time_stamp: dict
+    attributes: list
+    received_s: float  # time.perf_counter() when process() got the frame
+
+
+def _color_mode(attributes: list) -> int | None:
+    for attribute in attributes:
+        if attribute.get("name") == "ColorMode":
+            try:
+                return int(attribute["value"][0]["value"])
+            except (KeyError, IndexError, TypeError, ValueError):
+                return None
+    return None
+
+
+def decode(pv: pva.PvObject, received_s: float | None = None) -> tuple[FrameMeta, np.ndarray]:
+    """One NTNDArray -> (metadata, 2-D image). Raises BadFrame."""
+    received_s = time.perf_counter() if received_s is None else received_s
+    try:
+        unique_id = int(pv["uniqueId"])
+        dims = pv["dimension"]
+        attributes = pv["attribute"] if pv.hasField("attribute") else []
+        time_stamp = pv["timeStamp"] if pv.hasField("timeStamp") else dict(_ZERO_TS)
+        data_time_stamp = pv["dataTimeStamp"] if pv.hasField("dataTimeStamp") else dict(_ZERO_TS)
+    except (KeyError, TypeError, pva.FieldNotFound) as exc:
+        raise BadFrame("malformed", f"not an NTNDArray: {exc}") from exc
+    meta = FrameMeta(unique_id, time_stamp, data_time_stamp, attributes, received_s)
+    color_mode = _color_mode(attributes)
+    if len(dims) == 3 or color_mode not in (None, AdImageUtility.COLOR_MODE_MONO):
+        raise BadFrame("colour", f"colour frame (ColorMode {color_mode}, {len(dims)} dimensions); only mono frames are processed")
+    if len(dims) != 2:
+        raise BadFrame("empty" if len(dims) == 0 else "malformed", f"frame has {len(dims)} dimensions; need 2")
+    field = pv.getSelectedUnionFieldName()
+    if not field:
+        raise BadFrame("empty", "frame has no data")
+    if field not in SUPPORTED_FIELDS:
+        raise BadFrame("dtype", f"unsupported pixel type {field!r}; supported: {', '.join(sorted(SUPPORTED_FIELDS))}")
+    codec = pv["codec"]["name"] if pv.hasField("codec") else ""
+    if codec and codec not in CODEC_PACKAGES:
+        raise BadFrame("codec", f"unsupported codec {codec!r}; supported: {', '.join(CODEC_PACKAGES)}")
+    nx, ny = dims[0]["size"], dims[1]["size"]
+    if nx * ny == 0:
+        raise BadFrame("empty", f"frame is {nx}x{ny}")
+    try:
+        _, image, *_ = AdImageUtility.reshapeNtNdArray(pv)
+    except pva.ConfigurationError as exc:
+        raise BadFrame(
+            "codec", f"cannot decompress {codec!r} frames: install the {CODEC_PACKAGES.get(codec, codec)!r} package ({exc})"
+        ) from exc
+    except (pva.InvalidArgument, ValueError, TypeError, RuntimeError) as exc:
+        kind = "codec" if codec else "malformed"
+        raise BadFrame(kind, f"cannot decode frame {unique_id}: {exc}") from exc
+    if image is None or image.size == 0:
+        raise BadFrame("empty", "frame has no data")
+    return meta, image
+
+
+class FrameEncoder:
+    """Builds output NTNDArrays (float32 mono images) from result images."""
+
+    def __init__(self) -> None:
+        self._pv = pva.NtNdArray()
+        self._shape: tuple[int, int] | None = None
+        self._color_mode = pva.NtAttribute("ColorMode", pva.PvInt(AdImageUtility.COLOR_MODE_MONO))
+
+    def encode(self, meta: FrameMeta, image: np.ndarray) -> pva.PvObject:
+        """The output NTNDArray for ``image`` (2-D float32), with ``meta``'s id,
+        time stamps and attributes (a ColorMode attribute is added if missing)."""
+        pv = self._pv
+        ny, nx = image.shape
+        if self._shape != (ny, nx):
+            self._shape = (ny, nx)
+            pv["dimension"] = [pva.PvDimension(nx, 0, nx, 1, False), pva.PvDimension(ny, 0, ny, 1, False)]
+            size = nx * ny * 4
+            pv["compressedSize"] = size
+            pv["uncompressedSize"] = size
+        pv["uniqueId"] = meta.unique_id
+        pv["value"] = {"floatValue": np.ascontiguousarray(image, dtype=np.float32).ravel()}
+        pv["timeStamp"] = meta.time_stamp
+        pv["dataTimeStamp"] = meta.data_time_stamp
+        attributes = meta.attributes
+        if _color_mode(attributes) is None:
+            attributes = [self._color_mode, *attributes]
+        pv["attribute"] = attributes
+        return pv
+
+
+def output_pv_type() -> pva.PvObject:
+    """The output record's structure: an NTNDArray (its union holds float32)."""
+    return pva.NtNdArray()

@@ -1,0 +1,45 @@
+"""What engines need to know of an ONNX model file, read without running it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class OnnxSignature:
+    input_name: str
+    output_names: tuple[str, ...]
+    input_shape: tuple[int, int]  # (H, W)
+    fixed_batch: int | None  # the batch size baked into the model, or None if dynamic
+
+    @property
+    def phase_output(self) -> str:
+        """The phase output: named 'phase' if there is one, else the first."""
+        return "phase" if "phase" in self.output_names else self.output_names[0]
+
+
+def read_signature(model_path: Path) -> OnnxSignature:
+    """Input/output names and shapes of a single-input PtychoNN ONNX model."""
+    import onnx
+
+    try:
+        model = onnx.load(str(model_path), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError, OSError, ...: all mean "not a model"
+        raise ValueError(f"{model_path} is not a readable ONNX model: {exc}") from exc
+    initializers = {i.name for i in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    if len(inputs) != 1:
+        raise ValueError(f"{model_path}: expected one input, found {[i.name for i in inputs]}")
+    dims = inputs[0].type.tensor_type.shape.dim
+    if len(dims) != 4:
+        raise ValueError(f"{model_path}: input must be (N, 1, H, W), has {len(dims)} dimensions")
+    values = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    if values[1] not in (1, None) or values[2] is None or values[3] is None:
+        raise ValueError(f"{model_path}: input must be (N, 1, H, W) with fixed H, W, got {values}")
+    return OnnxSignature(
+        input_name=inputs[0].name,
+        output_names=tuple(o.name for o in model.graph.output),
+        input_shape=(values[2], values[3]),
+        fixed_batch=values[0] or None,
+    )

@@ -1,0 +1,89 @@
+"""PyTorch engine: CPU or CUDA, fp32/bf16/fp16, channels-last, inference mode.
+
+The ONNX model is converted to a ``torch.nn.Module`` with onnx2torch, so any
+PtychoNN exported to ONNX runs, the project's own and external ones alike.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .base import EngineOptions, EngineUnavailable, FixedBatchRunner, check_batch
+from .onnx_model import read_signature
+
+
+def resolve_device(torch, device: str, processor_id: int) -> str:
+    """'auto' -> 'cuda:<(processor_id - 1) % n_gpus>' if CUDA is there, else 'cpu'."""
+    if device == "cpu":
+        return "cpu"
+    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device == "auto":
+        return f"cuda:{(max(processor_id, 1) - 1) % n_gpus}" if n_gpus else "cpu"
+    if n_gpus == 0:
+        raise EngineUnavailable(f"device {device!r} asked for, but torch sees no CUDA GPU")
+    index = int(device.partition(":")[2] or 0)
+    if index >= n_gpus:
+        raise EngineUnavailable(f"device {device!r} asked for, but torch sees {n_gpus} GPU(s)")
+    return f"cuda:{index}"
+
+
+class TorchEngine:
+    """Runs the model with PyTorch (converted from ONNX by onnx2torch)."""
+
+    name = "torch"
+
+    def __init__(self, options: EngineOptions):
+        try:
+            import torch
+            from onnx2torch import convert
+        except ImportError as exc:
+            raise EngineUnavailable(
+                "the torch engine needs torch and onnx2torch: pip install 'edge-ptychonn[torch]'"
+            ) from exc
+        self._torch = torch
+        signature = read_signature(options.model_path)
+        device = resolve_device(torch, options.device, options.processor_id)
+        if options.cpu_threads:
+            torch.set_num_threads(options.cpu_threads)
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[options.precision]
+        import onnx
+
+        module = convert(onnx.load(str(options.model_path)))
+        module = module.eval().to(device=device, dtype=dtype, memory_format=torch.channels_last)
+        self._module = module
+        self._device = torch.device(device)
+        self._dtype = dtype
+        self.precision = options.precision
+        self.input_shape = signature.input_shape
+        self.max_batch = options.max_batch
+        self._output_index = signature.output_names.index(signature.phase_output)
+        self._fixed = FixedBatchRunner(signature.fixed_batch, signature.input_shape) if signature.fixed_batch else None
+        if self._device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+            self.device = f"{device} ({torch.cuda.get_device_name(self._device)})"
+        else:
+            self.device = "cpu"
+        # Warm up: the first call pays for lazy initialisation (and cuDNN autotuning).
+        self.infer(np.zeros((min(self.max_batch, signature.fixed_batch or self.max_batch), 1, *self.input_shape), np.float32))
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        torch = self._torch
+        with torch.inference_mode():
+            x = torch.from_numpy(batch).to(self._device, non_blocking=True)
+            x = x.to(self._dtype).contiguous(memory_format=torch.channels_last)
+            y = self._module(x)
+            if isinstance(y, (tuple, list)):
+                y = y[self._output_index]
+            return y.float().contiguous().cpu().numpy()
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        check_batch(self, batch)
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        if self._fixed is not None:
+            return self._fixed.run(batch, self._run)
+        return self._run(batch)
+
+    def close(self) -> None:
+        self._module = None
+        if self._device.type == "cuda":
+            self._torch.cuda.empty_cache()

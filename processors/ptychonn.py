@@ -1,0 +1,151 @@
+"""PvaPy processor: live PtychoNN inference on areaDetector frames.
+
+Usage::
+
+    pvapy-hpc-consumer --input-channel ad:image \\
+        --output-channel 'inference:*:output' --status-channel 'inference:*:status' \\
+        --control-channel 'inference:*:control' \\
+        --processor-class processors.ptychonn.PtychoNNProcessor \\
+        --processor-args '{"modelPath": "data/ptychonn.onnx", "engine": "auto", "batchSize": 8}' \\
+        --n-consumers 4 --distributor-updates 8 --server-queue-size 1000
+
+Input
+    NTNDArray, mono, any integer or float pixel type (uncompressed, or lz4 /
+    blosc / bslz4 compressed when that package is installed), of a size that
+    the preprocessing turns into the model's input (e.g. 128x128, or 516x516
+    with ``"crop": [512, 512], "bin": 4``).
+Output (``--output-channel``)
+    One NTNDArray per input frame, in input order: float32 phase image
+    (model output size, radians), the input's ``uniqueId``, ``timeStamp``,
+    ``dataTimeStamp`` and attributes.
+Processor arguments (``--processor-args`` JSON; camelCase)
+    modelPath (str, required unless the packaged default is wanted: data/ptychonn.onnx)
+    engine ('auto' | 'torch' | 'onnxruntime'; default 'auto')
+    device ('auto' | 'cpu' | 'cuda' | 'cuda:N'; default 'auto': GPU (processorId-1) % nGPUs)
+    precision ('fp32' | 'bf16' | 'fp16'; default 'fp32')
+    batchSize (1..256, default 8); batchTimeout (s, default 0.05: a partial batch is run after it)
+    queueBatches (default 16); maxPendingFrames (frames kept before the engine is ready, default 2000)
+    cpuThreads (0: engine default); crop [h, w]; cropOrigin [y0, x0]; bin (int);
+    transform ('none' | 'sqrt' | 'log1p'); offset; scale.
+    Preprocessing defaults come from the model's JSON sidecar (model.json) when present.
+Run-time changes (control channel ``configure``)
+    batchTimeout, offset, scale, transform. Anything else is refused and nothing changes.
+Statistics (status channel, ``userStats``)
+    See :data:`STATS`: frame/batch counters, dropped and bad frames by kind,
+    inference and frame rates, receive-to-publish latency p50/p99, engine, device.
+
+``InferPtychoNNImageProcessor`` is the drop-in for edgePtychoNN's processor: it
+also accepts that processor's ``bsz`` and ``onnx_mdl`` arguments.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pvaccess as pva
+from pvapy.hpc.adImageProcessor import AdImageProcessor
+
+from edge_ptychonn.config import SEED_ALIASES, ProcessorConfig, parse_processor_args
+from edge_ptychonn.frames import BAD_FRAME_KINDS, output_pv_type
+from edge_ptychonn.pipeline import InferencePipeline
+from engines import ENGINE_NAMES, EngineOptions, create_engine
+
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "data" / "ptychonn.onnx"
+
+
+def _latency(p: int):
+    def get(processor: "PtychoNNProcessor") -> float:
+        p50, p99 = processor.pipeline.stats.latency_percentiles_ms()
+        return p50 if p == 50 else p99
+
+    return get
+
+
+# One table for getStats() and getStatsPvaTypes(): key -> (PVA type, getter).
+STATS = {
+    "nFramesReceived": (pva.ULONG, lambda p: p.pipeline.stats.received),
+    "nFramesProcessed": (pva.ULONG, lambda p: p.pipeline.stats.published),
+    "nBatchesProcessed": (pva.ULONG, lambda p: p.pipeline.stats.batches),
+    "nPartialBatches": (pva.ULONG, lambda p: p.pipeline.stats.partial_batches),
+    "nFramesQueued": (pva.ULONG, lambda p: p.pipeline.queued_frames),
+    "nFramesDropped": (pva.ULONG, lambda p: p.pipeline.stats.dropped),
+    "nInferenceErrors": (pva.ULONG, lambda p: p.pipeline.stats.inference_errors),
+    "nPublishErrors": (pva.ULONG, lambda p: p.pipeline.stats.publish_errors),
+    "nBadFrames": (pva.ULONG, lambda p: p.pipeline.stats.bad_total),
+    **{
+        f"nBad{kind.capitalize()}": (pva.ULONG, lambda p, kind=kind: p.pipeline.stats.bad[kind])
+        for kind in BAD_FRAME_KINDS
+    },
+    "inferTime": (pva.DOUBLE, lambda p: p.pipeline.stats.infer_time_s),
+    "inferRate": (pva.DOUBLE, lambda p: p.pipeline.stats.infer_rate_hz),
+    "frameRate": (pva.DOUBLE, lambda p: p.pipeline.stats.frame_rate_hz),
+    "latencyP50Ms": (pva.DOUBLE, _latency(50)),
+    "latencyP99Ms": (pva.DOUBLE, _latency(99)),
+    "engine": (pva.STRING, lambda p: p.pipeline.engine.name if p.pipeline.engine else ""),
+    "device": (pva.STRING, lambda p: p.pipeline.engine.device if p.pipeline.engine else ""),
+}
+
+
+class PtychoNNProcessor(AdImageProcessor):
+    """Batches frames, runs PtychoNN on its own thread, publishes every result."""
+
+    ARG_ALIASES: dict[str, str] = {}
+
+    def __init__(self, configDict: dict | None = None):
+        super().__init__(configDict or {})
+        config, framework = parse_processor_args(
+            configDict or {}, aliases=self.ARG_ALIASES, default_model=DEFAULT_MODEL
+        )
+        if config.engine not in ENGINE_NAMES:
+            raise ValueError(f"unknown engine {config.engine!r}; known: {', '.join(ENGINE_NAMES)}")
+        self.config: ProcessorConfig = config
+        self.processor_id = int(framework.get("processorId", 1) or 1)
+        self.pipeline = InferencePipeline(config, self.updateOutputChannel, self.logger)
+
+    def _create_engine(self):
+        c = self.pipeline.config
+        return create_engine(
+            c.engine,
+            EngineOptions(
+                model_path=c.model_path, device=c.device, precision=c.precision,
+                max_batch=c.batch_size, cpu_threads=c.cpu_threads,
+                processor_id=self.processor_id, plan_cache_dir=c.plan_cache_dir,
+            ),
+        )
+
+    # -- PvaPy lifecycle -------------------------------------------------------------------
+    def start(self):
+        self.pipeline.start(self._create_engine)
+
+    def stop(self):
+        self.pipeline.stop()
+
+    def process(self, pvObject):
+        self.pipeline.submit(pvObject)
+        return None
+
+    def configure(self, configDict):
+        # A ValueError reaches the control channel as "Configuration failed: ...".
+        try:
+            self.pipeline.configure(configDict)
+        except ValueError as exc:
+            self.logger.error("configuration refused, nothing changed: %s", exc)
+            raise
+
+    def resetStats(self):
+        self.pipeline.reset_stats()
+
+    def getStats(self):
+        return {key: getter(self) for key, (_, getter) in STATS.items()}
+
+    def getStatsPvaTypes(self):
+        return {key: pva_type for key, (pva_type, _) in STATS.items()}
+
+    def getOutputPvObjectType(self, pvObject):
+        return output_pv_type()
+
+
+class InferPtychoNNImageProcessor(PtychoNNProcessor):
+    """Drop-in for edgePtychoNN's processor class: accepts ``bsz`` and ``onnx_mdl``."""
+
+    ARG_ALIASES = SEED_ALIASES
