@@ -1,0 +1,264 @@
+"""Start, watch and stop real PvaPy processes: used by the demo, the benchmarks and the tests.
+
+Every process is started in its own session with the loopback-only EPICS
+settings of :data:`LOOPBACK_ENV`, and stopped through its process id (SIGINT to
+its process group, then SIGTERM, then SIGKILL), so ``pvapy-hpc-consumer``'s
+forked consumers go with it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+# Keep every PVA search, beacon and server socket on the loopback interface.
+LOOPBACK_ENV = {
+    "EPICS_PVA_AUTO_ADDR_LIST": "NO",
+    "EPICS_PVA_ADDR_LIST": "127.0.0.1",
+    "EPICS_PVAS_AUTO_BEACON_ADDR_LIST": "NO",
+    "EPICS_PVAS_BEACON_ADDR_LIST": "127.0.0.1",
+    "EPICS_PVAS_INTF_ADDR_LIST": "127.0.0.1",
+}
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def use_loopback() -> dict:
+    """Set the loopback EPICS settings in this process (before any PVA channel) and
+    return an environment for child processes (with the project on PYTHONPATH)."""
+    os.environ.update(LOOPBACK_ENV)
+    env = dict(os.environ)
+    paths = [str(PROJECT_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def loopback_multicast() -> tuple[bool, str]:
+    """Turn on multicast on ``lo`` (needed when several PVA servers share a host).
+
+    Returns (ok, reason). Needs root (or CAP_NET_ADMIN) and the ``ip`` command.
+    """
+    ip = shutil.which("ip")
+    if ip is None:
+        return False, "the 'ip' command is missing (apt-get install iproute2)"
+    show = subprocess.run([ip, "link", "show", "lo"], capture_output=True, text=True)
+    if "MULTICAST" in show.stdout:
+        return True, "already on"
+    done = subprocess.run([ip, "link", "set", "lo", "multicast", "on"], capture_output=True, text=True)
+    if done.returncode != 0:
+        return False, f"'ip link set lo multicast on' failed (needs root): {done.stderr.strip()}"
+    return True, "turned on"
+
+
+def _bin(name: str) -> str:
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else name
+
+
+@dataclass
+class Proc:
+    """A started process and where its output goes."""
+
+    name: str
+    popen: subprocess.Popen
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def running(self) -> bool:
+        return self.popen.poll() is None
+
+    def wait(self, timeout_s: float) -> int | None:
+        try:
+            return self.popen.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stop(self, grace_s: float = 5.0) -> int:
+        """Stop it and its children by process id; return the exit code."""
+        for sig, wait_s in ((signal.SIGINT, grace_s), (signal.SIGTERM, 2.0), (signal.SIGKILL, 2.0)):
+            if self.popen.poll() is not None:
+                break
+            try:
+                os.killpg(self.pid, sig)
+            except ProcessLookupError:
+                break
+            self.wait(wait_s)
+        try:  # forked children may outlive the parent
+            os.killpg(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        return self.popen.wait()
+
+
+def start(name: str, argv: list[str], env: dict, log_dir: Path) -> Proc:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}.log"
+    with open(log_path, "wb") as log:
+        popen = subprocess.Popen(
+            argv, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True, cwd=str(PROJECT_ROOT),
+        )
+    return Proc(name, popen, log_path)
+
+
+def sim_server_argv(
+    frames_npy: Path, channel: str, fps: float, start_delay_s: float = 5.0,
+    runtime_s: float = 3600.0, replay_once: bool = True,
+) -> list[str]:
+    """``pvapy-ad-sim-server`` replaying ``frames_npy``; with ``replay_once`` each frame
+    is published exactly once (uniqueId k+1 for frame k), then the server exits."""
+    argv = [
+        _bin("pvapy-ad-sim-server"), "-dc", "-if", str(frames_npy), "-cn", channel,
+        "-fps", str(fps), "-std", str(start_delay_s), "-shd", "1", "-rt", str(runtime_s), "-rp", "1000000",
+    ]
+    if replay_once:
+        # A frame cache smaller than the file makes the server stream the file once
+        # (and exit); one frame less than the file lets it fill the cache ahead.
+        n_frames = len(np.load(frames_npy, mmap_mode="r"))
+        if n_frames < 2:
+            raise ValueError(f"{frames_npy}: replaying once needs at least 2 frames, has {n_frames}")
+        argv += ["-cs", str(n_frames - 1)]
+    return argv
+
+
+def consumer_argv(
+    input_channel: str, output_prefix: str, n_consumers: int, processor_class: str,
+    processor_args: dict | None = None, batch_updates: int = 8, server_queue_size: int = 1000,
+    runtime_s: float = 3600.0, report_period_s: float = 2.0, extra: list[str] | None = None,
+) -> list[str]:
+    """``pvapy-hpc-consumer`` with ``n_consumers`` consumers, each publishing on
+    ``<prefix>:<id>:output`` (status ``:status``, control ``:control``)."""
+    argv = [
+        _bin("pvapy-hpc-consumer"), "-dc", "-ic", input_channel,
+        "-oc", f"{output_prefix}:*:output", "-sc", f"{output_prefix}:*:status",
+        "-cc", f"{output_prefix}:*:control", "-pc", processor_class,
+        "-nc", str(n_consumers), "-sqs", str(server_queue_size),
+        "-rt", str(runtime_s), "-rp", str(report_period_s),
+    ]
+    if batch_updates > 1 and n_consumers > 1:
+        argv += ["-du", str(batch_updates)]
+    if processor_args:
+        argv += ["-pa", json.dumps(processor_args)]
+    return argv + (extra or [])
+
+
+@dataclass
+class Received:
+    unique_id: int
+    arrival_s: float
+    time_stamp: dict
+    attributes: list
+    image: np.ndarray | None
+
+
+@dataclass
+class OutputCollector:
+    """Monitors output channels (with a server-side queue) and keeps what arrives.
+
+    The empty record that a monitor gets on connect (no image yet) is ignored.
+    """
+
+    channels: list[str]
+    keep_images: bool = True
+    queue_size: int = 10000
+    received: dict[str, list[Received]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        import pvaccess as pva
+
+        self._lock = threading.Lock()
+        self._channels = []
+        for name in self.channels:
+            self.received[name] = []
+            channel = pva.Channel(name)
+            channel.monitor(self._callback(name), f"record[queueSize={self.queue_size}]field()")
+            self._channels.append(channel)
+
+    def _callback(self, name: str):
+        def on_update(pv) -> None:
+            field_name = pv.getSelectedUnionFieldName()
+            if not field_name:
+                return
+            image = None
+            if self.keep_images:
+                dims = pv["dimension"]
+                image = np.array(pv["value"][0][field_name]).reshape(dims[1]["size"], dims[0]["size"])
+            item = Received(int(pv["uniqueId"]), time.perf_counter(), pv["timeStamp"], pv["attribute"], image)
+            with self._lock:
+                self.received[name].append(item)
+
+        return on_update
+
+    def connected(self) -> bool:
+        return all(c.isConnected() for c in self._channels)
+
+    def count(self) -> int:
+        with self._lock:
+            return sum(len(v) for v in self.received.values())
+
+    def wait_connected(self, timeout_s: float) -> bool:
+        return _wait(self.connected, timeout_s)
+
+    def wait_count(self, n: int, timeout_s: float, idle_s: float | None = None) -> int:
+        """Wait until ``n`` frames arrived, or ``timeout_s`` passed, or nothing new
+        came for ``idle_s``; return the count."""
+        deadline = time.monotonic() + timeout_s
+        last, last_change = -1, time.monotonic()
+        while time.monotonic() < deadline:
+            current = self.count()
+            if current >= n:
+                return current
+            if current != last:
+                last, last_change = current, time.monotonic()
+            elif idle_s is not None and current > 0 and time.monotonic() - last_change > idle_s:
+                break
+            time.sleep(0.05)
+        return self.count()
+
+    def close(self) -> None:
+        for channel in self._channels:
+            try:
+                channel.stopMonitor()
+            except Exception:  # already disconnected: nothing left to stop
+                pass
+        self._channels = []
+
+
+def _wait(predicate, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+def read_status(channel: str, timeout_s: float = 3.0) -> dict | None:
+    """A consumer's status record as a dict (``userStats``, ``processorStats``, ...)."""
+    import pvaccess as pva
+
+    try:
+        ch = pva.Channel(channel)
+        ch.setTimeout(timeout_s)
+        return ch.get("field()").toDict()
+    except pva.PvaException:
+        return None
