@@ -140,4 +140,34 @@ def export_onnx(model: PtychoNN, path: str | Path) -> Path:
         )
     finally:
         model.train(was_training)
+    _inline_shared_initializers(path)
     return path
+
+
+def _inline_shared_initializers(path: Path) -> None:
+    """Replace ``Identity(initializer)`` nodes by initializers of their own.
+
+    The exporter shares identical weights (e.g. the zero biases left by folded
+    BatchNorm) through Identity nodes; converters and engines that expect a
+    convolution's weights to be initializers (onnx2torch, TensorRT refitting)
+    then fail. The file grows by the duplicated tensors only.
+    """
+    import onnx
+
+    proto = onnx.load(str(path))
+    graph = proto.graph
+    initializers = {i.name: i for i in graph.initializer}
+    keep = []
+    for node in graph.node:
+        if node.op_type == "Identity" and node.input[0] in initializers:
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(initializers[node.input[0]])
+            tensor.name = node.output[0]
+            graph.initializer.append(tensor)
+        else:
+            keep.append(node)
+    if len(keep) != len(graph.node):
+        del graph.node[:]
+        graph.node.extend(keep)
+        onnx.checker.check_model(proto)
+        onnx.save(proto, str(path))

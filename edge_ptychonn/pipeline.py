@@ -30,6 +30,7 @@ from .config import ProcessorConfig, apply_runtime_changes
 from .frames import BAD_FRAME_KINDS, BadFrame, FrameEncoder, decode
 
 LATENCY_SAMPLES = 10_000
+_WAKE = object()  # queued by configure(): the inference thread recomputes its wait
 
 
 @dataclass
@@ -99,10 +100,11 @@ class InferencePipeline:
         self._pending: deque = deque()
         self._batcher: Batcher | None = None
         n_buffers = config.queue_batches + 2
-        self._queue: queue.Queue[Batch | None] = queue.Queue(maxsize=n_buffers + 1)
+        self._queue: queue.Queue = queue.Queue(maxsize=n_buffers + 2)
         self._encoder = FrameEncoder()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._frames_in_queue = 0  # frames in full or flushed batches not yet inferred
         self._logged: set[str] = set()
 
     # -- lifecycle -----------------------------------------------------------------
@@ -136,7 +138,7 @@ class InferencePipeline:
                 batch = self._batcher.flush()
                 if batch is not None:
                     self.stats.partial_batches += 1
-                    self._queue.put(batch)
+                    self._enqueue(batch)
         if self._thread is not None:
             self._queue.put(None)
             self._thread.join(timeout_s)
@@ -180,7 +182,11 @@ class InferencePipeline:
             self._drop(1, f"inference is not keeping up: {exc}")
             return
         if batch is not None:
-            self._queue.put(batch)
+            self._enqueue(batch)
+
+    def _enqueue(self, batch: Batch) -> None:
+        self._frames_in_queue += batch.n
+        self._queue.put(batch)
 
     # -- inference side --------------------------------------------------------------
     def _next_batch(self) -> Batch | None:
@@ -190,13 +196,18 @@ class InferencePipeline:
                 timeout = self.config.batch_timeout_s
                 wait = max(timeout - self._batcher.age_s(), 0.0) if self._batcher.pending else timeout
             try:
-                return self._queue.get(timeout=max(wait, 0.0005))
+                item = self._queue.get(timeout=max(wait, 0.0005))
+                if item is not _WAKE:
+                    return item
+                continue
             except queue.Empty:
                 pass
             with self._lock:
                 if self._batcher.pending and self._batcher.age_s() >= self.config.batch_timeout_s:
                     self.stats.partial_batches += 1
-                    return self._batcher.flush()
+                    batch = self._batcher.flush()
+                    self._frames_in_queue += batch.n
+                    return batch
 
     def _run(self) -> None:
         while True:
@@ -206,6 +217,8 @@ class InferencePipeline:
             try:
                 self._infer_and_publish(batch)
             finally:
+                with self._lock:
+                    self._frames_in_queue -= batch.n
                 self._batcher.release(batch)
 
     def _infer_and_publish(self, batch: Batch) -> None:
@@ -241,6 +254,11 @@ class InferencePipeline:
             self.config = new
             if self._batcher is not None:
                 self._batcher.preprocess = new.preprocess
+            if "batchTimeout" in applied and self._thread is not None:
+                try:
+                    self._queue.put_nowait(_WAKE)
+                except queue.Full:  # the thread is busy and will see the new timeout
+                    pass
         if applied:
             self.log.info("configuration changed: %s", applied)
         return applied
@@ -249,8 +267,7 @@ class InferencePipeline:
     def queued_frames(self) -> int:
         """Frames received but not yet inferred (pending, in batches waiting, being filled)."""
         batcher = self._batcher
-        waiting = self._queue.qsize() * self.config.batch_size
-        return len(self._pending) + (batcher.pending if batcher else 0) + waiting
+        return len(self._pending) + (batcher.pending if batcher else 0) + self._frames_in_queue
 
     def reset_stats(self) -> None:
         with self._lock:

@@ -1,0 +1,45 @@
+"""Shared fixtures: small exported models, the external reference model, PVA set-up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+EXTERNAL_MODEL = ROOT.parent / "shared" / "models" / "edgeptychonn_ptychoNN_8.onnx"
+
+
+@pytest.fixture(scope="session")
+def small_model(tmp_path_factory) -> Path:
+    """A deterministic random PtychoNN for 64x64 frames, dynamic batch (ONNX)."""
+    from edge_ptychonn.model import ModelConfig, build_model, export_onnx
+
+    path = tmp_path_factory.mktemp("models") / "small.onnx"
+    return export_onnx(build_model(ModelConfig(width=8, depth=3, input_size=64), seed=0), path)
+
+
+@pytest.fixture(scope="session")
+def external_model() -> Path:
+    """The external edgePtychoNN model (fixed batch 8, 128x128) beside the repository."""
+    if not EXTERNAL_MODEL.is_file():
+        pytest.skip(f"external reference model not found at {EXTERNAL_MODEL}")
+    return EXTERNAL_MODEL
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)
+
+
+@pytest.fixture(scope="session")
+def pva_env() -> dict:
+    """Loopback-only EPICS settings for this process and its children; multicast on lo."""
+    from edge_ptychonn.live import loopback_multicast, use_loopback
+
+    env = use_loopback()
+    ok, reason = loopback_multicast()
+    if not ok:
+        pytest.skip(f"several PVA servers on one host need multicast on lo: {reason}")
+    return env

@@ -1,0 +1,84 @@
+import json
+
+import pytest
+
+from edge_ptychonn.config import (
+    SEED_ALIASES,
+    apply_runtime_changes,
+    parse_processor_args,
+)
+
+FRAMEWORK = {
+    "processorId": 2, "inputChannel": "ad:image", "outputChannel": "inference:2:output",
+    "inputMode": "pva", "outputMode": "pvas", "objectIdField": "uniqueId", "objectIdOffset": 9,
+    "skipInitialUpdates": 1, "nSequentialUpdates": 8, "fieldRequest": "",
+}
+
+
+def test_user_and_framework_keys_are_separated(small_model):
+    config, framework = parse_processor_args(
+        {**FRAMEWORK, "modelPath": str(small_model), "batchSize": 4, "batchTimeout": 0.2, "bin": 2}
+    )
+    assert config.batch_size == 4 and config.batch_timeout_s == 0.2
+    assert config.preprocess.bin_factor == 2
+    assert framework["processorId"] == 2 and framework["nSequentialUpdates"] == 8
+
+
+def test_defaults(small_model):
+    config, _ = parse_processor_args({"modelPath": str(small_model)})
+    assert (config.engine, config.batch_size, config.batch_timeout_s) == ("auto", 8, 0.05)
+
+
+def test_unknown_key_is_named_with_the_accepted_ones(small_model):
+    with pytest.raises(ValueError, match=r"unknown processor argument\(s\) batchsize; accepted: modelPath"):
+        parse_processor_args({"modelPath": str(small_model), "batchsize": 8})
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ({"batchSize": 0}, "batchSize must be an integer 1..256, got 0"),
+        ({"batchSize": "8"}, "batchSize must be an integer"),
+        ({"batchTimeout": 0}, "batchTimeout must be 0.001..60 s"),
+        ({"device": "gpu"}, "device must be"),
+        ({"precision": "int8"}, "precision must be one of"),
+        ({"crop": [512]}, "crop must be a list of two integers"),
+    ],
+)
+def test_invalid_values(small_model, args, message):
+    with pytest.raises(ValueError, match=message):
+        parse_processor_args({"modelPath": str(small_model), **args})
+
+
+def test_missing_model_file(tmp_path):
+    with pytest.raises(ValueError, match="is not a file"):
+        parse_processor_args({"modelPath": str(tmp_path / "nope.onnx")})
+
+
+def test_seed_aliases(small_model):
+    config, _ = parse_processor_args({"bsz": 16, "onnx_mdl": str(small_model)}, aliases=SEED_ALIASES)
+    assert config.batch_size == 16 and config.model_path == small_model
+    with pytest.raises(ValueError, match="either 'bsz' or 'batchSize'"):
+        parse_processor_args({"bsz": 16, "batchSize": 8, "modelPath": str(small_model)}, aliases=SEED_ALIASES)
+
+
+def test_model_sidecar_gives_default_preprocessing(tmp_path, small_model):
+    model = tmp_path / "m.onnx"
+    model.write_bytes(small_model.read_bytes())
+    (tmp_path / "m.json").write_text(json.dumps({"preprocess": {"transform": "sqrt", "scale": 0.5}}))
+    config, _ = parse_processor_args({"modelPath": str(model)})
+    assert (config.preprocess.transform, config.preprocess.scale) == ("sqrt", 0.5)
+    config, _ = parse_processor_args({"modelPath": str(model), "scale": 2.0})
+    assert (config.preprocess.transform, config.preprocess.scale) == ("sqrt", 2.0)
+
+
+def test_runtime_changes_are_validated_all_or_nothing(small_model):
+    config, _ = parse_processor_args({"modelPath": str(small_model)})
+    new, applied = apply_runtime_changes(config, {"batchTimeout": 0.5, "scale": 3.0, "objectIdOffset": 17})
+    assert applied == {"batchTimeout": 0.5, "scale": 3.0}
+    assert new.batch_timeout_s == 0.5 and new.preprocess.scale == 3.0
+    with pytest.raises(ValueError, match="cannot change batchSize at run time; changeable: batchTimeout"):
+        apply_runtime_changes(config, {"batchSize": 4, "batchTimeout": 0.5})
+    with pytest.raises(ValueError, match="batchTimeout must be"):
+        apply_runtime_changes(config, {"batchTimeout": -1})
+    assert config.batch_timeout_s == 0.05  # frozen: the original never changes

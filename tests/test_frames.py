@@ -1,0 +1,65 @@
+import importlib.util
+
+import numpy as np
+import pytest
+
+from edge_ptychonn.frames import BadFrame, FrameEncoder, decode
+from frames_util import bool_frame, colour_frame, compressed_frame, empty_frame, good_frame
+
+CODEC_PACKAGE = {"lz4": "lz4", "blosc": "blosc", "bslz4": "bitshuffle"}
+
+
+def test_decode_keeps_id_timestamps_and_attributes(rng):
+    image = rng.integers(0, 1000, (32, 48), dtype=np.int16)
+    meta, out = decode(good_frame(42, image, energy_kev=8.5))
+    assert meta.unique_id == 42
+    np.testing.assert_array_equal(out, image)
+    assert [a["name"] for a in meta.attributes] == ["ColorMode", "EnergyKeV"]
+    assert meta.time_stamp["secondsPastEpoch"] > 0
+
+
+@pytest.mark.parametrize(
+    "pv, kind",
+    [
+        (colour_frame(1), "colour"),
+        (empty_frame(2), "empty"),
+        (bool_frame(3), "dtype"),
+    ],
+    ids=["colour", "empty", "dtype"],
+)
+def test_bad_frames_raise_their_kind(pv, kind):
+    with pytest.raises(BadFrame) as info:
+        decode(pv)
+    assert info.value.kind == kind
+
+
+@pytest.mark.parametrize("codec", ["lz4", "blosc", "bslz4"])
+def test_compressed_frames_decode_or_name_the_missing_package(codec, rng):
+    image = rng.integers(0, 1000, (16, 16), dtype=np.int16)
+    pv = compressed_frame(5, codec, image)
+    if importlib.util.find_spec(CODEC_PACKAGE[codec]) is not None:
+        _, out = decode(pv)
+        np.testing.assert_array_equal(out, image)
+    else:
+        with pytest.raises(BadFrame, match=f"install the '{CODEC_PACKAGE[codec]}' package") as info:
+            decode(pv)
+        assert info.value.kind == "codec"
+
+
+def test_unknown_codec_is_refused(rng):
+    pv = compressed_frame(6, "zstd", rng.integers(0, 10, (8, 8), dtype=np.int16))
+    with pytest.raises(BadFrame, match="unsupported codec 'zstd'"):
+        decode(pv)
+
+
+def test_encode_round_trip(rng):
+    meta, _ = decode(good_frame(9, rng.integers(0, 9, (8, 8), dtype=np.uint16), energy_kev=7.0))
+    result = rng.standard_normal((8, 8)).astype(np.float32)
+    pv = FrameEncoder().encode(meta, result)
+    assert pv["uniqueId"] == 9
+    assert pv.getSelectedUnionFieldName() == "floatValue"
+    np.testing.assert_array_equal(np.asarray(pv["value"][0]["floatValue"]).reshape(8, 8), result)
+    assert pv["timeStamp"] == meta.time_stamp and pv["dataTimeStamp"] == meta.data_time_stamp
+    assert [a["name"] for a in pv["attribute"]] == ["ColorMode", "EnergyKeV"]
+    meta2, _ = decode(pv)  # outputs are valid inputs for chained consumers
+    assert meta2.unique_id == 9

@@ -1,0 +1,136 @@
+"""The consumer pipeline with a real engine and real NTNDArrays, publishing into a list."""
+
+import time
+
+import numpy as np
+import pytest
+
+from edge_ptychonn.config import parse_processor_args
+from edge_ptychonn.pipeline import InferencePipeline
+from edge_ptychonn.preprocess import preprocess
+from engines import EngineOptions, create_engine
+from frames_util import bool_frame, colour_frame, compressed_frame, empty_frame, good_frame
+
+
+class Published(list):
+    """Copies what the pipeline publishes (it reuses one output PvObject)."""
+
+    def __call__(self, pv):
+        image = np.array(pv["value"][0]["floatValue"]).reshape(pv["dimension"][1]["size"], pv["dimension"][0]["size"])
+        self.append((pv["uniqueId"], image, pv["timeStamp"], [a["name"] for a in pv["attribute"]]))
+
+    def wait(self, n, timeout_s=20.0):
+        deadline = time.monotonic() + timeout_s
+        while len(self) < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return len(self)
+
+
+def make_pipeline(model, **args):
+    config, _ = parse_processor_args({"modelPath": str(model), "engine": "onnxruntime", "cpuThreads": 1, **args})
+    published = Published()
+    pipeline = InferencePipeline(config, published)
+    factory = lambda: create_engine("onnxruntime", EngineOptions(model, max_batch=config.batch_size, cpu_threads=1))
+    return pipeline, published, factory
+
+
+def frames(rng, n, hw=(64, 64)):
+    return rng.poisson(30, (n, *hw)).astype(np.int16)
+
+
+def test_every_frame_once_in_order_with_the_engines_result(small_model, rng):
+    pipeline, published, factory = make_pipeline(small_model, batchTimeout=0.05)
+    pipeline.start(factory)
+    images = frames(rng, 21)
+    inputs = [good_frame(100 + i, img, energy_kev=8.0) for i, img in enumerate(images)]
+    for pv in inputs:
+        pipeline.submit(pv)
+    assert published.wait(21) == 21  # the last 5 come after batchTimeout
+    pipeline.stop()
+    assert [p[0] for p in published] == list(range(100, 121))
+    reference = create_engine("onnxruntime", EngineOptions(small_model, max_batch=1, cpu_threads=1))
+    model_inputs = preprocess(images, pipeline.config.preprocess)[:, None]
+    for (_, image, _, _), x in zip(published, model_inputs):
+        np.testing.assert_allclose(image, reference.infer(x[None])[0, 0], atol=1e-5)
+    for (uid, _, ts, names), pv in zip(published, inputs):
+        assert ts == pv["timeStamp"]
+        assert names == ["ColorMode", "EnergyKeV"]
+    stats = pipeline.stats
+    assert (stats.received, stats.published, stats.batches, stats.partial_batches) == (21, 21, 3, 1)
+    assert stats.dropped == 0 and stats.bad_total == 0
+    p50, p99 = stats.latency_percentiles_ms()
+    assert 0 < p50 <= p99
+
+
+def test_bad_frames_are_counted_by_kind_and_good_ones_still_flow(small_model, rng):
+    pipeline, published, factory = make_pipeline(small_model, batchSize=4, batchTimeout=0.05)
+    pipeline.start(factory)
+    good = frames(rng, 6)
+    pipeline.submit(good_frame(1, good[0]))
+    pipeline.submit(good_frame(2, frames(rng, 1, (32, 32))[0]))  # wrong size
+    pipeline.submit(colour_frame(3))
+    pipeline.submit(empty_frame(4))
+    pipeline.submit(bool_frame(5))
+    pipeline.submit(compressed_frame(6, "zstd", good[1]))  # unsupported codec
+    for i in range(1, 6):
+        pipeline.submit(good_frame(6 + i, good[i]))
+    assert published.wait(6) == 6
+    pipeline.stop()
+    assert [p[0] for p in published] == [1, 7, 8, 9, 10, 11]
+    assert pipeline.stats.bad == {"empty": 1, "colour": 1, "dtype": 1, "codec": 1, "shape": 1, "malformed": 0}
+    assert pipeline.stats.received == 11 and pipeline.stats.dropped == 0
+
+
+def test_missing_codec_package_is_counted(small_model, rng):
+    pytest.importorskip("lz4")
+    import importlib.util
+
+    missing = [c for c, pkg in (("blosc", "blosc"), ("bslz4", "bitshuffle")) if importlib.util.find_spec(pkg) is None]
+    if not missing:
+        pytest.skip("blosc and bitshuffle are both installed: no codec is missing here")
+    pipeline, published, factory = make_pipeline(small_model, batchSize=2)
+    pipeline.start(factory)
+    image = frames(rng, 2)
+    pipeline.submit(compressed_frame(1, "lz4", image[0]))  # installed: decoded
+    pipeline.submit(compressed_frame(2, missing[0], image[1]))  # package missing: counted
+    pipeline.submit(good_frame(3, image[1]))
+    assert published.wait(2) == 2
+    pipeline.stop()
+    assert [p[0] for p in published] == [1, 3]
+    assert pipeline.stats.bad["codec"] == 1
+
+
+def test_frames_before_start_are_kept_up_to_the_bound(small_model, rng):
+    pipeline, published, factory = make_pipeline(small_model, maxPendingFrames=5, batchSize=4)
+    for i, img in enumerate(frames(rng, 7)):
+        pipeline.submit(good_frame(i + 1, img))
+    assert pipeline.stats.dropped == 2 and pipeline.queued_frames == 5
+    pipeline.start(factory)
+    assert published.wait(5) == 5
+    pipeline.stop()
+    assert [p[0] for p in published] == [1, 2, 3, 4, 5]
+
+
+def test_stop_flushes_the_partial_batch(small_model, rng):
+    pipeline, published, factory = make_pipeline(small_model, batchTimeout=60)
+    pipeline.start(factory)
+    for i, img in enumerate(frames(rng, 3)):
+        pipeline.submit(good_frame(i + 1, img))
+    time.sleep(0.2)
+    assert len(published) == 0  # waiting for the 60 s timeout
+    pipeline.stop()
+    assert [p[0] for p in published] == [1, 2, 3]
+    pipeline.submit(good_frame(4, frames(rng, 1)[0]))
+    assert pipeline.stats.dropped == 1  # after stop: counted, not lost silently
+
+
+def test_configure_validates_before_changing(small_model, rng):
+    pipeline, published, factory = make_pipeline(small_model, batchTimeout=60)
+    pipeline.start(factory)
+    with pytest.raises(ValueError, match="cannot change engine"):
+        pipeline.configure({"engine": "torch", "batchTimeout": 0.01})
+    assert pipeline.config.batch_timeout_s == 60
+    pipeline.submit(good_frame(1, frames(rng, 1)[0]))
+    pipeline.configure({"batchTimeout": 0.01})
+    assert published.wait(1, timeout_s=5) == 1  # the new timeout applies to the waiting batch
+    pipeline.stop()
