@@ -60,7 +60,8 @@ def loopback_multicast() -> tuple[bool, str]:
     return True, "turned on"
 
 
-def _bin(name: str) -> str:
+def tool_path(name: str) -> str:
+    """A console script of this Python environment (else the bare name, from PATH)."""
     local = Path(sys.executable).parent / name
     return str(local) if local.exists() else name
 
@@ -127,7 +128,7 @@ def sim_server_argv(
     """``pvapy-ad-sim-server`` replaying ``frames_npy``; with ``replay_once`` each frame
     is published exactly once (uniqueId k+1 for frame k), then the server exits."""
     argv = [
-        _bin("pvapy-ad-sim-server"), "-dc", "-if", str(frames_npy), "-cn", channel,
+        tool_path("pvapy-ad-sim-server"), "-dc", "-if", str(frames_npy), "-cn", channel,
         "-fps", str(fps), "-std", str(start_delay_s), "-shd", "1", "-rt", str(runtime_s), "-rp", "1000000",
     ]
     if replay_once:
@@ -148,7 +149,7 @@ def consumer_argv(
     """``pvapy-hpc-consumer`` with ``n_consumers`` consumers, each publishing on
     ``<prefix>:<id>:output`` (status ``:status``, control ``:control``)."""
     argv = [
-        _bin("pvapy-hpc-consumer"), "-dc", "-ic", input_channel,
+        tool_path("pvapy-hpc-consumer"), "-dc", "-ic", input_channel,
         "-oc", f"{output_prefix}:*:output", "-sc", f"{output_prefix}:*:status",
         "-cc", f"{output_prefix}:*:control", "-pc", processor_class,
         "-nc", str(n_consumers), "-sqs", str(server_queue_size),

@@ -1,0 +1,124 @@
+"""End to end: real pvapy-ad-sim-server -> 2 real pvapy-hpc-consumer processes -> output channels.
+
+Each test starts its own processes on loopback and stops them by process id.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import numpy as np
+import pytest
+
+from edge_ptychonn.live import OutputCollector, consumer_argv, read_status, sim_server_argv, start, tool_path
+from engines import EngineOptions, create_engine
+
+pytestmark = pytest.mark.e2e
+N_FRAMES = 61  # not a multiple of 8: the last batch is partial
+START_DELAY_S = 12.0  # consumers and the test's monitors connect before frames flow
+_ports = itertools.count(1)
+
+
+@pytest.fixture
+def procs():
+    started = []
+    yield started
+    for proc in reversed(started):
+        proc.stop()
+        assert not proc.running(), f"{proc.name} (pid {proc.pid}) still running"
+
+
+def _statuses(channels: list[str], done, timeout_s: float = 10.0) -> list[dict]:
+    """The consumers' status records once ``done(records)`` holds (they refresh every report period)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = [read_status(c) for c in channels]
+        if all(records) and done(records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.5)
+
+
+def _channel(prefix: str) -> str:
+    return f"{prefix}{next(_ports)}"
+
+
+def test_two_consumers_publish_every_frame_once(pva_env, procs, small_model, tmp_path):
+    frames = np.random.default_rng(5).poisson(25, (N_FRAMES, 64, 64)).astype(np.int16)
+    np.save(tmp_path / "scan.npy", frames)
+    image_channel, prefix = _channel("test:e2e:image"), _channel("test:e2e:inference")
+    args = {"modelPath": str(small_model), "engine": "onnxruntime", "cpuThreads": 1, "batchTimeout": 0.1}
+    procs.append(start("consumers", consumer_argv(image_channel, prefix, 2, "processors.ptychonn.PtychoNNProcessor", args), pva_env, tmp_path))
+    procs.append(start("sim", sim_server_argv(tmp_path / "scan.npy", image_channel, fps=200, start_delay_s=START_DELAY_S), pva_env, tmp_path))
+    outputs = [f"{prefix}:{i}:output" for i in (1, 2)]
+    collector = OutputCollector(outputs)
+    try:
+        assert collector.wait_connected(START_DELAY_S - 2), "output channels did not appear:\n" + procs[0].log()[-3000:]
+        got = collector.wait_count(N_FRAMES, timeout_s=60, idle_s=15)
+        statuses = _statuses(
+            [f"{prefix}:{i}:status" for i in (1, 2)],
+            lambda rs: sum(r["userStats"]["nFramesProcessed"] for r in rs) >= N_FRAMES,
+        )
+    finally:
+        collector.close()
+    assert got == N_FRAMES, f"received {got} of {N_FRAMES}\n" + procs[0].log()[-3000:]
+
+    # every input uniqueId exactly once across the two output channels
+    ids = sorted(r.unique_id for name in outputs for r in collector.received[name])
+    assert ids == list(range(1, N_FRAMES + 1))
+
+    # each output equals the engine's result on that input frame (frame k has uniqueId k+1)
+    engine = create_engine("onnxruntime", EngineOptions(small_model, max_batch=8, cpu_threads=1))
+    expected = np.concatenate([engine.infer(frames[i : i + 8, None].astype(np.float32)) for i in range(0, N_FRAMES, 8)])
+    for name in outputs:
+        for r in collector.received[name]:
+            assert r.image.dtype == np.float32
+            np.testing.assert_allclose(r.image, expected[r.unique_id - 1, 0], atol=1e-4)
+            assert r.time_stamp["secondsPastEpoch"] > 0
+            assert "ColorMode" in [a["name"] for a in r.attributes]
+
+    # each consumer gets whole runs of 8 consecutive frames in turn, published in input order
+    runs = {}
+    for name in outputs:
+        received = [r.unique_id for r in collector.received[name]]
+        assert received == sorted(received), f"{name} out of order"
+        for uid in received:
+            runs.setdefault((uid - 1) // 8, set()).add(name)
+    assert all(len(owners) == 1 for owners in runs.values()), "a run of 8 was split between consumers"
+    owners = [runs[k].pop() for k in sorted(runs)]
+    assert len(owners) == (N_FRAMES + 7) // 8
+    assert all(a != b for a, b in zip(owners, owners[1:])), "consumers did not take runs in turn"
+    last_owner = outputs.index(owners[-1])
+
+    # the status channels agree: nothing missed, dropped or bad; the last batch was partial
+    user = [s["userStats"] for s in statuses]
+    assert sum(u["nFramesProcessed"] for u in user) == N_FRAMES
+    assert all(u["nFramesDropped"] == 0 and u["nBadFrames"] == 0 for u in user)
+    assert user[last_owner]["nPartialBatches"] >= 1
+    assert all(s["processorStats"]["nMissed"] == 0 for s in statuses)
+    assert {u["engine"] for u in user} == {"onnxruntime"}
+
+
+def test_bad_frames_over_pvapy_are_counted_and_good_ones_follow(pva_env, procs, small_model, tmp_path):
+    """A stream of wrong-size frames then good ones: counted in the status, good ones published."""
+    scan = tmp_path / "scans"
+    scan.mkdir()
+    np.save(scan / "a_wrong_size.npy", np.ones((5, 48, 48), np.int16))
+    good = np.random.default_rng(6).poisson(25, (11, 64, 64)).astype(np.int16)
+    np.save(scan / "b_good.npy", good)
+    image_channel, prefix = _channel("test:bad:image"), _channel("test:bad:inference")
+    args = {"modelPath": str(small_model), "engine": "onnxruntime", "cpuThreads": 1, "batchTimeout": 0.1}
+    procs.append(start("consumer", consumer_argv(image_channel, prefix, 1, "processors.ptychonn.PtychoNNProcessor", args), pva_env, tmp_path))
+    sim = [tool_path("pvapy-ad-sim-server"), "-dc", "-id", str(scan), "-cn", image_channel, "-fps", "100", "-std", str(START_DELAY_S), "-shd", "1", "-cs", "15", "-rt", "60"]
+    procs.append(start("sim", sim, pva_env, tmp_path))
+    collector = OutputCollector([f"{prefix}:1:output"])
+    try:
+        assert collector.wait_connected(START_DELAY_S - 2), procs[0].log()[-3000:]
+        got = collector.wait_count(11, timeout_s=40, idle_s=10)
+        status = _statuses([f"{prefix}:1:status"], lambda rs: rs[0]["userStats"]["nFramesProcessed"] >= 11)[0]
+    finally:
+        collector.close()
+    assert got == 11, procs[0].log()[-3000:]
+    assert [r.unique_id for r in collector.received[f"{prefix}:1:output"]] == list(range(6, 17))
+    user = status["userStats"]
+    assert user["nBadShape"] == 5 and user["nBadFrames"] == 5 and user["nFramesProcessed"] == 11

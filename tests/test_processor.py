@@ -1,0 +1,81 @@
+"""The PvaPy processor class, and the PvaPy signatures it depends on (contract tests)."""
+
+import inspect
+
+import numpy as np
+import pvaccess as pva
+import pytest
+from pvapy.hpc.adImageProcessor import AdImageProcessor
+from pvapy.hpc.dataProcessingController import DataProcessingController
+from pvapy.utility.adImageUtility import AdImageUtility
+
+from frames_util import good_frame
+from processors.ptychonn import STATS, InferPtychoNNImageProcessor, PtychoNNProcessor
+
+FRAMEWORK = {
+    "processorId": 1, "inputChannel": "ad:image", "outputChannel": "inference:1:output",
+    "objectIdField": "uniqueId", "objectIdOffset": 9, "skipInitialUpdates": 1, "nSequentialUpdates": 8,
+}
+
+
+def test_pvapy_contract():
+    """What the processor relies on in PvaPy 5.6."""
+    assert issubclass(PtychoNNProcessor, AdImageProcessor)
+    for name in ("start", "stop", "process", "configure", "resetStats", "getStats", "getStatsPvaTypes",
+                 "getOutputPvObjectType", "updateOutputChannel"):
+        assert callable(getattr(AdImageProcessor, name)), name
+    result = AdImageUtility.reshapeNtNdArray(good_frame(3, np.zeros((4, 6), np.int16)))
+    assert len(result) == 7 and result[0] == 3 and result[1].shape == (4, 6)  # (id, image[ny,nx], nx, ny, nz, colorMode, fieldKey)
+    # The framework creates the output record from getOutputPvObjectType(first input)
+    # and passes our arguments merged with its own keys.
+    assert "getOutputPvObjectType" in inspect.getsource(DataProcessingController.createDataPublisher)
+    assert "processorId" in inspect.getsource(DataProcessingController.__init__)
+
+
+def test_stats_keys_and_types_come_from_one_table(small_model):
+    processor = PtychoNNProcessor({**FRAMEWORK, "modelPath": str(small_model), "engine": "onnxruntime"})
+    assert processor.getStats().keys() == processor.getStatsPvaTypes().keys() == STATS.keys()
+    for key in ("nFramesProcessed", "nBatchesProcessed", "nFramesQueued", "nFramesDropped", "nBadShape",
+                "nBadColour", "nBadEmpty", "nBadDtype", "nBadCodec", "inferRate", "frameRate",
+                "latencyP50Ms", "latencyP99Ms", "engine", "device"):
+        assert key in STATS, key
+    # the status record PvaPy builds from these types accepts these values
+    record = pva.PvObject(processor.getStatsPvaTypes())
+    record.set(processor.getStats())
+
+
+def test_processor_runs_frames_and_reports(small_model, rng):
+    published = []
+    processor = PtychoNNProcessor({**FRAMEWORK, "modelPath": str(small_model), "engine": "onnxruntime",
+                                   "cpuThreads": 1, "batchSize": 4})
+
+    class Publisher:  # what PvaPy's PvasDataPublisher offers: updateOutputChannel(pv)
+        def updateOutputChannel(self, pv):
+            published.append(pv["uniqueId"])
+
+    processor.outputChannel = FRAMEWORK["outputChannel"]
+    processor.dataPublisher = Publisher()
+    assert isinstance(processor.getOutputPvObjectType(good_frame(1, np.zeros((64, 64), np.int16))), pva.PvObject)
+    for i in range(6):
+        processor.process(good_frame(i + 1, rng.poisson(20, (64, 64)).astype(np.int16)))
+    processor.start()  # frames that came before start() are kept
+    processor.stop()
+    assert published == [1, 2, 3, 4, 5, 6]
+    stats = processor.getStats()
+    assert stats["nFramesProcessed"] == 6 and stats["engine"] == "onnxruntime" and stats["device"] == "cpu"
+    with pytest.raises(ValueError, match="cannot change batchSize"):
+        processor.configure({"batchSize": 2})
+    processor.configure({"batchTimeout": 1.5, "skipInitialUpdates": 0})
+    assert processor.pipeline.config.batch_timeout_s == 1.5
+
+
+def test_bad_arguments_fail_at_construction(small_model):
+    with pytest.raises(ValueError, match="unknown processor argument"):
+        PtychoNNProcessor({**FRAMEWORK, "modelPath": str(small_model), "bsz": 8})
+    with pytest.raises(ValueError, match="unknown engine 'tensorrtx'"):
+        PtychoNNProcessor({**FRAMEWORK, "modelPath": str(small_model), "engine": "tensorrtx"})
+
+
+def test_seed_drop_in_accepts_bsz_and_onnx_mdl(small_model):
+    processor = InferPtychoNNImageProcessor({**FRAMEWORK, "bsz": 16, "onnx_mdl": str(small_model)})
+    assert processor.config.batch_size == 16 and processor.config.model_path == small_model
