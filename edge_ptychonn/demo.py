@@ -1,0 +1,188 @@
+"""``edge-ptychonn demo``: replay a scan through live PvaPy consumers and print a summary.
+
+Starts ``pvapy-ad-sim-server`` replaying the scan once and ``pvapy-hpc-consumer``
+with N PtychoNN consumers (batches of 8 frames each, in turn), collects every
+output frame from ``<prefix>:<id>:output``, reads each consumer's status, and
+prints frames sent / received / published / missed, rate and latency. With a
+simulated scan (its ``.npz`` truth beside the ``.npy``) it also stitches the
+phase from the frames that came back and scores it against the truth.
+Everything it started is stopped by process id, also on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import live
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = ROOT / "data" / "ptychonn.onnx"
+DEFAULT_SCAN = ROOT / "data" / "generated" / "demo_scan.npy"
+DEFAULT_SCAN_SEED = 1001
+
+
+def get_args_parser(prog: str = "edge-ptychonn demo") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scan", type=Path, default=DEFAULT_SCAN,
+                   help="(N, ny, nx) .npy of frames to replay; the default held-out scan is simulated "
+                        f"(seed {DEFAULT_SCAN_SEED}) on first use (default: %(default)s)")
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="ONNX model (default: %(default)s)")
+    p.add_argument("--engine", default="auto", help="inference engine: auto, torch, onnxruntime (default: %(default)s)")
+    p.add_argument("--consumers", type=int, default=2, help="number of consumers (default: %(default)s)")
+    p.add_argument("--fps", type=float, default=60.0, help="replay frame rate (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=8, help="frames per inference batch and per distributor turn (default: %(default)s)")
+    p.add_argument("--cpu-threads", type=int, default=1, help="engine CPU threads per consumer, 0 = all (default: %(default)s)")
+    p.add_argument("--prefix", default="inference", help="output channel prefix: <prefix>:<id>:output (default: %(default)s)")
+    p.add_argument("--channel", default="ad:image", help="detector channel the sim server publishes (default: %(default)s)")
+    p.add_argument("--start-delay", type=float, default=12.0, help="seconds the sim server waits before streaming, so that all consumers connect (default: %(default)s)")
+    p.add_argument("--timeout", type=float, default=300.0, help="give up waiting for outputs after this many seconds (default: %(default)s)")
+    p.add_argument("--logs", type=Path, default=None, help="folder for the processes' logs (default: a temporary folder)")
+    return p
+
+
+def _progress(collector: live.OutputCollector, total: int, deadline: float) -> int:
+    """Show frames received on the outputs until all came, nothing new came for 15 s, or the deadline."""
+    last, last_change = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        n = collector.count()
+        if n != last:
+            last, last_change = n, time.monotonic()
+            print(f"\r  outputs received: {n}/{total}", end="", file=sys.stderr, flush=True)
+        if n >= total or (n > 0 and time.monotonic() - last_change > 15):
+            break
+        time.sleep(0.2)
+    print(file=sys.stderr)
+    return collector.count()
+
+
+def _wait_statuses(prefix: str, n: int, published: int, timeout_s: float = 8.0) -> list[dict | None]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = [live.read_status(f"{prefix}:{i}:status") for i in range(1, n + 1)]
+        done = all(records) and sum(r["userStats"]["nFramesProcessed"] for r in records) >= published
+        if done or time.monotonic() > deadline:
+            return records
+        time.sleep(0.5)
+
+
+def summary_rows(collector: live.OutputCollector, statuses: list[dict | None], n_sent: int) -> list[list[str]]:
+    """The summary table: one row per consumer and a total."""
+    rows = []
+    totals = dict(received=0, published=0, missed=0, bad=0, dropped=0, outputs=0)
+    all_arrivals = []
+    for i, (channel, status) in enumerate(zip(collector.channels, statuses), start=1):
+        got = collector.received[channel]
+        arrivals = [r.arrival_s for r in got]
+        all_arrivals += arrivals
+        user = (status or {}).get("userStats", {})
+        proc = (status or {}).get("processorStats", {})
+        span = (max(arrivals) - min(arrivals)) if len(arrivals) > 1 else 0.0
+        row = dict(
+            received=user.get("nFramesReceived", 0), published=user.get("nFramesProcessed", 0),
+            missed=proc.get("nMissed", 0), bad=user.get("nBadFrames", 0), dropped=user.get("nFramesDropped", 0),
+            outputs=len(got),
+        )
+        for k in totals:
+            totals[k] += int(row[k])
+        rows.append([
+            f"consumer {i}", "", str(row["received"]), str(row["published"]), str(row["outputs"]),
+            str(row["missed"]), str(row["bad"] + row["dropped"]),
+            f"{(len(got) - 1) / span:.1f}" if span > 0 else "-",
+            f"{user.get('latencyP50Ms', 0):.1f}", f"{user.get('latencyP99Ms', 0):.1f}",
+            f"{user.get('engine', '?')}/{user.get('device', '?')}",
+        ])
+    unique = {r.unique_id for v in collector.received.values() for r in v}
+    span = (max(all_arrivals) - min(all_arrivals)) if len(all_arrivals) > 1 else 0.0
+    rows.append([
+        "total", str(n_sent), str(totals["received"]), str(totals["published"]), str(len(unique)),
+        f"{totals['missed']} (+{n_sent - len(unique)} not out)", str(totals["bad"] + totals["dropped"]),
+        f"{(len(all_arrivals) - 1) / span:.1f}" if span > 0 else "-", "", "", "",
+    ])
+    return rows
+
+
+HEADER = ["", "sent", "received", "published", "outputs", "missed", "bad+dropped", "rate (fps)", "p50 ms", "p99 ms", "engine/device"]
+
+
+def format_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, rows)])
+
+
+def ensure_scan(scan: Path) -> Path:
+    """The scan to replay; the default held-out scan is simulated on first use."""
+    if scan.is_file():
+        return scan
+    if scan.resolve() != DEFAULT_SCAN.resolve():
+        raise SystemExit(f"scan {scan} not found")
+    from . import simulate
+
+    print(f"simulating the held-out demo scan (seed {DEFAULT_SCAN_SEED}) into {scan} ...", file=sys.stderr)
+    simulate.write_demo_scan(scan.with_suffix(""), seed=DEFAULT_SCAN_SEED)
+    return scan
+
+
+def accuracy_lines(scan: Path, collector: live.OutputCollector) -> list[str]:
+    """Stitch the phase from the frames that came back and score it, if the scan has truth."""
+    truth_path = scan.with_suffix(".npz")
+    if not truth_path.is_file():
+        return [f"(no {truth_path.name} beside the scan: accuracy not scored)"]
+    from . import evaluate
+
+    results = {r.unique_id: r.image for v in collector.received.values() for r in v}
+    return evaluate.live_accuracy_lines(truth_path, results)
+
+
+def main(args: argparse.Namespace) -> int:
+    if not args.model.is_file():
+        print(f"model {args.model} not found", file=sys.stderr)
+        return 2
+    scan = ensure_scan(args.scan)
+    frames = np.load(scan, mmap_mode="r")
+    n_sent = len(frames)
+    env = live.use_loopback()
+    ok, reason = live.loopback_multicast()
+    if not ok and args.consumers > 1:
+        print(f"warning: {reason}; with several PVA servers some consumers may not connect", file=sys.stderr)
+    log_dir = args.logs or Path(tempfile.mkdtemp(prefix="edge-ptychonn-demo-"))
+    processor_args = {"modelPath": str(args.model.resolve()), "engine": args.engine,
+                      "batchSize": args.batch_size, "cpuThreads": args.cpu_threads}
+    print(f"demo: {n_sent} frames {frames.shape[1]}x{frames.shape[2]} {frames.dtype} from {scan} at {args.fps:g} fps "
+          f"-> {args.consumers} consumer(s), model {args.model.name}; logs in {log_dir}", file=sys.stderr)
+    procs: list[live.Proc] = []
+    collector = None
+    try:
+        procs.append(live.start("consumers", live.consumer_argv(
+            args.channel, args.prefix, args.consumers, "processors.ptychonn.PtychoNNProcessor", processor_args,
+            batch_updates=args.batch_size), env, log_dir))
+        procs.append(live.start("sim-server", live.sim_server_argv(
+            scan, args.channel, args.fps, start_delay_s=args.start_delay), env, log_dir))
+        channels = [f"{args.prefix}:{i}:output" for i in range(1, args.consumers + 1)]
+        collector = live.OutputCollector(channels)
+        if not collector.wait_connected(args.start_delay):
+            print("output channels did not all appear in time; see the consumers' log:\n" + procs[0].log()[-2000:], file=sys.stderr)
+            return 1
+        got = _progress(collector, n_sent, time.monotonic() + args.start_delay + args.timeout)
+        statuses = _wait_statuses(args.prefix, args.consumers, got)
+        print()
+        print(format_table(HEADER, summary_rows(collector, statuses, n_sent)))
+        print()
+        for line in accuracy_lines(scan, collector):
+            print(line)
+        print(f"\nView live images next time with: c2dv --app image --pv {args.prefix}:1:output")
+        return 0 if got == n_sent else 1
+    except KeyboardInterrupt:
+        print("\ninterrupted: stopping everything", file=sys.stderr)
+        return 130
+    finally:
+        if collector is not None:
+            collector.close()
+        for proc in reversed(procs):
+            proc.stop()
