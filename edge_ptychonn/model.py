@@ -21,6 +21,7 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -171,3 +172,69 @@ def _inline_shared_initializers(path: Path) -> None:
         graph.node.extend(keep)
         onnx.checker.check_model(proto)
         onnx.save(proto, str(path))
+
+
+_LOADABLE_OPS = {"Conv", "Relu", "MaxPool", "Resize", "Upsample", "Tanh", "Sigmoid", "Mul", "Constant", "Identity"}
+
+
+def from_onnx(path: str | Path) -> PtychoNN:
+    """Rebuild a PtychoNN (eval mode, fp32) from an exported ONNX file.
+
+    Works for graphs of this architecture: the project's own exports (BatchNorm
+    folded into the convolutions) and PtychoNN models of the same layout from
+    elsewhere (e.g. edgePtychoNN's: conv-ReLU blocks, max-pool, bilinear
+    upsampling, ``pi * tanh`` phase head). The layout (width, depth, input size,
+    amplitude head) is read from the graph; each convolution's weights are copied
+    in graph order after checking its shape. Anything else raises ``ValueError``
+    saying what did not match.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    ops = {n.op_type for n in graph.node}
+    if not ops <= _LOADABLE_OPS:
+        raise ValueError(f"{path}: operators {sorted(ops - _LOADABLE_OPS)} are not part of PtychoNN")
+    for node in graph.node:
+        if node.op_type in ("Resize", "Upsample"):
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            mode = attrs.get("mode", b"nearest")
+            if mode not in (b"linear", b"bilinear"):
+                raise ValueError(f"{path}: upsampling mode {mode!r}; PtychoNN upsamples bilinearly")
+    weights = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    for node in graph.node:  # constants and shared weights given as nodes
+        if node.op_type == "Constant":
+            weights[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+        elif node.op_type == "Identity" and node.input[0] in weights:
+            weights[node.output[0]] = weights[node.input[0]]
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    if not convs or convs[0].input[1] not in weights:
+        raise ValueError(f"{path}: no convolution weights found")
+    first = weights[convs[0].input[1]]
+    data_input = next(i for i in graph.input if i.name not in weights)
+    dims = [d.dim_value for d in data_input.type.tensor_type.shape.dim]
+    config = ModelConfig(
+        width=int(first.shape[0]),
+        depth=sum(n.op_type == "MaxPool" for n in graph.node),
+        input_size=int(dims[-1]),
+        batch_norm=False,
+        amplitude_head=len(graph.output) == 2,
+    )
+    for node in graph.node:
+        if node.op_type == "Mul":
+            factors = [weights[i] for i in node.input if i in weights]
+            if factors and not np.allclose(factors[0], math.pi, rtol=1e-5):
+                raise ValueError(f"{path}: phase head scales tanh by {factors[0]}, PtychoNN by pi")
+    model = PtychoNN(config).eval()
+    modules = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    if len(modules) != len(convs):
+        raise ValueError(f"{path}: {len(convs)} convolutions, a PtychoNN of {config} has {len(modules)}")
+    with torch.no_grad():
+        for module, node in zip(modules, convs):
+            w = weights[node.input[1]]
+            if tuple(w.shape) != tuple(module.weight.shape):
+                raise ValueError(f"{path}: convolution {node.name or node.output[0]} has weights {w.shape}, expected {tuple(module.weight.shape)}")
+            module.weight.copy_(torch.from_numpy(np.array(w, dtype=np.float32)))
+            bias = weights[node.input[2]] if len(node.input) > 2 and node.input[2] else np.zeros(w.shape[0], np.float32)
+            module.bias.copy_(torch.from_numpy(np.array(bias, dtype=np.float32)))
+    return model

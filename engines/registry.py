@@ -24,7 +24,7 @@ def _factory(name: str):
 
 
 def _torch_cuda_available() -> bool:
-    if importlib.util.find_spec("torch") is None or importlib.util.find_spec("onnx2torch") is None:
+    if importlib.util.find_spec("torch") is None:
         return False
     import torch
 
@@ -43,7 +43,7 @@ def auto_choice(options: EngineOptions) -> str:
 def available_engines() -> list[str]:
     """Engines whose libraries import on this machine (not checking devices)."""
     names = []
-    for name, needs in (("onnxruntime", ("onnxruntime",)), ("torch", ("torch", "onnx2torch"))):
+    for name, needs in (("onnxruntime", ("onnxruntime",)), ("torch", ("torch",))):
         if all(importlib.util.find_spec(m) is not None for m in needs):
             names.append(name)
     return names

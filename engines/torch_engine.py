@@ -1,14 +1,17 @@
 """PyTorch engine: CPU or CUDA, fp32/bf16/fp16, channels-last, inference mode.
 
-The ONNX model is converted to a ``torch.nn.Module`` with onnx2torch, so any
-PtychoNN exported to ONNX runs, the project's own and external ones alike.
+The ONNX model's weights are loaded into the project's own PtychoNN definition
+(``edge_ptychonn.model.from_onnx``), which reads the layout (width, depth, input
+size, heads) from the graph: the project's exports and PtychoNN models of the
+same architecture from elsewhere (edgePtychoNN's) run alike; other graphs are
+refused with the reason.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .base import EngineOptions, EngineUnavailable, FixedBatchRunner, check_batch
+from .base import EngineOptions, EngineUnavailable, check_batch
 from .onnx_model import read_signature
 
 
@@ -28,28 +31,24 @@ def resolve_device(torch, device: str, processor_id: int) -> str:
 
 
 class TorchEngine:
-    """Runs the model with PyTorch (converted from ONNX by onnx2torch)."""
+    """Runs the model with PyTorch (the ONNX weights in the project's PtychoNN module)."""
 
     name = "torch"
 
     def __init__(self, options: EngineOptions):
         try:
             import torch
-            from onnx2torch import convert
+
+            from edge_ptychonn.model import from_onnx
         except ImportError as exc:
-            raise EngineUnavailable(
-                "the torch engine needs torch and onnx2torch: pip install 'edge-ptychonn[torch]'"
-            ) from exc
+            raise EngineUnavailable("the torch engine needs torch: pip install 'edge-ptychonn[torch]'") from exc
         self._torch = torch
         signature = read_signature(options.model_path)
         device = resolve_device(torch, options.device, options.processor_id)
         if options.cpu_threads:
             torch.set_num_threads(options.cpu_threads)
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[options.precision]
-        import onnx
-
-        module = convert(onnx.load(str(options.model_path)))
-        module = module.eval().to(device=device, dtype=dtype, memory_format=torch.channels_last)
+        module = from_onnx(options.model_path).eval().to(device=device, dtype=dtype, memory_format=torch.channels_last)
         self._module = module
         self._device = torch.device(device)
         self._dtype = dtype
@@ -57,14 +56,13 @@ class TorchEngine:
         self.input_shape = signature.input_shape
         self.max_batch = options.max_batch
         self._output_index = signature.output_names.index(signature.phase_output)
-        self._fixed = FixedBatchRunner(signature.fixed_batch, signature.input_shape) if signature.fixed_batch else None
         if self._device.type == "cuda":
             torch.backends.cudnn.benchmark = True
             self.device = f"{device} ({torch.cuda.get_device_name(self._device)})"
         else:
             self.device = "cpu"
         # Warm up: the first call pays for lazy initialisation (and cuDNN autotuning).
-        self.infer(np.zeros((min(self.max_batch, signature.fixed_batch or self.max_batch), 1, *self.input_shape), np.float32))
+        self.infer(np.zeros((self.max_batch, 1, *self.input_shape), np.float32))
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         torch = self._torch
@@ -78,10 +76,8 @@ class TorchEngine:
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         check_batch(self, batch)
-        batch = np.ascontiguousarray(batch, dtype=np.float32)
-        if self._fixed is not None:
-            return self._fixed.run(batch, self._run)
-        return self._run(batch)
+        # The rebuilt module takes any batch size, also where the ONNX batch was fixed.
+        return self._run(np.ascontiguousarray(batch, dtype=np.float32))
 
     def close(self) -> None:
         self._module = None

@@ -89,3 +89,17 @@ def test_cuda_request_without_gpu_is_a_clear_error(small_model):
 
     with pytest.raises(EngineUnavailable, match="torch sees no CUDA GPU"):
         create_engine("torch", EngineOptions(small_model, device="cuda:0"))
+
+
+def test_torch_engine_refuses_graphs_that_are_not_ptychonn(tmp_path):
+    pytest.importorskip("torch")
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 8, 8])
+    graph = helper.make_graph([helper.make_node("Softmax", ["x"], ["y"])], "g", [x], [y])
+    path = tmp_path / "softmax.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    with pytest.raises(ValueError, match=r"operators \['Softmax'\] are not part of PtychoNN"):
+        create_engine("torch", EngineOptions(path, device="cpu"))
