@@ -81,7 +81,7 @@ class ScanSettings:
     pupil_radius_px: float | None = None
     photons: float = 1e6
     phase_range_rad: float = 1.5
-    density: float = 0.5
+    density: float = 0.8
     absorption: float = 0.05
 
     def __post_init__(self) -> None:
@@ -299,7 +299,7 @@ def make_object(
         return _siemens(rng, shape, scale)
     if family == "fibres":
         return _fibres(rng, shape, density, scale)
-    weights = rng.dirichlet([2.0, 1.0, 1.0])
+    weights = rng.dirichlet([4.0, 1.0, 1.0])
     parts = (
         _particles(rng, shape, density, scale),
         _smooth(rng, shape, scale),
