@@ -280,7 +280,7 @@ def make_object(
     family: str,
     rng: np.random.Generator,
     *,
-    density: float = 0.5,
+    density: float = 0.8,
     scale: float = 1.0,
 ) -> np.ndarray:
     """A thickness map (H, W) float64 in [0, 1] of the given ``family``.

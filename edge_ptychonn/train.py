@@ -142,7 +142,7 @@ class Trainer:
             loss.backward()
             self.opt.step()
             self.step += 1
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             bar.update(len(idx), loss=float(np.mean(losses[-50:])), lr=self.opt.param_groups[0]["lr"])
             if time.monotonic() >= deadline:
                 return float(np.mean(losses)), True
@@ -238,6 +238,26 @@ def model_card(meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def command_line(args: argparse.Namespace) -> str:
+    """The ``edge-ptychonn train`` command that repeats ``args`` (non-default options only)."""
+    parser = get_args_parser()
+    defaults = vars(parser.parse_args([]))
+    parts = ["edge-ptychonn train"]
+    for action in parser._actions:
+        key = action.dest
+        if key == "help" or key not in defaults or getattr(args, key) == defaults[key]:
+            continue
+        flag = action.option_strings[0]
+        value = getattr(args, key)
+        if isinstance(value, bool):
+            parts.append(flag)
+        elif isinstance(value, list):
+            parts += [flag, *map(str, value)]
+        else:
+            parts += [flag, str(value)]
+    return " ".join(parts)
+
+
 def get_args_parser(prog: str = "edge-ptychonn train") -> argparse.ArgumentParser:
     d = ScanSettings()
     p = argparse.ArgumentParser(
@@ -268,6 +288,8 @@ def get_args_parser(prog: str = "edge-ptychonn train") -> argparse.ArgumentParse
     p.add_argument("--no-bf16", dest="bf16", action="store_false", help="train in float32")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0, help="weights and shuffling seed")
+    p.add_argument("--init-from", default=None, metavar="PT",
+                   help="start from the weights in a <out>.pt of an earlier run (same --width/--depth)")
     p.add_argument("--eval", nargs="*", default=["mixed:1001", "mixed:1002", "siemens:1001", "fibres:1001"],
                    metavar="FAMILY:SEED", help="scans to score the exported model on (1024 positions each)")
     p.add_argument("--quiet", action="store_true", help="no progress display")
@@ -309,6 +331,14 @@ def main(args: argparse.Namespace) -> int:
           f"loss over {int(mask.sum())} bright-centre pixels", file=sys.stderr)
 
     trainer = Trainer(args, model_config, pp, mask)
+    if args.init_from:
+        ckpt = torch.load(args.init_from, map_location="cpu")
+        if ckpt["model"] != model_config.to_dict():
+            print(f"edge-ptychonn train: {args.init_from} holds a {ckpt['model']} model, not {model_config.to_dict()}",
+                  file=sys.stderr)
+            return 2
+        trainer.model.load_state_dict(ckpt["state_dict"])
+        pp = trainer.pp = PreprocessConfig(**ckpt["preprocess"])
     steps_per_epoch = len(train_f) // args.batch_size
     total_steps = steps_per_epoch * args.epochs
     t_train = time.monotonic()
@@ -334,7 +364,7 @@ def main(args: argparse.Namespace) -> int:
     torch.save({"state_dict": trainer.model.state_dict(), "args": vars(args), "model": model_config.to_dict(),
                 "preprocess": pp.__dict__}, out.with_suffix(".pt"))
     n_params = sum(p.numel() for p in trainer.model.parameters())
-    command = "edge-ptychonn train " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["train"] else "edge-ptychonn train"
+    command = command_line(args)
     meta = {
         "name": out.name,
         "input_size": model_config.input_size,
@@ -354,6 +384,7 @@ def main(args: argparse.Namespace) -> int:
             "train_loss": train_loss, "val_loss": val_loss, "n_parameters": int(n_params),
             "host": f"{platform.machine()} {platform.processor() or ''}".strip(),
             "torch": torch.__version__, "edge_ptychonn": __version__, "command": command,
+            "init_from": args.init_from,
         },
         "limits": [
             "Trained on simulated data only; real detectors add background, dead pixels, partial coherence and "
