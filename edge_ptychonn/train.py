@@ -267,9 +267,9 @@ def get_args_parser(prog: str = "edge-ptychonn train") -> argparse.ArgumentParse
         "under 30 minutes on 2 CPU cores.",
     )
     p.add_argument("--out", default="data/generated/ptychonn", help="output prefix: <out>.onnx, .json, .md, .pt")
-    p.add_argument("--train-scans", type=int, default=36, help="training scans (one object each)")
-    p.add_argument("--positions-per-scan", type=int, default=529, help="frames per training scan")
-    p.add_argument("--val-scans", type=int, default=2, help="validation scans")
+    p.add_argument("--train-scans", type=int, default=400, help="training scans (one new object each)")
+    p.add_argument("--positions-per-scan", type=int, default=49, help="frames per training and validation scan (few per object: many objects generalise better)")
+    p.add_argument("--val-scans", type=int, default=16, help="validation scans")
     p.add_argument("--seed-base", type=int, default=0, help="first training seed")
     p.add_argument("--val-seed-base", type=int, default=900, help="first validation seed")
     p.add_argument("--family", choices=FAMILIES, default=d.family, help="training object family")
