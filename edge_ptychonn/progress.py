@@ -1,0 +1,95 @@
+"""A tiny progress display on stderr for long work (simulation, training).
+
+On a terminal it redraws one line (``\\r``) at most every ``min_interval_s``; when
+stderr is a file or a pipe it writes a full line at every 10 % step instead, so
+logs stay readable. Statistics passed to ``update`` (``loss=0.123``) are shown
+after the rate and the estimated time left.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(max(0.0, seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class Progress:
+    """Counts ``done`` out of ``total`` items and shows the rate and time left."""
+
+    def __init__(
+        self,
+        total: int,
+        label: str,
+        *,
+        unit: str = "it",
+        stream: TextIO | None = None,
+        enabled: bool = True,
+        min_interval_s: float = 0.25,
+    ):
+        if total < 0:
+            raise ValueError(f"total must be >= 0, got {total}")
+        self.total = total
+        self.label = label
+        self.unit = unit
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = enabled
+        self.min_interval_s = min_interval_s
+        self.done = 0
+        self.stats: dict[str, float | str] = {}
+        self._start = time.monotonic()
+        self._last_draw = 0.0
+        self._last_decile = -1
+        self._tty = bool(getattr(self.stream, "isatty", lambda: False)())
+
+    @property
+    def elapsed_s(self) -> float:
+        return time.monotonic() - self._start
+
+    def line(self) -> str:
+        """The current progress line (without a line ending)."""
+        frac = self.done / self.total if self.total else 1.0
+        bar_len = 24
+        filled = int(round(bar_len * frac))
+        rate = self.done / self.elapsed_s if self.elapsed_s > 0 else 0.0
+        left = (self.total - self.done) / rate if rate > 0 else 0.0
+        stats = " ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.stats.items()
+        )
+        return (
+            f"{self.label} [{'#' * filled}{'.' * (bar_len - filled)}] {100 * frac:5.1f}% "
+            f"{self.done}/{self.total} {rate:.1f} {self.unit}/s "
+            f"elapsed {_clock(self.elapsed_s)} left {_clock(left)}"
+            + (f" {stats}" if stats else "")
+        )
+
+    def update(self, n: int = 1, **stats: float | str) -> None:
+        """Add ``n`` finished items and refresh the statistics shown."""
+        self.done = min(self.total, self.done + n)
+        self.stats.update(stats)
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if self._tty:
+            if now - self._last_draw >= self.min_interval_s or self.done == self.total:
+                self.stream.write("\r" + self.line())
+                self.stream.flush()
+                self._last_draw = now
+        else:
+            decile = int(10 * self.done / self.total) if self.total else 10
+            if decile > self._last_decile:
+                self.stream.write(self.line() + "\n")
+                self.stream.flush()
+                self._last_decile = decile
+
+    def close(self) -> None:
+        """Finish the line (on a terminal) so later output starts on a new one."""
+        if self.enabled and self._tty:
+            self.stream.write("\r" + self.line() + "\n")
+            self.stream.flush()

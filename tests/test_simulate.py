@@ -1,0 +1,197 @@
+"""Physics and files of the scan simulator."""
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+
+from edge_ptychonn.simulate import (
+    ScanSettings,
+    bin_frames,
+    expected_counts,
+    load_scan,
+    make_object,
+    make_probe,
+    save_scan,
+    scan_positions,
+    simulate_scan,
+)
+
+SMALL = dict(n_positions=16, frame_size=64, overlap=0.6)
+
+
+def friedel_mirror(img):
+    """img[(n - i) % n, (n - j) % n]: the pattern at -q when zero frequency is at n // 2."""
+    return np.roll(img[::-1, ::-1], 1, axis=(0, 1))
+
+
+def test_parseval_pure_phase_object_total_equals_photons():
+    probe = make_probe(64, 6, 20)
+    rng = np.random.default_rng(0)
+    obj = np.exp(1j * 1.5 * rng.uniform(size=(3, 64, 64)))
+    lam = expected_counts(probe[None] * obj, probe, 1e6)
+    np.testing.assert_allclose(lam.sum(axis=(1, 2)), 1e6, rtol=1e-9)
+
+
+def test_absorbing_object_loses_the_absorbed_photons():
+    probe = make_probe(64, 6, 20)
+    exit_wave = probe * 0.5  # transmits a quarter of the intensity
+    lam = expected_counts(exit_wave[None], probe, 4e5)
+    np.testing.assert_allclose(lam.sum(), 1e5, rtol=1e-9)
+
+
+def test_simulated_frames_total_counts_match_photon_setting():
+    s = ScanSettings(seed=3, absorption=0.0, photons=2e5, **SMALL)
+    frames, truth = simulate_scan(s, progress=False)
+    totals = frames.reshape(len(frames), -1).sum(axis=1)
+    # Poisson: each total has a standard deviation of sqrt(2e5) ~ 450
+    assert np.all(np.abs(totals - 2e5) < 5 * np.sqrt(2e5))
+    assert abs(totals.mean() - 2e5) < 5 * np.sqrt(2e5 / len(frames))
+    assert truth.stats["n_clipped_pixels"] == 0
+
+
+def test_real_exit_wave_gives_centro_symmetric_pattern():
+    n = 64
+    rng = np.random.default_rng(1)
+    flat_probe = np.zeros((n, n), np.complex128)
+    flat_probe[20:44, 20:44] = 1.0  # no phase curvature
+    amplitude_object = rng.uniform(0.2, 1.0, size=(n, n))  # real transmission
+    lam = expected_counts((flat_probe * amplitude_object)[None], flat_probe, 1e6)[0]
+    np.testing.assert_allclose(lam, friedel_mirror(lam), rtol=1e-9, atol=1e-9)
+    assert lam.argmax() == np.ravel_multi_index((n // 2, n // 2), (n, n))
+
+
+def test_curved_probe_breaks_friedel_symmetry_of_a_phase_object():
+    n = 64
+    probe = make_probe(n, 6, 20)
+    rng = np.random.default_rng(2)
+    obj = np.exp(1j * rng.uniform(0, 1.5, size=(n, n)))
+    lam = expected_counts((probe * obj)[None], probe, 1e6)[0]
+    asym = np.abs(lam - friedel_mirror(lam)).sum() / lam.sum()
+    assert asym > 0.05
+
+
+def test_bare_probe_far_field_is_the_filled_pupil_disc():
+    n, radius = 128, 12
+    probe = make_probe(n, radius, 40)
+    lam = expected_counts(probe[None], probe, 1.0)[0]
+    q = np.arange(n) - n // 2
+    qr = np.hypot(q[:, None], q[None, :])
+    assert lam[qr <= radius + 1].sum() > 0.999
+    inside = lam[qr <= radius - 2]
+    assert inside.std() / inside.mean() < 0.05  # evenly filled
+    # the probe carries phase curvature: its phase varies across the beam
+    bright = np.abs(probe) ** 2 > 0.1
+    assert np.ptp(np.unwrap(np.angle(probe[n // 2, bright[n // 2]]))) > 3.0
+
+
+def test_probe_diameter_matches_setting():
+    probe = make_probe(128, 12, 40)
+    area = np.count_nonzero(np.abs(probe) ** 2 > 0.1)
+    assert 34 < 2 * np.sqrt(area / np.pi) < 46
+
+
+def test_same_seed_same_scan_other_seed_other_scan():
+    a_frames, a = simulate_scan(ScanSettings(seed=7, **SMALL), progress=False)
+    b_frames, b = simulate_scan(ScanSettings(seed=7, **SMALL), progress=False)
+    c_frames, c = simulate_scan(ScanSettings(seed=8, **SMALL), progress=False)
+    np.testing.assert_array_equal(a_frames, b_frames)
+    np.testing.assert_array_equal(a.object_phase, b.object_phase)
+    np.testing.assert_array_equal(a.positions_px, b.positions_px)
+    assert not np.array_equal(a_frames, c_frames)
+    assert not np.array_equal(a.object_phase, c.object_phase)
+
+
+def test_truth_patches_match_object_and_phase_range():
+    s = ScanSettings(seed=4, phase_range_rad=1.2, **SMALL)
+    frames, truth = simulate_scan(s, progress=False)
+    assert frames.dtype == np.int16 and frames.shape == (16, 64, 64)
+    assert truth.patches_phase.shape == (16, 64, 64) and truth.patches_phase.dtype == np.float32
+    y, x = truth.positions_px[5].astype(int)
+    np.testing.assert_array_equal(truth.patches_phase[5], truth.object_phase[y : y + 64, x : x + 64])
+    assert truth.object_phase.min() == 0.0
+    assert truth.object_phase.max() == pytest.approx(1.2, rel=1e-6)
+    np.testing.assert_allclose(truth.object_amplitude, np.exp(-0.05 * truth.object_phase), rtol=1e-6)
+
+
+def test_raster_step_follows_overlap_and_spiral_is_spread():
+    s = ScanSettings(n_positions=25, overlap=0.75, jitter_px=0, probe_diameter_px=40)
+    pos = scan_positions(s, np.random.default_rng(0))
+    assert pos.shape == (25, 2) and pos.min() == 0
+    np.testing.assert_array_equal(np.diff(pos[:5, 1]), 10.0)
+    np.testing.assert_array_equal(pos[5] - pos[0], [10.0, 0.0])
+    sp = scan_positions(ScanSettings(n_positions=200, pattern="spiral", jitter_px=0), np.random.default_rng(0))
+    assert len(np.unique(sp, axis=0)) == 200
+
+
+def test_binning_sums_blocks_and_keeps_photons():
+    x = np.arange(2 * 4 * 4).reshape(2, 4, 4)
+    b = bin_frames(x, 2)
+    assert b.shape == (2, 2, 2)
+    assert b[0, 0, 0] == 0 + 1 + 4 + 5
+    s = ScanSettings(seed=1, n_positions=4, frame_size=32, bin_factor=2, absorption=0.0, photons=1e5)
+    frames, truth = simulate_scan(s, progress=False)
+    assert frames.shape == (4, 32, 32) and truth.patches_phase.shape == (4, 64, 64)
+    assert abs(frames.sum() / 4 - 1e5) < 5 * np.sqrt(1e5)
+
+
+def test_int16_overflow_is_clipped_counted_and_warned():
+    s = ScanSettings(seed=0, photons=1e9, **SMALL)
+    with pytest.warns(UserWarning, match="clipped"):
+        frames, truth = simulate_scan(s, progress=False)
+    assert truth.stats["n_clipped_pixels"] > 0
+    assert frames.max() == 32767 and frames.min() >= 0
+
+
+@pytest.mark.parametrize("family", ["mixed", "particles", "smooth", "cells", "siemens", "fibres"])
+def test_object_families_are_thickness_maps(family):
+    t = make_object((96, 80), family, np.random.default_rng(0))
+    assert t.shape == (96, 80)
+    assert t.min() >= 0 and t.max() <= 1 and t.std() > 0.05
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(overlap=1.5), "overlap must be in (0, 1), got 1.5"),
+        (dict(family="cats"), "family must be one of"),
+        (dict(photons=0), "photons must be > 0"),
+        (dict(phase_range_rad=4.0), "phase_range_rad must be in (0, pi]"),
+        (dict(frame_size=64, probe_diameter_px=60), "probe_diameter_px must be"),
+    ],
+)
+def test_bad_settings_are_refused_clearly(kwargs, message):
+    with pytest.raises(ValueError) as err:
+        ScanSettings(**kwargs)
+    assert message in str(err.value)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    frames, truth = simulate_scan(ScanSettings(seed=5, **SMALL), progress=False)
+    npy, npz = save_scan(tmp_path / "scan", frames, truth)
+    assert npy.name == "scan.npy" and npz.name == "scan.npz"
+    raw = np.load(npy)
+    assert raw.dtype == np.int16 and raw.shape == (16, 64, 64)
+    with np.load(npz) as z:
+        for key in ("positions_px", "patches_phase", "object_phase", "object_amplitude", "probe", "settings"):
+            assert key in z.files
+        assert json.loads(str(z["settings"]))["seed"] == 5
+        assert np.iscomplexobj(z["probe"])
+    f2, t2 = load_scan(tmp_path / "scan.npz")
+    np.testing.assert_array_equal(f2, frames)
+    np.testing.assert_array_equal(t2.patches_phase, truth.patches_phase)
+    assert ScanSettings.from_dict(t2.settings) == ScanSettings(seed=5, **SMALL)
+    with pytest.raises(FileNotFoundError, match="edge-ptychonn simulate"):
+        load_scan(tmp_path / "nothing")
+
+
+def test_simulate_command_writes_files(tmp_path, capsys):
+    from edge_ptychonn import cli
+
+    rc = cli.main(["simulate", "--out", str(tmp_path / "s"), "--seed", "2", "--n-positions", "9",
+                   "--frame-size", "64", "--quiet"])
+    assert rc == 0
+    assert (tmp_path / "s.npy").exists() and (tmp_path / "s.npz").exists()
+    assert "clipped pixels 0" in capsys.readouterr().out
+    assert cli.main(["simulate", "--out", str(tmp_path / "t"), "--overlap", "1.5"]) == 2

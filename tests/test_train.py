@@ -1,0 +1,82 @@
+"""A short training run lowers the loss; the exported files keep their contract."""
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")  # training needs the torch extra
+
+from edge_ptychonn import cli  # noqa: E402
+from edge_ptychonn.evaluate import OnnxPredictor, preprocess_config, score_scan  # noqa: E402
+from edge_ptychonn.model import ModelConfig  # noqa: E402
+from edge_ptychonn.simulate import ScanSettings, save_scan, simulate_scan  # noqa: E402
+from edge_ptychonn.stitch import probe_weight  # noqa: E402
+from edge_ptychonn.train import Trainer, choose_preprocess, get_args_parser, lr_at, make_dataset  # noqa: E402
+
+
+def test_short_training_lowers_the_validation_loss():
+    base = ScanSettings(n_positions=96)
+    train = make_dataset([0, 1], base, amplitude=False, progress=False, label="t")
+    val = make_dataset([900], base, amplitude=False, progress=False, label="v")
+    pp = choose_preprocess(train[0])
+    args = get_args_parser().parse_args(["--width", "8", "--depth", "3", "--lr", "3e-3", "--max-minutes", "0"])
+    torch.set_num_threads(2)
+    trainer = Trainer(args, ModelConfig(width=8, depth=3), pp, probe_weight(train[3], 0.1) > 0)
+    before = trainer.validate(val[:3])
+    rng = np.random.default_rng(0)
+    from edge_ptychonn.progress import Progress
+
+    losses = []
+    for _ in range(3):
+        bar = Progress(len(train[0]), "t", enabled=False)
+        loss, stopped = trainer.train_one_epoch(train[:3], rng, total_steps=3 * (192 // 32), deadline=float("inf"), bar=bar)
+        losses.append(loss)
+        assert not stopped
+    after = trainer.validate(val[:3])
+    assert losses[-1] < losses[0]
+    assert after < 0.7 * before, (before, after)
+
+
+def test_learning_rate_schedule():
+    assert lr_at(0.0, 1.0) == pytest.approx(0.1)
+    assert lr_at(0.03, 1.0) == pytest.approx(1.0)
+    assert lr_at(1.0, 1.0) == pytest.approx(0.01)
+    assert lr_at(2.0, 1.0) == pytest.approx(0.01)
+
+
+def test_train_command_writes_onnx_sidecar_and_card(tmp_path):
+    import onnxruntime as ort
+
+    out = tmp_path / "m"
+    rc = cli.main(["train", "--out", str(out), "--train-scans", "1", "--positions-per-scan", "64",
+                   "--val-scans", "1", "--epochs", "1", "--width", "4", "--depth", "2", "--eval", "--quiet"])
+    assert rc == 0
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["input_size"] == 128 and meta["outputs"] == ["phase"]
+    assert set(meta["preprocess"]) == {"crop_hw", "crop_origin_yx", "bin_factor", "transform", "offset", "scale"}
+    assert meta["model"] == ModelConfig(width=4, depth=2).to_dict()
+    assert len(meta["training"]["val_loss"]) == 1 and "accuracy" in meta
+    assert "## Accuracy" in out.with_suffix(".md").read_text()
+    sess = ort.InferenceSession(str(out.with_suffix(".onnx")), providers=["CPUExecutionProvider"])
+    for n in (1, 3):  # dynamic batch axis
+        (y,) = sess.run(None, {"diffraction": np.zeros((n, 1, 128, 128), np.float32)})
+        assert y.shape == (n, 1, 128, 128)
+
+    # evaluate scores a scan file with the exported model, baselines beside
+    frames, truth = simulate_scan(ScanSettings(seed=1001, n_positions=25), progress=False)
+    save_scan(tmp_path / "scan", frames, truth)
+    rc = cli.main(["evaluate", "--model", str(out.with_suffix(".onnx")), "--scan", str(tmp_path / "scan"),
+                   "--json", str(tmp_path / "scores.json"), "--quiet"])
+    assert rc == 0
+    scores = json.loads((tmp_path / "scores.json").read_text())["scan"]
+    assert set(scores["model"]) >= {"ssim", "psnr_db", "rmse_rad"}
+    assert set(scores["baselines"]) == {"zeros", "mean_patch"}
+    pred = OnnxPredictor(out.with_suffix(".onnx"), preprocess_config(meta))(frames)
+    assert pred.shape == truth.patches_phase.shape and np.all(np.abs(pred) <= np.pi)
+    assert score_scan("s", truth.patches_phase, truth).scores["rmse_rad"] < 1e-5  # exact patches score perfectly
+
+
+def test_bad_training_arguments(capsys):
+    assert cli.main(["train", "--train-scans", "0"]) == 2
+    assert "train-scans" in capsys.readouterr().err
