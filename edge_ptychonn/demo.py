@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from . import live
+from .config import model_metadata
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = ROOT / "data" / "ptychonn.onnx"
@@ -48,16 +49,22 @@ def get_args_parser(prog: str = "edge-ptychonn demo") -> argparse.ArgumentParser
 
 def _progress(collector: live.OutputCollector, total: int, deadline: float) -> int:
     """Show frames received on the outputs until all came, nothing new came for 15 s, or the deadline."""
-    last, last_change = -1, time.monotonic()
+    tty = sys.stderr.isatty()
+    last, last_change, last_print = -1, time.monotonic(), 0.0
     while time.monotonic() < deadline:
         n = collector.count()
         if n != last:
             last, last_change = n, time.monotonic()
-            print(f"\r  outputs received: {n}/{total}", end="", file=sys.stderr, flush=True)
+            if tty:
+                print(f"\r  outputs received: {n}/{total}", end="", file=sys.stderr, flush=True)
+            elif time.monotonic() - last_print > 5 or n >= total:
+                last_print = time.monotonic()
+                print(f"  outputs received: {n}/{total}", file=sys.stderr, flush=True)
         if n >= total or (n > 0 and time.monotonic() - last_change > 15):
             break
         time.sleep(0.2)
-    print(file=sys.stderr)
+    if tty:
+        print(file=sys.stderr)
     return collector.count()
 
 
@@ -92,7 +99,7 @@ def summary_rows(collector: live.OutputCollector, statuses: list[dict | None], n
             totals[k] += int(row[k])
         rows.append([
             f"consumer {i}", "", str(row["received"]), str(row["published"]), str(row["outputs"]),
-            str(row["missed"]), str(row["bad"] + row["dropped"]),
+            str(row["missed"]), "", str(row["bad"] + row["dropped"]),
             f"{(len(got) - 1) / span:.1f}" if span > 0 else "-",
             f"{user.get('latencyP50Ms', 0):.1f}", f"{user.get('latencyP99Ms', 0):.1f}",
             f"{user.get('engine', '?')}/{user.get('device', '?')}",
@@ -101,13 +108,14 @@ def summary_rows(collector: live.OutputCollector, statuses: list[dict | None], n
     span = (max(all_arrivals) - min(all_arrivals)) if len(all_arrivals) > 1 else 0.0
     rows.append([
         "total", str(n_sent), str(totals["received"]), str(totals["published"]), str(len(unique)),
-        f"{totals['missed']} (+{n_sent - len(unique)} not out)", str(totals["bad"] + totals["dropped"]),
+        str(totals["missed"]), str(n_sent - len(unique)), str(totals["bad"] + totals["dropped"]),
         f"{(len(all_arrivals) - 1) / span:.1f}" if span > 0 else "-", "", "", "",
     ])
     return rows
 
 
-HEADER = ["", "sent", "received", "published", "outputs", "missed", "bad+dropped", "rate (fps)", "p50 ms", "p99 ms", "engine/device"]
+# missed: gaps PvaPy saw in the uniqueIds a consumer received; lost: sent but never on an output
+HEADER = ["", "sent", "received", "published", "outputs", "missed", "lost", "bad+dropped", "rate (fps)", "p50 ms", "p99 ms", "engine/device"]
 
 
 def format_table(header: list[str], rows: list[list[str]]) -> str:
@@ -116,35 +124,76 @@ def format_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, rows)])
 
 
-def ensure_scan(scan: Path) -> Path:
+def demo_scan_settings(model: Path):
+    """The held-out demo scan: the model's training scan settings (from its JSON
+    sidecar) with a seed no training used, or the simulator's defaults."""
+    from .simulate import ScanSettings
+
+    training = model_metadata(model).get("training", {})
+    settings = dict(training.get("scan_settings") or {})
+    if training.get("eval_n_positions"):
+        settings["n_positions"] = training["eval_n_positions"]
+    settings["seed"] = DEFAULT_SCAN_SEED
+    return ScanSettings.from_dict({**ScanSettings().to_dict(), **settings})
+
+
+def ensure_scan(scan: Path, model: Path) -> Path:
     """The scan to replay; the default held-out scan is simulated on first use."""
     if scan.is_file():
         return scan
     if scan.resolve() != DEFAULT_SCAN.resolve():
         raise SystemExit(f"scan {scan} not found")
-    from . import simulate
+    from .simulate import save_scan, simulate_scan
 
     print(f"simulating the held-out demo scan (seed {DEFAULT_SCAN_SEED}) into {scan} ...", file=sys.stderr)
-    simulate.write_demo_scan(scan.with_suffix(""), seed=DEFAULT_SCAN_SEED)
+    frames, truth = simulate_scan(demo_scan_settings(model))
+    save_scan(scan, frames, truth)
     return scan
 
 
-def accuracy_lines(scan: Path, collector: live.OutputCollector) -> list[str]:
-    """Stitch the phase from the frames that came back and score it, if the scan has truth."""
-    truth_path = scan.with_suffix(".npz")
-    if not truth_path.is_file():
-        return [f"(no {truth_path.name} beside the scan: accuracy not scored)"]
-    from . import evaluate
+def accuracy_lines(scan: Path, collector: live.OutputCollector, out_dir: Path) -> list[str]:
+    """Stitch the phase from the frames that came back over PvaPy and score it
+    against the scan's truth (``.npz`` beside the ``.npy``), with trivial baselines."""
+    if not scan.with_suffix(".npz").is_file():
+        return [f"(no {scan.with_suffix('.npz').name} beside the scan: accuracy not scored)"]
+    from .evaluate import MIN_COVER_WEIGHT, PROBE_THRESHOLD
+    from .metrics import baseline_scores, score_phase
+    from .simulate import load_scan
+    from .stitch import Stitcher, probe_weight
 
-    results = {r.unique_id: r.image for v in collector.received.values() for r in v}
-    return evaluate.live_accuracy_lines(truth_path, results)
+    _, truth = load_scan(scan)
+    n = len(truth.positions_px)
+    results = {r.unique_id: r.image for v in collector.received.values() for r in v if 1 <= r.unique_id <= n}
+    if not results:
+        return ["no frames came back: nothing to stitch"]
+    shape = next(iter(results.values())).shape
+    if shape != tuple(truth.patch_shape):
+        return [f"model output {shape} differs from the scan's patch {tuple(truth.patch_shape)}: accuracy not scored"]
+    weight = probe_weight(truth.probe, PROBE_THRESHOLD)
+    stitcher = Stitcher(truth.object_phase.shape, truth.patch_shape, weight=weight)
+    for uid in sorted(results):
+        stitcher.add(results[uid], truth.positions_px[uid - 1])  # frame k has uniqueId k + 1
+    covered = stitcher.covered(MIN_COVER_WEIGHT)
+    image = stitcher.image()
+    np.save(out_dir / "stitched_phase.npy", image)
+    rows = [["phase stitched from outputs", score_phase(image, truth.object_phase, covered)]]
+    baselines = baseline_scores(truth.object_phase, covered, patches_phase=truth.patches_phase,
+                                positions_px=truth.positions_px, weight=weight)
+    rows += [[f"baseline: {name}", scores] for name, scores in baselines.items()]
+    table = [[label, f"{s['ssim']:.3f}", f"{s['psnr_db']:.2f}", f"{s['rmse_rad']:.4f}"] for label, s in rows]
+    return [
+        f"accuracy over the scanned region ({int(covered.sum())} pixels, {len(results)}/{n} frames, "
+        "constant phase offset removed):",
+        format_table(["", "SSIM", "PSNR dB", "RMSE rad"], table),
+        f"(stitched phase saved to {out_dir / 'stitched_phase.npy'})",
+    ]
 
 
 def main(args: argparse.Namespace) -> int:
     if not args.model.is_file():
         print(f"model {args.model} not found", file=sys.stderr)
         return 2
-    scan = ensure_scan(args.scan)
+    scan = ensure_scan(args.scan, args.model)
     frames = np.load(scan, mmap_mode="r")
     n_sent = len(frames)
     env = live.use_loopback()
@@ -174,7 +223,7 @@ def main(args: argparse.Namespace) -> int:
         print()
         print(format_table(HEADER, summary_rows(collector, statuses, n_sent)))
         print()
-        for line in accuracy_lines(scan, collector):
+        for line in accuracy_lines(scan, collector, log_dir):
             print(line)
         print(f"\nView live images next time with: c2dv --app image --pv {args.prefix}:1:output")
         return 0 if got == n_sent else 1
