@@ -23,7 +23,7 @@ def _cell(value, spec: str = "") -> str:
         return "-"
     if isinstance(value, bool):
         return "yes" if value else "no"
-    return format(value, spec) if spec else str(value)
+    return format(value, spec) if spec and isinstance(value, (int, float)) else str(value)
 
 
 def table(headers: list[str], rows: list[list], specs: list[str] | None = None) -> str:
