@@ -63,6 +63,8 @@ def get_args_parser(prog: str = "edge-ptychonn bench") -> argparse.ArgumentParse
     parser.add_argument("--out", type=Path, default=None, help="results folder (default: results/bench-<date>-<time>)")
     parser.add_argument("--quick", action="store_true", help="a fast smoke run: short timings, one consumer, few points")
     parser.add_argument("--skip", type=_words, default=[], help=f"comma-separated parts to skip: {', '.join(PARTS)}")
+    parser.add_argument("--drop-caches", action="store_true",
+                        help="drop the OS page cache before the first warm-start launch (root; affects the whole machine)")
     g = parser.add_argument_group("engine alone")
     g.add_argument("--engines", type=_words, default=None, help="engines to time (default: every one available here)")
     g.add_argument("--precisions", type=_words, default=None, help="precisions to time (default: all each engine supports)")
@@ -148,6 +150,18 @@ def _load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+def drop_caches(progress) -> bool:
+    """Write back and drop the page cache, so that the first launch reads its libraries from disk."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError as exc:
+        progress(f"cannot drop the page cache ({exc}); the first launch is only as cold as the cache is")
+        return False
+    progress("page cache dropped")
+    return True
+
+
 def resolve_model(path: Path, out_dir: Path, progress) -> tuple[Path, str | None]:
     """The model to benchmark, and a note when it is a stand-in."""
     candidates = [path] if path.is_absolute() else [path, live.PROJECT_ROOT / path]
@@ -219,6 +233,8 @@ def main(args: argparse.Namespace) -> int:
         if "warm" not in args.skip:
             progress.stage("warm start (launch -> first output)")
             engines = [e for e in (args.engines or _available()) if e in be.PRECISIONS]
+            if args.drop_caches:
+                report["dropped_caches"] = drop_caches(progress)
             report["warm_start"] = [w.to_dict() for w in bp.warm_start(settings, engines, base_frames, out_dir, env, procs, progress=progress)]
 
         engine_results = []

@@ -357,10 +357,14 @@ def warm_start(
                 t0 = time.perf_counter()
                 consumer = procs.start(f"consumer_{engine}_{launch}", argv, env, log_dir)
                 try:
-                    collector.wait_count(1, timeout_s)
+                    deadline = t0 + timeout_s
+                    while collector.count() == 0 and consumer.running() and time.perf_counter() < deadline:
+                        time.sleep(0.02)
                     items = collector.received[f"{out_prefix}:1:output"]
                     if items:
                         result = WarmStart(engine, launch, items[0].arrival_s - t0)
+                    elif not consumer.running():
+                        result = WarmStart(engine, launch, None, f"consumer exited (code {consumer.popen.returncode}); log: {consumer.log_path}")
                     else:
                         result = WarmStart(engine, launch, None, f"no output in {timeout_s:.0f} s; log: {consumer.log_path}")
                 finally:

@@ -84,9 +84,12 @@ def summary_table(report: dict) -> str:
 def warm_table(report: dict) -> str:
     by_engine: dict[str, dict] = {}
     for w in report.get("warm_start", []):
-        by_engine.setdefault(w["engine"], {})[w["launch"]] = w["first_output_s"]
-    rows = [[e, d.get("first"), d.get("second")] for e, d in by_engine.items()]
-    return table(["engine", "first launch s", "second launch s"], rows, ["", ".2f", ".2f"])
+        d = by_engine.setdefault(w["engine"], {"error": ""})
+        d[w["launch"]] = w["first_output_s"]
+        if w.get("error") and not d["error"]:
+            d["error"] = w["error"].split(";")[0]
+    rows = [[e, d.get("first"), d.get("second"), d["error"]] for e, d in by_engine.items()]
+    return table(["engine", "first launch s", "second launch s", "error"], rows, ["", ".2f", ".2f", ""])
 
 
 def summary_text(report: dict) -> str:
@@ -110,7 +113,8 @@ def summary_text(report: dict) -> str:
     if report.get("ratios"):
         parts += ["", "Ratios (measured in this run)", summary_table(report)]
     if report.get("warm_start"):
-        parts += ["", "Launch -> first published output", warm_table(report)]
+        cold = "page cache dropped before the first launch" if report.get("dropped_caches") else "page cache as found"
+        parts += ["", f"Launch -> first published output ({cold})", warm_table(report)]
     if report.get("plots"):
         parts += ["", "Plots: " + ", ".join(report["plots"])]
     return "\n".join(parts)
