@@ -40,6 +40,11 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
+def _threads(text: str) -> list[int]:
+    cores = os.cpu_count() or 1
+    return sorted({cores if x.strip() == "all" else int(x) for x in text.split(",") if x.strip()})
+
+
 def _words(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
@@ -69,6 +74,8 @@ def get_args_parser(prog: str = "edge-ptychonn bench") -> argparse.ArgumentParse
     g.add_argument("--engines", type=_words, default=None, help="engines to time (default: every one available here)")
     g.add_argument("--precisions", type=_words, default=None, help="precisions to time (default: all each engine supports)")
     g.add_argument("--batches", type=_ints, default=[1, 8, 32])
+    g.add_argument("--threads", type=_threads, default=None,
+                   help="CPU threads per engine, e.g. '1,all' (default: 1 and all cores)")
     g.add_argument("--engine-seconds", type=float, default=1.5, help="timing per engine, precision and batch")
     g.add_argument("--peak-seconds", type=float, default=0.7, help="timing of each peak matrix product")
     g.add_argument("--peak-sizes", type=_ints, default=[512, 1024, 2048], help="matrix sizes of the peak measurement")
@@ -77,6 +84,8 @@ def get_args_parser(prog: str = "edge-ptychonn bench") -> argparse.ArgumentParse
     g.add_argument("--pipeline-engine", default="onnxruntime")
     g.add_argument("--pipeline-precision", default="fp32")
     g.add_argument("--pipeline-batch", type=int, default=8, help="batchSize, and --distributor-updates for N > 1")
+    g.add_argument("--consumer-threads", type=int, default=0,
+                   help="cpuThreads of each consumer (default: cores / N, at least 1)")
     g.add_argument("--consumers", type=_ints, default=None, help="consumer counts N (default: 1, 2, and more with more cores)")
     g.add_argument("--rate-fractions", type=_floats, default=[0.6, 0.8, 0.9, 1.0, 1.1],
                    help="offered rates as fractions of the engine-alone rate of the pipeline's engine, precision and batch")
@@ -86,6 +95,8 @@ def get_args_parser(prog: str = "edge-ptychonn bench") -> argparse.ArgumentParse
     g.add_argument("--max-frames", type=int, default=4000, help="frames per point at most")
     g.add_argument("--server-queue-size", type=int, default=1000, help="the consumers' --server-queue-size")
     g.add_argument("--stop-after", type=int, default=1, help="stop a sweep after this many points that do not keep up")
+    g.add_argument("--extend", type=int, default=4,
+                   help="points added above the highest rate (x1.2 each) while the pipeline still keeps up")
     g.add_argument("--refine", type=int, default=1, help="bisections between the best sustained rate and the next")
     g.add_argument("--no-plots", action="store_true")
     return parser
@@ -101,6 +112,8 @@ def apply_quick(args: argparse.Namespace) -> None:
     args.passthrough_rates = [200.0]
     args.duration = 1.0
     args.refine = 0
+    args.extend = 0
+    args.threads = args.threads or [os.cpu_count() or 1]
     args.skip = sorted(set(args.skip) | {"warm"})
 
 
@@ -218,7 +231,7 @@ def main(args: argparse.Namespace) -> int:
         settings = bp.PipelineSettings(
             model_path=model_path.resolve(), engine=args.pipeline_engine, precision=args.pipeline_precision,
             batch=args.pipeline_batch, duration_s=args.duration, max_frames=args.max_frames,
-            server_queue_size=args.server_queue_size, cores=cores,
+            server_queue_size=args.server_queue_size, cores=cores, consumer_threads=args.consumer_threads,
         )
         needs_pva = {"warm", "pipeline", "passthrough"} - set(args.skip)
         env = None
@@ -248,7 +261,8 @@ def main(args: argparse.Namespace) -> int:
                 progress(f"peak {precision}: {peak['flops_per_s'] / 1e9:.1f} GFLOP/s")
             engine_results, skipped = be.bench_engines(
                 model_path, list(precisions), args.batches, precisions, args.engine_seconds,
-                flops.flops_per_frame, report["peaks"], device=args.device, progress=progress,
+                flops.flops_per_frame, report["peaks"], threads=args.threads or _threads("1,all"),
+                device=args.device, progress=progress,
             )
             report["engine"] = [r.to_dict() for r in engine_results]
             report["engine_skipped"] = skipped
@@ -266,7 +280,7 @@ def main(args: argparse.Namespace) -> int:
                     progress.stage(f"pipeline: {n} PtychoNN consumer(s), {settings.engine} {settings.precision} batch {settings.batch}")
                     rates = [round(f * engine_alone, 1) for f in args.rate_fractions] if engine_alone else []
                     points = bp.sweep(settings, "ptychonn", n, rates, base_frames, out_dir, env, procs,
-                                      args.stop_after, args.refine, progress, delay)
+                                      args.stop_after, args.refine, progress, delay, extend=args.extend)
                     report["pipeline"]["points"] += [p.to_dict() for p in points]
                     best = bp.best_sustained(points)
                     if best:
@@ -319,20 +333,23 @@ def _precisions(args) -> dict[str, tuple[str, ...]]:
 
 
 def _engine_alone(results, settings, args, flops, report, progress) -> float | None:
-    """Engine-alone frames/s of the pipeline's engine, precision and batch (measured now if not yet)."""
+    """Best engine-alone frames/s (over thread counts) of the pipeline's engine, precision and
+    batch (measured now if the engine part did not)."""
     from . import bench_engine as be
 
-    for r in results:
-        if (r.engine, r.precision, r.batch) == (settings.engine, settings.precision, settings.batch):
-            return r.frames_per_s
+    same = [r.frames_per_s for r in results
+            if (r.engine, r.precision, r.batch) == (settings.engine, settings.precision, settings.batch)]
+    if same:
+        return max(same)
     progress(f"engine alone for the pipeline: {settings.engine} {settings.precision} batch {settings.batch}")
     extra, skipped = be.bench_engines(
         settings.model_path, [settings.engine], [settings.batch], {settings.engine: (settings.precision,)},
-        args.engine_seconds, flops.flops_per_frame, report.get("peaks", {}), device=args.device, progress=progress,
+        args.engine_seconds, flops.flops_per_frame, report.get("peaks", {}), threads=args.threads or _threads("1,all"),
+        device=args.device, progress=progress,
     )
     report.setdefault("engine", []).extend(r.to_dict() for r in extra)
     report.setdefault("engine_skipped", []).extend(skipped)
     if not extra:
         progress(f"cannot run {settings.engine} {settings.precision}: no pipeline sweep")
         return None
-    return extra[0].frames_per_s
+    return max(r.frames_per_s for r in extra)

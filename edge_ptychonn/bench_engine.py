@@ -170,6 +170,7 @@ class EngineResult:
     engine: str
     device: str
     precision: str
+    threads: int  # cpu_threads given to the engine
     batch: int
     frames_per_s: float
     batch_ms_p50: float
@@ -199,36 +200,37 @@ def time_engine(engine, batch: int, seconds: float, rng: np.random.Generator) ->
 
 def bench_engines(
     model_path: Path, engines: list[str], batches: list[int], precisions: dict[str, tuple[str, ...]],
-    seconds: float, flops_per_frame: float, peaks: dict, cpu_threads: int = 0, device: str = "cpu",
+    seconds: float, flops_per_frame: float, peaks: dict, threads: list[int] | None = None, device: str = "cpu",
     progress=None,
 ) -> tuple[list[EngineResult], list[dict]]:
-    """Time every (engine, precision, batch); returns (results, skipped with reasons)."""
+    """Time every (engine, precision, threads, batch); returns (results, skipped with reasons)."""
     from engines import EngineOptions, create_engine
 
     rng = np.random.default_rng(0)
     results, skipped = [], []
-    for name in engines:
-        for precision in precisions.get(name, ("fp32",)):
-            try:
-                engine = create_engine(name, EngineOptions(
-                    model_path=model_path, device=device, precision=precision,
-                    max_batch=max(batches), cpu_threads=cpu_threads or (os.cpu_count() or 1),
-                ))
-            except Exception as exc:  # a library missing, or an engine that cannot load this model: report why
-                reason = f"{type(exc).__name__}: {exc}"
-                skipped.append({"engine": name, "precision": precision, "reason": reason})
+    threads = threads or [os.cpu_count() or 1]
+    for name, precision, n_threads in [(e, p, t) for e in engines for p in precisions.get(e, ("fp32",)) for t in threads]:
+        label = f"{name} {precision} {n_threads} thread(s)"
+        try:
+            engine = create_engine(name, EngineOptions(
+                model_path=model_path, device=device, precision=precision,
+                max_batch=max(batches), cpu_threads=n_threads,
+            ))
+        except Exception as exc:  # a library missing, or an engine that cannot load this model: report why
+            reason = f"{type(exc).__name__}: {exc}"
+            skipped.append({"engine": name, "precision": precision, "threads": n_threads, "reason": reason})
+            if progress:
+                progress(f"engine {label}: skipped ({reason})")
+            continue
+        try:
+            for batch in batches:
+                fps, ms, n = time_engine(engine, batch, seconds, rng)
+                peak = peaks.get(precision, {}).get("flops_per_s")
+                pct = 100.0 * fps * flops_per_frame / peak if peak else None
+                results.append(EngineResult(name, engine.device, precision, n_threads, batch, fps, ms, n, pct))
                 if progress:
-                    progress(f"engine {name} {precision}: skipped ({reason})")
-                continue
-            try:
-                for batch in batches:
-                    fps, ms, n = time_engine(engine, batch, seconds, rng)
-                    peak = peaks.get(precision, {}).get("flops_per_s")
-                    pct = 100.0 * fps * flops_per_frame / peak if peak else None
-                    results.append(EngineResult(name, engine.device, precision, batch, fps, ms, n, pct))
-                    if progress:
-                        pct_text = f", {pct:.1f} % of {precision} peak" if pct is not None else ""
-                        progress(f"engine {name} {precision} batch {batch}: {fps:.1f} frames/s{pct_text}")
-            finally:
-                engine.close()
+                    pct_text = f", {pct:.1f} % of {precision} peak" if pct is not None else ""
+                    progress(f"engine {label} batch {batch}: {fps:.1f} frames/s{pct_text}")
+        finally:
+            engine.close()
     return results, skipped

@@ -53,9 +53,10 @@ class PipelineSettings:
     start_delay_s: float = 6.0  # first guess of server start -> first frame; adapted to the consumers' start-up
     ready_timeout_s: float = 90.0
     cores: int = os.cpu_count() or 1
+    consumer_threads: int = 0  # cpuThreads per consumer; 0: cores / N
 
     def cpu_threads(self, n_consumers: int) -> int:
-        return max(1, self.cores // n_consumers)
+        return self.consumer_threads or max(1, self.cores // n_consumers)
 
 
 @dataclass
@@ -267,10 +268,11 @@ class StartDelay:
 def sweep(
     settings: PipelineSettings, processor: str, n_consumers: int, rates: list[float], base_frames: np.ndarray,
     work_dir: Path, env: dict, procs: Procs, stop_after: int = 2, refine: int = 1, progress=None,
-    delay: StartDelay | None = None,
+    delay: StartDelay | None = None, extend: int = 0,
 ) -> list[PointResult]:
     """Points at increasing offered rates, stopping after ``stop_after`` unsustained
-    ones; then ``refine`` bisections between the best sustained rate and the next."""
+    ones; while the highest still keeps up, up to ``extend`` more at x1.2 each; then
+    ``refine`` bisections between the best sustained rate and the next."""
     delay = delay or StartDelay(settings.start_delay_s)
     results: list[PointResult] = []
 
@@ -292,6 +294,11 @@ def sweep(
             failed += 1
             if failed >= stop_after:
                 break
+    for _ in range(extend):
+        if failed or not results or results[-1].target_fps <= 0:
+            break
+        if not point(round(results[-1].target_fps * 1.2, 1)).sustained:
+            failed += 1
     for _ in range(refine):
         good = [r.target_fps for r in results if r.sustained and r.target_fps > 0]
         low = max(good, default=None)

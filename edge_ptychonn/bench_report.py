@@ -38,11 +38,11 @@ def table(headers: list[str], rows: list[list], specs: list[str] | None = None) 
 
 def engine_table(report: dict) -> str:
     rows = [
-        [r["engine"], r["precision"], r["batch"], r["frames_per_s"], r["batch_ms_p50"], r["percent_of_peak"]]
+        [r["engine"], r["precision"], r["threads"], r["batch"], r["frames_per_s"], r["batch_ms_p50"], r["percent_of_peak"]]
         for r in report.get("engine", [])
     ]
-    return table(["engine", "precision", "batch", "frames/s", "ms/batch p50", "% of peak"], rows,
-                 ["", "", "", ".1f", ".1f", ".1f"])
+    return table(["engine", "precision", "threads", "batch", "frames/s", "ms/batch p50", "% of peak"], rows,
+                 ["", "", "", "", ".1f", ".1f", ".1f"])
 
 
 def peak_table(report: dict) -> str:
@@ -107,7 +107,7 @@ def summary_text(report: dict) -> str:
     if report.get("engine"):
         parts += ["", "Engine alone", engine_table(report)]
     for skip in report.get("engine_skipped", []):
-        parts.append(f"  skipped {skip['engine']} {skip['precision']}: {skip['reason']}")
+        parts.append(f"  skipped {skip['engine']} {skip['precision']} ({skip.get('threads', '?')} threads): {skip['reason']}")
     if report.get("pipeline", {}).get("points"):
         parts += ["", "Pipeline points", pipeline_table(report)]
     if report.get("ratios"):
@@ -153,6 +153,7 @@ def write_plots(report: dict, out_dir: Path) -> tuple[list[str], str | None]:
             ax_loss.plot(x, [100.0 * p["n_lost"] / max(p["n_offered"], 1) for p in ps], marker="o", label=f"N={n}")
         ax_rate.set(xlabel="offered rate (frames/s)", ylabel="delivered rate (frames/s)", title=f"{processor}: delivered rate")
         ax_loss.set(xlabel="offered rate (frames/s)", ylabel="frames lost (%)", title=f"{processor}: loss")
+        ax_loss.set_ylim(bottom=0, top=max(1.0, *(100.0 * p["n_lost"] / max(p["n_offered"], 1) * 1.1 for ps in series.values() for p in ps)))
         for ax in (ax_rate, ax_loss):
             ax.grid(alpha=0.3)
             ax.legend()
@@ -184,13 +185,13 @@ def write_plots(report: dict, out_dir: Path) -> tuple[list[str], str | None]:
     engine = report.get("engine", [])
     if engine:
         fig, ax = plt.subplots(figsize=(7, 4.2))
-        configs = list(dict.fromkeys((r["engine"], r["precision"]) for r in engine))
+        configs = list(dict.fromkeys((r["engine"], r["precision"], r["threads"]) for r in engine))
         batches = sorted({r["batch"] for r in engine})
         width = 0.8 / max(len(configs), 1)
-        for i, (name_, precision) in enumerate(configs):
-            values = {r["batch"]: r["frames_per_s"] for r in engine if (r["engine"], r["precision"]) == (name_, precision)}
+        for i, config in enumerate(configs):
+            values = {r["batch"]: r["frames_per_s"] for r in engine if (r["engine"], r["precision"], r["threads"]) == config}
             ax.bar([j + i * width for j in range(len(batches))], [values.get(b, 0) for b in batches], width,
-                   label=f"{name_} {precision}")
+                   label=f"{config[0]} {config[1]}, {config[2]} thread(s)")
         ax.set_xticks([j + width * (len(configs) - 1) / 2 for j in range(len(batches))], [f"batch {b}" for b in batches])
         ax.set(ylabel="frames/s", title="engine alone")
         ax.grid(alpha=0.3, axis="y")

@@ -159,8 +159,8 @@ def sample_report() -> dict:
         "model": {"path": "m.onnx", "flops_per_frame": 632e6, "note": None},
         "machine": {"cpu": "cpu", "cores": 2, "gpu": "none", "load_before": "1.00", "load_after": "1.10"},
         "peaks": {"fp32": {"flops_per_s": 100e9, "by_library": {"numpy": 90e9, "torch": 100e9}}},
-        "engine": [bench_engine.EngineResult("onnxruntime", "cpu", "fp32", 8, 64.5, 124.0, 10, 40.8).to_dict()],
-        "engine_skipped": [{"engine": "torch", "precision": "fp16", "reason": "why"}],
+        "engine": [bench_engine.EngineResult("onnxruntime", "cpu", "fp32", 2, 8, 64.5, 124.0, 10, 40.8).to_dict()],
+        "engine_skipped": [{"engine": "torch", "precision": "fp16", "threads": 1, "reason": "why"}],
         "pipeline": {"points": [point, passthrough]},
         "ratios": [{"n_consumers": 1, "engine_alone_fps": 64.5, "ptychonn_fps": 60.0, "pipeline_over_engine": 0.93,
                     "passthrough_fps": 900.0, "ptychonn_over_passthrough": 0.0667}],
@@ -181,7 +181,7 @@ def test_table_is_aligned_markdown():
 def test_summary_has_every_section():
     text = bench_report.summary_text(sample_report())
     for expected in ("Measured peak", "Engine alone", "Pipeline points", "Ratios", "Launch -> first published output",
-                     "| onnxruntime |      fp32 |     8 |     64.5 |", "skipped torch fp16: why", "0.93", "3.25"):
+                     "| onnxruntime |      fp32 |       2 |     8 |     64.5 |", "skipped torch fp16 (1 threads): why", "0.93", "3.25"):
         assert expected in text, expected
 
 
@@ -267,3 +267,18 @@ def test_quick_pipeline_run(tmp_path, bench_small_model):
     assert points["ptychonn"]["latency_p99_ms"] > 0
     ratio = report["ratios"][0]
     assert ratio["engine_alone_fps"] > 0 and ratio["ptychonn_fps"] > 0
+
+
+def test_sweep_goes_on_upwards_while_the_pipeline_keeps_up(monkeypatch):
+    asked = []
+
+    def run_point(settings, processor, n, rate, *args):
+        asked.append(rate)
+        return fake_point(rate, capacity=130.0)
+
+    monkeypatch.setattr(bench_pipeline, "run_point", run_point)
+    settings = bench_pipeline.PipelineSettings(model_path=Path("m.onnx"))
+    points = bench_pipeline.sweep(settings, "ptychonn", 1, [50, 100], None, Path("."), {}, None,
+                                  stop_after=1, refine=0, extend=3)
+    assert asked == [50, 100, 120.0, 144.0]  # 144 falls behind: no further point
+    assert bench_pipeline.best_sustained(points).target_fps == 120.0
