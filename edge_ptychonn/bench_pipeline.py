@@ -271,8 +271,9 @@ def sweep(
     delay: StartDelay | None = None, extend: int = 0,
 ) -> list[PointResult]:
     """Points at increasing offered rates, stopping after ``stop_after`` unsustained
-    ones; while the highest still keeps up, up to ``extend`` more at x1.2 each; then
-    ``refine`` bisections between the best sustained rate and the next."""
+    ones; while the highest still keeps up, up to ``extend`` more at x1.2 each (or, when
+    none kept up, down at /1.5 each); then ``refine`` bisections between the best
+    sustained rate and the next."""
     delay = delay or StartDelay(settings.start_delay_s)
     results: list[PointResult] = []
 
@@ -299,6 +300,11 @@ def sweep(
             break
         if not point(round(results[-1].target_fps * 1.2, 1)).sustained:
             failed += 1
+    for _ in range(extend):  # nothing kept up: go down until something does
+        rated = [r.target_fps for r in results if r.target_fps > 0]
+        if not rated or any(r.sustained for r in results):
+            break
+        point(round(min(rated) / 1.5, 1))
     for _ in range(refine):
         good = [r.target_fps for r in results if r.sustained and r.target_fps > 0]
         low = max(good, default=None)

@@ -282,3 +282,18 @@ def test_sweep_goes_on_upwards_while_the_pipeline_keeps_up(monkeypatch):
                                   stop_after=1, refine=0, extend=3)
     assert asked == [50, 100, 120.0, 144.0]  # 144 falls behind: no further point
     assert bench_pipeline.best_sustained(points).target_fps == 120.0
+
+
+def test_sweep_goes_down_when_nothing_keeps_up(monkeypatch):
+    asked = []
+
+    def run_point(settings, processor, n, rate, *args):
+        asked.append(rate)
+        return fake_point(rate, capacity=40.0)
+
+    monkeypatch.setattr(bench_pipeline, "run_point", run_point)
+    settings = bench_pipeline.PipelineSettings(model_path=Path("m.onnx"))
+    points = bench_pipeline.sweep(settings, "ptychonn", 1, [90, 100], None, Path("."), {}, None,
+                                  stop_after=1, refine=1, extend=3)
+    assert asked == [90, 60.0, 40.0, 50.0]  # down /1.5 until 40 keeps up, then bisect 40..60
+    assert bench_pipeline.best_sustained(points).target_fps == 40.0
