@@ -79,13 +79,14 @@ def get_args_parser(prog: str = "edge-ptychonn bench") -> argparse.ArgumentParse
     g.add_argument("--engine-seconds", type=float, default=1.5, help="timing per engine, precision and batch")
     g.add_argument("--peak-seconds", type=float, default=0.7, help="timing of each peak matrix product")
     g.add_argument("--peak-sizes", type=_ints, default=[512, 1024, 2048], help="matrix sizes of the peak measurement")
-    g.add_argument("--device", default="cpu", help="engine device ('cpu', 'cuda', 'cuda:N')")
+    g.add_argument("--device", default="cpu",
+                   help="engine device: 'cpu', 'auto', 'cuda' or 'cuda:N' (consumers given 'auto' take GPU (processorId - 1) %% nGPUs)")
     g = parser.add_argument_group("pipeline")
     g.add_argument("--pipeline-engine", default="onnxruntime")
     g.add_argument("--pipeline-precision", default="fp32")
     g.add_argument("--pipeline-batch", type=int, default=8, help="batchSize, and --distributor-updates for N > 1")
     g.add_argument("--consumer-threads", type=int, default=0,
-                   help="cpuThreads of each consumer (default: cores / N, at least 1)")
+                   help="cpuThreads of each consumer (default: (cores - 1) / N, at least 1)")
     g.add_argument("--consumers", type=_ints, default=None, help="consumer counts N (default: 1, 2, and more with more cores)")
     g.add_argument("--rate-fractions", type=_floats, default=[0.6, 0.8, 0.9, 1.0, 1.1],
                    help="offered rates as fractions of the engine-alone rate of the pipeline's engine, precision and batch")
@@ -108,7 +109,7 @@ def apply_quick(args: argparse.Namespace) -> None:
     args.peak_seconds = 0.2
     args.peak_sizes = [256]
     args.consumers = args.consumers or [1]
-    args.rate_fractions = [0.5]
+    args.rate_fractions = [0.3]
     args.passthrough_rates = [200.0]
     args.duration = 1.0
     args.refine = 0
@@ -229,7 +230,8 @@ def main(args: argparse.Namespace) -> int:
         if signature.fixed_batch:
             progress(f"the model's batch is fixed at {signature.fixed_batch}: smaller batches are padded, larger ones split")
         settings = bp.PipelineSettings(
-            model_path=model_path.resolve(), engine=args.pipeline_engine, precision=args.pipeline_precision,
+            model_path=model_path.resolve(), engine=args.pipeline_engine, device=args.device,
+            precision=args.pipeline_precision,
             batch=args.pipeline_batch, duration_s=args.duration, max_frames=args.max_frames,
             server_queue_size=args.server_queue_size, cores=cores, consumer_threads=args.consumer_threads,
         )

@@ -44,6 +44,7 @@ _PUBLISHED = re.compile(r"Published frames:\s*(\d+)\s*@\s*([0-9.]+)\s*fps")
 class PipelineSettings:
     model_path: Path
     engine: str = "onnxruntime"
+    device: str = "cpu"  # the consumers' device ('auto' spreads them over the GPUs by processorId)
     precision: str = "fp32"
     batch: int = 8
     duration_s: float = 3.0  # stream length per point
@@ -53,10 +54,12 @@ class PipelineSettings:
     start_delay_s: float = 6.0  # first guess of server start -> first frame; adapted to the consumers' start-up
     ready_timeout_s: float = 90.0
     cores: int = os.cpu_count() or 1
-    consumer_threads: int = 0  # cpuThreads per consumer; 0: cores / N
+    consumer_threads: int = 0  # cpuThreads per consumer; 0: (cores - 1) / N, at least 1
 
     def cpu_threads(self, n_consumers: int) -> int:
-        return self.consumer_threads or max(1, self.cores // n_consumers)
+        """One core is left to PvaPy's receive and publish threads (and the server): on the
+        2-core development machine, 2 intra-op threads ran the N=1 pipeline 2.6x slower than 1."""
+        return self.consumer_threads or max(1, (self.cores - 1) // n_consumers)
 
 
 @dataclass
@@ -130,7 +133,7 @@ def write_scan(path: Path, base: np.ndarray, n_frames: int) -> Path:
 
 def _processor_args(settings: PipelineSettings, n_consumers: int) -> dict:
     return {
-        "modelPath": str(settings.model_path), "engine": settings.engine, "device": "cpu",
+        "modelPath": str(settings.model_path), "engine": settings.engine, "device": settings.device,
         "precision": settings.precision, "batchSize": settings.batch,
         "cpuThreads": settings.cpu_threads(n_consumers),
     }
