@@ -1,0 +1,357 @@
+"""``edge-ptychonn bench``: engine speed against the machine's limit, live pipeline
+throughput, loss and latency, warm start; a JSON report, PNG plots and tables.
+
+Parts (each can be skipped with ``--skip``):
+
+warm     consumer launch -> first published output, first and second launch per engine
+         (run first, while the file cache is as cold as this run can have it)
+engine   the model's FLOPs per frame (counted from the ONNX graph), the machine's peak
+         (large matrix product, same process), frames/s of every engine, precision, batch
+pipeline pvapy-ad-sim-server -> N PtychoNN consumers -> outputs, offered rate swept upwards
+         (fractions of the engine-alone rate); loss, nMissed, delivered rate, latency
+passthrough  the same with PvaPy's UserDataProcessor republishing every frame: the
+         transport ceiling
+
+Every process started is stopped by its process id on exit, error or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import signal
+import sys
+import time
+from pathlib import Path
+
+from . import live
+
+DEFAULT_MODEL = Path("data/ptychonn.onnx")
+PARTS = ("warm", "engine", "pipeline", "passthrough")
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _threads(text: str) -> list[int]:
+    cores = os.cpu_count() or 1
+    return sorted({cores if x.strip() == "all" else int(x) for x in text.split(",") if x.strip()})
+
+
+def _words(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def default_consumers(cores: int) -> list[int]:
+    """1, 2, then powers of two up to half the cores (one core each for receive and infer)."""
+    counts, n = [1, 2], 4
+    while n <= cores // 2:
+        counts.append(n)
+        n *= 2
+    return counts
+
+
+def get_args_parser(prog: str = "edge-ptychonn bench") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__.split("\n\n")[0].replace("``", ""),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL,
+                        help="ONNX model; when the default is missing, a random-weight PtychoNN of the default architecture is exported and used")
+    parser.add_argument("--out", type=Path, default=None, help="results folder (default: results/bench-<date>-<time>)")
+    parser.add_argument("--quick", action="store_true", help="a fast smoke run: short timings, one consumer, few points")
+    parser.add_argument("--skip", type=_words, default=[], help=f"comma-separated parts to skip: {', '.join(PARTS)}")
+    parser.add_argument("--drop-caches", action="store_true",
+                        help="drop the OS page cache before the first warm-start launch (root; affects the whole machine)")
+    g = parser.add_argument_group("engine alone")
+    g.add_argument("--engines", type=_words, default=None, help="engines to time (default: every one available here)")
+    g.add_argument("--precisions", type=_words, default=None, help="precisions to time (default: all each engine supports)")
+    g.add_argument("--batches", type=_ints, default=[1, 8, 32])
+    g.add_argument("--threads", type=_threads, default=None,
+                   help="CPU threads per engine, e.g. '1,all' (default: 1 and all cores)")
+    g.add_argument("--engine-seconds", type=float, default=1.5, help="timing per engine, precision and batch")
+    g.add_argument("--peak-seconds", type=float, default=0.7, help="timing of each peak matrix product")
+    g.add_argument("--peak-sizes", type=_ints, default=[512, 1024, 2048], help="matrix sizes of the peak measurement")
+    g.add_argument("--device", default="cpu",
+                   help="engine device: 'cpu', 'auto', 'cuda' or 'cuda:N' (consumers given 'auto' take GPU (processorId - 1) %% nGPUs)")
+    g = parser.add_argument_group("pipeline")
+    g.add_argument("--pipeline-engine", default="onnxruntime")
+    g.add_argument("--pipeline-precision", default="fp32")
+    g.add_argument("--pipeline-batch", type=int, default=8, help="batchSize, and --distributor-updates for N > 1")
+    g.add_argument("--consumer-threads", type=int, default=0,
+                   help="cpuThreads of each consumer (default: (cores - 1) / N, at least 1)")
+    g.add_argument("--consumers", type=_ints, default=None, help="consumer counts N (default: 1, 2, and more with more cores)")
+    g.add_argument("--rate-fractions", type=_floats, default=[0.6, 0.8, 0.9, 1.0, 1.1],
+                   help="offered rates as fractions of the engine-alone rate of the pipeline's engine, precision and batch")
+    g.add_argument("--passthrough-rates", type=_floats, default=[1000.0, 0.0],
+                   help="offered rates (frames/s) for the passthrough; 0 = as fast as the server publishes")
+    g.add_argument("--duration", type=float, default=3.0, help="stream length per point (s)")
+    g.add_argument("--max-frames", type=int, default=4000, help="frames per point at most")
+    g.add_argument("--server-queue-size", type=int, default=1000, help="the consumers' --server-queue-size")
+    g.add_argument("--stop-after", type=int, default=1, help="stop a sweep after this many points that do not keep up")
+    g.add_argument("--extend", type=int, default=4,
+                   help="points added above the highest rate (x1.2 each) while the pipeline still keeps up")
+    g.add_argument("--refine", type=int, default=1, help="bisections between the best sustained rate and the next")
+    g.add_argument("--no-plots", action="store_true")
+    return parser
+
+
+def apply_quick(args: argparse.Namespace) -> None:
+    args.batches = [1, 8]
+    args.engine_seconds = 0.2
+    args.peak_seconds = 0.2
+    args.peak_sizes = [256]
+    args.consumers = args.consumers or [1]
+    args.rate_fractions = [0.3]
+    args.passthrough_rates = [200.0]
+    args.duration = 1.0
+    args.refine = 0
+    args.extend = 0
+    args.threads = args.threads or [os.cpu_count() or 1]
+    args.skip = sorted(set(args.skip) | {"warm"})
+
+
+class Progress:
+    """One line per step on stderr, with the time since the start."""
+
+    def __init__(self, stream=sys.stderr):
+        self.stream, self.t0 = stream, time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        print(f"[{time.perf_counter() - self.t0:6.1f} s] {message}", file=self.stream, flush=True)
+
+    def stage(self, title: str) -> None:
+        self(f"== {title}")
+
+
+def machine_info() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = "none"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+    except ImportError:
+        gpu = "unknown (torch not installed)"
+    versions = {}
+    for module in ("numpy", "onnxruntime", "torch", "pvaccess"):
+        try:
+            versions[module] = getattr(__import__(module), "__version__", "?")
+        except ImportError:
+            pass
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "python": platform.python_version(),
+        "load_before": _load(), "versions": versions,
+    }
+
+
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def drop_caches(progress) -> bool:
+    """Write back and drop the page cache, so that the first launch reads its libraries from disk."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError as exc:
+        progress(f"cannot drop the page cache ({exc}); the first launch is only as cold as the cache is")
+        return False
+    progress("page cache dropped")
+    return True
+
+
+def resolve_model(path: Path, out_dir: Path, progress) -> tuple[Path, str | None]:
+    """The model to benchmark, and a note when it is a stand-in."""
+    candidates = [path] if path.is_absolute() else [path, live.PROJECT_ROOT / path]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate, None
+    if path != DEFAULT_MODEL:
+        raise SystemExit(f"edge-ptychonn bench: model {path} not found")
+    try:
+        from .model import ModelConfig, build_model, export_onnx
+    except ImportError as exc:
+        raise SystemExit(f"edge-ptychonn bench: {path} not found, and a stand-in needs torch ({exc}); pass --model") from exc
+    stand_in = out_dir / "random_ptychonn.onnx"
+    export_onnx(build_model(ModelConfig(), seed=0), stand_in)
+    note = (f"{path} not found: benchmarking a random-weight PtychoNN of the default architecture "
+            f"({ModelConfig()}) exported to {stand_in}; speed does not depend on the weights")
+    progress(note)
+    return stand_in, note
+
+
+def main(args: argparse.Namespace) -> int:
+    from . import bench_engine as be
+    from . import bench_pipeline as bp
+    from . import bench_report as br
+
+    if args.quick:
+        apply_quick(args)
+    unknown = set(args.skip) - set(PARTS)
+    if unknown:
+        raise SystemExit(f"edge-ptychonn bench: unknown part(s) {sorted(unknown)} in --skip; known: {', '.join(PARTS)}")
+    out_dir = args.out or Path("results") / dt.datetime.now().strftime("bench-%Y%m%d-%H%M%S")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    progress = Progress()
+    cores = os.cpu_count() or 1
+    consumers = args.consumers or default_consumers(cores)
+    report: dict = {
+        "command": " ".join(["edge-ptychonn", "bench", *sys.argv[2:]]) if sys.argv[1:2] == ["bench"] else " ".join(sys.argv),
+        "started": dt.datetime.now().isoformat(timespec="seconds"),
+        "arguments": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "machine": machine_info(),
+    }
+    procs = bp.Procs()
+    previous_term = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        model_path, note = resolve_model(args.model, out_dir, progress)
+        flops = be.count_flops(model_path)
+        from engines.onnx_model import read_signature
+
+        signature = read_signature(model_path)
+        report["model"] = {"path": str(model_path), "note": note, "input_hw": signature.input_shape,
+                           "fixed_batch": signature.fixed_batch, **flops.to_dict()}
+        if signature.fixed_batch:
+            progress(f"the model's batch is fixed at {signature.fixed_batch}: smaller batches are padded, larger ones split")
+        settings = bp.PipelineSettings(
+            model_path=model_path.resolve(), engine=args.pipeline_engine, device=args.device,
+            precision=args.pipeline_precision,
+            batch=args.pipeline_batch, duration_s=args.duration, max_frames=args.max_frames,
+            server_queue_size=args.server_queue_size, cores=cores, consumer_threads=args.consumer_threads,
+        )
+        needs_pva = {"warm", "pipeline", "passthrough"} - set(args.skip)
+        env = None
+        if needs_pva:
+            env = live.use_loopback()
+            ok, reason = live.loopback_multicast()
+            report["machine"]["loopback_multicast"] = reason
+            if not ok:
+                progress(f"warning: {reason}; with several PVA servers some consumers may never connect")
+            base_frames = bp.make_frames(64, signature.input_shape)
+
+        if "warm" not in args.skip:
+            progress.stage("warm start (launch -> first output)")
+            engines = [e for e in (args.engines or _available()) if e in be.PRECISIONS]
+            if args.drop_caches:
+                report["dropped_caches"] = drop_caches(progress)
+            report["warm_start"] = [w.to_dict() for w in bp.warm_start(settings, engines, base_frames, out_dir, env, procs, progress=progress)]
+
+        engine_results = []
+        if "engine" not in args.skip:
+            progress.stage(f"engine alone: {flops.flops_per_frame / 1e9:.3f} GFLOP per frame")
+            precisions = _precisions(args)
+            wanted = sorted({p for ps in precisions.values() for p in ps})
+            progress(f"peak: square matrix products of {args.peak_sizes}, {', '.join(wanted)}")
+            report["peaks"] = be.measure_peaks(wanted, args.peak_seconds, args.peak_sizes)
+            for precision, peak in report["peaks"].items():
+                progress(f"peak {precision}: {peak['flops_per_s'] / 1e9:.1f} GFLOP/s")
+            engine_results, skipped = be.bench_engines(
+                model_path, list(precisions), args.batches, precisions, args.engine_seconds,
+                flops.flops_per_frame, report["peaks"], threads=args.threads or _threads("1,all"),
+                device=args.device, progress=progress,
+            )
+            report["engine"] = [r.to_dict() for r in engine_results]
+            report["engine_skipped"] = skipped
+
+        if {"pipeline", "passthrough"} - set(args.skip):
+            engine_alone = _engine_alone(engine_results, settings, args, flops, report, progress)
+            report["pipeline"] = {"settings": {k: str(v) for k, v in vars(settings).items()}, "points": []}
+            ratios = report.setdefault("ratios", [])
+            delay = bp.StartDelay(settings.start_delay_s)
+            for n in consumers:
+                row = {"n_consumers": n, "engine_alone_fps": engine_alone, "ptychonn_fps": None,
+                       "pipeline_over_engine": None, "passthrough_fps": None, "ptychonn_over_passthrough": None}
+                ratios.append(row)
+                if "pipeline" not in args.skip:
+                    progress.stage(f"pipeline: {n} PtychoNN consumer(s), {settings.engine} {settings.precision} batch {settings.batch}")
+                    rates = [round(f * engine_alone, 1) for f in args.rate_fractions] if engine_alone else []
+                    points = bp.sweep(settings, "ptychonn", n, rates, base_frames, out_dir, env, procs,
+                                      args.stop_after, args.refine, progress, delay, extend=args.extend)
+                    report["pipeline"]["points"] += [p.to_dict() for p in points]
+                    best = bp.best_sustained(points)
+                    if best:
+                        row["ptychonn_fps"] = best.delivered_fps
+                        row["pipeline_over_engine"] = best.delivered_fps / engine_alone
+                if "passthrough" not in args.skip:
+                    progress.stage(f"passthrough (transport ceiling): {n} consumer(s)")
+                    points = bp.sweep(settings, "passthrough", n, args.passthrough_rates, base_frames, out_dir, env,
+                                      procs, args.stop_after, 0, progress, delay)
+                    report["pipeline"]["points"] += [p.to_dict() for p in points]
+                    best = bp.best_sustained(points)
+                    if best:
+                        row["passthrough_fps"] = best.delivered_fps
+                        if row["ptychonn_fps"]:
+                            row["ptychonn_over_passthrough"] = row["ptychonn_fps"] / best.delivered_fps
+    except KeyboardInterrupt:
+        report["interrupted"] = True
+        progress("interrupted: stopping every process started")
+    finally:
+        procs.stop_all()
+        signal.signal(signal.SIGTERM, previous_term)
+        report["machine"]["load_after"] = _load()
+        report["finished"] = dt.datetime.now().isoformat(timespec="seconds")
+        if not args.no_plots and report.get("pipeline", report.get("engine")):
+            plots, reason = br.write_plots(report, out_dir)
+            report["plots"] = plots
+            if reason:
+                progress(reason)
+        br.write_json(report, out_dir / "report.json")
+    print(br.summary_text(report))
+    print(f"\nreport: {out_dir / 'report.json'}")
+    return 130 if report.get("interrupted") else 0
+
+
+def _available() -> list[str]:
+    from engines import available_engines
+
+    return available_engines()
+
+
+def _precisions(args) -> dict[str, tuple[str, ...]]:
+    from .bench_engine import PRECISIONS
+
+    engines = args.engines or [e for e in _available() if e in PRECISIONS]
+    out = {}
+    for engine in engines:
+        supported = PRECISIONS.get(engine, ("fp32",))
+        out[engine] = tuple(p for p in supported if not args.precisions or p in args.precisions)
+    return {e: ps for e, ps in out.items() if ps}
+
+
+def _engine_alone(results, settings, args, flops, report, progress) -> float | None:
+    """Best engine-alone frames/s (over thread counts) of the pipeline's engine, precision and
+    batch (measured now if the engine part did not)."""
+    from . import bench_engine as be
+
+    same = [r.frames_per_s for r in results
+            if (r.engine, r.precision, r.batch) == (settings.engine, settings.precision, settings.batch)]
+    if same:
+        return max(same)
+    progress(f"engine alone for the pipeline: {settings.engine} {settings.precision} batch {settings.batch}")
+    extra, skipped = be.bench_engines(
+        settings.model_path, [settings.engine], [settings.batch], {settings.engine: (settings.precision,)},
+        args.engine_seconds, flops.flops_per_frame, report.get("peaks", {}), threads=args.threads or _threads("1,all"),
+        device=args.device, progress=progress,
+    )
+    report.setdefault("engine", []).extend(r.to_dict() for r in extra)
+    report.setdefault("engine_skipped", []).extend(skipped)
+    if not extra:
+        progress(f"cannot run {settings.engine} {settings.precision}: no pipeline sweep")
+        return None
+    return max(r.frames_per_s for r in extra)

@@ -1,0 +1,236 @@
+"""Engine-alone benchmark: model FLOPs counted from the ONNX graph, the machine's
+measured arithmetic peak, and each engine's frames/s by batch size and precision.
+
+FLOPs per frame: each ``Conv`` / ``ConvTranspose`` node contributes
+``2 x output elements x (in_channels / groups) x kernel area`` (one multiply and
+one add per MAC), ``Gemm`` / ``MatMul`` ``2 x M x N x K``. Shapes come from ONNX
+shape inference with the batch fixed to one frame; pointwise and pooling ops
+(ReLU, Resize, MaxPool, Tanh, ...) are counted separately as one op per output
+element and are not part of the FLOPs (they are well under 1 % for PtychoNN).
+
+Peak: the best rate of a large square matrix product in the same process on the
+same cores (torch for fp32 / bf16 / fp16, numpy for fp32), i.e. what the machine
+reaches on the friendliest dense workload, not a datasheet number.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+SKIP_OPS = ("Constant", "Identity", "Shape", "Reshape", "Flatten", "Squeeze", "Unsqueeze")
+PRECISIONS = {"onnxruntime": ("fp32",), "torch": ("fp32", "bf16", "fp16")}
+
+
+@dataclass(frozen=True)
+class FlopCount:
+    """Arithmetic of one frame through the model."""
+
+    flops_per_frame: float  # 2 x MACs of Conv / ConvTranspose / Gemm / MatMul
+    other_ops_per_frame: float  # one op per output element of every other node
+    by_op: dict  # op type -> FLOPs per frame
+    n_nodes: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _dims(value_info) -> list[int | None]:
+    return [d.dim_value if d.HasField("dim_value") else None for d in value_info.type.tensor_type.shape.dim]
+
+
+def count_flops(model_path: str | Path) -> FlopCount:
+    """FLOPs per frame of an ONNX model with one (N, C, H, W) input."""
+    import onnx
+    from onnx import shape_inference
+
+    model = onnx.load(str(model_path))
+    initializers = {i.name: list(i.dims) for i in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    if len(inputs) != 1:
+        raise ValueError(f"{model_path}: expected one input, found {[i.name for i in inputs]}")
+    first = inputs[0].type.tensor_type.shape.dim[0]
+    batch = first.dim_value if first.HasField("dim_value") and first.dim_value > 0 else 1
+    if batch == 1:
+        first.ClearField("dim_param")
+        first.dim_value = 1
+    # Drop the exporter's shapes (symbolic batch) so inference recomputes them for this batch.
+    del model.graph.value_info[:]
+    for output in model.graph.output:
+        output.type.tensor_type.shape.dim[0].ClearField("dim_param")
+        output.type.tensor_type.shape.dim[0].ClearField("dim_value")
+    inferred = shape_inference.infer_shapes(model, strict_mode=True)
+    shapes = {v.name: _dims(v) for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
+    shapes.update(initializers)
+
+    def shape(name: str, node) -> list[int]:
+        dims = shapes.get(name)
+        if dims is None or any(d is None for d in dims):
+            raise ValueError(f"{model_path}: cannot infer the shape of {name!r} ({node.op_type} {node.name!r}): {dims}")
+        return dims
+
+    by_op: dict[str, float] = {}
+    other = 0.0
+    for node in inferred.graph.node:
+        op = node.op_type
+        if op in ("Conv", "ConvTranspose"):
+            groups = next((a.i for a in node.attribute if a.name == "group"), 1)
+            w = shape(node.input[1], node)  # Conv (M, C/g, k...), ConvTranspose (C, M/g, k...)
+            kernel = int(np.prod(w[2:]))
+            if op == "Conv":
+                flops = 2.0 * np.prod(shape(node.output[0], node)) * w[1] * kernel
+            else:
+                flops = 2.0 * np.prod(shape(node.input[0], node)) * w[1] * kernel
+        elif op in ("Gemm", "MatMul"):
+            a, b = shape(node.input[0], node), shape(node.input[1], node)
+            trans_a = next((x.i for x in node.attribute if x.name == "transA"), 0)
+            k = a[-2] if trans_a else a[-1]
+            flops = 2.0 * np.prod(shape(node.output[0], node)) * k
+            del b
+        else:
+            if op not in SKIP_OPS:
+                dims = shapes.get(node.output[0])
+                if dims and all(d is not None for d in dims):
+                    other += float(np.prod(dims))
+            continue
+        by_op[op] = by_op.get(op, 0.0) + float(flops) / batch
+    if not by_op:
+        raise ValueError(f"{model_path}: no Conv, ConvTranspose, Gemm or MatMul node to count")
+    return FlopCount(
+        flops_per_frame=sum(by_op.values()), other_ops_per_frame=other / batch,
+        by_op=by_op, n_nodes=len(inferred.graph.node),
+    )
+
+
+# -- machine peak ------------------------------------------------------------------------
+def measure_peak(precision: str = "fp32", library: str = "torch", size: int = 2048, seconds: float = 1.0) -> float:
+    """Best FLOP/s of a ``size`` x ``size`` matrix product (2 size^3 FLOPs) over ``seconds``."""
+    flops = 2.0 * size**3
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((size, size), dtype=np.float32)
+    b = rng.standard_normal((size, size), dtype=np.float32)
+    if library == "numpy":
+        if precision != "fp32":
+            raise ValueError(f"numpy peak is measured for fp32 only, not {precision}")
+        c = np.empty_like(a)
+        run = lambda: np.matmul(a, b, out=c)  # noqa: E731
+    elif library == "torch":
+        import torch
+
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        ta, tb = torch.from_numpy(a).to(dtype), torch.from_numpy(b).to(dtype)
+        tc = torch.empty_like(ta)
+
+        def run():
+            with torch.inference_mode():
+                torch.matmul(ta, tb, out=tc)
+    else:
+        raise ValueError(f"unknown library {library!r}; known: numpy, torch")
+    run()  # warm-up (thread pool, packing buffers)
+    best, deadline = float("inf"), time.perf_counter() + seconds
+    while True:
+        t0 = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - t0)
+        if time.perf_counter() > deadline:
+            break
+    return flops / best
+
+
+def measure_peaks(precisions, seconds: float = 0.7, sizes=(512, 1024, 2048)) -> dict:
+    """{precision: {"flops_per_s": best, "by_library": {library: best}, "by_size": {...}}}.
+
+    The peak of a precision is the best rate over the libraries and matrix sizes
+    (small ones fit the caches, large ones amortise the packing)."""
+    import importlib.util
+
+    have_torch = importlib.util.find_spec("torch") is not None
+    peaks = {}
+    for precision in precisions:
+        by_library, by_size = {}, {}
+        libraries = (["numpy"] if precision == "fp32" else []) + (["torch"] if have_torch else [])
+        for library in libraries:
+            for size in sizes:
+                rate = measure_peak(precision, library, size, seconds)
+                by_size[f"{library} {size}"] = rate
+                by_library[library] = max(by_library.get(library, 0.0), rate)
+        if by_library:
+            peaks[precision] = {"flops_per_s": max(by_library.values()), "by_library": by_library, "by_size": by_size}
+    return peaks
+
+
+# -- engine alone --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EngineResult:
+    engine: str
+    device: str
+    precision: str
+    threads: int  # cpu_threads given to the engine
+    batch: int
+    frames_per_s: float
+    batch_ms_p50: float
+    n_batches: int
+    percent_of_peak: float | None  # FLOPs/frame x frames/s / peak of this precision
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def time_engine(engine, batch: int, seconds: float, rng: np.random.Generator) -> tuple[float, float, int]:
+    """(frames/s, median ms per batch, batches timed) of ``engine.infer`` on random input."""
+    h, w = engine.input_shape
+    x = rng.random((batch, 1, h, w), dtype=np.float32)
+    engine.infer(x)  # warm-up for this batch size
+    times = []
+    start = time.perf_counter()
+    while True:
+        t0 = time.perf_counter()
+        engine.infer(x)
+        times.append(time.perf_counter() - t0)
+        if time.perf_counter() - start >= seconds and len(times) >= 2:
+            break
+    total = time.perf_counter() - start
+    return batch * len(times) / total, float(np.median(times) * 1e3), len(times)
+
+
+def bench_engines(
+    model_path: Path, engines: list[str], batches: list[int], precisions: dict[str, tuple[str, ...]],
+    seconds: float, flops_per_frame: float, peaks: dict, threads: list[int] | None = None, device: str = "cpu",
+    progress=None,
+) -> tuple[list[EngineResult], list[dict]]:
+    """Time every (engine, precision, threads, batch); returns (results, skipped with reasons)."""
+    from engines import EngineOptions, create_engine
+
+    rng = np.random.default_rng(0)
+    results, skipped = [], []
+    threads = threads or [os.cpu_count() or 1]
+    for name, precision, n_threads in [(e, p, t) for e in engines for p in precisions.get(e, ("fp32",)) for t in threads]:
+        label = f"{name} {precision} {n_threads} thread(s)"
+        try:
+            engine = create_engine(name, EngineOptions(
+                model_path=model_path, device=device, precision=precision,
+                max_batch=max(batches), cpu_threads=n_threads,
+            ))
+        except Exception as exc:  # a library missing, or an engine that cannot load this model: report why
+            reason = f"{type(exc).__name__}: {exc}"
+            skipped.append({"engine": name, "precision": precision, "threads": n_threads, "reason": reason})
+            if progress:
+                progress(f"engine {label}: skipped ({reason})")
+            continue
+        try:
+            for batch in batches:
+                fps, ms, n = time_engine(engine, batch, seconds, rng)
+                peak = peaks.get(precision, {}).get("flops_per_s")
+                pct = 100.0 * fps * flops_per_frame / peak if peak else None
+                results.append(EngineResult(name, engine.device, precision, n_threads, batch, fps, ms, n, pct))
+                if progress:
+                    pct_text = f", {pct:.1f} % of {precision} peak" if pct is not None else ""
+                    progress(f"engine {label} batch {batch}: {fps:.1f} frames/s{pct_text}")
+        finally:
+            engine.close()
+    return results, skipped

@@ -1,0 +1,395 @@
+"""Pipeline benchmark: ``pvapy-ad-sim-server`` -> N ``pvapy-hpc-consumer``s -> output
+channels, at a series of offered frame rates; and the warm-start time.
+
+Each sweep point starts its own processes on channel names of its own: a consumer
+group (waited for until every consumer reports its engine ready), an output
+collector in this process, then a sim server that streams a generated ``.npy``
+exactly once (uniqueId k+1 for frame k) at the offered rate. Fresh processes
+per point cost a few seconds each but keep every point independent: no backlog,
+latency samples or uniqueId history carried over from the previous rate, and
+PvaPy's ``nMissed`` counted from a clean start.
+
+Per point:
+- offered rate: what the server reports it published (frames / its runtime);
+- lost: frames offered minus distinct uniqueIds received on the outputs;
+- nMissed: the sum of PvaPy's ``processorStats.nMissed`` over the consumers;
+- delivered rate: (frames received - 1) / (last arrival - first arrival);
+- latency: the processor's receive-to-publish p50 / p99 (``userStats``; the worst
+  consumer), and end to end (server time stamp -> arrival here) for every processor;
+- sustained: nothing lost and delivered >= ``KEEP_UP`` x offered. A short stream can
+  be lossless above the pipeline's capacity while the server queue fills up; such
+  a point is not counted as sustained, since a longer run would lose frames.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import live
+
+PTYCHONN = "processors.ptychonn.PtychoNNProcessor"
+PASSTHROUGH = "pvapy.hpc.userDataProcessor.UserDataProcessor"
+KEEP_UP = 0.97
+TOO_LATE = "consumers not ready before streaming began"
+_PUBLISHED = re.compile(r"Published frames:\s*(\d+)\s*@\s*([0-9.]+)\s*fps")
+
+
+@dataclass
+class PipelineSettings:
+    model_path: Path
+    engine: str = "onnxruntime"
+    device: str = "cpu"  # the consumers' device ('auto' spreads them over the GPUs by processorId)
+    precision: str = "fp32"
+    batch: int = 8
+    duration_s: float = 3.0  # stream length per point
+    min_frames: int = 64
+    max_frames: int = 4000
+    server_queue_size: int = 1000
+    start_delay_s: float = 6.0  # first guess of server start -> first frame; adapted to the consumers' start-up
+    ready_timeout_s: float = 90.0
+    cores: int = os.cpu_count() or 1
+    consumer_threads: int = 0  # cpuThreads per consumer; 0: (cores - 1) / N, at least 1
+
+    def cpu_threads(self, n_consumers: int) -> int:
+        """One core is left to PvaPy's receive and publish threads (and the server): on the
+        2-core development machine, 2 intra-op threads ran the N=1 pipeline 2.6x slower than 1."""
+        return self.consumer_threads or max(1, (self.cores - 1) // n_consumers)
+
+
+@dataclass
+class PointResult:
+    processor: str  # 'ptychonn' or 'passthrough'
+    n_consumers: int
+    target_fps: float
+    offered_fps: float
+    n_offered: int
+    n_received: int
+    n_unique: int
+    n_lost: int
+    n_missed: int | None  # PvaPy's count, summed over consumers
+    n_dropped: int | None  # the processor's own nFramesDropped, summed
+    delivered_fps: float
+    latency_p50_ms: float | None  # receive -> publish inside the consumer (worst consumer)
+    latency_p99_ms: float | None
+    e2e_p50_ms: float | None  # server time stamp -> arrival at the collector
+    e2e_p99_ms: float | None
+    cpu_threads: int | None
+    ready_s: float | None  # server start -> consumers ready and outputs connected
+    start_delay_s: float  # server start -> first frame
+    wall_s: float
+    error: str | None = None
+
+    @property
+    def lossless(self) -> bool:
+        return self.error is None and self.n_lost == 0 and not self.n_missed
+
+    @property
+    def sustained(self) -> bool:
+        return self.lossless and self.delivered_fps >= KEEP_UP * self.offered_fps
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "lossless": self.lossless, "sustained": self.sustained}
+
+
+@dataclass
+class Procs:
+    """Every process started, so that all are stopped on error or Ctrl-C."""
+
+    procs: list = field(default_factory=list)
+
+    def start(self, name: str, argv: list[str], env: dict, log_dir: Path) -> live.Proc:
+        proc = live.start(name, argv, env, log_dir)
+        self.procs.append(proc)
+        return proc
+
+    def stop(self, proc: live.Proc) -> None:
+        proc.stop(grace_s=3.0)
+        if proc in self.procs:
+            self.procs.remove(proc)
+
+    def stop_all(self) -> None:
+        while self.procs:
+            self.stop(self.procs[-1])
+
+
+def make_frames(n: int, shape=(128, 128), seed: int = 0) -> np.ndarray:
+    """Diffraction-like int16 frames (a bright centre with Poisson noise): ``n`` distinct ones."""
+    rng = np.random.default_rng(seed)
+    y, x = np.indices(shape) - np.array(shape)[:, None, None] / 2
+    envelope = 2000.0 * np.exp(-(x**2 + y**2) / (2 * (shape[0] / 8) ** 2)) + 2.0
+    return rng.poisson(envelope, size=(n, *shape)).astype(np.int16)
+
+
+def write_scan(path: Path, base: np.ndarray, n_frames: int) -> Path:
+    np.save(path, np.resize(base, (n_frames, *base.shape[1:])))
+    return path
+
+
+def _processor_args(settings: PipelineSettings, n_consumers: int) -> dict:
+    return {
+        "modelPath": str(settings.model_path), "engine": settings.engine, "device": settings.device,
+        "precision": settings.precision, "batchSize": settings.batch,
+        "cpuThreads": settings.cpu_threads(n_consumers),
+    }
+
+
+def _wait_ready(status_channels: list[str], need_engine: bool, timeout_s: float, procs: list) -> str | None:
+    """None once every consumer's status says it is ready; else the reason it is not."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for proc in procs:
+            if not proc.running():
+                return f"{proc.name} exited early (code {proc.popen.returncode}); log: {proc.log_path}"
+        statuses = [live.read_status(c, timeout_s=1.0) for c in status_channels]
+        if all(s is not None for s in statuses):
+            if not need_engine or all(s.get("userStats", {}).get("engine") for s in statuses):
+                return None
+        time.sleep(0.3)
+    return f"consumers not ready after {timeout_s:.0f} s; logs: {[str(p.log_path) for p in procs]}"
+
+
+def _published(log: str) -> tuple[int, float] | None:
+    match = _PUBLISHED.search(log)
+    return (int(match.group(1)), float(match.group(2))) if match else None
+
+
+def _percentiles(values) -> tuple[float | None, float | None]:
+    if len(values) == 0:
+        return None, None
+    p50, p99 = np.percentile(np.asarray(values, dtype=np.float64), [50, 99])
+    return float(p50), float(p99)
+
+
+def run_point(
+    settings: PipelineSettings, processor: str, n_consumers: int, target_fps: float,
+    base_frames: np.ndarray, work_dir: Path, env: dict, procs: Procs, tag: str, start_delay_s: float,
+) -> PointResult:
+    """One sweep point with fresh processes (all stopped before returning)."""
+    t_start = time.perf_counter()
+    # target 0: as fast as the server can publish
+    wanted = round(target_fps * settings.duration_s) if target_fps > 0 else settings.max_frames
+    n_frames = int(np.clip(wanted, settings.min_frames, settings.max_frames))
+    n_frames = max(n_frames, 2 * settings.batch * n_consumers)
+    scan = write_scan(work_dir / f"scan_{n_frames}.npy", base_frames, n_frames)
+    prefix = f"eb{os.getpid()}{tag}"
+    input_channel, out_prefix = f"{prefix}:image", f"{prefix}:out"
+    ids = range(1, n_consumers + 1)
+    is_ptychonn = processor == "ptychonn"
+    log_dir = work_dir / "logs" / tag
+    argv = live.consumer_argv(
+        input_channel, out_prefix, n_consumers, PTYCHONN if is_ptychonn else PASSTHROUGH,
+        _processor_args(settings, n_consumers) if is_ptychonn else None,
+        batch_updates=settings.batch, server_queue_size=settings.server_queue_size, report_period_s=1.0,
+    )
+    # The server goes first (its channel must exist when the consumers search for it,
+    # or their search backs off for seconds), with a start delay long enough for the
+    # consumers to get their engines ready; the collector connects once the outputs exist.
+    server = procs.start("server", live.sim_server_argv(
+        scan, input_channel, target_fps, start_delay_s=start_delay_s, runtime_s=3600.0, replay_once=True,
+    ), env, log_dir)
+    t_server = time.perf_counter()
+    consumer = procs.start("consumer", argv, env, log_dir)
+    collector = None
+    ready_s = None
+    statuses: list[dict | None] = []
+    try:
+        error = _wait_ready([f"{out_prefix}:{i}:status" for i in ids], is_ptychonn, settings.ready_timeout_s, [consumer])
+        if error is None:
+            collector = live.OutputCollector([f"{out_prefix}:{i}:output" for i in ids], keep_images=False)
+            if not collector.wait_connected(10.0):
+                error = "the output channels did not connect in 10 s"
+            ready_s = time.perf_counter() - t_server
+            if error is None and ready_s > start_delay_s - 0.2:
+                error = f"{TOO_LATE}: ready {ready_s:.1f} s after the server started, its start delay is {start_delay_s:.1f} s"
+        if error is None:
+            expected_s = start_delay_s - ready_s + n_frames / (target_fps or 1000.0)
+            collector.wait_count(n_frames, timeout_s=2 * expected_s + 15.0, idle_s=3.0)
+            server.wait(10.0)
+            time.sleep(1.3)  # one status report period, so the statistics include the last frames
+            statuses = [live.read_status(f"{out_prefix}:{i}:status") for i in ids]
+    finally:
+        if collector is not None:
+            collector.close()
+        procs.stop(server)
+        procs.stop(consumer)
+
+    received = [r for rs in collector.received.values() for r in rs] if collector is not None else []
+    published = _published(server.log())
+    if error is None and published is None:
+        error = f"the sim server reported no published frames; log: {server.log_path}"
+    n_offered, offered_fps = published if published else (n_frames, 0.0)
+    unique = {r.unique_id for r in received if 1 <= r.unique_id <= n_offered}
+    arrivals = sorted(r.arrival_s for r in received)
+    span = arrivals[-1] - arrivals[0] if len(arrivals) > 1 else 0.0
+    delivered = (len(arrivals) - 1) / span if span > 0 else 0.0
+    wall_offset = time.time() - time.perf_counter()
+    e2e_ms = [
+        (r.arrival_s + wall_offset - (r.time_stamp["secondsPastEpoch"] + r.time_stamp["nanoseconds"] * 1e-9)) * 1e3
+        for r in received
+    ]
+    e2e_p50, e2e_p99 = _percentiles(e2e_ms)
+    ok = [s for s in statuses if s]
+    n_missed = sum(int(s.get("processorStats", {}).get("nMissed", 0)) for s in ok) if ok else None
+    user = [s.get("userStats", {}) for s in ok]
+    n_dropped = sum(int(u.get("nFramesDropped", 0)) for u in user) if is_ptychonn and user else None
+    p50 = max((u.get("latencyP50Ms", 0.0) for u in user), default=None) if is_ptychonn else None
+    p99 = max((u.get("latencyP99Ms", 0.0) for u in user), default=None) if is_ptychonn else None
+    if error is None and len(ok) < n_consumers:
+        error = f"read the status of {len(ok)} of {n_consumers} consumers"
+    return PointResult(
+        processor=processor, n_consumers=n_consumers, target_fps=float(target_fps), offered_fps=offered_fps,
+        n_offered=n_offered, n_received=len(received), n_unique=len(unique), n_lost=n_offered - len(unique),
+        n_missed=n_missed, n_dropped=n_dropped, delivered_fps=delivered, latency_p50_ms=p50, latency_p99_ms=p99,
+        e2e_p50_ms=e2e_p50, e2e_p99_ms=e2e_p99,
+        cpu_threads=settings.cpu_threads(n_consumers) if is_ptychonn else None,
+        ready_s=ready_s, start_delay_s=start_delay_s, wall_s=time.perf_counter() - t_start, error=error,
+    )
+
+
+class StartDelay:
+    """The server's start delay: long enough for the consumers' start-up seen so far."""
+
+    def __init__(self, first_guess_s: float, margin: float = 1.4, extra_s: float = 1.0):
+        self.delay_s, self.margin, self.extra_s = first_guess_s, margin, extra_s
+        self.slowest_s = 0.0
+
+    def next(self) -> float:
+        return round(self.delay_s, 1)
+
+    def update(self, result: PointResult) -> None:
+        if result.ready_s is not None:
+            self.slowest_s = max(self.slowest_s, result.ready_s)
+            self.delay_s = max(2.0, self.margin * self.slowest_s + self.extra_s)
+
+
+def sweep(
+    settings: PipelineSettings, processor: str, n_consumers: int, rates: list[float], base_frames: np.ndarray,
+    work_dir: Path, env: dict, procs: Procs, stop_after: int = 2, refine: int = 1, progress=None,
+    delay: StartDelay | None = None, extend: int = 0,
+) -> list[PointResult]:
+    """Points at increasing offered rates, stopping after ``stop_after`` unsustained
+    ones; while the highest still keeps up, up to ``extend`` more at x1.2 each (or, when
+    none kept up, down at /1.5 each); then ``refine`` bisections between the best
+    sustained rate and the next."""
+    delay = delay or StartDelay(settings.start_delay_s)
+    results: list[PointResult] = []
+
+    def point(rate: float) -> PointResult:
+        tag = f"{processor[0]}{n_consumers}r{int(rate) or 'max'}"
+        r = run_point(settings, processor, n_consumers, rate, base_frames, work_dir, env, procs, tag, delay.next())
+        delay.update(r)
+        if r.error and r.error.startswith(TOO_LATE):  # once more, with the delay this start-up needed
+            r = run_point(settings, processor, n_consumers, rate, base_frames, work_dir, env, procs, tag + "b", delay.next())
+            delay.update(r)
+        results.append(r)
+        if progress:
+            progress(describe(r))
+        return r
+
+    failed = 0
+    for rate in sorted(rates, key=lambda r: r or float("inf")):  # 0 (server maximum) last
+        if not point(rate).sustained:
+            failed += 1
+            if failed >= stop_after:
+                break
+    for _ in range(extend):
+        if failed or not results or results[-1].target_fps <= 0:
+            break
+        if not point(round(results[-1].target_fps * 1.2, 1)).sustained:
+            failed += 1
+    for _ in range(extend):  # nothing kept up: go down until something does
+        rated = [r.target_fps for r in results if r.target_fps > 0]
+        if not rated or any(r.sustained for r in results):
+            break
+        point(round(min(rated) / 1.5, 1))
+    for _ in range(refine):
+        good = [r.target_fps for r in results if r.sustained and r.target_fps > 0]
+        low = max(good, default=None)
+        above = [r.target_fps for r in results if not r.sustained and r.target_fps > 0 and (low is None or r.target_fps > low)]
+        if low is None or not above:
+            break
+        high = min(above)
+        if high / low < 1.04:
+            break
+        point(round((low + high) / 2, 1))
+    return sorted(results, key=lambda r: r.offered_fps)
+
+
+def best_sustained(results: list[PointResult]) -> PointResult | None:
+    good = [r for r in results if r.sustained]
+    return max(good, key=lambda r: r.delivered_fps) if good else None
+
+
+def describe(r: PointResult) -> str:
+    lat = f", latency p50/p99 {r.latency_p50_ms:.0f}/{r.latency_p99_ms:.0f} ms" if r.latency_p99_ms is not None else ""
+    e2e = f", end-to-end p99 {r.e2e_p99_ms:.0f} ms" if r.e2e_p99_ms is not None else ""
+    state = "sustained" if r.sustained else ("lossless, falling behind" if r.lossless else "LOSS")
+    text = (
+        f"{r.processor} N={r.n_consumers} offered {r.offered_fps:.0f} fps (target {r.target_fps or 'max'}): "
+        f"delivered {r.delivered_fps:.0f} fps, lost {r.n_lost}/{r.n_offered}, nMissed {r.n_missed}{lat}{e2e} "
+        f"[{state}, {r.wall_s:.0f} s]"
+    )
+    return text + (f" ERROR: {r.error}" if r.error else "")
+
+
+# -- warm start ------------------------------------------------------------------------------
+@dataclass
+class WarmStart:
+    engine: str
+    launch: str  # 'first' or 'second'
+    first_output_s: float | None
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def warm_start(
+    settings: PipelineSettings, engines: list[str], base_frames: np.ndarray, work_dir: Path, env: dict,
+    procs: Procs, fps: float = 20.0, timeout_s: float = 120.0, progress=None,
+) -> list[WarmStart]:
+    """Consumer launch -> first published output, twice per engine, with a server streaming."""
+    scan = write_scan(work_dir / "warm_scan.npy", base_frames, 64)
+    prefix = f"eb{os.getpid()}ws"
+    input_channel = f"{prefix}:image"
+    log_dir = work_dir / "logs" / "warm"
+    server = procs.start("server", live.sim_server_argv(
+        scan, input_channel, fps, start_delay_s=0.5, runtime_s=3600.0, replay_once=False), env, log_dir)
+    results = []
+    try:
+        for engine in engines:
+            for launch in ("first", "second"):
+                out_prefix = f"{prefix}{engine[:2]}{launch[0]}"
+                args = {**_processor_args(settings, 1), "engine": engine, "precision": "fp32"}
+                argv = live.consumer_argv(input_channel, out_prefix, 1, PTYCHONN, args,
+                                          batch_updates=1, server_queue_size=settings.server_queue_size)
+                collector = live.OutputCollector([f"{out_prefix}:1:output"], keep_images=False)
+                t0 = time.perf_counter()
+                consumer = procs.start(f"consumer_{engine}_{launch}", argv, env, log_dir)
+                try:
+                    deadline = t0 + timeout_s
+                    while collector.count() == 0 and consumer.running() and time.perf_counter() < deadline:
+                        time.sleep(0.02)
+                    items = collector.received[f"{out_prefix}:1:output"]
+                    if items:
+                        result = WarmStart(engine, launch, items[0].arrival_s - t0)
+                    elif not consumer.running():
+                        result = WarmStart(engine, launch, None, f"consumer exited (code {consumer.popen.returncode}); log: {consumer.log_path}")
+                    else:
+                        result = WarmStart(engine, launch, None, f"no output in {timeout_s:.0f} s; log: {consumer.log_path}")
+                finally:
+                    collector.close()
+                    procs.stop(consumer)
+                results.append(result)
+                if progress:
+                    took = f"{result.first_output_s:.2f} s" if result.first_output_s is not None else result.error
+                    progress(f"warm start {engine} {launch} launch: first output after {took}")
+    finally:
+        procs.stop(server)
+    return results

@@ -1,0 +1,203 @@
+"""The benchmark's outputs: JSON report, text tables and PNG plots.
+
+Plots need matplotlib (``pip install 'edge-ptychonn[bench]'``); without it the
+JSON report and the tables are still written and the plots are skipped with a
+message.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+
+def write_json(report: dict, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    return path
+
+
+def _cell(value, spec: str = "") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return format(value, spec) if spec and isinstance(value, (int, float)) else str(value)
+
+
+def table(headers: list[str], rows: list[list], specs: list[str] | None = None) -> str:
+    """A plain-text table, also valid Markdown (pipes and a header rule)."""
+    specs = specs or [""] * len(headers)
+    cells = [[_cell(v, s) for v, s in zip(row, specs)] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    line = lambda items: "| " + " | ".join(x.rjust(w) for x, w in zip(items, widths)) + " |"  # noqa: E731
+    rule = "|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|"
+    return "\n".join([line(headers), rule, *(line(r) for r in cells)])
+
+
+def engine_table(report: dict) -> str:
+    rows = [
+        [r["engine"], r["precision"], r["threads"], r["batch"], r["frames_per_s"], r["batch_ms_p50"], r["percent_of_peak"]]
+        for r in report.get("engine", [])
+    ]
+    return table(["engine", "precision", "threads", "batch", "frames/s", "ms/batch p50", "% of peak"], rows,
+                 ["", "", "", "", ".1f", ".1f", ".1f"])
+
+
+def peak_table(report: dict) -> str:
+    rows = []
+    for precision, peak in report.get("peaks", {}).items():
+        libs = ", ".join(f"{k} {v / 1e9:.0f}" for k, v in peak["by_library"].items())
+        rows.append([precision, peak["flops_per_s"] / 1e9, libs])
+    return table(["precision", "peak GFLOP/s", "by library (GFLOP/s)"], rows, ["", ".1f", ""])
+
+
+def pipeline_table(report: dict) -> str:
+    rows = []
+    for p in report.get("pipeline", {}).get("points", []):
+        state = "sustained" if p["sustained"] else ("behind" if p["lossless"] else ("error" if p["error"] else "loss"))
+        rows.append([
+            p["processor"], p["n_consumers"], p["target_fps"] or "max", p["offered_fps"], p["delivered_fps"],
+            f"{p['n_lost']}/{p['n_offered']}", p["n_missed"], p["latency_p50_ms"], p["latency_p99_ms"],
+            p["e2e_p99_ms"], state,
+        ])
+    return table(
+        ["processor", "N", "target fps", "offered fps", "delivered fps", "lost", "nMissed",
+         "p50 ms", "p99 ms", "e2e p99 ms", "state"],
+        rows, ["", "", ".0f", ".1f", ".1f", "", "", ".0f", ".0f", ".0f", ""],
+    )
+
+
+def summary_table(report: dict) -> str:
+    rows = [
+        [s["n_consumers"], s["engine_alone_fps"], s["ptychonn_fps"], s["pipeline_over_engine"],
+         s["passthrough_fps"], s["ptychonn_over_passthrough"]]
+        for s in report.get("ratios", [])
+    ]
+    return table(
+        ["N", "engine alone fps", "best lossless fps", "pipeline/engine", "passthrough fps", "ptychonn/passthrough"],
+        rows, ["", ".1f", ".1f", ".2f", ".0f", ".3f"],
+    )
+
+
+def warm_table(report: dict) -> str:
+    by_engine: dict[str, dict] = {}
+    for w in report.get("warm_start", []):
+        d = by_engine.setdefault(w["engine"], {"error": ""})
+        d[w["launch"]] = w["first_output_s"]
+        if w.get("error") and not d["error"]:
+            d["error"] = w["error"].split(";")[0]
+    rows = [[e, d.get("first"), d.get("second"), d["error"]] for e, d in by_engine.items()]
+    return table(["engine", "first launch s", "second launch s", "error"], rows, ["", ".2f", ".2f", ""])
+
+
+def summary_text(report: dict) -> str:
+    parts = []
+    model = report.get("model", {})
+    if model:
+        parts.append(f"model {model.get('path')}: {model.get('flops_per_frame', 0) / 1e9:.3f} GFLOP/frame"
+                     + (f" ({model['note']})" if model.get("note") else ""))
+    machine = report.get("machine", {})
+    if machine:
+        parts.append(f"machine: {machine.get('cpu')} x{machine.get('cores')}, load {machine.get('load_before')} -> "
+                     f"{machine.get('load_after')}, GPU: {machine.get('gpu')}")
+    if report.get("peaks"):
+        parts += ["", "Measured peak (matrix product)", peak_table(report)]
+    if report.get("engine"):
+        parts += ["", "Engine alone", engine_table(report)]
+    for skip in report.get("engine_skipped", []):
+        parts.append(f"  skipped {skip['engine']} {skip['precision']} ({skip.get('threads', '?')} threads): {skip['reason']}")
+    if report.get("pipeline", {}).get("points"):
+        parts += ["", "Pipeline points", pipeline_table(report)]
+    if report.get("ratios"):
+        parts += ["", "Ratios (measured in this run)", summary_table(report)]
+    if report.get("warm_start"):
+        cold = "page cache dropped before the first launch" if report.get("dropped_caches") else "page cache as found"
+        parts += ["", f"Launch -> first published output ({cold})", warm_table(report)]
+    if report.get("plots"):
+        parts += ["", "Plots: " + ", ".join(report["plots"])]
+    return "\n".join(parts)
+
+
+# -- plots ---------------------------------------------------------------------------------
+def _series(points: list[dict], processor: str) -> dict[int, list[dict]]:
+    series: dict[int, list[dict]] = {}
+    for p in points:
+        if p["processor"] == processor and not p["error"]:
+            series.setdefault(p["n_consumers"], []).append(p)
+    return {n: sorted(ps, key=lambda p: p["offered_fps"]) for n, ps in sorted(series.items())}
+
+
+def write_plots(report: dict, out_dir: Path) -> tuple[list[str], str | None]:
+    """PNG plots; returns (file names written, reason when none could be)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return [], "matplotlib is not installed (pip install 'edge-ptychonn[bench]'): plots skipped"
+    written = []
+    points = report.get("pipeline", {}).get("points", [])
+    for processor in ("ptychonn", "passthrough"):
+        series = _series(points, processor)
+        if not series:
+            continue
+        fig, (ax_rate, ax_loss) = plt.subplots(1, 2, figsize=(11, 4.2))
+        top = max(p["offered_fps"] for ps in series.values() for p in ps)
+        ax_rate.plot([0, top], [0, top], color="0.7", linestyle=":", label="delivered = offered")
+        for n, ps in series.items():
+            x = [p["offered_fps"] for p in ps]
+            ax_rate.plot(x, [p["delivered_fps"] for p in ps], marker="o", label=f"N={n}")
+            ax_loss.plot(x, [100.0 * p["n_lost"] / max(p["n_offered"], 1) for p in ps], marker="o", label=f"N={n}")
+        ax_rate.set(xlabel="offered rate (frames/s)", ylabel="delivered rate (frames/s)", title=f"{processor}: delivered rate")
+        ax_loss.set(xlabel="offered rate (frames/s)", ylabel="frames lost (%)", title=f"{processor}: loss")
+        ax_loss.set_ylim(bottom=0, top=max(1.0, *(100.0 * p["n_lost"] / max(p["n_offered"], 1) * 1.1 for ps in series.values() for p in ps)))
+        for ax in (ax_rate, ax_loss):
+            ax.grid(alpha=0.3)
+            ax.legend()
+        fig.tight_layout()
+        name = f"pipeline_{processor}_rate.png"
+        fig.savefig(out_dir / name, dpi=110)
+        plt.close(fig)
+        written.append(name)
+
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        for n, ps in series.items():
+            x = [p["offered_fps"] for p in ps]
+            line = None
+            if processor == "ptychonn":
+                (line,) = ax.plot(x, [p["latency_p50_ms"] for p in ps], marker="o", label=f"N={n} receive->publish p50")
+                ax.plot(x, [p["latency_p99_ms"] for p in ps], marker="^", color=line.get_color(), linestyle="--",
+                        label=f"N={n} receive->publish p99")
+            ax.plot(x, [p["e2e_p99_ms"] for p in ps], marker="s", linestyle=":",
+                    color=line.get_color() if line else None, label=f"N={n} server->output p99")
+        ax.set(xlabel="offered rate (frames/s)", ylabel="latency (ms)", title=f"{processor}: latency", yscale="log")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        name = f"pipeline_{processor}_latency.png"
+        fig.savefig(out_dir / name, dpi=110)
+        plt.close(fig)
+        written.append(name)
+
+    engine = report.get("engine", [])
+    if engine:
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        configs = list(dict.fromkeys((r["engine"], r["precision"], r["threads"]) for r in engine))
+        batches = sorted({r["batch"] for r in engine})
+        width = 0.8 / max(len(configs), 1)
+        for i, config in enumerate(configs):
+            values = {r["batch"]: r["frames_per_s"] for r in engine if (r["engine"], r["precision"], r["threads"]) == config}
+            ax.bar([j + i * width for j in range(len(batches))], [values.get(b, 0) for b in batches], width,
+                   label=f"{config[0]} {config[1]}, {config[2]} thread(s)")
+        ax.set_xticks([j + width * (len(configs) - 1) / 2 for j in range(len(batches))], [f"batch {b}" for b in batches])
+        ax.set(ylabel="frames/s", title="engine alone")
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out_dir / "engine.png", dpi=110)
+        plt.close(fig)
+        written.append("engine.png")
+    return written, None

@@ -1,0 +1,299 @@
+"""The benchmark's parts: FLOP counting, peak, sweep logic, report writer, --quick smoke runs.
+
+Speed itself is not asserted here (timings belong to `edge-ptychonn bench`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_ptychonn import bench, bench_engine, bench_pipeline, bench_report
+
+ROOT = Path(__file__).resolve().parent.parent
+REFERENCE_MODEL = ROOT.parent / "shared" / "models" / "edgeptychonn_ptychoNN_8.onnx"
+
+
+def tiny_model(path: Path, batch: int | str = "N") -> Path:
+    """Input (batch, 1, 8, 8) -> Conv 1->4 3x3 pad 1 -> Relu -> Conv 4->4 3x3 pad 1 groups 2
+    -> MaxPool 2 -> Conv 4->2 1x1 -> Flatten -> MatMul (32 x 3)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    def init(name, shape):
+        return numpy_helper.from_array(np.ones(shape, np.float32), name)
+
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1], group=2),
+        helper.make_node("MaxPool", ["c2"], ["p2"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Conv", ["p2", "w3"], ["c3"]),
+        helper.make_node("Flatten", ["c3"], ["f3"]),
+        helper.make_node("MatMul", ["f3", "m4"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 1, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 3])],
+        [init("w1", (4, 1, 3, 3)), init("w2", (4, 2, 3, 3)), init("w3", (2, 4, 1, 1)), init("m4", (32, 3))],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+# Hand count, per frame (2 FLOPs per multiply-add):
+CONV1 = 2 * (4 * 8 * 8) * (1 * 3 * 3)  # 4608: 256 outputs, 9 MACs each
+CONV2 = 2 * (4 * 8 * 8) * (2 * 3 * 3)  # 9216: groups 2 -> 2 input channels per output
+CONV3 = 2 * (2 * 4 * 4) * (4 * 1 * 1)  # 256
+MATMUL = 2 * 3 * 32  # 192
+OTHER = 4 * 8 * 8 + 4 * 4 * 4  # Relu 256 + MaxPool 64 outputs (Flatten is free)
+
+
+@pytest.mark.parametrize("batch", ["N", 1, 4])
+def test_count_flops_by_hand(tmp_path, batch):
+    count = bench_engine.count_flops(tiny_model(tmp_path / "tiny.onnx", batch))
+    assert count.by_op == {"Conv": CONV1 + CONV2 + CONV3, "MatMul": MATMUL}
+    assert count.flops_per_frame == CONV1 + CONV2 + CONV3 + MATMUL
+    assert count.other_ops_per_frame == OTHER
+
+
+def ptychonn_flops(size=128, width=16, depth=4) -> int:
+    """PtychoNN's convolutions counted from its architecture (edge_ptychonn/model.py)."""
+    flops, hw, c_in = 0, size, 1
+    for level in range(depth):  # two 3x3 convolutions, then a 2x2 max-pool
+        c_out = width * 2**level
+        flops += 2 * hw * hw * 9 * (c_in * c_out + c_out * c_out)
+        c_in, hw = c_out, hw // 2
+    for level in reversed(range(depth)):  # two 3x3 convolutions, then 2x upsampling
+        c_out = width * 2**level
+        flops += 2 * hw * hw * 9 * (c_in * c_out + c_out * c_out)
+        c_in, hw = c_out, hw * 2
+    return flops + 2 * hw * hw * 9 * c_in  # phase head: c_in -> 1
+
+
+def test_count_flops_reference_model_matches_architecture():
+    if not REFERENCE_MODEL.is_file():
+        pytest.skip(f"reference model not found at {REFERENCE_MODEL}")
+    count = bench_engine.count_flops(REFERENCE_MODEL)  # fixed batch 8: counted per frame
+    assert count.flops_per_frame == ptychonn_flops() == 632_291_328
+
+
+def test_measure_peak_is_positive():
+    assert bench_engine.measure_peak("fp32", "numpy", size=128, seconds=0.05) > 0
+    pytest.importorskip("torch")
+    peaks = bench_engine.measure_peaks(["fp32", "bf16"], seconds=0.02, sizes=(64, 128))
+    assert peaks["fp32"]["flops_per_s"] >= peaks["fp32"]["by_library"]["numpy"] > 0
+    assert peaks["bf16"]["flops_per_s"] > 0 and "numpy" not in peaks["bf16"]["by_library"]
+
+
+def test_unknown_peak_library_is_refused():
+    with pytest.raises(ValueError, match="known: numpy, torch"):
+        bench_engine.measure_peak("fp32", "cupy", size=8, seconds=0.01)
+
+
+# -- sweep logic with fake points ---------------------------------------------------------------
+def fake_point(rate: float, capacity: float) -> bench_pipeline.PointResult:
+    delivered = min(rate, capacity)
+    return bench_pipeline.PointResult(
+        processor="ptychonn", n_consumers=1, target_fps=rate, offered_fps=rate, n_offered=100, n_received=100,
+        n_unique=100, n_lost=0 if rate <= 1.3 * capacity else 10, n_missed=0, n_dropped=0, delivered_fps=delivered,
+        latency_p50_ms=1.0, latency_p99_ms=2.0, e2e_p50_ms=1.0, e2e_p99_ms=2.0, cpu_threads=1, ready_s=1.0,
+        start_delay_s=2.0, wall_s=0.0,
+    )
+
+
+def test_sweep_stops_after_the_first_unsustained_point_and_bisects(monkeypatch):
+    asked = []
+
+    def run_point(settings, processor, n, rate, *args):
+        asked.append(rate)
+        return fake_point(rate, capacity=85.0)
+
+    monkeypatch.setattr(bench_pipeline, "run_point", run_point)
+    settings = bench_pipeline.PipelineSettings(model_path=Path("m.onnx"))
+    points = bench_pipeline.sweep(settings, "ptychonn", 1, [60, 80, 90, 100, 110], None, Path("."), {}, None,
+                                  stop_after=1, refine=1)
+    # 90 is lossless but falls behind (85 < 0.97 * 90): the sweep stops there, then tries 85
+    assert asked == [60, 80, 90, 85.0]
+    assert [p.target_fps for p in points] == [60, 80, 85.0, 90]
+    best = bench_pipeline.best_sustained(points)
+    assert best.target_fps == 85.0 and not points[-1].sustained and points[-1].lossless
+
+
+def test_a_point_with_loss_or_error_is_not_sustained():
+    lossy = fake_point(200.0, capacity=100.0)
+    assert not lossy.lossless and not lossy.sustained
+    missed = fake_point(50.0, capacity=100.0)
+    missed.n_missed = 3
+    assert not missed.lossless
+    failed = fake_point(50.0, capacity=100.0)
+    failed.error = "consumers not ready"
+    assert not failed.sustained
+    assert fake_point(50.0, capacity=100.0).to_dict()["sustained"] is True
+
+
+def test_start_delay_follows_the_slowest_start_up():
+    delay = bench_pipeline.StartDelay(6.0, margin=1.5, extra_s=1.0)
+    assert delay.next() == 6.0
+    delay.update(fake_point(10, 100))  # ready after 1.0 s
+    assert delay.next() == 2.5
+    slow = fake_point(10, 100)
+    slow.ready_s = 4.0
+    delay.update(slow)
+    delay.update(fake_point(10, 100))
+    assert delay.next() == 7.0
+
+
+# -- report --------------------------------------------------------------------------------------
+def sample_report() -> dict:
+    point = fake_point(80.0, 85.0).to_dict()
+    passthrough = {**fake_point(900.0, 1000.0).to_dict(), "processor": "passthrough",
+                   "latency_p50_ms": None, "latency_p99_ms": None}
+    return {
+        "model": {"path": "m.onnx", "flops_per_frame": 632e6, "note": None},
+        "machine": {"cpu": "cpu", "cores": 2, "gpu": "none", "load_before": "1.00", "load_after": "1.10"},
+        "peaks": {"fp32": {"flops_per_s": 100e9, "by_library": {"numpy": 90e9, "torch": 100e9}}},
+        "engine": [bench_engine.EngineResult("onnxruntime", "cpu", "fp32", 2, 8, 64.5, 124.0, 10, 40.8).to_dict()],
+        "engine_skipped": [{"engine": "torch", "precision": "fp16", "threads": 1, "reason": "why"}],
+        "pipeline": {"points": [point, passthrough]},
+        "ratios": [{"n_consumers": 1, "engine_alone_fps": 64.5, "ptychonn_fps": 60.0, "pipeline_over_engine": 0.93,
+                    "passthrough_fps": 900.0, "ptychonn_over_passthrough": 0.0667}],
+        "warm_start": [{"engine": "onnxruntime", "launch": "first", "first_output_s": 3.25},
+                       {"engine": "onnxruntime", "launch": "second", "first_output_s": 2.5}],
+    }
+
+
+def test_table_is_aligned_markdown():
+    text = bench_report.table(["a", "bb"], [[1.234, None], ["long", 2]], [".1f", ""])
+    lines = text.splitlines()
+    assert lines[0] == "|    a | bb |"
+    assert lines[1] == "|-----:|---:|"
+    assert lines[2] == "|  1.2 |  - |"
+    assert lines[3] == "| long |  2 |"
+
+
+def test_summary_has_every_section():
+    text = bench_report.summary_text(sample_report())
+    for expected in ("Measured peak", "Engine alone", "Pipeline points", "Ratios", "Launch -> first published output",
+                     "| onnxruntime |      fp32 |       2 |     8 |     64.5 |", "skipped torch fp16 (1 threads): why", "0.93", "3.25"):
+        assert expected in text, expected
+
+
+def test_json_and_plots_are_written(tmp_path):
+    report = sample_report()
+    path = bench_report.write_json(report, tmp_path / "r" / "report.json")
+    assert json.loads(path.read_text())["ratios"][0]["pipeline_over_engine"] == 0.93
+    plots, reason = bench_report.write_plots(report, tmp_path)
+    if reason:
+        pytest.skip(reason)
+    assert set(plots) == {"pipeline_ptychonn_rate.png", "pipeline_ptychonn_latency.png", "pipeline_passthrough_rate.png",
+                          "pipeline_passthrough_latency.png", "engine.png"}
+    for name in plots:
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# -- command line -------------------------------------------------------------------------------
+def test_help_lists_the_options(capsys):
+    from edge_ptychonn import cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["bench", "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for option in ("--model", "--quick", "--consumers", "--server-queue-size", "--skip", "--out"):
+        assert option in out
+
+
+def test_missing_model_is_an_error(tmp_path):
+    args = bench.get_args_parser().parse_args(["--model", str(tmp_path / "none.onnx"), "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="not found"):
+        bench.main(args)
+
+
+def test_unknown_part_is_an_error(tmp_path):
+    args = bench.get_args_parser().parse_args(["--skip", "engines", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="known: warm, engine, pipeline, passthrough"):
+        bench.main(args)
+
+
+@pytest.fixture(scope="module")
+def bench_small_model(tmp_path_factory) -> Path:
+    """A random PtychoNN for 64x64 frames (dynamic batch)."""
+    pytest.importorskip("torch")
+    from edge_ptychonn.model import ModelConfig, build_model, export_onnx
+
+    path = tmp_path_factory.mktemp("bench_model") / "small.onnx"
+    return export_onnx(build_model(ModelConfig(width=8, depth=3, input_size=64), seed=0), path)
+
+
+def test_quick_engine_run(tmp_path, bench_small_model, capsys):
+    args = bench.get_args_parser().parse_args([
+        "--quick", "--skip", "pipeline,passthrough", "--engines", "onnxruntime",
+        "--model", str(bench_small_model), "--out", str(tmp_path),
+    ])
+    assert bench.main(args) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["model"]["flops_per_frame"] == ptychonn_flops(64, 8, 3)
+    rows = report["engine"]
+    assert [(r["engine"], r["batch"]) for r in rows] == [("onnxruntime", 1), ("onnxruntime", 8)]
+    assert all(r["frames_per_s"] > 0 and 0 < r["percent_of_peak"] for r in rows)
+    assert "Engine alone" in capsys.readouterr().out
+
+
+@pytest.mark.e2e
+def test_quick_pipeline_run(tmp_path, bench_small_model):
+    """One PtychoNN point and one passthrough point with real PvaPy processes (~30 s)."""
+    from edge_ptychonn.live import loopback_multicast
+
+    ok, reason = loopback_multicast()
+    if not ok:
+        pytest.skip(reason)
+    args = bench.get_args_parser().parse_args([
+        "--quick", "--skip", "engine", "--model", str(bench_small_model), "--out", str(tmp_path), "--no-plots",
+    ])
+    assert bench.main(args) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    points = {p["processor"]: p for p in report["pipeline"]["points"]}
+    assert set(points) == {"ptychonn", "passthrough"}
+    for p in points.values():
+        assert p["error"] is None, p["error"]
+        assert p["n_lost"] == 0 and p["n_missed"] == 0 and p["n_unique"] == p["n_offered"] >= 64
+    assert points["ptychonn"]["latency_p99_ms"] > 0
+    ratio = report["ratios"][0]
+    assert ratio["engine_alone_fps"] > 0 and ratio["ptychonn_fps"] > 0
+
+
+def test_sweep_goes_on_upwards_while_the_pipeline_keeps_up(monkeypatch):
+    asked = []
+
+    def run_point(settings, processor, n, rate, *args):
+        asked.append(rate)
+        return fake_point(rate, capacity=130.0)
+
+    monkeypatch.setattr(bench_pipeline, "run_point", run_point)
+    settings = bench_pipeline.PipelineSettings(model_path=Path("m.onnx"))
+    points = bench_pipeline.sweep(settings, "ptychonn", 1, [50, 100], None, Path("."), {}, None,
+                                  stop_after=1, refine=0, extend=3)
+    assert asked == [50, 100, 120.0, 144.0]  # 144 falls behind: no further point
+    assert bench_pipeline.best_sustained(points).target_fps == 120.0
+
+
+def test_sweep_goes_down_when_nothing_keeps_up(monkeypatch):
+    asked = []
+
+    def run_point(settings, processor, n, rate, *args):
+        asked.append(rate)
+        return fake_point(rate, capacity=40.0)
+
+    monkeypatch.setattr(bench_pipeline, "run_point", run_point)
+    settings = bench_pipeline.PipelineSettings(model_path=Path("m.onnx"))
+    points = bench_pipeline.sweep(settings, "ptychonn", 1, [90, 100], None, Path("."), {}, None,
+                                  stop_after=1, refine=1, extend=3)
+    assert asked == [90, 60.0, 40.0, 50.0]  # down /1.5 until 40 keeps up, then bisect 40..60
+    assert bench_pipeline.best_sustained(points).target_fps == 40.0
