@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
-from .base import EngineOptions, EngineUnavailable, FixedBatchRunner, check_batch
+from .base import EngineOptions, EngineUnavailable, FixedBatchRunner, check_batch, default_cpu_threads
 from .onnx_model import read_signature
 
 
 class OnnxRuntimeEngine:
     """Runs the model with ONNX Runtime.
 
-    Threads: ``cpu_threads`` intra-op threads (default: all cores), one inter-op
-    thread, sequential execution, all graph optimisations. Models exported with a
+    Threads: ``cpu_threads`` intra-op threads (default: all cores but one), one
+    inter-op thread, no spin-waiting (it steals the core PvaPy's threads need),
+    sequential execution, all graph optimisations. Models exported with a
     fixed batch (e.g. 8) accept any batch 1..max_batch by padding.
     Precision: fp32 only (the model's own).
     """
@@ -30,8 +29,9 @@ class OnnxRuntimeEngine:
             raise EngineUnavailable(f"onnxruntime engine runs fp32 models only, not {options.precision}")
         signature = read_signature(options.model_path)
         so = ort.SessionOptions()
-        so.intra_op_num_threads = options.cpu_threads or (os.cpu_count() or 1)
+        so.intra_op_num_threads = options.cpu_threads or default_cpu_threads()
         so.inter_op_num_threads = 1
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         providers = ["CPUExecutionProvider"]
@@ -49,6 +49,8 @@ class OnnxRuntimeEngine:
         self.input_shape = signature.input_shape
         self.max_batch = options.max_batch
         self._fixed = FixedBatchRunner(signature.fixed_batch, signature.input_shape) if signature.fixed_batch else None
+        # Warm up: the first run pays for memory planning; keep it off the first frames' latency.
+        self.infer(np.zeros((self.max_batch, 1, *self.input_shape), np.float32))
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         return self._session.run(self._outputs, {self._input: batch})[0]

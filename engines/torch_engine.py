@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import EngineOptions, EngineUnavailable, check_batch
+from .base import EngineOptions, EngineUnavailable, check_batch, default_cpu_threads
 from .onnx_model import read_signature
 
 
@@ -45,8 +45,8 @@ class TorchEngine:
         self._torch = torch
         signature = read_signature(options.model_path)
         device = resolve_device(torch, options.device, options.processor_id)
-        if options.cpu_threads:
-            torch.set_num_threads(options.cpu_threads)
+        if device == "cpu":
+            torch.set_num_threads(options.cpu_threads or default_cpu_threads())
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[options.precision]
         module = from_onnx(options.model_path).eval().to(device=device, dtype=dtype, memory_format=torch.channels_last)
         self._module = module

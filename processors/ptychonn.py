@@ -25,7 +25,7 @@ Processor arguments (``--processor-args`` JSON; camelCase)
     precision ('fp32' | 'bf16' | 'fp16'; default 'fp32')
     batchSize (1..256, default 8); batchTimeout (s, default 0.05: a partial batch is run after it)
     queueBatches (default 16); maxPendingFrames (frames kept before the engine is ready, default 2000)
-    cpuThreads (0: engine default); crop [h, w]; cropOrigin [y0, x0]; bin (int);
+    cpuThreads (0: all cores but one); crop [h, w]; cropOrigin [y0, x0]; bin (int);
     transform ('none' | 'sqrt' | 'log1p'); offset; scale.
     Preprocessing defaults come from the model's JSON sidecar (model.json) when present.
 Run-time changes (control channel ``configure``)
