@@ -32,7 +32,7 @@ class EngineOptions:
 @runtime_checkable
 class Engine(Protocol):
     name: str  # registry name, e.g. 'onnxruntime'
-    device: str  # where it runs, e.g. 'cpu' or 'cuda:0 (NVIDIA H200)'
+    device: str  # where it runs, e.g. 'cpu' or 'cuda:0 (NVIDIA RTX A6000)'
     precision: str
     input_shape: tuple[int, int]  # (H, W) of one frame
     max_batch: int
