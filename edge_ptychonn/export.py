@@ -1,0 +1,36 @@
+"""``edge-ptychonn export``: write a PtychoNN with deterministic random weights to ONNX.
+
+For trying the pipeline and benchmarking engines without a trained model (speed
+does not depend on the weights); ``edge-ptychonn train`` exports trained models.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def get_args_parser(prog: str = "edge-ptychonn export") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True, help="ONNX file to write, e.g. data/generated/random.onnx")
+    p.add_argument("--width", type=int, default=16, help="channels of the first level (default: %(default)s)")
+    p.add_argument("--depth", type=int, default=4, help="encoder/decoder levels (default: %(default)s)")
+    p.add_argument("--input-size", type=int, default=128, help="frame side in pixels (default: %(default)s)")
+    p.add_argument("--amplitude", action="store_true", help="add the amplitude head")
+    p.add_argument("--seed", type=int, default=0, help="weights seed (default: %(default)s)")
+    return p
+
+
+def main(args: argparse.Namespace) -> int:
+    from .model import ModelConfig, build_model, export_onnx
+
+    try:
+        config = ModelConfig(width=args.width, depth=args.depth, input_size=args.input_size,
+                             amplitude_head=args.amplitude)
+    except ValueError as exc:
+        print(f"edge-ptychonn export: {exc}")
+        return 2
+    path = export_onnx(build_model(config, seed=args.seed), args.out)
+    n_params = sum(p.numel() for p in build_model(config, seed=args.seed).parameters())
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): PtychoNN {config}, {n_params:,} parameters, random weights (seed {args.seed})")
+    return 0

@@ -1,0 +1,39 @@
+"""The edge-ptychonn command: every sub-command answers --help; export writes a runnable model."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from edge_ptychonn import cli
+
+
+def test_top_level_help_lists_the_commands(capsys):
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name in cli.COMMANDS:
+        assert name in out
+
+
+def test_unknown_command(capsys):
+    assert cli.main(["frobnicate"]) == 2
+    assert "unknown command 'frobnicate'; known: demo" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", sorted(cli.COMMANDS))
+def test_every_command_has_help(name):
+    done = subprocess.run([sys.executable, "-m", "edge_ptychonn.cli", name, "--help"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert f"usage: edge-ptychonn {name}" in done.stdout
+
+
+def test_export_writes_a_model_the_engines_run(tmp_path, capsys):
+    from engines import EngineOptions, create_engine
+
+    out = tmp_path / "r.onnx"
+    assert cli.main(["export", "--out", str(out), "--width", "4", "--depth", "2", "--input-size", "32"]) == 0
+    assert "random weights" in capsys.readouterr().out
+    engine = create_engine("onnxruntime", EngineOptions(out, max_batch=2, cpu_threads=1))
+    assert engine.infer(np.ones((2, 1, 32, 32), np.float32)).shape == (2, 1, 32, 32)
+    assert cli.main(["export", "--out", str(out), "--input-size", "30"]) == 2
