@@ -12,6 +12,8 @@ Everything it started is stopped by process id, also on Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import sys
 import tempfile
 import time
@@ -24,15 +26,15 @@ from .config import model_metadata
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = ROOT / "data" / "ptychonn.onnx"
-DEFAULT_SCAN = ROOT / "data" / "generated" / "demo_scan.npy"
+GENERATED = ROOT / "data" / "generated"
 DEFAULT_SCAN_SEED = 1001
 
 
 def get_args_parser(prog: str = "edge-ptychonn demo") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scan", type=Path, default=DEFAULT_SCAN,
-                   help="(N, ny, nx) .npy of frames to replay; the default held-out scan is simulated "
-                        f"(seed {DEFAULT_SCAN_SEED}) on first use (default: %(default)s)")
+    p.add_argument("--scan", type=Path, default=None,
+                   help="(N, ny, nx) .npy of frames to replay (default: a held-out scan simulated on first use "
+                        f"with the model's training settings and seed {DEFAULT_SCAN_SEED}, kept in data/generated/)")
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="ONNX model (default: %(default)s)")
     p.add_argument("--engine", default="auto", help="inference engine: auto, torch, onnxruntime (default: %(default)s)")
     p.add_argument("--consumers", type=int, default=2, help="number of consumers (default: %(default)s)")
@@ -137,17 +139,23 @@ def demo_scan_settings(model: Path):
     return ScanSettings.from_dict({**ScanSettings().to_dict(), **settings})
 
 
-def ensure_scan(scan: Path, model: Path) -> Path:
-    """The scan to replay; the default held-out scan is simulated on first use."""
-    if scan.is_file():
+def ensure_scan(scan: Path | None, model: Path) -> Path:
+    """The scan to replay: ``scan``, or the model's held-out demo scan, simulated
+    on first use into a file named after its settings (so a new model with other
+    settings gets its own scan)."""
+    if scan is not None:
+        if not scan.is_file():
+            raise SystemExit(f"scan {scan} not found")
         return scan
-    if scan.resolve() != DEFAULT_SCAN.resolve():
-        raise SystemExit(f"scan {scan} not found")
     from .simulate import save_scan, simulate_scan
 
-    print(f"simulating the held-out demo scan (seed {DEFAULT_SCAN_SEED}) into {scan} ...", file=sys.stderr)
-    frames, truth = simulate_scan(demo_scan_settings(model))
-    save_scan(scan, frames, truth)
+    settings = demo_scan_settings(model)
+    key = hashlib.sha256(json.dumps(settings.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
+    scan = GENERATED / f"demo_scan-{key}.npy"
+    if not scan.is_file() or not scan.with_suffix(".npz").is_file():
+        print(f"simulating the held-out demo scan (seed {DEFAULT_SCAN_SEED}) into {scan} ...", file=sys.stderr)
+        frames, truth = simulate_scan(settings)
+        save_scan(scan, frames, truth)
     return scan
 
 
