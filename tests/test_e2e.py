@@ -6,6 +6,7 @@ Each test starts its own processes on loopback and stops them by process id.
 from __future__ import annotations
 
 import itertools
+import json
 import time
 
 import numpy as np
@@ -122,3 +123,30 @@ def test_bad_frames_over_pvapy_are_counted_and_good_ones_follow(pva_env, procs, 
     assert [r.unique_id for r in collector.received[f"{prefix}:1:output"]] == list(range(6, 17))
     user = status["userStats"]
     assert user["nBadShape"] == 5 and user["nBadFrames"] == 5 and user["nFramesProcessed"] == 11
+
+
+def test_outputs_chain_into_pvapys_file_saver(pva_env, procs, small_model, tmp_path):
+    """inference output -> PvaPy's own AdOutputFileProcessor, no extra code: one file per frame."""
+    Image = pytest.importorskip("PIL.Image")  # AdOutputFileProcessor writes with Pillow
+    frames = np.random.default_rng(8).poisson(25, (13, 64, 64)).astype(np.int16)
+    np.save(tmp_path / "scan.npy", frames)
+    image_channel, prefix = _channel("test:chain:image"), _channel("test:chain:inference")
+    args = {"modelPath": str(small_model), "engine": "onnxruntime", "cpuThreads": 1}
+    procs.append(start("consumer", consumer_argv(image_channel, prefix, 1, "processors.ptychonn.PtychoNNProcessor", args), pva_env, tmp_path))
+    saved = tmp_path / "saved"
+    saver_args = {"outputDirectory": str(saved), "outputFileNameFormat": "{uniqueId:06}.tiff"}
+    saver = [tool_path("pvapy-hpc-consumer"), "-dc", "-ic", f"{prefix}:1:output", "-sqs", "1000", "-rt", "3600",
+             "-pc", "pvapy.hpc.adOutputFileProcessor.AdOutputFileProcessor", "-pa", json.dumps(saver_args)]
+    procs.append(start("saver", saver, pva_env, tmp_path))
+    procs.append(start("sim", sim_server_argv(tmp_path / "scan.npy", image_channel, fps=50, start_delay_s=START_DELAY_S), pva_env, tmp_path))
+    deadline = time.monotonic() + START_DELAY_S + 40
+    while time.monotonic() < deadline and len(list(saved.glob("*.tiff"))) < 13:
+        time.sleep(0.5)
+    time.sleep(0.5)  # let the last file be written out
+    files = sorted(saved.glob("*.tiff"))
+    assert [f.name for f in files] == [f"{i:06}.tiff" for i in range(1, 14)], procs[1].log()[-3000:]
+    engine = create_engine("onnxruntime", EngineOptions(small_model, max_batch=8, cpu_threads=1))
+    for f in files:
+        uid = int(f.stem)
+        expected = engine.infer(frames[uid - 1][None, None].astype(np.float32))[0, 0]
+        np.testing.assert_allclose(np.asarray(Image.open(f)), expected, atol=1e-4)
