@@ -140,7 +140,10 @@ class InferencePipeline:
                     self.stats.partial_batches += 1
                     self._enqueue(batch)
         if self._thread is not None:
-            self._queue.put(None)
+            try:
+                self._queue.put(None, timeout=timeout_s)
+            except queue.Full:  # the thread is stuck; join below reports it
+                pass
             self._thread.join(timeout_s)
             if self._thread.is_alive():
                 self.log.warning("inference thread still busy %.1f s after stop; %d batch(es) left", timeout_s, self._queue.qsize())
