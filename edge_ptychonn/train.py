@@ -13,9 +13,10 @@ Steps (``main``):
    channels-last tensors (about 3.5x faster on a CPU than float32), and a masked
    L1 loss on the probe's bright centre (``|probe|**2 >= 0.1`` of its peak),
    against absolute-phase targets;
-4. report the training and validation loss per epoch;
+4. report the training and validation loss per epoch and save ``<out>.pt``
+   (weights and arguments) after each;
 5. export ``<out>.onnx`` (eval mode: BatchNorm folded into constants, opset 17,
-   dynamic batch), save ``<out>.pt`` (weights and arguments), score the model on
+   dynamic batch), score the model on
    held-out and out-of-family scans (``--eval``), and write ``<out>.json``
    (sidecar the processor reads) and ``<out>.md`` (the model card).
 """
@@ -162,6 +163,12 @@ class Trainer:
                 total += float(self._loss(self.model(self._inputs(frames[sl])), pt, at)) * len(pt)
                 n += len(pt)
         return total / n
+
+
+def save_checkpoint(trainer: Trainer, args: argparse.Namespace, model_config, path: Path) -> None:
+    """Weights, arguments, architecture and preprocessing (``--init-from`` reads it)."""
+    trainer.torch.save({"state_dict": trainer.model.state_dict(), "args": vars(args), "model": model_config.to_dict(),
+                        "preprocess": trainer.pp.__dict__, "step": trainer.step}, path)
 
 
 def model_card(meta: dict) -> str:
@@ -344,6 +351,8 @@ def main(args: argparse.Namespace) -> int:
     t_train = time.monotonic()
     deadline = t_train + args.max_minutes * 60 if args.max_minutes else math.inf
     rng = np.random.default_rng(args.seed)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     train_loss, val_loss = [], []
     stopped = False
     for epoch in range(args.epochs):
@@ -354,15 +363,13 @@ def main(args: argparse.Namespace) -> int:
         val_loss.append(trainer.validate((val_f, val_p, val_a)))
         print(f"epoch {epoch + 1}/{args.epochs}: train loss {loss:.4f}  validation loss {val_loss[-1]:.4f}  "
               f"({(time.monotonic() - t_train) / 60:.1f} min)", file=sys.stderr)
+        save_checkpoint(trainer, args, model_config, out.with_suffix(".pt"))
         if stopped:
             print(f"stopped at the time limit of {args.max_minutes} min", file=sys.stderr)
             break
     train_minutes = (time.monotonic() - t_train) / 60
 
-    out = Path(args.out)
     onnx_path = export_onnx(trainer.model, out.with_suffix(".onnx"))
-    torch.save({"state_dict": trainer.model.state_dict(), "args": vars(args), "model": model_config.to_dict(),
-                "preprocess": pp.__dict__}, out.with_suffix(".pt"))
     n_params = sum(p.numel() for p in trainer.model.parameters())
     command = command_line(args)
     meta = {
