@@ -12,10 +12,12 @@ Steps (``main``):
    last step or at the time limit, whichever comes first, bf16 autocast and
    channels-last tensors (about 3.5x faster on a CPU than float32), and a masked
    L1 loss on the probe's bright centre (``|probe|**2 >= 0.1`` of its peak),
-   against absolute-phase targets;
-4. report the training and validation loss per epoch;
+   against absolute-phase targets; after each epoch the BatchNorm running
+   statistics are recomputed for the current weights (``recalibrate_batchnorm``);
+4. report the training and validation loss (eval mode, float32) per epoch and save ``<out>.pt``
+   (weights and arguments) after each;
 5. export ``<out>.onnx`` (eval mode: BatchNorm folded into constants, opset 17,
-   dynamic batch), save ``<out>.pt`` (weights and arguments), score the model on
+   dynamic batch), score the model on
    held-out and out-of-family scans (``--eval``), and write ``<out>.json``
    (sidecar the processor reads) and ``<out>.md`` (the model card).
 """
@@ -149,12 +151,39 @@ class Trainer:
         del start_t
         return float(np.mean(losses)) if losses else float("nan"), False
 
+    def recalibrate_batchnorm(self, frames: np.ndarray, n_frames: int = 2048, batch_size: int = 64) -> None:
+        """Recompute every BatchNorm's running statistics for the current weights.
+
+        The running averages lag the weights while they change, and this data
+        carries its signal as small modulations on a large common background
+        (the direct beam), so eval mode can be far off the training mode. A
+        cumulative average over ``n_frames`` training frames in float32 fixes
+        the statistics that the exported (eval-mode) model uses.
+        """
+        torch = self.torch
+        bns = [m for m in self.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        if not bns:
+            return
+        momenta = [m.momentum for m in bns]
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average
+        idx = np.sort(np.random.default_rng(self.args.seed).choice(len(frames), min(n_frames, len(frames)), replace=False))
+        self.model.train()
+        with torch.no_grad():
+            for start in range(0, len(idx), batch_size):
+                self.model(self._inputs(frames[idx[start : start + batch_size]]))
+        for m, mom in zip(bns, momenta):
+            m.momentum = mom
+        self.model.eval()
+
     def validate(self, data) -> float:
+        """Mean masked L1 loss in eval mode and float32, as the exported model runs."""
         torch = self.torch
         frames, phases, amps = data
         self.model.eval()
         total, n = 0.0, 0
-        with torch.no_grad(), self._autocast():
+        with torch.no_grad():
             for start in range(0, len(frames), 128):
                 sl = slice(start, start + 128)
                 pt = torch.from_numpy(phases[sl].astype(np.float32))[:, None]
@@ -162,6 +191,25 @@ class Trainer:
                 total += float(self._loss(self.model(self._inputs(frames[sl])), pt, at)) * len(pt)
                 n += len(pt)
         return total / n
+
+
+def previous_training(init_from: str | None) -> dict | None:
+    """The ``training`` block of the sidecar beside an ``--init-from`` checkpoint, if any."""
+    if not init_from:
+        return None
+    sidecar = Path(init_from).with_suffix(".json")
+    if not sidecar.exists():
+        return {"checkpoint": str(init_from)}
+    prev = json.loads(sidecar.read_text())["training"]
+    keep = ("command", "epochs_run", "steps", "train_minutes", "train_loss", "val_loss", "n_train_frames",
+            "train_seeds", "stopped_at_time_limit", "lr", "continued_from")
+    return {k: prev[k] for k in keep if k in prev}
+
+
+def save_checkpoint(trainer: Trainer, args: argparse.Namespace, model_config, path: Path) -> None:
+    """Weights, arguments, architecture and preprocessing (``--init-from`` reads it)."""
+    trainer.torch.save({"state_dict": trainer.model.state_dict(), "args": vars(args), "model": model_config.to_dict(),
+                        "preprocess": trainer.pp.__dict__, "step": trainer.step}, path)
 
 
 def model_card(meta: dict) -> str:
@@ -214,6 +262,25 @@ def model_card(meta: dict) -> str:
         f"- Loss per epoch (train / validation, mean |phase error| in rad over the bright centre): "
         + ", ".join(f"{a:.4f} / {b:.4f}" for a, b in zip(t["train_loss"], t["val_loss"])),
         f"- Command: `{t['command']}`",
+        "- After each epoch the BatchNorm running statistics are recomputed for the current weights "
+        "(2048 training frames, float32); validation runs in eval mode and float32, as the exported model.",
+    ]
+    prev, stage = t.get("continued_from"), 1
+    total_minutes = t["train_minutes"]
+    while prev:
+        stage += 1
+        total_minutes += prev.get("train_minutes", 0.0)
+        lines.append(
+            f"- Continued from an earlier run (stage {stage} back): `{prev.get('command', prev.get('checkpoint'))}`, "
+            f"{prev.get('epochs_run', '?')} epochs, {prev.get('steps', '?')} steps, "
+            f"{prev.get('train_minutes', 0.0):.1f} min, stopped at the time limit: {prev.get('stopped_at_time_limit')}; "
+            "train / validation loss per epoch: "
+            + ", ".join(f"{a:.4f} / {b:.4f}" for a, b in zip(prev.get("train_loss", []), prev.get("val_loss", [])))
+        )
+        prev = prev.get("continued_from")
+    if stage > 1:
+        lines.append(f"- Total training time: {total_minutes:.1f} min in {stage} runs.")
+    lines += [
         "",
         "## Accuracy",
         "",
@@ -344,6 +411,8 @@ def main(args: argparse.Namespace) -> int:
     t_train = time.monotonic()
     deadline = t_train + args.max_minutes * 60 if args.max_minutes else math.inf
     rng = np.random.default_rng(args.seed)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     train_loss, val_loss = [], []
     stopped = False
     for epoch in range(args.epochs):
@@ -351,18 +420,17 @@ def main(args: argparse.Namespace) -> int:
         loss, stopped = trainer.train_one_epoch((train_f, train_p, train_a), rng, total_steps, deadline, bar)
         bar.close()
         train_loss.append(loss)
+        trainer.recalibrate_batchnorm(train_f)
         val_loss.append(trainer.validate((val_f, val_p, val_a)))
         print(f"epoch {epoch + 1}/{args.epochs}: train loss {loss:.4f}  validation loss {val_loss[-1]:.4f}  "
               f"({(time.monotonic() - t_train) / 60:.1f} min)", file=sys.stderr)
+        save_checkpoint(trainer, args, model_config, out.with_suffix(".pt"))
         if stopped:
             print(f"stopped at the time limit of {args.max_minutes} min", file=sys.stderr)
             break
     train_minutes = (time.monotonic() - t_train) / 60
 
-    out = Path(args.out)
     onnx_path = export_onnx(trainer.model, out.with_suffix(".onnx"))
-    torch.save({"state_dict": trainer.model.state_dict(), "args": vars(args), "model": model_config.to_dict(),
-                "preprocess": pp.__dict__}, out.with_suffix(".pt"))
     n_params = sum(p.numel() for p in trainer.model.parameters())
     command = command_line(args)
     meta = {
@@ -385,6 +453,7 @@ def main(args: argparse.Namespace) -> int:
             "host": f"{platform.machine()} {platform.processor() or ''}".strip(),
             "torch": torch.__version__, "edge_ptychonn": __version__, "command": command,
             "init_from": args.init_from,
+            "continued_from": previous_training(args.init_from),
         },
         "limits": [
             "Trained on simulated data only; real detectors add background, dead pixels, partial coherence and "

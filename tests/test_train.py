@@ -38,6 +38,26 @@ def test_short_training_lowers_the_validation_loss():
     assert after < 0.7 * before, (before, after)
 
 
+def test_batchnorm_recalibration_matches_training_mode():
+    frames, _, _, probe = make_dataset([3], ScanSettings(n_positions=64), amplitude=False, progress=False, label="t")
+    args = get_args_parser().parse_args(["--width", "4", "--depth", "2"])
+    trainer = Trainer(args, ModelConfig(width=4, depth=2), choose_preprocess(frames), probe_weight(probe) > 0)
+    for m in trainer.model.modules():  # stale statistics, as after weights moved on
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.fill_(3.0)
+    x = trainer._inputs(frames)
+    trainer.model.train()
+    with torch.no_grad():
+        reference = trainer.model(x)
+    trainer.recalibrate_batchnorm(frames, n_frames=64, batch_size=64)
+    assert not trainer.model.training
+    with torch.no_grad():
+        calibrated = trainer.model(x)
+    # one batch of 64: only the unbiased (n-1) variance estimate differs
+    assert torch.allclose(calibrated, reference, atol=0.05)
+    assert float((calibrated - reference).abs().mean()) < 0.005
+
+
 def test_learning_rate_schedule():
     assert lr_at(0.0, 1.0) == pytest.approx(0.1)
     assert lr_at(0.03, 1.0) == pytest.approx(1.0)
@@ -62,6 +82,16 @@ def test_train_command_writes_onnx_sidecar_and_card(tmp_path):
     for n in (1, 3):  # dynamic batch axis
         (y,) = sess.run(None, {"diffraction": np.zeros((n, 1, 128, 128), np.float32)})
         assert y.shape == (n, 1, 128, 128)
+
+    # continue from the checkpoint: the card records both runs
+    rc = cli.main(["train", "--out", str(tmp_path / "m2"), "--train-scans", "1", "--positions-per-scan", "64",
+                   "--val-scans", "1", "--epochs", "1", "--width", "4", "--depth", "2", "--eval", "--quiet",
+                   "--init-from", str(out.with_suffix(".pt"))])
+    assert rc == 0
+    meta2 = json.loads((tmp_path / "m2.json").read_text())
+    assert meta2["training"]["continued_from"]["epochs_run"] == 1
+    assert meta2["preprocess"] == meta["preprocess"]
+    assert "Total training time" in (tmp_path / "m2.md").read_text()
 
     # evaluate scores a scan file with the exported model, baselines beside
     frames, truth = simulate_scan(ScanSettings(seed=1001, n_positions=25), progress=False)
