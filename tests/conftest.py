@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+# Keep every PVA search, beacon and server socket on loopback, in this process (its
+# monitors) and in every process the tests start (they inherit this environment).
+LOOPBACK = {
+    "EPICS_PVA_AUTO_ADDR_LIST": "NO",
+    "EPICS_PVA_ADDR_LIST": "127.0.0.1",
+    "EPICS_PVAS_AUTO_BEACON_ADDR_LIST": "NO",
+    "EPICS_PVAS_BEACON_ADDR_LIST": "127.0.0.1",
+    "EPICS_PVAS_INTF_ADDR_LIST": "127.0.0.1",
+}
+os.environ.update(LOOPBACK)
 
 ROOT = Path(__file__).resolve().parent.parent
 EXTERNAL_MODEL = ROOT.parent / "shared" / "models" / "edgeptychonn_ptychoNN_8.onnx"

@@ -1,0 +1,32 @@
+"""The process helpers keep PVA traffic on loopback and stop what they start."""
+
+import os
+import sys
+import time
+
+from conftest import LOOPBACK
+from edge_ptychonn.live import LOOPBACK_ENV, start, use_loopback
+
+
+def test_child_processes_get_the_loopback_settings():
+    assert LOOPBACK_ENV == LOOPBACK
+    env = use_loopback()
+    for key, value in LOOPBACK.items():
+        assert env[key] == value and os.environ[key] == value
+
+
+def test_stop_ends_the_whole_process_group(tmp_path):
+    # a parent that forks a child which ignores SIGINT, as consumers' workers may
+    code = "import os, signal, time\nif os.fork() == 0:\n    signal.signal(signal.SIGINT, signal.SIG_IGN)\ntime.sleep(60)"
+    proc = start("sleeper", [sys.executable, "-c", code], dict(os.environ), tmp_path)
+    assert proc.running()
+    proc.stop(grace_s=1.0)
+    assert not proc.running()
+    deadline = time.monotonic() + 5  # a killed orphan is reaped by init shortly after
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    raise AssertionError("a child of the stopped process is still running")
