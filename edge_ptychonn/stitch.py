@@ -58,7 +58,8 @@ class Stitcher:
 
     ``object_shape`` (H, W) and ``patch_shape`` (h, w) in pixels; ``weight`` an
     (h, w) map (default: ``centre_window`` with a diameter of a third of the
-    patch). Accumulates in float64; ``add`` is O(h * w), so it can run as each
+    patch, at least 3 px; pass ``probe_weight(probe)`` when the probe is known).
+    Positions are rounded to whole pixels. Accumulates in float64; ``add`` is O(h * w), so it can run as each
     frame arrives.
     """
 

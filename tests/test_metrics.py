@@ -104,3 +104,19 @@ def test_bad_inputs():
     thin[:, 5] = True
     with pytest.raises(ValueError, match="too thin"):
         score_phase(t, t, thin)
+
+
+def test_shipped_model_beats_the_baselines_on_a_held_out_scan():
+    from pathlib import Path
+
+    from edge_ptychonn.evaluate import OnnxPredictor, load_sidecar, preprocess_config, score_scan
+    from edge_ptychonn.simulate import ScanSettings, simulate_scan
+
+    model = Path(__file__).resolve().parents[1] / "data" / "ptychonn.onnx"
+    meta = load_sidecar(model)
+    settings = ScanSettings.from_dict({**meta["training"]["scan_settings"], "seed": 1005, "n_positions": 144})
+    frames, truth = simulate_scan(settings, progress=False)
+    result = score_scan("held-out", OnnxPredictor(model, preprocess_config(meta))(frames), truth)
+    zeros = result.baselines["zeros"]
+    assert result.scores["ssim"] > 0.6 and result.scores["ssim"] > zeros["ssim"] + 0.2
+    assert result.scores["rmse_rad"] < 0.5 * zeros["rmse_rad"]
