@@ -13,12 +13,12 @@ import sys
 
 # name -> (module, one-line summary)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("edge_ptychonn.demo", "replay a scan through live PvaPy consumers and print a summary"),
-    "simulate": ("edge_ptychonn.simulate", "simulate a ptychography scan (.npy frames + .npz truth)"),
-    "train": ("edge_ptychonn.train", "train PtychoNN on simulated scans and export ONNX + model card"),
-    "evaluate": ("edge_ptychonn.evaluate", "stitch a model's predictions on a scan and score them"),
-    "export": ("edge_ptychonn.export", "export a PtychoNN (random or from a checkpoint) to ONNX"),
-    "bench": ("edge_ptychonn.bench", "benchmark engines and the live pipeline"),
+    "demo": ("edge_ptychonn.tools.demo", "replay a scan through live PvaPy consumers and print a summary"),
+    "simulate": ("edge_ptychonn.science.simulate", "simulate a ptychography scan (.npy frames + .npz truth)"),
+    "train": ("edge_ptychonn.science.train", "train PtychoNN on simulated scans and export ONNX + model card"),
+    "evaluate": ("edge_ptychonn.science.evaluate", "stitch a model's predictions on a scan and score them"),
+    "export": ("edge_ptychonn.science.export", "export a PtychoNN (random or from a checkpoint) to ONNX"),
+    "bench": ("edge_ptychonn.tools.bench", "benchmark engines and the live pipeline"),
 }
 
 

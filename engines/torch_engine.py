@@ -1,7 +1,7 @@
 """PyTorch engine: CPU or CUDA, fp32/bf16/fp16, channels-last, inference mode.
 
 The ONNX model's weights are loaded into the project's own PtychoNN definition
-(``edge_ptychonn.model.from_onnx``), which reads the layout (width, depth, input
+(``edge_ptychonn.science.model.from_onnx``), which reads the layout (width, depth, input
 size, heads) from the graph: the project's exports and PtychoNN models of the
 same architecture from elsewhere (edgePtychoNN's) run alike; other graphs are
 refused with the reason.
@@ -39,7 +39,7 @@ class TorchEngine:
         try:
             import torch
 
-            from edge_ptychonn.model import from_onnx
+            from edge_ptychonn.science.model import from_onnx
         except ImportError as exc:
             raise EngineUnavailable("the torch engine needs torch: pip install 'edge-ptychonn[torch]'") from exc
         self._torch = torch

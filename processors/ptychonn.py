@@ -45,9 +45,9 @@ from pathlib import Path
 import pvaccess as pva
 from pvapy.hpc.adImageProcessor import AdImageProcessor
 
-from edge_ptychonn.config import SEED_ALIASES, ProcessorConfig, parse_processor_args
-from edge_ptychonn.frames import BAD_FRAME_KINDS, output_pv_type
-from edge_ptychonn.pipeline import InferencePipeline
+from edge_ptychonn.stream.config import SEED_ALIASES, ProcessorConfig, parse_processor_args
+from edge_ptychonn.stream.frames import BAD_FRAME_KINDS, output_pv_type
+from edge_ptychonn.stream.pipeline import InferencePipeline
 from engines import ENGINE_NAMES, EngineOptions, create_engine
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "data" / "ptychonn.onnx"

@@ -26,7 +26,7 @@ EXTERNAL_MODEL = ROOT.parent / "shared" / "models" / "edgeptychonn_ptychoNN_8.on
 @pytest.fixture(scope="session")
 def small_model(tmp_path_factory) -> Path:
     """A deterministic random PtychoNN for 64x64 frames, dynamic batch (ONNX)."""
-    from edge_ptychonn.model import ModelConfig, build_model, export_onnx
+    from edge_ptychonn.science.model import ModelConfig, build_model, export_onnx
 
     path = tmp_path_factory.mktemp("models") / "small.onnx"
     return export_onnx(build_model(ModelConfig(width=8, depth=3, input_size=64), seed=0), path)
@@ -48,7 +48,7 @@ def rng() -> np.random.Generator:
 @pytest.fixture(scope="session")
 def pva_env() -> dict:
     """Loopback-only EPICS settings for this process and its children; multicast on lo."""
-    from edge_ptychonn.live import loopback_multicast, use_loopback
+    from edge_ptychonn.tools.processes import loopback_multicast, use_loopback
 
     env = use_loopback()
     ok, reason = loopback_multicast()

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_ptychonn import bench, bench_engine, bench_pipeline, bench_report
+from edge_ptychonn.tools import bench, bench_engine, bench_pipeline, bench_report
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE_MODEL = ROOT.parent / "shared" / "models" / "edgeptychonn_ptychoNN_8.onnx"
@@ -226,7 +226,7 @@ def test_unknown_part_is_an_error(tmp_path):
 def bench_small_model(tmp_path_factory) -> Path:
     """A random PtychoNN for 64x64 frames (dynamic batch)."""
     pytest.importorskip("torch")
-    from edge_ptychonn.model import ModelConfig, build_model, export_onnx
+    from edge_ptychonn.science.model import ModelConfig, build_model, export_onnx
 
     path = tmp_path_factory.mktemp("bench_model") / "small.onnx"
     return export_onnx(build_model(ModelConfig(width=8, depth=3, input_size=64), seed=0), path)
@@ -249,7 +249,7 @@ def test_quick_engine_run(tmp_path, bench_small_model, capsys):
 @pytest.mark.e2e
 def test_quick_pipeline_run(tmp_path, bench_small_model):
     """One PtychoNN point and one passthrough point with real PvaPy processes (~30 s)."""
-    from edge_ptychonn.live import loopback_multicast
+    from edge_ptychonn.tools.processes import loopback_multicast
 
     ok, reason = loopback_multicast()
     if not ok:

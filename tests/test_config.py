@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from edge_ptychonn.config import (
+from edge_ptychonn.stream.config import (
     SEED_ALIASES,
     apply_runtime_changes,
     parse_processor_args,

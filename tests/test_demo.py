@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from edge_ptychonn import demo
-from edge_ptychonn.simulate import ScanSettings, save_scan, simulate_scan
+from edge_ptychonn.tools import demo
+from edge_ptychonn.science.simulate import ScanSettings, save_scan, simulate_scan
 
 pytestmark = pytest.mark.e2e
 

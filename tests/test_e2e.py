@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from edge_ptychonn.live import OutputCollector, consumer_argv, read_status, sim_server_argv, start, tool_path
+from edge_ptychonn.tools.processes import OutputCollector, consumer_argv, read_status, sim_server_argv, start, tool_path
 from engines import EngineOptions, create_engine
 
 pytestmark = pytest.mark.e2e

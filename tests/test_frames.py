@@ -3,7 +3,7 @@ import importlib.util
 import numpy as np
 import pytest
 
-from edge_ptychonn.frames import BadFrame, FrameEncoder, decode
+from edge_ptychonn.stream.frames import BadFrame, FrameEncoder, decode
 from frames_util import bool_frame, colour_frame, compressed_frame, empty_frame, good_frame
 
 CODEC_PACKAGE = {"lz4": "lz4", "blosc": "blosc", "bslz4": "bitshuffle"}

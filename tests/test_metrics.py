@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from edge_ptychonn.metrics import baseline_scores, patch_errors, phase_offset, score_phase, ssim_map
+from edge_ptychonn.science.metrics import baseline_scores, patch_errors, phase_offset, score_phase, ssim_map
 
 
 def ramp(h=48, w=48):
@@ -63,7 +63,7 @@ def test_ssim_of_a_constant_against_known_formula():
     x = np.full_like(y, 0.5)
     m = ssim_map(x, y, 1.0)[16, 16]
     c1, c2 = 1e-4, 9e-4
-    from edge_ptychonn.metrics import _gaussian_filter
+    from edge_ptychonn.science.metrics import _gaussian_filter
     my = _gaussian_filter(y)[16, 16]
     v = _gaussian_filter(y * y)[16, 16] - my**2
     expected = (2 * 0.5 * my + c1) / (0.25 + my**2 + c1) * c2 / (v + c2)
@@ -109,8 +109,8 @@ def test_bad_inputs():
 def test_shipped_model_beats_the_baselines_on_a_held_out_scan():
     from pathlib import Path
 
-    from edge_ptychonn.evaluate import OnnxPredictor, load_sidecar, preprocess_config, score_scan
-    from edge_ptychonn.simulate import ScanSettings, simulate_scan
+    from edge_ptychonn.science.evaluate import OnnxPredictor, load_sidecar, preprocess_config, score_scan
+    from edge_ptychonn.science.simulate import ScanSettings, simulate_scan
 
     model = Path(__file__).resolve().parents[1] / "data" / "ptychonn.onnx"
     meta = load_sidecar(model)

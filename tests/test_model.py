@@ -6,7 +6,7 @@ import pytest
 torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 
-from edge_ptychonn.model import ModelConfig, build_model, export_onnx, from_onnx  # noqa: E402
+from edge_ptychonn.science.model import ModelConfig, build_model, export_onnx, from_onnx  # noqa: E402
 
 
 def test_config_is_validated():

@@ -5,9 +5,9 @@ import time
 import numpy as np
 import pytest
 
-from edge_ptychonn.config import parse_processor_args
-from edge_ptychonn.pipeline import InferencePipeline
-from edge_ptychonn.preprocess import preprocess
+from edge_ptychonn.stream.config import parse_processor_args
+from edge_ptychonn.stream.pipeline import InferencePipeline
+from edge_ptychonn.stream.preprocess import preprocess
 from engines import EngineOptions, create_engine
 from frames_util import bool_frame, colour_frame, compressed_frame, empty_frame, good_frame
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from edge_ptychonn.preprocess import PreprocessConfig, preprocess, preprocess_into
+from edge_ptychonn.stream.preprocess import PreprocessConfig, preprocess, preprocess_into
 
 
 def test_default_is_a_float32_cast():

@@ -6,7 +6,7 @@ import warnings
 import numpy as np
 import pytest
 
-from edge_ptychonn.simulate import (
+from edge_ptychonn.science.simulate import (
     ScanSettings,
     bin_frames,
     expected_counts,

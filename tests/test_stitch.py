@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from edge_ptychonn.simulate import ScanSettings, extract_patches, make_probe, scan_positions
-from edge_ptychonn.stitch import Stitcher, centre_window, probe_weight, stitch
+from edge_ptychonn.science.simulate import ScanSettings, extract_patches, make_probe, scan_positions
+from edge_ptychonn.science.stitch import Stitcher, centre_window, probe_weight, stitch
 
 
 def scan(n_positions=36, size=64):

@@ -8,11 +8,11 @@ import pytest
 torch = pytest.importorskip("torch")  # training needs the torch extra
 
 from edge_ptychonn import cli  # noqa: E402
-from edge_ptychonn.evaluate import OnnxPredictor, preprocess_config, score_scan  # noqa: E402
-from edge_ptychonn.model import ModelConfig  # noqa: E402
-from edge_ptychonn.simulate import ScanSettings, save_scan, simulate_scan  # noqa: E402
-from edge_ptychonn.stitch import probe_weight  # noqa: E402
-from edge_ptychonn.train import Trainer, choose_preprocess, get_args_parser, lr_at, make_dataset  # noqa: E402
+from edge_ptychonn.science.evaluate import OnnxPredictor, preprocess_config, score_scan  # noqa: E402
+from edge_ptychonn.science.model import ModelConfig  # noqa: E402
+from edge_ptychonn.science.simulate import ScanSettings, save_scan, simulate_scan  # noqa: E402
+from edge_ptychonn.science.stitch import probe_weight  # noqa: E402
+from edge_ptychonn.science.train import Trainer, choose_preprocess, get_args_parser, lr_at, make_dataset  # noqa: E402
 
 
 def test_short_training_lowers_the_validation_loss():

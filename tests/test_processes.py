@@ -5,7 +5,7 @@ import sys
 import time
 
 from conftest import LOOPBACK
-from edge_ptychonn.live import LOOPBACK_ENV, start, use_loopback
+from edge_ptychonn.tools.processes import LOOPBACK_ENV, start, use_loopback
 
 
 def test_child_processes_get_the_loopback_settings():

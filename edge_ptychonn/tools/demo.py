@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import live
-from .config import model_metadata
+from . import processes as live
+from edge_ptychonn.stream.config import model_metadata
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL = ROOT / "data" / "ptychonn.onnx"
 GENERATED = ROOT / "data" / "generated"
 DEFAULT_SCAN_SEED = 1001
@@ -129,7 +129,7 @@ def format_table(header: list[str], rows: list[list[str]]) -> str:
 def demo_scan_settings(model: Path):
     """The held-out demo scan: the model's training scan settings (from its JSON
     sidecar) with a seed no training used, or the simulator's defaults."""
-    from .simulate import ScanSettings
+    from edge_ptychonn.science.simulate import ScanSettings
 
     training = model_metadata(model).get("training", {})
     settings = dict(training.get("scan_settings") or {})
@@ -147,7 +147,7 @@ def ensure_scan(scan: Path | None, model: Path) -> Path:
         if not scan.is_file():
             raise SystemExit(f"scan {scan} not found")
         return scan
-    from .simulate import save_scan, simulate_scan
+    from edge_ptychonn.science.simulate import save_scan, simulate_scan
 
     settings = demo_scan_settings(model)
     key = hashlib.sha256(json.dumps(settings.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
@@ -164,10 +164,10 @@ def accuracy_lines(scan: Path, collector: live.OutputCollector, out_dir: Path) -
     against the scan's truth (``.npz`` beside the ``.npy``), with trivial baselines."""
     if not scan.with_suffix(".npz").is_file():
         return [f"(no {scan.with_suffix('.npz').name} beside the scan: accuracy not scored)"]
-    from .evaluate import MIN_COVER_WEIGHT, PROBE_THRESHOLD
-    from .metrics import baseline_scores, score_phase
-    from .simulate import load_scan
-    from .stitch import Stitcher, probe_weight
+    from edge_ptychonn.science.evaluate import MIN_COVER_WEIGHT, PROBE_THRESHOLD
+    from edge_ptychonn.science.metrics import baseline_scores, score_phase
+    from edge_ptychonn.science.simulate import load_scan
+    from edge_ptychonn.science.stitch import Stitcher, probe_weight
 
     _, truth = load_scan(scan)
     n = len(truth.positions_px)

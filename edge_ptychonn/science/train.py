@@ -35,10 +35,10 @@ from pathlib import Path
 import numpy as np
 
 from edge_ptychonn import __version__
-from edge_ptychonn.preprocess import PreprocessConfig, preprocess
+from edge_ptychonn.stream.preprocess import PreprocessConfig, preprocess
 from edge_ptychonn.progress import Progress
-from edge_ptychonn.simulate import FAMILIES, ScanSettings, simulate_scan
-from edge_ptychonn.stitch import probe_weight
+from edge_ptychonn.science.simulate import FAMILIES, ScanSettings, simulate_scan
+from edge_ptychonn.science.stitch import probe_weight
 
 LOSS_THRESHOLD = 0.1
 
@@ -89,7 +89,7 @@ class Trainer:
     def __init__(self, args: argparse.Namespace, model_config, pp: PreprocessConfig, mask: np.ndarray):
         import torch
 
-        from edge_ptychonn.model import build_model
+        from edge_ptychonn.science.model import build_model
 
         self.torch = torch
         self.args = args
@@ -222,7 +222,7 @@ def model_card(meta: dict) -> str:
         "Maps one far-field diffraction frame (int16 counts, "
         f"{meta['input_size']}x{meta['input_size']}) to the object phase (radians) of the "
         "patch under the probe. Only the probe's bright centre (|probe|^2 >= 0.1 of its peak) "
-        "is meaningful; stitch the patches with `edge_ptychonn.stitch`.",
+        "is meaningful; stitch the patches with `edge_ptychonn.science.stitch`.",
         "",
         "## Inputs and outputs",
         "",
@@ -366,8 +366,8 @@ def get_args_parser(prog: str = "edge-ptychonn train") -> argparse.ArgumentParse
 def main(args: argparse.Namespace) -> int:
     import torch
 
-    from edge_ptychonn.evaluate import OnnxPredictor, evaluate_scans, results_json, results_table, scan_from_spec
-    from edge_ptychonn.model import ModelConfig, export_onnx
+    from edge_ptychonn.science.evaluate import OnnxPredictor, evaluate_scans, results_json, results_table, scan_from_spec
+    from edge_ptychonn.science.model import ModelConfig, export_onnx
 
     try:
         if args.train_scans < 1 or args.val_scans < 1:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import live
+from . import processes as live
 
 PTYCHONN = "processors.ptychonn.PtychoNNProcessor"
 PASSTHROUGH = "pvapy.hpc.userDataProcessor.UserDataProcessor"

@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import live
+from . import processes as live
 
 DEFAULT_MODEL = Path("data/ptychonn.onnx")
 PARTS = ("warm", "engine", "pipeline", "passthrough")
@@ -185,7 +185,7 @@ def resolve_model(path: Path, out_dir: Path, progress) -> tuple[Path, str | None
     if path != DEFAULT_MODEL:
         raise SystemExit(f"edge-ptychonn bench: model {path} not found")
     try:
-        from .model import ModelConfig, build_model, export_onnx
+        from edge_ptychonn.science.model import ModelConfig, build_model, export_onnx
     except ImportError as exc:
         raise SystemExit(f"edge-ptychonn bench: {path} not found, and a stand-in needs torch ({exc}); pass --model") from exc
     stand_in = out_dir / "random_ptychonn.onnx"

@@ -25,11 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_ptychonn.metrics import baseline_scores, patch_errors, score_phase, summarise_patch_errors
-from edge_ptychonn.preprocess import PreprocessConfig, preprocess
+from edge_ptychonn.science.metrics import baseline_scores, patch_errors, score_phase, summarise_patch_errors
+from edge_ptychonn.stream.preprocess import PreprocessConfig, preprocess
 from edge_ptychonn.progress import Progress
-from edge_ptychonn.simulate import FAMILIES, ScanSettings, ScanTruth, load_scan, simulate_scan
-from edge_ptychonn.stitch import Stitcher, probe_weight
+from edge_ptychonn.science.simulate import FAMILIES, ScanSettings, ScanTruth, load_scan, simulate_scan
+from edge_ptychonn.science.stitch import Stitcher, probe_weight
 
 PROBE_THRESHOLD = 0.1
 MIN_COVER_WEIGHT = 0.5

@@ -29,7 +29,7 @@ LOOPBACK_ENV = {
     "EPICS_PVAS_BEACON_ADDR_LIST": "127.0.0.1",
     "EPICS_PVAS_INTF_ADDR_LIST": "127.0.0.1",
 }
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def use_loopback() -> dict:

@@ -161,7 +161,7 @@ def baseline_scores(
     patches, positions and stitching weight, ``mean_patch``."""
     out = {"zeros": score_phase(np.zeros_like(truth, dtype=np.float64), truth, mask)}
     if patches_phase is not None and positions_px is not None:
-        from edge_ptychonn.stitch import Stitcher
+        from edge_ptychonn.science.stitch import Stitcher
 
         mean_patch = np.mean(patches_phase, axis=0)
         st = Stitcher(truth.shape, mean_patch.shape, weight=weight)

@@ -1,0 +1,2 @@
+"""Offline science: the PtychoNN model and its export, the scan simulator,
+stitching, accuracy metrics, training and evaluation."""
