@@ -15,27 +15,48 @@ from edge_ptychonn.science.stitch import probe_weight  # noqa: E402
 from edge_ptychonn.science.train import Trainer, choose_preprocess, get_args_parser, lr_at, make_dataset  # noqa: E402
 
 
+EPOCHS = 6  # 36 steps of 32 frames: the schedule's full cosine decay
+
+
+def _short_training(lr: str, train, val, pp) -> tuple[float, float, list[float]]:
+    """(validation loss before, after, training loss per epoch) of a 6-epoch run at ``lr``."""
+    from edge_ptychonn.progress import Progress
+
+    args = get_args_parser().parse_args(["--width", "8", "--depth", "3", "--lr", lr, "--max-minutes", "0"])
+    trainer = Trainer(args, ModelConfig(width=8, depth=3), pp, probe_weight(train[3], 0.1) > 0)
+    before = trainer.validate(val[:3])
+    rng = np.random.default_rng(0)
+    steps_per_epoch = len(train[0]) // args.batch_size
+    losses = []
+    for _ in range(EPOCHS):
+        bar = Progress(len(train[0]), "t", enabled=False)
+        loss, stopped = trainer.train_one_epoch(train[:3], rng, total_steps=EPOCHS * steps_per_epoch,
+                                                deadline=float("inf"), bar=bar)
+        assert not stopped
+        losses.append(loss)
+    return before, trainer.validate(val[:3]), losses
+
+
 def test_short_training_lowers_the_validation_loss():
+    """Six epochs on two small scans at least halve the held-out loss; the same run with
+    a learning rate of 0 (a model that cannot learn) does not.
+
+    Measured (validation loss after / before): 0.379 with bf16 autocast and 0.353 in
+    float32 on an AVX-512-bf16 CPU; 1.95 with lr 0 (BatchNorm statistics drift while the
+    weights stay). The bar, 0.6, leaves a wide margin on either side, so other CPUs'
+    float paths (native or emulated bf16) do not decide the outcome.
+    """
     base = ScanSettings(n_positions=96)
     train = make_dataset([0, 1], base, amplitude=False, progress=False, label="t")
     val = make_dataset([900], base, amplitude=False, progress=False, label="v")
     pp = choose_preprocess(train[0])
-    args = get_args_parser().parse_args(["--width", "8", "--depth", "3", "--lr", "3e-3", "--max-minutes", "0"])
     torch.set_num_threads(2)
-    trainer = Trainer(args, ModelConfig(width=8, depth=3), pp, probe_weight(train[3], 0.1) > 0)
-    before = trainer.validate(val[:3])
-    rng = np.random.default_rng(0)
-    from edge_ptychonn.progress import Progress
-
-    losses = []
-    for _ in range(3):
-        bar = Progress(len(train[0]), "t", enabled=False)
-        loss, stopped = trainer.train_one_epoch(train[:3], rng, total_steps=3 * (192 // 32), deadline=float("inf"), bar=bar)
-        losses.append(loss)
-        assert not stopped
-    after = trainer.validate(val[:3])
-    assert losses[-1] < losses[0]
-    assert after < 0.7 * before, (before, after)
+    before, after, losses = _short_training("3e-3", train, val, pp)
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert after < 0.6 * before, (before, after)
+    control_before, control_after, _ = _short_training("0", train, val, pp)
+    assert control_before == pytest.approx(before)  # same start: only learning differs
+    assert control_after > 0.6 * control_before, (control_before, control_after)
 
 
 def test_batchnorm_recalibration_matches_training_mode():
