@@ -139,11 +139,19 @@ def test_outputs_chain_into_pvapys_file_saver(pva_env, procs, small_model, tmp_p
              "-pc", "pvapy.hpc.adOutputFileProcessor.AdOutputFileProcessor", "-pa", json.dumps(saver_args)]
     procs.append(start("saver", saver, pva_env, tmp_path))
     procs.append(start("sim", sim_server_argv(tmp_path / "scan.npy", image_channel, fps=50, start_delay_s=START_DELAY_S), pva_env, tmp_path))
+
+    def readable(f) -> bool:  # a file being written is not a whole image yet
+        try:
+            return np.asarray(Image.open(f)).shape == (64, 64)
+        except (OSError, SyntaxError, ValueError):
+            return False
+
     deadline = time.monotonic() + START_DELAY_S + 40
-    while time.monotonic() < deadline and len(list(saved.glob("*.tiff"))) < 13:
-        time.sleep(0.5)
-    time.sleep(0.5)  # let the last file be written out
-    files = sorted(saved.glob("*.tiff"))
+    while time.monotonic() < deadline:
+        files = sorted(saved.glob("*.tiff"))
+        if len(files) >= 13 and all(readable(f) for f in files):
+            break
+        time.sleep(0.2)
     assert [f.name for f in files] == [f"{i:06}.tiff" for i in range(1, 14)], procs[1].log()[-3000:]
     engine = create_engine("onnxruntime", EngineOptions(small_model, max_batch=8, cpu_threads=1))
     for f in files:
