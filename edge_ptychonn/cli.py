@@ -19,6 +19,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("edge_ptychonn.science.evaluate", "stitch a model's predictions on a scan and score them"),
     "export": ("edge_ptychonn.science.export", "export a PtychoNN (random or from a checkpoint) to ONNX"),
     "bench": ("edge_ptychonn.tools.bench", "benchmark engines and the live pipeline"),
+    "consumer": ("edge_ptychonn.tools.consumer", "run pvapy-hpc-consumer so that SIGTERM stops it cleanly"),
+    "configure": ("edge_ptychonn.tools.configure", "change a running consumer's settings over its control channel"),
 }
 
 

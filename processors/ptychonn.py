@@ -47,7 +47,8 @@ from pvapy.hpc.adImageProcessor import AdImageProcessor
 
 from edge_ptychonn.stream.config import SEED_ALIASES, ProcessorConfig, parse_processor_args
 from edge_ptychonn.stream.frames import BAD_FRAME_KINDS, output_pv_type
-from edge_ptychonn.stream.pipeline import InferencePipeline
+from edge_ptychonn.stream.pipeline import DROP_REASONS, InferencePipeline
+from processors import shutdown
 from engines import ENGINE_NAMES, EngineOptions, create_engine
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "data" / "ptychonn.onnx"
@@ -55,30 +56,47 @@ DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "data" / "ptychonn.onnx
 
 def _latency(p: int):
     def get(processor: "PtychoNNProcessor") -> float:
-        p50, p99 = processor.pipeline.stats.latency_percentiles_ms()
+        p50, p99 = processor.pipeline.stats.recent.latency_percentiles_ms()
         return p50 if p == 50 else p99
 
     return get
 
 
+def _stats(p: "PtychoNNProcessor"):
+    return p.pipeline.stats
+
+
 # One table for getStats() and getStatsPvaTypes(): key -> (PVA type, getter).
+# Counters are totals since start (or resetStats); rates and latencies describe
+# the last STATS_WINDOW_S seconds.
 STATS = {
-    "nFramesReceived": (pva.ULONG, lambda p: p.pipeline.stats.received),
-    "nFramesProcessed": (pva.ULONG, lambda p: p.pipeline.stats.published),
-    "nBatchesProcessed": (pva.ULONG, lambda p: p.pipeline.stats.batches),
-    "nPartialBatches": (pva.ULONG, lambda p: p.pipeline.stats.partial_batches),
+    "nFramesReceived": (pva.ULONG, lambda p: _stats(p).received),
+    "nFramesProcessed": (pva.ULONG, lambda p: _stats(p).published),
+    "nBatchesProcessed": (pva.ULONG, lambda p: _stats(p).batches),
+    "nPartialBatches": (pva.ULONG, lambda p: _stats(p).partial_batches),
     "nFramesQueued": (pva.ULONG, lambda p: p.pipeline.queued_frames),
-    "nFramesDropped": (pva.ULONG, lambda p: p.pipeline.stats.dropped),
-    "nInferenceErrors": (pva.ULONG, lambda p: p.pipeline.stats.inference_errors),
-    "nPublishErrors": (pva.ULONG, lambda p: p.pipeline.stats.publish_errors),
-    "nBadFrames": (pva.ULONG, lambda p: p.pipeline.stats.bad_total),
+    "nFramesDropped": (pva.ULONG, lambda p: _stats(p).dropped_total),
     **{
-        f"nBad{kind.capitalize()}": (pva.ULONG, lambda p, kind=kind: p.pipeline.stats.bad[kind])
+        f"nDropped{reason[0].upper()}{reason[1:]}": (pva.ULONG, lambda p, r=reason: _stats(p).dropped[r])
+        for reason in DROP_REASONS
+    },
+    "nInferenceErrors": (pva.ULONG, lambda p: _stats(p).inference_errors),
+    "nNonFiniteOutputs": (pva.ULONG, lambda p: _stats(p).nonfinite_outputs),
+    "nPublishErrors": (pva.ULONG, lambda p: _stats(p).publish_errors),
+    "nBadFrames": (pva.ULONG, lambda p: _stats(p).bad_total),
+    **{
+        f"nBad{kind.capitalize()}": (pva.ULONG, lambda p, kind=kind: _stats(p).bad[kind])
         for kind in BAD_FRAME_KINDS
     },
-    "inferTime": (pva.DOUBLE, lambda p: p.pipeline.stats.infer_time_s),
-    "inferRate": (pva.DOUBLE, lambda p: p.pipeline.stats.infer_rate_hz),
-    "frameRate": (pva.DOUBLE, lambda p: p.pipeline.stats.frame_rate_hz),
+    "nFramesMissed": (pva.ULONG, lambda p: _stats(p).ids.missed),
+    "nForeignFrames": (pva.ULONG, lambda p: _stats(p).ids.foreign),
+    "nStreamRestarts": (pva.ULONG, lambda p: _stats(p).ids.restarts),
+    "nEmptyRecords": (pva.ULONG, lambda p: _stats(p).empty_records),
+    "nFramesUnaccounted": (pva.LONG, lambda p: _stats(p).unaccounted(p.pipeline.queued_frames)),
+    "completeness": (pva.DOUBLE, lambda p: _stats(p).completeness()),
+    "inferTime": (pva.DOUBLE, lambda p: _stats(p).infer_time_s),
+    "inferRate": (pva.DOUBLE, lambda p: _stats(p).recent.infer_rate_hz()),
+    "frameRate": (pva.DOUBLE, lambda p: _stats(p).recent.frame_rate_hz()),
     "latencyP50Ms": (pva.DOUBLE, _latency(50)),
     "latencyP99Ms": (pva.DOUBLE, _latency(99)),
     "engine": (pva.STRING, lambda p: p.pipeline.engine.name if p.pipeline.engine else ""),
@@ -100,7 +118,11 @@ class PtychoNNProcessor(AdImageProcessor):
             raise ValueError(f"unknown engine {config.engine!r}; known: {', '.join(ENGINE_NAMES)}")
         self.config: ProcessorConfig = config
         self.processor_id = int(framework.get("processorId", 1) or 1)
-        self.pipeline = InferencePipeline(config, self.updateOutputChannel, self.logger)
+        self.pipeline = InferencePipeline(
+            config, self.updateOutputChannel, self.logger,
+            n_sequential=int(framework.get("nSequentialUpdates") or 1),
+            id_offset=int(framework.get("objectIdOffset") or 1),
+        )
 
     def _create_engine(self):
         c = self.pipeline.config
@@ -116,9 +138,13 @@ class PtychoNNProcessor(AdImageProcessor):
     # -- PvaPy lifecycle -------------------------------------------------------------------
     def start(self):
         self.pipeline.start(self._create_engine)
+        # SIGTERM (systemd, procServ, docker, kill PID) stops this consumer like Ctrl-C,
+        # after publishing what it holds while its PVA server still serves clients.
+        shutdown.on_sigterm(self.pipeline.drain, self.logger)
 
     def stop(self):
         self.pipeline.stop()
+        self.logger.info("final statistics of consumer %d: %s", self.processor_id, self.pipeline.summary())
 
     def process(self, pvObject):
         self.pipeline.submit(pvObject)
@@ -128,7 +154,7 @@ class PtychoNNProcessor(AdImageProcessor):
         # A ValueError reaches the control channel as "Configuration failed: ...".
         try:
             self.pipeline.configure(configDict)
-        except ValueError as exc:
+        except ValueError as exc:  # messages quote at most a short prefix of any value
             self.logger.error("configuration refused, nothing changed: %s", exc)
             raise
 

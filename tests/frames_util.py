@@ -21,10 +21,23 @@ def colour_frame(unique_id: int, hw=(64, 64)) -> pva.PvObject:
     return AdImageUtility.generateNtNdArray(unique_id, np.zeros((*hw, 3), np.uint8), colorMode=AdImageUtility.COLOR_MODE_RGB1)
 
 
-def empty_frame(unique_id: int) -> pva.PvObject:
+def empty_frame(unique_id: int, hw=(64, 64)) -> pva.PvObject:
+    """A frame that says it is ``hw`` but carries no pixels: a bad frame."""
+    pv = pva.NtNdArray()
+    pv["uniqueId"] = unique_id
+    pv["dimension"] = [pva.PvDimension(hw[1], 0, hw[1], 1, False), pva.PvDimension(hw[0], 0, hw[0], 1, False)]
+    return pv
+
+
+def no_image_record(unique_id: int = 0) -> pva.PvObject:
+    """What a monitor receives on (re)connect before any image: no frame at all."""
     pv = pva.NtNdArray()
     pv["uniqueId"] = unique_id
     return pv
+
+
+def float_frame(unique_id: int, image: np.ndarray) -> pva.PvObject:
+    return AdImageUtility.generateNtNdArray2D(unique_id, np.asarray(image, np.float32))
 
 
 def bool_frame(unique_id: int, hw=(64, 64)) -> pva.PvObject:

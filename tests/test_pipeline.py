@@ -57,9 +57,10 @@ def test_every_frame_once_in_order_with_the_engines_result(small_model, rng):
         assert names == ["ColorMode", "EnergyKeV"]
     stats = pipeline.stats
     assert (stats.received, stats.published, stats.batches, stats.partial_batches) == (21, 21, 3, 1)
-    assert stats.dropped == 0 and stats.bad_total == 0
-    p50, p99 = stats.latency_percentiles_ms()
+    assert stats.dropped_total == 0 and stats.bad_total == 0 and stats.unaccounted(pipeline.queued_frames) == 0
+    p50, p99 = stats.recent.latency_percentiles_ms()
     assert 0 < p50 <= p99
+    assert stats.recent.frame_rate_hz() > 0 and stats.recent.infer_rate_hz() > 0
 
 
 def test_bad_frames_are_counted_by_kind_and_good_ones_still_flow(small_model, rng):
@@ -77,8 +78,10 @@ def test_bad_frames_are_counted_by_kind_and_good_ones_still_flow(small_model, rn
     assert published.wait(6) == 6
     pipeline.stop()
     assert [p[0] for p in published] == [1, 7, 8, 9, 10, 11]
-    assert pipeline.stats.bad == {"empty": 1, "colour": 1, "dtype": 1, "codec": 1, "shape": 1, "malformed": 0}
-    assert pipeline.stats.received == 11 and pipeline.stats.dropped == 0
+    assert pipeline.stats.bad == {"empty": 1, "colour": 1, "dtype": 1, "codec": 1, "shape": 1, "malformed": 0,
+                                  "nonfinite": 0}
+    assert pipeline.stats.received == 11 and pipeline.stats.dropped_total == 0
+    assert pipeline.stats.unaccounted(pipeline.queued_frames) == 0
 
 
 def test_missing_codec_package_is_counted(small_model, rng):
@@ -104,7 +107,7 @@ def test_frames_before_start_are_kept_up_to_the_bound(small_model, rng):
     pipeline, published, factory = make_pipeline(small_model, maxPendingFrames=5, batchSize=4)
     for i, img in enumerate(frames(rng, 7)):
         pipeline.submit(good_frame(i + 1, img))
-    assert pipeline.stats.dropped == 2 and pipeline.queued_frames == 5
+    assert pipeline.stats.dropped["notReady"] == 2 and pipeline.queued_frames == 5
     pipeline.start(factory)
     assert published.wait(5) == 5
     pipeline.stop()
@@ -121,7 +124,7 @@ def test_stop_flushes_the_partial_batch(small_model, rng):
     pipeline.stop()
     assert [p[0] for p in published] == [1, 2, 3]
     pipeline.submit(good_frame(4, frames(rng, 1)[0]))
-    assert pipeline.stats.dropped == 1  # after stop: counted, not lost silently
+    assert pipeline.stats.dropped["stopping"] == 1  # after stop: counted, not lost silently
 
 
 def test_configure_validates_before_changing(small_model, rng):
@@ -133,4 +136,138 @@ def test_configure_validates_before_changing(small_model, rng):
     pipeline.submit(good_frame(1, frames(rng, 1)[0]))
     pipeline.configure({"batchTimeout": 0.01})
     assert published.wait(1, timeout_s=5) == 1  # the new timeout applies to the waiting batch
+    pipeline.stop()
+
+
+class SlowEngine:
+    """Wraps an engine; each batch waits until the test lets it go."""
+
+    def __init__(self, engine):
+        import threading
+
+        self._engine, self.go = engine, threading.Event()
+        self.name, self.device, self.precision = "slow", "cpu", "fp32"
+        self.input_shape, self.max_batch = engine.input_shape, engine.max_batch
+
+    def infer(self, batch):
+        self.go.wait(30)
+        return self._engine.infer(batch)
+
+    def close(self):
+        self._engine.close()
+
+
+def test_overload_drops_at_the_door_without_waiting_and_recovers(small_model, rng):
+    """With every buffer full, submit() returns at once and counts the drop; once the
+    engine catches up, every frame is published again (the first-round lock-up)."""
+    pipeline, published, factory = make_pipeline(small_model, batchSize=4, queueBatches=2, batchTimeout=0.05)
+    slow = SlowEngine(factory())
+    pipeline.start(lambda: slow)
+    images = frames(rng, 40)
+    t0 = time.perf_counter()
+    for i in range(40):  # 4 buffers of 4 frames: 16 fit, 24 are dropped
+        pipeline.submit(good_frame(i + 1, images[i]))
+    assert time.perf_counter() - t0 < 2.0  # nothing waited for the blocked engine
+    stats = pipeline.stats
+    assert stats.dropped["overload"] == 24 and pipeline.queued_frames == 16
+    assert stats.unaccounted(pipeline.queued_frames) == 0
+    slow.go.set()
+    assert published.wait(16) == 16
+    for i in range(40, 48):  # load below capacity: lossless again
+        pipeline.submit(good_frame(i + 1, frames(rng, 1)[0]))
+    assert published.wait(24) == 24
+    pipeline.stop()
+    assert [p[0] for p in published] == list(range(1, 17)) + list(range(41, 49))
+    assert stats.dropped["overload"] == 24 and stats.unaccounted(0) == 0
+
+
+def test_nonfinite_pixels_are_bad_frames_and_never_published(small_model, rng):
+    from frames_util import float_frame
+
+    pipeline, published, factory = make_pipeline(small_model, batchSize=2, batchTimeout=0.05)
+    pipeline.start(factory)
+    good = frames(rng, 3).astype(np.float32)
+    nan, inf = good[0].copy(), good[0].copy()
+    nan[5, 5], inf[0, 0] = np.nan, -np.inf
+    for uid, image in enumerate([nan, good[0], inf, good[1], good[2]], start=1):
+        pipeline.submit(float_frame(uid, image))
+    assert published.wait(3) == 3
+    pipeline.stop()
+    assert [p[0] for p in published] == [2, 4, 5]
+    assert all(np.isfinite(p[1]).all() for p in published)
+    assert pipeline.stats.bad["nonfinite"] == 2 and pipeline.stats.unaccounted(0) == 0
+
+
+def test_nonfinite_engine_outputs_are_counted_not_published(small_model, rng):
+    pipeline, published, factory = make_pipeline(small_model, batchSize=2, batchTimeout=0.05)
+    engine = factory()
+    real_infer = engine.infer
+
+    def half_nan(batch):
+        out = real_infer(batch)
+        out[0, 0, 0, 0] = np.nan
+        return out
+
+    engine.infer = half_nan
+    pipeline.start(lambda: engine)
+    for uid, image in enumerate(frames(rng, 4), start=1):
+        pipeline.submit(good_frame(uid, image))
+    assert published.wait(2) == 2
+    pipeline.stop()
+    assert [p[0] for p in published] == [2, 4]
+    assert pipeline.stats.nonfinite_outputs == 2 and pipeline.stats.unaccounted(0) == 0
+
+
+def test_reconnect_records_are_not_frames_and_restarts_are_counted(small_model, rng):
+    from frames_util import no_image_record
+
+    pipeline, published, factory = make_pipeline(small_model, batchSize=2, batchTimeout=0.05)
+    pipeline.start(factory)
+    images = frames(rng, 4)
+    pipeline.submit(good_frame(1, images[0]))
+    pipeline.submit(good_frame(2, images[1]))
+    pipeline.submit(good_frame(5, images[1]))  # 3 and 4 never arrived
+    pipeline.submit(no_image_record(0))  # the upstream server restarted
+    pipeline.submit(good_frame(1, images[2]))
+    pipeline.submit(good_frame(2, images[3]))
+    assert published.wait(5) == 5
+    pipeline.stop()
+    s = pipeline.stats
+    assert (s.bad_total, s.empty_records, s.ids.missed, s.ids.restarts) == (0, 1, 2, 1)
+    assert s.completeness() == pytest.approx(5 / 7)
+
+
+def test_drain_publishes_the_partial_batch_now(small_model, rng):
+    pipeline, published, factory = make_pipeline(small_model, batchTimeout=60)
+    pipeline.start(factory)
+    for uid, image in enumerate(frames(rng, 3), start=1):
+        pipeline.submit(good_frame(uid, image))
+    assert pipeline.drain(5.0)
+    assert [p[0] for p in published] == [1, 2, 3]
+    pipeline.stop()
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"bogus": 1}, "cannot change bogus at run time"),
+        ({"scale": "big"}, "scale must be a number"),
+        ({"scale": -1}, "scale must be > 0"),
+        ({"batchTimeout": 1e9}, "batchTimeout must be 0.001..60"),
+        ("{not json", "configure expects a JSON object"),
+        ({"transform": "x" * 1_000_000}, "transform must be one of"),
+        ({"k" * 1_000_000: 1}, "cannot change"),
+    ],
+    ids=["unknown", "type", "range", "timeout", "invalid-json", "1MB-value", "1MB-key"],
+)
+def test_configure_refuses_with_a_short_message_and_changes_nothing(small_model, rng, changes, message):
+    pipeline, published, factory = make_pipeline(small_model, batchTimeout=0.05)
+    pipeline.start(factory)
+    before = pipeline.config
+    with pytest.raises(ValueError, match=message) as refused:
+        pipeline.configure(changes)
+    assert len(str(refused.value)) < 300
+    assert pipeline.config == before
+    pipeline.submit(good_frame(1, frames(rng, 1)[0]))
+    assert published.wait(1) == 1  # frames keep flowing
     pipeline.stop()

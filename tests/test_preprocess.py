@@ -46,7 +46,9 @@ def test_seed_geometry_516_to_128():
     [
         ({"bin_factor": 0}, "bin must be 1..64"),
         ({"transform": "cube"}, "transform must be one of"),
-        ({"scale": 0.0}, "scale finite and non-zero"),
+        ({"scale": 0.0}, "scale must be > 0"),
+            ({"scale": -1.0}, "scale must be > 0"),
+            ({"offset": float("nan")}, "offset must be a number within"),
         ({"crop_origin_yx": (0, 0)}, "cropOrigin needs crop"),
     ],
 )

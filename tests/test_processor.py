@@ -79,3 +79,42 @@ def test_bad_arguments_fail_at_construction(small_model):
 def test_seed_drop_in_accepts_bsz_and_onnx_mdl(small_model):
     processor = InferPtychoNNImageProcessor({**FRAMEWORK, "bsz": 16, "onnx_mdl": str(small_model)})
     assert processor.config.batch_size == 16 and processor.config.model_path == small_model
+
+
+def test_pvapy_contract_for_sigterm():
+    """processors/shutdown.py finds PvaPy's controller on the main thread's stack and sets
+    its shouldBeStopped flag, which both PvaPy loops poll."""
+    from pvapy.hpc import mpDataConsumerController as mp
+    from pvapy.hpc.dataConsumerController import DataConsumerController
+    from pvapy.hpc.systemController import SystemController
+
+    from processors.shutdown import find_controller
+
+    assert "controller.shouldBeStopped" in inspect.getsource(mp.mpdcController)
+    assert "self.shouldBeStopped" in inspect.getsource(SystemController.run)
+    assert callable(DataConsumerController.processPvUpdate)
+
+    class Controller:
+        shouldBeStopped = False
+
+        def processPvUpdate(self, wait):
+            return find_controller(inspect.currentframe())
+
+    controller = Controller()
+    assert find_controller(inspect.currentframe()) is None
+
+    def loop(controller):  # like mpdcController(): the controller is a local
+        return controller.processPvUpdate(1.0)
+
+    assert loop(controller) is controller
+
+
+def test_stats_describe_accounting(small_model):
+    processor = PtychoNNProcessor({**FRAMEWORK, "modelPath": str(small_model), "engine": "onnxruntime"})
+    stats = processor.getStats()
+    for key in ("nDroppedOverload", "nDroppedNotReady", "nDroppedStopping", "nBadNonfinite", "nFramesMissed",
+                "nForeignFrames", "nStreamRestarts", "nEmptyRecords", "nFramesUnaccounted", "completeness",
+                "nNonFiniteOutputs"):
+        assert key in stats, key
+    assert stats["nFramesUnaccounted"] == 0 and stats["completeness"] == 1.0
+    assert processor.pipeline.stats.ids.stride == 16  # runs of 8, offset 9: two consumers

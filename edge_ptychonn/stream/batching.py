@@ -4,9 +4,10 @@ A :class:`Batcher` preprocesses each frame straight into the next free slot of a
 batch buffer. A full batch is returned to the caller (who queues it for
 inference); a partial batch is returned by :meth:`Batcher.flush` when it has
 waited ``batch_timeout_s`` or at stop. Buffers come from a fixed pool and go
-back to it through :meth:`Batcher.release` once the batch has been inferred: when
-all are in use, :meth:`Batcher.add` waits for one (backpressure towards the PVA
-server queue) instead of allocating.
+back to it through :meth:`Batcher.release` once the batch has been inferred. When
+all are in use, :meth:`Batcher.add` raises :class:`NoFreeBuffer` at once: it never
+waits (the caller holds a lock that the inference thread needs to give buffers
+back) and never allocates; the caller drops that frame and counts it.
 
 The batcher is not thread-safe: the caller serialises ``add`` and ``flush``
 (the processor holds one lock for both). ``release`` may be called from any
@@ -42,8 +43,8 @@ class Batch:
         return self.inputs[: self.n]
 
 
-class NoFreeBuffer(TimeoutError):
-    """All batch buffers stayed in use for the whole wait."""
+class NoFreeBuffer(RuntimeError):
+    """All batch buffers are in use: inference is not keeping up."""
 
 
 class Batcher:
@@ -55,13 +56,12 @@ class Batcher:
         input_hw: tuple[int, int],
         preprocess: PreprocessConfig,
         n_buffers: int,
-        buffer_wait_s: float = 10.0,
     ):
         if n_buffers < 2:
             raise ValueError(f"n_buffers must be >= 2, got {n_buffers}")
         self.batch_size = batch_size
         self.input_hw = tuple(input_hw)
-        self.buffer_wait_s = buffer_wait_s
+        self.n_buffers = n_buffers
         self._free: queue.Queue[np.ndarray] = queue.Queue()
         for _ in range(n_buffers):
             self._free.put(np.zeros((batch_size, 1, *self.input_hw), dtype=np.float32))
@@ -109,14 +109,14 @@ class Batcher:
         """Preprocess ``image`` into the current batch; return the batch when full.
 
         Raises BadFrame('shape') for frames that do not fit the model (nothing is
-        added) and NoFreeBuffer when no buffer came free in ``buffer_wait_s``.
+        added) and NoFreeBuffer, without waiting, when every buffer is in use.
         """
         self.check_shape(image.shape)
         if self._current is None:
             try:
-                buffer = self._free.get(timeout=self.buffer_wait_s)
+                buffer = self._free.get_nowait()
             except queue.Empty:
-                raise NoFreeBuffer(f"no free batch buffer for {self.buffer_wait_s} s") from None
+                raise NoFreeBuffer(f"all {self.n_buffers} batch buffers are in use") from None
             self._current = Batch(buffer, first_added_s=time.perf_counter())
         batch = self._current
         preprocess_into(image, batch.inputs[batch.n, 0], self._preprocess)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .preprocess import PreprocessConfig
+from .quote import short_repr
 
 # Keys the PvaPy framework merges into configDict (5.6) or sends to configure().
 FRAMEWORK_KEYS = frozenset(
@@ -60,9 +61,9 @@ class ProcessorConfig:
         if not self.engine:
             raise ValueError("engine must name an engine, e.g. 'auto'")
         if not (self.device in ("auto", "cpu", "cuda") or _is_cuda_index(self.device)):
-            raise ValueError(f"device must be {DEVICES_HELP}, got {self.device!r}")
+            raise ValueError(f"device must be {DEVICES_HELP}, got {short_repr(self.device)}")
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {short_repr(self.precision)}")
         _check_int("batchSize", self.batch_size, 1, 256)
         if not 0.001 <= self.batch_timeout_s <= 60:
             raise ValueError(f"batchTimeout must be 0.001..60 s, got {self.batch_timeout_s}")
@@ -78,13 +79,19 @@ def _is_cuda_index(device: str) -> bool:
 
 def _check_int(name: str, value: Any, lo: int, hi: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise ValueError(f"{name} must be an integer {lo}..{hi}, got {value!r}")
+        raise ValueError(f"{name} must be an integer {lo}..{hi}, got {short_repr(value)}")
 
 
 def _number(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number, got {value!r}")
+        raise ValueError(f"{name} must be a number, got {short_repr(value)}")
     return float(value)
+
+
+def _text(name: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{name} must be a string, got {short_repr(value)}")
+    return value
 
 
 def _pair(name: str, value: Any) -> tuple[int, int] | None:
@@ -95,7 +102,7 @@ def _pair(name: str, value: Any) -> tuple[int, int] | None:
         or len(value) != 2
         or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
     ):
-        raise ValueError(f"{name} must be a list of two integers, got {value!r}")
+        raise ValueError(f"{name} must be a list of two integers, got {short_repr(value)}")
     return int(value[0]), int(value[1])
 
 
@@ -117,7 +124,7 @@ _PREPROCESS: dict[str, tuple[str, Any]] = {
     "crop": ("crop_hw", lambda v: _pair("crop", v)),
     "cropOrigin": ("crop_origin_yx", lambda v: _pair("cropOrigin", v)),
     "bin": ("bin_factor", lambda v: v),
-    "transform": ("transform", str),
+    "transform": ("transform", lambda v: _text("transform", v)),
     "offset": ("offset", lambda v: _number("offset", v)),
     "scale": ("scale", lambda v: _number("scale", v)),
 }
@@ -174,7 +181,7 @@ def parse_processor_args(
             if new in user:
                 raise ValueError(f"give either {old!r} or {new!r}, not both")
             user[new] = user.pop(old)
-    unknown = sorted(k for k in user if k not in USER_KEYS)
+    unknown = sorted(short_repr(k, 40) if len(str(k)) > 40 else str(k) for k in user if k not in USER_KEYS)
     if unknown:
         accepted = ", ".join(USER_KEYS + tuple(aliases))
         raise ValueError(f"unknown processor argument(s) {', '.join(unknown)}; accepted: {accepted}")
@@ -197,12 +204,16 @@ def apply_runtime_changes(config: ProcessorConfig, changes: dict) -> tuple[Proce
     key outside :data:`RUNTIME_KEYS` or any invalid value; then nothing changes.
     """
     if not isinstance(changes, dict):
-        raise ValueError(f"configure expects a JSON object, got {type(changes).__name__}")
+        raise ValueError(
+            f"configure expects a JSON object such as {{\"batchTimeout\": 0.1}}, got {type(changes).__name__} "
+            f"{short_repr(changes)}"
+        )
     user, _ = split_framework_keys(changes)
-    bad = sorted(k for k in user if k not in RUNTIME_KEYS)
+    bad = sorted(short_repr(k, 40) if len(str(k)) > 40 else str(k) for k in user if k not in RUNTIME_KEYS)
     if bad:
         raise ValueError(
-            f"cannot change {', '.join(bad)} at run time; changeable: {', '.join(RUNTIME_KEYS)}"
+            f"cannot change {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} at run time; "
+            f"changeable: {', '.join(RUNTIME_KEYS)}"
         )
     top = {_TOP_LEVEL[k][0]: _TOP_LEVEL[k][1](v) for k, v in user.items() if k in _TOP_LEVEL}
     pre = {_PREPROCESS[k][0]: _PREPROCESS[k][1](v) for k, v in user.items() if k in _PREPROCESS}

@@ -4,7 +4,11 @@
 numpy image (a view into the PvObject's buffer for uncompressed frames: copy it
 out before ``process()`` returns). A frame that cannot be used raises
 :class:`BadFrame` with one of :data:`BAD_FRAME_KINDS`, so callers can count and
-report each kind.
+report each kind. A record with no image at all (what a monitor receives when it
+connects or when the upstream server restarts) raises :class:`NotAFrame`: it is
+no frame, so it is neither processed nor counted as bad. Float frames with NaN
+or infinite pixels are bad frames of their own kind (``nonfinite``): one such
+pixel spreads through the network's convolutions over most of the output.
 
 :class:`FrameEncoder` turns a float32 result image and the input's metadata into
 an NTNDArray ready for ``updateOutputChannel``. It reuses one PvObject: the PVA
@@ -22,7 +26,7 @@ import numpy as np
 import pvaccess as pva
 from pvapy.utility.adImageUtility import AdImageUtility
 
-BAD_FRAME_KINDS = ("empty", "colour", "dtype", "codec", "shape", "malformed")
+BAD_FRAME_KINDS = ("empty", "colour", "dtype", "codec", "shape", "malformed", "nonfinite")
 
 CODEC_PACKAGES = {"lz4": "lz4", "blosc": "blosc", "bslz4": "bitshuffle"}
 # Union fields we can turn into float32 model input.
@@ -35,10 +39,15 @@ _ZERO_TS = {"secondsPastEpoch": 0, "nanoseconds": 0, "userTag": 0}
 class BadFrame(Exception):
     """A frame that cannot be processed; ``kind`` is one of BAD_FRAME_KINDS."""
 
-    def __init__(self, kind: str, message: str):
+    def __init__(self, kind: str, message: str, unique_id: int | None = None):
         assert kind in BAD_FRAME_KINDS, kind
         super().__init__(message)
         self.kind = kind
+        self.unique_id = unique_id  # None when the record has no readable uniqueId
+
+
+class NotAFrame(Exception):
+    """A record without an image: the empty update a monitor gets on (re)connect."""
 
 
 @dataclass(slots=True)
@@ -63,16 +72,30 @@ def _color_mode(attributes: list) -> int | None:
 
 
 def decode(pv: pva.PvObject, received_s: float | None = None) -> tuple[FrameMeta, np.ndarray]:
-    """One NTNDArray -> (metadata, 2-D image). Raises BadFrame."""
+    """One NTNDArray -> (metadata, 2-D image). Raises BadFrame (with the frame's
+    uniqueId where it has one) or NotAFrame."""
     received_s = time.perf_counter() if received_s is None else received_s
     try:
         unique_id = int(pv["uniqueId"])
+    except (KeyError, TypeError, ValueError, pva.FieldNotFound) as exc:
+        raise BadFrame("malformed", f"not an NTNDArray: {exc}") from exc
+    try:
+        return _decode(pv, unique_id, received_s)
+    except BadFrame as bad:
+        bad.unique_id = unique_id
+        raise
+
+
+def _decode(pv: pva.PvObject, unique_id: int, received_s: float) -> tuple[FrameMeta, np.ndarray]:
+    try:
         dims = pv["dimension"]
         attributes = pv["attribute"] if pv.hasField("attribute") else []
         time_stamp = pv["timeStamp"] if pv.hasField("timeStamp") else dict(_ZERO_TS)
         data_time_stamp = pv["dataTimeStamp"] if pv.hasField("dataTimeStamp") else dict(_ZERO_TS)
     except (KeyError, TypeError, pva.FieldNotFound) as exc:
         raise BadFrame("malformed", f"not an NTNDArray: {exc}") from exc
+    if len(dims) == 0 and not pv.getSelectedUnionFieldName():
+        raise NotAFrame(f"record {unique_id} holds no image (a (re)connect update)")
     meta = FrameMeta(unique_id, time_stamp, data_time_stamp, attributes, received_s)
     color_mode = _color_mode(attributes)
     if len(dims) == 3 or color_mode not in (None, AdImageUtility.COLOR_MODE_MONO):
@@ -101,6 +124,9 @@ def decode(pv: pva.PvObject, received_s: float | None = None) -> tuple[FrameMeta
         raise BadFrame(kind, f"cannot decode frame {unique_id}: {exc}") from exc
     if image is None or image.size == 0:
         raise BadFrame("empty", "frame has no data")
+    if image.dtype.kind == "f" and not np.isfinite(image).all():
+        n_bad = int(image.size - np.count_nonzero(np.isfinite(image)))
+        raise BadFrame("nonfinite", f"frame {unique_id} has {n_bad} NaN or infinite pixel(s)")
     return meta, image
 
 

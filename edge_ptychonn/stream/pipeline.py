@@ -1,16 +1,26 @@
 """One consumer's inference pipeline, independent of the PvaPy processor classes.
 
-    receive thread:   submit(pv) -> decode -> preprocess into a batch buffer
-                      -> full batch -> bounded queue
+    receive thread:   submit(pv) -> decode -> preprocess into a free batch buffer
+                      -> full batch -> queue (never waits)
     inference thread: batch (full, or partial after batch_timeout_s, or at stop)
                       -> engine.infer -> encode each result with its input's
                       uniqueId / time stamps / attributes -> publish(pv), in order
 
-Frames that arrive before the engine exists are copied and kept (at most
-``max_pending_frames``; beyond that they are counted as dropped) and batched as
-soon as it is ready. Nothing is dropped silently: every frame received is
-published, counted as bad (by kind, logged once per kind), or counted as
-dropped with the reason logged once.
+Overload policy: batch buffers come from a fixed pool (``queue_batches + 2``).
+When inference cannot keep up, every buffer holds a batch waiting for the
+engine; a frame that finds no free buffer is dropped at the door and counted
+(``dropped['overload']``). ``submit`` never waits while holding the lock that
+the inference thread needs to give buffers back, so the consumer goes on at
+its full inference rate under any load and is lossless again as soon as the
+load falls below it. At most ``(queue_batches + 1) * batch_size`` frames wait,
+which bounds memory and latency.
+
+Frame accounting: every frame received is published, counted bad (by kind,
+logged once per kind), counted dropped (by reason), counted as an inference or
+publish error, or still queued: :attr:`PipelineStats.unaccounted` is 0. Frames
+that never arrived are counted by :class:`~.accounting.IdTracker` from the
+uniqueIds that did (``missed``). Records without an image (what a monitor gets
+on (re)connect) are no frames: counted apart, never as bad.
 """
 
 from __future__ import annotations
@@ -25,56 +35,114 @@ from typing import Callable
 
 import numpy as np
 
+from .accounting import IdTracker
 from .batching import Batch, Batcher, NoFreeBuffer
 from .config import ProcessorConfig, apply_runtime_changes
-from .frames import BAD_FRAME_KINDS, BadFrame, FrameEncoder, decode
+from .frames import BAD_FRAME_KINDS, BadFrame, FrameEncoder, NotAFrame, decode
 
-LATENCY_SAMPLES = 10_000
+STATS_WINDOW_S = 5.0  # rates and latency percentiles describe the last few seconds
 _WAKE = object()  # queued by configure(): the inference thread recomputes its wait
+
+DROP_REASONS = {
+    "overload": "inference is not keeping up: every batch buffer holds a batch waiting for the engine",
+    "notReady": "the engine is not ready and maxPendingFrames frames already wait",
+    "stopping": "the frame arrived while the consumer was stopping",
+}
+
+
+class RecentWindow:
+    """Per-batch records of the last ``window_s`` seconds: rates and latency percentiles.
+
+    The inference thread adds; any thread reads (a small lock guards the deque).
+    """
+
+    def __init__(self, window_s: float = STATS_WINDOW_S):
+        self.window_s = window_s
+        self._lock = threading.Lock()
+        self._items: deque = deque()  # (time, frames published, engine seconds, frames inferred, latencies ms)
+        self._started = time.perf_counter()
+
+    def add(self, now: float, published: int, infer_s: float, inferred: int, latencies_ms: np.ndarray) -> None:
+        with self._lock:
+            self._items.append((now, published, infer_s, inferred, latencies_ms))
+            self._prune(now)
+
+    def _prune(self, now: float) -> None:
+        while self._items and self._items[0][0] < now - self.window_s:
+            self._items.popleft()
+
+    def _snapshot(self) -> tuple[float, list]:
+        now = time.perf_counter()
+        with self._lock:
+            self._prune(now)
+            return now, list(self._items)
+
+    def frame_rate_hz(self) -> float:
+        """Frames published per second over the window (shorter right after start)."""
+        now, items = self._snapshot()
+        span = min(self.window_s, now - self._started)
+        return sum(i[1] for i in items) / span if span > 0 else 0.0
+
+    def infer_rate_hz(self) -> float:
+        """Frames per second of engine time over the window (the engine's own speed)."""
+        _, items = self._snapshot()
+        busy = sum(i[2] for i in items)
+        return sum(i[3] for i in items) / busy if busy > 0 else 0.0
+
+    def latency_percentiles_ms(self) -> tuple[float, float]:
+        """(p50, p99) of receive-to-publish latency over the window."""
+        _, items = self._snapshot()
+        if not items:
+            return 0.0, 0.0
+        p50, p99 = np.percentile(np.concatenate([i[4] for i in items]), [50, 99])
+        return float(p50), float(p99)
 
 
 @dataclass
 class PipelineStats:
-    """Counters of one pipeline (the inference thread writes, others read)."""
+    """Counters of one pipeline: totals since start (or reset), and a recent window."""
 
     received: int = 0
     published: int = 0
     batches: int = 0
     partial_batches: int = 0
-    dropped: int = 0
+    dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DROP_REASONS, 0))
     inference_errors: int = 0
+    nonfinite_outputs: int = 0
     publish_errors: int = 0
+    empty_records: int = 0
     bad: dict[str, int] = field(default_factory=lambda: dict.fromkeys(BAD_FRAME_KINDS, 0))
     infer_time_s: float = 0.0
     inferred: int = 0
-    first_received_s: float | None = None
-    last_published_s: float | None = None
-    latency_ms: deque = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))
+    ids: IdTracker = field(default_factory=IdTracker)
+    recent: RecentWindow = field(default_factory=RecentWindow)
 
     @property
     def bad_total(self) -> int:
         return sum(self.bad.values())
 
     @property
-    def infer_rate_hz(self) -> float:
-        """Frames per second of inference time (the engine's own speed)."""
-        return self.inferred / self.infer_time_s if self.infer_time_s > 0 else 0.0
+    def dropped_total(self) -> int:
+        return sum(self.dropped.values())
 
     @property
-    def frame_rate_hz(self) -> float:
-        """Frames published per second, first receive to last publish."""
-        if self.first_received_s is None or self.last_published_s is None:
-            return 0.0
-        span = self.last_published_s - self.first_received_s
-        return self.published / span if span > 0 else 0.0
+    def lost_total(self) -> int:
+        """Received frames that will never be published (bad, dropped, errors)."""
+        return self.bad_total + self.dropped_total + self.inference_errors + self.nonfinite_outputs + self.publish_errors
 
-    def latency_percentiles_ms(self) -> tuple[float, float]:
-        """(p50, p99) of receive-to-publish latency over the recent frames."""
-        samples = np.fromiter(list(self.latency_ms), dtype=np.float64)
-        if samples.size == 0:
-            return 0.0, 0.0
-        p50, p99 = np.percentile(samples, [50, 99])
-        return float(p50), float(p99)
+    def unaccounted(self, queued: int) -> int:
+        """Received frames neither published, lost (by cause) nor ``queued``: always 0."""
+        return self.received - self.published - self.lost_total - queued
+
+    def completeness(self) -> float:
+        """Published / due (received + missed upstream): 1.0 when nothing was lost."""
+        due = self.received + self.ids.missed
+        return self.published / due if due else 1.0
+
+    @property
+    def infer_rate_hz(self) -> float:
+        """Frames per second of inference time since start (the engine's own speed)."""
+        return self.inferred / self.infer_time_s if self.infer_time_s > 0 else 0.0
 
 
 class InferencePipeline:
@@ -82,7 +150,9 @@ class InferencePipeline:
 
     ``publish`` is called from the inference thread with each output NTNDArray,
     in input order. ``engine_factory`` is called by :meth:`start` and returns an
-    ``engines.base.Engine``.
+    ``engines.base.Engine``. ``n_sequential`` and ``id_offset`` describe the
+    distributor's pattern (PvaPy's ``nSequentialUpdates``/``objectIdOffset``) for
+    counting the frames that never arrived.
     """
 
     def __init__(
@@ -90,22 +160,32 @@ class InferencePipeline:
         config: ProcessorConfig,
         publish: Callable[[object], None],
         logger: logging.Logger | None = None,
+        n_sequential: int = 1,
+        id_offset: int = 1,
     ):
         self.config = config
         self._publish = publish
         self.log = logger or logging.getLogger(__name__)
-        self.stats = PipelineStats()
+        self._id_pattern = (n_sequential, id_offset)
+        self.stats = self._new_stats()
         self.engine = None
-        self._lock = threading.Lock()  # serialises submit(), timeout flush, configure(), stop()
+        # Serialises submit(), the timeout flush, configure() and stop(). Nothing
+        # waits while holding it: no queue, buffer pool, engine or I/O.
+        self._lock = threading.Lock()
         self._pending: deque = deque()
         self._batcher: Batcher | None = None
-        n_buffers = config.queue_batches + 2
-        self._queue: queue.Queue = queue.Queue(maxsize=n_buffers + 2)
+        # Unbounded by construction: at most one item per batch buffer, plus wake-ups
+        # and the stop marker, so put() never blocks.
+        self._queue: queue.Queue = queue.Queue()
         self._encoder = FrameEncoder()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self._frames_in_queue = 0  # frames in full or flushed batches not yet inferred
+        self._frames_in_queue = 0  # frames in full or flushed batches not yet published
+        self._idle = threading.Condition(self._lock)  # notified when _frames_in_queue falls
         self._logged: set[str] = set()
+
+    def _new_stats(self) -> PipelineStats:
+        return PipelineStats(ids=IdTracker(*self._id_pattern))
 
     # -- lifecycle -----------------------------------------------------------------
     def start(self, engine_factory: Callable[[], object]) -> None:
@@ -126,54 +206,76 @@ class InferencePipeline:
             engine.name, engine.device, engine.precision, *engine.input_shape, self.config.batch_size,
         )
 
+    def drain(self, timeout_s: float) -> bool:
+        """Send the partial batch to inference now and wait (up to ``timeout_s``) until
+        every queued frame is published; True if nothing is left. Frames keep being
+        accepted meanwhile. Used before a shutdown, while outputs still reach clients."""
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            self._flush_partial()
+            while self._frames_in_queue > 0:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._thread is None or not self._thread.is_alive():
+                    break
+                self._idle.wait(left)  # releases the lock while waiting
+            return self._frames_in_queue == 0
+
     def stop(self, timeout_s: float = 0.8) -> None:
         """Flush the partial batch, finish queued batches (up to ``timeout_s``), close the engine."""
         with self._lock:
             self._stopping = True
             if self._batcher is None:
                 if self._pending:
-                    self._drop(len(self._pending), "stopped before the engine was ready")
+                    self._drop(len(self._pending), "stopping")
                     self._pending.clear()
             else:
-                batch = self._batcher.flush()
-                if batch is not None:
-                    self.stats.partial_batches += 1
-                    self._enqueue(batch)
+                self._flush_partial()
         if self._thread is not None:
-            try:
-                self._queue.put(None, timeout=timeout_s)
-            except queue.Full:  # the thread is stuck; join below reports it
-                pass
+            self._queue.put(None)
             self._thread.join(timeout_s)
             if self._thread.is_alive():
-                self.log.warning("inference thread still busy %.1f s after stop; %d batch(es) left", timeout_s, self._queue.qsize())
+                self.log.warning("inference thread still busy %.1f s after stop; %d frame(s) left",
+                                 timeout_s, self._frames_in_queue)
         if self.engine is not None and (self._thread is None or not self._thread.is_alive()):
             self.engine.close()
 
     # -- receive side ----------------------------------------------------------------
     def submit(self, pv) -> None:
-        """Take one received NTNDArray (copies what it needs before returning)."""
+        """Take one received NTNDArray (copies what it needs before returning; never waits)."""
         received_s = time.perf_counter()
         try:
             meta, image = decode(pv, received_s)
+        except NotAFrame as info:
+            with self._lock:
+                self.stats.empty_records += 1
+            self._log_once("empty-record", logging.INFO, "%s; not a frame, not counted as bad", info)
+            return
         except BadFrame as bad:
             with self._lock:
                 self.stats.received += 1
+                self._see_id(bad.unique_id)
                 self._bad(bad)
             return
         with self._lock:
             self.stats.received += 1
-            if self.stats.first_received_s is None:
-                self.stats.first_received_s = received_s
+            self._see_id(meta.unique_id)
             if self._stopping:
-                self._drop(1, "frame arrived after stop")
+                self._drop(1, "stopping")
             elif self._batcher is None:
                 if len(self._pending) >= self.config.max_pending_frames:
-                    self._drop(1, f"engine not ready and {self.config.max_pending_frames} frames already waiting (maxPendingFrames)")
+                    self._drop(1, "notReady")
                 else:
                     self._pending.append((meta, image.copy()))
             else:
                 self._add(meta, image)
+
+    def _see_id(self, unique_id: int | None) -> None:
+        if unique_id is None:
+            return
+        restarts = self.stats.ids.restarts
+        self.stats.ids.see(unique_id)
+        if self.stats.ids.restarts != restarts:
+            self.log.info("uniqueIds restarted at %d: a new stream (the upstream server restarted)", unique_id)
 
     def _add(self, meta, image) -> None:
         try:
@@ -181,15 +283,22 @@ class InferencePipeline:
         except BadFrame as bad:
             self._bad(bad)
             return
-        except NoFreeBuffer as exc:
-            self._drop(1, f"inference is not keeping up: {exc}")
+        except NoFreeBuffer:
+            self._drop(1, "overload")
             return
         if batch is not None:
             self._enqueue(batch)
 
     def _enqueue(self, batch: Batch) -> None:
         self._frames_in_queue += batch.n
-        self._queue.put(batch)
+        self._queue.put_nowait(batch)
+
+    def _flush_partial(self) -> None:
+        if self._batcher is not None:
+            batch = self._batcher.flush()
+            if batch is not None:
+                self.stats.partial_batches += 1
+                self._enqueue(batch)
 
     # -- inference side --------------------------------------------------------------
     def _next_batch(self) -> Batch | None:
@@ -220,9 +329,10 @@ class InferencePipeline:
             try:
                 self._infer_and_publish(batch)
             finally:
+                self._batcher.release(batch)
                 with self._lock:
                     self._frames_in_queue -= batch.n
-                self._batcher.release(batch)
+                    self._idle.notify_all()
 
     def _infer_and_publish(self, batch: Batch) -> None:
         stats = self.stats
@@ -231,23 +341,33 @@ class InferencePipeline:
             outputs = self.engine.infer(batch.valid)
         except Exception as exc:  # any engine failure: count, log once, keep consuming
             stats.inference_errors += batch.n
-            self._log_once("inference", "inference failed for %d frame(s) (ids %d..%d): %s",
+            self._log_once("inference", logging.ERROR, "inference failed for %d frame(s) (ids %d..%d): %s",
                            batch.n, batch.metas[0].unique_id, batch.metas[-1].unique_id, exc)
             return
-        stats.infer_time_s += time.perf_counter() - t0
+        infer_s = time.perf_counter() - t0
+        stats.infer_time_s += infer_s
         stats.inferred += batch.n
         stats.batches += 1
-        for meta, output in zip(batch.metas, outputs):
+        finite = np.isfinite(outputs).reshape(batch.n, -1).all(axis=1)
+        latencies = np.empty(batch.n)
+        n_published = 0
+        for meta, output, ok in zip(batch.metas, outputs, finite):
+            if not ok:
+                stats.nonfinite_outputs += 1
+                self._log_once("nonfinite-output", logging.ERROR,
+                               "the engine returned NaN or infinite values for frame %d; not published", meta.unique_id)
+                continue
             try:
                 self._publish(self._encoder.encode(meta, output[0]))
             except Exception as exc:  # publishing must not stop the pipeline
                 stats.publish_errors += 1
-                self._log_once("publish", "cannot publish frame %d: %s", meta.unique_id, exc)
+                self._log_once("publish", logging.ERROR, "cannot publish frame %d: %s", meta.unique_id, exc)
                 continue
             now = time.perf_counter()
-            stats.published += 1
-            stats.last_published_s = now
-            stats.latency_ms.append((now - meta.received_s) * 1e3)
+            latencies[n_published] = (now - meta.received_s) * 1e3
+            n_published += 1
+        stats.published += n_published
+        stats.recent.add(time.perf_counter(), n_published, infer_s, batch.n, latencies[:n_published])
 
     # -- control -----------------------------------------------------------------------
     def configure(self, changes: dict) -> dict:
@@ -258,35 +378,45 @@ class InferencePipeline:
             if self._batcher is not None:
                 self._batcher.preprocess = new.preprocess
             if "batchTimeout" in applied and self._thread is not None:
-                try:
-                    self._queue.put_nowait(_WAKE)
-                except queue.Full:  # the thread is busy and will see the new timeout
-                    pass
+                self._queue.put_nowait(_WAKE)
         if applied:
             self.log.info("configuration changed: %s", applied)
         return applied
 
     @property
     def queued_frames(self) -> int:
-        """Frames received but not yet inferred (pending, in batches waiting, being filled)."""
+        """Frames received but not yet published (pending, in batches waiting, being filled)."""
         batcher = self._batcher
         return len(self._pending) + (batcher.pending if batcher else 0) + self._frames_in_queue
 
     def reset_stats(self) -> None:
         with self._lock:
-            self.stats = PipelineStats()
+            self.stats = self._new_stats()
+
+    def summary(self) -> str:
+        """One line of totals, for the log at stop."""
+        s = self.stats
+        dropped = ", ".join(f"{k} {v}" for k, v in s.dropped.items() if v) or "none"
+        bad = ", ".join(f"{k} {v}" for k, v in s.bad.items() if v) or "none"
+        return (
+            f"received {s.received}, published {s.published}, dropped {s.dropped_total} ({dropped}), "
+            f"bad {s.bad_total} ({bad}), inference errors {s.inference_errors + s.nonfinite_outputs}, "
+            f"publish errors {s.publish_errors}, queued {self.queued_frames}, missed upstream {s.ids.missed}, "
+            f"stream restarts {s.ids.restarts}, empty records {s.empty_records}, "
+            f"unaccounted {s.unaccounted(self.queued_frames)}"
+        )
 
     # -- bookkeeping (lock held) ----------------------------------------------------------
     def _bad(self, bad: BadFrame) -> None:
         self.stats.bad[bad.kind] += 1
-        self._log_once(f"bad:{bad.kind}", "bad frame (%s), not published: %s", bad.kind, bad)
+        self._log_once(f"bad:{bad.kind}", logging.ERROR, "bad frame (%s), not published: %s", bad.kind, bad)
 
     def _drop(self, n: int, reason: str) -> None:
-        self.stats.dropped += n
-        self._log_once(f"drop:{reason[:20]}", "dropped %d frame(s): %s", n, reason)
+        self.stats.dropped[reason] += n
+        self._log_once(f"drop:{reason}", logging.ERROR, "dropped %d frame(s): %s", n, DROP_REASONS[reason])
 
-    def _log_once(self, key: str, message: str, *args) -> None:
+    def _log_once(self, key: str, level: int, message: str, *args) -> None:
         if key in self._logged:
             return
         self._logged.add(key)
-        self.log.error(message + " (logged once; see the statistics for counts)", *args)
+        self.log.log(level, message + " (logged once; see the statistics for counts)", *args)

@@ -21,7 +21,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .quote import short_repr
+
 TRANSFORMS = ("none", "sqrt", "log1p")
+MAX_OFFSET = 1e9  # beyond any detector's counts
+MAX_SCALE = 1e6
 
 
 @dataclass(frozen=True)
@@ -44,9 +48,11 @@ class PreprocessConfig:
         if not 1 <= self.bin_factor <= 64:
             raise ValueError(f"bin must be 1..64, got {self.bin_factor}")
         if self.transform not in TRANSFORMS:
-            raise ValueError(f"transform must be one of {TRANSFORMS}, got {self.transform!r}")
-        if not np.isfinite(self.offset) or not np.isfinite(self.scale) or self.scale == 0:
-            raise ValueError(f"offset must be finite and scale finite and non-zero, got {self.offset}, {self.scale}")
+            raise ValueError(f"transform must be one of {TRANSFORMS}, got {short_repr(self.transform)}")
+        if not (np.isfinite(self.offset) and abs(self.offset) <= MAX_OFFSET):
+            raise ValueError(f"offset must be a number within +-{MAX_OFFSET:g}, got {self.offset}")
+        if not (np.isfinite(self.scale) and 0 < self.scale <= MAX_SCALE):
+            raise ValueError(f"scale must be > 0 and <= {MAX_SCALE:g} (model input = (x - offset) * scale), got {self.scale}")
 
     def output_shape(self, frame_hw: tuple[int, int]) -> tuple[int, int]:
         """The model-input shape that a frame of ``frame_hw`` becomes.

@@ -1,0 +1,80 @@
+"""``edge-ptychonn configure CHANNEL key=value ...``: change a running consumer's settings.
+
+Sends PvaPy's ``configure`` command to a consumer's control channel (e.g.
+``inference:1:control``) and prints the answer the consumer left in the
+channel's ``statusMessage``. Each value is read as JSON where it parses
+(``0.2``, ``"sqrt"``, ``[1, 2]``) and as a plain string otherwise. Exit status:
+0 when the consumer applied the change, 1 when it refused it (nothing changed),
+2 for bad arguments or no answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+PENDING = "Command successful"  # PvaPy's reply before the configure timer has run
+
+
+def parse_pairs(pairs: list[str]) -> dict:
+    """``["batchTimeout=0.2", "transform=sqrt"]`` -> ``{"batchTimeout": 0.2, "transform": "sqrt"}``."""
+    changes = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"expected key=value, got {pair!r}")
+        try:
+            changes[key] = json.loads(text)
+        except json.JSONDecodeError:
+            changes[key] = text
+    return changes
+
+
+def send(channel: str, args_text: str, timeout_s: float = 5.0) -> str:
+    """Send ``configure`` with ``args_text`` (a JSON object, as text); return the reply."""
+    import pvaccess as pva
+
+    ch = pva.Channel(channel)
+    ch.setTimeout(timeout_s)
+    request = pva.PvObject({"command": pva.STRING, "args": pva.STRING}, {"command": "configure", "args": args_text})
+    ch.put(request, "field(command,args)")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        message = ch.get("field(statusMessage)")["statusMessage"]
+        if message != PENDING or time.monotonic() > deadline:
+            return message
+        time.sleep(0.05)
+
+
+def get_args_parser(prog: str = "edge-ptychonn configure") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("channel", help="the consumer's control channel, e.g. inference:1:control")
+    p.add_argument("changes", nargs="*", metavar="key=value", help="settings to change, e.g. batchTimeout=0.2")
+    p.add_argument("--json", dest="raw", help="send this text as the arguments instead (a JSON object)")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer (default: %(default)s)")
+    return p
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.raw is None and not args.changes:
+        print("edge-ptychonn configure: give key=value pairs or --json", file=sys.stderr)
+        return 2
+    try:
+        text = args.raw if args.raw is not None else json.dumps(parse_pairs(args.changes))
+    except ValueError as exc:
+        print(f"edge-ptychonn configure: {exc}", file=sys.stderr)
+        return 2
+    import pvaccess as pva
+
+    try:
+        reply = send(args.channel, text, args.timeout)
+    except pva.PvaException as exc:
+        print(f"edge-ptychonn configure: no answer from {args.channel}: {exc}", file=sys.stderr)
+        return 2
+    print(reply)
+    if reply == PENDING:
+        return 2
+    return 0 if "successful" in reply and "failed" not in reply else 1

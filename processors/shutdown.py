@@ -1,0 +1,94 @@
+"""Clean stops on SIGTERM for processors inside ``pvapy-hpc-consumer``.
+
+PvaPy 5.6 stops cleanly on Ctrl-C only: SIGTERM (what systemd, procServ, docker
+and ``kill PID`` send) ends a process at once, with no final statistics and the
+batch being filled lost, and with ``--n-consumers > 1`` a SIGTERM to the parent
+alone leaves the consumers publishing as orphans. :func:`on_sigterm`, called
+from a processor's ``start()`` (PvaPy calls it on the process's main thread),
+makes SIGTERM stop the consumer the way Ctrl-C stops the framework:
+
+1. publish what the processor holds (``drain``) while its PVA server still
+   serves clients (PvaPy stops the server before it calls ``stop()``);
+2. set the controller's ``shouldBeStopped`` flag, which both PvaPy's
+   single-process loop and each forked consumer's loop poll: the framework
+   then stops, reports its final statistics and the process exits with 0.
+
+In a forked consumer it also asks the kernel for SIGTERM when the parent dies
+(``prctl(PR_SET_PDEATHSIG)``), so a parent killed by any signal takes no
+consumer's life silently and leaves no orphan. A parent that should itself
+exit cleanly on SIGTERM is started through ``edge-ptychonn consumer``.
+
+The controller is found on the main thread's stack when the signal arrives
+(the frame that runs PvaPy's loop holds it): an adapter to PvaPy's internals,
+pinned by a contract test.
+"""
+
+from __future__ import annotations
+
+import _thread
+import ctypes
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+
+PR_SET_PDEATHSIG = 1
+DRAIN_TIMEOUT_S = 2.0
+
+
+def find_controller(frame):
+    """The PvaPy controller whose loop runs in ``frame`` or a caller, or None."""
+    while frame is not None:
+        for name in ("controller", "self"):
+            candidate = frame.f_locals.get(name)
+            if hasattr(candidate, "shouldBeStopped") and hasattr(candidate, "processPvUpdate"):
+                return candidate
+        frame = frame.f_back
+    return None
+
+
+def set_parent_death_signal(sig: int = signal.SIGTERM) -> bool:
+    """Ask the kernel to send ``sig`` to this process when its parent dies (Linux)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    if os.getppid() == 1:  # the parent died before the request: act now
+        os.kill(os.getpid(), sig)
+    return True
+
+
+def on_sigterm(drain, logger: logging.Logger, drain_timeout_s: float = DRAIN_TIMEOUT_S) -> bool:
+    """Make SIGTERM publish what ``drain(timeout_s)`` can, then stop the framework.
+
+    Returns False (and changes nothing) off the main thread, where Python cannot
+    install signal handlers.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        logger.warning("not on the main thread: SIGTERM keeps its default action")
+        return False
+    if multiprocessing.parent_process() is not None and not set_parent_death_signal():
+        logger.warning("cannot ask for a signal at the parent's death: a killed parent may leave this consumer running")
+    stopping = threading.Event()
+
+    def stop(controller) -> None:
+        logger.info("SIGTERM: publishing the frames held, then stopping")
+        if not drain(drain_timeout_s):
+            logger.warning("SIGTERM: frames still queued after %.1f s; stopping anyway", drain_timeout_s)
+        if controller is not None:
+            controller.shouldBeStopped = True
+        else:
+            _thread.interrupt_main()  # the framework's Ctrl-C path
+
+    def handler(signum, frame) -> None:
+        if stopping.is_set():
+            return
+        stopping.set()
+        # Never block in a signal handler: the main thread may hold the pipeline's lock.
+        threading.Thread(target=stop, args=(find_controller(frame),), name="sigterm-stop", daemon=True).start()
+
+    signal.signal(signal.SIGTERM, handler)
+    return True
