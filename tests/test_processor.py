@@ -100,8 +100,8 @@ def test_pvapy_contract_for_sigterm():
         def processPvUpdate(self, wait):
             return find_controller(inspect.currentframe())
 
-    controller = Controller()
     assert find_controller(inspect.currentframe()) is None
+    controller = Controller()
 
     def loop(controller):  # like mpdcController(): the controller is a local
         return controller.processPvUpdate(1.0)
