@@ -144,7 +144,8 @@ class PtychoNNProcessor(AdImageProcessor):
 
     def stop(self):
         self.pipeline.stop()
-        self.logger.info("final statistics of consumer %d: %s", self.processor_id, self.pipeline.summary())
+        # Printed like the framework's own statistics reports: visible at any log level.
+        print(f"consumer {self.processor_id} final statistics: {self.pipeline.summary()}", flush=True)
 
     def process(self, pvObject):
         self.pipeline.submit(pvObject)

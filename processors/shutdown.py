@@ -75,7 +75,7 @@ def on_sigterm(drain, logger: logging.Logger, drain_timeout_s: float = DRAIN_TIM
     stopping = threading.Event()
 
     def stop(controller) -> None:
-        logger.info("SIGTERM: publishing the frames held, then stopping")
+        logger.warning("SIGTERM: publishing the frames held, then stopping")
         if not drain(drain_timeout_s):
             logger.warning("SIGTERM: frames still queued after %.1f s; stopping anyway", drain_timeout_s)
         if controller is not None:

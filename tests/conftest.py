@@ -55,3 +55,23 @@ def pva_env() -> dict:
     if not ok:
         pytest.skip(f"several PVA servers on one host need multicast on lo: {reason}")
     return env
+
+
+@pytest.fixture
+def procs():
+    """Processes a test starts (tools.processes.start); stopped by pid at the end, last first."""
+    started = []
+    yield started
+    for proc in reversed(started):
+        proc.stop()
+        assert not proc.running(), f"{proc.name} (pid {proc.pid}) still running"
+
+
+@pytest.fixture(scope="session")
+def slow_model(tmp_path_factory) -> Path:
+    """A random PtychoNN for 64x64 frames wide enough to run ~100 frames/s on one core:
+    a consumer that a sim server can overload many times over."""
+    from edge_ptychonn.science.model import ModelConfig, build_model, export_onnx
+
+    path = tmp_path_factory.mktemp("models") / "slow.onnx"
+    return export_onnx(build_model(ModelConfig(width=48, depth=3, input_size=64), seed=0), path)

@@ -1,0 +1,258 @@
+"""Trust under load, faults and signals, with real PvaPy processes on loopback.
+
+Each test starts its own sim server(s) and consumers, checks what came out and
+what the status channels say, and stops everything by process id.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from edge_ptychonn.tools.processes import OutputCollector, consumer_argv, read_status, sim_server_argv, start, tool_path
+from engines import EngineOptions, create_engine
+
+pytestmark = pytest.mark.e2e
+START_DELAY_S = 10.0
+_ports = itertools.count(1)
+
+
+def _names(kind: str) -> tuple[str, str]:
+    n = next(_ports)
+    return f"test:trust:{kind}{n}:image", f"test:trust:{kind}{n}:inference"
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def _user_stats(prefix: str, consumer: int = 1) -> dict:
+    record = read_status(f"{prefix}:{consumer}:status")
+    return record["userStats"] if record else {}
+
+
+def _wait(predicate, timeout_s: float, poll_s: float = 0.2):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll_s)
+    return predicate()
+
+
+def _engine_fps(model, threads: int = 1) -> float:
+    engine = create_engine("onnxruntime", EngineOptions(model, max_batch=8, cpu_threads=threads))
+    x = np.random.default_rng(0).poisson(30, (8, 1, 64, 64)).astype(np.float32)
+    engine.infer(x)
+    t0, n = time.perf_counter(), 0
+    while time.perf_counter() - t0 < 1.0:
+        engine.infer(x)
+        n += 8
+    return n / (time.perf_counter() - t0)
+
+
+def test_overload_is_dropped_at_the_door_counted_and_recovers(pva_env, procs, slow_model, tmp_path):
+    """~3x the consumer's capacity for 12 s, then a new stream (ids restart at 1) at a
+    tenth of it: during the overload the consumer publishes at >= 0.8 x its inference
+    rate and counts every loss; afterwards every frame is published; memory stays flat."""
+    capacity = _engine_fps(slow_model)
+    overload_fps = min(3 * capacity, 1500.0)
+    n_over = int(overload_fps * 12)
+    rng = np.random.default_rng(11)
+    np.save(tmp_path / "over.npy", rng.poisson(30, (n_over, 64, 64)).astype(np.int16))
+    n_after = 40
+    np.save(tmp_path / "after.npy", rng.poisson(30, (n_after, 64, 64)).astype(np.int16))
+    image, prefix = _names("over")
+    args = {"modelPath": str(slow_model), "engine": "onnxruntime", "cpuThreads": 1}
+    consumer = start("consumer", consumer_argv(image, prefix, 1, "processors.ptychonn.PtychoNNProcessor", args,
+                                               report_period_s=1.0), pva_env, tmp_path)
+    procs.append(consumer)
+    sim = start("sim1", sim_server_argv(tmp_path / "over.npy", image, fps=overload_fps, start_delay_s=START_DELAY_S),
+                pva_env, tmp_path)
+    procs.append(sim)
+    collector = OutputCollector([f"{prefix}:1:output"], keep_images=False)
+    try:
+        assert collector.wait_connected(START_DELAY_S - 2), consumer.log()[-3000:]
+        rss_before = _rss_mb(consumer.pid)
+        assert _wait(lambda: collector.count() > 0, START_DELAY_S + 10), consumer.log()[-3000:]
+        time.sleep(4.0)  # well into the overload: the queue has been full for seconds
+        s1, t1 = _user_stats(prefix), time.monotonic()
+        time.sleep(4.0)
+        s2, t2 = _user_stats(prefix), time.monotonic()
+        rss_during = _rss_mb(consumer.pid)
+        assert sim.wait(30) is not None, "the first sim server did not finish"
+        settled = _wait(lambda: (lambda u: u if u and u["nFramesQueued"] == 0 else None)(_user_stats(prefix)), 20)
+        assert settled, consumer.log()[-3000:]
+        published_rate = (s2["nFramesProcessed"] - s1["nFramesProcessed"]) / (t2 - t1)
+        print(f"capacity {capacity:.0f} fps alone, offered {overload_fps:.0f} fps x {n_over}; during overload: "
+              f"published {published_rate:.0f} fps, inferRate {s2['inferRate']:.0f} fps, "
+              f"dropped {s2['nFramesDropped']}, RSS {rss_before:.0f} -> {rss_during:.0f} MB")
+        assert s2["nDroppedOverload"] > s1["nDroppedOverload"] > 0  # it was overloaded, and said so
+        assert published_rate >= 0.8 * s2["inferRate"], (published_rate, s2["inferRate"])
+        # every frame the server delivered is published or counted as lost, by cause
+        u = settled
+        assert u["nFramesUnaccounted"] == 0
+        assert u["nFramesProcessed"] + u["nFramesDropped"] + u["nBadFrames"] == u["nFramesReceived"]
+        delivered = u["nFramesReceived"] + u["nFramesMissed"]
+        assert delivered <= n_over and n_over - delivered <= 0.02 * n_over, (delivered, n_over)
+        assert collector.count() == u["nFramesProcessed"]
+
+        # a new stream at a tenth of the capacity: every frame published, no bad frame for the reconnect
+        first = collector.count()
+        procs.append(start("sim2", sim_server_argv(tmp_path / "after.npy", image, fps=max(capacity / 10, 5),
+                                                   start_delay_s=4.0), pva_env, tmp_path))
+        assert collector.wait_count(first + n_after, timeout_s=60, idle_s=20) == first + n_after, consumer.log()[-3000:]
+        ids_after = [r.unique_id for r in collector.received[f"{prefix}:1:output"][first:]]
+        assert ids_after == list(range(1, n_after + 1))
+        u = _wait(lambda: (lambda u: u if u and u["nStreamRestarts"] >= 1 and u["nFramesQueued"] == 0 else None)(
+            _user_stats(prefix)), 10)
+        assert u and u["nBadFrames"] == 0 and u["nFramesUnaccounted"] == 0, u
+        rss_after = _rss_mb(consumer.pid)
+        print(f"after: {n_after} of {n_after} published; RSS {rss_after:.0f} MB")
+        assert rss_during - rss_before < 150 and rss_after - rss_before < 150
+    finally:
+        collector.close()
+
+
+def _children(pid: int) -> list[int]:
+    """Process ids whose parent is ``pid`` (from /proc)."""
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                kids.append(int(entry))
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize(
+    "launcher, sig, target, batch_timeout, clean_parent",
+    [
+        ("edge-ptychonn", signal.SIGTERM, "group", 30.0, True),
+        ("edge-ptychonn", signal.SIGTERM, "parent", 0.05, True),
+        ("pvapy", signal.SIGTERM, "parent", 0.05, False),
+        ("pvapy", signal.SIGINT, "group", 0.05, True),
+    ],
+    ids=["sigterm-group", "sigterm-parent", "sigterm-parent-plain-pvapy", "sigint-group"],
+)
+def test_signals_stop_cleanly_with_nothing_lost_and_no_orphan(
+    pva_env, procs, small_model, tmp_path, launcher, sig, target, batch_timeout, clean_parent
+):
+    """Two consumers, 13 frames (the second consumer's batch is partial), then a signal:
+    every frame comes out, each consumer prints its final statistics, all exit, and the
+    parent exits with 0 where it can (a SIGTERM to a plain pvapy-hpc-consumer parent
+    kills it at once; its consumers notice and stop cleanly)."""
+    frames = np.random.default_rng(3).poisson(25, (13, 64, 64)).astype(np.int16)
+    np.save(tmp_path / "scan.npy", frames)
+    image, prefix = _names("sig")
+    args = {"modelPath": str(small_model), "engine": "onnxruntime", "cpuThreads": 1, "batchTimeout": batch_timeout}
+    argv = consumer_argv(image, prefix, 2, "processors.ptychonn.PtychoNNProcessor", args)
+    if launcher == "edge-ptychonn":
+        argv = [tool_path("edge-ptychonn"), "consumer", *argv[1:]]
+    consumers = start("consumers", argv, pva_env, tmp_path)
+    procs.append(consumers)
+    procs.append(start("sim", sim_server_argv(tmp_path / "scan.npy", image, fps=50, start_delay_s=START_DELAY_S),
+                       pva_env, tmp_path))
+    outputs = [f"{prefix}:{i}:output" for i in (1, 2)]
+    collector = OutputCollector(outputs, keep_images=False)
+    try:
+        assert collector.wait_connected(START_DELAY_S - 2), consumers.log()[-3000:]
+        expected = 13 if batch_timeout < 1 else 8  # a long timeout holds the partial batch back
+        assert collector.wait_count(expected, timeout_s=START_DELAY_S + 20) >= expected, consumers.log()[-3000:]
+        children = _children(consumers.pid)
+        assert len(children) == 2, children
+        t0 = time.monotonic()
+        if target == "group":
+            os.killpg(consumers.pid, sig)
+        else:
+            os.kill(consumers.pid, sig)
+        rc = consumers.wait(15)
+        assert rc is not None, "the consumer parent did not exit\n" + consumers.log()[-3000:]
+        assert _wait(lambda: not any(_alive(c) for c in children), 10), "orphaned consumers: " + str(
+            [c for c in children if _alive(c)])
+        took = time.monotonic() - t0
+        got = collector.wait_count(13, timeout_s=3)
+    finally:
+        collector.close()
+    log = consumers.log()
+    print(f"{launcher} {sig.name} to the {target}: exit {rc} after {took:.1f} s; {got} of 13 frames out")
+    assert got == 13, log[-3000:]  # the last partial batch was published
+    assert sorted(r.unique_id for name in outputs for r in collector.received[name]) == list(range(1, 14))
+    for consumer in (1, 2):
+        assert f"consumer {consumer} final statistics: received" in log, log[-3000:]
+    assert "unaccounted 0" in log and "Traceback" not in log, log[-3000:]
+    if clean_parent:
+        assert rc == 0, log[-3000:]
+    else:
+        assert rc == -signal.SIGTERM
+
+
+def test_a_killed_consumers_frames_are_counted_downstream(pva_env, procs, small_model, tmp_path):
+    """Two consumers; consumer 2 is killed (SIGKILL) while it holds frames it never
+    published. Consumer 1 goes on with every later frame; PvaPy's collector, which
+    sees both output channels, counts exactly the frames consumer 2 took with it."""
+    n = 200
+    np.save(tmp_path / "scan.npy", np.random.default_rng(4).poisson(25, (n, 64, 64)).astype(np.int16))
+    image, prefix = _names("kill")
+    # Batches of 64 that wait up to 3 s: consumer 2 holds what it received for seconds.
+    args = {"modelPath": str(small_model), "engine": "onnxruntime", "cpuThreads": 1,
+            "batchSize": 64, "batchTimeout": 3.0}
+    consumers = start("consumers", consumer_argv(image, prefix, 2, "processors.ptychonn.PtychoNNProcessor", args,
+                                                 report_period_s=0.5), pva_env, tmp_path)
+    procs.append(consumers)
+    collector_argv = [tool_path("pvapy-hpc-collector"), "-dc", "-id", "1", "-pid", "1,2", "-ic", f"{prefix}:*:output",
+                      "-sc", f"{prefix}:collector:*:status", "-sqs", "1000", "-ccs", "1000", "-rt", "3600", "-rp", "1"]
+    collector_proc = start("collector", collector_argv, pva_env, tmp_path)
+    procs.append(collector_proc)
+    procs.append(start("sim", sim_server_argv(tmp_path / "scan.npy", image, fps=40, start_delay_s=START_DELAY_S),
+                       pva_env, tmp_path))
+    outputs = [f"{prefix}:{i}:output" for i in (1, 2)]
+    out = OutputCollector(outputs, keep_images=False)
+    try:
+        assert out.wait_connected(START_DELAY_S - 2), consumers.log()[-3000:]
+        holding = _wait(lambda: (lambda u: u if u and u["nFramesReceived"] > 0 else None)(_user_stats(prefix, 2)),
+                        START_DELAY_S + 15, poll_s=0.05)
+        assert holding and holding["nFramesProcessed"] == 0, holding
+        victim = [c for c in _children(consumers.pid)]
+        statuses = {c: open(f"/proc/{c}/cmdline").read() for c in victim}
+        assert len(victim) == 2, statuses
+        # the forked consumers are started in id order
+        os.kill(sorted(victim)[1], signal.SIGKILL)
+        got = out.wait_count(n, timeout_s=40, idle_s=8)
+        collected = _wait(lambda: (lambda r: r if r and r["collectorStats"]["nCollected"] + r["collectorStats"]["nMissed"] >= n - 8 else None)(
+            read_status(f"{prefix}:collector:1:status")), 15)
+        survivor = _user_stats(prefix, 1)
+    finally:
+        out.close()
+    seen = {r.unique_id for name in outputs for r in out.received[name]}
+    lost = sorted(set(range(1, max(seen) + 1)) - seen)
+    print(f"consumer 2 killed holding >= {holding['nFramesReceived']} frames; {got} of {n} came out; "
+          f"lost ids {lost[:3]}..{lost[-3:]} ({len(lost)}); collector {collected and collected['collectorStats']}")
+    assert len(lost) >= holding["nFramesReceived"] > 0
+    assert max(seen) >= n - 8, "consumer 1 did not go on after the kill"
+    assert survivor["nForeignFrames"] > 0  # it noticed it was given its sibling's share
+    assert collected, collector_proc.log()[-3000:]
+    assert collected["collectorStats"]["nMissed"] == len(lost), collected["collectorStats"]
