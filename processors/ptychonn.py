@@ -40,12 +40,13 @@ also accepts that processor's ``bsz`` and ``onnx_mdl`` arguments.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pvaccess as pva
 from pvapy.hpc.adImageProcessor import AdImageProcessor
 
-from edge_ptychonn.stream.config import SEED_ALIASES, ProcessorConfig, parse_processor_args
+from edge_ptychonn.stream.config import SEED_ALIASES, ProcessorConfig, parse_processor_args, runtime_settings
 from edge_ptychonn.stream.frames import BAD_FRAME_KINDS, output_pv_type
 from edge_ptychonn.stream.pipeline import DROP_REASONS, InferencePipeline
 from processors import shutdown
@@ -99,6 +100,7 @@ STATS = {
     "frameRate": (pva.DOUBLE, lambda p: _stats(p).recent.frame_rate_hz()),
     "latencyP50Ms": (pva.DOUBLE, _latency(50)),
     "latencyP99Ms": (pva.DOUBLE, _latency(99)),
+    "settings": (pva.STRING, lambda p: json.dumps(runtime_settings(p.pipeline.config))),
     "engine": (pva.STRING, lambda p: p.pipeline.engine.name if p.pipeline.engine else ""),
     "device": (pva.STRING, lambda p: p.pipeline.engine.device if p.pipeline.engine else ""),
 }

@@ -256,3 +256,48 @@ def test_a_killed_consumers_frames_are_counted_downstream(pva_env, procs, small_
     assert survivor["nForeignFrames"] > 0  # it noticed it was given its sibling's share
     assert collected, collector_proc.log()[-3000:]
     assert collected["collectorStats"]["nMissed"] == len(lost), collected["collectorStats"]
+
+
+def test_configure_abuse_is_refused_briefly_and_frames_keep_flowing(pva_env, procs, small_model, tmp_path):
+    from edge_ptychonn.tools.configure import send
+
+    n = 240
+    np.save(tmp_path / "scan.npy", np.random.default_rng(5).poisson(25, (n, 64, 64)).astype(np.int16))
+    image, prefix = _names("cfg")
+    args = {"modelPath": str(small_model), "engine": "onnxruntime", "cpuThreads": 1}
+    consumer = start("consumer", consumer_argv(image, prefix, 1, "processors.ptychonn.PtychoNNProcessor", args,
+                                               report_period_s=0.5), pva_env, tmp_path)
+    procs.append(consumer)
+    procs.append(start("sim", sim_server_argv(tmp_path / "scan.npy", image, fps=20, start_delay_s=START_DELAY_S),
+                       pva_env, tmp_path))
+    control = f"{prefix}:1:control"
+    collector = OutputCollector([f"{prefix}:1:output"], keep_images=False)
+    abuse = {
+        "unknown key": '{"modelPathX": "x"}',
+        "wrong type": '{"scale": "big"}',
+        "out of range": '{"scale": -1}',
+        "timeout out of range": '{"batchTimeout": 1e9}',
+        "invalid JSON": '{"batchTimeout": ',
+        "1 MB value": json.dumps({"transform": "x" * 1_000_000}),
+    }
+    try:
+        assert collector.wait_connected(START_DELAY_S - 2), consumer.log()[-3000:]
+        assert _wait(lambda: collector.count() > 0, START_DELAY_S + 10)
+        settings = _user_stats(prefix)["settings"]
+        for what, text in abuse.items():
+            before = collector.count()
+            reply = send(control, text)
+            print(f"{what}: {reply[:150]!r} ({len(reply)} characters)")
+            assert reply.startswith("Configuration failed"), (what, reply)
+            assert len(reply) < 300, (what, len(reply))
+            assert _wait(lambda: collector.count() > before, 5), f"frames stopped after {what}"
+        time.sleep(1.0)  # one status refresh
+        assert _user_stats(prefix)["settings"] == settings  # nothing changed
+        assert send(control, '{"batchTimeout": 0.2}') == "Configuration successful"
+        assert _wait(lambda: json.loads(_user_stats(prefix)["settings"])["batchTimeout"] == 0.2, 5)
+        got = collector.wait_count(n, timeout_s=30, idle_s=10)
+    finally:
+        collector.close()
+    assert got == n, consumer.log()[-3000:]
+    log = consumer.log()
+    assert "x" * 200 not in log.split("Control channel: configuring")[0]  # our own log lines quote briefly

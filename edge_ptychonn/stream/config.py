@@ -133,6 +133,16 @@ USER_KEYS = tuple(_TOP_LEVEL) + tuple(_PREPROCESS)
 RUNTIME_KEYS = ("batchTimeout", "offset", "scale", "transform")
 
 
+def runtime_settings(config: ProcessorConfig) -> dict:
+    """The current values of the keys that configure() may change (camelCase)."""
+    fields = {**{k: (f, True) for k, (f, _) in _TOP_LEVEL.items()}, **{k: (f, False) for k, (f, _) in _PREPROCESS.items()}}
+    out = {}
+    for key in RUNTIME_KEYS:
+        name, top = fields[key]
+        out[key] = getattr(config if top else config.preprocess, name)
+    return out
+
+
 def model_metadata(model_path: Path) -> dict:
     """The JSON sidecar of a model (``model.onnx`` -> ``model.json``), or ``{}``.
 

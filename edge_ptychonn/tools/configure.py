@@ -38,12 +38,15 @@ def send(channel: str, args_text: str, timeout_s: float = 5.0) -> str:
 
     ch = pva.Channel(channel)
     ch.setTimeout(timeout_s)
+    before = ch.get("field(objectTime)")["objectTime"]
     request = pva.PvObject({"command": pva.STRING, "args": pva.STRING}, {"command": "configure", "args": args_text})
     ch.put(request, "field(command,args)")
+    # The consumer stamps objectTime when it takes the command and answers a moment later.
     deadline = time.monotonic() + timeout_s
     while True:
-        message = ch.get("field(statusMessage)")["statusMessage"]
-        if message != PENDING or time.monotonic() > deadline:
+        record = ch.get("field(objectTime,statusMessage)")
+        message = record["statusMessage"]
+        if (record["objectTime"] != before and message != PENDING) or time.monotonic() > deadline:
             return message
         time.sleep(0.05)
 

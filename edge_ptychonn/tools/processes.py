@@ -110,13 +110,15 @@ class Proc:
         return self.popen.wait()
 
 
-def start(name: str, argv: list[str], env: dict, log_dir: Path) -> Proc:
+def start(name: str, argv: list[str], env: dict, log_dir: Path, cwd: Path | None = None) -> Proc:
+    """Start ``argv`` in its own session (so that its children stop with it), output to
+    ``log_dir/<name>.log``, in ``cwd`` (default: the project root)."""
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
     with open(log_path, "wb") as log:
         popen = subprocess.Popen(
             argv, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, cwd=str(PROJECT_ROOT),
+            start_new_session=True, cwd=str(cwd or PROJECT_ROOT),
         )
     return Proc(name, popen, log_path)
 
