@@ -60,26 +60,29 @@ def main(args: argparse.Namespace) -> int:
     if not args.scan and not args.simulate:
         print("edge-ptychonn evaluate: give at least one --scan PREFIX or --simulate FAMILY:SEED", file=sys.stderr)
         return 2
+    t0 = time.monotonic()
     try:
         if not Path(args.model).is_file():
             raise FileNotFoundError(f"model {args.model} not found")
         card = find_card(args.model)
-        if card is None:
-            print(f"edge-ptychonn evaluate: no model card beside {args.model}: no preprocessing, default stitch "
-                  "settings, the simulator's default scans", file=sys.stderr)
-        scans = [(Path(path).name, *load_scan(path)) for path in args.scan]
-        scans += accuracy.simulate_held_out(args.simulate, card, args.n_positions)
-        card = card or ModelCard()
-        t0 = time.monotonic()
         engine = accuracy.open_engine(args.model, args.engine, device=args.device, batch_size=args.batch_size,
                                       threads=args.threads)
-        try:
-            results = accuracy.evaluate_scans(engine, card.preprocess, scans, card.stitch, progress=not args.quiet)
-        finally:
-            engine.close()
     except (ValueError, FileNotFoundError, EngineUnavailable) as exc:
         print(f"edge-ptychonn evaluate: {exc}", file=sys.stderr)
         return 2
+    if card is None:
+        print(f"edge-ptychonn evaluate: no model card beside {args.model}: no preprocessing, default stitch "
+              "settings, the simulator's default scans", file=sys.stderr)
+    try:
+        scans = [(Path(path).name, *load_scan(path)) for path in args.scan]
+        scans += accuracy.simulate_held_out(args.simulate, card, args.n_positions)
+        card = card or ModelCard()
+        results = accuracy.evaluate_scans(engine, card.preprocess, scans, card.stitch, progress=not args.quiet)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"edge-ptychonn evaluate: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        engine.close()
     print(accuracy.results_table(results))
     print(f"({sum(r.n_frames for r in results)} frames in {time.monotonic() - t0:.1f} s with {engine.name} on "
           f"{engine.device}; scores over the region covered by the probe's bright centre, constant phase offset removed)")
