@@ -16,6 +16,12 @@ def test_top_level_help_lists_the_commands(capsys):
         assert name in out
 
 
+def test_no_command_is_a_usage_error(capsys):
+    assert cli.main([]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "usage: edge-ptychonn COMMAND" in captured.err
+
+
 def test_unknown_command(capsys):
     assert cli.main(["frobnicate"]) == 2
     assert "unknown command 'frobnicate'; known: demo" in capsys.readouterr().err
