@@ -52,10 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"edge-ptychonn: unknown command {name!r}; known: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
-    try:  # argparse prints its usage error (or --help) itself and exits with 2 (or 0)
-        args = module.get_args_parser(prog=f"edge-ptychonn {name}").parse_args(rest)
-    except SystemExit as exc:
-        return int(exc.code or 0)
+    # argparse answers --help (exit 0) and bad arguments (usage and error on stderr, exit 2) itself
+    args = module.get_args_parser(prog=f"edge-ptychonn {name}").parse_args(rest)
     return int(module.main(args) or 0)
 
 

@@ -83,7 +83,6 @@ def test_evaluate_command_with_a_model_without_card(external_model, tmp_path, ca
     (["--simulate", "mixed"], "FAMILY:SEED"),
     (["--model", "nope.onnx", "--simulate", "mixed:1"], "model nope.onnx not found"),
     ([], "give at least one --scan"),
-    (["--batch-size", "x"], "invalid int value"),
 ])
 def test_evaluate_refuses_bad_arguments_on_stderr(argv, message, capsys):
     assert cli.main(["evaluate", *argv]) == 2
