@@ -3,8 +3,9 @@
 One schema, read and written only here (:func:`load_card`, :func:`find_card`,
 :func:`save_card`). Everything that needs a model's settings reads them from
 the :class:`ModelCard`: the live processor its preprocessing, ``evaluate``,
-``train`` and the demo its stitch settings and training scans. numpy-free and
-torch-free, so the live path can import it.
+``train`` and the demo its stitch settings and training scans. It imports no
+torch and no simulator (only ``stream.preprocess``, numpy), so the live path
+can import it.
 
 Blocks (JSON keys):
 
@@ -27,7 +28,7 @@ known ones, at the top level and inside every typed block (a misspelt setting
 would otherwise be ignored without a word); only ``accuracy`` and
 ``training.scan_settings`` are kept as written (``ScanSettings.from_dict``
 checks the latter where scans are simulated). Missing keys take the defaults
-below, so a card with only a ``preprocess`` block is valid. Settings blocks
+below (``null`` too), so a card with only a ``preprocess`` block is valid. Settings blocks
 (``preprocess``, ``stitch``, ``model``) are saved complete; ``None`` entries of
 the card and of its ``training`` record are left out.
 
@@ -176,7 +177,7 @@ class ModelCard:
         return _from_json(cls, {**d, "version": version}, "model card")
 
 
-# how to read each typed block; the others are plain JSON values (tuples for lists)
+# the dataclasses written as JSON objects; the fields kept as written (JSON objects)
 _BLOCKS = {PreprocessConfig, StitchSettings, ModelConfig, Training, ModelCard}
 _VERBATIM = {"accuracy", "scan_settings"}
 
@@ -196,8 +197,10 @@ def _from_json(cls: type, value: Any, where: str):
     kwargs = {}
     for name, v in d.items():
         block = _block_type(cls, name)
-        if v is None or name in _VERBATIM:
-            kwargs[name] = v
+        if v is None:  # absent and null alike: the default
+            continue
+        if name in _VERBATIM:
+            kwargs[name] = _mapping(f"{where}.{name}" if cls is not ModelCard else name, v)
         elif block is not None:
             kwargs[name] = _from_json(block, v, f"{where}.{name}" if cls is not ModelCard else name)
         else:

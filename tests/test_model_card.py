@@ -54,6 +54,7 @@ def test_a_partial_card_takes_the_defaults():
     card = ModelCard.from_dict({"preprocess": {"transform": "sqrt"}})
     assert card.version == 1 and card.preprocess == PreprocessConfig(transform="sqrt")
     assert card.stitch == StitchSettings() and card.model is None and card.training is None
+    assert ModelCard.from_dict({"stitch": None, "accuracy": None}) == ModelCard()  # null: the default
 
 
 def test_no_card(tmp_path):
@@ -73,6 +74,8 @@ def test_no_card(tmp_path):
     ({"model": {"width": 0}}, "model: width must be 1..256"),
     ({"input_size": -1}, "input_size must be a positive integer"),
     ({"preprocess": [1, 2]}, "preprocess must be a JSON object"),
+    ({"accuracy": [1]}, "accuracy must be a JSON object"),
+    ({"training": {"scan_settings": "mixed"}}, "training.scan_settings must be a JSON object"),
 ])
 def test_malformed_cards_are_refused_with_the_reason(tmp_path, card, message):
     (tmp_path / "m.json").write_text(json.dumps(card))
