@@ -96,3 +96,11 @@ def test_accuracy_and_scan_settings_are_kept_as_written():
     assert card.accuracy == {"anything": [1, {"x": None}]}
     assert card.training.scan_settings == {"seed": None, "family": "mixed"}
     assert replace(card, name="n").to_dict()["accuracy"] == {"anything": [1, {"x": None}]}
+
+
+def test_the_shipped_markdown_card_is_rendered_from_the_json_card():
+    from edge_ptychonn.science.train import card_markdown
+
+    model = default_model_path()
+    rendered = card_markdown(load_card(model)).split("## Limits")[0].rstrip()
+    assert (model.parent / "MODEL_CARD.md").read_text().startswith(rendered)

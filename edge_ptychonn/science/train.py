@@ -224,7 +224,7 @@ def save_checkpoint(trainer: Trainer, args: argparse.Namespace, model_config: Mo
 def card_markdown(card: ModelCard) -> str:
     """The model card for people (Markdown) from the typed card."""
     t, m, pp, acc = card.training, card.model, card.preprocess, card.accuracy
-    s = t.scan_settings
+    s = ScanSettings.from_dict(t.scan_settings)
     n = card.input_size
     lines = [
         f"# PtychoNN model card: `{card.name}`",
@@ -238,7 +238,8 @@ def card_markdown(card: ModelCard) -> str:
         f"- ONNX opset 17, input `diffraction` float32 (N, 1, {n}, {n}), "
         f"outputs {', '.join(f'`{o}`' for o in card.outputs)} float32 (N, 1, {n}, {n}); the batch axis is dynamic.",
         f"- Preprocessing (in `{card.name}.json`, applied by the processor): transform `{pp.transform}`, "
-        f"scale {pp.scale}, offset {pp.offset}, crop {pp.crop_hw or 'none'}, bin {pp.bin_factor}.",
+        f"scale {pp.scale}, offset {pp.offset}, "
+        + (f"crop {pp.crop_hw[0]}x{pp.crop_hw[1]}" if pp.crop_hw else "no crop") + f", bin {pp.bin_factor}.",
         "",
         "## Architecture",
         "",
@@ -250,14 +251,13 @@ def card_markdown(card: ModelCard) -> str:
         "",
         f"- {t.n_train_frames} frames from {t.n_train_scans} scans (seeds {t.train_seeds[0]}.."
         f"{t.train_seeds[-1]}), validation {t.n_val_frames} frames (seeds {t.val_seeds[0]}..{t.val_seeds[-1]}).",
-        f"- Object family `{s['family']}`: particles (projected spheres, radius 3-12 px), a smooth random "
+        f"- Object family `{s.family}`: particles (projected spheres, radius 3-12 px), a smooth random "
         "field and piecewise-constant cells with sharp edges, in random proportions per object; "
-        f"feature density {s['density']}; phase 0..{s['phase_range_rad']} rad; amplitude exp(-{s['absorption']} * phase).",
-        f"- Probe: defocused focused beam, {s['probe_diameter_px'] or 40.0 * s['frame_size'] * s['bin_factor'] / 128:.0f} px "
-        f"diameter in a {s['frame_size'] * s['bin_factor']} px window, pupil radius "
-        f"{s['pupil_radius_px'] or 12.0 * s['frame_size'] * s['bin_factor'] / 128:.0f} far-field px.",
-        f"- Scan: {s['pattern']}, overlap {s['overlap']}, position jitter +-{s['jitter_px']} px; "
-        f"{s['photons']:.3g} photons per frame, Poisson noise, int16, detector bin {s['bin_factor']}.",
+        f"feature density {s.density}; phase 0..{s.phase_range_rad} rad; amplitude exp(-{s.absorption} * phase).",
+        f"- Probe: defocused focused beam, {s.probe_diameter:.0f} px diameter in a {s.window_size} px window, "
+        f"pupil radius {s.pupil_radius:.0f} far-field px.",
+        f"- Scan: {s.pattern}, overlap {s.overlap}, position jitter +-{s.jitter_px} px; "
+        f"{s.photons:.3g} photons per frame, Poisson noise, int16, detector bin {s.bin_factor}.",
         "",
         "## Training settings",
         "",
