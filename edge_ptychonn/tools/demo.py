@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_ptychonn.model_card import StitchSettings, default_model_path, find_card
+from edge_ptychonn.model_card import ModelCard, StitchSettings, default_model_path, find_card
 from edge_ptychonn.progress import Progress
 from edge_ptychonn.science import accuracy
 
@@ -41,7 +41,8 @@ def get_args_parser(prog: str = "edge-ptychonn demo") -> argparse.ArgumentParser
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scan", type=Path, default=None,
                    help="(N, ny, nx) .npy of frames to replay (default: a held-out scan simulated on first use "
-                        f"with the model's training settings and seed {DEFAULT_SCAN_SEED}, kept in data/generated/)")
+                        f"with the model's training settings and seed {DEFAULT_SCAN_SEED}, kept in data/generated/, "
+                        "or in ~/.cache/edge-ptychonn/ when installed)")
     p.add_argument("--model", type=Path, default=default_model_path(), help="ONNX model (default: %(default)s)")
     p.add_argument("--engine", default="auto", help="inference engine: auto, torch, onnxruntime (default: %(default)s)")
     p.add_argument("--consumers", type=int, default=2, help="number of consumers (default: %(default)s)")
@@ -118,15 +119,10 @@ def format_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, rows)])
 
 
-def demo_scan_settings(model: Path):
-    """The held-out demo scan: the model's training scan settings (from its card)
-    with a seed no training used, or the simulator's defaults."""
-    return accuracy.held_out_settings(find_card(model), DEFAULT_SCAN_SEED)
-
-
-def ensure_scan(scan: Path | None, model: Path) -> Path:
-    """The scan to replay: ``scan``, or the model's held-out demo scan, simulated
-    on first use into a file named after its settings (so a new model with other
+def ensure_scan(scan: Path | None, card: ModelCard | None) -> Path:
+    """The scan to replay: ``scan``, or the model's held-out demo scan (its
+    card's training scan settings with a seed no training used), simulated on
+    first use into a file named after its settings (so a new model with other
     settings gets its own scan)."""
     if scan is not None:
         if not scan.is_file():
@@ -134,7 +130,7 @@ def ensure_scan(scan: Path | None, model: Path) -> Path:
         return scan
     from edge_ptychonn.science.simulate import save_scan, simulate_scan
 
-    settings = demo_scan_settings(model)
+    settings = accuracy.held_out_settings(card, DEFAULT_SCAN_SEED)
     key = hashlib.sha256(json.dumps(settings.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
     scan = generated_dir() / f"demo_scan-{key}.npy"
     if not scan.is_file() or not scan.with_suffix(".npz").is_file():
@@ -144,7 +140,7 @@ def ensure_scan(scan: Path | None, model: Path) -> Path:
     return scan
 
 
-def accuracy_lines(scan: Path, collector: live.OutputCollector, out_dir: Path, model: Path) -> list[str]:
+def accuracy_lines(scan: Path, collector: live.OutputCollector, out_dir: Path, card: ModelCard | None) -> list[str]:
     """Stitch the phase from the frames that came back over PvaPy and score it
     against the scan's truth (``.npz`` beside the ``.npy``), with trivial
     baselines and the model card's stitch settings (``science.accuracy``)."""
@@ -158,7 +154,6 @@ def accuracy_lines(scan: Path, collector: live.OutputCollector, out_dir: Path, m
     if not results:
         return ["no frames came back: nothing to stitch"]
     uids = sorted(results)
-    card = find_card(model)
     try:  # frame k has uniqueId k + 1
         r = accuracy.score_scan("outputs", np.stack([results[u] for u in uids]), truth,
                                 card.stitch if card else StitchSettings(), indices=np.array(uids) - 1)
@@ -181,7 +176,8 @@ def main(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"model {args.model} not found")
         if args.consumers < 1 or args.batch_size < 1 or args.fps <= 0:
             raise ValueError("--consumers and --batch-size must be >= 1 and --fps > 0")
-        scan = ensure_scan(args.scan, args.model)
+        card = find_card(args.model)
+        scan = ensure_scan(args.scan, card)
     except (FileNotFoundError, ValueError) as exc:
         print(f"edge-ptychonn demo: {exc}", file=sys.stderr)
         return 2
@@ -216,7 +212,7 @@ def main(args: argparse.Namespace) -> int:
         print()
         print(format_table(HEADER, summary_rows(collector, statuses, n_sent)))
         print()
-        for line in accuracy_lines(scan, collector, log_dir, args.model):
+        for line in accuracy_lines(scan, collector, log_dir, card):
             print(line)
         print(f"\nView live images next time with: c2dv --app image --pv {args.prefix}:1:output")
         return 0 if got == n_sent else 1
