@@ -26,8 +26,8 @@ def test_every_package_of_the_tree_is_listed_in_pyproject():
         for top in ("edge_ptychonn", "engines", "processors")
         for p in (ROOT / top).rglob("__init__.py")
         if "__pycache__" not in p.parts
-    } | {"processors"}  # processors/ has an (empty) __init__.py; listed either way
-    assert found | {"edge_ptychonn.data"} == listed
+    }
+    assert found | {"edge_ptychonn.data"} == listed, "list new package folders in pyproject's [tool.setuptools]"
 
 
 @pytest.fixture(scope="module")
