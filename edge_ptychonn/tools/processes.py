@@ -3,7 +3,8 @@
 Every process is started in its own session with the loopback-only EPICS
 settings of :data:`LOOPBACK_ENV`, and stopped through its process id (SIGINT to
 its process group, then SIGTERM, then SIGKILL), so ``pvapy-hpc-consumer``'s
-forked consumers go with it.
+forked consumers go with it. :data:`LOOPBACK_ENV` is the one definition of
+those settings; :func:`wait_status` the one way to poll consumers' status.
 """
 
 from __future__ import annotations
