@@ -4,6 +4,10 @@ Each sub-command lives in its own module, which provides
 ``get_args_parser(prog) -> argparse.ArgumentParser`` and ``main(args) -> int``.
 Modules are imported only when their sub-command runs, so ``edge-ptychonn
 --help`` stays fast and works without torch.
+
+Exit status: 0 on success, 1 when a command ran but did not get what it
+wanted (e.g. the demo lost frames), 2 for bad arguments; every error goes to
+stderr, results to stdout.
 """
 
 from __future__ import annotations
@@ -16,8 +20,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("edge_ptychonn.tools.demo", "replay a scan through live PvaPy consumers and print a summary"),
     "simulate": ("edge_ptychonn.science.simulate", "simulate a ptychography scan (.npy frames + .npz truth)"),
     "train": ("edge_ptychonn.science.train", "train PtychoNN on simulated scans and export ONNX + model card"),
-    "evaluate": ("edge_ptychonn.science.evaluate", "stitch a model's predictions on a scan and score them"),
-    "export": ("edge_ptychonn.science.export", "export a PtychoNN (random or from a checkpoint) to ONNX"),
+    "evaluate": ("edge_ptychonn.science.evaluate", "score a model on simulated scans (stitched phase vs truth)"),
+    "export": ("edge_ptychonn.science.export", "export a PtychoNN with random weights to ONNX (to try engines)"),
     "bench": ("edge_ptychonn.tools.bench", "benchmark engines and the live pipeline"),
     "consumer": ("edge_ptychonn.tools.consumer", "run pvapy-hpc-consumer so that SIGTERM stops it cleanly"),
     "configure": ("edge_ptychonn.tools.configure", "change a running consumer's settings over its control channel"),
@@ -39,14 +43,18 @@ def usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
+    if not argv:  # a usage error: the usage goes to stderr
+        print(usage(), file=sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help"):
         print(usage())
-        return 0 if argv else 2
+        return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         print(f"edge-ptychonn: unknown command {name!r}; known: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
+    # argparse answers --help (exit 0) and bad arguments (usage and error on stderr, exit 2) itself
     args = module.get_args_parser(prog=f"edge-ptychonn {name}").parse_args(rest)
     return int(module.main(args) or 0)
 

@@ -1,9 +1,14 @@
-"""A tiny progress display on stderr for long work (simulation, training).
+"""Progress on stderr for long work: one class for counted work and for steps.
 
-On a terminal it redraws one line (``\\r``) at most every ``min_interval_s``; when
-stderr is a file or a pipe it writes a full line at every 10 % step instead, so
-logs stay readable. Statistics passed to ``update`` (``loss=0.123``) are shown
-after the rate and the estimated time left.
+- Counted work (simulation, training, inference over a scan, outputs arriving):
+  ``bar = Progress(total, label, unit=...)``, ``bar.update(n, loss=0.12)``,
+  ``bar.close()``. On a terminal it redraws one line (``\\r``) at most every
+  ``min_interval_s``; when stderr is a file or a pipe it writes a full line at
+  every 10 % step instead, so logs stay readable. Statistics passed to
+  ``update`` are shown after the rate and the estimated time left.
+- Steps (benchmarks, long commands): ``log = Progress()``, then ``log("message")``
+  or ``log.stage("title")`` writes one line per step with the time since the
+  start, ``[  12.3 s] message`` (``== title`` for a stage).
 """
 
 from __future__ import annotations
@@ -21,19 +26,20 @@ def _clock(seconds: float) -> str:
 
 
 class Progress:
-    """Counts ``done`` out of ``total`` items and shows the rate and time left."""
+    """Counts ``done`` out of ``total`` items and shows the rate and time left;
+    logs timestamped steps. ``total=None``: steps only, no bar."""
 
     def __init__(
         self,
-        total: int,
-        label: str,
+        total: int | None = None,
+        label: str = "",
         *,
         unit: str = "it",
         stream: TextIO | None = None,
         enabled: bool = True,
         min_interval_s: float = 0.25,
     ):
-        if total < 0:
+        if total is not None and total < 0:
             raise ValueError(f"total must be >= 0, got {total}")
         self.total = total
         self.label = label
@@ -52,8 +58,24 @@ class Progress:
     def elapsed_s(self) -> float:
         return time.monotonic() - self._start
 
+    def __call__(self, message: str) -> None:
+        """Write one line ``[elapsed s] message`` (below a bar being drawn on a terminal)."""
+        if not self.enabled:
+            return
+        redraw = self._tty and self.total is not None and self._last_draw > 0
+        self.stream.write(("\r\033[K" if redraw else "") + f"[{self.elapsed_s:6.1f} s] {message}\n")
+        if redraw:
+            self.stream.write("\r" + self.line())
+        self.stream.flush()
+
+    def stage(self, title: str) -> None:
+        """A step line that starts a stage: ``== title``."""
+        self(f"== {title}")
+
     def line(self) -> str:
         """The current progress line (without a line ending)."""
+        if self.total is None:
+            return f"{self.label} elapsed {_clock(self.elapsed_s)}"
         frac = self.done / self.total if self.total else 1.0
         bar_len = 24
         filled = int(round(bar_len * frac))
@@ -71,6 +93,8 @@ class Progress:
 
     def update(self, n: int = 1, **stats: float | str) -> None:
         """Add ``n`` finished items and refresh the statistics shown."""
+        if self.total is None:
+            raise ValueError("update() needs a total: Progress(total, label)")
         self.done = min(self.total, self.done + n)
         self.stats.update(stats)
         if not self.enabled:
@@ -90,6 +114,6 @@ class Progress:
 
     def close(self) -> None:
         """Finish the line (on a terminal) so later output starts on a new one."""
-        if self.enabled and self._tty:
+        if self.enabled and self._tty and self.total is not None:
             self.stream.write("\r" + self.line() + "\n")
             self.stream.flush()

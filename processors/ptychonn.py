@@ -41,18 +41,18 @@ also accepts that processor's ``bsz`` and ``onnx_mdl`` arguments.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pvaccess as pva
 from pvapy.hpc.adImageProcessor import AdImageProcessor
 
+from edge_ptychonn.model_card import default_model_path
 from edge_ptychonn.stream.config import SEED_ALIASES, ProcessorConfig, parse_processor_args, runtime_settings
 from edge_ptychonn.stream.frames import BAD_FRAME_KINDS, output_pv_type
 from edge_ptychonn.stream.pipeline import DROP_REASONS, InferencePipeline
 from processors import shutdown
 from engines import ENGINE_NAMES, EngineOptions, create_engine
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "data" / "ptychonn.onnx"
+DEFAULT_MODEL = default_model_path()
 
 
 def _latency(p: int):

@@ -5,7 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup-venv.sh torch,codecs
-export EPICS_PVA_AUTO_ADDR_LIST=NO EPICS_PVA_ADDR_LIST=127.0.0.1 \
-       EPICS_PVAS_AUTO_BEACON_ADDR_LIST=NO EPICS_PVAS_BEACON_ADDR_LIST=127.0.0.1 \
-       EPICS_PVAS_INTF_ADDR_LIST=127.0.0.1
+# No EPICS exports needed: the demo sets the loopback-only settings (edge_ptychonn.tools.processes.LOOPBACK_ENV)
+# in its own process before any PVA channel, and in every process it starts.
 exec .venv/bin/edge-ptychonn demo "$@"

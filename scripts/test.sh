@@ -4,8 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup-venv.sh torch,test,codecs,bench
-# Loopback-only EPICS settings for every PVA process the tests start (the tests set them too).
-export EPICS_PVA_AUTO_ADDR_LIST=NO EPICS_PVA_ADDR_LIST=127.0.0.1 \
-       EPICS_PVAS_AUTO_BEACON_ADDR_LIST=NO EPICS_PVAS_BEACON_ADDR_LIST=127.0.0.1 \
-       EPICS_PVAS_INTF_ADDR_LIST=127.0.0.1
+# No EPICS exports needed: tests/conftest.py sets the loopback-only settings
+# (edge_ptychonn.tools.processes.LOOPBACK_ENV) before any test runs; started processes inherit them.
 exec .venv/bin/python -m pytest -q -ra "$@"

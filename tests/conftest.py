@@ -8,19 +8,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-# Keep every PVA search, beacon and server socket on loopback, in this process (its
-# monitors) and in every process the tests start (they inherit this environment).
-LOOPBACK = {
-    "EPICS_PVA_AUTO_ADDR_LIST": "NO",
-    "EPICS_PVA_ADDR_LIST": "127.0.0.1",
-    "EPICS_PVAS_AUTO_BEACON_ADDR_LIST": "NO",
-    "EPICS_PVAS_BEACON_ADDR_LIST": "127.0.0.1",
-    "EPICS_PVAS_INTF_ADDR_LIST": "127.0.0.1",
-}
-os.environ.update(LOOPBACK)
+from edge_ptychonn.tools.processes import LOOPBACK_ENV
+
+# Keep every PVA search, beacon and server socket on loopback (EPICS_PVA_ADDR_LIST,
+# EPICS_PVAS_INTF_ADDR_LIST, beacons: tools.processes.LOOPBACK_ENV, their one home), in
+# this process (its monitors) and in every process the tests start (they inherit it).
+os.environ.update(LOOPBACK_ENV)
 
 ROOT = Path(__file__).resolve().parent.parent
-EXTERNAL_MODEL = ROOT.parent / "shared" / "models" / "edgeptychonn_ptychoNN_8.onnx"
+# the nearest shared/models/ above the checkout (../shared beside /work/main; ../../shared from a worktree)
+EXTERNAL_MODEL = next(
+    (p / "shared" / "models" / "edgeptychonn_ptychoNN_8.onnx" for p in ROOT.parents
+     if (p / "shared" / "models" / "edgeptychonn_ptychoNN_8.onnx").is_file()),
+    ROOT.parent / "shared" / "models" / "edgeptychonn_ptychoNN_8.onnx",
+)
 
 
 @pytest.fixture(scope="session")

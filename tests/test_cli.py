@@ -16,6 +16,12 @@ def test_top_level_help_lists_the_commands(capsys):
         assert name in out
 
 
+def test_no_command_is_a_usage_error(capsys):
+    assert cli.main([]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "usage: edge-ptychonn COMMAND" in captured.err
+
+
 def test_unknown_command(capsys):
     assert cli.main(["frobnicate"]) == 2
     assert "unknown command 'frobnicate'; known: demo" in capsys.readouterr().err
@@ -37,3 +43,25 @@ def test_export_writes_a_model_the_engines_run(tmp_path, capsys):
     engine = create_engine("onnxruntime", EngineOptions(out, max_batch=2, cpu_threads=1))
     assert engine.infer(np.ones((2, 1, 32, 32), np.float32)).shape == (2, 1, 32, 32)
     assert cli.main(["export", "--out", str(out), "--input-size", "30"]) == 2
+
+
+@pytest.mark.parametrize("name", sorted(cli.COMMANDS))
+def test_every_command_answers_bad_arguments_with_2_on_stderr(name, capsys):
+    with pytest.raises(SystemExit) as exit_:  # argparse's own exit
+        cli.main([name, "--no-such-option"])
+    assert exit_.value.code == 2
+    captured = capsys.readouterr()
+    assert f"usage: edge-ptychonn {name}" in captured.err and f"edge-ptychonn {name}: error:" in captured.err
+    assert captured.out == ""
+
+
+def test_command_errors_go_to_stderr(tmp_path, capsys):
+    assert cli.main(["export", "--out", str(tmp_path / "r.onnx"), "--input-size", "30"]) == 2
+    assert cli.main(["simulate", "--out", str(tmp_path / "s"), "--overlap", "2"]) == 2
+    assert cli.main(["demo", "--model", str(tmp_path / "none.onnx")]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    err = captured.err.splitlines()
+    assert err[0].startswith("edge-ptychonn export: input_size must be a multiple")
+    assert err[1].startswith("edge-ptychonn simulate: overlap must be in (0, 1)")
+    assert err[2].startswith("edge-ptychonn demo: model") and "not found" in err[2]

@@ -107,16 +107,15 @@ def test_bad_inputs():
 
 
 def test_shipped_model_beats_the_baselines_on_a_held_out_scan():
-    from pathlib import Path
+    from edge_ptychonn.model_card import default_model_path, load_card
+    from edge_ptychonn.science.accuracy import held_out_settings, open_engine, predict, score_scan
+    from edge_ptychonn.science.simulate import simulate_scan
 
-    from edge_ptychonn.science.evaluate import OnnxPredictor, load_sidecar, preprocess_config, score_scan
-    from edge_ptychonn.science.simulate import ScanSettings, simulate_scan
-
-    model = Path(__file__).resolve().parents[1] / "data" / "ptychonn.onnx"
-    meta = load_sidecar(model)
-    settings = ScanSettings.from_dict({**meta["training"]["scan_settings"], "seed": 1005, "n_positions": 144})
-    frames, truth = simulate_scan(settings, progress=False)
-    result = score_scan("held-out", OnnxPredictor(model, preprocess_config(meta))(frames), truth)
+    model = default_model_path()
+    card = load_card(model)
+    frames, truth = simulate_scan(held_out_settings(card, 1005, n_positions=144), progress=False)
+    engine = open_engine(model, "onnxruntime", device="cpu", threads=2)
+    result = score_scan("held-out", predict(engine, frames, card.preprocess), truth, card.stitch)
     zeros = result.baselines["zeros"]
     assert result.scores["ssim"] > 0.6 and result.scores["ssim"] > zeros["ssim"] + 0.2
     assert result.scores["rmse_rad"] < 0.5 * zeros["rmse_rad"]

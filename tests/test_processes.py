@@ -4,14 +4,15 @@ import os
 import sys
 import time
 
-from conftest import LOOPBACK
 from edge_ptychonn.tools.processes import LOOPBACK_ENV, start, use_loopback
 
 
 def test_child_processes_get_the_loopback_settings():
-    assert LOOPBACK_ENV == LOOPBACK
+    # servers bind to loopback only, searches and beacons go to it only
+    assert LOOPBACK_ENV["EPICS_PVAS_INTF_ADDR_LIST"] == LOOPBACK_ENV["EPICS_PVA_ADDR_LIST"] == "127.0.0.1"
+    assert LOOPBACK_ENV["EPICS_PVA_AUTO_ADDR_LIST"] == LOOPBACK_ENV["EPICS_PVAS_AUTO_BEACON_ADDR_LIST"] == "NO"
     env = use_loopback()
-    for key, value in LOOPBACK.items():
+    for key, value in LOOPBACK_ENV.items():
         assert env[key] == value and os.environ[key] == value
 
 

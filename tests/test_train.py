@@ -8,7 +8,8 @@ import pytest
 torch = pytest.importorskip("torch")  # training needs the torch extra
 
 from edge_ptychonn import cli  # noqa: E402
-from edge_ptychonn.science.evaluate import OnnxPredictor, preprocess_config, score_scan  # noqa: E402
+from edge_ptychonn.model_card import ModelCard, load_card  # noqa: E402
+from edge_ptychonn.science.accuracy import open_engine, predict, score_scan  # noqa: E402
 from edge_ptychonn.science.model import ModelConfig  # noqa: E402
 from edge_ptychonn.science.simulate import ScanSettings, save_scan, simulate_scan  # noqa: E402
 from edge_ptychonn.science.stitch import probe_weight  # noqa: E402
@@ -94,6 +95,9 @@ def test_train_command_writes_onnx_sidecar_and_card(tmp_path):
                    "--val-scans", "1", "--epochs", "1", "--width", "4", "--depth", "2", "--eval", "--quiet"])
     assert rc == 0
     meta = json.loads(out.with_suffix(".json").read_text())
+    card = load_card(out.with_suffix(".onnx"))
+    assert ModelCard.from_dict(meta) == card and meta["version"] == 1
+    assert card.stitch.probe_threshold == 0.1 and card.training.eval_n_positions == 1024
     assert meta["input_size"] == 128 and meta["outputs"] == ["phase"]
     assert set(meta["preprocess"]) == {"crop_hw", "crop_origin_yx", "bin_factor", "transform", "offset", "scale"}
     assert meta["model"] == ModelConfig(width=4, depth=2).to_dict()
@@ -123,11 +127,15 @@ def test_train_command_writes_onnx_sidecar_and_card(tmp_path):
     scores = json.loads((tmp_path / "scores.json").read_text())["scan"]
     assert set(scores["model"]) >= {"ssim", "psnr_db", "rmse_rad"}
     assert set(scores["baselines"]) == {"zeros", "mean_patch"}
-    pred = OnnxPredictor(out.with_suffix(".onnx"), preprocess_config(meta))(frames)
+    engine = open_engine(out.with_suffix(".onnx"), "onnxruntime", device="cpu", batch_size=8, threads=1)
+    pred = predict(engine, frames, card.preprocess)  # 25 frames: 3 full batches and a partial one
     assert pred.shape == truth.patches_phase.shape and np.all(np.abs(pred) <= np.pi)
-    assert score_scan("s", truth.patches_phase, truth).scores["rmse_rad"] < 1e-5  # exact patches score perfectly
+    exact = score_scan("s", truth.patches_phase, truth, card.stitch)
+    assert exact.scores["rmse_rad"] < 1e-5  # exact patches score perfectly
 
 
 def test_bad_training_arguments(capsys):
     assert cli.main(["train", "--train-scans", "0"]) == 2
     assert "train-scans" in capsys.readouterr().err
+    assert cli.main(["train", "--eval", "mixed"]) == 2  # refused before any training
+    assert "FAMILY:SEED" in capsys.readouterr().err

@@ -7,6 +7,7 @@ does not depend on the weights); ``edge-ptychonn train`` exports trained models.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
@@ -28,9 +29,10 @@ def main(args: argparse.Namespace) -> int:
         config = ModelConfig(width=args.width, depth=args.depth, input_size=args.input_size,
                              amplitude_head=args.amplitude)
     except ValueError as exc:
-        print(f"edge-ptychonn export: {exc}")
+        print(f"edge-ptychonn export: {exc}", file=sys.stderr)
         return 2
-    path = export_onnx(build_model(config, seed=args.seed), args.out)
-    n_params = sum(p.numel() for p in build_model(config, seed=args.seed).parameters())
+    model = build_model(config, seed=args.seed)
+    path = export_onnx(model, args.out)
+    n_params = sum(p.numel() for p in model.parameters())
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): PtychoNN {config}, {n_params:,} parameters, random weights (seed {args.seed})")
     return 0

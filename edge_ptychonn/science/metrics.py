@@ -22,6 +22,8 @@ import math
 
 import numpy as np
 
+from edge_ptychonn.science.stitch import Stitcher
+
 SSIM_SIGMA = 1.5
 SSIM_RADIUS = 5
 SSIM_K1, SSIM_K2 = 0.01, 0.03
@@ -161,8 +163,6 @@ def baseline_scores(
     patches, positions and stitching weight, ``mean_patch``."""
     out = {"zeros": score_phase(np.zeros_like(truth, dtype=np.float64), truth, mask)}
     if patches_phase is not None and positions_px is not None:
-        from edge_ptychonn.science.stitch import Stitcher
-
         mean_patch = np.mean(patches_phase, axis=0)
         st = Stitcher(truth.shape, mean_patch.shape, weight=weight)
         for pos in positions_px:

@@ -18,42 +18,18 @@ wanted (training, export, the torch engine), never from the processor path.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from edge_ptychonn.model_card import ModelConfig  # the architecture, as the model card records it
+
 ONNX_OPSET = 17
 INPUT_NAME = "diffraction"
 PHASE_NAME = "phase"
 AMPLITUDE_NAME = "amplitude"
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Architecture of one PtychoNN network."""
-
-    width: int = 16
-    depth: int = 4
-    input_size: int = 128
-    batch_norm: bool = True
-    amplitude_head: bool = False
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.width <= 256:
-            raise ValueError(f"width must be 1..256, got {self.width}")
-        if not 1 <= self.depth <= 7:
-            raise ValueError(f"depth must be 1..7, got {self.depth}")
-        if self.input_size % (2**self.depth):
-            raise ValueError(
-                f"input_size must be a multiple of 2**depth = {2**self.depth}, "
-                f"got {self.input_size}"
-            )
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _conv_block(c_in: int, c_out: int, batch_norm: bool) -> list[nn.Module]:

@@ -11,36 +11,46 @@ Steps (``main``):
 3. train with AdamW, a cosine learning-rate decay that reaches its end at the
    last step or at the time limit, whichever comes first, bf16 autocast and
    channels-last tensors (about 3.5x faster on a CPU than float32), and a masked
-   L1 loss on the probe's bright centre (``|probe|**2 >= 0.1`` of its peak),
+   L1 loss on the probe's bright centre (``|probe|**2 >= stitch.probe_threshold``
+   of its peak, the region stitching uses),
    against absolute-phase targets; after each epoch the BatchNorm running
    statistics are recomputed for the current weights (``recalibrate_batchnorm``);
 4. report the training and validation loss (eval mode, float32) per epoch and save ``<out>.pt``
    (weights and arguments) after each;
 5. export ``<out>.onnx`` (eval mode: BatchNorm folded into constants, opset 17,
-   dynamic batch), score the model on
-   held-out and out-of-family scans (``--eval``), and write ``<out>.json``
-   (sidecar the processor reads) and ``<out>.md`` (the model card).
+   dynamic batch), score the model on held-out and out-of-family scans
+   (``--eval``, ``science.accuracy``), and write ``<out>.json`` (the typed model
+   card, ``edge_ptychonn.model_card``, that the processor reads) and ``<out>.md``
+   (the card for people).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import sys
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 
 from edge_ptychonn import __version__
-from edge_ptychonn.stream.preprocess import PreprocessConfig, preprocess
+from edge_ptychonn.model_card import ModelCard, ModelConfig, StitchSettings, Training, find_card, save_card
 from edge_ptychonn.progress import Progress
+from edge_ptychonn.science import accuracy
 from edge_ptychonn.science.simulate import FAMILIES, ScanSettings, simulate_scan
 from edge_ptychonn.science.stitch import probe_weight
+from edge_ptychonn.stream.preprocess import PreprocessConfig, preprocess
 
-LOSS_THRESHOLD = 0.1
+LIMITS = (
+    "Trained on simulated data only; real detectors add background, dead pixels, partial coherence and "
+    "probe drift that the simulation leaves out.",
+    "The probe, photon count, overlap and pixel sizes are fixed in training: a different probe or "
+    "photon count needs retraining.",
+    "Phase is absolute only up to a constant; scores remove that constant.",
+)
 
 
 def make_dataset(seeds: list[int], base: ScanSettings, *, amplitude: bool, progress: bool, label: str):
@@ -50,7 +60,7 @@ def make_dataset(seeds: list[int], base: ScanSettings, *, amplitude: bool, progr
     probe = None
     bar = Progress(len(seeds), f"simulate {label}", unit="scans", enabled=progress)
     for seed in seeds:
-        f, truth = simulate_scan(ScanSettings.from_dict({**base.to_dict(), "seed": seed}), progress=False)
+        f, truth = simulate_scan(replace(base, seed=seed), progress=False)
         frames.append(f)
         phases.append(truth.patches_phase.astype(np.float16))
         if amplitude:
@@ -193,91 +203,88 @@ class Trainer:
         return total / n
 
 
-def previous_training(init_from: str | None) -> dict | None:
-    """The ``training`` block of the sidecar beside an ``--init-from`` checkpoint, if any."""
+def previous_training(init_from: str | None) -> Training | None:
+    """The training record in the card beside an ``--init-from`` checkpoint, shortened, if any."""
     if not init_from:
         return None
-    sidecar = Path(init_from).with_suffix(".json")
-    if not sidecar.exists():
-        return {"checkpoint": str(init_from)}
-    prev = json.loads(sidecar.read_text())["training"]
+    card = find_card(init_from)
+    if card is None or card.training is None:
+        return Training(checkpoint=str(init_from))
     keep = ("command", "epochs_run", "steps", "train_minutes", "train_loss", "val_loss", "n_train_frames",
             "train_seeds", "stopped_at_time_limit", "lr", "continued_from")
-    return {k: prev[k] for k in keep if k in prev}
+    return Training(**{k: getattr(card.training, k) for k in keep})
 
 
-def save_checkpoint(trainer: Trainer, args: argparse.Namespace, model_config, path: Path) -> None:
+def save_checkpoint(trainer: Trainer, args: argparse.Namespace, model_config: ModelConfig, path: Path) -> None:
     """Weights, arguments, architecture and preprocessing (``--init-from`` reads it)."""
     trainer.torch.save({"state_dict": trainer.model.state_dict(), "args": vars(args), "model": model_config.to_dict(),
-                        "preprocess": trainer.pp.__dict__, "step": trainer.step}, path)
+                        "preprocess": asdict(trainer.pp), "step": trainer.step}, path)
 
 
-def model_card(meta: dict) -> str:
-    """The model card (Markdown) from the sidecar metadata."""
-    t, m, acc = meta["training"], meta["model"], meta.get("accuracy", {})
-    s = t["scan_settings"]
+def card_markdown(card: ModelCard) -> str:
+    """The model card for people (Markdown) from the typed card."""
+    t, m, pp, acc = card.training, card.model, card.preprocess, card.accuracy
+    s = ScanSettings.from_dict(t.scan_settings)
+    n = card.input_size
     lines = [
-        f"# PtychoNN model card: `{meta['name']}`",
+        f"# PtychoNN model card: `{card.name}`",
         "",
-        "Maps one far-field diffraction frame (int16 counts, "
-        f"{meta['input_size']}x{meta['input_size']}) to the object phase (radians) of the "
-        "patch under the probe. Only the probe's bright centre (|probe|^2 >= 0.1 of its peak) "
-        "is meaningful; stitch the patches with `edge_ptychonn.science.stitch`.",
+        f"Maps one far-field diffraction frame (int16 counts, {n}x{n}) to the object phase (radians) of the "
+        f"patch under the probe. Only the probe's bright centre (|probe|^2 >= {card.stitch.probe_threshold} of "
+        "its peak) is meaningful; stitch the patches with `edge_ptychonn.science.stitch`.",
         "",
         "## Inputs and outputs",
         "",
-        f"- ONNX opset 17, input `diffraction` float32 (N, 1, {meta['input_size']}, {meta['input_size']}), "
-        f"outputs {', '.join(f'`{o}`' for o in meta['outputs'])} float32 (N, 1, {meta['input_size']}, {meta['input_size']}); "
-        "the batch axis is dynamic.",
-        f"- Preprocessing (in `{meta['name']}.json`, applied by the processor): "
-        f"transform `{meta['preprocess']['transform']}`, scale {meta['preprocess']['scale']}, "
-        f"offset {meta['preprocess']['offset']}, no crop, bin {meta['preprocess']['bin_factor']}.",
+        f"- ONNX opset 17, input `diffraction` float32 (N, 1, {n}, {n}), "
+        f"outputs {', '.join(f'`{o}`' for o in card.outputs)} float32 (N, 1, {n}, {n}); the batch axis is dynamic.",
+        f"- Preprocessing (in `{card.name}.json`, applied by the processor): transform `{pp.transform}`, "
+        f"scale {pp.scale}, offset {pp.offset}, "
+        + (f"crop {pp.crop_hw[0]}x{pp.crop_hw[1]}" if pp.crop_hw else "no crop") + f", bin {pp.bin_factor}.",
         "",
         "## Architecture",
         "",
-        f"PtychoNN encoder-decoder, width {m['width']}, depth {m['depth']}, BatchNorm after each "
-        f"convolution ({m['batch_norm']}), amplitude head {m['amplitude_head']}; "
-        f"{t['n_parameters']:,} parameters; phase = pi * tanh(.).",
+        f"PtychoNN encoder-decoder, width {m.width}, depth {m.depth}, BatchNorm after each "
+        f"convolution ({m.batch_norm}), amplitude head {m.amplitude_head}; "
+        f"{t.n_parameters:,} parameters; phase = pi * tanh(.).",
         "",
         "## Training data (simulated; `edge-ptychonn simulate`)",
         "",
-        f"- {t['n_train_frames']} frames from {t['n_train_scans']} scans (seeds {t['train_seeds'][0]}.."
-        f"{t['train_seeds'][-1]}), validation {t['n_val_frames']} frames (seeds {t['val_seeds'][0]}..{t['val_seeds'][-1]}).",
-        f"- Object family `{s['family']}`: particles (projected spheres, radius 3-12 px), a smooth random "
+        f"- {t.n_train_frames} frames from {t.n_train_scans} scans (seeds {t.train_seeds[0]}.."
+        f"{t.train_seeds[-1]}), validation {t.n_val_frames} frames (seeds {t.val_seeds[0]}..{t.val_seeds[-1]}).",
+        f"- Object family `{s.family}`: particles (projected spheres, radius 3-12 px), a smooth random "
         "field and piecewise-constant cells with sharp edges, in random proportions per object; "
-        f"feature density {s['density']}; phase 0..{s['phase_range_rad']} rad; amplitude exp(-{s['absorption']} * phase).",
-        f"- Probe: defocused focused beam, {s['probe_diameter_px'] or 40.0 * s['frame_size'] * s['bin_factor'] / 128:.0f} px "
-        f"diameter in a {s['frame_size'] * s['bin_factor']} px window, pupil radius "
-        f"{s['pupil_radius_px'] or 12.0 * s['frame_size'] * s['bin_factor'] / 128:.0f} far-field px.",
-        f"- Scan: {s['pattern']}, overlap {s['overlap']}, position jitter +-{s['jitter_px']} px; "
-        f"{s['photons']:.3g} photons per frame, Poisson noise, int16, detector bin {s['bin_factor']}.",
+        f"feature density {s.density}; phase 0..{s.phase_range_rad} rad; amplitude exp(-{s.absorption} * phase).",
+        f"- Probe: defocused focused beam, {s.probe_diameter:.0f} px diameter in a {s.window_size} px window, "
+        f"pupil radius {s.pupil_radius:.0f} far-field px.",
+        f"- Scan: {s.pattern}, overlap {s.overlap}, position jitter +-{s.jitter_px} px; "
+        f"{s.photons:.3g} photons per frame, Poisson noise, int16, detector bin {s.bin_factor}.",
         "",
         "## Training settings",
         "",
-        f"- {t['epochs_run']} epochs ({t['steps']} steps, batch {t['batch_size']}), AdamW lr {t['lr']} "
-        f"(warm-up, cosine decay), weight decay {t['weight_decay']}, bf16 autocast {t['bf16']}, "
-        f"masked L1 loss on the probe's bright centre, seed {t['seed']}.",
-        f"- Wall time {t['train_minutes']:.1f} min of training on {t['threads']} CPU threads "
-        f"({t['host']}); stopped at the time limit: {t['stopped_at_time_limit']}.",
-        f"- Loss per epoch (train / validation, mean |phase error| in rad over the bright centre): "
-        + ", ".join(f"{a:.4f} / {b:.4f}" for a, b in zip(t["train_loss"], t["val_loss"])),
-        f"- Command: `{t['command']}`",
+        f"- {t.epochs_run} epochs ({t.steps} steps, batch {t.batch_size}), AdamW lr {t.lr} "
+        f"(warm-up, cosine decay), weight decay {t.weight_decay}, bf16 autocast {t.bf16}, "
+        f"masked L1 loss on the probe's bright centre, seed {t.seed}.",
+        f"- Wall time {t.train_minutes:.1f} min of training on {t.threads} CPU threads "
+        f"({t.host}); stopped at the time limit: {t.stopped_at_time_limit}.",
+        "- Loss per epoch (train / validation, mean |phase error| in rad over the bright centre): "
+        + ", ".join(f"{a:.4f} / {b:.4f}" for a, b in zip(t.train_loss, t.val_loss)),
+        f"- Command: `{t.command}`",
         "- After each epoch the BatchNorm running statistics are recomputed for the current weights "
         "(2048 training frames, float32); validation runs in eval mode and float32, as the exported model.",
     ]
-    prev, stage = t.get("continued_from"), 1
-    total_minutes = t["train_minutes"]
+    prev, stage = t.continued_from, 1
+    total_minutes = t.train_minutes
     while prev:
         stage += 1
-        total_minutes += prev.get("train_minutes", 0.0)
+        total_minutes += prev.train_minutes or 0.0
         lines.append(
-            f"- Continued from an earlier run (stage {stage} back): `{prev.get('command', prev.get('checkpoint'))}`, "
-            f"{prev.get('epochs_run', '?')} epochs, {prev.get('steps', '?')} steps, "
-            f"{prev.get('train_minutes', 0.0):.1f} min, stopped at the time limit: {prev.get('stopped_at_time_limit')}; "
+            f"- Continued from an earlier run (stage {stage} back): `{prev.command or prev.checkpoint}`, "
+            f"{prev.epochs_run or '?'} epochs, {prev.steps or '?'} steps, "
+            f"{prev.train_minutes or 0.0:.1f} min, stopped at the time limit: {prev.stopped_at_time_limit}; "
             "train / validation loss per epoch: "
-            + ", ".join(f"{a:.4f} / {b:.4f}" for a, b in zip(prev.get("train_loss", []), prev.get("val_loss", [])))
+            + ", ".join(f"{a:.4f} / {b:.4f}" for a, b in zip(prev.train_loss or (), prev.val_loss or ()))
         )
-        prev = prev.get("continued_from")
+        prev = prev.continued_from
     if stage > 1:
         lines.append(f"- Total training time: {total_minutes:.1f} min in {stage} runs.")
     lines += [
@@ -301,7 +308,7 @@ def model_card(meta: dict) -> str:
         )
     if acc.get("command"):
         lines += ["", f"Reproduce: `{acc['command']}`"]
-    lines += ["", "## Limits", ""] + [f"- {x}" for x in meta.get("limits", [])]
+    lines += ["", "## Limits", ""] + [f"- {x}" for x in card.limits]
     return "\n".join(lines) + "\n"
 
 
@@ -358,7 +365,7 @@ def get_args_parser(prog: str = "edge-ptychonn train") -> argparse.ArgumentParse
     p.add_argument("--init-from", default=None, metavar="PT",
                    help="start from the weights in a <out>.pt of an earlier run (same --width/--depth)")
     p.add_argument("--eval", nargs="*", default=["mixed:1001", "mixed:1002", "siemens:1001", "fibres:1001"],
-                   metavar="FAMILY:SEED", help="scans to score the exported model on (1024 positions each)")
+                   metavar="FAMILY:SEED", help=f"scans to score the exported model on ({accuracy.DEFAULT_EVAL_N_POSITIONS} positions each)")
     p.add_argument("--quiet", action="store_true", help="no progress display")
     return p
 
@@ -366,8 +373,7 @@ def get_args_parser(prog: str = "edge-ptychonn train") -> argparse.ArgumentParse
 def main(args: argparse.Namespace) -> int:
     import torch
 
-    from edge_ptychonn.science.evaluate import OnnxPredictor, evaluate_scans, results_json, results_table, scan_from_spec
-    from edge_ptychonn.science.model import ModelConfig, export_onnx
+    from edge_ptychonn.science.model import export_onnx
 
     try:
         if args.train_scans < 1 or args.val_scans < 1:
@@ -382,6 +388,8 @@ def main(args: argparse.Namespace) -> int:
         val_seeds = list(range(args.val_seed_base, args.val_seed_base + args.val_scans))
         if set(train_seeds) & set(val_seeds):
             raise ValueError("training and validation seeds overlap; move --val-seed-base")
+        for spec in args.eval:
+            accuracy.parse_scan_spec(spec)
     except ValueError as exc:
         print(f"edge-ptychonn train: {exc}", file=sys.stderr)
         return 2
@@ -393,7 +401,8 @@ def main(args: argparse.Namespace) -> int:
     train_f, train_p, train_a, probe = make_dataset(train_seeds, base, amplitude=args.amplitude, progress=show, label="training scans")
     val_f, val_p, val_a, _ = make_dataset(val_seeds, base, amplitude=args.amplitude, progress=show, label="validation scans")
     pp = choose_preprocess(train_f)
-    mask = probe_weight(probe, LOSS_THRESHOLD) > 0
+    stitch = StitchSettings()
+    mask = probe_weight(probe, stitch.probe_threshold) > 0
     print(f"data: {len(train_f)} training and {len(val_f)} validation frames; input sqrt(counts) * {pp.scale}; "
           f"loss over {int(mask.sum())} bright-centre pixels", file=sys.stderr)
 
@@ -431,49 +440,35 @@ def main(args: argparse.Namespace) -> int:
     train_minutes = (time.monotonic() - t_train) / 60
 
     onnx_path = export_onnx(trainer.model, out.with_suffix(".onnx"))
-    n_params = sum(p.numel() for p in trainer.model.parameters())
-    command = command_line(args)
-    meta = {
-        "name": out.name,
-        "input_size": model_config.input_size,
-        "outputs": ["phase"] + (["amplitude"] if args.amplitude else []),
-        "preprocess": {"crop_hw": None, "crop_origin_yx": None, "bin_factor": 1, "transform": pp.transform,
-                       "offset": pp.offset, "scale": pp.scale},
-        "stitch": {"probe_threshold": 0.1, "min_cover_weight": 0.5},
-        "model": model_config.to_dict(),
-        "training": {
-            "scan_settings": {**base.to_dict(), "seed": None},
-            "eval_n_positions": 1024,
-            "train_seeds": train_seeds, "val_seeds": val_seeds,
-            "n_train_scans": len(train_seeds), "n_train_frames": int(len(train_f)), "n_val_frames": int(len(val_f)),
-            "epochs": args.epochs, "epochs_run": len(train_loss), "steps": trainer.step, "batch_size": args.batch_size,
-            "lr": args.lr, "weight_decay": args.weight_decay, "bf16": args.bf16, "seed": args.seed,
-            "threads": args.threads, "train_minutes": train_minutes, "stopped_at_time_limit": stopped,
-            "train_loss": train_loss, "val_loss": val_loss, "n_parameters": int(n_params),
-            "host": f"{platform.machine()} {platform.processor() or ''}".strip(),
-            "torch": torch.__version__, "edge_ptychonn": __version__, "command": command,
-            "init_from": args.init_from,
-            "continued_from": previous_training(args.init_from),
-        },
-        "limits": [
-            "Trained on simulated data only; real detectors add background, dead pixels, partial coherence and "
-            "probe drift that the simulation leaves out.",
-            "The probe, photon count, overlap and pixel sizes are fixed in training: a different probe or "
-            "photon count needs retraining.",
-            "Phase is absolute only up to a constant; scores remove that constant.",
-        ],
-    }
-    accuracy = {}
+    training = Training(
+        scan_settings={**base.to_dict(), "seed": None}, eval_n_positions=accuracy.DEFAULT_EVAL_N_POSITIONS,
+        train_seeds=tuple(train_seeds), val_seeds=tuple(val_seeds), n_train_scans=len(train_seeds),
+        n_train_frames=int(len(train_f)), n_val_frames=int(len(val_f)), epochs=args.epochs,
+        epochs_run=len(train_loss), steps=trainer.step, batch_size=args.batch_size, lr=args.lr,
+        weight_decay=args.weight_decay, bf16=args.bf16, seed=args.seed, threads=args.threads,
+        train_minutes=train_minutes, stopped_at_time_limit=stopped, train_loss=tuple(train_loss),
+        val_loss=tuple(val_loss), n_parameters=int(sum(p.numel() for p in trainer.model.parameters())),
+        host=f"{platform.machine()} {platform.processor() or ''}".strip(), torch=torch.__version__,
+        edge_ptychonn=__version__, command=command_line(args), init_from=args.init_from,
+        continued_from=previous_training(args.init_from),
+    )
+    card = ModelCard(name=out.name, input_size=model_config.input_size,
+                     outputs=("phase", "amplitude") if args.amplitude else ("phase",), preprocess=pp, stitch=stitch,
+                     model=model_config, training=training, limits=LIMITS)
     if args.eval:
-        eval_base = ScanSettings.from_dict({**base.to_dict(), "n_positions": 1024})
-        scans = [(spec, *scan_from_spec(spec, eval_base)) for spec in args.eval]
-        results = evaluate_scans(OnnxPredictor(onnx_path, pp, threads=args.threads), scans, progress=show)
-        print(results_table(results), file=sys.stderr)
-        accuracy = {"scans": results_json(results),
-                    "command": f"edge-ptychonn evaluate --model {onnx_path} " + " ".join(f"--simulate {s}" for s in args.eval)}
-    meta["accuracy"] = accuracy
-    out.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
-    out.with_suffix(".md").write_text(model_card(meta))
-    print(f"wrote {onnx_path} ({onnx_path.stat().st_size / 1e6:.1f} MB), {out.with_suffix('.json')}, "
+        scans = accuracy.simulate_held_out(args.eval, card)
+        engine = accuracy.open_engine(onnx_path, "onnxruntime", device="cpu", threads=args.threads)
+        try:
+            results = accuracy.evaluate_scans(engine, pp, scans, stitch, progress=show)
+        finally:
+            engine.close()
+        print(accuracy.results_table(results), file=sys.stderr)
+        card = replace(card, accuracy={
+            "scans": accuracy.results_json(results),
+            "command": f"edge-ptychonn evaluate --model {onnx_path} " + " ".join(f"--simulate {s}" for s in args.eval),
+        })
+    card_json = save_card(card, onnx_path)
+    out.with_suffix(".md").write_text(card_markdown(card))
+    print(f"wrote {onnx_path} ({onnx_path.stat().st_size / 1e6:.1f} MB), {card_json}, "
           f"{out.with_suffix('.md')}, {out.with_suffix('.pt')} in {(time.monotonic() - t_start) / 60:.1f} min")
     return 0

@@ -13,10 +13,11 @@ key raises ``ValueError`` and nothing changes.
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+from edge_ptychonn.model_card import find_card
 
 from .preprocess import PreprocessConfig
 from .quote import short_repr
@@ -144,28 +145,20 @@ def runtime_settings(config: ProcessorConfig) -> dict:
 
 
 def model_metadata(model_path: Path) -> dict:
-    """The JSON sidecar of a model (``model.onnx`` -> ``model.json``), or ``{}``.
+    """The model card beside a model (``model.onnx`` -> ``model.json``) as JSON, or ``{}``.
 
-    Its ``preprocess`` entry (PreprocessConfig field names) gives the model's
-    default preprocessing; processor arguments override it key by key.
+    Read through :func:`edge_ptychonn.model_card.find_card`, so a malformed card
+    raises ``ValueError`` naming the file and the key.
     """
-    sidecar = Path(model_path).with_suffix(".json")
-    if not sidecar.is_file():
-        return {}
-    try:
-        return json.loads(sidecar.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"cannot read model metadata {sidecar}: {exc}") from exc
+    card = find_card(model_path)
+    return card.to_dict() if card is not None else {}
 
 
 def _preprocess_defaults(model_path: Path) -> dict:
-    meta = model_metadata(model_path).get("preprocess", {}) or {}
-    known = set(PreprocessConfig.__dataclass_fields__)
-    out = {k: v for k, v in meta.items() if k in known}
-    for k in ("crop_hw", "crop_origin_yx"):
-        if out.get(k) is not None:
-            out[k] = tuple(out[k])
-    return out
+    """The model card's preprocessing as ``PreprocessConfig`` fields (``{}`` without a card);
+    processor arguments override it key by key."""
+    card = find_card(model_path)
+    return asdict(card.preprocess) if card is not None else {}
 
 
 def split_framework_keys(config_dict: dict) -> tuple[dict, dict]:

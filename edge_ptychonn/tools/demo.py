@@ -21,21 +21,29 @@ from pathlib import Path
 
 import numpy as np
 
-from . import processes as live
-from edge_ptychonn.stream.config import model_metadata
+from edge_ptychonn.model_card import ModelCard, StitchSettings, default_model_path, find_card
+from edge_ptychonn.progress import Progress
+from edge_ptychonn.science import accuracy
 
-ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_MODEL = ROOT / "data" / "ptychonn.onnx"
-GENERATED = ROOT / "data" / "generated"
+from . import processes as live
+
 DEFAULT_SCAN_SEED = 1001
+
+
+def generated_dir() -> Path:
+    """Where simulated scans are kept: ``data/generated/`` in a source checkout,
+    else ``~/.cache/edge-ptychonn`` (an installed package's folder may be read-only)."""
+    checkout = Path(__file__).resolve().parents[2] / "data"
+    return checkout / "generated" if checkout.is_dir() else Path.home() / ".cache" / "edge-ptychonn"
 
 
 def get_args_parser(prog: str = "edge-ptychonn demo") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scan", type=Path, default=None,
                    help="(N, ny, nx) .npy of frames to replay (default: a held-out scan simulated on first use "
-                        f"with the model's training settings and seed {DEFAULT_SCAN_SEED}, kept in data/generated/)")
-    p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="ONNX model (default: %(default)s)")
+                        f"with the model's training settings and seed {DEFAULT_SCAN_SEED}, kept in data/generated/, "
+                        "or in ~/.cache/edge-ptychonn/ when installed)")
+    p.add_argument("--model", type=Path, default=default_model_path(), help="ONNX model (default: %(default)s)")
     p.add_argument("--engine", default="auto", help="inference engine: auto, torch, onnxruntime (default: %(default)s)")
     p.add_argument("--consumers", type=int, default=2, help="number of consumers (default: %(default)s)")
     p.add_argument("--fps", type=float, default=60.0, help="replay frame rate (default: %(default)s)")
@@ -49,35 +57,20 @@ def get_args_parser(prog: str = "edge-ptychonn demo") -> argparse.ArgumentParser
     return p
 
 
-def _progress(collector: live.OutputCollector, total: int, deadline: float) -> int:
-    """Show frames received on the outputs until all came, nothing new came for 15 s, or the deadline."""
-    tty = sys.stderr.isatty()
-    last, last_change, last_print = -1, time.monotonic(), 0.0
-    while time.monotonic() < deadline:
-        n = collector.count()
-        if n != last:
-            last, last_change = n, time.monotonic()
-            if tty:
-                print(f"\r  outputs received: {n}/{total}", end="", file=sys.stderr, flush=True)
-            elif time.monotonic() - last_print > 5 or n >= total:
-                last_print = time.monotonic()
-                print(f"  outputs received: {n}/{total}", file=sys.stderr, flush=True)
-        if n >= total or (n > 0 and time.monotonic() - last_change > 15):
-            break
-        time.sleep(0.2)
-    if tty:
-        print(file=sys.stderr)
-    return collector.count()
-
-
-def _wait_statuses(prefix: str, n: int, published: int, timeout_s: float = 8.0) -> list[dict | None]:
-    deadline = time.monotonic() + timeout_s
+def _wait_outputs(collector: live.OutputCollector, total: int, deadline: float, idle_s: float = 15.0) -> int:
+    """Show frames received on the outputs until all came, nothing new came for ``idle_s``, or the deadline."""
+    bar = Progress(total, "outputs received", unit="frames")
+    last_change = time.monotonic()
     while True:
-        records = [live.read_status(f"{prefix}:{i}:status") for i in range(1, n + 1)]
-        done = all(records) and sum(r["userStats"]["nFramesProcessed"] for r in records) >= published
-        if done or time.monotonic() > deadline:
-            return records
-        time.sleep(0.5)
+        n = collector.wait_count(total, 1.0)
+        now = time.monotonic()
+        if n > bar.done:
+            bar.update(n - bar.done)
+            last_change = now
+        if n >= total or now >= deadline or (n > 0 and now - last_change > idle_s):
+            break
+    bar.close()
+    return collector.count()
 
 
 def summary_rows(collector: live.OutputCollector, statuses: list[dict | None], n_sent: int) -> list[list[str]]:
@@ -126,32 +119,20 @@ def format_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, rows)])
 
 
-def demo_scan_settings(model: Path):
-    """The held-out demo scan: the model's training scan settings (from its JSON
-    sidecar) with a seed no training used, or the simulator's defaults."""
-    from edge_ptychonn.science.simulate import ScanSettings
-
-    training = model_metadata(model).get("training", {})
-    settings = dict(training.get("scan_settings") or {})
-    if training.get("eval_n_positions"):
-        settings["n_positions"] = training["eval_n_positions"]
-    settings["seed"] = DEFAULT_SCAN_SEED
-    return ScanSettings.from_dict({**ScanSettings().to_dict(), **settings})
-
-
-def ensure_scan(scan: Path | None, model: Path) -> Path:
-    """The scan to replay: ``scan``, or the model's held-out demo scan, simulated
-    on first use into a file named after its settings (so a new model with other
+def ensure_scan(scan: Path | None, card: ModelCard | None) -> Path:
+    """The scan to replay: ``scan``, or the model's held-out demo scan (its
+    card's training scan settings with a seed no training used), simulated on
+    first use into a file named after its settings (so a new model with other
     settings gets its own scan)."""
     if scan is not None:
         if not scan.is_file():
-            raise SystemExit(f"scan {scan} not found")
+            raise FileNotFoundError(f"scan {scan} not found")
         return scan
     from edge_ptychonn.science.simulate import save_scan, simulate_scan
 
-    settings = demo_scan_settings(model)
+    settings = accuracy.held_out_settings(card, DEFAULT_SCAN_SEED)
     key = hashlib.sha256(json.dumps(settings.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
-    scan = GENERATED / f"demo_scan-{key}.npy"
+    scan = generated_dir() / f"demo_scan-{key}.npy"
     if not scan.is_file() or not scan.with_suffix(".npz").is_file():
         print(f"simulating the held-out demo scan (seed {DEFAULT_SCAN_SEED}) into {scan} ...", file=sys.stderr)
         frames, truth = simulate_scan(settings)
@@ -159,38 +140,30 @@ def ensure_scan(scan: Path | None, model: Path) -> Path:
     return scan
 
 
-def accuracy_lines(scan: Path, collector: live.OutputCollector, out_dir: Path) -> list[str]:
+def accuracy_lines(scan: Path, collector: live.OutputCollector, out_dir: Path, card: ModelCard | None) -> list[str]:
     """Stitch the phase from the frames that came back over PvaPy and score it
-    against the scan's truth (``.npz`` beside the ``.npy``), with trivial baselines."""
+    against the scan's truth (``.npz`` beside the ``.npy``), with trivial
+    baselines and the model card's stitch settings (``science.accuracy``)."""
     if not scan.with_suffix(".npz").is_file():
         return [f"(no {scan.with_suffix('.npz').name} beside the scan: accuracy not scored)"]
-    from edge_ptychonn.science.evaluate import MIN_COVER_WEIGHT, PROBE_THRESHOLD
-    from edge_ptychonn.science.metrics import baseline_scores, score_phase
     from edge_ptychonn.science.simulate import load_scan
-    from edge_ptychonn.science.stitch import Stitcher, probe_weight
 
     _, truth = load_scan(scan)
     n = len(truth.positions_px)
     results = {r.unique_id: r.image for v in collector.received.values() for r in v if 1 <= r.unique_id <= n}
     if not results:
         return ["no frames came back: nothing to stitch"]
-    shape = next(iter(results.values())).shape
-    if shape != tuple(truth.patch_shape):
-        return [f"model output {shape} differs from the scan's patch {tuple(truth.patch_shape)}: accuracy not scored"]
-    weight = probe_weight(truth.probe, PROBE_THRESHOLD)
-    stitcher = Stitcher(truth.object_phase.shape, truth.patch_shape, weight=weight)
-    for uid in sorted(results):
-        stitcher.add(results[uid], truth.positions_px[uid - 1])  # frame k has uniqueId k + 1
-    covered = stitcher.covered(MIN_COVER_WEIGHT)
-    image = stitcher.image()
-    np.save(out_dir / "stitched_phase.npy", image)
-    rows = [["phase stitched from outputs", score_phase(image, truth.object_phase, covered)]]
-    baselines = baseline_scores(truth.object_phase, covered, patches_phase=truth.patches_phase,
-                                positions_px=truth.positions_px, weight=weight)
-    rows += [[f"baseline: {name}", scores] for name, scores in baselines.items()]
+    uids = sorted(results)
+    try:  # frame k has uniqueId k + 1
+        r = accuracy.score_scan("outputs", np.stack([results[u] for u in uids]), truth,
+                                card.stitch if card else StitchSettings(), indices=np.array(uids) - 1)
+    except ValueError as exc:
+        return [f"accuracy not scored: {exc}"]
+    np.save(out_dir / "stitched_phase.npy", r.image)
+    rows = [["phase stitched from outputs", r.scores]] + [[f"baseline: {b}", bs] for b, bs in r.baselines.items()]
     table = [[label, f"{s['ssim']:.3f}", f"{s['psnr_db']:.2f}", f"{s['rmse_rad']:.4f}"] for label, s in rows]
     return [
-        f"accuracy over the scanned region ({int(covered.sum())} pixels, {len(results)}/{n} frames, "
+        f"accuracy over the scanned region ({int(r.covered.sum())} pixels, {len(uids)}/{n} frames, "
         "constant phase offset removed):",
         format_table(["", "SSIM", "PSNR dB", "RMSE rad"], table),
         f"(stitched phase saved to {out_dir / 'stitched_phase.npy'})",
@@ -198,10 +171,16 @@ def accuracy_lines(scan: Path, collector: live.OutputCollector, out_dir: Path) -
 
 
 def main(args: argparse.Namespace) -> int:
-    if not args.model.is_file():
-        print(f"model {args.model} not found", file=sys.stderr)
+    try:
+        if not args.model.is_file():
+            raise FileNotFoundError(f"model {args.model} not found")
+        if args.consumers < 1 or args.batch_size < 1 or args.fps <= 0:
+            raise ValueError("--consumers and --batch-size must be >= 1 and --fps > 0")
+        card = find_card(args.model)
+        scan = ensure_scan(args.scan, card)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"edge-ptychonn demo: {exc}", file=sys.stderr)
         return 2
-    scan = ensure_scan(args.scan, args.model)
     frames = np.load(scan, mmap_mode="r")
     n_sent = len(frames)
     env = live.use_loopback()
@@ -226,12 +205,14 @@ def main(args: argparse.Namespace) -> int:
         if not collector.wait_connected(args.start_delay):
             print("output channels did not all appear in time; see the consumers' log:\n" + procs[0].log()[-2000:], file=sys.stderr)
             return 1
-        got = _progress(collector, n_sent, time.monotonic() + args.start_delay + args.timeout)
-        statuses = _wait_statuses(args.prefix, args.consumers, got)
+        got = _wait_outputs(collector, n_sent, time.monotonic() + args.start_delay + args.timeout)
+        statuses = live.wait_status(
+            [f"{args.prefix}:{i}:status" for i in range(1, args.consumers + 1)],
+            lambda records: sum(r["userStats"]["nFramesProcessed"] for r in records) >= got, timeout_s=8.0)
         print()
         print(format_table(HEADER, summary_rows(collector, statuses, n_sent)))
         print()
-        for line in accuracy_lines(scan, collector, log_dir):
+        for line in accuracy_lines(scan, collector, log_dir, card):
             print(line)
         print(f"\nView live images next time with: c2dv --app image --pv {args.prefix}:1:output")
         return 0 if got == n_sent else 1

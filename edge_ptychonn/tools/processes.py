@@ -3,7 +3,8 @@
 Every process is started in its own session with the loopback-only EPICS
 settings of :data:`LOOPBACK_ENV`, and stopped through its process id (SIGINT to
 its process group, then SIGTERM, then SIGKILL), so ``pvapy-hpc-consumer``'s
-forked consumers go with it.
+forked consumers go with it. :data:`LOOPBACK_ENV` is the one definition of
+those settings; :func:`wait_status` the one way to poll consumers' status.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-# Keep every PVA search, beacon and server socket on the loopback interface.
+# Keep every PVA search, beacon and server socket on the loopback interface: the one
+# definition (the tests, the demo and the benchmarks use it; the scripts need none).
 LOOPBACK_ENV = {
     "EPICS_PVA_AUTO_ADDR_LIST": "NO",
     "EPICS_PVA_ADDR_LIST": "127.0.0.1",
@@ -253,6 +255,19 @@ def _wait(predicate, timeout_s: float) -> bool:
             return True
         time.sleep(0.05)
     return predicate()
+
+
+def wait_status(channels: list[str], done=None, timeout_s: float = 10.0, poll_s: float = 0.5) -> list[dict | None]:
+    """The consumers' status records (one per channel) once every channel answers
+    and ``done(records)`` holds, or at ``timeout_s``; a channel that never
+    answered is ``None``. Consumers refresh their status every report period
+    (``-rp``), so counters lag the outputs by up to that."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = [read_status(c) for c in channels]
+        if (all(records) and (done is None or done(records))) or time.monotonic() > deadline:
+            return records
+        time.sleep(poll_s)
 
 
 def read_status(channel: str, timeout_s: float = 3.0) -> dict | None:

@@ -1,0 +1,283 @@
+"""The model card: the typed JSON sidecar beside ``model.onnx`` (``model.json``).
+
+One schema, read and written only here (:func:`load_card`, :func:`find_card`,
+:func:`save_card`). Everything that needs a model's settings reads them from
+the :class:`ModelCard`: the live processor its preprocessing, ``evaluate``,
+``train`` and the demo its stitch settings and training scans. It imports no
+torch and no simulator (only ``stream.preprocess``, numpy), so the live path
+can import it.
+
+Blocks (JSON keys):
+
+- ``version``: the schema version (:data:`CARD_VERSION`); a card without one is
+  read as version 1. A card from a newer version is refused.
+- ``name``, ``input_size``, ``outputs``: what the network is.
+- ``preprocess``: :class:`~edge_ptychonn.stream.preprocess.PreprocessConfig`
+  fields, the input the network was trained on (the processor's defaults).
+- ``stitch``: :class:`StitchSettings`, which pixels of a predicted patch count.
+- ``model``: :class:`ModelConfig`, the architecture.
+- ``training``: :class:`Training`, how it was trained, including the simulated
+  scan settings (``scan_settings``, a ``ScanSettings`` as a dict) from which
+  held-out scans are made.
+- ``accuracy``: measured scores (``edge-ptychonn evaluate``'s JSON), kept as
+  written: a record of numbers, not settings.
+- ``limits``: sentences for the human-readable card.
+
+The rule for unknown keys: refused, with a ``ValueError`` naming them and the
+known ones, at the top level and inside every typed block (a misspelt setting
+would otherwise be ignored without a word); only ``accuracy`` and
+``training.scan_settings`` are kept as written (``ScanSettings.from_dict``
+checks the latter where scans are simulated). Missing keys take the defaults
+below (``null`` too), so a card with only a ``preprocess`` block is valid. Settings blocks
+(``preprocess``, ``stitch``, ``model``) are saved complete; ``None`` entries of
+the card and of its ``training`` record are left out.
+
+``default_model_path()`` finds the shipped model however the project is
+installed (source checkout, editable, wheel, conda).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping
+
+from edge_ptychonn.stream.preprocess import PreprocessConfig
+
+CARD_VERSION = 1
+DEFAULT_MODEL_NAME = "ptychonn.onnx"
+
+
+@dataclass(frozen=True)
+class StitchSettings:
+    """Which pixels of a predicted patch count when patches are stitched and scored.
+
+    ``probe_threshold``: a patch pixel counts with weight ``|probe|**2`` (peak 1)
+    where that is at least this fraction of the peak (the probe's bright centre;
+    training's loss uses the same region). ``min_cover_weight``: an object pixel
+    is scored when the summed weight there is at least this.
+    """
+
+    probe_threshold: float = 0.1
+    min_cover_weight: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.probe_threshold < 1:
+            raise ValueError(f"stitch.probe_threshold must be in [0, 1), got {self.probe_threshold}")
+        if not self.min_cover_weight > 0:
+            raise ValueError(f"stitch.min_cover_weight must be > 0, got {self.min_cover_weight}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of one PtychoNN network (``science.model`` builds it)."""
+
+    width: int = 16
+    depth: int = 4
+    input_size: int = 128
+    batch_norm: bool = True
+    amplitude_head: bool = False
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.width <= 256:
+            raise ValueError(f"width must be 1..256, got {self.width}")
+        if not 1 <= self.depth <= 7:
+            raise ValueError(f"depth must be 1..7, got {self.depth}")
+        if self.input_size % (2**self.depth):
+            raise ValueError(
+                f"input_size must be a multiple of 2**depth = {2**self.depth}, "
+                f"got {self.input_size}"
+            )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Training:
+    """How a model was trained (``edge-ptychonn train`` fills it; all optional).
+
+    ``scan_settings``: the simulated scans' ``ScanSettings`` as a dict (seed
+    ``None``); ``eval_n_positions``: positions of a held-out scan;
+    ``continued_from``: the record of the run whose weights this one started
+    from (``--init-from``), itself possibly continued from another.
+    """
+
+    scan_settings: Mapping[str, Any] | None = None
+    eval_n_positions: int | None = None
+    train_seeds: tuple[int, ...] | None = None
+    val_seeds: tuple[int, ...] | None = None
+    n_train_scans: int | None = None
+    n_train_frames: int | None = None
+    n_val_frames: int | None = None
+    epochs: int | None = None
+    epochs_run: int | None = None
+    steps: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    weight_decay: float | None = None
+    bf16: bool | None = None
+    seed: int | None = None
+    threads: int | None = None
+    train_minutes: float | None = None
+    stopped_at_time_limit: bool | None = None
+    train_loss: tuple[float, ...] | None = None
+    val_loss: tuple[float, ...] | None = None
+    n_parameters: int | None = None
+    host: str | None = None
+    torch: str | None = None
+    edge_ptychonn: str | None = None
+    command: str | None = None
+    checkpoint: str | None = None
+    init_from: str | None = None
+    continued_from: Training | None = None
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """The typed sidecar of one ONNX model (see the module docstring)."""
+
+    name: str = ""
+    input_size: int | None = None
+    outputs: tuple[str, ...] = ("phase",)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    stitch: StitchSettings = field(default_factory=StitchSettings)
+    model: ModelConfig | None = None
+    training: Training | None = None
+    limits: tuple[str, ...] = ()
+    accuracy: Mapping[str, Any] = field(default_factory=dict)
+    version: int = CARD_VERSION
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str):
+            raise ValueError(f"name must be a string, got {self.name!r}")
+        if self.input_size is not None and (isinstance(self.input_size, bool) or not isinstance(self.input_size, int)
+                                            or self.input_size < 1):
+            raise ValueError(f"input_size must be a positive integer, got {self.input_size!r}")
+        if not self.outputs or not all(isinstance(o, str) for o in self.outputs):
+            raise ValueError(f"outputs must be a non-empty list of names, got {self.outputs!r}")
+
+    def to_dict(self) -> dict:
+        """The JSON form (``version`` first, ``None`` fields left out)."""
+        d = _to_json(self)
+        return {"version": d.pop("version"), **d}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> ModelCard:
+        """Parse the JSON form; ``ValueError`` says which key is wrong and why."""
+        d = _mapping("model card", d)
+        version = d.get("version", 1)
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise ValueError(f"model card version must be a positive integer, got {version!r}")
+        if version > CARD_VERSION:
+            raise ValueError(f"model card version {version} is newer than this edge-ptychonn reads "
+                             f"({CARD_VERSION}): upgrade edge-ptychonn")
+        return _from_json(cls, {**d, "version": version}, "model card")
+
+
+# the dataclasses written as JSON objects; the fields kept as written (JSON objects)
+_BLOCKS = {PreprocessConfig, StitchSettings, ModelConfig, Training, ModelCard}
+_VERBATIM = {"accuracy", "scan_settings"}
+
+
+def _mapping(where: str, value: Any) -> dict:
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{where} must be a JSON object, got {type(value).__name__}")
+    return dict(value)
+
+
+def _from_json(cls: type, value: Any, where: str):
+    d = _mapping(where, value)
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    kwargs = {}
+    for name, v in d.items():
+        block = _block_type(cls, name)
+        if v is None:  # absent and null alike: the default
+            continue
+        if name in _VERBATIM:
+            kwargs[name] = _mapping(f"{where}.{name}" if cls is not ModelCard else name, v)
+        elif block is not None:
+            kwargs[name] = _from_json(block, v, f"{where}.{name}" if cls is not ModelCard else name)
+        else:
+            kwargs[name] = tuple(v) if isinstance(v, list) else v
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: {exc}") from None
+
+
+def _block_type(cls: type, name: str) -> type | None:
+    """The typed block class of field ``name`` of ``cls``, if it is one."""
+    if cls is ModelCard:
+        return {"preprocess": PreprocessConfig, "stitch": StitchSettings, "model": ModelConfig,
+                "training": Training}.get(name)
+    if cls is Training and name == "continued_from":
+        return Training
+    return None
+
+
+def _to_json(value: Any) -> Any:
+    if type(value) in _BLOCKS:
+        sparse = type(value) in (ModelCard, Training)  # settings blocks are written complete
+        return {f.name: _to_json(getattr(value, f.name)) for f in fields(value)
+                if not (sparse and getattr(value, f.name) is None)}
+    if isinstance(value, Mapping):
+        return {k: _to_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_json(v) for v in value]
+    return value
+
+
+def card_path(model_path: str | Path) -> Path:
+    """Where the card of ``model.onnx`` lies: ``model.json`` beside it."""
+    return Path(model_path).with_suffix(".json")
+
+
+def load_card(model_path: str | Path) -> ModelCard:
+    """The card beside ``model_path`` (or at it, for a ``.json``).
+
+    Raises ``FileNotFoundError`` when there is none and ``ValueError`` when it
+    is not a valid card (the message names the file and the key).
+    """
+    path = card_path(model_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: the model card (preprocessing, training) must lie beside the model")
+    try:
+        return ModelCard.from_dict(json.loads(path.read_text()))
+    except (OSError, json.JSONDecodeError, ValueError) as exc:
+        raise ValueError(f"cannot read model card {path}: {exc}") from None
+
+
+def find_card(model_path: str | Path) -> ModelCard | None:
+    """Like :func:`load_card`, but ``None`` when the model has no card."""
+    return load_card(model_path) if card_path(model_path).is_file() else None
+
+
+def save_card(card: ModelCard, model_path: str | Path) -> Path:
+    """Write ``card`` beside ``model_path`` (as ``.json``); returns the path."""
+    path = card_path(model_path)
+    path.write_text(json.dumps(card.to_dict(), indent=2) + "\n")
+    return path
+
+
+def default_model_path() -> Path:
+    """The shipped model (``data/ptychonn.onnx``), found however the project is installed.
+
+    In a source checkout it is ``data/`` at the top of the repository; an
+    installed project (wheel, ``pip install``, conda) carries that folder as the
+    package data ``edge_ptychonn.data``. Returns the checkout's path when it
+    has no file, so that messages name the expected place.
+    """
+    checkout = Path(__file__).resolve().parent.parent / "data" / DEFAULT_MODEL_NAME
+    if checkout.is_file():
+        return checkout
+    try:
+        installed = Path(str(resources.files("edge_ptychonn.data").joinpath(DEFAULT_MODEL_NAME)))
+    except ModuleNotFoundError:
+        return checkout
+    return installed if installed.is_file() else checkout

@@ -1,0 +1,159 @@
+"""Accuracy of a model on simulated scans: predict through an engine, stitch, score.
+
+The one home of stitch-and-score, shared by ``edge-ptychonn evaluate``,
+``train`` (the held-out scores on its model card) and the demo (the phase
+stitched from the frames that came back over PvaPy):
+
+- :func:`predict` runs frames through the model's preprocessing (its card's
+  ``preprocess`` block, as in the live pipeline) and any engine
+  (``engines.create_engine``; any batch: fixed-batch models are padded);
+- :func:`score_scan` stitches predicted patches with the probe weight
+  (``|probe|**2`` above the card's ``stitch.probe_threshold`` of its peak) and
+  scores the stitched phase against the ground truth over the well-covered
+  region (summed weight >= ``stitch.min_cover_weight``), after removing the
+  constant phase offset: SSIM, PSNR, RMSE (``metrics.score_phase``), per-patch
+  RMSE, and the same scores for the trivial baselines;
+- :func:`held_out_settings` gives the settings of a held-out scan: the model's
+  training scan settings with a new seed (and family) and
+  ``training.eval_n_positions`` positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from edge_ptychonn.model_card import ModelCard, StitchSettings
+from edge_ptychonn.progress import Progress
+from edge_ptychonn.science.metrics import baseline_scores, patch_errors, score_phase, summarise_patch_errors
+from edge_ptychonn.science.simulate import FAMILIES, ScanSettings, ScanTruth, simulate_scan
+from edge_ptychonn.science.stitch import Stitcher, probe_weight
+from edge_ptychonn.stream.preprocess import PreprocessConfig, preprocess
+
+DEFAULT_EVAL_N_POSITIONS = 1024
+
+
+@dataclass
+class ScanResult:
+    """Scores of one scan: the model's, the baselines', per-patch errors, and the stitched image."""
+
+    name: str
+    scores: dict
+    baselines: dict
+    patch: dict
+    n_frames: int
+    image: np.ndarray
+    covered: np.ndarray
+
+
+def open_engine(model_path: str | Path, engine: str = "auto", *, device: str = "auto", batch_size: int = 64,
+                threads: int = 2):
+    """An engine (``engines.create_engine``) for scoring: any engine, batches up to ``batch_size``."""
+    from engines import EngineOptions, create_engine
+
+    return create_engine(engine, EngineOptions(Path(model_path), device=device, max_batch=batch_size,
+                                               cpu_threads=threads))
+
+
+def predict(engine, frames: np.ndarray, pp: PreprocessConfig, progress: Progress | None = None) -> np.ndarray:
+    """Raw frames (N, H, W) -> phase patches (N, h, w) float32 through ``engine``."""
+    out = []
+    for start in range(0, len(frames), engine.max_batch):
+        x = preprocess(frames[start : start + engine.max_batch], pp)[:, None]
+        out.append(engine.infer(x)[:, 0])
+        if progress is not None:
+            progress.update(len(x))
+    return np.concatenate(out).astype(np.float32, copy=False)
+
+
+def score_scan(name: str, predicted: np.ndarray, truth: ScanTruth, stitch: StitchSettings = StitchSettings(),
+               indices: np.ndarray | None = None) -> ScanResult:
+    """Stitch ``predicted`` (N, h, w) at the truth's positions and score it.
+
+    ``indices``: which frames of the scan the patches are (default: all, in
+    order), e.g. the frames that came back from a live stream.
+    """
+    indices = np.arange(len(truth.positions_px)) if indices is None else np.asarray(indices)
+    expected = (len(indices), *truth.patch_shape)
+    if predicted.shape != expected:
+        raise ValueError(f"predicted patches {predicted.shape} do not match the truth {expected}; "
+                         "the model's output size must equal the scan's patch size")
+    weight = probe_weight(truth.probe, stitch.probe_threshold)
+    st = Stitcher(truth.object_phase.shape, truth.patch_shape, weight=weight)
+    st.add_many(predicted, truth.positions_px[indices])
+    covered = st.covered(stitch.min_cover_weight)
+    image = st.image()
+    scores = score_phase(image, truth.object_phase, covered)
+    baselines = baseline_scores(
+        truth.object_phase, covered, patches_phase=truth.patches_phase, positions_px=truth.positions_px, weight=weight
+    )
+    patch = summarise_patch_errors(patch_errors(predicted, truth.patches_phase[indices], weight))
+    return ScanResult(name, scores, baselines, patch, len(predicted), image, covered)
+
+
+def held_out_settings(card: ModelCard | None, seed: int, *, family: str | None = None,
+                      n_positions: int | None = None) -> ScanSettings:
+    """A held-out scan: the card's training scan settings (else the simulator's
+    defaults) with ``seed``, ``family`` if given, and ``n_positions`` (default:
+    the card's ``training.eval_n_positions``, else :data:`DEFAULT_EVAL_N_POSITIONS`)."""
+    training = card.training if card is not None else None
+    base = ScanSettings.from_dict(training.scan_settings) if training and training.scan_settings else ScanSettings()
+    n = n_positions or (training.eval_n_positions if training else None) or DEFAULT_EVAL_N_POSITIONS
+    return replace(base, seed=seed, n_positions=n, family=family or base.family)
+
+
+def parse_scan_spec(spec: str) -> tuple[str, int]:
+    """``FAMILY:SEED`` -> (family, seed); ``ValueError`` says the expected form."""
+    try:
+        family, seed = spec.split(":")
+        seed = int(seed)
+    except ValueError:
+        raise ValueError(f"a simulated scan is FAMILY:SEED (e.g. mixed:1001), got {spec!r}") from None
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    return family, seed
+
+
+def simulate_held_out(specs: list[str], card: ModelCard | None, n_positions: int | None = None):
+    """``[(spec, frames, truth)]`` for ``FAMILY:SEED`` specs, simulated with :func:`held_out_settings`."""
+    scans = []
+    for spec in specs:
+        family, seed = parse_scan_spec(spec)
+        frames, truth = simulate_scan(held_out_settings(card, seed, family=family, n_positions=n_positions),
+                                      progress=False)
+        scans.append((spec, frames, truth))
+    return scans
+
+
+def evaluate_scans(engine, pp: PreprocessConfig, scans: list[tuple[str, np.ndarray, ScanTruth]],
+                   stitch: StitchSettings = StitchSettings(), *, progress: bool = True) -> list[ScanResult]:
+    """Predict every scan's frames with ``engine`` and score each (:func:`score_scan`)."""
+    results = []
+    for name, frames, truth in scans:
+        bar = Progress(len(frames), f"predict {name}", unit="frames", enabled=progress)
+        predicted = predict(engine, frames, pp, bar)
+        bar.close()
+        results.append(score_scan(name, predicted, truth, stitch))
+    return results
+
+
+def results_table(results: list[ScanResult]) -> str:
+    rows = [f"{'scan':<16} {'method':<11} {'SSIM':>6} {'PSNR dB':>8} {'RMSE rad':>9} {'patch RMSE':>11}"]
+    for r in results:
+        s = r.scores
+        rows.append(f"{r.name:<16} {'model':<11} {s['ssim']:6.3f} {s['psnr_db']:8.2f} {s['rmse_rad']:9.4f} "
+                    f"{r.patch['patch_rmse_median_rad']:11.4f}")
+        for b, bs in r.baselines.items():
+            rows.append(f"{'':<16} {b:<11} {bs['ssim']:6.3f} {bs['psnr_db']:8.2f} {bs['rmse_rad']:9.4f} {'':>11}")
+    return "\n".join(rows)
+
+
+def results_json(results: list[ScanResult]) -> dict:
+    """Scores by scan name, as ``evaluate --json`` writes and the model card's ``accuracy.scans`` holds."""
+    return {
+        r.name: {"model": r.scores, "baselines": r.baselines, "patches": r.patch, "n_frames": r.n_frames,
+                 "covered_pixels": int(r.covered.sum())}
+        for r in results
+    }

@@ -1,0 +1,90 @@
+"""Stitch-and-score through the engines: any engine, any batch, the card's settings."""
+
+import json
+
+import numpy as np
+import pytest
+
+from edge_ptychonn import cli
+from edge_ptychonn.model_card import ModelCard, StitchSettings, Training
+from edge_ptychonn.science.accuracy import (
+    DEFAULT_EVAL_N_POSITIONS,
+    held_out_settings,
+    open_engine,
+    parse_scan_spec,
+    predict,
+    score_scan,
+    simulate_held_out,
+)
+from edge_ptychonn.science.simulate import ScanSettings, simulate_scan
+from edge_ptychonn.stream.preprocess import PreprocessConfig
+
+
+@pytest.fixture(scope="module")
+def scan():
+    return simulate_scan(ScanSettings(seed=1001, n_positions=20), progress=False)
+
+
+def test_exact_patches_score_perfectly_and_a_subset_stitches_only_what_came(scan):
+    _, truth = scan
+    full = score_scan("all", truth.patches_phase, truth)
+    assert full.scores["rmse_rad"] < 1e-5 and full.n_frames == 20
+    idx = np.arange(0, 20, 2)
+    half = score_scan("half", truth.patches_phase[idx], truth, StitchSettings(0.1, 0.5), indices=idx)
+    assert half.n_frames == 10 and half.covered.sum() < full.covered.sum()
+    assert half.baselines["zeros"] != full.baselines["zeros"]  # scored over the region the subset covers
+    with pytest.raises(ValueError, match="do not match the truth"):
+        score_scan("bad", truth.patches_phase[:5], truth)
+
+
+def test_stitch_settings_decide_the_scored_region(scan):
+    _, truth = scan
+    loose = score_scan("a", truth.patches_phase, truth, StitchSettings(probe_threshold=0.05))
+    strict = score_scan("b", truth.patches_phase, truth, StitchSettings(probe_threshold=0.05, min_cover_weight=2.0))
+    assert strict.covered.sum() < loose.covered.sum()
+
+
+def test_held_out_settings_come_from_the_card():
+    card = ModelCard(training=Training(scan_settings={**ScanSettings(n_positions=49, photons=1e5).to_dict(),
+                                                      "seed": None}, eval_n_positions=100))
+    s = held_out_settings(card, 7, family="siemens")
+    assert (s.seed, s.family, s.n_positions, s.photons) == (7, "siemens", 100, 1e5)
+    assert held_out_settings(card, 7, n_positions=9).n_positions == 9
+    assert held_out_settings(None, 3) == ScanSettings(seed=3, n_positions=DEFAULT_EVAL_N_POSITIONS)
+    with pytest.raises(ValueError, match="FAMILY:SEED"):
+        parse_scan_spec("mixed")
+    with pytest.raises(ValueError, match="family must be one of"):
+        simulate_held_out(["plaid:1"], card)
+
+
+def test_a_fixed_batch_model_scores_through_the_engines_with_any_batch(external_model, scan):
+    frames, truth = scan  # 20 frames: not a multiple of the model's batch of 8
+    pp = PreprocessConfig(transform="sqrt", scale=0.02)
+    big = open_engine(external_model, "onnxruntime", device="cpu", batch_size=64, threads=1)
+    small = open_engine(external_model, "onnxruntime", device="cpu", batch_size=3, threads=1)
+    a, b = predict(big, frames, pp), predict(small, frames, pp)
+    assert a.shape == b.shape == truth.patches_phase.shape and a.dtype == np.float32
+    np.testing.assert_allclose(a, b, atol=1e-4)
+    assert np.isfinite(score_scan("ext", a, truth).scores["ssim"])
+
+
+def test_evaluate_command_with_a_model_without_card(external_model, tmp_path, capsys):
+    rc = cli.main(["evaluate", "--model", str(external_model), "--simulate", "mixed:1001", "--n-positions", "12",
+                   "--engine", "onnxruntime", "--device", "cpu", "--threads", "1", "--quiet",
+                   "--json", str(tmp_path / "s.json")])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "no model card beside" in captured.err and "onnxruntime on cpu" in captured.out
+    assert json.loads((tmp_path / "s.json").read_text())["mixed:1001"]["n_frames"] == 12
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--simulate", "mixed:1", "--engine", "tensorflow"], "unknown engine 'tensorflow'"),
+    (["--simulate", "mixed"], "FAMILY:SEED"),
+    (["--model", "nope.onnx", "--simulate", "mixed:1"], "model nope.onnx not found"),
+    ([], "give at least one --scan"),
+])
+def test_evaluate_refuses_bad_arguments_on_stderr(argv, message, capsys):
+    assert cli.main(["evaluate", *argv]) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and captured.out == ""

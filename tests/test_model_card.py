@@ -1,0 +1,106 @@
+"""The model card: one typed schema, read and written in one place, clear errors."""
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from edge_ptychonn.model_card import (
+    CARD_VERSION,
+    ModelCard,
+    ModelConfig,
+    StitchSettings,
+    Training,
+    card_path,
+    default_model_path,
+    find_card,
+    load_card,
+    save_card,
+)
+from edge_ptychonn.stream.preprocess import PreprocessConfig
+
+
+def test_the_shipped_card_loads_and_round_trips():
+    model = default_model_path()
+    assert model.is_file() and model.name == "ptychonn.onnx"
+    card = load_card(model)
+    assert card.version == CARD_VERSION and card.name == "ptychonn" and card.input_size == 128
+    assert card.preprocess == PreprocessConfig(transform="sqrt", scale=0.0184)
+    assert card.stitch == StitchSettings(probe_threshold=0.1, min_cover_weight=0.5)
+    assert card.model == ModelConfig(width=16, depth=4, input_size=128)
+    assert card.training.eval_n_positions == 1024 and card.training.scan_settings["family"] == "mixed"
+    assert card.training.continued_from.epochs_run == 8  # a run continued from an earlier one
+    assert set(card.accuracy["scans"]) >= {"mixed:1001", "siemens:1001"}
+    assert ModelCard.from_dict(card.to_dict()) == card
+    assert card.to_dict() == json.loads(card_path(model).read_text())  # the file is in the current form
+
+
+def test_save_and_load(tmp_path):
+    card = ModelCard(name="m", input_size=64, preprocess=PreprocessConfig(crop_hw=(64, 64), bin_factor=2),
+                     stitch=StitchSettings(0.2, 1.0), model=ModelConfig(width=4, depth=2, input_size=64),
+                     training=Training(eval_n_positions=16, train_loss=(0.5, 0.25),
+                                       continued_from=Training(checkpoint="a.pt")),
+                     limits=("simulated only",), accuracy={"scans": {}})
+    path = save_card(card, tmp_path / "m.onnx")
+    assert path == tmp_path / "m.json"
+    assert load_card(tmp_path / "m.onnx") == card
+    d = json.loads(path.read_text())
+    assert list(d)[0] == "version" and d["preprocess"]["crop_origin_yx"] is None  # settings written complete
+    assert d["training"] == {"eval_n_positions": 16, "train_loss": [0.5, 0.25],
+                             "continued_from": {"checkpoint": "a.pt"}}  # the record: None fields left out
+
+
+def test_a_partial_card_takes_the_defaults():
+    card = ModelCard.from_dict({"preprocess": {"transform": "sqrt"}})
+    assert card.version == 1 and card.preprocess == PreprocessConfig(transform="sqrt")
+    assert card.stitch == StitchSettings() and card.model is None and card.training is None
+    assert ModelCard.from_dict({"stitch": None, "accuracy": None}) == ModelCard()  # null: the default
+
+
+def test_no_card(tmp_path):
+    assert find_card(tmp_path / "m.onnx") is None
+    with pytest.raises(FileNotFoundError, match="m.json not found"):
+        load_card(tmp_path / "m.onnx")
+
+
+@pytest.mark.parametrize("card, message", [
+    ({"preprocess": {"scael": 2.0}}, r"preprocess: unknown key\(s\) scael; known: crop_hw"),
+    ({"stitch": {"probe_threshold": 1.5}}, r"stitch: stitch.probe_threshold must be in \[0, 1\), got 1.5"),
+    ({"notes": "x"}, r"model card: unknown key\(s\) notes"),
+    ({"training": {"continued_from": {"epoch": 1}}}, r"training.continued_from: unknown key\(s\) epoch"),
+    ({"version": CARD_VERSION + 1}, "newer than this edge-ptychonn reads"),
+    ({"version": "1"}, "version must be a positive integer"),
+    ({"preprocess": {"transform": "cube"}}, "transform must be one of"),
+    ({"model": {"width": 0}}, "model: width must be 1..256"),
+    ({"input_size": -1}, "input_size must be a positive integer"),
+    ({"preprocess": [1, 2]}, "preprocess must be a JSON object"),
+    ({"accuracy": [1]}, "accuracy must be a JSON object"),
+    ({"training": {"scan_settings": "mixed"}}, "training.scan_settings must be a JSON object"),
+])
+def test_malformed_cards_are_refused_with_the_reason(tmp_path, card, message):
+    (tmp_path / "m.json").write_text(json.dumps(card))
+    with pytest.raises(ValueError, match=message) as err:
+        load_card(tmp_path / "m.onnx")
+    assert f"cannot read model card {tmp_path / 'm.json'}" in str(err.value)
+
+
+def test_unparsable_json_is_a_value_error(tmp_path):
+    (tmp_path / "m.json").write_text("{")
+    with pytest.raises(ValueError, match="cannot read model card"):
+        find_card(tmp_path / "m.onnx")
+
+
+def test_accuracy_and_scan_settings_are_kept_as_written():
+    card = ModelCard.from_dict({"accuracy": {"anything": [1, {"x": None}]},
+                                "training": {"scan_settings": {"seed": None, "family": "mixed"}}})
+    assert card.accuracy == {"anything": [1, {"x": None}]}
+    assert card.training.scan_settings == {"seed": None, "family": "mixed"}
+    assert replace(card, name="n").to_dict()["accuracy"] == {"anything": [1, {"x": None}]}
+
+
+def test_the_shipped_markdown_card_is_rendered_from_the_json_card():
+    from edge_ptychonn.science.train import card_markdown
+
+    model = default_model_path()
+    rendered = card_markdown(load_card(model)).split("## Limits")[0].rstrip()
+    assert (model.parent / "MODEL_CARD.md").read_text().startswith(rendered)
