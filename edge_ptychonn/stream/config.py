@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ..devices import DEVICES_HELP, parse_device  # noqa: F401  (DEVICES_HELP re-exported)
 from .preprocess import PreprocessConfig
 
 # Keys the PvaPy framework merges into configDict (5.6) or sends to configure().
@@ -32,7 +33,6 @@ FRAMEWORK_KEYS = frozenset(
 )
 
 PRECISIONS = ("fp32", "fp16", "bf16")
-DEVICES_HELP = "'auto', 'cpu', 'cuda' or 'cuda:N'"
 
 # Seed (edgePtychoNN) argument names accepted by the drop-in class.
 SEED_ALIASES = {"bsz": "batchSize", "onnx_mdl": "modelPath"}
@@ -59,8 +59,7 @@ class ProcessorConfig:
             raise ValueError(f"modelPath {str(self.model_path)!r} is not a file")
         if not self.engine:
             raise ValueError("engine must name an engine, e.g. 'auto'")
-        if not (self.device in ("auto", "cpu", "cuda") or _is_cuda_index(self.device)):
-            raise ValueError(f"device must be {DEVICES_HELP}, got {self.device!r}")
+        parse_device(self.device)  # ValueError naming the accepted forms (DEVICES_HELP)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         _check_int("batchSize", self.batch_size, 1, 256)
@@ -69,11 +68,6 @@ class ProcessorConfig:
         _check_int("queueBatches", self.queue_batches, 1, 4096)
         _check_int("maxPendingFrames", self.max_pending_frames, 0, 1_000_000)
         _check_int("cpuThreads", self.cpu_threads, 0, 1024)
-
-
-def _is_cuda_index(device: str) -> bool:
-    head, _, index = device.partition(":")
-    return head == "cuda" and index.isdigit()
 
 
 def _check_int(name: str, value: Any, lo: int, hi: int) -> None:
