@@ -223,6 +223,7 @@ class TensorRTEngine:
         install="pip install 'edge-ptychonn[gpu]' (needs the NVIDIA driver; pycuda builds with the CUDA toolkit)",
         devices=("cuda",),
         precisions=("fp32", "tf32", "fp16", "bf16"),
+        gpu_only=("tf32",),
         auto=(AutoCandidate("cuda", "fp16", 2.0),),
     )
     name = "tensorrt"

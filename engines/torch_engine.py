@@ -39,6 +39,7 @@ class TorchEngine:
         devices=("cpu", "cuda"),
         precisions=("fp32", "tf32", "bf16", "fp16"),
         cpu_native={"bf16": ("amx_bf16", "avx512_bf16"), "fp16": ("amx_fp16", "avx512_fp16")},
+        gpu_only=("tf32",),
         # CPU ranks: frames/s relative to ONNX Runtime fp32, 1 thread, batch 8, data/ptychonn.onnx
         # (docs/benchmarks.md); bf16's phase error is stated there too.
         auto=(
