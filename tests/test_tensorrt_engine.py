@@ -458,3 +458,13 @@ def test_build_engine_command_prebuilds_plans(gpu10, small_model, tmp_path, caps
     gpu10.clear()
     engine = make(small_model, tmp_path, precision="fp16")  # a consumer now starts from the cache
     assert engine.plan_source == "cache" and not gpu10.calls("build_serialized_network")
+
+
+def test_the_external_fixed_batch_model_matches_onnxruntime(gpu10, external_model, tmp_path):
+    """edgePtychoNN's batch-8 model: partial batches padded to 8, results as ONNX Runtime's."""
+    reference = create_engine("onnxruntime", EngineOptions(external_model, device="cpu", max_batch=8))
+    engine = make(external_model, tmp_path)
+    x = np.random.default_rng(7).poisson(5.0, (8, 1, 128, 128)).astype(np.float32)
+    for n in (8, 3):
+        np.testing.assert_allclose(engine.infer(x[:n]), reference.infer(x[:n]), atol=1e-4)
+    assert {c[2] for c in gpu10.calls("set_input_shape")} == {(8, 1, 128, 128)}
