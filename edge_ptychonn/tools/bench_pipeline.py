@@ -315,6 +315,22 @@ class StartDelay:
             self.delay_s = max(2.0, self.margin * self.slowest_s + self.extra_s)
 
 
+def _measure(settings, processor, n_consumers, rate, base_frames, work_dir, env, procs, delay: "StartDelay",
+             results: list, progress) -> PointResult:
+    """One point (redone once, with a longer start delay, if streaming began too early),
+    appended to ``results`` and reported."""
+    tag = f"{processor[0]}{n_consumers}r{int(rate) or 'max'}"
+    r = run_point(settings, processor, n_consumers, rate, base_frames, work_dir, env, procs, tag, delay.next())
+    delay.update(r)
+    if r.error and r.error.startswith(TOO_LATE):  # once more, with the delay this start-up needed
+        r = run_point(settings, processor, n_consumers, rate, base_frames, work_dir, env, procs, tag + "b", delay.next())
+        delay.update(r)
+    results.append(r)
+    if progress:
+        progress(describe(r))
+    return r
+
+
 def sweep(
     settings: PipelineSettings, processor: str, n_consumers: int, rates: list[float], base_frames: np.ndarray,
     work_dir: Path, env: dict, procs: Procs, stop_after: int = 2, refine: int = 1, progress=None,
@@ -328,16 +344,8 @@ def sweep(
     results: list[PointResult] = []
 
     def point(rate: float) -> PointResult:
-        tag = f"{processor[0]}{n_consumers}r{int(rate) or 'max'}"
-        r = run_point(settings, processor, n_consumers, rate, base_frames, work_dir, env, procs, tag, delay.next())
-        delay.update(r)
-        if r.error and r.error.startswith(TOO_LATE):  # once more, with the delay this start-up needed
-            r = run_point(settings, processor, n_consumers, rate, base_frames, work_dir, env, procs, tag + "b", delay.next())
-            delay.update(r)
-        results.append(r)
-        if progress:
-            progress(describe(r))
-        return r
+        return _measure(settings, processor, n_consumers, rate, base_frames, work_dir, env, procs, delay,
+                        results, progress)
 
     failed = 0
     for rate in sorted(rates, key=lambda r: r or float("inf")):  # 0 (server maximum) last
@@ -382,17 +390,8 @@ def ceiling_sweep(
     results: list[PointResult] = []
 
     def point(rate: float) -> PointResult:
-        rate = round(rate, 1)
-        tag = f"{processor[0]}{n_consumers}r{int(rate)}"
-        r = run_point(settings, processor, n_consumers, rate, base_frames, work_dir, env, procs, tag, delay.next())
-        delay.update(r)
-        if r.error and r.error.startswith(TOO_LATE):
-            r = run_point(settings, processor, n_consumers, rate, base_frames, work_dir, env, procs, tag + "b", delay.next())
-            delay.update(r)
-        results.append(r)
-        if progress:
-            progress(describe(r))
-        return r
+        return _measure(settings, processor, n_consumers, round(rate, 1), base_frames, work_dir, env, procs, delay,
+                        results, progress)
 
     rate = start_fps
     r = point(rate)
