@@ -15,8 +15,10 @@ GPUs its library sees; default :func:`edge_ptychonn.devices.visible_gpu_count`).
 Optional asynchronous pair: an engine may offer ``submit(batch) -> ticket``
 (returns once the work is queued; the batch may be reused at once) and
 ``collect(ticket) -> array`` (waits for that result), with at most
-``max_in_flight`` tickets outstanding, collected in submission order.
-``infer(batch)`` is always ``collect(submit(batch))`` for such engines.
+``max_in_flight`` tickets outstanding, collected in submission order, both
+called from one thread at a time (the pipeline's inference thread). A caller
+that submits batch k+1 before collecting batch k overlaps k+1's copy-in with k's
+compute. ``infer(batch)`` is always ``collect(submit(batch))`` for such engines.
 """
 
 from __future__ import annotations
