@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("edge_ptychonn.tools.bench", "benchmark engines and the live pipeline"),
     "consumer": ("edge_ptychonn.tools.consumer", "run pvapy-hpc-consumer so that SIGTERM stops it cleanly"),
     "configure": ("edge_ptychonn.tools.configure", "change a running consumer's settings over its control channel"),
+    "build-engine": ("edge_ptychonn.tools.build_engine", "prebuild TensorRT plans so that GPU consumers start in seconds"),
 }
 
 
@@ -36,7 +37,7 @@ def usage() -> str:
         "",
         "commands:",
     ]
-    lines += [f"  {name:<10} {summary}" for name, (_, summary) in COMMANDS.items()]
+    lines += [f"  {name:<12} {summary}" for name, (_, summary) in COMMANDS.items()]
     lines += ["", "Run 'edge-ptychonn COMMAND --help' for a command's options."]
     return "\n".join(lines)
 

@@ -1,19 +1,102 @@
-"""The one small interface every inference engine implements.
+"""The one small interface every inference engine implements, and what each declares.
 
 An engine loads an ONNX PtychoNN model and turns a float32 batch
 ``(n, 1, H, W)`` of preprocessed diffraction frames into float32 phase images
 ``(n, 1, H, W)`` in radians, for any ``1 <= n <= max_batch``. Engines are
 created in the consumer's own process (``start()``), never at import time, and
 import their heavy libraries (onnxruntime, torch, tensorrt) lazily.
+
+Each engine class carries an :class:`EngineSpec` (``SPEC``): the libraries it
+imports, the devices and precisions it offers, which precisions run natively on
+which CPUs, and where ``engine: auto`` ranks it. The registry, ``auto`` and the
+bench read only that. An engine class may also define ``count_gpus()`` (how many
+GPUs its library sees; default :func:`edge_ptychonn.devices.visible_gpu_count`).
+
+Optional asynchronous pair: an engine may offer ``submit(batch) -> ticket``
+(returns once the work is queued; the batch may be reused at once) and
+``collect(ticket) -> array`` (waits for that result), with at most
+``max_in_flight`` tickets outstanding, collected in submission order, both
+called from one thread at a time (the pipeline's inference thread). A caller
+that submits batch k+1 before collecting batch k overlaps k+1's copy-in with k's
+compute. ``infer(batch)`` is always ``collect(submit(batch))`` for such engines.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
+
+# Every precision some engine offers; each engine declares its own subset.
+PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
+
+
+@dataclass(frozen=True)
+class AutoCandidate:
+    """One way ``engine: auto`` may run this engine.
+
+    ``rank``: higher wins among the candidates that can run here. CPU ranks are
+    frames/s relative to ONNX Runtime fp32 measured on the development CPU
+    (docs/benchmarks.md); GPU ranks only order the GPU engines (TensorRT first).
+    Only precisions whose results stay within the tolerance below are listed.
+    """
+
+    device: str  # 'cpu' or 'cuda'
+    precision: str
+    rank: float
+
+
+# The tolerance a reduced precision must meet, against fp32 on the shipped model, for
+# 'auto' to pick it: per-frame RMS phase difference <= 0.05 rad (the phase spans about
+# 1.5 rad) and the stitched phase's SSIM against the truth within 0.01. Measured for
+# bf16 on the CPU: 0.017 rad RMS, SSIM 0.7616 vs 0.7605 (docs/benchmarks.md).
+AUTO_PHASE_RMS_TOLERANCE_RAD = 0.05
+AUTO_SSIM_TOLERANCE = 0.01
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """What an engine needs and offers; read by the registry, ``auto`` and the bench."""
+
+    name: str
+    summary: str
+    requires: tuple[str, ...] = ()  # importable modules it needs
+    install: str = ""  # how to get them, for error messages
+    devices: tuple[str, ...] = ("cpu",)  # 'cpu' and/or 'cuda'
+    precisions: tuple[str, ...] = ("fp32",)
+    # precision -> CPU flags (/proc/cpuinfo) of which any makes it run natively on the
+    # CPU; a CPU precision not listed is emulated (slow). fp32 is always native.
+    cpu_native: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    gpu_only: tuple[str, ...] = ()  # precisions offered on a GPU only (e.g. tf32)
+    auto: tuple[AutoCandidate, ...] = ()
+    computes_model: bool = True  # False: a stand-in that does not run the network
+
+    def native_on_cpu(self, precision: str, flags: frozenset[str] | None = None) -> bool:
+        """Whether ``precision`` runs natively (not emulated) on this CPU with this engine."""
+        if precision in ("fp32", "tf32") or not self.computes_model:
+            return True
+        needs = self.cpu_native.get(precision)
+        if not needs:
+            return False
+        if flags is None:
+            from edge_ptychonn.devices import cpu_flags
+
+            flags = cpu_flags()
+        return any(flag in flags for flag in needs)
+
+    def precisions_on(self, device_kind: str) -> tuple[str, ...]:
+        """The precisions offered on ``device_kind`` ('cpu' or 'cuda'); () if the device is not."""
+        if device_kind not in self.devices:
+            return ()
+        return tuple(p for p in self.precisions if device_kind == "cuda" or p not in self.gpu_only)
+
+    def check_precision(self, precision: str) -> None:
+        if precision not in self.precisions:
+            raise EngineUnavailable(
+                f"the {self.name} engine offers precisions {', '.join(self.precisions)}, not {precision!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -21,12 +104,12 @@ class EngineOptions:
     """What every engine factory receives."""
 
     model_path: Path
-    device: str = "auto"  # 'auto', 'cpu', 'cuda', 'cuda:N'
-    precision: str = "fp32"  # 'fp32', 'fp16', 'bf16'
+    device: str = "auto"  # see edge_ptychonn.devices: 'auto', 'cpu', 'cuda', 'cuda:N', 'cuda:A,B,...'
+    precision: str = "fp32"  # one of the engine's SPEC.precisions; 'auto' only with engine 'auto'
     max_batch: int = 8
     cpu_threads: int = 0  # 0: default_cpu_threads()
     processor_id: int = 1  # picks the GPU with device='auto': (id - 1) % n_gpus
-    plan_cache_dir: Path | None = None
+    plan_cache_dir: Path | None = None  # TensorRT plans; None: default_plan_cache_dir()
 
 
 @runtime_checkable
@@ -62,6 +145,19 @@ class EngineUnavailable(RuntimeError):
     """The engine cannot run here (library or device missing); says what to install."""
 
 
+def engine_device(spec: EngineSpec, options: EngineOptions, n_gpus: int) -> str:
+    """The one device (``'cpu'`` or ``'cuda:N'``) this engine runs on for this consumer."""
+    from edge_ptychonn.devices import DeviceUnavailable, resolve_device
+
+    try:
+        return resolve_device(
+            options.device, options.processor_id, n_gpus, supports_cuda="cuda" in spec.devices,
+            supports_cpu="cpu" in spec.devices, engine=f"the {spec.name} engine",
+        )
+    except DeviceUnavailable as exc:
+        raise EngineUnavailable(str(exc)) from exc
+
+
 def check_batch(engine: Engine, batch: np.ndarray) -> None:
     """Raise ValueError unless ``batch`` fits ``engine``."""
     h, w = engine.input_shape
@@ -93,3 +189,48 @@ class FixedBatchRunner:
                 chunk = self._pad
             outputs.append(run_fixed(chunk)[:n])
         return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """A batch submitted to an asynchronous engine: which buffer set, how many frames."""
+
+    seq: int
+    slot: int
+    n: int
+
+
+class SlotRing:
+    """Round-robin buffer sets behind ``submit``/``collect``.
+
+    With two sets, the copy-in of batch k+1 (into set B) can overlap the compute
+    of batch k (set A). A set is reused only after its previous ticket has been
+    collected, so host and device buffers are never overwritten while in use: at
+    most ``n_slots`` tickets are outstanding, and they are collected in order.
+    """
+
+    def __init__(self, n_slots: int = 2):
+        if n_slots < 1:
+            raise ValueError(f"n_slots must be >= 1, got {n_slots}")
+        self.n_slots = n_slots
+        self._seq = 0
+        self._pending: list[Ticket] = []
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    def acquire(self, n: int) -> Ticket:
+        if len(self._pending) >= self.n_slots:
+            raise RuntimeError(
+                f"{self.n_slots} batches already in flight: collect() the oldest before submitting another"
+            )
+        ticket = Ticket(self._seq, self._seq % self.n_slots, n)
+        self._seq += 1
+        self._pending.append(ticket)
+        return ticket
+
+    def release(self, ticket: Ticket) -> None:
+        if not self._pending or self._pending[0] != ticket:
+            raise RuntimeError("collect() tickets in the order they were submitted")
+        self._pending.pop(0)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import EngineOptions, EngineUnavailable, FixedBatchRunner, check_batch, default_cpu_threads
+from .base import (
+    AutoCandidate, EngineOptions, EngineSpec, EngineUnavailable, FixedBatchRunner, check_batch, default_cpu_threads,
+    engine_device,
+)
 from .onnx_model import read_signature
 
 
@@ -18,16 +21,35 @@ class OnnxRuntimeEngine:
     Precision: fp32 only (the model's own).
     """
 
+    SPEC = EngineSpec(
+        name="onnxruntime",
+        summary="ONNX Runtime: CPU (CUDA with onnxruntime-gpu), fp32",
+        requires=("onnxruntime",),
+        install="pip install onnxruntime (or onnxruntime-gpu)",
+        devices=("cpu", "cuda"),
+        precisions=("fp32",),
+        # the CPU reference: rank 1.0 by definition (docs/benchmarks.md)
+        auto=(AutoCandidate("cpu", "fp32", 1.0),),
+    )
     name = "onnxruntime"
+
+    @staticmethod
+    def count_gpus() -> int:
+        """GPUs ONNX Runtime can use: none without onnxruntime-gpu's CUDA provider."""
+        import onnxruntime as ort
+
+        from edge_ptychonn.devices import visible_gpu_count
+
+        return visible_gpu_count() if "CUDAExecutionProvider" in ort.get_available_providers() else 0
 
     def __init__(self, options: EngineOptions):
         try:
             import onnxruntime as ort
         except ImportError as exc:
             raise EngineUnavailable("onnxruntime is not installed: pip install onnxruntime") from exc
-        if options.precision != "fp32":
-            raise EngineUnavailable(f"onnxruntime engine runs fp32 models only, not {options.precision}")
+        self.SPEC.check_precision(options.precision)
         signature = read_signature(options.model_path)
+        device = engine_device(self.SPEC, options, self.count_gpus())
         so = ort.SessionOptions()
         so.intra_op_num_threads = options.cpu_threads or default_cpu_threads()
         so.inter_op_num_threads = 1
@@ -35,13 +57,10 @@ class OnnxRuntimeEngine:
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         providers = ["CPUExecutionProvider"]
-        self.device = "cpu"
-        if options.device.startswith("cuda"):
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise EngineUnavailable("onnxruntime has no CUDA provider here: install onnxruntime-gpu or use device 'cpu'")
-            index = int(options.device.partition(":")[2] or 0)
+        self.device = device
+        if device != "cpu":
+            index = int(device.partition(":")[2])
             providers = [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
-            self.device = f"cuda:{index}"
         self._session = ort.InferenceSession(str(options.model_path), so, providers=providers)
         self._input = signature.input_name
         self._outputs = [signature.phase_output]

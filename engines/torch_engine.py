@@ -1,53 +1,86 @@
-"""PyTorch engine: CPU or CUDA, fp32/bf16/fp16, channels-last, inference mode.
+"""PyTorch engine: CPU or CUDA, fp32/tf32/bf16/fp16, channels-last, inference mode.
 
 The ONNX model's weights are loaded into the project's own PtychoNN definition
 (``edge_ptychonn.science.model.from_onnx``), which reads the layout (width, depth, input
 size, heads) from the graph: the project's exports and PtychoNN models of the
 same architecture from elsewhere (edgePtychoNN's) run alike; other graphs are
 refused with the reason.
+
+On a GPU (:class:`CudaRunner`, used only when ``torch.cuda.is_available()``):
+two buffer sets, each a page-locked host input and output and a device input;
+host-to-device copies on a copy stream of this consumer, the network on a
+compute stream of this consumer, a CUDA graph per buffer set for the full batch
+(captured at start; partial batches run eagerly), the device-to-host copy
+queued behind the compute. ``submit`` returns as soon as the work is queued, so
+the next batch's copy-in overlaps this batch's compute; ``collect`` waits.
+fp32 means fp32 (TF32 off); ``tf32`` allows TF32 tensor-core math.
+The CUDA path has not run on a GPU in this project's CI (no GPU there).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .base import EngineOptions, EngineUnavailable, check_batch, default_cpu_threads
+from .base import (
+    AutoCandidate, EngineOptions, EngineSpec, EngineUnavailable, SlotRing, Ticket, check_batch, default_cpu_threads,
+    engine_device,
+)
 from .onnx_model import read_signature
-
-
-def resolve_device(torch, device: str, processor_id: int) -> str:
-    """'auto' -> 'cuda:<(processor_id - 1) % n_gpus>' if CUDA is there, else 'cpu'."""
-    if device == "cpu":
-        return "cpu"
-    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if device == "auto":
-        return f"cuda:{(max(processor_id, 1) - 1) % n_gpus}" if n_gpus else "cpu"
-    if n_gpus == 0:
-        raise EngineUnavailable(f"device {device!r} asked for, but torch sees no CUDA GPU")
-    index = int(device.partition(":")[2] or 0)
-    if index >= n_gpus:
-        raise EngineUnavailable(f"device {device!r} asked for, but torch sees {n_gpus} GPU(s)")
-    return f"cuda:{index}"
 
 
 class TorchEngine:
     """Runs the model with PyTorch (the ONNX weights in the project's PtychoNN module)."""
 
+    SPEC = EngineSpec(
+        name="torch",
+        summary="PyTorch: CPU or CUDA, channels-last; on CUDA pinned buffers, streams, CUDA graphs",
+        requires=("torch",),
+        install="pip install 'edge-ptychonn[torch]' (the CUDA build of torch on GPU hosts)",
+        devices=("cpu", "cuda"),
+        precisions=("fp32", "tf32", "bf16", "fp16"),
+        cpu_native={"bf16": ("amx_bf16", "avx512_bf16"), "fp16": ("amx_fp16", "avx512_fp16")},
+        gpu_only=("tf32",),
+        # CPU ranks: frames/s relative to ONNX Runtime fp32, 1 thread, batch 8, data/ptychonn.onnx
+        # (docs/benchmarks.md); bf16's phase error is stated there too.
+        auto=(
+            AutoCandidate("cpu", "bf16", 1.55),
+            AutoCandidate("cpu", "fp32", 0.84),
+            AutoCandidate("cuda", "fp16", 1.0),
+        ),
+    )
     name = "torch"
+    max_in_flight = 2
 
-    def __init__(self, options: EngineOptions):
+    @staticmethod
+    def count_gpus() -> int:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+    def __init__(self, options: EngineOptions, *, cuda_graphs: bool = True):
         try:
             import torch
 
             from edge_ptychonn.science.model import from_onnx
         except ImportError as exc:
-            raise EngineUnavailable("the torch engine needs torch: pip install 'edge-ptychonn[torch]'") from exc
+            raise EngineUnavailable(f"the torch engine needs torch: {self.SPEC.install}") from exc
+        self.SPEC.check_precision(options.precision)
         self._torch = torch
         signature = read_signature(options.model_path)
-        device = resolve_device(torch, options.device, options.processor_id)
+        device = engine_device(self.SPEC, options, self.count_gpus())
+        if device == "cpu" and options.precision == "tf32":
+            raise EngineUnavailable("tf32 is a GPU precision (NVIDIA Ampere and later); use fp32 on the CPU")
+        dtype = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
+            options.precision
+        ]
         if device == "cpu":
             torch.set_num_threads(options.cpu_threads or default_cpu_threads())
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[options.precision]
+        else:
+            # Process-wide switches; one engine per consumer process.
+            tf32 = options.precision == "tf32"
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            torch.backends.cudnn.allow_tf32 = tf32
+            torch.backends.cudnn.benchmark = True
         module = from_onnx(options.model_path).eval().to(device=device, dtype=dtype, memory_format=torch.channels_last)
         self._module = module
         self._device = torch.device(device)
@@ -56,30 +89,143 @@ class TorchEngine:
         self.input_shape = signature.input_shape
         self.max_batch = options.max_batch
         self._output_index = signature.output_names.index(signature.phase_output)
+        self._ring = SlotRing(self.max_in_flight)
+        self._results: dict[int, np.ndarray] = {}
+        self._cuda: CudaRunner | None = None
         if self._device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
             self.device = f"{device} ({torch.cuda.get_device_name(self._device)})"
+            self._cuda = CudaRunner(torch, self._forward, self._device, self.max_batch, self.input_shape,
+                                    n_slots=self.max_in_flight, cuda_graphs=cuda_graphs)
         else:
             self.device = "cpu"
         # Warm up: the first call pays for lazy initialisation (and cuDNN autotuning).
         self.infer(np.zeros((self.max_batch, 1, *self.input_shape), np.float32))
 
-    def _run(self, batch: np.ndarray) -> np.ndarray:
+    def _forward(self, x32):
+        """float32 (n, 1, H, W) tensor on the engine's device -> float32 phase (n, 1, H, W)."""
         torch = self._torch
-        with torch.inference_mode():
-            x = torch.from_numpy(batch).to(self._device, non_blocking=True)
-            x = x.to(self._dtype).contiguous(memory_format=torch.channels_last)
-            y = self._module(x)
-            if isinstance(y, (tuple, list)):
-                y = y[self._output_index]
-            return y.float().contiguous().cpu().numpy()
+        x = x32.to(self._dtype).contiguous(memory_format=torch.channels_last)
+        y = self._module(x)
+        if isinstance(y, (tuple, list)):
+            y = y[self._output_index]
+        return y.float()
+
+    def _run_cpu(self, batch: np.ndarray) -> np.ndarray:
+        with self._torch.inference_mode():
+            return self._forward(self._torch.from_numpy(batch)).contiguous().numpy()
+
+    # -- Engine protocol ---------------------------------------------------------------
+    def submit(self, batch: np.ndarray) -> Ticket:
+        """Queue ``batch``; on a GPU returns before the result exists (collect() waits)."""
+        check_batch(self, batch)
+        ticket = self._ring.acquire(batch.shape[0])
+        try:
+            if self._cuda is not None:
+                self._cuda.submit(ticket, batch)
+            else:
+                # Rebuilt module: any batch size, also where the ONNX batch was fixed.
+                self._results[ticket.seq] = self._run_cpu(np.ascontiguousarray(batch, dtype=np.float32))
+        except BaseException:
+            self._ring.release(ticket)
+            raise
+        return ticket
+
+    def collect(self, ticket: Ticket) -> np.ndarray:
+        self._ring.release(ticket)
+        if self._cuda is not None:
+            return self._cuda.collect(ticket)
+        return self._results.pop(ticket.seq)
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        check_batch(self, batch)
-        # The rebuilt module takes any batch size, also where the ONNX batch was fixed.
-        return self._run(np.ascontiguousarray(batch, dtype=np.float32))
+        return self.collect(self.submit(batch))
 
     def close(self) -> None:
+        if self._cuda is not None:
+            self._cuda.close()
+            self._cuda = None
         self._module = None
+        self._results.clear()
         if self._device.type == "cuda":
             self._torch.cuda.empty_cache()
+
+
+class CudaRunner:
+    """Pinned buffers, a copy and a compute stream, CUDA graphs: the torch engine on a GPU.
+
+    Per buffer set (slot): pinned host input (float32), device input (float32),
+    pinned host output (float32), events ``copied`` and ``done``. Order of work,
+    for a batch of n frames in slot s:
+
+    1. host: copy the batch into pinned input s (the previous use of s has been
+       collected, so no copy from it is pending);
+    2. copy stream: wait for ``done[s]`` (the last compute reading device input s),
+       copy n frames host -> device, record ``copied[s]``;
+    3. compute stream: wait for ``copied[s]``; replay graph s (n == max_batch) or run
+       the module eagerly on the first n rows; copy the n results device -> pinned
+       output s; record ``done[s]``;
+    4. collect: wait for ``done[s]``; return a copy of the n rows of pinned output s.
+    """
+
+    def __init__(self, torch, forward, device, max_batch: int, input_shape: tuple[int, int], *,
+                 n_slots: int = 2, cuda_graphs: bool = True):
+        self.torch, self.forward, self.device = torch, forward, device
+        self.max_batch = max_batch
+        shape = (max_batch, 1, *input_shape)
+        with torch.cuda.device(device):
+            self.copy_stream = torch.cuda.Stream(device)
+            self.compute_stream = torch.cuda.Stream(device)
+            self.h_in = [torch.empty(shape, dtype=torch.float32, pin_memory=True) for _ in range(n_slots)]
+            self.h_in_np = [t.numpy() for t in self.h_in]
+            self.h_out = [torch.empty(shape, dtype=torch.float32, pin_memory=True) for _ in range(n_slots)]
+            self.h_out_np = [t.numpy() for t in self.h_out]
+            self.d_in = [torch.zeros(shape, dtype=torch.float32, device=device) for _ in range(n_slots)]
+            self.copied = [torch.cuda.Event() for _ in range(n_slots)]
+            self.done = [torch.cuda.Event() for _ in range(n_slots)]
+            for event in self.done:
+                event.record(self.compute_stream)
+            self.graphs: list = []
+            self.graph_out: list = []
+            if cuda_graphs:
+                self._capture(n_slots)
+
+    def _capture(self, n_slots: int) -> None:
+        """One CUDA graph per slot for the full batch (static input d_in[s], static output)."""
+        torch = self.torch
+        with torch.inference_mode(), torch.cuda.stream(self.compute_stream):
+            for _ in range(3):  # warm up (cuDNN autotuning, allocator) before capture
+                self.forward(self.d_in[0])
+        self.compute_stream.synchronize()
+        for s in range(n_slots):
+            graph = torch.cuda.CUDAGraph()
+            with torch.inference_mode(), torch.cuda.graph(graph, stream=self.compute_stream):
+                out = self.forward(self.d_in[s])
+            self.graphs.append(graph)
+            self.graph_out.append(out)
+        self.compute_stream.synchronize()
+
+    def submit(self, ticket: Ticket, batch: np.ndarray) -> None:
+        torch, s, n = self.torch, ticket.slot, ticket.n
+        self.h_in_np[s][:n] = batch
+        with torch.inference_mode():
+            with torch.cuda.stream(self.copy_stream):
+                self.copy_stream.wait_event(self.done[s])
+                self.d_in[s][:n].copy_(self.h_in[s][:n], non_blocking=True)
+                self.copied[s].record(self.copy_stream)
+            with torch.cuda.stream(self.compute_stream):
+                self.compute_stream.wait_event(self.copied[s])
+                if self.graphs and n == self.max_batch:
+                    self.graphs[s].replay()
+                    out = self.graph_out[s]
+                else:
+                    out = self.forward(self.d_in[s][:n])
+                self.h_out[s][:n].copy_(out[:n], non_blocking=True)
+                self.done[s].record(self.compute_stream)
+
+    def collect(self, ticket: Ticket) -> np.ndarray:
+        self.done[ticket.slot].synchronize()
+        return self.h_out_np[ticket.slot][: ticket.n].copy()
+
+    def close(self) -> None:
+        self.compute_stream.synchronize()
+        self.copy_stream.synchronize()
+        self.graphs, self.graph_out = [], []

@@ -98,10 +98,11 @@ def test_unknown_peak_library_is_refused():
 
 
 # -- sweep logic with fake points ---------------------------------------------------------------
-def fake_point(rate: float, capacity: float) -> bench_pipeline.PointResult:
-    delivered = min(rate, capacity)
+def fake_point(rate: float, capacity: float, server_max: float = float("inf")) -> bench_pipeline.PointResult:
+    offered = min(rate, server_max)
+    delivered = min(offered, capacity)
     return bench_pipeline.PointResult(
-        processor="ptychonn", n_consumers=1, target_fps=rate, offered_fps=rate, n_offered=100, n_received=100,
+        processor="ptychonn", n_consumers=1, target_fps=rate, offered_fps=offered, n_offered=100, n_received=100,
         n_unique=100, n_lost=0 if rate <= 1.3 * capacity else 10, n_missed=0, n_dropped=0, delivered_fps=delivered,
         latency_p50_ms=1.0, latency_p99_ms=2.0, e2e_p50_ms=1.0, e2e_p99_ms=2.0, cpu_threads=1, ready_s=1.0,
         start_delay_s=2.0, wall_s=0.0,
@@ -158,12 +159,16 @@ def sample_report() -> dict:
     return {
         "model": {"path": "m.onnx", "flops_per_frame": 632e6, "note": None},
         "machine": {"cpu": "cpu", "cores": 2, "gpu": "none", "load_before": "1.00", "load_after": "1.10"},
-        "peaks": {"fp32": {"flops_per_s": 100e9, "by_library": {"numpy": 90e9, "torch": 100e9}}},
-        "engine": [bench_engine.EngineResult("onnxruntime", "cpu", "fp32", 2, 8, 64.5, 124.0, 10, 40.8).to_dict()],
+        "peaks": {"fp32": {"flops_per_s": 100e9, "by_library": {"numpy": 90e9, "torch": 100e9}},
+                  "fp16": {"flops_per_s": 400e9, "by_library": {"torch": 400e9}, "emulated": True}},
+        "engine": [bench_engine.EngineResult("onnxruntime", "cpu", "fp32", 2, 8, 64.5, 124.0, 10, 40.8,
+                                             False, "fp32").to_dict(),
+                   bench_engine.EngineResult("torch", "cpu", "fp16", 1, 8, 20.0, 400.0, 3, 12.6, True, "fp32").to_dict()],
         "engine_skipped": [{"engine": "torch", "precision": "fp16", "threads": 1, "reason": "why"}],
         "pipeline": {"points": [point, passthrough]},
         "ratios": [{"n_consumers": 1, "engine_alone_fps": 64.5, "ptychonn_fps": 60.0, "pipeline_over_engine": 0.93,
-                    "passthrough_fps": 900.0, "ptychonn_over_passthrough": 0.0667}],
+                    "zero_fps": 850.0, "passthrough_fps": 900.0, "ptychonn_over_passthrough": 0.0667,
+                    "zero_over_passthrough": 0.944, "passthrough_server_limited": True}],
         "warm_start": [{"engine": "onnxruntime", "launch": "first", "first_output_s": 3.25},
                        {"engine": "onnxruntime", "launch": "second", "first_output_s": 2.5}],
     }
@@ -181,7 +186,9 @@ def test_table_is_aligned_markdown():
 def test_summary_has_every_section():
     text = bench_report.summary_text(sample_report())
     for expected in ("Measured peak", "Engine alone", "Pipeline points", "Ratios", "Launch -> first published output",
-                     "| onnxruntime |      fp32 |       2 |     8 |     64.5 |", "skipped torch fp16 (1 threads): why", "0.93", "3.25"):
+                     "| onnxruntime |      fp32 |       2 |     8 |     64.5 |", "skipped torch fp16 (1 threads): why", "0.93", "3.25",
+                     "12.6 (emulated; of fp32 peak)", "emulated: not a limit of this machine", "zero-cost/passthrough",
+                     "0.94", ">= 900 (server-limited)"):
         assert expected in text, expected
 
 
@@ -218,7 +225,7 @@ def test_missing_model_is_an_error(tmp_path):
 
 def test_unknown_part_is_an_error(tmp_path):
     args = bench.get_args_parser().parse_args(["--skip", "engines", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match="known: warm, engine, pipeline, passthrough"):
+    with pytest.raises(SystemExit, match="known: warm, engine, pipeline, zero, passthrough"):
         bench.main(args)
 
 
@@ -246,6 +253,99 @@ def test_quick_engine_run(tmp_path, bench_small_model, capsys):
     assert "Engine alone" in capsys.readouterr().out
 
 
+def test_quick_engine_run_marks_emulated_precisions(tmp_path, bench_small_model, monkeypatch):
+    pytest.importorskip("torch")
+    from edge_ptychonn import devices
+
+    monkeypatch.setattr(devices, "cpu_flags", lambda: frozenset({"avx512_bf16"}))  # bf16 native, fp16 emulated
+    args = bench.get_args_parser().parse_args([
+        "--quick", "--skip", "pipeline,passthrough", "--engines", "torch", "--precisions", "fp32,fp16,bf16",
+        "--model", str(bench_small_model), "--out", str(tmp_path), "--no-plots", "--batches", "1",
+    ])
+    args.batches = [1]
+    assert bench.main(args) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["peaks"]["fp16"]["emulated"] and not report["peaks"]["bf16"]["emulated"]
+    rows = {r["precision"]: r for r in report["engine"] if r["batch"] == 1}
+    assert rows["fp16"]["emulated"] and rows["fp16"]["peak_basis"] == "fp32"
+    assert not rows["bf16"]["emulated"] and rows["bf16"]["peak_basis"] == "bf16"
+    assert not rows["fp32"]["emulated"] and rows["fp32"]["peak_basis"] == "fp32"
+    # the emulated row is compared with the fp32 peak: fp32-peak percentage, not hundreds
+    pct = rows["fp16"]["frames_per_s"] * report["model"]["flops_per_frame"] / report["peaks"]["fp32"]["flops_per_s"]
+    assert rows["fp16"]["percent_of_peak"] == pytest.approx(100 * pct)
+
+
+def test_engines_and_precisions_come_from_the_specs():
+    got = bench_engine.engine_precisions("cpu")
+    assert got["onnxruntime"] == ("fp32",)
+    assert "zero" not in got and "tensorrt" not in got  # stand-in left out; tensorrt not installed, GPU-only
+    if "torch" in got:
+        assert got["torch"] == ("fp32", "bf16", "fp16")  # tf32 is GPU-only
+    assert bench_engine.engine_precisions("cpu", ["zero"])["zero"]
+
+
+def test_ceiling_sweep_climbs_from_below_and_bisects(monkeypatch):
+    asked = []
+
+    def run_point(settings, processor, n, rate, *args):
+        asked.append(rate)
+        return fake_point(rate, capacity=1000.0)
+
+    monkeypatch.setattr(bench_pipeline, "run_point", run_point)
+    settings = bench_pipeline.PipelineSettings(model_path=Path("m.onnx"))
+    points = bench_pipeline.ceiling_sweep(settings, "zero", 1, 500.0, None, Path("."), {}, None,
+                                          factor=1.5, max_points=8, refine=2)
+    assert asked == [500.0, 750.0, 1125.0, 937.5, 1031.2]
+    assert bench_pipeline.best_sustained(points).target_fps == 937.5
+
+
+def test_ceiling_sweep_steps_down_then_stops_below_a_failed_rate(monkeypatch):
+    asked = []
+    monkeypatch.setattr(bench_pipeline, "run_point",
+                        lambda s, p, n, rate, *a: asked.append(rate) or fake_point(rate, capacity=200.0))
+    settings = bench_pipeline.PipelineSettings(model_path=Path("m.onnx"))
+    points = bench_pipeline.ceiling_sweep(settings, "passthrough", 1, 500.0, None, Path("."), {}, None,
+                                          factor=1.5, refine=1)
+    assert asked[:4] == [500.0, 333.3, 222.2, 148.1]  # down until one is sustained, no climb back to 222.2
+    assert asked[4] == pytest.approx((148.1 + 222.2) / 2, abs=0.1)
+    assert bench_pipeline.best_sustained(points).target_fps == 185.1  # the bisection kept up
+
+
+def test_ceiling_sweep_stops_where_the_server_is_the_limit(monkeypatch):
+    asked = []
+    monkeypatch.setattr(bench_pipeline, "run_point",
+                        lambda s, p, n, rate, *a: asked.append(rate) or fake_point(rate, 1e9, server_max=800.0))
+    settings = bench_pipeline.PipelineSettings(model_path=Path("m.onnx"))
+    points = bench_pipeline.ceiling_sweep(settings, "passthrough", 1, 500.0, None, Path("."), {}, None, refine=2)
+    assert asked == [500.0, 750.0, 1125.0]  # 1125 asked, 800 published: server-limited, stop
+    assert points[-1].server_limited and points[-1].sustained
+
+
+def test_quick_sweep_steps_down_when_its_single_rate_is_too_high(monkeypatch):
+    """--quick has one rate and no extension; on a loaded machine that rate may be too high."""
+    asked = []
+    monkeypatch.setattr(bench_pipeline, "run_point",
+                        lambda s, p, n, rate, *a: asked.append(rate) or fake_point(rate, capacity=25.0))
+    args = bench.get_args_parser().parse_args(["--quick"])
+    bench.apply_quick(args)
+    settings = bench_pipeline.PipelineSettings(model_path=Path("m.onnx"))
+    points = bench_pipeline.sweep(settings, "ptychonn", 1, [60.0], None, Path("."), {}, None, args.stop_after,
+                                  args.refine, extend=args.extend, down=args.down)
+    assert asked == [60.0, 40.0, 26.7, 17.8]
+    assert bench_pipeline.best_sustained(points).target_fps == 17.8
+
+
+def test_losses_at_the_source_are_told_apart_from_the_processor():
+    # 1000 published; consumers received 940 and saw 10 gaps; 935 came out
+    assert bench_pipeline.split_losses(1000, 940, 10, 935) == (50, 5)
+    point = fake_point(100.0, 1000.0)
+    point.n_lost, point.n_lost_source, point.n_lost_processor = 50, 50, 0
+    assert point.lossless  # the server dropped its backlog at exit; the processor lost nothing
+    assert "(at source 50, by processor 0)" in bench_pipeline.describe(point)
+    point.n_lost_processor = 1
+    assert not point.lossless
+
+
 @pytest.mark.e2e
 def test_quick_pipeline_run(tmp_path, bench_small_model):
     """One PtychoNN point and one passthrough point with real PvaPy processes (~30 s)."""
@@ -259,7 +359,12 @@ def test_quick_pipeline_run(tmp_path, bench_small_model):
     ])
     assert bench.main(args) == 0
     report = json.loads((tmp_path / "report.json").read_text())
-    points = {p["processor"]: p for p in report["pipeline"]["points"]}
+    assert {p["processor"] for p in report["pipeline"]["points"]} == {"ptychonn", "passthrough"}
+    # the best sustained point of each (quick mode steps down until one is sustained)
+    points = {}
+    for p in report["pipeline"]["points"]:
+        if p["sustained"] and p["delivered_fps"] > points.get(p["processor"], {}).get("delivered_fps", -1):
+            points[p["processor"]] = p
     assert set(points) == {"ptychonn", "passthrough"}
     for p in points.values():
         assert p["error"] is None, p["error"]

@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 
-from engines import ENGINE_NAMES, EngineOptions, available_engines, create_engine
-from engines.base import Engine
+from edge_ptychonn import devices
+from engines import ENGINE_NAMES, EngineOptions, EngineUnavailable, available_engines, create_engine, registry
+from engines.base import PRECISIONS, Engine, SlotRing
 from engines.onnx_model import read_signature
 
 
@@ -73,21 +74,114 @@ def test_dynamic_batch_export_runs_everywhere(small_model, name):
         engine.infer(np.zeros((2, 1, 32, 32), np.float32))
 
 
-def test_registry_names_and_auto(small_model):
-    with pytest.raises(ValueError, match="unknown engine 'tensorflow'; known: auto, onnxruntime, torch"):
+def test_registry_names_and_auto(small_model, monkeypatch):
+    with pytest.raises(ValueError, match="unknown engine 'tensorflow'; known: auto, tensorrt, torch, onnxruntime, zero"):
         create_engine("tensorflow", EngineOptions(small_model))
-    assert set(ENGINE_NAMES) == {"auto", "onnxruntime", "torch"}
+    assert set(ENGINE_NAMES) == {"auto", "tensorrt", "torch", "onnxruntime", "zero"}
+    # a CPU without native bf16, no GPU: ONNX Runtime fp32
+    monkeypatch.setattr(devices, "cpu_flags", lambda: frozenset({"avx2"}))
+    engine = create_engine("auto", EngineOptions(small_model, device="cpu", precision="auto"))
+    assert (engine.name, engine.device, engine.precision) == ("onnxruntime", "cpu", "fp32")
+    # an explicit fp32 keeps fp32 everywhere
     engine = create_engine("auto", EngineOptions(small_model, device="cpu"))
-    assert engine.name == "onnxruntime" and engine.device == "cpu"  # no GPU: ONNX Runtime on the CPU
+    assert (engine.name, engine.precision) == ("onnxruntime", "fp32")
+
+
+def test_auto_prefers_native_bf16_on_the_cpu_and_says_why(small_model, monkeypatch, caplog):
+    pytest.importorskip("torch")
+    monkeypatch.setattr(devices, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    choice = registry.auto_choice(EngineOptions(small_model, device="cpu", precision="auto"))
+    assert (choice.engine, choice.precision, choice.device_kind) == ("torch", "bf16", "cpu")
+    assert "rank 1.55" in choice.reason and "tensorrt" not in choice.reason  # device cpu: GPUs not considered
+    with caplog.at_level("INFO", logger="engines.registry"):
+        engine = create_engine("auto", EngineOptions(small_model, device="auto", precision="auto"))
+    assert (engine.name, engine.precision, engine.device) == ("torch", "bf16", "cpu")
+    text = caplog.text
+    assert "engine 'auto' chose torch bf16 on the CPU" in text
+    assert "tensorrt (tensorrt, pycuda not installed)" in text or "tensorrt on a GPU" in text
+
+
+def test_auto_never_picks_an_emulated_precision(small_model, monkeypatch):
+    monkeypatch.setattr(devices, "cpu_flags", lambda: frozenset())
+    with pytest.raises(EngineUnavailable, match="emulated"):
+        registry.auto_choice(EngineOptions(small_model, device="cpu", precision="fp16"))
+
+
+def test_specs_are_declared_and_read_by_the_registry():
+    specs = registry.specs()
+    assert list(specs) == list(registry.ENGINES)
+    for name, spec in specs.items():
+        assert spec.name == name and spec.precisions and set(spec.devices) <= {"cpu", "cuda"}
+        assert set(spec.precisions) <= set(PRECISIONS)
+        for candidate in spec.auto:
+            assert candidate.device in spec.devices and candidate.precision in spec.precisions
+    assert specs["tensorrt"].requires == ("tensorrt", "pycuda") and specs["tensorrt"].devices == ("cuda",)
+    assert not specs["zero"].computes_model and not specs["zero"].auto
+    assert "onnxruntime" in registry.available_engines() and "zero" in registry.available_engines()
+    assert "zero" not in registry.available_engines(models_only=True)
+    flags = frozenset({"avx512_bf16"})
+    assert specs["torch"].native_on_cpu("bf16", flags) and not specs["torch"].native_on_cpu("fp16", flags)
+
+
+def test_missing_library_is_a_clear_error(small_model):
+    if "tensorrt" in registry.available_engines():
+        pytest.skip("tensorrt is installed")
+    with pytest.raises(EngineUnavailable, match=r"the tensorrt engine needs tensorrt.*edge-ptychonn\[gpu\]"):
+        create_engine("tensorrt", EngineOptions(small_model))
+
+
+def test_zero_engine_is_the_identity(small_model):
+    engine = create_engine("zero", EngineOptions(small_model, max_batch=4))
+    assert (engine.name, engine.device, engine.input_shape) == ("zero", "cpu", (64, 64))
+    x = np.arange(3 * 64 * 64, dtype=np.float32).reshape(3, 1, 64, 64)
+    out = engine.infer(x)
+    np.testing.assert_array_equal(out, x)
+    assert out is not x and not np.shares_memory(out, x)
+    a, b = engine.submit(x[:1]), engine.submit(x[1:])
+    with pytest.raises(RuntimeError, match="2 batches already in flight"):
+        engine.submit(x)
+    with pytest.raises(RuntimeError, match="in the order they were submitted"):
+        engine.collect(b)
+    np.testing.assert_array_equal(engine.collect(a), x[:1])
+    np.testing.assert_array_equal(engine.collect(b), x[1:])
+    with pytest.raises(EngineUnavailable, match="CPU only"):
+        create_engine("zero", EngineOptions(small_model, device="cuda:0"))
+
+
+def test_torch_submit_collect_on_the_cpu(small_model):
+    pytest.importorskip("torch")
+    engine = create_engine("torch", EngineOptions(small_model, device="cpu", max_batch=4))
+    x = np.random.default_rng(3).poisson(9, (4, 1, 64, 64)).astype(np.float32)
+    t1, t2 = engine.submit(x[:3]), engine.submit(x)
+    first, second = engine.collect(t1), engine.collect(t2)
+    np.testing.assert_allclose(first, engine.infer(x[:3]), atol=1e-6)
+    np.testing.assert_allclose(second[:3], first, atol=1e-5)
+    with pytest.raises(EngineUnavailable, match="tf32 is a GPU precision"):
+        create_engine("torch", EngineOptions(small_model, device="cpu", precision="tf32"))
+
+
+def test_precision_not_offered_is_refused(small_model):
+    with pytest.raises(EngineUnavailable, match="offers precisions fp32, not 'bf16'"):
+        create_engine("onnxruntime", EngineOptions(small_model, precision="bf16"))
+
+
+def test_slot_ring_alternates_buffer_sets():
+    ring = SlotRing(2)
+    a, b = ring.acquire(8), ring.acquire(3)
+    assert (a.slot, b.slot, ring.in_flight) == (0, 1, 2)
+    ring.release(a)
+    c = ring.acquire(1)
+    assert c.slot == 0 and c.n == 1
+    ring.release(b)
+    ring.release(c)
+    assert ring.in_flight == 0
 
 
 def test_cuda_request_without_gpu_is_a_clear_error(small_model):
     torch = pytest.importorskip("torch")
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    from engines import EngineUnavailable
-
-    with pytest.raises(EngineUnavailable, match="torch sees no CUDA GPU"):
+    with pytest.raises(EngineUnavailable, match="the torch engine sees no CUDA GPU"):
         create_engine("torch", EngineOptions(small_model, device="cuda:0"))
 
 

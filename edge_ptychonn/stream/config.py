@@ -19,6 +19,7 @@ from typing import Any
 
 from edge_ptychonn.model_card import find_card
 
+from ..devices import DEVICES_HELP, parse_device  # noqa: F401  (DEVICES_HELP re-exported)
 from .preprocess import PreprocessConfig
 from .quote import short_repr
 
@@ -33,8 +34,9 @@ FRAMEWORK_KEYS = frozenset(
     }
 )
 
-PRECISIONS = ("fp32", "fp16", "bf16")
-DEVICES_HELP = "'auto', 'cpu', 'cuda' or 'cuda:N'"
+# "auto": the engine picks (engine "auto": the fastest within tolerance of fp32; a named
+# engine: its first). Which engine offers which precision is the engines' business.
+PRECISIONS = ("auto", "fp32", "tf32", "fp16", "bf16")
 
 # Seed (edgePtychoNN) argument names accepted by the drop-in class.
 SEED_ALIASES = {"bsz": "batchSize", "onnx_mdl": "modelPath"}
@@ -47,7 +49,7 @@ class ProcessorConfig:
     model_path: Path
     engine: str = "auto"
     device: str = "auto"
-    precision: str = "fp32"
+    precision: str = "auto"
     batch_size: int = 8
     batch_timeout_s: float = 0.05
     queue_batches: int = 16
@@ -61,8 +63,7 @@ class ProcessorConfig:
             raise ValueError(f"modelPath {str(self.model_path)!r} is not a file")
         if not self.engine:
             raise ValueError("engine must name an engine, e.g. 'auto'")
-        if not (self.device in ("auto", "cpu", "cuda") or _is_cuda_index(self.device)):
-            raise ValueError(f"device must be {DEVICES_HELP}, got {short_repr(self.device)}")
+        parse_device(self.device)  # ValueError naming the accepted forms (DEVICES_HELP)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {short_repr(self.precision)}")
         _check_int("batchSize", self.batch_size, 1, 256)
@@ -71,11 +72,6 @@ class ProcessorConfig:
         _check_int("queueBatches", self.queue_batches, 1, 4096)
         _check_int("maxPendingFrames", self.max_pending_frames, 0, 1_000_000)
         _check_int("cpuThreads", self.cpu_threads, 0, 1024)
-
-
-def _is_cuda_index(device: str) -> bool:
-    head, _, index = device.partition(":")
-    return head == "cuda" and index.isdigit()
 
 
 def _check_int(name: str, value: Any, lo: int, hi: int) -> None:

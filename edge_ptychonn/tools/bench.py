@@ -8,9 +8,12 @@ warm     consumer launch -> first published output, first and second launch per 
 engine   the model's FLOPs per frame (counted from the ONNX graph), the machine's peak
          (large matrix product, same process), frames/s of every engine, precision, batch
 pipeline pvapy-ad-sim-server -> N PtychoNN consumers -> outputs, offered rate swept upwards
-         (fractions of the engine-alone rate); loss, nMissed, delivered rate, latency
-passthrough  the same with PvaPy's UserDataProcessor republishing every frame: the
-         transport ceiling
+         (fractions of the engine-alone rate); loss (at the source, in transport, by the
+         processor), delivered rate, latency
+zero     the same processor with the zero-cost engine (no network: the frame path alone),
+         its ceiling found from below
+passthrough  PvaPy's UserDataProcessor republishing every frame: the transport ceiling,
+         found from below the same way
 
 Every process started is stopped by its process id on exit, error or Ctrl-C.
 """
@@ -29,7 +32,7 @@ from pathlib import Path
 from . import processes as live
 
 DEFAULT_MODEL = Path("data/ptychonn.onnx")
-PARTS = ("warm", "engine", "pipeline", "passthrough")
+PARTS = ("warm", "engine", "pipeline", "zero", "passthrough")
 
 
 def _floats(text: str) -> list[float]:
@@ -71,8 +74,10 @@ def get_args_parser(prog: str = "edge-ptychonn bench") -> argparse.ArgumentParse
     parser.add_argument("--drop-caches", action="store_true",
                         help="drop the OS page cache before the first warm-start launch (root; affects the whole machine)")
     g = parser.add_argument_group("engine alone")
-    g.add_argument("--engines", type=_words, default=None, help="engines to time (default: every one available here)")
-    g.add_argument("--precisions", type=_words, default=None, help="precisions to time (default: all each engine supports)")
+    g.add_argument("--engines", type=_words, default=None,
+                   help="engines to time (default: every installed engine that runs the model; 'zero' may be named)")
+    g.add_argument("--precisions", type=_words, default=None,
+                   help="precisions to time (default: all each engine declares for the device)")
     g.add_argument("--batches", type=_ints, default=[1, 8, 32])
     g.add_argument("--threads", type=_threads, default=None,
                    help="CPU threads per engine, e.g. '1,all' (default: 1 and all cores)")
@@ -90,14 +95,18 @@ def get_args_parser(prog: str = "edge-ptychonn bench") -> argparse.ArgumentParse
     g.add_argument("--consumers", type=_ints, default=None, help="consumer counts N (default: 1, 2, and more with more cores)")
     g.add_argument("--rate-fractions", type=_floats, default=[0.6, 0.8, 0.9, 1.0, 1.1],
                    help="offered rates as fractions of the engine-alone rate of the pipeline's engine, precision and batch")
-    g.add_argument("--passthrough-rates", type=_floats, default=[1000.0, 0.0],
-                   help="offered rates (frames/s) for the passthrough; 0 = as fast as the server publishes")
+    g.add_argument("--ceiling-start", type=float, default=500.0,
+                   help="first offered rate (frames/s) of the zero-cost and passthrough sweeps, which climb from there")
+    g.add_argument("--ceiling-factor", type=float, default=1.5, help="rate step of those sweeps (x up, / down)")
+    g.add_argument("--ceiling-points", type=int, default=8, help="points of a climb at most (before bisection)")
     g.add_argument("--duration", type=float, default=3.0, help="stream length per point (s)")
     g.add_argument("--max-frames", type=int, default=4000, help="frames per point at most")
     g.add_argument("--server-queue-size", type=int, default=1000, help="the consumers' --server-queue-size")
     g.add_argument("--stop-after", type=int, default=1, help="stop a sweep after this many points that do not keep up")
     g.add_argument("--extend", type=int, default=4,
                    help="points added above the highest rate (x1.2 each) while the pipeline still keeps up")
+    g.add_argument("--down", type=int, default=4,
+                   help="points added below the lowest rate (/1.5 each) while none keeps up")
     g.add_argument("--refine", type=int, default=1, help="bisections between the best sustained rate and the next")
     g.add_argument("--no-plots", action="store_true")
     return parser
@@ -110,16 +119,19 @@ def apply_quick(args: argparse.Namespace) -> None:
     args.peak_sizes = [256]
     args.consumers = args.consumers or [1]
     args.rate_fractions = [0.3]
-    args.passthrough_rates = [200.0]
+    args.ceiling_start = 200.0
+    args.ceiling_points = 1
     args.duration = 1.0
     args.refine = 0
     args.extend = 0
+    args.down = 3  # a loaded machine may not sustain the first rate: step down until one is
     args.threads = args.threads or [os.cpu_count() or 1]
-    args.skip = sorted(set(args.skip) | {"warm"})
+    args.skip = sorted(set(args.skip) | {"warm", "zero"})
 
 
 class Progress:
-    """One line per step on stderr, with the time since the start."""
+    """One line per step on stderr, with the time since the start (a log of steps, not a
+    bar: edge_ptychonn.progress.Progress counts items towards a known total)."""
 
     def __init__(self, stream=sys.stderr):
         self.stream, self.t0 = stream, time.perf_counter()
@@ -235,7 +247,7 @@ def main(args: argparse.Namespace) -> int:
             batch=args.pipeline_batch, duration_s=args.duration, max_frames=args.max_frames,
             server_queue_size=args.server_queue_size, cores=cores, consumer_threads=args.consumer_threads,
         )
-        needs_pva = {"warm", "pipeline", "passthrough"} - set(args.skip)
+        needs_pva = {"warm", "pipeline", "zero", "passthrough"} - set(args.skip)
         env = None
         if needs_pva:
             env = live.use_loopback()
@@ -247,7 +259,7 @@ def main(args: argparse.Namespace) -> int:
 
         if "warm" not in args.skip:
             progress.stage("warm start (launch -> first output)")
-            engines = [e for e in (args.engines or _available()) if e in be.PRECISIONS]
+            engines = list(be.engine_precisions(args.device, args.engines))
             if args.drop_caches:
                 report["dropped_caches"] = drop_caches(progress)
             report["warm_start"] = [w.to_dict() for w in bp.warm_start(settings, engines, base_frames, out_dir, env, procs, progress=progress)]
@@ -256,11 +268,13 @@ def main(args: argparse.Namespace) -> int:
         if "engine" not in args.skip:
             progress.stage(f"engine alone: {flops.flops_per_frame / 1e9:.3f} GFLOP per frame")
             precisions = _precisions(args)
-            wanted = sorted({p for ps in precisions.values() for p in ps})
+            # fp32 always: emulated precisions are compared with it; tf32 has no CPU matrix product
+            wanted = sorted(({p for ps in precisions.values() for p in ps} | {"fp32"}) - {"tf32"})
             progress(f"peak: square matrix products of {args.peak_sizes}, {', '.join(wanted)}")
             report["peaks"] = be.measure_peaks(wanted, args.peak_seconds, args.peak_sizes)
             for precision, peak in report["peaks"].items():
-                progress(f"peak {precision}: {peak['flops_per_s'] / 1e9:.1f} GFLOP/s")
+                note = " (emulated on this CPU: not a limit of the machine)" if peak.get("emulated") else ""
+                progress(f"peak {precision}: {peak['flops_per_s'] / 1e9:.1f} GFLOP/s{note}")
             engine_results, skipped = be.bench_engines(
                 model_path, list(precisions), args.batches, precisions, args.engine_seconds,
                 flops.flops_per_frame, report["peaks"], threads=args.threads or _threads("1,all"),
@@ -269,35 +283,46 @@ def main(args: argparse.Namespace) -> int:
             report["engine"] = [r.to_dict() for r in engine_results]
             report["engine_skipped"] = skipped
 
-        if {"pipeline", "passthrough"} - set(args.skip):
+        if {"pipeline", "zero", "passthrough"} - set(args.skip):
             engine_alone = _engine_alone(engine_results, settings, args, flops, report, progress)
             report["pipeline"] = {"settings": {k: str(v) for k, v in vars(settings).items()}, "points": []}
             ratios = report.setdefault("ratios", [])
             delay = bp.StartDelay(settings.start_delay_s)
             for n in consumers:
                 row = {"n_consumers": n, "engine_alone_fps": engine_alone, "ptychonn_fps": None,
-                       "pipeline_over_engine": None, "passthrough_fps": None, "ptychonn_over_passthrough": None}
+                       "pipeline_over_engine": None, "zero_fps": None, "passthrough_fps": None,
+                       "ptychonn_over_passthrough": None, "zero_over_passthrough": None,
+                       "passthrough_server_limited": None}
                 ratios.append(row)
                 if "pipeline" not in args.skip:
                     progress.stage(f"pipeline: {n} PtychoNN consumer(s), {settings.engine} {settings.precision} batch {settings.batch}")
                     rates = [round(f * engine_alone, 1) for f in args.rate_fractions] if engine_alone else []
                     points = bp.sweep(settings, "ptychonn", n, rates, base_frames, out_dir, env, procs,
-                                      args.stop_after, args.refine, progress, delay, extend=args.extend)
+                                      args.stop_after, args.refine, progress, delay, extend=args.extend, down=args.down)
                     report["pipeline"]["points"] += [p.to_dict() for p in points]
                     best = bp.best_sustained(points)
                     if best:
                         row["ptychonn_fps"] = best.delivered_fps
                         row["pipeline_over_engine"] = best.delivered_fps / engine_alone
-                if "passthrough" not in args.skip:
-                    progress.stage(f"passthrough (transport ceiling): {n} consumer(s)")
-                    points = bp.sweep(settings, "passthrough", n, args.passthrough_rates, base_frames, out_dir, env,
-                                      procs, args.stop_after, 0, progress, delay)
+                for processor, title in (("zero", "zero-cost engine (the frame path alone)"),
+                                         ("passthrough", "passthrough (transport ceiling)")):
+                    if processor in args.skip:
+                        continue
+                    progress.stage(f"{title}: {n} consumer(s), climbing from {args.ceiling_start:.0f} fps")
+                    points = bp.ceiling_sweep(
+                        settings, processor, n, args.ceiling_start, base_frames, out_dir, env, procs,
+                        factor=args.ceiling_factor, max_points=args.ceiling_points, refine=args.refine,
+                        progress=progress, delay=delay, down=args.down,
+                    )
                     report["pipeline"]["points"] += [p.to_dict() for p in points]
                     best = bp.best_sustained(points)
-                    if best:
-                        row["passthrough_fps"] = best.delivered_fps
-                        if row["ptychonn_fps"]:
-                            row["ptychonn_over_passthrough"] = row["ptychonn_fps"] / best.delivered_fps
+                    row[f"{processor}_fps"] = best.delivered_fps if best else None
+                    if processor == "passthrough":
+                        row["passthrough_server_limited"] = any(p.server_limited and p.sustained for p in points)
+                if row["passthrough_fps"]:
+                    for key in ("ptychonn", "zero"):
+                        if row[f"{key}_fps"]:
+                            row[f"{key}_over_passthrough"] = row[f"{key}_fps"] / row["passthrough_fps"]
     except KeyboardInterrupt:
         report["interrupted"] = True
         progress("interrupted: stopping every process started")
@@ -317,20 +342,12 @@ def main(args: argparse.Namespace) -> int:
     return 130 if report.get("interrupted") else 0
 
 
-def _available() -> list[str]:
-    from engines import available_engines
-
-    return available_engines()
-
-
 def _precisions(args) -> dict[str, tuple[str, ...]]:
-    from .bench_engine import PRECISIONS
+    """{engine: precisions to time}: what each engine declares for the device, limited by --precisions."""
+    from .bench_engine import engine_precisions
 
-    engines = args.engines or [e for e in _available() if e in PRECISIONS]
-    out = {}
-    for engine in engines:
-        supported = PRECISIONS.get(engine, ("fp32",))
-        out[engine] = tuple(p for p in supported if not args.precisions or p in args.precisions)
+    out = {e: tuple(p for p in ps if not args.precisions or p in args.precisions)
+           for e, ps in engine_precisions(args.device, args.engines).items()}
     return {e: ps for e, ps in out.items() if ps}
 
 

@@ -10,7 +10,14 @@ element and are not part of the FLOPs (they are well under 1 % for PtychoNN).
 
 Peak: the best rate of a large square matrix product in the same process on the
 same cores (torch for fp32 / bf16 / fp16, numpy for fp32), i.e. what the machine
-reaches on the friendliest dense workload, not a datasheet number.
+reaches on the friendliest dense workload, not a datasheet number. A precision
+the CPU has no instructions for (e.g. fp16 without AVX512-FP16/AMX-FP16, as the
+engines declare in their ``SPEC.cpu_native``) is emulated: its matrix product
+measures the emulation, not a limit of the machine, so engines in an emulated
+precision are compared with the fp32 peak (the units that really do the work)
+and marked ``emulated``.
+
+Engines and precisions come from the engines' own declarations (``SPEC``).
 """
 
 from __future__ import annotations
@@ -24,7 +31,29 @@ import numpy as np
 
 MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 SKIP_OPS = ("Constant", "Identity", "Shape", "Reshape", "Flatten", "Squeeze", "Unsqueeze")
-PRECISIONS = {"onnxruntime": ("fp32",), "torch": ("fp32", "bf16", "fp16")}
+
+
+def engine_precisions(device: str = "cpu", engines: list[str] | None = None) -> dict[str, tuple[str, ...]]:
+    """{engine: precisions it offers on ``device``'s kind}, from the engines' SPECs; by
+    default every installed engine that runs the model (not the zero-cost stand-in)."""
+    from engines import registry
+
+    kind = "cpu" if device == "cpu" else "cuda"
+    names = engines if engines is not None else registry.available_engines(models_only=True)
+    out = {}
+    for name in names:
+        spec = registry.spec(name)
+        precisions = spec.precisions_on(kind) or (spec.precisions_on("cpu") if device == "auto" else ())
+        if precisions:
+            out[name] = precisions
+    return out
+
+
+def precision_is_native(precision: str, engine: str = "torch") -> bool:
+    """Whether ``engine`` runs ``precision`` natively on this CPU (its SPEC says which flags it needs)."""
+    from engines import registry
+
+    return registry.spec(engine).native_on_cpu(precision)
 
 
 @dataclass(frozen=True)
@@ -160,7 +189,8 @@ def measure_peaks(precisions, seconds: float = 0.7, sizes=(512, 1024, 2048)) -> 
                 by_size[f"{library} {size}"] = rate
                 by_library[library] = max(by_library.get(library, 0.0), rate)
         if by_library:
-            peaks[precision] = {"flops_per_s": max(by_library.values()), "by_library": by_library, "by_size": by_size}
+            peaks[precision] = {"flops_per_s": max(by_library.values()), "by_library": by_library, "by_size": by_size,
+                                "emulated": have_torch and not precision_is_native(precision)}
     return peaks
 
 
@@ -175,7 +205,9 @@ class EngineResult:
     frames_per_s: float
     batch_ms_p50: float
     n_batches: int
-    percent_of_peak: float | None  # FLOPs/frame x frames/s / peak of this precision
+    percent_of_peak: float | None  # FLOPs/frame x frames/s / peak of peak_basis (None on a GPU)
+    emulated: bool = False  # the precision has no instructions on this CPU: compared with the fp32 peak
+    peak_basis: str | None = None  # the precision whose measured peak the percentage is of
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -204,7 +236,7 @@ def bench_engines(
     progress=None,
 ) -> tuple[list[EngineResult], list[dict]]:
     """Time every (engine, precision, threads, batch); returns (results, skipped with reasons)."""
-    from engines import EngineOptions, create_engine
+    from engines import EngineOptions, create_engine, registry
 
     rng = np.random.default_rng(0)
     results, skipped = [], []
@@ -223,13 +255,18 @@ def bench_engines(
                 progress(f"engine {label}: skipped ({reason})")
             continue
         try:
+            on_cpu = engine.device == "cpu"
+            emulated = on_cpu and not registry.spec(name).native_on_cpu(precision)
+            basis = ("fp32" if emulated or precision == "tf32" else precision) if on_cpu else None
             for batch in batches:
                 fps, ms, n = time_engine(engine, batch, seconds, rng)
-                peak = peaks.get(precision, {}).get("flops_per_s")
+                peak = peaks.get(basis, {}).get("flops_per_s") if basis else None
                 pct = 100.0 * fps * flops_per_frame / peak if peak else None
-                results.append(EngineResult(name, engine.device, precision, n_threads, batch, fps, ms, n, pct))
+                results.append(EngineResult(name, engine.device, precision, n_threads, batch, fps, ms, n, pct,
+                                            emulated, basis))
                 if progress:
-                    pct_text = f", {pct:.1f} % of {precision} peak" if pct is not None else ""
+                    pct_text = f", {pct:.1f} % of {basis} peak" if pct is not None else ""
+                    pct_text += " (emulated precision)" if emulated else ""
                     progress(f"engine {label} batch {batch}: {fps:.1f} frames/s{pct_text}")
         finally:
             engine.close()

@@ -11,14 +11,27 @@ PvaPy's ``nMissed`` counted from a clean start.
 
 Per point:
 - offered rate: what the server reports it published (frames / its runtime);
-- lost: frames offered minus distinct uniqueIds received on the outputs;
-- nMissed: the sum of PvaPy's ``processorStats.nMissed`` over the consumers;
+- lost: frames offered minus distinct uniqueIds received on the outputs, split by
+  cause: ``lost at source`` (published by the server but never received by any
+  consumer and not a gap PvaPy saw: the frames still queued for a slow client when
+  the sim server exits), ``nMissed`` (the sum of PvaPy's ``processorStats.nMissed``:
+  gaps in uniqueId, i.e. lost in transport), and ``lost by processor`` (received
+  by a consumer, per its ``receiverStats.nReceived``, but never published);
 - delivered rate: (frames received - 1) / (last arrival - first arrival);
 - latency: the processor's receive-to-publish p50 / p99 (``userStats``; the worst
   consumer), and end to end (server time stamp -> arrival here) for every processor;
-- sustained: nothing lost and delivered >= ``KEEP_UP`` x offered. A short stream can
+- lossless: nothing lost by the processor or in transport (nMissed 0); frames the
+  source dropped at its exit are reported apart, they say the consumer had a
+  backlog when the stream ended, not that it lost what it received;
+- sustained: lossless and delivered >= ``KEEP_UP`` x offered. A short stream can
   be lossless above the pipeline's capacity while the server queue fills up; such
-  a point is not counted as sustained, since a longer run would lose frames.
+  a point is not counted as sustained, since a longer run would lose frames;
+- server-limited: the server published below ``SERVER_LIMITED`` x the target rate:
+  the point measures the source, and a sweep stops there.
+
+Processors: ``ptychonn`` (the PtychoNN processor with the pipeline's engine),
+``zero`` (the same processor with the zero-cost engine: the frame path alone),
+``passthrough`` (PvaPy's own processor republishing each frame: the transport).
 """
 
 from __future__ import annotations
@@ -36,6 +49,7 @@ from . import processes as live
 PTYCHONN = "processors.ptychonn.PtychoNNProcessor"
 PASSTHROUGH = "pvapy.hpc.userDataProcessor.UserDataProcessor"
 KEEP_UP = 0.97
+SERVER_LIMITED = 0.9
 TOO_LATE = "consumers not ready before streaming began"
 _PUBLISHED = re.compile(r"Published frames:\s*(\d+)\s*@\s*([0-9.]+)\s*fps")
 
@@ -71,8 +85,8 @@ class PointResult:
     n_offered: int
     n_received: int
     n_unique: int
-    n_lost: int
-    n_missed: int | None  # PvaPy's count, summed over consumers
+    n_lost: int  # offered - distinct uniqueIds received (all causes)
+    n_missed: int | None  # PvaPy's count of uniqueId gaps, summed over consumers (transport)
     n_dropped: int | None  # the processor's own nFramesDropped, summed
     delivered_fps: float
     latency_p50_ms: float | None  # receive -> publish inside the consumer (worst consumer)
@@ -84,17 +98,29 @@ class PointResult:
     start_delay_s: float  # server start -> first frame
     wall_s: float
     error: str | None = None
+    n_consumer_received: int | None = None  # receiverStats.nReceived, summed over consumers
+    n_lost_source: int | None = None  # published, never received, no gap: dropped by the server at exit
+    n_lost_processor: int | None = None  # received by a consumer, not published
 
     @property
     def lossless(self) -> bool:
-        return self.error is None and self.n_lost == 0 and not self.n_missed
+        if self.error is not None or self.n_missed:
+            return False
+        if self.n_lost_processor is not None:  # source exit drops are not the processor's loss
+            return self.n_lost_processor == 0
+        return self.n_lost == 0
+
+    @property
+    def server_limited(self) -> bool:
+        return self.target_fps > 0 and self.offered_fps < SERVER_LIMITED * self.target_fps
 
     @property
     def sustained(self) -> bool:
         return self.lossless and self.delivered_fps >= KEEP_UP * self.offered_fps
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "lossless": self.lossless, "sustained": self.sustained}
+        return {**asdict(self), "lossless": self.lossless, "sustained": self.sustained,
+                "server_limited": self.server_limited}
 
 
 @dataclass
@@ -131,12 +157,15 @@ def write_scan(path: Path, base: np.ndarray, n_frames: int) -> Path:
     return path
 
 
-def _processor_args(settings: PipelineSettings, n_consumers: int) -> dict:
+def _processor_args(settings: PipelineSettings, n_consumers: int, engine: str | None = None) -> dict:
     return {
-        "modelPath": str(settings.model_path), "engine": settings.engine, "device": settings.device,
+        "modelPath": str(settings.model_path), "engine": engine or settings.engine, "device": settings.device,
         "precision": settings.precision, "batchSize": settings.batch,
         "cpuThreads": settings.cpu_threads(n_consumers),
     }
+
+
+PROCESSORS = {"ptychonn": (PTYCHONN, None), "zero": (PTYCHONN, "zero"), "passthrough": (PASSTHROUGH, None)}
 
 
 def _wait_ready(status_channels: list[str], need_engine: bool, timeout_s: float, procs: list) -> str | None:
@@ -180,11 +209,12 @@ def run_point(
     prefix = f"eb{os.getpid()}{tag}"
     input_channel, out_prefix = f"{prefix}:image", f"{prefix}:out"
     ids = range(1, n_consumers + 1)
-    is_ptychonn = processor == "ptychonn"
+    processor_class, engine = PROCESSORS[processor]
+    is_ptychonn = processor_class == PTYCHONN
     log_dir = work_dir / "logs" / tag
     argv = live.consumer_argv(
-        input_channel, out_prefix, n_consumers, PTYCHONN if is_ptychonn else PASSTHROUGH,
-        _processor_args(settings, n_consumers) if is_ptychonn else None,
+        input_channel, out_prefix, n_consumers, processor_class,
+        _processor_args(settings, n_consumers, engine) if is_ptychonn else None,
         batch_updates=settings.batch, server_queue_size=settings.server_queue_size, report_period_s=1.0,
     )
     # The server goes first (its channel must exist when the consumers search for it,
@@ -236,6 +266,10 @@ def run_point(
     e2e_p50, e2e_p99 = _percentiles(e2e_ms)
     ok = [s for s in statuses if s]
     n_missed = sum(int(s.get("processorStats", {}).get("nMissed", 0)) for s in ok) if ok else None
+    n_consumer_received = lost_source = lost_processor = None
+    if ok and len(ok) == n_consumers:
+        n_consumer_received = sum(int(s.get("receiverStats", {}).get("nReceived", 0)) for s in ok)
+        lost_source, lost_processor = split_losses(n_offered, n_consumer_received, n_missed, len(unique))
     user = [s.get("userStats", {}) for s in ok]
     n_dropped = sum(int(u.get("nFramesDropped", 0)) for u in user) if is_ptychonn and user else None
     p50 = max((u.get("latencyP50Ms", 0.0) for u in user), default=None) if is_ptychonn else None
@@ -249,7 +283,20 @@ def run_point(
         e2e_p50_ms=e2e_p50, e2e_p99_ms=e2e_p99,
         cpu_threads=settings.cpu_threads(n_consumers) if is_ptychonn else None,
         ready_s=ready_s, start_delay_s=start_delay_s, wall_s=time.perf_counter() - t_start, error=error,
+        n_consumer_received=n_consumer_received, n_lost_source=lost_source, n_lost_processor=lost_processor,
     )
+
+
+def split_losses(n_offered: int, n_consumer_received: int, n_missed: int, n_unique_out: int) -> tuple[int, int]:
+    """(lost at the source, lost by the processor) of one point.
+
+    Frames the server published that no consumer received, beyond the gaps PvaPy
+    counted (nMissed), never left the server: it dropped them at exit, still queued
+    for a slow client. Frames a consumer received that never came out were lost by
+    the processor (or its output transport)."""
+    source = max(0, n_offered - n_consumer_received - (n_missed or 0))
+    processor = max(0, min(n_consumer_received, n_offered) - n_unique_out)
+    return source, processor
 
 
 class StartDelay:
@@ -268,29 +315,37 @@ class StartDelay:
             self.delay_s = max(2.0, self.margin * self.slowest_s + self.extra_s)
 
 
+def _measure(settings, processor, n_consumers, rate, base_frames, work_dir, env, procs, delay: "StartDelay",
+             results: list, progress) -> PointResult:
+    """One point (redone once, with a longer start delay, if streaming began too early),
+    appended to ``results`` and reported."""
+    tag = f"{processor[0]}{n_consumers}r{int(rate) or 'max'}"
+    r = run_point(settings, processor, n_consumers, rate, base_frames, work_dir, env, procs, tag, delay.next())
+    delay.update(r)
+    if r.error and r.error.startswith(TOO_LATE):  # once more, with the delay this start-up needed
+        r = run_point(settings, processor, n_consumers, rate, base_frames, work_dir, env, procs, tag + "b", delay.next())
+        delay.update(r)
+    results.append(r)
+    if progress:
+        progress(describe(r))
+    return r
+
+
 def sweep(
     settings: PipelineSettings, processor: str, n_consumers: int, rates: list[float], base_frames: np.ndarray,
     work_dir: Path, env: dict, procs: Procs, stop_after: int = 2, refine: int = 1, progress=None,
-    delay: StartDelay | None = None, extend: int = 0,
+    delay: StartDelay | None = None, extend: int = 0, down: int = 4,
 ) -> list[PointResult]:
     """Points at increasing offered rates, stopping after ``stop_after`` unsustained
-    ones; while the highest still keeps up, up to ``extend`` more at x1.2 each (or, when
-    none kept up, down at /1.5 each); then ``refine`` bisections between the best
-    sustained rate and the next."""
+    ones; while the highest still keeps up, up to ``extend`` more at x1.2 each; when
+    none kept up, up to ``down`` more at /1.5 each until one does; then ``refine``
+    bisections between the best sustained rate and the next."""
     delay = delay or StartDelay(settings.start_delay_s)
     results: list[PointResult] = []
 
     def point(rate: float) -> PointResult:
-        tag = f"{processor[0]}{n_consumers}r{int(rate) or 'max'}"
-        r = run_point(settings, processor, n_consumers, rate, base_frames, work_dir, env, procs, tag, delay.next())
-        delay.update(r)
-        if r.error and r.error.startswith(TOO_LATE):  # once more, with the delay this start-up needed
-            r = run_point(settings, processor, n_consumers, rate, base_frames, work_dir, env, procs, tag + "b", delay.next())
-            delay.update(r)
-        results.append(r)
-        if progress:
-            progress(describe(r))
-        return r
+        return _measure(settings, processor, n_consumers, rate, base_frames, work_dir, env, procs, delay,
+                        results, progress)
 
     failed = 0
     for rate in sorted(rates, key=lambda r: r or float("inf")):  # 0 (server maximum) last
@@ -303,7 +358,7 @@ def sweep(
             break
         if not point(round(results[-1].target_fps * 1.2, 1)).sustained:
             failed += 1
-    for _ in range(extend):  # nothing kept up: go down until something does
+    for _ in range(down):  # nothing kept up: go down until something does
         rated = [r.target_fps for r in results if r.target_fps > 0]
         if not rated or any(r.sustained for r in results):
             break
@@ -321,6 +376,47 @@ def sweep(
     return sorted(results, key=lambda r: r.offered_fps)
 
 
+def ceiling_sweep(
+    settings: PipelineSettings, processor: str, n_consumers: int, start_fps: float, base_frames: np.ndarray,
+    work_dir: Path, env: dict, procs: Procs, factor: float = 1.5, max_points: int = 8, refine: int = 2,
+    progress=None, delay: StartDelay | None = None, down: int = 3,
+) -> list[PointResult]:
+    """The highest sustained rate, found from below: ``start_fps``, then x ``factor`` while
+    each point is sustained (at most ``max_points``); if the first is not, /``factor``
+    up to ``down`` times until one is; then ``refine`` bisections between the best
+    sustained rate and the first one above it that was not. A server-limited point
+    ends the climb (the ceiling is then at least that rate)."""
+    delay = delay or StartDelay(settings.start_delay_s)
+    results: list[PointResult] = []
+
+    def point(rate: float) -> PointResult:
+        return _measure(settings, processor, n_consumers, round(rate, 1), base_frames, work_dir, env, procs, delay,
+                        results, progress)
+
+    rate = start_fps
+    r = point(rate)
+    steps = 0
+    while not r.sustained and not r.server_limited and steps < down:
+        rate /= factor
+        r = point(rate)
+        steps += 1
+    tried = {round(p.target_fps, 1) for p in results}
+    while r.sustained and not r.server_limited and len(results) < max_points:
+        rate *= factor
+        if round(rate, 1) in tried:  # climbing back to a rate that already failed on the way down
+            break
+        r = point(rate)
+        tried.add(round(rate, 1))
+    for _ in range(refine):
+        good = [p.target_fps for p in results if p.sustained]
+        low = max(good, default=None)
+        above = [p.target_fps for p in results if not p.sustained and low is not None and p.target_fps > low]
+        if low is None or not above or min(above) / low < 1.04:
+            break
+        point((low + min(above)) / 2)
+    return sorted(results, key=lambda p: p.target_fps)
+
+
 def best_sustained(results: list[PointResult]) -> PointResult | None:
     good = [r for r in results if r.sustained]
     return max(good, key=lambda r: r.delivered_fps) if good else None
@@ -330,9 +426,14 @@ def describe(r: PointResult) -> str:
     lat = f", latency p50/p99 {r.latency_p50_ms:.0f}/{r.latency_p99_ms:.0f} ms" if r.latency_p99_ms is not None else ""
     e2e = f", end-to-end p99 {r.e2e_p99_ms:.0f} ms" if r.e2e_p99_ms is not None else ""
     state = "sustained" if r.sustained else ("lossless, falling behind" if r.lossless else "LOSS")
+    if r.server_limited:
+        state += ", server-limited"
+    split = ""
+    if r.n_lost and r.n_lost_source is not None:
+        split = f" (at source {r.n_lost_source}, by processor {r.n_lost_processor})"
     text = (
         f"{r.processor} N={r.n_consumers} offered {r.offered_fps:.0f} fps (target {r.target_fps or 'max'}): "
-        f"delivered {r.delivered_fps:.0f} fps, lost {r.n_lost}/{r.n_offered}, nMissed {r.n_missed}{lat}{e2e} "
+        f"delivered {r.delivered_fps:.0f} fps, lost {r.n_lost}/{r.n_offered}{split}, nMissed {r.n_missed}{lat}{e2e} "
         f"[{state}, {r.wall_s:.0f} s]"
     )
     return text + (f" ERROR: {r.error}" if r.error else "")

@@ -36,48 +36,65 @@ def table(headers: list[str], rows: list[list], specs: list[str] | None = None) 
     return "\n".join([line(headers), rule, *(line(r) for r in cells)])
 
 
+def _percent(r: dict) -> str | None:
+    """'% of peak' cell: against the precision's own peak, or, for a precision emulated on
+    this CPU, against the fp32 peak and marked so."""
+    pct = r.get("percent_of_peak")
+    if pct is None:
+        return None
+    if r.get("emulated"):
+        return f"{pct:.1f} (emulated; of fp32 peak)"
+    return f"{pct:.1f}"
+
+
 def engine_table(report: dict) -> str:
     rows = [
-        [r["engine"], r["precision"], r["threads"], r["batch"], r["frames_per_s"], r["batch_ms_p50"], r["percent_of_peak"]]
+        [r["engine"], r["precision"], r["threads"], r["batch"], r["frames_per_s"], r["batch_ms_p50"], _percent(r)]
         for r in report.get("engine", [])
     ]
     return table(["engine", "precision", "threads", "batch", "frames/s", "ms/batch p50", "% of peak"], rows,
-                 ["", "", "", "", ".1f", ".1f", ".1f"])
+                 ["", "", "", "", ".1f", ".1f", ""])
 
 
 def peak_table(report: dict) -> str:
     rows = []
     for precision, peak in report.get("peaks", {}).items():
         libs = ", ".join(f"{k} {v / 1e9:.0f}" for k, v in peak["by_library"].items())
-        rows.append([precision, peak["flops_per_s"] / 1e9, libs])
-    return table(["precision", "peak GFLOP/s", "by library (GFLOP/s)"], rows, ["", ".1f", ""])
+        kind = "emulated: not a limit of this machine" if peak.get("emulated") else "native"
+        rows.append([precision, peak["flops_per_s"] / 1e9, libs, kind])
+    return table(["precision", "peak GFLOP/s", "by library (GFLOP/s)", "on this CPU"], rows, ["", ".1f", "", ""])
 
 
 def pipeline_table(report: dict) -> str:
     rows = []
     for p in report.get("pipeline", {}).get("points", []):
         state = "sustained" if p["sustained"] else ("behind" if p["lossless"] else ("error" if p["error"] else "loss"))
+        if p.get("server_limited"):
+            state += ", server-limited"
         rows.append([
             p["processor"], p["n_consumers"], p["target_fps"] or "max", p["offered_fps"], p["delivered_fps"],
-            f"{p['n_lost']}/{p['n_offered']}", p["n_missed"], p["latency_p50_ms"], p["latency_p99_ms"],
-            p["e2e_p99_ms"], state,
+            f"{p['n_lost']}/{p['n_offered']}", p.get("n_lost_source"), p["n_missed"], p.get("n_lost_processor"),
+            p["latency_p50_ms"], p["latency_p99_ms"], p["e2e_p99_ms"], state,
         ])
     return table(
-        ["processor", "N", "target fps", "offered fps", "delivered fps", "lost", "nMissed",
-         "p50 ms", "p99 ms", "e2e p99 ms", "state"],
-        rows, ["", "", ".0f", ".1f", ".1f", "", "", ".0f", ".0f", ".0f", ""],
+        ["processor", "N", "target fps", "offered fps", "delivered fps", "lost", "at source", "nMissed",
+         "by processor", "p50 ms", "p99 ms", "e2e p99 ms", "state"],
+        rows, ["", "", ".0f", ".1f", ".1f", "", "", "", "", ".0f", ".0f", ".0f", ""],
     )
 
 
 def summary_table(report: dict) -> str:
-    rows = [
-        [s["n_consumers"], s["engine_alone_fps"], s["ptychonn_fps"], s["pipeline_over_engine"],
-         s["passthrough_fps"], s["ptychonn_over_passthrough"]]
-        for s in report.get("ratios", [])
-    ]
+    rows = []
+    for s in report.get("ratios", []):
+        passthrough = s["passthrough_fps"]
+        if passthrough is not None and s.get("passthrough_server_limited"):
+            passthrough = f">= {passthrough:.0f} (server-limited)"
+        rows.append([s["n_consumers"], s["engine_alone_fps"], s["ptychonn_fps"], s["pipeline_over_engine"],
+                     s.get("zero_fps"), passthrough, s["ptychonn_over_passthrough"], s.get("zero_over_passthrough")])
     return table(
-        ["N", "engine alone fps", "best lossless fps", "pipeline/engine", "passthrough fps", "ptychonn/passthrough"],
-        rows, ["", ".1f", ".1f", ".2f", ".0f", ".3f"],
+        ["N", "engine alone fps", "best lossless fps", "pipeline/engine", "zero-cost engine fps", "passthrough fps",
+         "ptychonn/passthrough", "zero-cost/passthrough"],
+        rows, ["", ".1f", ".1f", ".2f", ".0f", ".0f", ".3f", ".2f"],
     )
 
 
@@ -140,7 +157,7 @@ def write_plots(report: dict, out_dir: Path) -> tuple[list[str], str | None]:
         return [], "matplotlib is not installed (pip install 'edge-ptychonn[bench]'): plots skipped"
     written = []
     points = report.get("pipeline", {}).get("points", [])
-    for processor in ("ptychonn", "passthrough"):
+    for processor in ("ptychonn", "zero", "passthrough"):
         series = _series(points, processor)
         if not series:
             continue
@@ -167,7 +184,7 @@ def write_plots(report: dict, out_dir: Path) -> tuple[list[str], str | None]:
         for n, ps in series.items():
             x = [p["offered_fps"] for p in ps]
             line = None
-            if processor == "ptychonn":
+            if processor in ("ptychonn", "zero"):
                 (line,) = ax.plot(x, [p["latency_p50_ms"] for p in ps], marker="o", label=f"N={n} receive->publish p50")
                 ax.plot(x, [p["latency_p99_ms"] for p in ps], marker="^", color=line.get_color(), linestyle="--",
                         label=f"N={n} receive->publish p99")

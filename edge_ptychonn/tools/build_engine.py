@@ -1,0 +1,91 @@
+"""``edge-ptychonn build-engine``: build TensorRT plans ahead of time, so consumers start in seconds.
+
+A plan is valid for one TensorRT version, GPU model (name and compute capability),
+ONNX file, batch profile and precision; the TensorRT engine finds it in the plan
+cache by that key (``planCacheDir``, default ``~/.cache/edge-ptychonn/tensorrt``)
+and builds only what is missing. Run this once per host (and after changing the
+model, TensorRT or the GPU) with the consumers' ``batchSize`` and ``precision``.
+GPUs of the same model share one plan. Needs TensorRT and pycuda (``pip install
+'edge-ptychonn[gpu]'``) and an NVIDIA GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_MODEL = Path("data/ptychonn.onnx")
+
+
+def _words(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def get_args_parser(prog: str = "edge-ptychonn build-engine") -> argparse.ArgumentParser:
+    from engines.tensorrt_engine import default_plan_cache_dir
+
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__.split("\n\n")[0].replace("``", ""),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="ONNX model (the consumers' modelPath)")
+    parser.add_argument("--batch", type=int, default=8, help="the consumers' batchSize: the profile covers 1..batch")
+    parser.add_argument("--precision", type=_words, default=["fp32", "fp16"],
+                        help="comma-separated precisions: fp32, tf32, fp16, bf16")
+    parser.add_argument("--device", default="all",
+                        help="'all' (every visible GPU), or a device string such as 'cuda:0' or 'cuda:0,1'")
+    parser.add_argument("--plan-cache-dir", type=Path, default=default_plan_cache_dir(), help="the consumers' planCacheDir")
+    return parser
+
+
+def _gpus(device: str) -> list[str]:
+    from edge_ptychonn.devices import parse_device
+    from engines.tensorrt_engine import TensorRTEngine
+
+    n = TensorRTEngine.count_gpus()
+    if device == "all":
+        return [f"cuda:{i}" for i in range(n)]
+    request = parse_device(device)
+    if request.kind == "cpu":
+        raise ValueError("TensorRT plans are built for GPUs, not the CPU")
+    indices = request.indices or tuple(range(n))
+    return [f"cuda:{i}" for i in dict.fromkeys(indices)]
+
+
+def main(args: argparse.Namespace) -> int:
+    from engines import EngineOptions, EngineUnavailable
+    from engines.registry import engine_class, missing_libraries
+
+    cls = engine_class("tensorrt")
+    missing = missing_libraries(cls.SPEC)
+    if missing:
+        print(f"edge-ptychonn build-engine: needs {', '.join(missing)}: {cls.SPEC.install}", file=sys.stderr)
+        return 1
+    if not args.model.is_file():
+        print(f"edge-ptychonn build-engine: model {args.model} not found", file=sys.stderr)
+        return 1
+    try:
+        gpus = _gpus(args.device)
+    except ValueError as exc:
+        print(f"edge-ptychonn build-engine: {exc}", file=sys.stderr)
+        return 2
+    if not gpus:
+        print("edge-ptychonn build-engine: no NVIDIA GPU visible", file=sys.stderr)
+        return 1
+    failed = 0
+    for device in gpus:
+        for precision in args.precision:
+            t0 = time.perf_counter()
+            try:
+                engine = cls(EngineOptions(model_path=args.model, device=device, precision=precision,
+                                           max_batch=args.batch, plan_cache_dir=args.plan_cache_dir))
+            except (EngineUnavailable, ValueError) as exc:
+                print(f"{device} {precision}: FAILED: {exc}", file=sys.stderr)
+                failed += 1
+                continue
+            print(f"{engine.device} {precision} batch 1..{args.batch}: {engine.plan_source} "
+                  f"in {time.perf_counter() - t0:.1f} s -> {engine.plan_path}")
+            engine.close()
+    return 1 if failed else 0

@@ -1,0 +1,110 @@
+"""An fp32 ONNX model -> the same model computing in fp16 or bf16, with fp32 inputs and outputs.
+
+TensorRT 11 builds strongly typed networks only (``BuilderFlag.FP16``/``BF16`` are
+gone): a network computes in the types its ONNX graph declares. This module
+makes those types: every float weight and constant becomes fp16 (or bf16), a
+``Cast`` to that type follows the graph input and a ``Cast`` back to float32
+precedes each graph output, so callers keep float32 buffers. Float inputs that
+ONNX requires to stay float32 (``Resize`` roi and scales, ``Upsample`` scales)
+are left alone. It is deterministic (same file -> same bytes), so the plan
+cache keys on the original file's hash plus the precision and :data:`RECIPE`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+RECIPE = "lowp-v1"  # bump when the conversion changes: cached plans are rebuilt
+
+# op type -> input positions whose float tensors must stay float32
+_KEEP_FLOAT_INPUTS = {"Resize": (1, 2), "Upsample": (1,)}
+
+
+def bf16_bits(values: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (uint16), round to nearest even; NaN kept NaN."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    out = rounded.astype(np.uint16)
+    nan = np.isnan(values)
+    out[nan] = 0x7FC0
+    return out
+
+
+def bf16_values(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (uint16) -> float32 values."""
+    return (np.asarray(bits, dtype=np.uint32) << 16).view(np.float32)
+
+
+def _low_tensor(tensor, low_type: int):
+    """A copy of float32 TensorProto ``tensor`` in ``low_type`` (FLOAT16 or BFLOAT16)."""
+    from onnx import TensorProto, numpy_helper
+
+    values = numpy_helper.to_array(tensor).astype(np.float32)
+    if low_type == TensorProto.FLOAT16:
+        out = numpy_helper.from_array(values.astype(np.float16), tensor.name)
+    else:
+        out = TensorProto()
+        out.name = tensor.name
+        out.data_type = TensorProto.BFLOAT16
+        out.dims.extend(values.shape)
+        out.raw_data = bf16_bits(values).astype("<u2").tobytes()
+    return out
+
+
+def to_low_precision(model, precision: str):
+    """A converted copy of ``model`` (onnx.ModelProto, fp32) computing in ``precision``
+    ('fp16' or 'bf16'), float32 graph inputs and outputs kept."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    low = {"fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}.get(precision)
+    if low is None:
+        raise ValueError(f"precision must be fp16 or bf16, got {precision!r}")
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    keep_float = {
+        name for node in graph.node for i, name in enumerate(node.input) if i in _KEEP_FLOAT_INPUTS.get(node.op_type, ())
+    }
+    for tensor in list(graph.initializer):
+        if tensor.data_type == TensorProto.FLOAT and tensor.name not in keep_float:
+            tensor.CopyFrom(_low_tensor(tensor, low))
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output[0] not in keep_float:
+            for attr in node.attribute:
+                if attr.name == "value" and attr.t.data_type == TensorProto.FLOAT:
+                    attr.t.CopyFrom(_low_tensor(attr.t, low))
+        if node.op_type == "Cast":
+            for attr in node.attribute:  # casts to float inside the graph now cast to the low type
+                if attr.name == "to" and attr.i == TensorProto.FLOAT:
+                    attr.i = low
+    # float32 graph inputs -> Cast to the low type; outputs -> Cast back to float32
+    casts_in, renamed = [], {}
+    for inp in graph.input:
+        if inp.name in initializers or inp.type.tensor_type.elem_type != TensorProto.FLOAT:
+            continue
+        renamed[inp.name] = f"{inp.name}__{precision}"
+        casts_in.append(helper.make_node("Cast", [inp.name], [renamed[inp.name]], to=low, name=f"cast_in_{inp.name}"))
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in renamed:
+                node.input[i] = renamed[name]
+    casts_out = []
+    for out in graph.output:
+        if out.type.tensor_type.elem_type != TensorProto.FLOAT:
+            continue
+        low_name = f"{out.name}__{precision}"
+        for node in graph.node:
+            for i, name in enumerate(node.output):
+                if name == out.name:
+                    node.output[i] = low_name
+            for i, name in enumerate(node.input):
+                if name == out.name:
+                    node.input[i] = low_name
+        casts_out.append(helper.make_node("Cast", [low_name], [out.name], to=TensorProto.FLOAT, name=f"cast_out_{out.name}"))
+    nodes = casts_in + list(graph.node) + casts_out
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.value_info[:]  # intermediate types changed; let consumers infer them again
+    onnx.checker.check_model(model)
+    return model

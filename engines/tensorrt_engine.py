@@ -1,0 +1,458 @@
+"""TensorRT engine (TensorRT 10 and 11 Python API) with pycuda buffers and a plan cache.
+
+Build: the ONNX model is parsed into a network (strongly typed where the API has
+the flag; TensorRT 11 networks always are), with one optimisation profile for
+batches ``1..max_batch`` (opt = max), so partial batches run at their own size
+without padding (models exported with a fixed batch run padded at that batch).
+Precisions: ``fp32`` (TF32 off), ``tf32`` (compute capability >= 8.0), ``fp16``
+and ``bf16`` (>= 8.0): the reduced ones by converting the ONNX graph's types
+(:mod:`engines.onnx_precision`, float32 inputs and outputs kept), since TensorRT
+11 removed ``BuilderFlag.FP16``/``BF16``. ``build_serialized_network`` makes the
+plan; the calls used are listed in :data:`TRT_API` and pinned by contract tests.
+
+Plan cache: plans are stored in ``planCacheDir`` (default
+:func:`default_plan_cache_dir`), named by a key of TensorRT version, GPU name,
+compute capability, the ONNX file's SHA-256, the profile and the precision (and
+:data:`engines.onnx_precision.RECIPE`); a JSON sidecar holds the key. A plan
+whose sidecar does not match, that cannot be read, or that TensorRT will not
+deserialize is rebuilt, with a log line. Concurrent consumers on one host take a
+file lock, so one builds and the others load. ``edge-ptychonn build-engine``
+builds plans ahead of time so that a consumer starts in seconds.
+
+Run: pycuda on the device's primary context (``Device(n).retain_primary_context()``,
+pushed in this process and thread for every call; never ``pycuda.autoinit``), so
+it shares the context with PyTorch. Two buffer sets (page-locked host input and
+output, device input and outputs), a copy stream and a compute stream: the
+copy-in of the next batch overlaps the compute of this one; ``submit`` returns
+once the work is queued, ``collect`` waits for its result (``infer`` = both).
+
+Honesty: no TensorRT or GPU is reachable where this project is developed; this
+module has run only against the stand-in in ``tests/fakes`` (the 10/11 API
+names and signatures, recorded calls, outputs computed with ONNX Runtime).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .base import (
+    AutoCandidate, EngineOptions, EngineSpec, EngineUnavailable, FixedBatchRunner, SlotRing, Ticket, check_batch,
+    engine_device,
+)
+from .onnx_model import read_signature
+
+log = logging.getLogger(__name__)
+
+# The TensorRT Python API this engine uses (10.x and 11.x); nothing removed in 10 or 11.
+TRT_API = {
+    "module": ("__version__", "Logger", "Builder", "OnnxParser", "Runtime", "MemoryPoolType", "BuilderFlag",
+               "TensorIOMode", "NetworkDefinitionCreationFlag", "nptype"),
+    "Builder": ("create_network", "create_builder_config", "create_optimization_profile", "build_serialized_network"),
+    "OnnxParser": ("parse", "num_errors", "get_error"),
+    "IBuilderConfig": ("set_memory_pool_limit", "set_flag", "clear_flag", "add_optimization_profile"),
+    "IOptimizationProfile": ("set_shape",),
+    "Runtime": ("deserialize_cuda_engine",),
+    "ICudaEngine": ("num_io_tensors", "get_tensor_name", "get_tensor_mode", "get_tensor_dtype",
+                    "create_execution_context"),
+    "IExecutionContext": ("set_input_shape", "get_tensor_shape", "set_tensor_address", "execute_async_v3"),
+    "MemoryPoolType": ("WORKSPACE",),
+    "BuilderFlag": ("TF32",),
+    "TensorIOMode": ("INPUT", "OUTPUT"),
+}
+# Removed from TensorRT 10 or 11: never used here (the contract tests check this file).
+TRT_REMOVED = ("build_engine", "execute_async_v2", "max_workspace_size", "EXPLICIT_BATCH", "BuilderFlag.FP16",
+               "BuilderFlag.BF16", "get_binding", "num_bindings", "binding_is_input")
+PYCUDA_API = {
+    "driver": ("init", "Device", "Stream", "Event", "mem_alloc", "pagelocked_empty", "memcpy_htod_async",
+               "memcpy_dtoh_async"),
+    "Device": ("count", "name", "compute_capability", "retain_primary_context"),
+    "Context": ("push", "pop", "detach"),
+    "Stream": ("handle", "synchronize", "wait_for_event"),
+    "Event": ("record", "synchronize"),
+}
+
+WORKSPACE_BYTES = 1 << 30
+# precision -> lowest compute capability that runs it
+MIN_COMPUTE_CAPABILITY = {"fp32": (0, 0), "tf32": (8, 0), "fp16": (5, 3), "bf16": (8, 0)}
+
+
+def default_plan_cache_dir() -> Path:
+    """``$EDGE_PTYCHONN_PLAN_CACHE``, else ``$XDG_CACHE_HOME/edge-ptychonn/tensorrt``
+    (``~/.cache/edge-ptychonn/tensorrt``)."""
+    if os.environ.get("EDGE_PTYCHONN_PLAN_CACHE"):
+        return Path(os.environ["EDGE_PTYCHONN_PLAN_CACHE"]).expanduser()
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "edge-ptychonn" / "tensorrt"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class PlanKey:
+    """Everything a serialized plan is valid for."""
+
+    tensorrt_version: str
+    gpu_name: str
+    compute_capability: str  # e.g. '8.6'
+    onnx_sha256: str
+    profile: str  # 'input:1x1x128x128/8x1x128x128/8x1x128x128' (min/opt/max)
+    precision: str
+    recipe: str
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
+
+    def file_name(self, stem: str) -> str:
+        return f"{stem}-{self.precision}-{self.digest()[:20]}.plan"
+
+
+class PlanCache:
+    """Serialized plans on disk: ``<name>.plan`` beside ``<name>.json`` (the key)."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+
+    def path(self, key: PlanKey, stem: str) -> Path:
+        return self.directory / key.file_name(stem)
+
+    def load(self, key: PlanKey, stem: str) -> bytes | None:
+        """The cached plan for ``key``, or None (missing, stale or unreadable: logged)."""
+        path = self.path(key, stem)
+        if not path.exists():
+            return None
+        try:
+            stored = json.loads(path.with_suffix(".json").read_text())
+            plan = path.read_bytes()
+        except (OSError, ValueError) as exc:
+            log.warning("TensorRT plan %s is unreadable (%s); rebuilding it", path, exc)
+            return None
+        if stored != asdict(key):
+            changed = sorted(k for k in asdict(key) if stored.get(k) != asdict(key)[k])
+            log.warning("TensorRT plan %s is stale (%s differ); rebuilding it", path, ", ".join(changed) or "key")
+            return None
+        return plan
+
+    def store(self, key: PlanKey, stem: str, plan: bytes) -> Path:
+        """Write atomically (a reader never sees half a plan)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.path(key, stem)
+        for target, data in ((path, plan), (path.with_suffix(".json"), json.dumps(asdict(key), indent=1).encode())):
+            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, target)
+        return path
+
+    @contextlib.contextmanager
+    def lock(self, key: PlanKey, stem: str):
+        """An exclusive lock per plan, so concurrent consumers build it once."""
+        import fcntl
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with open(self.path(key, stem).with_suffix(".lock"), "a+") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _network_flags(trt) -> int:
+    """Strongly typed where the flag exists (10.x); TensorRT 11 networks always are."""
+    strongly = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    return 1 << int(strongly) if strongly is not None else 0
+
+
+def onnx_for_precision(model_path: Path, precision: str) -> bytes:
+    """The ONNX bytes TensorRT parses: the file itself, or its fp16/bf16 conversion."""
+    data = Path(model_path).read_bytes()
+    if precision in ("fp32", "tf32"):
+        return data
+    import onnx
+
+    from .onnx_precision import to_low_precision
+
+    return to_low_precision(onnx.load_from_string(data), precision).SerializeToString()
+
+
+def build_plan(trt, logger, onnx_bytes: bytes, input_name: str, shapes: tuple, precision: str,
+               workspace_bytes: int = WORKSPACE_BYTES, source: str = "model") -> bytes:
+    """Parse and build; EngineUnavailable with TensorRT's reasons when either fails."""
+    builder = trt.Builder(logger)
+    network = builder.create_network(_network_flags(trt))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(onnx_bytes):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise EngineUnavailable(f"TensorRT cannot parse {source}: {errors or 'no reason given'}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
+    if precision == "tf32":
+        config.set_flag(trt.BuilderFlag.TF32)
+    else:
+        config.clear_flag(trt.BuilderFlag.TF32)
+    profile = builder.create_optimization_profile()
+    profile.set_shape(input_name, *shapes)
+    config.add_optimization_profile(profile)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise EngineUnavailable(f"TensorRT could not build a {precision} plan for {source} (see TensorRT's log above)")
+    return bytes(plan)
+
+
+class TensorRTEngine:
+    """PtychoNN on an NVIDIA GPU with TensorRT: cached plans, pycuda buffers, async submit/collect."""
+
+    SPEC = EngineSpec(
+        name="tensorrt",
+        summary="TensorRT 10/11 on an NVIDIA GPU: plan cache, pinned buffers, copy/compute overlap",
+        requires=("tensorrt", "pycuda"),
+        install="pip install 'edge-ptychonn[gpu]' (needs the NVIDIA driver; pycuda builds with the CUDA toolkit)",
+        devices=("cuda",),
+        precisions=("fp32", "tf32", "fp16", "bf16"),
+        gpu_only=("tf32",),
+        auto=(AutoCandidate("cuda", "fp16", 2.0),),
+    )
+    name = "tensorrt"
+    max_in_flight = 2
+
+    @staticmethod
+    def count_gpus() -> int:
+        import pycuda.driver as cuda
+
+        cuda.init()
+        return cuda.Device.count()
+
+    def __init__(self, options: EngineOptions, *, workspace_bytes: int = WORKSPACE_BYTES):
+        try:
+            import pycuda.driver as cuda
+            import tensorrt as trt
+        except ImportError as exc:
+            raise EngineUnavailable(f"the tensorrt engine needs tensorrt and pycuda: {self.SPEC.install}") from exc
+        self.SPEC.check_precision(options.precision)
+        t0 = time.perf_counter()
+        self._trt, self._cuda = trt, cuda
+        self.precision = options.precision
+        self.max_batch = options.max_batch
+        signature = read_signature(options.model_path)
+        self.input_shape = signature.input_shape
+        self._input_name = signature.input_name
+        self._phase_name = signature.phase_output
+        # A fixed-batch model runs at its batch (partial batches padded, larger ones split).
+        self._capacity = signature.fixed_batch or options.max_batch
+        self._fixed = FixedBatchRunner(signature.fixed_batch, self.input_shape) if signature.fixed_batch else None
+        cuda.init()
+        device = engine_device(self.SPEC, options, cuda.Device.count())
+        self._gpu = int(device.partition(":")[2])
+        dev = cuda.Device(self._gpu)
+        self._context = dev.retain_primary_context()
+        self._ring = SlotRing(self.max_in_flight)
+        self._sync_results: dict[int, np.ndarray] = {}
+        self._closed = False
+        try:
+            self._start(options, trt, dev, device, workspace_bytes)
+        except BaseException:
+            self._closed = True
+            self._context.detach()
+            raise
+        self.start_s = time.perf_counter() - t0
+        log.info("tensorrt %s %s on %s: plan %s (%s) in %.2f s", trt.__version__, self.precision, self.device,
+                 self.plan_path, self.plan_source, self.start_s)
+        self.infer(np.zeros((min(self.max_batch, self._capacity), 1, *self.input_shape), np.float32))  # warm-up
+
+    def _start(self, options: EngineOptions, trt, dev, device: str, workspace_bytes: int) -> None:
+        with self._active():
+            name = dev.name()
+            major, minor = dev.compute_capability()
+            need = MIN_COMPUTE_CAPABILITY[self.precision]
+            if (major, minor) < need:
+                raise EngineUnavailable(
+                    f"{self.precision} needs compute capability {need[0]}.{need[1]} or later; "
+                    f"{name} has {major}.{minor}: use fp32" + (" or fp16" if (major, minor) >= (5, 3) else "")
+                )
+            self.device = f"{device} ({name})"
+            self._logger = trt.Logger(trt.Logger.WARNING)
+            batch_shape = lambda n: (n, 1, *self.input_shape)  # noqa: E731
+            shapes = ((batch_shape(self._capacity),) * 3 if self._fixed
+                      else (batch_shape(1), batch_shape(self._capacity), batch_shape(self._capacity)))
+            key = PlanKey(
+                tensorrt_version=str(trt.__version__), gpu_name=name, compute_capability=f"{major}.{minor}",
+                onnx_sha256=file_sha256(options.model_path),
+                profile=f"{self._input_name}:" + "/".join("x".join(map(str, s)) for s in shapes),
+                precision=self.precision, recipe=self._recipe(),
+            )
+            cache = PlanCache(options.plan_cache_dir or default_plan_cache_dir())
+            stem = Path(options.model_path).stem
+            self.plan_path = cache.path(key, stem)
+            self._engine, self.plan_source = self._load_or_build(
+                cache, key, stem, options.model_path, shapes, workspace_bytes)
+            self._setup_buffers()
+
+    @staticmethod
+    def _recipe() -> str:
+        from .onnx_precision import RECIPE
+
+        return RECIPE
+
+    @contextlib.contextmanager
+    def _active(self):
+        """The device's primary context, current in this thread for the duration."""
+        self._context.push()
+        try:
+            yield
+        finally:
+            self._cuda.Context.pop()
+
+    def _load_or_build(self, cache: PlanCache, key: PlanKey, stem: str, model_path: Path, shapes, workspace_bytes):
+        trt = self._trt
+        runtime = trt.Runtime(self._logger)
+        self._runtime = runtime
+        with cache.lock(key, stem):
+            plan = cache.load(key, stem)
+            source = "cache"
+            if plan is not None:
+                try:
+                    engine = runtime.deserialize_cuda_engine(plan)
+                except (RuntimeError, TypeError, ValueError) as exc:  # some versions raise instead of None
+                    log.warning("TensorRT deserialization raised %s: %s", type(exc).__name__, exc)
+                    engine = None
+                if engine is not None:
+                    return engine, source
+                log.warning("TensorRT could not deserialize plan %s; rebuilding it", cache.path(key, stem))
+                source = "rebuilt"
+            else:
+                source = "built"
+            t0 = time.perf_counter()
+            log.info("building the TensorRT %s plan for %s (batch 1..%d); takes a while once",
+                     key.precision, model_path, self._capacity)
+            plan = build_plan(trt, self._logger, onnx_for_precision(model_path, key.precision), self._input_name,
+                              shapes, key.precision, workspace_bytes, source=str(model_path))
+            path = cache.store(key, stem, plan)
+            log.info("TensorRT plan built in %.1f s: %s", time.perf_counter() - t0, path)
+        engine = runtime.deserialize_cuda_engine(plan)
+        if engine is None:
+            raise EngineUnavailable(f"TensorRT could not deserialize the plan it has just built ({path})")
+        return engine, source
+
+    def _setup_buffers(self) -> None:
+        trt, cuda, engine = self._trt, self._cuda, self._engine
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self._outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        if inputs != [self._input_name] or self._phase_name not in self._outputs:
+            raise EngineUnavailable(
+                f"the plan's tensors {inputs} -> {self._outputs} do not match the model's "
+                f"{self._input_name} -> {self._phase_name}"
+            )
+        self._exec = engine.create_execution_context()
+        full = (self._capacity, 1, *self.input_shape)
+        if not self._exec.set_input_shape(self._input_name, full):
+            raise EngineUnavailable(f"TensorRT refused input shape {full}")
+        in_dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(self._input_name)))
+        out_shapes = {n: tuple(self._exec.get_tensor_shape(n)) for n in self._outputs}
+        out_dtypes = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in self._outputs}
+        if out_shapes[self._phase_name][1:] != (1, *self.input_shape):
+            raise EngineUnavailable(f"phase output shape {out_shapes[self._phase_name]} is not (n, 1, *input)")
+        slots = range(self.max_in_flight)
+        self._h_in = [cuda.pagelocked_empty(full, in_dtype) for _ in slots]
+        self._d_in = [cuda.mem_alloc(self._h_in[0].nbytes) for _ in slots]
+        self._h_out = [cuda.pagelocked_empty(out_shapes[self._phase_name], out_dtypes[self._phase_name]) for _ in slots]
+        self._d_out = [
+            {n: cuda.mem_alloc(int(np.prod(out_shapes[n])) * out_dtypes[n].itemsize) for n in self._outputs}
+            for _ in slots
+        ]
+        self._copy_stream = cuda.Stream()
+        self._compute_stream = cuda.Stream()
+        self._copied = [cuda.Event() for _ in slots]
+        self._done = [cuda.Event() for _ in slots]
+        for event in self._done:
+            event.record(self._compute_stream)
+
+    # -- Engine protocol ---------------------------------------------------------------
+    def submit(self, batch: np.ndarray) -> Ticket:
+        """Queue ``batch`` (copy-in, inference, copy-out) and return at once; ``batch``
+        may be reused when this returns. collect() the tickets in order."""
+        check_batch(self, batch)
+        n = batch.shape[0]
+        if self._fixed is not None and n != self._capacity:
+            # fixed-batch model: padded or split, synchronously (each chunk through a free slot)
+            result = self._fixed.run(np.asarray(batch, np.float32), self._run_fixed)
+            ticket = self._ring.acquire(n)
+            self._sync_results[ticket.seq] = result
+            return ticket
+        ticket = self._ring.acquire(n)
+        try:
+            with self._active():
+                self._enqueue(ticket, batch)
+        except BaseException:
+            self._ring.release(ticket)
+            raise
+        return ticket
+
+    def _run_fixed(self, chunk: np.ndarray) -> np.ndarray:
+        ticket = self._ring.acquire(chunk.shape[0])
+        with self._active():
+            self._enqueue(ticket, chunk)
+            return self._wait(ticket)
+
+    def _enqueue(self, ticket: Ticket, batch: np.ndarray) -> None:
+        cuda, s, n = self._cuda, ticket.slot, ticket.n
+        h_in = self._h_in[s][:n]
+        h_in[...] = batch
+        # copy stream: wait until the last compute on this slot has read its device input
+        self._copy_stream.wait_for_event(self._done[s])
+        cuda.memcpy_htod_async(self._d_in[s], h_in, self._copy_stream)
+        self._copied[s].record(self._copy_stream)
+        # compute stream: after the copy-in, infer n frames, copy the phase out
+        self._compute_stream.wait_for_event(self._copied[s])
+        if not self._exec.set_input_shape(self._input_name, (n, 1, *self.input_shape)):
+            raise RuntimeError(f"TensorRT refused input shape {(n, 1, *self.input_shape)}")
+        self._exec.set_tensor_address(self._input_name, int(self._d_in[s]))
+        for name in self._outputs:
+            self._exec.set_tensor_address(name, int(self._d_out[s][name]))
+        if not self._exec.execute_async_v3(self._compute_stream.handle):
+            raise RuntimeError("TensorRT execute_async_v3 failed (see TensorRT's log)")
+        cuda.memcpy_dtoh_async(self._h_out[s][:n], self._d_out[s][self._phase_name], self._compute_stream)
+        self._done[s].record(self._compute_stream)
+
+    def _wait(self, ticket: Ticket) -> np.ndarray:
+        self._ring.release(ticket)
+        self._done[ticket.slot].synchronize()
+        return np.array(self._h_out[ticket.slot][: ticket.n], dtype=np.float32, copy=True)
+
+    def collect(self, ticket: Ticket) -> np.ndarray:
+        """Wait for ``ticket``'s result: float32 (n, 1, H, W)."""
+        if ticket.seq in self._sync_results:
+            self._ring.release(ticket)
+            return self._sync_results.pop(ticket.seq)
+        with self._active():
+            return self._wait(ticket)
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        return self.collect(self.submit(batch))
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with self._active():
+            if hasattr(self, "_compute_stream"):
+                self._compute_stream.synchronize()
+                self._copy_stream.synchronize()
+            for name in ("_exec", "_engine", "_runtime", "_d_in", "_d_out", "_h_in", "_h_out"):
+                if hasattr(self, name):
+                    delattr(self, name)  # frees device memory while the context is current
+        self._context.detach()

@@ -1,0 +1,54 @@
+"""fp32 ONNX -> fp16 / bf16 graphs with float32 I/O (what TensorRT 11 builds reduced precisions from)."""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto
+
+from engines.onnx_precision import bf16_bits, bf16_values, to_low_precision
+
+
+def test_bf16_rounding_by_hand():
+    values = np.array([1.0, 1.00390625, 1.01171875, 1.0078125, -2.0, np.inf], np.float32)
+    # bf16 keeps 7 fraction bits. 1 + 2^-8 is halfway between 1 and 1 + 2^-7: ties to even -> 1;
+    # 1 + 3 * 2^-8 is halfway between 1 + 2^-7 and 1 + 2^-6: ties to even -> 1 + 2^-6
+    expected = np.array([1.0, 1.0, 1.015625, 1.0078125, -2.0, np.inf], np.float32)
+    np.testing.assert_array_equal(bf16_values(bf16_bits(values)), expected)
+    assert np.isnan(bf16_values(bf16_bits(np.array([np.nan], np.float32))))[0]
+
+
+@pytest.mark.parametrize("precision, elem", [("fp16", TensorProto.FLOAT16), ("bf16", TensorProto.BFLOAT16)])
+def test_weights_converted_io_and_resize_scales_kept(small_model, precision, elem):
+    model = onnx.load(str(small_model))
+    low = to_low_precision(model, precision)
+    assert [i.type.tensor_type.elem_type for i in low.graph.input] == [TensorProto.FLOAT]
+    assert [o.type.tensor_type.elem_type for o in low.graph.output] == [TensorProto.FLOAT] * len(model.graph.output)
+    assert low.graph.node[0].op_type == "Cast" and low.graph.node[-1].op_type == "Cast"
+    resize_scales = {n.input[2] for n in low.graph.node if n.op_type == "Resize" and len(n.input) > 2}
+    for t in low.graph.initializer:
+        if t.name in resize_scales:
+            assert t.data_type == TensorProto.FLOAT
+        elif t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16):
+            assert t.data_type == elem, t.name
+    for n in low.graph.node:
+        if n.op_type == "Constant" and n.output[0] in resize_scales:
+            assert n.attribute[0].t.data_type == TensorProto.FLOAT
+    assert to_low_precision(model, precision).SerializeToString() == low.SerializeToString()  # deterministic
+
+
+def test_fp16_graph_computes_close_to_fp32(small_model):
+    import onnxruntime as ort
+
+    model = onnx.load(str(small_model))
+    x = np.random.default_rng(0).poisson(9, (2, 1, 64, 64)).astype(np.float32) * 0.05
+    name = model.graph.input[0].name
+    ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {name: x})[0]
+    low = to_low_precision(model, "fp16")
+    out = ort.InferenceSession(low.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {name: x})[0]
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, ref, atol=0.02)
+
+
+def test_unknown_precision_is_refused(small_model):
+    with pytest.raises(ValueError, match="fp16 or bf16"):
+        to_low_precision(onnx.load(str(small_model)), "int8")

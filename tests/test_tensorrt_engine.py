@@ -1,0 +1,470 @@
+"""The TensorRT engine against stand-ins of the ``tensorrt`` (10.x and 11.x) and ``pycuda`` APIs.
+
+No TensorRT or GPU is reachable here: ``tests/fakes`` provide the 10/11 Python API
+names and signatures, record every call, run queued GPU work only when it is
+waited for, and compute outputs with ONNX Runtime. What these tests show: the
+engine uses only the 10/11 API, builds, caches and rebuilds plans as specified,
+sets shapes and addresses, orders its copies and compute on its streams, and
+returns the model's own numbers. What they cannot show: real TensorRT speed,
+kernel choice, or numerics of fp16/bf16 kernels on a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engines import EngineOptions, EngineUnavailable, create_engine
+from engines import tensorrt_engine as te
+from fakes import fake_pycuda, fake_tensorrt
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Gpu:
+    """The fake driver state plus the fake tensorrt module, installed in sys.modules."""
+
+    def __init__(self, monkeypatch, version="10.16.1.11", gpus=(("NVIDIA RTX A6000", (8, 6)),)):
+        self.monkeypatch = monkeypatch
+        self.cuda = fake_pycuda.FakeCuda(gpus)
+        package, driver = fake_pycuda.make_modules(self.cuda)
+        monkeypatch.setitem(sys.modules, "pycuda", package)
+        monkeypatch.setitem(sys.modules, "pycuda.driver", driver)
+        self.install_trt(version)
+
+    def install_trt(self, version: str) -> None:
+        self.trt = fake_tensorrt.make_module(self.cuda, version)
+        self.monkeypatch.setitem(sys.modules, "tensorrt", self.trt)
+
+    def calls(self, name: str) -> list[tuple]:
+        return [c for c in self.cuda.calls if c[0] == name]
+
+    def clear(self) -> None:
+        self.cuda.calls.clear()
+
+
+@pytest.fixture(params=["10.16.1.11", "11.4.1.2"], ids=["trt10", "trt11"])
+def gpu(request, monkeypatch):
+    return Gpu(monkeypatch, request.param)
+
+
+@pytest.fixture
+def gpu10(monkeypatch):
+    return Gpu(monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def frames():
+    return np.random.default_rng(5).poisson(9, (8, 1, 64, 64)).astype(np.float32) * 0.05
+
+
+@pytest.fixture(scope="module")
+def reference(small_model):
+    return create_engine("onnxruntime", EngineOptions(small_model, device="cpu", max_batch=8))
+
+
+def make(model, tmp_path, **kw) -> te.TensorRTEngine:
+    options = dict(model_path=model, device="cuda:0", max_batch=8, plan_cache_dir=tmp_path / "plans")
+    options.update(kw)
+    return create_engine("tensorrt", EngineOptions(**options))
+
+
+# -- contract: the API names we rely on ----------------------------------------------------------
+def _trt_objects(trt):
+    """One instance (or class) per API group, from the stand-in or the real module."""
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    return {
+        "module": trt, "Builder": builder, "OnnxParser": trt.OnnxParser(network, logger),
+        "IBuilderConfig": builder.create_builder_config(), "IOptimizationProfile": builder.create_optimization_profile(),
+        "Runtime": trt.Runtime(logger), "ICudaEngine": trt.ICudaEngine, "IExecutionContext": trt.IExecutionContext,
+        "MemoryPoolType": trt.MemoryPoolType, "BuilderFlag": trt.BuilderFlag, "TensorIOMode": trt.TensorIOMode,
+    }
+
+
+def test_contract_the_stand_in_offers_every_name_the_engine_uses(gpu):
+    gpu.cuda.initialised = True
+    objects = _trt_objects(gpu.trt)
+    for group, names in te.TRT_API.items():
+        for name in names:
+            assert hasattr(objects[group], name), f"{group}.{name}"
+    driver = sys.modules["pycuda.driver"]
+    for group, names in te.PYCUDA_API.items():
+        holder = {"driver": driver, "Device": driver.Device, "Context": driver.Context, "Stream": driver.Stream,
+                  "Event": driver.Event}[group]
+        for name in names:
+            if group == "Stream" and name == "handle":
+                continue  # an instance attribute
+            assert hasattr(holder, name), f"pycuda {group}.{name}"
+
+
+def test_contract_removed_apis_are_absent_from_the_stand_in_and_unused():
+    trt10 = fake_tensorrt.make_module(fake_pycuda.FakeCuda(), "10.16.1.11")
+    trt11 = fake_tensorrt.make_module(fake_pycuda.FakeCuda(), "11.4.1.2")
+    for trt in (trt10, trt11):
+        assert not hasattr(trt.Builder, "build_engine")
+        assert not hasattr(trt.IExecutionContext, "execute_async_v2")
+        assert not hasattr(trt.IBuilderConfig, "max_workspace_size")
+        assert not hasattr(trt.ICudaEngine, "get_binding_shape")
+    assert hasattr(trt10.BuilderFlag, "FP16") and not hasattr(trt11.BuilderFlag, "FP16")
+    assert not hasattr(trt11.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH")
+    code = (ROOT / "engines" / "tensorrt_engine.py").read_text()
+    body = code.split("TRT_REMOVED = (", 1)[1].split(")", 1)[1]  # everything after the list itself
+    for removed in ("build_engine", "execute_async_v2", "max_workspace_size", "EXPLICIT_BATCH", "BuilderFlag.FP16",
+                    "BuilderFlag.BF16", "get_binding", "num_bindings", "binding_is_input", "pycuda.autoinit",
+                    "make_context"):
+        assert re.search(rf"\b{re.escape(removed)}\b", body) is None, removed
+
+
+def test_contract_against_the_real_tensorrt_when_installed():
+    if "tensorrt" in sys.modules and getattr(sys.modules["tensorrt"], "fail_next_build", None) is not None:
+        pytest.skip("stand-in installed")
+    trt = pytest.importorskip("tensorrt", reason="TensorRT is not installed here (expected: see README)")
+    objects = _trt_objects(trt)
+    for group, names in te.TRT_API.items():
+        for name in names:
+            assert hasattr(objects[group], name), f"{group}.{name}"
+
+
+# -- build, run, results ------------------------------------------------------------------------
+def test_build_then_run_matches_onnxruntime(gpu, small_model, tmp_path, frames, reference):
+    engine = make(small_model, tmp_path)
+    assert engine.plan_source == "built" and engine.plan_path.is_file()
+    assert engine.device == "cuda:0 (NVIDIA RTX A6000)" and engine.input_shape == (64, 64)
+    out = engine.infer(frames)
+    assert out.shape == (8, 1, 64, 64) and out.dtype == np.float32
+    np.testing.assert_allclose(out, reference.infer(frames), atol=1e-5)
+    # one profile, batches 1..8, opt = max; network strongly typed where the flag exists
+    build = gpu.calls("build_serialized_network")
+    assert len(build) == 1 and "BuilderFlag.TF32" not in build[0][1]  # fp32: TF32 cleared
+    assert ("clear_flag", "BuilderFlag.TF32") in gpu.cuda.calls
+    assert ("set_memory_pool_limit", "MemoryPoolType.WORKSPACE", te.WORKSPACE_BYTES) in gpu.cuda.calls
+    key = json.loads(engine.plan_path.with_suffix(".json").read_text())
+    assert key["profile"] == "diffraction:1x1x64x64/8x1x64x64/8x1x64x64"
+    assert key["tensorrt_version"] == gpu.trt.__version__ and key["compute_capability"] == "8.6"
+    engine.close()
+
+
+def test_partial_batches_run_at_their_own_size_without_padding(gpu10, small_model, tmp_path, frames, reference):
+    engine = make(small_model, tmp_path)
+    gpu10.clear()
+    for n in (1, 3, 8, 5):
+        np.testing.assert_allclose(engine.infer(frames[:n]), reference.infer(frames[:n]), atol=1e-5)
+    shapes = [c[2] for c in gpu10.calls("set_input_shape")]
+    assert shapes == [(1, 1, 64, 64), (3, 1, 64, 64), (8, 1, 64, 64), (5, 1, 64, 64)]
+    copies_in = [c[2] for c in gpu10.calls("memcpy_htod_async")]
+    assert copies_in == [n * 64 * 64 * 4 for n in (1, 3, 8, 5)]  # only the real frames travel
+    with pytest.raises(ValueError, match="batch size must be 1..8"):
+        engine.infer(np.zeros((9, 1, 64, 64), np.float32))
+
+
+def test_addresses_streams_and_order_of_work(gpu10, small_model, tmp_path, frames):
+    engine = make(small_model, tmp_path)
+    gpu10.clear()
+    t1 = engine.submit(frames[:4])
+    t2 = engine.submit(frames[4:])
+    calls = gpu10.cuda.calls
+    executes = gpu10.calls("execute_async_v3")
+    assert len(executes) == 2
+    # nothing has run yet: submit only queues (results come back asynchronously)
+    streams = gpu10.cuda.streams
+    assert any(not s.is_done() for s in streams.values())
+    # two buffer sets: the two batches use different device input buffers
+    inputs = [c[2] for c in gpu10.calls("set_tensor_address") if c[1] == "diffraction"]
+    assert len(inputs) == 2 and inputs[0] != inputs[1]
+    for c in gpu10.calls("set_tensor_address"):
+        assert any(base <= c[2] < base + buf.nbytes for base, buf in gpu10.cuda.memory.items())
+    # copies in on one stream, inference and copy out on another
+    h2d = {c[3] for c in gpu10.calls("memcpy_htod_async")}
+    d2h = {c[3] for c in gpu10.calls("memcpy_dtoh_async")}
+    compute = {c[1] for c in executes}
+    assert len(h2d) == 1 and h2d != compute and d2h == compute
+    # the compute stream waits for each copy-in; each copy-in waits for its slot's last compute
+    assert [c[0] for c in calls].count("Stream.wait_for_event") == 4
+    out1, out2 = engine.collect(t1), engine.collect(t2)
+    np.testing.assert_allclose(np.concatenate([out1, out2]), engine.infer(frames), atol=1e-6)
+    # every CUDA call ran with the primary context pushed, and every push was popped
+    assert gpu10.cuda.stack() == []
+    assert not gpu10.calls("make_context")
+
+
+def test_reusing_the_input_array_after_submit_is_safe(gpu10, small_model, tmp_path, frames, reference):
+    engine = make(small_model, tmp_path)
+    batch = frames.copy()
+    ticket = engine.submit(batch)
+    batch[:] = 0.0  # the caller reuses its buffer at once: the engine copied it into pinned memory
+    np.testing.assert_allclose(engine.collect(ticket), reference.infer(frames), atol=1e-5)
+
+
+def test_copy_in_of_the_next_batch_overlaps_compute(gpu10, small_model, tmp_path, frames, reference):
+    """Batch 2's copy-in is queued (on the copy stream) before batch 1's result is collected,
+    and runs before batch 1's compute when the copy stream is drained first."""
+    engine = make(small_model, tmp_path)
+    t1 = engine.submit(frames[:4])
+    t2 = engine.submit(frames[4:])
+    copy_stream = engine._copy_stream
+    copy_stream.synchronize()  # the copy engine races ahead: both copies done
+    assert not engine._compute_stream.is_done()  # compute of batch 1 still pending
+    np.testing.assert_allclose(engine.collect(t1), reference.infer(frames[:4]), atol=1e-5)
+    np.testing.assert_allclose(engine.collect(t2), reference.infer(frames[4:]), atol=1e-5)
+    t3 = engine.submit(frames[:2])  # batch 1's slot again, after its ticket was collected
+    assert t3.slot == t1.slot != t2.slot
+    np.testing.assert_allclose(engine.collect(t3), reference.infer(frames[:2]), atol=1e-5)
+
+
+def test_at_most_two_in_flight_and_in_order(gpu10, small_model, tmp_path, frames):
+    engine = make(small_model, tmp_path)
+    a, b = engine.submit(frames[:1]), engine.submit(frames[:2])
+    with pytest.raises(RuntimeError, match="2 batches already in flight"):
+        engine.submit(frames[:3])
+    with pytest.raises(RuntimeError, match="in the order they were submitted"):
+        engine.collect(b)
+    engine.collect(a), engine.collect(b)
+
+
+def test_engine_runs_from_another_thread(gpu10, small_model, tmp_path, frames, reference):
+    """The pipeline's inference thread is not the thread that created the engine."""
+    import threading
+
+    engine = make(small_model, tmp_path)
+    result = {}
+    thread = threading.Thread(target=lambda: result.setdefault("out", engine.infer(frames)))
+    thread.start()
+    thread.join()
+    np.testing.assert_allclose(result["out"], reference.infer(frames), atol=1e-5)
+
+
+def test_consumer_n_takes_gpu_n_minus_1_mod_gpus(monkeypatch, small_model, tmp_path):
+    gpus = (("NVIDIA H100", (9, 0)), ("NVIDIA H100", (9, 0)))
+    Gpu(monkeypatch, gpus=gpus)
+    devices = [make(small_model, tmp_path, device="auto", processor_id=k).device for k in (1, 2, 3)]
+    assert devices == ["cuda:0 (NVIDIA H100)", "cuda:1 (NVIDIA H100)", "cuda:0 (NVIDIA H100)"]
+    assert make(small_model, tmp_path, device="cuda:1,0", processor_id=2).device.startswith("cuda:0")
+    with pytest.raises(EngineUnavailable, match="GPUs only, not on the CPU"):
+        make(small_model, tmp_path, device="cpu")
+    with pytest.raises(EngineUnavailable, match="sees 2 GPU"):
+        make(small_model, tmp_path, device="cuda:2")
+
+
+# -- plan cache ----------------------------------------------------------------------------------
+def test_cache_hit_skips_the_build(gpu, small_model, tmp_path):
+    first = make(small_model, tmp_path)
+    first.close()
+    gpu.clear()
+    second = make(small_model, tmp_path)
+    assert second.plan_source == "cache" and second.plan_path == first.plan_path
+    assert not gpu.calls("build_serialized_network") and not gpu.calls("OnnxParser.parse")
+    assert len(gpu.calls("deserialize_cuda_engine")) == 1
+
+
+@pytest.mark.parametrize("change", ["tensorrt_version", "gpu_name", "compute_capability", "onnx", "profile",
+                                    "precision"])
+def test_cache_is_invalidated_by_each_key_element(monkeypatch, small_model, tmp_path, change):
+    import shutil
+
+    gpu = Gpu(monkeypatch)
+    model = tmp_path / "model.onnx"
+    shutil.copy(small_model, model)
+    first = make(model, tmp_path)
+    plans = tmp_path / "plans"
+    assert len(list(plans.glob("*.plan"))) == 1
+    kwargs = {}
+    if change == "tensorrt_version":
+        gpu.install_trt("10.17.0.4")
+    elif change == "gpu_name":
+        gpu.cuda.gpus = [("NVIDIA RTX A5000", (8, 6))]
+    elif change == "compute_capability":
+        gpu.cuda.gpus = [("NVIDIA RTX A6000", (8, 9))]
+    elif change == "onnx":
+        import onnx
+        from onnx import numpy_helper
+
+        m = onnx.load(str(model))
+        w = m.graph.initializer[0]
+        w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * 1.01, w.name))
+        onnx.save(m, str(model))
+    elif change == "profile":
+        kwargs["max_batch"] = 16
+    elif change == "precision":
+        kwargs["precision"] = "fp16"
+    gpu.clear()
+    second = make(model, tmp_path, **kwargs)
+    assert second.plan_source == "built", change
+    assert second.plan_path != first.plan_path
+    assert len(gpu.calls("build_serialized_network")) == 1
+    assert len(list(plans.glob("*.plan"))) == 2
+
+
+def test_a_stale_plan_is_rebuilt_with_a_log_line(gpu10, small_model, tmp_path, caplog, frames, reference):
+    first = make(small_model, tmp_path)
+    first.close()
+    sidecar = first.plan_path.with_suffix(".json")
+    key = json.loads(sidecar.read_text())
+    sidecar.write_text(json.dumps({**key, "onnx_sha256": "0" * 64}))  # e.g. a file replaced under the same name
+    with caplog.at_level(logging.WARNING, logger="engines.tensorrt_engine"):
+        second = make(small_model, tmp_path)
+    assert second.plan_source == "built"
+    assert "is stale (onnx_sha256 differ); rebuilding it" in caplog.text
+    np.testing.assert_allclose(second.infer(frames), reference.infer(frames), atol=1e-5)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "empty", "other_version", "no_sidecar"])
+def test_an_unreadable_plan_is_rebuilt_never_a_crash(gpu10, small_model, tmp_path, caplog, damage):
+    first = make(small_model, tmp_path)
+    first.close()
+    if damage == "garbage":
+        first.plan_path.write_bytes(b"\x00not a plan")
+    elif damage == "empty":
+        first.plan_path.write_bytes(b"")
+    elif damage == "other_version":  # a plan from another TensorRT under a matching key: deserialize -> None
+        first.plan_path.write_bytes(first.plan_path.read_bytes().replace(b"10.16.1.11", b"10.99.0.0"))
+    else:
+        first.plan_path.with_suffix(".json").unlink()
+    with caplog.at_level(logging.WARNING, logger="engines.tensorrt_engine"):
+        second = make(small_model, tmp_path)
+    assert second.plan_source in ("rebuilt", "built")
+    assert "rebuilding it" in caplog.text
+    assert second.infer(np.zeros((2, 1, 64, 64), np.float32)).shape == (2, 1, 64, 64)
+    # and the rebuilt plan is good for the next start
+    assert make(small_model, tmp_path).plan_source == "cache"
+
+
+def test_warm_start_with_a_cached_plan_is_fast(gpu10, small_model, tmp_path):
+    make(small_model, tmp_path).close()
+    t0 = time.perf_counter()
+    engine = make(small_model, tmp_path)
+    out = engine.infer(np.ones((8, 1, 64, 64), np.float32))
+    elapsed = time.perf_counter() - t0
+    assert engine.plan_source == "cache" and out.shape == (8, 1, 64, 64)
+    assert elapsed <= 3.0, f"warm start took {elapsed:.2f} s"
+
+
+def test_default_plan_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.delenv("EDGE_PTYCHONN_PLAN_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert te.default_plan_cache_dir() == tmp_path / "edge-ptychonn" / "tensorrt"
+    monkeypatch.setenv("EDGE_PTYCHONN_PLAN_CACHE", str(tmp_path / "x"))
+    assert te.default_plan_cache_dir() == tmp_path / "x"
+
+
+# -- precisions ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("precision, tol", [("fp16", 0.05), ("bf16", 0.2), ("tf32", 1e-5)])
+def test_reduced_precisions_build_from_a_typed_graph(gpu, small_model, tmp_path, frames, reference, precision, tol):
+    engine = make(small_model, tmp_path, precision=precision)
+    build = gpu.calls("build_serialized_network")[0][1]
+    assert ("BuilderFlag.TF32" in build) == (precision == "tf32")
+    assert "BuilderFlag.FP16" not in build and "BuilderFlag.BF16" not in build  # never the weak-typing flags
+    out = engine.infer(frames)
+    np.testing.assert_allclose(out, reference.infer(frames), atol=tol)
+    assert engine.precision == precision
+
+
+def test_precision_needs_the_compute_capability(monkeypatch, small_model, tmp_path):
+    Gpu(monkeypatch, gpus=(("Tesla T4", (7, 5)),))
+    with pytest.raises(EngineUnavailable, match=r"bf16 needs compute capability 8.0 or later; Tesla T4 has 7.5: use fp32 or fp16"):
+        make(small_model, tmp_path, precision="bf16")
+    with pytest.raises(EngineUnavailable, match="offers precisions fp32, tf32, fp16, bf16, not 'int8'"):
+        make(small_model, tmp_path, precision="int8")
+    assert make(small_model, tmp_path, precision="fp16").precision == "fp16"
+
+
+# -- error paths ---------------------------------------------------------------------------------
+def test_onnx_parse_failure_is_a_clear_error(gpu10, tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    # a readable signature, but a graph TensorRT's parser rejects (unknown operator domain)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1, 8, 8])
+    node = helper.make_node("Mystery", ["x"], ["y"], domain="com.example")
+    model = helper.make_model(helper.make_graph([node], "g", [x], [y]), ir_version=9,
+                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
+    path = tmp_path / "odd.onnx"
+    onnx.save(model, path)
+    with pytest.raises(EngineUnavailable, match=r"TensorRT cannot parse .*odd.onnx: .*No importer registered for op: Mystery"):
+        make(path, tmp_path)
+    assert gpu10.cuda.stack() == []  # the context was popped
+    assert gpu10.cuda.retained[0] == 0  # and released
+
+
+def test_build_failure_returning_none_is_a_clear_error(gpu10, small_model, tmp_path):
+    gpu10.trt.fail_next_build = True
+    with pytest.raises(EngineUnavailable, match="TensorRT could not build a fp32 plan"):
+        make(small_model, tmp_path)
+    assert not list((tmp_path / "plans").glob("*.plan"))  # nothing half-written cached
+    assert make(small_model, tmp_path).plan_source == "built"
+
+
+def test_deserialize_returning_none_after_a_build_is_a_clear_error(gpu10, small_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu10.trt.Runtime, "deserialize_cuda_engine", lambda self, plan: None)
+    with pytest.raises(EngineUnavailable, match="could not deserialize the plan it has just built"):
+        make(small_model, tmp_path)
+
+
+def test_fixed_batch_models_are_padded(gpu10, tmp_path):
+    """A model exported with batch 8 (edgePtychoNN's kind): profile fixed at 8, partial batches padded."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.full((1, 1, 1, 1), 2.0, np.float32), "w")
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 1, 16, 16])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 1, 16, 16])
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"])], "g", [x], [y], [w])
+    path = tmp_path / "fixed8.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), path)
+    engine = make(path, tmp_path, max_batch=16)
+    batch = np.arange(3 * 256, dtype=np.float32).reshape(3, 1, 16, 16)
+    np.testing.assert_allclose(engine.infer(batch), 2 * batch)
+    big = np.ones((12, 1, 16, 16), np.float32)
+    np.testing.assert_allclose(engine.infer(big), 2 * big)
+    assert {c[2] for c in gpu10.calls("set_input_shape")} == {(8, 1, 16, 16)}
+
+
+def test_auto_prefers_tensorrt_when_it_and_a_gpu_are_there(gpu10, small_model, tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="engines.registry"):
+        engine = create_engine("auto", EngineOptions(small_model, precision="auto", plan_cache_dir=tmp_path / "p"))
+    assert (engine.name, engine.precision) == ("tensorrt", "fp16")
+    assert "engine 'auto' chose tensorrt fp16 on a GPU" in caplog.text
+
+
+def test_auto_falls_back_when_tensorrt_cannot_start(gpu10, small_model, tmp_path, caplog):
+    gpu10.trt.fail_next_build = True
+    with caplog.at_level(logging.INFO, logger="engines.registry"):
+        engine = create_engine("auto", EngineOptions(small_model, precision="auto", plan_cache_dir=tmp_path / "p"))
+    assert engine.name != "tensorrt" and engine.device == "cpu"
+    assert "tensorrt fp16 cannot start" in caplog.text
+
+
+# -- build-engine command ------------------------------------------------------------------------
+def test_build_engine_command_prebuilds_plans(gpu10, small_model, tmp_path, capsys):
+    from edge_ptychonn.tools import build_engine
+
+    argv = ["--model", str(small_model), "--batch", "8", "--precision", "fp32,fp16",
+            "--plan-cache-dir", str(tmp_path / "plans")]
+    assert build_engine.main(build_engine.get_args_parser().parse_args(argv)) == 0
+    out = capsys.readouterr().out
+    assert out.count("built") == 2 and "NVIDIA RTX A6000" in out
+    assert len(list((tmp_path / "plans").glob("*.plan"))) == 2
+    assert build_engine.main(build_engine.get_args_parser().parse_args(argv)) == 0
+    assert capsys.readouterr().out.count("cache") == 2
+    gpu10.clear()
+    engine = make(small_model, tmp_path, precision="fp16")  # a consumer now starts from the cache
+    assert engine.plan_source == "cache" and not gpu10.calls("build_serialized_network")
+
+
+def test_the_external_fixed_batch_model_matches_onnxruntime(gpu10, external_model, tmp_path):
+    """edgePtychoNN's batch-8 model: partial batches padded to 8, results as ONNX Runtime's."""
+    reference = create_engine("onnxruntime", EngineOptions(external_model, device="cpu", max_batch=8))
+    engine = make(external_model, tmp_path)
+    x = np.random.default_rng(7).poisson(5.0, (8, 1, 128, 128)).astype(np.float32)
+    for n in (8, 3):
+        np.testing.assert_allclose(engine.infer(x[:n]), reference.infer(x[:n]), atol=1e-4)
+    assert {c[2] for c in gpu10.calls("set_input_shape")} == {(8, 1, 128, 128)}
