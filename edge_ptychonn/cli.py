@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("edge_ptychonn.science.export", "export a PtychoNN with random weights to ONNX (to try engines)"),
     "bench": ("edge_ptychonn.tools.bench", "benchmark engines and the live pipeline"),
     "consumer": ("edge_ptychonn.tools.consumer", "run pvapy-hpc-consumer so that SIGTERM stops it cleanly"),
+    "soak": ("edge_ptychonn.tools.soak", "stream at a steady rate for minutes: nothing lost, memory flat"),
     "configure": ("edge_ptychonn.tools.configure", "change a running consumer's settings over its control channel"),
     "build-engine": ("edge_ptychonn.tools.build_engine", "prebuild TensorRT plans so that GPU consumers start in seconds"),
 }

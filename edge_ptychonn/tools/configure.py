@@ -44,7 +44,13 @@ def send(channel: str, args_text: str, timeout_s: float = 5.0) -> str:
     # The consumer stamps objectTime when it takes the command and answers a moment later.
     deadline = time.monotonic() + timeout_s
     while True:
-        record = ch.get("field(objectTime,statusMessage)")
+        try:
+            record = ch.get("field(objectTime,statusMessage)")
+        except pva.PvaException:  # a get that crossed the record's update: ask again
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+            continue
         message = record["statusMessage"]
         if (record["objectTime"] != before and message != PENDING) or time.monotonic() > deadline:
             return message

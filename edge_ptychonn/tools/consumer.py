@@ -44,9 +44,13 @@ def main(args: argparse.Namespace) -> int:
     argv = list(args.consumer_args)
     if not sys.stdout.isatty() and not {"-dc", "--disable-curses"} & set(argv):
         argv.insert(0, "-dc")
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # KeyboardInterrupt: PvaPy's clean stop
     from pvapy.cli import hpcConsumer
 
-    sys.argv = ["pvapy-hpc-consumer", *argv]
-    hpcConsumer.main()
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # KeyboardInterrupt: PvaPy's clean stop
+    saved_argv, sys.argv = sys.argv, ["edge-ptychonn consumer", *argv]  # argparse names us in its messages
+    try:
+        hpcConsumer.main()
+    finally:
+        sys.argv = saved_argv
+        signal.signal(signal.SIGTERM, previous)
     return 0

@@ -1,0 +1,152 @@
+"""``edge-ptychonn soak``: a long run at a steady rate; nothing may be lost, memory must stay flat.
+
+Starts one ``pvapy-ad-sim-server`` (random frames of the model's size, looped
+from a small cache, new uniqueIds all the way) and ``--consumers`` PtychoNN
+consumers on loopback, collects every output, and every ``--every`` seconds
+prints one line: frames sent so far (from the highest uniqueId out), published,
+lost (uniqueIds that never came out), the consumers' dropped/missed counts and
+each consumer's resident memory. At the end it prints a summary and exits with
+0 when nothing was lost and the memory of each consumer grew by less than
+``--max-growth-mb`` after the first minute (warm-up). Not part of the test
+suite: it runs for minutes (default 10).
+
+Pick ``--fps`` at about 80 % of the highest lossless rate that
+``edge-ptychonn bench`` measured for the same settings; without it, 80 % of
+the engine's own rate measured here for a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edge_ptychonn.model_card import default_model_path
+from edge_ptychonn.tools import processes
+
+
+def rss_mb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def consumer_pids(parent: int, n_consumers: int) -> list[int]:
+    """The processes that run the consumers: the parent itself, or its forked children."""
+    if n_consumers == 1:
+        return [parent]
+    kids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == parent:
+                kids.append(int(entry.name))
+    return sorted(kids)
+
+
+def engine_rate(model: Path, engine: str, threads: int) -> float:
+    from engines import EngineOptions, create_engine
+
+    e = create_engine(engine, EngineOptions(model, max_batch=8, cpu_threads=threads))
+    x = np.random.default_rng(0).poisson(20, (8, 1, *e.input_shape)).astype(np.float32)
+    e.infer(x)
+    t0, n = time.perf_counter(), 0
+    while time.perf_counter() - t0 < 1.0:
+        e.infer(x)
+        n += 8
+    return n / (time.perf_counter() - t0)
+
+
+def get_args_parser(prog: str = "edge-ptychonn soak") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, default=default_model_path(), help="ONNX model (default: the shipped one)")
+    p.add_argument("--engine", default="onnxruntime", help="engine of the consumers (default: %(default)s)")
+    p.add_argument("--consumers", type=int, default=1, help="consumers (default: %(default)s)")
+    p.add_argument("--cpu-threads", type=int, default=1, help="engine threads per consumer (default: %(default)s)")
+    p.add_argument("--fps", type=float, help="offered frames/s (default: 80%% of the engine's rate measured here)")
+    p.add_argument("--minutes", type=float, default=10.0, help="how long to stream (default: %(default)s)")
+    p.add_argument("--every", type=float, default=30.0, help="seconds between progress lines (default: %(default)s)")
+    p.add_argument("--max-growth-mb", type=float, default=50.0,
+                   help="resident memory a consumer may gain after the first minute (default: %(default)s)")
+    p.add_argument("--json", type=Path, help="also write the figures here")
+    return p
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.minutes <= 0 or args.consumers < 1:
+        print("edge-ptychonn soak: --minutes must be > 0 and --consumers >= 1", file=sys.stderr)
+        return 2
+    env = processes.use_loopback()
+    ok, reason = processes.loopback_multicast()
+    if not ok and args.consumers > 1:
+        print(f"warning: {reason}", file=sys.stderr)
+    from engines.onnx_model import read_signature
+
+    hw = read_signature(args.model).input_shape
+    fps = args.fps or 0.8 * engine_rate(args.model, args.engine, args.cpu_threads) * args.consumers
+    runtime_s = args.minutes * 60
+    work = Path(tempfile.mkdtemp(prefix="edge-ptychonn-soak-"))
+    np.save(work / "frames.npy", np.random.default_rng(1).poisson(20, (200, *hw)).astype(np.int16))
+    prefix, image = "soak:inference", "soak:image"
+    p_args = {"modelPath": str(args.model), "engine": args.engine, "cpuThreads": args.cpu_threads}
+    procs = []
+    print(f"soak: {args.consumers} consumer(s), {args.engine}, {fps:.0f} frames/s for {args.minutes:g} min; "
+          f"logs in {work}", flush=True)
+    try:
+        consumers = processes.start("consumers", processes.consumer_argv(
+            image, prefix, args.consumers, "processors.ptychonn.PtychoNNProcessor", p_args), env, work)
+        procs.append(consumers)
+        sim = [processes.tool_path("pvapy-ad-sim-server"), "-dc", "-if", str(work / "frames.npy"), "-cn", image,
+               "-fps", str(fps), "-std", "10", "-shd", "5", "-rt", str(runtime_s), "-cs", "200", "-rp", "1000000"]
+        procs.append(processes.start("sim", sim, env, work))
+        outputs = [f"{prefix}:{i}:output" for i in range(1, args.consumers + 1)]
+        collector = processes.OutputCollector(outputs, keep_images=False, queue_size=100000)
+        t0 = time.monotonic()
+        samples = []  # (seconds, [rss per consumer])
+        end = t0 + 10 + runtime_s + 15
+        next_report = t0 + 10 + args.every
+        while time.monotonic() < end and procs[1].running() or time.monotonic() < t0 + 12:
+            time.sleep(0.5)
+            if time.monotonic() >= next_report:
+                next_report += args.every
+                rss = [rss_mb(p) for p in consumer_pids(consumers.pid, args.consumers)]
+                samples.append((time.monotonic() - t0, rss))
+                got = collector.count()
+                print(f"[{time.monotonic() - t0:6.0f} s] published {got}, RSS MB {', '.join(f'{r:.0f}' for r in rss)}",
+                      flush=True)
+        collector.wait_count(10**12, timeout_s=15, idle_s=5)
+        statuses = processes.wait_status([f"{prefix}:{i}:status" for i in range(1, args.consumers + 1)], timeout_s=5)
+        collector.close()
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+    ids = sorted(r.unique_id for name in outputs for r in collector.received[name])
+    sent = ids[-1] if ids else 0
+    lost = sent - len(set(ids))
+    user = [s["userStats"] for s in statuses if s]
+    dropped = sum(u["nFramesDropped"] for u in user)
+    missed = sum(u["nFramesMissed"] for u in user)
+    warm = [rss for t, rss in samples if t >= 70] or [rss for _, rss in samples]
+    growth = max((max(col) - col[0] for col in zip(*warm)), default=0.0) if warm else 0.0
+    figures = {"fps_offered": fps, "minutes": args.minutes, "consumers": args.consumers, "engine": args.engine,
+               "frames_sent": sent, "frames_published": len(ids), "frames_lost": lost, "dropped": dropped,
+               "missed": missed, "rss_mb": samples, "rss_growth_after_warmup_mb": growth}
+    print(f"soak: sent {sent}, published {len(ids)}, lost {lost} (dropped {dropped}, missed {missed}); "
+          f"resident memory grew {growth:.1f} MB after the first minute")
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=1))
+    return 0 if lost == 0 and dropped == 0 and sent > 0 and growth < args.max_growth_mb else 1
