@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("edge_ptychonn.science.evaluate", "stitch a model's predictions on a scan and score them"),
     "export": ("edge_ptychonn.science.export", "export a PtychoNN (random or from a checkpoint) to ONNX"),
     "bench": ("edge_ptychonn.tools.bench", "benchmark engines and the live pipeline"),
+    "launch": ("edge_ptychonn.tools.launch", "start the live chain (sim server, inference, stitcher, HDF5) from a TOML file"),
 }
 
 
