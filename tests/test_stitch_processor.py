@@ -180,3 +180,93 @@ def test_bad_frames_are_counted(tmp_path, rng):
     p.process(good_frame(1, patches[0]))
     p.process(good_frame(2, np.zeros((8, 8), np.float32)))  # another patch size within a scan
     assert p.getStats()["nBadFrames"] == 1 and p.getStats()["nFramesPlaced"] == 1
+
+
+# ---------------------------------------------------------------- end to end
+
+
+@pytest.fixture
+def procs():
+    started = []
+    yield started
+    for proc in reversed(started):
+        proc.stop(grace_s=15.0)
+        assert not proc.running(), f"{proc.name} (pid {proc.pid}) still running"
+
+
+def _wait(predicate, timeout_s):
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    return predicate()
+
+
+@pytest.mark.e2e
+def test_collector_merges_two_producers_positions_from_attributes_and_a_restart(pva_env, procs, tmp_path, rng):
+    """Two output channels (served by this process, as two inference consumers would) ->
+    the stitcher inside a real pvapy-hpc-collector: frames placed by their PosY/PosX
+    attributes, the live channel's last image equals offline stitching, uniqueIds
+    restarting give a second image, and the first is kept on ``:final`` and on disk."""
+    import os
+
+    from edge_ptychonn.tools.launch import Status, collector_argv
+    from edge_ptychonn.tools.processes import OutputCollector, start
+
+    tag = f"st{os.getpid()}"
+    patches, positions, _ = small_scan(rng, n=40, shape=(64, 64))
+    server = pva.PvaServer()
+    outputs = [f"{tag}:inference:{i}:output" for i in (1, 2)]
+    for name in outputs:
+        server.addRecord(name, pva.NtNdArray())  # an empty record first, as a consumer's output is
+
+    def publish(uid, patch, pos):
+        pv = good_frame(uid, patch)
+        pv["attribute"] = [pva.NtAttribute("PosY", pva.PvDouble(pos[0])), pva.NtAttribute("PosX", pva.PvDouble(pos[1]))]
+        server.update(outputs[((uid - 1) // 8) % 2], pv)  # runs of 8 in turn, as -du 8 gives
+
+    args = {"objectShape": [64, 64], "publishRate": 5, "outputDirectory": str(tmp_path / "out")}
+    procs.append(start("stitch", collector_argv(f"{tag}:inference:*:output", [1, 2], "processors.stitch.StitchProcessor",
+                                                args, f"{tag}:stitch", cache_size=16), pva_env, tmp_path))
+    status = Status()
+    stitch_status = f"{tag}:stitch:1:status"
+
+    def connected():
+        rec = status.get(stitch_status)
+        return rec and all(rec[f"producerStats_{i}"]["receiverStats"]["nReceived"] >= 1 for i in (1, 2))
+
+    assert _wait(connected, 40), procs[0].log()[-3000:]
+    live = OutputCollector([f"{tag}:stitch:1:output"])
+    try:
+        assert live.wait_connected(10)
+        for k in range(32):  # scan 1: uniqueIds 1..32
+            publish(k + 1, patches[k], positions[k])
+        placed = lambda n: _wait(lambda: (status.get(stitch_status) or {}).get("userStats", {}).get("nFramesPlaced", 0) >= n, 20)
+        assert placed(32), procs[0].log()[-3000:]
+        first = live.wait_count(10**6, timeout_s=3, idle_s=1.5) and live.received[live.channels[0]][-1]
+        for k in range(8):  # scan 2: uniqueIds restart at 1
+            publish(k + 1, patches[32 + k], positions[32 + k])
+        assert placed(40), procs[0].log()[-3000:]
+        stats = _wait(lambda: (status.get(stitch_status) or {}).get("userStats", {}).get("nScans", 0) == 2 and status.get(stitch_status), 10)
+        final = pva.Channel(f"{tag}:stitch:1:output:final").get("field()")
+    finally:
+        live.close()
+    user = stats["userStats"]
+    assert user["nFramesPlaced"] == 40 and user["nFramesNoPosition"] == 0 and user["scanFramesPlaced"] == 8
+    assert stats["collectorStats"]["nRejected"] == 0
+    expected = offline(patches[:32], positions[:32], (64, 64), None).image()
+    # the live channel's last image of scan 1 is the offline stitching of its 32 frames
+    attrs = {a["name"]: a["value"][0]["value"] for a in first.attributes}
+    assert attrs["FramesPlaced"] == 32 and attrs["ScanIndex"] == 1
+    np.testing.assert_allclose(first.image, expected, atol=1e-5)
+    # scan 1's finished image: on the :final channel and on disk
+    dims = final["dimension"]
+    np.testing.assert_allclose(np.array(final["value"][0]["floatValue"]).reshape(dims[1]["size"], dims[0]["size"]), expected, atol=1e-5)
+    np.testing.assert_allclose(np.load(tmp_path / "out" / "stitch_scan0001.npy"), expected, atol=1e-5)
+    procs.pop().stop(grace_s=15.0)  # at stop, scan 2 goes to disk
+    np.testing.assert_allclose(np.load(tmp_path / "out" / "stitch_scan0002.npy"),
+                               offline(patches[32:], positions[32:], (64, 64), None).image(), atol=1e-5)
