@@ -43,11 +43,13 @@ with the accepted ones listed)::
     [stitch]                           # omit the table for no stitcher
     prefix = "stitch"                  # <prefix>:1:output (+ :final), :status, :control
     collector_cache_size = 0           # 0: 2 * consumers * distributor_updates
+    server_queue_size = 1000
     [stitch.args]                      # positionsFile defaults to the scan's .npz when there is one
     publishRate = 2.0
 
     [hdf5]                             # omit the table for no files
     prefix = "hdf5"                    # <prefix>:<id>:status, :control
+    server_queue_size = 1000
     [hdf5.args]
     outputDirectory = "results/h5"     # required
 
@@ -452,7 +454,7 @@ def summary(cfg: LaunchConfig, snap: Snapshot, n_sent: int | None) -> list[str]:
         lines.append(f"frames sent          {n_sent}")
     lines.append(f"inference processed  {snap.processed()} (dropped or bad {snap.dropped()})")
     if cfg.hdf5 is not None:
-        lines.append(f"images written       {snap.written()} (HDF5, {sum(_user(r, 'nFilesWritten') for r in snap.hdf5)} files closed so far)")
+        lines.append(f"images written       {snap.written()} (HDF5 files in {cfg.hdf5['args']['outputDirectory']})")
     if cfg.stitch is not None:
         s = snap.stitch
         lines.append(f"frames placed        {snap.placed()} (no position {_user(s, 'nFramesNoPosition')}, "
