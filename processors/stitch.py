@@ -25,7 +25,10 @@ a new one), and it rejects a frame older than those it already released (a
 consumer lagging by more than the cache). Choose the cache size between
 latency (cache / frame rate) and the lag it absorbs (``2 * nConsumers *
 distributorUpdates`` is a good start); the collector's ``nRejected`` and
-``nMissed`` show what was lost. Pass ``--skip-initial-updates 0``: each
+``nMissed`` show what was lost. The same rule applies when uniqueIds restart:
+frames of a new scan that arrive while the previous scan's last frames are
+still cached are rejected until the cache empties (at most 5 s after its last
+frame), so leave a few seconds between scans. Pass ``--skip-initial-updates 0``: each
 producer's first update on connect is an empty record, which this processor
 ignores, so no frame is skipped. The processor also runs unchanged under
 ``pvapy-hpc-consumer`` on a single output channel.
