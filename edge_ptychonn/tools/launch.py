@@ -517,9 +517,12 @@ def main(args: argparse.Namespace) -> int:
             if snap is None and code != 1:
                 snap = chain.snapshot()
         finally:
+            # a second Ctrl-C or SIGTERM must not cut the stopping short
+            previous_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             chain.stop()
             signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGINT, previous_int)
     if snap is not None:
         print("\n".join(summary(cfg, snap, n_sent) + accuracy(cfg)))
     return code
