@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "soak": ("edge_ptychonn.tools.soak", "stream at a steady rate for minutes: nothing lost, memory flat"),
     "configure": ("edge_ptychonn.tools.configure", "change a running consumer's settings over its control channel"),
     "build-engine": ("edge_ptychonn.tools.build_engine", "prebuild TensorRT plans so that GPU consumers start in seconds"),
+    "launch": ("edge_ptychonn.tools.launch", "start the live chain (sim server, inference, stitcher, HDF5) from a TOML file"),
 }
 
 

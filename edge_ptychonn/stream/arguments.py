@@ -1,0 +1,209 @@
+"""Generic PvaPy processor arguments: framework keys apart, camelCase -> field tables, clear errors.
+
+PvaPy hands every processor one ``configDict``: the user's ``--processor-args``
+JSON merged with about a dozen framework keys (``processorId``,
+``inputChannel``, ...). A processor declares its own arguments once, as a table
+``camelCaseKey -> (field_name, converter)``; :func:`parse_arguments` separates
+the framework's keys, converts ours into field values, and rejects any key
+that is neither, naming it and listing the accepted ones::
+
+    ARGS = {
+        "publishRate": ("publish_rate_hz", number(0.01, 100)),
+        "outputDirectory": ("output_directory", path()),
+    }
+    fields, framework = parse_arguments(config_dict, ARGS)
+    settings = StitchSettings(**fields)
+
+A converter takes the JSON value and returns the field value, or raises
+``ValueError``/``TypeError`` with a message that starts with "must ..."; the
+error that reaches the user is ``"<key> must ..., got <value>"``.
+
+:func:`runtime_changes` validates a ``configure()`` request (control channel)
+against the keys that may change while running: anything else raises
+``ValueError`` and nothing changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from .config import FRAMEWORK_KEYS, split_framework_keys
+
+__all__ = [
+    "FRAMEWORK_KEYS", "split_framework_keys", "ArgTable", "parse_arguments", "runtime_changes", "convert_value",
+    "integer", "number", "boolean", "choice", "text", "path", "optional", "int_pair", "text_list",
+]
+
+Converter = Callable[[Any], Any]
+ArgTable = dict[str, tuple[str, Converter]]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def integer(lo: int | None = None, hi: int | None = None) -> Converter:
+    """An integer in [lo, hi] (either bound may be None)."""
+
+    def convert(value: Any) -> int:
+        if not _is_int(value) or (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise ValueError(f"must be an integer {_range(lo, hi)}, got {value!r}")
+        return int(value)
+
+    return convert
+
+
+def number(lo: float | None = None, hi: float | None = None) -> Converter:
+    """A number (int or float) in [lo, hi], returned as float."""
+
+    def convert(value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            (lo is not None and value < lo) or (hi is not None and value > hi)
+        ):
+            raise ValueError(f"must be a number {_range(lo, hi)}, got {value!r}")
+        return float(value)
+
+    return convert
+
+
+def _range(lo, hi) -> str:
+    if lo is not None and hi is not None:
+        return f"{lo}..{hi}"
+    if lo is not None:
+        return f">= {lo}"
+    if hi is not None:
+        return f"<= {hi}"
+    return ""
+
+
+def boolean() -> Converter:
+    def convert(value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"must be true or false, got {value!r}")
+        return value
+
+    return convert
+
+
+def choice(*choices: str) -> Converter:
+    def convert(value: Any) -> str:
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        return value
+
+    return convert
+
+
+def text(allow_empty: bool = False) -> Converter:
+    def convert(value: Any) -> str:
+        if not isinstance(value, str) or (not allow_empty and not value):
+            raise ValueError(f"must be a {'' if allow_empty else 'non-empty '}string, got {value!r}")
+        return value
+
+    return convert
+
+
+def path() -> Converter:
+    """A file-system path (``~`` expanded)."""
+
+    def convert(value: Any) -> Path:
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"must be a path (string), got {value!r}")
+        return Path(value).expanduser()
+
+    return convert
+
+
+def optional(convert: Converter) -> Converter:
+    """``None`` (JSON null) or what ``convert`` accepts."""
+    return lambda value: None if value is None else convert(value)
+
+
+def int_pair(lo: int | None = None) -> Converter:
+    """A list of two integers (each >= lo), as a tuple."""
+
+    def convert(value: Any) -> tuple[int, int]:
+        if (
+            not isinstance(value, (list, tuple)) or len(value) != 2
+            or not all(_is_int(v) and (lo is None or v >= lo) for v in value)
+        ):
+            bound = f" >= {lo}" if lo is not None else ""
+            raise ValueError(f"must be a list of two integers{bound}, got {value!r}")
+        return int(value[0]), int(value[1])
+
+    return convert
+
+
+def text_list(length: int | None = None) -> Converter:
+    """A list of non-empty strings (of ``length`` items, if given), as a tuple."""
+
+    def convert(value: Any) -> tuple[str, ...]:
+        if (
+            not isinstance(value, (list, tuple))
+            or (length is not None and len(value) != length)
+            or not all(isinstance(v, str) and v for v in value)
+        ):
+            n = f"{length} " if length is not None else ""
+            raise ValueError(f"must be a list of {n}strings, got {value!r}")
+        return tuple(value)
+
+    return convert
+
+
+def convert_value(key: str, converter: Converter, value: Any) -> Any:
+    """``converter(value)``; its error becomes ``ValueError("<key> must ..., got ...")``."""
+    try:
+        return converter(value)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{key} {exc}") from exc
+
+
+def parse_arguments(
+    config_dict: dict | None, table: ArgTable, aliases: dict[str, str] | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A PvaPy ``configDict`` -> (``{field: value}`` for the keys given, framework keys).
+
+    ``table`` maps each accepted camelCase key to ``(field, converter)``;
+    ``aliases`` maps extra accepted names onto table keys. Keys absent from
+    ``config_dict`` are absent from the result, so the settings dataclass's
+    defaults apply. Raises ``ValueError`` naming an unknown key and listing the
+    accepted ones, or naming a key whose value is invalid and saying why.
+    """
+    user, framework = split_framework_keys(config_dict or {})
+    for old, new in (aliases or {}).items():
+        if old in user:
+            if new in user:
+                raise ValueError(f"give either {old!r} or {new!r}, not both")
+            user[new] = user.pop(old)
+    unknown = sorted(k for k in user if k not in table)
+    if unknown:
+        accepted = ", ".join(list(table) + list(aliases or {}))
+        raise ValueError(f"unknown processor argument(s) {', '.join(unknown)}; accepted: {accepted}")
+    fields = {table[k][0]: convert_value(k, table[k][1], v) for k, v in user.items()}
+    return fields, framework
+
+
+def runtime_changes(settings: Any, changes: Any, table: ArgTable, runtime_keys: Iterable[str]) -> tuple[Any, dict]:
+    """Validate a ``configure()`` request; return (new frozen settings, applied user keys).
+
+    Framework keys are the framework's business and are left out. Any other key
+    outside ``runtime_keys``, or an invalid value, raises ``ValueError``, and then
+    nothing changes. ``settings`` is a dataclass; its ``__post_init__`` checks run
+    again on the new values.
+    """
+    if not isinstance(changes, dict):
+        raise ValueError(f"configure expects a JSON object, got {type(changes).__name__}")
+    runtime_keys = tuple(runtime_keys)
+    user, _ = split_framework_keys(changes)
+    bad = sorted(k for k in user if k not in runtime_keys)
+    if bad:
+        raise ValueError(f"cannot change {', '.join(bad)} at run time; changeable: {', '.join(runtime_keys)}")
+    fields = {table[k][0]: convert_value(k, table[k][1], v) for k, v in user.items() if k in table}
+    return replace(settings, **fields), user
+
+
+def describe(table: ArgTable) -> str:
+    """The accepted keys, comma-separated (for help texts and errors)."""
+    return ", ".join(table)

@@ -1,0 +1,583 @@
+"""``edge-ptychonn launch CONFIG.toml``: start the whole live chain from one small file, watch it, stop it.
+
+The chain::
+
+    pvapy-ad-sim-server (or a detector) --<source.channel>--> pvapy-hpc-consumer -nc N (PtychoNNProcessor)
+        --> <inference>:<id>:output --+--> pvapy-hpc-collector (StitchProcessor) --> <stitch>:1:output (+ :final)
+                                      +--> pvapy-hpc-consumer -nc N (Hdf5WriterProcessor) --> one .h5 per consumer and scan
+                                      +--> c2dv viewers (optional)
+
+Order: the inference consumers, then their clients (stitcher, HDF5 writers), each
+waited for until its status channel answers; then the sim server, whose start
+delay lets every client connect to the channels that appear when the first
+(empty) record reaches the consumers, before frames flow. The launcher reports
+when every client has received its first record, and warns if frames started
+before. It then prints a one-line status every second (from the status
+channels) and, with a sim server replaying once, stops when the chain has been
+idle for ``idle_s`` after the scan; a detector chain runs until Ctrl-C. Ctrl-C
+or SIGTERM stops everything it started, by process id, source first, so the
+downstream stages see every frame; their logs are in ``log_dir``.
+
+The file (TOML; every key is optional unless marked; unknown keys are refused
+with the accepted ones listed)::
+
+    log_dir = "results/launch"         # processes' logs
+    idle_s = 8.0                       # with a replayed scan: stop after this long without progress
+    timeout_s = 0                      # stop after this many seconds (0: no limit)
+
+    [source]
+    scan = "data/generated/scan.npy"   # replay this with pvapy-ad-sim-server; omit for a detector channel
+    channel = "ad:image"               # the detector channel (sim server: the channel it publishes)
+    fps = 100.0                        # sim server frame rate
+    start_delay_s = 12.0               # sim server: wait before streaming, so every client connects
+
+    [inference]
+    consumers = 2
+    prefix = "inference"               # <prefix>:<id>:output, :status, :control
+    processor = "processors.ptychonn.PtychoNNProcessor"
+    distributor_updates = 8            # frames each consumer takes in turn
+    server_queue_size = 1000
+    [inference.args]                   # --processor-args (camelCase, see the processor)
+    modelPath = "data/ptychonn.onnx"
+
+    [stitch]                           # omit the table for no stitcher
+    prefix = "stitch"                  # <prefix>:1:output (+ :final), :status, :control
+    collector_cache_size = 0           # 0: 2 * consumers * distributor_updates
+    server_queue_size = 1000
+    [stitch.args]                      # positionsFile defaults to the scan's .npz when there is one
+    publishRate = 2.0
+
+    [hdf5]                             # omit the table for no files
+    prefix = "hdf5"                    # <prefix>:<id>:status, :control
+    server_queue_size = 1000
+    [hdf5.args]
+    outputDirectory = "results/h5"     # required
+
+    [viewer]                           # omit for no viewer; needs c2dv (pip install 'edge-ptychonn[viewer]')
+    channels = ["stitch:1:output"]
+
+Python >= 3.11 (``tomllib``) is needed to read the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import processes as live
+
+# table -> key -> (type(s), default); None default with REQUIRED marks a required key
+_REQUIRED = object()
+SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
+    "": {"log_dir": (str, "results/launch"), "idle_s": ((int, float), 8.0), "timeout_s": ((int, float), 0.0),
+         "source": (dict, _REQUIRED), "inference": (dict, _REQUIRED), "stitch": (dict, None),
+         "hdf5": (dict, None), "viewer": (dict, None)},
+    "source": {"scan": (str, None), "channel": (str, "ad:image"), "fps": ((int, float), 100.0),
+               "start_delay_s": ((int, float), 12.0)},
+    "inference": {"consumers": (int, 2), "prefix": (str, "inference"),
+                  "processor": (str, "processors.ptychonn.PtychoNNProcessor"), "distributor_updates": (int, 8),
+                  "server_queue_size": (int, 1000), "args": (dict, {})},
+    "stitch": {"prefix": (str, "stitch"), "collector_cache_size": (int, 0), "server_queue_size": (int, 1000),
+               "args": (dict, {})},
+    "hdf5": {"prefix": (str, "hdf5"), "server_queue_size": (int, 1000), "args": (dict, _REQUIRED)},
+    "viewer": {"channels": (list, _REQUIRED)},
+}
+
+
+def _check_table(name: str, table: dict) -> dict:
+    schema = SCHEMA[name]
+    where = f"[{name}]" if name else "the top level"
+    unknown = sorted(set(table) - set(schema))
+    if unknown:
+        raise ValueError(f"unknown key(s) {', '.join(unknown)} in {where}; accepted: {', '.join(schema)}")
+    out = {}
+    for key, (types, default) in schema.items():
+        if key not in table:
+            if default is _REQUIRED:
+                raise ValueError(f"{where} needs '{key}'")
+            out[key] = default
+            continue
+        value = table[key]
+        if isinstance(value, bool) or not isinstance(value, types):
+            names = types.__name__ if isinstance(types, type) else " or ".join(t.__name__ for t in types)
+            raise ValueError(f"'{key}' in {where} must be {names}, got {value!r}")
+        out[key] = value
+    return out
+
+
+@dataclass
+class LaunchConfig:
+    """A validated launch file. Paths are relative to the current directory."""
+
+    log_dir: Path
+    idle_s: float
+    timeout_s: float
+    source: dict
+    inference: dict
+    stitch: dict | None = None
+    hdf5: dict | None = None
+    viewer: dict | None = None
+    base: Path = field(default_factory=Path.cwd)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LaunchConfig":
+        top = _check_table("", data)
+        tables = {name: _check_table(name, top[name]) if top[name] is not None else None
+                  for name in ("source", "inference", "stitch", "hdf5", "viewer")}
+        inf = tables["inference"]
+        if not 1 <= inf["consumers"] <= 64:
+            raise ValueError(f"[inference] consumers must be 1..64, got {inf['consumers']}")
+        src = tables["source"]
+        if src["scan"] is not None and not Path(src["scan"]).is_file():
+            raise ValueError(f"[source] scan {src['scan']!r} is not a file (make one with 'edge-ptychonn simulate')")
+        if src["fps"] <= 0 or src["start_delay_s"] < 0:
+            raise ValueError("[source] fps must be > 0 and start_delay_s >= 0")
+        if tables["hdf5"] is not None and "outputDirectory" not in tables["hdf5"]["args"]:
+            raise ValueError("[hdf5.args] needs 'outputDirectory'")
+        if tables["stitch"] is not None and src["scan"] is not None:
+            npz = Path(src["scan"]).with_suffix(".npz")
+            args = tables["stitch"]["args"]
+            if npz.is_file() and "positionsFile" not in args and "objectShape" not in args:
+                args["positionsFile"] = str(npz)
+        return cls(Path(top["log_dir"]), float(top["idle_s"]), float(top["timeout_s"]), **tables)
+
+    @classmethod
+    def load(cls, path: Path) -> "LaunchConfig":
+        try:
+            import tomllib
+        except ImportError as exc:  # Python < 3.11
+            raise ValueError(f"reading {path} needs Python >= 3.11 (tomllib); this is Python {sys.version.split()[0]}") from exc
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except OSError as exc:
+            raise ValueError(f"cannot read {path}: {exc}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"{path} is not valid TOML: {exc}") from exc
+        return cls.from_dict(data)
+
+    # -- channel names --------------------------------------------------------------------
+    def inference_ids(self) -> list[int]:
+        return list(range(1, self.inference["consumers"] + 1))
+
+    def output_channel(self, i: int) -> str:
+        return f"{self.inference['prefix']}:{i}:output"
+
+    def stitch_channel(self) -> str:
+        return f"{self.stitch['prefix']}:1:output"
+
+
+# ---------------------------------------------------------------- command lines
+
+
+def collector_argv(
+    input_pattern: str, producer_ids: list[int], processor_class: str, processor_args: dict | None,
+    prefix: str, cache_size: int, server_queue_size: int = 1000, report_period_s: float = 2.0,
+    runtime_s: float = 0.0,
+) -> list[str]:
+    """``pvapy-hpc-collector`` merging ``input_pattern`` (``*`` = producer id) from
+    ``producer_ids``; output ``<prefix>:1:output``, status ``:status``, control
+    ``:control``. Initial updates are not skipped (the processors ignore the empty
+    record a monitor gets on connect)."""
+    argv = [
+        live.tool_path("pvapy-hpc-collector"), "-dc", "-id", "1", "-pid", ",".join(map(str, producer_ids)),
+        "-ic", input_pattern, "-oc", f"{prefix}:*:output", "-sc", f"{prefix}:*:status", "-cc", f"{prefix}:*:control",
+        "-sqs", str(server_queue_size), "-ccs", str(cache_size), "-siu", "0", "-pc", processor_class,
+        "-rp", str(report_period_s), "-rt", str(runtime_s),
+    ]
+    if processor_args:
+        argv += ["-pa", json.dumps(processor_args)]
+    return argv
+
+
+def chained_argv(
+    input_pattern: str, n_consumers: int, processor_class: str, processor_args: dict | None, prefix: str,
+    server_queue_size: int = 1000, report_period_s: float = 2.0, runtime_s: float = 0.0,
+) -> list[str]:
+    """``pvapy-hpc-consumer -nc N`` where consumer ``k`` reads ``input_pattern``
+    with ``*`` = k (one per upstream consumer), no output channel, status
+    ``<prefix>:<k>:status``; initial updates not skipped."""
+    argv = [
+        live.tool_path("pvapy-hpc-consumer"), "-dc", "-ic", input_pattern, "-nc", str(n_consumers),
+        "-sc", f"{prefix}:*:status", "-cc", f"{prefix}:*:control", "-sqs", str(server_queue_size),
+        "-siu", "0", "-pc", processor_class, "-rp", str(report_period_s), "-rt", str(runtime_s),
+    ]
+    if processor_args:
+        argv += ["-pa", json.dumps(processor_args)]
+    return argv
+
+
+# ---------------------------------------------------------------- status
+
+
+class Status:
+    """Reads status records, keeping one pvAccess channel per name."""
+
+    def __init__(self, timeout_s: float = 1.0):
+        import pvaccess as pva
+
+        self._pva = pva
+        self._channels: dict[str, Any] = {}
+        self.timeout_s = timeout_s
+
+    def get(self, name: str) -> dict | None:
+        ch = self._channels.get(name)
+        if ch is None:
+            ch = self._channels[name] = self._pva.Channel(name)
+            ch.setTimeout(self.timeout_s)
+        try:
+            return ch.get("field()").toDict()
+        except self._pva.PvaException:
+            return None
+
+
+def _user(record: dict | None, key: str, default=0):
+    return (record or {}).get("userStats", {}).get(key, default)
+
+
+@dataclass
+class Snapshot:
+    """What the status channels say, summed over consumers."""
+
+    inference: list[dict | None]
+    stitch: dict | None
+    hdf5: list[dict | None]
+
+    def processed(self) -> int:
+        return sum(_user(r, "nFramesProcessed") for r in self.inference)
+
+    def dropped(self) -> int:
+        return sum(_user(r, "nFramesDropped") + _user(r, "nBadFrames") for r in self.inference)
+
+    def written(self) -> int:
+        return sum(_user(r, "nFramesWritten") for r in self.hdf5)
+
+    def placed(self) -> int:
+        return _user(self.stitch, "nFramesPlaced")
+
+    def collector_lost(self) -> int:
+        c = (self.stitch or {}).get("collectorStats", {})
+        return c.get("nMissed", 0) + c.get("nRejected", 0)
+
+    def progress(self) -> tuple:
+        return (self.processed(), self.written(), self.placed())
+
+    def line(self, elapsed_s: float, cfg: LaunchConfig) -> str:
+        rate = sum(_user(r, "frameRate", 0.0) for r in self.inference)
+        parts = [f"{elapsed_s:6.1f}s", f"inference {self.processed()} frames ({rate:.0f}/s, dropped {self.dropped()})"]
+        if cfg.stitch is not None:
+            s = self.stitch
+            parts.append(f"stitch {self.placed()} placed, cover {_user(s, 'coverage', 0.0):.0%}, "
+                         f"no position {_user(s, 'nFramesNoPosition')}, scan {_user(s, 'nScans')}, "
+                         f"lost {self.collector_lost()}")
+        if cfg.hdf5 is not None:
+            parts.append(f"hdf5 {self.written()} written")
+        down = sum(r is None for r in [*self.inference, *self.hdf5]) + (cfg.stitch is not None and self.stitch is None)
+        if down:
+            parts.append(f"{down} status channel(s) silent")
+        return " | ".join(parts)
+
+
+# ---------------------------------------------------------------- the chain
+
+
+class Chain:
+    """Starts, watches and stops the processes of a :class:`LaunchConfig`."""
+
+    def __init__(self, cfg: LaunchConfig, out=sys.stdout):
+        self.cfg = cfg
+        self.out = out
+        self.procs: list[live.Proc] = []
+        self.source: live.Proc | None = None
+        self.env = live.use_loopback()
+        self.status = Status()
+        self.started_s = time.monotonic()
+
+    def say(self, message: str) -> None:
+        print(message, file=self.out, flush=True)
+
+    # -- names ------------------------------------------------------------------------------
+    def inference_status(self) -> list[str]:
+        return [f"{self.cfg.inference['prefix']}:{i}:status" for i in self.cfg.inference_ids()]
+
+    def hdf5_status(self) -> list[str]:
+        if self.cfg.hdf5 is None:
+            return []
+        return [f"{self.cfg.hdf5['prefix']}:{i}:status" for i in self.cfg.inference_ids()]
+
+    def stitch_status(self) -> str | None:
+        return f"{self.cfg.stitch['prefix']}:1:status" if self.cfg.stitch is not None else None
+
+    def snapshot(self) -> Snapshot:
+        stitch = self.stitch_status()
+        return Snapshot([self.status.get(c) for c in self.inference_status()],
+                        self.status.get(stitch) if stitch else None,
+                        [self.status.get(c) for c in self.hdf5_status()])
+
+    # -- start ------------------------------------------------------------------------------
+    def _start(self, name: str, argv: list[str]) -> live.Proc:
+        proc = live.start(name, argv, self.env, self.cfg.log_dir)
+        self.procs.append(proc)
+        self.say(f"started {name:<9} pid {proc.pid:<7} log {proc.log_path}")
+        return proc
+
+    def _wait_answering(self, channels: list[str], timeout_s: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        waiting = list(channels)
+        while waiting:
+            waiting = [c for c in waiting if self.status.get(c) is None]
+            dead = [p for p in self.procs if not p.running()]
+            if dead:
+                raise RuntimeError(f"{dead[0].name} exited (code {dead[0].popen.returncode}):\n{dead[0].log()[-3000:]}")
+            if waiting and time.monotonic() > deadline:
+                raise RuntimeError(f"no answer from {', '.join(waiting)} within {timeout_s:.0f} s")
+            if waiting:
+                time.sleep(0.3)
+
+    def start(self) -> None:
+        cfg = self.cfg
+        ok, reason = live.loopback_multicast()
+        if not ok:
+            self.say(f"warning: {reason}; with several PVA servers on this host some clients may never connect")
+        inf = cfg.inference
+        self._start("inference", live.consumer_argv(
+            cfg.source["channel"], inf["prefix"], inf["consumers"], inf["processor"], inf["args"],
+            batch_updates=inf["distributor_updates"], server_queue_size=inf["server_queue_size"], runtime_s=0,
+            report_period_s=2.0,
+        ))
+        self._wait_answering(self.inference_status())
+        outputs = f"{inf['prefix']}:*:output"
+        if cfg.stitch is not None:
+            cache = cfg.stitch["collector_cache_size"] or 2 * inf["consumers"] * inf["distributor_updates"]
+            self._start("stitch", collector_argv(
+                outputs, cfg.inference_ids(), "processors.stitch.StitchProcessor", cfg.stitch["args"],
+                cfg.stitch["prefix"], cache, cfg.stitch["server_queue_size"],
+            ))
+        if cfg.hdf5 is not None:
+            self._start("hdf5", chained_argv(
+                outputs, inf["consumers"], "processors.hdf5_writer.Hdf5WriterProcessor", cfg.hdf5["args"],
+                cfg.hdf5["prefix"], cfg.hdf5["server_queue_size"],
+            ))
+        self._wait_answering(self.hdf5_status() + ([self.stitch_status()] if cfg.stitch else []))
+        if cfg.viewer is not None:
+            self._start_viewers()
+        src = cfg.source
+        if src["scan"] is not None:
+            self.source = self._start("sim", live.sim_server_argv(
+                Path(src["scan"]), src["channel"], fps=src["fps"], start_delay_s=src["start_delay_s"]))
+            self._wait_clients(src["start_delay_s"])
+        self.started_s = time.monotonic()
+
+    def _start_viewers(self) -> None:
+        c2dv = shutil.which("c2dv") or (live.tool_path("c2dv") if Path(live.tool_path("c2dv")).exists() else None)
+        if c2dv is None:
+            self.say("warning: c2dv not found (pip install 'edge-ptychonn[viewer]'); no viewer started")
+            return
+        for i, channel in enumerate(self.cfg.viewer["channels"], 1):
+            self._start(f"viewer{i}", [c2dv, "--app", "image", "--pv", channel])
+
+    def _clients_ready(self) -> bool:
+        stitch = self.status.get(self.stitch_status()) if self.cfg.stitch else {}
+        if stitch is None:
+            return False
+        producers = [v for k, v in (stitch or {}).items() if k.startswith("producerStats_")]
+        if self.cfg.stitch and not all(p.get("receiverStats", {}).get("nReceived", 0) >= 1 for p in producers):
+            return False
+        for channel in self.hdf5_status():
+            rec = self.status.get(channel)
+            if rec is None or rec.get("receiverStats", {}).get("nReceived", 0) < 1:
+                return False
+        return True
+
+    def _wait_clients(self, start_delay_s: float) -> None:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < start_delay_s:
+            if self._clients_ready():
+                self.say(f"all clients connected after {time.monotonic() - t0:.1f} s; "
+                         f"frames flow {start_delay_s:.0f} s after the sim server started")
+                return
+            time.sleep(0.5)
+        self.say("warning: not every client had connected when frames started to flow; "
+                 "raise [source] start_delay_s if frames are missing")
+
+    # -- watch --------------------------------------------------------------------------------
+    def watch(self) -> Snapshot:
+        """Print the status line until done (replayed scan idle), timeout or a signal."""
+        tty = self.out.isatty() if hasattr(self.out, "isatty") else False
+        last_progress, last_change = None, time.monotonic()
+        snap = self.snapshot()
+        while True:
+            time.sleep(1.0)
+            snap = self.snapshot()
+            now = time.monotonic()
+            line = snap.line(now - self.started_s, self.cfg)
+            print(("\r" + line + "\x1b[K") if tty else line, end="" if tty else "\n", file=self.out, flush=True)
+            dead = [p for p in self.procs if p is not self.source and not p.name.startswith("viewer") and not p.running()]
+            if dead:
+                self.say(f"\n{dead[0].name} exited (code {dead[0].popen.returncode}); stopping")
+                break
+            if snap.progress() != last_progress:
+                last_progress, last_change = snap.progress(), now
+            replay_done = self.source is not None and not self.source.running()
+            if replay_done and snap.processed() > 0 and now - last_change > self.cfg.idle_s:
+                break
+            if self.cfg.timeout_s and now - self.started_s > self.cfg.timeout_s:
+                self.say(f"\ntimeout after {self.cfg.timeout_s:.0f} s")
+                break
+        if tty:
+            print(file=self.out)
+        return snap
+
+    # -- stop ---------------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Stop everything by pid: source first, then inference, then its clients."""
+        for proc in self.procs_in_stop_order():
+            if proc.running():
+                # the collector joins its processing thread (up to 5 s) before our stop() runs
+                code = proc.stop(grace_s=15.0 if proc.name == "stitch" else 5.0)
+                self.say(f"stopped {proc.name:<9} pid {proc.pid:<7} exit {code}")
+
+    def procs_in_stop_order(self) -> list[live.Proc]:
+        rank = {"sim": 0, "inference": 1}
+        return sorted(self.procs, key=lambda p: rank.get(p.name, 2))
+
+
+def summary(cfg: LaunchConfig, snap: Snapshot, n_sent: int | None) -> list[str]:
+    lines = []
+    if n_sent is not None:
+        lines.append(f"frames sent          {n_sent}")
+    lines.append(f"inference processed  {snap.processed()} (dropped or bad {snap.dropped()})")
+    if cfg.hdf5 is not None:
+        lines.append(f"images written       {snap.written()} (HDF5 files in {cfg.hdf5['args']['outputDirectory']})")
+    if cfg.stitch is not None:
+        s = snap.stitch
+        lines.append(f"frames placed        {snap.placed()} (no position {_user(s, 'nFramesNoPosition')}, "
+                     f"outside {_user(s, 'nFramesOutside')}, coverage {_user(s, 'coverage', 0.0):.1%})")
+        lines.append(f"stitcher cost        {_user(s, 'stitchTimeUs', 0.0):.0f} us per frame")
+        lines.append(f"collector lost       {snap.collector_lost()} (missed + rejected)")
+    if n_sent is not None:
+        reached = snap.written() if cfg.hdf5 is not None else snap.processed()
+        lines.append(f"frames lost          {n_sent - reached}")
+    return lines
+
+
+# ---------------------------------------------------------------- command
+
+
+def get_args_parser(prog: str = "edge-ptychonn launch") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", type=Path, help="the chain's TOML file (example: scripts/chain.toml)")
+    p.add_argument("--check", action="store_true", help="validate the file, print the commands, start nothing")
+    return p
+
+
+class _Terminated(Exception):
+    pass
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        cfg = LaunchConfig.load(args.config)
+    except ValueError as exc:
+        print(f"edge-ptychonn launch: {exc}", file=sys.stderr)
+        return 2
+    if args.check:
+        print(json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in vars(cfg).items()}, indent=2))
+        return 0
+    chain = Chain(cfg)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    n_sent = None
+    if cfg.source["scan"] is not None:
+        import numpy as np
+
+        n_sent = len(np.load(cfg.source["scan"], mmap_mode="r"))
+    snap = None
+    code = 0
+    try:
+        chain.start()
+        snap = chain.watch()
+    except (KeyboardInterrupt, _Terminated):
+        chain.say("\ninterrupted: stopping everything")
+        code = 130
+    except RuntimeError as exc:
+        chain.say(f"edge-ptychonn launch: {exc}")
+        code = 1
+    finally:
+        try:
+            if snap is None and code != 1:
+                snap = chain.snapshot()
+        finally:
+            # a second Ctrl-C or SIGTERM must not cut the stopping short
+            previous_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            chain.stop()
+            signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGINT, previous_int)
+    if snap is not None:
+        print("\n".join(summary(cfg, snap, n_sent) + accuracy(cfg)))
+    return code
+
+
+def accuracy(cfg: LaunchConfig) -> list[str]:
+    """The last stitched image saved by the stitcher, scored against the scan's truth
+    (when the replayed scan has its ``.npz``), and a PNG of both beside the image."""
+    if cfg.stitch is None or "outputDirectory" not in cfg.stitch["args"] or cfg.source["scan"] is None:
+        return []
+    saved = sorted(Path(cfg.stitch["args"]["outputDirectory"]).glob(f"{cfg.stitch['args'].get('filePrefix', 'stitch')}_scan*[0-9].npy"))
+    npz = Path(cfg.source["scan"]).with_suffix(".npz")
+    if not saved or not npz.is_file():
+        return []
+    import numpy as np
+
+    from edge_ptychonn.science.metrics import score_phase
+
+    image = np.load(saved[-1])
+    with np.load(npz) as z:
+        truth = z["object_phase"] if "object_phase" in z.files else None
+    weight_file = saved[-1].with_name(saved[-1].stem + "_weight.npy")
+    if truth is None or truth.shape != image.shape or not weight_file.is_file():
+        return [f"final stitched image  {saved[-1]}"]
+    covered = np.load(weight_file) >= cfg.stitch["args"].get("minCoverWeight", 0.5)
+    try:
+        scores = score_phase(image, truth, covered)
+    except ValueError as exc:
+        return [f"final stitched image  {saved[-1]} (not scored: {exc})"]
+    lines = [f"final stitched image  {saved[-1]}: SSIM {scores['ssim']:.3f}, RMSE {scores['rmse_rad']:.3f} rad "
+             f"vs the truth over {int(covered.sum())} covered pixels"]
+    png = _save_png(saved[-1].with_suffix(".png"), image - scores["offset_rad"], truth, covered)
+    if png:
+        lines.append(f"picture              {png}")
+    return lines
+
+
+def _save_png(path: Path, image, truth, covered) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    import numpy as np
+
+    lo, hi = float(truth[covered].min()), float(truth[covered].max())
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4.5))
+    for ax, data, title in ((axes[0], np.where(covered, image, np.nan), "live stitched phase (rad)"),
+                            (axes[1], truth, "ground truth (rad)")):
+        im = ax.imshow(data, cmap="gray", vmin=lo, vmax=hi)
+        ax.set_title(title)
+        ax.axis("off")
+    fig.colorbar(im, ax=axes, shrink=0.8)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,118 @@
+"""A small shared base for the project's PvaPy processors, so that a new processor is one file.
+
+A processor declares, once, as class attributes:
+
+``ARGS``
+    ``camelCaseKey -> (field, converter)`` (see :mod:`edge_ptychonn.stream.arguments`);
+``SETTINGS``
+    a frozen dataclass whose fields are the table's fields (its defaults apply
+    to keys not given; its ``__post_init__`` checks the combination);
+``STATS``
+    ``statsKey -> (pva type, getter(processor))``: ``getStats()`` and
+    ``getStatsPvaTypes()`` are both derived from it, so their keys cannot drift;
+``RUNTIME_KEYS``
+    the keys ``configure()`` may change while running (default none).
+
+and gets: ``self.settings`` (validated at construction: an unknown key or an
+invalid value raises ``ValueError`` naming the key and the accepted ones, which
+stops the consumer at start), ``self.framework`` (PvaPy's own keys),
+``self.processor_id``, :meth:`count_problem` (count a problem by kind, log it
+once per kind with the reason), and the PvaPy overrides ``getStats``,
+``getStatsPvaTypes``, ``resetStats`` and ``getOutputPvObjectType`` (an NTNDArray,
+whose union takes any pixel type: our outputs are float32 images).
+
+PvaPy 5.6 threading: ``process()`` runs on the pvAccess monitor thread (the
+collector's processing thread under ``pvapy-hpc-collector``), ``start()``,
+``stop()`` and ``getStats()`` on the main thread, ``configure()`` on a timer
+thread. Subclasses guard shared state with their own lock.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from typing import Any, Callable, ClassVar
+
+import pvaccess as pva
+from pvapy.hpc.adImageProcessor import AdImageProcessor
+
+from edge_ptychonn.stream.arguments import ArgTable, parse_arguments, runtime_changes
+
+StatsTable = dict[str, tuple[Any, Callable[[Any], Any]]]
+
+
+def attribute_value(attributes: list, name: str) -> float | None:
+    """The numeric value of the NTNDArray attribute ``name`` (as a PvObject's
+    ``attribute`` list of dicts gives it), or None if absent or not a number."""
+    for attribute in attributes:
+        if attribute.get("name") == name:
+            try:
+                value = attribute["value"][0]["value"]
+            except (KeyError, IndexError, TypeError):
+                return None
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                return None
+            return float(value)
+    return None
+
+
+def seconds(time_stamp: dict) -> float:
+    """An EPICS time stamp dict -> seconds past the epoch (float)."""
+    return time_stamp.get("secondsPastEpoch", 0) + time_stamp.get("nanoseconds", 0) * 1e-9
+
+
+class ProcessorBase(AdImageProcessor):
+    """Arguments, statistics table and once-per-kind problem logging for PvaPy processors."""
+
+    ARGS: ClassVar[ArgTable] = {}
+    SETTINGS: ClassVar[type | None] = None
+    STATS: ClassVar[StatsTable] = {}
+    RUNTIME_KEYS: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, configDict: dict | None = None):
+        super().__init__(configDict or {})
+        fields, self.framework = parse_arguments(configDict or {}, self.ARGS)
+        self.settings = self.SETTINGS(**fields) if self.SETTINGS is not None else fields
+        self.processor_id = int(self.framework.get("processorId", 1) or 1)
+        self._problems: Counter[str] = Counter()
+        self._problems_lock = threading.Lock()
+
+    # -- problems: counted by kind, logged once per kind ---------------------------------
+    def count_problem(self, kind: str, message: str, *args: Any) -> int:
+        """Count one problem of ``kind``; log ``message % args`` the first time
+        this kind occurs (later ones are only counted). Returns the new count."""
+        with self._problems_lock:
+            self._problems[kind] += 1
+            n = self._problems[kind]
+        if n == 1:
+            self.logger.warning("%s (logged once; further '%s' problems are only counted): " + message, kind, kind, *args)
+        return n
+
+    def problems(self, kind: str) -> int:
+        with self._problems_lock:
+            return self._problems[kind]
+
+    def reset_problems(self) -> None:
+        with self._problems_lock:
+            self._problems.clear()
+
+    # -- run-time changes ----------------------------------------------------------------
+    def apply_changes(self, changes: Any) -> dict:
+        """Validate ``changes`` against ``RUNTIME_KEYS``, swap in the new settings,
+        and return the user keys applied (raises ``ValueError``: nothing changes)."""
+        new, applied = runtime_changes(self.settings, changes, self.ARGS, self.RUNTIME_KEYS)
+        self.settings = new
+        return applied
+
+    # -- PvaPy overrides -----------------------------------------------------------------
+    def getStats(self) -> dict:
+        return {key: getter(self) for key, (_, getter) in self.STATS.items()}
+
+    def getStatsPvaTypes(self) -> dict:
+        return {key: pva_type for key, (pva_type, _) in self.STATS.items()}
+
+    def resetStats(self) -> None:
+        self.reset_problems()
+
+    def getOutputPvObjectType(self, pvObject):
+        return pva.NtNdArray()

@@ -1,0 +1,138 @@
+"""The shared processor base and the generic argument module: tables, errors, stats, once-per-kind logs."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pvaccess as pva
+import pytest
+
+from edge_ptychonn.stream.arguments import (
+    FRAMEWORK_KEYS, boolean, choice, int_pair, integer, number, optional, parse_arguments, path,
+    runtime_changes, text, text_list,
+)
+from processors.base import ProcessorBase, attribute_value, seconds
+
+FRAMEWORK = {"processorId": 3, "inputChannel": "in", "outputChannel": "out", "objectIdField": "uniqueId",
+             "objectIdOffset": 1, "skipInitialUpdates": 1, "nSequentialUpdates": 1, "fieldRequest": ""}
+
+
+@dataclass(frozen=True)
+class Settings:
+    rate_hz: float = 2.0
+    size: int = 8
+    mode: str = "a"
+
+    def __post_init__(self):
+        if self.mode == "b" and self.size > 4:
+            raise ValueError("mode 'b' needs size <= 4")
+
+
+ARGS = {"rate": ("rate_hz", number(0.1, 10)), "size": ("size", integer(1, 16)), "mode": ("mode", choice("a", "b"))}
+
+
+class Counter(ProcessorBase):
+    ARGS = ARGS
+    SETTINGS = Settings
+    STATS = {
+        "nSeen": (pva.ULONG, lambda p: p.seen),
+        "rateHz": (pva.DOUBLE, lambda p: p.settings.rate_hz),
+        "name": (pva.STRING, lambda p: "counter"),
+    }
+    RUNTIME_KEYS = ("rate",)
+
+    def __init__(self, configDict=None):
+        super().__init__(configDict)
+        self.seen = 0
+
+
+def test_framework_keys_are_separated_and_unknown_keys_named():
+    fields, framework = parse_arguments({**FRAMEWORK, "rate": 5, "size": 3}, ARGS)
+    assert fields == {"rate_hz": 5.0, "size": 3}
+    assert framework == FRAMEWORK and set(framework) <= FRAMEWORK_KEYS
+    with pytest.raises(ValueError, match=r"unknown processor argument\(s\) bogus, rte; accepted: rate, size, mode"):
+        parse_arguments({**FRAMEWORK, "rte": 1, "bogus": 2}, ARGS)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("rate", 0, "rate must be a number 0.1..10, got 0"),
+    ("rate", True, "rate must be a number"),
+    ("size", 2.5, "size must be an integer 1..16, got 2.5"),
+    ("mode", "c", "mode must be one of 'a', 'b', got 'c'"),
+])
+def test_invalid_values_name_the_key(key, value, message):
+    with pytest.raises(ValueError, match=message):
+        parse_arguments({key: value}, ARGS)
+
+
+def test_converters():
+    assert int_pair(1)([3, 4]) == (3, 4)
+    with pytest.raises(ValueError, match="two integers >= 1"):
+        int_pair(1)([0, 4])
+    assert text_list(2)(["PosY", "PosX"]) == ("PosY", "PosX")
+    with pytest.raises(ValueError):
+        text_list(2)(["PosY"])
+    assert optional(path())(None) is None and optional(path())("~/x") == Path("~/x").expanduser()
+    assert boolean()(False) is False
+    with pytest.raises(ValueError):
+        boolean()(1)
+    with pytest.raises(ValueError):
+        text()("")
+    fields, _ = parse_arguments({"alias": 4}, ARGS, aliases={"alias": "size"})
+    assert fields == {"size": 4}
+
+
+def test_runtime_changes_only_the_allowed_keys():
+    s = Settings()
+    new, applied = runtime_changes(s, {"rate": 4, "skipInitialUpdates": 0}, ARGS, ("rate",))
+    assert new.rate_hz == 4.0 and applied == {"rate": 4} and s.rate_hz == 2.0
+    with pytest.raises(ValueError, match="cannot change size at run time; changeable: rate"):
+        runtime_changes(s, {"size": 2}, ARGS, ("rate",))
+    with pytest.raises(ValueError, match="configure expects a JSON object"):
+        runtime_changes(s, "rate=3", ARGS, ("rate",))
+
+
+def test_base_builds_settings_and_derives_stats_from_one_table():
+    p = Counter({**FRAMEWORK, "rate": 3})
+    assert p.settings == Settings(rate_hz=3.0) and p.processor_id == 3
+    assert p.getStats() == {"nSeen": 0, "rateHz": 3.0, "name": "counter"}
+    assert p.getStats().keys() == p.getStatsPvaTypes().keys()
+    pva.PvObject(p.getStatsPvaTypes()).set(p.getStats())  # the status record PvaPy builds accepts them
+    assert isinstance(p.getOutputPvObjectType(None), pva.PvObject)
+    with pytest.raises(ValueError, match="mode 'b' needs size <= 4"):
+        Counter({"mode": "b"})
+    with pytest.raises(ValueError, match="unknown processor argument"):
+        Counter({"rates": 1})
+    p.apply_changes({"rate": 7})
+    assert p.getStats()["rateHz"] == 7.0
+    with pytest.raises(ValueError):
+        p.apply_changes({"size": 1})
+    assert p.settings.size == 8
+
+
+def test_problems_are_counted_by_kind_and_logged_once():
+    p = Counter({})
+    messages = []
+
+    class Log:  # PvaPy's logger prints nothing without --log-level: record instead
+        def warning(self, msg, *args):
+            messages.append(msg % args)
+
+    p.logger = Log()
+    for i in range(5):
+        p.count_problem("noPosition", "frame %d has no position", i)
+    p.count_problem("outside", "frame %d outside", 9)
+    assert p.problems("noPosition") == 5 and p.problems("outside") == 1
+    assert sum("noPosition" in m for m in messages) == 1 and "frame 0 has no position" in messages[0]
+    p.resetStats()
+    assert p.problems("noPosition") == 0
+
+
+def test_attribute_helpers():
+    attrs = [pva.NtAttribute("PosY", pva.PvDouble(1.5)), pva.NtAttribute("PosX", pva.PvInt(7)),
+             pva.NtAttribute("Name", pva.PvString("x"))]
+    pv = pva.NtNdArray()
+    pv["attribute"] = attrs
+    got = pv["attribute"]
+    assert attribute_value(got, "PosY") == 1.5 and attribute_value(got, "PosX") == 7.0
+    assert attribute_value(got, "Name") is None and attribute_value(got, "Missing") is None
+    assert seconds({"secondsPastEpoch": 10, "nanoseconds": 500_000_000}) == 10.5
