@@ -45,7 +45,7 @@ def test_export_writes_a_model_the_engines_run(tmp_path, capsys):
     assert cli.main(["export", "--out", str(out), "--input-size", "30"]) == 2
 
 
-@pytest.mark.parametrize("name", sorted(cli.COMMANDS))
+@pytest.mark.parametrize("name", sorted(set(cli.COMMANDS) - {"consumer"}))
 def test_every_command_answers_bad_arguments_with_2_on_stderr(name, capsys):
     with pytest.raises(SystemExit) as exit_:  # argparse's own exit
         cli.main([name, "--no-such-option"])
@@ -65,3 +65,18 @@ def test_command_errors_go_to_stderr(tmp_path, capsys):
     assert err[0].startswith("edge-ptychonn export: input_size must be a multiple")
     assert err[1].startswith("edge-ptychonn simulate: overlap must be in (0, 1)")
     assert err[2].startswith("edge-ptychonn demo: model") and "not found" in err[2]
+
+
+def test_consumer_passes_arguments_to_pvapy_and_answers_bad_ones_with_2():
+    """'consumer' runs PvaPy's own command line in its process (its logging needs real
+    standard streams), so it is tried in a child process."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "edge_ptychonn.cli", "consumer", "--no-such-option"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "usage: edge-ptychonn consumer" in done.stderr and "edge-ptychonn consumer: error:" in done.stderr
+    helped = subprocess.run([sys.executable, "-m", "edge_ptychonn.cli", "consumer", "--help"],
+                            capture_output=True, text=True, timeout=60)
+    assert helped.returncode == 0 and "SIGTERM" in helped.stdout and "pvapy-hpc-consumer --help" in helped.stdout
