@@ -36,7 +36,8 @@ from typing import Any, Callable, ClassVar
 import pvaccess as pva
 from pvapy.hpc.adImageProcessor import AdImageProcessor
 
-from edge_ptychonn.stream.arguments import ArgTable, parse_arguments, runtime_changes
+from edge_ptychonn.stream.arguments import ArgTable, boolean, convert_value, parse_arguments, runtime_changes
+from edge_ptychonn.stream.frames import BadFrame, NotAFrame, decode
 
 StatsTable = dict[str, tuple[Any, Callable[[Any], Any]]]
 
@@ -96,6 +97,21 @@ class ProcessorBase(AdImageProcessor):
         with self._problems_lock:
             self._problems.clear()
 
+    # -- frames -----------------------------------------------------------------------------
+    def decode_frame(self, pvObject):
+        """(meta, image) of a received NTNDArray, or None. A record without an image (what
+        a monitor gets on connect) counts in ``self.counts["empty"]``; a bad frame in
+        ``self.counts["bad"]`` and as a problem of its kind (logged once). Subclasses that
+        call it keep a ``counts`` dict with "empty" and "bad"."""
+        try:
+            return decode(pvObject)
+        except NotAFrame:
+            self.counts["empty"] += 1
+        except BadFrame as exc:
+            self.counts["bad"] += 1
+            self.count_problem(exc.kind, "%s", exc)
+        return None
+
     # -- run-time changes ----------------------------------------------------------------
     def apply_changes(self, changes: Any) -> dict:
         """Validate ``changes`` against ``RUNTIME_KEYS``, swap in the new settings,
@@ -103,6 +119,24 @@ class ProcessorBase(AdImageProcessor):
         new, applied = runtime_changes(self.settings, changes, self.ARGS, self.RUNTIME_KEYS)
         self.settings = new
         return applied
+
+    def configure(self, configDict):
+        """Apply run-time changes (all-or-nothing); ``{"newScan": true}`` then calls
+        :meth:`new_scan`. A ValueError reaches the control channel as
+        "Configuration failed: ..." and changes nothing."""
+        try:
+            new_scan = False
+            if isinstance(configDict, dict) and "newScan" in configDict:
+                new_scan = convert_value("newScan", boolean(), configDict["newScan"])
+            self.apply_changes(configDict)
+        except ValueError as exc:
+            self.logger.error("configuration refused, nothing changed: %s", exc)
+            raise
+        if new_scan:
+            self.new_scan()
+
+    def new_scan(self) -> None:
+        """Finish the current scan and start a new one (processors with scans override it)."""
 
     # -- PvaPy overrides -----------------------------------------------------------------
     def getStats(self) -> dict:

@@ -71,9 +71,8 @@ import numpy as np
 import pvaccess as pva
 
 from edge_ptychonn.stream.arguments import (
-    boolean, choice, convert_value, integer, number, optional, path, text, text_list,
+    boolean, choice, integer, number, optional, path, text, text_list,
 )
-from edge_ptychonn.stream.frames import BadFrame, decode
 from processors.base import ProcessorBase, attribute_value, seconds
 
 COMPRESSIONS = ("none", "gzip", "lzf", "blosc", "lz4", "zstd", "bitshuffle")
@@ -377,15 +376,10 @@ class Hdf5WriterProcessor(ProcessorBase):
         self._thread = None
 
     def process(self, pvObject):
-        try:
-            meta, image = decode(pvObject)
-        except BadFrame as exc:
-            if exc.kind == "empty":
-                self.counts["empty"] += 1
-            else:
-                self.counts["bad"] += 1
-                self.count_problem(exc.kind, "%s", exc)
+        frame = self.decode_frame(pvObject)
+        if frame is None:
             return None
+        meta, image = frame
         ny, nx = self.settings.position_attributes
         y, x = attribute_value(meta.attributes, ny), attribute_value(meta.attributes, nx)
         frame = _Frame(
@@ -396,17 +390,8 @@ class Hdf5WriterProcessor(ProcessorBase):
         self.queue.put(frame)  # blocks when full: backpressure into the PVA server queue
         return None
 
-    def configure(self, configDict):
-        try:
-            new_scan = False
-            if isinstance(configDict, dict) and "newScan" in configDict:
-                new_scan = convert_value("newScan", boolean(), configDict["newScan"])
-            self.apply_changes(configDict)
-        except ValueError as exc:
-            self.logger.error("configuration refused, nothing changed: %s", exc)
-            raise
-        if new_scan:
-            self.queue.put(_NEW_SCAN)
+    def new_scan(self) -> None:
+        self.queue.put(_NEW_SCAN)
 
     def resetStats(self):
         super().resetStats()

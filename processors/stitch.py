@@ -92,9 +92,8 @@ import pvaccess as pva
 
 from edge_ptychonn.science.stitch import Stitcher, probe_weight
 from edge_ptychonn.stream.arguments import (
-    boolean, convert_value, int_pair, integer, number, optional, path, text, text_list,
+    int_pair, integer, number, optional, path, text, text_list,
 )
-from edge_ptychonn.stream.frames import BadFrame, decode
 from processors.base import ProcessorBase, attribute_value
 
 
@@ -471,32 +470,17 @@ class StitchProcessor(ProcessorBase):
 
     def process(self, pvObject):
         t0 = time.perf_counter()
-        try:
-            meta, image = decode(pvObject)
-        except BadFrame as exc:
-            if exc.kind == "empty":
-                self.counts["empty"] += 1  # the record a monitor gets on connect
-            else:
-                self.counts["bad"] += 1
-                self.count_problem(exc.kind, "%s", exc)
+        frame = self.decode_frame(pvObject)
+        if frame is None:
             return None
+        meta, image = frame
         self.counts["received"] += 1
         self.add_frame(meta.unique_id, image, meta.attributes)
         self.process_time_s += time.perf_counter() - t0
         return None
 
-    def configure(self, configDict):
-        # A ValueError reaches the control channel as "Configuration failed: ...".
-        try:
-            new_scan = False
-            if isinstance(configDict, dict) and "newScan" in configDict:
-                new_scan = convert_value("newScan", boolean(), configDict["newScan"])
-            self.apply_changes(configDict)
-        except ValueError as exc:
-            self.logger.error("configuration refused, nothing changed: %s", exc)
-            raise
-        if new_scan:
-            self.finish_scan(publish=True)
+    def new_scan(self) -> None:
+        self.finish_scan(publish=True)
 
     def resetStats(self):
         super().resetStats()
