@@ -26,9 +26,17 @@ ENGINES = {
 ENGINE_NAMES = ("auto", *ENGINES)
 
 
-def engine_class(name: str):
-    if name not in ENGINES:
+def check_name(name: str) -> None:
+    """ValueError naming the known engines unless ``name`` is one ('auto' included);
+    imports nothing."""
+    if name not in ENGINE_NAMES:
         raise ValueError(f"unknown engine {name!r}; known: {', '.join(ENGINE_NAMES)}")
+
+
+def engine_class(name: str):
+    check_name(name)
+    if name == "auto":
+        raise ValueError("'auto' stands for an engine chosen at run time; it has no class")
     module, _, cls = ENGINES[name].partition(":")
     return getattr(importlib.import_module(module), cls)
 

@@ -2,37 +2,48 @@
 
 Usage::
 
-    pvapy-hpc-consumer --input-channel ad:image \\
+    edge-ptychonn consumer --input-channel ad:image \\
         --output-channel 'inference:*:output' --status-channel 'inference:*:status' \\
         --control-channel 'inference:*:control' \\
         --processor-class processors.ptychonn.PtychoNNProcessor \\
-        --processor-args '{"modelPath": "data/ptychonn.onnx", "engine": "auto", "batchSize": 8}' \\
-        --n-consumers 4 --distributor-updates 8 --server-queue-size 1000
+        --processor-args '{"engine": "auto", "batchSize": 8}' \\
+        --n-consumers 4 --distributor-updates 8 --server-queue-size 1000 --report-period 2
+
+(``pvapy-hpc-consumer`` takes the same options; see the README on signals.)
 
 Input
     NTNDArray, mono, any integer or float pixel type (uncompressed, or lz4 /
     blosc / bslz4 compressed when that package is installed), of a size that
     the preprocessing turns into the model's input (e.g. 128x128, or 516x516
-    with ``"crop": [512, 512], "bin": 4``).
+    with ``"crop": [512, 512], "bin": 4``). Float frames with NaN or infinite
+    pixels are bad frames (``nonfinite``); records without an image (on
+    connect) are no frames.
 Output (``--output-channel``)
     One NTNDArray per input frame, in input order: float32 phase image
     (model output size, radians), the input's ``uniqueId``, ``timeStamp``,
     ``dataTimeStamp`` and attributes.
 Processor arguments (``--processor-args`` JSON; camelCase)
-    modelPath (str, required unless the packaged default is wanted: data/ptychonn.onnx)
-    engine ('auto' | 'torch' | 'onnxruntime'; default 'auto')
-    device ('auto' | 'cpu' | 'cuda' | 'cuda:N'; default 'auto': GPU (processorId-1) % nGPUs)
-    precision ('fp32' | 'bf16' | 'fp16'; default 'fp32')
-    batchSize (1..256, default 8); batchTimeout (s, default 0.05: a partial batch is run after it)
-    queueBatches (default 16); maxPendingFrames (frames kept before the engine is ready, default 2000)
+    modelPath (str; default: the shipped model, found however the project is installed)
+    engine ('auto' | 'tensorrt' | 'torch' | 'onnxruntime' | 'zero'; default 'auto')
+    device ('auto' | 'cpu' | 'cuda' | 'cuda:N' | a consumer-to-GPU map 'cuda:0,0,1,1';
+    default 'auto': GPU (processorId-1) % nGPUs)
+    precision ('auto' | 'fp32' | 'tf32' | 'bf16' | 'fp16'; default 'auto'); planCacheDir (TensorRT plans)
+    batchSize (1..256, default 8); batchTimeout (0.001..60 s, default 0.05: a partial batch is run after it)
+    queueBatches (default 16: beyond, frames are dropped at the door and counted);
+    maxPendingFrames (frames kept before the engine is ready, default 2000)
     cpuThreads (0: all cores but one); crop [h, w]; cropOrigin [y0, x0]; bin (int);
-    transform ('none' | 'sqrt' | 'log1p'); offset; scale.
-    Preprocessing defaults come from the model's JSON sidecar (model.json) when present.
-Run-time changes (control channel ``configure``)
+    transform ('none' | 'sqrt' | 'log1p'); offset; scale (> 0).
+    Preprocessing defaults come from the model card (model.json) when present.
+Run-time changes (control channel ``configure``, e.g. ``edge-ptychonn configure``)
     batchTimeout, offset, scale, transform. Anything else is refused and nothing changes.
 Statistics (status channel, ``userStats``)
-    See :data:`STATS`: frame/batch counters, dropped and bad frames by kind,
-    inference and frame rates, receive-to-publish latency p50/p99, engine, device.
+    See :data:`STATS`: totals of frames received, published, dropped by reason,
+    bad by kind, errors, queued, missed upstream, restarts, unaccounted (always 0),
+    completeness; engine and frame rates and latency p50/p99 over the last 5 s;
+    the run-time settings, engine, device.
+Signals
+    SIGTERM publishes what the consumer holds, then stops it like Ctrl-C
+    (``processors/shutdown.py``); each consumer prints its final statistics.
 
 ``InferPtychoNNImageProcessor`` is the drop-in for edgePtychoNN's processor: it
 also accepts that processor's ``bsz`` and ``onnx_mdl`` arguments.
@@ -50,7 +61,8 @@ from edge_ptychonn.stream.config import SEED_ALIASES, ProcessorConfig, parse_pro
 from edge_ptychonn.stream.frames import BAD_FRAME_KINDS, output_pv_type
 from edge_ptychonn.stream.pipeline import DROP_REASONS, InferencePipeline
 from processors import shutdown
-from engines import ENGINE_NAMES, EngineOptions, create_engine
+from engines import EngineOptions, create_engine
+from engines.registry import check_name
 
 DEFAULT_MODEL = default_model_path()
 
@@ -116,8 +128,7 @@ class PtychoNNProcessor(AdImageProcessor):
         config, framework = parse_processor_args(
             configDict or {}, aliases=self.ARG_ALIASES, default_model=DEFAULT_MODEL
         )
-        if config.engine not in ENGINE_NAMES:
-            raise ValueError(f"unknown engine {config.engine!r}; known: {', '.join(ENGINE_NAMES)}")
+        check_name(config.engine)  # at start-up, not only when start() creates it
         self.config: ProcessorConfig = config
         self.processor_id = int(framework.get("processorId", 1) or 1)
         self.pipeline = InferencePipeline(

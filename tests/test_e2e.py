@@ -12,32 +12,13 @@ import time
 import numpy as np
 import pytest
 
-from edge_ptychonn.tools.processes import OutputCollector, consumer_argv, read_status, sim_server_argv, start, tool_path
+from edge_ptychonn.tools.processes import OutputCollector, consumer_argv, sim_server_argv, start, tool_path, wait_status
 from engines import EngineOptions, create_engine
 
 pytestmark = pytest.mark.e2e
 N_FRAMES = 61  # not a multiple of 8: the last batch is partial
 START_DELAY_S = 12.0  # consumers and the test's monitors connect before frames flow
 _ports = itertools.count(1)
-
-
-@pytest.fixture
-def procs():
-    started = []
-    yield started
-    for proc in reversed(started):
-        proc.stop()
-        assert not proc.running(), f"{proc.name} (pid {proc.pid}) still running"
-
-
-def _statuses(channels: list[str], done, timeout_s: float = 10.0) -> list[dict]:
-    """The consumers' status records once ``done(records)`` holds (they refresh every report period)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        records = [read_status(c) for c in channels]
-        if all(records) and done(records) or time.monotonic() > deadline:
-            return records
-        time.sleep(0.5)
 
 
 def _channel(prefix: str) -> str:
@@ -56,7 +37,7 @@ def test_two_consumers_publish_every_frame_once(pva_env, procs, small_model, tmp
     try:
         assert collector.wait_connected(START_DELAY_S - 2), "output channels did not appear:\n" + procs[0].log()[-3000:]
         got = collector.wait_count(N_FRAMES, timeout_s=60, idle_s=15)
-        statuses = _statuses(
+        statuses = wait_status(
             [f"{prefix}:{i}:status" for i in (1, 2)],
             lambda rs: sum(r["userStats"]["nFramesProcessed"] for r in rs) >= N_FRAMES,
         )
@@ -116,7 +97,7 @@ def test_bad_frames_over_pvapy_are_counted_and_good_ones_follow(pva_env, procs, 
     try:
         assert collector.wait_connected(START_DELAY_S - 2), procs[0].log()[-3000:]
         got = collector.wait_count(11, timeout_s=40, idle_s=10)
-        status = _statuses([f"{prefix}:1:status"], lambda rs: rs[0]["userStats"]["nFramesProcessed"] >= 11)[0]
+        status = wait_status([f"{prefix}:1:status"], lambda rs: rs[0]["userStats"]["nFramesProcessed"] >= 11)[0]
     finally:
         collector.close()
     assert got == 11, procs[0].log()[-3000:]

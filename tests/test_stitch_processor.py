@@ -185,25 +185,6 @@ def test_bad_frames_are_counted(tmp_path, rng):
 # ---------------------------------------------------------------- end to end
 
 
-@pytest.fixture
-def procs():
-    started = []
-    yield started
-    for proc in reversed(started):
-        proc.stop(grace_s=15.0)
-        assert not proc.running(), f"{proc.name} (pid {proc.pid}) still running"
-
-
-def _wait(predicate, timeout_s):
-    import time
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    return predicate()
 
 
 @pytest.mark.e2e
@@ -215,7 +196,7 @@ def test_collector_merges_two_producers_positions_from_attributes_and_a_restart(
     import os
 
     from edge_ptychonn.tools.launch import Status, collector_argv
-    from edge_ptychonn.tools.processes import OutputCollector, start
+    from edge_ptychonn.tools.processes import OutputCollector, start, wait_until
 
     tag = f"st{os.getpid()}"
     patches, positions, _ = small_scan(rng, n=40, shape=(64, 64))
@@ -239,19 +220,19 @@ def test_collector_merges_two_producers_positions_from_attributes_and_a_restart(
         rec = status.get(stitch_status)
         return rec and all(rec[f"producerStats_{i}"]["receiverStats"]["nReceived"] >= 1 for i in (1, 2))
 
-    assert _wait(connected, 40), procs[0].log()[-3000:]
+    assert wait_until(connected, 40), procs[0].log()[-3000:]
     live = OutputCollector([f"{tag}:stitch:1:output"])
     try:
         assert live.wait_connected(10)
         for k in range(32):  # scan 1: uniqueIds 1..32
             publish(k + 1, patches[k], positions[k])
-        placed = lambda n: _wait(lambda: (status.get(stitch_status) or {}).get("userStats", {}).get("nFramesPlaced", 0) >= n, 20)
+        placed = lambda n: wait_until(lambda: (status.get(stitch_status) or {}).get("userStats", {}).get("nFramesPlaced", 0) >= n, 20)
         assert placed(32), procs[0].log()[-3000:]
         first = live.wait_count(10**6, timeout_s=3, idle_s=1.5) and live.received[live.channels[0]][-1]
         for k in range(8):  # scan 2: uniqueIds restart at 1
             publish(k + 1, patches[32 + k], positions[32 + k])
         assert placed(40), procs[0].log()[-3000:]
-        stats = _wait(lambda: (status.get(stitch_status) or {}).get("userStats", {}).get("nScans", 0) == 2 and status.get(stitch_status), 10)
+        stats = wait_until(lambda: (status.get(stitch_status) or {}).get("userStats", {}).get("nScans", 0) == 2 and status.get(stitch_status), 10)
         final = pva.Channel(f"{tag}:stitch:1:output:final").get("field()")
     finally:
         live.close()

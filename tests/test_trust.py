@@ -15,8 +15,10 @@ import time
 import numpy as np
 import pytest
 
-from edge_ptychonn.tools.processes import OutputCollector, consumer_argv, read_status, sim_server_argv, start, tool_path
-from engines import EngineOptions, create_engine
+from edge_ptychonn.tools.processes import (
+    OutputCollector, consumer_argv, read_status, sim_server_argv, start, tool_path, wait_until,
+)
+from edge_ptychonn.tools.soak import engine_rate, rss_mb
 
 pytestmark = pytest.mark.e2e
 START_DELAY_S = 10.0
@@ -28,45 +30,18 @@ def _names(kind: str) -> tuple[str, str]:
     return f"test:trust:{kind}{n}:image", f"test:trust:{kind}{n}:inference"
 
 
-def _rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
-
-
 def _user_stats(prefix: str, consumer: int = 1) -> dict:
     record = read_status(f"{prefix}:{consumer}:status")
     return record["userStats"] if record else {}
 
 
-def _wait(predicate, timeout_s: float, poll_s: float = 0.2):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll_s)
-    return predicate()
-
-
-def _engine_fps(model, threads: int = 1) -> float:
-    engine = create_engine("onnxruntime", EngineOptions(model, max_batch=8, cpu_threads=threads))
-    x = np.random.default_rng(0).poisson(30, (8, 1, 64, 64)).astype(np.float32)
-    engine.infer(x)
-    t0, n = time.perf_counter(), 0
-    while time.perf_counter() - t0 < 1.0:
-        engine.infer(x)
-        n += 8
-    return n / (time.perf_counter() - t0)
 
 
 def test_overload_is_dropped_at_the_door_counted_and_recovers(pva_env, procs, slow_model, tmp_path):
     """~3x the consumer's capacity for 12 s, then a new stream (ids restart at 1) at a
     tenth of it: during the overload the consumer publishes at >= 0.8 x its inference
     rate and counts every loss; afterwards every frame is published; memory stays flat."""
-    capacity = _engine_fps(slow_model)
+    capacity = engine_rate(slow_model, "onnxruntime", threads=1)
     overload_fps = min(3 * capacity, 1500.0)
     n_over = int(overload_fps * 12)
     rng = np.random.default_rng(11)
@@ -84,15 +59,15 @@ def test_overload_is_dropped_at_the_door_counted_and_recovers(pva_env, procs, sl
     collector = OutputCollector([f"{prefix}:1:output"], keep_images=False)
     try:
         assert collector.wait_connected(START_DELAY_S - 2), consumer.log()[-3000:]
-        rss_before = _rss_mb(consumer.pid)
-        assert _wait(lambda: collector.count() > 0, START_DELAY_S + 10), consumer.log()[-3000:]
+        rss_before = rss_mb(consumer.pid)
+        assert wait_until(lambda: collector.count() > 0, START_DELAY_S + 10), consumer.log()[-3000:]
         time.sleep(4.0)  # well into the overload: the queue has been full for seconds
         s1, t1 = _user_stats(prefix), time.monotonic()
         time.sleep(4.0)
         s2, t2 = _user_stats(prefix), time.monotonic()
-        rss_during = _rss_mb(consumer.pid)
+        rss_during = rss_mb(consumer.pid)
         assert sim.wait(30) is not None, "the first sim server did not finish"
-        settled = _wait(lambda: (lambda u: u if u and u["nFramesQueued"] == 0 else None)(_user_stats(prefix)), 20)
+        settled = wait_until(lambda: (lambda u: u if u and u["nFramesQueued"] == 0 else None)(_user_stats(prefix)), 20)
         assert settled, consumer.log()[-3000:]
         published_rate = (s2["nFramesProcessed"] - s1["nFramesProcessed"]) / (t2 - t1)
         print(f"capacity {capacity:.0f} fps alone, offered {overload_fps:.0f} fps x {n_over}; during overload: "
@@ -115,10 +90,10 @@ def test_overload_is_dropped_at_the_door_counted_and_recovers(pva_env, procs, sl
         assert collector.wait_count(first + n_after, timeout_s=60, idle_s=20) == first + n_after, consumer.log()[-3000:]
         ids_after = [r.unique_id for r in collector.received[f"{prefix}:1:output"][first:]]
         assert ids_after == list(range(1, n_after + 1))
-        u = _wait(lambda: (lambda u: u if u and u["nStreamRestarts"] >= 1 and u["nFramesQueued"] == 0 else None)(
+        u = wait_until(lambda: (lambda u: u if u and u["nStreamRestarts"] >= 1 and u["nFramesQueued"] == 0 else None)(
             _user_stats(prefix)), 10)
         assert u and u["nBadFrames"] == 0 and u["nFramesUnaccounted"] == 0, u
-        rss_after = _rss_mb(consumer.pid)
+        rss_after = rss_mb(consumer.pid)
         print(f"after: {n_after} of {n_after} published; RSS {rss_after:.0f} MB")
         assert rss_during - rss_before < 150 and rss_after - rss_before < 150
     finally:
@@ -182,6 +157,8 @@ def test_signals_stop_cleanly_with_nothing_lost_and_no_orphan(
         assert collector.wait_connected(START_DELAY_S - 2), consumers.log()[-3000:]
         expected = 13 if batch_timeout < 1 else 8  # a long timeout holds the partial batch back
         assert collector.wait_count(expected, timeout_s=START_DELAY_S + 20) >= expected, consumers.log()[-3000:]
+        # every frame has reached a consumer (the signal stops what is still on its way)
+        assert wait_until(lambda: sum(_user_stats(prefix, i).get("nFramesReceived", 0) for i in (1, 2)) == 13, 10)
         children = _children(consumers.pid)
         assert len(children) == 2, children
         t0 = time.monotonic()
@@ -191,7 +168,7 @@ def test_signals_stop_cleanly_with_nothing_lost_and_no_orphan(
             os.kill(consumers.pid, sig)
         rc = consumers.wait(15)
         assert rc is not None, "the consumer parent did not exit\n" + consumers.log()[-3000:]
-        assert _wait(lambda: not any(_alive(c) for c in children), 10), "orphaned consumers: " + str(
+        assert wait_until(lambda: not any(_alive(c) for c in children), 10), "orphaned consumers: " + str(
             [c for c in children if _alive(c)])
         took = time.monotonic() - t0
         got = collector.wait_count(13, timeout_s=3)
@@ -233,7 +210,7 @@ def test_a_killed_consumers_frames_are_counted_downstream(pva_env, procs, small_
     out = OutputCollector(outputs, keep_images=False)
     try:
         assert out.wait_connected(START_DELAY_S - 2), consumers.log()[-3000:]
-        holding = _wait(lambda: (lambda u: u if u and u["nFramesReceived"] > 0 else None)(_user_stats(prefix, 2)),
+        holding = wait_until(lambda: (lambda u: u if u and u["nFramesReceived"] > 0 else None)(_user_stats(prefix, 2)),
                         START_DELAY_S + 15, poll_s=0.05)
         assert holding and holding["nFramesProcessed"] == 0, holding
         victim = [c for c in _children(consumers.pid)]
@@ -242,7 +219,7 @@ def test_a_killed_consumers_frames_are_counted_downstream(pva_env, procs, small_
         # the forked consumers are started in id order
         os.kill(sorted(victim)[1], signal.SIGKILL)
         got = out.wait_count(n, timeout_s=40, idle_s=8)
-        collected = _wait(lambda: (lambda r: r if r and r["collectorStats"]["nCollected"] + r["collectorStats"]["nMissed"] >= n - 8 else None)(
+        collected = wait_until(lambda: (lambda r: r if r and r["collectorStats"]["nCollected"] + r["collectorStats"]["nMissed"] >= n - 8 else None)(
             read_status(f"{prefix}:collector:1:status")), 15)
         survivor = _user_stats(prefix, 1)
     finally:
@@ -282,7 +259,7 @@ def test_configure_abuse_is_refused_briefly_and_frames_keep_flowing(pva_env, pro
     }
     try:
         assert collector.wait_connected(START_DELAY_S - 2), consumer.log()[-3000:]
-        assert _wait(lambda: collector.count() > 0, START_DELAY_S + 10)
+        assert wait_until(lambda: collector.count() > 0, START_DELAY_S + 10)
         settings = _user_stats(prefix)["settings"]
         for what, text in abuse.items():
             before = collector.count()
@@ -290,11 +267,11 @@ def test_configure_abuse_is_refused_briefly_and_frames_keep_flowing(pva_env, pro
             print(f"{what}: {reply[:150]!r} ({len(reply)} characters)")
             assert reply.startswith("Configuration failed"), (what, reply)
             assert len(reply) < 300, (what, len(reply))
-            assert _wait(lambda: collector.count() > before, 5), f"frames stopped after {what}"
+            assert wait_until(lambda: collector.count() > before, 5), f"frames stopped after {what}"
         time.sleep(1.0)  # one status refresh
         assert _user_stats(prefix)["settings"] == settings  # nothing changed
         assert send(control, '{"batchTimeout": 0.2}') == "Configuration successful"
-        assert _wait(lambda: json.loads(_user_stats(prefix)["settings"])["batchTimeout"] == 0.2, 5)
+        assert wait_until(lambda: json.loads(_user_stats(prefix)["settings"])["batchTimeout"] == 0.2, 5)
         got = collector.wait_count(n, timeout_s=30, idle_s=10)
     finally:
         collector.close()

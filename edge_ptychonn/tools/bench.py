@@ -29,9 +29,12 @@ import sys
 import time
 from pathlib import Path
 
+from edge_ptychonn.model_card import default_model_path
+from edge_ptychonn.progress import Progress
+
 from . import processes as live
 
-DEFAULT_MODEL = Path("data/ptychonn.onnx")
+DEFAULT_MODEL = default_model_path()
 PARTS = ("warm", "engine", "pipeline", "zero", "passthrough")
 
 
@@ -127,20 +130,6 @@ def apply_quick(args: argparse.Namespace) -> None:
     args.down = 3  # a loaded machine may not sustain the first rate: step down until one is
     args.threads = args.threads or [os.cpu_count() or 1]
     args.skip = sorted(set(args.skip) | {"warm", "zero"})
-
-
-class Progress:
-    """One line per step on stderr, with the time since the start (a log of steps, not a
-    bar: edge_ptychonn.progress.Progress counts items towards a known total)."""
-
-    def __init__(self, stream=sys.stderr):
-        self.stream, self.t0 = stream, time.perf_counter()
-
-    def __call__(self, message: str) -> None:
-        print(f"[{time.perf_counter() - self.t0:6.1f} s] {message}", file=self.stream, flush=True)
-
-    def stage(self, title: str) -> None:
-        self(f"== {title}")
 
 
 def machine_info() -> dict:

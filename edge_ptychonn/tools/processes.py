@@ -221,7 +221,7 @@ class OutputCollector:
             return sum(len(v) for v in self.received.values())
 
     def wait_connected(self, timeout_s: float) -> bool:
-        return _wait(self.connected, timeout_s)
+        return bool(wait_until(self.connected, timeout_s))
 
     def wait_count(self, n: int, timeout_s: float, idle_s: float | None = None) -> int:
         """Wait until ``n`` frames arrived, or ``timeout_s`` passed, or nothing new
@@ -248,12 +248,15 @@ class OutputCollector:
         self._channels = []
 
 
-def _wait(predicate, timeout_s: float) -> bool:
+def wait_until(predicate, timeout_s: float, poll_s: float = 0.05):
+    """Poll ``predicate()`` until it returns something true (returned) or ``timeout_s``
+    passes (then its last value)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll_s)
     return predicate()
 
 
