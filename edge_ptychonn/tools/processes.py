@@ -184,7 +184,7 @@ class OutputCollector:
 
     channels: list[str]
     keep_images: bool = True
-    queue_size: int = 10000
+    queue_size: int = 2000  # server-side slots: each filled one costs the server a frame of memory
     received: dict[str, list[Received]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

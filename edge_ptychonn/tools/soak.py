@@ -27,6 +27,11 @@ from pathlib import Path
 import numpy as np
 
 from edge_ptychonn.model_card import default_model_path
+
+# The output monitor's server-side queue. Each slot the server has filled keeps a
+# frame's worth of memory in the consumer, so the consumer's resident memory grows
+# until all slots are used: queue size x frame size (2000 x 64 kB = 128 MB here).
+QUEUE_SIZE = 2000
 from edge_ptychonn.tools import processes
 
 
@@ -114,7 +119,7 @@ def main(args: argparse.Namespace) -> int:
                "-fps", str(fps), "-std", "10", "-shd", "5", "-rt", str(runtime_s), "-cs", "200", "-rp", "1000000"]
         procs.append(processes.start("sim", sim, env, work))
         outputs = [f"{prefix}:{i}:output" for i in range(1, args.consumers + 1)]
-        collector = processes.OutputCollector(outputs, keep_images=False, queue_size=100000)
+        collector = processes.OutputCollector(outputs, keep_images=False, queue_size=QUEUE_SIZE)
         t0 = time.monotonic()
         samples = []  # (seconds, [rss per consumer])
         end = t0 + 10 + runtime_s + 15
