@@ -29,14 +29,39 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from .config import FRAMEWORK_KEYS, split_framework_keys
+from .quote import short_repr
+
+# Keys the PvaPy framework merges into configDict (5.6) or sends to configure().
+FRAMEWORK_KEYS = frozenset(
+    {
+        "processorId", "inputChannel", "inputMode", "inputArgs", "outputChannel",
+        "outputMode", "outputArgs", "objectIdField", "objectIdOffset", "fieldRequest",
+        "skipInitialUpdates", "nSequentialUpdates", "receiverQueueSize",
+        "statusChannel", "controlChannel", "consumerId", "nConsumers",
+        "serverQueueSize", "metadataChannels",
+    }
+)
 
 __all__ = [
     "FRAMEWORK_KEYS", "split_framework_keys", "ArgTable", "parse_arguments", "runtime_changes", "convert_value",
+    "check_runtime_request", "convert_fields",
     "integer", "number", "boolean", "choice", "text", "path", "optional", "int_pair", "text_list",
 ]
 
 Converter = Callable[[Any], Any]
+
+
+def split_framework_keys(config_dict: dict) -> tuple[dict, dict]:
+    """(user arguments, framework keys) of a PvaPy ``configDict``."""
+    user = {k: v for k, v in config_dict.items() if k not in FRAMEWORK_KEYS}
+    framework = {k: v for k, v in config_dict.items() if k in FRAMEWORK_KEYS}
+    return user, framework
+
+
+def _key_list(keys, most: int = 5) -> str:
+    """Offending keys for a message: each quoted briefly, at most ``most`` of them."""
+    names = sorted(short_repr(k, 40) if len(str(k)) > 40 else str(k) for k in keys)
+    return ", ".join(names[:most]) + (" ..." if len(names) > most else "")
 ArgTable = dict[str, tuple[str, Converter]]
 
 
@@ -49,7 +74,7 @@ def integer(lo: int | None = None, hi: int | None = None) -> Converter:
 
     def convert(value: Any) -> int:
         if not _is_int(value) or (lo is not None and value < lo) or (hi is not None and value > hi):
-            raise ValueError(f"must be an integer {_range(lo, hi)}, got {value!r}")
+            raise ValueError(f"must be an integer {_range(lo, hi)}, got {short_repr(value)}")
         return int(value)
 
     return convert
@@ -62,7 +87,7 @@ def number(lo: float | None = None, hi: float | None = None) -> Converter:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (
             (lo is not None and value < lo) or (hi is not None and value > hi)
         ):
-            raise ValueError(f"must be a number {_range(lo, hi)}, got {value!r}")
+            raise ValueError(f"must be a number {_range(lo, hi)}, got {short_repr(value)}")
         return float(value)
 
     return convert
@@ -81,7 +106,7 @@ def _range(lo, hi) -> str:
 def boolean() -> Converter:
     def convert(value: Any) -> bool:
         if not isinstance(value, bool):
-            raise ValueError(f"must be true or false, got {value!r}")
+            raise ValueError(f"must be true or false, got {short_repr(value)}")
         return value
 
     return convert
@@ -90,7 +115,7 @@ def boolean() -> Converter:
 def choice(*choices: str) -> Converter:
     def convert(value: Any) -> str:
         if value not in choices:
-            raise ValueError(f"must be one of {', '.join(map(repr, choices))}, got {value!r}")
+            raise ValueError(f"must be one of {', '.join(map(repr, choices))}, got {short_repr(value)}")
         return value
 
     return convert
@@ -99,7 +124,7 @@ def choice(*choices: str) -> Converter:
 def text(allow_empty: bool = False) -> Converter:
     def convert(value: Any) -> str:
         if not isinstance(value, str) or (not allow_empty and not value):
-            raise ValueError(f"must be a {'' if allow_empty else 'non-empty '}string, got {value!r}")
+            raise ValueError(f"must be a {'' if allow_empty else 'non-empty '}string, got {short_repr(value)}")
         return value
 
     return convert
@@ -110,7 +135,7 @@ def path() -> Converter:
 
     def convert(value: Any) -> Path:
         if not isinstance(value, str) or not value:
-            raise ValueError(f"must be a path (string), got {value!r}")
+            raise ValueError(f"must be a path (string), got {short_repr(value)}")
         return Path(value).expanduser()
 
     return convert
@@ -130,7 +155,7 @@ def int_pair(lo: int | None = None) -> Converter:
             or not all(_is_int(v) and (lo is None or v >= lo) for v in value)
         ):
             bound = f" >= {lo}" if lo is not None else ""
-            raise ValueError(f"must be a list of two integers{bound}, got {value!r}")
+            raise ValueError(f"must be a list of two integers{bound}, got {short_repr(value)}")
         return int(value[0]), int(value[1])
 
     return convert
@@ -146,7 +171,7 @@ def text_list(length: int | None = None) -> Converter:
             or not all(isinstance(v, str) and v for v in value)
         ):
             n = f"{length} " if length is not None else ""
-            raise ValueError(f"must be a list of {n}strings, got {value!r}")
+            raise ValueError(f"must be a list of {n}strings, got {short_repr(value)}")
         return tuple(value)
 
     return convert
@@ -177,12 +202,16 @@ def parse_arguments(
             if new in user:
                 raise ValueError(f"give either {old!r} or {new!r}, not both")
             user[new] = user.pop(old)
-    unknown = sorted(k for k in user if k not in table)
+    unknown = [k for k in user if k not in table]
     if unknown:
         accepted = ", ".join(list(table) + list(aliases or {}))
-        raise ValueError(f"unknown processor argument(s) {', '.join(unknown)}; accepted: {accepted}")
-    fields = {table[k][0]: convert_value(k, table[k][1], v) for k, v in user.items()}
-    return fields, framework
+        raise ValueError(f"unknown processor argument(s) {_key_list(unknown)}; accepted: {accepted}")
+    return convert_fields(user, table), framework
+
+
+def convert_fields(user: dict, table: ArgTable) -> dict[str, Any]:
+    """``{field: converted value}`` for the keys of ``user`` that ``table`` knows."""
+    return {table[k][0]: convert_value(k, table[k][1], v) for k, v in user.items() if k in table}
 
 
 def runtime_changes(settings: Any, changes: Any, table: ArgTable, runtime_keys: Iterable[str]) -> tuple[Any, dict]:
@@ -193,15 +222,26 @@ def runtime_changes(settings: Any, changes: Any, table: ArgTable, runtime_keys: 
     nothing changes. ``settings`` is a dataclass; its ``__post_init__`` checks run
     again on the new values.
     """
+    user = check_runtime_request(changes, runtime_keys)
+    return replace(settings, **convert_fields(user, table)), user
+
+
+def check_runtime_request(changes: Any, runtime_keys: Iterable[str]) -> dict:
+    """The user keys of a ``configure()`` request, once it is a JSON object whose keys
+    are all changeable at run time (framework keys are left out); else ``ValueError``
+    quoting at most a short prefix of what came (the control channel has no
+    authentication)."""
     if not isinstance(changes, dict):
-        raise ValueError(f"configure expects a JSON object, got {type(changes).__name__}")
+        raise ValueError(
+            f"configure expects a JSON object such as {{\"key\": value}}, got {type(changes).__name__} "
+            f"{short_repr(changes)}"
+        )
     runtime_keys = tuple(runtime_keys)
     user, _ = split_framework_keys(changes)
-    bad = sorted(k for k in user if k not in runtime_keys)
+    bad = [k for k in user if k not in runtime_keys]
     if bad:
-        raise ValueError(f"cannot change {', '.join(bad)} at run time; changeable: {', '.join(runtime_keys)}")
-    fields = {table[k][0]: convert_value(k, table[k][1], v) for k, v in user.items() if k in table}
-    return replace(settings, **fields), user
+        raise ValueError(f"cannot change {_key_list(bad)} at run time; changeable: {', '.join(runtime_keys)}")
+    return user
 
 
 def describe(table: ArgTable) -> str:

@@ -20,19 +20,13 @@ from typing import Any
 from edge_ptychonn.model_card import find_card
 
 from ..devices import DEVICES_HELP, parse_device  # noqa: F401  (DEVICES_HELP re-exported)
+from .arguments import (  # noqa: F401  (FRAMEWORK_KEYS, split_framework_keys re-exported)
+    FRAMEWORK_KEYS, check_runtime_request, convert_fields, convert_value, int_pair, integer, number, optional, parse_arguments, path,
+    split_framework_keys, text,
+)
 from .preprocess import PreprocessConfig
 from .quote import short_repr
 
-# Keys the PvaPy framework merges into configDict (5.6) or sends to configure().
-FRAMEWORK_KEYS = frozenset(
-    {
-        "processorId", "inputChannel", "inputMode", "inputArgs", "outputChannel",
-        "outputMode", "outputArgs", "objectIdField", "objectIdOffset", "fieldRequest",
-        "skipInitialUpdates", "nSequentialUpdates", "receiverQueueSize",
-        "statusChannel", "controlChannel", "consumerId", "nConsumers",
-        "serverQueueSize", "metadataChannels",
-    }
-)
 
 # "auto": the engine picks (engine "auto": the fastest within tolerance of fp32; a named
 # engine: its first). Which engine offers which precision is the engines' business.
@@ -60,70 +54,45 @@ class ProcessorConfig:
 
     def __post_init__(self) -> None:
         if not self.model_path.is_file():
-            raise ValueError(f"modelPath {str(self.model_path)!r} is not a file")
+            where = "" if self.model_path.is_absolute() else f" (relative to the working directory {Path.cwd()})"
+            raise ValueError(f"modelPath {short_repr(str(self.model_path))} is not a file{where}")
         if not self.engine:
             raise ValueError("engine must name an engine, e.g. 'auto'")
         parse_device(self.device)  # ValueError naming the accepted forms (DEVICES_HELP)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {short_repr(self.precision)}")
-        _check_int("batchSize", self.batch_size, 1, 256)
+        convert_value("batchSize", integer(1, 256), self.batch_size)
         if not 0.001 <= self.batch_timeout_s <= 60:
             raise ValueError(f"batchTimeout must be 0.001..60 s, got {self.batch_timeout_s}")
-        _check_int("queueBatches", self.queue_batches, 1, 4096)
-        _check_int("maxPendingFrames", self.max_pending_frames, 0, 1_000_000)
-        _check_int("cpuThreads", self.cpu_threads, 0, 1024)
+        convert_value("queueBatches", integer(1, 4096), self.queue_batches)
+        convert_value("maxPendingFrames", integer(0, 1_000_000), self.max_pending_frames)
+        convert_value("cpuThreads", integer(0, 1024), self.cpu_threads)
 
 
-def _check_int(name: str, value: Any, lo: int, hi: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise ValueError(f"{name} must be an integer {lo}..{hi}, got {short_repr(value)}")
-
-
-def _number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number, got {short_repr(value)}")
-    return float(value)
-
-
-def _text(name: str, value: Any) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"{name} must be a string, got {short_repr(value)}")
-    return value
-
-
-def _pair(name: str, value: Any) -> tuple[int, int] | None:
-    if value is None:
-        return None
-    if (
-        not isinstance(value, (list, tuple))
-        or len(value) != 2
-        or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-    ):
-        raise ValueError(f"{name} must be a list of two integers, got {short_repr(value)}")
-    return int(value[0]), int(value[1])
 
 
 # camelCase processor argument -> (ProcessorConfig field, converter)
+# (ranges are checked by the dataclasses, which also guard values set in code)
 _TOP_LEVEL: dict[str, tuple[str, Any]] = {
-    "modelPath": ("model_path", lambda v: Path(str(v)).expanduser()),
-    "engine": ("engine", str),
-    "device": ("device", str),
-    "precision": ("precision", str),
+    "modelPath": ("model_path", path()),
+    "engine": ("engine", text()),
+    "device": ("device", text()),
+    "precision": ("precision", text()),
     "batchSize": ("batch_size", lambda v: v),
-    "batchTimeout": ("batch_timeout_s", lambda v: _number("batchTimeout", v)),
+    "batchTimeout": ("batch_timeout_s", number()),
     "queueBatches": ("queue_batches", lambda v: v),
     "maxPendingFrames": ("max_pending_frames", lambda v: v),
     "cpuThreads": ("cpu_threads", lambda v: v),
-    "planCacheDir": ("plan_cache_dir", lambda v: Path(str(v)).expanduser()),
+    "planCacheDir": ("plan_cache_dir", path()),
 }
 # camelCase processor argument -> (PreprocessConfig field, converter)
 _PREPROCESS: dict[str, tuple[str, Any]] = {
-    "crop": ("crop_hw", lambda v: _pair("crop", v)),
-    "cropOrigin": ("crop_origin_yx", lambda v: _pair("cropOrigin", v)),
+    "crop": ("crop_hw", optional(int_pair())),
+    "cropOrigin": ("crop_origin_yx", optional(int_pair())),
     "bin": ("bin_factor", lambda v: v),
-    "transform": ("transform", lambda v: _text("transform", v)),
-    "offset": ("offset", lambda v: _number("offset", v)),
-    "scale": ("scale", lambda v: _number("scale", v)),
+    "transform": ("transform", text()),
+    "offset": ("offset", number()),
+    "scale": ("scale", number()),
 }
 USER_KEYS = tuple(_TOP_LEVEL) + tuple(_PREPROCESS)
 # Keys that configure() may change while running.
@@ -157,13 +126,6 @@ def _preprocess_defaults(model_path: Path) -> dict:
     return asdict(card.preprocess) if card is not None else {}
 
 
-def split_framework_keys(config_dict: dict) -> tuple[dict, dict]:
-    """(user arguments, framework keys) of a PvaPy ``configDict``."""
-    user = {k: v for k, v in config_dict.items() if k not in FRAMEWORK_KEYS}
-    framework = {k: v for k, v in config_dict.items() if k in FRAMEWORK_KEYS}
-    return user, framework
-
-
 def parse_processor_args(
     config_dict: dict, aliases: dict[str, str] | None = None, default_model: Path | None = None
 ) -> tuple[ProcessorConfig, dict]:
@@ -173,26 +135,16 @@ def parse_processor_args(
     ``onnx_mdl``). ``default_model`` is used when ``modelPath`` is absent.
     Raises ``ValueError`` naming the offending key and the accepted ones.
     """
-    user, framework = split_framework_keys(config_dict or {})
-    aliases = aliases or {}
-    for old, new in aliases.items():
-        if old in user:
-            if new in user:
-                raise ValueError(f"give either {old!r} or {new!r}, not both")
-            user[new] = user.pop(old)
-    unknown = sorted(short_repr(k, 40) if len(str(k)) > 40 else str(k) for k in user if k not in USER_KEYS)
-    if unknown:
-        accepted = ", ".join(USER_KEYS + tuple(aliases))
-        raise ValueError(f"unknown processor argument(s) {', '.join(unknown)}; accepted: {accepted}")
-    if "modelPath" not in user:
+    given, framework = parse_arguments(config_dict, {**_TOP_LEVEL, **_PREPROCESS}, aliases)
+    if "model_path" not in given:
         if default_model is None:
             raise ValueError("modelPath is required: the ONNX model to run")
-        user["modelPath"] = str(default_model)
-    top = {field_: conv(user[k]) for k, (field_, conv) in _TOP_LEVEL.items() if k in user}
+        given["model_path"] = Path(default_model)
+    pre_fields = {f for f, _ in _PREPROCESS.values()}
+    top = {k: v for k, v in given.items() if k not in pre_fields}
     pre = _preprocess_defaults(top["model_path"])
-    pre.update({field_: conv(user[k]) for k, (field_, conv) in _PREPROCESS.items() if k in user})
-    config = ProcessorConfig(**top, preprocess=PreprocessConfig(**pre))
-    return config, framework
+    pre.update({k: v for k, v in given.items() if k in pre_fields})
+    return ProcessorConfig(**top, preprocess=PreprocessConfig(**pre)), framework
 
 
 def apply_runtime_changes(config: ProcessorConfig, changes: dict) -> tuple[ProcessorConfig, dict]:
@@ -202,19 +154,8 @@ def apply_runtime_changes(config: ProcessorConfig, changes: dict) -> tuple[Proce
     framework's business and are left out. Raises ``ValueError`` for any other
     key outside :data:`RUNTIME_KEYS` or any invalid value; then nothing changes.
     """
-    if not isinstance(changes, dict):
-        raise ValueError(
-            f"configure expects a JSON object such as {{\"batchTimeout\": 0.1}}, got {type(changes).__name__} "
-            f"{short_repr(changes)}"
-        )
-    user, _ = split_framework_keys(changes)
-    bad = sorted(short_repr(k, 40) if len(str(k)) > 40 else str(k) for k in user if k not in RUNTIME_KEYS)
-    if bad:
-        raise ValueError(
-            f"cannot change {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} at run time; "
-            f"changeable: {', '.join(RUNTIME_KEYS)}"
-        )
-    top = {_TOP_LEVEL[k][0]: _TOP_LEVEL[k][1](v) for k, v in user.items() if k in _TOP_LEVEL}
-    pre = {_PREPROCESS[k][0]: _PREPROCESS[k][1](v) for k, v in user.items() if k in _PREPROCESS}
+    user = check_runtime_request(changes, RUNTIME_KEYS)
+    top = convert_fields(user, _TOP_LEVEL)
+    pre = convert_fields(user, _PREPROCESS)
     new = replace(config, **top, preprocess=replace(config.preprocess, **pre))
     return new, user
