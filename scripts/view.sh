@@ -18,10 +18,8 @@ cd "$(dirname "$0")/.."
 channels=("$@")
 [ ${#channels[@]} -eq 0 ] && channels=(stitch:1:output inference:1:output)
 
-if [ -f /work/shared/epics-loopback.env ] && [ -z "${EPICS_PVA_ADDR_LIST:-}" ]; then
-    # shellcheck disable=SC1091
-    . /work/shared/epics-loopback.env
-fi
+# Without EPICS settings of your own, look for the channels on this host only (loopback),
+# where `edge-ptychonn launch` and the demo run the chain.
 : "${EPICS_PVA_AUTO_ADDR_LIST:=NO}" "${EPICS_PVA_ADDR_LIST:=127.0.0.1}"
 export EPICS_PVA_AUTO_ADDR_LIST EPICS_PVA_ADDR_LIST
 
