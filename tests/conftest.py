@@ -16,7 +16,7 @@ from edge_ptychonn.tools.processes import LOOPBACK_ENV
 os.environ.update(LOOPBACK_ENV)
 
 ROOT = Path(__file__).resolve().parent.parent
-# the nearest shared/models/ above the checkout (../shared beside /work/main; ../../shared from a worktree)
+# the nearest shared/models/ above the checkout (normally ../shared beside it)
 EXTERNAL_MODEL = next(
     (p / "shared" / "models" / "edgeptychonn_ptychoNN_8.onnx" for p in ROOT.parents
      if (p / "shared" / "models" / "edgeptychonn_ptychoNN_8.onnx").is_file()),

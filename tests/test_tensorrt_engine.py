@@ -243,10 +243,10 @@ def test_engine_runs_from_another_thread(gpu10, small_model, tmp_path, frames, r
 
 
 def test_consumer_n_takes_gpu_n_minus_1_mod_gpus(monkeypatch, small_model, tmp_path):
-    gpus = (("NVIDIA H100", (9, 0)), ("NVIDIA H100", (9, 0)))
+    gpus = (("NVIDIA RTX A6000", (8, 6)), ("NVIDIA RTX A6000", (8, 6)))
     Gpu(monkeypatch, gpus=gpus)
     devices = [make(small_model, tmp_path, device="auto", processor_id=k).device for k in (1, 2, 3)]
-    assert devices == ["cuda:0 (NVIDIA H100)", "cuda:1 (NVIDIA H100)", "cuda:0 (NVIDIA H100)"]
+    assert devices == ["cuda:0 (NVIDIA RTX A6000)", "cuda:1 (NVIDIA RTX A6000)", "cuda:0 (NVIDIA RTX A6000)"]
     assert make(small_model, tmp_path, device="cuda:1,0", processor_id=2).device.startswith("cuda:0")
     with pytest.raises(EngineUnavailable, match="GPUs only, not on the CPU"):
         make(small_model, tmp_path, device="cpu")
