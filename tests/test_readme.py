@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_ptychonn.tools.processes import OutputCollector, read_status, sim_server_argv, start
+from edge_ptychonn.tools.processes import OutputCollector, sim_server_argv, start, wait_status
 
 pytestmark = pytest.mark.e2e
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -57,13 +57,16 @@ def test_readme_commands_run_as_written(pva_env, procs, tmp_path):
 
         configure = rename(readme_block("configure-command"))
         done = subprocess.run(["bash", "-c", configure], env=env, cwd=workdir, capture_output=True, text=True, timeout=30)
-        status = read_status(f"{prefix}:1:status")
+        # status records refresh every report period: poll until they have caught up
+        statuses = wait_status([f"{prefix}:{i}:status" for i in (1, 2, 3, 4)],
+                               lambda rs: sum(r["userStats"]["nFramesProcessed"] for r in rs) == n, timeout_s=20)
     finally:
         collector.close()
     assert got == n, consumers.log()[-3000:]
     assert sorted(r.unique_id for name in outputs for r in collector.received[name]) == list(range(1, n + 1))
     assert done.returncode == 0 and "Configuration successful" in done.stdout, (done.stdout, done.stderr)
-    assert status["userStats"]["engine"] and status["userStats"]["nFramesProcessed"] > 0
+    assert all(r and r["userStats"]["engine"] for r in statuses), statuses
+    assert sum(r["userStats"]["nFramesProcessed"] for r in statuses) == n
     # the saver wrote one file per frame of consumer 1
     ids_1 = sorted(r.unique_id for r in collector.received[outputs[0]])
     deadline = time.monotonic() + 20
