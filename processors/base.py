@@ -62,12 +62,24 @@ def seconds(time_stamp: dict) -> float:
     return time_stamp.get("secondsPastEpoch", 0) + time_stamp.get("nanoseconds", 0) * 1e-9
 
 
-class ProcessorBase(AdImageProcessor):
+class StatsFromTable:
+    """``getStats`` and ``getStatsPvaTypes`` derived from one class attribute ``STATS``
+    (``key -> (pva type, getter(processor))``), so their keys cannot drift."""
+
+    STATS: ClassVar[StatsTable] = {}
+
+    def getStats(self) -> dict:
+        return {key: getter(self) for key, (_, getter) in self.STATS.items()}
+
+    def getStatsPvaTypes(self) -> dict:
+        return {key: pva_type for key, (pva_type, _) in self.STATS.items()}
+
+
+class ProcessorBase(StatsFromTable, AdImageProcessor):
     """Arguments, statistics table and once-per-kind problem logging for PvaPy processors."""
 
     ARGS: ClassVar[ArgTable] = {}
     SETTINGS: ClassVar[type | None] = None
-    STATS: ClassVar[StatsTable] = {}
     RUNTIME_KEYS: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, configDict: dict | None = None):
@@ -139,12 +151,6 @@ class ProcessorBase(AdImageProcessor):
         """Finish the current scan and start a new one (processors with scans override it)."""
 
     # -- PvaPy overrides -----------------------------------------------------------------
-    def getStats(self) -> dict:
-        return {key: getter(self) for key, (_, getter) in self.STATS.items()}
-
-    def getStatsPvaTypes(self) -> dict:
-        return {key: pva_type for key, (pva_type, _) in self.STATS.items()}
-
     def resetStats(self) -> None:
         self.reset_problems()
 

@@ -61,6 +61,7 @@ from edge_ptychonn.stream.config import SEED_ALIASES, ProcessorConfig, parse_pro
 from edge_ptychonn.stream.frames import BAD_FRAME_KINDS, output_pv_type
 from edge_ptychonn.stream.pipeline import DROP_REASONS, InferencePipeline
 from processors import shutdown
+from processors.base import StatsFromTable
 from engines import EngineOptions, create_engine
 from engines.registry import check_name
 
@@ -118,10 +119,11 @@ STATS = {
 }
 
 
-class PtychoNNProcessor(AdImageProcessor):
+class PtychoNNProcessor(StatsFromTable, AdImageProcessor):
     """Batches frames, runs PtychoNN on its own thread, publishes every result."""
 
     ARG_ALIASES: dict[str, str] = {}
+    STATS = STATS
 
     def __init__(self, configDict: dict | None = None):
         super().__init__(configDict or {})
@@ -129,13 +131,17 @@ class PtychoNNProcessor(AdImageProcessor):
             configDict or {}, aliases=self.ARG_ALIASES, default_model=DEFAULT_MODEL
         )
         check_name(config.engine)  # at start-up, not only when start() creates it
-        self.config: ProcessorConfig = config
         self.processor_id = int(framework.get("processorId", 1) or 1)
         self.pipeline = InferencePipeline(
             config, self.updateOutputChannel, self.logger,
             n_sequential=int(framework.get("nSequentialUpdates") or 1),
             id_offset=int(framework.get("objectIdOffset") or 1),
         )
+
+    @property
+    def config(self) -> ProcessorConfig:
+        """The settings in force (configure() changes the pipeline's)."""
+        return self.pipeline.config
 
     def _create_engine(self):
         c = self.pipeline.config
@@ -174,12 +180,6 @@ class PtychoNNProcessor(AdImageProcessor):
 
     def resetStats(self):
         self.pipeline.reset_stats()
-
-    def getStats(self):
-        return {key: getter(self) for key, (_, getter) in STATS.items()}
-
-    def getStatsPvaTypes(self):
-        return {key: pva_type for key, (pva_type, _) in STATS.items()}
 
     def getOutputPvObjectType(self, pvObject):
         return output_pv_type()

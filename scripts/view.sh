@@ -20,8 +20,9 @@ channels=("$@")
 
 # Without EPICS settings of your own, look for the channels on this host only (loopback),
 # where `edge-ptychonn launch` and the demo run the chain.
-: "${EPICS_PVA_AUTO_ADDR_LIST:=NO}" "${EPICS_PVA_ADDR_LIST:=127.0.0.1}"
-export EPICS_PVA_AUTO_ADDR_LIST EPICS_PVA_ADDR_LIST
+if [ -z "${EPICS_PVA_ADDR_LIST-}" ]; then
+    export EPICS_PVA_AUTO_ADDR_LIST=NO EPICS_PVA_ADDR_LIST=127.0.0.1
+fi
 
 c2dv=$(command -v c2dv || true)
 [ -z "$c2dv" ] && [ -x .venv/bin/c2dv ] && c2dv=.venv/bin/c2dv

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from edge_ptychonn.tools.processes import (
-    OutputCollector, consumer_argv, read_status, sim_server_argv, start, tool_path, wait_until,
+    OutputCollector, child_pids, consumer_argv, read_status, rss_mb, sim_server_argv, start, tool_path, wait_until,
 )
-from edge_ptychonn.tools.soak import engine_rate, rss_mb
+from edge_ptychonn.tools.soak import engine_rate
 
 pytestmark = pytest.mark.e2e
 START_DELAY_S = 10.0
@@ -100,21 +100,6 @@ def test_overload_is_dropped_at_the_door_counted_and_recovers(pva_env, procs, sl
         collector.close()
 
 
-def _children(pid: int) -> list[int]:
-    """Process ids whose parent is ``pid`` (from /proc)."""
-    kids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                kids.append(int(entry))
-    return kids
-
-
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -159,7 +144,7 @@ def test_signals_stop_cleanly_with_nothing_lost_and_no_orphan(
         assert collector.wait_count(expected, timeout_s=START_DELAY_S + 20) >= expected, consumers.log()[-3000:]
         # every frame has reached a consumer (the signal stops what is still on its way)
         assert wait_until(lambda: sum(_user_stats(prefix, i).get("nFramesReceived", 0) for i in (1, 2)) == 13, 10)
-        children = _children(consumers.pid)
+        children = child_pids(consumers.pid)
         assert len(children) == 2, children
         t0 = time.monotonic()
         if target == "group":
@@ -213,11 +198,11 @@ def test_a_killed_consumers_frames_are_counted_downstream(pva_env, procs, small_
         holding = wait_until(lambda: (lambda u: u if u and u["nFramesReceived"] > 0 else None)(_user_stats(prefix, 2)),
                         START_DELAY_S + 15, poll_s=0.05)
         assert holding and holding["nFramesProcessed"] == 0, holding
-        victim = [c for c in _children(consumers.pid)]
+        victim = child_pids(consumers.pid)
         statuses = {c: open(f"/proc/{c}/cmdline").read() for c in victim}
         assert len(victim) == 2, statuses
         # the forked consumers are started in id order
-        os.kill(sorted(victim)[1], signal.SIGKILL)
+        os.kill(victim[1], signal.SIGKILL)
         got = out.wait_count(n, timeout_s=40, idle_s=8)
         collected = wait_until(lambda: (lambda r: r if r and r["collectorStats"]["nCollected"] + r["collectorStats"]["nMissed"] >= n - 8 else None)(
             read_status(f"{prefix}:collector:1:status")), 15)

@@ -19,10 +19,9 @@ from typing import Any
 
 from edge_ptychonn.model_card import find_card
 
-from ..devices import DEVICES_HELP, parse_device  # noqa: F401  (DEVICES_HELP re-exported)
-from .arguments import (  # noqa: F401  (FRAMEWORK_KEYS, split_framework_keys re-exported)
-    FRAMEWORK_KEYS, check_runtime_request, convert_fields, convert_value, int_pair, integer, number, optional, parse_arguments, path,
-    split_framework_keys, text,
+from ..devices import parse_device
+from .arguments import (
+    check_runtime_request, convert_fields, convert_value, int_pair, integer, number, optional, parse_arguments, path, text,
 )
 from .preprocess import PreprocessConfig
 from .quote import short_repr
@@ -94,29 +93,16 @@ _PREPROCESS: dict[str, tuple[str, Any]] = {
     "offset": ("offset", number()),
     "scale": ("scale", number()),
 }
-USER_KEYS = tuple(_TOP_LEVEL) + tuple(_PREPROCESS)
 # Keys that configure() may change while running.
 RUNTIME_KEYS = ("batchTimeout", "offset", "scale", "transform")
 
 
 def runtime_settings(config: ProcessorConfig) -> dict:
     """The current values of the keys that configure() may change (camelCase)."""
-    fields = {**{k: (f, True) for k, (f, _) in _TOP_LEVEL.items()}, **{k: (f, False) for k, (f, _) in _PREPROCESS.items()}}
-    out = {}
-    for key in RUNTIME_KEYS:
-        name, top = fields[key]
-        out[key] = getattr(config if top else config.preprocess, name)
-    return out
-
-
-def model_metadata(model_path: Path) -> dict:
-    """The model card beside a model (``model.onnx`` -> ``model.json``) as JSON, or ``{}``.
-
-    Read through :func:`edge_ptychonn.model_card.find_card`, so a malformed card
-    raises ``ValueError`` naming the file and the key.
-    """
-    card = find_card(model_path)
-    return card.to_dict() if card is not None else {}
+    return {
+        key: getattr(config, _TOP_LEVEL[key][0]) if key in _TOP_LEVEL else getattr(config.preprocess, _PREPROCESS[key][0])
+        for key in RUNTIME_KEYS
+    }
 
 
 def _preprocess_defaults(model_path: Path) -> dict:

@@ -113,7 +113,6 @@ class PipelineStats:
     empty_records: int = 0
     bad: dict[str, int] = field(default_factory=lambda: dict.fromkeys(BAD_FRAME_KINDS, 0))
     infer_time_s: float = 0.0
-    inferred: int = 0
     ids: IdTracker = field(default_factory=IdTracker)
     recent: RecentWindow = field(default_factory=RecentWindow)
 
@@ -138,11 +137,6 @@ class PipelineStats:
         """Published / due (received + missed upstream): 1.0 when nothing was lost."""
         due = self.received + self.ids.missed
         return self.published / due if due else 1.0
-
-    @property
-    def infer_rate_hz(self) -> float:
-        """Frames per second of inference time since start (the engine's own speed)."""
-        return self.inferred / self.infer_time_s if self.infer_time_s > 0 else 0.0
 
 
 class InferencePipeline:
@@ -302,7 +296,7 @@ class InferencePipeline:
 
     # -- inference side --------------------------------------------------------------
     def _next_batch(self) -> Batch | None:
-        """The next batch to infer: queued, or the partial one once it is due."""
+        """The next batch to infer: queued, or the partial one once it is due (queued too)."""
         while True:
             with self._lock:
                 timeout = self.config.batch_timeout_s
@@ -315,11 +309,8 @@ class InferencePipeline:
             except queue.Empty:
                 pass
             with self._lock:
-                if self._batcher.pending and self._batcher.age_s() >= self.config.batch_timeout_s:
-                    self.stats.partial_batches += 1
-                    batch = self._batcher.flush()
-                    self._frames_in_queue += batch.n
-                    return batch
+                if self._batcher.age_s() >= self.config.batch_timeout_s:
+                    self._flush_partial()  # queued: the next get() takes it
 
     def _run(self) -> None:
         while True:
@@ -346,7 +337,6 @@ class InferencePipeline:
             return
         infer_s = time.perf_counter() - t0
         stats.infer_time_s += infer_s
-        stats.inferred += batch.n
         stats.batches += 1
         finite = np.isfinite(outputs).reshape(batch.n, -1).all(axis=1)
         latencies = np.empty(batch.n)

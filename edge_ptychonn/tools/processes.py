@@ -62,6 +62,32 @@ def loopback_multicast() -> tuple[bool, str]:
     return True, "turned on"
 
 
+def child_pids(parent: int) -> list[int]:
+    """Process ids whose parent is ``parent`` (from /proc), in ascending order."""
+    kids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == parent:
+                kids.append(int(entry.name))
+    return sorted(kids)
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of process ``pid`` in MB (NaN once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
 def tool_path(name: str) -> str:
     """A console script of this Python environment (else the bare name, from PATH)."""
     local = Path(sys.executable).parent / name

@@ -35,31 +35,9 @@ QUEUE_SIZE = 2000
 from edge_ptychonn.tools import processes
 
 
-def rss_mb(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
-
-
 def consumer_pids(parent: int, n_consumers: int) -> list[int]:
     """The processes that run the consumers: the parent itself, or its forked children."""
-    if n_consumers == 1:
-        return [parent]
-    kids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == parent:
-                kids.append(int(entry.name))
-    return sorted(kids)
+    return [parent] if n_consumers == 1 else processes.child_pids(parent)
 
 
 def engine_rate(model: Path, engine: str, threads: int) -> float:
@@ -128,7 +106,7 @@ def main(args: argparse.Namespace) -> int:
             time.sleep(0.5)
             if time.monotonic() >= next_report:
                 next_report += args.every
-                rss = [rss_mb(p) for p in consumer_pids(consumers.pid, args.consumers)]
+                rss = [processes.rss_mb(p) for p in consumer_pids(consumers.pid, args.consumers)]
                 samples.append((time.monotonic() - t0, rss))
                 got = collector.count()
                 print(f"[{time.monotonic() - t0:6.0f} s] published {got}, RSS MB {', '.join(f'{r:.0f}' for r in rss)}",
