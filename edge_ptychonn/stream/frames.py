@@ -87,14 +87,17 @@ def decode(pv: pva.PvObject, received_s: float | None = None) -> tuple[FrameMeta
 
 
 def _decode(pv: pva.PvObject, unique_id: int, received_s: float) -> tuple[FrameMeta, np.ndarray]:
+    # Each field is read once: every read converts PVA data to Python objects, and
+    # this runs for every frame on the receive thread.
     try:
         dims = pv["dimension"]
-        attributes = pv["attribute"] if pv.hasField("attribute") else []
-        time_stamp = pv["timeStamp"] if pv.hasField("timeStamp") else dict(_ZERO_TS)
-        data_time_stamp = pv["dataTimeStamp"] if pv.hasField("dataTimeStamp") else dict(_ZERO_TS)
+        field = pv.getSelectedUnionFieldName()
     except (KeyError, TypeError, pva.FieldNotFound) as exc:
         raise BadFrame("malformed", f"not an NTNDArray: {exc}") from exc
-    if len(dims) == 0 and not pv.getSelectedUnionFieldName():
+    attributes = _field(pv, "attribute", [])
+    time_stamp = _field(pv, "timeStamp", _ZERO_TS)
+    data_time_stamp = _field(pv, "dataTimeStamp", _ZERO_TS)
+    if len(dims) == 0 and not field:
         raise NotAFrame(f"record {unique_id} holds no image (a (re)connect update)")
     meta = FrameMeta(unique_id, time_stamp, data_time_stamp, attributes, received_s)
     color_mode = _color_mode(attributes)
@@ -102,17 +105,43 @@ def _decode(pv: pva.PvObject, unique_id: int, received_s: float) -> tuple[FrameM
         raise BadFrame("colour", f"colour frame (ColorMode {color_mode}, {len(dims)} dimensions); only mono frames are processed")
     if len(dims) != 2:
         raise BadFrame("empty" if len(dims) == 0 else "malformed", f"frame has {len(dims)} dimensions; need 2")
-    field = pv.getSelectedUnionFieldName()
     if not field:
         raise BadFrame("empty", "frame has no data")
     if field not in SUPPORTED_FIELDS:
         raise BadFrame("dtype", f"unsupported pixel type {field!r}; supported: {', '.join(sorted(SUPPORTED_FIELDS))}")
-    codec = pv["codec"]["name"] if pv.hasField("codec") else ""
+    codec = _field(pv, "codec.name", "")
     if codec and codec not in CODEC_PACKAGES:
         raise BadFrame("codec", f"unsupported codec {codec!r}; supported: {', '.join(CODEC_PACKAGES)}")
     nx, ny = dims[0]["size"], dims[1]["size"]
     if nx * ny == 0:
         raise BadFrame("empty", f"frame is {nx}x{ny}")
+    if codec:
+        image = _decompressed(pv, codec, unique_id)
+    else:
+        image = pv.getUnion()[field]
+        if image is None or image.size != nx * ny:
+            size = 0 if image is None else image.size
+            raise BadFrame("empty" if size == 0 else "malformed",
+                           f"frame {unique_id} says {nx}x{ny} but holds {size} pixel(s)")
+        image = image.reshape(ny, nx)
+    if image is None or image.size == 0:
+        raise BadFrame("empty", "frame has no data")
+    if image.dtype.kind == "f" and not np.isfinite(image).all():
+        n_bad = int(image.size - np.count_nonzero(np.isfinite(image)))
+        raise BadFrame("nonfinite", f"frame {unique_id} has {n_bad} NaN or infinite pixel(s)")
+    return meta, image
+
+
+def _field(pv: pva.PvObject, name: str, default):
+    """``pv[name]``, or a copy of ``default`` where the record has no such field."""
+    try:
+        return pv[name]
+    except (KeyError, pva.FieldNotFound):
+        return type(default)(default)
+
+
+def _decompressed(pv: pva.PvObject, codec: str, unique_id: int) -> np.ndarray:
+    """A compressed frame's pixels, decompressed by pvapy's utility (2-D)."""
     try:
         _, image, *_ = AdImageUtility.reshapeNtNdArray(pv)
     except pva.ConfigurationError as exc:
@@ -120,14 +149,8 @@ def _decode(pv: pva.PvObject, unique_id: int, received_s: float) -> tuple[FrameM
             "codec", f"cannot decompress {codec!r} frames: install the {CODEC_PACKAGES.get(codec, codec)!r} package ({exc})"
         ) from exc
     except (pva.InvalidArgument, ValueError, TypeError, RuntimeError) as exc:
-        kind = "codec" if codec else "malformed"
-        raise BadFrame(kind, f"cannot decode frame {unique_id}: {exc}") from exc
-    if image is None or image.size == 0:
-        raise BadFrame("empty", "frame has no data")
-    if image.dtype.kind == "f" and not np.isfinite(image).all():
-        n_bad = int(image.size - np.count_nonzero(np.isfinite(image)))
-        raise BadFrame("nonfinite", f"frame {unique_id} has {n_bad} NaN or infinite pixel(s)")
-    return meta, image
+        raise BadFrame("codec", f"cannot decode frame {unique_id}: {exc}") from exc
+    return image
 
 
 class FrameEncoder:
@@ -137,6 +160,7 @@ class FrameEncoder:
         self._pv = pva.NtNdArray()
         self._shape: tuple[int, int] | None = None
         self._color_mode = pva.NtAttribute("ColorMode", pva.PvInt(AdImageUtility.COLOR_MODE_MONO))
+        self._attributes: list | None = None  # what the reused PvObject holds now
 
     def encode(self, meta: FrameMeta, image: np.ndarray) -> pva.PvObject:
         """The output NTNDArray for ``image`` (2-D float32), with ``meta``'s id,
@@ -154,9 +178,11 @@ class FrameEncoder:
         pv["timeStamp"] = meta.time_stamp
         pv["dataTimeStamp"] = meta.data_time_stamp
         attributes = meta.attributes
-        if _color_mode(attributes) is None:
-            attributes = [self._color_mode, *attributes]
-        pv["attribute"] = attributes
+        if attributes != self._attributes:  # a stream's attributes rarely change: set only then
+            self._attributes = attributes
+            if _color_mode(attributes) is None:
+                attributes = [self._color_mode, *attributes]
+            pv["attribute"] = attributes
         return pv
 
 
