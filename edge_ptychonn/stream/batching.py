@@ -1,7 +1,10 @@
 """Fixed-size batches in preallocated buffers, flushed on timeout and at stop, order kept.
 
-A :class:`Batcher` preprocesses each frame straight into the next free slot of a
-batch buffer. A full batch is returned to the caller (who queues it for
+A :class:`Batcher` loads each frame (crop, bin, cast: :func:`~.preprocess.load_into`)
+straight into the next free slot of a batch buffer; :meth:`Batch.prepare`
+finishes the preprocessing of the whole batch at once (transform, affine), on
+the inference thread, with the settings that were in force when the batch was
+started (a run-time change takes effect from the next batch). A full batch is returned to the caller (who queues it for
 inference); a partial batch is returned by :meth:`Batcher.flush` when it has
 waited ``batch_timeout_s`` or at stop. Buffers come from a fixed pool and go
 back to it through :meth:`Batcher.release` once the batch has been inferred. When
@@ -23,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .frames import BadFrame, FrameMeta
-from .preprocess import PreprocessConfig, preprocess_into
+from .preprocess import PreprocessConfig, load_into, transform_batch
 
 
 @dataclass
@@ -31,8 +34,17 @@ class Batch:
     """A batch buffer's first ``n`` frames and their metadata, in input order."""
 
     inputs: np.ndarray  # (batch_size, 1, H, W) float32; rows [:n] are valid
+    preprocess: PreprocessConfig
     metas: list[FrameMeta] = field(default_factory=list)
     first_added_s: float = 0.0
+    prepared: bool = False
+
+    def prepare(self) -> np.ndarray:
+        """The model input: the loaded frames, transformed in place (once)."""
+        if not self.prepared:
+            transform_batch(self.valid, self.preprocess)
+            self.prepared = True
+        return self.valid
 
     @property
     def n(self) -> int:
@@ -106,7 +118,7 @@ class Batcher:
         return (time.perf_counter() if now_s is None else now_s) - self._current.first_added_s
 
     def add(self, meta: FrameMeta, image: np.ndarray) -> Batch | None:
-        """Preprocess ``image`` into the current batch; return the batch when full.
+        """Load ``image`` into the current batch; return the batch when full.
 
         Raises BadFrame('shape') for frames that do not fit the model (nothing is
         added) and NoFreeBuffer, without waiting, when every buffer is in use.
@@ -117,9 +129,9 @@ class Batcher:
                 buffer = self._free.get_nowait()
             except queue.Empty:
                 raise NoFreeBuffer(f"all {self.n_buffers} batch buffers are in use") from None
-            self._current = Batch(buffer, first_added_s=time.perf_counter())
+            self._current = Batch(buffer, self._preprocess, first_added_s=time.perf_counter())
         batch = self._current
-        preprocess_into(image, batch.inputs[batch.n, 0], self._preprocess)
+        load_into(image, batch.inputs[batch.n, 0], self._preprocess)
         batch.metas.append(meta)
         if batch.n == self.batch_size:
             self._current = None

@@ -1,8 +1,9 @@
 """One consumer's inference pipeline, independent of the PvaPy processor classes.
 
-    receive thread:   submit(pv) -> decode -> preprocess into a free batch buffer
-                      -> full batch -> queue (never waits)
+    receive thread:   submit(pv) -> decode -> load (crop, bin, cast) into a free
+                      batch buffer -> full batch -> queue (never waits)
     inference thread: batch (full, or partial after batch_timeout_s, or at stop)
+                      -> transform the whole batch (sqrt/log1p, offset, scale)
                       -> engine.infer -> encode each result with its input's
                       uniqueId / time stamps / attributes -> publish(pv), in order
 
@@ -329,7 +330,7 @@ class InferencePipeline:
         stats = self.stats
         t0 = time.perf_counter()
         try:
-            outputs = self.engine.infer(batch.valid)
+            outputs = self.engine.infer(batch.prepare())
         except Exception as exc:  # any engine failure: count, log once, keep consuming
             stats.inference_errors += batch.n
             self._log_once("inference", logging.ERROR, "inference failed for %d frame(s) (ids %d..%d): %s",

@@ -80,11 +80,12 @@ class PreprocessConfig:
         return (frame_hw[0] - self.crop_hw[0]) // 2, (frame_hw[1] - self.crop_hw[1]) // 2
 
 
-def preprocess_into(frame: np.ndarray, out: np.ndarray, config: PreprocessConfig) -> None:
-    """Preprocess one 2-D ``frame`` into the float32 array ``out`` (model size).
+def load_into(frame: np.ndarray, out: np.ndarray, config: PreprocessConfig) -> None:
+    """Steps 1-2 (crop, bin) of one 2-D ``frame``, cast into the float32 array ``out``.
 
     ``out`` must have the shape ``config.output_shape(frame.shape)``; the caller
-    checks the frame shape once per shape, not per frame.
+    checks the frame shape once per shape, not per frame. This is the per-frame
+    part, done on receive; :func:`transform_batch` finishes a whole batch at once.
     """
     if config.crop_hw is not None:
         y0, x0 = config.crop_origin(frame.shape)
@@ -95,16 +96,27 @@ def preprocess_into(frame: np.ndarray, out: np.ndarray, config: PreprocessConfig
         np.sum(frame.reshape(h // b, b, w // b, b), axis=(1, 3), dtype=np.float32, out=out)
     else:
         out[...] = frame
+
+
+def transform_batch(x: np.ndarray, config: PreprocessConfig) -> None:
+    """Steps 3-4 (transform, affine) in place on loaded frames ``x`` (any shape, float32):
+    vectorised over a whole batch, a few array passes in all."""
     if config.transform != "none":
-        np.maximum(out, 0, out=out)
+        np.maximum(x, 0, out=x)
         if config.transform == "sqrt":
-            np.sqrt(out, out=out)
+            np.sqrt(x, out=x)
         else:
-            np.log1p(out, out=out)
+            np.log1p(x, out=x)
     if config.offset != 0.0:
-        out -= np.float32(config.offset)
+        x -= np.float32(config.offset)
     if config.scale != 1.0:
-        out *= np.float32(config.scale)
+        x *= np.float32(config.scale)
+
+
+def preprocess_into(frame: np.ndarray, out: np.ndarray, config: PreprocessConfig) -> None:
+    """Preprocess one 2-D ``frame`` into the float32 array ``out`` (model size)."""
+    load_into(frame, out, config)
+    transform_batch(out, config)
 
 
 def preprocess(frames: np.ndarray, config: PreprocessConfig) -> np.ndarray:
@@ -113,5 +125,6 @@ def preprocess(frames: np.ndarray, config: PreprocessConfig) -> np.ndarray:
     stack = frames[None] if single else frames
     out = np.empty((len(stack), *config.output_shape(stack.shape[1:])), dtype=np.float32)
     for frame, slot in zip(stack, out):
-        preprocess_into(frame, slot, config)
+        load_into(frame, slot, config)
+    transform_batch(out, config)
     return out[0] if single else out
