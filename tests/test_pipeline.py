@@ -271,3 +271,72 @@ def test_configure_refuses_with_a_short_message_and_changes_nothing(small_model,
     pipeline.submit(good_frame(1, frames(rng, 1)[0]))
     assert published.wait(1) == 1  # frames keep flowing
     pipeline.stop()
+
+
+class AsyncEngine:
+    """Wraps an engine behind submit/collect (as the GPU engines do) and records the
+    order of calls; results are computed at collect, with at most two in flight."""
+
+    max_in_flight = 2
+
+    def __init__(self, engine, fail_batch: int | None = None):
+        self._engine, self.calls, self._pending = engine, [], []
+        self.name, self.device, self.precision = "async", "cpu", "fp32"
+        self.input_shape, self.max_batch = engine.input_shape, engine.max_batch
+        self._fail_batch, self._seq = fail_batch, 0
+        self.closed = False
+
+    def infer(self, batch):  # not used by the pipeline when submit/collect exist
+        raise AssertionError("infer() called on an engine with submit/collect")
+
+    def submit(self, batch):
+        assert len(self._pending) < self.max_in_flight
+        self._seq += 1
+        self.calls.append(("submit", self._seq))
+        self._pending.append((self._seq, batch.copy()))
+        return self._seq
+
+    def collect(self, ticket):
+        seq, batch = self._pending.pop(0)
+        assert seq == ticket, "collected out of order"
+        self.calls.append(("collect", seq))
+        if seq == self._fail_batch:
+            raise RuntimeError("device lost")
+        return self._engine.infer(batch)
+
+    def close(self):
+        self.closed = True
+        self._engine.close()
+
+
+def test_async_engines_overlap_the_next_batch_with_publishing(small_model, rng, monkeypatch):
+    """Engines with submit/collect get batch k+1 submitted before batch k is published;
+    every frame still comes out once, in order, with the engine's result, a failed
+    batch is counted, not lost, and the inference thread ends cleanly at stop."""
+    import threading
+
+    crashes = []
+    monkeypatch.setattr(threading, "excepthook", crashes.append)
+    pipeline, published, factory = make_pipeline(small_model, batchSize=4, queueBatches=8, batchTimeout=0.05)
+    engine = AsyncEngine(factory(), fail_batch=3)
+    images = frames(rng, 30)
+    for i in range(30):  # kept until start(), then batched at once: several batches wait
+        pipeline.submit(good_frame(i + 1, images[i]))
+    pipeline.start(lambda: engine)
+    assert pipeline.drain(20)
+    pipeline.stop()
+    assert not pipeline._thread.is_alive() and engine.closed
+    assert not crashes, crashes[0].exc_value if crashes else None
+    ids = [p[0] for p in published]
+    assert ids == [i for i in range(1, 31) if not 9 <= i <= 12]  # batch 3 (ids 9..12) failed
+    stats = pipeline.stats
+    assert stats.inference_errors == 4 and stats.published == 26 and stats.unaccounted(0) == 0
+    submits = [seq for call, seq in engine.calls if call == "submit"]
+    assert submits == list(range(1, 9))  # 7 full batches and the flushed partial one
+    # Overlap: some batch was submitted before its predecessor was collected.
+    order = {call: i for i, call in enumerate(engine.calls)}
+    assert any(order[("submit", k + 1)] < order[("collect", k)] for k in range(1, 8))
+    reference = create_engine("onnxruntime", EngineOptions(small_model, max_batch=1, cpu_threads=1))
+    model_inputs = preprocess(images, pipeline.config.preprocess)[:, None]
+    for uid, image, _, _ in published:
+        np.testing.assert_allclose(image, reference.infer(model_inputs[uid - 1][None])[0, 0], atol=1e-5)

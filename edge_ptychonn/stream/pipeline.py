@@ -43,6 +43,7 @@ from .frames import BAD_FRAME_KINDS, BadFrame, FrameEncoder, NotAFrame, decode
 
 STATS_WINDOW_S = 5.0  # rates and latency percentiles describe the last few seconds
 _WAKE = object()  # queued by configure(): the inference thread recomputes its wait
+_NOTHING = object()  # _next_batch(block=False): no batch is ready now
 
 DROP_REASONS = {
     "overload": "inference is not keeping up: every batch buffer holds a batch waiting for the engine",
@@ -296,47 +297,90 @@ class InferencePipeline:
                 self._enqueue(batch)
 
     # -- inference side --------------------------------------------------------------
-    def _next_batch(self) -> Batch | None:
-        """The next batch to infer: queued, or the partial one once it is due (queued too)."""
+    def _next_batch(self, block: bool = True) -> Batch | None | object:
+        """The next batch to infer: queued, or the partial one once it is due (queued too).
+        None at stop; with ``block`` False, :data:`_NOTHING` when no batch is ready now."""
         while True:
             with self._lock:
                 timeout = self.config.batch_timeout_s
                 wait = max(timeout - self._batcher.age_s(), 0.0) if self._batcher.pending else timeout
             try:
-                item = self._queue.get(timeout=max(wait, 0.0005))
+                item = self._queue.get(timeout=max(wait, 0.0005)) if block else self._queue.get_nowait()
                 if item is not _WAKE:
                     return item
                 continue
             except queue.Empty:
                 pass
             with self._lock:
-                if self._batcher.age_s() >= self.config.batch_timeout_s:
+                due = self._batcher.pending and self._batcher.age_s() >= self.config.batch_timeout_s
+                if due:
                     self._flush_partial()  # queued: the next get() takes it
+            if not block and not due:
+                return _NOTHING
 
     def _run(self) -> None:
+        engine = self.engine
+        if callable(getattr(engine, "submit", None)) and getattr(engine, "max_in_flight", 1) > 1:
+            self._run_overlapped(engine, int(engine.max_in_flight))
+            return
         while True:
             batch = self._next_batch()
             if batch is None:
                 return
             try:
-                self._infer_and_publish(batch)
+                t0 = time.perf_counter()
+                try:
+                    outputs = engine.infer(batch.prepare())
+                except Exception as exc:  # any engine failure: count, log once, keep consuming
+                    self._inference_failed(batch, exc)
+                    continue
+                self._publish_batch(batch, outputs, time.perf_counter() - t0)
             finally:
-                self._batcher.release(batch)
-                with self._lock:
-                    self._frames_in_queue -= batch.n
-                    self._idle.notify_all()
+                self._done(batch)
 
-    def _infer_and_publish(self, batch: Batch) -> None:
+    def _run_overlapped(self, engine, depth: int) -> None:
+        """For engines with ``submit``/``collect`` (GPU): batch k+1 is submitted (copied in,
+        computing) before batch k's results are encoded and published, so the frame path
+        overlaps inference. Batches are published in order."""
+        in_flight: deque = deque()  # (batch, ticket, submitted at)
+        stopping = False
+        while not stopping or in_flight:
+            if not stopping and len(in_flight) < depth:
+                batch = self._next_batch(block=not in_flight)
+                if batch is None:
+                    stopping = True
+                    continue
+                if batch is not _NOTHING:
+                    try:
+                        in_flight.append((batch, engine.submit(batch.prepare()), time.perf_counter()))
+                    except Exception as exc:
+                        self._inference_failed(batch, exc)
+                        self._done(batch)
+                    continue
+            batch, ticket, t0 = in_flight.popleft()
+            try:
+                try:
+                    outputs = engine.collect(ticket)
+                except Exception as exc:
+                    self._inference_failed(batch, exc)
+                    continue
+                self._publish_batch(batch, outputs, time.perf_counter() - t0)
+            finally:
+                self._done(batch)
+
+    def _done(self, batch: Batch) -> None:
+        self._batcher.release(batch)
+        with self._lock:
+            self._frames_in_queue -= batch.n
+            self._idle.notify_all()
+
+    def _inference_failed(self, batch: Batch, exc: Exception) -> None:
+        self.stats.inference_errors += batch.n
+        self._log_once("inference", logging.ERROR, "inference failed for %d frame(s) (ids %d..%d): %s",
+                       batch.n, batch.metas[0].unique_id, batch.metas[-1].unique_id, exc)
+
+    def _publish_batch(self, batch: Batch, outputs: np.ndarray, infer_s: float) -> None:
         stats = self.stats
-        t0 = time.perf_counter()
-        try:
-            outputs = self.engine.infer(batch.prepare())
-        except Exception as exc:  # any engine failure: count, log once, keep consuming
-            stats.inference_errors += batch.n
-            self._log_once("inference", logging.ERROR, "inference failed for %d frame(s) (ids %d..%d): %s",
-                           batch.n, batch.metas[0].unique_id, batch.metas[-1].unique_id, exc)
-            return
-        infer_s = time.perf_counter() - t0
         stats.infer_time_s += infer_s
         stats.batches += 1
         finite = np.isfinite(outputs).reshape(batch.n, -1).all(axis=1)
