@@ -455,7 +455,7 @@ class InferencePipeline:
         try:
             engine = self._model_engine_factory(new.model_path)
         except Exception as exc:  # whatever the engine library raises: refused, nothing changed
-            reason = " ".join(str(exc).split()) or type(exc).__name__
+            reason = " ".join(str(exc).replace(str(new.model_path), "it").split()) or type(exc).__name__
             reason = reason if len(reason) <= 160 else reason[:160] + "..."
             raise ValueError(f"cannot run modelPath {where}: {reason}") from None
         build_s = time.perf_counter() - t0
