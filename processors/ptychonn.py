@@ -21,7 +21,9 @@ Input
 Output (``--output-channel``)
     One NTNDArray per input frame, in input order: float32 phase image
     (model output size, radians), the input's ``uniqueId``, ``timeStamp``,
-    ``dataTimeStamp`` and attributes.
+    ``dataTimeStamp`` and attributes, plus a string attribute ``modelId`` naming
+    the model that made it: its card's name (else the file's stem) and the
+    first 12 hex digits of the ONNX file's SHA-256, e.g. ``ptychonn sha256:1a2b3c4d5e6f``.
 Processor arguments (``--processor-args`` JSON; camelCase)
     modelPath (str; default: the shipped model, found however the project is installed)
     engine ('auto' | 'tensorrt' | 'torch' | 'onnxruntime' | 'zero'; default 'auto')
@@ -35,12 +37,25 @@ Processor arguments (``--processor-args`` JSON; camelCase)
     transform ('none' | 'sqrt' | 'log1p'); offset; scale (> 0).
     Preprocessing defaults come from the model card (model.json) when present.
 Run-time changes (control channel ``configure``, e.g. ``edge-ptychonn configure``)
-    batchTimeout, offset, scale, transform. Anything else is refused and nothing changes.
+    batchTimeout, offset, scale, transform, modelPath. Anything else is refused and nothing changes.
+    ``modelPath`` swaps the model without a restart: an engine of the running kind
+    (same engine, device and precision as now) is built for it on PvaPy's configure
+    thread, beside the running one, while frames keep arriving and being published;
+    then the consumer switches at a batch boundary: frames preprocessed before the
+    switch run on the old model, later ones on the new, none lost or run twice. The
+    new model's card gives offset, scale and transform as at start-up (keys given
+    with modelPath win; no card: 0, 1, none); crop, cropOrigin and bin stay. A
+    model that does not fit is refused with the reason ("Configuration failed:
+    ...") and nothing changes: another input size than the running model's, a
+    file that is missing or not ONNX, a malformed card, an engine that fails to
+    build. The reply comes once the engine is built (seconds; a TensorRT plan not
+    in the cache takes minutes). The switch is logged; ``model`` and ``settings``
+    in the statistics show the new model.
 Statistics (status channel, ``userStats``)
     See :data:`STATS`: totals of frames received, published, dropped by reason,
     bad by kind, errors, queued, missed upstream, restarts, unaccounted (always 0),
     completeness; engine and frame rates and latency p50/p99 over the last 5 s;
-    the run-time settings, engine, device.
+    the run-time settings (JSON), engine, device, and ``model`` (the modelId now publishing).
 Signals
     SIGTERM publishes what the consumer holds, then stops it like Ctrl-C
     (``processors/shutdown.py``); each consumer prints its final statistics.
@@ -63,6 +78,7 @@ from edge_ptychonn.stream.pipeline import DROP_REASONS, InferencePipeline
 from processors import shutdown
 from processors.base import StatsFromTable
 from engines import EngineOptions, create_engine
+from engines.onnx_model import read_signature
 from engines.registry import check_name
 
 DEFAULT_MODEL = default_model_path()
@@ -116,6 +132,7 @@ STATS = {
     "settings": (pva.STRING, lambda p: json.dumps(runtime_settings(p.pipeline.config))),
     "engine": (pva.STRING, lambda p: p.pipeline.engine.name if p.pipeline.engine else ""),
     "device": (pva.STRING, lambda p: p.pipeline.engine.device if p.pipeline.engine else ""),
+    "model": (pva.STRING, lambda p: p.pipeline.model_id),
 }
 
 
@@ -145,18 +162,32 @@ class PtychoNNProcessor(StatsFromTable, AdImageProcessor):
 
     def _create_engine(self):
         c = self.pipeline.config
-        return create_engine(
-            c.engine,
-            EngineOptions(
-                model_path=c.model_path, device=c.device, precision=c.precision,
-                max_batch=c.batch_size, cpu_threads=c.cpu_threads,
-                processor_id=self.processor_id, plan_cache_dir=c.plan_cache_dir,
-            ),
+        return create_engine(c.engine, self._engine_options(c.model_path, c.precision))
+
+    def _engine_options(self, model_path, precision: str) -> EngineOptions:
+        c = self.pipeline.config
+        return EngineOptions(
+            model_path=model_path, device=c.device, precision=precision,
+            max_batch=c.batch_size, cpu_threads=c.cpu_threads,
+            processor_id=self.processor_id, plan_cache_dir=c.plan_cache_dir,
         )
+
+    def _engine_for_model(self, model_path):
+        """An engine of the running kind (engine, device, precision) for another model;
+        called by configure's modelPath on PvaPy's configure thread. The input size is
+        checked before building (a TensorRT build takes minutes)."""
+        running = self.pipeline.engine
+        shape = read_signature(model_path).input_shape  # ValueError: not a readable ONNX model
+        if tuple(shape) != tuple(running.input_shape):
+            raise ValueError(
+                f"it takes {shape[0]}x{shape[1]} input, but frames are preprocessed for the running model's "
+                f"{running.input_shape[0]}x{running.input_shape[1]}; restart the consumer to change the input size"
+            )
+        return create_engine(running.name, self._engine_options(model_path, running.precision))
 
     # -- PvaPy lifecycle -------------------------------------------------------------------
     def start(self):
-        self.pipeline.start(self._create_engine)
+        self.pipeline.start(self._create_engine, self._engine_for_model)
         # SIGTERM (systemd, procServ, docker, kill PID) stops this consumer like Ctrl-C,
         # after publishing what it holds while its PVA server still serves clients.
         shutdown.on_sigterm(self.pipeline.drain, self.logger)

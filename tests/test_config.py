@@ -5,7 +5,9 @@ import pytest
 from edge_ptychonn.stream.config import (
     SEED_ALIASES,
     apply_runtime_changes,
+    model_identity,
     parse_processor_args,
+    runtime_settings,
 )
 
 FRAMEWORK = {
@@ -82,3 +84,45 @@ def test_runtime_changes_are_validated_all_or_nothing(small_model):
     with pytest.raises(ValueError, match="batchTimeout must be"):
         apply_runtime_changes(config, {"batchTimeout": -1})
     assert config.batch_timeout_s == 0.05  # frozen: the original never changes
+
+
+def test_a_new_model_brings_its_cards_preprocessing_and_keeps_the_geometry(tmp_path, small_model):
+    old = tmp_path / "old.onnx"
+    old.write_bytes(small_model.read_bytes())
+    (tmp_path / "old.json").write_text(json.dumps({"preprocess": {"transform": "log1p", "scale": 3.0, "offset": 1.0}}))
+    new = tmp_path / "new.onnx"
+    new.write_bytes(small_model.read_bytes())
+    (tmp_path / "new.json").write_text(json.dumps({"name": "b", "preprocess": {"transform": "sqrt", "scale": 0.5}}))
+    config, _ = parse_processor_args({"modelPath": str(old), "crop": [60, 60], "bin": 1})
+    swapped, applied = apply_runtime_changes(config, {"modelPath": str(new)})
+    assert applied == {"modelPath": str(new)} and swapped.model_path == new
+    p = swapped.preprocess
+    assert (p.transform, p.scale, p.offset, p.crop_hw, p.bin_factor) == ("sqrt", 0.5, 0.0, (60, 60), 1)
+    swapped, _ = apply_runtime_changes(config, {"modelPath": str(new), "offset": 2.0})
+    assert (swapped.preprocess.scale, swapped.preprocess.offset) == (0.5, 2.0)  # the request wins
+    swapped, _ = apply_runtime_changes(config, {"modelPath": str(small_model)})  # no card: the defaults
+    assert (swapped.preprocess.transform, swapped.preprocess.scale, swapped.preprocess.offset) == ("none", 1.0, 0.0)
+    assert runtime_settings(swapped)["modelPath"] == str(small_model)
+    json.dumps(runtime_settings(swapped))  # the status channel's settings string
+    with pytest.raises(ValueError, match="modelPath 'nowhere.onnx' is not a file"):
+        apply_runtime_changes(config, {"modelPath": "nowhere.onnx", "scale": 2.0})
+    (tmp_path / "new.json").write_text(json.dumps({"preprocess": {"scael": 2}}))
+    with pytest.raises(ValueError, match="cannot read model card.*scael"):
+        apply_runtime_changes(config, {"modelPath": str(new)})
+    with pytest.raises(ValueError, match="modelPath must be a path"):
+        apply_runtime_changes(config, {"modelPath": 3})
+
+
+def test_model_identity_names_the_card_and_the_content(tmp_path, small_model):
+    import hashlib
+
+    digest = hashlib.sha256(small_model.read_bytes()).hexdigest()[:12]
+    assert model_identity(small_model) == f"small sha256:{digest}"  # no card: the file's stem
+    carded = tmp_path / "m.onnx"
+    carded.write_bytes(small_model.read_bytes())
+    (tmp_path / "m.json").write_text(json.dumps({"name": "ptychonn-b"}))
+    assert model_identity(carded) == f"ptychonn-b sha256:{digest}"
+    carded.write_bytes(small_model.read_bytes() + b"\0")
+    assert model_identity(carded) != f"ptychonn-b sha256:{digest}"
+    with pytest.raises(ValueError, match="cannot read modelPath"):
+        model_identity(tmp_path / "nowhere.onnx")

@@ -5,7 +5,7 @@ import time
 import numpy as np
 import pytest
 
-from edge_ptychonn.stream.config import parse_processor_args
+from edge_ptychonn.stream.config import model_identity, parse_processor_args
 from edge_ptychonn.stream.pipeline import InferencePipeline
 from edge_ptychonn.stream.preprocess import preprocess
 from engines import EngineOptions, create_engine
@@ -13,11 +13,17 @@ from frames_util import bool_frame, colour_frame, compressed_frame, empty_frame,
 
 
 class Published(list):
-    """Copies what the pipeline publishes (it reuses one output PvObject)."""
+    """Copies what the pipeline publishes (it reuses one output PvObject); ``model_ids``
+    holds each output's modelId attribute."""
+
+    def __init__(self):
+        super().__init__()
+        self.model_ids = []
 
     def __call__(self, pv):
         image = np.array(pv["value"][0]["floatValue"]).reshape(pv["dimension"][1]["size"], pv["dimension"][0]["size"])
         self.append((pv["uniqueId"], image, pv["timeStamp"], [a["name"] for a in pv["attribute"]]))
+        self.model_ids.append(next((a["value"][0]["value"] for a in pv["attribute"] if a["name"] == "modelId"), None))
 
     def wait(self, n, timeout_s=20.0):
         deadline = time.monotonic() + timeout_s
@@ -54,7 +60,8 @@ def test_every_frame_once_in_order_with_the_engines_result(small_model, rng):
         np.testing.assert_allclose(image, reference.infer(x[None])[0, 0], atol=1e-5)
     for (uid, _, ts, names), pv in zip(published, inputs):
         assert ts == pv["timeStamp"]
-        assert names == ["ColorMode", "EnergyKeV"]
+        assert names == ["ColorMode", "EnergyKeV", "modelId"]
+    assert set(published.model_ids) == {model_identity(small_model)} and pipeline.model_id == model_identity(small_model)
     stats = pipeline.stats
     assert (stats.received, stats.published, stats.batches, stats.partial_batches) == (21, 21, 3, 1)
     assert stats.dropped_total == 0 and stats.bad_total == 0 and stats.unaccounted(pipeline.queued_frames) == 0
@@ -279,8 +286,8 @@ class AsyncEngine:
 
     max_in_flight = 2
 
-    def __init__(self, engine, fail_batch: int | None = None):
-        self._engine, self.calls, self._pending = engine, [], []
+    def __init__(self, engine, fail_batch: int | None = None, gate=None):
+        self._engine, self.calls, self._pending, self.gate = engine, [], [], gate
         self.name, self.device, self.precision = "async", "cpu", "fp32"
         self.input_shape, self.max_batch = engine.input_shape, engine.max_batch
         self._fail_batch, self._seq = fail_batch, 0
@@ -297,6 +304,8 @@ class AsyncEngine:
         return self._seq
 
     def collect(self, ticket):
+        if self.gate is not None:
+            assert self.gate.wait(30)  # the test decides when results come back
         seq, batch = self._pending.pop(0)
         assert seq == ticket, "collected out of order"
         self.calls.append(("collect", seq))
@@ -340,3 +349,210 @@ def test_async_engines_overlap_the_next_batch_with_publishing(small_model, rng, 
     model_inputs = preprocess(images, pipeline.config.preprocess)[:, None]
     for uid, image, _, _ in published:
         np.testing.assert_allclose(image, reference.infer(model_inputs[uid - 1][None])[0, 0], atol=1e-5)
+
+
+# -- model swap (configure modelPath) ------------------------------------------------------
+@pytest.fixture(scope="module")
+def model_b(tmp_path_factory):
+    """Another 64x64 model (other weights) whose card asks for other preprocessing."""
+    from model_util import export_small_model
+
+    return export_small_model(tmp_path_factory.mktemp("swap") / "b.onnx", seed=1, name="model-b",
+                              transform="sqrt", scale=0.5)
+
+
+@pytest.fixture(scope="module")
+def model_32(tmp_path_factory):
+    from model_util import export_small_model
+
+    return export_small_model(tmp_path_factory.mktemp("swap32") / "m32.onnx", seed=2, input_size=32)
+
+
+class Recorded:
+    """Builds onnxruntime engines for any model and remembers them (and which were closed)."""
+
+    def __init__(self, gate=None):
+        self.built, self.gate = [], gate
+
+    def __call__(self, model_path):
+        if self.gate is not None:
+            assert self.gate.wait(30)  # the test decides when the build ends
+        engine = create_engine("onnxruntime", EngineOptions(model_path, max_batch=8, cpu_threads=1))
+        engine.closed = False
+        real_close = engine.close
+
+        def close():
+            engine.closed = True
+            real_close()
+
+        engine.close = close
+        self.built.append(engine)
+        return engine
+
+
+def expected_outputs(model, images, pre):
+    reference = create_engine("onnxruntime", EngineOptions(model, max_batch=1, cpu_threads=1))
+    return [reference.infer(x[None, None])[0, 0] for x in preprocess(images, pre)]
+
+
+def test_model_swap_switches_at_a_batch_boundary(small_model, model_b, rng):
+    """Frames preprocessed before configure run on model A, later ones on model B with B's
+    card preprocessing; nothing lost or repeated; the old engine is closed; statistics agree."""
+    pipeline, published, factory = make_pipeline(small_model, batchSize=4, batchTimeout=60)
+    first = factory()
+    pipeline.start(lambda: first, Recorded())
+    pre_a = pipeline.config.preprocess
+    images = frames(rng, 13)
+    for uid in range(1, 7):  # one full batch and a partial one of 2 that only the switch sends
+        pipeline.submit(good_frame(uid, images[uid - 1]))
+    applied = pipeline.configure({"modelPath": str(model_b)})
+    assert applied == {"modelPath": str(model_b)}
+    for uid in range(7, 14):
+        pipeline.submit(good_frame(uid, images[uid - 1]))
+    assert pipeline.drain(10.0)
+    pipeline.stop()
+    assert [p[0] for p in published] == list(range(1, 14))
+    id_a, id_b = model_identity(small_model), model_identity(model_b)
+    assert id_b.startswith("model-b sha256:") and id_a != id_b
+    assert published.model_ids == [id_a] * 6 + [id_b] * 7
+    pre_b = pipeline.config.preprocess
+    assert (pre_b.transform, pre_b.scale, pre_b.offset) == ("sqrt", 0.5, 0.0)  # from B's card
+    want = expected_outputs(small_model, images[:6], pre_a) + expected_outputs(model_b, images[6:], pre_b)
+    for (uid, image, _, _), expected in zip(published, want):
+        np.testing.assert_allclose(image, expected, atol=1e-5, err_msg=f"frame {uid}")
+    assert pipeline.config.model_path == model_b and pipeline.model_id == id_b
+    assert pipeline.engine is not first and first._session is None  # the old engine was closed
+    stats = pipeline.stats
+    assert stats.published == 13 and stats.partial_batches == 2  # the switch's flush and drain's
+    assert stats.unaccounted(pipeline.queued_frames) == 0
+
+
+def test_request_keys_override_the_new_cards_preprocessing(small_model, model_b, rng):
+    pipeline, published, factory = make_pipeline(small_model, batchSize=2, batchTimeout=0.05)
+    pipeline.start(factory, Recorded())
+    pipeline.configure({"modelPath": str(model_b), "scale": 0.25})
+    pre = pipeline.config.preprocess
+    assert (pre.transform, pre.scale) == ("sqrt", 0.25)
+    pipeline.configure({"modelPath": str(small_model)})  # no card: the defaults, as at start-up
+    pre = pipeline.config.preprocess
+    assert (pre.transform, pre.scale, pre.offset) == ("none", 1.0, 0.0)
+    pipeline.submit(good_frame(1, frames(rng, 1)[0]))
+    assert published.wait(1) == 1 and published.model_ids == [model_identity(small_model)]
+    pipeline.stop()
+
+
+def test_a_slow_build_stalls_neither_receiving_nor_inference(small_model, model_b, rng):
+    """While the new engine builds (held by the test), frames are taken and published by the
+    old model at once; the switch follows the build."""
+    import threading
+
+    pipeline, published, factory = make_pipeline(small_model, batchSize=4, batchTimeout=0.05)
+    gate = threading.Event()
+    pipeline.start(factory, Recorded(gate))
+    images = frames(rng, 16)
+    result = {}
+    configure = threading.Thread(target=lambda: result.setdefault("applied", pipeline.configure({"modelPath": str(model_b)})))
+    configure.start()
+    t0 = time.perf_counter()
+    for uid in range(1, 9):
+        pipeline.submit(good_frame(uid, images[uid - 1]))
+    assert time.perf_counter() - t0 < 1.0  # submit() never waited for the build
+    assert published.wait(8) == 8  # published meanwhile, by model A
+    assert configure.is_alive() and pipeline.config.model_path == small_model
+    gate.set()
+    configure.join(30)
+    assert result["applied"] == {"modelPath": str(model_b)}
+    for uid in range(9, 17):
+        pipeline.submit(good_frame(uid, images[uid - 1]))
+    assert published.wait(16) == 16
+    pipeline.stop()
+    assert [p[0] for p in published] == list(range(1, 17))
+    assert published.model_ids == [model_identity(small_model)] * 8 + [model_identity(model_b)] * 8
+
+
+@pytest.mark.parametrize("what", ["other-input-size", "not-onnx", "missing", "bad-card", "build-fails"])
+def test_a_model_that_does_not_fit_is_refused_and_nothing_changes(small_model, model_32, rng, tmp_path, what):
+    pipeline, published, factory = make_pipeline(small_model, batchSize=2, batchTimeout=0.05)
+    recorded = Recorded()
+
+    def build(path):
+        if what == "build-fails":
+            raise RuntimeError("the engine library says no\n" + "x" * 5000)
+        return recorded(path)
+
+    pipeline.start(factory, build)
+    text = tmp_path / "notes.onnx"
+    text.write_text("not a model")
+    bad_card = tmp_path / "carded.onnx"
+    bad_card.write_bytes(small_model.read_bytes())
+    bad_card.with_suffix(".json").write_text('{"preprocess": {"scael": 2}}')
+    model, message = {
+        "other-input-size": (model_32, "takes 32x32 input, but frames are preprocessed for the running model's 64x64"),
+        "not-onnx": (text, "is not a readable ONNX model"),
+        "missing": (tmp_path / "nowhere.onnx", "is not a file"),
+        "bad-card": (bad_card, "unknown key.*scael"),
+        "build-fails": (small_model, "cannot run modelPath .*the engine library says no"),
+    }[what]
+    before, before_id, engine = pipeline.config, pipeline.model_id, pipeline.engine
+    with pytest.raises(ValueError, match=message) as refused:
+        pipeline.configure({"modelPath": str(model), "scale": 3.0})
+    assert len(str(refused.value)) < 400
+    assert pipeline.config == before and pipeline.model_id == before_id and pipeline.engine is engine
+    assert all(e.closed for e in recorded.built)  # an engine built for nothing is closed again
+    for uid, image in enumerate(frames(rng, 3), start=1):
+        pipeline.submit(good_frame(uid, image))
+    assert published.wait(3) == 3  # the stream goes on with model A
+    pipeline.stop()
+    assert set(published.model_ids) == {before_id}
+    assert pipeline.stats.unaccounted(0) == 0 and pipeline.stats.partial_batches == 1
+
+
+def test_model_change_needs_a_running_engine(small_model, model_b):
+    pipeline, _, factory = make_pipeline(small_model)
+    with pytest.raises(ValueError, match="still starting"):
+        pipeline.configure({"modelPath": str(model_b)})
+    pipeline.start(factory)  # without a factory for other models
+    with pytest.raises(ValueError, match="cannot change models"):
+        pipeline.configure({"modelPath": str(model_b)})
+    assert pipeline.config.model_path == small_model
+    pipeline.stop()
+
+
+def wait_for(predicate, timeout_s=10.0):
+    deadline = time.monotonic() + timeout_s
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return predicate()
+
+
+def test_model_swap_with_batches_in_flight_on_an_async_engine(small_model, model_b, rng, monkeypatch):
+    """The batches submitted to the old asynchronous engine are collected and published
+    before the switch; the old engine is closed only after its last collect."""
+    import threading
+
+    crashes = []
+    monkeypatch.setattr(threading, "excepthook", crashes.append)
+    pipeline, published, factory = make_pipeline(small_model, batchSize=4, queueBatches=8, batchTimeout=60)
+    gate = threading.Event()
+    old = AsyncEngine(factory(), gate=gate)
+    new = AsyncEngine(create_engine("onnxruntime", EngineOptions(model_b, max_batch=4, cpu_threads=1)))
+    images = frames(rng, 24)
+    for uid in range(1, 13):  # three full batches wait when the thread starts
+        pipeline.submit(good_frame(uid, images[uid - 1]))
+    pipeline.start(lambda: old, lambda path: new)
+    assert wait_for(lambda: old.calls == [("submit", 1), ("submit", 2)])  # two in flight, held
+    pipeline.configure({"modelPath": str(model_b)})
+    gate.set()
+    for uid in range(13, 25):
+        pipeline.submit(good_frame(uid, images[uid - 1]))
+    assert pipeline.drain(20)
+    pipeline.stop()
+    assert not crashes, crashes[0].exc_value if crashes else None
+    assert [p[0] for p in published] == list(range(1, 25))
+    id_a, id_b = model_identity(small_model), model_identity(model_b)
+    assert published.model_ids == [id_a] * 12 + [id_b] * 12
+    assert [c for c in old.calls if c[0] == "collect"] == [("collect", k) for k in (1, 2, 3)]
+    assert old.closed and new.closed
+    pre_b = pipeline.config.preprocess
+    for (uid, image, _, _), expected in zip(published[12:], expected_outputs(model_b, images[12:], pre_b)):
+        np.testing.assert_allclose(image, expected, atol=1e-5, err_msg=f"frame {uid}")

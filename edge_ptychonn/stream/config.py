@@ -8,11 +8,14 @@ framework's, naming it and listing the accepted ones.
 
 :func:`apply_runtime_changes` validates a ``configure()`` request (control
 channel) against the keys that may change while running; an unknown or invalid
-key raises ``ValueError`` and nothing changes.
+key raises ``ValueError`` and nothing changes. A new ``modelPath`` brings the
+new model's card's offset, scale and transform (keys given with it win), as at
+start-up. :func:`model_identity` names a model file (card name and content hash).
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -93,16 +96,37 @@ _PREPROCESS: dict[str, tuple[str, Any]] = {
     "offset": ("offset", number()),
     "scale": ("scale", number()),
 }
-# Keys that configure() may change while running.
-RUNTIME_KEYS = ("batchTimeout", "offset", "scale", "transform")
+# Keys that configure() may change while running. A new modelPath is built beside the
+# running engine and switched to at a batch boundary (pipeline.InferencePipeline.configure).
+RUNTIME_KEYS = ("batchTimeout", "offset", "scale", "transform", "modelPath")
+# Preprocessing that a new model's card sets when modelPath changes (crop, cropOrigin and
+# bin belong to the detector and stay; the new model must take the same input size).
+CARD_RUNTIME_KEYS = ("offset", "scale", "transform")
 
 
 def runtime_settings(config: ProcessorConfig) -> dict:
-    """The current values of the keys that configure() may change (camelCase)."""
-    return {
+    """The current values of the keys that configure() may change (camelCase; JSON-ready)."""
+    values = {
         key: getattr(config, _TOP_LEVEL[key][0]) if key in _TOP_LEVEL else getattr(config.preprocess, _PREPROCESS[key][0])
         for key in RUNTIME_KEYS
     }
+    return {key: str(v) if isinstance(v, Path) else v for key, v in values.items()}
+
+
+def model_identity(model_path: Path) -> str:
+    """``"<card name> sha256:<first 12 hex digits of the file's SHA-256>"``: which model
+    made an output (the card's name, else the file's stem). Raises ValueError when the
+    file cannot be read or its card is malformed."""
+    digest = hashlib.sha256()
+    try:
+        with open(model_path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError as exc:
+        raise ValueError(f"cannot read modelPath {short_repr(str(model_path))}: {exc.strerror or exc}") from None
+    card = find_card(model_path)
+    name = card.name if card is not None and card.name else Path(model_path).stem
+    return f"{name} sha256:{digest.hexdigest()[:12]}"
 
 
 def _preprocess_defaults(model_path: Path) -> dict:
@@ -139,9 +163,19 @@ def apply_runtime_changes(config: ProcessorConfig, changes: dict) -> tuple[Proce
     Framework keys (``skipInitialUpdates``, ``objectIdOffset``, ...) are the
     framework's business and are left out. Raises ``ValueError`` for any other
     key outside :data:`RUNTIME_KEYS` or any invalid value; then nothing changes.
+
+    With ``modelPath``, offset, scale and transform come from the new model's
+    card as at start-up (a model without a card: 0, 1, none), and those given
+    in the same request win; crop, cropOrigin and bin stay. Whether the model
+    fits the running one is checked where its engine is built.
     """
     user = check_runtime_request(changes, RUNTIME_KEYS)
     top = convert_fields(user, _TOP_LEVEL)
     pre = convert_fields(user, _PREPROCESS)
+    if "model_path" in top:
+        card = _preprocess_defaults(top["model_path"]) if top["model_path"].is_file() else {}
+        fields_ = [_PREPROCESS[k][0] for k in CARD_RUNTIME_KEYS]
+        defaults = asdict(PreprocessConfig())
+        pre = {**{f: card.get(f, defaults[f]) for f in fields_}, **pre}
     new = replace(config, **top, preprocess=replace(config.preprocess, **pre))
     return new, user

@@ -12,7 +12,9 @@ pixel spreads through the network's convolutions over most of the output.
 
 :class:`FrameEncoder` turns a float32 result image and the input's metadata into
 an NTNDArray ready for ``updateOutputChannel``. It reuses one PvObject: the PVA
-server copies it into the output record on each update.
+server copies it into the output record on each update. With a ``model_id`` it
+adds a string attribute ``modelId`` naming the model that made the output
+(an input attribute of that name is replaced).
 
 Decompression (lz4, blosc, bslz4) and reshaping use pvapy's ``AdImageUtility``.
 """
@@ -153,18 +155,35 @@ def _decompressed(pv: pva.PvObject, codec: str, unique_id: int) -> np.ndarray:
     return image
 
 
+MODEL_ID_ATTRIBUTE = "modelId"
+
+
 class FrameEncoder:
     """Builds output NTNDArrays (float32 mono images) from result images."""
 
-    def __init__(self) -> None:
+    def __init__(self, model_id: str | None = None) -> None:
         self._pv = pva.NtNdArray()
         self._shape: tuple[int, int] | None = None
         self._color_mode = pva.NtAttribute("ColorMode", pva.PvInt(AdImageUtility.COLOR_MODE_MONO))
-        self._attributes: list | None = None  # what the reused PvObject holds now
+        self._attributes: list | None = None  # input attributes behind what the PvObject holds now
+        self.model_id = model_id
+
+    @property
+    def model_id(self) -> str | None:
+        """The ``modelId`` attribute's value (None: no such attribute); set it between
+        frames, from the thread that encodes."""
+        return self._model_id
+
+    @model_id.setter
+    def model_id(self, value: str | None) -> None:
+        self._model_id = value
+        self._model_attribute = None if value is None else pva.NtAttribute(MODEL_ID_ATTRIBUTE, pva.PvString(value))
+        self._attributes = None  # the next frame sets its attributes
 
     def encode(self, meta: FrameMeta, image: np.ndarray) -> pva.PvObject:
         """The output NTNDArray for ``image`` (2-D float32), with ``meta``'s id,
-        time stamps and attributes (a ColorMode attribute is added if missing)."""
+        time stamps and attributes (a ColorMode attribute is added if missing, and
+        the ``modelId`` attribute when the encoder has a model id)."""
         pv = self._pv
         ny, nx = image.shape
         if self._shape != (ny, nx):
@@ -182,8 +201,17 @@ class FrameEncoder:
             self._attributes = attributes
             if _color_mode(attributes) is None:
                 attributes = [self._color_mode, *attributes]
+            if self._model_attribute is not None:
+                attributes = [a for a in attributes if not _named(a, MODEL_ID_ATTRIBUTE)] + [self._model_attribute]
             pv["attribute"] = attributes
         return pv
+
+
+def _named(attribute, name: str) -> bool:
+    """Whether an attribute (a received dict, or one of our NtAttributes) is called ``name``."""
+    if isinstance(attribute, dict):
+        return attribute.get("name") == name
+    return attribute["name"] == name
 
 
 def output_pv_type() -> pva.PvObject:

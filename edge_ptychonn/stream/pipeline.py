@@ -22,6 +22,15 @@ publish error, or still queued: :attr:`PipelineStats.unaccounted` is 0. Frames
 that never arrived are counted by :class:`~.accounting.IdTracker` from the
 uniqueIds that did (``missed``). Records without an image (what a monitor gets
 on (re)connect) are no frames: counted apart, never as bad.
+
+Model swap (``configure({"modelPath": ...})``): the new engine is built on the
+caller's thread (PvaPy's configure timer thread) without the lock, beside the
+running one, so frames keep arriving and the running engine keeps working.
+Then, under the lock, the partial batch is flushed to the old engine, the
+batcher's preprocessing is swapped, and a switch marker is queued: the
+inference thread takes the batches before it with the old engine, closes that
+engine, and runs every later batch (preprocessed with the new settings) with
+the new one. No frame is lost or run twice; the pause is the switch itself.
 """
 
 from __future__ import annotations
@@ -38,12 +47,30 @@ import numpy as np
 
 from .accounting import IdTracker
 from .batching import Batch, Batcher, NoFreeBuffer
-from .config import ProcessorConfig, apply_runtime_changes
+from .config import ProcessorConfig, apply_runtime_changes, model_identity
 from .frames import BAD_FRAME_KINDS, BadFrame, FrameEncoder, NotAFrame, decode
+from .quote import short_repr
 
 STATS_WINDOW_S = 5.0  # rates and latency percentiles describe the last few seconds
 _WAKE = object()  # queued by configure(): the inference thread recomputes its wait
-_NOTHING = object()  # _next_batch(block=False): no batch is ready now
+_NOTHING = object()  # _next_item(block=False): no batch is ready now
+
+
+@dataclass(frozen=True)
+class _Switch:
+    """Queued by configure() at a batch boundary: batches after it run on ``engine``."""
+
+    engine: object
+    model_id: str
+    build_s: float
+
+
+def _depth(engine) -> int:
+    """Batches an engine can hold at once: ``max_in_flight`` with submit/collect, else 1."""
+    if callable(getattr(engine, "submit", None)):
+        return max(1, int(getattr(engine, "max_in_flight", 1)))
+    return 1
+
 
 DROP_REASONS = {
     "overload": "inference is not keeping up: every batch buffer holds a batch waiting for the engine",
@@ -146,7 +173,9 @@ class InferencePipeline:
 
     ``publish`` is called from the inference thread with each output NTNDArray,
     in input order. ``engine_factory`` is called by :meth:`start` and returns an
-    ``engines.base.Engine``. ``n_sequential`` and ``id_offset`` describe the
+    ``engines.base.Engine``; ``model_engine_factory(model_path)``, if given to
+    :meth:`start`, builds an engine of the same kind for another model (what
+    ``configure({"modelPath": ...})`` switches to). ``n_sequential`` and ``id_offset`` describe the
     distributor's pattern (PvaPy's ``nSequentialUpdates``/``objectIdOffset``) for
     counting the frames that never arrived.
     """
@@ -164,7 +193,12 @@ class InferencePipeline:
         self.log = logger or logging.getLogger(__name__)
         self._id_pattern = (n_sequential, id_offset)
         self.stats = self._new_stats()
-        self.engine = None
+        self.engine = None  # the engine publishing now (the inference thread switches it)
+        self.model_id = ""  # model_identity() of the engine publishing now
+        self._model_engine_factory: Callable[[object], object] | None = None
+        # One configure() at a time (PvaPy runs each on a timer thread of its own);
+        # held while a new engine builds, never together with the receive path's lock.
+        self._configure_lock = threading.Lock()
         # Serialises submit(), the timeout flush, configure() and stop(). Nothing
         # waits while holding it: no queue, buffer pool, engine or I/O.
         self._lock = threading.Lock()
@@ -184,10 +218,16 @@ class InferencePipeline:
         return PipelineStats(ids=IdTracker(*self._id_pattern))
 
     # -- lifecycle -----------------------------------------------------------------
-    def start(self, engine_factory: Callable[[], object]) -> None:
-        """Create the engine (errors propagate) and start the inference thread."""
+    def start(self, engine_factory: Callable[[], object],
+              model_engine_factory: Callable[[object], object] | None = None) -> None:
+        """Create the engine (errors propagate) and start the inference thread.
+        ``model_engine_factory(model_path)`` builds engines for configure's ``modelPath``
+        (without it, a model change is refused)."""
+        model_id = model_identity(self.config.model_path)
         engine = engine_factory()
-        self.engine = engine
+        self.engine, self.model_id = engine, model_id
+        self._encoder.model_id = model_id
+        self._model_engine_factory = model_engine_factory
         with self._lock:
             self._batcher = Batcher(
                 self.config.batch_size, engine.input_shape, self.config.preprocess,
@@ -198,8 +238,8 @@ class InferencePipeline:
             while self._pending:
                 self._add(*self._pending.popleft())
         self.log.info(
-            "engine %s on %s (%s), input %dx%d, batch %d",
-            engine.name, engine.device, engine.precision, *engine.input_shape, self.config.batch_size,
+            "engine %s on %s (%s), input %dx%d, batch %d, model %s",
+            engine.name, engine.device, engine.precision, *engine.input_shape, self.config.batch_size, model_id,
         )
 
     def drain(self, timeout_s: float) -> bool:
@@ -297,9 +337,10 @@ class InferencePipeline:
                 self._enqueue(batch)
 
     # -- inference side --------------------------------------------------------------
-    def _next_batch(self, block: bool = True) -> Batch | None | object:
-        """The next batch to infer: queued, or the partial one once it is due (queued too).
-        None at stop; with ``block`` False, :data:`_NOTHING` when no batch is ready now."""
+    def _next_item(self, block: bool = True):
+        """The next batch to infer (queued, or the partial one once it is due), a
+        :class:`_Switch` marker, None at stop, or (``block`` False) :data:`_NOTHING`
+        when nothing is ready now."""
         while True:
             with self._lock:
                 timeout = self.config.batch_timeout_s
@@ -319,54 +360,51 @@ class InferencePipeline:
                 return _NOTHING
 
     def _run(self) -> None:
-        engine = self.engine
-        if callable(getattr(engine, "submit", None)) and getattr(engine, "max_in_flight", 1) > 1:
-            self._run_overlapped(engine, int(engine.max_in_flight))
-            return
-        while True:
-            batch = self._next_batch()
-            if batch is None:
-                return
-            try:
-                t0 = time.perf_counter()
-                try:
-                    outputs = engine.infer(batch.prepare())
-                except Exception as exc:  # any engine failure: count, log once, keep consuming
-                    self._inference_failed(batch, exc)
-                    continue
-                self._publish_batch(batch, outputs, time.perf_counter() - t0)
-            finally:
-                self._done(batch)
-
-    def _run_overlapped(self, engine, depth: int) -> None:
-        """For engines with ``submit``/``collect`` (GPU): batch k+1 is submitted (copied in,
-        computing) before batch k's results are encoded and published, so the frame path
-        overlaps inference. Batches are published in order."""
-        in_flight: deque = deque()  # (batch, ticket, submitted at)
+        """Batches in order. An engine with ``submit``/``collect`` (GPU) gets batch k+1
+        submitted before batch k's results are encoded and published, so the frame
+        path overlaps inference; other engines run one batch at a time. At a switch
+        marker, what is in flight finishes on the old engine first."""
+        in_flight: deque = deque()  # (batch, engine, ticket or outputs, started at)
         stopping = False
         while not stopping or in_flight:
-            if not stopping and len(in_flight) < depth:
-                batch = self._next_batch(block=not in_flight)
-                if batch is None:
+            engine = self.engine
+            if not stopping and len(in_flight) < _depth(engine):
+                item = self._next_item(block=not in_flight)
+                if item is None:
                     stopping = True
                     continue
-                if batch is not _NOTHING:
-                    try:
-                        in_flight.append((batch, engine.submit(batch.prepare()), time.perf_counter()))
-                    except Exception as exc:
-                        self._inference_failed(batch, exc)
-                        self._done(batch)
+                if isinstance(item, _Switch):
+                    while in_flight:
+                        self._finish(*in_flight.popleft())
+                    self._switch_engine(item)  # every batch before it has been published
                     continue
-            batch, ticket, t0 = in_flight.popleft()
-            try:
+                if item is not _NOTHING:
+                    self._begin(engine, item, in_flight)
+                    continue
+            self._finish(*in_flight.popleft())
+
+    def _begin(self, engine, batch: Batch, in_flight: deque) -> None:
+        t0 = time.perf_counter()
+        try:
+            if _depth(engine) > 1:
+                in_flight.append((batch, engine, engine.submit(batch.prepare()), t0))
+            else:
+                in_flight.append((batch, None, engine.infer(batch.prepare()), t0))
+        except Exception as exc:  # any engine failure: count, log once, keep consuming
+            self._inference_failed(batch, exc)
+            self._done(batch)
+
+    def _finish(self, batch: Batch, engine, result, t0: float) -> None:
+        try:
+            if engine is not None:  # a ticket: wait for its results
                 try:
-                    outputs = engine.collect(ticket)
+                    result = engine.collect(result)
                 except Exception as exc:
                     self._inference_failed(batch, exc)
-                    continue
-                self._publish_batch(batch, outputs, time.perf_counter() - t0)
-            finally:
-                self._done(batch)
+                    return
+            self._publish_batch(batch, result, time.perf_counter() - t0)
+        finally:
+            self._done(batch)
 
     def _done(self, batch: Batch) -> None:
         self._batcher.release(batch)
@@ -404,19 +442,86 @@ class InferencePipeline:
         stats.published += n_published
         stats.recent.add(time.perf_counter(), n_published, infer_s, batch.n, latencies[:n_published])
 
+    def _switch_engine(self, switch: _Switch) -> None:
+        """Inference thread, at a switch marker: later batches run on the new engine."""
+        old, old_id = self.engine, self.model_id
+        self.engine, self.model_id = switch.engine, switch.model_id
+        self._encoder.model_id = switch.model_id
+        self.log.info("model switched from %s to %s (%s engine built in %.2f s); the old engine is closed",
+                      old_id, switch.model_id, switch.engine.name, switch.build_s)
+        try:
+            old.close()
+        except Exception as exc:  # the new engine runs; a failed close only leaks the old one
+            self.log.error("closing the engine of %s failed: %s", old_id, exc)
+
     # -- control -----------------------------------------------------------------------
     def configure(self, changes: dict) -> dict:
-        """Apply run-time changes (validated first; ValueError changes nothing)."""
-        with self._lock:
-            new, applied = apply_runtime_changes(self.config, changes)
-            self.config = new
-            if self._batcher is not None:
-                self._batcher.preprocess = new.preprocess
-            if "batchTimeout" in applied and self._thread is not None:
-                self._queue.put_nowait(_WAKE)
+        """Apply run-time changes (validated first; ValueError changes nothing).
+
+        A new ``modelPath`` is built here, on the caller's thread, beside the
+        running engine and without the lock (frames keep flowing), then switched
+        to at a batch boundary; a model that cannot run in its place (another
+        input size, not ONNX, an engine that fails to build) raises ValueError
+        with the reason, and nothing changes."""
+        with self._configure_lock:
+            with self._lock:
+                new, applied = apply_runtime_changes(self.config, changes)
+                if "modelPath" in applied:
+                    self._check_can_swap()
+                    input_hw = self._batcher.input_hw
+                else:
+                    self._apply(new, applied)
+            if "modelPath" in applied:
+                self._swap(new, applied, input_hw)
         if applied:
             self.log.info("configuration changed: %s", applied)
         return applied
+
+    def _apply(self, new: ProcessorConfig, applied: dict) -> None:
+        """(lock held) Take ``new`` settings; batches from now on use its preprocessing."""
+        self.config = new
+        if self._batcher is not None:
+            self._batcher.preprocess = new.preprocess
+        if "batchTimeout" in applied and self._thread is not None:
+            self._queue.put_nowait(_WAKE)
+
+    def _check_can_swap(self) -> None:
+        """(lock held) ValueError unless a model change can start now."""
+        if self._stopping:
+            raise ValueError("the consumer is stopping; modelPath not changed")
+        if self._batcher is None or self.engine is None:
+            raise ValueError("the engine is still starting; change modelPath once it runs")
+        if self._model_engine_factory is None:
+            raise ValueError("this pipeline cannot change models at run time")
+
+    def _swap(self, new: ProcessorConfig, applied: dict, input_hw: tuple[int, int]) -> None:
+        """Build ``new.model_path``'s engine (lock not held), then switch at a batch boundary."""
+        where = short_repr(str(new.model_path), 80)
+        model_id = model_identity(new.model_path)
+        self.log.info("modelPath %s (%s): building its engine beside the running one", where, model_id)
+        t0 = time.perf_counter()
+        try:
+            engine = self._model_engine_factory(new.model_path)
+        except Exception as exc:  # whatever the engine library raises: refused, nothing changed
+            reason = " ".join(str(exc).replace(str(new.model_path), "it").split()) or type(exc).__name__
+            reason = reason if len(reason) <= 160 else reason[:160] + "..."
+            raise ValueError(f"cannot run modelPath {where}: {reason}") from None
+        build_s = time.perf_counter() - t0
+        shape = tuple(engine.input_shape)
+        if shape != tuple(input_hw):
+            engine.close()
+            raise ValueError(
+                f"modelPath {where} takes {shape[0]}x{shape[1]} input, but frames are preprocessed for the "
+                f"running model's {input_hw[0]}x{input_hw[1]}; restart the consumer to change the input size"
+            )
+        with self._lock:
+            if self._stopping:
+                engine.close()
+                raise ValueError("the consumer is stopping; modelPath not changed")
+            self._flush_partial()  # frames preprocessed the old way go to the old engine
+            self._apply(new, applied)
+            self._queue.put_nowait(_Switch(engine, model_id, build_s))
+        self.log.info("modelPath %s: engine built in %.2f s; switching at the next batch", where, build_s)
 
     @property
     def queued_frames(self) -> int:

@@ -3,9 +3,23 @@
 Sends PvaPy's ``configure`` command to a consumer's control channel (e.g.
 ``inference:1:control``) and prints the answer the consumer left in the
 channel's ``statusMessage``. Each value is read as JSON where it parses
-(``0.2``, ``"sqrt"``, ``[1, 2]``) and as a plain string otherwise. Exit status:
-0 when the consumer applied the change, 1 when it refused it (nothing changed),
-2 for bad arguments or no answer.
+(``0.2``, ``"sqrt"``, ``[1, 2]``) and as a plain string otherwise.
+
+Changeable keys (PtychoNNProcessor): batchTimeout, offset, scale, transform,
+modelPath. modelPath swaps the model without a restart: the consumer builds
+an engine of the running kind for it while it goes on publishing with the old
+one, then switches at a batch boundary (no frame lost or run twice). The new
+model's card (model.json beside model.onnx) gives offset, scale and transform
+unless they are given too; a model with another input size, a file that is
+not ONNX or an engine that fails to build is refused with the reason, and
+nothing changes. The answer comes once the engine is built, so the wait is
+longer for modelPath (default 600 s: a TensorRT plan not in the cache takes
+minutes). Example:
+
+    edge-ptychonn configure inference:1:control modelPath=/models/new.onnx
+
+Exit status: 0 when the consumer applied the change, 1 when it refused it
+(nothing changed), 2 for bad arguments or no answer in time.
 """
 
 from __future__ import annotations
@@ -16,6 +30,8 @@ import sys
 import time
 
 PENDING = "Command successful"  # PvaPy's reply before the configure timer has run
+DEFAULT_TIMEOUT_S = 5.0
+MODEL_TIMEOUT_S = 600.0  # modelPath: the consumer answers once the new engine is built
 
 
 def parse_pairs(pairs: list[str]) -> dict:
@@ -57,13 +73,24 @@ def send(channel: str, args_text: str, timeout_s: float = 5.0) -> str:
         time.sleep(0.05)
 
 
+def _changes_model(args_text: str) -> bool:
+    """Whether the request asks for a new modelPath (its answer waits for the engine build)."""
+    try:
+        request = json.loads(args_text)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(request, dict) and "modelPath" in request
+
+
 def get_args_parser(prog: str = "edge-ptychonn configure") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("channel", help="the consumer's control channel, e.g. inference:1:control")
     p.add_argument("changes", nargs="*", metavar="key=value", help="settings to change, e.g. batchTimeout=0.2")
     p.add_argument("--json", dest="raw", help="send this text as the arguments instead (a JSON object)")
-    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer (default: %(default)s)")
+    p.add_argument("--timeout", type=float, default=None,
+                   help=f"seconds to wait for the answer (default: {DEFAULT_TIMEOUT_S:g}, "
+                        f"or {MODEL_TIMEOUT_S:g} when modelPath changes)")
     return p
 
 
@@ -78,12 +105,16 @@ def main(args: argparse.Namespace) -> int:
         return 2
     import pvaccess as pva
 
+    timeout_s = args.timeout if args.timeout is not None else (
+        MODEL_TIMEOUT_S if _changes_model(text) else DEFAULT_TIMEOUT_S)
     try:
-        reply = send(args.channel, text, args.timeout)
+        reply = send(args.channel, text, timeout_s)
     except pva.PvaException as exc:
         print(f"edge-ptychonn configure: no answer from {args.channel}: {exc}", file=sys.stderr)
         return 2
     print(reply)
     if reply == PENDING:
+        print(f"edge-ptychonn configure: the consumer took the command but did not answer within {timeout_s:g} s; "
+              "its status channel shows what is in force", file=sys.stderr)
         return 2
     return 0 if "successful" in reply and "failed" not in reply else 1
