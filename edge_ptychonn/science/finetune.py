@@ -583,7 +583,7 @@ def get_args_parser(prog: str = "edge-ptychonn finetune") -> argparse.ArgumentPa
     p.add_argument("--max-minutes", type=float, default=10.0, help="stop training after this long (0: no limit; "
                    "default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default: %(default)s)")
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--no-bf16", dest="bf16", action="store_false", help="train in float32")
     p.add_argument("--device", default="auto", help="auto (a CUDA GPU if torch sees one, else the CPU), cpu, cuda, "
@@ -711,8 +711,8 @@ def main(args: argparse.Namespace) -> int:
     t_train = time.monotonic()
     deadline = t_train + args.max_minutes * 60 if args.max_minutes else math.inf
     rng = np.random.default_rng(args.seed)
-    train_loss, val_loss = [trainer.validate(train_data)], [trainer.validate(val_data)]
-    print(f"start: train loss {train_loss[0]:.4f}  held-out loss {val_loss[0]:.4f}", file=sys.stderr)
+    train_loss, val_loss = [], [trainer.validate(val_data)]
+    print(f"start: held-out loss {val_loss[0]:.4f}", file=sys.stderr)
     stopped = False
     for epoch in range(args.epochs):
         bar = Progress(steps_per_epoch * args.batch_size, f"epoch {epoch + 1}/{args.epochs}", unit="frames", enabled=show)
@@ -735,10 +735,10 @@ def main(args: argparse.Namespace) -> int:
     training = Training(
         scan_settings=dict(card.training.scan_settings) if base_settings else None,
         eval_n_positions=card.training.eval_n_positions if base_settings else None,
-        n_train_frames=len(train_idx), n_val_frames=len(val_idx), epochs=args.epochs, epochs_run=len(train_loss) - 1,
+        n_train_frames=len(train_idx), n_val_frames=len(val_idx), epochs=args.epochs, epochs_run=len(train_loss),
         steps=trainer.step, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, bf16=args.bf16,
         seed=args.seed, threads=args.threads, train_minutes=train_minutes, stopped_at_time_limit=stopped,
-        train_loss=tuple(train_loss[1:]), val_loss=tuple(val_loss[1:]),
+        train_loss=tuple(train_loss), val_loss=tuple(val_loss[1:]),
         n_parameters=int(sum(p.numel() for p in trainer.model.parameters())),
         host=f"{platform.machine()} {platform.processor() or ''}".strip(), torch=torch.__version__,
         edge_ptychonn=__version__, command=command_line(args), init_from=str(args.init_from),
@@ -752,7 +752,7 @@ def main(args: argparse.Namespace) -> int:
         name=out.name, input_size=n, outputs=("phase", "amplitude") if config.amplitude_head else ("phase",),
         preprocess=pp, stitch=stitch, model=config, training=training, limits=LIMITS,
         accuracy={"finetune": {"held_out_before": before, "held_out_after": after, "data": data,
-                               "start_train_loss": train_loss[0], "start_val_loss": val_loss[0]}},
+                               "start_val_loss": val_loss[0]}},
     )
     card_json = save_card(new_card, onnx_path)
     out.with_suffix(".md").write_text(card_markdown(new_card, Path(args.init_from).name, data, before, after))
