@@ -34,7 +34,8 @@ def record_hdf5(directory, frames, positions):
     writer.start()
     for k, (image, (y, x)) in enumerate(zip(frames, positions)):
         pv = good_frame(k + 1, image)
-        pv["attribute"] = [pva.NtAttribute("PosY", pva.PvDouble(float(y))), pva.NtAttribute("PosX", pva.PvDouble(float(x)))]
+        pv["attribute"] = [pva.NtAttribute("PosY", pva.PvDouble(float(y))),
+                           pva.NtAttribute("PosX", pva.PvDouble(float(x)))]
         writer.process(pv)
     writer.stop()
     assert writer.getStats()["nFramesWritten"] == len(frames)
@@ -134,7 +135,8 @@ def test_held_out_block_and_guard_band(beamline):
     apart = ((lo[train, None] + 40 <= lo[None, val]) | (lo[None, val] + 40 <= lo[train, None])).any(axis=2)
     assert apart.all()  # no training bright centre overlaps a held-out one
     kept = np.setdiff1d(np.arange(320), train)  # and every frame left out touches one
-    assert not ((lo[kept, None] + 40 <= lo[None, val]) | (lo[None, val] + 40 <= lo[kept, None])).any(axis=2).all(axis=1).any()
+    touches = ~((lo[kept, None] + 40 <= lo[None, val]) | (lo[None, val] + 40 <= lo[kept, None])).any(axis=2)
+    assert touches.any(axis=1).all()
 
 
 @pytest.mark.parametrize("case, message", [
@@ -146,6 +148,7 @@ def test_held_out_block_and_guard_band(beamline):
     ("complex_frames", "frames must be integer or float counts, got complex64"),
     ("no_positions", "holds no positions: give --positions"),
     ("frame_size", "become .64, 64. after the base model's preprocessing"),
+    ("overwrite_base", "would overwrite the base model"),
 ])
 def test_bad_input_is_refused_with_a_clear_message_and_nothing_written(beamline, tmp_path, capsys, case, message):
     d = beamline
@@ -176,6 +179,9 @@ def test_bad_input_is_refused_with_a_clear_message_and_nothing_written(beamline,
         np.save(tmp_path / "small.npy", d["frames"][:, :64, :64])
         frames = tmp_path / "small.npy"
     out = tmp_path / "out" / "m"
+    if case == "overwrite_base":
+        out = default_model_path().with_suffix("")
+    shipped_mtime = default_model_path().stat().st_mtime_ns
     argv = ["--frames", frames, "--object", obj, "--out", out, "--quiet", *extra]
     if positions is not None:
         argv += ["--positions", positions]
@@ -185,7 +191,7 @@ def test_bad_input_is_refused_with_a_clear_message_and_nothing_written(beamline,
     import re
 
     assert re.search(message, err), err
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists() and default_model_path().stat().st_mtime_ns == shipped_mtime
 
 
 def test_help_names_the_convention(capsys):

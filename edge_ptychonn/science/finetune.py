@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import pickle
 import platform
 import sys
 import tempfile
@@ -76,7 +77,9 @@ from pathlib import Path
 import numpy as np
 
 from edge_ptychonn import __version__
-from edge_ptychonn.model_card import ModelCard, ModelConfig, StitchSettings, Training, default_model_path, find_card, save_card
+from edge_ptychonn.model_card import (
+    ModelCard, ModelConfig, StitchSettings, Training, default_model_path, find_card, save_card,
+)
 from edge_ptychonn.progress import Progress
 from edge_ptychonn.science.simulate import ScanSettings, extract_patches, make_probe
 from edge_ptychonn.science.stitch import Stitcher, probe_weight
@@ -235,8 +238,8 @@ def load_object(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
         if path.suffix == ".npz":
             with np.load(path) as z:
                 if "object" not in z.files:
-                    raise InputError(f"{path}: no 'object' array (has {', '.join(z.files) or 'none'}); save the complex "
-                                     "object as np.savez(path, object=obj[, probe=probe])")
+                    raise InputError(f"{path}: no 'object' array (has {', '.join(z.files) or 'none'}); save the "
+                                     "complex object as np.savez(path, object=obj[, probe=probe])")
                 obj = _complex_2d(z["object"], f"{path}:object", "object")
                 probe = _complex_2d(z["probe"], f"{path}:probe", "probe") if "probe" in z.files else None
                 return obj, probe
@@ -317,7 +320,8 @@ def held_out_split(corners: np.ndarray, bright: np.ndarray, val_fraction: float)
 
 
 def load_base(path: str | Path):
-    """``(model, ModelConfig, card or None, PreprocessConfig)`` from an ONNX model or an ``edge-ptychonn train`` ``.pt``."""
+    """``(model, ModelConfig, card or None, PreprocessConfig)`` from an ONNX model or an
+    ``edge-ptychonn train`` ``.pt`` (the card beside it, if any)."""
     import torch
 
     from edge_ptychonn.science.model import build_model, from_onnx
@@ -335,12 +339,13 @@ def load_base(path: str | Path):
             ckpt = torch.load(path, map_location="cpu")
             config = ModelConfig(**ckpt["model"])
             pp = PreprocessConfig(**ckpt["preprocess"])
-        except (KeyError, TypeError, RuntimeError) as exc:
+        except (KeyError, TypeError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
             raise InputError(f"{path}: not a checkpoint of edge-ptychonn train ({exc})") from None
         model = build_model(config)
         model.load_state_dict(ckpt["state_dict"])
         return model.eval(), config, card, pp
-    raise InputError(f"{path}: the base model must be an ONNX PtychoNN (.onnx) or an edge-ptychonn train checkpoint (.pt)")
+    raise InputError(f"{path}: the base model must be an ONNX PtychoNN (.onnx) or an edge-ptychonn train "
+                     "checkpoint (.pt)")
 
 
 def unfold_batchnorm(folded, frames: np.ndarray, pp: PreprocessConfig, batch_size: int = 32):
@@ -675,6 +680,9 @@ def main(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     except ValueError as exc:  # e.g. a base model that is not a PtychoNN, a malformed card
         return _fail(str(exc))
+    base = Path(args.init_from).resolve()
+    if base in (out.with_suffix(s).resolve() for s in (".onnx", ".pt", ".json")):
+        return _fail(f"--out {out} would overwrite the base model {args.init_from}; choose another prefix")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -684,13 +692,15 @@ def main(args: argparse.Namespace) -> int:
         config = model.config
     phase = np.angle(obj * np.exp(-1j * args.phase_shift)).astype(np.float32)
     targets = extract_patches(phase, corners, (n, n))
-    amps = extract_patches(np.abs(obj).astype(np.float32), corners, (n, n)).astype(np.float16) if config.amplitude_head else None
+    amps = None
+    if config.amplitude_head:  # the reconstruction's amplitude trains the amplitude head
+        amps = extract_patches(np.abs(obj).astype(np.float32), corners, (n, n)).astype(np.float16)
     frames = np.asarray(recorded.frames)
-    split = lambda idx: (frames[idx], targets[idx].astype(np.float16), None if amps is None else amps[idx])  # noqa: E731
-    train_data, val_data = split(train_idx), split(val_idx)
-    print(f"data: {len(train_idx)} training and {len(val_idx)} held-out frames ({n_guard} left out as a guard band); "
-          f"positions from {positions_from}; loss over {int(mask.sum())} bright-centre pixels (probe: {probe_from}); "
-          f"{device}", file=sys.stderr)
+    train_data, val_data = ((frames[idx], targets[idx].astype(np.float16), None if amps is None else amps[idx])
+                            for idx in (train_idx, val_idx))
+    print(f"data: {len(train_idx)} training and {len(val_idx)} held-out frames ({n_guard} left out as a guard "
+          f"band); positions from {positions_from}; loss over {int(mask.sum())} bright-centre pixels (probe: "
+          f"{probe_from}); {device}", file=sys.stderr)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     from edge_ptychonn.science.model import export_onnx
@@ -715,7 +725,8 @@ def main(args: argparse.Namespace) -> int:
     print(f"start: held-out loss {val_loss[0]:.4f}", file=sys.stderr)
     stopped = False
     for epoch in range(args.epochs):
-        bar = Progress(steps_per_epoch * args.batch_size, f"epoch {epoch + 1}/{args.epochs}", unit="frames", enabled=show)
+        bar = Progress(steps_per_epoch * args.batch_size, f"epoch {epoch + 1}/{args.epochs}", unit="frames",
+                       enabled=show)
         loss, stopped = trainer.train_one_epoch(train_data, rng, total_steps, deadline, bar)
         bar.close()
         train_loss.append(loss)
@@ -747,7 +758,8 @@ def main(args: argparse.Namespace) -> int:
     data = {"frames": str(args.frames), "n_frames": int(len(frames)), "positions": positions_from,
             "object": str(args.object), "object_shape": list(obj.shape), "phase_shift_rad": args.phase_shift,
             "probe": probe_from, "val_fraction": args.val_fraction, "n_guard": n_guard, "device": device,
-            "batchnorm": (args.batchnorm if folded else "from the checkpoint"), "pixel_size": args.pixel_size, "origin": list(args.origin), "position_ref": args.position_ref}
+            "batchnorm": args.batchnorm if folded else "from the checkpoint", "pixel_size": args.pixel_size,
+            "origin": list(args.origin), "position_ref": args.position_ref}
     new_card = ModelCard(
         name=out.name, input_size=n, outputs=("phase", "amplitude") if config.amplitude_head else ("phase",),
         preprocess=pp, stitch=stitch, model=config, training=training, limits=LIMITS,
@@ -756,9 +768,10 @@ def main(args: argparse.Namespace) -> int:
     )
     card_json = save_card(new_card, onnx_path)
     out.with_suffix(".md").write_text(card_markdown(new_card, Path(args.init_from).name, data, before, after))
-    print(f"held-out mean |phase error| {before['mean_abs_error_rad']:.4f} -> {after['mean_abs_error_rad']:.4f} rad; "
+    print(f"held-out mean |phase error| {before['mean_abs_error_rad']:.4f} -> {after['mean_abs_error_rad']:.4f} "
+          "rad; "
           f"median patch RMSE {before['patch_rmse_median_rad']:.4f} -> {after['patch_rmse_median_rad']:.4f} rad; "
-          f"stitched SSIM {before.get('stitched_ssim', float('nan')):.3f} -> {after.get('stitched_ssim', float('nan')):.3f}")
+          f"stitched SSIM {before.get('stitched_ssim', math.nan):.3f} -> {after.get('stitched_ssim', math.nan):.3f}")
     print(f"wrote {onnx_path}, {card_json}, {out.with_suffix('.md')}, {out.with_suffix('.pt')} in "
           f"{(time.monotonic() - t_start) / 60:.1f} min; put it live with "
           f"edge-ptychonn configure <control channel> modelPath={onnx_path.resolve()}")
