@@ -201,3 +201,12 @@ def test_help_names_the_convention(capsys):
     text = capsys.readouterr().out
     assert "--frames" in text and "top-left corner" in text and "--device" in text
     assert "finetune" in cli.usage()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_a_gpu_asked_for_on_a_machine_without_one_is_a_clear_error(beamline, tmp_path, capsys):
+    d = beamline
+    rc = run_cli("--frames", d["npy"], "--positions", d["npz"], "--object", d["recon"], "--out", tmp_path / "m",
+                 "--device", "cuda")
+    assert rc == 2 and "device cuda: torch sees no CUDA GPU" in capsys.readouterr().err
+    assert finetune.resolve_device("auto") == "cpu"
