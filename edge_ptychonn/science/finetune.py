@@ -37,9 +37,11 @@ Training
     The base model (default: the shipped ``data/ptychonn.onnx``; ``--init-from``
     another ONNX model, or a ``<out>.pt`` checkpoint of ``edge-ptychonn train``)
     is loaded into the project's PyTorch PtychoNN: an ONNX model through
-    ``model.from_onnx`` (its convolutions in graph order, BatchNorm already
-    folded into them), a checkpoint with its BatchNorm layers. Frames go
-    through the base model's preprocessing (its card), which the output keeps.
+    ``model.from_onnx`` (its convolutions in graph order, BatchNorm folded into
+    them), then ``unfold_batchnorm`` puts BatchNorm layers back with the
+    statistics of the recorded frames (same outputs; ``--batchnorm folded``
+    skips it); a checkpoint keeps its BatchNorm layers. Frames go through the
+    base model's preprocessing (its card), which the output keeps.
     ``train.Trainer`` runs the epochs (AdamW, warm-up and cosine decay to the
     last step or the time limit, bf16 autocast, masked L1 loss on the probe's
     bright centre) on the CPU or a GPU (``--device``).
@@ -94,7 +96,8 @@ LIMITS = (
     "convention along with the sample, and may do worse on samples unlike it.",
     "The probe, photon count and detector geometry of the recorded frames are built in: a new probe or "
     "beam energy needs another fine-tune.",
-    "Phase is absolute only up to a constant; scores remove that constant.",
+    "Phase is absolute only up to a constant: the per-patch and stitched scores remove that constant, the mean "
+    "absolute error (the training loss) does not.",
 )
 
 
@@ -504,8 +507,8 @@ def card_markdown(card: ModelCard, base_name: str, data: dict, before: dict, aft
         f"- Preprocessing (kept from the base model, in `{card.name}.json`): transform `{pp.transform}`, "
         f"scale {pp.scale}, offset {pp.offset}, "
         + (f"crop {pp.crop_hw[0]}x{pp.crop_hw[1]}" if pp.crop_hw else "no crop") + f", bin {pp.bin_factor}.",
-        f"- Architecture: PtychoNN width {m.width}, depth {m.depth}, BatchNorm {m.batch_norm} "
-        f"(an ONNX base has it folded into the convolutions), amplitude head {m.amplitude_head}; "
+        f"- Architecture: PtychoNN width {m.width}, depth {m.depth}, BatchNorm: {data['batchnorm']}; "
+        f"amplitude head {m.amplitude_head}; "
         f"{t.n_parameters:,} parameters.",
         "",
         "## Fine-tuning data",
@@ -758,7 +761,9 @@ def main(args: argparse.Namespace) -> int:
     data = {"frames": str(args.frames), "n_frames": int(len(frames)), "positions": positions_from,
             "object": str(args.object), "object_shape": list(obj.shape), "phase_shift_rad": args.phase_shift,
             "probe": probe_from, "val_fraction": args.val_fraction, "n_guard": n_guard, "device": device,
-            "batchnorm": args.batchnorm if folded else "from the checkpoint", "pixel_size": args.pixel_size,
+            "batchnorm": ("unfolded from the ONNX weights for training, folded again in the ONNX export"
+                          if args.batchnorm == "unfold" else "none (trained folded into the convolutions)")
+            if folded else "from the checkpoint, folded in the ONNX export", "pixel_size": args.pixel_size,
             "origin": list(args.origin), "position_ref": args.position_ref}
     new_card = ModelCard(
         name=out.name, input_size=n, outputs=("phase", "amplitude") if config.amplitude_head else ("phase",),
