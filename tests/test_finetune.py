@@ -101,9 +101,19 @@ def test_the_shipped_onnx_loads_into_the_torch_model_with_its_outputs(beamline):
         engine.close()
     from edge_ptychonn.stream.preprocess import preprocess
 
+    x = torch.from_numpy(preprocess(frames, pp))[:, None]
     with torch.no_grad():
-        got = model(torch.from_numpy(preprocess(frames, pp))[:, None]).numpy()[:, 0]
+        got = model(x).numpy()[:, 0]
     np.testing.assert_allclose(got, expected, atol=2e-4)
+
+    # BatchNorm put back with the statistics of these frames: the same function in eval mode,
+    # nearly the same in train mode (batch statistics of the same frames)
+    unfolded = finetune.unfold_batchnorm(model, beamline["frames"][:16], pp)
+    assert unfolded.config.batch_norm and sum(isinstance(m, torch.nn.BatchNorm2d) for m in unfolded.modules()) == 16
+    with torch.no_grad():
+        np.testing.assert_allclose(unfolded.eval()(x).numpy()[:, 0], got, atol=2e-4)
+        x16 = torch.from_numpy(preprocess(beamline["frames"][:16], pp))[:, None]
+        np.testing.assert_allclose(unfolded.train()(x16).numpy(), unfolded.eval()(x16).numpy(), atol=0.02)
 
 
 def test_positions_from_the_simulator_an_npy_and_a_uniqueid_table(beamline, tmp_path):
