@@ -65,7 +65,7 @@ def run_cli(*argv):
 def test_finetune_lowers_the_held_out_error_and_writes_a_runnable_model(beamline, tmp_path, capsys):
     out = tmp_path / "site"
     rc = run_cli("--frames", beamline["h5"], "--object", beamline["recon"], "--out", out, "--epochs", 2,
-                 "--max-minutes", 1.5, "--device", "cpu", "--quiet")
+                 "--max-minutes", 0, "--device", "cpu", "--quiet")  # 32 steps, whatever the machine's speed
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert f"positions from {beamline['h5']}:positions" in captured.err  # the writer's positions dataset
