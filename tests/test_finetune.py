@@ -89,6 +89,15 @@ def test_finetune_lowers_the_held_out_error_and_writes_a_runnable_model(beamline
         engine.close()
     assert phase.shape == (8, 128, 128) and np.isfinite(phase).all()
 
+    # the checkpoint beside it (a later fine-tune's --init-from) holds the same network, with BatchNorm
+    model, config, pt_card, pp = finetune.load_base(out.with_suffix(".pt"))
+    assert config.batch_norm and pp == card.preprocess and pt_card == card
+    from edge_ptychonn.stream.preprocess import preprocess
+
+    with torch.no_grad():
+        got = model(torch.from_numpy(preprocess(beamline["frames"][-8:], pp))[:, None]).numpy()[:, 0]
+    np.testing.assert_allclose(got, phase, atol=2e-4)
+
 
 def test_the_shipped_onnx_loads_into_the_torch_model_with_its_outputs(beamline):
     model, config, card, pp = finetune.load_base(default_model_path())
@@ -156,6 +165,7 @@ def test_held_out_block_and_guard_band(beamline):
     ("npz_without_object", "no 'object' array"),
     ("flat_frames", "frames must be a stack .N, H, W., got shape .128, 128."),
     ("complex_frames", "frames must be integer or float counts, got complex64"),
+    ("nan_frames", "1 frames hold NaN or infinite pixels"),
     ("no_positions", "holds no positions: give --positions"),
     ("frame_size", "become .64, 64. after the base model's preprocessing"),
     ("overwrite_base", "would overwrite the base model"),
@@ -180,6 +190,11 @@ def test_bad_input_is_refused_with_a_clear_message_and_nothing_written(beamline,
     elif case == "complex_frames":
         np.save(tmp_path / "c.npy", d["frames"][:4].astype(np.complex64))
         frames = tmp_path / "c.npy"
+    elif case == "nan_frames":
+        bad = d["frames"].astype(np.float32)
+        bad[7, 3, 3] = np.nan
+        np.save(tmp_path / "nan.npy", bad)
+        frames = tmp_path / "nan.npy"
     elif case == "no_positions":
         with h5py.File(tmp_path / "bare.h5", "w") as f:
             f["data"] = d["frames"][:4]

@@ -125,6 +125,10 @@ def _check_frames(frames: np.ndarray, where: str) -> np.ndarray:
         raise InputError(f"{where}: frames must be integer or float counts, got {frames.dtype}")
     if len(frames) < 2:
         raise InputError(f"{where}: needs at least 2 frames, got {len(frames)}")
+    if frames.dtype.kind == "f":
+        bad = int(np.count_nonzero(~np.isfinite(frames).all(axis=(1, 2))))
+        if bad:
+            raise InputError(f"{where}: {bad} frames hold NaN or infinite pixels")
     return frames
 
 
