@@ -581,8 +581,8 @@ def get_args_parser(prog: str = "edge-ptychonn finetune") -> argparse.ArgumentPa
     p.add_argument("--phase-shift", type=float, default=0.0,
                    help="subtract this constant (rad) from the reconstruction's phase before cutting patches")
     p.add_argument("--init-from", type=Path, default=default_model_path(),
-                   help="base model: ONNX PtychoNN (its .json card beside it) or an 'edge-ptychonn train' "
-                        "<out>.pt (default: the shipped model)")
+                   help="base model: ONNX PtychoNN (its .json card beside it) or the <out>.pt of 'edge-ptychonn "
+                        "train' or 'finetune' (default: the shipped model)")
     p.add_argument("--out", default="data/generated/finetuned", help="output prefix: <out>.onnx, .json, .md, .pt "
                    "(default: %(default)s)")
     p.add_argument("--val-fraction", type=float, default=0.2,
@@ -591,12 +591,13 @@ def get_args_parser(prog: str = "edge-ptychonn finetune") -> argparse.ArgumentPa
                    help="an ONNX base has its BatchNorm folded into the convolutions: 'unfold' puts BatchNorm layers "
                         "back (same outputs) so that training behaves as it first did; 'folded' trains the plain "
                         "convolutions (default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--epochs", type=int, default=20, help="passes over the training frames; the learning rate "
+                   "decays to the last step or to --max-minutes, whichever comes first (default: %(default)s)")
     p.add_argument("--max-minutes", type=float, default=10.0, help="stop training after this long (0: no limit; "
                    "default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="frames per training step (default: %(default)s)")
     p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default: %(default)s)")
-    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (default: %(default)s)")
     p.add_argument("--no-bf16", dest="bf16", action="store_false", help="train in float32")
     p.add_argument("--device", default="auto", help="auto (a CUDA GPU if torch sees one, else the CPU), cpu, cuda, "
                    "cuda:N (default: %(default)s)")
