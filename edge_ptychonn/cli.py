@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("edge_ptychonn.tools.demo", "replay a scan through live PvaPy consumers and print a summary"),
     "simulate": ("edge_ptychonn.science.simulate", "simulate a ptychography scan (.npy frames + .npz truth)"),
     "train": ("edge_ptychonn.science.train", "train PtychoNN on simulated scans and export ONNX + model card"),
+    "finetune": ("edge_ptychonn.science.finetune", "fine-tune a model on recorded frames and an iterative reconstruction"),
     "evaluate": ("edge_ptychonn.science.evaluate", "score a model on simulated scans (stitched phase vs truth)"),
     "export": ("edge_ptychonn.science.export", "export a PtychoNN with random weights to ONNX (to try engines)"),
     "bench": ("edge_ptychonn.tools.bench", "benchmark engines and the live pipeline"),

@@ -1,0 +1,788 @@
+"""``edge-ptychonn finetune``: fine-tune PtychoNN on a beamline's own reconstructions.
+
+A sample is never the training family. As in the Argonne edge workflow, the
+first scans of an experiment are reconstructed with an iterative code; this
+command cuts the matching phase patches out of that reconstruction and
+fine-tunes the network on the recorded frames, so that the live stream of the
+following scans is reconstructed by a model that has seen this sample.
+
+Inputs
+    ``--frames``     the recorded raw frames: a ``.npy`` stack (N, H, W) of
+                     counts (frame k is the k-th scan position; uniqueIds 1..N,
+                     as ``pvapy-ad-sim-server -if`` replays it), or an HDF5 file
+                     as ``processors/hdf5_writer.py`` writes it when attached to
+                     the detector channel (datasets ``data`` (n, H, W),
+                     ``uniqueId`` (n,) and, when the frames carried position
+                     attributes, ``positions`` (n, 2) y x).
+    ``--positions``  the scan positions, unless the HDF5 file has them: the
+                     ``.npz`` of ``edge-ptychonn simulate`` (``positions_px``),
+                     an ``.npy`` (N, 2), or a text table with rows ``y x`` (by
+                     frame index) or ``uniqueId y x`` (matched by uniqueId).
+    ``--object``     the reconstructed complex object: a complex ``.npy`` (H, W),
+                     or an ``.npz`` with a complex ``object`` array (and,
+                     optionally, the reconstructed ``probe``).
+
+Position convention
+    The network's patch for a frame is the object window of the model's input
+    size n whose top-left corner is the frame's position in object pixels,
+    exactly as ``edge-ptychonn simulate`` places its probe window
+    (``object[y : y + n, x : x + n]``). Positions in other units or frames are
+    mapped with ``--pixel-size`` (position units per object pixel),
+    ``--origin Y X`` (the object pixel of position (0, 0)) and ``--position-ref
+    centre`` (positions of the probe centre rather than the window's corner):
+    ``corner = position / pixel_size + origin [- n / 2]``, rounded to whole
+    pixels. The target phase is ``angle(object * exp(-1j * phase_shift))``.
+
+Training
+    The base model (default: the shipped ``data/ptychonn.onnx``; ``--init-from``
+    another ONNX model, or a ``<out>.pt`` checkpoint of ``edge-ptychonn train``)
+    is loaded into the project's PyTorch PtychoNN: an ONNX model through
+    ``model.from_onnx`` (its convolutions in graph order, BatchNorm folded into
+    them), then ``unfold_batchnorm`` puts BatchNorm layers back with the
+    statistics of the recorded frames (same outputs; ``--batchnorm folded``
+    skips it); a checkpoint keeps its BatchNorm layers. Frames go through the
+    base model's preprocessing (its card), which the output keeps.
+    ``train.Trainer`` runs the epochs (AdamW, warm-up and cosine decay to the
+    last step or the time limit, bf16 autocast, masked L1 loss on the probe's
+    bright centre) on the CPU or a GPU (``--device``).
+
+Held-out positions
+    A contiguous block: the last ``--val-fraction`` of the frames in scan order
+    (for a raster scan, the last rows: a region of the object the training
+    never sees). Training frames whose bright centre overlaps a held-out
+    frame's bright centre are left out (a guard band), so that the held-out
+    scores measure new object regions, not memorised pixels.
+
+Outputs
+    ``<out>.onnx``, ``<out>.json`` (the model card the processor reads:
+    preprocessing and stitch settings of the base model, the architecture, the
+    fine-tuning record, held-out scores before and after), ``<out>.md`` (the
+    card for people) and ``<out>.pt`` (weights). Held-out scores run both
+    models through the ONNX Runtime engine: the median per-patch phase RMSE and
+    the SSIM/RMSE of the held-out patches stitched against the reconstruction.
+    Put the result live with ``edge-ptychonn configure`` (``modelPath``) or by
+    restarting the consumers with ``"modelPath": "<out>.onnx"``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import pickle
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from edge_ptychonn import __version__
+from edge_ptychonn.model_card import (
+    ModelCard, ModelConfig, StitchSettings, Training, default_model_path, find_card, save_card,
+)
+from edge_ptychonn.progress import Progress
+from edge_ptychonn.science.simulate import ScanSettings, extract_patches, make_probe
+from edge_ptychonn.science.stitch import Stitcher, probe_weight
+from edge_ptychonn.stream.preprocess import PreprocessConfig, preprocess
+
+HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".nxs")
+TEXT_SUFFIXES = (".txt", ".dat", ".csv", ".tsv")
+POSITION_REFS = ("corner", "centre")
+
+LIMITS = (
+    "Fine-tuned on one sample's iterative reconstruction: it learns that reconstruction's errors and phase "
+    "convention along with the sample, and may do worse on samples unlike it.",
+    "The probe, photon count and detector geometry of the recorded frames are built in: a new probe or "
+    "beam energy needs another fine-tune.",
+    "Phase is absolute only up to a constant: the per-patch and stitched scores remove that constant, the mean "
+    "absolute error (the training loss) does not.",
+)
+
+
+class InputError(ValueError):
+    """Bad input files or options: the message says which file and what is wrong."""
+
+
+# ---------------------------------------------------------------- inputs
+
+
+@dataclass
+class Recorded:
+    """Recorded frames (N, H, W), their uniqueIds (N,), and positions (N, 2) y x from the file, if any."""
+
+    frames: np.ndarray
+    unique_ids: np.ndarray
+    positions: np.ndarray | None
+    source: str
+
+
+def _check_frames(frames: np.ndarray, where: str) -> np.ndarray:
+    if frames.ndim != 3:
+        raise InputError(f"{where}: frames must be a stack (N, H, W), got shape {frames.shape}")
+    if frames.dtype.kind not in "iuf":
+        raise InputError(f"{where}: frames must be integer or float counts, got {frames.dtype}")
+    if len(frames) < 2:
+        raise InputError(f"{where}: needs at least 2 frames, got {len(frames)}")
+    if frames.dtype.kind == "f":
+        bad = int(np.count_nonzero(~np.isfinite(frames).all(axis=(1, 2))))
+        if bad:
+            raise InputError(f"{where}: {bad} frames hold NaN or infinite pixels")
+    return frames
+
+
+def load_frames(path: str | Path) -> Recorded:
+    """Frames from a ``.npy`` stack or an HDF5 file of ``processors/hdf5_writer.py``."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"frames file {path} not found")
+    if path.suffix == ".npy":
+        try:
+            frames = np.load(path, mmap_mode="r")
+        except ValueError as exc:
+            raise InputError(f"{path}: not a numpy array file ({exc})") from None
+        frames = _check_frames(frames, str(path))
+        return Recorded(frames, np.arange(1, len(frames) + 1, dtype=np.int64), None, str(path))
+    if path.suffix in HDF5_SUFFIXES:
+        try:
+            import h5py
+        except ImportError:
+            raise InputError("reading HDF5 frames needs h5py: pip install 'edge-ptychonn[hdf5]'") from None
+        try:
+            f = h5py.File(path, "r", libver="latest", swmr=True)
+        except OSError as exc:
+            raise InputError(f"{path}: cannot open as HDF5 ({exc})") from None
+        with f:
+            missing = [k for k in ("data", "uniqueId") if k not in f]
+            if missing:
+                raise InputError(f"{path}: no {' or '.join(missing)} dataset; expected the layout of "
+                                 "processors/hdf5_writer.py (data, uniqueId, positions)")
+            n = len(f["uniqueId"])  # written last: the number of complete frames
+            frames = _check_frames(np.asarray(f["data"][:n]), f"{path}:data")
+            ids = np.asarray(f["uniqueId"][:n], dtype=np.int64)
+            positions = np.asarray(f["positions"][:n], dtype=np.float64) if "positions" in f else None
+        if len(np.unique(ids)) != len(ids):
+            raise InputError(f"{path}: uniqueIds repeat within the file; one scan per file")
+        return Recorded(frames, ids, positions, str(path))
+    raise InputError(f"{path}: frames must be a .npy stack or an HDF5 file ({', '.join(HDF5_SUFFIXES)})")
+
+
+def load_positions(path: str | Path, unique_ids: np.ndarray) -> np.ndarray:
+    """Positions (N, 2) y x for frames with ``unique_ids``, in the file's units.
+
+    Two columns (``.npz`` ``positions_px``/``positions``, ``.npy`` (N, 2), text
+    ``y x``) are matched to the frames by index and must be as many; three text
+    columns ``uniqueId y x`` are matched by uniqueId and must cover every frame.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"positions file {path} not found")
+    by_id = False
+    try:
+        if path.suffix == ".npz":
+            with np.load(path) as z:
+                key = next((k for k in ("positions_px", "positions") if k in z.files), None)
+                if key is None:
+                    raise InputError(f"{path}: no positions_px or positions array (has {', '.join(z.files) or 'none'})")
+                table = np.asarray(z[key])
+        elif path.suffix == ".npy":
+            table = np.load(path)
+        elif path.suffix in TEXT_SUFFIXES:
+            table = np.loadtxt(path, comments="#", delimiter="," if path.suffix == ".csv" else None, ndmin=2)
+            by_id = table.shape[1] == 3
+        else:
+            raise InputError(f"{path}: positions must be .npz (edge-ptychonn simulate), .npy (N, 2) or a text table "
+                             f"({', '.join(TEXT_SUFFIXES)})")
+    except (ValueError, OSError) as exc:
+        if isinstance(exc, InputError):
+            raise
+        raise InputError(f"{path}: cannot read positions ({exc})") from None
+    if table.dtype.kind not in "iuf":
+        raise InputError(f"{path}: positions must be real numbers, got {table.dtype}")
+    if table.ndim != 2 or table.shape[1] != (3 if by_id else 2):
+        raise InputError(f"{path}: positions must be (N, 2) rows of y x, or a text table of uniqueId y x; "
+                         f"got shape {table.shape}")
+    table = table.astype(np.float64)
+    if not np.isfinite(table).all():
+        raise InputError(f"{path}: positions contain NaN or infinite values")
+    if not by_id:
+        if len(table) != len(unique_ids):
+            raise InputError(f"{len(unique_ids)} frames but {len(table)} positions in {path}: "
+                             "give one position per frame (or a uniqueId y x table)")
+        return table
+    ids = table[:, 0]
+    if np.any(ids != np.round(ids)) or len(np.unique(ids)) != len(ids):
+        raise InputError(f"{path}: the uniqueId column must hold distinct whole numbers")
+    lookup = {int(u): k for k, u in enumerate(ids)}
+    rows = np.array([lookup.get(int(u), -1) for u in unique_ids])
+    if (rows < 0).any():
+        missing = unique_ids[rows < 0]
+        raise InputError(f"{path}: no position for {len(missing)} of {len(unique_ids)} frames "
+                         f"(uniqueIds {', '.join(map(str, missing[:5]))}{', ...' if len(missing) > 5 else ''})")
+    return table[rows, 1:]
+
+
+def _complex_2d(a: np.ndarray, where: str, what: str) -> np.ndarray:
+    if a.dtype.kind != "c":
+        raise InputError(f"{where}: the {what} must be a complex array (amplitude * exp(1j * phase)), got {a.dtype}"
+                         + ("; for a phase map save np.exp(1j * phase)" if a.dtype.kind == "f" else ""))
+    if a.ndim != 2:
+        raise InputError(f"{where}: the {what} must be 2-D (H, W), got shape {a.shape}")
+    if not np.isfinite(a).all():
+        raise InputError(f"{where}: the {what} contains NaN or infinite values")
+    return a
+
+
+def load_object(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """The reconstructed object (H, W) complex, and the probe if the ``.npz`` has one."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"object file {path} not found")
+    try:
+        if path.suffix == ".npy":
+            return _complex_2d(np.load(path), str(path), "object"), None
+        if path.suffix == ".npz":
+            with np.load(path) as z:
+                if "object" not in z.files:
+                    raise InputError(f"{path}: no 'object' array (has {', '.join(z.files) or 'none'}); save the "
+                                     "complex object as np.savez(path, object=obj[, probe=probe])")
+                obj = _complex_2d(z["object"], f"{path}:object", "object")
+                probe = _complex_2d(z["probe"], f"{path}:probe", "probe") if "probe" in z.files else None
+                return obj, probe
+    except (ValueError, OSError) as exc:
+        if isinstance(exc, InputError):
+            raise
+        raise InputError(f"{path}: cannot read the object ({exc})") from None
+    raise InputError(f"{path}: the object must be a complex .npy or an .npz with an 'object' array")
+
+
+def load_probe(path: str | Path) -> np.ndarray:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"probe file {path} not found")
+    try:
+        if path.suffix == ".npz":
+            with np.load(path) as z:
+                if "probe" not in z.files:
+                    raise InputError(f"{path}: no 'probe' array (has {', '.join(z.files) or 'none'})")
+                return _complex_2d(z["probe"], f"{path}:probe", "probe")
+        return _complex_2d(np.load(path), str(path), "probe")
+    except (ValueError, OSError) as exc:
+        if isinstance(exc, InputError):
+            raise
+        raise InputError(f"{path}: cannot read the probe ({exc})") from None
+
+
+def to_object_pixels(positions: np.ndarray, *, size: int, object_shape: tuple[int, int], pixel_size: float = 1.0,
+                     origin: tuple[float, float] = (0.0, 0.0), reference: str = "corner") -> np.ndarray:
+    """Top-left corners (N, 2) int64 of the ``size`` x ``size`` patches in object pixels.
+
+    ``corner = positions / pixel_size + origin``, minus ``size / 2`` for
+    ``reference='centre'``, rounded; every patch must lie inside the object.
+    """
+    if not (math.isfinite(pixel_size) and pixel_size > 0):
+        raise InputError(f"pixel-size must be > 0, got {pixel_size}")
+    if reference not in POSITION_REFS:
+        raise InputError(f"position-ref must be one of {POSITION_REFS}, got {reference!r}")
+    px = np.asarray(positions, dtype=np.float64) / pixel_size + np.asarray(origin, dtype=np.float64)
+    if reference == "centre":
+        px -= size / 2
+    corners = np.rint(px).astype(np.int64)
+    h, w = object_shape
+    outside = (corners[:, 0] < 0) | (corners[:, 1] < 0) | (corners[:, 0] + size > h) | (corners[:, 1] + size > w)
+    if outside.any():
+        k = np.flatnonzero(outside)
+        raise InputError(
+            f"{len(k)} of {len(corners)} positions put the {size}x{size} patch outside the {h}x{w} object "
+            f"(first: frame {k[0]}, corner y x {corners[k[0]].tolist()}); positions are the patch's top-left corner "
+            "in object pixels (see --pixel-size, --origin, --position-ref)")
+    return corners
+
+
+def held_out_split(corners: np.ndarray, bright: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray, int]:
+    """``(train, held_out, n_guard)`` frame indices: the last ``val_fraction`` of the
+    frames are held out; training frames whose bright-centre box (``bright``
+    (n, n) bool) overlaps a held-out one's are left out (``n_guard`` of them)."""
+    n = len(corners)
+    n_val = int(round(n * val_fraction))
+    if not 0 < val_fraction < 1 or n_val < 1 or n_val >= n:
+        raise InputError(f"val-fraction {val_fraction} of {n} frames leaves no held-out or no training frames")
+    ys, xs = np.nonzero(bright)
+    box = np.array([ys.min(), xs.min(), ys.max() + 1, xs.max() + 1])
+    lo = corners + box[:2]
+    hi = corners + box[2:]
+    val = np.arange(n - n_val, n)
+    rest = np.arange(n - n_val)
+    overlap = np.zeros(len(rest), dtype=bool)
+    for start in range(0, len(val), 256):  # (train, val) box intersections in blocks
+        v = val[start : start + 256]
+        hit = ((lo[rest, None, 0] < hi[None, v, 0]) & (lo[None, v, 0] < hi[rest, None, 0])
+               & (lo[rest, None, 1] < hi[None, v, 1]) & (lo[None, v, 1] < hi[rest, None, 1]))
+        overlap |= hit.any(axis=1)
+    return rest[~overlap], val, int(overlap.sum())
+
+
+# ---------------------------------------------------------------- model
+
+
+def load_base(path: str | Path):
+    """``(model, ModelConfig, card or None, PreprocessConfig)`` from an ONNX model or an
+    ``edge-ptychonn train`` ``.pt`` (the card beside it, if any)."""
+    import torch
+
+    from edge_ptychonn.science.model import build_model, from_onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"base model {path} not found")
+    card = find_card(path)
+    if path.suffix == ".onnx":
+        model = from_onnx(path)
+        pp = card.preprocess if card is not None else PreprocessConfig()
+        return model, model.config, card, pp
+    if path.suffix == ".pt":
+        try:
+            ckpt = torch.load(path, map_location="cpu")
+            config = ModelConfig(**ckpt["model"])
+            pp = PreprocessConfig(**ckpt["preprocess"])
+        except (KeyError, TypeError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+            raise InputError(f"{path}: not a checkpoint of edge-ptychonn train ({exc})") from None
+        model = build_model(config)
+        model.load_state_dict(ckpt["state_dict"])
+        return model.eval(), config, card, pp
+    raise InputError(f"{path}: the base model must be an ONNX PtychoNN (.onnx) or an edge-ptychonn train "
+                     "checkpoint (.pt)")
+
+
+def unfold_batchnorm(folded, frames: np.ndarray, pp: PreprocessConfig, batch_size: int = 32):
+    """A PtychoNN with BatchNorm that computes what ``folded`` (BatchNorm folded away, as in
+    an exported ONNX) computes, so that fine-tuning trains it the way it was first trained.
+
+    Each convolution keeps its folded weights ``W`` and bias ``b``; its BatchNorm gets the
+    running mean ``mu`` and variance ``var`` of ``W x`` over ``frames`` (one pass with the
+    folded model), ``weight = sqrt(var + eps)`` and ``bias = mu + b``: in eval mode the
+    output is ``W x + b`` exactly, and in train mode (batch statistics near ``mu``,
+    ``var``) nearly so. Without BatchNorm, AdamW's first steps move every folded weight by
+    about the learning rate whatever its scale, and the model first gets much worse.
+    """
+    import torch
+    from torch import nn
+
+    from edge_ptychonn.science.model import PtychoNN
+
+    config = replace(folded.config, batch_norm=True)
+    model = PtychoNN(config).eval()
+    src = [m for m in folded.modules() if isinstance(m, nn.Conv2d)]
+    pairs, modules = [], list(model.modules())
+    for k, m in enumerate(modules):
+        if isinstance(m, nn.Conv2d):
+            bn = modules[k + 1] if k + 1 < len(modules) and isinstance(modules[k + 1], nn.BatchNorm2d) else None
+            pairs.append((m, bn))
+    if len(pairs) != len(src):
+        raise ValueError(f"cannot unfold: {len(src)} convolutions, a PtychoNN of {config} has {len(pairs)}")
+    sums: dict[int, list] = {}
+
+    def hook(index):
+        def record(module, inputs, output):
+            z = output.double() - module.bias.double()[None, :, None, None]  # W x
+            acc = sums.setdefault(index, [0, 0.0, 0.0])
+            acc[0] += z.shape[0] * z.shape[2] * z.shape[3]
+            acc[1] = acc[1] + z.sum(dim=(0, 2, 3))
+            acc[2] = acc[2] + (z * z).sum(dim=(0, 2, 3))
+        return record
+
+    handles = [conv.register_forward_hook(hook(i)) for i, conv in enumerate(src) if pairs[i][1] is not None]
+    folded.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(frames), batch_size):
+                folded(torch.from_numpy(preprocess(np.asarray(frames[start : start + batch_size]), pp))[:, None])
+    finally:
+        for h in handles:
+            h.remove()
+    with torch.no_grad():
+        for i, (conv, bn) in enumerate(pairs):
+            if tuple(conv.weight.shape) != tuple(src[i].weight.shape):
+                raise ValueError(f"cannot unfold: convolution {i} is {tuple(src[i].weight.shape)}, "
+                                 f"expected {tuple(conv.weight.shape)}")
+            conv.weight.copy_(src[i].weight)
+            if bn is None:
+                conv.bias.copy_(src[i].bias)
+                continue
+            n, s1, s2 = sums[i]
+            mu = s1 / n
+            var = torch.clamp(s2 / n - mu * mu, min=0.0)
+            bn.running_mean.copy_(mu.float())
+            bn.running_var.copy_(var.float())
+            bn.weight.copy_(torch.sqrt(var + bn.eps).float())
+            bn.bias.copy_((mu + src[i].bias.double()).float())
+    return model
+
+
+def resolve_device(text: str) -> str:
+    import torch
+
+    if text == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if text == "cpu":
+        return "cpu"
+    if text == "cuda" or (text.startswith("cuda:") and text[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise InputError(f"device {text}: torch sees no CUDA GPU (a CPU build of torch, or no GPU visible)")
+        index = int(text[5:]) if ":" in text else 0
+        if index >= torch.cuda.device_count():
+            raise InputError(f"device {text}: torch sees {torch.cuda.device_count()} GPU(s)")
+        return text
+    raise InputError(f"device must be auto, cpu, cuda or cuda:N, got {text!r}")
+
+
+def make_trainer(args, config: ModelConfig, pp: PreprocessConfig, mask: np.ndarray, model, device: str):
+    """A ``train.Trainer`` that trains ``model`` (not a fresh one) on ``device``."""
+    import torch
+
+    from edge_ptychonn.science.train import Trainer
+
+    class DeviceTrainer(Trainer):
+        """Inputs, targets and the loss mask on ``device``; autocast of that device type."""
+
+        def __init__(self):
+            super().__init__(args, config, pp, mask)
+            self.device = torch.device(device)
+            self.model = model.to(self.device).to(memory_format=torch.channels_last)
+            self.opt = torch.optim.AdamW(self.model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+            self.mask = self.mask.to(self.device)
+
+        def _inputs(self, frames):
+            return super()._inputs(frames).to(self.device, non_blocking=True)
+
+        def _loss(self, out, phase_t, amp_t):
+            return super()._loss(out, phase_t.to(self.device), None if amp_t is None else amp_t.to(self.device))
+
+        def _autocast(self):
+            return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.bf16)
+
+    return DeviceTrainer()
+
+
+# ---------------------------------------------------------------- scores
+
+
+def held_out_scores(model_path: Path, frames: np.ndarray, pp: PreprocessConfig, targets: np.ndarray,
+                    corners: np.ndarray, object_phase: np.ndarray, weight: np.ndarray, stitch: StitchSettings,
+                    threads: int) -> dict:
+    """Scores of ``model_path`` (ONNX Runtime) on the held-out frames against the reconstruction's patches:
+    ``mean_abs_error_rad`` (absolute phase over the bright centre: the training loss), per-patch RMSE
+    (each patch's own offset removed), and SSIM/RMSE of the held-out patches stitched (one offset removed)."""
+    from edge_ptychonn.science import accuracy
+    from edge_ptychonn.science.metrics import patch_errors, score_phase, summarise_patch_errors
+
+    engine = accuracy.open_engine(model_path, "onnxruntime", device="cpu", threads=threads)
+    try:
+        predicted = accuracy.predict(engine, frames, pp)
+    finally:
+        engine.close()
+    st = Stitcher(object_phase.shape, targets.shape[1:], weight=weight)
+    st.add_many(predicted, corners)
+    covered = st.covered(stitch.min_cover_weight)
+    stitched = score_phase(st.image(), object_phase, covered) if covered.any() else {}
+    bright = weight > 0
+    mean_abs = float(np.mean(np.abs(predicted - targets)[:, bright]))  # absolute phase, as trained
+    return {"mean_abs_error_rad": mean_abs, **summarise_patch_errors(patch_errors(predicted, targets, weight)),
+            **{f"stitched_{k}": v for k, v in stitched.items()}}
+
+
+def card_markdown(card: ModelCard, base_name: str, data: dict, before: dict, after: dict) -> str:
+    """The fine-tuned model's card for people (Markdown)."""
+    t, m, pp = card.training, card.model, card.preprocess
+    n = card.input_size
+    lines = [
+        f"# PtychoNN model card: `{card.name}` (fine-tuned)",
+        "",
+        f"`{base_name}` fine-tuned on recorded frames and an iterative reconstruction of the same sample "
+        "(`edge-ptychonn finetune`). Maps one far-field diffraction frame "
+        f"({n}x{n}) to the object phase (radians) of the patch under the probe; only the probe's bright centre "
+        f"(|probe|^2 >= {card.stitch.probe_threshold} of its peak) is meaningful.",
+        "",
+        "## Inputs and outputs",
+        "",
+        f"- ONNX opset 17, input `diffraction` float32 (N, 1, {n}, {n}), outputs "
+        f"{', '.join(f'`{o}`' for o in card.outputs)} float32 (N, 1, {n}, {n}); the batch axis is dynamic.",
+        f"- Preprocessing (kept from the base model, in `{card.name}.json`): transform `{pp.transform}`, "
+        f"scale {pp.scale}, offset {pp.offset}, "
+        + (f"crop {pp.crop_hw[0]}x{pp.crop_hw[1]}" if pp.crop_hw else "no crop") + f", bin {pp.bin_factor}.",
+        f"- Architecture: PtychoNN width {m.width}, depth {m.depth}, BatchNorm: {data['batchnorm']}; "
+        f"amplitude head {m.amplitude_head}; "
+        f"{t.n_parameters:,} parameters.",
+        "",
+        "## Fine-tuning data",
+        "",
+        f"- Frames: `{data['frames']}` ({data['n_frames']} frames); positions: `{data['positions']}`; "
+        f"reconstruction: `{data['object']}` ({data['object_shape'][0]}x{data['object_shape'][1]}, "
+        f"phase shift {data['phase_shift_rad']} rad); probe for the loss mask: {data['probe']}.",
+        f"- {t.n_train_frames} training frames, {t.n_val_frames} held-out frames (the last "
+        f"{data['val_fraction']:.0%} in scan order, a contiguous block), {data['n_guard']} frames left out as a guard "
+        "band (their bright centre overlaps a held-out one's).",
+        "",
+        "## Settings",
+        "",
+        f"- {t.epochs_run} epochs ({t.steps} steps, batch {t.batch_size}), AdamW lr {t.lr} (warm-up, cosine "
+        f"decay), weight decay {t.weight_decay}, bf16 autocast {t.bf16}, masked L1 loss on the probe's bright "
+        f"centre, seed {t.seed}; {t.train_minutes:.1f} min on {data['device']} ({t.host}); stopped at the time "
+        f"limit: {t.stopped_at_time_limit}.",
+        "- Loss per epoch (train / held-out, mean |phase error| in rad over the bright centre): "
+        + ", ".join(f"{a:.4f} / {b:.4f}" for a, b in zip(t.train_loss, t.val_loss)),
+        f"- Command: `{t.command}`",
+        "",
+        "## Held-out accuracy (against the reconstruction, ONNX Runtime)",
+        "",
+        "| model | mean abs phase error rad | median patch RMSE rad | stitched SSIM | stitched RMSE rad |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, s in ((f"base `{base_name}`", before), (f"fine-tuned `{card.name}`", after)):
+        lines.append(f"| {name} | {s['mean_abs_error_rad']:.4f} | {s['patch_rmse_median_rad']:.4f} | "
+                     f"{s.get('stitched_ssim', float('nan')):.3f} | {s.get('stitched_rmse_rad', float('nan')):.4f} |")
+    prev = t.continued_from
+    if prev is not None and prev.command:
+        lines += ["", "## Base model", "", f"- Trained with `{prev.command}` ({prev.train_minutes or 0.0:.1f} min, "
+                  f"{prev.n_train_frames or '?'} frames); its own card lies beside it."]
+    lines += ["", "## Limits", ""] + [f"- {x}" for x in card.limits]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- command
+
+
+def get_args_parser(prog: str = "edge-ptychonn finetune") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Fine-tune PtychoNN on recorded frames and an iterative reconstruction of the same sample: "
+        "cut the reconstruction's phase patches at the scan positions, train the base model on them (CPU or "
+        "GPU), score held-out positions before and after, and write <out>.onnx, <out>.json (model card), "
+        "<out>.md and <out>.pt. Positions are the top-left corner of the model's input window in object "
+        "pixels, as 'edge-ptychonn simulate' writes them (see --pixel-size, --origin, --position-ref).",
+    )
+    p.add_argument("--frames", required=True, help="recorded frames: .npy (N, H, W), or an HDF5 file of "
+                   "processors/hdf5_writer.py (data, uniqueId, positions)")
+    p.add_argument("--positions", default=None, help="scan positions, unless the HDF5 file has them: .npz of "
+                   "'edge-ptychonn simulate', .npy (N, 2) y x, or a text table of 'y x' (by frame index) or "
+                   "'uniqueId y x' rows")
+    p.add_argument("--object", required=True, help="reconstructed object: complex .npy (H, W), or .npz with a "
+                   "complex 'object' (and optionally 'probe')")
+    p.add_argument("--probe", default=None, help="probe (complex (n, n) .npy or .npz 'probe') for the loss mask "
+                   "(default: the object .npz's probe, else the base model's training probe)")
+    p.add_argument("--pixel-size", type=float, default=1.0, help="position units per object pixel (default: 1, "
+                   "positions in object pixels)")
+    p.add_argument("--origin", type=float, nargs=2, default=(0.0, 0.0), metavar=("Y", "X"),
+                   help="object pixel of position (0, 0) (default: 0 0)")
+    p.add_argument("--position-ref", choices=POSITION_REFS, default="corner",
+                   help="positions are the window's top-left corner (as simulate) or the probe centre "
+                        "(default: %(default)s)")
+    p.add_argument("--phase-shift", type=float, default=0.0,
+                   help="subtract this constant (rad) from the reconstruction's phase before cutting patches")
+    p.add_argument("--init-from", type=Path, default=default_model_path(),
+                   help="base model: ONNX PtychoNN (its .json card beside it) or the <out>.pt of 'edge-ptychonn "
+                        "train' or 'finetune' (default: the shipped model)")
+    p.add_argument("--out", default="data/generated/finetuned", help="output prefix: <out>.onnx, .json, .md, .pt "
+                   "(default: %(default)s)")
+    p.add_argument("--val-fraction", type=float, default=0.2,
+                   help="held-out share: the last frames in scan order, a contiguous block (default: %(default)s)")
+    p.add_argument("--batchnorm", choices=("unfold", "folded"), default="unfold",
+                   help="an ONNX base has its BatchNorm folded into the convolutions: 'unfold' puts BatchNorm layers "
+                        "back (same outputs) so that training behaves as it first did; 'folded' trains the plain "
+                        "convolutions (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=20, help="passes over the training frames; the learning rate "
+                   "decays to the last step or to --max-minutes, whichever comes first (default: %(default)s)")
+    p.add_argument("--max-minutes", type=float, default=10.0, help="stop training after this long (0: no limit; "
+                   "default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=16, help="frames per training step (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default: %(default)s)")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (default: %(default)s)")
+    p.add_argument("--no-bf16", dest="bf16", action="store_false", help="train in float32")
+    p.add_argument("--device", default="auto", help="auto (a CUDA GPU if torch sees one, else the CPU), cpu, cuda, "
+                   "cuda:N (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="shuffling seed (default: %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
+    return p
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The command that repeats ``args`` (non-default options only)."""
+    parser = get_args_parser()
+    parts = ["edge-ptychonn finetune"]
+    for action in parser._actions:
+        key = action.dest
+        if key == "help" or (getattr(args, key) == action.default and not action.required):
+            continue
+        value = getattr(args, key)
+        if isinstance(value, bool):
+            parts.append(action.option_strings[0])
+        elif isinstance(value, (list, tuple)):
+            parts += [action.option_strings[0], *map(str, value)]
+        else:
+            parts += [action.option_strings[0], str(value)]
+    return " ".join(parts)
+
+
+def _fail(message: str) -> int:
+    print(f"edge-ptychonn finetune: {message}", file=sys.stderr)
+    return 2
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.epochs < 1 or args.batch_size < 2:
+        return _fail(f"epochs must be >= 1 and batch-size >= 2, got {args.epochs}, {args.batch_size}")
+    if args.lr < 0 or args.max_minutes < 0 or args.threads < 1:
+        return _fail("lr and max-minutes must be >= 0 and threads >= 1")
+    out = Path(args.out)
+    try:
+        import torch
+    except ImportError:
+        return _fail("fine-tuning needs torch: pip install 'edge-ptychonn[torch]'")
+    t_start = time.monotonic()
+    show = not args.quiet
+    try:
+        device = resolve_device(args.device)
+        recorded = load_frames(args.frames)
+        if args.positions:
+            positions = load_positions(args.positions, recorded.unique_ids)
+            positions_from = str(args.positions)
+        elif recorded.positions is not None:
+            positions = recorded.positions
+            if not np.isfinite(positions).all():
+                raise InputError(f"{args.frames}: {int((~np.isfinite(positions).all(axis=1)).sum())} frames have no "
+                                 "position (NaN); give --positions")
+            positions_from = f"{args.frames}:positions"
+        else:
+            raise InputError(f"{args.frames} holds no positions: give --positions")
+        obj, probe = load_object(args.object)
+        probe_from = f"{args.object}:probe" if probe is not None else None
+        if args.probe:
+            probe, probe_from = load_probe(args.probe), str(args.probe)
+        model, config, card, pp = load_base(args.init_from)
+        n = config.input_size
+        shape = preprocess(np.asarray(recorded.frames[:1]), pp).shape[1:]
+        if shape != (n, n):
+            raise InputError(f"frames of {recorded.frames.shape[1:]} become {shape} after the base model's "
+                             f"preprocessing (crop {pp.crop_hw}, bin {pp.bin_factor}); the model takes {n}x{n}")
+        corners = to_object_pixels(positions, size=n, object_shape=obj.shape, pixel_size=args.pixel_size,
+                                   origin=tuple(args.origin), reference=args.position_ref)
+        stitch = card.stitch if card is not None else StitchSettings()
+        base_settings = (ScanSettings.from_dict(card.training.scan_settings)
+                         if card is not None and card.training is not None and card.training.scan_settings else None)
+        if probe is None:
+            s = base_settings or replace(ScanSettings(), frame_size=n)
+            probe = make_probe(s.window_size, s.pupil_radius, s.probe_diameter)
+            probe_from = "the base model's training probe" if base_settings else "the simulator's default probe"
+        if probe.shape != (n, n):
+            raise InputError(f"probe is {probe.shape}, the model's patches are {n}x{n}")
+        weight = probe_weight(probe, stitch.probe_threshold)
+        mask = weight > 0
+        train_idx, val_idx, n_guard = held_out_split(corners, mask, args.val_fraction)
+        if len(train_idx) < args.batch_size:
+            raise InputError(f"{len(train_idx)} training frames after holding out {len(val_idx)} (and a guard band "
+                             f"of {n_guard}): fewer than a batch of {args.batch_size}; record more positions or "
+                             "lower --val-fraction")
+    except (InputError, FileNotFoundError) as exc:
+        return _fail(str(exc))
+    except ValueError as exc:  # e.g. a base model that is not a PtychoNN, a malformed card
+        return _fail(str(exc))
+    base = Path(args.init_from).resolve()
+    if base in (out.with_suffix(s).resolve() for s in (".onnx", ".pt", ".json")):
+        return _fail(f"--out {out} would overwrite the base model {args.init_from}; choose another prefix")
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    folded = not config.batch_norm
+    if folded and args.batchnorm == "unfold":
+        model = unfold_batchnorm(model, np.asarray(recorded.frames)[np.sort(train_idx[:2048])], pp)
+        config = model.config
+    phase = np.angle(obj * np.exp(-1j * args.phase_shift)).astype(np.float32)
+    targets = extract_patches(phase, corners, (n, n))
+    amps = None
+    if config.amplitude_head:  # the reconstruction's amplitude trains the amplitude head
+        amps = extract_patches(np.abs(obj).astype(np.float32), corners, (n, n)).astype(np.float16)
+    frames = np.asarray(recorded.frames)
+    train_data, val_data = ((frames[idx], targets[idx].astype(np.float16), None if amps is None else amps[idx])
+                            for idx in (train_idx, val_idx))
+    print(f"data: {len(train_idx)} training and {len(val_idx)} held-out frames ({n_guard} left out as a guard "
+          f"band); positions from {positions_from}; loss over {int(mask.sum())} bright-centre pixels (probe: "
+          f"{probe_from}); {device}", file=sys.stderr)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    from edge_ptychonn.science.model import export_onnx
+    from edge_ptychonn.science.train import previous_training, save_checkpoint
+
+    val_set = (frames[val_idx], pp, targets[val_idx], corners[val_idx], phase, weight, stitch, args.threads)
+    if Path(args.init_from).suffix == ".onnx":
+        before = held_out_scores(Path(args.init_from), *val_set)
+    else:  # a checkpoint: score it as the engines would run it, exported
+        with tempfile.TemporaryDirectory() as tmp:
+            before = held_out_scores(export_onnx(model, Path(tmp) / "base.onnx"), *val_set)
+
+    targs = argparse.Namespace(seed=args.seed, lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size,
+                               max_minutes=args.max_minutes, bf16=args.bf16)
+    trainer = make_trainer(targs, config, pp, mask, model, device)
+    steps_per_epoch = len(train_idx) // args.batch_size
+    total_steps = steps_per_epoch * args.epochs
+    t_train = time.monotonic()
+    deadline = t_train + args.max_minutes * 60 if args.max_minutes else math.inf
+    rng = np.random.default_rng(args.seed)
+    train_loss, val_loss = [], [trainer.validate(val_data)]
+    print(f"start: held-out loss {val_loss[0]:.4f}", file=sys.stderr)
+    stopped = False
+    for epoch in range(args.epochs):
+        bar = Progress(steps_per_epoch * args.batch_size, f"epoch {epoch + 1}/{args.epochs}", unit="frames",
+                       enabled=show)
+        loss, stopped = trainer.train_one_epoch(train_data, rng, total_steps, deadline, bar)
+        bar.close()
+        train_loss.append(loss)
+        trainer.recalibrate_batchnorm(train_data[0])
+        val_loss.append(trainer.validate(val_data))
+        print(f"epoch {epoch + 1}/{args.epochs}: train loss {loss:.4f}  held-out loss {val_loss[-1]:.4f}  "
+              f"({(time.monotonic() - t_train) / 60:.1f} min)", file=sys.stderr)
+        if stopped:
+            print(f"stopped at the time limit of {args.max_minutes} min", file=sys.stderr)
+            break
+    train_minutes = (time.monotonic() - t_train) / 60
+    trainer.model.to("cpu")
+    save_checkpoint(trainer, targs, config, out.with_suffix(".pt"))
+    onnx_path = export_onnx(trainer.model, out.with_suffix(".onnx"))
+    after = held_out_scores(onnx_path, *val_set)
+
+    training = Training(
+        scan_settings=dict(card.training.scan_settings) if base_settings else None,
+        eval_n_positions=card.training.eval_n_positions if base_settings else None,
+        n_train_frames=len(train_idx), n_val_frames=len(val_idx), epochs=args.epochs, epochs_run=len(train_loss),
+        steps=trainer.step, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, bf16=args.bf16,
+        seed=args.seed, threads=args.threads, train_minutes=train_minutes, stopped_at_time_limit=stopped,
+        train_loss=tuple(train_loss), val_loss=tuple(val_loss[1:]),
+        n_parameters=int(sum(p.numel() for p in trainer.model.parameters())),
+        host=f"{platform.machine()} {platform.processor() or ''}".strip(), torch=torch.__version__,
+        edge_ptychonn=__version__, command=command_line(args), init_from=str(args.init_from),
+        continued_from=previous_training(str(args.init_from)),
+    )
+    data = {"frames": str(args.frames), "n_frames": int(len(frames)), "positions": positions_from,
+            "object": str(args.object), "object_shape": list(obj.shape), "phase_shift_rad": args.phase_shift,
+            "probe": probe_from, "val_fraction": args.val_fraction, "n_guard": n_guard, "device": device,
+            "batchnorm": ("unfolded from the ONNX weights for training, folded again in the ONNX export"
+                          if args.batchnorm == "unfold" else "none (trained folded into the convolutions)")
+            if folded else "from the checkpoint, folded in the ONNX export", "pixel_size": args.pixel_size,
+            "origin": list(args.origin), "position_ref": args.position_ref}
+    new_card = ModelCard(
+        name=out.name, input_size=n, outputs=("phase", "amplitude") if config.amplitude_head else ("phase",),
+        preprocess=pp, stitch=stitch, model=config, training=training, limits=LIMITS,
+        accuracy={"finetune": {"held_out_before": before, "held_out_after": after, "data": data,
+                               "start_val_loss": val_loss[0]}},
+    )
+    card_json = save_card(new_card, onnx_path)
+    out.with_suffix(".md").write_text(card_markdown(new_card, Path(args.init_from).name, data, before, after))
+    print(f"held-out mean |phase error| {before['mean_abs_error_rad']:.4f} -> {after['mean_abs_error_rad']:.4f} "
+          "rad; "
+          f"median patch RMSE {before['patch_rmse_median_rad']:.4f} -> {after['patch_rmse_median_rad']:.4f} rad; "
+          f"stitched SSIM {before.get('stitched_ssim', math.nan):.3f} -> {after.get('stitched_ssim', math.nan):.3f}")
+    print(f"wrote {onnx_path}, {card_json}, {out.with_suffix('.md')}, {out.with_suffix('.pt')} in "
+          f"{(time.monotonic() - t_start) / 60:.1f} min; put it live with "
+          f"edge-ptychonn configure <control channel> modelPath={onnx_path.resolve()}")
+    return 0

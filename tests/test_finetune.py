@@ -1,0 +1,237 @@
+"""edge-ptychonn finetune: the shipped model fine-tuned on a foreign object family.
+
+The "beamline" data: a simulated scan of the ``siemens`` family (unlike the
+training family), its frames recorded by the chain's HDF5 writer (its own
+``process()`` fed real NTNDArrays with ``PosY``/``PosX`` attributes, as the
+writer attached to the detector channel records them), and a "reconstruction"
+that is the ground-truth object plus complex noise.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pvaccess as pva
+import pytest
+
+torch = pytest.importorskip("torch")
+h5py = pytest.importorskip("h5py")
+
+from frames_util import good_frame  # noqa: E402
+
+from edge_ptychonn import cli  # noqa: E402
+from edge_ptychonn.model_card import default_model_path, load_card  # noqa: E402
+from edge_ptychonn.science import accuracy, finetune  # noqa: E402
+from edge_ptychonn.science.simulate import save_scan, simulate_scan  # noqa: E402
+from processors.hdf5_writer import Hdf5WriterProcessor  # noqa: E402
+
+FRAMEWORK = {"processorId": 1, "inputChannel": "ad:image", "outputChannel": "", "objectIdField": "uniqueId",
+             "objectIdOffset": 1, "skipInitialUpdates": 0, "nSequentialUpdates": 1}
+
+
+def record_hdf5(directory, frames, positions):
+    """Frames written by the HDF5 writer's own code path, positions as frame attributes."""
+    writer = Hdf5WriterProcessor({**FRAMEWORK, "outputDirectory": str(directory)})
+    writer.start()
+    for k, (image, (y, x)) in enumerate(zip(frames, positions)):
+        pv = good_frame(k + 1, image)
+        pv["attribute"] = [pva.NtAttribute("PosY", pva.PvDouble(float(y))),
+                           pva.NtAttribute("PosX", pva.PvDouble(float(x)))]
+        writer.process(pv)
+    writer.stop()
+    assert writer.getStats()["nFramesWritten"] == len(frames)
+    [path] = writer.files
+    return path
+
+
+@pytest.fixture(scope="module")
+def beamline(tmp_path_factory):
+    """A siemens-star scan with the shipped model's probe and photons: frames, truth, files."""
+    d = tmp_path_factory.mktemp("finetune")
+    settings = accuracy.held_out_settings(load_card(default_model_path()), seed=4242, family="siemens", n_positions=400)
+    frames, truth = simulate_scan(settings, progress=False)
+    npy, npz = save_scan(d / "scan", frames, truth)
+    rng = np.random.default_rng(5)
+    obj = truth.object_amplitude * np.exp(1j * truth.object_phase)
+    obj = obj + 0.02 * (rng.standard_normal(obj.shape) + 1j * rng.standard_normal(obj.shape))
+    np.save(d / "recon.npy", obj.astype(np.complex64))
+    return {"dir": d, "frames": frames, "truth": truth, "npy": npy, "npz": npz, "recon": d / "recon.npy",
+            "h5": record_hdf5(d / "h5", frames, truth.positions_px)}
+
+
+def run_cli(*argv):
+    return cli.main(["finetune", *map(str, argv)])
+
+
+def test_finetune_lowers_the_held_out_error_and_writes_a_runnable_model(beamline, tmp_path, capsys):
+    out = tmp_path / "site"
+    rc = run_cli("--frames", beamline["h5"], "--object", beamline["recon"], "--out", out, "--epochs", 2,
+                 "--max-minutes", 0, "--device", "cpu", "--quiet")  # 32 steps, whatever the machine's speed
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert f"positions from {beamline['h5']}:positions" in captured.err  # the writer's positions dataset
+    card = load_card(out.with_suffix(".onnx"))
+    shipped = load_card(default_model_path())
+    assert card.preprocess == shipped.preprocess and card.stitch == shipped.stitch
+    assert card.training.n_val_frames == 80 and card.training.steps > 0 and card.model.batch_norm
+    scores = card.accuracy["finetune"]
+    before, after = scores["held_out_before"], scores["held_out_after"]
+    # lr 0 (a training that changes nothing but the BatchNorm statistics) stays within 1 % of
+    # the start; the margins are far from that
+    assert after["mean_abs_error_rad"] < 0.8 * before["mean_abs_error_rad"], (before, after)
+    assert after["patch_rmse_median_rad"] < 0.95 * before["patch_rmse_median_rad"], (before, after)
+    assert after["stitched_ssim"] > before["stitched_ssim"] + 0.05, (before, after)
+    assert "Held-out accuracy" in out.with_suffix(".md").read_text() and out.with_suffix(".pt").is_file()
+
+    engine = accuracy.open_engine(out.with_suffix(".onnx"), "onnxruntime", device="cpu", batch_size=8)
+    try:
+        phase = accuracy.predict(engine, beamline["frames"][-8:], card.preprocess)
+    finally:
+        engine.close()
+    assert phase.shape == (8, 128, 128) and np.isfinite(phase).all()
+
+    # the checkpoint beside it (a later fine-tune's --init-from) holds the same network, with BatchNorm
+    model, config, pt_card, pp = finetune.load_base(out.with_suffix(".pt"))
+    assert config.batch_norm and pp == card.preprocess and pt_card == card
+    from edge_ptychonn.stream.preprocess import preprocess
+
+    with torch.no_grad():
+        got = model(torch.from_numpy(preprocess(beamline["frames"][-8:], pp))[:, None]).numpy()[:, 0]
+    np.testing.assert_allclose(got, phase, atol=2e-4)
+
+
+def test_the_shipped_onnx_loads_into_the_torch_model_with_its_outputs(beamline):
+    model, config, card, pp = finetune.load_base(default_model_path())
+    assert config.input_size == 128 and not config.batch_norm  # folded into the convolutions
+    frames = beamline["frames"][:4]
+    engine = accuracy.open_engine(default_model_path(), "onnxruntime", device="cpu", batch_size=4)
+    try:
+        expected = accuracy.predict(engine, frames, pp)
+    finally:
+        engine.close()
+    from edge_ptychonn.stream.preprocess import preprocess
+
+    x = torch.from_numpy(preprocess(frames, pp))[:, None]
+    with torch.no_grad():
+        got = model(x).numpy()[:, 0]
+    np.testing.assert_allclose(got, expected, atol=2e-4)
+
+    # BatchNorm put back with the statistics of these frames: the same function in eval mode,
+    # nearly the same in train mode (batch statistics of the same frames)
+    unfolded = finetune.unfold_batchnorm(model, beamline["frames"][:16], pp)
+    assert unfolded.config.batch_norm and sum(isinstance(m, torch.nn.BatchNorm2d) for m in unfolded.modules()) == 16
+    with torch.no_grad():
+        np.testing.assert_allclose(unfolded.eval()(x).numpy()[:, 0], got, atol=2e-4)
+        x16 = torch.from_numpy(preprocess(beamline["frames"][:16], pp))[:, None]
+        np.testing.assert_allclose(unfolded.train()(x16).numpy(), unfolded.eval()(x16).numpy(), atol=0.02)
+
+
+def test_positions_from_the_simulator_an_npy_and_a_uniqueid_table(beamline, tmp_path):
+    truth = beamline["truth"]
+    ids = np.arange(1, len(truth.positions_px) + 1)
+    np.testing.assert_array_equal(finetune.load_positions(beamline["npz"], ids), truth.positions_px)
+    # a text table in another order, in metres (pixel 10 nm) and of the probe centre, matched by uniqueId
+    order = np.random.default_rng(0).permutation(len(ids))
+    centre_m = (truth.positions_px + 64) * 10e-9
+    table = tmp_path / "pos.txt"
+    np.savetxt(table, np.column_stack([ids[order], centre_m[order]]), header="uniqueId y x")
+    pos = finetune.load_positions(table, ids[::-1])
+    corners = finetune.to_object_pixels(pos, size=128, object_shape=truth.object_phase.shape, pixel_size=10e-9,
+                                        reference="centre")
+    np.testing.assert_array_equal(corners, truth.positions_px[::-1])
+    with pytest.raises(finetune.InputError, match="no position for 1 of 400 frames .uniqueIds 401"):
+        finetune.load_positions(table, ids + 1)
+
+
+def test_held_out_block_and_guard_band(beamline):
+    truth = beamline["truth"]
+    corners = truth.positions_px.astype(np.int64)
+    bright = np.zeros((128, 128), bool)
+    bright[44:84, 44:84] = True
+    train, val, n_guard = finetune.held_out_split(corners, bright, 0.2)
+    np.testing.assert_array_equal(val, np.arange(320, 400))  # the last rows of the raster
+    assert n_guard > 0 and len(train) + n_guard == 320
+    lo = corners + 44
+    apart = ((lo[train, None] + 40 <= lo[None, val]) | (lo[None, val] + 40 <= lo[train, None])).any(axis=2)
+    assert apart.all()  # no training bright centre overlaps a held-out one
+    kept = np.setdiff1d(np.arange(320), train)  # and every frame left out touches one
+    touches = ~((lo[kept, None] + 40 <= lo[None, val]) | (lo[None, val] + 40 <= lo[kept, None])).any(axis=2)
+    assert touches.any(axis=1).all()
+
+
+@pytest.mark.parametrize("case, message", [
+    ("count", "400 frames but 399 positions"),
+    ("outside", r"positions put the 128x128 patch outside the \d+x\d+ object .first: frame \d+, corner"),
+    ("real_object", "must be a complex array .* got float32; for a phase map save np.exp"),
+    ("npz_without_object", "no 'object' array"),
+    ("flat_frames", "frames must be a stack .N, H, W., got shape .128, 128."),
+    ("complex_frames", "frames must be integer or float counts, got complex64"),
+    ("nan_frames", "1 frames hold NaN or infinite pixels"),
+    ("no_positions", "holds no positions: give --positions"),
+    ("frame_size", "become .64, 64. after the base model's preprocessing"),
+    ("overwrite_base", "would overwrite the base model"),
+])
+def test_bad_input_is_refused_with_a_clear_message_and_nothing_written(beamline, tmp_path, capsys, case, message):
+    d = beamline
+    frames, positions, obj = d["npy"], d["npz"], d["recon"]
+    extra = []
+    if case == "count":
+        np.save(tmp_path / "pos.npy", d["truth"].positions_px[:-1])
+        positions = tmp_path / "pos.npy"
+    elif case == "outside":
+        extra = ["--origin", "0", "10"]
+    elif case == "real_object":
+        np.save(tmp_path / "phase.npy", d["truth"].object_phase)
+        obj = tmp_path / "phase.npy"
+    elif case == "npz_without_object":
+        obj = d["npz"]
+    elif case == "flat_frames":
+        np.save(tmp_path / "one.npy", d["frames"][0])
+        frames = tmp_path / "one.npy"
+    elif case == "complex_frames":
+        np.save(tmp_path / "c.npy", d["frames"][:4].astype(np.complex64))
+        frames = tmp_path / "c.npy"
+    elif case == "nan_frames":
+        bad = d["frames"].astype(np.float32)
+        bad[7, 3, 3] = np.nan
+        np.save(tmp_path / "nan.npy", bad)
+        frames = tmp_path / "nan.npy"
+    elif case == "no_positions":
+        with h5py.File(tmp_path / "bare.h5", "w") as f:
+            f["data"] = d["frames"][:4]
+            f["uniqueId"] = np.arange(1, 5)
+        frames, positions = tmp_path / "bare.h5", None
+    elif case == "frame_size":
+        np.save(tmp_path / "small.npy", d["frames"][:, :64, :64])
+        frames = tmp_path / "small.npy"
+    out = tmp_path / "out" / "m"
+    if case == "overwrite_base":
+        out = default_model_path().with_suffix("")
+    shipped_mtime = default_model_path().stat().st_mtime_ns
+    argv = ["--frames", frames, "--object", obj, "--out", out, "--quiet", *extra]
+    if positions is not None:
+        argv += ["--positions", positions]
+    assert run_cli(*argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("edge-ptychonn finetune: ")
+    import re
+
+    assert re.search(message, err), err
+    assert not (tmp_path / "out").exists() and default_model_path().stat().st_mtime_ns == shipped_mtime
+
+
+def test_help_names_the_convention(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["finetune", "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    assert "--frames" in text and "top-left corner" in text and "--device" in text
+    assert "finetune" in cli.usage()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_a_gpu_asked_for_on_a_machine_without_one_is_a_clear_error(beamline, tmp_path, capsys):
+    d = beamline
+    rc = run_cli("--frames", d["npy"], "--positions", d["npz"], "--object", d["recon"], "--out", tmp_path / "m",
+                 "--device", "cuda")
+    assert rc == 2 and "device cuda: torch sees no CUDA GPU" in capsys.readouterr().err
+    assert finetune.resolve_device("auto") == "cpu"
