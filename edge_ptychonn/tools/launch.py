@@ -54,7 +54,7 @@ with the accepted ones listed)::
     outputDirectory = "results/h5"     # required
 
     [viewer]                           # omit for no viewer; needs c2dv (pip install 'edge-ptychonn[viewer]')
-    channels = ["stitch:1:output"]
+    channels = ["stitch:1:output"]     # one window each (edge-ptychonn view: full rate, phase levels)
 
 Python >= 3.11 (``tomllib``) is needed to read the file.
 """
@@ -63,7 +63,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import signal
 import sys
 import time
@@ -375,12 +374,13 @@ class Chain:
         self.started_s = time.monotonic()
 
     def _start_viewers(self) -> None:
-        c2dv = shutil.which("c2dv") or (live.tool_path("c2dv") if Path(live.tool_path("c2dv")).exists() else None)
-        if c2dv is None:
+        import importlib.util
+
+        if importlib.util.find_spec("c2dataviewer") is None:
             self.say("warning: c2dv not found (pip install 'edge-ptychonn[viewer]'); no viewer started")
             return
-        for i, channel in enumerate(self.cfg.viewer["channels"], 1):
-            self._start(f"viewer{i}", [c2dv, "--app", "image", "--pv", channel])
+        # edge-ptychonn view: c2dv windows at full rate with the model card's phase levels
+        self._start("viewer", [sys.executable, "-m", "edge_ptychonn.cli", "view", *self.cfg.viewer["channels"]])
 
     def _clients_ready(self) -> bool:
         stitch = self.status.get(self.stitch_status()) if self.cfg.stitch else {}
