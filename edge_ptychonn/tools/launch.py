@@ -44,8 +44,9 @@ with the accepted ones listed)::
     prefix = "stitch"                  # <prefix>:1:output (+ :final), :status, :control
     collector_cache_size = 0           # 0: 2 * consumers * distributor_updates
     server_queue_size = 1000
+    metadata_channels = []             # the collector's --metadata-channels, e.g. ["pva://scan:y", "pva://scan:x"]
     [stitch.args]                      # positionsFile defaults to the scan's .npz when there is one
-    publishRate = 2.0
+    publishRate = 2.0                  # positionChannels = ["scan:y", "scan:x"]: positions from those channels
 
     [hdf5]                             # omit the table for no files
     prefix = "hdf5"                    # <prefix>:<id>:status, :control
@@ -62,6 +63,7 @@ Python >= 3.11 (``tomllib``) is needed to read the file.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import signal
 import sys
@@ -84,7 +86,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
                   "processor": (str, "processors.ptychonn.PtychoNNProcessor"), "distributor_updates": (int, 8),
                   "server_queue_size": (int, 1000), "args": (dict, {})},
     "stitch": {"prefix": (str, "stitch"), "collector_cache_size": (int, 0), "server_queue_size": (int, 1000),
-               "args": (dict, {})},
+               "metadata_channels": (list, []), "args": (dict, {})},
     "hdf5": {"prefix": (str, "hdf5"), "server_queue_size": (int, 1000), "args": (dict, _REQUIRED)},
     "viewer": {"channels": (list, _REQUIRED)},
 }
@@ -101,7 +103,7 @@ def _check_table(name: str, table: dict) -> dict:
         if key not in table:
             if default is _REQUIRED:
                 raise ValueError(f"{where} needs '{key}'")
-            out[key] = default
+            out[key] = copy.deepcopy(default)  # a table's default dict is filled in later: never share it
             continue
         value = table[key]
         if isinstance(value, bool) or not isinstance(value, types):
@@ -354,10 +356,11 @@ class Chain:
         outputs = f"{inf['prefix']}:*:output"
         if cfg.stitch is not None:
             cache = cfg.stitch["collector_cache_size"] or 2 * inf["consumers"] * inf["distributor_updates"]
+            metadata = cfg.stitch["metadata_channels"]
             self._start("stitch", collector_argv(
                 outputs, cfg.inference_ids(), "processors.stitch.StitchProcessor", cfg.stitch["args"],
                 cfg.stitch["prefix"], cache, cfg.stitch["server_queue_size"],
-            ))
+            ) + (["-mc", ",".join(metadata)] if metadata else []))
         if cfg.hdf5 is not None:
             self._start("hdf5", chained_argv(
                 outputs, inf["consumers"], "processors.hdf5_writer.Hdf5WriterProcessor", cfg.hdf5["args"],
