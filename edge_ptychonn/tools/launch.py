@@ -291,9 +291,9 @@ class Snapshot:
 class Chain:
     """Starts, watches and stops the processes of a :class:`LaunchConfig`."""
 
-    def __init__(self, cfg: LaunchConfig, out=sys.stdout):
+    def __init__(self, cfg: LaunchConfig, out=None):
         self.cfg = cfg
-        self.out = out
+        self.out = out or sys.stdout
         self.procs: list[live.Proc] = []
         self.source: live.Proc | None = None
         self.env = live.use_loopback()
@@ -497,6 +497,21 @@ def main(args: argparse.Namespace) -> int:
     if args.check:
         print(json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in vars(cfg).items()}, indent=2))
         return 0
+    return run(cfg)
+
+
+def frames_lost(cfg: LaunchConfig, snap: Snapshot, n_sent: int | None) -> int | None:
+    """Frames of a replayed scan that did not reach the end of the chain (the HDF5 files
+    when there are writers, else the inference outputs); None for a detector chain."""
+    if n_sent is None:
+        return None
+    return n_sent - (snap.written() if cfg.hdf5 is not None else snap.processed())
+
+
+def run(cfg: LaunchConfig, prog: str = "edge-ptychonn launch") -> int:
+    """Start the chain, print the status line until it is done, stop it, print the
+    summary (and the scored, pictured stitched image). Exit status: 0, 1 when frames
+    were lost or a process failed, 130 on Ctrl-C or SIGTERM."""
     chain = Chain(cfg)
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     n_sent = None
@@ -513,7 +528,7 @@ def main(args: argparse.Namespace) -> int:
         chain.say("\ninterrupted: stopping everything")
         code = 130
     except RuntimeError as exc:
-        chain.say(f"edge-ptychonn launch: {exc}")
+        chain.say(f"{prog}: {exc}")
         code = 1
     finally:
         try:
@@ -527,7 +542,9 @@ def main(args: argparse.Namespace) -> int:
             signal.signal(signal.SIGTERM, previous)
             signal.signal(signal.SIGINT, previous_int)
     if snap is not None:
-        print("\n".join(summary(cfg, snap, n_sent) + accuracy(cfg)))
+        print("\n".join(summary(cfg, snap, n_sent) + accuracy(cfg)), flush=True)
+        if code == 0 and frames_lost(cfg, snap, n_sent):
+            code = 1
     return code
 
 
@@ -558,29 +575,33 @@ def accuracy(cfg: LaunchConfig) -> list[str]:
     lines = [f"final stitched image  {saved[-1]}: SSIM {scores['ssim']:.3f}, RMSE {scores['rmse_rad']:.3f} rad "
              f"vs the truth over {int(covered.sum())} covered pixels"]
     png = _save_png(saved[-1].with_suffix(".png"), image - scores["offset_rad"], truth, covered)
-    if png:
-        lines.append(f"picture              {png}")
+    lines.append(f"picture              {png} (live stitched phase beside the truth, "
+                 f"black..white = {float(truth[covered].min()):.2f}..{float(truth[covered].max()):.2f} rad)")
     return lines
 
 
-def _save_png(path: Path, image, truth, covered) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
+def _save_png(path: Path, image, truth, covered) -> Path:
+    """The live stitched phase (left) beside the truth (right), cropped to the scanned region,
+    one grey scale (the truth's range over the covered pixels), uncovered pixels black,
+    titles above: an 8-bit PNG (Pillow)."""
     import numpy as np
+    from PIL import Image, ImageDraw
 
+    rows, cols = np.flatnonzero(covered.any(1)), np.flatnonzero(covered.any(0))
+    crop = np.s_[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    image, truth, covered = image[crop], truth[crop], covered[crop]
     lo, hi = float(truth[covered].min()), float(truth[covered].max())
-    fig, axes = plt.subplots(1, 2, figsize=(9, 4.5))
-    for ax, data, title in ((axes[0], np.where(covered, image, np.nan), "live stitched phase (rad)"),
-                            (axes[1], truth, "ground truth (rad)")):
-        im = ax.imshow(data, cmap="gray", vmin=lo, vmax=hi)
-        ax.set_title(title)
-        ax.axis("off")
-    fig.colorbar(im, ax=axes, shrink=0.8)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    grey = lambda a: (np.clip((a - lo) / max(hi - lo, 1e-12), 0, 1) * 255).astype(np.uint8)
+    zoom = max(1, -(-256 // truth.shape[1]))  # small scans: enlarged (nearest) to at least 256 px wide
+    left = np.kron(np.where(covered, grey(image), 0), np.ones((zoom, zoom), np.uint8))
+    right = np.kron(grey(truth), np.ones((zoom, zoom), np.uint8))
+    h, w = right.shape
+    gap, top = 16, 24
+    canvas = Image.new("L", (2 * w + gap, h + top), 255)
+    canvas.paste(Image.fromarray(left), (0, top))
+    canvas.paste(Image.fromarray(right), (w + gap, top))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((4, 6), "live stitched phase", fill=0)
+    draw.text((w + gap + 4, 6), "ground truth", fill=0)
+    canvas.save(path)
     return path
