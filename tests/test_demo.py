@@ -12,10 +12,10 @@ import pytest
 from edge_ptychonn.science.simulate import ScanSettings, save_scan, simulate_scan
 from edge_ptychonn.tools import demo
 
-pytestmark = pytest.mark.e2e
 MODEL = Path(__file__).resolve().parent.parent / "data" / "ptychonn.onnx"
 
 
+@pytest.mark.e2e
 def test_demo_runs_the_chain_and_leaves_a_picture_of_the_stitched_phase(pva_env, tmp_path, capsys):
     pytest.importorskip("h5py")
     from PIL import Image
@@ -51,3 +51,22 @@ def test_demo_runs_the_chain_and_leaves_a_picture_of_the_stitched_phase(pva_env,
     assert np.corrcoef(live[covered], true[covered])[0, 1] > 0.5, "the stitched phase does not look like the truth"
     ssim = float(re.search(r"SSIM (\d\.\d+)", out).group(1))
     assert ssim > 0.3
+
+
+def test_sweep_table_counts_a_frame_the_stitcher_missed_as_lost():
+    from edge_ptychonn.tools.launch import Snapshot
+
+    def snap(processed, placed, written, rejected=0):
+        user = lambda **k: {"userStats": k}
+        stitch = {"userStats": {"nFramesPlaced": placed, "stitchTimeUs": 150.0},
+                  "collectorStats": {"nMissed": 0, "nRejected": rejected}}
+        return Snapshot([user(nFramesProcessed=processed)], stitch, [user(nFramesWritten=written)])
+
+    rows = demo.sweep_rows([60, 120, 200], [(snap(100, 100, 100), 100, 59.6), (snap(100, 95, 100, 5), 100, 110.2), None],
+                           cfg_hdf5=True)
+    assert rows[0] == ["60", "100", "100", "60", "100", "100", "0", "0", "150"]
+    assert rows[1][6:8] == ["5", "5"]  # every frame written, 5 rejected by the collector: lost
+    assert rows[2] == ["200"] + ["-"] * 8
+    assert demo.format_table(demo.SWEEP_HEADER, rows).splitlines()[0].split()[:3] == ["fps", "sent", "processed"]
+    with pytest.raises(ValueError, match="separated by commas"):
+        demo._rates("60;80")

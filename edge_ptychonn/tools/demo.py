@@ -61,6 +61,11 @@ def get_args_parser(prog: str = "edge-ptychonn demo") -> argparse.ArgumentParser
     p.add_argument("--start-delay", type=float, default=12.0, help="seconds the sim server waits before streaming, so that all clients connect (default: %(default)s)")
     p.add_argument("--timeout", type=float, default=300.0, help="stop after this many seconds of streaming whatever happened (default: %(default)s)")
     p.add_argument("--no-hdf5", action="store_true", help="no HDF5 writers")
+    p.add_argument("--sweep", default=None, metavar="FPS,FPS,...",
+                   help="the chain's figures by rate: run the chain once per replay rate (a fresh chain each, "
+                        "channels suffixed by the point's number), then print one table row per rate (frames sent, "
+                        "processed, written, placed, lost, the stitcher's cost per frame) and the figures at the "
+                        "highest rate with no frame lost")
     p.add_argument("--out", type=Path, default=Path("results/demo"),
                    help="folder for the stitched image, its PNG, the HDF5 files and the logs (default: %(default)s)")
     return p
@@ -113,14 +118,87 @@ def chain_config(args: argparse.Namespace, scan: Path, card: ModelCard | None) -
     return launch.LaunchConfig.from_dict(config)
 
 
+def _rates(text: str) -> list[float]:
+    try:
+        rates = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--sweep takes frame rates separated by commas, e.g. 60,80,100; got {text!r}") from None
+    if not rates or min(rates) <= 0:
+        raise ValueError(f"--sweep rates must be > 0, got {text!r}")
+    return sorted(rates)
+
+
+SWEEP_HEADER = ["fps", "sent", "processed", "delivered fps", "written", "placed", "lost", "collector lost",
+                "stitch us/frame"]
+
+
+def sweep_rows(rates: list[float], results: list, cfg_hdf5: bool) -> list[list[str]]:
+    """One row per rate from ``(snapshot, frames sent, delivered fps)``; ``-`` where the chain
+    gave nothing. "lost": sent but not at the end of the chain (HDF5, else inference) or
+    not placed by the stitcher."""
+    rows = []
+    for fps, result in zip(rates, results):
+        if result is None:
+            rows.append([f"{fps:g}"] + ["-"] * (len(SWEEP_HEADER) - 1))
+            continue
+        snap, n_sent, delivered = result
+        reached = min(snap.written() if cfg_hdf5 else snap.processed(), snap.placed())
+        rows.append([f"{fps:g}", str(n_sent), str(snap.processed()), f"{delivered:.0f}" if delivered else "-",
+                     str(snap.written()) if cfg_hdf5 else "-", str(snap.placed()), str(n_sent - reached),
+                     str(snap.collector_lost()),
+                     f"{(snap.stitch or {}).get('userStats', {}).get('stitchTimeUs', 0.0):.0f}"])
+    return rows
+
+
+def format_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).rjust(w) for c, w in zip(r, widths))
+    return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, rows)])
+
+
+def sweep(args: argparse.Namespace, scan: Path, card: ModelCard | None, rates: list[float]) -> int:
+    """The chain once per rate; the table; the figures at the highest lossless rate."""
+    results: list = []
+    has_hdf5 = chain_config(args, scan, card).hdf5 is not None
+    base_out, base_prefix, base_channel = args.out, args.prefix, args.channel
+    for i, fps in enumerate(rates, 1):
+        point = argparse.Namespace(**{**vars(args), "fps": fps, "out": base_out / f"fps{fps:g}",
+                                      "prefix": f"{base_prefix}{i}", "channel": f"{base_channel}{i}"})
+        print(f"\n== chain at {fps:g} frames/s ({i}/{len(rates)}) ==", flush=True)
+        for old in (point.out / "stitched").glob("*"):  # this point's image only
+            old.unlink()
+        got: list = []
+        code = launch.run(chain_config(point, scan, card), prog="edge-ptychonn demo", results=got)
+        results.append(got[0] if got else None)
+        if code == 130:
+            return 130
+    rows = sweep_rows(rates, results, has_hdf5)
+    print("\nThe chain by replay rate (scan " + str(scan) + "):")
+    print(format_table(SWEEP_HEADER, rows))
+    lossless = [r for r in rows if r[6] == "0" and r[7] == "0"]
+    if not lossless:
+        print("\nno rate was lossless: try lower rates")
+        return 1
+    best = lossless[-1]
+    print(f"\nhighest lossless rate {best[0]} frames/s (delivered about {best[3]}): frames in {best[1]}, "
+          f"images written {best[4]}, frames placed {best[5]}, frames lost {best[6]}, "
+          f"stitcher cost {best[8]} us CPU per frame")
+    print("(a short scan can pass above the sustained rate while the queues absorb the excess: "
+          "compare 'delivered fps' with the rate, or replay a longer --scan)")
+    return 0
+
+
 def main(args: argparse.Namespace) -> int:
     try:
         if not args.model.is_file():
             raise FileNotFoundError(f"model {args.model} not found")
         if args.consumers < 1 or args.batch_size < 1 or args.fps <= 0:
             raise ValueError("--consumers and --batch-size must be >= 1 and --fps > 0")
+        rates = _rates(args.sweep) if args.sweep is not None else None
         card = find_card(args.model)
         scan = ensure_scan(args.scan, card)
+        if rates is not None:
+            return sweep(args, scan, card, rates)
         for old in (args.out / "stitched").glob("*"):  # this run's image only
             old.unlink()
         cfg = chain_config(args, scan, card)

@@ -299,6 +299,15 @@ class Chain:
         self.env = live.use_loopback()
         self.status = Status()
         self.started_s = time.monotonic()
+        self.first_output_s: float | None = None  # status polls that first and last saw new outputs
+        self.last_output_s: float | None = None
+
+    def delivered_fps(self, snap: Snapshot) -> float | None:
+        """Inference outputs per second between the first and the last status poll that saw
+        new ones (1 s polls: a rough figure for streams of several seconds)."""
+        if self.first_output_s is None or self.last_output_s is None or self.last_output_s <= self.first_output_s:
+            return None
+        return snap.processed() / (self.last_output_s - self.first_output_s + 1.0)
 
     def say(self, message: str) -> None:
         print(message, file=self.out, flush=True)
@@ -414,6 +423,7 @@ class Chain:
         """Print the status line until done (replayed scan idle), timeout or a signal."""
         tty = self.out.isatty() if hasattr(self.out, "isatty") else False
         last_progress, last_change = None, time.monotonic()
+        processed, self.first_output_s, self.last_output_s = 0, None, None
         snap = self.snapshot()
         while True:
             time.sleep(1.0)
@@ -427,6 +437,10 @@ class Chain:
                 break
             if snap.progress() != last_progress:
                 last_progress, last_change = snap.progress(), now
+            if snap.processed() > processed:  # when inference outputs came: the delivered rate
+                if processed == 0:
+                    self.first_output_s = now
+                processed, self.last_output_s = snap.processed(), now
             replay_done = self.source is not None and not self.source.running()
             if replay_done and snap.processed() > 0 and now - last_change > self.cfg.idle_s:
                 break
@@ -451,18 +465,19 @@ class Chain:
         return sorted(self.procs, key=lambda p: rank.get(p.name, 2))
 
 
-def summary(cfg: LaunchConfig, snap: Snapshot, n_sent: int | None) -> list[str]:
+def summary(cfg: LaunchConfig, snap: Snapshot, n_sent: int | None, delivered_fps: float | None = None) -> list[str]:
     lines = []
     if n_sent is not None:
         lines.append(f"frames sent          {n_sent}")
-    lines.append(f"inference processed  {snap.processed()} (dropped or bad {snap.dropped()})")
+    rate = f", about {delivered_fps:.0f} frames/s" if delivered_fps else ""
+    lines.append(f"inference processed  {snap.processed()} (dropped or bad {snap.dropped()}{rate})")
     if cfg.hdf5 is not None:
         lines.append(f"images written       {snap.written()} (HDF5 files in {cfg.hdf5['args']['outputDirectory']})")
     if cfg.stitch is not None:
         s = snap.stitch
         lines.append(f"frames placed        {snap.placed()} (no position {_user(s, 'nFramesNoPosition')}, "
                      f"outside {_user(s, 'nFramesOutside')}, coverage {_user(s, 'coverage', 0.0):.1%})")
-        lines.append(f"stitcher cost        {_user(s, 'stitchTimeUs', 0.0):.0f} us per frame")
+        lines.append(f"stitcher cost        {_user(s, 'stitchTimeUs', 0.0):.0f} us CPU per frame")
         lines.append(f"collector lost       {snap.collector_lost()} (missed + rejected)")
     if n_sent is not None:
         reached = snap.written() if cfg.hdf5 is not None else snap.processed()
@@ -508,10 +523,11 @@ def frames_lost(cfg: LaunchConfig, snap: Snapshot, n_sent: int | None) -> int | 
     return n_sent - (snap.written() if cfg.hdf5 is not None else snap.processed())
 
 
-def run(cfg: LaunchConfig, prog: str = "edge-ptychonn launch") -> int:
+def run(cfg: LaunchConfig, prog: str = "edge-ptychonn launch", results: list | None = None) -> int:
     """Start the chain, print the status line until it is done, stop it, print the
     summary (and the scored, pictured stitched image). Exit status: 0, 1 when frames
-    were lost or a process failed, 130 on Ctrl-C or SIGTERM."""
+    were lost or a process failed, 130 on Ctrl-C or SIGTERM. ``results``: a list to
+    which ``(snapshot, frames sent)`` is appended (the last status before the stop)."""
     chain = Chain(cfg)
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     n_sent = None
@@ -542,7 +558,9 @@ def run(cfg: LaunchConfig, prog: str = "edge-ptychonn launch") -> int:
             signal.signal(signal.SIGTERM, previous)
             signal.signal(signal.SIGINT, previous_int)
     if snap is not None:
-        print("\n".join(summary(cfg, snap, n_sent) + accuracy(cfg)), flush=True)
+        print("\n".join(summary(cfg, snap, n_sent, chain.delivered_fps(snap)) + accuracy(cfg)), flush=True)
+        if results is not None:
+            results.append((snap, n_sent, chain.delivered_fps(snap)))
         if code == 0 and frames_lost(cfg, snap, n_sent):
             code = 1
     return code
