@@ -237,7 +237,6 @@ class _Waiting:
 
     unique_id: int
     image: np.ndarray
-    attributes: list
     key: float
     since_s: float
 
@@ -505,7 +504,7 @@ class StitchProcessor(ProcessorBase):
                     if position is not None:
                         self.counts["by_metadata"] += 1
                     elif self.settings.metadata_wait_s > 0:
-                        self.waiting.append(_Waiting(unique_id, np.array(image), attributes, key, time.monotonic()))
+                        self.waiting.append(_Waiting(unique_id, np.array(image), key, time.monotonic()))
                         return False
             if position is None:
                 position = self._table_position(unique_id)

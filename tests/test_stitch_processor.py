@@ -326,6 +326,24 @@ def test_positions_from_metadata_channels_by_time_never_by_arrival_order(tmp_pat
                                offline(patches[placed], positions[placed], (40, 48), None).image(), atol=1e-6)
 
 
+def test_position_channels_the_collector_does_not_have_are_reported(rng, caplog):
+    patches, positions, _ = small_scan(rng, n=2)
+    p = make({"objectShape": [40, 48], "positionChannels": ["scan:y", "scan:x"], "metadataWait": 0.05,
+              "positionsFile": None})
+    p.metadataQueueMap = {"other:y": pva.PvObjectQueue(10)}  # --metadata-channels named something else
+    p.pvaServer = None
+    p.start()
+    try:
+        assert any("positionChannels scan:y, scan:x not among the metadata channels (--metadata-channels gives: other:y)"
+                   in r.getMessage() for r in caplog.records)
+        p.process(stamped_frame(1, patches[0], 5.0))
+        assert p.getStats()["nFramesWaiting"] == 1
+    finally:
+        p.stop()  # the waiting frame is counted, not lost
+    stats = p.getStats()
+    assert stats["nFramesWaiting"] == 0 and stats["nFramesNoPosition"] == 1 and stats["nFramesReceived"] == 1
+
+
 def test_metadata_by_unique_id_and_attributes_first(tmp_path, rng):
     patches, positions, _ = small_scan(rng, n=4)
     p = make({"objectShape": [40, 48], "positionChannels": ["y", "x"], "metadataMatch": "uniqueId", "metadataWait": 0})

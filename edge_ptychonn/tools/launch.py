@@ -74,6 +74,8 @@ from typing import Any
 
 from . import processes as live
 
+REPORT_PERIOD_S = 2.0  # how often the inference consumers refresh their status channels
+
 # table -> key -> (type(s), default); None default with REQUIRED marks a required key
 _REQUIRED = object()
 SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
@@ -269,8 +271,12 @@ class Snapshot:
     def progress(self) -> tuple:
         return (self.processed(), self.written(), self.placed())
 
+    def frame_rate(self) -> float:
+        """Published frames/s of all inference consumers (each over its last 5 s)."""
+        return sum(_user(r, "frameRate", 0.0) for r in self.inference)
+
     def line(self, elapsed_s: float, cfg: LaunchConfig) -> str:
-        rate = sum(_user(r, "frameRate", 0.0) for r in self.inference)
+        rate = self.frame_rate()
         parts = [f"{elapsed_s:6.1f}s", f"inference {self.processed()} frames ({rate:.0f}/s, dropped {self.dropped()})"]
         if cfg.stitch is not None:
             s = self.stitch
@@ -299,15 +305,13 @@ class Chain:
         self.env = live.use_loopback()
         self.status = Status()
         self.started_s = time.monotonic()
-        self.first_output_s: float | None = None  # status polls that first and last saw new outputs
-        self.last_output_s: float | None = None
+        self.peak_fps = 0.0  # the highest published rate the inference consumers reported
 
     def delivered_fps(self, snap: Snapshot) -> float | None:
-        """Inference outputs per second between the first and the last status poll that saw
-        new ones (1 s polls: a rough figure for streams of several seconds)."""
-        if self.first_output_s is None or self.last_output_s is None or self.last_output_s <= self.first_output_s:
-            return None
-        return snap.processed() / (self.last_output_s - self.first_output_s + 1.0)
+        """The inference stage's delivered rate: the highest sum of the consumers' ``frameRate``
+        (published frames/s over their last 5 s) seen while watching; None if none was seen.
+        Below the offered rate, the stage did not keep up (its queues absorbed the excess)."""
+        return self.peak_fps or None
 
     def say(self, message: str) -> None:
         print(message, file=self.out, flush=True)
@@ -359,7 +363,7 @@ class Chain:
         self._start("inference", live.consumer_argv(
             cfg.source["channel"], inf["prefix"], inf["consumers"], inf["processor"], inf["args"],
             batch_updates=inf["distributor_updates"], server_queue_size=inf["server_queue_size"], runtime_s=0,
-            report_period_s=2.0,
+            report_period_s=REPORT_PERIOD_S,
         ))
         self._wait_answering(self.inference_status())
         outputs = f"{inf['prefix']}:*:output"
@@ -423,7 +427,7 @@ class Chain:
         """Print the status line until done (replayed scan idle), timeout or a signal."""
         tty = self.out.isatty() if hasattr(self.out, "isatty") else False
         last_progress, last_change = None, time.monotonic()
-        processed, self.first_output_s, self.last_output_s = 0, None, None
+        self.peak_fps = 0.0
         snap = self.snapshot()
         while True:
             time.sleep(1.0)
@@ -437,10 +441,7 @@ class Chain:
                 break
             if snap.progress() != last_progress:
                 last_progress, last_change = snap.progress(), now
-            if snap.processed() > processed:  # when inference outputs came: the delivered rate
-                if processed == 0:
-                    self.first_output_s = now
-                processed, self.last_output_s = snap.processed(), now
+            self.peak_fps = max(self.peak_fps, snap.frame_rate())
             replay_done = self.source is not None and not self.source.running()
             if replay_done and snap.processed() > 0 and now - last_change > self.cfg.idle_s:
                 break
@@ -469,7 +470,7 @@ def summary(cfg: LaunchConfig, snap: Snapshot, n_sent: int | None, delivered_fps
     lines = []
     if n_sent is not None:
         lines.append(f"frames sent          {n_sent}")
-    rate = f", about {delivered_fps:.0f} frames/s" if delivered_fps else ""
+    rate = f", at most {delivered_fps:.0f} frames/s over 5 s" if delivered_fps else ""
     lines.append(f"inference processed  {snap.processed()} (dropped or bad {snap.dropped()}{rate})")
     if cfg.hdf5 is not None:
         lines.append(f"images written       {snap.written()} (HDF5 files in {cfg.hdf5['args']['outputDirectory']})")
