@@ -19,7 +19,7 @@ fi
 # The viewer extra (c2dv, Qt) draws on an X display: Xvfb for machines without one, and the
 # Qt xcb platform's libraries, which the PyQt5 wheel does not ship.
 if [[ ",$extras," == *",viewer,"* ]]; then
-    viewer_debs=(xvfb libxcb-icccm4 libxcb-keysyms1 libxcb-xinerama0 libxcb-image0 libxcb-render-util0
+    viewer_debs=(xvfb xauth libxcb-icccm4 libxcb-keysyms1 libxcb-xinerama0 libxcb-image0 libxcb-render-util0
                  libxcb-randr0 libxcb-shape0 libxcb-xkb1 libxkbcommon-x11-0)
     missing=()
     for deb in "${viewer_debs[@]}"; do
