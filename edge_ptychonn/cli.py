@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "configure": ("edge_ptychonn.tools.configure", "change a running consumer's settings over its control channel"),
     "build-engine": ("edge_ptychonn.tools.build_engine", "prebuild TensorRT plans so that GPU consumers start in seconds"),
     "launch": ("edge_ptychonn.tools.launch", "start the live chain (sim server, inference, stitcher, HDF5) from a TOML file"),
+    "view": ("edge_ptychonn.tools.view", "c2dv windows on the chain's channels at full rate with phase levels"),
 }
 
 

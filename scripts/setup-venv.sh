@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create or update .venv with the project and its pinned dependencies.
 # Usage: scripts/setup-venv.sh [EXTRAS]   (default extras: torch,test,codecs)
-# Installs Debian's iproute2 (for 'ip link set lo multicast on') when missing and run as root.
+# Installs Debian's iproute2 (for 'ip link set lo multicast on') when missing and run as root,
+# and with the viewer extra Xvfb and Qt's xcb libraries.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-torch,test,codecs}"
@@ -12,6 +13,25 @@ if ! command -v ip >/dev/null 2>&1; then
         apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 >/dev/null
     else
         echo "warning: the 'ip' command is missing (Debian package iproute2); multi-consumer runs may not connect" >&2
+    fi
+fi
+
+# The viewer extra (c2dv, Qt) draws on an X display: Xvfb for machines without one, and the
+# Qt xcb platform's libraries, which the PyQt5 wheel does not ship.
+if [[ ",$extras," == *",viewer,"* ]]; then
+    viewer_debs=(xvfb xauth libxcb-icccm4 libxcb-keysyms1 libxcb-xinerama0 libxcb-image0 libxcb-render-util0
+                 libxcb-randr0 libxcb-shape0 libxcb-xkb1 libxkbcommon-x11-0)
+    missing=()
+    for deb in "${viewer_debs[@]}"; do
+        dpkg-query -W -f='${Status}' "$deb" 2>/dev/null | grep -q "install ok installed" || missing+=("$deb")
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+            echo "installing ${missing[*]} (Xvfb and Qt's xcb libraries, for the viewer)" >&2
+            apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+        else
+            echo "warning: the viewer needs Debian packages ${missing[*]} (apt-get install as root); its test is skipped without them" >&2
+        fi
     fi
 fi
 

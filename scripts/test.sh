@@ -3,7 +3,7 @@
 # Extra arguments go to pytest, e.g. scripts/test.sh -k e2e
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup-venv.sh torch,test,codecs,bench
+bash scripts/setup-venv.sh torch,test,codecs,bench,viewer
 # No EPICS exports needed: tests/conftest.py sets the loopback-only settings
 # (edge_ptychonn.tools.processes.LOOPBACK_ENV) before any test runs; started processes inherit them.
 exec .venv/bin/python -m pytest -q -ra "$@"

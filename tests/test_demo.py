@@ -1,27 +1,72 @@
-"""The demo command, end to end on a small simulated scan (real PvaPy processes)."""
+"""The demo command, end to end on a small simulated scan: the launcher's chain of real
+PvaPy processes (sim server, 2 inference consumers with the shipped model, the stitcher in
+pvapy-hpc-collector, 2 HDF5 writers), its status lines, its summary and its PNG."""
+
+import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from edge_ptychonn.tools import demo
 from edge_ptychonn.science.simulate import ScanSettings, save_scan, simulate_scan
+from edge_ptychonn.tools import demo
 
-pytestmark = pytest.mark.e2e
+MODEL = Path(__file__).resolve().parent.parent / "data" / "ptychonn.onnx"
 
 
-def test_demo_replays_a_scan_and_prints_summary_and_accuracy(pva_env, small_model, tmp_path, capsys):
-    frames, truth = simulate_scan(ScanSettings(seed=1001, n_positions=21, frame_size=64), progress=False)
+@pytest.mark.e2e
+def test_demo_runs_the_chain_and_leaves_a_picture_of_the_stitched_phase(pva_env, tmp_path, capsys):
+    pytest.importorskip("h5py")
+    from PIL import Image
+
+    n = 36
+    training = json.loads(MODEL.with_suffix(".json").read_text())["training"]["scan_settings"]
+    settings = ScanSettings.from_dict({**ScanSettings().to_dict(), **training, "seed": 1001, "n_positions": n})
+    frames, truth = simulate_scan(settings, progress=False)
     save_scan(tmp_path / "scan", frames, truth)
     args = demo.get_args_parser().parse_args([
-        "--scan", str(tmp_path / "scan.npy"), "--model", str(small_model), "--engine", "onnxruntime",
-        "--fps", "50", "--start-delay", "10", "--prefix", "test:demo", "--channel", "test:demo:image",
-        "--logs", str(tmp_path / "logs"), "--timeout", "60",
+        "--scan", str(tmp_path / "scan.npy"), "--engine", "onnxruntime", "--fps", "40", "--start-delay", "10",
+        "--prefix", f"test:demo{id(tmp_path) % 10**6}", "--channel", f"test:demo{id(tmp_path) % 10**6}:image",
+        "--out", str(tmp_path / "out"), "--timeout", "60",
     ])
     assert demo.main(args) == 0
     out = capsys.readouterr().out
-    total = next(line for line in out.splitlines() if line.startswith("total")).split()
-    # sent, received, published, outputs, missed, lost, bad+dropped
-    assert total[1:8] == ["21", "21", "21", "21", "0", "0", "0"]
-    assert "phase stitched from outputs" in out and "baseline: zeros" in out
-    stitched = np.load(tmp_path / "logs" / "stitched_phase.npy")
-    assert stitched.shape == truth.object_phase.shape and np.isfinite(stitched).all()
+    print(out[-3000:])
+    status = [line for line in out.splitlines() if re.match(r"^\s*\d+\.\ds \| inference \d+ frames", line)]
+    assert status, "no live status line"
+    assert f"frames sent          {n}" in out and "frames lost          0" in out
+    assert f"frames placed        {n}" in out and f"images written       {n}" in out
+    assert len(list((tmp_path / "out" / "h5").glob("*.h5"))) == 2
+
+    # the picture: the live stitched phase (left) beside the truth (right), at the printed path
+    png = Path(re.search(r"^picture\s+(\S+\.png)", out, re.M).group(1))
+    assert png.is_file() and png.parent == tmp_path / "out" / "stitched"
+    picture = np.asarray(Image.open(png).convert("L"), dtype=float)
+    w = (picture.shape[1] - 16) // 2  # both halves cropped to the scanned region
+    assert picture.shape[1] == 2 * w + 16 and picture.shape[0] > 24 + 50
+    live, true = picture[24:, :w], picture[24:, w + 16:]
+    covered = live > 0
+    assert covered.mean() > 0.5 and live[covered].std() > 20, "the stitched half is flat or empty"
+    assert np.corrcoef(live[covered], true[covered])[0, 1] > 0.5, "the stitched phase does not look like the truth"
+    ssim = float(re.search(r"SSIM (\d\.\d+)", out).group(1))
+    assert ssim > 0.3
+
+
+def test_sweep_table_counts_a_frame_the_stitcher_missed_as_lost():
+    from edge_ptychonn.tools.launch import Snapshot
+
+    def snap(processed, placed, written, rejected=0):
+        user = lambda **k: {"userStats": k}
+        stitch = {"userStats": {"nFramesPlaced": placed, "stitchTimeUs": 150.0},
+                  "collectorStats": {"nMissed": 0, "nRejected": rejected}}
+        return Snapshot([user(nFramesProcessed=processed)], stitch, [user(nFramesWritten=written)])
+
+    rows = demo.sweep_rows([60, 120, 200], [(snap(100, 100, 100), 100, 59.6), (snap(100, 95, 100, 5), 100, 110.2), None],
+                           cfg_hdf5=True)
+    assert rows[0] == ["60", "100", "100", "60", "100", "100", "0", "0", "150"]
+    assert rows[1][6:8] == ["5", "5"]  # every frame written, 5 rejected by the collector: lost
+    assert rows[2] == ["200"] + ["-"] * 8
+    assert demo.format_table(demo.SWEEP_HEADER, rows).splitlines()[0].split()[:3] == ["fps", "sent", "processed"]
+    with pytest.raises(ValueError, match="separated by commas"):
+        demo._rates("60;80")

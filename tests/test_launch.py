@@ -71,6 +71,15 @@ def test_the_scans_positions_are_the_stitchers_default(tmp_path):
     assert cfg.stitch["args"]["positionsFile"] == str(tmp_path / "s.npz")
 
 
+def test_defaults_are_not_shared_between_files(tmp_path):
+    np.save(tmp_path / "s.npy", np.zeros((3, 4, 4), np.int16))
+    np.savez(tmp_path / "s.npz", positions_px=np.zeros((3, 2)))
+    LaunchConfig.load(toml(tmp_path, f'[source]\nscan = "{tmp_path / "s.npy"}"\n[inference]\n[stitch]\n'))
+    cfg = LaunchConfig.load(toml(tmp_path, MINIMAL + '\n[stitch]\nmetadata_channels = ["pva://y", "pva://x"]\n'))
+    assert "positionsFile" not in cfg.stitch["args"], "the first file's default leaked into the second"
+    assert cfg.stitch["metadata_channels"] == ["pva://y", "pva://x"]
+
+
 def test_old_python_is_refused_with_a_message(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tomllib", None)  # what Python < 3.11 gives
     with pytest.raises(ValueError, match=r"needs Python >= 3.11 \(tomllib\)"):

@@ -251,3 +251,186 @@ def test_collector_merges_two_producers_positions_from_attributes_and_a_restart(
     procs.pop().stop(grace_s=15.0)  # at stop, scan 2 goes to disk
     np.testing.assert_allclose(np.load(tmp_path / "out" / "stitch_scan0002.npy"),
                                offline(patches[32:], positions[32:], (64, 64), None).image(), atol=1e-5)
+
+
+# ---------------------------------------------------------------- positions from metadata channels
+
+
+def metadata_update(value, t=None, unique_id=None):
+    """A metadata channel's update as PvaPy queues it: value and timeStamp (+ uniqueId)."""
+    fields = {"value": pva.DOUBLE, "timeStamp": pva.PvTimeStamp()}
+    values = {"value": float(value), "timeStamp": pva.PvTimeStamp(t or 0.0)}
+    if unique_id is not None:
+        fields["uniqueId"], values["uniqueId"] = pva.INT, unique_id
+    return pva.PvObject(fields, values)
+
+
+def stamped_frame(uid, patch, t):
+    pv = good_frame(uid, patch)
+    pv["timeStamp"] = pva.PvTimeStamp(t)
+    return pv
+
+
+def test_metadata_positions_match_by_time_within_the_tolerance():
+    from processors.stitch import MetadataPositions, channel_name
+
+    assert channel_name("pva://scan:y") == channel_name("ca://scan:y") == channel_name("scan:y") == "scan:y"
+    m = MetadataPositions(("pva://y", "x"), tolerance_s=0.001, offset_s=0.0)
+    for t, y, x in ((10.000, 1, 2), (10.010, 3, 4), (10.020, 5, 6)):
+        m.add("y", t, y)
+        m.add("x", t, x)
+    assert m.lookup(10.0104) == (3, 4) and m.lookup(10.0196) == (5, 6)
+    assert m.lookup(10.005) is None and m.lookup(9.0) is None  # nothing within 1 ms
+    m.add("y", 10.030, 7)  # y came, x not yet: no position
+    assert m.lookup(10.030) is None
+    shifted = MetadataPositions(("y", "x"), offset_s=-0.5)  # metadata stamped 0.5 s late
+    shifted.add("y", 10.5, 1)
+    shifted.add("x", 10.5, 2)
+    assert shifted.lookup(10.0) == (1, 2)
+    by_id = MetadataPositions(("y", "x"), by_time=False)
+    by_id.add("x", 7, 1.5)  # arrival order does not matter, nor which channel came first
+    by_id.add("y", 7, 0.5)
+    assert by_id.lookup(7) == (0.5, 1.5) and by_id.lookup(8) is None
+
+
+def test_positions_from_metadata_channels_by_time_never_by_arrival_order(tmp_path, rng):
+    """Updates for every frame of a scan, some of whose frames never arrive (lost
+    upstream): each frame takes the update with its own time stamp. A frame whose
+    update comes after it waits for it; one whose update never comes waits
+    ``metadataWait``, then counts as no position."""
+    import time
+
+    patches, positions, _ = small_scan(rng, n=12)
+    p = make({"objectShape": [40, 48], "positionChannels": ["pva://scan:y", "pva://scan:x"],
+              "positionScale": 2.0, "metadataWait": 0.3, "outputDirectory": str(tmp_path / "out")})
+    p.metadataQueueMap = {"scan:y": pva.PvObjectQueue(100), "scan:x": pva.PvObjectQueue(100)}
+    t0 = 1.7e9
+    times = [t0 + 0.01 * k for k in range(12)]
+    for k in range(10):  # the updates of frames 1..10 come first; 11's come after it, 12's never
+        p.metadataQueueMap["scan:y"].put(metadata_update(positions[k, 0] / 2, times[k] + 0.0002))
+        p.metadataQueueMap["scan:x"].put(metadata_update(positions[k, 1] / 2, times[k] - 0.0003))
+    lost = {2, 5}  # frames 3 and 6 never reach the stitcher: arrival order would misplace the rest
+    for k in range(12):
+        if k not in lost:
+            p.process(stamped_frame(k + 1, patches[k], times[k]))
+    assert p.getStats()["nFramesWaiting"] == 2 and p.getStats()["nFramesPlaced"] == 8
+    p.metadataQueueMap["scan:y"].put(metadata_update(positions[10, 0] / 2, times[10]))
+    p.metadataQueueMap["scan:x"].put(metadata_update(positions[10, 1] / 2, times[10]))
+    time.sleep(0.35)  # frame 12 has now waited longer than metadataWait
+    p.stop()  # places what can be placed; the rest is counted
+    stats = p.getStats()
+    placed = [k for k in range(11) if k not in lost]
+    assert stats["nFramesPlaced"] == 9 and stats["nFramesByMetadata"] == 9 and stats["nFramesNoPosition"] == 1
+    assert stats["nFramesWaiting"] == 0 and stats["nMetadataReceived"] == 22
+    np.testing.assert_allclose(np.load(tmp_path / "out" / "stitch_scan0001.npy"),
+                               offline(patches[placed], positions[placed], (40, 48), None).image(), atol=1e-6)
+
+
+def test_position_channels_the_collector_does_not_have_are_reported(rng, caplog):
+    patches, positions, _ = small_scan(rng, n=2)
+    p = make({"objectShape": [40, 48], "positionChannels": ["scan:y", "scan:x"], "metadataWait": 0.05,
+              "positionsFile": None})
+    p.metadataQueueMap = {"other:y": pva.PvObjectQueue(10)}  # --metadata-channels named something else
+    p.pvaServer = None
+    p.start()
+    try:
+        assert any("positionChannels scan:y, scan:x not among the metadata channels (--metadata-channels gives: other:y)"
+                   in r.getMessage() for r in caplog.records)
+        p.process(stamped_frame(1, patches[0], 5.0))
+        assert p.getStats()["nFramesWaiting"] == 1
+    finally:
+        p.stop()  # the waiting frame is counted, not lost
+    stats = p.getStats()
+    assert stats["nFramesWaiting"] == 0 and stats["nFramesNoPosition"] == 1 and stats["nFramesReceived"] == 1
+
+
+def test_metadata_by_unique_id_and_attributes_first(tmp_path, rng):
+    patches, positions, _ = small_scan(rng, n=4)
+    p = make({"objectShape": [40, 48], "positionChannels": ["y", "x"], "metadataMatch": "uniqueId", "metadataWait": 0})
+    p.metadataQueueMap = {"y": pva.PvObjectQueue(10), "x": pva.PvObjectQueue(10)}
+    for k in (3, 1, 0):  # any order; frame 3 (k=2) has none
+        p.metadataQueueMap["y"].put(metadata_update(positions[k, 0], unique_id=k + 1))
+        p.metadataQueueMap["x"].put(metadata_update(positions[k, 1], unique_id=k + 1))
+    for k in range(3):
+        p.process(good_frame(k + 1, patches[k]))
+    pv = good_frame(4, patches[3])  # attributes win over the metadata (which says: elsewhere)
+    pv["attribute"] = [pva.NtAttribute("PosY", pva.PvDouble(positions[3, 0])), pva.NtAttribute("PosX", pva.PvDouble(positions[3, 1]))]
+    p.metadataQueueMap["y"].put(metadata_update(0.0, unique_id=99))
+    p.process(pv)
+    stats = p.getStats()
+    assert stats["nFramesPlaced"] == 3 and stats["nFramesByMetadata"] == 2 and stats["nFramesNoPosition"] == 1
+    image, _ = p.image()
+    np.testing.assert_allclose(image, offline(patches[[0, 1, 3]], positions[[0, 1, 3]], (40, 48), None).image(), atol=1e-6)
+    with pytest.raises(ValueError, match="metadataMatch"):
+        make({"objectShape": [40, 48], "positionChannels": ["y", "x"], "metadataMatch": "arrival"})
+
+
+@pytest.mark.e2e
+def test_positions_from_the_sim_servers_metadata_channels_through_inference(pva_env, procs, tmp_path, rng):
+    """pvapy-ad-sim-server publishes each frame with two PVA metadata channels (its
+    ``-mpv``: a value per frame, stamped with the frame's time) -> a real inference
+    consumer (zero engine: the output is the preprocessed frame, with the frame's time
+    stamp) -> the stitcher in a real pvapy-hpc-collector with ``--metadata-channels``:
+    every frame is placed where its own metadata says, as this test saw on the channels."""
+    import os
+
+    from edge_ptychonn.tools.launch import Status, collector_argv
+    from edge_ptychonn.tools.processes import OutputCollector, consumer_argv, sim_server_argv, start, wait_until
+    from processors.base import seconds as seconds_of
+
+    tag = f"sm{os.getpid()}"
+    n, scale, size = 40, 100.0, 128
+    np.save(tmp_path / "frames.npy", rng.integers(0, 3000, (n, size, size)).astype(np.int16))
+    y_channel, x_channel = f"{tag}:posY", f"{tag}:posX"
+    status = Status()
+    procs.append(start("inference", consumer_argv(f"{tag}:image", f"{tag}:inference", 1, "processors.ptychonn.PtychoNNProcessor",
+                                                  {"engine": "zero"}), pva_env, tmp_path))
+    args = {"objectShape": [size + 100, size + 100], "positionChannels": [y_channel, x_channel],
+            "positionScale": scale, "outputDirectory": str(tmp_path / "out")}
+    procs.append(start("stitch", collector_argv(f"{tag}:inference:*:output", [1], "processors.stitch.StitchProcessor",
+                                                args, f"{tag}:stitch", cache_size=8)
+                       + ["-mc", f"pva://{y_channel},pva://{x_channel}"], pva_env, tmp_path))
+    assert wait_until(lambda: status.get(f"{tag}:inference:1:status") and status.get(f"{tag}:stitch:1:status"), 60)
+    delay_s = 12.0
+    procs.append(start("sim", sim_server_argv(tmp_path / "frames.npy", f"{tag}:image", fps=20, start_delay_s=delay_s)
+                       + ["-mpv", f"pva://{y_channel},pva://{x_channel}"], pva_env, tmp_path))
+    # this test watches the metadata channels and the inference output too
+    seen = {y_channel: {}, x_channel: {}}
+    import pvaccess as pva_
+
+    monitors = []
+    for name in seen:
+        ch = pva_.Channel(name)
+        ch.monitor(lambda pv, name=name: seen[name].__setitem__(seconds_of(pv["timeStamp"]), pv["value"]),
+                   "record[queueSize=1000]field()")
+        monitors.append(ch)
+    outputs = OutputCollector([f"{tag}:inference:1:output"])
+
+    def connected():
+        rec = status.get(f"{tag}:stitch:1:status") or {}
+        got = lambda key: rec.get(key, {}).get("receiverStats", {}).get("nReceived", 0) >= 1
+        return got("producerStats_1") and got("metadataStats_1") and got("metadataStats_2") and outputs.connected()
+
+    try:
+        assert wait_until(connected, delay_s + 10, poll_s=0.25), procs[1].log()[-3000:]
+        assert outputs.wait_count(n, 40, idle_s=10) == n, procs[0].log()[-2000:]
+        stats = wait_until(lambda: (lambda r: r if (r or {}).get("userStats", {}).get("nFramesPlaced", 0) >= n else None)(
+            status.get(f"{tag}:stitch:1:status")), 20)
+        assert stats, procs[1].log()[-3000:]
+    finally:
+        outputs.close()
+        for ch in monitors:
+            ch.stopMonitor()
+    user = stats["userStats"]
+    assert user["nFramesByMetadata"] == n and user["nFramesNoPosition"] == 0 and user["nFramesWaiting"] == 0
+    assert user["nMetadataReceived"] >= 2 * n
+    procs.pop(-1).stop()  # the sim server has finished
+    procs.pop(1).stop(grace_s=15.0)  # the stitcher saves its image at stop
+    frames = outputs.received[outputs.channels[0]]
+    ys = [seen[y_channel][seconds_of(f.time_stamp)] * scale for f in frames]
+    xs = [seen[x_channel][seconds_of(f.time_stamp)] * scale for f in frames]
+    expected = Stitcher((size + 100, size + 100), (size, size))
+    for f, y, x in zip(frames, ys, xs):
+        expected.add(f.image, (y, x))
+    assert len(set(ys)) == n, "the sim server's metadata gives every frame its own value"
+    np.testing.assert_allclose(np.load(tmp_path / "out" / "stitch_scan0001.npy"), expected.image(), atol=1e-4)

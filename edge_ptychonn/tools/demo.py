@@ -1,12 +1,20 @@
-"""``edge-ptychonn demo``: replay a scan through live PvaPy consumers and print a summary.
+"""``edge-ptychonn demo``: the live chain on a replayed scan, started through ``edge-ptychonn launch``.
 
-Starts ``pvapy-ad-sim-server`` replaying the scan once and ``pvapy-hpc-consumer``
-with N PtychoNN consumers (batches of 8 frames each, in turn), collects every
-output frame from ``<prefix>:<id>:output``, reads each consumer's status, and
-prints frames sent / received / published / missed, rate and latency. With a
-simulated scan (its ``.npz`` truth beside the ``.npy``) it also stitches the
-phase from the frames that came back and scores it against the truth.
-Everything it started is stopped by process id, also on Ctrl-C.
+The chain (the launcher's, see ``edge-ptychonn launch --help``)::
+
+    pvapy-ad-sim-server (the scan, once) -> pvapy-hpc-consumer -nc N (PtychoNNProcessor, the model)
+        -> <prefix>:<id>:output -> pvapy-hpc-collector (StitchProcessor: the live object phase)
+                                -> pvapy-hpc-consumer -nc N (Hdf5WriterProcessor: one .h5 per consumer)
+
+The scan is, by default, a held-out scan simulated on first use with the
+model's training settings. The launcher starts the consumers, then their
+clients, then the sim server; prints a one-line status each second; stops
+everything by process id once the scan has gone through (also on Ctrl-C); and
+prints frames sent, processed, written, placed and lost, the stitcher's cost
+per frame, and the SSIM of the live stitched phase against the scan's truth,
+with a PNG of the stitched phase beside the truth at the printed path (in
+``--out``). HDF5 files are written when h5py is installed (``pip install
+'edge-ptychonn[hdf5]'``). Exit status 0 when no frame was lost.
 """
 
 from __future__ import annotations
@@ -15,17 +23,14 @@ import argparse
 import hashlib
 import json
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
-from edge_ptychonn.model_card import ModelCard, StitchSettings, default_model_path, find_card
-from edge_ptychonn.progress import Progress
+from edge_ptychonn.model_card import ModelCard, default_model_path, find_card
 from edge_ptychonn.science import accuracy
 
-from . import processes as live
+from . import launch
 
 DEFAULT_SCAN_SEED = 1001
 
@@ -40,83 +45,30 @@ def generated_dir() -> Path:
 def get_args_parser(prog: str = "edge-ptychonn demo") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scan", type=Path, default=None,
-                   help="(N, ny, nx) .npy of frames to replay (default: a held-out scan simulated on first use "
+                   help="(N, ny, nx) .npy of frames to replay, its .npz truth beside it for the score and the "
+                        "stitcher's positions (default: a held-out scan simulated on first use "
                         f"with the model's training settings and seed {DEFAULT_SCAN_SEED}, kept in data/generated/, "
                         "or in ~/.cache/edge-ptychonn/ when installed)")
     p.add_argument("--model", type=Path, default=default_model_path(), help="ONNX model (default: %(default)s)")
     p.add_argument("--engine", default="auto", help="inference engine: auto, torch, onnxruntime (default: %(default)s)")
-    p.add_argument("--consumers", type=int, default=2, help="number of consumers (default: %(default)s)")
+    p.add_argument("--consumers", type=int, default=2, help="number of inference consumers (default: %(default)s)")
     p.add_argument("--fps", type=float, default=60.0, help="replay frame rate (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=8, help="frames per inference batch and per distributor turn (default: %(default)s)")
     p.add_argument("--cpu-threads", type=int, default=1, help="engine CPU threads per consumer, 0 = all (default: %(default)s)")
-    p.add_argument("--prefix", default="inference", help="output channel prefix: <prefix>:<id>:output (default: %(default)s)")
+    p.add_argument("--prefix", default="demo", help="channel prefix: <prefix>:inference:<id>:output, "
+                   "<prefix>:stitch:1:output, ... (default: %(default)s)")
     p.add_argument("--channel", default="ad:image", help="detector channel the sim server publishes (default: %(default)s)")
-    p.add_argument("--start-delay", type=float, default=12.0, help="seconds the sim server waits before streaming, so that all consumers connect (default: %(default)s)")
-    p.add_argument("--timeout", type=float, default=300.0, help="give up waiting for outputs after this many seconds (default: %(default)s)")
-    p.add_argument("--logs", type=Path, default=None, help="folder for the processes' logs (default: a temporary folder)")
+    p.add_argument("--start-delay", type=float, default=12.0, help="seconds the sim server waits before streaming, so that all clients connect (default: %(default)s)")
+    p.add_argument("--timeout", type=float, default=300.0, help="stop after this many seconds of streaming whatever happened (default: %(default)s)")
+    p.add_argument("--no-hdf5", action="store_true", help="no HDF5 writers")
+    p.add_argument("--sweep", default=None, metavar="FPS,FPS,...",
+                   help="the chain's figures by rate: run the chain once per replay rate (a fresh chain each, "
+                        "channels suffixed by the point's number), then print one table row per rate (frames sent, "
+                        "processed, written, placed, lost, the stitcher's cost per frame) and the figures at the "
+                        "highest rate with no frame lost")
+    p.add_argument("--out", type=Path, default=Path("results/demo"),
+                   help="folder for the stitched image, its PNG, the HDF5 files and the logs (default: %(default)s)")
     return p
-
-
-def _wait_outputs(collector: live.OutputCollector, total: int, deadline: float, idle_s: float = 15.0) -> int:
-    """Show frames received on the outputs until all came, nothing new came for ``idle_s``, or the deadline."""
-    bar = Progress(total, "outputs received", unit="frames")
-    last_change = time.monotonic()
-    while True:
-        n = collector.wait_count(total, 1.0)
-        now = time.monotonic()
-        if n > bar.done:
-            bar.update(n - bar.done)
-            last_change = now
-        if n >= total or now >= deadline or (n > 0 and now - last_change > idle_s):
-            break
-    bar.close()
-    return collector.count()
-
-
-def summary_rows(collector: live.OutputCollector, statuses: list[dict | None], n_sent: int) -> list[list[str]]:
-    """The summary table: one row per consumer and a total."""
-    rows = []
-    totals = dict(received=0, published=0, missed=0, bad=0, dropped=0, outputs=0)
-    all_arrivals = []
-    for i, (channel, status) in enumerate(zip(collector.channels, statuses), start=1):
-        got = collector.received[channel]
-        arrivals = [r.arrival_s for r in got]
-        all_arrivals += arrivals
-        user = (status or {}).get("userStats", {})
-        proc = (status or {}).get("processorStats", {})
-        span = (max(arrivals) - min(arrivals)) if len(arrivals) > 1 else 0.0
-        row = dict(
-            received=user.get("nFramesReceived", 0), published=user.get("nFramesProcessed", 0),
-            missed=proc.get("nMissed", 0), bad=user.get("nBadFrames", 0), dropped=user.get("nFramesDropped", 0),
-            outputs=len(got),
-        )
-        for k in totals:
-            totals[k] += int(row[k])
-        rows.append([
-            f"consumer {i}", "", str(row["received"]), str(row["published"]), str(row["outputs"]),
-            str(row["missed"]), "", str(row["bad"] + row["dropped"]),
-            f"{(len(got) - 1) / span:.1f}" if span > 0 else "-",
-            f"{user.get('latencyP50Ms', 0):.1f}", f"{user.get('latencyP99Ms', 0):.1f}",
-            f"{user.get('engine', '?')}/{user.get('device', '?')}",
-        ])
-    unique = {r.unique_id for v in collector.received.values() for r in v}
-    span = (max(all_arrivals) - min(all_arrivals)) if len(all_arrivals) > 1 else 0.0
-    rows.append([
-        "total", str(n_sent), str(totals["received"]), str(totals["published"]), str(len(unique)),
-        str(totals["missed"]), str(n_sent - len(unique)), str(totals["bad"] + totals["dropped"]),
-        f"{(len(all_arrivals) - 1) / span:.1f}" if span > 0 else "-", "", "", "",
-    ])
-    return rows
-
-
-# missed: gaps PvaPy saw in the uniqueIds a consumer received; lost: sent but never on an output
-HEADER = ["", "sent", "received", "published", "outputs", "missed", "lost", "bad+dropped", "rate (fps)", "p50 ms", "p99 ms", "engine/device"]
-
-
-def format_table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
-    return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, rows)])
 
 
 def ensure_scan(scan: Path | None, card: ModelCard | None) -> Path:
@@ -140,34 +92,103 @@ def ensure_scan(scan: Path | None, card: ModelCard | None) -> Path:
     return scan
 
 
-def accuracy_lines(scan: Path, collector: live.OutputCollector, out_dir: Path, card: ModelCard | None) -> list[str]:
-    """Stitch the phase from the frames that came back over PvaPy and score it
-    against the scan's truth (``.npz`` beside the ``.npy``), with trivial
-    baselines and the model card's stitch settings (``science.accuracy``)."""
-    if not scan.with_suffix(".npz").is_file():
-        return [f"(no {scan.with_suffix('.npz').name} beside the scan: accuracy not scored)"]
-    from edge_ptychonn.science.simulate import load_scan
+def chain_config(args: argparse.Namespace, scan: Path, card: ModelCard | None) -> launch.LaunchConfig:
+    """The launcher's configuration for this demo."""
+    out = args.out.resolve()
+    config = {
+        "log_dir": str(out / "logs"), "idle_s": 5.0, "timeout_s": args.timeout + args.start_delay,
+        "source": {"scan": str(scan.resolve()), "channel": args.channel, "fps": args.fps, "start_delay_s": args.start_delay},
+        "inference": {"consumers": args.consumers, "prefix": f"{args.prefix}:inference",
+                      "distributor_updates": args.batch_size,
+                      "args": {"modelPath": str(args.model.resolve()), "engine": args.engine,
+                               "batchSize": args.batch_size, "cpuThreads": args.cpu_threads}},
+        "stitch": {"prefix": f"{args.prefix}:stitch", "args": {"outputDirectory": str(out / "stitched"), "publishRate": 2.0}},
+    }
+    if card is not None:
+        config["stitch"]["args"].update(probeThreshold=card.stitch.probe_threshold, minCoverWeight=card.stitch.min_cover_weight)
+    if not args.no_hdf5:
+        try:
+            import h5py  # noqa: F401
+        except ImportError:
+            print("demo: h5py not installed (pip install 'edge-ptychonn[hdf5]'): no HDF5 files", file=sys.stderr)
+        else:
+            config["hdf5"] = {"prefix": f"{args.prefix}:hdf5", "args": {"outputDirectory": str(out / "h5")}}
+            if args.model.with_suffix(".json").is_file():
+                config["hdf5"]["args"]["modelCard"] = str(args.model.with_suffix(".json").resolve())
+    return launch.LaunchConfig.from_dict(config)
 
-    _, truth = load_scan(scan)
-    n = len(truth.positions_px)
-    results = {r.unique_id: r.image for v in collector.received.values() for r in v if 1 <= r.unique_id <= n}
-    if not results:
-        return ["no frames came back: nothing to stitch"]
-    uids = sorted(results)
-    try:  # frame k has uniqueId k + 1
-        r = accuracy.score_scan("outputs", np.stack([results[u] for u in uids]), truth,
-                                card.stitch if card else StitchSettings(), indices=np.array(uids) - 1)
-    except ValueError as exc:
-        return [f"accuracy not scored: {exc}"]
-    np.save(out_dir / "stitched_phase.npy", r.image)
-    rows = [["phase stitched from outputs", r.scores]] + [[f"baseline: {b}", bs] for b, bs in r.baselines.items()]
-    table = [[label, f"{s['ssim']:.3f}", f"{s['psnr_db']:.2f}", f"{s['rmse_rad']:.4f}"] for label, s in rows]
-    return [
-        f"accuracy over the scanned region ({int(r.covered.sum())} pixels, {len(uids)}/{n} frames, "
-        "constant phase offset removed):",
-        format_table(["", "SSIM", "PSNR dB", "RMSE rad"], table),
-        f"(stitched phase saved to {out_dir / 'stitched_phase.npy'})",
-    ]
+
+def _rates(text: str) -> list[float]:
+    try:
+        rates = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--sweep takes frame rates separated by commas, e.g. 60,80,100; got {text!r}") from None
+    if not rates or min(rates) <= 0:
+        raise ValueError(f"--sweep rates must be > 0, got {text!r}")
+    return sorted(rates)
+
+
+SUSTAINED = 0.95  # delivered / offered rate at which a sweep point counts as keeping up
+
+SWEEP_HEADER = ["fps", "sent", "processed", "delivered fps", "written", "placed", "lost", "collector lost",
+                "stitch us/frame"]
+
+
+def sweep_rows(rates: list[float], results: list, cfg_hdf5: bool) -> list[list[str]]:
+    """One row per rate from ``(snapshot, frames sent, delivered fps)``; ``-`` where the chain
+    gave nothing. "lost": sent but not at the end of the chain (HDF5, else inference) or
+    not placed by the stitcher."""
+    rows = []
+    for fps, result in zip(rates, results):
+        if result is None:
+            rows.append([f"{fps:g}"] + ["-"] * (len(SWEEP_HEADER) - 1))
+            continue
+        snap, n_sent, delivered = result
+        reached = min(snap.written() if cfg_hdf5 else snap.processed(), snap.placed())
+        rows.append([f"{fps:g}", str(n_sent), str(snap.processed()), f"{delivered:.0f}" if delivered else "-",
+                     str(snap.written()) if cfg_hdf5 else "-", str(snap.placed()), str(n_sent - reached),
+                     str(snap.collector_lost()),
+                     f"{(snap.stitch or {}).get('userStats', {}).get('stitchTimeUs', 0.0):.0f}"])
+    return rows
+
+
+def format_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).rjust(w) for c, w in zip(r, widths))
+    return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, rows)])
+
+
+def sweep(args: argparse.Namespace, scan: Path, card: ModelCard | None, rates: list[float]) -> int:
+    """The chain once per rate; the table; the figures at the highest lossless rate."""
+    results: list = []
+    has_hdf5 = chain_config(args, scan, card).hdf5 is not None
+    base_out, base_prefix, base_channel = args.out, args.prefix, args.channel
+    for i, fps in enumerate(rates, 1):
+        point = argparse.Namespace(**{**vars(args), "fps": fps, "out": base_out / f"fps{fps:g}",
+                                      "prefix": f"{base_prefix}{i}", "channel": f"{base_channel}{i}"})
+        print(f"\n== chain at {fps:g} frames/s ({i}/{len(rates)}) ==", flush=True)
+        for old in (point.out / "stitched").glob("*"):  # this point's image only
+            old.unlink()
+        got: list = []
+        code = launch.run(chain_config(point, scan, card), prog="edge-ptychonn demo", results=got)
+        results.append(got[0] if got else None)
+        if code == 130:
+            return 130
+    rows = sweep_rows(rates, results, has_hdf5)
+    print("\nThe chain by replay rate (scan " + str(scan) + "):")
+    print(format_table(SWEEP_HEADER, rows))
+    print("(delivered fps: the inference stage's highest published rate over 5 s; a point is sustained when it "
+          f"reaches {SUSTAINED:.0%} of the rate, else the queues absorbed the excess of a short scan)")
+    good = [r for r, fps in zip(rows, rates) if r[6] == "0" and r[7] == "0" and r[3] != "-"
+            and float(r[3]) >= SUSTAINED * fps]
+    if not good:
+        print("\nno rate was lossless and sustained: try lower rates")
+        return 1
+    best = good[-1]
+    print(f"\nhighest lossless sustained rate {best[0]} frames/s (delivered {best[3]}): frames in {best[1]}, "
+          f"images written {best[4]}, frames placed {best[5]}, frames lost {best[6]}, "
+          f"stitcher cost {best[8]} us CPU per frame")
+    return 0
 
 
 def main(args: argparse.Namespace) -> int:
@@ -176,51 +197,22 @@ def main(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"model {args.model} not found")
         if args.consumers < 1 or args.batch_size < 1 or args.fps <= 0:
             raise ValueError("--consumers and --batch-size must be >= 1 and --fps > 0")
+        rates = _rates(args.sweep) if args.sweep is not None else None
         card = find_card(args.model)
         scan = ensure_scan(args.scan, card)
-    except (FileNotFoundError, ValueError) as exc:
+        if rates is not None:
+            return sweep(args, scan, card, rates)
+        for old in (args.out / "stitched").glob("*"):  # this run's image only
+            old.unlink()
+        cfg = chain_config(args, scan, card)
+    except (FileNotFoundError, ValueError, OSError) as exc:
         print(f"edge-ptychonn demo: {exc}", file=sys.stderr)
         return 2
     frames = np.load(scan, mmap_mode="r")
-    n_sent = len(frames)
-    env = live.use_loopback()
-    ok, reason = live.loopback_multicast()
-    if not ok and args.consumers > 1:
-        print(f"warning: {reason}; with several PVA servers some consumers may not connect", file=sys.stderr)
-    log_dir = args.logs or Path(tempfile.mkdtemp(prefix="edge-ptychonn-demo-"))
-    processor_args = {"modelPath": str(args.model.resolve()), "engine": args.engine,
-                      "batchSize": args.batch_size, "cpuThreads": args.cpu_threads}
-    print(f"demo: {n_sent} frames {frames.shape[1]}x{frames.shape[2]} {frames.dtype} from {scan} at {args.fps:g} fps "
-          f"-> {args.consumers} consumer(s), model {args.model.name}; logs in {log_dir}", file=sys.stderr)
-    procs: list[live.Proc] = []
-    collector = None
-    try:
-        procs.append(live.start("consumers", live.consumer_argv(
-            args.channel, args.prefix, args.consumers, "processors.ptychonn.PtychoNNProcessor", processor_args,
-            batch_updates=args.batch_size), env, log_dir))
-        procs.append(live.start("sim-server", live.sim_server_argv(
-            scan, args.channel, args.fps, start_delay_s=args.start_delay), env, log_dir))
-        channels = [f"{args.prefix}:{i}:output" for i in range(1, args.consumers + 1)]
-        collector = live.OutputCollector(channels)
-        if not collector.wait_connected(args.start_delay):
-            print("output channels did not all appear in time; see the consumers' log:\n" + procs[0].log()[-2000:], file=sys.stderr)
-            return 1
-        got = _wait_outputs(collector, n_sent, time.monotonic() + args.start_delay + args.timeout)
-        statuses = live.wait_status(
-            [f"{args.prefix}:{i}:status" for i in range(1, args.consumers + 1)],
-            lambda records: sum(r["userStats"]["nFramesProcessed"] for r in records) >= got, timeout_s=8.0)
-        print()
-        print(format_table(HEADER, summary_rows(collector, statuses, n_sent)))
-        print()
-        for line in accuracy_lines(scan, collector, log_dir, card):
-            print(line)
-        print(f"\nView live images next time with: c2dv --app image --pv {args.prefix}:1:output")
-        return 0 if got == n_sent else 1
-    except KeyboardInterrupt:
-        print("\ninterrupted: stopping everything", file=sys.stderr)
-        return 130
-    finally:
-        if collector is not None:
-            collector.close()
-        for proc in reversed(procs):
-            proc.stop()
+    print(f"demo: {len(frames)} frames {frames.shape[1]}x{frames.shape[2]} {frames.dtype} from {scan} at {args.fps:g} fps "
+          f"-> {args.consumers} consumer(s), model {args.model.name}, stitcher"
+          f"{', HDF5 writers' if cfg.hdf5 else ''}; results in {args.out}", flush=True)
+    code = launch.run(cfg, prog="edge-ptychonn demo")
+    print(f"\nView the channels live next time with: bash scripts/view.sh {args.prefix}:stitch:1:output "
+          f"{args.prefix}:inference:1:output", flush=True)
+    return code

@@ -44,8 +44,9 @@ with the accepted ones listed)::
     prefix = "stitch"                  # <prefix>:1:output (+ :final), :status, :control
     collector_cache_size = 0           # 0: 2 * consumers * distributor_updates
     server_queue_size = 1000
+    metadata_channels = []             # the collector's --metadata-channels, e.g. ["pva://scan:y", "pva://scan:x"]
     [stitch.args]                      # positionsFile defaults to the scan's .npz when there is one
-    publishRate = 2.0
+    publishRate = 2.0                  # positionChannels = ["scan:y", "scan:x"]: positions from those channels
 
     [hdf5]                             # omit the table for no files
     prefix = "hdf5"                    # <prefix>:<id>:status, :control
@@ -54,7 +55,7 @@ with the accepted ones listed)::
     outputDirectory = "results/h5"     # required
 
     [viewer]                           # omit for no viewer; needs c2dv (pip install 'edge-ptychonn[viewer]')
-    channels = ["stitch:1:output"]
+    channels = ["stitch:1:output"]     # one window each (edge-ptychonn view: full rate, phase levels)
 
 Python >= 3.11 (``tomllib``) is needed to read the file.
 """
@@ -62,8 +63,8 @@ Python >= 3.11 (``tomllib``) is needed to read the file.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
-import shutil
 import signal
 import sys
 import time
@@ -72,6 +73,8 @@ from pathlib import Path
 from typing import Any
 
 from . import processes as live
+
+REPORT_PERIOD_S = 2.0  # how often the inference consumers refresh their status channels
 
 # table -> key -> (type(s), default); None default with REQUIRED marks a required key
 _REQUIRED = object()
@@ -85,7 +88,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
                   "processor": (str, "processors.ptychonn.PtychoNNProcessor"), "distributor_updates": (int, 8),
                   "server_queue_size": (int, 1000), "args": (dict, {})},
     "stitch": {"prefix": (str, "stitch"), "collector_cache_size": (int, 0), "server_queue_size": (int, 1000),
-               "args": (dict, {})},
+               "metadata_channels": (list, []), "args": (dict, {})},
     "hdf5": {"prefix": (str, "hdf5"), "server_queue_size": (int, 1000), "args": (dict, _REQUIRED)},
     "viewer": {"channels": (list, _REQUIRED)},
 }
@@ -102,7 +105,7 @@ def _check_table(name: str, table: dict) -> dict:
         if key not in table:
             if default is _REQUIRED:
                 raise ValueError(f"{where} needs '{key}'")
-            out[key] = default
+            out[key] = copy.deepcopy(default)  # a table's default dict is filled in later: never share it
             continue
         value = table[key]
         if isinstance(value, bool) or not isinstance(value, types):
@@ -268,8 +271,12 @@ class Snapshot:
     def progress(self) -> tuple:
         return (self.processed(), self.written(), self.placed())
 
+    def frame_rate(self) -> float:
+        """Published frames/s of all inference consumers (each over its last 5 s)."""
+        return sum(_user(r, "frameRate", 0.0) for r in self.inference)
+
     def line(self, elapsed_s: float, cfg: LaunchConfig) -> str:
-        rate = sum(_user(r, "frameRate", 0.0) for r in self.inference)
+        rate = self.frame_rate()
         parts = [f"{elapsed_s:6.1f}s", f"inference {self.processed()} frames ({rate:.0f}/s, dropped {self.dropped()})"]
         if cfg.stitch is not None:
             s = self.stitch
@@ -290,14 +297,21 @@ class Snapshot:
 class Chain:
     """Starts, watches and stops the processes of a :class:`LaunchConfig`."""
 
-    def __init__(self, cfg: LaunchConfig, out=sys.stdout):
+    def __init__(self, cfg: LaunchConfig, out=None):
         self.cfg = cfg
-        self.out = out
+        self.out = out or sys.stdout
         self.procs: list[live.Proc] = []
         self.source: live.Proc | None = None
         self.env = live.use_loopback()
         self.status = Status()
         self.started_s = time.monotonic()
+        self.peak_fps = 0.0  # the highest published rate the inference consumers reported
+
+    def delivered_fps(self, snap: Snapshot) -> float | None:
+        """The inference stage's delivered rate: the highest sum of the consumers' ``frameRate``
+        (published frames/s over their last 5 s) seen while watching; None if none was seen.
+        Below the offered rate, the stage did not keep up (its queues absorbed the excess)."""
+        return self.peak_fps or None
 
     def say(self, message: str) -> None:
         print(message, file=self.out, flush=True)
@@ -349,16 +363,17 @@ class Chain:
         self._start("inference", live.consumer_argv(
             cfg.source["channel"], inf["prefix"], inf["consumers"], inf["processor"], inf["args"],
             batch_updates=inf["distributor_updates"], server_queue_size=inf["server_queue_size"], runtime_s=0,
-            report_period_s=2.0,
+            report_period_s=REPORT_PERIOD_S,
         ))
         self._wait_answering(self.inference_status())
         outputs = f"{inf['prefix']}:*:output"
         if cfg.stitch is not None:
             cache = cfg.stitch["collector_cache_size"] or 2 * inf["consumers"] * inf["distributor_updates"]
+            metadata = cfg.stitch["metadata_channels"]
             self._start("stitch", collector_argv(
                 outputs, cfg.inference_ids(), "processors.stitch.StitchProcessor", cfg.stitch["args"],
                 cfg.stitch["prefix"], cache, cfg.stitch["server_queue_size"],
-            ))
+            ) + (["-mc", ",".join(metadata)] if metadata else []))
         if cfg.hdf5 is not None:
             self._start("hdf5", chained_argv(
                 outputs, inf["consumers"], "processors.hdf5_writer.Hdf5WriterProcessor", cfg.hdf5["args"],
@@ -375,12 +390,13 @@ class Chain:
         self.started_s = time.monotonic()
 
     def _start_viewers(self) -> None:
-        c2dv = shutil.which("c2dv") or (live.tool_path("c2dv") if Path(live.tool_path("c2dv")).exists() else None)
-        if c2dv is None:
+        import importlib.util
+
+        if importlib.util.find_spec("c2dataviewer") is None:
             self.say("warning: c2dv not found (pip install 'edge-ptychonn[viewer]'); no viewer started")
             return
-        for i, channel in enumerate(self.cfg.viewer["channels"], 1):
-            self._start(f"viewer{i}", [c2dv, "--app", "image", "--pv", channel])
+        # edge-ptychonn view: c2dv windows at full rate with the model card's phase levels
+        self._start("viewer", [sys.executable, "-m", "edge_ptychonn.cli", "view", *self.cfg.viewer["channels"]])
 
     def _clients_ready(self) -> bool:
         stitch = self.status.get(self.stitch_status()) if self.cfg.stitch else {}
@@ -411,6 +427,7 @@ class Chain:
         """Print the status line until done (replayed scan idle), timeout or a signal."""
         tty = self.out.isatty() if hasattr(self.out, "isatty") else False
         last_progress, last_change = None, time.monotonic()
+        self.peak_fps = 0.0
         snap = self.snapshot()
         while True:
             time.sleep(1.0)
@@ -424,6 +441,7 @@ class Chain:
                 break
             if snap.progress() != last_progress:
                 last_progress, last_change = snap.progress(), now
+            self.peak_fps = max(self.peak_fps, snap.frame_rate())
             replay_done = self.source is not None and not self.source.running()
             if replay_done and snap.processed() > 0 and now - last_change > self.cfg.idle_s:
                 break
@@ -448,18 +466,19 @@ class Chain:
         return sorted(self.procs, key=lambda p: rank.get(p.name, 2))
 
 
-def summary(cfg: LaunchConfig, snap: Snapshot, n_sent: int | None) -> list[str]:
+def summary(cfg: LaunchConfig, snap: Snapshot, n_sent: int | None, delivered_fps: float | None = None) -> list[str]:
     lines = []
     if n_sent is not None:
         lines.append(f"frames sent          {n_sent}")
-    lines.append(f"inference processed  {snap.processed()} (dropped or bad {snap.dropped()})")
+    rate = f", at most {delivered_fps:.0f} frames/s over 5 s" if delivered_fps else ""
+    lines.append(f"inference processed  {snap.processed()} (dropped or bad {snap.dropped()}{rate})")
     if cfg.hdf5 is not None:
         lines.append(f"images written       {snap.written()} (HDF5 files in {cfg.hdf5['args']['outputDirectory']})")
     if cfg.stitch is not None:
         s = snap.stitch
         lines.append(f"frames placed        {snap.placed()} (no position {_user(s, 'nFramesNoPosition')}, "
                      f"outside {_user(s, 'nFramesOutside')}, coverage {_user(s, 'coverage', 0.0):.1%})")
-        lines.append(f"stitcher cost        {_user(s, 'stitchTimeUs', 0.0):.0f} us per frame")
+        lines.append(f"stitcher cost        {_user(s, 'stitchTimeUs', 0.0):.0f} us CPU per frame")
         lines.append(f"collector lost       {snap.collector_lost()} (missed + rejected)")
     if n_sent is not None:
         reached = snap.written() if cfg.hdf5 is not None else snap.processed()
@@ -494,6 +513,22 @@ def main(args: argparse.Namespace) -> int:
     if args.check:
         print(json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in vars(cfg).items()}, indent=2))
         return 0
+    return run(cfg)
+
+
+def frames_lost(cfg: LaunchConfig, snap: Snapshot, n_sent: int | None) -> int | None:
+    """Frames of a replayed scan that did not reach the end of the chain (the HDF5 files
+    when there are writers, else the inference outputs); None for a detector chain."""
+    if n_sent is None:
+        return None
+    return n_sent - (snap.written() if cfg.hdf5 is not None else snap.processed())
+
+
+def run(cfg: LaunchConfig, prog: str = "edge-ptychonn launch", results: list | None = None) -> int:
+    """Start the chain, print the status line until it is done, stop it, print the
+    summary (and the scored, pictured stitched image). Exit status: 0, 1 when frames
+    were lost or a process failed, 130 on Ctrl-C or SIGTERM. ``results``: a list to
+    which ``(snapshot, frames sent)`` is appended (the last status before the stop)."""
     chain = Chain(cfg)
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     n_sent = None
@@ -510,7 +545,7 @@ def main(args: argparse.Namespace) -> int:
         chain.say("\ninterrupted: stopping everything")
         code = 130
     except RuntimeError as exc:
-        chain.say(f"edge-ptychonn launch: {exc}")
+        chain.say(f"{prog}: {exc}")
         code = 1
     finally:
         try:
@@ -524,7 +559,11 @@ def main(args: argparse.Namespace) -> int:
             signal.signal(signal.SIGTERM, previous)
             signal.signal(signal.SIGINT, previous_int)
     if snap is not None:
-        print("\n".join(summary(cfg, snap, n_sent) + accuracy(cfg)))
+        print("\n".join(summary(cfg, snap, n_sent, chain.delivered_fps(snap)) + accuracy(cfg)), flush=True)
+        if results is not None:
+            results.append((snap, n_sent, chain.delivered_fps(snap)))
+        if code == 0 and frames_lost(cfg, snap, n_sent):
+            code = 1
     return code
 
 
@@ -555,29 +594,33 @@ def accuracy(cfg: LaunchConfig) -> list[str]:
     lines = [f"final stitched image  {saved[-1]}: SSIM {scores['ssim']:.3f}, RMSE {scores['rmse_rad']:.3f} rad "
              f"vs the truth over {int(covered.sum())} covered pixels"]
     png = _save_png(saved[-1].with_suffix(".png"), image - scores["offset_rad"], truth, covered)
-    if png:
-        lines.append(f"picture              {png}")
+    lines.append(f"picture              {png} (live stitched phase beside the truth, "
+                 f"black..white = {float(truth[covered].min()):.2f}..{float(truth[covered].max()):.2f} rad)")
     return lines
 
 
-def _save_png(path: Path, image, truth, covered) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
+def _save_png(path: Path, image, truth, covered) -> Path:
+    """The live stitched phase (left) beside the truth (right), cropped to the scanned region,
+    one grey scale (the truth's range over the covered pixels), uncovered pixels black,
+    titles above: an 8-bit PNG (Pillow)."""
     import numpy as np
+    from PIL import Image, ImageDraw
 
+    rows, cols = np.flatnonzero(covered.any(1)), np.flatnonzero(covered.any(0))
+    crop = np.s_[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    image, truth, covered = image[crop], truth[crop], covered[crop]
     lo, hi = float(truth[covered].min()), float(truth[covered].max())
-    fig, axes = plt.subplots(1, 2, figsize=(9, 4.5))
-    for ax, data, title in ((axes[0], np.where(covered, image, np.nan), "live stitched phase (rad)"),
-                            (axes[1], truth, "ground truth (rad)")):
-        im = ax.imshow(data, cmap="gray", vmin=lo, vmax=hi)
-        ax.set_title(title)
-        ax.axis("off")
-    fig.colorbar(im, ax=axes, shrink=0.8)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    grey = lambda a: (np.clip((a - lo) / max(hi - lo, 1e-12), 0, 1) * 255).astype(np.uint8)
+    zoom = max(1, -(-256 // truth.shape[1]))  # small scans: enlarged (nearest) to at least 256 px wide
+    left = np.kron(np.where(covered, grey(image), 0), np.ones((zoom, zoom), np.uint8))
+    right = np.kron(grey(truth), np.ones((zoom, zoom), np.uint8))
+    h, w = right.shape
+    gap, top = 16, 24
+    canvas = Image.new("L", (2 * w + gap, h + top), 255)
+    canvas.paste(Image.fromarray(left), (0, top))
+    canvas.paste(Image.fromarray(right), (w + gap, top))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((4, 6), "live stitched phase", fill=0)
+    draw.text((w + gap + 4, 6), "ground truth", fill=0)
+    canvas.save(path)
     return path
