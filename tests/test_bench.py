@@ -372,6 +372,21 @@ def test_quick_pipeline_run(tmp_path, bench_small_model):
     assert points["ptychonn"]["latency_p99_ms"] > 0
     ratio = report["ratios"][0]
     assert ratio["engine_alone_fps"] > 0 and ratio["ptychonn_fps"] > 0
+    frame_path = report["frame_path"]  # the in-process profile ran too
+    assert set(frame_path["stages_us"]) == {"decode", "load", "transform", "engine", "encode", "publish"}
+    assert frame_path["pipeline_us"] > 0 and frame_path["passthrough_us"] > 0
+
+
+def test_frame_path_profile_times_every_stage_and_the_whole_pipeline(small_model):
+    from edge_ptychonn.tools import bench_frame_path
+
+    result = bench_frame_path.measure(small_model, (64, 64), n_frames=160, batch=8)
+    assert result["n_frames"] == 160
+    assert all(us > 0 for us in result["stages_us"].values()), result["stages_us"]
+    # The whole pipeline does every stage for every frame (it checks all 160 were published).
+    assert result["pipeline_us"] > result["stages_us"]["decode"] + result["stages_us"]["encode"]
+    text = bench_frame_path.table(result)
+    assert "whole pipeline" in text and "passthrough" in text
 
 
 def test_sweep_goes_on_upwards_while_the_pipeline_keeps_up(monkeypatch):

@@ -7,6 +7,9 @@ warm     consumer launch -> first published output, first and second launch per 
          (run first, while the file cache is as cold as this run can have it)
 engine   the model's FLOPs per frame (counted from the ONNX graph), the machine's peak
          (large matrix product, same process), frames/s of every engine, precision, batch
+framepath  the frame path's CPU cost per frame, stage by stage (decode, load, transform,
+         zero-cost engine, encode, publish), the whole pipeline and the passthrough's
+         own work, in one process (no transport)
 pipeline pvapy-ad-sim-server -> N PtychoNN consumers -> outputs, offered rate swept upwards
          (fractions of the engine-alone rate); loss (at the source, in transport, by the
          processor), delivered rate, latency
@@ -35,7 +38,7 @@ from edge_ptychonn.progress import Progress
 from . import processes as live
 
 DEFAULT_MODEL = default_model_path()
-PARTS = ("warm", "engine", "pipeline", "zero", "passthrough")
+PARTS = ("warm", "engine", "framepath", "pipeline", "zero", "passthrough")
 
 
 def _floats(text: str) -> list[float]:
@@ -271,6 +274,15 @@ def main(args: argparse.Namespace) -> int:
             )
             report["engine"] = [r.to_dict() for r in engine_results]
             report["engine_skipped"] = skipped
+
+        if "framepath" not in args.skip:
+            from . import bench_frame_path as bf
+
+            progress.stage("frame path: CPU per frame of each stage (zero-cost engine, one process)")
+            report["frame_path"] = bf.measure(model_path, signature.input_shape,
+                                              n_frames=400 if args.quick else 2000, batch=args.pipeline_batch)
+            progress(f"frame path: {report['frame_path']['pipeline_us']:.1f} us/frame in the whole pipeline, "
+                     f"passthrough's own work {report['frame_path']['passthrough_us']:.1f} us/frame")
 
         if {"pipeline", "zero", "passthrough"} - set(args.skip):
             engine_alone = _engine_alone(engine_results, settings, args, flops, report, progress)

@@ -125,6 +125,10 @@ def summary_text(report: dict) -> str:
         parts += ["", "Engine alone", engine_table(report)]
     for skip in report.get("engine_skipped", []):
         parts.append(f"  skipped {skip['engine']} {skip['precision']} ({skip.get('threads', '?')} threads): {skip['reason']}")
+    if report.get("frame_path"):
+        from .bench_frame_path import table as frame_path_table
+
+        parts += ["", "Frame path, CPU per frame (one process, no transport)", frame_path_table(report["frame_path"])]
     if report.get("pipeline", {}).get("points"):
         parts += ["", "Pipeline points", pipeline_table(report)]
     if report.get("ratios"):

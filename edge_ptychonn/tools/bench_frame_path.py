@@ -1,0 +1,117 @@
+"""The frame path's CPU cost per frame, stage by stage, in one process (bench part ``framepath``).
+
+Real NTNDArrays (int16, the model's input size) go through each stage of a
+consumer's pipeline in turn, timed with the process's CPU clock:
+
+decode     NTNDArray -> metadata and a numpy view (``stream.frames.decode``)
+load       crop/bin/cast into a batch buffer (``stream.preprocess.load_into``)
+transform  sqrt/log1p and affine, once per batch (per frame: the batch's cost / n)
+engine     the zero-cost engine (a copy of the batch)
+encode     result -> output NTNDArray (``stream.frames.FrameEncoder``)
+publish    ``PvaServer.update`` of a record (what PvaPy's publisher calls)
+
+then the whole :class:`~edge_ptychonn.stream.pipeline.InferencePipeline` (both
+threads, publishing into a real PVA record), and what PvaPy's passthrough does
+with a frame in the same process (``PvaServer.update`` with the received
+NTNDArray). No network traffic: the record has no client. The live figures
+(``zero`` and ``passthrough`` parts) add PvaPy's receive path and the transport,
+which both processors pay alike.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+
+
+def _cpu_us_per_frame(run, n_frames: int, repeats: int = 3) -> float:
+    """Best of ``repeats`` process-CPU times of ``run()``, per frame, in microseconds."""
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.process_time()
+        run()
+        best = min(best, time.process_time() - t0)
+    return best / n_frames * 1e6
+
+
+def measure(model_path, input_hw: tuple[int, int], n_frames: int = 2000, batch: int = 8) -> dict:
+    """CPU microseconds per frame of each stage, the whole pipeline and the passthrough."""
+    import pvaccess as pva
+    from pvapy.utility.adImageUtility import AdImageUtility
+
+    from edge_ptychonn.stream.config import parse_processor_args
+    from edge_ptychonn.stream.frames import FrameEncoder, decode
+    from edge_ptychonn.stream.pipeline import InferencePipeline
+    from edge_ptychonn.stream.preprocess import load_into, transform_batch
+    from engines import EngineOptions, create_engine
+
+    n_frames -= n_frames % batch
+    rng = np.random.default_rng(0)
+    images = rng.poisson(200, (64, *input_hw)).astype(np.int16)
+    frames = [AdImageUtility.generateNtNdArray2D(i + 1, images[i % len(images)]) for i in range(n_frames)]
+    config, _ = parse_processor_args({"modelPath": str(model_path), "engine": "zero", "batchSize": batch})
+    pre = config.preprocess
+    server = pva.PvaServer()
+    server.addRecord("framepath:out", pva.NtNdArray())
+    server.addRecord("framepath:passthrough", pva.NtNdArray())
+    engine = create_engine("zero", EngineOptions(model_path, max_batch=batch))
+    try:
+        decoded = [decode(pv) for pv in frames]
+        buffer = np.zeros((batch, 1, *engine.input_shape), np.float32)
+        encoder = FrameEncoder(model_id="framepath")
+        outputs = engine.infer(buffer)
+
+        def load():
+            for k, (_, image) in enumerate(decoded):
+                load_into(image, buffer[k % batch, 0], pre)
+
+        def transform():
+            for _ in range(n_frames // batch):
+                transform_batch(buffer, pre)
+
+        def infer():
+            for _ in range(n_frames // batch):
+                engine.infer(buffer)
+
+        encoded = encoder.encode(decoded[0][0], outputs[0, 0])
+        stages = {
+            "decode": _cpu_us_per_frame(lambda: [decode(pv) for pv in frames], n_frames),
+            "load": _cpu_us_per_frame(load, n_frames),
+            "transform": _cpu_us_per_frame(transform, n_frames),
+            "engine": _cpu_us_per_frame(infer, n_frames),
+            "encode": _cpu_us_per_frame(lambda: [encoder.encode(m, outputs[0, 0]) for m, _ in decoded], n_frames),
+            "publish": _cpu_us_per_frame(lambda: [server.update("framepath:out", encoded) for _ in decoded], n_frames),
+        }
+
+        def whole():
+            pipeline = InferencePipeline(config, lambda pv: server.update("framepath:out", pv), logging.getLogger(__name__))
+            pipeline.start(lambda: create_engine("zero", EngineOptions(model_path, max_batch=batch)))
+            for start in range(0, n_frames, 8 * batch):  # bursts within the buffer pool: nothing dropped
+                for pv in frames[start:start + 8 * batch]:
+                    pipeline.submit(pv)
+                pipeline.drain(30.0)
+            pipeline.stop()
+            if pipeline.stats.published != n_frames:
+                raise RuntimeError(f"frame path: {pipeline.stats.published} of {n_frames} published ({pipeline.summary()})")
+
+        pipeline_us = _cpu_us_per_frame(whole, n_frames, repeats=2)
+        passthrough_us = _cpu_us_per_frame(lambda: [server.update("framepath:passthrough", pv) for pv in frames], n_frames)
+    finally:
+        engine.close()
+    return {
+        "n_frames": n_frames, "batch": batch, "input_hw": list(input_hw),
+        "stages_us": stages, "stages_sum_us": sum(stages.values()),
+        "pipeline_us": pipeline_us, "passthrough_us": passthrough_us,
+    }
+
+
+def table(result: dict) -> str:
+    from .bench_report import table as make_table
+
+    rows = [[stage, us] for stage, us in result["stages_us"].items()]
+    rows += [["sum of stages", result["stages_sum_us"]],
+             ["whole pipeline (both threads, locks, queues, statistics)", result["pipeline_us"]],
+             ["passthrough: PvaServer.update of the received frame", result["passthrough_us"]]]
+    return make_table(["stage", "CPU us/frame"], rows, ["", ".1f"])
