@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
 import time
 
 PENDING = "Command successful"  # PvaPy's reply before the configure timer has run
@@ -56,7 +57,15 @@ def send(channel: str, args_text: str, timeout_s: float = 5.0) -> str:
     ch.setTimeout(timeout_s)
     before = ch.get("field(objectTime)")["objectTime"]
     request = pva.PvObject({"command": pva.STRING, "args": pva.STRING}, {"command": "configure", "args": args_text})
-    ch.put(request, "field(command,args)")
+    # An asynchronous put with our own deadline: a synchronous one has been seen to
+    # wait for ever, past the channel's timeout, on a heavily loaded machine.
+    put_done, put_errors = threading.Event(), []
+    ch.asyncPut(request, lambda _: put_done.set(), lambda error: (put_errors.append(error), put_done.set()),
+                "field(command,args)")
+    if not put_done.wait(timeout_s):
+        raise TimeoutError(f"{channel}: the request was not taken within {timeout_s:g} s")
+    if put_errors:
+        raise pva.PvaException(f"{channel}: the request failed: {put_errors[0]}")
     # The consumer stamps objectTime when it takes the command and answers a moment later.
     deadline = time.monotonic() + timeout_s
     while True:
@@ -109,7 +118,7 @@ def main(args: argparse.Namespace) -> int:
         MODEL_TIMEOUT_S if _changes_model(text) else DEFAULT_TIMEOUT_S)
     try:
         reply = send(args.channel, text, timeout_s)
-    except pva.PvaException as exc:
+    except (pva.PvaException, TimeoutError) as exc:
         print(f"edge-ptychonn configure: no answer from {args.channel}: {exc}", file=sys.stderr)
         return 2
     print(reply)
