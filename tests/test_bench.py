@@ -225,7 +225,7 @@ def test_missing_model_is_an_error(tmp_path):
 
 def test_unknown_part_is_an_error(tmp_path):
     args = bench.get_args_parser().parse_args(["--skip", "engines", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match="known: warm, engine, pipeline, zero, passthrough"):
+    with pytest.raises(SystemExit, match="known: warm, engine, framepath, pipeline, zero, passthrough"):
         bench.main(args)
 
 

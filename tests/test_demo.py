@@ -11,6 +11,7 @@ import pytest
 
 from edge_ptychonn.science.simulate import ScanSettings, save_scan, simulate_scan
 from edge_ptychonn.tools import demo
+from channel_names import PREFIX
 
 MODEL = Path(__file__).resolve().parent.parent / "data" / "ptychonn.onnx"
 
@@ -27,7 +28,7 @@ def test_demo_runs_the_chain_and_leaves_a_picture_of_the_stitched_phase(pva_env,
     save_scan(tmp_path / "scan", frames, truth)
     args = demo.get_args_parser().parse_args([
         "--scan", str(tmp_path / "scan.npy"), "--engine", "onnxruntime", "--fps", "40", "--start-delay", "10",
-        "--prefix", f"test:demo{id(tmp_path) % 10**6}", "--channel", f"test:demo{id(tmp_path) % 10**6}:image",
+        "--prefix", f"{PREFIX}:demo{id(tmp_path) % 10**6}", "--channel", f"{PREFIX}:demo{id(tmp_path) % 10**6}:image",
         "--out", str(tmp_path / "out"), "--timeout", "60",
     ])
     assert demo.main(args) == 0

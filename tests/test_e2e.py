@@ -14,6 +14,7 @@ import pytest
 
 from edge_ptychonn.tools.processes import OutputCollector, consumer_argv, sim_server_argv, start, tool_path, wait_status
 from engines import EngineOptions, create_engine
+from channel_names import PREFIX
 
 pytestmark = pytest.mark.e2e
 N_FRAMES = 61  # not a multiple of 8: the last batch is partial
@@ -28,7 +29,7 @@ def _channel(prefix: str) -> str:
 def test_two_consumers_publish_every_frame_once(pva_env, procs, small_model, tmp_path):
     frames = np.random.default_rng(5).poisson(25, (N_FRAMES, 64, 64)).astype(np.int16)
     np.save(tmp_path / "scan.npy", frames)
-    image_channel, prefix = _channel("test:e2e:image"), _channel("test:e2e:inference")
+    image_channel, prefix = _channel(f"{PREFIX}:e2e:image"), _channel(f"{PREFIX}:e2e:inference")
     args = {"modelPath": str(small_model), "engine": "onnxruntime", "cpuThreads": 1, "batchTimeout": 0.1}
     procs.append(start("consumers", consumer_argv(image_channel, prefix, 2, "processors.ptychonn.PtychoNNProcessor", args), pva_env, tmp_path))
     procs.append(start("sim", sim_server_argv(tmp_path / "scan.npy", image_channel, fps=200, start_delay_s=START_DELAY_S), pva_env, tmp_path))
@@ -88,7 +89,7 @@ def test_bad_frames_over_pvapy_are_counted_and_good_ones_follow(pva_env, procs, 
     np.save(scan / "a_wrong_size.npy", np.ones((5, 48, 48), np.int16))
     good = np.random.default_rng(6).poisson(25, (11, 64, 64)).astype(np.int16)
     np.save(scan / "b_good.npy", good)
-    image_channel, prefix = _channel("test:bad:image"), _channel("test:bad:inference")
+    image_channel, prefix = _channel(f"{PREFIX}:bad:image"), _channel(f"{PREFIX}:bad:inference")
     args = {"modelPath": str(small_model), "engine": "onnxruntime", "cpuThreads": 1, "batchTimeout": 0.1}
     procs.append(start("consumer", consumer_argv(image_channel, prefix, 1, "processors.ptychonn.PtychoNNProcessor", args), pva_env, tmp_path))
     sim = [tool_path("pvapy-ad-sim-server"), "-dc", "-id", str(scan), "-cn", image_channel, "-fps", "100", "-std", str(START_DELAY_S), "-shd", "1", "-cs", "15", "-rt", "60"]
@@ -111,7 +112,7 @@ def test_outputs_chain_into_pvapys_file_saver(pva_env, procs, small_model, tmp_p
     Image = pytest.importorskip("PIL.Image")  # AdOutputFileProcessor writes with Pillow
     frames = np.random.default_rng(8).poisson(25, (13, 64, 64)).astype(np.int16)
     np.save(tmp_path / "scan.npy", frames)
-    image_channel, prefix = _channel("test:chain:image"), _channel("test:chain:inference")
+    image_channel, prefix = _channel(f"{PREFIX}:chain:image"), _channel(f"{PREFIX}:chain:inference")
     args = {"modelPath": str(small_model), "engine": "onnxruntime", "cpuThreads": 1}
     procs.append(start("consumer", consumer_argv(image_channel, prefix, 1, "processors.ptychonn.PtychoNNProcessor", args), pva_env, tmp_path))
     saved = tmp_path / "saved"

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from edge_ptychonn.tools.processes import OutputCollector, consumer_argv, sim_server_argv, start, wait_status
+from channel_names import PREFIX
 
 ROOT = Path(__file__).resolve().parent.parent
 # what a source tree holds besides the project: never copied into the build
@@ -69,7 +70,7 @@ def test_installed_project_finds_the_shipped_model(installed, tmp_path):
 
 @pytest.mark.e2e
 def test_a_consumer_from_the_install_runs_the_default_model(installed, pva_env, tmp_path):
-    n_frames, prefix, channel = 11, "test:install", "test:install:image"
+    n_frames, prefix, channel = 11, f"{PREFIX}:install", f"{PREFIX}:install:image"
     frames = np.random.default_rng(11).poisson(200, (n_frames, 128, 128)).astype(np.int16)  # the shipped model's size
     np.save(tmp_path / "scan.npy", frames)
     env = _env(installed, pva_env)

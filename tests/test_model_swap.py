@@ -22,6 +22,7 @@ from edge_ptychonn.tools.processes import (
     OutputCollector, consumer_argv, read_status, sim_server_argv, start, tool_path, wait_status, wait_until,
 )
 from model_util import export_small_model
+from channel_names import PREFIX
 
 START_DELAY_S = 10.0  # the consumer and the test's monitor connect before frames flow
 FPS = 40
@@ -43,7 +44,7 @@ def model_32(tmp_path_factory):
 
 def _names(kind: str) -> tuple[str, str]:
     n = next(_ports)
-    return f"test:swap:{kind}{n}:image", f"test:swap:{kind}{n}:inference"
+    return f"{PREFIX}:swap:{kind}{n}:image", f"{PREFIX}:swap:{kind}{n}:inference"
 
 
 def _start_stream(pva_env, procs, tmp_path, model, n, kind):

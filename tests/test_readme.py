@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from edge_ptychonn.tools.processes import OutputCollector, sim_server_argv, start, wait_status
+from channel_names import PREFIX
 
 pytestmark = pytest.mark.e2e
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -29,7 +30,7 @@ def readme_block(marker: str) -> str:
 
 
 def test_readme_commands_run_as_written(pva_env, procs, tmp_path):
-    image, prefix = "test:readme:image", "test:readme:inference"
+    image, prefix = f"{PREFIX}:readme:image", f"{PREFIX}:readme:inference"
     env = dict(pva_env, PATH=os.pathsep.join([str(Path(sys.executable).parent), pva_env.get("PATH", "")]))
     workdir = tmp_path / "elsewhere"
     workdir.mkdir()

@@ -19,6 +19,7 @@ from edge_ptychonn.tools.processes import (
     OutputCollector, child_pids, consumer_argv, read_status, rss_mb, sim_server_argv, start, tool_path, wait_until,
 )
 from edge_ptychonn.tools.soak import engine_rate
+from channel_names import PREFIX
 
 pytestmark = pytest.mark.e2e
 START_DELAY_S = 10.0
@@ -27,7 +28,7 @@ _ports = itertools.count(1)
 
 def _names(kind: str) -> tuple[str, str]:
     n = next(_ports)
-    return f"test:trust:{kind}{n}:image", f"test:trust:{kind}{n}:inference"
+    return f"{PREFIX}:trust:{kind}{n}:image", f"{PREFIX}:trust:{kind}{n}:inference"
 
 
 def _user_stats(prefix: str, consumer: int = 1) -> dict:
