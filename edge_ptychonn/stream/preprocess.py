@@ -6,13 +6,21 @@ The steps, in order, each optional:
    given (e.g. 516x516 -> 512x512);
 2. ``bin``: sum of ``bin_factor`` x ``bin_factor`` pixel blocks (photon counts add
    up; e.g. 512 -> 128 with a factor of 4);
-3. ``transform``: ``"none"``, ``"sqrt"`` or ``"log1p"`` of the counts (negative
+3. ``normalize``: ``"none"``, or ``"total"``: each frame's counts are scaled so
+   that their sum equals ``reference_total`` (the mean total of the frames the
+   model was trained at, kept in the model card's ``preprocess`` block). This
+   makes the input independent of the dose (exposure time, beam current): a
+   frame with a tenth of the photons enters the network at the level it was
+   trained at, only noisier. A frame whose total is not positive is left as it
+   is. One sum and one multiply per frame;
+4. ``transform``: ``"none"``, ``"sqrt"`` or ``"log1p"`` of the counts (negative
    values, from detector offsets, are clipped to 0 first);
-4. affine: ``(x - offset) * scale``, float32.
+5. affine: ``(x - offset) * scale``, float32.
 
 With the defaults a frame that already has the model's input size is only cast
-to float32. Training applies the same function to simulated frames, so the
-model and the live pipeline see identical inputs.
+to float32. Training, ``evaluate`` and the live pipeline apply the same
+function, so the model sees identical inputs everywhere. :func:`preprocess`
+runs steps 3-5 on the whole stack at once.
 """
 
 from __future__ import annotations
@@ -24,6 +32,8 @@ import numpy as np
 from .quote import short_repr
 
 TRANSFORMS = ("none", "sqrt", "log1p")
+NORMALIZATIONS = ("none", "total")
+MAX_REFERENCE_TOTAL = 1e15
 MAX_OFFSET = 1e9  # beyond any detector's counts
 MAX_SCALE = 1e6
 
@@ -36,6 +46,8 @@ class PreprocessConfig:
     transform: str = "none"
     offset: float = 0.0
     scale: float = 1.0
+    normalize: str = "none"
+    reference_total: float | None = None
 
     def __post_init__(self) -> None:
         if self.crop_hw is not None and (len(self.crop_hw) != 2 or min(self.crop_hw) < 1):
@@ -49,6 +61,16 @@ class PreprocessConfig:
             raise ValueError(f"bin must be 1..64, got {self.bin_factor}")
         if self.transform not in TRANSFORMS:
             raise ValueError(f"transform must be one of {TRANSFORMS}, got {short_repr(self.transform)}")
+        if self.normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {short_repr(self.normalize)}")
+        if self.reference_total is not None and (
+            isinstance(self.reference_total, bool) or not isinstance(self.reference_total, (int, float))
+            or not (np.isfinite(self.reference_total) and 0 < self.reference_total <= MAX_REFERENCE_TOTAL)
+        ):
+            raise ValueError(f"referenceTotal must be > 0 and <= {MAX_REFERENCE_TOTAL:g} counts, got {short_repr(self.reference_total)}")
+        if self.normalize == "total" and self.reference_total is None:
+            raise ValueError("normalize 'total' needs referenceTotal (the counts per frame the model was trained at, "
+                             "the model card's preprocess.reference_total)")
         if not (np.isfinite(self.offset) and abs(self.offset) <= MAX_OFFSET):
             raise ValueError(f"offset must be a number within +-{MAX_OFFSET:g}, got {self.offset}")
         if not (np.isfinite(self.scale) and 0 < self.scale <= MAX_SCALE):
@@ -95,6 +117,15 @@ def preprocess_into(frame: np.ndarray, out: np.ndarray, config: PreprocessConfig
         np.sum(frame.reshape(h // b, b, w // b, b), axis=(1, 3), dtype=np.float32, out=out)
     else:
         out[...] = frame
+    _finish(out, config)
+
+
+def _finish(out: np.ndarray, config: PreprocessConfig) -> None:
+    """Steps 3-5 in place on one frame (h, w) or a stack (N, h, w) of float32 counts."""
+    if config.normalize == "total":
+        totals = out.sum(axis=(-2, -1), keepdims=True, dtype=np.float64)
+        factors = np.where(totals > 0, config.reference_total / np.where(totals > 0, totals, 1.0), 1.0)
+        out *= factors.astype(np.float32)
     if config.transform != "none":
         np.maximum(out, 0, out=out)
         if config.transform == "sqrt":
@@ -112,6 +143,11 @@ def preprocess(frames: np.ndarray, config: PreprocessConfig) -> np.ndarray:
     single = frames.ndim == 2
     stack = frames[None] if single else frames
     out = np.empty((len(stack), *config.output_shape(stack.shape[1:])), dtype=np.float32)
-    for frame, slot in zip(stack, out):
-        preprocess_into(frame, slot, config)
+    if config.crop_hw is None and config.bin_factor == 1:
+        out[...] = stack
+    else:
+        geometry_only = PreprocessConfig(config.crop_hw, config.crop_origin_yx, config.bin_factor)
+        for frame, slot in zip(stack, out):
+            preprocess_into(frame, slot, geometry_only)
+    _finish(out, config)
     return out[0] if single else out
