@@ -21,8 +21,10 @@ from edge_ptychonn.model_card import find_card
 
 from ..devices import parse_device
 from .arguments import (
-    check_runtime_request, convert_fields, convert_value, int_pair, integer, number, optional, parse_arguments, path, text,
+    boolean, check_runtime_request, convert_fields, convert_value, int_pair, integer, number, optional, parse_arguments,
+    path, text,
 )
+from .postprocess import OutputMask
 from .preprocess import PreprocessConfig
 from .quote import short_repr
 
@@ -50,6 +52,7 @@ class ProcessorConfig:
     cpu_threads: int = 0
     plan_cache_dir: Path | None = None
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    output_mask: OutputMask | None = None  # from the model card; None: outputs published as the network gives them
 
     def __post_init__(self) -> None:
         if not self.model_path.is_file():
@@ -83,6 +86,7 @@ _TOP_LEVEL: dict[str, tuple[str, Any]] = {
     "maxPendingFrames": ("max_pending_frames", lambda v: v),
     "cpuThreads": ("cpu_threads", lambda v: v),
     "planCacheDir": ("plan_cache_dir", path()),
+    "outputMask": ("output_mask", boolean()),
 }
 # camelCase processor argument -> (PreprocessConfig field, converter)
 _PREPROCESS: dict[str, tuple[str, Any]] = {
@@ -92,9 +96,11 @@ _PREPROCESS: dict[str, tuple[str, Any]] = {
     "transform": ("transform", text()),
     "offset": ("offset", number()),
     "scale": ("scale", number()),
+    "normalize": ("normalize", text()),
+    "referenceTotal": ("reference_total", number()),
 }
 # Keys that configure() may change while running.
-RUNTIME_KEYS = ("batchTimeout", "offset", "scale", "transform")
+RUNTIME_KEYS = ("batchTimeout", "offset", "scale", "transform", "normalize")
 
 
 def runtime_settings(config: ProcessorConfig) -> dict:
@@ -130,7 +136,18 @@ def parse_processor_args(
     top = {k: v for k, v in given.items() if k not in pre_fields}
     pre = _preprocess_defaults(top["model_path"])
     pre.update({k: v for k, v in given.items() if k in pre_fields})
+    top["output_mask"] = _output_mask(top["model_path"], top.get("output_mask", None))
     return ProcessorConfig(**top, preprocess=PreprocessConfig(**pre)), framework
+
+
+def _output_mask(model_path: Path, wanted: bool | None) -> OutputMask | None:
+    """The card's output mask unless ``outputMask`` is false; ``outputMask: true`` needs one."""
+    card = find_card(model_path) if wanted is not False else None
+    mask = card.output_mask if card is not None else None
+    if wanted and mask is None:
+        raise ValueError(f"outputMask is true but the model card of {short_repr(str(model_path))} has no output_mask "
+                         "(the illuminated region); give outputMask false, or a model trained by this version")
+    return mask
 
 
 def apply_runtime_changes(config: ProcessorConfig, changes: dict) -> tuple[ProcessorConfig, dict]:

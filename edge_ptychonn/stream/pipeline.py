@@ -39,6 +39,7 @@ from .accounting import IdTracker
 from .batching import Batch, Batcher, NoFreeBuffer
 from .config import ProcessorConfig, apply_runtime_changes
 from .frames import BAD_FRAME_KINDS, BadFrame, FrameEncoder, NotAFrame, decode
+from .postprocess import apply_output_mask
 
 STATS_WINDOW_S = 5.0  # rates and latency percentiles describe the last few seconds
 _WAKE = object()  # queued by configure(): the inference thread recomputes its wait
@@ -336,6 +337,7 @@ class InferencePipeline:
                            batch.n, batch.metas[0].unique_id, batch.metas[-1].unique_id, exc)
             return
         infer_s = time.perf_counter() - t0
+        outputs = apply_output_mask(outputs, self.config.output_mask)
         stats.infer_time_s += infer_s
         stats.batches += 1
         finite = np.isfinite(outputs).reshape(batch.n, -1).all(axis=1)
