@@ -14,7 +14,9 @@ stitched from the frames that came back over PvaPy):
   scores the stitched phase against the ground truth over the well-covered
   region (summed weight >= ``stitch.min_cover_weight``), after removing the
   constant phase offset: SSIM, PSNR, RMSE (``metrics.score_phase``), per-patch
-  RMSE, and the same scores for the trivial baselines;
+  RMSE, the largest |phase| of any patch outside the bright centre (what a
+  viewer of single patches sees there), and the same scores for the trivial
+  baselines;
 - :func:`held_out_settings` gives the settings of a held-out scan: the model's
   training scan settings with a new seed (and family, and photons) and
   ``training.eval_n_positions`` positions.
@@ -96,6 +98,8 @@ def score_scan(name: str, predicted: np.ndarray, truth: ScanTruth, stitch: Stitc
         truth.object_phase, covered, patches_phase=truth.patches_phase, positions_px=truth.positions_px, weight=weight
     )
     patch = summarise_patch_errors(patch_errors(predicted, truth.patches_phase[indices], weight))
+    # what a viewer of single patches sees beyond the bright centre (the stitcher ignores it)
+    patch["outside_max_abs_rad"] = float(np.abs(predicted[:, weight == 0]).max()) if np.any(weight == 0) else 0.0
     return ScanResult(name, scores, baselines, patch, len(predicted), image, covered)
 
 
@@ -148,11 +152,12 @@ def evaluate_scans(engine, pp: PreprocessConfig, scans: list[tuple[str, np.ndarr
 
 
 def results_table(results: list[ScanResult]) -> str:
-    rows = [f"{'scan':<16} {'method':<11} {'SSIM':>6} {'PSNR dB':>8} {'RMSE rad':>9} {'patch RMSE':>11}"]
+    rows = [f"{'scan':<16} {'method':<11} {'SSIM':>6} {'PSNR dB':>8} {'RMSE rad':>9} {'patch RMSE':>11} "
+            f"{'max|phase| outside':>19}"]
     for r in results:
         s = r.scores
         rows.append(f"{r.name:<16} {'model':<11} {s['ssim']:6.3f} {s['psnr_db']:8.2f} {s['rmse_rad']:9.4f} "
-                    f"{r.patch['patch_rmse_median_rad']:11.4f}")
+                    f"{r.patch['patch_rmse_median_rad']:11.4f} {r.patch['outside_max_abs_rad']:19.3f}")
         for b, bs in r.baselines.items():
             rows.append(f"{'':<16} {b:<11} {bs['ssim']:6.3f} {bs['psnr_db']:8.2f} {bs['rmse_rad']:9.4f} {'':>11}")
     return "\n".join(rows)
