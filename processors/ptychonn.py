@@ -21,7 +21,8 @@ Input
 Output (``--output-channel``)
     One NTNDArray per input frame, in input order: float32 phase image
     (model output size, radians), the input's ``uniqueId``, ``timeStamp``,
-    ``dataTimeStamp`` and attributes.
+    ``dataTimeStamp`` and attributes; 0 rad outside the illuminated region
+    (the model card's ``output_mask``; ``outputMask`` false: the raw output).
 Processor arguments (``--processor-args`` JSON; camelCase)
     modelPath (str; default: the shipped model, found however the project is installed)
     engine ('auto' | 'tensorrt' | 'torch' | 'onnxruntime' | 'zero'; default 'auto')
@@ -32,10 +33,12 @@ Processor arguments (``--processor-args`` JSON; camelCase)
     queueBatches (default 16: beyond, frames are dropped at the door and counted);
     maxPendingFrames (frames kept before the engine is ready, default 2000)
     cpuThreads (0: all cores but one); crop [h, w]; cropOrigin [y0, x0]; bin (int);
-    transform ('none' | 'sqrt' | 'log1p'); offset; scale (> 0).
+    normalize ('none' | 'total': each frame scaled to referenceTotal counts); referenceTotal (> 0);
+    transform ('none' | 'sqrt' | 'log1p'); offset; scale (> 0);
+    outputMask (bool; default true when the card has an output_mask).
     Preprocessing defaults come from the model card (model.json) when present.
 Run-time changes (control channel ``configure``, e.g. ``edge-ptychonn configure``)
-    batchTimeout, offset, scale, transform. Anything else is refused and nothing changes.
+    batchTimeout, offset, scale, transform, normalize. Anything else is refused and nothing changes.
 Statistics (status channel, ``userStats``)
     See :data:`STATS`: totals of frames received, published, dropped by reason,
     bad by kind, errors, queued, missed upstream, restarts, unaccounted (always 0),

@@ -364,9 +364,20 @@ def card_markdown(card: ModelCard) -> str:
         "",
         f"- ONNX opset 17, input `diffraction` float32 (N, 1, {n}, {n}), "
         f"outputs {', '.join(f'`{o}`' for o in card.outputs)} float32 (N, 1, {n}, {n}); the batch axis is dynamic.",
-        f"- Preprocessing (in `{card.name}.json`, applied by the processor): transform `{pp.transform}`, "
-        f"scale {pp.scale}, offset {pp.offset}, "
+        f"- Preprocessing (in `{card.name}.json`, applied by the processor, `evaluate` and training alike): "
+        + (f"each frame's counts scaled to {pp.reference_total:g} in total (normalize `total`: the input does not "
+           "depend on the dose), then " if pp.normalize == "total" else "")
+        + f"transform `{pp.transform}`, scale {pp.scale}, offset {pp.offset}, "
         + (f"crop {pp.crop_hw[0]}x{pp.crop_hw[1]}" if pp.crop_hw else "no crop") + f", bin {pp.bin_factor}.",
+    ]
+    if card.output_mask is not None:
+        om = card.output_mask
+        lines.append(
+            f"- Output mask (`output_mask`): outside a disc of radius {om.radius_px:g} px around pixel "
+            f"({om.centre_yx[0]:g}, {om.centre_yx[1]:g}), which holds the probe's bright centre, the processor "
+            f"publishes {om.fill_rad:g} rad (processor argument `outputMask`, default true; the network's own "
+            "values there are meaningless). Stitching weights only the bright centre, so it is unchanged.")
+    lines += [
         "",
         "## Architecture",
         "",
@@ -384,7 +395,10 @@ def card_markdown(card: ModelCard) -> str:
         f"- Probe: defocused focused beam, {s.probe_diameter:.0f} px diameter in a {s.window_size} px window, "
         f"pupil radius {s.pupil_radius:.0f} far-field px.",
         f"- Scan: {s.pattern}, overlap {s.overlap}, position jitter +-{s.jitter_px} px; "
-        f"{s.photons:.3g} photons per frame, Poisson noise, int16, detector bin {s.bin_factor}.",
+        f"{s.photons:.3g} photons per frame"
+        + (f" (training scans: times a factor drawn log-uniformly from {t.dose_range[0]:g}..{t.dose_range[1]:g} per "
+           "scan, dose augmentation; validation and held-out scans at the nominal dose)" if t.dose_range else "")
+        + f", Poisson noise, int16, detector bin {s.bin_factor}.",
         "",
         "## Training settings",
         "",
@@ -407,7 +421,8 @@ def card_markdown(card: ModelCard) -> str:
         lines.append(
             f"- Continued from an earlier run (stage {stage} back): `{prev.command or prev.checkpoint}`, "
             f"{prev.epochs_run or '?'} epochs, {prev.steps or '?'} steps, "
-            f"{prev.train_minutes or 0.0:.1f} min, stopped at the time limit: {prev.stopped_at_time_limit}; "
+            f"{prev.train_minutes or 0.0:.1f} min, stopped at the time limit: {prev.stopped_at_time_limit}"
+            + (f", photons x {prev.dose_range[0]:g}..{prev.dose_range[1]:g}" if prev.dose_range else "") + "; "
             "train / validation loss per epoch: "
             + ", ".join(f"{a:.4f} / {b:.4f}" for a, b in zip(prev.train_loss or (), prev.val_loss or ()))
         )
