@@ -131,3 +131,57 @@ def test_the_pipeline_publishes_masked_patches(carded_model, rng, masked):
     else:
         np.testing.assert_allclose(got[:, outside], expected[:, outside], atol=1e-5)
     assert pipeline.stats.published == 10 and pipeline.stats.unaccounted(pipeline.queued_frames) == 0
+
+
+@pytest.mark.e2e
+def test_a_live_consumer_normalises_the_dose_and_masks_its_outputs(pva_env, procs, tmp_path):
+    """Real sim server -> real consumer with the shipped model (its card: normalize total,
+    output mask): a low-dose scan comes out as the engine's result on the normalised frames,
+    0 rad outside the illuminated disc; configure switches the normalisation at run time."""
+    import time as _time
+
+    from edge_ptychonn.science.simulate import ScanSettings, simulate_scan
+    from edge_ptychonn.stream.preprocess import preprocess
+    from edge_ptychonn.tools.configure import send
+    from edge_ptychonn.tools.processes import (
+        OutputCollector, consumer_argv, read_status, sim_server_argv, start, wait_until,
+    )
+    from engines import EngineOptions, create_engine
+
+    n, start_delay_s = 16, 10.0
+    frames, _ = simulate_scan(ScanSettings(seed=77, n_positions=n, photons=1e5), progress=False)
+    np.save(tmp_path / "scan.npy", frames)
+    image, prefix = "test:mask:image", "test:mask:inference"
+    args = {"engine": "onnxruntime", "cpuThreads": 1, "batchTimeout": 0.1}  # the shipped model
+    consumer = start("consumer", consumer_argv(image, prefix, 1, "processors.ptychonn.PtychoNNProcessor", args,
+                                               report_period_s=0.5), pva_env, tmp_path)
+    procs.append(consumer)
+    procs.append(start("sim", sim_server_argv(tmp_path / "scan.npy", image, fps=50, start_delay_s=start_delay_s),
+                       pva_env, tmp_path))
+    collector = OutputCollector([f"{prefix}:1:output"])
+    t0 = _time.monotonic()
+    try:
+        assert collector.wait_connected(start_delay_s - 2), consumer.log()[-3000:]
+        got = collector.wait_count(n, timeout_s=40, idle_s=10)
+        control = f"{prefix}:1:control"
+        assert send(control, '{"normalize": "none"}') == "Configuration successful"
+        assert wait_until(lambda: json.loads((read_status(f"{prefix}:1:status") or {"userStats": {"settings": "{}"}})
+                                             ["userStats"]["settings"]).get("normalize") == "none", 5)
+        assert send(control, '{"normalize": "peak"}').startswith("Configuration failed")
+        status = read_status(f"{prefix}:1:status")["userStats"]
+    finally:
+        collector.close()
+    assert got == n, consumer.log()[-3000:]
+    assert _time.monotonic() - t0 < 60
+    assert status["nFramesProcessed"] == n and status["nFramesUnaccounted"] == 0
+    assert json.loads(status["settings"])["normalize"] == "none"
+
+    card = load_card(default_model_path())
+    engine = create_engine("onnxruntime", EngineOptions(default_model_path(), max_batch=n, cpu_threads=1))
+    expected = engine.infer(preprocess(frames, card.preprocess)[:, None])[:, 0]
+    outside = card.output_mask.outside(expected.shape[1:])
+    received = sorted(collector.received[f"{prefix}:1:output"], key=lambda r: r.unique_id)
+    assert [r.unique_id for r in received] == list(range(1, n + 1))
+    for r in received:
+        np.testing.assert_allclose(r.image[~outside], expected[r.unique_id - 1][~outside], atol=1e-4)
+        assert np.all(r.image[outside] == card.output_mask.fill_rad)

@@ -123,9 +123,14 @@ def preprocess_into(frame: np.ndarray, out: np.ndarray, config: PreprocessConfig
 def _finish(out: np.ndarray, config: PreprocessConfig) -> None:
     """Steps 3-5 in place on one frame (h, w) or a stack (N, h, w) of float32 counts."""
     if config.normalize == "total":
-        totals = out.sum(axis=(-2, -1), keepdims=True, dtype=np.float64)
-        factors = np.where(totals > 0, config.reference_total / np.where(totals > 0, totals, 1.0), 1.0)
-        out *= factors.astype(np.float32)
+        if out.ndim == 2:  # one frame (the live path): a scalar factor
+            total = float(out.sum())
+            if total > 0:
+                out *= np.float32(config.reference_total / total)
+        else:
+            totals = out.sum(axis=(-2, -1), keepdims=True, dtype=np.float64)
+            factors = np.where(totals > 0, config.reference_total / np.where(totals > 0, totals, 1.0), 1.0)
+            out *= factors.astype(np.float32)
     if config.transform != "none":
         np.maximum(out, 0, out=out)
         if config.transform == "sqrt":
