@@ -450,8 +450,47 @@ def card_markdown(card: ModelCard) -> str:
         )
     if acc.get("command"):
         lines += ["", f"Reproduce: `{acc['command']}`"]
+    lines += _precision_lines(acc) + _dose_lines(acc)
     lines += ["", "## Limits", ""] + [f"- {x}" for x in card.limits]
     return "\n".join(lines) + "\n"
+
+
+def _precision_lines(acc: dict) -> list[str]:
+    """The ``accuracy.precision`` block (scores with the engine and precision ``auto`` picks), as Markdown."""
+    block = acc.get("precision")
+    if not block:
+        return []
+    fp32 = acc.get("scans", {})
+    name = f"{block.get('engine', '?')} {block.get('precision', '?')}"
+    lines = ["", f"### The precision `engine: auto` picks ({name} on {block.get('host', 'the scoring CPU')})", "",
+             f"| scan | {name} SSIM | PSNR dB | RMSE rad | fp32 SSIM | fp32 RMSE rad |", "| --- | --- | --- | --- | --- | --- |"]
+    for scan, r in block.get("scans", {}).items():
+        mo, ref = r["model"], fp32.get(scan, {}).get("model")
+        lines.append(f"| {scan} | {mo['ssim']:.3f} | {mo['psnr_db']:.2f} | {mo['rmse_rad']:.4f} | "
+                     + (f"{ref['ssim']:.3f} | {ref['rmse_rad']:.4f} |" if ref else "- | - |"))
+    if block.get("command"):
+        lines += ["", f"Reproduce: `{block['command']}`"]
+    return lines
+
+
+def _dose_lines(acc: dict) -> list[str]:
+    """The ``accuracy.doses`` block (held-out scans at other photon counts), as Markdown."""
+    doses = acc.get("doses")
+    if not doses:
+        return []
+    lines = ["", "### Other doses (photons per exposure; the training dose is the card's `photons`)", "",
+             "| photons | scan | SSIM | PSNR dB | RMSE rad | zeros SSIM / RMSE |", "| --- | --- | --- | --- | --- | --- |"]
+    commands = []
+    for photons, block in doses.items():
+        for scan, r in block.get("scans", {}).items():
+            mo, z = r["model"], r["baselines"]["zeros"]
+            lines.append(f"| {photons} | {scan} | {mo['ssim']:.3f} | {mo['psnr_db']:.2f} | {mo['rmse_rad']:.4f} | "
+                         f"{z['ssim']:.3f} / {z['rmse_rad']:.4f} |")
+        if block.get("command"):
+            commands.append(f"`{block['command']}`")
+    if commands:
+        lines += ["", "Reproduce: " + "; ".join(commands)]
+    return lines
 
 
 def command_line(args: argparse.Namespace) -> str:

@@ -12,7 +12,8 @@ The steps, in order, each optional:
    makes the input independent of the dose (exposure time, beam current): a
    frame with a tenth of the photons enters the network at the level it was
    trained at, only noisier. A frame whose total is not positive is left as it
-   is. One sum and one multiply per frame;
+   is. One sum and one multiply per frame (about 8 us per 128x128 frame on a
+   2-core machine);
 4. ``transform``: ``"none"``, ``"sqrt"`` or ``"log1p"`` of the counts (negative
    values, from detector offsets, are clipped to 0 first);
 5. affine: ``(x - offset) * scale``, float32.
