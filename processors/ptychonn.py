@@ -33,7 +33,9 @@ Processor arguments (``--processor-args`` JSON; camelCase)
     queueBatches (default 16: beyond, frames are dropped at the door and counted);
     maxPendingFrames (frames kept before the engine is ready, default 2000)
     cpuThreads (0: all cores but one); crop [h, w]; cropOrigin [y0, x0]; bin (int);
-    normalize ('none' | 'total': each frame scaled to referenceTotal counts); referenceTotal (> 0);
+    normalize ('none' | 'running': each frame scaled by referenceTotal over the mean total of the
+    last normalizeWindow frames | 'total': each frame scaled to referenceTotal counts);
+    referenceTotal (> 0); normalizeWindow (frames, default 1024);
     transform ('none' | 'sqrt' | 'log1p'); offset; scale (> 0);
     outputMask (bool; default true when the card has an output_mask).
     Preprocessing defaults come from the model card (model.json) when present.

@@ -102,6 +102,7 @@ def test_normalisation_after_crop_and_bin_and_empty_frames_left_alone():
     [
         ({"normalize": "peak"}, "normalize must be one of"),
         ({"normalize": "total"}, "normalize 'total' needs referenceTotal"),
+        ({"normalize": "running"}, "normalize 'running' needs referenceTotal"),
         ({"normalize": "total", "reference_total": 0.0}, "referenceTotal must be > 0"),
         ({"reference_total": float("inf")}, "referenceTotal must be > 0"),
         ({"reference_total": True}, "referenceTotal must be > 0"),
@@ -128,12 +129,41 @@ def test_normalize_is_a_processor_argument_and_changes_at_run_time(small_model):
             apply_runtime_changes(config, bad)
 
 
+def test_running_normalisation_follows_the_dose_and_keeps_differences_between_frames(rng):
+    from edge_ptychonn.stream.preprocess import RunningTotal
+
+    frames = rng.poisson(20.0, (12, 16, 16)).astype(np.float32)
+    frames[1::2] *= 0.9  # every other frame absorbs 10 % more
+    config = PreprocessConfig(normalize="running", reference_total=1000.0, normalize_window=4)
+    out = preprocess(frames, config)
+    totals = frames.sum(axis=(1, 2))
+    for k in range(12):  # each frame over the mean of the last 4 (fewer at the start)
+        np.testing.assert_allclose(out[k].sum(), 1000.0 * totals[k] / totals[max(0, k - 3) : k + 1].mean(), rtol=1e-5)
+    # the 10 % difference between neighbours stays (within the window's drift); 'total' removes it
+    assert out[5].sum() / out[4].sum() == pytest.approx(totals[5] / totals[4], rel=0.01)
+    assert abs(totals[5] / totals[4] - 1) > 0.05
+    # a ten times higher dose gives the same input once the window has filled
+    high = preprocess(frames * 10, config)
+    np.testing.assert_allclose(high, out, rtol=1e-5)
+    # the live path: one frame at a time with the caller's RunningTotal, the same as the stack
+    running, slot = RunningTotal(4), np.empty((16, 16), np.float32)
+    for k in range(12):
+        preprocess_into(frames[k], slot, config, running)
+        np.testing.assert_allclose(slot, out[k], rtol=1e-5)
+    with pytest.raises(ValueError, match="RunningTotal"):
+        preprocess_into(frames[0], slot, config)
+    # empty frames are neither scaled nor counted
+    assert RunningTotal(3).add(0.0) == 0.0
+    with pytest.raises(ValueError, match="normalizeWindow"):
+        PreprocessConfig(normalize="running", reference_total=1.0, normalize_window=0)
+
+
 def test_the_shipped_card_normalises_to_its_training_total():
     from edge_ptychonn.model_card import default_model_path, load_card
 
     card = load_card(default_model_path())
     pp = card.preprocess
-    assert pp.normalize == "total"
+    assert pp.normalize == "running" and pp.normalize_window == 1024
     photons = card.training.scan_settings["photons"]
     # the reference is the mean total of frames at the training photons (a little below: absorption)
     assert 0.8 * photons < pp.reference_total <= photons

@@ -100,9 +100,9 @@ def test_train_command_writes_onnx_sidecar_and_card(tmp_path):
     assert card.stitch.probe_threshold == 0.1 and card.training.eval_n_positions == 1024
     assert meta["input_size"] == 128 and meta["outputs"] == ["phase"]
     assert set(meta["preprocess"]) == {"crop_hw", "crop_origin_yx", "bin_factor", "transform", "offset", "scale",
-                                       "normalize", "reference_total"}
+                                       "normalize", "reference_total", "normalize_window"}
     # normalised to the mean total of the validation frames (at the training photons, less absorption)
-    assert meta["preprocess"]["normalize"] == "total" and 0.8e6 < meta["preprocess"]["reference_total"] <= 1e6
+    assert meta["preprocess"]["normalize"] == "running" and 0.8e6 < meta["preprocess"]["reference_total"] <= 1e6
     # the output mask: a disc at the patch centre holding the probe's bright centre (about 21 px)
     assert meta["output_mask"]["centre_yx"] == [63.5, 63.5] and 20 < meta["output_mask"]["radius_px"] < 24
     assert meta["model"] == ModelConfig(width=4, depth=2).to_dict()

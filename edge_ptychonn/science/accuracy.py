@@ -35,7 +35,7 @@ from edge_ptychonn.science.metrics import baseline_scores, patch_errors, score_p
 from edge_ptychonn.science.simulate import FAMILIES, ScanSettings, ScanTruth, simulate_scan
 from edge_ptychonn.science.stitch import Stitcher, probe_weight
 from edge_ptychonn.stream.postprocess import OutputMask, apply_output_mask
-from edge_ptychonn.stream.preprocess import PreprocessConfig, preprocess
+from edge_ptychonn.stream.preprocess import PreprocessConfig, RunningTotal, preprocess
 
 DEFAULT_EVAL_N_POSITIONS = 1024
 
@@ -68,8 +68,9 @@ def predict(engine, frames: np.ndarray, pp: PreprocessConfig, progress: Progress
     """Raw frames (N, H, W) -> phase patches (N, h, w) float32 through ``engine``
     (and ``output_mask``, when given, as the processor applies it)."""
     out = []
+    running = RunningTotal(pp.normalize_window)  # normalize 'running': over this scan's frames, in order
     for start in range(0, len(frames), engine.max_batch):
-        x = preprocess(frames[start : start + engine.max_batch], pp)[:, None]
+        x = preprocess(frames[start : start + engine.max_batch], pp, running)[:, None]
         out.append(apply_output_mask(engine.infer(x), output_mask)[:, 0])
         if progress is not None:
             progress.update(len(x))

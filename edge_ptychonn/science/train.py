@@ -8,10 +8,11 @@ Steps (``main``):
    ``--dose-range LOW HIGH`` each training scan's photons are ``--photons``
    times a factor drawn log-uniformly from [LOW, HIGH] (dose augmentation;
    validation stays at ``--photons``);
-2. choose the input: with ``--normalize total`` (the default) every frame's
-   counts are scaled to the reference total (the mean total of the validation
-   frames, at ``--photons``), then ``sqrt`` of the counts times ``1 / p99.9`` of
-   the training data; every batch goes through ``preprocess.preprocess``, the
+2. choose the input: with ``--normalize running`` (the default) every frame's
+   counts are scaled by the reference total (the mean total of the validation
+   frames, at ``--photons``) over the running mean total of the last 1024
+   frames (``total``: over its own total), then ``sqrt`` of the counts times
+   ``1 / p99.9`` of the training data; every batch goes through ``preprocess.preprocess``, the
    function ``evaluate`` and the live pipeline use;
 3. train with AdamW, a cosine learning-rate decay that reaches its end at the
    last step or at the time limit, whichever comes first, bf16 autocast and
@@ -58,7 +59,7 @@ from edge_ptychonn.science import accuracy
 from edge_ptychonn.science.simulate import FAMILIES, ScanSettings, simulate_scan
 from edge_ptychonn.science.stitch import probe_weight
 from edge_ptychonn.stream.postprocess import OutputMask
-from edge_ptychonn.stream.preprocess import NORMALIZATIONS, PreprocessConfig, preprocess
+from edge_ptychonn.stream.preprocess import NORMALIZATIONS, PreprocessConfig, RunningTotal, preprocess
 
 LIMITS = (
     "Trained on simulated data only; real detectors add background, dead pixels, partial coherence and "
@@ -217,7 +218,9 @@ class Trainer:
         self.step = 0
 
     def _inputs(self, frames: np.ndarray):
-        x = self.torch.from_numpy(preprocess(frames, self.pp))[:, None]
+        if getattr(self, "running", None) is None or self.running.window != self.pp.normalize_window:
+            self.running = RunningTotal(self.pp.normalize_window)  # normalize 'running' across batches
+        x = self.torch.from_numpy(preprocess(frames, self.pp, self.running))[:, None]
         return x.contiguous(memory_format=self.torch.channels_last)
 
     def _loss(self, out, phase_t, amp_t):
@@ -365,6 +368,9 @@ def card_markdown(card: ModelCard) -> str:
         f"- ONNX opset 17, input `diffraction` float32 (N, 1, {n}, {n}), "
         f"outputs {', '.join(f'`{o}`' for o in card.outputs)} float32 (N, 1, {n}, {n}); the batch axis is dynamic.",
         f"- Preprocessing (in `{card.name}.json`, applied by the processor, `evaluate` and training alike): "
+        + (f"each frame's counts scaled by {pp.reference_total:g} over the mean total of the last "
+           f"{pp.normalize_window} frames (normalize `running`: the input does not depend on the dose), then "
+           if pp.normalize == "running" else "")
         + (f"each frame's counts scaled to {pp.reference_total:g} in total (normalize `total`: the input does not "
            "depend on the dose), then " if pp.normalize == "total" else "")
         + f"transform `{pp.transform}`, scale {pp.scale}, offset {pp.offset}, "
@@ -532,10 +538,12 @@ def get_args_parser(prog: str = "edge-ptychonn train") -> argparse.ArgumentParse
     p.add_argument("--dose-range", type=float, nargs=2, default=[1.0, 1.0], metavar=("LOW", "HIGH"),
                    help="dose augmentation: each training scan has --photons times a factor drawn log-uniformly "
                         "from [LOW, HIGH] (default: 1 1, no augmentation), e.g. 0.1 10")
-    p.add_argument("--normalize", choices=NORMALIZATIONS, default="total",
-                   help="per-frame input normalisation: 'total' scales each frame's counts to the mean total of "
-                        "the validation frames (stored in the card), so that the model does not depend on the dose; "
-                        "'none' leaves the counts (default: %(default)s)")
+    p.add_argument("--normalize", choices=NORMALIZATIONS, default="running",
+                   help="input normalisation to the reference total (the mean total of the validation frames, "
+                        "stored in the card), so that the model does not depend on the dose: 'running' divides by "
+                        "the mean total of the last 1024 frames (over shuffled training frames: of all doses, so "
+                        "use 'total' with --dose-range), 'total' by each frame's own total (loses the absorption "
+                        "cue), 'none' leaves the counts (default: %(default)s)")
     p.add_argument("--overlap", type=float, default=d.overlap)
     p.add_argument("--phase-range", type=float, default=d.phase_range_rad)
     p.add_argument("--density", type=float, default=d.density)
@@ -610,7 +618,7 @@ def main(args: argparse.Namespace) -> int:
             print(f"edge-ptychonn train: cannot start from {args.init_from}: {exc}", file=sys.stderr)
             return 2
     print(f"data: {len(train_f)} training and {len(val_f)} validation frames; input: normalize {pp.normalize}"
-          + (f" to {pp.reference_total:g} counts" if pp.normalize == "total" else "")
+          + (f" to {pp.reference_total:g} counts" if pp.normalize != "none" else "")
           + f", sqrt(counts) * {pp.scale}; loss over {int(mask.sum())} bright-centre pixels"
           + (f"; photons x {args.dose_range[0]:g}..{args.dose_range[1]:g} per training scan"
              if args.dose_range[0] != args.dose_range[1] else ""), file=sys.stderr)

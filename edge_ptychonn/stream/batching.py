@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .frames import BadFrame, FrameMeta
-from .preprocess import PreprocessConfig, preprocess_into
+from .preprocess import PreprocessConfig, RunningTotal, preprocess_into
 
 
 @dataclass
@@ -76,6 +76,7 @@ class Batcher:
     @preprocess.setter
     def preprocess(self, config: PreprocessConfig) -> None:
         self._preprocess = config
+        self._running = RunningTotal(config.normalize_window)  # normalize 'running': this consumer's frames
         self._shape_ok.clear()
 
     def check_shape(self, frame_hw: tuple[int, int]) -> None:
@@ -119,7 +120,7 @@ class Batcher:
                 raise NoFreeBuffer(f"all {self.n_buffers} batch buffers are in use") from None
             self._current = Batch(buffer, first_added_s=time.perf_counter())
         batch = self._current
-        preprocess_into(image, batch.inputs[batch.n, 0], self._preprocess)
+        preprocess_into(image, batch.inputs[batch.n, 0], self._preprocess, self._running)
         batch.metas.append(meta)
         if batch.n == self.batch_size:
             self._current = None

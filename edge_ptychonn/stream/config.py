@@ -98,6 +98,7 @@ _PREPROCESS: dict[str, tuple[str, Any]] = {
     "scale": ("scale", number()),
     "normalize": ("normalize", text()),
     "referenceTotal": ("reference_total", number()),
+    "normalizeWindow": ("normalize_window", lambda v: v),
 }
 # Keys that configure() may change while running.
 RUNTIME_KEYS = ("batchTimeout", "offset", "scale", "transform", "normalize")

@@ -6,14 +6,28 @@ The steps, in order, each optional:
    given (e.g. 516x516 -> 512x512);
 2. ``bin``: sum of ``bin_factor`` x ``bin_factor`` pixel blocks (photon counts add
    up; e.g. 512 -> 128 with a factor of 4);
-3. ``normalize``: ``"none"``, or ``"total"``: each frame's counts are scaled so
-   that their sum equals ``reference_total`` (the mean total of the frames the
-   model was trained at, kept in the model card's ``preprocess`` block). This
-   makes the input independent of the dose (exposure time, beam current): a
-   frame with a tenth of the photons enters the network at the level it was
-   trained at, only noisier. A frame whose total is not positive is left as it
-   is. One sum and one multiply per frame (about 8 us per 128x128 frame on a
-   2-core machine);
+3. ``normalize``: makes the input independent of the dose (exposure time,
+   beam current): a frame with a tenth of the photons enters the network at the
+   level it was trained at, only noisier. ``reference_total`` is the mean total
+   counts of the frames the model was trained at (the model card's
+   ``preprocess`` block).
+
+   - ``"running"``: each frame is scaled by ``reference_total`` over the mean
+     total of the last ``normalize_window`` frames (default 1024; this one
+     included; a :class:`RunningTotal` that the caller keeps: the live batcher
+     one per consumer, reset when the settings change; ``preprocess`` one per
+     call unless given). Differences between frames stay: the total of a frame
+     tells how much the object under the probe absorbs, which the network uses
+     for the patch's absolute phase. A new dose is followed within a window;
+   - ``"total"``: each frame is scaled so that its own total is
+     ``reference_total``. Stateless, but it removes that absorption cue: the
+     stitched phase of a held-out scan lost 0.07 SSIM (0.713 -> 0.640) with the
+     earlier shipped model, against 0.007 with ``"running"``;
+   - ``"none"``: the counts as they come.
+
+   Frames whose total is not positive are left as they are (and not counted in
+   the running mean). One sum and one multiply per frame (about 8 us per
+   128x128 frame on a 2-core machine);
 4. ``transform``: ``"none"``, ``"sqrt"`` or ``"log1p"`` of the counts (negative
    values, from detector offsets, are clipped to 0 first);
 5. affine: ``(x - offset) * scale``, float32.
@@ -33,7 +47,8 @@ import numpy as np
 from .quote import short_repr
 
 TRANSFORMS = ("none", "sqrt", "log1p")
-NORMALIZATIONS = ("none", "total")
+NORMALIZATIONS = ("none", "running", "total")
+MAX_NORMALIZE_WINDOW = 100_000
 MAX_REFERENCE_TOTAL = 1e15
 MAX_OFFSET = 1e9  # beyond any detector's counts
 MAX_SCALE = 1e6
@@ -49,6 +64,7 @@ class PreprocessConfig:
     scale: float = 1.0
     normalize: str = "none"
     reference_total: float | None = None
+    normalize_window: int = 1024
 
     def __post_init__(self) -> None:
         if self.crop_hw is not None and (len(self.crop_hw) != 2 or min(self.crop_hw) < 1):
@@ -69,9 +85,13 @@ class PreprocessConfig:
             or not (np.isfinite(self.reference_total) and 0 < self.reference_total <= MAX_REFERENCE_TOTAL)
         ):
             raise ValueError(f"referenceTotal must be > 0 and <= {MAX_REFERENCE_TOTAL:g} counts, got {short_repr(self.reference_total)}")
-        if self.normalize == "total" and self.reference_total is None:
-            raise ValueError("normalize 'total' needs referenceTotal (the counts per frame the model was trained at, "
-                             "the model card's preprocess.reference_total)")
+        if self.normalize != "none" and self.reference_total is None:
+            raise ValueError(f"normalize {short_repr(self.normalize)} needs referenceTotal (the counts per frame the "
+                             "model was trained at, the model card's preprocess.reference_total)")
+        if isinstance(self.normalize_window, bool) or not isinstance(self.normalize_window, int) \
+                or not 1 <= self.normalize_window <= MAX_NORMALIZE_WINDOW:
+            raise ValueError(f"normalizeWindow must be an integer 1..{MAX_NORMALIZE_WINDOW}, got "
+                             f"{short_repr(self.normalize_window)}")
         if not (np.isfinite(self.offset) and abs(self.offset) <= MAX_OFFSET):
             raise ValueError(f"offset must be a number within +-{MAX_OFFSET:g}, got {self.offset}")
         if not (np.isfinite(self.scale) and 0 < self.scale <= MAX_SCALE):
@@ -103,11 +123,38 @@ class PreprocessConfig:
         return (frame_hw[0] - self.crop_hw[0]) // 2, (frame_hw[1] - self.crop_hw[1]) // 2
 
 
-def preprocess_into(frame: np.ndarray, out: np.ndarray, config: PreprocessConfig) -> None:
+class RunningTotal:
+    """The mean total counts of the last ``window`` frames (``normalize: "running"``)."""
+
+    def __init__(self, window: int = 1024):
+        self.window = int(window)
+        self._totals = np.zeros(self.window)
+        self._n = 0
+        self._next = 0
+        self._sum = 0.0
+
+    def add(self, total: float) -> float:
+        """Count a frame's ``total`` (if positive); return the mean of the window (0 while empty)."""
+        if total > 0:
+            if self._n == self.window:
+                self._sum -= self._totals[self._next]
+            else:
+                self._n += 1
+            self._totals[self._next] = total
+            self._sum += total
+            self._next = (self._next + 1) % self.window
+            if self._next == 0:  # once per window: no drift from the running sum
+                self._sum = float(self._totals[: self._n].sum())
+        return self._sum / self._n if self._n else 0.0
+
+
+def preprocess_into(frame: np.ndarray, out: np.ndarray, config: PreprocessConfig,
+                    running: RunningTotal | None = None) -> None:
     """Preprocess one 2-D ``frame`` into the float32 array ``out`` (model size).
 
     ``out`` must have the shape ``config.output_shape(frame.shape)``; the caller
-    checks the frame shape once per shape, not per frame.
+    checks the frame shape once per shape, not per frame. ``running``: the
+    caller's :class:`RunningTotal`, needed with ``normalize: "running"``.
     """
     if config.crop_hw is not None:
         y0, x0 = config.crop_origin(frame.shape)
@@ -118,12 +165,21 @@ def preprocess_into(frame: np.ndarray, out: np.ndarray, config: PreprocessConfig
         np.sum(frame.reshape(h // b, b, w // b, b), axis=(1, 3), dtype=np.float32, out=out)
     else:
         out[...] = frame
-    _finish(out, config)
+    _finish(out, config, running)
 
 
-def _finish(out: np.ndarray, config: PreprocessConfig) -> None:
+def _finish(out: np.ndarray, config: PreprocessConfig, running: RunningTotal | None = None) -> None:
     """Steps 3-5 in place on one frame (h, w) or a stack (N, h, w) of float32 counts."""
-    if config.normalize == "total":
+    if config.normalize == "running":
+        if running is None:
+            raise ValueError("normalize 'running' needs the caller's RunningTotal")
+        frames = out[None] if out.ndim == 2 else out
+        for frame in frames:
+            total = float(frame.sum())
+            mean = running.add(total)
+            if total > 0 and mean > 0:
+                frame *= np.float32(config.reference_total / mean)
+    elif config.normalize == "total":
         if out.ndim == 2:  # one frame (the live path): a scalar factor
             total = float(out.sum())
             if total > 0:
@@ -144,8 +200,14 @@ def _finish(out: np.ndarray, config: PreprocessConfig) -> None:
         out *= np.float32(config.scale)
 
 
-def preprocess(frames: np.ndarray, config: PreprocessConfig) -> np.ndarray:
-    """Preprocess a stack ``(N, H, W)`` (or one ``(H, W)`` frame) into float32."""
+def preprocess(frames: np.ndarray, config: PreprocessConfig, running: RunningTotal | None = None) -> np.ndarray:
+    """Preprocess a stack ``(N, H, W)`` (or one ``(H, W)`` frame) into float32.
+
+    With ``normalize: "running"`` the frames are taken in order, with ``running``
+    (a new :class:`RunningTotal` of ``config.normalize_window`` when not given).
+    """
+    if config.normalize == "running" and running is None:
+        running = RunningTotal(config.normalize_window)
     single = frames.ndim == 2
     stack = frames[None] if single else frames
     out = np.empty((len(stack), *config.output_shape(stack.shape[1:])), dtype=np.float32)
@@ -155,5 +217,5 @@ def preprocess(frames: np.ndarray, config: PreprocessConfig) -> np.ndarray:
         geometry_only = PreprocessConfig(config.crop_hw, config.crop_origin_yx, config.bin_factor)
         for frame, slot in zip(stack, out):
             preprocess_into(frame, slot, geometry_only)
-    _finish(out, config)
+    _finish(out, config, running)
     return out[0] if single else out
