@@ -65,7 +65,7 @@ LIMITS = (
     "Trained on simulated data only; real detectors add background, dead pixels, partial coherence and "
     "probe drift that the simulation leaves out.",
     "The probe, overlap and pixel sizes are fixed in training: a different probe needs retraining. "
-    "The photon count is normalised per frame (preprocess.normalize 'total'); the card's accuracy "
+    "The dose is normalised away by the preprocessing (preprocess.normalize); the card's accuracy "
     "section says which doses were checked.",
     "Phase is absolute only up to a constant; scores remove that constant.",
 )
