@@ -604,7 +604,7 @@ def main(args: argparse.Namespace) -> int:
     train_f, train_p, train_a, probe = make_dataset(train_seeds, base, amplitude=args.amplitude, progress=show,
                                                     label="training scans", dose_range=tuple(args.dose_range))
     val_f, val_p, val_a, _ = make_dataset(val_seeds, base, amplitude=args.amplitude, progress=show, label="validation scans")
-    reference = reference_total(val_f) if args.normalize == "total" else None
+    reference = reference_total(val_f) if args.normalize != "none" else None
     pp = choose_preprocess(train_f, args.normalize, reference)
     stitch = StitchSettings()
     mask = probe_weight(probe, stitch.probe_threshold) > 0
