@@ -4,7 +4,7 @@ One schema, read and written only here (:func:`load_card`, :func:`find_card`,
 :func:`save_card`). Everything that needs a model's settings reads them from
 the :class:`ModelCard`: the live processor its preprocessing, ``evaluate``,
 ``train`` and the demo its stitch settings and training scans. It imports no
-torch and no simulator (only ``stream.preprocess``, numpy), so the live path
+torch and no simulator (only ``stream.preprocess``, ``stream.postprocess``, numpy), so the live path
 can import it.
 
 Blocks (JSON keys):
@@ -15,6 +15,10 @@ Blocks (JSON keys):
 - ``preprocess``: :class:`~edge_ptychonn.stream.preprocess.PreprocessConfig`
   fields, the input the network was trained on (the processor's defaults).
 - ``stitch``: :class:`StitchSettings`, which pixels of a predicted patch count.
+- ``output_mask``: :class:`~edge_ptychonn.stream.postprocess.OutputMask`, a
+  disc holding the probe's bright centre in output pixels; the processor sets
+  the published phase outside it to a constant (``outputMask``). Optional: a
+  card without it leaves the outputs as the network gives them.
 - ``model``: :class:`ModelConfig`, the architecture.
 - ``training``: :class:`Training`, how it was trained, including the simulated
   scan settings (``scan_settings``, a ``ScanSettings`` as a dict) from which
@@ -29,7 +33,7 @@ would otherwise be ignored without a word); only ``accuracy`` and
 ``training.scan_settings`` are kept as written (``ScanSettings.from_dict``
 checks the latter where scans are simulated). Missing keys take the defaults
 below (``null`` too), so a card with only a ``preprocess`` block is valid. Settings blocks
-(``preprocess``, ``stitch``, ``model``) are saved complete; ``None`` entries of
+(``preprocess``, ``stitch``, ``model``, ``output_mask``) are saved complete; ``None`` entries of
 the card and of its ``training`` record are left out.
 
 ``default_model_path()`` finds the shipped model however the project is
@@ -44,6 +48,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
 
+from edge_ptychonn.stream.postprocess import OutputMask
 from edge_ptychonn.stream.preprocess import PreprocessConfig
 
 CARD_VERSION = 1
@@ -101,6 +106,8 @@ class Training:
 
     ``scan_settings``: the simulated scans' ``ScanSettings`` as a dict (seed
     ``None``); ``eval_n_positions``: positions of a held-out scan;
+    ``dose_range``: the photon-count factors of the training scans (dose
+    augmentation, log-uniform), when not all at ``scan_settings.photons``;
     ``continued_from``: the record of the run whose weights this one started
     from (``--init-from``), itself possibly continued from another.
     """
@@ -132,6 +139,7 @@ class Training:
     command: str | None = None
     checkpoint: str | None = None
     init_from: str | None = None
+    dose_range: tuple[float, float] | None = None
     continued_from: Training | None = None
 
 
@@ -144,6 +152,7 @@ class ModelCard:
     outputs: tuple[str, ...] = ("phase",)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     stitch: StitchSettings = field(default_factory=StitchSettings)
+    output_mask: OutputMask | None = None
     model: ModelConfig | None = None
     training: Training | None = None
     limits: tuple[str, ...] = ()
@@ -178,7 +187,7 @@ class ModelCard:
 
 
 # the dataclasses written as JSON objects; the fields kept as written (JSON objects)
-_BLOCKS = {PreprocessConfig, StitchSettings, ModelConfig, Training, ModelCard}
+_BLOCKS = {PreprocessConfig, StitchSettings, OutputMask, ModelConfig, Training, ModelCard}
 _VERBATIM = {"accuracy", "scan_settings"}
 
 
@@ -214,8 +223,8 @@ def _from_json(cls: type, value: Any, where: str):
 def _block_type(cls: type, name: str) -> type | None:
     """The typed block class of field ``name`` of ``cls``, if it is one."""
     if cls is ModelCard:
-        return {"preprocess": PreprocessConfig, "stitch": StitchSettings, "model": ModelConfig,
-                "training": Training}.get(name)
+        return {"preprocess": PreprocessConfig, "stitch": StitchSettings, "output_mask": OutputMask,
+                "model": ModelConfig, "training": Training}.get(name)
     if cls is Training and name == "continued_from":
         return Training
     return None

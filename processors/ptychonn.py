@@ -23,7 +23,9 @@ Output (``--output-channel``)
     (model output size, radians), the input's ``uniqueId``, ``timeStamp``,
     ``dataTimeStamp`` and attributes, plus a string attribute ``modelId`` naming
     the model that made it: its card's name (else the file's stem) and the
-    first 12 hex digits of the ONNX file's SHA-256, e.g. ``ptychonn sha256:1a2b3c4d5e6f``.
+    first 12 hex digits of the ONNX file's SHA-256, e.g. ``ptychonn sha256:1a2b3c4d5e6f``;
+    0 rad outside the illuminated region (the model card's ``output_mask``;
+    ``outputMask`` false: the raw output).
 Processor arguments (``--processor-args`` JSON; camelCase)
     modelPath (str; default: the shipped model, found however the project is installed)
     engine ('auto' | 'tensorrt' | 'torch' | 'onnxruntime' | 'zero'; default 'auto')
@@ -34,17 +36,22 @@ Processor arguments (``--processor-args`` JSON; camelCase)
     queueBatches (default 16: beyond, frames are dropped at the door and counted);
     maxPendingFrames (frames kept before the engine is ready, default 2000)
     cpuThreads (0: all cores but one); crop [h, w]; cropOrigin [y0, x0]; bin (int);
-    transform ('none' | 'sqrt' | 'log1p'); offset; scale (> 0).
+    normalize ('none' | 'running': each frame scaled by referenceTotal over the mean total of the
+    last normalizeWindow frames | 'total': each frame scaled to referenceTotal counts);
+    referenceTotal (> 0); normalizeWindow (frames, default 1024);
+    transform ('none' | 'sqrt' | 'log1p'); offset; scale (> 0);
+    outputMask (bool; default true when the card has an output_mask).
     Preprocessing defaults come from the model card (model.json) when present.
 Run-time changes (control channel ``configure``, e.g. ``edge-ptychonn configure``)
-    batchTimeout, offset, scale, transform, modelPath. Anything else is refused and nothing changes.
+    batchTimeout, offset, scale, transform, normalize, modelPath. Anything else is refused and nothing changes.
     ``modelPath`` swaps the model without a restart: an engine of the running kind
     (same engine, device and precision as now) is built for it on PvaPy's configure
     thread, beside the running one, while frames keep arriving and being published;
     then the consumer switches at a batch boundary: frames preprocessed before the
     switch run on the old model, later ones on the new, none lost or run twice. The
-    new model's card gives offset, scale and transform as at start-up (keys given
-    with modelPath win; no card: 0, 1, none); crop, cropOrigin and bin stay. A
+    new model's card gives offset, scale, transform, the normalisation and the
+    output mask as at start-up (keys given with modelPath win; no card: 0, 1, none,
+    none, no mask); crop, cropOrigin and bin stay. A
     model that does not fit is refused with the reason ("Configuration failed:
     ...") and nothing changes: another input size than the running model's, a
     file that is missing or not ONNX, a malformed card, an engine that fails to

@@ -50,6 +50,7 @@ def test_held_out_settings_come_from_the_card():
     s = held_out_settings(card, 7, family="siemens")
     assert (s.seed, s.family, s.n_positions, s.photons) == (7, "siemens", 100, 1e5)
     assert held_out_settings(card, 7, n_positions=9).n_positions == 9
+    assert held_out_settings(card, 7, photons=1e7).photons == 1e7  # evaluate --photons
     assert held_out_settings(None, 3) == ScanSettings(seed=3, n_positions=DEFAULT_EVAL_N_POSITIONS)
     with pytest.raises(ValueError, match="FAMILY:SEED"):
         parse_scan_spec("mixed")
@@ -74,7 +75,7 @@ def test_evaluate_command_with_a_model_without_card(external_model, tmp_path, ca
                    "--json", str(tmp_path / "s.json")])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
-    assert "no model card beside" in captured.err and "onnxruntime on cpu" in captured.out
+    assert "no model card beside" in captured.err and "onnxruntime fp32 on cpu" in captured.out
     assert json.loads((tmp_path / "s.json").read_text())["mixed:1001"]["n_frames"] == 12
 
 
@@ -83,8 +84,26 @@ def test_evaluate_command_with_a_model_without_card(external_model, tmp_path, ca
     (["--simulate", "mixed"], "FAMILY:SEED"),
     (["--model", "nope.onnx", "--simulate", "mixed:1"], "model nope.onnx not found"),
     ([], "give at least one --scan"),
+    (["--simulate", "mixed:1", "--photons", "0"], "--photons must be > 0"),
+    (["--simulate", "mixed:1", "--precision", "fp8"], "fp8"),
 ])
 def test_evaluate_refuses_bad_arguments_on_stderr(argv, message, capsys):
     assert cli.main(["evaluate", *argv]) == 2
     captured = capsys.readouterr()
     assert message in captured.err and captured.out == ""
+
+
+def test_evaluate_scores_the_published_patches_at_any_dose(tmp_path, capsys):
+    """The shipped model at a tenth of its training dose, through its card's normalisation and
+    output mask: the stitched scores equal those of the raw patches, and the patches are 0
+    outside the illuminated region (the raw network output is not)."""
+    base = ["evaluate", "--simulate", "mixed:1001", "--n-positions", "48", "--photons", "1e5",
+            "--engine", "onnxruntime", "--threads", "1", "--quiet"]
+    assert cli.main([*base, "--json", str(tmp_path / "masked.json")]) == 0
+    assert cli.main([*base, "--json", str(tmp_path / "raw.json"), "--no-output-mask"]) == 0
+    capsys.readouterr()
+    masked = json.loads((tmp_path / "masked.json").read_text())["mixed:1001"]
+    raw = json.loads((tmp_path / "raw.json").read_text())["mixed:1001"]
+    assert masked["model"] == raw["model"]
+    assert masked["model"]["ssim"] > masked["baselines"]["zeros"]["ssim"] + 0.1  # not a constant prediction
+    assert raw["patches"]["outside_max_abs_rad"] > masked["patches"]["outside_max_abs_rad"]

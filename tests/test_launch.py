@@ -138,6 +138,7 @@ def test_launch_runs_a_small_chain_to_the_end(pva_env, tmp_path):
     from edge_ptychonn.science.stitch import Stitcher, probe_weight
     from edge_ptychonn.stream.config import parse_processor_args
     from edge_ptychonn.stream.preprocess import preprocess
+    from edge_ptychonn.stream.postprocess import apply_output_mask
     from engines import EngineOptions, create_engine
 
     n = 49
@@ -197,20 +198,24 @@ modelCard = "{MODEL.with_suffix('.json')}"
     assert _pids_alive(out) == [], "launch left processes running"
 
     # HDF5: exactly one image per input uniqueId, with the inference output's values
-    ids, images = [], []
-    for path in sorted((tmp_path / "h5").glob("*.h5")):
-        with h5py.File(path, "r") as f:
-            ids += f["uniqueId"][:].tolist()
-            images.append(f["data"][:])
-            assert json.loads(f.attrs["modelCard"])["name"] == "ptychonn"
-    images = np.concatenate(images)
-    assert sorted(ids) == list(range(1, n + 1))
+    # (one file per consumer: its frames in the order it preprocessed them, which the
+    # card's running normalisation follows; then the card's output mask)
+    ids, images, expected = [], [], []
     config, _ = parse_processor_args({"modelPath": str(MODEL)})
     engine = create_engine("onnxruntime", EngineOptions(MODEL, max_batch=8, cpu_threads=1))
-    x = preprocess(frames, config.preprocess)[:, None]
-    expected = np.concatenate([engine.infer(x[i : i + 8]) for i in range(0, n, 8)])[:, 0]
-    for uid, image in zip(ids, images):
-        np.testing.assert_allclose(image, expected[uid - 1], atol=1e-4)
+    for path in sorted((tmp_path / "h5").glob("*.h5")):
+        with h5py.File(path, "r") as f:
+            file_ids = f["uniqueId"][:].tolist()
+            ids += file_ids
+            images.append(f["data"][:])
+            assert json.loads(f.attrs["modelCard"])["name"] == "ptychonn"
+        x = preprocess(frames[np.array(file_ids) - 1], config.preprocess)[:, None]
+        expected.append(apply_output_mask(
+            np.concatenate([engine.infer(x[i : i + 8]) for i in range(0, len(x), 8)]), config.output_mask)[:, 0])
+    images, expected = np.concatenate(images), np.concatenate(expected)
+    assert sorted(ids) == list(range(1, n + 1))
+    for image, want in zip(images, expected):
+        np.testing.assert_allclose(image, want, atol=1e-4)
 
     # the stitched image equals the offline stitching of the same outputs
     live = np.load(tmp_path / "stitched" / "stitch_scan0001.npy")

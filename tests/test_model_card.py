@@ -25,12 +25,16 @@ def test_the_shipped_card_loads_and_round_trips():
     assert model.is_file() and model.name == "ptychonn.onnx"
     card = load_card(model)
     assert card.version == CARD_VERSION and card.name == "ptychonn" and card.input_size == 128
-    assert card.preprocess == PreprocessConfig(transform="sqrt", scale=0.0184)
+    assert card.preprocess == PreprocessConfig(transform="sqrt", scale=0.0184, normalize="running",
+                                               reference_total=959800.0, normalize_window=1024)
+    assert card.output_mask is not None and card.output_mask.fill_rad == 0.0
     assert card.stitch == StitchSettings(probe_threshold=0.1, min_cover_weight=0.5)
     assert card.model == ModelConfig(width=16, depth=4, input_size=128)
     assert card.training.eval_n_positions == 1024 and card.training.scan_settings["family"] == "mixed"
-    assert card.training.continued_from.epochs_run == 8  # a run continued from an earlier one
+    # a run continued from earlier ones: the first (8 epochs) is three stages back
+    assert card.training.continued_from.continued_from.continued_from.epochs_run == 8
     assert set(card.accuracy["scans"]) >= {"mixed:1001", "siemens:1001"}
+    assert set(card.accuracy["doses"]) == {"1e5", "1e7"} and card.accuracy["precision"]["scans"]
     assert ModelCard.from_dict(card.to_dict()) == card
     assert card.to_dict() == json.loads(card_path(model).read_text())  # the file is in the current form
 

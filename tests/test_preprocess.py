@@ -62,3 +62,108 @@ def test_shapes_that_do_not_fit_are_refused():
         PreprocessConfig(crop_hw=(10, 10)).output_shape((8, 8))
     with pytest.raises(ValueError, match="does not divide"):
         PreprocessConfig(bin_factor=3).output_shape((8, 8))
+
+
+# -- per-frame normalisation (dose) ------------------------------------------------------
+
+def test_total_normalisation_scales_each_frame_to_the_reference_total(rng):
+    frames = rng.poisson(5.0, (4, 16, 16)).astype(np.int16) * np.array([1, 3, 10, 100], np.int16)[:, None, None]
+    config = PreprocessConfig(normalize="total", reference_total=1000.0)
+    out = preprocess(frames, config)
+    np.testing.assert_allclose(out.sum(axis=(1, 2)), 1000.0, rtol=1e-5)
+    # each frame keeps its shape: only one factor per frame
+    np.testing.assert_allclose(out[0] * frames[0].sum() / 1000.0, frames[0], rtol=1e-5, atol=1e-5)
+    # the live path (one frame into a slot) gives the same as the stack
+    slot = np.empty((16, 16), np.float32)
+    preprocess_into(frames[2], slot, config)
+    np.testing.assert_allclose(slot, out[2], rtol=1e-6)
+
+
+def test_normalised_input_does_not_depend_on_the_dose(rng):
+    frame = rng.poisson(20.0, (32, 32)).astype(np.int32)
+    config = PreprocessConfig(normalize="total", reference_total=5e4, transform="sqrt", scale=0.02)
+    np.testing.assert_allclose(preprocess(frame * 10, config), preprocess(frame, config), rtol=1e-5)
+    plain = PreprocessConfig(transform="sqrt", scale=0.02)
+    assert not np.allclose(preprocess(frame * 10, plain), preprocess(frame, plain))
+
+
+def test_normalisation_after_crop_and_bin_and_empty_frames_left_alone():
+    frame = np.zeros((8, 8), np.uint16)
+    frame[2:6, 2:6] = 3  # 48 counts inside the crop, 0 outside
+    frame[0, 0] = 1000  # outside the crop: does not count
+    config = PreprocessConfig(crop_hw=(4, 4), crop_origin_yx=(2, 2), bin_factor=2, normalize="total", reference_total=96.0)
+    np.testing.assert_allclose(preprocess(frame, config), np.full((2, 2), 24.0))
+    empty = np.zeros((2, 4, 4), np.int16)
+    np.testing.assert_array_equal(preprocess(empty, PreprocessConfig(normalize="total", reference_total=10.0)), 0.0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"normalize": "peak"}, "normalize must be one of"),
+        ({"normalize": "total"}, "normalize 'total' needs referenceTotal"),
+        ({"normalize": "running"}, "normalize 'running' needs referenceTotal"),
+        ({"normalize": "total", "reference_total": 0.0}, "referenceTotal must be > 0"),
+        ({"reference_total": float("inf")}, "referenceTotal must be > 0"),
+        ({"reference_total": True}, "referenceTotal must be > 0"),
+    ],
+)
+def test_invalid_normalisation_is_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        PreprocessConfig(**kwargs)
+
+
+def test_normalize_is_a_processor_argument_and_changes_at_run_time(small_model):
+    from edge_ptychonn.stream.config import apply_runtime_changes, parse_processor_args, runtime_settings
+
+    with pytest.raises(ValueError, match="referenceTotal"):
+        parse_processor_args({"modelPath": str(small_model), "normalize": "total"})
+    config, _ = parse_processor_args({"modelPath": str(small_model), "normalize": "total", "referenceTotal": 1e6})
+    assert (config.preprocess.normalize, config.preprocess.reference_total) == ("total", 1e6)
+    assert runtime_settings(config)["normalize"] == "total"
+    new, applied = apply_runtime_changes(config, {"normalize": "none"})
+    assert applied == {"normalize": "none"} and new.preprocess.normalize == "none"
+    assert new.preprocess.reference_total == 1e6  # kept: 'total' can be turned on again
+    for bad in ({"normalize": "peak"}, {"normalize": 3}, {"referenceTotal": 5.0}):
+        with pytest.raises(ValueError):
+            apply_runtime_changes(config, bad)
+
+
+def test_running_normalisation_follows_the_dose_and_keeps_differences_between_frames(rng):
+    from edge_ptychonn.stream.preprocess import RunningTotal
+
+    frames = rng.poisson(20.0, (12, 16, 16)).astype(np.float32)
+    frames[1::2] *= 0.9  # every other frame absorbs 10 % more
+    config = PreprocessConfig(normalize="running", reference_total=1000.0, normalize_window=4)
+    out = preprocess(frames, config)
+    totals = frames.sum(axis=(1, 2))
+    for k in range(12):  # each frame over the mean of the last 4 (fewer at the start)
+        np.testing.assert_allclose(out[k].sum(), 1000.0 * totals[k] / totals[max(0, k - 3) : k + 1].mean(), rtol=1e-5)
+    # the 10 % difference between neighbours stays (within the window's drift); 'total' removes it
+    assert out[5].sum() / out[4].sum() == pytest.approx(totals[5] / totals[4], rel=0.01)
+    assert abs(totals[5] / totals[4] - 1) > 0.05
+    # a ten times higher dose gives the same input once the window has filled
+    high = preprocess(frames * 10, config)
+    np.testing.assert_allclose(high, out, rtol=1e-5)
+    # the live path: one frame at a time with the caller's RunningTotal, the same as the stack
+    running, slot = RunningTotal(4), np.empty((16, 16), np.float32)
+    for k in range(12):
+        preprocess_into(frames[k], slot, config, running)
+        np.testing.assert_allclose(slot, out[k], rtol=1e-5)
+    with pytest.raises(ValueError, match="RunningTotal"):
+        preprocess_into(frames[0], slot, config)
+    # empty frames are neither scaled nor counted
+    assert RunningTotal(3).add(0.0) == 0.0
+    with pytest.raises(ValueError, match="normalizeWindow"):
+        PreprocessConfig(normalize="running", reference_total=1.0, normalize_window=0)
+
+
+def test_the_shipped_card_normalises_to_its_training_total():
+    from edge_ptychonn.model_card import default_model_path, load_card
+
+    card = load_card(default_model_path())
+    pp = card.preprocess
+    assert pp.normalize == "running" and pp.normalize_window == 1024
+    photons = card.training.scan_settings["photons"]
+    # the reference is the mean total of frames at the training photons (a little below: absorption)
+    assert 0.8 * photons < pp.reference_total <= photons

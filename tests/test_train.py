@@ -99,7 +99,12 @@ def test_train_command_writes_onnx_sidecar_and_card(tmp_path):
     assert ModelCard.from_dict(meta) == card and meta["version"] == 1
     assert card.stitch.probe_threshold == 0.1 and card.training.eval_n_positions == 1024
     assert meta["input_size"] == 128 and meta["outputs"] == ["phase"]
-    assert set(meta["preprocess"]) == {"crop_hw", "crop_origin_yx", "bin_factor", "transform", "offset", "scale"}
+    assert set(meta["preprocess"]) == {"crop_hw", "crop_origin_yx", "bin_factor", "transform", "offset", "scale",
+                                       "normalize", "reference_total", "normalize_window"}
+    # normalised to the mean total of the validation frames (at the training photons, less absorption)
+    assert meta["preprocess"]["normalize"] == "running" and 0.8e6 < meta["preprocess"]["reference_total"] <= 1e6
+    # the output mask: a disc at the patch centre holding the probe's bright centre (about 21 px)
+    assert meta["output_mask"]["centre_yx"] == [63.5, 63.5] and 20 < meta["output_mask"]["radius_px"] < 24
     assert meta["model"] == ModelConfig(width=4, depth=2).to_dict()
     assert len(meta["training"]["val_loss"]) == 1 and "accuracy" in meta
     assert "## Accuracy" in out.with_suffix(".md").read_text()
@@ -117,6 +122,15 @@ def test_train_command_writes_onnx_sidecar_and_card(tmp_path):
     assert meta2["training"]["continued_from"]["epochs_run"] == 1
     assert meta2["preprocess"] == meta["preprocess"]
     assert "Total training time" in (tmp_path / "m2.md").read_text()
+
+    # continue from the exported ONNX model (BatchNorm folded there, unfolded again), with dose augmentation
+    rc = cli.main(["train", "--out", str(tmp_path / "m3"), "--train-scans", "2", "--positions-per-scan", "16",
+                   "--val-scans", "1", "--epochs", "1", "--width", "4", "--depth", "2", "--eval", "--quiet",
+                   "--init-from", str(out.with_suffix(".onnx")), "--dose-range", "0.1", "10"])
+    assert rc == 0
+    meta3 = json.loads((tmp_path / "m3.json").read_text())
+    assert meta3["training"]["continued_from"]["epochs_run"] == 1 and meta3["training"]["dose_range"] == [0.1, 10.0]
+    assert meta3["preprocess"]["scale"] == meta["preprocess"]["scale"]  # the earlier run's input scaling
 
     # evaluate scores a scan file with the exported model, baselines beside
     frames, truth = simulate_scan(ScanSettings(seed=1001, n_positions=25), progress=False)
@@ -139,3 +153,35 @@ def test_bad_training_arguments(capsys):
     assert "train-scans" in capsys.readouterr().err
     assert cli.main(["train", "--eval", "mixed"]) == 2  # refused before any training
     assert "FAMILY:SEED" in capsys.readouterr().err
+    assert cli.main(["train", "--dose-range", "10", "0.1"]) == 2
+    assert "dose-range must be 0 < LOW <= HIGH" in capsys.readouterr().err
+    assert cli.main(["train", "--init-from", "/nonexistent/model.onnx"]) == 2
+    assert "is not a file" in capsys.readouterr().err
+
+
+def test_an_exported_model_continues_training_from_the_same_function(small_model):
+    """Loading a folded ONNX export into a BatchNorm model reproduces it exactly in eval mode."""
+    import torch
+
+    from edge_ptychonn.science.model import ModelConfig, build_model, from_onnx
+    from edge_ptychonn.science.train import load_onnx_weights
+
+    x = torch.from_numpy(np.random.default_rng(0).poisson(30, (16, 1, 64, 64)).astype(np.float32) / 30)
+    model = build_model(ModelConfig(width=8, depth=3, input_size=64), seed=5)  # other weights than the export
+    load_onnx_weights(model, small_model, x)
+    with torch.no_grad():
+        reference = from_onnx(small_model).eval()(x)
+        assert float((model.eval()(x) - reference).abs().max()) < 1e-4
+        trained_mode = model.train()(x)  # batch statistics: nearly the same function
+    assert float((trained_mode - reference).abs().mean()) < 0.05 * float(reference.abs().mean()) + 1e-3
+    with pytest.raises(ValueError, match="not"):
+        load_onnx_weights(build_model(ModelConfig(width=4, depth=3, input_size=64)), small_model, x)
+
+
+def test_dose_factors_are_log_uniform_and_fixed_by_the_seed():
+    from edge_ptychonn.science.train import dose_factor
+
+    factors = np.array([dose_factor(seed, (0.1, 10.0)) for seed in range(400)])
+    assert factors.min() >= 0.1 and factors.max() <= 10.0
+    assert 0.35 < np.mean(factors < 1.0) < 0.65  # log-uniform: half below the nominal dose
+    assert dose_factor(7, (0.1, 10.0)) == dose_factor(7, (0.1, 10.0)) and dose_factor(7, (1.0, 1.0)) == 1.0

@@ -5,16 +5,20 @@ The one home of stitch-and-score, shared by ``edge-ptychonn evaluate``,
 stitched from the frames that came back over PvaPy):
 
 - :func:`predict` runs frames through the model's preprocessing (its card's
-  ``preprocess`` block, as in the live pipeline) and any engine
-  (``engines.create_engine``; any batch: fixed-batch models are padded);
+  ``preprocess`` block, as in the live pipeline), any engine
+  (``engines.create_engine``; any batch: fixed-batch models are padded) and,
+  when given, the output mask (the card's ``output_mask``, as the processor
+  publishes: a constant outside the illuminated region);
 - :func:`score_scan` stitches predicted patches with the probe weight
   (``|probe|**2`` above the card's ``stitch.probe_threshold`` of its peak) and
   scores the stitched phase against the ground truth over the well-covered
   region (summed weight >= ``stitch.min_cover_weight``), after removing the
   constant phase offset: SSIM, PSNR, RMSE (``metrics.score_phase``), per-patch
-  RMSE, and the same scores for the trivial baselines;
+  RMSE, the largest |phase| of any patch outside the bright centre (what a
+  viewer of single patches sees there), and the same scores for the trivial
+  baselines;
 - :func:`held_out_settings` gives the settings of a held-out scan: the model's
-  training scan settings with a new seed (and family) and
+  training scan settings with a new seed (and family, and photons) and
   ``training.eval_n_positions`` positions.
 """
 
@@ -30,7 +34,8 @@ from edge_ptychonn.progress import Progress
 from edge_ptychonn.science.metrics import baseline_scores, patch_errors, score_phase, summarise_patch_errors
 from edge_ptychonn.science.simulate import FAMILIES, ScanSettings, ScanTruth, simulate_scan
 from edge_ptychonn.science.stitch import Stitcher, probe_weight
-from edge_ptychonn.stream.preprocess import PreprocessConfig, preprocess
+from edge_ptychonn.stream.postprocess import OutputMask, apply_output_mask
+from edge_ptychonn.stream.preprocess import PreprocessConfig, RunningTotal, preprocess
 
 DEFAULT_EVAL_N_POSITIONS = 1024
 
@@ -49,20 +54,24 @@ class ScanResult:
 
 
 def open_engine(model_path: str | Path, engine: str = "auto", *, device: str = "auto", batch_size: int = 64,
-                threads: int = 2):
-    """An engine (``engines.create_engine``) for scoring: any engine, batches up to ``batch_size``."""
+                threads: int = 2, precision: str = "fp32"):
+    """An engine (``engines.create_engine``) for scoring: any engine, batches up to ``batch_size``;
+    ``precision`` as the processor's (``auto`` with engine ``auto``: what a consumer would pick)."""
     from engines import EngineOptions, create_engine
 
     return create_engine(engine, EngineOptions(Path(model_path), device=device, max_batch=batch_size,
-                                               cpu_threads=threads))
+                                               cpu_threads=threads, precision=precision))
 
 
-def predict(engine, frames: np.ndarray, pp: PreprocessConfig, progress: Progress | None = None) -> np.ndarray:
-    """Raw frames (N, H, W) -> phase patches (N, h, w) float32 through ``engine``."""
+def predict(engine, frames: np.ndarray, pp: PreprocessConfig, progress: Progress | None = None,
+            output_mask: OutputMask | None = None) -> np.ndarray:
+    """Raw frames (N, H, W) -> phase patches (N, h, w) float32 through ``engine``
+    (and ``output_mask``, when given, as the processor applies it)."""
     out = []
+    running = RunningTotal(pp.normalize_window)  # normalize 'running': over this scan's frames, in order
     for start in range(0, len(frames), engine.max_batch):
-        x = preprocess(frames[start : start + engine.max_batch], pp)[:, None]
-        out.append(engine.infer(x)[:, 0])
+        x = preprocess(frames[start : start + engine.max_batch], pp, running)[:, None]
+        out.append(apply_output_mask(engine.infer(x), output_mask)[:, 0])
         if progress is not None:
             progress.update(len(x))
     return np.concatenate(out).astype(np.float32, copy=False)
@@ -90,18 +99,20 @@ def score_scan(name: str, predicted: np.ndarray, truth: ScanTruth, stitch: Stitc
         truth.object_phase, covered, patches_phase=truth.patches_phase, positions_px=truth.positions_px, weight=weight
     )
     patch = summarise_patch_errors(patch_errors(predicted, truth.patches_phase[indices], weight))
+    # what a viewer of single patches sees beyond the bright centre (the stitcher ignores it)
+    patch["outside_max_abs_rad"] = float(np.abs(predicted[:, weight == 0]).max()) if np.any(weight == 0) else 0.0
     return ScanResult(name, scores, baselines, patch, len(predicted), image, covered)
 
 
 def held_out_settings(card: ModelCard | None, seed: int, *, family: str | None = None,
-                      n_positions: int | None = None) -> ScanSettings:
+                      n_positions: int | None = None, photons: float | None = None) -> ScanSettings:
     """A held-out scan: the card's training scan settings (else the simulator's
-    defaults) with ``seed``, ``family`` if given, and ``n_positions`` (default:
+    defaults) with ``seed``, ``family`` and ``photons`` if given, and ``n_positions`` (default:
     the card's ``training.eval_n_positions``, else :data:`DEFAULT_EVAL_N_POSITIONS`)."""
     training = card.training if card is not None else None
     base = ScanSettings.from_dict(training.scan_settings) if training and training.scan_settings else ScanSettings()
     n = n_positions or (training.eval_n_positions if training else None) or DEFAULT_EVAL_N_POSITIONS
-    return replace(base, seed=seed, n_positions=n, family=family or base.family)
+    return replace(base, seed=seed, n_positions=n, family=family or base.family, photons=photons or base.photons)
 
 
 def parse_scan_spec(spec: str) -> tuple[str, int]:
@@ -116,35 +127,38 @@ def parse_scan_spec(spec: str) -> tuple[str, int]:
     return family, seed
 
 
-def simulate_held_out(specs: list[str], card: ModelCard | None, n_positions: int | None = None):
+def simulate_held_out(specs: list[str], card: ModelCard | None, n_positions: int | None = None,
+                      photons: float | None = None):
     """``[(spec, frames, truth)]`` for ``FAMILY:SEED`` specs, simulated with :func:`held_out_settings`."""
     scans = []
     for spec in specs:
         family, seed = parse_scan_spec(spec)
-        frames, truth = simulate_scan(held_out_settings(card, seed, family=family, n_positions=n_positions),
-                                      progress=False)
+        frames, truth = simulate_scan(held_out_settings(card, seed, family=family, n_positions=n_positions,
+                                                        photons=photons), progress=False)
         scans.append((spec, frames, truth))
     return scans
 
 
 def evaluate_scans(engine, pp: PreprocessConfig, scans: list[tuple[str, np.ndarray, ScanTruth]],
-                   stitch: StitchSettings = StitchSettings(), *, progress: bool = True) -> list[ScanResult]:
-    """Predict every scan's frames with ``engine`` and score each (:func:`score_scan`)."""
+                   stitch: StitchSettings = StitchSettings(), *, progress: bool = True,
+                   output_mask: OutputMask | None = None) -> list[ScanResult]:
+    """Predict every scan's frames with ``engine`` (and ``output_mask``) and score each (:func:`score_scan`)."""
     results = []
     for name, frames, truth in scans:
         bar = Progress(len(frames), f"predict {name}", unit="frames", enabled=progress)
-        predicted = predict(engine, frames, pp, bar)
+        predicted = predict(engine, frames, pp, bar, output_mask)
         bar.close()
         results.append(score_scan(name, predicted, truth, stitch))
     return results
 
 
 def results_table(results: list[ScanResult]) -> str:
-    rows = [f"{'scan':<16} {'method':<11} {'SSIM':>6} {'PSNR dB':>8} {'RMSE rad':>9} {'patch RMSE':>11}"]
+    rows = [f"{'scan':<16} {'method':<11} {'SSIM':>6} {'PSNR dB':>8} {'RMSE rad':>9} {'patch RMSE':>11} "
+            f"{'max|phase| outside':>19}"]
     for r in results:
         s = r.scores
         rows.append(f"{r.name:<16} {'model':<11} {s['ssim']:6.3f} {s['psnr_db']:8.2f} {s['rmse_rad']:9.4f} "
-                    f"{r.patch['patch_rmse_median_rad']:11.4f}")
+                    f"{r.patch['patch_rmse_median_rad']:11.4f} {r.patch['outside_max_abs_rad']:19.3f}")
         for b, bs in r.baselines.items():
             rows.append(f"{'':<16} {b:<11} {bs['ssim']:6.3f} {bs['psnr_db']:8.2f} {bs['rmse_rad']:9.4f} {'':>11}")
     return "\n".join(rows)

@@ -9,9 +9,14 @@ same scores for the trivial baselines.
 Scans come from files (``--scan PREFIX``, written by ``edge-ptychonn
 simulate``) or are simulated on the fly (``--simulate FAMILY:SEED``) with the
 model's training scan settings (photons, overlap, phase range, density, probe),
-changing only the object family and the seed. A model without a card (e.g.
-edgePtychoNN's) is scored with no preprocessing, the default stitch settings
-and the simulator's default scans.
+changing only the object family and the seed (and the photons, with
+``--photons``). A model without a card (e.g. edgePtychoNN's) is scored with no
+preprocessing, the default stitch settings and the simulator's default scans.
+
+The patches are scored as the processor publishes them: with the card's
+output mask (a constant outside the illuminated region) unless
+``--no-output-mask``; the stitched scores are the same either way, since
+stitching weights only the probe's bright centre.
 """
 
 from __future__ import annotations
@@ -43,10 +48,18 @@ def get_args_parser(prog: str = "edge-ptychonn evaluate") -> argparse.ArgumentPa
     p.add_argument("--scan", action="append", default=[], help="scan prefix written by 'edge-ptychonn simulate' (repeatable)")
     p.add_argument("--simulate", action="append", default=[], metavar="FAMILY:SEED",
                    help="simulate a scan with the model's training settings but this family and seed (repeatable)")
+    p.add_argument("--photons", type=float, default=None,
+                   help="photons per exposure of the --simulate scans (default: the card's training photons), "
+                        "e.g. 1e5 for a tenth of the default dose")
+    p.add_argument("--no-output-mask", dest="output_mask", action="store_false",
+                   help="score the network's raw patches, without the card's output mask")
     p.add_argument("--n-positions", type=int, default=None,
                    help=f"positions per simulated scan (default: the card's training.eval_n_positions, "
                         f"else {accuracy.DEFAULT_EVAL_N_POSITIONS})")
     p.add_argument("--engine", default="auto", help="inference engine: auto, onnxruntime, torch (default: %(default)s)")
+    p.add_argument("--precision", default="fp32",
+                   help="fp32, bf16, fp16, tf32 (what the engine offers), or auto: with --engine auto the precision "
+                        "a consumer on this machine picks (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=64, help="frames per inference batch (default: %(default)s)")
     p.add_argument("--threads", type=int, default=2, help="engine CPU threads (default: %(default)s)")
@@ -60,13 +73,16 @@ def main(args: argparse.Namespace) -> int:
     if not args.scan and not args.simulate:
         print("edge-ptychonn evaluate: give at least one --scan PREFIX or --simulate FAMILY:SEED", file=sys.stderr)
         return 2
+    if args.photons is not None and not (np.isfinite(args.photons) and args.photons > 0):
+        print(f"edge-ptychonn evaluate: --photons must be > 0, got {args.photons}", file=sys.stderr)
+        return 2
     t0 = time.monotonic()
     try:
         if not Path(args.model).is_file():
             raise FileNotFoundError(f"model {args.model} not found")
         card = find_card(args.model)
         engine = accuracy.open_engine(args.model, args.engine, device=args.device, batch_size=args.batch_size,
-                                      threads=args.threads)
+                                      threads=args.threads, precision=args.precision)
     except (ValueError, FileNotFoundError, EngineUnavailable) as exc:
         print(f"edge-ptychonn evaluate: {exc}", file=sys.stderr)
         return 2
@@ -75,16 +91,17 @@ def main(args: argparse.Namespace) -> int:
               "settings, the simulator's default scans", file=sys.stderr)
     try:
         scans = [(Path(path).name, *load_scan(path)) for path in args.scan]
-        scans += accuracy.simulate_held_out(args.simulate, card, args.n_positions)
+        scans += accuracy.simulate_held_out(args.simulate, card, args.n_positions, args.photons)
         card = card or ModelCard()
-        results = accuracy.evaluate_scans(engine, card.preprocess, scans, card.stitch, progress=not args.quiet)
+        results = accuracy.evaluate_scans(engine, card.preprocess, scans, card.stitch, progress=not args.quiet,
+                                          output_mask=card.output_mask if args.output_mask else None)
     except (ValueError, FileNotFoundError) as exc:
         print(f"edge-ptychonn evaluate: {exc}", file=sys.stderr)
         return 2
     finally:
         engine.close()
     print(accuracy.results_table(results))
-    print(f"({sum(r.n_frames for r in results)} frames in {time.monotonic() - t0:.1f} s with {engine.name} on "
+    print(f"({sum(r.n_frames for r in results)} frames in {time.monotonic() - t0:.1f} s with {engine.name} {engine.precision} on "
           f"{engine.device}; scores over the region covered by the probe's bright centre, constant phase offset removed)")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

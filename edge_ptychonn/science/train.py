@@ -4,10 +4,16 @@ Steps (``main``):
 
 1. simulate ``--train-scans`` scans (seeds ``--seed-base`` onwards) and
    ``--val-scans`` validation scans (seeds from ``--val-seed-base``), with the
-   same settings (``--family``, ``--photons``, ``--overlap``, ...);
-2. choose the input scaling (``sqrt`` of the counts times ``1 / p99.9`` of the
-   training data) and feed every batch through ``preprocess.preprocess``, the
-   function the live pipeline uses;
+   same settings (``--family``, ``--photons``, ``--overlap``, ...); with
+   ``--dose-range LOW HIGH`` each training scan's photons are ``--photons``
+   times a factor drawn log-uniformly from [LOW, HIGH] (dose augmentation;
+   validation stays at ``--photons``);
+2. choose the input: with ``--normalize running`` (the default) every frame's
+   counts are scaled by the reference total (the mean total of the validation
+   frames, at ``--photons``) over the running mean total of the last 1024
+   frames (``total``: over its own total), then ``sqrt`` of the counts times
+   ``1 / p99.9`` of the training data; every batch goes through ``preprocess.preprocess``, the
+   function ``evaluate`` and the live pipeline use;
 3. train with AdamW, a cosine learning-rate decay that reaches its end at the
    last step or at the time limit, whichever comes first, bf16 autocast and
    channels-last tensors (about 3.5x faster on a CPU than float32), and a masked
@@ -17,11 +23,20 @@ Steps (``main``):
    statistics are recomputed for the current weights (``recalibrate_batchnorm``);
 4. report the training and validation loss (eval mode, float32) per epoch and save ``<out>.pt``
    (weights and arguments) after each;
+
+``--init-from`` continues from an earlier run: its ``<out>.pt``, or an
+exported ``.onnx`` of the same architecture (``science.model.from_onnx``: the
+BatchNorm layers, folded into the convolutions by the export, are unfolded
+again with the statistics of the training data, see ``load_onnx_weights``);
+the preprocessing comes from the checkpoint or the card beside the ONNX file,
+with the ``--normalize`` setting of this run.
 5. export ``<out>.onnx`` (eval mode: BatchNorm folded into constants, opset 17,
    dynamic batch), score the model on held-out and out-of-family scans
    (``--eval``, ``science.accuracy``), and write ``<out>.json`` (the typed model
    card, ``edge_ptychonn.model_card``, that the processor reads) and ``<out>.md``
-   (the card for people).
+   (the card for people). The card's ``output_mask`` is a disc around the
+   training probe's bright centre: the processor publishes a constant outside
+   it (``stream.postprocess``).
 """
 
 from __future__ import annotations
@@ -31,6 +46,7 @@ import math
 import platform
 import sys
 import time
+import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -42,25 +58,42 @@ from edge_ptychonn.progress import Progress
 from edge_ptychonn.science import accuracy
 from edge_ptychonn.science.simulate import FAMILIES, ScanSettings, simulate_scan
 from edge_ptychonn.science.stitch import probe_weight
-from edge_ptychonn.stream.preprocess import PreprocessConfig, preprocess
+from edge_ptychonn.stream.postprocess import OutputMask
+from edge_ptychonn.stream.preprocess import NORMALIZATIONS, PreprocessConfig, RunningTotal, preprocess
 
 LIMITS = (
     "Trained on simulated data only; real detectors add background, dead pixels, partial coherence and "
     "probe drift that the simulation leaves out.",
-    "The probe, photon count, overlap and pixel sizes are fixed in training: a different probe or "
-    "photon count needs retraining.",
+    "The probe, overlap and pixel sizes are fixed in training: a different probe needs retraining. "
+    "The dose is normalised away by the preprocessing (preprocess.normalize); the card's accuracy "
+    "section says which doses were checked.",
     "Phase is absolute only up to a constant; scores remove that constant.",
 )
 
 
-def make_dataset(seeds: list[int], base: ScanSettings, *, amplitude: bool, progress: bool, label: str):
+def dose_factor(seed: int, dose_range: tuple[float, float]) -> float:
+    """The photon-count factor of training scan ``seed``: log-uniform in ``dose_range``, fixed by the seed."""
+    lo, hi = dose_range
+    if lo == hi:
+        return float(lo)
+    u = np.random.default_rng((seed, 51966)).random()
+    return float(math.exp(math.log(lo) + u * (math.log(hi) - math.log(lo))))
+
+
+def make_dataset(seeds: list[int], base: ScanSettings, *, amplitude: bool, progress: bool, label: str,
+                 dose_range: tuple[float, float] = (1.0, 1.0)):
     """Simulate one scan per seed: int16 frames (N, n, n), float16 phase (and
-    amplitude) targets (N, n, n), and the probe (the same for all)."""
+    amplitude) targets (N, n, n), and the probe (the same for all). With a
+    ``dose_range`` other than (1, 1), scan ``seed`` has ``base.photons *
+    dose_factor(seed, dose_range)`` photons."""
     frames, phases, amps = [], [], []
     probe = None
     bar = Progress(len(seeds), f"simulate {label}", unit="scans", enabled=progress)
     for seed in seeds:
-        f, truth = simulate_scan(replace(base, seed=seed), progress=False)
+        settings = replace(base, seed=seed, photons=base.photons * dose_factor(seed, dose_range))
+        with warnings.catch_warnings():  # a few clipped pixels at the highest doses are part of the data
+            warnings.simplefilter("ignore", UserWarning)
+            f, truth = simulate_scan(settings, progress=False)
         frames.append(f)
         phases.append(truth.patches_phase.astype(np.float16))
         if amplitude:
@@ -76,12 +109,86 @@ def make_dataset(seeds: list[int], base: ScanSettings, *, amplitude: bool, progr
     )
 
 
-def choose_preprocess(frames: np.ndarray) -> PreprocessConfig:
-    """``sqrt`` counts scaled so that the 99.9th percentile is about 1."""
+def reference_total(frames: np.ndarray) -> float:
+    """The mean counts per frame (4 significant digits): ``normalize: total`` scales every frame to it."""
+    return float(f"{float(frames.reshape(len(frames), -1).sum(axis=1, dtype=np.float64).mean()):.4g}")
+
+
+def choose_preprocess(frames: np.ndarray, normalize: str = "none", reference: float | None = None) -> PreprocessConfig:
+    """``sqrt`` counts (normalised to ``reference`` counts per frame with ``normalize``
+    ``"total"``) scaled so that the 99.9th percentile is about 1."""
     sample = frames[:: max(1, len(frames) // 256)]
-    p999 = float(np.percentile(np.sqrt(np.maximum(sample, 0)), 99.9))
+    norm = PreprocessConfig(transform="sqrt", normalize=normalize, reference_total=reference)
+    p999 = float(np.percentile(preprocess(sample, norm), 99.9))
     scale = float(f"{1.0 / max(p999, 1.0):.4g}")
-    return PreprocessConfig(transform="sqrt", offset=0.0, scale=scale)
+    return replace(norm, scale=scale)
+
+
+def output_mask_from_probe(probe: np.ndarray, threshold: float, margin_px: float = 1.0) -> OutputMask:
+    """A disc (centre at the patch centre) holding every pixel of the probe's bright
+    centre (``probe_weight > 0``), plus ``margin_px``."""
+    inside = probe_weight(probe, threshold) > 0
+    h, w = inside.shape
+    cy, cx = (h - 1) / 2, (w - 1) / 2
+    yy, xx = np.nonzero(inside)
+    radius = float(np.hypot(yy - cy, xx - cx).max()) + margin_px
+    return OutputMask(centre_yx=(cy, cx), radius_px=round(radius, 2), fill_rad=0.0)
+
+
+def load_onnx_weights(model, onnx_path: str | Path, inputs) -> None:
+    """Load an exported ONNX PtychoNN (BatchNorm folded) into ``model`` (with BatchNorm).
+
+    Each folded convolution computes ``y0 + b`` (``y0``: the convolution without
+    bias). The unfolded layer is a bias-free convolution and a BatchNorm whose
+    statistics are those of ``y0`` on ``inputs`` (mean ``m``, variance ``v``),
+    with weight ``sqrt(v + eps)`` and bias ``m + b``: in eval mode it computes
+    exactly ``y0 + b``, and in training mode (batch statistics) nearly so, so
+    training continues from the exported model's function.
+    """
+    import torch
+
+    from edge_ptychonn.science.model import from_onnx
+
+    folded = from_onnx(onnx_path)
+    if folded.config.amplitude_head != model.config.amplitude_head or folded.config.width != model.config.width \
+            or folded.config.depth != model.config.depth:
+        raise ValueError(f"{onnx_path} holds a {folded.config} model, not {model.config}")
+    src = [m for m in folded.modules() if isinstance(m, torch.nn.Conv2d)]
+    dst = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    bn_after = {}
+    mods = list(model.modules())
+    for i, m in enumerate(mods):
+        if isinstance(m, torch.nn.Conv2d) and i + 1 < len(mods) and isinstance(mods[i + 1], torch.nn.BatchNorm2d):
+            bn_after[id(m)] = mods[i + 1]
+    stats = {}
+    hooks = []
+    with torch.no_grad():
+        for s, d in zip(src, dst):
+            d.weight.copy_(s.weight)
+            bn = bn_after.get(id(d))
+            if bn is None:
+                d.bias.copy_(s.bias)
+                continue
+            bn.reset_running_stats()  # mean 0, var 1: eval computes (y0 - 0) / sqrt(1 + eps) * w + b
+            bn.weight.fill_(1.0).mul_(math.sqrt(1.0 + bn.eps))
+            bn.bias.copy_(s.bias)
+
+            def hook(module, args, key=id(bn)):
+                y = args[0].float()
+                stats[key] = (y.mean(dim=(0, 2, 3)), y.var(dim=(0, 2, 3), unbiased=False))
+
+            hooks.append(bn.register_forward_pre_hook(hook))
+        model.eval()
+        model(inputs)
+        for h in hooks:
+            h.remove()
+        for bn in bn_after.values():
+            mean, var = stats[id(bn)]
+            bias = bn.bias.clone()
+            bn.running_mean.copy_(mean)
+            bn.running_var.copy_(var)
+            bn.weight.copy_(torch.sqrt(var + bn.eps))
+            bn.bias.copy_(mean + bias)
 
 
 def lr_at(progress: float, base_lr: float, warmup: float = 0.03) -> float:
@@ -111,7 +218,9 @@ class Trainer:
         self.step = 0
 
     def _inputs(self, frames: np.ndarray):
-        x = self.torch.from_numpy(preprocess(frames, self.pp))[:, None]
+        if getattr(self, "running", None) is None or self.running.window != self.pp.normalize_window:
+            self.running = RunningTotal(self.pp.normalize_window)  # normalize 'running' across batches
+        x = self.torch.from_numpy(preprocess(frames, self.pp, self.running))[:, None]
         return x.contiguous(memory_format=self.torch.channels_last)
 
     def _loss(self, out, phase_t, amp_t):
@@ -211,8 +320,29 @@ def previous_training(init_from: str | None) -> Training | None:
     if card is None or card.training is None:
         return Training(checkpoint=str(init_from))
     keep = ("command", "epochs_run", "steps", "train_minutes", "train_loss", "val_loss", "n_train_frames",
-            "train_seeds", "stopped_at_time_limit", "lr", "continued_from")
+            "train_seeds", "stopped_at_time_limit", "lr", "dose_range", "continued_from")
     return Training(**{k: getattr(card.training, k) for k in keep})
+
+
+def init_weights(trainer: Trainer, init_from: str, model_config: ModelConfig, pp: PreprocessConfig,
+                 frames: np.ndarray) -> PreprocessConfig:
+    """Load ``init_from`` (a ``.pt`` of ``train`` or an exported ``.onnx``) into the trainer's model;
+    returns the preprocessing to train with: the earlier run's, with this run's normalisation
+    (``pp.normalize``, ``pp.reference_total``). ``ValueError`` when the architecture differs."""
+    torch = trainer.torch
+    if Path(init_from).suffix == ".onnx":
+        card = find_card(init_from)
+        earlier = card.preprocess if card is not None else PreprocessConfig()
+        x = torch.from_numpy(preprocess(frames[np.linspace(0, len(frames) - 1, 512).astype(int)],
+                                        replace(earlier, normalize=pp.normalize, reference_total=pp.reference_total)))
+        load_onnx_weights(trainer.model, init_from, x[:, None].contiguous(memory_format=torch.channels_last))
+    else:
+        ckpt = torch.load(init_from, map_location="cpu")
+        if ckpt["model"] != model_config.to_dict():
+            raise ValueError(f"it holds a {ckpt['model']} model, not {model_config.to_dict()}")
+        trainer.model.load_state_dict(ckpt["state_dict"])
+        earlier = PreprocessConfig(**ckpt["preprocess"])
+    return replace(earlier, normalize=pp.normalize, reference_total=pp.reference_total)
 
 
 def save_checkpoint(trainer: Trainer, args: argparse.Namespace, model_config: ModelConfig, path: Path) -> None:
@@ -237,9 +367,23 @@ def card_markdown(card: ModelCard) -> str:
         "",
         f"- ONNX opset 17, input `diffraction` float32 (N, 1, {n}, {n}), "
         f"outputs {', '.join(f'`{o}`' for o in card.outputs)} float32 (N, 1, {n}, {n}); the batch axis is dynamic.",
-        f"- Preprocessing (in `{card.name}.json`, applied by the processor): transform `{pp.transform}`, "
-        f"scale {pp.scale}, offset {pp.offset}, "
+        f"- Preprocessing (in `{card.name}.json`, applied by the processor, `evaluate` and training alike): "
+        + (f"each frame's counts scaled by {pp.reference_total:g} over the mean total of the last "
+           f"{pp.normalize_window} frames (normalize `running`: the input does not depend on the dose), then "
+           if pp.normalize == "running" else "")
+        + (f"each frame's counts scaled to {pp.reference_total:g} in total (normalize `total`: the input does not "
+           "depend on the dose), then " if pp.normalize == "total" else "")
+        + f"transform `{pp.transform}`, scale {pp.scale}, offset {pp.offset}, "
         + (f"crop {pp.crop_hw[0]}x{pp.crop_hw[1]}" if pp.crop_hw else "no crop") + f", bin {pp.bin_factor}.",
+    ]
+    if card.output_mask is not None:
+        om = card.output_mask
+        lines.append(
+            f"- Output mask (`output_mask`): outside a disc of radius {om.radius_px:g} px around pixel "
+            f"({om.centre_yx[0]:g}, {om.centre_yx[1]:g}), which holds the probe's bright centre, the processor "
+            f"publishes {om.fill_rad:g} rad (processor argument `outputMask`, default true; the network's own "
+            "values there are meaningless). Stitching weights only the bright centre, so it is unchanged.")
+    lines += [
         "",
         "## Architecture",
         "",
@@ -257,7 +401,10 @@ def card_markdown(card: ModelCard) -> str:
         f"- Probe: defocused focused beam, {s.probe_diameter:.0f} px diameter in a {s.window_size} px window, "
         f"pupil radius {s.pupil_radius:.0f} far-field px.",
         f"- Scan: {s.pattern}, overlap {s.overlap}, position jitter +-{s.jitter_px} px; "
-        f"{s.photons:.3g} photons per frame, Poisson noise, int16, detector bin {s.bin_factor}.",
+        f"{s.photons:.3g} photons per frame"
+        + (f" (training scans: times a factor drawn log-uniformly from {t.dose_range[0]:g}..{t.dose_range[1]:g} per "
+           "scan, dose augmentation; validation and held-out scans at the nominal dose)" if t.dose_range else "")
+        + f", Poisson noise, int16, detector bin {s.bin_factor}.",
         "",
         "## Training settings",
         "",
@@ -280,7 +427,8 @@ def card_markdown(card: ModelCard) -> str:
         lines.append(
             f"- Continued from an earlier run (stage {stage} back): `{prev.command or prev.checkpoint}`, "
             f"{prev.epochs_run or '?'} epochs, {prev.steps or '?'} steps, "
-            f"{prev.train_minutes or 0.0:.1f} min, stopped at the time limit: {prev.stopped_at_time_limit}; "
+            f"{prev.train_minutes or 0.0:.1f} min, stopped at the time limit: {prev.stopped_at_time_limit}"
+            + (f", photons x {prev.dose_range[0]:g}..{prev.dose_range[1]:g}" if prev.dose_range else "") + "; "
             "train / validation loss per epoch: "
             + ", ".join(f"{a:.4f} / {b:.4f}" for a, b in zip(prev.train_loss or (), prev.val_loss or ()))
         )
@@ -308,8 +456,47 @@ def card_markdown(card: ModelCard) -> str:
         )
     if acc.get("command"):
         lines += ["", f"Reproduce: `{acc['command']}`"]
+    lines += _precision_lines(acc) + _dose_lines(acc)
     lines += ["", "## Limits", ""] + [f"- {x}" for x in card.limits]
     return "\n".join(lines) + "\n"
+
+
+def _precision_lines(acc: dict) -> list[str]:
+    """The ``accuracy.precision`` block (scores with the engine and precision ``auto`` picks), as Markdown."""
+    block = acc.get("precision")
+    if not block:
+        return []
+    fp32 = acc.get("scans", {})
+    name = f"{block.get('engine', '?')} {block.get('precision', '?')}"
+    lines = ["", f"### The precision `engine: auto` picks ({name} on {block.get('host', 'the scoring CPU')})", "",
+             f"| scan | {name} SSIM | PSNR dB | RMSE rad | fp32 SSIM | fp32 RMSE rad |", "| --- | --- | --- | --- | --- | --- |"]
+    for scan, r in block.get("scans", {}).items():
+        mo, ref = r["model"], fp32.get(scan, {}).get("model")
+        lines.append(f"| {scan} | {mo['ssim']:.3f} | {mo['psnr_db']:.2f} | {mo['rmse_rad']:.4f} | "
+                     + (f"{ref['ssim']:.3f} | {ref['rmse_rad']:.4f} |" if ref else "- | - |"))
+    if block.get("command"):
+        lines += ["", f"Reproduce: `{block['command']}`"]
+    return lines
+
+
+def _dose_lines(acc: dict) -> list[str]:
+    """The ``accuracy.doses`` block (held-out scans at other photon counts), as Markdown."""
+    doses = acc.get("doses")
+    if not doses:
+        return []
+    lines = ["", "### Other doses (photons per exposure; the training dose is the card's `photons`)", "",
+             "| photons | scan | SSIM | PSNR dB | RMSE rad | zeros SSIM / RMSE |", "| --- | --- | --- | --- | --- | --- |"]
+    commands = []
+    for photons, block in doses.items():
+        for scan, r in block.get("scans", {}).items():
+            mo, z = r["model"], r["baselines"]["zeros"]
+            lines.append(f"| {photons} | {scan} | {mo['ssim']:.3f} | {mo['psnr_db']:.2f} | {mo['rmse_rad']:.4f} | "
+                         f"{z['ssim']:.3f} / {z['rmse_rad']:.4f} |")
+        if block.get("command"):
+            commands.append(f"`{block['command']}`")
+    if commands:
+        lines += ["", "Reproduce: " + "; ".join(commands)]
+    return lines
 
 
 def command_line(args: argparse.Namespace) -> str:
@@ -347,7 +534,16 @@ def get_args_parser(prog: str = "edge-ptychonn train") -> argparse.ArgumentParse
     p.add_argument("--seed-base", type=int, default=0, help="first training seed")
     p.add_argument("--val-seed-base", type=int, default=900, help="first validation seed")
     p.add_argument("--family", choices=FAMILIES, default=d.family, help="training object family")
-    p.add_argument("--photons", type=float, default=d.photons)
+    p.add_argument("--photons", type=float, default=d.photons, help="photons per exposure of the training and validation scans")
+    p.add_argument("--dose-range", type=float, nargs=2, default=[1.0, 1.0], metavar=("LOW", "HIGH"),
+                   help="dose augmentation: each training scan has --photons times a factor drawn log-uniformly "
+                        "from [LOW, HIGH] (default: 1 1, no augmentation), e.g. 0.1 10")
+    p.add_argument("--normalize", choices=NORMALIZATIONS, default="running",
+                   help="input normalisation to the reference total (the mean total of the validation frames, "
+                        "stored in the card), so that the model does not depend on the dose: 'running' divides by "
+                        "the mean total of the last 1024 frames (over shuffled training frames: of all doses, so "
+                        "use 'total' with --dose-range), 'total' by each frame's own total (loses the absorption "
+                        "cue), 'none' leaves the counts (default: %(default)s)")
     p.add_argument("--overlap", type=float, default=d.overlap)
     p.add_argument("--phase-range", type=float, default=d.phase_range_rad)
     p.add_argument("--density", type=float, default=d.density)
@@ -362,8 +558,10 @@ def get_args_parser(prog: str = "edge-ptychonn train") -> argparse.ArgumentParse
     p.add_argument("--no-bf16", dest="bf16", action="store_false", help="train in float32")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0, help="weights and shuffling seed")
-    p.add_argument("--init-from", default=None, metavar="PT",
-                   help="start from the weights in a <out>.pt of an earlier run (same --width/--depth)")
+    p.add_argument("--init-from", default=None, metavar="PT_OR_ONNX",
+                   help="start from the weights of an earlier run: its <out>.pt, or an exported .onnx of this "
+                        "architecture (same --width/--depth; e.g. the shipped data/ptychonn.onnx); its preprocessing "
+                        "is kept, with this run's --normalize")
     p.add_argument("--eval", nargs="*", default=["mixed:1001", "mixed:1002", "siemens:1001", "fibres:1001"],
                    metavar="FAMILY:SEED", help=f"scans to score the exported model on ({accuracy.DEFAULT_EVAL_N_POSITIONS} positions each)")
     p.add_argument("--quiet", action="store_true", help="no progress display")
@@ -380,6 +578,11 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError(f"train-scans and val-scans must be >= 1, got {args.train_scans}, {args.val_scans}")
         if args.epochs < 1 or args.batch_size < 2:
             raise ValueError(f"epochs must be >= 1 and batch-size >= 2, got {args.epochs}, {args.batch_size}")
+        lo, hi = args.dose_range
+        if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo <= hi):
+            raise ValueError(f"dose-range must be 0 < LOW <= HIGH, got {lo} {hi}")
+        if args.init_from and not Path(args.init_from).is_file():
+            raise ValueError(f"init-from {args.init_from} is not a file")
         base = ScanSettings(n_positions=args.positions_per_scan, family=args.family, photons=args.photons,
                             overlap=args.overlap, phase_range_rad=args.phase_range, density=args.density)
         model_config = ModelConfig(width=args.width, depth=args.depth, input_size=base.frame_size,
@@ -398,23 +601,27 @@ def main(args: argparse.Namespace) -> int:
     show = not args.quiet
     t_start = time.monotonic()
 
-    train_f, train_p, train_a, probe = make_dataset(train_seeds, base, amplitude=args.amplitude, progress=show, label="training scans")
+    train_f, train_p, train_a, probe = make_dataset(train_seeds, base, amplitude=args.amplitude, progress=show,
+                                                    label="training scans", dose_range=tuple(args.dose_range))
     val_f, val_p, val_a, _ = make_dataset(val_seeds, base, amplitude=args.amplitude, progress=show, label="validation scans")
-    pp = choose_preprocess(train_f)
+    reference = reference_total(val_f) if args.normalize != "none" else None
+    pp = choose_preprocess(train_f, args.normalize, reference)
     stitch = StitchSettings()
     mask = probe_weight(probe, stitch.probe_threshold) > 0
-    print(f"data: {len(train_f)} training and {len(val_f)} validation frames; input sqrt(counts) * {pp.scale}; "
-          f"loss over {int(mask.sum())} bright-centre pixels", file=sys.stderr)
+    output_mask = output_mask_from_probe(probe, stitch.probe_threshold)
 
     trainer = Trainer(args, model_config, pp, mask)
     if args.init_from:
-        ckpt = torch.load(args.init_from, map_location="cpu")
-        if ckpt["model"] != model_config.to_dict():
-            print(f"edge-ptychonn train: {args.init_from} holds a {ckpt['model']} model, not {model_config.to_dict()}",
-                  file=sys.stderr)
+        try:
+            pp = trainer.pp = init_weights(trainer, args.init_from, model_config, pp, train_f)
+        except (ValueError, KeyError, OSError, RuntimeError) as exc:
+            print(f"edge-ptychonn train: cannot start from {args.init_from}: {exc}", file=sys.stderr)
             return 2
-        trainer.model.load_state_dict(ckpt["state_dict"])
-        pp = trainer.pp = PreprocessConfig(**ckpt["preprocess"])
+    print(f"data: {len(train_f)} training and {len(val_f)} validation frames; input: normalize {pp.normalize}"
+          + (f" to {pp.reference_total:g} counts" if pp.normalize != "none" else "")
+          + f", sqrt(counts) * {pp.scale}; loss over {int(mask.sum())} bright-centre pixels"
+          + (f"; photons x {args.dose_range[0]:g}..{args.dose_range[1]:g} per training scan"
+             if args.dose_range[0] != args.dose_range[1] else ""), file=sys.stderr)
     steps_per_epoch = len(train_f) // args.batch_size
     total_steps = steps_per_epoch * args.epochs
     t_train = time.monotonic()
@@ -450,10 +657,12 @@ def main(args: argparse.Namespace) -> int:
         val_loss=tuple(val_loss), n_parameters=int(sum(p.numel() for p in trainer.model.parameters())),
         host=f"{platform.machine()} {platform.processor() or ''}".strip(), torch=torch.__version__,
         edge_ptychonn=__version__, command=command_line(args), init_from=args.init_from,
+        dose_range=tuple(args.dose_range) if args.dose_range[0] != args.dose_range[1] else None,
         continued_from=previous_training(args.init_from),
     )
     card = ModelCard(name=out.name, input_size=model_config.input_size,
                      outputs=("phase", "amplitude") if args.amplitude else ("phase",), preprocess=pp, stitch=stitch,
+                     output_mask=output_mask,
                      model=model_config, training=training, limits=LIMITS)
     if args.eval:
         scans = accuracy.simulate_held_out(args.eval, card)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .frames import BadFrame, FrameMeta
-from .preprocess import PreprocessConfig, load_into, transform_batch
+from .preprocess import PreprocessConfig, RunningTotal, load_into, transform_batch
 
 
 @dataclass
@@ -35,6 +35,7 @@ class Batch:
 
     inputs: np.ndarray  # (batch_size, 1, H, W) float32; rows [:n] are valid
     preprocess: PreprocessConfig
+    running: RunningTotal | None = None  # the consumer's running total (normalize 'running')
     metas: list[FrameMeta] = field(default_factory=list)
     first_added_s: float = 0.0
     prepared: bool = False
@@ -42,7 +43,7 @@ class Batch:
     def prepare(self) -> np.ndarray:
         """The model input: the loaded frames, transformed in place (once)."""
         if not self.prepared:
-            transform_batch(self.valid, self.preprocess)
+            transform_batch(self.valid, self.preprocess, self.running)
             self.prepared = True
         return self.valid
 
@@ -88,6 +89,7 @@ class Batcher:
     @preprocess.setter
     def preprocess(self, config: PreprocessConfig) -> None:
         self._preprocess = config
+        self._running = RunningTotal(config.normalize_window)  # normalize 'running': this consumer's frames
         self._shape_ok.clear()
 
     def check_shape(self, frame_hw: tuple[int, int]) -> None:
@@ -129,7 +131,7 @@ class Batcher:
                 buffer = self._free.get_nowait()
             except queue.Empty:
                 raise NoFreeBuffer(f"all {self.n_buffers} batch buffers are in use") from None
-            self._current = Batch(buffer, self._preprocess, first_added_s=time.perf_counter())
+            self._current = Batch(buffer, self._preprocess, self._running, first_added_s=time.perf_counter())
         batch = self._current
         load_into(image, batch.inputs[batch.n, 0], self._preprocess)
         batch.metas.append(meta)

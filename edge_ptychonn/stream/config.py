@@ -24,8 +24,10 @@ from edge_ptychonn.model_card import find_card
 
 from ..devices import parse_device
 from .arguments import (
-    check_runtime_request, convert_fields, convert_value, int_pair, integer, number, optional, parse_arguments, path, text,
+    boolean, check_runtime_request, convert_fields, convert_value, int_pair, integer, number, optional, parse_arguments,
+    path, text,
 )
+from .postprocess import OutputMask
 from .preprocess import PreprocessConfig
 from .quote import short_repr
 
@@ -53,6 +55,7 @@ class ProcessorConfig:
     cpu_threads: int = 0
     plan_cache_dir: Path | None = None
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    output_mask: OutputMask | None = None  # from the model card; None: outputs published as the network gives them
 
     def __post_init__(self) -> None:
         if not self.model_path.is_file():
@@ -86,6 +89,7 @@ _TOP_LEVEL: dict[str, tuple[str, Any]] = {
     "maxPendingFrames": ("max_pending_frames", lambda v: v),
     "cpuThreads": ("cpu_threads", lambda v: v),
     "planCacheDir": ("plan_cache_dir", path()),
+    "outputMask": ("output_mask", boolean()),
 }
 # camelCase processor argument -> (PreprocessConfig field, converter)
 _PREPROCESS: dict[str, tuple[str, Any]] = {
@@ -95,13 +99,16 @@ _PREPROCESS: dict[str, tuple[str, Any]] = {
     "transform": ("transform", text()),
     "offset": ("offset", number()),
     "scale": ("scale", number()),
+    "normalize": ("normalize", text()),
+    "referenceTotal": ("reference_total", number()),
+    "normalizeWindow": ("normalize_window", lambda v: v),
 }
 # Keys that configure() may change while running. A new modelPath is built beside the
 # running engine and switched to at a batch boundary (pipeline.InferencePipeline.configure).
-RUNTIME_KEYS = ("batchTimeout", "offset", "scale", "transform", "modelPath")
+RUNTIME_KEYS = ("batchTimeout", "offset", "scale", "transform", "normalize", "modelPath")
 # Preprocessing that a new model's card sets when modelPath changes (crop, cropOrigin and
 # bin belong to the detector and stay; the new model must take the same input size).
-CARD_RUNTIME_KEYS = ("offset", "scale", "transform")
+CARD_RUNTIME_KEYS = ("offset", "scale", "transform", "normalize", "referenceTotal", "normalizeWindow")
 
 
 def runtime_settings(config: ProcessorConfig) -> dict:
@@ -154,7 +161,18 @@ def parse_processor_args(
     top = {k: v for k, v in given.items() if k not in pre_fields}
     pre = _preprocess_defaults(top["model_path"])
     pre.update({k: v for k, v in given.items() if k in pre_fields})
+    top["output_mask"] = _output_mask(top["model_path"], top.get("output_mask", None))
     return ProcessorConfig(**top, preprocess=PreprocessConfig(**pre)), framework
+
+
+def _output_mask(model_path: Path, wanted: bool | None) -> OutputMask | None:
+    """The card's output mask unless ``outputMask`` is false; ``outputMask: true`` needs one."""
+    card = find_card(model_path) if wanted is not False else None
+    mask = card.output_mask if card is not None else None
+    if wanted and mask is None:
+        raise ValueError(f"outputMask is true but the model card of {short_repr(str(model_path))} has no output_mask "
+                         "(the illuminated region); give outputMask false, or a model trained by this version")
+    return mask
 
 
 def apply_runtime_changes(config: ProcessorConfig, changes: dict) -> tuple[ProcessorConfig, dict]:
@@ -164,10 +182,11 @@ def apply_runtime_changes(config: ProcessorConfig, changes: dict) -> tuple[Proce
     framework's business and are left out. Raises ``ValueError`` for any other
     key outside :data:`RUNTIME_KEYS` or any invalid value; then nothing changes.
 
-    With ``modelPath``, offset, scale and transform come from the new model's
-    card as at start-up (a model without a card: 0, 1, none), and those given
-    in the same request win; crop, cropOrigin and bin stay. Whether the model
-    fits the running one is checked where its engine is built.
+    With ``modelPath``, offset, scale, transform and the normalisation come from
+    the new model's card as at start-up (a model without a card: 0, 1, none,
+    none), and those given in the same request win; crop, cropOrigin and bin
+    stay; the output mask is the new card's (none without one). Whether the
+    model fits the running one is checked where its engine is built.
     """
     user = check_runtime_request(changes, RUNTIME_KEYS)
     top = convert_fields(user, _TOP_LEVEL)
@@ -177,5 +196,7 @@ def apply_runtime_changes(config: ProcessorConfig, changes: dict) -> tuple[Proce
         fields_ = [_PREPROCESS[k][0] for k in CARD_RUNTIME_KEYS]
         defaults = asdict(PreprocessConfig())
         pre = {**{f: card.get(f, defaults[f]) for f in fields_}, **pre}
+        if top["model_path"].is_file():
+            top["output_mask"] = _output_mask(top["model_path"], None)
     new = replace(config, **top, preprocess=replace(config.preprocess, **pre))
     return new, user

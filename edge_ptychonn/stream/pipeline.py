@@ -49,6 +49,7 @@ from .accounting import IdTracker
 from .batching import Batch, Batcher, NoFreeBuffer
 from .config import ProcessorConfig, apply_runtime_changes, model_identity
 from .frames import BAD_FRAME_KINDS, BadFrame, FrameEncoder, NotAFrame, decode
+from .postprocess import apply_output_mask
 from .quote import short_repr
 
 STATS_WINDOW_S = 5.0  # rates and latency percentiles describe the last few seconds
@@ -63,6 +64,7 @@ class _Switch:
     engine: object
     model_id: str
     build_s: float
+    output_mask: object = None  # the new model's OutputMask (None: outputs as the network gives them)
 
 
 def _depth(engine) -> int:
@@ -195,6 +197,7 @@ class InferencePipeline:
         self.stats = self._new_stats()
         self.engine = None  # the engine publishing now (the inference thread switches it)
         self.model_id = ""  # model_identity() of the engine publishing now
+        self._output_mask = config.output_mask  # of the model publishing now (the switch changes it)
         self._model_engine_factory: Callable[[object], object] | None = None
         # One configure() at a time (PvaPy runs each on a timer thread of its own);
         # held while a new engine builds, never together with the receive path's lock.
@@ -419,6 +422,7 @@ class InferencePipeline:
 
     def _publish_batch(self, batch: Batch, outputs: np.ndarray, infer_s: float) -> None:
         stats = self.stats
+        outputs = apply_output_mask(outputs, self._output_mask)
         stats.infer_time_s += infer_s
         stats.batches += 1
         finite = np.isfinite(outputs).reshape(batch.n, -1).all(axis=1)
@@ -446,6 +450,7 @@ class InferencePipeline:
         """Inference thread, at a switch marker: later batches run on the new engine."""
         old, old_id = self.engine, self.model_id
         self.engine, self.model_id = switch.engine, switch.model_id
+        self._output_mask = switch.output_mask
         self._encoder.model_id = switch.model_id
         self.log.info("model switched from %s to %s (%s engine built in %.2f s); the old engine is closed",
                       old_id, switch.model_id, switch.engine.name, switch.build_s)
@@ -520,7 +525,7 @@ class InferencePipeline:
                 raise ValueError("the consumer is stopping; modelPath not changed")
             self._flush_partial()  # frames preprocessed the old way go to the old engine
             self._apply(new, applied)
-            self._queue.put_nowait(_Switch(engine, model_id, build_s))
+            self._queue.put_nowait(_Switch(engine, model_id, build_s, new.output_mask))
         self.log.info("modelPath %s: engine built in %.2f s; switching at the next batch", where, build_s)
 
     @property

@@ -6,13 +6,36 @@ The steps, in order, each optional:
    given (e.g. 516x516 -> 512x512);
 2. ``bin``: sum of ``bin_factor`` x ``bin_factor`` pixel blocks (photon counts add
    up; e.g. 512 -> 128 with a factor of 4);
-3. ``transform``: ``"none"``, ``"sqrt"`` or ``"log1p"`` of the counts (negative
+3. ``normalize``: makes the input independent of the dose (exposure time,
+   beam current): a frame with a tenth of the photons enters the network at the
+   level it was trained at, only noisier. ``reference_total`` is the mean total
+   counts of the frames the model was trained at (the model card's
+   ``preprocess`` block).
+
+   - ``"running"``: each frame is scaled by ``reference_total`` over the mean
+     total of the last ``normalize_window`` frames (default 1024; this one
+     included; a :class:`RunningTotal` that the caller keeps: the live batcher
+     one per consumer, reset when the settings change; ``preprocess`` one per
+     call unless given). Differences between frames stay: the total of a frame
+     tells how much the object under the probe absorbs, which the network uses
+     for the patch's absolute phase. A new dose is followed within a window;
+   - ``"total"``: each frame is scaled so that its own total is
+     ``reference_total``. Stateless, but it removes that absorption cue: the
+     stitched phase of a held-out scan lost 0.07 SSIM (0.713 -> 0.640) with the
+     earlier shipped model, against 0.007 with ``"running"``;
+   - ``"none"``: the counts as they come.
+
+   Frames whose total is not positive are left as they are (and not counted in
+   the running mean). One sum and one multiply per frame (about 8 us per
+   128x128 frame on a 2-core machine);
+4. ``transform``: ``"none"``, ``"sqrt"`` or ``"log1p"`` of the counts (negative
    values, from detector offsets, are clipped to 0 first);
-4. affine: ``(x - offset) * scale``, float32.
+5. affine: ``(x - offset) * scale``, float32.
 
 With the defaults a frame that already has the model's input size is only cast
-to float32. Training applies the same function to simulated frames, so the
-model and the live pipeline see identical inputs.
+to float32. Training, ``evaluate`` and the live pipeline apply the same
+function, so the model sees identical inputs everywhere. :func:`preprocess`
+runs steps 3-5 on the whole stack at once.
 """
 
 from __future__ import annotations
@@ -24,6 +47,9 @@ import numpy as np
 from .quote import short_repr
 
 TRANSFORMS = ("none", "sqrt", "log1p")
+NORMALIZATIONS = ("none", "running", "total")
+MAX_NORMALIZE_WINDOW = 100_000
+MAX_REFERENCE_TOTAL = 1e15
 MAX_OFFSET = 1e9  # beyond any detector's counts
 MAX_SCALE = 1e6
 
@@ -36,6 +62,9 @@ class PreprocessConfig:
     transform: str = "none"
     offset: float = 0.0
     scale: float = 1.0
+    normalize: str = "none"
+    reference_total: float | None = None
+    normalize_window: int = 1024
 
     def __post_init__(self) -> None:
         if self.crop_hw is not None and (len(self.crop_hw) != 2 or min(self.crop_hw) < 1):
@@ -49,6 +78,20 @@ class PreprocessConfig:
             raise ValueError(f"bin must be 1..64, got {self.bin_factor}")
         if self.transform not in TRANSFORMS:
             raise ValueError(f"transform must be one of {TRANSFORMS}, got {short_repr(self.transform)}")
+        if self.normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {short_repr(self.normalize)}")
+        if self.reference_total is not None and (
+            isinstance(self.reference_total, bool) or not isinstance(self.reference_total, (int, float))
+            or not (np.isfinite(self.reference_total) and 0 < self.reference_total <= MAX_REFERENCE_TOTAL)
+        ):
+            raise ValueError(f"referenceTotal must be > 0 and <= {MAX_REFERENCE_TOTAL:g} counts, got {short_repr(self.reference_total)}")
+        if self.normalize != "none" and self.reference_total is None:
+            raise ValueError(f"normalize {short_repr(self.normalize)} needs referenceTotal (the counts per frame the "
+                             "model was trained at, the model card's preprocess.reference_total)")
+        if isinstance(self.normalize_window, bool) or not isinstance(self.normalize_window, int) \
+                or not 1 <= self.normalize_window <= MAX_NORMALIZE_WINDOW:
+            raise ValueError(f"normalizeWindow must be an integer 1..{MAX_NORMALIZE_WINDOW}, got "
+                             f"{short_repr(self.normalize_window)}")
         if not (np.isfinite(self.offset) and abs(self.offset) <= MAX_OFFSET):
             raise ValueError(f"offset must be a number within +-{MAX_OFFSET:g}, got {self.offset}")
         if not (np.isfinite(self.scale) and 0 < self.scale <= MAX_SCALE):
@@ -80,6 +123,31 @@ class PreprocessConfig:
         return (frame_hw[0] - self.crop_hw[0]) // 2, (frame_hw[1] - self.crop_hw[1]) // 2
 
 
+class RunningTotal:
+    """The mean total counts of the last ``window`` frames (``normalize: "running"``)."""
+
+    def __init__(self, window: int = 1024):
+        self.window = int(window)
+        self._totals = np.zeros(self.window)
+        self._n = 0
+        self._next = 0
+        self._sum = 0.0
+
+    def add(self, total: float) -> float:
+        """Count a frame's ``total`` (if positive); return the mean of the window (0 while empty)."""
+        if total > 0:
+            if self._n == self.window:
+                self._sum -= self._totals[self._next]
+            else:
+                self._n += 1
+            self._totals[self._next] = total
+            self._sum += total
+            self._next = (self._next + 1) % self.window
+            if self._next == 0:  # once per window: no drift from the running sum
+                self._sum = float(self._totals[: self._n].sum())
+        return self._sum / self._n if self._n else 0.0
+
+
 def load_into(frame: np.ndarray, out: np.ndarray, config: PreprocessConfig) -> None:
     """Steps 1-2 (crop, bin) of one 2-D ``frame``, cast into the float32 array ``out``.
 
@@ -98,33 +166,80 @@ def load_into(frame: np.ndarray, out: np.ndarray, config: PreprocessConfig) -> N
         out[...] = frame
 
 
-def transform_batch(x: np.ndarray, config: PreprocessConfig) -> None:
-    """Steps 3-4 (transform, affine) in place on loaded frames ``x`` (any shape, float32):
-    vectorised over a whole batch, a few array passes in all."""
-    if config.transform != "none":
-        np.maximum(x, 0, out=x)
+def _normalization_factors(x: np.ndarray, config: PreprocessConfig, running: RunningTotal | None):
+    """Per-frame factors (shape (N, 1, ..., 1)) of step 3 for loaded frames ``x``, or None."""
+    if config.normalize == "none":
+        return None
+    stack = x[None] if x.ndim == 2 else x
+    totals = stack.reshape(len(stack), -1).sum(axis=1, dtype=np.float64)
+    if config.normalize == "running":
+        if running is None:
+            raise ValueError("normalize 'running' needs the caller's RunningTotal")
+        means = np.array([running.add(float(t)) for t in totals])  # in frame order
+        factors = np.where((totals > 0) & (means > 0), config.reference_total / np.where(means > 0, means, 1.0), 1.0)
+    else:  # "total"
+        factors = np.where(totals > 0, config.reference_total / np.where(totals > 0, totals, 1.0), 1.0)
+    return factors.astype(np.float32).reshape((len(stack),) + (1,) * (stack.ndim - 1))
+
+
+def transform_batch(x: np.ndarray, config: PreprocessConfig, running: RunningTotal | None = None) -> None:
+    """Steps 3-5 (normalize, transform, affine) in place on loaded frames ``x`` (one
+    (h, w) frame, or a stack with the frame axis first), vectorised over the stack.
+
+    ``running``: the caller's :class:`RunningTotal`, needed with ``normalize:
+    "running"`` (frames are counted in order). With ``sqrt`` the normalisation
+    factor f is applied after the root as sqrt(f), folded into the scale: one
+    array pass less."""
+    factors = _normalization_factors(x, config, running)
+    view = x[None] if x.ndim == 2 else x
+    post = None  # per-frame factor applied after the transform
+    if factors is not None:
         if config.transform == "sqrt":
-            np.sqrt(x, out=x)
+            post = np.sqrt(factors)
+        elif config.transform == "none":
+            post = factors
         else:
-            np.log1p(x, out=x)
-    if config.offset != 0.0:
-        x -= np.float32(config.offset)
+            view *= factors
+    if config.transform != "none":
+        np.maximum(view, 0, out=view)
+        if config.transform == "sqrt":
+            np.sqrt(view, out=view)
+        else:
+            np.log1p(view, out=view)
+    if config.offset == 0.0:
+        scale = np.float32(config.scale) if post is None else post * np.float32(config.scale)
+        if post is not None or config.scale != 1.0:
+            view *= scale
+        return
+    if post is not None:
+        view *= post
+    view -= np.float32(config.offset)
     if config.scale != 1.0:
-        x *= np.float32(config.scale)
+        view *= np.float32(config.scale)
 
 
-def preprocess_into(frame: np.ndarray, out: np.ndarray, config: PreprocessConfig) -> None:
+def preprocess_into(frame: np.ndarray, out: np.ndarray, config: PreprocessConfig,
+                    running: RunningTotal | None = None) -> None:
     """Preprocess one 2-D ``frame`` into the float32 array ``out`` (model size)."""
     load_into(frame, out, config)
-    transform_batch(out, config)
+    transform_batch(out, config, running)
 
 
-def preprocess(frames: np.ndarray, config: PreprocessConfig) -> np.ndarray:
-    """Preprocess a stack ``(N, H, W)`` (or one ``(H, W)`` frame) into float32."""
+def preprocess(frames: np.ndarray, config: PreprocessConfig, running: RunningTotal | None = None) -> np.ndarray:
+    """Preprocess a stack ``(N, H, W)`` (or one ``(H, W)`` frame) into float32.
+
+    With ``normalize: "running"`` the frames are taken in order, with ``running``
+    (a new :class:`RunningTotal` of ``config.normalize_window`` when not given).
+    """
+    if config.normalize == "running" and running is None:
+        running = RunningTotal(config.normalize_window)
     single = frames.ndim == 2
     stack = frames[None] if single else frames
     out = np.empty((len(stack), *config.output_shape(stack.shape[1:])), dtype=np.float32)
-    for frame, slot in zip(stack, out):
-        load_into(frame, slot, config)
-    transform_batch(out, config)
+    if config.crop_hw is None and config.bin_factor == 1:
+        out[...] = stack
+    else:
+        for frame, slot in zip(stack, out):
+            load_into(frame, slot, config)
+    transform_batch(out, config, running)
     return out[0] if single else out
