@@ -71,7 +71,7 @@ import numpy as np
 import pvaccess as pva
 
 from edge_ptychonn.stream.arguments import (
-    boolean, choice, integer, number, optional, path, text, text_list,
+    choice, integer, number, optional, path, text, text_list,
 )
 from processors.base import ProcessorBase, attribute_value, seconds
 

@@ -76,3 +76,20 @@ def slow_model(tmp_path_factory) -> Path:
 
     path = tmp_path_factory.mktemp("models") / "slow.onnx"
     return export_onnx(build_model(ModelConfig(width=48, depth=3, input_size=64), seed=0), path)
+
+
+@pytest.fixture(scope="session")
+def model_b(tmp_path_factory):
+    """64x64 like small_model, other weights; its card asks for sqrt and scale 0.5 (model swaps)."""
+    from model_util import export_small_model
+
+    return export_small_model(tmp_path_factory.mktemp("swap") / "b.onnx", seed=1, name="model-b",
+                              transform="sqrt", scale=0.5)
+
+
+@pytest.fixture(scope="session")
+def model_32(tmp_path_factory):
+    """A model with 32x32 input: does not fit where small_model runs."""
+    from model_util import export_small_model
+
+    return export_small_model(tmp_path_factory.mktemp("swap32") / "m32.onnx", seed=2, input_size=32)

@@ -2,16 +2,15 @@
 PvaPy processes (sim server, 2 inference consumers with the shipped model, the stitcher in
 pvapy-hpc-collector, 2 HDF5 writers), its status lines, its summary and its PNG."""
 
-import json
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from edge_ptychonn.science.simulate import ScanSettings, save_scan, simulate_scan
 from edge_ptychonn.tools import demo
 from channel_names import PREFIX
+from model_util import training_like_scan
 
 MODEL = Path(__file__).resolve().parent.parent / "data" / "ptychonn.onnx"
 
@@ -22,10 +21,7 @@ def test_demo_runs_the_chain_and_leaves_a_picture_of_the_stitched_phase(pva_env,
     from PIL import Image
 
     n = 36
-    training = json.loads(MODEL.with_suffix(".json").read_text())["training"]["scan_settings"]
-    settings = ScanSettings.from_dict({**ScanSettings().to_dict(), **training, "seed": 1001, "n_positions": n})
-    frames, truth = simulate_scan(settings, progress=False)
-    save_scan(tmp_path / "scan", frames, truth)
+    training_like_scan(tmp_path / "scan", MODEL, seed=1001, n_positions=n)
     args = demo.get_args_parser().parse_args([
         "--scan", str(tmp_path / "scan.npy"), "--engine", "onnxruntime", "--fps", "40", "--start-delay", "10",
         "--prefix", f"{PREFIX}:demo{id(tmp_path) % 10**6}", "--channel", f"{PREFIX}:demo{id(tmp_path) % 10**6}:image",

@@ -21,25 +21,12 @@ import pytest
 from edge_ptychonn.tools.processes import (
     OutputCollector, consumer_argv, read_status, sim_server_argv, start, tool_path, wait_status, wait_until,
 )
-from model_util import export_small_model
 from channel_names import PREFIX
 
 START_DELAY_S = 10.0  # the consumer and the test's monitor connect before frames flow
 FPS = 40
 BATCH = 8
 _ports = itertools.count(1)
-
-
-@pytest.fixture(scope="module")
-def model_b(tmp_path_factory):
-    """64x64 like small_model, other weights; its card asks for sqrt and scale 0.5."""
-    return export_small_model(tmp_path_factory.mktemp("swap") / "b.onnx", seed=1, name="model-b",
-                              transform="sqrt", scale=0.5)
-
-
-@pytest.fixture(scope="module")
-def model_32(tmp_path_factory):
-    return export_small_model(tmp_path_factory.mktemp("swap32") / "m32.onnx", seed=2, input_size=32)
 
 
 def _names(kind: str) -> tuple[str, str]:

@@ -352,20 +352,6 @@ def test_async_engines_overlap_the_next_batch_with_publishing(small_model, rng, 
 
 
 # -- model swap (configure modelPath) ------------------------------------------------------
-@pytest.fixture(scope="module")
-def model_b(tmp_path_factory):
-    """Another 64x64 model (other weights) whose card asks for other preprocessing."""
-    from model_util import export_small_model
-
-    return export_small_model(tmp_path_factory.mktemp("swap") / "b.onnx", seed=1, name="model-b",
-                              transform="sqrt", scale=0.5)
-
-
-@pytest.fixture(scope="module")
-def model_32(tmp_path_factory):
-    from model_util import export_small_model
-
-    return export_small_model(tmp_path_factory.mktemp("swap32") / "m32.onnx", seed=2, input_size=32)
 
 
 class Recorded:

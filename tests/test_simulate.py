@@ -1,7 +1,6 @@
 """Physics and files of the scan simulator."""
 
 import json
-import warnings
 
 import numpy as np
 import pytest

@@ -12,7 +12,6 @@ Skipped with the reason where c2dv, Xvfb or Qt's xcb platform is missing.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -74,13 +73,10 @@ def test_c2dv_windows_show_the_live_chain_under_xvfb(pva_env, procs, tmp_path):
         pytest.skip("Xvfb missing: apt-get install xvfb (scripts/setup-venv.sh does it as root with the viewer extra)")
     from PIL import ImageGrab
 
-    from edge_ptychonn.science.simulate import ScanSettings, save_scan, simulate_scan
+    from model_util import training_like_scan
 
     n = 25
-    training = json.loads(MODEL.with_suffix(".json").read_text())["training"]["scan_settings"]
-    settings = ScanSettings.from_dict({**ScanSettings().to_dict(), **training, "seed": 777, "n_positions": n})
-    frames, truth = simulate_scan(settings, progress=False)
-    save_scan(tmp_path / "scan", frames, truth)
+    training_like_scan(tmp_path / "scan", MODEL, seed=777, n_positions=n)
 
     tag = f"vw{os.getpid()}"
     output, stitched = f"{tag}:inference:1:output", f"{tag}:stitch:1:output"

@@ -29,7 +29,6 @@ import os
 import platform
 import signal
 import sys
-import time
 from pathlib import Path
 
 from edge_ptychonn.model_card import default_model_path

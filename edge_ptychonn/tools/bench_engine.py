@@ -108,7 +108,6 @@ def count_flops(model_path: str | Path) -> FlopCount:
     for node in inferred.graph.node:
         op = node.op_type
         if op in ("Conv", "ConvTranspose"):
-            groups = next((a.i for a in node.attribute if a.name == "group"), 1)
             w = shape(node.input[1], node)  # Conv (M, C/g, k...), ConvTranspose (C, M/g, k...)
             kernel = int(np.prod(w[2:]))
             if op == "Conv":
