@@ -377,10 +377,12 @@ def test_quick_pipeline_run(tmp_path, bench_small_model):
     assert frame_path["pipeline_us"] > 0 and frame_path["passthrough_us"] > 0
 
 
-def test_frame_path_profile_times_every_stage_and_the_whole_pipeline(small_model):
+def test_frame_path_profile_times_every_stage_and_the_whole_pipeline():
+    """With the shipped model's card (its normalisation included), 128x128 frames."""
+    from edge_ptychonn.model_card import default_model_path
     from edge_ptychonn.tools import bench_frame_path
 
-    result = bench_frame_path.measure(small_model, (64, 64), n_frames=160, batch=8)
+    result = bench_frame_path.measure(default_model_path(), (128, 128), n_frames=160, batch=8)
     assert result["n_frames"] == 160
     assert all(us > 0 for us in result["stages_us"].values()), result["stages_us"]
     # The whole pipeline does every stage for every frame (it checks all 160 were published).

@@ -44,7 +44,7 @@ def measure(model_path, input_hw: tuple[int, int], n_frames: int = 2000, batch: 
     from edge_ptychonn.stream.config import parse_processor_args
     from edge_ptychonn.stream.frames import FrameEncoder, decode
     from edge_ptychonn.stream.pipeline import InferencePipeline
-    from edge_ptychonn.stream.preprocess import load_into, transform_batch
+    from edge_ptychonn.stream.preprocess import RunningTotal, load_into, transform_batch
     from engines import EngineOptions, create_engine
 
     n_frames -= n_frames % batch
@@ -67,9 +67,11 @@ def measure(model_path, input_hw: tuple[int, int], n_frames: int = 2000, batch: 
             for k, (_, image) in enumerate(decoded):
                 load_into(image, buffer[k % batch, 0], pre)
 
+        running = RunningTotal(pre.normalize_window)  # the consumer's (normalize 'running')
+
         def transform():
             for _ in range(n_frames // batch):
-                transform_batch(buffer, pre)
+                transform_batch(buffer, pre, running)
 
         def infer():
             for _ in range(n_frames // batch):
