@@ -109,15 +109,20 @@ def fake_point(rate: float, capacity: float, server_max: float = float("inf")) -
     )
 
 
-def test_sweep_stops_after_the_first_unsustained_point_and_bisects(monkeypatch):
+def fake_machine(monkeypatch, capacity: float):
+    """Points come from :func:`fake_point` with ``capacity``; returns (rates asked, settings)."""
     asked = []
 
     def run_point(settings, processor, n, rate, *args):
         asked.append(rate)
-        return fake_point(rate, capacity=85.0)
+        return fake_point(rate, capacity=capacity)
 
     monkeypatch.setattr(bench_pipeline, "run_point", run_point)
-    settings = bench_pipeline.PipelineSettings(model_path=Path("m.onnx"))
+    return asked, bench_pipeline.PipelineSettings(model_path=Path("m.onnx"))
+
+
+def test_sweep_stops_after_the_first_unsustained_point_and_bisects(monkeypatch):
+    asked, settings = fake_machine(monkeypatch, capacity=85.0)
     points = bench_pipeline.sweep(settings, "ptychonn", 1, [60, 80, 90, 100, 110], None, Path("."), {}, None,
                                   stop_after=1, refine=1)
     # 90 is lossless but falls behind (85 < 0.97 * 90): the sweep stops there, then tries 85
@@ -285,14 +290,7 @@ def test_engines_and_precisions_come_from_the_specs():
 
 
 def test_ceiling_sweep_climbs_from_below_and_bisects(monkeypatch):
-    asked = []
-
-    def run_point(settings, processor, n, rate, *args):
-        asked.append(rate)
-        return fake_point(rate, capacity=1000.0)
-
-    monkeypatch.setattr(bench_pipeline, "run_point", run_point)
-    settings = bench_pipeline.PipelineSettings(model_path=Path("m.onnx"))
+    asked, settings = fake_machine(monkeypatch, capacity=1000.0)
     points = bench_pipeline.ceiling_sweep(settings, "zero", 1, 500.0, None, Path("."), {}, None,
                                           factor=1.5, max_points=8, refine=2)
     assert asked == [500.0, 750.0, 1125.0, 937.5, 1031.2]
@@ -392,14 +390,7 @@ def test_frame_path_profile_times_every_stage_and_the_whole_pipeline():
 
 
 def test_sweep_goes_on_upwards_while_the_pipeline_keeps_up(monkeypatch):
-    asked = []
-
-    def run_point(settings, processor, n, rate, *args):
-        asked.append(rate)
-        return fake_point(rate, capacity=130.0)
-
-    monkeypatch.setattr(bench_pipeline, "run_point", run_point)
-    settings = bench_pipeline.PipelineSettings(model_path=Path("m.onnx"))
+    asked, settings = fake_machine(monkeypatch, capacity=130.0)
     points = bench_pipeline.sweep(settings, "ptychonn", 1, [50, 100], None, Path("."), {}, None,
                                   stop_after=1, refine=0, extend=3)
     assert asked == [50, 100, 120.0, 144.0]  # 144 falls behind: no further point
@@ -407,14 +398,7 @@ def test_sweep_goes_on_upwards_while_the_pipeline_keeps_up(monkeypatch):
 
 
 def test_sweep_goes_down_when_nothing_keeps_up(monkeypatch):
-    asked = []
-
-    def run_point(settings, processor, n, rate, *args):
-        asked.append(rate)
-        return fake_point(rate, capacity=40.0)
-
-    monkeypatch.setattr(bench_pipeline, "run_point", run_point)
-    settings = bench_pipeline.PipelineSettings(model_path=Path("m.onnx"))
+    asked, settings = fake_machine(monkeypatch, capacity=40.0)
     points = bench_pipeline.sweep(settings, "ptychonn", 1, [90, 100], None, Path("."), {}, None,
                                   stop_after=1, refine=1, extend=3)
     assert asked == [90, 60.0, 40.0, 50.0]  # down /1.5 until 40 keeps up, then bisect 40..60
