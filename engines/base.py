@@ -141,6 +141,30 @@ def default_cpu_threads() -> int:
     return max(1, (os.cpu_count() or 1) - 1)
 
 
+# glibc mallopt() parameters
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc's malloc keep freed memory for reuse instead of returning it to the OS.
+
+    PyTorch's CPU allocator frees every intermediate tensor, and glibc unmaps large
+    blocks on free; the next batch faults the same pages in again. With the shipped
+    model (torch bf16, batch 8, 1 thread) that was about 2,900 page faults and 16 %
+    of the time per batch (197 -> 236 frames/s with this set, 0 faults per batch).
+    Raises the mmap threshold to glibc's maximum (32 MiB) and keeps up to 1 GiB free
+    at the top of the heap. Process-wide; a no-op (False) where the C library is not glibc.
+    """
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    settings = ((_M_MMAP_THRESHOLD, 32 << 20), (_M_TRIM_THRESHOLD, 1 << 30), (_M_TOP_PAD, 64 << 20))
+    return all(mallopt(key, value) == 1 for key, value in settings)
+
+
 class EngineUnavailable(RuntimeError):
     """The engine cannot run here (library or device missing); says what to install."""
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from .base import (
     AutoCandidate, EngineOptions, EngineSpec, EngineUnavailable, SlotRing, Ticket, check_batch, default_cpu_threads,
-    engine_device,
+    engine_device, keep_freed_memory,
 )
 from .onnx_model import read_signature
 
@@ -75,6 +75,7 @@ class TorchEngine:
         ]
         if device == "cpu":
             torch.set_num_threads(options.cpu_threads or default_cpu_threads())
+            keep_freed_memory()
         else:
             # Process-wide switches; one engine per consumer process.
             tf32 = options.precision == "tf32"
