@@ -6,6 +6,7 @@ Speed itself is not asserted here (timings belong to `edge-ptychonn bench`).
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +91,26 @@ def test_measure_peak_is_positive():
     peaks = bench_engine.measure_peaks(["fp32", "bf16"], seconds=0.02, sizes=(64, 128))
     assert peaks["fp32"]["flops_per_s"] >= peaks["fp32"]["by_library"]["numpy"] > 0
     assert peaks["bf16"]["flops_per_s"] > 0 and "numpy" not in peaks["bf16"]["by_library"]
+
+
+def test_engine_rate_is_the_best_timing_window():
+    """A load that slows the first window down does not lower the rate."""
+
+    class SlowThenFast:
+        input_shape = (4, 4)
+
+        def __init__(self):
+            self.calls = 0
+
+        def infer(self, x):
+            self.calls += 1
+            time.sleep(0.02 if self.calls <= 12 else 0.005)  # warm-up + two windows slow
+            return x
+
+    fps, _, n = bench_engine.time_engine(SlowThenFast(), 8, 0.1, np.random.default_rng(0), repeats=3)
+    assert n >= 6 and 8 / 0.005 * 0.5 < fps <= 8 / 0.005, fps  # the fast windows' rate, not the average
+    single, _, _ = bench_engine.time_engine(SlowThenFast(), 8, 0.1, np.random.default_rng(0), repeats=1)
+    assert single < 8 / 0.02 * 1.01  # one window: the slow rate
 
 
 def test_unknown_peak_library_is_refused():

@@ -86,7 +86,10 @@ def get_args_parser(prog: str = "edge-ptychonn bench") -> argparse.ArgumentParse
     g.add_argument("--batches", type=_ints, default=[1, 8, 32])
     g.add_argument("--threads", type=_threads, default=None,
                    help="CPU threads per engine, e.g. '1,all' (default: 1 and all cores)")
-    g.add_argument("--engine-seconds", type=float, default=1.5, help="timing per engine, precision and batch")
+    g.add_argument("--engine-seconds", type=float, default=1.5, help="timing window per engine, precision and batch")
+    g.add_argument("--engine-repeats", type=int, default=3,
+                   help="timing windows per engine, precision and batch; the best counts (a passing load on a "
+                        "shared machine only slows a window down)")
     g.add_argument("--peak-seconds", type=float, default=0.7, help="timing of each peak matrix product")
     g.add_argument("--peak-sizes", type=_ints, default=[512, 1024, 2048], help="matrix sizes of the peak measurement")
     g.add_argument("--device", default="cpu",
@@ -120,6 +123,7 @@ def get_args_parser(prog: str = "edge-ptychonn bench") -> argparse.ArgumentParse
 def apply_quick(args: argparse.Namespace) -> None:
     args.batches = [1, 8]
     args.engine_seconds = 0.2
+    args.engine_repeats = 1
     args.peak_seconds = 0.2
     args.peak_sizes = [256]
     args.consumers = args.consumers or [1]
@@ -269,7 +273,7 @@ def main(args: argparse.Namespace) -> int:
             engine_results, skipped = be.bench_engines(
                 model_path, list(precisions), args.batches, precisions, args.engine_seconds,
                 flops.flops_per_frame, report["peaks"], threads=args.threads or _threads("1,all"),
-                device=args.device, progress=progress,
+                device=args.device, progress=progress, repeats=args.engine_repeats,
             )
             report["engine"] = [r.to_dict() for r in engine_results]
             report["engine_skipped"] = skipped
@@ -364,7 +368,7 @@ def _engine_alone(results, settings, args, flops, report, progress) -> float | N
     extra, skipped = be.bench_engines(
         settings.model_path, [settings.engine], [settings.batch], {settings.engine: (settings.precision,)},
         args.engine_seconds, flops.flops_per_frame, report.get("peaks", {}), threads=args.threads or _threads("1,all"),
-        device=args.device, progress=progress,
+        device=args.device, progress=progress, repeats=args.engine_repeats,
     )
     report.setdefault("engine", []).extend(r.to_dict() for r in extra)
     report.setdefault("engine_skipped", []).extend(skipped)
