@@ -188,6 +188,31 @@ def test_overload_drops_at_the_door_without_waiting_and_recovers(small_model, rn
     assert stats.dropped["overload"] == 24 and stats.unaccounted(0) == 0
 
 
+def test_overload_drops_read_only_the_unique_id(small_model, rng):
+    """With no buffer free a frame is dropped before it is decoded (cheap for the
+    interpreter the inference thread shares): a wrong-size frame then counts as
+    dropped, not bad; a (re)connect record is still no frame; ids are still tracked."""
+    from frames_util import no_image_record
+
+    pipeline, published, factory = make_pipeline(small_model, batchSize=4, queueBatches=2, batchTimeout=0.05)
+    slow = SlowEngine(factory())
+    pipeline.start(lambda: slow)
+    images = frames(rng, 16)
+    for i in range(16):  # every buffer full
+        pipeline.submit(good_frame(i + 1, images[i]))
+    pipeline.submit(good_frame(17, frames(rng, 1, (32, 32))[0]))  # wrong size: not looked at
+    pipeline.submit(no_image_record(0))  # not a frame, not a restart
+    pipeline.submit(good_frame(20, images[0]))  # 18 and 19 never arrived
+    stats = pipeline.stats
+    assert stats.dropped["overload"] == 2 and stats.bad_total == 0 and stats.empty_records == 1
+    assert (stats.received, stats.ids.missed, stats.ids.restarts) == (18, 2, 0)
+    slow.go.set()
+    assert published.wait(16) == 16
+    pipeline.submit(good_frame(21, frames(rng, 1, (32, 32))[0]))  # room again: inspected, bad
+    pipeline.stop()
+    assert stats.bad["shape"] == 1 and stats.unaccounted(0) == 0
+
+
 def test_nonfinite_pixels_are_bad_frames_and_never_published(small_model, rng):
     from frames_util import float_frame
 

@@ -109,6 +109,13 @@ class Batcher:
             )
 
     @property
+    def has_room(self) -> bool:
+        """Whether a frame added now would find a place (the batch being filled, or a
+        free buffer). Only the receive thread takes buffers, so a True stays true
+        until it adds; a False may turn True as inference gives buffers back."""
+        return self._current is not None or not self._free.empty()
+
+    @property
     def pending(self) -> int:
         """Frames in the batch being filled."""
         return self._current.n if self._current else 0
