@@ -11,10 +11,10 @@ Overload policy: batch buffers come from a fixed pool (``queue_batches + 2``).
 When inference cannot keep up, every buffer holds a batch waiting for the
 engine; a frame that finds no free buffer is dropped at the door and counted
 (``dropped['overload']``), with its uniqueId read and nothing else: the receive
-thread then costs the inference thread (same interpreter) little (9 us of
-CPU per dropped frame against 48 for a decode and a refused load), so
-the publish rate under overload stays at the capacity instead of falling with
-the offered rate. A frame dropped this way is not inspected (a bad frame among
+thread then takes little of the interpreter it shares with the inference
+thread (9 us of CPU per dropped frame against 48 for a decode and a refused
+load; the live publish rate under overload moved within the noise of a 2-core
+machine). A frame dropped this way is not inspected (a bad frame among
 them counts as dropped, not bad). ``submit`` never waits while holding the lock that
 the inference thread needs to give buffers back, so the consumer goes on at
 its full inference rate under any load and is lossless again as soon as the
