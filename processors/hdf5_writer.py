@@ -36,7 +36,8 @@ Output
                        ``modelCard`` (text of ``modelCard``) and ``modelCardPath``
 
     The file is in SWMR mode: ``h5py.File(path, "r", libver="latest",
-    swmr=True)`` follows it while it grows (``refresh()`` each dataset).
+    swmr=True)`` follows it while it grows (``refresh()`` each dataset). It is
+    built as ``.<name>.part`` and appears under its name once a reader can open it.
     ``uniqueId`` is written last in each block, so its length is the number of
     complete frames. Flushed every ``flushPeriod`` seconds, closed at stop and
     at a new scan.
@@ -61,6 +62,7 @@ Statistics (status channel ``userStats``) -- see :data:`STATS`.
 from __future__ import annotations
 
 import json
+import os
 import queue
 import threading
 import time
@@ -149,7 +151,24 @@ class _ScanFile:
 
     def __init__(self, h5py, file: Path, first: _Frame, settings: Hdf5Settings, attrs: dict):
         self.path = file
-        self.f = h5py.File(file, "w", libver="latest")
+        # Built under a hidden name and renamed once in SWMR mode: a reader that sees the
+        # file's name can open it (before SWMR mode the writer holds an exclusive lock).
+        partial = file.with_name(f".{file.name}.part")
+        self.f = h5py.File(partial, "w", libver="latest")
+        try:
+            self._create(first, settings, attrs)
+            os.replace(partial, file)
+        except BaseException:
+            self.f.close()
+            partial.unlink(missing_ok=True)
+            raise
+        self.shape = first.image.shape
+        self.dtype = first.image.dtype
+        self.n = 0
+        self.unique_ids: set[int] = set()
+        self.max_unique_id = 0
+
+    def _create(self, first: _Frame, settings: Hdf5Settings, attrs: dict) -> None:
         h, w = first.image.shape
         chunk = max(1, settings.chunk_frames)
         opts = _compression_options(settings.compression, settings.compression_level)
@@ -164,11 +183,6 @@ class _ScanFile:
         for key, value in attrs.items():
             self.f.attrs[key] = value
         self.f.swmr_mode = True  # every dataset exists: readers may open the file now
-        self.shape = (h, w)
-        self.dtype = first.image.dtype
-        self.n = 0
-        self.unique_ids: set[int] = set()
-        self.max_unique_id = 0
 
     def append(self, frames: list[_Frame]) -> None:
         n0, n1 = self.n, self.n + len(frames)

@@ -121,6 +121,36 @@ def test_swmr_reader_follows_the_growing_file(tmp_path, rng):
     assert seen[0] >= 10 and seen[-1] == 40 and len(set(seen)) > 1, seen
 
 
+def test_a_file_is_readable_as_soon_as_its_name_appears(tmp_path, rng, monkeypatch):
+    """The name appears only in SWMR mode: before it, the writer holds the file locked."""
+    import processors.hdf5_writer as writer
+
+    seen_while_building = []
+    create = writer._ScanFile._create
+
+    def create_and_look(self, first, settings, attrs):
+        create(self, first, settings, attrs)
+        seen_while_building.append(self.path.exists())
+
+    monkeypatch.setattr(writer._ScanFile, "_create", create_and_look)
+    p = Hdf5WriterProcessor({**FRAMEWORK, "outputDirectory": str(tmp_path), "flushPeriod": 0.05})
+    p.start()
+    try:
+        for scan in range(3):
+            p.process(frame(1, rng.normal(size=(8, 8)).astype(np.float32)))
+            deadline = time.monotonic() + 5
+            while len(p.files) <= scan:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            with h5py.File(p.files[scan], "r", libver="latest", swmr=True) as f:  # opens at once
+                assert set(f) >= {"data", "uniqueId"}
+            p.configure({"newScan": True})
+    finally:
+        p.stop()
+    assert seen_while_building == [False, False, False]
+    assert sorted(x.name for x in tmp_path.iterdir()) == sorted(f.name for f in p.files)  # no .part left
+
+
 def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="outputDirectory is required"):
         Hdf5WriterProcessor({**FRAMEWORK})
