@@ -44,6 +44,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_ptychonn.files import write_bytes_whole
+
 from .base import (
     AutoCandidate, EngineOptions, EngineSpec, EngineUnavailable, FixedBatchRunner, SlotRing, Ticket, check_batch,
     engine_device,
@@ -152,9 +154,7 @@ class PlanCache:
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.path(key, stem)
         for target, data in ((path, plan), (path.with_suffix(".json"), json.dumps(asdict(key), indent=1).encode())):
-            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-            tmp.write_bytes(data)
-            os.replace(tmp, target)
+            write_bytes_whole(target, data)
         return path
 
     @contextlib.contextmanager

@@ -37,7 +37,7 @@ Output
 
     The file is in SWMR mode: ``h5py.File(path, "r", libver="latest",
     swmr=True)`` follows it while it grows (``refresh()`` each dataset). It is
-    built as ``.<name>.part`` and appears under its name once a reader can open it.
+    built as ``.<name>.<pid>.part`` and appears under its name once a reader can open it.
     ``uniqueId`` is written last in each block, so its length is the number of
     complete frames. Flushed every ``flushPeriod`` seconds, closed at stop and
     at a new scan.
@@ -62,7 +62,6 @@ Statistics (status channel ``userStats``) -- see :data:`STATS`.
 from __future__ import annotations
 
 import json
-import os
 import queue
 import threading
 import time
@@ -72,6 +71,7 @@ from pathlib import Path
 import numpy as np
 import pvaccess as pva
 
+from edge_ptychonn.files import whole_file
 from edge_ptychonn.stream.arguments import (
     choice, integer, number, optional, path, text, text_list,
 )
@@ -153,15 +153,13 @@ class _ScanFile:
         self.path = file
         # Built under a hidden name and renamed once in SWMR mode: a reader that sees the
         # file's name can open it (before SWMR mode the writer holds an exclusive lock).
-        partial = file.with_name(f".{file.name}.part")
-        self.f = h5py.File(partial, "w", libver="latest")
-        try:
-            self._create(first, settings, attrs)
-            os.replace(partial, file)
-        except BaseException:
-            self.f.close()
-            partial.unlink(missing_ok=True)
-            raise
+        with whole_file(file) as partial:
+            self.f = h5py.File(partial, "w", libver="latest")
+            try:
+                self._create(first, settings, attrs)
+            except BaseException:
+                self.f.close()
+                raise
         self.shape = first.image.shape
         self.dtype = first.image.dtype
         self.n = 0

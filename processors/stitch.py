@@ -106,6 +106,7 @@ from pathlib import Path
 import numpy as np
 import pvaccess as pva
 
+from edge_ptychonn.files import save_npy_whole
 from edge_ptychonn.science.stitch import Stitcher, probe_weight
 from edge_ptychonn.stream.arguments import (
     choice, int_pair, integer, number, optional, path, text, text_list,
@@ -578,9 +579,9 @@ class StitchProcessor(ProcessorBase):
             return
         scan.saved = True
         stem = self.settings.output_directory / f"{self.settings.file_prefix}_scan{scan.index:04d}"
-        try:
-            np.save(f"{stem}.npy", image)
-            np.save(f"{stem}_weight.npy", scan.stitcher.weight_sum().astype(np.float32))
+        try:  # the weights first: the image's name appearing says both are complete
+            save_npy_whole(Path(f"{stem}_weight.npy"), scan.stitcher.weight_sum().astype(np.float32))
+            save_npy_whole(Path(f"{stem}.npy"), image)
         except OSError as exc:
             self.count_problem("save", "cannot save %s: %s", stem, exc)
             return
