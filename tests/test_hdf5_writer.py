@@ -101,10 +101,13 @@ def test_swmr_reader_follows_the_growing_file(tmp_path, rng):
         while not p.files or p.getStats()["nFramesWritten"] < 10:
             assert time.monotonic() < deadline
             time.sleep(0.02)
-        time.sleep(0.1)  # a flush
         seen = []
         with h5py.File(p.files[0], "r", libver="latest", swmr=True) as f:
             ids = f["uniqueId"]
+            while ids.shape[0] < 10:  # until a flush shows the first ten
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+                ids.refresh()
             seen.append(ids.shape[0])
             for k in range(10, 40):
                 p.process(frame(k + 1, images[k]))
