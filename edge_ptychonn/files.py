@@ -2,21 +2,59 @@
 
 A program that watches a folder (a viewer, a test, the next step of a workflow) may
 open a file the moment its name appears; so the name appears only when the file is
-complete (or, for an HDF5 file in SWMR mode, readable).
+complete (or, for an HDF5 file in SWMR mode, readable). A process killed while
+writing leaves its hidden file behind; :func:`remove_stale_partials` removes those
+of this host's processes that are gone (the writers call it on their folder).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
+import socket
 from pathlib import Path
 
 import numpy as np
 
 
+_HOST = socket.gethostname() or "localhost"
+
+
 def partial_name(path: Path) -> Path:
-    """The hidden name ``.<name>.<pid>.part`` beside ``path`` (one per process)."""
-    return path.with_name(f".{path.name}.{os.getpid()}.part")
+    """The hidden name ``.<name>.<host>.<pid>.part`` beside ``path`` (one per process)."""
+    return path.with_name(f".{path.name}.{_HOST}.{os.getpid()}.part")
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_partials(directory: Path) -> list[Path]:
+    """Remove the hidden files in ``directory`` that processes of this host left when they
+    died mid-write; returns what was removed. Files of live processes, and of other hosts
+    (a folder on shared storage), are left alone."""
+    pattern = re.compile(rf"^\..+\.{re.escape(_HOST)}\.(\d+)\.part$")
+    removed = []
+    try:
+        entries = list(Path(directory).iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        m = pattern.match(entry.name)
+        if m and int(m.group(1)) != os.getpid() and not _process_exists(int(m.group(1))):
+            try:
+                entry.unlink()
+            except OSError:
+                continue
+            removed.append(entry)
+    return removed
 
 
 @contextlib.contextmanager

@@ -37,7 +37,8 @@ Output
 
     The file is in SWMR mode: ``h5py.File(path, "r", libver="latest",
     swmr=True)`` follows it while it grows (``refresh()`` each dataset). It is
-    built as ``.<name>.<pid>.part`` and appears under its name once a reader can open it.
+    built as ``.<name>.<host>.<pid>.part`` and appears under its name once a reader can
+    open it; at start the writer removes such files that killed writers of this host left.
     ``uniqueId`` is written last in each block, so its length is the number of
     complete frames. Flushed every ``flushPeriod`` seconds, closed at stop and
     at a new scan.
@@ -71,7 +72,7 @@ from pathlib import Path
 import numpy as np
 import pvaccess as pva
 
-from edge_ptychonn.files import whole_file
+from edge_ptychonn.files import remove_stale_partials, whole_file
 from edge_ptychonn.stream.arguments import (
     choice, integer, number, optional, path, text, text_list,
 )
@@ -242,6 +243,8 @@ class Hdf5WriterProcessor(ProcessorBase):
         self.h5py = _h5py()
         _compression_options(self.settings.compression, self.settings.compression_level)  # fail early
         self.settings.output_directory.mkdir(parents=True, exist_ok=True)
+        for stale in remove_stale_partials(self.settings.output_directory):
+            self.logger.info("removed %s, left by a writer that stopped while creating it", stale)
         self.user_args = {k: v for k, v in (configDict or {}).items() if k in self.ARGS}
         self.queue: queue.Queue = queue.Queue(maxsize=self.settings.queue_frames)
         self.counts = dict.fromkeys(("received", "written", "lost", "bad", "empty", "files", "write_errors"), 0)

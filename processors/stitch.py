@@ -106,7 +106,7 @@ from pathlib import Path
 import numpy as np
 import pvaccess as pva
 
-from edge_ptychonn.files import save_npy_whole
+from edge_ptychonn.files import remove_stale_partials, save_npy_whole
 from edge_ptychonn.science.stitch import Stitcher, probe_weight
 from edge_ptychonn.stream.arguments import (
     choice, int_pair, integer, number, optional, path, text, text_list,
@@ -369,6 +369,8 @@ class StitchProcessor(ProcessorBase):
         self.weight = np.load(s.weight_file) if s.weight_file else None
         if s.output_directory is not None:
             s.output_directory.mkdir(parents=True, exist_ok=True)
+            for stale in remove_stale_partials(s.output_directory):
+                self.logger.info("removed %s, left by a stitcher that stopped while saving it", stale)
         self.lock = threading.Lock()
         self.scan: _Scan | None = None
         self.scan_index = 0

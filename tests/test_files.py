@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
-from edge_ptychonn.files import save_npy_whole, whole_file, write_bytes_whole
+from edge_ptychonn import files
+from edge_ptychonn.files import remove_stale_partials, save_npy_whole, whole_file, write_bytes_whole
 
 
 def test_the_name_appears_only_when_the_file_is_complete(tmp_path):
@@ -27,3 +32,33 @@ def test_an_error_leaves_no_file_and_keeps_the_old_one(tmp_path):
         partial.write_bytes(b"new, half")
         raise RuntimeError("disk full")
     assert target.read_bytes() == b"old" and list(tmp_path.iterdir()) == [target]
+
+
+def dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_partial_files_of_dead_processes_on_this_host_are_removed(tmp_path):
+    host = files._HOST
+    dead = tmp_path / f".scan_0001.h5.{host}.{dead_pid()}.part"
+    keep = [
+        tmp_path / f".scan_0002.h5.{host}.{os.getpid()}.part",  # this process, still writing
+        tmp_path / f".scan_0003.h5.{host}.{os.getppid()}.part",  # another live process
+        tmp_path / f".scan_0004.h5.other-{host}.{dead_pid()}.part",  # another host (shared storage)
+        tmp_path / "scan_0005.h5",
+        tmp_path / f"scan_0006.h5.{host}.{dead_pid()}.part",  # not hidden: not ours
+    ]
+    for path in [dead, *keep]:
+        path.write_bytes(b"x")
+    assert remove_stale_partials(tmp_path) == [dead]
+    assert sorted(tmp_path.iterdir()) == sorted(keep)
+    assert remove_stale_partials(tmp_path / "missing") == []
+
+
+def test_whole_file_names_its_partial_after_this_host_and_process(tmp_path):
+    with whole_file(tmp_path / "a.bin") as partial:
+        assert partial.name == f".a.bin.{files._HOST}.{os.getpid()}.part"
+        partial.write_bytes(b"x")
+        assert remove_stale_partials(tmp_path) == [] and partial.exists()

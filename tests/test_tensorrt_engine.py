@@ -256,8 +256,18 @@ def test_consumer_n_takes_gpu_n_minus_1_mod_gpus(monkeypatch, small_model, tmp_p
 
 # -- plan cache ----------------------------------------------------------------------------------
 def test_cache_hit_skips_the_build(gpu, small_model, tmp_path):
+    import subprocess
+
+    from edge_ptychonn import files
+
+    killed = subprocess.Popen([sys.executable, "-c", "pass"])
+    killed.wait()
+    (tmp_path / "plans").mkdir()
+    half = tmp_path / "plans" / f".model.plan.{files._HOST}.{killed.pid}.part"  # a build killed while saving
+    half.write_bytes(b"half a plan")
     first = make(small_model, tmp_path)
     first.close()
+    assert not half.exists() and first.plan_path.exists()
     gpu.clear()
     second = make(small_model, tmp_path)
     assert second.plan_source == "cache" and second.plan_path == first.plan_path
