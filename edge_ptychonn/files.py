@@ -10,6 +10,7 @@ of this host's processes that are gone (the writers call it on their folder).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import socket
@@ -21,9 +22,10 @@ import numpy as np
 _HOST = socket.gethostname() or "localhost"
 
 
-def partial_name(path: Path) -> Path:
-    """The hidden name ``.<name>.<host>.<pid>.part`` beside ``path`` (one per process)."""
-    return path.with_name(f".{path.name}.{_HOST}.{os.getpid()}.part")
+def partial_name(path: Path, pid: int | None = None) -> Path:
+    """The hidden name ``.<name>.<host>.<pid>.part`` beside ``path`` (one per process;
+    ``pid``: this process's unless given)."""
+    return path.with_name(f".{path.name}.{_HOST}.{os.getpid() if pid is None else pid}.part")
 
 
 def _process_exists(pid: int) -> bool:
@@ -36,10 +38,10 @@ def _process_exists(pid: int) -> bool:
     return True
 
 
-def remove_stale_partials(directory: Path) -> list[Path]:
+def remove_stale_partials(directory: Path, log: logging.Logger) -> list[Path]:
     """Remove the hidden files in ``directory`` that processes of this host left when they
-    died mid-write; returns what was removed. Files of live processes, and of other hosts
-    (a folder on shared storage), are left alone."""
+    died mid-write, with a line on ``log`` for each; returns what was removed. Files of
+    live processes, and of other hosts (a folder on shared storage), are left alone."""
     pattern = re.compile(rf"^\..+\.{re.escape(_HOST)}\.(\d+)\.part$")
     removed = []
     try:
@@ -53,6 +55,7 @@ def remove_stale_partials(directory: Path) -> list[Path]:
                 entry.unlink()
             except OSError:
                 continue
+            log.info("removed %s, left half-written by process %s, which is gone", entry, m.group(1))
             removed.append(entry)
     return removed
 

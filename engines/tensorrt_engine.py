@@ -152,8 +152,7 @@ class PlanCache:
     def store(self, key: PlanKey, stem: str, plan: bytes) -> Path:
         """Write atomically (a reader never sees half a plan)."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        for stale in remove_stale_partials(self.directory):
-            log.info("removed %s, left by a build that stopped while saving its plan", stale)
+        remove_stale_partials(self.directory, log)
         path = self.path(key, stem)
         for target, data in ((path, plan), (path.with_suffix(".json"), json.dumps(asdict(key), indent=1).encode())):
             write_bytes_whole(target, data)

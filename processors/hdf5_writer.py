@@ -243,8 +243,7 @@ class Hdf5WriterProcessor(ProcessorBase):
         self.h5py = _h5py()
         _compression_options(self.settings.compression, self.settings.compression_level)  # fail early
         self.settings.output_directory.mkdir(parents=True, exist_ok=True)
-        for stale in remove_stale_partials(self.settings.output_directory):
-            self.logger.info("removed %s, left by a writer that stopped while creating it", stale)
+        remove_stale_partials(self.settings.output_directory, self.logger)
         self.user_args = {k: v for k, v in (configDict or {}).items() if k in self.ARGS}
         self.queue: queue.Queue = queue.Queue(maxsize=self.settings.queue_frames)
         self.counts = dict.fromkeys(("received", "written", "lost", "bad", "empty", "files", "write_errors"), 0)

@@ -369,8 +369,7 @@ class StitchProcessor(ProcessorBase):
         self.weight = np.load(s.weight_file) if s.weight_file else None
         if s.output_directory is not None:
             s.output_directory.mkdir(parents=True, exist_ok=True)
-            for stale in remove_stale_partials(s.output_directory):
-                self.logger.info("removed %s, left by a stitcher that stopped while saving it", stale)
+            remove_stale_partials(s.output_directory, self.logger)
         self.lock = threading.Lock()
         self.scan: _Scan | None = None
         self.scan_index = 0

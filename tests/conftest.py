@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +41,14 @@ def external_model() -> Path:
     if not EXTERNAL_MODEL.is_file():
         pytest.skip(f"external reference model not found at {EXTERNAL_MODEL}")
     return EXTERNAL_MODEL
+
+
+@pytest.fixture
+def dead_pid() -> int:
+    """The process id of a process that has exited (what a killed writer leaves in its file names)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
 
 
 @pytest.fixture

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from edge_ptychonn import files
-from edge_ptychonn.files import remove_stale_partials, save_npy_whole, whole_file, write_bytes_whole
+from edge_ptychonn.files import partial_name, remove_stale_partials, save_npy_whole, whole_file, write_bytes_whole
+
+LOG = logging.getLogger("test")
 
 
 def test_the_name_appears_only_when_the_file_is_complete(tmp_path):
@@ -34,31 +34,25 @@ def test_an_error_leaves_no_file_and_keeps_the_old_one(tmp_path):
     assert target.read_bytes() == b"old" and list(tmp_path.iterdir()) == [target]
 
 
-def dead_pid() -> int:
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
-    return child.pid
-
-
-def test_partial_files_of_dead_processes_on_this_host_are_removed(tmp_path):
-    host = files._HOST
-    dead = tmp_path / f".scan_0001.h5.{host}.{dead_pid()}.part"
+def test_partial_files_of_dead_processes_on_this_host_are_removed(tmp_path, dead_pid):
+    dead = partial_name(tmp_path / "scan_0001.h5", dead_pid)
+    other_host = partial_name(tmp_path / "scan_0004.h5", dead_pid)
     keep = [
-        tmp_path / f".scan_0002.h5.{host}.{os.getpid()}.part",  # this process, still writing
-        tmp_path / f".scan_0003.h5.{host}.{os.getppid()}.part",  # another live process
-        tmp_path / f".scan_0004.h5.other-{host}.{dead_pid()}.part",  # another host (shared storage)
+        partial_name(tmp_path / "scan_0002.h5"),  # this process, still writing
+        partial_name(tmp_path / "scan_0003.h5", os.getppid()),  # another live process
+        other_host.with_name(other_host.name.replace(f".{dead_pid}.part", f"-elsewhere.{dead_pid}.part")),
         tmp_path / "scan_0005.h5",
-        tmp_path / f"scan_0006.h5.{host}.{dead_pid()}.part",  # not hidden: not ours
+        tmp_path / dead.name[1:],  # not hidden: not ours
     ]
     for path in [dead, *keep]:
         path.write_bytes(b"x")
-    assert remove_stale_partials(tmp_path) == [dead]
+    assert remove_stale_partials(tmp_path, LOG) == [dead]
     assert sorted(tmp_path.iterdir()) == sorted(keep)
-    assert remove_stale_partials(tmp_path / "missing") == []
+    assert remove_stale_partials(tmp_path / "missing", LOG) == []
 
 
 def test_whole_file_names_its_partial_after_this_host_and_process(tmp_path):
     with whole_file(tmp_path / "a.bin") as partial:
-        assert partial.name == f".a.bin.{files._HOST}.{os.getpid()}.part"
+        assert partial == partial_name(tmp_path / "a.bin") and f".{os.getpid()}.part" in partial.name
         partial.write_bytes(b"x")
-        assert remove_stale_partials(tmp_path) == [] and partial.exists()
+        assert remove_stale_partials(tmp_path, LOG) == [] and partial.exists()

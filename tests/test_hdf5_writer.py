@@ -154,15 +154,10 @@ def test_a_file_is_readable_as_soon_as_its_name_appears(tmp_path, rng, monkeypat
     assert sorted(x.name for x in tmp_path.iterdir()) == sorted(f.name for f in p.files)  # no .part left
 
 
-def test_a_writer_removes_what_a_killed_writer_left_half_built(tmp_path):
-    import subprocess
-    import sys
+def test_a_writer_removes_what_a_killed_writer_left_half_built(tmp_path, dead_pid):
+    from edge_ptychonn.files import partial_name
 
-    from edge_ptychonn import files
-
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
-    stale = tmp_path / f".inference_2_output_scan0001.h5.{files._HOST}.{child.pid}.part"
+    stale = partial_name(tmp_path / "inference_2_output_scan0001.h5", dead_pid)
     stale.write_bytes(b"half an HDF5 file")
     kept = tmp_path / "inference_2_output_scan0001.h5"
     kept.write_bytes(b"a finished file")

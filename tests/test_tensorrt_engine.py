@@ -255,15 +255,11 @@ def test_consumer_n_takes_gpu_n_minus_1_mod_gpus(monkeypatch, small_model, tmp_p
 
 
 # -- plan cache ----------------------------------------------------------------------------------
-def test_cache_hit_skips_the_build(gpu, small_model, tmp_path):
-    import subprocess
+def test_cache_hit_skips_the_build(gpu, small_model, tmp_path, dead_pid):
+    from edge_ptychonn.files import partial_name
 
-    from edge_ptychonn import files
-
-    killed = subprocess.Popen([sys.executable, "-c", "pass"])
-    killed.wait()
     (tmp_path / "plans").mkdir()
-    half = tmp_path / "plans" / f".model.plan.{files._HOST}.{killed.pid}.part"  # a build killed while saving
+    half = partial_name(tmp_path / "plans" / "model.plan", dead_pid)  # a build killed while saving
     half.write_bytes(b"half a plan")
     first = make(small_model, tmp_path)
     first.close()
