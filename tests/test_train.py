@@ -1,6 +1,7 @@
 """A short training run lowers the loss; the exported files keep their contract."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -25,17 +26,17 @@ def _short_training(lr: str, train, val, pp) -> tuple[float, float, list[float]]
 
     args = get_args_parser().parse_args(["--width", "8", "--depth", "3", "--lr", lr, "--max-minutes", "0"])
     trainer = Trainer(args, ModelConfig(width=8, depth=3), pp, probe_weight(train[3], 0.1) > 0)
-    before = trainer.validate(val[:3])
+    before = trainer.validate((val[0], None, val[1], val[2]))
     rng = np.random.default_rng(0)
     steps_per_epoch = len(train[0]) // args.batch_size
     losses = []
     for _ in range(EPOCHS):
         bar = Progress(len(train[0]), "t", enabled=False)
-        loss, stopped = trainer.train_one_epoch(train[:3], rng, total_steps=EPOCHS * steps_per_epoch,
+        loss, stopped = trainer.train_one_epoch((train[0], None, train[1], train[2]), rng, total_steps=EPOCHS * steps_per_epoch,
                                                 deadline=float("inf"), bar=bar)
         assert not stopped
         losses.append(loss)
-    return before, trainer.validate(val[:3]), losses
+    return before, trainer.validate((val[0], None, val[1], val[2])), losses
 
 
 def test_short_training_lowers_the_validation_loss():
@@ -185,3 +186,30 @@ def test_dose_factors_are_log_uniform_and_fixed_by_the_seed():
     assert factors.min() >= 0.1 and factors.max() <= 10.0
     assert 0.35 < np.mean(factors < 1.0) < 0.65  # log-uniform: half below the nominal dose
     assert dose_factor(7, (0.1, 10.0)) == dose_factor(7, (0.1, 10.0)) and dose_factor(7, (1.0, 1.0)) == 1.0
+
+
+def test_running_normalisation_in_training_is_the_scans_own_and_ignores_the_dose():
+    """With normalize 'running' each training frame is scaled over its own scan's mean total:
+    the last frame of a scan gets exactly the input the live pipeline gives it (its running
+    mean has then seen the whole scan), and a scan at three times the counts gets the same inputs."""
+    from edge_ptychonn.science.train import scan_factors
+    from edge_ptychonn.stream.preprocess import RunningTotal, preprocess
+
+    frames, _, _, probe = make_dataset([3, 4], ScanSettings(n_positions=16), amplitude=False, progress=False, label="t")
+    pp = replace(choose_preprocess(frames), normalize="running", reference_total=5e5, normalize_window=1024)
+    args = get_args_parser().parse_args(["--width", "4", "--depth", "2"])
+    trainer = Trainer(args, ModelConfig(width=4, depth=2), pp, probe_weight(probe) > 0)
+    factors = scan_factors(frames, 16, pp)
+    assert factors.shape == (32,) and len(set(factors[:16])) == 1 and factors[0] != factors[16]
+    x = trainer._inputs(frames, factors).numpy()[:, 0]
+    for scan in (slice(0, 16), slice(16, 32)):
+        live = preprocess(frames[scan], pp, RunningTotal(pp.normalize_window))
+        np.testing.assert_allclose(x[scan][-1], live[-1], rtol=1e-5, atol=1e-6)
+    brighter = frames.astype(np.int32) * 3
+    np.testing.assert_allclose(trainer._inputs(brighter, scan_factors(brighter, 16, pp)).numpy()[:, 0], x,
+                               rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="scan factor"):
+        trainer._inputs(frames)
+    with pytest.raises(ValueError, match="whole scans"):
+        scan_factors(frames, 15, pp)
+    assert scan_factors(frames, 16, replace(pp, normalize="none")) is None

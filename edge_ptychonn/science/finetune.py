@@ -453,8 +453,8 @@ def make_trainer(args, config: ModelConfig, pp: PreprocessConfig, mask: np.ndarr
             self.opt = torch.optim.AdamW(self.model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
             self.mask = self.mask.to(self.device)
 
-        def _inputs(self, frames):
-            return super()._inputs(frames).to(self.device, non_blocking=True)
+        def _inputs(self, frames, factors=None):
+            return super()._inputs(frames, factors).to(self.device, non_blocking=True)
 
         def _loss(self, out, phase_t, amp_t):
             return super()._loss(out, phase_t.to(self.device), None if amp_t is None else amp_t.to(self.device))
@@ -703,16 +703,18 @@ def main(args: argparse.Namespace) -> int:
     amps = None
     if config.amplitude_head:  # the reconstruction's amplitude trains the amplitude head
         amps = extract_patches(np.abs(obj).astype(np.float32), corners, (n, n)).astype(np.float16)
+    from edge_ptychonn.science.model import export_onnx
+    from edge_ptychonn.science.train import previous_training, save_checkpoint, scan_factors
+
     frames = np.asarray(recorded.frames)
-    train_data, val_data = ((frames[idx], targets[idx].astype(np.float16), None if amps is None else amps[idx])
-                            for idx in (train_idx, val_idx))
+    factors = scan_factors(frames, len(frames), pp)  # the recording is one scan
+    train_data, val_data = ((frames[idx], None if factors is None else factors[idx], targets[idx].astype(np.float16),
+                             None if amps is None else amps[idx]) for idx in (train_idx, val_idx))
     print(f"data: {len(train_idx)} training and {len(val_idx)} held-out frames ({n_guard} left out as a guard "
           f"band); positions from {positions_from}; loss over {int(mask.sum())} bright-centre pixels (probe: "
           f"{probe_from}); {device}", file=sys.stderr)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    from edge_ptychonn.science.model import export_onnx
-    from edge_ptychonn.science.train import previous_training, save_checkpoint
 
     val_set = (frames[val_idx], pp, targets[val_idx], corners[val_idx], phase, weight, stitch, args.threads)
     if Path(args.init_from).suffix == ".onnx":
@@ -738,7 +740,7 @@ def main(args: argparse.Namespace) -> int:
         loss, stopped = trainer.train_one_epoch(train_data, rng, total_steps, deadline, bar)
         bar.close()
         train_loss.append(loss)
-        trainer.recalibrate_batchnorm(train_data[0])
+        trainer.recalibrate_batchnorm(train_data[0], train_data[1])
         val_loss.append(trainer.validate(val_data))
         print(f"epoch {epoch + 1}/{args.epochs}: train loss {loss:.4f}  held-out loss {val_loss[-1]:.4f}  "
               f"({(time.monotonic() - t_train) / 60:.1f} min)", file=sys.stderr)

@@ -10,10 +10,11 @@ Steps (``main``):
    validation stays at ``--photons``);
 2. choose the input: with ``--normalize running`` (the default) every frame's
    counts are scaled by the reference total (the mean total of the validation
-   frames, at ``--photons``) over the running mean total of the last 1024
-   frames (``total``: over its own total), then ``sqrt`` of the counts times
-   ``1 / p99.9`` of the training data; every batch goes through ``preprocess.preprocess``, the
-   function ``evaluate`` and the live pipeline use;
+   frames, at ``--photons``) over the mean total of its own scan, the value the
+   live running mean (the last 1024 frames) settles to over a scan
+   (``scan_factors``; ``total``: over its own total), then ``sqrt`` of the
+   counts times ``1 / p99.9`` of the training data; every batch goes through
+   ``preprocess.preprocess``, the function ``evaluate`` and the live pipeline use;
 3. train with AdamW, a cosine learning-rate decay that reaches its end at the
    last step or at the time limit, whichever comes first, bf16 autocast and
    channels-last tensors (about 3.5x faster on a CPU than float32), and a masked
@@ -59,7 +60,7 @@ from edge_ptychonn.science import accuracy
 from edge_ptychonn.science.simulate import FAMILIES, ScanSettings, simulate_scan
 from edge_ptychonn.science.stitch import probe_weight
 from edge_ptychonn.stream.postprocess import OutputMask
-from edge_ptychonn.stream.preprocess import NORMALIZATIONS, PreprocessConfig, RunningTotal, preprocess
+from edge_ptychonn.stream.preprocess import NORMALIZATIONS, PreprocessConfig, preprocess
 
 LIMITS = (
     "Trained on simulated data only; real detectors add background, dead pixels, partial coherence and "
@@ -112,6 +113,24 @@ def make_dataset(seeds: list[int], base: ScanSettings, *, amplitude: bool, progr
 def reference_total(frames: np.ndarray) -> float:
     """The mean counts per frame (4 significant digits): ``normalize: total`` scales every frame to it."""
     return float(f"{float(frames.reshape(len(frames), -1).sum(axis=1, dtype=np.float64).mean()):.4g}")
+
+
+def scan_factors(frames: np.ndarray, scan_length: int, pp: PreprocessConfig) -> np.ndarray | None:
+    """Each frame's normalisation factor for training with ``normalize: "running"``:
+    the reference total over the mean total of the frame's own scan (consecutive
+    runs of ``scan_length`` frames), the value that the live running mean settles
+    to over a scan. Training batches mix shuffled frames of many scans, so one
+    running mean across them would see all scans (and all doses) at once; these
+    factors give every frame the normalisation of its own scan. ``None`` for the
+    other normalisations (``preprocess`` computes ``total`` per frame itself)."""
+    if pp.normalize != "running":
+        return None
+    if scan_length < 1 or len(frames) % scan_length:
+        raise ValueError(f"{len(frames)} frames are not whole scans of {scan_length}")
+    totals = frames.reshape(len(frames) // scan_length, scan_length, -1).sum(axis=2, dtype=np.float64)
+    means = totals.mean(axis=1)
+    factors = np.where(means > 0, pp.reference_total / np.where(means > 0, means, 1.0), 1.0)
+    return np.repeat(factors, scan_length).astype(np.float32)
 
 
 def choose_preprocess(frames: np.ndarray, normalize: str = "none", reference: float | None = None) -> PreprocessConfig:
@@ -217,10 +236,17 @@ class Trainer:
         self.mask_sum = float(mask.sum())
         self.step = 0
 
-    def _inputs(self, frames: np.ndarray):
-        if getattr(self, "running", None) is None or self.running.window != self.pp.normalize_window:
-            self.running = RunningTotal(self.pp.normalize_window)  # normalize 'running' across batches
-        x = self.torch.from_numpy(preprocess(frames, self.pp, self.running))[:, None]
+    def _inputs(self, frames: np.ndarray, factors: np.ndarray | None = None):
+        """Model inputs of ``frames``; with ``normalize: "running"`` each frame is scaled by its
+        ``factors`` entry (:func:`scan_factors`) before the rest of the preprocessing."""
+        if self.pp.normalize == "running":
+            if factors is None:
+                raise ValueError("normalize 'running' needs each frame's scan factor (scan_factors)")
+            scaled = frames.astype(np.float32) * np.asarray(factors, dtype=np.float32)[:, None, None]
+            x = preprocess(scaled, replace(self.pp, normalize="none"))
+        else:
+            x = preprocess(frames, self.pp)
+        x = self.torch.from_numpy(x)[:, None]
         return x.contiguous(memory_format=self.torch.channels_last)
 
     def _loss(self, out, phase_t, amp_t):
@@ -238,9 +264,10 @@ class Trainer:
         return self.torch.autocast("cpu", dtype=self.torch.bfloat16, enabled=self.args.bf16)
 
     def train_one_epoch(self, data, rng, total_steps: int, deadline: float, bar: Progress) -> tuple[float, bool]:
-        """One pass over shuffled data; returns (mean loss, stopped at deadline)."""
+        """One pass over shuffled ``data`` (frames, their ``scan_factors`` or None, phase and
+        amplitude targets); returns (mean loss, stopped at deadline)."""
         torch = self.torch
-        frames, phases, amps = data
+        frames, factors, phases, amps = data
         self.model.train()
         order = rng.permutation(len(frames))
         bs = self.args.batch_size
@@ -253,7 +280,7 @@ class Trainer:
                 progress = max(progress, 1 - (deadline - time.monotonic()) / (self.args.max_minutes * 60))
             for g in self.opt.param_groups:
                 g["lr"] = lr_at(progress, self.args.lr)
-            x = self._inputs(frames[idx])
+            x = self._inputs(frames[idx], None if factors is None else factors[idx])
             pt = torch.from_numpy(phases[idx].astype(np.float32))[:, None]
             at = torch.from_numpy(amps[idx].astype(np.float32))[:, None] if amps is not None else None
             with self._autocast():
@@ -270,7 +297,8 @@ class Trainer:
         del start_t
         return float(np.mean(losses)) if losses else float("nan"), False
 
-    def recalibrate_batchnorm(self, frames: np.ndarray, n_frames: int = 2048, batch_size: int = 64) -> None:
+    def recalibrate_batchnorm(self, frames: np.ndarray, factors: np.ndarray | None = None, n_frames: int = 2048,
+                              batch_size: int = 64) -> None:
         """Recompute every BatchNorm's running statistics for the current weights.
 
         The running averages lag the weights while they change, and this data
@@ -291,15 +319,17 @@ class Trainer:
         self.model.train()
         with torch.no_grad():
             for start in range(0, len(idx), batch_size):
-                self.model(self._inputs(frames[idx[start : start + batch_size]]))
+                sel = idx[start : start + batch_size]
+                self.model(self._inputs(frames[sel], None if factors is None else factors[sel]))
         for m, mom in zip(bns, momenta):
             m.momentum = mom
         self.model.eval()
 
     def validate(self, data) -> float:
-        """Mean masked L1 loss in eval mode and float32, as the exported model runs."""
+        """Mean masked L1 loss over ``data`` (as for ``train_one_epoch``) in eval mode and float32, as the
+        exported model runs."""
         torch = self.torch
-        frames, phases, amps = data
+        frames, factors, phases, amps = data
         self.model.eval()
         total, n = 0.0, 0
         with torch.no_grad():
@@ -307,7 +337,8 @@ class Trainer:
                 sl = slice(start, start + 128)
                 pt = torch.from_numpy(phases[sl].astype(np.float32))[:, None]
                 at = torch.from_numpy(amps[sl].astype(np.float32))[:, None] if amps is not None else None
-                total += float(self._loss(self.model(self._inputs(frames[sl])), pt, at)) * len(pt)
+                x = self._inputs(frames[sl], None if factors is None else factors[sl])
+                total += float(self._loss(self.model(x), pt, at)) * len(pt)
                 n += len(pt)
         return total / n
 
@@ -325,24 +356,27 @@ def previous_training(init_from: str | None) -> Training | None:
 
 
 def init_weights(trainer: Trainer, init_from: str, model_config: ModelConfig, pp: PreprocessConfig,
-                 frames: np.ndarray) -> PreprocessConfig:
-    """Load ``init_from`` (a ``.pt`` of ``train`` or an exported ``.onnx``) into the trainer's model;
-    returns the preprocessing to train with: the earlier run's, with this run's normalisation
-    (``pp.normalize``, ``pp.reference_total``). ``ValueError`` when the architecture differs."""
+                 frames: np.ndarray, factors: np.ndarray | None = None) -> PreprocessConfig:
+    """Load ``init_from`` (a ``.pt`` of ``train`` or an exported ``.onnx``) into the trainer's model
+    and set the trainer's preprocessing, which it returns: the earlier run's, with this run's
+    normalisation (``pp.normalize``, ``pp.reference_total``; ``factors`` from :func:`scan_factors`).
+    ``ValueError`` when the architecture differs."""
     torch = trainer.torch
     if Path(init_from).suffix == ".onnx":
         card = find_card(init_from)
         earlier = card.preprocess if card is not None else PreprocessConfig()
-        x = torch.from_numpy(preprocess(frames[np.linspace(0, len(frames) - 1, 512).astype(int)],
-                                        replace(earlier, normalize=pp.normalize, reference_total=pp.reference_total)))
-        load_onnx_weights(trainer.model, init_from, x[:, None].contiguous(memory_format=torch.channels_last))
     else:
         ckpt = torch.load(init_from, map_location="cpu")
         if ckpt["model"] != model_config.to_dict():
             raise ValueError(f"it holds a {ckpt['model']} model, not {model_config.to_dict()}")
-        trainer.model.load_state_dict(ckpt["state_dict"])
         earlier = PreprocessConfig(**ckpt["preprocess"])
-    return replace(earlier, normalize=pp.normalize, reference_total=pp.reference_total)
+    trainer.pp = replace(earlier, normalize=pp.normalize, reference_total=pp.reference_total)
+    if Path(init_from).suffix == ".onnx":
+        sample = np.linspace(0, len(frames) - 1, 512).astype(int)
+        load_onnx_weights(trainer.model, init_from, trainer._inputs(frames[sample], None if factors is None else factors[sample]))
+    else:
+        trainer.model.load_state_dict(ckpt["state_dict"])
+    return trainer.pp
 
 
 def save_checkpoint(trainer: Trainer, args: argparse.Namespace, model_config: ModelConfig, path: Path) -> None:
@@ -369,7 +403,8 @@ def card_markdown(card: ModelCard) -> str:
         f"outputs {', '.join(f'`{o}`' for o in card.outputs)} float32 (N, 1, {n}, {n}); the batch axis is dynamic.",
         f"- Preprocessing (in `{card.name}.json`, applied by the processor, `evaluate` and training alike): "
         + (f"each frame's counts scaled by {pp.reference_total:g} over the mean total of the last "
-           f"{pp.normalize_window} frames (normalize `running`: the input does not depend on the dose), then "
+           f"{pp.normalize_window} frames (normalize `running`: the input does not depend on the dose; in "
+           "training, over the mean total of the frame's own scan, the value the running mean settles to), then "
            if pp.normalize == "running" else "")
         + (f"each frame's counts scaled to {pp.reference_total:g} in total (normalize `total`: the input does not "
            "depend on the dose), then " if pp.normalize == "total" else "")
@@ -541,8 +576,8 @@ def get_args_parser(prog: str = "edge-ptychonn train") -> argparse.ArgumentParse
     p.add_argument("--normalize", choices=NORMALIZATIONS, default="running",
                    help="input normalisation to the reference total (the mean total of the validation frames, "
                         "stored in the card), so that the model does not depend on the dose: 'running' divides by "
-                        "the mean total of the last 1024 frames (over shuffled training frames: of all doses, so "
-                        "use 'total' with --dose-range), 'total' by each frame's own total (loses the absorption "
+                        "the mean total of the last 1024 frames (live; in training: of the frame's own scan, so it "
+                        "also holds with --dose-range), 'total' by each frame's own total (loses the absorption "
                         "cue), 'none' leaves the counts (default: %(default)s)")
     p.add_argument("--overlap", type=float, default=d.overlap)
     p.add_argument("--phase-range", type=float, default=d.phase_range_rad)
@@ -610,10 +645,12 @@ def main(args: argparse.Namespace) -> int:
     mask = probe_weight(probe, stitch.probe_threshold) > 0
     output_mask = output_mask_from_probe(probe, stitch.probe_threshold)
 
+    train_k = scan_factors(train_f, args.positions_per_scan, pp)  # the normalisation of each frame's own scan
+    val_k = scan_factors(val_f, args.positions_per_scan, pp)
     trainer = Trainer(args, model_config, pp, mask)
     if args.init_from:
         try:
-            pp = trainer.pp = init_weights(trainer, args.init_from, model_config, pp, train_f)
+            pp = init_weights(trainer, args.init_from, model_config, pp, train_f, train_k)
         except (ValueError, KeyError, OSError, RuntimeError) as exc:
             print(f"edge-ptychonn train: cannot start from {args.init_from}: {exc}", file=sys.stderr)
             return 2
@@ -633,11 +670,11 @@ def main(args: argparse.Namespace) -> int:
     stopped = False
     for epoch in range(args.epochs):
         bar = Progress(steps_per_epoch * args.batch_size, f"epoch {epoch + 1}/{args.epochs}", unit="frames", enabled=show)
-        loss, stopped = trainer.train_one_epoch((train_f, train_p, train_a), rng, total_steps, deadline, bar)
+        loss, stopped = trainer.train_one_epoch((train_f, train_k, train_p, train_a), rng, total_steps, deadline, bar)
         bar.close()
         train_loss.append(loss)
-        trainer.recalibrate_batchnorm(train_f)
-        val_loss.append(trainer.validate((val_f, val_p, val_a)))
+        trainer.recalibrate_batchnorm(train_f, train_k)
+        val_loss.append(trainer.validate((val_f, val_k, val_p, val_a)))
         print(f"epoch {epoch + 1}/{args.epochs}: train loss {loss:.4f}  validation loss {val_loss[-1]:.4f}  "
               f"({(time.monotonic() - t_train) / 60:.1f} min)", file=sys.stderr)
         save_checkpoint(trainer, args, model_config, out.with_suffix(".pt"))
