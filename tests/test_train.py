@@ -213,3 +213,31 @@ def test_running_normalisation_in_training_is_the_scans_own_and_ignores_the_dose
     with pytest.raises(ValueError, match="whole scans"):
         scan_factors(frames, 15, pp)
     assert scan_factors(frames, 16, replace(pp, normalize="none")) is None
+
+
+def test_with_scans_the_loss_ignores_one_constant_per_scan_and_batches_hold_groups_of_a_scan():
+    """The running normalisation hides a scan's absolute phase, so training then forms batches of
+    groups of one scan's frames and the loss removes one constant per scan (as the scores do)."""
+    from edge_ptychonn.science.train import SCAN_GROUP
+
+    args = get_args_parser().parse_args(["--width", "4", "--depth", "2", "--batch-size", "32"])
+    mask = np.zeros((16, 16), bool)
+    mask[4:12, 4:12] = True
+    trainer = Trainer(args, ModelConfig(width=4, depth=2, input_size=16), choose_preprocess(np.ones((1, 16, 16))), mask)
+    rng = np.random.default_rng(1)
+    pred = torch.from_numpy(rng.normal(size=(32, 1, 16, 16)).astype(np.float32))
+    target = torch.from_numpy(rng.normal(size=(32, 1, 16, 16)).astype(np.float32))
+    groups = np.repeat([3, 7, 9, 12], 8)
+    shifted = target + torch.from_numpy(np.repeat([0.5, -1.0, 2.0, 0.25], 8).astype(np.float32))[:, None, None, None]
+    grouped = float(trainer._loss(pred, target, None, groups))
+    assert float(trainer._loss(pred, shifted, None, groups)) == pytest.approx(grouped, rel=1e-5)
+    assert float(trainer._loss(pred, shifted, None)) > float(trainer._loss(pred, target, None)) + 0.3
+
+    batches = trainer.batches(10 * 49, np.random.default_rng(0), scan_length=49)
+    seen = np.concatenate(batches)
+    assert len(batches) == 10 * (49 // SCAN_GROUP) // (32 // SCAN_GROUP) and len(set(seen)) == len(seen)
+    for idx in batches:
+        assert len(idx) == 32
+        scans, counts = np.unique(idx // 49, return_counts=True)
+        assert np.all(counts % SCAN_GROUP == 0), counts
+    assert len(trainer.batches(10 * 49, np.random.default_rng(0))) == 10 * 49 // 32

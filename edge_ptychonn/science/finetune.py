@@ -456,8 +456,9 @@ def make_trainer(args, config: ModelConfig, pp: PreprocessConfig, mask: np.ndarr
         def _inputs(self, frames, factors=None):
             return super()._inputs(frames, factors).to(self.device, non_blocking=True)
 
-        def _loss(self, out, phase_t, amp_t):
-            return super()._loss(out, phase_t.to(self.device), None if amp_t is None else amp_t.to(self.device))
+        def _loss(self, out, phase_t, amp_t, groups=None):
+            return super()._loss(out, phase_t.to(self.device), None if amp_t is None else amp_t.to(self.device),
+                                 groups)
 
         def _autocast(self):
             return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.bf16)

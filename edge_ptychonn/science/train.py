@@ -20,7 +20,9 @@ Steps (``main``):
    channels-last tensors (about 3.5x faster on a CPU than float32), and a masked
    L1 loss on the probe's bright centre (``|probe|**2 >= stitch.probe_threshold``
    of its peak, the region stitching uses),
-   against absolute-phase targets; after each epoch the BatchNorm running
+   against absolute-phase targets (with ``running``, which hides a scan's
+   absolute phase: batches of groups of ``SCAN_GROUP`` frames of one scan, and
+   one constant per scan removed from the error, as the scores remove it); after each epoch the BatchNorm running
    statistics are recomputed for the current weights (``recalibrate_batchnorm``);
 4. report the training and validation loss (eval mode, float32) per epoch and save ``<out>.pt``
    (weights and arguments) after each;
@@ -70,6 +72,9 @@ LIMITS = (
     "section says which doses were checked.",
     "Phase is absolute only up to a constant; scores remove that constant.",
 )
+
+
+SCAN_GROUP = 8  # frames of one scan that come together in a training batch (normalize 'running')
 
 
 def dose_factor(seed: int, dose_range: tuple[float, float]) -> float:
@@ -249,13 +254,24 @@ class Trainer:
         x = self.torch.from_numpy(x)[:, None]
         return x.contiguous(memory_format=self.torch.channels_last)
 
-    def _loss(self, out, phase_t, amp_t):
+    def _loss(self, out, phase_t, amp_t, groups: np.ndarray | None = None):
+        """Mean absolute error over the bright centre. With ``groups`` (a group id per frame:
+        its scan) the phase error's mean over each group's bright centres is removed first:
+        the loss ignores one constant phase per scan, as the scores do."""
         torch = self.torch
         if isinstance(out, tuple):
             phase, amp = out
         else:
             phase, amp = out, None
-        loss = (torch.abs(phase.float() - phase_t) * self.mask).sum() / (self.mask_sum * len(phase_t))
+        error = phase.float() - phase_t
+        if groups is not None:
+            _, inverse, counts = np.unique(groups, return_inverse=True, return_counts=True)
+            inverse = torch.from_numpy(inverse.reshape(-1)).to(error.device)
+            per_frame = (error * self.mask).sum(dim=(1, 2, 3))
+            sums = torch.zeros(len(counts), dtype=error.dtype, device=error.device).index_add(0, inverse, per_frame)
+            offsets = sums / (torch.from_numpy(counts).to(error.device, error.dtype) * self.mask_sum)
+            error = error - offsets[inverse][:, None, None, None]
+        loss = (torch.abs(error) * self.mask).sum() / (self.mask_sum * len(phase_t))
         if amp is not None:
             loss = loss + (torch.abs(amp.float() - amp_t) * self.mask).sum() / (self.mask_sum * len(amp_t))
         return loss
@@ -263,18 +279,33 @@ class Trainer:
     def _autocast(self):
         return self.torch.autocast("cpu", dtype=self.torch.bfloat16, enabled=self.args.bf16)
 
-    def train_one_epoch(self, data, rng, total_steps: int, deadline: float, bar: Progress) -> tuple[float, bool]:
+    def batches(self, n_frames: int, rng, scan_length: int | None = None) -> list[np.ndarray]:
+        """One epoch's batches of frame indices (each sorted). Without ``scan_length``: shuffled
+        frames. With it (consecutive scans of that many frames): each batch holds groups of
+        ``SCAN_GROUP`` frames of one scan, so that the loss can remove one constant per scan."""
+        bs = self.args.batch_size
+        if not scan_length:
+            order = rng.permutation(n_frames)
+            return [np.sort(order[s : s + bs]) for s in range(0, n_frames - bs + 1, bs)]
+        g = max(1, min(SCAN_GROUP, scan_length, bs))
+        chunks = []
+        for first in range(0, n_frames - scan_length + 1, scan_length):
+            frames = first + rng.permutation(scan_length)
+            chunks += [frames[i : i + g] for i in range(0, scan_length - g + 1, g)]
+        chunks = [chunks[i] for i in rng.permutation(len(chunks))]
+        per = max(1, bs // g)
+        return [np.sort(np.concatenate(chunks[i : i + per])) for i in range(0, len(chunks) - per + 1, per)]
+
+    def train_one_epoch(self, data, rng, total_steps: int, deadline: float, bar: Progress,
+                        scan_length: int | None = None) -> tuple[float, bool]:
         """One pass over shuffled ``data`` (frames, their ``scan_factors`` or None, phase and
-        amplitude targets); returns (mean loss, stopped at deadline)."""
+        amplitude targets); with ``scan_length`` in groups of one scan, and a loss that ignores
+        one constant per scan (:meth:`batches`, :meth:`_loss`); returns (mean loss, stopped at deadline)."""
         torch = self.torch
         frames, factors, phases, amps = data
         self.model.train()
-        order = rng.permutation(len(frames))
-        bs = self.args.batch_size
         losses = []
-        start_t = time.monotonic()
-        for start in range(0, len(order) - bs + 1, bs):
-            idx = np.sort(order[start : start + bs])
+        for idx in self.batches(len(frames), rng, scan_length):
             progress = self.step / total_steps
             if self.args.max_minutes:
                 progress = max(progress, 1 - (deadline - time.monotonic()) / (self.args.max_minutes * 60))
@@ -285,7 +316,7 @@ class Trainer:
             at = torch.from_numpy(amps[idx].astype(np.float32))[:, None] if amps is not None else None
             with self._autocast():
                 out = self.model(x)
-            loss = self._loss(out, pt, at)
+            loss = self._loss(out, pt, at, idx // scan_length if scan_length else None)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
@@ -294,7 +325,6 @@ class Trainer:
             bar.update(len(idx), loss=float(np.mean(losses[-50:])), lr=self.opt.param_groups[0]["lr"])
             if time.monotonic() >= deadline:
                 return float(np.mean(losses)), True
-        del start_t
         return float(np.mean(losses)) if losses else float("nan"), False
 
     def recalibrate_batchnorm(self, frames: np.ndarray, factors: np.ndarray | None = None, n_frames: int = 2048,
@@ -325,20 +355,22 @@ class Trainer:
             m.momentum = mom
         self.model.eval()
 
-    def validate(self, data) -> float:
-        """Mean masked L1 loss over ``data`` (as for ``train_one_epoch``) in eval mode and float32, as the
-        exported model runs."""
+    def validate(self, data, scan_length: int | None = None) -> float:
+        """Mean masked L1 loss over ``data`` (as for ``train_one_epoch``; with ``scan_length``, one
+        constant per whole scan removed) in eval mode and float32, as the exported model runs."""
         torch = self.torch
         frames, factors, phases, amps = data
         self.model.eval()
         total, n = 0.0, 0
+        step = scan_length or 128
         with torch.no_grad():
-            for start in range(0, len(frames), 128):
-                sl = slice(start, start + 128)
+            for start in range(0, len(frames), step):
+                sl = slice(start, start + step)
                 pt = torch.from_numpy(phases[sl].astype(np.float32))[:, None]
                 at = torch.from_numpy(amps[sl].astype(np.float32))[:, None] if amps is not None else None
                 x = self._inputs(frames[sl], None if factors is None else factors[sl])
-                total += float(self._loss(self.model(x), pt, at)) * len(pt)
+                groups = np.zeros(len(pt), dtype=np.int64) if scan_length else None
+                total += float(self._loss(self.model(x), pt, at, groups)) * len(pt)
                 n += len(pt)
         return total / n
 
@@ -445,7 +477,10 @@ def card_markdown(card: ModelCard) -> str:
         "",
         f"- {t.epochs_run} epochs ({t.steps} steps, batch {t.batch_size}), AdamW lr {t.lr} "
         f"(warm-up, cosine decay), weight decay {t.weight_decay}, bf16 autocast {t.bf16}, "
-        f"masked L1 loss on the probe's bright centre, seed {t.seed}.",
+        f"masked L1 loss on the probe's bright centre"
+        + (f" (batches of {SCAN_GROUP}-frame groups of one scan, one constant per scan removed: the "
+           "normalisation hides a scan's absolute phase)" if pp.normalize == "running" else "")
+        + f", seed {t.seed}.",
         f"- Wall time {t.train_minutes:.1f} min of training on {t.threads} CPU threads "
         f"({t.host}); stopped at the time limit: {t.stopped_at_time_limit}.",
         "- Loss per epoch (train / validation, mean |phase error| in rad over the bright centre): "
@@ -659,7 +694,10 @@ def main(args: argparse.Namespace) -> int:
           + f", sqrt(counts) * {pp.scale}; loss over {int(mask.sum())} bright-centre pixels"
           + (f"; photons x {args.dose_range[0]:g}..{args.dose_range[1]:g} per training scan"
              if args.dose_range[0] != args.dose_range[1] else ""), file=sys.stderr)
-    steps_per_epoch = len(train_f) // args.batch_size
+    # with the running normalisation a scan's absolute phase is hidden: batches of whole-scan groups, and a
+    # loss that ignores one constant per scan
+    scan_length = args.positions_per_scan if pp.normalize == "running" else None
+    steps_per_epoch = len(trainer.batches(len(train_f), np.random.default_rng(0), scan_length))
     total_steps = steps_per_epoch * args.epochs
     t_train = time.monotonic()
     deadline = t_train + args.max_minutes * 60 if args.max_minutes else math.inf
@@ -670,11 +708,12 @@ def main(args: argparse.Namespace) -> int:
     stopped = False
     for epoch in range(args.epochs):
         bar = Progress(steps_per_epoch * args.batch_size, f"epoch {epoch + 1}/{args.epochs}", unit="frames", enabled=show)
-        loss, stopped = trainer.train_one_epoch((train_f, train_k, train_p, train_a), rng, total_steps, deadline, bar)
+        loss, stopped = trainer.train_one_epoch((train_f, train_k, train_p, train_a), rng, total_steps, deadline, bar,
+                                               scan_length)
         bar.close()
         train_loss.append(loss)
         trainer.recalibrate_batchnorm(train_f, train_k)
-        val_loss.append(trainer.validate((val_f, val_k, val_p, val_a)))
+        val_loss.append(trainer.validate((val_f, val_k, val_p, val_a), scan_length))
         print(f"epoch {epoch + 1}/{args.epochs}: train loss {loss:.4f}  validation loss {val_loss[-1]:.4f}  "
               f"({(time.monotonic() - t_train) / 60:.1f} min)", file=sys.stderr)
         save_checkpoint(trainer, args, model_config, out.with_suffix(".pt"))
