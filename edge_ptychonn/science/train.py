@@ -483,7 +483,8 @@ def card_markdown(card: ModelCard) -> str:
         + f", seed {t.seed}.",
         f"- Wall time {t.train_minutes:.1f} min of training on {t.threads} CPU threads "
         f"({t.host}); stopped at the time limit: {t.stopped_at_time_limit}.",
-        "- Loss per epoch (train / validation, mean |phase error| in rad over the bright centre): "
+        "- Loss per epoch (train / validation, mean |phase error| in rad over the bright centre"
+        + (", one constant per scan removed" if pp.normalize == "running" else "") + "): "
         + ", ".join(f"{a:.4f} / {b:.4f}" for a, b in zip(t.train_loss, t.val_loss)),
         f"- Command: `{t.command}`",
         "- After each epoch the BatchNorm running statistics are recomputed for the current weights "
