@@ -100,7 +100,9 @@ def score_scan(name: str, predicted: np.ndarray, truth: ScanTruth, stitch: Stitc
     )
     patch = summarise_patch_errors(patch_errors(predicted, truth.patches_phase[indices], weight))
     # what a viewer of single patches sees beyond the bright centre (the stitcher ignores it)
-    patch["outside_max_abs_rad"] = float(np.abs(predicted[:, weight == 0]).max()) if np.any(weight == 0) else 0.0
+    outside = np.abs(predicted[:, weight == 0]) if np.any(weight == 0) else np.zeros(1)
+    patch["outside_max_abs_rad"] = float(outside.max())
+    patch["outside_mean_abs_rad"] = float(outside.mean())
     return ScanResult(name, scores, baselines, patch, len(predicted), image, covered)
 
 
