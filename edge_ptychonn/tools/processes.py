@@ -138,9 +138,26 @@ class Proc:
         return self.popen.wait()
 
 
+def _children_take_sigint() -> None:
+    """Let started processes see the SIGINT that stops them cleanly.
+
+    A program started with SIGINT ignored (under ``nohup``, or as ``cmd &`` in a
+    script) hands that on to every process it starts, and ``pvapy-hpc-consumer``
+    would then ignore the SIGINT of :meth:`Proc.stop` and be killed by the SIGTERM
+    after it, before its processors save their files. A handler, unlike an ignored
+    signal, is reset to the default at exec, so this process takes Python's own
+    (Ctrl-C raises KeyboardInterrupt, which the demo and ``launch`` answer by
+    stopping what they started). Only the main thread may set a handler.
+    """
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def start(name: str, argv: list[str], env: dict, log_dir: Path, cwd: Path | None = None) -> Proc:
     """Start ``argv`` in its own session (so that its children stop with it), output to
-    ``log_dir/<name>.log``, in ``cwd`` (default: the project root)."""
+    ``log_dir/<name>.log``, in ``cwd`` (default: the project root). The child takes
+    SIGINT even when this process was started with it ignored."""
+    _children_take_sigint()
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
     with open(log_path, "wb") as log:
