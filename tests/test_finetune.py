@@ -75,7 +75,7 @@ def test_finetune_lowers_the_held_out_error_and_writes_a_runnable_model(beamline
     assert card.training.n_val_frames == 80 and card.training.steps > 0 and card.model.batch_norm
     scores = card.accuracy["finetune"]
     before, after = scores["held_out_before"], scores["held_out_after"]
-    # lr 0 (a training that changes nothing but the BatchNorm statistics) stays within 3 % of
+    # lr 0 (a training that changes nothing but the BatchNorm statistics) stays within 4 % of
     # the start (README, "Fine-tuning on your own reconstructions"); the margins are far from that
     assert after["mean_abs_error_rad"] < 0.8 * before["mean_abs_error_rad"], (before, after)
     assert after["patch_rmse_median_rad"] < 0.95 * before["patch_rmse_median_rad"], (before, after)
