@@ -108,6 +108,8 @@ class Training:
     ``None``); ``eval_n_positions``: positions of a held-out scan;
     ``dose_range``: the photon-count factors of the training scans (dose
     augmentation, log-uniform), when not all at ``scan_settings.photons``;
+    ``family_mix``: family -> fraction of the training scans simulated with
+    that family instead of the base one (``--family-mix``), when any;
     ``continued_from``: the record of the run whose weights this one started
     from (``--init-from``), itself possibly continued from another.
     """
@@ -140,6 +142,7 @@ class Training:
     checkpoint: str | None = None
     init_from: str | None = None
     dose_range: tuple[float, float] | None = None
+    family_mix: Mapping[str, float] | None = None
     continued_from: Training | None = None
 
 
@@ -188,7 +191,7 @@ class ModelCard:
 
 # the dataclasses written as JSON objects; the fields kept as written (JSON objects)
 _BLOCKS = {PreprocessConfig, StitchSettings, OutputMask, ModelConfig, Training, ModelCard}
-_VERBATIM = {"accuracy", "scan_settings"}
+_VERBATIM = {"accuracy", "scan_settings", "family_mix"}
 
 
 def _mapping(where: str, value: Any) -> dict:

@@ -14,7 +14,8 @@ from edge_ptychonn.science.accuracy import open_engine, predict, score_scan  # n
 from edge_ptychonn.science.model import ModelConfig  # noqa: E402
 from edge_ptychonn.science.simulate import ScanSettings, save_scan, simulate_scan  # noqa: E402
 from edge_ptychonn.science.stitch import probe_weight  # noqa: E402
-from edge_ptychonn.science.train import Trainer, choose_preprocess, get_args_parser, lr_at, make_dataset  # noqa: E402
+from edge_ptychonn.science.train import (  # noqa: E402
+    Trainer, choose_preprocess, get_args_parser, lr_at, make_dataset, scan_family)
 
 
 EPOCHS = 6  # 36 steps of 32 frames: the schedule's full cosine decay
@@ -127,10 +128,13 @@ def test_train_command_writes_onnx_sidecar_and_card(tmp_path):
     # continue from the exported ONNX model (BatchNorm folded there, unfolded again), with dose augmentation
     rc = cli.main(["train", "--out", str(tmp_path / "m3"), "--train-scans", "2", "--positions-per-scan", "16",
                    "--val-scans", "1", "--epochs", "1", "--width", "4", "--depth", "2", "--eval", "--quiet",
-                   "--init-from", str(out.with_suffix(".onnx")), "--dose-range", "0.1", "10"])
+                   "--init-from", str(out.with_suffix(".onnx")), "--dose-range", "0.1", "10",
+                   "--family-mix", "cells:0.5"])
     assert rc == 0
     meta3 = json.loads((tmp_path / "m3.json").read_text())
     assert meta3["training"]["continued_from"]["epochs_run"] == 1 and meta3["training"]["dose_range"] == [0.1, 10.0]
+    assert meta3["training"]["family_mix"] == {"cells": 0.5} and load_card(tmp_path / "m3.onnx").training.family_mix
+    assert "Family mix: of the training scans, 50% `cells`" in (tmp_path / "m3.md").read_text()
     assert meta3["preprocess"]["scale"] == meta["preprocess"]["scale"]  # the earlier run's input scaling
 
     # evaluate scores a scan file with the exported model, baselines beside
@@ -156,8 +160,32 @@ def test_bad_training_arguments(capsys):
     assert "FAMILY:SEED" in capsys.readouterr().err
     assert cli.main(["train", "--dose-range", "10", "0.1"]) == 2
     assert "dose-range must be 0 < LOW <= HIGH" in capsys.readouterr().err
+    for mix, why in ((["cells"], "FAMILY:FRACTION"), (["stones:0.2"], "family must be one of"),
+                     (["cells:0"], "fraction must be in (0, 1]"), (["cells:0.6", "fibres:0.6"], "add up to 1.2"),
+                     (["cells:0.1", "cells:0.2"], "cells given twice")):
+        assert cli.main(["train", "--family-mix", *mix]) == 2
+        assert why in capsys.readouterr().err
     assert cli.main(["train", "--init-from", "/nonexistent/model.onnx"]) == 2
     assert "is not a file" in capsys.readouterr().err
+
+
+def test_family_mix_gives_a_fraction_of_the_training_scans_another_family():
+    """``--family-mix cells:0.3``: about 30 % of the seeds, the same ones every time, and
+    those scans are exactly what ``simulate --family cells`` gives for that seed."""
+    seeds = range(8000, 9000)
+    picked = [s for s in seeds if scan_family(s, "mixed", {"cells": 0.3}) == "cells"]
+    assert 250 <= len(picked) <= 350
+    assert picked == [s for s in seeds if scan_family(s, "mixed", {"cells": 0.3}) == "cells"]
+    assert all(scan_family(s, "mixed", None) == "mixed" for s in seeds[:50])
+    assert {scan_family(s, "mixed", {"cells": 0.5, "fibres": 0.5}) for s in seeds} == {"cells", "fibres"}
+    base = ScanSettings(n_positions=4)
+    other, same = picked[0], next(s for s in seeds if s not in picked)
+    _, phases, _, _ = make_dataset([other, same], base, amplitude=False, progress=False, label="t",
+                                   family_mix={"cells": 0.3})
+    assert np.array_equal(phases[:4], simulate_scan(replace(base, seed=other, family="cells"), progress=False)[1]
+                          .patches_phase.astype(np.float16))
+    assert np.array_equal(phases[4:], simulate_scan(replace(base, seed=same), progress=False)[1]
+                          .patches_phase.astype(np.float16))
 
 
 def test_an_exported_model_continues_training_from_the_same_function(small_model):

@@ -7,7 +7,9 @@ Steps (``main``):
    same settings (``--family``, ``--photons``, ``--overlap``, ...); with
    ``--dose-range LOW HIGH`` each training scan's photons are ``--photons``
    times a factor drawn log-uniformly from [LOW, HIGH] (dose augmentation;
-   validation stays at ``--photons``);
+   validation stays at ``--photons``); with ``--family-mix cells:0.3`` a
+   fraction of the training scans, chosen by seed, has another object family
+   (``scan_family``; validation stays ``--family``);
 2. choose the input: with ``--normalize running`` (the default) every frame's
    counts are scaled by the reference total (the mean total of the validation
    frames, at ``--photons``) over the mean total of its own scan, the value the
@@ -86,17 +88,54 @@ def dose_factor(seed: int, dose_range: tuple[float, float]) -> float:
     return float(math.exp(math.log(lo) + u * (math.log(hi) - math.log(lo))))
 
 
+def scan_family(seed: int, base_family: str, family_mix: dict[str, float] | None) -> str:
+    """The object family of training scan ``seed``: each family of ``family_mix`` with its
+    fraction (a uniform draw fixed by the seed), else ``base_family``."""
+    if not family_mix:
+        return base_family
+    u = np.random.default_rng((seed, 64017)).random()
+    edge = 0.0
+    for family, fraction in family_mix.items():
+        edge += fraction
+        if u < edge:
+            return family
+    return base_family
+
+
+def parse_family_mix(specs: list[str]) -> dict[str, float] | None:
+    """``["cells:0.3", ...]`` -> ``{"cells": 0.3, ...}`` (None when empty); ``ValueError`` says why not."""
+    mix: dict[str, float] = {}
+    for spec in specs:
+        family, _, fraction = spec.partition(":")
+        try:
+            value = float(fraction)
+        except ValueError:
+            raise ValueError(f"family-mix entries are FAMILY:FRACTION (e.g. cells:0.3), got {spec!r}") from None
+        if family not in FAMILIES:
+            raise ValueError(f"family-mix: family must be one of {FAMILIES}, got {family!r}")
+        if family in mix:
+            raise ValueError(f"family-mix: {family} given twice")
+        if not 0 < value <= 1:
+            raise ValueError(f"family-mix: fraction must be in (0, 1], got {spec!r}")
+        mix[family] = value
+    if sum(mix.values()) > 1 + 1e-9:
+        raise ValueError(f"family-mix: fractions add up to {sum(mix.values()):g}, more than 1")
+    return mix or None
+
+
 def make_dataset(seeds: list[int], base: ScanSettings, *, amplitude: bool, progress: bool, label: str,
-                 dose_range: tuple[float, float] = (1.0, 1.0)):
+                 dose_range: tuple[float, float] = (1.0, 1.0), family_mix: dict[str, float] | None = None):
     """Simulate one scan per seed: int16 frames (N, n, n), float16 phase (and
     amplitude) targets (N, n, n), and the probe (the same for all). With a
     ``dose_range`` other than (1, 1), scan ``seed`` has ``base.photons *
-    dose_factor(seed, dose_range)`` photons."""
+    dose_factor(seed, dose_range)`` photons; with a ``family_mix``, the family
+    :func:`scan_family` gives it."""
     frames, phases, amps = [], [], []
     probe = None
     bar = Progress(len(seeds), f"simulate {label}", unit="scans", enabled=progress)
     for seed in seeds:
-        settings = replace(base, seed=seed, photons=base.photons * dose_factor(seed, dose_range))
+        settings = replace(base, seed=seed, photons=base.photons * dose_factor(seed, dose_range),
+                           family=scan_family(seed, base.family, family_mix))
         with warnings.catch_warnings():  # a few clipped pixels at the highest doses are part of the data
             warnings.simplefilter("ignore", UserWarning)
             f, truth = simulate_scan(settings, progress=False)
@@ -383,7 +422,7 @@ def previous_training(init_from: str | None) -> Training | None:
     if card is None or card.training is None:
         return Training(checkpoint=str(init_from))
     keep = ("command", "epochs_run", "steps", "train_minutes", "train_loss", "val_loss", "n_train_frames",
-            "train_seeds", "stopped_at_time_limit", "lr", "dose_range", "continued_from")
+            "train_seeds", "stopped_at_time_limit", "lr", "dose_range", "family_mix", "continued_from")
     return Training(**{k: getattr(card.training, k) for k in keep})
 
 
@@ -472,6 +511,9 @@ def card_markdown(card: ModelCard) -> str:
         + (f" (training scans: times a factor drawn log-uniformly from {t.dose_range[0]:g}..{t.dose_range[1]:g} per "
            "scan, dose augmentation; validation and held-out scans at the nominal dose)" if t.dose_range else "")
         + f", Poisson noise, int16, detector bin {s.bin_factor}.",
+    ] + ([
+        f"- Family mix: of the training scans, {_mix_text(t.family_mix)} (drawn per scan, fixed by its seed); "
+        f"the rest, validation and held-out scans are `{s.family}`."] if t.family_mix else []) + [
         "",
         "## Training settings",
         "",
@@ -499,7 +541,8 @@ def card_markdown(card: ModelCard) -> str:
             f"- Continued from an earlier run (stage {stage} back): `{prev.command or prev.checkpoint}`, "
             f"{prev.epochs_run or '?'} epochs, {prev.steps or '?'} steps, "
             f"{prev.train_minutes or 0.0:.1f} min, stopped at the time limit: {prev.stopped_at_time_limit}"
-            + (f", photons x {prev.dose_range[0]:g}..{prev.dose_range[1]:g}" if prev.dose_range else "") + "; "
+            + (f", photons x {prev.dose_range[0]:g}..{prev.dose_range[1]:g}" if prev.dose_range else "")
+            + (f", family mix {_mix_text(prev.family_mix)}" if prev.family_mix else "") + "; "
             "train / validation loss per epoch: "
             + ", ".join(f"{a:.4f} / {b:.4f}" for a, b in zip(prev.train_loss or (), prev.val_loss or ()))
         )
@@ -530,6 +573,10 @@ def card_markdown(card: ModelCard) -> str:
     lines += _precision_lines(acc) + _dose_lines(acc)
     lines += ["", "## Limits", ""] + [f"- {x}" for x in card.limits]
     return "\n".join(lines) + "\n"
+
+
+def _mix_text(mix) -> str:
+    return ", ".join(f"{fraction:.0%} `{family}`" for family, fraction in mix.items())
 
 
 def _precision_lines(acc: dict) -> list[str]:
@@ -609,6 +656,9 @@ def get_args_parser(prog: str = "edge-ptychonn train") -> argparse.ArgumentParse
     p.add_argument("--dose-range", type=float, nargs=2, default=[1.0, 1.0], metavar=("LOW", "HIGH"),
                    help="dose augmentation: each training scan has --photons times a factor drawn log-uniformly "
                         "from [LOW, HIGH] (default: 1 1, no augmentation), e.g. 0.1 10")
+    p.add_argument("--family-mix", nargs="*", default=[], metavar="FAMILY:FRACTION",
+                   help="simulate this fraction of the training scans (chosen by seed) with another family, e.g. "
+                        "cells:0.3 for more sharp-edged objects; validation scans stay --family")
     p.add_argument("--normalize", choices=NORMALIZATIONS, default="running",
                    help="input normalisation to the reference total (the mean total of the validation frames, "
                         "stored in the card), so that the model does not depend on the dose: 'running' divides by "
@@ -652,6 +702,7 @@ def main(args: argparse.Namespace) -> int:
         lo, hi = args.dose_range
         if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo <= hi):
             raise ValueError(f"dose-range must be 0 < LOW <= HIGH, got {lo} {hi}")
+        family_mix = parse_family_mix(args.family_mix)
         if args.init_from and not Path(args.init_from).is_file():
             raise ValueError(f"init-from {args.init_from} is not a file")
         base = ScanSettings(n_positions=args.positions_per_scan, family=args.family, photons=args.photons,
@@ -673,7 +724,8 @@ def main(args: argparse.Namespace) -> int:
     t_start = time.monotonic()
 
     train_f, train_p, train_a, probe = make_dataset(train_seeds, base, amplitude=args.amplitude, progress=show,
-                                                    label="training scans", dose_range=tuple(args.dose_range))
+                                                    label="training scans", dose_range=tuple(args.dose_range),
+                                                    family_mix=family_mix)
     val_f, val_p, val_a, _ = make_dataset(val_seeds, base, amplitude=args.amplitude, progress=show, label="validation scans")
     reference = reference_total(val_f) if args.normalize != "none" else None
     pp = choose_preprocess(train_f, args.normalize, reference)
@@ -694,7 +746,9 @@ def main(args: argparse.Namespace) -> int:
           + (f" to {pp.reference_total:g} counts" if pp.normalize != "none" else "")
           + f", sqrt(counts) * {pp.scale}; loss over {int(mask.sum())} bright-centre pixels"
           + (f"; photons x {args.dose_range[0]:g}..{args.dose_range[1]:g} per training scan"
-             if args.dose_range[0] != args.dose_range[1] else ""), file=sys.stderr)
+             if args.dose_range[0] != args.dose_range[1] else "")
+          + (f"; family mix {', '.join(f'{k} {v:g}' for k, v in family_mix.items())} of the training scans"
+             if family_mix else ""), file=sys.stderr)
     # with the running normalisation a scan's absolute phase is hidden: batches of whole-scan groups, and a
     # loss that ignores one constant per scan
     scan_length = args.positions_per_scan if pp.normalize == "running" else None
@@ -735,6 +789,7 @@ def main(args: argparse.Namespace) -> int:
         host=f"{platform.machine()} {platform.processor() or ''}".strip(), torch=torch.__version__,
         edge_ptychonn=__version__, command=command_line(args), init_from=args.init_from,
         dose_range=tuple(args.dose_range) if args.dose_range[0] != args.dose_range[1] else None,
+        family_mix=family_mix,
         continued_from=previous_training(args.init_from),
     )
     card = ModelCard(name=out.name, input_size=model_config.input_size,
