@@ -747,8 +747,7 @@ def main(args: argparse.Namespace) -> int:
           + f", sqrt(counts) * {pp.scale}; loss over {int(mask.sum())} bright-centre pixels"
           + (f"; photons x {args.dose_range[0]:g}..{args.dose_range[1]:g} per training scan"
              if args.dose_range[0] != args.dose_range[1] else "")
-          + (f"; family mix {', '.join(f'{k} {v:g}' for k, v in family_mix.items())} of the training scans"
-             if family_mix else ""), file=sys.stderr)
+          + (f"; family mix {_mix_text(family_mix)} of the training scans" if family_mix else ""), file=sys.stderr)
     # with the running normalisation a scan's absolute phase is hidden: batches of whole-scan groups, and a
     # loss that ignores one constant per scan
     scan_length = args.positions_per_scan if pp.normalize == "running" else None
