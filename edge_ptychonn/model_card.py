@@ -110,6 +110,8 @@ class Training:
     augmentation, log-uniform), when not all at ``scan_settings.photons``;
     ``family_mix``: family -> fraction of the training scans simulated with
     that family instead of the base one (``--family-mix``), when any;
+    ``ssim_weight``: the weight of the ``1 - SSIM`` term added to the L1 loss
+    (``--ssim-weight``), when not 0;
     ``continued_from``: the record of the run whose weights this one started
     from (``--init-from``), itself possibly continued from another.
     """
@@ -143,6 +145,7 @@ class Training:
     init_from: str | None = None
     dose_range: tuple[float, float] | None = None
     family_mix: Mapping[str, float] | None = None
+    ssim_weight: float | None = None
     continued_from: Training | None = None
 
 

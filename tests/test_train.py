@@ -118,10 +118,12 @@ def test_train_command_writes_onnx_sidecar_and_card(tmp_path):
     # continue from the checkpoint: the card records both runs
     rc = cli.main(["train", "--out", str(tmp_path / "m2"), "--train-scans", "1", "--positions-per-scan", "64",
                    "--val-scans", "1", "--epochs", "1", "--width", "4", "--depth", "2", "--eval", "--quiet",
-                   "--init-from", str(out.with_suffix(".pt"))])
+                   "--init-from", str(out.with_suffix(".pt")), "--ssim-weight", "0.25"])
     assert rc == 0
     meta2 = json.loads((tmp_path / "m2.json").read_text())
     assert meta2["training"]["continued_from"]["epochs_run"] == 1
+    assert meta2["training"]["ssim_weight"] == 0.25 and "ssim_weight" not in meta["training"]
+    assert "plus 0.25 x (1 - SSIM)" in (tmp_path / "m2.md").read_text()
     assert meta2["preprocess"] == meta["preprocess"]
     assert "Total training time" in (tmp_path / "m2.md").read_text()
 
@@ -167,6 +169,33 @@ def test_bad_training_arguments(capsys):
         assert why in capsys.readouterr().err
     assert cli.main(["train", "--init-from", "/nonexistent/model.onnx"]) == 2
     assert "is not a file" in capsys.readouterr().err
+    assert cli.main(["train", "--ssim-weight", "-0.1"]) == 2
+    assert "ssim-weight must be >= 0" in capsys.readouterr().err
+
+
+def test_ssim_loss_term_is_the_scores_ssim_over_the_bright_centre():
+    """``--ssim-weight W`` adds ``W * (1 - SSIM)``: the SSIM of the scores (``metrics.ssim_map``,
+    same window and constants) averaged over the bright centre, and it has a gradient."""
+    from edge_ptychonn.science.metrics import ssim_map
+    from edge_ptychonn.stream.preprocess import PreprocessConfig
+
+    mask = np.zeros((128, 128), bool)
+    mask[44:84, 40:88] = True
+    rng = np.random.default_rng(3)
+    truth = torch.from_numpy(rng.random((3, 1, 128, 128)).astype(np.float32))
+    pred = (truth + 0.2 * torch.from_numpy(rng.standard_normal((3, 1, 128, 128)).astype(np.float32))).requires_grad_()
+    plain = Trainer(get_args_parser().parse_args([]), ModelConfig(width=4, depth=2), PreprocessConfig(), mask)
+    with_ssim = Trainer(get_args_parser().parse_args(["--ssim-weight", "0.5"]), ModelConfig(width=4, depth=2),
+                        PreprocessConfig(), mask)
+    ssim = float(with_ssim._masked_ssim(pred, truth))
+    expected = np.mean([ssim_map(pred[i, 0].detach().numpy(), truth[i, 0].numpy(), 1.5)[mask].mean() for i in range(3)])
+    assert ssim == pytest.approx(expected, abs=1e-5) and 0.1 < ssim < 0.9
+    assert float(with_ssim._masked_ssim(truth, truth)) == pytest.approx(1.0, abs=1e-6)
+    l1 = plain._loss(pred, truth, None)
+    combined = with_ssim._loss(pred, truth, None)
+    assert float(combined) == pytest.approx(float(l1) + 0.5 * (1 - ssim), rel=1e-5)
+    combined.backward()
+    assert float(pred.grad.abs().sum()) > 0
 
 
 def test_family_mix_gives_a_fraction_of_the_training_scans_another_family():

@@ -21,7 +21,8 @@ Steps (``main``):
    last step or at the time limit, whichever comes first, bf16 autocast and
    channels-last tensors (about 3.5x faster on a CPU than float32), and a masked
    L1 loss on the probe's bright centre (``|probe|**2 >= stitch.probe_threshold``
-   of its peak, the region stitching uses),
+   of its peak, the region stitching uses; ``--ssim-weight W`` adds ``W * (1 - SSIM)``
+   over the same region, ``Trainer._masked_ssim``),
    against absolute-phase targets (with ``running``, which hides a scan's
    absolute phase: batches of groups of ``SCAN_GROUP`` frames of one scan, and
    one constant per scan removed from the error, as the scores remove it); after each epoch the BatchNorm running
@@ -279,6 +280,25 @@ class Trainer:
         self.mask = torch.from_numpy(mask.astype(np.float32))[None, None]
         self.mask_sum = float(mask.sum())
         self.step = 0
+        self.ssim_weight = float(getattr(args, "ssim_weight", 0.0) or 0.0)
+        if self.ssim_weight:
+            self._ssim_setup(args, mask)
+
+    def _ssim_setup(self, args, mask: np.ndarray) -> None:
+        """The window, data range and region of the SSIM loss term (``_masked_ssim``)."""
+        from edge_ptychonn.science.metrics import SSIM_RADIUS, SSIM_SIGMA
+
+        self.ssim_range = float(getattr(args, "phase_range", ScanSettings().phase_range_rad))
+        g = np.exp(-0.5 * (np.arange(-SSIM_RADIUS, SSIM_RADIUS + 1) / SSIM_SIGMA) ** 2)
+        self.ssim_window = self.torch.from_numpy((g / g.sum()).astype(np.float32))
+        # the bright centre's bounding box grown by the window's radius (unpadded windows then
+        # give SSIM exactly on the box), and the mask on the box
+        rows, cols = np.nonzero(mask)
+        r, (h, w) = SSIM_RADIUS, mask.shape
+        if rows.min() < r or cols.min() < r or rows.max() + r >= h or cols.max() + r >= w:
+            raise ValueError("the SSIM loss needs the bright centre at least the SSIM window's radius inside the patch")
+        self.ssim_box = ((rows.min() - r, rows.max() + r + 1), (cols.min() - r, cols.max() + r + 1))
+        self.ssim_mask = self.mask[..., rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
 
     def _inputs(self, frames: np.ndarray, factors: np.ndarray | None = None):
         """Model inputs of ``frames``; with ``normalize: "running"`` each frame is scaled by its
@@ -311,9 +331,34 @@ class Trainer:
             offsets = sums / (torch.from_numpy(counts).to(error.device, error.dtype) * self.mask_sum)
             error = error - offsets[inverse][:, None, None, None]
         loss = (torch.abs(error) * self.mask).sum() / (self.mask_sum * len(phase_t))
+        if self.ssim_weight:
+            aligned = phase_t + error  # the prediction less its scan's constant
+            loss = loss + self.ssim_weight * (1 - self._masked_ssim(aligned, phase_t))
         if amp is not None:
             loss = loss + (torch.abs(amp.float() - amp_t) * self.mask).sum() / (self.mask_sum * len(amp_t))
         return loss
+
+    def _masked_ssim(self, x, y):
+        """Mean local SSIM of ``x`` against ``y`` over the bright centre, with the window and
+        constants of ``metrics.ssim_map`` and the training phase range as the data range
+        (computed on the bright centre's bounding box and the window's reach around it only,
+        with a separable window: the rest of the patch does not enter)."""
+        from edge_ptychonn.science.metrics import SSIM_K1, SSIM_K2
+
+        torch = self.torch
+        conv = torch.nn.functional.conv2d
+        (y0, y1), (x0, x1) = self.ssim_box
+        x, y = x[..., y0:y1, x0:x1], y[..., y0:y1, x0:x1]
+        k = self.ssim_window
+
+        def blur(img):
+            return conv(conv(img, k[None, None, :, None]), k[None, None, None, :])
+
+        c1, c2 = (SSIM_K1 * self.ssim_range) ** 2, (SSIM_K2 * self.ssim_range) ** 2
+        mx, my = blur(x), blur(y)
+        vx, vy, cxy = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
+        ssim = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+        return (ssim * self.ssim_mask).sum() / (self.mask_sum * len(x))
 
     def _autocast(self):
         return self.torch.autocast("cpu", dtype=self.torch.bfloat16, enabled=self.args.bf16)
@@ -395,7 +440,7 @@ class Trainer:
         self.model.eval()
 
     def validate(self, data, scan_length: int | None = None) -> float:
-        """Mean masked L1 loss over ``data`` (as for ``train_one_epoch``; with ``scan_length``, one
+        """Mean loss over ``data`` (as for ``train_one_epoch``; with ``scan_length``, one
         constant per whole scan removed) in eval mode and float32, as the exported model runs."""
         torch = self.torch
         frames, factors, phases, amps = data
@@ -422,7 +467,8 @@ def previous_training(init_from: str | None) -> Training | None:
     if card is None or card.training is None:
         return Training(checkpoint=str(init_from))
     keep = ("command", "epochs_run", "steps", "train_minutes", "train_loss", "val_loss", "n_train_frames",
-            "train_seeds", "stopped_at_time_limit", "lr", "dose_range", "family_mix", "continued_from")
+            "train_seeds", "stopped_at_time_limit", "lr", "dose_range", "family_mix", "ssim_weight",
+            "continued_from")
     return Training(**{k: getattr(card.training, k) for k in keep})
 
 
@@ -520,13 +566,15 @@ def card_markdown(card: ModelCard) -> str:
         f"- {t.epochs_run} epochs ({t.steps} steps, batch {t.batch_size}), AdamW lr {t.lr} "
         f"(warm-up, cosine decay), weight decay {t.weight_decay}, bf16 autocast {t.bf16}, "
         f"masked L1 loss on the probe's bright centre"
+        + (f" plus {t.ssim_weight:g} x (1 - SSIM) of each patch's bright centre" if t.ssim_weight else "")
         + (f" (batches of {SCAN_GROUP}-frame groups of one scan, one constant per scan removed: the "
            "normalisation hides a scan's absolute phase)" if pp.normalize == "running" else "")
         + f", seed {t.seed}.",
         f"- Wall time {t.train_minutes:.1f} min of training on {t.threads} CPU threads "
         f"({t.host}); stopped at the time limit: {t.stopped_at_time_limit}.",
         "- Loss per epoch (train / validation, mean |phase error| in rad over the bright centre"
-        + (", one constant per scan removed" if pp.normalize == "running" else "") + "): "
+        + (", one constant per scan removed" if pp.normalize == "running" else "")
+        + (f", plus {t.ssim_weight:g} x (1 - mean SSIM)" if t.ssim_weight else "") + "): "
         + ", ".join(f"{a:.4f} / {b:.4f}" for a, b in zip(t.train_loss, t.val_loss)),
         f"- Command: `{t.command}`",
         "- After each epoch the BatchNorm running statistics are recomputed for the current weights "
@@ -542,7 +590,8 @@ def card_markdown(card: ModelCard) -> str:
             f"{prev.epochs_run or '?'} epochs, {prev.steps or '?'} steps, "
             f"{prev.train_minutes or 0.0:.1f} min, stopped at the time limit: {prev.stopped_at_time_limit}"
             + (f", photons x {prev.dose_range[0]:g}..{prev.dose_range[1]:g}" if prev.dose_range else "")
-            + (f", family mix {_mix_text(prev.family_mix)}" if prev.family_mix else "") + "; "
+            + (f", family mix {_mix_text(prev.family_mix)}" if prev.family_mix else "")
+            + (f", loss L1 + {prev.ssim_weight:g} x (1 - SSIM)" if prev.ssim_weight else "") + "; "
             "train / validation loss per epoch: "
             + ", ".join(f"{a:.4f} / {b:.4f}" for a, b in zip(prev.train_loss or (), prev.val_loss or ()))
         )
@@ -668,6 +717,9 @@ def get_args_parser(prog: str = "edge-ptychonn train") -> argparse.ArgumentParse
     p.add_argument("--overlap", type=float, default=d.overlap)
     p.add_argument("--phase-range", type=float, default=d.phase_range_rad)
     p.add_argument("--density", type=float, default=d.density)
+    p.add_argument("--ssim-weight", type=float, default=0.0, metavar="W",
+                   help="add W * (1 - SSIM) of each predicted patch's bright centre to the L1 loss (the SSIM "
+                        "window and constants of the scores, the --phase-range as data range; default 0: L1 only)")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--max-minutes", type=float, default=24.0, help="stop training after this long (0: no limit)")
     p.add_argument("--batch-size", type=int, default=32)
@@ -697,6 +749,8 @@ def main(args: argparse.Namespace) -> int:
     try:
         if args.train_scans < 1 or args.val_scans < 1:
             raise ValueError(f"train-scans and val-scans must be >= 1, got {args.train_scans}, {args.val_scans}")
+        if not (math.isfinite(args.ssim_weight) and args.ssim_weight >= 0):
+            raise ValueError(f"ssim-weight must be >= 0, got {args.ssim_weight}")
         if args.epochs < 1 or args.batch_size < 2:
             raise ValueError(f"epochs must be >= 1 and batch-size >= 2, got {args.epochs}, {args.batch_size}")
         lo, hi = args.dose_range
@@ -788,7 +842,7 @@ def main(args: argparse.Namespace) -> int:
         host=f"{platform.machine()} {platform.processor() or ''}".strip(), torch=torch.__version__,
         edge_ptychonn=__version__, command=command_line(args), init_from=args.init_from,
         dose_range=tuple(args.dose_range) if args.dose_range[0] != args.dose_range[1] else None,
-        family_mix=family_mix,
+        family_mix=family_mix, ssim_weight=args.ssim_weight or None,
         continued_from=previous_training(args.init_from),
     )
     card = ModelCard(name=out.name, input_size=model_config.input_size,
