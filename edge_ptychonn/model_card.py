@@ -112,6 +112,8 @@ class Training:
     that family instead of the base one (``--family-mix``), when any;
     ``ssim_weight``: the weight of the ``1 - SSIM`` term added to the L1 loss
     (``--ssim-weight``), when not 0;
+    ``widened_from``: the width of the ``--init-from`` model, when this run
+    widened it (``science.model.widen``) to ``model.width``;
     ``continued_from``: the record of the run whose weights this one started
     from (``--init-from``), itself possibly continued from another.
     """
@@ -146,6 +148,7 @@ class Training:
     dose_range: tuple[float, float] | None = None
     family_mix: Mapping[str, float] | None = None
     ssim_weight: float | None = None
+    widened_from: int | None = None
     continued_from: Training | None = None
 
 

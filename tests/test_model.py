@@ -6,7 +6,7 @@ import pytest
 torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 
-from edge_ptychonn.science.model import ModelConfig, build_model, export_onnx, from_onnx  # noqa: E402
+from edge_ptychonn.science.model import ModelConfig, build_model, export_onnx, from_onnx, widen  # noqa: E402
 
 
 def test_config_is_validated():
@@ -50,3 +50,38 @@ def test_onnx_export_has_a_dynamic_batch_and_reloads(tmp_path, amplitude_head):
         for a, b, c in zip(onnx_out, torch_out, again):
             np.testing.assert_allclose(a, b.numpy(), atol=1e-5)
             np.testing.assert_allclose(c.numpy(), a, atol=1e-5)
+
+
+@pytest.mark.parametrize("amplitude_head", [False, True])
+def test_widen_keeps_the_function_and_separates_the_copies(amplitude_head):
+    """A width-4 model widened to 7 (and to 12: some channels copied twice) computes the same
+    outputs, in eval mode and with batch statistics; one training step then changes the copies
+    of a channel differently (the uneven split breaks their symmetry)."""
+    narrow = build_model(ModelConfig(width=4, depth=3, amplitude_head=amplitude_head), seed=1)
+    x = torch.rand(6, 1, 128, 128)
+    narrow.train()
+    narrow(x)  # BatchNorm statistics that are not the defaults
+    for width in (7, 12):
+        wide = widen(narrow, width, seed=0)
+        assert wide.config.width == width and sum(p.numel() for p in wide.parameters()) > sum(
+            p.numel() for p in narrow.parameters())
+        for mode in (True, False):
+            narrow.train(mode)
+            wide.train(mode)
+            with torch.no_grad():
+                a, b = narrow(x), wide(x)
+            for u, v in zip(a if amplitude_head else [a], b if amplitude_head else [b]):
+                assert torch.allclose(u, v, atol=2e-4), float((u - v).abs().max())
+    wide = widen(narrow, 8, seed=0).train()
+    first = wide.encoder[0]
+    before = first.weight.detach().clone()
+    out = wide(x)
+    (out[0] if amplitude_head else out).square().mean().backward()
+    torch.optim.SGD(wide.parameters(), lr=1.0).step()
+    moved = (first.weight.detach() - before).flatten(1)
+    # each new channel started as a copy of an old one and moves differently from it
+    for c in range(4, 8):
+        src = next(o for o in range(4) if torch.equal(before[c], before[o]))
+        assert not torch.allclose(moved[c], moved[src])
+    with pytest.raises(ValueError, match="cannot widen a width-4 model to width 3"):
+        widen(narrow, 3)

@@ -89,7 +89,7 @@ def test_learning_rate_schedule():
     assert lr_at(2.0, 1.0) == pytest.approx(0.01)
 
 
-def test_train_command_writes_onnx_sidecar_and_card(tmp_path):
+def test_train_command_writes_onnx_sidecar_and_card(tmp_path, capsys):
     import onnxruntime as ort
 
     out = tmp_path / "m"
@@ -129,7 +129,7 @@ def test_train_command_writes_onnx_sidecar_and_card(tmp_path):
 
     # continue from the exported ONNX model (BatchNorm folded there, unfolded again), with dose augmentation
     rc = cli.main(["train", "--out", str(tmp_path / "m3"), "--train-scans", "2", "--positions-per-scan", "16",
-                   "--val-scans", "1", "--epochs", "1", "--width", "4", "--depth", "2", "--eval", "--quiet",
+                   "--val-scans", "1", "--epochs", "1", "--width", "6", "--depth", "2", "--eval", "--quiet",
                    "--init-from", str(out.with_suffix(".onnx")), "--dose-range", "0.1", "10",
                    "--family-mix", "cells:0.5"])
     assert rc == 0
@@ -137,6 +137,13 @@ def test_train_command_writes_onnx_sidecar_and_card(tmp_path):
     assert meta3["training"]["continued_from"]["epochs_run"] == 1 and meta3["training"]["dose_range"] == [0.1, 10.0]
     assert meta3["training"]["family_mix"] == {"cells": 0.5} and load_card(tmp_path / "m3.onnx").training.family_mix
     assert "Family mix: of the training scans, 50% `cells`" in (tmp_path / "m3.md").read_text()
+    # ... and widened from width 4 to 6 (science.model.widen); a wider model is not narrowed
+    assert meta3["model"]["width"] == 6 and meta3["training"]["widened_from"] == 4
+    assert "(width 4) widened to width 6" in (tmp_path / "m3.md").read_text()
+    assert cli.main(["train", "--out", str(tmp_path / "m4"), "--train-scans", "1", "--val-scans", "1",
+                     "--positions-per-scan", "16", "--width", "4", "--depth", "2", "--eval", "--quiet",
+                     "--init-from", str(tmp_path / "m3.onnx")]) == 2
+    assert "a wider one cannot be narrowed" in capsys.readouterr().err
     assert meta3["preprocess"]["scale"] == meta["preprocess"]["scale"]  # the earlier run's input scaling
 
     # evaluate scores a scan file with the exported model, baselines beside

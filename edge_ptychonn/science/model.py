@@ -214,3 +214,61 @@ def from_onnx(path: str | Path) -> PtychoNN:
             bias = weights[node.input[2]] if len(node.input) > 2 and node.input[2] else np.zeros(w.shape[0], np.float32)
             module.bias.copy_(torch.from_numpy(np.array(bias, dtype=np.float32)))
     return model
+
+
+def widen(model: PtychoNN, width: int, seed: int = 0) -> PtychoNN:
+    """A PtychoNN of ``width`` (at least ``model``'s) that computes what ``model`` computes.
+
+    Function-preserving widening (Net2WiderNet, Chen et al. 2016): every channel
+    beyond the old count is a copy of a randomly chosen old channel of the same
+    layer (its convolution weights and bias, and its BatchNorm parameters and
+    statistics), and the next convolution's weights of an old channel are split
+    over that channel and its copies in random shares that add up to one. The
+    output is the same (in eval mode, and in training mode, where copies see the
+    same batch statistics), and the uneven shares give the copies different
+    gradients, so that training separates them. Same architecture otherwise;
+    ``ValueError`` for a smaller width.
+    """
+    config = model.config
+    if width < config.width:
+        raise ValueError(f"cannot widen a width-{config.width} model to width {width}")
+    rng = np.random.default_rng(seed)
+    wide = PtychoNN(ModelConfig(**{**config.to_dict(), "width": width})).train(model.training)
+
+    def layers(*seqs):
+        return [m for s in seqs for m in s if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))]
+
+    def copy_path(old: list, new: list, in_map):
+        """Copy the widened weights of one chain of conv (+ BatchNorm) layers; the channel map of its output."""
+        i = 0
+        while i < len(old):
+            conv_o, conv_n = old[i], new[i]
+            w = conv_o.weight
+            if in_map is not None:
+                share = np.ones(len(in_map))
+                for c in range(w.shape[1]):
+                    copies = np.nonzero(in_map == c)[0]
+                    if len(copies) > 1:
+                        share[copies] = rng.dirichlet(np.full(len(copies), 4.0))
+                w = w[:, in_map] * torch.from_numpy(share.astype(np.float32))[None, :, None, None]
+            n_old, n_new = conv_o.weight.shape[0], conv_n.weight.shape[0]
+            extra = rng.choice(n_old, n_new - n_old, replace=n_new - n_old > n_old)
+            out_map = np.concatenate([np.arange(n_old), extra]).astype(np.int64)
+            conv_n.weight.copy_(w[out_map])
+            if conv_o.bias is not None:
+                conv_n.bias.copy_(conv_o.bias[out_map])
+            if i + 1 < len(old) and isinstance(old[i + 1], nn.BatchNorm2d):
+                for name in ("weight", "bias", "running_mean", "running_var"):
+                    getattr(new[i + 1], name).copy_(getattr(old[i + 1], name)[out_map])
+                i += 1
+            in_map = out_map
+            i += 1
+        return in_map
+
+    with torch.no_grad():
+        encoded = copy_path(layers(model.encoder), layers(wide.encoder), None)
+        copy_path(layers(model.phase_decoder, [model.phase_head]), layers(wide.phase_decoder, [wide.phase_head]), encoded)
+        if config.amplitude_head:
+            copy_path(layers(model.amplitude_decoder, [model.amplitude_head]),
+                      layers(wide.amplitude_decoder, [wide.amplitude_head]), encoded)
+    return wide

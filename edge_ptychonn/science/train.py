@@ -35,7 +35,9 @@ exported ``.onnx`` of the same architecture (``science.model.from_onnx``: the
 BatchNorm layers, folded into the convolutions by the export, are unfolded
 again with the statistics of the training data, see ``load_onnx_weights``);
 the preprocessing comes from the checkpoint or the card beside the ONNX file,
-with the ``--normalize`` setting of this run.
+with the ``--normalize`` setting of this run; a narrower model (smaller width,
+same depth) is widened to ``--width`` first, computing the same function
+(``science.model.widen``).
 5. export ``<out>.onnx`` (eval mode: BatchNorm folded into constants, opset 17,
    dynamic batch), score the model on held-out and out-of-family scans
    (``--eval``, ``science.accuracy``), and write ``<out>.json`` (the typed model
@@ -280,6 +282,7 @@ class Trainer:
         self.mask = torch.from_numpy(mask.astype(np.float32))[None, None]
         self.mask_sum = float(mask.sum())
         self.step = 0
+        self.widened_from: int | None = None  # the width of a narrower --init-from model (init_weights)
         self.ssim_weight = float(getattr(args, "ssim_weight", 0.0) or 0.0)
         if self.ssim_weight:
             self._ssim_setup(args, mask)
@@ -468,7 +471,7 @@ def previous_training(init_from: str | None) -> Training | None:
         return Training(checkpoint=str(init_from))
     keep = ("command", "epochs_run", "steps", "train_minutes", "train_loss", "val_loss", "n_train_frames",
             "train_seeds", "stopped_at_time_limit", "lr", "dose_range", "family_mix", "ssim_weight",
-            "continued_from")
+            "widened_from", "continued_from")
     return Training(**{k: getattr(card.training, k) for k in keep})
 
 
@@ -477,22 +480,33 @@ def init_weights(trainer: Trainer, init_from: str, model_config: ModelConfig, pp
     """Load ``init_from`` (a ``.pt`` of ``train`` or an exported ``.onnx``) into the trainer's model
     and set the trainer's preprocessing, which it returns: the earlier run's, with this run's
     normalisation (``pp.normalize``, ``pp.reference_total``; ``factors`` from :func:`scan_factors`).
-    ``ValueError`` when the architecture differs."""
+    A narrower model of the same layout is widened to ``model_config.width`` with its function
+    kept (``science.model.widen``; ``trainer.widened_from`` then holds its width).
+    ``ValueError`` when the architecture differs otherwise."""
+    from edge_ptychonn.science.model import build_model, from_onnx, widen
+
     torch = trainer.torch
     if Path(init_from).suffix == ".onnx":
         card = find_card(init_from)
         earlier = card.preprocess if card is not None else PreprocessConfig()
+        init_config = replace(model_config, width=from_onnx(init_from).config.width)
     else:
         ckpt = torch.load(init_from, map_location="cpu")
-        if ckpt["model"] != model_config.to_dict():
-            raise ValueError(f"it holds a {ckpt['model']} model, not {model_config.to_dict()}")
         earlier = PreprocessConfig(**ckpt["preprocess"])
+        init_config = ModelConfig(**ckpt["model"])
+    if replace(init_config, width=model_config.width) != model_config or init_config.width > model_config.width:
+        raise ValueError(f"it holds a {init_config.to_dict()} model, not {model_config.to_dict()}"
+                         + (" (a wider one cannot be narrowed)" if init_config.width > model_config.width else ""))
     trainer.pp = replace(earlier, normalize=pp.normalize, reference_total=pp.reference_total)
+    model = trainer.model if init_config == model_config else build_model(init_config)
     if Path(init_from).suffix == ".onnx":
         sample = np.linspace(0, len(frames) - 1, 512).astype(int)
-        load_onnx_weights(trainer.model, init_from, trainer._inputs(frames[sample], None if factors is None else factors[sample]))
+        load_onnx_weights(model, init_from, trainer._inputs(frames[sample], None if factors is None else factors[sample]))
     else:
-        trainer.model.load_state_dict(ckpt["state_dict"])
+        model.load_state_dict(ckpt["state_dict"])
+    if model is not trainer.model:
+        trainer.model.load_state_dict(widen(model, model_config.width, seed=trainer.args.seed).state_dict())
+        trainer.widened_from = init_config.width
     return trainer.pp
 
 
@@ -570,6 +584,10 @@ def card_markdown(card: ModelCard) -> str:
         + (f" (batches of {SCAN_GROUP}-frame groups of one scan, one constant per scan removed: the "
            "normalisation hides a scan's absolute phase)" if pp.normalize == "running" else "")
         + f", seed {t.seed}.",
+    ] + ([
+        f"- Started from the `--init-from` model (width {t.widened_from}) widened to width {m.width}: each new "
+        "channel a copy of an old one, the next layer's weights split among the copies, so the same function "
+        "at the start (`science.model.widen`)."] if t.widened_from else []) + [
         f"- Wall time {t.train_minutes:.1f} min of training on {t.threads} CPU threads "
         f"({t.host}); stopped at the time limit: {t.stopped_at_time_limit}.",
         "- Loss per epoch (train / validation, mean |phase error| in rad over the bright centre"
@@ -591,7 +609,8 @@ def card_markdown(card: ModelCard) -> str:
             f"{prev.train_minutes or 0.0:.1f} min, stopped at the time limit: {prev.stopped_at_time_limit}"
             + (f", photons x {prev.dose_range[0]:g}..{prev.dose_range[1]:g}" if prev.dose_range else "")
             + (f", family mix {_mix_text(prev.family_mix)}" if prev.family_mix else "")
-            + (f", loss L1 + {prev.ssim_weight:g} x (1 - SSIM)" if prev.ssim_weight else "") + "; "
+            + (f", loss L1 + {prev.ssim_weight:g} x (1 - SSIM)" if prev.ssim_weight else "")
+            + (f", widened from width {prev.widened_from}" if prev.widened_from else "") + "; "
             "train / validation loss per epoch: "
             + ", ".join(f"{a:.4f} / {b:.4f}" for a, b in zip(prev.train_loss or (), prev.val_loss or ()))
         )
@@ -733,8 +752,9 @@ def get_args_parser(prog: str = "edge-ptychonn train") -> argparse.ArgumentParse
     p.add_argument("--seed", type=int, default=0, help="weights and shuffling seed")
     p.add_argument("--init-from", default=None, metavar="PT_OR_ONNX",
                    help="start from the weights of an earlier run: its <out>.pt, or an exported .onnx of this "
-                        "architecture (same --width/--depth; e.g. the shipped data/ptychonn.onnx); its preprocessing "
-                        "is kept, with this run's --normalize")
+                        "architecture (same --depth; e.g. the shipped data/ptychonn.onnx); its preprocessing "
+                        "is kept, with this run's --normalize. A narrower model (a larger --width here) is widened "
+                        "first with its function kept, e.g. --width 24 from the shipped width-16 model")
     p.add_argument("--eval", nargs="*", default=["mixed:1001", "mixed:1002", "siemens:1001", "fibres:1001"],
                    metavar="FAMILY:SEED", help=f"scans to score the exported model on ({accuracy.DEFAULT_EVAL_N_POSITIONS} positions each)")
     p.add_argument("--quiet", action="store_true", help="no progress display")
@@ -796,6 +816,9 @@ def main(args: argparse.Namespace) -> int:
         except (ValueError, KeyError, OSError, RuntimeError) as exc:
             print(f"edge-ptychonn train: cannot start from {args.init_from}: {exc}", file=sys.stderr)
             return 2
+        if trainer.widened_from:
+            print(f"widened the width-{trainer.widened_from} model of {args.init_from} to width {args.width} "
+                  "(the same function at the start)", file=sys.stderr)
     print(f"data: {len(train_f)} training and {len(val_f)} validation frames; input: normalize {pp.normalize}"
           + (f" to {pp.reference_total:g} counts" if pp.normalize != "none" else "")
           + f", sqrt(counts) * {pp.scale}; loss over {int(mask.sum())} bright-centre pixels"
@@ -842,7 +865,7 @@ def main(args: argparse.Namespace) -> int:
         host=f"{platform.machine()} {platform.processor() or ''}".strip(), torch=torch.__version__,
         edge_ptychonn=__version__, command=command_line(args), init_from=args.init_from,
         dose_range=tuple(args.dose_range) if args.dose_range[0] != args.dose_range[1] else None,
-        family_mix=family_mix, ssim_weight=args.ssim_weight or None,
+        family_mix=family_mix, ssim_weight=args.ssim_weight or None, widened_from=trainer.widened_from,
         continued_from=previous_training(args.init_from),
     )
     card = ModelCard(name=out.name, input_size=model_config.input_size,
