@@ -118,7 +118,7 @@ def test_train_command_writes_onnx_sidecar_and_card(tmp_path, capsys):
     # continue from the checkpoint: the card records both runs
     rc = cli.main(["train", "--out", str(tmp_path / "m2"), "--train-scans", "1", "--positions-per-scan", "64",
                    "--val-scans", "1", "--epochs", "1", "--width", "4", "--depth", "2", "--eval", "--quiet",
-                   "--init-from", str(out.with_suffix(".pt")), "--ssim-weight", "0.25"])
+                   "--init-from", str(out.with_suffix(".pt")), "--ssim-weight", "0.25", "--device", "auto"])
     assert rc == 0
     meta2 = json.loads((tmp_path / "m2.json").read_text())
     assert meta2["training"]["continued_from"]["epochs_run"] == 1
@@ -178,6 +178,11 @@ def test_bad_training_arguments(capsys):
     assert "is not a file" in capsys.readouterr().err
     assert cli.main(["train", "--ssim-weight", "-0.1"]) == 2
     assert "ssim-weight must be >= 0" in capsys.readouterr().err
+    assert cli.main(["train", "--device", "gpu"]) == 2
+    assert "device must be 'auto', 'cpu', 'cuda'" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert cli.main(["train", "--device", "cuda"]) == 2
+        assert "device 'cuda' asked for, but torch" in capsys.readouterr().err
 
 
 def test_ssim_loss_term_is_the_scores_ssim_over_the_bright_centre():

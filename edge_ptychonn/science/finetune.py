@@ -420,52 +420,6 @@ def unfold_batchnorm(folded, frames: np.ndarray, pp: PreprocessConfig, batch_siz
     return model
 
 
-def resolve_device(text: str) -> str:
-    import torch
-
-    if text == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if text == "cpu":
-        return "cpu"
-    if text == "cuda" or (text.startswith("cuda:") and text[5:].isdigit()):
-        if not torch.cuda.is_available():
-            raise InputError(f"device {text}: torch sees no CUDA GPU (a CPU build of torch, or no GPU visible)")
-        index = int(text[5:]) if ":" in text else 0
-        if index >= torch.cuda.device_count():
-            raise InputError(f"device {text}: torch sees {torch.cuda.device_count()} GPU(s)")
-        return text
-    raise InputError(f"device must be auto, cpu, cuda or cuda:N, got {text!r}")
-
-
-def make_trainer(args, config: ModelConfig, pp: PreprocessConfig, mask: np.ndarray, model, device: str):
-    """A ``train.Trainer`` that trains ``model`` (not a fresh one) on ``device``."""
-    import torch
-
-    from edge_ptychonn.science.train import Trainer
-
-    class DeviceTrainer(Trainer):
-        """Inputs, targets and the loss mask on ``device``; autocast of that device type."""
-
-        def __init__(self):
-            super().__init__(args, config, pp, mask)
-            self.device = torch.device(device)
-            self.model = model.to(self.device).to(memory_format=torch.channels_last)
-            self.opt = torch.optim.AdamW(self.model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-            self.mask = self.mask.to(self.device)
-
-        def _inputs(self, frames, factors=None):
-            return super()._inputs(frames, factors).to(self.device, non_blocking=True)
-
-        def _loss(self, out, phase_t, amp_t, groups=None):
-            return super()._loss(out, phase_t.to(self.device), None if amp_t is None else amp_t.to(self.device),
-                                 groups)
-
-        def _autocast(self):
-            return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.bf16)
-
-    return DeviceTrainer()
-
-
 # ---------------------------------------------------------------- scores
 
 
@@ -643,8 +597,10 @@ def main(args: argparse.Namespace) -> int:
         return _fail("fine-tuning needs torch: pip install 'edge-ptychonn[torch]'")
     t_start = time.monotonic()
     show = not args.quiet
+    from edge_ptychonn.science.train import training_device
+
     try:
-        device = resolve_device(args.device)
+        device = training_device(args.device)
         recorded = load_frames(args.frames)
         if args.positions:
             positions = load_positions(args.positions, recorded.unique_ids)
@@ -705,7 +661,7 @@ def main(args: argparse.Namespace) -> int:
     if config.amplitude_head:  # the reconstruction's amplitude trains the amplitude head
         amps = extract_patches(np.abs(obj).astype(np.float32), corners, (n, n)).astype(np.float16)
     from edge_ptychonn.science.model import export_onnx
-    from edge_ptychonn.science.train import previous_training, save_checkpoint, scan_factors
+    from edge_ptychonn.science.train import Trainer, previous_training, save_checkpoint, scan_factors
 
     frames = np.asarray(recorded.frames)
     factors = scan_factors(frames, len(frames), pp)  # the recording is one scan
@@ -726,7 +682,7 @@ def main(args: argparse.Namespace) -> int:
 
     targs = argparse.Namespace(seed=args.seed, lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size,
                                max_minutes=args.max_minutes, bf16=args.bf16)
-    trainer = make_trainer(targs, config, pp, mask, model, device)
+    trainer = Trainer(targs, config, pp, mask, model=model, device=device)
     steps_per_epoch = len(train_idx) // args.batch_size
     total_steps = steps_per_epoch * args.epochs
     t_train = time.monotonic()

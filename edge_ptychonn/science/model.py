@@ -104,7 +104,7 @@ def export_onnx(model: PtychoNN, path: str | Path) -> Path:
     was_training = model.training
     model.eval()
     try:
-        example = torch.zeros(2, 1, size, size)
+        example = torch.zeros(2, 1, size, size, device=next(model.parameters()).device)
         torch.onnx.export(
             model,
             (example,),

@@ -266,10 +266,27 @@ def lr_at(progress: float, base_lr: float, warmup: float = 0.03) -> float:
     return base_lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+def training_device(text: str) -> str:
+    """``--device`` of ``train`` and ``finetune`` -> ``"cpu"`` or ``"cuda:N"`` (``edge_ptychonn.devices``:
+    ``auto`` takes GPU 0 when torch sees one, else the CPU); ``ValueError`` when torch cannot run there."""
+    import torch
+
+    from edge_ptychonn.devices import DeviceUnavailable, resolve_device
+
+    try:
+        return resolve_device(text, 1, torch.cuda.device_count() if torch.cuda.is_available() else 0,
+                              engine="torch " + torch.__version__)
+    except DeviceUnavailable as exc:
+        raise ValueError(str(exc)) from None
+
+
 class Trainer:
     """Holds the model, optimiser and the data; one method per phase of an epoch."""
 
-    def __init__(self, args: argparse.Namespace, model_config, pp: PreprocessConfig, mask: np.ndarray):
+    def __init__(self, args: argparse.Namespace, model_config, pp: PreprocessConfig, mask: np.ndarray,
+                 model=None, device: str = "cpu"):
+        """Trains ``model`` (default: a fresh one of ``model_config``) on ``device`` (``cpu``,
+        ``cuda`` or ``cuda:N``): the model, the inputs, the targets and the loss run there."""
         import torch
 
         from edge_ptychonn.science.model import build_model
@@ -277,9 +294,11 @@ class Trainer:
         self.torch = torch
         self.args = args
         self.pp = pp
-        self.model = build_model(model_config, seed=args.seed).to(memory_format=torch.channels_last)
+        self.device = torch.device(device)
+        model = model if model is not None else build_model(model_config, seed=args.seed)
+        self.model = model.to(self.device).to(memory_format=torch.channels_last)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-        self.mask = torch.from_numpy(mask.astype(np.float32))[None, None]
+        self.mask = torch.from_numpy(mask.astype(np.float32))[None, None].to(self.device)
         self.mask_sum = float(mask.sum())
         self.step = 0
         self.widened_from: int | None = None  # the width of a narrower --init-from model (init_weights)
@@ -293,7 +312,7 @@ class Trainer:
 
         self.ssim_range = float(getattr(args, "phase_range", ScanSettings().phase_range_rad))
         g = np.exp(-0.5 * (np.arange(-SSIM_RADIUS, SSIM_RADIUS + 1) / SSIM_SIGMA) ** 2)
-        self.ssim_window = self.torch.from_numpy((g / g.sum()).astype(np.float32))
+        self.ssim_window = self.torch.from_numpy((g / g.sum()).astype(np.float32)).to(self.device)
         # the bright centre's bounding box grown by the window's radius (unpadded windows then
         # give SSIM exactly on the box), and the mask on the box
         rows, cols = np.nonzero(mask)
@@ -313,7 +332,7 @@ class Trainer:
             x = preprocess(scaled, replace(self.pp, normalize="none"))
         else:
             x = preprocess(frames, self.pp)
-        x = self.torch.from_numpy(x)[:, None]
+        x = self.torch.from_numpy(x)[:, None].to(self.device, non_blocking=True)
         return x.contiguous(memory_format=self.torch.channels_last)
 
     def _loss(self, out, phase_t, amp_t, groups: np.ndarray | None = None):
@@ -325,6 +344,8 @@ class Trainer:
             phase, amp = out
         else:
             phase, amp = out, None
+        phase_t = phase_t.to(self.device)
+        amp_t = None if amp_t is None else amp_t.to(self.device)
         error = phase.float() - phase_t
         if groups is not None:
             _, inverse, counts = np.unique(groups, return_inverse=True, return_counts=True)
@@ -364,7 +385,7 @@ class Trainer:
         return (ssim * self.ssim_mask).sum() / (self.mask_sum * len(x))
 
     def _autocast(self):
-        return self.torch.autocast("cpu", dtype=self.torch.bfloat16, enabled=self.args.bf16)
+        return self.torch.autocast(self.device.type, dtype=self.torch.bfloat16, enabled=self.args.bf16)
 
     def batches(self, n_frames: int, rng, scan_length: int | None = None) -> list[np.ndarray]:
         """One epoch's batches of frame indices (each sorted). Without ``scan_length``: shuffled
@@ -498,14 +519,14 @@ def init_weights(trainer: Trainer, init_from: str, model_config: ModelConfig, pp
         raise ValueError(f"it holds a {init_config.to_dict()} model, not {model_config.to_dict()}"
                          + (" (a wider one cannot be narrowed)" if init_config.width > model_config.width else ""))
     trainer.pp = replace(earlier, normalize=pp.normalize, reference_total=pp.reference_total)
-    model = trainer.model if init_config == model_config else build_model(init_config)
+    model = trainer.model if init_config == model_config else build_model(init_config).to(trainer.device)
     if Path(init_from).suffix == ".onnx":
         sample = np.linspace(0, len(frames) - 1, 512).astype(int)
         load_onnx_weights(model, init_from, trainer._inputs(frames[sample], None if factors is None else factors[sample]))
     else:
         model.load_state_dict(ckpt["state_dict"])
     if model is not trainer.model:
-        trainer.model.load_state_dict(widen(model, model_config.width, seed=trainer.args.seed).state_dict())
+        trainer.model.load_state_dict(widen(model.cpu(), model_config.width, seed=trainer.args.seed).state_dict())
         trainer.widened_from = init_config.width
     return trainer.pp
 
@@ -748,6 +769,8 @@ def get_args_parser(prog: str = "edge-ptychonn train") -> argparse.ArgumentParse
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--amplitude", action="store_true", help="also train an amplitude head")
     p.add_argument("--no-bf16", dest="bf16", action="store_false", help="train in float32")
+    p.add_argument("--device", default="cpu", help="where to train: cpu, cuda, cuda:N or auto (a CUDA GPU when torch "
+                   "sees one, else the CPU; default: %(default)s)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0, help="weights and shuffling seed")
     p.add_argument("--init-from", default=None, metavar="PT_OR_ONNX",
@@ -769,6 +792,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         if args.train_scans < 1 or args.val_scans < 1:
             raise ValueError(f"train-scans and val-scans must be >= 1, got {args.train_scans}, {args.val_scans}")
+        device = training_device(args.device)
         if not (math.isfinite(args.ssim_weight) and args.ssim_weight >= 0):
             raise ValueError(f"ssim-weight must be >= 0, got {args.ssim_weight}")
         if args.epochs < 1 or args.batch_size < 2:
@@ -809,7 +833,7 @@ def main(args: argparse.Namespace) -> int:
 
     train_k = scan_factors(train_f, args.positions_per_scan, pp)  # the normalisation of each frame's own scan
     val_k = scan_factors(val_f, args.positions_per_scan, pp)
-    trainer = Trainer(args, model_config, pp, mask)
+    trainer = Trainer(args, model_config, pp, mask, device=device)
     if args.init_from:
         try:
             pp = init_weights(trainer, args.init_from, model_config, pp, train_f, train_k)
