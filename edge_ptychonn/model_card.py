@@ -114,6 +114,7 @@ class Training:
     (``--ssim-weight``), when not 0;
     ``widened_from``: the width of the ``--init-from`` model, when this run
     widened it (``science.model.widen``) to ``model.width``;
+    ``device``: the GPU it trained on (``cuda:N``), when not the CPU;
     ``continued_from``: the record of the run whose weights this one started
     from (``--init-from``), itself possibly continued from another.
     """
@@ -149,6 +150,7 @@ class Training:
     family_mix: Mapping[str, float] | None = None
     ssim_weight: float | None = None
     widened_from: int | None = None
+    device: str | None = None
     continued_from: Training | None = None
 
 

@@ -609,8 +609,9 @@ def card_markdown(card: ModelCard) -> str:
         f"- Started from the `--init-from` model (width {t.widened_from}) widened to width {m.width}: each new "
         "channel a copy of an old one, the next layer's weights split among the copies, so the same function "
         "at the start (`science.model.widen`)."] if t.widened_from else []) + [
-        f"- Wall time {t.train_minutes:.1f} min of training on {t.threads} CPU threads "
-        f"({t.host}); stopped at the time limit: {t.stopped_at_time_limit}.",
+        f"- Wall time {t.train_minutes:.1f} min of training on "
+        + (f"{t.device}" if t.device else f"{t.threads} CPU threads")
+        + f" ({t.host}); stopped at the time limit: {t.stopped_at_time_limit}.",
         "- Loss per epoch (train / validation, mean |phase error| in rad over the bright centre"
         + (", one constant per scan removed" if pp.normalize == "running" else "")
         + (f", plus {t.ssim_weight:g} x (1 - mean SSIM)" if t.ssim_weight else "") + "): "
@@ -890,6 +891,7 @@ def main(args: argparse.Namespace) -> int:
         edge_ptychonn=__version__, command=command_line(args), init_from=args.init_from,
         dose_range=tuple(args.dose_range) if args.dose_range[0] != args.dose_range[1] else None,
         family_mix=family_mix, ssim_weight=args.ssim_weight or None, widened_from=trainer.widened_from,
+        device=device if device != "cpu" else None,
         continued_from=previous_training(args.init_from),
     )
     card = ModelCard(name=out.name, input_size=model_config.input_size,
