@@ -597,7 +597,7 @@ def main(args: argparse.Namespace) -> int:
         return _fail("fine-tuning needs torch: pip install 'edge-ptychonn[torch]'")
     t_start = time.monotonic()
     show = not args.quiet
-    from edge_ptychonn.science.train import training_device
+    from edge_ptychonn.science.train import Trainer, previous_training, save_checkpoint, scan_factors, training_device
 
     try:
         device = training_device(args.device)
@@ -661,7 +661,6 @@ def main(args: argparse.Namespace) -> int:
     if config.amplitude_head:  # the reconstruction's amplitude trains the amplitude head
         amps = extract_patches(np.abs(obj).astype(np.float32), corners, (n, n)).astype(np.float16)
     from edge_ptychonn.science.model import export_onnx
-    from edge_ptychonn.science.train import Trainer, previous_training, save_checkpoint, scan_factors
 
     frames = np.asarray(recorded.frames)
     factors = scan_factors(frames, len(frames), pp)  # the recording is one scan

@@ -18,6 +18,7 @@ wanted (training, export, the torch engine), never from the processor path.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -233,7 +234,7 @@ def widen(model: PtychoNN, width: int, seed: int = 0) -> PtychoNN:
     if width < config.width:
         raise ValueError(f"cannot widen a width-{config.width} model to width {width}")
     rng = np.random.default_rng(seed)
-    wide = PtychoNN(ModelConfig(**{**config.to_dict(), "width": width})).train(model.training)
+    wide = PtychoNN(replace(config, width=width)).train(model.training)
 
     def layers(*seqs):
         return [m for s in seqs for m in s if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))]
