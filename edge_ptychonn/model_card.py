@@ -84,12 +84,15 @@ class ModelConfig:
     input_size: int = 128
     batch_norm: bool = True
     amplitude_head: bool = False
+    head_blocks: int = 0  # residual blocks at full resolution before the phase head (0: PtychoNN as published)
 
     def __post_init__(self) -> None:
         if not 1 <= self.width <= 256:
             raise ValueError(f"width must be 1..256, got {self.width}")
         if not 1 <= self.depth <= 7:
             raise ValueError(f"depth must be 1..7, got {self.depth}")
+        if not 0 <= self.head_blocks <= 8:
+            raise ValueError(f"head_blocks must be 0..8, got {self.head_blocks}")
         if self.input_size % (2**self.depth):
             raise ValueError(
                 f"input_size must be a multiple of 2**depth = {2**self.depth}, "
@@ -114,6 +117,8 @@ class Training:
     (``--ssim-weight``), when not 0;
     ``widened_from``: the width of the ``--init-from`` model, when this run
     widened it (``science.model.widen``) to ``model.width``;
+    ``head_blocks_from``: the head blocks of the ``--init-from`` model, when
+    this run added more (``science.model.add_head_blocks``);
     ``device``: the GPU it trained on (``cuda:N``), when not the CPU;
     ``continued_from``: the record of the run whose weights this one started
     from (``--init-from``), itself possibly continued from another.
@@ -150,6 +155,7 @@ class Training:
     family_mix: Mapping[str, float] | None = None
     ssim_weight: float | None = None
     widened_from: int | None = None
+    head_blocks_from: int | None = None
     device: str | None = None
     continued_from: Training | None = None
 

@@ -236,3 +236,26 @@ def test_a_gpu_asked_for_on_a_machine_without_one_is_a_clear_error(beamline, tmp
                  "--device", "cuda")
     assert rc == 2 and "device 'cuda' asked for, but torch" in capsys.readouterr().err
     assert training_device("auto") == "cpu" and training_device("cpu") == "cpu"
+
+
+def test_a_model_with_head_blocks_unfolds_with_its_function(tmp_path):
+    """Head blocks (a convolution with BatchNorm, then one without) survive export, reading
+    back and unfolding: fine-tuning starts from the exported function."""
+    from edge_ptychonn.science.model import ModelConfig, build_model, export_onnx, from_onnx
+    from edge_ptychonn.stream.preprocess import PreprocessConfig, preprocess
+
+    model = build_model(ModelConfig(width=4, depth=2, input_size=32, head_blocks=2), seed=2)
+    with torch.no_grad():
+        for p in model.phase_blocks.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    frames = np.random.default_rng(0).poisson(40, (16, 32, 32)).astype(np.int16)
+    pp = PreprocessConfig(transform="sqrt", scale=0.1)
+    x = torch.from_numpy(preprocess(frames, pp))[:, None]
+    model.train()
+    model(x)
+    folded = from_onnx(export_onnx(model, tmp_path / "m.onnx"))
+    unfolded = finetune.unfold_batchnorm(folded, frames, pp)
+    assert unfolded.config.head_blocks == 2
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in unfolded.modules()) == 8 + 2
+    with torch.no_grad():
+        np.testing.assert_allclose(unfolded.eval()(x).numpy(), model.eval()(x).numpy(), atol=2e-4)

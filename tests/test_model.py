@@ -6,7 +6,8 @@ import pytest
 torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 
-from edge_ptychonn.science.model import ModelConfig, build_model, export_onnx, from_onnx, widen  # noqa: E402
+from edge_ptychonn.science.model import (  # noqa: E402
+    ModelConfig, add_head_blocks, build_model, export_onnx, from_onnx, widen)
 
 
 def test_config_is_validated():
@@ -14,6 +15,8 @@ def test_config_is_validated():
         ModelConfig(depth=4, input_size=100)
     with pytest.raises(ValueError, match="width must be 1..256"):
         ModelConfig(width=0)
+    with pytest.raises(ValueError, match="head_blocks must be 0..8, got 9"):
+        ModelConfig(head_blocks=9)
 
 
 def test_forward_shapes_and_phase_range():
@@ -28,9 +31,13 @@ def test_seeded_builds_are_identical():
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 
 
-@pytest.mark.parametrize("amplitude_head", [False, True])
-def test_onnx_export_has_a_dynamic_batch_and_reloads(tmp_path, amplitude_head):
-    model = build_model(ModelConfig(width=4, depth=2, input_size=32, amplitude_head=amplitude_head), seed=1)
+@pytest.mark.parametrize("amplitude_head,head_blocks", [(False, 0), (True, 0), (False, 2), (True, 1)])
+def test_onnx_export_has_a_dynamic_batch_and_reloads(tmp_path, amplitude_head, head_blocks):
+    model = build_model(ModelConfig(width=4, depth=2, input_size=32, amplitude_head=amplitude_head,
+                                    head_blocks=head_blocks), seed=1)
+    with torch.no_grad():  # head blocks that do something (they start at zero), so that their order matters
+        for p in model.phase_blocks.parameters() if head_blocks else ():
+            p.add_(0.3 * torch.randn_like(p))
     model.train()
     model(torch.rand(4, 1, 32, 32))  # move the BatchNorm running statistics away from their start
     path = export_onnx(model, tmp_path / "m.onnx")
@@ -39,6 +46,7 @@ def test_onnx_export_has_a_dynamic_batch_and_reloads(tmp_path, amplitude_head):
     session = ort.InferenceSession(str(path))
     assert session.get_inputs()[0].shape == ["batch", 1, 32, 32]
     reloaded = from_onnx(path)
+    assert reloaded.config.head_blocks == head_blocks and reloaded.config.amplitude_head == amplitude_head
     for n in (1, 5):
         x = np.random.default_rng(n).poisson(20, (n, 1, 32, 32)).astype(np.float32)
         onnx_out = session.run(None, {"diffraction": x})
@@ -85,3 +93,31 @@ def test_widen_keeps_the_function_and_separates_the_copies(amplitude_head):
         assert not torch.allclose(moved[c], moved[src])
     with pytest.raises(ValueError, match="cannot widen a width-4 model to width 3"):
         widen(narrow, 3)
+
+
+def test_head_blocks_start_at_zero_keep_the_function_and_then_learn():
+    """Head blocks added to a trained model compute nothing at first (eval and training mode);
+    one training step moves the output; a model with head blocks is not widened, and blocks
+    are not removed."""
+    model = build_model(ModelConfig(width=4, depth=3), seed=1)
+    x = torch.rand(6, 1, 128, 128)
+    model.train()
+    model(x)  # BatchNorm statistics that are not the defaults
+    grown = add_head_blocks(model, 2)
+    assert grown.config.head_blocks == 2 and len(grown.phase_blocks) == 2
+    for mode in (True, False):
+        model.train(mode)
+        grown.train(mode)
+        with torch.no_grad():
+            assert torch.equal(model(x), grown(x))
+    grown.train()
+    before = grown(x).detach()
+    grown(x).square().mean().backward()
+    assert grown.phase_blocks[0][-1].weight.grad.abs().sum() > 0
+    torch.optim.SGD(grown.parameters(), lr=1.0).step()
+    assert not torch.allclose(grown(x).detach(), before)
+    assert add_head_blocks(grown, 3).config.head_blocks == 3
+    with pytest.raises(ValueError, match="cannot remove head blocks: the model has 2, asked for 1"):
+        add_head_blocks(grown, 1)
+    with pytest.raises(ValueError, match="cannot widen a model with head blocks"):
+        widen(grown, 6)

@@ -131,7 +131,7 @@ def test_train_command_writes_onnx_sidecar_and_card(tmp_path, capsys):
     rc = cli.main(["train", "--out", str(tmp_path / "m3"), "--train-scans", "2", "--positions-per-scan", "16",
                    "--val-scans", "1", "--epochs", "1", "--width", "6", "--depth", "2", "--eval", "--quiet",
                    "--init-from", str(out.with_suffix(".onnx")), "--dose-range", "0.1", "10",
-                   "--family-mix", "cells:0.5"])
+                   "--family-mix", "cells:0.5", "--head-blocks", "1"])
     assert rc == 0
     meta3 = json.loads((tmp_path / "m3.json").read_text())
     assert meta3["training"]["continued_from"]["epochs_run"] == 1 and meta3["training"]["dose_range"] == [0.1, 10.0]
@@ -140,6 +140,22 @@ def test_train_command_writes_onnx_sidecar_and_card(tmp_path, capsys):
     # ... and widened from width 4 to 6 (science.model.widen); a wider model is not narrowed
     assert meta3["model"]["width"] == 6 and meta3["training"]["widened_from"] == 4
     assert "(width 4) widened to width 6" in (tmp_path / "m3.md").read_text()
+    # ... and given a head block (zero at the start: science.model.add_head_blocks)
+    assert meta3["model"]["head_blocks"] == 1 and meta3["training"]["head_blocks_from"] == 0
+    assert "(0 head block(s)) given 1" in (tmp_path / "m3.md").read_text()
+    assert "1 residual head block(s) at full resolution" in (tmp_path / "m3.md").read_text()
+    # an exported model with a head block continues (its block read back from the ONNX graph) with one more
+    rc = cli.main(["train", "--out", str(tmp_path / "m5"), "--train-scans", "1", "--positions-per-scan", "16",
+                   "--val-scans", "1", "--epochs", "1", "--width", "6", "--depth", "2", "--eval", "--quiet",
+                   "--init-from", str(tmp_path / "m3.onnx"), "--head-blocks", "2"])
+    assert rc == 0
+    meta5 = json.loads((tmp_path / "m5.json").read_text())
+    assert meta5["model"]["head_blocks"] == 2 and meta5["training"]["head_blocks_from"] == 1
+    assert "head blocks added to the 0 it had" in (tmp_path / "m5.md").read_text()  # m3's stage, one back
+    assert cli.main(["train", "--out", str(tmp_path / "m6"), "--train-scans", "1", "--val-scans", "1",
+                     "--positions-per-scan", "16", "--width", "6", "--depth", "2", "--eval", "--quiet",
+                     "--init-from", str(tmp_path / "m3.onnx")]) == 2
+    assert "head blocks cannot be removed" in capsys.readouterr().err
     assert cli.main(["train", "--out", str(tmp_path / "m4"), "--train-scans", "1", "--val-scans", "1",
                      "--positions-per-scan", "16", "--width", "4", "--depth", "2", "--eval", "--quiet",
                      "--init-from", str(tmp_path / "m3.onnx")]) == 2
@@ -176,6 +192,8 @@ def test_bad_training_arguments(capsys):
         assert why in capsys.readouterr().err
     assert cli.main(["train", "--init-from", "/nonexistent/model.onnx"]) == 2
     assert "is not a file" in capsys.readouterr().err
+    assert cli.main(["train", "--head-blocks", "9"]) == 2
+    assert "head_blocks must be 0..8, got 9" in capsys.readouterr().err
     assert cli.main(["train", "--ssim-weight", "-0.1"]) == 2
     assert "ssim-weight must be >= 0" in capsys.readouterr().err
     assert cli.main(["train", "--device", "gpu"]) == 2

@@ -7,6 +7,13 @@ that mirrors it with bilinear 2x upsampling, and a phase head
 ``pi * tanh(conv(x))`` giving radians in [-pi, pi]. An optional amplitude head
 (``sigmoid``) shares the encoder.
 
+``head_blocks`` (default 0: PtychoNN as published) adds residual blocks at full
+resolution between the decoder and the phase head, ``x + conv(relu(conv(x)))``
+with ``width`` channels: the published decoder's last nonlinearity works at half
+the output resolution, which limits sharp edges. Each block's second convolution
+starts at zero, so a block adds nothing until trained, and
+:func:`add_head_blocks` gives a trained model blocks with its function kept.
+
 BatchNorm after each convolution (``batch_norm=True``) lets the network learn
 from scratch on simulated scans; ``export_onnx`` exports in eval mode, so the
 batch statistics are fixed constants in the exported graph.
@@ -43,6 +50,15 @@ def _conv_block(c_in: int, c_out: int, batch_norm: bool) -> list[nn.Module]:
     return layers
 
 
+def _head_block(width: int, batch_norm: bool) -> nn.Sequential:
+    """conv-(BatchNorm)-ReLU-conv; the second convolution starts at zero, so the block adds nothing yet."""
+    first = [nn.Conv2d(width, width, 3, padding=1, bias=not batch_norm)] + ([nn.BatchNorm2d(width)] if batch_norm else [])
+    block = nn.Sequential(*first, nn.ReLU(inplace=True), nn.Conv2d(width, width, 3, padding=1))
+    nn.init.zeros_(block[-1].weight)
+    nn.init.zeros_(block[-1].bias)
+    return block
+
+
 class PtychoNN(nn.Module):
     """Diffraction intensity (N, 1, H, W) -> phase (N, 1, H, W) [, amplitude]."""
 
@@ -59,6 +75,8 @@ class PtychoNN(nn.Module):
             c_in = c_out
         self.encoder = nn.Sequential(*enc)
         self.phase_decoder = self._decoder(c_in)
+        if config.head_blocks:  # registered between decoder and head: modules() follows the graph's order
+            self.phase_blocks = nn.ModuleList(_head_block(w, bn) for _ in range(config.head_blocks))
         self.phase_head = nn.Conv2d(w, 1, 3, padding=1)
         if config.amplitude_head:
             self.amplitude_decoder = self._decoder(c_in)
@@ -76,7 +94,10 @@ class PtychoNN(nn.Module):
 
     def forward(self, x: torch.Tensor):
         z = self.encoder(x)
-        phase = math.pi * torch.tanh(self.phase_head(self.phase_decoder(z)))
+        features = self.phase_decoder(z)
+        for block in getattr(self, "phase_blocks", ()):
+            features = features + block(features)
+        phase = math.pi * torch.tanh(self.phase_head(features))
         if not self.config.amplitude_head:
             return phase
         amplitude = torch.sigmoid(self.amplitude_head(self.amplitude_decoder(z)))
@@ -151,7 +172,8 @@ def _inline_shared_initializers(path: Path) -> None:
         onnx.save(proto, str(path))
 
 
-_LOADABLE_OPS = {"Conv", "Relu", "MaxPool", "Resize", "Upsample", "Tanh", "Sigmoid", "Mul", "Constant", "Identity"}
+_LOADABLE_OPS = {"Conv", "Relu", "MaxPool", "Resize", "Upsample", "Tanh", "Sigmoid", "Mul", "Add", "Constant",
+                 "Identity"}
 
 
 def from_onnx(path: str | Path) -> PtychoNN:
@@ -161,9 +183,9 @@ def from_onnx(path: str | Path) -> PtychoNN:
     folded into the convolutions) and PtychoNN models of the same layout from
     elsewhere (e.g. edgePtychoNN's: conv-ReLU blocks, max-pool, bilinear
     upsampling, ``pi * tanh`` phase head). The layout (width, depth, input size,
-    amplitude head) is read from the graph; each convolution's weights are copied
-    in graph order after checking its shape. Anything else raises ``ValueError``
-    saying what did not match.
+    amplitude head, head blocks: one residual ``Add`` each) is read from the
+    graph; each convolution's weights are copied in graph order after checking
+    its shape. Anything else raises ``ValueError`` saying what did not match.
     """
     import onnx
     from onnx import numpy_helper
@@ -196,6 +218,7 @@ def from_onnx(path: str | Path) -> PtychoNN:
         input_size=int(dims[-1]),
         batch_norm=False,
         amplitude_head=len(graph.output) == 2,
+        head_blocks=sum(n.op_type == "Add" for n in graph.node),
     )
     for node in graph.node:
         if node.op_type == "Mul":
@@ -228,11 +251,14 @@ def widen(model: PtychoNN, width: int, seed: int = 0) -> PtychoNN:
     output is the same (in eval mode, and in training mode, where copies see the
     same batch statistics), and the uneven shares give the copies different
     gradients, so that training separates them. Same architecture otherwise;
-    ``ValueError`` for a smaller width.
+    ``ValueError`` for a smaller width, or a model with head blocks (widen
+    first, then :func:`add_head_blocks`).
     """
     config = model.config
     if width < config.width:
         raise ValueError(f"cannot widen a width-{config.width} model to width {width}")
+    if config.head_blocks and width != config.width:
+        raise ValueError("cannot widen a model with head blocks; widen one without, then add them")
     rng = np.random.default_rng(seed)
     wide = PtychoNN(replace(config, width=width)).train(model.training)
 
@@ -273,3 +299,16 @@ def widen(model: PtychoNN, width: int, seed: int = 0) -> PtychoNN:
             copy_path(layers(model.amplitude_decoder, [model.amplitude_head]),
                       layers(wide.amplitude_decoder, [wide.amplitude_head]), encoded)
     return wide
+
+
+def add_head_blocks(model: PtychoNN, head_blocks: int) -> PtychoNN:
+    """A PtychoNN with ``head_blocks`` (at least ``model``'s) that computes what ``model`` computes:
+    ``model``'s weights, and new head blocks whose second convolution is zero (they add
+    nothing until trained). ``ValueError`` for fewer blocks than ``model`` has."""
+    config = model.config
+    if head_blocks < config.head_blocks:
+        raise ValueError(f"cannot remove head blocks: the model has {config.head_blocks}, asked for {head_blocks}")
+    grown = PtychoNN(replace(config, head_blocks=head_blocks)).train(model.training)
+    missing, unexpected = grown.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("phase_blocks.") for k in missing), (missing, unexpected)
+    return grown

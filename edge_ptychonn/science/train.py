@@ -36,8 +36,9 @@ BatchNorm layers, folded into the convolutions by the export, are unfolded
 again with the statistics of the training data, see ``load_onnx_weights``);
 the preprocessing comes from the checkpoint or the card beside the ONNX file,
 with the ``--normalize`` setting of this run; a narrower model (smaller width,
-same depth) is widened to ``--width`` first, computing the same function
-(``science.model.widen``).
+same depth) is widened to ``--width`` first, and head blocks up to
+``--head-blocks`` are added (zero at the start), both computing the same function
+(``science.model.widen``, ``science.model.add_head_blocks``).
 5. export ``<out>.onnx`` (eval mode: BatchNorm folded into constants, opset 17,
    dynamic batch), score the model on held-out and out-of-family scans
    (``--eval``, ``science.accuracy``), and write ``<out>.json`` (the typed model
@@ -216,8 +217,7 @@ def load_onnx_weights(model, onnx_path: str | Path, inputs) -> None:
     from edge_ptychonn.science.model import from_onnx
 
     folded = from_onnx(onnx_path)
-    if folded.config.amplitude_head != model.config.amplitude_head or folded.config.width != model.config.width \
-            or folded.config.depth != model.config.depth:
+    if replace(folded.config, input_size=model.config.input_size, batch_norm=model.config.batch_norm) != model.config:
         raise ValueError(f"{onnx_path} holds a {folded.config} model, not {model.config}")
     src = [m for m in folded.modules() if isinstance(m, torch.nn.Conv2d)]
     dst = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
@@ -302,6 +302,7 @@ class Trainer:
         self.mask_sum = float(mask.sum())
         self.step = 0
         self.widened_from: int | None = None  # the width of a narrower --init-from model (init_weights)
+        self.head_blocks_from: int | None = None  # the head blocks of an --init-from model given more
         self.ssim_weight = float(getattr(args, "ssim_weight", 0.0) or 0.0)
         if self.ssim_weight:
             self._ssim_setup(args, mask)
@@ -492,7 +493,7 @@ def previous_training(init_from: str | None) -> Training | None:
         return Training(checkpoint=str(init_from))
     keep = ("command", "epochs_run", "steps", "train_minutes", "train_loss", "val_loss", "n_train_frames",
             "train_seeds", "stopped_at_time_limit", "lr", "dose_range", "family_mix", "ssim_weight",
-            "widened_from", "continued_from")
+            "widened_from", "head_blocks_from", "continued_from")
     return Training(**{k: getattr(card.training, k) for k in keep})
 
 
@@ -501,23 +502,29 @@ def init_weights(trainer: Trainer, init_from: str, model_config: ModelConfig, pp
     """Load ``init_from`` (a ``.pt`` of ``train`` or an exported ``.onnx``) into the trainer's model
     and set the trainer's preprocessing, which it returns: the earlier run's, with this run's
     normalisation (``pp.normalize``, ``pp.reference_total``; ``factors`` from :func:`scan_factors`).
-    A narrower model of the same layout is widened to ``model_config.width`` with its function
-    kept (``science.model.widen``; ``trainer.widened_from`` then holds its width).
+    A narrower model of the same layout is widened to ``model_config.width``, and one with fewer
+    head blocks gets ``model_config.head_blocks``, with its function kept (``science.model.widen``,
+    ``add_head_blocks``; ``trainer.widened_from``, ``trainer.head_blocks_from`` then hold what it had).
     ``ValueError`` when the architecture differs otherwise."""
-    from edge_ptychonn.science.model import build_model, from_onnx, widen
+    from edge_ptychonn.science.model import add_head_blocks, build_model, from_onnx, widen
 
     torch = trainer.torch
     if Path(init_from).suffix == ".onnx":
         card = find_card(init_from)
         earlier = card.preprocess if card is not None else PreprocessConfig()
-        init_config = replace(model_config, width=from_onnx(init_from).config.width)
+        layout = from_onnx(init_from).config
+        init_config = replace(model_config, width=layout.width, head_blocks=layout.head_blocks)
     else:
         ckpt = torch.load(init_from, map_location="cpu")
         earlier = PreprocessConfig(**ckpt["preprocess"])
         init_config = ModelConfig(**ckpt["model"])
-    if replace(init_config, width=model_config.width) != model_config or init_config.width > model_config.width:
+    grown = replace(init_config, width=model_config.width, head_blocks=model_config.head_blocks)
+    wider = init_config.width > model_config.width
+    more_blocks = init_config.head_blocks > model_config.head_blocks
+    if grown != model_config or wider or more_blocks:
         raise ValueError(f"it holds a {init_config.to_dict()} model, not {model_config.to_dict()}"
-                         + (" (a wider one cannot be narrowed)" if init_config.width > model_config.width else ""))
+                         + (" (a wider one cannot be narrowed)" if wider else "")
+                         + (" (head blocks cannot be removed)" if more_blocks else ""))
     trainer.pp = replace(earlier, normalize=pp.normalize, reference_total=pp.reference_total)
     model = trainer.model if init_config == model_config else build_model(init_config).to(trainer.device)
     if Path(init_from).suffix == ".onnx":
@@ -526,8 +533,14 @@ def init_weights(trainer: Trainer, init_from: str, model_config: ModelConfig, pp
     else:
         model.load_state_dict(ckpt["state_dict"])
     if model is not trainer.model:
-        trainer.model.load_state_dict(widen(model.cpu(), model_config.width, seed=trainer.args.seed).state_dict())
-        trainer.widened_from = init_config.width
+        model = model.cpu()
+        if init_config.width != model_config.width:
+            model = widen(model, model_config.width, seed=trainer.args.seed)
+            trainer.widened_from = init_config.width
+        if init_config.head_blocks != model_config.head_blocks:
+            model = add_head_blocks(model, model_config.head_blocks)
+            trainer.head_blocks_from = init_config.head_blocks
+        trainer.model.load_state_dict(model.state_dict())
     return trainer.pp
 
 
@@ -575,7 +588,9 @@ def card_markdown(card: ModelCard) -> str:
         "## Architecture",
         "",
         f"PtychoNN encoder-decoder, width {m.width}, depth {m.depth}, BatchNorm after each "
-        f"convolution ({m.batch_norm}), amplitude head {m.amplitude_head}; "
+        f"convolution ({m.batch_norm}), amplitude head {m.amplitude_head}"
+        + (f", {m.head_blocks} residual head block(s) at full resolution before the phase head" if m.head_blocks else "")
+        + "; "
         f"{t.n_parameters:,} parameters; phase = pi * tanh(.).",
         "",
         "## Training data (simulated; `edge-ptychonn simulate`)",
@@ -608,7 +623,10 @@ def card_markdown(card: ModelCard) -> str:
     ] + ([
         f"- Started from the `--init-from` model (width {t.widened_from}) widened to width {m.width}: each new "
         "channel a copy of an old one, the next layer's weights split among the copies, so the same function "
-        "at the start (`science.model.widen`)."] if t.widened_from else []) + [
+        "at the start (`science.model.widen`)."] if t.widened_from else []) + ([
+        f"- Started from the `--init-from` model ({t.head_blocks_from} head block(s)) given {m.head_blocks}: "
+        "each new block's second convolution zero, so the same function at the start "
+        "(`science.model.add_head_blocks`)."] if t.head_blocks_from is not None else []) + [
         f"- Wall time {t.train_minutes:.1f} min of training on "
         + (f"{t.device}" if t.device else f"{t.threads} CPU threads")
         + f" ({t.host}); stopped at the time limit: {t.stopped_at_time_limit}.",
@@ -632,7 +650,9 @@ def card_markdown(card: ModelCard) -> str:
             + (f", photons x {prev.dose_range[0]:g}..{prev.dose_range[1]:g}" if prev.dose_range else "")
             + (f", family mix {_mix_text(prev.family_mix)}" if prev.family_mix else "")
             + (f", loss L1 + {prev.ssim_weight:g} x (1 - SSIM)" if prev.ssim_weight else "")
-            + (f", widened from width {prev.widened_from}" if prev.widened_from else "") + "; "
+            + (f", widened from width {prev.widened_from}" if prev.widened_from else "")
+            + (f", head blocks added to the {prev.head_blocks_from} it had" if prev.head_blocks_from is not None else "")
+            + "; "
             "train / validation loss per epoch: "
             + ", ".join(f"{a:.4f} / {b:.4f}" for a, b in zip(prev.train_loss or (), prev.val_loss or ()))
         )
@@ -769,6 +789,9 @@ def get_args_parser(prog: str = "edge-ptychonn train") -> argparse.ArgumentParse
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--amplitude", action="store_true", help="also train an amplitude head")
+    p.add_argument("--head-blocks", type=int, default=0, metavar="N",
+                   help="residual blocks at full resolution before the phase head (0..8; default 0: PtychoNN as "
+                        "published); with --init-from a model with fewer, the new blocks start at zero")
     p.add_argument("--no-bf16", dest="bf16", action="store_false", help="train in float32")
     p.add_argument("--device", default="cpu", help="where to train: cpu, cuda, cuda:N or auto (a CUDA GPU when torch "
                    "sees one, else the CPU; default: %(default)s)")
@@ -807,7 +830,7 @@ def main(args: argparse.Namespace) -> int:
         base = ScanSettings(n_positions=args.positions_per_scan, family=args.family, photons=args.photons,
                             overlap=args.overlap, phase_range_rad=args.phase_range, density=args.density)
         model_config = ModelConfig(width=args.width, depth=args.depth, input_size=base.frame_size,
-                                   batch_norm=True, amplitude_head=args.amplitude)
+                                   batch_norm=True, amplitude_head=args.amplitude, head_blocks=args.head_blocks)
         train_seeds = list(range(args.seed_base, args.seed_base + args.train_scans))
         val_seeds = list(range(args.val_seed_base, args.val_seed_base + args.val_scans))
         if set(train_seeds) & set(val_seeds):
@@ -844,6 +867,9 @@ def main(args: argparse.Namespace) -> int:
         if trainer.widened_from:
             print(f"widened the width-{trainer.widened_from} model of {args.init_from} to width {args.width} "
                   "(the same function at the start)", file=sys.stderr)
+        if trainer.head_blocks_from is not None:
+            print(f"gave the model of {args.init_from} ({trainer.head_blocks_from} head block(s)) {args.head_blocks}; "
+                  "the new ones start at zero (the same function at the start)", file=sys.stderr)
     print(f"data: {len(train_f)} training and {len(val_f)} validation frames; input: normalize {pp.normalize}"
           + (f" to {pp.reference_total:g} counts" if pp.normalize != "none" else "")
           + f", sqrt(counts) * {pp.scale}; loss over {int(mask.sum())} bright-centre pixels"
@@ -891,6 +917,7 @@ def main(args: argparse.Namespace) -> int:
         edge_ptychonn=__version__, command=command_line(args), init_from=args.init_from,
         dose_range=tuple(args.dose_range) if args.dose_range[0] != args.dose_range[1] else None,
         family_mix=family_mix, ssim_weight=args.ssim_weight or None, widened_from=trainer.widened_from,
+        head_blocks_from=trainer.head_blocks_from,
         device=device if device != "cpu" else None,
         continued_from=previous_training(args.init_from),
     )
