@@ -36,7 +36,7 @@ def test_onnx_export_has_a_dynamic_batch_and_reloads(tmp_path, amplitude_head, h
     model = build_model(ModelConfig(width=4, depth=2, input_size=32, amplitude_head=amplitude_head,
                                     head_blocks=head_blocks), seed=1)
     with torch.no_grad():  # head blocks that do something (they start at zero), so that their order matters
-        for p in model.phase_blocks.parameters() if head_blocks else ():
+        for p in model.phase_blocks.parameters():
             p.add_(0.3 * torch.randn_like(p))
     model.train()
     model(torch.rand(4, 1, 32, 32))  # move the BatchNorm running statistics away from their start

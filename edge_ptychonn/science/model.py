@@ -75,8 +75,8 @@ class PtychoNN(nn.Module):
             c_in = c_out
         self.encoder = nn.Sequential(*enc)
         self.phase_decoder = self._decoder(c_in)
-        if config.head_blocks:  # registered between decoder and head: modules() follows the graph's order
-            self.phase_blocks = nn.ModuleList(_head_block(w, bn) for _ in range(config.head_blocks))
+        # registered between decoder and head: modules() follows the graph's order (none: no weights)
+        self.phase_blocks = nn.ModuleList(_head_block(w, bn) for _ in range(config.head_blocks))
         self.phase_head = nn.Conv2d(w, 1, 3, padding=1)
         if config.amplitude_head:
             self.amplitude_decoder = self._decoder(c_in)
@@ -95,7 +95,7 @@ class PtychoNN(nn.Module):
     def forward(self, x: torch.Tensor):
         z = self.encoder(x)
         features = self.phase_decoder(z)
-        for block in getattr(self, "phase_blocks", ()):
+        for block in self.phase_blocks:
             features = features + block(features)
         phase = math.pi * torch.tanh(self.phase_head(features))
         if not self.config.amplitude_head:
