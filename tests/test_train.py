@@ -142,7 +142,7 @@ def test_train_command_writes_onnx_sidecar_and_card(tmp_path, capsys):
     assert "(width 4) widened to width 6" in (tmp_path / "m3.md").read_text()
     # ... and given a head block (zero at the start: science.model.add_head_blocks)
     assert meta3["model"]["head_blocks"] == 1 and meta3["training"]["head_blocks_from"] == 0
-    assert "(0 head block(s)) given 1" in (tmp_path / "m3.md").read_text()
+    assert "(it had 0, now 1)" in (tmp_path / "m3.md").read_text()
     assert "1 residual head block(s) at full resolution" in (tmp_path / "m3.md").read_text()
     # an exported model with a head block continues (its block read back from the ONNX graph) with one more
     rc = cli.main(["train", "--out", str(tmp_path / "m5"), "--train-scans", "1", "--positions-per-scan", "16",

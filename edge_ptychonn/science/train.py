@@ -624,8 +624,8 @@ def card_markdown(card: ModelCard) -> str:
         f"- Started from the `--init-from` model (width {t.widened_from}) widened to width {m.width}: each new "
         "channel a copy of an old one, the next layer's weights split among the copies, so the same function "
         "at the start (`science.model.widen`)."] if t.widened_from else []) + ([
-        f"- Started from the `--init-from` model ({t.head_blocks_from} head block(s)) given {m.head_blocks}: "
-        "each new block's second convolution zero, so the same function at the start "
+        f"- Added head blocks to the `--init-from` model (it had {t.head_blocks_from}, now {m.head_blocks}): "
+        "each new block's second convolution starts at zero, so the same function at the start "
         "(`science.model.add_head_blocks`)."] if t.head_blocks_from is not None else []) + [
         f"- Wall time {t.train_minutes:.1f} min of training on "
         + (f"{t.device}" if t.device else f"{t.threads} CPU threads")
@@ -868,8 +868,8 @@ def main(args: argparse.Namespace) -> int:
             print(f"widened the width-{trainer.widened_from} model of {args.init_from} to width {args.width} "
                   "(the same function at the start)", file=sys.stderr)
         if trainer.head_blocks_from is not None:
-            print(f"gave the model of {args.init_from} ({trainer.head_blocks_from} head block(s)) {args.head_blocks}; "
-                  "the new ones start at zero (the same function at the start)", file=sys.stderr)
+            print(f"added head blocks to the model of {args.init_from} (it had {trainer.head_blocks_from}, now "
+                  f"{args.head_blocks}); the new ones start at zero (the same function at the start)", file=sys.stderr)
     print(f"data: {len(train_f)} training and {len(val_f)} validation frames; input: normalize {pp.normalize}"
           + (f" to {pp.reference_total:g} counts" if pp.normalize != "none" else "")
           + f", sqrt(counts) * {pp.scale}; loss over {int(mask.sum())} bright-centre pixels"
