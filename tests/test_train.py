@@ -217,13 +217,13 @@ def test_ssim_loss_term_is_the_scores_ssim_over_the_bright_centre():
     plain = Trainer(get_args_parser().parse_args([]), ModelConfig(width=4, depth=2), PreprocessConfig(), mask)
     with_ssim = Trainer(get_args_parser().parse_args(["--ssim-weight", "0.5"]), ModelConfig(width=4, depth=2),
                         PreprocessConfig(), mask)
-    ssim = float(with_ssim._masked_ssim(pred, truth))
+    ssim = float(with_ssim._masked_ssim(pred, truth).detach())
     expected = np.mean([ssim_map(pred[i, 0].detach().numpy(), truth[i, 0].numpy(), 1.5)[mask].mean() for i in range(3)])
     assert ssim == pytest.approx(expected, abs=1e-5) and 0.1 < ssim < 0.9
     assert float(with_ssim._masked_ssim(truth, truth)) == pytest.approx(1.0, abs=1e-6)
     l1 = plain._loss(pred, truth, None)
     combined = with_ssim._loss(pred, truth, None)
-    assert float(combined) == pytest.approx(float(l1) + 0.5 * (1 - ssim), rel=1e-5)
+    assert float(combined.detach()) == pytest.approx(float(l1.detach()) + 0.5 * (1 - ssim), rel=1e-5)
     combined.backward()
     assert float(pred.grad.abs().sum()) > 0
 
