@@ -107,7 +107,9 @@ class EngineOptions:
     device: str = "auto"  # see edge_ptychonn.devices: 'auto', 'cpu', 'cuda', 'cuda:N', 'cuda:A,B,...'
     precision: str = "fp32"  # one of the engine's SPEC.precisions; 'auto' only with engine 'auto'
     max_batch: int = 8
-    cpu_threads: int = 0  # 0: default_cpu_threads()
+    cpu_threads: int = 0  # threads per worker; 0: cpu_layout() chooses
+    cpu_workers: int = 1  # batches at once on the CPU, each on its own engine copy (engines.workers); 0: cpu_layout()
+    consumers: int = 1  # consumers sharing this machine's cores (cpu_layout's share)
     processor_id: int = 1  # picks the GPU with device='auto': (id - 1) % n_gpus
     plan_cache_dir: Path | None = None  # TensorRT plans; None: default_plan_cache_dir()
 
@@ -129,16 +131,40 @@ class Engine(Protocol):
         ...
 
 
-def default_cpu_threads() -> int:
-    """All cores but one (left to PvaPy's receive and publish threads), at least 1.
+# Default workers per consumer at most: beyond, the cores go to more threads per worker
+# (each batch in flight holds one of the pipeline's queueBatches + 2 batch buffers).
+MAX_DEFAULT_WORKERS = 4
 
-    Measured on 2 cores: ONNX Runtime with both cores competed with PvaPy's
-    threads and the pipeline kept up with 37 frames/s; with one, 97 frames/s.
-    With N consumers on the CPU, give each about (cores - 1) / N (``cpuThreads``).
+
+def cpu_layout(threads: int = 0, workers: int = 0, consumers: int = 1, cores: int | None = None) -> tuple[int, int]:
+    """(workers, threads per worker) of one consumer's engine on the CPU; 0 = choose.
+
+    The consumer's share of the cores is ``cores // consumers`` (at least 1). By
+    default it runs as workers of one thread each (at most
+    :data:`MAX_DEFAULT_WORKERS`; more cores give each worker more threads): copies
+    of the engine, each with its own batch (``engines.workers``), which do not wait
+    for each other when PvaPy's threads take a core, where one engine's threads
+    do. Measured on 2 cores, one consumer, torch bf16: 1 worker x 1 thread kept
+    up with 0.41 of the engine alone, 1 x 2 threads lost frames from 300 frames/s,
+    2 workers x 1 thread 0.70-0.73 (docs/benchmarks.md). A value given for one
+    of the two sets the other to fill the share.
     """
     import os
 
-    return max(1, (os.cpu_count() or 1) - 1)
+    share = max(1, (cores or os.cpu_count() or 1) // max(1, consumers))
+    if threads and workers:
+        return workers, threads
+    if threads:
+        return max(1, share // threads), threads
+    if not workers:
+        workers = min(share, MAX_DEFAULT_WORKERS)
+    return workers, max(1, share // workers)
+
+
+def default_cpu_threads() -> int:
+    """Threads of an engine class created directly with ``cpu_threads`` 0 (``create_engine``
+    resolves them first, with :func:`cpu_layout`): all cores, as one worker."""
+    return cpu_layout(workers=1)[1]
 
 
 # glibc mallopt() parameters

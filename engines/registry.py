@@ -160,7 +160,7 @@ def create_engine(name: str, options: EngineOptions) -> Engine:
             )
         if options.precision == "auto":
             options = replace(options, precision=cls.SPEC.precisions[0])
-        return cls(options)
+        return _build(cls, options)
     choices, rejected = auto_candidates(options)
     if rejected:
         log.info("engine 'auto': not usable here: %s", "; ".join(rejected))
@@ -168,7 +168,7 @@ def create_engine(name: str, options: EngineOptions) -> Engine:
     for choice in choices:
         log.info("engine 'auto' chose %s", choice.reason)
         try:
-            return engine_class(choice.engine)(replace(options, precision=choice.precision))
+            return _build(engine_class(choice.engine), replace(options, precision=choice.precision))
         except EngineUnavailable as exc:
             log.warning("engine 'auto': %s %s cannot start (%s); trying the next", choice.engine, choice.precision, exc)
             failures.append(f"{choice.engine} {choice.precision}: {exc}")
@@ -177,3 +177,27 @@ def create_engine(name: str, options: EngineOptions) -> Engine:
         + (f"; failed: {'; '.join(failures)}" if failures else "")
         + (f"; not usable: {'; '.join(rejected)}" if rejected else "")
     )
+
+
+def _build(cls, options: EngineOptions) -> Engine:
+    """``cls(options)``; on the CPU, the layout of :func:`~engines.base.cpu_layout`: with
+    more than one worker, that many copies behind one :class:`~engines.workers.WorkerPool`
+    (a GPU engine ignores the CPU layout)."""
+    from .base import cpu_layout
+
+    workers, threads = cpu_layout(options.cpu_threads, options.cpu_workers, options.consumers)
+    options = replace(options, cpu_threads=threads, cpu_workers=workers)
+    engine = cls(options)
+    if workers <= 1 or engine.device != "cpu":
+        return engine
+    engines = [engine]
+    try:
+        while len(engines) < workers:
+            engines.append(cls(options))
+    except BaseException:
+        for built in engines:
+            built.close()
+        raise
+    from .workers import WorkerPool
+
+    return WorkerPool(engines, threads)

@@ -35,7 +35,10 @@ Processor arguments (``--processor-args`` JSON; camelCase)
     batchSize (1..256, default 8); batchTimeout (0.001..60 s, default 0.05: a partial batch is run after it)
     queueBatches (default 16: beyond, frames are dropped at the door and counted);
     maxPendingFrames (frames kept before the engine is ready, default 2000)
-    cpuThreads (0: all cores but one); crop [h, w]; cropOrigin [y0, x0]; bin (int);
+    cpuWorkers, cpuThreads (the engine's CPU layout: batches at once, each on its own copy of
+    the engine, and threads per copy; 0: this consumer's share of the cores, cores / the
+    distributor group's size, as workers of one thread, at most 4; see engines.base.cpu_layout);
+    crop [h, w]; cropOrigin [y0, x0]; bin (int);
     normalize ('none' | 'running': each frame scaled by referenceTotal over the mean total of the
     last normalizeWindow frames | 'total': each frame scaled to referenceTotal counts);
     referenceTotal (> 0); normalizeWindow (frames, default 1024);
@@ -156,9 +159,12 @@ class PtychoNNProcessor(StatsFromTable, AdImageProcessor):
         )
         check_name(config.engine)  # at start-up, not only when start() creates it
         self.processor_id = int(framework.get("processorId", 1) or 1)
+        # The distributor's group: objectIdOffset = (N - 1) * nSequentialUpdates + 1.
+        n_sequential = int(framework.get("nSequentialUpdates") or 1)
+        self.group_size = (int(framework.get("objectIdOffset") or 1) - 1) // max(n_sequential, 1) + 1
         self.pipeline = InferencePipeline(
             config, self.updateOutputChannel, self.logger,
-            n_sequential=int(framework.get("nSequentialUpdates") or 1),
+            n_sequential=n_sequential,
             id_offset=int(framework.get("objectIdOffset") or 1),
         )
 
@@ -175,7 +181,7 @@ class PtychoNNProcessor(StatsFromTable, AdImageProcessor):
         c = self.pipeline.config
         return EngineOptions(
             model_path=model_path, device=c.device, precision=precision,
-            max_batch=c.batch_size, cpu_threads=c.cpu_threads,
+            max_batch=c.batch_size, cpu_threads=c.cpu_threads, cpu_workers=c.cpu_workers, consumers=self.group_size,
             processor_id=self.processor_id, plan_cache_dir=c.plan_cache_dir,
         )
 

@@ -53,6 +53,7 @@ class ProcessorConfig:
     queue_batches: int = 16
     max_pending_frames: int = 2000
     cpu_threads: int = 0
+    cpu_workers: int = 0
     plan_cache_dir: Path | None = None
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     output_mask: OutputMask | None = None  # from the model card; None: outputs published as the network gives them
@@ -72,6 +73,7 @@ class ProcessorConfig:
         convert_value("queueBatches", integer(1, 4096), self.queue_batches)
         convert_value("maxPendingFrames", integer(0, 1_000_000), self.max_pending_frames)
         convert_value("cpuThreads", integer(0, 1024), self.cpu_threads)
+        convert_value("cpuWorkers", integer(0, 64), self.cpu_workers)
 
 
 
@@ -88,6 +90,7 @@ _TOP_LEVEL: dict[str, tuple[str, Any]] = {
     "queueBatches": ("queue_batches", lambda v: v),
     "maxPendingFrames": ("max_pending_frames", lambda v: v),
     "cpuThreads": ("cpu_threads", lambda v: v),
+    "cpuWorkers": ("cpu_workers", lambda v: v),
     "planCacheDir": ("plan_cache_dir", path()),
     "outputMask": ("output_mask", boolean()),
 }

@@ -1,0 +1,125 @@
+"""Several batches at once on the CPU: copies of one engine, each on a thread of its own.
+
+One CPU engine with two intra-op threads stalls whenever either thread loses its
+core (to PvaPy's receive thread, the server, a monitor): every operator waits for
+its slowest thread. Two copies of the engine with one thread each, each running
+its own batch, do not wait for each other; a copy that loses its core delays only
+its own batch. Measured on 2 cores (the shipped model, batch 8, one process):
+torch bf16 222 frames/s with one copy, 405 with two; ONNX Runtime fp32 144 and
+272 (docs/benchmarks.md).
+
+:class:`WorkerPool` offers the asynchronous pair of ``engines.base``: ``submit``
+copies the batch into the next worker's own buffer and returns; ``collect`` waits
+for that worker's result. Batches are handed to the workers round-robin and
+collected in submission order, at most one per worker in flight, so the
+pipeline's inference thread keeps every worker busy and publishes in order.
+The native libraries (torch, ONNX Runtime) release the GIL while they compute.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Sequence
+
+import numpy as np
+
+from .base import SlotRing, Ticket, check_batch
+
+log = logging.getLogger(__name__)
+
+
+class _Worker:
+    """One engine and the thread that runs it; one job at a time."""
+
+    def __init__(self, engine, index: int):
+        self.engine = engine
+        self.buffer = np.empty((engine.max_batch, 1, *engine.input_shape), np.float32)
+        self._job = threading.Condition()
+        self._n = 0  # frames of the job waiting (0: none)
+        self._closing = False
+        self.done = threading.Event()
+        self.result: np.ndarray | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name=f"engine-worker-{index}", daemon=True)
+        self.thread.start()
+
+    def start(self, n: int) -> None:
+        """Run the first ``n`` rows of :attr:`buffer` (the caller filled them)."""
+        self.done.clear()
+        self.result, self.error = None, None
+        with self._job:
+            self._n = n
+            self._job.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._job:
+                while not self._n and not self._closing:
+                    self._job.wait()
+                if not self._n:  # closing, nothing to run
+                    return
+                n, self._n = self._n, 0
+            try:
+                self.result = self.engine.infer(self.buffer[:n])
+            except Exception as exc:  # handed to collect(): the pipeline counts and logs it
+                self.error = exc
+            self.done.set()
+
+    def close(self, timeout_s: float) -> None:
+        with self._job:
+            self._closing = True
+            self._job.notify()
+        self.thread.join(timeout_s)
+        if self.thread.is_alive():
+            log.warning("%s still busy %.1f s after close; its engine is left open", self.thread.name, timeout_s)
+            return
+        self.engine.close()
+
+
+class WorkerPool:
+    """Engine protocol over ``engines`` (same model, engine, precision, batch size),
+    each run by a thread of its own; batches go to them in turn.
+
+    ``device`` says how the CPU is used, e.g. ``"cpu (2 workers x 1 thread)"``.
+    """
+
+    def __init__(self, engines: Sequence, threads_per_worker: int):
+        if not engines:
+            raise ValueError("a worker pool needs at least one engine")
+        first = engines[0]
+        self.name = first.name
+        self.precision = first.precision
+        self.input_shape = tuple(first.input_shape)
+        self.max_batch = first.max_batch
+        self.workers = len(engines)
+        self.max_in_flight = len(engines)
+        threads = f"{threads_per_worker} thread{'s' if threads_per_worker != 1 else ''}"
+        self.device = f"{first.device} ({len(engines)} workers x {threads})"
+        self._workers = [_Worker(engine, i) for i, engine in enumerate(engines)]
+        self._ring = SlotRing(len(engines))
+
+    def submit(self, batch: np.ndarray) -> Ticket:
+        """Copy ``batch`` to the next worker and start it; the caller may reuse ``batch`` at once."""
+        check_batch(self, batch)
+        ticket = self._ring.acquire(batch.shape[0])
+        worker = self._workers[ticket.slot]  # free: its last ticket has been collected
+        worker.buffer[: ticket.n] = batch
+        worker.start(ticket.n)
+        return ticket
+
+    def collect(self, ticket: Ticket) -> np.ndarray:
+        """Wait for ``ticket``'s result (tickets in submission order); re-raises the engine's error."""
+        self._ring.release(ticket)
+        worker = self._workers[ticket.slot]
+        worker.done.wait()
+        if worker.error is not None:
+            raise worker.error
+        return worker.result
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        return self.collect(self.submit(batch))
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        for worker in self._workers:
+            worker.close(timeout_s)

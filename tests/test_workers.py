@@ -1,0 +1,163 @@
+"""cpuWorkers: several batches at once on the CPU, each on its own copy of the engine."""
+
+import threading
+
+import numpy as np
+import pytest
+
+from edge_ptychonn.stream.config import parse_processor_args
+from edge_ptychonn.stream.pipeline import InferencePipeline
+from engines import EngineOptions, create_engine
+from engines.base import cpu_layout
+from engines.workers import WorkerPool
+from frames_util import good_frame
+from test_pipeline import Published
+
+
+class Meeting:
+    """An engine whose batches return only once ``parties`` of them run at the same time
+    (a pool that runs its batches one after another fails with BrokenBarrierError)."""
+
+    def __init__(self, barrier: threading.Barrier, fail_on: float | None = None):
+        self.name, self.device, self.precision = "meeting", "cpu", "fp32"
+        self.input_shape, self.max_batch = (8, 8), 4
+        self.barrier, self.fail_on, self.closed = barrier, fail_on, False
+        self.threads: set[str] = set()
+
+    def infer(self, batch):
+        self.threads.add(threading.current_thread().name)
+        if self.fail_on is not None and batch[0, 0, 0, 0] == self.fail_on:
+            raise RuntimeError("this batch fails")
+        self.barrier.wait(timeout=10)
+        return batch * 2.0
+
+    def close(self):
+        self.closed = True
+
+
+def batches(n, size=4):
+    return [np.full((size, 1, 8, 8), float(i), np.float32) for i in range(n)]
+
+
+def test_workers_run_batches_at_the_same_time_and_return_them_in_order():
+    barrier = threading.Barrier(2)
+    engines = [Meeting(barrier), Meeting(barrier)]
+    pool = WorkerPool(engines, threads_per_worker=1)
+    assert (pool.name, pool.device, pool.max_in_flight) == ("meeting", "cpu (2 workers x 1 thread)", 2)
+    inputs = batches(6)
+    tickets = [pool.submit(inputs[0]), pool.submit(inputs[1][:3])]
+    inputs[0][:] = -1.0  # the caller may reuse a batch as soon as submit() returns
+    outputs = []
+    for batch in inputs[2:]:
+        outputs.append(pool.collect(tickets.pop(0)))
+        tickets.append(pool.submit(batch))
+    outputs += [pool.collect(t) for t in tickets]
+    assert [o.shape[0] for o in outputs] == [4, 3, 4, 4, 4, 4]
+    assert [float(o[0, 0, 0, 0]) for o in outputs] == [0.0, 2.0, 4.0, 6.0, 8.0, 10.0]
+    assert engines[0].threads != engines[1].threads  # each copy on a thread of its own
+    with pytest.raises(RuntimeError, match="in the order they were submitted"):
+        a, b = pool.submit(inputs[2]), pool.submit(inputs[3])
+        pool.collect(b)
+    pool.close()
+    assert all(e.closed for e in engines)
+
+
+def test_a_failing_batch_raises_on_collect_and_the_worker_goes_on():
+    barrier = threading.Barrier(1)  # every batch runs alone
+    pool = WorkerPool([Meeting(barrier, fail_on=1.0), Meeting(barrier, fail_on=1.0)], threads_per_worker=2)
+    assert pool.device == "cpu (2 workers x 2 threads)"
+    inputs = batches(4)
+    t0, t1 = pool.submit(inputs[0]), pool.submit(inputs[1])
+    assert float(pool.collect(t0)[0, 0, 0, 0]) == 0.0
+    with pytest.raises(RuntimeError, match="this batch fails"):
+        pool.collect(t1)
+    t2, t3 = pool.submit(inputs[2]), pool.submit(inputs[3])  # the same two workers again
+    assert [float(pool.collect(t)[0, 0, 0, 0]) for t in (t2, t3)] == [4.0, 6.0]
+    pool.close()
+
+
+def test_cpu_workers_give_the_single_engines_results(small_model):
+    x = np.random.default_rng(5).poisson(9, (4, 1, 64, 64)).astype(np.float32)
+    single = create_engine("onnxruntime", EngineOptions(small_model, max_batch=4, cpu_threads=1))
+    pool = create_engine("onnxruntime", EngineOptions(small_model, max_batch=4, cpu_threads=1, cpu_workers=3))
+    assert isinstance(pool, WorkerPool) and pool.device == "cpu (3 workers x 1 thread)" and pool.name == "onnxruntime"
+    tickets = [pool.submit(x), pool.submit(x[:1]), pool.submit(x[1:3])]
+    got = [pool.collect(t) for t in tickets]
+    np.testing.assert_allclose(got[0], single.infer(x), atol=1e-6)
+    np.testing.assert_allclose(got[1], single.infer(x[:1]), atol=1e-6)
+    np.testing.assert_allclose(got[2], single.infer(x[1:3]), atol=1e-6)
+    pool.close()
+    one = create_engine("onnxruntime", EngineOptions(small_model, cpu_threads=1, cpu_workers=1))
+    assert not isinstance(one, WorkerPool)
+
+
+def test_cpu_workers_is_validated(small_model):
+    config, _ = parse_processor_args({"modelPath": str(small_model)})
+    assert (config.cpu_workers, config.cpu_threads) == (0, 0)  # the layout is chosen at start
+    for bad in (-1, 65, "two"):
+        with pytest.raises(ValueError, match="cpuWorkers"):
+            parse_processor_args({"modelPath": str(small_model), "cpuWorkers": bad})
+
+
+@pytest.mark.parametrize("threads, workers, consumers, cores, layout", [
+    (0, 0, 1, 2, (2, 1)),  # one consumer on 2 cores: two workers of one thread
+    (0, 0, 2, 2, (1, 1)),  # two consumers share 2 cores
+    (0, 0, 1, 16, (4, 4)),  # at most 4 workers by default; the rest as threads
+    (0, 0, 8, 16, (2, 1)),
+    (0, 0, 3, 2, (1, 1)),  # more consumers than cores: at least one of each
+    (2, 0, 1, 16, (8, 2)),  # threads given: workers fill the share
+    (0, 1, 1, 16, (1, 16)),  # one worker given: all the share's cores as its threads
+    (3, 5, 1, 2, (5, 3)),  # both given: taken as they are
+])
+def test_cpu_layout_fills_the_consumers_share_of_the_cores(threads, workers, consumers, cores, layout):
+    assert cpu_layout(threads, workers, consumers, cores) == layout
+
+
+def test_a_pipeline_with_workers_publishes_every_frame_once_in_order(small_model, rng):
+    config, _ = parse_processor_args({"modelPath": str(small_model), "engine": "onnxruntime", "cpuThreads": 1,
+                                      "cpuWorkers": 2, "batchSize": 4, "batchTimeout": 0.05})
+    published = Published()
+    pipeline = InferencePipeline(config, published)
+    options = EngineOptions(small_model, max_batch=4, cpu_threads=1, cpu_workers=config.cpu_workers)
+    pipeline.start(lambda: create_engine("onnxruntime", options))
+    assert pipeline.engine.device == "cpu (2 workers x 1 thread)"
+    images = rng.poisson(30, (50, 64, 64)).astype(np.int16)
+    for i, image in enumerate(images):
+        pipeline.submit(good_frame(1 + i, image))
+    assert published.wait(50) == 50
+    pipeline.stop()
+    assert [p[0] for p in published] == list(range(1, 51))
+    reference = create_engine("onnxruntime", EngineOptions(small_model, max_batch=4, cpu_threads=1))
+    first = reference.infer(np.stack([b for b in _model_inputs(pipeline, images[:4])]))
+    for (_, image, _, _), expected in zip(published[:4], first):
+        np.testing.assert_allclose(image, expected[0], atol=1e-5)
+    stats = pipeline.stats
+    assert (stats.received, stats.published, stats.dropped_total) == (50, 50, 0)
+    assert stats.unaccounted(pipeline.queued_frames) == 0
+
+
+def _model_inputs(pipeline, images):
+    from edge_ptychonn.stream.preprocess import preprocess
+
+    return preprocess(images, pipeline.config.preprocess)[:, None]
+
+
+@pytest.mark.parametrize("offset, n_sequential, layout", [
+    (1, 1, "cpu (4 workers x 1 thread)"),  # a consumer alone has all 4 cores
+    (9, 8, "cpu (2 workers x 1 thread)"),  # two consumers of 8 updates each share them
+    (25, 8, "cpu"),  # four consumers: one core each
+])
+def test_the_processor_shares_the_cores_among_its_distributor_group(small_model, monkeypatch, offset, n_sequential,
+                                                                    layout):
+    import os
+
+    from processors.ptychonn import PtychoNNProcessor
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    processor = PtychoNNProcessor({"processorId": 1, "objectIdOffset": offset, "nSequentialUpdates": n_sequential,
+                                   "modelPath": str(small_model), "engine": "onnxruntime", "batchSize": 4})
+    processor.start()
+    try:
+        assert processor.getStats()["device"] == layout
+    finally:
+        processor.stop()
