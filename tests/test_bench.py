@@ -125,7 +125,7 @@ def fake_point(rate: float, capacity: float, server_max: float = float("inf")) -
     return bench_pipeline.PointResult(
         processor="ptychonn", n_consumers=1, target_fps=rate, offered_fps=offered, n_offered=100, n_received=100,
         n_unique=100, n_lost=0 if rate <= 1.3 * capacity else 10, n_missed=0, n_dropped=0, delivered_fps=delivered,
-        latency_p50_ms=1.0, latency_p99_ms=2.0, e2e_p50_ms=1.0, e2e_p99_ms=2.0, cpu_threads=1, ready_s=1.0,
+        latency_p50_ms=1.0, latency_p99_ms=2.0, e2e_p50_ms=1.0, e2e_p99_ms=2.0, cpu_layout='cpu (2 workers x 1 thread)', ready_s=1.0,
         start_delay_s=2.0, wall_s=0.0,
     )
 
@@ -212,7 +212,7 @@ def test_table_is_aligned_markdown():
 def test_summary_has_every_section():
     text = bench_report.summary_text(sample_report())
     for expected in ("Measured peak", "Engine alone", "Pipeline points", "Ratios", "Launch -> first published output",
-                     "| onnxruntime |      fp32 |       2 |     8 |     64.5 |", "skipped torch fp16 (1 threads): why", "0.93", "3.25",
+                     "| onnxruntime |      fp32 |       2 |       1 |     8 |     64.5 |", "skipped torch fp16 (1 threads): why", "0.93", "3.25",
                      "12.6 (emulated; of fp32 peak)", "emulated: not a limit of this machine", "zero-cost/passthrough",
                      "0.94", ">= 900 (server-limited)"):
         assert expected in text, expected

@@ -86,6 +86,9 @@ def get_args_parser(prog: str = "edge-ptychonn bench") -> argparse.ArgumentParse
     g.add_argument("--batches", type=_ints, default=[1, 8, 32])
     g.add_argument("--threads", type=_threads, default=None,
                    help="CPU threads per engine, e.g. '1,all' (default: 1 and all cores)")
+    g.add_argument("--workers", type=_threads, default=None,
+                   help="engine copies running batches at once on the CPU (cpuWorkers), e.g. '1,all'; timed where "
+                        "workers x threads fits the cores (default: 1 and all cores)")
     g.add_argument("--engine-seconds", type=float, default=1.5, help="timing window per engine, precision and batch")
     g.add_argument("--engine-repeats", type=int, default=3,
                    help="timing windows per engine, precision and batch; the best counts (a passing load on a "
@@ -99,7 +102,11 @@ def get_args_parser(prog: str = "edge-ptychonn bench") -> argparse.ArgumentParse
     g.add_argument("--pipeline-precision", default="fp32")
     g.add_argument("--pipeline-batch", type=int, default=8, help="batchSize, and --distributor-updates for N > 1")
     g.add_argument("--consumer-threads", type=int, default=0,
-                   help="cpuThreads of each consumer (default: (cores - 1) / N, at least 1)")
+                   help="cpuThreads of each consumer (default 0: the consumer's own layout, its share of the "
+                        "cores as workers of one thread; see --consumer-workers)")
+    g.add_argument("--consumer-workers", type=int, default=0,
+                   help="cpuWorkers of each consumer: batches it runs at once on the CPU, each on its own copy "
+                        "of the engine (default 0: cores / N, at most 4)")
     g.add_argument("--consumers", type=_ints, default=None, help="consumer counts N (default: 1, 2, and more with more cores)")
     g.add_argument("--rate-fractions", type=_floats, default=[0.6, 0.8, 0.9, 1.0, 1.1],
                    help="offered rates as fractions of the engine-alone rate of the pipeline's engine, precision and batch")
@@ -135,6 +142,7 @@ def apply_quick(args: argparse.Namespace) -> None:
     args.extend = 0
     args.down = 3  # a loaded machine may not sustain the first rate: step down until one is
     args.threads = args.threads or [os.cpu_count() or 1]
+    args.workers = args.workers or [1]
     args.skip = sorted(set(args.skip) | {"warm", "zero"})
 
 
@@ -241,6 +249,7 @@ def main(args: argparse.Namespace) -> int:
             precision=args.pipeline_precision,
             batch=args.pipeline_batch, duration_s=args.duration, max_frames=args.max_frames,
             server_queue_size=args.server_queue_size, cores=cores, consumer_threads=args.consumer_threads,
+            consumer_workers=args.consumer_workers,
         )
         needs_pva = {"warm", "pipeline", "zero", "passthrough"} - set(args.skip)
         env = None
@@ -274,6 +283,7 @@ def main(args: argparse.Namespace) -> int:
                 model_path, list(precisions), args.batches, precisions, args.engine_seconds,
                 flops.flops_per_frame, report["peaks"], threads=args.threads or _threads("1,all"),
                 device=args.device, progress=progress, repeats=args.engine_repeats,
+                workers=args.workers or _threads("1,all"),
             )
             report["engine"] = [r.to_dict() for r in engine_results]
             report["engine_skipped"] = skipped
@@ -356,7 +366,7 @@ def _precisions(args) -> dict[str, tuple[str, ...]]:
 
 
 def _engine_alone(results, settings, args, flops, report, progress) -> float | None:
-    """Best engine-alone frames/s (over thread counts) of the pipeline's engine, precision and
+    """Best engine-alone frames/s (over layouts: threads, workers) of the pipeline's engine, precision and
     batch (measured now if the engine part did not)."""
     from . import bench_engine as be
 
@@ -368,7 +378,7 @@ def _engine_alone(results, settings, args, flops, report, progress) -> float | N
     extra, skipped = be.bench_engines(
         settings.model_path, [settings.engine], [settings.batch], {settings.engine: (settings.precision,)},
         args.engine_seconds, flops.flops_per_frame, report.get("peaks", {}), threads=args.threads or _threads("1,all"),
-        device=args.device, progress=progress, repeats=args.engine_repeats,
+        device=args.device, progress=progress, repeats=args.engine_repeats, workers=args.workers or _threads("1,all"),
     )
     report.setdefault("engine", []).extend(r.to_dict() for r in extra)
     report.setdefault("engine_skipped", []).extend(skipped)

@@ -199,7 +199,7 @@ class EngineResult:
     engine: str
     device: str
     precision: str
-    threads: int  # cpu_threads given to the engine
+    threads: int  # cpu_threads given to the engine (per worker)
     batch: int
     frames_per_s: float
     batch_ms_p50: float
@@ -207,6 +207,7 @@ class EngineResult:
     percent_of_peak: float | None  # FLOPs/frame x frames/s / peak of peak_basis (None on a GPU)
     emulated: bool = False  # the precision has no instructions on this CPU: compared with the fp32 peak
     peak_basis: str | None = None  # the precision whose measured peak the percentage is of
+    workers: int = 1  # cpu_workers: copies of the engine running batches at once (engines.workers)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -214,8 +215,11 @@ class EngineResult:
 
 def time_engine(engine, batch: int, seconds: float, rng: np.random.Generator,
                 repeats: int = 1) -> tuple[float, float, int]:
-    """(frames/s, median ms per batch, batches timed) of ``engine.infer`` on random input.
+    """(frames/s, median ms between results, batches timed) of the engine on random input.
 
+    An engine with ``submit``/``collect`` is kept ``max_in_flight`` batches deep, as
+    the pipeline keeps it (CPU workers run their batches at once; a GPU engine
+    overlaps copies with compute); others run ``infer`` one batch at a time.
     ``repeats`` windows of ``seconds`` each; the rate is the best window's. On a
     shared machine a passing load only slows a window down (it never speeds one
     up), so the best window is the engine's own rate, and a ratio against it is
@@ -223,47 +227,64 @@ def time_engine(engine, batch: int, seconds: float, rng: np.random.Generator,
     h, w = engine.input_shape
     x = rng.random((batch, 1, h, w), dtype=np.float32)
     engine.infer(x)  # warm-up for this batch size
+    depth = max(1, int(getattr(engine, "max_in_flight", 1))) if callable(getattr(engine, "submit", None)) else 1
     times, best = [], 0.0
     for _ in range(max(1, repeats)):
         n0 = len(times)
-        start = time.perf_counter()
+        tickets = [engine.submit(x) for _ in range(depth - 1)] if depth > 1 else []
+        start = t0 = time.perf_counter()
         while True:
-            t0 = time.perf_counter()
-            engine.infer(x)
-            times.append(time.perf_counter() - t0)
-            if time.perf_counter() - start >= seconds and len(times) - n0 >= 2:
+            if depth > 1:
+                tickets.append(engine.submit(x))
+                engine.collect(tickets.pop(0))
+            else:
+                engine.infer(x)
+            t1 = time.perf_counter()
+            times.append(t1 - t0)
+            t0 = t1
+            if t1 - start >= seconds and len(times) - n0 >= 2:
                 break
         best = max(best, batch * (len(times) - n0) / (time.perf_counter() - start))
+        for ticket in tickets:
+            engine.collect(ticket)
     return best, float(np.median(times) * 1e3), len(times)
 
 
 def bench_engines(
     model_path: Path, engines: list[str], batches: list[int], precisions: dict[str, tuple[str, ...]],
     seconds: float, flops_per_frame: float, peaks: dict, threads: list[int] | None = None, device: str = "cpu",
-    progress=None, repeats: int = 1,
+    progress=None, repeats: int = 1, workers: list[int] | None = None,
 ) -> tuple[list[EngineResult], list[dict]]:
-    """Time every (engine, precision, threads, batch), best of ``repeats`` windows of
-    ``seconds``; returns (results, skipped with reasons)."""
+    """Time every (engine, precision, layout, batch), best of ``repeats`` windows of
+    ``seconds``; returns (results, skipped with reasons). A layout is ``threads`` per
+    engine and ``workers`` engine copies running batches at once; on the CPU, more
+    than one worker only where workers x threads fits the cores."""
     from engines import EngineOptions, create_engine, registry
 
     rng = np.random.default_rng(0)
     results, skipped = [], []
-    threads = threads or [os.cpu_count() or 1]
-    for name, precision, n_threads in [(e, p, t) for e in engines for p in precisions.get(e, ("fp32",)) for t in threads]:
-        label = f"{name} {precision} {n_threads} thread(s)"
+    cores = os.cpu_count() or 1
+    threads = threads or [cores]
+    layouts = [(t, w) for t in threads for w in sorted(set(workers or [1]) | {1})
+               if w == 1 or (device == "cpu" and t * w <= cores)]
+    for name, precision, (n_threads, n_workers) in [
+        (e, p, layout) for e in engines for p in precisions.get(e, ("fp32",)) for layout in layouts
+    ]:
+        label = f"{name} {precision} {n_threads} thread(s)" + (f" x {n_workers} workers" if n_workers > 1 else "")
         try:
             engine = create_engine(name, EngineOptions(
                 model_path=model_path, device=device, precision=precision,
-                max_batch=max(batches), cpu_threads=n_threads,
+                max_batch=max(batches), cpu_threads=n_threads, cpu_workers=n_workers,
             ))
         except Exception as exc:  # a library missing, or an engine that cannot load this model: report why
             reason = f"{type(exc).__name__}: {exc}"
-            skipped.append({"engine": name, "precision": precision, "threads": n_threads, "reason": reason})
+            skipped.append({"engine": name, "precision": precision, "threads": n_threads, "workers": n_workers,
+                            "reason": reason})
             if progress:
                 progress(f"engine {label}: skipped ({reason})")
             continue
         try:
-            on_cpu = engine.device == "cpu"
+            on_cpu = engine.device.startswith("cpu")
             emulated = on_cpu and not registry.spec(name).native_on_cpu(precision)
             basis = ("fp32" if emulated or precision == "tf32" else precision) if on_cpu else None
             for batch in batches:
@@ -271,7 +292,7 @@ def bench_engines(
                 peak = peaks.get(basis, {}).get("flops_per_s") if basis else None
                 pct = 100.0 * fps * flops_per_frame / peak if peak else None
                 results.append(EngineResult(name, engine.device, precision, n_threads, batch, fps, ms, n, pct,
-                                            emulated, basis))
+                                            emulated, basis, n_workers))
                 if progress:
                     pct_text = f", {pct:.1f} % of {basis} peak" if pct is not None else ""
                     pct_text += " (emulated precision)" if emulated else ""

@@ -68,12 +68,8 @@ class PipelineSettings:
     start_delay_s: float = 6.0  # first guess of server start -> first frame; adapted to the consumers' start-up
     ready_timeout_s: float = 90.0
     cores: int = os.cpu_count() or 1
-    consumer_threads: int = 0  # cpuThreads per consumer; 0: (cores - 1) / N, at least 1
-
-    def cpu_threads(self, n_consumers: int) -> int:
-        """One core is left to PvaPy's receive and publish threads (and the server): on the
-        2-core development machine, 2 intra-op threads ran the N=1 pipeline 2.6x slower than 1."""
-        return self.consumer_threads or max(1, (self.cores - 1) // n_consumers)
+    consumer_threads: int = 0  # cpuThreads per consumer; 0: the consumer's own layout (engines.base.cpu_layout)
+    consumer_workers: int = 0  # cpuWorkers per consumer; 0: the consumer's own layout
 
 
 @dataclass
@@ -93,7 +89,7 @@ class PointResult:
     latency_p99_ms: float | None
     e2e_p50_ms: float | None  # server time stamp -> arrival at the collector
     e2e_p99_ms: float | None
-    cpu_threads: int | None
+    cpu_layout: str | None  # the consumers' engine device as their status reports it, e.g. 'cpu (2 workers x 1 thread)'
     ready_s: float | None  # server start -> consumers ready and outputs connected
     start_delay_s: float  # server start -> first frame
     wall_s: float
@@ -161,7 +157,7 @@ def _processor_args(settings: PipelineSettings, n_consumers: int, engine: str | 
     return {
         "modelPath": str(settings.model_path), "engine": engine or settings.engine, "device": settings.device,
         "precision": settings.precision, "batchSize": settings.batch,
-        "cpuThreads": settings.cpu_threads(n_consumers),
+        "cpuThreads": settings.consumer_threads, "cpuWorkers": settings.consumer_workers,
     }
 
 
@@ -281,7 +277,7 @@ def run_point(
         n_offered=n_offered, n_received=len(received), n_unique=len(unique), n_lost=n_offered - len(unique),
         n_missed=n_missed, n_dropped=n_dropped, delivered_fps=delivered, latency_p50_ms=p50, latency_p99_ms=p99,
         e2e_p50_ms=e2e_p50, e2e_p99_ms=e2e_p99,
-        cpu_threads=settings.cpu_threads(n_consumers) if is_ptychonn else None,
+        cpu_layout=", ".join(sorted({str(u.get("device", "")) for u in user})) if is_ptychonn and user else None,
         ready_s=ready_s, start_delay_s=start_delay_s, wall_s=time.perf_counter() - t_start, error=error,
         n_consumer_received=n_consumer_received, n_lost_source=lost_source, n_lost_processor=lost_processor,
     )
@@ -434,7 +430,7 @@ def describe(r: PointResult) -> str:
     text = (
         f"{r.processor} N={r.n_consumers} offered {r.offered_fps:.0f} fps (target {r.target_fps or 'max'}): "
         f"delivered {r.delivered_fps:.0f} fps, lost {r.n_lost}/{r.n_offered}{split}, nMissed {r.n_missed}{lat}{e2e} "
-        f"[{state}, {r.wall_s:.0f} s]"
+        f"[{state}, {r.wall_s:.0f} s]" + (f" engine on {r.cpu_layout}" if r.cpu_layout else "")
     )
     return text + (f" ERROR: {r.error}" if r.error else "")
 

@@ -49,11 +49,12 @@ def _percent(r: dict) -> str | None:
 
 def engine_table(report: dict) -> str:
     rows = [
-        [r["engine"], r["precision"], r["threads"], r["batch"], r["frames_per_s"], r["batch_ms_p50"], _percent(r)]
+        [r["engine"], r["precision"], r["threads"], r.get("workers", 1), r["batch"], r["frames_per_s"],
+         r["batch_ms_p50"], _percent(r)]
         for r in report.get("engine", [])
     ]
-    return table(["engine", "precision", "threads", "batch", "frames/s", "ms/batch p50", "% of peak"], rows,
-                 ["", "", "", "", ".1f", ".1f", ""])
+    return table(["engine", "precision", "threads", "workers", "batch", "frames/s", "ms/batch p50", "% of peak"], rows,
+                 ["", "", "", "", "", ".1f", ".1f", ""])
 
 
 def peak_table(report: dict) -> str:
@@ -206,13 +207,15 @@ def write_plots(report: dict, out_dir: Path) -> tuple[list[str], str | None]:
     engine = report.get("engine", [])
     if engine:
         fig, ax = plt.subplots(figsize=(7, 4.2))
-        configs = list(dict.fromkeys((r["engine"], r["precision"], r["threads"]) for r in engine))
+        configs = list(dict.fromkeys((r["engine"], r["precision"], r["threads"], r.get("workers", 1)) for r in engine))
         batches = sorted({r["batch"] for r in engine})
         width = 0.8 / max(len(configs), 1)
         for i, config in enumerate(configs):
-            values = {r["batch"]: r["frames_per_s"] for r in engine if (r["engine"], r["precision"], r["threads"]) == config}
+            values = {r["batch"]: r["frames_per_s"] for r in engine
+                      if (r["engine"], r["precision"], r["threads"], r.get("workers", 1)) == config}
+            workers = f" x {config[3]} workers" if config[3] > 1 else ""
             ax.bar([j + i * width for j in range(len(batches))], [values.get(b, 0) for b in batches], width,
-                   label=f"{config[0]} {config[1]}, {config[2]} thread(s)")
+                   label=f"{config[0]} {config[1]}, {config[2]} thread(s){workers}")
         ax.set_xticks([j + width * (len(configs) - 1) / 2 for j in range(len(batches))], [f"batch {b}" for b in batches])
         ax.set(ylabel="frames/s", title="engine alone")
         ax.grid(alpha=0.3, axis="y")
