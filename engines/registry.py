@@ -182,13 +182,14 @@ def create_engine(name: str, options: EngineOptions) -> Engine:
 def _build(cls, options: EngineOptions) -> Engine:
     """``cls(options)``; on the CPU, the layout of :func:`~engines.base.cpu_layout`: with
     more than one worker, that many copies behind one :class:`~engines.workers.WorkerPool`
-    (a GPU engine ignores the CPU layout)."""
+    (a GPU engine ignores the CPU layout, and a stand-in that computes no model, ``zero``,
+    runs as one: it stands for a GPU's inference cost, where there are no workers)."""
     from .base import cpu_layout
 
     workers, threads = cpu_layout(options.cpu_threads, options.cpu_workers, options.consumers)
     options = replace(options, cpu_threads=threads, cpu_workers=workers)
     engine = cls(options)
-    if workers <= 1 or engine.device != "cpu":
+    if workers <= 1 or engine.device != "cpu" or not cls.SPEC.computes_model:
         return engine
     engines = [engine]
     try:

@@ -89,6 +89,8 @@ def test_cpu_workers_give_the_single_engines_results(small_model):
     pool.close()
     one = create_engine("onnxruntime", EngineOptions(small_model, cpu_threads=1, cpu_workers=1))
     assert not isinstance(one, WorkerPool)
+    zero = create_engine("zero", EngineOptions(small_model, cpu_threads=1, cpu_workers=2))
+    assert not isinstance(zero, WorkerPool) and zero.device == "cpu"  # stands for a GPU: no workers
 
 
 def test_cpu_workers_is_validated(small_model):
