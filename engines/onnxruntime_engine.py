@@ -14,7 +14,7 @@ from .onnx_model import read_signature
 class OnnxRuntimeEngine:
     """Runs the model with ONNX Runtime.
 
-    Threads: ``cpu_threads`` intra-op threads (default: all cores but one), one
+    Threads: ``cpu_threads`` intra-op threads (``create_engine`` sets them: ``cpu_layout``), one
     inter-op thread, no spin-waiting (it steals the core PvaPy's threads need),
     sequential execution, all graph optimisations. Models exported with a
     fixed batch (e.g. 8) accept any batch 1..max_batch by padding.

@@ -54,7 +54,7 @@ def get_args_parser(prog: str = "edge-ptychonn demo") -> argparse.ArgumentParser
     p.add_argument("--consumers", type=int, default=2, help="number of inference consumers (default: %(default)s)")
     p.add_argument("--fps", type=float, default=60.0, help="replay frame rate (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=8, help="frames per inference batch and per distributor turn (default: %(default)s)")
-    p.add_argument("--cpu-threads", type=int, default=1, help="engine CPU threads per consumer, 0 = all (default: %(default)s)")
+    p.add_argument("--cpu-threads", type=int, default=1, help="cpuThreads of each consumer: engine threads per CPU worker, 0 = the consumer's own layout (default: %(default)s)")
     p.add_argument("--prefix", default="demo", help="channel prefix: <prefix>:inference:<id>:output, "
                    "<prefix>:stitch:1:output, ... (default: %(default)s)")
     p.add_argument("--channel", default="ad:image", help="detector channel the sim server publishes (default: %(default)s)")

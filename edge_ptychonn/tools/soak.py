@@ -59,7 +59,7 @@ def get_args_parser(prog: str = "edge-ptychonn soak") -> argparse.ArgumentParser
     p.add_argument("--model", type=Path, default=default_model_path(), help="ONNX model (default: the shipped one)")
     p.add_argument("--engine", default="onnxruntime", help="engine of the consumers (default: %(default)s)")
     p.add_argument("--consumers", type=int, default=1, help="consumers (default: %(default)s)")
-    p.add_argument("--cpu-threads", type=int, default=1, help="engine threads per consumer (default: %(default)s)")
+    p.add_argument("--cpu-threads", type=int, default=1, help="cpuThreads of each consumer: engine threads per CPU worker (default: %(default)s)")
     p.add_argument("--fps", type=float, help="offered frames/s (default: 80%% of the engine's rate measured here)")
     p.add_argument("--minutes", type=float, default=10.0, help="how long to stream (default: %(default)s)")
     p.add_argument("--every", type=float, default=30.0, help="seconds between progress lines (default: %(default)s)")
