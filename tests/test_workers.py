@@ -163,3 +163,29 @@ def test_the_processor_shares_the_cores_among_its_distributor_group(small_model,
         assert processor.getStats()["device"] == layout
     finally:
         processor.stop()
+
+
+def test_overload_with_workers_drops_at_the_door_and_recovers(small_model, rng):
+    """Both workers blocked and every buffer full: submit() returns at once and counts the
+    drops (three times the frames the queue holds); once the workers go on, everything
+    held is published in order and the pipeline is lossless again."""
+    from test_pipeline import SlowEngine, make_pipeline
+
+    pipeline, published, factory = make_pipeline(small_model, batchSize=4, queueBatches=2, batchTimeout=0.05)
+    slow = [SlowEngine(factory()), SlowEngine(factory())]
+    pipeline.start(lambda: WorkerPool(slow, threads_per_worker=1))
+    images = rng.poisson(30, (56, 64, 64)).astype(np.int16)
+    for i in range(48):  # 4 buffers of 4 frames: 16 held (2 of them batches at the workers), 32 dropped
+        pipeline.submit(good_frame(i + 1, images[i]))
+    stats = pipeline.stats
+    assert stats.dropped["overload"] == 32 and pipeline.queued_frames == 16
+    assert stats.unaccounted(pipeline.queued_frames) == 0 and published == []
+    for engine in slow:
+        engine.go.set()
+    assert published.wait(16) == 16
+    for i in range(48, 56):  # below capacity: lossless again
+        pipeline.submit(good_frame(i + 1, images[i]))
+    assert published.wait(24) == 24
+    pipeline.stop()
+    assert [p[0] for p in published] == list(range(1, 17)) + list(range(49, 57))
+    assert stats.dropped["overload"] == 32 and stats.unaccounted(0) == 0
