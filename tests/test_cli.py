@@ -43,6 +43,12 @@ def test_export_writes_a_model_the_engines_run(tmp_path, capsys):
     engine = create_engine("onnxruntime", EngineOptions(out, max_batch=2, cpu_threads=1))
     assert engine.infer(np.ones((2, 1, 32, 32), np.float32)).shape == (2, 1, 32, 32)
     assert cli.main(["export", "--out", str(out), "--input-size", "30"]) == 2
+    assert cli.main(["export", "--out", str(out), "--width", "4", "--depth", "2", "--input-size", "32",
+                     "--head-blocks", "2"]) == 0
+    from edge_ptychonn.science.model import from_onnx
+
+    assert from_onnx(out).config.head_blocks == 2
+    assert cli.main(["export", "--out", str(out), "--head-blocks", "9"]) == 2
 
 
 @pytest.mark.parametrize("name", sorted(set(cli.COMMANDS) - {"consumer"}))

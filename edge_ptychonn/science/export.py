@@ -18,6 +18,9 @@ def get_args_parser(prog: str = "edge-ptychonn export") -> argparse.ArgumentPars
     p.add_argument("--depth", type=int, default=4, help="encoder/decoder levels (default: %(default)s)")
     p.add_argument("--input-size", type=int, default=128, help="frame side in pixels (default: %(default)s)")
     p.add_argument("--amplitude", action="store_true", help="add the amplitude head")
+    p.add_argument("--head-blocks", type=int, default=0,
+                   help="residual blocks at full resolution before the phase head, 0..8 (as train --head-blocks; "
+                        "default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="weights seed (default: %(default)s)")
     return p
 
@@ -27,7 +30,7 @@ def main(args: argparse.Namespace) -> int:
 
     try:
         config = ModelConfig(width=args.width, depth=args.depth, input_size=args.input_size,
-                             amplitude_head=args.amplitude)
+                             amplitude_head=args.amplitude, head_blocks=args.head_blocks)
     except ValueError as exc:
         print(f"edge-ptychonn export: {exc}", file=sys.stderr)
         return 2
