@@ -92,7 +92,6 @@ class WorkerPool:
         self.precision = first.precision
         self.input_shape = tuple(first.input_shape)
         self.max_batch = first.max_batch
-        self.workers = len(engines)
         self.max_in_flight = len(engines)
         threads = f"{threads_per_worker} thread{'s' if threads_per_worker != 1 else ''}"
         self.device = f"{first.device} ({len(engines)} workers x {threads})"

@@ -160,12 +160,11 @@ class PtychoNNProcessor(StatsFromTable, AdImageProcessor):
         check_name(config.engine)  # at start-up, not only when start() creates it
         self.processor_id = int(framework.get("processorId", 1) or 1)
         # The distributor's group: objectIdOffset = (N - 1) * nSequentialUpdates + 1.
-        n_sequential = int(framework.get("nSequentialUpdates") or 1)
-        self.group_size = (int(framework.get("objectIdOffset") or 1) - 1) // max(n_sequential, 1) + 1
+        n_sequential = max(int(framework.get("nSequentialUpdates") or 1), 1)
+        id_offset = int(framework.get("objectIdOffset") or 1)
+        self.group_size = (id_offset - 1) // n_sequential + 1
         self.pipeline = InferencePipeline(
-            config, self.updateOutputChannel, self.logger,
-            n_sequential=n_sequential,
-            id_offset=int(framework.get("objectIdOffset") or 1),
+            config, self.updateOutputChannel, self.logger, n_sequential=n_sequential, id_offset=id_offset,
         )
 
     @property
