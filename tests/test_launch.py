@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_ptychonn.tools.launch import LaunchConfig, chained_argv, collector_argv
+from edge_ptychonn.tools.launch import LaunchConfig, Status, chained_argv, collector_argv
+from channel_names import PREFIX
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "data" / "ptychonn.onnx"
@@ -94,6 +95,25 @@ def test_command_lines():
     assert json.loads(argv[argv.index("-pa") + 1]) == {"publishRate": 2}
     argv = chained_argv("inference:*:output", 2, "processors.hdf5_writer.Hdf5WriterProcessor", {"outputDirectory": "x"}, "hdf5")
     assert argv[argv.index("-nc") + 1] == "2" and argv[argv.index("-sc") + 1] == "hdf5:*:status" and "-oc" not in argv
+
+
+def test_status_searches_afresh_until_a_channel_answers(pva_env):
+    """A channel read before its server exists is not kept (its search would back off):
+    the next read makes a new one, which finds the server once it is up."""
+    import pvaccess as pva
+
+    name = f"{PREFIX}:launch:status{os.getpid()}"
+    status = Status(timeout_s=0.3)
+    assert status.get(name) is None and name not in status._channels
+    server = pva.PvaServer(name, pva.PvObject({"value": pva.INT}, {"value": 7}))
+    try:
+        deadline = time.monotonic() + 20
+        record = None
+        while record is None and time.monotonic() < deadline:
+            record = status.get(name)
+        assert record == {"value": 7} and name in status._channels
+    finally:
+        server.stop()
 
 
 def test_check_prints_the_validated_file(tmp_path):

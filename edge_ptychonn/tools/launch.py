@@ -220,7 +220,11 @@ def chained_argv(
 
 
 class Status:
-    """Reads status records, keeping one pvAccess channel per name."""
+    """Reads status records, keeping one pvAccess channel per name once it has answered.
+
+    A channel that does not answer is dropped, so the next read searches afresh: a
+    channel made before its server exists backs off its search, and under load it
+    found a writer's status only after the chain's own deadline had passed."""
 
     def __init__(self, timeout_s: float = 1.0):
         import pvaccess as pva
@@ -237,6 +241,7 @@ class Status:
         try:
             return ch.get("field()").toDict()
         except self._pva.PvaException:
+            del self._channels[name]
             return None
 
 
