@@ -86,7 +86,7 @@ from edge_ptychonn.stream.config import SEED_ALIASES, ProcessorConfig, parse_pro
 from edge_ptychonn.stream.frames import BAD_FRAME_KINDS, output_pv_type
 from edge_ptychonn.stream.pipeline import DROP_REASONS, InferencePipeline
 from processors import shutdown
-from processors.base import StatsFromTable
+from processors.base import StatsFromTable, keep_thread_state
 from engines import EngineOptions, create_engine
 from engines.onnx_model import read_signature
 from engines.registry import check_name
@@ -210,6 +210,7 @@ class PtychoNNProcessor(StatsFromTable, AdImageProcessor):
         print(f"consumer {self.processor_id} final statistics: {self.pipeline.summary()}", flush=True)
 
     def process(self, pvObject):
+        keep_thread_state()  # PvaPy's receive thread keeps its Python state between frames
         self.pipeline.submit(pvObject)
         return None
 
