@@ -89,8 +89,10 @@ def test_measure_peak_is_positive():
     assert bench_engine.measure_peak("fp32", "numpy", size=128, seconds=0.05) > 0
     pytest.importorskip("torch")
     peaks = bench_engine.measure_peaks(["fp32", "bf16"], seconds=0.02, sizes=(64, 128))
-    assert peaks["fp32"]["flops_per_s"] >= peaks["fp32"]["by_library"]["numpy"] > 0
-    assert peaks["bf16"]["flops_per_s"] > 0 and "numpy" not in peaks["bf16"]["by_library"]
+    by_library = peaks["fp32"]["by_library"]
+    assert set(by_library) == {"numpy", "onnxruntime", "torch"}  # the peak is the best library's
+    assert peaks["fp32"]["flops_per_s"] == max(by_library.values()) and min(by_library.values()) > 0
+    assert peaks["bf16"]["flops_per_s"] > 0 and set(peaks["bf16"]["by_library"]) == {"torch"}
 
 
 def test_engine_rate_is_the_best_timing_window():
@@ -114,8 +116,18 @@ def test_engine_rate_is_the_best_timing_window():
 
 
 def test_unknown_peak_library_is_refused():
-    with pytest.raises(ValueError, match="known: numpy, torch"):
+    with pytest.raises(ValueError, match="known: numpy, onnxruntime, torch"):
         bench_engine.measure_peak("fp32", "cupy", size=8, seconds=0.01)
+    with pytest.raises(ValueError, match="fp32 only"):
+        bench_engine.measure_peak("bf16", "onnxruntime", size=8, seconds=0.01)
+
+
+def test_onnxruntime_peak_times_a_real_matrix_product():
+    rng = np.random.default_rng(1)
+    a, b = rng.standard_normal((2, 64, 64), dtype=np.float32)
+    (c,) = bench_engine._matmul_session(64).run(None, {"a": a, "b": b})
+    np.testing.assert_allclose(c, a @ b, rtol=1e-4, atol=1e-4)
+    assert bench_engine.measure_peak("fp32", "onnxruntime", size=64, seconds=0.02) > 0
 
 
 # -- sweep logic with fake points ---------------------------------------------------------------

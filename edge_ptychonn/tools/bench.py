@@ -132,7 +132,7 @@ def apply_quick(args: argparse.Namespace) -> None:
     args.engine_seconds = 0.2
     args.engine_repeats = 1
     args.peak_seconds = 0.2
-    args.peak_sizes = [256]
+    args.peak_sizes = [512, 1024]  # 256 is too small: it measured bf16 a third below its peak
     args.consumers = args.consumers or [1]
     args.rate_fractions = [0.3]
     args.ceiling_start = 200.0
