@@ -366,6 +366,37 @@ def test_quick_sweep_steps_down_when_its_single_rate_is_too_high(monkeypatch):
     assert bench_pipeline.best_sustained(points).target_fps == 17.8
 
 
+def test_cpu_per_frame_is_taken_between_two_samples():
+    before = bench_pipeline.CpuSample(1.0, 2.0, 3.0, 10.0, 40.0, n_out=100)
+    later = bench_pipeline.CpuSample(1.5, 2.2, 3.1, 13.0, 44.0, n_out=1100)
+    assert before.per_frame_us(later) == {"cpu_consumer_us": 500.0, "cpu_server_us": 200.0,
+                                          "cpu_collector_us": 100.0, "machine_busy_pct": 75.0}
+    gone = bench_pipeline.CpuSample(1.5, float("nan"), 3.1, 13.0, 44.0, n_out=1100)  # the server had exited
+    assert before.per_frame_us(gone)["cpu_server_us"] is None
+    too_few = bench_pipeline.CpuSample(1.5, 2.2, 3.1, 13.0, 44.0, n_out=110)
+    assert set(before.per_frame_us(too_few).values()) == {None}
+    point = fake_point(100.0, 1000.0)
+    point.cpu_consumer_us, point.cpu_server_us, point.cpu_collector_us, point.machine_busy_pct = 500.0, 200.0, None, 75.0
+    assert "CPU per frame: consumer 500 us, server 200 us, collector ?; machine 75 % busy" in bench_pipeline.describe(point)
+
+
+def test_process_and_machine_cpu_are_read_from_proc():
+    from edge_ptychonn.tools import processes
+
+    if not Path("/proc/stat").exists():
+        pytest.skip("no /proc on this system")
+    import os
+
+    used, t0 = processes.cpu_seconds(os.getpid()), time.process_time()
+    busy, total = processes.machine_cpu_seconds()
+    while time.process_time() - t0 < 0.3:  # burn 0.3 s of CPU in this process
+        pass
+    assert processes.cpu_seconds(os.getpid()) - used >= 0.25
+    busy2, total2 = processes.machine_cpu_seconds()
+    assert busy2 - busy >= 0.25 and total2 - total >= busy2 - busy
+    assert np.isnan(processes.cpu_seconds(2**22 + 12345))  # no such process
+
+
 def test_losses_at_the_source_are_told_apart_from_the_processor():
     # 1000 published; consumers received 940 and saw 10 gaps; 935 came out
     assert bench_pipeline.split_losses(1000, 940, 10, 935) == (50, 5)
@@ -401,6 +432,9 @@ def test_quick_pipeline_run(tmp_path, bench_small_model):
         assert p["error"] is None, p["error"]
         assert p["n_lost"] == 0 and p["n_missed"] == 0 and p["n_unique"] == p["n_offered"] >= 64
     assert points["ptychonn"]["latency_p99_ms"] > 0
+    for p in points.values():  # CPU over the stream: every process used some, the machine was busy
+        assert p["cpu_consumer_us"] > 0 and p["cpu_server_us"] > 0 and p["cpu_collector_us"] >= 0, p
+        assert 0 < p["machine_busy_pct"] <= 100.0, p
     ratio = report["ratios"][0]
     assert ratio["engine_alone_fps"] > 0 and ratio["ptychonn_fps"] > 0
     frame_path = report["frame_path"]  # the in-process profile ran too

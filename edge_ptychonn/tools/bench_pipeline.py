@@ -97,6 +97,11 @@ class PointResult:
     n_consumer_received: int | None = None  # receiverStats.nReceived, summed over consumers
     n_lost_source: int | None = None  # published, never received, no gap: dropped by the server at exit
     n_lost_processor: int | None = None  # received by a consumer, not published
+    # CPU over the stream (first output -> 90 % of the frames out), per frame out (see CpuSample):
+    cpu_consumer_us: float | None = None  # the consumer process(es), every thread
+    cpu_server_us: float | None = None  # the sim server
+    cpu_collector_us: float | None = None  # this process: the monitor that collects the outputs
+    machine_busy_pct: float | None = None  # of all cores, whatever ran on them
 
     @property
     def lossless(self) -> bool:
@@ -223,6 +228,7 @@ def run_point(
     consumer = procs.start("consumer", argv, env, log_dir)
     collector = None
     ready_s = None
+    cpu: dict = {}
     statuses: list[dict | None] = []
     try:
         error = _wait_ready([f"{out_prefix}:{i}:status" for i in ids], is_ptychonn, settings.ready_timeout_s, [consumer])
@@ -235,7 +241,15 @@ def run_point(
                 error = f"{TOO_LATE}: ready {ready_s:.1f} s after the server started, its start delay is {start_delay_s:.1f} s"
         if error is None:
             expected_s = start_delay_s - ready_s + n_frames / (target_fps or 1000.0)
-            collector.wait_count(n_frames, timeout_s=2 * expected_s + 15.0, idle_s=3.0)
+            deadline = time.monotonic() + 2 * expected_s + 15.0
+            left = lambda: max(deadline - time.monotonic(), 0.0)  # noqa: E731
+            # CPU is sampled over the stream itself: from the first output to 90 % of the
+            # frames out (or until outputs stop for half a second), not the start-up before it.
+            live.wait_until(lambda: collector.count() > 0, left())
+            before = CpuSample.take(consumer, server, collector.count())
+            collector.wait_count(int(0.9 * n_frames), timeout_s=left(), idle_s=0.5)
+            cpu = before.per_frame_us(CpuSample.take(consumer, server, collector.count()))
+            collector.wait_count(n_frames, timeout_s=left(), idle_s=3.0)
             server.wait(10.0)
             time.sleep(1.3)  # one status report period, so the statistics include the last frames
             statuses = [live.read_status(f"{out_prefix}:{i}:status") for i in ids]
@@ -280,7 +294,44 @@ def run_point(
         cpu_layout=", ".join(sorted({str(u.get("device", "")) for u in user})) if is_ptychonn and user else None,
         ready_s=ready_s, start_delay_s=start_delay_s, wall_s=time.perf_counter() - t_start, error=error,
         n_consumer_received=n_consumer_received, n_lost_source=lost_source, n_lost_processor=lost_processor,
+        **cpu,
     )
+
+
+@dataclass(frozen=True)
+class CpuSample:
+    """CPU seconds used so far by the point's processes and the machine, and frames out."""
+
+    consumer_s: float
+    server_s: float
+    collector_s: float
+    machine_busy_s: float
+    machine_total_s: float
+    n_out: int
+
+    @classmethod
+    def take(cls, consumer: live.Proc, server: live.Proc, n_out: int) -> "CpuSample":
+        own = os.times()
+        busy, total = live.machine_cpu_seconds()
+        return cls(live.cpu_seconds(consumer.pid), live.cpu_seconds(server.pid), own.user + own.system, busy, total, n_out)
+
+    def per_frame_us(self, later: "CpuSample", min_frames: int = 16) -> dict:
+        """PointResult's cpu_* (us per frame out) and machine_busy_pct from ``self`` to
+        ``later``; None where a process was gone or too few frames came out between."""
+        frames = later.n_out - self.n_out
+
+        def us(a: float, b: float):
+            value = (b - a) / frames * 1e6 if frames >= min_frames else float("nan")
+            return None if value != value else round(value, 1)  # NaN: unknown
+
+        busy = later.machine_busy_s - self.machine_busy_s
+        total = later.machine_total_s - self.machine_total_s
+        return {
+            "cpu_consumer_us": us(self.consumer_s, later.consumer_s),
+            "cpu_server_us": us(self.server_s, later.server_s),
+            "cpu_collector_us": us(self.collector_s, later.collector_s),
+            "machine_busy_pct": round(100.0 * busy / total, 1) if frames >= min_frames and total > 0 else None,
+        }
 
 
 def split_losses(n_offered: int, n_consumer_received: int, n_missed: int, n_unique_out: int) -> tuple[int, int]:
@@ -418,6 +469,10 @@ def best_sustained(results: list[PointResult]) -> PointResult | None:
     return max(good, key=lambda r: r.delivered_fps) if good else None
 
 
+def _us(value: float | None) -> str:
+    return "?" if value is None else f"{value:.0f} us"
+
+
 def describe(r: PointResult) -> str:
     lat = f", latency p50/p99 {r.latency_p50_ms:.0f}/{r.latency_p99_ms:.0f} ms" if r.latency_p99_ms is not None else ""
     e2e = f", end-to-end p99 {r.e2e_p99_ms:.0f} ms" if r.e2e_p99_ms is not None else ""
@@ -432,6 +487,9 @@ def describe(r: PointResult) -> str:
         f"delivered {r.delivered_fps:.0f} fps, lost {r.n_lost}/{r.n_offered}{split}, nMissed {r.n_missed}{lat}{e2e} "
         f"[{state}, {r.wall_s:.0f} s]" + (f" engine on {r.cpu_layout}" if r.cpu_layout else "")
     )
+    if r.cpu_consumer_us is not None:
+        text += (f"; CPU per frame: consumer {r.cpu_consumer_us:.0f} us, server {_us(r.cpu_server_us)}, "
+                 f"collector {_us(r.cpu_collector_us)}; machine {r.machine_busy_pct:.0f} % busy")
     return text + (f" ERROR: {r.error}" if r.error else "")
 
 

@@ -88,6 +88,35 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, every thread) of process ``pid`` and of its running
+    children (``pvapy-hpc-consumer`` runs each consumer of ``-nc N`` as a child), in
+    seconds; NaN where there is no /proc or the process is gone."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for p in [pid, *child_pids(pid)]:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            if p == pid:
+                return float("nan")
+            continue  # a child that ended meanwhile
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return total
+
+
+def machine_cpu_seconds() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine since boot, over all cores
+    (/proc/stat; idle and I/O wait are not busy); NaNs where there is no /proc."""
+    try:
+        values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, IndexError, ValueError):
+        return float("nan"), float("nan")
+    tick = os.sysconf("SC_CLK_TCK")
+    total = sum(values[:8])  # user nice system idle iowait irq softirq steal (guest is inside user)
+    return (total - values[3] - values[4]) / tick, total / tick
+
+
 def tool_path(name: str) -> str:
     """A console script of this Python environment (else the bare name, from PATH)."""
     local = Path(sys.executable).parent / name
