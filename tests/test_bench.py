@@ -432,8 +432,9 @@ def test_quick_pipeline_run(tmp_path, bench_small_model):
         assert p["error"] is None, p["error"]
         assert p["n_lost"] == 0 and p["n_missed"] == 0 and p["n_unique"] == p["n_offered"] >= 64
     assert points["ptychonn"]["latency_p99_ms"] > 0
-    for p in points.values():  # CPU over the stream: every process used some, the machine was busy
-        assert p["cpu_consumer_us"] > 0 and p["cpu_server_us"] > 0 and p["cpu_collector_us"] >= 0, p
+    for p in points.values():  # CPU over the stream (clock ticks of 10 ms: a short window may see 0 of one)
+        cpu = [p["cpu_consumer_us"], p["cpu_server_us"], p["cpu_collector_us"]]
+        assert None not in cpu and min(cpu) >= 0 and sum(cpu) > 0, p
         assert 0 < p["machine_busy_pct"] <= 100.0, p
     ratio = report["ratios"][0]
     assert ratio["engine_alone_fps"] > 0 and ratio["ptychonn_fps"] > 0
