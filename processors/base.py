@@ -25,12 +25,11 @@ PvaPy 5.6 threading: ``process()`` runs on the pvAccess monitor thread (the
 collector's processing thread under ``pvapy-hpc-collector``), ``start()``,
 ``stop()`` and ``getStats()`` on the main thread, ``configure()`` on a timer
 thread. Subclasses guard shared state with their own lock. Each ``process()``
-calls :func:`keep_thread_state` first (through :meth:`ProcessorBase.decode_frame`).
+calls :func:`edge_ptychonn.callbacks.keep_thread_state` first (through :meth:`ProcessorBase.decode_frame`).
 """
 
 from __future__ import annotations
 
-import ctypes
 import threading
 from collections import Counter
 from typing import Any, Callable, ClassVar
@@ -38,33 +37,11 @@ from typing import Any, Callable, ClassVar
 import pvaccess as pva
 from pvapy.hpc.adImageProcessor import AdImageProcessor
 
+from edge_ptychonn.callbacks import keep_thread_state
 from edge_ptychonn.stream.arguments import ArgTable, boolean, convert_value, parse_arguments, runtime_changes
 from edge_ptychonn.stream.frames import BadFrame, NotAFrame, decode
 
 StatsTable = dict[str, tuple[Any, Callable[[Any], Any]]]
-
-_KEPT_THREADS: set[int] = set()
-
-
-def keep_thread_state() -> None:
-    """Keep the calling thread's Python thread state from one PvaPy callback to the next.
-
-    PvaPy calls ``process()`` on a pvAccess thread that Python did not create,
-    inside ``PyGILState_Ensure``/``PyGILState_Release``: each call creates a Python
-    thread state (mapping a fresh 16 KiB frame stack, one page fault) and the
-    release deletes it (unmapping it again): two system calls and a page fault
-    per frame, and a thread-local value set in one frame is gone in the next.
-    One more ``PyGILState_Ensure``, never released, keeps the state for the
-    thread's life. In one process with a PvaPy monitor, 20,000 updates cost 35
-    us of CPU each without it, 20 us with it (``docs/benchmarks.md``).
-
-    After a thread's first call this is one set lookup. On threads that Python
-    started it changes nothing that matters: their state lives until they end.
-    """
-    ident = threading.get_ident()
-    if ident not in _KEPT_THREADS:
-        _KEPT_THREADS.add(ident)
-        ctypes.pythonapi.PyGILState_Ensure()  # the GIL is held: this only counts one more user
 
 
 def attribute_value(attributes: list, name: str) -> float | None:
@@ -140,7 +117,8 @@ class ProcessorBase(StatsFromTable, AdImageProcessor):
         a monitor gets on connect) counts in ``self.counts["empty"]``; a bad frame in
         ``self.counts["bad"]`` and as a problem of its kind (logged once). Subclasses that
         call it keep a ``counts`` dict with "empty" and "bad". Called first in
-        ``process()``: it also keeps PvaPy's receive thread's state (:func:`keep_thread_state`)."""
+        ``process()``: it also keeps PvaPy's receive thread's state
+        (:func:`edge_ptychonn.callbacks.keep_thread_state`)."""
         keep_thread_state()
         try:
             return decode(pvObject)

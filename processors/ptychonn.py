@@ -81,12 +81,13 @@ import json
 import pvaccess as pva
 from pvapy.hpc.adImageProcessor import AdImageProcessor
 
+from edge_ptychonn.callbacks import keep_thread_state
 from edge_ptychonn.model_card import default_model_path
 from edge_ptychonn.stream.config import SEED_ALIASES, ProcessorConfig, parse_processor_args, runtime_settings
 from edge_ptychonn.stream.frames import BAD_FRAME_KINDS, output_pv_type
 from edge_ptychonn.stream.pipeline import DROP_REASONS, InferencePipeline
 from processors import shutdown
-from processors.base import StatsFromTable, keep_thread_state
+from processors.base import StatsFromTable
 from engines import EngineOptions, create_engine
 from engines.onnx_model import read_signature
 from engines.registry import check_name

@@ -1,6 +1,5 @@
 """The shared processor base and the generic argument module: tables, errors, stats, once-per-kind logs."""
 
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,9 +10,7 @@ from edge_ptychonn.stream.arguments import (
     FRAMEWORK_KEYS, boolean, choice, int_pair, integer, number, optional, parse_arguments, path,
     runtime_changes, text, text_list,
 )
-from edge_ptychonn.tools.processes import wait_until
-from processors.base import ProcessorBase, attribute_value, keep_thread_state, seconds
-from channel_names import PREFIX
+from processors.base import ProcessorBase, attribute_value, seconds
 
 FRAMEWORK = {"processorId": 3, "inputChannel": "in", "outputChannel": "out", "objectIdField": "uniqueId",
              "objectIdOffset": 1, "skipInitialUpdates": 1, "nSequentialUpdates": 1, "fieldRequest": ""}
@@ -140,37 +137,3 @@ def test_attribute_helpers():
     assert attribute_value(got, "Name") is None and attribute_value(got, "Missing") is None
     assert seconds({"secondsPastEpoch": 10, "nanoseconds": 500_000_000}) == 10.5
 
-
-def test_pvapy_callbacks_keep_their_thread_state_once_kept():
-    """A PvaPy monitor calls back on a pvAccess thread with a new Python thread state
-    each time (a thread-local value does not survive to the next update) until
-    keep_thread_state() is called there once; from then on the state survives."""
-    channel_name = f"{PREFIX}:keepstate"
-    server = pva.PvaServer(channel_name, pva.NtNdArray())
-    local = threading.local()
-    calls: list[tuple[bool, bool]] = []  # (kept by now, thread-local value still there)
-    keep = threading.Event()
-
-    def on_update(pv):
-        if pv["uniqueId"] == 0:
-            return  # the record as it was before the test's updates
-        if keep.is_set():
-            keep_thread_state()
-        calls.append((keep.is_set(), getattr(local, "seen", False)))
-        local.seen = True
-
-    channel = pva.Channel(channel_name)
-    channel.monitor(on_update, "record[queueSize=100]field()")
-    try:
-        pv = pva.NtNdArray()
-        for unique_id in range(1, 21):
-            if unique_id == 11:
-                keep.set()
-            pv["uniqueId"] = unique_id
-            server.update(channel_name, pv)
-            assert wait_until(lambda: len(calls) >= unique_id, 10.0), f"update {unique_id} did not arrive"
-    finally:
-        channel.stopMonitor()
-    before, after = calls[:10], calls[10:]
-    assert [seen for _, seen in before] == [False] * 10  # a new thread state for every callback
-    assert [seen for _, seen in after] == [False] + [True] * 9  # kept from the first call on

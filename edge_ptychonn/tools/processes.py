@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_ptychonn.callbacks import keep_thread_state
+
 # Keep every PVA search, beacon and server socket on the loopback interface: the one
 # definition (the tests, the demo and the benchmarks use it; the scripts need none).
 LOOPBACK_ENV = {
@@ -272,6 +274,7 @@ class OutputCollector:
 
     def _callback(self, name: str):
         def on_update(pv) -> None:
+            keep_thread_state()  # pvAccess calls back on its own thread, once per frame
             field_name = pv.getSelectedUnionFieldName()
             if not field_name:
                 return
