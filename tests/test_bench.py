@@ -6,6 +6,7 @@ Speed itself is not asserted here (timings belong to `edge-ptychonn bench`).
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -385,8 +386,6 @@ def test_process_and_machine_cpu_are_read_from_proc():
 
     if not Path("/proc/stat").exists():
         pytest.skip("no /proc on this system")
-    import os
-
     used, t0 = processes.cpu_seconds(os.getpid()), time.process_time()
     busy, total = processes.machine_cpu_seconds()
     while time.process_time() - t0 < 0.3:  # burn 0.3 s of CPU in this process

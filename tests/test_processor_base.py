@@ -136,4 +136,3 @@ def test_attribute_helpers():
     assert attribute_value(got, "PosY") == 1.5 and attribute_value(got, "PosX") == 7.0
     assert attribute_value(got, "Name") is None and attribute_value(got, "Missing") is None
     assert seconds({"secondsPastEpoch": 10, "nanoseconds": 500_000_000}) == 10.5
-
