@@ -16,17 +16,18 @@ from __future__ import annotations
 import ctypes
 import threading
 
-_KEPT_THREADS: set[int] = set()
+# Thread-local, so it lives exactly as long as the thread state it marks: on a
+# pvAccess thread it is new on every call until the state is kept.
+_state = threading.local()
 
 
 def keep_thread_state() -> None:
     """Keep the calling thread's Python thread state for the thread's life: one more
     ``PyGILState_Ensure``, never released, the first time a thread calls it.
 
-    After a thread's first call this is one set lookup. On threads that Python
+    After a thread's first call this is one attribute lookup. On threads that Python
     started it changes nothing that matters: their state lives until they end.
     """
-    ident = threading.get_ident()
-    if ident not in _KEPT_THREADS:
-        _KEPT_THREADS.add(ident)
+    if not getattr(_state, "kept", False):
+        _state.kept = True
         ctypes.pythonapi.PyGILState_Ensure()  # the GIL is held: this only counts one more user
