@@ -12,7 +12,7 @@ Peak: the best rate of a large square matrix product in the same process on the
 same cores (torch for fp32 / bf16 / fp16; numpy and ONNX Runtime's MatMul for
 fp32), i.e. what the machine reaches on the friendliest dense workload, not a
 datasheet number. Libraries differ by up to 2x on one CPU (on an AMD EPYC, 2
-cores: ONNX Runtime 415-455 fp32 GFLOP/s, torch and numpy about 228: their BLAS
+cores: ONNX Runtime 415-468 fp32 GFLOP/s, torch and numpy 210-246: their BLAS
 does not use all of that CPU's vector units), so the peak is the best of all. A precision
 the CPU has no instructions for (e.g. fp16 without AVX512-FP16/AMX-FP16, as the
 engines declare in their ``SPEC.cpu_native``) is emulated: its matrix product
