@@ -23,10 +23,42 @@ def test_two_consumers_runs_of_eight():
 
 
 def test_a_stopped_siblings_share_arrives_as_foreign_then_all_ids_are_due():
+    # 2 consumers, runs of 8: the sibling stops after 16, so 25.. comes here too
+    ids = list(range(1, 9)) + list(range(17, 25)) + list(range(25, 34)) + list(range(35, 40))
+    t = feed(IdTracker(8, 9), ids)
+    assert t.foreign == 1  # 25 belonged to the sibling: the set changed once
+    assert t.stride == 8  # past one run without a gap: every id is due now
+    assert t.missed == 1  # 34 never came
+
+
+def test_after_one_of_four_dies_the_survivors_pattern_is_learnt():
+    # 4 consumers, runs of 8 (offset 25): consumer 1 is due 1-8, 33-40, 65-72, ...;
+    # after id 96 the distributor cycles over 3 survivors: runs of 8 every 24 ids.
+    ids = [u for u in range(1, 97) if (u - 1) // 8 % 4 == 0]
+    ids += [u for u in range(97, 97 + 24 * 20) if (u - 97) // 8 % 3 == 0]
+    t = feed(IdTracker(8, 25), ids)
+    assert (t.missed, t.foreign, t.stride) == (0, 1, 24)
+    # the new pattern is counted exactly: one run of the survivors' pattern lost, then 2 frames
+    last = ids[-1] - 7  # the start of the last run
+    more = list(range(last + 48, last + 56)) + [last + 72, last + 75]
+    t = feed(t, more)
+    assert t.missed == 8 + 2  # the run at last+24 and last+73, last+74
+
+
+def test_a_sibling_that_joins_late_is_not_counted_as_missed_frames():
+    # 2 consumers, runs of 8: this one starts alone and gets every id, the sibling joins at 41
+    ids = list(range(1, 41)) + [u for u in range(41, 41 + 16 * 50) if (u - 41) // 8 % 2 == 0]
+    t = feed(IdTracker(8, 9), ids)
+    assert (t.missed, t.foreign, t.stride) == (0, 1, 16)
+    # with the configured set whole again, a lost run counts
+    t = feed(t, list(range(ids[-1] + 1 + 24, ids[-1] + 1 + 32)))
+    assert t.missed == 8
+
+
+def test_nothing_counts_as_missed_while_the_new_pattern_is_unknown():
     ids = list(range(1, 9)) + list(range(17, 25)) + list(range(25, 30)) + [31]
     t = feed(IdTracker(8, 9), ids)
-    assert t.foreign == 1  # 25 belonged to the sibling
-    assert t.missed == 1  # from then on every id is due: 30 never came
+    assert (t.foreign, t.missed, t.stride) == (1, 0, None)  # 30 may have been a sibling's
 
 
 def test_restart_starts_counting_again():

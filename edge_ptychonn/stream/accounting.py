@@ -11,11 +11,18 @@ arrive:
   client fell behind, frames were dropped by an upstream stage);
 - ``restarts``: the ids went back (the upstream server restarted); counting
   starts again from the new first id;
-- ``foreign``: ids that were another consumer's share. The distributor gives a
-  stopped or dead consumer's share to the survivors; from then on every id is
-  taken as due to this one (exact for two consumers). The frames the dead
-  consumer still held are visible only to a stage that sees every output
-  channel (a collector), never to the survivors.
+- ``foreign``: ids outside the pattern: the set of consumers changed. The
+  distributor gives a stopped or dead consumer's share to the survivors, and a
+  consumer that starts while the stream runs (or a sibling that joins late)
+  changes every consumer's share. Each change counts once, and the tracker then
+  learns the new pattern from the ids that follow: the first jump after a whole
+  number of runs gives the new stride (the whole stream, when the ids go on past
+  one run). Until it has learnt it nothing counts as missed; after the set
+  changed once, a jump of whole runs whose stride fits the configured number of
+  consumers is taken as a sibling coming back, not as missed frames. With the
+  configured set intact the counting is exact. The frames a dead consumer still
+  held are visible only to a stage that sees every output channel (a
+  collector), never to the survivors.
 """
 
 from __future__ import annotations
@@ -26,11 +33,14 @@ class IdTracker:
 
     def __init__(self, n_sequential: int = 1, id_offset: int = 1):
         self.n_sequential = max(int(n_sequential or 1), 1)
-        self.stride = self.n_sequential + max(int(id_offset or 1), 1) - 1
+        # The configured pattern: the longest stride the distributor can give this consumer.
+        self.full_stride = self.n_sequential + max(int(id_offset or 1), 1) - 1
+        self.stride: int | None = self.full_stride  # None while learning a new pattern
         self.missed = 0
         self.foreign = 0
         self.restarts = 0
-        self._base: int | None = None
+        self._base: int | None = None  # an id that starts a run of the current pattern
+        self._block: int | None = None  # first id of the current unbroken run of ids
         self._last: int | None = None
 
     def _due_before(self, k: int) -> int:
@@ -40,18 +50,52 @@ class IdTracker:
     def _is_due(self, uid: int) -> bool:
         return (uid - self._base) % self.stride < self.n_sequential
 
+    def _run_start(self, uid: int) -> int:
+        """First id of the run of ``n_sequential`` that ``uid`` ends or lies in, in the unbroken block."""
+        return self._block + (uid - self._block) // self.n_sequential * self.n_sequential
+
+    def _learnt_stride(self, uid: int) -> int | None:
+        """The stride that a jump from ``_last`` to ``uid`` shows, when ``_last`` ends a
+        whole run and the jump fits the configured pattern; None otherwise."""
+        if (self._last + 1 - self._block) % self.n_sequential:
+            return None  # the jump starts inside a run: frames were lost, not a new pattern
+        stride = uid - self._run_start(self._last)
+        if stride % self.n_sequential or not self.n_sequential < stride <= self.full_stride:
+            return None
+        return stride
+
     def see(self, uid: int) -> None:
         """Account for one arriving uniqueId."""
         if self._last is None or uid <= self._last:
             if self._last is not None:
                 self.restarts += 1
-            self._base = self._last = uid
+            self._base = self._block = self._last = uid
             return
-        if not self._is_due(uid):
-            self.foreign += 1
-            # A sibling stopped: its share comes here from now on.
-            self.stride = self.n_sequential
-            self._base = uid
+        if uid == self._last + 1:
+            if self.stride is None and uid - self._block >= self.n_sequential:
+                # More than one run without a gap: this consumer now gets every id.
+                self.stride, self._base = self.n_sequential, self._block
+            elif self.stride is not None and not self._is_due(uid):
+                self._pattern_changed(uid)
+            self._last = uid
+            return
+        # A jump.
+        learnt = self._learnt_stride(uid)
+        if self.stride is None:
+            if learnt is not None:
+                self.stride, self._base = learnt, uid
+        elif not self._is_due(uid):
+            self._pattern_changed(uid)
+        elif self.stride < self.full_stride and learnt is not None and learnt != self.stride:
+            # After the set changed once, whole runs skipped in a stride that the
+            # configured set allows: a sibling came back, not lost frames.
+            self.stride, self._base = learnt, uid
         else:
             self.missed += self._due_before(uid - self._base) - self._due_before(self._last + 1 - self._base)
+        self._block = uid
         self._last = uid
+
+    def _pattern_changed(self, uid: int) -> None:
+        self.foreign += 1
+        self.stride = None
+        self._block = uid
