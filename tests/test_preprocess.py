@@ -44,11 +44,14 @@ def test_seed_geometry_516_to_128():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"bin_factor": 0}, "bin must be 1..64"),
+        ({"bin_factor": 0}, "bin must be an integer 1..64"),
+        ({"bin_factor": 2.0}, "bin must be an integer 1..64, got 2.0"),
+        ({"bin_factor": "4"}, "bin must be an integer 1..64"),
+        ({"bin_factor": None}, "bin must be an integer 1..64"),
         ({"transform": "cube"}, "transform must be one of"),
         ({"scale": 0.0}, "scale must be > 0"),
-            ({"scale": -1.0}, "scale must be > 0"),
-            ({"offset": float("nan")}, "offset must be a number within"),
+        ({"scale": -1.0}, "scale must be > 0"),
+        ({"offset": float("nan")}, "offset must be a number within"),
         ({"crop_origin_yx": (0, 0)}, "cropOrigin needs crop"),
     ],
 )

@@ -74,8 +74,9 @@ class PreprocessConfig:
                 raise ValueError("cropOrigin needs crop")
             if len(self.crop_origin_yx) != 2 or min(self.crop_origin_yx) < 0:
                 raise ValueError(f"cropOrigin must be [y0, x0] >= 0, got {self.crop_origin_yx}")
-        if not 1 <= self.bin_factor <= 64:
-            raise ValueError(f"bin must be 1..64, got {self.bin_factor}")
+        if isinstance(self.bin_factor, bool) or not isinstance(self.bin_factor, (int, np.integer)) \
+                or not 1 <= self.bin_factor <= 64:
+            raise ValueError(f"bin must be an integer 1..64, got {short_repr(self.bin_factor)}")
         if self.transform not in TRANSFORMS:
             raise ValueError(f"transform must be one of {TRANSFORMS}, got {short_repr(self.transform)}")
         if self.normalize not in NORMALIZATIONS:
