@@ -1,6 +1,7 @@
 import importlib.util
 
 import numpy as np
+import pvaccess as pva
 import pytest
 
 from edge_ptychonn.stream.frames import BadFrame, FrameEncoder, decode
@@ -44,6 +45,26 @@ def test_compressed_frames_decode_or_name_the_missing_package(codec, rng):
         with pytest.raises(BadFrame, match=f"install the '{CODEC_PACKAGE[codec]}' package") as info:
             decode(pv)
         assert info.value.kind == "codec"
+
+
+@pytest.mark.parametrize("codec", ["lz4", "blosc"])
+def test_corrupt_compressed_frames_are_bad_codec_frames_with_their_id(codec):
+    pytest.importorskip(CODEC_PACKAGE[codec])
+    pv = compressed_frame(7, codec, np.ones((8, 8), np.int16))
+    field = pv.getSelectedUnionFieldName()
+    payload = np.asarray(pv.getUnion()[field])
+    pv["value"] = {field: np.full(payload.size, 7, payload.dtype)}  # each library raises its own error type
+    with pytest.raises(BadFrame, match="cannot decode frame 7") as info:
+        decode(pv)
+    assert (info.value.kind, info.value.unique_id) == ("codec", 7)
+
+
+def test_negative_dimensions_are_a_malformed_frame():
+    pv = good_frame(8, np.ones((8, 8), np.int16))
+    pv["dimension"] = [pva.PvDimension(-8, 0, -8, 1, False), pva.PvDimension(-8, 0, -8, 1, False)]
+    with pytest.raises(BadFrame, match="says it is -8x-8") as info:
+        decode(pv)
+    assert (info.value.kind, info.value.unique_id) == ("malformed", 8)
 
 
 def test_unknown_codec_is_refused(rng):

@@ -86,6 +86,10 @@ def decode(pv: pva.PvObject, received_s: float | None = None) -> tuple[FrameMeta
     except BadFrame as bad:
         bad.unique_id = unique_id
         raise
+    except NotAFrame:
+        raise
+    except Exception as exc:  # whatever else a broken record makes pvapy or numpy raise
+        raise BadFrame("malformed", f"cannot decode frame {unique_id}: {type(exc).__name__}: {exc}", unique_id) from exc
 
 
 def _decode(pv: pva.PvObject, unique_id: int, received_s: float) -> tuple[FrameMeta, np.ndarray]:
@@ -115,6 +119,8 @@ def _decode(pv: pva.PvObject, unique_id: int, received_s: float) -> tuple[FrameM
     if codec and codec not in CODEC_PACKAGES:
         raise BadFrame("codec", f"unsupported codec {codec!r}; supported: {', '.join(CODEC_PACKAGES)}")
     nx, ny = dims[0]["size"], dims[1]["size"]
+    if nx < 0 or ny < 0:
+        raise BadFrame("malformed", f"frame {unique_id} says it is {nx}x{ny}")
     if nx * ny == 0:
         raise BadFrame("empty", f"frame is {nx}x{ny}")
     if codec:
@@ -150,8 +156,8 @@ def _decompressed(pv: pva.PvObject, codec: str, unique_id: int) -> np.ndarray:
         raise BadFrame(
             "codec", f"cannot decompress {codec!r} frames: install the {CODEC_PACKAGES.get(codec, codec)!r} package ({exc})"
         ) from exc
-    except (pva.InvalidArgument, ValueError, TypeError, RuntimeError) as exc:
-        raise BadFrame("codec", f"cannot decode frame {unique_id}: {exc}") from exc
+    except Exception as exc:  # corrupt data: each codec library raises its own error type
+        raise BadFrame("codec", f"cannot decode frame {unique_id}: {type(exc).__name__}: {exc}") from exc
     return image
 
 
