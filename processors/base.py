@@ -70,8 +70,13 @@ class StatsFromTable:
 
     STATS: ClassVar[StatsTable] = {}
 
+    def stats_source(self):
+        """What the getters read (the processor; a subclass may give a consistent copy)."""
+        return self
+
     def getStats(self) -> dict:
-        return {key: getter(self) for key, (_, getter) in self.STATS.items()}
+        source = self.stats_source()
+        return {key: getter(source) for key, (_, getter) in self.STATS.items()}
 
     def getStatsPvaTypes(self) -> dict:
         return {key: pva_type for key, (pva_type, _) in self.STATS.items()}

@@ -77,6 +77,7 @@ also accepts that processor's ``bsz`` and ``onnx_mdl`` arguments.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import pvaccess as pva
 from pvapy.hpc.adImageProcessor import AdImageProcessor
@@ -85,7 +86,7 @@ from edge_ptychonn.callbacks import keep_thread_state
 from edge_ptychonn.model_card import default_model_path
 from edge_ptychonn.stream.config import SEED_ALIASES, ProcessorConfig, parse_processor_args, runtime_settings
 from edge_ptychonn.stream.frames import BAD_FRAME_KINDS, output_pv_type
-from edge_ptychonn.stream.pipeline import DROP_REASONS, InferencePipeline
+from edge_ptychonn.stream.pipeline import DROP_REASONS, InferencePipeline, PipelineStats
 from processors import shutdown
 from processors.base import StatsFromTable
 from engines import EngineOptions, create_engine
@@ -96,15 +97,25 @@ DEFAULT_MODEL = default_model_path()
 
 
 def _latency(p: int):
-    def get(processor: "PtychoNNProcessor") -> float:
-        p50, p99 = processor.pipeline.stats.recent.latency_percentiles_ms()
+    def get(view: "_StatsView") -> float:
+        p50, p99 = view.stats.recent.latency_percentiles_ms()
         return p50 if p == 50 else p99
 
     return get
 
 
-def _stats(p: "PtychoNNProcessor"):
-    return p.pipeline.stats
+@dataclass
+class _StatsView:
+    """What one getStats() reads: the pipeline, and its counters and queued frames
+    copied together (so that nFramesUnaccounted reads 0 while frames flow)."""
+
+    pipeline: InferencePipeline
+    stats: PipelineStats
+    queued: int
+
+
+def _stats(view: _StatsView) -> PipelineStats:
+    return view.stats
 
 
 # One table for getStats() and getStatsPvaTypes(): key -> (PVA type, getter).
@@ -115,7 +126,7 @@ STATS = {
     "nFramesProcessed": (pva.ULONG, lambda p: _stats(p).published),
     "nBatchesProcessed": (pva.ULONG, lambda p: _stats(p).batches),
     "nPartialBatches": (pva.ULONG, lambda p: _stats(p).partial_batches),
-    "nFramesQueued": (pva.ULONG, lambda p: p.pipeline.queued_frames),
+    "nFramesQueued": (pva.ULONG, lambda p: p.queued),
     "nFramesDropped": (pva.ULONG, lambda p: _stats(p).dropped_total),
     **{
         f"nDropped{reason[0].upper()}{reason[1:]}": (pva.ULONG, lambda p, r=reason: _stats(p).dropped[r])
@@ -133,7 +144,7 @@ STATS = {
     "nForeignFrames": (pva.ULONG, lambda p: _stats(p).ids.foreign),
     "nStreamRestarts": (pva.ULONG, lambda p: _stats(p).ids.restarts),
     "nEmptyRecords": (pva.ULONG, lambda p: _stats(p).empty_records),
-    "nFramesUnaccounted": (pva.LONG, lambda p: _stats(p).unaccounted(p.pipeline.queued_frames)),
+    "nFramesUnaccounted": (pva.LONG, lambda p: _stats(p).unaccounted(p.queued)),
     "completeness": (pva.DOUBLE, lambda p: _stats(p).completeness()),
     "inferTime": (pva.DOUBLE, lambda p: _stats(p).infer_time_s),
     "inferRate": (pva.DOUBLE, lambda p: _stats(p).recent.infer_rate_hz()),
@@ -205,8 +216,13 @@ class PtychoNNProcessor(StatsFromTable, AdImageProcessor):
         # after publishing what it holds while its PVA server still serves clients.
         shutdown.on_sigterm(self.pipeline.drain, self.logger)
 
+    def stats_source(self) -> _StatsView:
+        return _StatsView(self.pipeline, *self.pipeline.counts())
+
     def stop(self):
-        self.pipeline.stop()
+        # PvaPy has stopped this consumer's PVA server by now: what is still held reaches
+        # no client, so it is counted as dropped (stopping), not published.
+        self.pipeline.stop(outputs_closed=True)
         # Printed like the framework's own statistics reports: visible at any log level.
         print(f"consumer {self.processor_id} final statistics: {self.pipeline.summary()}", flush=True)
 

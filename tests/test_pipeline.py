@@ -567,3 +567,44 @@ def test_model_swap_with_batches_in_flight_on_an_async_engine(small_model, model
     pre_b = pipeline.config.preprocess
     for (uid, image, _, _), expected in zip(published[12:], expected_outputs(model_b, images[12:], pre_b)):
         np.testing.assert_allclose(image, expected, atol=1e-5, err_msg=f"frame {uid}")
+
+
+def test_a_reset_while_frames_are_held_keeps_the_totals_adding_up(small_model, rng):
+    pipeline, published, factory = make_pipeline(small_model, batchSize=4, batchTimeout=60)
+    pipeline.start(factory)
+    for i, image in enumerate(frames(rng, 10)):
+        pipeline.submit(good_frame(i + 1, image))
+    pipeline.reset_stats()  # some of the 10 are still held: they count as received in the new totals
+    held = pipeline.queued_frames
+    assert pipeline.stats.received == held and pipeline.stats.unaccounted(held) == 0
+    assert pipeline.drain(20.0) and published.wait(10) == 10
+    stats = pipeline.stats
+    assert stats.published == held and stats.unaccounted(pipeline.queued_frames) == 0
+    assert stats.completeness() == 1.0
+    pipeline.stop()
+
+
+def test_a_status_snapshot_adds_up_while_frames_flow(small_model, rng):
+    import threading
+
+    config, _ = parse_processor_args({"modelPath": str(small_model), "engine": "zero", "batchTimeout": 0.01})
+    pipeline = InferencePipeline(config, lambda pv: None)
+    pipeline.start(lambda: create_engine("zero", EngineOptions(small_model, max_batch=config.batch_size)))
+    pv = good_frame(1, frames(rng, 1)[0])
+    done = threading.Event()
+
+    def feed():
+        for uid in range(1, 6001):
+            pv["uniqueId"] = uid
+            pipeline.submit(pv)
+        done.set()
+
+    threading.Thread(target=feed, daemon=True).start()
+    readings = wrong = 0
+    while not done.is_set() or pipeline.queued_frames:
+        stats, queued = pipeline.counts()  # what getStats() reads
+        readings += 1
+        wrong += stats.unaccounted(queued) != 0 or stats.published > stats.received
+    pipeline.stop()
+    assert pipeline.stats.received == 6000 and readings > 100
+    assert wrong == 0

@@ -47,7 +47,7 @@ def test_stats_keys_and_types_come_from_one_table(small_model):
 def test_processor_runs_frames_and_reports(small_model, rng):
     published = []
     processor = PtychoNNProcessor({**FRAMEWORK, "modelPath": str(small_model), "engine": "onnxruntime",
-                                   "cpuThreads": 1, "batchSize": 4})
+                                   "cpuThreads": 1, "batchSize": 4, "batchTimeout": 60})
 
     class Publisher:  # what PvaPy's PvasDataPublisher offers: updateOutputChannel(pv)
         def updateOutputChannel(self, pv):
@@ -59,10 +59,17 @@ def test_processor_runs_frames_and_reports(small_model, rng):
     for i in range(6):
         processor.process(good_frame(i + 1, rng.poisson(20, (64, 64)).astype(np.int16)))
     processor.start()  # frames that came before start() are kept
+    assert processor.pipeline.drain(10.0)  # what SIGTERM does while the output server still serves
+    assert published == [1, 2, 3, 4, 5, 6]
+    # PvaPy stops the output server before it calls stop(): a frame still held then reaches
+    # no client, so it counts as dropped, not as published
+    processor.process(good_frame(7, rng.poisson(20, (64, 64)).astype(np.int16)))
     processor.stop()
     assert published == [1, 2, 3, 4, 5, 6]
     stats = processor.getStats()
-    assert stats["nFramesProcessed"] == 6 and stats["engine"] == "onnxruntime" and stats["device"] == "cpu"
+    assert (stats["nFramesReceived"], stats["nFramesProcessed"], stats["nDroppedStopping"]) == (7, 6, 1)
+    assert stats["nFramesUnaccounted"] == 0
+    assert stats["engine"] == "onnxruntime" and stats["device"] == "cpu"
     with pytest.raises(ValueError, match="cannot change batchSize"):
         processor.configure({"batchSize": 2})
     processor.configure({"batchTimeout": 1.5, "skipInitialUpdates": 0})

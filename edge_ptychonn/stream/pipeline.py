@@ -40,12 +40,13 @@ the new one. No frame is lost or run twice; the pause is the switch itself.
 
 from __future__ import annotations
 
+import copy
 import logging
 import queue
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -82,7 +83,7 @@ def _depth(engine) -> int:
 DROP_REASONS = {
     "overload": "inference is not keeping up: every batch buffer holds a batch waiting for the engine",
     "notReady": "the engine is not ready and maxPendingFrames frames already wait",
-    "stopping": "the frame arrived while the consumer was stopping",
+    "stopping": "the frame arrived while the consumer was stopping, or was still held when its output server had stopped",
 }
 
 
@@ -218,6 +219,7 @@ class InferencePipeline:
         self._encoder = FrameEncoder()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._outputs_closed = False  # stop(outputs_closed=True): nothing reaches a client any more
         self._frames_in_queue = 0  # frames in full or flushed batches not yet published
         self._idle = threading.Condition(self._lock)  # notified when _frames_in_queue falls
         self._logged: set[str] = set()
@@ -252,8 +254,9 @@ class InferencePipeline:
 
     def drain(self, timeout_s: float) -> bool:
         """Send the partial batch to inference now and wait (up to ``timeout_s``) until
-        every queued frame is published; True if nothing is left. Frames keep being
-        accepted meanwhile. Used before a shutdown, while outputs still reach clients."""
+        every frame queued by then is published; True if they all were. Frames keep being
+        accepted meanwhile and start a new batch (its timeout sends it). Used before a
+        shutdown, while outputs still reach clients."""
         deadline = time.monotonic() + timeout_s
         with self._lock:
             self._flush_partial()
@@ -264,10 +267,14 @@ class InferencePipeline:
                 self._idle.wait(left)  # releases the lock while waiting
             return self._frames_in_queue == 0
 
-    def stop(self, timeout_s: float = 0.8) -> None:
-        """Flush the partial batch, finish queued batches (up to ``timeout_s``), close the engine."""
+    def stop(self, timeout_s: float = 0.8, outputs_closed: bool = False) -> None:
+        """Flush the partial batch, finish queued batches (up to ``timeout_s``), close the engine.
+        ``outputs_closed``: the output channel no longer reaches any client (PvaPy stops a
+        consumer's server before it calls the processor's ``stop()``), so the frames still
+        held are counted as dropped (``stopping``) instead of being run and published."""
         with self._lock:
             self._stopping = True
+            self._outputs_closed = outputs_closed
             if self._batcher is None:
                 if self._pending:
                     self._drop(len(self._pending), "stopping")
@@ -413,6 +420,9 @@ class InferencePipeline:
             self._finish(*in_flight.popleft())
 
     def _begin(self, engine, batch: Batch, in_flight: deque) -> None:
+        if self._outputs_closed:
+            self._done(batch, stopping=batch.n)
+            return
         t0 = time.perf_counter()
         try:
             if _depth(engine) > 1:
@@ -420,10 +430,10 @@ class InferencePipeline:
             else:
                 in_flight.append((batch, None, engine.infer(batch.prepare()), t0))
         except Exception as exc:  # any engine failure: count, log once, keep consuming
-            self._inference_failed(batch, exc)
-            self._done(batch)
+            self._done(batch, inference_errors=self._inference_failed(batch, exc))
 
     def _finish(self, batch: Batch, engine, result, t0: float) -> None:
+        counts = {"inference_errors": batch.n}  # unless it gets further
         try:
             if engine is not None:  # a ticket: wait for its results
                 try:
@@ -431,46 +441,61 @@ class InferencePipeline:
                 except Exception as exc:
                     self._inference_failed(batch, exc)
                     return
-            self._publish_batch(batch, result, time.perf_counter() - t0)
+            if self._outputs_closed:
+                counts = {"stopping": batch.n}
+                return
+            counts = self._publish_batch(batch, result, time.perf_counter() - t0)
         finally:
-            self._done(batch)
+            self._done(batch, **counts)
 
-    def _done(self, batch: Batch) -> None:
+    def _done(self, batch: Batch, published: int = 0, nonfinite_outputs: int = 0, publish_errors: int = 0,
+              inference_errors: int = 0, stopping: int = 0) -> None:
+        """A batch has left the queue: its frames' outcomes are counted together with
+        their leaving, under the lock, so a snapshot (:meth:`counts`) always adds up."""
         self._batcher.release(batch)
         with self._lock:
+            stats = self.stats
+            stats.published += published
+            stats.nonfinite_outputs += nonfinite_outputs
+            stats.publish_errors += publish_errors
+            stats.inference_errors += inference_errors
+            if stopping:
+                self._drop(stopping, "stopping")
             self._frames_in_queue -= batch.n
             self._idle.notify_all()
 
-    def _inference_failed(self, batch: Batch, exc: Exception) -> None:
-        self.stats.inference_errors += batch.n
+    def _inference_failed(self, batch: Batch, exc: Exception) -> int:
+        """Log once; the frames lost (counted by the caller through :meth:`_done`)."""
         self._log_once("inference", logging.ERROR, "inference failed for %d frame(s) (ids %d..%d): %s",
                        batch.n, batch.metas[0].unique_id, batch.metas[-1].unique_id, exc)
+        return batch.n
 
-    def _publish_batch(self, batch: Batch, outputs: np.ndarray, infer_s: float) -> None:
+    def _publish_batch(self, batch: Batch, outputs: np.ndarray, infer_s: float) -> dict[str, int]:
+        """Encode and publish each output; the counts for :meth:`_done`."""
         stats = self.stats
         outputs = apply_output_mask(outputs, self._output_mask)
         stats.infer_time_s += infer_s
         stats.batches += 1
         finite = np.isfinite(outputs).reshape(batch.n, -1).all(axis=1)
         latencies = np.empty(batch.n)
-        n_published = 0
+        n_published = nonfinite = errors = 0
         for meta, output, ok in zip(batch.metas, outputs, finite):
             if not ok:
-                stats.nonfinite_outputs += 1
+                nonfinite += 1
                 self._log_once("nonfinite-output", logging.ERROR,
                                "the engine returned NaN or infinite values for frame %d; not published", meta.unique_id)
                 continue
             try:
                 self._publish(self._encoder.encode(meta, output[0]))
             except Exception as exc:  # publishing must not stop the pipeline
-                stats.publish_errors += 1
+                errors += 1
                 self._log_once("publish", logging.ERROR, "cannot publish frame %d: %s", meta.unique_id, exc)
                 continue
             now = time.perf_counter()
             latencies[n_published] = (now - meta.received_s) * 1e3
             n_published += 1
-        stats.published += n_published
         stats.recent.add(time.perf_counter(), n_published, infer_s, batch.n, latencies[:n_published])
+        return {"published": n_published, "nonfinite_outputs": nonfinite, "publish_errors": errors}
 
     def _switch_engine(self, switch: _Switch) -> None:
         """Inference thread, at a switch marker: later batches run on the new engine."""
@@ -561,8 +586,19 @@ class InferencePipeline:
         return len(self._pending) + (batcher.pending if batcher else 0) + self._frames_in_queue
 
     def reset_stats(self) -> None:
+        """New totals. The frames held now count as received in them, so that the
+        published, lost and queued frames still add up to the received ones."""
         with self._lock:
             self.stats = self._new_stats()
+            self.stats.received = self.queued_frames
+
+    def counts(self) -> tuple[PipelineStats, int]:
+        """A copy of the totals and the number of frames held, taken together under the
+        lock (for a status report: its figures add up, ``unaccounted`` is 0). The recent
+        window is shared, not copied."""
+        with self._lock:
+            s = self.stats
+            return replace(s, dropped=dict(s.dropped), bad=dict(s.bad), ids=copy.copy(s.ids)), self.queued_frames
 
     def summary(self) -> str:
         """One line of totals, for the log at stop."""
