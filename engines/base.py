@@ -284,3 +284,11 @@ class SlotRing:
         if not self._pending or self._pending[0] != ticket:
             raise RuntimeError("collect() tickets in the order they were submitted")
         self._pending.pop(0)
+
+    def cancel(self, ticket: Ticket) -> None:
+        """Undo the latest ``acquire`` (a submit that failed): its slot and sequence
+        number are reused by the next ticket, so batches still in flight keep theirs."""
+        if not self._pending or self._pending[-1] != ticket:
+            raise RuntimeError("only the most recently acquired ticket can be cancelled")
+        self._pending.pop()
+        self._seq -= 1

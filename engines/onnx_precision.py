@@ -7,7 +7,14 @@ makes those types: every float weight and constant becomes fp16 (or bf16), a
 precedes each graph output, so callers keep float32 buffers. Float inputs that
 ONNX requires to stay float32 (``Resize`` roi and scales, ``Upsample`` scales)
 are left alone. It is deterministic (same file -> same bytes), so the plan
-cache keys on the original file's hash plus the precision and :data:`RECIPE`.
+cache keys on the original file's hash plus the precision and :func:`recipe`.
+
+bf16: ``Conv`` and ``MaxPool`` accept bfloat16 only from ONNX opset 22 (``Cast`` to
+it from 13), so a bf16 conversion first moves the model to opset
+:data:`BF16_OPSET` (``onnx.version_converter``; the IR version raised to match).
+Every result passes ``onnx.checker.check_model(full_check=True)`` (strict type
+and shape inference), so a graph that names a type an operator does not accept
+fails here, not in TensorRT's parser.
 """
 
 from __future__ import annotations
@@ -15,6 +22,15 @@ from __future__ import annotations
 import numpy as np
 
 RECIPE = "lowp-v1"  # bump when the conversion changes: cached plans are rebuilt
+# precision -> its conversion's recipe where it differs from RECIPE (bf16 plans of lowp-v1
+# were built from graphs that opsets before 22 do not allow)
+RECIPES = {"bf16": "lowp-v2-opset22"}
+BF16_OPSET = 22  # the first opset whose Conv and MaxPool accept bfloat16
+
+
+def recipe(precision: str) -> str:
+    """What the TensorRT plan cache keys on for this precision's conversion."""
+    return RECIPES.get(precision, RECIPE)
 
 # op type -> input positions whose float tensors must stay float32
 _KEEP_FLOAT_INPUTS = {"Resize": (1, 2), "Upsample": (1,)}
@@ -61,6 +77,8 @@ def to_low_precision(model, precision: str):
     if low is None:
         raise ValueError(f"precision must be fp16 or bf16, got {precision!r}")
     model = onnx.ModelProto.FromString(model.SerializeToString())
+    if precision == "bf16":
+        model = _at_least_opset(model, BF16_OPSET)
     graph = model.graph
     initializers = {t.name: t for t in graph.initializer}
     keep_float = {
@@ -106,5 +124,27 @@ def to_low_precision(model, precision: str):
     del graph.node[:]
     graph.node.extend(nodes)
     del graph.value_info[:]  # intermediate types changed; let consumers infer them again
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise ValueError(f"the {precision} conversion of this model is not valid ONNX: {exc}") from exc
+    return model
+
+
+def _at_least_opset(model, opset: int):
+    """``model`` converted to ONNX opset ``opset`` if its default-domain opset is older."""
+    import onnx
+    from onnx import helper, version_converter
+
+    current = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if current is None or current >= opset:
+        return model
+    try:
+        model = version_converter.convert_version(model, opset)
+    except (version_converter.ConvertError, RuntimeError, ValueError) as exc:
+        raise ValueError(f"cannot convert the model from ONNX opset {current} to {opset} "
+                         f"(needed for bf16): {exc}") from exc
+    model.ir_version = max(model.ir_version, helper.find_min_ir_version_for(list(model.opset_import)))
+    del model.graph.value_info[:]
     onnx.checker.check_model(model)
     return model

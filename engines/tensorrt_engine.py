@@ -13,18 +13,20 @@ plan; the calls used are listed in :data:`TRT_API` and pinned by contract tests.
 Plan cache: plans are stored in ``planCacheDir`` (default
 :func:`default_plan_cache_dir`), named by a key of TensorRT version, GPU name,
 compute capability, the ONNX file's SHA-256, the profile and the precision (and
-:data:`engines.onnx_precision.RECIPE`); a JSON sidecar holds the key. A plan
-whose sidecar does not match, that cannot be read, or that TensorRT will not
-deserialize is rebuilt, with a log line. Concurrent consumers on one host take a
+the precision's conversion recipe, :func:`engines.onnx_precision.recipe`); a JSON
+sidecar holds the key. A plan whose sidecar does not match, that cannot be read,
+or that TensorRT will not deserialize is rebuilt, with a log line. Concurrent consumers on one host take a
 file lock, so one builds and the others load. ``edge-ptychonn build-engine``
 builds plans ahead of time so that a consumer starts in seconds.
 
 Run: pycuda on the device's primary context (``Device(n).retain_primary_context()``,
-pushed in this process and thread for every call; never ``pycuda.autoinit``), so
-it shares the context with PyTorch. Two buffer sets (page-locked host input and
-output, device input and outputs), a copy stream and a compute stream: the
-copy-in of the next batch overlaps the compute of this one; ``submit`` returns
-once the work is queued, ``collect`` waits for its result (``infer`` = both).
+retained once per process and device by :func:`primary_context`, pushed in the
+calling thread for every call; never ``pycuda.autoinit``), so it shares the
+context with PyTorch. Two buffer sets (page-locked host input and output, device
+input and outputs), a copy stream and a compute stream: the copy-in of the next
+batch overlaps the compute of this one; ``submit`` returns once the work is
+queued, ``collect`` waits for its result (``infer`` = both). ``close`` frees the
+buffers, streams and events with the context current (from any thread).
 
 Honesty: no TensorRT or GPU is reachable where this project is developed; this
 module has run only against the stand-in in ``tests/fakes`` (the 10/11 API
@@ -38,7 +40,9 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
+import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -51,6 +55,7 @@ from .base import (
     engine_device,
 )
 from .onnx_model import read_signature
+from .onnx_precision import recipe
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +82,7 @@ PYCUDA_API = {
     "driver": ("init", "Device", "Stream", "Event", "mem_alloc", "pagelocked_empty", "memcpy_htod_async",
                "memcpy_dtoh_async"),
     "Device": ("count", "name", "compute_capability", "retain_primary_context"),
-    "Context": ("push", "pop", "detach"),
+    "Context": ("push", "pop"),
     "Stream": ("handle", "synchronize", "wait_for_event"),
     "Event": ("record", "synchronize"),
 }
@@ -85,6 +90,28 @@ PYCUDA_API = {
 WORKSPACE_BYTES = 1 << 30
 # precision -> lowest compute capability that runs it
 MIN_COMPUTE_CAPABILITY = {"fp32": (0, 0), "tf32": (8, 0), "fp16": (5, 3), "bf16": (8, 0)}
+
+
+# pycuda driver module -> {device number: its primary context, retained once}
+_PRIMARY_CONTEXTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_PRIMARY_LOCK = threading.Lock()
+
+
+def primary_context(cuda, number: int):
+    """Device ``number``'s primary context, retained once per process (and pycuda
+    driver module) and never detached; every engine on that device shares it.
+
+    Why not retain and detach per engine: pycuda's ``Context.detach()`` releases the
+    context only on the thread that retained it (elsewhere it does nothing), and a
+    model swap closes the old engine on the inference thread, not the configure
+    thread that created it; and the primary context is PyTorch's too, so releasing
+    it gains nothing while the process lives. Thread-safe.
+    """
+    with _PRIMARY_LOCK:
+        contexts = _PRIMARY_CONTEXTS.setdefault(cuda, {})
+        if number not in contexts:
+            contexts[number] = cuda.Device(number).retain_primary_context()
+        return contexts[number]
 
 
 def default_plan_cache_dir() -> Path:
@@ -187,7 +214,10 @@ def onnx_for_precision(model_path: Path, precision: str) -> bytes:
 
     from .onnx_precision import to_low_precision
 
-    return to_low_precision(onnx.load_from_string(data), precision).SerializeToString()
+    try:
+        return to_low_precision(onnx.load_from_string(data), precision).SerializeToString()
+    except ValueError as exc:
+        raise EngineUnavailable(f"{model_path}: {exc}") from exc
 
 
 def build_plan(trt, logger, onnx_bytes: bytes, input_name: str, shapes: tuple, precision: str,
@@ -259,20 +289,19 @@ class TensorRTEngine:
         device = engine_device(self.SPEC, options, cuda.Device.count())
         self._gpu = int(device.partition(":")[2])
         dev = cuda.Device(self._gpu)
-        self._context = dev.retain_primary_context()
+        self._context = primary_context(cuda, self._gpu)
         self._ring = SlotRing(self.max_in_flight)
         self._sync_results: dict[int, np.ndarray] = {}
         self._closed = False
         try:
             self._start(options, trt, dev, device, workspace_bytes)
+            self.start_s = time.perf_counter() - t0
+            log.info("tensorrt %s %s on %s: plan %s (%s) in %.2f s", trt.__version__, self.precision, self.device,
+                     self.plan_path, self.plan_source, self.start_s)
+            self.infer(np.zeros((min(self.max_batch, self._capacity), 1, *self.input_shape), np.float32))  # warm-up
         except BaseException:
-            self._closed = True
-            self._context.detach()
+            self.close()  # frees what was made
             raise
-        self.start_s = time.perf_counter() - t0
-        log.info("tensorrt %s %s on %s: plan %s (%s) in %.2f s", trt.__version__, self.precision, self.device,
-                 self.plan_path, self.plan_source, self.start_s)
-        self.infer(np.zeros((min(self.max_batch, self._capacity), 1, *self.input_shape), np.float32))  # warm-up
 
     def _start(self, options: EngineOptions, trt, dev, device: str, workspace_bytes: int) -> None:
         with self._active():
@@ -293,7 +322,7 @@ class TensorRTEngine:
                 tensorrt_version=str(trt.__version__), gpu_name=name, compute_capability=f"{major}.{minor}",
                 onnx_sha256=file_sha256(options.model_path),
                 profile=f"{self._input_name}:" + "/".join("x".join(map(str, s)) for s in shapes),
-                precision=self.precision, recipe=self._recipe(),
+                precision=self.precision, recipe=recipe(self.precision),
             )
             cache = PlanCache(options.plan_cache_dir or default_plan_cache_dir())
             stem = Path(options.model_path).stem
@@ -301,12 +330,6 @@ class TensorRTEngine:
             self._engine, self.plan_source = self._load_or_build(
                 cache, key, stem, options.model_path, shapes, workspace_bytes)
             self._setup_buffers()
-
-    @staticmethod
-    def _recipe() -> str:
-        from .onnx_precision import RECIPE
-
-        return RECIPE
 
     @contextlib.contextmanager
     def _active(self):
@@ -385,32 +408,34 @@ class TensorRTEngine:
     # -- Engine protocol ---------------------------------------------------------------
     def submit(self, batch: np.ndarray) -> Ticket:
         """Queue ``batch`` (copy-in, inference, copy-out) and return at once; ``batch``
-        may be reused when this returns. collect() the tickets in order."""
+        may be reused when this returns. collect() the tickets in order.
+
+        A fixed-batch model given another batch size (a partial batch, padded; or a
+        larger one, split) runs here at once, chunk by chunk through this ticket's
+        buffer set, and collect() returns the stored result: the batch in flight on
+        the other set is left alone and the tickets stay in submission order."""
         check_batch(self, batch)
         n = batch.shape[0]
-        if self._fixed is not None and n != self._capacity:
-            # fixed-batch model: padded or split, synchronously (each chunk through a free slot)
-            result = self._fixed.run(np.asarray(batch, np.float32), self._run_fixed)
-            ticket = self._ring.acquire(n)
-            self._sync_results[ticket.seq] = result
-            return ticket
         ticket = self._ring.acquire(n)
         try:
             with self._active():
-                self._enqueue(ticket, batch)
+                if self._fixed is not None and n != self._capacity:
+                    run = lambda chunk: self._run_now(ticket.slot, chunk)  # noqa: E731
+                    self._sync_results[ticket.seq] = self._fixed.run(np.asarray(batch, np.float32), run)
+                else:
+                    self._enqueue(ticket.slot, n, batch)
         except BaseException:
-            self._ring.release(ticket)
+            self._ring.cancel(ticket)
             raise
         return ticket
 
-    def _run_fixed(self, chunk: np.ndarray) -> np.ndarray:
-        ticket = self._ring.acquire(chunk.shape[0])
-        with self._active():
-            self._enqueue(ticket, chunk)
-            return self._wait(ticket)
+    def _run_now(self, slot: int, chunk: np.ndarray) -> np.ndarray:
+        """One full batch through buffer set ``slot``, waited for (a fixed-batch model's chunk)."""
+        self._enqueue(slot, chunk.shape[0], chunk)
+        return self._read(slot, chunk.shape[0])
 
-    def _enqueue(self, ticket: Ticket, batch: np.ndarray) -> None:
-        cuda, s, n = self._cuda, ticket.slot, ticket.n
+    def _enqueue(self, s: int, n: int, batch: np.ndarray) -> None:
+        cuda = self._cuda
         h_in = self._h_in[s][:n]
         h_in[...] = batch
         # copy stream: wait until the last compute on this slot has read its device input
@@ -429,18 +454,18 @@ class TensorRTEngine:
         cuda.memcpy_dtoh_async(self._h_out[s][:n], self._d_out[s][self._phase_name], self._compute_stream)
         self._done[s].record(self._compute_stream)
 
-    def _wait(self, ticket: Ticket) -> np.ndarray:
-        self._ring.release(ticket)
-        self._done[ticket.slot].synchronize()
-        return np.array(self._h_out[ticket.slot][: ticket.n], dtype=np.float32, copy=True)
+    def _read(self, s: int, n: int) -> np.ndarray:
+        """Wait for buffer set ``s``'s last batch; a copy of its ``n`` results."""
+        self._done[s].synchronize()
+        return np.array(self._h_out[s][:n], dtype=np.float32, copy=True)
 
     def collect(self, ticket: Ticket) -> np.ndarray:
         """Wait for ``ticket``'s result: float32 (n, 1, H, W)."""
+        self._ring.release(ticket)
         if ticket.seq in self._sync_results:
-            self._ring.release(ticket)
             return self._sync_results.pop(ticket.seq)
         with self._active():
-            return self._wait(ticket)
+            return self._read(ticket.slot, ticket.n)
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         return self.collect(self.submit(batch))
@@ -449,11 +474,15 @@ class TensorRTEngine:
         if self._closed:
             return
         self._closed = True
+        self._sync_results.clear()
         with self._active():
             if hasattr(self, "_compute_stream"):
                 self._compute_stream.synchronize()
                 self._copy_stream.synchronize()
-            for name in ("_exec", "_engine", "_runtime", "_d_in", "_d_out", "_h_in", "_h_out"):
+            # pycuda frees memory, streams and events in their destructors, which skip the
+            # cleanup unless the context is current (or this is the thread that made them):
+            # drop them all here, where it is current. The primary context stays retained.
+            for name in ("_exec", "_engine", "_runtime", "_d_in", "_d_out", "_h_in", "_h_out",
+                         "_copied", "_done", "_copy_stream", "_compute_stream"):
                 if hasattr(self, name):
-                    delattr(self, name)  # frees device memory while the context is current
-        self._context.detach()
+                    delattr(self, name)

@@ -127,7 +127,7 @@ class TorchEngine:
                 # Rebuilt module: any batch size, also where the ONNX batch was fixed.
                 self._results[ticket.seq] = self._run_cpu(np.ascontiguousarray(batch, dtype=np.float32))
         except BaseException:
-            self._ring.release(ticket)
+            self._ring.cancel(ticket)
             raise
         return ticket
 
@@ -198,7 +198,11 @@ class CudaRunner:
         self.compute_stream.synchronize()
         for s in range(n_slots):
             graph = torch.cuda.CUDAGraph()
-            with torch.inference_mode(), torch.cuda.graph(graph, stream=self.compute_stream):
+            # thread_local: a model swap captures the new engine's graphs on the configure
+            # thread while the old engine keeps running on the inference thread, which the
+            # default ("global") mode forbids (CUDA calls in other threads fail the capture).
+            with torch.inference_mode(), torch.cuda.graph(graph, stream=self.compute_stream,
+                                                          capture_error_mode="thread_local"):
                 out = self.forward(self.d_in[s])
             self.graphs.append(graph)
             self.graph_out.append(out)

@@ -1,11 +1,16 @@
 """fp32 ONNX -> fp16 / bf16 graphs with float32 I/O (what TensorRT 11 builds reduced precisions from)."""
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto
 
-from engines.onnx_precision import bf16_bits, bf16_values, to_low_precision
+from engines import onnx_precision
+from engines.onnx_precision import BF16_OPSET, bf16_bits, bf16_values, to_low_precision
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_bf16_rounding_by_hand():
@@ -52,3 +57,51 @@ def test_fp16_graph_computes_close_to_fp32(small_model):
 def test_unknown_precision_is_refused(small_model):
     with pytest.raises(ValueError, match="fp16 or bf16"):
         to_low_precision(onnx.load(str(small_model)), "int8")
+
+
+def _opset(model) -> int:
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+@pytest.mark.parametrize("which", ["small", "shipped", "external"])
+def test_bf16_graphs_are_valid_onnx_at_opset_22(request, small_model, which):
+    """Conv and MaxPool accept bfloat16 only from opset 22: the bf16 graph is moved there
+    first and passes the strict check (fp16 keeps the model's own opset)."""
+    path = {"small": lambda: small_model, "shipped": lambda: ROOT / "data" / "ptychonn.onnx",
+            "external": lambda: request.getfixturevalue("external_model")}[which]()
+    model = onnx.load(str(path))
+    low = to_low_precision(model, "bf16")
+    assert _opset(low) == BF16_OPSET and low.ir_version >= 10
+    onnx.checker.check_model(low, full_check=True)
+    onnx.shape_inference.infer_shapes(low, check_type=True, strict_mode=True)
+    assert [i.type.tensor_type.elem_type for i in low.graph.input] == [TensorProto.FLOAT]
+    assert _opset(to_low_precision(model, "fp16")) == _opset(model)
+    assert _opset(model) < BF16_OPSET  # the input was not changed in place
+
+
+def test_bf16_at_the_old_opset_is_refused_here_and_by_the_parser_stand_in(small_model, monkeypatch):
+    """Without the opset move, the bf16 graph is invalid: to_low_precision says so, and the
+    TensorRT parser stand-in (strict type inference, as the reduced-precision build tests
+    rely on) rejects such a graph."""
+    from fakes import fake_pycuda, fake_tensorrt
+
+    model = onnx.load(str(small_model))
+    low = to_low_precision(model, "bf16")
+    with monkeypatch.context() as m:
+        m.setattr(onnx_precision, "_at_least_opset", lambda model, opset: model)
+        with pytest.raises(ValueError, match=r"bf16 conversion of this model is not valid ONNX: .*bfloat16"):
+            to_low_precision(model, "bf16")
+    del low.opset_import[:]
+    low.opset_import.extend(model.opset_import)  # what the conversion used to produce
+    trt = fake_tensorrt.make_module(fake_pycuda.FakeCuda())
+    logger = trt.Logger()
+    parser = trt.OnnxParser(trt.Builder(logger).create_network(0), logger)
+    assert not parser.parse(low.SerializeToString())
+    assert "bfloat16" in str(parser.get_error(0))
+
+
+def test_bf16_plans_are_keyed_on_the_new_recipe():
+    """Plans built from the old (invalid) bf16 graphs are stale; fp32/fp16 plans keep their key."""
+    assert onnx_precision.recipe("bf16") != "lowp-v1"
+    assert onnx_precision.recipe("fp16") == onnx_precision.recipe("fp32") == onnx_precision.RECIPE == "lowp-v1"
+

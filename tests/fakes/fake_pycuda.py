@@ -12,7 +12,13 @@ memory. What it simulates: work queued on a stream runs only when something
 waits for it (``Event.synchronize``, ``Stream.synchronize``, or a stream that
 waits on an event), so code that reads results before waiting, or overwrites a
 host buffer while its copy is still queued, gets wrong numbers here too. Every
-call is recorded in ``FakeCuda.calls``.
+call is recorded in ``FakeCuda.calls``, and so is each ``Stream`` and ``Event``
+destroyed (``("Stream.free", handle, live)``, ``("Event.free", id, live)``):
+``live`` is False where pycuda's destructor would skip the cleanup (no live
+context current in the destroying thread). ``Context.detach()`` releases the
+primary context only in the thread that retained it, or where it is current,
+as pycuda's does; elsewhere it does nothing (recorded as ``("detach", device,
+False)``).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import importlib.machinery
 import itertools
 import threading
 import types
+import weakref
 
 import numpy as np
 
@@ -37,7 +44,7 @@ class FakeCuda:
         self.calls: list[tuple] = []
         self.memory: dict[int, np.ndarray] = {}  # base address -> uint8 buffer
         self._next_address = itertools.count(0x7F0000000000, 0x100000)
-        self.streams: dict[int, "Stream"] = {}
+        self.streams: "weakref.WeakValueDictionary[int, Stream]" = weakref.WeakValueDictionary()
         self.pinned: list[np.ndarray] = []
         self.local = threading.local()
         self.initialised = False
@@ -73,6 +80,11 @@ class FakeCuda:
     def names(self) -> list[str]:
         return [c[0] for c in self.calls]
 
+    def context_live(self) -> bool:
+        """Whether a context that is not detached is current in this thread."""
+        stack = self.stack()
+        return bool(stack) and not stack[-1].detached
+
 
 def make_modules(state: FakeCuda) -> tuple[types.ModuleType, types.ModuleType]:
     """(``pycuda`` package, ``pycuda.driver``) modules bound to ``state``."""
@@ -89,6 +101,7 @@ def make_modules(state: FakeCuda) -> tuple[types.ModuleType, types.ModuleType]:
         def __init__(self, device: int):
             self.device = device
             self.detached = False
+            self.thread = threading.get_ident()  # the thread that retained it
 
         def push(self):
             if self.detached:
@@ -105,9 +118,14 @@ def make_modules(state: FakeCuda) -> tuple[types.ModuleType, types.ModuleType]:
             state.record("pop", ctx.device)
 
         def detach(self):
+            stack = state.stack()
+            released = not self.detached and (self.thread == threading.get_ident() or (stack and stack[-1] is self))
+            if released:
+                state.retained[self.device] -= 1
+                if stack and stack[-1] is self:
+                    stack.pop()
             self.detached = True
-            state.retained[self.device] -= 1
-            state.record("detach", self.device)
+            state.record("detach", self.device, bool(released))
 
         @staticmethod
         def get_current():
@@ -169,6 +187,10 @@ def make_modules(state: FakeCuda) -> tuple[types.ModuleType, types.ModuleType]:
         def is_done(self) -> bool:
             return self.done == self.queued
 
+        def __del__(self):
+            if hasattr(self, "handle"):  # else __init__ failed: nothing was created
+                state.record("Stream.free", self.handle, state.context_live())
+
         def wait_for_event(self, event: "Event"):
             state.record("Stream.wait_for_event", self.handle, event.id)
             target = (event.stream, event.position)
@@ -198,6 +220,9 @@ def make_modules(state: FakeCuda) -> tuple[types.ModuleType, types.ModuleType]:
 
         def query(self) -> bool:
             return self.stream is None or self.stream.done >= self.position
+
+        def __del__(self):
+            state.record("Event.free", self.id, state.context_live())
 
     class DeviceAllocation:
         def __init__(self, address: int, nbytes: int):

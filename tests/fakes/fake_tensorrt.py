@@ -6,7 +6,10 @@ It offers the names and signatures of the TensorRT 10/11 Python API that an ONNX
 also lacks what 11 removed (``BuilderFlag.FP16``/``BF16``, the ``EXPLICIT_BATCH``
 network flag). Behaviour modelled on the real library:
 
-- ``OnnxParser.parse`` returns False and keeps errors for an unreadable model;
+- ``OnnxParser.parse`` returns False and keeps errors for an unreadable model,
+  an operator it has no importer for, or a graph whose types its operators do
+  not accept at the model's opset (strict ONNX type and shape inference: e.g.
+  a bfloat16 ``Conv`` before opset 22);
 - ``build_serialized_network`` returns None on failure (here: when asked to fail,
   or when a dynamic input has no optimisation profile), else a host-memory object
   (bytes) whose content names the TensorRT version and the GPU it was built on;
@@ -167,6 +170,11 @@ def make_module(cuda_state, version: str = "10.16.1.11", build_delay_s: float = 
             unknown = sorted({n.op_type for n in proto.graph.node if not onnx.defs.has(n.op_type, n.domain)})
             if unknown:
                 self._errors += [ParserError(f"No importer registered for op: {op}") for op in unknown]
+                return False
+            try:  # types each operator accepts at this opset (bf16 Conv needs opset 22)
+                onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
+            except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
+                self._errors.append(ParserError(f"type check failed: {exc}"))
                 return False
             init = {t.name for t in proto.graph.initializer}
 
