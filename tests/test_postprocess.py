@@ -107,6 +107,20 @@ def test_output_mask_argument_defaults_to_the_cards_region(small_model, carded_m
         apply_runtime_changes(config, {"outputMask": False})
 
 
+def test_a_model_swap_keeps_the_users_output_mask_choice(small_model, carded_model):
+    from edge_ptychonn.stream.config import apply_runtime_changes, parse_processor_args
+
+    off, _ = parse_processor_args({"modelPath": str(small_model), "outputMask": False})
+    assert apply_runtime_changes(off, {"modelPath": str(carded_model)})[0].output_mask is None  # stays off
+    free, _ = parse_processor_args({"modelPath": str(small_model)})
+    swapped = apply_runtime_changes(free, {"modelPath": str(carded_model)})[0]
+    assert swapped.output_mask == OutputMask(centre_yx=(31.5, 31.5), radius_px=12.0)  # the new card's
+    assert apply_runtime_changes(swapped, {"modelPath": str(small_model)})[0].output_mask is None  # no card: none
+    on, _ = parse_processor_args({"modelPath": str(carded_model), "outputMask": True})
+    with pytest.raises(ValueError, match="outputMask is true but the model card"):
+        apply_runtime_changes(on, {"modelPath": str(small_model)})
+
+
 @pytest.mark.parametrize("masked", [True, False])
 def test_the_pipeline_publishes_masked_patches(carded_model, rng, masked):
     from engines import EngineOptions, create_engine

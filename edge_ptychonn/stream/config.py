@@ -57,6 +57,7 @@ class ProcessorConfig:
     plan_cache_dir: Path | None = None
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     output_mask: OutputMask | None = None  # from the model card; None: outputs published as the network gives them
+    output_mask_wanted: bool | None = None  # the user's outputMask (None: the card decides), kept across model swaps
 
     def __post_init__(self) -> None:
         if not self.model_path.is_file():
@@ -164,7 +165,8 @@ def parse_processor_args(
     top = {k: v for k, v in given.items() if k not in pre_fields}
     pre = _preprocess_defaults(top["model_path"])
     pre.update({k: v for k, v in given.items() if k in pre_fields})
-    top["output_mask"] = _output_mask(top["model_path"], top.get("output_mask", None))
+    top["output_mask_wanted"] = top.get("output_mask", None)
+    top["output_mask"] = _output_mask(top["model_path"], top["output_mask_wanted"])
     return ProcessorConfig(**top, preprocess=PreprocessConfig(**pre)), framework
 
 
@@ -188,7 +190,9 @@ def apply_runtime_changes(config: ProcessorConfig, changes: dict) -> tuple[Proce
     With ``modelPath``, offset, scale, transform and the normalisation come from
     the new model's card as at start-up (a model without a card: 0, 1, none,
     none), and those given in the same request win; crop, cropOrigin and bin
-    stay; the output mask is the new card's (none without one). Whether the
+    stay; the output mask is the new card's (none without one) unless
+    ``outputMask`` was given at start: false keeps it off, true refuses a model
+    whose card has none. Whether the
     model fits the running one is checked where its engine is built.
     """
     user = check_runtime_request(changes, RUNTIME_KEYS)
@@ -200,6 +204,6 @@ def apply_runtime_changes(config: ProcessorConfig, changes: dict) -> tuple[Proce
         defaults = asdict(PreprocessConfig())
         pre = {**{f: card.get(f, defaults[f]) for f in fields_}, **pre}
         if top["model_path"].is_file():
-            top["output_mask"] = _output_mask(top["model_path"], None)
+            top["output_mask"] = _output_mask(top["model_path"], config.output_mask_wanted)
     new = replace(config, **top, preprocess=replace(config.preprocess, **pre))
     return new, user
