@@ -176,7 +176,7 @@ class PtychoNNProcessor(StatsFromTable, AdImageProcessor):
         id_offset = int(framework.get("objectIdOffset") or 1)
         self.group_size = (id_offset - 1) // n_sequential + 1
         self.pipeline = InferencePipeline(
-            config, self.updateOutputChannel, self.logger, n_sequential=n_sequential, id_offset=id_offset,
+            config, self._publish, self.logger, n_sequential=n_sequential, id_offset=id_offset,
         )
 
     @property
@@ -215,6 +215,18 @@ class PtychoNNProcessor(StatsFromTable, AdImageProcessor):
         # SIGTERM (systemd, procServ, docker, kill PID) stops this consumer like Ctrl-C,
         # after publishing what it holds while its PVA server still serves clients.
         shutdown.on_sigterm(self.pipeline.drain, self.logger)
+
+    def _publish(self, pv) -> None:
+        """PvaPy's ``updateOutputChannel``, except that a failed update raises (so the
+        pipeline counts it in ``nPublishErrors``): PvaPy's publishers log the error,
+        count it in their ``nErrors`` and return as if it had been published."""
+        publisher = self.dataPublisher
+        if not self.outputChannel or publisher is None:
+            return  # no output channel: nothing to publish to (as updateOutputChannel)
+        errors = getattr(publisher, "nErrors", 0)
+        publisher.updateOutputChannel(pv)
+        if getattr(publisher, "nErrors", 0) != errors:
+            raise RuntimeError(f"PvaPy's publisher could not update {self.outputChannel} (its log says why)")
 
     def stats_source(self) -> _StatsView:
         return _StatsView(self.pipeline, *self.pipeline.counts())

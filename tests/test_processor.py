@@ -76,6 +76,31 @@ def test_processor_runs_frames_and_reports(small_model, rng):
     assert processor.pipeline.config.batch_timeout_s == 1.5
 
 
+def test_a_publish_that_pvapy_swallows_counts_as_a_publish_error(small_model, rng):
+    from pvapy.hpc.pvasDataPublisher import PvasDataPublisher
+
+    # PvaPy's publisher logs a failed update and counts it in nErrors instead of raising
+    assert "self.nErrors += 1" in inspect.getsource(PvasDataPublisher.updateOutputChannel)
+
+    class Publisher:
+        nErrors = 0
+
+        def updateOutputChannel(self, pv):
+            if pv["uniqueId"] == 2:
+                self.nErrors += 1
+
+    processor = PtychoNNProcessor({**FRAMEWORK, "modelPath": str(small_model), "engine": "onnxruntime",
+                                   "cpuThreads": 1, "batchSize": 4, "batchTimeout": 60})
+    processor.outputChannel, processor.dataPublisher = FRAMEWORK["outputChannel"], Publisher()
+    processor.start()
+    for i in range(4):
+        processor.process(good_frame(i + 1, rng.poisson(20, (64, 64)).astype(np.int16)))
+    assert processor.pipeline.drain(10.0)
+    stats = processor.getStats()
+    processor.stop()
+    assert (stats["nFramesProcessed"], stats["nPublishErrors"], stats["nFramesUnaccounted"]) == (3, 1, 0)
+
+
 def test_bad_arguments_fail_at_construction(small_model):
     with pytest.raises(ValueError, match="unknown processor argument"):
         PtychoNNProcessor({**FRAMEWORK, "modelPath": str(small_model), "bsz": 8})
