@@ -82,6 +82,11 @@ def test_finetune_lowers_the_held_out_error_and_writes_a_runnable_model(beamline
     assert after["patch_rmse_median_rad"] < 0.95 * before["patch_rmse_median_rad"], (before, after)
     assert after["stitched_ssim"] > before["stitched_ssim"] + 0.05, (before, after)
     assert "Held-out accuracy" in out.with_suffix(".md").read_text() and out.with_suffix(".pt").is_file()
+    # the shipped card's output mask goes with the model (the recording's probe is its training probe)
+    assert shipped.output_mask is not None and card.output_mask == shipped.output_mask
+    md = out.with_suffix(".md").read_text()
+    assert "normalize `running`" in md and "in fine-tuning, over the mean total of the recorded frames" in md
+    assert "Output mask (`output_mask`)" in md
 
     engine = accuracy.open_engine(out.with_suffix(".onnx"), "onnxruntime", device="cpu", batch_size=8)
     try:
@@ -170,6 +175,9 @@ def test_held_out_block_and_guard_band(beamline):
     ("no_positions", "holds no positions: give --positions"),
     ("frame_size", "become .64, 64. after the base model's preprocessing"),
     ("overwrite_base", "would overwrite the base model"),
+    ("threads", "threads must be >= 1, got 0"),
+    ("max_minutes", r"max-minutes must be a number >= 0 .0: no limit., got nan"),
+    ("seed", "seed must be >= 0, got -1"),
 ])
 def test_bad_input_is_refused_with_a_clear_message_and_nothing_written(beamline, tmp_path, capsys, case, message):
     d = beamline
@@ -180,6 +188,8 @@ def test_bad_input_is_refused_with_a_clear_message_and_nothing_written(beamline,
         positions = tmp_path / "pos.npy"
     elif case == "outside":
         extra = ["--origin", "0", "10"]
+    elif case in ("threads", "max_minutes", "seed"):  # train's checks (train.check_training_options)
+        extra = {"threads": ["--threads", "0"], "max_minutes": ["--max-minutes", "nan"], "seed": ["--seed=-1"]}[case]
     elif case == "real_object":
         np.save(tmp_path / "phase.npy", d["truth"].object_phase)
         obj = tmp_path / "phase.npy"
@@ -259,3 +269,45 @@ def test_a_model_with_head_blocks_unfolds_with_its_function(tmp_path):
     assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in unfolded.modules()) == 8 + 2
     with torch.no_grad():
         np.testing.assert_allclose(unfolded.eval()(x).numpy(), model.eval()(x).numpy(), atol=2e-4)
+
+
+def test_a_base_that_crops_keeps_its_crop_and_output_mask_and_a_larger_probe_gets_its_own_mask(tmp_path, capsys):
+    """A small base model whose card crops the detector frames and has an output mask: the
+    fine-tuned card keeps both; with a probe whose bright centre reaches beyond that mask (the
+    loss trains there), the new card's mask is a disc around that probe's bright centre, as
+    ``train`` makes it."""
+    from edge_ptychonn.model_card import ModelCard, save_card
+    from edge_ptychonn.science.model import ModelConfig, build_model, export_onnx
+    from edge_ptychonn.science.simulate import ScanSettings, make_probe
+    from edge_ptychonn.science.stitch import probe_weight
+    from edge_ptychonn.science.train import output_mask_from_probe
+    from edge_ptychonn.stream.postprocess import OutputMask
+    from edge_ptychonn.stream.preprocess import PreprocessConfig
+
+    settings = ScanSettings(seed=3, n_positions=64, frame_size=64, overlap=0.6, photons=1e5)
+    frames, truth = simulate_scan(settings, progress=False)
+    detector = np.pad(frames, ((0, 0), (4, 4), (4, 4)), constant_values=50)  # a bright border the crop cuts
+    np.save(tmp_path / "frames.npy", detector)
+    np.save(tmp_path / "positions.npy", truth.positions_px)
+    np.save(tmp_path / "recon.npy", (truth.object_amplitude * np.exp(1j * truth.object_phase)).astype(np.complex64))
+    base = export_onnx(build_model(ModelConfig(width=4, depth=2, input_size=64), seed=1).eval(), tmp_path / "base.onnx")
+    mask = OutputMask(centre_yx=(31.5, 31.5), radius_px=16.0)
+    pp = PreprocessConfig(crop_hw=(64, 64), transform="sqrt", scale=0.05, normalize="running",
+                          reference_total=float(frames.reshape(64, -1).sum(axis=1).mean()))
+    save_card(ModelCard(name="base", input_size=64, preprocess=pp, output_mask=mask,
+                        model=ModelConfig(width=4, depth=2, input_size=64, batch_norm=False)), base)
+    default_probe = make_probe(64, settings.pupil_radius, settings.probe_diameter)
+    assert not (probe_weight(default_probe) > 0)[mask.outside((64, 64))].any()  # the mask holds its bright centre
+    common = ["--frames", tmp_path / "frames.npy", "--positions", tmp_path / "positions.npy", "--object",
+              tmp_path / "recon.npy", "--init-from", base, "--epochs", 1, "--batch-size", 8, "--max-minutes", 0,
+              "--device", "cpu", "--threads", 1, "--quiet"]
+    assert run_cli(*common, "--out", tmp_path / "ft") == 0, capsys.readouterr().err
+    card = load_card(tmp_path / "ft.onnx")
+    assert card.preprocess == pp and card.output_mask == mask and card.training.steps >= 1
+
+    wide = make_probe(64, settings.pupil_radius, 40.0)  # a larger spot than the base's probe
+    np.save(tmp_path / "probe.npy", wide)
+    assert run_cli(*common, "--out", tmp_path / "wide", "--probe", tmp_path / "probe.npy") == 0, capsys.readouterr().err
+    wide_mask = load_card(tmp_path / "wide.onnx").output_mask
+    assert wide_mask == output_mask_from_probe(wide, 0.1) and wide_mask.radius_px > mask.radius_px
+    assert finetune.output_mask_for(None, default_probe, 0.1) == output_mask_from_probe(default_probe, 0.1)

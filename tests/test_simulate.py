@@ -158,6 +158,8 @@ def test_object_families_are_thickness_maps(family):
         (dict(photons=0), "photons must be > 0"),
         (dict(phase_range_rad=4.0), "phase_range_rad must be in (0, pi]"),
         (dict(frame_size=64, probe_diameter_px=60), "probe_diameter_px must be"),
+        (dict(seed=-1), "seed must be a whole number >= 0, got -1"),
+        (dict(seed=1.5), "seed must be a whole number >= 0, got 1.5"),
     ],
 )
 def test_bad_settings_are_refused_clearly(kwargs, message):
@@ -194,3 +196,60 @@ def test_simulate_command_writes_files(tmp_path, capsys):
     assert (tmp_path / "s.npy").exists() and (tmp_path / "s.npz").exists()
     assert "clipped pixels 0" in capsys.readouterr().out
     assert cli.main(["simulate", "--out", str(tmp_path / "t"), "--overlap", "1.5"]) == 2
+    capsys.readouterr()
+    assert cli.main(["simulate", "--out", str(tmp_path / "t"), "--seed", "-1"]) == 2
+    assert capsys.readouterr().err == "edge-ptychonn simulate: seed must be a whole number >= 0, got -1\n"
+    assert not (tmp_path / "t.npy").exists()
+
+
+@pytest.mark.parametrize("case, message", [
+    ("pickled_frames", r"scan.npy: not a numpy array of frames"),
+    ("flat_frames", r"scan.npy: frames must be a stack \(N, H, W\) of counts, got int16 \(64, 64\)"),
+    ("4d_frames", r"scan.npy: frames must be a stack \(N, H, W\) of counts, got int16 \(16, 64, 64, 1\)"),
+    ("garbage_npz", r"scan.npz: not a scan written by edge-ptychonn simulate"),
+    ("positions_1d", r"scan.npz: positions_px must be \(N, 2\) rows of y x, got float64 \(16,\)"),
+    ("positions_nan", r"scan.npz: positions_px contains NaN"),
+    ("positions_outside", r"scan.npz: positions_px put 16 of 16 64x64 patches outside the \d+x\d+ object "
+                          r"\(first: frame 0, y x \[1000.0, 1000.0\]\)"),
+    ("probe_shape", r"scan.npz: probe is \(32, 32\), the patches are \(64, 64\)"),
+    ("patches_count", r"scan.npz: patches_phase must be \(N, h, w\) real with N = 16 positions, got float32 "
+                      r"\(15, 64, 64\)"),
+])
+def test_a_file_that_is_no_scan_is_refused_naming_the_file_and_field(tmp_path, capsys, case, message):
+    """``load_scan`` (``evaluate --scan``) says which file and field are wrong, not numpy's or the stitcher's words."""
+    import re
+
+    from edge_ptychonn import cli
+
+    frames, truth = simulate_scan(ScanSettings(seed=5, **SMALL), progress=False)
+    fields = dict(positions_px=truth.positions_px, patches_phase=truth.patches_phase, object_phase=truth.object_phase,
+                  object_amplitude=truth.object_amplitude, probe=truth.probe, settings=json.dumps(truth.settings))
+    if case == "pickled_frames":
+        np.save(tmp_path / "scan.npy", np.array([{"frames": 1}], dtype=object), allow_pickle=True)
+    elif case == "flat_frames":
+        np.save(tmp_path / "scan.npy", frames[0])
+    elif case == "4d_frames":
+        np.save(tmp_path / "scan.npy", frames[..., None])
+    else:
+        np.save(tmp_path / "scan.npy", frames)
+    if case == "positions_1d":
+        fields["positions_px"] = truth.positions_px[:, 0]
+    elif case == "positions_nan":
+        fields["positions_px"] = np.where(np.arange(16)[:, None] == 3, np.nan, truth.positions_px)
+    elif case == "positions_outside":
+        fields["positions_px"] = truth.positions_px + 1000
+    elif case == "probe_shape":
+        fields["probe"] = truth.probe[:32, :32]
+    elif case == "patches_count":
+        fields["patches_phase"] = truth.patches_phase[:15]
+    if case == "garbage_npz":
+        (tmp_path / "scan.npz").write_bytes(b"not a zip file")
+    else:
+        np.savez(tmp_path / "scan.npz", **fields)
+    with pytest.raises(ValueError) as err:
+        load_scan(tmp_path / "scan")
+    assert re.search(message, str(err.value)), err.value
+    assert cli.main(["evaluate", "--scan", str(tmp_path / "scan"), "--engine", "onnxruntime", "--device", "cpu",
+                     "--quiet"]) == 2
+    out = capsys.readouterr()
+    assert out.err.startswith("edge-ptychonn evaluate: ") and re.search(message, out.err) and out.out == ""

@@ -146,19 +146,20 @@ def test_train_command_writes_onnx_sidecar_and_card(tmp_path, capsys):
     assert "1 residual head block(s) at full resolution" in (tmp_path / "m3.md").read_text()
     # an exported model with a head block continues (its block read back from the ONNX graph) with one more
     rc = cli.main(["train", "--out", str(tmp_path / "m5"), "--train-scans", "1", "--positions-per-scan", "16",
-                   "--val-scans", "1", "--epochs", "1", "--width", "6", "--depth", "2", "--eval", "--quiet",
-                   "--init-from", str(tmp_path / "m3.onnx"), "--head-blocks", "2"])
+                   "--batch-size", "16", "--val-scans", "1", "--epochs", "1", "--width", "6", "--depth", "2", "--eval",
+                   "--quiet", "--init-from", str(tmp_path / "m3.onnx"), "--head-blocks", "2"])
     assert rc == 0
     meta5 = json.loads((tmp_path / "m5.json").read_text())
     assert meta5["model"]["head_blocks"] == 2 and meta5["training"]["head_blocks_from"] == 1
+    assert meta5["training"]["steps"] == 1 and meta5["training"]["batch_size"] == 16  # 2 groups of 8 of one scan
     assert "head blocks added to the 0 it had" in (tmp_path / "m5.md").read_text()  # m3's stage, one back
     assert cli.main(["train", "--out", str(tmp_path / "m6"), "--train-scans", "1", "--val-scans", "1",
-                     "--positions-per-scan", "16", "--width", "6", "--depth", "2", "--eval", "--quiet",
-                     "--init-from", str(tmp_path / "m3.onnx")]) == 2
+                     "--positions-per-scan", "16", "--batch-size", "16", "--width", "6", "--depth", "2", "--eval",
+                     "--quiet", "--init-from", str(tmp_path / "m3.onnx")]) == 2
     assert "head blocks cannot be removed" in capsys.readouterr().err
     assert cli.main(["train", "--out", str(tmp_path / "m4"), "--train-scans", "1", "--val-scans", "1",
-                     "--positions-per-scan", "16", "--width", "4", "--depth", "2", "--eval", "--quiet",
-                     "--init-from", str(tmp_path / "m3.onnx")]) == 2
+                     "--positions-per-scan", "16", "--batch-size", "16", "--width", "4", "--depth", "2", "--eval",
+                     "--quiet", "--init-from", str(tmp_path / "m3.onnx")]) == 2
     assert "a wider one cannot be narrowed" in capsys.readouterr().err
     assert meta3["preprocess"]["scale"] == meta["preprocess"]["scale"]  # the earlier run's input scaling
 
@@ -196,6 +197,18 @@ def test_bad_training_arguments(capsys):
     assert "head_blocks must be 0..8, got 9" in capsys.readouterr().err
     assert cli.main(["train", "--ssim-weight", "-0.1"]) == 2
     assert "ssim-weight must be >= 0" in capsys.readouterr().err
+    # the same checks as finetune's (train.check_training_options), and scan seeds >= 0
+    for argv, why in ((["--threads", "0"], "threads must be >= 1, got 0"),
+                      (["--max-minutes", "-1"], "max-minutes must be a number >= 0 (0: no limit), got -1.0"),
+                      (["--lr", "nan"], "lr must be a number >= 0, got nan"),
+                      (["--weight-decay=-1e-4"], "weight-decay must be a number >= 0"),
+                      (["--seed", "-1"], "seed must be >= 0, got -1"),
+                      (["--seed-base", "-3"], "seed-base must be >= 0 (scan seeds), got -3"),
+                      (["--val-seed-base", "-1"], "val-seed-base must be >= 0"),
+                      (["--eval", "mixed:-1"], "seed must be >= 0, got 'mixed:-1'")):
+        assert cli.main(["train", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("edge-ptychonn train: ") and why in err and "Traceback" not in err
     assert cli.main(["train", "--device", "gpu"]) == 2
     assert "device must be 'auto', 'cpu', 'cuda'" in capsys.readouterr().err
     if not torch.cuda.is_available():
@@ -328,3 +341,66 @@ def test_with_scans_the_loss_ignores_one_constant_per_scan_and_batches_hold_grou
         scans, counts = np.unique(idx // 49, return_counts=True)
         assert np.all(counts % SCAN_GROUP == 0), counts
     assert len(trainer.batches(10 * 49, np.random.default_rng(0))) == 10 * 49 // 32
+
+
+def test_an_epoch_without_a_step_and_a_batch_of_partial_groups_are_refused(tmp_path, capsys):
+    """With the running normalisation a batch is made of whole groups of one scan: too few groups
+    for one batch would write an untrained model (no step, NaN loss), and a batch size that is no
+    whole number of groups would train other batches than the card says. Both are refused before
+    anything is simulated or written; ``batch_layout`` is what ``Trainer.batches`` makes."""
+    from edge_ptychonn.science.train import batch_layout
+
+    out = tmp_path / "out" / "m"
+    base = ["train", "--out", str(out), "--train-scans", "1", "--val-scans", "1", "--epochs", "1", "--quiet"]
+    assert cli.main([*base, "--positions-per-scan", "4"]) == 2
+    err = capsys.readouterr().err
+    assert ("4 training frames (1 scan(s) of 4: 1 group(s) of 4 frames each, 8 groups to a batch) make no batch "
+            "of 32") in err
+    assert "give more --train-scans or --positions-per-scan, or a smaller --batch-size" in err
+    assert cli.main([*base, "--positions-per-scan", "64", "--batch-size", "12"]) == 2
+    assert "batch-size 12 is not a whole number of the 8-frame groups of one scan" in capsys.readouterr().err
+    assert cli.main([*base, "--positions-per-scan", "64", "--batch-size", "12", "--normalize", "none",
+                     "--train-scans", "0"]) == 2  # without scan groups any size is whole; refused for the scans
+    assert cli.main([*base, "--positions-per-scan", "8", "--batch-size", "12", "--normalize", "none"]) == 2
+    assert "8 training frames make no batch of 12" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+    args = get_args_parser().parse_args(["--width", "4", "--depth", "2"])
+    trainer = Trainer(args, ModelConfig(width=4, depth=2, input_size=16), choose_preprocess(np.ones((1, 16, 16))),
+                      np.ones((16, 16), bool))
+    for n_frames, bs, scan_length in ((490, 32, 49), (490, 12, 49), (12, 32, 4), (64, 32, 4), (90, 16, 6),
+                                      (100, 32, None), (20, 32, None)):
+        trainer.args.batch_size = bs
+        batches = trainer.batches(n_frames, np.random.default_rng(0), scan_length)
+        steps, used = batch_layout(n_frames, bs, scan_length)
+        assert len(batches) == steps and all(len(b) == used for b in batches), (n_frames, bs, scan_length)
+
+
+def test_training_normalises_by_the_totals_after_the_cards_crop_and_bin_as_live():
+    """A card that crops and bins: the live path (``load_into`` per frame, then ``transform_batch``
+    with the consumer's running total) gives the inputs that training (``scan_factors``, then
+    ``Trainer._inputs``) gives the same frames, once the running mean has seen the scan. The
+    border outside the crop is bright, so totals of the raw frames would give other inputs."""
+    from edge_ptychonn.science.train import scan_factors
+    from edge_ptychonn.stream.preprocess import PreprocessConfig, RunningTotal, load_into, transform_batch
+
+    rng = np.random.default_rng(0)
+    frames = rng.poisson(60.0, (16, 40, 40)).astype(np.int16)
+    frames[:, 4:36, 4:36] = rng.poisson(rng.uniform(5, 30, (16, 1, 1)), (16, 32, 32))
+    frames[5] = 0  # a frame without counts: not counted in the mean, not scaled (as live)
+    pp = PreprocessConfig(crop_hw=(32, 32), bin_factor=2, transform="sqrt", scale=0.05, normalize="running",
+                          reference_total=2e4, normalize_window=15)  # the scan's frames with counts
+    trainer = Trainer(get_args_parser().parse_args(["--width", "4", "--depth", "2"]),
+                      ModelConfig(width=4, depth=2, input_size=16), pp, np.ones((16, 16), bool))
+    trained = trainer._inputs(frames, scan_factors(frames, len(frames), pp)).numpy()[:, 0]
+
+    running = RunningTotal(pp.normalize_window)
+    live = np.empty((2, len(frames), 16, 16), np.float32)
+    for batch in live:  # the scan twice: in the second pass the window holds the whole scan
+        for frame, slot in zip(frames, batch):
+            load_into(frame, slot, pp)
+        transform_batch(batch, pp, running)
+    np.testing.assert_allclose(live[1], trained, rtol=1e-5, atol=1e-6)
+    raw_means = frames.reshape(16, -1).sum(axis=1).mean()
+    raw = trainer._inputs(frames, np.full(16, pp.reference_total / raw_means, np.float32)).numpy()[:, 0]
+    assert not np.allclose(raw, live[1], rtol=0.05)

@@ -126,6 +126,8 @@ def parse_scan_spec(spec: str) -> tuple[str, int]:
         raise ValueError(f"a simulated scan is FAMILY:SEED (e.g. mixed:1001), got {spec!r}") from None
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    if seed < 0:
+        raise ValueError(f"a simulated scan's seed must be >= 0, got {spec!r}")
     return family, seed
 
 

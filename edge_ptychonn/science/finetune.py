@@ -55,7 +55,9 @@ Held-out positions
 
 Outputs
     ``<out>.onnx``, ``<out>.json`` (the model card the processor reads:
-    preprocessing and stitch settings of the base model, the architecture, the
+    preprocessing and stitch settings of the base model, its output mask unless
+    the loss probe's bright centre reaches beyond it (then a disc around that
+    bright centre, as ``train`` makes it), the architecture, the
     fine-tuning record, held-out scores before and after), ``<out>.md`` (the
     card for people) and ``<out>.pt`` (weights). Held-out scores run both
     models through the ONNX Runtime engine: the median per-patch phase RMSE and
@@ -85,6 +87,7 @@ from edge_ptychonn.model_card import (
 from edge_ptychonn.progress import Progress
 from edge_ptychonn.science.simulate import ScanSettings, extract_patches, make_probe
 from edge_ptychonn.science.stitch import Stitcher, probe_weight
+from edge_ptychonn.stream.postprocess import OutputMask
 from edge_ptychonn.stream.preprocess import PreprocessConfig, preprocess
 
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".nxs")
@@ -420,6 +423,19 @@ def unfold_batchnorm(folded, frames: np.ndarray, pp: PreprocessConfig, batch_siz
     return model
 
 
+def output_mask_for(card: ModelCard | None, probe: np.ndarray, threshold: float) -> OutputMask:
+    """The fine-tuned model's output mask: the base card's when it holds the whole bright centre of
+    ``probe`` (the loss region), else a disc around that bright centre, as ``train`` makes it
+    (``train.output_mask_from_probe``)."""
+    from edge_ptychonn.science.train import output_mask_from_probe
+
+    base = card.output_mask if card is not None else None
+    bright = probe_weight(probe, threshold) > 0
+    if base is not None and not (bright & base.outside(bright.shape)).any():
+        return base
+    return output_mask_from_probe(probe, threshold)
+
+
 # ---------------------------------------------------------------- scores
 
 
@@ -449,7 +465,9 @@ def held_out_scores(model_path: Path, frames: np.ndarray, pp: PreprocessConfig, 
 
 def card_markdown(card: ModelCard, base_name: str, data: dict, before: dict, after: dict) -> str:
     """The fine-tuned model's card for people (Markdown)."""
-    t, m, pp = card.training, card.model, card.preprocess
+    from edge_ptychonn.science.train import preprocess_lines
+
+    t, m = card.training, card.model
     n = card.input_size
     lines = [
         f"# PtychoNN model card: `{card.name}` (fine-tuned)",
@@ -463,9 +481,8 @@ def card_markdown(card: ModelCard, base_name: str, data: dict, before: dict, aft
         "",
         f"- ONNX opset 17, input `diffraction` float32 (N, 1, {n}, {n}), outputs "
         f"{', '.join(f'`{o}`' for o in card.outputs)} float32 (N, 1, {n}, {n}); the batch axis is dynamic.",
-        f"- Preprocessing (kept from the base model, in `{card.name}.json`): transform `{pp.transform}`, "
-        f"scale {pp.scale}, offset {pp.offset}, "
-        + (f"crop {pp.crop_hw[0]}x{pp.crop_hw[1]}" if pp.crop_hw else "no crop") + f", bin {pp.bin_factor}.",
+    ] + preprocess_lines(card, f"kept from the base model, in `{card.name}.json`",
+                         "in fine-tuning, over the mean total of the recorded frames") + [
         f"- Architecture: PtychoNN width {m.width}, depth {m.depth}, BatchNorm: {data['batchnorm']}; "
         f"amplitude head {m.amplitude_head}; "
         f"{t.n_parameters:,} parameters.",
@@ -586,10 +603,12 @@ def _fail(message: str) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.epochs < 1 or args.batch_size < 2:
-        return _fail(f"epochs must be >= 1 and batch-size >= 2, got {args.epochs}, {args.batch_size}")
-    if args.lr < 0 or args.max_minutes < 0 or args.threads < 1:
-        return _fail("lr and max-minutes must be >= 0 and threads >= 1")
+    from edge_ptychonn.science.train import check_training_options
+
+    try:
+        check_training_options(args)
+    except ValueError as exc:
+        return _fail(str(exc))
     out = Path(args.out)
     try:
         import torch
@@ -731,7 +750,8 @@ def main(args: argparse.Namespace) -> int:
             "origin": list(args.origin), "position_ref": args.position_ref}
     new_card = ModelCard(
         name=out.name, input_size=n, outputs=("phase", "amplitude") if config.amplitude_head else ("phase",),
-        preprocess=pp, stitch=stitch, model=config, training=training, limits=LIMITS,
+        preprocess=pp, stitch=stitch, output_mask=output_mask_for(card, probe, stitch.probe_threshold),
+        model=config, training=training, limits=LIMITS,
         accuracy={"finetune": {"held_out_before": before, "held_out_after": after, "data": data,
                                "start_val_loss": val_loss[0]}},
     )

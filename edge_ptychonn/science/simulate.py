@@ -48,6 +48,7 @@ import json
 import math
 import sys
 import warnings
+import zipfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -85,6 +86,9 @@ class ScanSettings:
     absorption: float = 0.05
 
     def __post_init__(self) -> None:
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer))
+                                      or self.seed < 0):  # None: a card's settings of many scans
+            raise ValueError(f"seed must be a whole number >= 0, got {self.seed!r}")
         if self.family not in FAMILIES:
             raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
         if self.pattern not in SCAN_PATTERNS:
@@ -482,29 +486,70 @@ def save_scan(out: str | Path, frames: np.ndarray, truth: ScanTruth) -> tuple[Pa
 def load_scan(path: str | Path) -> tuple[np.ndarray, ScanTruth]:
     """Read a scan written by ``save_scan``: ``(frames, truth)``.
 
-    ``path`` is the prefix or the path of the ``.npy`` or the ``.npz``.
+    ``path`` is the prefix or the path of the ``.npy`` or the ``.npz``. ``ValueError``
+    names the file and the field when the files are not such a scan (shapes, dtypes,
+    positions that put a patch outside the object).
     """
     npy, npz = scan_paths(path)
     for p in (npy, npz):
         if not p.exists():
             raise FileNotFoundError(f"{p} not found; make it with 'edge-ptychonn simulate --out {npy.with_suffix('')}'")
-    frames = np.load(npy)
-    with np.load(npz) as z:
-        missing = {"positions_px", "patches_phase", "object_phase", "object_amplitude", "probe", "settings"} - set(z.files)
-        if missing:
-            raise ValueError(f"{npz} lacks {sorted(missing)}: not a scan written by edge-ptychonn simulate")
-        truth = ScanTruth(
-            positions_px=z["positions_px"],
-            patches_phase=z["patches_phase"],
-            object_phase=z["object_phase"],
-            object_amplitude=z["object_amplitude"],
-            probe=z["probe"],
-            settings=json.loads(str(z["settings"])),
-            stats=json.loads(str(z["stats"])) if "stats" in z.files else {},
+    try:
+        frames = np.load(npy)
+    except (ValueError, OSError) as exc:
+        raise ValueError(f"{npy}: not a numpy array of frames ({exc})") from None
+    try:
+        with np.load(npz) as z:
+            arrays = dict(z.items())
+        needed = {"positions_px", "patches_phase", "object_phase", "object_amplitude", "probe", "settings"}
+        missing = needed - set(arrays)
+        truth = None if missing else ScanTruth(
+            positions_px=arrays["positions_px"],
+            patches_phase=arrays["patches_phase"],
+            object_phase=arrays["object_phase"],
+            object_amplitude=arrays["object_amplitude"],
+            probe=arrays["probe"],
+            settings=json.loads(str(arrays["settings"])),
+            stats=json.loads(str(arrays["stats"])) if "stats" in arrays else {},
         )
-    if len(frames) != len(truth.positions_px):
-        raise ValueError(f"{npy} has {len(frames)} frames but {npz} has {len(truth.positions_px)} positions")
+    except (ValueError, OSError, EOFError, AttributeError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"{npz}: not a scan written by edge-ptychonn simulate ({exc})") from None
+    if missing:
+        raise ValueError(f"{npz} lacks {sorted(missing)}: not a scan written by edge-ptychonn simulate")
+    _check_scan(frames, truth, npy, npz)
     return frames, truth
+
+
+def _check_scan(frames: np.ndarray, truth: ScanTruth, npy: Path, npz: Path) -> None:
+    """``ValueError`` naming the file and field where ``load_scan``'s arrays do not form a scan."""
+    if frames.ndim != 3 or frames.dtype.kind not in "iuf":
+        raise ValueError(f"{npy}: frames must be a stack (N, H, W) of counts, got {frames.dtype} {frames.shape}")
+    pos = truth.positions_px
+    if pos.dtype.kind not in "iuf" or pos.ndim != 2 or pos.shape[1] != 2:
+        raise ValueError(f"{npz}: positions_px must be (N, 2) rows of y x, got {pos.dtype} {pos.shape}")
+    if not np.isfinite(pos).all():
+        raise ValueError(f"{npz}: positions_px contains NaN or infinite values")
+    if len(frames) != len(pos):
+        raise ValueError(f"{npy} has {len(frames)} frames but {npz} has {len(pos)} positions")
+    patches = truth.patches_phase
+    if patches.dtype.kind not in "iuf" or patches.shape[:1] != (len(pos),) or patches.ndim != 3:
+        raise ValueError(f"{npz}: patches_phase must be (N, h, w) real with N = {len(pos)} positions, got "
+                         f"{patches.dtype} {patches.shape}")
+    if truth.probe.shape != truth.patch_shape:
+        raise ValueError(f"{npz}: probe is {truth.probe.shape}, the patches are {truth.patch_shape}")
+    obj = truth.object_phase
+    if obj.dtype.kind not in "iuf" or obj.ndim != 2:
+        raise ValueError(f"{npz}: object_phase must be a real (H, W) image, got {obj.dtype} {obj.shape}")
+    if truth.object_amplitude.shape != obj.shape:
+        raise ValueError(f"{npz}: object_amplitude is {truth.object_amplitude.shape}, object_phase {obj.shape}")
+    corners = np.rint(pos)
+    h, w = truth.patch_shape
+    outside = ((corners < 0).any(axis=1) | (corners[:, 0] + h > obj.shape[0]) | (corners[:, 1] + w > obj.shape[1]))
+    if outside.any():
+        k = int(np.flatnonzero(outside)[0])
+        raise ValueError(f"{npz}: positions_px put {int(outside.sum())} of {len(pos)} {h}x{w} patches outside the "
+                         f"{obj.shape[0]}x{obj.shape[1]} object (first: frame {k}, y x {pos[k].tolist()}); positions "
+                         "are the patch's top-left corner in object pixels")
 
 
 # ---------------------------------------------------------------- command

@@ -14,7 +14,8 @@ Steps (``main``):
    counts are scaled by the reference total (the mean total of the validation
    frames, at ``--photons``) over the mean total of its own scan, the value the
    live running mean (the last 1024 frames) settles to over a scan
-   (``scan_factors``; ``total``: over its own total), then ``sqrt`` of the
+   (``scan_factors``, with the totals after the crop and bin, as live; ``total``:
+   over its own total), then ``sqrt`` of the
    counts times ``1 / p99.9`` of the training data; every batch goes through
    ``preprocess.preprocess``, the function ``evaluate`` and the live pipeline use;
 3. train with AdamW, a cosine learning-rate decay that reaches its end at the
@@ -81,6 +82,38 @@ LIMITS = (
 
 
 SCAN_GROUP = 8  # frames of one scan that come together in a training batch (normalize 'running')
+
+
+def scan_group(scan_length: int, batch_size: int) -> int:
+    """The frames of one scan that come together in a batch (``Trainer.batches``)."""
+    return max(1, min(SCAN_GROUP, scan_length, batch_size))
+
+
+def batch_layout(n_frames: int, batch_size: int, scan_length: int | None = None) -> tuple[int, int]:
+    """``(steps per epoch, frames per batch)`` of ``Trainer.batches``: ``n_frames // batch_size``
+    batches of ``batch_size``; with ``scan_length`` (whole scans of that many frames), batches of
+    ``batch_size // g`` groups of ``g = scan_group(...)`` frames of one scan, ``scan_length // g``
+    groups per scan (the frames per batch then ``batch_size`` rounded down to a multiple of ``g``)."""
+    if not scan_length:
+        return n_frames // batch_size, batch_size
+    g = scan_group(scan_length, batch_size)
+    per = max(1, batch_size // g)
+    return (n_frames // scan_length) * (scan_length // g) // per, per * g
+
+
+def check_training_options(args: argparse.Namespace) -> None:
+    """``ValueError`` for options of ``train`` and ``finetune`` that cannot train: ``epochs``,
+    ``batch_size``, ``lr``, ``weight_decay``, ``max_minutes``, ``threads``, ``seed``."""
+    if args.epochs < 1 or args.batch_size < 2:
+        raise ValueError(f"epochs must be >= 1 and batch-size >= 2, got {args.epochs}, {args.batch_size}")
+    for name, value in (("lr", args.lr), ("weight-decay", args.weight_decay), ("max-minutes", args.max_minutes)):
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a number >= 0{' (0: no limit)' if name == 'max-minutes' else ''}, "
+                             f"got {value}")
+    if args.threads < 1:
+        raise ValueError(f"threads must be >= 1, got {args.threads}")
+    if args.seed < 0:
+        raise ValueError(f"seed must be >= 0, got {args.seed}")
 
 
 def dose_factor(seed: int, dose_range: tuple[float, float]) -> float:
@@ -163,11 +196,24 @@ def reference_total(frames: np.ndarray) -> float:
     return float(f"{float(frames.reshape(len(frames), -1).sum(axis=1, dtype=np.float64).mean()):.4g}")
 
 
+def loaded_totals(frames: np.ndarray, pp: PreprocessConfig) -> np.ndarray:
+    """Each frame's total counts (float64) after the crop and bin of ``pp``: the totals that the
+    live normalisation takes (``preprocess.load_into``, then ``transform_batch``); ``ValueError``
+    when the crop does not fit the frames or the bin does not divide them."""
+    pp.output_shape(frames.shape[1:])
+    if pp.crop_hw is not None:
+        y0, x0 = pp.crop_origin(frames.shape[1:])
+        frames = frames[:, y0 : y0 + pp.crop_hw[0], x0 : x0 + pp.crop_hw[1]]
+    return frames.sum(axis=(1, 2), dtype=np.float64)  # binning adds counts up: the same totals
+
+
 def scan_factors(frames: np.ndarray, scan_length: int, pp: PreprocessConfig) -> np.ndarray | None:
     """Each frame's normalisation factor for training with ``normalize: "running"``:
     the reference total over the mean total of the frame's own scan (consecutive
     runs of ``scan_length`` frames), the value that the live running mean settles
-    to over a scan. Training batches mix shuffled frames of many scans, so one
+    to over a scan. Totals are taken after the crop and bin (:func:`loaded_totals`)
+    and frames whose total is not positive are neither counted nor scaled, as live.
+    Training batches mix shuffled frames of many scans, so one
     running mean across them would see all scans (and all doses) at once; these
     factors give every frame the normalisation of its own scan. ``None`` for the
     other normalisations (``preprocess`` computes ``total`` per frame itself)."""
@@ -175,10 +221,12 @@ def scan_factors(frames: np.ndarray, scan_length: int, pp: PreprocessConfig) -> 
         return None
     if scan_length < 1 or len(frames) % scan_length:
         raise ValueError(f"{len(frames)} frames are not whole scans of {scan_length}")
-    totals = frames.reshape(len(frames) // scan_length, scan_length, -1).sum(axis=2, dtype=np.float64)
-    means = totals.mean(axis=1)
+    totals = loaded_totals(frames, pp).reshape(len(frames) // scan_length, scan_length)
+    counted = totals > 0
+    n = counted.sum(axis=1)
+    means = np.where(counted, totals, 0.0).sum(axis=1) / np.maximum(n, 1)
     factors = np.where(means > 0, pp.reference_total / np.where(means > 0, means, 1.0), 1.0)
-    return np.repeat(factors, scan_length).astype(np.float32)
+    return np.where(counted, factors[:, None], 1.0).reshape(-1).astype(np.float32)
 
 
 def choose_preprocess(frames: np.ndarray, normalize: str = "none", reference: float | None = None) -> PreprocessConfig:
@@ -396,7 +444,7 @@ class Trainer:
         if not scan_length:
             order = rng.permutation(n_frames)
             return [np.sort(order[s : s + bs]) for s in range(0, n_frames - bs + 1, bs)]
-        g = max(1, min(SCAN_GROUP, scan_length, bs))
+        g = scan_group(scan_length, bs)
         chunks = []
         for first in range(0, n_frames - scan_length + 1, scan_length):
             frames = first + rng.permutation(scan_length)
@@ -566,24 +614,8 @@ def card_markdown(card: ModelCard) -> str:
         "",
         f"- ONNX opset 17, input `diffraction` float32 (N, 1, {n}, {n}), "
         f"outputs {', '.join(f'`{o}`' for o in card.outputs)} float32 (N, 1, {n}, {n}); the batch axis is dynamic.",
-        f"- Preprocessing (in `{card.name}.json`, applied by the processor, `evaluate` and training alike): "
-        + (f"each frame's counts scaled by {pp.reference_total:g} over the mean total of the last "
-           f"{pp.normalize_window} frames (normalize `running`: the input does not depend on the dose; in "
-           "training, over the mean total of the frame's own scan, the value the running mean settles to), then "
-           if pp.normalize == "running" else "")
-        + (f"each frame's counts scaled to {pp.reference_total:g} in total (normalize `total`: the input does not "
-           "depend on the dose), then " if pp.normalize == "total" else "")
-        + f"transform `{pp.transform}`, scale {pp.scale}, offset {pp.offset}, "
-        + (f"crop {pp.crop_hw[0]}x{pp.crop_hw[1]}" if pp.crop_hw else "no crop") + f", bin {pp.bin_factor}.",
-    ]
-    if card.output_mask is not None:
-        om = card.output_mask
-        lines.append(
-            f"- Output mask (`output_mask`): outside a disc of radius {om.radius_px:g} px around pixel "
-            f"({om.centre_yx[0]:g}, {om.centre_yx[1]:g}), which holds the probe's bright centre, the processor "
-            f"publishes {om.fill_rad:g} rad (processor argument `outputMask`, default true; the network's own "
-            "values there are meaningless). Stitching weights only the bright centre, so it is unchanged.")
-    lines += [
+    ] + preprocess_lines(card, f"in `{card.name}.json`, applied by the processor, `evaluate` and training alike",
+                         "in training, over the mean total of the frame's own scan") + [
         "",
         "## Architecture",
         "",
@@ -685,6 +717,33 @@ def card_markdown(card: ModelCard) -> str:
     return "\n".join(lines) + "\n"
 
 
+def preprocess_lines(card: ModelCard, where: str, fitted: str) -> list[str]:
+    """The model card's preprocessing and output-mask bullets (Markdown), shared by ``train`` and
+    ``finetune``: ``where`` says where the settings live, ``fitted`` how training took the
+    running normalisation's mean total."""
+    pp = card.preprocess
+    lines = [
+        f"- Preprocessing ({where}): "
+        + (f"each frame's counts scaled by {pp.reference_total:g} over the mean total of the last "
+           f"{pp.normalize_window} frames (normalize `running`: the input does not depend on the dose; "
+           f"{fitted}, the value the running mean settles to), then " if pp.normalize == "running" else "")
+        + (f"each frame's counts scaled to {pp.reference_total:g} in total (normalize `total`: the input does not "
+           "depend on the dose), then " if pp.normalize == "total" else "")
+        + f"transform `{pp.transform}`, scale {pp.scale}, offset {pp.offset}, "
+        + (f"crop {pp.crop_hw[0]}x{pp.crop_hw[1]}" if pp.crop_hw else "no crop") + f", bin {pp.bin_factor}"
+        + (" (the totals are taken after the crop and bin)."
+           if pp.normalize != "none" and (pp.crop_hw or pp.bin_factor > 1) else "."),
+    ]
+    if card.output_mask is not None:
+        om = card.output_mask
+        lines.append(
+            f"- Output mask (`output_mask`): outside a disc of radius {om.radius_px:g} px around pixel "
+            f"({om.centre_yx[0]:g}, {om.centre_yx[1]:g}), which holds the probe's bright centre, the processor "
+            f"publishes {om.fill_rad:g} rad (processor argument `outputMask`, default true; the network's own "
+            "values there are meaningless). Stitching weights only the bright centre, so it is unchanged.")
+    return lines
+
+
 def _mix_text(mix) -> str:
     return ", ".join(f"{fraction:.0%} `{family}`" for family, fraction in mix.items())
 
@@ -783,7 +842,10 @@ def get_args_parser(prog: str = "edge-ptychonn train") -> argparse.ArgumentParse
                         "window and constants of the scores, the --phase-range as data range; default 0: L1 only)")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--max-minutes", type=float, default=24.0, help="stop training after this long (0: no limit)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="frames per training step; with --normalize running a whole number of the groups of "
+                        f"{SCAN_GROUP} frames of one scan (fewer with shorter scans) that a batch is made of "
+                        "(default: %(default)s)")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--width", type=int, default=16)
@@ -808,6 +870,23 @@ def get_args_parser(prog: str = "edge-ptychonn train") -> argparse.ArgumentParse
     return p
 
 
+def check_batches(args: argparse.Namespace) -> None:
+    """``ValueError`` unless an epoch of ``args`` makes at least one batch, each of ``--batch-size``
+    frames (with ``--normalize running``: whole groups of one scan, ``batch_layout``)."""
+    n, bs = args.train_scans * args.positions_per_scan, args.batch_size
+    scan_length = args.positions_per_scan if args.normalize == "running" else None
+    steps, used = batch_layout(n, bs, scan_length)
+    g = scan_group(scan_length, bs) if scan_length else None
+    if used != bs:
+        raise ValueError(f"batch-size {bs} is not a whole number of the {g}-frame groups of one scan that "
+                         f"--normalize running trains on: use {used} or {used + g}")
+    if steps < 1:
+        how = (f" ({args.train_scans} scan(s) of {args.positions_per_scan}: {args.positions_per_scan // g} group(s) of "
+               f"{g} frames each, {bs // g} groups to a batch)" if g else "")
+        raise ValueError(f"{n} training frames{how} make no batch of {bs}: an epoch would train nothing; give more "
+                         "--train-scans or --positions-per-scan, or a smaller --batch-size")
+
+
 def main(args: argparse.Namespace) -> int:
     import torch
 
@@ -819,8 +898,10 @@ def main(args: argparse.Namespace) -> int:
         device = training_device(args.device)
         if not (math.isfinite(args.ssim_weight) and args.ssim_weight >= 0):
             raise ValueError(f"ssim-weight must be >= 0, got {args.ssim_weight}")
-        if args.epochs < 1 or args.batch_size < 2:
-            raise ValueError(f"epochs must be >= 1 and batch-size >= 2, got {args.epochs}, {args.batch_size}")
+        check_training_options(args)
+        for name, first in (("seed-base", args.seed_base), ("val-seed-base", args.val_seed_base)):
+            if first < 0:
+                raise ValueError(f"{name} must be >= 0 (scan seeds), got {first}")
         lo, hi = args.dose_range
         if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo <= hi):
             raise ValueError(f"dose-range must be 0 < LOW <= HIGH, got {lo} {hi}")
@@ -831,6 +912,7 @@ def main(args: argparse.Namespace) -> int:
                             overlap=args.overlap, phase_range_rad=args.phase_range, density=args.density)
         model_config = ModelConfig(width=args.width, depth=args.depth, input_size=base.frame_size,
                                    batch_norm=True, amplitude_head=args.amplitude, head_blocks=args.head_blocks)
+        check_batches(args)
         train_seeds = list(range(args.seed_base, args.seed_base + args.train_scans))
         val_seeds = list(range(args.val_seed_base, args.val_seed_base + args.val_scans))
         if set(train_seeds) & set(val_seeds):
