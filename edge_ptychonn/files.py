@@ -60,14 +60,32 @@ def remove_stale_partials(directory: Path, log: logging.Logger) -> list[Path]:
     return removed
 
 
+def unused_stem(stem: Path, endings: tuple[str, ...]) -> Path:
+    """``stem``, or where a file ``stem + ending`` already exists for any of ``endings``
+    (an earlier run's), the first ``<stem>-2``, ``<stem>-3``, ... for which none does:
+    data files are never replaced."""
+    stem = Path(stem)
+    candidate, n = stem, 1
+    while any(Path(f"{candidate}{ending}").exists() for ending in endings):
+        n += 1
+        candidate = stem.with_name(f"{stem.name}-{n}")
+    return candidate
+
+
 @contextlib.contextmanager
-def whole_file(path: Path):
-    """Yield a hidden path to write; rename it to ``path`` when the block ends, remove it on error."""
+def whole_file(path: Path, replace: bool = True):
+    """Yield a hidden path to write; rename it to ``path`` when the block ends, remove it on
+    error. ``replace`` False: an existing ``path`` is never replaced (``FileExistsError``;
+    pick the name with :func:`unused_stem`)."""
     path = Path(path)
     partial = partial_name(path)
     try:
         yield partial
-        os.replace(partial, path)
+        if replace:
+            os.replace(partial, path)
+        else:
+            os.link(partial, path)  # fails if the name exists, where a rename would replace it
+            partial.unlink()
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
@@ -78,6 +96,6 @@ def write_bytes_whole(path: Path, data: bytes) -> None:
         partial.write_bytes(data)
 
 
-def save_npy_whole(path: Path, array: np.ndarray) -> None:
-    with whole_file(path) as partial, open(partial, "wb") as f:
+def save_npy_whole(path: Path, array: np.ndarray, replace: bool = True) -> None:
+    with whole_file(path, replace) as partial, open(partial, "wb") as f:
         np.save(f, array)

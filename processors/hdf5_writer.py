@@ -21,7 +21,8 @@ Input
     record a monitor gets on connect) are ignored.
 Output
     No channel. Files ``<outputDirectory>/<fileNameFormat>``, one per consumer
-    (``processorId``) and scan, with (n = frames written so far):
+    (``processorId``) and scan (an existing file is never replaced: the new one
+    gets ``-2``, ``-3``, ... before the extension), with (n = frames written so far):
 
     ``data``           (n, h, w) the images, pixel type of the input; chunks
                        (``chunkFrames``, h, w), optionally compressed
@@ -72,7 +73,7 @@ from pathlib import Path
 import numpy as np
 import pvaccess as pva
 
-from edge_ptychonn.files import remove_stale_partials, whole_file
+from edge_ptychonn.files import remove_stale_partials, unused_stem, whole_file
 from edge_ptychonn.stream.arguments import (
     choice, integer, number, optional, path, text, text_list,
 )
@@ -154,7 +155,7 @@ class _ScanFile:
         self.path = file
         # Built under a hidden name and renamed once in SWMR mode: a reader that sees the
         # file's name can open it (before SWMR mode the writer holds an exclusive lock).
-        with whole_file(file) as partial:
+        with whole_file(file, replace=False) as partial:
             self.f = h5py.File(partial, "w", libver="latest")
             try:
                 self._create(first, settings, attrs)
@@ -274,7 +275,11 @@ class Hdf5WriterProcessor(ProcessorBase):
         if s.model_card is not None:
             attrs["modelCard"] = s.model_card.read_text(errors="replace")
             attrs["modelCardPath"] = str(s.model_card.resolve())
-        self.current = _ScanFile(self.h5py, s.output_directory / name, first, s, attrs)
+        # an earlier run's file of the same name is kept: this one gets "-2", "-3", ...
+        path = s.output_directory / name
+        stem = unused_stem(path.with_name(path.stem), (path.suffix,))
+        path = stem.with_name(stem.name + path.suffix)
+        self.current = _ScanFile(self.h5py, path, first, s, attrs)
         self.files.append(self.current.path)
         self.logger.info("writing %s", self.current.path)
 

@@ -88,7 +88,9 @@ Processor arguments (``--processor-args`` JSON) -- see :data:`StitchProcessor.AR
     metadataTimeOffset (s, 0), metadataWait (s, 2.0),
     objectShape [H, W] (required without a positionsFile), weightFile,
     probeThreshold (0.1), minCoverWeight (0.5), fill (0.0), publishRate (Hz, 2.0),
-    restartWindow (64), outputDirectory, filePrefix ("stitch").
+    restartWindow (64), outputDirectory, filePrefix ("stitch"): images saved as
+    ``<outputDirectory>/<filePrefix>_scanNNNN.npy`` (and ``..._weight.npy``), never
+    replacing an earlier run's (then ``_scanNNNN-2.npy``, ...).
 Run-time changes (control channel ``configure``)
     publishRate, fill; ``{"newScan": true}`` finishes the current image.
 Statistics (status channel ``userStats``) -- see :data:`STATS`.
@@ -106,7 +108,7 @@ from pathlib import Path
 import numpy as np
 import pvaccess as pva
 
-from edge_ptychonn.files import remove_stale_partials, save_npy_whole
+from edge_ptychonn.files import remove_stale_partials, save_npy_whole, unused_stem
 from edge_ptychonn.science.stitch import Stitcher, probe_weight
 from edge_ptychonn.stream.arguments import (
     choice, int_pair, integer, number, optional, path, text, text_list,
@@ -579,10 +581,12 @@ class StitchProcessor(ProcessorBase):
         if scan.saved or self.settings.output_directory is None:
             return
         scan.saved = True
-        stem = self.settings.output_directory / f"{self.settings.file_prefix}_scan{scan.index:04d}"
+        # an earlier run's files of the same name are kept: this one gets "-2", "-3", ...
+        stem = unused_stem(self.settings.output_directory / f"{self.settings.file_prefix}_scan{scan.index:04d}",
+                           (".npy", "_weight.npy"))
         try:  # the weights first: the image's name appearing says both are complete
-            save_npy_whole(Path(f"{stem}_weight.npy"), scan.stitcher.weight_sum().astype(np.float32))
-            save_npy_whole(Path(f"{stem}.npy"), image)
+            save_npy_whole(Path(f"{stem}_weight.npy"), scan.stitcher.weight_sum().astype(np.float32), replace=False)
+            save_npy_whole(Path(f"{stem}.npy"), image, replace=False)
         except OSError as exc:
             self.count_problem("save", "cannot save %s: %s", stem, exc)
             return

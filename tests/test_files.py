@@ -8,7 +8,9 @@ import os
 import numpy as np
 import pytest
 
-from edge_ptychonn.files import partial_name, remove_stale_partials, save_npy_whole, whole_file, write_bytes_whole
+from edge_ptychonn.files import (
+    partial_name, remove_stale_partials, save_npy_whole, unused_stem, whole_file, write_bytes_whole,
+)
 
 LOG = logging.getLogger("test")
 
@@ -56,3 +58,20 @@ def test_whole_file_names_its_partial_after_this_host_and_process(tmp_path):
         assert partial == partial_name(tmp_path / "a.bin") and f".{os.getpid()}.part" in partial.name
         partial.write_bytes(b"x")
         assert remove_stale_partials(tmp_path, LOG) == [] and partial.exists()
+
+
+def test_data_files_are_not_replaced(tmp_path):
+    old = tmp_path / "scan0001.h5"
+    old.write_bytes(b"old")
+    assert unused_stem(tmp_path / "scan0001", (".h5",)) == tmp_path / "scan0001-2"
+    assert unused_stem(tmp_path / "scan0002", (".h5",)) == tmp_path / "scan0002"
+    (tmp_path / "img-2_weight.npy").write_bytes(b"")  # either of a pair makes the name taken
+    (tmp_path / "img.npy").write_bytes(b"")
+    assert unused_stem(tmp_path / "img", (".npy", "_weight.npy")) == tmp_path / "img-3"
+    with pytest.raises(FileExistsError):  # taken meanwhile: refused, not replaced
+        with whole_file(old, replace=False) as partial:
+            partial.write_bytes(b"new")
+    assert old.read_bytes() == b"old" and not partial_name(old).exists()
+    with whole_file(tmp_path / "scan0002.h5", replace=False) as partial:
+        partial.write_bytes(b"new")
+    assert (tmp_path / "scan0002.h5").read_bytes() == b"new" and not partial.exists()

@@ -90,6 +90,20 @@ def test_a_restart_or_a_command_starts_a_new_file(tmp_path, rng):
     assert sizes == [6, 3, 1]
 
 
+def test_an_earlier_runs_file_is_never_replaced(tmp_path, rng):
+    images = rng.normal(size=(4, 4, 4)).astype(np.float32)
+    earlier = tmp_path / "inference_2_output_scan0001.h5"
+    earlier.write_bytes(b"an earlier run's scan")
+    (tmp_path / "inference_2_output_scan0001-2.h5").write_bytes(b"and another")
+    p = Hdf5WriterProcessor({**FRAMEWORK, "outputDirectory": str(tmp_path)})
+    run(p, [frame(k + 1, images[k]) for k in range(4)])
+    [file] = p.files
+    assert file.name == "inference_2_output_scan0001-3.h5"
+    assert earlier.read_bytes() == b"an earlier run's scan"
+    with h5py.File(file, "r") as f:
+        np.testing.assert_array_equal(f["data"][:], images)
+
+
 def test_swmr_reader_follows_the_growing_file(tmp_path, rng):
     images = rng.normal(size=(40, 16, 16)).astype(np.float32)
     p = Hdf5WriterProcessor({**FRAMEWORK, "outputDirectory": str(tmp_path), "flushPeriod": 0.05, "chunkFrames": 4})

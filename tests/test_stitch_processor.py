@@ -88,6 +88,23 @@ def test_any_order_equals_offline_stitching_from_npz(tmp_path, rng):
     assert np.load(tmp_path / "out" / "stitch_scan0001_weight.npy").shape == shape
 
 
+def test_an_earlier_runs_image_is_never_replaced(tmp_path, rng):
+    patches, positions, probe = small_scan(rng)
+    out = tmp_path / "out"
+    out.mkdir()
+    np.save(out / "stitch_scan0001_weight.npy", np.zeros(3))  # an earlier run's, half of a pair
+    p = make({"positionsFile": str(write_npz(tmp_path / "s.npz", positions, probe, (40, 48))),
+              "outputDirectory": str(out)}, Publisher())
+    for k in range(len(patches)):
+        p.process(good_frame(k + 1, patches[k]))
+    image, _ = p.image()
+    p.stop()
+    np.testing.assert_array_equal(np.load(out / "stitch_scan0001_weight.npy"), np.zeros(3))
+    assert not (out / "stitch_scan0001.npy").exists()
+    np.testing.assert_allclose(np.load(out / "stitch_scan0001-2.npy"), image)
+    assert np.load(out / "stitch_scan0001-2_weight.npy").shape == (40, 48)
+
+
 def test_plain_tables_two_and_three_columns(tmp_path, rng):
     patches, positions, _ = small_scan(rng, n=6)
     (tmp_path / "yx.csv").write_text("# y, x\n" + "\n".join(f"{y},{x}" for y, x in positions))
