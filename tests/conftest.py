@@ -43,6 +43,35 @@ def external_model() -> Path:
     return EXTERNAL_MODEL
 
 
+@pytest.fixture(scope="module")
+def diffraction() -> np.ndarray:
+    """A batch of 8 diffraction frames for the external model (128x128)."""
+    return np.random.default_rng(7).poisson(5.0, (8, 1, 128, 128)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def ort_engine(external_model):
+    """ONNX Runtime on the external model: the reference the other engines are checked against."""
+    from engines import EngineOptions, create_engine
+
+    return create_engine("onnxruntime", EngineOptions(external_model, max_batch=8))
+
+
+@pytest.fixture
+def fixed8_model(tmp_path) -> Path:
+    """A batch-8 model (edgePtychoNN's kind) that doubles its 16x16 input: y = 2 x."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.full((1, 1, 1, 1), 2.0, np.float32), "w")
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 1, 16, 16])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 1, 16, 16])
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"])], "g", [x], [y], [w])
+    path = tmp_path / "fixed8.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), path)
+    return path
+
+
 @pytest.fixture
 def dead_pid() -> int:
     """The process id of a process that has exited (what a killed writer leaves in its file names)."""

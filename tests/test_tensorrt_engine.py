@@ -415,17 +415,9 @@ def test_deserialize_returning_none_after_a_build_is_a_clear_error(gpu10, small_
         make(small_model, tmp_path)
 
 
-def test_fixed_batch_models_are_padded(gpu10, tmp_path):
+def test_fixed_batch_models_are_padded(gpu10, tmp_path, fixed8_model):
     """A model exported with batch 8 (edgePtychoNN's kind): profile fixed at 8, partial batches padded."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    w = numpy_helper.from_array(np.full((1, 1, 1, 1), 2.0, np.float32), "w")
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 1, 16, 16])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 1, 16, 16])
-    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"])], "g", [x], [y], [w])
-    path = tmp_path / "fixed8.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), path)
+    path = fixed8_model
     engine = make(path, tmp_path, max_batch=16)
     batch = np.arange(3 * 256, dtype=np.float32).reshape(3, 1, 16, 16)
     np.testing.assert_allclose(engine.infer(batch), 2 * batch)
@@ -474,3 +466,101 @@ def test_the_external_fixed_batch_model_matches_onnxruntime(gpu10, external_mode
     for n in (8, 3):
         np.testing.assert_allclose(engine.infer(x[:n]), reference.infer(x[:n]), atol=1e-4)
     assert {c[2] for c in gpu10.calls("set_input_shape")} == {(8, 1, 128, 128)}
+
+
+# -- fixed-batch models with a batch in flight; the shared primary context ---------------------------
+def _frames(n, seed):
+    return np.random.default_rng(seed).poisson(9, (n, 1, 16, 16)).astype(np.float32)
+
+
+def test_fixed_batch_partial_batch_while_a_batch_is_in_flight(gpu10, fixed8_model, tmp_path):
+    """The pipeline submits batch k+1 before collecting batch k: a partial batch (padded)
+    behind a full one in flight, then back to back, in order, nothing left in flight."""
+    engine = make(fixed8_model, tmp_path)
+    sizes = [8, 3, 8, 5, 1, 8, 8, 2]
+    batches = [_frames(n, seed) for seed, n in enumerate(sizes)]
+    results, pending = [], []
+    for batch in batches:
+        pending.append(engine.submit(batch))
+        if len(pending) == 2:
+            results.append(engine.collect(pending.pop(0)))
+    results.append(engine.collect(pending.pop(0)))
+    for batch, out in zip(batches, results):
+        np.testing.assert_array_equal(out, 2 * batch)
+    assert engine._ring.in_flight == 0 and not engine._sync_results
+    assert {c[2] for c in gpu10.calls("set_input_shape")} == {(8, 1, 16, 16)}
+    engine.close()
+
+
+def test_batch_size_16_on_the_fixed_8_model_with_two_in_flight(gpu10, fixed8_model, tmp_path):
+    engine = make(fixed8_model, tmp_path, max_batch=16)
+    a, b, c = _frames(16, 1), _frames(16, 2), _frames(11, 3)
+    ta, tb = engine.submit(a), engine.submit(b)
+    np.testing.assert_array_equal(engine.collect(ta), 2 * a)
+    tc = engine.submit(c)
+    np.testing.assert_array_equal(engine.collect(tb), 2 * b)
+    np.testing.assert_array_equal(engine.collect(tc), 2 * c)
+    assert engine._ring.in_flight == 0 and not engine._sync_results
+    engine.close()
+
+
+def test_external_model_partial_batch_behind_a_full_one(gpu10, external_model, ort_engine, diffraction, tmp_path):
+    engine = make(external_model, tmp_path)
+    t_full, t_part = engine.submit(diffraction), engine.submit(diffraction[:3])
+    np.testing.assert_allclose(engine.collect(t_full), ort_engine.infer(diffraction), atol=1e-4)
+    np.testing.assert_allclose(engine.collect(t_part), ort_engine.infer(diffraction[:3]), atol=1e-4)
+    engine.close()
+
+
+def test_a_failed_submit_leaves_the_batch_in_flight_alone(gpu10, fixed8_model, tmp_path, monkeypatch):
+    engine = make(fixed8_model, tmp_path)
+    a, b = _frames(8, 1), _frames(3, 2)
+    ta = engine.submit(a)
+    trt = gpu10.trt
+    with monkeypatch.context() as m:
+        m.setattr(trt.IExecutionContext, "execute_async_v3", lambda self, handle: False)
+        with pytest.raises(RuntimeError, match="execute_async_v3 failed"):
+            engine.submit(b)
+    tb = engine.submit(b)
+    assert tb.slot != ta.slot
+    np.testing.assert_array_equal(engine.collect(ta), 2 * a)
+    np.testing.assert_array_equal(engine.collect(tb), 2 * b)
+    assert engine._ring.in_flight == 0
+
+
+def test_bf16_of_the_external_model_builds_at_opset_22(gpu10, external_model, ort_engine, diffraction, tmp_path):
+    """edgePtychoNN's model is opset 12: its bf16 graph is moved to opset 22 (the stand-in's
+    parser checks types strictly), and the plan is keyed on the bf16 recipe."""
+    from engines.onnx_precision import recipe
+
+    engine = make(external_model, tmp_path, precision="bf16")
+    assert json.loads(engine.plan_path.with_suffix(".json").read_text())["recipe"] == recipe("bf16")
+    np.testing.assert_allclose(engine.infer(diffraction[:3]), ort_engine.infer(diffraction[:3]), atol=0.2)
+    engine.close()
+
+
+def test_engines_share_one_primary_context_and_close_frees_streams_and_events(gpu10, fixed8_model, tmp_path):
+    """Two engines on one GPU retain its primary context once (never detached: pycuda's
+    detach does nothing off the retaining thread); close(), here on another thread as
+    in a model swap, destroys the streams and events while the context is current."""
+    import threading
+
+    first = make(fixed8_model, tmp_path)
+    second = make(fixed8_model, tmp_path, max_batch=16)
+    assert first._context is second._context
+    assert gpu10.cuda.retained == {0: 1}
+    assert len(gpu10.calls("retain_primary_context")) == 1
+    streams = {second._copy_stream.handle, second._compute_stream.handle}
+    events = {e.id for e in second._copied + second._done}
+    closer = threading.Thread(target=second.close)
+    closer.start()
+    closer.join()
+    freed_streams = {c[1]: c[2] for c in gpu10.calls("Stream.free")}
+    freed_events = {c[1]: c[2] for c in gpu10.calls("Event.free")}
+    assert streams <= set(freed_streams) and all(freed_streams[h] for h in streams)
+    assert events <= set(freed_events) and all(freed_events[i] for i in events)
+    assert not gpu10.calls("detach") and gpu10.cuda.retained == {0: 1}
+    x = _frames(8, 4)
+    np.testing.assert_array_equal(first.infer(x), 2 * x)  # the shared context still works
+    first.close()
+    assert gpu10.cuda.stack() == []
