@@ -8,19 +8,23 @@ checks the files against the engine and the stitched image against offline stitc
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from edge_ptychonn.tools.launch import LaunchConfig, Status, chained_argv, collector_argv
+from edge_ptychonn.tools import launch
+from edge_ptychonn.tools.launch import LaunchConfig, Status, chained_argv, collector_argv, last_errors
+from edge_ptychonn.tools.processes import wait_until
 from channel_names import PREFIX
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,13 +38,13 @@ def toml(tmp_path: Path, text: str) -> Path:
     return path
 
 
-MINIMAL = """
+MINIMAL = f"""
 [source]
 channel = "det:image"
 [inference]
 consumers = 3
 [inference.args]
-modelPath = "m.onnx"
+modelPath = "{MODEL}"
 """
 
 
@@ -59,10 +63,43 @@ def test_minimal_file_and_defaults(tmp_path):
     (MINIMAL + "\n[hdf5]\nprefix = 'h'\n", r"\[hdf5\] needs 'args'"),
     (MINIMAL.replace('channel = "det:image"', 'scan = "nope.npy"'), r"scan 'nope.npy' is not a file"),
     ("x = [", "is not valid TOML"),
+    # ranges and types that the processes would choke on
+    (MINIMAL.replace("consumers = 3", "distributor_updates = 0"), r"'distributor_updates' in \[inference\] must be >= 1, got 0"),
+    (MINIMAL.replace("consumers = 3", "server_queue_size = -5"), r"'server_queue_size' in \[inference\] must be >= 0, got -5"),
+    (MINIMAL + "\n[stitch]\ncollector_cache_size = -1\n", r"'collector_cache_size' in \[stitch\] must be >= 0, got -1"),
+    (MINIMAL + "\n[viewer]\nchannels = [1, 2]\n", r"'channels' in \[viewer\] must be a list of channel names"),
+    (MINIMAL + "\n[viewer]\nchannels = []\n", r"'channels' in \[viewer\] needs at least one channel"),
+    (MINIMAL.replace('"det:image"', '""'), r"'channel' in \[source\] must not be empty"),
+    ("timeout_s = -1\n" + MINIMAL, r"'timeout_s' in the top level must be >= 0"),
+    # each processor's own argument parsing, as its consumers would at start-up
+    (MINIMAL + 'batchSize = "eight"\n', r"\[inference.args\] batchSize must be an integer 1..256, got 'eight'"),
+    (MINIMAL + 'engine = "warp"\n', r"\[inference.args\] unknown engine 'warp'"),
+    (MINIMAL.replace(str(MODEL), "missing.onnx"), r"\[inference.args\] modelPath 'missing.onnx' is not a file"),
+    (MINIMAL.replace("consumers = 3", 'processor = "nowhere.Nothing"'), r"processor 'nowhere.Nothing' cannot be imported"),
+    (MINIMAL + "\n[stitch]\n[stitch.args]\npublishRate = 0\n", r"\[stitch.args\] publishRate must be a number 0.01..1000"),
+    (MINIMAL + "\n[stitch]\n", r"\[stitch.args\] objectShape \[H, W\] is required"),
+    (MINIMAL + '\n[stitch]\n[stitch.args]\npositionsFile = "nope.npz"\n', r"\[stitch.args\] positionsFile 'nope.npz' is not a file"),
+    (MINIMAL + '\n[hdf5]\n[hdf5.args]\noutputDirectory = "h"\ncompression = "zip"\n', r"\[hdf5.args\] compression must be one of"),
+    (MINIMAL + '\n[hdf5]\n[hdf5.args]\noutputDirectory = "h"\nchunkFrames = 0\n', r"\[hdf5.args\] chunkFrames must be an integer"),
 ])
 def test_bad_files_are_refused_with_the_reason(tmp_path, text, message):
     with pytest.raises(ValueError, match=message):
         LaunchConfig.load(toml(tmp_path, text))
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda f: f.write(b"not frames"), r"is not a NumPy .npy file"),
+    (lambda f: np.savez(f, frames=np.zeros((3, 4, 4))), r"is an .npz archive"),
+    (lambda f: np.save(f, np.zeros((1, 4, 4), np.int16)), r"must hold frames \(n >= 2, height, width\).*shape \(1, 4, 4\)"),
+    (lambda f: np.save(f, np.zeros((4, 8), np.int16)), r"must hold frames \(n >= 2, height, width\).*shape \(4, 8\)"),
+    (lambda f: np.save(f, np.array([None, 1, 2], dtype=object)), r"not an array of frames"),
+])
+def test_a_bad_scan_is_refused_before_anything_starts(tmp_path, make, message):
+    scan = tmp_path / "scan.npy"
+    with open(scan, "wb") as f:
+        make(f)
+    with pytest.raises(ValueError, match=message):
+        LaunchConfig.load(toml(tmp_path, MINIMAL.replace('channel = "det:image"', f'scan = "{scan}"')))
 
 
 def test_the_scans_positions_are_the_stitchers_default(tmp_path):
@@ -76,7 +113,8 @@ def test_defaults_are_not_shared_between_files(tmp_path):
     np.save(tmp_path / "s.npy", np.zeros((3, 4, 4), np.int16))
     np.savez(tmp_path / "s.npz", positions_px=np.zeros((3, 2)))
     LaunchConfig.load(toml(tmp_path, f'[source]\nscan = "{tmp_path / "s.npy"}"\n[inference]\n[stitch]\n'))
-    cfg = LaunchConfig.load(toml(tmp_path, MINIMAL + '\n[stitch]\nmetadata_channels = ["pva://y", "pva://x"]\n'))
+    cfg = LaunchConfig.load(toml(tmp_path, MINIMAL + '\n[stitch]\nmetadata_channels = ["pva://y", "pva://x"]\n'
+                                             '[stitch.args]\nobjectShape = [200, 200]\n'))
     assert "positionsFile" not in cfg.stitch["args"], "the first file's default leaked into the second"
     assert cfg.stitch["metadata_channels"] == ["pva://y", "pva://x"]
 
@@ -116,6 +154,58 @@ def test_status_searches_afresh_until_a_channel_answers(pva_env):
         server.stop()
 
 
+def _relative_chain(folder: Path) -> Path:
+    """A chain file whose every path is relative, beside its scan and model, in ``folder``."""
+    folder.mkdir()
+    np.save(folder / "scan.npy", np.zeros((3, 4, 4), np.int16))
+    np.savez(folder / "scan.npz", positions_px=np.zeros((3, 2)))
+    (folder / "m.onnx").symlink_to(MODEL)
+    (folder / "m.json").symlink_to(MODEL.with_suffix(".json"))
+    path = folder / "chain.toml"
+    path.write_text(textwrap.dedent("""
+        log_dir = "logs"
+        [source]
+        scan = "scan.npy"
+        [inference]
+        [inference.args]
+        modelPath = "m.onnx"
+        [stitch]
+        [stitch.args]
+        outputDirectory = "stitched"
+        [hdf5]
+        [hdf5.args]
+        outputDirectory = "h5"
+        modelCard = "m.json"
+    """))
+    return path
+
+
+def test_paths_are_taken_from_where_you_launch(tmp_path):
+    """--check from the file's folder passes and defaults the stitcher's positions to the
+    scan's .npz there; from elsewhere the same relative paths are not found."""
+    cfg = _relative_chain(tmp_path / "run")
+    done = subprocess.run([sys.executable, "-m", "edge_ptychonn.cli", "launch", "chain.toml", "--check"],
+                          capture_output=True, text=True, cwd=tmp_path / "run")
+    assert done.returncode == 0, done.stderr
+    checked = json.loads(done.stdout)
+    assert checked["base"] == str(tmp_path / "run") and checked["stitch"]["args"]["positionsFile"] == "scan.npz"
+    done = subprocess.run([sys.executable, "-m", "edge_ptychonn.cli", "launch", str(cfg), "--check"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 2 and "scan 'scan.npy' is not a file" in done.stderr
+
+
+def test_the_chains_processes_run_where_you_launch(tmp_path, monkeypatch):
+    """Every process starts in the launch directory (relative paths in its arguments are
+    the user's), with its log in the relative log_dir there."""
+    _relative_chain(tmp_path / "run")
+    monkeypatch.chdir(tmp_path / "run")
+    chain = launch.Chain(LaunchConfig.load(Path("chain.toml")), out=io.StringIO())
+    proc = chain._start("where", [sys.executable, "-c", "import os; print(os.getcwd())"])
+    assert proc.wait(30) == 0
+    assert proc.log_path == tmp_path / "run" / "logs" / "where.log"
+    assert proc.log().strip() == str(tmp_path / "run")
+
+
 def test_check_prints_the_validated_file(tmp_path):
     done = subprocess.run([sys.executable, "-m", "edge_ptychonn.cli", "launch", str(toml(tmp_path, MINIMAL)), "--check"],
                           capture_output=True, text=True, cwd=ROOT)
@@ -124,6 +214,106 @@ def test_check_prints_the_validated_file(tmp_path):
     done = subprocess.run([sys.executable, "-m", "edge_ptychonn.cli", "launch", str(tmp_path / "missing.toml")],
                           capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 2 and "cannot read" in done.stderr
+
+
+def test_only_this_runs_stitched_image_is_reported(tmp_path):
+    """An image an earlier run left in the output folder is not scored as this run's."""
+    np.save(tmp_path / "s.npy", np.zeros((3, 4, 4), np.int16))
+    np.savez(tmp_path / "s.npz", positions_px=np.zeros((3, 2)))
+    out = tmp_path / "stitched"
+    out.mkdir()
+    cfg = LaunchConfig.load(toml(tmp_path, f'[source]\nscan = "{tmp_path / "s.npy"}"\n[inference]\n'
+                                           f'[stitch]\n[stitch.args]\noutputDirectory = "{out}"\n'))
+    started = time.time()
+    for name in ("stitch_scan0002.npy", "stitch_scan0002_weight.npy"):  # an earlier run's second scan
+        np.save(out / name, np.zeros((4, 4), np.float32))
+        os.utime(out / name, (started - 3600, started - 3600))
+    assert launch.accuracy(cfg, since=started) == []
+    np.save(out / "stitch_scan0001.npy", np.zeros((4, 4), np.float32))  # this run's only scan
+    assert launch.accuracy(cfg, since=started) == [f"final stitched image  {out / 'stitch_scan0001.npy'}"]
+
+
+def test_last_errors_finds_the_traceback():
+    log = "INFO started\nTraceback (most recent call last):\n  File x\nValueError: batchSize must be 1..256\nINFO parent waits\n"
+    assert last_errors(log).splitlines()[0] == "Traceback (most recent call last):"
+    assert "ValueError: batchSize" in last_errors(log)
+    assert last_errors("a\nERROR: cannot connect\nb\n") == "ERROR: cannot connect"
+    assert last_errors("") == "(the log is empty)"
+
+
+def test_a_silent_status_channel_is_reported_with_its_logs_errors(tmp_path):
+    """A consumer whose processor failed while its PvaPy parent lives on answers nothing:
+    the launcher says why, from the log, instead of only that nothing answered."""
+    cfg = LaunchConfig.load(toml(tmp_path, f'log_dir = "{tmp_path / "logs"}"\n' + MINIMAL))
+    chain = launch.Chain(cfg, out=io.StringIO())
+    code = ("import sys, time\nprint('Traceback (most recent call last):')\n"
+            "print('ValueError: batchSize must be an integer 1..256, got 8.5', flush=True)\ntime.sleep(60)")
+    proc = chain._start("inference", [sys.executable, "-c", code])
+    try:
+        assert wait_until(lambda: "ValueError" in proc.log(), 20)
+        with pytest.raises(RuntimeError) as error:
+            chain._wait_answering({f"{PREFIX}:silent{os.getpid()}:status": proc}, timeout_s=0.5)
+    finally:
+        chain.stop()
+    assert "within 0 s" in str(error.value) and str(proc.log_path) in str(error.value)
+    assert "ValueError: batchSize must be an integer 1..256, got 8.5" in str(error.value)
+
+
+def test_a_chain_that_cannot_start_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    def start(self):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(launch.Chain, "start", start)
+    cfg = LaunchConfig.load(toml(tmp_path, MINIMAL))
+    assert launch.run(cfg) == 2
+    assert capsys.readouterr().err == "edge-ptychonn launch: No space left on device\n"
+
+
+LAUNCHER_LIKE = """
+import sys, time
+from edge_ptychonn.tools import launch
+
+class Chain(launch.Chain):  # the real run() and stop(); sleepers for the processes
+    def start(self):
+        for name in ("inference", "stitch", "hdf5"):
+            self._start(name, [sys.executable, "-c", "import time; time.sleep(120)"])
+        print("up", flush=True)
+
+    def watch(self):
+        while True:
+            time.sleep(0.1)
+
+    def snapshot(self):
+        return None
+
+launch.Chain = Chain
+sys.exit(launch.run(launch.LaunchConfig.load(sys.argv[1])))
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGTERM])
+def test_launch_stops_its_processes_when_its_session_closes(tmp_path, sig):
+    """SIGHUP (the ssh session closed) stops the chain as SIGTERM and Ctrl-C do."""
+    cfg = toml(tmp_path, f'log_dir = "{tmp_path / "logs"}"\n' + MINIMAL)
+    parent = subprocess.Popen([sys.executable, "-c", LAUNCHER_LIKE, str(cfg)], cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    lines = []
+    try:
+        for line in parent.stdout:  # "up" once the three are started
+            lines.append(line)
+            if line.strip() == "up":
+                break
+        assert lines and lines[-1].strip() == "up", "".join(lines)
+        os.kill(parent.pid, sig)
+        out, _ = parent.communicate(timeout=60)
+    finally:
+        if parent.poll() is None:
+            os.killpg(parent.pid, signal.SIGKILL)
+    text = "".join(lines) + out
+    assert parent.returncode == 130, text
+    assert "interrupted: stopping everything" in text
+    assert [ln.split()[1] for ln in text.splitlines() if ln.startswith("stopped ")] == ["inference", "stitch", "hdf5"]
+    assert _pids_alive(text) == []
 
 
 # ---------------------------------------------------------------- end to end
@@ -164,12 +354,13 @@ def test_launch_runs_a_small_chain_to_the_end(pva_env, tmp_path):
     n = 49
     frames, truth = _simulated_scan(tmp_path / "scan", n)
     tag = f"lt{os.getpid()}"
+    # launched from tmp_path with relative paths: the stitcher finds scan.npz there, the files land there
     cfg = toml(tmp_path, f"""
-log_dir = "{tmp_path / 'logs'}"
+log_dir = "logs"
 idle_s = 6.5
 timeout_s = 100
 [source]
-scan = "{tmp_path / 'scan.npy'}"
+scan = "scan.npy"
 channel = "{tag}:image"
 fps = 40
 start_delay_s = 10
@@ -184,16 +375,16 @@ cpuThreads = 1
 prefix = "{tag}:stitch"
 [stitch.args]
 publishRate = 4
-outputDirectory = "{tmp_path / 'stitched'}"
+outputDirectory = "stitched"
 [hdf5]
 prefix = "{tag}:hdf5"
 [hdf5.args]
-outputDirectory = "{tmp_path / 'h5'}"
+outputDirectory = "h5"
 flushPeriod = 0.2
 chunkFrames = 4
 modelCard = "{MODEL.with_suffix('.json')}"
 """)
-    launch = subprocess.Popen([sys.executable, "-m", "edge_ptychonn.cli", "launch", str(cfg)], cwd=ROOT, env=pva_env,
+    launch = subprocess.Popen([sys.executable, "-m", "edge_ptychonn.cli", "launch", cfg.name], cwd=tmp_path, env=pva_env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     seen = []  # a SWMR reader follows consumer 1's file while it grows
     try:
@@ -247,6 +438,7 @@ modelCard = "{MODEL.with_suffix('.json')}"
     ssim = score_phase(live, truth.object_phase, covered)["ssim"]
     print(f"live stitched phase vs truth: SSIM {ssim:.3f} over {int(covered.sum())} pixels")
     assert "frames lost          0" in out and f"frames placed        {n}" in out
+    assert "stitch_scan0001.npy: SSIM" in out, out[-2500:]  # this run's image, scored against the truth
 
 
 @pytest.mark.e2e

@@ -24,10 +24,10 @@ Every process started is stopped by its process id on exit, error or Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import os
 import platform
-import signal
 import sys
 from pathlib import Path
 
@@ -233,7 +233,8 @@ def main(args: argparse.Namespace) -> int:
         "machine": machine_info(),
     }
     procs = bp.Procs()
-    previous_term = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signals = contextlib.ExitStack()
+    signals.enter_context(live.stop_on_signals())  # SIGTERM and SIGHUP stop it like Ctrl-C
     try:
         model_path, note = resolve_model(args.model, out_dir, progress)
         flops = be.count_flops(model_path)
@@ -337,12 +338,13 @@ def main(args: argparse.Namespace) -> int:
                     for key in ("ptychonn", "zero"):
                         if row[f"{key}_fps"]:
                             row[f"{key}_over_passthrough"] = row[f"{key}_fps"] / row["passthrough_fps"]
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, live.Terminated):
         report["interrupted"] = True
         progress("interrupted: stopping every process started")
     finally:
-        procs.stop_all()
-        signal.signal(signal.SIGTERM, previous_term)
+        with live.signals_ignored():
+            procs.stop_all()
+        signals.close()
         report["machine"]["load_after"] = _load()
         report["finished"] = dt.datetime.now().isoformat(timespec="seconds")
         if not args.no_plots and report.get("pipeline", report.get("engine")):

@@ -91,14 +91,25 @@ def _changes_model(args_text: str) -> bool:
     return isinstance(request, dict) and "modelPath" in request
 
 
+def positive_seconds(text: str) -> float:
+    """``--timeout``: a finite number of seconds > 0 (argparse answers anything else with exit 2)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {text!r}")
+    return value
+
+
 def get_args_parser(prog: str = "edge-ptychonn configure") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("channel", help="the consumer's control channel, e.g. inference:1:control")
     p.add_argument("changes", nargs="*", metavar="key=value", help="settings to change, e.g. batchTimeout=0.2")
     p.add_argument("--json", dest="raw", help="send this text as the arguments instead (a JSON object)")
-    p.add_argument("--timeout", type=float, default=None,
-                   help=f"seconds to wait for the answer (default: {DEFAULT_TIMEOUT_S:g}, "
+    p.add_argument("--timeout", type=positive_seconds, default=None,
+                   help=f"seconds (> 0) to wait for the answer (default: {DEFAULT_TIMEOUT_S:g}, "
                         f"or {MODEL_TIMEOUT_S:g} when modelPath changes)")
     return p
 

@@ -14,19 +14,24 @@ delay lets every client connect to the channels that appear when the first
 when every client has received its first record, and warns if frames started
 before. It then prints a one-line status every second (from the status
 channels) and, with a sim server replaying once, stops when the chain has been
-idle for ``idle_s`` after the scan; a detector chain runs until Ctrl-C. Ctrl-C
-or SIGTERM stops everything it started, by process id, source first, so the
-downstream stages see every frame; their logs are in ``log_dir``.
+idle for ``idle_s`` after the scan; a detector chain runs until Ctrl-C. Ctrl-C,
+SIGTERM or SIGHUP (the terminal or ssh session closed) stops everything it
+started, by process id, source first, so the downstream stages see every frame;
+their logs are in ``log_dir``. Should the launcher itself be killed outright
+(SIGKILL), the kernel sends each process it started SIGTERM (Linux).
 
 The file (TOML; every key is optional unless marked; unknown keys are refused
-with the accepted ones listed)::
+with the accepted ones listed). Relative paths, here and in the processors'
+arguments, are taken from the directory you launch from: the processes run
+there. ``--check`` validates the file, the scan and each processor's arguments
+(with the processor's own parsing, as its consumers will), starting nothing::
 
     log_dir = "results/launch"         # processes' logs
     idle_s = 8.0                       # with a replayed scan: stop after this long without progress
     timeout_s = 0                      # stop after this many seconds (0: no limit)
 
     [source]
-    scan = "data/generated/scan.npy"   # replay this with pvapy-ad-sim-server; omit for a detector channel
+    scan = "data/generated/scan.npy"   # frames (n >= 2, height, width) replayed by pvapy-ad-sim-server; omit for a detector
     channel = "ad:image"               # the detector channel (sim server: the channel it publishes)
     fps = 100.0                        # sim server frame rate
     start_delay_s = 12.0               # sim server: wait before streaming, so every client connects
@@ -57,6 +62,10 @@ with the accepted ones listed)::
     [viewer]                           # omit for no viewer; needs c2dv (pip install 'edge-ptychonn[viewer]')
     channels = ["stitch:1:output"]     # one window each (edge-ptychonn view: full rate, phase levels)
 
+Exit status: 0; 1 when frames were lost or a process failed; 2 for a bad file
+(or a scan or argument that fails as the chain starts); 130 on Ctrl-C, SIGTERM
+or SIGHUP.
+
 Python >= 3.11 (``tomllib``) is needed to read the file.
 """
 
@@ -65,7 +74,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -75,6 +83,8 @@ from typing import Any
 from . import processes as live
 
 REPORT_PERIOD_S = 2.0  # how often the inference consumers refresh their status channels
+STITCH_PROCESSOR = "processors.stitch.StitchProcessor"
+HDF5_PROCESSOR = "processors.hdf5_writer.Hdf5WriterProcessor"
 
 # table -> key -> (type(s), default); None default with REQUIRED marks a required key
 _REQUIRED = object()
@@ -91,6 +101,13 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
                "metadata_channels": (list, []), "args": (dict, {})},
     "hdf5": {"prefix": (str, "hdf5"), "server_queue_size": (int, 1000), "args": (dict, _REQUIRED)},
     "viewer": {"channels": (list, _REQUIRED)},
+}
+# table -> key -> the smallest value accepted
+MINIMUM: dict[str, dict[str, float]] = {
+    "": {"idle_s": 0, "timeout_s": 0},
+    "inference": {"distributor_updates": 1, "server_queue_size": 0},
+    "stitch": {"collector_cache_size": 0, "server_queue_size": 0},
+    "hdf5": {"server_queue_size": 0},
 }
 
 
@@ -111,13 +128,77 @@ def _check_table(name: str, table: dict) -> dict:
         if isinstance(value, bool) or not isinstance(value, types):
             names = types.__name__ if isinstance(types, type) else " or ".join(t.__name__ for t in types)
             raise ValueError(f"'{key}' in {where} must be {names}, got {value!r}")
+        if isinstance(value, str) and not value:
+            raise ValueError(f"'{key}' in {where} must not be empty")
+        if key in MINIMUM.get(name, {}) and value < MINIMUM[name][key]:
+            raise ValueError(f"'{key}' in {where} must be >= {MINIMUM[name][key]}, got {value!r}")
+        if isinstance(value, list) and not all(isinstance(v, str) and v for v in value):
+            raise ValueError(f"'{key}' in {where} must be a list of channel names (strings), got {value!r}")
         out[key] = value
     return out
 
 
+def _check_scan(scan: str) -> int:
+    """The number of frames in the scan file, which must be a NumPy ``.npy`` array
+    (n >= 2, height, width) as ``pvapy-ad-sim-server -if`` replays it."""
+    import numpy as np
+
+    if not Path(scan).is_file():
+        raise ValueError(f"[source] scan {scan!r} is not a file (make one with 'edge-ptychonn simulate')")
+    try:
+        with open(scan, "rb") as f:
+            magic = f.read(6)
+    except OSError as exc:
+        raise ValueError(f"[source] cannot read scan {scan!r}: {exc.strerror or exc}") from None
+    if magic[:4] == b"PK\x03\x04":
+        raise ValueError(f"[source] scan {scan!r} is an .npz archive; give the frames' .npy file")
+    if magic != b"\x93NUMPY":
+        raise ValueError(f"[source] scan {scan!r} is not a NumPy .npy file (as np.save writes)")
+    try:
+        frames = np.load(scan, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise ValueError(f"[source] scan {scan!r}: not an array of frames ({exc})") from None
+    if frames.ndim != 3 or len(frames) < 2:
+        raise ValueError(f"[source] scan {scan!r} must hold frames (n >= 2, height, width) to replay once; "
+                         f"its array has shape {frames.shape}")
+    return len(frames)
+
+
+def _check_processor_args(where: str, processor: str, args: dict):
+    """Check ``args`` with ``processor``'s own argument parsing, as its consumers will
+    at start-up; return its settings (None where the class has no parsing known here).
+    Relative paths are taken from the current directory, where the chain runs."""
+    import importlib
+
+    module, _, name = processor.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ValueError(f"{where.removesuffix('.args]')}] processor {processor!r} cannot be imported: {exc}") from None
+    from processors.ptychonn import DEFAULT_MODEL, PtychoNNProcessor
+
+    try:
+        if isinstance(cls, type) and issubclass(cls, PtychoNNProcessor):
+            from edge_ptychonn.stream.config import parse_processor_args
+            from engines.registry import check_name
+
+            config, _ = parse_processor_args(args, aliases=cls.ARG_ALIASES, default_model=DEFAULT_MODEL)
+            check_name(config.engine)
+            return config
+        if isinstance(getattr(cls, "ARGS", None), dict) and getattr(cls, "SETTINGS", None) is not None:
+            from edge_ptychonn.stream.arguments import parse_arguments
+
+            fields, _ = parse_arguments(args, cls.ARGS)
+            return cls.SETTINGS(**fields)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{where} {exc}") from None
+    return None
+
+
 @dataclass
 class LaunchConfig:
-    """A validated launch file. Paths are relative to the current directory."""
+    """A validated launch file. Relative paths are taken from ``base`` (the current
+    directory when it was read), where the chain's processes run."""
 
     log_dir: Path
     idle_s: float
@@ -138,10 +219,12 @@ class LaunchConfig:
         if not 1 <= inf["consumers"] <= 64:
             raise ValueError(f"[inference] consumers must be 1..64, got {inf['consumers']}")
         src = tables["source"]
-        if src["scan"] is not None and not Path(src["scan"]).is_file():
-            raise ValueError(f"[source] scan {src['scan']!r} is not a file (make one with 'edge-ptychonn simulate')")
         if src["fps"] <= 0 or src["start_delay_s"] < 0:
             raise ValueError("[source] fps must be > 0 and start_delay_s >= 0")
+        if src["scan"] is not None:
+            _check_scan(src["scan"])
+        if tables["viewer"] is not None and not tables["viewer"]["channels"]:
+            raise ValueError("'channels' in [viewer] needs at least one channel (or omit [viewer])")
         if tables["hdf5"] is not None and "outputDirectory" not in tables["hdf5"]["args"]:
             raise ValueError("[hdf5.args] needs 'outputDirectory'")
         if tables["stitch"] is not None and src["scan"] is not None:
@@ -149,6 +232,18 @@ class LaunchConfig:
             args = tables["stitch"]["args"]
             if npz.is_file() and "positionsFile" not in args and "objectShape" not in args:
                 args["positionsFile"] = str(npz)
+        _check_processor_args("[inference.args]", inf["processor"], inf["args"])
+        if tables["hdf5"] is not None:
+            _check_processor_args("[hdf5.args]", HDF5_PROCESSOR, tables["hdf5"]["args"])
+        if tables["stitch"] is not None:
+            settings = _check_processor_args("[stitch.args]", STITCH_PROCESSOR, tables["stitch"]["args"])
+            if settings.positions_file is not None:
+                from processors.stitch import PositionTable
+
+                try:
+                    PositionTable.load(settings.positions_file, settings.first_unique_id)
+                except (ValueError, OSError) as exc:
+                    raise ValueError(f"[stitch.args] {exc}") from None
         return cls(Path(top["log_dir"]), float(top["idle_s"]), float(top["timeout_s"]), **tables)
 
     @classmethod
@@ -310,6 +405,7 @@ class Chain:
         self.env = live.use_loopback()
         self.status = Status()
         self.started_s = time.monotonic()
+        self.started_at = time.time()  # files older than this are not this chain's
         self.peak_fps = 0.0  # the highest published rate the inference consumers reported
 
     def delivered_fps(self, snap: Snapshot) -> float | None:
@@ -319,7 +415,10 @@ class Chain:
         return self.peak_fps or None
 
     def say(self, message: str) -> None:
-        print(message, file=self.out, flush=True)
+        try:
+            print(message, file=self.out, flush=True)
+        except (OSError, ValueError):  # the terminal is gone (SIGHUP): stop quietly
+            pass
 
     # -- names ------------------------------------------------------------------------------
     def inference_status(self) -> list[str]:
@@ -341,12 +440,14 @@ class Chain:
 
     # -- start ------------------------------------------------------------------------------
     def _start(self, name: str, argv: list[str]) -> live.Proc:
-        proc = live.start(name, argv, self.env, self.cfg.log_dir)
+        # in the configuration's directory: its relative paths are the processes' too
+        proc = live.start(name, argv, self.env, self.cfg.base / self.cfg.log_dir, cwd=self.cfg.base)
         self.procs.append(proc)
         self.say(f"started {name:<9} pid {proc.pid:<7} log {proc.log_path}")
         return proc
 
-    def _wait_answering(self, channels: list[str], timeout_s: float = 90.0) -> None:
+    def _wait_answering(self, channels: dict[str, live.Proc], timeout_s: float = 90.0) -> None:
+        """Wait until every status channel answers; ``channels``: name -> the process that serves it."""
         deadline = time.monotonic() + timeout_s
         waiting = list(channels)
         while waiting:
@@ -355,7 +456,9 @@ class Chain:
             if dead:
                 raise RuntimeError(f"{dead[0].name} exited (code {dead[0].popen.returncode}):\n{dead[0].log()[-3000:]}")
             if waiting and time.monotonic() > deadline:
-                raise RuntimeError(f"no answer from {', '.join(waiting)} within {timeout_s:.0f} s")
+                silent = [p for p in self.procs if any(channels[c] is p for c in waiting)]
+                raise RuntimeError(f"no answer from {', '.join(waiting)} within {timeout_s:.0f} s" + "".join(
+                    f"\n{p.name} log {p.log_path}, its last errors:\n{last_errors(p.log())}" for p in silent))
             if waiting:
                 time.sleep(0.3)
 
@@ -365,32 +468,33 @@ class Chain:
         if not ok:
             self.say(f"warning: {reason}; with several PVA servers on this host some clients may never connect")
         inf = cfg.inference
-        self._start("inference", live.consumer_argv(
+        inference = self._start("inference", live.consumer_argv(
             cfg.source["channel"], inf["prefix"], inf["consumers"], inf["processor"], inf["args"],
             batch_updates=inf["distributor_updates"], server_queue_size=inf["server_queue_size"], runtime_s=0,
             report_period_s=REPORT_PERIOD_S,
         ))
-        self._wait_answering(self.inference_status())
+        self._wait_answering(dict.fromkeys(self.inference_status(), inference))
         outputs = f"{inf['prefix']}:*:output"
+        clients = {}
         if cfg.stitch is not None:
             cache = cfg.stitch["collector_cache_size"] or 2 * inf["consumers"] * inf["distributor_updates"]
             metadata = cfg.stitch["metadata_channels"]
-            self._start("stitch", collector_argv(
-                outputs, cfg.inference_ids(), "processors.stitch.StitchProcessor", cfg.stitch["args"],
+            clients[self.stitch_status()] = self._start("stitch", collector_argv(
+                outputs, cfg.inference_ids(), STITCH_PROCESSOR, cfg.stitch["args"],
                 cfg.stitch["prefix"], cache, cfg.stitch["server_queue_size"],
             ) + (["-mc", ",".join(metadata)] if metadata else []))
         if cfg.hdf5 is not None:
-            self._start("hdf5", chained_argv(
-                outputs, inf["consumers"], "processors.hdf5_writer.Hdf5WriterProcessor", cfg.hdf5["args"],
+            clients.update(dict.fromkeys(self.hdf5_status(), self._start("hdf5", chained_argv(
+                outputs, inf["consumers"], HDF5_PROCESSOR, cfg.hdf5["args"],
                 cfg.hdf5["prefix"], cfg.hdf5["server_queue_size"],
-            ))
-        self._wait_answering(self.hdf5_status() + ([self.stitch_status()] if cfg.stitch else []))
+            ))))
+        self._wait_answering(clients)
         if cfg.viewer is not None:
             self._start_viewers()
         src = cfg.source
         if src["scan"] is not None:
             self.source = self._start("sim", live.sim_server_argv(
-                Path(src["scan"]), src["channel"], fps=src["fps"], start_delay_s=src["start_delay_s"]))
+                cfg.base / src["scan"], src["channel"], fps=src["fps"], start_delay_s=src["start_delay_s"]))
             self._wait_clients(src["start_delay_s"])
         self.started_s = time.monotonic()
 
@@ -471,6 +575,18 @@ class Chain:
         return sorted(self.procs, key=lambda p: rank.get(p.name, 2))
 
 
+def last_errors(log: str, n_lines: int = 15) -> str:
+    """The end of a log's last traceback, else its last lines that name an error, else
+    its last lines: why a process that is still running does not answer."""
+    lines = log.rstrip().splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("Traceback")]
+    if starts:
+        picked = lines[starts[-1]:]
+    else:
+        picked = [line for line in lines if any(w in line.lower() for w in ("error", "exception", "fail"))] or lines
+    return "\n".join(picked[-n_lines:]) or "(the log is empty)"
+
+
 def summary(cfg: LaunchConfig, snap: Snapshot, n_sent: int | None, delivered_fps: float | None = None) -> list[str]:
     lines = []
     if n_sent is not None:
@@ -497,16 +613,10 @@ def summary(cfg: LaunchConfig, snap: Snapshot, n_sent: int | None, delivered_fps
 def get_args_parser(prog: str = "edge-ptychonn launch") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", type=Path, help="the chain's TOML file (example: scripts/chain.toml)")
-    p.add_argument("--check", action="store_true", help="validate the file, print the commands, start nothing")
+    p.add_argument("--check", action="store_true",
+                   help="validate the file (the scan and each processor's arguments too), "
+                        "print the validated settings as JSON, start nothing")
     return p
-
-
-class _Terminated(Exception):
-    pass
-
-
-def _on_sigterm(signum, frame):
-    raise _Terminated()
 
 
 def main(args: argparse.Namespace) -> int:
@@ -532,39 +642,40 @@ def frames_lost(cfg: LaunchConfig, snap: Snapshot, n_sent: int | None) -> int | 
 def run(cfg: LaunchConfig, prog: str = "edge-ptychonn launch", results: list | None = None) -> int:
     """Start the chain, print the status line until it is done, stop it, print the
     summary (and the scored, pictured stitched image). Exit status: 0, 1 when frames
-    were lost or a process failed, 130 on Ctrl-C or SIGTERM. ``results``: a list to
+    were lost or a process failed, 2 when the chain could not start (a bad scan or
+    argument, on stderr), 130 on Ctrl-C, SIGTERM or SIGHUP. ``results``: a list to
     which ``(snapshot, frames sent)`` is appended (the last status before the stop)."""
     chain = Chain(cfg)
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     n_sent = None
-    if cfg.source["scan"] is not None:
-        import numpy as np
-
-        n_sent = len(np.load(cfg.source["scan"], mmap_mode="r"))
     snap = None
     code = 0
-    try:
-        chain.start()
-        snap = chain.watch()
-    except (KeyboardInterrupt, _Terminated):
-        chain.say("\ninterrupted: stopping everything")
-        code = 130
-    except RuntimeError as exc:
-        chain.say(f"{prog}: {exc}")
-        code = 1
-    finally:
+    with live.stop_on_signals():
         try:
-            if snap is None and code != 1:
-                snap = chain.snapshot()
+            if cfg.source["scan"] is not None:
+                import numpy as np
+
+                n_sent = len(np.load(cfg.base / cfg.source["scan"], mmap_mode="r", allow_pickle=False))
+            chain.start()
+            snap = chain.watch()
+        except (KeyboardInterrupt, live.Terminated):
+            chain.say("\ninterrupted: stopping everything")
+            code = 130
+        except RuntimeError as exc:
+            chain.say(f"{prog}: {exc}")
+            code = 1
+        except (ValueError, OSError, TypeError) as exc:
+            print(f"{prog}: {exc}", file=sys.stderr, flush=True)
+            code = 2
         finally:
-            # a second Ctrl-C or SIGTERM must not cut the stopping short
-            previous_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            chain.stop()
-            signal.signal(signal.SIGTERM, previous)
-            signal.signal(signal.SIGINT, previous_int)
+            with live.signals_ignored():  # a second Ctrl-C, SIGTERM or SIGHUP must not cut the stopping short
+                try:
+                    if snap is None and code in (0, 130):
+                        snap = chain.snapshot()
+                finally:
+                    chain.stop()
     if snap is not None:
-        print("\n".join(summary(cfg, snap, n_sent, chain.delivered_fps(snap)) + accuracy(cfg)), flush=True)
+        print("\n".join(summary(cfg, snap, n_sent, chain.delivered_fps(snap))
+                        + accuracy(cfg, since=chain.started_at)), flush=True)
         if results is not None:
             results.append((snap, n_sent, chain.delivered_fps(snap)))
         if code == 0 and frames_lost(cfg, snap, n_sent):
@@ -572,13 +683,16 @@ def run(cfg: LaunchConfig, prog: str = "edge-ptychonn launch", results: list | N
     return code
 
 
-def accuracy(cfg: LaunchConfig) -> list[str]:
-    """The last stitched image saved by the stitcher, scored against the scan's truth
-    (when the replayed scan has its ``.npz``), and a PNG of both beside the image."""
+def accuracy(cfg: LaunchConfig, since: float | None = None) -> list[str]:
+    """The last stitched image the stitcher saved (at ``since``, a ``time.time()``, or
+    later: an earlier run's files in the folder are not this run's), scored against the
+    scan's truth (when the replayed scan has its ``.npz``), and a PNG of both beside it."""
     if cfg.stitch is None or "outputDirectory" not in cfg.stitch["args"] or cfg.source["scan"] is None:
         return []
-    saved = sorted(Path(cfg.stitch["args"]["outputDirectory"]).glob(f"{cfg.stitch['args'].get('filePrefix', 'stitch')}_scan*[0-9].npy"))
-    npz = Path(cfg.source["scan"]).with_suffix(".npz")
+    folder = cfg.base / Path(cfg.stitch["args"]["outputDirectory"]).expanduser()
+    saved = [f for f in sorted(folder.glob(f"{cfg.stitch['args'].get('filePrefix', 'stitch')}_scan*[0-9].npy"))
+             if since is None or f.stat().st_mtime >= since]
+    npz = (cfg.base / cfg.source["scan"]).with_suffix(".npz")
     if not saved or not npz.is_file():
         return []
     import numpy as np

@@ -3,12 +3,17 @@
 Every process is started in its own session with the loopback-only EPICS
 settings of :data:`LOOPBACK_ENV`, and stopped through its process id (SIGINT to
 its process group, then SIGTERM, then SIGKILL), so ``pvapy-hpc-consumer``'s
-forked consumers go with it. :data:`LOOPBACK_ENV` is the one definition of
-those settings; :func:`wait_status` the one way to poll consumers' status.
+forked consumers go with it. On Linux each also gets SIGTERM from the kernel
+when the process that started it dies (``PR_SET_PDEATHSIG``), so a starter
+killed outright (SIGKILL) leaves nothing running. :data:`LOOPBACK_ENV` is the
+one definition of those settings; :func:`wait_status` the one way to poll
+consumers' status; :func:`stop_on_signals` the one way for a tool to turn
+SIGTERM and SIGHUP into a clean stop.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -23,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_ptychonn.callbacks import keep_thread_state
+from processors.shutdown import set_parent_death_signal
 
 # Keep every PVA search, beacon and server socket on the loopback interface: the one
 # definition (the tests, the demo and the benchmarks use it; the scripts need none).
@@ -184,19 +190,69 @@ def _children_take_sigint() -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+def _die_with_parent() -> None:
+    """In a started child, before it runs its program: SIGTERM when its starter dies."""
+    set_parent_death_signal(signal.SIGTERM)
+
+
 def start(name: str, argv: list[str], env: dict, log_dir: Path, cwd: Path | None = None) -> Proc:
     """Start ``argv`` in its own session (so that its children stop with it), output to
     ``log_dir/<name>.log``, in ``cwd`` (default: the project root). The child takes
-    SIGINT even when this process was started with it ignored."""
+    SIGINT even when this process was started with it ignored.
+
+    Called on the main thread, the child gets SIGTERM when this process dies, however
+    it dies (Linux; nothing elsewhere). The kernel sends it when the *thread* that
+    started the child ends, so from any other thread (which may end first) no such
+    signal is asked for; nor by a process with pid 1 (a container's first process),
+    whose death ends the container anyway."""
     _children_take_sigint()
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
+    tie = threading.current_thread() is threading.main_thread() and os.getpid() != 1
     with open(log_path, "wb") as log:
         popen = subprocess.Popen(
             argv, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, cwd=str(cwd or PROJECT_ROOT),
+            start_new_session=True, cwd=str(cwd or PROJECT_ROOT), preexec_fn=_die_with_parent if tie else None,
         )
     return Proc(name, popen, log_path)
+
+
+class Terminated(Exception):
+    """SIGTERM or SIGHUP arrived inside :func:`stop_on_signals`."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated(signal.Signals(signum).name)
+
+
+# kill / systemd / docker stop; the terminal or ssh session that ran the tool closed
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """Inside the block SIGTERM and SIGHUP raise :class:`Terminated` (as Ctrl-C raises
+    ``KeyboardInterrupt``), so that the tool's ``finally`` stops what it started
+    instead of dying with its processes left running. The previous handlers come back
+    at the end. Main thread only (Python's rule for signal handlers)."""
+    previous = {sig: signal.signal(sig, _raise_terminated) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def signals_ignored():
+    """Ctrl-C, SIGTERM and SIGHUP ignored inside the block: a second one must not cut
+    the stopping of what was started short. Main thread only."""
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, *STOP_SIGNALS)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def sim_server_argv(

@@ -7,8 +7,9 @@ prints one line: frames sent so far (from the highest uniqueId out), published,
 lost (uniqueIds that never came out), the consumers' dropped/missed counts and
 each consumer's resident memory. At the end it prints a summary and exits with
 0 when nothing was lost and the memory of each consumer grew by less than
-``--max-growth-mb`` after the first minute (warm-up). Not part of the test
-suite: it runs for minutes (default 10).
+``--max-growth-mb`` after the first minute (warm-up). Ctrl-C, SIGTERM or
+SIGHUP stops the processes it started and exits with 130. Not part of the
+test suite: it runs for minutes (default 10).
 
 Pick ``--fps`` at about 80 % of the highest lossless rate that
 ``edge-ptychonn bench`` measured for the same settings; without it, 80 % of
@@ -89,34 +90,42 @@ def main(args: argparse.Namespace) -> int:
     procs = []
     print(f"soak: {args.consumers} consumer(s), {args.engine}, {fps:.0f} frames/s for {args.minutes:g} min; "
           f"logs in {work}", flush=True)
-    try:
-        consumers = processes.start("consumers", processes.consumer_argv(
-            image, prefix, args.consumers, "processors.ptychonn.PtychoNNProcessor", p_args), env, work)
-        procs.append(consumers)
-        sim = [processes.tool_path("pvapy-ad-sim-server"), "-dc", "-if", str(work / "frames.npy"), "-cn", image,
-               "-fps", str(fps), "-std", "10", "-shd", "5", "-rt", str(runtime_s), "-cs", "200", "-rp", "1000000"]
-        procs.append(processes.start("sim", sim, env, work))
-        outputs = [f"{prefix}:{i}:output" for i in range(1, args.consumers + 1)]
-        collector = processes.OutputCollector(outputs, keep_images=False, queue_size=QUEUE_SIZE)
-        t0 = time.monotonic()
-        samples = []  # (seconds, [rss per consumer])
-        end = t0 + 10 + runtime_s + 15
-        next_report = t0 + 10 + args.every
-        while time.monotonic() < end and procs[1].running() or time.monotonic() < t0 + 12:
-            time.sleep(0.5)
-            if time.monotonic() >= next_report:
-                next_report += args.every
-                rss = [processes.rss_mb(p) for p in consumer_pids(consumers.pid, args.consumers)]
-                samples.append((time.monotonic() - t0, rss))
-                got = collector.count()
-                print(f"[{time.monotonic() - t0:6.0f} s] published {got}, RSS MB {', '.join(f'{r:.0f}' for r in rss)}",
-                      flush=True)
-        collector.wait_count(10**12, timeout_s=15, idle_s=5)
-        statuses = processes.wait_status([f"{prefix}:{i}:status" for i in range(1, args.consumers + 1)], timeout_s=5)
-        collector.close()
-    finally:
-        for proc in reversed(procs):
-            proc.stop()
+    collector = None
+    # SIGTERM and SIGHUP stop it like Ctrl-C: the finally below stops what it started
+    with processes.stop_on_signals():
+        try:
+            consumers = processes.start("consumers", processes.consumer_argv(
+                image, prefix, args.consumers, "processors.ptychonn.PtychoNNProcessor", p_args), env, work)
+            procs.append(consumers)
+            sim = [processes.tool_path("pvapy-ad-sim-server"), "-dc", "-if", str(work / "frames.npy"), "-cn", image,
+                   "-fps", str(fps), "-std", "10", "-shd", "5", "-rt", str(runtime_s), "-cs", "200", "-rp", "1000000"]
+            procs.append(processes.start("sim", sim, env, work))
+            outputs = [f"{prefix}:{i}:output" for i in range(1, args.consumers + 1)]
+            collector = processes.OutputCollector(outputs, keep_images=False, queue_size=QUEUE_SIZE)
+            t0 = time.monotonic()
+            samples = []  # (seconds, [rss per consumer])
+            end = t0 + 10 + runtime_s + 15
+            next_report = t0 + 10 + args.every
+            while time.monotonic() < end and procs[1].running() or time.monotonic() < t0 + 12:
+                time.sleep(0.5)
+                if time.monotonic() >= next_report:
+                    next_report += args.every
+                    rss = [processes.rss_mb(p) for p in consumer_pids(consumers.pid, args.consumers)]
+                    samples.append((time.monotonic() - t0, rss))
+                    got = collector.count()
+                    print(f"[{time.monotonic() - t0:6.0f} s] published {got}, RSS MB {', '.join(f'{r:.0f}' for r in rss)}",
+                          flush=True)
+            collector.wait_count(10**12, timeout_s=15, idle_s=5)
+            statuses = processes.wait_status([f"{prefix}:{i}:status" for i in range(1, args.consumers + 1)], timeout_s=5)
+        except (KeyboardInterrupt, processes.Terminated):
+            print("\nsoak: interrupted: stopping what it started", flush=True)
+            return 130
+        finally:
+            with processes.signals_ignored():  # a second signal must not cut the stopping short
+                if collector is not None:
+                    collector.close()
+                for proc in reversed(procs):
+                    proc.stop()
     ids = sorted(r.unique_id for name in outputs for r in collector.received[name])
     sent = ids[-1] if ids else 0
     lost = sent - len(set(ids))
