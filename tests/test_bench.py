@@ -227,8 +227,20 @@ def test_summary_has_every_section():
     for expected in ("Measured peak", "Engine alone", "Pipeline points", "Ratios", "Launch -> first published output",
                      "| onnxruntime |      fp32 |       2 |       1 |     8 |     64.5 |", "skipped torch fp16 (1 threads): why", "0.93", "3.25",
                      "12.6 (emulated; of fp32 peak)", "emulated: not a limit of this machine", "zero-cost/passthrough",
-                     "0.94", ">= 900 (server-limited)"):
+                     "<= 0.94", "<= 0.067", ">= 900 (server-limited)"):
         assert expected in text, expected
+
+
+def test_ratios_against_a_server_limited_ceiling_are_bounds():
+    # the denominator only a lower bound: the true ratio can only be lower
+    assert bench_report.bounded_ratio(0.944, False, True, ".2f") == "<= 0.94"
+    assert bench_report.bounded_ratio(0.944, True, False, ".2f") == ">= 0.94"
+    assert bench_report.bounded_ratio(0.944, True, True, ".2f") == "? (0.94, both server-limited)"
+    assert bench_report.bounded_ratio(0.944, False, False, ".2f") == 0.944
+    report = sample_report()
+    report["ratios"][0].update(passthrough_server_limited=False, zero_server_limited=True)
+    text = bench_report.summary_text(report)
+    assert ">= 850 (server-limited)" in text and ">= 0.94" in text and "<= 0.94" not in text
 
 
 def test_json_and_plots_are_written(tmp_path):
@@ -399,6 +411,10 @@ def test_process_and_machine_cpu_are_read_from_proc():
 def test_losses_at_the_source_are_told_apart_from_the_processor():
     # 1000 published; consumers received 940 and saw 10 gaps; 935 came out
     assert bench_pipeline.split_losses(1000, 940, 10, 935) == (50, 5)
+    # each consumer's nReceived counts its connect update: a frame the server dropped at
+    # exit is the source's loss, not the processor's (stored runs: 4001 received of 4000)
+    received = bench_pipeline.consumer_frames([1000, 999])  # 2 consumers; the server dropped 3 of 2000 at exit
+    assert received == 1997 and bench_pipeline.split_losses(2000, received, 0, 1997) == (3, 0)
     point = fake_point(100.0, 1000.0)
     point.n_lost, point.n_lost_source, point.n_lost_processor = 50, 50, 0
     assert point.lossless  # the server dropped its backlog at exit; the processor lost nothing
@@ -430,6 +446,8 @@ def test_quick_pipeline_run(tmp_path, bench_small_model):
     for p in points.values():
         assert p["error"] is None, p["error"]
         assert p["n_lost"] == 0 and p["n_missed"] == 0 and p["n_unique"] == p["n_offered"] >= 64
+        # what the consumers received is the frames, without their connect updates
+        assert p["n_consumer_received"] == p["n_offered"] and p["n_lost_processor"] == 0, p
     assert points["ptychonn"]["latency_p99_ms"] > 0
     for p in points.values():  # CPU over the stream (clock ticks of 10 ms: a short window may see 0 of one)
         cpu = [p["cpu_consumer_us"], p["cpu_server_us"], p["cpu_collector_us"]]

@@ -307,7 +307,7 @@ def main(args: argparse.Namespace) -> int:
                 row = {"n_consumers": n, "engine_alone_fps": engine_alone, "ptychonn_fps": None,
                        "pipeline_over_engine": None, "zero_fps": None, "passthrough_fps": None,
                        "ptychonn_over_passthrough": None, "zero_over_passthrough": None,
-                       "passthrough_server_limited": None}
+                       "passthrough_server_limited": None, "zero_server_limited": None}
                 ratios.append(row)
                 if "pipeline" not in args.skip:
                     progress.stage(f"pipeline: {n} PtychoNN consumer(s), {settings.engine} {settings.precision} batch {settings.batch}")
@@ -332,8 +332,8 @@ def main(args: argparse.Namespace) -> int:
                     report["pipeline"]["points"] += [p.to_dict() for p in points]
                     best = bp.best_sustained(points)
                     row[f"{processor}_fps"] = best.delivered_fps if best else None
-                    if processor == "passthrough":
-                        row["passthrough_server_limited"] = any(p.server_limited and p.sustained for p in points)
+                    # the server could not offer more: the ceiling is at least that rate
+                    row[f"{processor}_server_limited"] = any(p.server_limited and p.sustained for p in points)
                 if row["passthrough_fps"]:
                     for key in ("ptychonn", "zero"):
                         if row[f"{key}_fps"]:

@@ -94,7 +94,7 @@ class PointResult:
     start_delay_s: float  # server start -> first frame
     wall_s: float
     error: str | None = None
-    n_consumer_received: int | None = None  # receiverStats.nReceived, summed over consumers
+    n_consumer_received: int | None = None  # frames the consumers received (receiverStats.nReceived less the connect updates)
     n_lost_source: int | None = None  # published, never received, no gap: dropped by the server at exit
     n_lost_processor: int | None = None  # received by a consumer, not published
     # CPU over the stream (first output -> 90 % of the frames out), per frame out (see CpuSample):
@@ -230,6 +230,7 @@ def run_point(
     ready_s = None
     cpu: dict = {}
     statuses: list[dict | None] = []
+    flowing: list[dict | None] = []  # statuses read while the stream flows
     try:
         error = _wait_ready([f"{out_prefix}:{i}:status" for i in ids], is_ptychonn, settings.ready_timeout_s, [consumer])
         if error is None:
@@ -249,6 +250,9 @@ def run_point(
             before = CpuSample.take(consumer, server, collector.count())
             collector.wait_count(int(0.9 * n_frames), timeout_s=left(), idle_s=0.5)
             cpu = before.per_frame_us(CpuSample.take(consumer, server, collector.count()))
+            # latency over the stream: the processors' percentiles cover their last 5 s, which
+            # after the stream would be only the last frames (the drain, at a lossy point)
+            flowing = [live.read_status(f"{out_prefix}:{i}:status") for i in ids]
             collector.wait_count(n_frames, timeout_s=left(), idle_s=3.0)
             server.wait(10.0)
             time.sleep(1.3)  # one status report period, so the statistics include the last frames
@@ -278,12 +282,13 @@ def run_point(
     n_missed = sum(int(s.get("processorStats", {}).get("nMissed", 0)) for s in ok) if ok else None
     n_consumer_received = lost_source = lost_processor = None
     if ok and len(ok) == n_consumers:
-        n_consumer_received = sum(int(s.get("receiverStats", {}).get("nReceived", 0)) for s in ok)
+        n_consumer_received = consumer_frames(s.get("receiverStats", {}).get("nReceived", 0) for s in ok)
         lost_source, lost_processor = split_losses(n_offered, n_consumer_received, n_missed, len(unique))
     user = [s.get("userStats", {}) for s in ok]
     n_dropped = sum(int(u.get("nFramesDropped", 0)) for u in user) if is_ptychonn and user else None
-    p50 = max((u.get("latencyP50Ms", 0.0) for u in user), default=None) if is_ptychonn else None
-    p99 = max((u.get("latencyP99Ms", 0.0) for u in user), default=None) if is_ptychonn else None
+    during = [s.get("userStats", {}) for s in flowing if s] or user
+    p50 = max((u.get("latencyP50Ms", 0.0) for u in during), default=None) if is_ptychonn else None
+    p99 = max((u.get("latencyP99Ms", 0.0) for u in during), default=None) if is_ptychonn else None
     if error is None and len(ok) < n_consumers:
         error = f"read the status of {len(ok)} of {n_consumers} consumers"
     return PointResult(
@@ -332,6 +337,17 @@ class CpuSample:
             "cpu_collector_us": us(self.collector_s, later.collector_s),
             "machine_busy_pct": round(100.0 * busy / total, 1) if frames >= min_frames and total > 0 else None,
         }
+
+
+# PvaPy's receiverStats.nReceived counts the update a monitor gets when it connects (the
+# record as it stands, before any frame), which the framework skips (skipInitialUpdates 1).
+CONNECT_UPDATES = 1
+
+
+def consumer_frames(n_received) -> int:
+    """Frames the consumers received: their ``receiverStats.nReceived`` summed, less each
+    one's connect update (counted there, never a frame of the stream)."""
+    return sum(max(int(n) - CONNECT_UPDATES, 0) for n in n_received)
 
 
 def split_losses(n_offered: int, n_consumer_received: int, n_missed: int, n_unique_out: int) -> tuple[int, int]:

@@ -85,14 +85,34 @@ def pipeline_table(report: dict) -> str:
     )
 
 
+def _at_least(fps, server_limited: bool):
+    """A ceiling, shown as ``>= N (server-limited)`` when the server could not offer more."""
+    return f">= {fps:.0f} (server-limited)" if fps is not None and server_limited else fps
+
+
+def bounded_ratio(ratio, numerator_limited: bool, denominator_limited: bool, spec: str):
+    """A ratio of two ceilings, either of which may be only a lower bound (server-limited):
+    ``<= r`` when only the denominator is (the true ratio can only be lower), ``>= r`` when only
+    the numerator is, ``? (both server-limited)`` when both are."""
+    if ratio is None:
+        return None
+    if numerator_limited and denominator_limited:
+        return f"? ({ratio:{spec}}, both server-limited)"
+    if denominator_limited:
+        return f"<= {ratio:{spec}}"
+    if numerator_limited:
+        return f">= {ratio:{spec}}"
+    return ratio
+
+
 def summary_table(report: dict) -> str:
     rows = []
     for s in report.get("ratios", []):
-        passthrough = s["passthrough_fps"]
-        if passthrough is not None and s.get("passthrough_server_limited"):
-            passthrough = f">= {passthrough:.0f} (server-limited)"
+        pass_limited, zero_limited = bool(s.get("passthrough_server_limited")), bool(s.get("zero_server_limited"))
         rows.append([s["n_consumers"], s["engine_alone_fps"], s["ptychonn_fps"], s["pipeline_over_engine"],
-                     s.get("zero_fps"), passthrough, s["ptychonn_over_passthrough"], s.get("zero_over_passthrough")])
+                     _at_least(s.get("zero_fps"), zero_limited), _at_least(s["passthrough_fps"], pass_limited),
+                     bounded_ratio(s["ptychonn_over_passthrough"], False, pass_limited, ".3f"),
+                     bounded_ratio(s.get("zero_over_passthrough"), zero_limited, pass_limited, ".2f")])
     return table(
         ["N", "engine alone fps", "best lossless fps", "pipeline/engine", "zero-cost engine fps", "passthrough fps",
          "ptychonn/passthrough", "zero-cost/passthrough"],
