@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -76,7 +79,7 @@ def fixed8_model(tmp_path) -> Path:
 def dead_pid() -> int:
     """The process id of a process that has exited (what a killed writer leaves in its file names)."""
     child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
+    child.wait(60)
     return child.pid
 
 
@@ -97,14 +100,63 @@ def pva_env() -> dict:
     return env
 
 
+def group_gone(pgid: int, timeout_s: float = 5.0) -> bool:
+    """Whether process group ``pgid`` has no process left within ``timeout_s`` (a killed
+    orphan is reaped by init shortly after its parent's group was stopped)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # the id now names a group of another user's processes: ours are gone
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+
+
+def lines_until(stream, done, timeout_s: float) -> list[str]:
+    """Lines read from ``stream`` (a process's text pipe) until ``done(lines)`` is true, the
+    stream ends or ``timeout_s`` passes: read on a thread, so a process that prints nothing
+    cannot hang the test. On success the reader has stopped, so the pipe can be read on."""
+    lines: list[str] = []
+    finished = threading.Event()
+
+    def read():
+        try:
+            for line in stream:
+                lines.append(line)
+                if done(lines):
+                    break
+        finally:
+            finished.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    finished.wait(timeout_s)
+    return list(lines)
+
+
 @pytest.fixture
 def procs():
-    """Processes a test starts (tools.processes.start); stopped by pid at the end, last first."""
+    """Processes a test starts (tools.processes.start); stopped by pid at the end, last first:
+    every one, even when stopping another failed; each one's process group must be gone."""
     started = []
     yield started
+    problems = []
     for proc in reversed(started):
-        proc.stop()
-        assert not proc.running(), f"{proc.name} (pid {proc.pid}) still running"
+        try:
+            proc.stop()
+        except Exception as exc:  # stop the others all the same
+            problems.append(f"{proc.name} (pid {proc.pid}): stop() raised {exc!r}")
+    for proc in started:
+        if not group_gone(proc.pid):
+            problems.append(f"{proc.name} (pid {proc.pid}): its process group was still running (killed)")
+            try:  # leave nothing running for the next test
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert not problems, "; ".join(problems)
 
 
 @pytest.fixture(scope="session")

@@ -111,7 +111,9 @@ def test_engine_rate_is_the_best_timing_window():
             return x
 
     fps, _, n = bench_engine.time_engine(SlowThenFast(), 8, 0.1, np.random.default_rng(0), repeats=3)
-    assert n >= 6 and 8 / 0.005 * 0.5 < fps <= 8 / 0.005, fps  # the fast windows' rate, not the average
+    # the fast windows' rate, not the average: above the slow rate (8 / 0.02, a quarter of the fast one)
+    # with room for a loaded machine that stretches the 5 ms sleeps
+    assert n >= 6 and 8 / 0.005 * 0.25 < fps <= 8 / 0.005, fps
     single, _, _ = bench_engine.time_engine(SlowThenFast(), 8, 0.1, np.random.default_rng(0), repeats=1)
     assert single < 8 / 0.02 * 1.01  # one window: the slow rate
 

@@ -29,7 +29,8 @@ def test_unknown_command(capsys):
 
 @pytest.mark.parametrize("name", sorted(cli.COMMANDS))
 def test_every_command_has_help(name):
-    done = subprocess.run([sys.executable, "-m", "edge_ptychonn.cli", name, "--help"], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "edge_ptychonn.cli", name, "--help"], capture_output=True, text=True,
+                          timeout=60)
     assert done.returncode == 0, done.stderr
     assert f"usage: edge-ptychonn {name}" in done.stdout
 
@@ -86,3 +87,18 @@ def test_consumer_passes_arguments_to_pvapy_and_answers_bad_ones_with_2():
     helped = subprocess.run([sys.executable, "-m", "edge_ptychonn.cli", "consumer", "--help"],
                             capture_output=True, text=True, timeout=60)
     assert helped.returncode == 0 and "SIGTERM" in helped.stdout and "pvapy-hpc-consumer --help" in helped.stdout
+
+
+@pytest.mark.parametrize("value", ["-1", "0", "nan", "inf", "soon"])
+def test_configure_takes_only_a_positive_timeout(value, capsys):
+    """A timeout <= 0 would wait for ever (the answer's deadline) instead of not at all."""
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["configure", "inference:1:control", "batchTimeout=0.2", "--timeout", value])
+    assert exit_.value.code == 2
+    assert "argument --timeout: must be" in capsys.readouterr().err
+
+
+def test_configure_timeout_accepts_seconds():
+    from edge_ptychonn.tools.configure import get_args_parser
+
+    assert get_args_parser().parse_args(["c", "a=1", "--timeout", "2.5"]).timeout == 2.5

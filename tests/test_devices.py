@@ -79,4 +79,4 @@ def test_devices_module_imports_no_numpy():
     import sys
 
     code = "import sys; import edge_ptychonn.devices; assert 'numpy' not in sys.modules, 'numpy imported'"
-    subprocess.run([sys.executable, "-c", code], check=True)
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -9,6 +9,8 @@ that is the ground-truth object plus complex noise.
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pvaccess as pva
 import pytest
@@ -215,10 +217,16 @@ def test_bad_input_is_refused_with_a_clear_message_and_nothing_written(beamline,
         np.save(tmp_path / "small.npy", d["frames"][:, :64, :64])
         frames = tmp_path / "small.npy"
     out = tmp_path / "out" / "m"
-    if case == "overwrite_base":
-        out = default_model_path().with_suffix("")
+    if case == "overwrite_base":  # a copy of the shipped model and its card: a broken guard overwrites only that
+        base = tmp_path / "base" / default_model_path().name
+        base.parent.mkdir()
+        for suffix in (".onnx", ".json"):
+            shutil.copy2(default_model_path().with_suffix(suffix), base.with_suffix(suffix))
+        base_bytes = base.read_bytes()
+        out, extra = base.with_suffix(""), ["--init-from", base]
     shipped_mtime = default_model_path().stat().st_mtime_ns
-    argv = ["--frames", frames, "--object", obj, "--out", out, "--quiet", *extra]
+    # a short cap: a check that broke must not start a 10-minute training run
+    argv = ["--frames", frames, "--object", obj, "--out", out, "--epochs", 1, "--max-minutes", 0.1, "--quiet", *extra]
     if positions is not None:
         argv += ["--positions", positions]
     assert run_cli(*argv) == 2
@@ -228,6 +236,9 @@ def test_bad_input_is_refused_with_a_clear_message_and_nothing_written(beamline,
 
     assert re.search(message, err), err
     assert not (tmp_path / "out").exists() and default_model_path().stat().st_mtime_ns == shipped_mtime
+    if case == "overwrite_base":
+        assert base.read_bytes() == base_bytes and sorted(p.name for p in base.parent.iterdir()) == [
+            base.with_suffix(".json").name, base.name]
 
 
 def test_help_names_the_convention(capsys):

@@ -26,6 +26,7 @@ from edge_ptychonn.tools import launch
 from edge_ptychonn.tools.launch import LaunchConfig, Status, chained_argv, collector_argv, last_errors
 from edge_ptychonn.tools.processes import wait_until
 from channel_names import PREFIX
+from conftest import lines_until
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "data" / "ptychonn.onnx"
@@ -298,11 +299,8 @@ def test_launch_stops_its_processes_when_its_session_closes(tmp_path, sig):
     parent = subprocess.Popen([sys.executable, "-c", LAUNCHER_LIKE, str(cfg)], cwd=ROOT, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     lines = []
-    try:
-        for line in parent.stdout:  # "up" once the three are started
-            lines.append(line)
-            if line.strip() == "up":
-                break
+    try:  # "up" once the three are started
+        lines = lines_until(parent.stdout, lambda lines: lines[-1].strip() == "up", 60)
         assert lines and lines[-1].strip() == "up", "".join(lines)
         os.kill(parent.pid, sig)
         out, _ = parent.communicate(timeout=60)
@@ -467,15 +465,8 @@ outputDirectory = "{tmp_path / 'h5'}"
     launch = subprocess.Popen([sys.executable, "-m", "edge_ptychonn.cli", "launch", str(cfg)], cwd=ROOT, env=pva_env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines = []
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:  # wait for two status lines: everything is up
-            line = launch.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if sum(" | inference " in ln for ln in lines) >= 2:
-                break
+    try:  # two status lines: everything is up
+        lines = lines_until(launch.stdout, lambda lines: sum(" | inference " in ln for ln in lines) >= 2, 60)
         assert sum(" | inference " in ln for ln in lines) >= 2, "".join(lines)
         os.kill(launch.pid, signal.SIGTERM)  # the launcher alone: it owns and stops the rest
         out, _ = launch.communicate(timeout=60)

@@ -167,7 +167,9 @@ def test_models_swap_halfway_through_a_scan_without_a_restart(pva_env, procs, sm
           f"{gaps[near].max() * 1e3:.0f} ms; elsewhere max {elsewhere.max() * 1e3:.0f} ms, "
           f"p99 {np.percentile(elsewhere, 99) * 1e3:.0f} ms, median {np.median(elsewhere) * 1e3:.1f} ms; "
           f"a batch arrives every {batch_period_s * 1e3:.0f} ms")
-    assert gaps[near].max() <= max(elsewhere.max(), batch_period_s) + batch_period_s
+    # twice the worst gap elsewhere plus a second: room for a loaded machine's scheduling,
+    # still short of the seconds a consumer paused to load the new model would take
+    assert gaps[near].max() <= 2 * max(elsewhere.max(), batch_period_s) + 1.0
 
 
 @pytest.mark.e2e

@@ -601,10 +601,13 @@ def test_a_status_snapshot_adds_up_while_frames_flow(small_model, rng):
 
     threading.Thread(target=feed, daemon=True).start()
     readings = wrong = 0
-    while not done.is_set() or pipeline.queued_frames:
+    deadline = time.monotonic() + 60
+    while (not done.is_set() or pipeline.queued_frames) and time.monotonic() < deadline:
         stats, queued = pipeline.counts()  # what getStats() reads
         readings += 1
         wrong += stats.unaccounted(queued) != 0 or stats.published > stats.received
+    left = (done.is_set(), pipeline.queued_frames)
     pipeline.stop()
+    assert left == (True, 0), f"after 60 s: all fed {left[0]}, {left[1]} frames still queued"
     assert pipeline.stats.received == 6000 and readings > 100
     assert wrong == 0

@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from channel_names import PREFIX
 
 from edge_ptychonn.model_card import ModelCard, default_model_path, load_card, save_card
 from edge_ptychonn.stream.postprocess import OutputMask, apply_output_mask
@@ -152,8 +153,6 @@ def test_a_live_consumer_normalises_the_dose_and_masks_its_outputs(pva_env, proc
     """Real sim server -> real consumer with the shipped model (its card: normalize total,
     output mask): a low-dose scan comes out as the engine's result on the normalised frames,
     0 rad outside the illuminated disc; configure switches the normalisation at run time."""
-    import time as _time
-
     from edge_ptychonn.science.simulate import ScanSettings, simulate_scan
     from edge_ptychonn.stream.preprocess import preprocess
     from edge_ptychonn.tools.configure import send
@@ -165,7 +164,7 @@ def test_a_live_consumer_normalises_the_dose_and_masks_its_outputs(pva_env, proc
     n, start_delay_s = 16, 10.0
     frames, _ = simulate_scan(ScanSettings(seed=77, n_positions=n, photons=1e5), progress=False)
     np.save(tmp_path / "scan.npy", frames)
-    image, prefix = "test:mask:image", "test:mask:inference"
+    image, prefix = f"{PREFIX}:mask:image", f"{PREFIX}:mask:inference"
     args = {"engine": "onnxruntime", "cpuThreads": 1, "batchTimeout": 0.1}  # the shipped model
     consumer = start("consumer", consumer_argv(image, prefix, 1, "processors.ptychonn.PtychoNNProcessor", args,
                                                report_period_s=0.5), pva_env, tmp_path)
@@ -173,7 +172,6 @@ def test_a_live_consumer_normalises_the_dose_and_masks_its_outputs(pva_env, proc
     procs.append(start("sim", sim_server_argv(tmp_path / "scan.npy", image, fps=50, start_delay_s=start_delay_s),
                        pva_env, tmp_path))
     collector = OutputCollector([f"{prefix}:1:output"])
-    t0 = _time.monotonic()
     try:
         assert collector.wait_connected(start_delay_s - 2), consumer.log()[-3000:]
         got = collector.wait_count(n, timeout_s=40, idle_s=10)
@@ -186,7 +184,6 @@ def test_a_live_consumer_normalises_the_dose_and_masks_its_outputs(pva_env, proc
     finally:
         collector.close()
     assert got == n, consumer.log()[-3000:]
-    assert _time.monotonic() - t0 < 60
     assert status["nFramesProcessed"] == n and status["nFramesUnaccounted"] == 0
     assert json.loads(status["settings"])["normalize"] == "none"
 

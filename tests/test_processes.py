@@ -1,11 +1,18 @@
 """The process helpers keep PVA traffic on loopback and stop what they start."""
 
+import contextlib
 import os
 import signal
+import subprocess
 import sys
-import time
+from pathlib import Path
 
-from edge_ptychonn.tools.processes import LOOPBACK_ENV, start, use_loopback, wait_until
+import pytest
+
+from conftest import group_gone, lines_until
+from edge_ptychonn.tools.processes import LOOPBACK_ENV, child_pids, start, use_loopback, wait_until
+
+MODEL = Path(__file__).resolve().parent.parent / "data" / "ptychonn.onnx"
 
 
 def test_child_processes_get_the_loopback_settings():
@@ -21,17 +28,17 @@ def test_stop_ends_the_whole_process_group(tmp_path):
     # a parent that forks a child which ignores SIGINT, as consumers' workers may
     code = "import os, signal, time\nif os.fork() == 0:\n    signal.signal(signal.SIGINT, signal.SIG_IGN)\ntime.sleep(60)"
     proc = start("sleeper", [sys.executable, "-c", code], dict(os.environ), tmp_path)
-    assert proc.running()
-    proc.stop(grace_s=1.0)
-    assert not proc.running()
-    deadline = time.monotonic() + 5  # a killed orphan is reaped by init shortly after
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.05)
-    raise AssertionError("a child of the stopped process is still running")
+    try:
+        assert proc.running()
+        # both are up: the parent and the child that ignores SIGINT
+        assert wait_until(lambda: len(child_pids(proc.pid)) == 1, 10)
+        proc.stop(grace_s=1.0)
+        assert not proc.running()
+        assert group_gone(proc.pid), "a child of the stopped process is still running"
+    finally:  # whatever a failed check above left running
+        if not group_gone(proc.pid, timeout_s=0):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_stop_interrupts_cleanly_when_the_caller_ignores_sigint(tmp_path):
@@ -42,10 +49,109 @@ def test_stop_interrupts_cleanly_when_the_caller_ignores_sigint(tmp_path):
             "print('handler', signal.getsignal(signal.SIGINT) is signal.default_int_handler, flush=True)\n"
             "try:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n    print('interrupted', flush=True)\n    sys.exit(3)")
     before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    proc = None
     try:
         proc = start("interruptible", [sys.executable, "-c", code], dict(os.environ), tmp_path)
         assert wait_until(lambda: "handler" in proc.log(), 10), proc.log()
         assert proc.stop(grace_s=5.0) == 3, proc.log()
     finally:
         signal.signal(signal.SIGINT, before)
+        if proc is not None and proc.running():  # the wait above failed: its sleep 60 must not outlive the test
+            proc.stop(grace_s=1.0)
     assert "handler True" in proc.log() and "interrupted" in proc.log()
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for its parent to reap it has stopped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _kill_left(pids: list[int]) -> None:
+    for pid in pids:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+STARTER = """
+import os, sys, time
+from pathlib import Path
+from edge_ptychonn.tools.processes import start
+procs = [start(f"child{i}", [sys.executable, "-c", "import time; time.sleep(120)"], dict(os.environ), Path(sys.argv[1]))
+         for i in (1, 2)]
+print(*(p.pid for p in procs), flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_children_stop_when_their_starter_is_killed(tmp_path):
+    """A starter killed outright (SIGKILL: no handler runs) leaves nothing running: the
+    kernel sends each child SIGTERM (PR_SET_PDEATHSIG), though each is in its own session."""
+    parent = subprocess.Popen([sys.executable, "-c", STARTER, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    pids = []
+    try:
+        first = lines_until(parent.stdout, lambda lines: True, 60)
+        pids = [int(v) for v in first[0].split()] if first else []
+        assert len(pids) == 2 and all(map(_alive, pids))
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(10)
+        assert wait_until(lambda: not any(map(_alive, pids)), 10), "a child outlived its killed starter"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait(10)
+        _kill_left(pids)
+
+
+SOAK = """
+import sys
+from edge_ptychonn.tools import processes, soak
+
+# sleepers for the consumers and the sim server, no PVA monitors: only the stopping is real
+processes.consumer_argv = lambda *args, **kwargs: [sys.executable, "-c", "import time; time.sleep(120)"]
+processes.tool_path = lambda name: sys.argv[1]
+
+
+class Collector:
+    def __init__(self, channels, **kwargs):
+        self.received = {c: [] for c in channels}
+
+    def count(self):
+        return 0
+
+    def close(self):
+        pass
+
+
+processes.OutputCollector = Collector
+sys.exit(soak.main(soak.get_args_parser().parse_args(sys.argv[2:])))
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_soak_stops_what_it_started_on_sigterm_and_sighup(tmp_path, sig):
+    sim = tmp_path / "sim"
+    sim.write_text("#!/bin/sh\nexec sleep 120\n")
+    sim.chmod(0o755)
+    soak = subprocess.Popen([sys.executable, "-c", SOAK, str(sim), "--model", str(MODEL), "--fps", "10"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env={**os.environ, "TMPDIR": str(tmp_path)})
+    kids = []
+    try:
+        kids = wait_until(lambda: child_pids(soak.pid) if len(child_pids(soak.pid)) == 2 else None, 60)
+        assert kids, "soak did not start its two processes"
+        os.kill(soak.pid, sig)
+        out, _ = soak.communicate(timeout=60)
+        left = [pid for pid in kids if _alive(pid)]
+    finally:
+        if soak.poll() is None:
+            os.killpg(soak.pid, signal.SIGKILL)
+            soak.wait(10)
+        _kill_left(kids or [])
+    assert soak.returncode == 130, out
+    assert "soak: interrupted: stopping what it started" in out
+    assert left == [], "soak left its processes running"

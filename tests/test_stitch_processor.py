@@ -6,11 +6,14 @@ inside a real ``pvapy-hpc-collector`` behind real inference consumers.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pvaccess as pva
 import pytest
 
 from edge_ptychonn.science.stitch import Stitcher, probe_weight
+from edge_ptychonn.tools.processes import wait_until
 from frames_util import good_frame
 from processors.stitch import STATS, PositionTable, StitchProcessor
 
@@ -168,25 +171,31 @@ def test_a_restart_or_a_command_starts_a_new_image(tmp_path, rng):
 
 
 def test_publisher_thread_publishes_changes_at_the_rate(tmp_path, rng):
-    patches, positions, probe = small_scan(rng, n=10)
+    """Frames that change the image every 20 ms for a second give at most one image per
+    publishing period (1/publishRate - 10 ms, however slow the machine), not one per frame."""
+    n, rate_hz = 50, 4.0
+    patches, positions, probe = small_scan(rng, n=n)
     publisher = Publisher()
-    p = make({"positionsFile": str(write_npz(tmp_path / "s.npz", positions, probe, (40, 48))), "publishRate": 20}, publisher)
+    p = make({"positionsFile": str(write_npz(tmp_path / "s.npz", positions, probe, (40, 48))), "publishRate": rate_hz},
+             publisher)
     p.pvaServer = None
+    t0 = time.monotonic()
     p.start()
     try:
-        for k in range(10):
+        for k in range(n):
             p.process(good_frame(k + 1, patches[k]))
-        import time
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and not (publisher.images and publisher.images[-1][2]["FramesPlaced"] == 10):
-            time.sleep(0.02)
-        n = len(publisher.images)
-        time.sleep(0.2)
-        assert len(publisher.images) == n, "nothing changed, nothing published"
+            time.sleep(0.02)  # paces the feed: the image keeps changing for about 1 s
+        assert wait_until(lambda: publisher.images and publisher.images[-1][2]["FramesPlaced"] == n, 10), \
+            [attrs["FramesPlaced"] for _, _, attrs in publisher.images]
+        elapsed_s = time.monotonic() - t0
+        published = len(publisher.images)
+        time.sleep(2.5 / rate_hz)  # a window of over two periods with nothing new
+        assert len(publisher.images) == published, "nothing changed, nothing published"
     finally:
         p.stop()
+    assert 1 <= published <= elapsed_s / (1 / rate_hz - 0.01) + 1, f"{published} images in {elapsed_s:.2f} s"
     uid, image, attrs = publisher.images[-1]
-    assert image.dtype == np.float32 and image.shape == (40, 48) and attrs["FramesPlaced"] == 10
+    assert image.dtype == np.float32 and image.shape == (40, 48) and attrs["FramesPlaced"] == n
     assert [u for u, _, _ in publisher.images] == list(range(1, len(publisher.images) + 1))
     np.testing.assert_allclose(image, offline(patches, positions, (40, 48), probe_weight(probe)).image(), atol=1e-6)
 
@@ -204,6 +213,11 @@ def test_bad_frames_are_counted(tmp_path, rng):
 
 
 
+def attributes(received) -> dict:
+    """A received NTNDArray's attributes, by name."""
+    return {a["name"]: a["value"][0]["value"] for a in received.attributes}
+
+
 @pytest.mark.e2e
 def test_collector_merges_two_producers_positions_from_attributes_and_a_restart(pva_env, procs, tmp_path, rng):
     """Two output channels (served by this process, as two inference consumers would) ->
@@ -218,56 +232,62 @@ def test_collector_merges_two_producers_positions_from_attributes_and_a_restart(
     tag = f"st{os.getpid()}"
     patches, positions, _ = small_scan(rng, n=40, shape=(64, 64))
     server = pva.PvaServer()
-    outputs = [f"{tag}:inference:{i}:output" for i in (1, 2)]
-    for name in outputs:
-        server.addRecord(name, pva.NtNdArray())  # an empty record first, as a consumer's output is
-
-    def publish(uid, patch, pos):
-        pv = good_frame(uid, patch)
-        pv["attribute"] = [pva.NtAttribute("PosY", pva.PvDouble(pos[0])), pva.NtAttribute("PosX", pva.PvDouble(pos[1]))]
-        server.update(outputs[((uid - 1) // 8) % 2], pv)  # runs of 8 in turn, as -du 8 gives
-
-    args = {"objectShape": [64, 64], "publishRate": 5, "outputDirectory": str(tmp_path / "out")}
-    procs.append(start("stitch", collector_argv(f"{tag}:inference:*:output", [1, 2], "processors.stitch.StitchProcessor",
-                                                args, f"{tag}:stitch", cache_size=16), pva_env, tmp_path))
-    status = Status()
-    stitch_status = f"{tag}:stitch:1:status"
-
-    def connected():
-        rec = status.get(stitch_status)
-        return rec and all(rec[f"producerStats_{i}"]["receiverStats"]["nReceived"] >= 1 for i in (1, 2))
-
-    assert wait_until(connected, 40), procs[0].log()[-3000:]
-    live = OutputCollector([f"{tag}:stitch:1:output"])
     try:
-        assert live.wait_connected(10)
-        for k in range(32):  # scan 1: uniqueIds 1..32
-            publish(k + 1, patches[k], positions[k])
-        placed = lambda n: wait_until(lambda: (status.get(stitch_status) or {}).get("userStats", {}).get("nFramesPlaced", 0) >= n, 20)
-        assert placed(32), procs[0].log()[-3000:]
-        first = live.wait_count(10**6, timeout_s=3, idle_s=1.5) and live.received[live.channels[0]][-1]
-        for k in range(8):  # scan 2: uniqueIds restart at 1
-            publish(k + 1, patches[32 + k], positions[32 + k])
-        assert placed(40), procs[0].log()[-3000:]
-        stats = wait_until(lambda: (status.get(stitch_status) or {}).get("userStats", {}).get("nScans", 0) == 2 and status.get(stitch_status), 10)
-        final = pva.Channel(f"{tag}:stitch:1:output:final").get("field()")
+        outputs = [f"{tag}:inference:{i}:output" for i in (1, 2)]
+        for name in outputs:
+            server.addRecord(name, pva.NtNdArray())  # an empty record first, as a consumer's output is
+
+        def publish(uid, patch, pos):
+            pv = good_frame(uid, patch)
+            pv["attribute"] = [pva.NtAttribute("PosY", pva.PvDouble(pos[0])), pva.NtAttribute("PosX", pva.PvDouble(pos[1]))]
+            server.update(outputs[((uid - 1) // 8) % 2], pv)  # runs of 8 in turn, as -du 8 gives
+
+        args = {"objectShape": [64, 64], "publishRate": 5, "outputDirectory": str(tmp_path / "out")}
+        procs.append(start("stitch", collector_argv(f"{tag}:inference:*:output", [1, 2], "processors.stitch.StitchProcessor",
+                                                    args, f"{tag}:stitch", cache_size=16), pva_env, tmp_path))
+        status = Status()
+        stitch_status = f"{tag}:stitch:1:status"
+
+        def connected():
+            rec = status.get(stitch_status)
+            return rec and all(rec[f"producerStats_{i}"]["receiverStats"]["nReceived"] >= 1 for i in (1, 2))
+
+        assert wait_until(connected, 40), procs[0].log()[-3000:]
+        live = OutputCollector([f"{tag}:stitch:1:output"])
+        try:
+            assert live.wait_connected(10)
+            for k in range(32):  # scan 1: uniqueIds 1..32
+                publish(k + 1, patches[k], positions[k])
+            placed = lambda n: wait_until(lambda: (status.get(stitch_status) or {}).get("userStats", {}).get("nFramesPlaced", 0) >= n, 20)
+            assert placed(32), procs[0].log()[-3000:]
+            # the last image of scan 1 (published within 1/publishRate of the last frame placed)
+            first = wait_until(lambda: (lambda got: got and attributes(got[-1])["FramesPlaced"] == 32 and got[-1])(
+                list(live.received[live.channels[0]])), 10)
+            assert first, [attributes(r)["FramesPlaced"] for r in live.received[live.channels[0]]]
+            for k in range(8):  # scan 2: uniqueIds restart at 1
+                publish(k + 1, patches[32 + k], positions[32 + k])
+            assert placed(40), procs[0].log()[-3000:]
+            stats = wait_until(lambda: (status.get(stitch_status) or {}).get("userStats", {}).get("nScans", 0) == 2 and status.get(stitch_status), 10)
+            final = pva.Channel(f"{tag}:stitch:1:output:final").get("field()")
+        finally:
+            live.close()
+        user = stats["userStats"]
+        assert user["nFramesPlaced"] == 40 and user["nFramesNoPosition"] == 0 and user["scanFramesPlaced"] == 8
+        assert stats["collectorStats"]["nRejected"] == 0
+        expected = offline(patches[:32], positions[:32], (64, 64), None).image()
+        # the live channel's last image of scan 1 is the offline stitching of its 32 frames
+        attrs = attributes(first)
+        assert attrs["FramesPlaced"] == 32 and attrs["ScanIndex"] == 1
+        np.testing.assert_allclose(first.image, expected, atol=1e-5)
+        # scan 1's finished image: on the :final channel and on disk
+        dims = final["dimension"]
+        np.testing.assert_allclose(np.array(final["value"][0]["floatValue"]).reshape(dims[1]["size"], dims[0]["size"]), expected, atol=1e-5)
+        np.testing.assert_allclose(np.load(tmp_path / "out" / "stitch_scan0001.npy"), expected, atol=1e-5)
+        procs.pop().stop(grace_s=15.0)  # at stop, scan 2 goes to disk
+        np.testing.assert_allclose(np.load(tmp_path / "out" / "stitch_scan0002.npy"),
+                                   offline(patches[32:], positions[32:], (64, 64), None).image(), atol=1e-5)
     finally:
-        live.close()
-    user = stats["userStats"]
-    assert user["nFramesPlaced"] == 40 and user["nFramesNoPosition"] == 0 and user["scanFramesPlaced"] == 8
-    assert stats["collectorStats"]["nRejected"] == 0
-    expected = offline(patches[:32], positions[:32], (64, 64), None).image()
-    # the live channel's last image of scan 1 is the offline stitching of its 32 frames
-    attrs = {a["name"]: a["value"][0]["value"] for a in first.attributes}
-    assert attrs["FramesPlaced"] == 32 and attrs["ScanIndex"] == 1
-    np.testing.assert_allclose(first.image, expected, atol=1e-5)
-    # scan 1's finished image: on the :final channel and on disk
-    dims = final["dimension"]
-    np.testing.assert_allclose(np.array(final["value"][0]["floatValue"]).reshape(dims[1]["size"], dims[0]["size"]), expected, atol=1e-5)
-    np.testing.assert_allclose(np.load(tmp_path / "out" / "stitch_scan0001.npy"), expected, atol=1e-5)
-    procs.pop().stop(grace_s=15.0)  # at stop, scan 2 goes to disk
-    np.testing.assert_allclose(np.load(tmp_path / "out" / "stitch_scan0002.npy"),
-                               offline(patches[32:], positions[32:], (64, 64), None).image(), atol=1e-5)
+        server.stop()
 
 
 # ---------------------------------------------------------------- positions from metadata channels

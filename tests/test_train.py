@@ -179,23 +179,29 @@ def test_train_command_writes_onnx_sidecar_and_card(tmp_path, capsys):
     assert exact.scores["rmse_rad"] < 1e-5  # exact patches score perfectly
 
 
-def test_bad_training_arguments(capsys):
-    assert cli.main(["train", "--train-scans", "0"]) == 2
+def test_bad_training_arguments(tmp_path, capsys):
+    # small, capped runs into tmp_path: a check that broke must not start a long run writing into the repository
+    capped = ["--out", str(tmp_path / "m"), "--train-scans", "2", "--val-scans", "1", "--epochs", "1", "--max-minutes", "0.1"]
+
+    def train(*argv):
+        return cli.main(["train", *capped, *argv])
+
+    assert train("--train-scans", "0") == 2
     assert "train-scans" in capsys.readouterr().err
-    assert cli.main(["train", "--eval", "mixed"]) == 2  # refused before any training
+    assert train("--eval", "mixed") == 2  # refused before any training
     assert "FAMILY:SEED" in capsys.readouterr().err
-    assert cli.main(["train", "--dose-range", "10", "0.1"]) == 2
+    assert train("--dose-range", "10", "0.1") == 2
     assert "dose-range must be 0 < LOW <= HIGH" in capsys.readouterr().err
     for mix, why in ((["cells"], "FAMILY:FRACTION"), (["stones:0.2"], "family must be one of"),
                      (["cells:0"], "fraction must be in (0, 1]"), (["cells:0.6", "fibres:0.6"], "add up to 1.2"),
                      (["cells:0.1", "cells:0.2"], "cells given twice")):
-        assert cli.main(["train", "--family-mix", *mix]) == 2
+        assert train("--family-mix", *mix) == 2
         assert why in capsys.readouterr().err
-    assert cli.main(["train", "--init-from", "/nonexistent/model.onnx"]) == 2
+    assert train("--init-from", "/nonexistent/model.onnx") == 2
     assert "is not a file" in capsys.readouterr().err
-    assert cli.main(["train", "--head-blocks", "9"]) == 2
+    assert train("--head-blocks", "9") == 2
     assert "head_blocks must be 0..8, got 9" in capsys.readouterr().err
-    assert cli.main(["train", "--ssim-weight", "-0.1"]) == 2
+    assert train("--ssim-weight", "-0.1") == 2
     assert "ssim-weight must be >= 0" in capsys.readouterr().err
     # the same checks as finetune's (train.check_training_options), and scan seeds >= 0
     for argv, why in ((["--threads", "0"], "threads must be >= 1, got 0"),
@@ -206,14 +212,15 @@ def test_bad_training_arguments(capsys):
                       (["--seed-base", "-3"], "seed-base must be >= 0 (scan seeds), got -3"),
                       (["--val-seed-base", "-1"], "val-seed-base must be >= 0"),
                       (["--eval", "mixed:-1"], "seed must be >= 0, got 'mixed:-1'")):
-        assert cli.main(["train", *argv]) == 2
+        assert train(*argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("edge-ptychonn train: ") and why in err and "Traceback" not in err
-    assert cli.main(["train", "--device", "gpu"]) == 2
+    assert train("--device", "gpu") == 2
     assert "device must be 'auto', 'cpu', 'cuda'" in capsys.readouterr().err
     if not torch.cuda.is_available():
-        assert cli.main(["train", "--device", "cuda"]) == 2
+        assert train("--device", "cuda") == 2
         assert "device 'cuda' asked for, but torch" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # every refusal came before anything was written
 
 
 def test_ssim_loss_term_is_the_scores_ssim_over_the_bright_centre():

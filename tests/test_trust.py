@@ -62,8 +62,10 @@ def test_overload_is_dropped_at_the_door_counted_and_recovers(pva_env, procs, sl
         assert collector.wait_connected(START_DELAY_S - 2), consumer.log()[-3000:]
         rss_before = rss_mb(consumer.pid)
         assert wait_until(lambda: collector.count() > 0, START_DELAY_S + 10), consumer.log()[-3000:]
-        time.sleep(4.0)  # well into the overload: the queue has been full for seconds
-        s1, t1 = _user_stats(prefix), time.monotonic()
+        # into the overload: the queue is full and the consumer says it drops frames
+        s1 = wait_until(lambda: (lambda u: u if u.get("nDroppedOverload", 0) > 0 else None)(_user_stats(prefix)), 20)
+        t1 = time.monotonic()
+        assert s1, consumer.log()[-3000:]
         time.sleep(4.0)
         s2, t2 = _user_stats(prefix), time.monotonic()
         rss_during = rss_mb(consumer.pid)
@@ -254,8 +256,10 @@ def test_configure_abuse_is_refused_briefly_and_frames_keep_flowing(pva_env, pro
             assert reply.startswith("Configuration failed"), (what, reply)
             assert len(reply) < 300, (what, len(reply))
             assert wait_until(lambda: collector.count() > before, 5), f"frames stopped after {what}"
-        time.sleep(1.0)  # one status refresh
-        assert _user_stats(prefix)["settings"] == settings  # nothing changed
+        # a status refresh after the last refusal: the first record counting frames beyond one read now
+        seen = _user_stats(prefix)["nFramesReceived"]
+        refreshed = wait_until(lambda: (lambda u: u if u.get("nFramesReceived", 0) > seen else None)(_user_stats(prefix)), 5)
+        assert refreshed and refreshed["settings"] == settings  # nothing changed
         assert send(control, '{"batchTimeout": 0.2}') == "Configuration successful"
         assert wait_until(lambda: json.loads(_user_stats(prefix)["settings"])["batchTimeout"] == 0.2, 5)
         got = collector.wait_count(n, timeout_s=30, idle_s=10)

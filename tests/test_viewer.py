@@ -93,7 +93,7 @@ def test_c2dv_windows_show_the_live_chain_under_xvfb(pva_env, procs, tmp_path):
 
     # the sim server's start delay lets every client connect before frames flow (the
     # output channels appear when the first, empty, record reaches the consumer)
-    delay_s = 15.0
+    delay_s = 25.0  # Xvfb, Qt and c2dv start in a few seconds; a loaded machine may take several times that
     procs.append(start("sim", sim_server_argv(tmp_path / "scan.npy", f"{tag}:image", fps=10, start_delay_s=delay_s),
                        pva_env, tmp_path))
     t_sim = time.monotonic()
@@ -128,10 +128,26 @@ def test_c2dv_windows_show_the_live_chain_under_xvfb(pva_env, procs, tmp_path):
                 and int(s[stitched][2]) >= 1 and (status.get(f"{tag}:stitch:1:status") or {})
                 .get("userStats", {}).get("nFramesPlaced") == n and s)
 
-    s = wait_until(shown, 40, poll_s=0.25)
+    s = wait_until(shown, delay_s + 30, poll_s=0.25)
     assert s, f"viewer: {viewer.log()[-2000:]}\nstitch: {procs[1].log()[-1500:]}"
-    time.sleep(1.0)  # one more stitched image (4 Hz) and its status line
-    s = _status(viewer.log())
+    import pvaccess as pva
+
+    stitched_channel = pva.Channel(stitched)
+
+    def final_image_received():
+        # the stitcher's last image (every frame placed; its uniqueIds count its images from 1)
+        # reached the window: a status line counts that many received (c2dv counts the empty
+        # record on connect too, when it came, and displays what it receives at once)
+        try:
+            pv = stitched_channel.get("field()")
+        except pva.PvaException:
+            return None
+        placed = {a["name"]: a["value"][0]["value"] for a in pv["attribute"]}.get("FramesPlaced")
+        s = _status(viewer.log())
+        return placed == n and int(s[stitched][1]) >= pv["uniqueId"] and s
+
+    s = wait_until(final_image_received, 10, poll_s=0.25)
+    assert s, f"the last stitched image did not reach the window: {viewer.log()[-1000:]}"
     shot = ImageGrab.grab(xdisplay=display)
     shot.save(tmp_path / "screenshot.png")
     print(viewer.log()[-1200:], f"\nscreenshot: {tmp_path / 'screenshot.png'}")
