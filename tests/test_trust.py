@@ -219,6 +219,7 @@ def test_a_killed_consumers_frames_are_counted_downstream(pva_env, procs, small_
     assert len(lost) >= holding["nFramesReceived"] > 0
     assert max(seen) >= n - 8, "consumer 1 did not go on after the kill"
     assert survivor["nForeignFrames"] > 0  # it noticed it was given its sibling's share
+    assert survivor["nFramesMissed"] == 0, survivor  # and learnt that every id is its own now
     assert collected, collector_proc.log()[-3000:]
     assert collected["collectorStats"]["nMissed"] == len(lost), collected["collectorStats"]
 
