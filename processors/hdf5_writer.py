@@ -12,7 +12,7 @@ Usage (one writer per inference consumer: ``*`` is the consumer id)::
 It also runs inside ``pvapy-hpc-collector`` (one file for all consumers, in
 uniqueId order). Unlike PvaPy's ``Hdf5AdImageWriter`` it keeps each frame's
 uniqueId, time stamps and positions, and a partial file holds exactly the
-frames received (datasets grow; no zero padding).
+frames written (datasets grow; no zero padding).
 
 Input
     NTNDArray frames: 2-D images (h, w) of any numeric pixel type (float32
@@ -43,6 +43,25 @@ Output
     ``uniqueId`` is written last in each block, so its length is the number of
     complete frames. Flushed every ``flushPeriod`` seconds, closed at stop and
     at a new scan.
+Write errors (a full disk, a lost file server)
+    The writer thread never stops on an error. A failed write or flush gives the
+    file up: it is cut back to the frames confirmed by its last successful flush
+    and closed (best effort), the frames appended since then count as lost, and
+    the next frames go to a new file of the same scan (``<name>-2.h5``, ...),
+    created no sooner than ``flushPeriod`` after the error (frames arriving
+    before that count as lost too). A frame for which no file can be created is
+    lost the same way. A failed close (at a new scan or at stop) counts the
+    frames appended since the last flush as lost, though the file may hold them.
+    Every failed create, write, flush or close counts once in ``nWriteErrors``;
+    each kind is logged the first time it occurs.
+Backpressure and stop
+    ``process()`` waits at most ``queueTimeout`` for room in the queue; a frame
+    that finds none, or finds the writer thread gone, is lost (``nLostNotQueued``)
+    and later frames do not wait until the queue takes one again: PvaPy's monitor
+    thread is never held longer. ``newScan`` waits the same and then fails.
+    ``stop()`` gives the writer 10 s to write what is queued and close the file;
+    frames it did not take from the queue, and frames received after ``stop()``,
+    are lost (``nLostStopping``); a frame a hung writer holds stays queued.
 Scans
     A frame whose uniqueId was already written to the current file, or lies
     more than ``restartWindow`` below its highest uniqueId, starts a new file;
@@ -54,11 +73,25 @@ Processor arguments (``--processor-args`` JSON) -- see ``Hdf5WriterProcessor.ARG
     compression ('none', 'gzip', 'lzf'; with hdf5plugin installed also 'blosc',
     'lz4', 'zstd', 'bitshuffle'); compressionLevel (gzip 0..9); chunkFrames
     (16); flushPeriod (s, 1.0); queueFrames (frames waiting for the writer
-    thread, 10000; then ``process()`` waits); modelCard (path); positionAttributes
-    (["PosY", "PosX"]); restartWindow (64).
+    thread, 10000; then ``process()`` waits); queueTimeout (s, 5.0: the longest
+    such wait, 0..60); modelCard (path); positionAttributes (["PosY", "PosX"]);
+    restartWindow (64).
 Run-time changes (control channel ``configure``)
     flushPeriod; ``{"newScan": true}`` closes the current file.
-Statistics (status channel ``userStats``) -- see :data:`STATS`.
+Statistics (status channel ``userStats``) -- see :data:`STATS`
+    ``nFramesReceived`` counts the frames with an image; each is in exactly one of
+    ``nFramesWritten`` (in its file, confirmed by a successful flush or close after
+    it was appended: handed to the operating system, not fsync'ed),
+    ``nFramesUnflushed`` (appended, confirmed at the next flush, within
+    ``flushPeriod``), ``nFramesQueued`` (waiting for the writer thread or in its
+    hands), ``nFramesLost`` = ``nLostWriteError`` + ``nLostNotQueued`` +
+    ``nLostStopping`` (see above), or ``nFramesWrongShape`` (shape or pixel type
+    differs from the current file's; also in ``nBadFrames``). All are read under
+    one lock, so ``nFramesUnaccounted`` (received minus the five) is always 0.
+    Also: ``nBadFrames`` (undecodable or wrong shape), ``nEmptyFrames``,
+    ``nFilesWritten`` (files closed without error, one cut back after a write
+    error included), ``nWriteErrors``, ``writeRate`` (frames appended per second),
+    ``writeTimeUs`` (per frame appended), ``currentFile``.
 """
 
 from __future__ import annotations
@@ -116,6 +149,7 @@ class Hdf5Settings:
     chunk_frames: int = 16
     flush_period_s: float = 1.0
     queue_frames: int = 10000
+    queue_timeout_s: float = 5.0
     model_card: Path | None = None
     position_attributes: tuple[str, str] = ("PosY", "PosX")
     restart_window: int = 64
@@ -146,6 +180,8 @@ class _Frame:
 
 _NEW_SCAN = object()
 _STOP = object()
+STOP_TIMEOUT_S = 10.0  # stop(): how long the writer may take to write what is queued
+LOSS_CAUSES = ("writeError", "notQueued", "stopping")  # nLost<Cause>; their sum is nFramesLost
 
 
 class _ScanFile:
@@ -153,20 +189,24 @@ class _ScanFile:
 
     def __init__(self, h5py, file: Path, first: _Frame, settings: Hdf5Settings, attrs: dict):
         self.path = file
+        self.f = None
         # Built under a hidden name and renamed once in SWMR mode: a reader that sees the
         # file's name can open it (before SWMR mode the writer holds an exclusive lock).
-        with whole_file(file, replace=False) as partial:
-            self.f = h5py.File(partial, "w", libver="latest")
-            try:
+        try:
+            with whole_file(file, replace=False) as partial:
+                self.f = h5py.File(partial, "w", libver="latest")
                 self._create(first, settings, attrs)
-            except BaseException:
-                self.f.close()
-                raise
+        except BaseException:
+            if self.f is not None:
+                try:
+                    self.f.close()
+                except Exception:  # a second symptom: the error that stopped the creation is raised and counted
+                    pass
+            raise
         self.shape = first.image.shape
         self.dtype = first.image.dtype
-        self.n = 0
-        self.unique_ids: set[int] = set()
-        self.max_unique_id = 0
+        self.n = 0  # frames appended
+        self.confirmed = 0  # frames appended before the last successful flush
 
     def _create(self, first: _Frame, settings: Hdf5Settings, attrs: dict) -> None:
         h, w = first.image.shape
@@ -200,23 +240,55 @@ class _ScanFile:
 
     def flush(self) -> None:
         self.f.flush()
+        self.confirmed = self.n
+
+    def truncate_to_confirmed(self) -> None:
+        """Shrink every dataset to the confirmed frames (``uniqueId`` first)."""
+        for ds in (self.ids, self.data, self.ts, self.dts, self.pos):
+            if ds is not None:
+                ds.resize(self.confirmed, axis=0)
+        self.n = self.confirmed
 
     def close(self) -> None:
         self.f.close()
+        self.confirmed = self.n
 
 
+@dataclass(frozen=True)
+class _StatsView:
+    """A consistent copy of the counters (taken under the processor's lock)."""
+
+    counts: dict
+    write_time_s: float
+    first_write_s: float
+    last_write_s: float
+    current_file: str
+
+    def write_rate_hz(self) -> float:
+        dt = self.last_write_s - self.first_write_s
+        n = self.counts["appended"]
+        return (n - 1) / dt if n > 1 and dt > 0 else 0.0
+
+
+# Every frame received (a valid image) is in exactly one of: written, unflushed, queued,
+# lost (by cause) or wrong shape; nFramesUnaccounted checks the sum (always 0).
 STATS = {
-    "nFramesReceived": (pva.ULONG, lambda p: p.counts["received"]),
-    "nFramesWritten": (pva.ULONG, lambda p: p.counts["written"]),
-    "nFramesQueued": (pva.ULONG, lambda p: p.queue.qsize()),
-    "nFramesLost": (pva.ULONG, lambda p: p.counts["lost"]),
-    "nBadFrames": (pva.ULONG, lambda p: p.counts["bad"]),
-    "nEmptyFrames": (pva.ULONG, lambda p: p.counts["empty"]),
-    "nFilesWritten": (pva.ULONG, lambda p: p.counts["files"]),
-    "nWriteErrors": (pva.ULONG, lambda p: p.counts["write_errors"]),
-    "writeRate": (pva.DOUBLE, lambda p: p.write_rate_hz()),
-    "writeTimeUs": (pva.DOUBLE, lambda p: 1e6 * p.write_time_s / max(p.counts["written"], 1)),
-    "currentFile": (pva.STRING, lambda p: str(p.current.path) if p.current else ""),
+    "nFramesReceived": (pva.ULONG, lambda s: s.counts["received"]),
+    "nFramesWritten": (pva.ULONG, lambda s: s.counts["written"]),
+    "nFramesUnflushed": (pva.ULONG, lambda s: s.counts["unflushed"]),
+    "nFramesQueued": (pva.ULONG, lambda s: s.counts["queued"]),
+    "nFramesLost": (pva.ULONG, lambda s: sum(s.counts[c] for c in LOSS_CAUSES)),
+    **{f"nLost{c[0].upper()}{c[1:]}": (pva.ULONG, lambda s, c=c: s.counts[c]) for c in LOSS_CAUSES},
+    "nFramesWrongShape": (pva.ULONG, lambda s: s.counts["wrong_shape"]),
+    "nFramesUnaccounted": (pva.LONG, lambda s: s.counts["received"] - sum(
+        s.counts[k] for k in ("written", "unflushed", "queued", "wrong_shape", *LOSS_CAUSES))),
+    "nBadFrames": (pva.ULONG, lambda s: s.counts["bad"] + s.counts["wrong_shape"]),
+    "nEmptyFrames": (pva.ULONG, lambda s: s.counts["empty"]),
+    "nFilesWritten": (pva.ULONG, lambda s: s.counts["files"]),
+    "nWriteErrors": (pva.ULONG, lambda s: s.counts["write_errors"]),
+    "writeRate": (pva.DOUBLE, lambda s: s.write_rate_hz()),
+    "writeTimeUs": (pva.DOUBLE, lambda s: 1e6 * s.write_time_s / max(s.counts["appended"], 1)),
+    "currentFile": (pva.STRING, lambda s: s.current_file),
 }
 
 
@@ -231,6 +303,7 @@ class Hdf5WriterProcessor(ProcessorBase):
         "chunkFrames": ("chunk_frames", integer(1, 4096)),
         "flushPeriod": ("flush_period_s", number(0.01, 3600)),
         "queueFrames": ("queue_frames", integer(1, 10_000_000)),
+        "queueTimeout": ("queue_timeout_s", number(0, 60)),
         "modelCard": ("model_card", optional(path())),
         "positionAttributes": ("position_attributes", text_list(2)),
         "restartWindow": ("restart_window", integer(0)),
@@ -247,13 +320,42 @@ class Hdf5WriterProcessor(ProcessorBase):
         remove_stale_partials(self.settings.output_directory, self.logger)
         self.user_args = {k: v for k, v in (configDict or {}).items() if k in self.ARGS}
         self.queue: queue.Queue = queue.Queue(maxsize=self.settings.queue_frames)
-        self.counts = dict.fromkeys(("received", "written", "lost", "bad", "empty", "files", "write_errors"), 0)
+        # "bad" and "empty" are counted by decode_frame on the monitor thread; every other
+        # count changes under self._lock (held for counting only, never while waiting)
+        self.counts = dict.fromkeys(("received", "written", "unflushed", "queued", "wrong_shape", *LOSS_CAUSES,
+                                     "appended", "bad", "empty", "files", "write_errors"), 0)
+        self._lock = threading.Lock()
         self.write_time_s = 0.0
         self.first_write_s = self.last_write_s = 0.0
         self.current: _ScanFile | None = None
         self.scan = 0
+        self._scan_pending = True  # the next file opened starts a new scan number
+        self._scan_ids: set[int] = set()  # uniqueIds of the current scan (restart detection)
+        self._scan_max_id = 0
+        self._retry_at = 0.0  # after a write error: no new file before this (monotonic s)
+        self._in_hand = 0  # frames the writer thread took from the queue and has not yet settled
+        self._overloaded = False  # the last put timed out: the next ones do not wait
+        self._stopping = False
         self.files: list[Path] = []
         self._thread: threading.Thread | None = None
+
+    # -- counting ---------------------------------------------------------------------------
+    def _move(self, n: int, src: str, dst: str) -> None:
+        if n:
+            with self._lock:
+                self.counts[src] -= n
+                self.counts[dst] += n
+
+    def _settle(self, n: int, dst: str) -> None:
+        """n frames the writer thread took from the queue end in ``dst``."""
+        self._move(n, "queued", dst)
+        self._in_hand -= n
+
+    def stats_source(self) -> _StatsView:
+        cur = self.current
+        with self._lock:
+            return _StatsView(dict(self.counts), self.write_time_s, self.first_write_s, self.last_write_s,
+                              str(cur.path) if cur else "")
 
     # -- files ----------------------------------------------------------------------------
     def _channel(self) -> str:
@@ -261,15 +363,15 @@ class Hdf5WriterProcessor(ProcessorBase):
         return channel.replace(":", "_").replace("*", str(self.processor_id)).replace("/", "_")
 
     def _open(self, first: _Frame) -> None:
-        self.scan += 1
+        scan = self.scan + 1 if self._scan_pending else self.scan  # after a write error: the same scan, "-2"
         s = self.settings
-        name = s.file_name_format.format(channel=self._channel(), processorId=self.processor_id, scan=self.scan,
+        name = s.file_name_format.format(channel=self._channel(), processorId=self.processor_id, scan=scan,
                                          time=time.strftime("%Y%m%d-%H%M%S"))
         attrs = {
             "processorSettings": json.dumps(self.user_args, default=str),
             "inputChannel": self.inputChannel or self.framework.get("inputChannel", "") or "",
             "processorId": self.processor_id,
-            "scan": self.scan,
+            "scan": scan,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         if s.model_card is not None:
@@ -280,72 +382,133 @@ class Hdf5WriterProcessor(ProcessorBase):
         stem = unused_stem(path.with_name(path.stem), (path.suffix,))
         path = stem.with_name(stem.name + path.suffix)
         self.current = _ScanFile(self.h5py, path, first, s, attrs)
+        self.scan, self._scan_pending = scan, False
         self.files.append(self.current.path)
         self.logger.info("writing %s", self.current.path)
 
     def _close(self) -> None:
-        if self.current is not None:
-            self.current.close()
+        """Close the current file: its unflushed frames count as written, or lost if the close fails."""
+        cur, self.current = self.current, None
+        if cur is None:
+            return
+        unconfirmed = cur.n - cur.confirmed
+        try:
+            cur.close()
+        except Exception as exc:  # h5py raises OSError, RuntimeError, ...: counted, logged
+            with self._lock:
+                self.counts["write_errors"] += 1
+            self._move(unconfirmed, "unflushed", "writeError")
+            self.count_problem("close", "cannot close %s: %s; its %d frames appended after the last flush "
+                               "are counted lost", cur.path, exc, unconfirmed)
+            return
+        self._move(unconfirmed, "unflushed", "written")
+        with self._lock:
             self.counts["files"] += 1
-            self.logger.info("closed %s with %d frames", self.current.path, self.current.n)
-            self.current = None
+        self.logger.info("closed %s with %d frames", cur.path, cur.n)
+
+    def _abandon(self, kind: str, exc: BaseException) -> None:
+        """After a failed write or flush: the frames not confirmed by a flush count as lost, the
+        file is cut back to its confirmed frames and closed (best effort), and the next frames
+        go to a new file of the same scan, no sooner than one flushPeriod from now."""
+        cur, self.current = self.current, None
+        self._retry_at = time.monotonic() + self.settings.flush_period_s
+        with self._lock:
+            self.counts["write_errors"] += 1
+        if cur is None:
+            self.count_problem(kind, "%s failed: %r (no file open)", kind, exc)
+            return
+        unconfirmed = cur.n - cur.confirmed
+        self._move(unconfirmed, "unflushed", "writeError")
+        self.count_problem(kind, "%s failed on %s: %r; the file keeps the %d frames confirmed by a flush, the %d "
+                           "after them are counted lost; later frames go to a new file",
+                           kind, cur.path, exc, cur.confirmed, unconfirmed)
+        try:
+            cur.truncate_to_confirmed()
+        except Exception as cut_exc:  # logged; the close below still runs
+            self.count_problem("truncate", "cannot cut %s back to its %d confirmed frames: %s; frames after "
+                               "them in the file are unconfirmed (maybe zero-filled)", cur.path, cur.confirmed, cut_exc)
+        try:
+            cur.close()
+        except Exception as close_exc:  # counted and logged
+            with self._lock:
+                self.counts["write_errors"] += 1
+            self.count_problem("close", "cannot close %s after a write error: %s; frames after its first %d "
+                               "may be missing or zero-filled", cur.path, close_exc, cur.confirmed)
+        else:
+            with self._lock:
+                self.counts["files"] += 1
+
+    def _end_scan(self) -> None:
+        self._close()
+        self._scan_pending = True
+        self._scan_ids = set()
+        self._scan_max_id = 0
 
     def _is_restart(self, frame: _Frame) -> bool:
-        cur = self.current
-        return cur is not None and (
-            frame.unique_id in cur.unique_ids or frame.unique_id < cur.max_unique_id - self.settings.restart_window
+        return bool(self._scan_ids) and (
+            frame.unique_id in self._scan_ids or frame.unique_id < self._scan_max_id - self.settings.restart_window
         )
 
     def _write(self, frames: list[_Frame]) -> None:
-        """Append frames to the current file (new files at restarts)."""
+        """Append frames to the current file (new files at restarts); settles every frame."""
         block: list[_Frame] = []
         for frame in frames:
-            cur = self.current
-            if cur is not None and self._is_restart(frame):
+            if self._is_restart(frame):
                 self._append(block)
                 block = []
-                self._close()
-                cur = None
+                self._end_scan()
+            cur = self.current
             if cur is not None and (frame.image.shape != cur.shape or frame.image.dtype != cur.dtype):
-                self.counts["bad"] += 1
+                self._settle(1, "wrong_shape")
                 self.count_problem("shape", "frame %d is %s %s, the file holds %s %s: not written", frame.unique_id,
                                    frame.image.shape, frame.image.dtype, cur.shape, cur.dtype)
                 continue
+            self._scan_ids.add(frame.unique_id)
+            self._scan_max_id = max(self._scan_max_id, frame.unique_id)
             if cur is None:
+                if time.monotonic() < self._retry_at:  # a write error just now: no file for a while
+                    self._settle(1, "writeError")
+                    continue
                 try:
                     self._open(frame)
-                except (OSError, ValueError) as exc:
-                    self.counts["write_errors"] += 1
-                    self.counts["lost"] += 1
+                except Exception as exc:  # OSError, ValueError, ...: counted, logged
+                    with self._lock:
+                        self.counts["write_errors"] += 1
+                    self._settle(1, "writeError")
+                    self._retry_at = time.monotonic() + self.settings.flush_period_s
                     self.count_problem("open", "cannot create the HDF5 file: %s", exc)
                     continue
-                cur = self.current
-            cur.unique_ids.add(frame.unique_id)
-            cur.max_unique_id = max(cur.max_unique_id, frame.unique_id)
             block.append(frame)
         self._append(block)
 
     def _append(self, block: list[_Frame]) -> None:
-        if not block or self.current is None:
+        if not block:
             return
         t0 = time.perf_counter()
         try:
             self.current.append(block)
-        except (OSError, ValueError, RuntimeError) as exc:
-            self.counts["write_errors"] += 1
-            self.counts["lost"] += len(block)
-            self.count_problem("write", "cannot write to %s: %s", self.current.path, exc)
+        except Exception as exc:  # counted, logged; the file is given up
+            self._settle(len(block), "writeError")
+            self._abandon("write", exc)
             return
         now = time.monotonic()
-        if not self.counts["written"]:
-            self.first_write_s = now
-        self.last_write_s = now
-        self.counts["written"] += len(block)
-        self.write_time_s += time.perf_counter() - t0
+        with self._lock:
+            if not self.counts["appended"]:
+                self.first_write_s = now
+            self.last_write_s = now
+            self.counts["appended"] += len(block)
+            self.write_time_s += time.perf_counter() - t0
+        self._settle(len(block), "unflushed")
 
-    def write_rate_hz(self) -> float:
-        dt = self.last_write_s - self.first_write_s
-        return (self.counts["written"] - 1) / dt if self.counts["written"] > 1 and dt > 0 else 0.0
+    def _flush(self) -> None:
+        cur = self.current
+        before = cur.confirmed
+        try:
+            cur.flush()
+        except Exception as exc:  # counted, logged; the file is given up
+            self._abandon("flush", exc)
+            return
+        self._move(cur.confirmed - before, "unflushed", "written")
 
     # -- the writer thread ------------------------------------------------------------------
     def _run(self) -> None:
@@ -360,38 +523,83 @@ class Hdf5WriterProcessor(ProcessorBase):
                     items.append(self.queue.get_nowait())
             except queue.Empty:
                 pass
-            frames: list[_Frame] = []
-            for item in items:
-                if isinstance(item, _Frame):
-                    frames.append(item)
-                    continue
+            self._in_hand = sum(isinstance(item, _Frame) for item in items)
+            try:
+                frames: list[_Frame] = []
+                for item in items:
+                    if isinstance(item, _Frame):
+                        frames.append(item)
+                        continue
+                    self._write(frames)
+                    frames = []
+                    if item is _NEW_SCAN:
+                        self._end_scan()
+                    elif item is _STOP:
+                        done = True
                 self._write(frames)
-                frames = []
-                if item is _NEW_SCAN:
-                    self._close()
-                elif item is _STOP:
-                    done = True
-            self._write(frames)
-            if self.current is not None and (done or time.monotonic() - last_flush >= self.settings.flush_period_s):
-                try:
-                    self.current.flush()
-                except (OSError, RuntimeError) as exc:
-                    self.count_problem("flush", "cannot flush %s: %s", self.current.path, exc)
-                last_flush = time.monotonic()
+                if self.current is not None and (done or time.monotonic() - last_flush >= self.settings.flush_period_s):
+                    self._flush()
+                    last_flush = time.monotonic()
+            except Exception as exc:  # the thread must live on: counted, logged
+                # an unforeseen error: this round's unsettled frames and the file's unflushed ones are lost
+                self._settle(self._in_hand, "writeError")
+                self._abandon("unexpected error", exc)
         self._close()
 
     # -- PvaPy lifecycle ----------------------------------------------------------------------
+    def _writer_dead(self) -> bool:
+        thread = self._thread
+        return thread is not None and not thread.is_alive()
+
+    def _put(self, item, timeout_s: float) -> bool:
+        """Queue ``item``, waiting at most ``timeout_s``; False if the queue stayed full or
+        the writer thread is gone (never waits on a dead writer)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self._writer_dead():
+                return False
+            try:
+                self.queue.put(item, timeout=max(0.0, min(0.1, deadline - time.monotonic())))
+                return True
+            except queue.Full:
+                if time.monotonic() >= deadline:
+                    return False
+
+    def _drain(self) -> int:
+        """Take everything out of the queue; the number of frames taken."""
+        n = 0
+        while True:
+            try:
+                item = self.queue.get_nowait()
+            except queue.Empty:
+                return n
+            n += isinstance(item, _Frame)
+
     def start(self):
         self._thread = threading.Thread(target=self._run, name="hdf5-writer", daemon=True)
         self._thread.start()
 
     def stop(self):
-        if self._thread is None:
-            return
-        self.queue.put(_STOP)
-        self._thread.join(10.0)
-        if self._thread.is_alive():
-            self.logger.error("the HDF5 writer did not finish within 10 s; %s may lack its last frames", self.current and self.current.path)
+        """Write what is queued (within STOP_TIMEOUT_S), close the file; count what is left as lost."""
+        thread = self._thread
+        with self._lock:
+            self._stopping = True  # process() from now on counts frames as lost (stopping)
+        if thread is not None:
+            deadline = time.monotonic() + STOP_TIMEOUT_S
+            if self._put(_STOP, STOP_TIMEOUT_S):
+                thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                self.logger.error("the HDF5 writer did not finish within %.0f s; %s may lack its last frames",
+                                  STOP_TIMEOUT_S, self.current and self.current.path)
+        left = self._drain()  # what the writer did not take will not be written
+        if thread is not None and thread.is_alive():
+            try:
+                self.queue.put_nowait(_STOP)  # the queue is empty now: a writer that comes back ends
+            except queue.Full:  # refilled by a process() that raced stop(): those frames stay counted as queued
+                self.logger.error("the stuck HDF5 writer thread could not be told to end")
+        self._move(left, "queued", "stopping")
+        if left:
+            self.logger.error("%d queued frames were not written at stop (counted in nLostStopping)", left)
         self._thread = None
 
     def process(self, pvObject):
@@ -405,15 +613,36 @@ class Hdf5WriterProcessor(ProcessorBase):
             meta.unique_id, np.array(image, copy=True), seconds(meta.time_stamp), seconds(meta.data_time_stamp),
             (y, x) if y is not None and x is not None else None,
         )
-        self.counts["received"] += 1
-        self.queue.put(frame)  # blocks when full: backpressure into the PVA server queue
+        with self._lock:
+            self.counts["received"] += 1
+            stopping = self._stopping
+            self.counts["stopping" if stopping else "queued"] += 1
+        if stopping:
+            return None
+        # waits (backpressure into the PVA server queue) at most queueTimeout, and not at all
+        # while the previous frame found the queue full
+        if self._put(frame, 0.0 if self._overloaded else self.settings.queue_timeout_s):
+            self._overloaded = False
+            return None
+        self._overloaded = True
+        self._move(1, "queued", "notQueued")
+        self.count_problem("notQueued", "frame %d not queued: the HDF5 writer %s (%d frames queued); "
+                           "counted in nLostNotQueued", frame.unique_id,
+                           "thread is gone" if self._writer_dead() else "did not take frames within queueTimeout",
+                           self.queue.qsize())
         return None
 
     def new_scan(self) -> None:
-        self.queue.put(_NEW_SCAN)
+        if not self._put(_NEW_SCAN, self.settings.queue_timeout_s):
+            raise RuntimeError("newScan not applied: the HDF5 writer is not taking work "
+                               "(its queue stayed full for queueTimeout, or its thread is gone)")
 
     def resetStats(self):
         super().resetStats()
-        for k in self.counts:
-            self.counts[k] = 0
-        self.write_time_s = 0.0
+        with self._lock:
+            # frames still on their way stay counted (received = queued + unflushed), so the sum holds
+            keep = {k: self.counts[k] for k in ("queued", "unflushed")}
+            for k in self.counts:
+                self.counts[k] = 0
+            self.counts.update(keep, received=keep["queued"] + keep["unflushed"])
+            self.write_time_s = 0.0

@@ -7,6 +7,7 @@ real ``pvapy-hpc-consumer`` behind a real ``pvapy-ad-sim-server`` with a concurr
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import numpy as np
@@ -16,6 +17,7 @@ import pytest
 h5py = pytest.importorskip("h5py")
 
 from frames_util import good_frame  # noqa: E402
+import processors.hdf5_writer as writer  # noqa: E402
 from processors.hdf5_writer import STATS, Hdf5WriterProcessor  # noqa: E402
 
 FRAMEWORK = {"processorId": 2, "inputChannel": "inference:2:output", "outputChannel": "", "objectIdField": "uniqueId",
@@ -35,6 +37,30 @@ def run(processor, frames):
     for pv in frames:
         processor.process(pv)
     processor.stop()
+
+
+def accounted(p) -> dict:
+    """The statistics, checked: every frame received is written, unflushed, queued, lost or of the wrong shape."""
+    st = p.getStats()
+    lost = st["nLostWriteError"] + st["nLostNotQueued"] + st["nLostStopping"]
+    assert st["nFramesLost"] == lost, st
+    assert st["nFramesReceived"] == (st["nFramesWritten"] + st["nFramesUnflushed"] + st["nFramesQueued"] + lost
+                                     + st["nFramesWrongShape"]), st
+    assert st["nFramesUnaccounted"] == 0, st
+    return st
+
+
+def wait_for(condition, timeout_s=5.0):
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+def ids_in(path):
+    with h5py.File(path, "r") as f:
+        assert len(f["data"]) == len(f["uniqueId"])
+        return f["uniqueId"][:].tolist()
 
 
 def test_stats_table(tmp_path):
@@ -63,9 +89,9 @@ def test_frames_ids_time_stamps_positions_and_attributes(tmp_path, rng):
         assert f["data"].compression == "gzip" and f["data"].chunks == (4, 8, 6)
         assert json.loads(f.attrs["processorSettings"])["compression"] == "gzip"
         assert json.loads(f.attrs["modelCard"]) == {"name": "small"} and f.attrs["processorId"] == 2
-    stats = p.getStats()
+    stats = accounted(p)
     assert stats["nFramesWritten"] == 21 and stats["nEmptyFrames"] == 1 and stats["nFilesWritten"] == 1
-    assert stats["nFramesLost"] == 0 and stats["writeTimeUs"] > 0
+    assert stats["nFramesLost"] == 0 and stats["writeTimeUs"] > 0 and stats["nFramesQueued"] == 0
 
 
 def test_a_restart_or_a_command_starts_a_new_file(tmp_path, rng):
@@ -88,6 +114,7 @@ def test_a_restart_or_a_command_starts_a_new_file(tmp_path, rng):
             sizes.append(len(h["uniqueId"]))
             assert "positions" not in h
     assert sizes == [6, 3, 1]
+    assert accounted(p)["nFramesWritten"] == 10
 
 
 def test_an_earlier_runs_file_is_never_replaced(tmp_path, rng):
@@ -188,3 +215,194 @@ def test_bad_arguments(tmp_path):
         Hdf5WriterProcessor({**FRAMEWORK, "outputDirectory": str(tmp_path), "fileNameFormat": "{detector}.h5"})
     with pytest.raises(ValueError, match="compressionLevel applies"):
         Hdf5WriterProcessor({**FRAMEWORK, "outputDirectory": str(tmp_path), "compressionLevel": 3})
+
+
+# -- write errors: counted, never fatal, never blocking ------------------------------------------
+
+
+def _fail_while(flag, method):
+    def failing(self, *args, **kwargs):
+        if flag.is_set():
+            raise OSError(28, "No space left on device (simulated)")
+        return method(self, *args, **kwargs)
+    return failing
+
+
+@pytest.mark.parametrize("failing", ["flush", "write"])
+def test_a_write_error_loses_only_unconfirmed_frames_and_the_next_go_to_a_new_file(tmp_path, rng, monkeypatch, failing):
+    """A failed flush (or dataset write): the frames not confirmed by a flush count as lost, the
+    file is cut back to the confirmed ones, the writer lives on and later frames go to a new file."""
+    armed = threading.Event()
+    if failing == "flush":
+        monkeypatch.setattr(h5py.File, "flush", _fail_while(armed, h5py.File.flush))
+    else:
+        monkeypatch.setattr(h5py.Dataset, "__setitem__", _fail_while(armed, h5py.Dataset.__setitem__))
+    images = rng.normal(size=(12, 4, 4)).astype(np.float32)
+    p = Hdf5WriterProcessor({**FRAMEWORK, "outputDirectory": str(tmp_path), "flushPeriod": 0.05})
+    p.start()
+    try:
+        for k in range(5):
+            p.process(frame(k + 1, images[k]))
+        wait_for(lambda: p.getStats()["nFramesWritten"] == 5)  # flushed: on disk
+        armed.set()  # the disk is full
+        for k in range(5, 9):
+            p.process(frame(k + 1, images[k]))
+        wait_for(lambda: p.getStats()["nLostWriteError"] == 4)
+        st = accounted(p)
+        assert st["nWriteErrors"] >= 1 and st["nFramesWritten"] == 5 and st["nFramesUnflushed"] == 0
+        assert p._thread.is_alive()
+        armed.clear()  # space again; a new file no sooner than flushPeriod after the last error
+        wait_for(lambda: time.monotonic() >= p._retry_at)
+        for k in range(9, 12):
+            p.process(frame(k + 1, images[k]))
+        wait_for(lambda: p.getStats()["nFramesWritten"] == 8)
+    finally:
+        p.stop()
+    st = accounted(p)
+    assert st["nFramesReceived"] == 12 and st["nFramesWritten"] == 8 and st["nFramesLost"] == 4
+    first, *others = p.files
+    assert first.name == "inference_2_output_scan0001.h5" and ids_in(first) == [1, 2, 3, 4, 5]  # exactly the confirmed
+    assert all(f.name.startswith("inference_2_output_scan0001-") for f in others)  # the same scan goes on
+    assert sum((ids_in(f) for f in others), []) == [10, 11, 12]
+    with h5py.File(others[-1], "r") as f:
+        np.testing.assert_array_equal(f["data"][:], images[9:])
+
+
+def test_a_failed_close_at_a_scan_change_and_at_stop_is_counted(tmp_path, rng, monkeypatch):
+    """Nothing flushed before the close of scan 1 fails: its frames count as lost and scan 2 is
+    still written; at stop the flush confirms scan 2 and only the close error is counted."""
+    armed = threading.Event()
+    armed.set()
+    real_close = h5py.File.close
+
+    def close_then_fail(self):
+        real_close(self)
+        if armed.is_set():
+            raise OSError(5, "Input/output error (simulated)")
+
+    monkeypatch.setattr(h5py.File, "close", close_then_fail)
+    images = rng.normal(size=(5, 4, 4)).astype(np.float32)
+    p = Hdf5WriterProcessor({**FRAMEWORK, "outputDirectory": str(tmp_path), "flushPeriod": 3600})
+    p.start()
+    for k in range(3):
+        p.process(frame(k + 1, images[k]))
+    for k in range(2):  # uniqueIds restart: scan 2
+        p.process(frame(k + 1, images[3 + k]))
+    wait_for(lambda: p.getStats()["nFramesUnflushed"] == 2)
+    assert p.getStats()["nLostWriteError"] == 3 and p._thread.is_alive()
+    p.stop()
+    armed.clear()
+    st = accounted(p)
+    assert (st["nFramesWritten"], st["nLostWriteError"], st["nWriteErrors"]) == (2, 3, 2)
+    assert [f.name for f in p.files] == ["inference_2_output_scan0001.h5", "inference_2_output_scan0002.h5"]
+    assert ids_in(p.files[1]) == [1, 2]
+
+
+def test_an_unforeseen_error_does_not_kill_the_writer(tmp_path, rng, monkeypatch):
+    images = rng.normal(size=(6, 4, 4)).astype(np.float32)
+    p = Hdf5WriterProcessor({**FRAMEWORK, "outputDirectory": str(tmp_path), "flushPeriod": 0.05})
+    write = p._write
+    failed = []
+
+    def write_once_failing(frames):
+        if frames and not failed:
+            failed.append(len(frames))
+            raise ZeroDivisionError("a bug")
+        write(frames)
+
+    monkeypatch.setattr(p, "_write", write_once_failing)
+    p.start()
+    try:
+        p.process(frame(1, images[0]))
+        wait_for(lambda: p.getStats()["nLostWriteError"] == 1)
+        wait_for(lambda: time.monotonic() >= p._retry_at)  # a new file no sooner than flushPeriod after an error
+        for k in range(1, 6):
+            p.process(frame(k + 1, images[k]))
+        wait_for(lambda: p.getStats()["nFramesWritten"] == 5)
+        assert p._thread.is_alive()
+    finally:
+        p.stop()
+    st = accounted(p)
+    assert (st["nFramesReceived"], st["nFramesWritten"], st["nFramesLost"]) == (6, 5, 1)
+    assert ids_in(p.files[-1]) == [2, 3, 4, 5, 6]
+
+
+def test_a_full_queue_waits_at_most_queue_timeout(tmp_path, rng):
+    """Before start (or with a slow writer) the queue fills: process() waits queueTimeout once,
+    then counts frames lost without waiting until the queue takes frames again."""
+    images = rng.normal(size=(6, 4, 4)).astype(np.float32)
+    p = Hdf5WriterProcessor({**FRAMEWORK, "outputDirectory": str(tmp_path), "queueFrames": 2, "queueTimeout": 0.5})
+    p.process(frame(1, images[0]))
+    p.process(frame(2, images[1]))
+    t0 = time.monotonic()
+    p.process(frame(3, images[2]))  # waits 0.5 s
+    waited = time.monotonic() - t0
+    t0 = time.monotonic()
+    p.process(frame(4, images[3]))  # does not wait
+    assert 0.5 <= waited < 3 and time.monotonic() - t0 < 0.25
+    st = accounted(p)
+    assert (st["nFramesQueued"], st["nLostNotQueued"]) == (2, 2)
+    p.start()
+    try:
+        p.process(frame(5, images[4]))
+        p.process(frame(6, images[5]))
+    finally:
+        p.stop()
+    st = accounted(p)
+    assert (st["nFramesWritten"], st["nLostNotQueued"], st["nFramesQueued"]) == (4, 2, 0)
+    assert ids_in(p.files[0]) == [1, 2, 5, 6]
+
+
+def test_a_dead_writer_blocks_nothing_and_every_frame_is_counted(tmp_path, rng):
+    images = rng.normal(size=(6, 4, 4)).astype(np.float32)
+    p = Hdf5WriterProcessor({**FRAMEWORK, "outputDirectory": str(tmp_path), "queueFrames": 3, "queueTimeout": 5})
+    for k in range(3):  # queued before start, as PvaPy's monitor may do
+        p.process(frame(k + 1, images[k]))
+    p._thread = threading.Thread(target=lambda: None)  # a writer thread that is gone
+    p._thread.start()
+    p._thread.join()
+    t0 = time.monotonic()
+    p.process(frame(4, images[3]))
+    p.process(frame(5, images[4]))
+    with pytest.raises(RuntimeError, match="newScan not applied"):
+        p.configure({"newScan": True})
+    p.stop()
+    p.process(frame(6, images[5]))  # after stop
+    assert time.monotonic() - t0 < 2  # no 5 s wait anywhere
+    st = accounted(p)
+    assert (st["nFramesReceived"], st["nLostNotQueued"], st["nLostStopping"], st["nFramesQueued"]) == (6, 2, 4, 0)
+
+
+def test_a_stuck_writer_lets_stop_return_and_counts_what_it_left(tmp_path, rng, monkeypatch):
+    """The writer hangs in I/O (a dead NFS server): process() and stop() return in bounded time;
+    the frame in the writer's hands stays counted as queued until the writer comes back."""
+    monkeypatch.setattr(writer, "STOP_TIMEOUT_S", 0.3)
+    release = threading.Event()
+    append = writer._ScanFile.append
+
+    def hanging_append(self, frames):
+        assert release.wait(10)
+        append(self, frames)
+
+    monkeypatch.setattr(writer._ScanFile, "append", hanging_append)
+    images = rng.normal(size=(5, 4, 4)).astype(np.float32)
+    p = Hdf5WriterProcessor({**FRAMEWORK, "outputDirectory": str(tmp_path), "queueFrames": 2, "queueTimeout": 0.1})
+    p.start()
+    thread = p._thread
+    try:
+        p.process(frame(1, images[0]))
+        wait_for(lambda: p.queue.qsize() == 0)  # the writer holds frame 1
+        t0 = time.monotonic()
+        for k in range(1, 5):  # 2 queued, 1 waits 0.1 s and is lost, 1 lost at once
+            p.process(frame(k + 1, images[k]))
+        p.stop()
+        assert time.monotonic() - t0 < 3
+        st = accounted(p)
+        assert (st["nFramesQueued"], st["nLostNotQueued"], st["nLostStopping"]) == (1, 2, 2)
+    finally:
+        release.set()
+    thread.join(5)
+    assert not thread.is_alive()  # it came back, wrote frame 1 and ended
+    st = accounted(p)
+    assert (st["nFramesWritten"], st["nFramesLost"], st["nFramesQueued"]) == (1, 4, 0)
+    assert ids_in(p.files[0]) == [1]
