@@ -77,11 +77,17 @@ Weights
     :class:`edge_ptychonn.science.stitch.Stitcher` as offline stitching, so the
     live image equals the offline stitching of the same outputs.
 Scans
-    A frame whose uniqueId was already placed in this scan, or lies more than
-    ``restartWindow`` below the highest uniqueId of the scan, starts a new scan
-    (the sim server restarting at 1, a new detector acquisition); so does the
-    control command ``configure {"newScan": true}``. Positions are matched by
-    uniqueId, never by arrival order.
+    A frame whose uniqueId was already placed in this scan (or is waiting for its
+    metadata), or lies more than ``restartWindow`` below the highest uniqueId
+    received in the scan, starts a new scan (the sim server restarting at 1, a new
+    detector acquisition); so does the control command ``configure {"newScan":
+    true}``. The finished scan's frames still waiting for their metadata are placed
+    in it first (with the metadata that came, else the file's position, else counted
+    as no position). Positions are matched by uniqueId, never by arrival order; with
+    ``metadataMatch: "uniqueId"`` an update is used once and the newest for a
+    uniqueId wins, so a new scan's frames never take an earlier scan's positions.
+    The finished image is published and saved after the processor's lock is
+    released: ``process()`` and the statistics never wait for the disk.
 Processor arguments (``--processor-args`` JSON) -- see :data:`StitchProcessor.ARGS`
     positionsFile, firstUniqueId (1), positionAttributes, positionScale (1.0),
     positionChannels, metadataMatch ("timeStamp"), metadataTolerance (s, 0.001),
@@ -193,6 +199,16 @@ class MetadataPositions:
     matching ``key`` (time: the nearest within ``tolerance_s`` after adding
     ``offset_s`` to the update's time), else None. Each channel keeps at most
     ``max_updates`` updates (the oldest go first).
+
+    By uniqueId, uniqueIds repeat from scan to scan, so: a channel keeps one update per
+    uniqueId, the newest (a later scan's replaces an earlier one's); a matched update is
+    used once (``lookup`` removes it); and :meth:`forget_used` (called when a scan
+    finishes) drops the updates that came before the last one matched, those of frames
+    of the finished scan that never came (lost) or were placed otherwise. Updates come
+    in order on each channel, so what came after it (the next scan's first updates,
+    already there when its first frame starts the new scan) is kept. By time stamp,
+    times never repeat: nothing of that is needed, and an update may serve several
+    frames.
     """
 
     def __init__(self, channels: tuple[str, str], by_time: bool = True, tolerance_s: float = 0.001,
@@ -202,26 +218,36 @@ class MetadataPositions:
         self.tolerance_s = tolerance_s
         self.offset_s = offset_s
         self.max_updates = max_updates
+        # by time: sorted time stamps and their values
         self._keys: dict[str, list] = {c: [] for c in self.channels}
         self._values: dict[str, list[float]] = {c: [] for c in self.channels}
+        # by uniqueId: uniqueId -> (arrival number on the channel, value), in arrival order
+        self._by_id: dict[str, dict[int, tuple[int, float]]] = {c: {} for c in self.channels}
+        self._arrived = dict.fromkeys(self.channels, 0)
+        self._used_mark = dict.fromkeys(self.channels, 0)  # arrival number of the last update matched
         self.n_received = 0
 
     def add(self, channel: str, key: float, value: float) -> None:
+        self.n_received += 1
+        if not self.by_time:
+            updates = self._by_id[channel]
+            self._arrived[channel] += 1
+            updates.pop(key, None)  # the newest wins, and goes to the end of the arrival order
+            updates[key] = (self._arrived[channel], float(value))
+            while len(updates) > self.max_updates:
+                del updates[next(iter(updates))]
+            return
         keys, values = self._keys[channel], self._values[channel]
-        if self.by_time:
-            key = key + self.offset_s
+        key = key + self.offset_s
         i = bisect.bisect_right(keys, key)  # updates normally come in order: an append
         keys.insert(i, key)
         values.insert(i, float(value))
         if len(keys) > self.max_updates:
             del keys[: len(keys) - self.max_updates], values[: len(values) - self.max_updates]
-        self.n_received += 1
 
     def _find(self, channel: str, key) -> float | None:
         keys = self._keys[channel]
         i = bisect.bisect_left(keys, key)
-        if not self.by_time:
-            return self._values[channel][i] if i < len(keys) and keys[i] == key else None
         best = None
         for j in (i - 1, i):
             if 0 <= j < len(keys) and abs(keys[j] - key) <= self.tolerance_s:
@@ -230,8 +256,26 @@ class MetadataPositions:
         return self._values[channel][best] if best is not None else None
 
     def lookup(self, key) -> tuple[float, float] | None:
-        y, x = (self._find(c, key) for c in self.channels)
-        return (y, x) if y is not None and x is not None else None
+        if self.by_time:
+            y, x = (self._find(c, key) for c in self.channels)
+            return (y, x) if y is not None and x is not None else None
+        found = [self._by_id[c].get(key) for c in self.channels]
+        if None in found:
+            return None
+        for c, (arrived, _) in zip(self.channels, found):  # used once
+            del self._by_id[c][key]
+            self._used_mark[c] = max(self._used_mark[c], arrived)
+        return found[0][1], found[1][1]
+
+    def forget_used(self) -> int:
+        """By uniqueId: drop each channel's updates that came before the last one matched
+        (a scan is finished: theirs are frames that will not come). Returns how many."""
+        n = 0
+        for c, updates in self._by_id.items():
+            while updates and next(iter(updates.values()))[0] < self._used_mark[c]:
+                del updates[next(iter(updates))]
+                n += 1
+        return n
 
 
 @dataclass
@@ -299,7 +343,6 @@ class _Scan:
         self.index = index
         self.stitcher = stitcher
         self.placed: set[int] = set()
-        self.max_unique_id = 0
         self.last_unique_id = 0
         self.first_placed_s = 0.0
         self.last_placed_s = 0.0
@@ -312,8 +355,28 @@ class _Scan:
         return (n - 1) / dt if n > 1 and dt > 0 else 0.0
 
 
+@dataclass(frozen=True)
+class _Output:
+    """An image of a scan, taken under the processor's lock and sent after it is released:
+    published live (``live``), on ``<outputChannel>:final`` (``final``), saved (``save``)."""
+
+    image: np.ndarray
+    scan: _Scan  # a finished scan is no longer changed: its weights are read when saving
+    frames_placed: int
+    coverage: float
+    last_unique_id: int
+    live: bool
+    final: bool = False
+    save: bool = False
+
+
 def _stat(name):
     return lambda p: p.counts[name]
+
+
+def _scan_stat(get, default):
+    """A statistic of the current scan, read once: a new scan may replace it meanwhile."""
+    return lambda p: (lambda scan: get(scan) if scan is not None else default)(p.scan)
 
 
 STATS = {
@@ -326,11 +389,11 @@ STATS = {
     "nImagesPublished": (pva.ULONG, _stat("published")),
     "nScans": (pva.ULONG, lambda p: p.scan_index),
     "nScansSaved": (pva.ULONG, _stat("saved")),
-    "scanFramesPlaced": (pva.ULONG, lambda p: len(p.scan.placed) if p.scan else 0),
+    "scanFramesPlaced": (pva.ULONG, _scan_stat(lambda scan: len(scan.placed), 0)),
     "coverage": (pva.DOUBLE, lambda p: p.coverage()),
-    "placeRate": (pva.DOUBLE, lambda p: p.scan.place_rate_hz() if p.scan else 0.0),
+    "placeRate": (pva.DOUBLE, _scan_stat(_Scan.place_rate_hz, 0.0)),
     "stitchTimeUs": (pva.DOUBLE, lambda p: 1e6 * p.process_time_s / max(p.counts["received"], 1)),
-    "lastUniqueId": (pva.ULONG, lambda p: p.scan.last_unique_id if p.scan else 0),
+    "lastUniqueId": (pva.ULONG, _scan_stat(lambda scan: scan.last_unique_id, 0)),
     "nFramesByMetadata": (pva.ULONG, _stat("by_metadata")),
     "nFramesWaiting": (pva.ULONG, lambda p: len(p.waiting)),
     "nMetadataReceived": (pva.ULONG, lambda p: p.metadata.n_received if p.metadata else 0),
@@ -382,13 +445,19 @@ class StitchProcessor(ProcessorBase):
         if s.position_channels is not None:
             self.metadata = MetadataPositions(s.position_channels, s.metadata_match == "timeStamp",
                                               s.metadata_tolerance_s, s.metadata_offset_s)
-        self.waiting: deque[_Waiting] = deque()
+        self.waiting: deque[_Waiting] = deque()  # all of the current scan
+        self._waiting_ids: set[int] = set()
+        self._max_unique_id = 0  # the highest uniqueId received in the current scan
         self.process_time_s = 0.0
         self.saved_files: list[Path] = []
         self.final_channel = ""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._published_id = 0
+        # images to publish or save, queued in order under self.lock, sent after it is released
+        # by whichever thread holds self._output_lock (see _send_outputs)
+        self._outputs: deque[_Output] = deque()
+        self._output_lock = threading.Lock()
 
     # -- the science: where a frame goes ----------------------------------------------------
     def position_of(self, unique_id: int, attributes: list) -> tuple[float, float] | None:
@@ -442,7 +511,8 @@ class StitchProcessor(ProcessorBase):
 
     def _retry_waiting_locked(self, final: bool = False) -> None:
         """Place the waiting frames whose metadata came; give up on those that waited
-        ``metadataWait`` (then the positions file, else counted as no position)."""
+        ``metadataWait``, or all that are left if ``final`` (then the positions file, else
+        counted as no position)."""
         new = self._drain_metadata_locked() if self.metadata is not None else 0
         if not self.waiting:
             return
@@ -451,18 +521,21 @@ class StitchProcessor(ProcessorBase):
         if not new:  # nothing new came: only the oldest can have expired
             while self.waiting and expired(self.waiting[0]):
                 w = self.waiting.popleft()
-                self._place_locked(w.unique_id, w.image, self._table_position(w.unique_id), late=True)
+                self._waiting_ids.discard(w.unique_id)
+                self._place_locked(w.unique_id, w.image, self._table_position(w.unique_id))
             return
         keep = deque()
         for w in self.waiting:
             position = self._metadata_position_locked(w.key)
             if position is not None:
                 self.counts["by_metadata"] += 1
-                self._place_locked(w.unique_id, w.image, position, late=True)
+                self._place_locked(w.unique_id, w.image, position)
             elif expired(w):
-                self._place_locked(w.unique_id, w.image, self._table_position(w.unique_id), late=True)
+                self._place_locked(w.unique_id, w.image, self._table_position(w.unique_id))
             else:
                 keep.append(w)
+                continue
+            self._waiting_ids.discard(w.unique_id)
         self.waiting = keep
 
     def _object_shape(self, patch_shape: tuple[int, int]) -> tuple[int, int]:
@@ -491,37 +564,46 @@ class StitchProcessor(ProcessorBase):
         self.logger.info("scan %d: object %s, patches %s", self.scan_index, stitcher.object_shape, patch_shape)
         return _Scan(self.scan_index, stitcher)
 
-    def _is_restart(self, scan: _Scan, unique_id: int) -> bool:
-        return unique_id in scan.placed or unique_id < scan.max_unique_id - self.settings.restart_window
+    def _is_restart_locked(self, unique_id: int) -> bool:
+        """A frame of a new scan: its uniqueId is already placed or waiting in this scan, or
+        lies more than ``restartWindow`` below the highest uniqueId received in it."""
+        return (unique_id in self._waiting_ids or (self.scan is not None and unique_id in self.scan.placed)
+                or unique_id < self._max_unique_id - self.settings.restart_window)
 
     def add_frame(self, unique_id: int, image: np.ndarray, attributes: list, time_s: float = 0.0) -> bool:
         """Place one frame (called by ``process()``; usable without PvaPy). True if placed;
         False if not placed (counted), or waiting for its metadata (``time_s``: its time
-        stamp in seconds, for the metadata channels)."""
+        stamp in seconds, for the metadata channels). A frame of a new scan finishes the
+        current one first (its waiting frames are placed in it, or counted)."""
         position = self._attribute_position(attributes)
         with self.lock:
-            if self.metadata is not None:
-                self._retry_waiting_locked()
-                if position is None:
-                    key = time_s if self.metadata.by_time else unique_id
-                    position = self._metadata_position_locked(key)
-                    if position is not None:
-                        self.counts["by_metadata"] += 1
-                    elif self.settings.metadata_wait_s > 0:
-                        self.waiting.append(_Waiting(unique_id, np.array(image), key, time.monotonic()))
-                        return False
-            if position is None:
-                position = self._table_position(unique_id)
-            return self._place_locked(unique_id, image, position)
+            if self._is_restart_locked(unique_id):
+                self._finish_locked(publish=True)
+            self._max_unique_id = max(self._max_unique_id, unique_id)
+            placed = self._add_locked(unique_id, image, position, time_s)
+        self._send_outputs()
+        return placed
 
-    def _place_locked(self, unique_id: int, image: np.ndarray, position, late: bool = False) -> bool:
-        """Place a frame at ``position`` (None: counted as no position). ``late``: a frame that
-        waited for its metadata, whose uniqueId may lie far below the newest: no restart."""
+    def _add_locked(self, unique_id: int, image: np.ndarray, position, time_s: float) -> bool:
+        if self.metadata is not None:
+            self._retry_waiting_locked()
+            if position is None:
+                key = time_s if self.metadata.by_time else unique_id
+                position = self._metadata_position_locked(key)
+                if position is not None:
+                    self.counts["by_metadata"] += 1
+                elif self.settings.metadata_wait_s > 0:
+                    self.waiting.append(_Waiting(unique_id, np.array(image), key, time.monotonic()))
+                    self._waiting_ids.add(unique_id)
+                    return False
+        if position is None:
+            position = self._table_position(unique_id)
+        return self._place_locked(unique_id, image, position)
+
+    def _place_locked(self, unique_id: int, image: np.ndarray, position) -> bool:
+        """Place a frame of the current scan at ``position`` (None: counted as no position)."""
         scan = self.scan
-        if scan is not None and not late and self._is_restart(scan, unique_id):
-            self._finish_locked(publish=True)
-            scan = None
-        elif scan is not None and image.shape != scan.stitcher.patch_shape:
+        if scan is not None and image.shape != scan.stitcher.patch_shape:
             self.counts["bad"] += 1
             self.count_problem("shape", "frame %d is %s, the scan's frames are %s: not placed",
                                unique_id, image.shape, scan.stitcher.patch_shape)
@@ -531,13 +613,10 @@ class StitchProcessor(ProcessorBase):
             self.count_problem("noPosition", "frame %d has no position (no attributes %s%s, not in the positions file)",
                                unique_id, "/".join(self.settings.position_attributes),
                                ", no matching metadata" if self.metadata is not None else "")
-            if scan is not None:
-                scan.max_unique_id = max(scan.max_unique_id, unique_id)
             return False
         if scan is None:
             scan = self.scan = self._new_scan(image.shape)
         now = time.monotonic()
-        scan.max_unique_id = max(scan.max_unique_id, unique_id)
         scan.last_unique_id = unique_id
         if not scan.stitcher.add(image, position):
             self.counts["outside"] += 1
@@ -567,67 +646,95 @@ class StitchProcessor(ProcessorBase):
 
     # -- finishing and saving a scan ----------------------------------------------------------
     def _finish_locked(self, publish: bool) -> None:
+        """Finish the current scan: its waiting frames are placed (or counted), then it is
+        detached and its image queued (published if ``publish``, saved) for
+        :meth:`_send_outputs`, which the caller runs after releasing the lock."""
+        if self.metadata is not None:
+            self._retry_waiting_locked(final=True)
+            self.metadata.forget_used()
         scan = self.scan
         self.scan = None
+        self._max_unique_id = 0
         if scan is None or not scan.placed:
             return
-        image = scan.stitcher.image(self.settings.fill)
-        if publish:
-            self._publish(image, scan)
-            self._publish_final(image, scan)
-        self._save(image, scan)
+        save = not scan.saved and self.settings.output_directory is not None
+        scan.saved = True  # once, whichever thread finishes it
+        self._outputs.append(self._snapshot_locked(scan, live=publish, final=publish, save=save))
 
-    def _save(self, image: np.ndarray, scan: _Scan) -> None:
-        if scan.saved or self.settings.output_directory is None:
-            return
-        scan.saved = True
+    def _snapshot_locked(self, scan: _Scan, live: bool, final: bool = False, save: bool = False) -> _Output:
+        scan.changed = False
+        return _Output(scan.stitcher.image(self.settings.fill), scan, len(scan.placed),
+                       float(scan.stitcher.covered(self.settings.min_cover_weight).mean()),
+                       scan.last_unique_id, live, final, save)
+
+    def _save(self, out: _Output) -> None:
+        scan = out.scan
         # an earlier run's files of the same name are kept: this one gets "-2", "-3", ...
         stem = unused_stem(self.settings.output_directory / f"{self.settings.file_prefix}_scan{scan.index:04d}",
                            (".npy", "_weight.npy"))
         try:  # the weights first: the image's name appearing says both are complete
             save_npy_whole(Path(f"{stem}_weight.npy"), scan.stitcher.weight_sum().astype(np.float32), replace=False)
-            save_npy_whole(Path(f"{stem}.npy"), image, replace=False)
+            save_npy_whole(Path(f"{stem}.npy"), out.image, replace=False)
         except OSError as exc:
             self.count_problem("save", "cannot save %s: %s", stem, exc)
             return
         self.saved_files.append(Path(f"{stem}.npy"))
-        self.counts["saved"] += 1
-        self.logger.info("scan %d: %d frames placed, saved %s.npy", scan.index, len(scan.placed), stem)
+        with self.lock:
+            self.counts["saved"] += 1
+        self.logger.info("scan %d: %d frames placed, saved %s.npy", scan.index, out.frames_placed, stem)
 
     def finish_scan(self, publish: bool = True) -> None:
-        """Finish the current image (published, saved); the next frame starts a new one."""
+        """Finish the current image (published, saved); the next frame starts a new one.
+        Returns when its image is sent and saved."""
         with self.lock:
             self._finish_locked(publish)
+        self._send_outputs(wait=True)
 
     # -- publishing ---------------------------------------------------------------------------
-    def _encode(self, image: np.ndarray, scan: _Scan, unique_id: int) -> pva.PvObject:
-        pv = self.generateNtNdArray2D(unique_id, np.ascontiguousarray(image, dtype=np.float32))
+    def _send_outputs(self, wait: bool = False) -> None:
+        """Send the queued outputs, in order, without holding ``self.lock``. One thread at a
+        time sends (``self._output_lock``); another that finds it busy leaves its outputs to
+        that one, which looks at the queue again after releasing it. ``wait``: return only
+        when the outputs queued so far are sent (waits for the one in flight)."""
+        while wait or self._outputs:
+            if not self._output_lock.acquire(blocking=wait):
+                return
+            try:
+                while self._outputs:
+                    self._send(self._outputs.popleft())
+            finally:
+                self._output_lock.release()
+            wait = False
+
+    def _send(self, out: _Output) -> None:
+        try:
+            if out.live:
+                self._published_id += 1
+                self.updateOutputChannel(self._encode(out, self._published_id))
+                with self.lock:
+                    self.counts["published"] += 1
+            if out.final and self.final_channel and self.pvaServer is not None:
+                try:
+                    self.pvaServer.update(self.final_channel, self._encode(out, out.scan.index))
+                except pva.PvaException as exc:
+                    self.count_problem("publishFinal", "cannot update %s: %s", self.final_channel, exc)
+        finally:  # the image is saved even if publishing failed
+            if out.save:
+                self._save(out)
+
+    def _encode(self, out: _Output, unique_id: int) -> pva.PvObject:
+        pv = self.generateNtNdArray2D(unique_id, np.ascontiguousarray(out.image, dtype=np.float32))
         t = time.time()
         pv["timeStamp"] = {"secondsPastEpoch": int(t), "nanoseconds": int((t % 1) * 1e9)}
         pv["dataTimeStamp"] = pv["timeStamp"]
-        covered = float(scan.stitcher.covered(self.settings.min_cover_weight).mean())
         pv["attribute"] = [
             pva.NtAttribute("ColorMode", pva.PvInt(0)),
-            pva.NtAttribute("ScanIndex", pva.PvInt(scan.index)),
-            pva.NtAttribute("FramesPlaced", pva.PvInt(len(scan.placed))),
-            pva.NtAttribute("Coverage", pva.PvDouble(covered)),
-            pva.NtAttribute("LastUniqueId", pva.PvInt(scan.last_unique_id)),
+            pva.NtAttribute("ScanIndex", pva.PvInt(out.scan.index)),
+            pva.NtAttribute("FramesPlaced", pva.PvInt(out.frames_placed)),
+            pva.NtAttribute("Coverage", pva.PvDouble(out.coverage)),
+            pva.NtAttribute("LastUniqueId", pva.PvInt(out.last_unique_id)),
         ]
         return pv
-
-    def _publish(self, image: np.ndarray, scan: _Scan) -> None:
-        self._published_id += 1
-        self.updateOutputChannel(self._encode(image, scan, self._published_id))
-        scan.changed = False
-        self.counts["published"] += 1
-
-    def _publish_final(self, image: np.ndarray, scan: _Scan) -> None:
-        if not self.final_channel or self.pvaServer is None:
-            return
-        try:
-            self.pvaServer.update(self.final_channel, self._encode(image, scan, scan.index))
-        except pva.PvaException as exc:
-            self.count_problem("publishFinal", "cannot update %s: %s", self.final_channel, exc)
 
     def _publish_loop(self) -> None:
         next_s = time.monotonic()
@@ -638,14 +745,11 @@ class StitchProcessor(ProcessorBase):
                 if self.metadata is not None:
                     self._retry_waiting_locked()
                 now = time.monotonic()
-                if now < next_s:
-                    continue
-                next_s = now + 1.0 / self.settings.publish_rate_hz - 0.01
                 scan = self.scan
-                if scan is None or not scan.changed:
-                    continue
-                image = scan.stitcher.image(self.settings.fill)
-                self._publish(image, scan)
+                if now >= next_s and scan is not None and scan.changed:
+                    next_s = now + 1.0 / self.settings.publish_rate_hz - 0.01
+                    self._outputs.append(self._snapshot_locked(scan, live=True))
+            self._send_outputs()
 
     # -- PvaPy lifecycle ----------------------------------------------------------------------
     def start(self):
@@ -671,13 +775,11 @@ class StitchProcessor(ProcessorBase):
 
     def stop(self):
         # What is published inside stop() reaches no client (PvaPy stops its server
-        # first): the finished image goes to disk.
+        # first): the finished image goes to disk. Frames still waiting for their
+        # metadata are placed first, or counted.
         self._stop.set()
         if self._thread is not None:
             self._thread.join(2.0)
-        if self.metadata is not None:
-            with self.lock:  # the last chance for frames still waiting for their metadata
-                self._retry_waiting_locked(final=True)
         self.finish_scan(publish=False)
 
     def process(self, pvObject):

@@ -471,3 +471,208 @@ def test_positions_from_the_sim_servers_metadata_channels_through_inference(pva_
         expected.add(f.image, (y, x))
     assert len(set(ys)) == n, "the sim server's metadata gives every frame its own value"
     np.testing.assert_allclose(np.load(tmp_path / "out" / "stitch_scan0001.npy"), expected.image(), atol=1e-4)
+
+
+# ---------------------------------------------------------------- scans restarting, slow disks
+
+
+def test_metadata_by_unique_id_newest_wins_used_once_forgotten_at_scan_end():
+    from processors.stitch import MetadataPositions
+
+    m = MetadataPositions(("y", "x"), by_time=False)
+    for uid, v in ((1, 1.0), (2, 2.0), (3, 3.0)):
+        m.add("y", uid, v)
+        m.add("x", uid, -v)
+    m.add("y", 3, 30.0)  # a later scan's update for uniqueId 3: the newest wins
+    m.add("x", 3, -30.0)
+    assert m.lookup(3) == (30.0, -30.0)
+    assert m.lookup(3) is None  # used once
+    m.add("y", 4, 4.0)  # comes after the last update used
+    assert m.forget_used() == 4  # 1 and 2 of both channels came before the last one used (3)
+    assert m.lookup(1) is None and m.lookup(2) is None
+    m.add("x", 4, -4.0)
+    assert m.lookup(4) == (4.0, -4.0)
+
+
+def test_metadata_by_unique_id_a_restarted_scan_takes_its_own_positions(tmp_path, rng):
+    """uniqueIds restart at 1 for scan 2: each frame takes the update of its own scan,
+    never the one an earlier scan's frame of the same uniqueId used, nor one that scan 1's
+    lost frames left behind."""
+    n, shape = 6, (64, 64)
+    patches1, patches2 = rng.normal(size=(2, n, PATCH, PATCH)).astype(np.float32)
+    pos1 = np.array([[2 * k, 3 * k] for k in range(n)], float)
+    pos2 = np.array([[40 - 2 * k, 5 * k] for k in range(n)], float)
+    p = make({"objectShape": list(shape), "positionChannels": ["y", "x"], "metadataMatch": "uniqueId",
+              "metadataWait": 60, "outputDirectory": str(tmp_path / "out")})
+    q = p.metadataQueueMap = {"y": pva.PvObjectQueue(100), "x": pva.PvObjectQueue(100)}
+
+    def update(k, pos):
+        q["y"].put(metadata_update(pos[k, 0], unique_id=k + 1))
+        q["x"].put(metadata_update(pos[k, 1], unique_id=k + 1))
+
+    for k in range(n):
+        update(k, pos1)
+    lost = [2, 5]  # uniqueIds 3 and 6 of scan 1 never arrive: their updates stay unused
+    kept = [k for k in range(n) if k not in lost]
+    for k in kept:
+        p.process(good_frame(k + 1, patches1[k]))
+    assert p.getStats()["nFramesPlaced"] == len(kept)
+    for k in (0, 1):  # scan 2's first updates come before its first frame
+        update(k, pos2)
+    for k in (0, 1, 2):  # scan 2's frame 3 comes before its update: it waits, never takes scan 1's
+        p.process(good_frame(k + 1, patches2[k]))
+    stats = p.getStats()
+    assert stats["nScans"] == 2 and stats["scanFramesPlaced"] == 2 and stats["nFramesWaiting"] == 1
+    for k in range(2, n):  # (scan 2's update of uniqueId 6 replaces scan 1's unused one)
+        update(k, pos2)
+    for k in range(3, n):
+        p.process(good_frame(k + 1, patches2[k]))
+    stats = p.getStats()
+    assert stats["nFramesWaiting"] == 0 and stats["scanFramesPlaced"] == n
+    image, scan = p.image()
+    assert scan.index == 2
+    np.testing.assert_allclose(image, offline(patches2, pos2, shape, None).image(), atol=1e-6)
+    p.stop()
+    out = tmp_path / "out"
+    np.testing.assert_allclose(np.load(out / "stitch_scan0001.npy"),
+                               offline(patches1[kept], pos1[kept], shape, None).image(), atol=1e-6)
+    np.testing.assert_allclose(np.load(out / "stitch_scan0002.npy"), image, atol=1e-6)
+    stats = p.getStats()
+    assert stats["nFramesReceived"] == len(kept) + n == stats["nFramesPlaced"] == stats["nFramesByMetadata"]
+
+
+@pytest.mark.parametrize("metadata_in_time", [False, True], ids=["late", "in-time"])
+def test_a_frame_waiting_for_metadata_at_a_restart_stays_in_its_scan(tmp_path, rng, metadata_in_time):
+    """Scan 1's last frame waits for its metadata when scan 2's first frame comes: it is
+    placed in scan 1 if its update came with scan 2's (in-time), else counted as no
+    position (late: its update comes after scan 2 began, and is never used); it never
+    joins scan 2, and scan 2's own frame of that uniqueId starts no third scan."""
+    n, shape = 6, (64, 64)
+    patches1, patches2 = rng.normal(size=(2, n, PATCH, PATCH)).astype(np.float32)
+    pos1 = np.array([[2 * k, 3 * k] for k in range(n)], float)
+    pos2 = np.array([[40 - 2 * k, 5 * k] for k in range(n)], float)
+    p = make({"objectShape": list(shape), "positionChannels": ["y", "x"], "metadataWait": 60,
+              "outputDirectory": str(tmp_path / "out")})
+    q = p.metadataQueueMap = {"y": pva.PvObjectQueue(100), "x": pva.PvObjectQueue(100)}
+    t1, t2 = 1.7e9, 1.7e9 + 10.0
+
+    def update(pos, t):
+        q["y"].put(metadata_update(pos[0], t))
+        q["x"].put(metadata_update(pos[1], t))
+
+    for k in range(n - 1):
+        update(pos1[k], t1 + 0.01 * k)
+    for k in range(n):  # the update of scan 1's last frame has not come yet
+        p.process(stamped_frame(k + 1, patches1[k], t1 + 0.01 * k))
+    assert p.getStats()["nFramesWaiting"] == 1
+    if metadata_in_time:
+        update(pos1[n - 1], t1 + 0.01 * (n - 1))
+    update(pos2[0], t2)
+    p.process(stamped_frame(1, patches2[0], t2))  # scan 2 begins: scan 1 is finished
+    stats = p.getStats()
+    assert stats["nScans"] == 2 and stats["nScansSaved"] == 1 and stats["nFramesWaiting"] == 0
+    assert stats["scanFramesPlaced"] == 1
+    if not metadata_in_time:
+        update(pos1[n - 1], t1 + 0.01 * (n - 1))  # too late: scan 1 is finished
+    for k in range(1, n):
+        update(pos2[k], t2 + 0.01 * k)
+        p.process(stamped_frame(k + 1, patches2[k], t2 + 0.01 * k))
+    p.stop()
+    stats = p.getStats()
+    in_scan1 = n if metadata_in_time else n - 1
+    assert stats["nScans"] == 2 and stats["nScansSaved"] == 2 and stats["nFramesReceived"] == 2 * n
+    assert stats["nFramesPlaced"] == in_scan1 + n and stats["nFramesNoPosition"] == n - in_scan1
+    out = tmp_path / "out"
+    assert sorted(f.name for f in out.glob("*.npy")) == [
+        "stitch_scan0001.npy", "stitch_scan0001_weight.npy", "stitch_scan0002.npy", "stitch_scan0002_weight.npy"]
+    np.testing.assert_allclose(np.load(out / "stitch_scan0001.npy"),
+                               offline(patches1[:in_scan1], pos1[:in_scan1], shape, None).image(), atol=1e-6)
+    np.testing.assert_allclose(np.load(out / "stitch_scan0002.npy"), offline(patches2, pos2, shape, None).image(), atol=1e-6)
+
+
+def test_a_frame_waiting_for_metadata_counts_as_in_its_scan(rng):
+    """No frame placed yet, all waiting: a repeated uniqueId still starts a new scan, and
+    the waiting frames are counted in the scan they belong to."""
+    patches, _, _ = small_scan(rng, n=3)
+    p = make({"objectShape": [40, 48], "positionChannels": ["y", "x"], "metadataWait": 60})
+    p.metadataQueueMap = {"y": pva.PvObjectQueue(10), "x": pva.PvObjectQueue(10)}
+    for k in range(3):
+        p.process(stamped_frame(k + 1, patches[k], 100.0 + k))
+    assert p.getStats()["nFramesWaiting"] == 3
+    p.process(stamped_frame(2, patches[0], 200.0))  # uniqueId 2 again: a new scan
+    stats = p.getStats()
+    assert stats["nFramesWaiting"] == 1 and stats["nFramesNoPosition"] == 3 and stats["nFramesReceived"] == 4
+
+
+class Recorder(Publisher):
+    """Both output channels, in the order they are sent: the live one and ``:final``."""
+
+    def __init__(self):
+        super().__init__()
+        self.order = []
+
+    def updateOutputChannel(self, pv):
+        super().updateOutputChannel(pv)
+        self.order.append(("live", self.images[-1][2]["ScanIndex"], self.images[-1][2]["FramesPlaced"]))
+
+    def update(self, channel, pv):  # PvaServer.update of <outputChannel>:final
+        attrs = {a["name"]: a["value"][0]["value"] for a in pv["attribute"]}
+        self.order.append(("final", attrs["ScanIndex"], attrs["FramesPlaced"]))
+
+
+def test_process_and_stats_never_wait_for_a_slow_save(tmp_path, rng, monkeypatch):
+    """The control command finishes scan 1 on PvaPy's timer thread and its save hangs on
+    the disk: meanwhile process() places frames, getStats() answers, and a restart that
+    finishes scan 2 returns at once; its outputs follow scan 1's, in order."""
+    import threading
+
+    import processors.stitch as stitch_module
+
+    patches, positions, probe = small_scan(rng, n=10)
+    recorder = Recorder()
+    p = make({"positionsFile": str(write_npz(tmp_path / "s.npz", positions, probe, (40, 48))),
+              "outputDirectory": str(tmp_path / "out")}, recorder)
+    p.pvaServer, p.final_channel = recorder, "stitch:1:output:final"
+    entered, release = threading.Event(), threading.Event()
+    real_save = stitch_module.save_npy_whole
+
+    def slow_save(path, array, replace=True):
+        entered.set()
+        assert release.wait(20), "the test never released the save"
+        real_save(path, array, replace)
+
+    monkeypatch.setattr(stitch_module, "save_npy_whole", slow_save)
+    for k in range(5):
+        p.process(good_frame(k + 1, patches[k]))
+    control = threading.Thread(target=p.configure, args=({"newScan": True},), daemon=True)
+    control.start()
+    try:
+        assert entered.wait(10), "the save never began"
+        worker_done = []
+
+        def work():  # scan 2: frames 6..8, then uniqueId 6 again (scan 3)
+            for k in range(5, 8):
+                p.process(good_frame(k + 1, patches[k]))
+            worker_done.append(p.getStats())
+            p.process(good_frame(6, patches[5]))
+            worker_done.append(p.getStats())
+
+        worker = threading.Thread(target=work, daemon=True)
+        worker.start()
+        worker.join(5)
+        assert len(worker_done) == 2, "process() or getStats() waited for the save"
+        assert not release.is_set() and control.is_alive()
+        assert worker_done[0]["nScans"] == 2 and worker_done[0]["scanFramesPlaced"] == 3
+        assert worker_done[1]["nScans"] == 3 and worker_done[1]["nScansSaved"] == 0
+    finally:
+        release.set()
+        control.join(10)
+    assert not control.is_alive()
+    # the timer thread sent scan 2's outputs too, after scan 1's
+    assert recorder.order == [("live", 1, 5), ("final", 1, 5), ("live", 2, 3), ("final", 2, 3)]
+    assert [u for u, _, _ in recorder.images] == [1, 2]
+    out = tmp_path / "out"
+    weight = probe_weight(probe, 0.1)
+    np.testing.assert_allclose(np.load(out / "stitch_scan0001.npy"), offline(patches[:5], positions[:5], (40, 48), weight).image(), atol=1e-6)
+    np.testing.assert_allclose(np.load(out / "stitch_scan0002.npy"), offline(patches[5:8], positions[5:8], (40, 48), weight).image(), atol=1e-6)
+    assert p.getStats()["nScansSaved"] == 2 and p.saved_files == [out / "stitch_scan0001.npy", out / "stitch_scan0002.npy"]
