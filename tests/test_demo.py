@@ -67,3 +67,14 @@ def test_sweep_table_counts_a_frame_the_stitcher_missed_as_lost():
     assert demo.format_table(demo.SWEEP_HEADER, rows).splitlines()[0].split()[:3] == ["fps", "sent", "processed"]
     with pytest.raises(ValueError, match="separated by commas"):
         demo._rates("60;80")
+
+
+def test_a_demo_run_removes_the_previous_runs_image_and_hdf5_files(tmp_path):
+    for name in ("stitched/stitch_scan0001.npy", "stitched/stitch_scan0001.png", "h5/demo_1_scan0001.h5",
+                 "h5/demo_1_scan0001-2.h5", "h5/notes.txt"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("an earlier run's")
+    demo.clear_results(tmp_path)
+    assert not list((tmp_path / "stitched").iterdir())
+    assert [p.name for p in (tmp_path / "h5").iterdir()] == ["notes.txt"]  # only the writers' files go
+    demo.clear_results(tmp_path / "nothing yet")  # a first run: nothing to remove

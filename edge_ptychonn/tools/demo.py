@@ -14,7 +14,9 @@ prints frames sent, processed, written, placed and lost, the stitcher's cost
 per frame, and the SSIM of the live stitched phase against the scan's truth,
 with a PNG of the stitched phase beside the truth at the printed path (in
 ``--out``). HDF5 files are written when h5py is installed (``pip install
-'edge-ptychonn[hdf5]'``). Exit status 0 when no frame was lost.
+'edge-ptychonn[hdf5]'``). Each run first removes the previous run's stitched
+image and HDF5 files from ``--out`` (the demo's own folder; the chain's writers
+never replace a file). Exit status 0 when no frame was lost.
 """
 
 from __future__ import annotations
@@ -158,6 +160,14 @@ def format_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, rows)])
 
 
+def clear_results(out: Path) -> None:
+    """Remove the previous demo run's stitched image and HDF5 files from ``out`` (the demo's
+    own folder): the writers never replace a file, so each run would add its own beside them."""
+    for folder, pattern in (("stitched", "*"), ("h5", "*.h5")):
+        for old in (out / folder).glob(pattern):
+            old.unlink()
+
+
 def sweep(args: argparse.Namespace, scan: Path, card: ModelCard | None, rates: list[float]) -> int:
     """The chain once per rate; the table; the figures at the highest lossless rate."""
     results: list = []
@@ -167,8 +177,7 @@ def sweep(args: argparse.Namespace, scan: Path, card: ModelCard | None, rates: l
         point = argparse.Namespace(**{**vars(args), "fps": fps, "out": base_out / f"fps{fps:g}",
                                       "prefix": f"{base_prefix}{i}", "channel": f"{base_channel}{i}"})
         print(f"\n== chain at {fps:g} frames/s ({i}/{len(rates)}) ==", flush=True)
-        for old in (point.out / "stitched").glob("*"):  # this point's image only
-            old.unlink()
+        clear_results(point.out)
         got: list = []
         code = launch.run(chain_config(point, scan, card), prog="edge-ptychonn demo", results=got)
         results.append(got[0] if got else None)
@@ -202,8 +211,7 @@ def main(args: argparse.Namespace) -> int:
         scan = ensure_scan(args.scan, card)
         if rates is not None:
             return sweep(args, scan, card, rates)
-        for old in (args.out / "stitched").glob("*"):  # this run's image only
-            old.unlink()
+        clear_results(args.out)
         cfg = chain_config(args, scan, card)
     except (FileNotFoundError, ValueError, OSError) as exc:
         print(f"edge-ptychonn demo: {exc}", file=sys.stderr)
