@@ -1,5 +1,7 @@
 """Counting the frames a consumer was due but never received (hand-checked cases)."""
 
+import pytest
+
 from edge_ptychonn.stream.accounting import IdTracker
 
 
@@ -64,3 +66,21 @@ def test_nothing_counts_as_missed_while_the_new_pattern_is_unknown():
 def test_restart_starts_counting_again():
     t = feed(IdTracker(), [1, 2, 3, 1, 2, 4])
     assert (t.missed, t.restarts) == (1, 1)
+
+
+@pytest.mark.parametrize("n_seq, lost", [(1, [41]), (1, [41, 57, 90, 91]), (8, list(range(49, 57)))])
+def test_after_a_sibling_died_lost_frames_are_not_taken_for_its_return(n_seq, lost):
+    # 2 consumers; the sibling dies after id 32: from then on every id is this one's. A loss
+    # that looks like the sibling coming back (a jump of whole runs) is counted once the ids
+    # show the old pattern goes on.
+    ids = [u for u in range(1, 33) if (u - 1) // n_seq % 2 == 0] + [u for u in range(33, 201) if u not in lost]
+    t = feed(IdTracker(n_seq, n_seq + 1), ids)
+    assert (t.missed, t.foreign) == (len(lost), 1)
+
+
+def test_a_sibling_that_comes_back_after_dying_is_not_counted_as_missed():
+    # 2 consumers, runs of 8: the sibling dies after 32, comes back at 97
+    ids = [u for u in range(1, 33) if (u - 1) // 8 % 2 == 0] + list(range(33, 97))
+    ids += [u for u in range(97, 97 + 16 * 10) if (u - 97) // 8 % 2 == 0]
+    t = feed(IdTracker(8, 9), ids)
+    assert (t.missed, t.foreign, t.stride) == (0, 1, 16)

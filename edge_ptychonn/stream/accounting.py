@@ -17,10 +17,12 @@ arrive:
   changes every consumer's share. Each change counts once, and the tracker then
   learns the new pattern from the ids that follow: the first jump after a whole
   number of runs gives the new stride (the whole stream, when the ids go on past
-  one run). Until it has learnt it nothing counts as missed; after the set
-  changed once, a jump of whole runs whose stride fits the configured number of
-  consumers is taken as a sibling coming back, not as missed frames. With the
-  configured set intact the counting is exact. The frames a dead consumer still
+  one run). Such a jump, and after the set changed once any jump of whole runs
+  whose stride fits the configured number of consumers (a sibling coming back),
+  is provisional: if the ids break the new pattern within its first run, the
+  jump was lost frames after all, counted as missed, and the pattern before it
+  stays. A gap inside the first run after a change is not counted (it may have
+  been a sibling's). With the configured set intact the counting is exact. The frames a dead consumer still
   held are visible only to a stage that sees every output channel (a
   collector), never to the survivors.
 """
@@ -42,6 +44,9 @@ class IdTracker:
         self._base: int | None = None  # an id that starts a run of the current pattern
         self._block: int | None = None  # first id of the current unbroken run of ids
         self._last: int | None = None
+        # after a jump taken as a sibling coming back: (stride, base, missed) of the pattern
+        # before it, restored if the ids break the new pattern within its first run
+        self._undo: tuple[int, int, int] | None = None
 
     def _due_before(self, k: int) -> int:
         """Due ids in [base, base + k)."""
@@ -70,6 +75,7 @@ class IdTracker:
             if self._last is not None:
                 self.restarts += 1
             self._base = self._block = self._last = uid
+            self._undo = None
             return
         if uid == self._last + 1:
             if self.stride is None and uid - self._block >= self.n_sequential:
@@ -83,12 +89,21 @@ class IdTracker:
         learnt = self._learnt_stride(uid)
         if self.stride is None:
             if learnt is not None:
+                # provisional as below: the jump may have been lost frames of a consumer
+                # that now gets every id (then the ids break the learnt pattern at once)
+                self._undo = (self.n_sequential, self._block, uid - self._last - 1)
                 self.stride, self._base = learnt, uid
         elif not self._is_due(uid):
             self._pattern_changed(uid)
+            if self.stride is not None:  # the jump was lost frames after all: counted as such
+                self.missed += self._due_before(uid - self._base) - self._due_before(self._last + 1 - self._base)
         elif self.stride < self.full_stride and learnt is not None and learnt != self.stride:
             # After the set changed once, whole runs skipped in a stride that the
-            # configured set allows: a sibling came back, not lost frames.
+            # configured set allows: a sibling came back, not lost frames. Provisional:
+            # if the ids break the new pattern within its first run, the jump was lost
+            # frames of the old pattern after all (:meth:`_pattern_changed`).
+            lost = self._due_before(uid - self._base) - self._due_before(self._last + 1 - self._base)
+            self._undo = (self.stride, self._base, lost)
             self.stride, self._base = learnt, uid
         else:
             self.missed += self._due_before(uid - self._base) - self._due_before(self._last + 1 - self._base)
@@ -96,6 +111,11 @@ class IdTracker:
         self._last = uid
 
     def _pattern_changed(self, uid: int) -> None:
+        undo, self._undo = self._undo, None
+        if undo is not None and uid - self._base < self.stride:  # the "comeback" broke at once
+            self.stride, self._base, lost = undo
+            self.missed += lost
+            return
         self.foreign += 1
         self.stride = None
         self._block = uid
