@@ -14,7 +14,8 @@ arrive:
 - ``foreign``: ids outside the pattern: the set of consumers changed. The
   distributor gives a stopped or dead consumer's share to the survivors, and a
   consumer that starts while the stream runs (or a sibling that joins late)
-  changes every consumer's share. Each change counts once, and the tracker then
+  changes every consumer's share. A change that brings ids outside the pattern
+  counts once (a sibling coming back only takes ids away), and the tracker then
   learns the new pattern from the ids that follow: the first jump after a whole
   number of runs gives the new stride (the whole stream, when the ids go on past
   one run). Such a jump, and after the set changed once any jump of whole runs
@@ -22,9 +23,9 @@ arrive:
   is provisional: if the ids break the new pattern within its first run, the
   jump was lost frames after all, counted as missed, and the pattern before it
   stays. A gap inside the first run after a change is not counted (it may have
-  been a sibling's). With the configured set intact the counting is exact. The frames a dead consumer still
-  held are visible only to a stage that sees every output channel (a
-  collector), never to the survivors.
+  been a sibling's). With the configured set intact the counting is exact.
+  The frames a dead consumer still held are visible only to a stage that sees
+  every output channel (a collector), never to the survivors.
 """
 
 from __future__ import annotations
