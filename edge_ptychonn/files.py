@@ -84,11 +84,27 @@ def whole_file(path: Path, replace: bool = True):
         if replace:
             os.replace(partial, path)
         else:
-            os.link(partial, path)  # fails if the name exists, where a rename would replace it
-            partial.unlink()
+            _rename_no_replace(partial, path)
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
+
+
+def _rename_no_replace(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst``; ``FileExistsError`` if ``dst`` exists. A hard link fails on
+    an existing name where a rename would replace it; on a filesystem without hard links
+    (SMB, exFAT, some FUSE mounts) a check then a rename (a tiny window for a writer of
+    the same name in another process: the writers' names differ by consumer)."""
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links here
+        if os.path.lexists(dst):
+            raise FileExistsError(f"{dst} exists") from None
+        os.rename(src, dst)
+        return
+    os.unlink(src)
 
 
 def write_bytes_whole(path: Path, data: bytes) -> None:

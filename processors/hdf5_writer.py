@@ -112,6 +112,7 @@ from edge_ptychonn.stream.arguments import (
 )
 from processors.base import ProcessorBase, attribute_value, seconds
 
+NAME_ATTEMPTS = 5  # free names tried when other processes take them as this one opens a file
 COMPRESSIONS = ("none", "gzip", "lzf", "blosc", "lz4", "zstd", "bitshuffle")
 _PLUGIN = {"blosc": "Blosc", "lz4": "LZ4", "zstd": "Zstd", "bitshuffle": "Bitshuffle"}
 
@@ -379,9 +380,14 @@ class Hdf5WriterProcessor(ProcessorBase):
             attrs["modelCardPath"] = str(s.model_card.resolve())
         # an earlier run's file of the same name is kept: this one gets "-2", "-3", ...
         path = s.output_directory / name
-        stem = unused_stem(path.with_name(path.stem), (path.suffix,))
-        path = stem.with_name(stem.name + path.suffix)
-        self.current = _ScanFile(self.h5py, path, first, s, attrs)
+        for attempt in range(NAME_ATTEMPTS):
+            stem = unused_stem(path.with_name(path.stem), (path.suffix,))
+            try:
+                self.current = _ScanFile(self.h5py, stem.with_name(stem.name + path.suffix), first, s, attrs)
+                break
+            except FileExistsError:  # another process took the name meanwhile: the next one
+                if attempt == NAME_ATTEMPTS - 1:
+                    raise
         self.scan, self._scan_pending = scan, False
         self.files.append(self.current.path)
         self.logger.info("writing %s", self.current.path)

@@ -115,6 +115,8 @@ import numpy as np
 import pvaccess as pva
 
 from edge_ptychonn.files import remove_stale_partials, save_npy_whole, unused_stem
+
+NAME_ATTEMPTS = 5  # free names tried when other processes take them as this one saves
 from edge_ptychonn.science.stitch import Stitcher, probe_weight
 from edge_ptychonn.stream.arguments import (
     choice, int_pair, integer, number, optional, path, text, text_list,
@@ -670,14 +672,25 @@ class StitchProcessor(ProcessorBase):
     def _save(self, out: _Output) -> None:
         scan = out.scan
         # an earlier run's files of the same name are kept: this one gets "-2", "-3", ...
-        stem = unused_stem(self.settings.output_directory / f"{self.settings.file_prefix}_scan{scan.index:04d}",
-                           (".npy", "_weight.npy"))
-        try:  # the weights first: the image's name appearing says both are complete
-            save_npy_whole(Path(f"{stem}_weight.npy"), scan.stitcher.weight_sum().astype(np.float32), replace=False)
-            save_npy_whole(Path(f"{stem}.npy"), out.image, replace=False)
-        except OSError as exc:
-            self.count_problem("save", "cannot save %s: %s", stem, exc)
-            return
+        base = self.settings.output_directory / f"{self.settings.file_prefix}_scan{scan.index:04d}"
+        for attempt in range(NAME_ATTEMPTS):
+            stem = unused_stem(base, (".npy", "_weight.npy"))
+            weight = Path(f"{stem}_weight.npy")
+            try:  # the weights first: the image's name appearing says both are complete
+                save_npy_whole(weight, scan.stitcher.weight_sum().astype(np.float32), replace=False)
+                try:
+                    save_npy_whole(Path(f"{stem}.npy"), out.image, replace=False)
+                except FileExistsError:
+                    weight.unlink(missing_ok=True)  # ours: the pair goes to the next free name
+                    raise
+                break
+            except FileExistsError as exc:  # another process took the name meanwhile
+                if attempt == NAME_ATTEMPTS - 1:
+                    self.count_problem("save", "cannot save %s: %s", stem, exc)
+                    return
+            except OSError as exc:
+                self.count_problem("save", "cannot save %s: %s", stem, exc)
+                return
         self.saved_files.append(Path(f"{stem}.npy"))
         with self.lock:
             self.counts["saved"] += 1

@@ -75,3 +75,17 @@ def test_data_files_are_not_replaced(tmp_path):
     with whole_file(tmp_path / "scan0002.h5", replace=False) as partial:
         partial.write_bytes(b"new")
     assert (tmp_path / "scan0002.h5").read_bytes() == b"new" and not partial.exists()
+
+
+def test_without_hard_links_a_file_still_takes_a_free_name_and_never_replaces(tmp_path, monkeypatch):
+    def no_links(src, dst):
+        raise PermissionError(1, "Operation not permitted")  # what SMB or exFAT answer
+
+    monkeypatch.setattr(os, "link", no_links)
+    with whole_file(tmp_path / "scan0001.h5", replace=False) as partial:
+        partial.write_bytes(b"new")
+    assert (tmp_path / "scan0001.h5").read_bytes() == b"new" and not partial.exists()
+    with pytest.raises(FileExistsError):
+        with whole_file(tmp_path / "scan0001.h5", replace=False) as partial:
+            partial.write_bytes(b"newer")
+    assert (tmp_path / "scan0001.h5").read_bytes() == b"new" and not partial.exists()

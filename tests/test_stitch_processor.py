@@ -108,6 +108,33 @@ def test_an_earlier_runs_image_is_never_replaced(tmp_path, rng):
     assert np.load(out / "stitch_scan0001-2_weight.npy").shape == (40, 48)
 
 
+def test_a_name_taken_while_saving_moves_the_pair_to_the_next_free_name(tmp_path, rng, monkeypatch):
+    import processors.stitch as stitch_module
+
+    patches, positions, probe = small_scan(rng)
+    out = tmp_path / "out"
+    out.mkdir()
+    free_name = stitch_module.unused_stem
+
+    def taken_meanwhile(stem, endings):  # another process saves its image under the name just chosen
+        chosen = free_name(stem, endings)
+        if not (out / "stitch_scan0001.npy").exists():
+            np.save(out / "stitch_scan0001.npy", np.ones(2))
+        return chosen
+
+    monkeypatch.setattr(stitch_module, "unused_stem", taken_meanwhile)
+    p = make({"positionsFile": str(write_npz(tmp_path / "s.npz", positions, probe, (40, 48))),
+              "outputDirectory": str(out)}, Publisher())
+    for k in range(len(patches)):
+        p.process(good_frame(k + 1, patches[k]))
+    image, _ = p.image()
+    p.stop()
+    np.testing.assert_array_equal(np.load(out / "stitch_scan0001.npy"), np.ones(2))  # the other's, untouched
+    assert not (out / "stitch_scan0001_weight.npy").exists()  # no half pair left behind
+    np.testing.assert_allclose(np.load(out / "stitch_scan0001-2.npy"), image)
+    assert np.load(out / "stitch_scan0001-2_weight.npy").shape == (40, 48)
+
+
 def test_plain_tables_two_and_three_columns(tmp_path, rng):
     patches, positions, _ = small_scan(rng, n=6)
     (tmp_path / "yx.csv").write_text("# y, x\n" + "\n".join(f"{y},{x}" for y, x in positions))
