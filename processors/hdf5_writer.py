@@ -110,6 +110,7 @@ from edge_ptychonn.files import remove_stale_partials, unused_stem, whole_file
 from edge_ptychonn.stream.arguments import (
     choice, integer, number, optional, path, text, text_list,
 )
+from processors import shutdown
 from processors.base import ProcessorBase, attribute_value, seconds
 
 NAME_ATTEMPTS = 5  # free names tried when other processes take them as this one opens a file
@@ -584,6 +585,19 @@ class Hdf5WriterProcessor(ProcessorBase):
     def start(self):
         self._thread = threading.Thread(target=self._run, name="hdf5-writer", daemon=True)
         self._thread.start()
+        # SIGTERM (also the kernel's, when a forked consumer's parent dies) writes what is
+        # queued and stops the framework cleanly, so the file is closed, not cut off
+        shutdown.on_sigterm(self._wait_written, self.logger)
+
+    def _wait_written(self, timeout_s: float) -> bool:
+        """Wait (up to ``timeout_s``) until the writer has taken every queued frame; True if it has."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self._lock:
+                if self.counts["queued"] == 0:
+                    return True
+            time.sleep(0.02)
+        return False
 
     def stop(self):
         """Write what is queued (within STOP_TIMEOUT_S), close the file; count what is left as lost."""
@@ -606,7 +620,7 @@ class Hdf5WriterProcessor(ProcessorBase):
         self._move(left, "queued", "stopping")
         if left:
             self.logger.error("%d queued frames were not written at stop (counted in nLostStopping)", left)
-        self._thread = None
+        # self._thread stays: a process() that raced this stop sees a dead writer and counts its frame
 
     def process(self, pvObject):
         frame = self.decode_frame(pvObject)
@@ -629,6 +643,8 @@ class Hdf5WriterProcessor(ProcessorBase):
         # while the previous frame found the queue full
         if self._put(frame, 0.0 if self._overloaded else self.settings.queue_timeout_s):
             self._overloaded = False
+            if self._stopping and self._writer_dead():  # queued just after stop() emptied the queue
+                self._move(self._drain(), "queued", "stopping")
             return None
         self._overloaded = True
         self._move(1, "queued", "notQueued")

@@ -48,17 +48,39 @@ def find_controller(frame):
     return None
 
 
+def _prctl():
+    """libc's ``prctl``, or None where there is none (not Linux)."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
 def set_parent_death_signal(sig: int = signal.SIGTERM) -> bool:
     """Ask the kernel to send ``sig`` to this process when its parent dies (Linux)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
-            return False
-    except (OSError, AttributeError):
+    prctl = _prctl()
+    if prctl is None or prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
         return False
     if os.getppid() == 1:  # the parent died before the request: act now
         os.kill(os.getpid(), sig)
     return True
+
+
+def parent_death_preexec(sig: int = signal.SIGTERM):
+    """A ``subprocess`` ``preexec_fn`` that asks for ``sig`` at this process's death, or None
+    (not Linux). libc is looked up here, in the parent: between fork and exec the child
+    only makes the call (no library loading, whose locks another thread may have held)."""
+    prctl = _prctl()
+    if prctl is None:
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the request: act now
+            os.kill(os.getpid(), sig)
+
+    return preexec
 
 
 def on_sigterm(drain, logger: logging.Logger, drain_timeout_s: float = DRAIN_TIMEOUT_S) -> bool:

@@ -107,6 +107,47 @@ def test_children_stop_when_their_starter_is_killed(tmp_path):
         _kill_left(pids)
 
 
+WRITER_STARTER = """
+import sys, time
+from pathlib import Path
+from edge_ptychonn.tools import processes as live
+argv = live.consumer_argv(sys.argv[2] + ":image", sys.argv[2] + ":h5", 2, "processors.hdf5_writer.Hdf5WriterProcessor",
+                          {"outputDirectory": sys.argv[1] + "/h5"}, batch_updates=8, server_queue_size=100, runtime_s=0)
+proc = live.start("h5", argv, live.use_loopback(), Path(sys.argv[1]))
+print(proc.pid, flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_forked_writers_stop_cleanly_when_the_starter_is_killed(tmp_path, pva_env):
+    """A launcher killed outright: its HDF5-writer group (PvaPy's parent and 2 forked consumers)
+    goes too: the kernel sends SIGTERM to the parent, and to each forked writer when the parent dies."""
+    from channel_names import PREFIX
+
+    parent = subprocess.Popen([sys.executable, "-c", WRITER_STARTER, str(tmp_path), f"{PREFIX}:pd"], env=pva_env,
+                              stdout=subprocess.PIPE, text=True, start_new_session=True)
+    group = []
+    try:
+        first = lines_until(parent.stdout, lambda lines: True, 60)
+        assert first, "the starter printed nothing"
+        consumer = int(first[0])
+        assert wait_until(lambda: len(child_pids(consumer)) == 2, 30), "the two forked consumers did not start"
+        group = [consumer, *child_pids(consumer)]
+        log = tmp_path / "h5.log"
+        assert wait_until(lambda: log.read_text().count("nFramesReceived") >= 2, 30), log.read_text()[-2000:]
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(10)
+        # without the forked writers' own parent-death signal they outlive it (checked)
+        assert wait_until(lambda: not any(map(_alive, group)), 20), "a writer outlived its killed starter"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait(10)
+        _kill_left(group)
+
+
 SOAK = """
 import sys
 from edge_ptychonn.tools import processes, soak

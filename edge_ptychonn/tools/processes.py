@@ -4,8 +4,10 @@ Every process is started in its own session with the loopback-only EPICS
 settings of :data:`LOOPBACK_ENV`, and stopped through its process id (SIGINT to
 its process group, then SIGTERM, then SIGKILL), so ``pvapy-hpc-consumer``'s
 forked consumers go with it. On Linux each also gets SIGTERM from the kernel
-when the process that started it dies (``PR_SET_PDEATHSIG``), so a starter
-killed outright (SIGKILL) leaves nothing running. :data:`LOOPBACK_ENV` is the
+when the process that started it dies (``PR_SET_PDEATHSIG``). The kernel does
+not pass that on to a child's own children: our processors ask for it in
+``pvapy-hpc-consumer``'s forked consumers (``processors.shutdown``), other
+processor classes' forked consumers may outlive a starter killed outright. :data:`LOOPBACK_ENV` is the
 one definition of those settings; :func:`wait_status` the one way to poll
 consumers' status; :func:`stop_on_signals` the one way for a tool to turn
 SIGTERM and SIGHUP into a clean stop.
@@ -28,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_ptychonn.callbacks import keep_thread_state
-from processors.shutdown import set_parent_death_signal
+from processors.shutdown import parent_death_preexec
 
 # Keep every PVA search, beacon and server socket on the loopback interface: the one
 # definition (the tests, the demo and the benchmarks use it; the scripts need none).
@@ -190,11 +192,6 @@ def _children_take_sigint() -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def _die_with_parent() -> None:
-    """In a started child, before it runs its program: SIGTERM when its starter dies."""
-    set_parent_death_signal(signal.SIGTERM)
-
-
 def start(name: str, argv: list[str], env: dict, log_dir: Path, cwd: Path | None = None) -> Proc:
     """Start ``argv`` in its own session (so that its children stop with it), output to
     ``log_dir/<name>.log``, in ``cwd`` (default: the project root). The child takes
@@ -212,7 +209,8 @@ def start(name: str, argv: list[str], env: dict, log_dir: Path, cwd: Path | None
     with open(log_path, "wb") as log:
         popen = subprocess.Popen(
             argv, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, cwd=str(cwd or PROJECT_ROOT), preexec_fn=_die_with_parent if tie else None,
+            start_new_session=True, cwd=str(cwd or PROJECT_ROOT),
+            preexec_fn=parent_death_preexec(signal.SIGTERM) if tie else None,
         )
     return Proc(name, popen, log_path)
 
