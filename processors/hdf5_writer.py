@@ -22,7 +22,8 @@ Input
 Output
     No channel. Files ``<outputDirectory>/<fileNameFormat>``, one per consumer
     (``processorId``) and scan (an existing file is never replaced: the new one
-    gets ``-2``, ``-3``, ... before the extension), with (n = frames written so far):
+    gets ``-2``, ``-3``, ... before the extension), with (n = frames appended so
+    far: ``nFramesWritten`` + ``nFramesUnflushed``):
 
     ``data``           (n, h, w) the images, pixel type of the input; chunks
                        (``chunkFrames``, h, w), optionally compressed
@@ -63,8 +64,8 @@ Backpressure and stop
     frames it did not take from the queue, and frames received after ``stop()``,
     are lost (``nLostStopping``); a frame a hung writer holds stays queued.
 Scans
-    A frame whose uniqueId was already written to the current file, or lies
-    more than ``restartWindow`` below its highest uniqueId, starts a new file;
+    A frame whose uniqueId was already received in this scan, or lies more than
+    ``restartWindow`` below the scan's highest uniqueId, starts a new file;
     so does ``configure {"newScan": true}`` on the control channel.
 Processor arguments (``--processor-args`` JSON) -- see ``Hdf5WriterProcessor.ARGS``
     outputDirectory (required); fileNameFormat (default

@@ -86,8 +86,10 @@ Scans
     as no position). Positions are matched by uniqueId, never by arrival order; with
     ``metadataMatch: "uniqueId"`` an update is used once and the newest for a
     uniqueId wins, so a new scan's frames never take an earlier scan's positions.
-    The finished image is published and saved after the processor's lock is
-    released: ``process()`` and the statistics never wait for the disk.
+    The finished image is published and saved without holding the processor's
+    lock, so the statistics, the publishing thread and other ``process()`` calls
+    never wait for the disk; the ``process()`` call whose frame finishes a scan
+    saves it itself (in ``stitchTimeUs``).
 Processor arguments (``--processor-args`` JSON) -- see :data:`StitchProcessor.ARGS`
     positionsFile, firstUniqueId (1), positionAttributes, positionScale (1.0),
     positionChannels, metadataMatch ("timeStamp"), metadataTolerance (s, 0.001),

@@ -270,6 +270,20 @@ def test_a_chain_that_cannot_start_is_one_line_and_exit_2(tmp_path, monkeypatch,
     assert capsys.readouterr().err == "edge-ptychonn launch: No space left on device\n"
 
 
+def test_a_process_that_exits_while_the_chain_runs_makes_exit_status_1(tmp_path, monkeypatch, capsys):
+    import sys as _sys
+
+    def start(self):
+        self._start("inference", [_sys.executable, "-c", "import time; time.sleep(60)"])
+        self._start("stitch", [_sys.executable, "-c", "raise SystemExit(3)"])  # dies at once
+
+    monkeypatch.setattr(launch.Chain, "start", start)
+    monkeypatch.setattr(launch.Chain, "snapshot", lambda self: launch.Snapshot([], None, []))
+    cfg = LaunchConfig.load(toml(tmp_path, f'log_dir = "{tmp_path / "logs"}"\n' + MINIMAL))
+    assert launch.run(cfg) == 1  # no frames were counted lost (a detector chain), yet a part failed
+    assert "stitch exited (code 3); stopping" in capsys.readouterr().out
+
+
 LAUNCHER_LIKE = """
 import sys, time
 from edge_ptychonn.tools import launch

@@ -9,7 +9,8 @@ framework's, naming it and listing the accepted ones.
 :func:`apply_runtime_changes` validates a ``configure()`` request (control
 channel) against the keys that may change while running; an unknown or invalid
 key raises ``ValueError`` and nothing changes. A new ``modelPath`` brings the
-new model's card's offset, scale and transform (keys given with it win), as at
+new model's card's offset, scale, transform, normalisation and output mask
+(keys given with it win; an ``outputMask`` given at start is kept), as at
 start-up. :func:`model_identity` names a model file (card name and content hash).
 """
 

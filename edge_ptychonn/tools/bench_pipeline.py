@@ -16,7 +16,8 @@ Per point:
   consumer and not a gap PvaPy saw: the frames still queued for a slow client when
   the sim server exits), ``nMissed`` (the sum of PvaPy's ``processorStats.nMissed``:
   gaps in uniqueId, i.e. lost in transport), and ``lost by processor`` (received
-  by a consumer, per its ``receiverStats.nReceived``, but never published);
+  by a consumer, per its ``receiverStats.nReceived`` less its connect update, but
+  never published);
 - delivered rate: (frames received - 1) / (last arrival - first arrival);
 - latency: the processor's receive-to-publish p50 / p99 (``userStats``; the worst
   consumer), and end to end (server time stamp -> arrival here) for every processor;

@@ -6,13 +6,16 @@ channel's ``statusMessage``. Each value is read as JSON where it parses
 (``0.2``, ``"sqrt"``, ``[1, 2]``) and as a plain string otherwise.
 
 Changeable keys (PtychoNNProcessor): batchTimeout, offset, scale, transform,
-modelPath. modelPath swaps the model without a restart: the consumer builds
-an engine of the running kind for it while it goes on publishing with the old
-one, then switches at a batch boundary (no frame lost or run twice). The new
-model's card (model.json beside model.onnx) gives offset, scale and transform
-unless they are given too; a model with another input size, a file that is
-not ONNX or an engine that fails to build is refused with the reason, and
-nothing changes. The answer comes once the engine is built, so the wait is
+normalize, modelPath. modelPath swaps the model without a restart: the
+consumer builds an engine of the running kind for it while it goes on
+publishing with the old one, then switches at a batch boundary (no frame lost
+or run twice). The new model's card (model.json beside model.onnx) gives
+offset, scale, transform, the normalisation and the output mask, as at
+start-up (keys given with modelPath win; an outputMask given at start is
+kept). A missing file, a file that is not ONNX, a malformed card, a model
+with another input size, "outputMask": true with a card that has no mask, or
+an engine that fails to build is refused with the reason, and nothing
+changes. The answer comes once the engine is built, so the wait is
 longer for modelPath (default 600 s: a TensorRT plan not in the cache takes
 minutes). Example:
 

@@ -66,8 +66,9 @@ def get_args_parser(prog: str = "edge-ptychonn demo") -> argparse.ArgumentParser
     p.add_argument("--sweep", default=None, metavar="FPS,FPS,...",
                    help="the chain's figures by rate: run the chain once per replay rate (a fresh chain each, "
                         "channels suffixed by the point's number), then print one table row per rate (frames sent, "
-                        "processed, written, placed, lost, the stitcher's cost per frame) and the figures at the "
-                        "highest rate with no frame lost")
+                        "processed, delivered fps, written, placed, lost, collector lost, the stitcher's cost per "
+                        "frame) and the figures at the highest rate that lost nothing (collector included) and that "
+                        "inference kept up with (delivered >= 95 %% of the rate)")
     p.add_argument("--out", type=Path, default=Path("results/demo"),
                    help="folder for the stitched image, its PNG, the HDF5 files and the logs (default: %(default)s)")
     return p

@@ -406,6 +406,7 @@ class Chain:
         self.status = Status()
         self.started_s = time.monotonic()
         self.started_at = time.time()  # files older than this are not this chain's
+        self.failed: str | None = None  # the process that exited while the chain ran
         self.peak_fps = 0.0  # the highest published rate the inference consumers reported
 
     def delivered_fps(self, snap: Snapshot) -> float | None:
@@ -547,6 +548,7 @@ class Chain:
             dead = [p for p in self.procs if p is not self.source and not p.name.startswith("viewer") and not p.running()]
             if dead:
                 self.say(f"\n{dead[0].name} exited (code {dead[0].popen.returncode}); stopping")
+                self.failed = dead[0].name
                 break
             if snap.progress() != last_progress:
                 last_progress, last_change = snap.progress(), now
@@ -678,7 +680,7 @@ def run(cfg: LaunchConfig, prog: str = "edge-ptychonn launch", results: list | N
                         + accuracy(cfg, since=chain.started_at)), flush=True)
         if results is not None:
             results.append((snap, n_sent, chain.delivered_fps(snap)))
-        if code == 0 and frames_lost(cfg, snap, n_sent):
+        if code == 0 and (chain.failed or frames_lost(cfg, snap, n_sent)):
             code = 1
     return code
 
