@@ -86,25 +86,34 @@ time.sleep(120)
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
-def test_children_stop_when_their_starter_is_killed(tmp_path):
-    """A starter killed outright (SIGKILL: no handler runs) leaves nothing running: the
-    kernel sends each child SIGTERM (PR_SET_PDEATHSIG), though each is in its own session."""
-    parent = subprocess.Popen([sys.executable, "-c", STARTER, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+@contextlib.contextmanager
+def starter(script: str, *args: str, env: dict | None = None):
+    """A starter process running ``script``; yields (it, the first line it printed, a list
+    to which the test adds the pids to kill at the end if they are still running)."""
+    parent = subprocess.Popen([sys.executable, "-c", script, *args], env=env, stdout=subprocess.PIPE, text=True,
                               start_new_session=True)
-    pids = []
+    left: list[int] = []
     try:
         first = lines_until(parent.stdout, lambda lines: True, 60)
-        pids = [int(v) for v in first[0].split()] if first else []
-        assert len(pids) == 2 and all(map(_alive, pids))
-        os.kill(parent.pid, signal.SIGKILL)
-        parent.wait(10)
-        assert wait_until(lambda: not any(map(_alive, pids)), 10), "a child outlived its killed starter"
+        assert first, "the starter printed nothing"
+        yield parent, first[0], left
     finally:
         if parent.poll() is None:
             parent.kill()
             parent.wait(10)
-        _kill_left(pids)
+        _kill_left(left)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_children_stop_when_their_starter_is_killed(tmp_path):
+    """A starter killed outright (SIGKILL: no handler runs) leaves nothing running: the
+    kernel sends each child SIGTERM (PR_SET_PDEATHSIG), though each is in its own session."""
+    with starter(STARTER, str(tmp_path)) as (parent, first, left):
+        left += [int(v) for v in first.split()]
+        assert len(left) == 2 and all(map(_alive, left))
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(10)
+        assert wait_until(lambda: not any(map(_alive, left)), 10), "a child outlived its killed starter"
 
 
 WRITER_STARTER = """
@@ -126,26 +135,17 @@ def test_forked_writers_stop_cleanly_when_the_starter_is_killed(tmp_path, pva_en
     goes too: the kernel sends SIGTERM to the parent, and to each forked writer when the parent dies."""
     from channel_names import PREFIX
 
-    parent = subprocess.Popen([sys.executable, "-c", WRITER_STARTER, str(tmp_path), f"{PREFIX}:pd"], env=pva_env,
-                              stdout=subprocess.PIPE, text=True, start_new_session=True)
-    group = []
-    try:
-        first = lines_until(parent.stdout, lambda lines: True, 60)
-        assert first, "the starter printed nothing"
-        consumer = int(first[0])
+    with starter(WRITER_STARTER, str(tmp_path), f"{PREFIX}:pd", env=pva_env) as (parent, first, left):
+        consumer = int(first)
+        left.append(consumer)
         assert wait_until(lambda: len(child_pids(consumer)) == 2, 30), "the two forked consumers did not start"
-        group = [consumer, *child_pids(consumer)]
+        left += child_pids(consumer)
         log = tmp_path / "h5.log"
         assert wait_until(lambda: log.read_text().count("nFramesReceived") >= 2, 30), log.read_text()[-2000:]
         os.kill(parent.pid, signal.SIGKILL)
         parent.wait(10)
         # without the forked writers' own parent-death signal they outlive it (checked)
-        assert wait_until(lambda: not any(map(_alive, group)), 20), "a writer outlived its killed starter"
-    finally:
-        if parent.poll() is None:
-            parent.kill()
-            parent.wait(10)
-        _kill_left(group)
+        assert wait_until(lambda: not any(map(_alive, left)), 20), "a writer outlived its killed starter"
 
 
 SOAK = """

@@ -91,17 +91,23 @@ def test_any_order_equals_offline_stitching_from_npz(tmp_path, rng):
     assert np.load(tmp_path / "out" / "stitch_scan0001_weight.npy").shape == shape
 
 
-def test_an_earlier_runs_image_is_never_replaced(tmp_path, rng):
+def stitch_one_scan_into(out, tmp_path, rng):
+    """A small scan stitched by a processor saving into ``out``, stopped; its image."""
     patches, positions, probe = small_scan(rng)
-    out = tmp_path / "out"
-    out.mkdir()
-    np.save(out / "stitch_scan0001_weight.npy", np.zeros(3))  # an earlier run's, half of a pair
     p = make({"positionsFile": str(write_npz(tmp_path / "s.npz", positions, probe, (40, 48))),
               "outputDirectory": str(out)}, Publisher())
     for k in range(len(patches)):
         p.process(good_frame(k + 1, patches[k]))
     image, _ = p.image()
     p.stop()
+    return image
+
+
+def test_an_earlier_runs_image_is_never_replaced(tmp_path, rng):
+    out = tmp_path / "out"
+    out.mkdir()
+    np.save(out / "stitch_scan0001_weight.npy", np.zeros(3))  # an earlier run's, half of a pair
+    image = stitch_one_scan_into(out, tmp_path, rng)
     np.testing.assert_array_equal(np.load(out / "stitch_scan0001_weight.npy"), np.zeros(3))
     assert not (out / "stitch_scan0001.npy").exists()
     np.testing.assert_allclose(np.load(out / "stitch_scan0001-2.npy"), image)
@@ -111,7 +117,6 @@ def test_an_earlier_runs_image_is_never_replaced(tmp_path, rng):
 def test_a_name_taken_while_saving_moves_the_pair_to_the_next_free_name(tmp_path, rng, monkeypatch):
     import processors.stitch as stitch_module
 
-    patches, positions, probe = small_scan(rng)
     out = tmp_path / "out"
     out.mkdir()
     free_name = stitch_module.unused_stem
@@ -123,12 +128,7 @@ def test_a_name_taken_while_saving_moves_the_pair_to_the_next_free_name(tmp_path
         return chosen
 
     monkeypatch.setattr(stitch_module, "unused_stem", taken_meanwhile)
-    p = make({"positionsFile": str(write_npz(tmp_path / "s.npz", positions, probe, (40, 48))),
-              "outputDirectory": str(out)}, Publisher())
-    for k in range(len(patches)):
-        p.process(good_frame(k + 1, patches[k]))
-    image, _ = p.image()
-    p.stop()
+    image = stitch_one_scan_into(out, tmp_path, rng)
     np.testing.assert_array_equal(np.load(out / "stitch_scan0001.npy"), np.ones(2))  # the other's, untouched
     assert not (out / "stitch_scan0001_weight.npy").exists()  # no half pair left behind
     np.testing.assert_allclose(np.load(out / "stitch_scan0001-2.npy"), image)
