@@ -70,7 +70,8 @@ Scans
 Processor arguments (``--processor-args`` JSON) -- see ``Hdf5WriterProcessor.ARGS``
     outputDirectory (required); fileNameFormat (default
     ``"{channel}_scan{scan:04d}.h5"``; fields ``channel`` (input channel, ``:``
-    -> ``_``), ``processorId``, ``scan``, ``time`` (YYYYmmdd-HHMMSS));
+    -> ``_``), ``processorId``, ``scan``, ``time`` (YYYYmmdd-HHMMSS); a file name,
+    no ``/``);
     compression ('none', 'gzip', 'lzf'; with hdf5plugin installed also 'blosc',
     'lz4', 'zstd', 'bitshuffle'); compressionLevel (gzip 0..9); chunkFrames
     (16); flushPeriod (s, 1.0); queueFrames (frames waiting for the writer
@@ -160,16 +161,21 @@ class Hdf5Settings:
     def __post_init__(self) -> None:
         if self.output_directory is None:
             raise ValueError("outputDirectory is required: the folder for the HDF5 files")
+        if self.output_directory.exists() and not self.output_directory.is_dir():
+            raise ValueError(f"outputDirectory {str(self.output_directory)!r} is not a folder")
         if self.model_card is not None and not self.model_card.is_file():
             raise ValueError(f"modelCard {str(self.model_card)!r} is not a file")
         if self.compression_level is not None and self.compression != "gzip":
             raise ValueError("compressionLevel applies to compression 'gzip' only")
         try:
-            self.file_name_format.format(channel="c", processorId=1, scan=1, time="t")
+            name = self.file_name_format.format(channel="c", processorId=1, scan=1, time="t")
         except (KeyError, ValueError, IndexError) as exc:
             raise ValueError(
                 f"fileNameFormat {self.file_name_format!r} is invalid ({exc}); fields: channel, processorId, scan, time"
             ) from exc
+        if "/" in name or name in ("", ".", ".."):
+            raise ValueError(f"fileNameFormat {self.file_name_format!r} must name a file in outputDirectory "
+                             "(no '/'; give the folder as outputDirectory)")
 
 
 @dataclass

@@ -324,6 +324,8 @@ class StitchSettings:
                 "objectShape [H, W] is required when no positionsFile gives it "
                 "(positions from attributes or metadata channels only)"
             )
+        if self.output_directory is not None and self.output_directory.exists() and not self.output_directory.is_dir():
+            raise ValueError(f"outputDirectory {str(self.output_directory)!r} is not a folder")
         if self.weight_file is not None and not self.weight_file.is_file():
             raise ValueError(f"weightFile {str(self.weight_file)!r} is not a file")
         if not 0 <= self.probe_threshold < 1:

@@ -23,7 +23,8 @@ import numpy as np
 import pytest
 
 from edge_ptychonn.tools import launch
-from edge_ptychonn.tools.launch import LaunchConfig, Status, chained_argv, collector_argv, last_errors
+from edge_ptychonn.tools import processes as live
+from edge_ptychonn.tools.launch import LaunchConfig, Snapshot, Status, chained_argv, collector_argv, last_errors
 from edge_ptychonn.tools.processes import wait_until
 from channel_names import PREFIX
 from conftest import lines_until
@@ -491,3 +492,130 @@ outputDirectory = "{tmp_path / 'h5'}"
     assert "interrupted: stopping everything" in text, text[-3000:]
     assert [ln.split()[1] for ln in text.splitlines() if ln.startswith("stopped ")] == ["inference", "stitch", "hdf5"]
     assert _pids_alive(text) == []
+
+
+def load(tmp_path: Path, text: str) -> LaunchConfig:
+    return LaunchConfig.load(toml(tmp_path, text))
+
+
+# -- checks of the file that the chain could not run with, and the counts after an early stop --
+
+@pytest.mark.parametrize("text, message", [
+    # nan never compares (the replay would never be seen idle); inf never ends; the sim server
+    # takes -fps nan as "as fast as it can"
+    ("idle_s = nan\n" + MINIMAL, r"'idle_s' in the top level must be a finite number, got nan"),
+    ("timeout_s = inf\n" + MINIMAL, r"'timeout_s' in the top level must be a finite number, got inf"),
+    (MINIMAL.replace('channel = "det:image"', "fps = nan"), r"'fps' in \[source\] must be a finite number"),
+    (MINIMAL.replace('channel = "det:image"', "start_delay_s = inf"), r"'start_delay_s' in \[source\] must be a finite"),
+    # two stages on one prefix publish the same channel names (two servers, one name)
+    (MINIMAL + '\n[hdf5]\nprefix = "inference"\n[hdf5.args]\noutputDirectory = "h"\n',
+     r"\[inference\] and \[hdf5\] have the same prefix 'inference'"),
+    (MINIMAL + '\n[stitch]\nprefix = "inference"\n[stitch.args]\nobjectShape = [9, 9]\n',
+     r"\[inference\] and \[stitch\] have the same prefix 'inference'"),
+    (MINIMAL.replace('"det:image"', '"inference:1:output"'), r"\[source\] channel 'inference:1:output' is among"),
+    (MINIMAL.replace("consumers = 3", 'prefix = "a:*"'), r"\[inference\] prefix 'a:\*' must not hold '\*'"),
+])
+def test_numbers_and_channel_names_the_chain_cannot_run_with_are_refused(tmp_path, text, message):
+    with pytest.raises(ValueError, match=message):
+        load(tmp_path, text)
+
+
+def test_distinct_prefixes_and_a_source_named_like_a_stage_are_accepted(tmp_path):
+    cfg = load(tmp_path, MINIMAL.replace('"det:image"', '"inference:raw"')
+               + '\n[stitch]\n[stitch.args]\nobjectShape = [9, 9]\n[hdf5]\n[hdf5.args]\noutputDirectory = "h"\n')
+    assert (cfg.source["channel"], cfg.stitch["prefix"], cfg.hdf5["prefix"]) == ("inference:raw", "stitch", "hdf5")
+
+
+@pytest.mark.parametrize("table", ["stitch", "hdf5"])
+def test_an_output_directory_that_is_a_file_is_refused_in_one_line(tmp_path, table):
+    """Before: --check passed, and the writer's consumer died at start with a traceback."""
+    (tmp_path / "taken").write_text("a file")
+    extra = "objectShape = [9, 9]\n" if table == "stitch" else ""
+    with pytest.raises(ValueError, match=rf"\[{table}.args\] outputDirectory '.*taken' is not a folder"):
+        load(tmp_path, MINIMAL + f'\n[{table}]\n[{table}.args]\n{extra}outputDirectory = "{tmp_path / "taken"}"\n')
+
+
+def test_a_file_name_format_with_a_folder_is_refused(tmp_path):
+    """Before: accepted, and every frame was lost (no file could be created in a folder that
+    does not exist)."""
+    with pytest.raises(ValueError, match=r"fileNameFormat .* must name a file in outputDirectory"):
+        load(tmp_path, MINIMAL + '\n[hdf5]\n[hdf5.args]\noutputDirectory = "h"\n'
+                                 'fileNameFormat = "{channel}/scan{scan:04d}.h5"\n')
+
+
+def _record(processed: int) -> dict:
+    return {"userStats": {"nFramesProcessed": processed}}
+
+
+def test_the_summary_keeps_the_last_answer_of_a_consumer_that_went_silent(tmp_path, monkeypatch):
+    """A consumer that died after publishing its frames: the summary counts what it reported
+    (before: only the survivors' frames were "processed")."""
+    scan = tmp_path / "s.npy"
+    np.save(scan, np.zeros((3, 4, 4), np.int16))
+    cfg = load(tmp_path, f'log_dir = "{tmp_path / "logs"}"\nidle_s = 0\n'
+               + MINIMAL.replace('channel = "det:image"', f'scan = "{scan}"'))
+    answers = iter([[_record(1), _record(2)], [_record(1), _record(2)], [_record(1), None]])
+    last = [[_record(1), None]]
+    monkeypatch.setattr(launch.Chain, "snapshot",
+                        lambda self: Snapshot(next(answers, last[0]), None, []))
+    chain = launch.Chain(cfg, out=io.StringIO())
+    chain.source = chain._start("sim", [sys.executable, "-c", "pass"])  # the replay is over
+    chain.source.wait(30)
+    snap = chain.watch()
+    assert snap.processed() == 3 and chain.finished
+
+
+@pytest.mark.e2e
+def test_a_replay_stopped_early_counts_what_the_sim_server_sent(pva_env, tmp_path, monkeypatch, capsys):
+    """Ctrl-C while a real sim server replays: "frames sent" is what it published (not the
+    scan's length) and the counts are taken once those frames went through, so nothing is
+    called lost that was not. Before: "frames sent 40" and every unsent frame "lost"."""
+    scan = tmp_path / "scan.npy"
+    np.save(scan, np.arange(40 * 8 * 8, dtype=np.int16).reshape(40, 8, 8))
+    channel = f"{PREFIX}:early{os.getpid()}:image"
+    cfg = load(tmp_path, f'log_dir = "{tmp_path / "logs"}"\n'
+               + MINIMAL.replace('channel = "det:image"', f'scan = "{scan}"\nchannel = "{channel}"'))
+    seen = live.OutputCollector([channel], keep_images=False)  # stands in for the inference stage
+    counted = []  # what each snapshot reported
+
+    def start(self):
+        self.source = self._start("sim", live.sim_server_argv(scan, channel, fps=10, start_delay_s=3))
+
+    def watch(self):
+        assert live.wait_until(lambda: seen.count() >= 5, 60), "the sim server published nothing"
+        self.latest = self.snapshot()
+        raise KeyboardInterrupt  # Ctrl-C mid-replay
+
+    def snapshot(self):
+        counted.append(seen.count())
+        return Snapshot([_record(counted[-1])], None, [])
+
+    monkeypatch.setattr(launch.Chain, "start", start)
+    monkeypatch.setattr(launch.Chain, "watch", watch)
+    monkeypatch.setattr(launch.Chain, "snapshot", snapshot)
+    try:
+        assert launch.run(cfg) == 130
+    finally:
+        seen.close()
+    out = capsys.readouterr().out
+    log = (tmp_path / "logs" / "sim.log").read_text()
+    published = int(log.split("Published frames:")[1].split()[0])
+    assert 5 <= published < 40, log
+    assert f"frames sent          {published} (of 40 in the scan: the replay was stopped)" in out, out
+    assert f"inference processed  {counted[-1]} " in out and counted[-1] == seen.count()
+    assert f"frames lost          {published - seen.count()}\n" in out, out
+
+
+def test_frames_appended_but_not_yet_flushed_count_as_written(tmp_path):
+    """A writer with a long flushPeriod confirms the scan's frames only at the close that the
+    stop performs. Before: a chain stopped idle before that flush reported every frame lost
+    (exit status 1) while the files held them all."""
+    scan = tmp_path / "s.npy"
+    np.save(scan, np.zeros((5, 4, 4), np.int16))
+    cfg = load(tmp_path, MINIMAL.replace('channel = "det:image"', f'scan = "{scan}"')
+               + '\n[hdf5]\n[hdf5.args]\noutputDirectory = "h"\nflushPeriod = 60\n')
+    writers = [{"userStats": {"nFramesWritten": 0, "nFramesUnflushed": 3}},
+               {"userStats": {"nFramesWritten": 1, "nFramesUnflushed": 1}}]
+    snap = Snapshot([_record(3), _record(2)], None, writers)
+    assert snap.written() == 5 and launch.frames_lost(cfg, snap, 5) == 0
+    assert snap.taken(cfg) == 5

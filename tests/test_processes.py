@@ -196,3 +196,36 @@ def test_soak_stops_what_it_started_on_sigterm_and_sighup(tmp_path, sig):
     assert soak.returncode == 130, out
     assert "soak: interrupted: stopping what it started" in out
     assert left == [], "soak left its processes running"
+
+
+@pytest.mark.e2e
+def test_soak_counts_the_frames_of_a_consumer_that_died_as_lost(pva_env, tmp_path):
+    """The consumer is killed mid-run: every frame the sim server published after that is
+    lost, and the soak fails. Before: "sent" was the highest uniqueId that came out, so the
+    lost tail was not counted, and the run passed (exit status 0, "lost 0")."""
+    from channel_names import PREFIX
+
+    soak = subprocess.Popen(
+        [sys.executable, "-m", "edge_ptychonn.cli", "soak", "--engine", "zero", "--fps", "20", "--minutes", "0.25",
+         "--every", "2", "--prefix", f"{PREFIX}:soak{os.getpid()}"],
+        cwd=MODEL.parent.parent, env={**pva_env, "TMPDIR": str(tmp_path)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, start_new_session=True)
+    try:
+        lines = lines_until(soak.stdout, lambda lines: " published " in lines[-1]
+                            and int(lines[-1].split(" published ")[1].split(",")[0]) > 0, 90)
+        assert lines and " published " in lines[-1], "".join(lines)
+        [consumer] = [pid for pid in child_pids(soak.pid)
+                      if b"pvapy-hpc-consumer" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        os.kill(consumer, signal.SIGKILL)
+        out, _ = soak.communicate(timeout=120)
+    finally:
+        if soak.poll() is None:
+            os.killpg(soak.pid, signal.SIGKILL)
+            soak.wait(10)
+    summary = [ln for ln in out.splitlines() if ln.startswith("soak: sent ")]
+    assert summary, out
+    sent, published, lost = (int(summary[0].split(word)[1].split()[0].strip(",")) for word in
+                             ("sent ", "published ", "lost "))
+    assert lost == sent - published and lost > 0, summary[0]
+    assert "a consumer exited during the run" in summary[0]
+    assert soak.returncode == 1, out

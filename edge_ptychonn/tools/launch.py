@@ -17,11 +17,14 @@ channels) and, with a sim server replaying once, stops when the chain has been
 idle for ``idle_s`` after the scan; a detector chain runs until Ctrl-C. Ctrl-C,
 SIGTERM or SIGHUP (the terminal or ssh session closed) stops everything it
 started, by process id, source first, so the downstream stages see every frame;
-their logs are in ``log_dir``. Should the launcher itself be killed outright
-(SIGKILL), the kernel sends each process it started SIGTERM (Linux).
+their logs are in ``log_dir``; with a replay stopped early, the summary counts the
+frames the sim server sent, once they went through the chain (at most 15 s more).
+Should the launcher itself be killed outright (SIGKILL), the kernel sends each
+process it started SIGTERM (Linux).
 
 The file (TOML; every key is optional unless marked; unknown keys are refused
-with the accepted ones listed). Relative paths, here and in the processors'
+with the accepted ones listed; numbers must be finite; each stage needs a prefix
+of its own, without ``*``). Relative paths, here and in the processors'
 arguments, are taken from the directory you launch from: the processes run
 there. ``--check`` validates the file, the scan and each processor's arguments
 (with the processor's own parsing, as its consumers will), starting nothing::
@@ -74,6 +77,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -82,7 +87,9 @@ from typing import Any
 
 from . import processes as live
 
-REPORT_PERIOD_S = 2.0  # how often the inference consumers refresh their status channels
+REPORT_PERIOD_S = 2.0  # how often every process of the chain refreshes its status channel
+SETTLE_S = 15.0  # stopped early: at most this long for the frames already sent to reach the end
+COLLECTOR_RELEASE_S = 5.0  # pvapy-hpc-collector releases a cache that does not fill after this long
 STITCH_PROCESSOR = "processors.stitch.StitchProcessor"
 HDF5_PROCESSOR = "processors.hdf5_writer.Hdf5WriterProcessor"
 
@@ -130,6 +137,8 @@ def _check_table(name: str, table: dict) -> dict:
             raise ValueError(f"'{key}' in {where} must be {names}, got {value!r}")
         if isinstance(value, str) and not value:
             raise ValueError(f"'{key}' in {where} must not be empty")
+        if isinstance(value, float) and not math.isfinite(value):  # nan would never compare, inf never end
+            raise ValueError(f"'{key}' in {where} must be a finite number, got {value!r}")
         if key in MINIMUM.get(name, {}) and value < MINIMUM[name][key]:
             raise ValueError(f"'{key}' in {where} must be >= {MINIMUM[name][key]}, got {value!r}")
         if isinstance(value, list) and not all(isinstance(v, str) and v for v in value):
@@ -162,6 +171,24 @@ def _check_scan(scan: str) -> int:
         raise ValueError(f"[source] scan {scan!r} must hold frames (n >= 2, height, width) to replay once; "
                          f"its array has shape {frames.shape}")
     return len(frames)
+
+
+def _check_channel_names(source: str, prefixes: dict[str, str]) -> None:
+    """Every stage's channels must be its own: a prefix shared by two stages (or the source
+    channel among them) makes two servers publish one name, and ``*`` is the consumer id
+    in PvaPy's channel patterns."""
+    for name, value in [("[source] channel", source), *((f"[{t}] prefix", p) for t, p in prefixes.items())]:
+        if "*" in value:
+            raise ValueError(f"{name} {value!r} must not hold '*' (PvaPy puts the consumer id there)")
+    seen: dict[str, str] = {}
+    for table, prefix in prefixes.items():
+        if prefix in seen:
+            raise ValueError(f"[{seen[prefix]}] and [{table}] have the same prefix {prefix!r}: their channels "
+                             "would have the same names; give each its own")
+        seen[prefix] = table
+    if any(re.match(rf"{re.escape(prefix)}:\d+:", source) for prefix in prefixes.values()):
+        raise ValueError(f"[source] channel {source!r} is among the chain's own channels (prefixes "
+                         f"{', '.join(repr(p) for p in prefixes.values())}); give it another name")
 
 
 def _check_processor_args(where: str, processor: str, args: dict):
@@ -223,6 +250,8 @@ class LaunchConfig:
             raise ValueError("[source] fps must be > 0 and start_delay_s >= 0")
         if src["scan"] is not None:
             _check_scan(src["scan"])
+        _check_channel_names(src["channel"], {name: tables[name]["prefix"] for name in ("inference", "stitch", "hdf5")
+                                              if tables[name] is not None})
         if tables["viewer"] is not None and not tables["viewer"]["channels"]:
             raise ValueError("'channels' in [viewer] needs at least one channel (or omit [viewer])")
         if tables["hdf5"] is not None and "outputDirectory" not in tables["hdf5"]["args"]:
@@ -352,6 +381,15 @@ class Snapshot:
     stitch: dict | None
     hdf5: list[dict | None]
 
+    def merged(self, older: "Snapshot | None") -> "Snapshot":
+        """This snapshot, each silent channel with its last answer in ``older`` (a process
+        that died or was stopped still counts what it reported)."""
+        if older is None:
+            return self
+        pick = lambda new, old: new if new is not None else old
+        return Snapshot([pick(n, o) for n, o in zip(self.inference, older.inference)], pick(self.stitch, older.stitch),
+                        [pick(n, o) for n, o in zip(self.hdf5, older.hdf5)])
+
     def processed(self) -> int:
         return sum(_user(r, "nFramesProcessed") for r in self.inference)
 
@@ -359,7 +397,10 @@ class Snapshot:
         return sum(_user(r, "nFramesDropped") + _user(r, "nBadFrames") for r in self.inference)
 
     def written(self) -> int:
-        return sum(_user(r, "nFramesWritten") for r in self.hdf5)
+        """Frames in the HDF5 files: confirmed by a flush, or appended since the last one
+        (``nFramesUnflushed``: the close at stop confirms them; with a long ``flushPeriod``
+        the flush may come long after the scan)."""
+        return sum(_user(r, "nFramesWritten") + _user(r, "nFramesUnflushed") for r in self.hdf5)
 
     def placed(self) -> int:
         return _user(self.stitch, "nFramesPlaced")
@@ -367,6 +408,12 @@ class Snapshot:
     def collector_lost(self) -> int:
         c = (self.stitch or {}).get("collectorStats", {})
         return c.get("nMissed", 0) + c.get("nRejected", 0)
+
+    def taken(self, cfg: LaunchConfig) -> int:
+        """The frames every stage has taken: the fewest of inference (processed, dropped or
+        bad), the HDF5 writers (written) and the stitcher (received)."""
+        return min([self.processed() + self.dropped()] + ([self.written()] if cfg.hdf5 is not None else [])
+                   + ([_user(self.stitch, "nFramesReceived")] if cfg.stitch is not None else []))
 
     def progress(self) -> tuple:
         return (self.processed(), self.written(), self.placed())
@@ -408,6 +455,8 @@ class Chain:
         self.started_at = time.time()  # files older than this are not this chain's
         self.failed: str | None = None  # the process that exited while the chain ran
         self.peak_fps = 0.0  # the highest published rate the inference consumers reported
+        self.latest: Snapshot | None = None  # the last status, each channel's last answer kept
+        self.finished = False  # the replayed scan went through and the chain fell idle
 
     def delivered_fps(self, snap: Snapshot) -> float | None:
         """The inference stage's delivered rate: the highest sum of the consumers' ``frameRate``
@@ -538,10 +587,11 @@ class Chain:
         tty = self.out.isatty() if hasattr(self.out, "isatty") else False
         last_progress, last_change = None, time.monotonic()
         self.peak_fps = 0.0
-        snap = self.snapshot()
+        snap = self.latest = self.snapshot()
         while True:
             time.sleep(1.0)
             snap = self.snapshot()
+            self.latest = snap.merged(self.latest)
             now = time.monotonic()
             line = snap.line(now - self.started_s, self.cfg)
             print(("\r" + line + "\x1b[K") if tty else line, end="" if tty else "\n", file=self.out, flush=True)
@@ -555,22 +605,56 @@ class Chain:
             self.peak_fps = max(self.peak_fps, snap.frame_rate())
             replay_done = self.source is not None and not self.source.running()
             if replay_done and snap.processed() > 0 and now - last_change > self.cfg.idle_s:
+                self.finished = True
                 break
             if self.cfg.timeout_s and now - self.started_s > self.cfg.timeout_s:
                 self.say(f"\ntimeout after {self.cfg.timeout_s:.0f} s")
                 break
         if tty:
             print(file=self.out)
-        return snap
+        return self.latest
 
     # -- stop ---------------------------------------------------------------------------------
     def stop(self) -> None:
         """Stop everything by pid: source first, then inference, then its clients."""
         for proc in self.procs_in_stop_order():
-            if proc.running():
-                # the collector joins its processing thread (up to 5 s) before our stop() runs
-                code = proc.stop(grace_s=15.0 if proc.name == "stitch" else 5.0)
-                self.say(f"stopped {proc.name:<9} pid {proc.pid:<7} exit {code}")
+            self._stop(proc)
+
+    def _stop(self, proc: live.Proc) -> None:
+        if proc.running():
+            # the collector joins its processing thread (up to 5 s) before our stop() runs
+            code = proc.stop(grace_s=15.0 if proc.name == "stitch" else 5.0)
+            self.say(f"stopped {proc.name:<9} pid {proc.pid:<7} exit {code}")
+
+    def settle(self, timeout_s: float = SETTLE_S) -> Snapshot | None:
+        """Stopped before the chain fell idle (Ctrl-C, the timeout, a process that exited):
+        stop the sim server, then wait until every stage has taken the frames it sent, or
+        (some were lost) until the counts have not changed for two status periods and the
+        collector's release time, at most ``timeout_s``. Returns the status then (each
+        silent channel's last answer kept)."""
+        if self.source is not None:
+            self._stop(self.source)
+        sent = self.frames_sent(None)
+        quiet_s = 2 * REPORT_PERIOD_S + 0.5 + (COLLECTOR_RELEASE_S if self.cfg.stitch is not None else 0.0)
+        deadline = time.monotonic() + timeout_s
+        last, changed = self.latest, time.monotonic()
+        while True:
+            snap = self.snapshot().merged(last)
+            now = time.monotonic()
+            if last is None or snap.progress() != last.progress():
+                changed = now
+            self.latest = last = snap
+            if (sent is not None and snap.taken(self.cfg) >= sent) or now - changed > quiet_s or now > deadline:
+                return last
+            time.sleep(0.5)
+
+    def frames_sent(self, n_scan: int | None) -> int | None:
+        """The frames the sim server published (its report as it exits: fewer than the scan's
+        ``n_scan`` when it was stopped early); ``n_scan`` where it gave none; None for a detector."""
+        if self.source is None:
+            return n_scan
+        published = live.sim_server_published(self.source.log())
+        return published if published is not None else n_scan
 
     def procs_in_stop_order(self) -> list[live.Proc]:
         rank = {"sim": 0, "inference": 1}
@@ -589,10 +673,12 @@ def last_errors(log: str, n_lines: int = 15) -> str:
     return "\n".join(picked[-n_lines:]) or "(the log is empty)"
 
 
-def summary(cfg: LaunchConfig, snap: Snapshot, n_sent: int | None, delivered_fps: float | None = None) -> list[str]:
+def summary(cfg: LaunchConfig, snap: Snapshot, n_sent: int | None, delivered_fps: float | None = None,
+            n_scan: int | None = None) -> list[str]:
     lines = []
     if n_sent is not None:
-        lines.append(f"frames sent          {n_sent}")
+        of = f" (of {n_scan} in the scan: the replay was stopped)" if n_scan is not None and n_sent < n_scan else ""
+        lines.append(f"frames sent          {n_sent}{of}")
     rate = f", at most {delivered_fps:.0f} frames/s over 5 s" if delivered_fps else ""
     lines.append(f"inference processed  {snap.processed()} (dropped or bad {snap.dropped()}{rate})")
     if cfg.hdf5 is not None:
@@ -646,9 +732,12 @@ def run(cfg: LaunchConfig, prog: str = "edge-ptychonn launch", results: list | N
     summary (and the scored, pictured stitched image). Exit status: 0, 1 when frames
     were lost or a process failed, 2 when the chain could not start (a bad scan or
     argument, on stderr), 130 on Ctrl-C, SIGTERM or SIGHUP. ``results``: a list to
-    which ``(snapshot, frames sent)`` is appended (the last status before the stop)."""
+    which ``(snapshot, frames sent, delivered fps)`` is appended: the status once the
+    chain fell idle (stopped early: once what the sim server sent went through, see
+    :meth:`Chain.settle`), each channel's last answer kept; the frames the sim server
+    published."""
     chain = Chain(cfg)
-    n_sent = None
+    n_scan = None
     snap = None
     code = 0
     with live.stop_on_signals():
@@ -656,7 +745,7 @@ def run(cfg: LaunchConfig, prog: str = "edge-ptychonn launch", results: list | N
             if cfg.source["scan"] is not None:
                 import numpy as np
 
-                n_sent = len(np.load(cfg.base / cfg.source["scan"], mmap_mode="r", allow_pickle=False))
+                n_scan = len(np.load(cfg.base / cfg.source["scan"], mmap_mode="r", allow_pickle=False))
             chain.start()
             snap = chain.watch()
         except (KeyboardInterrupt, live.Terminated):
@@ -671,12 +760,15 @@ def run(cfg: LaunchConfig, prog: str = "edge-ptychonn launch", results: list | N
         finally:
             with live.signals_ignored():  # a second Ctrl-C, SIGTERM or SIGHUP must not cut the stopping short
                 try:
-                    if snap is None and code in (0, 130):
+                    if chain.source is not None and not chain.finished and code in (0, 130):
+                        snap = chain.settle()  # the replay stopped early: what it sent is counted
+                    elif snap is None and code in (0, 130):
                         snap = chain.snapshot()
                 finally:
                     chain.stop()
+    n_sent = chain.frames_sent(n_scan)
     if snap is not None:
-        print("\n".join(summary(cfg, snap, n_sent, chain.delivered_fps(snap))
+        print("\n".join(summary(cfg, snap, n_sent, chain.delivered_fps(snap), n_scan)
                         + accuracy(cfg, since=chain.started_at)), flush=True)
         if results is not None:
             results.append((snap, n_sent, chain.delivered_fps(snap)))

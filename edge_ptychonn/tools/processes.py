@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -271,6 +272,13 @@ def sim_server_argv(
             raise ValueError(f"{frames_npy}: replaying once needs at least 2 frames, has {n_frames}")
         argv += ["-cs", str(n_frames - 1)]
     return argv
+
+
+def sim_server_published(log: str) -> int | None:
+    """The frames ``pvapy-ad-sim-server`` published, from the report it prints as it exits
+    (its log), or None where there is none (killed outright, or still running)."""
+    reported = re.findall(r"^Published frames:\s*(\d+)", log, re.MULTILINE)
+    return int(reported[-1]) if reported else None
 
 
 def consumer_argv(
