@@ -123,6 +123,7 @@ from edge_ptychonn.science.stitch import Stitcher, probe_weight
 from edge_ptychonn.stream.arguments import (
     choice, int_pair, integer, number, optional, path, text, text_list,
 )
+from processors import shutdown
 from processors.base import ProcessorBase, attribute_value, seconds
 
 
@@ -789,6 +790,14 @@ class StitchProcessor(ProcessorBase):
         self._stop.clear()
         self._thread = threading.Thread(target=self._publish_loop, name="stitch-publisher", daemon=True)
         self._thread.start()
+        # SIGTERM (also the kernel's, when the launcher that started this collector dies)
+        # stops the framework as Ctrl-C does, so stop() saves the image: not lost with the process
+        shutdown.on_sigterm(self._send_queued, self.logger)
+
+    def _send_queued(self, timeout_s: float) -> bool:
+        """SIGTERM: send the images queued so far while the server still serves clients."""
+        self._send_outputs(wait=True)
+        return True
 
     def stop(self):
         # What is published inside stop() reaches no client (PvaPy stops its server

@@ -250,8 +250,10 @@ def test_collector_merges_two_producers_positions_from_attributes_and_a_restart(
     """Two output channels (served by this process, as two inference consumers would) ->
     the stitcher inside a real pvapy-hpc-collector: frames placed by their PosY/PosX
     attributes, the live channel's last image equals offline stitching, uniqueIds
-    restarting give a second image, and the first is kept on ``:final`` and on disk."""
+    restarting give a second image, and the first is kept on ``:final`` and on disk; SIGTERM
+    saves the second."""
     import os
+    import signal
 
     from edge_ptychonn.tools.launch import Status, collector_argv
     from edge_ptychonn.tools.processes import OutputCollector, start, wait_until
@@ -310,7 +312,13 @@ def test_collector_merges_two_producers_positions_from_attributes_and_a_restart(
         dims = final["dimension"]
         np.testing.assert_allclose(np.array(final["value"][0]["floatValue"]).reshape(dims[1]["size"], dims[0]["size"]), expected, atol=1e-5)
         np.testing.assert_allclose(np.load(tmp_path / "out" / "stitch_scan0001.npy"), expected, atol=1e-5)
-        procs.pop().stop(grace_s=15.0)  # at stop, scan 2 goes to disk
+        # SIGTERM (what the kernel sends when the launcher dies): a clean stop, scan 2 goes to
+        # disk (before: the collector died at once and scan 2 was lost; checked)
+        collector = procs.pop()
+        os.kill(collector.pid, signal.SIGTERM)
+        code = collector.wait(30)
+        collector.stop()
+        assert code == 0, collector.log()[-3000:]
         np.testing.assert_allclose(np.load(tmp_path / "out" / "stitch_scan0002.npy"),
                                    offline(patches[32:], positions[32:], (64, 64), None).image(), atol=1e-5)
     finally:
