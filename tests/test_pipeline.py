@@ -121,6 +121,29 @@ def test_frames_before_start_are_kept_up_to_the_bound(small_model, rng):
     assert [p[0] for p in published] == [1, 2, 3, 4, 5]
 
 
+def test_frames_kept_before_start_beyond_the_batch_buffers_are_all_published(small_model, rng):
+    """maxPendingFrames may exceed what the batch buffers hold ((queueBatches + 2) x
+    batchSize, here 12): the kept frames go to inference as buffers come free, in order,
+    and frames that arrive meanwhile follow them."""
+    pipeline, published, factory = make_pipeline(small_model, maxPendingFrames=40, batchSize=4, queueBatches=1)
+    images = frames(rng, 50)
+    for uid in range(1, 46):
+        pipeline.submit(good_frame(uid, images[uid - 1]))
+    assert pipeline.stats.dropped["notReady"] == 5 and pipeline.queued_frames == 40
+    pipeline.start(factory)
+    deadline = time.monotonic() + 20
+    while pipeline.queued_frames > 4 and time.monotonic() < deadline:  # room again
+        time.sleep(0.01)
+    for uid in range(46, 51):
+        pipeline.submit(good_frame(uid, images[uid - 1]))
+    assert published.wait(45) == 45
+    pipeline.stop()
+    assert [p[0] for p in published] == [*range(1, 41), *range(46, 51)]
+    stats = pipeline.stats
+    assert stats.dropped == {"overload": 0, "notReady": 5, "stopping": 0}
+    assert stats.unaccounted(pipeline.queued_frames) == 0
+
+
 def test_stop_flushes_the_partial_batch(small_model, rng):
     pipeline, published, factory = make_pipeline(small_model, batchTimeout=60)
     pipeline.start(factory)
@@ -144,6 +167,27 @@ def test_configure_validates_before_changing(small_model, rng):
     pipeline.configure({"batchTimeout": 0.01})
     assert published.wait(1, timeout_s=5) == 1  # the new timeout applies to the waiting batch
     pipeline.stop()
+
+
+def test_a_change_that_leaves_the_normalisation_keeps_its_running_mean(small_model, rng):
+    """The running mean describes the detector's frames, not the settings: a batchTimeout
+    (or offset, scale, transform, model) change must not restart it."""
+    pipeline, published, factory = make_pipeline(small_model, batchSize=4, normalize="running",
+                                                  referenceTotal=1e5, normalizeWindow=64)
+    pipeline.start(factory)
+    images = frames(rng, 16) * np.repeat([1, 3], 8)[:, None, None].astype(np.int16)  # the dose triples
+    for i in range(8):
+        pipeline.submit(good_frame(i + 1, images[i]))
+    assert published.wait(8) == 8
+    pipeline.configure({"batchTimeout": 0.2})
+    for i in range(8, 16):
+        pipeline.submit(good_frame(i + 1, images[i]))
+    assert published.wait(16) == 16
+    pipeline.stop()
+    reference = create_engine("onnxruntime", EngineOptions(small_model, max_batch=16, cpu_threads=1))
+    expected = reference.infer(preprocess(images, pipeline.config.preprocess)[:, None])[:, 0]  # one window
+    for (uid, image, _, _), want in zip(published, expected):
+        np.testing.assert_allclose(image, want, atol=1e-5, err_msg=f"frame {uid}")
 
 
 class SlowEngine:
@@ -277,6 +321,69 @@ def test_drain_publishes_the_partial_batch_now(small_model, rng):
     assert pipeline.drain(5.0)
     assert [p[0] for p in published] == [1, 2, 3]
     pipeline.stop()
+
+
+class GatedEngine(SlowEngine):
+    """Wraps an engine; each batch waits for a permit (``gate.release(n)`` lets n through)."""
+
+    def __init__(self, engine):
+        import threading
+
+        super().__init__(engine)
+        self.gate = threading.Semaphore(0)
+
+    def infer(self, batch):
+        self.gate.acquire(timeout=30)
+        return self._engine.infer(batch)
+
+
+def test_drain_waits_only_for_the_frames_held_when_it_is_called(small_model, rng):
+    """Under a load that keeps the queue full (SIGTERM during a fast scan), drain() returns
+    once the frames it found are published, not at its timeout."""
+    import threading
+
+    pipeline, published, factory = make_pipeline(small_model, batchSize=4, batchTimeout=60)
+    engine = GatedEngine(factory())
+    pipeline.start(lambda: engine)
+    images = frames(rng, 18)
+    for uid in range(1, 11):  # two full batches and a partial one
+        pipeline.submit(good_frame(uid, images[uid - 1]))
+    result = []
+    drainer = threading.Thread(target=lambda: result.append(pipeline.drain(20.0)))
+    t0 = time.monotonic()
+    drainer.start()
+    deadline = time.monotonic() + 10
+    while pipeline.stats.partial_batches == 0 and time.monotonic() < deadline:  # drain flushed the partial batch
+        time.sleep(0.01)
+    for uid in range(11, 19):  # frames go on arriving: two more batches, held by the engine
+        pipeline.submit(good_frame(uid, images[uid - 1]))
+    engine.gate.release(3)  # the three batches that drain() found
+    drainer.join(30)
+    try:
+        assert result == [True] and time.monotonic() - t0 < 10
+        assert [p[0] for p in published] == list(range(1, 11))
+    finally:
+        engine.gate.release(100)
+        pipeline.stop()
+
+
+def test_a_stop_that_finds_inference_busy_counts_what_is_left_as_dropped(small_model, rng):
+    """The output server has stopped and a batch is still in the engine after stop()'s
+    wait: the final statistics count those frames as dropped (stopping), once."""
+    pipeline, published, factory = make_pipeline(small_model, batchSize=4, batchTimeout=60)
+    engine = GatedEngine(factory())
+    pipeline.start(lambda: engine)
+    for uid, image in enumerate(frames(rng, 6), start=1):  # a full batch in the engine, 2 frames waiting
+        pipeline.submit(good_frame(uid, image))
+    t0 = time.monotonic()
+    pipeline.stop(timeout_s=0.3, outputs_closed=True)
+    assert time.monotonic() - t0 < 5
+    stats = pipeline.stats
+    assert stats.dropped["stopping"] == 6 and pipeline.queued_frames == 0 and stats.unaccounted(0) == 0
+    engine.gate.release(100)  # the engine finishes after all: nothing counted twice, nothing published
+    pipeline._thread.join(10)
+    assert stats.dropped["stopping"] == 6 and stats.published == 0 and len(published) == 0
+    assert stats.unaccounted(pipeline.queued_frames) == 0
 
 
 @pytest.mark.parametrize(
@@ -582,6 +689,24 @@ def test_a_reset_while_frames_are_held_keeps_the_totals_adding_up(small_model, r
     assert stats.published == held and stats.unaccounted(pipeline.queued_frames) == 0
     assert stats.completeness() == 1.0
     pipeline.stop()
+
+
+def test_a_reset_inside_a_distributor_run_goes_on_counting_missed_frames(small_model, rng):
+    """Consumer 1 of 4 with -du 8 (ids 1-8, 33-40, 65-72, ...): a statistics reset between
+    two frames of a run counts no foreign frames, and a run lost later is counted."""
+    config, _ = parse_processor_args({"modelPath": str(small_model), "engine": "zero", "batchSize": 4})
+    pipeline = InferencePipeline(config, Published(), n_sequential=8, id_offset=25)
+    pipeline.start(lambda: create_engine("zero", EngineOptions(small_model, max_batch=4)))
+    image = frames(rng, 1)[0]
+    run = lambda first, n=8: range(first, first + n)
+    for uid in [*run(1), *run(33, 4)]:
+        pipeline.submit(good_frame(uid, image))
+    pipeline.reset_stats()
+    for uid in [*run(37, 4), *run(97), *run(129)]:  # 65-72 lost upstream
+        pipeline.submit(good_frame(uid, image))
+    pipeline.stop()
+    ids = pipeline.stats.ids
+    assert (ids.missed, ids.foreign, ids.restarts) == (8, 0, 0)
 
 
 def test_a_status_snapshot_adds_up_while_frames_flow(small_model, rng):

@@ -30,6 +30,8 @@ arrive:
 
 from __future__ import annotations
 
+import copy
+
 
 class IdTracker:
     """Counts missed, foreign and restarted uniqueIds of one consumer's stream."""
@@ -48,6 +50,16 @@ class IdTracker:
         # after a jump taken as a sibling coming back: (stride, base, missed) of the pattern
         # before it, restored if the ids break the new pattern within its first run
         self._undo: tuple[int, int, int] | None = None
+
+    def counts_reset(self) -> "IdTracker":
+        """A copy with the counters at 0 that keeps what this one knows of the stream (its
+        last id and the distributor's pattern): new totals (a statistics reset) that go on
+        counting exactly, even when the reset falls inside a run of ``n_sequential`` ids."""
+        fresh = copy.copy(self)
+        fresh.missed = fresh.foreign = fresh.restarts = 0
+        if fresh._undo is not None:  # frames lost before the reset are not the new totals'
+            fresh._undo = (*fresh._undo[:2], 0)
+        return fresh
 
     def _due_before(self, k: int) -> int:
         """Due ids in [base, base + k)."""

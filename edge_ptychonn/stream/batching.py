@@ -88,8 +88,14 @@ class Batcher:
 
     @preprocess.setter
     def preprocess(self, config: PreprocessConfig) -> None:
+        # normalize 'running': the mean total of this consumer's last frames. It depends on
+        # the raw frames only, so it is kept across other changes (batchTimeout, offset,
+        # scale, transform, another model) and starts again only when the mode or the
+        # window changes.
+        old = getattr(self, "_preprocess", None)
+        if old is None or (old.normalize, old.normalize_window) != (config.normalize, config.normalize_window):
+            self._running = RunningTotal(config.normalize_window)
         self._preprocess = config
-        self._running = RunningTotal(config.normalize_window)  # normalize 'running': this consumer's frames
         self._shape_ok.clear()
 
     def check_shape(self, frame_hw: tuple[int, int]) -> None:
@@ -111,8 +117,9 @@ class Batcher:
     @property
     def has_room(self) -> bool:
         """Whether a frame added now would find a place (the batch being filled, or a
-        free buffer). Only the receive thread takes buffers, so a True stays true
-        until it adds; a False may turn True as inference gives buffers back."""
+        free buffer). Only callers holding the lock that serialises ``add`` take
+        buffers, so a True stays true until that caller adds; a False may turn True
+        as inference gives buffers back."""
         return self._current is not None or not self._free.empty()
 
     @property

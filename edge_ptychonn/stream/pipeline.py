@@ -19,7 +19,9 @@ them counts as dropped, not bad). ``submit`` never waits while holding the lock 
 the inference thread needs to give buffers back, so the consumer goes on at
 its full inference rate under any load and is lossless again as soon as the
 load falls below it. At most ``(queue_batches + 1) * batch_size`` frames wait,
-which bounds memory and latency.
+which bounds memory and latency (plus, right after start, what is left of the
+frames kept while the engine started, up to ``max_pending_frames``: they go
+first, in order, as buffers come free).
 
 Frame accounting: every frame received is published, counted bad (by kind,
 logged once per kind), counted dropped (by reason), counted as an inference or
@@ -221,6 +223,8 @@ class InferencePipeline:
         self._stopping = False
         self._outputs_closed = False  # stop(outputs_closed=True): nothing reaches a client any more
         self._frames_in_queue = 0  # frames in full or flushed batches not yet published
+        self._frames_finished = 0  # frames that have left the queue since start (drain() waits on it)
+        self._abandoned = False  # stop() timed out with outputs closed: it counted the frames left
         self._idle = threading.Condition(self._lock)  # notified when _frames_in_queue falls
         self._logged: set[str] = set()
 
@@ -245,8 +249,7 @@ class InferencePipeline:
             )
             self._thread = threading.Thread(target=self._run, name="ptychonn-inference", daemon=True)
             self._thread.start()
-            while self._pending:
-                self._add(*self._pending.popleft())
+            self._feed_pending()  # as many as the buffers take; the rest as buffers come free
         self.log.info(
             "engine %s on %s (%s), input %dx%d, batch %d, model %s",
             engine.name, engine.device, engine.precision, *engine.input_shape, self.config.batch_size, model_id,
@@ -260,12 +263,15 @@ class InferencePipeline:
         deadline = time.monotonic() + timeout_s
         with self._lock:
             self._flush_partial()
-            while self._frames_in_queue > 0:
+            # Batches leave the queue in order: the frames queued now are out once this many
+            # have left (frames that keep arriving meanwhile are not waited for).
+            target = self._frames_finished + self._frames_in_queue + len(self._pending)
+            while self._frames_finished < target:
                 left = deadline - time.monotonic()
                 if left <= 0 or self._thread is None or not self._thread.is_alive():
                     break
                 self._idle.wait(left)  # releases the lock while waiting
-            return self._frames_in_queue == 0
+            return self._frames_finished >= target
 
     def stop(self, timeout_s: float = 0.8, outputs_closed: bool = False) -> None:
         """Flush the partial batch, finish queued batches (up to ``timeout_s``), close the engine.
@@ -275,18 +281,24 @@ class InferencePipeline:
         with self._lock:
             self._stopping = True
             self._outputs_closed = outputs_closed
-            if self._batcher is None:
-                if self._pending:
-                    self._drop(len(self._pending), "stopping")
-                    self._pending.clear()
-            else:
-                self._flush_partial()
+            if self._pending:
+                self._drop(len(self._pending), "stopping")
+                self._pending.clear()
+            self._flush_partial()
         if self._thread is not None:
             self._queue.put(None)
             self._thread.join(timeout_s)
             if self._thread.is_alive():
-                self.log.warning("inference thread still busy %.1f s after stop; %d frame(s) left",
-                                 timeout_s, self._frames_in_queue)
+                with self._lock:
+                    left = self._frames_in_queue
+                    if outputs_closed and left:
+                        # None of them can reach a client: dropped now, so that the final
+                        # statistics say so (the busy thread counts nothing more).
+                        self._abandoned = True
+                        self._drop(left, "stopping")
+                        self._frames_in_queue = 0
+                self.log.warning("inference thread still busy %.1f s after stop; %d frame(s) left%s", timeout_s,
+                                 left, " (counted as dropped)" if outputs_closed and left else "")
         if self.engine is not None and (self._thread is None or not self._thread.is_alive()):
             self.engine.close()
 
@@ -321,7 +333,11 @@ class InferencePipeline:
                 else:
                     self._pending.append((meta, image.copy()))
             else:
-                self._add(meta, image)
+                self._feed_pending()
+                if self._pending:  # frames kept before the engine was ready go first
+                    self._drop(1, "overload")
+                else:
+                    self._add(meta, image)
 
     def _drop_unread(self, pv) -> bool:
         """Overload: count a frame with an image as dropped without decoding it.
@@ -348,6 +364,12 @@ class InferencePipeline:
         self.stats.ids.see(unique_id)
         if self.stats.ids.restarts != restarts:
             self.log.info("uniqueIds restarted at %d: a new stream (the upstream server restarted)", unique_id)
+
+    def _feed_pending(self) -> None:
+        """(lock held) Move the frames kept before the engine was ready into batches, in
+        order, as far as the batch buffers take them (the rest when buffers come free)."""
+        while self._pending and self._batcher.has_room:
+            self._add(*self._pending.popleft())
 
     def _add(self, meta, image) -> None:
         try:
@@ -454,6 +476,8 @@ class InferencePipeline:
         their leaving, under the lock, so a snapshot (:meth:`counts`) always adds up."""
         self._batcher.release(batch)
         with self._lock:
+            if self._abandoned:  # stop() counted them already
+                return
             stats = self.stats
             stats.published += published
             stats.nonfinite_outputs += nonfinite_outputs
@@ -462,6 +486,9 @@ class InferencePipeline:
             if stopping:
                 self._drop(stopping, "stopping")
             self._frames_in_queue -= batch.n
+            self._frames_finished += batch.n
+            if self._pending:
+                self._feed_pending()  # a buffer came free
             self._idle.notify_all()
 
     def _inference_failed(self, batch: Batch, exc: Exception) -> int:
@@ -587,9 +614,13 @@ class InferencePipeline:
 
     def reset_stats(self) -> None:
         """New totals. The frames held now count as received in them, so that the
-        published, lost and queued frames still add up to the received ones."""
+        published, lost and queued frames still add up to the received ones; the
+        uniqueId tracker keeps what it knows of the stream (so that it goes on counting
+        missed frames exactly)."""
         with self._lock:
+            ids = self.stats.ids.counts_reset()
             self.stats = self._new_stats()
+            self.stats.ids = ids
             self.stats.received = self.queued_frames
 
     def counts(self) -> tuple[PipelineStats, int]:

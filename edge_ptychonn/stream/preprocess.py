@@ -15,10 +15,11 @@ The steps, in order, each optional:
    - ``"running"``: each frame is scaled by ``reference_total`` over the mean
      total of the last ``normalize_window`` frames (default 1024; this one
      included; a :class:`RunningTotal` that the caller keeps: the live batcher
-     one per consumer, reset when the settings change; ``preprocess`` one per
-     call unless given). Differences between frames stay: the total of a frame
-     tells how much the object under the probe absorbs, which the network uses
-     for the patch's absolute phase. A new dose is followed within a window;
+     one per consumer, started again when ``normalize`` or the window changes;
+     ``preprocess`` one per call unless given). Differences between frames
+     stay: the total of a frame tells how much the object under the probe
+     absorbs, which the network uses for the patch's absolute phase. A new
+     dose is followed within a window;
    - ``"total"``: each frame is scaled so that its own total is
      ``reference_total``. Stateless, but it removes that absorption cue: the
      stitched phase of a held-out scan lost 0.07 SSIM (0.713 -> 0.640) with the
