@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create or update .venv with the project and its pinned dependencies.
-# Usage: scripts/setup-venv.sh [EXTRAS]   (default extras: torch,test,codecs)
+# Usage: scripts/setup-venv.sh [EXTRAS]   (default extras: torch,test,codecs; extras installed
+# before are kept)
 # Installs Debian's iproute2 (for 'ip link set lo multicast on') when missing and run as root,
 # and with the viewer extra Xvfb and Qt's xcb libraries.
 set -euo pipefail
@@ -39,12 +40,16 @@ python=${PYTHON:-python3}
 "$python" -c 'import sys; sys.exit(sys.version_info < (3, 10))' || { echo "Python >= 3.10 is required" >&2; exit 1; }
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 
-# Reinstall only when the dependency pins or the extras change.
+# Install only when the dependency pins change or an extra is asked for that is not installed
+# yet; the extras installed before are kept (the demo's and the tests' sets in turn install once).
 stamp=".venv/.edge-ptychonn-installed"
-want="$(sha256sum pyproject.toml | cut -d' ' -f1) $extras"
-if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-    echo "installing edge-ptychonn[$extras] into .venv (pinned versions) ..." >&2
+pins="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+had_pins="" had_extras=""
+[ -f "$stamp" ] && read -r had_pins had_extras < "$stamp"
+all="$(printf '%s\n' ${had_extras//,/ } ${extras//,/ } | sort -u | paste -sd, -)"
+if [ "$had_pins" != "$pins" ] || [ "$all" != "$(printf '%s\n' ${had_extras//,/ } | sort -u | paste -sd, -)" ]; then
+    echo "installing edge-ptychonn[$all] into .venv (pinned versions) ..." >&2
     .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip==25.3
-    .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[$extras]"
-    echo "$want" > "$stamp"
+    .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[$all]"
+    echo "$pins $all" > "$stamp"
 fi
