@@ -6,8 +6,9 @@ Modules are imported only when their sub-command runs, so ``edge-ptychonn
 --help`` stays fast and works without torch.
 
 Exit status: 0 on success, 1 when a command ran but did not get what it
-wanted (e.g. the demo lost frames), 2 for bad arguments; every error goes to
-stderr, results to stdout.
+wanted (e.g. the demo lost frames, or a file could not be written), 2 for bad
+arguments, 130 when stopped by Ctrl-C; every error goes to stderr (one line,
+not a traceback), results to stdout.
 """
 
 from __future__ import annotations
@@ -61,7 +62,14 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[name][0])
     # argparse answers --help (exit 0) and bad arguments (usage and error on stderr, exit 2) itself
     args = module.get_args_parser(prog=f"edge-ptychonn {name}").parse_args(rest)
-    return int(module.main(args) or 0)
+    try:
+        return int(module.main(args) or 0)
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback
+        print(f"edge-ptychonn {name}: interrupted", file=sys.stderr)
+        return 130
+    except OSError as exc:  # a file or folder that cannot be read or written: one line, not a traceback
+        print(f"edge-ptychonn {name}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@ One schema, read and written only here (:func:`load_card`, :func:`find_card`,
 :func:`save_card`). Everything that needs a model's settings reads them from
 the :class:`ModelCard`: the live processor its preprocessing, ``evaluate``,
 ``train`` and the demo its stitch settings and training scans. It imports no
-torch and no simulator (only ``stream.preprocess``, ``stream.postprocess``, numpy), so the live path
-can import it.
+torch and no simulator (only ``stream.preprocess``, ``stream.postprocess``, ``files``, numpy), so the
+live path can import it.
 
 Blocks (JSON keys):
 
@@ -48,6 +48,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
 
+from edge_ptychonn.files import write_bytes_whole
 from edge_ptychonn.stream.postprocess import OutputMask
 from edge_ptychonn.stream.preprocess import PreprocessConfig
 
@@ -93,9 +94,9 @@ class ModelConfig:
             raise ValueError(f"depth must be 1..7, got {self.depth}")
         if not 0 <= self.head_blocks <= 8:
             raise ValueError(f"head_blocks must be 0..8, got {self.head_blocks}")
-        if self.input_size % (2**self.depth):
+        if self.input_size < 2**self.depth or self.input_size % (2**self.depth):
             raise ValueError(
-                f"input_size must be a multiple of 2**depth = {2**self.depth}, "
+                f"input_size must be a multiple of 2**depth = {2**self.depth} (and at least that), "
                 f"got {self.input_size}"
             )
 
@@ -285,9 +286,10 @@ def find_card(model_path: str | Path) -> ModelCard | None:
 
 
 def save_card(card: ModelCard, model_path: str | Path) -> Path:
-    """Write ``card`` beside ``model_path`` (as ``.json``); returns the path."""
+    """Write ``card`` beside ``model_path`` (as ``.json``); returns the path. The file takes
+    its name only when whole, so a reader never finds half a card."""
     path = card_path(model_path)
-    path.write_text(json.dumps(card.to_dict(), indent=2) + "\n")
+    write_bytes_whole(path, (json.dumps(card.to_dict(), indent=2) + "\n").encode())
     return path
 
 

@@ -1,12 +1,19 @@
-"""The edge-ptychonn command: every sub-command answers --help; export writes a runnable model."""
+"""The edge-ptychonn command: every sub-command answers --help; export writes a runnable model;
+and the commands as a user meets them: outputs that cannot be written, files that are not what
+they claim, options out of range give one line and a non-zero exit status, never a traceback,
+and nothing half-written is left where a later run would take it for a result."""
 
+import json
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from edge_ptychonn import cli
+from edge_ptychonn.science.simulate import ScanSettings, load_scan, save_scan, simulate_scan
 
 
 def test_top_level_help_lists_the_commands(capsys):
@@ -102,3 +109,287 @@ def test_configure_timeout_accepts_seconds():
     from edge_ptychonn.tools.configure import get_args_parser
 
     assert get_args_parser().parse_args(["c", "a=1", "--timeout", "2.5"]).timeout == 2.5
+
+
+# -- errors as a user meets them ----------------------------------------------------------------
+
+SMALL = ScanSettings(n_positions=16, frame_size=32, overlap=0.6, photons=1e4)
+
+
+@pytest.fixture(scope="module")
+def small_scan():
+    return simulate_scan(SMALL, progress=False)
+
+
+def _one_line(err: str, prefix: str, last: bool = False) -> str:
+    """The one error line (``last``: the last line of stderr, after progress lines)."""
+    lines = err.strip().splitlines()
+    assert (last or len(lines) == 1) and lines[-1].startswith(prefix) and "Traceback" not in err, err
+    return lines[-1]
+
+
+def _main(argv: list[str]) -> int:
+    """``cli.main``; a Ctrl-C that escapes it fails the test (instead of stopping the test run)."""
+    try:
+        return cli.main(argv)
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped the command as a traceback")
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".part"))
+
+
+# -- simulate ------------------------------------------------------------------------------------
+
+def test_simulate_into_an_output_it_cannot_write_is_one_line_before_the_work(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert cli.main(["simulate", "--out", str(blocker / "scan"), "--n-positions", "4", "--quiet"]) == 2
+    _one_line(capsys.readouterr().err, "edge-ptychonn simulate: cannot write")
+    (tmp_path / "s.npz").mkdir()  # the truth's name taken by a folder: no frames file without its truth
+    assert cli.main(["simulate", "--out", str(tmp_path / "s"), "--n-positions", "4", "--quiet"]) == 2
+    assert "s.npz is a folder" in _one_line(capsys.readouterr().err, "edge-ptychonn simulate: cannot write")
+    assert not (tmp_path / "s.npy").exists()
+
+
+def test_a_scan_interrupted_while_saved_leaves_no_file_a_later_run_would_read(tmp_path, small_scan, monkeypatch):
+    frames, truth = small_scan
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "savez", interrupted)  # Ctrl-C while the truth is written
+    with pytest.raises(KeyboardInterrupt):
+        save_scan(tmp_path / "scan", frames, truth)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no frames without truth, no hidden leftovers
+    monkeypatch.undo()
+    save_scan(tmp_path / "scan", frames, truth)
+    assert load_scan(tmp_path / "scan")[0].shape == frames.shape
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scan.npy", "scan.npz"]
+
+
+def test_a_scan_with_nan_frames_is_refused_naming_the_file(tmp_path, small_scan):
+    frames, truth = small_scan
+    bad = frames.astype(np.float32)
+    bad[1, 2, 3] = np.nan
+    save_scan(tmp_path / "scan", bad, truth)
+    with pytest.raises(ValueError, match=r"scan\.npy: 1 frames hold NaN or infinite pixels"):
+        load_scan(tmp_path / "scan")
+
+
+# -- export --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("size", ["0", "-16"])
+def test_export_refuses_an_input_size_below_the_depth(tmp_path, capsys, size):
+    assert cli.main(["export", "--out", str(tmp_path / "r.onnx"), "--input-size", size]) == 2
+    _one_line(capsys.readouterr().err, "edge-ptychonn export: input_size must be a multiple of 2**depth = 16")
+
+
+def test_export_to_a_folder_is_one_line(tmp_path, capsys):
+    assert cli.main(["export", "--out", str(tmp_path), "--width", "2", "--depth", "1", "--input-size", "8"]) == 2
+    _one_line(capsys.readouterr().err, "edge-ptychonn export: cannot write")
+    assert _leftovers(tmp_path.parent) == []
+
+
+# -- evaluate ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from edge_ptychonn.science.model import ModelConfig, build_model, export_onnx
+
+    path = tmp_path_factory.mktemp("model") / "tiny.onnx"
+    export_onnx(build_model(ModelConfig(width=2, depth=1, input_size=32), seed=0), path)
+    return path
+
+
+def test_evaluate_checks_its_outputs_before_the_work(tmp_path, small_scan, tiny_model, capsys):
+    save_scan(tmp_path / "scan", *small_scan)
+    base = ["evaluate", "--model", str(tiny_model), "--scan", str(tmp_path / "scan"), "--quiet",
+            "--engine", "onnxruntime", "--threads", "1"]
+    for extra in (["--json", str(tmp_path)], ["--save-image", f"{tmp_path}/"],
+                  ["--json", str(tmp_path / "scan.npy" / "scores.json")]):
+        assert cli.main(base + extra) == 2, extra
+        captured = capsys.readouterr()
+        assert captured.out == ""  # refused before any scan was scored
+        _one_line(captured.err, "edge-ptychonn evaluate: cannot write the output")
+    assert cli.main(base + ["--json", str(tmp_path / "out" / "scores.json"), "--save-image",
+                            str(tmp_path / "image")]) == 0
+    assert "scan" in json.loads((tmp_path / "out" / "scores.json").read_text())
+    assert np.load(tmp_path / "image.npy").shape == small_scan[1].object_phase.shape
+
+
+@pytest.mark.parametrize("option", ["--n-positions", "--batch-size"])
+def test_evaluate_refuses_zero_positions_or_batch_instead_of_taking_the_default(tiny_model, capsys, option):
+    assert cli.main(["evaluate", "--model", str(tiny_model), "--simulate", "mixed:1", option, "0"]) == 2
+    _one_line(capsys.readouterr().err, f"edge-ptychonn evaluate: {option} must be >= 1, got 0")
+
+
+# -- train and finetune: outputs -----------------------------------------------------------------
+
+def test_output_prefix_keeps_dots_in_the_name():
+    from edge_ptychonn.science.train import output_file, output_prefix
+
+    assert output_file(output_prefix("models/site-2024.06"), ".onnx") == Path("models/site-2024.06.onnx")
+    assert output_file(output_prefix("models/site1.onnx"), ".json") == Path("models/site1.json")
+    assert output_prefix("models/site1.pt").name == "site1"
+
+
+TRAIN = ["train", "--train-scans", "2", "--positions-per-scan", "16", "--val-scans", "1", "--epochs", "1",
+         "--batch-size", "16", "--width", "2", "--depth", "1", "--threads", "1", "--quiet"]
+
+
+@pytest.mark.parametrize("name, content", [("junk.pt", b"junk"), ("junk.onnx", b"junk"), ("weights.npy", b"")])
+def test_train_refuses_an_init_from_that_is_no_model_before_the_work(tmp_path, capsys, name, content):
+    path = tmp_path / name
+    path.write_bytes(content)
+    t0 = time.monotonic()
+    assert cli.main(TRAIN + ["--out", str(tmp_path / "m"), "--init-from", str(path), "--eval"]) == 2
+    _one_line(capsys.readouterr().err, "edge-ptychonn train: ")
+    assert time.monotonic() - t0 < 30  # no scans were simulated first
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+def test_train_into_an_output_it_cannot_write_is_one_line(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert cli.main(TRAIN + ["--out", str(blocker / "m"), "--eval"]) == 2
+    _one_line(capsys.readouterr().err, "edge-ptychonn train: cannot write --out")
+
+
+def test_train_stopped_while_scoring_leaves_the_earlier_model_and_card_a_pair(tmp_path, capsys, monkeypatch):
+    from edge_ptychonn.science import accuracy
+
+    out = tmp_path / "run.2"
+    assert cli.main(TRAIN + ["--out", str(out), "--eval"]) == 0  # an earlier run, no scores
+    names = ["run.2.json", "run.2.md", "run.2.onnx", "run.2.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == names
+    onnx, card = (tmp_path / "run.2.onnx").read_bytes(), (tmp_path / "run.2.json").read_text()
+    assert json.loads(card)["name"] == "run.2"
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(accuracy, "evaluate_scans", stopped)  # Ctrl-C while the new model is scored
+    assert _main(TRAIN + ["--out", str(out), "--seed", "1", "--eval", "mixed:1001"]) == 130
+    _one_line(capsys.readouterr().err, "edge-ptychonn train: interrupted", last=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == names  # nothing hidden left behind
+    assert (tmp_path / "run.2.onnx").read_bytes() == onnx and (tmp_path / "run.2.json").read_text() == card
+
+
+# -- finetune ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def recording(tmp_path_factory):
+    """A 32-pixel scan, its 'reconstruction' (the true object) and a tiny base model with a card."""
+    from edge_ptychonn.model_card import ModelCard, save_card
+    from edge_ptychonn.science.model import ModelConfig, build_model, export_onnx
+
+    folder = tmp_path_factory.mktemp("recording")
+    frames, truth = simulate_scan(ScanSettings(n_positions=36, frame_size=32, overlap=0.6, photons=1e4),
+                                  progress=False)
+    np.save(folder / "frames.npy", frames)
+    np.save(folder / "positions.npy", truth.positions_px)
+    np.save(folder / "object.npy", (truth.object_amplitude * np.exp(1j * truth.object_phase)).astype(np.complex64))
+    config = ModelConfig(width=2, depth=1, input_size=32)
+    base = export_onnx(build_model(config, seed=0), folder / "base.onnx")
+    save_card(ModelCard(name="base", input_size=32, model=config), base)
+    np.save(folder / "probe.npy", truth.probe)
+    return folder
+
+
+def _finetune(folder: Path, out: Path, *extra: str) -> list[str]:
+    return ["finetune", "--frames", str(folder / "frames.npy"), "--positions", str(folder / "positions.npy"),
+            "--object", str(folder / "object.npy"), "--probe", str(folder / "probe.npy"), "--init-from",
+            str(folder / "base.onnx"), "--out", str(out), "--epochs", "1", "--batch-size", "4", "--threads", "1",
+            "--device", "cpu", "--quiet", *extra]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--phase-shift", "nan"], "phase-shift must be a finite number, got nan"),
+    (["--val-fraction", "nan"], "val-fraction must be a finite number, got nan"),
+    (["--origin", "0", "inf"], "origin must be a finite number, got inf"),
+])
+def test_finetune_refuses_options_that_are_not_numbers(recording, tmp_path, capsys, extra, message):
+    assert cli.main(_finetune(recording, tmp_path / "m", *extra)) == 2
+    assert message in _one_line(capsys.readouterr().err, "edge-ptychonn finetune: ")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name, content", [("junk.pt", b"junk"), ("junk.onnx", b"junk")])
+def test_finetune_refuses_a_base_that_is_no_model(recording, tmp_path, capsys, name, content):
+    path = tmp_path / name
+    path.write_bytes(content)
+    args = _finetune(recording, tmp_path / "m")
+    args[args.index("--init-from") + 1] = str(path)
+    assert cli.main(args) == 2
+    _one_line(capsys.readouterr().err, f"edge-ptychonn finetune: {path}")
+
+
+def test_finetune_into_an_output_it_cannot_write_is_one_line(recording, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert cli.main(_finetune(recording, blocker / "m")) == 2
+    _one_line(capsys.readouterr().err, "edge-ptychonn finetune: cannot write --out")
+
+
+def test_finetune_writes_every_file_under_a_dotted_name(recording, tmp_path, capsys):
+    """Also: a held-out block whose stitched region is too thin for the SSIM window (this small
+    model's bright centre) has no stitched scores, and the run still writes its model."""
+    assert cli.main(_finetune(recording, tmp_path / "site-2024.06")) == 0
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["site-2024.06.json", "site-2024.06.md", "site-2024.06.onnx", "site-2024.06.pt"]
+    card = json.loads((tmp_path / "site-2024.06.json").read_text())
+    assert card["name"] == "site-2024.06"
+    after = card["accuracy"]["finetune"]["held_out_after"]
+    assert "stitched_ssim" not in after and np.isfinite(after["mean_abs_error_rad"])
+
+
+# -- configure, build-engine ---------------------------------------------------------------------
+
+def test_configure_refuses_pairs_and_json_together(capsys):
+    assert cli.main(["configure", "inference:1:control", "batchTimeout=0.2", "--json", '{"scale": 2}']) == 2
+    _one_line(capsys.readouterr().err, "edge-ptychonn configure: give key=value pairs or --json, not both")
+
+
+def test_configure_finds_no_channel_in_seconds_even_for_a_model_swap(pva_env, monkeypatch, capsys):
+    """The 600 s of a model swap are for the consumer's answer; a mistyped channel fails in the
+    default 5 s."""
+    for key, value in pva_env.items():
+        monkeypatch.setenv(key, value)
+    t0 = time.monotonic()
+    assert cli.main(["configure", "edge-ptychonn-test:no-such:control", "modelPath=/models/new.onnx"]) == 2
+    elapsed = time.monotonic() - t0
+    _one_line(capsys.readouterr().err, "edge-ptychonn configure: no answer from edge-ptychonn-test:no-such:control")
+    assert elapsed < 30
+
+
+def test_build_engine_defaults_to_the_shipped_model_wherever_it_runs(tmp_path, monkeypatch):
+    from edge_ptychonn.model_card import default_model_path
+    from edge_ptychonn.tools import build_engine
+
+    monkeypatch.chdir(tmp_path)
+    model = build_engine.get_args_parser().parse_args([]).model
+    assert model == default_model_path() and model.is_file()
+    with pytest.raises(SystemExit) as exit_:
+        build_engine.get_args_parser().parse_args(["--precision", ","])
+    assert exit_.value.code == 2
+
+
+# -- the command ---------------------------------------------------------------------------------
+
+def test_ctrl_c_and_file_errors_are_one_line(monkeypatch, capsys):
+    from edge_ptychonn.science import simulate
+
+    def raising(exc):
+        def main(args):
+            raise exc
+        return main
+
+    monkeypatch.setattr(simulate, "main", raising(KeyboardInterrupt()))
+    assert _main(["simulate", "--out", "x"]) == 130
+    _one_line(capsys.readouterr().err, "edge-ptychonn simulate: interrupted")
+    monkeypatch.setattr(simulate, "main", raising(OSError(28, "No space left on device")))
+    assert cli.main(["simulate", "--out", "x"]) == 1
+    _one_line(capsys.readouterr().err, "edge-ptychonn simulate: [Errno 28] No space left on device")
+    assert sys.stdout is not None

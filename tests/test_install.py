@@ -31,6 +31,28 @@ def test_every_package_of_the_tree_is_listed_in_pyproject():
     assert found | {"edge_ptychonn.data"} == listed, "list new package folders in pyproject's [tool.setuptools]"
 
 
+def _pins(lines) -> dict[str, str]:
+    """``name==version`` (pip) and ``name=version`` (conda) requirements -> {lower-case name: version}."""
+    pins = {}
+    for line in lines:
+        req = line.split("#")[0].strip().lstrip("-").strip()
+        name, sep, version = req.partition("==") if "==" in req else req.partition("=")
+        if sep and name and not name.startswith(("python", "name", "-e")):
+            pins[name.strip().lower()] = version.strip()
+    return pins
+
+
+def test_the_conda_environment_pins_what_pyproject_pins():
+    """environment.yml (beamline GPU hosts: every engine, the viewer, codecs, HDF5) pins each package
+    as pyproject.toml does, and lists every package of those extras."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    wanted = _pins(project["dependencies"] + [r for e in ("torch", "gpu", "viewer", "codecs", "hdf5") for r in extras[e]])
+    conda = _pins((ROOT / "environment.yml").read_text().splitlines())
+    assert {name: conda.get(name) for name in wanted} == wanted
+    assert conda.get("bitshuffle") == "0.5.2"  # the version pyproject's comment and the README name
+
+
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> Path:
     """``pip install --no-deps --target DIR`` of a copy of this tree (a wheel build, not editable)."""

@@ -31,9 +31,10 @@ import numpy as np
 
 from engines import EngineUnavailable
 
+from edge_ptychonn.files import save_npy_whole, write_bytes_whole
 from edge_ptychonn.model_card import ModelCard, default_model_path, find_card
 from edge_ptychonn.science import accuracy
-from edge_ptychonn.science.simulate import load_scan
+from edge_ptychonn.science.simulate import check_output, load_scan
 
 
 def get_args_parser(prog: str = "edge-ptychonn evaluate") -> argparse.ArgumentParser:
@@ -76,6 +77,21 @@ def main(args: argparse.Namespace) -> int:
     if args.photons is not None and not (np.isfinite(args.photons) and args.photons > 0):
         print(f"edge-ptychonn evaluate: --photons must be > 0, got {args.photons}", file=sys.stderr)
         return 2
+    for name, value in (("n-positions", args.n_positions), ("batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            print(f"edge-ptychonn evaluate: --{name} must be >= 1, got {value}", file=sys.stderr)
+            return 2
+    # np.save's rule: a name without .npy gets it
+    image_path = None if args.save_image is None else Path(
+        args.save_image if str(args.save_image).endswith(".npy") else f"{args.save_image}.npy")
+    try:  # before the work: an output that cannot be written is a bad argument
+        for given in (args.json, args.save_image):
+            if given is not None and (str(given).endswith("/") or Path(given).is_dir()):
+                raise IsADirectoryError(f"{given} is a folder: give a file name")
+        check_output([p for p in (args.json, image_path) if p is not None])
+    except OSError as exc:
+        print(f"edge-ptychonn evaluate: cannot write the output: {exc}", file=sys.stderr)
+        return 2
     t0 = time.monotonic()
     try:
         if not Path(args.model).is_file():
@@ -103,9 +119,15 @@ def main(args: argparse.Namespace) -> int:
     print(accuracy.results_table(results))
     print(f"({sum(r.n_frames for r in results)} frames in {time.monotonic() - t0:.1f} s with {engine.name} {engine.precision} on "
           f"{engine.device}; scores over the region covered by the probe's bright centre, constant phase offset removed)")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(accuracy.results_json(results), indent=2))
-    if args.save_image:
-        np.save(args.save_image, results[0].image)
+    try:
+        for path in (args.json, image_path):
+            if path is not None:
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+        if args.json:
+            write_bytes_whole(Path(args.json), json.dumps(accuracy.results_json(results), indent=2).encode())
+        if image_path is not None:
+            save_npy_whole(image_path, results[0].image)
+    except OSError as exc:
+        print(f"edge-ptychonn evaluate: cannot write the output: {exc}", file=sys.stderr)
+        return 1
     return 0

@@ -35,7 +35,11 @@ def main(args: argparse.Namespace) -> int:
         print(f"edge-ptychonn export: {exc}", file=sys.stderr)
         return 2
     model = build_model(config, seed=args.seed)
-    path = export_onnx(model, args.out)
+    try:
+        path = export_onnx(model, args.out)
+    except OSError as exc:
+        print(f"edge-ptychonn export: cannot write {args.out}: {exc}", file=sys.stderr)
+        return 2
     n_params = sum(p.numel() for p in model.parameters())
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): PtychoNN {config}, {n_params:,} parameters, random weights (seed {args.seed})")
     return 0

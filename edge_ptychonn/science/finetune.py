@@ -70,7 +70,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import pickle
 import platform
 import sys
 import tempfile
@@ -81,6 +80,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_ptychonn import __version__
+from edge_ptychonn.files import whole_file, write_bytes_whole
 from edge_ptychonn.model_card import (
     ModelCard, ModelConfig, StitchSettings, Training, default_model_path, find_card, save_card,
 )
@@ -345,11 +345,13 @@ def load_base(path: str | Path):
         pp = card.preprocess if card is not None else PreprocessConfig()
         return model, model.config, card, pp
     if path.suffix == ".pt":
+        from edge_ptychonn.science.train import load_checkpoint
+
+        ckpt = load_checkpoint(path)  # ValueError when it is not one
         try:
-            ckpt = torch.load(path, map_location="cpu")
             config = ModelConfig(**ckpt["model"])
             pp = PreprocessConfig(**ckpt["preprocess"])
-        except (KeyError, TypeError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        except (TypeError, ValueError) as exc:
             raise InputError(f"{path}: not a checkpoint of edge-ptychonn train ({exc})") from None
         model = build_model(config)
         model.load_state_dict(ckpt["state_dict"])
@@ -455,8 +457,10 @@ def held_out_scores(model_path: Path, frames: np.ndarray, pp: PreprocessConfig, 
         engine.close()
     st = Stitcher(object_phase.shape, targets.shape[1:], weight=weight)
     st.add_many(predicted, corners)
-    covered = st.covered(stitch.min_cover_weight)
-    stitched = score_phase(st.image(), object_phase, covered) if covered.any() else {}
+    try:  # a held-out block too small to score stitched (no pixel, or none the SSIM window fits) has no such scores
+        stitched = score_phase(st.image(), object_phase, st.covered(stitch.min_cover_weight))
+    except ValueError:
+        stitched = {}
     bright = weight > 0
     mean_abs = float(np.mean(np.abs(predicted - targets)[:, bright]))  # absolute phase, as trained
     return {"mean_abs_error_rad": mean_abs, **summarise_patch_errors(patch_errors(predicted, targets, weight)),
@@ -603,20 +607,29 @@ def _fail(message: str) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
-    from edge_ptychonn.science.train import check_training_options
+    from edge_ptychonn.science.train import check_outputs, check_training_options, output_prefix
 
     try:
         check_training_options(args)
+        for name, value in (("phase-shift", args.phase_shift), ("val-fraction", args.val_fraction),
+                            ("origin", args.origin[0]), ("origin", args.origin[1])):
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value}")
+        prefix = output_prefix(args.out)
+        check_outputs(prefix)
+    except OSError as exc:
+        return _fail(f"cannot write --out {args.out}: {exc}")
     except ValueError as exc:
         return _fail(str(exc))
-    out = Path(args.out)
     try:
         import torch
     except ImportError:
         return _fail("fine-tuning needs torch: pip install 'edge-ptychonn[torch]'")
     t_start = time.monotonic()
     show = not args.quiet
-    from edge_ptychonn.science.train import Trainer, previous_training, save_checkpoint, scan_factors, training_device
+    from edge_ptychonn.science.train import (
+        Trainer, output_file, previous_training, save_checkpoint, scan_factors, training_device,
+    )
 
     try:
         device = training_device(args.device)
@@ -665,8 +678,8 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as exc:  # e.g. a base model that is not a PtychoNN, a malformed card
         return _fail(str(exc))
     base = Path(args.init_from).resolve()
-    if base in (out.with_suffix(s).resolve() for s in (".onnx", ".pt", ".json")):
-        return _fail(f"--out {out} would overwrite the base model {args.init_from}; choose another prefix")
+    if base in (output_file(prefix, s).resolve() for s in (".onnx", ".pt", ".json")):
+        return _fail(f"--out {args.out} would overwrite the base model {args.init_from}; choose another prefix")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -689,8 +702,7 @@ def main(args: argparse.Namespace) -> int:
           f"band); positions from {positions_from}; loss over {int(mask.sum())} bright-centre pixels (probe: "
           f"{probe_from}); {device}", file=sys.stderr)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-
+    prefix.parent.mkdir(parents=True, exist_ok=True)
     val_set = (frames[val_idx], pp, targets[val_idx], corners[val_idx], phase, weight, stitch, args.threads)
     if Path(args.init_from).suffix == ".onnx":
         before = held_out_scores(Path(args.init_from), *val_set)
@@ -724,10 +736,9 @@ def main(args: argparse.Namespace) -> int:
             break
     train_minutes = (time.monotonic() - t_train) / 60
     trainer.model.to("cpu")
-    save_checkpoint(trainer, targs, config, out.with_suffix(".pt"))
-    onnx_path = export_onnx(trainer.model, out.with_suffix(".onnx"))
-    after = held_out_scores(onnx_path, *val_set)
-
+    save_checkpoint(trainer, targs, config, output_file(prefix, ".pt"))
+    # the model takes its name after its card: an earlier model of this name and its card stay a pair till then
+    onnx_path, md_path = output_file(prefix, ".onnx"), output_file(prefix, ".md")
     training = Training(
         scan_settings=dict(card.training.scan_settings) if base_settings else None,
         eval_n_positions=card.training.eval_n_positions if base_settings else None,
@@ -748,20 +759,23 @@ def main(args: argparse.Namespace) -> int:
                           if args.batchnorm == "unfold" else "none (trained folded into the convolutions)")
             if folded else "from the checkpoint, folded in the ONNX export", "pixel_size": args.pixel_size,
             "origin": list(args.origin), "position_ref": args.position_ref}
-    new_card = ModelCard(
-        name=out.name, input_size=n, outputs=("phase", "amplitude") if config.amplitude_head else ("phase",),
-        preprocess=pp, stitch=stitch, output_mask=output_mask_for(card, probe, stitch.probe_threshold),
-        model=config, training=training, limits=LIMITS,
-        accuracy={"finetune": {"held_out_before": before, "held_out_after": after, "data": data,
-                               "start_val_loss": val_loss[0]}},
-    )
-    card_json = save_card(new_card, onnx_path)
-    out.with_suffix(".md").write_text(card_markdown(new_card, Path(args.init_from).name, data, before, after))
+    with whole_file(onnx_path) as onnx_partial:
+        export_onnx(trainer.model, onnx_partial)
+        after = held_out_scores(onnx_partial, *val_set)
+        new_card = ModelCard(
+            name=prefix.name, input_size=n, outputs=("phase", "amplitude") if config.amplitude_head else ("phase",),
+            preprocess=pp, stitch=stitch, output_mask=output_mask_for(card, probe, stitch.probe_threshold),
+            model=config, training=training, limits=LIMITS,
+            accuracy={"finetune": {"held_out_before": before, "held_out_after": after, "data": data,
+                                   "start_val_loss": val_loss[0]}},
+        )
+        card_json = save_card(new_card, onnx_path)
+        write_bytes_whole(md_path, card_markdown(new_card, Path(args.init_from).name, data, before, after).encode())
     print(f"held-out mean |phase error| {before['mean_abs_error_rad']:.4f} -> {after['mean_abs_error_rad']:.4f} "
           "rad; "
           f"median patch RMSE {before['patch_rmse_median_rad']:.4f} -> {after['patch_rmse_median_rad']:.4f} rad; "
           f"stitched SSIM {before.get('stitched_ssim', math.nan):.3f} -> {after.get('stitched_ssim', math.nan):.3f}")
-    print(f"wrote {onnx_path}, {card_json}, {out.with_suffix('.md')}, {out.with_suffix('.pt')} in "
+    print(f"wrote {onnx_path}, {card_json}, {md_path}, {output_file(prefix, '.pt')} in "
           f"{(time.monotonic() - t_start) / 60:.1f} min; put it live with "
           f"edge-ptychonn configure <control channel> modelPath={onnx_path.resolve()}")
     return 0

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from edge_ptychonn.files import whole_file
 from edge_ptychonn.model_card import ModelConfig  # the architecture, as the model card records it
 
 ONNX_OPSET = 17
@@ -117,10 +118,17 @@ def export_onnx(model: PtychoNN, path: str | Path) -> Path:
     """Export in eval mode to ONNX (opset 17) with a dynamic batch axis.
 
     Input ``diffraction`` float32 (N, 1, H, W); outputs ``phase`` and, with an
-    amplitude head, ``amplitude``, both float32 (N, 1, H, W).
+    amplitude head, ``amplitude``, both float32 (N, 1, H, W). The file takes its
+    name only when whole (``files.whole_file``): a reader never loads half a model.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    with whole_file(path) as partial:
+        _export(model, partial)
+    return path
+
+
+def _export(model: PtychoNN, path: Path) -> None:
     size = model.config.input_size
     outputs = [PHASE_NAME] + ([AMPLITUDE_NAME] if model.config.amplitude_head else [])
     was_training = model.training
@@ -140,7 +148,6 @@ def export_onnx(model: PtychoNN, path: str | Path) -> Path:
     finally:
         model.train(was_training)
     _inline_shared_initializers(path)
-    return path
 
 
 def _inline_shared_initializers(path: Path) -> None:
@@ -190,7 +197,10 @@ def from_onnx(path: str | Path) -> PtychoNN:
     import onnx
     from onnx import numpy_helper
 
-    graph = onnx.load(str(path)).graph
+    try:
+        graph = onnx.load(str(path)).graph
+    except Exception as exc:  # onnx raises DecodeError, OSError, ...: all mean "not a model"
+        raise ValueError(f"{path} is not a readable ONNX model: {exc}") from None
     ops = {n.op_type for n in graph.node}
     if not ops <= _LOADABLE_OPS:
         raise ValueError(f"{path}: operators {sorted(ops - _LOADABLE_OPS)} are not part of PtychoNN")

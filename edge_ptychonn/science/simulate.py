@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import warnings
 import zipfile
@@ -54,6 +55,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_ptychonn.files import whole_file
 from edge_ptychonn.progress import Progress
 
 FAMILIES = ("mixed", "particles", "smooth", "cells", "siemens", "fibres")
@@ -466,21 +468,45 @@ def scan_paths(path: str | Path) -> tuple[Path, Path]:
 
 
 def save_scan(out: str | Path, frames: np.ndarray, truth: ScanTruth) -> tuple[Path, Path]:
-    """Write ``<out>.npy`` (frames) and ``<out>.npz`` (truth); returns both paths."""
+    """Write ``<out>.npy`` (frames) and ``<out>.npz`` (truth); returns both paths.
+
+    Each file takes its name only when both are whole (the ``.npz`` first), so an
+    interrupted or failed write leaves no half scan that a later run would read;
+    ``OSError`` when the folder cannot be made or written.
+    """
     npy, npz = scan_paths(out)
     npy.parent.mkdir(parents=True, exist_ok=True)
-    np.save(npy, frames)
-    np.savez(
-        npz,
-        positions_px=truth.positions_px,
-        patches_phase=truth.patches_phase,
-        object_phase=truth.object_phase,
-        object_amplitude=truth.object_amplitude,
-        probe=truth.probe,
-        settings=json.dumps(truth.settings),
-        stats=json.dumps(truth.stats),
-    )
+    with whole_file(npy) as npy_part, whole_file(npz) as npz_part:
+        with open(npy_part, "wb") as f:
+            np.save(f, frames)
+        with open(npz_part, "wb") as f:
+            np.savez(
+                f,
+                positions_px=truth.positions_px,
+                patches_phase=truth.patches_phase,
+                object_phase=truth.object_phase,
+                object_amplitude=truth.object_amplitude,
+                probe=truth.probe,
+                settings=json.dumps(truth.settings),
+                stats=json.dumps(truth.stats),
+            )
     return npy, npz
+
+
+def check_output(paths) -> None:
+    """``OSError`` when a file of ``paths`` (what a command will write) cannot be: it is a folder,
+    or a file stands where its folder would be, or that folder is not writable; so that a command
+    fails before its work, not after it. Makes nothing."""
+    for path in map(Path, paths):
+        if path.is_dir():
+            raise IsADirectoryError(f"{path} is a folder")
+        folder = path.parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent  # the folders missing are made when the files are written
+        if not folder.is_dir():
+            raise NotADirectoryError(f"{folder} is a file, not a folder")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise PermissionError(f"{folder} is not writable")
 
 
 def load_scan(path: str | Path) -> tuple[np.ndarray, ScanTruth]:
@@ -524,6 +550,9 @@ def _check_scan(frames: np.ndarray, truth: ScanTruth, npy: Path, npz: Path) -> N
     """``ValueError`` naming the file and field where ``load_scan``'s arrays do not form a scan."""
     if frames.ndim != 3 or frames.dtype.kind not in "iuf":
         raise ValueError(f"{npy}: frames must be a stack (N, H, W) of counts, got {frames.dtype} {frames.shape}")
+    if frames.dtype.kind == "f" and not np.isfinite(frames).all():
+        bad = int(np.count_nonzero(~np.isfinite(frames).all(axis=(1, 2))))
+        raise ValueError(f"{npy}: {bad} frames hold NaN or infinite pixels")
     pos = truth.positions_px
     if pos.dtype.kind not in "iuf" or pos.ndim != 2 or pos.shape[1] != 2:
         raise ValueError(f"{npz}: positions_px must be (N, 2) rows of y x, got {pos.dtype} {pos.shape}")
@@ -606,8 +635,17 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"edge-ptychonn simulate: {exc}", file=sys.stderr)
         return 2
+    try:  # before the work: an output that cannot be written is a bad argument
+        check_output(scan_paths(args.out))
+    except OSError as exc:
+        print(f"edge-ptychonn simulate: cannot write {args.out}: {exc}", file=sys.stderr)
+        return 2
     frames, truth = simulate_scan(settings, progress=not args.quiet)
-    npy, npz = save_scan(args.out, frames, truth)
+    try:
+        npy, npz = save_scan(args.out, frames, truth)
+    except OSError as exc:
+        print(f"edge-ptychonn simulate: cannot write {args.out}: {exc}", file=sys.stderr)
+        return 1
     st = truth.stats
     print(f"frames   {npy}  int16 {frames.shape}  mean counts/frame {st['mean_counts']:.4g}  "
           f"max pixel {st['max_count']}  clipped pixels {st['n_clipped_pixels']}")

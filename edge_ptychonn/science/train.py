@@ -63,6 +63,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_ptychonn import __version__
+from edge_ptychonn.files import whole_file, write_bytes_whole
 from edge_ptychonn.model_card import ModelCard, ModelConfig, StitchSettings, Training, find_card, save_card
 from edge_ptychonn.progress import Progress
 from edge_ptychonn.science import accuracy
@@ -99,6 +100,62 @@ def batch_layout(n_frames: int, batch_size: int, scan_length: int | None = None)
     g = scan_group(scan_length, batch_size)
     per = max(1, batch_size // g)
     return (n_frames // scan_length) * (scan_length // g) // per, per * g
+
+
+OUTPUT_SUFFIXES = (".onnx", ".json", ".md", ".pt")
+
+
+def output_prefix(out: str | Path) -> Path:
+    """The prefix of ``--out``: as given (dots in the name stay, ``site-2024.06`` writes
+    ``site-2024.06.onnx``), less one of :data:`OUTPUT_SUFFIXES` when it ends with it."""
+    out = Path(out)
+    return out.with_suffix("") if out.suffix in OUTPUT_SUFFIXES else out
+
+
+def output_file(prefix: Path, suffix: str) -> Path:
+    """``<prefix><suffix>`` (``Path.with_suffix`` would replace a dotted name's last part)."""
+    return prefix.with_name(prefix.name + suffix)
+
+
+def check_outputs(prefix: Path) -> None:
+    """``OSError`` unless the files ``<prefix>.onnx``, ``.json``, ``.md``, ``.pt`` can be written
+    (their folder is made): checked before the work, not after it."""
+    from edge_ptychonn.science.simulate import check_output
+
+    check_output(output_file(prefix, s) for s in OUTPUT_SUFFIXES)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """The ``<out>.pt`` of ``train`` or ``finetune`` (loaded on the CPU); ``ValueError`` when the
+    file is not one."""
+    import torch
+
+    try:
+        ckpt = torch.load(path, map_location="cpu")
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, struct.error, ...: all mean "not one"
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"{path}: not a checkpoint of edge-ptychonn train ({reason})") from None
+    missing = [k for k in ("state_dict", "model", "preprocess") if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise ValueError(f"{path}: not a checkpoint of edge-ptychonn train (no {', '.join(missing)})")
+    return ckpt
+
+
+def check_init_from(path: str | Path) -> None:
+    """``ValueError`` unless ``--init-from`` is a readable ``.onnx`` PtychoNN or ``.pt`` checkpoint
+    (read here, before any work, so that a wrong file fails at once)."""
+    from edge_ptychonn.science.model import from_onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"init-from {path} is not a file")
+    if path.suffix == ".onnx":
+        from_onnx(path)
+    elif path.suffix == ".pt":
+        load_checkpoint(path)
+    else:
+        raise ValueError(f"init-from {path}: must be an exported ONNX PtychoNN (.onnx) or the <out>.pt of "
+                         "edge-ptychonn train or finetune")
 
 
 def check_training_options(args: argparse.Namespace) -> None:
@@ -563,7 +620,7 @@ def init_weights(trainer: Trainer, init_from: str, model_config: ModelConfig, pp
         layout = from_onnx(init_from).config
         init_config = replace(model_config, width=layout.width, head_blocks=layout.head_blocks)
     else:
-        ckpt = torch.load(init_from, map_location="cpu")
+        ckpt = load_checkpoint(init_from)
         earlier = PreprocessConfig(**ckpt["preprocess"])
         init_config = ModelConfig(**ckpt["model"])
     grown = replace(init_config, width=model_config.width, head_blocks=model_config.head_blocks)
@@ -593,9 +650,12 @@ def init_weights(trainer: Trainer, init_from: str, model_config: ModelConfig, pp
 
 
 def save_checkpoint(trainer: Trainer, args: argparse.Namespace, model_config: ModelConfig, path: Path) -> None:
-    """Weights, arguments, architecture and preprocessing (``--init-from`` reads it)."""
-    trainer.torch.save({"state_dict": trainer.model.state_dict(), "args": vars(args), "model": model_config.to_dict(),
-                        "preprocess": asdict(trainer.pp), "step": trainer.step}, path)
+    """Weights, arguments, architecture and preprocessing (``--init-from`` reads it); the file
+    takes its name only when whole."""
+    with whole_file(path) as partial:
+        trainer.torch.save({"state_dict": trainer.model.state_dict(), "args": vars(args),
+                            "model": model_config.to_dict(), "preprocess": asdict(trainer.pp), "step": trainer.step},
+                           partial)
 
 
 def card_markdown(card: ModelCard) -> str:
@@ -906,8 +966,8 @@ def main(args: argparse.Namespace) -> int:
         if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo <= hi):
             raise ValueError(f"dose-range must be 0 < LOW <= HIGH, got {lo} {hi}")
         family_mix = parse_family_mix(args.family_mix)
-        if args.init_from and not Path(args.init_from).is_file():
-            raise ValueError(f"init-from {args.init_from} is not a file")
+        if args.init_from:
+            check_init_from(args.init_from)
         base = ScanSettings(n_positions=args.positions_per_scan, family=args.family, photons=args.photons,
                             overlap=args.overlap, phase_range_rad=args.phase_range, density=args.density)
         model_config = ModelConfig(width=args.width, depth=args.depth, input_size=base.frame_size,
@@ -919,6 +979,11 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError("training and validation seeds overlap; move --val-seed-base")
         for spec in args.eval:
             accuracy.parse_scan_spec(spec)
+        prefix = output_prefix(args.out)
+        check_outputs(prefix)
+    except OSError as exc:
+        print(f"edge-ptychonn train: cannot write --out {args.out}: {exc}", file=sys.stderr)
+        return 2
     except ValueError as exc:
         print(f"edge-ptychonn train: {exc}", file=sys.stderr)
         return 2
@@ -966,8 +1031,7 @@ def main(args: argparse.Namespace) -> int:
     t_train = time.monotonic()
     deadline = t_train + args.max_minutes * 60 if args.max_minutes else math.inf
     rng = np.random.default_rng(args.seed)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
     train_loss, val_loss = [], []
     stopped = False
     for epoch in range(args.epochs):
@@ -980,13 +1044,16 @@ def main(args: argparse.Namespace) -> int:
         val_loss.append(trainer.validate((val_f, val_k, val_p, val_a), scan_length))
         print(f"epoch {epoch + 1}/{args.epochs}: train loss {loss:.4f}  validation loss {val_loss[-1]:.4f}  "
               f"({(time.monotonic() - t_train) / 60:.1f} min)", file=sys.stderr)
-        save_checkpoint(trainer, args, model_config, out.with_suffix(".pt"))
+        save_checkpoint(trainer, args, model_config, output_file(prefix, ".pt"))
         if stopped:
             print(f"stopped at the time limit of {args.max_minutes} min", file=sys.stderr)
             break
     train_minutes = (time.monotonic() - t_train) / 60
 
-    onnx_path = export_onnx(trainer.model, out.with_suffix(".onnx"))
+    # the model is written under a hidden name and scored there; it takes its name after its card, so that an
+    # earlier run's model and card stay a pair until then (and stay so when this run is stopped before)
+    onnx_path = output_file(prefix, ".onnx")
+    md_path = output_file(prefix, ".md")
     training = Training(
         scan_settings={**base.to_dict(), "seed": None}, eval_n_positions=accuracy.DEFAULT_EVAL_N_POSITIONS,
         train_seeds=tuple(train_seeds), val_seeds=tuple(val_seeds), n_train_scans=len(train_seeds),
@@ -1003,24 +1070,26 @@ def main(args: argparse.Namespace) -> int:
         device=device if device != "cpu" else None,
         continued_from=previous_training(args.init_from),
     )
-    card = ModelCard(name=out.name, input_size=model_config.input_size,
+    card = ModelCard(name=prefix.name, input_size=model_config.input_size,
                      outputs=("phase", "amplitude") if args.amplitude else ("phase",), preprocess=pp, stitch=stitch,
                      output_mask=output_mask,
                      model=model_config, training=training, limits=LIMITS)
-    if args.eval:
-        scans = accuracy.simulate_held_out(args.eval, card)
-        engine = accuracy.open_engine(onnx_path, "onnxruntime", device="cpu", threads=args.threads)
-        try:
-            results = accuracy.evaluate_scans(engine, pp, scans, stitch, progress=show)
-        finally:
-            engine.close()
-        print(accuracy.results_table(results), file=sys.stderr)
-        card = replace(card, accuracy={
-            "scans": accuracy.results_json(results),
-            "command": f"edge-ptychonn evaluate --model {onnx_path} " + " ".join(f"--simulate {s}" for s in args.eval),
-        })
-    card_json = save_card(card, onnx_path)
-    out.with_suffix(".md").write_text(card_markdown(card))
+    with whole_file(onnx_path) as onnx_partial:
+        export_onnx(trainer.model, onnx_partial)
+        if args.eval:
+            scans = accuracy.simulate_held_out(args.eval, card)
+            engine = accuracy.open_engine(onnx_partial, "onnxruntime", device="cpu", threads=args.threads)
+            try:
+                results = accuracy.evaluate_scans(engine, pp, scans, stitch, progress=show)
+            finally:
+                engine.close()
+            print(accuracy.results_table(results), file=sys.stderr)
+            card = replace(card, accuracy={
+                "scans": accuracy.results_json(results),
+                "command": f"edge-ptychonn evaluate --model {onnx_path} " + " ".join(f"--simulate {s}" for s in args.eval),
+            })
+        card_json = save_card(card, onnx_path)
+        write_bytes_whole(md_path, card_markdown(card).encode())
     print(f"wrote {onnx_path} ({onnx_path.stat().st_size / 1e6:.1f} MB), {card_json}, "
-          f"{out.with_suffix('.md')}, {out.with_suffix('.pt')} in {(time.monotonic() - t_start) / 60:.1f} min")
+          f"{md_path}, {output_file(prefix, '.pt')} in {(time.monotonic() - t_start) / 60:.1f} min")
     return 0

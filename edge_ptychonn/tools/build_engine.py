@@ -16,21 +16,24 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULT_MODEL = Path("data/ptychonn.onnx")
-
 
 def _words(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
+    words = [x.strip() for x in text.split(",") if x.strip()]
+    if not words:  # nothing to build would look like success
+        raise argparse.ArgumentTypeError(f"give at least one precision, got {text!r}")
+    return words
 
 
 def get_args_parser(prog: str = "edge-ptychonn build-engine") -> argparse.ArgumentParser:
+    from edge_ptychonn.model_card import default_model_path
     from engines.tensorrt_engine import default_plan_cache_dir
 
     parser = argparse.ArgumentParser(
         prog=prog, description=__doc__.split("\n\n")[0].replace("``", ""),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="ONNX model (the consumers' modelPath)")
+    parser.add_argument("--model", type=Path, default=default_model_path(),
+                        help="ONNX model (the consumers' modelPath)")
     parser.add_argument("--batch", type=int, default=8, help="the consumers' batchSize: the profile covers 1..batch")
     parser.add_argument("--precision", type=_words, default=["fp32", "fp16"],
                         help="comma-separated precisions: fp32, tf32, fp16, bf16")

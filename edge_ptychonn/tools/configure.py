@@ -52,12 +52,15 @@ def parse_pairs(pairs: list[str]) -> dict:
     return changes
 
 
-def send(channel: str, args_text: str, timeout_s: float = 5.0) -> str:
-    """Send ``configure`` with ``args_text`` (a JSON object, as text); return the reply."""
+def send(channel: str, args_text: str, timeout_s: float = 5.0, connect_timeout_s: float | None = None) -> str:
+    """Send ``configure`` with ``args_text`` (a JSON object, as text); return the reply, waiting
+    up to ``timeout_s`` for it. ``connect_timeout_s`` (default ``timeout_s``) limits finding the
+    channel and handing over the request: a wrong channel name fails that fast."""
     import pvaccess as pva
 
+    connect_timeout_s = timeout_s if connect_timeout_s is None else connect_timeout_s
     ch = pva.Channel(channel)
-    ch.setTimeout(timeout_s)
+    ch.setTimeout(connect_timeout_s)
     before = ch.get("field(objectTime)")["objectTime"]
     request = pva.PvObject({"command": pva.STRING, "args": pva.STRING}, {"command": "configure", "args": args_text})
     # An asynchronous put with our own deadline: a synchronous one has been seen to
@@ -65,8 +68,8 @@ def send(channel: str, args_text: str, timeout_s: float = 5.0) -> str:
     put_done, put_errors = threading.Event(), []
     ch.asyncPut(request, lambda _: put_done.set(), lambda error: (put_errors.append(error), put_done.set()),
                 "field(command,args)")
-    if not put_done.wait(timeout_s):
-        raise TimeoutError(f"{channel}: the request was not taken within {timeout_s:g} s")
+    if not put_done.wait(connect_timeout_s):
+        raise TimeoutError(f"{channel}: the request was not taken within {connect_timeout_s:g} s")
     if put_errors:
         raise pva.PvaException(f"{channel}: the request failed: {put_errors[0]}")
     # The consumer stamps objectTime when it takes the command and answers a moment later.
@@ -110,16 +113,21 @@ def get_args_parser(prog: str = "edge-ptychonn configure") -> argparse.ArgumentP
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("channel", help="the consumer's control channel, e.g. inference:1:control")
     p.add_argument("changes", nargs="*", metavar="key=value", help="settings to change, e.g. batchTimeout=0.2")
-    p.add_argument("--json", dest="raw", help="send this text as the arguments instead (a JSON object)")
+    p.add_argument("--json", dest="raw", help="send this text as the arguments instead of key=value pairs "
+                   "(a JSON object)")
     p.add_argument("--timeout", type=positive_seconds, default=None,
                    help=f"seconds (> 0) to wait for the answer (default: {DEFAULT_TIMEOUT_S:g}, "
-                        f"or {MODEL_TIMEOUT_S:g} when modelPath changes)")
+                        f"or {MODEL_TIMEOUT_S:g} when modelPath changes; finding the channel takes at most "
+                        f"{DEFAULT_TIMEOUT_S:g} s unless this is given)")
     return p
 
 
 def main(args: argparse.Namespace) -> int:
     if args.raw is None and not args.changes:
         print("edge-ptychonn configure: give key=value pairs or --json", file=sys.stderr)
+        return 2
+    if args.raw is not None and args.changes:
+        print("edge-ptychonn configure: give key=value pairs or --json, not both", file=sys.stderr)
         return 2
     try:
         text = args.raw if args.raw is not None else json.dumps(parse_pairs(args.changes))
@@ -130,8 +138,10 @@ def main(args: argparse.Namespace) -> int:
 
     timeout_s = args.timeout if args.timeout is not None else (
         MODEL_TIMEOUT_S if _changes_model(text) else DEFAULT_TIMEOUT_S)
+    # the long wait for a new model is for the answer; a consumer that is there is found in seconds
+    connect_s = args.timeout if args.timeout is not None else DEFAULT_TIMEOUT_S
     try:
-        reply = send(args.channel, text, timeout_s)
+        reply = send(args.channel, text, timeout_s, connect_s)
     except (pva.PvaException, TimeoutError) as exc:
         print(f"edge-ptychonn configure: no answer from {args.channel}: {exc}", file=sys.stderr)
         return 2
