@@ -59,6 +59,42 @@ def test_corrupt_compressed_frames_are_bad_codec_frames_with_their_id(codec):
     assert (info.value.kind, info.value.unique_id) == ("codec", 7)
 
 
+BIGGER_THAN_IT_SAYS = """
+import sys
+import numpy as np, pvaccess as pva
+from frames_util import compressed_frame
+from edge_ptychonn.stream.frames import BadFrame, decode
+pv = compressed_frame(5, sys.argv[1], np.arange(64 * 64, dtype=np.int16).reshape(64, 64))
+pv["dimension"] = [pva.PvDimension(16, 0, 16, 1, False), pva.PvDimension(16, 0, 16, 1, False)]
+if sys.argv[2] == "size":
+    pv["uncompressedSize"] = 16 * 16 * 2  # agrees with the dimensions: only the payload is bigger
+try:
+    decode(pv)
+except BadFrame as bad:
+    print(bad.kind, bad.unique_id, bad)
+"""
+
+
+@pytest.mark.parametrize("codec", ["blosc", "lz4"])
+@pytest.mark.parametrize("sizes", ["size", "dims"])
+def test_a_compressed_frame_bigger_than_it_says_is_a_bad_frame_not_a_crash(codec, sizes):
+    """A payload that holds more pixels than the frame's dimensions say: pvapy decompresses
+    blosc into a buffer of the frame's size without a bound, which crashed the process
+    (checked); it is a bad frame now, with its id. In a child process, so that a crash fails
+    this test instead of ending the run."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip(CODEC_PACKAGE[codec])
+    tests = Path(__file__).resolve().parent
+    run = subprocess.run([sys.executable, "-c", BIGGER_THAN_IT_SAYS, codec, sizes], cwd=tests, capture_output=True,
+                         text=True, timeout=60, env={**__import__("os").environ, "PYTHONPATH": str(tests.parent)})
+    assert run.returncode == 0, run.stderr[-2000:]
+    kind, uid = run.stdout.split()[:2]
+    assert (kind, uid) == ("malformed" if sizes == "dims" else "codec", "5"), run.stdout
+
+
 def test_negative_dimensions_are_a_malformed_frame():
     pv = good_frame(8, np.ones((8, 8), np.int16))
     pv["dimension"] = [pva.PvDimension(-8, 0, -8, 1, False), pva.PvDimension(-8, 0, -8, 1, False)]

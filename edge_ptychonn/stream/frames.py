@@ -124,6 +124,7 @@ def _decode(pv: pva.PvObject, unique_id: int, received_s: float) -> tuple[FrameM
     if nx * ny == 0:
         raise BadFrame("empty", f"frame is {nx}x{ny}")
     if codec:
+        _check_compressed(pv, codec, field, nx, ny, unique_id)
         image = _decompressed(pv, codec, unique_id)
     else:
         image = pv.getUnion()[field]
@@ -146,6 +147,35 @@ def _field(pv: pva.PvObject, name: str, default):
         return pv[name]
     except (KeyError, pva.FieldNotFound):
         return type(default)(default)
+
+
+def _check_compressed(pv: pva.PvObject, codec: str, field: str, nx: int, ny: int, unique_id: int) -> None:
+    """``BadFrame`` unless a compressed frame's sizes agree: its dimensions and uncompressed
+    pixel type with its ``uncompressedSize`` ("malformed"), and for blosc those with the sizes
+    in the payload's own header ("codec", as other undecodable payloads). A blosc payload
+    that holds more than the frame says would be decompressed by pvapy into a buffer of the
+    frame's size (``blosc.decompress_ptr``, which cannot check): past its end, which crashes
+    the process."""
+    try:
+        dtype = AdImageUtility.NUMPY_DATA_TYPE_MAP.get(pv["codec.parameters"][0]["value"])
+        size = int(pv["uncompressedSize"])
+    except Exception as exc:  # no such field, or no pixel type in the codec's parameters
+        raise BadFrame("malformed", f"frame {unique_id}: {codec} frame without its uncompressed type or size ({exc})",
+                       unique_id) from exc
+    if dtype is None:
+        raise BadFrame("malformed", f"frame {unique_id}: {codec} frame of an unknown uncompressed pixel type", unique_id)
+    want = nx * ny * dtype.itemsize
+    if size != want:
+        raise BadFrame("malformed", f"frame {unique_id} says {nx}x{ny} {dtype} ({want} bytes) but uncompressedSize "
+                       f"{size}", unique_id)
+    if codec == "blosc":  # header: version, versionlz, flags, typesize, then nbytes, blocksize, cbytes (uint32 LE)
+        payload = np.ascontiguousarray(AdImageUtility.getCompressedPayload(pv.getUnion()[field])).view(np.uint8)
+        nbytes = int.from_bytes(payload[4:8].tobytes(), "little") if payload.size >= 16 else -1
+        cbytes = int.from_bytes(payload[12:16].tobytes(), "little") if payload.size >= 16 else -1
+        if nbytes != size or not 16 <= cbytes <= payload.size:
+            raise BadFrame("codec", f"cannot decode frame {unique_id}: its blosc payload of {payload.size} bytes says "
+                           f"{nbytes} bytes uncompressed and {cbytes} compressed, the frame {size} and {payload.size}",
+                           unique_id)
 
 
 def _decompressed(pv: pva.PvObject, codec: str, unique_id: int) -> np.ndarray:
