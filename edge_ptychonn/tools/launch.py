@@ -622,8 +622,9 @@ class Chain:
 
     def _stop(self, proc: live.Proc) -> None:
         if proc.running():
-            # the collector joins its processing thread (up to 5 s) before our stop() runs
-            code = proc.stop(grace_s=15.0 if proc.name == "stitch" else 5.0)
+            # the collector joins its processing thread (up to 5 s) before our stop() runs; an HDF5
+            # writer's stop() may take up to its STOP_TIMEOUT_S (10 s) to write what is queued
+            code = proc.stop(grace_s=15.0 if proc.name in ("stitch", "hdf5") else 5.0)
             self.say(f"stopped {proc.name:<9} pid {proc.pid:<7} exit {code}")
 
     def settle(self, timeout_s: float = SETTLE_S) -> Snapshot | None:
