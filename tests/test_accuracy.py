@@ -111,3 +111,13 @@ def test_evaluate_scores_the_published_patches_at_any_dose(tmp_path, capsys):
     # may sit in that ring, the mean cannot
     assert raw["patches"]["outside_max_abs_rad"] >= masked["patches"]["outside_max_abs_rad"]
     assert raw["patches"]["outside_mean_abs_rad"] > 2 * masked["patches"]["outside_mean_abs_rad"]
+
+
+def test_results_json_keeps_every_scan_of_one_name():
+    """Two scans of one file name (in different folders) both reach ``evaluate --json``
+    (before: the second replaced the first)."""
+    from edge_ptychonn.science.accuracy import ScanResult, results_json
+
+    one = lambda ssim: ScanResult("scan", {"ssim": ssim}, {}, {}, 4, np.zeros((2, 2)), np.ones((2, 2), bool))
+    scores = results_json([one(0.5), one(0.7), one(0.9)])
+    assert {k: v["model"]["ssim"] for k, v in scores.items()} == {"scan": 0.5, "scan-2": 0.7, "scan-3": 0.9}

@@ -169,9 +169,14 @@ def results_table(results: list[ScanResult]) -> str:
 
 
 def results_json(results: list[ScanResult]) -> dict:
-    """Scores by scan name, as ``evaluate --json`` writes and the model card's ``accuracy.scans`` holds."""
-    return {
-        r.name: {"model": r.scores, "baselines": r.baselines, "patches": r.patch, "n_frames": r.n_frames,
-                 "covered_pixels": int(r.covered.sum())}
-        for r in results
-    }
+    """Scores by scan name, as ``evaluate --json`` writes and the model card's ``accuracy.scans`` holds
+    (a name that repeats, two scans of one file name in different folders, gets ``-2``, ``-3``, ...)."""
+    out: dict = {}
+    for r in results:
+        name, k = r.name, 1
+        while name in out:
+            k += 1
+            name = f"{r.name}-{k}"
+        out[name] = {"model": r.scores, "baselines": r.baselines, "patches": r.patch, "n_frames": r.n_frames,
+                     "covered_pixels": int(r.covered.sum())}
+    return out
