@@ -89,7 +89,8 @@ class PreprocessConfig:
             raise ValueError(f"referenceTotal must be > 0 and <= {MAX_REFERENCE_TOTAL:g} counts, got {short_repr(self.reference_total)}")
         if self.normalize != "none" and self.reference_total is None:
             raise ValueError(f"normalize {short_repr(self.normalize)} needs referenceTotal (the counts per frame the "
-                             "model was trained at, the model card's preprocess.reference_total)")
+                             "model was trained at: the model card's preprocess.reference_total, or the processor "
+                             "argument, given at start-up; it does not change at run time)")
         if isinstance(self.normalize_window, bool) or not isinstance(self.normalize_window, int) \
                 or not 1 <= self.normalize_window <= MAX_NORMALIZE_WINDOW:
             raise ValueError(f"normalizeWindow must be an integer 1..{MAX_NORMALIZE_WINDOW}, got "
