@@ -393,3 +393,15 @@ def test_ctrl_c_and_file_errors_are_one_line(monkeypatch, capsys):
     assert cli.main(["simulate", "--out", "x"]) == 1
     _one_line(capsys.readouterr().err, "edge-ptychonn simulate: [Errno 28] No space left on device")
     assert sys.stdout is not None
+
+
+def test_a_missing_model_or_a_folder_for_a_file_is_a_bad_argument(recording, tmp_path, capsys):
+    """build-engine: exit 2 (a bad argument) whether or not TensorRT is installed (before: 1,
+    or "needs tensorrt" first); finetune: a folder given as a file is named as such."""
+    assert _main(["build-engine", "--model", str(tmp_path / "none.onnx")]) == 2
+    assert "model" in _one_line(capsys.readouterr().err, "edge-ptychonn build-engine:")
+    argv = _finetune(recording, tmp_path / "out")
+    argv[argv.index("--frames") + 1] = str(tmp_path)
+    assert _main(argv) == 2
+    assert _one_line(capsys.readouterr().err, "edge-ptychonn finetune:").endswith(f"frames file {tmp_path} is a folder, not a file")
+

@@ -135,11 +135,18 @@ def _check_frames(frames: np.ndarray, where: str) -> np.ndarray:
     return frames
 
 
+def _need_file(path: Path, what: str) -> None:
+    """``InputError`` unless ``path`` is a file: not found, or a folder."""
+    if path.is_dir():
+        raise InputError(f"{what} {path} is a folder, not a file")
+    if not path.is_file():
+        raise InputError(f"{what} {path} not found")
+
+
 def load_frames(path: str | Path) -> Recorded:
     """Frames from a ``.npy`` stack or an HDF5 file of ``processors/hdf5_writer.py``."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"frames file {path} not found")
+    _need_file(path, "frames file")
     if path.suffix == ".npy":
         try:
             frames = np.load(path, mmap_mode="r")
@@ -179,8 +186,7 @@ def load_positions(path: str | Path, unique_ids: np.ndarray) -> np.ndarray:
     columns ``uniqueId y x`` are matched by uniqueId and must cover every frame.
     """
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"positions file {path} not found")
+    _need_file(path, "positions file")
     by_id = False
     try:
         if path.suffix == ".npz":
@@ -240,8 +246,7 @@ def _complex_2d(a: np.ndarray, where: str, what: str) -> np.ndarray:
 def load_object(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
     """The reconstructed object (H, W) complex, and the probe if the ``.npz`` has one."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"object file {path} not found")
+    _need_file(path, "object file")
     try:
         if path.suffix == ".npy":
             return _complex_2d(np.load(path), str(path), "object"), None
@@ -262,8 +267,7 @@ def load_object(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
 
 def load_probe(path: str | Path) -> np.ndarray:
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"probe file {path} not found")
+    _need_file(path, "probe file")
     try:
         if path.suffix == ".npz":
             with np.load(path) as z:
@@ -337,8 +341,7 @@ def load_base(path: str | Path):
     from edge_ptychonn.science.model import build_model, from_onnx
 
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"base model {path} not found")
+    _need_file(path, "base model")
     card = find_card(path)
     if path.suffix == ".onnx":
         model = from_onnx(path)

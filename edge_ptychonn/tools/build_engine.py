@@ -61,13 +61,13 @@ def main(args: argparse.Namespace) -> int:
     from engines import EngineOptions, EngineUnavailable
     from engines.registry import engine_class, missing_libraries
 
+    if not args.model.is_file():  # a bad argument
+        print(f"edge-ptychonn build-engine: model {args.model} not found", file=sys.stderr)
+        return 2
     cls = engine_class("tensorrt")
     missing = missing_libraries(cls.SPEC)
     if missing:
         print(f"edge-ptychonn build-engine: needs {', '.join(missing)}: {cls.SPEC.install}", file=sys.stderr)
-        return 1
-    if not args.model.is_file():
-        print(f"edge-ptychonn build-engine: model {args.model} not found", file=sys.stderr)
         return 1
     try:
         gpus = _gpus(args.device)
