@@ -96,6 +96,28 @@ def test_consumer_passes_arguments_to_pvapy_and_answers_bad_ones_with_2():
     assert helped.returncode == 0 and "SIGTERM" in helped.stdout and "pvapy-hpc-consumer --help" in helped.stdout
 
 
+@pytest.mark.parametrize("n_consumers, code, message", [
+    ("1", 2, "edge-ptychonn consumer: modelPath '/nonexistent.onnx' is not a file"),
+    ("2", 1, "edge-ptychonn consumer: every consumer exited (exit statuses 1, 1)"),
+])
+def test_consumer_exits_when_its_consumers_cannot_start(pva_env, n_consumers, code, message):
+    """A processor that refuses its arguments: one consumer in the process is one line and
+    exit status 2 (not a traceback); with -nc 2 the forked consumers both fail, and the
+    parent exits with 1 (before: pvapy-hpc-consumer's parent reported "No stats received"
+    until its runtime ended, here never)."""
+    from channel_names import PREFIX
+
+    channel = f"{PREFIX}:nocons{n_consumers}"
+    done = subprocess.run([sys.executable, "-m", "edge_ptychonn.cli", "consumer", "-ic", f"{channel}:image",
+                           "-oc", f"{channel}:*:output", "-nc", n_consumers, "-pc", "processors.ptychonn.PtychoNNProcessor",
+                           "-pa", '{"modelPath": "/nonexistent.onnx"}'],
+                          capture_output=True, text=True, timeout=120, env=pva_env, cwd=Path(cli.__file__).parent.parent)
+    assert done.returncode == code, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1].startswith(message), done.stderr[-3000:]
+    if n_consumers == "1":
+        assert "Traceback" not in done.stderr, done.stderr[-3000:]
+
+
 @pytest.mark.parametrize("value", ["-1", "0", "nan", "inf", "soon"])
 def test_configure_takes_only_a_positive_timeout(value, capsys):
     """A timeout <= 0 would wait for ever (the answer's deadline) instead of not at all."""
