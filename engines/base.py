@@ -136,10 +136,22 @@ class Engine(Protocol):
 MAX_DEFAULT_WORKERS = 4
 
 
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity (``taskset``, ``numactl``, a
+    container's cpuset), not every core of the host (``os.cpu_count()``)."""
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # no affinity API (macOS)
+        return os.cpu_count() or 1
+
+
 def cpu_layout(threads: int = 0, workers: int = 0, consumers: int = 1, cores: int | None = None) -> tuple[int, int]:
     """(workers, threads per worker) of one consumer's engine on the CPU; 0 = choose.
 
-    The consumer's share of the cores is ``cores // consumers`` (at least 1). By
+    The consumer's share of the cores is ``cores // consumers`` (at least 1), where
+    ``cores`` defaults to :func:`usable_cores` (the cores this process may run on). By
     default it runs as workers of one thread each (at most
     :data:`MAX_DEFAULT_WORKERS`; more cores give each worker more threads): copies
     of the engine, each with its own batch (``engines.workers``), which do not wait
@@ -149,9 +161,7 @@ def cpu_layout(threads: int = 0, workers: int = 0, consumers: int = 1, cores: in
     2 workers x 1 thread 0.70-0.73 (docs/benchmarks.md). A value given for one
     of the two sets the other to fill the share.
     """
-    import os
-
-    share = max(1, (cores or os.cpu_count() or 1) // max(1, consumers))
+    share = max(1, (cores or usable_cores()) // max(1, consumers))
     if threads and workers:
         return workers, threads
     if threads:
@@ -163,7 +173,7 @@ def cpu_layout(threads: int = 0, workers: int = 0, consumers: int = 1, cores: in
 
 def default_cpu_threads() -> int:
     """Threads of an engine class created directly with ``cpu_threads`` 0 (``create_engine``
-    resolves them first, with :func:`cpu_layout`): all cores, as one worker."""
+    resolves them first, with :func:`cpu_layout`): all usable cores, as one worker."""
     return cpu_layout(workers=1)[1]
 
 
@@ -193,6 +203,11 @@ def keep_freed_memory() -> bool:
 
 class EngineUnavailable(RuntimeError):
     """The engine cannot run here (library or device missing); says what to install."""
+
+
+class ModelNotSupported(EngineUnavailable, ValueError):
+    """This engine cannot run this model (e.g. the torch engine and a graph that is not
+    PtychoNN's); another engine may, so ``engine: auto`` tries the next candidate."""
 
 
 def engine_device(spec: EngineSpec, options: EngineOptions, n_gpus: int) -> str:

@@ -96,7 +96,7 @@ def auto_candidates(options: EngineOptions) -> tuple[list[AutoChoice], list[str]
     by its ``SPEC.auto``; then CPU candidates, ranked by their measured speed,
     limited to precisions native on this CPU. An explicit ``precision`` (not
     ``'auto'``) keeps only candidates of that precision, plus, when none offers
-    it, the engines that offer it at all.
+    it, the engines that offer it on that device (tf32: on a GPU only).
     """
     from edge_ptychonn.devices import cpu_flags, parse_device
 
@@ -111,8 +111,10 @@ def auto_candidates(options: EngineOptions) -> tuple[list[AutoChoice], list[str]
             candidates = [c for c in s.auto if c.device == kind]
             if options.precision != "auto":
                 wanted = [c for c in candidates if c.precision == options.precision]
-                if not wanted and options.precision in s.precisions and kind in s.devices and s.auto:
+                if not wanted and options.precision in s.precisions_on(kind) and s.auto:
                     wanted = [AutoCandidate(kind, options.precision, min(c.rank for c in s.auto) / 10)]
+                elif not wanted and kind in s.devices and options.precision in s.gpu_only and s.auto:
+                    rejected.append(f"{name} {options.precision} on the CPU ({options.precision} is a GPU precision)")
                 candidates = wanted
             if not candidates:
                 continue

@@ -14,6 +14,9 @@ compute stream of this consumer, a CUDA graph per buffer set for the full batch
 queued behind the compute. ``submit`` returns as soon as the work is queued, so
 the next batch's copy-in overlaps this batch's compute; ``collect`` waits.
 fp32 means fp32 (TF32 off); ``tf32`` allows TF32 tensor-core math.
+On the CPU, ``submit`` computes the batch before it returns, so the engine holds one
+batch at a time (``max_in_flight`` 1): each batch's results are published before
+the next batch runs.
 The CUDA path has not run on a GPU in this project's CI (no GPU there).
 """
 
@@ -22,8 +25,8 @@ from __future__ import annotations
 import numpy as np
 
 from .base import (
-    AutoCandidate, EngineOptions, EngineSpec, EngineUnavailable, SlotRing, Ticket, check_batch, default_cpu_threads,
-    engine_device, keep_freed_memory,
+    AutoCandidate, EngineOptions, EngineSpec, EngineUnavailable, ModelNotSupported, SlotRing, Ticket, check_batch,
+    default_cpu_threads, engine_device, keep_freed_memory,
 )
 from .onnx_model import read_signature
 
@@ -49,7 +52,7 @@ class TorchEngine:
         ),
     )
     name = "torch"
-    max_in_flight = 2
+    max_in_flight = 2  # on a GPU; 1 on the CPU, where submit() computes the batch itself
 
     @staticmethod
     def count_gpus() -> int:
@@ -82,7 +85,11 @@ class TorchEngine:
             torch.backends.cuda.matmul.allow_tf32 = tf32
             torch.backends.cudnn.allow_tf32 = tf32
             torch.backends.cudnn.benchmark = True
-        module = from_onnx(options.model_path).eval().to(device=device, dtype=dtype, memory_format=torch.channels_last)
+        try:
+            module = from_onnx(options.model_path)
+        except ValueError as exc:  # not PtychoNN's architecture: ONNX Runtime or TensorRT may run it
+            raise ModelNotSupported(f"the torch engine runs PtychoNN graphs only: {exc}") from exc
+        module = module.eval().to(device=device, dtype=dtype, memory_format=torch.channels_last)
         self._module = module
         self._device = torch.device(device)
         self._dtype = dtype
@@ -90,6 +97,10 @@ class TorchEngine:
         self.input_shape = signature.input_shape
         self.max_batch = options.max_batch
         self._output_index = signature.output_names.index(signature.phase_output)
+        if device == "cpu":
+            # submit() computes the batch before it returns: nothing overlaps, and a second
+            # batch in flight would only hold back the first one's results (a batch's time).
+            self.max_in_flight = 1
         self._ring = SlotRing(self.max_in_flight)
         self._results: dict[int, np.ndarray] = {}
         self._cuda: CudaRunner | None = None

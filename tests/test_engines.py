@@ -1,5 +1,7 @@
 """Engines on the external edgePtychoNN model and on the project's own export."""
 
+import time
+
 import numpy as np
 import pytest
 
@@ -97,6 +99,19 @@ def test_auto_never_picks_an_emulated_precision(small_model, monkeypatch):
         registry.auto_choice(EngineOptions(small_model, device="cpu", precision="fp16"))
 
 
+def test_auto_never_picks_a_gpu_precision_on_the_cpu(small_model, monkeypatch):
+    """tf32 is a GPU precision (torch's SPEC: gpu_only): with no GPU, 'auto' says so
+    instead of choosing torch tf32 on the CPU, which then fails to start."""
+    pytest.importorskip("torch")
+    monkeypatch.setattr(devices, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    for device in ("auto", "cpu"):
+        choices, rejected = registry.auto_candidates(EngineOptions(small_model, device=device, precision="tf32"))
+        assert [c for c in choices if c.device_kind == "cpu"] == []
+        assert "torch tf32 on the CPU (tf32 is a GPU precision)" in rejected
+    with pytest.raises(EngineUnavailable, match=r"nothing to run device 'cpu' precision 'tf32'.*a GPU precision"):
+        registry.auto_choice(EngineOptions(small_model, device="cpu", precision="tf32"))
+
+
 def test_specs_are_declared_and_read_by_the_registry():
     specs = registry.specs()
     assert list(specs) == list(registry.ENGINES)
@@ -141,13 +156,42 @@ def test_zero_engine_is_the_identity(small_model):
 def test_torch_submit_collect_on_the_cpu(small_model):
     pytest.importorskip("torch")
     engine = create_engine("torch", EngineOptions(small_model, device="cpu", max_batch=4))
+    assert engine.max_in_flight == 1  # submit() computes on the CPU: nothing to overlap
     x = np.random.default_rng(3).poisson(9, (4, 1, 64, 64)).astype(np.float32)
-    t1, t2 = engine.submit(x[:3]), engine.submit(x)
-    first, second = engine.collect(t1), engine.collect(t2)
+    first = engine.collect(engine.submit(x[:3]))
+    t2 = engine.submit(x)
+    with pytest.raises(RuntimeError, match="1 batches already in flight"):
+        engine.submit(x)
+    second = engine.collect(t2)
     np.testing.assert_allclose(first, engine.infer(x[:3]), atol=1e-6)
     np.testing.assert_allclose(second[:3], first, atol=1e-5)
     with pytest.raises(EngineUnavailable, match="tf32 is a GPU precision"):
         create_engine("torch", EngineOptions(small_model, device="cpu", precision="tf32"))
+
+
+def test_torch_on_the_cpu_publishes_each_batch_before_running_the_next(small_model):
+    """A second batch in flight would run (in submit) before the first one is published,
+    delaying every batch's results by a batch's compute time under load."""
+    pytest.importorskip("torch")
+    from edge_ptychonn.stream.config import parse_processor_args
+    from edge_ptychonn.stream.pipeline import InferencePipeline
+    from frames_util import good_frame
+
+    config, _ = parse_processor_args({"modelPath": str(small_model), "engine": "torch", "batchSize": 4})
+    events = []
+    pipeline = InferencePipeline(config, lambda pv: events.append("published"))
+    engine = create_engine("torch", EngineOptions(small_model, device="cpu", max_batch=4, cpu_threads=1))
+    submit = engine.submit  # infer() too runs each batch through submit()
+    engine.submit = lambda batch: (events.append("run"), submit(batch))[1]
+    images = np.random.default_rng(4).poisson(30, (12, 64, 64)).astype(np.int16)
+    for i, image in enumerate(images):  # kept until the engine runs: three batches waiting
+        pipeline.submit(good_frame(i + 1, image))
+    pipeline.start(lambda: engine)
+    deadline = time.monotonic() + 20
+    while events.count("published") < 12 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    pipeline.stop()
+    assert events == (["run"] + ["published"] * 4) * 3
 
 
 def test_torch_cpu_batches_reuse_freed_memory(torch_engine, diffraction):
@@ -206,6 +250,25 @@ def test_torch_engine_refuses_graphs_that_are_not_ptychonn(tmp_path):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     with pytest.raises(ValueError, match=r"operators \['Softmax'\] are not part of PtychoNN"):
         create_engine("torch", EngineOptions(path, device="cpu"))
+
+
+def test_auto_runs_a_graph_the_torch_engine_refuses_with_the_next_engine(small_model, fixed8_model, monkeypatch,
+                                                                           caplog):
+    """Where torch bf16 ranks first, a model that is not PtychoNN's architecture (which
+    ONNX Runtime runs) starts on ONNX Runtime, with the reason logged; it does not stop
+    the consumer. A named torch engine still refuses it with the reason (a ValueError)."""
+    pytest.importorskip("torch")
+    monkeypatch.setattr(devices, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    assert registry.auto_choice(EngineOptions(fixed8_model, device="cpu", precision="auto")).engine == "torch"
+    with caplog.at_level("INFO", logger="engines.registry"):
+        engine = create_engine("auto", EngineOptions(fixed8_model, device="cpu", precision="auto"))
+    assert (engine.name, engine.precision) == ("onnxruntime", "fp32")
+    x = np.arange(3 * 16 * 16, dtype=np.float32).reshape(3, 1, 16, 16)
+    np.testing.assert_array_equal(engine.infer(x), 2 * x)  # the model doubles its input
+    engine.close()
+    assert "torch bf16 cannot start (the torch engine runs PtychoNN graphs only" in caplog.text
+    with pytest.raises(ValueError, match="the torch engine runs PtychoNN graphs only"):
+        create_engine("torch", EngineOptions(fixed8_model, device="cpu"))
 
 
 def test_slot_ring_cancel_undoes_the_latest_acquire():

@@ -115,6 +115,21 @@ def test_cpu_layout_fills_the_consumers_share_of_the_cores(threads, workers, con
     assert cpu_layout(threads, workers, consumers, cores) == layout
 
 
+def test_the_layout_shares_the_cores_this_process_may_run_on(small_model, monkeypatch):
+    """A consumer pinned to one core (taskset, numactl, a container's cpuset) of a bigger
+    host runs one worker of one thread, not a layout for every core of the host."""
+    import os
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3}, raising=False)
+    assert cpu_layout() == (1, 1) and cpu_layout(consumers=2) == (1, 1)
+    engine = create_engine("onnxruntime", EngineOptions(small_model, max_batch=4, cpu_workers=0))
+    assert not isinstance(engine, WorkerPool) and engine.device == "cpu"
+    engine.close()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert cpu_layout() == (4, 2) and cpu_layout(consumers=4) == (2, 1)
+
+
 def test_a_pipeline_with_workers_publishes_every_frame_once_in_order(small_model, rng):
     config, _ = parse_processor_args({"modelPath": str(small_model), "engine": "onnxruntime", "cpuThreads": 1,
                                       "cpuWorkers": 2, "batchSize": 4, "batchTimeout": 0.05})
@@ -156,6 +171,7 @@ def test_the_processor_shares_the_cores_among_its_distributor_group(small_model,
     from processors.ptychonn import PtychoNNProcessor
 
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
     processor = PtychoNNProcessor({"processorId": 1, "objectIdOffset": offset, "nSequentialUpdates": n_sequential,
                                    "modelPath": str(small_model), "engine": "onnxruntime", "batchSize": 4})
     processor.start()
