@@ -33,6 +33,7 @@ from pathlib import Path
 
 from edge_ptychonn.model_card import default_model_path
 from edge_ptychonn.progress import Progress
+from engines.base import usable_cores
 
 from . import processes as live
 
@@ -49,7 +50,7 @@ def _ints(text: str) -> list[int]:
 
 
 def _threads(text: str) -> list[int]:
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     return sorted({cores if x.strip() == "all" else int(x) for x in text.split(",") if x.strip()})
 
 
@@ -141,7 +142,7 @@ def apply_quick(args: argparse.Namespace) -> None:
     args.refine = 0
     args.extend = 0
     args.down = 3  # a loaded machine may not sustain the first rate: step down until one is
-    args.threads = args.threads or [os.cpu_count() or 1]
+    args.threads = args.threads or [usable_cores()]
     args.workers = args.workers or [1]
     args.skip = sorted(set(args.skip) | {"warm", "zero"})
 
@@ -170,7 +171,7 @@ def machine_info() -> dict:
         except ImportError:
             pass
     return {
-        "cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "python": platform.python_version(),
+        "cpu": cpu, "cores": usable_cores(), "gpu": gpu, "python": platform.python_version(),
         "load_before": _load(), "versions": versions,
     }
 
@@ -224,7 +225,7 @@ def main(args: argparse.Namespace) -> int:
     out_dir = args.out or Path("results") / dt.datetime.now().strftime("bench-%Y%m%d-%H%M%S")
     out_dir.mkdir(parents=True, exist_ok=True)
     progress = Progress()
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     consumers = args.consumers or default_consumers(cores)
     report: dict = {
         "command": " ".join(["edge-ptychonn", "bench", *sys.argv[2:]]) if sys.argv[1:2] == ["bench"] else " ".join(sys.argv),

@@ -25,12 +25,13 @@ Engines and precisions come from the engines' own declarations (``SPEC``).
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+
+from engines.base import usable_cores
 
 MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 SKIP_OPS = ("Constant", "Identity", "Shape", "Reshape", "Flatten", "Squeeze", "Unsqueeze")
@@ -287,7 +288,7 @@ def bench_engines(
 
     rng = np.random.default_rng(0)
     results, skipped = [], []
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     threads = threads or [cores]
     layouts = [(t, w) for t in threads for w in sorted(set(workers or [1]) | {1})
                if w == 1 or (device == "cpu" and t * w <= cores)]

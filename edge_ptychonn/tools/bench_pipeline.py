@@ -45,6 +45,8 @@ from pathlib import Path
 
 import numpy as np
 
+from engines.base import usable_cores
+
 from . import processes as live
 
 PTYCHONN = "processors.ptychonn.PtychoNNProcessor"
@@ -68,7 +70,7 @@ class PipelineSettings:
     server_queue_size: int = 1000
     start_delay_s: float = 6.0  # first guess of server start -> first frame; adapted to the consumers' start-up
     ready_timeout_s: float = 90.0
-    cores: int = os.cpu_count() or 1
+    cores: int = usable_cores()
     consumer_threads: int = 0  # cpuThreads per consumer; 0: the consumer's own layout (engines.base.cpu_layout)
     consumer_workers: int = 0  # cpuWorkers per consumer; 0: the consumer's own layout
 
