@@ -62,8 +62,8 @@ class _Worker:
                 n, self._n = self._n, 0
             try:
                 self.result = self.engine.infer(self.buffer[:n])
-            except Exception as exc:  # handed to collect(): the pipeline counts and logs it
-                self.error = exc
+            except BaseException as exc:  # handed to collect(): the pipeline counts and logs it
+                self.error = exc  # (any kind: a collect() waiting for this job must not wait for ever)
             self.done.set()
 
     def close(self, timeout_s: float) -> None:
@@ -97,13 +97,21 @@ class WorkerPool:
         self.device = f"{first.device} ({len(engines)} workers x {threads})"
         self._workers = [_Worker(engine, i) for i, engine in enumerate(engines)]
         self._ring = SlotRing(len(engines))
+        self._closed = False
 
     def submit(self, batch: np.ndarray) -> Ticket:
-        """Copy ``batch`` to the next worker and start it; the caller may reuse ``batch`` at once."""
+        """Copy ``batch`` to the next worker and start it; the caller may reuse ``batch`` at once.
+        ``RuntimeError`` after :meth:`close` (its workers are gone: nothing would ever run it)."""
+        if self._closed:
+            raise RuntimeError("this worker pool is closed")
         check_batch(self, batch)
         ticket = self._ring.acquire(batch.shape[0])
         worker = self._workers[ticket.slot]  # free: its last ticket has been collected
-        worker.buffer[: ticket.n] = batch
+        try:
+            worker.buffer[: ticket.n] = batch
+        except BaseException:
+            self._ring.cancel(ticket)  # not started: the next submit takes this worker
+            raise
         worker.start(ticket.n)
         return ticket
 
@@ -120,5 +128,6 @@ class WorkerPool:
         return self.collect(self.submit(batch))
 
     def close(self, timeout_s: float = 10.0) -> None:
+        self._closed = True
         for worker in self._workers:
             worker.close(timeout_s)

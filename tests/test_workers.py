@@ -76,6 +76,41 @@ def test_a_failing_batch_raises_on_collect_and_the_worker_goes_on():
     pool.close()
 
 
+class Interrupted(Meeting):
+    def infer(self, batch):
+        raise KeyboardInterrupt  # not an Exception: the worker must still say it is done
+
+
+def test_a_pool_never_leaves_a_caller_waiting_for_ever():
+    """A batch whose copy fails gives its worker back; a BaseException in an engine reaches
+    collect(); a submit after close() is refused (before: the first two left a worker taken
+    or a collect() waiting for ever, the third a collect() waiting for ever)."""
+    pool = WorkerPool([Meeting(threading.Barrier(1)), Meeting(threading.Barrier(1))], threads_per_worker=1)
+    with pytest.raises(ValueError):
+        pool.submit(np.full((2, 1, 8, 8), "x", object))  # its copy into the float32 buffer fails
+    t0, t1 = pool.submit(batches(1)[0]), pool.submit(batches(2)[1])  # both workers, in turn
+    assert [float(pool.collect(t)[0, 0, 0, 0]) for t in (t0, t1)] == [0.0, 2.0]
+    pool.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        pool.submit(batches(1)[0])
+    interrupted = WorkerPool([Interrupted(threading.Barrier(1))], threads_per_worker=1)
+    outcome = []
+    waiter = threading.Thread(target=lambda: outcome.append(_raised(lambda: interrupted.collect(
+        interrupted.submit(batches(1)[0])))), daemon=True)
+    waiter.start()
+    waiter.join(10)
+    assert outcome == ["KeyboardInterrupt"]
+    interrupted.close()
+
+
+def _raised(call) -> str:
+    try:
+        call()
+    except BaseException as exc:  # noqa: B036 - the test wants to see any kind
+        return type(exc).__name__
+    return "nothing"
+
+
 def test_cpu_workers_give_the_single_engines_results(small_model):
     x = np.random.default_rng(5).poisson(9, (4, 1, 64, 64)).astype(np.float32)
     single = create_engine("onnxruntime", EngineOptions(small_model, max_batch=4, cpu_threads=1))
