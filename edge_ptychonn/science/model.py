@@ -222,9 +222,12 @@ def from_onnx(path: str | Path) -> PtychoNN:
     first = weights[convs[0].input[1]]
     data_input = next(i for i in graph.input if i.name not in weights)
     dims = [d.dim_value for d in data_input.type.tensor_type.shape.dim]
+    depth = sum(n.op_type == "MaxPool" for n in graph.node)
+    if not depth:
+        raise ValueError(f"{path}: no MaxPool, so not PtychoNN's encoder-decoder")
     config = ModelConfig(
         width=int(first.shape[0]),
-        depth=sum(n.op_type == "MaxPool" for n in graph.node),
+        depth=depth,
         input_size=int(dims[-1]),
         batch_norm=False,
         amplitude_head=len(graph.output) == 2,
