@@ -457,13 +457,24 @@ def test_build_engine_command_prebuilds_plans(gpu10, small_model, tmp_path, caps
             "--plan-cache-dir", str(tmp_path / "plans")]
     assert build_engine.main(build_engine.get_args_parser().parse_args(argv)) == 0
     out = capsys.readouterr().out
-    assert out.count("built") == 2 and "NVIDIA RTX A6000" in out
+    assert out.count("built") == 2 and "NVIDIA RTX A6000" in out and out.count("batch 1..8:") == 2
     assert len(list((tmp_path / "plans").glob("*.plan"))) == 2
     assert build_engine.main(build_engine.get_args_parser().parse_args(argv)) == 0
     assert capsys.readouterr().out.count("cache") == 2
     gpu10.clear()
     engine = make(small_model, tmp_path, precision="fp16")  # a consumer now starts from the cache
     assert engine.plan_source == "cache" and not gpu10.calls("build_serialized_network")
+
+
+def test_build_engine_says_a_fixed_batch_models_plan_is_for_its_batch(gpu10, external_model, tmp_path, capsys):
+    """edgePtychoNN's batch-8 model: its plan is for batch 8, whatever --batch says (before:
+    "batch 1..16")."""
+    from edge_ptychonn.tools import build_engine
+
+    argv = ["--model", str(external_model), "--batch", "16", "--precision", "fp32",
+            "--plan-cache-dir", str(tmp_path / "plans")]
+    assert build_engine.main(build_engine.get_args_parser().parse_args(argv)) == 0
+    assert "fp32 batch 8 (fixed by the model): built" in capsys.readouterr().out
 
 
 def test_the_external_fixed_batch_model_matches_onnxruntime(gpu10, external_model, tmp_path):

@@ -77,6 +77,10 @@ def main(args: argparse.Namespace) -> int:
     if not gpus:
         print("edge-ptychonn build-engine: no NVIDIA GPU visible", file=sys.stderr)
         return 1
+    from engines.onnx_model import read_signature
+
+    fixed = read_signature(args.model).fixed_batch  # a model exported at one batch: its plan is for that batch
+    batches = f"batch {fixed} (fixed by the model)" if fixed else f"batch 1..{args.batch}"
     failed = 0
     for device in gpus:
         for precision in args.precision:
@@ -88,7 +92,7 @@ def main(args: argparse.Namespace) -> int:
                 print(f"{device} {precision}: FAILED: {exc}", file=sys.stderr)
                 failed += 1
                 continue
-            print(f"{engine.device} {precision} batch 1..{args.batch}: {engine.plan_source} "
+            print(f"{engine.device} {precision} {batches}: {engine.plan_source} "
                   f"in {time.perf_counter() - t0:.1f} s -> {engine.plan_path}")
             engine.close()
     return 1 if failed else 0
