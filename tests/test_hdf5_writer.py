@@ -1,7 +1,8 @@
 """The HDF5 writer: one SWMR file per consumer and scan, exact frames, ids, time stamps, positions.
 
-In-process tests feed real NTNDArrays to ``process()``; the end-to-end test runs it in a
-real ``pvapy-hpc-consumer`` behind a real ``pvapy-ad-sim-server`` with a concurrent reader.
+In-process tests feed real NTNDArrays to ``process()``. The end-to-end tests are elsewhere:
+test_launch.py runs it in real ``pvapy-hpc-consumer`` processes behind a real
+``pvapy-ad-sim-server`` with a concurrent SWMR reader; test_processes.py stops its forked writers.
 """
 
 from __future__ import annotations
@@ -360,7 +361,7 @@ def test_a_dead_writer_blocks_nothing_and_every_frame_is_counted(tmp_path, rng):
         p.process(frame(k + 1, images[k]))
     p._thread = threading.Thread(target=lambda: None)  # a writer thread that is gone
     p._thread.start()
-    p._thread.join()
+    p._thread.join(5)
     t0 = time.monotonic()
     p.process(frame(4, images[3]))
     p.process(frame(5, images[4]))

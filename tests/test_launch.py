@@ -187,12 +187,12 @@ def test_paths_are_taken_from_where_you_launch(tmp_path):
     scan's .npz there; from elsewhere the same relative paths are not found."""
     cfg = _relative_chain(tmp_path / "run")
     done = subprocess.run([sys.executable, "-m", "edge_ptychonn.cli", "launch", "chain.toml", "--check"],
-                          capture_output=True, text=True, cwd=tmp_path / "run")
+                          capture_output=True, text=True, cwd=tmp_path / "run", timeout=120)
     assert done.returncode == 0, done.stderr
     checked = json.loads(done.stdout)
     assert checked["base"] == str(tmp_path / "run") and checked["stitch"]["args"]["positionsFile"] == "scan.npz"
     done = subprocess.run([sys.executable, "-m", "edge_ptychonn.cli", "launch", str(cfg), "--check"],
-                          capture_output=True, text=True, cwd=tmp_path)
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert done.returncode == 2 and "scan 'scan.npy' is not a file" in done.stderr
 
 
@@ -210,11 +210,11 @@ def test_the_chains_processes_run_where_you_launch(tmp_path, monkeypatch):
 
 def test_check_prints_the_validated_file(tmp_path):
     done = subprocess.run([sys.executable, "-m", "edge_ptychonn.cli", "launch", str(toml(tmp_path, MINIMAL)), "--check"],
-                          capture_output=True, text=True, cwd=ROOT)
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["inference"]["consumers"] == 3
     done = subprocess.run([sys.executable, "-m", "edge_ptychonn.cli", "launch", str(tmp_path / "missing.toml")],
-                          capture_output=True, text=True, cwd=ROOT)
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert done.returncode == 2 and "cannot read" in done.stderr
 
 
@@ -366,7 +366,7 @@ def test_launch_runs_a_small_chain_to_the_end(pva_env, tmp_path):
 
     n = 49
     frames, truth = _simulated_scan(tmp_path / "scan", n)
-    tag = f"lt{os.getpid()}"
+    tag = f"{PREFIX}-lt"
     # launched from tmp_path with relative paths: the stitcher finds scan.npz there, the files land there
     cfg = toml(tmp_path, f"""
 log_dir = "logs"
@@ -415,7 +415,11 @@ modelCard = "{MODEL.with_suffix('.json')}"
     finally:
         if launch.poll() is None:
             os.killpg(launch.pid, signal.SIGTERM)
-            launch.wait(30)
+            try:
+                launch.wait(30)
+            except subprocess.TimeoutExpired:  # a launcher that hangs in its stop: nothing may outlive the test
+                os.killpg(launch.pid, signal.SIGKILL)
+                launch.wait(30)
     print(out[-2500:])
     assert launch.returncode == 0, out[-4000:]
     assert len(set(seen)) > 1 and seen[-1] > seen[0], f"the SWMR reader did not see the file grow: {seen}"
@@ -456,7 +460,7 @@ modelCard = "{MODEL.with_suffix('.json')}"
 
 @pytest.mark.e2e
 def test_launch_stops_everything_on_sigterm(pva_env, tmp_path, small_model):
-    tag = f"ls{os.getpid()}"
+    tag = f"{PREFIX}-ls"
     cfg = toml(tmp_path, f"""
 log_dir = "{tmp_path / 'logs'}"
 [source]

@@ -30,6 +30,7 @@ def test_weights_converted_io_and_resize_scales_kept(small_model, precision, ele
     assert [o.type.tensor_type.elem_type for o in low.graph.output] == [TensorProto.FLOAT] * len(model.graph.output)
     assert low.graph.node[0].op_type == "Cast" and low.graph.node[-1].op_type == "Cast"
     resize_scales = {n.input[2] for n in low.graph.node if n.op_type == "Resize" and len(n.input) > 2}
+    assert resize_scales, "no Resize with scales in the graph: the checks below would check nothing"
     for t in low.graph.initializer:
         if t.name in resize_scales:
             assert t.data_type == TensorProto.FLOAT

@@ -14,6 +14,7 @@ import pytest
 
 from edge_ptychonn.science.stitch import Stitcher, probe_weight
 from edge_ptychonn.tools.processes import wait_until
+from channel_names import PREFIX
 from frames_util import good_frame
 from processors.stitch import STATS, PositionTable, StitchProcessor
 
@@ -258,7 +259,7 @@ def test_collector_merges_two_producers_positions_from_attributes_and_a_restart(
     from edge_ptychonn.tools.launch import Status, collector_argv
     from edge_ptychonn.tools.processes import OutputCollector, start, wait_until
 
-    tag = f"st{os.getpid()}"
+    tag = f"{PREFIX}-st"
     patches, positions, _ = small_scan(rng, n=40, shape=(64, 64))
     server = pva.PvaServer()
     try:
@@ -370,8 +371,6 @@ def test_positions_from_metadata_channels_by_time_never_by_arrival_order(tmp_pat
     upstream): each frame takes the update with its own time stamp. A frame whose
     update comes after it waits for it; one whose update never comes waits
     ``metadataWait``, then counts as no position."""
-    import time
-
     patches, positions, _ = small_scan(rng, n=12)
     p = make({"objectShape": [40, 48], "positionChannels": ["pva://scan:y", "pva://scan:x"],
               "positionScale": 2.0, "metadataWait": 0.3, "outputDirectory": str(tmp_path / "out")})
@@ -388,8 +387,13 @@ def test_positions_from_metadata_channels_by_time_never_by_arrival_order(tmp_pat
     assert p.getStats()["nFramesWaiting"] == 2 and p.getStats()["nFramesPlaced"] == 8
     p.metadataQueueMap["scan:y"].put(metadata_update(positions[10, 0] / 2, times[10]))
     p.metadataQueueMap["scan:x"].put(metadata_update(positions[10, 1] / 2, times[10]))
-    time.sleep(0.35)  # frame 12 has now waited longer than metadataWait
-    p.stop()  # places what can be placed; the rest is counted
+    p.pvaServer = None
+    p.start()  # its publisher thread looks at the waiting frames every 0.1 s
+    # before stop (which gives up on every frame still waiting): frame 11 placed by its late
+    # update, frame 12 counted as no position once it has waited metadataWait
+    assert wait_until(lambda: (lambda st: st["nFramesWaiting"] == 0 and st["nFramesNoPosition"] == 1)(p.getStats()),
+                      10), p.getStats()
+    p.stop()
     stats = p.getStats()
     placed = [k for k in range(11) if k not in lost]
     assert stats["nFramesPlaced"] == 9 and stats["nFramesByMetadata"] == 9 and stats["nFramesNoPosition"] == 1
@@ -444,13 +448,11 @@ def test_positions_from_the_sim_servers_metadata_channels_through_inference(pva_
     consumer (zero engine: the output is the preprocessed frame, with the frame's time
     stamp) -> the stitcher in a real pvapy-hpc-collector with ``--metadata-channels``:
     every frame is placed where its own metadata says, as this test saw on the channels."""
-    import os
-
     from edge_ptychonn.tools.launch import Status, collector_argv
     from edge_ptychonn.tools.processes import OutputCollector, consumer_argv, sim_server_argv, start, wait_until
     from processors.base import seconds as seconds_of
 
-    tag = f"sm{os.getpid()}"
+    tag = f"{PREFIX}-sm"
     n, scale, size = 40, 100.0, 128
     np.save(tmp_path / "frames.npy", rng.integers(0, 3000, (n, size, size)).astype(np.int16))
     y_channel, x_channel = f"{tag}:posY", f"{tag}:posX"

@@ -238,7 +238,8 @@ def test_engine_runs_from_another_thread(gpu10, small_model, tmp_path, frames, r
     result = {}
     thread = threading.Thread(target=lambda: result.setdefault("out", engine.infer(frames)))
     thread.start()
-    thread.join()
+    thread.join(60)
+    assert not thread.is_alive(), "infer() on another thread did not return"
     np.testing.assert_allclose(result["out"], reference.infer(frames), atol=1e-5)
 
 
@@ -573,7 +574,8 @@ def test_engines_share_one_primary_context_and_close_frees_streams_and_events(gp
     events = {e.id for e in second._copied + second._done}
     closer = threading.Thread(target=second.close)
     closer.start()
-    closer.join()
+    closer.join(60)
+    assert not closer.is_alive(), "close() on another thread did not return"
     freed_streams = {c[1]: c[2] for c in gpu10.calls("Stream.free")}
     freed_events = {c[1]: c[2] for c in gpu10.calls("Event.free")}
     assert streams <= set(freed_streams) and all(freed_streams[h] for h in streams)

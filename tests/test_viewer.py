@@ -12,7 +12,6 @@ Skipped with the reason where c2dv, Xvfb or Qt's xcb platform is missing.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import time
@@ -24,6 +23,7 @@ import pytest
 from edge_ptychonn.tools.launch import Status, collector_argv
 from edge_ptychonn.tools.processes import consumer_argv, sim_server_argv, start, tool_path, wait_until
 from edge_ptychonn.tools.view import card_levels, parse_levels
+from channel_names import PREFIX
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "data" / "ptychonn.onnx"
@@ -78,7 +78,7 @@ def test_c2dv_windows_show_the_live_chain_under_xvfb(pva_env, procs, tmp_path):
     n = 25
     training_like_scan(tmp_path / "scan", MODEL, seed=777, n_positions=n)
 
-    tag = f"vw{os.getpid()}"
+    tag = f"{PREFIX}-vw"
     output, stitched = f"{tag}:inference:1:output", f"{tag}:stitch:1:output"
     status = Status()
     procs.append(start("inference", consumer_argv(
