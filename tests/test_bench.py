@@ -406,7 +406,8 @@ def test_process_and_machine_cpu_are_read_from_proc():
         pass
     assert processes.cpu_seconds(os.getpid()) - used >= 0.25
     busy2, total2 = processes.machine_cpu_seconds()
-    assert busy2 - busy >= 0.25 and total2 - total >= busy2 - busy
+    # a fully busy machine: equal tick counts, which the seconds since boot may round apart
+    assert busy2 - busy >= 0.25 and total2 - total >= busy2 - busy - 1e-6
     assert np.isnan(processes.cpu_seconds(2**22 + 12345))  # no such process
 
 
@@ -490,3 +491,98 @@ def test_sweep_goes_down_when_nothing_keeps_up(monkeypatch):
                                   stop_after=1, refine=1, extend=3)
     assert asked == [90, 60.0, 40.0, 50.0]  # down /1.5 until 40 keeps up, then bisect 40..60
     assert bench_pipeline.best_sustained(points).target_fps == 40.0
+
+
+def test_the_highest_lossless_rate_is_never_above_the_offered_rate():
+    """The outputs of a short stream come in batches: their arrivals can span less time than
+    the publication did, and the delivered rate come out above what was offered."""
+    batched = fake_point(30.0, 1000.0)
+    batched.delivered_fps = 33.75  # 64 frames in 8 batches of 8: 63 / 56 x 30 fps
+    steady = fake_point(32.0, 1000.0)
+    assert batched.sustained and batched.kept_up_fps == 30.0
+    best = bench_pipeline.best_sustained([batched, steady])
+    assert best is steady and best.kept_up_fps == 32.0
+
+
+def test_quick_keeps_the_options_given():
+    args = bench.get_args_parser().parse_args(["--quick", "--batches", "1", "--duration", "2", "--consumers", "2"])
+    bench.apply_quick(args)
+    assert args.batches == [1] and args.duration == 2.0 and args.consumers == [2]
+    assert args.engine_seconds == 0.2 and args.rate_fractions == [0.3]  # the rest: quick's
+    assert {"warm", "zero"} <= set(args.skip)
+
+
+def test_sweep_stops_at_a_server_limited_point(monkeypatch):
+    asked = []
+    monkeypatch.setattr(bench_pipeline, "run_point",
+                        lambda s, p, n, rate, *a: asked.append(rate) or fake_point(rate, 1e9, server_max=80.0))
+    settings = bench_pipeline.PipelineSettings(model_path=Path("m.onnx"))
+    points = bench_pipeline.sweep(settings, "ptychonn", 1, [50, 100, 110], None, Path("."), {}, None,
+                                  stop_after=1, refine=1, extend=4)
+    assert asked == [50, 100]  # 100 asked, 80 published: higher targets measure the server again
+    assert points[-1].server_limited and points[-1].sustained
+
+
+def test_points_of_each_processor_have_their_own_channels_and_logs(monkeypatch):
+    tags = []
+    monkeypatch.setattr(bench_pipeline, "run_point",
+                        lambda s, p, n, rate, base, work, env, procs, tag, delay: tags.append(tag) or fake_point(rate, 1e9))
+    settings = bench_pipeline.PipelineSettings(model_path=Path("m.onnx"))
+    for processor, rate in (("ptychonn", 500.0), ("passthrough", 500.0), ("ptychonn", 9.0), ("ptychonn", 9.5)):
+        bench_pipeline._measure(settings, processor, 1, rate, None, Path("."), {}, None,
+                                bench_pipeline.StartDelay(6.0), [], None)
+    assert len(set(tags)) == 4, tags
+
+
+def test_unknown_engine_is_an_error(tmp_path):
+    args = bench.get_args_parser().parse_args(["--engines", "onnxruntime,nope", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"unknown engine\(s\) \['nope'\].*known: tensorrt, torch, onnxruntime, zero"):
+        bench.main(args)
+
+
+def test_ratios_come_from_the_rates_each_sweep_kept_up_with(tmp_path, monkeypatch, capsys):
+    """The run's ratio rows and summary from fake points: the sim server publishes at most 85
+    fps; the outputs of every point arrive over a shorter span than the server published them."""
+
+    def run_point(settings, processor, n, rate, *args):
+        point = fake_point(rate, capacity=1e9, server_max=85.0)
+        point.processor, point.delivered_fps = processor, point.offered_fps * 1.05
+        return point
+
+    monkeypatch.setattr(bench_pipeline, "run_point", run_point)
+    monkeypatch.setattr(bench.live, "use_loopback", lambda: {})
+    monkeypatch.setattr(bench.live, "loopback_multicast", lambda: (True, "on"))
+    monkeypatch.setattr(bench, "_engine_alone", lambda *args: 100.0)
+    args = bench.get_args_parser().parse_args([
+        "--skip", "warm,engine,framepath,zero", "--consumers", "1", "--ceiling-start", "60", "--no-plots",
+        "--model", str(tiny_model(tmp_path / "tiny.onnx")), "--out", str(tmp_path / "out"),
+    ])
+    assert bench.main(args) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    row = report["ratios"][0]
+    # ptychonn: 60, 80 and 90 (85 offered) kept up, 85 published for a target of 100: the sweep stops there
+    assert [p["target_fps"] for p in report["pipeline"]["points"] if p["processor"] == "ptychonn"] == [60, 80, 90, 100]
+    assert row["ptychonn_fps"] == 85.0 and row["pipeline_over_engine"] == 0.85 and row["ptychonn_server_limited"]
+    assert row["passthrough_fps"] == 85.0 and row["passthrough_server_limited"]
+    out = capsys.readouterr().out
+    table = out[out.index("Ratios (measured in this run)"):].splitlines()
+    cells = dict(zip([c.strip() for c in table[1].split("|")], [c.strip() for c in table[3].split("|")]))
+    assert cells["best lossless fps"] == ">= 85 (server-limited)" and cells["pipeline/engine"] == ">= 0.85", cells
+    assert cells["ptychonn/passthrough"] == "? (1.000, both server-limited)", cells
+
+
+def test_the_ceilings_alone_time_no_engine(tmp_path, monkeypatch):
+    """--skip engine,pipeline: the engine-alone rate only sets the pipeline's rates; it is not timed."""
+    monkeypatch.setattr(bench_pipeline, "run_point", lambda s, p, n, rate, *a: fake_point(rate, capacity=1000.0))
+    monkeypatch.setattr(bench.live, "use_loopback", lambda: {})
+    monkeypatch.setattr(bench.live, "loopback_multicast", lambda: (True, "on"))
+    timed = []
+    monkeypatch.setattr(bench, "_engine_alone", lambda *args: timed.append(args) or 100.0)
+    args = bench.get_args_parser().parse_args([
+        "--skip", "warm,engine,framepath,pipeline,zero", "--consumers", "1", "--ceiling-points", "1", "--refine", "0",
+        "--no-plots", "--model", str(tiny_model(tmp_path / "tiny.onnx")), "--out", str(tmp_path / "out"),
+    ])
+    assert bench.main(args) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert timed == [] and "engine" not in report
+    assert report["ratios"][0]["passthrough_fps"] == 500.0 and report["ratios"][0]["engine_alone_fps"] is None

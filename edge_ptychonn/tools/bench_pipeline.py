@@ -122,6 +122,14 @@ class PointResult:
     def sustained(self) -> bool:
         return self.lossless and self.delivered_fps >= KEEP_UP * self.offered_fps
 
+    @property
+    def kept_up_fps(self) -> float:
+        """The rate this point kept up with: delivered, but never above what was offered (the
+        outputs of a short stream come in batches, so their arrivals can span less time than
+        the server took to publish them, and a delivered rate above the offered one was never
+        offered)."""
+        return min(self.delivered_fps, self.offered_fps)
+
     def to_dict(self) -> dict:
         return {**asdict(self), "lossless": self.lossless, "sustained": self.sustained,
                 "server_limited": self.server_limited}
@@ -385,7 +393,8 @@ def _measure(settings, processor, n_consumers, rate, base_frames, work_dir, env,
              results: list, progress) -> PointResult:
     """One point (redone once, with a longer start delay, if streaming began too early),
     appended to ``results`` and reported."""
-    tag = f"{processor[0]}{n_consumers}r{int(rate) or 'max'}"
+    # channel names and the log folder: one per processor, N and rate (to 0.1 fps, as rates are rounded)
+    tag = f"{processor}{n_consumers}r" + (f"{rate:.1f}".rstrip("0").rstrip(".").replace(".", "_") if rate else "max")
     r = run_point(settings, processor, n_consumers, rate, base_frames, work_dir, env, procs, tag, delay.next())
     delay.update(r)
     if r.error and r.error.startswith(TOO_LATE):  # once more, with the delay this start-up needed
@@ -403,9 +412,10 @@ def sweep(
     delay: StartDelay | None = None, extend: int = 0, down: int = 4,
 ) -> list[PointResult]:
     """Points at increasing offered rates, stopping after ``stop_after`` unsustained
-    ones; while the highest still keeps up, up to ``extend`` more at x1.2 each; when
-    none kept up, up to ``down`` more at /1.5 each until one does; then ``refine``
-    bisections between the best sustained rate and the next."""
+    ones, or at a server-limited one (a higher target measures the server again); while
+    the highest still keeps up, up to ``extend`` more at x1.2 each; when none kept up, up
+    to ``down`` more at /1.5 each until one does; then ``refine`` bisections between the
+    best sustained rate and the next."""
     delay = delay or StartDelay(settings.start_delay_s)
     results: list[PointResult] = []
 
@@ -415,12 +425,13 @@ def sweep(
 
     failed = 0
     for rate in sorted(rates, key=lambda r: r or float("inf")):  # 0 (server maximum) last
-        if not point(rate).sustained:
+        r = point(rate)
+        if not r.sustained:
             failed += 1
-            if failed >= stop_after:
-                break
+        if failed >= stop_after or r.server_limited:
+            break
     for _ in range(extend):
-        if failed or not results or results[-1].target_fps <= 0:
+        if failed or not results or results[-1].target_fps <= 0 or results[-1].server_limited:
             break
         if not point(round(results[-1].target_fps * 1.2, 1)).sustained:
             failed += 1
@@ -484,8 +495,9 @@ def ceiling_sweep(
 
 
 def best_sustained(results: list[PointResult]) -> PointResult | None:
+    """The sustained point with the highest :attr:`~PointResult.kept_up_fps`."""
     good = [r for r in results if r.sustained]
-    return max(good, key=lambda r: r.delivered_fps) if good else None
+    return max(good, key=lambda r: r.kept_up_fps) if good else None
 
 
 def _us(value: float | None) -> str:

@@ -109,9 +109,11 @@ def summary_table(report: dict) -> str:
     rows = []
     for s in report.get("ratios", []):
         pass_limited, zero_limited = bool(s.get("passthrough_server_limited")), bool(s.get("zero_server_limited"))
-        rows.append([s["n_consumers"], s["engine_alone_fps"], s["ptychonn_fps"], s["pipeline_over_engine"],
+        ptychonn_limited = bool(s.get("ptychonn_server_limited"))
+        rows.append([s["n_consumers"], s["engine_alone_fps"], _at_least(s["ptychonn_fps"], ptychonn_limited),
+                     bounded_ratio(s["pipeline_over_engine"], ptychonn_limited, False, ".2f"),
                      _at_least(s.get("zero_fps"), zero_limited), _at_least(s["passthrough_fps"], pass_limited),
-                     bounded_ratio(s["ptychonn_over_passthrough"], False, pass_limited, ".3f"),
+                     bounded_ratio(s["ptychonn_over_passthrough"], ptychonn_limited, pass_limited, ".3f"),
                      bounded_ratio(s.get("zero_over_passthrough"), zero_limited, pass_limited, ".2f")])
     return table(
         ["N", "engine alone fps", "best lossless fps", "pipeline/engine", "zero-cost engine fps", "passthrough fps",
