@@ -297,7 +297,9 @@ def run_point(
         lost_source, lost_processor = split_losses(n_offered, n_consumer_received, n_missed, len(unique))
     user = [s.get("userStats", {}) for s in ok]
     n_dropped = sum(int(u.get("nFramesDropped", 0)) for u in user) if is_ptychonn and user else None
-    during = [s.get("userStats", {}) for s in flowing if s] or user
+    # a status read while the stream flowed, unless its report predates the first outputs (a
+    # short stream can end within one report period): then the final one
+    during = [u for u in (s.get("userStats", {}) for s in flowing if s) if u.get("latencyP99Ms", 0.0) > 0] or user
     p50 = max((u.get("latencyP50Ms", 0.0) for u in during), default=None) if is_ptychonn else None
     p99 = max((u.get("latencyP99Ms", 0.0) for u in during), default=None) if is_ptychonn else None
     if error is None and len(ok) < n_consumers:
