@@ -115,3 +115,19 @@ def write_bytes_whole(path: Path, data: bytes) -> None:
 def save_npy_whole(path: Path, array: np.ndarray, replace: bool = True) -> None:
     with whole_file(path, replace) as partial, open(partial, "wb") as f:
         np.save(f, array)
+
+
+def check_writable(paths) -> None:
+    """``OSError`` when a file of ``paths`` (what a command will write) cannot be: it is a folder,
+    or a file stands where its folder would be, or that folder is not writable; so that a command
+    fails before its work, not after it. Makes nothing."""
+    for path in map(Path, paths):
+        if path.is_dir():
+            raise IsADirectoryError(f"{path} is a folder")
+        folder = path.parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent  # the folders missing are made when the files are written
+        if not folder.is_dir():
+            raise NotADirectoryError(f"{folder} is a file, not a folder")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise PermissionError(f"{folder} is not writable")

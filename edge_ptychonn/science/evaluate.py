@@ -31,10 +31,10 @@ import numpy as np
 
 from engines import EngineUnavailable
 
-from edge_ptychonn.files import save_npy_whole, write_bytes_whole
+from edge_ptychonn.files import check_writable, save_npy_whole, write_bytes_whole
 from edge_ptychonn.model_card import ModelCard, default_model_path, find_card
 from edge_ptychonn.science import accuracy
-from edge_ptychonn.science.simulate import check_output, load_scan
+from edge_ptychonn.science.simulate import load_scan
 
 
 def get_args_parser(prog: str = "edge-ptychonn evaluate") -> argparse.ArgumentParser:
@@ -88,7 +88,7 @@ def main(args: argparse.Namespace) -> int:
         for given in (args.json, args.save_image):
             if given is not None and (str(given).endswith("/") or Path(given).is_dir()):
                 raise IsADirectoryError(f"{given} is a folder: give a file name")
-        check_output([p for p in (args.json, image_path) if p is not None])
+        check_writable([p for p in (args.json, image_path) if p is not None])
     except OSError as exc:
         print(f"edge-ptychonn evaluate: cannot write the output: {exc}", file=sys.stderr)
         return 2

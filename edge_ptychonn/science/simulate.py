@@ -46,7 +46,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import warnings
 import zipfile
@@ -55,7 +54,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_ptychonn.files import whole_file
+from edge_ptychonn.files import check_writable, whole_file
 from edge_ptychonn.progress import Progress
 
 FAMILIES = ("mixed", "particles", "smooth", "cells", "siemens", "fibres")
@@ -493,22 +492,6 @@ def save_scan(out: str | Path, frames: np.ndarray, truth: ScanTruth) -> tuple[Pa
     return npy, npz
 
 
-def check_output(paths) -> None:
-    """``OSError`` when a file of ``paths`` (what a command will write) cannot be: it is a folder,
-    or a file stands where its folder would be, or that folder is not writable; so that a command
-    fails before its work, not after it. Makes nothing."""
-    for path in map(Path, paths):
-        if path.is_dir():
-            raise IsADirectoryError(f"{path} is a folder")
-        folder = path.parent
-        while not folder.exists() and folder != folder.parent:
-            folder = folder.parent  # the folders missing are made when the files are written
-        if not folder.is_dir():
-            raise NotADirectoryError(f"{folder} is a file, not a folder")
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise PermissionError(f"{folder} is not writable")
-
-
 def load_scan(path: str | Path) -> tuple[np.ndarray, ScanTruth]:
     """Read a scan written by ``save_scan``: ``(frames, truth)``.
 
@@ -636,7 +619,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"edge-ptychonn simulate: {exc}", file=sys.stderr)
         return 2
     try:  # before the work: an output that cannot be written is a bad argument
-        check_output(scan_paths(args.out))
+        check_writable(scan_paths(args.out))
     except OSError as exc:
         print(f"edge-ptychonn simulate: cannot write {args.out}: {exc}", file=sys.stderr)
         return 2

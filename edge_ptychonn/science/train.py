@@ -63,7 +63,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_ptychonn import __version__
-from edge_ptychonn.files import whole_file, write_bytes_whole
+from edge_ptychonn.files import check_writable, whole_file, write_bytes_whole
 from edge_ptychonn.model_card import ModelCard, ModelConfig, StitchSettings, Training, find_card, save_card
 from edge_ptychonn.progress import Progress
 from edge_ptychonn.science import accuracy
@@ -120,9 +120,7 @@ def output_file(prefix: Path, suffix: str) -> Path:
 def check_outputs(prefix: Path) -> None:
     """``OSError`` unless the files ``<prefix>.onnx``, ``.json``, ``.md``, ``.pt`` can be written
     (their folder is made): checked before the work, not after it."""
-    from edge_ptychonn.science.simulate import check_output
-
-    check_output(output_file(prefix, s) for s in OUTPUT_SUFFIXES)
+    check_writable(output_file(prefix, s) for s in OUTPUT_SUFFIXES)
 
 
 def load_checkpoint(path: str | Path) -> dict:
