@@ -561,7 +561,8 @@ def test_request_keys_override_the_new_cards_preprocessing(small_model, model_b,
 
 def test_a_slow_build_stalls_neither_receiving_nor_inference(small_model, model_b, rng):
     """While the new engine builds (held by the test), frames are taken and published by the
-    old model at once; the switch follows the build."""
+    old model at once, and another change is refused at once (before: it waited for the
+    build, past its sender's timeout); the switch follows the build."""
     import threading
 
     pipeline, published, factory = make_pipeline(small_model, batchSize=4, batchTimeout=0.05)
@@ -577,6 +578,10 @@ def test_a_slow_build_stalls_neither_receiving_nor_inference(small_model, model_
     assert time.perf_counter() - t0 < 1.0  # submit() never waited for the build
     assert published.wait(8) == 8  # published meanwhile, by model A
     assert configure.is_alive() and pipeline.config.model_path == small_model
+    t0 = time.perf_counter()  # another change meanwhile: refused at once, with the reason
+    with pytest.raises(ValueError, match="a new model's engine is being built"):
+        pipeline.configure({"batchTimeout": 0.2})
+    assert time.perf_counter() - t0 < 5 and pipeline.config.batch_timeout_s == 0.05
     gate.set()
     configure.join(30)
     assert result["applied"] == {"modelPath": str(model_b)}

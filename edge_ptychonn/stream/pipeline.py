@@ -61,6 +61,7 @@ from .postprocess import apply_output_mask
 from .quote import short_repr
 
 STATS_WINDOW_S = 5.0  # rates and latency percentiles describe the last few seconds
+CONFIGURE_WAIT_S = 1.0  # configure(): how long a change waits for one in progress before it is refused
 _WAKE = object()  # queued by configure(): the inference thread recomputes its wait
 _NOTHING = object()  # _next_item(block=False): no batch is ready now
 
@@ -546,7 +547,13 @@ class InferencePipeline:
         to at a batch boundary; a model that cannot run in its place (another
         input size, not ONNX, an engine that fails to build) raises ValueError
         with the reason, and nothing changes."""
-        with self._configure_lock:
+        # One change at a time. A model's build holds this for its whole length (TensorRT:
+        # minutes): a change sent meanwhile is refused at once, with the reason, rather than
+        # answered only when the build is done (after its sender has given up waiting).
+        if not self._configure_lock.acquire(timeout=CONFIGURE_WAIT_S):
+            raise ValueError("a new model's engine is being built; send this change once it runs (the status "
+                             "channel's modelId changes then)")
+        try:
             with self._lock:
                 new, applied = apply_runtime_changes(self.config, changes)
                 if "modelPath" in applied:
@@ -556,6 +563,8 @@ class InferencePipeline:
                     self._apply(new, applied)
             if "modelPath" in applied:
                 self._swap(new, applied, input_hw)
+        finally:
+            self._configure_lock.release()
         if applied:
             self.log.info("configuration changed: %s", applied)
         return applied
