@@ -586,3 +586,20 @@ def test_the_ceilings_alone_time_no_engine(tmp_path, monkeypatch):
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert timed == [] and "engine" not in report
     assert report["ratios"][0]["passthrough_fps"] == 500.0 and report["ratios"][0]["engine_alone_fps"] is None
+
+
+def test_a_point_that_fails_with_an_error_ends_the_step_down(monkeypatch):
+    """Consumers that never get ready are no matter of rate: the sweeps stop there instead of
+    stepping down (before: up to --down more points, each waiting for the ready timeout)."""
+    from dataclasses import replace
+
+    asked = []
+    monkeypatch.setattr(bench_pipeline, "run_point", lambda s, p, n, rate, *a: asked.append(rate) or replace(
+        fake_point(rate, 1e9), n_received=0, n_unique=0, delivered_fps=0.0, error="consumers not ready in 90 s"))
+    settings = bench_pipeline.PipelineSettings(model_path=Path("m.onnx"))
+    bench_pipeline.sweep(settings, "ptychonn", 1, [50], None, Path("."), {}, None, stop_after=1, down=4)
+    assert asked == [50]
+    asked.clear()
+    bench_pipeline.ceiling_sweep(settings, "zero", 1, 400.0, None, Path("."), {}, None, down=3)
+    assert asked == [400.0]
+

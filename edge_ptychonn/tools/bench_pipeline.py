@@ -439,7 +439,7 @@ def sweep(
             failed += 1
     for _ in range(down):  # nothing kept up: go down until something does
         rated = [r.target_fps for r in results if r.target_fps > 0]
-        if not rated or any(r.sustained for r in results):
+        if not rated or any(r.sustained for r in results) or results[-1].error:  # a lower rate mends no error
             break
         point(round(min(rated) / 1.5, 1))
     for _ in range(refine):
@@ -475,7 +475,7 @@ def ceiling_sweep(
     rate = start_fps
     r = point(rate)
     steps = 0
-    while not r.sustained and not r.server_limited and steps < down:
+    while not r.sustained and not r.server_limited and not r.error and steps < down:  # a lower rate mends no error
         rate /= factor
         r = point(rate)
         steps += 1
