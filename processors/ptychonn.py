@@ -158,6 +158,21 @@ STATS = {
 }
 
 
+def _check_crop(config: ProcessorConfig) -> None:
+    """ValueError when ``crop`` (and ``bin``) cannot give the model's input size: every frame
+    would be refused as a bad frame (shape). Without ``crop`` the frame size decides."""
+    pre = config.preprocess
+    if pre.crop_hw is None:
+        return
+    h, w = read_signature(config.model_path).input_shape
+    (ch, cw), b = pre.crop_hw, pre.bin_factor
+    if ch % b or cw % b or (ch // b, cw // b) != (h, w):
+        raise ValueError(
+            f"crop [{ch}, {cw}] with bin {b} does not give the model's {h}x{w} input (crop / bin must be "
+            f"{h}x{w}, e.g. crop [{h * b}, {w * b}]): every frame would be refused as a bad frame (shape)"
+        )
+
+
 class PtychoNNProcessor(StatsFromTable, AdImageProcessor):
     """Batches frames, runs PtychoNN on its own thread, publishes every result."""
 
@@ -170,6 +185,7 @@ class PtychoNNProcessor(StatsFromTable, AdImageProcessor):
             configDict or {}, aliases=self.ARG_ALIASES, default_model=DEFAULT_MODEL
         )
         check_name(config.engine)  # at start-up, not only when start() creates it
+        _check_crop(config)
         self.processor_id = int(framework.get("processorId", 1) or 1)
         # The distributor's group: objectIdOffset = (N - 1) * nSequentialUpdates + 1.
         n_sequential = max(int(framework.get("nSequentialUpdates") or 1), 1)

@@ -83,6 +83,10 @@ def test_runtime_changes_are_validated_all_or_nothing(small_model):
         apply_runtime_changes(config, {"batchSize": 4, "batchTimeout": 0.5})
     with pytest.raises(ValueError, match="batchTimeout must be"):
         apply_runtime_changes(config, {"batchTimeout": -1})
+    # an unbounded number's message has no stray space before the comma
+    with pytest.raises(ValueError) as refused:
+        apply_runtime_changes(config, {"batchTimeout": "abc"})
+    assert str(refused.value) == "batchTimeout must be a number, got 'abc'"
     assert config.batch_timeout_s == 0.05  # frozen: the original never changes
 
 

@@ -91,6 +91,27 @@ def test_bad_frames_are_counted_by_kind_and_good_ones_still_flow(small_model, rn
     assert pipeline.stats.unaccounted(pipeline.queued_frames) == 0
 
 
+def test_a_frame_of_another_size_is_logged_with_the_crop_and_bin_that_failed(small_model, rng, caplog):
+    """The log names the frame and model sizes, the crop and bin, and what went wrong; before,
+    it ended in the whole preprocessing settings' repr (normalize, referenceTotal, ...), and
+    did not say what the frame became."""
+    import logging
+
+    pipeline, published, factory = make_pipeline(small_model, batchSize=2, crop=[128, 128], bin=2)
+    pipeline.start(factory)
+    with caplog.at_level(logging.ERROR):
+        pipeline.submit(good_frame(1, frames(rng, 1, (128, 130))[0]))  # crop 128x128, bin 2: 64x64
+        pipeline.submit(good_frame(2, frames(rng, 1, (100, 100))[0]))  # the crop does not fit
+        pipeline.submit(good_frame(3, frames(rng, 1, (130, 130))[0]))
+    assert published.wait(2) == 2
+    pipeline.stop()
+    assert pipeline.stats.bad["shape"] == 1 and [p[0] for p in published] == [1, 3]
+    message = next(r.getMessage() for r in caplog.records if "bad frame (shape)" in r.getMessage())
+    assert ("a 100x100 frame does not become the model's 64x64 input with crop [128, 128] and bin 2 "
+            "(crop 128x128 at (-14, -14) does not fit a 100x100 frame)") in message, message
+    assert "PreprocessConfig" not in message
+
+
 def test_missing_codec_package_is_counted(small_model, rng):
     pytest.importorskip("lz4")
     import importlib.util
@@ -292,6 +313,35 @@ def test_nonfinite_engine_outputs_are_counted_not_published(small_model, rng):
     pipeline.stop()
     assert [p[0] for p in published] == [2, 4]
     assert pipeline.stats.nonfinite_outputs == 2 and pipeline.stats.unaccounted(0) == 0
+
+
+def test_engine_outputs_of_the_wrong_shape_are_inference_errors_and_later_batches_flow(small_model, rng):
+    """A batch whose outputs the pipeline cannot use (here one row too many, then no channel
+    axis) counts as inference errors with the reason; before, the exception ended the inference
+    thread, and every later frame stayed queued for ever (then was dropped as overload)."""
+    pipeline, published, factory = make_pipeline(small_model, batchSize=3, batchTimeout=0.05)
+    engine = factory()
+    real_infer, calls = engine.infer, []
+
+    def odd_outputs(batch):
+        calls.append(len(batch))
+        out = real_infer(batch)
+        if len(calls) == 1:
+            return np.concatenate([out, out[:1]])
+        return out[:, 0] if len(calls) == 2 else out
+
+    engine.infer = odd_outputs
+    pipeline.start(lambda: engine)
+    for uid, image in enumerate(frames(rng, 9), start=1):
+        pipeline.submit(good_frame(uid, image))
+    assert published.wait(3, timeout_s=10) == 3
+    alive = pipeline._thread.is_alive()
+    pipeline.stop()
+    assert alive
+    assert [p[0] for p in published] == [7, 8, 9]
+    stats = pipeline.stats
+    assert stats.inference_errors == 6 and stats.publish_errors == 0 and pipeline.queued_frames == 0
+    assert stats.unaccounted(0) == 0
 
 
 def test_reconnect_records_are_not_frames_and_restarts_are_counted(small_model, rng):
@@ -591,6 +641,44 @@ def test_a_slow_build_stalls_neither_receiving_nor_inference(small_model, model_
     pipeline.stop()
     assert [p[0] for p in published] == list(range(1, 17))
     assert published.model_ids == [model_identity(small_model)] * 8 + [model_identity(model_b)] * 8
+
+
+def test_reading_a_new_models_card_holds_no_lock_that_frames_need(small_model, model_b, rng, monkeypatch):
+    """The new model's card is read while frames keep being taken (a card on a slow file
+    system, held here by the test); before, it was read under the lock that submit() and the
+    inference thread need, and receiving stalled until the read was done."""
+    import threading
+
+    from edge_ptychonn.stream import config as config_module
+
+    pipeline, published, factory = make_pipeline(small_model, batchSize=4, batchTimeout=0.05)
+    pipeline.start(factory, Recorded())
+    reading, gate, real_find_card = threading.Event(), threading.Event(), config_module.find_card
+
+    def slow_find_card(path):
+        if str(path) == str(model_b):
+            reading.set()
+            gate.wait(30)
+        return real_find_card(path)
+
+    monkeypatch.setattr(config_module, "find_card", slow_find_card)
+    configure = threading.Thread(target=pipeline.configure, args=({"modelPath": str(model_b)},), daemon=True)
+    configure.start()
+    try:
+        assert reading.wait(10)
+        images = frames(rng, 4)
+        feed = threading.Thread(target=lambda: [pipeline.submit(good_frame(uid, images[uid - 1])) for uid in range(1, 5)],
+                                daemon=True)
+        feed.start()
+        feed.join(5)
+        fed = not feed.is_alive()
+        assert fed, "submit() waited while the card was read"
+        assert published.wait(4, timeout_s=10) == 4  # published meanwhile, by the running model
+    finally:
+        gate.set()
+        configure.join(30)
+    pipeline.stop()
+    assert pipeline.model_id == model_identity(model_b) and pipeline.stats.unaccounted(0) == 0
 
 
 @pytest.mark.parametrize("what", ["other-input-size", "not-onnx", "missing", "bad-card", "build-fails"])

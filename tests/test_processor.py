@@ -101,11 +101,51 @@ def test_a_publish_that_pvapy_swallows_counts_as_a_publish_error(small_model, rn
     assert (stats["nFramesProcessed"], stats["nPublishErrors"], stats["nFramesUnaccounted"]) == (3, 1, 0)
 
 
+def test_stats_report_when_nothing_was_published_in_the_window(small_model, rng):
+    """Batches ran but none of their frames was published (every update failed; likewise every
+    output non-finite): the status report says so, with latencies 0. Before, getStats() raised
+    IndexError (percentiles of no latencies), which ends PvaPy's consumer loop: the consumer
+    died at its next status report."""
+
+    class Publisher:
+        nErrors = 0
+
+        def updateOutputChannel(self, pv):
+            self.nErrors += 1
+
+    processor = PtychoNNProcessor({**FRAMEWORK, "modelPath": str(small_model), "engine": "onnxruntime",
+                                   "cpuThreads": 1, "batchSize": 4, "batchTimeout": 60})
+    processor.outputChannel, processor.dataPublisher = FRAMEWORK["outputChannel"], Publisher()
+    processor.start()
+    for i in range(4):
+        processor.process(good_frame(i + 1, rng.poisson(20, (64, 64)).astype(np.int16)))
+    assert processor.pipeline.drain(10.0)
+    try:
+        stats = processor.getStats()
+    finally:
+        processor.stop()
+    assert (stats["nFramesProcessed"], stats["nPublishErrors"], stats["nBatchesProcessed"]) == (0, 4, 1)
+    assert (stats["latencyP50Ms"], stats["latencyP99Ms"], stats["frameRate"]) == (0.0, 0.0, 0.0)
+    assert stats["nFramesUnaccounted"] == 0
+
+
 def test_bad_arguments_fail_at_construction(small_model):
     with pytest.raises(ValueError, match="unknown processor argument"):
         PtychoNNProcessor({**FRAMEWORK, "modelPath": str(small_model), "bsz": 8})
     with pytest.raises(ValueError, match="unknown engine 'tensorrtx'"):
         PtychoNNProcessor({**FRAMEWORK, "modelPath": str(small_model), "engine": "tensorrtx"})
+
+
+def test_a_crop_that_cannot_give_the_models_input_fails_at_construction(small_model):
+    """The small model takes 64x64: a crop and bin that give another size would have run and
+    refused every frame as a bad frame (shape); a crop that gives 64x64 is accepted."""
+    with pytest.raises(ValueError, match=r"crop \[200, 200\] with bin 1 does not give the model's 64x64 input "
+                                         r"\(crop / bin must be 64x64, e.g. crop \[64, 64\]\)"):
+        PtychoNNProcessor({**FRAMEWORK, "modelPath": str(small_model), "crop": [200, 200]})
+    with pytest.raises(ValueError, match=r"crop \[130, 130\] with bin 2 does not give"):
+        PtychoNNProcessor({**FRAMEWORK, "modelPath": str(small_model), "crop": [130, 130], "bin": 2})
+    processor = PtychoNNProcessor({**FRAMEWORK, "modelPath": str(small_model), "crop": [128, 128], "bin": 2})
+    assert processor.config.preprocess.crop_hw == (128, 128)
 
 
 def test_seed_drop_in_accepts_bsz_and_onnx_mdl(small_model):
@@ -150,3 +190,63 @@ def test_stats_describe_accounting(small_model):
         assert key in stats, key
     assert stats["nFramesUnaccounted"] == 0 and stats["completeness"] == 1.0
     assert processor.pipeline.stats.ids.stride == 16  # runs of 8, offset 9: two consumers
+
+
+def _run_consumer(env, module_dir, processor_args: str, processor_class: str = "processors.ptychonn.PtychoNNProcessor"):
+    """``edge-ptychonn consumer`` with one consumer, to its exit (bounded); ``module_dir`` holds
+    test processor modules."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from channel_names import PREFIX
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**env, "PYTHONPATH": f"{module_dir}:{root}"}
+    return subprocess.run(
+        [sys.executable, "-m", "edge_ptychonn.cli", "consumer", "-ic", f"{PREFIX}:noengine:image",
+         "-oc", f"{PREFIX}:noengine:*:output", "-nc", "1", "-pc", processor_class, "-pa", processor_args],
+        capture_output=True, text=True, timeout=120, env=env, cwd=root)
+
+
+@pytest.mark.parametrize("processor_args, message", [
+    ("notjson", "edge-ptychonn consumer: --processor-args is not JSON (Expecting value"),
+    ("[1]", "edge-ptychonn consumer: --processor-args must be a JSON object such as"),
+])
+def test_consumer_answers_processor_args_that_are_no_json_object_in_one_line(tmp_path, processor_args, message):
+    """Before: a bare "Expecting value: line 1 column 1 (char 0)" that named no option, and
+    a traceback for a JSON list."""
+    import os
+
+    done = _run_consumer(dict(os.environ), tmp_path, processor_args)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1].startswith(message), done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+
+
+def test_consumer_checks_only_pvapys_json_options():
+    from edge_ptychonn.tools.consumer import check_json_options
+
+    assert check_json_options(["-ic", "ad:image", "-pa", '{"batchSize": 8}', "--output-args={}"]) is None
+    assert check_json_options(["-pa", ""]) is None  # PvaPy takes an empty value as no arguments
+    assert check_json_options(["-ic", "[1]"]) is None  # not a JSON option
+    assert check_json_options(["--input-args=[1]"]).startswith("--input-args must be a JSON object")
+    assert check_json_options(["-oa", "{x"]).startswith("--output-args is not JSON")
+
+
+def test_consumer_whose_engine_cannot_start_is_one_line_and_status_2(pva_env, tmp_path, small_model):
+    """An engine that cannot run here (no GPU for device cuda:0, TensorRT missing) stops one
+    consumer with one line and exit status 2, as the README says (before: a traceback, 1)."""
+    (tmp_path / "noengine_processor.py").write_text(
+        "from engines.base import EngineUnavailable\n"
+        "from processors.ptychonn import PtychoNNProcessor\n\n\n"
+        "class NoEngine(PtychoNNProcessor):\n"
+        "    def _create_engine(self):\n"
+        "        raise EngineUnavailable(\"engine 'tensorrt' cannot run here: tensorrt not installed\")\n"
+    )
+    args = f'{{"modelPath": "{small_model}", "engine": "onnxruntime"}}'
+    done = _run_consumer(pva_env, tmp_path, args, "noengine_processor.NoEngine")
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1] == (
+        "edge-ptychonn consumer: engine 'tensorrt' cannot run here: tensorrt not installed"), done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]

@@ -74,7 +74,7 @@ def integer(lo: int | None = None, hi: int | None = None) -> Converter:
 
     def convert(value: Any) -> int:
         if not _is_int(value) or (lo is not None and value < lo) or (hi is not None and value > hi):
-            raise ValueError(f"must be an integer {_range(lo, hi)}, got {short_repr(value)}")
+            raise ValueError(f"must be an integer{_range(lo, hi)}, got {short_repr(value)}")
         return int(value)
 
     return convert
@@ -87,19 +87,20 @@ def number(lo: float | None = None, hi: float | None = None) -> Converter:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (
             (lo is not None and value < lo) or (hi is not None and value > hi)
         ):
-            raise ValueError(f"must be a number {_range(lo, hi)}, got {short_repr(value)}")
+            raise ValueError(f"must be a number{_range(lo, hi)}, got {short_repr(value)}")
         return float(value)
 
     return convert
 
 
 def _range(lo, hi) -> str:
+    """The bounds for a message, with a leading space ("" without bounds)."""
     if lo is not None and hi is not None:
-        return f"{lo}..{hi}"
+        return f" {lo}..{hi}"
     if lo is not None:
-        return f">= {lo}"
+        return f" >= {lo}"
     if hi is not None:
-        return f"<= {hi}"
+        return f" <= {hi}"
     return ""
 
 

@@ -79,7 +79,7 @@ class Batcher:
         for _ in range(n_buffers):
             self._free.put(np.zeros((batch_size, 1, *self.input_hw), dtype=np.float32))
         self._current: Batch | None = None
-        self._shape_ok: dict[tuple[int, int], bool] = {}
+        self._shape_ok: dict[tuple[int, int], str] = {}  # frame shape -> why it does not fit ("" if it does)
         self.preprocess = preprocess
 
     @property
@@ -100,18 +100,23 @@ class Batcher:
 
     def check_shape(self, frame_hw: tuple[int, int]) -> None:
         """Raise BadFrame('shape') unless frames of ``frame_hw`` become model input."""
-        ok = self._shape_ok.get(frame_hw)
-        if ok is None:
+        problem = self._shape_ok.get(frame_hw)
+        if problem is None:
+            pre = self._preprocess
             try:
-                ok = self._preprocess.output_shape(frame_hw) == self.input_hw
-            except ValueError:
-                ok = False
-            self._shape_ok[frame_hw] = ok
-        if not ok:
+                shape = pre.output_shape(frame_hw)
+                problem = "" if shape == self.input_hw else f"it becomes {shape[0]}x{shape[1]}"
+            except ValueError as exc:
+                problem = str(exc)
+            self._shape_ok[frame_hw] = problem
+        if problem:
+            pre = self._preprocess
+            crop = "no crop" if pre.crop_hw is None else f"crop {list(pre.crop_hw)}" + (
+                "" if pre.crop_origin_yx is None else f" at cropOrigin {list(pre.crop_origin_yx)}")
             raise BadFrame(
                 "shape",
                 f"a {frame_hw[0]}x{frame_hw[1]} frame does not become the model's "
-                f"{self.input_hw[0]}x{self.input_hw[1]} input with {self._preprocess}",
+                f"{self.input_hw[0]}x{self.input_hw[1]} input with {crop} and bin {pre.bin_factor} ({problem})",
             )
 
     @property

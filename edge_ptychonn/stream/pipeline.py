@@ -132,9 +132,10 @@ class RecentWindow:
     def latency_percentiles_ms(self) -> tuple[float, float]:
         """(p50, p99) of receive-to-publish latency over the window."""
         _, items = self._snapshot()
-        if not items:
+        latencies = np.concatenate([i[4] for i in items]) if items else np.empty(0)
+        if not latencies.size:  # nothing published in the window (batches whose frames all failed)
             return 0.0, 0.0
-        p50, p99 = np.percentile(np.concatenate([i[4] for i in items]), [50, 99])
+        p50, p99 = np.percentile(latencies, [50, 99])
         return float(p50), float(p99)
 
 
@@ -467,7 +468,10 @@ class InferencePipeline:
             if self._outputs_closed:
                 counts = {"stopping": batch.n}
                 return
-            counts = self._publish_batch(batch, result, time.perf_counter() - t0)
+            try:
+                counts = self._publish_batch(batch, result, time.perf_counter() - t0)
+            except Exception as exc:  # outputs it cannot use: these frames are lost, the thread goes on
+                self._inference_failed(batch, exc)
         finally:
             self._done(batch, **counts)
 
@@ -501,6 +505,9 @@ class InferencePipeline:
     def _publish_batch(self, batch: Batch, outputs: np.ndarray, infer_s: float) -> dict[str, int]:
         """Encode and publish each output; the counts for :meth:`_done`."""
         stats = self.stats
+        outputs = np.asarray(outputs)
+        if outputs.ndim != 4 or len(outputs) != batch.n:  # (n, 1, h, w); checked before any frame is published
+            raise ValueError(f"the engine returned outputs of shape {outputs.shape} for {batch.n} frame(s)")
         outputs = apply_output_mask(outputs, self._output_mask)
         stats.infer_time_s += infer_s
         stats.batches += 1
@@ -554,8 +561,11 @@ class InferencePipeline:
             raise ValueError("a new model's engine is being built; send this change once it runs (the status "
                              "channel's modelId changes then)")
         try:
+            # Validated without the lock: a new model's card is read from disk here (a slow file
+            # system must stall neither receiving nor inference). Only configure() changes the
+            # settings, and the configure lock is held.
+            new, applied = apply_runtime_changes(self.config, changes)
             with self._lock:
-                new, applied = apply_runtime_changes(self.config, changes)
                 if "modelPath" in applied:
                     self._check_can_swap()
                     input_hw = self._batcher.input_hw

@@ -1,7 +1,7 @@
 """``edge-ptychonn consumer``: ``pvapy-hpc-consumer`` that stops cleanly on SIGTERM.
 
 It takes exactly ``pvapy-hpc-consumer``'s options and runs it in this process,
-with two differences that matter when a service manager runs it:
+with three differences that matter when a service manager runs it:
 
 - SIGTERM stops it like Ctrl-C: the consumers publish what they hold, the
   framework reports its final statistics, every process exits with 0;
@@ -11,8 +11,10 @@ with two differences that matter when a service manager runs it:
   once every forked consumer has exited and one of them failed (a bad processor
   argument, an engine that cannot start, a consumer killed), where
   ``pvapy-hpc-consumer`` would go on reporting "No stats received" until its
-  runtime ends; with one consumer a processor that refuses its arguments is one
-  line (exit status 2), not a traceback.
+  runtime ends; with one consumer a processor that refuses its arguments, or
+  whose engine cannot start, is one line (exit status 2), not a traceback;
+  a ``--processor-args`` (``--input-args``, ``--output-args``) that is not a
+  JSON object is one line (exit status 2) before anything starts.
 
 With ``--n-consumers > 1`` each consumer also stops by itself if this parent is
 killed (see ``processors/shutdown.py``).
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import multiprocessing
 import signal
 import sys
@@ -84,11 +87,46 @@ def recording_children(started: list):
         base.start = original
 
 
+# pvapy-hpc-consumer's options whose value it reads with json.loads and then uses as a dict
+JSON_OPTIONS = {"-pa": "--processor-args", "--processor-args": "--processor-args", "-ia": "--input-args",
+                "--input-args": "--input-args", "-oa": "--output-args", "--output-args": "--output-args"}
+
+
+def check_json_options(argv: list[str]) -> str | None:
+    """Why a JSON option's value is not a JSON object (PvaPy would answer with a bare
+    ``Expecting value: line 1 column 1`` or a traceback), or None when each one is."""
+    for i, arg in enumerate(argv):
+        name, sep, value = arg.partition("=")
+        if name not in JSON_OPTIONS:
+            continue
+        if not sep:
+            if i + 1 >= len(argv):
+                continue  # argparse says that the value is missing
+            value = argv[i + 1]
+        if not value:
+            continue  # an empty value: no arguments, as PvaPy takes it
+        option = JSON_OPTIONS[name]
+        example = '{"batchSize": 8}' if option == "--processor-args" else '{"key": "value"}'
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError as exc:
+            return f"{option} is not JSON ({exc}): give an object such as '{example}'"
+        if not isinstance(parsed, dict):
+            return f"{option} must be a JSON object such as '{example}', got {type(parsed).__name__}"
+    return None
+
+
 def main(args: argparse.Namespace) -> int:
     argv = list(args.consumer_args)
+    problem = check_json_options(argv)
+    if problem:
+        print(f"edge-ptychonn consumer: {problem}", file=sys.stderr)
+        return 2
     if not sys.stdout.isatty() and not {"-dc", "--disable-curses"} & set(argv):
         argv.insert(0, "-dc")
     from pvapy.cli import hpcConsumer
+
+    from engines.base import EngineUnavailable
 
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # KeyboardInterrupt: PvaPy's clean stop
     saved_argv, sys.argv = sys.argv, ["edge-ptychonn consumer", *argv]  # argparse names us in its messages
@@ -98,7 +136,8 @@ def main(args: argparse.Namespace) -> int:
     try:
         with recording_children(started):
             hpcConsumer.main()
-    except ValueError as exc:  # one consumer in this process: its processor refused its arguments
+    except (ValueError, EngineUnavailable) as exc:  # one consumer in this process: its processor refused its
+        # arguments, or its engine cannot run here
         print(f"edge-ptychonn consumer: {exc}", file=sys.stderr)
         return 2
     finally:
