@@ -6,12 +6,13 @@
 # It runs 'edge-ptychonn view' (the viewer extra: pip install 'edge-ptychonn[viewer]';
 # scripts/setup-venv.sh torch,viewer installs it). Without a display it runs under xvfb-run
 # when that exists (apt-get install xvfb), else with QT_QPA_PLATFORM=offscreen (nothing visible).
-# Ctrl-C closes every window.
+# Ctrl-C closes every window. It runs in the directory you call this from (a relative --model is
+# taken from there).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+root=$(cd "$(dirname "$0")/.." && pwd)
 
 tool=$(command -v edge-ptychonn || true)
-[ -x .venv/bin/edge-ptychonn ] && tool=.venv/bin/edge-ptychonn
+[ -x "$root/.venv/bin/edge-ptychonn" ] && tool="$root/.venv/bin/edge-ptychonn"
 if [ -z "$tool" ]; then
     echo "view.sh: edge-ptychonn not found; run: bash scripts/setup-venv.sh torch,viewer" >&2
     exit 2

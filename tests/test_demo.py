@@ -12,7 +12,8 @@ from edge_ptychonn.tools import demo
 from channel_names import PREFIX
 from model_util import training_like_scan
 
-MODEL = Path(__file__).resolve().parent.parent / "data" / "ptychonn.onnx"
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = ROOT / "data" / "ptychonn.onnx"
 
 
 @pytest.mark.e2e
@@ -50,6 +51,38 @@ def test_demo_runs_the_chain_and_leaves_a_picture_of_the_stitched_phase(pva_env,
     assert ssim > 0.3
 
 
+def test_demo_sh_takes_relative_paths_from_where_it_is_called(tmp_path):
+    """``bash scripts/demo.sh --scan scan.npy --out out`` run beside scan.npy replays that scan
+    into ./out. Before: the script ran the demo in the repository's folder ("scan scan.npy not
+    found"; a relative --out landed in the repository). Stopped here by an unknown engine,
+    which is checked once the scan is found."""
+    import hashlib
+    import subprocess
+
+    stamp = ROOT / ".venv" / ".edge-ptychonn-installed"  # demo.sh's set-up must have nothing to install
+    pins, extras = (stamp.read_text().split() + ["", ""])[:2] if stamp.is_file() else ("", "")
+    if pins != hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest() or \
+            not {"torch", "codecs", "hdf5"} <= set(extras.split(",")):
+        pytest.skip("demo.sh would first install its extras into .venv")
+    np.save(tmp_path / "scan.npy", np.zeros((2, 8, 8), np.int16))
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "demo.sh"), "--scan", "scan.npy", "--out", "out",
+                           "--engine", "warp"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "edge-ptychonn demo: [inference.args] unknown engine 'warp'" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("option", [["--timeout", "-20"], ["--start-delay", "-5"], ["--timeout", "nan"]])
+def test_bad_times_are_refused_with_the_demos_own_option_names(tmp_path, capsys, option):
+    """Before: "'timeout_s' in the top level must be >= 0, got -8.0" and "[source] fps must be > 0
+    and start_delay_s >= 0", names of the launcher's file the demo's user never wrote."""
+    np.save(tmp_path / "scan.npy", np.zeros((2, 8, 8), np.int16))
+    args = demo.get_args_parser().parse_args(["--scan", str(tmp_path / "scan.npy"), "--out", str(tmp_path / "out"),
+                                              *option])
+    assert demo.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("edge-ptychonn demo: --timeout must be > 0 and --start-delay >= 0 (seconds), got "), err
+
+
 def test_sweep_table_counts_a_frame_the_stitcher_missed_as_lost():
     from edge_ptychonn.tools.launch import Snapshot
 
@@ -67,6 +100,9 @@ def test_sweep_table_counts_a_frame_the_stitcher_missed_as_lost():
     assert demo.format_table(demo.SWEEP_HEADER, rows).splitlines()[0].split()[:3] == ["fps", "sent", "processed"]
     with pytest.raises(ValueError, match="separated by commas"):
         demo._rates("60;80")
+    for text in ("60,nan", "inf", "0,60"):  # before: nan and inf passed, and failed only after the scan was made
+        with pytest.raises(ValueError, match="must be finite numbers > 0"):
+            demo._rates(text)
 
 
 def test_a_demo_run_removes_the_previous_runs_image_and_hdf5_files(tmp_path):

@@ -239,7 +239,14 @@ def test_last_errors_finds_the_traceback():
     log = "INFO started\nTraceback (most recent call last):\n  File x\nValueError: batchSize must be 1..256\nINFO parent waits\n"
     assert last_errors(log).splitlines()[0] == "Traceback (most recent call last):"
     assert "ValueError: batchSize" in last_errors(log)
+    # what the PvaPy parent logs after its consumer failed is not the reason (before: 15 lines of it)
+    spam = "".join(f"2026-01-01 MpDataConsumerController ERROR: No stats received from consumer {i % 2 + 1}\n"
+                   for i in range(40))
+    assert last_errors(log + spam).splitlines()[-1] == "ValueError: batchSize must be 1..256"
     assert last_errors("a\nERROR: cannot connect\nb\n") == "ERROR: cannot connect"
+    # not the statistics PvaPy logs, whose keys hold "error" (before: every such line)
+    assert last_errors("{'errorRate': 0.0Hz, 'nErrors': 0}\n'nInferenceErrors': 0,\nERROR: cannot connect\n") \
+        == "ERROR: cannot connect"
     assert last_errors("") == "(the log is empty)"
 
 
@@ -608,6 +615,180 @@ def test_a_replay_stopped_early_counts_what_the_sim_server_sent(pva_env, tmp_pat
     assert f"frames sent          {published} (of 40 in the scan: the replay was stopped)" in out, out
     assert f"inference processed  {counted[-1]} " in out and counted[-1] == seen.count()
     assert f"frames lost          {published - seen.count()}\n" in out, out
+
+
+@pytest.mark.e2e
+def test_a_replay_whose_frames_are_all_refused_ends_and_reports_them_lost(pva_env, tmp_path, small_model):
+    """Every frame of the replay refused by inference (frames of another size than the model's):
+    the launcher stops once the chain is idle after the replay, counts them lost, exit status 1.
+    Before: it waited for a processed frame forever (no timeout_s: until Ctrl-C)."""
+    scan = tmp_path / "scan.npy"
+    np.save(scan, np.ones((8, 32, 32), np.int16))  # the model takes 64x64
+    tag = f"{PREFIX}-lr"
+    cfg = toml(tmp_path, f"""
+log_dir = "{tmp_path / 'logs'}"
+idle_s = 2
+[source]
+scan = "{scan}"
+channel = "{tag}:image"
+fps = 20
+start_delay_s = 3
+[inference]
+consumers = 1
+prefix = "{tag}:inference"
+[inference.args]
+modelPath = "{small_model}"
+engine = "onnxruntime"
+cpuThreads = 1
+""")
+    launch = subprocess.Popen([sys.executable, "-m", "edge_ptychonn.cli", "launch", str(cfg)], cwd=ROOT, env=pva_env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = launch.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.kill(launch.pid, signal.SIGTERM)  # the launcher stops what it started
+        out, _ = launch.communicate(timeout=60)
+        pytest.fail("the launcher did not stop after the replay: " + out[-1500:])
+    finally:
+        if launch.poll() is None:
+            os.killpg(launch.pid, signal.SIGKILL)
+            launch.wait(30)
+    assert _pids_alive(out) == [], "launch left processes running"
+    assert launch.returncode == 1, out[-3000:]
+    assert "frames sent          8\n" in out and "frames lost          8\n" in out, out[-3000:]
+    assert "inference processed  0 (dropped or bad 8" in out, out[-3000:]
+
+
+@pytest.mark.e2e
+def test_the_stitchers_last_frames_held_by_the_collector_are_counted(pva_env, tmp_path, small_model):
+    """The collector holds the scan's last frames (fewer than its cache) for its release time
+    (5 s) before the stitcher places them: the chain is not done before they are. Before: with
+    an idle_s shorter than that (the demo's 5 s) the launcher stopped watching first and
+    reported those frames as not placed (a sweep counted them lost)."""
+    n = 20  # the cache is 2 * 1 consumer * 8 = 16 frames: the last 4 wait for the release
+    scan, positions = tmp_path / "scan.npy", tmp_path / "positions.npy"
+    np.save(scan, np.random.default_rng(5).poisson(50, (n, 64, 64)).astype(np.int16))
+    np.save(positions, np.stack(np.divmod(np.arange(n) * 6, 48), axis=1).astype(np.float64))
+    tag = f"{PREFIX}-lc"
+    cfg = toml(tmp_path, f"""
+log_dir = "{tmp_path / 'logs'}"
+idle_s = 1
+[source]
+scan = "{scan}"
+channel = "{tag}:image"
+fps = 20
+start_delay_s = 8  # the collector connects before frames flow
+[inference]
+consumers = 1
+prefix = "{tag}:inference"
+[inference.args]
+modelPath = "{small_model}"
+engine = "onnxruntime"
+cpuThreads = 1
+[stitch]
+prefix = "{tag}:stitch"
+[stitch.args]
+positionsFile = "{positions}"
+objectShape = [120, 120]
+outputDirectory = "{tmp_path / 'stitched'}"
+""")
+    launch = subprocess.Popen([sys.executable, "-m", "edge_ptychonn.cli", "launch", str(cfg)], cwd=ROOT, env=pva_env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = launch.communicate(timeout=150)
+    finally:
+        if launch.poll() is None:
+            os.killpg(launch.pid, signal.SIGKILL)
+            launch.wait(30)
+    assert _pids_alive(out) == [], "launch left processes running"
+    assert launch.returncode == 0, out[-3000:]
+    assert f"frames placed        {n} " in out, out[-3000:]
+    assert "frames lost          0\n" in out, out[-3000:]
+
+
+def test_a_binary_file_is_refused_naming_it(tmp_path, capsys):
+    """``edge-ptychonn launch scan.npy`` (the scan for the file). Before: only "'utf-8' codec
+    can't decode byte 0x93 in position 0", naming no file."""
+    np.save(tmp_path / "scan.npy", np.zeros((2, 4, 4), np.int16))
+    assert launch.main(launch.get_args_parser().parse_args([str(tmp_path / "scan.npy")])) == 2
+    err = capsys.readouterr().err
+    assert err == f"edge-ptychonn launch: {tmp_path / 'scan.npy'} is not a TOML file (not UTF-8 text: byte 0)\n", err
+
+
+def test_a_chain_stopped_before_the_replay_started_sent_nothing(tmp_path, monkeypatch, capsys):
+    """Ctrl-C while the consumers start, before the sim server: nothing was sent, nothing lost.
+    Before: the summary said "frames sent 40" and "frames lost 40"."""
+    scan = tmp_path / "scan.npy"
+    np.save(scan, np.zeros((40, 8, 8), np.int16))
+    cfg = load(tmp_path, f'log_dir = "{tmp_path / "logs"}"\n' + MINIMAL.replace('channel = "det:image"', f'scan = "{scan}"'))
+
+    def start(self):
+        raise KeyboardInterrupt  # Ctrl-C while the inference consumers start
+
+    monkeypatch.setattr(launch.Chain, "start", start)
+    monkeypatch.setattr(launch.Chain, "snapshot", lambda self: Snapshot([_record(0)] * 3, None, []))
+    assert launch.run(cfg) == 130
+    out = capsys.readouterr().out
+    assert "frames sent          0 (of 40 in the scan: the replay was stopped)" in out, out
+    assert "frames lost          0\n" in out, out
+
+
+@pytest.mark.e2e
+def test_consumers_that_fail_at_start_are_reported_with_the_reason(pva_env, tmp_path):
+    """Forked inference consumers whose engine cannot load the model (a file that is not ONNX,
+    which --check cannot see) exit; PvaPy's parent lives on. The launcher says so with the
+    reason from the log. Before: it waited 90 s, then showed the parent's "No stats received"
+    lines (or, had the status answered first, only "status channel(s) silent")."""
+    model = tmp_path / "model.onnx"
+    model.write_text("not a model")
+    scan = tmp_path / "scan.npy"
+    np.save(scan, np.ones((4, 64, 64), np.int16))
+    tag = f"{PREFIX}-lf"
+    cfg = toml(tmp_path, f"""
+log_dir = "{tmp_path / 'logs'}"
+idle_s = 1
+[source]
+scan = "{scan}"
+channel = "{tag}:image"
+fps = 20
+start_delay_s = 2
+[inference]
+consumers = 2
+prefix = "{tag}:inference"
+[inference.args]
+modelPath = "{model}"
+engine = "onnxruntime"
+cpuThreads = 1
+""")
+    t0 = time.monotonic()
+    launch = subprocess.Popen([sys.executable, "-m", "edge_ptychonn.cli", "launch", str(cfg)], cwd=ROOT, env=pva_env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = launch.communicate(timeout=150)
+    finally:
+        if launch.poll() is None:
+            os.killpg(launch.pid, signal.SIGKILL)
+            launch.wait(30)
+    assert _pids_alive(out) == [], "launch left processes running"
+    assert launch.returncode == 1, out[-3000:]
+    assert f"{model} is not a readable ONNX model" in out, out[-3000:]
+    assert time.monotonic() - t0 < 75, out[-3000:]  # not the 90 s wait for a status channel
+
+
+def test_no_viewer_is_started_without_a_display_and_the_launcher_says_so(tmp_path, monkeypatch):
+    """[viewer] on a host without a display. Before: the viewer was started, c2dv's Qt aborted
+    at once, and the launcher said nothing (no window, no line)."""
+    pytest.importorskip("c2dataviewer")
+    for key in ("DISPLAY", "WAYLAND_DISPLAY", "QT_QPA_PLATFORM"):
+        monkeypatch.delenv(key, raising=False)
+    cfg = load(tmp_path, f'log_dir = "{tmp_path / "logs"}"\n' + MINIMAL + '\n[viewer]\nchannels = ["stitch:1:output"]\n')
+    out = io.StringIO()
+    chain = launch.Chain(cfg, out=out)
+    try:
+        chain._start_viewers()
+    finally:
+        chain.stop()
+    assert chain.procs == [] and "warning: no display (DISPLAY is not set): no viewer started" in out.getvalue()
 
 
 def test_frames_appended_but_not_yet_flushed_count_as_written(tmp_path):

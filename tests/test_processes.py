@@ -7,9 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import group_gone, lines_until
+from edge_ptychonn.tools import processes
 from edge_ptychonn.tools.processes import LOOPBACK_ENV, child_pids, start, use_loopback, wait_until
 
 MODEL = Path(__file__).resolve().parent.parent / "data" / "ptychonn.onnx"
@@ -22,6 +24,18 @@ def test_child_processes_get_the_loopback_settings():
     env = use_loopback()
     for key, value in LOOPBACK_ENV.items():
         assert env[key] == value and os.environ[key] == value
+
+
+def test_a_replay_longer_than_an_hour_is_not_cut_short(tmp_path):
+    """The sim server stops streaming at its runtime, mid-scan or not. Before: always an hour,
+    so a replay of 2000 frames at 0.5 frames/s (4000 s) lost its last 200 frames."""
+    scan = tmp_path / "scan.npy"
+    np.save(scan, np.zeros((2000, 2, 2), np.int16))
+    argv = processes.sim_server_argv(scan, "det:image", fps=0.5)
+    assert float(argv[argv.index("-rt") + 1]) >= 2000 / 0.5
+    assert float(argv[argv.index("-rt") + 1]) <= 3 * 2000 / 0.5  # still a bound
+    short = processes.sim_server_argv(scan, "det:image", fps=100)
+    assert float(short[short.index("-rt") + 1]) == 3600.0  # an hour covers a short scan
 
 
 def test_stop_ends_the_whole_process_group(tmp_path):

@@ -56,6 +56,22 @@ def test_bad_arguments_are_refused_before_any_window(capsys):
     assert err[1].startswith("edge-ptychonn view: --levels LO,HI needs LO < HI")
 
 
+def test_view_sh_takes_a_relative_model_from_where_it_is_called(tmp_path):
+    """``bash scripts/view.sh --model m.onnx`` run beside m.onnx and its card uses them. Before:
+    the script ran the viewer in the repository's folder, so a relative path named no file there
+    ("the model card of m.onnx gives no phase range")."""
+    import os
+    import subprocess
+
+    shutil.copy(MODEL.with_suffix(".json"), tmp_path / "m.json")
+    (tmp_path / "m.onnx").write_bytes(b"")  # only its card is read for the levels
+    env = {**os.environ, "QT_QPA_PLATFORM": "offscreen"}  # no X server: the arguments fail first
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "view.sh"), "--model", "m.onnx", "--rate", "7"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.startswith("edge-ptychonn view: --rate must be full"), done.stderr
+
+
 def _status(log: str) -> dict[str, tuple]:
     """The last status line of each channel in the viewer's log."""
     last = {}

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -126,8 +127,8 @@ def _rates(text: str) -> list[float]:
         rates = [float(v) for v in text.split(",")]
     except ValueError:
         raise ValueError(f"--sweep takes frame rates separated by commas, e.g. 60,80,100; got {text!r}") from None
-    if not rates or min(rates) <= 0:
-        raise ValueError(f"--sweep rates must be > 0, got {text!r}")
+    if not all(math.isfinite(r) and r > 0 for r in rates):  # before the scan is simulated for nothing
+        raise ValueError(f"--sweep rates must be finite numbers > 0, got {text!r}")
     return sorted(rates)
 
 
@@ -207,6 +208,10 @@ def main(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"model {args.model} not found")
         if args.consumers < 1 or args.batch_size < 1 or args.fps <= 0:
             raise ValueError("--consumers and --batch-size must be >= 1 and --fps > 0")
+        if not (math.isfinite(args.timeout) and args.timeout > 0 and math.isfinite(args.start_delay)
+                and args.start_delay >= 0):
+            raise ValueError(f"--timeout must be > 0 and --start-delay >= 0 (seconds), got {args.timeout:g} "
+                             f"and {args.start_delay:g}")
         rates = _rates(args.sweep) if args.sweep is not None else None
         card = find_card(args.model)
         scan = ensure_scan(args.scan, card)

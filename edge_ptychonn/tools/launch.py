@@ -13,14 +13,18 @@ delay lets every client connect to the channels that appear when the first
 (empty) record reaches the consumers, before frames flow. The launcher reports
 when every client has received its first record, and warns if frames started
 before. It then prints a one-line status every second (from the status
-channels) and, with a sim server replaying once, stops when the chain has been
-idle for ``idle_s`` after the scan; a detector chain runs until Ctrl-C. Ctrl-C,
+channels) and, with a sim server replaying once, stops once every stage has taken
+every frame it sent, else when the chain has been idle for ``idle_s`` after the scan
+(at least two status periods, plus the collector's 5 s release time with a stitcher,
+so that frames still on their way are counted); a detector chain runs until Ctrl-C. Ctrl-C,
 SIGTERM or SIGHUP (the terminal or ssh session closed) stops everything it
 started, by process id, source first, so the downstream stages see every frame;
 their logs are in ``log_dir``; with a replay stopped early, the summary counts the
 frames the sim server sent, once they went through the chain (at most 15 s more).
 Should the launcher itself be killed outright (SIGKILL), the kernel sends each
-process it started SIGTERM (Linux).
+process it started SIGTERM (Linux). A forked consumer (inference, HDF5 writer) that
+exits while the chain starts or runs is reported with the reason from its log (Linux);
+the others go on, and when none of a stage's is left the chain stops (exit status 1).
 
 The file (TOML; every key is optional unless marked; unknown keys are refused
 with the accepted ones listed; numbers must be finite; each stage needs a prefix
@@ -30,7 +34,7 @@ there. ``--check`` validates the file, the scan and each processor's arguments
 (with the processor's own parsing, as its consumers will), starting nothing::
 
     log_dir = "results/launch"         # processes' logs
-    idle_s = 8.0                       # with a replayed scan: stop after this long without progress
+    idle_s = 8.0                       # with a replayed scan: stop after this long without progress (see above)
     timeout_s = 0                      # stop after this many seconds (0: no limit)
 
     [source]
@@ -62,7 +66,7 @@ there. ``--check`` validates the file, the scan and each processor's arguments
     [hdf5.args]
     outputDirectory = "results/h5"     # required
 
-    [viewer]                           # omit for no viewer; needs c2dv (pip install 'edge-ptychonn[viewer]')
+    [viewer]                           # omit for no viewer; needs c2dv (pip install 'edge-ptychonn[viewer]') and a display
     channels = ["stitch:1:output"]     # one window each (edge-ptychonn view: full rate, phase levels)
 
 Exit status: 0; 1 when frames were lost or a process failed; 2 for a bad file
@@ -78,6 +82,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -285,6 +290,8 @@ class LaunchConfig:
             data = tomllib.loads(Path(path).read_text())
         except OSError as exc:
             raise ValueError(f"cannot read {path}: {exc}") from exc
+        except UnicodeDecodeError as exc:  # a scan, a model, ... given instead of the file
+            raise ValueError(f"{path} is not a TOML file (not UTF-8 text: byte {exc.start})") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ValueError(f"{path} is not valid TOML: {exc}") from exc
         return cls.from_dict(data)
@@ -416,7 +423,7 @@ class Snapshot:
                    + ([_user(self.stitch, "nFramesReceived")] if cfg.stitch is not None else []))
 
     def progress(self) -> tuple:
-        return (self.processed(), self.written(), self.placed())
+        return (self.processed(), self.dropped(), self.written(), self.placed())
 
     def frame_rate(self) -> float:
         """Published frames/s of all inference consumers (each over its last 5 s)."""
@@ -500,11 +507,21 @@ class Chain:
         """Wait until every status channel answers; ``channels``: name -> the process that serves it."""
         deadline = time.monotonic() + timeout_s
         waiting = list(channels)
+        forked = set()  # the pvapy-hpc-consumer -nc N (N > 1) seen with its forked consumers
         while waiting:
             waiting = [c for c in waiting if self.status.get(c) is None]
             dead = [p for p in self.procs if not p.running()]
             if dead:
                 raise RuntimeError(f"{dead[0].name} exited (code {dead[0].popen.returncode}):\n{dead[0].log()[-3000:]}")
+            # every forked consumer gone (a processor that failed at start): the PvaPy parent lives on
+            # and would only log "No stats received"; say so now, with the reason from the log
+            for p in {id(channels[c]): channels[c] for c in waiting}.values():
+                if p.name in ("inference", "hdf5") and self.cfg.inference["consumers"] > 1 and Path("/proc").is_dir():
+                    if live.child_pids(p.pid, zombies=False):
+                        forked.add(p.pid)
+                    elif p.pid in forked:
+                        raise RuntimeError(f"{p.name}: its consumers exited at start; log {p.log_path}, "
+                                           f"its last errors:\n{last_errors(p.log())}")
             if waiting and time.monotonic() > deadline:
                 silent = [p for p in self.procs if any(channels[c] is p for c in waiting)]
                 raise RuntimeError(f"no answer from {', '.join(waiting)} within {timeout_s:.0f} s" + "".join(
@@ -554,6 +571,11 @@ class Chain:
         if importlib.util.find_spec("c2dataviewer") is None:
             self.say("warning: c2dv not found (pip install 'edge-ptychonn[viewer]'); no viewer started")
             return
+        if not any(os.environ.get(k) for k in ("DISPLAY", "WAYLAND_DISPLAY", "QT_QPA_PLATFORM")):
+            # c2dv's Qt would abort at once, unseen: say so instead
+            self.say("warning: no display (DISPLAY is not set): no viewer started; run the launcher where "
+                     "there is one, or open the windows with 'bash scripts/view.sh' (Xvfb without a display)")
+            return
         # edge-ptychonn view: c2dv windows at full rate with the model card's phase levels
         self._start("viewer", [sys.executable, "-m", "edge_ptychonn.cli", "view", *self.cfg.viewer["channels"]])
 
@@ -586,6 +608,8 @@ class Chain:
         """Print the status line until done (replayed scan idle), timeout or a signal."""
         tty = self.out.isatty() if hasattr(self.out, "isatty") else False
         last_progress, last_change = None, time.monotonic()
+        replay_end, sent = None, None  # when the sim server was first seen to have ended; what it sent
+        forked: dict[int, int] = {}  # pvapy-hpc-consumer -nc N pid -> its consumers reported gone
         self.peak_fps = 0.0
         snap = self.latest = self.snapshot()
         while True:
@@ -600,11 +624,23 @@ class Chain:
                 self.say(f"\n{dead[0].name} exited (code {dead[0].popen.returncode}); stopping")
                 self.failed = dead[0].name
                 break
+            gone = self._report_lost_consumers(forked)
+            if gone:
+                self.failed = gone
+                break
             if snap.progress() != last_progress:
                 last_progress, last_change = snap.progress(), now
             self.peak_fps = max(self.peak_fps, snap.frame_rate())
-            replay_done = self.source is not None and not self.source.running()
-            if replay_done and snap.processed() > 0 and now - last_change > self.cfg.idle_s:
+            if replay_end is None and self.source is not None and not self.source.running():
+                replay_end, sent = now, self.frames_sent(None)
+            # done: every stage took every frame sent (and the counts held still for a poll); else
+            # idle since the replay ended and since the last change, whatever became of the frames
+            # (all of them dropped or bad is an end too, not a reason to wait forever), for idle_s
+            # and at least as long as a stage may take to report frames still on their way (the
+            # collector holds the stitcher's last frames for its release time)
+            if replay_end is not None and (
+                    (sent is not None and self.latest.taken(self.cfg) >= sent and last_change < now)
+                    or now - max(last_change, replay_end) > max(self.cfg.idle_s, self.quiet_s())):
                 self.finished = True
                 break
             if self.cfg.timeout_s and now - self.started_s > self.cfg.timeout_s:
@@ -613,6 +649,28 @@ class Chain:
         if tty:
             print(file=self.out)
         return self.latest
+
+    def _report_lost_consumers(self, reported: dict[int, int]) -> str | None:
+        """Say so when forked consumers of a running ``pvapy-hpc-consumer -nc N`` have exited
+        (killed, or their processor failed; each answered its status channel at start): the
+        others go on, their status channels fall silent, the reason is in the log (Linux: /proc).
+        Returns the stage's name when none of its consumers is left (the chain cannot go on)."""
+        n = self.cfg.inference["consumers"]
+        if n < 2 or not Path("/proc").is_dir():
+            return None
+        for p in self.procs:
+            if p.name not in ("inference", "hdf5") or not p.running():
+                continue
+            missing = n - len(live.child_pids(p.pid, zombies=False))
+            if missing > reported.get(p.pid, 0):
+                reported[p.pid] = missing
+                fate = "none is left; stopping" if missing >= n else "the others go on"
+                log = p.log()  # a consumer killed outright leaves no reason there
+                why = f", its last errors:\n{last_errors(log)}" if "Traceback" in log else ""
+                self.say(f"\n{missing} of the {n} {p.name} consumers exited ({fate}); log {p.log_path}{why}")
+                if missing >= n:
+                    return p.name
+        return None
 
     # -- stop ---------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -636,7 +694,7 @@ class Chain:
         if self.source is not None:
             self._stop(self.source)
         sent = self.frames_sent(None)
-        quiet_s = 2 * REPORT_PERIOD_S + 0.5 + (COLLECTOR_RELEASE_S if self.cfg.stitch is not None else 0.0)
+        quiet_s = self.quiet_s()
         deadline = time.monotonic() + timeout_s
         last, changed = self.latest, time.monotonic()
         while True:
@@ -649,11 +707,17 @@ class Chain:
                 return last
             time.sleep(0.5)
 
+    def quiet_s(self) -> float:
+        """How long the counts may hold still while frames are still on their way: two status
+        periods, and the collector's release time when there is a stitcher."""
+        return 2 * REPORT_PERIOD_S + 0.5 + (COLLECTOR_RELEASE_S if self.cfg.stitch is not None else 0.0)
+
     def frames_sent(self, n_scan: int | None) -> int | None:
         """The frames the sim server published (its report as it exits: fewer than the scan's
-        ``n_scan`` when it was stopped early); ``n_scan`` where it gave none; None for a detector."""
+        ``n_scan`` when it was stopped early); ``n_scan`` where it gave none; 0 where it was never
+        started (stopped before it); None for a detector."""
         if self.source is None:
-            return n_scan
+            return None if n_scan is None else 0
         published = live.sim_server_published(self.source.log())
         return published if published is not None else n_scan
 
@@ -667,10 +731,12 @@ def last_errors(log: str, n_lines: int = 15) -> str:
     its last lines: why a process that is still running does not answer."""
     lines = log.rstrip().splitlines()
     starts = [i for i, line in enumerate(lines) if line.startswith("Traceback")]
-    if starts:
-        picked = lines[starts[-1]:]
+    if starts:  # up to its exception's line, the first one not indented: not what was logged after it
+        end = next((i for i in range(starts[-1] + 1, len(lines)) if lines[i][:1] not in ("", " ", "\t")), len(lines))
+        picked = lines[starts[-1] : end + 1]
     else:
-        picked = [line for line in lines if any(w in line.lower() for w in ("error", "exception", "fail"))] or lines
+        # whole words: not the statistics' keys (errorRate, nErrors, ...) that PvaPy logs
+        picked = [line for line in lines if re.search(r"\b(error|exception|fail(ed|ure)?)\b", line, re.I)] or lines
     return "\n".join(picked[-n_lines:]) or "(the log is empty)"
 
 

@@ -73,8 +73,10 @@ def loopback_multicast() -> tuple[bool, str]:
     return True, "turned on"
 
 
-def child_pids(parent: int) -> list[int]:
-    """Process ids whose parent is ``parent`` (from /proc), in ascending order."""
+def child_pids(parent: int, zombies: bool = True) -> list[int]:
+    """Process ids whose parent is ``parent`` (from /proc), in ascending order; without
+    ``zombies``, only those that have not exited (PvaPy's parent leaves a consumer that
+    failed unreaped)."""
     kids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -82,7 +84,7 @@ def child_pids(parent: int) -> list[int]:
                 fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            if int(fields[1]) == parent:
+            if int(fields[1]) == parent and (zombies or fields[0] not in ("Z", "X")):
                 kids.append(int(entry.name))
     return sorted(kids)
 
@@ -256,13 +258,16 @@ def signals_ignored():
 
 def sim_server_argv(
     frames_npy: Path, channel: str, fps: float, start_delay_s: float = 5.0,
-    runtime_s: float = 3600.0, replay_once: bool = True,
+    runtime_s: float | None = None, replay_once: bool = True,
 ) -> list[str]:
     """``pvapy-ad-sim-server`` replaying ``frames_npy``; with ``replay_once`` each frame
-    is published exactly once (uniqueId k+1 for frame k), then the server exits."""
+    is published exactly once (uniqueId k+1 for frame k), then the server exits.
+    ``runtime_s``: the longest it streams (the server stops there, mid-scan or not); by
+    default an hour, and replaying once at least twice the scan's time at ``fps`` plus a
+    minute, so that a long scan is never cut short."""
     argv = [
         tool_path("pvapy-ad-sim-server"), "-dc", "-if", str(frames_npy), "-cn", channel,
-        "-fps", str(fps), "-std", str(start_delay_s), "-shd", "1", "-rt", str(runtime_s), "-rp", "1000000",
+        "-fps", str(fps), "-std", str(start_delay_s), "-shd", "1", "-rp", "1000000",
     ]
     if replay_once:
         # A frame cache smaller than the file makes the server stream the file once
@@ -271,7 +276,9 @@ def sim_server_argv(
         if n_frames < 2:
             raise ValueError(f"{frames_npy}: replaying once needs at least 2 frames, has {n_frames}")
         argv += ["-cs", str(n_frames - 1)]
-    return argv
+        if runtime_s is None:
+            runtime_s = max(3600.0, 2 * n_frames / fps + 60)
+    return argv + ["-rt", str(3600.0 if runtime_s is None else runtime_s)]
 
 
 def sim_server_published(log: str) -> int | None:
