@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
+
+from edge_ptychonn.devices import parse_device
 
 from .base import (
     AutoCandidate, EngineOptions, EngineSpec, EngineUnavailable, FixedBatchRunner, check_batch, default_cpu_threads,
     engine_device,
 )
 from .onnx_model import read_signature
+
+log = logging.getLogger(__name__)
 
 
 class OnnxRuntimeEngine:
@@ -62,6 +68,15 @@ class OnnxRuntimeEngine:
             index = int(device.partition(":")[2])
             providers = [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
         self._session = ort.InferenceSession(str(options.model_path), so, providers=providers)
+        if device != "cpu" and self._session.get_providers()[0] != "CUDAExecutionProvider":
+            # ONNX Runtime falls back to the CPU with a warning when its CUDA provider cannot start
+            # (CUDA or cuDNN libraries missing): never run on the CPU while reporting the GPU
+            why = (f"onnxruntime could not start its CUDA provider for {device} (it runs on "
+                   f"{', '.join(self._session.get_providers())}; see its log)")
+            if parse_device(options.device).kind != "auto":
+                raise EngineUnavailable(f"{why}: use device 'cpu'")
+            log.warning("%s; device 'auto': running on the CPU", why)
+            self.device = "cpu"
         self._input = signature.input_name
         self._outputs = [signature.phase_output]
         self.precision = "fp32"

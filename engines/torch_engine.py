@@ -96,7 +96,8 @@ class TorchEngine:
         self.precision = options.precision
         self.input_shape = signature.input_shape
         self.max_batch = options.max_batch
-        self._output_index = signature.output_names.index(signature.phase_output)
+        # the phase among the module's outputs (from_onnx: the graph's names in the module's order)
+        self._output_index = list(getattr(module, "onnx_outputs", signature.output_names)).index(signature.phase_output)
         if device == "cpu":
             # submit() computes the batch before it returns: nothing overlaps, and a second
             # batch in flight would only hold back the first one's results (a batch's time).

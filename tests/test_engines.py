@@ -271,6 +271,88 @@ def test_auto_runs_a_graph_the_torch_engine_refuses_with_the_next_engine(small_m
         create_engine("torch", EngineOptions(fixed8_model, device="cpu"))
 
 
+@pytest.mark.parametrize("grid", ["align_corners", "asymmetric"])
+def test_the_torch_engine_never_runs_another_upsampling_grid_than_the_models(small_model, tmp_path, grid,
+                                                                              monkeypatch):
+    """A PtychoNN exported with PyTorch's align_corners=True (or an 'asymmetric' Resize) upsamples
+    on another grid than the project's module: the torch engine ran it as half-pixel and differed
+    from ONNX Runtime by ~0.15 rad RMS (1.35 rad at worst) on the shipped model's weights, without a
+    word. Now it refuses it with the reason, and 'auto' runs it with ONNX Runtime."""
+    pytest.importorskip("torch")
+    import onnx
+
+    monkeypatch.setattr(devices, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))  # auto: torch bf16 first
+    proto = onnx.load(str(small_model))
+    for node in proto.graph.node:
+        for attr in node.attribute:
+            if node.op_type == "Resize" and attr.name == "coordinate_transformation_mode":
+                attr.s = grid.encode()
+    path = tmp_path / f"{grid}.onnx"
+    onnx.save(proto, str(path))
+    with pytest.raises(ValueError, match=f"coordinate_transformation_mode '{grid}'"):
+        create_engine("torch", EngineOptions(path, device="cpu"))
+    x = np.random.default_rng(3).poisson(4.0, (3, 1, 64, 64)).astype(np.float32)
+    reference = create_engine("onnxruntime", EngineOptions(path, device="cpu", max_batch=4)).infer(x)
+    for precision in ("fp32", "auto"):
+        engine = create_engine("auto", EngineOptions(path, device="cpu", max_batch=4, precision=precision))
+        np.testing.assert_allclose(engine.infer(x), reference, atol=1e-5)
+        engine.close()
+    # the project's own half-pixel export still runs on the torch engine, as ONNX Runtime computes it
+    ours = create_engine("torch", EngineOptions(small_model, device="cpu", max_batch=4)).infer(x)
+    np.testing.assert_allclose(ours, create_engine("onnxruntime", EngineOptions(small_model, device="cpu",
+                                                                                  max_batch=4)).infer(x), atol=1e-4)
+
+
+def test_onnxruntime_never_reports_a_gpu_it_fell_back_from(small_model, monkeypatch):
+    """ONNX Runtime falls back to the CPU (with a warning) when its CUDA provider cannot start;
+    the engine then said device 'cuda:0' while it computed on the CPU. Now a GPU asked for is
+    refused, and 'auto' says it runs on the CPU."""
+    import warnings
+
+    import onnxruntime as ort
+
+    from engines.onnxruntime_engine import OnnxRuntimeEngine
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has a CUDA provider")
+    monkeypatch.setattr(OnnxRuntimeEngine, "count_gpus", staticmethod(lambda: 1))  # a GPU, but no CUDA provider
+    with warnings.catch_warnings():  # ONNX Runtime's own warning about the provider
+        warnings.simplefilter("ignore")
+        with pytest.raises(EngineUnavailable, match="could not start its CUDA provider for cuda:0"):
+            create_engine("onnxruntime", EngineOptions(small_model, device="cuda", max_batch=2))
+        engine = create_engine("onnxruntime", EngineOptions(small_model, device="auto", max_batch=2))
+    assert engine.device == "cpu" and engine._session.get_providers() == ["CPUExecutionProvider"]
+
+
+def test_the_torch_engine_publishes_the_phase_of_a_graph_that_lists_the_amplitude_first(tmp_path):
+    """The engines run the graph output named 'phase'. A graph that lists its outputs as
+    (amplitude, phase) made the torch engine publish the amplitude (its module returns the phase
+    first; it took the graph's index), 0.49 rad away from ONNX Runtime on a random model."""
+    pytest.importorskip("torch")
+    import onnx
+
+    from edge_ptychonn.science.model import ModelConfig, build_model, export_onnx
+
+    path = export_onnx(build_model(ModelConfig(width=4, depth=2, input_size=32, amplitude_head=True), seed=0),
+                       tmp_path / "amp.onnx")
+    proto = onnx.load(str(path))
+    outputs = list(proto.graph.output)
+    del proto.graph.output[:]
+    proto.graph.output.extend(outputs[::-1])
+    onnx.save(proto, str(tmp_path / "reversed.onnx"))
+    assert read_signature(tmp_path / "reversed.onnx").output_names == ("amplitude", "phase")
+    x = np.random.default_rng(0).poisson(3.0, (2, 1, 32, 32)).astype(np.float32)
+    import onnxruntime as ort
+
+    for model in (path, tmp_path / "reversed.onnx"):
+        session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+        phase, amplitude = session.run(["phase", "amplitude"], {"diffraction": x})
+        assert np.abs(phase - amplitude).max() > 0.1  # telling them apart is a real test
+        for name in ("onnxruntime", "torch"):
+            got = create_engine(name, EngineOptions(model, device="cpu", max_batch=2)).infer(x)
+            np.testing.assert_allclose(got, phase, atol=1e-5, err_msg=f"{name} on {model.name}")
+
+
 def test_slot_ring_cancel_undoes_the_latest_acquire():
     ring = SlotRing(2)
     a, b = ring.acquire(8), ring.acquire(3)

@@ -198,9 +198,11 @@ def from_onnx(path: str | Path) -> PtychoNN:
     from onnx import numpy_helper
 
     try:
-        graph = onnx.load(str(path)).graph
+        proto = onnx.load(str(path))
     except Exception as exc:  # onnx raises DecodeError, OSError, ...: all mean "not a model"
         raise ValueError(f"{path} is not a readable ONNX model: {exc}") from None
+    graph = proto.graph
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
     ops = {n.op_type for n in graph.node}
     if not ops <= _LOADABLE_OPS:
         raise ValueError(f"{path}: operators {sorted(ops - _LOADABLE_OPS)} are not part of PtychoNN")
@@ -210,6 +212,12 @@ def from_onnx(path: str | Path) -> PtychoNN:
             mode = attrs.get("mode", b"nearest")
             if mode not in (b"linear", b"bilinear"):
                 raise ValueError(f"{path}: upsampling mode {mode!r}; PtychoNN upsamples bilinearly")
+            # where output pixels sample the input: Upsample and Resize before opset 11 are 'asymmetric'
+            grid = (attrs.get("coordinate_transformation_mode", b"half_pixel")
+                    if node.op_type == "Resize" and opset >= 11 else b"asymmetric")
+            if grid not in (b"half_pixel", b"pytorch_half_pixel"):  # the same for PtychoNN's 2x upsampling
+                raise ValueError(f"{path}: upsampling with coordinate_transformation_mode {grid.decode()!r}; "
+                                 "PtychoNN's upsampling uses half-pixel centres (PyTorch align_corners=False)")
     weights = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
     for node in graph.node:  # constants and shared weights given as nodes
         if node.op_type == "Constant":
@@ -250,6 +258,13 @@ def from_onnx(path: str | Path) -> PtychoNN:
             module.weight.copy_(torch.from_numpy(np.array(w, dtype=np.float32)))
             bias = weights[node.input[2]] if len(node.input) > 2 and node.input[2] else np.zeros(w.shape[0], np.float32)
             module.bias.copy_(torch.from_numpy(np.array(bias, dtype=np.float32)))
+    # the graph's output names in the order the module returns them (phase, then amplitude): a graph may
+    # list its outputs the other way round; the amplitude is the one a Sigmoid makes
+    names = [o.name for o in graph.output]
+    made_by = {out: n.op_type for n in graph.node for out in n.output}
+    if len(names) == 2 and made_by.get(names[0]) == "Sigmoid" and made_by.get(names[1]) != "Sigmoid":
+        names.reverse()
+    model.onnx_outputs = tuple(names)
     return model
 
 
