@@ -43,6 +43,7 @@ installed (source checkout, editable, wheel, conda).
 from __future__ import annotations
 
 import json
+import numbers
 from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
@@ -70,6 +71,10 @@ class StitchSettings:
     min_cover_weight: float = 0.5
 
     def __post_init__(self) -> None:
+        for name in ("probe_threshold", "min_cover_weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ValueError(f"stitch.{name} must be a number, got {value!r}")
         if not 0 <= self.probe_threshold < 1:
             raise ValueError(f"stitch.probe_threshold must be in [0, 1), got {self.probe_threshold}")
         if not self.min_cover_weight > 0:
@@ -88,6 +93,13 @@ class ModelConfig:
     head_blocks: int = 0  # residual blocks at full resolution before the phase head (0: PtychoNN as published)
 
     def __post_init__(self) -> None:
+        for name in ("width", "depth", "input_size", "head_blocks"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"{name} must be a whole number, got {value!r}")
+        for name in ("batch_norm", "amplitude_head"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not 1 <= self.width <= 256:
             raise ValueError(f"width must be 1..256, got {self.width}")
         if not 1 <= self.depth <= 7:

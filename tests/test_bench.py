@@ -268,11 +268,22 @@ def test_help_lists_the_options(capsys):
     out = capsys.readouterr().out
     for option in ("--model", "--quick", "--consumers", "--server-queue-size", "--skip", "--out"):
         assert option in out
+    # options whose default is None say what they default to; no "(default: None)" contradicts that
+    assert "(default: None)" not in out and "(default: results/bench-<date>-<time>)" in out
 
 
 def test_missing_model_is_an_error(tmp_path):
     args = bench.get_args_parser().parse_args(["--model", str(tmp_path / "none.onnx"), "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="not found"):
+        bench.main(args)
+
+
+def test_a_model_that_is_not_onnx_is_a_one_line_error(tmp_path):
+    """Before: a traceback ending in protobuf's DecodeError."""
+    (tmp_path / "model.onnx").write_text("not a model")
+    args = bench.get_args_parser().parse_args(["--model", str(tmp_path / "model.onnx"), "--out", str(tmp_path),
+                                               "--skip", "warm,pipeline,zero,passthrough", "--no-plots"])
+    with pytest.raises(SystemExit, match="model.onnx is not a readable ONNX model"):
         bench.main(args)
 
 
@@ -335,6 +346,22 @@ def test_engines_and_precisions_come_from_the_specs():
     if "torch" in got:
         assert got["torch"] == ("fp32", "bf16", "fp16")  # tf32 is GPU-only
     assert bench_engine.engine_precisions("cpu", ["zero"])["zero"]
+
+
+def test_the_zero_cost_engine_gets_no_share_of_the_peak(bench_small_model):
+    """'zero' computes none of the model's FLOPs: a '% of peak' from its rate is meaningless (it
+    was reported, e.g. 91350 % of the fp32 peak and millions of % of the emulated fp16 one)."""
+    peaks = {p: {"flops_per_s": 1e9} for p in ("fp32", "fp16", "bf16")}
+    flops = bench_engine.count_flops(bench_small_model).flops_per_frame
+    results, skipped = bench_engine.bench_engines(
+        bench_small_model, ["zero", "onnxruntime"], [1], {"zero": ("fp32", "fp16"), "onnxruntime": ("fp32",)},
+        0.01, flops, peaks, threads=[1])
+    assert not skipped and [(r.engine, r.precision) for r in results] == [
+        ("zero", "fp32"), ("zero", "fp16"), ("onnxruntime", "fp32")]
+    zero = [r for r in results if r.engine == "zero"]
+    assert all(r.percent_of_peak is None and r.peak_basis is None for r in zero)
+    assert all(bench_report._percent(r.to_dict()) is None for r in zero)
+    assert results[-1].percent_of_peak == pytest.approx(100 * results[-1].frames_per_s * flops / 1e9)
 
 
 def test_ceiling_sweep_climbs_from_below_and_bisects(monkeypatch):

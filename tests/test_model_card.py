@@ -83,6 +83,12 @@ def test_no_card(tmp_path):
     ({"preprocess": [1, 2]}, "preprocess must be a JSON object"),
     ({"accuracy": [1]}, "accuracy must be a JSON object"),
     ({"training": {"scan_settings": "mixed"}}, "training.scan_settings must be a JSON object"),
+    # values of the wrong type name their key (before: "'<=' not supported between instances of 'int' and
+    # 'str'", or a width of 8.5 and an amplitude head "false" (true) accepted)
+    ({"stitch": {"probe_threshold": "0.1"}}, r"stitch: stitch.probe_threshold must be a number, got '0.1'"),
+    ({"stitch": {"min_cover_weight": True}}, r"stitch: stitch.min_cover_weight must be a number, got True"),
+    ({"model": {"width": 8.5}}, r"model: width must be a whole number, got 8.5"),
+    ({"model": {"amplitude_head": "false"}}, r"model: amplitude_head must be true or false, got 'false'"),
 ])
 def test_malformed_cards_are_refused_with_the_reason(tmp_path, card, message):
     (tmp_path / "m.json").write_text(json.dumps(card))

@@ -62,6 +62,18 @@ def test_patches_partly_or_wholly_outside():
     assert st.n_outside == 1
 
 
+def test_a_position_that_is_not_a_number_misses_the_object():
+    """A NaN or infinite position (e.g. a PosY attribute of a bad encoder reading) is a frame that
+    lands nowhere, counted like one outside the object; it raised ValueError ("cannot convert
+    float NaN to integer") inside the live stitcher's process()."""
+    st = Stitcher((8, 8), (4, 4), weight=np.ones((4, 4)))
+    for position in ((np.nan, 2), (1, np.inf), (-np.inf, np.nan)):
+        assert st.add(np.ones((4, 4)), position) is False
+    assert st.n_outside == 3 and st.n_patches == 0 and st.weight_sum().sum() == 0
+    assert st.add_many(np.ones((2, 4, 4)), np.array([[np.nan, 0.0], [1.0, 1.0]])) == 1
+    assert st.n_outside == 4 and st.covered().sum() == 16 and np.isfinite(st.image()).all()
+
+
 def test_bad_inputs_are_refused():
     st = Stitcher((8, 8), (4, 4))
     with pytest.raises(ValueError, match="patch must be"):

@@ -467,6 +467,32 @@ def test_build_engine_command_prebuilds_plans(gpu10, small_model, tmp_path, caps
     assert engine.plan_source == "cache" and not gpu10.calls("build_serialized_network")
 
 
+def test_build_engine_bad_inputs_are_one_line_errors(gpu10, small_model, tmp_path, capsys, monkeypatch):
+    """A file that is not an ONNX model and a batch out of the consumers' range are bad arguments
+    (exit 2); a driver that cannot start is exit 1; one line each, never a traceback (before: a
+    ValueError traceback for the file, a FAILED line per device and precision for --batch 0, and
+    pycuda's error as a traceback)."""
+    from edge_ptychonn import cli
+
+    (tmp_path / "notes.onnx").write_text("not a model")
+    cache = ["--plan-cache-dir", str(tmp_path / "plans")]
+    for argv, code, why in ((["--model", str(tmp_path / "notes.onnx")], 2, "is not a readable ONNX model"),
+                            (["--model", str(small_model), "--batch", "0"], 2, "--batch must be 1..256"),
+                            (["--model", str(small_model), "--batch", "257"], 2, "--batch must be 1..256")):
+        assert cli.main(["build-engine", *argv, *cache]) == code
+        captured = capsys.readouterr()
+        assert captured.out == "" and why in captured.err and len(captured.err.strip().splitlines()) == 1
+    assert not (tmp_path / "plans").exists()
+
+    def no_driver(flags=0):
+        raise fake_pycuda.LogicError("cuInit failed: no CUDA-capable device is detected")
+
+    monkeypatch.setattr(sys.modules["pycuda.driver"], "init", no_driver)
+    assert cli.main(["build-engine", "--model", str(small_model), *cache]) == 1
+    err = capsys.readouterr().err
+    assert "cannot count the GPUs" in err and "no CUDA-capable device" in err and len(err.strip().splitlines()) == 1
+
+
 def test_build_engine_says_a_fixed_batch_models_plan_is_for_its_batch(gpu10, external_model, tmp_path, capsys):
     """edgePtychoNN's batch-8 model: its plan is for batch 8, whatever --batch says (before:
     "batch 1..16")."""

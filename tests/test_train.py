@@ -179,6 +179,26 @@ def test_train_command_writes_onnx_sidecar_and_card(tmp_path, capsys):
     assert exact.scores["rmse_rad"] < 1e-5  # exact patches score perfectly
 
 
+def test_the_cards_eval_scores_are_what_the_evaluate_command_it_names_gives(tmp_path):
+    """``train --eval`` records ``accuracy.command`` (``edge-ptychonn evaluate ...``) with its scores:
+    those scores must be that command's, which applies the card's output mask (before: the raw
+    patches were scored, so the card's |phase| outside the bright centre was the unmasked one)."""
+    out = tmp_path / "m"
+    assert cli.main(["train", "--out", str(out), "--train-scans", "1", "--positions-per-scan", "16",
+                     "--batch-size", "16", "--val-scans", "1", "--epochs", "1", "--width", "4", "--depth", "2",
+                     "--threads", "1", "--eval", "smooth:1", "--quiet"]) == 0
+    card = json.loads(out.with_suffix(".json").read_text())
+    command = card["accuracy"]["command"].split()
+    assert command[:2] == ["edge-ptychonn", "evaluate"]
+    assert cli.main([*command[1:], "--engine", "onnxruntime", "--threads", "1", "--quiet",
+                     "--json", str(tmp_path / "scores.json")]) == 0
+    scores = json.loads((tmp_path / "scores.json").read_text())["smooth:1"]
+    recorded = card["accuracy"]["scans"]["smooth:1"]
+    for key in ("outside_mean_abs_rad", "outside_max_abs_rad", "patch_rmse_median_rad"):
+        assert recorded["patches"][key] == pytest.approx(scores["patches"][key], rel=1e-4, abs=1e-6), key
+    assert recorded["model"]["ssim"] == pytest.approx(scores["model"]["ssim"], abs=1e-6)
+
+
 def test_bad_training_arguments(tmp_path, capsys):
     # small, capped runs into tmp_path: a check that broke must not start a long run writing into the repository
     capped = ["--out", str(tmp_path / "m"), "--train-scans", "2", "--val-scans", "1", "--epochs", "1", "--max-minutes", "0.1"]

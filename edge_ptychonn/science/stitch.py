@@ -89,11 +89,16 @@ class Stitcher:
         self.n_outside = 0
 
     def add(self, patch_phase: np.ndarray, position_px) -> bool:
-        """Add one (h, w) patch at top-left (y, x); False if it misses the object."""
+        """Add one (h, w) patch at top-left (y, x); False if it misses the object (or the
+        position is not a finite number)."""
         patch = np.asarray(patch_phase, dtype=np.float64)
         if patch.shape != self.patch_shape:
             raise ValueError(f"patch must be {self.patch_shape}, got {patch.shape}")
-        y, x = (int(round(float(v))) for v in position_px)
+        yx = [float(v) for v in position_px]
+        if not all(map(np.isfinite, yx)):  # a position that is NaN or infinite (an encoder's bad reading)
+            self.n_outside += 1
+            return False
+        y, x = (int(round(v)) for v in yx)
         h, w = self.patch_shape
         H, W = self.object_shape
         y0, x0, y1, x1 = max(y, 0), max(x, 0), min(y + h, H), min(x + w, W)

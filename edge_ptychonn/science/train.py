@@ -1078,7 +1078,8 @@ def main(args: argparse.Namespace) -> int:
             scans = accuracy.simulate_held_out(args.eval, card)
             engine = accuracy.open_engine(onnx_partial, "onnxruntime", device="cpu", threads=args.threads)
             try:
-                results = accuracy.evaluate_scans(engine, pp, scans, stitch, progress=show)
+                # scored as the command recorded below scores it: with the card's output mask
+                results = accuracy.evaluate_scans(engine, pp, scans, stitch, progress=show, output_mask=output_mask)
             finally:
                 engine.close()
             print(accuracy.results_table(results), file=sys.stderr)

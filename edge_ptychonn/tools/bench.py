@@ -67,10 +67,17 @@ def default_consumers(cores: int) -> list[int]:
     return counts
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each default, except ``None``: those options say in their help what they default to."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def get_args_parser(prog: str = "edge-ptychonn bench") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog, description=__doc__.split("\n\n")[0].replace("``", ""),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL,
                         help="ONNX model; when the default is missing, a random-weight PtychoNN of the default architecture is exported and used")
@@ -86,7 +93,7 @@ def get_args_parser(prog: str = "edge-ptychonn bench") -> argparse.ArgumentParse
                    help="engines to time (default: every installed engine that runs the model; 'zero' may be named)")
     g.add_argument("--precisions", type=_words, default=None,
                    help="precisions to time (default: all each engine declares for the device)")
-    g.add_argument("--batches", type=_ints, default=[1, 8, 32])
+    g.add_argument("--batches", type=_ints, default=[1, 8, 32], help="batch sizes to time")
     g.add_argument("--threads", type=_threads, default=None,
                    help="CPU threads per engine, e.g. '1,all' (default: 1 and all cores)")
     g.add_argument("--workers", type=_threads, default=None,
@@ -101,8 +108,8 @@ def get_args_parser(prog: str = "edge-ptychonn bench") -> argparse.ArgumentParse
     g.add_argument("--device", default="cpu",
                    help="engine device: 'cpu', 'auto', 'cuda' or 'cuda:N' (consumers given 'auto' take GPU (processorId - 1) %% nGPUs)")
     g = parser.add_argument_group("pipeline")
-    g.add_argument("--pipeline-engine", default="onnxruntime")
-    g.add_argument("--pipeline-precision", default="fp32")
+    g.add_argument("--pipeline-engine", default="onnxruntime", help="the consumers' engine")
+    g.add_argument("--pipeline-precision", default="fp32", help="the consumers' precision")
     g.add_argument("--pipeline-batch", type=int, default=8, help="batchSize, and --distributor-updates for N > 1")
     g.add_argument("--consumer-threads", type=int, default=0,
                    help="cpuThreads of each consumer (default 0: the consumer's own layout, its share of the "
@@ -253,10 +260,13 @@ def main(args: argparse.Namespace) -> int:
     signals.enter_context(live.stop_on_signals())  # SIGTERM and SIGHUP stop it like Ctrl-C
     try:
         model_path, note = resolve_model(args.model, out_dir, progress)
-        flops = be.count_flops(model_path)
         from engines.onnx_model import read_signature
 
-        signature = read_signature(model_path)
+        try:  # a file that is not a single-input ONNX model: one line, not a traceback
+            signature = read_signature(model_path)
+            flops = be.count_flops(model_path)
+        except ValueError as exc:
+            raise SystemExit(f"edge-ptychonn bench: {exc}") from None
         report["model"] = {"path": str(model_path), "note": note, "input_hw": signature.input_shape,
                            "fixed_batch": signature.fixed_batch, **flops.to_dict()}
         if signature.fixed_batch:

@@ -311,7 +311,9 @@ def bench_engines(
         try:
             on_cpu = engine.device.startswith("cpu")
             emulated = on_cpu and not registry.spec(name).native_on_cpu(precision)
-            basis = ("fp32" if emulated or precision == "tf32" else precision) if on_cpu else None
+            # a share of the peak only for engines that do the model's arithmetic (not the zero-cost stand-in)
+            basis = (("fp32" if emulated or precision == "tf32" else precision)
+                     if on_cpu and registry.spec(name).computes_model else None)
             for batch in batches:
                 fps, ms, n = time_engine(engine, batch, seconds, rng, repeats)
                 peak = peaks.get(basis, {}).get("flops_per_s") if basis else None

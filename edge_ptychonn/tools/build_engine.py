@@ -59,10 +59,20 @@ def _gpus(device: str) -> list[str]:
 
 def main(args: argparse.Namespace) -> int:
     from engines import EngineOptions, EngineUnavailable
+    from engines.onnx_model import read_signature
     from engines.registry import engine_class, missing_libraries
 
     if not args.model.is_file():  # a bad argument
         print(f"edge-ptychonn build-engine: model {args.model} not found", file=sys.stderr)
+        return 2
+    if not 1 <= args.batch <= 256:  # the consumers' batchSize range
+        print(f"edge-ptychonn build-engine: --batch must be 1..256 (the consumers' batchSize), got {args.batch}",
+              file=sys.stderr)
+        return 2
+    try:
+        fixed = read_signature(args.model).fixed_batch  # a model exported at one batch: its plan is for that batch
+    except ValueError as exc:  # not an ONNX model of one (N, 1, H, W) input
+        print(f"edge-ptychonn build-engine: {exc}", file=sys.stderr)
         return 2
     cls = engine_class("tensorrt")
     missing = missing_libraries(cls.SPEC)
@@ -74,12 +84,12 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"edge-ptychonn build-engine: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # pycuda cannot start (no driver, no device): one line, not a traceback
+        print(f"edge-ptychonn build-engine: cannot count the GPUs: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     if not gpus:
         print("edge-ptychonn build-engine: no NVIDIA GPU visible", file=sys.stderr)
         return 1
-    from engines.onnx_model import read_signature
-
-    fixed = read_signature(args.model).fixed_batch  # a model exported at one batch: its plan is for that batch
     batches = f"batch {fixed} (fixed by the model)" if fixed else f"batch 1..{args.batch}"
     failed = 0
     for device in gpus:
