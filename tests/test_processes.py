@@ -243,3 +243,15 @@ def test_soak_counts_the_frames_of_a_consumer_that_died_as_lost(pva_env, tmp_pat
     assert lost == sent - published and lost > 0, summary[0]
     assert "a consumer exited during the run" in summary[0]
     assert soak.returncode == 1, out
+
+
+def test_soak_judges_memory_only_after_its_warm_up():
+    from edge_ptychonn.tools import soak
+
+    # the warm-up's growth (server queue and caches filling) is no leak: a short run is not judged
+    short = [(40.0, [300.0]), (70.5, [420.0])]
+    assert soak.memory_growth(short) is None
+    long = short + [(100.0, [425.0]), (130.0, [431.5])]
+    assert soak.memory_growth(long) == 11.5
+    two = [(80.0, [100.0, 200.0]), (110.0, [101.0, 260.0])]
+    assert soak.memory_growth(two) == 60.0
