@@ -13,8 +13,10 @@ from pathlib import Path
 
 
 def write_json(report: dict, path: Path) -> Path:
+    from edge_ptychonn.files import write_bytes_whole
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    write_bytes_whole(path, (json.dumps(report, indent=2, default=str) + "\n").encode())  # never half a report
     return path
 
 

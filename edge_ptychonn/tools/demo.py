@@ -227,6 +227,8 @@ def main(args: argparse.Namespace) -> int:
           f"-> {args.consumers} consumer(s), model {args.model.name}, stitcher"
           f"{', HDF5 writers' if cfg.hdf5 else ''}; results in {args.out}", flush=True)
     code = launch.run(cfg, prog="edge-ptychonn demo")
+    if code == 2:  # the chain never started: nothing to view
+        return code
     print(f"\nView the channels live next time with: bash scripts/view.sh {args.prefix}:stitch:1:output "
           f"{args.prefix}:inference:1:output", flush=True)
     return code
