@@ -322,3 +322,23 @@ def test_a_base_that_crops_keeps_its_crop_and_output_mask_and_a_larger_probe_get
     wide_mask = load_card(tmp_path / "wide.onnx").output_mask
     assert wide_mask == output_mask_from_probe(wide, 0.1) and wide_mask.radius_px > mask.radius_px
     assert finetune.output_mask_for(None, default_probe, 0.1) == output_mask_from_probe(default_probe, 0.1)
+
+
+def test_hdf5_frames_are_taken_in_uniqueid_order(tmp_path):
+    # a writer on several consumers' channels receives their batches interleaved: positions by
+    # frame index and the held-out block must follow the scan, not the arrival order
+    from edge_ptychonn.science.finetune import load_frames, load_positions
+
+    frames = np.arange(6 * 4 * 4, dtype=np.int16).reshape(6, 4, 4)
+    arrival = np.array([3, 4, 1, 2, 6, 5])  # uniqueIds as the writer got them
+    with h5py.File(tmp_path / "rec.h5", "w") as f:
+        f["data"] = frames[arrival - 1]
+        f["uniqueId"] = arrival
+        f["positions"] = np.stack([arrival * 10.0, arrival * 1.0], axis=1)
+    rec = load_frames(tmp_path / "rec.h5")
+    assert rec.unique_ids.tolist() == [1, 2, 3, 4, 5, 6]
+    assert np.array_equal(rec.frames, frames)
+    assert rec.positions[:, 0].tolist() == [10.0, 20.0, 30.0, 40.0, 50.0, 60.0]
+    np.save(tmp_path / "pos.npy", np.stack([np.arange(6) * 2.0, np.arange(6) * 3.0], axis=1))
+    pos = load_positions(tmp_path / "pos.npy", rec.unique_ids)  # scan position k for uniqueId k + 1
+    assert np.array_equal(pos[2], [4.0, 6.0]) and np.array_equal(rec.frames[2], frames[2])

@@ -13,7 +13,8 @@ Inputs
                      as ``processors/hdf5_writer.py`` writes it when attached to
                      the detector channel (datasets ``data`` (n, H, W),
                      ``uniqueId`` (n,) and, when the frames carried position
-                     attributes, ``positions`` (n, 2) y x).
+                     attributes, ``positions`` (n, 2) y x), taken in uniqueId
+                     order whatever order the writer received them in.
     ``--positions``  the scan positions, unless the HDF5 file has them: the
                      ``.npz`` of ``edge-ptychonn simulate`` (``positions_px``),
                      an ``.npy`` (N, 2), or a text table with rows ``y x`` (by
@@ -174,6 +175,12 @@ def load_frames(path: str | Path) -> Recorded:
             positions = np.asarray(f["positions"][:n], dtype=np.float64) if "positions" in f else None
         if len(np.unique(ids)) != len(ids):
             raise InputError(f"{path}: uniqueIds repeat within the file; one scan per file")
+        # in uniqueId (scan) order, not the order the writer received them (several consumers'
+        # batches interleave): positions by frame index and the held-out block follow the scan
+        order = np.argsort(ids, kind="stable")
+        if np.any(order != np.arange(len(ids))):
+            frames, ids = frames[order], ids[order]
+            positions = positions[order] if positions is not None else None
         return Recorded(frames, ids, positions, str(path))
     raise InputError(f"{path}: frames must be a .npy stack or an HDF5 file ({', '.join(HDF5_SUFFIXES)})")
 
