@@ -313,6 +313,8 @@ def test_nonfinite_engine_outputs_are_counted_not_published(small_model, rng):
     pipeline.stop()
     assert [p[0] for p in published] == [2, 4]
     assert pipeline.stats.nonfinite_outputs == 2 and pipeline.stats.unaccounted(0) == 0
+    # the stop's summary line says which: not inference errors (the engine ran)
+    assert "inference errors 0, non-finite outputs 2," in pipeline.summary()
 
 
 def test_engine_outputs_of_the_wrong_shape_are_inference_errors_and_later_batches_flow(small_model, rng):

@@ -657,7 +657,8 @@ class InferencePipeline:
         bad = ", ".join(f"{k} {v}" for k, v in s.bad.items() if v) or "none"
         return (
             f"received {s.received}, published {s.published}, dropped {s.dropped_total} ({dropped}), "
-            f"bad {s.bad_total} ({bad}), inference errors {s.inference_errors + s.nonfinite_outputs}, "
+            f"bad {s.bad_total} ({bad}), inference errors {s.inference_errors}, "
+            f"non-finite outputs {s.nonfinite_outputs}, "
             f"publish errors {s.publish_errors}, queued {self.queued_frames}, missed upstream {s.ids.missed}, "
             f"stream restarts {s.ids.restarts}, empty records {s.empty_records}, "
             f"unaccounted {s.unaccounted(self.queued_frames)}"
