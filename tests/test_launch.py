@@ -8,6 +8,7 @@ checks the files against the engine and the stitched image against offline stitc
 
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
 import json
@@ -349,7 +350,23 @@ def _simulated_scan(path: Path, n: int):
     return frames, truth
 
 
+def _launch_to_end(cfg: Path, env: dict, timeout_s: float = 150) -> tuple[str, int]:
+    """``edge-ptychonn launch cfg`` run to its end: its output and exit status (killed, with
+    everything in its session, if it outlives ``timeout_s``: TimeoutExpired)."""
+    launch = subprocess.Popen([sys.executable, "-m", "edge_ptychonn.cli", "launch", str(cfg)], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = launch.communicate(timeout=timeout_s)
+    finally:
+        if launch.poll() is None:
+            os.killpg(launch.pid, signal.SIGKILL)
+            launch.wait(30)
+    return out, launch.returncode
+
+
 def _pids_alive(log_text: str) -> list[int]:
+    """The processes the launcher said it started that still run; each is then killed, so that
+    a failing check leaves nothing behind."""
     pids = [int(line.split("pid")[1].split()[0]) for line in log_text.splitlines() if line.startswith("started ")]
     alive = []
     for pid in pids:
@@ -358,6 +375,9 @@ def _pids_alive(log_text: str) -> list[int]:
             alive.append(pid)
         except ProcessLookupError:
             pass
+    for pid in alive:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     return alive
 
 
@@ -692,16 +712,9 @@ positionsFile = "{positions}"
 objectShape = [120, 120]
 outputDirectory = "{tmp_path / 'stitched'}"
 """)
-    launch = subprocess.Popen([sys.executable, "-m", "edge_ptychonn.cli", "launch", str(cfg)], cwd=ROOT, env=pva_env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        out, _ = launch.communicate(timeout=150)
-    finally:
-        if launch.poll() is None:
-            os.killpg(launch.pid, signal.SIGKILL)
-            launch.wait(30)
+    out, returncode = _launch_to_end(cfg, pva_env)
     assert _pids_alive(out) == [], "launch left processes running"
-    assert launch.returncode == 0, out[-3000:]
+    assert returncode == 0, out[-3000:]
     assert f"frames placed        {n} " in out, out[-3000:]
     assert "frames lost          0\n" in out, out[-3000:]
 
@@ -761,16 +774,9 @@ engine = "onnxruntime"
 cpuThreads = 1
 """)
     t0 = time.monotonic()
-    launch = subprocess.Popen([sys.executable, "-m", "edge_ptychonn.cli", "launch", str(cfg)], cwd=ROOT, env=pva_env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        out, _ = launch.communicate(timeout=150)
-    finally:
-        if launch.poll() is None:
-            os.killpg(launch.pid, signal.SIGKILL)
-            launch.wait(30)
+    out, returncode = _launch_to_end(cfg, pva_env)
     assert _pids_alive(out) == [], "launch left processes running"
-    assert launch.returncode == 1, out[-3000:]
+    assert returncode == 1, out[-3000:]
     assert f"{model} is not a readable ONNX model" in out, out[-3000:]
     assert time.monotonic() - t0 < 75, out[-3000:]  # not the 90 s wait for a status channel
 

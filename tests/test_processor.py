@@ -76,6 +76,19 @@ def test_processor_runs_frames_and_reports(small_model, rng):
     assert processor.pipeline.config.batch_timeout_s == 1.5
 
 
+def _four_frames_through(publisher, small_model, rng) -> PtychoNNProcessor:
+    """A started processor (one batch of 4) that published 4 frames through ``publisher``
+    (PvaPy's ``dataPublisher``: ``updateOutputChannel(pv)``, ``nErrors``), drained."""
+    processor = PtychoNNProcessor({**FRAMEWORK, "modelPath": str(small_model), "engine": "onnxruntime",
+                                   "cpuThreads": 1, "batchSize": 4, "batchTimeout": 60})
+    processor.outputChannel, processor.dataPublisher = FRAMEWORK["outputChannel"], publisher
+    processor.start()
+    for i in range(4):
+        processor.process(good_frame(i + 1, rng.poisson(20, (64, 64)).astype(np.int16)))
+    assert processor.pipeline.drain(10.0)
+    return processor
+
+
 def test_a_publish_that_pvapy_swallows_counts_as_a_publish_error(small_model, rng):
     from pvapy.hpc.pvasDataPublisher import PvasDataPublisher
 
@@ -89,13 +102,7 @@ def test_a_publish_that_pvapy_swallows_counts_as_a_publish_error(small_model, rn
             if pv["uniqueId"] == 2:
                 self.nErrors += 1
 
-    processor = PtychoNNProcessor({**FRAMEWORK, "modelPath": str(small_model), "engine": "onnxruntime",
-                                   "cpuThreads": 1, "batchSize": 4, "batchTimeout": 60})
-    processor.outputChannel, processor.dataPublisher = FRAMEWORK["outputChannel"], Publisher()
-    processor.start()
-    for i in range(4):
-        processor.process(good_frame(i + 1, rng.poisson(20, (64, 64)).astype(np.int16)))
-    assert processor.pipeline.drain(10.0)
+    processor = _four_frames_through(Publisher(), small_model, rng)
     stats = processor.getStats()
     processor.stop()
     assert (stats["nFramesProcessed"], stats["nPublishErrors"], stats["nFramesUnaccounted"]) == (3, 1, 0)
@@ -113,13 +120,7 @@ def test_stats_report_when_nothing_was_published_in_the_window(small_model, rng)
         def updateOutputChannel(self, pv):
             self.nErrors += 1
 
-    processor = PtychoNNProcessor({**FRAMEWORK, "modelPath": str(small_model), "engine": "onnxruntime",
-                                   "cpuThreads": 1, "batchSize": 4, "batchTimeout": 60})
-    processor.outputChannel, processor.dataPublisher = FRAMEWORK["outputChannel"], Publisher()
-    processor.start()
-    for i in range(4):
-        processor.process(good_frame(i + 1, rng.poisson(20, (64, 64)).astype(np.int16)))
-    assert processor.pipeline.drain(10.0)
+    processor = _four_frames_through(Publisher(), small_model, rng)
     try:
         stats = processor.getStats()
     finally:
