@@ -289,8 +289,10 @@ def test_a_failed_close_at_a_scan_change_and_at_stop_is_counted(tmp_path, rng, m
         p.process(frame(k + 1, images[k]))
     for k in range(2):  # uniqueIds restart: scan 2
         p.process(frame(k + 1, images[3 + k]))
-    wait_for(lambda: p.getStats()["nFramesUnflushed"] == 2)
-    assert p.getStats()["nLostWriteError"] == 3 and p._thread.is_alive()
+    # both: the writer may append frames 1 and 2 of scan 1 before frame 3 arrives (2 unflushed then too)
+    wait_for(lambda: (p.getStats()["nFramesUnflushed"], p.getStats()["nLostWriteError"]) == (2, 3))
+    st = p.getStats()
+    assert (st["nFramesUnflushed"], st["nLostWriteError"]) == (2, 3) and p._thread.is_alive()
     p.stop()
     armed.clear()
     st = accounted(p)

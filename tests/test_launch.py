@@ -403,7 +403,7 @@ timeout_s = 100
 scan = "scan.npy"
 channel = "{tag}:image"
 fps = 40
-start_delay_s = 10
+start_delay_s = 16  # five clients find their channels; on a loaded 2-core machine 10 s was once too short
 [inference]
 consumers = 2
 prefix = "{tag}:inference"
