@@ -55,6 +55,31 @@ def test_stop_ends_the_whole_process_group(tmp_path):
                 os.killpg(proc.pid, signal.SIGKILL)
 
 
+@pytest.mark.parametrize("sig, raised", [(signal.SIGTERM, processes.Terminated), (signal.SIGINT, KeyboardInterrupt)])
+def test_a_signal_while_starting_is_raised_once_the_caller_knows_the_process(tmp_path, monkeypatch, sig, raised):
+    """A signal that came while ``subprocess.Popen`` waited for the child's exec left
+    the child running and unknown: soak's SIGTERM test once found the sim server
+    alive after soak had exited. The signal now waits until ``into`` lists the child."""
+    popen = subprocess.Popen
+
+    def popen_then_signal(*args, **kwargs):
+        child = popen(*args, **kwargs)
+        os.kill(os.getpid(), sig)  # as if it came just before Popen returned
+        return child
+
+    monkeypatch.setattr(processes.subprocess, "Popen", popen_then_signal)
+    started = []
+    try:
+        with pytest.raises(raised), processes.stop_on_signals():
+            start("sleeper", [sys.executable, "-c", "import time; time.sleep(60)"], dict(os.environ), tmp_path,
+                  into=started)
+        assert len(started) == 1 and started[0].running()
+    finally:
+        for proc in started:
+            proc.stop(grace_s=1.0)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers before are back
+
+
 def test_stop_interrupts_cleanly_when_the_caller_ignores_sigint(tmp_path):
     # a caller started under nohup or as `cmd &` in a script has SIGINT ignored; its
     # children must still take the SIGINT of stop() (and save what they hold), not

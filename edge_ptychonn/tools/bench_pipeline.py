@@ -142,9 +142,7 @@ class Procs:
     procs: list = field(default_factory=list)
 
     def start(self, name: str, argv: list[str], env: dict, log_dir: Path) -> live.Proc:
-        proc = live.start(name, argv, env, log_dir)
-        self.procs.append(proc)
-        return proc
+        return live.start(name, argv, env, log_dir, into=self.procs)
 
     def stop(self, proc: live.Proc) -> None:
         proc.stop(grace_s=3.0)

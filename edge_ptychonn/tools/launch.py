@@ -498,8 +498,7 @@ class Chain:
     # -- start ------------------------------------------------------------------------------
     def _start(self, name: str, argv: list[str]) -> live.Proc:
         # in the configuration's directory: its relative paths are the processes' too
-        proc = live.start(name, argv, self.env, self.cfg.base / self.cfg.log_dir, cwd=self.cfg.base)
-        self.procs.append(proc)
+        proc = live.start(name, argv, self.env, self.cfg.base / self.cfg.log_dir, cwd=self.cfg.base, into=self.procs)
         self.say(f"started {name:<9} pid {proc.pid:<7} log {proc.log_path}")
         return proc
 

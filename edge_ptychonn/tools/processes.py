@@ -195,10 +195,16 @@ def _children_take_sigint() -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def start(name: str, argv: list[str], env: dict, log_dir: Path, cwd: Path | None = None) -> Proc:
+def start(name: str, argv: list[str], env: dict, log_dir: Path, cwd: Path | None = None,
+          into: list | None = None) -> Proc:
     """Start ``argv`` in its own session (so that its children stop with it), output to
     ``log_dir/<name>.log``, in ``cwd`` (default: the project root). The child takes
     SIGINT even when this process was started with it ignored.
+
+    ``into``: the caller's list of what it started, which gets the new process before
+    a Ctrl-C, SIGTERM or SIGHUP that arrived meanwhile is raised (see
+    :func:`signals_held`): a tool's ``finally`` then stops every process it started,
+    also one whose start a signal interrupted.
 
     Called on the main thread, the child gets SIGTERM when this process dies, however
     it dies (Linux; nothing elsewhere). The kernel sends it when the *thread* that
@@ -209,13 +215,16 @@ def start(name: str, argv: list[str], env: dict, log_dir: Path, cwd: Path | None
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
     tie = threading.current_thread() is threading.main_thread() and os.getpid() != 1
-    with open(log_path, "wb") as log:
+    with signals_held(), open(log_path, "wb") as log:
         popen = subprocess.Popen(
             argv, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True, cwd=str(cwd or PROJECT_ROOT),
             preexec_fn=parent_death_preexec(signal.SIGTERM) if tie else None,
         )
-    return Proc(name, popen, log_path)
+        proc = Proc(name, popen, log_path)
+        if into is not None:
+            into.append(proc)
+    return proc
 
 
 class Terminated(Exception):
@@ -242,6 +251,28 @@ def stop_on_signals():
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Ctrl-C, SIGTERM and SIGHUP that arrive inside the block are raised at its end
+    (the first of them, through the handler that was there before), not in its
+    middle. Used by :func:`start`: a signal raised inside ``subprocess.Popen`` leaves
+    a child running that no caller knows of. On other threads than the main one (which
+    cannot set handlers, and where no handler runs) it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: arrived.append(signum))
+                for sig in (signal.SIGINT, *STOP_SIGNALS)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if arrived:
+            signal.raise_signal(arrived[0])
 
 
 @contextlib.contextmanager

@@ -112,12 +112,10 @@ def main(args: argparse.Namespace) -> int:
     with processes.stop_on_signals():
         try:
             consumers = processes.start("consumers", processes.consumer_argv(
-                image, prefix, args.consumers, "processors.ptychonn.PtychoNNProcessor", p_args), env, work)
-            procs.append(consumers)
+                image, prefix, args.consumers, "processors.ptychonn.PtychoNNProcessor", p_args), env, work, into=procs)
             sim = [processes.tool_path("pvapy-ad-sim-server"), "-dc", "-if", str(work / "frames.npy"), "-cn", image,
                    "-fps", str(fps), "-std", "10", "-shd", "5", "-rt", str(runtime_s), "-cs", "200", "-rp", "1000000"]
-            server = processes.start("sim", sim, env, work)
-            procs.append(server)
+            server = processes.start("sim", sim, env, work, into=procs)
             outputs = [f"{prefix}:{i}:output" for i in range(1, args.consumers + 1)]
             collector = processes.OutputCollector(outputs, keep_images=False, queue_size=QUEUE_SIZE)
             t0 = time.monotonic()
