@@ -797,6 +797,27 @@ def test_no_viewer_is_started_without_a_display_and_the_launcher_says_so(tmp_pat
     assert chain.procs == [] and "warning: no display (DISPLAY is not set): no viewer started" in out.getvalue()
 
 
+def test_a_viewer_that_fails_is_reported_once_and_the_chain_goes_on(tmp_path):
+    """A viewer that exits with an error (c2dv cannot open its window, a channel typo that
+    c2dv refuses) was not reported: no window and no line. A window closed (exit 0) is no news."""
+    cfg = load(tmp_path, f'log_dir = "{tmp_path / "logs"}"\n' + MINIMAL)
+    out = io.StringIO()
+    chain = launch.Chain(cfg, out=out)
+    try:
+        failed = chain._start("viewer", [sys.executable, "-c", "import sys; sys.exit('qt.qpa.xcb: could not connect')"])
+        closed = chain._start("viewer2", [sys.executable, "-c", "pass"])
+        assert failed.wait(30) == 1 and closed.wait(30) == 0
+        reported = set()
+        chain._report_viewers(reported)
+        chain._report_viewers(reported)  # once, not at every status line
+    finally:
+        chain.stop()
+    said = out.getvalue()
+    assert said.count("viewer exited (code 1); the chain goes on without it") == 1, said
+    assert "qt.qpa.xcb: could not connect" in said and "viewer2 exited" not in said, said
+    assert chain.failed is None  # not a reason to stop the chain
+
+
 def test_frames_appended_but_not_yet_flushed_count_as_written(tmp_path):
     """A writer with a long flushPeriod confirms the scan's frames only at the close that the
     stop performs. Before: a chain stopped idle before that flush reported every frame lost

@@ -609,6 +609,7 @@ class Chain:
         last_progress, last_change = None, time.monotonic()
         replay_end, sent = None, None  # when the sim server was first seen to have ended; what it sent
         forked: dict[int, int] = {}  # pvapy-hpc-consumer -nc N pid -> its consumers reported gone
+        viewers_gone: set[int] = set()  # pids of viewers whose exit was reported
         self.peak_fps = 0.0
         snap = self.latest = self.snapshot()
         while True:
@@ -623,6 +624,7 @@ class Chain:
                 self.say(f"\n{dead[0].name} exited (code {dead[0].popen.returncode}); stopping")
                 self.failed = dead[0].name
                 break
+            self._report_viewers(viewers_gone)
             gone = self._report_lost_consumers(forked)
             if gone:
                 self.failed = gone
@@ -648,6 +650,17 @@ class Chain:
         if tty:
             print(file=self.out)
         return self.latest
+
+    def _report_viewers(self, reported: set[int]) -> None:
+        """Say once when a viewer failed (exited with an error code): the chain goes on without
+        it, and the reason is in its log. A window the user closed exits with 0 and is not news."""
+        for p in self.procs:
+            if p.name.startswith("viewer") and p.pid not in reported and not p.running() and p.popen.returncode:
+                reported.add(p.pid)
+                log = p.log()
+                why = f", it said:\n{last_errors(log)}" if log.strip() else ""
+                self.say(f"\n{p.name} exited (code {p.popen.returncode}); the chain goes on without it; "
+                         f"log {p.log_path}{why}")
 
     def _report_lost_consumers(self, reported: dict[int, int]) -> str | None:
         """Say so when forked consumers of a running ``pvapy-hpc-consumer -nc N`` have exited
