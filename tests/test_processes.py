@@ -69,6 +69,7 @@ def test_a_signal_while_starting_is_raised_once_the_caller_knows_the_process(tmp
 
     monkeypatch.setattr(processes.subprocess, "Popen", popen_then_signal)
     started = []
+    before = signal.getsignal(signal.SIGTERM)
     try:
         with pytest.raises(raised), processes.stop_on_signals():
             start("sleeper", [sys.executable, "-c", "import time; time.sleep(60)"], dict(os.environ), tmp_path,
@@ -77,7 +78,7 @@ def test_a_signal_while_starting_is_raised_once_the_caller_knows_the_process(tmp
     finally:
         for proc in started:
             proc.stop(grace_s=1.0)
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers before are back
+    assert signal.getsignal(signal.SIGTERM) is before  # the handlers before are back
 
 
 def test_stop_interrupts_cleanly_when_the_caller_ignores_sigint(tmp_path):
