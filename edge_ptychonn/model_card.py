@@ -197,6 +197,8 @@ class ModelCard:
             raise ValueError(f"input_size must be a positive integer, got {self.input_size!r}")
         if not self.outputs or not all(isinstance(o, str) for o in self.outputs):
             raise ValueError(f"outputs must be a non-empty list of names, got {self.outputs!r}")
+        if self.input_size is not None and self.model is not None and self.model.input_size != self.input_size:
+            raise ValueError(f"input_size {self.input_size} and model.input_size {self.model.input_size} disagree")
 
     def to_dict(self) -> dict:
         """The JSON form (``version`` first, ``None`` fields left out)."""

@@ -37,6 +37,16 @@ def test_exact_patches_score_perfectly_and_a_subset_stitches_only_what_came(scan
         score_scan("bad", truth.patches_phase[:5], truth)
 
 
+def test_the_mean_patch_baseline_is_what_predicting_the_mean_patch_scores_also_for_a_subset(scan):
+    """Before: with ``indices`` (the frames that came back live) the baseline stitched its patch at every
+    position of the scan, the model only at the frames that came, so the two were not compared alike."""
+    _, truth = scan
+    for idx in (np.arange(20), np.arange(0, 20, 3)):
+        mean = np.broadcast_to(truth.patches_phase[idx].mean(axis=0), (len(idx), *truth.patch_shape))
+        r = score_scan("mean", np.ascontiguousarray(mean), truth, indices=idx)
+        assert r.scores == pytest.approx(r.baselines["mean_patch"], rel=1e-9, abs=1e-12)
+
+
 def test_stitch_settings_decide_the_scored_region(scan):
     _, truth = scan
     loose = score_scan("a", truth.patches_phase, truth, StitchSettings(probe_threshold=0.05))
@@ -94,6 +104,34 @@ def test_evaluate_refuses_bad_arguments_on_stderr(argv, message, capsys):
     assert message in captured.err and captured.out == ""
 
 
+def test_a_card_or_a_scan_that_does_not_fit_the_model_is_refused_in_one_line(small_model, tmp_path, capsys):
+    """The 64x64 model with a card for 128x128 frames, and a 128x128 scan after a 64x64 one: one line naming
+    the card or the scan, before any prediction (before: the card was used silently, and the scan failed
+    after the scans before it were predicted, with the engine's "batch must be (n, 1, 64, 64)")."""
+    import shutil
+
+    from edge_ptychonn.model_card import save_card
+    from edge_ptychonn.science.simulate import save_scan
+
+    model = tmp_path / "m.onnx"
+    shutil.copy(small_model, model)
+    save_scan(tmp_path / "s64", *simulate_scan(ScanSettings(seed=1, n_positions=4, frame_size=64), progress=False))
+    save_scan(tmp_path / "s128", *simulate_scan(ScanSettings(seed=1, n_positions=4), progress=False))
+    base = ["evaluate", "--model", str(model), "--engine", "onnxruntime", "--device", "cpu", "--threads", "1",
+            "--quiet"]
+    save_card(ModelCard(input_size=128), model)
+    assert cli.main([*base, "--scan", str(tmp_path / "s64")]) == 2
+    out = capsys.readouterr()
+    assert out.err == (f"edge-ptychonn evaluate: model card {tmp_path / 'm.json'} says input_size 128, but {model} "
+                       "takes 64x64 frames: the card is another model's\n") and out.out == ""
+    save_card(ModelCard(input_size=64), model)
+    assert cli.main([*base, "--scan", str(tmp_path / "s64"), "--scan", str(tmp_path / "s128")]) == 2
+    out = capsys.readouterr()
+    assert out.err == ("edge-ptychonn evaluate: scan s128: its 128x128 frames become 128x128 model inputs after "
+                       "preprocessing, the model takes 64x64\n") and out.out == ""
+    assert cli.main([*base, "--scan", str(tmp_path / "s64")]) == 0  # the card and scan that fit
+
+
 def test_evaluate_scores_the_published_patches_at_any_dose(tmp_path, capsys):
     """The shipped model at a tenth of its training dose, through its card's normalisation and
     output mask: the stitched scores equal those of the raw patches, and the patches are 0
@@ -111,6 +149,16 @@ def test_evaluate_scores_the_published_patches_at_any_dose(tmp_path, capsys):
     # may sit in that ring, the mean cannot
     assert raw["patches"]["outside_max_abs_rad"] >= masked["patches"]["outside_max_abs_rad"]
     assert raw["patches"]["outside_mean_abs_rad"] > 2 * masked["patches"]["outside_mean_abs_rad"]
+
+
+def test_evaluate_shows_progress_while_it_simulates_and_not_with_quiet(capsys):
+    """Before: the --simulate scans were made without a word (8000 positions: 11 s of silence)."""
+    base = ["evaluate", "--simulate", "smooth:3", "--n-positions", "12", "--engine", "onnxruntime", "--threads", "1"]
+    assert cli.main(base) == 0
+    err = capsys.readouterr().err
+    assert "simulate seed 3" in err and "predict smooth:3" in err
+    assert cli.main([*base, "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
 
 
 def test_results_json_keeps_every_scan_of_one_name():

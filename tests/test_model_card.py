@@ -80,6 +80,7 @@ def test_no_card(tmp_path):
     ({"preprocess": {"transform": "cube"}}, "transform must be one of"),
     ({"model": {"width": 0}}, "model: width must be 1..256"),
     ({"input_size": -1}, "input_size must be a positive integer"),
+    ({"input_size": 64, "model": {"input_size": 128}}, "input_size 64 and model.input_size 128 disagree"),
     ({"preprocess": [1, 2]}, "preprocess must be a JSON object"),
     ({"accuracy": [1]}, "accuracy must be a JSON object"),
     ({"training": {"scan_settings": "mixed"}}, "training.scan_settings must be a JSON object"),
@@ -117,3 +118,19 @@ def test_the_shipped_markdown_card_is_rendered_from_the_json_card():
     model = default_model_path()
     rendered = card_markdown(load_card(model)).split("## Limits")[0].rstrip()
     assert (model.parent / "MODEL_CARD.md").read_text().startswith(rendered)
+
+
+def test_export_refuses_to_put_random_weights_beside_another_models_card(tmp_path, capsys):
+    """Before: ``export --out data/ptychonn.onnx`` replaced the model and kept its card, so the processor
+    and ``evaluate`` ran random weights with the trained model's preprocessing and claims, without a word."""
+    from edge_ptychonn import cli
+
+    out = tmp_path / "m.onnx"
+    save_card(ModelCard(name="trained", input_size=8), out)
+    argv = ["export", "--out", str(out), "--width", "2", "--depth", "1", "--input-size", "8"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"edge-ptychonn export: {tmp_path / 'm.json'} lies beside {out}") and err.count("\n") == 1
+    assert not out.exists() and load_card(out).name == "trained"
+    card_path(out).unlink()
+    assert cli.main(argv) == 0 and out.exists()

@@ -141,6 +141,24 @@ def test_int16_overflow_is_clipped_counted_and_warned():
         frames, truth = simulate_scan(s, progress=False)
     assert truth.stats["n_clipped_pixels"] > 0
     assert frames.max() == 32767 and frames.min() >= 0
+    # the stats describe the frames as written: an int16 frame cannot hold the 1e9 photons
+    assert truth.stats["mean_counts"] == frames.sum(dtype=np.int64) / len(frames) < 32767 * 64 * 64
+
+
+def test_photons_that_saturate_every_pixel_are_refused_in_one_line_and_nothing_is_written(tmp_path, capsys):
+    """Before: 1e19 photons wrote a scan of frames that were 32767 everywhere (exit 0, a warning and a
+    garbage mean count from an int64 overflow), and 1e30 ended in numpy's traceback."""
+    from edge_ptychonn import cli
+
+    with pytest.raises(ValueError, match="saturate every pixel of every frame"):
+        simulate_scan(ScanSettings(seed=0, photons=1e18, n_positions=2, frame_size=32), progress=False)
+    for photons, message in (("1e18", "photons 1e+18 saturate every pixel of every frame (32767)"),
+                             ("1e30", "photons must be > 0 and at most 1e+18, got 1e+30")):
+        assert cli.main(["simulate", "--out", str(tmp_path / "s"), "--photons", photons, "--n-positions", "2",
+                         "--frame-size", "32", "--quiet"]) == 2
+        out = capsys.readouterr()
+        assert out.err.startswith(f"edge-ptychonn simulate: {message}") and out.err.count("\n") == 1, out.err
+        assert not (tmp_path / "s.npy").exists() and not (tmp_path / "s.npz").exists()
 
 
 @pytest.mark.parametrize("family", ["mixed", "particles", "smooth", "cells", "siemens", "fibres"])

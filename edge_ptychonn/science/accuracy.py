@@ -95,8 +95,9 @@ def score_scan(name: str, predicted: np.ndarray, truth: ScanTruth, stitch: Stitc
     covered = st.covered(stitch.min_cover_weight)
     image = st.image()
     scores = score_phase(image, truth.object_phase, covered)
-    baselines = baseline_scores(
-        truth.object_phase, covered, patches_phase=truth.patches_phase, positions_px=truth.positions_px, weight=weight
+    baselines = baseline_scores(  # the baselines at the same frames as the model
+        truth.object_phase, covered, patches_phase=truth.patches_phase[indices], positions_px=truth.positions_px[indices],
+        weight=weight
     )
     patch = summarise_patch_errors(patch_errors(predicted, truth.patches_phase[indices], weight))
     # what a viewer of single patches sees beyond the bright centre (the stitcher ignores it)
@@ -132,13 +133,14 @@ def parse_scan_spec(spec: str) -> tuple[str, int]:
 
 
 def simulate_held_out(specs: list[str], card: ModelCard | None, n_positions: int | None = None,
-                      photons: float | None = None):
-    """``[(spec, frames, truth)]`` for ``FAMILY:SEED`` specs, simulated with :func:`held_out_settings`."""
+                      photons: float | None = None, *, progress: bool = False):
+    """``[(spec, frames, truth)]`` for ``FAMILY:SEED`` specs, simulated with :func:`held_out_settings`
+    (with a progress display per scan when ``progress``)."""
     scans = []
     for spec in specs:
         family, seed = parse_scan_spec(spec)
         frames, truth = simulate_scan(held_out_settings(card, seed, family=family, n_positions=n_positions,
-                                                        photons=photons), progress=False)
+                                                        photons=photons), progress=progress)
         scans.append((spec, frames, truth))
     return scans
 
@@ -146,7 +148,19 @@ def simulate_held_out(specs: list[str], card: ModelCard | None, n_positions: int
 def evaluate_scans(engine, pp: PreprocessConfig, scans: list[tuple[str, np.ndarray, ScanTruth]],
                    stitch: StitchSettings = StitchSettings(), *, progress: bool = True,
                    output_mask: OutputMask | None = None) -> list[ScanResult]:
-    """Predict every scan's frames with ``engine`` (and ``output_mask``) and score each (:func:`score_scan`)."""
+    """Predict every scan's frames with ``engine`` (and ``output_mask``) and score each (:func:`score_scan`).
+
+    ``ValueError`` naming the scan, before any prediction, when a scan's frames do not become the
+    engine's input shape through ``pp``."""
+    for name, frames, _ in scans:
+        try:
+            shape = pp.output_shape(frames.shape[1:])
+        except ValueError as exc:
+            raise ValueError(f"scan {name}: {exc}") from None
+        if shape != tuple(engine.input_shape):
+            raise ValueError(f"scan {name}: its {frames.shape[1]}x{frames.shape[2]} frames become {shape[0]}x{shape[1]} "
+                             f"model inputs after preprocessing, the model takes "
+                             f"{engine.input_shape[0]}x{engine.input_shape[1]}")
     results = []
     for name, frames, truth in scans:
         bar = Progress(len(frames), f"predict {name}", unit="frames", enabled=progress)

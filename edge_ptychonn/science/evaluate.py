@@ -32,7 +32,7 @@ import numpy as np
 from engines import EngineUnavailable
 
 from edge_ptychonn.files import check_writable, save_npy_whole, write_bytes_whole
-from edge_ptychonn.model_card import ModelCard, default_model_path, find_card
+from edge_ptychonn.model_card import ModelCard, card_path, default_model_path, find_card
 from edge_ptychonn.science import accuracy
 from edge_ptychonn.science.simulate import load_scan
 
@@ -99,6 +99,11 @@ def main(args: argparse.Namespace) -> int:
         card = find_card(args.model)
         engine = accuracy.open_engine(args.model, args.engine, device=args.device, batch_size=args.batch_size,
                                       threads=args.threads, precision=args.precision)
+        size = card and (card.input_size or (card.model.input_size if card.model else None))
+        if size and tuple(engine.input_shape) != (size, size):
+            engine.close()
+            raise ValueError(f"model card {card_path(args.model)} says input_size {size}, but {args.model} takes "
+                             f"{engine.input_shape[0]}x{engine.input_shape[1]} frames: the card is another model's")
     except (ValueError, FileNotFoundError, EngineUnavailable) as exc:
         print(f"edge-ptychonn evaluate: {exc}", file=sys.stderr)
         return 2
@@ -107,7 +112,8 @@ def main(args: argparse.Namespace) -> int:
               "settings, the simulator's default scans", file=sys.stderr)
     try:
         scans = [(Path(path).name, *load_scan(path)) for path in args.scan]
-        scans += accuracy.simulate_held_out(args.simulate, card, args.n_positions, args.photons)
+        scans += accuracy.simulate_held_out(args.simulate, card, args.n_positions, args.photons,
+                                            progress=not args.quiet)
         card = card or ModelCard()
         results = accuracy.evaluate_scans(engine, card.preprocess, scans, card.stitch, progress=not args.quiet,
                                           output_mask=card.output_mask if args.output_mask else None)

@@ -2,6 +2,8 @@
 
 For trying the pipeline and benchmarking engines without a trained model (speed
 does not depend on the weights); ``edge-ptychonn train`` exports trained models.
+It writes no model card, and refuses an --out with a card beside it (another
+model's).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ def get_args_parser(prog: str = "edge-ptychonn export") -> argparse.ArgumentPars
 
 
 def main(args: argparse.Namespace) -> int:
+    from edge_ptychonn.model_card import card_path
+
     from .model import ModelConfig, build_model, export_onnx
 
     try:
@@ -33,6 +37,11 @@ def main(args: argparse.Namespace) -> int:
                              amplitude_head=args.amplitude, head_blocks=args.head_blocks)
     except ValueError as exc:
         print(f"edge-ptychonn export: {exc}", file=sys.stderr)
+        return 2
+    card = card_path(args.out)
+    if card.exists():  # the processor and evaluate would read it as this model's card
+        print(f"edge-ptychonn export: {card} lies beside {args.out}: it is another model's card (preprocessing, "
+              "training, accuracy), not of random weights; choose another --out or remove the card", file=sys.stderr)
         return 2
     model = build_model(config, seed=args.seed)
     try:

@@ -61,6 +61,7 @@ FAMILIES = ("mixed", "particles", "smooth", "cells", "siemens", "fibres")
 SCAN_PATTERNS = ("raster", "spiral")
 INT16_MAX = np.iinfo(np.int16).max
 BASE_SIZE = 128  # feature sizes and default probe sizes are given for a 128-pixel window
+MAX_PHOTONS = 1e18  # numpy's Poisson sampler takes means up to ~9.2e18; int16 frames saturate long before
 
 
 @dataclass(frozen=True)
@@ -113,8 +114,8 @@ class ScanSettings:
         r = self.pupil_radius
         if not 1 <= r <= n / 4:
             raise ValueError(f"pupil_radius_px must be 1..{n / 4:.0f} (window {n} / 4), got {r}")
-        if not (math.isfinite(self.photons) and self.photons > 0):
-            raise ValueError(f"photons must be > 0, got {self.photons}")
+        if not (math.isfinite(self.photons) and 0 < self.photons <= MAX_PHOTONS):
+            raise ValueError(f"photons must be > 0 and at most {MAX_PHOTONS:g}, got {self.photons}")
         if not 0 < self.phase_range_rad <= math.pi:
             raise ValueError(f"phase_range_rad must be in (0, pi], got {self.phase_range_rad}")
         if not 0 < self.density <= 2:
@@ -402,7 +403,9 @@ def simulate_scan(
     """Simulate one scan: int16 frames (N, frame_size, frame_size) and its truth.
 
     Counts above 32767 are clipped to int16; their number is in
-    ``truth.stats["n_clipped_pixels"]`` and a warning is issued when it is not 0.
+    ``truth.stats["n_clipped_pixels"]`` and a warning is issued when it is not 0
+    (``ValueError`` when every pixel is clipped: such frames carry nothing).
+    ``truth.stats["mean_counts"]`` is the mean total of the frames as returned (after clipping).
     """
     obj_rng, scan_rng, noise_rng = (
         np.random.default_rng(s) for s in np.random.SeedSequence(settings.seed).spawn(3)
@@ -429,10 +432,15 @@ def simulate_scan(
         counts = noise_rng.poisson(expected_counts(exit_waves, probe, settings.photons))
         counts = bin_frames(counts, settings.bin_factor)
         clipped += int(np.count_nonzero(counts > INT16_MAX))
-        count_sum += float(counts.sum())
         frames[start : start + len(pos)] = np.minimum(counts, INT16_MAX)
+        count_sum += float(frames[start : start + len(pos)].sum(dtype=np.int64))  # what the frames hold
         bar.update(len(pos))
     bar.close()
+    if clipped == frames.size:
+        raise ValueError(
+            f"photons {settings.photons:g} saturate every pixel of every frame ({INT16_MAX}): the frames hold "
+            "nothing of the object; lower the photon count"
+        )
     if clipped:
         warnings.warn(
             f"{clipped} pixels exceeded the int16 range and were clipped to {INT16_MAX}; "
@@ -623,7 +631,11 @@ def main(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"edge-ptychonn simulate: cannot write {args.out}: {exc}", file=sys.stderr)
         return 2
-    frames, truth = simulate_scan(settings, progress=not args.quiet)
+    try:
+        frames, truth = simulate_scan(settings, progress=not args.quiet)
+    except ValueError as exc:
+        print(f"edge-ptychonn simulate: {exc}", file=sys.stderr)
+        return 2
     try:
         npy, npz = save_scan(args.out, frames, truth)
     except OSError as exc:
