@@ -83,7 +83,7 @@ import pvaccess as pva
 from pvapy.hpc.adImageProcessor import AdImageProcessor
 
 from edge_ptychonn.callbacks import keep_thread_state
-from edge_ptychonn.model_card import default_model_path
+from edge_ptychonn.model_card import card_path, default_model_path, find_card
 from edge_ptychonn.stream.config import SEED_ALIASES, ProcessorConfig, parse_processor_args, runtime_settings
 from edge_ptychonn.stream.frames import BAD_FRAME_KINDS, output_pv_type
 from edge_ptychonn.stream.pipeline import DROP_REASONS, InferencePipeline, PipelineStats
@@ -173,6 +173,20 @@ def _check_crop(config: ProcessorConfig) -> None:
         )
 
 
+def _check_card(model_path, shape=None) -> None:
+    """ValueError when the model's card was written for another input size than the model
+    takes (``shape``; read from the ONNX file when not given): it is another model's card, and
+    its preprocessing and output mask would be applied to this model without a word."""
+    card = find_card(model_path)
+    size = card.input_size if card is not None else None
+    if size is None:
+        return
+    h, w = read_signature(model_path).input_shape if shape is None else shape
+    if (h, w) != (size, size):
+        raise ValueError(f"the model card {card_path(model_path)} says input_size {size}, but the model takes "
+                         f"{h}x{w} input: it is another model's card (its preprocessing would be applied to this one)")
+
+
 class PtychoNNProcessor(StatsFromTable, AdImageProcessor):
     """Batches frames, runs PtychoNN on its own thread, publishes every result."""
 
@@ -186,6 +200,7 @@ class PtychoNNProcessor(StatsFromTable, AdImageProcessor):
         )
         check_name(config.engine)  # at start-up, not only when start() creates it
         _check_crop(config)
+        _check_card(config.model_path)
         self.processor_id = int(framework.get("processorId", 1) or 1)
         # The distributor's group: objectIdOffset = (N - 1) * nSequentialUpdates + 1.
         n_sequential = max(int(framework.get("nSequentialUpdates") or 1), 1)
@@ -223,6 +238,7 @@ class PtychoNNProcessor(StatsFromTable, AdImageProcessor):
                 f"it takes {shape[0]}x{shape[1]} input, but frames are preprocessed for the running model's "
                 f"{running.input_shape[0]}x{running.input_shape[1]}; restart the consumer to change the input size"
             )
+        _check_card(model_path, tuple(shape))
         return create_engine(running.name, self._engine_options(model_path, running.precision))
 
     # -- PvaPy lifecycle -------------------------------------------------------------------

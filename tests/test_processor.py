@@ -149,6 +149,29 @@ def test_a_crop_that_cannot_give_the_models_input_fails_at_construction(small_mo
     assert processor.config.preprocess.crop_hw == (128, 128)
 
 
+def test_a_card_written_for_another_input_size_is_refused_at_start_and_at_a_swap(small_model, tmp_path):
+    """A card beside the model that says another input size is another model's card: its
+    preprocessing and output mask were applied to this model without a word."""
+    import json
+    import shutil
+
+    from edge_ptychonn.model_card import ModelCard, card_path, save_card
+
+    model = shutil.copy(small_model, tmp_path / "other.onnx")
+    save_card(ModelCard(name="other", input_size=128), model)
+    with pytest.raises(ValueError, match=r"says input_size 128, but the model takes 64x64 input: it is another "
+                                         r"model's card"):
+        PtychoNNProcessor({**FRAMEWORK, "modelPath": str(model)})
+    processor = PtychoNNProcessor({**FRAMEWORK, "modelPath": str(small_model), "engine": "onnxruntime"})
+    processor.pipeline.engine = type("Running", (), {"input_shape": (64, 64)})()  # what start() would have made
+    with pytest.raises(ValueError, match="says input_size 128"):
+        processor._engine_for_model(model)
+    card = json.loads(card_path(model).read_text())
+    card["input_size"] = 64
+    card_path(model).write_text(json.dumps(card))
+    assert PtychoNNProcessor({**FRAMEWORK, "modelPath": str(model)}).config.model_path == model  # a card that fits
+
+
 def test_seed_drop_in_accepts_bsz_and_onnx_mdl(small_model):
     processor = InferPtychoNNImageProcessor({**FRAMEWORK, "bsz": 16, "onnx_mdl": str(small_model)})
     assert processor.config.batch_size == 16 and processor.config.model_path == small_model
