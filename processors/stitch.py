@@ -72,8 +72,9 @@ attributes win over the file)
     frame's attributes, the metadata channels, the file.
     A frame with no position is counted (``nFramesNoPosition``), not placed.
 Weights
-    ``weightFile`` (.npy (h, w)), else ``probe_weight(probe, probeThreshold)`` from
-    the ``.npz``, else the Stitcher's default centre window: the same
+    ``weightFile`` (.npy (h, w): finite, >= 0, not all zero), else ``probe_weight(probe,
+    probeThreshold)`` from the ``.npz``, else the Stitcher's default centre window (also
+    when the file's or the probe's shape is not the frames'; logged): the same
     :class:`edge_ptychonn.science.stitch.Stitcher` as offline stitching, so the
     live image equals the offline stitching of the same outputs.
 Scans
@@ -109,6 +110,7 @@ from __future__ import annotations
 import bisect
 import threading
 import time
+import zipfile
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,19 +150,27 @@ class PositionTable:
         if not file.is_file():
             raise ValueError(f"positionsFile {str(file)!r} is not a file")
         object_shape = probe = None
+        try:  # a file of another kind, truncated or unreadable: one line naming it
+            if file.suffix == ".npz":
+                with np.load(file) as z:
+                    arrays = {k: np.asarray(z[k]) for k in ("positions_px", "object_phase", "probe") if k in z.files}
+                    names = z.files
+            elif file.suffix == ".npy":
+                rows = np.asarray(np.load(file), dtype=np.float64)
+            else:
+                text_ = file.read_text().replace(",", " ")
+        except (OSError, EOFError, ValueError, zipfile.BadZipFile) as exc:
+            raise ValueError(f"positionsFile {file}: cannot read it ({exc})") from None
         if file.suffix == ".npz":
-            with np.load(file) as z:
-                if "positions_px" not in z.files:
-                    raise ValueError(f"positionsFile {file} has no 'positions_px' array (has {', '.join(z.files)})")
-                rows = np.asarray(z["positions_px"], dtype=np.float64)
-                if "object_phase" in z.files:
-                    object_shape = tuple(int(v) for v in z["object_phase"].shape)
-                if "probe" in z.files:
-                    probe = np.asarray(z["probe"])
-        elif file.suffix == ".npy":
-            rows = np.asarray(np.load(file), dtype=np.float64)
-        else:
-            text_ = file.read_text().replace(",", " ")
+            if "positions_px" not in arrays:
+                raise ValueError(f"positionsFile {file} has no 'positions_px' array (has {', '.join(names)})")
+            rows = arrays["positions_px"]
+            if "object_phase" in arrays:
+                object_shape = tuple(int(v) for v in arrays["object_phase"].shape)
+                if len(object_shape) != 2 or min(object_shape) < 1:
+                    raise ValueError(f"positionsFile {file}: object_phase must be an (H, W) image, got {object_shape}")
+            probe = arrays.get("probe")
+        elif file.suffix != ".npy":
             lines = [ln for ln in text_.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
             try:
                 rows = np.array([[float(v) for v in ln.split()] for ln in lines], dtype=np.float64)
@@ -185,6 +195,19 @@ class PositionTable:
             yx = rows[:, 1:]
         positions = {int(i): (float(y), float(x)) for i, (y, x) in zip(ids, yx)}
         return cls(positions, object_shape, probe)
+
+
+def load_weight(file: Path) -> np.ndarray:
+    """The (h, w) weights of ``weightFile`` (float64): finite, >= 0 and not all zero, else
+    ``ValueError`` naming the file (checked at start, not at every frame)."""
+    try:
+        weight = np.asarray(np.load(file), dtype=np.float64)
+    except (OSError, EOFError, ValueError, TypeError) as exc:
+        raise ValueError(f"weightFile {file}: cannot read it ({exc})") from None
+    if weight.ndim != 2 or weight.size == 0 or not np.all(np.isfinite(weight)) or weight.min() < 0 or weight.max() <= 0:
+        raise ValueError(f"weightFile {file}: need an (h, w) array of finite weights >= 0, not all zero "
+                         f"(got shape {weight.shape})")
+    return weight
 
 
 def channel_name(name: str) -> str:
@@ -331,6 +354,14 @@ class StitchSettings:
             raise ValueError(f"weightFile {str(self.weight_file)!r} is not a file")
         if not 0 <= self.probe_threshold < 1:
             raise ValueError(f"probeThreshold must be in [0, 1), got {self.probe_threshold}")
+        for key, value in (("positionScale", self.position_scale), ("minCoverWeight", self.min_cover_weight),
+                           ("publishRate", self.publish_rate_hz), ("metadataTolerance", self.metadata_tolerance_s),
+                           ("metadataTimeOffset", self.metadata_offset_s), ("metadataWait", self.metadata_wait_s)):
+            if not np.isfinite(value):  # NaN passes every range check: no publishing, frames that wait forever
+                raise ValueError(f"{key} must be a finite number, got {value}")
+        if "/" in self.file_prefix:
+            raise ValueError(f"filePrefix must be a file name without a folder, got {self.file_prefix!r} "
+                             "(outputDirectory gives the folder)")
 
 
 def _nonzero(value):
@@ -438,7 +469,7 @@ class StitchProcessor(ProcessorBase):
         super().__init__(configDict)
         s = self.settings
         self.table = PositionTable.load(s.positions_file, s.first_unique_id) if s.positions_file else None
-        self.weight = np.load(s.weight_file) if s.weight_file else None
+        self.weight = load_weight(s.weight_file) if s.weight_file else None
         if s.output_directory is not None:
             s.output_directory.mkdir(parents=True, exist_ok=True)
             remove_stale_partials(s.output_directory, self.logger)
@@ -535,8 +566,7 @@ class StitchProcessor(ProcessorBase):
         for w in self.waiting:
             position = self._metadata_position_locked(w.key)
             if position is not None:
-                self.counts["by_metadata"] += 1
-                self._place_locked(w.unique_id, w.image, position)
+                self.counts["by_metadata"] += self._place_locked(w.unique_id, w.image, position)
             elif expired(w):
                 self._place_locked(w.unique_id, w.image, self._table_position(w.unique_id))
             else:
@@ -556,7 +586,11 @@ class StitchProcessor(ProcessorBase):
 
     def _weight(self, patch_shape: tuple[int, int]) -> np.ndarray | None:
         if self.weight is not None:
-            return self.weight
+            if self.weight.shape == tuple(patch_shape):
+                return self.weight
+            self.count_problem("weightShape", "weightFile %s is %s, the frames are %s: using the centre window",
+                               self.settings.weight_file, self.weight.shape, patch_shape)
+            return None
         probe = self.table.probe if self.table is not None else None
         if probe is not None and probe.shape == tuple(patch_shape):
             return probe_weight(probe, self.settings.probe_threshold)
@@ -597,9 +631,11 @@ class StitchProcessor(ProcessorBase):
             if position is None:
                 key = time_s if self.metadata.by_time else unique_id
                 position = self._metadata_position_locked(key)
-                if position is not None:
-                    self.counts["by_metadata"] += 1
-                elif self.settings.metadata_wait_s > 0:
+                if position is not None:  # counted once placed (not if outside the object, say)
+                    placed = self._place_locked(unique_id, image, position)
+                    self.counts["by_metadata"] += placed
+                    return placed
+                if self.settings.metadata_wait_s > 0:
                     self.waiting.append(_Waiting(unique_id, np.array(image), key, time.monotonic()))
                     self._waiting_ids.add(unique_id)
                     return False

@@ -713,3 +713,91 @@ def test_process_and_stats_never_wait_for_a_slow_save(tmp_path, rng, monkeypatch
     np.testing.assert_allclose(np.load(out / "stitch_scan0001.npy"), offline(patches[:5], positions[:5], (40, 48), weight).image(), atol=1e-6)
     np.testing.assert_allclose(np.load(out / "stitch_scan0002.npy"), offline(patches[5:8], positions[5:8], (40, 48), weight).image(), atol=1e-6)
     assert p.getStats()["nScansSaved"] == 2 and p.saved_files == [out / "stitch_scan0001.npy", out / "stitch_scan0002.npy"]
+
+
+def attributed_frame(uid, patch, yx):
+    pv = good_frame(uid, patch)
+    pv["attribute"] = [pva.NtAttribute("PosY", pva.PvDouble(float(yx[0]))),
+                       pva.NtAttribute("PosX", pva.PvDouble(float(yx[1])))]
+    return pv
+
+
+def test_a_weight_file_is_checked_at_start_and_one_of_another_shape_places_the_frames(tmp_path, rng):
+    """A weightFile of NaNs (or not an array at all) was accepted at start, then every frame
+    raised in process() (a traceback each), was counted nowhere and started one more scan;
+    one of another shape than the frames did the same. Now: refused at start in one line
+    naming the file; another shape: the centre window, logged once."""
+    patches, positions, _ = small_scan(rng, n=6)
+    for name, content in (("nan.npy", np.full((PATCH, PATCH), np.nan)), ("neg.npy", -np.ones((PATCH, PATCH))),
+                          ("line.npy", np.ones(PATCH))):
+        np.save(tmp_path / name, content)
+        with pytest.raises(ValueError, match=f"weightFile {tmp_path / name}: need an"):
+            make({"objectShape": [40, 48], "weightFile": str(tmp_path / name)})
+    (tmp_path / "text.npy").write_text("1 2 3")
+    with pytest.raises(ValueError, match="weightFile .*text.npy: cannot read it"):
+        make({"objectShape": [40, 48], "weightFile": str(tmp_path / "text.npy")})
+    np.save(tmp_path / "small.npy", np.ones((8, 8)))
+    p = make({"objectShape": [40, 48], "weightFile": str(tmp_path / "small.npy")})
+    for k in range(6):
+        p.process(attributed_frame(k + 1, patches[k], positions[k]))
+    stats = p.getStats()
+    assert stats["nFramesPlaced"] == 6 and stats["nScans"] == 1 and p.problems("weightShape") == 1
+    np.testing.assert_allclose(p.image()[0], offline(patches, positions, (40, 48), None).image(), atol=1e-6)
+
+
+def test_non_finite_numbers_and_a_prefix_with_a_folder_are_refused(tmp_path, rng):
+    """NaN passes every range check: "publishRate": NaN published nothing, "metadataWait": NaN
+    kept frames waiting for ever, "positionScale": Infinity put every frame outside. A
+    filePrefix with a folder in it was accepted, and the image was not saved at stop."""
+    for key, value in (("publishRate", float("nan")), ("metadataWait", float("nan")),
+                       ("metadataTolerance", float("nan")), ("positionScale", float("inf")),
+                       ("minCoverWeight", float("nan")), ("metadataTimeOffset", float("nan"))):
+        with pytest.raises(ValueError, match=f"{key} must be a finite number"):
+            make({"objectShape": [40, 48], key: value})
+    p = make({"objectShape": [40, 48]})
+    with pytest.raises(ValueError, match="publishRate must be a finite number"):
+        p.configure({"publishRate": float("nan")})
+    assert p.settings.publish_rate_hz == 2.0
+    with pytest.raises(ValueError, match="filePrefix must be a file name without a folder"):
+        make({"objectShape": [40, 48], "filePrefix": "run5/scan", "outputDirectory": str(tmp_path)})
+
+
+def test_frames_by_metadata_count_only_those_placed(rng):
+    """nFramesByMetadata counts the frames placed by the metadata channels' positions; a frame
+    whose metadata put it outside the object (or one of another patch size) was counted there
+    too, as well as in nFramesOutside (nBadFrames)."""
+    patches, positions, _ = small_scan(rng, n=4)
+    p = make({"objectShape": [40, 48], "positionChannels": ["y", "x"], "metadataMatch": "uniqueId",
+              "metadataWait": 60})
+    q = p.metadataQueueMap = {"y": pva.PvObjectQueue(10), "x": pva.PvObjectQueue(10)}
+    where = {1: positions[0], 2: (500.0, 1.0), 3: positions[2], 4: (-400.0, 0.0)}
+    for uid in (1, 2):  # these come before their frames
+        q["y"].put(metadata_update(where[uid][0], unique_id=uid))
+        q["x"].put(metadata_update(where[uid][1], unique_id=uid))
+    for uid in range(1, 5):  # 3 and 4 wait for theirs
+        p.process(good_frame(uid, patches[uid - 1]))
+    p.process(good_frame(5, np.zeros((8, 8), np.float32)))  # another patch size
+    for uid in (3, 4, 5):
+        q["y"].put(metadata_update(where.get(uid, (0.0, 0.0))[0], unique_id=uid))
+        q["x"].put(metadata_update(where.get(uid, (0.0, 0.0))[1], unique_id=uid))
+    p.stop()
+    stats = p.getStats()
+    assert stats["nFramesPlaced"] == 2 and stats["nFramesOutside"] == 2 and stats["nBadFrames"] == 1
+    assert stats["nFramesByMetadata"] == 2 and stats["nFramesWaiting"] == 0
+
+
+def test_a_positions_file_that_cannot_be_read_is_refused_in_one_line(tmp_path):
+    """A truncated or mistaken positionsFile raised zipfile.BadZipFile or UnicodeDecodeError
+    (a traceback from launch --check, which reports ValueError and OSError in one line) or
+    numpy's message without the file's name; an .npz whose object_phase is not an image was
+    accepted, then every frame raised in process()."""
+    (tmp_path / "cut.npz").write_bytes(b"PK\x03\x04 cut short")
+    (tmp_path / "binary.txt").write_bytes(bytes(range(256)))
+    (tmp_path / "text.npy").write_text("1 2\n3 4\n")
+    np.savez(tmp_path / "cube.npz", positions_px=np.zeros((3, 2)), object_phase=np.zeros((3, 40, 48)))
+    for name in ("cut.npz", "binary.txt", "text.npy", "cube.npz"):
+        with pytest.raises(ValueError, match=f"positionsFile {tmp_path / name}: ") as caught:
+            PositionTable.load(tmp_path / name)
+        assert type(caught.value) is ValueError
+    with pytest.raises(ValueError, match="object_phase must be an"):
+        make({"positionsFile": str(tmp_path / "cube.npz")})

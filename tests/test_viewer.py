@@ -56,6 +56,24 @@ def test_bad_arguments_are_refused_before_any_window(capsys):
     assert err[1].startswith("edge-ptychonn view: --levels LO,HI needs LO < HI")
 
 
+def test_report_periods_and_levels_beyond_what_qt_takes_are_refused_in_one_line(capsys):
+    """``--report-period inf`` or ``1e7`` opened the windows, then died with an OverflowError
+    traceback (Qt's timer takes an int32 of ms); ``nan`` ran without any status line; levels
+    ``0,inf`` or ``0,1e30`` were silently clamped to the controls' range (0..16777216)."""
+    from edge_ptychonn import cli
+
+    for period in ("inf", "1e7", "nan"):
+        assert cli.main(["view", "--report-period", period]) == 2
+    for levels in ("0,inf", "0,1e30", "-inf,1"):
+        assert cli.main(["view", f"--levels={levels}"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 6, err
+    assert all(line.startswith("edge-ptychonn view: --report-period must be 0 (none) .. 86400 s") for line in err[:3])
+    assert all(line.startswith("edge-ptychonn view: --levels LO,HI must be finite numbers") for line in err[3:])
+    with pytest.raises(ValueError, match="finite"):
+        parse_levels("nan,1", MODEL)
+
+
 def test_view_sh_takes_a_relative_model_from_where_it_is_called(tmp_path):
     """``bash scripts/view.sh --model m.onnx`` run beside m.onnx and its card uses them. Before:
     the script ran the viewer in the repository's folder, so a relative path named no file there

@@ -33,6 +33,7 @@ closes every window; exit status 0.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
@@ -43,6 +44,8 @@ from edge_ptychonn.model_card import default_model_path, find_card
 
 DEFAULT_CHANNELS = ["stitch:1:output", "inference:1:output"]
 FULL_RATE = "Full IOC Rate"  # the last entry of c2dv's rate menu: a monitor, every frame
+LEVEL_LIMIT = 2.0**24  # the widest black/white levels the window's controls are set to take
+MAX_REPORT_PERIOD_S = 86400.0
 
 
 def card_levels(model: Path) -> tuple[float, float] | None:
@@ -70,6 +73,8 @@ def parse_levels(text: str, model: Path) -> tuple[float, float] | None:
         lo, hi = (float(v) for v in text.split(","))
     except ValueError:
         raise ValueError(f"--levels must be card, auto or LO,HI (two numbers), got {text!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi)) or max(abs(lo), abs(hi)) > LEVEL_LIMIT:
+        raise ValueError(f"--levels LO,HI must be finite numbers within +-{LEVEL_LIMIT:.0f}, got {text!r}")
     if not lo < hi:
         raise ValueError(f"--levels LO,HI needs LO < HI, got {text!r}")
     return lo, hi
@@ -90,7 +95,8 @@ def get_args_parser(prog: str = "edge-ptychonn view") -> argparse.ArgumentParser
     p.add_argument("--server-queue-size", type=int, default=100,
                    help="frames the server may queue for a window at full rate (default: %(default)s)")
     p.add_argument("--report-period", type=float, default=10.0,
-                   help="seconds between each window's status line, 0 for none (default: %(default)s)")
+                   help=f"seconds between each window's status line, 0 for none, at most {MAX_REPORT_PERIOD_S:g} "
+                        "(default: %(default)s)")
     return p
 
 
@@ -124,8 +130,8 @@ def _open_window(channel: str, index: int, levels, rate: str, queue_size: int) -
     else:
         lo, hi = levels
         # widen the level controls first (c2dv starts them at 0..1e9 and sets them per pixel type)
-        controller.changeimageBlackLimits(-2.0**24, 2.0**24)
-        controller.changeimageWhiteLimits(-2.0**24, 2.0**24)
+        controller.changeimageBlackLimits(-LEVEL_LIMIT, LEVEL_LIMIT)
+        controller.changeimageWhiteLimits(-LEVEL_LIMIT, LEVEL_LIMIT)
         window.imageBlackSpinBox.setValue(lo)
         window.imageWhiteSpinBox.setValue(hi)
     window.imageWidget.set_preferences({"EnableServerQueue": queue_size > 0, "ServerQueueSize": queue_size})
@@ -151,8 +157,8 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError(f"--rate must be full or one of 1, 2, 5, 10, 20, 30, got {args.rate!r}")
         if not 0 <= args.server_queue_size <= 10000:
             raise ValueError(f"--server-queue-size must be 0..10000, got {args.server_queue_size}")
-        if args.report_period < 0:
-            raise ValueError("--report-period must be >= 0")
+        if not 0 <= args.report_period <= MAX_REPORT_PERIOD_S:  # NaN included
+            raise ValueError(f"--report-period must be 0 (none) .. {MAX_REPORT_PERIOD_S:g} s, got {args.report_period:g}")
         if not args.channels:
             raise ValueError("name at least one channel")
     except ValueError as exc:
@@ -190,7 +196,7 @@ def main(args: argparse.Namespace) -> int:
     reporter = QtCore.QTimer()
     if args.report_period > 0:
         reporter.timeout.connect(report)
-        reporter.start(int(args.report_period * 1000))
+        reporter.start(max(1, round(args.report_period * 1000)))
     app.exec_()
     for w in windows:
         w.window.imageWidget.stop()
