@@ -354,11 +354,6 @@ class StitchSettings:
             raise ValueError(f"weightFile {str(self.weight_file)!r} is not a file")
         if not 0 <= self.probe_threshold < 1:
             raise ValueError(f"probeThreshold must be in [0, 1), got {self.probe_threshold}")
-        for key, value in (("positionScale", self.position_scale), ("minCoverWeight", self.min_cover_weight),
-                           ("publishRate", self.publish_rate_hz), ("metadataTolerance", self.metadata_tolerance_s),
-                           ("metadataTimeOffset", self.metadata_offset_s), ("metadataWait", self.metadata_wait_s)):
-            if not np.isfinite(value):  # NaN passes every range check: no publishing, frames that wait forever
-                raise ValueError(f"{key} must be a finite number, got {value}")
         if "/" in self.file_prefix:
             raise ValueError(f"filePrefix must be a file name without a folder, got {self.file_prefix!r} "
                              "(outputDirectory gives the folder)")
@@ -450,7 +445,7 @@ class StitchProcessor(ProcessorBase):
         "weightFile": ("weight_file", optional(path())),
         "probeThreshold": ("probe_threshold", number(0, 1)),
         "minCoverWeight": ("min_cover_weight", number(0)),
-        "fill": ("fill", number()),
+        "fill": ("fill", number(finite=False)),  # NaN: "no data" where no frame covers
         "publishRate": ("publish_rate_hz", number(0.01, 1000)),
         "restartWindow": ("restart_window", integer(0)),
         "outputDirectory": ("output_directory", optional(path())),

@@ -86,7 +86,7 @@ def test_runtime_changes_are_validated_all_or_nothing(small_model):
     # an unbounded number's message has no stray space before the comma
     with pytest.raises(ValueError) as refused:
         apply_runtime_changes(config, {"batchTimeout": "abc"})
-    assert str(refused.value) == "batchTimeout must be a number, got 'abc'"
+    assert str(refused.value) == "batchTimeout must be a finite number, got 'abc'"
     assert config.batch_timeout_s == 0.05  # frozen: the original never changes
 
 
@@ -130,3 +130,23 @@ def test_model_identity_names_the_card_and_the_content(tmp_path, small_model):
     assert model_identity(carded) != f"ptychonn-b sha256:{digest}"
     with pytest.raises(ValueError, match="cannot read modelPath"):
         model_identity(tmp_path / "nowhere.onnx")
+
+
+def test_nan_and_infinity_are_refused_where_a_number_is_due(tmp_path):
+    """NaN passes every range check: an HDF5 writer with flushPeriod NaN never flushed on time,
+    queueTimeout NaN waited for ever. The stitcher's fill takes NaN ("no data") on purpose."""
+    import math
+
+    from edge_ptychonn.stream.arguments import number
+    from processors.hdf5_writer import Hdf5WriterProcessor
+    from processors.stitch import StitchProcessor
+
+    for value in (math.nan, math.inf, -math.inf):
+        with pytest.raises(ValueError, match="must be a finite number"):
+            number()(value)
+    assert number(finite=False)(math.inf) == math.inf
+    for key in ("flushPeriod", "queueTimeout"):
+        with pytest.raises(ValueError, match=f"{key}.*must be a finite number 0"):
+            Hdf5WriterProcessor({"outputDirectory": str(tmp_path / "h5"), key: math.nan})
+    stitcher = StitchProcessor({"outputDirectory": str(tmp_path / "st"), "objectShape": [64, 64], "fill": math.nan})
+    assert math.isnan(stitcher.settings.fill)

@@ -79,7 +79,7 @@ def test_minimal_file_and_defaults(tmp_path):
     (MINIMAL + 'engine = "warp"\n', r"\[inference.args\] unknown engine 'warp'"),
     (MINIMAL.replace(str(MODEL), "missing.onnx"), r"\[inference.args\] modelPath 'missing.onnx' is not a file"),
     (MINIMAL.replace("consumers = 3", 'processor = "nowhere.Nothing"'), r"processor 'nowhere.Nothing' cannot be imported"),
-    (MINIMAL + "\n[stitch]\n[stitch.args]\npublishRate = 0\n", r"\[stitch.args\] publishRate must be a number 0.01..1000"),
+    (MINIMAL + "\n[stitch]\n[stitch.args]\npublishRate = 0\n", r"\[stitch.args\] publishRate must be a finite number 0.01..1000"),
     (MINIMAL + "\n[stitch]\n", r"\[stitch.args\] objectShape \[H, W\] is required"),
     (MINIMAL + '\n[stitch]\n[stitch.args]\npositionsFile = "nope.npz"\n', r"\[stitch.args\] positionsFile 'nope.npz' is not a file"),
     (MINIMAL + '\n[hdf5]\n[hdf5.args]\noutputDirectory = "h"\ncompression = "zip"\n', r"\[hdf5.args\] compression must be one of"),

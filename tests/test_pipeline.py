@@ -442,7 +442,7 @@ def test_a_stop_that_finds_inference_busy_counts_what_is_left_as_dropped(small_m
     "changes, message",
     [
         ({"bogus": 1}, "cannot change bogus at run time"),
-        ({"scale": "big"}, "scale must be a number"),
+        ({"scale": "big"}, "scale must be a finite number"),
         ({"scale": -1}, "scale must be > 0"),
         ({"batchTimeout": 1e9}, "batchTimeout must be 0.001..60"),
         ("{not json", "configure expects a JSON object"),

@@ -54,8 +54,8 @@ def test_framework_keys_are_separated_and_unknown_keys_named():
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("rate", 0, "rate must be a number 0.1..10, got 0"),
-    ("rate", True, "rate must be a number"),
+    ("rate", 0, "rate must be a finite number 0.1..10, got 0"),
+    ("rate", True, "rate must be a finite number"),
     ("size", 2.5, "size must be an integer 1..16, got 2.5"),
     ("mode", "c", "mode must be one of 'a', 'b', got 'c'"),
 ])

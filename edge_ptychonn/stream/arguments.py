@@ -25,6 +25,8 @@ against the keys that may change while running: anything else raises
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -80,14 +82,15 @@ def integer(lo: int | None = None, hi: int | None = None) -> Converter:
     return convert
 
 
-def number(lo: float | None = None, hi: float | None = None) -> Converter:
-    """A number (int or float) in [lo, hi], returned as float."""
+def number(lo: float | None = None, hi: float | None = None, finite: bool = True) -> Converter:
+    """A number (int or float) in [lo, hi], returned as float; finite unless ``finite`` is
+    False (NaN passes every range check: a rate or a timeout of NaN never fires)."""
 
     def convert(value: Any) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (
             (lo is not None and value < lo) or (hi is not None and value > hi)
-        ):
-            raise ValueError(f"must be a number{_range(lo, hi)}, got {short_repr(value)}")
+        ) or (finite and not math.isfinite(value)):
+            raise ValueError(f"must be a {'finite ' if finite else ''}number{_range(lo, hi)}, got {short_repr(value)}")
         return float(value)
 
     return convert
