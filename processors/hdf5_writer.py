@@ -163,6 +163,11 @@ class Hdf5Settings:
             raise ValueError("outputDirectory is required: the folder for the HDF5 files")
         if self.output_directory.exists() and not self.output_directory.is_dir():
             raise ValueError(f"outputDirectory {str(self.output_directory)!r} is not a folder")
+        folder = self.output_directory
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent  # the folders missing are made at start
+        if not folder.is_dir():
+            raise ValueError(f"outputDirectory {str(self.output_directory)!r} cannot be made: {str(folder)!r} is a file")
         if self.model_card is not None and not self.model_card.is_file():
             raise ValueError(f"modelCard {str(self.model_card)!r} is not a file")
         if self.compression_level is not None and self.compression != "gzip":

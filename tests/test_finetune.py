@@ -10,6 +10,8 @@ that is the ground-truth object plus complex noise.
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pvaccess as pva
@@ -175,6 +177,8 @@ def test_held_out_block_and_guard_band(beamline):
     ("complex_frames", "frames must be integer or float counts, got complex64"),
     ("nan_frames", "1 frames hold NaN or infinite pixels"),
     ("no_positions", "holds no positions: give --positions"),
+    ("unknown_filter", "cannot read the frames .* needs hdf5plugin: pip install hdf5plugin"),
+    ("data_group", "no data dataset; expected the layout of processors/hdf5_writer.py"),
     ("frame_size", "become .64, 64. after the base model's preprocessing"),
     ("overwrite_base", "would overwrite the base model"),
     ("threads", "threads must be >= 1, got 0"),
@@ -213,6 +217,18 @@ def test_bad_input_is_refused_with_a_clear_message_and_nothing_written(beamline,
             f["data"] = d["frames"][:4]
             f["uniqueId"] = np.arange(1, 5)
         frames, positions = tmp_path / "bare.h5", None
+    elif case == "unknown_filter":  # compressed with a filter this h5py lacks (blosc without hdf5plugin)
+        with h5py.File(tmp_path / "blosc.h5", "w") as f:
+            data = f.create_dataset("data", (4, 128, 128), dtype="i2", chunks=(4, 128, 128), compression=32001,
+                                    compression_opts=(2, 2, 2, 0, 5, 1, 1), allow_unknown_filter=True)
+            data.id.write_direct_chunk((0, 0, 0), b"not blosc")
+            f["uniqueId"] = np.arange(1, 5)
+        frames, positions = tmp_path / "blosc.h5", None
+    elif case == "data_group":  # another layout, with a group where the writer has its dataset
+        with h5py.File(tmp_path / "group.h5", "w") as f:
+            f.create_group("data")
+            f["uniqueId"] = np.arange(1, 5)
+        frames, positions = tmp_path / "group.h5", None
     elif case == "frame_size":
         np.save(tmp_path / "small.npy", d["frames"][:, :64, :64])
         frames = tmp_path / "small.npy"
@@ -342,3 +358,21 @@ def test_hdf5_frames_are_taken_in_uniqueid_order(tmp_path):
     np.save(tmp_path / "pos.npy", np.stack([np.arange(6) * 2.0, np.arange(6) * 3.0], axis=1))
     pos = load_positions(tmp_path / "pos.npy", rec.unique_ids)  # scan position k for uniqueId k + 1
     assert np.array_equal(pos[2], [4.0, 6.0]) and np.array_equal(rec.frames[2], frames[2])
+
+
+def test_hdf5_frames_written_with_a_plugin_compression_are_read(tmp_path):
+    # the writer's blosc, lz4, zstd and bitshuffle come from hdf5plugin; reading them needs its filters too
+    pytest.importorskip("hdf5plugin")
+    writer = Hdf5WriterProcessor({**FRAMEWORK, "outputDirectory": str(tmp_path), "compression": "blosc"})
+    frames = np.arange(5 * 16 * 16, dtype=np.int16).reshape(5, 16, 16)
+    writer.start()
+    for k, image in enumerate(frames):
+        writer.process(good_frame(k + 1, image))
+    writer.stop()
+    [path] = writer.files
+    # read in a fresh process: this one has hdf5plugin's filters, which the writer loaded
+    code = ("import sys; from edge_ptychonn.science.finetune import load_frames; "
+            "r = load_frames(sys.argv[1]); print(r.unique_ids.tolist(), int(r.frames.sum()))")
+    run = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["[1,", "2,", "3,", "4,", "5]", str(int(frames.sum()))]

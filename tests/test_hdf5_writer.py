@@ -216,6 +216,9 @@ def test_bad_arguments(tmp_path):
         Hdf5WriterProcessor({**FRAMEWORK, "outputDirectory": str(tmp_path), "fileNameFormat": "{detector}.h5"})
     with pytest.raises(ValueError, match="compressionLevel applies"):
         Hdf5WriterProcessor({**FRAMEWORK, "outputDirectory": str(tmp_path), "compressionLevel": 3})
+    (tmp_path / "results.txt").write_text("a file where a folder would be made")
+    with pytest.raises(ValueError, match="outputDirectory .*results.txt/h5' cannot be made: .*results.txt' is a file"):
+        Hdf5WriterProcessor({**FRAMEWORK, "outputDirectory": str(tmp_path / "results.txt" / "h5")})
 
 
 # -- write errors: counted, never fatal, never blocking ------------------------------------------

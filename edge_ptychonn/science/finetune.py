@@ -160,17 +160,26 @@ def load_frames(path: str | Path) -> Recorded:
             import h5py
         except ImportError:
             raise InputError("reading HDF5 frames needs h5py: pip install 'edge-ptychonn[hdf5]'") from None
+        try:  # the filters of the writer's blosc, lz4, zstd and bitshuffle compression, where installed
+            import hdf5plugin  # noqa: F401
+        except ImportError:
+            pass
         try:
             f = h5py.File(path, "r", libver="latest", swmr=True)
         except OSError as exc:
             raise InputError(f"{path}: cannot open as HDF5 ({exc})") from None
         with f:
-            missing = [k for k in ("data", "uniqueId") if k not in f]
+            missing = [k for k in ("data", "uniqueId") if not isinstance(f.get(k), h5py.Dataset)]
             if missing:
                 raise InputError(f"{path}: no {' or '.join(missing)} dataset; expected the layout of "
                                  "processors/hdf5_writer.py (data, uniqueId, positions)")
             n = len(f["uniqueId"])  # written last: the number of complete frames
-            frames = _check_frames(np.asarray(f["data"][:n]), f"{path}:data")
+            try:
+                data = np.asarray(f["data"][:n])
+            except OSError as exc:  # most often a compression filter that this h5py does not have
+                raise InputError(f"{path}: cannot read the frames ({exc}); a file written with compression "
+                                 "blosc, lz4, zstd or bitshuffle needs hdf5plugin: pip install hdf5plugin") from None
+            frames = _check_frames(data, f"{path}:data")
             ids = np.asarray(f["uniqueId"][:n], dtype=np.int64)
             positions = np.asarray(f["positions"][:n], dtype=np.float64) if "positions" in f else None
         if len(np.unique(ids)) != len(ids):
