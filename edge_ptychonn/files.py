@@ -124,10 +124,17 @@ def check_writable(paths) -> None:
     for path in map(Path, paths):
         if path.is_dir():
             raise IsADirectoryError(f"{path} is a folder")
-        folder = path.parent
-        while not folder.exists() and folder != folder.parent:
-            folder = folder.parent  # the folders missing are made when the files are written
-        if not folder.is_dir():
-            raise NotADirectoryError(f"{folder} is a file, not a folder")
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise PermissionError(f"{folder} is not writable")
+        check_folder(path.parent)
+
+
+def check_folder(folder) -> None:
+    """``OSError`` when the folder ``folder`` (made if missing, then written in) cannot be: a
+    file stands there or where a folder above it would be made, or the nearest existing folder
+    is not writable. Makes nothing."""
+    folder = Path(folder)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent  # the folders missing are made when the files are written
+    if not folder.is_dir():
+        raise NotADirectoryError(f"{folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"{folder} is not writable")

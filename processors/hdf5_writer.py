@@ -108,7 +108,7 @@ from pathlib import Path
 import numpy as np
 import pvaccess as pva
 
-from edge_ptychonn.files import remove_stale_partials, unused_stem, whole_file
+from edge_ptychonn.files import check_folder, remove_stale_partials, unused_stem, whole_file
 from edge_ptychonn.stream.arguments import (
     choice, integer, number, optional, path, text, text_list,
 )
@@ -161,13 +161,10 @@ class Hdf5Settings:
     def __post_init__(self) -> None:
         if self.output_directory is None:
             raise ValueError("outputDirectory is required: the folder for the HDF5 files")
-        if self.output_directory.exists() and not self.output_directory.is_dir():
-            raise ValueError(f"outputDirectory {str(self.output_directory)!r} is not a folder")
-        folder = self.output_directory
-        while not folder.exists() and folder != folder.parent:
-            folder = folder.parent  # the folders missing are made at start
-        if not folder.is_dir():
-            raise ValueError(f"outputDirectory {str(self.output_directory)!r} cannot be made: {str(folder)!r} is a file")
+        try:  # made at start if missing
+            check_folder(self.output_directory)
+        except OSError as exc:
+            raise ValueError(f"outputDirectory {str(self.output_directory)!r} cannot be used: {exc}") from None
         if self.model_card is not None and not self.model_card.is_file():
             raise ValueError(f"modelCard {str(self.model_card)!r} is not a file")
         if self.compression_level is not None and self.compression != "gzip":

@@ -118,7 +118,7 @@ from pathlib import Path
 import numpy as np
 import pvaccess as pva
 
-from edge_ptychonn.files import remove_stale_partials, save_npy_whole, unused_stem
+from edge_ptychonn.files import check_folder, remove_stale_partials, save_npy_whole, unused_stem
 
 NAME_ATTEMPTS = 5  # free names tried when other processes take them as this one saves
 from edge_ptychonn.science.stitch import Stitcher, probe_weight
@@ -348,8 +348,11 @@ class StitchSettings:
                 "objectShape [H, W] is required when no positionsFile gives it "
                 "(positions from attributes or metadata channels only)"
             )
-        if self.output_directory is not None and self.output_directory.exists() and not self.output_directory.is_dir():
-            raise ValueError(f"outputDirectory {str(self.output_directory)!r} is not a folder")
+        if self.output_directory is not None:
+            try:  # made at start if missing
+                check_folder(self.output_directory)
+            except OSError as exc:
+                raise ValueError(f"outputDirectory {str(self.output_directory)!r} cannot be used: {exc}") from None
         if self.weight_file is not None and not self.weight_file.is_file():
             raise ValueError(f"weightFile {str(self.weight_file)!r} is not a file")
         if not 0 <= self.probe_threshold < 1:

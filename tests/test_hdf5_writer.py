@@ -217,7 +217,7 @@ def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="compressionLevel applies"):
         Hdf5WriterProcessor({**FRAMEWORK, "outputDirectory": str(tmp_path), "compressionLevel": 3})
     (tmp_path / "results.txt").write_text("a file where a folder would be made")
-    with pytest.raises(ValueError, match="outputDirectory .*results.txt/h5' cannot be made: .*results.txt' is a file"):
+    with pytest.raises(ValueError, match="outputDirectory .*results.txt/h5' cannot be used: .*results.txt is a file, not a folder"):
         Hdf5WriterProcessor({**FRAMEWORK, "outputDirectory": str(tmp_path / "results.txt" / "h5")})
 
 

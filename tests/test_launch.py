@@ -559,11 +559,14 @@ def test_distinct_prefixes_and_a_source_named_like_a_stage_are_accepted(tmp_path
 
 @pytest.mark.parametrize("table", ["stitch", "hdf5"])
 def test_an_output_directory_that_is_a_file_is_refused_in_one_line(tmp_path, table):
-    """Before: --check passed, and the writer's consumer died at start with a traceback."""
+    """Before: --check passed, and the writer's consumer died at start with a traceback; also
+    for a folder to be made under a file."""
     (tmp_path / "taken").write_text("a file")
     extra = "objectShape = [9, 9]\n" if table == "stitch" else ""
-    with pytest.raises(ValueError, match=rf"\[{table}.args\] outputDirectory '.*taken' is not a folder"):
-        load(tmp_path, MINIMAL + f'\n[{table}]\n[{table}.args]\n{extra}outputDirectory = "{tmp_path / "taken"}"\n')
+    for folder in (tmp_path / "taken", tmp_path / "taken" / "run5"):
+        with pytest.raises(ValueError, match=rf"\[{table}.args\] outputDirectory '.*taken.*' cannot be used: "
+                                             rf".*taken is a file, not a folder"):
+            load(tmp_path, MINIMAL + f'\n[{table}]\n[{table}.args]\n{extra}outputDirectory = "{folder}"\n')
 
 
 def test_a_file_name_format_with_a_folder_is_refused(tmp_path):
