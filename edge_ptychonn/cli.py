@@ -13,7 +13,9 @@ not a traceback), results to stdout.
 
 from __future__ import annotations
 
+import argparse
 import importlib
+import shlex
 import sys
 
 # name -> (module, one-line summary)
@@ -32,6 +34,30 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "launch": ("edge_ptychonn.tools.launch", "start the live chain (sim server, inference, stitcher, HDF5) from a TOML file"),
     "view": ("edge_ptychonn.tools.view", "c2dv windows on the chain's channels at full rate with phase levels"),
 }
+
+
+def repeat_command(prog: str, parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """The command line that repeats ``args`` of ``parser``: the required options and those
+    that differ from their defaults, each word quoted for a POSIX shell (a path with a space
+    in it stays one argument)."""
+    words = prog.split()
+    for action in parser._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        value = getattr(args, action.dest)
+        default = action.default
+        if isinstance(default, str) and action.type is not None:
+            default = action.type(default)  # as argparse gives it
+        if value == default and not action.required:
+            continue
+        flag = action.option_strings[0]
+        if isinstance(value, bool):
+            words.append(flag)  # store_true / store_false: the flag is the change
+        elif isinstance(value, (list, tuple)):
+            words += [flag, *map(str, value)]
+        else:
+            words += [flag, str(value)]
+    return shlex.join(words)
 
 
 def usage() -> str:

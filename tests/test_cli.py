@@ -433,3 +433,21 @@ def test_a_missing_model_or_a_folder_for_a_file_is_a_bad_argument(recording, tmp
     assert _main(argv) == 2
     assert _one_line(capsys.readouterr().err, "edge-ptychonn finetune:").endswith(f"frames file {tmp_path} is a folder, not a file")
 
+
+
+@pytest.mark.parametrize("command, argv", [
+    ("train", ["--out", "/data/run 5/model", "--train-scans", "3", "--eval", "mixed:1", "smooth:2", "--no-bf16"]),
+    ("finetune", ["--frames", "/data/run 5/frames.h5", "--object", "recon it's.npz", "--origin", "2.5", "3.5", "--quiet"]),
+])
+def test_the_recorded_command_repeats_its_arguments_also_with_spaces_in_paths(command, argv):
+    """The model card's "Command:" had its words joined unquoted: a path with a space in it
+    became two arguments when the command was run again."""
+    import importlib
+    import shlex
+
+    module = importlib.import_module(f"edge_ptychonn.science.{command}")
+    args = module.get_args_parser().parse_args(argv)
+    words = shlex.split(module.command_line(args))
+    assert words[:2] == ["edge-ptychonn", command]
+    assert vars(module.get_args_parser().parse_args(words[2:])) == vars(args)
+    assert sorted(words[2:]) == sorted(argv)  # the options given, none of the defaults

@@ -1,6 +1,7 @@
 """A short training run lowers the loss; the exported files keep their contract."""
 
 import json
+import shlex
 from dataclasses import replace
 
 import numpy as np
@@ -188,7 +189,7 @@ def test_the_cards_eval_scores_are_what_the_evaluate_command_it_names_gives(tmp_
                      "--batch-size", "16", "--val-scans", "1", "--epochs", "1", "--width", "4", "--depth", "2",
                      "--threads", "1", "--eval", "smooth:1", "--quiet"]) == 0
     card = json.loads(out.with_suffix(".json").read_text())
-    command = card["accuracy"]["command"].split()
+    command = shlex.split(card["accuracy"]["command"])
     assert command[:2] == ["edge-ptychonn", "evaluate"]
     assert cli.main([*command[1:], "--engine", "onnxruntime", "--threads", "1", "--quiet",
                      "--json", str(tmp_path / "scores.json")]) == 0

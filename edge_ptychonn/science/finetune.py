@@ -604,20 +604,9 @@ def get_args_parser(prog: str = "edge-ptychonn finetune") -> argparse.ArgumentPa
 
 def command_line(args: argparse.Namespace) -> str:
     """The command that repeats ``args`` (non-default options only)."""
-    parser = get_args_parser()
-    parts = ["edge-ptychonn finetune"]
-    for action in parser._actions:
-        key = action.dest
-        if key == "help" or (getattr(args, key) == action.default and not action.required):
-            continue
-        value = getattr(args, key)
-        if isinstance(value, bool):
-            parts.append(action.option_strings[0])
-        elif isinstance(value, (list, tuple)):
-            parts += [action.option_strings[0], *map(str, value)]
-        else:
-            parts += [action.option_strings[0], str(value)]
-    return " ".join(parts)
+    from edge_ptychonn.cli import repeat_command
+
+    return repeat_command("edge-ptychonn finetune", get_args_parser(), args)
 
 
 def _fail(message: str) -> int:

@@ -54,6 +54,7 @@ from __future__ import annotations
 import argparse
 import math
 import platform
+import shlex
 import sys
 import time
 import warnings
@@ -846,22 +847,9 @@ def _dose_lines(acc: dict) -> list[str]:
 
 def command_line(args: argparse.Namespace) -> str:
     """The ``edge-ptychonn train`` command that repeats ``args`` (non-default options only)."""
-    parser = get_args_parser()
-    defaults = vars(parser.parse_args([]))
-    parts = ["edge-ptychonn train"]
-    for action in parser._actions:
-        key = action.dest
-        if key == "help" or key not in defaults or getattr(args, key) == defaults[key]:
-            continue
-        flag = action.option_strings[0]
-        value = getattr(args, key)
-        if isinstance(value, bool):
-            parts.append(flag)
-        elif isinstance(value, list):
-            parts += [flag, *map(str, value)]
-        else:
-            parts += [flag, str(value)]
-    return " ".join(parts)
+    from edge_ptychonn.cli import repeat_command
+
+    return repeat_command("edge-ptychonn train", get_args_parser(), args)
 
 
 def get_args_parser(prog: str = "edge-ptychonn train") -> argparse.ArgumentParser:
@@ -1085,7 +1073,8 @@ def main(args: argparse.Namespace) -> int:
             print(accuracy.results_table(results), file=sys.stderr)
             card = replace(card, accuracy={
                 "scans": accuracy.results_json(results),
-                "command": f"edge-ptychonn evaluate --model {onnx_path} " + " ".join(f"--simulate {s}" for s in args.eval),
+                "command": shlex.join(["edge-ptychonn", "evaluate", "--model", str(onnx_path),
+                                       *(w for s in args.eval for w in ("--simulate", s))]),
             })
         card_json = save_card(card, onnx_path)
         write_bytes_whole(md_path, card_markdown(card).encode())
