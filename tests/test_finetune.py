@@ -131,8 +131,36 @@ def test_the_shipped_onnx_loads_into_the_torch_model_with_its_outputs(beamline):
     assert unfolded.config.batch_norm and sum(isinstance(m, torch.nn.BatchNorm2d) for m in unfolded.modules()) == 16
     with torch.no_grad():
         np.testing.assert_allclose(unfolded.eval()(x).numpy()[:, 0], got, atol=2e-4)
-        x16 = torch.from_numpy(preprocess(beamline["frames"][:16], pp))[:, None]
+        from edge_ptychonn.science.train import scan_factors, training_inputs
+
+        f16 = beamline["frames"][:16]  # the inputs training gives (and the statistics were taken of)
+        x16 = torch.from_numpy(training_inputs(f16, pp, scan_factors(f16, 16, pp)))[:, None]
         np.testing.assert_allclose(unfolded.train()(x16).numpy(), unfolded.eval()(x16).numpy(), atol=0.02)
+
+
+def test_batchnorm_statistics_are_those_of_the_training_inputs_whatever_the_batches(beamline):
+    """With ``normalize: running`` each batch of 32 in the statistics pass started a running
+    mean of its own: the first frames of every batch were scaled by their own totals, unlike the
+    inputs training then gave the same model (the recording's mean total)."""
+    from edge_ptychonn.science.train import scan_factors, training_inputs
+
+    model, config, card, pp = finetune.load_base(default_model_path())
+    assert pp.normalize == "running"
+    frames = beamline["frames"][:48]
+
+    def means(unfolded):
+        return [m.running_mean.numpy().copy() for m in unfolded.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+
+    small, whole = (means(finetune.unfold_batchnorm(model, frames, pp, batch_size=b)) for b in (4, 48))
+    for a, b in zip(small, whole):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    # and they are the statistics of what training feeds the model: the first convolution's
+    # mean output over the training inputs, less its bias
+    x = torch.from_numpy(training_inputs(frames, pp, scan_factors(frames, len(frames), pp)))[:, None]
+    first = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    with torch.no_grad():
+        expected = (first(x) - first.bias[None, :, None, None]).double().mean(dim=(0, 2, 3)).numpy()
+    np.testing.assert_allclose(whole[0], expected, rtol=1e-4, atol=1e-5)
 
 
 def test_positions_from_the_simulator_an_npy_and_a_uniqueid_table(beamline, tmp_path):

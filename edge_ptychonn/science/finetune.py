@@ -379,7 +379,8 @@ def load_base(path: str | Path):
                      "checkpoint (.pt)")
 
 
-def unfold_batchnorm(folded, frames: np.ndarray, pp: PreprocessConfig, batch_size: int = 32):
+def unfold_batchnorm(folded, frames: np.ndarray, pp: PreprocessConfig, factors: np.ndarray | None = None,
+                     batch_size: int = 32, progress: bool = False):
     """A PtychoNN with BatchNorm that computes what ``folded`` (BatchNorm folded away, as in
     an exported ONNX) computes, so that fine-tuning trains it the way it was first trained.
 
@@ -389,11 +390,19 @@ def unfold_batchnorm(folded, frames: np.ndarray, pp: PreprocessConfig, batch_siz
     output is ``W x + b`` exactly, and in train mode (batch statistics near ``mu``,
     ``var``) nearly so. Without BatchNorm, AdamW's first steps move every folded weight by
     about the learning rate whatever its scale, and the model first gets much worse.
+
+    The inputs are made as training makes them (``train.training_inputs``): with ``normalize:
+    "running"`` each frame scaled by its ``factors`` entry (default: ``frames`` taken as one
+    scan, ``train.scan_factors``), not by a running mean that starts again at each batch.
     """
     import torch
     from torch import nn
 
     from edge_ptychonn.science.model import PtychoNN
+    from edge_ptychonn.science.train import scan_factors, training_inputs
+
+    if factors is None:
+        factors = scan_factors(frames, len(frames), pp)
 
     config = replace(folded.config, batch_norm=True)
     model = PtychoNN(config).eval()
@@ -418,11 +427,16 @@ def unfold_batchnorm(folded, frames: np.ndarray, pp: PreprocessConfig, batch_siz
 
     handles = [conv.register_forward_hook(hook(i)) for i, conv in enumerate(src) if pairs[i][1] is not None]
     folded.eval()
+    bar = Progress(len(frames), "BatchNorm statistics", unit="frames", enabled=progress)
     try:
         with torch.no_grad():
             for start in range(0, len(frames), batch_size):
-                folded(torch.from_numpy(preprocess(np.asarray(frames[start : start + batch_size]), pp))[:, None])
+                chunk = slice(start, start + batch_size)
+                x = training_inputs(np.asarray(frames[chunk]), pp, None if factors is None else factors[chunk])
+                folded(torch.from_numpy(x)[:, None])
+                bar.update(len(x))
     finally:
+        bar.close()
         for h in handles:
             h.remove()
     with torch.no_grad():
@@ -692,8 +706,11 @@ def main(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     folded = not config.batch_norm
+    frames = np.asarray(recorded.frames)
+    factors = scan_factors(frames, len(frames), pp)  # the recording is one scan
     if folded and args.batchnorm == "unfold":
-        model = unfold_batchnorm(model, np.asarray(recorded.frames)[np.sort(train_idx[:2048])], pp)
+        sel = np.sort(train_idx[:2048])
+        model = unfold_batchnorm(model, frames[sel], pp, None if factors is None else factors[sel], progress=show)
         config = model.config
     phase = np.angle(obj * np.exp(-1j * args.phase_shift)).astype(np.float32)
     targets = extract_patches(phase, corners, (n, n))
@@ -702,8 +719,6 @@ def main(args: argparse.Namespace) -> int:
         amps = extract_patches(np.abs(obj).astype(np.float32), corners, (n, n)).astype(np.float16)
     from edge_ptychonn.science.model import export_onnx
 
-    frames = np.asarray(recorded.frames)
-    factors = scan_factors(frames, len(frames), pp)  # the recording is one scan
     train_data, val_data = ((frames[idx], None if factors is None else factors[idx], targets[idx].astype(np.float16),
                              None if amps is None else amps[idx]) for idx in (train_idx, val_idx))
     print(f"data: {len(train_idx)} training and {len(val_idx)} held-out frames ({n_guard} left out as a guard "

@@ -285,6 +285,18 @@ def scan_factors(frames: np.ndarray, scan_length: int, pp: PreprocessConfig) -> 
     return np.where(counted, factors[:, None], 1.0).reshape(-1).astype(np.float32)
 
 
+def training_inputs(frames: np.ndarray, pp: PreprocessConfig, factors: np.ndarray | None = None) -> np.ndarray:
+    """Model inputs (float32 (N, h, w)) of ``frames`` as training makes them: with ``normalize:
+    "running"`` each frame is scaled by its ``factors`` entry (:func:`scan_factors`) before the
+    rest of the preprocessing, so that its input does not depend on which frames share its batch."""
+    if pp.normalize != "running":
+        return preprocess(frames, pp)
+    if factors is None:
+        raise ValueError("normalize 'running' needs each frame's scan factor (scan_factors)")
+    scaled = frames.astype(np.float32) * np.asarray(factors, dtype=np.float32)[:, None, None]
+    return preprocess(scaled, replace(pp, normalize="none"))
+
+
 def choose_preprocess(frames: np.ndarray, normalize: str = "none", reference: float | None = None) -> PreprocessConfig:
     """``sqrt`` counts (normalised to ``reference`` counts per frame with ``normalize``
     ``"total"``) scaled so that the 99.9th percentile is about 1."""
@@ -428,16 +440,8 @@ class Trainer:
         self.ssim_mask = self.mask[..., rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
 
     def _inputs(self, frames: np.ndarray, factors: np.ndarray | None = None):
-        """Model inputs of ``frames``; with ``normalize: "running"`` each frame is scaled by its
-        ``factors`` entry (:func:`scan_factors`) before the rest of the preprocessing."""
-        if self.pp.normalize == "running":
-            if factors is None:
-                raise ValueError("normalize 'running' needs each frame's scan factor (scan_factors)")
-            scaled = frames.astype(np.float32) * np.asarray(factors, dtype=np.float32)[:, None, None]
-            x = preprocess(scaled, replace(self.pp, normalize="none"))
-        else:
-            x = preprocess(frames, self.pp)
-        x = self.torch.from_numpy(x)[:, None].to(self.device, non_blocking=True)
+        """Model inputs of ``frames`` (:func:`training_inputs`), on the training device."""
+        x = self.torch.from_numpy(training_inputs(frames, self.pp, factors))[:, None].to(self.device, non_blocking=True)
         return x.contiguous(memory_format=self.torch.channels_last)
 
     def _loss(self, out, phase_t, amp_t, groups: np.ndarray | None = None):
