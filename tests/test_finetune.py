@@ -198,7 +198,7 @@ def test_held_out_block_and_guard_band(beamline):
 
 @pytest.mark.parametrize("case, message", [
     ("count", "400 frames but 399 positions"),
-    ("outside", r"positions put the 128x128 patch outside the \d+x\d+ object .first: frame \d+, corner"),
+    ("outside", r"positions put the 128x128 patch outside the \d+x\d+ object .first: uniqueId \d+, frame \d+, corner"),
     ("real_object", "must be a complex array .* got float32; for a phase map save np.exp"),
     ("npz_without_object", "no 'object' array"),
     ("flat_frames", "frames must be a stack .N, H, W., got shape .128, 128."),

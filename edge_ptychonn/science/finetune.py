@@ -298,11 +298,13 @@ def load_probe(path: str | Path) -> np.ndarray:
 
 
 def to_object_pixels(positions: np.ndarray, *, size: int, object_shape: tuple[int, int], pixel_size: float = 1.0,
-                     origin: tuple[float, float] = (0.0, 0.0), reference: str = "corner") -> np.ndarray:
+                     origin: tuple[float, float] = (0.0, 0.0), reference: str = "corner",
+                     unique_ids: np.ndarray | None = None) -> np.ndarray:
     """Top-left corners (N, 2) int64 of the ``size`` x ``size`` patches in object pixels.
 
     ``corner = positions / pixel_size + origin``, minus ``size / 2`` for
-    ``reference='centre'``, rounded; every patch must lie inside the object.
+    ``reference='centre'``, rounded; every patch must lie inside the object (the error
+    names the first frame outside by its uniqueId when ``unique_ids`` are given).
     """
     if not (math.isfinite(pixel_size) and pixel_size > 0):
         raise InputError(f"pixel-size must be > 0, got {pixel_size}")
@@ -318,7 +320,8 @@ def to_object_pixels(positions: np.ndarray, *, size: int, object_shape: tuple[in
         k = np.flatnonzero(outside)
         raise InputError(
             f"{len(k)} of {len(corners)} positions put the {size}x{size} patch outside the {h}x{w} object "
-            f"(first: frame {k[0]}, corner y x {corners[k[0]].tolist()}); positions are the patch's top-left corner "
+            f"(first: {'frame index' if unique_ids is None else f'uniqueId {int(unique_ids[k[0]])}, frame'} {k[0]}, "
+            f"corner y x {corners[k[0]].tolist()}); positions are the patch's top-left corner "
             "in object pixels (see --pixel-size, --origin, --position-ref)")
     return corners
 
@@ -678,6 +681,7 @@ def main(args: argparse.Namespace) -> int:
             raise InputError(f"frames of {recorded.frames.shape[1:]} become {shape} after the base model's "
                              f"preprocessing (crop {pp.crop_hw}, bin {pp.bin_factor}); the model takes {n}x{n}")
         corners = to_object_pixels(positions, size=n, object_shape=obj.shape, pixel_size=args.pixel_size,
+                                   unique_ids=recorded.unique_ids,
                                    origin=tuple(args.origin), reference=args.position_ref)
         stitch = card.stitch if card is not None else StitchSettings()
         base_settings = (ScanSettings.from_dict(card.training.scan_settings)
