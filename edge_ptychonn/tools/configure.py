@@ -13,7 +13,7 @@ or run twice). The new model's card (model.json beside model.onnx) gives
 offset, scale, transform, the normalisation and the output mask, as at
 start-up (keys given with modelPath win; an outputMask given at start is
 kept). A missing file, a file that is not ONNX, a malformed card, a model
-with another input size, "outputMask": true with a card that has no mask, or
+(or a card) of another input size, "outputMask": true with a card that has no mask, or
 an engine that fails to build is refused with the reason, and nothing
 changes. The answer comes once the engine is built, so the wait is
 longer for modelPath (default 600 s: a TensorRT plan not in the cache takes
