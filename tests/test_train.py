@@ -111,6 +111,8 @@ def test_train_command_writes_onnx_sidecar_and_card(tmp_path, capsys):
     assert meta["model"] == ModelConfig(width=4, depth=2).to_dict()
     assert len(meta["training"]["val_loss"]) == 1 and "accuracy" in meta
     assert "## Accuracy" in out.with_suffix(".md").read_text()
+    # the BatchNorm statistics are recomputed on the frames there are (at most 2048)
+    assert "recomputed for the current weights (64 training frames, float32)" in out.with_suffix(".md").read_text()
     sess = ort.InferenceSession(str(out.with_suffix(".onnx")), providers=["CPUExecutionProvider"])
     for n in (1, 3):  # dynamic batch axis
         (y,) = sess.run(None, {"diffraction": np.zeros((n, 1, 128, 128), np.float32)})
@@ -432,3 +434,107 @@ def test_training_normalises_by_the_totals_after_the_cards_crop_and_bin_as_live(
     raw_means = frames.reshape(16, -1).sum(axis=1).mean()
     raw = trainer._inputs(frames, np.full(16, pp.reference_total / raw_means, np.float32)).numpy()[:, 0]
     assert not np.allclose(raw, live[1], rtol=0.05)
+
+
+def test_photons_that_leave_nothing_to_train_on_are_refused_in_one_line(tmp_path, capsys):
+    """Too few photons (no counts to normalise to), too many (every pixel saturated) and a
+    --dose-range beyond the simulator's limit: one line and exit 2, not a traceback."""
+    small = ["--out", str(tmp_path / "m"), "--train-scans", "2", "--val-scans", "1", "--positions-per-scan", "8",
+             "--batch-size", "8", "--epochs", "1", "--width", "4", "--depth", "2", "--threads", "1", "--quiet", "--eval"]
+    for argv, why in ((["--photons", "1e-3"], "the validation frames hold no counts at --photons 0.001"),
+                      (["--photons", "5e17"], "saturate every pixel of every frame"),
+                      (["--photons", "1e17", "--dose-range", "1", "100"],
+                       "dose-range 1 100: the training scans' photons must be > 0 and at most 1e+18")):
+        assert cli.main(["train", *small, *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("edge-ptychonn train: ") and why in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_stops_training_like_ctrl_c_and_leaves_no_half_written_file(tmp_path):
+    """A SIGTERM (a batch system's stop) while the exported model is being scored: one line, exit
+    130, and no hidden half-written file left beside the outputs (before: killed outright)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    argv = [sys.executable, "-m", "edge_ptychonn.cli", "train", "--out", str(tmp_path / "m"), "--train-scans", "2",
+            "--val-scans", "1", "--positions-per-scan", "8", "--batch-size", "8", "--epochs", "1", "--width", "4",
+            "--depth", "2", "--threads", "1", "--quiet", "--eval", "mixed:1001", "mixed:1002", "mixed:1003"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob(".m.onnx.*.part")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)  # the model is exported under a hidden name, then scored there
+        assert proc.poll() is None, proc.communicate()
+        os.kill(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert err.strip().endswith("edge-ptychonn train: interrupted") and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]  # the epoch's checkpoint, whole
+
+
+def test_a_checkpoint_beside_another_runs_card_does_not_take_that_runs_history(tmp_path):
+    """A run stopped before its end leaves its <out>.pt beside the card of an earlier run of that
+    name (model and card stay a pair); continuing from that .pt must not record the earlier run."""
+    import shutil
+
+    small = ["--train-scans", "1", "--val-scans", "1", "--positions-per-scan", "16", "--batch-size", "16",
+             "--width", "4", "--depth", "2", "--threads", "1", "--quiet", "--eval"]
+    m, other = tmp_path / "m", tmp_path / "other"
+    assert cli.main(["train", "--out", str(m), "--epochs", "1", "--seed-base", "100", *small]) == 0
+    assert cli.main(["train", "--out", str(other), "--epochs", "2", *small]) == 0
+    shutil.copy(other.with_suffix(".pt"), m.with_suffix(".pt"))  # what a later run to m stopped in epoch 3 leaves
+    assert cli.main(["train", "--out", str(tmp_path / "c"), "--epochs", "1", *small,
+                     "--init-from", str(m.with_suffix(".pt"))]) == 0
+    prev = load_card(tmp_path / "c.onnx").training.continued_from
+    assert prev.command is None and prev.checkpoint == str(m.with_suffix(".pt")) and prev.steps == 2
+    md = (tmp_path / "c.md").read_text()
+    assert f"`{m.with_suffix('.pt')}`, ? epochs, 2 steps, ? min, stopped at the time limit: ?" in md
+    assert "Total training time: at least " in md
+    # continuing in place (--out the same name) still records the run that made the checkpoint
+    assert cli.main(["train", "--out", str(other), "--epochs", "1", *small,
+                     "--init-from", str(other.with_suffix(".pt"))]) == 0
+    prev = load_card(other.with_suffix(".onnx")).training.continued_from
+    assert prev.epochs_run == 2 and prev.steps == 2 and "--epochs 2" in prev.command
+
+
+def test_a_diverged_training_writes_no_model(tmp_path, capsys):
+    """A learning rate that sends the weights to NaN: one line and exit 1, and no model or card
+    (before: a model that outputs NaN, its card and exit 0)."""
+    assert cli.main(["train", "--out", str(tmp_path / "m"), "--train-scans", "2", "--val-scans", "1",
+                     "--positions-per-scan", "32", "--epochs", "2", "--width", "4", "--depth", "2", "--threads", "1",
+                     "--lr", "1e9", "--quiet", "--eval"]) == 1
+    err = capsys.readouterr().err
+    assert "edge-ptychonn train: the loss became nan in epoch" in err and "training diverged; lower --lr" in err
+    assert not list(tmp_path.glob("m.onnx")) and not list(tmp_path.glob("m.json")) and not list(tmp_path.glob("m.md"))
+
+
+def test_a_failure_while_writing_the_cards_leaves_the_earlier_model_with_its_own_card(tmp_path, monkeypatch):
+    """The new model takes its name after its cards; a write that fails on the way (a full disk)
+    must not leave the new .json beside the earlier .onnx."""
+    from edge_ptychonn.science import train
+
+    small = ["train", "--out", str(tmp_path / "m"), "--train-scans", "1", "--val-scans", "1", "--positions-per-scan",
+             "16", "--batch-size", "16", "--width", "4", "--depth", "2", "--threads", "1", "--quiet", "--eval"]
+    assert cli.main([*small, "--epochs", "1"]) == 0
+    before = {s: (tmp_path / f"m{s}").read_bytes() for s in (".onnx", ".json")}
+
+    def full_disk(path, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(train, "write_bytes_whole", full_disk)
+    assert cli.main([*small, "--epochs", "2"]) == 1
+    assert {s: (tmp_path / f"m{s}").read_bytes() for s in (".onnx", ".json")} == before
+    assert not list(tmp_path.glob(".*.part"))
+
+
+def test_an_out_that_names_no_file_is_refused_in_words(tmp_path, capsys):
+    for out in ("", ".", str(tmp_path) + "/.."):
+        assert cli.main(["train", "--out", out, "--train-scans", "1", "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err == f"edge-ptychonn train: --out {out!r} names no file: give a prefix, e.g. models/site1\n"

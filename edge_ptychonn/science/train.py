@@ -55,7 +55,9 @@ import argparse
 import math
 import platform
 import shlex
+import signal
 import sys
+import threading
 import time
 import warnings
 from dataclasses import asdict, replace
@@ -84,6 +86,7 @@ LIMITS = (
 
 
 SCAN_GROUP = 8  # frames of one scan that come together in a training batch (normalize 'running')
+RECALIBRATION_FRAMES = 2048  # training frames that recompute the BatchNorm statistics after each epoch
 
 
 def scan_group(scan_length: int, batch_size: int) -> int:
@@ -108,8 +111,11 @@ OUTPUT_SUFFIXES = (".onnx", ".json", ".md", ".pt")
 
 def output_prefix(out: str | Path) -> Path:
     """The prefix of ``--out``: as given (dots in the name stay, ``site-2024.06`` writes
-    ``site-2024.06.onnx``), less one of :data:`OUTPUT_SUFFIXES` when it ends with it."""
-    out = Path(out)
+    ``site-2024.06.onnx``), less one of :data:`OUTPUT_SUFFIXES` when it ends with it; ``ValueError``
+    when it names no file (``""``, ``.``, ``/``)."""
+    given, out = str(out), Path(out)
+    if out.name in ("", ".", ".."):
+        raise ValueError(f"--out {given!r} names no file: give a prefix, e.g. models/site1")
     return out.with_suffix("") if out.suffix in OUTPUT_SUFFIXES else out
 
 
@@ -544,8 +550,8 @@ class Trainer:
                 return float(np.mean(losses)), True
         return float(np.mean(losses)) if losses else float("nan"), False
 
-    def recalibrate_batchnorm(self, frames: np.ndarray, factors: np.ndarray | None = None, n_frames: int = 2048,
-                              batch_size: int = 64) -> None:
+    def recalibrate_batchnorm(self, frames: np.ndarray, factors: np.ndarray | None = None,
+                              n_frames: int = RECALIBRATION_FRAMES, batch_size: int = 64) -> None:
         """Recompute every BatchNorm's running statistics for the current weights.
 
         The running averages lag the weights while they change, and this data
@@ -592,11 +598,19 @@ class Trainer:
         return total / n
 
 
-def previous_training(init_from: str | None) -> Training | None:
-    """The training record in the card beside an ``--init-from`` checkpoint, shortened, if any."""
+def previous_training(init_from: str | None, checkpoint: dict | None = None) -> Training | None:
+    """The training record in the card beside an ``--init-from`` checkpoint, shortened, if any.
+    With ``checkpoint`` (that ``<out>.pt``, as loaded before this run could write over it) the card
+    counts only when it is that checkpoint's run (same steps, and the same settings the checkpoint
+    records): a run stopped before its end leaves its ``<out>.pt`` beside an earlier run's card."""
     if not init_from:
         return None
     card = find_card(init_from)
+    if checkpoint is not None and card is not None and card.training is not None:
+        t, saved = card.training, checkpoint.get("args") or {}
+        if checkpoint.get("step") != t.steps or any(
+                k in saved and saved[k] != getattr(t, k) for k in ("epochs", "batch_size", "lr", "weight_decay", "seed")):
+            return Training(checkpoint=str(init_from), steps=checkpoint.get("step"))
     if card is None or card.training is None:
         return Training(checkpoint=str(init_from))
     keep = ("command", "epochs_run", "steps", "train_minutes", "train_loss", "val_loss", "n_train_frames",
@@ -731,17 +745,20 @@ def card_markdown(card: ModelCard) -> str:
         + ", ".join(f"{a:.4f} / {b:.4f}" for a, b in zip(t.train_loss, t.val_loss)),
         f"- Command: `{t.command}`",
         "- After each epoch the BatchNorm running statistics are recomputed for the current weights "
-        "(2048 training frames, float32); validation runs in eval mode and float32, as the exported model.",
+        f"({min(RECALIBRATION_FRAMES, t.n_train_frames)} training frames, float32); validation runs in eval mode "
+        "and float32, as the exported model.",
     ]
     prev, stage = t.continued_from, 1
-    total_minutes = t.train_minutes
+    total_minutes, unknown = t.train_minutes, False
     while prev:
         stage += 1
         total_minutes += prev.train_minutes or 0.0
+        unknown |= prev.train_minutes is None
         lines.append(
             f"- Continued from an earlier run (stage {stage} back): `{prev.command or prev.checkpoint}`, "
             f"{prev.epochs_run or '?'} epochs, {prev.steps or '?'} steps, "
-            f"{prev.train_minutes or 0.0:.1f} min, stopped at the time limit: {prev.stopped_at_time_limit}"
+            + (f"{prev.train_minutes:.1f}" if prev.train_minutes is not None else "?") + " min, stopped at the "
+            f"time limit: {'?' if prev.stopped_at_time_limit is None else prev.stopped_at_time_limit}"
             + (f", photons x {prev.dose_range[0]:g}..{prev.dose_range[1]:g}" if prev.dose_range else "")
             + (f", family mix {_mix_text(prev.family_mix)}" if prev.family_mix else "")
             + (f", loss L1 + {prev.ssim_weight:g} x (1 - SSIM)" if prev.ssim_weight else "")
@@ -749,11 +766,12 @@ def card_markdown(card: ModelCard) -> str:
             + (f", head blocks added to the {prev.head_blocks_from} it had" if prev.head_blocks_from is not None else "")
             + "; "
             "train / validation loss per epoch: "
-            + ", ".join(f"{a:.4f} / {b:.4f}" for a, b in zip(prev.train_loss or (), prev.val_loss or ()))
+            + (", ".join(f"{a:.4f} / {b:.4f}" for a, b in zip(prev.train_loss, prev.val_loss or ()))
+               if prev.train_loss else "?")
         )
         prev = prev.continued_from
     if stage > 1:
-        lines.append(f"- Total training time: {total_minutes:.1f} min in {stage} runs.")
+        lines.append(f"- Total training time: {'at least ' if unknown else ''}{total_minutes:.1f} min in {stage} runs.")
     lines += [
         "",
         "## Accuracy",
@@ -938,6 +956,20 @@ def check_batches(args: argparse.Namespace) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    """``edge-ptychonn train``; a SIGTERM (a batch system's stop, ``kill``) stops it like Ctrl-C: no
+    half-written file is left behind, and the command ends with one line (exit 130)."""
+    on_main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if on_main else None
+    if previous == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        return _train(args)
+    finally:
+        if previous == signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _train(args: argparse.Namespace) -> int:
     import torch
 
     from edge_ptychonn.science.model import export_onnx
@@ -960,6 +992,10 @@ def main(args: argparse.Namespace) -> int:
             check_init_from(args.init_from)
         base = ScanSettings(n_positions=args.positions_per_scan, family=args.family, photons=args.photons,
                             overlap=args.overlap, phase_range_rad=args.phase_range, density=args.density)
+        try:  # the most photons a training scan has: checked like --photons
+            replace(base, photons=base.photons * hi)
+        except ValueError as exc:
+            raise ValueError(f"dose-range {lo:g} {hi:g}: the training scans' {exc}") from None
         model_config = ModelConfig(width=args.width, depth=args.depth, input_size=base.frame_size,
                                    batch_norm=True, amplitude_head=args.amplitude, head_blocks=args.head_blocks)
         check_batches(args)
@@ -982,12 +1018,20 @@ def main(args: argparse.Namespace) -> int:
     show = not args.quiet
     t_start = time.monotonic()
 
-    train_f, train_p, train_a, probe = make_dataset(train_seeds, base, amplitude=args.amplitude, progress=show,
-                                                    label="training scans", dose_range=tuple(args.dose_range),
-                                                    family_mix=family_mix)
-    val_f, val_p, val_a, _ = make_dataset(val_seeds, base, amplitude=args.amplitude, progress=show, label="validation scans")
-    reference = reference_total(val_f) if args.normalize != "none" else None
-    pp = choose_preprocess(train_f, args.normalize, reference)
+    try:  # photons that saturate every pixel, or give no counts to normalise to, show only in the data
+        train_f, train_p, train_a, probe = make_dataset(train_seeds, base, amplitude=args.amplitude, progress=show,
+                                                        label="training scans", dose_range=tuple(args.dose_range),
+                                                        family_mix=family_mix)
+        val_f, val_p, val_a, _ = make_dataset(val_seeds, base, amplitude=args.amplitude, progress=show,
+                                              label="validation scans")
+        reference = reference_total(val_f) if args.normalize != "none" else None
+        if reference is not None and not reference > 0:
+            raise ValueError(f"the validation frames hold no counts at --photons {args.photons:g}: nothing to "
+                             f"normalise to (--normalize {args.normalize}); raise --photons")
+        pp = choose_preprocess(train_f, args.normalize, reference)
+    except ValueError as exc:
+        print(f"edge-ptychonn train: {exc}", file=sys.stderr)
+        return 2
     stitch = StitchSettings()
     mask = probe_weight(probe, stitch.probe_threshold) > 0
     output_mask = output_mask_from_probe(probe, stitch.probe_threshold)
@@ -1007,6 +1051,9 @@ def main(args: argparse.Namespace) -> int:
         if trainer.head_blocks_from is not None:
             print(f"added head blocks to the model of {args.init_from} (it had {trainer.head_blocks_from}, now "
                   f"{args.head_blocks}); the new ones start at zero (the same function at the start)", file=sys.stderr)
+    # read before this run's checkpoints can replace the --init-from one (--out of the same name)
+    continued_from = previous_training(args.init_from, load_checkpoint(args.init_from)
+                                       if args.init_from and Path(args.init_from).suffix == ".pt" else None)
     print(f"data: {len(train_f)} training and {len(val_f)} validation frames; input: normalize {pp.normalize}"
           + (f" to {pp.reference_total:g} counts" if pp.normalize != "none" else "")
           + f", sqrt(counts) * {pp.scale}; loss over {int(mask.sum())} bright-centre pixels"
@@ -1032,6 +1079,11 @@ def main(args: argparse.Namespace) -> int:
         train_loss.append(loss)
         trainer.recalibrate_batchnorm(train_f, train_k)
         val_loss.append(trainer.validate((val_f, val_k, val_p, val_a), scan_length))
+        if not (math.isfinite(loss) and math.isfinite(val_loss[-1])):  # the weights are lost: write no model
+            print(f"edge-ptychonn train: the loss became {loss if not math.isfinite(loss) else val_loss[-1]} in epoch "
+                  f"{epoch + 1}: training diverged; lower --lr"
+                  + (f" ({output_file(prefix, '.pt')} holds epoch {epoch})" if epoch else ""), file=sys.stderr)
+            return 1
         print(f"epoch {epoch + 1}/{args.epochs}: train loss {loss:.4f}  validation loss {val_loss[-1]:.4f}  "
               f"({(time.monotonic() - t_train) / 60:.1f} min)", file=sys.stderr)
         save_checkpoint(trainer, args, model_config, output_file(prefix, ".pt"))
@@ -1058,7 +1110,7 @@ def main(args: argparse.Namespace) -> int:
         family_mix=family_mix, ssim_weight=args.ssim_weight or None, widened_from=trainer.widened_from,
         head_blocks_from=trainer.head_blocks_from,
         device=device if device != "cpu" else None,
-        continued_from=previous_training(args.init_from),
+        continued_from=continued_from,
     )
     card = ModelCard(name=prefix.name, input_size=model_config.input_size,
                      outputs=("phase", "amplitude") if args.amplitude else ("phase",), preprocess=pp, stitch=stitch,
@@ -1080,8 +1132,10 @@ def main(args: argparse.Namespace) -> int:
                 "command": shlex.join(["edge-ptychonn", "evaluate", "--model", str(onnx_path),
                                        *(w for s in args.eval for w in ("--simulate", s))]),
             })
-        card_json = save_card(card, onnx_path)
+        # the card for people first: what the processor reads, the .json, then the model, so that a stop or
+        # a full disk in between leaves an earlier model with its own .json
         write_bytes_whole(md_path, card_markdown(card).encode())
+        card_json = save_card(card, onnx_path)
     print(f"wrote {onnx_path} ({onnx_path.stat().st_size / 1e6:.1f} MB), {card_json}, "
           f"{md_path}, {output_file(prefix, '.pt')} in {(time.monotonic() - t_start) / 60:.1f} min")
     return 0
