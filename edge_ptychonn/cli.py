@@ -14,9 +14,12 @@ not a traceback), results to stdout.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import shlex
+import signal
 import sys
+import threading
 
 # name -> (module, one-line summary)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -34,6 +37,22 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "launch": ("edge_ptychonn.tools.launch", "start the live chain (sim server, inference, stitcher, HDF5) from a TOML file"),
     "view": ("edge_ptychonn.tools.view", "c2dv windows on the chain's channels at full rate with phase levels"),
 }
+
+
+@contextlib.contextmanager
+def sigterm_interrupts():
+    """Inside the block SIGTERM (``kill``, a batch system's stop) raises ``KeyboardInterrupt``
+    as Ctrl-C does, so that a command's own clean-up runs (no half-written file) and it ends
+    with one line, exit 130. Only where SIGTERM has its default action and on the main
+    thread; the default comes back at the end."""
+    take = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    if take:
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        if take:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def repeat_command(prog: str, parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:

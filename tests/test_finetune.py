@@ -404,3 +404,15 @@ def test_hdf5_frames_written_with_a_plugin_compression_are_read(tmp_path):
     run = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ["[1,", "2,", "3,", "4,", "5]", str(int(frames.sum()))]
+
+
+def test_a_diverged_finetune_writes_no_model(beamline, tmp_path, capsys):
+    """A learning rate that sends the weights to NaN: one line and exit 1, and no model or card
+    (before: a model that outputs NaN, its card and exit 0)."""
+    out = tmp_path / "site"
+    rc = run_cli("--frames", beamline["h5"], "--object", beamline["recon"], "--out", out, "--epochs", 2,
+                 "--lr", "1e9", "--max-minutes", 0, "--device", "cpu", "--quiet")
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    assert "edge-ptychonn finetune: the loss became nan in epoch" in err and "training diverged; lower --lr" in err
+    assert not [p.name for p in tmp_path.iterdir() if p.suffix in (".onnx", ".json", ".md")]

@@ -626,12 +626,20 @@ def command_line(args: argparse.Namespace) -> str:
     return repeat_command("edge-ptychonn finetune", get_args_parser(), args)
 
 
-def _fail(message: str) -> int:
+def _fail(message: str, code: int = 2) -> int:
     print(f"edge-ptychonn finetune: {message}", file=sys.stderr)
-    return 2
+    return code
 
 
 def main(args: argparse.Namespace) -> int:
+    """``edge-ptychonn finetune``; SIGTERM stops it like Ctrl-C (no half-written file, exit 130)."""
+    from edge_ptychonn.cli import sigterm_interrupts
+
+    with sigterm_interrupts():
+        return _finetune(args)
+
+
+def _finetune(args: argparse.Namespace) -> int:
     from edge_ptychonn.science.train import check_outputs, check_training_options, output_prefix
 
     try:
@@ -653,7 +661,8 @@ def main(args: argparse.Namespace) -> int:
     t_start = time.monotonic()
     show = not args.quiet
     from edge_ptychonn.science.train import (
-        Trainer, output_file, previous_training, save_checkpoint, scan_factors, training_device,
+        Trainer, divergence, load_checkpoint, output_file, previous_training, save_checkpoint, scan_factors,
+        training_device,
     )
 
     try:
@@ -737,6 +746,9 @@ def main(args: argparse.Namespace) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             before = held_out_scores(export_onnx(model, Path(tmp) / "base.onnx"), *val_set)
 
+    # a .pt base: its card counts only when it is that checkpoint's run (train.previous_training)
+    continued_from = previous_training(str(args.init_from), load_checkpoint(args.init_from)
+                                       if Path(args.init_from).suffix == ".pt" else None)
     targs = argparse.Namespace(seed=args.seed, lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size,
                                max_minutes=args.max_minutes, bf16=args.bf16)
     trainer = Trainer(targs, config, pp, mask, model=model, device=device)
@@ -756,6 +768,9 @@ def main(args: argparse.Namespace) -> int:
         train_loss.append(loss)
         trainer.recalibrate_batchnorm(train_data[0], train_data[1])
         val_loss.append(trainer.validate(val_data))
+        diverged = divergence(epoch, loss, val_loss[-1], output_file(prefix, ".pt"))
+        if diverged:  # the weights are lost: write no model
+            return _fail(diverged, code=1)
         print(f"epoch {epoch + 1}/{args.epochs}: train loss {loss:.4f}  held-out loss {val_loss[-1]:.4f}  "
               f"({(time.monotonic() - t_train) / 60:.1f} min)", file=sys.stderr)
         if stopped:
@@ -777,7 +792,7 @@ def main(args: argparse.Namespace) -> int:
         n_parameters=int(sum(p.numel() for p in trainer.model.parameters())),
         host=f"{platform.machine()} {platform.processor() or ''}".strip(), torch=torch.__version__,
         edge_ptychonn=__version__, command=command_line(args), init_from=str(args.init_from),
-        continued_from=previous_training(str(args.init_from)),
+        continued_from=continued_from,
     )
     data = {"frames": str(args.frames), "n_frames": int(len(frames)), "positions": positions_from,
             "object": str(args.object), "object_shape": list(obj.shape), "phase_shift_rad": args.phase_shift,
@@ -796,8 +811,10 @@ def main(args: argparse.Namespace) -> int:
             accuracy={"finetune": {"held_out_before": before, "held_out_after": after, "data": data,
                                    "start_val_loss": val_loss[0]}},
         )
-        card_json = save_card(new_card, onnx_path)
+        # the card for people first, then the .json the processor reads, then the model: a stop or a full
+        # disk in between leaves an earlier model of this name with its own .json
         write_bytes_whole(md_path, card_markdown(new_card, Path(args.init_from).name, data, before, after).encode())
+        card_json = save_card(new_card, onnx_path)
     print(f"held-out mean |phase error| {before['mean_abs_error_rad']:.4f} -> {after['mean_abs_error_rad']:.4f} "
           "rad; "
           f"median patch RMSE {before['patch_rmse_median_rad']:.4f} -> {after['patch_rmse_median_rad']:.4f} rad; "

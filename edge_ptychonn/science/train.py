@@ -55,9 +55,7 @@ import argparse
 import math
 import platform
 import shlex
-import signal
 import sys
-import threading
 import time
 import warnings
 from dataclasses import asdict, replace
@@ -958,15 +956,19 @@ def check_batches(args: argparse.Namespace) -> None:
 def main(args: argparse.Namespace) -> int:
     """``edge-ptychonn train``; a SIGTERM (a batch system's stop, ``kill``) stops it like Ctrl-C: no
     half-written file is left behind, and the command ends with one line (exit 130)."""
-    on_main = threading.current_thread() is threading.main_thread()
-    previous = signal.getsignal(signal.SIGTERM) if on_main else None
-    if previous == signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
+    from edge_ptychonn.cli import sigterm_interrupts
+
+    with sigterm_interrupts():
         return _train(args)
-    finally:
-        if previous == signal.SIG_DFL:
-            signal.signal(signal.SIGTERM, previous)
+
+
+def divergence(epoch: int, loss: float, val_loss: float, checkpoint: Path) -> str | None:
+    """The one line to stop with when epoch ``epoch`` (0-based) ended with a loss that is not
+    finite (training diverged: the weights are lost, no model is written); None otherwise."""
+    if math.isfinite(loss) and math.isfinite(val_loss):
+        return None
+    return (f"the loss became {loss if not math.isfinite(loss) else val_loss} in epoch {epoch + 1}: training "
+            "diverged; lower --lr" + (f" ({checkpoint} holds epoch {epoch})" if epoch else ""))
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -1079,10 +1081,9 @@ def _train(args: argparse.Namespace) -> int:
         train_loss.append(loss)
         trainer.recalibrate_batchnorm(train_f, train_k)
         val_loss.append(trainer.validate((val_f, val_k, val_p, val_a), scan_length))
-        if not (math.isfinite(loss) and math.isfinite(val_loss[-1])):  # the weights are lost: write no model
-            print(f"edge-ptychonn train: the loss became {loss if not math.isfinite(loss) else val_loss[-1]} in epoch "
-                  f"{epoch + 1}: training diverged; lower --lr"
-                  + (f" ({output_file(prefix, '.pt')} holds epoch {epoch})" if epoch else ""), file=sys.stderr)
+        diverged = divergence(epoch, loss, val_loss[-1], output_file(prefix, ".pt"))
+        if diverged:  # the weights are lost: write no model
+            print(f"edge-ptychonn train: {diverged}", file=sys.stderr)
             return 1
         print(f"epoch {epoch + 1}/{args.epochs}: train loss {loss:.4f}  validation loss {val_loss[-1]:.4f}  "
               f"({(time.monotonic() - t_train) / 60:.1f} min)", file=sys.stderr)
