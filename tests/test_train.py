@@ -240,6 +240,9 @@ def test_bad_training_arguments(tmp_path, capsys):
         assert err.startswith("edge-ptychonn train: ") and why in err and "Traceback" not in err
     assert train("--device", "gpu") == 2
     assert "device must be 'auto', 'cpu', 'cuda'" in capsys.readouterr().err
+    # a consumer-to-GPU map means nothing to one training: before, GPU 0 was taken without a word
+    assert train("--device", "cuda:0,1") == 2
+    assert "device must be 'auto', 'cpu', 'cuda' or 'cuda:N' (one device), got 'cuda:0,1'" in capsys.readouterr().err
     if not torch.cuda.is_available():
         assert train("--device", "cuda") == 2
         assert "device 'cuda' asked for, but torch" in capsys.readouterr().err
@@ -534,7 +537,7 @@ def test_a_failure_while_writing_the_cards_leaves_the_earlier_model_with_its_own
 
 
 def test_an_out_that_names_no_file_is_refused_in_words(tmp_path, capsys):
-    for out in ("", ".", str(tmp_path) + "/.."):
+    for out in ("", ".", str(tmp_path) + "/..", str(tmp_path) + "/models/"):  # the last: models.onnx beside it
         assert cli.main(["train", "--out", out, "--train-scans", "1", "--quiet"]) == 2
         err = capsys.readouterr().err
         assert err == f"edge-ptychonn train: --out {out!r} names no file: give a prefix, e.g. models/site1\n"

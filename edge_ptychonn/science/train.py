@@ -110,9 +110,9 @@ OUTPUT_SUFFIXES = (".onnx", ".json", ".md", ".pt")
 def output_prefix(out: str | Path) -> Path:
     """The prefix of ``--out``: as given (dots in the name stay, ``site-2024.06`` writes
     ``site-2024.06.onnx``), less one of :data:`OUTPUT_SUFFIXES` when it ends with it; ``ValueError``
-    when it names no file (``""``, ``.``, ``/``)."""
+    when it names no file (``""``, ``.``, ``/``, a folder ``models/``)."""
     given, out = str(out), Path(out)
-    if out.name in ("", ".", ".."):
+    if out.name in ("", ".", "..") or given.endswith("/"):  # "models/": a folder, not the files' prefix
         raise ValueError(f"--out {given!r} names no file: give a prefix, e.g. models/site1")
     return out.with_suffix("") if out.suffix in OUTPUT_SUFFIXES else out
 
@@ -391,10 +391,16 @@ def training_device(text: str) -> str:
     ``auto`` takes GPU 0 when torch sees one, else the CPU); ``ValueError`` when torch cannot run there."""
     import torch
 
-    from edge_ptychonn.devices import DeviceUnavailable, resolve_device
+    from edge_ptychonn.devices import DeviceUnavailable, parse_device, resolve_device
 
     try:
-        return resolve_device(text, 1, torch.cuda.device_count() if torch.cuda.is_available() else 0,
+        request = parse_device(text)
+    except ValueError:
+        request = None
+    if request is None or len(request.indices) > 1:  # a consumer-to-GPU map is for consumers only
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N' (one device), got {text!r}")
+    try:
+        return resolve_device(request, 1, torch.cuda.device_count() if torch.cuda.is_available() else 0,
                               engine="torch " + torch.__version__)
     except DeviceUnavailable as exc:
         raise ValueError(str(exc)) from None
