@@ -287,10 +287,34 @@ def test_a_model_that_is_not_onnx_is_a_one_line_error(tmp_path):
         bench.main(args)
 
 
-def test_unknown_part_is_an_error(tmp_path):
-    args = bench.get_args_parser().parse_args(["--skip", "engines", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match="known: warm, engine, framepath, pipeline, zero, passthrough"):
-        bench.main(args)
+def test_unknown_part_is_an_error(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        bench.get_args_parser().parse_args(["--skip", "engines"])
+    assert exit_.value.code == 2
+    assert "known: warm, engine, framepath, pipeline, zero, passthrough" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--pipeline-batch", "0", "must be >= 1 and <= 256, got 0"),  # before: ZeroDivisionError in the frame path
+    ("--batches", ",", "give at least one value"),  # before: every engine skipped, exit 0
+    ("--batches", "0", "must be >= 1"),
+    ("--peak-sizes", "0", "must be >= 1"),  # before: a peak of 0.0 GFLOP/s, no percentages
+    ("--threads", "0", "must be >= 1"),  # before: rows labelled '0 thread(s)' (the engine's own default)
+    ("--workers", "0", "must be >= 1"),  # before: rows labelled 'workers 0'
+    ("--consumers", "0", "must be >= 1"),
+    ("--rate-fractions", "-0.5", "must be >= 0"),
+    ("--precisions", "fp64", "unknown precision(s) ['fp64']; known: fp32, tf32, fp16, bf16"),  # before: nothing timed
+    ("--ceiling-factor", "0", "must be > 1"),  # before: ZeroDivisionError stepping down
+    ("--ceiling-factor", "1", "must be > 1"),  # before: a climb that never climbs
+    ("--ceiling-start", "0", "must be > 0"),
+    ("--stop-after", "0", "must be >= 1"),  # before: every sweep stopped after its first point
+])
+def test_bad_options_are_one_line_errors(capsys, option, value, message):
+    with pytest.raises(SystemExit) as exit_:  # argparse's usage error, before anything runs
+        bench.get_args_parser().parse_args([option, value])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: argument {option}: " in err and message in err and "Traceback" not in err, err
 
 
 @pytest.fixture(scope="module")
@@ -561,10 +585,11 @@ def test_points_of_each_processor_have_their_own_channels_and_logs(monkeypatch):
     assert len(set(tags)) == 4, tags
 
 
-def test_unknown_engine_is_an_error(tmp_path):
-    args = bench.get_args_parser().parse_args(["--engines", "onnxruntime,nope", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match=r"unknown engine\(s\) \['nope'\].*known: tensorrt, torch, onnxruntime, zero"):
-        bench.main(args)
+def test_unknown_engine_is_an_error(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        bench.get_args_parser().parse_args(["--engines", "onnxruntime,nope"])
+    assert exit_.value.code == 2
+    assert "unknown engine(s) ['nope']; known: tensorrt, torch, onnxruntime, zero" in capsys.readouterr().err
 
 
 def test_ratios_come_from_the_rates_each_sweep_kept_up_with(tmp_path, monkeypatch, capsys):
@@ -630,3 +655,18 @@ def test_a_point_that_fails_with_an_error_ends_the_step_down(monkeypatch):
     bench_pipeline.ceiling_sweep(settings, "zero", 1, 400.0, None, Path("."), {}, None, down=3)
     assert asked == [400.0]
 
+
+
+def test_ceiling_sweep_steps_down_from_a_server_limited_point_that_fell_behind(monkeypatch):
+    """The server publishes at most 400 fps and the consumer keeps up with 300: the start rate
+    is server-limited and not kept up with, so the climb steps down as from any point that was
+    not sustained (before: it stopped at its first point, and the ceiling was never found)."""
+    asked = []
+    monkeypatch.setattr(bench_pipeline, "run_point",
+                        lambda s, p, n, rate, *a: asked.append(rate) or fake_point(rate, 300.0, server_max=400.0))
+    settings = bench_pipeline.PipelineSettings(model_path=Path("m.onnx"))
+    points = bench_pipeline.ceiling_sweep(settings, "passthrough", 1, 500.0, None, Path("."), {}, None,
+                                          factor=1.5, refine=1)
+    assert points[-1].server_limited and not points[-1].sustained
+    assert asked == [500.0, 333.3, 222.2, 277.8]  # down until one keeps up, then the bisection
+    assert bench_pipeline.best_sustained(points).target_fps == 277.8

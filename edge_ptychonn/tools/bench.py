@@ -33,7 +33,8 @@ from pathlib import Path
 
 from edge_ptychonn.model_card import default_model_path
 from edge_ptychonn.progress import Progress
-from engines.base import usable_cores
+from engines.base import PRECISIONS, usable_cores
+from engines.registry import ENGINES
 
 from . import processes as live
 
@@ -41,21 +42,58 @@ DEFAULT_MODEL = default_model_path()
 PARTS = ("warm", "engine", "framepath", "pipeline", "zero", "passthrough")
 
 
+def _listed(values: list, text: str, low: float = 1, what: str = "") -> list:
+    """``values`` parsed from ``text``, refused (argparse: one line, exit 2) when empty or below ``low``."""
+    if not values:
+        raise argparse.ArgumentTypeError(f"give at least one value, got {text!r}")
+    if any(v < low for v in values):
+        raise argparse.ArgumentTypeError(f"{what or 'values'} must be >= {low}, got {text!r}")
+    return values
+
+
 def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
+    return _listed([float(x) for x in text.split(",") if x.strip()], text, low=0)
 
 
 def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
+    return _listed([int(x) for x in text.split(",") if x.strip()], text)
 
 
 def _threads(text: str) -> list[int]:
     cores = usable_cores()
-    return sorted({cores if x.strip() == "all" else int(x) for x in text.split(",") if x.strip()})
+    return _listed(sorted({cores if x.strip() == "all" else int(x) for x in text.split(",") if x.strip()}), text,
+                   what="counts ('all' or 1 and up)")
 
 
 def _words(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _known(kind: str, known):
+    """argparse type: comma-separated words, each one of ``known``."""
+
+    def parse(text: str) -> list[str]:
+        words = _words(text)
+        unknown = [w for w in words if w not in known]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {kind}(s) {unknown}; known: {', '.join(known)}")
+        return words
+
+    return parse
+
+
+def _number(kind, low: float, above: bool = False, high: float | None = None):
+    """argparse type: an int or float >= ``low`` (> ``low`` with ``above``), at most ``high``."""
+
+    def parse(text: str):
+        value = kind(text)
+        if value < low or (above and value == low) or (high is not None and value > high):
+            limits = f"{'>' if above else '>='} {low}" + (f" and <= {high}" if high is not None else "")
+            raise argparse.ArgumentTypeError(f"must be {limits}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse's "invalid int value" names it
+    return parse
 
 
 def default_consumers(cores: int) -> list[int]:
@@ -85,13 +123,13 @@ def get_args_parser(prog: str = "edge-ptychonn bench") -> argparse.ArgumentParse
     parser.add_argument("--quick", action="store_true",
                         help="a fast smoke run: short timings, one consumer, few points, no warm and zero parts "
                              "(an option given a value other than its default keeps it)")
-    parser.add_argument("--skip", type=_words, default=[], help=f"comma-separated parts to skip: {', '.join(PARTS)}")
+    parser.add_argument("--skip", type=_known("part", PARTS), default=[], help=f"comma-separated parts to skip: {', '.join(PARTS)}")
     parser.add_argument("--drop-caches", action="store_true",
                         help="drop the OS page cache before the first warm-start launch (root; affects the whole machine)")
     g = parser.add_argument_group("engine alone")
-    g.add_argument("--engines", type=_words, default=None,
+    g.add_argument("--engines", type=_known("engine", ENGINES), default=None,
                    help="engines to time (default: every installed engine that runs the model; 'zero' may be named)")
-    g.add_argument("--precisions", type=_words, default=None,
+    g.add_argument("--precisions", type=_known("precision", PRECISIONS), default=None,
                    help="precisions to time (default: all each engine declares for the device)")
     g.add_argument("--batches", type=_ints, default=[1, 8, 32], help="batch sizes to time")
     g.add_argument("--threads", type=_threads, default=None,
@@ -110,7 +148,7 @@ def get_args_parser(prog: str = "edge-ptychonn bench") -> argparse.ArgumentParse
     g = parser.add_argument_group("pipeline")
     g.add_argument("--pipeline-engine", default="onnxruntime", help="the consumers' engine")
     g.add_argument("--pipeline-precision", default="fp32", help="the consumers' precision")
-    g.add_argument("--pipeline-batch", type=int, default=8, help="batchSize, and --distributor-updates for N > 1")
+    g.add_argument("--pipeline-batch", type=_number(int, 1, high=256), default=8, help="batchSize, and --distributor-updates for N > 1")
     g.add_argument("--consumer-threads", type=int, default=0,
                    help="cpuThreads of each consumer (default 0: the consumer's own layout, its share of the "
                         "cores as workers of one thread; see --consumer-workers)")
@@ -120,14 +158,14 @@ def get_args_parser(prog: str = "edge-ptychonn bench") -> argparse.ArgumentParse
     g.add_argument("--consumers", type=_ints, default=None, help="consumer counts N (default: 1, 2, and more with more cores)")
     g.add_argument("--rate-fractions", type=_floats, default=[0.6, 0.8, 0.9, 1.0, 1.1],
                    help="offered rates as fractions of the engine-alone rate of the pipeline's engine, precision and batch")
-    g.add_argument("--ceiling-start", type=float, default=500.0,
+    g.add_argument("--ceiling-start", type=_number(float, 0, above=True), default=500.0,
                    help="first offered rate (frames/s) of the zero-cost and passthrough sweeps, which climb from there")
-    g.add_argument("--ceiling-factor", type=float, default=1.5, help="rate step of those sweeps (x up, / down)")
+    g.add_argument("--ceiling-factor", type=_number(float, 1, above=True), default=1.5, help="rate step of those sweeps (x up, / down)")
     g.add_argument("--ceiling-points", type=int, default=8, help="points of a climb at most (before bisection)")
     g.add_argument("--duration", type=float, default=3.0, help="stream length per point (s)")
     g.add_argument("--max-frames", type=int, default=4000, help="frames per point at most")
     g.add_argument("--server-queue-size", type=int, default=1000, help="the consumers' --server-queue-size")
-    g.add_argument("--stop-after", type=int, default=1, help="stop a sweep after this many points that do not keep up")
+    g.add_argument("--stop-after", type=_number(int, 1), default=1, help="stop a sweep after this many points that do not keep up")
     g.add_argument("--extend", type=int, default=4,
                    help="points added above the highest rate (x1.2 each) while the pipeline still keeps up")
     g.add_argument("--down", type=int, default=4,

@@ -473,7 +473,8 @@ def ceiling_sweep(
     rate = start_fps
     r = point(rate)
     steps = 0
-    while not r.sustained and not r.server_limited and not r.error and steps < down:  # a lower rate mends no error
+    # down also from a server-limited point that did not keep up with what the server did publish
+    while not r.sustained and not r.error and steps < down:  # a lower rate mends no error
         rate /= factor
         r = point(rate)
         steps += 1
