@@ -63,7 +63,7 @@ def parse_device(text: str) -> DeviceRequest:
     if head == "cuda" and sep and rest:
         items = [item.strip() for item in rest.split(",")]
         items = [item[len("cuda:"):] if item.startswith("cuda:") else item for item in items]
-        if all(item.isdigit() for item in items):
+        if all(item.isascii() and item.isdigit() for item in items):
             return DeviceRequest("cuda", tuple(int(item) for item in items))
     raise ValueError(f"device must be {DEVICES_HELP}, got {text!r}")
 

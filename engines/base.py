@@ -23,6 +23,7 @@ compute. ``infer(batch)`` is always ``collect(submit(batch))`` for such engines.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -112,6 +113,14 @@ class EngineOptions:
     consumers: int = 1  # consumers sharing this machine's cores (cpu_layout's share)
     processor_id: int = 1  # picks the GPU with device='auto': (id - 1) % n_gpus
     plan_cache_dir: Path | None = None  # TensorRT plans; None: default_plan_cache_dir()
+
+    def __post_init__(self) -> None:
+        """ValueError naming the option for values no engine can run with (before: a batch size
+        of 0 failed in the warm-up as 'batch size must be 1..0', or the zero engine took it)."""
+        for name, lowest in (("max_batch", 1), ("cpu_threads", 0), ("cpu_workers", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < lowest:
+                raise ValueError(f"{name} must be an integer >= {lowest}, got {value!r}")
 
 
 @runtime_checkable

@@ -289,7 +289,10 @@ class TensorRTEngine:
         device = engine_device(self.SPEC, options, cuda.Device.count())
         self._gpu = int(device.partition(":")[2])
         dev = cuda.Device(self._gpu)
-        self._context = primary_context(cuda, self._gpu)
+        try:
+            self._context = primary_context(cuda, self._gpu)
+        except cuda.Error as exc:  # e.g. a GPU in exclusive-process mode that another process holds
+            raise EngineUnavailable(f"CUDA cannot start on {device}: {type(exc).__name__}: {exc}") from exc
         self._ring = SlotRing(self.max_in_flight)
         self._sync_results: dict[int, np.ndarray] = {}
         self._closed = False
@@ -299,6 +302,9 @@ class TensorRTEngine:
             log.info("tensorrt %s %s on %s: plan %s (%s) in %.2f s", trt.__version__, self.precision, self.device,
                      self.plan_path, self.plan_source, self.start_s)
             self.infer(np.zeros((min(self.max_batch, self._capacity), 1, *self.input_shape), np.float32))  # warm-up
+        except cuda.Error as exc:  # the driver refused (e.g. GPU memory full): 'auto' tries the next engine
+            self.close()  # frees what was made
+            raise EngineUnavailable(f"CUDA failed on {device}: {type(exc).__name__}: {exc}") from exc
         except BaseException:
             self.close()  # frees what was made
             raise
@@ -382,6 +388,8 @@ class TensorRTEngine:
                 f"{self._input_name} -> {self._phase_name}"
             )
         self._exec = engine.create_execution_context()
+        if self._exec is None:  # TensorRT returns None when it cannot (e.g. too little GPU memory)
+            raise EngineUnavailable("TensorRT could not create an execution context (see TensorRT's log above)")
         full = (self._capacity, 1, *self.input_shape)
         if not self._exec.set_input_shape(self._input_name, full):
             raise EngineUnavailable(f"TensorRT refused input shape {full}")

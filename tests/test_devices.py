@@ -15,7 +15,8 @@ def test_parse(text, expected):
     assert parse_device(text) == expected
 
 
-@pytest.mark.parametrize("text", ["gpu", "cuda:", "cuda:x", "cuda:-1", "cuda:0,,1", "", "cpu:0", 3])
+@pytest.mark.parametrize("text", ["gpu", "cuda:", "cuda:x", "cuda:-1", "cuda:0,,1", "", "cpu:0", 3,
+                                  "cuda:\u00b2", "cuda:0,\u00b9"])  # superscripts: str.isdigit, not int()
 def test_parse_refuses_with_the_accepted_forms(text):
     with pytest.raises(ValueError, match="device must be 'auto', 'cpu', 'cuda', 'cuda:N', or a consumer-to-GPU map"):
         parse_device(text)

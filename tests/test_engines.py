@@ -1,5 +1,6 @@
 """Engines on the external edgePtychoNN model and on the project's own export."""
 
+import re
 import time
 
 import numpy as np
@@ -390,3 +391,19 @@ def test_torch_cuda_graphs_are_captured_thread_local(monkeypatch):
     runner.d_in, runner.graphs, runner.graph_out = [0, 1], [], []
     runner._capture(2)
     assert captures == [{"stream": stream, "capture_error_mode": "thread_local"}] * 2
+
+
+@pytest.mark.parametrize("bad, why", [
+    ({"max_batch": 0}, "max_batch must be an integer >= 1, got 0"),
+    ({"max_batch": -3}, "max_batch must be an integer >= 1, got -3"),
+    ({"max_batch": 2.5}, "max_batch must be an integer >= 1, got 2.5"),
+    ({"cpu_threads": -1}, "cpu_threads must be an integer >= 0, got -1"),
+    ({"cpu_workers": -1}, "cpu_workers must be an integer >= 0, got -1"),
+])
+def test_engine_options_no_engine_can_run_are_refused_naming_the_option(small_model, bad, why):
+    """Before: the zero engine took max_batch 0, -3 or 2.5 (every batch then refused), the
+    others failed in their warm-up with 'batch size must be 1..0' or numpy's 'negative
+    dimensions'; cpu_workers -1 ran one worker without a word."""
+    with pytest.raises(ValueError, match=re.escape(why)):
+        EngineOptions(small_model, **bad)
+    assert EngineOptions(small_model, max_batch=np.int64(4)).max_batch == 4  # numpy integers are integers

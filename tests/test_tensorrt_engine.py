@@ -611,3 +611,35 @@ def test_engines_share_one_primary_context_and_close_frees_streams_and_events(gp
     np.testing.assert_array_equal(first.infer(x), 2 * x)  # the shared context still works
     first.close()
     assert gpu10.cuda.stack() == []
+
+
+def test_a_gpu_that_refuses_a_context_memory_or_an_execution_context_is_unavailable(gpu10, small_model, tmp_path,
+                                                                                    monkeypatch):
+    """The driver's errors at start (a GPU that another process holds in exclusive mode, GPU
+    memory full) and TensorRT's None for an execution context are EngineUnavailable, so that
+    'auto' goes on to the next engine (before: pycuda's LogicError or MemoryError, or an
+    AttributeError on None, ended 'auto' with a traceback)."""
+    driver = sys.modules["pycuda.driver"]
+    options = dict(precision="auto", plan_cache_dir=tmp_path / "plans", cpu_threads=1)
+
+    def busy(self):
+        raise driver.LogicError("cuDevicePrimaryCtxRetain failed: all CUDA-capable devices are busy or unavailable")
+
+    def full(nbytes):
+        raise driver.MemoryError("cuMemAlloc failed: out of memory")
+
+    retain, alloc = driver.Device.retain_primary_context, driver.mem_alloc
+    monkeypatch.setattr(driver.Device, "retain_primary_context", busy)
+    with pytest.raises(EngineUnavailable, match="CUDA cannot start on cuda:0: LogicError: .*busy"):
+        make(small_model, tmp_path)
+    assert create_engine("auto", EngineOptions(small_model, **options)).device == "cpu"
+    monkeypatch.setattr(driver.Device, "retain_primary_context", retain)
+    monkeypatch.setattr(driver, "mem_alloc", full)
+    with pytest.raises(EngineUnavailable, match="CUDA failed on cuda:0: .*out of memory"):
+        make(small_model, tmp_path)
+    assert create_engine("auto", EngineOptions(small_model, **options)).device == "cpu"
+    monkeypatch.setattr(driver, "mem_alloc", alloc)
+    monkeypatch.setattr(gpu10.trt.ICudaEngine, "create_execution_context", lambda self: None)
+    with pytest.raises(EngineUnavailable, match="could not create an execution context"):
+        make(small_model, tmp_path)
+    assert create_engine("auto", EngineOptions(small_model, **options)).device == "cpu"

@@ -32,8 +32,16 @@ import weakref
 import numpy as np
 
 
-class LogicError(RuntimeError):
+class Error(Exception):
+    """pycuda.driver.Error: the base of the driver's errors (not a RuntimeError)."""
+
+
+class LogicError(Error):
     pass
+
+
+class CudaMemoryError(Error):
+    """pycuda.driver.MemoryError (e.g. cuMemAlloc failed: out of memory)."""
 
 
 class FakeCuda:
@@ -282,7 +290,7 @@ def make_modules(state: FakeCuda) -> tuple[types.ModuleType, types.ModuleType]:
     for name, value in dict(
         init=init, Device=Device, Context=Context, Stream=Stream, Event=Event, DeviceAllocation=DeviceAllocation,
         mem_alloc=mem_alloc, pagelocked_empty=pagelocked_empty, memcpy_htod_async=memcpy_htod_async,
-        memcpy_dtoh_async=memcpy_dtoh_async, LogicError=LogicError, Error=RuntimeError,
+        memcpy_dtoh_async=memcpy_dtoh_async, LogicError=LogicError, MemoryError=CudaMemoryError, Error=Error,
     ).items():
         setattr(driver, name, value)
     driver.__spec__ = importlib.machinery.ModuleSpec("pycuda.driver", None)
