@@ -451,3 +451,30 @@ def test_the_recorded_command_repeats_its_arguments_also_with_spaces_in_paths(co
     assert words[:2] == ["edge-ptychonn", command]
     assert vars(module.get_args_parser().parse_args(words[2:])) == vars(args)
     assert sorted(words[2:]) == sorted(argv)  # the options given, none of the defaults
+
+
+def test_consumer_with_a_processor_class_that_cannot_be_loaded_is_one_line(pva_env):
+    """Before: a traceback ending in ModuleNotFoundError (or PvaPy's InvalidArgument for a class
+    its module lacks), exit status 1."""
+    from channel_names import PREFIX
+
+    root = Path(__file__).resolve().parent.parent
+
+    for cls, message in (("processors.nothere.Processor", "--processor-class: No module named 'processors.nothere'"),
+                         ("processors.ptychonn.NoSuchProcessor", "Could not create object instance of class NoSuchProcessor")):
+        done = subprocess.run([sys.executable, "-m", "edge_ptychonn.cli", "consumer", "-ic", f"{PREFIX}:badclass:image",
+                               "-pc", cls], capture_output=True, text=True, timeout=120, env=pva_env, cwd=root)
+        assert done.returncode == 2, done.stderr[-3000:]
+        assert done.stderr.strip().splitlines()[-1].startswith(f"edge-ptychonn consumer: {message}"), done.stderr[-3000:]
+        assert "Traceback" not in done.stderr, done.stderr[-3000:]
+
+
+def test_configure_takes_its_options_between_the_channel_and_the_pairs():
+    """``configure inference:1:control --timeout 10 modelPath=new.onnx``; before: "unrecognized
+    arguments: modelPath=new.onnx" (exit 2)."""
+    from edge_ptychonn.tools.configure import get_args_parser
+
+    args = get_args_parser().parse_args(["inference:1:control", "--timeout", "10", "modelPath=new.onnx", "offset=0"])
+    assert (args.channel, args.changes, args.timeout) == ("inference:1:control", ["modelPath=new.onnx", "offset=0"], 10.0)
+    args = get_args_parser().parse_args(["c", "a=1", "--timeout", "2.5", "b=2"])
+    assert (args.changes, args.timeout) == (["a=1", "b=2"], 2.5)

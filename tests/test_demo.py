@@ -114,3 +114,50 @@ def test_a_demo_run_removes_the_previous_runs_image_and_hdf5_files(tmp_path):
     assert not list((tmp_path / "stitched").iterdir())
     assert [p.name for p in (tmp_path / "h5").iterdir()] == ["notes.txt"]  # only the writers' files go
     demo.clear_results(tmp_path / "nothing yet")  # a first run: nothing to remove
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--model", "SCAN"], "is not a readable ONNX model"),
+    (["--fps", "nan"], "--fps a finite number > 0"),
+    (["--fps", "inf"], "--fps a finite number > 0"),
+])
+def test_a_model_that_is_not_onnx_or_a_rate_that_is_not_finite_is_one_line_before_the_chain(
+        tmp_path, capsys, monkeypatch, option, message):
+    """Before: a file that is not ONNX started the whole chain, whose consumers all failed with
+    tracebacks (exit 1, "frames lost 36"); --fps nan was refused by the launcher in names of its
+    file ("'fps' in [source]")."""
+    np.save(tmp_path / "scan.npy", np.zeros((2, 8, 8), np.int16))
+    monkeypatch.setattr(demo.launch, "run", lambda *a, **k: pytest.fail("the chain was started"))
+    option = [str(tmp_path / "scan.npy") if o == "SCAN" else o for o in option]
+    args = demo.get_args_parser().parse_args(["--scan", str(tmp_path / "scan.npy"), "--out", str(tmp_path / "out"),
+                                              *option])
+    assert demo.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("edge-ptychonn demo: ") and message in err and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--model", "SCAN"], "is not a readable ONNX model"),
+    (["--model", "MISSING"], "is not a readable ONNX model"),
+    (["--engine", "warp"], "unknown engine 'warp'"),
+    (["--cpu-threads", "-1"], "--cpu-threads >= 0"),
+    (["--minutes", "nan"], "--minutes, --every and --fps must be finite numbers > 0"),
+    (["--minutes", "inf"], "--minutes, --every and --fps must be finite numbers > 0"),
+    (["--fps", "-5"], "--minutes, --every and --fps must be finite numbers > 0"),
+    (["--every", "0"], "--minutes, --every and --fps must be finite numbers > 0"),
+])
+def test_soak_refuses_bad_options_in_one_line_before_it_starts_anything(tmp_path, capsys, monkeypatch, option,
+                                                                         message):
+    """Before: a missing or non-ONNX --model, an unknown --engine and --cpu-threads -1 were
+    tracebacks (exit 1); --minutes nan or inf, --fps -5 and --every 0 started the processes (the
+    sim server got -fps -5 or -rt nan) and ran until stopped."""
+    from edge_ptychonn.tools import processes, soak
+
+    np.save(tmp_path / "scan.npy", np.zeros((2, 8, 8), np.int16))
+    monkeypatch.setattr(processes, "start", lambda *a, **k: pytest.fail("a process was started"))
+    paths = {"SCAN": str(tmp_path / "scan.npy"), "MISSING": str(tmp_path / "nothere.onnx")}
+    args = soak.get_args_parser().parse_args(["--fps", "10", "--minutes", "0.01", "--prefix", f"{PREFIX}:soakopt",
+                                              *[paths.get(o, o) for o in option]])
+    assert soak.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("edge-ptychonn soak: ") and message in err and len(err.splitlines()) == 1, err

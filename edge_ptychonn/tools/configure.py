@@ -108,9 +108,17 @@ def positive_seconds(text: str) -> float:
     return value
 
 
+class _Intermixed(argparse.ArgumentParser):
+    """Options anywhere: ``CHANNEL --timeout 10 key=value`` as well as ``CHANNEL key=value --timeout 10``
+    (a plain parser takes the pairs only before or after every option)."""
+
+    def parse_args(self, args=None, namespace=None):  # noqa: D102
+        return self.parse_intermixed_args(args, namespace)
+
+
 def get_args_parser(prog: str = "edge-ptychonn configure") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Intermixed(prog=prog, description=__doc__.split("\n\n", 1)[1],
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("channel", help="the consumer's control channel, e.g. inference:1:control")
     p.add_argument("changes", nargs="*", metavar="key=value", help="settings to change, e.g. batchTimeout=0.2")
     p.add_argument("--json", dest="raw", help="send this text as the arguments instead of key=value pairs "

@@ -12,7 +12,8 @@ with three differences that matter when a service manager runs it:
   argument, an engine that cannot start, a consumer killed), where
   ``pvapy-hpc-consumer`` would go on reporting "No stats received" until its
   runtime ends; with one consumer a processor that refuses its arguments, or
-  whose engine cannot start, is one line (exit status 2), not a traceback;
+  whose engine cannot start, or a ``--processor-class`` that cannot be loaded, is one
+  line (exit status 2), not a traceback;
   a ``--processor-args`` (``--input-args``, ``--output-args``) that is not a
   JSON object is one line (exit status 2) before anything starts.
 
@@ -124,6 +125,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     if not sys.stdout.isatty() and not {"-dc", "--disable-curses"} & set(argv):
         argv.insert(0, "-dc")
+    import pvaccess as pva
     from pvapy.cli import hpcConsumer
 
     from engines.base import EngineUnavailable
@@ -139,6 +141,11 @@ def main(args: argparse.Namespace) -> int:
     except (ValueError, EngineUnavailable) as exc:  # one consumer in this process: its processor refused its
         # arguments, or its engine cannot run here
         print(f"edge-ptychonn consumer: {exc}", file=sys.stderr)
+        return 2
+    except (ImportError, pva.InvalidArgument) as exc:  # one consumer: a --processor-class that cannot be
+        # loaded (no such module, or no such class in it), or another option PvaPy refuses
+        print(f"edge-ptychonn consumer: {'--processor-class: ' if isinstance(exc, ImportError) else ''}{exc}",
+              file=sys.stderr)
         return 2
     finally:
         done.set()

@@ -206,8 +206,11 @@ def main(args: argparse.Namespace) -> int:
     try:
         if not args.model.is_file():
             raise FileNotFoundError(f"model {args.model} not found")
-        if args.consumers < 1 or args.batch_size < 1 or args.fps <= 0:
-            raise ValueError("--consumers and --batch-size must be >= 1 and --fps > 0")
+        if args.consumers < 1 or args.batch_size < 1 or not (math.isfinite(args.fps) and args.fps > 0):
+            raise ValueError("--consumers and --batch-size must be >= 1 and --fps a finite number > 0")
+        from engines.onnx_model import read_signature
+
+        read_signature(args.model)  # not ONNX: one line here, not a chain whose consumers all fail
         if not (math.isfinite(args.timeout) and args.timeout > 0 and math.isfinite(args.start_delay)
                 and args.start_delay >= 0):
             raise ValueError(f"--timeout must be > 0 and --start-delay >= 0 (seconds), got {args.timeout:g} "

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 import time
@@ -88,17 +89,27 @@ def get_args_parser(prog: str = "edge-ptychonn soak") -> argparse.ArgumentParser
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.minutes <= 0 or args.consumers < 1:
-        print("edge-ptychonn soak: --minutes must be > 0 and --consumers >= 1", file=sys.stderr)
+    finite = lambda v: v is not None and math.isfinite(v) and v > 0
+    if not finite(args.minutes) or args.consumers < 1 or args.cpu_threads < 0 or not finite(args.every) \
+            or not (args.fps is None or finite(args.fps)):
+        print("edge-ptychonn soak: --minutes, --every and --fps must be finite numbers > 0, --consumers >= 1 "
+              "and --cpu-threads >= 0", file=sys.stderr)
+        return 2
+    from engines import EngineUnavailable
+    from engines.onnx_model import read_signature
+    from engines.registry import check_name
+
+    try:  # before any process starts: one line, not a traceback
+        check_name(args.engine)
+        hw = read_signature(args.model).input_shape
+        fps = args.fps or 0.8 * engine_rate(args.model, args.engine, args.cpu_threads) * args.consumers
+    except (ValueError, EngineUnavailable) as exc:
+        print(f"edge-ptychonn soak: {exc}", file=sys.stderr)
         return 2
     env = processes.use_loopback()
     ok, reason = processes.loopback_multicast()
     if not ok and args.consumers > 1:
         print(f"warning: {reason}", file=sys.stderr)
-    from engines.onnx_model import read_signature
-
-    hw = read_signature(args.model).input_shape
-    fps = args.fps or 0.8 * engine_rate(args.model, args.engine, args.cpu_threads) * args.consumers
     runtime_s = args.minutes * 60
     work = Path(tempfile.mkdtemp(prefix="edge-ptychonn-soak-"))
     np.save(work / "frames.npy", np.random.default_rng(1).poisson(20, (200, *hw)).astype(np.int16))
