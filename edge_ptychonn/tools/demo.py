@@ -211,9 +211,8 @@ def main(args: argparse.Namespace) -> int:
         from engines.onnx_model import read_signature
 
         read_signature(args.model)  # not ONNX: one line here, not a chain whose consumers all fail
-        if not (math.isfinite(args.timeout) and args.timeout > 0 and math.isfinite(args.start_delay)
-                and args.start_delay >= 0):
-            raise ValueError(f"--timeout must be > 0 and --start-delay >= 0 (seconds), got {args.timeout:g} "
+        if not (math.isfinite(args.timeout) and args.timeout > 0 and 0 <= args.start_delay <= launch.MAX_START_DELAY_S):
+            raise ValueError(f"--timeout must be > 0 and --start-delay 0..{launch.MAX_START_DELAY_S:g} (seconds), got {args.timeout:g} "
                              f"and {args.start_delay:g}")
         rates = _rates(args.sweep) if args.sweep is not None else None
         card = find_card(args.model)

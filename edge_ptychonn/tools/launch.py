@@ -251,8 +251,8 @@ class LaunchConfig:
         if not 1 <= inf["consumers"] <= 64:
             raise ValueError(f"[inference] consumers must be 1..64, got {inf['consumers']}")
         src = tables["source"]
-        if src["fps"] <= 0 or src["start_delay_s"] < 0:
-            raise ValueError("[source] fps must be > 0 and start_delay_s >= 0")
+        if src["fps"] <= 0 or not 0 <= src["start_delay_s"] <= MAX_START_DELAY_S:
+            raise ValueError(f"[source] fps must be > 0 and start_delay_s 0..{MAX_START_DELAY_S:g} s")
         if src["scan"] is not None:
             _check_scan(src["scan"])
         _check_channel_names(src["channel"], {name: tables[name]["prefix"] for name in ("inference", "stitch", "hdf5")
@@ -736,6 +736,9 @@ class Chain:
     def procs_in_stop_order(self) -> list[live.Proc]:
         rank = {"sim": 0, "inference": 1}
         return sorted(self.procs, key=lambda p: rank.get(p.name, 2))
+
+
+MAX_START_DELAY_S = 600.0  # clients connect in seconds; a longer wait is a typo that never ends
 
 
 def last_errors(log: str, n_lines: int = 15) -> str:
