@@ -41,7 +41,7 @@ there. ``--check`` validates the file, the scan and each processor's arguments
     scan = "data/generated/scan.npy"   # frames (n >= 2, height, width) replayed by pvapy-ad-sim-server; omit for a detector
     channel = "ad:image"               # the detector channel (sim server: the channel it publishes)
     fps = 100.0                        # sim server frame rate
-    start_delay_s = 12.0               # sim server: wait before streaming, so every client connects
+    start_delay_s = 12.0               # sim server: wait before streaming, so every client connects (0..600)
 
     [inference]
     consumers = 2
