@@ -801,6 +801,26 @@ def test_no_viewer_is_started_without_a_display_and_the_launcher_says_so(tmp_pat
     assert chain.procs == [] and "warning: no display (DISPLAY is not set): no viewer started" in out.getvalue()
 
 
+def test_forked_consumers_that_died_before_the_first_poll_are_reported_at_once(tmp_path):
+    """Forked consumers that fail fast (a model that is not ONNX) can be gone before the launcher's
+    first look at them; on a loaded CI machine the launcher then waited the whole 90 s for their
+    status channels. A PvaPy parent with no consumer left and a traceback in its log is reported."""
+    cfg = load(tmp_path, f'log_dir = "{tmp_path / "logs"}"\n' + MINIMAL)  # 3 consumers
+    out = io.StringIO()
+    chain = launch.Chain(cfg, out=out)
+    code = ("import time; print('Process Process-1:\\nTraceback (most recent call last):\\n"
+            "ValueError: model.onnx is not a readable ONNX model', flush=True); time.sleep(60)")
+    try:
+        parent = chain._start("inference", [sys.executable, "-c", code])
+        assert wait_until(lambda: "Traceback" in parent.log(), 30)
+        t0 = time.monotonic()
+        with pytest.raises(RuntimeError, match="(?s)inference: its consumers exited at start; .*not a readable ONNX model"):
+            chain._wait_answering({f"{PREFIX}-nochild:inference:1:status": parent}, timeout_s=60)
+        assert time.monotonic() - t0 < 30  # not the whole wait
+    finally:
+        chain.stop()
+
+
 def test_a_viewer_that_fails_is_reported_once_and_the_chain_goes_on(tmp_path):
     """A viewer that exits with an error (c2dv cannot open its window, a channel typo that
     c2dv refuses) was not reported: no window and no line. A window closed (exit 0) is no news."""

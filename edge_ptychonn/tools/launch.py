@@ -518,7 +518,7 @@ class Chain:
                 if p.name in ("inference", "hdf5") and self.cfg.inference["consumers"] > 1 and Path("/proc").is_dir():
                     if live.child_pids(p.pid, zombies=False):
                         forked.add(p.pid)
-                    elif p.pid in forked:
+                    elif p.pid in forked or "Traceback" in p.log():  # also when they died before a poll saw them
                         raise RuntimeError(f"{p.name}: its consumers exited at start; log {p.log_path}, "
                                            f"its last errors:\n{last_errors(p.log())}")
             if waiting and time.monotonic() > deadline:
