@@ -253,8 +253,10 @@ def test_last_errors_finds_the_traceback():
 
 def test_a_silent_status_channel_is_reported_with_its_logs_errors(tmp_path):
     """A consumer whose processor failed while its PvaPy parent lives on answers nothing:
-    the launcher says why, from the log, instead of only that nothing answered."""
-    cfg = LaunchConfig.load(toml(tmp_path, f'log_dir = "{tmp_path / "logs"}"\n' + MINIMAL))
+    the launcher says why, from the log, instead of only that nothing answered. (One consumer: with
+    several, a parent with none left and a traceback is reported at once, see below.)"""
+    cfg = LaunchConfig.load(toml(tmp_path, f'log_dir = "{tmp_path / "logs"}"\n'
+                                 + MINIMAL.replace("consumers = 3", "consumers = 1")))
     chain = launch.Chain(cfg, out=io.StringIO())
     code = ("import sys, time\nprint('Traceback (most recent call last):')\n"
             "print('ValueError: batchSize must be an integer 1..256, got 8.5', flush=True)\ntime.sleep(60)")
