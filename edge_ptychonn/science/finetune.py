@@ -661,7 +661,7 @@ def _finetune(args: argparse.Namespace) -> int:
     t_start = time.monotonic()
     show = not args.quiet
     from edge_ptychonn.science.train import (
-        Trainer, divergence, load_checkpoint, output_file, previous_training, save_checkpoint, scan_factors,
+        Trainer, divergence, output_file, previous_training, save_checkpoint, scan_factors,
         training_device,
     )
 
@@ -747,8 +747,7 @@ def _finetune(args: argparse.Namespace) -> int:
             before = held_out_scores(export_onnx(model, Path(tmp) / "base.onnx"), *val_set)
 
     # a .pt base: its card counts only when it is that checkpoint's run (train.previous_training)
-    continued_from = previous_training(str(args.init_from), load_checkpoint(args.init_from)
-                                       if Path(args.init_from).suffix == ".pt" else None)
+    continued_from = previous_training(str(args.init_from))
     targs = argparse.Namespace(seed=args.seed, lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size,
                                max_minutes=args.max_minutes, bf16=args.bf16)
     trainer = Trainer(targs, config, pp, mask, model=model, device=device)

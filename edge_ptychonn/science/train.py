@@ -602,14 +602,15 @@ class Trainer:
         return total / n
 
 
-def previous_training(init_from: str | None, checkpoint: dict | None = None) -> Training | None:
+def previous_training(init_from: str | None) -> Training | None:
     """The training record in the card beside an ``--init-from`` checkpoint, shortened, if any.
-    With ``checkpoint`` (that ``<out>.pt``, as loaded before this run could write over it) the card
-    counts only when it is that checkpoint's run (same steps, and the same settings the checkpoint
-    records): a run stopped before its end leaves its ``<out>.pt`` beside an earlier run's card."""
+    For a ``.pt`` (call this before the run can write over it) the card counts only when it is
+    that checkpoint's run (same steps, and the same settings the checkpoint records): a run
+    stopped before its end leaves its ``<out>.pt`` beside an earlier run's card."""
     if not init_from:
         return None
     card = find_card(init_from)
+    checkpoint = load_checkpoint(init_from) if Path(init_from).suffix == ".pt" else None
     if checkpoint is not None and card is not None and card.training is not None:
         t, saved = card.training, checkpoint.get("args") or {}
         if checkpoint.get("step") != t.steps or any(
@@ -1060,8 +1061,7 @@ def _train(args: argparse.Namespace) -> int:
             print(f"added head blocks to the model of {args.init_from} (it had {trainer.head_blocks_from}, now "
                   f"{args.head_blocks}); the new ones start at zero (the same function at the start)", file=sys.stderr)
     # read before this run's checkpoints can replace the --init-from one (--out of the same name)
-    continued_from = previous_training(args.init_from, load_checkpoint(args.init_from)
-                                       if args.init_from and Path(args.init_from).suffix == ".pt" else None)
+    continued_from = previous_training(args.init_from)
     print(f"data: {len(train_f)} training and {len(val_f)} validation frames; input: normalize {pp.normalize}"
           + (f" to {pp.reference_total:g} counts" if pp.normalize != "none" else "")
           + f", sqrt(counts) * {pp.scale}; loss over {int(mask.sum())} bright-centre pixels"
