@@ -302,11 +302,26 @@ def test_unknown_part_is_an_error(capsys):
     ("--threads", "0", "must be >= 1"),  # before: rows labelled '0 thread(s)' (the engine's own default)
     ("--workers", "0", "must be >= 1"),  # before: rows labelled 'workers 0'
     ("--consumers", "0", "must be >= 1"),
-    ("--rate-fractions", "-0.5", "must be >= 0"),
+    ("--rate-fractions", "-0.5", "must be finite and > 0"),
+    ("--rate-fractions", "0.5,0", "must be finite and > 0"),  # before: a target of 0, the server's top speed
+    ("--rate-fractions", "nan", "must be finite and > 0"),
+    ("--engine-seconds", "-1", "must be finite and > 0"),  # before: one batch per window, rates of nothing
+    ("--peak-seconds", "0", "must be finite and > 0"),
+    ("--engine-repeats", "0", "must be >= 1"),
+    ("--duration", "nan", "must be finite and > 0"),  # before: accepted (a NaN stream length)
+    ("--ceiling-start", "inf", "must be finite and > 0"),
+    ("--ceiling-points", "0", "must be >= 1"),
+    ("--max-frames", "0", "must be >= 2"),
+    ("--server-queue-size", "-1", "must be >= 0"),
+    ("--consumer-workers", "-1", "must be >= 0"),
+    ("--refine", "-1", "must be >= 0"),
+    ("--pipeline-engine", "foo", "invalid choice: 'foo'"),  # before: every point skipped, exit 0
+    ("--pipeline-precision", "fp64", "invalid choice: 'fp64'"),
+    ("--device", "gpu", "device must be 'auto', 'cpu', 'cuda'"),
     ("--precisions", "fp64", "unknown precision(s) ['fp64']; known: fp32, tf32, fp16, bf16"),  # before: nothing timed
-    ("--ceiling-factor", "0", "must be > 1"),  # before: ZeroDivisionError stepping down
-    ("--ceiling-factor", "1", "must be > 1"),  # before: a climb that never climbs
-    ("--ceiling-start", "0", "must be > 0"),
+    ("--ceiling-factor", "0", "must be finite and > 1"),  # before: ZeroDivisionError stepping down
+    ("--ceiling-factor", "1", "must be finite and > 1"),  # before: a climb that never climbs
+    ("--ceiling-start", "0", "must be finite and > 0"),
     ("--stop-after", "0", "must be >= 1"),  # before: every sweep stopped after its first point
 ])
 def test_bad_options_are_one_line_errors(capsys, option, value, message):
@@ -315,6 +330,18 @@ def test_bad_options_are_one_line_errors(capsys, option, value, message):
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert f"error: argument {option}: " in err and message in err and "Traceback" not in err, err
+
+
+def test_options_that_only_main_can_judge_are_one_line_errors(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for argv, message in [
+        (["--out", str(blocker / "results")], f"cannot make the results folder {blocker / 'results'}"),
+        (["--pipeline-precision", "auto"], "--pipeline-precision auto needs --pipeline-engine auto"),
+    ]:
+        with pytest.raises(SystemExit) as exit_:  # before: a FileExistsError traceback; every point skipped
+            bench.main(bench.get_args_parser().parse_args(argv + ["--skip", ",".join(bench.PARTS)]))
+        assert message in str(exit_.value), exit_.value
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import math
 import os
 import platform
 import sys
@@ -52,7 +53,11 @@ def _listed(values: list, text: str, low: float = 1, what: str = "") -> list:
 
 
 def _floats(text: str) -> list[float]:
-    return _listed([float(x) for x in text.split(",") if x.strip()], text, low=0)
+    """Comma-separated finite numbers > 0 (a rate fraction of 0 or NaN offers no rate to measure)."""
+    values = [float(x) for x in text.split(",") if x.strip()]
+    if any(not math.isfinite(v) or v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"values must be finite and > 0, got {text!r}")
+    return _listed(values, text, low=0)
 
 
 def _ints(text: str) -> list[int]:
@@ -82,14 +87,25 @@ def _known(kind: str, known):
     return parse
 
 
+def _device(text: str) -> str:
+    """argparse type: a device string (``edge_ptychonn.devices``)."""
+    from edge_ptychonn.devices import parse_device
+
+    try:
+        parse_device(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def _number(kind, low: float, above: bool = False, high: float | None = None):
     """argparse type: an int or float >= ``low`` (> ``low`` with ``above``), at most ``high``."""
 
     def parse(text: str):
         value = kind(text)
-        if value < low or (above and value == low) or (high is not None and value > high):
+        if not math.isfinite(value) or value < low or (above and value == low) or (high is not None and value > high):
             limits = f"{'>' if above else '>='} {low}" + (f" and <= {high}" if high is not None else "")
-            raise argparse.ArgumentTypeError(f"must be {limits}, got {text}")
+            raise argparse.ArgumentTypeError(f"must be {'finite and ' if kind is float else ''}{limits}, got {text}")
         return value
 
     parse.__name__ = kind.__name__  # argparse's "invalid int value" names it
@@ -137,22 +153,23 @@ def get_args_parser(prog: str = "edge-ptychonn bench") -> argparse.ArgumentParse
     g.add_argument("--workers", type=_threads, default=None,
                    help="engine copies running batches at once on the CPU (cpuWorkers), e.g. '1,all'; timed where "
                         "workers x threads fits the cores (default: 1 and all cores)")
-    g.add_argument("--engine-seconds", type=float, default=1.5, help="timing window per engine, precision and batch")
-    g.add_argument("--engine-repeats", type=int, default=3,
+    g.add_argument("--engine-seconds", type=_number(float, 0, above=True), default=1.5, help="timing window per engine, precision and batch")
+    g.add_argument("--engine-repeats", type=_number(int, 1), default=3,
                    help="timing windows per engine, precision and batch; the best counts (a passing load on a "
                         "shared machine only slows a window down)")
-    g.add_argument("--peak-seconds", type=float, default=0.7, help="timing of each peak matrix product")
+    g.add_argument("--peak-seconds", type=_number(float, 0, above=True), default=0.7, help="timing of each peak matrix product")
     g.add_argument("--peak-sizes", type=_ints, default=[512, 1024, 2048], help="matrix sizes of the peak measurement")
-    g.add_argument("--device", default="cpu",
+    g.add_argument("--device", type=_device, default="cpu",
                    help="engine device: 'cpu', 'auto', 'cuda' or 'cuda:N' (consumers given 'auto' take GPU (processorId - 1) %% nGPUs)")
     g = parser.add_argument_group("pipeline")
-    g.add_argument("--pipeline-engine", default="onnxruntime", help="the consumers' engine")
-    g.add_argument("--pipeline-precision", default="fp32", help="the consumers' precision")
+    g.add_argument("--pipeline-engine", default="onnxruntime", choices=("auto", *ENGINES), help="the consumers' engine")
+    g.add_argument("--pipeline-precision", default="fp32", choices=("auto", *PRECISIONS),
+                   help="the consumers' precision ('auto' with engine 'auto' only)")
     g.add_argument("--pipeline-batch", type=_number(int, 1, high=256), default=8, help="batchSize, and --distributor-updates for N > 1")
-    g.add_argument("--consumer-threads", type=int, default=0,
+    g.add_argument("--consumer-threads", type=_number(int, 0), default=0,
                    help="cpuThreads of each consumer (default 0: the consumer's own layout, its share of the "
                         "cores as workers of one thread; see --consumer-workers)")
-    g.add_argument("--consumer-workers", type=int, default=0,
+    g.add_argument("--consumer-workers", type=_number(int, 0), default=0,
                    help="cpuWorkers of each consumer: batches it runs at once on the CPU, each on its own copy "
                         "of the engine (default 0: cores / N, at most 4)")
     g.add_argument("--consumers", type=_ints, default=None, help="consumer counts N (default: 1, 2, and more with more cores)")
@@ -161,16 +178,16 @@ def get_args_parser(prog: str = "edge-ptychonn bench") -> argparse.ArgumentParse
     g.add_argument("--ceiling-start", type=_number(float, 0, above=True), default=500.0,
                    help="first offered rate (frames/s) of the zero-cost and passthrough sweeps, which climb from there")
     g.add_argument("--ceiling-factor", type=_number(float, 1, above=True), default=1.5, help="rate step of those sweeps (x up, / down)")
-    g.add_argument("--ceiling-points", type=int, default=8, help="points of a climb at most (before bisection)")
-    g.add_argument("--duration", type=float, default=3.0, help="stream length per point (s)")
-    g.add_argument("--max-frames", type=int, default=4000, help="frames per point at most")
-    g.add_argument("--server-queue-size", type=int, default=1000, help="the consumers' --server-queue-size")
+    g.add_argument("--ceiling-points", type=_number(int, 1), default=8, help="points of a climb at most (before bisection)")
+    g.add_argument("--duration", type=_number(float, 0, above=True, high=3600), default=3.0, help="stream length per point (s)")
+    g.add_argument("--max-frames", type=_number(int, 2), default=4000, help="frames per point at most")
+    g.add_argument("--server-queue-size", type=_number(int, 0), default=1000, help="the consumers' --server-queue-size")
     g.add_argument("--stop-after", type=_number(int, 1), default=1, help="stop a sweep after this many points that do not keep up")
-    g.add_argument("--extend", type=int, default=4,
+    g.add_argument("--extend", type=_number(int, 0), default=4,
                    help="points added above the highest rate (x1.2 each) while the pipeline still keeps up")
-    g.add_argument("--down", type=int, default=4,
+    g.add_argument("--down", type=_number(int, 0), default=4,
                    help="points added below the lowest rate (/1.5 each) while none keeps up")
-    g.add_argument("--refine", type=int, default=1, help="bisections between the best sustained rate and the next")
+    g.add_argument("--refine", type=_number(int, 0), default=1, help="bisections between the best sustained rate and the next")
     g.add_argument("--no-plots", action="store_true")
     return parser
 
@@ -274,16 +291,14 @@ def main(args: argparse.Namespace) -> int:
 
     if args.quick:
         apply_quick(args)
-    unknown = set(args.skip) - set(PARTS)
-    if unknown:
-        raise SystemExit(f"edge-ptychonn bench: unknown part(s) {sorted(unknown)} in --skip; known: {', '.join(PARTS)}")
-    from engines.registry import ENGINES
-
-    unknown = [e for e in args.engines or [] if e not in ENGINES]  # 'auto' is a choice at run time, not an engine
-    if unknown:
-        raise SystemExit(f"edge-ptychonn bench: unknown engine(s) {unknown} in --engines; known: {', '.join(ENGINES)}")
+    if args.pipeline_precision == "auto" and args.pipeline_engine != "auto":
+        raise SystemExit("edge-ptychonn bench: --pipeline-precision auto needs --pipeline-engine auto "
+                         f"(the {args.pipeline_engine} engine runs one named precision)")
     out_dir = args.out or Path("results") / dt.datetime.now().strftime("bench-%Y%m%d-%H%M%S")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file where the folder would be, or no permission: one line
+        raise SystemExit(f"edge-ptychonn bench: cannot make the results folder {out_dir}: {exc.strerror or exc}") from None
     progress = Progress()
     cores = usable_cores()
     consumers = args.consumers or default_consumers(cores)
