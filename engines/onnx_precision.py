@@ -84,9 +84,14 @@ def to_low_precision(model, precision: str):
     keep_float = {
         name for node in graph.node for i, name in enumerate(node.input) if i in _KEEP_FLOAT_INPUTS.get(node.op_type, ())
     }
+    converted = set()
     for tensor in list(graph.initializer):
         if tensor.data_type == TensorProto.FLOAT and tensor.name not in keep_float:
             tensor.CopyFrom(_low_tensor(tensor, low))
+            converted.add(tensor.name)
+    for inp in graph.input:  # initializers also listed as graph inputs (older exports): their declared type too
+        if inp.name in converted:
+            inp.type.tensor_type.elem_type = low
     for node in graph.node:
         if node.op_type == "Constant" and node.output[0] not in keep_float:
             for attr in node.attribute:

@@ -16,8 +16,11 @@ compute capability, the ONNX file's SHA-256, the profile and the precision (and
 the precision's conversion recipe, :func:`engines.onnx_precision.recipe`); a JSON
 sidecar holds the key. A plan whose sidecar does not match, that cannot be read,
 or that TensorRT will not deserialize is rebuilt, with a log line. Concurrent consumers on one host take a
-file lock, so one builds and the others load. ``edge-ptychonn build-engine``
-builds plans ahead of time so that a consumer starts in seconds.
+file lock, so one builds and the others load. A cache folder this process cannot
+write (a shared, prebuilt one) is read without the lock; a plan that must be
+built there runs without being cached, with a log line (``plan_source`` ends in
+``, not cached``). ``edge-ptychonn build-engine`` builds plans ahead of time so
+that a consumer starts in seconds.
 
 Run: pycuda on the device's primary context (``Device(n).retain_primary_context()``,
 retained once per process and device by :func:`primary_context`, pushed in the
@@ -170,6 +173,9 @@ class PlanCache:
         except (OSError, ValueError) as exc:
             log.warning("TensorRT plan %s is unreadable (%s); rebuilding it", path, exc)
             return None
+        if not isinstance(stored, dict):
+            log.warning("TensorRT plan %s has no key in its sidecar (%s); rebuilding it", path, type(stored).__name__)
+            return None
         if stored != asdict(key):
             changed = sorted(k for k in asdict(key) if stored.get(k) != asdict(key)[k])
             log.warning("TensorRT plan %s is stale (%s differ); rebuilding it", path, ", ".join(changed) or "key")
@@ -187,16 +193,38 @@ class PlanCache:
 
     @contextlib.contextmanager
     def lock(self, key: PlanKey, stem: str):
-        """An exclusive lock per plan, so concurrent consumers build it once."""
+        """An exclusive lock per plan, so concurrent consumers build it once; yields whether
+        it is held. A cache this process may read but not write (a shared, prebuilt one)
+        is used without the lock where its lock file cannot be opened (plans are written
+        whole: a reader never sees half of one)."""
         import fcntl
 
-        self.directory.mkdir(parents=True, exist_ok=True)
-        with open(self.path(key, stem).with_suffix(".lock"), "a+") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
+        path = self.path(key, stem).with_suffix(".lock")
+        fd = None
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError:
+            with contextlib.suppress(OSError):  # an existing lock file: still wait for a build under way
+                fd = os.open(path, os.O_RDONLY)
+        if fd is None:
+            log.debug("TensorRT plan cache %s: cannot open or create %s; reading it without a lock", self.directory,
+                      path.name)
+            yield False
+            return
+        try:
             try:
-                yield
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as exc:  # e.g. a file system without locks
+                log.debug("TensorRT plan cache %s: cannot lock %s (%s)", self.directory, path.name, exc)
+                yield False
+                return
+            try:
+                yield True
             finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
 
 
 def _network_flags(trt) -> int:
@@ -285,8 +313,12 @@ class TensorRTEngine:
         # A fixed-batch model runs at its batch (partial batches padded, larger ones split).
         self._capacity = signature.fixed_batch or options.max_batch
         self._fixed = FixedBatchRunner(signature.fixed_batch, self.input_shape) if signature.fixed_batch else None
-        cuda.init()
-        device = engine_device(self.SPEC, options, cuda.Device.count())
+        try:
+            cuda.init()
+            n_gpus = cuda.Device.count()
+        except cuda.Error as exc:  # no driver, or no device it can use
+            raise EngineUnavailable(f"CUDA cannot start: {type(exc).__name__}: {exc}") from exc
+        device = engine_device(self.SPEC, options, n_gpus)
         self._gpu = int(device.partition(":")[2])
         dev = cuda.Device(self._gpu)
         try:
@@ -301,7 +333,12 @@ class TensorRTEngine:
             self.start_s = time.perf_counter() - t0
             log.info("tensorrt %s %s on %s: plan %s (%s) in %.2f s", trt.__version__, self.precision, self.device,
                      self.plan_path, self.plan_source, self.start_s)
-            self.infer(np.zeros((min(self.max_batch, self._capacity), 1, *self.input_shape), np.float32))  # warm-up
+            try:
+                self.infer(np.zeros((min(self.max_batch, self._capacity), 1, *self.input_shape), np.float32))  # warm-up
+            except RuntimeError as exc:  # TensorRT refused to run the plan: 'auto' tries the next engine
+                if isinstance(exc, EngineUnavailable):
+                    raise
+                raise EngineUnavailable(f"TensorRT cannot run its plan on {device}: {exc}") from exc
         except cuda.Error as exc:  # the driver refused (e.g. GPU memory full): 'auto' tries the next engine
             self.close()  # frees what was made
             raise EngineUnavailable(f"CUDA failed on {device}: {type(exc).__name__}: {exc}") from exc
@@ -370,11 +407,20 @@ class TensorRTEngine:
                      key.precision, model_path, self._capacity)
             plan = build_plan(trt, self._logger, onnx_for_precision(model_path, key.precision), self._input_name,
                               shapes, key.precision, workspace_bytes, source=str(model_path))
-            path = cache.store(key, stem, plan)
-            log.info("TensorRT plan built in %.1f s: %s", time.perf_counter() - t0, path)
+            try:
+                path = cache.store(key, stem, plan)
+            except OSError as exc:  # a cache folder this process may not write: run the plan uncached
+                log.warning("TensorRT plan built in %.1f s, but the plan cache %s is not writable (%s): running it "
+                            "without caching it, so every start builds it again; run 'edge-ptychonn build-engine "
+                            "--plan-cache-dir %s' as a user who may write there", time.perf_counter() - t0,
+                            cache.directory, exc, cache.directory)
+                path, source = None, f"{source}, not cached"
+            else:
+                log.info("TensorRT plan built in %.1f s: %s", time.perf_counter() - t0, path)
         engine = runtime.deserialize_cuda_engine(plan)
         if engine is None:
-            raise EngineUnavailable(f"TensorRT could not deserialize the plan it has just built ({path})")
+            raise EngineUnavailable(f"TensorRT could not deserialize the plan it has just built"
+                                    + (f" ({path})" if path else ""))
         return engine, source
 
     def _setup_buffers(self) -> None:

@@ -22,6 +22,8 @@ The CUDA path has not run on a GPU in this project's CI (no GPU there).
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from .base import (
@@ -89,9 +91,25 @@ class TorchEngine:
             module = from_onnx(options.model_path)
         except ValueError as exc:  # not PtychoNN's architecture: ONNX Runtime or TensorRT may run it
             raise ModelNotSupported(f"the torch engine runs PtychoNN graphs only: {exc}") from exc
+        self._device = torch.device(device)
+        self._module = None
+        self._cuda: CudaRunner | None = None
+        self._results: dict[int, np.ndarray] = {}
+        try:
+            self._start(options, signature, module, device, dtype, cuda_graphs)
+        except RuntimeError as exc:
+            if self._device.type != "cuda":
+                raise
+            # the driver refused (GPU memory full, a GPU another process holds in exclusive mode):
+            # EngineUnavailable, so that 'auto' goes on to the next candidate (the CPU)
+            with contextlib.suppress(RuntimeError):  # frees what was made; the driver's error above is the news
+                self.close()
+            raise EngineUnavailable(f"CUDA failed on {device}: {type(exc).__name__}: {exc}") from exc
+
+    def _start(self, options: EngineOptions, signature, module, device: str, dtype, cuda_graphs: bool) -> None:
+        torch = self._torch
         module = module.eval().to(device=device, dtype=dtype, memory_format=torch.channels_last)
         self._module = module
-        self._device = torch.device(device)
         self._dtype = dtype
         self.precision = options.precision
         self.input_shape = signature.input_shape
@@ -103,8 +121,6 @@ class TorchEngine:
             # batch in flight would only hold back the first one's results (a batch's time).
             self.max_in_flight = 1
         self._ring = SlotRing(self.max_in_flight)
-        self._results: dict[int, np.ndarray] = {}
-        self._cuda: CudaRunner | None = None
         if self._device.type == "cuda":
             self.device = f"{device} ({torch.cuda.get_device_name(self._device)})"
             self._cuda = CudaRunner(torch, self._forward, self._device, self.max_batch, self.input_shape,

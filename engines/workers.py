@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Sequence
 
 import numpy as np
@@ -66,11 +67,15 @@ class _Worker:
                 self.error = exc  # (any kind: a collect() waiting for this job must not wait for ever)
             self.done.set()
 
-    def close(self, timeout_s: float) -> None:
+    def ask_to_close(self) -> None:
+        """Tell the thread to end after the job it runs (if any); returns at once."""
         with self._job:
             self._closing = True
             self._job.notify()
-        self.thread.join(timeout_s)
+
+    def finish_close(self, deadline: float, timeout_s: float) -> None:
+        """Wait for the thread until ``deadline`` (``time.monotonic()``), then close the engine."""
+        self.thread.join(max(0.0, deadline - time.monotonic()))
         if self.thread.is_alive():
             log.warning("%s still busy %.1f s after close; its engine is left open", self.thread.name, timeout_s)
             return
@@ -128,6 +133,12 @@ class WorkerPool:
         return self.collect(self.submit(batch))
 
     def close(self, timeout_s: float = 10.0) -> None:
+        """Stop every worker after its current batch and close its engine; waits at most
+        ``timeout_s`` in all (one deadline for every worker, not one each). A worker still
+        busy then is left running, its engine open, with a log line."""
         self._closed = True
+        deadline = time.monotonic() + timeout_s
         for worker in self._workers:
-            worker.close(timeout_s)
+            worker.ask_to_close()
+        for worker in self._workers:
+            worker.finish_close(deadline, timeout_s)

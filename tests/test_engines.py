@@ -407,3 +407,40 @@ def test_engine_options_no_engine_can_run_are_refused_naming_the_option(small_mo
     with pytest.raises(ValueError, match=re.escape(why)):
         EngineOptions(small_model, **bad)
     assert EngineOptions(small_model, max_batch=np.int64(4)).max_batch == 4  # numpy integers are integers
+
+
+def test_a_gpu_the_torch_engine_cannot_start_on_is_unavailable_and_auto_goes_on(small_model, monkeypatch, caplog):
+    """torch sees a GPU whose memory is full (or that another process holds): the engine's
+    CUDA error is EngineUnavailable, so 'auto' goes on to the CPU (before: the driver's
+    RuntimeError, e.g. torch.cuda.OutOfMemoryError, ended 'auto' and the consumer's start)."""
+    import logging
+
+    import torch
+
+    from edge_ptychonn.science import model as model_module
+    from engines.torch_engine import TorchEngine
+
+    real_from_onnx = model_module.from_onnx
+
+    def on_a_full_gpu(path):
+        module = real_from_onnx(path)
+        real_to = module.to
+
+        def to(*args, **kwargs):
+            if str(kwargs.get("device", "")).startswith("cuda"):
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB")
+            return real_to(*args, **kwargs)
+
+        module.to = to
+        return module
+
+    monkeypatch.setattr(TorchEngine, "count_gpus", staticmethod(lambda: 1))
+    monkeypatch.setattr(model_module, "from_onnx", on_a_full_gpu)
+    with pytest.raises(EngineUnavailable, match="CUDA failed on cuda:0: OutOfMemoryError: CUDA out of memory"):
+        create_engine("torch", EngineOptions(small_model, device="cuda", precision="fp16", max_batch=2))
+    with caplog.at_level(logging.INFO, logger="engines.registry"):
+        engine = create_engine("auto", EngineOptions(small_model, precision="auto", max_batch=2, cpu_threads=1,
+                                                     cpu_workers=1))
+    assert engine.device == "cpu"
+    assert "engine 'auto' chose torch fp16 on a GPU" in caplog.text and "torch fp16 cannot start" in caplog.text
+    engine.close()

@@ -106,3 +106,29 @@ def test_bf16_plans_are_keyed_on_the_new_recipe():
     assert onnx_precision.recipe("bf16") != "lowp-v1"
     assert onnx_precision.recipe("fp16") == onnx_precision.recipe("fp32") == onnx_precision.RECIPE == "lowp-v1"
 
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_a_model_that_lists_its_weights_as_inputs_converts(small_model, precision):
+    """Older exports (keep_initializers_as_inputs, IR version 3) also list every initializer
+    among the graph inputs, typed float32: the conversion retypes those inputs with their
+    weights (before: 'not valid ONNX: Inferred elem type differs', so no fp16/bf16 plan)."""
+    import onnxruntime as ort
+    from onnx import helper
+
+    model = onnx.load(str(small_model))
+    for t in model.graph.initializer:
+        model.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    onnx.checker.check_model(model, full_check=True)
+    low = to_low_precision(model, precision)
+    initializers = {t.name: t.data_type for t in low.graph.initializer}
+    for inp in low.graph.input:
+        expected = initializers.get(inp.name, TensorProto.FLOAT)  # the frames' input stays float32
+        assert inp.type.tensor_type.elem_type == expected, inp.name
+    assert TensorProto.FLOAT16 in initializers.values() or TensorProto.BFLOAT16 in initializers.values()
+    if precision == "fp16":  # ONNX Runtime has CPU kernels for fp16, not for bf16
+        x = np.random.default_rng(0).poisson(9, (2, 1, 64, 64)).astype(np.float32) * 0.05
+        name = model.graph.input[0].name
+        run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(  # noqa: E731
+            None, {name: x})[0]
+        np.testing.assert_allclose(run(low), run(model), atol=0.02)

@@ -323,7 +323,7 @@ def test_a_stale_plan_is_rebuilt_with_a_log_line(gpu10, small_model, tmp_path, c
     np.testing.assert_allclose(second.infer(frames), reference.infer(frames), atol=1e-5)
 
 
-@pytest.mark.parametrize("damage", ["garbage", "empty", "other_version", "no_sidecar"])
+@pytest.mark.parametrize("damage", ["garbage", "empty", "other_version", "no_sidecar", "sidecar_not_a_key"])
 def test_an_unreadable_plan_is_rebuilt_never_a_crash(gpu10, small_model, tmp_path, caplog, damage):
     first = make(small_model, tmp_path)
     first.close()
@@ -333,6 +333,8 @@ def test_an_unreadable_plan_is_rebuilt_never_a_crash(gpu10, small_model, tmp_pat
         first.plan_path.write_bytes(b"")
     elif damage == "other_version":  # a plan from another TensorRT under a matching key: deserialize -> None
         first.plan_path.write_bytes(first.plan_path.read_bytes().replace(b"10.16.1.11", b"10.99.0.0"))
+    elif damage == "sidecar_not_a_key":  # JSON, but not the key (before: AttributeError on list.get)
+        first.plan_path.with_suffix(".json").write_text("[]")
     else:
         first.plan_path.with_suffix(".json").unlink()
     with caplog.at_level(logging.WARNING, logger="engines.tensorrt_engine"):
@@ -643,3 +645,152 @@ def test_a_gpu_that_refuses_a_context_memory_or_an_execution_context_is_unavaila
     with pytest.raises(EngineUnavailable, match="could not create an execution context"):
         make(small_model, tmp_path)
     assert create_engine("auto", EngineOptions(small_model, **options)).device == "cpu"
+
+
+# -- a plan cache this process may read but not write ----------------------------------------------
+def refuse_writes_under(monkeypatch, folder: Path) -> None:
+    """What a folder this process may read but not write does (these tests may run as root,
+    whom file permissions do not stop): opening a file for writing, creating one or a folder,
+    or renaming inside it fails with EACCES; reading works."""
+    import builtins
+    import errno
+    import io
+    import os
+
+    top = os.path.abspath(folder)
+
+    def inside(path) -> bool:
+        if isinstance(path, int):
+            return False
+        path = os.path.abspath(os.fspath(path))
+        return path == top or path.startswith(top + os.sep)
+
+    def refuse(path):
+        raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+
+    real_open, real_os_open = builtins.open, os.open
+    real_mkdir, real_replace, real_rename = os.mkdir, os.replace, os.rename
+
+    def fake_open(file, mode="r", *args, **kwargs):
+        if inside(file) and set(mode) & set("wax+"):
+            refuse(file)
+        return real_open(file, mode, *args, **kwargs)
+
+    def fake_os_open(path, flags, *args, **kwargs):
+        if inside(path) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC):
+            refuse(path)
+        return real_os_open(path, flags, *args, **kwargs)
+
+    def fake_mkdir(path, *args, **kwargs):
+        if inside(path):
+            if os.path.isdir(path):
+                raise FileExistsError(errno.EEXIST, "File exists", os.fspath(path))
+            refuse(path)
+        return real_mkdir(path, *args, **kwargs)
+
+    def fake_move(real):
+        def move(src, dst, *args, **kwargs):
+            if inside(src) or inside(dst):
+                refuse(dst)
+            return real(src, dst, *args, **kwargs)
+        return move
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    monkeypatch.setattr(io, "open", fake_open)
+    monkeypatch.setattr(os, "open", fake_os_open)
+    monkeypatch.setattr(os, "mkdir", fake_mkdir)
+    monkeypatch.setattr(os, "replace", fake_move(real_replace))
+    monkeypatch.setattr(os, "rename", fake_move(real_rename))
+
+
+def test_a_read_only_plan_cache_with_the_plan_loads_it(gpu10, small_model, tmp_path, frames, reference, monkeypatch):
+    """A shared plan cache prebuilt by its owner (build-engine), read-only to the consumers'
+    user, lock files included: the plan loads from it (before: PermissionError opening the
+    .lock file for writing, so the engine failed, and 'auto' with a traceback)."""
+    make(small_model, tmp_path).close()
+    plans = tmp_path / "plans"
+    gpu10.clear()
+    with monkeypatch.context() as m:
+        refuse_writes_under(m, plans)
+        engine = make(small_model, tmp_path)
+        assert engine.plan_source == "cache" and not gpu10.calls("build_serialized_network")
+        np.testing.assert_allclose(engine.infer(frames), reference.infer(frames), atol=1e-5)
+        engine.close()
+        for lock in plans.glob("*.lock"):  # a cache whose lock files are not there either
+            lock.unlink()
+        assert make(small_model, tmp_path).plan_source == "cache"
+
+
+@pytest.mark.parametrize("where", ["cache", "parent"])
+def test_a_plan_that_cannot_be_cached_is_built_and_run_with_a_log_line(gpu10, small_model, tmp_path, frames,
+                                                                        reference, monkeypatch, caplog, where):
+    """A plan missing from a read-only cache (or a cache folder that cannot be made): built and
+    run without caching, with a warning that says what to do; 'auto' takes it too."""
+    plans = tmp_path / "plans"
+    if where == "cache":
+        plans.mkdir()
+    refuse_writes_under(monkeypatch, plans if where == "cache" else tmp_path)
+    with caplog.at_level(logging.WARNING, logger="engines.tensorrt_engine"):
+        engine = make(small_model, tmp_path)
+    assert engine.plan_source == "built, not cached"
+    assert f"the plan cache {plans} is not writable" in caplog.text and "build-engine --plan-cache-dir" in caplog.text
+    np.testing.assert_allclose(engine.infer(frames), reference.infer(frames), atol=1e-5)
+    engine.close()
+    assert not plans.exists() or list(plans.iterdir()) == []
+    auto = create_engine("auto", EngineOptions(small_model, precision="auto", plan_cache_dir=plans))
+    assert (auto.name, auto.plan_source) == ("tensorrt", "built, not cached")
+    auto.close()
+
+
+def test_build_engine_fails_when_the_plan_cannot_be_saved(gpu10, small_model, tmp_path, capsys, monkeypatch):
+    """build-engine exists to save plans: one it cannot save is a failure (exit 1), never
+    'built -> path' for a file that is not there."""
+    from edge_ptychonn.tools import build_engine
+
+    plans = tmp_path / "plans"
+    plans.mkdir()
+    refuse_writes_under(monkeypatch, plans)
+    argv = ["--model", str(small_model), "--precision", "fp32", "--plan-cache-dir", str(plans)]
+    assert build_engine.main(build_engine.get_args_parser().parse_args(argv)) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert f"cuda:0 fp32: FAILED: the plan was built but cannot be saved in {plans}" in captured.err
+
+
+def test_a_plan_tensorrt_will_not_run_is_unavailable_and_auto_goes_on(gpu10, small_model, tmp_path, monkeypatch):
+    """execute_async_v3 returns False in the warm-up (e.g. a GPU without the memory the plan
+    needs): EngineUnavailable, so 'auto' goes on to the CPU (before: a RuntimeError ended it)."""
+    monkeypatch.setattr(gpu10.trt.IExecutionContext, "execute_async_v3", lambda self, handle: False)
+    with pytest.raises(EngineUnavailable, match="TensorRT cannot run its plan on cuda:0: .*execute_async_v3 failed"):
+        make(small_model, tmp_path)
+    assert gpu10.cuda.stack() == []
+    engine = create_engine("auto", EngineOptions(small_model, precision="auto", plan_cache_dir=tmp_path / "plans",
+                                                 cpu_threads=1, cpu_workers=1))
+    assert engine.device == "cpu"
+
+
+def test_a_driver_that_cannot_start_is_unavailable(gpu10, small_model, tmp_path, monkeypatch):
+    """cuInit fails (no driver loaded, no usable device): EngineUnavailable naming the driver's
+    error (before: pycuda's LogicError itself)."""
+    def no_driver(flags=0):
+        raise fake_pycuda.LogicError("cuInit failed: no CUDA-capable device is detected")
+
+    monkeypatch.setattr(sys.modules["pycuda.driver"], "init", no_driver)
+    with pytest.raises(EngineUnavailable, match="CUDA cannot start: LogicError: cuInit failed: no CUDA-capable"):
+        make(small_model, tmp_path)
+
+
+def test_build_engine_refuses_an_unknown_precision_before_building_anything(gpu10, small_model, tmp_path, capsys):
+    """A typo in --precision is a bad argument (exit 2, before any build), not a FAILED line after
+    the other precisions have been built (minutes each on a real GPU); repeats build once."""
+    from edge_ptychonn import cli
+
+    cache = ["--plan-cache-dir", str(tmp_path / "plans")]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["build-engine", "--model", str(small_model), "--precision", "fp32,fp61", *cache])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --precision: fp61: not a precision; give some of fp32, tf32, fp16, bf16" in err
+    assert not gpu10.calls("build_serialized_network") and not (tmp_path / "plans").exists()
+    assert cli.main(["build-engine", "--model", str(small_model), "--precision", "fp32, fp32", *cache]) == 0
+    assert capsys.readouterr().out.count("fp32 batch 1..8: built") == 1

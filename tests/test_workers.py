@@ -240,3 +240,43 @@ def test_overload_with_workers_drops_at_the_door_and_recovers(small_model, rng):
     pipeline.stop()
     assert [p[0] for p in published] == list(range(1, 17)) + list(range(49, 57))
     assert stats.dropped["overload"] == 32 and stats.unaccounted(0) == 0
+
+
+class Stuck(Meeting):
+    """An engine whose batch runs until ``release`` is set."""
+
+    def __init__(self, release: threading.Event, started: threading.Semaphore):
+        super().__init__(threading.Barrier(1))
+        self.release, self.started = release, started
+
+    def infer(self, batch):
+        self.started.release()
+        self.release.wait(30)
+        return batch
+
+
+def test_close_waits_one_deadline_for_all_stuck_workers(caplog):
+    """Three workers stuck in a batch: close(timeout_s) returns after about timeout_s in all,
+    leaves their engines open with a log line each, and a free worker's engine is closed
+    (before: each stuck worker was waited for in turn, its own timeout each: 3 x timeout_s)."""
+    import logging
+    import time
+
+    release, started = threading.Event(), threading.Semaphore(0)
+    stuck = [Stuck(release, started) for _ in range(3)]
+    free = Meeting(threading.Barrier(1))
+    pool = WorkerPool([*stuck, free], threads_per_worker=1)
+    tickets = [pool.submit(b) for b in batches(3)]
+    for _ in stuck:
+        assert started.acquire(timeout=10)
+    try:
+        with caplog.at_level(logging.WARNING, logger="engines.workers"):
+            t0 = time.monotonic()
+            pool.close(timeout_s=1.0)
+            elapsed = time.monotonic() - t0
+        assert 0.9 <= elapsed < 2.0, f"close took {elapsed:.2f} s for a 1 s deadline"
+        assert caplog.text.count("still busy 1.0 s after close; its engine is left open") == 3
+        assert not any(e.closed for e in stuck) and free.closed
+    finally:
+        release.set()
+    assert [float(pool.collect(t)[0, 0, 0, 0]) for t in tickets] == [0.0, 1.0, 2.0]  # nobody waits for ever

@@ -17,10 +17,16 @@ import time
 from pathlib import Path
 
 
-def _words(text: str) -> list[str]:
-    words = [x.strip() for x in text.split(",") if x.strip()]
+def _precisions(text: str) -> list[str]:
+    from engines.tensorrt_engine import TensorRTEngine
+
+    words = list(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
     if not words:  # nothing to build would look like success
         raise argparse.ArgumentTypeError(f"give at least one precision, got {text!r}")
+    offered = TensorRTEngine.SPEC.precisions
+    unknown = [w for w in words if w not in offered]
+    if unknown:  # a typo found now, not after building the others (minutes each)
+        raise argparse.ArgumentTypeError(f"{', '.join(unknown)}: not a precision; give some of {', '.join(offered)}")
     return words
 
 
@@ -35,7 +41,7 @@ def get_args_parser(prog: str = "edge-ptychonn build-engine") -> argparse.Argume
     parser.add_argument("--model", type=Path, default=default_model_path(),
                         help="ONNX model (the consumers' modelPath)")
     parser.add_argument("--batch", type=int, default=8, help="the consumers' batchSize: the profile covers 1..batch")
-    parser.add_argument("--precision", type=_words, default=["fp32", "fp16"],
+    parser.add_argument("--precision", type=_precisions, default=["fp32", "fp16"],
                         help="comma-separated precisions: fp32, tf32, fp16, bf16")
     parser.add_argument("--device", default="all",
                         help="'all' (every visible GPU), or a device string such as 'cuda:0' or 'cuda:0,1'")
@@ -102,7 +108,12 @@ def main(args: argparse.Namespace) -> int:
                 print(f"{device} {precision}: FAILED: {exc}", file=sys.stderr)
                 failed += 1
                 continue
+            engine.close()
+            if engine.plan_source.endswith("not cached"):  # built, but the plan cache folder is not writable
+                print(f"{device} {precision}: FAILED: the plan was built but cannot be saved in "
+                      f"{args.plan_cache_dir} (not writable; see the warning above)", file=sys.stderr)
+                failed += 1
+                continue
             print(f"{engine.device} {precision} {batches}: {engine.plan_source} "
                   f"in {time.perf_counter() - t0:.1f} s -> {engine.plan_path}")
-            engine.close()
     return 1 if failed else 0
