@@ -98,6 +98,7 @@ Statistics (status channel ``userStats``) -- see :data:`STATS`
 
 from __future__ import annotations
 
+import heapq
 import json
 import queue
 import threading
@@ -341,7 +342,10 @@ class Hdf5WriterProcessor(ProcessorBase):
         self.current: _ScanFile | None = None
         self.scan = 0
         self._scan_pending = True  # the next file opened starts a new scan number
-        self._scan_ids: set[int] = set()  # uniqueIds of the current scan (restart detection)
+        # uniqueIds of the current scan within restartWindow of its highest (restart detection;
+        # an id further below starts a new scan anyway): bounded however long a scan runs
+        self._scan_ids: set[int] = set()
+        self._scan_ids_heap: list[int] = []  # the same ids, the lowest first (to forget them)
         self._scan_max_id = 0
         self._retry_at = 0.0  # after a write error: no new file before this (monotonic s)
         self._in_hand = 0  # frames the writer thread took from the queue and has not yet settled
@@ -458,12 +462,25 @@ class Hdf5WriterProcessor(ProcessorBase):
         self._close()
         self._scan_pending = True
         self._scan_ids = set()
+        self._scan_ids_heap = []
         self._scan_max_id = 0
 
     def _is_restart(self, frame: _Frame) -> bool:
         return bool(self._scan_ids) and (
             frame.unique_id in self._scan_ids or frame.unique_id < self._scan_max_id - self.settings.restart_window
         )
+
+    def _remember(self, unique_id: int) -> None:
+        """Note a uniqueId of the current scan; forget those that fell more than restartWindow
+        below the highest (they start a new scan whether remembered or not)."""
+        if unique_id not in self._scan_ids:
+            self._scan_ids.add(unique_id)
+            heapq.heappush(self._scan_ids_heap, unique_id)
+        self._scan_max_id = max(self._scan_max_id, unique_id)
+        low = self._scan_max_id - self.settings.restart_window
+        heap = self._scan_ids_heap
+        while heap and heap[0] < low:
+            self._scan_ids.discard(heapq.heappop(heap))
 
     def _write(self, frames: list[_Frame]) -> None:
         """Append frames to the current file (new files at restarts); settles every frame."""
@@ -479,8 +496,7 @@ class Hdf5WriterProcessor(ProcessorBase):
                 self.count_problem("shape", "frame %d is %s %s, the file holds %s %s: not written", frame.unique_id,
                                    frame.image.shape, frame.image.dtype, cur.shape, cur.dtype)
                 continue
-            self._scan_ids.add(frame.unique_id)
-            self._scan_max_id = max(self._scan_max_id, frame.unique_id)
+            self._remember(frame.unique_id)
             if cur is None:
                 if time.monotonic() < self._retry_at:  # a write error just now: no file for a while
                     self._settle(1, "writeError")

@@ -46,7 +46,9 @@ Processor arguments (``--processor-args`` JSON; camelCase)
     outputMask (bool; default true when the card has an output_mask).
     Preprocessing defaults come from the model card (model.json) when present.
 Run-time changes (control channel ``configure``, e.g. ``edge-ptychonn configure``)
-    batchTimeout, offset, scale, transform, normalize, modelPath. Anything else is refused and nothing changes.
+    batchTimeout, offset, scale, transform, normalize, modelPath. Anything else is refused and nothing changes,
+    except PvaPy's own keys: its objectIdOffset and nSequentialUpdates (consumers added to or removed from the
+    distributor group) also set the pattern in which nFramesMissed counts, from the next frame.
     ``modelPath`` swaps the model without a restart: an engine of the running kind
     (same engine, device and precision as now) is built for it on PvaPy's configure
     thread, beside the running one, while frames keep arriving and being published;

@@ -84,3 +84,72 @@ def test_a_sibling_that_comes_back_after_dying_is_not_counted_as_missed():
     ids += [u for u in range(97, 97 + 16 * 10) if (u - 97) // 8 % 2 == 0]
     t = feed(IdTracker(8, 9), ids)
     assert (t.missed, t.foreign, t.stride) == (0, 1, 16)
+
+
+def test_frames_lost_before_the_first_are_no_change_of_the_set():
+    # 2 consumers, runs of 8: 1-4 never reach this consumer (lost upstream, or it connected
+    # in the middle of its run): its first id is 5, inside the run 1-8
+    ids = list(range(5, 9)) + list(range(17, 25)) + list(range(33, 41))
+    t = feed(IdTracker(8, 9), ids)
+    assert (t.missed, t.foreign, t.stride) == (0, 0, 16)
+    t = feed(t, list(range(65, 73)))  # 49-56 lost: counted, the pattern is known
+    assert (t.missed, t.foreign) == (8, 0)
+
+
+def test_frames_lost_after_a_first_id_inside_its_run_are_counted():
+    # first id 5 (1-4 before it), then 7 and 8 lost: they were this consumer's
+    ids = [5, 6] + list(range(17, 25)) + list(range(33, 41))
+    t = feed(IdTracker(8, 9), ids)
+    assert (t.missed, t.foreign) == (2, 0)
+
+
+def test_a_first_run_and_a_loss_that_look_alike_are_told_apart_by_the_next_run():
+    # first id 5 of the run 1-8, then 17-20 lost: 5-8, 21-24 also fit a run 5-12 with
+    # 9-12 lost; either way 4 were lost, and the run at 33 shows which
+    t = feed(IdTracker(8, 9), list(range(5, 9)) + list(range(21, 25)))
+    assert (t.missed, t.foreign) == (4, 0)
+    t = feed(t, list(range(33, 41)) + list(range(49, 57)))
+    assert (t.missed, t.foreign, t.stride) == (4, 0, 16)
+
+
+def test_a_consumer_that_connects_in_its_run_among_four():
+    # consumer 2 of 4, runs of 8 (offset 25): due 9-16, 41-48, ...; it starts at 14
+    ids = [u for u in range(14, 400) if (u - 1) // 8 % 4 == 1]
+    t = feed(IdTracker(8, 25), ids)
+    assert (t.missed, t.foreign, t.restarts) == (0, 0, 0)
+
+
+def test_a_reset_before_the_first_runs_position_is_known_counts_only_later_losses():
+    t = feed(IdTracker(8, 9), [5, 7])  # 6 lost, inside the run whatever its position
+    assert t.missed == 1
+    t = feed(t.counts_reset(), [8] + list(range(17, 25)))
+    assert (t.missed, t.foreign) == (0, 0)
+    t = feed(t, list(range(49, 57)))  # 33-40 lost after the reset
+    assert (t.missed, t.foreign) == (8, 0)
+
+
+def test_random_losses_in_any_pattern_from_any_first_id_are_counted_exactly():
+    import random
+
+    for trial in range(3000):
+        r = random.Random(trial)
+        n_consumers, n_seq = r.choice([1, 2, 3, 4]), r.choice([1, 2, 3, 8])
+        k = r.randrange(n_consumers)
+        due = [u for u in range(1, n_consumers * n_seq * 30) if (u - 1) // n_seq % n_consumers == k]
+        due = due[r.randrange(0, 2 * n_seq + 1):]  # the first ids never arrive
+        loss = r.choice([0.0, 0.05, 0.2])
+        seen = [u for u in due[:-3 * n_seq] if r.random() >= loss] + due[-3 * n_seq:]
+        t = feed(IdTracker(n_seq, (n_consumers - 1) * n_seq + 1), seen)
+        lost = sum(1 for u in due if seen[0] <= u <= seen[-1]) - len(seen)
+        assert (t.missed, t.foreign) == (lost, 0), (trial, n_consumers, n_seq, k, seen[:12])
+
+
+def test_a_new_pattern_given_at_run_time_is_counted_in_from_the_next_id():
+    # 2 consumers, runs of 8; two more join at 33 and PvaPy is told (objectIdOffset 25):
+    # this consumer now gets 33-40, 65-72, ... and the ids between are not missed
+    t = feed(IdTracker(8, 9), list(range(1, 9)) + list(range(17, 25)))
+    t.set_pattern(8, 25)
+    t = feed(t, [u for u in range(33, 33 + 32 * 10) if (u - 33) // 8 % 4 == 0])
+    assert (t.missed, t.foreign, t.restarts) == (0, 0, 0)
+    t = feed(t, list(range(33 + 32 * 11, 33 + 32 * 11 + 8)))  # one run lost
+    assert t.missed == 8

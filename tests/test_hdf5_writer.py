@@ -412,3 +412,21 @@ def test_a_stuck_writer_lets_stop_return_and_counts_what_it_left(tmp_path, rng, 
     st = accounted(p)
     assert (st["nFramesWritten"], st["nFramesLost"], st["nFramesQueued"]) == (1, 4, 0)
     assert ids_in(p.files[0]) == [1]
+
+
+def test_a_long_scan_keeps_only_the_restart_windows_ids(tmp_path):
+    """A writer follows a stream for hours: what it keeps to see a restart does not grow
+    with the scan, and a repeated uniqueId within restartWindow still starts a new file."""
+    image = np.zeros((2, 2), np.float32)
+    p = Hdf5WriterProcessor({**FRAMEWORK, "outputDirectory": str(tmp_path), "restartWindow": 16, "chunkFrames": 256})
+    p.start()
+    for uid in range(1, 3001):
+        p.process(frame(uid, image))
+    wait_for(lambda: accounted(p)["nFramesQueued"] == 0)
+    assert len(p._scan_ids) <= 17  # the ids within the window of 3000, not all 3000
+    p.process(frame(2990, image))  # seen, within the window: a new scan
+    p.process(frame(2991, image))
+    p.process(frame(1000, image))  # far below: a new scan
+    p.stop()
+    assert [len(ids_in(f)) for f in p.files] == [3000, 2, 1]
+    assert accounted(p)["nFramesWritten"] == 3003

@@ -831,3 +831,25 @@ def test_a_status_snapshot_adds_up_while_frames_flow(small_model, rng):
     assert left == (True, 0), f"after 60 s: all fed {left[0]}, {left[1]} frames still queued"
     assert pipeline.stats.received == 6000 and readings > 100
     assert wrong == 0
+
+
+def test_pvapys_pattern_keys_at_run_time_set_the_pattern_missed_frames_are_counted_in(small_model, rng):
+    """PvaPy's controller takes objectIdOffset / nSequentialUpdates from a configure request
+    (consumers added to the group): the missed frames are counted in the new pattern; a
+    value it cannot be is refused, and nothing changes."""
+    config, _ = parse_processor_args({"modelPath": str(small_model), "engine": "zero", "batchSize": 4})
+    pipeline = InferencePipeline(config, Published(), n_sequential=8, id_offset=9)
+    pipeline.start(lambda: create_engine("zero", EngineOptions(small_model, max_batch=4)))
+    image = frames(rng, 1)[0]
+    for uid in [*range(1, 9), *range(17, 25)]:
+        pipeline.submit(good_frame(uid, image))
+    for bad in ({"objectIdOffset": 0}, {"nSequentialUpdates": "x"}, {"objectIdOffset": 25, "scale": -1}):
+        with pytest.raises(ValueError):
+            pipeline.configure(bad)
+    assert pipeline.config.preprocess.scale == config.preprocess.scale and pipeline.stats.ids.full_stride == 16
+    assert pipeline.configure({"objectIdOffset": 25, "nSequentialUpdates": 8}) == {}  # two consumers joined
+    for uid in [u for u in range(33, 33 + 32 * 6) if (u - 33) // 8 % 4 == 0]:
+        pipeline.submit(good_frame(uid, image))
+    pipeline.stop()
+    ids = pipeline.stats.ids
+    assert (ids.missed, ids.foreign, ids.restarts) == (0, 0, 0)

@@ -26,6 +26,15 @@ arrive:
   been a sibling's). With the configured set intact the counting is exact.
   The frames a dead consumer still held are visible only to a stage that sees
   every output channel (a collector), never to the survivors.
+
+Where in its run the first id falls is not known: frames lost before it, or a
+consumer that connects in the middle of its run, make it arrive after the
+run's start. Until the ids show it (at the latest, the first id after a
+run's end and the jump that follows), every position that fits the ids seen
+so far is kept, and ``missed`` counts the fewest frames any of them would have
+lost; ids that fit none of them are a change of the set (``foreign``). Frames
+before the first id are never counted: nothing shows they were this
+consumer's.
 """
 
 from __future__ import annotations
@@ -50,6 +59,13 @@ class IdTracker:
         # after a jump taken as a sibling coming back: (stride, base, missed) of the pattern
         # before it, restored if the ids break the new pattern within its first run
         self._undo: tuple[int, int, int] | None = None
+        # While the position of the first id in its run is unknown: the positions that fit
+        # the ids seen since it (None once known), that first id, how many ids came since,
+        # and ``missed`` before them (``missed`` = that + the fewest any position lost).
+        self._phases: list[int] | None = None
+        self._first = 0
+        self._n_seen = 0
+        self._missed_before = 0
 
     def counts_reset(self) -> "IdTracker":
         """A copy with the counters at 0 that keeps what this one knows of the stream (its
@@ -59,7 +75,20 @@ class IdTracker:
         fresh.missed = fresh.foreign = fresh.restarts = 0
         if fresh._undo is not None:  # frames lost before the reset are not the new totals'
             fresh._undo = (*fresh._undo[:2], 0)
+        if fresh._phases is not None:  # the new totals count from the losses known now
+            fresh._missed_before = -(self.missed - self._missed_before)
         return fresh
+
+    def set_pattern(self, n_sequential: int, id_offset: int) -> None:
+        """The distributor's pattern changed (``configure`` with PvaPy's ``nSequentialUpdates``
+        or ``objectIdOffset``: consumers were added or removed): the next id is counted as a
+        first one (where it falls in its run is learnt from the ids after it), in the new
+        pattern; the counts so far stay."""
+        self.n_sequential = max(int(n_sequential), 1)
+        self.full_stride = self.n_sequential + max(int(id_offset), 1) - 1
+        self.stride = self.full_stride
+        self._last = None  # the next id starts the counting again (no restart counted)
+        self._undo = self._phases = None
 
     def _due_before(self, k: int) -> int:
         """Due ids in [base, base + k)."""
@@ -89,6 +118,14 @@ class IdTracker:
                 self.restarts += 1
             self._base = self._block = self._last = uid
             self._undo = None
+            if self.stride is not None and self.stride > self.n_sequential:
+                # where the first id falls in its run shows only in the ids that follow
+                self._phases = list(range(self.n_sequential))
+                self._first, self._n_seen, self._missed_before = uid, 1, self.missed
+            else:
+                self._phases = None
+            return
+        if self._phases is not None and self._place(uid):
             return
         if uid == self._last + 1:
             if self.stride is None and uid - self._block >= self.n_sequential:
@@ -122,6 +159,31 @@ class IdTracker:
             self.missed += self._due_before(uid - self._base) - self._due_before(self._last + 1 - self._base)
         self._block = uid
         self._last = uid
+
+    def _place(self, uid: int) -> bool:
+        """While the first id's position in its run is unknown: True when ``uid`` fits one
+        of the positions still possible (counted here); False when it fits none (the set
+        of consumers changed: the caller counts it, from the position that lost fewest)."""
+        stride, n_seq, first = self.stride, self.n_sequential, self._first
+        fits = [p for p in self._phases if (uid - first + p) % stride < n_seq]
+
+        def lost(p: int, last: int) -> int:  # due ids in [first, last] not seen, first at position p
+            return self._due_before(last + 1 - (first - p)) - p - self._n_seen
+
+        if not fits:
+            best = min(self._phases, key=lambda p: lost(p, self._last))
+            self._base, self._phases = first - best, None
+            return False
+        self._n_seen += 1
+        self._phases = fits
+        if uid != self._last + 1:
+            self._block = uid
+        self._last = uid
+        best = min(fits, key=lambda p: lost(p, uid))
+        self.missed = self._missed_before + lost(best, uid)
+        if len(fits) == 1:
+            self._base, self._phases = first - best, None
+        return True
 
     def _pattern_changed(self, uid: int) -> None:
         undo, self._undo = self._undo, None

@@ -565,6 +565,7 @@ class InferencePipeline:
             # system must stall neither receiving nor inference). Only configure() changes the
             # settings, and the configure lock is held.
             new, applied = apply_runtime_changes(self.config, changes)
+            id_pattern = self._requested_id_pattern(changes)
             with self._lock:
                 if "modelPath" in applied:
                     self._check_can_swap()
@@ -573,11 +574,34 @@ class InferencePipeline:
                     self._apply(new, applied)
             if "modelPath" in applied:
                 self._swap(new, applied, input_hw)
+            if id_pattern != self._id_pattern:  # PvaPy's own keys: its controller took them too
+                with self._lock:
+                    self._id_pattern = id_pattern
+                    self.stats.ids.set_pattern(*id_pattern)
+                self.log.info("distributor pattern now runs of %d every %d ids: missed frames are counted in it "
+                              "from the next frame", id_pattern[0], sum(id_pattern) - 1)
         finally:
             self._configure_lock.release()
         if applied:
             self.log.info("configuration changed: %s", applied)
         return applied
+
+    def _requested_id_pattern(self, changes: dict) -> tuple[int, int]:
+        """(nSequentialUpdates, objectIdOffset) after ``changes``: PvaPy's controller takes these
+        keys from a configure request (to follow consumers added or removed), and so does the
+        count of missed frames. ValueError unless each given is an integer >= 1.
+
+        ``changes`` is a dict here (:func:`apply_runtime_changes` checked it)."""
+        pattern = list(self._id_pattern)
+        for i, key in enumerate(("nSequentialUpdates", "objectIdOffset")):
+            if key in changes:
+                try:  # as PvaPy's controller reads it
+                    pattern[i] = int(changes[key])
+                except (TypeError, ValueError, OverflowError):
+                    pattern[i] = 0
+                if pattern[i] < 1:
+                    raise ValueError(f"{key} must be an integer >= 1, got {short_repr(changes[key])}")
+        return tuple(pattern)
 
     def _apply(self, new: ProcessorConfig, applied: dict) -> None:
         """(lock held) Take ``new`` settings; batches from now on use its preprocessing."""
