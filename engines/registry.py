@@ -152,7 +152,9 @@ def create_engine(name: str, options: EngineOptions) -> Engine:
     for an unknown name and EngineUnavailable when it cannot run here.
 
     With ``auto``, a candidate that fails to start (EngineUnavailable) is logged and
-    the next one is tried."""
+    the next one is tried. Under device ``auto``, each candidate runs on the device kind
+    it was ranked (and logged) for: a CPU candidate on the CPU even where its engine
+    sees a GPU."""
     if name != "auto":
         cls = engine_class(name)
         missing = missing_libraries(cls.SPEC)
@@ -163,14 +165,21 @@ def create_engine(name: str, options: EngineOptions) -> Engine:
         if options.precision == "auto":
             options = replace(options, precision=cls.SPEC.precisions[0])
         return _build(cls, options)
+    from edge_ptychonn.devices import parse_device
+
     choices, rejected = auto_candidates(options)
     if rejected:
         log.info("engine 'auto': not usable here: %s", "; ".join(rejected))
+    any_device = parse_device(options.device).kind == "auto"
     failures = []
     for choice in choices:
         log.info("engine 'auto' chose %s", choice.reason)
+        # device 'auto' would let the engine pick a GPU for a candidate ranked for the CPU
+        # ('cuda' places a GPU candidate as 'auto' would; an explicit device is kept)
+        chosen = replace(options, precision=choice.precision,
+                         device=choice.device_kind if any_device else options.device)
         try:
-            return _build(engine_class(choice.engine), replace(options, precision=choice.precision))
+            return _build(engine_class(choice.engine), chosen)
         except EngineUnavailable as exc:
             log.warning("engine 'auto': %s %s cannot start (%s); trying the next", choice.engine, choice.precision, exc)
             failures.append(f"{choice.engine} {choice.precision}: {exc}")

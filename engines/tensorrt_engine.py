@@ -340,11 +340,19 @@ class TensorRTEngine:
                     raise
                 raise EngineUnavailable(f"TensorRT cannot run its plan on {device}: {exc}") from exc
         except cuda.Error as exc:  # the driver refused (e.g. GPU memory full): 'auto' tries the next engine
-            self.close()  # frees what was made
+            self._close_after_failure()  # frees what was made
             raise EngineUnavailable(f"CUDA failed on {device}: {type(exc).__name__}: {exc}") from exc
         except BaseException:
-            self.close()  # frees what was made
+            self._close_after_failure()  # frees what was made
             raise
+
+    def _close_after_failure(self) -> None:
+        """close() after a failed start; its own failure (a sticky CUDA error fails every later
+        call) is logged, so that the error that stopped the start is the one raised."""
+        try:
+            self.close()
+        except Exception as exc:
+            log.warning("tensorrt: cleaning up after a failed start also failed: %s: %s", type(exc).__name__, exc)
 
     def _start(self, options: EngineOptions, trt, dev, device: str, workspace_bytes: int) -> None:
         with self._active():
@@ -530,13 +538,15 @@ class TensorRTEngine:
         self._closed = True
         self._sync_results.clear()
         with self._active():
-            if hasattr(self, "_compute_stream"):
-                self._compute_stream.synchronize()
-                self._copy_stream.synchronize()
-            # pycuda frees memory, streams and events in their destructors, which skip the
-            # cleanup unless the context is current (or this is the thread that made them):
-            # drop them all here, where it is current. The primary context stays retained.
-            for name in ("_exec", "_engine", "_runtime", "_d_in", "_d_out", "_h_in", "_h_out",
-                         "_copied", "_done", "_copy_stream", "_compute_stream"):
-                if hasattr(self, name):
-                    delattr(self, name)
+            try:
+                if hasattr(self, "_compute_stream"):
+                    self._compute_stream.synchronize()
+                    self._copy_stream.synchronize()
+            finally:  # also after a CUDA error in the synchronisation (then raised)
+                # pycuda frees memory, streams and events in their destructors, which skip the
+                # cleanup unless the context is current (or this is the thread that made them):
+                # drop them all here, where it is current. The primary context stays retained.
+                for name in ("_exec", "_engine", "_runtime", "_d_in", "_d_out", "_h_in", "_h_out",
+                             "_copied", "_done", "_copy_stream", "_compute_stream"):
+                    if hasattr(self, name):
+                        delattr(self, name)

@@ -87,22 +87,47 @@ class WorkerPool:
     each run by a thread of its own; batches go to them in turn.
 
     ``device`` says how the CPU is used, e.g. ``"cpu (2 workers x 1 thread)"``.
+    The pool owns ``engines``: if it cannot be made (a worker's buffer or thread), the
+    workers already started are stopped and every engine is closed before the error is raised.
     """
 
     def __init__(self, engines: Sequence, threads_per_worker: int):
         if not engines:
             raise ValueError("a worker pool needs at least one engine")
-        first = engines[0]
-        self.name = first.name
-        self.precision = first.precision
-        self.input_shape = tuple(first.input_shape)
-        self.max_batch = first.max_batch
-        self.max_in_flight = len(engines)
-        threads = f"{threads_per_worker} thread{'s' if threads_per_worker != 1 else ''}"
-        self.device = f"{first.device} ({len(engines)} workers x {threads})"
-        self._workers = [_Worker(engine, i) for i, engine in enumerate(engines)]
+        self._workers: list[_Worker] = []
+        try:
+            first = engines[0]
+            self.name = first.name
+            self.precision = first.precision
+            self.input_shape = tuple(first.input_shape)
+            self.max_batch = first.max_batch
+            self.max_in_flight = len(engines)
+            threads = f"{threads_per_worker} thread{'s' if threads_per_worker != 1 else ''}"
+            self.device = f"{first.device} ({len(engines)} workers x {threads})"
+            for i, engine in enumerate(engines):
+                self._workers.append(_Worker(engine, i))
+        except BaseException:
+            self._close_after_failure(engines)
+            raise
         self._ring = SlotRing(len(engines))
         self._closed = False
+
+    def _close_after_failure(self, engines: Sequence, timeout_s: float = 10.0) -> None:
+        """Stop the workers made so far (each closes its engine) and close the engines without
+        one; a failure to close is logged, so that the error that stopped the pool is the one raised."""
+        deadline = time.monotonic() + timeout_s
+        for worker in self._workers:
+            worker.ask_to_close()
+        for worker in self._workers:
+            try:
+                worker.finish_close(deadline, timeout_s)
+            except Exception:
+                log.exception("closing %s's engine after a failed start", worker.thread.name)
+        for engine in engines[len(self._workers):]:
+            try:
+                engine.close()
+            except Exception:
+                log.exception("closing an engine after a failed start")
 
     def submit(self, batch: np.ndarray) -> Ticket:
         """Copy ``batch`` to the next worker and start it; the caller may reuse ``batch`` at once.

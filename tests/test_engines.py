@@ -436,6 +436,7 @@ def test_a_gpu_the_torch_engine_cannot_start_on_is_unavailable_and_auto_goes_on(
 
     monkeypatch.setattr(TorchEngine, "count_gpus", staticmethod(lambda: 1))
     monkeypatch.setattr(model_module, "from_onnx", on_a_full_gpu)
+    monkeypatch.setattr(devices, "cpu_flags", lambda: frozenset({"avx512_bf16"}))  # torch bf16 next, on the CPU
     with pytest.raises(EngineUnavailable, match="CUDA failed on cuda:0: OutOfMemoryError: CUDA out of memory"):
         create_engine("torch", EngineOptions(small_model, device="cuda", precision="fp16", max_batch=2))
     with caplog.at_level(logging.INFO, logger="engines.registry"):
@@ -443,4 +444,38 @@ def test_a_gpu_the_torch_engine_cannot_start_on_is_unavailable_and_auto_goes_on(
                                                      cpu_workers=1))
     assert engine.device == "cpu"
     assert "engine 'auto' chose torch fp16 on a GPU" in caplog.text and "torch fp16 cannot start" in caplog.text
+    # the next candidate, torch on the CPU, runs on the CPU (before: device 'auto' sent it to the full GPU again)
+    assert caplog.text.count("cannot start") == 1 and engine.name == "torch"
+    engine.close()
+
+
+def test_auto_runs_a_cpu_choice_on_the_cpu_where_its_engine_sees_a_gpu(small_model, monkeypatch, caplog):
+    """onnxruntime-gpu installed (its CUDA provider listed) and a GPU visible, but 'auto' ranks
+    ONNX Runtime fp32 on the CPU first (here: no native bf16 for torch, no GPU for torch): the
+    engine runs on the CPU, as logged (before: it was handed device 'auto', resolved it to
+    cuda:0 and asked ONNX Runtime for its CUDA provider while the log said 'on the CPU')."""
+    import logging
+    import warnings
+
+    import onnxruntime as ort
+
+    providers = ort.get_available_providers()
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [*providers, "CUDAExecutionProvider"])
+    monkeypatch.setattr(devices, "visible_gpu_count", lambda: 1)
+    monkeypatch.setattr(devices, "cpu_flags", lambda: frozenset({"avx2"}))
+    asked = []
+    real_session = ort.InferenceSession
+
+    def session(path, so, providers=None):
+        asked.append(providers)
+        return real_session(path, so, providers=providers)
+
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    with caplog.at_level(logging.INFO, logger="engines"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        engine = create_engine("auto", EngineOptions(small_model, precision="auto", max_batch=2, cpu_threads=1,
+                                                     cpu_workers=1))
+    assert "engine 'auto' chose onnxruntime fp32 on the CPU" in caplog.text
+    assert (engine.name, engine.device) == ("onnxruntime", "cpu")
+    assert asked == [["CPUExecutionProvider"]] and "CUDA provider" not in caplog.text
     engine.close()

@@ -794,3 +794,36 @@ def test_build_engine_refuses_an_unknown_precision_before_building_anything(gpu1
     assert not gpu10.calls("build_serialized_network") and not (tmp_path / "plans").exists()
     assert cli.main(["build-engine", "--model", str(small_model), "--precision", "fp32, fp32", *cache]) == 0
     assert capsys.readouterr().out.count("fp32 batch 1..8: built") == 1
+
+
+def test_a_cuda_error_in_the_cleanup_after_a_failed_start_keeps_the_first_error(gpu10, small_model, tmp_path,
+                                                                                monkeypatch, caplog):
+    """A sticky CUDA error (an illegal memory access) in the warm-up makes every later call fail,
+    close()'s stream synchronisation too: the engine is EngineUnavailable naming the warm-up's
+    error, the cleanup's failure is logged, and 'auto' goes on (before: close()'s LogicError
+    replaced the first error and ended 'auto'). close() after such an error still drops its
+    buffers, streams and events while the context is current, then raises (before: it kept them)."""
+    driver = sys.modules["pycuda.driver"]
+    running = make(small_model, tmp_path)
+
+    def sticky(self):
+        raise driver.LogicError("cuStreamSynchronize failed: an illegal memory access was encountered")
+
+    def sticky_event(self):
+        raise driver.LogicError("cuEventSynchronize failed: an illegal memory access was encountered")
+
+    monkeypatch.setattr(driver.Stream, "synchronize", sticky)
+    monkeypatch.setattr(driver.Event, "synchronize", sticky_event)
+    with caplog.at_level(logging.WARNING, logger="engines.tensorrt_engine"):
+        with pytest.raises(EngineUnavailable, match="CUDA failed on cuda:0: LogicError: cuEventSynchronize failed"):
+            make(small_model, tmp_path)
+    assert "cuStreamSynchronize failed" in caplog.text  # the cleanup's own failure, logged
+    assert gpu10.cuda.stack() == []
+    with pytest.raises(driver.LogicError, match="cuStreamSynchronize failed"):
+        running.close()
+    assert not [n for n in ("_exec", "_d_in", "_h_out", "_done", "_compute_stream") if hasattr(running, n)]
+    assert gpu10.cuda.stack() == []
+    engine = create_engine("auto", EngineOptions(small_model, precision="auto", plan_cache_dir=tmp_path / "plans",
+                                                 cpu_threads=1, cpu_workers=1))
+    assert engine.device == "cpu"
+    engine.close()

@@ -280,3 +280,24 @@ def test_close_waits_one_deadline_for_all_stuck_workers(caplog):
     finally:
         release.set()
     assert [float(pool.collect(t)[0, 0, 0, 0]) for t in tickets] == [0.0, 1.0, 2.0]  # nobody waits for ever
+
+
+def test_a_pool_that_cannot_start_a_worker_stops_the_others_and_closes_every_engine(monkeypatch):
+    """The third worker's thread cannot start (the process is out of threads): the two workers
+    already running end and all three engines are closed before the error is raised (before:
+    the first two threads kept waiting for jobs and no engine was closed; create_engine had
+    handed them over, so nobody closed them)."""
+    real_start, started = threading.Thread.start, []
+
+    def start(thread):
+        if thread.name == "engine-worker-2":
+            raise RuntimeError("can't start new thread")
+        real_start(thread)
+        started.append(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    engines = [Meeting(threading.Barrier(1)) for _ in range(3)]
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        WorkerPool(engines, threads_per_worker=1)
+    assert all(e.closed for e in engines)
+    assert len(started) == 2 and not any(t.is_alive() for t in started)
