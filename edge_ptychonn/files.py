@@ -5,6 +5,10 @@ open a file the moment its name appears; so the name appears only when the file 
 complete (or, for an HDF5 file in SWMR mode, readable). A process killed while
 writing leaves its hidden file behind; :func:`remove_stale_partials` removes those
 of this host's processes that are gone (the writers call it on their folder).
+
+Reading numpy files that a user names (:func:`load_npy`, :func:`load_npz`): an empty or
+cut-short file (a copy still running), an ``.npz`` under a ``.npy`` name or the other way
+round, or pickled objects give a ``ValueError`` that names the file, never a traceback.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import logging
 import os
 import re
 import socket
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -115,6 +121,55 @@ def write_bytes_whole(path: Path, data: bytes) -> None:
 def save_npy_whole(path: Path, array: np.ndarray, replace: bool = True) -> None:
     with whole_file(path, replace) as partial, open(partial, "wb") as f:
         np.save(f, array)
+
+
+_NUMPY_READ_ERRORS = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error)
+
+
+def _why_unreadable(path, exc: BaseException) -> str:
+    """Why numpy could not read ``path``, in words (numpy calls any file without its
+    signature "pickled (object) data")."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(6)
+    except OSError:
+        return str(exc)
+    if not head:
+        return "the file is empty"
+    if not head.startswith((b"\x93NUMPY", b"PK")):
+        return "neither a .npy array nor an .npz archive"
+    return str(exc)
+
+
+def load_npy(path, *, mmap_mode: str | None = None) -> np.ndarray:
+    """The array of the ``.npy`` file ``path`` (memory-mapped with ``mmap_mode``); ``ValueError``
+    naming the file when it holds none: empty or cut short, an ``.npz`` archive, pickled objects,
+    not numpy at all, a folder."""
+    try:
+        value = np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except _NUMPY_READ_ERRORS as exc:
+        raise ValueError(f"{path}: not a numpy array file ({_why_unreadable(path, exc)})") from None
+    if not isinstance(value, np.ndarray):  # np.load opens an .npz archive whatever its name
+        value.close()
+        raise ValueError(f"{path}: an .npz archive, not a .npy array")
+    return value
+
+
+def load_npz(path, keys=None) -> tuple[tuple[str, ...], dict[str, np.ndarray]]:
+    """``(names, arrays)`` of the ``.npz`` archive ``path``: the names of all its arrays, and
+    those of ``keys`` that it has (all, when ``keys`` is None) read; ``ValueError`` naming the
+    file when it is not such an archive (empty or cut short, a ``.npy`` array, pickled objects)."""
+    try:
+        z = np.load(path, allow_pickle=False)
+    except _NUMPY_READ_ERRORS as exc:
+        raise ValueError(f"{path}: not an .npz archive of numpy arrays ({_why_unreadable(path, exc)})") from None
+    if isinstance(z, np.ndarray):
+        raise ValueError(f"{path}: a .npy array, not an .npz archive")
+    with z:
+        try:
+            return tuple(z.files), {k: z[k] for k in z.files if keys is None or k in keys}
+        except _NUMPY_READ_ERRORS as exc:
+            raise ValueError(f"{path}: cannot read its arrays ({exc})") from None
 
 
 def check_writable(paths) -> None:

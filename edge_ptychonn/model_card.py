@@ -1,7 +1,8 @@
 """The model card: the typed JSON sidecar beside ``model.onnx`` (``model.json``).
 
 One schema, read and written only here (:func:`load_card`, :func:`find_card`,
-:func:`save_card`). Everything that needs a model's settings reads them from
+:func:`save_card`; :func:`check_input_size` refuses a card written for another
+input size). Everything that needs a model's settings reads them from
 the :class:`ModelCard`: the live processor its preprocessing, ``evaluate``,
 ``train`` and the demo its stitch settings and training scans. It imports no
 torch and no simulator (only ``stream.preprocess``, ``stream.postprocess``, ``files``, numpy), so the
@@ -297,6 +298,28 @@ def load_card(model_path: str | Path) -> ModelCard:
 def find_card(model_path: str | Path) -> ModelCard | None:
     """Like :func:`load_card`, but ``None`` when the model has no card."""
     return load_card(model_path) if card_path(model_path).is_file() else None
+
+
+def card_input_size(card: ModelCard | None) -> int | None:
+    """The input side the card was written for: its ``input_size``, else ``model.input_size``;
+    ``None`` when it says neither (or there is no card)."""
+    if card is None:
+        return None
+    return card.input_size if card.input_size is not None else (card.model.input_size if card.model else None)
+
+
+def check_input_size(card: ModelCard | None, model_path: str | Path, input_shape) -> None:
+    """``ValueError`` when ``card`` (the card beside ``model_path``) was written for another input
+    size than the model takes (``input_shape``, (h, w)): it is another model's card, and its
+    preprocessing and output mask would be applied to this model without a word. A card that
+    gives no size, or no card, passes. The one check of the processor, ``evaluate``, ``train
+    --init-from`` and ``finetune``."""
+    size = card_input_size(card)
+    h, w = (int(v) for v in input_shape)
+    if size is not None and (h, w) != (size, size):
+        raise ValueError(f"the model card {card_path(model_path)} says input_size {size}, but the model takes "
+                         f"{h}x{w} input: it is another model's card (its preprocessing and output mask would be "
+                         "applied to this one)")
 
 
 def save_card(card: ModelCard, model_path: str | Path) -> Path:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from edge_ptychonn import cli
-from edge_ptychonn.model_card import ModelCard, StitchSettings, Training
+from edge_ptychonn.model_card import ModelCard, ModelConfig, StitchSettings, Training
 from edge_ptychonn.science.accuracy import (
     DEFAULT_EVAL_N_POSITIONS,
     held_out_settings,
@@ -119,11 +119,13 @@ def test_a_card_or_a_scan_that_does_not_fit_the_model_is_refused_in_one_line(sma
     save_scan(tmp_path / "s128", *simulate_scan(ScanSettings(seed=1, n_positions=4), progress=False))
     base = ["evaluate", "--model", str(model), "--engine", "onnxruntime", "--device", "cpu", "--threads", "1",
             "--quiet"]
-    save_card(ModelCard(input_size=128), model)
-    assert cli.main([*base, "--scan", str(tmp_path / "s64")]) == 2
-    out = capsys.readouterr()
-    assert out.err == (f"edge-ptychonn evaluate: model card {tmp_path / 'm.json'} says input_size 128, but {model} "
-                       "takes 64x64 frames: the card is another model's\n") and out.out == ""
+    for card in (ModelCard(input_size=128), ModelCard(model=ModelConfig(input_size=128))):
+        save_card(card, model)
+        assert cli.main([*base, "--scan", str(tmp_path / "s64")]) == 2
+        out = capsys.readouterr()  # the message of model_card.check_input_size, which the processor shares
+        assert out.err == (f"edge-ptychonn evaluate: the model card {tmp_path / 'm.json'} says input_size 128, but "
+                           "the model takes 64x64 input: it is another model's card (its preprocessing and output "
+                           "mask would be applied to this one)\n") and out.out == ""
     save_card(ModelCard(input_size=64), model)
     assert cli.main([*base, "--scan", str(tmp_path / "s64"), "--scan", str(tmp_path / "s128")]) == 2
     out = capsys.readouterr()
@@ -169,3 +171,23 @@ def test_results_json_keeps_every_scan_of_one_name():
     one = lambda ssim: ScanResult("scan", {"ssim": ssim}, {}, {}, 4, np.zeros((2, 2)), np.ones((2, 2), bool))
     scores = results_json([one(0.5), one(0.7), one(0.9)])
     assert {k: v["model"]["ssim"] for k, v in scores.items()} == {"scan": 0.5, "scan-2": 0.7, "scan-3": 0.9}
+
+
+def test_a_cards_scan_settings_of_the_wrong_type_are_refused_naming_the_card_block(tmp_path, capsys):
+    """A card's ``training.scan_settings`` with ``"frame_size": 128.0`` or ``"photons": "1e6"`` (JSON by hand or
+    another tool): before, ``evaluate --simulate`` ended in a TypeError traceback."""
+    import shutil
+
+    from edge_ptychonn.model_card import default_model_path, save_card
+
+    model = tmp_path / "m.onnx"
+    shutil.copy(default_model_path(), model)
+    for key, value, why in (("frame_size", 128.0, "frame_size must be a whole number, got 128.0"),
+                            ("photons", "1e6", "photons must be a number, got '1e6'")):
+        settings = {**ScanSettings().to_dict(), "seed": None, key: value}
+        save_card(ModelCard(input_size=128, training=Training(scan_settings=settings)), model)
+        with pytest.raises(ValueError, match=f"^the model card's training.scan_settings: {why}$"):
+            held_out_settings(ModelCard(training=Training(scan_settings=settings)), 1)
+        assert cli.main(["evaluate", "--model", str(model), "--simulate", "mixed:1", "--n-positions", "4",
+                         "--engine", "onnxruntime", "--quiet"]) == 2
+        assert capsys.readouterr().err == f"edge-ptychonn evaluate: the model card's training.scan_settings: {why}\n"

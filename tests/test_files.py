@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from edge_ptychonn.files import (
-    partial_name, remove_stale_partials, save_npy_whole, unused_stem, whole_file, write_bytes_whole,
+    load_npy, load_npz, partial_name, remove_stale_partials, save_npy_whole, unused_stem, whole_file,
+    write_bytes_whole,
 )
 
 LOG = logging.getLogger("test")
@@ -89,3 +90,36 @@ def test_without_hard_links_a_file_still_takes_a_free_name_and_never_replaces(tm
         with whole_file(tmp_path / "scan0001.h5", replace=False) as partial:
             partial.write_bytes(b"newer")
     assert (tmp_path / "scan0001.h5").read_bytes() == b"new" and not partial.exists()
+
+
+def test_numpy_files_that_hold_no_arrays_are_refused_naming_the_file(tmp_path):
+    """An empty or cut-short file (a copy still running), an .npz under a .npy name and the other way
+    round, pickled objects: a ValueError naming the file (before: EOFError, AttributeError or TypeError
+    tracebacks from the commands that read them)."""
+    np.save(tmp_path / "a.npy", np.arange(6).reshape(2, 3))
+    np.savez(tmp_path / "z.npz", a=np.arange(3), b=np.ones(2))
+    np.testing.assert_array_equal(load_npy(tmp_path / "a.npy", mmap_mode="r"), np.arange(6).reshape(2, 3))
+    names, arrays = load_npz(tmp_path / "z.npz", ("b", "c"))
+    assert names == ("a", "b") and list(arrays) == ["b"]
+    assert list(load_npz(tmp_path / "z.npz")[1]) == ["a", "b"]
+    (tmp_path / "empty.npy").write_bytes(b"")
+    (tmp_path / "empty.npz").write_bytes(b"")
+    (tmp_path / "cut.npy").write_bytes((tmp_path / "a.npy").read_bytes()[:-8])
+    (tmp_path / "cut.npz").write_bytes((tmp_path / "z.npz").read_bytes()[:100])
+    (tmp_path / "zip.npy").write_bytes((tmp_path / "z.npz").read_bytes())
+    (tmp_path / "arr.npz").write_bytes((tmp_path / "a.npy").read_bytes())
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    (tmp_path / "text.npy").write_text("1 2 3\n")
+    for name, mmap, why in (("empty.npy", None, r"not a numpy array file \(the file is empty\)"),
+                            ("empty.npy", "r", r"not a numpy array file \(the file is empty\)"),
+                            ("text.npy", None, r"not a numpy array file \(neither a .npy array nor an .npz archive\)"),
+                            ("cut.npy", None, "not a numpy array file"), ("cut.npy", "r", "not a numpy array file"),
+                            ("zip.npy", None, "an .npz archive, not a .npy array"),
+                            ("obj.npy", None, "not a numpy array file")):
+        with pytest.raises(ValueError, match=f"^{tmp_path / name}: {why}"):
+            load_npy(tmp_path / name, mmap_mode=mmap)
+    for name, why in (("empty.npz", r"not an .npz archive of numpy arrays \(the file is empty\)"),
+                      ("cut.npz", "not an .npz archive"),
+                      ("arr.npz", "a .npy array, not an .npz archive")):
+        with pytest.raises(ValueError, match=f"^{tmp_path / name}: {why}"):
+            load_npz(tmp_path / name)

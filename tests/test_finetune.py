@@ -212,6 +212,25 @@ def test_held_out_block_and_guard_band(beamline):
     ("threads", "threads must be >= 1, got 0"),
     ("max_minutes", r"max-minutes must be a number >= 0 .0: no limit., got nan"),
     ("seed", "seed must be >= 0, got -1"),
+    # files that hold no arrays (a copy still running, a wrong name): before, EOFError, AttributeError tracebacks
+    ("empty_frames", r"empty.npy: not a numpy array file \(the file is empty\)"),
+    ("npz_frames", r"scan.npz.npy: an .npz archive, not a .npy array"),
+    ("empty_positions", r"empty.npz: not an .npz archive of numpy arrays \(the file is empty\)"),
+    ("npz_positions", r"pos.npy: an .npz archive, not a .npy array"),
+    ("empty_object", r"empty.npy: not a numpy array file \(the file is empty\)"),
+    ("npz_object", r"recon.npy: an .npz archive, not a .npy array"),
+    ("empty_probe", r"empty.npy: not a numpy array file \(the file is empty\)"),
+    # a base whose card is another model's: before, its preprocessing was used without a word
+    ("other_card", r"the model card .*base.json says input_size 64, but the model takes 128x128 input: it is "
+                   r"another model's card"),
+    # an HDF5 file whose positions do not fit its frames: before, the first 10 frames were used without a word,
+    # or numpy's broadcasting error, or a TypeError traceback
+    ("short_positions", r"short.h5: positions must be a dataset \(n, 2\) of y x, a row for each of the 4 frames; "
+                        r"got shape \(3, 2\): give --positions"),
+    ("flat_positions", r"flat.h5: positions must be .* got shape \(4,\): give --positions"),
+    ("group_positions", r"group_pos.h5: positions must be .* got a group: give --positions"),
+    ("card_scan_settings", r"the model card of .*base.onnx: training.scan_settings: frame_size must be a whole number, "
+                           r"got 128.0"),  # before: a TypeError traceback
 ])
 def test_bad_input_is_refused_with_a_clear_message_and_nothing_written(beamline, tmp_path, capsys, case, message):
     d = beamline
@@ -257,9 +276,51 @@ def test_bad_input_is_refused_with_a_clear_message_and_nothing_written(beamline,
             f.create_group("data")
             f["uniqueId"] = np.arange(1, 5)
         frames, positions = tmp_path / "group.h5", None
+    elif case in ("short_positions", "flat_positions", "group_positions"):
+        name = {"short_positions": "short", "flat_positions": "flat", "group_positions": "group_pos"}[case]
+        with h5py.File(tmp_path / f"{name}.h5", "w") as f:
+            f["data"] = d["frames"][:4]
+            f["uniqueId"] = np.arange(1, 5)
+            if case == "group_positions":
+                f.create_group("positions")
+            else:
+                f["positions"] = d["truth"].positions_px[:3] if case == "short_positions" else np.zeros(4)
+        frames, positions = tmp_path / f"{name}.h5", None
     elif case == "frame_size":
         np.save(tmp_path / "small.npy", d["frames"][:, :64, :64])
         frames = tmp_path / "small.npy"
+    elif case in ("empty_frames", "empty_object", "empty_probe"):
+        (tmp_path / "empty.npy").write_bytes(b"")
+        if case == "empty_frames":
+            frames = tmp_path / "empty.npy"
+        elif case == "empty_object":
+            obj = tmp_path / "empty.npy"
+        else:
+            extra = ["--probe", tmp_path / "empty.npy"]
+    elif case == "npz_frames":
+        frames = shutil.copy(d["npz"], tmp_path / "scan.npz.npy")
+    elif case == "empty_positions":
+        (tmp_path / "empty.npz").write_bytes(b"")
+        positions = tmp_path / "empty.npz"
+    elif case == "npz_positions":
+        positions = shutil.copy(d["npz"], tmp_path / "pos.npy")
+    elif case == "npz_object":
+        np.savez(tmp_path / "recon.npz", object=np.load(d["recon"]))
+        obj = (tmp_path / "recon.npz").rename(tmp_path / "recon.npy")
+    elif case in ("other_card", "card_scan_settings"):
+        from dataclasses import replace
+
+        from edge_ptychonn.model_card import save_card
+
+        shutil.copy(default_model_path(), tmp_path / "base.onnx")
+        card = load_card(default_model_path())
+        if case == "other_card":
+            card = replace(card, input_size=64, model=replace(card.model, input_size=64))
+        else:
+            card = replace(card, training=replace(card.training, scan_settings={**card.training.scan_settings,
+                                                                                "frame_size": 128.0}))
+        save_card(card, tmp_path / "base.onnx")
+        extra = ["--init-from", tmp_path / "base.onnx"]
     out = tmp_path / "out" / "m"
     if case == "overwrite_base":  # a copy of the shipped model and its card: a broken guard overwrites only that
         base = tmp_path / "base" / default_model_path().name

@@ -121,3 +121,17 @@ def test_head_blocks_start_at_zero_keep_the_function_and_then_learn():
         add_head_blocks(grown, 1)
     with pytest.raises(ValueError, match="cannot widen a model with head blocks"):
         widen(grown, 6)
+
+
+def test_export_to_an_out_that_names_no_file_is_refused_in_words(tmp_path, capsys, monkeypatch):
+    """``export --out .`` (or ``""``) gave a pathlib traceback, and ``--out models/`` wrote a file named
+    ``models``: each is refused in one line, and nothing is written."""
+    from edge_ptychonn import cli
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "folder").mkdir()
+    for out in (".", "", "models/", "folder"):
+        assert cli.main(["export", "--out", out, "--width", "2", "--depth", "1", "--input-size", "8"]) == 2
+        assert capsys.readouterr().err == (f"edge-ptychonn export: cannot write {out!r}: it names no file (a folder); "
+                                           "give a file name, e.g. data/generated/random.onnx\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder"] and not any((tmp_path / "folder").iterdir())

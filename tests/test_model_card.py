@@ -12,6 +12,7 @@ from edge_ptychonn.model_card import (
     StitchSettings,
     Training,
     card_path,
+    check_input_size,
     default_model_path,
     find_card,
     load_card,
@@ -134,3 +135,21 @@ def test_export_refuses_to_put_random_weights_beside_another_models_card(tmp_pat
     assert not out.exists() and load_card(out).name == "trained"
     card_path(out).unlink()
     assert cli.main(argv) == 0 and out.exists()
+
+
+def test_a_card_for_another_input_size_is_refused_by_one_check_that_also_reads_the_model_block(tmp_path):
+    """``check_input_size``: the one check of the processor, evaluate, train --init-from and finetune. A card
+    that gives its size only in ``model.input_size`` counts too (the processor's own check read only
+    ``input_size``, evaluate's both, with two messages)."""
+    model = tmp_path / "m.onnx"
+    message = (f"the model card {tmp_path / 'm.json'} says input_size 128, but the model takes 64x64 input: it is "
+               "another model's card (its preprocessing and output mask would be applied to this one)")
+    for card in (ModelCard(input_size=128), ModelCard(model=ModelConfig(input_size=128))):
+        with pytest.raises(ValueError) as err:
+            check_input_size(card, model, (64, 64))
+        assert str(err.value) == message
+        check_input_size(card, model, (128, 128))
+    with pytest.raises(ValueError, match="takes 128x64 input"):
+        check_input_size(ModelCard(input_size=128), model, (128, 64))
+    for card in (None, ModelCard()):  # no card, or one that gives no size: nothing to check
+        check_input_size(card, model, (64, 64))

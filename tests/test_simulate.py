@@ -178,6 +178,13 @@ def test_object_families_are_thickness_maps(family):
         (dict(frame_size=64, probe_diameter_px=60), "probe_diameter_px must be"),
         (dict(seed=-1), "seed must be a whole number >= 0, got -1"),
         (dict(seed=1.5), "seed must be a whole number >= 0, got 1.5"),
+        # settings from JSON (a model card's training.scan_settings): before, TypeError tracebacks
+        (dict(frame_size=128.0), "frame_size must be a whole number, got 128.0"),
+        (dict(n_positions="1024"), "n_positions must be a whole number, got '1024'"),
+        (dict(bin_factor=True), "bin_factor must be a whole number, got True"),
+        (dict(photons="1e6"), "photons must be a number, got '1e6'"),
+        (dict(probe_diameter_px="40"), "probe_diameter_px must be a number, got '40'"),
+        (dict(overlap=None), "overlap must be a number, got None"),
     ],
 )
 def test_bad_settings_are_refused_clearly(kwargs, message):
@@ -221,10 +228,15 @@ def test_simulate_command_writes_files(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case, message", [
-    ("pickled_frames", r"scan.npy: not a numpy array of frames"),
+    ("pickled_frames", r"scan.npy: not a numpy array file \(Object arrays cannot be loaded"),
+    ("empty_npy", r"scan.npy: not a numpy array file \(the file is empty\)"),  # a copy still running
+    ("npz_as_npy", r"scan.npy: an .npz archive, not a .npy array"),  # before: TypeError traceback
+    ("npy_as_npz", r"scan.npz: a .npy array, not an .npz archive"),
+    ("empty_npz", r"scan.npz: not an .npz archive of numpy arrays"),
+    ("no_frames", r"scan.npy holds no frames"),  # before: numpy's "need at least one array to concatenate"
     ("flat_frames", r"scan.npy: frames must be a stack \(N, H, W\) of counts, got int16 \(64, 64\)"),
     ("4d_frames", r"scan.npy: frames must be a stack \(N, H, W\) of counts, got int16 \(16, 64, 64, 1\)"),
-    ("garbage_npz", r"scan.npz: not a scan written by edge-ptychonn simulate"),
+    ("garbage_npz", r"scan.npz: not an .npz archive of numpy arrays \(neither a .npy array nor an .npz archive\)"),
     ("positions_1d", r"scan.npz: positions_px must be \(N, 2\) rows of y x, got float64 \(16,\)"),
     ("positions_nan", r"scan.npz: positions_px contains NaN"),
     ("positions_outside", r"scan.npz: positions_px put 16 of 16 64x64 patches outside the \d+x\d+ object "
@@ -248,6 +260,14 @@ def test_a_file_that_is_no_scan_is_refused_naming_the_file_and_field(tmp_path, c
         np.save(tmp_path / "scan.npy", frames[0])
     elif case == "4d_frames":
         np.save(tmp_path / "scan.npy", frames[..., None])
+    elif case == "empty_npy":
+        (tmp_path / "scan.npy").write_bytes(b"")
+    elif case == "npz_as_npy":
+        np.savez(tmp_path / "scan.npy.npz", frames=frames)
+        (tmp_path / "scan.npy.npz").rename(tmp_path / "scan.npy")
+    elif case == "no_frames":
+        np.save(tmp_path / "scan.npy", frames[:0])
+        fields.update(positions_px=truth.positions_px[:0], patches_phase=truth.patches_phase[:0])
     else:
         np.save(tmp_path / "scan.npy", frames)
     if case == "positions_1d":
@@ -262,6 +282,10 @@ def test_a_file_that_is_no_scan_is_refused_naming_the_file_and_field(tmp_path, c
         fields["patches_phase"] = truth.patches_phase[:15]
     if case == "garbage_npz":
         (tmp_path / "scan.npz").write_bytes(b"not a zip file")
+    elif case == "empty_npz":
+        (tmp_path / "scan.npz").write_bytes(b"")
+    elif case == "npy_as_npz":
+        (tmp_path / "scan.npz").write_bytes((tmp_path / "scan.npy").read_bytes())
     else:
         np.savez(tmp_path / "scan.npz", **fields)
     with pytest.raises(ValueError) as err:
@@ -271,3 +295,18 @@ def test_a_file_that_is_no_scan_is_refused_naming_the_file_and_field(tmp_path, c
                      "--quiet"]) == 2
     out = capsys.readouterr()
     assert out.err.startswith("edge-ptychonn evaluate: ") and re.search(message, out.err) and out.out == ""
+
+
+def test_an_out_that_names_no_file_is_refused_in_words(tmp_path, capsys, monkeypatch):
+    """``--out .`` and ``--out ""`` gave a pathlib traceback; ``--out ..`` wrote ``...npy`` and ``...npz``
+    (hidden files) into the working folder, and ``--out scans/`` wrote ``scans.npy`` beside the folder."""
+    from edge_ptychonn import cli
+
+    monkeypatch.chdir(tmp_path)
+    for out in ("", ".", "..", "scans/", f"{tmp_path}/scans/"):
+        assert cli.main(["simulate", "--out", out, "--n-positions", "4", "--quiet"]) == 2
+        assert capsys.readouterr().err == (f"edge-ptychonn simulate: --out {out!r} names no file: give a prefix, "
+                                           "e.g. data/generated/scan1\n")
+    assert list(tmp_path.iterdir()) == [] and not list(tmp_path.parent.glob("*.np?"))
+    with pytest.raises(ValueError, match="names no file"):
+        load_scan(f"{tmp_path}/scans/")

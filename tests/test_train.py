@@ -541,3 +541,49 @@ def test_an_out_that_names_no_file_is_refused_in_words(tmp_path, capsys):
         assert cli.main(["train", "--out", out, "--train-scans", "1", "--quiet"]) == 2
         err = capsys.readouterr().err
         assert err == f"edge-ptychonn train: --out {out!r} names no file: give a prefix, e.g. models/site1\n"
+
+
+def test_an_init_from_model_beside_another_models_card_is_refused_before_any_work(tmp_path, capsys):
+    """``--init-from`` keeps the ONNX model's card's preprocessing: a card written for another input size
+    (another model's) was used without a word; now refused at once, with the check the processor uses."""
+    import shutil
+
+    from edge_ptychonn.model_card import default_model_path, save_card
+
+    base = tmp_path / "base" / "m.onnx"
+    base.parent.mkdir()
+    shutil.copy(default_model_path(), base)
+    card = load_card(default_model_path())
+    save_card(replace(card, input_size=64, model=replace(card.model, input_size=64)), base)
+    assert cli.main(["train", "--out", str(tmp_path / "out" / "m"), "--train-scans", "2", "--positions-per-scan",
+                     "16", "--val-scans", "1", "--epochs", "1", "--batch-size", "16", "--max-minutes", "0.1",
+                     "--eval", "--quiet", "--init-from", str(base)]) == 2
+    assert capsys.readouterr().err == (
+        f"edge-ptychonn train: the model card {base.with_suffix('.json')} says input_size 64, but the model takes "
+        "128x128 input: it is another model's card (its preprocessing and output mask would be applied to this one)\n")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_init_from_model_of_another_architecture_is_refused_before_the_data_are_simulated(
+        tmp_path, capsys, monkeypatch):
+    """``--init-from`` of another depth (ONNX) or a wider checkpoint was refused only after the training and
+    validation scans were simulated (minutes with the defaults); now at once, with the same message."""
+    from edge_ptychonn.model_card import default_model_path
+    from edge_ptychonn.science import train as train_module
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the data were simulated before the --init-from model was checked")
+
+    ckpt = tmp_path / "w8.pt"
+    torch.save({"state_dict": {}, "model": ModelConfig(width=8, depth=2, input_size=128).to_dict(),
+                "preprocess": {}}, ckpt)
+    monkeypatch.setattr(train_module, "make_dataset", no_data)
+    for init_from, argv, why in (
+            (default_model_path(), ["--depth", "3"], "'depth': 4, 'input_size': 128, 'batch_norm': True, 'amplitude_head': "
+                                                     "False, 'head_blocks': 0} model, not {'width': 16, 'depth': 3,"),
+            (ckpt, ["--width", "4", "--depth", "2"], "(a wider one cannot be narrowed)")):
+        assert cli.main(["train", "--out", str(tmp_path / "out" / "m"), "--quiet", "--init-from", str(init_from),
+                         *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"edge-ptychonn train: cannot start from {init_from}: it holds a ") and why in err, err
+    assert not (tmp_path / "out").exists()

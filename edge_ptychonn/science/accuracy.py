@@ -113,7 +113,10 @@ def held_out_settings(card: ModelCard | None, seed: int, *, family: str | None =
     defaults) with ``seed``, ``family`` and ``photons`` if given, and ``n_positions`` (default:
     the card's ``training.eval_n_positions``, else :data:`DEFAULT_EVAL_N_POSITIONS`)."""
     training = card.training if card is not None else None
-    base = ScanSettings.from_dict(training.scan_settings) if training and training.scan_settings else ScanSettings()
+    try:
+        base = ScanSettings.from_dict(training.scan_settings) if training and training.scan_settings else ScanSettings()
+    except ValueError as exc:
+        raise ValueError(f"the model card's training.scan_settings: {exc}") from None
     n = n_positions or (training.eval_n_positions if training else None) or DEFAULT_EVAL_N_POSITIONS
     return replace(base, seed=seed, n_positions=n, family=family or base.family, photons=photons or base.photons)
 

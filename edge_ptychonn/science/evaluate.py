@@ -32,7 +32,7 @@ import numpy as np
 from engines import EngineUnavailable
 
 from edge_ptychonn.files import check_writable, save_npy_whole, write_bytes_whole
-from edge_ptychonn.model_card import ModelCard, card_path, default_model_path, find_card
+from edge_ptychonn.model_card import ModelCard, check_input_size, default_model_path, find_card
 from edge_ptychonn.science import accuracy
 from edge_ptychonn.science.simulate import load_scan
 
@@ -99,11 +99,11 @@ def main(args: argparse.Namespace) -> int:
         card = find_card(args.model)
         engine = accuracy.open_engine(args.model, args.engine, device=args.device, batch_size=args.batch_size,
                                       threads=args.threads, precision=args.precision)
-        size = card and (card.input_size or (card.model.input_size if card.model else None))
-        if size and tuple(engine.input_shape) != (size, size):
+        try:
+            check_input_size(card, args.model, engine.input_shape)
+        except ValueError:
             engine.close()
-            raise ValueError(f"model card {card_path(args.model)} says input_size {size}, but {args.model} takes "
-                             f"{engine.input_shape[0]}x{engine.input_shape[1]} frames: the card is another model's")
+            raise
     except (ValueError, FileNotFoundError, EngineUnavailable) as exc:
         print(f"edge-ptychonn evaluate: {exc}", file=sys.stderr)
         return 2

@@ -15,7 +15,7 @@ from pathlib import Path
 
 def get_args_parser(prog: str = "edge-ptychonn export") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, required=True, help="ONNX file to write, e.g. data/generated/random.onnx")
+    p.add_argument("--out", required=True, help="ONNX file to write, e.g. data/generated/random.onnx")
     p.add_argument("--width", type=int, default=16, help="channels of the first level (default: %(default)s)")
     p.add_argument("--depth", type=int, default=4, help="encoder/decoder levels (default: %(default)s)")
     p.add_argument("--input-size", type=int, default=128, help="frame side in pixels (default: %(default)s)")
@@ -38,14 +38,19 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"edge-ptychonn export: {exc}", file=sys.stderr)
         return 2
-    card = card_path(args.out)
+    out = Path(args.out)
+    if out.name in ("", ".", "..") or str(args.out).endswith("/") or out.is_dir():  # "models/": a folder
+        print(f"edge-ptychonn export: cannot write {args.out!r}: it names no file (a folder); give a file name, "
+              "e.g. data/generated/random.onnx", file=sys.stderr)
+        return 2
+    card = card_path(out)
     if card.exists():  # the processor and evaluate would read it as this model's card
         print(f"edge-ptychonn export: {card} lies beside {args.out}: it is another model's card (preprocessing, "
               "training, accuracy), not of random weights; choose another --out or remove the card", file=sys.stderr)
         return 2
     model = build_model(config, seed=args.seed)
     try:
-        path = export_onnx(model, args.out)
+        path = export_onnx(model, out)
     except OSError as exc:
         print(f"edge-ptychonn export: cannot write {args.out}: {exc}", file=sys.stderr)
         return 2

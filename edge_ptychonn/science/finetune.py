@@ -81,9 +81,9 @@ from pathlib import Path
 import numpy as np
 
 from edge_ptychonn import __version__
-from edge_ptychonn.files import whole_file, write_bytes_whole
+from edge_ptychonn.files import load_npy, load_npz, whole_file, write_bytes_whole
 from edge_ptychonn.model_card import (
-    ModelCard, ModelConfig, StitchSettings, Training, default_model_path, find_card, save_card,
+    ModelCard, ModelConfig, StitchSettings, Training, check_input_size, default_model_path, find_card, save_card,
 )
 from edge_ptychonn.progress import Progress
 from edge_ptychonn.science.simulate import ScanSettings, extract_patches, make_probe
@@ -120,6 +120,7 @@ class Recorded:
     unique_ids: np.ndarray
     positions: np.ndarray | None
     source: str
+    positions_problem: str | None = None  # why the file's positions cannot be used, when it has unusable ones
 
 
 def _check_frames(frames: np.ndarray, where: str) -> np.ndarray:
@@ -144,16 +145,28 @@ def _need_file(path: Path, what: str) -> None:
         raise InputError(f"{what} {path} not found")
 
 
+def _npy(path: Path, mmap_mode: str | None = None) -> np.ndarray:
+    """``files.load_npy``, its ``ValueError`` (empty or cut-short file, an ``.npz``, ...) as an ``InputError``."""
+    try:
+        return load_npy(path, mmap_mode=mmap_mode)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+
+
+def _npz(path: Path, keys: tuple[str, ...]) -> tuple[tuple[str, ...], dict[str, np.ndarray]]:
+    """``files.load_npz``, its ``ValueError`` (empty or cut-short file, a ``.npy``, ...) as an ``InputError``."""
+    try:
+        return load_npz(path, keys)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+
+
 def load_frames(path: str | Path) -> Recorded:
     """Frames from a ``.npy`` stack or an HDF5 file of ``processors/hdf5_writer.py``."""
     path = Path(path)
     _need_file(path, "frames file")
     if path.suffix == ".npy":
-        try:
-            frames = np.load(path, mmap_mode="r")
-        except ValueError as exc:
-            raise InputError(f"{path}: not a numpy array file ({exc})") from None
-        frames = _check_frames(frames, str(path))
+        frames = _check_frames(_npy(path, mmap_mode="r"), str(path))
         return Recorded(frames, np.arange(1, len(frames) + 1, dtype=np.int64), None, str(path))
     if path.suffix in HDF5_SUFFIXES:
         try:
@@ -181,7 +194,15 @@ def load_frames(path: str | Path) -> Recorded:
                                  "blosc, lz4, zstd or bitshuffle needs hdf5plugin: pip install hdf5plugin") from None
             frames = _check_frames(data, f"{path}:data")
             ids = np.asarray(f["uniqueId"][:n], dtype=np.int64)
-            positions = np.asarray(f["positions"][:n], dtype=np.float64) if "positions" in f else None
+            positions, problem = None, None
+            if "positions" in f:  # the writer's (n, 2) y x, a row per frame
+                pos = f["positions"]
+                if not isinstance(pos, h5py.Dataset) or pos.ndim != 2 or pos.shape[1] != 2 or len(pos) < n:
+                    what = f"shape {pos.shape}" if isinstance(pos, h5py.Dataset) else "a group"
+                    problem = (f"{path}: positions must be a dataset (n, 2) of y x, a row for each of the {n} frames; "
+                               f"got {what}: give --positions")
+                else:
+                    positions = np.asarray(pos[:n], dtype=np.float64)
         if len(np.unique(ids)) != len(ids):
             raise InputError(f"{path}: uniqueIds repeat within the file; one scan per file")
         # in uniqueId (scan) order, not the order the writer received them (several consumers'
@@ -190,7 +211,7 @@ def load_frames(path: str | Path) -> Recorded:
         if np.any(order != np.arange(len(ids))):
             frames, ids = frames[order], ids[order]
             positions = positions[order] if positions is not None else None
-        return Recorded(frames, ids, positions, str(path))
+        return Recorded(frames, ids, positions, str(path), problem)
     raise InputError(f"{path}: frames must be a .npy stack or an HDF5 file ({', '.join(HDF5_SUFFIXES)})")
 
 
@@ -206,13 +227,13 @@ def load_positions(path: str | Path, unique_ids: np.ndarray) -> np.ndarray:
     by_id = False
     try:
         if path.suffix == ".npz":
-            with np.load(path) as z:
-                key = next((k for k in ("positions_px", "positions") if k in z.files), None)
-                if key is None:
-                    raise InputError(f"{path}: no positions_px or positions array (has {', '.join(z.files) or 'none'})")
-                table = np.asarray(z[key])
+            names, arrays = _npz(path, ("positions_px", "positions"))
+            key = next((k for k in ("positions_px", "positions") if k in arrays), None)
+            if key is None:
+                raise InputError(f"{path}: no positions_px or positions array (has {', '.join(names) or 'none'})")
+            table = arrays[key]
         elif path.suffix == ".npy":
-            table = np.load(path)
+            table = _npy(path)
         elif path.suffix in TEXT_SUFFIXES:
             table = np.loadtxt(path, comments="#", delimiter="," if path.suffix == ".csv" else None, ndmin=2)
             by_id = table.shape[1] == 3
@@ -265,15 +286,15 @@ def load_object(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
     _need_file(path, "object file")
     try:
         if path.suffix == ".npy":
-            return _complex_2d(np.load(path), str(path), "object"), None
+            return _complex_2d(_npy(path), str(path), "object"), None
         if path.suffix == ".npz":
-            with np.load(path) as z:
-                if "object" not in z.files:
-                    raise InputError(f"{path}: no 'object' array (has {', '.join(z.files) or 'none'}); save the "
-                                     "complex object as np.savez(path, object=obj[, probe=probe])")
-                obj = _complex_2d(z["object"], f"{path}:object", "object")
-                probe = _complex_2d(z["probe"], f"{path}:probe", "probe") if "probe" in z.files else None
-                return obj, probe
+            names, z = _npz(path, ("object", "probe"))
+            if "object" not in z:
+                raise InputError(f"{path}: no 'object' array (has {', '.join(names) or 'none'}); save the "
+                                 "complex object as np.savez(path, object=obj[, probe=probe])")
+            obj = _complex_2d(z["object"], f"{path}:object", "object")
+            probe = _complex_2d(z["probe"], f"{path}:probe", "probe") if "probe" in z else None
+            return obj, probe
     except (ValueError, OSError) as exc:
         if isinstance(exc, InputError):
             raise
@@ -286,11 +307,11 @@ def load_probe(path: str | Path) -> np.ndarray:
     _need_file(path, "probe file")
     try:
         if path.suffix == ".npz":
-            with np.load(path) as z:
-                if "probe" not in z.files:
-                    raise InputError(f"{path}: no 'probe' array (has {', '.join(z.files) or 'none'})")
-                return _complex_2d(z["probe"], f"{path}:probe", "probe")
-        return _complex_2d(np.load(path), str(path), "probe")
+            names, z = _npz(path, ("probe",))
+            if "probe" not in z:
+                raise InputError(f"{path}: no 'probe' array (has {', '.join(names) or 'none'})")
+            return _complex_2d(z["probe"], f"{path}:probe", "probe")
+        return _complex_2d(_npy(path), str(path), "probe")
     except (ValueError, OSError) as exc:
         if isinstance(exc, InputError):
             raise
@@ -364,6 +385,7 @@ def load_base(path: str | Path):
     card = find_card(path)
     if path.suffix == ".onnx":
         model = from_onnx(path)
+        check_input_size(card, path, (model.config.input_size,) * 2)  # another model's card: its preprocessing
         pp = card.preprocess if card is not None else PreprocessConfig()
         return model, model.config, card, pp
     if path.suffix == ".pt":
@@ -375,6 +397,7 @@ def load_base(path: str | Path):
             pp = PreprocessConfig(**ckpt["preprocess"])
         except (TypeError, ValueError) as exc:
             raise InputError(f"{path}: not a checkpoint of edge-ptychonn train ({exc})") from None
+        check_input_size(card, path, (config.input_size,) * 2)
         model = build_model(config)
         model.load_state_dict(ckpt["state_dict"])
         return model.eval(), config, card, pp
@@ -678,7 +701,7 @@ def _finetune(args: argparse.Namespace) -> int:
                                  "position (NaN); give --positions")
             positions_from = f"{args.frames}:positions"
         else:
-            raise InputError(f"{args.frames} holds no positions: give --positions")
+            raise InputError(recorded.positions_problem or f"{args.frames} holds no positions: give --positions")
         obj, probe = load_object(args.object)
         probe_from = f"{args.object}:probe" if probe is not None else None
         if args.probe:
@@ -693,8 +716,11 @@ def _finetune(args: argparse.Namespace) -> int:
                                    unique_ids=recorded.unique_ids,
                                    origin=tuple(args.origin), reference=args.position_ref)
         stitch = card.stitch if card is not None else StitchSettings()
-        base_settings = (ScanSettings.from_dict(card.training.scan_settings)
-                         if card is not None and card.training is not None and card.training.scan_settings else None)
+        try:
+            base_settings = (ScanSettings.from_dict(card.training.scan_settings)
+                             if card is not None and card.training is not None and card.training.scan_settings else None)
+        except ValueError as exc:
+            raise InputError(f"the model card of {args.init_from}: training.scan_settings: {exc}") from None
         if probe is None:
             s = base_settings or replace(ScanSettings(), frame_size=n)
             probe = make_probe(s.window_size, s.pupil_radius, s.probe_diameter)

@@ -46,15 +46,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import numbers
 import sys
 import warnings
-import zipfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
 
-from edge_ptychonn.files import check_writable, whole_file
+from edge_ptychonn.files import check_writable, load_npy, load_npz, whole_file
 from edge_ptychonn.progress import Progress
 
 FAMILIES = ("mixed", "particles", "smooth", "cells", "siemens", "fibres")
@@ -88,6 +88,17 @@ class ScanSettings:
     absorption: float = 0.05
 
     def __post_init__(self) -> None:
+        # the types first: settings also come from JSON (a model card's training.scan_settings)
+        for name in ("n_positions", "frame_size", "bin_factor"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise ValueError(f"{name} must be a whole number, got {value!r}")
+        for name in ("overlap", "jitter_px", "probe_diameter_px", "pupil_radius_px", "photons", "phase_range_rad",
+                     "density", "absorption"):
+            value = getattr(self, name)
+            if (value is not None or name not in ("probe_diameter_px", "pupil_radius_px")) and (
+                    isinstance(value, bool) or not isinstance(value, numbers.Real)):
+                raise ValueError(f"{name} must be a number, got {value!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer))
                                       or self.seed < 0):  # None: a card's settings of many scans
             raise ValueError(f"seed must be a whole number >= 0, got {self.seed!r}")
@@ -467,8 +478,11 @@ def simulate_scan(
 
 
 def scan_paths(path: str | Path) -> tuple[Path, Path]:
-    """``<prefix>.npy`` and ``<prefix>.npz`` for a prefix or either file's path."""
-    path = Path(path)
+    """``<prefix>.npy`` and ``<prefix>.npz`` for a prefix or either file's path; ``ValueError``
+    when it names no file (``""``, ``.``, ``..``, a folder ``scans/``)."""
+    given, path = str(path), Path(path)
+    if path.name in ("", ".", "..") or given.endswith("/"):
+        raise ValueError(f"{given!r} names no file: give a prefix, e.g. data/generated/scan1")
     if path.suffix in (".npy", ".npz"):
         path = path.with_suffix("")
     return path.with_name(path.name + ".npy"), path.with_name(path.name + ".npz")
@@ -511,13 +525,9 @@ def load_scan(path: str | Path) -> tuple[np.ndarray, ScanTruth]:
     for p in (npy, npz):
         if not p.exists():
             raise FileNotFoundError(f"{p} not found; make it with 'edge-ptychonn simulate --out {npy.with_suffix('')}'")
+    frames = load_npy(npy)  # ValueError naming the file: empty, cut short, an .npz, ...
+    _, arrays = load_npz(npz)
     try:
-        frames = np.load(npy)
-    except (ValueError, OSError) as exc:
-        raise ValueError(f"{npy}: not a numpy array of frames ({exc})") from None
-    try:
-        with np.load(npz) as z:
-            arrays = dict(z.items())
         needed = {"positions_px", "patches_phase", "object_phase", "object_amplitude", "probe", "settings"}
         missing = needed - set(arrays)
         truth = None if missing else ScanTruth(
@@ -529,7 +539,7 @@ def load_scan(path: str | Path) -> tuple[np.ndarray, ScanTruth]:
             settings=json.loads(str(arrays["settings"])),
             stats=json.loads(str(arrays["stats"])) if "stats" in arrays else {},
         )
-    except (ValueError, OSError, EOFError, AttributeError, zipfile.BadZipFile) as exc:
+    except (ValueError, AttributeError) as exc:
         raise ValueError(f"{npz}: not a scan written by edge-ptychonn simulate ({exc})") from None
     if missing:
         raise ValueError(f"{npz} lacks {sorted(missing)}: not a scan written by edge-ptychonn simulate")
@@ -541,6 +551,8 @@ def _check_scan(frames: np.ndarray, truth: ScanTruth, npy: Path, npz: Path) -> N
     """``ValueError`` naming the file and field where ``load_scan``'s arrays do not form a scan."""
     if frames.ndim != 3 or frames.dtype.kind not in "iuf":
         raise ValueError(f"{npy}: frames must be a stack (N, H, W) of counts, got {frames.dtype} {frames.shape}")
+    if len(frames) == 0:
+        raise ValueError(f"{npy} holds no frames")
     if frames.dtype.kind == "f" and not np.isfinite(frames).all():
         bad = int(np.count_nonzero(~np.isfinite(frames).all(axis=(1, 2))))
         raise ValueError(f"{npy}: {bad} frames hold NaN or infinite pixels")
@@ -628,6 +640,9 @@ def main(args: argparse.Namespace) -> int:
         return 2
     try:  # before the work: an output that cannot be written is a bad argument
         check_writable(scan_paths(args.out))
+    except ValueError as exc:
+        print(f"edge-ptychonn simulate: --out {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"edge-ptychonn simulate: cannot write {args.out}: {exc}", file=sys.stderr)
         return 2

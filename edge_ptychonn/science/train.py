@@ -65,7 +65,9 @@ import numpy as np
 
 from edge_ptychonn import __version__
 from edge_ptychonn.files import check_writable, whole_file, write_bytes_whole
-from edge_ptychonn.model_card import ModelCard, ModelConfig, StitchSettings, Training, find_card, save_card
+from edge_ptychonn.model_card import (
+    ModelCard, ModelConfig, StitchSettings, Training, check_input_size, find_card, save_card,
+)
 from edge_ptychonn.progress import Progress
 from edge_ptychonn.science import accuracy
 from edge_ptychonn.science.simulate import FAMILIES, ScanSettings, simulate_scan
@@ -144,21 +146,48 @@ def load_checkpoint(path: str | Path) -> dict:
     return ckpt
 
 
-def check_init_from(path: str | Path) -> None:
+def check_init_from(path: str | Path, model_config: ModelConfig | None = None) -> None:
     """``ValueError`` unless ``--init-from`` is a readable ``.onnx`` PtychoNN or ``.pt`` checkpoint
-    (read here, before any work, so that a wrong file fails at once)."""
+    that can start a run of ``model_config`` (:func:`init_architecture`; not checked when None):
+    read here, before any work, so that a wrong file fails at once."""
     from edge_ptychonn.science.model import from_onnx
 
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"init-from {path} is not a file")
-    if path.suffix == ".onnx":
-        from_onnx(path)
+    if path.suffix == ".onnx":  # and its card, whose preprocessing the run keeps
+        layout = from_onnx(path).config
+        check_input_size(find_card(path), path, (layout.input_size,) * 2)
     elif path.suffix == ".pt":
-        load_checkpoint(path)
+        try:
+            layout = ModelConfig(**load_checkpoint(path)["model"])
+        except TypeError as exc:
+            raise ValueError(f"{path}: not a checkpoint of edge-ptychonn train ({exc})") from None
     else:
         raise ValueError(f"init-from {path}: must be an exported ONNX PtychoNN (.onnx) or the <out>.pt of "
                          "edge-ptychonn train or finetune")
+    if model_config is not None:
+        try:
+            init_architecture(layout, model_config, onnx=path.suffix == ".onnx")
+        except ValueError as exc:
+            raise ValueError(f"cannot start from {path}: {exc}") from None
+
+
+def init_architecture(layout: ModelConfig, model_config: ModelConfig, *, onnx: bool) -> ModelConfig:
+    """The architecture in which an ``--init-from`` model (``layout``: a checkpoint's, or an ONNX
+    graph's, whose BatchNorm the export folded and whose convolutions take any input size) is
+    loaded, before it is widened to ``model_config.width`` and given its head blocks; ``ValueError``
+    when it cannot become ``model_config`` that way."""
+    init_config = replace(layout, input_size=model_config.input_size, batch_norm=model_config.batch_norm) if onnx \
+        else layout
+    grown = replace(init_config, width=model_config.width, head_blocks=model_config.head_blocks)
+    wider = init_config.width > model_config.width
+    more_blocks = init_config.head_blocks > model_config.head_blocks
+    if grown != model_config or wider or more_blocks:
+        raise ValueError(f"it holds a {init_config.to_dict()} model, not {model_config.to_dict()}"
+                         + (" (a wider one cannot be narrowed)" if wider else "")
+                         + (" (head blocks cannot be removed)" if more_blocks else ""))
+    return init_config
 
 
 def check_training_options(args: argparse.Namespace) -> None:
@@ -640,18 +669,11 @@ def init_weights(trainer: Trainer, init_from: str, model_config: ModelConfig, pp
         card = find_card(init_from)
         earlier = card.preprocess if card is not None else PreprocessConfig()
         layout = from_onnx(init_from).config
-        init_config = replace(model_config, width=layout.width, head_blocks=layout.head_blocks)
     else:
         ckpt = load_checkpoint(init_from)
         earlier = PreprocessConfig(**ckpt["preprocess"])
-        init_config = ModelConfig(**ckpt["model"])
-    grown = replace(init_config, width=model_config.width, head_blocks=model_config.head_blocks)
-    wider = init_config.width > model_config.width
-    more_blocks = init_config.head_blocks > model_config.head_blocks
-    if grown != model_config or wider or more_blocks:
-        raise ValueError(f"it holds a {init_config.to_dict()} model, not {model_config.to_dict()}"
-                         + (" (a wider one cannot be narrowed)" if wider else "")
-                         + (" (head blocks cannot be removed)" if more_blocks else ""))
+        layout = ModelConfig(**ckpt["model"])
+    init_config = init_architecture(layout, model_config, onnx=Path(init_from).suffix == ".onnx")
     trainer.pp = replace(earlier, normalize=pp.normalize, reference_total=pp.reference_total)
     model = trainer.model if init_config == model_config else build_model(init_config).to(trainer.device)
     if Path(init_from).suffix == ".onnx":
@@ -997,8 +1019,6 @@ def _train(args: argparse.Namespace) -> int:
         if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo <= hi):
             raise ValueError(f"dose-range must be 0 < LOW <= HIGH, got {lo} {hi}")
         family_mix = parse_family_mix(args.family_mix)
-        if args.init_from:
-            check_init_from(args.init_from)
         base = ScanSettings(n_positions=args.positions_per_scan, family=args.family, photons=args.photons,
                             overlap=args.overlap, phase_range_rad=args.phase_range, density=args.density)
         try:  # the most photons a training scan has: checked like --photons
@@ -1007,6 +1027,8 @@ def _train(args: argparse.Namespace) -> int:
             raise ValueError(f"dose-range {lo:g} {hi:g}: the training scans' {exc}") from None
         model_config = ModelConfig(width=args.width, depth=args.depth, input_size=base.frame_size,
                                    batch_norm=True, amplitude_head=args.amplitude, head_blocks=args.head_blocks)
+        if args.init_from:  # a file that cannot start this run fails before the data are simulated
+            check_init_from(args.init_from, model_config)
         check_batches(args)
         train_seeds = list(range(args.seed_base, args.seed_base + args.train_scans))
         val_seeds = list(range(args.val_seed_base, args.val_seed_base + args.val_scans))
