@@ -30,6 +30,7 @@ calls :func:`edge_ptychonn.callbacks.keep_thread_state` first (through :meth:`Pr
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import Counter
 from typing import Any, Callable, ClassVar
@@ -117,21 +118,24 @@ class ProcessorBase(StatsFromTable, AdImageProcessor):
             self._problems.clear()
 
     # -- frames -----------------------------------------------------------------------------
-    def decode_frame(self, pvObject):
+    def decode_frame(self, pvObject, lock=None):
         """(meta, image) of a received NTNDArray, or None. A record without an image (what
         a monitor gets on connect) counts in ``self.counts["empty"]``; a bad frame in
         ``self.counts["bad"]`` and as a problem of its kind (logged once). Subclasses that
-        call it keep a ``counts`` dict with "empty" and "bad". Called first in
-        ``process()``: it also keeps PvaPy's receive thread's state
-        (:func:`edge_ptychonn.callbacks.keep_thread_state`)."""
+        call it keep a ``counts`` dict with "empty" and "bad", and pass the ``lock`` under
+        which their ``resetStats`` clears it (the count is added under it; the frame is
+        decoded without it). Called first in ``process()``: it also keeps PvaPy's receive
+        thread's state (:func:`edge_ptychonn.callbacks.keep_thread_state`)."""
         keep_thread_state()
         try:
             return decode(pvObject)
         except NotAFrame:
-            self.counts["empty"] += 1
+            kind = "empty"
         except BadFrame as exc:
-            self.counts["bad"] += 1
+            kind = "bad"
             self.count_problem(exc.kind, "%s", exc)
+        with lock if lock is not None else contextlib.nullcontext():
+            self.counts[kind] += 1
         return None
 
     # -- run-time changes ----------------------------------------------------------------

@@ -176,9 +176,9 @@ class Hdf5Settings:
             raise ValueError(
                 f"fileNameFormat {self.file_name_format!r} is invalid ({exc}); fields: channel, processorId, scan, time"
             ) from exc
-        if "/" in name or name in ("", ".", ".."):
+        if "/" in name or "\0" in name or name in ("", ".", ".."):  # NUL: no file can have that name
             raise ValueError(f"fileNameFormat {self.file_name_format!r} must name a file in outputDirectory "
-                             "(no '/'; give the folder as outputDirectory)")
+                             "(no '/' or NUL; give the folder as outputDirectory)")
 
 
 @dataclass
@@ -332,8 +332,7 @@ class Hdf5WriterProcessor(ProcessorBase):
         remove_stale_partials(self.settings.output_directory, self.logger)
         self.user_args = {k: v for k, v in (configDict or {}).items() if k in self.ARGS}
         self.queue: queue.Queue = queue.Queue(maxsize=self.settings.queue_frames)
-        # "bad" and "empty" are counted by decode_frame on the monitor thread; every other
-        # count changes under self._lock (held for counting only, never while waiting)
+        # every count changes under self._lock (held for counting only, never while waiting)
         self.counts = dict.fromkeys(("received", "written", "unflushed", "queued", "wrong_shape", *LOSS_CAUSES,
                                      "appended", "bad", "empty", "files", "write_errors"), 0)
         self._lock = threading.Lock()
@@ -648,7 +647,7 @@ class Hdf5WriterProcessor(ProcessorBase):
         # self._thread stays: a process() that raced this stop sees a dead writer and counts its frame
 
     def process(self, pvObject):
-        frame = self.decode_frame(pvObject)
+        frame = self.decode_frame(pvObject, self._lock)
         if frame is None:
             return None
         meta, image = frame

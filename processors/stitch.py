@@ -108,6 +108,7 @@ Statistics (status channel ``userStats``) -- see :data:`STATS`.
 from __future__ import annotations
 
 import bisect
+import heapq
 import threading
 import time
 import zipfile
@@ -360,6 +361,8 @@ class StitchSettings:
         if "/" in self.file_prefix:
             raise ValueError(f"filePrefix must be a file name without a folder, got {self.file_prefix!r} "
                              "(outputDirectory gives the folder)")
+        if "\0" in self.file_prefix:  # no file can have that name: the image would be lost at its save
+            raise ValueError(f"filePrefix must not hold a NUL character, got {self.file_prefix!r}")
 
 
 def _nonzero(value):
@@ -373,20 +376,35 @@ def _nonzero(value):
 
 
 class _Scan:
-    """The image of one scan: a Stitcher and the uniqueIds placed in it."""
+    """The image of one scan: a Stitcher, how many frames were placed in it, and the
+    uniqueIds placed within ``restartWindow`` of the highest received (restart detection;
+    an id further below starts a new scan anyway): bounded however long a scan runs."""
 
     def __init__(self, index: int, stitcher: Stitcher):
         self.index = index
         self.stitcher = stitcher
+        self.n_placed = 0
         self.placed: set[int] = set()
+        self._placed_heap: list[int] = []  # the same ids, the lowest first (to forget them)
         self.last_unique_id = 0
         self.first_placed_s = 0.0
         self.last_placed_s = 0.0
         self.changed = False
         self.saved = False
 
+    def remember(self, unique_id: int, low: int) -> None:
+        """Count a placed frame; keep its uniqueId while it is not below ``low`` (the highest
+        uniqueId received minus restartWindow), forgetting those that fell below it."""
+        self.n_placed += 1
+        if unique_id not in self.placed:
+            self.placed.add(unique_id)
+            heapq.heappush(self._placed_heap, unique_id)
+        heap = self._placed_heap
+        while heap and heap[0] < low:
+            self.placed.discard(heapq.heappop(heap))
+
     def place_rate_hz(self) -> float:
-        n = len(self.placed)
+        n = self.n_placed
         dt = self.last_placed_s - self.first_placed_s
         return (n - 1) / dt if n > 1 and dt > 0 else 0.0
 
@@ -425,7 +443,7 @@ STATS = {
     "nImagesPublished": (pva.ULONG, _stat("published")),
     "nScans": (pva.ULONG, lambda p: p.scan_index),
     "nScansSaved": (pva.ULONG, _stat("saved")),
-    "scanFramesPlaced": (pva.ULONG, _scan_stat(lambda scan: len(scan.placed), 0)),
+    "scanFramesPlaced": (pva.ULONG, _scan_stat(lambda scan: scan.n_placed, 0)),
     "coverage": (pva.DOUBLE, lambda p: p.coverage()),
     "placeRate": (pva.DOUBLE, _scan_stat(_Scan.place_rate_hz, 0.0)),
     "stitchTimeUs": (pva.DOUBLE, lambda p: 1e6 * p.process_time_s / max(p.counts["received"], 1)),
@@ -488,6 +506,7 @@ class StitchProcessor(ProcessorBase):
         self.saved_files: list[Path] = []
         self.final_channel = ""
         self._stop = threading.Event()
+        self._wake = threading.Event()  # the publishing thread's sleep ends early: stop, a new publishRate
         self._thread: threading.Thread | None = None
         self._published_id = 0
         # images to publish or save, queued in order under self.lock, sent after it is released
@@ -664,8 +683,8 @@ class StitchProcessor(ProcessorBase):
             self.count_problem("outside", "frame %d at %s misses the object %s", unique_id, position,
                                scan.stitcher.object_shape)
             return False
-        scan.placed.add(unique_id)
-        if len(scan.placed) == 1:
+        scan.remember(unique_id, self._max_unique_id - self.settings.restart_window)
+        if scan.n_placed == 1:
             scan.first_placed_s = now
         scan.last_placed_s = now
         scan.changed = True
@@ -696,7 +715,7 @@ class StitchProcessor(ProcessorBase):
         scan = self.scan
         self.scan = None
         self._max_unique_id = 0
-        if scan is None or not scan.placed:
+        if scan is None or not scan.n_placed:
             return
         save = not scan.saved and self.settings.output_directory is not None
         scan.saved = True  # once, whichever thread finishes it
@@ -704,7 +723,7 @@ class StitchProcessor(ProcessorBase):
 
     def _snapshot_locked(self, scan: _Scan, live: bool, final: bool = False, save: bool = False) -> _Output:
         scan.changed = False
-        return _Output(scan.stitcher.image(self.settings.fill), scan, len(scan.placed),
+        return _Output(scan.stitcher.image(self.settings.fill), scan, scan.n_placed,
                        float(scan.stitcher.covered(self.settings.min_cover_weight).mean()),
                        scan.last_unique_id, live, final, save)
 
@@ -789,17 +808,23 @@ class StitchProcessor(ProcessorBase):
         return pv
 
     def _publish_loop(self) -> None:
-        next_s = time.monotonic()
+        last_s = -float("inf")  # when the last live image was taken
         # with metadata channels, wake at least every 0.1 s to place frames whose metadata came
         tick_s = 0.1 if self.metadata is not None else None
-        while not self._stop.wait(min(1.0 / self.settings.publish_rate_hz, tick_s or 1e9)):
+        while True:
+            # the period is read at every turn: a publishRate changed at run time wakes this
+            # thread (configure) and applies from the last image on, not after the old period
+            self._wake.wait(min(1.0 / self.settings.publish_rate_hz, tick_s or 1e9))
+            self._wake.clear()
+            if self._stop.is_set():
+                return
             with self.lock:
                 if self.metadata is not None:
                     self._retry_waiting_locked()
                 now = time.monotonic()
                 scan = self.scan
-                if now >= next_s and scan is not None and scan.changed:
-                    next_s = now + 1.0 / self.settings.publish_rate_hz - 0.01
+                if now >= last_s + 1.0 / self.settings.publish_rate_hz - 0.01 and scan is not None and scan.changed:
+                    last_s = now
                     self._outputs.append(self._snapshot_locked(scan, live=True))
             self._send_outputs()
 
@@ -822,6 +847,7 @@ class StitchProcessor(ProcessorBase):
                 self.count_problem("publishFinal", "cannot add %s: %s", self.final_channel, exc)
                 self.final_channel = ""
         self._stop.clear()
+        self._wake.clear()
         self._thread = threading.Thread(target=self._publish_loop, name="stitch-publisher", daemon=True)
         self._thread.start()
         # SIGTERM (also the kernel's, when the launcher that started this collector dies)
@@ -838,20 +864,28 @@ class StitchProcessor(ProcessorBase):
         # first): the finished image goes to disk. Frames still waiting for their
         # metadata are placed first, or counted.
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(2.0)
         self.finish_scan(publish=False)
 
     def process(self, pvObject):
         t0 = time.thread_time()  # CPU time of this thread: the stitcher's own cost, not its waits
-        frame = self.decode_frame(pvObject)
+        frame = self.decode_frame(pvObject, self.lock)
         if frame is None:
             return None
         meta, image = frame
-        self.counts["received"] += 1
+        with self.lock:  # resetStats() clears the counts under it
+            self.counts["received"] += 1
         self.add_frame(meta.unique_id, image, meta.attributes, seconds(meta.time_stamp))
-        self.process_time_s += time.thread_time() - t0
+        cpu_s = time.thread_time() - t0
+        with self.lock:
+            self.process_time_s += cpu_s
         return None
+
+    def configure(self, configDict):
+        super().configure(configDict)
+        self._wake.set()  # a new publishRate applies now
 
     def new_scan(self) -> None:
         self.finish_scan(publish=True)

@@ -214,6 +214,9 @@ def test_bad_arguments(tmp_path):
         Hdf5WriterProcessor({**FRAMEWORK, "outputDirectory": str(tmp_path), "compression": "xz"})
     with pytest.raises(ValueError, match="fileNameFormat"):
         Hdf5WriterProcessor({**FRAMEWORK, "outputDirectory": str(tmp_path), "fileNameFormat": "{detector}.h5"})
+    # JSON's "\u0000" was accepted, then no file could be made: every frame lost (nLostWriteError)
+    with pytest.raises(ValueError, match="fileNameFormat .* must name a file in outputDirectory"):
+        Hdf5WriterProcessor({**FRAMEWORK, "outputDirectory": str(tmp_path), "fileNameFormat": "scan\x00{scan}.h5"})
     with pytest.raises(ValueError, match="compressionLevel applies"):
         Hdf5WriterProcessor({**FRAMEWORK, "outputDirectory": str(tmp_path), "compressionLevel": 3})
     (tmp_path / "results.txt").write_text("a file where a folder would be made")
@@ -430,3 +433,34 @@ def test_a_long_scan_keeps_only_the_restart_windows_ids(tmp_path):
     p.stop()
     assert [len(ids_in(f)) for f in p.files] == [3000, 2, 1]
     assert accounted(p)["nFramesWritten"] == 3003
+
+
+@pytest.mark.parametrize("kind", ["bad", "empty"])
+def test_a_reset_racing_a_frame_leaves_no_stale_count(tmp_path, kind):
+    """decode_frame counted bad and empty records without the lock under which resetStats()
+    clears the counts: a reset between the count's read and its write was undone."""
+    from frames_util import colour_frame, no_image_record
+
+    make_frame = {"bad": colour_frame, "empty": no_image_record}[kind]
+    p = Hdf5WriterProcessor({**FRAMEWORK, "outputDirectory": str(tmp_path)})
+    for uid in range(1, 4):
+        p.process(make_frame(uid))
+    assert p.counts[kind] == 3
+
+    class ResetWhileRead(dict):  # resetStats() on another thread right when the count is read
+        armed = True
+
+        def __getitem__(self, key):
+            value = super().__getitem__(key)
+            if key == kind and self.armed:
+                self.armed = False
+                resetter.start()
+                resetter.join(0.5)  # a reset that needs the lock held while counting cannot finish here
+            return value
+
+    resetter = threading.Thread(target=p.resetStats)
+    p.counts = ResetWhileRead(p.counts)
+    p.process(make_frame(4))
+    resetter.join(10)
+    assert not resetter.is_alive()
+    assert p.counts[kind] in (0, 1) and accounted(p)  # reset after the frame, or before it: never 4

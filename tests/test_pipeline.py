@@ -853,3 +853,48 @@ def test_pvapys_pattern_keys_at_run_time_set_the_pattern_missed_frames_are_count
     pipeline.stop()
     ids = pipeline.stats.ids
     assert (ids.missed, ids.foreign, ids.restarts) == (0, 0, 0)
+
+
+def test_an_engine_that_fails_to_close_does_not_make_stop_raise(small_model, rng, caplog):
+    """A GPU engine's close re-raises a CUDA error from its synchronisation: stop() raised it,
+    so the processor's stop() printed no final statistics and PvaPy skipped stopping its
+    publisher. Now logged, and stop() returns."""
+    pipeline, published, factory = make_pipeline(small_model, batchSize=4, batchTimeout=60)
+    engine = SlowEngine(factory())
+    engine.go.set()
+
+    def failing_close():
+        raise RuntimeError("cudaErrorIllegalAddress in synchronize")
+
+    engine.close = failing_close
+    pipeline.start(lambda: engine)
+    for uid, image in enumerate(frames(rng, 6), start=1):
+        pipeline.submit(good_frame(uid, image))
+    with caplog.at_level("ERROR"):
+        pipeline.stop()
+    assert published.wait(6) == 6 and "closing the engine at stop failed: cudaErrorIllegalAddress" in caplog.text
+
+
+def test_a_stuck_worker_never_holds_stop_beyond_its_timeout(small_model, rng):
+    """A worker pool's close waits up to 10 s for busy workers; PvaPy's parent waits about 1 s
+    for each consumer's stop. stop() closes the engine only once the inference thread has
+    ended (every batch given to a worker collected), so a stuck worker costs stop() its own
+    timeout, not the pool's."""
+    from engines.workers import WorkerPool
+
+    pipeline, published, factory = make_pipeline(small_model, batchSize=4, batchTimeout=60)
+    stuck = GatedEngine(factory())
+    pool = WorkerPool([factory(), stuck], 1)
+    pipeline.start(lambda: pool)
+    try:
+        for uid, image in enumerate(frames(rng, 10), start=1):  # batches 1 and 2 on the workers, 2 frames held
+            pipeline.submit(good_frame(uid, image))
+        assert published.wait(4) == 4
+        t0 = time.monotonic()
+        pipeline.stop(timeout_s=0.3, outputs_closed=True)
+        assert time.monotonic() - t0 < 0.9
+        assert pipeline.stats.dropped["stopping"] == 6 and pipeline.stats.unaccounted(pipeline.queued_frames) == 0
+    finally:
+        stuck.gate.release(100)
+        pipeline._thread.join(10)
+    pool.close(10)

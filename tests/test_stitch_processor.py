@@ -6,6 +6,7 @@ inside a real ``pvapy-hpc-collector`` behind real inference consumers.
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -760,6 +761,9 @@ def test_non_finite_numbers_and_a_prefix_with_a_folder_are_refused(tmp_path, rng
     assert p.settings.publish_rate_hz == 2.0
     with pytest.raises(ValueError, match="filePrefix must be a file name without a folder"):
         make({"objectShape": [40, 48], "filePrefix": "run5/scan", "outputDirectory": str(tmp_path)})
+    # JSON's "\u0000": accepted, then the save at stop raised (stop() with it) and the image was lost
+    with pytest.raises(ValueError, match="filePrefix must not hold a NUL character"):
+        make({"objectShape": [40, 48], "filePrefix": "scan\x00", "outputDirectory": str(tmp_path)})
 
 
 def test_frames_by_metadata_count_only_those_placed(rng):
@@ -801,3 +805,83 @@ def test_a_positions_file_that_cannot_be_read_is_refused_in_one_line(tmp_path):
         assert type(caught.value) is ValueError
     with pytest.raises(ValueError, match="object_phase must be an"):
         make({"positionsFile": str(tmp_path / "cube.npz")})
+
+
+def test_a_long_scan_keeps_only_the_ids_within_the_restart_window(rng):
+    """A continuous stream (positions from attributes, uniqueIds never restarting) kept every
+    placed uniqueId of the scan: memory grew without bound. Now only those within
+    restartWindow of the highest are kept; scanFramesPlaced, placeRate and the published
+    FramesPlaced still count every frame, and a repeated uniqueId within the window still
+    starts a new scan (one further below does anyway)."""
+    patches, positions, _ = small_scan(rng, n=10)
+    window, n = 8, 600
+    publisher = Publisher()
+    p = make({"objectShape": [40, 48], "restartWindow": window}, publisher)
+    for uid in range(1, n + 1):
+        p.process(attributed_frame(uid, patches[uid % 10], positions[uid % 10]))
+    assert len(p.scan.placed) <= window + 1 and len(p.scan._placed_heap) <= window + 1
+    stats = p.getStats()
+    assert stats["scanFramesPlaced"] == n and stats["nFramesPlaced"] == n and stats["nScans"] == 1
+    scan = p.scan
+    assert stats["placeRate"] == pytest.approx((n - 1) / (scan.last_placed_s - scan.first_placed_s))
+    p.process(attributed_frame(n - 3, patches[0], positions[0]))  # placed, within the window: a new scan
+    assert p.getStats()["nScans"] == 2 and p.getStats()["scanFramesPlaced"] == 1
+    assert publisher.images[-1][2]["FramesPlaced"] == n and publisher.images[-1][2]["ScanIndex"] == 1
+    for uid in range(n - 2, n + 20):
+        p.process(attributed_frame(uid, patches[uid % 10], positions[uid % 10]))
+    assert n + 1 not in p.scan.placed
+    p.process(attributed_frame(n + 1, patches[0], positions[0]))  # forgotten, but far below: a new scan too
+    assert p.getStats()["nScans"] == 3 and publisher.images[-1][2]["FramesPlaced"] == 23
+
+
+def test_a_reset_racing_a_frame_leaves_no_stale_count(rng):
+    """process() added to counts["received"] without the lock under which resetStats() clears
+    the counts: a reset between its read and its write was undone (the old total plus one)."""
+    patches, positions, _ = small_scan(rng, n=6)
+    p = make({"objectShape": [40, 48]})
+    for uid in range(1, 6):
+        p.process(attributed_frame(uid, patches[uid], positions[uid]))
+    assert p.getStats()["nFramesReceived"] == 5
+
+    class ResetWhileRead(dict):  # resetStats() on another thread right when process() reads the count
+        armed = True
+
+        def __getitem__(self, key):
+            value = super().__getitem__(key)
+            if key == "received" and self.armed:
+                self.armed = False
+                resetter.start()
+                resetter.join(0.5)  # a reset that needs the lock process() holds cannot finish here
+            return value
+
+    resetter = threading.Thread(target=p.resetStats)
+    p.counts = ResetWhileRead(p.counts)
+    p.process(attributed_frame(6, patches[0], positions[0]))
+    resetter.join(10)
+    assert not resetter.is_alive()
+    assert p.getStats()["nFramesReceived"] in (0, 1)  # reset after the frame, or before it: never 6
+
+
+def test_a_new_publish_rate_applies_at_once(tmp_path, rng):
+    """publishRate changed at run time took effect only after the old period had run out
+    (the publishing thread slept for it): from 0.02 Hz to 20 Hz, the next image came up to
+    50 s later. Now the thread wakes at the change."""
+    patches, positions, probe = small_scan(rng, n=6)
+    publisher = Publisher()
+    p = make({"positionsFile": str(write_npz(tmp_path / "s.npz", positions, probe, (40, 48))), "publishRate": 0.02},
+             publisher)
+    p.pvaServer = None
+    p.start()
+    try:
+        for k in range(6):
+            p.process(good_frame(k + 1, patches[k]))
+        p.configure({"publishRate": 20})
+        assert wait_until(lambda: publisher.images, 10), "no image 10 s after publishRate 20"
+        assert publisher.images[-1][2]["FramesPlaced"] == 6
+        p.process(good_frame(7, patches[0]))  # not in the file: changes nothing
+        p.configure({"publishRate": 0.02})
+        p.process(attributed_frame(8, patches[1], positions[1]))
+        time.sleep(0.5)  # ten periods of the old rate: the slower one holds the next image back
+        assert len(publisher.images) == 1
+    finally:
+        p.stop()

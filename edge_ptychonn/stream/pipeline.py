@@ -301,8 +301,14 @@ class InferencePipeline:
                         self._frames_in_queue = 0
                 self.log.warning("inference thread still busy %.1f s after stop; %d frame(s) left%s", timeout_s,
                                  left, " (counted as dropped)" if outputs_closed and left else "")
+        # Only once the inference thread has ended: every batch handed to the engine (a worker
+        # pool's workers included) has been collected, so closing waits for no batch. A busy
+        # thread leaves the engine open (the process is ending): stop() never waits for it.
         if self.engine is not None and (self._thread is None or not self._thread.is_alive()):
-            self.engine.close()
+            try:
+                self.engine.close()
+            except Exception as exc:  # raised, it would skip the consumer's final statistics line
+                self.log.error("closing the engine at stop failed: %s", exc)
 
     # -- receive side ----------------------------------------------------------------
     def submit(self, pv) -> None:
