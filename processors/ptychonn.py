@@ -85,7 +85,7 @@ import pvaccess as pva
 from pvapy.hpc.adImageProcessor import AdImageProcessor
 
 from edge_ptychonn.callbacks import keep_thread_state
-from edge_ptychonn.model_card import card_path, default_model_path, find_card
+from edge_ptychonn.model_card import card_input_size, check_input_size, default_model_path, find_card
 from edge_ptychonn.stream.config import SEED_ALIASES, ProcessorConfig, parse_processor_args, runtime_settings
 from edge_ptychonn.stream.frames import BAD_FRAME_KINDS, output_pv_type
 from edge_ptychonn.stream.pipeline import DROP_REASONS, InferencePipeline, PipelineStats
@@ -177,16 +177,12 @@ def _check_crop(config: ProcessorConfig) -> None:
 
 def _check_card(model_path, shape=None) -> None:
     """ValueError when the model's card was written for another input size than the model
-    takes (``shape``; read from the ONNX file when not given): it is another model's card, and
-    its preprocessing and output mask would be applied to this model without a word."""
+    takes (``shape``; read from the ONNX file only when the card gives a size):
+    :func:`edge_ptychonn.model_card.check_input_size`, the one check."""
     card = find_card(model_path)
-    size = card.input_size if card is not None else None
-    if size is None:
+    if card_input_size(card) is None:
         return
-    h, w = read_signature(model_path).input_shape if shape is None else shape
-    if (h, w) != (size, size):
-        raise ValueError(f"the model card {card_path(model_path)} says input_size {size}, but the model takes "
-                         f"{h}x{w} input: it is another model's card (its preprocessing would be applied to this one)")
+    check_input_size(card, model_path, read_signature(model_path).input_shape if shape is None else shape)
 
 
 class PtychoNNProcessor(StatsFromTable, AdImageProcessor):

@@ -170,6 +170,12 @@ def test_a_card_written_for_another_input_size_is_refused_at_start_and_at_a_swap
     card["input_size"] = 64
     card_path(model).write_text(json.dumps(card))
     assert PtychoNNProcessor({**FRAMEWORK, "modelPath": str(model)}).config.model_path == model  # a card that fits
+    # a card that gives its size only in its model block (as train writes it) is checked too
+    from edge_ptychonn.model_card import ModelConfig
+
+    save_card(ModelCard(name="other", model=ModelConfig(input_size=128)), model)
+    with pytest.raises(ValueError, match="says input_size 128, but the model takes 64x64"):
+        PtychoNNProcessor({**FRAMEWORK, "modelPath": str(model)})
 
 
 def test_seed_drop_in_accepts_bsz_and_onnx_mdl(small_model):
