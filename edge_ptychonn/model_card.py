@@ -173,6 +173,47 @@ class Training:
     device: str | None = None
     continued_from: Training | None = None
 
+    def __post_init__(self) -> None:
+        # typed as the rest of the card: a hand-edited record (an --init-from card's) is otherwise
+        # read without a word and breaks the run that writes it into its own card, at the end
+        for name, kind in _TRAINING_TYPES.items():
+            value = getattr(self, name)
+            if value is not None and not _is_kind(value, kind):
+                raise ValueError(f"{name} must be {_KIND_TEXT[kind]}, got {value!r}")
+        if self.dose_range is not None and len(self.dose_range) != 2:
+            raise ValueError(f"dose_range must be two numbers (low, high), got {self.dose_range!r}")
+
+
+_TRAINING_TYPES = {
+    "scan_settings": "mapping", "family_mix": "mix",
+    **dict.fromkeys(("eval_n_positions", "n_train_scans", "n_train_frames", "n_val_frames", "epochs", "epochs_run",
+                     "steps", "batch_size", "seed", "threads", "n_parameters", "widened_from", "head_blocks_from"),
+                    "int"),
+    **dict.fromkeys(("train_seeds", "val_seeds"), "ints"),
+    **dict.fromkeys(("lr", "weight_decay", "train_minutes", "ssim_weight"), "number"),
+    **dict.fromkeys(("train_loss", "val_loss", "dose_range"), "numbers"),
+    **dict.fromkeys(("bf16", "stopped_at_time_limit"), "bool"),
+    **dict.fromkeys(("host", "torch", "edge_ptychonn", "command", "checkpoint", "init_from", "device"), "str"),
+}
+_KIND_TEXT = {"mapping": "a JSON object", "mix": "a JSON object of family: fraction", "int": "a whole number",
+              "ints": "a list of whole numbers", "number": "a number", "numbers": "a list of numbers",
+              "bool": "true or false", "str": "a string"}
+
+
+def _is_kind(value: Any, kind: str) -> bool:
+    def integer(v):
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+    def number(v):
+        return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+    if kind in ("ints", "numbers"):
+        return isinstance(value, (list, tuple)) and all(map(integer if kind == "ints" else number, value))
+    if kind == "mix":
+        return isinstance(value, Mapping) and all(isinstance(k, str) and number(v) for k, v in value.items())
+    return {"mapping": lambda v: isinstance(v, Mapping), "int": integer, "number": number,
+            "bool": lambda v: isinstance(v, bool), "str": lambda v: isinstance(v, str)}[kind](value)
+
 
 @dataclass(frozen=True)
 class ModelCard:
@@ -196,8 +237,11 @@ class ModelCard:
         if self.input_size is not None and (isinstance(self.input_size, bool) or not isinstance(self.input_size, int)
                                             or self.input_size < 1):
             raise ValueError(f"input_size must be a positive integer, got {self.input_size!r}")
-        if not self.outputs or not all(isinstance(o, str) for o in self.outputs):
+        if (not isinstance(self.outputs, (list, tuple)) or not self.outputs
+                or not all(isinstance(o, str) for o in self.outputs)):  # "phase": a name, not a list of them
             raise ValueError(f"outputs must be a non-empty list of names, got {self.outputs!r}")
+        if not isinstance(self.limits, (list, tuple)) or not all(isinstance(s, str) for s in self.limits):
+            raise ValueError(f"limits must be a list of sentences, got {self.limits!r}")
         if self.input_size is not None and self.model is not None and self.model.input_size != self.input_size:
             raise ValueError(f"input_size {self.input_size} and model.input_size {self.model.input_size} disagree")
 

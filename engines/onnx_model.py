@@ -20,13 +20,25 @@ class OnnxSignature:
 
 
 def read_signature(model_path: Path) -> OnnxSignature:
-    """Input/output names and shapes of a single-input PtychoNN ONNX model."""
+    """Input/output names and shapes of a single-input PtychoNN ONNX model.
+
+    ``ValueError`` (one line) when the file is not one: a ``.json`` (the model card beside a model,
+    given in its place) is named as such, with the ``.onnx`` of that name when there is one."""
     import onnx
 
+    path = Path(model_path)
+    # onnx.load would parse a .json as a JSON-form model (which no engine runs): a two-line error
+    if path.suffix.lower() == ".json" and path.is_file():
+        onnx_path = path.with_suffix(".onnx")
+        raise ValueError(f"{model_path} is not a readable ONNX model: a .json is a model card, not a model"
+                         + (f"; give {onnx_path}" if onnx_path.is_file() else ""))
     try:
         model = onnx.load(str(model_path), load_external_data=False)
     except Exception as exc:  # onnx raises DecodeError, OSError, ...: all mean "not a model"
         raise ValueError(f"{model_path} is not a readable ONNX model: {exc}") from exc
+    if not model.graph.node and not model.graph.input:  # an empty file parses as an empty model
+        raise ValueError(f"{model_path} is not a readable ONNX model: it holds no graph"
+                         + (" (the file is empty)" if path.is_file() and path.stat().st_size == 0 else ""))
     initializers = {i.name for i in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in initializers]
     if len(inputs) != 1:

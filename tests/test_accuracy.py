@@ -191,3 +191,21 @@ def test_a_cards_scan_settings_of_the_wrong_type_are_refused_naming_the_card_blo
         assert cli.main(["evaluate", "--model", str(model), "--simulate", "mixed:1", "--n-positions", "4",
                          "--engine", "onnxruntime", "--quiet"]) == 2
         assert capsys.readouterr().err == f"edge-ptychonn evaluate: the model card's training.scan_settings: {why}\n"
+
+
+def test_a_scan_too_small_to_score_is_one_line_naming_the_scan_and_the_remedy(capsys):
+    """One position: its probe's bright centre is a ring too thin for the SSIM window. Before: "mask is
+    too thin for the 11-pixel SSIM window", naming neither the scan nor what to do; now one line with
+    both, before any prediction. Two positions, the smallest that --help names, are scored."""
+    base = ["evaluate", "--engine", "onnxruntime", "--threads", "1", "--quiet"]
+    assert cli.main([*base, "--simulate", "smooth:3", "--simulate", "mixed:1001", "--n-positions", "1"]) == 2
+    out = capsys.readouterr()
+    assert out.err == ("edge-ptychonn evaluate: scan smooth:3: its 1 frame(s) cover no region that can be scored "
+                       "(where the probe's bright centre sums to stitch.min_cover_weight 0.5, the 11-pixel SSIM "
+                       "window fits nowhere): score a scan of more positions (--n-positions; 2 or more at the "
+                       "shipped model's scan settings) or of more overlap\n") and out.out == ""
+    assert cli.main([*base, "--simulate", "mixed:1001", "--n-positions", "2"]) == 0
+    assert "(2 frames in " in capsys.readouterr().out
+    _, truth = simulate_scan(ScanSettings(seed=1, n_positions=1), progress=False)
+    with pytest.raises(ValueError, match="^scan one: its 1 frame"):  # also where train scores
+        score_scan("one", truth.patches_phase, truth)

@@ -479,3 +479,29 @@ def test_auto_runs_a_cpu_choice_on_the_cpu_where_its_engine_sees_a_gpu(small_mod
     assert (engine.name, engine.device) == ("onnxruntime", "cpu")
     assert asked == [["CPUExecutionProvider"]] and "CUDA provider" not in caplog.text
     engine.close()
+
+
+def test_a_file_that_is_no_onnx_model_is_one_line_naming_it(tmp_path, capsys):
+    """``evaluate --model data/ptychonn.json`` (the card given where the model belongs): onnx read it as a
+    JSON-form model and its two-line parser error came out; an empty file was "expected one input,
+    found []". Now one line saying it is not an ONNX model, naming the .onnx of that name when there is one."""
+    import shutil
+
+    from edge_ptychonn import cli
+    from edge_ptychonn.model_card import default_model_path
+
+    shipped = default_model_path()
+    shutil.copy(shipped.with_suffix(".json"), tmp_path / "alone.json")
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    for model, why in (
+            (shipped.with_suffix(".json"), f"a .json is a model card, not a model; give {shipped}"),
+            (tmp_path / "alone.json", "a .json is a model card, not a model"),
+            (tmp_path / "empty.onnx", "it holds no graph (the file is empty)")):
+        with pytest.raises(ValueError) as err:
+            read_signature(model)
+        assert str(err.value) == f"{model} is not a readable ONNX model: {why}"
+    json_model = shipped.with_suffix(".json")
+    assert cli.main(["evaluate", "--model", str(json_model), "--simulate", "mixed:1", "--n-positions", "2",
+                     "--engine", "onnxruntime", "--quiet"]) == 2
+    assert capsys.readouterr().err == (f"edge-ptychonn evaluate: {json_model} is not a readable ONNX model: a .json "
+                                       f"is a model card, not a model; give {shipped}\n")

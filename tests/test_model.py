@@ -135,3 +135,28 @@ def test_export_to_an_out_that_names_no_file_is_refused_in_words(tmp_path, capsy
         assert capsys.readouterr().err == (f"edge-ptychonn export: cannot write {out!r}: it names no file (a folder); "
                                            "give a file name, e.g. data/generated/random.onnx\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder"] and not any((tmp_path / "folder").iterdir())
+
+
+def test_sigterm_while_exporting_stops_like_ctrl_c_and_leaves_no_hidden_file(tmp_path):
+    """A SIGTERM (``kill``) while ``export`` writes the model: one line, exit 130, and no hidden
+    half-written ``.part`` file left (before: killed outright, the ``.part`` stayed)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    argv = [sys.executable, "-m", "edge_ptychonn.cli", "export", "--out", str(tmp_path / "m.onnx"), "--width", "64"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob(".m.onnx.*.part")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)  # the model is written under a hidden name, renamed when whole
+        assert proc.poll() is None, proc.communicate()
+        os.kill(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert err == "edge-ptychonn export: interrupted\n"
+    assert list(tmp_path.iterdir()) == []

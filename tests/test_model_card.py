@@ -91,6 +91,20 @@ def test_no_card(tmp_path):
     ({"stitch": {"min_cover_weight": True}}, r"stitch: stitch.min_cover_weight must be a number, got True"),
     ({"model": {"width": 8.5}}, r"model: width must be a whole number, got 8.5"),
     ({"model": {"amplitude_head": "false"}}, r"model: amplitude_head must be true or false, got 'false'"),
+    # the training record, the outputs and the limits were not type-checked: "phase" read as the five
+    # outputs p, h, a, s, e; a train_minutes of "x" in an --init-from card broke train at its end
+    ({"outputs": "phase"}, r"model card: outputs must be a non-empty list of names, got 'phase'"),
+    ({"limits": "text"}, r"model card: limits must be a list of sentences, got 'text'"),
+    ({"limits": ["a", 1]}, r"model card: limits must be a list of sentences, got \('a', 1\)"),
+    ({"training": {"train_minutes": "x"}}, r"training: train_minutes must be a number, got 'x'"),
+    ({"training": {"epochs_run": 2.5}}, r"training: epochs_run must be a whole number, got 2.5"),
+    ({"training": {"bf16": "no"}}, r"training: bf16 must be true or false, got 'no'"),
+    ({"training": {"command": 3}}, r"training: command must be a string, got 3"),
+    ({"training": {"train_seeds": [1, True]}}, r"training: train_seeds must be a list of whole numbers"),
+    ({"training": {"continued_from": {"train_loss": [0.5, "a"]}}},
+     r"training.continued_from: train_loss must be a list of numbers, got \(0.5, 'a'\)"),
+    ({"training": {"dose_range": [0.1]}}, r"training: dose_range must be two numbers \(low, high\), got \(0.1,\)"),
+    ({"training": {"family_mix": {"siemens": "half"}}}, r"training: family_mix must be a JSON object of family: "),
 ])
 def test_malformed_cards_are_refused_with_the_reason(tmp_path, card, message):
     (tmp_path / "m.json").write_text(json.dumps(card))
@@ -153,3 +167,12 @@ def test_a_card_for_another_input_size_is_refused_by_one_check_that_also_reads_t
         check_input_size(ModelCard(input_size=128), model, (128, 64))
     for card in (None, ModelCard()):  # no card, or one that gives no size: nothing to check
         check_input_size(card, model, (64, 64))
+
+
+def test_every_field_of_the_training_record_is_type_checked():
+    """A field added to ``Training`` without a type in the check would be read unchecked again."""
+    from dataclasses import fields
+
+    from edge_ptychonn.model_card import _TRAINING_TYPES
+
+    assert set(_TRAINING_TYPES) == {f.name for f in fields(Training)} - {"continued_from"}

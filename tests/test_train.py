@@ -587,3 +587,40 @@ def test_an_init_from_model_of_another_architecture_is_refused_before_the_data_a
         err = capsys.readouterr().err
         assert err.startswith(f"edge-ptychonn train: cannot start from {init_from}: it holds a ") and why in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_init_from_card_with_a_training_record_of_the_wrong_type_is_refused_before_the_data_are_made(
+        tmp_path, capsys, monkeypatch):
+    """The card's ``training`` record was not type-checked: a hand-edited ``train_minutes: "x"`` in the
+    --init-from model's card crashed ``train`` with a traceback while it wrote its ``.md``, after the whole
+    training. Now one line naming the card and the field, before the data are made."""
+    import json
+    import shutil
+
+    from edge_ptychonn.model_card import default_model_path
+    from edge_ptychonn.science import train as train_module
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the data were simulated before the --init-from card was checked")
+
+    monkeypatch.setattr(train_module, "make_dataset", no_data)
+    base = tmp_path / "base" / "m.onnx"
+    base.parent.mkdir()
+    shutil.copy(default_model_path(), base)
+    card = json.loads(default_model_path().with_suffix(".json").read_text())
+    card["training"]["train_minutes"] = "x"
+    base.with_suffix(".json").write_text(json.dumps(card))
+    assert cli.main(["train", "--out", str(tmp_path / "out" / "m"), "--quiet", "--init-from", str(base)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"edge-ptychonn train: cannot read model card {base.with_suffix('.json')}: "
+                   "training: train_minutes must be a number, got 'x'\n"), err
+    # a checkpoint's card was read only after the training data were made: a traceback there
+    ckpt = base.with_name("w4.pt")
+    torch.save({"state_dict": {}, "model": ModelConfig(width=4, depth=2, input_size=128).to_dict(),
+                "preprocess": {}}, ckpt)
+    ckpt.with_suffix(".json").write_text(json.dumps(card))
+    assert cli.main(["train", "--out", str(tmp_path / "out" / "m"), "--quiet", "--width", "4", "--depth", "2",
+                     "--init-from", str(ckpt)]) == 2
+    assert capsys.readouterr().err == (f"edge-ptychonn train: cannot read model card {ckpt.with_suffix('.json')}: "
+                                       "training: train_minutes must be a number, got 'x'\n")
+    assert not (tmp_path / "out").exists()

@@ -31,7 +31,8 @@ import numpy as np
 
 from edge_ptychonn.model_card import ModelCard, StitchSettings
 from edge_ptychonn.progress import Progress
-from edge_ptychonn.science.metrics import baseline_scores, patch_errors, score_phase, summarise_patch_errors
+from edge_ptychonn.science.metrics import (SSIM_RADIUS, baseline_scores, patch_errors, score_phase, ssim_fits,
+                                           summarise_patch_errors)
 from edge_ptychonn.science.simulate import FAMILIES, ScanSettings, ScanTruth, simulate_scan
 from edge_ptychonn.science.stitch import Stitcher, probe_weight
 from edge_ptychonn.stream.postprocess import OutputMask, apply_output_mask
@@ -93,6 +94,7 @@ def score_scan(name: str, predicted: np.ndarray, truth: ScanTruth, stitch: Stitc
     st = Stitcher(truth.object_phase.shape, truth.patch_shape, weight=weight)
     st.add_many(predicted, truth.positions_px[indices])
     covered = st.covered(stitch.min_cover_weight)
+    check_scorable(name, covered, len(indices), stitch)
     image = st.image()
     scores = score_phase(image, truth.object_phase, covered)
     baselines = baseline_scores(  # the baselines at the same frames as the model
@@ -105,6 +107,30 @@ def score_scan(name: str, predicted: np.ndarray, truth: ScanTruth, stitch: Stitc
     patch["outside_max_abs_rad"] = float(outside.max())
     patch["outside_mean_abs_rad"] = float(outside.mean())
     return ScanResult(name, scores, baselines, patch, len(predicted), image, covered)
+
+
+def coverage(truth: ScanTruth, stitch: StitchSettings = StitchSettings()) -> np.ndarray:
+    """The pixels (H, W) that :func:`score_scan` scores for all of the scan's frames (the summed
+    probe weight at least ``stitch.min_cover_weight``), known before any prediction."""
+    weight = probe_weight(truth.probe, stitch.probe_threshold)
+    st = Stitcher(truth.object_phase.shape, truth.patch_shape, weight=weight)
+    blank = np.zeros(truth.patch_shape, dtype=np.float32)
+    for pos in truth.positions_px:
+        st.add(blank, pos)
+    return st.covered(stitch.min_cover_weight)
+
+
+def check_scorable(name: str, covered: np.ndarray, n_frames: int, stitch: StitchSettings) -> None:
+    """``ValueError`` naming scan ``name`` and the remedy when its ``n_frames`` frames cover no
+    region (``covered``) that the SSIM window fits in: one probe's bright centre is a ring too
+    thin for it, so a scan needs a few overlapping positions to be scored."""
+    if ssim_fits(covered):
+        return
+    raise ValueError(
+        f"scan {name}: its {n_frames} frame(s) cover no region that can be scored (where the probe's bright "
+        f"centre sums to stitch.min_cover_weight {stitch.min_cover_weight:g}, the {2 * SSIM_RADIUS + 1}-pixel "
+        "SSIM window fits nowhere): score a scan of more positions (--n-positions; 2 or more at the shipped "
+        "model's scan settings) or of more overlap")
 
 
 def held_out_settings(card: ModelCard | None, seed: int, *, family: str | None = None,
@@ -154,8 +180,8 @@ def evaluate_scans(engine, pp: PreprocessConfig, scans: list[tuple[str, np.ndarr
     """Predict every scan's frames with ``engine`` (and ``output_mask``) and score each (:func:`score_scan`).
 
     ``ValueError`` naming the scan, before any prediction, when a scan's frames do not become the
-    engine's input shape through ``pp``."""
-    for name, frames, _ in scans:
+    engine's input shape through ``pp``, or cover too little to be scored (:func:`check_scorable`)."""
+    for name, frames, truth in scans:
         try:
             shape = pp.output_shape(frames.shape[1:])
         except ValueError as exc:
@@ -164,6 +190,7 @@ def evaluate_scans(engine, pp: PreprocessConfig, scans: list[tuple[str, np.ndarr
             raise ValueError(f"scan {name}: its {frames.shape[1]}x{frames.shape[2]} frames become {shape[0]}x{shape[1]} "
                              f"model inputs after preprocessing, the model takes "
                              f"{engine.input_shape[0]}x{engine.input_shape[1]}")
+        check_scorable(name, coverage(truth, stitch), len(frames), stitch)
     results = []
     for name, frames, truth in scans:
         bar = Progress(len(frames), f"predict {name}", unit="frames", enabled=progress)

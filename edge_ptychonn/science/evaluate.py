@@ -56,7 +56,9 @@ def get_args_parser(prog: str = "edge-ptychonn evaluate") -> argparse.ArgumentPa
                    help="score the network's raw patches, without the card's output mask")
     p.add_argument("--n-positions", type=int, default=None,
                    help=f"positions per simulated scan (default: the card's training.eval_n_positions, "
-                        f"else {accuracy.DEFAULT_EVAL_N_POSITIONS})")
+                        f"else {accuracy.DEFAULT_EVAL_N_POSITIONS}); a scan is scored where overlapping probes "
+                        "cover a region wide enough for the SSIM window, so it needs a few: 2 or more at the "
+                        "shipped model's scan settings")
     p.add_argument("--engine", default="auto", help="inference engine: auto, onnxruntime, torch (default: %(default)s)")
     p.add_argument("--precision", default="fp32",
                    help="fp32, bf16, fp16, tf32 (what the engine offers), or auto: with --engine auto the precision "

@@ -28,6 +28,15 @@ def get_args_parser(prog: str = "edge-ptychonn export") -> argparse.ArgumentPars
 
 
 def main(args: argparse.Namespace) -> int:
+    """``edge-ptychonn export``; a SIGTERM (``kill``) stops it like Ctrl-C: no half-written file is
+    left behind, and the command ends with one line (exit 130)."""
+    from edge_ptychonn.cli import sigterm_interrupts
+
+    with sigterm_interrupts():
+        return _export(args)
+
+
+def _export(args: argparse.Namespace) -> int:
     from edge_ptychonn.model_card import card_path
 
     from .model import ModelConfig, build_model, export_onnx

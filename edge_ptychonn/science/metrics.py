@@ -80,6 +80,12 @@ def _erode(mask: np.ndarray, r: int) -> np.ndarray:
     return out
 
 
+def ssim_fits(mask: np.ndarray) -> bool:
+    """Whether the SSIM window fits wholly inside ``mask`` somewhere (else :func:`score_phase`
+    refuses it: no SSIM can be computed)."""
+    return bool(_erode(np.asarray(mask, dtype=bool), SSIM_RADIUS).any())
+
+
 def ssim_map(x: np.ndarray, y: np.ndarray, data_range: float) -> np.ndarray:
     """Local SSIM of two images (same shape) with a Gaussian window."""
     if data_range <= 0:

@@ -633,6 +633,15 @@ def settings_from_args(args: argparse.Namespace) -> ScanSettings:
 
 
 def main(args: argparse.Namespace) -> int:
+    """``edge-ptychonn simulate``; a SIGTERM (a batch system's stop, ``kill``) stops it like Ctrl-C: no
+    half-written file is left behind, and the command ends with one line (exit 130)."""
+    from edge_ptychonn.cli import sigterm_interrupts
+
+    with sigterm_interrupts():
+        return _simulate(args)
+
+
+def _simulate(args: argparse.Namespace) -> int:
     try:
         settings = settings_from_args(args)
     except ValueError as exc:

@@ -163,6 +163,7 @@ def check_init_from(path: str | Path, model_config: ModelConfig | None = None) -
             layout = ModelConfig(**load_checkpoint(path)["model"])
         except TypeError as exc:
             raise ValueError(f"{path}: not a checkpoint of edge-ptychonn train ({exc})") from None
+        find_card(path)  # the card beside it, read at the end for the run's record: a malformed one fails now
     else:
         raise ValueError(f"init-from {path}: must be an exported ONNX PtychoNN (.onnx) or the <out>.pt of "
                          "edge-ptychonn train or finetune")
