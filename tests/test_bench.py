@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -237,7 +238,7 @@ def test_ratios_against_a_server_limited_ceiling_are_bounds():
     # the denominator only a lower bound: the true ratio can only be lower
     assert bench_report.bounded_ratio(0.944, False, True, ".2f") == "<= 0.94"
     assert bench_report.bounded_ratio(0.944, True, False, ".2f") == ">= 0.94"
-    assert bench_report.bounded_ratio(0.944, True, True, ".2f") == "? (0.94, both server-limited)"
+    assert bench_report.bounded_ratio(0.944, True, True, ".2f") == "? (0.94, both lower bounds)"
     assert bench_report.bounded_ratio(0.944, False, False, ".2f") == 0.944
     report = sample_report()
     report["ratios"][0].update(passthrough_server_limited=False, zero_server_limited=True)
@@ -647,7 +648,7 @@ def test_ratios_come_from_the_rates_each_sweep_kept_up_with(tmp_path, monkeypatc
     table = out[out.index("Ratios (measured in this run)"):].splitlines()
     cells = dict(zip([c.strip() for c in table[1].split("|")], [c.strip() for c in table[3].split("|")]))
     assert cells["best lossless fps"] == ">= 85 (server-limited)" and cells["pipeline/engine"] == ">= 0.85", cells
-    assert cells["ptychonn/passthrough"] == "? (1.000, both server-limited)", cells
+    assert cells["ptychonn/passthrough"] == "? (1.000, both lower bounds)", cells
 
 
 def test_the_ceilings_alone_time_no_engine(tmp_path, monkeypatch):
@@ -697,3 +698,168 @@ def test_ceiling_sweep_steps_down_from_a_server_limited_point_that_fell_behind(m
     assert points[-1].server_limited and not points[-1].sustained
     assert asked == [500.0, 333.3, 222.2, 277.8]  # down until one keeps up, then the bisection
     assert bench_pipeline.best_sustained(points).target_fps == 277.8
+
+
+def test_engine_auto_is_timed_as_the_engine_and_precision_it_chose():
+    """--pipeline-engine auto: the engine-alone rate of the pipeline's engine is timed with
+    engine 'auto' (before: a ValueError traceback, "'auto' ... has no class", from its SPEC)."""
+    from edge_ptychonn.model_card import default_model_path
+    from engines.base import PRECISIONS
+
+    peaks = {p: {"flops_per_s": 1e12} for p in ("fp32", "fp16", "bf16")}
+    results, skipped = bench_engine.bench_engines(default_model_path(), ["auto"], [1], {"auto": ("auto",)},
+                                                  0.01, 1e6, peaks, threads=[1])
+    assert not skipped and len(results) == 1, skipped
+    (r,) = results
+    assert r.engine.startswith("auto (") and r.engine != "auto (auto)" and r.precision in PRECISIONS, r
+    assert r.frames_per_s > 0 and r.peak_basis in ("fp32", "bf16", "fp16") and r.percent_of_peak > 0
+
+
+def test_the_frame_path_alone_keeps_pva_on_loopback(tmp_path, monkeypatch):
+    """The frame path publishes into a PVA server in the bench's own process: run without the
+    streaming parts (the engines-and-frame-path command of docs/benchmarks.md), it had no
+    loopback settings, and its server's beacons went out on every interface."""
+    from edge_ptychonn.tools import bench_frame_path
+    from edge_ptychonn.tools.processes import LOOPBACK_ENV
+
+    for name in LOOPBACK_ENV:
+        monkeypatch.setenv(name, "")  # a shell without them (restored after the test)
+    seen = {}
+
+    def measure(*args, **kwargs):
+        seen.update({name: os.environ.get(name) for name in LOOPBACK_ENV})
+        return {"stages_us": {}, "stages_sum_us": 0.0, "pipeline_us": 1.0, "passthrough_us": 1.0}
+
+    monkeypatch.setattr(bench_frame_path, "measure", measure)
+    args = bench.get_args_parser().parse_args([
+        "--skip", "warm,engine,pipeline,zero,passthrough", "--no-plots",
+        "--model", str(tiny_model(tmp_path / "tiny.onnx")), "--out", str(tmp_path / "out"),
+    ])
+    assert bench.main(args) == 0
+    assert seen == LOOPBACK_ENV
+
+
+def fake_streaming(monkeypatch, run_point):
+    """main() with the points of ``run_point`` and an engine-alone rate of 100 frames/s."""
+    monkeypatch.setattr(bench_pipeline, "run_point", run_point)
+    monkeypatch.setattr(bench.live, "use_loopback", lambda: {})
+    monkeypatch.setattr(bench.live, "loopback_multicast", lambda: (True, "on"))
+    monkeypatch.setattr(bench, "_engine_alone", lambda *args: 100.0)
+
+
+def test_an_interrupted_sweep_leaves_its_points_in_the_report(tmp_path, monkeypatch):
+    """Ctrl-C during the third point of a sweep: the two measured before are in report.json
+    (before: every point of the sweep cut short was left out, though its lines were printed)."""
+    asked = []
+
+    def run_point(settings, processor, n, rate, *args):
+        asked.append(rate)
+        if len(asked) == 3:
+            raise KeyboardInterrupt
+        return fake_point(rate, capacity=1e9)
+
+    fake_streaming(monkeypatch, run_point)
+    args = bench.get_args_parser().parse_args([
+        "--skip", "warm,engine,framepath,zero", "--consumers", "1", "--no-plots",
+        "--model", str(tiny_model(tmp_path / "tiny.onnx")), "--out", str(tmp_path / "out"),
+    ])
+    assert bench.main(args) == 130
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["interrupted"] and [p["target_fps"] for p in report["pipeline"]["points"]] == [60.0, 80.0]
+
+
+def test_a_rate_no_higher_one_fell_short_of_is_a_lower_bound(tmp_path, monkeypatch, capsys):
+    """--quick times one pipeline rate (0.3 x the engine alone) and one passthrough rate: both
+    kept up, so neither is the pipeline's limit (before: 'pipeline/engine 0.30', the fraction
+    offered, and the passthrough's first rate, printed as measured ceilings)."""
+    fake_streaming(monkeypatch, lambda s, processor, n, rate, *a: replace(fake_point(rate, 1e9), processor=processor))
+    args = bench.get_args_parser().parse_args([
+        "--quick", "--skip", "engine,framepath", "--no-plots",
+        "--model", str(tiny_model(tmp_path / "tiny.onnx")), "--out", str(tmp_path / "out"),
+    ])
+    assert bench.main(args) == 0
+    row = json.loads((tmp_path / "out" / "report.json").read_text())["ratios"][0]
+    assert row["ptychonn_fps"] == 30.0 and row["passthrough_fps"] == 200.0
+    assert row["ptychonn_lower_bound"] and row["passthrough_lower_bound"] and not row["passthrough_server_limited"]
+    out = capsys.readouterr().out
+    table = out[out.index("Ratios (measured in this run)"):].splitlines()
+    cells = dict(zip([c.strip() for c in table[1].split("|")], [c.strip() for c in table[3].split("|")]))
+    assert cells["best lossless fps"] == ">= 30 (top of the sweep)" and cells["pipeline/engine"] == ">= 0.30", cells
+    assert cells["passthrough fps"] == ">= 200 (top of the sweep)", cells
+    assert cells["ptychonn/passthrough"] == "? (0.150, both lower bounds)", cells
+
+
+def test_a_rate_a_higher_one_fell_short_of_is_the_limit():
+    kept, behind = fake_point(80.0, 85.0), fake_point(100.0, 85.0)  # 100 offered, 85 delivered
+    assert bench_pipeline.is_lower_bound([kept, behind], kept) is False
+    failed = replace(fake_point(100.0, 1e9), error="read the status of 0 of 1 consumers")
+    assert bench_pipeline.is_lower_bound([kept, failed], kept) is True  # an error says nothing of the rate
+    assert bench_pipeline.is_lower_bound([behind], None) is False
+    assert "[error, 0 s]" in bench_pipeline.describe(failed) and "LOSS" not in bench_pipeline.describe(failed)
+
+
+@pytest.mark.e2e
+def test_forked_consumers_that_fail_at_start_are_told_at_once(tmp_path):
+    """-nc 2 with a processor that fails at start: PvaPy's parent lives on, logging that no
+    statistics come (before: each such point waited the whole ready timeout, 90 s, and said
+    only that the consumers were not ready)."""
+    from channel_names import PREFIX
+
+    from edge_ptychonn.tools import processes as live
+
+    env = live.use_loopback()
+    procs = bench_pipeline.Procs()
+    argv = live.consumer_argv(f"{PREFIX}bwr:image", f"{PREFIX}bwr:out", 2, bench_pipeline.PTYCHONN,
+                              {"modelPath": str(tmp_path / "none.onnx")}, batch_updates=8)
+    try:
+        consumer = procs.start("consumer", argv, env, tmp_path)
+        t0 = time.monotonic()
+        error = bench_pipeline._wait_ready([f"{PREFIX}bwr:out:{i}:status" for i in (1, 2)], True, 60.0, [consumer])
+        took = time.monotonic() - t0
+        assert consumer.running()  # the parent, with no consumer left
+    finally:
+        procs.stop_all()
+    assert error == f"consumer: its consumers exited at start; log: {tmp_path / 'consumer.log'}" and took < 45, (error, took)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("n_consumers", [1, 2])
+def test_a_consumer_that_dies_during_a_point_is_named_in_its_error(tmp_path, monkeypatch, n_consumers):
+    """The consumer (of two, one of PvaPy's forked ones) killed once the first outputs are in
+    (before: the point's error said only 'read the status of 0 of 1 consumers' or '1 of 2',
+    nothing of why, nor where the log is)."""
+    import signal
+
+    from channel_names import PREFIX
+
+    from edge_ptychonn.tools import processes as live
+
+    killed = []
+    take = bench_pipeline.CpuSample.take.__func__
+
+    def take_and_kill(cls, consumer, server, n_out):  # called at the first output
+        if not killed and n_consumers == 1:
+            consumer.popen.kill()
+            consumer.popen.wait(10)
+            killed.append(consumer.pid)
+        elif not killed:
+            forked = live.child_pids(consumer.pid, zombies=False)
+            os.kill(forked[0], signal.SIGKILL)
+            assert live.wait_until(lambda: len(live.child_pids(consumer.pid, zombies=False)) == len(forked) - 1, 10)
+            killed.append(forked[0])
+        return take(cls, consumer, server, n_out)
+
+    monkeypatch.setattr(bench_pipeline.CpuSample, "take", classmethod(take_and_kill))
+    env = live.use_loopback()
+    procs = bench_pipeline.Procs()
+    settings = bench_pipeline.PipelineSettings(model_path=tmp_path / "unused.onnx", duration_s=3.0)
+    try:
+        r = bench_pipeline.run_point(settings, "passthrough", n_consumers, 25.0, bench_pipeline.make_frames(8, (32, 32)),
+                                     tmp_path, env, procs, f"{PREFIX}die{n_consumers}", 12.0)
+    finally:
+        procs.stop_all()
+    assert killed, r.error
+    log = tmp_path / "logs" / f"{PREFIX}die{n_consumers}" / "consumer.log"
+    told = "consumer exited during the point (code -9)" if n_consumers == 1 else "1 of 2 consumers exited during the point"
+    assert r.error == f"{told}; log: {log}", r.error
+    assert not r.sustained and "[error," in bench_pipeline.describe(r)

@@ -333,8 +333,9 @@ def main(args: argparse.Namespace) -> int:
         )
         needs_pva = {"warm", "pipeline", "zero", "passthrough"} - set(args.skip)
         env = None
-        if needs_pva:
+        if needs_pva or "framepath" not in args.skip:  # the frame path runs a PVA server in this process
             env = live.use_loopback()
+        if needs_pva:
             ok, reason = live.loopback_multicast()
             report["machine"]["loopback_multicast"] = reason
             if not ok:
@@ -389,35 +390,37 @@ def main(args: argparse.Namespace) -> int:
                        "pipeline_over_engine": None, "zero_fps": None, "passthrough_fps": None,
                        "ptychonn_over_passthrough": None, "zero_over_passthrough": None,
                        "ptychonn_server_limited": None, "passthrough_server_limited": None,
-                       "zero_server_limited": None}
+                       "zero_server_limited": None, "ptychonn_lower_bound": None,
+                       "passthrough_lower_bound": None, "zero_lower_bound": None}
                 ratios.append(row)
                 if "pipeline" not in args.skip:
                     progress.stage(f"pipeline: {n} PtychoNN consumer(s), {settings.engine} {settings.precision} batch {settings.batch}")
                     rates = [round(f * engine_alone, 1) for f in args.rate_fractions] if engine_alone else []
-                    points = bp.sweep(settings, "ptychonn", n, rates, base_frames, out_dir, env, procs,
-                                      args.stop_after, args.refine, progress, delay, extend=args.extend, down=args.down)
-                    report["pipeline"]["points"] += [p.to_dict() for p in points]
+                    points = _swept(report, lambda into: bp.sweep(
+                        settings, "ptychonn", n, rates, base_frames, out_dir, env, procs, args.stop_after, args.refine,
+                        progress, delay, extend=args.extend, down=args.down, into=into))
                     best = bp.best_sustained(points)
                     if best:
                         row["ptychonn_fps"] = best.kept_up_fps
                         row["pipeline_over_engine"] = best.kept_up_fps / engine_alone
                     # the server could not offer more: the highest lossless rate is at least that
                     row["ptychonn_server_limited"] = any(p.server_limited and p.sustained for p in points)
+                    row["ptychonn_lower_bound"] = bp.is_lower_bound(points, best)
                 for processor, title in (("zero", "zero-cost engine (the frame path alone)"),
                                          ("passthrough", "passthrough (transport ceiling)")):
                     if processor in args.skip:
                         continue
                     progress.stage(f"{title}: {n} consumer(s), climbing from {args.ceiling_start:.0f} fps")
-                    points = bp.ceiling_sweep(
+                    points = _swept(report, lambda into: bp.ceiling_sweep(
                         settings, processor, n, args.ceiling_start, base_frames, out_dir, env, procs,
                         factor=args.ceiling_factor, max_points=args.ceiling_points, refine=args.refine,
-                        progress=progress, delay=delay, down=args.down,
-                    )
-                    report["pipeline"]["points"] += [p.to_dict() for p in points]
+                        progress=progress, delay=delay, down=args.down, into=into,
+                    ))
                     best = bp.best_sustained(points)
                     row[f"{processor}_fps"] = best.kept_up_fps if best else None
                     # the server could not offer more: the ceiling is at least that rate
                     row[f"{processor}_server_limited"] = any(p.server_limited and p.sustained for p in points)
+                    row[f"{processor}_lower_bound"] = bp.is_lower_bound(points, best)
                 if row["passthrough_fps"]:
                     for key in ("ptychonn", "zero"):
                         if row[f"{key}_fps"]:
@@ -440,6 +443,18 @@ def main(args: argparse.Namespace) -> int:
     print(br.summary_text(report))
     print(f"\nreport: {out_dir / 'report.json'}")
     return 130 if report.get("interrupted") else 0
+
+
+def _swept(report: dict, run) -> list:
+    """The points of ``run(into)``, a sweep that appends each point to ``into`` as it is
+    measured, added to the report; a sweep cut short (Ctrl-C, SIGTERM) leaves those it measured."""
+    measured: list = []
+    points = None
+    try:
+        points = run(measured)
+    finally:
+        report["pipeline"]["points"] += [p.to_dict() for p in (measured if points is None else points)]
+    return points
 
 
 def _precisions(args) -> dict[str, tuple[str, ...]]:

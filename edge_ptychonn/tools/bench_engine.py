@@ -309,16 +309,20 @@ def bench_engines(
                 progress(f"engine {label}: skipped ({reason})")
             continue
         try:
+            # 'auto' stands for the engine and precision it chose: those declare what is native
+            ran, ran_precision = (engine.name, engine.precision) if name == "auto" else (name, precision)
+            shown = f"auto ({ran})" if name == "auto" else name
+            label = label.replace(f"{name} {precision} ", f"{shown} {ran_precision} ", 1)
             on_cpu = engine.device.startswith("cpu")
-            emulated = on_cpu and not registry.spec(name).native_on_cpu(precision)
+            emulated = on_cpu and not registry.spec(ran).native_on_cpu(ran_precision)
             # a share of the peak only for engines that do the model's arithmetic (not the zero-cost stand-in)
-            basis = (("fp32" if emulated or precision == "tf32" else precision)
-                     if on_cpu and registry.spec(name).computes_model else None)
+            basis = (("fp32" if emulated or ran_precision == "tf32" else ran_precision)
+                     if on_cpu and registry.spec(ran).computes_model else None)
             for batch in batches:
                 fps, ms, n = time_engine(engine, batch, seconds, rng, repeats)
                 peak = peaks.get(basis, {}).get("flops_per_s") if basis else None
                 pct = 100.0 * fps * flops_per_frame / peak if peak else None
-                results.append(EngineResult(name, engine.device, precision, n_threads, batch, fps, ms, n, pct,
+                results.append(EngineResult(shown, engine.device, ran_precision, n_threads, batch, fps, ms, n, pct,
                                             emulated, basis, n_workers))
                 if progress:
                     pct_text = f", {pct:.1f} % of {basis} peak" if pct is not None else ""

@@ -179,12 +179,22 @@ PROCESSORS = {"ptychonn": (PTYCHONN, None), "zero": (PTYCHONN, "zero"), "passthr
 
 
 def _wait_ready(status_channels: list[str], need_engine: bool, timeout_s: float, procs: list) -> str | None:
-    """None once every consumer's status says it is ready; else the reason it is not."""
+    """None once every consumer's status says it is ready; else the reason it is not.
+
+    With several consumers (``-nc N``) PvaPy forks them and its parent lives on when they
+    all fail at start (it only logs that no statistics come): that is told at once, not
+    after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
+    forked = set()  # the pids of the procs seen with their forked consumers
     while time.monotonic() < deadline:
         for proc in procs:
             if not proc.running():
                 return f"{proc.name} exited early (code {proc.popen.returncode}); log: {proc.log_path}"
+            if len(status_channels) > 1 and Path("/proc").is_dir():
+                if live.child_pids(proc.pid, zombies=False):
+                    forked.add(proc.pid)
+                elif proc.pid in forked or "Traceback" in proc.log():  # also when they died before a look
+                    return f"{proc.name}: its consumers exited at start; log: {proc.log_path}"
         statuses = [live.read_status(c, timeout_s=1.0) for c in status_channels]
         if all(s is not None for s in statuses):
             if not need_engine or all(s.get("userStats", {}).get("engine") for s in statuses):
@@ -267,6 +277,11 @@ def run_point(
             time.sleep(1.3)  # one status report period, so the statistics include the last frames
             statuses = [live.read_status(f"{out_prefix}:{i}:status") for i in ids]
     finally:
+        # consumers that died during the point (before they are stopped here): the group itself,
+        # or, with -nc N, forked ones (PvaPy's parent leaves them unreaped until it stops)
+        exited = consumer.popen.poll()
+        n_exited = (len(live.child_pids(consumer.pid)) - len(live.child_pids(consumer.pid, zombies=False))
+                    if exited is None and n_consumers > 1 and Path("/proc").is_dir() else 0)
         if collector is not None:
             collector.close()
         procs.stop(server)
@@ -300,8 +315,12 @@ def run_point(
     during = [u for u in (s.get("userStats", {}) for s in flowing if s) if u.get("latencyP99Ms", 0.0) > 0] or user
     p50 = max((u.get("latencyP50Ms", 0.0) for u in during), default=None) if is_ptychonn else None
     p99 = max((u.get("latencyP99Ms", 0.0) for u in during), default=None) if is_ptychonn else None
+    if error is None and exited is not None:
+        error = f"{consumer.name} exited during the point (code {exited}); log: {consumer.log_path}"
+    if error is None and n_exited:
+        error = f"{n_exited} of {n_consumers} consumers exited during the point; log: {consumer.log_path}"
     if error is None and len(ok) < n_consumers:
-        error = f"read the status of {len(ok)} of {n_consumers} consumers"
+        error = f"read the status of {len(ok)} of {n_consumers} consumers; log: {consumer.log_path}"
     return PointResult(
         processor=processor, n_consumers=n_consumers, target_fps=float(target_fps), offered_fps=offered_fps,
         n_offered=n_offered, n_received=len(received), n_unique=len(unique), n_lost=n_offered - len(unique),
@@ -409,19 +428,22 @@ def _measure(settings, processor, n_consumers, rate, base_frames, work_dir, env,
 def sweep(
     settings: PipelineSettings, processor: str, n_consumers: int, rates: list[float], base_frames: np.ndarray,
     work_dir: Path, env: dict, procs: Procs, stop_after: int = 2, refine: int = 1, progress=None,
-    delay: StartDelay | None = None, extend: int = 0, down: int = 4,
+    delay: StartDelay | None = None, extend: int = 0, down: int = 4, into: list | None = None,
 ) -> list[PointResult]:
     """Points at increasing offered rates, stopping after ``stop_after`` unsustained
     ones, or at a server-limited one (a higher target measures the server again); while
     the highest still keeps up, up to ``extend`` more at x1.2 each; when none kept up, up
     to ``down`` more at /1.5 each until one does; then ``refine`` bisections between the
-    best sustained rate and the next."""
+    best sustained rate and the next. ``into`` gets each point as it is measured."""
     delay = delay or StartDelay(settings.start_delay_s)
     results: list[PointResult] = []
 
     def point(rate: float) -> PointResult:
-        return _measure(settings, processor, n_consumers, rate, base_frames, work_dir, env, procs, delay,
-                        results, progress)
+        r = _measure(settings, processor, n_consumers, rate, base_frames, work_dir, env, procs, delay,
+                     results, progress)
+        if into is not None:
+            into.append(r)
+        return r
 
     failed = 0
     for rate in sorted(rates, key=lambda r: r or float("inf")):  # 0 (server maximum) last
@@ -456,19 +478,23 @@ def sweep(
 def ceiling_sweep(
     settings: PipelineSettings, processor: str, n_consumers: int, start_fps: float, base_frames: np.ndarray,
     work_dir: Path, env: dict, procs: Procs, factor: float = 1.5, max_points: int = 8, refine: int = 2,
-    progress=None, delay: StartDelay | None = None, down: int = 3,
+    progress=None, delay: StartDelay | None = None, down: int = 3, into: list | None = None,
 ) -> list[PointResult]:
     """The highest sustained rate, found from below: ``start_fps``, then x ``factor`` while
     each point is sustained (at most ``max_points``); if the first is not, /``factor``
     up to ``down`` times until one is; then ``refine`` bisections between the best
     sustained rate and the first one above it that was not. A server-limited point
-    ends the climb (the ceiling is then at least that rate)."""
+    ends the climb (the ceiling is then at least that rate). ``into`` gets each point
+    as it is measured."""
     delay = delay or StartDelay(settings.start_delay_s)
     results: list[PointResult] = []
 
     def point(rate: float) -> PointResult:
-        return _measure(settings, processor, n_consumers, round(rate, 1), base_frames, work_dir, env, procs, delay,
-                        results, progress)
+        r = _measure(settings, processor, n_consumers, round(rate, 1), base_frames, work_dir, env, procs, delay,
+                     results, progress)
+        if into is not None:
+            into.append(r)
+        return r
 
     rate = start_fps
     r = point(rate)
@@ -501,6 +527,15 @@ def best_sustained(results: list[PointResult]) -> PointResult | None:
     return max(good, key=lambda r: r.kept_up_fps) if good else None
 
 
+def is_lower_bound(results: list[PointResult], best: PointResult | None) -> bool:
+    """Whether ``best`` (of :func:`best_sustained`) gives only a lower bound of what the
+    pipeline sustains: no point at a higher target fell short of keeping up (without an
+    error, which says nothing of the rate): the sweep ended, or the server could offer no
+    more, before one did."""
+    return best is not None and not any(
+        not r.sustained and r.error is None and r.target_fps > best.target_fps for r in results)
+
+
 def _us(value: float | None) -> str:
     return "?" if value is None else f"{value:.0f} us"
 
@@ -508,7 +543,8 @@ def _us(value: float | None) -> str:
 def describe(r: PointResult) -> str:
     lat = f", latency p50/p99 {r.latency_p50_ms:.0f}/{r.latency_p99_ms:.0f} ms" if r.latency_p99_ms is not None else ""
     e2e = f", end-to-end p99 {r.e2e_p99_ms:.0f} ms" if r.e2e_p99_ms is not None else ""
-    state = "sustained" if r.sustained else ("lossless, falling behind" if r.lossless else "LOSS")
+    state = "sustained" if r.sustained else ("lossless, falling behind" if r.lossless else
+                                             ("error" if r.error else "LOSS"))
     if r.server_limited:
         state += ", server-limited"
     split = ""

@@ -87,19 +87,29 @@ def pipeline_table(report: dict) -> str:
     )
 
 
-def _at_least(fps, server_limited: bool):
-    """A ceiling, shown as ``>= N (server-limited)`` when the server could not offer more."""
-    return f">= {fps:.0f} (server-limited)" if fps is not None and server_limited else fps
+def _at_least(fps, server_limited: bool, lower_bound: bool = False):
+    """A ceiling, shown as ``>= N (server-limited)`` when the server could not offer more,
+    ``>= N (top of the sweep)`` when no higher rate was found that it fell short of."""
+    if fps is None or not (server_limited or lower_bound):
+        return fps
+    return f">= {fps:.0f} ({'server-limited' if server_limited else 'top of the sweep'})"
+
+
+def _bounds(row: dict, key: str) -> tuple[bool, bool]:
+    """(server-limited, only a lower bound) of one sweep's rate in a ratio row (reports
+    written before the second flag have the first alone)."""
+    server_limited = bool(row.get(f"{key}_server_limited"))
+    return server_limited, server_limited or bool(row.get(f"{key}_lower_bound"))
 
 
 def bounded_ratio(ratio, numerator_limited: bool, denominator_limited: bool, spec: str):
-    """A ratio of two ceilings, either of which may be only a lower bound (server-limited):
-    ``<= r`` when only the denominator is (the true ratio can only be lower), ``>= r`` when only
-    the numerator is, ``? (both server-limited)`` when both are."""
+    """A ratio of two ceilings, either of which may be only a lower bound (server-limited, or
+    the top of its sweep): ``<= r`` when only the denominator is (the true ratio can only be
+    lower), ``>= r`` when only the numerator is, ``? (both lower bounds)`` when both are."""
     if ratio is None:
         return None
     if numerator_limited and denominator_limited:
-        return f"? ({ratio:{spec}}, both server-limited)"
+        return f"? ({ratio:{spec}}, both lower bounds)"
     if denominator_limited:
         return f"<= {ratio:{spec}}"
     if numerator_limited:
@@ -110,11 +120,13 @@ def bounded_ratio(ratio, numerator_limited: bool, denominator_limited: bool, spe
 def summary_table(report: dict) -> str:
     rows = []
     for s in report.get("ratios", []):
-        pass_limited, zero_limited = bool(s.get("passthrough_server_limited")), bool(s.get("zero_server_limited"))
-        ptychonn_limited = bool(s.get("ptychonn_server_limited"))
-        rows.append([s["n_consumers"], s["engine_alone_fps"], _at_least(s["ptychonn_fps"], ptychonn_limited),
+        (ptychonn_server, ptychonn_limited), (zero_server, zero_limited), (pass_server, pass_limited) = (
+            _bounds(s, key) for key in ("ptychonn", "zero", "passthrough"))
+        rows.append([s["n_consumers"], s["engine_alone_fps"],
+                     _at_least(s["ptychonn_fps"], ptychonn_server, ptychonn_limited),
                      bounded_ratio(s["pipeline_over_engine"], ptychonn_limited, False, ".2f"),
-                     _at_least(s.get("zero_fps"), zero_limited), _at_least(s["passthrough_fps"], pass_limited),
+                     _at_least(s.get("zero_fps"), zero_server, zero_limited),
+                     _at_least(s["passthrough_fps"], pass_server, pass_limited),
                      bounded_ratio(s["ptychonn_over_passthrough"], ptychonn_limited, pass_limited, ".3f"),
                      bounded_ratio(s.get("zero_over_passthrough"), zero_limited, pass_limited, ".2f")])
     return table(
