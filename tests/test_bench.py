@@ -310,7 +310,7 @@ def test_unknown_part_is_an_error(capsys):
     ("--peak-seconds", "0", "must be finite and > 0"),
     ("--engine-repeats", "0", "must be >= 1"),
     ("--duration", "nan", "must be finite and > 0"),  # before: accepted (a NaN stream length)
-    ("--ceiling-start", "inf", "must be finite and > 0"),
+    ("--ceiling-start", "inf", "must be finite and >= 1"),
     ("--ceiling-points", "0", "must be >= 1"),
     ("--max-frames", "0", "must be >= 2"),
     ("--server-queue-size", "-1", "must be >= 0"),
@@ -322,7 +322,7 @@ def test_unknown_part_is_an_error(capsys):
     ("--precisions", "fp64", "unknown precision(s) ['fp64']; known: fp32, tf32, fp16, bf16"),  # before: nothing timed
     ("--ceiling-factor", "0", "must be finite and > 1"),  # before: ZeroDivisionError stepping down
     ("--ceiling-factor", "1", "must be finite and > 1"),  # before: a climb that never climbs
-    ("--ceiling-start", "0", "must be finite and > 0"),
+    ("--ceiling-start", "0.01", "must be finite and >= 1"),  # before: rounded to a target of 0, the server's top speed
     ("--stop-after", "0", "must be >= 1"),  # before: every sweep stopped after its first point
 ])
 def test_bad_options_are_one_line_errors(capsys, option, value, message):

@@ -175,7 +175,7 @@ def get_args_parser(prog: str = "edge-ptychonn bench") -> argparse.ArgumentParse
     g.add_argument("--consumers", type=_ints, default=None, help="consumer counts N (default: 1, 2, and more with more cores)")
     g.add_argument("--rate-fractions", type=_floats, default=[0.6, 0.8, 0.9, 1.0, 1.1],
                    help="offered rates as fractions of the engine-alone rate of the pipeline's engine, precision and batch")
-    g.add_argument("--ceiling-start", type=_number(float, 0, above=True), default=500.0,
+    g.add_argument("--ceiling-start", type=_number(float, 1), default=500.0,
                    help="first offered rate (frames/s) of the zero-cost and passthrough sweeps, which climb from there")
     g.add_argument("--ceiling-factor", type=_number(float, 1, above=True), default=1.5, help="rate step of those sweeps (x up, / down)")
     g.add_argument("--ceiling-points", type=_number(int, 1), default=8, help="points of a climb at most (before bisection)")
