@@ -478,3 +478,81 @@ def test_configure_takes_its_options_between_the_channel_and_the_pairs():
     assert (args.channel, args.changes, args.timeout) == ("inference:1:control", ["modelPath=new.onnx", "offset=0"], 10.0)
     args = get_args_parser().parse_args(["c", "a=1", "--timeout", "2.5", "b=2"])
     assert (args.changes, args.timeout) == (["a=1", "b=2"], 2.5)
+
+
+def test_configure_refuses_a_key_given_twice(capsys):
+    """Before: ``batchTimeout=0.2 batchTimeout=2`` sent only the last value, without a word."""
+    assert cli.main(["configure", "inference:1:control", "batchTimeout=0.2", "batchTimeout=2"]) == 2
+    _one_line(capsys.readouterr().err, "edge-ptychonn configure: batchTimeout is given twice; give each key once")
+
+
+@pytest.mark.e2e
+def test_configure_on_a_channel_that_is_no_control_channel_is_one_line(pva_env, procs, tmp_path, capsys):
+    """A detector (or status, or output) channel given for the control channel. Before: "no answer
+    from ...:" and a page of PvaPy's structure dump ("no fields from the following request were
+    found", "structure field", ...)."""
+    from channel_names import PREFIX
+    from edge_ptychonn.tools.processes import read_status, start, tool_path, wait_until
+
+    np.save(tmp_path / "frames.npy", np.zeros((4, 8, 8), np.int16))
+    channel = f"{PREFIX}:cfgdet:image"
+    start("sim", [tool_path("pvapy-ad-sim-server"), "-dc", "-if", str(tmp_path / "frames.npy"), "-cn", channel,
+                  "-fps", "1", "-rt", "120"], pva_env, tmp_path, into=procs)
+    assert wait_until(lambda: read_status(channel, 1.0), 60), "the sim server's channel did not appear"
+    assert cli.main(["configure", channel, "batchTimeout=0.2"]) == 2
+    _one_line(capsys.readouterr().err, f"edge-ptychonn configure: {channel} is not a consumer's control channel")
+
+
+# a processor whose consumer 2 dies as it starts (a crash in its engine); consumer 1 runs on
+CRASHING_SECOND = """
+import os
+from pvapy.hpc.userDataProcessor import UserDataProcessor
+
+
+class SecondCrashes(UserDataProcessor):
+    def __init__(self, configDict={}):
+        super().__init__(configDict)
+        self.consumer_id = configDict.get("processorId")
+
+    def start(self):
+        if self.consumer_id == 2:
+            os._exit(3)
+
+    def process(self, pv):
+        return pv
+"""
+
+
+@pytest.mark.e2e
+def test_consumer_reports_a_forked_consumer_that_crashed_when_stopped(pva_env, tmp_path):
+    """One of two forked consumers crashes, the other runs on; then SIGTERM. Before: the watch for
+    consumers that all exited fired in the middle of PvaPy's stop (by then both had exited), cut it
+    short ("edge-ptychonn consumer: interrupted", no final statistics, exit status 130); had it not,
+    the parent exited with 0 as if nothing had failed."""
+    import os
+    import signal
+
+    from channel_names import PREFIX
+    from edge_ptychonn.tools.processes import child_pids, read_status, wait_until
+
+    (tmp_path / "second_crashes.py").write_text(CRASHING_SECOND)
+    channel = f"{PREFIX}:crash2"
+    env = {**pva_env, "PYTHONPATH": os.pathsep.join([str(tmp_path), pva_env.get("PYTHONPATH", "")])}
+    consumer = subprocess.Popen(
+        [sys.executable, "-m", "edge_ptychonn.cli", "consumer", "-ic", f"{channel}:image", "-nc", "2",
+         "-sc", f"{channel}:*:status", "-pc", "second_crashes.SecondCrashes", "-rp", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
+        cwd=Path(cli.__file__).parent.parent)
+    try:
+        assert wait_until(lambda: read_status(f"{channel}:1:status", 1.0), 60), "consumer 1 never answered"
+        assert wait_until(lambda: len(child_pids(consumer.pid, zombies=False)) == 1, 30), "consumer 2 did not die"
+        os.kill(consumer.pid, signal.SIGTERM)
+        out, err = consumer.communicate(timeout=60)
+    finally:
+        if consumer.poll() is None:
+            os.killpg(consumer.pid, signal.SIGKILL)
+            consumer.wait(30)
+    assert consumer.returncode == 1, err[-3000:]
+    assert "interrupted" not in err and "Combined System Stats" in out, out[-2000:] + err[-2000:]
+    assert err.strip().splitlines()[-1] == ("edge-ptychonn consumer: 1 of the 2 consumers failed while the others "
+                                            "ran on (exit statuses 3); their errors are above"), err[-3000:]

@@ -54,8 +54,8 @@ def test_demo_runs_the_chain_and_leaves_a_picture_of_the_stitched_phase(pva_env,
 def test_demo_sh_takes_relative_paths_from_where_it_is_called(tmp_path):
     """``bash scripts/demo.sh --scan scan.npy --out out`` run beside scan.npy replays that scan
     into ./out. Before: the script ran the demo in the repository's folder ("scan scan.npy not
-    found"; a relative --out landed in the repository). Stopped here by an unknown engine,
-    which is checked once the scan is found."""
+    found"; a relative --out landed in the repository). Stopped here by a scan of one frame,
+    which is refused once the scan is found."""
     import hashlib
     import subprocess
 
@@ -64,11 +64,11 @@ def test_demo_sh_takes_relative_paths_from_where_it_is_called(tmp_path):
     if pins != hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest() or \
             not {"torch", "codecs", "hdf5"} <= set(extras.split(",")):
         pytest.skip("demo.sh would first install its extras into .venv")
-    np.save(tmp_path / "scan.npy", np.zeros((2, 8, 8), np.int16))
-    done = subprocess.run(["bash", str(ROOT / "scripts" / "demo.sh"), "--scan", "scan.npy", "--out", "out",
-                           "--engine", "warp"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    np.save(tmp_path / "scan.npy", np.zeros((1, 8, 8), np.int16))
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "demo.sh"), "--scan", "scan.npy", "--out", "out"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stdout + done.stderr
-    assert "edge-ptychonn demo: [inference.args] unknown engine 'warp'" in done.stderr, done.stderr
+    assert "edge-ptychonn demo: --scan 'scan.npy' must hold frames (n >= 2" in done.stderr, done.stderr
 
 
 @pytest.mark.parametrize("option", [["--timeout", "-20"], ["--start-delay", "-5"], ["--timeout", "nan"],
@@ -142,6 +142,8 @@ def test_a_model_that_is_not_onnx_or_a_rate_that_is_not_finite_is_one_line_befor
     (["--model", "MISSING"], "is not a readable ONNX model"),
     (["--engine", "warp"], "unknown engine 'warp'"),
     (["--cpu-threads", "-1"], "--cpu-threads >= 0"),
+    (["--cpu-threads", "5000"], "--cpu-threads must be an integer 0..1024, got 5000"),  # before: a consumer that
+    # could not start, and a soak that ran its whole time without it
     (["--minutes", "nan"], "--minutes, --every and --fps must be finite numbers > 0"),
     (["--minutes", "inf"], "--minutes, --every and --fps must be finite numbers > 0"),
     (["--fps", "-5"], "--minutes, --every and --fps must be finite numbers > 0"),
@@ -162,3 +164,105 @@ def test_soak_refuses_bad_options_in_one_line_before_it_starts_anything(tmp_path
     assert soak.main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("edge-ptychonn soak: ") and message in err and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--batch-size", "1000"], "--batch-size must be an integer 1..256, got 1000"),
+    (["--batch-size", "0"], "--batch-size must be an integer 1..256, got 0"),
+    (["--cpu-threads", "-1"], "--cpu-threads must be an integer 0..1024, got -1"),
+    (["--consumers", "65"], "--consumers must be 1..64"),
+    (["--engine", "warp"], "--engine: unknown engine 'warp'"),
+    (["--prefix", "a*b"], "--prefix must be a channel name without '*'"),
+    (["--channel", ""], "--channel must be a channel name without '*'"),
+    (["--channel", "demo:inference:1:image"], "--channel 'demo:inference:1:image' is among the demo's own channels"),
+    (["--scan", "ONE"], "--scan 'ONE' must hold frames (n >= 2, height, width)"),
+    (["--scan", "MODEL"], "--scan 'MODEL' is not a NumPy .npy file"),
+    (["--scan", "SCAN"], "--scan SCAN has no scan.npz beside it: the stitcher needs the scan's positions"),
+])
+def test_options_the_chain_refuses_are_refused_in_the_demos_own_names_before_anything(
+        tmp_path, capsys, monkeypatch, option, message):
+    """Before: "[inference.args] batchSize must be an integer 1..256", "[inference] prefix 'a*b:inference'",
+    "[source] scan ...": the launcher's file keys, which the demo's user never wrote; --batch-size
+    1000 and --engine warp were refused only after the held-out scan had been simulated."""
+    np.save(tmp_path / "scan.npy", np.zeros((2, 8, 8), np.int16))
+    np.save(tmp_path / "one.npy", np.zeros((1, 8, 8), np.int16))
+    paths = {"ONE": str(tmp_path / "one.npy"), "MODEL": str(MODEL), "SCAN": str(tmp_path / "scan.npy")}
+    monkeypatch.setattr(demo.launch, "run", lambda *a, **k: pytest.fail("the chain was started"))
+    monkeypatch.setattr(demo, "ensure_scan", lambda scan, card: pytest.fail("a scan was simulated")) \
+        if "--scan" not in option else None
+    args = demo.get_args_parser().parse_args(["--out", str(tmp_path / "out"), *[paths.get(o, o) for o in option]])
+    assert demo.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("edge-ptychonn demo: ") and len(err.splitlines()) == 1, err
+    assert message.replace("ONE", paths["ONE"]).replace("MODEL", paths["MODEL"]).replace("SCAN", paths["SCAN"], 1) in err, err
+    assert "[" not in err, err  # no table of the launcher's file
+
+
+def test_no_hint_to_view_the_channels_after_ctrl_c(tmp_path, capsys, monkeypatch):
+    """Ctrl-C (or SIGTERM, SIGHUP) stops the chain: there is nothing left to view. Before: the demo
+    printed "View the channels live next time with: ..." after the interruption all the same."""
+    np.save(tmp_path / "scan.npy", np.zeros((2, 8, 8), np.int16))
+    np.savez(tmp_path / "scan.npz", positions_px=np.zeros((2, 2)))
+    args = demo.get_args_parser().parse_args(["--scan", str(tmp_path / "scan.npy"), "--out", str(tmp_path / "out")])
+    monkeypatch.setattr(demo.launch, "run", lambda *a, **k: 130)
+    assert demo.main(args) == 130
+    assert "View the channels" not in capsys.readouterr().out
+    monkeypatch.setattr(demo.launch, "run", lambda *a, **k: 0)  # a run to its end: the hint
+    assert demo.main(args) == 0
+    assert "View the channels live next time with: bash scripts/view.sh" in capsys.readouterr().out
+
+
+def _soak_stopped_at_start(monkeypatch):
+    """soak's processes.start: stops the soak (as Ctrl-C would) at its first process, recording argv."""
+    from edge_ptychonn.tools import processes
+
+    started = []
+
+    def start(name, argv, *a, **k):
+        started.append((name, argv))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(processes, "start", start)
+    monkeypatch.setattr(processes, "loopback_multicast", lambda: (True, "on"))
+    return started
+
+
+@pytest.mark.parametrize("where", ["file/x.json", "file/deeper/x.json", "folder"])
+def test_soak_refuses_a_json_file_it_could_not_write_before_it_starts(tmp_path, capsys, monkeypatch, where):
+    """Before: --json under a file (or naming a folder) failed only once the whole run was over,
+    and its figures were lost with it."""
+    from edge_ptychonn.tools import soak
+
+    started = _soak_stopped_at_start(monkeypatch)
+    (tmp_path / "file").write_text("")
+    (tmp_path / "folder").mkdir()
+    args = soak.get_args_parser().parse_args(["--fps", "10", "--minutes", "0.01", "--json", str(tmp_path / where)])
+    assert soak.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"edge-ptychonn soak: --json {tmp_path / where}") and len(err.splitlines()) == 1, err
+    assert started == []
+
+
+def test_soak_makes_the_folders_of_its_json_file_before_it_starts(tmp_path, monkeypatch):
+    """Before: a --json in a folder that did not exist yet failed after the run ("No such file or
+    directory"), its figures lost."""
+    from edge_ptychonn.tools import soak
+
+    started = _soak_stopped_at_start(monkeypatch)
+    target = tmp_path / "new" / "deeper" / "soak.json"
+    args = soak.get_args_parser().parse_args(["--fps", "10", "--minutes", "0.01", "--json", str(target)])
+    assert soak.main(args) == 130 and started  # stopped as it started its first process
+    assert target.parent.is_dir() and not target.exists()  # the folder made; no file before the figures
+
+
+def test_soak_longer_than_an_hour_keeps_its_consumers_to_the_end(monkeypatch):
+    """Before: the consumers were started with PvaPy's runtime of an hour (-rt 3600), so a soak of
+    90 minutes lost every frame of its last half hour to consumers that had stopped by themselves."""
+    from edge_ptychonn.tools import soak
+
+    started = _soak_stopped_at_start(monkeypatch)
+    args = soak.get_args_parser().parse_args(["--fps", "10", "--minutes", "90"])
+    assert soak.main(args) == 130
+    [(name, argv)] = started
+    runtime = float(argv[argv.index("-rt") + 1])
+    assert name == "consumers" and (runtime <= 0 or runtime >= 90 * 60 + 60), argv

@@ -857,3 +857,88 @@ def test_frames_appended_but_not_yet_flushed_count_as_written(tmp_path):
     snap = Snapshot([_record(3), _record(2)], None, writers)
     assert snap.written() == 5 and launch.frames_lost(cfg, snap, 5) == 0
     assert snap.taken(cfg) == 5
+
+
+# pvapy-hpc-consumer -nc 2 as far as the launcher sees it: a parent with two forked consumers, one of
+# which crashes (exit status 3, its traceback in the log); on Ctrl-C the parent stops the other and
+# exits with 0 whatever became of them, as PvaPy's does
+FORKING_PARENT = """
+import os, signal, sys, time
+kids = []
+for crash in (False, True):
+    pid = os.fork()
+    if pid == 0:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if crash:
+            print("Process Process-2:\\nTraceback (most recent call last):\\nRuntimeError: the engine died", flush=True)
+            os._exit(3)
+        time.sleep(120)
+        os._exit(0)
+    kids.append(pid)
+try:
+    time.sleep(120)
+except KeyboardInterrupt:
+    os.kill(kids[0], signal.SIGKILL)
+    for pid in kids:
+        os.waitpid(pid, 0)
+    sys.exit(0)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="forked consumers are watched through /proc")
+@pytest.mark.parametrize("seen_while_watching", [True, False])
+def test_a_forked_consumer_that_crashed_is_reported_not_a_clean_exit(tmp_path, monkeypatch, capsys,
+                                                                     seen_while_watching):
+    """One of two forked consumers crashes; PvaPy's parent exits with 0 when stopped. Before: the
+    launcher said "stopped inference ... exit 0" and exited with 0 (a detector chain: no frame
+    counted lost), and a crash after its last look was not reported at all."""
+    cfg = load(tmp_path, f'log_dir = "{tmp_path / "logs"}"\ntimeout_s = 1.5\n'
+               + MINIMAL.replace("consumers = 3", "consumers = 2"))
+
+    def start(self):
+        parent = self._start("inference", [sys.executable, "-c", FORKING_PARENT])
+        assert wait_until(lambda: list(live.exit_statuses(parent.pid).values()) == [3], 30), parent.log()
+
+    monkeypatch.setattr(launch.Chain, "start", start)
+    monkeypatch.setattr(launch.Chain, "snapshot", lambda self: Snapshot([None, None], None, []))
+    if not seen_while_watching:  # the crash comes after the launcher's last look
+        monkeypatch.setattr(launch.Chain, "watch", lambda self: self.snapshot())
+    assert launch.run(cfg) == 1
+    out = capsys.readouterr().out
+    assert "1 of the 2 inference consumers exited (the others go on, exit status 3)" in out, out
+    assert "RuntimeError: the engine died" in out, out
+    stopped = [ln for ln in out.splitlines() if ln.startswith("stopped inference")]
+    assert len(stopped) == 1 and stopped[0].endswith("exit 0, but 1 of its 2 consumers had exited (see above)"), out
+
+
+def test_a_sim_server_that_did_not_replay_the_scan_fails_the_chain(tmp_path, monkeypatch, capsys):
+    """pvapy-ad-sim-server's frame thread fails (here as it did on a complex64 scan) and the server
+    exits with 0 having published nothing. Before: "frames sent 0 (of 6 in the scan: the replay was
+    stopped)", "frames lost 0" and exit status 0, with no word of the failure."""
+    scan = tmp_path / "scan.npy"
+    np.save(scan, np.zeros((6, 8, 8), np.int16))
+    cfg = load(tmp_path, f'log_dir = "{tmp_path / "logs"}"\nidle_s = 0.5\n'
+               + MINIMAL.replace('channel = "det:image"', f'scan = "{scan}"').replace("consumers = 3", "consumers = 1"))
+    said = ("Exception in thread Thread-1 (frameProducer):\nTraceback (most recent call last):\n"
+            "pvaccess.pvaccess.InvalidArgument: Dictionary representing union value must have string key.\n"
+            "Published frames:      0 @ 0.0000 fps")
+
+    def start(self):
+        self._start("inference", [sys.executable, "-c", "import time; time.sleep(60)"])
+        self.source = self._start("sim", [sys.executable, "-c", f"print({said!r})"])
+
+    monkeypatch.setattr(launch.Chain, "start", start)
+    monkeypatch.setattr(launch.Chain, "snapshot", lambda self: Snapshot([_record(0)], None, []))
+    assert launch.run(cfg) == 1
+    out = capsys.readouterr().out
+    assert "sim exited (code 0) having published 0 of the scan's 6 frames" in out, out
+    assert "InvalidArgument: Dictionary representing union value" in out, out
+
+
+@pytest.mark.parametrize("dtype", ["complex64", "bool", "float16", ">i2"])
+def test_a_scan_the_sim_server_cannot_publish_is_refused_by_check(tmp_path, dtype):
+    """Before: --check passed a complex64 scan; the sim server's frame thread then failed at once."""
+    scan = tmp_path / "scan.npy"
+    np.save(scan, np.zeros((4, 8, 8), dtype))
+    with pytest.raises(ValueError, match=r"holds .* frames, which an NTNDArray cannot carry; save them as one of uint8"):
+        load(tmp_path, MINIMAL.replace('channel = "det:image"', f'scan = "{scan}"'))

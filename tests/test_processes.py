@@ -5,6 +5,8 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -281,3 +283,24 @@ def test_soak_judges_memory_only_after_its_warm_up():
     assert soak.memory_growth(long) == 11.5
     two = [(80.0, [100.0, 200.0]), (110.0, [101.0, 260.0])]
     assert soak.memory_growth(two) == 60.0
+
+
+@pytest.mark.e2e
+def test_soak_ends_when_its_consumers_have_exited(pva_env, tmp_path, monkeypatch, capsys):
+    """Consumers that exit (here: at once, as a consumer that cannot start does) leave nothing to
+    measure. Before: the soak went on for its whole --minutes (10 by default) publishing nothing,
+    and only then said that a consumer had exited."""
+    from channel_names import PREFIX
+    from edge_ptychonn.tools import soak
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # its logs
+    monkeypatch.setattr(processes, "consumer_argv",
+                        lambda *a, **k: [sys.executable, "-c", "raise SystemExit('engine failed to start')"])
+    args = soak.get_args_parser().parse_args(["--engine", "zero", "--fps", "10", "--minutes", "2",
+                                              "--prefix", f"{PREFIX}:soakexit{os.getpid()}"])
+    t0 = time.monotonic()
+    assert soak.main(args) == 1
+    out = capsys.readouterr().out
+    assert "soak: the consumers exited before publishing a frame (code 1)" in out, out
+    assert "a consumer exited during the run" in out, out
+    assert time.monotonic() - t0 < 40, out  # not the two minutes

@@ -12,8 +12,11 @@ Skipped with the reason where c2dv, Xvfb or Qt's xcb platform is missing.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -199,3 +202,25 @@ def test_c2dv_windows_show_the_live_chain_under_xvfb(pva_env, procs, tmp_path):
         before = np.asarray(blank.crop(box).convert("L"), dtype=float)
         print(f"{channel}: grey std {before.std():.1f} before frames, {after.std():.1f} after")
         assert after.std() > 20 and after.std() > before.std() + 15, f"{channel}: no picture in {box}"
+
+
+def test_a_missing_model_is_named_as_such_not_as_a_card_without_levels(tmp_path, capsys):
+    """Before: "the model card of /no/such.onnx gives no phase range", for a model path typed wrong."""
+    from edge_ptychonn import cli
+
+    assert cli.main(["view", "--model", str(tmp_path / "nothere.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"edge-ptychonn view: --model {tmp_path / 'nothere.onnx'} is not a file (its card gives the "
+                   "levels); pass --levels LO,HI or auto\n"), err
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Qt needs DISPLAY on Linux only")
+def test_no_display_is_one_line_and_exit_2(tmp_path):
+    """Before: c2dv's Qt aborted (core dumped, exit -6) with a page about its platform plugins."""
+    pytest.importorskip("c2dataviewer")
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY", "QT_QPA_PLATFORM")}
+    done = subprocess.run([sys.executable, "-m", "edge_ptychonn.cli", "view", "--report-period", "0"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.startswith("edge-ptychonn view: no display (DISPLAY is not set)"), done.stderr
+    assert len(done.stderr.splitlines()) == 1, done.stderr

@@ -45,11 +45,21 @@ def parse_pairs(pairs: list[str]) -> dict:
         key, sep, text = pair.partition("=")
         if not sep or not key:
             raise ValueError(f"expected key=value, got {pair!r}")
+        if key in changes:  # one value would be dropped without a word
+            raise ValueError(f"{key} is given twice; give each key once")
         try:
             changes[key] = json.loads(text)
         except json.JSONDecodeError:
             changes[key] = text
     return changes
+
+
+def _not_control(channel: str, error) -> None:
+    """ValueError when ``error`` says that ``channel`` lacks a control channel's fields (a status,
+    output or detector channel given for it); PvaPy's own message is a page of its structure."""
+    if "no fields from the following request were found" in str(error):
+        raise ValueError(f"{channel} is not a consumer's control channel (it lacks PvaPy's control fields); "
+                         "give <prefix>:<id>:control, e.g. inference:1:control")
 
 
 def send(channel: str, args_text: str, timeout_s: float = 5.0, connect_timeout_s: float | None = None) -> str:
@@ -61,7 +71,11 @@ def send(channel: str, args_text: str, timeout_s: float = 5.0, connect_timeout_s
     connect_timeout_s = timeout_s if connect_timeout_s is None else connect_timeout_s
     ch = pva.Channel(channel)
     ch.setTimeout(connect_timeout_s)
-    before = ch.get("field(objectTime)")["objectTime"]
+    try:
+        before = ch.get("field(objectTime)")["objectTime"]
+    except pva.PvaException as exc:
+        _not_control(channel, exc)
+        raise
     request = pva.PvObject({"command": pva.STRING, "args": pva.STRING}, {"command": "configure", "args": args_text})
     # An asynchronous put with our own deadline: a synchronous one has been seen to
     # wait for ever, past the channel's timeout, on a heavily loaded machine.
@@ -71,6 +85,7 @@ def send(channel: str, args_text: str, timeout_s: float = 5.0, connect_timeout_s
     if not put_done.wait(connect_timeout_s):
         raise TimeoutError(f"{channel}: the request was not taken within {connect_timeout_s:g} s")
     if put_errors:
+        _not_control(channel, put_errors[0])
         raise pva.PvaException(f"{channel}: the request failed: {put_errors[0]}")
     # The consumer stamps objectTime when it takes the command and answers a moment later.
     deadline = time.monotonic() + timeout_s
@@ -152,6 +167,9 @@ def main(args: argparse.Namespace) -> int:
         reply = send(args.channel, text, timeout_s, connect_s)
     except (pva.PvaException, TimeoutError) as exc:
         print(f"edge-ptychonn configure: no answer from {args.channel}: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"edge-ptychonn configure: {exc}", file=sys.stderr)
         return 2
     print(reply)
     if reply == PENDING:

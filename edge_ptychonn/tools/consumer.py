@@ -4,14 +4,16 @@ It takes exactly ``pvapy-hpc-consumer``'s options and runs it in this process,
 with three differences that matter when a service manager runs it:
 
 - SIGTERM stops it like Ctrl-C: the consumers publish what they hold, the
-  framework reports its final statistics, every process exits with 0;
+  framework reports its final statistics, every process exits with 0 (a second
+  SIGTERM or Ctrl-C while it stops is ignored: it would cut the stop short);
 - without a terminal, ``-dc`` (no curses screen) is added, since curses cannot
   start there;
 - it exits (status 1) when its consumers are gone: with ``--n-consumers > 1``
   once every forked consumer has exited and one of them failed (a bad processor
   argument, an engine that cannot start, a consumer killed), where
   ``pvapy-hpc-consumer`` would go on reporting "No stats received" until its
-  runtime ends; with one consumer a processor that refuses its arguments, or
+  runtime ends; when it stops after one of them failed while the others ran on, exit
+  status 1 too (PvaPy's parent exits with 0 there); with one consumer a processor that refuses its arguments, or
   whose engine cannot start, or a ``--processor-class`` that cannot be loaded, is one
   line (exit status 2), not a traceback;
   a ``--processor-args`` (``--input-args``, ``--output-args``) that is not a
@@ -55,18 +57,37 @@ def get_args_parser(prog: str = "edge-ptychonn consumer") -> argparse.ArgumentPa
     )
 
 
-def watch_children(started: list, done: threading.Event, failed: list) -> None:
+def watch_children(started: list, done: threading.Event, failed: list, stopping: threading.Event | None = None) -> None:
     """Until ``done``: when every forked consumer in ``started`` has exited and one of them
     failed (a non-zero exit status), put their exit statuses in ``failed`` and stop the
-    framework as Ctrl-C does (PvaPy's parent would run on without any consumer)."""
+    framework as SIGTERM does (PvaPy's parent would run on without any consumer): through
+    the handler of :func:`stop_handler`, which ignores it when a stop is already under way
+    (the consumers exit as the framework stops them; that is no reason to cut it short), and
+    which ``stopping`` (when given) marks: then the watch ends."""
     import _thread
 
     while not done.wait(CHILD_POLL_S):
+        if stopping is not None and stopping.is_set():
+            return
         codes = [p.exitcode for p in list(started)]
         if codes and None not in codes and any(codes):
             failed.extend(codes)
-            _thread.interrupt_main()
+            _thread.interrupt_main(signal.SIGTERM)
             return
+
+
+def stop_handler(stopping: threading.Event):
+    """A handler for SIGTERM (and Ctrl-C) that stops PvaPy's framework cleanly (it takes
+    ``KeyboardInterrupt`` as its stop) once: a second signal while it stops is ignored, so that
+    the final statistics are reported and the consumers' exit statuses read."""
+
+    def handler(signum, frame):
+        if stopping.is_set():
+            return
+        stopping.set()
+        raise KeyboardInterrupt
+
+    return handler
 
 
 @contextlib.contextmanager
@@ -130,10 +151,15 @@ def main(args: argparse.Namespace) -> int:
 
     from engines.base import EngineUnavailable
 
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # KeyboardInterrupt: PvaPy's clean stop
+    stopping = threading.Event()
+    handler = stop_handler(stopping)  # KeyboardInterrupt: PvaPy's clean stop
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, handler)}
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when started with SIGINT ignored
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, handler)
     saved_argv, sys.argv = sys.argv, ["edge-ptychonn consumer", *argv]  # argparse names us in its messages
     started, done, failed = [], threading.Event(), []
-    watcher = threading.Thread(target=watch_children, args=(started, done, failed), name="consumer-watch", daemon=True)
+    watcher = threading.Thread(target=watch_children, args=(started, done, failed, stopping), name="consumer-watch",
+                               daemon=True)
     watcher.start()
     try:
         with recording_children(started):
@@ -150,9 +176,15 @@ def main(args: argparse.Namespace) -> int:
     finally:
         done.set()
         sys.argv = saved_argv
-        signal.signal(signal.SIGTERM, previous)
+        for sig, before in previous.items():
+            signal.signal(sig, before)
     if failed:
         print(f"edge-ptychonn consumer: every consumer exited (exit statuses {', '.join(map(str, failed))}); "
               "their errors are above", file=sys.stderr)
+        return 1
+    crashed = [code for code in (p.exitcode for p in started) if code not in (0, None)]
+    if crashed:  # PvaPy's parent reports nothing of them and would exit with 0
+        print(f"edge-ptychonn consumer: {len(crashed)} of the {len(started)} consumers failed while the others ran "
+              f"on (exit statuses {', '.join(map(str, crashed))}); their errors are above", file=sys.stderr)
         return 1
     return 0

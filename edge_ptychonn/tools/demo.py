@@ -25,6 +25,7 @@ import argparse
 import hashlib
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -83,6 +84,10 @@ def ensure_scan(scan: Path | None, card: ModelCard | None) -> Path:
     if scan is not None:
         if not scan.is_file():
             raise FileNotFoundError(f"scan {scan} not found")
+        launch._check_scan(str(scan), "--scan")  # one the launcher refuses: in the demo's own option name
+        if not scan.with_suffix(".npz").is_file():  # the stitcher's positions (and the truth for the score)
+            raise FileNotFoundError(f"--scan {scan} has no {scan.with_suffix('.npz').name} beside it: the stitcher "
+                                    "needs the scan's positions from there ('edge-ptychonn simulate' writes both)")
         return scan
     from edge_ptychonn.science.simulate import save_scan, simulate_scan
 
@@ -202,15 +207,48 @@ def sweep(args: argparse.Namespace, scan: Path, card: ModelCard | None, rates: l
     return 0
 
 
+# the consumers' processor arguments the demo's options set: named as the user wrote them
+OPTION_OF_ARG = {"batchSize": "--batch-size", "cpuThreads": "--cpu-threads"}
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """The options the launcher and the consumers would refuse, refused here first in the demo's
+    own option names (not the launcher's file keys, ``batchSize`` or ``[inference] prefix``) and
+    before a scan is simulated for nothing. Raises ValueError with the reason."""
+    if not 1 <= args.consumers <= launch.MAX_CONSUMERS or not (math.isfinite(args.fps) and args.fps > 0):
+        raise ValueError(f"--consumers must be 1..{launch.MAX_CONSUMERS} and --fps a finite number > 0, "
+                         f"got {args.consumers} and {args.fps:g}")
+    from edge_ptychonn.stream.config import parse_processor_args
+    from engines.registry import check_name
+
+    try:
+        check_name(args.engine)
+    except ValueError as exc:
+        raise ValueError(f"--engine: {exc}") from None
+    try:  # the consumers' own parsing: their ranges, in one place
+        parse_processor_args({"modelPath": str(args.model), "batchSize": args.batch_size,
+                              "cpuThreads": args.cpu_threads})
+    except ValueError as exc:
+        text = str(exc)
+        key = next((k for k in OPTION_OF_ARG if text.startswith(k + " ")), None)
+        raise ValueError(OPTION_OF_ARG[key] + text[len(key):] if key else text) from None
+    for option, value in (("--prefix", args.prefix), ("--channel", args.channel)):
+        if not value or "*" in value:
+            raise ValueError(f"{option} must be a channel name without '*' (PvaPy puts the consumer id there), "
+                             f"got {value!r}")
+    if re.match(rf"{re.escape(args.prefix)}:(inference|stitch|hdf5):\d+:", args.channel):
+        raise ValueError(f"--channel {args.channel!r} is among the demo's own channels (--prefix {args.prefix!r}); "
+                         "give it another name")
+
+
 def main(args: argparse.Namespace) -> int:
     try:
         if not args.model.is_file():
             raise FileNotFoundError(f"model {args.model} not found")
-        if args.consumers < 1 or args.batch_size < 1 or not (math.isfinite(args.fps) and args.fps > 0):
-            raise ValueError("--consumers and --batch-size must be >= 1 and --fps a finite number > 0")
         from engines.onnx_model import read_signature
 
         read_signature(args.model)  # not ONNX: one line here, not a chain whose consumers all fail
+        check_options(args)
         if not (math.isfinite(args.timeout) and args.timeout > 0 and 0 <= args.start_delay <= launch.MAX_START_DELAY_S):
             raise ValueError(f"--timeout must be > 0 and --start-delay 0..{launch.MAX_START_DELAY_S:g} (seconds), got {args.timeout:g} "
                              f"and {args.start_delay:g}")
@@ -229,7 +267,7 @@ def main(args: argparse.Namespace) -> int:
           f"-> {args.consumers} consumer(s), model {args.model.name}, stitcher"
           f"{', HDF5 writers' if cfg.hdf5 else ''}; results in {args.out}", flush=True)
     code = launch.run(cfg, prog="edge-ptychonn demo")
-    if code == 2:  # the chain never started: nothing to view
+    if code in (2, 130):  # the chain never started, or was stopped by Ctrl-C (SIGTERM, SIGHUP): nothing to view
         return code
     print(f"\nView the channels live next time with: bash scripts/view.sh {args.prefix}:stitch:1:output "
           f"{args.prefix}:inference:1:output", flush=True)

@@ -23,8 +23,10 @@ their logs are in ``log_dir``; with a replay stopped early, the summary counts t
 frames the sim server sent, once they went through the chain (at most 15 s more).
 Should the launcher itself be killed outright (SIGKILL), the kernel sends each
 process it started SIGTERM (Linux). A forked consumer (inference, HDF5 writer) that
-exits while the chain starts or runs is reported with the reason from its log (Linux);
-the others go on, and when none of a stage's is left the chain stops (exit status 1).
+exits while the chain starts or runs is reported with its exit status and the reason from
+its log (Linux), also in the line that says the stage stopped (PvaPy's parent exits with 0
+all the same); the others go on, and when none of a stage's is left the chain stops. Either
+way the exit status is 1.
 
 The file (TOML; every key is optional unless marked; unknown keys are refused
 with the accepted ones listed; numbers must be finite; each stage needs a prefix
@@ -152,29 +154,33 @@ def _check_table(name: str, table: dict) -> dict:
     return out
 
 
-def _check_scan(scan: str) -> int:
+def _check_scan(scan: str, name: str = "[source] scan") -> int:
     """The number of frames in the scan file, which must be a NumPy ``.npy`` array
-    (n >= 2, height, width) as ``pvapy-ad-sim-server -if`` replays it."""
+    (n >= 2, height, width) as ``pvapy-ad-sim-server -if`` replays it. ``name``: what the
+    messages call it (the demo's ``--scan``)."""
     import numpy as np
 
     if not Path(scan).is_file():
-        raise ValueError(f"[source] scan {scan!r} is not a file (make one with 'edge-ptychonn simulate')")
+        raise ValueError(f"{name} {scan!r} is not a file (make one with 'edge-ptychonn simulate')")
     try:
         with open(scan, "rb") as f:
             magic = f.read(6)
     except OSError as exc:
-        raise ValueError(f"[source] cannot read scan {scan!r}: {exc.strerror or exc}") from None
+        raise ValueError(f"{name} {scan!r} cannot be read: {exc.strerror or exc}") from None
     if magic[:4] == b"PK\x03\x04":
-        raise ValueError(f"[source] scan {scan!r} is an .npz archive; give the frames' .npy file")
+        raise ValueError(f"{name} {scan!r} is an .npz archive; give the frames' .npy file")
     if magic != b"\x93NUMPY":
-        raise ValueError(f"[source] scan {scan!r} is not a NumPy .npy file (as np.save writes)")
+        raise ValueError(f"{name} {scan!r} is not a NumPy .npy file (as np.save writes)")
     try:
         frames = np.load(scan, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
-        raise ValueError(f"[source] scan {scan!r}: not an array of frames ({exc})") from None
+        raise ValueError(f"{name} {scan!r}: not an array of frames ({exc})") from None
     if frames.ndim != 3 or len(frames) < 2:
-        raise ValueError(f"[source] scan {scan!r} must hold frames (n >= 2, height, width) to replay once; "
+        raise ValueError(f"{name} {scan!r} must hold frames (n >= 2, height, width) to replay once; "
                          f"its array has shape {frames.shape}")
+    if frames.dtype not in [np.dtype(t) for t in NTNDARRAY_DTYPES]:  # the sim server's frame thread would fail
+        raise ValueError(f"{name} {scan!r} holds {frames.dtype.str} frames, which an NTNDArray cannot carry; save "
+                         f"them as one of {', '.join(NTNDARRAY_DTYPES)} (native byte order)")
     return len(frames)
 
 
@@ -248,8 +254,8 @@ class LaunchConfig:
         tables = {name: _check_table(name, top[name]) if top[name] is not None else None
                   for name in ("source", "inference", "stitch", "hdf5", "viewer")}
         inf = tables["inference"]
-        if not 1 <= inf["consumers"] <= 64:
-            raise ValueError(f"[inference] consumers must be 1..64, got {inf['consumers']}")
+        if not 1 <= inf["consumers"] <= MAX_CONSUMERS:
+            raise ValueError(f"[inference] consumers must be 1..{MAX_CONSUMERS}, got {inf['consumers']}")
         src = tables["source"]
         if src["fps"] <= 0 or not 0 <= src["start_delay_s"] <= MAX_START_DELAY_S:
             raise ValueError(f"[source] fps must be > 0 and start_delay_s 0..{MAX_START_DELAY_S:g} s")
@@ -461,9 +467,11 @@ class Chain:
         self.started_s = time.monotonic()
         self.started_at = time.time()  # files older than this are not this chain's
         self.failed: str | None = None  # the process that exited while the chain ran
+        self.consumers_gone: dict[int, int] = {}  # pvapy-hpc-consumer -nc N pid -> its consumers reported exited
         self.peak_fps = 0.0  # the highest published rate the inference consumers reported
         self.latest: Snapshot | None = None  # the last status, each channel's last answer kept
         self.finished = False  # the replayed scan went through and the chain fell idle
+        self.n_scan: int | None = None  # the frames of the replayed scan (run() reads them)
 
     def delivered_fps(self, snap: Snapshot) -> float | None:
         """The inference stage's delivered rate: the highest sum of the consumers' ``frameRate``
@@ -519,6 +527,7 @@ class Chain:
                     if live.child_pids(p.pid, zombies=False):
                         forked.add(p.pid)
                     elif p.pid in forked or "Traceback" in p.log():  # also when they died before a poll saw them
+                        self.consumers_gone[p.pid] = self.cfg.inference["consumers"]  # said here, not again at stop
                         raise RuntimeError(f"{p.name}: its consumers exited at start; log {p.log_path}, "
                                            f"its last errors:\n{last_errors(p.log())}")
             if waiting and time.monotonic() > deadline:
@@ -608,7 +617,6 @@ class Chain:
         tty = self.out.isatty() if hasattr(self.out, "isatty") else False
         last_progress, last_change = None, time.monotonic()
         replay_end, sent = None, None  # when the sim server was first seen to have ended; what it sent
-        forked: dict[int, int] = {}  # pvapy-hpc-consumer -nc N pid -> its consumers reported gone
         viewers_gone: set[int] = set()  # pids of viewers whose exit was reported
         self.peak_fps = 0.0
         snap = self.latest = self.snapshot()
@@ -625,7 +633,7 @@ class Chain:
                 self.failed = dead[0].name
                 break
             self._report_viewers(viewers_gone)
-            gone = self._report_lost_consumers(forked)
+            gone = self._report_lost_consumers(self.consumers_gone)
             if gone:
                 self.failed = gone
                 break
@@ -634,6 +642,7 @@ class Chain:
             self.peak_fps = max(self.peak_fps, snap.frame_rate())
             if replay_end is None and self.source is not None and not self.source.running():
                 replay_end, sent = now, self.frames_sent(None)
+                self._check_replay(sent)
             # done: every stage took every frame sent (and the counts held still for a poll); else
             # idle since the replay ended and since the last change, whatever became of the frames
             # (all of them dropped or bad is an end too, not a reason to wait forever), for idle_s
@@ -651,6 +660,20 @@ class Chain:
             print(file=self.out)
         return self.latest
 
+    def _check_replay(self, sent: int | None) -> None:
+        """The sim server ended by itself: say so when it did not replay the whole scan (its frame
+        thread failed, it was killed, or it failed): the chain has then failed. Otherwise the
+        summary would show a replay "stopped" with nothing lost and exit status 0."""
+        code = self.source.popen.returncode
+        if code == 0 and sent is not None and (self.n_scan is None or sent >= self.n_scan):
+            return
+        self.failed = self.failed or "sim"
+        log = self.source.log()
+        why = f", it said:\n{last_errors(log)}" if log.strip() else ""
+        of = f" of the scan's {self.n_scan}" if self.n_scan is not None else ""
+        self.say(f"\nsim exited (code {code}) having published {'an unknown number' if sent is None else sent}{of} "
+                 f"frames; log {self.source.log_path}{why}")
+
     def _report_viewers(self, reported: set[int]) -> None:
         """Say once when a viewer failed (exited with an error code): the chain goes on without
         it, and the reason is in its log. A window the user closed exits with 0 and is not news."""
@@ -666,6 +689,7 @@ class Chain:
         """Say so when forked consumers of a running ``pvapy-hpc-consumer -nc N`` have exited
         (killed, or their processor failed; each answered its status channel at start): the
         others go on, their status channels fall silent, the reason is in the log (Linux: /proc).
+        The chain has then failed (exit status 1): PvaPy's parent exits with 0 all the same.
         Returns the stage's name when none of its consumers is left (the chain cannot go on)."""
         n = self.cfg.inference["consumers"]
         if n < 2 or not Path("/proc").is_dir():
@@ -676,10 +700,13 @@ class Chain:
             missing = n - len(live.child_pids(p.pid, zombies=False))
             if missing > reported.get(p.pid, 0):
                 reported[p.pid] = missing
+                self.failed = self.failed or p.name
                 fate = "none is left; stopping" if missing >= n else "the others go on"
+                codes = sorted(live.exit_statuses(p.pid).values())
+                status = f", exit status {', '.join(map(str, codes))}" if codes else ""
                 log = p.log()  # a consumer killed outright leaves no reason there
                 why = f", its last errors:\n{last_errors(log)}" if "Traceback" in log else ""
-                self.say(f"\n{missing} of the {n} {p.name} consumers exited ({fate}); log {p.log_path}{why}")
+                self.say(f"\n{missing} of the {n} {p.name} consumers exited ({fate}{status}); log {p.log_path}{why}")
                 if missing >= n:
                     return p.name
         return None
@@ -691,11 +718,16 @@ class Chain:
             self._stop(proc)
 
     def _stop(self, proc: live.Proc) -> None:
-        if proc.running():
-            # the collector joins its processing thread (up to 5 s) before our stop() runs; an HDF5
-            # writer's stop() may take up to its STOP_TIMEOUT_S (10 s) to write what is queued
-            code = proc.stop(grace_s=15.0 if proc.name in ("stitch", "hdf5") else 5.0)
-            self.say(f"stopped {proc.name:<9} pid {proc.pid:<7} exit {code}")
+        if not proc.running():
+            return
+        if proc.name in ("inference", "hdf5"):  # consumers that exited since the last look
+            self._report_lost_consumers(self.consumers_gone)
+        # the collector joins its processing thread (up to 5 s) before our stop() runs; an HDF5
+        # writer's stop() may take up to its STOP_TIMEOUT_S (10 s) to write what is queued
+        code = proc.stop(grace_s=15.0 if proc.name in ("stitch", "hdf5") else 5.0)
+        gone = self.consumers_gone.get(proc.pid, 0)  # PvaPy's parent exits with 0 all the same
+        but = f", but {gone} of its {self.cfg.inference['consumers']} consumers had exited (see above)" if gone else ""
+        self.say(f"stopped {proc.name:<9} pid {proc.pid:<7} exit {code}{but}")
 
     def settle(self, timeout_s: float = SETTLE_S) -> Snapshot | None:
         """Stopped before the chain fell idle (Ctrl-C, the timeout, a process that exited):
@@ -739,6 +771,9 @@ class Chain:
 
 
 MAX_START_DELAY_S = 600.0  # clients connect in seconds; a longer wait is a typo that never ends
+MAX_CONSUMERS = 64  # [inference] consumers
+# what pvapy-ad-sim-server can publish (PvaPy's AdImageUtility: an NTNDArray's value union)
+NTNDARRAY_DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64", "float32", "float64")
 
 
 def last_errors(log: str, n_lines: int = 15) -> str:
@@ -827,7 +862,7 @@ def run(cfg: LaunchConfig, prog: str = "edge-ptychonn launch", results: list | N
             if cfg.source["scan"] is not None:
                 import numpy as np
 
-                n_scan = len(np.load(cfg.base / cfg.source["scan"], mmap_mode="r", allow_pickle=False))
+                n_scan = chain.n_scan = len(np.load(cfg.base / cfg.source["scan"], mmap_mode="r", allow_pickle=False))
             chain.start()
             snap = chain.watch()
         except (KeyboardInterrupt, live.Terminated):

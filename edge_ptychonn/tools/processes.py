@@ -89,6 +89,21 @@ def child_pids(parent: int, zombies: bool = True) -> list[int]:
     return sorted(kids)
 
 
+def exit_statuses(parent: int) -> dict[int, int]:
+    """pid -> exit status (a negative signal number for a killed one) of the children of
+    ``parent`` that have exited and that it has not reaped yet (from /proc; PvaPy's parent
+    reaps the consumers of ``-nc N`` only as it stops)."""
+    statuses = {}
+    for pid in child_pids(parent):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] == "Z" and len(fields) > 49:  # exit_code (field 52): Linux >= 3.5
+            statuses[pid] = os.waitstatus_to_exitcode(int(fields[49]))
+    return statuses
+
+
 def rss_mb(pid: int) -> float:
     """Resident memory of process ``pid`` in MB (NaN once it is gone)."""
     try:

@@ -9,7 +9,9 @@ published, lost (sent but never out), the consumers' dropped/missed counts and
 the memory growth; it exits with 0 when nothing was lost, every consumer lived
 to the end and the memory of each grew by less than ``--max-growth-mb`` after
 the first minute (warm-up; a run too short to sample memory twice after it is not
-judged on memory, and says so). Ctrl-C, SIGTERM or
+judged on memory, and says so). Consumers that exit before they publish
+a frame (they could not start) end the run early, with exit status 1; one
+that dies later leaves the run going, its frames counted lost. Ctrl-C, SIGTERM or
 SIGHUP stops the processes it started and exits with 130. Not part of the
 test suite: it runs for minutes (default 10).
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -70,6 +73,26 @@ def memory_growth(samples: list[tuple[float, list[float]]], warmup_s: float = WA
     return max((max(col) - col[0] for col in zip(*warm)), default=0.0)
 
 
+def check_output_file(path: Path) -> None:
+    """``--json``: a file that can be written once the run is over, checked before it starts (a
+    run of minutes must not end in "no such folder" with its figures lost); missing parent
+    folders are made. Raises ValueError with the reason."""
+    if path.is_dir():
+        raise ValueError(f"--json {path} is a folder; give a file name")
+    existing = next(p for p in [path.parent, *path.parent.parents] if p.exists() or p == p.parent)
+    if not existing.is_dir():
+        raise ValueError(f"--json {path}: {existing} is not a folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        existed = path.exists()
+        with open(path, "a"):  # writable here (as root, os.access says yes even where it is not)
+            pass
+        if not existed:
+            path.unlink()
+    except OSError as exc:
+        raise ValueError(f"--json {path}: cannot be written: {exc.strerror or exc}") from None
+
+
 def get_args_parser(prog: str = "edge-ptychonn soak") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -97,11 +120,18 @@ def main(args: argparse.Namespace) -> int:
         return 2
     from engines import EngineUnavailable
     from engines.onnx_model import read_signature
+    from edge_ptychonn.stream.config import parse_processor_args
     from engines.registry import check_name
 
     try:  # before any process starts: one line, not a traceback
         check_name(args.engine)
         hw = read_signature(args.model).input_shape
+        try:  # the consumers' own parsing (its range of cpuThreads), in the soak's option names
+            parse_processor_args({"modelPath": str(args.model), "cpuThreads": args.cpu_threads})
+        except ValueError as exc:
+            raise ValueError(str(exc).replace("cpuThreads", "--cpu-threads", 1)) from None
+        if args.json is not None:
+            check_output_file(args.json)
         fps = args.fps or 0.8 * engine_rate(args.model, args.engine, args.cpu_threads) * args.consumers
     except (ValueError, EngineUnavailable) as exc:
         print(f"edge-ptychonn soak: {exc}", file=sys.stderr)
@@ -123,7 +153,8 @@ def main(args: argparse.Namespace) -> int:
     with processes.stop_on_signals():
         try:
             consumers = processes.start("consumers", processes.consumer_argv(
-                image, prefix, args.consumers, "processors.ptychonn.PtychoNNProcessor", p_args), env, work, into=procs)
+                image, prefix, args.consumers, "processors.ptychonn.PtychoNNProcessor", p_args,
+                runtime_s=0), env, work, into=procs)  # no runtime of their own (PvaPy's 0): stopped below
             sim = [processes.tool_path("pvapy-ad-sim-server"), "-dc", "-if", str(work / "frames.npy"), "-cn", image,
                    "-fps", str(fps), "-std", "10", "-shd", "5", "-rt", str(runtime_s), "-cs", "200", "-rp", "1000000"]
             server = processes.start("sim", sim, env, work, into=procs)
@@ -135,6 +166,10 @@ def main(args: argparse.Namespace) -> int:
             next_report = t0 + 10 + args.every
             while time.monotonic() < end and server.running() or time.monotonic() < t0 + 12:
                 time.sleep(0.5)
+                if not consumers.running() and collector.count() == 0:  # they could not start: nothing to learn
+                    print(f"soak: the consumers exited before publishing a frame (code {consumers.popen.returncode}); "
+                          f"log {consumers.log_path}", flush=True)
+                    break
                 if time.monotonic() >= next_report:
                     next_report += args.every
                     rss = [processes.rss_mb(p) for p in consumer_pids(consumers.pid, args.consumers)]
@@ -142,8 +177,12 @@ def main(args: argparse.Namespace) -> int:
                     got = collector.count()
                     print(f"[{time.monotonic() - t0:6.0f} s] published {got}, RSS MB {', '.join(f'{r:.0f}' for r in rss)}",
                           flush=True)
-            collector.wait_count(10**12, timeout_s=15, idle_s=5)
-            statuses = processes.wait_status([f"{prefix}:{i}:status" for i in range(1, args.consumers + 1)], timeout_s=5)
+            exited = not consumers.running()
+            statuses = [None] * args.consumers
+            if not exited:  # the frames on their way, and the consumers' final counts
+                collector.wait_count(10**12, timeout_s=15, idle_s=5)
+                statuses = processes.wait_status([f"{prefix}:{i}:status" for i in range(1, args.consumers + 1)],
+                                                 timeout_s=5)
         except (KeyboardInterrupt, processes.Terminated):
             print("\nsoak: interrupted: stopping what it started", flush=True)
             return 130
@@ -159,7 +198,7 @@ def main(args: argparse.Namespace) -> int:
     sent = max(published or 0, ids[-1] if ids else 0)
     lost = sent - len(set(ids))
     # a consumer that died: its memory reads NaN (one process) or its process is missing (-nc N)
-    gone = any(len(rss) < args.consumers or any(np.isnan(rss)) for _, rss in samples)
+    gone = exited or any(len(rss) < args.consumers or any(np.isnan(rss)) for _, rss in samples)
     user = [s["userStats"] for s in statuses if s]
     dropped = sum(u["nFramesDropped"] for u in user)
     missed = sum(u["nFramesMissed"] for u in user)

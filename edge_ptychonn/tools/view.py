@@ -46,6 +46,7 @@ DEFAULT_CHANNELS = ["stitch:1:output", "inference:1:output"]
 FULL_RATE = "Full IOC Rate"  # the last entry of c2dv's rate menu: a monitor, every frame
 LEVEL_LIMIT = 2.0**24  # the widest black/white levels the window's controls are set to take
 MAX_REPORT_PERIOD_S = 86400.0
+DISPLAY_VARIABLES = ("DISPLAY", "WAYLAND_DISPLAY", "QT_QPA_PLATFORM")  # where Qt finds a display (or is told to draw nowhere)
 
 
 def card_levels(model: Path) -> tuple[float, float] | None:
@@ -64,6 +65,8 @@ def parse_levels(text: str, model: Path) -> tuple[float, float] | None:
     if text == "auto":
         return None
     if text == "card":
+        if not model.is_file():
+            raise ValueError(f"--model {model} is not a file (its card gives the levels); pass --levels LO,HI or auto")
         levels = card_levels(model)
         if levels is None:
             raise ValueError(f"the model card of {model} gives no phase range "
@@ -168,6 +171,12 @@ def main(args: argparse.Namespace) -> int:
         import c2dataviewer  # noqa: F401
     except ImportError:
         print("edge-ptychonn view: c2dv is not installed: pip install 'edge-ptychonn[viewer]'", file=sys.stderr)
+        return 2
+    if sys.platform.startswith("linux") and not any(os.environ.get(k) for k in DISPLAY_VARIABLES):
+        # Qt would abort (core dumped) with a page about its platform plugins
+        print("edge-ptychonn view: no display (DISPLAY is not set): run it where there is one, under xvfb-run, "
+              "or as 'bash scripts/view.sh' (which does that), or with QT_QPA_PLATFORM=offscreen (nothing visible)",
+              file=sys.stderr)
         return 2
     if "EPICS_PVA_ADDR_LIST" not in os.environ:
         os.environ.update(EPICS_PVA_AUTO_ADDR_LIST="NO", EPICS_PVA_ADDR_LIST="127.0.0.1")
