@@ -115,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # a file or folder that cannot be read or written: one line, not a traceback
         print(f"edge-ptychonn {name}: {exc}", file=sys.stderr)
         return 1
+    except MemoryError as exc:  # sizes beyond this machine (numpy names the array it could not make)
+        print(f"edge-ptychonn {name}: not enough memory{': ' + str(exc) if str(exc) else ''}; "
+              "ask for less (fewer or smaller frames, a smaller batch)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

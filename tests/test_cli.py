@@ -421,6 +421,9 @@ def test_ctrl_c_and_file_errors_are_one_line(monkeypatch, capsys):
     captured = capsys.readouterr()
     _one_line(captured.err, "edge-ptychonn simulate: [Errno 28] No space left on device")
     assert captured.out == ""
+    monkeypatch.setattr(simulate, "main", raising(MemoryError("Unable to allocate 128. GiB for an array")))
+    assert cli.main(["simulate", "--out", "x"]) == 1  # before: a MemoryError traceback
+    _one_line(capsys.readouterr().err, "edge-ptychonn simulate: not enough memory: Unable to allocate 128. GiB")
 
 
 def test_a_missing_model_or_a_folder_for_a_file_is_a_bad_argument(recording, tmp_path, capsys):
