@@ -16,8 +16,8 @@ Input
     blosc / bslz4 compressed when that package is installed), of a size that
     the preprocessing turns into the model's input (e.g. 128x128, or 516x516
     with ``"crop": [512, 512], "bin": 4``). Float frames with NaN or infinite
-    pixels are bad frames (``nonfinite``); records without an image (on
-    connect) are no frames.
+    pixels (or double pixels beyond float32's range) are bad frames
+    (``nonfinite``); records without an image (on connect) are no frames.
 Output (``--output-channel``)
     One NTNDArray per input frame, in input order: float32 phase image
     (model output size, radians), the input's ``uniqueId``, ``timeStamp``,

@@ -120,3 +120,16 @@ def test_encode_round_trip(rng):
     assert [a["name"] for a in pv["attribute"]] == ["ColorMode", "EnergyKeV"]
     meta2, _ = decode(pv)  # outputs are valid inputs for chained consumers
     assert meta2.unique_id == 9
+
+
+def test_double_pixels_beyond_float32_are_nonfinite_frames():
+    """A double frame's pixel beyond float32's range is finite in the frame but infinite in the
+    model's float32 input: it was taken as a good frame (and its outputs blamed on the engine)."""
+    image = np.full((8, 8), 10.0)
+    image[2, 3] = -1e39
+    with pytest.raises(BadFrame, match="1 pixel.* beyond float32's range") as info:
+        decode(good_frame(11, image))
+    assert (info.value.kind, info.value.unique_id) == ("nonfinite", 11)
+    image[2, 3] = -3e38  # within float32's range: a good frame
+    _, out = decode(good_frame(12, image))
+    assert out.dtype == np.float64 and np.isfinite(out.astype(np.float32)).all()

@@ -170,3 +170,20 @@ def test_the_shipped_card_normalises_to_its_training_total():
     photons = card.training.scan_settings["photons"]
     # the reference is the mean total of frames at the training photons (a little below: absorption)
     assert 0.8 * photons < pp.reference_total <= photons
+
+
+def test_a_frame_whose_binned_sums_overflow_does_not_spoil_the_running_mean():
+    """Finite float32 pixels whose 2x2 sums overflow float32 give a frame total of inf: counted in
+    the running mean, it held the mean at inf (later frames scaled to 0), then NaN (not
+    scaled at all), for two windows of good frames."""
+    from edge_ptychonn.stream.preprocess import RunningTotal
+
+    config = PreprocessConfig(bin_factor=2, normalize="running", reference_total=1000.0, normalize_window=4)
+    good = np.full((8, 8), 10.0, np.float32)
+    running = RunningTotal(4)
+    expected = preprocess(good, config, running)
+    np.testing.assert_allclose(expected.sum(), 1000.0, rtol=1e-6)
+    with np.errstate(over="ignore", invalid="ignore"):
+        preprocess(np.full((8, 8), 3e38, np.float32), config, running)  # that frame itself is lost
+    for _ in range(10):
+        np.testing.assert_allclose(preprocess(good, config, running), expected, rtol=1e-6)

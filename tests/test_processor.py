@@ -280,3 +280,54 @@ def test_consumer_whose_engine_cannot_start_is_one_line_and_status_2(pva_env, tm
     assert done.stderr.strip().splitlines()[-1] == (
         "edge-ptychonn consumer: engine 'tensorrt' cannot run here: tensorrt not installed"), done.stderr[-3000:]
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
+
+
+PIXEL_TYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64", "float32", "float64")
+
+
+def test_every_pixel_type_of_a_non_square_frame_gives_the_same_output_record(small_model):
+    """Each pixel type of the NTNDArray value union (dimension[0] is x: a 132-row, 200-column
+    frame), cropped [128, 128] and binned 2, gives what the engine gives on that window, in an
+    output record that says 64x64 float32 with the input's id, time stamps and attributes; a
+    colour frame and a jpeg frame are counted by kind."""
+    from frames_util import colour_frame, compressed_frame
+    from engines import EngineOptions, create_engine
+
+    image = np.random.default_rng(3).integers(0, 100, (132, 200))
+    published = []
+
+    class Publisher:
+        nErrors = 0
+
+        def updateOutputChannel(self, pv):
+            published.append(pva.PvObject(pv.getStructureDict(), pv.get()))  # PvaPy copies it too
+
+    processor = PtychoNNProcessor({**FRAMEWORK, "modelPath": str(small_model), "engine": "onnxruntime",
+                                   "cpuThreads": 1, "batchSize": 4, "batchTimeout": 0.05, "crop": [128, 128], "bin": 2})
+    processor.outputChannel, processor.dataPublisher = FRAMEWORK["outputChannel"], Publisher()
+    processor.start()
+    inputs = []
+    for uid, dtype in enumerate(PIXEL_TYPES, start=1):
+        pv = good_frame(uid, image.astype(dtype), energy_kev=8.0 + uid)
+        assert [d["size"] for d in pv["dimension"]] == [200, 132]
+        inputs.append(pv)
+        processor.process(pv)
+    processor.process(colour_frame(11, (132, 200)))
+    processor.process(compressed_frame(12, "jpeg", image.astype(np.uint8)))
+    try:
+        assert processor.pipeline.drain(20.0)
+        stats = processor.getStats()
+    finally:
+        processor.stop()
+    assert (stats["nFramesProcessed"], stats["nBadColour"], stats["nBadCodec"]) == (10, 1, 1)
+    window = image[2:130, 36:164].reshape(64, 2, 64, 2).sum(axis=(1, 3))[None, None].astype(np.float32)
+    expected = create_engine("onnxruntime", EngineOptions(small_model, max_batch=4, cpu_threads=1)).infer(window)[0, 0]
+    for pv, out in zip(inputs, published, strict=True):
+        assert out["uniqueId"] == pv["uniqueId"]
+        assert [d["size"] for d in out["dimension"]] == [64, 64]
+        assert out.getSelectedUnionFieldName() == "floatValue" and not out["codec.name"]
+        assert out["compressedSize"] == out["uncompressedSize"] == 64 * 64 * 4
+        np.testing.assert_allclose(np.asarray(out["value"][0]["floatValue"]).reshape(64, 64), expected, atol=1e-5)
+        assert out["timeStamp"] == pv["timeStamp"] and out["dataTimeStamp"] == pv["dataTimeStamp"]
+        assert [a["name"] for a in out["attribute"]] == ["ColorMode", "EnergyKeV", "modelId"]
+        assert out["attribute"][1]["value"][0]["value"] == 8.0 + pv["uniqueId"]

@@ -8,7 +8,9 @@ report each kind. A record with no image at all (what a monitor receives when it
 connects or when the upstream server restarts) raises :class:`NotAFrame`: it is
 no frame, so it is neither processed nor counted as bad. Float frames with NaN
 or infinite pixels are bad frames of their own kind (``nonfinite``): one such
-pixel spreads through the network's convolutions over most of the output.
+pixel spreads through the network's convolutions over most of the output. So are
+double frames with pixels beyond float32's range (|x| > 3.4e38), which would be
+infinite in the model's float32 input.
 
 :class:`FrameEncoder` turns a float32 result image and the input's metadata into
 an NTNDArray ready for ``updateOutputChannel``. It reuses one PvObject: the PVA
@@ -36,6 +38,7 @@ SUPPORTED_FIELDS = frozenset(
     AdImageUtility.NTNDA_DATA_FIELD_KEY_MAP.values()
 )
 _ZERO_TS = {"secondsPastEpoch": 0, "nanoseconds": 0, "userTag": 0}
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class BadFrame(Exception):
@@ -138,6 +141,10 @@ def _decode(pv: pva.PvObject, unique_id: int, received_s: float) -> tuple[FrameM
     if image.dtype.kind == "f" and not np.isfinite(image).all():
         n_bad = int(image.size - np.count_nonzero(np.isfinite(image)))
         raise BadFrame("nonfinite", f"frame {unique_id} has {n_bad} NaN or infinite pixel(s)")
+    if image.dtype.itemsize > 4 and image.dtype.kind == "f" and not np.abs(image).max() <= _FLOAT32_MAX:
+        n_bad = int(np.count_nonzero(np.abs(image) > _FLOAT32_MAX))
+        raise BadFrame("nonfinite", f"frame {unique_id} has {n_bad} pixel(s) beyond float32's range (|x| > "
+                       f"{_FLOAT32_MAX:.3g}): infinite in the model's float32 input")
     return meta, image
 
 

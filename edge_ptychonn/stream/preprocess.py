@@ -27,8 +27,8 @@ The steps, in order, each optional:
    - ``"none"``: the counts as they come.
 
    Frames whose total is not positive are left as they are (and not counted in
-   the running mean). One sum and one multiply per frame (about 8 us per
-   128x128 frame on a 2-core machine);
+   the running mean; nor is an infinite total). One sum and one multiply per
+   frame (about 8 us per 128x128 frame on a 2-core machine);
 4. ``transform``: ``"none"``, ``"sqrt"`` or ``"log1p"`` of the counts (negative
    values, from detector offsets, are clipped to 0 first);
 5. affine: ``(x - offset) * scale``, float32.
@@ -41,6 +41,7 @@ runs steps 3-5 on the whole stack at once.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -137,8 +138,10 @@ class RunningTotal:
         self._sum = 0.0
 
     def add(self, total: float) -> float:
-        """Count a frame's ``total`` (if positive); return the mean of the window (0 while empty)."""
-        if total > 0:
+        """Count a frame's ``total`` (if positive and finite: one infinite total, from float
+        pixels whose binned sum overflows float32, would hold the mean at infinity, and
+        then NaN, for two windows); return the mean of the window (0 while empty)."""
+        if 0 < total < math.inf:
             if self._n == self.window:
                 self._sum -= self._totals[self._next]
             else:
