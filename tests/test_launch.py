@@ -548,6 +548,14 @@ def load(tmp_path: Path, text: str) -> LaunchConfig:
      r"\[inference\] and \[stitch\] have the same prefix 'inference'"),
     (MINIMAL.replace('"det:image"', '"inference:1:output"'), r"\[source\] channel 'inference:1:output' is among"),
     (MINIMAL.replace("consumers = 3", 'prefix = "a:*"'), r"\[inference\] prefix 'a:\*' must not hold '\*'"),
+    # before: accepted by --check; PvaPy's consumers then failed to make or run the processor
+    (MINIMAL.replace("consumers = 3", 'processor = "os.path"'), r"\[inference\] processor 'os.path' is not a class"),
+    (MINIMAL.replace("consumers = 3", 'processor = "json.JSONDecoder"'),
+     r"\[inference\] processor 'json.JSONDecoder' is a class without a process\(pv\) method"),
+    # before: accepted; 1e11 frames in turn starves every consumer but the first, 1e300 s idle never ends
+    (MINIMAL.replace("consumers = 3", "distributor_updates = 100000000000"),
+     r"'distributor_updates' in \[inference\] must be <= 256, got 100000000000: each consumer takes"),
+    ("idle_s = 1e300\n" + MINIMAL, r"'idle_s' in the top level must be <= 3600, got 1e\+300: a replayed chain"),
 ])
 def test_numbers_and_channel_names_the_chain_cannot_run_with_are_refused(tmp_path, text, message):
     with pytest.raises(ValueError, match=message):
@@ -570,6 +578,17 @@ def test_an_output_directory_that_is_a_file_is_refused_in_one_line(tmp_path, tab
         with pytest.raises(ValueError, match=rf"\[{table}.args\] outputDirectory '.*taken.*' cannot be used: "
                                              rf".*taken is a file, not a folder"):
             load(tmp_path, MINIMAL + f'\n[{table}]\n[{table}.args]\n{extra}outputDirectory = "{folder}"\n')
+
+
+def test_a_log_dir_that_cannot_be_made_is_refused_by_check(tmp_path):
+    """Before: --check passed a log_dir that is a file (or lies under one); the launch then failed
+    as it started its first process."""
+    (tmp_path / "taken").write_text("a file")
+    for folder in (tmp_path / "taken", tmp_path / "taken" / "logs"):
+        with pytest.raises(ValueError, match=rf"log_dir '.*taken.*' cannot be used: .*taken is a file, not a folder"):
+            load(tmp_path, f'log_dir = "{folder}"\n' + MINIMAL)
+    assert load(tmp_path, f'log_dir = "{tmp_path / "new" / "logs"}"\n' + MINIMAL).log_dir == tmp_path / "new" / "logs"
+    assert not (tmp_path / "new").exists()  # checked, not made
 
 
 def test_a_file_name_format_with_a_folder_is_refused(tmp_path):
@@ -791,7 +810,9 @@ def test_no_viewer_is_started_without_a_display_and_the_launcher_says_so(tmp_pat
     """[viewer] on a host without a display. Before: the viewer was started, c2dv's Qt aborted
     at once, and the launcher said nothing (no window, no line)."""
     pytest.importorskip("c2dataviewer")
-    for key in ("DISPLAY", "WAYLAND_DISPLAY", "QT_QPA_PLATFORM"):
+    from edge_ptychonn.tools.view import DISPLAY_VARIABLES
+
+    for key in DISPLAY_VARIABLES:
         monkeypatch.delenv(key, raising=False)
     cfg = load(tmp_path, f'log_dir = "{tmp_path / "logs"}"\n' + MINIMAL + '\n[viewer]\nchannels = ["stitch:1:output"]\n')
     out = io.StringIO()
@@ -801,6 +822,24 @@ def test_no_viewer_is_started_without_a_display_and_the_launcher_says_so(tmp_pat
     finally:
         chain.stop()
     assert chain.procs == [] and "warning: no display (DISPLAY is not set): no viewer started" in out.getvalue()
+
+
+def test_viewers_are_started_where_qt_needs_no_display_variable(tmp_path, monkeypatch):
+    """macOS and Windows draw without DISPLAY (only Linux's X11 / Wayland need one, as
+    ``edge-ptychonn view`` knows). Before: the launcher there said "no display" and started no viewer."""
+    pytest.importorskip("c2dataviewer")
+    from edge_ptychonn.tools.view import DISPLAY_VARIABLES
+
+    for key in DISPLAY_VARIABLES:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(sys, "platform", "darwin")
+    cfg = load(tmp_path, f'log_dir = "{tmp_path / "logs"}"\n' + MINIMAL + '\n[viewer]\nchannels = ["stitch:1:output"]\n')
+    out = io.StringIO()
+    chain = launch.Chain(cfg, out=out)
+    started = []
+    monkeypatch.setattr(chain, "_start", lambda name, argv: started.append((name, argv[-1])))
+    chain._start_viewers()
+    assert started == [("viewer", "stitch:1:output")] and "no display" not in out.getvalue(), out.getvalue()
 
 
 def test_forked_consumers_that_died_before_the_first_poll_are_reported_at_once(tmp_path):
@@ -942,3 +981,23 @@ def test_a_scan_the_sim_server_cannot_publish_is_refused_by_check(tmp_path, dtyp
     np.save(scan, np.zeros((4, 8, 8), dtype))
     with pytest.raises(ValueError, match=r"holds .* frames, which an NTNDArray cannot carry; save them as one of uint8"):
         load(tmp_path, MINIMAL.replace('channel = "det:image"', f'scan = "{scan}"'))
+
+
+def test_a_stitched_image_too_thin_to_score_names_the_scan_and_the_remedy(tmp_path):
+    """A live chain whose few frames cover no region the SSIM window fits in. Before: the summary
+    said only "not scored: mask is too thin for the 11-pixel SSIM window" (which mask, what to do?)."""
+    scan = tmp_path / "s.npy"
+    np.save(scan, np.zeros((2, 4, 4), np.int16))
+    np.savez(tmp_path / "s.npz", object_phase=np.zeros((32, 32), np.float32), positions_px=np.zeros((2, 2)))
+    out = tmp_path / "stitched"
+    out.mkdir()
+    cfg = LaunchConfig.load(toml(tmp_path, f'[source]\nscan = "{scan}"\n[inference]\n'
+                                           f'[stitch]\n[stitch.args]\noutputDirectory = "{out}"\n'))
+    weight = np.zeros((32, 32), np.float32)
+    weight[8:16, 8:24] = 1.0  # 8 rows: thinner than the 11-pixel window
+    np.save(out / "stitch_scan0001.npy", np.zeros((32, 32), np.float32))
+    np.save(out / "stitch_scan0001_weight.npy", weight)
+    lines = launch.accuracy(cfg)  # its frames: the scan's 2
+    assert len(lines) == 1 and lines[0].startswith(f"final stitched image  {out / 'stitch_scan0001.npy'} (not scored: "
+                                                   f"scan {scan}: its 2 frame(s) cover no region"), lines
+    assert "--n-positions" in lines[0] and "mask is too thin" not in lines[0], lines

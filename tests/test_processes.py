@@ -57,6 +57,29 @@ def test_stop_ends_the_whole_process_group(tmp_path):
                 os.killpg(proc.pid, signal.SIGKILL)
 
 
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="forked consumers are watched through /proc")
+def test_forked_consumers_gone_is_seen_then_gone_or_none_and_a_traceback(tmp_path):
+    """The one rule (launch and bench) for a pvapy-hpc-consumer -nc N whose forked consumers all
+    exited while its parent lives on: seen, then gone; or none seen, none left and a traceback."""
+    release = tmp_path / "release"
+    code = (f"import os, pathlib, time\nif os.fork() == 0:\n    while not pathlib.Path({str(release)!r}).exists(): "
+            f"time.sleep(0.05)\n    os._exit(0)\ntime.sleep(60)")
+    proc = start("consumer", [sys.executable, "-c", code], dict(os.environ), tmp_path)
+    try:
+        assert wait_until(lambda: child_pids(proc.pid, zombies=False), 10)
+        seen: set[int] = set()
+        assert not processes.forked_consumers_gone(proc, 2, seen) and seen == {proc.pid}
+        release.touch()
+        assert wait_until(lambda: not child_pids(proc.pid, zombies=False), 10)
+        assert processes.forked_consumers_gone(proc, 2, seen)  # seen, then gone (no traceback)
+        assert not processes.forked_consumers_gone(proc, 2, set())  # never seen and no traceback: not yet known
+        assert not processes.forked_consumers_gone(proc, 1, {proc.pid})  # -nc 1: PvaPy forks none
+        proc.log_path.write_text("Process Process-1:\nTraceback (most recent call last):\nValueError: bad model\n")
+        assert processes.forked_consumers_gone(proc, 2, set())  # died before any look: the log says so
+    finally:
+        proc.stop(grace_s=1.0)
+
+
 @pytest.mark.parametrize("sig, raised", [(signal.SIGTERM, processes.Terminated), (signal.SIGINT, KeyboardInterrupt)])
 def test_a_signal_while_starting_is_raised_once_the_caller_knows_the_process(tmp_path, monkeypatch, sig, raised):
     """A signal that came while ``subprocess.Popen`` waited for the child's exec left

@@ -190,11 +190,8 @@ def _wait_ready(status_channels: list[str], need_engine: bool, timeout_s: float,
         for proc in procs:
             if not proc.running():
                 return f"{proc.name} exited early (code {proc.popen.returncode}); log: {proc.log_path}"
-            if len(status_channels) > 1 and Path("/proc").is_dir():
-                if live.child_pids(proc.pid, zombies=False):
-                    forked.add(proc.pid)
-                elif proc.pid in forked or "Traceback" in proc.log():  # also when they died before a look
-                    return f"{proc.name}: its consumers exited at start; log: {proc.log_path}"
+            if live.forked_consumers_gone(proc, len(status_channels), forked):
+                return f"{proc.name}: its consumers exited at start; log: {proc.log_path}"
         statuses = [live.read_status(c, timeout_s=1.0) for c in status_channels]
         if all(s is not None for s in statuses):
             if not need_engine or all(s.get("userStats", {}).get("engine") for s in statuses):

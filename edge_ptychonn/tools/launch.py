@@ -35,8 +35,8 @@ arguments, are taken from the directory you launch from: the processes run
 there. ``--check`` validates the file, the scan and each processor's arguments
 (with the processor's own parsing, as its consumers will), starting nothing::
 
-    log_dir = "results/launch"         # processes' logs
-    idle_s = 8.0                       # with a replayed scan: stop after this long without progress (see above)
+    log_dir = "results/launch"         # processes' logs (a folder, made if missing)
+    idle_s = 8.0                       # with a replayed scan: stop after this long without progress (see above; 0..3600)
     timeout_s = 0                      # stop after this many seconds (0: no limit)
 
     [source]
@@ -48,8 +48,8 @@ there. ``--check`` validates the file, the scan and each processor's arguments
     [inference]
     consumers = 2
     prefix = "inference"               # <prefix>:<id>:output, :status, :control
-    processor = "processors.ptychonn.PtychoNNProcessor"
-    distributor_updates = 8            # frames each consumer takes in turn
+    processor = "processors.ptychonn.PtychoNNProcessor"  # module.Class, a class with process(pv)
+    distributor_updates = 8            # frames each consumer takes in turn (1..256)
     server_queue_size = 1000
     [inference.args]                   # --processor-args (camelCase, see the processor)
     modelPath = "data/ptychonn.onnx"
@@ -84,13 +84,14 @@ import argparse
 import copy
 import json
 import math
-import os
 import re
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from edge_ptychonn.files import check_folder
 
 from . import processes as live
 
@@ -123,6 +124,14 @@ MINIMUM: dict[str, dict[str, float]] = {
     "stitch": {"collector_cache_size": 0, "server_queue_size": 0},
     "hdf5": {"server_queue_size": 0},
 }
+# table -> key -> (the largest value accepted, why)
+MAXIMUM: dict[str, dict[str, tuple[float, str]]] = {
+    "": {"idle_s": (3600.0, "a replayed chain that lost frames waits this long after the scan before it stops")},
+    "inference": {"distributor_updates": (256, "each consumer takes this many frames in turn; beyond the largest "
+                                               "batch (batchSize 256) that batches nothing more and only keeps the "
+                                               "other consumers waiting (the stitcher's collector also caches "
+                                               "2 x consumers x this many frames)")},
+}
 
 
 def _check_table(name: str, table: dict) -> dict:
@@ -148,6 +157,9 @@ def _check_table(name: str, table: dict) -> dict:
             raise ValueError(f"'{key}' in {where} must be a finite number, got {value!r}")
         if key in MINIMUM.get(name, {}) and value < MINIMUM[name][key]:
             raise ValueError(f"'{key}' in {where} must be >= {MINIMUM[name][key]}, got {value!r}")
+        if key in MAXIMUM.get(name, {}) and value > MAXIMUM[name][key][0]:
+            most, why = MAXIMUM[name][key]
+            raise ValueError(f"'{key}' in {where} must be <= {most:g}, got {value!r}: {why}")
         if isinstance(value, list) and not all(isinstance(v, str) and v for v in value):
             raise ValueError(f"'{key}' in {where} must be a list of channel names (strings), got {value!r}")
         out[key] = value
@@ -213,10 +225,15 @@ def _check_processor_args(where: str, processor: str, args: dict):
         cls = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError) as exc:
         raise ValueError(f"{where.removesuffix('.args]')}] processor {processor!r} cannot be imported: {exc}") from None
+    if not isinstance(cls, type) or not callable(getattr(cls, "process", None)):
+        # PvaPy makes each consumer's processor as cls(config) and calls its process(pv) per frame
+        what = "not a class" if not isinstance(cls, type) else "a class without a process(pv) method"
+        raise ValueError(f"{where.removesuffix('.args]')}] processor {processor!r} is {what}: give "
+                         "module.Class of a PvaPy processor (a class with process(pv), e.g. a UserDataProcessor)")
     from processors.ptychonn import DEFAULT_MODEL, PtychoNNProcessor
 
     try:
-        if isinstance(cls, type) and issubclass(cls, PtychoNNProcessor):
+        if issubclass(cls, PtychoNNProcessor):
             from edge_ptychonn.stream.config import parse_processor_args
             from engines.registry import check_name
 
@@ -284,6 +301,10 @@ class LaunchConfig:
                     PositionTable.load(settings.positions_file, settings.first_unique_id)
                 except (ValueError, OSError) as exc:
                     raise ValueError(f"[stitch.args] {exc}") from None
+        try:  # the processes' logs: made at start, in the directory the chain runs in
+            check_folder(top["log_dir"])
+        except OSError as exc:
+            raise ValueError(f"log_dir {top['log_dir']!r} cannot be used: {exc}") from None
         return cls(Path(top["log_dir"]), float(top["idle_s"]), float(top["timeout_s"]), **tables)
 
     @classmethod
@@ -523,13 +544,11 @@ class Chain:
             # every forked consumer gone (a processor that failed at start): the PvaPy parent lives on
             # and would only log "No stats received"; say so now, with the reason from the log
             for p in {id(channels[c]): channels[c] for c in waiting}.values():
-                if p.name in ("inference", "hdf5") and self.cfg.inference["consumers"] > 1 and Path("/proc").is_dir():
-                    if live.child_pids(p.pid, zombies=False):
-                        forked.add(p.pid)
-                    elif p.pid in forked or "Traceback" in p.log():  # also when they died before a poll saw them
-                        self.consumers_gone[p.pid] = self.cfg.inference["consumers"]  # said here, not again at stop
-                        raise RuntimeError(f"{p.name}: its consumers exited at start; log {p.log_path}, "
-                                           f"its last errors:\n{last_errors(p.log())}")
+                if p.name in ("inference", "hdf5") and live.forked_consumers_gone(p, self.cfg.inference["consumers"],
+                                                                                  forked):
+                    self.consumers_gone[p.pid] = self.cfg.inference["consumers"]  # said here, not again at stop
+                    raise RuntimeError(f"{p.name}: its consumers exited at start; log {p.log_path}, "
+                                       f"its last errors:\n{last_errors(p.log())}")
             if waiting and time.monotonic() > deadline:
                 silent = [p for p in self.procs if any(channels[c] is p for c in waiting)]
                 raise RuntimeError(f"no answer from {', '.join(waiting)} within {timeout_s:.0f} s" + "".join(
@@ -579,7 +598,9 @@ class Chain:
         if importlib.util.find_spec("c2dataviewer") is None:
             self.say("warning: c2dv not found (pip install 'edge-ptychonn[viewer]'); no viewer started")
             return
-        if not any(os.environ.get(k) for k in ("DISPLAY", "WAYLAND_DISPLAY", "QT_QPA_PLATFORM")):
+        from .view import no_display
+
+        if no_display():
             # c2dv's Qt would abort at once, unseen: say so instead
             self.say("warning: no display (DISPLAY is not set): no viewer started; run the launcher where "
                      "there is one, or open the windows with 'bash scripts/view.sh' (Xvfb without a display)")
@@ -886,7 +907,7 @@ def run(cfg: LaunchConfig, prog: str = "edge-ptychonn launch", results: list | N
     n_sent = chain.frames_sent(n_scan)
     if snap is not None:
         print("\n".join(summary(cfg, snap, n_sent, chain.delivered_fps(snap), n_scan)
-                        + accuracy(cfg, since=chain.started_at)), flush=True)
+                        + accuracy(cfg, since=chain.started_at, n_frames=n_sent)), flush=True)
         if results is not None:
             results.append((snap, n_sent, chain.delivered_fps(snap)))
         if code == 0 and (chain.failed or frames_lost(cfg, snap, n_sent)):
@@ -894,10 +915,12 @@ def run(cfg: LaunchConfig, prog: str = "edge-ptychonn launch", results: list | N
     return code
 
 
-def accuracy(cfg: LaunchConfig, since: float | None = None) -> list[str]:
+def accuracy(cfg: LaunchConfig, since: float | None = None, n_frames: int | None = None) -> list[str]:
     """The last stitched image the stitcher saved (at ``since``, a ``time.time()``, or
     later: an earlier run's files in the folder are not this run's), scored against the
-    scan's truth (when the replayed scan has its ``.npz``), and a PNG of both beside it."""
+    scan's truth (when the replayed scan has its ``.npz``), and a PNG of both beside it.
+    ``n_frames``: the frames the sim server sent (default: the scan's), named when they cover too
+    little to be scored (with the remedy: ``accuracy.check_scorable``)."""
     if cfg.stitch is None or "outputDirectory" not in cfg.stitch["args"] or cfg.source["scan"] is None:
         return []
     folder = cfg.base / Path(cfg.stitch["args"]["outputDirectory"]).expanduser()
@@ -908,6 +931,8 @@ def accuracy(cfg: LaunchConfig, since: float | None = None) -> list[str]:
         return []
     import numpy as np
 
+    from edge_ptychonn.model_card import StitchSettings
+    from edge_ptychonn.science.accuracy import check_scorable
     from edge_ptychonn.science.metrics import score_phase
 
     image = np.load(saved[-1])
@@ -916,8 +941,13 @@ def accuracy(cfg: LaunchConfig, since: float | None = None) -> list[str]:
     weight_file = saved[-1].with_name(saved[-1].stem + "_weight.npy")
     if truth is None or truth.shape != image.shape or not weight_file.is_file():
         return [f"final stitched image  {saved[-1]}"]
-    covered = np.load(weight_file) >= cfg.stitch["args"].get("minCoverWeight", 0.5)
+    min_cover = cfg.stitch["args"].get("minCoverWeight", 0.5)
+    covered = np.load(weight_file) >= min_cover
     try:
+        if min_cover > 0:  # (0: every pixel counts, no scan is too thin)
+            if n_frames is None:
+                n_frames = len(np.load(cfg.base / cfg.source["scan"], mmap_mode="r", allow_pickle=False))
+            check_scorable(cfg.source["scan"], covered, n_frames, StitchSettings(min_cover_weight=min_cover))
         scores = score_phase(image, truth, covered)
     except ValueError as exc:
         return [f"final stitched image  {saved[-1]} (not scored: {exc})"]

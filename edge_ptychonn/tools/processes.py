@@ -104,6 +104,21 @@ def exit_statuses(parent: int) -> dict[int, int]:
     return statuses
 
 
+def forked_consumers_gone(proc: "Proc", n_consumers: int, seen: set[int]) -> bool:
+    """Whether every forked consumer of ``proc``, a ``pvapy-hpc-consumer -nc N`` started with
+    ``n_consumers`` (N > 1), is gone while the parent lives on (as PvaPy's does when its
+    processors fail at start, logging only that no statistics come): its consumers were seen
+    by an earlier call (``seen``, the caller's set of such parents' pids, which this fills)
+    and none is left; or none is left and its log holds a traceback (they died before any
+    look). Always False with one consumer (PvaPy forks none) or without /proc (Linux)."""
+    if n_consumers < 2 or not Path("/proc").is_dir():
+        return False
+    if child_pids(proc.pid, zombies=False):
+        seen.add(proc.pid)
+        return False
+    return proc.pid in seen or "Traceback" in proc.log()
+
+
 def rss_mb(pid: int) -> float:
     """Resident memory of process ``pid`` in MB (NaN once it is gone)."""
     try:

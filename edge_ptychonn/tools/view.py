@@ -49,6 +49,13 @@ MAX_REPORT_PERIOD_S = 86400.0
 DISPLAY_VARIABLES = ("DISPLAY", "WAYLAND_DISPLAY", "QT_QPA_PLATFORM")  # where Qt finds a display (or is told to draw nowhere)
 
 
+def no_display() -> bool:
+    """Whether Qt would find no display here (and abort, core dumped): on Linux (X11, Wayland)
+    none of :data:`DISPLAY_VARIABLES` is set; macOS and Windows draw without one. The one
+    check, for ``view`` and for the launcher that starts it."""
+    return sys.platform.startswith("linux") and not any(os.environ.get(k) for k in DISPLAY_VARIABLES)
+
+
 def card_levels(model: Path) -> tuple[float, float] | None:
     """(0, phase range in rad) from the model card's training scans, or None."""
     card = find_card(model)
@@ -172,8 +179,7 @@ def main(args: argparse.Namespace) -> int:
     except ImportError:
         print("edge-ptychonn view: c2dv is not installed: pip install 'edge-ptychonn[viewer]'", file=sys.stderr)
         return 2
-    if sys.platform.startswith("linux") and not any(os.environ.get(k) for k in DISPLAY_VARIABLES):
-        # Qt would abort (core dumped) with a page about its platform plugins
+    if no_display():  # Qt would abort (core dumped) with a page about its platform plugins
         print("edge-ptychonn view: no display (DISPLAY is not set): run it where there is one, under xvfb-run, "
               "or as 'bash scripts/view.sh' (which does that), or with QT_QPA_PLATFORM=offscreen (nothing visible)",
               file=sys.stderr)
