@@ -201,9 +201,9 @@ def test_a_scan_too_small_to_score_is_one_line_naming_the_scan_and_the_remedy(ca
     assert cli.main([*base, "--simulate", "smooth:3", "--simulate", "mixed:1001", "--n-positions", "1"]) == 2
     out = capsys.readouterr()
     assert out.err == ("edge-ptychonn evaluate: scan smooth:3: its 1 frame(s) cover no region that can be scored "
-                       "(where the probe's bright centre sums to stitch.min_cover_weight 0.5, the 11-pixel SSIM "
-                       "window fits nowhere): score a scan of more positions (--n-positions; 2 or more at the "
-                       "shipped model's scan settings) or of more overlap\n") and out.out == ""
+                       "(where the probe's bright centre sums to the minimum cover weight 0.5, the 11-pixel SSIM "
+                       "window fits nowhere): score a scan of more positions (evaluate: --n-positions; 2 or more at "
+                       "the shipped model's scan settings) or of more overlap\n") and out.out == ""
     assert cli.main([*base, "--simulate", "mixed:1001", "--n-positions", "2"]) == 0
     assert "(2 frames in " in capsys.readouterr().out
     _, truth = simulate_scan(ScanSettings(seed=1, n_positions=1), progress=False)

@@ -128,9 +128,9 @@ def check_scorable(name: str, covered: np.ndarray, n_frames: int, stitch: Stitch
         return
     raise ValueError(
         f"scan {name}: its {n_frames} frame(s) cover no region that can be scored (where the probe's bright "
-        f"centre sums to stitch.min_cover_weight {stitch.min_cover_weight:g}, the {2 * SSIM_RADIUS + 1}-pixel "
-        "SSIM window fits nowhere): score a scan of more positions (--n-positions; 2 or more at the shipped "
-        "model's scan settings) or of more overlap")
+        f"centre sums to the minimum cover weight {stitch.min_cover_weight:g}, the {2 * SSIM_RADIUS + 1}-pixel "
+        "SSIM window fits nowhere): score a scan of more positions (evaluate: --n-positions; 2 or more at the "
+        "shipped model's scan settings) or of more overlap")
 
 
 def held_out_settings(card: ModelCard | None, seed: int, *, family: str | None = None,
