@@ -140,23 +140,10 @@ def test_export_to_an_out_that_names_no_file_is_refused_in_words(tmp_path, capsy
 def test_sigterm_while_exporting_stops_like_ctrl_c_and_leaves_no_hidden_file(tmp_path):
     """A SIGTERM (``kill``) while ``export`` writes the model: one line, exit 130, and no hidden
     half-written ``.part`` file left (before: killed outright, the ``.part`` stayed)."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
+    from signal_util import sigterm_while_writing
 
-    argv = [sys.executable, "-m", "edge_ptychonn.cli", "export", "--out", str(tmp_path / "m.onnx"), "--width", "64"]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not list(tmp_path.glob(".m.onnx.*.part")) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.005)  # the model is written under a hidden name, renamed when whole
-        assert proc.poll() is None, proc.communicate()
-        os.kill(proc.pid, signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == 130, err
+    code, err = sigterm_while_writing(["export", "--out", str(tmp_path / "m.onnx"), "--width", "64"], tmp_path,
+                                      ".m.onnx.*.part")  # the model is written under a hidden name, renamed when whole
+    assert code == 130, err
     assert err == "edge-ptychonn export: interrupted\n"
     assert list(tmp_path.iterdir()) == []

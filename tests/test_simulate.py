@@ -315,24 +315,12 @@ def test_an_out_that_names_no_file_is_refused_in_words(tmp_path, capsys, monkeyp
 def test_sigterm_while_writing_stops_like_ctrl_c_and_leaves_no_hidden_file(tmp_path):
     """A SIGTERM (a batch system's stop, ``kill``) while the frames are written: one line, exit 130,
     and no hidden half-written ``.part`` file left (before: killed outright, the ``.part`` stayed)."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
+    from signal_util import sigterm_while_writing
 
-    argv = [sys.executable, "-m", "edge_ptychonn.cli", "simulate", "--out", str(tmp_path / "s"),
-            "--n-positions", "2000", "--quiet"]  # 65 MB of frames and 135 MB of truth: a write that takes a while
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not list(tmp_path.glob(".s.np?.*.part")) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.005)  # the files are written under hidden names, renamed when both are whole
-        assert proc.poll() is None, proc.communicate()
-        os.kill(proc.pid, signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == 130, err
+    # 65 MB of frames and 135 MB of truth: a write that takes a while; the files are written
+    # under hidden names, renamed when both are whole
+    code, err = sigterm_while_writing(["simulate", "--out", str(tmp_path / "s"), "--n-positions", "2000", "--quiet"],
+                                      tmp_path, ".s.np?.*.part")
+    assert code == 130, err
     assert err == "edge-ptychonn simulate: interrupted\n"
     assert list(tmp_path.iterdir()) == []

@@ -457,26 +457,13 @@ def test_photons_that_leave_nothing_to_train_on_are_refused_in_one_line(tmp_path
 def test_sigterm_stops_training_like_ctrl_c_and_leaves_no_half_written_file(tmp_path):
     """A SIGTERM (a batch system's stop) while the exported model is being scored: one line, exit
     130, and no hidden half-written file left beside the outputs (before: killed outright)."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
+    from signal_util import sigterm_while_writing
 
-    argv = [sys.executable, "-m", "edge_ptychonn.cli", "train", "--out", str(tmp_path / "m"), "--train-scans", "2",
-            "--val-scans", "1", "--positions-per-scan", "8", "--batch-size", "8", "--epochs", "1", "--width", "4",
-            "--depth", "2", "--threads", "1", "--quiet", "--eval", "mixed:1001", "mixed:1002", "mixed:1003"]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not list(tmp_path.glob(".m.onnx.*.part")) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)  # the model is exported under a hidden name, then scored there
-        assert proc.poll() is None, proc.communicate()
-        os.kill(proc.pid, signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == 130, err
+    code, err = sigterm_while_writing(  # the model is exported under a hidden name, then scored there
+        ["train", "--out", str(tmp_path / "m"), "--train-scans", "2", "--val-scans", "1", "--positions-per-scan", "8",
+         "--batch-size", "8", "--epochs", "1", "--width", "4", "--depth", "2", "--threads", "1", "--quiet",
+         "--eval", "mixed:1001", "mixed:1002", "mixed:1003"], tmp_path, ".m.onnx.*.part", poll_s=0.02)
+    assert code == 130, err
     assert err.strip().endswith("edge-ptychonn train: interrupted") and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]  # the epoch's checkpoint, whole
 
