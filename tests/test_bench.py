@@ -852,10 +852,11 @@ def test_a_consumer_that_dies_during_a_point_is_named_in_its_error(tmp_path, mon
     monkeypatch.setattr(bench_pipeline.CpuSample, "take", classmethod(take_and_kill))
     env = live.use_loopback()
     procs = bench_pipeline.Procs()
-    settings = bench_pipeline.PipelineSettings(model_path=tmp_path / "unused.onnx", duration_s=3.0)
+    # a short stream (64 frames at 100 fps) and a start delay that a passthrough consumer meets
+    settings = bench_pipeline.PipelineSettings(model_path=tmp_path / "unused.onnx", duration_s=0.5)
     try:
-        r = bench_pipeline.run_point(settings, "passthrough", n_consumers, 25.0, bench_pipeline.make_frames(8, (32, 32)),
-                                     tmp_path, env, procs, f"{PREFIX}die{n_consumers}", 12.0)
+        r = bench_pipeline.run_point(settings, "passthrough", n_consumers, 100.0, bench_pipeline.make_frames(8, (32, 32)),
+                                     tmp_path, env, procs, f"{PREFIX}die{n_consumers}", 8.0)
     finally:
         procs.stop_all()
     assert killed, r.error

@@ -504,6 +504,7 @@ def test_configure_on_a_channel_that_is_no_control_channel_is_one_line(pva_env, 
     assert wait_until(lambda: read_status(channel, 1.0), 60), "the sim server's channel did not appear"
     assert cli.main(["configure", channel, "batchTimeout=0.2"]) == 2
     _one_line(capsys.readouterr().err, f"edge-ptychonn configure: {channel} is not a consumer's control channel")
+    procs[-1].stop(grace_s=0.1)  # the sim server waits out a SIGINT's grace (5 s); SIGTERM ends it at once
 
 
 # a processor whose consumer 2 dies as it starts (a crash in its engine); consumer 1 runs on
