@@ -31,6 +31,7 @@ calls :func:`edge_ptychonn.callbacks.keep_thread_state` first (through :meth:`Pr
 from __future__ import annotations
 
 import contextlib
+import heapq
 import threading
 from collections import Counter
 from typing import Any, Callable, ClassVar
@@ -63,6 +64,31 @@ def attribute_value(attributes: list, name: str) -> float | None:
 def seconds(time_stamp: dict) -> float:
     """An EPICS time stamp dict -> seconds past the epoch (float)."""
     return time_stamp.get("secondsPastEpoch", 0) + time_stamp.get("nanoseconds", 0) * 1e-9
+
+
+class RecentIds:
+    """The uniqueIds of a scan that are still recent: those not below a floor that rises with
+    the stream (the highest uniqueId less the processor's ``restartWindow``). An id further
+    below starts a new scan whether remembered or not, so forgetting it changes nothing, and
+    the set stays bounded however long a scan runs. ``uid in ids``, ``len(ids)``."""
+
+    def __init__(self) -> None:
+        self._ids: set[int] = set()
+        self._heap: list[int] = []  # the same ids, the lowest first (to forget them)
+
+    def __contains__(self, unique_id: int) -> bool:
+        return unique_id in self._ids
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def add(self, unique_id: int, forget_below: int) -> None:
+        """Remember ``unique_id``; forget the ids below ``forget_below``."""
+        if unique_id not in self._ids:
+            self._ids.add(unique_id)
+            heapq.heappush(self._heap, unique_id)
+        while self._heap and self._heap[0] < forget_below:
+            self._ids.discard(heapq.heappop(self._heap))
 
 
 class StatsFromTable:

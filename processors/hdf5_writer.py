@@ -98,7 +98,6 @@ Statistics (status channel ``userStats``) -- see :data:`STATS`
 
 from __future__ import annotations
 
-import heapq
 import json
 import queue
 import threading
@@ -114,7 +113,7 @@ from edge_ptychonn.stream.arguments import (
     choice, integer, number, optional, path, text, text_list,
 )
 from processors import shutdown
-from processors.base import ProcessorBase, attribute_value, seconds
+from processors.base import ProcessorBase, RecentIds, attribute_value, seconds
 
 NAME_ATTEMPTS = 5  # free names tried when other processes take them as this one opens a file
 COMPRESSIONS = ("none", "gzip", "lzf", "blosc", "lz4", "zstd", "bitshuffle")
@@ -343,8 +342,7 @@ class Hdf5WriterProcessor(ProcessorBase):
         self._scan_pending = True  # the next file opened starts a new scan number
         # uniqueIds of the current scan within restartWindow of its highest (restart detection;
         # an id further below starts a new scan anyway): bounded however long a scan runs
-        self._scan_ids: set[int] = set()
-        self._scan_ids_heap: list[int] = []  # the same ids, the lowest first (to forget them)
+        self._scan_ids = RecentIds()
         self._scan_max_id = 0
         self._retry_at = 0.0  # after a write error: no new file before this (monotonic s)
         self._in_hand = 0  # frames the writer thread took from the queue and has not yet settled
@@ -460,8 +458,7 @@ class Hdf5WriterProcessor(ProcessorBase):
     def _end_scan(self) -> None:
         self._close()
         self._scan_pending = True
-        self._scan_ids = set()
-        self._scan_ids_heap = []
+        self._scan_ids = RecentIds()
         self._scan_max_id = 0
 
     def _is_restart(self, frame: _Frame) -> bool:
@@ -470,16 +467,10 @@ class Hdf5WriterProcessor(ProcessorBase):
         )
 
     def _remember(self, unique_id: int) -> None:
-        """Note a uniqueId of the current scan; forget those that fell more than restartWindow
-        below the highest (they start a new scan whether remembered or not)."""
-        if unique_id not in self._scan_ids:
-            self._scan_ids.add(unique_id)
-            heapq.heappush(self._scan_ids_heap, unique_id)
+        """Note a uniqueId of the current scan (the ids more than restartWindow below the
+        highest are forgotten: they start a new scan anyway)."""
         self._scan_max_id = max(self._scan_max_id, unique_id)
-        low = self._scan_max_id - self.settings.restart_window
-        heap = self._scan_ids_heap
-        while heap and heap[0] < low:
-            self._scan_ids.discard(heapq.heappop(heap))
+        self._scan_ids.add(unique_id, self._scan_max_id - self.settings.restart_window)
 
     def _write(self, frames: list[_Frame]) -> None:
         """Append frames to the current file (new files at restarts); settles every frame."""

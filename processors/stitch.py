@@ -108,7 +108,6 @@ Statistics (status channel ``userStats``) -- see :data:`STATS`.
 from __future__ import annotations
 
 import bisect
-import heapq
 import threading
 import time
 import zipfile
@@ -127,7 +126,7 @@ from edge_ptychonn.stream.arguments import (
     choice, int_pair, integer, number, optional, path, text, text_list,
 )
 from processors import shutdown
-from processors.base import ProcessorBase, attribute_value, seconds
+from processors.base import ProcessorBase, RecentIds, attribute_value, seconds
 
 
 # ---------------------------------------------------------------- positions
@@ -384,8 +383,7 @@ class _Scan:
         self.index = index
         self.stitcher = stitcher
         self.n_placed = 0
-        self.placed: set[int] = set()
-        self._placed_heap: list[int] = []  # the same ids, the lowest first (to forget them)
+        self.placed = RecentIds()
         self.last_unique_id = 0
         self.first_placed_s = 0.0
         self.last_placed_s = 0.0
@@ -394,14 +392,9 @@ class _Scan:
 
     def remember(self, unique_id: int, low: int) -> None:
         """Count a placed frame; keep its uniqueId while it is not below ``low`` (the highest
-        uniqueId received minus restartWindow), forgetting those that fell below it."""
+        uniqueId received minus restartWindow)."""
         self.n_placed += 1
-        if unique_id not in self.placed:
-            self.placed.add(unique_id)
-            heapq.heappush(self._placed_heap, unique_id)
-        heap = self._placed_heap
-        while heap and heap[0] < low:
-            self.placed.discard(heapq.heappop(heap))
+        self.placed.add(unique_id, low)
 
     def place_rate_hz(self) -> float:
         n = self.n_placed

@@ -819,7 +819,7 @@ def test_a_long_scan_keeps_only_the_ids_within_the_restart_window(rng):
     p = make({"objectShape": [40, 48], "restartWindow": window}, publisher)
     for uid in range(1, n + 1):
         p.process(attributed_frame(uid, patches[uid % 10], positions[uid % 10]))
-    assert len(p.scan.placed) <= window + 1 and len(p.scan._placed_heap) <= window + 1
+    assert len(p.scan.placed) <= window + 1 and len(p.scan.placed._heap) <= window + 1
     stats = p.getStats()
     assert stats["scanFramesPlaced"] == n and stats["nFramesPlaced"] == n and stats["nScans"] == 1
     scan = p.scan
