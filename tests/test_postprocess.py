@@ -27,6 +27,21 @@ def test_pixels_outside_the_disc_take_the_fill_value_in_place():
     assert np.array_equal(mask.apply(stack)[1], mask.apply(single))
 
 
+@pytest.mark.parametrize("fill", [0.0, 0.5])
+def test_values_that_are_not_finite_outside_the_disc_are_replaced_and_inside_kept(fill):
+    """With fill 0 the mask is a product with the disc, which turns an infinity or a NaN outside
+    it into NaN: those batches get the masked copy too. Inside, a bad value stays bad (the
+    pipeline counts that frame as a non-finite output)."""
+    mask = OutputMask(centre_yx=(7.5, 7.5), radius_px=4.0, fill_rad=fill)
+    batch = np.full((3, 1, 16, 16), -1.5, np.float32)
+    batch[0, 0, 0, 0], batch[1, 0, 15, 3], batch[2, 0, 7, 7] = np.nan, -np.inf, np.inf
+    out = apply_output_mask(batch, mask)
+    outside = mask.outside((16, 16))
+    assert np.all(out[:, 0][:, outside] == fill)
+    assert np.all(out[:2, 0][:, ~outside] == -1.5)
+    assert out[2, 0, 7, 7] == np.inf and np.isfinite(out[:2]).all()
+
+
 def test_read_only_outputs_are_copied_and_none_leaves_outputs_alone():
     frozen = np.ones((1, 1, 8, 8), np.float32)
     frozen.setflags(write=False)

@@ -187,3 +187,18 @@ def test_a_frame_whose_binned_sums_overflow_does_not_spoil_the_running_mean():
         preprocess(np.full((8, 8), 3e38, np.float32), config, running)  # that frame itself is lost
     for _ in range(10):
         np.testing.assert_allclose(preprocess(good, config, running), expected, rtol=1e-6)
+
+
+def test_negative_counts_are_clipped_only_where_there_are_any_and_huge_totals_stay_finite():
+    """The clip before the root runs only on batches holding a negative value; a frame total
+    beyond float32's range is summed again in float64 (normalize 'total' then scales it)."""
+    from edge_ptychonn.stream.preprocess import transform_batch
+
+    config = PreprocessConfig(transform="sqrt")
+    batch = np.array([[[4.0, 9.0]], [[16.0, -3.0]]], np.float32)
+    transform_batch(batch, config)
+    assert batch.tolist() == [[[2.0, 3.0]], [[4.0, 0.0]]]
+    config = PreprocessConfig(transform="none", normalize="total", reference_total=2.0)
+    huge = np.full((1, 4, 4), 3e38, np.float32)  # total 4.8e39: inf in float32
+    transform_batch(huge, config)
+    np.testing.assert_allclose(huge, 2.0 / 16, rtol=1e-6)
