@@ -81,8 +81,8 @@ def decode(pv: pva.PvObject, received_s: float | None = None) -> tuple[FrameMeta
     uniqueId where it has one) or NotAFrame."""
     received_s = time.perf_counter() if received_s is None else received_s
     try:
-        unique_id = int(pv["uniqueId"])
-    except (KeyError, TypeError, ValueError, pva.FieldNotFound) as exc:
+        unique_id = int(_typed(pv, "uniqueId", pv.getInt))
+    except (AttributeError, KeyError, TypeError, ValueError, pva.FieldNotFound) as exc:
         raise BadFrame("malformed", f"not an NTNDArray: {exc}") from exc
     try:
         return _decode(pv, unique_id, received_s)
@@ -96,16 +96,17 @@ def decode(pv: pva.PvObject, received_s: float | None = None) -> tuple[FrameMeta
 
 
 def _decode(pv: pva.PvObject, unique_id: int, received_s: float) -> tuple[FrameMeta, np.ndarray]:
-    # Each field is read once: every read converts PVA data to Python objects, and
+    # Each field is read once, through the getter of its type where it has one (a third to
+    # a quarter of pv[name]'s cost): every read converts PVA data to Python objects, and
     # this runs for every frame on the receive thread.
     try:
-        dims = pv["dimension"]
+        dims = _typed(pv, "dimension", pv.getStructureArray)
         field = pv.getSelectedUnionFieldName()
     except (KeyError, TypeError, pva.FieldNotFound) as exc:
         raise BadFrame("malformed", f"not an NTNDArray: {exc}") from exc
-    attributes = _field(pv, "attribute", [])
-    time_stamp = _field(pv, "timeStamp", _ZERO_TS)
-    data_time_stamp = _field(pv, "dataTimeStamp", _ZERO_TS)
+    attributes = _field(pv, "attribute", [], pv.getStructureArray)
+    time_stamp = _field(pv, "timeStamp", _ZERO_TS, pv.getStructure)
+    data_time_stamp = _field(pv, "dataTimeStamp", _ZERO_TS, pv.getStructure)
     if len(dims) == 0 and not field:
         raise NotAFrame(f"record {unique_id} holds no image (a (re)connect update)")
     meta = FrameMeta(unique_id, time_stamp, data_time_stamp, attributes, received_s)
@@ -118,7 +119,7 @@ def _decode(pv: pva.PvObject, unique_id: int, received_s: float) -> tuple[FrameM
         raise BadFrame("empty", "frame has no data")
     if field not in SUPPORTED_FIELDS:
         raise BadFrame("dtype", f"unsupported pixel type {field!r}; supported: {', '.join(sorted(SUPPORTED_FIELDS))}")
-    codec = _field(pv, "codec.name", "")
+    codec = _field(pv, "codec.name", "", pv.getString)
     if codec and codec not in CODEC_PACKAGES:
         raise BadFrame("codec", f"unsupported codec {codec!r}; supported: {', '.join(CODEC_PACKAGES)}")
     nx, ny = dims[0]["size"], dims[1]["size"]
@@ -148,10 +149,20 @@ def _decode(pv: pva.PvObject, unique_id: int, received_s: float) -> tuple[FrameM
     return meta, image
 
 
-def _field(pv: pva.PvObject, name: str, default):
-    """``pv[name]``, or a copy of ``default`` where the record has no such field."""
+def _typed(pv: pva.PvObject, name: str, getter):
+    """``getter(name)`` (a typed getter of ``pv``: the cheap read), or ``pv[name]`` where
+    the field is of another type than the getter's (a malformed record: the caller says so)."""
     try:
+        return getter(name)
+    except pva.InvalidRequest:
         return pv[name]
+
+
+def _field(pv: pva.PvObject, name: str, default, getter):
+    """``pv[name]`` read with ``getter`` (:func:`_typed`), or a copy of ``default`` where the
+    record has no such field."""
+    try:
+        return _typed(pv, name, getter)
     except (KeyError, pva.FieldNotFound):
         return type(default)(default)
 
@@ -235,10 +246,11 @@ class FrameEncoder:
             size = nx * ny * 4
             pv["compressedSize"] = size
             pv["uncompressedSize"] = size
-        pv["uniqueId"] = meta.unique_id
-        pv["value"] = {"floatValue": np.ascontiguousarray(image, dtype=np.float32).ravel()}
-        pv["timeStamp"] = meta.time_stamp
-        pv["dataTimeStamp"] = meta.data_time_stamp
+        # the typed setters: a third to two thirds of pv[name] = value's cost
+        pv.setInt("uniqueId", meta.unique_id)
+        pv.setUnion("value", {"floatValue": np.ascontiguousarray(image, dtype=np.float32).ravel()})
+        pv.setStructure("timeStamp", meta.time_stamp)
+        pv.setStructure("dataTimeStamp", meta.data_time_stamp)
         attributes = meta.attributes
         if attributes != self._attributes:  # a stream's attributes rarely change: set only then
             self._attributes = attributes
