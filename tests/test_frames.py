@@ -133,3 +133,29 @@ def test_double_pixels_beyond_float32_are_nonfinite_frames():
     image[2, 3] = -3e38  # within float32's range: a good frame
     _, out = decode(good_frame(12, image))
     assert out.dtype == np.float64 and np.isfinite(out.astype(np.float32)).all()
+
+
+def _record(unique_id_type, unique_id, image: np.ndarray) -> pva.PvObject:
+    """An NTNDArray-like record: no attributes, time stamps or codec, ``uniqueId`` of the given type."""
+    ny, nx = image.shape
+    pv = pva.PvObject({"uniqueId": unique_id_type, "value": ({"shortValue": [pva.SHORT]},),
+                       "dimension": [{"size": pva.INT, "offset": pva.INT, "fullSize": pva.INT,
+                                      "binning": pva.INT, "reverse": pva.BOOLEAN}]})
+    pv["uniqueId"] = unique_id
+    pv["value"] = {"shortValue": image.ravel()}
+    pv["dimension"] = [{"size": nx, "offset": 0, "fullSize": nx, "binning": 1, "reverse": False},
+                       {"size": ny, "offset": 0, "fullSize": ny, "binning": 1, "reverse": False}]
+    return pv
+
+
+def test_fields_of_another_type_than_ntndarrays_are_read_or_refused(rng):
+    """decode reads each field with PvaPy's typed getter; a field of another type is read the
+    general way (a long uniqueId), or makes a malformed frame (a text uniqueId); missing
+    optional fields take their defaults."""
+    image = rng.integers(0, 1000, (6, 10), dtype=np.int16)
+    meta, out = decode(_record(pva.LONG, 77, image))
+    assert meta.unique_id == 77 and meta.attributes == [] and meta.time_stamp["secondsPastEpoch"] == 0
+    np.testing.assert_array_equal(out, image)
+    with pytest.raises(BadFrame) as info:
+        decode(_record(pva.STRING, "seven", image))
+    assert info.value.kind == "malformed" and "not an NTNDArray" in str(info.value)
