@@ -150,3 +150,18 @@ def test_nan_and_infinity_are_refused_where_a_number_is_due(tmp_path):
             Hdf5WriterProcessor({"outputDirectory": str(tmp_path / "h5"), key: math.nan})
     stitcher = StitchProcessor({"outputDirectory": str(tmp_path / "st"), "objectShape": [64, 64], "fill": math.nan})
     assert math.isnan(stitcher.settings.fill)
+
+
+def test_an_integer_beyond_floats_range_is_refused_where_a_number_is_due(small_model):
+    """JSON allows an integer of any length: 10**400 made float() raise OverflowError, a
+    traceback at start and an unexplained "Configuration failed" at run time."""
+    from edge_ptychonn.stream.arguments import number
+
+    huge = 10**400
+    for convert in (number(), number(0, 1), number(finite=False)):
+        with pytest.raises(ValueError, match="must be a .*number"):
+            convert(huge)
+    assert number(0)(10**300) == 1e300
+    for key in ("scale", "offset", "referenceTotal", "batchTimeout"):
+        with pytest.raises(ValueError, match=f"{key} must be"):
+            parse_processor_args({"modelPath": str(small_model), key: -huge})

@@ -87,11 +87,15 @@ def number(lo: float | None = None, hi: float | None = None, finite: bool = True
     False (NaN passes every range check: a rate or a timeout of NaN never fires)."""
 
     def convert(value: Any) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-            (lo is not None and value < lo) or (hi is not None and value > hi)
-        ) or (finite and not math.isfinite(value)):
+        try:  # an integer beyond float's range (JSON allows any number of digits) is out of range
+            as_float = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+        except OverflowError:
+            as_float = None
+        if as_float is None or (lo is not None and as_float < lo) or (hi is not None and as_float > hi) or (
+            finite and not math.isfinite(as_float)
+        ):
             raise ValueError(f"must be a {'finite ' if finite else ''}number{_range(lo, hi)}, got {short_repr(value)}")
-        return float(value)
+        return as_float
 
     return convert
 
