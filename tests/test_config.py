@@ -165,3 +165,17 @@ def test_an_integer_beyond_floats_range_is_refused_where_a_number_is_due(small_m
     for key in ("scale", "offset", "referenceTotal", "batchTimeout"):
         with pytest.raises(ValueError, match=f"{key} must be"):
             parse_processor_args({"modelPath": str(small_model), key: -huge})
+
+
+def test_a_path_with_a_nul_character_is_refused_naming_its_key(tmp_path):
+    """Every path argument (modelPath, planCacheDir, the writers' outputDirectory ...) refuses a
+    NUL at start, naming the key; the first use raised a bare "embedded null byte"."""
+    from processors.hdf5_writer import Hdf5WriterProcessor
+    from processors.stitch import StitchProcessor
+
+    with pytest.raises(ValueError, match="planCacheDir must be a path without a NUL"):
+        parse_processor_args({"modelPath": "m.onnx", "planCacheDir": "plans\0x"})
+    with pytest.raises(ValueError, match="outputDirectory must be a path without a NUL"):
+        Hdf5WriterProcessor({"outputDirectory": str(tmp_path / "a\0b")})
+    with pytest.raises(ValueError, match="outputDirectory must be a path without a NUL"):
+        StitchProcessor({"outputDirectory": str(tmp_path / "a\0b"), "objectShape": [64, 64]})

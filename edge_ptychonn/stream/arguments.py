@@ -139,11 +139,14 @@ def text(allow_empty: bool = False) -> Converter:
 
 
 def path() -> Converter:
-    """A file-system path (``~`` expanded)."""
+    """A file-system path (``~`` expanded); no NUL character (no file system takes one: the
+    first use would fail with a bare "embedded null byte")."""
 
     def convert(value: Any) -> Path:
         if not isinstance(value, str) or not value:
             raise ValueError(f"must be a path (string), got {short_repr(value)}")
+        if "\0" in value:
+            raise ValueError(f"must be a path without a NUL character, got {short_repr(value)}")
         return Path(value).expanduser()
 
     return convert
