@@ -9,8 +9,8 @@ import numpy as np
 from edge_ptychonn.devices import parse_device
 
 from .base import (
-    AutoCandidate, EngineOptions, EngineSpec, EngineUnavailable, FixedBatchRunner, check_batch, default_cpu_threads,
-    engine_device,
+    AutoCandidate, EngineOptions, EngineSpec, EngineUnavailable, FixedBatchRunner, ModelNotSupported, check_batch,
+    default_cpu_threads, engine_device,
 )
 from .onnx_model import read_signature
 
@@ -67,7 +67,10 @@ class OnnxRuntimeEngine:
         if device != "cpu":
             index = int(device.partition(":")[2])
             providers = [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
-        self._session = ort.InferenceSession(str(options.model_path), so, providers=providers)
+        try:
+            self._session = ort.InferenceSession(str(options.model_path), so, providers=providers)
+        except Exception as exc:
+            raise _unavailable(exc, f"onnxruntime cannot load {options.model_path}") from exc
         if device != "cpu" and self._session.get_providers()[0] != "CUDAExecutionProvider":
             # ONNX Runtime falls back to the CPU with a warning when its CUDA provider cannot start
             # (CUDA or cuDNN libraries missing): never run on the CPU while reporting the GPU
@@ -84,7 +87,15 @@ class OnnxRuntimeEngine:
         self.max_batch = options.max_batch
         self._fixed = FixedBatchRunner(signature.fixed_batch, signature.input_shape) if signature.fixed_batch else None
         # Warm up: the first run pays for memory planning; keep it off the first frames' latency.
-        self.infer(np.zeros((self.max_batch, 1, *self.input_shape), np.float32))
+        try:
+            out = self.infer(np.zeros((self.max_batch, 1, *self.input_shape), np.float32))
+        except Exception as exc:
+            raise _unavailable(exc, f"onnxruntime cannot run {options.model_path}") from exc
+        if out.shape != (self.max_batch, 1, *self.input_shape):  # as the TensorRT engine refuses it
+            raise ModelNotSupported(
+                f"{options.model_path}: its output {signature.phase_output!r} is {tuple(out.shape)} for a batch of "
+                f"{(self.max_batch, 1, *self.input_shape)}: a phase image per frame must have the frame's shape"
+            )
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         return self._session.run(self._outputs, {self._input: batch})[0]
@@ -98,3 +109,16 @@ class OnnxRuntimeEngine:
 
     def close(self) -> None:
         self._session = None
+
+
+def _unavailable(exc: Exception, what: str) -> Exception:
+    """ONNX Runtime's own error (its exception classes derive from Exception only) as
+    ``ModelNotSupported``, or ``EngineUnavailable`` for a device or provider failure, so that
+    callers print one line and ``auto`` tries the next engine; any other error unchanged."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
+
+    if type(exc).__module__ != ort_errors.__name__:
+        return exc
+    device_errors = tuple(getattr(ort_errors, n) for n in ("EPFail", "DeviceReset") if hasattr(ort_errors, n))
+    cls = EngineUnavailable if isinstance(exc, device_errors) else ModelNotSupported
+    return cls(f"{what}: {exc}")

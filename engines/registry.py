@@ -202,6 +202,9 @@ def _build(cls, options: EngineOptions) -> Engine:
     engine = cls(options)
     if workers <= 1 or engine.device != "cpu" or not cls.SPEC.computes_model:
         return engine
+    # the copies run where the first one does: under device 'auto' an engine that fell back to
+    # the CPU (ONNX Runtime's CUDA provider failing) would try the GPU again in each copy
+    options = replace(options, device="cpu")
     engines = [engine]
     try:
         while len(engines) < workers:

@@ -23,6 +23,7 @@ The CUDA path has not run on a GPU in this project's CI (no GPU there).
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import numpy as np
 
@@ -31,6 +32,9 @@ from .base import (
     default_cpu_threads, engine_device, keep_freed_memory,
 )
 from .onnx_model import read_signature
+
+log = logging.getLogger(__name__)
+_WARNED_EMULATED: set[str] = set()  # precisions already said to be emulated (once per process, not per worker)
 
 
 class TorchEngine:
@@ -79,6 +83,11 @@ class TorchEngine:
             options.precision
         ]
         if device == "cpu":
+            if not self.SPEC.native_on_cpu(options.precision) and options.precision not in _WARNED_EMULATED:
+                _WARNED_EMULATED.add(options.precision)  # named on purpose: run it, but say what it costs
+                log.warning("torch %s is emulated on this CPU (it has none of %s): expect it several times slower "
+                            "than fp32; engine 'auto' picks only precisions native here", options.precision,
+                            "/".join(self.SPEC.cpu_native.get(options.precision, ())))
             torch.set_num_threads(options.cpu_threads or default_cpu_threads())
             keep_freed_memory()
         else:

@@ -505,3 +505,109 @@ def test_a_file_that_is_no_onnx_model_is_one_line_naming_it(tmp_path, capsys):
                      "--engine", "onnxruntime", "--quiet"]) == 2
     assert capsys.readouterr().err == (f"edge-ptychonn evaluate: {json_model} is not a readable ONNX model: a .json "
                                        f"is a model card, not a model; give {shipped}\n")
+
+
+def test_cpu_workers_of_an_engine_that_fell_back_from_the_gpu_do_not_try_it_again(small_model, monkeypatch, caplog):
+    """Device 'auto', a GPU seen but ONNX Runtime's CUDA provider failing: the first copy falls back
+    to the CPU with a warning; the other workers' copies start on the CPU (before: each asked for the
+    CUDA provider again, paid the failed start and logged the same warning: three for three workers)."""
+    import logging
+    import warnings
+
+    import onnxruntime as ort
+
+    from engines.onnxruntime_engine import OnnxRuntimeEngine
+    from engines.workers import WorkerPool
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has a CUDA provider")
+    monkeypatch.setattr(OnnxRuntimeEngine, "count_gpus", staticmethod(lambda: 1))
+    asked = []
+    real_session = ort.InferenceSession
+
+    def session(path, so, providers=None):
+        asked.append([p if isinstance(p, str) else p[0] for p in providers])
+        return real_session(path, so, providers=providers)
+
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    with caplog.at_level(logging.WARNING, logger="engines"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pool = create_engine("onnxruntime", EngineOptions(small_model, device="auto", max_batch=2, cpu_threads=1,
+                                                          cpu_workers=3))
+    assert isinstance(pool, WorkerPool) and pool.device == "cpu (3 workers x 1 thread)"
+    assert asked == [["CUDAExecutionProvider", "CPUExecutionProvider"], ["CPUExecutionProvider"],
+                     ["CPUExecutionProvider"]]
+    assert caplog.text.count("could not start its CUDA provider") == 1
+    pool.close()
+
+
+def test_a_model_onnx_runtime_cannot_load_or_run_is_one_line_and_auto_goes_on(tmp_path, capsys):
+    """ONNX Runtime's own errors derive from Exception only: a graph with an operator it does not
+    know (or one that fails in the warm-up) came out of 'evaluate' and of a consumer's start as a
+    traceback of onnxruntime's Fail. Now ModelNotSupported naming the model: one line, and 'auto'
+    goes on to the next engine."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from edge_ptychonn import cli
+    from engines.base import ModelNotSupported
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1, 8, 8])
+    unknown = helper.make_model(helper.make_graph([helper.make_node("Mystery", ["x"], ["y"], domain="com.example")],
+                                                  "g", [x], [y]), ir_version=9,
+                                opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
+    onnx.save(unknown, tmp_path / "unknown.onnx")
+    shape = helper.make_tensor("shape", TensorProto.INT64, [2], [3, -1])  # 3 rows of n * 64 values: fails for n=2
+    fails = helper.make_model(helper.make_graph([helper.make_node("Reshape", ["x", "shape"], ["y"])], "g", [x],
+                                                [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, None])],
+                                                [shape]), ir_version=9, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(fails, tmp_path / "fails.onnx")
+    for name, what in (("unknown", "cannot load"), ("fails", "cannot run")):
+        path = tmp_path / f"{name}.onnx"
+        with pytest.raises(ModelNotSupported, match=f"onnxruntime {what} {re.escape(str(path))}: "):
+            create_engine("onnxruntime", EngineOptions(path, device="cpu", max_batch=2))
+    path = tmp_path / "unknown.onnx"
+    assert cli.main(["evaluate", "--model", str(path), "--simulate", "mixed:1", "--n-positions", "2", "--engine",
+                     "onnxruntime", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"edge-ptychonn evaluate: onnxruntime cannot load {path}: ") and err.count("\n") == 1
+    with pytest.raises(EngineUnavailable, match="engine 'auto' found nothing to run.*onnxruntime cannot load"):
+        create_engine("auto", EngineOptions(path, device="cpu", max_batch=2))
+
+
+def test_a_precision_the_cpu_only_emulates_runs_when_named_with_one_warning(small_model, monkeypatch, caplog):
+    """torch fp16 on a CPU without AVX512-FP16/AMX-FP16 runs about 7x slower than fp32
+    (docs/benchmarks.md): named on purpose it runs, but said once (not once per worker); before,
+    a consumer so configured fell behind without a word. Native precisions say nothing."""
+    pytest.importorskip("torch")
+    import logging
+
+    from engines import torch_engine
+
+    monkeypatch.setattr(devices, "cpu_flags", lambda: frozenset({"avx2"}))
+    monkeypatch.setattr(torch_engine, "_WARNED_EMULATED", set())
+    with caplog.at_level(logging.WARNING, logger="engines"):
+        for precision in ("fp32", "fp16", "fp16"):
+            create_engine("torch", EngineOptions(small_model, device="cpu", precision=precision, max_batch=2,
+                                                 cpu_threads=1, cpu_workers=2)).close()
+    assert caplog.text.count("emulated") == 1
+    assert "torch fp16 is emulated on this CPU (it has none of amx_fp16/avx512_fp16)" in caplog.text
+
+
+def test_a_model_whose_phase_is_not_the_frames_shape_is_refused(small_model, tmp_path):
+    """A graph declared for 60x60 frames whose three pool/upsample stages give 56x56: ONNX Runtime
+    returned (n, 1, 56, 56) for (n, 1, 60, 60) without a word (the TensorRT engine refuses such a
+    plan), and every batch then failed at the output mask or published images of another size."""
+    import onnx
+
+    from engines.base import ModelNotSupported
+
+    proto = onnx.load(str(small_model))
+    for value in (*proto.graph.input, *proto.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        dims[2].dim_value = dims[3].dim_value = 60
+    path = tmp_path / "sixty.onnx"
+    onnx.save(proto, str(path))
+    with pytest.raises(ModelNotSupported, match=r"its output 'phase' is \(2, 1, 56, 56\) for a batch of \(2, 1, 60, 60\)"):
+        create_engine("onnxruntime", EngineOptions(path, device="cpu", max_batch=2))
