@@ -6,7 +6,8 @@ A processor declares, once, as class attributes:
     ``camelCaseKey -> (field, converter)`` (see :mod:`edge_ptychonn.stream.arguments`);
 ``SETTINGS``
     a frozen dataclass whose fields are the table's fields (its defaults apply
-    to keys not given; its ``__post_init__`` checks the combination);
+    to keys not given; its ``__post_init__`` checks the combination, and its
+    files and folders only if :func:`at_start`);
 ``STATS``
     ``statsKey -> (pva type, getter(processor))``: ``getStats()`` and
     ``getStatsPvaTypes()`` are both derived from it, so their keys cannot drift;
@@ -31,6 +32,7 @@ calls :func:`edge_ptychonn.callbacks.keep_thread_state` first (through :meth:`Pr
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import heapq
 import threading
 from collections import Counter
@@ -44,6 +46,16 @@ from edge_ptychonn.stream.arguments import ArgTable, boolean, convert_value, par
 from edge_ptychonn.stream.frames import BadFrame, NotAFrame, decode
 
 StatsTable = dict[str, tuple[Any, Callable[[Any], Any]]]
+
+_RUNTIME_CHANGE = contextvars.ContextVar("runtime_change", default=False)
+
+
+def at_start() -> bool:
+    """False while :meth:`ProcessorBase.apply_changes` builds the new settings of a run-time
+    change. A ``SETTINGS`` class checks its files and folders only at start (and when a
+    launcher validates the arguments): a change of ``fill`` is not refused because a file
+    read at start has moved since."""
+    return not _RUNTIME_CHANGE.get()
 
 
 def attribute_value(attributes: list, name: str) -> float | None:
@@ -168,7 +180,11 @@ class ProcessorBase(StatsFromTable, AdImageProcessor):
     def apply_changes(self, changes: Any) -> dict:
         """Validate ``changes`` against ``RUNTIME_KEYS``, swap in the new settings,
         and return the user keys applied (raises ``ValueError``: nothing changes)."""
-        new, applied = runtime_changes(self.settings, changes, self.ARGS, self.RUNTIME_KEYS)
+        token = _RUNTIME_CHANGE.set(True)
+        try:
+            new, applied = runtime_changes(self.settings, changes, self.ARGS, self.RUNTIME_KEYS)
+        finally:
+            _RUNTIME_CHANGE.reset(token)
         self.settings = new
         return applied
 

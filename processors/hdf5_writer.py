@@ -35,7 +35,8 @@ Output
                        first frame has them
     attributes         ``processorSettings`` (JSON of the processor arguments),
                        ``inputChannel``, ``processorId``, ``scan``, ``created``,
-                       ``modelCard`` (text of ``modelCard``) and ``modelCardPath``
+                       ``modelCard`` (text of ``modelCard``, read at start) and
+                       ``modelCardPath``
 
     The file is in SWMR mode: ``h5py.File(path, "r", libver="latest",
     swmr=True)`` follows it while it grows (``refresh()`` each dataset). It is
@@ -76,10 +77,10 @@ Processor arguments (``--processor-args`` JSON) -- see ``Hdf5WriterProcessor.ARG
     'lz4', 'zstd', 'bitshuffle'); compressionLevel (gzip 0..9); chunkFrames
     (16); flushPeriod (s, 1.0); queueFrames (frames waiting for the writer
     thread, 10000; then ``process()`` waits); queueTimeout (s, 5.0: the longest
-    such wait, 0..60); modelCard (path); positionAttributes (["PosY", "PosX"]);
-    restartWindow (64).
+    such wait, 0..60); modelCard (path of a text file, read at start);
+    positionAttributes (["PosY", "PosX"]); restartWindow (64).
 Run-time changes (control channel ``configure``)
-    flushPeriod; ``{"newScan": true}`` closes the current file.
+    flushPeriod (applies at once); ``{"newScan": true}`` closes the current file.
 Statistics (status channel ``userStats``) -- see :data:`STATS`
     ``nFramesReceived`` counts the frames with an image; each is in exactly one of
     ``nFramesWritten`` (in its file, confirmed by a successful flush or close after
@@ -113,7 +114,7 @@ from edge_ptychonn.stream.arguments import (
     choice, integer, number, optional, path, text, text_list,
 )
 from processors import shutdown
-from processors.base import ProcessorBase, RecentIds, attribute_value, seconds
+from processors.base import ProcessorBase, RecentIds, at_start, attribute_value, seconds
 
 NAME_ATTEMPTS = 5  # free names tried when other processes take them as this one opens a file
 COMPRESSIONS = ("none", "gzip", "lzf", "blosc", "lz4", "zstd", "bitshuffle")
@@ -142,6 +143,22 @@ def _compression_options(name: str, level: int | None) -> dict:
     return dict(getattr(hdf5plugin, _PLUGIN[name])())
 
 
+def read_model_card(card: Path) -> str:
+    """The text of the ``modelCard`` file, else ``ValueError``. One that cannot be stored as an
+    HDF5 string attribute (NUL characters: a binary or UTF-16 file) failed every file's
+    creation, and so lost every frame of the run."""
+    if not card.is_file():
+        raise ValueError(f"modelCard {str(card)!r} is not a file")
+    try:
+        text_ = card.read_text(errors="replace")
+    except OSError as exc:
+        raise ValueError(f"modelCard {str(card)!r} cannot be read: {exc}") from None
+    if "\0" in text_:
+        raise ValueError(f"modelCard {str(card)!r} is not a text file (it holds NUL characters: binary, or "
+                         "UTF-16); give the model's .json card")
+    return text_
+
+
 @dataclass(frozen=True)
 class Hdf5Settings:
     """Settings of the HDF5 writer (units in the names)."""
@@ -161,12 +178,6 @@ class Hdf5Settings:
     def __post_init__(self) -> None:
         if self.output_directory is None:
             raise ValueError("outputDirectory is required: the folder for the HDF5 files")
-        try:  # made at start if missing
-            check_folder(self.output_directory)
-        except OSError as exc:
-            raise ValueError(f"outputDirectory {str(self.output_directory)!r} cannot be used: {exc}") from None
-        if self.model_card is not None and not self.model_card.is_file():
-            raise ValueError(f"modelCard {str(self.model_card)!r} is not a file")
         if self.compression_level is not None and self.compression != "gzip":
             raise ValueError("compressionLevel applies to compression 'gzip' only")
         try:
@@ -178,6 +189,17 @@ class Hdf5Settings:
         if "/" in name or "\0" in name or name in ("", ".", ".."):  # NUL: no file can have that name
             raise ValueError(f"fileNameFormat {self.file_name_format!r} must name a file in outputDirectory "
                              "(no '/' or NUL; give the folder as outputDirectory)")
+        if at_start():  # not again at a run-time change: the files were read at start
+            self.check_files()
+
+    def check_files(self) -> None:
+        """The folder and the model card (``ValueError``), checked at start only (:func:`at_start`)."""
+        try:  # made at start if missing
+            check_folder(self.output_directory)
+        except OSError as exc:
+            raise ValueError(f"outputDirectory {str(self.output_directory)!r} cannot be used: {exc}") from None
+        if self.model_card is not None:
+            read_model_card(self.model_card)
 
 
 @dataclass
@@ -191,6 +213,7 @@ class _Frame:
 
 _NEW_SCAN = object()
 _STOP = object()
+_WAKE = object()  # a new flushPeriod: the writer recomputes its wait (it may be asleep for the old one)
 STOP_TIMEOUT_S = 10.0  # stop(): how long the writer may take to write what is queued
 LOSS_CAUSES = ("writeError", "notQueued", "stopping")  # nLost<Cause>; their sum is nFramesLost
 
@@ -330,6 +353,8 @@ class Hdf5WriterProcessor(ProcessorBase):
         self.settings.output_directory.mkdir(parents=True, exist_ok=True)
         remove_stale_partials(self.settings.output_directory, self.logger)
         self.user_args = {k: v for k, v in (configDict or {}).items() if k in self.ARGS}
+        card = self.settings.model_card  # read once: every file gets the same text
+        self.model_card = (read_model_card(card), str(card.resolve())) if card is not None else None
         self.queue: queue.Queue = queue.Queue(maxsize=self.settings.queue_frames)
         # every count changes under self._lock (held for counting only, never while waiting)
         self.counts = dict.fromkeys(("received", "written", "unflushed", "queued", "wrong_shape", *LOSS_CAUSES,
@@ -386,9 +411,8 @@ class Hdf5WriterProcessor(ProcessorBase):
             "scan": scan,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        if s.model_card is not None:
-            attrs["modelCard"] = s.model_card.read_text(errors="replace")
-            attrs["modelCardPath"] = str(s.model_card.resolve())
+        if self.model_card is not None:
+            attrs["modelCard"], attrs["modelCardPath"] = self.model_card
         # an earlier run's file of the same name is kept: this one gets "-2", "-3", ...
         path = s.output_directory / name
         for attempt in range(NAME_ATTEMPTS):
@@ -668,6 +692,15 @@ class Hdf5WriterProcessor(ProcessorBase):
                            "thread is gone" if self._writer_dead() else "did not take frames within queueTimeout",
                            self.queue.qsize())
         return None
+
+    def configure(self, configDict):
+        period = self.settings.flush_period_s
+        super().configure(configDict)
+        if self.settings.flush_period_s != period:
+            try:  # a full queue: the writer is busy and looks at the period after each block anyway
+                self.queue.put_nowait(_WAKE)
+            except queue.Full:
+                pass
 
     def new_scan(self) -> None:
         if not self._put(_NEW_SCAN, self.settings.queue_timeout_s):

@@ -56,12 +56,16 @@ def _prctl():
         return None
 
 
-def set_parent_death_signal(sig: int = signal.SIGTERM) -> bool:
-    """Ask the kernel to send ``sig`` to this process when its parent dies (Linux)."""
+def set_parent_death_signal(sig: int = signal.SIGTERM, parent_pid: int | None = None) -> bool:
+    """Ask the kernel to send ``sig`` to this process when its parent dies (Linux).
+    ``parent_pid``: the parent's pid, to see a parent that died before the request (an
+    orphan's new parent is 1, or a subreaper: a systemd user manager, a container's init);
+    without it only a new parent 1 is seen."""
     prctl = _prctl()
     if prctl is None or prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
         return False
-    if os.getppid() == 1:  # the parent died before the request: act now
+    ppid = os.getppid()
+    if ppid == 1 or (parent_pid is not None and ppid != parent_pid):  # the parent died before the request: act now
         os.kill(os.getpid(), sig)
     return True
 
@@ -92,7 +96,8 @@ def on_sigterm(drain, logger: logging.Logger, drain_timeout_s: float = DRAIN_TIM
     if threading.current_thread() is not threading.main_thread():
         logger.warning("not on the main thread: SIGTERM keeps its default action")
         return False
-    if multiprocessing.parent_process() is not None and not set_parent_death_signal():
+    parent = multiprocessing.parent_process()
+    if parent is not None and not set_parent_death_signal(parent_pid=parent.pid):
         logger.warning("cannot ask for a signal at the parent's death: a killed parent may leave this consumer running")
     stopping = threading.Event()
 

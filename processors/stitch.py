@@ -78,11 +78,11 @@ Weights
     :class:`edge_ptychonn.science.stitch.Stitcher` as offline stitching, so the
     live image equals the offline stitching of the same outputs.
 Scans
-    A frame whose uniqueId was already placed in this scan (or is waiting for its
-    metadata), or lies more than ``restartWindow`` below the highest uniqueId
-    received in the scan, starts a new scan (the sim server restarting at 1, a new
-    detector acquisition); so does the control command ``configure {"newScan":
-    true}``. The finished scan's frames still waiting for their metadata are placed
+    A frame whose uniqueId was already received in this scan (placed, waiting for
+    its metadata, or not placed), or lies more than ``restartWindow`` below the
+    highest uniqueId received in the scan, starts a new scan (the sim server
+    restarting at 1, a new detector acquisition); so does the control command
+    ``configure {"newScan": true}``. The finished scan's frames still waiting for their metadata are placed
     in it first (with the metadata that came, else the file's position, else counted
     as no position). Positions are matched by uniqueId, never by arrival order; with
     ``metadataMatch: "uniqueId"`` an update is used once and the newest for a
@@ -101,7 +101,8 @@ Processor arguments (``--processor-args`` JSON) -- see :data:`StitchProcessor.AR
     ``<outputDirectory>/<filePrefix>_scanNNNN.npy`` (and ``..._weight.npy``), never
     replacing an earlier run's (then ``_scanNNNN-2.npy``, ...).
 Run-time changes (control channel ``configure``)
-    publishRate, fill; ``{"newScan": true}`` finishes the current image.
+    publishRate (applies at once), fill (the image is published again with it within a
+    period); ``{"newScan": true}`` finishes the current image.
 Statistics (status channel ``userStats``) -- see :data:`STATS`.
 """
 
@@ -126,7 +127,7 @@ from edge_ptychonn.stream.arguments import (
     choice, int_pair, integer, number, optional, path, text, text_list,
 )
 from processors import shutdown
-from processors.base import ProcessorBase, RecentIds, attribute_value, seconds
+from processors.base import ProcessorBase, RecentIds, at_start, attribute_value, seconds
 
 
 # ---------------------------------------------------------------- positions
@@ -348,13 +349,6 @@ class StitchSettings:
                 "objectShape [H, W] is required when no positionsFile gives it "
                 "(positions from attributes or metadata channels only)"
             )
-        if self.output_directory is not None:
-            try:  # made at start if missing
-                check_folder(self.output_directory)
-            except OSError as exc:
-                raise ValueError(f"outputDirectory {str(self.output_directory)!r} cannot be used: {exc}") from None
-        if self.weight_file is not None and not self.weight_file.is_file():
-            raise ValueError(f"weightFile {str(self.weight_file)!r} is not a file")
         if not 0 <= self.probe_threshold < 1:
             raise ValueError(f"probeThreshold must be in [0, 1), got {self.probe_threshold}")
         if "/" in self.file_prefix:
@@ -362,6 +356,18 @@ class StitchSettings:
                              "(outputDirectory gives the folder)")
         if "\0" in self.file_prefix:  # no file can have that name: the image would be lost at its save
             raise ValueError(f"filePrefix must not hold a NUL character, got {self.file_prefix!r}")
+        if at_start():  # not again at a run-time change: the files were read at start
+            self.check_files()
+
+    def check_files(self) -> None:
+        """The files and folders (``ValueError``), checked at start only (:func:`at_start`)."""
+        if self.output_directory is not None:
+            try:  # made at start if missing
+                check_folder(self.output_directory)
+            except OSError as exc:
+                raise ValueError(f"outputDirectory {str(self.output_directory)!r} cannot be used: {exc}") from None
+        if self.weight_file is not None and not self.weight_file.is_file():
+            raise ValueError(f"weightFile {str(self.weight_file)!r} is not a file")
 
 
 def _nonzero(value):
@@ -495,7 +501,9 @@ class StitchProcessor(ProcessorBase):
         self.waiting: deque[_Waiting] = deque()  # all of the current scan
         self._waiting_ids: set[int] = set()
         self._max_unique_id = 0  # the highest uniqueId received in the current scan
+        self._received_ids = RecentIds()  # its uniqueIds within restartWindow of the highest
         self.process_time_s = 0.0
+        self._resets = 0  # resetStats() calls: a frame counted before one adds no time after it
         self.saved_files: list[Path] = []
         self.final_channel = ""
         self._stop = threading.Event()
@@ -616,9 +624,12 @@ class StitchProcessor(ProcessorBase):
         return _Scan(self.scan_index, stitcher)
 
     def _is_restart_locked(self, unique_id: int) -> bool:
-        """A frame of a new scan: its uniqueId is already placed or waiting in this scan, or
-        lies more than ``restartWindow`` below the highest uniqueId received in it."""
-        return (unique_id in self._waiting_ids or (self.scan is not None and unique_id in self.scan.placed)
+        """A frame of a new scan: its uniqueId was already received in this scan (placed,
+        waiting, or not placed: a new scan's first frame whose id the last scan did not place
+        went into the last image), or lies more than ``restartWindow`` below the highest
+        uniqueId received in it."""
+        return (unique_id in self._received_ids or unique_id in self._waiting_ids
+                or (self.scan is not None and unique_id in self.scan.placed)
                 or unique_id < self._max_unique_id - self.settings.restart_window)
 
     def add_frame(self, unique_id: int, image: np.ndarray, attributes: list, time_s: float = 0.0) -> bool:
@@ -626,14 +637,24 @@ class StitchProcessor(ProcessorBase):
         False if not placed (counted), or waiting for its metadata (``time_s``: its time
         stamp in seconds, for the metadata channels). A frame of a new scan finishes the
         current one first (its waiting frames are placed in it, or counted)."""
+        return self._add_frame(unique_id, image, attributes, time_s)[0]
+
+    def _add_frame(self, unique_id: int, image: np.ndarray, attributes: list, time_s: float = 0.0,
+                   received: bool = False) -> tuple[bool, int]:
+        """:meth:`add_frame`; ``received``: also count the frame received, under the same lock
+        as its placement (a resetStats() between the two left nFramesPlaced above
+        nFramesReceived). Returns (placed, the number of resets before it was counted)."""
         position = self._attribute_position(attributes)
         with self.lock:
+            self.counts["received"] += received
+            resets = self._resets
             if self._is_restart_locked(unique_id):
                 self._finish_locked(publish=True)
             self._max_unique_id = max(self._max_unique_id, unique_id)
+            self._received_ids.add(unique_id, self._max_unique_id - self.settings.restart_window)
             placed = self._add_locked(unique_id, image, position, time_s)
         self._send_outputs()
-        return placed
+        return placed, resets
 
     def _add_locked(self, unique_id: int, image: np.ndarray, position, time_s: float) -> bool:
         if self.metadata is not None:
@@ -708,6 +729,7 @@ class StitchProcessor(ProcessorBase):
         scan = self.scan
         self.scan = None
         self._max_unique_id = 0
+        self._received_ids = RecentIds()
         if scan is None or not scan.n_placed:
             return
         save = not scan.saved and self.settings.output_directory is not None
@@ -731,8 +753,8 @@ class StitchProcessor(ProcessorBase):
                 save_npy_whole(weight, scan.stitcher.weight_sum().astype(np.float32), replace=False)
                 try:
                     save_npy_whole(Path(f"{stem}.npy"), out.image, replace=False)
-                except FileExistsError:
-                    weight.unlink(missing_ok=True)  # ours: the pair goes to the next free name
+                except OSError:  # ours, half of a pair: to the next free name, or none (a full disk)
+                    weight.unlink(missing_ok=True)
                     raise
                 break
             except FileExistsError as exc:  # another process took the name meanwhile
@@ -868,16 +890,21 @@ class StitchProcessor(ProcessorBase):
         if frame is None:
             return None
         meta, image = frame
-        with self.lock:  # resetStats() clears the counts under it
-            self.counts["received"] += 1
-        self.add_frame(meta.unique_id, image, meta.attributes, seconds(meta.time_stamp))
+        _, resets = self._add_frame(meta.unique_id, image, meta.attributes, seconds(meta.time_stamp), received=True)
         cpu_s = time.thread_time() - t0
-        with self.lock:
-            self.process_time_s += cpu_s
+        with self.lock:  # resetStats() clears the counts under it
+            if resets == self._resets:  # not a frame counted before a reset: stitchTimeUs is per frame received
+                self.process_time_s += cpu_s
         return None
 
     def configure(self, configDict):
+        fill = self.settings.fill
         super().configure(configDict)
+        new = self.settings.fill
+        if new != fill and not (np.isnan(new) and np.isnan(fill)):
+            with self.lock:  # the image changed: published at the next period, not at the next frame
+                if self.scan is not None and self.scan.n_placed:
+                    self.scan.changed = True
         self._wake.set()  # a new publishRate applies now
 
     def new_scan(self) -> None:
@@ -889,3 +916,4 @@ class StitchProcessor(ProcessorBase):
             for k in self.counts:
                 self.counts[k] = 0
             self.process_time_s = 0.0
+            self._resets += 1

@@ -76,6 +76,7 @@ def test_frames_ids_time_stamps_positions_and_attributes(tmp_path, rng):
     images = rng.normal(size=(21, 8, 6)).astype(np.float32)
     args = {"outputDirectory": str(tmp_path / "h5"), "compression": "gzip", "chunkFrames": 4, "modelCard": str(card)}
     p = Hdf5WriterProcessor({**FRAMEWORK, **args})
+    card.unlink()  # read at start: a card removed later (a model swapped, say) loses no frame
     frames = [pva.NtNdArray()] + [frame(2 * k + 1, images[k], pos=(k, -k) if k != 3 else None) for k in range(21)]
     run(p, frames)
     [file] = p.files
@@ -217,6 +218,10 @@ def test_bad_arguments(tmp_path):
     # JSON's "\u0000" was accepted, then no file could be made: every frame lost (nLostWriteError)
     with pytest.raises(ValueError, match="fileNameFormat .* must name a file in outputDirectory"):
         Hdf5WriterProcessor({**FRAMEWORK, "outputDirectory": str(tmp_path), "fileNameFormat": "scan\x00{scan}.h5"})
+    # a binary or UTF-16 card (NUL characters) was accepted, then no file could be made: every frame lost
+    (tmp_path / "card.json").write_text('{"name": "utf16"}', encoding="utf-16")
+    with pytest.raises(ValueError, match="modelCard .*card.json' is not a text file"):
+        Hdf5WriterProcessor({**FRAMEWORK, "outputDirectory": str(tmp_path), "modelCard": str(tmp_path / "card.json")})
     with pytest.raises(ValueError, match="compressionLevel applies"):
         Hdf5WriterProcessor({**FRAMEWORK, "outputDirectory": str(tmp_path), "compressionLevel": 3})
     (tmp_path / "results.txt").write_text("a file where a folder would be made")
@@ -464,3 +469,34 @@ def test_a_reset_racing_a_frame_leaves_no_stale_count(tmp_path, kind):
     resetter.join(10)
     assert not resetter.is_alive()
     assert p.counts[kind] in (0, 1) and accounted(p)  # reset after the frame, or before it: never 4
+
+
+def test_a_shorter_flush_period_applies_at_once(tmp_path):
+    """configure {"flushPeriod": 0.05} while no frame came: the writer slept on for the old
+    period (up to an hour), so a SWMR reader saw none of the frames appended before."""
+    p = Hdf5WriterProcessor({**FRAMEWORK, "outputDirectory": str(tmp_path), "flushPeriod": 3600})
+    p.start()
+    try:
+        for k in range(3):
+            p.process(frame(k + 1, np.zeros((4, 4), np.float32)))
+        wait_for(lambda: p.getStats()["nFramesUnflushed"] == 3)
+        p.configure({"flushPeriod": 0.05})
+        wait_for(lambda: p.getStats()["nFramesWritten"] == 3, 2.0)
+        with h5py.File(p.current.path, "r", libver="latest", swmr=True) as f:  # a reader sees them
+            assert f["uniqueId"][:].tolist() == [1, 2, 3]
+    finally:
+        p.stop()
+    assert accounted(p)["nFramesWritten"] == 3
+
+
+def test_a_run_time_change_is_not_refused_for_a_file_read_at_start(tmp_path):
+    """configure {"flushPeriod": ...} re-ran the start checks: with the model card (read at
+    start) moved away since, every run-time change was refused ("modelCard ... is not a file")."""
+    card = tmp_path / "card.json"
+    card.write_text("{}")
+    p = Hdf5WriterProcessor({**FRAMEWORK, "outputDirectory": str(tmp_path / "h5"), "modelCard": str(card)})
+    card.unlink()
+    p.configure({"flushPeriod": 2})
+    assert p.settings.flush_period_s == 2
+    with pytest.raises(ValueError, match="modelCard .*card.json' is not a file"):  # still checked at start
+        Hdf5WriterProcessor({**FRAMEWORK, "outputDirectory": str(tmp_path / "h5"), "modelCard": str(card)})

@@ -136,3 +136,24 @@ def test_attribute_helpers():
     assert attribute_value(got, "PosY") == 1.5 and attribute_value(got, "PosX") == 7.0
     assert attribute_value(got, "Name") is None and attribute_value(got, "Missing") is None
     assert seconds({"secondsPastEpoch": 10, "nanoseconds": 500_000_000}) == 10.5
+
+
+def test_a_forked_consumer_whose_parent_died_before_start_stops(monkeypatch):
+    """on_sigterm() saw a parent that died before the death signal was asked for only when
+    the orphan's new parent was pid 1: under a subreaper (a systemd user manager, a
+    container's init) the consumer ran on as an orphan. Now any change of parent counts."""
+    import logging
+    import signal
+
+    from processors import shutdown
+
+    sent, handlers = [], []
+    monkeypatch.setattr(shutdown, "_prctl", lambda: lambda *args: 0)  # the request "succeeds", changes nothing
+    monkeypatch.setattr(shutdown.multiprocessing, "parent_process", lambda: type("Parent", (), {"pid": 4100})())
+    monkeypatch.setattr(shutdown.signal, "signal", lambda sig, handler: handlers.append(sig))
+    monkeypatch.setattr(shutdown.os, "kill", lambda pid, sig: sent.append(sig))
+    monkeypatch.setattr(shutdown.os, "getppid", lambda: 4100)  # the parent lives
+    assert shutdown.on_sigterm(lambda timeout_s: True, logging.getLogger("test")) and sent == []
+    monkeypatch.setattr(shutdown.os, "getppid", lambda: 77)  # a subreaper took the orphan
+    assert shutdown.on_sigterm(lambda timeout_s: True, logging.getLogger("test"))
+    assert sent == [signal.SIGTERM] and handlers == [signal.SIGTERM, signal.SIGTERM]

@@ -137,6 +137,29 @@ def test_a_name_taken_while_saving_moves_the_pair_to_the_next_free_name(tmp_path
     assert np.load(out / "stitch_scan0001-2_weight.npy").shape == (40, 48)
 
 
+def test_an_image_that_cannot_be_saved_leaves_no_half_pair(tmp_path, rng, monkeypatch):
+    """A full disk at the image, after its weights were saved: the weights stayed, alone
+    (and moved the next run's image of the scan to "-2"). Now the pair goes, counted."""
+    import errno
+
+    import processors.stitch as stitch_module
+
+    out = tmp_path / "out"
+    save = stitch_module.save_npy_whole
+
+    def disk_full_at_the_image(path, array, replace=True):
+        if not path.name.endswith("_weight.npy"):
+            raise OSError(errno.ENOSPC, "No space left on device (simulated)", str(path))
+        save(path, array, replace)
+
+    monkeypatch.setattr(stitch_module, "save_npy_whole", disk_full_at_the_image)
+    patches, positions, _ = small_scan(rng, n=2)
+    p = make({"objectShape": [40, 48], "outputDirectory": str(out)})
+    p.process(attributed_frame(1, patches[0], positions[0]))
+    p.stop()
+    assert list(out.iterdir()) == [] and p.problems("save") == 1 and p.getStats()["nScansSaved"] == 0
+
+
 def test_plain_tables_two_and_three_columns(tmp_path, rng):
     patches, positions, _ = small_scan(rng, n=6)
     (tmp_path / "yx.csv").write_text("# y, x\n" + "\n".join(f"{y},{x}" for y, x in positions))
@@ -885,3 +908,84 @@ def test_a_new_publish_rate_applies_at_once(tmp_path, rng):
         assert len(publisher.images) == 1
     finally:
         p.stop()
+
+
+@pytest.mark.parametrize("reset_at", ["before placing", "after placing"])
+def test_a_reset_between_a_frames_counts_keeps_them_consistent(rng, reset_at):
+    """process() counted a frame received, then placed it, then added its time, each under
+    the lock separately: a resetStats() in between left nFramesPlaced 1 with nFramesReceived
+    0, or the frame's time in stitchTimeUs with no frame received to share it."""
+    patches, positions, _ = small_scan(rng, n=3)
+    p = make({"objectShape": [40, 48]})
+    p.process(attributed_frame(1, patches[1], positions[1]))
+    step = "_attribute_position" if reset_at == "before placing" else "_send_outputs"
+    real = getattr(p, step)
+
+    def reset_then(*args, **kwargs):  # resetStats() on the timer thread, right at this step
+        p.resetStats()
+        return real(*args, **kwargs)
+
+    setattr(p, step, reset_then)
+    p.process(attributed_frame(2, patches[2], positions[2]))
+    st = p.getStats()
+    if reset_at == "before placing":
+        assert (st["nFramesReceived"], st["nFramesPlaced"]) == (1, 1) and st["stitchTimeUs"] > 0, st
+    else:
+        assert (st["nFramesReceived"], st["nFramesPlaced"], st["stitchTimeUs"]) == (0, 0, 0.0), st
+
+
+def test_a_new_fill_is_published_without_waiting_for_a_frame(rng):
+    """configure {"fill": NaN} changed the image but published nothing until the next frame
+    came: at the end of a scan (or a stalled one) the live image kept the old fill."""
+    patches, positions, _ = small_scan(rng, n=4)
+    publisher = Publisher()
+    p = make({"objectShape": [40, 48], "publishRate": 50}, publisher)
+    p.pvaServer = None
+    p.start()
+    try:
+        for uid in range(1, 4):
+            p.process(attributed_frame(uid, patches[uid], positions[uid]))
+        assert wait_until(lambda: publisher.images and publisher.images[-1][2]["FramesPlaced"] == 3, 10)
+        assert not np.isnan(publisher.images[-1][1]).any()
+        p.configure({"fill": float("nan")})
+        assert wait_until(lambda: np.isnan(publisher.images[-1][1]).any(), 2), "the new fill was not published"
+        uncovered = p.scan.stitcher.weight_sum() == 0
+        image = publisher.images[-1][1]
+        assert uncovered.any() and np.isnan(image[uncovered]).all() and not np.isnan(image[~uncovered]).any()
+        n = len(publisher.images)
+        p.configure({"fill": float("nan")})  # the same fill again: nothing new to show
+        time.sleep(0.1)  # five periods
+        assert len(publisher.images) == n
+    finally:
+        p.stop()
+
+
+def test_a_restart_is_seen_at_an_id_the_last_scan_did_not_place(rng):
+    """Restarts were detected by the uniqueIds placed: when the last scan's first frame had no
+    position (metadata late, say), the restarted stream's frame 1 went into the last image."""
+    patches, positions, _ = small_scan(rng, n=6)
+    publisher = Publisher()
+    p = make({"objectShape": [40, 48]}, publisher)
+    p.process(good_frame(1, patches[0]))  # no position: counted, not placed
+    for uid in range(2, 6):
+        p.process(attributed_frame(uid, patches[uid], positions[uid]))
+    for uid in range(1, 6):  # uniqueIds restart at 1
+        p.process(attributed_frame(uid, -patches[uid], positions[uid]))
+    p.finish_scan()
+    assert [(a["ScanIndex"], a["FramesPlaced"], a["LastUniqueId"]) for _, _, a in publisher.images] == \
+        [(1, 4, 5), (2, 5, 5)]
+    st = p.getStats()
+    assert (st["nFramesReceived"], st["nFramesPlaced"], st["nFramesNoPosition"]) == (10, 9, 1)
+
+
+def test_a_run_time_change_is_not_refused_for_a_file_read_at_start(tmp_path):
+    """configure {"fill": ...} re-ran the start checks: with the weight file (read at start)
+    moved away since, every run-time change was refused ("weightFile ... is not a file")."""
+    weight = tmp_path / "w.npy"
+    np.save(weight, np.ones((PATCH, PATCH)))
+    p = make({"objectShape": [40, 48], "weightFile": str(weight)})
+    weight.unlink()
+    p.configure({"fill": 1.0, "publishRate": 5})
+    assert (p.settings.fill, p.settings.publish_rate_hz) == (1.0, 5.0)
+    with pytest.raises(ValueError, match="weightFile .*w.npy' is not a file"):  # still checked at start
+        make({"objectShape": [40, 48], "weightFile": str(weight)})
