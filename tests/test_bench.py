@@ -819,15 +819,19 @@ def test_forked_consumers_that_fail_at_start_are_told_at_once(tmp_path):
         assert consumer.running()  # the parent, with no consumer left
     finally:
         procs.stop_all()
-    assert error == f"consumer: its consumers exited at start; log: {tmp_path / 'consumer.log'}" and took < 45, (error, took)
+    # told as they go: once one has exited, or when none is left
+    told = {f"consumer: {what} exited at start; log: {tmp_path / 'consumer.log'}"
+            for what in ("its consumers", "1 of 2 consumers", "2 of 2 consumers")}
+    assert error in told and took < 45, (error, took)
 
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("n_consumers", [1, 2])
 def test_a_consumer_that_dies_during_a_point_is_named_in_its_error(tmp_path, monkeypatch, n_consumers):
-    """The consumer (of two, one of PvaPy's forked ones) killed once the first outputs are in
-    (before: the point's error said only 'read the status of 0 of 1 consumers' or '1 of 2',
-    nothing of why, nor where the log is)."""
+    """The consumer killed once its output is connected, before the stream; or, of two, one of
+    PvaPy's forked ones once the first outputs are in (before: the point's error said only
+    'read the status of 0 of 1 consumers' or '1 of 2', nothing of why, nor where the log is;
+    and the bench waited for a first output from a consumer that was gone, about 25 s here)."""
     import signal
 
     from channel_names import PREFIX
@@ -835,23 +839,41 @@ def test_a_consumer_that_dies_during_a_point_is_named_in_its_error(tmp_path, mon
     from edge_ptychonn.tools import processes as live
 
     killed = []
+    procs = bench_pipeline.Procs()
     take = bench_pipeline.CpuSample.take.__func__
+    wait_connected = live.OutputCollector.wait_connected
+
+    def connect_and_kill(collector, timeout_s):  # once ready, before the first frame
+        connected = wait_connected(collector, timeout_s)
+        (consumer,) = [p for p in procs.procs if p.name == "consumer"]
+        consumer.popen.kill()
+        consumer.popen.wait(10)
+        killed.append(consumer.pid)
+        return connected
 
     def take_and_kill(cls, consumer, server, n_out):  # called at the first output
-        if not killed and n_consumers == 1:
-            consumer.popen.kill()
-            consumer.popen.wait(10)
-            killed.append(consumer.pid)
-        elif not killed:
+        if not killed:
             forked = live.child_pids(consumer.pid, zombies=False)
             os.kill(forked[0], signal.SIGKILL)
             assert live.wait_until(lambda: len(live.child_pids(consumer.pid, zombies=False)) == len(forked) - 1, 10)
             killed.append(forked[0])
         return take(cls, consumer, server, n_out)
 
-    monkeypatch.setattr(bench_pipeline.CpuSample, "take", classmethod(take_and_kill))
+    if n_consumers == 1:
+        monkeypatch.setattr(live.OutputCollector, "wait_connected", connect_and_kill)
+    else:
+        monkeypatch.setattr(bench_pipeline.CpuSample, "take", classmethod(take_and_kill))
+    unanswered = []  # status reads that waited their whole timeout for nothing
+    read_status = live.read_status
+
+    def read_and_count(channel, timeout_s=3.0):
+        status = read_status(channel, timeout_s)
+        if status is None:
+            unanswered.append(channel)
+        return status
+
+    monkeypatch.setattr(live, "read_status", read_and_count)
     env = live.use_loopback()
-    procs = bench_pipeline.Procs()
     # a short stream (64 frames at 100 fps) and a start delay that a passthrough consumer meets
     settings = bench_pipeline.PipelineSettings(model_path=tmp_path / "unused.onnx", duration_s=0.5)
     try:
@@ -864,3 +886,114 @@ def test_a_consumer_that_dies_during_a_point_is_named_in_its_error(tmp_path, mon
     told = "consumer exited during the point (code -9)" if n_consumers == 1 else "1 of 2 consumers exited during the point"
     assert r.error == f"{told}; log: {log}", r.error
     assert not r.sustained and "[error," in bench_pipeline.describe(r)
+    # a consumer known to be gone is not asked again (before: the dead one twice, 3 s each)
+    assert len(unanswered) == (0 if n_consumers == 1 else 1), unanswered
+    if n_consumers == 1:  # no wait for outputs from a consumer that is gone
+        assert r.n_received == 0 and r.wall_s - r.ready_s < 10, (r.wall_s, r.ready_s)
+
+
+def test_an_interrupted_warm_start_leaves_its_launches_in_the_report(tmp_path, monkeypatch):
+    """Ctrl-C during the second launch: the first one's time is in report.json (before: the
+    warm-start part was reported only once every launch was done, so none was kept)."""
+
+    def warm_start(settings, engines, base_frames, work_dir, env, procs, progress=None, into=None, **kwargs):
+        first = bench_pipeline.WarmStart("onnxruntime", "first", 3.25)
+        if into is not None:
+            into.append(first)
+        raise KeyboardInterrupt
+
+    fake_streaming(monkeypatch, lambda *a: pytest.fail("no pipeline point in this run"))
+    monkeypatch.setattr(bench_pipeline, "warm_start", warm_start)
+    args = bench.get_args_parser().parse_args([
+        "--skip", "engine,framepath,pipeline,zero,passthrough", "--engines", "onnxruntime", "--no-plots",
+        "--model", str(tiny_model(tmp_path / "tiny.onnx")), "--out", str(tmp_path / "out"),
+    ])
+    assert bench.main(args) == 130
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["interrupted"] and report["warm_start"] == [
+        {"engine": "onnxruntime", "launch": "first", "first_output_s": 3.25, "error": None}]
+
+
+def test_the_worker_counts_given_are_the_ones_timed(tmp_path):
+    """--workers 2 times 2 workers (before: 1 worker too, as if '1,2' had been given); a
+    layout that does not fit the cores is told in the skipped list, not an empty table."""
+    model = tiny_model(tmp_path / "tiny.onnx")
+    results, skipped = bench_engine.bench_engines(model, ["zero"], [1], {"zero": ("fp32",)}, 0.01, 1e3, {},
+                                                  threads=[1], workers=[2])
+    assert not skipped and [(r.threads, r.workers) for r in results] == [(1, 2)]
+    cores = bench_engine.usable_cores()
+    results, skipped = bench_engine.bench_engines(model, ["zero"], [1], {"zero": ("fp32",)}, 0.01, 1e3, {},
+                                                  threads=[cores], workers=[2])
+    assert results == [] and [(s["threads"], s["workers"]) for s in skipped] == [(cores, 2)]
+    assert skipped[0]["reason"] == f"2 workers x {cores} threads do not fit the {cores} cores"
+    report = {"engine_skipped": skipped}
+    assert f"skipped zero fp32 ({cores} threads x 2 workers): 2 workers" in bench_report.summary_text(report)
+
+
+def test_one_forked_consumer_that_fails_at_start_is_told_at_once(tmp_path, monkeypatch):
+    """A parent that forks two children, one of which exits at once and is left unreaped (as
+    PvaPy's does with a consumer whose processor fails at start): the others' statuses may come,
+    this one's never does (before: the bench waited the whole ready timeout)."""
+    import sys
+
+    from edge_ptychonn.tools import processes as live
+
+    monkeypatch.setattr(live, "read_status", lambda channel, timeout_s=3.0: None)  # no channel here
+    parent = ("import os, time\n"
+              "for k in range(2):\n"
+              "    if os.fork() == 0:\n"
+              "        os._exit(3) if k == 0 else time.sleep(60)\n"
+              "time.sleep(60)\n")
+    procs = bench_pipeline.Procs()
+    try:
+        consumer = procs.start("consumer", [sys.executable, "-c", parent], {**os.environ}, tmp_path)
+        t0 = time.monotonic()
+        error = bench_pipeline._wait_ready(["a:1:status", "a:2:status"], True, 20.0, [consumer])
+        took = time.monotonic() - t0
+    finally:
+        procs.stop_all()
+    assert error == f"consumer: 1 of 2 consumers exited at start; log: {tmp_path / 'consumer.log'}", error
+    assert took < 10, took
+
+
+def test_an_interrupted_engine_part_leaves_its_timings_in_the_report(tmp_path, monkeypatch):
+    """Ctrl-C while the second batch size is timed: the first one's rate is in report.json
+    (before: the engine part was reported only once every engine, layout and batch was done)."""
+    timed = []
+    time_engine = bench_engine.time_engine
+
+    def time_then_interrupt(*args, **kwargs):
+        if timed:
+            raise KeyboardInterrupt
+        timed.append(args[1])
+        return time_engine(*args, **kwargs)
+
+    monkeypatch.setattr(bench_engine, "time_engine", time_then_interrupt)
+    args = bench.get_args_parser().parse_args([
+        "--skip", "warm,framepath,pipeline,zero,passthrough", "--engines", "zero", "--precisions", "fp32",
+        "--batches", "1,8", "--threads", "1", "--workers", "1", "--engine-seconds", "0.01", "--engine-repeats", "1",
+        "--peak-sizes", "64", "--peak-seconds", "0.01", "--no-plots",
+        "--model", str(tiny_model(tmp_path / "tiny.onnx")), "--out", str(tmp_path / "out"),
+    ])
+    assert bench.main(args) == 130
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["interrupted"] and [(r["engine"], r["batch"]) for r in report["engine"]] == [("zero", 1)]
+    assert report["engine"][0]["frames_per_s"] > 0
+
+
+def test_a_point_with_an_error_is_not_server_limited_and_ends_the_sweep(monkeypatch):
+    """Consumers not ready: the server is stopped before its stream, nothing published (before:
+    0 offered for a target of 100 read as 'error, server-limited' in the table and report);
+    a point with an error ends a sweep also with --stop-after 2 (before: the next rate was
+    tried, with its own wait for consumers that fail the same way)."""
+    early = replace(fake_point(100.0, 1e9), offered_fps=0.0, n_offered=0, n_received=0, n_unique=0,
+                    delivered_fps=0.0, error="consumers not ready after 90 s")
+    assert not early.server_limited and early.to_dict()["server_limited"] is False
+    assert "server-limited" not in bench_pipeline.describe(early)
+    assert "server-limited" not in bench_report.pipeline_table({"pipeline": {"points": [early.to_dict()]}})
+    asked = []
+    monkeypatch.setattr(bench_pipeline, "run_point", lambda s, p, n, rate, *a: asked.append(rate) or replace(
+        fake_point(rate, 1e9), error="1 of 2 consumers exited during the point"))
+    settings = bench_pipeline.PipelineSettings(model_path=Path("m.onnx"))
+    bench_pipeline.sweep(settings, "ptychonn", 2, [50, 100], None, Path("."), {}, None, stop_after=2)
+    assert asked == [50]

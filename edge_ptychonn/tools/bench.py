@@ -347,7 +347,11 @@ def main(args: argparse.Namespace) -> int:
             engines = list(be.engine_precisions(args.device, args.engines))
             if args.drop_caches:
                 report["dropped_caches"] = drop_caches(progress)
-            report["warm_start"] = [w.to_dict() for w in bp.warm_start(settings, engines, base_frames, out_dir, env, procs, progress=progress)]
+            measured: list = []  # what a Ctrl-C leaves is reported too
+            try:
+                bp.warm_start(settings, engines, base_frames, out_dir, env, procs, progress=progress, into=measured)
+            finally:
+                report["warm_start"] = [w.to_dict() for w in measured]
 
         engine_results = []
         if "engine" not in args.skip:
@@ -360,13 +364,15 @@ def main(args: argparse.Namespace) -> int:
             for precision, peak in report["peaks"].items():
                 note = " (emulated on this CPU: not a limit of the machine)" if peak.get("emulated") else ""
                 progress(f"peak {precision}: {peak['flops_per_s'] / 1e9:.1f} GFLOP/s{note}")
-            engine_results, skipped = be.bench_engines(
-                model_path, list(precisions), args.batches, precisions, args.engine_seconds,
-                flops.flops_per_frame, report["peaks"], threads=args.threads or _threads("1,all"),
-                device=args.device, progress=progress, repeats=args.engine_repeats,
-                workers=args.workers or _threads("1,all"),
-            )
-            report["engine"] = [r.to_dict() for r in engine_results]
+            try:  # what a Ctrl-C leaves is reported too
+                engine_results, skipped = be.bench_engines(
+                    model_path, list(precisions), args.batches, precisions, args.engine_seconds,
+                    flops.flops_per_frame, report["peaks"], threads=args.threads or _threads("1,all"),
+                    device=args.device, progress=progress, repeats=args.engine_repeats,
+                    workers=args.workers or _threads("1,all"), into=engine_results,
+                )
+            finally:
+                report["engine"] = [r.to_dict() for r in engine_results]
             report["engine_skipped"] = skipped
 
         if "framepath" not in args.skip:
@@ -476,12 +482,16 @@ def _engine_alone(results, settings, args, flops, report, progress) -> float | N
     if same:
         return max(same)
     progress(f"engine alone for the pipeline: {settings.engine} {settings.precision} batch {settings.batch}")
-    extra, skipped = be.bench_engines(
-        settings.model_path, [settings.engine], [settings.batch], {settings.engine: (settings.precision,)},
-        args.engine_seconds, flops.flops_per_frame, report.get("peaks", {}), threads=args.threads or _threads("1,all"),
-        device=args.device, progress=progress, repeats=args.engine_repeats, workers=args.workers or _threads("1,all"),
-    )
-    report.setdefault("engine", []).extend(r.to_dict() for r in extra)
+    extra: list = []
+    try:  # what a Ctrl-C leaves is reported too
+        extra, skipped = be.bench_engines(
+            settings.model_path, [settings.engine], [settings.batch], {settings.engine: (settings.precision,)},
+            args.engine_seconds, flops.flops_per_frame, report.get("peaks", {}), threads=args.threads or _threads("1,all"),
+            device=args.device, progress=progress, repeats=args.engine_repeats, workers=args.workers or _threads("1,all"),
+            into=extra,
+        )
+    finally:
+        report.setdefault("engine", []).extend(r.to_dict() for r in extra)
     report.setdefault("engine_skipped", []).extend(skipped)
     if not extra:
         progress(f"cannot run {settings.engine} {settings.precision}: no pipeline sweep")

@@ -278,20 +278,29 @@ def time_engine(engine, batch: int, seconds: float, rng: np.random.Generator,
 def bench_engines(
     model_path: Path, engines: list[str], batches: list[int], precisions: dict[str, tuple[str, ...]],
     seconds: float, flops_per_frame: float, peaks: dict, threads: list[int] | None = None, device: str = "cpu",
-    progress=None, repeats: int = 1, workers: list[int] | None = None,
+    progress=None, repeats: int = 1, workers: list[int] | None = None, into: list | None = None,
 ) -> tuple[list[EngineResult], list[dict]]:
     """Time every (engine, precision, layout, batch), best of ``repeats`` windows of
     ``seconds``; returns (results, skipped with reasons). A layout is ``threads`` per
     engine and ``workers`` engine copies running batches at once; on the CPU, more
-    than one worker only where workers x threads fits the cores."""
+    than one worker only where workers x threads fits the cores (when no layout
+    does, each is in skipped with the reason). ``into`` gets each result as it is
+    measured (a run cut short keeps those)."""
     from engines import EngineOptions, create_engine, registry
 
     rng = np.random.default_rng(0)
     results, skipped = [], []
     cores = usable_cores()
     threads = threads or [cores]
-    layouts = [(t, w) for t in threads for w in sorted(set(workers or [1]) | {1})
-               if w == 1 or (device == "cpu" and t * w <= cores)]
+    wanted = [(t, w) for t in threads for w in sorted(set(workers or [1]))]
+    layouts = [(t, w) for t, w in wanted if w == 1 or (device == "cpu" and t * w <= cores)]
+    if not layouts:  # nothing to time: say why, not an empty table
+        for e, p, (t, w) in [(e, p, layout) for e in engines for p in precisions.get(e, ("fp32",)) for layout in wanted]:
+            reason = (f"{w} workers x {t} threads do not fit the {cores} cores" if device == "cpu"
+                      else "more than one worker runs on the CPU only")
+            skipped.append({"engine": e, "precision": p, "threads": t, "workers": w, "reason": reason})
+            if progress:
+                progress(f"engine {e} {p} {t} thread(s) x {w} workers: skipped ({reason})")
     for name, precision, (n_threads, n_workers) in [
         (e, p, layout) for e in engines for p in precisions.get(e, ("fp32",)) for layout in layouts
     ]:
@@ -324,6 +333,8 @@ def bench_engines(
                 pct = 100.0 * fps * flops_per_frame / peak if peak else None
                 results.append(EngineResult(shown, engine.device, ran_precision, n_threads, batch, fps, ms, n, pct,
                                             emulated, basis, n_workers))
+                if into is not None:
+                    into.append(results[-1])
                 if progress:
                     pct_text = f", {pct:.1f} % of {basis} peak" if pct is not None else ""
                     pct_text += " (emulated precision)" if emulated else ""

@@ -116,7 +116,10 @@ class PointResult:
 
     @property
     def server_limited(self) -> bool:
-        return self.target_fps > 0 and self.offered_fps < SERVER_LIMITED * self.target_fps
+        """The server published below ``SERVER_LIMITED`` x the target; never said of a point
+        with an error (one that ended before the stream, e.g. consumers not ready, has
+        nothing published: that is no limit of the server)."""
+        return self.error is None and self.target_fps > 0 and self.offered_fps < SERVER_LIMITED * self.target_fps
 
     @property
     def sustained(self) -> bool:
@@ -178,26 +181,50 @@ def _processor_args(settings: PipelineSettings, n_consumers: int, engine: str | 
 PROCESSORS = {"ptychonn": (PTYCHONN, None), "zero": (PTYCHONN, "zero"), "passthrough": (PASSTHROUGH, None)}
 
 
+def _forked_exited(proc: live.Proc, n_consumers: int) -> int:
+    """How many of the consumers that ``proc`` (``pvapy-hpc-consumer -nc N``, N > 1) forked
+    have exited: PvaPy's parent lives on and leaves them unreaped until it stops. 0 with one
+    consumer (none forked) or without /proc."""
+    if n_consumers < 2 or not Path("/proc").is_dir():
+        return 0
+    return len(live.child_pids(proc.pid)) - len(live.child_pids(proc.pid, zombies=False))
+
+
 def _wait_ready(status_channels: list[str], need_engine: bool, timeout_s: float, procs: list) -> str | None:
     """None once every consumer's status says it is ready; else the reason it is not.
 
-    With several consumers (``-nc N``) PvaPy forks them and its parent lives on when they
-    all fail at start (it only logs that no statistics come): that is told at once, not
+    With several consumers (``-nc N``) PvaPy forks them and its parent lives on when one
+    or all fail at start (it only logs that no statistics come): that is told at once, not
     after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     forked = set()  # the pids of the procs seen with their forked consumers
+    n = len(status_channels)
     while time.monotonic() < deadline:
         for proc in procs:
             if not proc.running():
                 return f"{proc.name} exited early (code {proc.popen.returncode}); log: {proc.log_path}"
-            if live.forked_consumers_gone(proc, len(status_channels), forked):
+            if live.forked_consumers_gone(proc, n, forked):
                 return f"{proc.name}: its consumers exited at start; log: {proc.log_path}"
+            exited = _forked_exited(proc, n)
+            if exited:  # the others may be ready, but this one's status never comes
+                return f"{proc.name}: {exited} of {n} consumers exited at start; log: {proc.log_path}"
         statuses = [live.read_status(c, timeout_s=1.0) for c in status_channels]
         if all(s is not None for s in statuses):
             if not need_engine or all(s.get("userStats", {}).get("engine") for s in statuses):
                 return None
         time.sleep(0.3)
     return f"consumers not ready after {timeout_s:.0f} s; logs: {[str(p.log_path) for p in procs]}"
+
+
+def _read_statuses(channels: list[str], consumer: live.Proc, earlier: list | None = None) -> list[dict | None]:
+    """The consumers' status records (None where none came), not asked of a consumer known to
+    be gone, since each such read waits its whole timeout: none when the consumer group has
+    exited; with forked consumers of which some exited, not the channels that gave none in
+    ``earlier`` (a read of the same channels)."""
+    if not consumer.running():
+        return [None] * len(channels)
+    gone = earlier is not None and _forked_exited(consumer, len(channels)) > 0
+    return [None if gone and earlier[k] is None else live.read_status(c) for k, c in enumerate(channels)]
 
 
 def _published(log: str) -> tuple[int, float] | None:
@@ -260,25 +287,28 @@ def run_point(
             expected_s = start_delay_s - ready_s + n_frames / (target_fps or 1000.0)
             deadline = time.monotonic() + 2 * expected_s + 15.0
             left = lambda: max(deadline - time.monotonic(), 0.0)  # noqa: E731
+            # consumers all gone before their first output: none will come (the error says why)
+            gone = lambda: (not consumer.running()  # noqa: E731
+                            or _forked_exited(consumer, n_consumers) >= n_consumers > 1)
+            live.wait_until(lambda: collector.count() > 0 or gone(), left())
+        if error is None and (collector.count() > 0 or not gone()):
             # CPU is sampled over the stream itself: from the first output to 90 % of the
             # frames out (or until outputs stop for half a second), not the start-up before it.
-            live.wait_until(lambda: collector.count() > 0, left())
             before = CpuSample.take(consumer, server, collector.count())
             collector.wait_count(int(0.9 * n_frames), timeout_s=left(), idle_s=0.5)
             cpu = before.per_frame_us(CpuSample.take(consumer, server, collector.count()))
             # latency over the stream: the processors' percentiles cover their last 5 s, which
             # after the stream would be only the last frames (the drain, at a lossy point)
-            flowing = [live.read_status(f"{out_prefix}:{i}:status") for i in ids]
+            flowing = _read_statuses([f"{out_prefix}:{i}:status" for i in ids], consumer)
             collector.wait_count(n_frames, timeout_s=left(), idle_s=3.0)
             server.wait(10.0)
             time.sleep(1.3)  # one status report period, so the statistics include the last frames
-            statuses = [live.read_status(f"{out_prefix}:{i}:status") for i in ids]
+            statuses = _read_statuses([f"{out_prefix}:{i}:status" for i in ids], consumer, flowing)
     finally:
         # consumers that died during the point (before they are stopped here): the group itself,
         # or, with -nc N, forked ones (PvaPy's parent leaves them unreaped until it stops)
         exited = consumer.popen.poll()
-        n_exited = (len(live.child_pids(consumer.pid)) - len(live.child_pids(consumer.pid, zombies=False))
-                    if exited is None and n_consumers > 1 and Path("/proc").is_dir() else 0)
+        n_exited = _forked_exited(consumer, n_consumers) if exited is None else 0
         if collector is not None:
             collector.close()
         procs.stop(server)
@@ -428,10 +458,11 @@ def sweep(
     delay: StartDelay | None = None, extend: int = 0, down: int = 4, into: list | None = None,
 ) -> list[PointResult]:
     """Points at increasing offered rates, stopping after ``stop_after`` unsustained
-    ones, or at a server-limited one (a higher target measures the server again); while
-    the highest still keeps up, up to ``extend`` more at x1.2 each; when none kept up, up
-    to ``down`` more at /1.5 each until one does; then ``refine`` bisections between the
-    best sustained rate and the next. ``into`` gets each point as it is measured."""
+    ones, at one with an error, or at a server-limited one (a higher target measures the
+    server again); while the highest still keeps up, up to ``extend`` more at x1.2 each;
+    when none kept up, up to ``down`` more at /1.5 each until one does; then ``refine``
+    bisections between the best sustained rate and the next. ``into`` gets each point as
+    it is measured."""
     delay = delay or StartDelay(settings.start_delay_s)
     results: list[PointResult] = []
 
@@ -447,7 +478,7 @@ def sweep(
         r = point(rate)
         if not r.sustained:
             failed += 1
-        if failed >= stop_after or r.server_limited:
+        if failed >= stop_after or r.server_limited or r.error:  # a higher rate mends no error
             break
     for _ in range(extend):
         if failed or not results or results[-1].target_fps <= 0 or results[-1].server_limited:
@@ -572,9 +603,10 @@ class WarmStart:
 
 def warm_start(
     settings: PipelineSettings, engines: list[str], base_frames: np.ndarray, work_dir: Path, env: dict,
-    procs: Procs, fps: float = 20.0, timeout_s: float = 120.0, progress=None,
+    procs: Procs, fps: float = 20.0, timeout_s: float = 120.0, progress=None, into: list | None = None,
 ) -> list[WarmStart]:
-    """Consumer launch -> first published output, twice per engine, with a server streaming."""
+    """Consumer launch -> first published output, twice per engine, with a server streaming.
+    ``into`` gets each launch as it is measured (a run cut short keeps those)."""
     scan = write_scan(work_dir / "warm_scan.npy", base_frames, 64)
     prefix = f"eb{os.getpid()}ws"
     input_channel = f"{prefix}:image"
@@ -607,6 +639,8 @@ def warm_start(
                     collector.close()
                     procs.stop(consumer)
                 results.append(result)
+                if into is not None:
+                    into.append(result)
                 if progress:
                     took = f"{result.first_output_s:.2f} s" if result.first_output_s is not None else result.error
                     progress(f"warm start {engine} {launch} launch: first output after {took}")

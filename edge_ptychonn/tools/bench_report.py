@@ -162,7 +162,9 @@ def summary_text(report: dict) -> str:
     if report.get("engine"):
         parts += ["", "Engine alone", engine_table(report)]
     for skip in report.get("engine_skipped", []):
-        parts.append(f"  skipped {skip['engine']} {skip['precision']} ({skip.get('threads', '?')} threads): {skip['reason']}")
+        workers = f" x {skip['workers']} workers" if skip.get("workers", 1) > 1 else ""
+        parts.append(f"  skipped {skip['engine']} {skip['precision']} ({skip.get('threads', '?')} threads{workers}): "
+                     f"{skip['reason']}")
     if report.get("frame_path"):
         from .bench_frame_path import table as frame_path_table
 
