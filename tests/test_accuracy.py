@@ -209,3 +209,30 @@ def test_a_scan_too_small_to_score_is_one_line_naming_the_scan_and_the_remedy(ca
     _, truth = simulate_scan(ScanSettings(seed=1, n_positions=1), progress=False)
     with pytest.raises(ValueError, match="^scan one: its 1 frame"):  # also where train scores
         score_scan("one", truth.patches_phase, truth)
+
+
+def test_sigterm_stops_evaluate_like_ctrl_c_in_one_line(tmp_path):
+    """A SIGTERM (a batch system's stop, ``kill``) while it predicts: one line, exit 130, no output
+    file (before: killed outright by the signal, as the other long commands were before theirs)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-m", "edge_ptychonn.cli", "evaluate", "--simulate", "mixed:1001", "--n-positions", "512",
+            "--engine", "onnxruntime", "--threads", "1", "--json", str(tmp_path / "scores.json")]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        for line in proc.stderr:  # the first progress line of the prediction: the work is under way
+            lines.append(line)
+            if line.startswith("predict mixed:1001"):
+                break
+        assert proc.poll() is None, (proc.returncode, lines)
+        os.kill(proc.pid, signal.SIGTERM)
+        _, rest = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, (lines, rest)
+    assert rest.strip().splitlines()[-1] == "edge-ptychonn evaluate: interrupted" and "Traceback" not in rest, rest
+    assert list(tmp_path.iterdir()) == []

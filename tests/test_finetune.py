@@ -231,6 +231,15 @@ def test_held_out_block_and_guard_band(beamline):
     ("group_positions", r"group_pos.h5: positions must be .* got a group: give --positions"),
     ("card_scan_settings", r"the model card of .*base.onnx: training.scan_settings: frame_size must be a whole number, "
                            r"got 128.0"),  # before: a TypeError traceback
+    # an HDF5 file with fewer frames than uniqueIds: before, an IndexError traceback after the model was loaded;
+    # uniqueIds not a 1-D list of whole numbers: before, "too many values to unpack", or cast without a word
+    ("short_data", r"short_data.h5: 4 uniqueIds but data holds 3 frames; expected a frame for each uniqueId"),
+    ("uid_2d", r"uid_2d.h5: uniqueId must be a 1-D dataset of whole numbers, got int64 \(4, 1\)"),
+    ("uid_float", r"uid_float.h5: uniqueId must be a 1-D dataset of whole numbers, got float64 \(4,\)"),
+    # a recording of zeros (a detector that was off): before, the model was fine-tuned on it without a word
+    ("zero_frames", r"zeros.npy: every frame is zero everywhere: no diffraction recorded"),
+    # a text table without rows: before, numpy's UserWarning with a source line, then the shape (0, 1)
+    ("empty_text_positions", r"^edge-ptychonn finetune: \S*empty.txt: holds no positions \(no rows of numbers\)\n$"),
 ])
 def test_bad_input_is_refused_with_a_clear_message_and_nothing_written(beamline, tmp_path, capsys, case, message):
     d = beamline
@@ -286,6 +295,19 @@ def test_bad_input_is_refused_with_a_clear_message_and_nothing_written(beamline,
             else:
                 f["positions"] = d["truth"].positions_px[:3] if case == "short_positions" else np.zeros(4)
         frames, positions = tmp_path / f"{name}.h5", None
+    elif case in ("short_data", "uid_2d", "uid_float"):
+        with h5py.File(tmp_path / f"{case}.h5", "w") as f:
+            f["data"] = d["frames"][: 3 if case == "short_data" else 4]
+            f["uniqueId"] = {"short_data": np.arange(1, 5), "uid_2d": np.arange(1, 5)[:, None],
+                             "uid_float": np.arange(1.0, 5.0)}[case]
+            f["positions"] = d["truth"].positions_px[:4]
+        frames, positions = tmp_path / f"{case}.h5", None
+    elif case == "zero_frames":
+        np.save(tmp_path / "zeros.npy", np.zeros_like(d["frames"]))
+        frames = tmp_path / "zeros.npy"
+    elif case == "empty_text_positions":
+        (tmp_path / "empty.txt").write_text("# y x\n")
+        positions = tmp_path / "empty.txt"
     elif case == "frame_size":
         np.save(tmp_path / "small.npy", d["frames"][:, :64, :64])
         frames = tmp_path / "small.npy"
@@ -404,22 +426,28 @@ def test_a_base_that_crops_keeps_its_crop_and_output_mask_and_a_larger_probe_get
     frames, truth = simulate_scan(settings, progress=False)
     detector = np.pad(frames, ((0, 0), (4, 4), (4, 4)), constant_values=50)  # a bright border the crop cuts
     np.save(tmp_path / "frames.npy", detector)
-    np.save(tmp_path / "positions.npy", truth.positions_px)
+    np.save(tmp_path / "positions.npy", (truth.positions_px + 32) * 2)  # the probe centre, in units of half a pixel
     np.save(tmp_path / "recon.npy", (truth.object_amplitude * np.exp(1j * truth.object_phase)).astype(np.complex64))
-    base = export_onnx(build_model(ModelConfig(width=4, depth=2, input_size=64), seed=1).eval(), tmp_path / "base.onnx")
+    base = export_onnx(build_model(ModelConfig(width=4, depth=2, input_size=64, head_blocks=1), seed=1).eval(),
+                       tmp_path / "base.onnx")
     mask = OutputMask(centre_yx=(31.5, 31.5), radius_px=16.0)
     pp = PreprocessConfig(crop_hw=(64, 64), transform="sqrt", scale=0.05, normalize="running",
                           reference_total=float(frames.reshape(64, -1).sum(axis=1).mean()))
     save_card(ModelCard(name="base", input_size=64, preprocess=pp, output_mask=mask,
-                        model=ModelConfig(width=4, depth=2, input_size=64, batch_norm=False)), base)
+                        model=ModelConfig(width=4, depth=2, input_size=64, batch_norm=False, head_blocks=1)), base)
     default_probe = make_probe(64, settings.pupil_radius, settings.probe_diameter)
     assert not (probe_weight(default_probe) > 0)[mask.outside((64, 64))].any()  # the mask holds its bright centre
     common = ["--frames", tmp_path / "frames.npy", "--positions", tmp_path / "positions.npy", "--object",
               tmp_path / "recon.npy", "--init-from", base, "--epochs", 1, "--batch-size", 8, "--max-minutes", 0,
-              "--device", "cpu", "--threads", 1, "--quiet"]
+              "--device", "cpu", "--threads", 1, "--quiet", "--pixel-size", 2, "--position-ref", "centre"]
     assert run_cli(*common, "--out", tmp_path / "ft") == 0, capsys.readouterr().err
     card = load_card(tmp_path / "ft.onnx")
     assert card.preprocess == pp and card.output_mask == mask and card.training.steps >= 1
+    # the card for people says how the positions were mapped, and names the head block (before: neither)
+    md = (tmp_path / "ft.md").read_text()
+    assert "positions.npy` (window corner in object pixels = position / 2 + (0, 0) - 32: positions of the probe " \
+           "centre, rounded); reconstruction:" in md, md
+    assert card.model.head_blocks == 1 and "1 residual head block(s) at full resolution" in md, md
 
     wide = make_probe(64, settings.pupil_radius, 40.0)  # a larger spot than the base's probe
     np.save(tmp_path / "probe.npy", wide)

@@ -161,6 +161,48 @@ def test_photons_that_saturate_every_pixel_are_refused_in_one_line_and_nothing_i
         assert not (tmp_path / "s.npy").exists() and not (tmp_path / "s.npz").exists()
 
 
+def test_photons_that_give_no_count_are_refused_in_one_line_and_nothing_is_written(tmp_path, capsys):
+    """Before: ``--photons 1e-9`` wrote a scan of frames that were 0 everywhere, with exit 0; and
+    ``evaluate --photons 1e-9`` scored a model on such frames as if they were a scan."""
+    from edge_ptychonn import cli
+
+    with pytest.raises(ValueError, match="give no count in any pixel of any frame"):
+        simulate_scan(ScanSettings(seed=0, photons=1e-9, n_positions=2, frame_size=32), progress=False)
+    assert cli.main(["simulate", "--out", str(tmp_path / "s"), "--photons", "1e-9", "--n-positions", "2",
+                     "--frame-size", "32", "--quiet"]) == 2
+    out = capsys.readouterr()
+    assert out.err == ("edge-ptychonn simulate: photons 1e-09 give no count in any pixel of any frame: the frames "
+                       "hold nothing of the object; raise the photon count\n"), out.err
+    assert list(tmp_path.iterdir()) == []
+    assert cli.main(["evaluate", "--simulate", "mixed:1", "--photons", "1e-9", "--n-positions", "4", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("edge-ptychonn evaluate: photons 1e-09 give no count") and err.count("\n") == 1, err
+    # a low dose that leaves some counts is a scan (of a noisy kind), not refused
+    frames, truth = simulate_scan(ScanSettings(seed=0, photons=20.0, n_positions=2, frame_size=32), progress=False)
+    assert 0 < frames.sum() and truth.stats["mean_counts"] > 0
+
+
+def test_clipped_pixels_are_one_warning_line_not_a_python_warning(tmp_path, capsys):
+    """Before: the simulator's clipping warning reached the user as Python's two-line ``UserWarning``
+    with a line of the tool's source (``simulate``, and ``evaluate --simulate`` at a high ``--photons``)."""
+    import re
+
+    from edge_ptychonn import cli
+
+    assert cli.main(["simulate", "--out", str(tmp_path / "s"), "--photons", "1e9", "--n-positions", "2",
+                     "--frame-size", "32", "--quiet"]) == 0
+    out = capsys.readouterr()
+    assert re.fullmatch(r"edge-ptychonn simulate: warning: \d+ pixels exceeded the int16 range and were clipped to "
+                        r"32767; lower the photon count or bin less\n", out.err), out.err
+    clipped = load_scan(tmp_path / "s")[1].stats["n_clipped_pixels"]
+    assert f"clipped pixels {clipped}" in out.out and f"warning: {clipped} pixels" in out.err
+    assert cli.main(["evaluate", "--simulate", "mixed:1", "--simulate", "mixed:2", "--photons", "1e8",
+                     "--n-positions", "4", "--quiet"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split(":")[:3] for line in err] == [["edge-ptychonn evaluate", " warning", " scan mixed"]] * 2, err
+    assert all(re.search(r"scan mixed:[12]: \d+ pixels exceeded the int16 range", line) for line in err), err
+
+
 @pytest.mark.parametrize("family", ["mixed", "particles", "smooth", "cells", "siemens", "fibres"])
 def test_object_families_are_thickness_maps(family):
     t = make_object((96, 80), family, np.random.default_rng(0))
@@ -244,6 +286,13 @@ def test_simulate_command_writes_files(tmp_path, capsys):
     ("probe_shape", r"scan.npz: probe is \(32, 32\), the patches are \(64, 64\)"),
     ("patches_count", r"scan.npz: patches_phase must be \(N, h, w\) real with N = 16 positions, got float32 "
                       r"\(15, 64, 64\)"),
+    # before: "predicted and truth must be finite inside the mask" (blaming the model), "probe is zero
+    # everywhere" and "weight must be finite, ..." naming no file, and numpy's traceback for text
+    ("object_nan", r"scan.npz: object_phase contains NaN or infinite values"),
+    ("patches_nan", r"scan.npz: patches_phase contains NaN or infinite values"),
+    ("probe_nan", r"scan.npz: probe contains NaN or infinite values"),
+    ("probe_zero", r"scan.npz: probe is zero everywhere"),
+    ("probe_text", r"scan.npz: probe must be a complex \(or real\) array of numbers, got <U1"),
 ])
 def test_a_file_that_is_no_scan_is_refused_naming_the_file_and_field(tmp_path, capsys, case, message):
     """``load_scan`` (``evaluate --scan``) says which file and field are wrong, not numpy's or the stitcher's words."""
@@ -280,6 +329,16 @@ def test_a_file_that_is_no_scan_is_refused_naming_the_file_and_field(tmp_path, c
         fields["probe"] = truth.probe[:32, :32]
     elif case == "patches_count":
         fields["patches_phase"] = truth.patches_phase[:15]
+    elif case == "object_nan":
+        fields["object_phase"] = np.where(np.arange(truth.object_phase.shape[1]) == 40, np.nan, truth.object_phase)
+    elif case == "patches_nan":
+        fields["patches_phase"] = np.where(np.arange(64) == 30, np.inf, truth.patches_phase).astype(np.float32)
+    elif case == "probe_nan":
+        fields["probe"] = np.where(np.arange(64) == 3, np.nan, truth.probe).astype(np.complex64)
+    elif case == "probe_zero":
+        fields["probe"] = np.zeros_like(truth.probe)
+    elif case == "probe_text":
+        fields["probe"] = np.full(truth.probe.shape, "a")
     if case == "garbage_npz":
         (tmp_path / "scan.npz").write_bytes(b"not a zip file")
     elif case == "empty_npz":

@@ -182,14 +182,25 @@ def test_train_command_writes_onnx_sidecar_and_card(tmp_path, capsys):
     assert exact.scores["rmse_rad"] < 1e-5  # exact patches score perfectly
 
 
-def test_the_cards_eval_scores_are_what_the_evaluate_command_it_names_gives(tmp_path):
+def test_the_cards_eval_scores_are_what_the_evaluate_command_it_names_gives(tmp_path, capsys):
     """``train --eval`` records ``accuracy.command`` (``edge-ptychonn evaluate ...``) with its scores:
     those scores must be that command's, which applies the card's output mask (before: the raw
-    patches were scored, so the card's |phase| outside the bright centre was the unmasked one)."""
+    patches were scored, so the card's |phase| outside the bright centre was the unmasked one).
+    The card for people names what the training family's objects are (before: every family was
+    described as the ``mixed`` one's particles, smooth field and cells), and an eval scan's clipped
+    pixels are one line (before: Python's ``UserWarning`` with a source line)."""
+    import re
+
     out = tmp_path / "m"
     assert cli.main(["train", "--out", str(out), "--train-scans", "1", "--positions-per-scan", "16",
                      "--batch-size", "16", "--val-scans", "1", "--epochs", "1", "--width", "4", "--depth", "2",
-                     "--threads", "1", "--eval", "smooth:1", "--quiet"]) == 0
+                     "--threads", "1", "--eval", "smooth:1", "--quiet", "--family", "siemens", "--photons", "1e8"]) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"^edge-ptychonn train: warning: scan smooth:1: \d+ pixels exceeded the int16 range", err,
+                     re.MULTILINE) and "UserWarning" not in err, err
+    family = [line for line in out.with_suffix(".md").read_text().splitlines() if "Object family" in line]
+    assert family == ["- Object family `siemens`: a binary Siemens star of 24-48 spokes; feature density 0.8; "
+                      "phase 0..1.5 rad; amplitude exp(-0.05 * phase)."], family
     card = json.loads(out.with_suffix(".json").read_text())
     command = shlex.split(card["accuracy"]["command"])
     assert command[:2] == ["edge-ptychonn", "evaluate"]
@@ -444,7 +455,7 @@ def test_photons_that_leave_nothing_to_train_on_are_refused_in_one_line(tmp_path
     --dose-range beyond the simulator's limit: one line and exit 2, not a traceback."""
     small = ["--out", str(tmp_path / "m"), "--train-scans", "2", "--val-scans", "1", "--positions-per-scan", "8",
              "--batch-size", "8", "--epochs", "1", "--width", "4", "--depth", "2", "--threads", "1", "--quiet", "--eval"]
-    for argv, why in ((["--photons", "1e-3"], "the validation frames hold no counts at --photons 0.001"),
+    for argv, why in ((["--photons", "1e-3"], "photons 0.001 give no count in any pixel of any frame"),
                       (["--photons", "5e17"], "saturate every pixel of every frame"),
                       (["--photons", "1e17", "--dose-range", "1", "100"],
                        "dose-range 1 100: the training scans' photons must be > 0 and at most 1e+18")):

@@ -24,6 +24,7 @@ stitched from the frames that came back over PvaPy):
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -164,12 +165,17 @@ def parse_scan_spec(spec: str) -> tuple[str, int]:
 def simulate_held_out(specs: list[str], card: ModelCard | None, n_positions: int | None = None,
                       photons: float | None = None, *, progress: bool = False):
     """``[(spec, frames, truth)]`` for ``FAMILY:SEED`` specs, simulated with :func:`held_out_settings`
-    (with a progress display per scan when ``progress``)."""
+    (with a progress display per scan when ``progress``); the simulator's warnings (clipped pixels)
+    are issued again naming the scan."""
     scans = []
     for spec in specs:
         family, seed = parse_scan_spec(spec)
-        frames, truth = simulate_scan(held_out_settings(card, seed, family=family, n_positions=n_positions,
-                                                        photons=photons), progress=progress)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            frames, truth = simulate_scan(held_out_settings(card, seed, family=family, n_positions=n_positions,
+                                                            photons=photons), progress=progress)
+        for w in caught:
+            warnings.warn(f"scan {spec}: {w.message}", w.category, stacklevel=2)
         scans.append((spec, frames, truth))
     return scans
 

@@ -34,7 +34,7 @@ from engines import EngineUnavailable
 from edge_ptychonn.files import check_writable, save_npy_whole, write_bytes_whole
 from edge_ptychonn.model_card import ModelCard, check_input_size, default_model_path, find_card
 from edge_ptychonn.science import accuracy
-from edge_ptychonn.science.simulate import load_scan
+from edge_ptychonn.science.simulate import load_scan, warnings_as_lines
 
 
 def get_args_parser(prog: str = "edge-ptychonn evaluate") -> argparse.ArgumentParser:
@@ -73,6 +73,16 @@ def get_args_parser(prog: str = "edge-ptychonn evaluate") -> argparse.ArgumentPa
 
 
 def main(args: argparse.Namespace) -> int:
+    """``edge-ptychonn evaluate``; a SIGTERM (a batch system's stop, ``kill``) stops it like Ctrl-C: the
+    engine is closed, no half-written output is left behind, and the command ends with one line (exit 130).
+    Warnings (a simulated scan's clipped pixels) are one line each on stderr."""
+    from edge_ptychonn.cli import sigterm_interrupts
+
+    with sigterm_interrupts(), warnings_as_lines("edge-ptychonn evaluate"):
+        return _evaluate(args)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
     if not args.scan and not args.simulate:
         print("edge-ptychonn evaluate: give at least one --scan PREFIX or --simulate FAMILY:SEED", file=sys.stderr)
         return 2

@@ -75,6 +75,7 @@ import platform
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -134,6 +135,8 @@ def _check_frames(frames: np.ndarray, where: str) -> np.ndarray:
         bad = int(np.count_nonzero(~np.isfinite(frames).all(axis=(1, 2))))
         if bad:
             raise InputError(f"{where}: {bad} frames hold NaN or infinite pixels")
+    if not np.any(frames):  # a detector that was off, or a file of placeholders: nothing to learn from
+        raise InputError(f"{where}: every frame is zero everywhere: no diffraction recorded")
     return frames
 
 
@@ -186,7 +189,14 @@ def load_frames(path: str | Path) -> Recorded:
             if missing:
                 raise InputError(f"{path}: no {' or '.join(missing)} dataset; expected the layout of "
                                  "processors/hdf5_writer.py (data, uniqueId, positions)")
-            n = len(f["uniqueId"])  # written last: the number of complete frames
+            uid = f["uniqueId"]
+            if uid.ndim != 1 or uid.dtype.kind not in "iu":
+                raise InputError(f"{path}: uniqueId must be a 1-D dataset of whole numbers, got {uid.dtype} "
+                                 f"{uid.shape}")
+            n = len(uid)  # written last: the number of complete frames
+            if f["data"].ndim < 1 or len(f["data"]) < n:  # a file cut or made otherwise: no frame for some ids
+                raise InputError(f"{path}: {n} uniqueIds but data holds {len(f['data']) if f['data'].ndim else 0} "
+                                 "frames; expected a frame for each uniqueId (the layout of processors/hdf5_writer.py)")
             try:
                 data = np.asarray(f["data"][:n])
             except OSError as exc:  # most often a compression filter that this h5py does not have
@@ -235,7 +245,11 @@ def load_positions(path: str | Path, unique_ids: np.ndarray) -> np.ndarray:
         elif path.suffix == ".npy":
             table = _npy(path)
         elif path.suffix in TEXT_SUFFIXES:
-            table = np.loadtxt(path, comments="#", delimiter="," if path.suffix == ".csv" else None, ndmin=2)
+            with warnings.catch_warnings():  # numpy's UserWarning for a file without rows: said below in words
+                warnings.simplefilter("ignore", UserWarning)
+                table = np.loadtxt(path, comments="#", delimiter="," if path.suffix == ".csv" else None, ndmin=2)
+            if table.size == 0:
+                raise InputError(f"{path}: holds no positions (no rows of numbers)")
             by_id = table.shape[1] == 3
         else:
             raise InputError(f"{path}: positions must be .npz (edge-ptychonn simulate), .npy (N, 2) or a text table "
@@ -548,11 +562,13 @@ def card_markdown(card: ModelCard, base_name: str, data: dict, before: dict, aft
                          "in fine-tuning, over the mean total of the recorded frames") + [
         f"- Architecture: PtychoNN width {m.width}, depth {m.depth}, BatchNorm: {data['batchnorm']}; "
         f"amplitude head {m.amplitude_head}; "
-        f"{t.n_parameters:,} parameters.",
+        + (f"{m.head_blocks} residual head block(s) at full resolution before the phase head; " if m.head_blocks else "")
+        + f"{t.n_parameters:,} parameters.",
         "",
         "## Fine-tuning data",
         "",
-        f"- Frames: `{data['frames']}` ({data['n_frames']} frames); positions: `{data['positions']}`; "
+        f"- Frames: `{data['frames']}` ({data['n_frames']} frames); positions: `{data['positions']}`"
+        f"{_position_mapping(data, n)}; "
         f"reconstruction: `{data['object']}` ({data['object_shape'][0]}x{data['object_shape'][1]}, "
         f"phase shift {data['phase_shift_rad']} rad); probe for the loss mask: {data['probe']}.",
         f"- {t.n_train_frames} training frames, {t.n_val_frames} held-out frames (the last "
@@ -583,6 +599,15 @@ def card_markdown(card: ModelCard, base_name: str, data: dict, before: dict, aft
                   f"{prev.n_train_frames or '?'} frames); its own card lies beside it."]
     lines += ["", "## Limits", ""] + [f"- {x}" for x in card.limits]
     return "\n".join(lines) + "\n"
+
+
+def _position_mapping(data: dict, size: int) -> str:
+    """How the positions became window corners in object pixels (the card's words), when not as given."""
+    pixel_size, (y0, x0), reference = data["pixel_size"], data["origin"], data["position_ref"]
+    if (pixel_size, y0, x0, reference) == (1.0, 0.0, 0.0, "corner"):
+        return ""
+    return (f" (window corner in object pixels = position / {pixel_size:g} + ({y0:g}, {x0:g})"
+            + (f" - {size / 2:g}: positions of the probe centre" if reference == "centre" else "") + ", rounded)")
 
 
 # ---------------------------------------------------------------- command

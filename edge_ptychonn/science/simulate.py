@@ -44,6 +44,7 @@ counters in ``stats`` as JSON).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import numbers
@@ -415,7 +416,8 @@ def simulate_scan(
 
     Counts above 32767 are clipped to int16; their number is in
     ``truth.stats["n_clipped_pixels"]`` and a warning is issued when it is not 0
-    (``ValueError`` when every pixel is clipped: such frames carry nothing).
+    (``ValueError`` when every pixel is clipped, or when no frame holds a single count:
+    such frames carry nothing).
     ``truth.stats["mean_counts"]`` is the mean total of the frames as returned (after clipping).
     """
     obj_rng, scan_rng, noise_rng = (
@@ -447,6 +449,11 @@ def simulate_scan(
         count_sum += float(frames[start : start + len(pos)].sum(dtype=np.int64))  # what the frames hold
         bar.update(len(pos))
     bar.close()
+    if count_sum == 0:
+        raise ValueError(
+            f"photons {settings.photons:g} give no count in any pixel of any frame: the frames hold nothing of the "
+            "object; raise the photon count"
+        )
     if clipped == frames.size:
         raise ValueError(
             f"photons {settings.photons:g} saturate every pixel of every frame ({INT16_MAX}): the frames hold "
@@ -569,11 +576,20 @@ def _check_scan(frames: np.ndarray, truth: ScanTruth, npy: Path, npz: Path) -> N
                          f"{patches.dtype} {patches.shape}")
     if truth.probe.shape != truth.patch_shape:
         raise ValueError(f"{npz}: probe is {truth.probe.shape}, the patches are {truth.patch_shape}")
+    if truth.probe.dtype.kind not in "iufc":
+        raise ValueError(f"{npz}: probe must be a complex (or real) array of numbers, got {truth.probe.dtype}")
+    if not np.isfinite(truth.probe).all():  # it weights the stitching
+        raise ValueError(f"{npz}: probe contains NaN or infinite values")
+    if not np.any(truth.probe):
+        raise ValueError(f"{npz}: probe is zero everywhere")
     obj = truth.object_phase
     if obj.dtype.kind not in "iuf" or obj.ndim != 2:
         raise ValueError(f"{npz}: object_phase must be a real (H, W) image, got {obj.dtype} {obj.shape}")
     if truth.object_amplitude.shape != obj.shape:
         raise ValueError(f"{npz}: object_amplitude is {truth.object_amplitude.shape}, object_phase {obj.shape}")
+    for name, values in (("patches_phase", patches), ("object_phase", obj)):  # the truth the scores compare with
+        if not np.isfinite(values).all():
+            raise ValueError(f"{npz}: {name} contains NaN or infinite values")
     corners = np.rint(pos)
     h, w = truth.patch_shape
     outside = ((corners < 0).any(axis=1) | (corners[:, 0] + h > obj.shape[0]) | (corners[:, 1] + w > obj.shape[1]))
@@ -585,6 +601,20 @@ def _check_scan(frames: np.ndarray, truth: ScanTruth, npy: Path, npz: Path) -> N
 
 
 # ---------------------------------------------------------------- command
+
+
+@contextlib.contextmanager
+def warnings_as_lines(prog: str):
+    """Inside the block a warning (e.g. :func:`simulate_scan`'s clipped pixels) is printed on
+    stderr as one line, ``<prog>: warning: <message>``, instead of Python's ``UserWarning``
+    with the source line that issued it."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"{prog}: warning: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():  # restores the filters and showwarning at the end
+        warnings.showwarning = show
+        yield
 
 
 def get_args_parser(prog: str = "edge-ptychonn simulate") -> argparse.ArgumentParser:
@@ -656,7 +686,8 @@ def _simulate(args: argparse.Namespace) -> int:
         print(f"edge-ptychonn simulate: cannot write {args.out}: {exc}", file=sys.stderr)
         return 2
     try:
-        frames, truth = simulate_scan(settings, progress=not args.quiet)
+        with warnings_as_lines("edge-ptychonn simulate"):
+            frames, truth = simulate_scan(settings, progress=not args.quiet)
     except ValueError as exc:
         print(f"edge-ptychonn simulate: {exc}", file=sys.stderr)
         return 2

@@ -70,7 +70,7 @@ from edge_ptychonn.model_card import (
 )
 from edge_ptychonn.progress import Progress
 from edge_ptychonn.science import accuracy
-from edge_ptychonn.science.simulate import FAMILIES, ScanSettings, simulate_scan
+from edge_ptychonn.science.simulate import BASE_SIZE, FAMILIES, ScanSettings, simulate_scan, warnings_as_lines
 from edge_ptychonn.science.stitch import probe_weight
 from edge_ptychonn.stream.postprocess import OutputMask
 from edge_ptychonn.stream.preprocess import NORMALIZATIONS, PreprocessConfig, preprocess
@@ -734,8 +734,7 @@ def card_markdown(card: ModelCard) -> str:
         "",
         f"- {t.n_train_frames} frames from {t.n_train_scans} scans (seeds {t.train_seeds[0]}.."
         f"{t.train_seeds[-1]}), validation {t.n_val_frames} frames (seeds {t.val_seeds[0]}..{t.val_seeds[-1]}).",
-        f"- Object family `{s.family}`: particles (projected spheres, radius 3-12 px), a smooth random "
-        "field and piecewise-constant cells with sharp edges, in random proportions per object; "
+        f"- Object family `{s.family}`: {family_text(s.family, s.window_size / BASE_SIZE)}; "
         f"feature density {s.density}; phase 0..{s.phase_range_rad} rad; amplitude exp(-{s.absorption} * phase).",
         f"- Probe: defocused focused beam, {s.probe_diameter:.0f} px diameter in a {s.window_size} px window, "
         f"pupil radius {s.pupil_radius:.0f} far-field px.",
@@ -851,6 +850,23 @@ def preprocess_lines(card: ModelCard, where: str, fitted: str) -> list[str]:
             f"publishes {om.fill_rad:g} rad (processor argument `outputMask`, default true; the network's own "
             "values there are meaningless). Stitching weights only the bright centre, so it is unchanged.")
     return lines
+
+
+def family_text(family: str, scale: float = 1.0) -> str:
+    """What the objects of ``family`` (``simulate.make_object``) are made of, for the model card; feature
+    sizes in object pixels, ``scale`` times those of a 128-pixel window."""
+    def px(*sizes: float) -> str:
+        return "-".join(f"{v * scale:.3g}" for v in sizes) + " px"
+
+    return {
+        "mixed": f"particles (projected spheres, radius {px(3, 12)}), a smooth random field and "
+                 f"piecewise-constant cells with sharp edges, in random proportions per object",
+        "particles": f"overlapping particles (projected spheres, radius {px(3, 12)})",
+        "smooth": f"a smooth Gaussian random field (correlation length {px(8, 24)})",
+        "cells": f"piecewise-constant Voronoi cells (about {px(30)} across) with sharp edges, about a quarter of them empty",
+        "siemens": "a binary Siemens star of 24-48 spokes",
+        "fibres": f"straight cylindrical fibres (radius {px(1, 4)}, {px(40, 200)} long)",
+    }[family]
 
 
 def _mix_text(mix) -> str:
@@ -1149,7 +1165,8 @@ def _train(args: argparse.Namespace) -> int:
     with whole_file(onnx_path) as onnx_partial:
         export_onnx(trainer.model, onnx_partial)
         if args.eval:
-            scans = accuracy.simulate_held_out(args.eval, card)
+            with warnings_as_lines("edge-ptychonn train"):  # pixels clipped at a high --photons: one line
+                scans = accuracy.simulate_held_out(args.eval, card)
             engine = accuracy.open_engine(onnx_partial, "onnxruntime", device="cpu", threads=args.threads)
             try:
                 # scored as the command recorded below scores it: with the card's output mask
