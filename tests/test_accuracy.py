@@ -236,3 +236,15 @@ def test_sigterm_stops_evaluate_like_ctrl_c_in_one_line(tmp_path):
     assert proc.returncode == 130, (lines, rest)
     assert rest.strip().splitlines()[-1] == "edge-ptychonn evaluate: interrupted" and "Traceback" not in rest, rest
     assert list(tmp_path.iterdir()) == []
+
+
+def test_evaluate_names_its_own_options_when_refusing_threads_or_a_precision(capsys):
+    """--threads -3 was refused as "cpu_threads must be ...", the engine option's name, and
+    --precision bogus as "engine 'auto' found nothing to run": now the option is named."""
+    from edge_ptychonn import cli
+
+    assert cli.main(["evaluate", "--simulate", "mixed:1", "--threads", "-3", "--quiet"]) == 2
+    assert capsys.readouterr().err == "edge-ptychonn evaluate: --threads must be >= 0 (0: all usable cores), got -3\n"
+    with pytest.raises(SystemExit) as info:
+        cli.main(["evaluate", "--simulate", "mixed:1", "--precision", "bogus", "--quiet"])
+    assert info.value.code == 2 and "argument --precision: invalid choice: 'bogus'" in capsys.readouterr().err

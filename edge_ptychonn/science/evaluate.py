@@ -60,12 +60,13 @@ def get_args_parser(prog: str = "edge-ptychonn evaluate") -> argparse.ArgumentPa
                         "cover a region wide enough for the SSIM window, so it needs a few: 2 or more at the "
                         "shipped model's scan settings")
     p.add_argument("--engine", default="auto", help="inference engine: auto, onnxruntime, torch (default: %(default)s)")
-    p.add_argument("--precision", default="fp32",
+    p.add_argument("--precision", default="fp32", choices=("auto", "fp32", "tf32", "fp16", "bf16"),
                    help="fp32, bf16, fp16, tf32 (what the engine offers), or auto: with --engine auto the precision "
                         "a consumer on this machine picks (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=64, help="frames per inference batch (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=2, help="engine CPU threads (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=2,
+                   help="engine CPU threads; 0: all usable cores, laid out as a consumer would (default: %(default)s)")
     p.add_argument("--json", default=None, help="write the scores to this JSON file")
     p.add_argument("--save-image", default=None, help="save the stitched phase of the first scan (.npy float32)")
     p.add_argument("--quiet", action="store_true", help="no progress display")
@@ -93,6 +94,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             print(f"edge-ptychonn evaluate: --{name} must be >= 1, got {value}", file=sys.stderr)
             return 2
+    if args.threads < 0:
+        print(f"edge-ptychonn evaluate: --threads must be >= 0 (0: all usable cores), got {args.threads}", file=sys.stderr)
+        return 2
     # np.save's rule: a name without .npy gets it
     image_path = None if args.save_image is None else Path(
         args.save_image if str(args.save_image).endswith(".npy") else f"{args.save_image}.npy")
