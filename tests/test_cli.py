@@ -96,6 +96,19 @@ def test_consumer_passes_arguments_to_pvapy_and_answers_bad_ones_with_2():
     assert helped.returncode == 0 and "SIGTERM" in helped.stdout and "pvapy-hpc-consumer --help" in helped.stdout
 
 
+@pytest.mark.parametrize("option", [["-nc", "0"], ["--n-consumers=-2"], ["-nc=0"], ["--n-consumers", "0"], ["--n-cons", "0"]])
+def test_consumer_refuses_fewer_than_one_consumer_before_anything_starts(option, capsys):
+    """Before: PvaPy ran no consumer at all until its runtime ended (by default never), and its
+    final report was a KeyError traceback ('lastObjectTime')."""
+    from edge_ptychonn.tools.consumer import check_n_consumers
+
+    assert cli.main(["consumer", "-ic", "x:image", "-pc", "processors.ptychonn.PtychoNNProcessor", "-rt", "1",
+                     *option]) == 2
+    _one_line(capsys.readouterr().err, "edge-ptychonn consumer: --n-consumers must be >= 1, got ")
+    assert check_n_consumers(["-ic", "x", "-nc", "2"]) is None and check_n_consumers(["-nc", "two"]) is None
+    assert check_n_consumers(["-nc", "0", "-cid", "1,2"]) is None  # the id list sets the consumers
+
+
 @pytest.mark.parametrize("n_consumers, code, message", [
     ("1", 2, "edge-ptychonn consumer: modelPath '/nonexistent.onnx' is not a file"),
     ("2", 1, "edge-ptychonn consumer: every consumer exited (exit statuses 1, 1)"),
@@ -125,6 +138,19 @@ def test_configure_takes_only_a_positive_timeout(value, capsys):
         cli.main(["configure", "inference:1:control", "batchTimeout=0.2", "--timeout", value])
     assert exit_.value.code == 2
     assert "argument --timeout: must be" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["1e10", "86400.5"])
+def test_configure_refuses_a_timeout_longer_than_a_day(value, capsys):
+    """Before: accepted; beyond threading.TIMEOUT_MAX (9.2e9 s) the wait for the request to be
+    taken was an OverflowError traceback once the channel answered."""
+    from edge_ptychonn.tools.configure import get_args_parser
+
+    with pytest.raises(SystemExit) as exit_:
+        get_args_parser().parse_args(["inference:1:control", "batchTimeout=0.2", "--timeout", value])
+    assert exit_.value.code == 2
+    assert "argument --timeout: must be > 0 and at most 86400 seconds" in capsys.readouterr().err
+    assert get_args_parser().parse_args(["c", "a=1", "--timeout", "86400"]).timeout == 86400
 
 
 def test_configure_timeout_accepts_seconds():

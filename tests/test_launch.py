@@ -556,6 +556,10 @@ def load(tmp_path: Path, text: str) -> LaunchConfig:
     (MINIMAL.replace("consumers = 3", "distributor_updates = 100000000000"),
      r"'distributor_updates' in \[inference\] must be <= 256, got 100000000000: each consumer takes"),
     ("idle_s = 1e300\n" + MINIMAL, r"'idle_s' in the top level must be <= 3600, got 1e\+300: a replayed chain"),
+    # before: an OverflowError traceback (an integer no float holds); 1e12 is accepted, as good as 0
+    (f"timeout_s = {10**400}\n" + MINIMAL, r"'timeout_s' in the top level must be a finite number, got an integer "
+                                           r"beyond the largest float"),
+    (MINIMAL.replace('channel = "det:image"', f"fps = {10**400}"), r"'fps' in \[source\] must be a finite number"),
 ])
 def test_numbers_and_channel_names_the_chain_cannot_run_with_are_refused(tmp_path, text, message):
     with pytest.raises(ValueError, match=message):
@@ -840,6 +844,38 @@ def test_viewers_are_started_where_qt_needs_no_display_variable(tmp_path, monkey
     monkeypatch.setattr(chain, "_start", lambda name, argv: started.append((name, argv[-1])))
     chain._start_viewers()
     assert started == [("viewer", "stitch:1:output")] and "no display" not in out.getvalue(), out.getvalue()
+
+
+def test_viewers_take_their_levels_from_the_chains_model(tmp_path, monkeypatch):
+    """Before: the viewer always had the shipped model's card levels (0..1.5 rad), whatever model
+    the chain ran: another model's phase range saturated or washed out; a model without a card's
+    range got them too (view itself refuses --levels card there)."""
+    import shutil
+
+    pytest.importorskip("c2dataviewer")
+    monkeypatch.setenv("QT_QPA_PLATFORM", "offscreen")  # a display, as far as the launcher can tell
+    shutil.copy(MODEL, tmp_path / "wide.onnx")
+    card = json.loads(MODEL.with_suffix(".json").read_text())
+    card["training"]["scan_settings"]["phase_range_rad"] = 3.0
+    (tmp_path / "wide.json").write_text(json.dumps(card))
+    shutil.copy(MODEL, tmp_path / "bare.onnx")  # no card
+    for name, expected in (("wide", ["--model", str(tmp_path / "wide.onnx")]), ("bare", ["--levels", "auto"])):
+        cfg = load(tmp_path, f'log_dir = "{tmp_path / "logs"}"\n' + MINIMAL.replace(str(MODEL), str(tmp_path / f"{name}.onnx"))
+                   + '\n[viewer]\nchannels = ["stitch:1:output"]\n')
+        chain = launch.Chain(cfg, out=io.StringIO())
+        started = []
+        monkeypatch.setattr(chain, "_start", lambda name, argv: started.append(argv))
+        chain._start_viewers()
+        assert started[0][-3:] == [*expected, "stitch:1:output"], started
+
+
+def test_a_chain_without_clients_and_no_start_delay_has_no_client_to_warn_of(tmp_path):
+    """start_delay_s = 0 with no stitcher or writers. Before: "warning: not every client had
+    connected when frames started to flow" (the clients were never looked at)."""
+    out = io.StringIO()
+    chain = launch.Chain(load(tmp_path, MINIMAL), out=out)
+    chain._wait_clients(0.0)
+    assert "warning" not in out.getvalue() and "all clients connected after 0.0 s" in out.getvalue(), out.getvalue()
 
 
 def test_forked_consumers_that_died_before_the_first_poll_are_reported_at_once(tmp_path):

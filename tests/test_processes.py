@@ -308,8 +308,57 @@ def test_soak_judges_memory_only_after_its_warm_up():
     assert soak.memory_growth(two) == 60.0
 
 
+def test_soak_takes_a_relative_model_from_where_it_is_called(tmp_path, monkeypatch):
+    """scripts/soak.sh says so. Before: the consumers, which run in the project root, were given
+    the relative path and could not start ("modelPath 'm.onnx' is not a file")."""
+    import shutil
+
+    from edge_ptychonn.tools import soak
+
+    shutil.copy(MODEL, tmp_path / "m.onnx")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # its logs and frames
+    given = []
+
+    def consumer_argv(*args, **kwargs):
+        given.append(args[4])
+        raise RuntimeError("no consumer started in this test")
+
+    monkeypatch.setattr(processes, "consumer_argv", consumer_argv)
+    with pytest.raises(RuntimeError, match="no consumer started"):
+        soak.main(soak.get_args_parser().parse_args(["--model", "m.onnx", "--fps", "10", "--engine", "zero"]))
+    assert Path(given[0]["modelPath"]) == tmp_path / "m.onnx", given
+
+
+@pytest.mark.parametrize("limit", ["nan", "-1"])
+def test_soak_refuses_a_memory_limit_no_run_can_meet(limit, capsys, monkeypatch):
+    """Before: accepted; every run then failed its memory verdict (exit status 1) with no word
+    of why, after its minutes of streaming."""
+    from edge_ptychonn.tools import soak
+
+    monkeypatch.setattr(soak, "engine_rate", lambda *a: pytest.fail("soak went on to measure the engine"))
+    assert soak.main(soak.get_args_parser().parse_args(["--max-growth-mb", limit, "--model", str(MODEL)])) == 2
+    assert "--max-growth-mb >= 0" in capsys.readouterr().err
+
+
+# pvapy-hpc-consumer -nc 2 whose forked consumers both fail at start: the parent lives on
+FORKED_FAIL = """
+import os, time
+for _ in range(2):
+    if os.fork() == 0:
+        print("Traceback (most recent call last):\\nRuntimeError: engine failed to start", flush=True)
+        os._exit(1)
+time.sleep(120)
+"""
+
+
 @pytest.mark.e2e
-def test_soak_ends_when_its_consumers_have_exited(pva_env, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("consumers, code, said", [
+    ("1", [sys.executable, "-c", "raise SystemExit('engine failed to start')"], "(code 1)"),
+    # before: PvaPy's parent lives on, and the soak streamed its whole --minutes into nothing
+    ("2", [sys.executable, "-c", FORKED_FAIL], "(every forked consumer of pid"),
+])
+def test_soak_ends_when_its_consumers_have_exited(pva_env, tmp_path, monkeypatch, capsys, consumers, code, said):
     """Consumers that exit (here: at once, as a consumer that cannot start does) leave nothing to
     measure. Before: the soak went on for its whole --minutes (10 by default) publishing nothing,
     and only then said that a consumer had exited."""
@@ -317,13 +366,12 @@ def test_soak_ends_when_its_consumers_have_exited(pva_env, tmp_path, monkeypatch
     from edge_ptychonn.tools import soak
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # its logs
-    monkeypatch.setattr(processes, "consumer_argv",
-                        lambda *a, **k: [sys.executable, "-c", "raise SystemExit('engine failed to start')"])
-    args = soak.get_args_parser().parse_args(["--engine", "zero", "--fps", "10", "--minutes", "2",
-                                              "--prefix", f"{PREFIX}:soakexit{os.getpid()}"])
+    monkeypatch.setattr(processes, "consumer_argv", lambda *a, **k: code)
+    args = soak.get_args_parser().parse_args(["--engine", "zero", "--fps", "10", "--minutes", "2", "--consumers",
+                                              consumers, "--prefix", f"{PREFIX}:soakexit{os.getpid()}"])
     t0 = time.monotonic()
     assert soak.main(args) == 1
     out = capsys.readouterr().out
-    assert "soak: the consumers exited before publishing a frame (code 1)" in out, out
+    assert f"soak: the consumers exited before publishing a frame {said}" in out, out
     assert "a consumer exited during the run" in out, out
     assert time.monotonic() - t0 < 40, out  # not the two minutes

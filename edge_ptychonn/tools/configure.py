@@ -36,6 +36,7 @@ import time
 PENDING = "Command successful"  # PvaPy's reply before the configure timer has run
 DEFAULT_TIMEOUT_S = 5.0
 MODEL_TIMEOUT_S = 600.0  # modelPath: the consumer answers once the new engine is built
+MAX_TIMEOUT_S = 86400.0  # --timeout: a day is more than any engine build
 
 
 def parse_pairs(pairs: list[str]) -> dict:
@@ -113,13 +114,14 @@ def _changes_model(args_text: str) -> bool:
 
 
 def positive_seconds(text: str) -> float:
-    """``--timeout``: a finite number of seconds > 0 (argparse answers anything else with exit 2)."""
+    """``--timeout``: seconds > 0, at most :data:`MAX_TIMEOUT_S` (argparse answers anything else
+    with exit 2; beyond ``threading.TIMEOUT_MAX`` the wait itself failed with an OverflowError)."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {text!r}")
+    if not 0 < value <= MAX_TIMEOUT_S:
+        raise argparse.ArgumentTypeError(f"must be > 0 and at most {MAX_TIMEOUT_S:g} seconds (a day), got {text!r}")
     return value
 
 
@@ -139,7 +141,7 @@ def get_args_parser(prog: str = "edge-ptychonn configure") -> argparse.ArgumentP
     p.add_argument("--json", dest="raw", help="send this text as the arguments instead of key=value pairs "
                    "(a JSON object)")
     p.add_argument("--timeout", type=positive_seconds, default=None,
-                   help=f"seconds (> 0) to wait for the answer (default: {DEFAULT_TIMEOUT_S:g}, "
+                   help=f"seconds (> 0, at most {MAX_TIMEOUT_S:g}) to wait for the answer (default: {DEFAULT_TIMEOUT_S:g}, "
                         f"or {MODEL_TIMEOUT_S:g} when modelPath changes; finding the channel takes at most "
                         f"{DEFAULT_TIMEOUT_S:g} s unless this is given)")
     return p

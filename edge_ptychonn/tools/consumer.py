@@ -17,7 +17,8 @@ with three differences that matter when a service manager runs it:
   whose engine cannot start, or a ``--processor-class`` that cannot be loaded, is one
   line (exit status 2), not a traceback;
   a ``--processor-args`` (``--input-args``, ``--output-args``) that is not a
-  JSON object is one line (exit status 2) before anything starts.
+  JSON object, or an ``--n-consumers`` below 1, is one line (exit status 2)
+  before anything starts.
 
 With ``--n-consumers > 1`` each consumer also stops by itself if this parent is
 killed (see ``processors/shutdown.py``).
@@ -138,9 +139,34 @@ def check_json_options(argv: list[str]) -> str | None:
     return None
 
 
+def check_n_consumers(argv: list[str]) -> str | None:
+    """Why ``--n-consumers`` is out of range, or None. PvaPy takes 0 or less without a word and
+    then runs no consumer at all until its runtime ends (by default never), and its final
+    report fails with a KeyError traceback. (``--consumer-id-list`` overrides it.)"""
+    names = [arg.partition("=")[0] for arg in argv]
+    if any(n == "-cid" or n.startswith("--consumer-id-") for n in names):
+        return None
+    for i, arg in enumerate(argv):
+        name, sep, value = arg.partition("=")
+        # (argparse takes an unambiguous abbreviation of a long option: --n-c is PvaPy's shortest)
+        if name != "-nc" and not (name.startswith("--n-c") and "--n-consumers".startswith(name)):
+            continue
+        if not sep:
+            if i + 1 >= len(argv):
+                continue  # argparse says that the value is missing
+            value = argv[i + 1]
+        try:
+            n = int(value)
+        except ValueError:
+            continue  # argparse says that it is not an integer
+        if n < 1:
+            return f"--n-consumers must be >= 1, got {n}"
+    return None
+
+
 def main(args: argparse.Namespace) -> int:
     argv = list(args.consumer_args)
-    problem = check_json_options(argv)
+    problem = check_json_options(argv) or check_n_consumers(argv)
     if problem:
         print(f"edge-ptychonn consumer: {problem}", file=sys.stderr)
         return 2

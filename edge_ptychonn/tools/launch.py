@@ -69,7 +69,7 @@ there. ``--check`` validates the file, the scan and each processor's arguments
     outputDirectory = "results/h5"     # required
 
     [viewer]                           # omit for no viewer; needs c2dv (pip install 'edge-ptychonn[viewer]') and a display
-    channels = ["stitch:1:output"]     # one window each (edge-ptychonn view: full rate, phase levels)
+    channels = ["stitch:1:output"]     # one window each (edge-ptychonn view: full rate, levels from the chain model's card)
 
 Exit status: 0; 1 when frames were lost or a process failed; 2 for a bad file
 (or a scan or argument that fails as the chain starts); 130 on Ctrl-C, SIGTERM
@@ -134,6 +134,14 @@ MAXIMUM: dict[str, dict[str, tuple[float, str]]] = {
 }
 
 
+def _fits_a_float(value: int) -> bool:
+    try:
+        float(value)
+    except OverflowError:
+        return False
+    return True
+
+
 def _check_table(name: str, table: dict) -> dict:
     schema = SCHEMA[name]
     where = f"[{name}]" if name else "the top level"
@@ -155,6 +163,10 @@ def _check_table(name: str, table: dict) -> dict:
             raise ValueError(f"'{key}' in {where} must not be empty")
         if isinstance(value, float) and not math.isfinite(value):  # nan would never compare, inf never end
             raise ValueError(f"'{key}' in {where} must be a finite number, got {value!r}")
+        if isinstance(value, int) and float in (types if isinstance(types, tuple) else (types,)) \
+                and not _fits_a_float(value):  # seconds, fps, ...: taken as a float (before: OverflowError)
+            raise ValueError(f"'{key}' in {where} must be a finite number, got an integer beyond the "
+                             f"largest float ({sys.float_info.max:.1e})")
         if key in MINIMUM.get(name, {}) and value < MINIMUM[name][key]:
             raise ValueError(f"'{key}' in {where} must be >= {MINIMUM[name][key]}, got {value!r}")
         if key in MAXIMUM.get(name, {}) and value > MAXIMUM[name][key][0]:
@@ -606,7 +618,22 @@ class Chain:
                      "there is one, or open the windows with 'bash scripts/view.sh' (Xvfb without a display)")
             return
         # edge-ptychonn view: c2dv windows at full rate with the model card's phase levels
-        self._start("viewer", [sys.executable, "-m", "edge_ptychonn.cli", "view", *self.cfg.viewer["channels"]])
+        self._start("viewer", [sys.executable, "-m", "edge_ptychonn.cli", "view", *self._viewer_levels(),
+                               *self.cfg.viewer["channels"]])
+
+    def _viewer_levels(self) -> list[str]:
+        """The viewer's options for the chain's own model: its card's phase range as the levels
+        (not the shipped model's, view's default), or c2dv's auto levels when its card gives
+        none (view would refuse to start); none for a processor without a modelPath."""
+        from .view import card_levels
+
+        inf = self.cfg.inference
+        settings = _check_processor_args("[inference.args]", inf["processor"], inf["args"])
+        model = getattr(settings, "model_path", None)
+        if model is None:
+            return []
+        model = self.cfg.base / model
+        return ["--model", str(model)] if card_levels(model) is not None else ["--levels", "auto"]
 
     def _clients_ready(self) -> bool:
         stitch = self.status.get(self.stitch_status()) if self.cfg.stitch else {}
@@ -623,11 +650,13 @@ class Chain:
 
     def _wait_clients(self, start_delay_s: float) -> None:
         t0 = time.monotonic()
-        while time.monotonic() - t0 < start_delay_s:
+        while True:  # looked at once at least: a chain without clients (or all there) and no delay is no news
             if self._clients_ready():
                 self.say(f"all clients connected after {time.monotonic() - t0:.1f} s; "
                          f"frames flow {start_delay_s:.0f} s after the sim server started")
                 return
+            if time.monotonic() - t0 >= start_delay_s:
+                break
             time.sleep(0.5)
         self.say("warning: not every client had connected when frames started to flow; "
                  "raise [source] start_delay_s if frames are missing")

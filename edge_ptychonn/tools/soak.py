@@ -114,9 +114,10 @@ def get_args_parser(prog: str = "edge-ptychonn soak") -> argparse.ArgumentParser
 def main(args: argparse.Namespace) -> int:
     finite = lambda v: v is not None and math.isfinite(v) and v > 0
     if not finite(args.minutes) or args.consumers < 1 or args.cpu_threads < 0 or not finite(args.every) \
-            or not (args.fps is None or finite(args.fps)):
-        print("edge-ptychonn soak: --minutes, --every and --fps must be finite numbers > 0, --consumers >= 1 "
-              "and --cpu-threads >= 0", file=sys.stderr)
+            or not (args.fps is None or finite(args.fps)) or not args.max_growth_mb >= 0:
+        # (a --max-growth-mb of nan or below 0 failed every run, with no word of why)
+        print("edge-ptychonn soak: --minutes, --every and --fps must be finite numbers > 0, --consumers >= 1, "
+              "--cpu-threads >= 0 and --max-growth-mb >= 0", file=sys.stderr)
         return 2
     from engines import EngineUnavailable
     from engines.onnx_model import read_signature
@@ -144,7 +145,8 @@ def main(args: argparse.Namespace) -> int:
     work = Path(tempfile.mkdtemp(prefix="edge-ptychonn-soak-"))
     np.save(work / "frames.npy", np.random.default_rng(1).poisson(20, (200, *hw)).astype(np.int16))
     prefix, image = f"{args.prefix}:inference", f"{args.prefix}:image"
-    p_args = {"modelPath": str(args.model), "engine": args.engine, "cpuThreads": args.cpu_threads}
+    # the consumers run in the project root: a relative --model is taken from here, where soak was called
+    p_args = {"modelPath": str(args.model.absolute()), "engine": args.engine, "cpuThreads": args.cpu_threads}
     procs = []
     print(f"soak: {args.consumers} consumer(s), {args.engine}, {fps:.0f} frames/s for {args.minutes:g} min; "
           f"logs in {work}", flush=True)
@@ -164,11 +166,20 @@ def main(args: argparse.Namespace) -> int:
             samples = []  # (seconds, [rss per consumer])
             end = t0 + 10 + runtime_s + 15
             next_report = t0 + 10 + args.every
+            forked, failed_at_start = set(), False
             while time.monotonic() < end and server.running() or time.monotonic() < t0 + 12:
                 time.sleep(0.5)
-                if not consumers.running() and collector.count() == 0:  # they could not start: nothing to learn
+                # they could not start: nothing to learn. With -nc N PvaPy's parent lives on when every
+                # forked consumer has failed (before: the soak streamed its whole --minutes into nothing)
+                if collector.count() == 0 and not consumers.running():
+                    failed_at_start = True
                     print(f"soak: the consumers exited before publishing a frame (code {consumers.popen.returncode}); "
                           f"log {consumers.log_path}", flush=True)
+                    break
+                if collector.count() == 0 and processes.forked_consumers_gone(consumers, args.consumers, forked):
+                    failed_at_start = True
+                    print(f"soak: the consumers exited before publishing a frame (every forked consumer of pid "
+                          f"{consumers.pid}); log {consumers.log_path}", flush=True)
                     break
                 if time.monotonic() >= next_report:
                     next_report += args.every
@@ -177,7 +188,7 @@ def main(args: argparse.Namespace) -> int:
                     got = collector.count()
                     print(f"[{time.monotonic() - t0:6.0f} s] published {got}, RSS MB {', '.join(f'{r:.0f}' for r in rss)}",
                           flush=True)
-            exited = not consumers.running()
+            exited = failed_at_start or not consumers.running()
             statuses = [None] * args.consumers
             if not exited:  # the frames on their way, and the consumers' final counts
                 collector.wait_count(10**12, timeout_s=15, idle_s=5)
