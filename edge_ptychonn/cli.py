@@ -88,7 +88,7 @@ def usage() -> str:
         "commands:",
     ]
     lines += [f"  {name:<12} {summary}" for name, (_, summary) in COMMANDS.items()]
-    lines += ["", "Run 'edge-ptychonn COMMAND --help' for a command's options."]
+    lines += ["", "Run 'edge-ptychonn COMMAND --help' for a command's options, 'edge-ptychonn --version' for the version."]
     return "\n".join(lines)
 
 
@@ -99,6 +99,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if argv[0] in ("-h", "--help"):
         print(usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from edge_ptychonn import __version__
+
+        print(f"edge-ptychonn {__version__}")
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:

@@ -109,6 +109,18 @@ def test_consumer_refuses_fewer_than_one_consumer_before_anything_starts(option,
     assert check_n_consumers(["-nc", "0", "-cid", "1,2"]) is None  # the id list sets the consumers
 
 
+@pytest.mark.parametrize("option", [["-pc", "nomodule"], ["--processor-class=.Cls"], ["--processor-cl", "mod."],
+                                    ["-pc", "a..B"]])
+def test_consumer_refuses_a_processor_class_without_its_module_before_anything_starts(option, capsys):
+    """Before: PvaPy's import failed with a bare "Empty module name" that named no option."""
+    from edge_ptychonn.tools.consumer import check_processor_class
+
+    assert cli.main(["consumer", "-ic", "x:image", "-rt", "1", *option]) == 2
+    _one_line(capsys.readouterr().err, "edge-ptychonn consumer: --processor-class must be <module>.<Class>")
+    assert check_processor_class(["-pc", "processors.ptychonn.PtychoNNProcessor"]) is None
+    assert check_processor_class(["-pf", "my_processor.py", "-pc", "MyProcessor"]) is None  # a name in that file
+
+
 @pytest.mark.parametrize("n_consumers, code, message", [
     ("1", 2, "edge-ptychonn consumer: modelPath '/nonexistent.onnx' is not a file"),
     ("2", 1, "edge-ptychonn consumer: every consumer exited (exit statuses 1, 1)"),
@@ -586,3 +598,11 @@ def test_consumer_reports_a_forked_consumer_that_crashed_when_stopped(pva_env, t
     assert "interrupted" not in err and "Combined System Stats" in out, out[-2000:] + err[-2000:]
     assert err.strip().splitlines()[-1] == ("edge-ptychonn consumer: 1 of the 2 consumers failed while the others "
                                             "ran on (exit statuses 3); their errors are above"), err[-3000:]
+
+
+def test_version_is_printed_and_matches_the_package_metadata(capsys):
+    from importlib.metadata import version
+
+    for flag in ("--version", "-V"):
+        assert cli.main([flag]) == 0
+        assert capsys.readouterr().out == f"edge-ptychonn {version('edge-ptychonn')}\n"

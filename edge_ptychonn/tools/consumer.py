@@ -17,8 +17,9 @@ with three differences that matter when a service manager runs it:
   whose engine cannot start, or a ``--processor-class`` that cannot be loaded, is one
   line (exit status 2), not a traceback;
   a ``--processor-args`` (``--input-args``, ``--output-args``) that is not a
-  JSON object, or an ``--n-consumers`` below 1, is one line (exit status 2)
-  before anything starts.
+  JSON object, an ``--n-consumers`` below 1, or a ``--processor-class`` that is
+  not ``<module>.<Class>`` (without ``--processor-file``), is one line (exit
+  status 2) before anything starts.
 
 With ``--n-consumers > 1`` each consumer also stops by itself if this parent is
 killed (see ``processors/shutdown.py``).
@@ -164,9 +165,36 @@ def check_n_consumers(argv: list[str]) -> str | None:
     return None
 
 
+def _option_values(argv: list[str], short: str, long: str, shortest: str):
+    """The values given to option ``short``/``long`` (``-x V``, ``--long V``, ``--long=V``, or an
+    abbreviation of ``--long`` at least as long as ``shortest``, as argparse takes them)."""
+    for i, arg in enumerate(argv):
+        name, sep, value = arg.partition("=")
+        if name != short and not (name.startswith(shortest) and long.startswith(name)):
+            continue
+        if sep:
+            yield value
+        elif i + 1 < len(argv):
+            yield argv[i + 1]
+
+
+def check_processor_class(argv: list[str]) -> str | None:
+    """Why ``--processor-class`` cannot name a class, or None. Without ``--processor-file`` PvaPy
+    imports it as ``<module>.<Class>``: a name without a module part failed with a bare
+    ``Empty module name``."""
+    if any(True for _ in _option_values(argv, "-pf", "--processor-file", "--processor-f")):
+        return None  # the class is a plain name in that file
+    for value in _option_values(argv, "-pc", "--processor-class", "--processor-c"):
+        module, _, name = value.rpartition(".")
+        if not module or not name or "" in module.split("."):
+            return (f"--processor-class must be <module>.<Class> (e.g. processors.ptychonn.PtychoNNProcessor), "
+                    f"or a class name with --processor-file; got {value!r}")
+    return None
+
+
 def main(args: argparse.Namespace) -> int:
     argv = list(args.consumer_args)
-    problem = check_json_options(argv) or check_n_consumers(argv)
+    problem = check_json_options(argv) or check_n_consumers(argv) or check_processor_class(argv)
     if problem:
         print(f"edge-ptychonn consumer: {problem}", file=sys.stderr)
         return 2
