@@ -26,4 +26,4 @@ if [ -z "${DISPLAY:-}" ] && [ -z "${QT_QPA_PLATFORM:-}" ]; then
         export QT_QPA_PLATFORM=offscreen
     fi
 fi
-exec "${wrap[@]}" "$tool" view "$@"
+exec ${wrap[@]+"${wrap[@]}"} "$tool" view "$@"  # (an empty array under set -u fails before bash 4.4)

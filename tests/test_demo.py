@@ -119,8 +119,9 @@ def test_a_demo_run_removes_the_previous_runs_image_and_hdf5_files(tmp_path):
 
 @pytest.mark.parametrize("option, message", [
     (["--model", "SCAN"], "is not a readable ONNX model"),
-    (["--fps", "nan"], "--fps a finite number > 0"),
-    (["--fps", "inf"], "--fps a finite number > 0"),
+    (["--fps", "nan"], "--fps a finite number >= 0.001"),
+    (["--fps", "inf"], "--fps a finite number >= 0.001"),
+    (["--fps", "1e-11"], "--fps a finite number >= 0.001"),
 ])
 def test_a_model_that_is_not_onnx_or_a_rate_that_is_not_finite_is_one_line_before_the_chain(
         tmp_path, capsys, monkeypatch, option, message):

@@ -541,6 +541,8 @@ def load(tmp_path: Path, text: str) -> LaunchConfig:
     (MINIMAL.replace('channel = "det:image"', "fps = nan"), r"'fps' in \[source\] must be a finite number"),
     (MINIMAL.replace('channel = "det:image"', "start_delay_s = inf"), r"'start_delay_s' in \[source\] must be a finite"),
     (MINIMAL.replace('channel = "det:image"', "start_delay_s = 1e300"), r"start_delay_s 0..600 s"),
+    # a period beyond Python's longest wait failed the sim server's timer thread, and the chain never ended
+    (MINIMAL.replace('channel = "det:image"', "fps = 1e-11"), r"\[source\] fps must be >= 0.001"),
     # two stages on one prefix publish the same channel names (two servers, one name)
     (MINIMAL + '\n[hdf5]\nprefix = "inference"\n[hdf5.args]\noutputDirectory = "h"\n',
      r"\[inference\] and \[hdf5\] have the same prefix 'inference'"),

@@ -215,8 +215,8 @@ def check_options(args: argparse.Namespace) -> None:
     """The options the launcher and the consumers would refuse, refused here first in the demo's
     own option names (not the launcher's file keys, ``batchSize`` or ``[inference] prefix``) and
     before a scan is simulated for nothing. Raises ValueError with the reason."""
-    if not 1 <= args.consumers <= launch.MAX_CONSUMERS or not (math.isfinite(args.fps) and args.fps > 0):
-        raise ValueError(f"--consumers must be 1..{launch.MAX_CONSUMERS} and --fps a finite number > 0, "
+    if not 1 <= args.consumers <= launch.MAX_CONSUMERS or not (math.isfinite(args.fps) and args.fps >= launch.MIN_FPS):
+        raise ValueError(f"--consumers must be 1..{launch.MAX_CONSUMERS} and --fps a finite number >= {launch.MIN_FPS:g}, "
                          f"got {args.consumers} and {args.fps:g}")
     from edge_ptychonn.stream.config import parse_processor_args
     from engines.registry import check_name

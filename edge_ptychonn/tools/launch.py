@@ -118,6 +118,9 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
     "viewer": {"channels": (list, _REQUIRED)},
 }
 # table -> key -> the smallest value accepted
+# the slowest replay: below about 1e-10 frames/s the sim server's timer thread fails (its wait is
+# beyond Python's limit) and a chain without timeout_s never ends
+MIN_FPS = 0.001
 MINIMUM: dict[str, dict[str, float]] = {
     "": {"idle_s": 0, "timeout_s": 0},
     "inference": {"distributor_updates": 1, "server_queue_size": 0},
@@ -286,8 +289,8 @@ class LaunchConfig:
         if not 1 <= inf["consumers"] <= MAX_CONSUMERS:
             raise ValueError(f"[inference] consumers must be 1..{MAX_CONSUMERS}, got {inf['consumers']}")
         src = tables["source"]
-        if src["fps"] <= 0 or not 0 <= src["start_delay_s"] <= MAX_START_DELAY_S:
-            raise ValueError(f"[source] fps must be > 0 and start_delay_s 0..{MAX_START_DELAY_S:g} s")
+        if src["fps"] < MIN_FPS or not 0 <= src["start_delay_s"] <= MAX_START_DELAY_S:
+            raise ValueError(f"[source] fps must be >= {MIN_FPS:g} and start_delay_s 0..{MAX_START_DELAY_S:g} s")
         if src["scan"] is not None:
             _check_scan(src["scan"])
         _check_channel_names(src["channel"], {name: tables[name]["prefix"] for name in ("inference", "stitch", "hdf5")
