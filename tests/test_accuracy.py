@@ -95,7 +95,6 @@ def test_evaluate_command_with_a_model_without_card(external_model, tmp_path, ca
     (["--model", "nope.onnx", "--simulate", "mixed:1"], "model nope.onnx not found"),
     ([], "give at least one --scan"),
     (["--simulate", "mixed:1", "--photons", "0"], "--photons must be > 0"),
-    (["--simulate", "mixed:1", "--precision", "fp8"], "fp8"),
     (["--simulate", "mixed:-1"], "a simulated scan's seed must be >= 0, got 'mixed:-1'"),
 ])
 def test_evaluate_refuses_bad_arguments_on_stderr(argv, message, capsys):
