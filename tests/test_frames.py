@@ -159,3 +159,36 @@ def test_fields_of_another_type_than_ntndarrays_are_read_or_refused(rng):
     with pytest.raises(BadFrame) as info:
         decode(_record(pva.STRING, "seven", image))
     assert info.value.kind == "malformed" and "not an NTNDArray" in str(info.value)
+    # an infinite double uniqueId: int() raised OverflowError, which left decode (and the
+    # consumer's process()) as a traceback, the frame counted nowhere
+    with pytest.raises(BadFrame) as info:
+        decode(_record(pva.DOUBLE, float("inf"), image))
+    assert info.value.kind == "malformed" and "not an NTNDArray" in str(info.value)
+
+
+def _attributed(unique_id: int, energy_kev: float, units: bool) -> pva.PvObject:
+    """A record whose attribute has a field that an NTNDArray's attributes lack (``units``) or not."""
+    attribute = {"name": pva.STRING, "value": ({},), **({"units": pva.STRING} if units else {})}
+    pv = pva.PvObject({"uniqueId": pva.INT, "value": ({"shortValue": [pva.SHORT]},),
+                       "dimension": [{"size": pva.INT}], "attribute": [attribute]})
+    pv["uniqueId"] = unique_id
+    pv["value"] = {"shortValue": np.arange(16, dtype=np.int16)}
+    pv["dimension"] = [{"size": 4}, {"size": 4}]
+    pv["attribute"] = [{"name": "EnergyKeV", "value": pva.PvDouble(energy_kev), **({"units": "keV"} if units else {})}]
+    return pv
+
+
+def test_attributes_the_output_refuses_are_not_taken_as_set():
+    """The encoder sets the attributes only when they change. When the output record refused
+    a frame's attributes (a publish error), the encoder still took them as set, and the next
+    frame with the same attributes was published with the frame before's (EnergyKeV 7, not 9)."""
+    encoder = FrameEncoder()
+    image = np.zeros((4, 4), np.float32)
+    meta, _ = decode(_attributed(1, 7.0, units=False))
+    assert encoder.encode(meta, image)["attribute"][1]["value"][0]["value"] == 7.0
+    meta, _ = decode(_attributed(2, 9.0, units=True))
+    for _ in range(2):  # every frame of these is refused, none goes out with stale attributes
+        with pytest.raises(pva.FieldNotFound):
+            encoder.encode(meta, image)
+    meta, _ = decode(_attributed(3, 11.0, units=False))
+    assert encoder.encode(meta, image)["attribute"][1]["value"][0]["value"] == 11.0

@@ -202,3 +202,18 @@ def test_negative_counts_are_clipped_only_where_there_are_any_and_huge_totals_st
     huge = np.full((1, 4, 4), 3e38, np.float32)  # total 4.8e39: inf in float32
     transform_batch(huge, config)
     np.testing.assert_allclose(huge, 2.0 / 16, rtol=1e-6)
+
+
+def test_a_nan_from_one_frames_binned_sums_does_not_spare_the_others_the_clip():
+    """A block of huge float pixels of both signs sums to inf - inf = NaN: the batch minimum is
+    then NaN, and the test for a negative value skipped the clip for the whole batch, so another
+    frame's negative counts became NaN under the root (that frame's output lost too)."""
+    config = PreprocessConfig(bin_factor=2, transform="sqrt")
+    huge = np.ones((4, 4), np.float32)
+    huge[:2, :2] = [[3e38, 3e38], [-3e38, -3e38]]
+    offset = np.full((4, 4), 4.0, np.float32)
+    offset[2:, 2:] = -3.0  # a detector offset below zero
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = preprocess(np.stack([huge, offset]), config)
+    assert np.isnan(out[0, 0, 0])
+    assert out[1].tolist() == preprocess(offset, config).tolist() == [[4.0, 4.0], [4.0, 0.0]]

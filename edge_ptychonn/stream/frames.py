@@ -82,8 +82,8 @@ def decode(pv: pva.PvObject, received_s: float | None = None) -> tuple[FrameMeta
     received_s = time.perf_counter() if received_s is None else received_s
     try:
         unique_id = int(_typed(pv, "uniqueId", pv.getInt))
-    except (AttributeError, KeyError, TypeError, ValueError, pva.FieldNotFound) as exc:
-        raise BadFrame("malformed", f"not an NTNDArray: {exc}") from exc
+    except (AttributeError, KeyError, TypeError, ValueError, OverflowError, pva.FieldNotFound) as exc:
+        raise BadFrame("malformed", f"not an NTNDArray: {exc}") from exc  # OverflowError: an infinite double id
     try:
         return _decode(pv, unique_id, received_s)
     except BadFrame as bad:
@@ -253,12 +253,14 @@ class FrameEncoder:
         pv.setStructure("dataTimeStamp", meta.data_time_stamp)
         attributes = meta.attributes
         if attributes != self._attributes:  # a stream's attributes rarely change: set only then
-            self._attributes = attributes
+            given = attributes
             if _color_mode(attributes) is None:
                 attributes = [self._color_mode, *attributes]
             if self._model_attribute is not None:
                 attributes = [a for a in attributes if not _named(a, MODEL_ID_ATTRIBUTE)] + [self._model_attribute]
+            self._attributes = None  # until they are set: attributes the record refused are not held
             pv["attribute"] = attributes
+            self._attributes = given
         return pv
 
 

@@ -213,7 +213,10 @@ def transform_batch(x: np.ndarray, config: PreprocessConfig, running: RunningTot
         else:
             view *= factors
     if config.transform != "none":
-        if view.min() < 0:  # a cheap test; counts are rarely negative, and the clip costs 8x more
+        # a cheap test; counts are rarely negative, and the clip costs 8x more. "not >= 0": a
+        # NaN (from a block of huge float pixels whose binned sum is inf - inf) makes the
+        # minimum NaN, which must not spare the other frames' negative counts the clip
+        if not view.min() >= 0:
             np.maximum(view, 0, out=view)
         if config.transform == "sqrt":
             np.sqrt(view, out=view)
