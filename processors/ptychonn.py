@@ -200,13 +200,19 @@ class PtychoNNProcessor(StatsFromTable, AdImageProcessor):
         _check_crop(config)
         _check_card(config.model_path)
         self.processor_id = int(framework.get("processorId", 1) or 1)
-        # The distributor's group: objectIdOffset = (N - 1) * nSequentialUpdates + 1.
         n_sequential = max(int(framework.get("nSequentialUpdates") or 1), 1)
         id_offset = int(framework.get("objectIdOffset") or 1)
-        self.group_size = (id_offset - 1) // n_sequential + 1
         self.pipeline = InferencePipeline(
             config, self._publish, self.logger, n_sequential=n_sequential, id_offset=id_offset,
         )
+
+    @property
+    def group_size(self) -> int:
+        """Consumers in the distributor's group now (PvaPy's configure changes it as consumers
+        join or leave; a model swap lays its engine out for the group of then):
+        objectIdOffset = (N - 1) * nSequentialUpdates + 1."""
+        n_sequential, id_offset = self.pipeline.id_pattern
+        return (id_offset - 1) // n_sequential + 1
 
     @property
     def config(self) -> ProcessorConfig:

@@ -331,3 +331,16 @@ def test_every_pixel_type_of_a_non_square_frame_gives_the_same_output_record(sma
         assert out["timeStamp"] == pv["timeStamp"] and out["dataTimeStamp"] == pv["dataTimeStamp"]
         assert [a["name"] for a in out["attribute"]] == ["ColorMode", "EnergyKeV", "modelId"]
         assert out["attribute"][1]["value"][0]["value"] == 8.0 + pv["uniqueId"]
+
+
+def test_the_distributor_group_follows_pvapys_configure_for_a_later_model_swap(small_model):
+    """objectIdOffset 9 with runs of 8 is a group of 2; when two consumers join, PvaPy's configure
+    says 25: a model swap after that lays its engine out for 4 consumers (it kept 2)."""
+    from engines import EngineOptions
+
+    processor = PtychoNNProcessor({**FRAMEWORK, "modelPath": str(small_model), "engine": "onnxruntime"})
+    assert processor.group_size == 2
+    processor.configure({"objectIdOffset": 25})
+    assert processor.group_size == 4
+    options = processor._engine_options(small_model, "fp32")
+    assert isinstance(options, EngineOptions) and options.consumers == 4

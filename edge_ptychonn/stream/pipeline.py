@@ -592,6 +592,11 @@ class InferencePipeline:
             self.log.info("configuration changed: %s", applied)
         return applied
 
+    @property
+    def id_pattern(self) -> tuple[int, int]:
+        """The distributor's pattern now: (nSequentialUpdates, objectIdOffset)."""
+        return self._id_pattern
+
     def _requested_id_pattern(self, changes: dict) -> tuple[int, int]:
         """(nSequentialUpdates, objectIdOffset) after ``changes``: PvaPy's controller takes these
         keys from a configure request (to follow consumers added or removed), and so does the
