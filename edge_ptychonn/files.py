@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 import re
+import secrets
 import socket
 import zipfile
 import zlib
@@ -25,12 +26,25 @@ from pathlib import Path
 import numpy as np
 
 
-_HOST = socket.gethostname() or "localhost"
+def _host_tag() -> str:
+    """This host's name, and the process-id namespace that its pids belong to when that is
+    known (``<host>~<namespace>``): containers with the host's name (host networking) share
+    it, and a pid of one is no pid of another, so another container's writer is never taken
+    for a dead one of this host."""
+    host = socket.gethostname() or "localhost"
+    try:
+        namespace = re.fullmatch(r"pid:\[(\d+)\]", os.readlink("/proc/self/ns/pid"))
+    except OSError:
+        namespace = None
+    return f"{host}~{namespace.group(1)}" if namespace else host
+
+
+_HOST = _host_tag()
 
 
 def partial_name(path: Path, pid: int | None = None) -> Path:
     """The hidden name ``.<name>.<host>.<pid>.part`` beside ``path`` (one per process;
-    ``pid``: this process's unless given)."""
+    ``<host>``: :func:`_host_tag`; ``pid``: this process's unless given)."""
     return path.with_name(f".{path.name}.{_HOST}.{os.getpid() if pid is None else pid}.part")
 
 
@@ -47,7 +61,8 @@ def _process_exists(pid: int) -> bool:
 def remove_stale_partials(directory: Path, log: logging.Logger) -> list[Path]:
     """Remove the hidden files in ``directory`` that processes of this host left when they
     died mid-write, with a line on ``log`` for each; returns what was removed. Files of
-    live processes, and of other hosts (a folder on shared storage), are left alone."""
+    live processes, and of other hosts (a folder on shared storage) or other containers of
+    this host (other pid namespaces), are left alone."""
     pattern = re.compile(rf"^\..+\.{re.escape(_HOST)}\.(\d+)\.part$")
     removed = []
     try:
@@ -175,7 +190,7 @@ def load_npz(path, keys=None) -> tuple[tuple[str, ...], dict[str, np.ndarray]]:
 def check_writable(paths) -> None:
     """``OSError`` when a file of ``paths`` (what a command will write) cannot be: it is a folder,
     or a file stands where its folder would be, or that folder is not writable; so that a command
-    fails before its work, not after it. Makes nothing."""
+    fails before its work, not after it. Leaves nothing (see :func:`check_folder`)."""
     for path in map(Path, paths):
         if path.is_dir():
             raise IsADirectoryError(f"{path} is a folder")
@@ -185,7 +200,8 @@ def check_writable(paths) -> None:
 def check_folder(folder) -> None:
     """``OSError`` when the folder ``folder`` (made if missing, then written in) cannot be: a
     file stands there or where a folder above it would be made, or the nearest existing folder
-    is not writable. Makes nothing."""
+    is not writable: one empty hidden file (a :func:`partial_name`) is made there and removed,
+    since permission bits alone pass root everywhere (``/proc``). Leaves nothing."""
     folder = Path(folder)
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent  # the folders missing are made when the files are written
@@ -193,3 +209,12 @@ def check_folder(folder) -> None:
         raise NotADirectoryError(f"{folder} is a file, not a folder")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise PermissionError(f"{folder} is not writable")
+    # the permission bits say yes to root everywhere, and know nothing of /proc, /sys, some
+    # network and FUSE mounts or security modules: one empty hidden file, made and removed, does
+    probe = partial_name(folder / f"write-check-{secrets.token_hex(4)}")
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError as exc:
+        raise PermissionError(f"{folder} is not writable: no file can be made there ({exc.strerror or exc})") from None
+    with contextlib.suppress(OSError):
+        os.unlink(probe)

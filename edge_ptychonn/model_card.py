@@ -18,7 +18,8 @@ Blocks (JSON keys):
 - ``stitch``: :class:`StitchSettings`, which pixels of a predicted patch count.
 - ``output_mask``: :class:`~edge_ptychonn.stream.postprocess.OutputMask`, a
   disc holding the probe's bright centre in output pixels; the processor sets
-  the published phase outside it to a constant (``outputMask``). Optional: a
+  the published phase outside it to a constant (``outputMask``); a disc that
+  holds no pixel of the output is refused. Optional: a
   card without it leaves the outputs as the network gives them.
 - ``model``: :class:`ModelConfig`, the architecture.
 - ``training``: :class:`Training`, how it was trained, including the simulated
@@ -44,6 +45,7 @@ installed (source checkout, editable, wheel, conda).
 from __future__ import annotations
 
 import json
+import math
 import numbers
 from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
@@ -74,8 +76,8 @@ class StitchSettings:
     def __post_init__(self) -> None:
         for name in ("probe_threshold", "min_cover_weight"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Real):
-                raise ValueError(f"stitch.{name} must be a number, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ValueError(f"stitch.{name} must be a finite number, got {value!r}")
         if not 0 <= self.probe_threshold < 1:
             raise ValueError(f"stitch.probe_threshold must be in [0, 1), got {self.probe_threshold}")
         if not self.min_cover_weight > 0:
@@ -180,6 +182,8 @@ class Training:
             value = getattr(self, name)
             if value is not None and not _is_kind(value, kind):
                 raise ValueError(f"{name} must be {_KIND_TEXT[kind]}, got {value!r}")
+        if self.eval_n_positions is not None and self.eval_n_positions < 1:  # read as a setting: 0 meant the default
+            raise ValueError(f"eval_n_positions must be at least 1, got {self.eval_n_positions}")
         if self.dose_range is not None and len(self.dose_range) != 2:
             raise ValueError(f"dose_range must be two numbers (low, high), got {self.dose_range!r}")
 
@@ -244,6 +248,18 @@ class ModelCard:
             raise ValueError(f"limits must be a list of sentences, got {self.limits!r}")
         if self.input_size is not None and self.model is not None and self.model.input_size != self.input_size:
             raise ValueError(f"input_size {self.input_size} and model.input_size {self.model.input_size} disagree")
+        size = self.input_size if self.input_size is not None else (self.model.input_size if self.model else None)
+        if self.output_mask is not None and size is not None:
+            # a disc that holds no pixel of the output (a centre in detector pixels, or past the edge)
+            # would set every published pixel to fill_rad, without a word
+            (cy, cx), r = self.output_mask.centre_yx, self.output_mask.radius_px
+            near_y, near_x = min(max(cy, 0), size - 1), min(max(cx, 0), size - 1)
+            if (near_y - cy) ** 2 + (near_x - cx) ** 2 > r ** 2:
+                raise ValueError(
+                    f"output_mask: the disc of radius {r:g} around [{cy:g}, {cx:g}] holds no pixel of the "
+                    f"{size}x{size} output (pixel centres 0..{size - 1}): every phase pixel would be set to "
+                    f"fill_rad {self.output_mask.fill_rad:g}"
+                )
 
     def to_dict(self) -> dict:
         """The JSON form (``version`` first, ``None`` fields left out)."""

@@ -2,10 +2,12 @@
 
 - Counted work (simulation, training, inference over a scan, outputs arriving):
   ``bar = Progress(total, label, unit=...)``, ``bar.update(n, loss=0.12)``,
-  ``bar.close()``. On a terminal it redraws one line (``\\r``) at most every
+  ``bar.close()``. On a terminal it redraws one line (``\\r``, cleared to its end
+  and cut to the terminal's width, so that it never wraps) at most every
   ``min_interval_s``; when stderr is a file or a pipe it writes a full line at
-  every 10 % step instead, so logs stay readable. Statistics passed to
-  ``update`` are shown after the rate and the estimated time left.
+  every 10 % step instead, so logs stay readable, and ``close()`` writes the last
+  count when work stopped between two steps. Statistics passed to ``update`` are
+  shown after the rate and the estimated time left.
 - Steps (benchmarks, long commands): ``log = Progress()``, then ``log("message")``
   or ``log.stage("title")`` writes one line per step with the time since the
   start, ``[  12.3 s] message`` (``== title`` for a stage).
@@ -13,6 +15,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import TextIO
@@ -52,6 +55,7 @@ class Progress:
         self._start = time.monotonic()
         self._last_draw = 0.0
         self._last_decile = -1
+        self._written_done: int | None = None  # the count of the last full line written (not a terminal)
         self._tty = bool(getattr(self.stream, "isatty", lambda: False)())
 
     @property
@@ -65,8 +69,21 @@ class Progress:
         redraw = self._tty and self.total is not None and self._last_draw > 0
         self.stream.write(("\r\033[K" if redraw else "") + f"[{self.elapsed_s:6.1f} s] {message}\n")
         if redraw:
-            self.stream.write("\r" + self.line())
+            self._draw()
         self.stream.flush()
+
+    def _draw(self) -> None:
+        """Redraw the bar on a terminal: over the old line, cleared to its end (a shorter line
+        leaves no digits of the longer one behind), and cut to the width (a line that wraps
+        is drawn again below, not over itself)."""
+        line = self.line()
+        try:
+            width = os.get_terminal_size(self.stream.fileno()).columns
+        except (AttributeError, ValueError, OSError):  # no file descriptor, or not a terminal after all
+            width = 0
+        if width > 1:
+            line = line[: width - 1]
+        self.stream.write("\r\033[K" + line)
 
     def stage(self, title: str) -> None:
         """A step line that starts a stage: ``== title``."""
@@ -102,7 +119,7 @@ class Progress:
         now = time.monotonic()
         if self._tty:
             if now - self._last_draw >= self.min_interval_s or self.done == self.total:
-                self.stream.write("\r" + self.line())
+                self._draw()
                 self.stream.flush()
                 self._last_draw = now
         else:
@@ -111,9 +128,18 @@ class Progress:
                 self.stream.write(self.line() + "\n")
                 self.stream.flush()
                 self._last_decile = decile
+                self._written_done = self.done
 
     def close(self) -> None:
-        """Finish the line (on a terminal) so later output starts on a new one."""
-        if self.enabled and self._tty and self.total is not None:
-            self.stream.write("\r" + self.line() + "\n")
+        """Finish the line (on a terminal) so later output starts on a new one; elsewhere write
+        the last count if it has changed since the last line (work stopped between 10 % steps)."""
+        if not self.enabled or self.total is None:
+            return
+        if self._tty:
+            self._draw()
+            self.stream.write("\n")
             self.stream.flush()
+        elif self._written_done is not None and self.done != self._written_done:
+            self.stream.write(self.line() + "\n")
+            self.stream.flush()
+            self._written_done = self.done

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import subprocess
+import sys
+
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from edge_ptychonn.files import (
-    load_npy, load_npz, partial_name, remove_stale_partials, save_npy_whole, unused_stem, whole_file,
-    write_bytes_whole,
+    check_folder, check_writable, load_npy, load_npz, partial_name, remove_stale_partials, save_npy_whole,
+    unused_stem, whole_file, write_bytes_whole,
 )
 
 LOG = logging.getLogger("test")
@@ -123,3 +128,43 @@ def test_numpy_files_that_hold_no_arrays_are_refused_naming_the_file(tmp_path):
                       ("arr.npz", "a .npy array, not an .npz archive")):
         with pytest.raises(ValueError, match=f"^{tmp_path / name}: {why}"):
             load_npz(tmp_path / name)
+
+
+def test_a_folder_where_nothing_can_be_made_is_not_called_writable(tmp_path):
+    """Before: the permission bits alone decided, and they pass root everywhere: as root
+    check_writable accepted /proc/x.json and a train run failed at its end, after hours."""
+    for path in ("/proc/x.json", "/proc/new/folder/x.json"):
+        with pytest.raises(PermissionError, match="^/proc is not writable"):
+            check_writable([path])
+    check_writable([tmp_path / "a" / "b.json", tmp_path / "c.npy"])
+    check_folder(tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []  # the probe leaves nothing
+    (tmp_path / "f").write_text("")
+    with pytest.raises(NotADirectoryError):
+        check_writable([tmp_path / "f" / "x.json"])
+    with pytest.raises(IsADirectoryError):
+        check_writable([tmp_path])
+
+
+def _in_another_pid_namespace_works() -> bool:
+    try:
+        return shutil.which("unshare") is not None and subprocess.run(
+            ["unshare", "--pid", "--fork", "true"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.mark.skipif(not _in_another_pid_namespace_works(), reason="needs unshare --pid (root)")
+def test_a_writer_in_another_container_of_this_host_is_not_taken_for_a_dead_one(tmp_path, dead_pid):
+    """Containers with host networking carry the host's name, but their pids are their own: a
+    container's writer whose pid is unused here is alive. Before: the partial names told only
+    the host, and a writer starting here removed the other container's growing file."""
+    code = ("import sys; from pathlib import Path; from edge_ptychonn.files import partial_name; "
+            "print(partial_name(Path(sys.argv[1]), int(sys.argv[2])))")
+    name = subprocess.run(["unshare", "--pid", "--fork", sys.executable, "-c", code, str(tmp_path / "scan.h5"),
+                           str(dead_pid)], capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+    theirs, ours = Path(name), partial_name(tmp_path / "scan2.h5", dead_pid)
+    assert theirs.parent == tmp_path and theirs != partial_name(tmp_path / "scan.h5", dead_pid)
+    theirs.write_bytes(b"growing")
+    ours.write_bytes(b"left by a dead writer of this container")
+    assert remove_stale_partials(tmp_path, LOG) == [ours] and theirs.exists()

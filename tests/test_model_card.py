@@ -87,8 +87,8 @@ def test_no_card(tmp_path):
     ({"training": {"scan_settings": "mixed"}}, "training.scan_settings must be a JSON object"),
     # values of the wrong type name their key (before: "'<=' not supported between instances of 'int' and
     # 'str'", or a width of 8.5 and an amplitude head "false" (true) accepted)
-    ({"stitch": {"probe_threshold": "0.1"}}, r"stitch: stitch.probe_threshold must be a number, got '0.1'"),
-    ({"stitch": {"min_cover_weight": True}}, r"stitch: stitch.min_cover_weight must be a number, got True"),
+    ({"stitch": {"probe_threshold": "0.1"}}, r"stitch: stitch.probe_threshold must be a finite number, got '0.1'"),
+    ({"stitch": {"min_cover_weight": True}}, r"stitch: stitch.min_cover_weight must be a finite number, got True"),
     ({"model": {"width": 8.5}}, r"model: width must be a whole number, got 8.5"),
     ({"model": {"amplitude_head": "false"}}, r"model: amplitude_head must be true or false, got 'false'"),
     # the training record, the outputs and the limits were not type-checked: "phase" read as the five
@@ -105,6 +105,10 @@ def test_no_card(tmp_path):
      r"training.continued_from: train_loss must be a list of numbers, got \(0.5, 'a'\)"),
     ({"training": {"dose_range": [0.1]}}, r"training: dose_range must be two numbers \(low, high\), got \(0.1,\)"),
     ({"training": {"family_mix": {"siemens": "half"}}}, r"training: family_mix must be a JSON object of family: "),
+    # values that read, but then give nothing: before, a min_cover_weight of Infinity scored no pixel (evaluate
+    # failed at its end, the demo's stitcher reported no coverage), an eval_n_positions of 0 meant 1024
+    ({"stitch": {"min_cover_weight": float("inf")}}, r"stitch: stitch.min_cover_weight must be a finite number"),
+    ({"training": {"eval_n_positions": 0}}, r"training: eval_n_positions must be at least 1, got 0"),
 ])
 def test_malformed_cards_are_refused_with_the_reason(tmp_path, card, message):
     (tmp_path / "m.json").write_text(json.dumps(card))
@@ -176,3 +180,24 @@ def test_every_field_of_the_training_record_is_type_checked():
     from edge_ptychonn.model_card import _TRAINING_TYPES
 
     assert set(_TRAINING_TYPES) == {f.name for f in fields(Training)} - {"continued_from"}
+
+
+def test_an_output_mask_that_holds_no_pixel_of_the_output_is_refused():
+    """A centre in detector pixels (255.5 for a 512 detector binned to 128) or past the edge: every
+    published phase pixel was set to fill_rad, without a word. A disc that reaches into the patch
+    is a card's own business."""
+    import numpy as np
+
+    from edge_ptychonn.stream.postprocess import OutputMask
+
+    far = {"centre_yx": [255.5, 255.5], "radius_px": 22.0}
+    assert not OutputMask(**far).apply(np.ones((1, 128, 128), np.float32)).any()  # what it did
+    for card in ({"input_size": 128, "output_mask": far},
+                 {"model": {"input_size": 64}, "output_mask": {"centre_yx": [63.5, 90.0], "radius_px": 22.0}}):
+        with pytest.raises(ValueError, match=r"output_mask: the disc of radius 22 around \[.*\] holds no pixel of "
+                                             r"the (128x128|64x64) output .*every phase pixel would be set to fill_rad"):
+            ModelCard.from_dict(card)
+    for centre, size in (([63.5, 63.5], 64), ([-21.0, 63.0], 128), ([63.5, 63.5], None)):
+        card = ModelCard.from_dict({"input_size": size, "output_mask": {"centre_yx": centre, "radius_px": 22.0}})
+        if size is not None:
+            assert card.output_mask.inside_f32((size, size)).any()
