@@ -463,14 +463,7 @@ def test_auto_runs_a_cpu_choice_on_the_cpu_where_its_engine_sees_a_gpu(small_mod
     monkeypatch.setattr(ort, "get_available_providers", lambda: [*providers, "CUDAExecutionProvider"])
     monkeypatch.setattr(devices, "visible_gpu_count", lambda: 1)
     monkeypatch.setattr(devices, "cpu_flags", lambda: frozenset({"avx2"}))
-    asked = []
-    real_session = ort.InferenceSession
-
-    def session(path, so, providers=None):
-        asked.append(providers)
-        return real_session(path, so, providers=providers)
-
-    monkeypatch.setattr(ort, "InferenceSession", session)
+    asked = _record_providers(monkeypatch, ort)
     with caplog.at_level(logging.INFO, logger="engines"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         engine = create_engine("auto", EngineOptions(small_model, precision="auto", max_batch=2, cpu_threads=1,
@@ -522,14 +515,7 @@ def test_cpu_workers_of_an_engine_that_fell_back_from_the_gpu_do_not_try_it_agai
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("this onnxruntime has a CUDA provider")
     monkeypatch.setattr(OnnxRuntimeEngine, "count_gpus", staticmethod(lambda: 1))
-    asked = []
-    real_session = ort.InferenceSession
-
-    def session(path, so, providers=None):
-        asked.append([p if isinstance(p, str) else p[0] for p in providers])
-        return real_session(path, so, providers=providers)
-
-    monkeypatch.setattr(ort, "InferenceSession", session)
+    asked = _record_providers(monkeypatch, ort)
     with caplog.at_level(logging.WARNING, logger="engines"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pool = create_engine("onnxruntime", EngineOptions(small_model, device="auto", max_batch=2, cpu_threads=1,
@@ -611,3 +597,16 @@ def test_a_model_whose_phase_is_not_the_frames_shape_is_refused(small_model, tmp
     onnx.save(proto, str(path))
     with pytest.raises(ModelNotSupported, match=r"its output 'phase' is \(2, 1, 56, 56\) for a batch of \(2, 1, 60, 60\)"):
         create_engine("onnxruntime", EngineOptions(path, device="cpu", max_batch=2))
+
+
+def _record_providers(monkeypatch, ort) -> list:
+    """Each ONNX Runtime session's providers by name, in the order asked for (a real session each)."""
+    asked = []
+    real_session = ort.InferenceSession
+
+    def session(path, so, providers=None):
+        asked.append([p if isinstance(p, str) else p[0] for p in providers])
+        return real_session(path, so, providers=providers)
+
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    return asked
