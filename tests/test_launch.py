@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -155,6 +156,41 @@ def test_status_searches_afresh_until_a_channel_answers(pva_env):
         assert record == {"value": 7} and name in status._channels
     finally:
         server.stop()
+
+
+MUTE_SERVER = """
+import sys, time
+import pvaccess as pva
+server = pva.PvaServer(sys.argv[1], pva.PvObject({"value": pva.INT}, {"value": 7}))
+print("up", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_status_read_gives_up_on_a_server_that_stops_answering(pva_env):
+    """A channel's setTimeout bounds only its connection: a get to a connected server that
+    stops answering (here stopped with SIGSTOP) waited for ever, and the launcher with it,
+    deaf to SIGTERM and Ctrl-C (their handlers run only once the get returns)."""
+    name = f"{PREFIX}:launch:mute{os.getpid()}"
+    server = subprocess.Popen([sys.executable, "-c", MUTE_SERVER, name], env=pva_env, text=True,
+                              stdout=subprocess.PIPE, start_new_session=True)
+    try:
+        assert server.stdout.readline().strip() == "up"
+        status = Status(timeout_s=0.5)
+        assert wait_until(lambda: status.get(name), 20) == {"value": 7}
+        os.kill(server.pid, signal.SIGSTOP)
+        reads = []  # on a thread of the test's own: without the bound the read never returns
+        reader = threading.Thread(target=lambda: reads.append((status.get(name), live.read_status(name, 0.5))),
+                                  daemon=True)
+        started = time.monotonic()
+        reader.start()
+        reader.join(20)
+        assert reads == [(None, None)], "a status read did not give up on a server that stopped answering"
+        assert time.monotonic() - started < 2 * live.answer_s(0.5) + 2
+        assert name not in status._channels  # the next read searches afresh
+    finally:
+        server.kill()
+        server.wait(10)
 
 
 def _relative_chain(folder: Path) -> Path:
@@ -309,8 +345,8 @@ class Chain(launch.Chain):  # the real run() and stop(); sleepers for the proces
         while True:
             time.sleep(0.1)
 
-    def snapshot(self):
-        return None
+    def snapshot(self):  # no status channels: every one silent
+        return launch.Snapshot([None] * self.cfg.inference['consumers'], None, [])
 
 launch.Chain = Chain
 sys.exit(launch.run(launch.LaunchConfig.load(sys.argv[1])))
@@ -757,6 +793,24 @@ def test_a_binary_file_is_refused_naming_it(tmp_path, capsys):
     assert launch.main(launch.get_args_parser().parse_args([str(tmp_path / "scan.npy")])) == 2
     err = capsys.readouterr().err
     assert err == f"edge-ptychonn launch: {tmp_path / 'scan.npy'} is not a TOML file (not UTF-8 text: byte 0)\n", err
+
+
+def test_a_detector_chain_stopped_counts_a_silent_consumers_last_answer(tmp_path, monkeypatch, capsys):
+    """Ctrl-C or SIGTERM while a detector chain runs, one status channel silent at the last
+    look (its consumer died, or its read gave up): the summary counts what it reported while
+    the chain was watched. Before: only the consumers that answered last."""
+    cfg = load(tmp_path, f'log_dir = "{tmp_path / "logs"}"\n' + MINIMAL)
+
+    def watch(self):
+        self.latest = Snapshot([_record(1), _record(2), _record(4)], None, [])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(launch.Chain, "start", lambda self: None)
+    monkeypatch.setattr(launch.Chain, "watch", watch)
+    monkeypatch.setattr(launch.Chain, "snapshot", lambda self: Snapshot([_record(1), None, _record(4)], None, []))
+    assert launch.run(cfg) == 130
+    out = capsys.readouterr().out
+    assert "inference processed  7 " in out, out
 
 
 def test_a_chain_stopped_before_the_replay_started_sent_nothing(tmp_path, monkeypatch, capsys):

@@ -397,7 +397,10 @@ class Status:
 
     A channel that does not answer is dropped, so the next read searches afresh: a
     channel made before its server exists backs off its search, and under load it
-    found a writer's status only after the chain's own deadline had passed."""
+    found a writer's status only after the chain's own deadline had passed. A read
+    takes at most ``timeout_s`` to connect and :func:`processes.answer_s` in all: a
+    server that stops answering (or exits) during a get would otherwise hold it, and
+    the launcher with it, for ever (:func:`processes.get_record`)."""
 
     def __init__(self, timeout_s: float = 1.0):
         import pvaccess as pva
@@ -409,13 +412,13 @@ class Status:
     def get(self, name: str) -> dict | None:
         ch = self._channels.get(name)
         if ch is None:
-            ch = self._channels[name] = self._pva.Channel(name)
+            ch = self._pva.Channel(name)
             ch.setTimeout(self.timeout_s)
-        try:
-            return ch.get("field()").toDict()
-        except self._pva.PvaException:
-            del self._channels[name]
-            return None
+            self._channels[name] = ch  # kept only with its timeout set (a signal may come between)
+        record = live.get_record(ch, live.answer_s(self.timeout_s))
+        if record is None:
+            self._channels.pop(name, None)
+        return record
 
 
 def _user(record: dict | None, key: str, default=0):
@@ -932,8 +935,8 @@ def run(cfg: LaunchConfig, prog: str = "edge-ptychonn launch", results: list | N
                 try:
                     if chain.source is not None and not chain.finished and code in (0, 130):
                         snap = chain.settle()  # the replay stopped early: what it sent is counted
-                    elif snap is None and code in (0, 130):
-                        snap = chain.snapshot()
+                    elif snap is None and code in (0, 130):  # each silent channel's last answer kept
+                        snap = chain.snapshot().merged(chain.latest)
                 finally:
                     chain.stop()
     n_sent = chain.frames_sent(n_scan)

@@ -479,12 +479,53 @@ def wait_status(channels: list[str], done=None, timeout_s: float = 10.0, poll_s:
 
 
 def read_status(channel: str, timeout_s: float = 3.0) -> dict | None:
-    """A consumer's status record as a dict (``userStats``, ``processorStats``, ...)."""
+    """A consumer's status record as a dict (``userStats``, ``processorStats``, ...); None
+    where the channel did not connect within ``timeout_s`` or gave no answer within
+    :func:`answer_s` of it (see :func:`get_record`)."""
     import pvaccess as pva
 
     try:
         ch = pva.Channel(channel)
         ch.setTimeout(timeout_s)
-        return ch.get("field()").toDict()
     except pva.PvaException:
         return None
+    return get_record(ch, answer_s(timeout_s))
+
+
+def answer_s(connect_timeout_s: float) -> float:
+    """How long a read of a channel whose ``setTimeout`` is ``connect_timeout_s`` may take in
+    all: its connection and its introspection (each bounded by that timeout), then the
+    server's answer (a second more)."""
+    return 2 * connect_timeout_s + 1.0
+
+
+def get_record(channel, timeout_s: float, request: str = "field()") -> dict | None:
+    """``channel.get(request)`` (a ``pvaccess.Channel``) as a dict; None where it failed
+    (``pvaccess.PvaException``) or gave no answer within ``timeout_s``.
+
+    A channel's ``setTimeout`` bounds only its connection: a get on a connected channel
+    waits for the server's answer without end, forever when the server stops answering or
+    exits meanwhile (pvAccess drops the pending request without a word), and no Ctrl-C or
+    SIGTERM handler runs until it returns. So the get runs on a daemon thread of its own,
+    left behind with its channel when late (the caller should not use that channel again),
+    and the wait for it takes signals."""
+    import pvaccess as pva
+
+    answer: list = []
+
+    def get() -> None:
+        try:
+            answer.append(channel.get(request).toDict())
+        except pva.PvaException:
+            answer.append(None)
+        except BaseException as exc:  # raised in the caller, as before
+            answer.append(exc)
+
+    thread = threading.Thread(target=get, name="pva-get", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if not answer:
+        return None
+    if isinstance(answer[0], BaseException):
+        raise answer[0]
+    return answer[0]
