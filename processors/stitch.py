@@ -381,26 +381,17 @@ def _nonzero(value):
 
 
 class _Scan:
-    """The image of one scan: a Stitcher, how many frames were placed in it, and the
-    uniqueIds placed within ``restartWindow`` of the highest received (restart detection;
-    an id further below starts a new scan anyway): bounded however long a scan runs."""
+    """The image of one scan: a Stitcher, and how many frames were placed in it and when."""
 
     def __init__(self, index: int, stitcher: Stitcher):
         self.index = index
         self.stitcher = stitcher
         self.n_placed = 0
-        self.placed = RecentIds()
         self.last_unique_id = 0
         self.first_placed_s = 0.0
         self.last_placed_s = 0.0
         self.changed = False
         self.saved = False
-
-    def remember(self, unique_id: int, low: int) -> None:
-        """Count a placed frame; keep its uniqueId while it is not below ``low`` (the highest
-        uniqueId received minus restartWindow)."""
-        self.n_placed += 1
-        self.placed.add(unique_id, low)
 
     def place_rate_hz(self) -> float:
         n = self.n_placed
@@ -499,9 +490,11 @@ class StitchProcessor(ProcessorBase):
             self.metadata = MetadataPositions(s.position_channels, s.metadata_match == "timeStamp",
                                               s.metadata_tolerance_s, s.metadata_offset_s)
         self.waiting: deque[_Waiting] = deque()  # all of the current scan
-        self._waiting_ids: set[int] = set()
         self._max_unique_id = 0  # the highest uniqueId received in the current scan
-        self._received_ids = RecentIds()  # its uniqueIds within restartWindow of the highest
+        # the current scan's uniqueIds within restartWindow of the highest (placed, waiting or not
+        # placed; restart detection: an id further below starts a new scan anyway): bounded
+        # however long a scan runs
+        self._received_ids = RecentIds()
         self.process_time_s = 0.0
         self._resets = 0  # resetStats() calls: a frame counted before one adds no time after it
         self.saved_files: list[Path] = []
@@ -577,7 +570,6 @@ class StitchProcessor(ProcessorBase):
         if not new:  # nothing new came: only the oldest can have expired
             while self.waiting and expired(self.waiting[0]):
                 w = self.waiting.popleft()
-                self._waiting_ids.discard(w.unique_id)
                 self._place_locked(w.unique_id, w.image, self._table_position(w.unique_id))
             return
         keep = deque()
@@ -589,8 +581,6 @@ class StitchProcessor(ProcessorBase):
                 self._place_locked(w.unique_id, w.image, self._table_position(w.unique_id))
             else:
                 keep.append(w)
-                continue
-            self._waiting_ids.discard(w.unique_id)
         self.waiting = keep
 
     def _object_shape(self, patch_shape: tuple[int, int]) -> tuple[int, int]:
@@ -628,9 +618,7 @@ class StitchProcessor(ProcessorBase):
         waiting, or not placed: a new scan's first frame whose id the last scan did not place
         went into the last image), or lies more than ``restartWindow`` below the highest
         uniqueId received in it."""
-        return (unique_id in self._received_ids or unique_id in self._waiting_ids
-                or (self.scan is not None and unique_id in self.scan.placed)
-                or unique_id < self._max_unique_id - self.settings.restart_window)
+        return unique_id in self._received_ids or unique_id < self._max_unique_id - self.settings.restart_window
 
     def add_frame(self, unique_id: int, image: np.ndarray, attributes: list, time_s: float = 0.0) -> bool:
         """Place one frame (called by ``process()``; usable without PvaPy). True if placed;
@@ -668,7 +656,6 @@ class StitchProcessor(ProcessorBase):
                     return placed
                 if self.settings.metadata_wait_s > 0:
                     self.waiting.append(_Waiting(unique_id, np.array(image), key, time.monotonic()))
-                    self._waiting_ids.add(unique_id)
                     return False
         if position is None:
             position = self._table_position(unique_id)
@@ -697,7 +684,7 @@ class StitchProcessor(ProcessorBase):
             self.count_problem("outside", "frame %d at %s misses the object %s", unique_id, position,
                                scan.stitcher.object_shape)
             return False
-        scan.remember(unique_id, self._max_unique_id - self.settings.restart_window)
+        scan.n_placed += 1
         if scan.n_placed == 1:
             scan.first_placed_s = now
         scan.last_placed_s = now

@@ -842,7 +842,7 @@ def test_a_long_scan_keeps_only_the_ids_within_the_restart_window(rng):
     p = make({"objectShape": [40, 48], "restartWindow": window}, publisher)
     for uid in range(1, n + 1):
         p.process(attributed_frame(uid, patches[uid % 10], positions[uid % 10]))
-    assert len(p.scan.placed) <= window + 1 and len(p.scan.placed._heap) <= window + 1
+    assert len(p._received_ids) <= window + 1 and len(p._received_ids._heap) <= window + 1
     stats = p.getStats()
     assert stats["scanFramesPlaced"] == n and stats["nFramesPlaced"] == n and stats["nScans"] == 1
     scan = p.scan
@@ -852,7 +852,7 @@ def test_a_long_scan_keeps_only_the_ids_within_the_restart_window(rng):
     assert publisher.images[-1][2]["FramesPlaced"] == n and publisher.images[-1][2]["ScanIndex"] == 1
     for uid in range(n - 2, n + 20):
         p.process(attributed_frame(uid, patches[uid % 10], positions[uid % 10]))
-    assert n + 1 not in p.scan.placed
+    assert n + 1 not in p._received_ids
     p.process(attributed_frame(n + 1, patches[0], positions[0]))  # forgotten, but far below: a new scan too
     assert p.getStats()["nScans"] == 3 and publisher.images[-1][2]["FramesPlaced"] == 23
 
