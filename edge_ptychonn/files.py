@@ -14,6 +14,7 @@ round, or pickled objects give a ``ValueError`` that names the file, never a tra
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import re
@@ -40,12 +41,23 @@ def _host_tag() -> str:
 
 
 _HOST = _host_tag()
+NAME_MAX = 255  # bytes in a file name (ext4, xfs, btrfs, NFS, ...)
 
 
 def partial_name(path: Path, pid: int | None = None) -> Path:
     """The hidden name ``.<name>.<host>.<pid>.part`` beside ``path`` (one per process;
-    ``<host>``: :func:`_host_tag`; ``pid``: this process's unless given)."""
-    return path.with_name(f".{path.name}.{_HOST}.{os.getpid() if pid is None else pid}.part")
+    ``<host>``: :func:`_host_tag`; ``pid``: this process's unless given). Where that would
+    pass :data:`NAME_MAX` bytes (a long ``<name>`` that itself fits), ``<name>`` is cut and
+    ends in ``~`` and a digest of the whole name, so that the file can still be made."""
+    tail = f".{_HOST}.{os.getpid() if pid is None else pid}.part"
+    name = path.name
+    room = NAME_MAX - 1 - len(os.fsencode(tail))
+    if len(os.fsencode(name)) > room:
+        digest = "~" + hashlib.sha256(os.fsencode(name)).hexdigest()[:16]
+        while len(os.fsencode(name + digest)) > room:
+            name = name[:-1]
+        name += digest
+    return path.with_name(f".{name}{tail}")
 
 
 def _process_exists(pid: int) -> bool:
@@ -93,15 +105,27 @@ def unused_stem(stem: Path, endings: tuple[str, ...]) -> Path:
     return candidate
 
 
+def _sync(path: Path) -> None:
+    """Write ``path``'s data (a file) or names (a folder) through to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def whole_file(path: Path, replace: bool = True):
     """Yield a hidden path to write; rename it to ``path`` when the block ends, remove it on
     error. ``replace`` False: an existing ``path`` is never replaced (``FileExistsError``;
-    pick the name with :func:`unused_stem`)."""
+    pick the name with :func:`unused_stem`). The data reach the disk before the name
+    appears (a power cut leaves no empty or cut-short file under ``path``), and the name
+    after the rename."""
     path = Path(path)
     partial = partial_name(path)
     try:
         yield partial
+        _sync(partial)
         if replace:
             os.replace(partial, path)
         else:
@@ -109,6 +133,8 @@ def whole_file(path: Path, replace: bool = True):
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
+    with contextlib.suppress(OSError):  # some file systems cannot sync a folder: the data are safe anyway
+        _sync(path.parent)
 
 
 def _rename_no_replace(src: Path, dst: Path) -> None:

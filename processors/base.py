@@ -190,8 +190,10 @@ class ProcessorBase(StatsFromTable, AdImageProcessor):
 
     def configure(self, configDict):
         """Apply run-time changes (all-or-nothing); ``{"newScan": true}`` then calls
-        :meth:`new_scan`. A ValueError reaches the control channel as
-        "Configuration failed: ..." and changes nothing."""
+        :meth:`new_scan`. An error (a ValueError, or :meth:`new_scan` failing: the other
+        changes are taken back) reaches the control channel as "Configuration failed: ..."
+        and changes nothing."""
+        old = self.settings
         try:
             new_scan = False
             if isinstance(configDict, dict) and "newScan" in configDict:
@@ -201,7 +203,12 @@ class ProcessorBase(StatsFromTable, AdImageProcessor):
             self.logger.error("configuration refused, nothing changed: %s", exc)
             raise
         if new_scan:
-            self.new_scan()
+            try:
+                self.new_scan()
+            except Exception as exc:
+                self.settings = old
+                self.logger.error("configuration failed, nothing changed: %s", exc)
+                raise
 
     def new_scan(self) -> None:
         """Finish the current scan and start a new one (processors with scans override it)."""

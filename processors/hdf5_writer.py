@@ -31,8 +31,7 @@ Output
     ``timeStamp``      (n,) float64, seconds past the epoch (``timeStamp``)
     ``dataTimeStamp``  (n,) float64, seconds past the epoch (``dataTimeStamp``)
     ``positions``      (n, 2) float64 (y, x) from the ``positionAttributes``,
-                       NaN where a frame has none; present only when the scan's
-                       first frame has them
+                       NaN where a frame has none (all NaN when no frame has)
     attributes         ``processorSettings`` (JSON of the processor arguments),
                        ``inputChannel``, ``processorId``, ``scan``, ``created``,
                        ``modelCard`` (text of ``modelCard``, read at start) and
@@ -72,7 +71,7 @@ Processor arguments (``--processor-args`` JSON) -- see ``Hdf5WriterProcessor.ARG
     outputDirectory (required); fileNameFormat (default
     ``"{channel}_scan{scan:04d}.h5"``; fields ``channel`` (input channel, ``:``
     -> ``_``), ``processorId``, ``scan``, ``time`` (YYYYmmdd-HHMMSS); a file name,
-    no ``/``);
+    no ``/``, at most 253 bytes once formatted, else refused at start);
     compression ('none', 'gzip', 'lzf'; with hdf5plugin installed also 'blosc',
     'lz4', 'zstd', 'bitshuffle'); compressionLevel (gzip 0..9); chunkFrames
     (16); flushPeriod (s, 1.0); queueFrames (frames waiting for the writer
@@ -100,6 +99,7 @@ Statistics (status channel ``userStats``) -- see :data:`STATS`
 from __future__ import annotations
 
 import json
+import os
 import queue
 import threading
 import time
@@ -109,10 +109,11 @@ from pathlib import Path
 import numpy as np
 import pvaccess as pva
 
-from edge_ptychonn.files import check_folder, remove_stale_partials, unused_stem, whole_file
+from edge_ptychonn.files import NAME_MAX, check_folder, remove_stale_partials, unused_stem, whole_file
 from edge_ptychonn.stream.arguments import (
     choice, integer, number, optional, path, text, text_list,
 )
+from edge_ptychonn.stream.quote import short_repr
 from processors import shutdown
 from processors.base import ProcessorBase, RecentIds, at_start, attribute_value, seconds
 
@@ -250,9 +251,8 @@ class _ScanFile:
                                           chunks=(chunk, h, w), **opts)
         self.ts = self.f.create_dataset("timeStamp", (0,), dtype="f8", maxshape=(None,), chunks=(max(chunk, 256),))
         self.dts = self.f.create_dataset("dataTimeStamp", (0,), dtype="f8", maxshape=(None,), chunks=(max(chunk, 256),))
-        self.pos = None
-        if first.position is not None:
-            self.pos = self.f.create_dataset("positions", (0, 2), dtype="f8", maxshape=(None, 2), chunks=(max(chunk, 256), 2))
+        # always: no dataset can be made once in SWMR mode, and any frame may carry a position
+        self.pos = self.f.create_dataset("positions", (0, 2), dtype="f8", maxshape=(None, 2), chunks=(max(chunk, 256), 2))
         self.ids = self.f.create_dataset("uniqueId", (0,), dtype="i8", maxshape=(None,), chunks=(max(chunk, 256),))
         for key, value in attrs.items():
             self.f.attrs[key] = value
@@ -265,9 +265,8 @@ class _ScanFile:
         for ds, values in ((self.ts, [f.time_stamp_s for f in frames]), (self.dts, [f.data_time_stamp_s for f in frames])):
             ds.resize((n1,))
             ds[n0:n1] = values
-        if self.pos is not None:
-            self.pos.resize((n1, 2))
-            self.pos[n0:n1] = [f.position if f.position is not None else (np.nan, np.nan) for f in frames]
+        self.pos.resize((n1, 2))
+        self.pos[n0:n1] = [f.position if f.position is not None else (np.nan, np.nan) for f in frames]
         self.ids.resize((n1,))  # last: its length counts the complete frames
         self.ids[n0:n1] = [f.unique_id for f in frames]
         self.n = n1
@@ -279,8 +278,7 @@ class _ScanFile:
     def truncate_to_confirmed(self) -> None:
         """Shrink every dataset to the confirmed frames (``uniqueId`` first)."""
         for ds in (self.ids, self.data, self.ts, self.dts, self.pos):
-            if ds is not None:
-                ds.resize(self.confirmed, axis=0)
+            ds.resize(self.confirmed, axis=0)
         self.n = self.confirmed
 
     def close(self) -> None:
@@ -350,6 +348,7 @@ class Hdf5WriterProcessor(ProcessorBase):
         super().__init__(configDict)
         self.h5py = _h5py()
         _compression_options(self.settings.compression, self.settings.compression_level)  # fail early
+        self._check_name_length()
         self.settings.output_directory.mkdir(parents=True, exist_ok=True)
         remove_stale_partials(self.settings.output_directory, self.logger)
         self.user_args = {k: v for k, v in (configDict or {}).items() if k in self.ARGS}
@@ -399,11 +398,23 @@ class Hdf5WriterProcessor(ProcessorBase):
         channel = self.inputChannel or self.framework.get("inputChannel", "") or "input"
         return channel.replace(":", "_").replace("*", str(self.processor_id)).replace("/", "_")
 
+    def _file_name(self, scan: int) -> str:
+        return self.settings.file_name_format.format(channel=self._channel(), processorId=self.processor_id,
+                                                     scan=scan, time=time.strftime("%Y%m%d-%H%M%S"))
+
+    def _check_name_length(self) -> None:
+        """``ValueError`` when the files' names cannot fit a file system's 255 bytes: no file
+        could be made, and every frame of the run would be lost."""
+        name = self._file_name(1)
+        room = NAME_MAX - len("-9")  # room for the "-2", ... of a name an earlier run took
+        if len(os.fsencode(name)) > room:
+            raise ValueError(f"fileNameFormat {short_repr(self.settings.file_name_format, 60)} gives names too long "
+                             f"for a file ({len(os.fsencode(name))} bytes for scan 1 of this channel; at most {room})")
+
     def _open(self, first: _Frame) -> None:
         scan = self.scan + 1 if self._scan_pending else self.scan  # after a write error: the same scan, "-2"
         s = self.settings
-        name = s.file_name_format.format(channel=self._channel(), processorId=self.processor_id, scan=scan,
-                                         time=time.strftime("%Y%m%d-%H%M%S"))
+        name = self._file_name(scan)
         attrs = {
             "processorSettings": json.dumps(self.user_args, default=str),
             "inputChannel": self.inputChannel or self.framework.get("inputChannel", "") or "",
@@ -561,7 +572,9 @@ class Hdf5WriterProcessor(ProcessorBase):
         last_flush = time.monotonic()
         done = False
         while not done:
-            timeout = max(0.01, self.settings.flush_period_s - (time.monotonic() - last_flush))
+            # with no file open nothing is due: sleep until work comes, not 100 times a second
+            timeout = (max(0.01, self.settings.flush_period_s - (time.monotonic() - last_flush))
+                       if self.current is not None else None)
             items = []
             try:
                 items.append(self.queue.get(timeout=timeout))

@@ -104,11 +104,17 @@ Run-time changes (control channel ``configure``)
     publishRate (applies at once), fill (the image is published again with it within a
     period); ``{"newScan": true}`` finishes the current image.
 Statistics (status channel ``userStats``) -- see :data:`STATS`.
+    Each frame with an image (``nFramesReceived``) is placed (``nFramesPlaced``),
+    waiting for its metadata (``nFramesWaiting``), or not placed: ``nFramesNoPosition``,
+    ``nFramesOutside``, ``nFramesWrongShape`` (not the shape of its scan's first frame).
+    ``nBadFrames``: frames that cannot be decoded, plus ``nFramesWrongShape``. Each
+    finished image is saved (``nScansSaved``) or not (``nSaveErrors``: the disk, a name).
 """
 
 from __future__ import annotations
 
 import bisect
+import os
 import threading
 import time
 import zipfile
@@ -119,7 +125,7 @@ from pathlib import Path
 import numpy as np
 import pvaccess as pva
 
-from edge_ptychonn.files import check_folder, remove_stale_partials, save_npy_whole, unused_stem
+from edge_ptychonn.files import NAME_MAX, check_folder, remove_stale_partials, save_npy_whole, unused_stem
 
 NAME_ATTEMPTS = 5  # free names tried when other processes take them as this one saves
 from edge_ptychonn.science.stitch import Stitcher, probe_weight
@@ -356,6 +362,10 @@ class StitchSettings:
                              "(outputDirectory gives the folder)")
         if "\0" in self.file_prefix:  # no file can have that name: the image would be lost at its save
             raise ValueError(f"filePrefix must not hold a NUL character, got {self.file_prefix!r}")
+        room = NAME_MAX - len("_scan0001-9_weight.npy")
+        if self.output_directory is not None and len(os.fsencode(self.file_prefix)) > room:  # every image lost
+            raise ValueError(f"filePrefix is too long ({len(os.fsencode(self.file_prefix))} bytes; at most {room}, "
+                             f"so that '<filePrefix>_scanNNNN-N_weight.npy' fits the {NAME_MAX} of a file name)")
         if at_start():  # not again at a run-time change: the files were read at start
             self.check_files()
 
@@ -428,11 +438,13 @@ STATS = {
     "nFramesPlaced": (pva.ULONG, _stat("placed")),
     "nFramesNoPosition": (pva.ULONG, _stat("no_position")),
     "nFramesOutside": (pva.ULONG, _stat("outside")),
-    "nBadFrames": (pva.ULONG, _stat("bad")),
+    "nFramesWrongShape": (pva.ULONG, _stat("wrong_shape")),
+    "nBadFrames": (pva.ULONG, lambda p: p.counts["bad"] + p.counts["wrong_shape"]),
     "nEmptyFrames": (pva.ULONG, _stat("empty")),
     "nImagesPublished": (pva.ULONG, _stat("published")),
     "nScans": (pva.ULONG, lambda p: p.scan_index),
     "nScansSaved": (pva.ULONG, _stat("saved")),
+    "nSaveErrors": (pva.ULONG, _stat("save_errors")),
     "scanFramesPlaced": (pva.ULONG, _scan_stat(lambda scan: scan.n_placed, 0)),
     "coverage": (pva.DOUBLE, lambda p: p.coverage()),
     "placeRate": (pva.DOUBLE, _scan_stat(_Scan.place_rate_hz, 0.0)),
@@ -483,7 +495,8 @@ class StitchProcessor(ProcessorBase):
         self.scan: _Scan | None = None
         self.scan_index = 0
         self.counts = dict.fromkeys(
-            ("received", "placed", "no_position", "outside", "bad", "empty", "published", "saved", "by_metadata"), 0
+            ("received", "placed", "no_position", "outside", "bad", "wrong_shape", "empty", "published", "saved",
+             "save_errors", "by_metadata"), 0
         )
         self.metadata = None
         if s.position_channels is not None:
@@ -665,7 +678,7 @@ class StitchProcessor(ProcessorBase):
         """Place a frame of the current scan at ``position`` (None: counted as no position)."""
         scan = self.scan
         if scan is not None and image.shape != scan.stitcher.patch_shape:
-            self.counts["bad"] += 1
+            self.counts["wrong_shape"] += 1
             self.count_problem("shape", "frame %d is %s, the scan's frames are %s: not placed",
                                unique_id, image.shape, scan.stitcher.patch_shape)
             return False
@@ -733,10 +746,11 @@ class StitchProcessor(ProcessorBase):
         scan = out.scan
         # an earlier run's files of the same name are kept: this one gets "-2", "-3", ...
         base = self.settings.output_directory / f"{self.settings.file_prefix}_scan{scan.index:04d}"
+        stem = base
         for attempt in range(NAME_ATTEMPTS):
-            stem = unused_stem(base, (".npy", "_weight.npy"))
-            weight = Path(f"{stem}_weight.npy")
             try:  # the weights first: the image's name appearing says both are complete
+                stem = unused_stem(base, (".npy", "_weight.npy"))
+                weight = Path(f"{stem}_weight.npy")
                 save_npy_whole(weight, scan.stitcher.weight_sum().astype(np.float32), replace=False)
                 try:
                     save_npy_whole(Path(f"{stem}.npy"), out.image, replace=False)
@@ -746,15 +760,20 @@ class StitchProcessor(ProcessorBase):
                 break
             except FileExistsError as exc:  # another process took the name meanwhile
                 if attempt == NAME_ATTEMPTS - 1:
-                    self.count_problem("save", "cannot save %s: %s", stem, exc)
+                    self._save_failed(stem, exc)
                     return
             except OSError as exc:
-                self.count_problem("save", "cannot save %s: %s", stem, exc)
+                self._save_failed(stem, exc)
                 return
         self.saved_files.append(Path(f"{stem}.npy"))
         with self.lock:
             self.counts["saved"] += 1
         self.logger.info("scan %d: %d frames placed, saved %s.npy", scan.index, out.frames_placed, stem)
+
+    def _save_failed(self, stem: Path, exc: OSError) -> None:
+        with self.lock:
+            self.counts["save_errors"] += 1
+        self.count_problem("save", "cannot save %s: %s (counted in nSaveErrors)", stem, exc)
 
     def finish_scan(self, publish: bool = True) -> None:
         """Finish the current image (published, saved); the next frame starts a new one.
@@ -902,5 +921,8 @@ class StitchProcessor(ProcessorBase):
         with self.lock:
             for k in self.counts:
                 self.counts[k] = 0
+            # the frames waiting for their metadata stay counted, so that each frame received
+            # is still placed, waiting or not placed once they are settled
+            self.counts["received"] = len(self.waiting)
             self.process_time_s = 0.0
             self._resets += 1

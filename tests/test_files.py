@@ -168,3 +168,34 @@ def test_a_writer_in_another_container_of_this_host_is_not_taken_for_a_dead_one(
     theirs.write_bytes(b"growing")
     ours.write_bytes(b"left by a dead writer of this container")
     assert remove_stale_partials(tmp_path, LOG) == [ours] and theirs.exists()
+
+
+@pytest.mark.parametrize("replace", [True, False])
+def test_the_data_reach_the_disk_before_the_name_appears(tmp_path, monkeypatch, replace):
+    """The partial was renamed without an fsync: after a power cut the name could stand for an
+    empty or cut-short file (the rename reached the disk, the data not yet)."""
+    events = []
+    real_fsync, real_replace, real_link = os.fsync, os.replace, os.link
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("rename", str(b))), real_replace(a, b))[1])
+    monkeypatch.setattr(os, "link", lambda a, b: (events.append(("rename", str(b))), real_link(a, b))[1])
+    target = tmp_path / "a.npy"
+    save_npy_whole(target, np.arange(3.0), replace=replace)
+    assert events == [("fsync", str(partial_name(target))), ("rename", str(target)), ("fsync", str(tmp_path))]
+
+
+def test_a_long_name_that_fits_gets_a_partial_that_fits(tmp_path, dead_pid):
+    """A name of 225 bytes fits (255 at most), but its partial (``.<name>.<host>.<pid>.part``)
+    did not: every such file failed with "File name too long"."""
+    for n in (200, 225, 255 - len("_weight.npy"), 250):
+        target = tmp_path / ("é" * (n // 2 - 3) + "x" * (n % 2) + ".npy")
+        assert len(os.fsencode(target.name)) <= 255
+        partial = partial_name(target)
+        assert len(os.fsencode(partial.name)) <= 255 and partial.name.startswith(".")
+        assert partial != partial_name(target.with_name(target.name[:-5] + "y.npy")), "names that differ late differ"
+        save_npy_whole(target, np.arange(n, dtype=float), replace=False)
+        np.testing.assert_array_equal(np.load(target), np.arange(n, dtype=float))
+    dead = partial_name(tmp_path / ("z" * 240 + ".h5"), dead_pid)  # a long partial of a dead process
+    dead.write_bytes(b"x")
+    assert remove_stale_partials(tmp_path, LOG) == [dead]

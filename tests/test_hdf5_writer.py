@@ -114,7 +114,7 @@ def test_a_restart_or_a_command_starts_a_new_file(tmp_path, rng):
     for f in p.files:
         with h5py.File(f, "r") as h:
             sizes.append(len(h["uniqueId"]))
-            assert "positions" not in h
+            assert np.isnan(h["positions"][:]).all()  # no frame had a position
     assert sizes == [6, 3, 1]
     assert accounted(p)["nFramesWritten"] == 10
 
@@ -500,3 +500,66 @@ def test_a_run_time_change_is_not_refused_for_a_file_read_at_start(tmp_path):
     assert p.settings.flush_period_s == 2
     with pytest.raises(ValueError, match="modelCard .*card.json' is not a file"):  # still checked at start
         Hdf5WriterProcessor({**FRAMEWORK, "outputDirectory": str(tmp_path / "h5"), "modelCard": str(card)})
+
+
+def test_positions_are_kept_when_the_first_frame_has_none(tmp_path, rng):
+    """The positions dataset was made only when a file's first frame had a position (none can
+    be made later in SWMR mode): one frame without its attributes at the start of a scan lost
+    the positions of every frame of the file."""
+    images = rng.normal(size=(4, 4, 4)).astype(np.float32)
+    p = Hdf5WriterProcessor({**FRAMEWORK, "outputDirectory": str(tmp_path)})
+    run(p, [frame(1, images[0])] + [frame(k + 1, images[k], pos=(k, 2 * k)) for k in range(1, 4)])
+    with h5py.File(p.files[0], "r") as f:
+        pos = f["positions"][:]
+    assert np.isnan(pos[0]).all() and pos[1:].tolist() == [[1, 2], [2, 4], [3, 6]]
+    assert accounted(p)["nFramesWritten"] == 4
+
+
+def test_a_long_file_name_is_written_or_refused_at_start(tmp_path, rng):
+    """A fileNameFormat whose names fit (235 bytes) lost every frame: the hidden name each file
+    is built under passed 255 bytes ("File name too long", counted as write errors). A format
+    whose names cannot fit is refused at start, not frame after frame."""
+    images = rng.normal(size=(2, 4, 4)).astype(np.float32)
+    p = Hdf5WriterProcessor({**FRAMEWORK, "outputDirectory": str(tmp_path), "fileNameFormat": "n" * 230 + "_{scan}.h5"})
+    run(p, [frame(1, images[0]), frame(2, images[1])])
+    assert [f.name for f in p.files] == ["n" * 230 + "_1.h5"] and ids_in(p.files[0]) == [1, 2]
+    assert accounted(p)["nFramesWritten"] == 2
+    with pytest.raises(ValueError, match=r"fileNameFormat .* gives names too long for a file \(259 bytes"):
+        Hdf5WriterProcessor({**FRAMEWORK, "outputDirectory": str(tmp_path), "fileNameFormat": "{channel}" + "n" * 241})
+
+
+def test_a_new_scan_that_fails_takes_the_other_changes_back(tmp_path):
+    """configure {"flushPeriod": 5, "newScan": true} with a writer not taking work answered
+    "newScan not applied" (Configuration failed) but had changed flushPeriod all the same."""
+    p = Hdf5WriterProcessor({**FRAMEWORK, "outputDirectory": str(tmp_path), "queueFrames": 1, "queueTimeout": 0.05})
+    p.queue.put(object())  # full, and no writer thread takes from it
+    with pytest.raises(RuntimeError, match="newScan not applied"):
+        p.configure({"flushPeriod": 5, "newScan": True})
+    assert p.settings.flush_period_s == 1.0
+
+
+def test_a_writer_with_no_file_open_sleeps_until_work_comes(tmp_path, rng):
+    """With no file open (before the first frame, after a scan ended) the writer thread woke
+    every 10 ms to flush nothing: 100 wake-ups a second per idle writer."""
+    p = Hdf5WriterProcessor({**FRAMEWORK, "outputDirectory": str(tmp_path)})
+    waits = []
+    get = p.queue.get
+
+    def recorded_get(block=True, timeout=None):
+        if block:  # not get_nowait()
+            waits.append(timeout)
+        return get(block, timeout)
+
+    p.queue.get = recorded_get
+    p.start()
+    try:
+        wait_for(lambda: waits)
+        assert waits[0] is None  # blocks until an item comes
+        p.process(frame(1, rng.normal(size=(4, 4)).astype(np.float32)))
+        wait_for(lambda: len(waits) >= 2)
+        p.configure({"newScan": True})
+        wait_for(lambda: accounted(p)["nFilesWritten"] == 1)
+        wait_for(lambda: waits[-1] is None)  # the file closed: nothing is due again
+    finally:
+        p.stop()
+    assert accounted(p)["nFramesWritten"] == 1

@@ -989,3 +989,77 @@ def test_a_run_time_change_is_not_refused_for_a_file_read_at_start(tmp_path):
     assert (p.settings.fill, p.settings.publish_rate_hz) == (1.0, 5.0)
     with pytest.raises(ValueError, match="weightFile .*w.npy' is not a file"):  # still checked at start
         make({"objectShape": [40, 48], "weightFile": str(weight)})
+
+
+def test_the_statistics_say_what_became_of_each_frame(rng):
+    """nBadFrames mixed frames that could not be decoded (not received) with frames of another
+    shape than their scan's (received, not placed): the frames received did not add up, and
+    nothing told the two apart."""
+    from frames_util import empty_frame
+
+    patches, positions, _ = small_scan(rng, n=4)
+    p = make({"objectShape": [40, 48]})
+    p.process(attributed_frame(1, patches[1], positions[1]))  # placed
+    p.process(attributed_frame(2, np.zeros((8, 8), np.float32), positions[2]))  # another shape mid-scan
+    p.process(good_frame(3, patches[3]))  # no position
+    p.process(attributed_frame(4, patches[0], (500, 500)))  # outside the object
+    p.process(empty_frame(5, (16, 16)))  # cannot be decoded
+    st = p.getStats()
+    assert (st["nFramesReceived"], st["nFramesPlaced"], st["nFramesWrongShape"], st["nBadFrames"]) == (4, 1, 1, 2), st
+    assert st["nFramesReceived"] == (st["nFramesPlaced"] + st["nFramesWaiting"] + st["nFramesNoPosition"]
+                                     + st["nFramesOutside"] + st["nFramesWrongShape"]), st
+    p.resetStats()
+    assert p.getStats()["nFramesWrongShape"] == p.getStats()["nBadFrames"] == 0
+
+
+def test_an_image_that_cannot_be_saved_is_counted_and_crashes_nothing(tmp_path, rng, monkeypatch):
+    """A failed save was only logged (no statistic told it from a scan with nothing to save), and
+    one that failed while choosing the name (the folder unreadable: a stat refused) escaped
+    process() and stop() as a traceback."""
+    import processors.stitch as stitch_module
+
+    def unreadable(stem, endings):
+        raise PermissionError(13, "Permission denied (simulated)", str(stem))
+
+    patches, positions, _ = small_scan(rng, n=3)
+    p = make({"objectShape": [40, 48], "outputDirectory": str(tmp_path / "out")}, Publisher())
+    monkeypatch.setattr(stitch_module, "unused_stem", unreadable)
+    p.process(attributed_frame(1, patches[1], positions[1]))
+    p.process(attributed_frame(1, patches[2], positions[2]))  # a restart: process() saves scan 1
+    p.stop()  # saves scan 2
+    st = p.getStats()
+    assert (st["nScans"], st["nScansSaved"], st["nSaveErrors"], p.problems("save")) == (2, 0, 2, 2), st
+
+
+def test_a_long_file_prefix_is_saved_or_refused_at_start(tmp_path, rng):
+    """A filePrefix whose names fit (245 bytes) lost every image (the hidden name it is written
+    under passed 255 bytes); a longer one, whose names cannot fit, raised at every save."""
+    patches, positions, _ = small_scan(rng, n=2)
+    out = tmp_path / "out"
+    p = make({"objectShape": [40, 48], "outputDirectory": str(out), "filePrefix": "p" * 225})
+    p.process(attributed_frame(1, patches[1], positions[1]))
+    p.stop()
+    assert p.getStats()["nScansSaved"] == 1 and p.saved_files == [out / ("p" * 225 + "_scan0001.npy")]
+    assert sorted(f.name for f in out.iterdir()) == ["p" * 225 + "_scan0001.npy", "p" * 225 + "_scan0001_weight.npy"]
+    with pytest.raises(ValueError, match=r"filePrefix is too long \(240 bytes; at most 233"):
+        make({"objectShape": [40, 48], "outputDirectory": str(out), "filePrefix": "p" * 240})
+    make({"objectShape": [40, 48], "filePrefix": "p" * 240})  # no files: no names to fit
+
+
+def test_a_reset_keeps_the_frames_waiting_for_metadata_counted(rng):
+    """resetStats() zeroed nFramesReceived while frames waited for their metadata: once placed,
+    nFramesPlaced exceeded nFramesReceived."""
+    patches, positions, _ = small_scan(rng, n=3)
+    p = make({"objectShape": [40, 48], "positionChannels": ["y", "x"], "metadataMatch": "uniqueId",
+              "metadataWait": 60})
+    q = p.metadataQueueMap = {"y": pva.PvObjectQueue(10), "x": pva.PvObjectQueue(10)}
+    for uid in (1, 2):
+        p.process(good_frame(uid, patches[uid]))
+    assert p.getStats()["nFramesWaiting"] == 2
+    p.resetStats()
+    for uid in (1, 2):
+        q["y"].put(metadata_update(positions[uid][0], unique_id=uid))
+        q["x"].put(metadata_update(positions[uid][1], unique_id=uid))
+    p.stop()
+    st = p.getStats()
+    assert (st["nFramesReceived"], st["nFramesPlaced"], st["nFramesWaiting"]) == (2, 2, 0), st
