@@ -219,6 +219,22 @@ class ModelNotSupported(EngineUnavailable, ValueError):
     PtychoNN's); another engine may, so ``engine: auto`` tries the next candidate."""
 
 
+# precision -> the lowest CUDA compute capability that runs it natively (tf32 and bf16: Ampere)
+MIN_COMPUTE_CAPABILITY = {"fp32": (0, 0), "tf32": (8, 0), "fp16": (5, 3), "bf16": (8, 0)}
+
+
+def check_compute_capability(precision: str, gpu_name: str, capability: tuple[int, int]) -> None:
+    """EngineUnavailable (one line, naming what to use instead) unless a GPU of compute capability
+    ``capability`` (major, minor) runs ``precision`` natively; read before any work on the GPU."""
+    major, minor = capability
+    need = MIN_COMPUTE_CAPABILITY.get(precision, (0, 0))
+    if (major, minor) < need:
+        raise EngineUnavailable(
+            f"{precision} needs compute capability {need[0]}.{need[1]} or later; "
+            f"{gpu_name} has {major}.{minor}: use fp32" + (" or fp16" if (major, minor) >= (5, 3) else "")
+        )
+
+
 def engine_device(spec: EngineSpec, options: EngineOptions, n_gpus: int) -> str:
     """The one device (``'cpu'`` or ``'cuda:N'``) this engine runs on for this consumer."""
     from edge_ptychonn.devices import DeviceUnavailable, resolve_device

@@ -2,12 +2,14 @@
 
 TensorRT 11 builds strongly typed networks only (``BuilderFlag.FP16``/``BF16`` are
 gone): a network computes in the types its ONNX graph declares. This module
-makes those types: every float weight and constant becomes fp16 (or bf16), a
-``Cast`` to that type follows the graph input and a ``Cast`` back to float32
-precedes each graph output, so callers keep float32 buffers. Float inputs that
-ONNX requires to stay float32 (``Resize`` roi and scales, ``Upsample`` scales)
-are left alone. It is deterministic (same file -> same bytes), so the plan
-cache keys on the original file's hash plus the precision and :func:`recipe`.
+makes those types: every float weight and constant (``Constant`` values, also
+``value_float``/``value_floats``) becomes fp16 (or bf16), a ``Cast`` to that type
+follows the graph input and a ``Cast`` back to float32 precedes each graph output,
+so callers keep float32 buffers. Float inputs that ONNX requires to stay float32
+(``Resize`` roi and scales, ``Upsample`` scales) are left alone, with what computes
+them (constants, ``Cast``s to float). It is deterministic (same file -> same
+bytes), so the plan cache keys on the original file's hash plus the precision and
+:func:`recipe`.
 
 bf16: ``Conv`` and ``MaxPool`` accept bfloat16 only from ONNX opset 22 (``Cast`` to
 it from 13), so a bf16 conversion first moves the model to opset
@@ -34,6 +36,41 @@ def recipe(precision: str) -> str:
 
 # op type -> input positions whose float tensors must stay float32
 _KEEP_FLOAT_INPUTS = {"Resize": (1, 2), "Upsample": (1,)}
+# ops where a float32 input's computation starts (a type of its own, or no float input):
+# what feeds them is not followed back
+_KEEP_FLOAT_SOURCES = {"Constant", "ConstantOfShape", "Cast", "Shape", "Size"}
+
+
+def _float32_names(graph) -> set[str]:
+    """The tensors that must stay float32: ``Resize`` roi and scales, ``Upsample`` scales, and
+    what computes them, back to the constants, initializers, ``Cast``s and shapes they start from
+    (e.g. scales = Cast(Shape(x)) / Constant, as exporters write a dynamic upsampling)."""
+    producer = {out: node for node in graph.node for out in node.output}
+    todo = [name for node in graph.node for i, name in enumerate(node.input)
+            if name and i in _KEEP_FLOAT_INPUTS.get(node.op_type, ())]
+    keep: set[str] = set()
+    while todo:
+        name = todo.pop()
+        if name in keep:
+            continue
+        keep.add(name)
+        node = producer.get(name)
+        if node is not None and node.op_type not in _KEEP_FLOAT_SOURCES:
+            todo.extend(n for n in node.input if n)
+    return keep
+
+
+def _low_constant(node, low_type: int) -> None:
+    """A ``Constant`` node's float32 value (``value``, ``value_float`` or ``value_floats``) in
+    ``low_type``, as a ``value`` tensor (the other two hold float32 only)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    for attr in node.attribute:
+        if attr.name == "value" and attr.t.data_type == TensorProto.FLOAT:
+            attr.t.CopyFrom(_low_tensor(attr.t, low_type))
+        elif attr.name in ("value_float", "value_floats"):
+            values = np.array(attr.f if attr.name == "value_float" else list(attr.floats), np.float32)
+            attr.CopyFrom(helper.make_attribute("value", _low_tensor(numpy_helper.from_array(values), low_type)))
 
 
 def bf16_bits(values: np.ndarray) -> np.ndarray:
@@ -81,9 +118,7 @@ def to_low_precision(model, precision: str):
         model = _at_least_opset(model, BF16_OPSET)
     graph = model.graph
     initializers = {t.name: t for t in graph.initializer}
-    keep_float = {
-        name for node in graph.node for i, name in enumerate(node.input) if i in _KEEP_FLOAT_INPUTS.get(node.op_type, ())
-    }
+    keep_float = _float32_names(graph)
     converted = set()
     for tensor in list(graph.initializer):
         if tensor.data_type == TensorProto.FLOAT and tensor.name not in keep_float:
@@ -94,10 +129,8 @@ def to_low_precision(model, precision: str):
             inp.type.tensor_type.elem_type = low
     for node in graph.node:
         if node.op_type == "Constant" and node.output[0] not in keep_float:
-            for attr in node.attribute:
-                if attr.name == "value" and attr.t.data_type == TensorProto.FLOAT:
-                    attr.t.CopyFrom(_low_tensor(attr.t, low))
-        if node.op_type == "Cast":
+            _low_constant(node, low)
+        if node.op_type == "Cast" and node.output[0] not in keep_float:
             for attr in node.attribute:  # casts to float inside the graph now cast to the low type
                 if attr.name == "to" and attr.i == TensorProto.FLOAT:
                     attr.i = low

@@ -210,8 +210,12 @@ def _build(cls, options: EngineOptions) -> Engine:
         while len(engines) < workers:
             engines.append(cls(options))
     except BaseException:
-        for built in engines:
-            built.close()
+        for built in engines:  # each one, whatever the others do; the error that stopped the start is raised
+            try:
+                built.close()
+            except Exception as exc:
+                log.warning("closing a %s engine after a failed start also failed: %s: %s", cls.SPEC.name,
+                            type(exc).__name__, exc)
         raise
     from .workers import WorkerPool
 

@@ -55,7 +55,7 @@ from edge_ptychonn.files import remove_stale_partials, write_bytes_whole
 
 from .base import (
     AutoCandidate, EngineOptions, EngineSpec, EngineUnavailable, FixedBatchRunner, SlotRing, Ticket, check_batch,
-    engine_device,
+    check_compute_capability, engine_device,
 )
 from .onnx_model import read_signature
 from .onnx_precision import recipe
@@ -91,8 +91,6 @@ PYCUDA_API = {
 }
 
 WORKSPACE_BYTES = 1 << 30
-# precision -> lowest compute capability that runs it
-MIN_COMPUTE_CAPABILITY = {"fp32": (0, 0), "tf32": (8, 0), "fp16": (5, 3), "bf16": (8, 0)}
 
 
 # pycuda driver module -> {device number: its primary context, retained once}
@@ -153,6 +151,12 @@ class PlanKey:
         return f"{stem}-{self.precision}-{self.digest()[:20]}.plan"
 
 
+# PlanCache.store's files are written under hidden names of this process (one per process):
+# two threads storing the same plan at once (where the file lock is not to be had) would write
+# one file together
+_STORE_LOCK = threading.Lock()
+
+
 class PlanCache:
     """Serialized plans on disk: ``<name>.plan`` beside ``<name>.json`` (the key)."""
 
@@ -183,13 +187,17 @@ class PlanCache:
         return plan
 
     def store(self, key: PlanKey, stem: str, plan: bytes) -> Path:
-        """Write atomically (a reader never sees half a plan)."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        remove_stale_partials(self.directory, log)
-        path = self.path(key, stem)
-        for target, data in ((path, plan), (path.with_suffix(".json"), json.dumps(asdict(key), indent=1).encode())):
-            write_bytes_whole(target, data)
-        return path
+        """Write atomically (a reader never sees half a plan): each file under a hidden name of
+        this process, then renamed; the sidecar first, so that a plan is never seen without
+        its key. Stores in one process take turns: their hidden names are the same."""
+        with _STORE_LOCK:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            remove_stale_partials(self.directory, log)
+            path = self.path(key, stem)
+            for target, data in ((path.with_suffix(".json"), json.dumps(asdict(key), indent=1).encode()),
+                                 (path, plan)):
+                write_bytes_whole(target, data)
+            return path
 
     @contextlib.contextmanager
     def lock(self, key: PlanKey, stem: str):
@@ -358,12 +366,7 @@ class TensorRTEngine:
         with self._active():
             name = dev.name()
             major, minor = dev.compute_capability()
-            need = MIN_COMPUTE_CAPABILITY[self.precision]
-            if (major, minor) < need:
-                raise EngineUnavailable(
-                    f"{self.precision} needs compute capability {need[0]}.{need[1]} or later; "
-                    f"{name} has {major}.{minor}: use fp32" + (" or fp16" if (major, minor) >= (5, 3) else "")
-                )
+            check_compute_capability(self.precision, name, (major, minor))
             self.device = f"{device} ({name})"
             self._logger = trt.Logger(trt.Logger.WARNING)
             batch_shape = lambda n: (n, 1, *self.input_shape)  # noqa: E731

@@ -13,7 +13,9 @@ compute stream of this consumer, a CUDA graph per buffer set for the full batch
 (captured at start; partial batches run eagerly), the device-to-host copy
 queued behind the compute. ``submit`` returns as soon as the work is queued, so
 the next batch's copy-in overlaps this batch's compute; ``collect`` waits.
-fp32 means fp32 (TF32 off); ``tf32`` allows TF32 tensor-core math.
+fp32 means fp32 (TF32 off); ``tf32`` allows TF32 tensor-core math. tf32 and bf16
+need compute capability 8.0 (Ampere), fp16 5.3: on an older GPU they are refused
+with one line that says what to use, as the TensorRT engine refuses them.
 On the CPU, ``submit`` computes the batch before it returns, so the engine holds one
 batch at a time (``max_in_flight`` 1): each batch's results are published before
 the next batch runs.
@@ -29,7 +31,7 @@ import numpy as np
 
 from .base import (
     AutoCandidate, EngineOptions, EngineSpec, EngineUnavailable, ModelNotSupported, SlotRing, Ticket, check_batch,
-    default_cpu_threads, engine_device, keep_freed_memory,
+    check_compute_capability, default_cpu_threads, engine_device, keep_freed_memory,
 )
 from .onnx_model import read_signature
 
@@ -77,6 +79,8 @@ class TorchEngine:
         self._torch = torch
         signature = read_signature(options.model_path)
         device = engine_device(self.SPEC, options, self.count_gpus())
+        if device != "cpu":
+            self._check_gpu(torch, device, options.precision)
         if device == "cpu" and options.precision == "tf32":
             raise EngineUnavailable("tf32 is a GPU precision (NVIDIA Ampere and later); use fp32 on the CPU")
         dtype = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
@@ -114,6 +118,16 @@ class TorchEngine:
             with contextlib.suppress(RuntimeError):  # frees what was made; the driver's error above is the news
                 self.close()
             raise EngineUnavailable(f"CUDA failed on {device}: {type(exc).__name__}: {exc}") from exc
+
+    @staticmethod
+    def _check_gpu(torch, device: str, precision: str) -> None:
+        """EngineUnavailable (one line) where this GPU cannot run ``precision`` natively (tf32 and
+        bf16 need compute capability 8.0, fp16 5.3), before any work on it."""
+        try:
+            name, capability = torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device)
+        except RuntimeError as exc:  # the driver refused: 'auto' goes on to the next candidate
+            raise EngineUnavailable(f"CUDA failed on {device}: {type(exc).__name__}: {exc}") from exc
+        check_compute_capability(precision, name, tuple(capability))
 
     def _start(self, options: EngineOptions, signature, module, device: str, dtype, cuda_graphs: bool) -> None:
         torch = self._torch

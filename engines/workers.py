@@ -39,6 +39,7 @@ class _Worker:
         self._job = threading.Condition()
         self._n = 0  # frames of the job waiting (0: none)
         self._closing = False
+        self.engine_closed = False
         self.done = threading.Event()
         self.result: np.ndarray | None = None
         self.error: BaseException | None = None
@@ -74,11 +75,15 @@ class _Worker:
             self._job.notify()
 
     def finish_close(self, deadline: float, timeout_s: float) -> None:
-        """Wait for the thread until ``deadline`` (``time.monotonic()``), then close the engine."""
+        """Wait for the thread until ``deadline`` (``time.monotonic()``), then close the engine
+        (once: a later call does nothing; an engine whose close raised counts as closed)."""
+        if self.engine_closed:
+            return
         self.thread.join(max(0.0, deadline - time.monotonic()))
         if self.thread.is_alive():
             log.warning("%s still busy %.1f s after close; its engine is left open", self.thread.name, timeout_s)
             return
+        self.engine_closed = True
         self.engine.close()
 
 
@@ -160,10 +165,23 @@ class WorkerPool:
     def close(self, timeout_s: float = 10.0) -> None:
         """Stop every worker after its current batch and close its engine; waits at most
         ``timeout_s`` in all (one deadline for every worker, not one each). A worker still
-        busy then is left running, its engine open, with a log line."""
+        busy then is left running, its engine open, with a log line; a later call closes the
+        engines of the workers that have finished since (each engine is closed once). An engine
+        whose close fails does not keep the others open: every one is closed first, then
+        ``RuntimeError`` names the first that failed (the others are logged)."""
         self._closed = True
         deadline = time.monotonic() + timeout_s
         for worker in self._workers:
             worker.ask_to_close()
+        failed: list[tuple[str, Exception]] = []
         for worker in self._workers:
-            worker.finish_close(deadline, timeout_s)
+            try:
+                worker.finish_close(deadline, timeout_s)
+            except Exception as exc:
+                failed.append((worker.thread.name, exc))
+        for name, exc in failed[1:]:
+            log.error("closing %s's engine failed: %s: %s", name, type(exc).__name__, exc)
+        if failed:
+            name, exc = failed[0]
+            more = f" (and {len(failed) - 1} more, logged)" if len(failed) > 1 else ""
+            raise RuntimeError(f"closing {name}'s engine failed: {type(exc).__name__}: {exc}{more}") from exc

@@ -435,6 +435,8 @@ def test_a_gpu_the_torch_engine_cannot_start_on_is_unavailable_and_auto_goes_on(
         return module
 
     monkeypatch.setattr(TorchEngine, "count_gpus", staticmethod(lambda: 1))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA RTX A6000")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
     monkeypatch.setattr(model_module, "from_onnx", on_a_full_gpu)
     monkeypatch.setattr(devices, "cpu_flags", lambda: frozenset({"avx512_bf16"}))  # torch bf16 next, on the CPU
     with pytest.raises(EngineUnavailable, match="CUDA failed on cuda:0: OutOfMemoryError: CUDA out of memory"):
@@ -610,3 +612,26 @@ def _record_providers(monkeypatch, ort) -> list:
 
     monkeypatch.setattr(ort, "InferenceSession", session)
     return asked
+
+
+@pytest.mark.parametrize("precision, gpu, refusal", [
+    ("bf16", ("Tesla T4", (7, 5)), "bf16 needs compute capability 8.0 or later; Tesla T4 has 7.5: use fp32 or fp16"),
+    ("tf32", ("Tesla V100", (7, 0)),
+     "tf32 needs compute capability 8.0 or later; Tesla V100 has 7.0: use fp32 or fp16"),
+    ("fp16", ("Tesla M40", (5, 2)), "fp16 needs compute capability 5.3 or later; Tesla M40 has 5.2: use fp32"),
+])
+def test_the_torch_engine_refuses_a_precision_its_gpu_lacks_in_one_line(small_model, monkeypatch, precision, gpu,
+                                                                         refusal):
+    """Before any work on the GPU, as the TensorRT engine does (before: tf32 ran as fp32 while
+    reporting tf32, and bf16 went on to fail deep in CUDA or ran emulated)."""
+    torch = pytest.importorskip("torch")
+    from engines.base import check_compute_capability
+    from engines.torch_engine import TorchEngine
+
+    monkeypatch.setattr(TorchEngine, "count_gpus", staticmethod(lambda: 1))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: gpu[0])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: gpu[1])
+    with pytest.raises(EngineUnavailable, match=f"^{re.escape(refusal)}$"):
+        create_engine("torch", EngineOptions(small_model, device="cuda", precision=precision, max_batch=2))
+    for fine in (("fp32", (5, 2)), ("fp16", (7, 5)), ("bf16", (8, 0)), ("tf32", (9, 0))):
+        check_compute_capability(fine[0], "a GPU", fine[1])  # no refusal

@@ -132,3 +132,60 @@ def test_a_model_that_lists_its_weights_as_inputs_converts(small_model, precisio
         run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(  # noqa: E731
             None, {name: x})[0]
         np.testing.assert_allclose(run(low), run(model), atol=0.02)
+
+
+def _run(model, x):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
+
+
+def test_constants_given_as_value_float_and_value_floats_are_converted():
+    """Exporters also write a Constant as a float attribute, not a tensor (before: those stayed
+    float32 beside fp16 activations, and the conversion refused the model as not valid ONNX)."""
+    from onnx import helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 4, 4])
+    nodes = [helper.make_node("Constant", [], ["c"], value_float=2.0),
+             helper.make_node("Constant", [], ["d"], value_floats=[0.5]),
+             helper.make_node("Mul", ["x", "c"], ["t"]), helper.make_node("Add", ["t", "d"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    for precision, elem in (("fp16", TensorProto.FLOAT16), ("bf16", TensorProto.BFLOAT16)):
+        low = to_low_precision(model, precision)
+        constants = [n for n in low.graph.node if n.op_type == "Constant"]
+        assert [(a.name, a.t.data_type) for n in constants for a in n.attribute] == [("value", elem)] * 2
+    xs = np.arange(16, dtype=np.float32).reshape(1, 1, 4, 4) / 4
+    np.testing.assert_allclose(_run(to_low_precision(model, "fp16"), xs), xs * 2 + 0.5, atol=1e-2)
+
+
+def test_resize_scales_computed_through_casts_and_constants_stay_float32():
+    """scales = Concat(Constant [1, 1], Cast(int64 [2, 2]) * Constant 1), as exporters write a
+    dynamic upsampling (before: the Cast to float and the constants became fp16, a type Resize's
+    scales do not take, and the conversion refused the model)."""
+    from onnx import helper, numpy_helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 8, 8])
+    factor = numpy_helper.from_array(np.array([2, 2], np.int64), "factor")
+    w = numpy_helper.from_array(np.full((1, 1, 1, 1), 3.0, np.float32), "w")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["h"]),
+             helper.make_node("Cast", ["factor"], ["factor_f"], to=TensorProto.FLOAT),
+             helper.make_node("Constant", [], ["one"], value=numpy_helper.from_array(np.float32(1.0))),
+             helper.make_node("Mul", ["factor_f", "one"], ["hw"]),
+             helper.make_node("Constant", [], ["nc"], value=numpy_helper.from_array(np.ones(2, np.float32))),
+             helper.make_node("Concat", ["nc", "hw"], ["scales"], axis=0),
+             helper.make_node("Resize", ["h", "", "scales"], ["y"], mode="nearest")]
+    graph = helper.make_graph(nodes, "g", [x], [y], [factor, w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    onnx.checker.check_model(model, full_check=True)
+    for precision, elem in (("fp16", TensorProto.FLOAT16), ("bf16", TensorProto.BFLOAT16)):
+        low = to_low_precision(model, precision)
+        by_output = {n.output[0]: n for n in low.graph.node}
+        assert by_output["factor_f"].attribute[0].i == TensorProto.FLOAT
+        assert {i.name: i.data_type for i in low.graph.initializer}["w"] == elem  # the network is converted
+    xs = np.arange(16, dtype=np.float32).reshape(1, 1, 4, 4) / 4
+    out = _run(to_low_precision(model, "fp16"), xs)
+    np.testing.assert_allclose(out, np.repeat(np.repeat(xs * 3, 2, axis=2), 2, axis=3), atol=1e-2)

@@ -827,3 +827,54 @@ def test_a_cuda_error_in_the_cleanup_after_a_failed_start_keeps_the_first_error(
                                                  cpu_threads=1, cpu_workers=1))
     assert engine.device == "cpu"
     engine.close()
+
+
+def test_plans_stored_at_once_in_one_process_are_whole_and_both_stores_succeed(monkeypatch, tmp_path, caplog):
+    """Two threads store the same plan at once (no file lock to be had: the same hidden file name,
+    one per process), while a reader loads it: every plan read is one of the two whole, never
+    without its sidecar, and neither store fails (before: the second writer truncated the first's
+    hidden file, a mix of both plans was renamed into place and read, and the second store failed
+    with FileNotFoundError, which the engine reports as a cache it may not write)."""
+    import threading
+
+    real_write = Path.write_bytes
+    halfway = threading.Event()
+
+    def slow_write(self, data):  # a large plan: the reader and the other writer get in between
+        with open(self, "wb") as f:
+            f.write(data[: len(data) // 2])
+            f.flush()
+            halfway.set()
+            time.sleep(0.2)
+            f.write(data[len(data) // 2 :])
+        return len(data)
+
+    monkeypatch.setattr(Path, "write_bytes", slow_write)
+    key = te.PlanKey("10.16.1.11", "NVIDIA RTX A6000", "8.6", "0" * 64, "input:1x1x64x64", "fp32", "lowp-v1")
+    cache = te.PlanCache(tmp_path / "plans")
+    plans = [b"A" * 4096, b"B" * 4096]
+    errors, seen = [], []
+
+    def store(plan):
+        try:
+            cache.store(key, "model", plan)
+        except Exception as exc:  # noqa: BLE001 - the test reports any
+            errors.append(repr(exc))
+
+    writers = [threading.Thread(target=store, args=(plan,)) for plan in plans]
+    writers[0].start()
+    assert halfway.wait(10)
+    writers[1].start()
+    with caplog.at_level(logging.WARNING, logger="engines.tensorrt_engine"):
+        while any(w.is_alive() for w in writers):
+            plan = cache.load(key, "model")
+            if plan is not None:
+                seen.append(plan)
+            time.sleep(0.005)
+    monkeypatch.setattr(Path, "write_bytes", real_write)
+    assert errors == []
+    assert all(plan in plans for plan in seen), "a reader loaded a plan made of both writers' bytes"
+    assert cache.load(key, "model") in plans
+    assert "rebuilding it" not in caplog.text
+    assert sorted(p.name for p in cache.directory.iterdir()) == sorted(
+        [cache.path(key, "model").name, cache.path(key, "model").with_suffix(".json").name])

@@ -301,3 +301,73 @@ def test_a_pool_that_cannot_start_a_worker_stops_the_others_and_closes_every_eng
         WorkerPool(engines, threads_per_worker=1)
     assert all(e.closed for e in engines)
     assert len(started) == 2 and not any(t.is_alive() for t in started)
+
+
+class FailsToClose(Meeting):
+    def close(self):
+        self.closed = True
+        raise RuntimeError("the library refused")
+
+
+def test_an_engine_that_fails_to_close_leaves_no_other_open_and_is_named():
+    """The first worker's engine raises in close(): the others are closed all the same, and the
+    error names the worker (before: the loop stopped at the first failure, leaving the other
+    engines open, and raised the library's bare message)."""
+    engines = [FailsToClose(threading.Barrier(1)), Meeting(threading.Barrier(1)), FailsToClose(threading.Barrier(1))]
+    pool = WorkerPool(engines, threads_per_worker=1)
+    with pytest.raises(RuntimeError, match=r"^closing engine-worker-0's engine failed: RuntimeError: the library "
+                                           r"refused \(and 1 more, logged\)$"):
+        pool.close()
+    assert all(e.closed for e in engines)
+    assert not any(w.thread.is_alive() for w in pool._workers)
+
+
+class CountsCloses(Meeting):
+    def __init__(self, barrier):
+        super().__init__(barrier)
+        self.closes = 0
+
+    def close(self):
+        self.closes += 1
+
+
+def test_closing_a_pool_twice_closes_each_engine_once():
+    """(before: a second close() closed every engine again)"""
+    engines = [CountsCloses(threading.Barrier(1)) for _ in range(2)]
+    pool = WorkerPool(engines, threads_per_worker=1)
+    pool.close()
+    pool.close()
+    assert [e.closes for e in engines] == [1, 1]
+
+
+def test_a_copy_that_cannot_start_closes_every_copy_made_and_keeps_its_error(tmp_path, caplog):
+    """The third copy of an engine cannot start and the first one's close fails: the second is
+    closed too, and the start's EngineUnavailable is raised, so that 'auto' tries the next engine
+    (before: the close error replaced it, and the second copy was left open)."""
+    import logging
+
+    from engines import EngineUnavailable, registry
+    from engines.base import EngineSpec
+
+    made = []
+
+    class Copy:
+        SPEC = EngineSpec(name="copy", summary="a copy")
+        name = "copy"
+
+        def __init__(self, options):
+            if len(made) == 2:
+                raise EngineUnavailable("the third copy cannot start")
+            self.device, self.closed = "cpu", False
+            made.append(self)
+
+        def close(self):
+            self.closed = True
+            if self is made[0]:
+                raise RuntimeError("close failed")
+
+    with caplog.at_level(logging.WARNING, logger="engines.registry"), \
+            pytest.raises(EngineUnavailable, match="the third copy cannot start"):
+        registry._build(Copy, EngineOptions(tmp_path / "model.onnx", cpu_workers=3, cpu_threads=1))
+    assert [copy.closed for copy in made] == [True, True]
+    assert "closing a copy engine after a failed start also failed: RuntimeError: close failed" in caplog.text
