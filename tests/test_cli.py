@@ -606,3 +606,34 @@ def test_version_is_printed_and_matches_the_package_metadata(capsys):
     for flag in ("--version", "-V"):
         assert cli.main([flag]) == 0
         assert capsys.readouterr().out == f"edge-ptychonn {version('edge-ptychonn')}\n"
+
+
+def test_configure_gives_up_on_a_consumer_that_stops_answering(monkeypatch, capsys):
+    """A get on a connected channel whose server stops answering (a consumer stuck, stopped or
+    gone) waits for ever; the channel's timeout bounds only its connection. Before: configure
+    hung there, deaf to Ctrl-C; now it says so and exits with 2."""
+    import threading
+
+    import pvaccess as pva
+
+    class Mute:  # connected, then no answer to any read
+        def __init__(self, name):
+            pass
+
+        def setTimeout(self, timeout_s):
+            pass
+
+        def get(self, request):
+            threading.Event().wait()
+
+    monkeypatch.setattr(pva, "Channel", Mute)
+    codes = []
+    runner = threading.Thread(target=lambda: codes.append(
+        cli.main(["configure", "cfgmute:1:control", "batchTimeout=0.2", "--timeout", "0.2"])), daemon=True)
+    started = time.monotonic()
+    runner.start()
+    runner.join(20)
+    assert codes == [2], "configure did not give up on a channel that stopped answering"
+    assert time.monotonic() - started < 10
+    _one_line(capsys.readouterr().err, "edge-ptychonn configure: no answer from cfgmute:1:control: "
+              "cfgmute:1:control: no answer to a read within 1.4 s")

@@ -328,7 +328,74 @@ def test_a_process_that_exits_while_the_chain_runs_makes_exit_status_1(tmp_path,
     monkeypatch.setattr(launch.Chain, "snapshot", lambda self: launch.Snapshot([], None, []))
     cfg = LaunchConfig.load(toml(tmp_path, f'log_dir = "{tmp_path / "logs"}"\n' + MINIMAL))
     assert launch.run(cfg) == 1  # no frames were counted lost (a detector chain), yet a part failed
-    assert "stitch exited (code 3); stopping" in capsys.readouterr().out
+    assert "stitch exited (code 3); stopping" in capsys.readouterr().err  # a failure: on stderr
+
+
+def test_a_chain_that_failed_as_it_started_says_why_on_stderr(tmp_path, monkeypatch, capsys):
+    """A process of the chain that exits while it starts (or a status channel that never answers):
+    exit status 1 with the reason. Before: the reason went to stdout, with the status lines, and a
+    user who kept those in a file (or a pipe) saw only the exit status."""
+    def start(self):
+        raise RuntimeError("inference exited (code 1):\nValueError: batchSize must be 1..256")
+
+    monkeypatch.setattr(launch.Chain, "start", start)
+    monkeypatch.setattr(launch.Chain, "snapshot", lambda self: Snapshot([], None, []))
+    assert launch.run(LaunchConfig.load(toml(tmp_path, f'log_dir = "{tmp_path / "logs"}"\n' + MINIMAL))) == 1
+    out, err = capsys.readouterr()
+    assert err.startswith("edge-ptychonn launch: inference exited (code 1):\nValueError: batchSize"), err
+    assert "exited" not in out, out
+
+
+def test_a_process_slow_to_stop_is_named_as_the_launcher_waits_on(tmp_path, monkeypatch):
+    """Stopping is bounded (SIGINT, then SIGTERM, SIGKILL), and a second Ctrl-C is ignored while it
+    runs. Before: a process that did not stop on SIGINT kept the user waiting without a word of
+    what for; now each harder signal is said, on stderr."""
+    monkeypatch.setitem(launch.STOP_GRACE_S, "", 0.2)
+    cfg = load(tmp_path, f'log_dir = "{tmp_path / "logs"}"\n' + MINIMAL)
+    out, err = io.StringIO(), io.StringIO()
+    chain = launch.Chain(cfg, out=out, err=err)
+    deaf = "import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nprint('up', flush=True)\ntime.sleep(60)"
+    proc = chain._start("inference", [sys.executable, "-c", deaf])
+    try:
+        assert wait_until(lambda: "up" in proc.log(), 30)
+        chain.stop()
+    finally:
+        proc.stop(grace_s=0)
+    assert f"inference (pid {proc.pid}) did not stop within 0.2 s of SIGINT: SIGTERM" in err.getvalue(), err.getvalue()
+    assert f"stopped inference pid {proc.pid:<7} exit -15" in out.getvalue(), out.getvalue()
+
+
+def test_a_process_that_outlives_sigkill_is_named_not_waited_for(tmp_path, monkeypatch):
+    """A process stuck in the kernel outlives SIGKILL (Proc.stop gives up on it, returning None).
+    Before: the launcher waited for it for ever; now it says which one and goes on."""
+    cfg = load(tmp_path, f'log_dir = "{tmp_path / "logs"}"\n' + MINIMAL)
+    out, err = io.StringIO(), io.StringIO()
+    chain = launch.Chain(cfg, out=out, err=err)
+    proc = chain._start("inference", [sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        monkeypatch.setattr(proc, "stop", lambda grace_s, say: None)
+        chain.stop()
+        assert f"could not stop inference pid {proc.pid}: still there 4 s after SIGKILL" in err.getvalue()
+        assert "stopped inference" not in out.getvalue()
+    finally:
+        live.Proc.stop(proc, grace_s=0)
+
+
+def test_settling_after_ctrl_c_says_what_it_waits_for(tmp_path, monkeypatch):
+    """Ctrl-C mid-replay: the launcher waits (up to SETTLE_S) for the frames already sent to go
+    through before it stops the chain. Before: it waited without a word after "interrupted"."""
+    cfg = load(tmp_path, f'log_dir = "{tmp_path / "logs"}"\n' + MINIMAL)
+    out = io.StringIO()
+    chain = launch.Chain(cfg, out=out, err=io.StringIO())
+    chain.source = chain._start("sim", [sys.executable, "-c", "print('Published frames:     10 @ 5 fps')"])
+    assert chain.source.wait(30) == 0
+    monkeypatch.setattr(launch.Chain, "snapshot", lambda self: Snapshot([_record(2)] * 3, None, []))
+    monkeypatch.setattr(launch.Chain, "quiet_s", lambda self: 0.2)
+    snap = chain.settle(timeout_s=5)
+    assert snap.processed() == 6
+    said = out.getvalue()
+    assert said.count("waiting up to 5 s for the 10 frames the sim server sent to go through the chain "
+                      "(6 taken by every stage so far)") == 1, said
 
 
 LAUNCHER_LIKE = """
@@ -875,13 +942,14 @@ def test_no_viewer_is_started_without_a_display_and_the_launcher_says_so(tmp_pat
     for key in DISPLAY_VARIABLES:
         monkeypatch.delenv(key, raising=False)
     cfg = load(tmp_path, f'log_dir = "{tmp_path / "logs"}"\n' + MINIMAL + '\n[viewer]\nchannels = ["stitch:1:output"]\n')
-    out = io.StringIO()
-    chain = launch.Chain(cfg, out=out)
+    out, err = io.StringIO(), io.StringIO()
+    chain = launch.Chain(cfg, out=out, err=err)
     try:
         chain._start_viewers()
     finally:
         chain.stop()
-    assert chain.procs == [] and "warning: no display (DISPLAY is not set): no viewer started" in out.getvalue()
+    assert chain.procs == [] and "warning: no display (DISPLAY is not set): no viewer started" in err.getvalue()
+    assert "warning" not in out.getvalue()  # a warning goes to stderr
 
 
 def test_viewers_are_started_where_qt_needs_no_display_variable(tmp_path, monkeypatch):
@@ -894,12 +962,12 @@ def test_viewers_are_started_where_qt_needs_no_display_variable(tmp_path, monkey
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setattr(sys, "platform", "darwin")
     cfg = load(tmp_path, f'log_dir = "{tmp_path / "logs"}"\n' + MINIMAL + '\n[viewer]\nchannels = ["stitch:1:output"]\n')
-    out = io.StringIO()
-    chain = launch.Chain(cfg, out=out)
+    err = io.StringIO()
+    chain = launch.Chain(cfg, out=io.StringIO(), err=err)
     started = []
     monkeypatch.setattr(chain, "_start", lambda name, argv: started.append((name, argv[-1])))
     chain._start_viewers()
-    assert started == [("viewer", "stitch:1:output")] and "no display" not in out.getvalue(), out.getvalue()
+    assert started == [("viewer", "stitch:1:output")] and "no display" not in err.getvalue(), err.getvalue()
 
 
 def test_viewers_take_their_levels_from_the_chains_model(tmp_path, monkeypatch):
@@ -928,10 +996,10 @@ def test_viewers_take_their_levels_from_the_chains_model(tmp_path, monkeypatch):
 def test_a_chain_without_clients_and_no_start_delay_has_no_client_to_warn_of(tmp_path):
     """start_delay_s = 0 with no stitcher or writers. Before: "warning: not every client had
     connected when frames started to flow" (the clients were never looked at)."""
-    out = io.StringIO()
-    chain = launch.Chain(load(tmp_path, MINIMAL), out=out)
+    out, err = io.StringIO(), io.StringIO()
+    chain = launch.Chain(load(tmp_path, MINIMAL), out=out, err=err)
     chain._wait_clients(0.0)
-    assert "warning" not in out.getvalue() and "all clients connected after 0.0 s" in out.getvalue(), out.getvalue()
+    assert err.getvalue() == "" and "all clients connected after 0.0 s" in out.getvalue(), out.getvalue()
 
 
 def test_forked_consumers_that_died_before_the_first_poll_are_reported_at_once(tmp_path):
@@ -959,7 +1027,7 @@ def test_a_viewer_that_fails_is_reported_once_and_the_chain_goes_on(tmp_path):
     c2dv refuses) was not reported: no window and no line. A window closed (exit 0) is no news."""
     cfg = load(tmp_path, f'log_dir = "{tmp_path / "logs"}"\n' + MINIMAL)
     out = io.StringIO()
-    chain = launch.Chain(cfg, out=out)
+    chain = launch.Chain(cfg, out=io.StringIO(), err=out)  # a failure: on stderr
     try:
         failed = chain._start("viewer", [sys.executable, "-c", "import sys; sys.exit('qt.qpa.xcb: could not connect')"])
         closed = chain._start("viewer2", [sys.executable, "-c", "pass"])
@@ -1035,9 +1103,9 @@ def test_a_forked_consumer_that_crashed_is_reported_not_a_clean_exit(tmp_path, m
     if not seen_while_watching:  # the crash comes after the launcher's last look
         monkeypatch.setattr(launch.Chain, "watch", lambda self: self.snapshot())
     assert launch.run(cfg) == 1
-    out = capsys.readouterr().out
-    assert "1 of the 2 inference consumers exited (the others go on, exit status 3)" in out, out
-    assert "RuntimeError: the engine died" in out, out
+    out, err = capsys.readouterr()
+    assert "1 of the 2 inference consumers exited (the others go on, exit status 3)" in err, err
+    assert "RuntimeError: the engine died" in err, err
     stopped = [ln for ln in out.splitlines() if ln.startswith("stopped inference")]
     assert len(stopped) == 1 and stopped[0].endswith("exit 0, but 1 of its 2 consumers had exited (see above)"), out
 
@@ -1061,9 +1129,9 @@ def test_a_sim_server_that_did_not_replay_the_scan_fails_the_chain(tmp_path, mon
     monkeypatch.setattr(launch.Chain, "start", start)
     monkeypatch.setattr(launch.Chain, "snapshot", lambda self: Snapshot([_record(0)], None, []))
     assert launch.run(cfg) == 1
-    out = capsys.readouterr().out
-    assert "sim exited (code 0) having published 0 of the scan's 6 frames" in out, out
-    assert "InvalidArgument: Dictionary representing union value" in out, out
+    err = capsys.readouterr().err
+    assert "sim exited (code 0) having published 0 of the scan's 6 frames" in err, err
+    assert "InvalidArgument: Dictionary representing union value" in err, err
 
 
 @pytest.mark.parametrize("dtype", ["complex64", "bool", "float16", ">i2"])

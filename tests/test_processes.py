@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -371,7 +372,53 @@ def test_soak_ends_when_its_consumers_have_exited(pva_env, tmp_path, monkeypatch
                                               consumers, "--prefix", f"{PREFIX}:soakexit{os.getpid()}"])
     t0 = time.monotonic()
     assert soak.main(args) == 1
-    out = capsys.readouterr().out
-    assert f"soak: the consumers exited before publishing a frame {said}" in out, out
+    out, err = capsys.readouterr()
+    assert f"soak: the consumers exited before publishing a frame {said}" in err, err  # a failure: on stderr
     assert "a consumer exited during the run" in out, out
     assert time.monotonic() - t0 < 40, out  # not the two minutes
+
+
+class _Unkillable:
+    """A Popen stand-in for a process in uninterruptible sleep: SIGKILL does not end it, and a
+    wait without a timeout never returns."""
+
+    pid = 2**22 + 12345  # never signalled: os.killpg is replaced in the test
+    returncode = None
+
+    def poll(self):
+        return None
+
+    def wait(self, timeout=None):
+        if timeout is None:
+            threading.Event().wait()  # for ever
+        time.sleep(min(timeout, 0.01))
+        raise subprocess.TimeoutExpired("stuck", timeout)
+
+
+def test_stop_gives_up_on_a_process_that_outlives_sigkill(monkeypatch):
+    """A process stuck in the kernel (uninterruptible sleep) outlives SIGKILL. Before: stop()
+    waited for it without a bound, and the tool that stopped it hung with it (deaf to Ctrl-C,
+    its signals ignored while it stops); now it returns None and says so."""
+    sent, said = [], []
+    monkeypatch.setattr(processes.os, "killpg", lambda pid, sig: sent.append(sig))
+    proc = processes.Proc("stuck", _Unkillable(), Path("stuck.log"))
+    result = []
+    stopper = threading.Thread(target=lambda: result.append(proc.stop(grace_s=0.1, say=said.append)), daemon=True)
+    stopper.start()
+    stopper.join(20)
+    assert result == [None], "stop() did not return on a process that outlives SIGKILL"
+    assert sent[:3] == [signal.SIGINT, signal.SIGTERM, signal.SIGKILL]
+    assert said == ["stuck (pid 4206649) did not stop within 0.1 s of SIGINT: SIGTERM",
+                    "stuck (pid 4206649) did not stop within 2 s of SIGTERM: SIGKILL"], said
+
+
+def test_soak_refuses_more_consumers_than_the_launcher_takes(capsys, monkeypatch):
+    """Before: any --consumers was taken, and pvapy-hpc-consumer forked that many consumers, each
+    loading its own engine (--consumers 100000 on a two-core host)."""
+    from edge_ptychonn.tools import launch, soak
+
+    monkeypatch.setattr(processes, "start", lambda *a, **k: pytest.fail("soak started processes"))
+    args = soak.get_args_parser().parse_args(["--consumers", str(launch.MAX_CONSUMERS + 1), "--fps", "10",
+                                              "--model", str(MODEL)])
+    assert soak.main(args) == 2
+    assert f"--consumers 1..{launch.MAX_CONSUMERS}" in capsys.readouterr().err

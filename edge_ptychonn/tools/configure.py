@@ -63,17 +63,31 @@ def _not_control(channel: str, error) -> None:
                          "give <prefix>:<id>:control, e.g. inference:1:control")
 
 
+def _get(ch, channel: str, request: str, connect_timeout_s: float) -> dict:
+    """``ch.get(request)`` as a dict, within :func:`processes.answer_s` of the channel's connect
+    timeout, else TimeoutError: a get on a connected channel whose server stops answering (or
+    exits) meanwhile waits for ever, deaf to Ctrl-C (:func:`processes.get_record`)."""
+    from edge_ptychonn.tools.processes import answer_s, get_record
+
+    limit_s = answer_s(connect_timeout_s)
+    record = get_record(ch, limit_s, request, raise_errors=True)
+    if record is None:
+        raise TimeoutError(f"{channel}: no answer to a read within {limit_s:g} s")
+    return record
+
+
 def send(channel: str, args_text: str, timeout_s: float = 5.0, connect_timeout_s: float | None = None) -> str:
     """Send ``configure`` with ``args_text`` (a JSON object, as text); return the reply, waiting
     up to ``timeout_s`` for it. ``connect_timeout_s`` (default ``timeout_s``) limits finding the
-    channel and handing over the request: a wrong channel name fails that fast."""
+    channel and handing over the request: a wrong channel name fails that fast; each read of the
+    channel takes at most :func:`processes.answer_s` of it (TimeoutError)."""
     import pvaccess as pva
 
     connect_timeout_s = timeout_s if connect_timeout_s is None else connect_timeout_s
     ch = pva.Channel(channel)
     ch.setTimeout(connect_timeout_s)
     try:
-        before = ch.get("field(objectTime)")["objectTime"]
+        before = _get(ch, channel, "field(objectTime)", connect_timeout_s)["objectTime"]
     except pva.PvaException as exc:
         _not_control(channel, exc)
         raise
@@ -92,7 +106,7 @@ def send(channel: str, args_text: str, timeout_s: float = 5.0, connect_timeout_s
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            record = ch.get("field(objectTime,statusMessage)")
+            record = _get(ch, channel, "field(objectTime,statusMessage)", connect_timeout_s)
         except pva.PvaException:  # a get that crossed the record's update: ask again
             if time.monotonic() > deadline:
                 raise

@@ -20,13 +20,18 @@ so that frames still on their way are counted); a detector chain runs until Ctrl
 SIGTERM or SIGHUP (the terminal or ssh session closed) stops everything it
 started, by process id, source first, so the downstream stages see every frame;
 their logs are in ``log_dir``; with a replay stopped early, the summary counts the
-frames the sim server sent, once they went through the chain (at most 15 s more).
+frames the sim server sent, once they went through the chain (at most 15 s more, said
+as it waits). Each process gets SIGINT and up to 5 s (15 s for the stitcher and the HDF5
+writers, which save what they hold) to end, then SIGTERM, then SIGKILL; the launcher says
+when one needs a harder signal, names one that outlives SIGKILL (stuck in the kernel)
+instead of waiting for it, and ignores a second Ctrl-C while it stops.
 Should the launcher itself be killed outright (SIGKILL), the kernel sends each
 process it started SIGTERM (Linux). A forked consumer (inference, HDF5 writer) that
 exits while the chain starts or runs is reported with its exit status and the reason from
 its log (Linux), also in the line that says the stage stopped (PvaPy's parent exits with 0
 all the same); the others go on, and when none of a stage's is left the chain stops. Either
-way the exit status is 1.
+way the exit status is 1. Failures and warnings go to stderr; the status lines, what was
+started and stopped, and the summary to stdout.
 
 The file (TOML; every key is optional unless marked; unknown keys are refused
 with the accepted ones listed; numbers must be finite; each stage needs a prefix
@@ -98,6 +103,10 @@ from . import processes as live
 REPORT_PERIOD_S = 2.0  # how often every process of the chain refreshes its status channel
 SETTLE_S = 15.0  # stopped early: at most this long for the frames already sent to reach the end
 COLLECTOR_RELEASE_S = 5.0  # pvapy-hpc-collector releases a cache that does not fill after this long
+# process name -> seconds it may take to stop on SIGINT before SIGTERM ("": every other): the collector
+# joins its processing thread (up to 5 s) before our stop() runs; an HDF5 writer's stop() may take up
+# to its STOP_TIMEOUT_S (10 s) to write what is queued
+STOP_GRACE_S = {"stitch": 15.0, "hdf5": 15.0, "": 5.0}
 STITCH_PROCESSOR = "processors.stitch.StitchProcessor"
 HDF5_PROCESSOR = "processors.hdf5_writer.Hdf5WriterProcessor"
 
@@ -496,9 +505,10 @@ class Snapshot:
 class Chain:
     """Starts, watches and stops the processes of a :class:`LaunchConfig`."""
 
-    def __init__(self, cfg: LaunchConfig, out=None):
+    def __init__(self, cfg: LaunchConfig, out=None, err=None):
         self.cfg = cfg
-        self.out = out or sys.stdout
+        self.out = out or sys.stdout  # the status lines, what was started and stopped, the summary
+        self.err = err or sys.stderr  # failures and warnings
         self.procs: list[live.Proc] = []
         self.source: live.Proc | None = None
         self.env = live.use_loopback()
@@ -518,11 +528,16 @@ class Chain:
         Below the offered rate, the stage did not keep up (its queues absorbed the excess)."""
         return self.peak_fps or None
 
-    def say(self, message: str) -> None:
+    def say(self, message: str, stream=None) -> None:
         try:
-            print(message, file=self.out, flush=True)
+            print(message, file=stream or self.out, flush=True)
         except (OSError, ValueError):  # the terminal is gone (SIGHUP): stop quietly
             pass
+
+    def warn(self, message: str) -> None:
+        """A failure or a warning: on ``err`` (stderr), where a user who keeps the status lines
+        (stdout) in a file still sees it."""
+        self.say(message, self.err)
 
     # -- names ------------------------------------------------------------------------------
     def inference_status(self) -> list[str]:
@@ -578,7 +593,7 @@ class Chain:
         cfg = self.cfg
         ok, reason = live.loopback_multicast()
         if not ok:
-            self.say(f"warning: {reason}; with several PVA servers on this host some clients may never connect")
+            self.warn(f"warning: {reason}; with several PVA servers on this host some clients may never connect")
         inf = cfg.inference
         inference = self._start("inference", live.consumer_argv(
             cfg.source["channel"], inf["prefix"], inf["consumers"], inf["processor"], inf["args"],
@@ -614,13 +629,13 @@ class Chain:
         import importlib.util
 
         if importlib.util.find_spec("c2dataviewer") is None:
-            self.say("warning: c2dv not found (pip install 'edge-ptychonn[viewer]'); no viewer started")
+            self.warn("warning: c2dv not found (pip install 'edge-ptychonn[viewer]'); no viewer started")
             return
         from .view import no_display
 
         if no_display():
             # c2dv's Qt would abort at once, unseen: say so instead
-            self.say("warning: no display (DISPLAY is not set): no viewer started; run the launcher where "
+            self.warn("warning: no display (DISPLAY is not set): no viewer started; run the launcher where "
                      "there is one, or open the windows with 'bash scripts/view.sh' (Xvfb without a display)")
             return
         # edge-ptychonn view: c2dv windows at full rate with the model card's phase levels
@@ -664,7 +679,7 @@ class Chain:
             if time.monotonic() - t0 >= start_delay_s:
                 break
             time.sleep(0.5)
-        self.say("warning: not every client had connected when frames started to flow; "
+        self.warn("warning: not every client had connected when frames started to flow; "
                  "raise [source] start_delay_s if frames are missing")
 
     # -- watch --------------------------------------------------------------------------------
@@ -685,7 +700,7 @@ class Chain:
             print(("\r" + line + "\x1b[K") if tty else line, end="" if tty else "\n", file=self.out, flush=True)
             dead = [p for p in self.procs if p is not self.source and not p.name.startswith("viewer") and not p.running()]
             if dead:
-                self.say(f"\n{dead[0].name} exited (code {dead[0].popen.returncode}); stopping")
+                self.warn(f"\n{dead[0].name} exited (code {dead[0].popen.returncode}); stopping")
                 self.failed = dead[0].name
                 break
             self._report_viewers(viewers_gone)
@@ -727,7 +742,7 @@ class Chain:
         log = self.source.log()
         why = f", it said:\n{last_errors(log)}" if log.strip() else ""
         of = f" of the scan's {self.n_scan}" if self.n_scan is not None else ""
-        self.say(f"\nsim exited (code {code}) having published {'an unknown number' if sent is None else sent}{of} "
+        self.warn(f"\nsim exited (code {code}) having published {'an unknown number' if sent is None else sent}{of} "
                  f"frames; log {self.source.log_path}{why}")
 
     def _report_viewers(self, reported: set[int]) -> None:
@@ -738,7 +753,7 @@ class Chain:
                 reported.add(p.pid)
                 log = p.log()
                 why = f", it said:\n{last_errors(log)}" if log.strip() else ""
-                self.say(f"\n{p.name} exited (code {p.popen.returncode}); the chain goes on without it; "
+                self.warn(f"\n{p.name} exited (code {p.popen.returncode}); the chain goes on without it; "
                          f"log {p.log_path}{why}")
 
     def _report_lost_consumers(self, reported: dict[int, int]) -> str | None:
@@ -762,7 +777,7 @@ class Chain:
                 status = f", exit status {', '.join(map(str, codes))}" if codes else ""
                 log = p.log()  # a consumer killed outright leaves no reason there
                 why = f", its last errors:\n{last_errors(log)}" if "Traceback" in log else ""
-                self.say(f"\n{missing} of the {n} {p.name} consumers exited ({fate}{status}); log {p.log_path}{why}")
+                self.warn(f"\n{missing} of the {n} {p.name} consumers exited ({fate}{status}); log {p.log_path}{why}")
                 if missing >= n:
                     return p.name
         return None
@@ -778,9 +793,11 @@ class Chain:
             return
         if proc.name in ("inference", "hdf5"):  # consumers that exited since the last look
             self._report_lost_consumers(self.consumers_gone)
-        # the collector joins its processing thread (up to 5 s) before our stop() runs; an HDF5
-        # writer's stop() may take up to its STOP_TIMEOUT_S (10 s) to write what is queued
-        code = proc.stop(grace_s=15.0 if proc.name in ("stitch", "hdf5") else 5.0)
+        code = proc.stop(grace_s=STOP_GRACE_S.get(proc.name, STOP_GRACE_S[""]), say=self.warn)
+        if code is None:
+            self.warn(f"could not stop {proc.name} pid {proc.pid}: still there 4 s after SIGKILL (stuck in the "
+                      "kernel, in uninterruptible sleep); it ends once the kernel lets it go")
+            return
         gone = self.consumers_gone.get(proc.pid, 0)  # PvaPy's parent exits with 0 all the same
         but = f", but {gone} of its {self.cfg.inference['consumers']} consumers had exited (see above)" if gone else ""
         self.say(f"stopped {proc.name:<9} pid {proc.pid:<7} exit {code}{but}")
@@ -796,7 +813,7 @@ class Chain:
         sent = self.frames_sent(None)
         quiet_s = self.quiet_s()
         deadline = time.monotonic() + timeout_s
-        last, changed = self.latest, time.monotonic()
+        last, changed, told = self.latest, time.monotonic(), False
         while True:
             snap = self.snapshot().merged(last)
             now = time.monotonic()
@@ -805,6 +822,11 @@ class Chain:
             self.latest = last = snap
             if (sent is not None and snap.taken(self.cfg) >= sent) or now - changed > quiet_s or now > deadline:
                 return last
+            if not told:  # what the wait is for, once
+                told = True
+                of = f"the {sent} frames the sim server sent" if sent is not None else "the frames already sent"
+                self.say(f"waiting up to {timeout_s:.0f} s for {of} to go through the chain "
+                         f"({snap.taken(self.cfg)} taken by every stage so far)")
             time.sleep(0.5)
 
     def quiet_s(self) -> float:
@@ -922,10 +944,10 @@ def run(cfg: LaunchConfig, prog: str = "edge-ptychonn launch", results: list | N
             chain.start()
             snap = chain.watch()
         except (KeyboardInterrupt, live.Terminated):
-            chain.say("\ninterrupted: stopping everything")
+            chain.say("\ninterrupted: stopping everything (a second Ctrl-C, SIGTERM or SIGHUP is ignored until that is done)")
             code = 130
         except RuntimeError as exc:
-            chain.say(f"{prog}: {exc}")
+            chain.warn(f"{prog}: {exc}")
             code = 1
         except (ValueError, OSError, TypeError) as exc:
             print(f"{prog}: {exc}", file=sys.stderr, flush=True)

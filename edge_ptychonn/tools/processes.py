@@ -193,11 +193,18 @@ class Proc:
         except subprocess.TimeoutExpired:
             return None
 
-    def stop(self, grace_s: float = 5.0) -> int:
-        """Stop it and its children by process id; return the exit code."""
-        for sig, wait_s in ((signal.SIGINT, grace_s), (signal.SIGTERM, 2.0), (signal.SIGKILL, 2.0)):
+    def stop(self, grace_s: float = 5.0, say=None) -> int | None:
+        """Stop it and its children by process id: SIGINT, SIGTERM after ``grace_s``, SIGKILL 2 s
+        later; return the exit code, or None when it is still there 4 s after SIGKILL (stuck in
+        the kernel, in uninterruptible sleep: nothing ends it sooner, and waiting on would hang
+        the caller). ``say``: called with a line each time it goes on to a harder signal."""
+        steps = ((signal.SIGINT, grace_s), (signal.SIGTERM, 2.0), (signal.SIGKILL, 2.0))
+        for i, (sig, wait_s) in enumerate(steps):
             if self.popen.poll() is not None:
                 break
+            if i and say is not None:
+                before, waited_s = steps[i - 1]
+                say(f"{self.name} (pid {self.pid}) did not stop within {waited_s:g} s of {before.name}: {sig.name}")
             try:
                 os.killpg(self.pid, sig)
             except ProcessLookupError:
@@ -207,7 +214,7 @@ class Proc:
             os.killpg(self.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
-        return self.popen.wait()
+        return self.wait(2.0)
 
 
 def _children_take_sigint() -> None:
@@ -499,9 +506,10 @@ def answer_s(connect_timeout_s: float) -> float:
     return 2 * connect_timeout_s + 1.0
 
 
-def get_record(channel, timeout_s: float, request: str = "field()") -> dict | None:
+def get_record(channel, timeout_s: float, request: str = "field()", raise_errors: bool = False) -> dict | None:
     """``channel.get(request)`` (a ``pvaccess.Channel``) as a dict; None where it failed
-    (``pvaccess.PvaException``) or gave no answer within ``timeout_s``.
+    (``pvaccess.PvaException``; with ``raise_errors`` that is raised) or gave no answer within
+    ``timeout_s``.
 
     A channel's ``setTimeout`` bounds only its connection: a get on a connected channel
     waits for the server's answer without end, forever when the server stops answering or
@@ -516,8 +524,8 @@ def get_record(channel, timeout_s: float, request: str = "field()") -> dict | No
     def get() -> None:
         try:
             answer.append(channel.get(request).toDict())
-        except pva.PvaException:
-            answer.append(None)
+        except pva.PvaException as exc:
+            answer.append(exc if raise_errors else None)
         except BaseException as exc:  # raised in the caller, as before
             answer.append(exc)
 

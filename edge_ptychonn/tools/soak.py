@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_ptychonn.model_card import default_model_path
+from edge_ptychonn.tools.launch import MAX_CONSUMERS
 
 # The output monitor's server-side queue. Each slot the server has filled keeps a
 # frame's worth of memory in the consumer, so the consumer's resident memory grows
@@ -98,7 +99,8 @@ def get_args_parser(prog: str = "edge-ptychonn soak") -> argparse.ArgumentParser
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=default_model_path(), help="ONNX model (default: the shipped one)")
     p.add_argument("--engine", default="onnxruntime", help="engine of the consumers (default: %(default)s)")
-    p.add_argument("--consumers", type=int, default=1, help="consumers (default: %(default)s)")
+    p.add_argument("--consumers", type=int, default=1,
+                   help=f"consumers, 1..{MAX_CONSUMERS} (default: %(default)s)")
     p.add_argument("--cpu-threads", type=int, default=1, help="cpuThreads of each consumer: engine threads per CPU worker (default: %(default)s)")
     p.add_argument("--fps", type=float, help="offered frames/s (default: 80%% of the engine's rate measured here)")
     p.add_argument("--minutes", type=float, default=10.0, help="how long to stream (default: %(default)s)")
@@ -113,10 +115,11 @@ def get_args_parser(prog: str = "edge-ptychonn soak") -> argparse.ArgumentParser
 
 def main(args: argparse.Namespace) -> int:
     finite = lambda v: v is not None and math.isfinite(v) and v > 0
-    if not finite(args.minutes) or args.consumers < 1 or args.cpu_threads < 0 or not finite(args.every) \
-            or not (args.fps is None or finite(args.fps)) or not args.max_growth_mb >= 0:
-        # (a --max-growth-mb of nan or below 0 failed every run, with no word of why)
-        print("edge-ptychonn soak: --minutes, --every and --fps must be finite numbers > 0, --consumers >= 1, "
+    if not finite(args.minutes) or not 1 <= args.consumers <= MAX_CONSUMERS or args.cpu_threads < 0 \
+            or not finite(args.every) or not (args.fps is None or finite(args.fps)) or not args.max_growth_mb >= 0:
+        # (a --max-growth-mb of nan or below 0 failed every run, with no word of why; a --consumers without
+        # bound had pvapy-hpc-consumer fork that many consumers, each loading its own engine)
+        print(f"edge-ptychonn soak: --minutes, --every and --fps must be finite numbers > 0, --consumers 1..{MAX_CONSUMERS}, "
               "--cpu-threads >= 0 and --max-growth-mb >= 0", file=sys.stderr)
         return 2
     from engines import EngineUnavailable
@@ -174,12 +177,12 @@ def main(args: argparse.Namespace) -> int:
                 if collector.count() == 0 and not consumers.running():
                     failed_at_start = True
                     print(f"soak: the consumers exited before publishing a frame (code {consumers.popen.returncode}); "
-                          f"log {consumers.log_path}", flush=True)
+                          f"log {consumers.log_path}", file=sys.stderr, flush=True)
                     break
                 if collector.count() == 0 and processes.forked_consumers_gone(consumers, args.consumers, forked):
                     failed_at_start = True
                     print(f"soak: the consumers exited before publishing a frame (every forked consumer of pid "
-                          f"{consumers.pid}); log {consumers.log_path}", flush=True)
+                          f"{consumers.pid}); log {consumers.log_path}", file=sys.stderr, flush=True)
                     break
                 if time.monotonic() >= next_report:
                     next_report += args.every
