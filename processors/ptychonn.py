@@ -48,7 +48,8 @@ Processor arguments (``--processor-args`` JSON; camelCase)
 Run-time changes (control channel ``configure``, e.g. ``edge-ptychonn configure``)
     batchTimeout, offset, scale, transform, normalize, modelPath. Anything else is refused and nothing changes,
     except PvaPy's own keys: its objectIdOffset and nSequentialUpdates (consumers added to or removed from the
-    distributor group) also set the pattern in which nFramesMissed counts, from the next frame.
+    distributor group) also set the pattern in which nFramesMissed counts, from the next frame (PvaPy's count
+    and ours alike; a refused request leaves both as they were).
     ``modelPath`` swaps the model without a restart: an engine of the running kind
     (same engine, device and precision as now) is built for it on PvaPy's configure
     thread, beside the running one, while frames keep arriving and being published;
@@ -79,7 +80,9 @@ also accepts that processor's ``bsz`` and ``onnx_mdl`` arguments.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
+from functools import partial
 
 import pvaccess as pva
 from pvapy.hpc.adImageProcessor import AdImageProcessor
@@ -185,6 +188,22 @@ def _check_card(model_path, shape=None) -> None:
     check_input_size(card, model_path, read_signature(model_path).input_shape if shape is None else shape)
 
 
+def _calling_controller(frame, processor):
+    """PvaPy's DataProcessingController whose ``configure`` runs in ``frame`` (it calls the
+    processor's after taking its own keys from the request), or None: an adapter to PvaPy's
+    internals, pinned by a contract test."""
+    owner = frame.f_locals.get("self") if frame is not None else None
+    if getattr(owner, "userDataProcessor", None) is processor and hasattr(owner, "objectIdOffset") \
+            and hasattr(owner, "nSequentialUpdates"):
+        return owner
+    return None
+
+
+def _set_pattern(controller, n_sequential: int, id_offset: int) -> None:
+    """The distributor pattern PvaPy's controller counts its missed frames in."""
+    controller.nSequentialUpdates, controller.objectIdOffset = n_sequential, id_offset
+
+
 class PtychoNNProcessor(StatsFromTable, AdImageProcessor):
     """Batches frames, runs PtychoNN on its own thread, publishes every result."""
 
@@ -280,9 +299,13 @@ class PtychoNNProcessor(StatsFromTable, AdImageProcessor):
         return None
 
     def configure(self, configDict):
-        # A ValueError reaches the control channel as "Configuration failed: ...".
+        # A ValueError reaches the control channel as "Configuration failed: ...". PvaPy's
+        # controller, our caller, has already taken the request's objectIdOffset and
+        # nSequentialUpdates: the pipeline gives them back unless it accepts the request
+        # (an objectIdOffset of 0 it refuses made PvaPy's count divide every frame by zero).
+        controller = _calling_controller(sys._getframe(1), self)
         try:
-            self.pipeline.configure(configDict)
+            self.pipeline.configure(configDict, None if controller is None else partial(_set_pattern, controller))
         except ValueError as exc:  # messages quote at most a short prefix of any value
             self.logger.error("configuration refused, nothing changed: %s", exc)
             raise

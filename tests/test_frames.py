@@ -188,7 +188,48 @@ def test_attributes_the_output_refuses_are_not_taken_as_set():
     assert encoder.encode(meta, image)["attribute"][1]["value"][0]["value"] == 7.0
     meta, _ = decode(_attributed(2, 9.0, units=True))
     for _ in range(2):  # every frame of these is refused, none goes out with stale attributes
-        with pytest.raises(pva.FieldNotFound):
+        with pytest.raises(ValueError, match="cannot hold the input's attributes"):
             encoder.encode(meta, image)
     meta, _ = decode(_attributed(3, 11.0, units=False))
     assert encoder.encode(meta, image)["attribute"][1]["value"][0]["value"] == 11.0
+
+
+def _stamped(unique_id_type, unique_id: int, time_stamp_type=None, time_stamp=None) -> pva.PvObject:
+    """A 4x4 record with a ``uniqueId`` of the given type and, if given, a ``timeStamp`` of another structure."""
+    fields = {"uniqueId": unique_id_type, "value": ({"shortValue": [pva.SHORT]},), "dimension": [{"size": pva.INT}]}
+    if time_stamp_type is not None:
+        fields["timeStamp"] = time_stamp_type
+    pv = pva.PvObject(fields)
+    pv["uniqueId"] = unique_id
+    pv["value"] = {"shortValue": np.arange(16, dtype=np.int16)}
+    pv["dimension"] = [{"size": 4}, {"size": 4}]
+    if time_stamp is not None:
+        pv["timeStamp"] = time_stamp
+    return pv
+
+
+@pytest.mark.parametrize("record, field", [
+    (lambda: _stamped(pva.LONG, 2**31 + 5), "uniqueId"),
+    (lambda: _stamped(pva.INT, 5, pva.DOUBLE, 1.5), "timeStamp"),
+    (lambda: _stamped(pva.INT, 5, {"secondsPastEpoch": pva.LONG, "nanoseconds": pva.INT, "userTag": pva.INT,
+                                   "extra": pva.STRING}, {"secondsPastEpoch": 5, "extra": "x"}), "timeStamp"),
+])
+def test_inputs_an_ntndarray_cannot_hold_are_refused_in_one_line_naming_the_field(record, field):
+    """A long uniqueId beyond an int's range, a scalar timeStamp, a timeStamp with a field more: the
+    output record cannot hold them. PvaPy's errors named no field, and a scalar timeStamp's spanned
+    eleven lines (the consumer's log of the publish error with them)."""
+    meta, _ = decode(record())
+    with pytest.raises(ValueError, match=f"an NTNDArray cannot hold the input's {field} ") as info:
+        FrameEncoder().encode(meta, np.zeros((4, 4), np.float32))
+    assert "\n" not in str(info.value)
+
+
+def test_time_stamp_fields_the_input_lacks_are_zero_not_the_frame_befores():
+    """A time stamp structure without nanoseconds and userTag: the output kept the frame before's."""
+    encoder = FrameEncoder()
+    image = np.zeros((4, 4), np.float32)
+    full = {"secondsPastEpoch": 100, "nanoseconds": 7, "userTag": 3}
+    meta, _ = decode(_stamped(pva.INT, 1, {k: pva.LONG if k == "secondsPastEpoch" else pva.INT for k in full}, full))
+    assert encoder.encode(meta, image)["timeStamp"] == full
+    meta, _ = decode(_stamped(pva.INT, 2, {"secondsPastEpoch": pva.LONG}, {"secondsPastEpoch": 200}))
+    assert encoder.encode(meta, image)["timeStamp"] == {"secondsPastEpoch": 200, "nanoseconds": 0, "userTag": 0}

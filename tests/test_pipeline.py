@@ -898,3 +898,102 @@ def test_a_stuck_worker_never_holds_stop_beyond_its_timeout(small_model, rng):
         stuck.gate.release(100)
         pipeline._thread.join(10)
     pool.close(10)
+
+
+def test_frames_the_output_cannot_hold_are_publish_errors_with_a_one_line_reason(small_model, rng, caplog):
+    """A frame whose timeStamp is a number (not an NTNDArray's structure) cannot be published: it
+    counts as a publish error, logged in one line naming the field (PvaPy's reason spanned eleven
+    lines and named none), and the frames after it are published."""
+    import logging
+
+    import pvaccess as pva
+
+    images = frames(rng, 3)
+    odd = pva.PvObject({"uniqueId": pva.INT, "value": ({"shortValue": [pva.SHORT]},),
+                        "dimension": [{"size": pva.INT}], "timeStamp": pva.DOUBLE})
+    odd["uniqueId"], odd["timeStamp"] = 2, 1.5
+    odd["value"] = {"shortValue": images[1].ravel()}
+    odd["dimension"] = [{"size": 64}, {"size": 64}]
+    pipeline, published, factory = make_pipeline(small_model, batchSize=3, batchTimeout=0.05)
+    pipeline.start(factory)
+    with caplog.at_level(logging.ERROR):
+        for pv in (good_frame(1, images[0]), odd, good_frame(3, images[2])):
+            pipeline.submit(pv)
+        assert published.wait(2) == 2
+        pipeline.stop()
+    assert [p[0] for p in published] == [1, 3]
+    stats = pipeline.stats
+    assert (stats.received, stats.published, stats.publish_errors, stats.unaccounted(0)) == (3, 2, 1, 0)
+    [line] = [r.getMessage() for r in caplog.records if "cannot publish frame 2" in r.getMessage()]
+    assert "\n" not in line and "cannot hold the input's timeStamp" in line
+
+
+def test_an_engine_error_of_many_lines_is_logged_in_one(small_model, rng, caplog):
+    """Some engines' errors span lines (torch's CUDA errors add advice on lines of their own): the
+    log's one line per kind of failure took them whole."""
+    import logging
+
+    pipeline, published, factory = make_pipeline(small_model, batchSize=2, batchTimeout=0.05)
+    engine = factory()
+    real_infer, calls = engine.infer, []
+
+    def fails_once(batch):
+        calls.append(len(batch))
+        if len(calls) == 1:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered\n"
+                               "CUDA kernel errors might be asynchronously reported at some other API call")
+        return real_infer(batch)
+
+    engine.infer = fails_once
+    pipeline.start(lambda: engine)
+    with caplog.at_level(logging.ERROR):
+        for uid, image in enumerate(frames(rng, 4), start=1):
+            pipeline.submit(good_frame(uid, image))
+        assert published.wait(2) == 2
+        pipeline.stop()
+    assert [p[0] for p in published] == [3, 4] and pipeline.stats.inference_errors == 2
+    [line] = [r.getMessage() for r in caplog.records if "inference failed" in r.getMessage()]
+    assert "\n" not in line and "illegal memory access was encountered CUDA kernel errors" in line
+
+
+def test_a_new_engine_refused_at_stop_is_closed_without_the_lock_that_frames_need(small_model, model_b, rng):
+    """A stop during a new model's build: the new engine is closed, and the change refused. The
+    close (held here by the test) ran under the lock that submit() and the inference thread need,
+    so receiving waited for it."""
+    import threading
+
+    building, built, closing, may_close = (threading.Event() for _ in range(4))
+
+    def factory_for(model_path):
+        building.set()
+        assert built.wait(30)
+        engine = create_engine("onnxruntime", EngineOptions(model_path, max_batch=8, cpu_threads=1))
+        engine.close = lambda: (closing.set(), may_close.wait(30))
+        return engine
+
+    pipeline, published, factory = make_pipeline(small_model, batchSize=2, batchTimeout=0.05)
+    pipeline.start(factory, factory_for)
+    result = {}
+
+    def swap():
+        try:
+            pipeline.configure({"modelPath": str(model_b)})
+        except ValueError as exc:
+            result["refused"] = str(exc)
+
+    configure = threading.Thread(target=swap, daemon=True)
+    configure.start()
+    try:
+        assert building.wait(10)
+        pipeline.stop()
+        built.set()
+        assert closing.wait(10)
+        feed = threading.Thread(target=pipeline.submit, args=(good_frame(1, frames(rng, 1)[0]),), daemon=True)
+        feed.start()
+        feed.join(5)
+        fed = not feed.is_alive()
+    finally:
+        may_close.set()
+        configure.join(30)
+    assert fed, "submit() waited for the new engine's close"
+    assert "stopping" in result["refused"] and pipeline.stats.dropped["stopping"] == 1

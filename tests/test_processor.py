@@ -344,3 +344,26 @@ def test_the_distributor_group_follows_pvapys_configure_for_a_later_model_swap(s
     assert processor.group_size == 4
     options = processor._engine_options(small_model, "fp32")
     assert isinstance(options, EngineOptions) and options.consumers == 4
+
+
+def test_a_refused_configure_leaves_pvapys_distributor_pattern_as_it_was(small_model):
+    """PvaPy's controller takes a configure request's objectIdOffset and nSequentialUpdates before
+    it calls the processor. When the processor refused the request, PvaPy's count went on in the
+    refused pattern and ours in the old one; an objectIdOffset of 0 made PvaPy's count divide by
+    zero on every later frame, which then never reached the processor."""
+    framework = {**FRAMEWORK, "outputChannel": "", "objectIdOffset": 2, "nSequentialUpdates": 1, "skipInitialUpdates": 0}
+    processor = PtychoNNProcessor({**framework, "modelPath": str(small_model), "engine": "zero"})
+    controller = DataProcessingController(framework, processor)
+    try:
+        with pytest.raises(ValueError, match="objectIdOffset must be an integer >= 1"):
+            controller.configure({"objectIdOffset": 0})
+        assert (controller.nSequentialUpdates, controller.objectIdOffset) == (1, 2)
+        controller.process(good_frame(1, np.zeros((64, 64), np.int16)))  # raised ZeroDivisionError
+        with pytest.raises(ValueError, match="scale must be > 0"):
+            controller.configure({"objectIdOffset": 5, "nSequentialUpdates": 2, "scale": -1})
+        assert (controller.nSequentialUpdates, controller.objectIdOffset) == (1, 2) == processor.pipeline.id_pattern
+        controller.configure({"objectIdOffset": 5, "nSequentialUpdates": 2})  # accepted: both take it
+        assert (controller.nSequentialUpdates, controller.objectIdOffset) == (2, 5) == processor.pipeline.id_pattern
+        assert processor.getStats()["nFramesReceived"] == 1
+    finally:
+        processor.stop()

@@ -16,7 +16,9 @@ infinite in the model's float32 input.
 an NTNDArray ready for ``updateOutputChannel``. It reuses one PvObject: the PVA
 server copies it into the output record on each update. With a ``model_id`` it
 adds a string attribute ``modelId`` naming the model that made the output
-(an input attribute of that name is replaced).
+(an input attribute of that name is replaced). Input fields that an NTNDArray
+cannot hold (a uniqueId beyond an int's range, a time stamp or attributes of
+another structure) raise ValueError with a one-line reason.
 
 Decompression (lz4, blosc, bslz4) and reshaping use pvapy's ``AdImageUtility``.
 """
@@ -29,6 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 import pvaccess as pva
 from pvapy.utility.adImageUtility import AdImageUtility
+
+from .quote import one_line
 
 BAD_FRAME_KINDS = ("empty", "colour", "dtype", "codec", "shape", "malformed", "nonfinite")
 
@@ -237,7 +241,10 @@ class FrameEncoder:
     def encode(self, meta: FrameMeta, image: np.ndarray) -> pva.PvObject:
         """The output NTNDArray for ``image`` (2-D float32), with ``meta``'s id,
         time stamps and attributes (a ColorMode attribute is added if missing, and
-        the ``modelId`` attribute when the encoder has a model id)."""
+        the ``modelId`` attribute when the encoder has a model id; time stamp fields the input
+        lacks are 0). ValueError, in one line naming the field, when an NTNDArray cannot hold
+        the input's (a uniqueId beyond an int's range, a time stamp or attributes of another
+        structure): that frame is not published."""
         pv = self._pv
         ny, nx = image.shape
         if self._shape != (ny, nx):
@@ -247,21 +254,38 @@ class FrameEncoder:
             pv["compressedSize"] = size
             pv["uncompressedSize"] = size
         # the typed setters: a third to two thirds of pv[name] = value's cost
-        pv.setInt("uniqueId", meta.unique_id)
-        pv.setUnion("value", {"floatValue": np.ascontiguousarray(image, dtype=np.float32).ravel()})
-        pv.setStructure("timeStamp", meta.time_stamp)
-        pv.setStructure("dataTimeStamp", meta.data_time_stamp)
-        attributes = meta.attributes
-        if attributes != self._attributes:  # a stream's attributes rarely change: set only then
-            given = attributes
-            if _color_mode(attributes) is None:
-                attributes = [self._color_mode, *attributes]
-            if self._model_attribute is not None:
-                attributes = [a for a in attributes if not _named(a, MODEL_ID_ATTRIBUTE)] + [self._model_attribute]
-            self._attributes = None  # until they are set: attributes the record refused are not held
-            pv["attribute"] = attributes
-            self._attributes = given
+        name = "uniqueId"
+        try:
+            pv.setInt("uniqueId", meta.unique_id)  # an NTNDArray's is an int: a long one above 2**31 is refused
+            name = "image"
+            pv.setUnion("value", {"floatValue": np.ascontiguousarray(image, dtype=np.float32).ravel()})
+            name = "timeStamp"
+            pv.setStructure("timeStamp", _whole_time_stamp(meta.time_stamp))
+            name = "dataTimeStamp"
+            pv.setStructure("dataTimeStamp", _whole_time_stamp(meta.data_time_stamp))
+            name = "attributes"
+            attributes = meta.attributes
+            if attributes != self._attributes:  # a stream's attributes rarely change: set only then
+                given = attributes
+                if _color_mode(attributes) is None:
+                    attributes = [self._color_mode, *attributes]
+                if self._model_attribute is not None:
+                    attributes = [a for a in attributes if not _named(a, MODEL_ID_ATTRIBUTE)] + [self._model_attribute]
+                self._attributes = None  # until they are set: attributes the record refused are not held
+                pv["attribute"] = attributes
+                self._attributes = given
+        except Exception as exc:  # PvaPy's errors: some span many lines, none names the field
+            raise ValueError(f"an NTNDArray cannot hold the input's {name} ({type(exc).__name__}: "
+                             f"{one_line(exc, 160)})") from None
         return pv
+
+
+def _whole_time_stamp(time_stamp):
+    """``time_stamp`` with every field of a time stamp: a structure that lacks some
+    (a record of another type) would leave the output with the previous frame's."""
+    if isinstance(time_stamp, dict) and len(time_stamp) < len(_ZERO_TS):
+        return {**_ZERO_TS, **time_stamp}
+    return time_stamp
 
 
 def _named(attribute, name: str) -> bool:

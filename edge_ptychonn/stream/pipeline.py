@@ -58,7 +58,7 @@ from .batching import Batch, Batcher, NoFreeBuffer
 from .config import ProcessorConfig, apply_runtime_changes, model_identity
 from .frames import BAD_FRAME_KINDS, BadFrame, FrameEncoder, NotAFrame, decode
 from .postprocess import apply_output_mask
-from .quote import short_repr
+from .quote import one_line, short_repr
 
 STATS_WINDOW_S = 5.0  # rates and latency percentiles describe the last few seconds
 CONFIGURE_WAIT_S = 1.0  # configure(): how long a change waits for one in progress before it is refused
@@ -505,7 +505,7 @@ class InferencePipeline:
     def _inference_failed(self, batch: Batch, exc: Exception) -> int:
         """Log once; the frames lost (counted by the caller through :meth:`_done`)."""
         self._log_once("inference", logging.ERROR, "inference failed for %d frame(s) (ids %d..%d): %s",
-                       batch.n, batch.metas[0].unique_id, batch.metas[-1].unique_id, exc)
+                       batch.n, batch.metas[0].unique_id, batch.metas[-1].unique_id, one_line(exc))
         return batch.n
 
     def _publish_batch(self, batch: Batch, outputs: np.ndarray, infer_s: float) -> dict[str, int]:
@@ -530,7 +530,7 @@ class InferencePipeline:
                 self._publish(self._encoder.encode(meta, output[0]))
             except Exception as exc:  # publishing must not stop the pipeline
                 errors += 1
-                self._log_once("publish", logging.ERROR, "cannot publish frame %d: %s", meta.unique_id, exc)
+                self._log_once("publish", logging.ERROR, "cannot publish frame %d: %s", meta.unique_id, one_line(exc))
                 continue
             now = time.perf_counter()
             latencies[n_published] = (now - meta.received_s) * 1e3
@@ -552,14 +552,20 @@ class InferencePipeline:
             self.log.error("closing the engine of %s failed: %s", old_id, exc)
 
     # -- control -----------------------------------------------------------------------
-    def configure(self, changes: dict) -> dict:
+    def configure(self, changes: dict, framework_pattern: Callable[[int, int], None] | None = None) -> dict:
         """Apply run-time changes (validated first; ValueError changes nothing).
 
         A new ``modelPath`` is built here, on the caller's thread, beside the
         running engine and without the lock (frames keep flowing), then switched
         to at a batch boundary; a model that cannot run in its place (another
         input size, not ONNX, an engine that fails to build) raises ValueError
-        with the reason, and nothing changes."""
+        with the reason, and nothing changes.
+
+        ``framework_pattern(n_sequential, id_offset)`` is given the distributor pattern
+        in force (:attr:`id_pattern`) first and once more at the end, accepted or refused:
+        PvaPy's controller takes a request's nSequentialUpdates and objectIdOffset before
+        the processor sees it, and so gets them back unless the request is accepted."""
+        self._tell_pattern(framework_pattern)
         # One change at a time. A model's build holds this for its whole length (TensorRT:
         # minutes): a change sent meanwhile is refused at once, with the reason, rather than
         # answered only when the build is done (after its sender has given up waiting).
@@ -587,10 +593,18 @@ class InferencePipeline:
                 self.log.info("distributor pattern now runs of %d every %d ids: missed frames are counted in it "
                               "from the next frame", id_pattern[0], sum(id_pattern) - 1)
         finally:
+            self._tell_pattern(framework_pattern)
             self._configure_lock.release()
         if applied:
             self.log.info("configuration changed: %s", applied)
         return applied
+
+    def _tell_pattern(self, framework_pattern: Callable[[int, int], None] | None) -> None:
+        """``framework_pattern(*id_pattern)``, under the lock that guards changes of the pattern
+        (so that the last one told is the one in force)."""
+        if framework_pattern is not None:
+            with self._lock:
+                framework_pattern(*self._id_pattern)
 
     @property
     def id_pattern(self) -> tuple[int, int]:
@@ -652,12 +666,17 @@ class InferencePipeline:
                 f"running model's {input_hw[0]}x{input_hw[1]}; restart the consumer to change the input size"
             )
         with self._lock:
-            if self._stopping:
+            stopping = self._stopping
+            if not stopping:
+                self._flush_partial()  # frames preprocessed the old way go to the old engine
+                self._apply(new, applied)
+                self._queue.put_nowait(_Switch(engine, model_id, build_s, new.output_mask))
+        if stopping:  # closed without the lock: receiving and inference never wait for an engine
+            try:
                 engine.close()
-                raise ValueError("the consumer is stopping; modelPath not changed")
-            self._flush_partial()  # frames preprocessed the old way go to the old engine
-            self._apply(new, applied)
-            self._queue.put_nowait(_Switch(engine, model_id, build_s, new.output_mask))
+            except Exception as exc:
+                self.log.error("closing the engine built for modelPath %s failed: %s", where, one_line(exc))
+            raise ValueError("the consumer is stopping; modelPath not changed")
         self.log.info("modelPath %s: engine built in %.2f s; switching at the next batch", where, build_s)
 
     @property

@@ -16,3 +16,10 @@ def short_repr(value: object, limit: int = MAX_QUOTE) -> str:
     if len(text) <= limit:
         return text
     return f"{text[:limit]}... ({len(text)} characters)"
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message as one line (some libraries' span many: a log line or a
+    status message must not), cut to ``limit`` characters."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
