@@ -440,12 +440,13 @@ def main(args: argparse.Namespace) -> int:
         signals.close()
         report["machine"]["load_after"] = _load()
         report["finished"] = dt.datetime.now().isoformat(timespec="seconds")
+        br.write_json(report, out_dir / "report.json")  # first: whatever the plots do, the report is kept
         if not args.no_plots and report.get("pipeline", report.get("engine")):
             plots, reason = br.write_plots(report, out_dir)
             report["plots"] = plots
             if reason:
                 progress(reason)
-        br.write_json(report, out_dir / "report.json")
+            br.write_json(report, out_dir / "report.json")
     print(br.summary_text(report))
     print(f"\nreport: {out_dir / 'report.json'}")
     return 130 if report.get("interrupted") else 0

@@ -87,12 +87,23 @@ def pipeline_table(report: dict) -> str:
     )
 
 
+def _rounded(value: float, spec: str, up: bool = False) -> str:
+    """``value`` with the decimals of ``spec`` (``.2f``), rounded down (up with ``up``) at
+    the last digit shown, never to the nearest: a lower bound or a ratio read against a
+    target is never shown above what was measured (``>= 0.89`` for 0.897, not ``>= 0.90``),
+    an upper bound never below it."""
+    digits = int(spec.strip(".f") or 0)
+    scaled = round(value * 10**digits, 6)  # 0.29 x 100 is 28.999999999999996, not below 29
+    return f"{(math.ceil(scaled) if up else math.floor(scaled)) / 10**digits:.{digits}f}"
+
+
 def _at_least(fps, server_limited: bool, lower_bound: bool = False):
     """A ceiling, shown as ``>= N (server-limited)`` when the server could not offer more,
-    ``>= N (top of the sweep)`` when no higher rate was found that it fell short of."""
+    ``>= N (top of the sweep)`` when no higher rate was found that it fell short of (N
+    rounded down)."""
     if fps is None or not (server_limited or lower_bound):
         return fps
-    return f">= {fps:.0f} ({'server-limited' if server_limited else 'top of the sweep'})"
+    return f">= {_rounded(fps, '.0f')} ({'server-limited' if server_limited else 'top of the sweep'})"
 
 
 def _bounds(row: dict, key: str) -> tuple[bool, bool]:
@@ -105,16 +116,18 @@ def _bounds(row: dict, key: str) -> tuple[bool, bool]:
 def bounded_ratio(ratio, numerator_limited: bool, denominator_limited: bool, spec: str):
     """A ratio of two ceilings, either of which may be only a lower bound (server-limited, or
     the top of its sweep): ``<= r`` when only the denominator is (the true ratio can only be
-    lower), ``>= r`` when only the numerator is, ``? (both lower bounds)`` when both are."""
+    lower), ``>= r`` when only the numerator is, ``? (both lower bounds)`` when both are.
+    ``r`` is rounded up after ``<=``, down otherwise (see :func:`_rounded`): a ratio is read
+    against a target (>= 0.9), which a figure shown must not meet unless the ratio does."""
     if ratio is None:
         return None
     if numerator_limited and denominator_limited:
         return f"? ({ratio:{spec}}, both lower bounds)"
     if denominator_limited:
-        return f"<= {ratio:{spec}}"
+        return f"<= {_rounded(ratio, spec, up=True)}"
     if numerator_limited:
-        return f">= {ratio:{spec}}"
-    return ratio
+        return f">= {_rounded(ratio, spec)}"
+    return _rounded(ratio, spec)
 
 
 def summary_table(report: dict) -> str:
@@ -191,7 +204,8 @@ def _series(points: list[dict], processor: str) -> dict[int, list[dict]]:
 
 
 def write_plots(report: dict, out_dir: Path) -> tuple[list[str], str | None]:
-    """PNG plots; returns (file names written, reason when none could be)."""
+    """PNG plots; returns (file names written, reason when some or all could not be): a
+    plot that fails (matplotlib missing or broken, a full disk) costs only the plots."""
     try:
         import matplotlib
 
@@ -199,7 +213,19 @@ def write_plots(report: dict, out_dir: Path) -> tuple[list[str], str | None]:
         import matplotlib.pyplot as plt
     except ImportError:
         return [], "matplotlib is not installed (pip install 'edge-ptychonn[bench]'): plots skipped"
-    written = []
+    except Exception as exc:  # an installed one that cannot start (a bad backend, a broken build)
+        return [], f"matplotlib cannot start ({type(exc).__name__}: {exc}): plots skipped"
+    written: list[str] = []
+    try:
+        _draw_plots(report, out_dir, plt, written)
+    except Exception as exc:  # any failure of the plotting library: said, not raised
+        plt.close("all")
+        return written, f"plots stopped after {len(written)} written: {type(exc).__name__}: {exc}"
+    return written, None
+
+
+def _draw_plots(report: dict, out_dir: Path, plt, written: list[str]) -> None:
+    """Draws each plot into ``out_dir``, its file name appended to ``written`` once saved."""
     points = report.get("pipeline", {}).get("points", [])
     for processor in ("ptychonn", "zero", "passthrough"):
         series = _series(points, processor)
@@ -263,4 +289,3 @@ def write_plots(report: dict, out_dir: Path) -> tuple[list[str], str | None]:
         fig.savefig(out_dir / "engine.png", dpi=110)
         plt.close(fig)
         written.append("engine.png")
-    return written, None
