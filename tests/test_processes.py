@@ -422,3 +422,12 @@ def test_soak_refuses_more_consumers_than_the_launcher_takes(capsys, monkeypatch
                                               "--model", str(MODEL)])
     assert soak.main(args) == 2
     assert f"--consumers 1..{launch.MAX_CONSUMERS}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("n_consumers, batch_updates, du", [(2, 1, "1"), (3, 8, "8"), (1, 8, None), (1, 1, None)])
+def test_several_consumers_always_share_the_frames(n_consumers, batch_updates, du):
+    """Several consumers get PvaPy's distributor, also for runs of 1 frame (before: no ``-du``
+    for 1, so no distributor, and every consumer processed every frame); one needs none."""
+    argv = processes.consumer_argv("det:image", "inference", n_consumers, "processors.ptychonn.PtychoNNProcessor",
+                              batch_updates=batch_updates)
+    assert (argv[argv.index("-du") + 1] if "-du" in argv else None) == du, argv

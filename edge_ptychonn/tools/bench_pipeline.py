@@ -227,13 +227,6 @@ def _read_statuses(channels: list[str], consumer: live.Proc, earlier: list | Non
     return [None if gone and earlier[k] is None else live.read_status(c) for k, c in enumerate(channels)]
 
 
-def _one_update_each(batch: int, n_consumers: int) -> list[str] | None:
-    """``-du 1`` for batch 1 with several consumers, where ``consumer_argv`` passes no ``-du``:
-    without the distributor every consumer receives every frame (2 consumers: each frame
-    processed twice and delivered at twice the offered rate)."""
-    return ["-du", "1"] if batch == 1 and n_consumers > 1 else None
-
-
 def _published(log: str) -> tuple[int, float] | None:
     match = _PUBLISHED.search(log)
     return (int(match.group(1)), float(match.group(2))) if match else None
@@ -267,7 +260,6 @@ def run_point(
         input_channel, out_prefix, n_consumers, processor_class,
         _processor_args(settings, n_consumers, engine) if is_ptychonn else None,
         batch_updates=settings.batch, server_queue_size=settings.server_queue_size, report_period_s=1.0,
-        extra=_one_update_each(settings.batch, n_consumers),
     )
     # The server goes first (its channel must exist when the consumers search for it,
     # or their search backs off for seconds), with a start delay long enough for the

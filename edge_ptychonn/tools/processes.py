@@ -362,7 +362,9 @@ def consumer_argv(
     runtime_s: float = 3600.0, report_period_s: float = 2.0, extra: list[str] | None = None,
 ) -> list[str]:
     """``pvapy-hpc-consumer`` with ``n_consumers`` consumers, each publishing on
-    ``<prefix>:<id>:output`` (status ``:status``, control ``:control``)."""
+    ``<prefix>:<id>:output`` (status ``:status``, control ``:control``). Several consumers
+    take ``batch_updates`` frames each in turn (PvaPy's distributor, ``-du``; also for 1:
+    without it every consumer receives every frame)."""
     argv = [
         tool_path("pvapy-hpc-consumer"), "-dc", "-ic", input_channel,
         "-oc", f"{output_prefix}:*:output", "-sc", f"{output_prefix}:*:status",
@@ -370,7 +372,7 @@ def consumer_argv(
         "-nc", str(n_consumers), "-sqs", str(server_queue_size),
         "-rt", str(runtime_s), "-rp", str(report_period_s),
     ]
-    if batch_updates > 1 and n_consumers > 1:
+    if n_consumers > 1:
         argv += ["-du", str(batch_updates)]
     if processor_args:
         argv += ["-pa", json.dumps(processor_args)]
