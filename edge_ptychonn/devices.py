@@ -121,23 +121,43 @@ def visible_gpu_count() -> int:
     """NVIDIA GPUs this process may use, without loading any CUDA library.
 
     Counts the driver's ``/proc/driver/nvidia/gpus`` entries, limited by
-    ``CUDA_VISIBLE_DEVICES`` when it is set (CUDA stops at the first entry that
-    is not a valid index or id). Engines ask their own library when it is loaded.
+    ``CUDA_VISIBLE_DEVICES`` when it is set, read as CUDA reads it (see
+    :func:`cuda_visible_count`). Engines ask their own library when it is loaded.
     """
     try:
         physical = len(list(Path("/proc/driver/nvidia/gpus").iterdir()))
     except OSError:
         return 0
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is None:
-        return physical
-    count = 0
-    for item in visible.split(","):
-        item = item.strip()
-        if not item or item.startswith("-") or (item.isdigit() and int(item) >= physical):
-            break
-        count += 1
-    return min(count, physical)
+    return physical if visible is None else cuda_visible_count(visible, physical)
+
+
+def cuda_visible_count(visible: str, physical: int) -> int:
+    """How many of ``physical`` GPUs ``CUDA_VISIBLE_DEVICES=visible`` leaves visible.
+
+    A list of indices (each read as far as its leading digits go) or of ids (``GPU-...``,
+    ``MIG-...``, as the first entry is), up to the first entry that is not one: an empty
+    one, a negative index, a word (``NoDevFiles``, what some batch systems set when no GPU
+    was granted), an index beyond the GPUs there are, an id among indices or the other way
+    round. A GPU named twice leaves none visible.
+    """
+    items = [item.strip() for item in visible.split(",")]
+    by_id = items[0][:4] in ("GPU-", "MIG-")
+    named: list = []
+    for item in items:
+        if by_id:
+            if item[:4] != items[0][:4]:
+                break
+            gpu = item
+        else:
+            digits = len(item) - len(item.lstrip("0123456789"))
+            if not digits or int(item[:digits]) >= physical:
+                break
+            gpu = int(item[:digits])
+        if gpu in named:
+            return 0
+        named.append(gpu)
+    return min(len(named), physical)
 
 
 def cpu_flags() -> frozenset[str]:

@@ -43,9 +43,18 @@ from pvapy.hpc.adImageProcessor import AdImageProcessor
 
 from edge_ptychonn.callbacks import keep_thread_state
 from edge_ptychonn.stream.arguments import ArgTable, boolean, convert_value, parse_arguments, runtime_changes
-from edge_ptychonn.stream.frames import BadFrame, NotAFrame, decode
+from edge_ptychonn.stream.frames import BAD_FRAME_KINDS, BadFrame, NotAFrame, decode
 
 StatsTable = dict[str, tuple[Any, Callable[[Any], Any]]]
+
+BAD_KIND_COUNTS = tuple(f"bad_{kind}" for kind in BAD_FRAME_KINDS)  # the counts that decode_frame keeps by kind
+
+
+def bad_kind_stats() -> StatsTable:
+    """``nBad<Kind>`` for each of :data:`BAD_FRAME_KINDS` (the inference consumer's keys): the
+    undecodable frames by kind, read from the ``counts`` of what the getters are given."""
+    return {f"nBad{kind.capitalize()}": (pva.ULONG, lambda s, key=key: s.counts[key])
+            for kind, key in zip(BAD_FRAME_KINDS, BAD_KIND_COUNTS)}
 
 _RUNTIME_CHANGE = contextvars.ContextVar("runtime_change", default=False)
 
@@ -159,8 +168,9 @@ class ProcessorBase(StatsFromTable, AdImageProcessor):
     def decode_frame(self, pvObject, lock=None):
         """(meta, image) of a received NTNDArray, or None. A record without an image (what
         a monitor gets on connect) counts in ``self.counts["empty"]``; a bad frame in
-        ``self.counts["bad"]`` and as a problem of its kind (logged once). Subclasses that
-        call it keep a ``counts`` dict with "empty" and "bad", and pass the ``lock`` under
+        ``self.counts["bad"]``, in ``self.counts["bad_<kind>"]`` and as a problem of its kind
+        (logged once). Subclasses that call it keep a ``counts`` dict with "empty", "bad" and
+        :data:`BAD_KIND_COUNTS` (:func:`bad_kind_stats` shows those), and pass the ``lock`` under
         which their ``resetStats`` clears it (the count is added under it; the frame is
         decoded without it). Called first in ``process()``: it also keeps PvaPy's receive
         thread's state (:func:`edge_ptychonn.callbacks.keep_thread_state`)."""
@@ -168,12 +178,13 @@ class ProcessorBase(StatsFromTable, AdImageProcessor):
         try:
             return decode(pvObject)
         except NotAFrame:
-            kind = "empty"
+            keys = ("empty",)
         except BadFrame as exc:
-            kind = "bad"
+            keys = ("bad", f"bad_{exc.kind}")
             self.count_problem(exc.kind, "%s", exc)
         with lock if lock is not None else contextlib.nullcontext():
-            self.counts[kind] += 1
+            for key in keys:
+                self.counts[key] += 1
         return None
 
     # -- run-time changes ----------------------------------------------------------------

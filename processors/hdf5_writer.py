@@ -90,7 +90,9 @@ Statistics (status channel ``userStats``) -- see :data:`STATS`
     ``nLostStopping`` (see above), or ``nFramesWrongShape`` (shape or pixel type
     differs from the current file's; also in ``nBadFrames``). All are read under
     one lock, so ``nFramesUnaccounted`` (received minus the five) is always 0.
-    Also: ``nBadFrames`` (undecodable or wrong shape), ``nEmptyFrames``,
+    Also: ``nBadFrames`` (undecodable or wrong shape; the undecodable by kind: ``nBadShape``,
+    ``nBadColour``, ``nBadEmpty``, ``nBadDtype``, ``nBadCodec``, ``nBadMalformed``,
+    ``nBadNonfinite``), ``nEmptyFrames``,
     ``nFilesWritten`` (files closed without error, one cut back after a write
     error included), ``nWriteErrors``, ``writeRate`` (frames appended per second),
     ``writeTimeUs`` (per frame appended), ``currentFile``.
@@ -115,7 +117,9 @@ from edge_ptychonn.stream.arguments import (
 )
 from edge_ptychonn.stream.quote import short_repr
 from processors import shutdown
-from processors.base import ProcessorBase, RecentIds, at_start, attribute_value, seconds
+from processors.base import (
+    BAD_KIND_COUNTS, ProcessorBase, RecentIds, at_start, attribute_value, bad_kind_stats, seconds,
+)
 
 NAME_ATTEMPTS = 5  # free names tried when other processes take them as this one opens a file
 COMPRESSIONS = ("none", "gzip", "lzf", "blosc", "lz4", "zstd", "bitshuffle")
@@ -315,6 +319,7 @@ STATS = {
     "nFramesUnaccounted": (pva.LONG, lambda s: s.counts["received"] - sum(
         s.counts[k] for k in ("written", "unflushed", "queued", "wrong_shape", *LOSS_CAUSES))),
     "nBadFrames": (pva.ULONG, lambda s: s.counts["bad"] + s.counts["wrong_shape"]),
+    **bad_kind_stats(),
     "nEmptyFrames": (pva.ULONG, lambda s: s.counts["empty"]),
     "nFilesWritten": (pva.ULONG, lambda s: s.counts["files"]),
     "nWriteErrors": (pva.ULONG, lambda s: s.counts["write_errors"]),
@@ -357,7 +362,7 @@ class Hdf5WriterProcessor(ProcessorBase):
         self.queue: queue.Queue = queue.Queue(maxsize=self.settings.queue_frames)
         # every count changes under self._lock (held for counting only, never while waiting)
         self.counts = dict.fromkeys(("received", "written", "unflushed", "queued", "wrong_shape", *LOSS_CAUSES,
-                                     "appended", "bad", "empty", "files", "write_errors"), 0)
+                                     "appended", "bad", "empty", "files", "write_errors", *BAD_KIND_COUNTS), 0)
         self._lock = threading.Lock()
         self.write_time_s = 0.0
         self.first_write_s = self.last_write_s = 0.0

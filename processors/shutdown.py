@@ -90,6 +90,11 @@ def parent_death_preexec(sig: int = signal.SIGTERM):
 def on_sigterm(drain, logger: logging.Logger, drain_timeout_s: float = DRAIN_TIMEOUT_S) -> bool:
     """Make SIGTERM publish what ``drain(timeout_s)`` can, then stop the framework.
 
+    A ``drain`` that fails is logged and the framework stops all the same. A SIGTERM
+    that comes while it stops is ignored: a stop brings several at once (a service
+    manager's to every process, the kernel's when the parent exits), and a second one
+    must not cut a file's closing short; SIGKILL ends the process at once.
+
     Returns False (and changes nothing) off the main thread, where Python cannot
     install signal handlers.
     """
@@ -103,8 +108,13 @@ def on_sigterm(drain, logger: logging.Logger, drain_timeout_s: float = DRAIN_TIM
 
     def stop(controller) -> None:
         logger.warning("SIGTERM: publishing the frames held, then stopping")
-        if not drain(drain_timeout_s):
-            logger.warning("SIGTERM: frames still queued after %.1f s; stopping anyway", drain_timeout_s)
+        try:  # a drain that fails must not keep the consumer running: it stops all the same
+            drained = drain(drain_timeout_s)
+        except Exception as exc:
+            logger.error("SIGTERM: publishing the frames held failed (%s: %s); stopping anyway", type(exc).__name__, exc)
+        else:
+            if not drained:
+                logger.warning("SIGTERM: frames still queued after %.1f s; stopping anyway", drain_timeout_s)
         if controller is not None:
             controller.shouldBeStopped = True
         else:

@@ -107,7 +107,9 @@ Statistics (status channel ``userStats``) -- see :data:`STATS`.
     Each frame with an image (``nFramesReceived``) is placed (``nFramesPlaced``),
     waiting for its metadata (``nFramesWaiting``), or not placed: ``nFramesNoPosition``,
     ``nFramesOutside``, ``nFramesWrongShape`` (not the shape of its scan's first frame).
-    ``nBadFrames``: frames that cannot be decoded, plus ``nFramesWrongShape``. Each
+    ``nBadFrames``: frames that cannot be decoded (by kind: ``nBadShape``, ``nBadColour``,
+    ``nBadEmpty``, ``nBadDtype``, ``nBadCodec``, ``nBadMalformed``, ``nBadNonfinite``),
+    plus ``nFramesWrongShape``. Each
     finished image is saved (``nScansSaved``) or not (``nSaveErrors``: the disk, a name).
 """
 
@@ -133,7 +135,9 @@ from edge_ptychonn.stream.arguments import (
     choice, int_pair, integer, number, optional, path, text, text_list,
 )
 from processors import shutdown
-from processors.base import ProcessorBase, RecentIds, at_start, attribute_value, seconds
+from processors.base import (
+    BAD_KIND_COUNTS, ProcessorBase, RecentIds, at_start, attribute_value, bad_kind_stats, seconds,
+)
 
 
 # ---------------------------------------------------------------- positions
@@ -440,6 +444,7 @@ STATS = {
     "nFramesOutside": (pva.ULONG, _stat("outside")),
     "nFramesWrongShape": (pva.ULONG, _stat("wrong_shape")),
     "nBadFrames": (pva.ULONG, lambda p: p.counts["bad"] + p.counts["wrong_shape"]),
+    **bad_kind_stats(),
     "nEmptyFrames": (pva.ULONG, _stat("empty")),
     "nImagesPublished": (pva.ULONG, _stat("published")),
     "nScans": (pva.ULONG, lambda p: p.scan_index),
@@ -496,7 +501,7 @@ class StitchProcessor(ProcessorBase):
         self.scan_index = 0
         self.counts = dict.fromkeys(
             ("received", "placed", "no_position", "outside", "bad", "wrong_shape", "empty", "published", "saved",
-             "save_errors", "by_metadata"), 0
+             "save_errors", "by_metadata", *BAD_KIND_COUNTS), 0
         )
         self.metadata = None
         if s.position_channels is not None:
@@ -876,9 +881,17 @@ class StitchProcessor(ProcessorBase):
         shutdown.on_sigterm(self._send_queued, self.logger)
 
     def _send_queued(self, timeout_s: float) -> bool:
-        """SIGTERM: send the images queued so far while the server still serves clients."""
-        self._send_outputs(wait=True)
-        return True
+        """SIGTERM: send the images queued so far while the server still serves clients; True if
+        they were sent within ``timeout_s``. They are sent (and saved) on a thread of their own:
+        a save that a slow or hung disk holds goes on there, and does not hold the stop."""
+        sent = threading.Event()
+
+        def send() -> None:
+            self._send_outputs(wait=True)
+            sent.set()
+
+        threading.Thread(target=send, name="stitch-drain", daemon=True).start()
+        return sent.wait(timeout_s)
 
     def stop(self):
         # What is published inside stop() reaches no client (PvaPy stops its server

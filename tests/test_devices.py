@@ -81,3 +81,21 @@ def test_devices_module_imports_no_numpy():
 
     code = "import sys; import edge_ptychonn.devices; assert 'numpy' not in sys.modules, 'numpy imported'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+@pytest.mark.parametrize("value, count", [
+    ("NoDevFiles", 0), ("none", 0),  # a batch system's "no GPU granted": CUDA sees none
+    ("0,0", 0), ("1,0,1", 0), ("GPU-abc,GPU-abc", 0),  # a repeated GPU: CUDA sees none
+    ("0,GPU-abc", 1), ("GPU-abc,0", 1), ("MIG-abc", 1),  # indices and ids are not mixed
+    ("1gpu,2", 2), ("2x", 1),  # an index is read as far as its digits go
+    ("\u00b9", 0), ("0,\u00b2", 1),  # superscripts are no index (and raised a ValueError)
+])
+def test_visible_gpu_count_reads_cuda_visible_devices_as_cuda_does(monkeypatch, tmp_path, value, count):
+    gpus = tmp_path / "gpus"
+    gpus.mkdir()
+    for i in range(3):
+        (gpus / f"0000:0{i}:00.0").mkdir()
+    real = devices.Path
+    monkeypatch.setattr(devices, "Path", lambda p: gpus if p == "/proc/driver/nvidia/gpus" else real(p))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", value)
+    assert devices.visible_gpu_count() == count

@@ -563,3 +563,20 @@ def test_a_writer_with_no_file_open_sleeps_until_work_comes(tmp_path, rng):
     finally:
         p.stop()
     assert accounted(p)["nFramesWritten"] == 1
+
+
+def test_undecodable_frames_are_counted_by_kind(tmp_path):
+    """Each kind of undecodable frame was logged once and then only counted in nBadFrames:
+    the status said nothing of the kinds of the others. Now nBad<Kind>, as the inference
+    consumer's status has them, cleared by a reset."""
+    from frames_util import bool_frame, colour_frame
+
+    p = Hdf5WriterProcessor({**FRAMEWORK, "outputDirectory": str(tmp_path)})
+    for uid in range(1, 4):
+        p.process(colour_frame(uid))
+    p.process(bool_frame(4))
+    st = p.getStats()
+    assert (st["nBadFrames"], st["nBadColour"], st["nBadDtype"], st["nBadShape"]) == (4, 3, 1, 0), st
+    assert p.getStats().keys() == p.getStatsPvaTypes().keys()
+    p.resetStats()
+    assert p.getStats()["nBadColour"] == p.getStats()["nBadDtype"] == 0

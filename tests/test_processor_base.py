@@ -157,3 +157,38 @@ def test_a_forked_consumer_whose_parent_died_before_start_stops(monkeypatch):
     monkeypatch.setattr(shutdown.os, "getppid", lambda: 77)  # a subreaper took the orphan
     assert shutdown.on_sigterm(lambda timeout_s: True, logging.getLogger("test"))
     assert sent == [signal.SIGTERM] and handlers == [signal.SIGTERM, signal.SIGTERM]
+
+
+def test_sigterm_stops_the_framework_even_when_the_drain_fails(monkeypatch):
+    """A drain that raises (a publish refused, say) killed the stopping thread before it set
+    the controller's flag: the consumer ran on, and every later SIGTERM was ignored."""
+    import inspect
+    import logging
+    import threading
+
+    from processors import shutdown
+
+    handlers = []
+    monkeypatch.setattr(shutdown.multiprocessing, "parent_process", lambda: None)
+    monkeypatch.setattr(shutdown.signal, "signal", lambda sig, handler: handlers.append(handler))
+    monkeypatch.setattr(threading, "excepthook", lambda args: None)  # the failure without the fix: no noise
+
+    def drain(timeout_s):
+        raise RuntimeError("the output channel refused the frame")
+
+    class Controller:
+        shouldBeStopped = False
+
+        def processPvUpdate(self, wait):
+            pass
+
+    controller = Controller()
+    assert shutdown.on_sigterm(drain, logging.getLogger("test"))
+
+    def loop(controller):  # PvaPy's loop: the controller is a local of a frame on the stack
+        handlers[0](15, inspect.currentframe())
+
+    loop(controller)
+    for thread in [t for t in threading.enumerate() if t.name == "sigterm-stop"]:
+        thread.join(5)
+    assert controller.shouldBeStopped

@@ -1063,3 +1063,58 @@ def test_a_reset_keeps_the_frames_waiting_for_metadata_counted(rng):
     p.stop()
     st = p.getStats()
     assert (st["nFramesReceived"], st["nFramesPlaced"], st["nFramesWaiting"]) == (2, 2, 0), st
+
+
+def test_sigterm_drain_returns_within_its_timeout_while_a_save_hangs(tmp_path, rng, monkeypatch):
+    """SIGTERM's drain (``on_sigterm``'s ``drain(timeout_s)``) returns False within its timeout
+    while the disk holds a save, so that the framework is told to stop; the image is still
+    saved once the disk answers, and stop() saves the rest after it."""
+    import processors.stitch as stitch_module
+
+    patches, positions, probe = small_scan(rng, n=6)
+    p = make({"positionsFile": str(write_npz(tmp_path / "s.npz", positions, probe, (40, 48))),
+              "outputDirectory": str(tmp_path / "out")}, Publisher())
+    entered, release = threading.Event(), threading.Event()
+    real_save = stitch_module.save_npy_whole
+
+    def hung_save(path, array, replace=True):
+        entered.set()
+        assert release.wait(20), "the test never released the save"
+        real_save(path, array, replace)
+
+    monkeypatch.setattr(stitch_module, "save_npy_whole", hung_save)
+    for k in range(3):
+        p.process(good_frame(k + 1, patches[k]))
+    with p.lock:  # scan 1 finished: its image queued, to be sent and saved by the drain
+        p._finish_locked(publish=True)
+    answer = []
+    drain = threading.Thread(target=lambda: answer.append(p._send_queued(0.2)), daemon=True)
+    try:
+        drain.start()
+        drain.join(5)
+        assert answer == [False], "the drain waited for the hung save"
+        assert entered.is_set()
+    finally:
+        release.set()
+    p.process(good_frame(1, patches[3]))  # scan 2
+    p.stop()
+    assert p.saved_files == [tmp_path / "out" / "stitch_scan0001.npy", tmp_path / "out" / "stitch_scan0002.npy"]
+    assert p.getStats()["nScansSaved"] == 2
+
+
+def test_undecodable_frames_are_counted_by_kind(rng):
+    """Each kind of undecodable frame was logged once and then only counted in nBadFrames:
+    the status said nothing of the kinds of the others. Now nBad<Kind>, as the inference
+    consumer's status has them (a frame of another shape is nFramesWrongShape, not nBadShape)."""
+    from frames_util import bool_frame, colour_frame
+
+    p = make({"objectShape": [40, 48]})
+    p.process(attributed_frame(1, np.ones((PATCH, PATCH), np.float32), (0, 0)))
+    p.process(attributed_frame(2, np.ones((8, 8), np.float32), (0, 0)))  # another shape within the scan
+    for uid in range(3, 5):
+        p.process(colour_frame(uid))
+    p.process(bool_frame(5))
+    st = p.getStats()
+    assert (st["nBadFrames"], st["nFramesWrongShape"], st["nBadColour"], st["nBadDtype"], st["nBadShape"]) == (4, 1, 2, 1, 0), st
+    p.resetStats()
+    assert p.getStats()["nBadColour"] == 0
