@@ -637,3 +637,25 @@ def test_configure_gives_up_on_a_consumer_that_stops_answering(monkeypatch, caps
     assert time.monotonic() - started < 10
     _one_line(capsys.readouterr().err, "edge-ptychonn configure: no answer from cfgmute:1:control: "
               "cfgmute:1:control: no answer to a read within 1.4 s")
+
+
+def test_help_texts_name_what_the_options_take():
+    """--help texts that named less than an option takes, or a default it does not have: the demo's
+    --engine listed 3 of the 5 engines, soak's --fps left out that its default is per consumer,
+    view's --report-period 0 said "none" (a last line comes as a window closes), build-engine showed
+    its --precision default as a Python list (the option takes fp32,fp16)."""
+    import re
+
+    from engines.registry import ENGINE_NAMES
+    from edge_ptychonn.tools import build_engine, demo, soak, view
+
+    def option_help(parser, flag: str) -> str:
+        return next(a.help for a in parser._actions if flag in a.option_strings)
+
+    assert all(name in option_help(demo.get_args_parser(), "--engine") for name in ENGINE_NAMES)
+    assert "times --consumers" in option_help(soak.get_args_parser(), "--fps")
+    assert "0 for none" not in option_help(view.get_args_parser(), "--report-period")
+    assert "as it closes" in option_help(view.get_args_parser(), "--report-period")
+    parser = build_engine.get_args_parser()
+    assert "(default: fp32,fp16)" in re.sub(r"\s+", " ", parser.format_help())
+    assert parser.parse_args([]).precision == ["fp32", "fp16"]

@@ -41,7 +41,7 @@ def get_args_parser(prog: str = "edge-ptychonn build-engine") -> argparse.Argume
     parser.add_argument("--model", type=Path, default=default_model_path(),
                         help="ONNX model (the consumers' modelPath)")
     parser.add_argument("--batch", type=int, default=8, help="the consumers' batchSize: the profile covers 1..batch")
-    parser.add_argument("--precision", type=_precisions, default=["fp32", "fp16"],
+    parser.add_argument("--precision", type=_precisions, default="fp32,fp16",  # argparse applies the type
                         help="comma-separated precisions: fp32, tf32, fp16, bf16")
     parser.add_argument("--device", default="all",
                         help="'all' (every visible GPU), or a device string such as 'cuda:0' or 'cuda:0,1'")

@@ -54,7 +54,10 @@ def get_args_parser(prog: str = "edge-ptychonn demo") -> argparse.ArgumentParser
                         f"with the model's training settings and seed {DEFAULT_SCAN_SEED}, kept in data/generated/, "
                         "or in ~/.cache/edge-ptychonn/ when installed)")
     p.add_argument("--model", type=Path, default=default_model_path(), help="ONNX model (default: %(default)s)")
-    p.add_argument("--engine", default="auto", help="inference engine: auto, torch, onnxruntime (default: %(default)s)")
+    from engines.registry import ENGINE_NAMES
+
+    p.add_argument("--engine", default="auto",
+                   help=f"inference engine: {', '.join(ENGINE_NAMES)} (default: %(default)s)")
     p.add_argument("--consumers", type=int, default=2, help="number of inference consumers (default: %(default)s)")
     p.add_argument("--fps", type=float, default=60.0, help="replay frame rate (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=8, help="frames per inference batch and per distributor turn (default: %(default)s)")

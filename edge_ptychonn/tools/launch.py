@@ -33,6 +33,11 @@ all the same); the others go on, and when none of a stage's is left the chain st
 way the exit status is 1. Failures and warnings go to stderr; the status lines, what was
 started and stopped, and the summary to stdout.
 
+EPICS networking: a replayed scan's chain keeps all pvAccess traffic on this host's
+loopback. A detector chain (no ``scan``) runs with the environment's ``EPICS_PVA*``
+settings when it has any (a beamline's: a detector IOC on another host is found, and
+clients elsewhere see the outputs), else on loopback too; it prints the settings first.
+
 The file (TOML; every key is optional unless marked; unknown keys are refused
 with the accepted ones listed; numbers must be finite; each stage needs a prefix
 of its own, without ``*``). Relative paths, here and in the processors'
@@ -511,7 +516,9 @@ class Chain:
         self.err = err or sys.stderr  # failures and warnings
         self.procs: list[live.Proc] = []
         self.source: live.Proc | None = None
-        self.env = live.use_loopback()
+        # a replay stays on this host's loopback; a detector chain keeps the environment's EPICS
+        # settings when it has any (a detector IOC on another host), else loopback too
+        self.env = live.use_loopback(keep_site=cfg.source["scan"] is None)
         self.status = Status()
         self.started_s = time.monotonic()
         self.started_at = time.time()  # files older than this are not this chain's
@@ -591,6 +598,8 @@ class Chain:
 
     def start(self) -> None:
         cfg = self.cfg
+        if cfg.source["scan"] is None:  # which network the chain looks for the detector on
+            self.say("EPICS pvAccess settings: " + ", ".join(f"{k}={v}" for k, v in sorted(live.site_epics_settings().items())))
         ok, reason = live.loopback_multicast()
         if not ok:
             self.warn(f"warning: {reason}; with several PVA servers on this host some clients may never connect")

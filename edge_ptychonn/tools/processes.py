@@ -45,10 +45,18 @@ LOOPBACK_ENV = {
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
-def use_loopback() -> dict:
+def site_epics_settings() -> dict[str, str]:
+    """The EPICS pvAccess settings (``EPICS_PVA*``) this process's environment holds."""
+    return {key: value for key, value in os.environ.items() if key.startswith("EPICS_PVA")}
+
+
+def use_loopback(keep_site: bool = False) -> dict:
     """Set the loopback EPICS settings in this process (before any PVA channel) and
-    return an environment for child processes (with the project on PYTHONPATH)."""
-    os.environ.update(LOOPBACK_ENV)
+    return an environment for child processes (with the project on PYTHONPATH).
+    ``keep_site``: where the environment holds EPICS pvAccess settings of its own (a
+    beamline's, which reach a detector on another host), they are kept instead."""
+    if not (keep_site and site_epics_settings()):
+        os.environ.update(LOOPBACK_ENV)
     env = dict(os.environ)
     paths = [str(PROJECT_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))

@@ -17,7 +17,8 @@ test suite: it runs for minutes (default 10).
 
 Pick ``--fps`` at about 80 % of the highest lossless rate that
 ``edge-ptychonn bench`` measured for the same settings; without it, 80 % of
-the engine's own rate measured here for a second.
+the engine's own rate (one engine of ``--cpu-threads`` threads, measured here for a
+second) times ``--consumers``.
 """
 
 from __future__ import annotations
@@ -102,7 +103,8 @@ def get_args_parser(prog: str = "edge-ptychonn soak") -> argparse.ArgumentParser
     p.add_argument("--consumers", type=int, default=1,
                    help=f"consumers, 1..{MAX_CONSUMERS} (default: %(default)s)")
     p.add_argument("--cpu-threads", type=int, default=1, help="cpuThreads of each consumer: engine threads per CPU worker (default: %(default)s)")
-    p.add_argument("--fps", type=float, help="offered frames/s (default: 80%% of the engine's rate measured here)")
+    p.add_argument("--fps", type=float, help="offered frames/s (default: 80%% of the engine's rate measured here, "
+                   "times --consumers)")
     p.add_argument("--minutes", type=float, default=10.0, help="how long to stream (default: %(default)s)")
     p.add_argument("--every", type=float, default=30.0, help="seconds between progress lines (default: %(default)s)")
     p.add_argument("--max-growth-mb", type=float, default=50.0,

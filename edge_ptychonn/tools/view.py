@@ -105,8 +105,8 @@ def get_args_parser(prog: str = "edge-ptychonn view") -> argparse.ArgumentParser
     p.add_argument("--server-queue-size", type=int, default=100,
                    help="frames the server may queue for a window at full rate (default: %(default)s)")
     p.add_argument("--report-period", type=float, default=10.0,
-                   help=f"seconds between each window's status line, 0 for none, at most {MAX_REPORT_PERIOD_S:g} "
-                        "(default: %(default)s)")
+                   help=f"seconds between each window's status lines, at most {MAX_REPORT_PERIOD_S:g}; each window "
+                        "also prints one as it closes, and with 0 only that one (default: %(default)s)")
     return p
 
 
