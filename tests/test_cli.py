@@ -659,3 +659,43 @@ def test_help_texts_name_what_the_options_take():
     parser = build_engine.get_args_parser()
     assert "(default: fp32,fp16)" in re.sub(r"\s+", " ", parser.format_help())
     assert parser.parse_args([]).precision == ["fp32", "fp16"]
+
+
+def test_configure_does_not_take_another_requests_answer_for_its_own(monkeypatch, capsys):
+    """PvaPy's control channel answers every caller in one statusMessage. A request that
+    comes in while ours waits (an operator's change refused while our new model builds)
+    stamps objectTime again; before, its answer was printed as ours (a swap that went ahead
+    reported as refused, exit 1). Now the answer is named as possibly the other's, exit 2."""
+    import pvaccess as pva
+
+    answers = iter([
+        {"objectTime": 1.0, "statusMessage": "Configuration successful"},  # before our put
+        {"objectTime": 2.0, "statusMessage": "Command successful"},  # ours, taken
+        {"objectTime": 3.0, "statusMessage": "Command successful"},  # another caller's, taken
+        {"objectTime": 3.0, "statusMessage": "Configuration failed: a new model's engine is being built"},
+    ])
+
+    class Busy:  # a control channel with a second caller
+        def __init__(self, name):
+            pass
+
+        def setTimeout(self, timeout_s):
+            pass
+
+        def get(self, request):
+            record = next(answers)
+
+            class Answer:
+                def toDict(self):
+                    return record
+            return Answer()
+
+        def asyncPut(self, request, done, failed, fields):
+            done(None)
+
+    monkeypatch.setattr(pva, "Channel", Busy)
+    assert cli.main(["configure", "cfgbusy:1:control", "modelPath=m.onnx", "--timeout", "5"]) == 2
+    err = capsys.readouterr().err
+    _one_line(err, "edge-ptychonn configure: another request reached cfgbusy:1:control while this one waited for "
+              "its answer, so the answer read (\"Configuration failed: a new model's engine is being built\") may be "
+              "the other's; the consumer's status channel shows what is in force")

@@ -22,7 +22,10 @@ minutes). Example:
     edge-ptychonn configure inference:1:control modelPath=/models/new.onnx
 
 Exit status: 0 when the consumer applied the change, 1 when it refused it
-(nothing changed), 2 for bad arguments or no answer in time.
+(nothing changed), 2 for bad arguments, no answer in time, or an answer that
+cannot be told from another's (PvaPy's control channel answers every caller
+in one field: when another request comes in before the answer, its status
+channel says what is in force).
 """
 
 from __future__ import annotations
@@ -76,11 +79,22 @@ def _get(ch, channel: str, request: str, connect_timeout_s: float) -> dict:
     return record
 
 
+class CrossedAnswer(Exception):
+    """Another request reached the control channel while this one waited for its answer: the
+    answer read (``message``) may be the other's."""
+
+    def __init__(self, channel: str, message: str):
+        super().__init__(f"another request reached {channel} while this one waited for its answer, so the answer "
+                         f"read ({message!r}) may be the other's; the consumer's status channel shows what is in force")
+        self.message = message
+
+
 def send(channel: str, args_text: str, timeout_s: float = 5.0, connect_timeout_s: float | None = None) -> str:
     """Send ``configure`` with ``args_text`` (a JSON object, as text); return the reply, waiting
     up to ``timeout_s`` for it. ``connect_timeout_s`` (default ``timeout_s``) limits finding the
     channel and handing over the request: a wrong channel name fails that fast; each read of the
-    channel takes at most :func:`processes.answer_s` of it (TimeoutError)."""
+    channel takes at most :func:`processes.answer_s` of it (TimeoutError). :class:`CrossedAnswer`
+    when another request reached the channel before the answer came."""
     import pvaccess as pva
 
     connect_timeout_s = timeout_s if connect_timeout_s is None else connect_timeout_s
@@ -102,8 +116,11 @@ def send(channel: str, args_text: str, timeout_s: float = 5.0, connect_timeout_s
     if put_errors:
         _not_control(channel, put_errors[0])
         raise pva.PvaException(f"{channel}: the request failed: {put_errors[0]}")
-    # The consumer stamps objectTime when it takes the command and answers a moment later.
+    # The consumer stamps objectTime when it takes the command and answers a moment later,
+    # in the same statusMessage for every caller, with no mark of whose request it answers:
+    # a second stamp while this one waits is another request's, and the answer may be theirs.
     deadline = time.monotonic() + timeout_s
+    stamps = set()
     while True:
         try:
             record = _get(ch, channel, "field(objectTime,statusMessage)", connect_timeout_s)
@@ -113,7 +130,11 @@ def send(channel: str, args_text: str, timeout_s: float = 5.0, connect_timeout_s
             time.sleep(0.05)
             continue
         message = record["statusMessage"]
-        if (record["objectTime"] != before and message != PENDING) or time.monotonic() > deadline:
+        if record["objectTime"] != before:
+            stamps.add(record["objectTime"])
+        if (stamps and message != PENDING) or time.monotonic() > deadline:
+            if len(stamps) > 1:
+                raise CrossedAnswer(channel, message)
             return message
         time.sleep(0.05)
 
@@ -184,7 +205,7 @@ def main(args: argparse.Namespace) -> int:
     except (pva.PvaException, TimeoutError) as exc:
         print(f"edge-ptychonn configure: no answer from {args.channel}: {exc}", file=sys.stderr)
         return 2
-    except ValueError as exc:
+    except (ValueError, CrossedAnswer) as exc:
         print(f"edge-ptychonn configure: {exc}", file=sys.stderr)
         return 2
     print(reply)
