@@ -492,17 +492,42 @@ def test_process_and_machine_cpu_are_read_from_proc():
 
 def test_losses_at_the_source_are_told_apart_from_the_processor():
     # 1000 published; consumers received 940 and saw 10 gaps; 935 came out
-    assert bench_pipeline.split_losses(1000, 940, 10, 935) == (50, 5)
+    assert bench_pipeline.split_losses(1000, 940, 10, 935) == (50, 5, None)
     # each consumer's nReceived counts its connect update: a frame the server dropped at
     # exit is the source's loss, not the processor's (stored runs: 4001 received of 4000)
     received = bench_pipeline.consumer_frames([1000, 999])  # 2 consumers; the server dropped 3 of 2000 at exit
-    assert received == 1997 and bench_pipeline.split_losses(2000, received, 0, 1997) == (3, 0)
+    assert received == 1997 and bench_pipeline.split_losses(2000, received, 0, 1997) == (3, 0, None)
     point = fake_point(100.0, 1000.0)
     point.n_lost, point.n_lost_source, point.n_lost_processor = 50, 50, 0
     assert point.lossless  # the server dropped its backlog at exit; the processor lost nothing
     assert "(at source 50, by processor 0)" in bench_pipeline.describe(point)
     point.n_lost_processor = 1
     assert not point.lossless
+
+
+
+def test_frames_the_collector_missed_are_not_blamed_on_the_processor():
+    """The consumers received and published 100 frames (their own statistics); the bench's
+    output collector got 95 (before: all 5 in the 'by processor' column). The point is still
+    not lossless: a frame published that no client receives is lost to the chain."""
+    ptychonn = [{"userStats": {"nFramesProcessed": 60}, "publisherStats": {"nPublished": 58}},
+                {"userStats": {"nFramesProcessed": 40}, "publisherStats": {"nPublished": 40}}]
+    assert bench_pipeline.consumer_published(ptychonn, is_ptychonn=True) == 100  # its own count, always current
+    passthrough = [{"userStats": {}, "publisherStats": {"nPublished": 100}}]
+    assert bench_pipeline.consumer_published(passthrough, is_ptychonn=False) == 100
+    assert bench_pipeline.consumer_published([{"userStats": {}}], is_ptychonn=True) is None
+    assert bench_pipeline.split_losses(100, 100, 0, 95, n_published=100) == (0, 0, 5)
+    # 3 the processor did not publish, 2 published that the collector missed
+    assert bench_pipeline.split_losses(100, 100, 0, 95, n_published=97) == (0, 3, 2)
+    # a count read before the last publish: what came out was published
+    assert bench_pipeline.split_losses(100, 100, 0, 99, n_published=98) == (0, 1, 0)
+    point = fake_point(100.0, 1000.0)
+    point.n_lost, point.n_lost_source, point.n_lost_processor, point.n_lost_collector = 5, 0, 0, 5
+    assert not point.lossless and "(at source 0, by processor 0, by collector 5)" in bench_pipeline.describe(point)
+    report = {"pipeline": {"points": [point.to_dict()]}}
+    lines = bench_report.pipeline_table(report).splitlines()
+    cells = dict(zip([c.strip() for c in lines[0].split("|")], [c.strip() for c in lines[2].split("|")]))
+    assert cells["by processor"] == "0" and cells["by collector"] == "5", cells
 
 
 @pytest.mark.e2e
@@ -530,6 +555,8 @@ def test_quick_pipeline_run(tmp_path, bench_small_model):
         assert p["n_lost"] == 0 and p["n_missed"] == 0 and p["n_unique"] == p["n_offered"] >= 64
         # what the consumers received is the frames, without their connect updates
         assert p["n_consumer_received"] == p["n_offered"] and p["n_lost_processor"] == 0, p
+        # and published all of them, by their own statistics: the collector missed none
+        assert p["n_published"] == p["n_offered"] and p["n_lost_collector"] == 0, p
     assert points["ptychonn"]["latency_p99_ms"] > 0
     for p in points.values():  # CPU over the stream (clock ticks of 10 ms: a short window may see 0 of one)
         cpu = [p["cpu_consumer_us"], p["cpu_server_us"], p["cpu_collector_us"]]
@@ -611,6 +638,63 @@ def test_points_of_each_processor_have_their_own_channels_and_logs(monkeypatch):
         bench_pipeline._measure(settings, processor, 1, rate, None, Path("."), {}, None,
                                 bench_pipeline.StartDelay(6.0), [], None)
     assert len(set(tags)) == 4, tags
+
+
+
+def test_no_step_offers_a_rate_that_rounds_to_0_or_to_one_already_measured(monkeypatch):
+    """Rates are to 0.1 frames/s and target 0 streams as fast as the server can (before: a
+    ceiling sweep from 1 fps, /10 per step, asked 1, 0.1 and 0, shown as 'max'; a sweep at
+    0.1 fps asked 0.1 again, on the same channels and log folder)."""
+    asked, tags = [], []
+
+    def run_point(s, p, n, rate, base, work, env, procs, tag, delay):
+        asked.append(rate)
+        tags.append(tag)
+        return fake_point(rate, capacity=0.01)
+
+    monkeypatch.setattr(bench_pipeline, "run_point", run_point)
+    settings = bench_pipeline.PipelineSettings(model_path=Path("m.onnx"))
+    bench_pipeline.ceiling_sweep(settings, "zero", 1, 1.0, None, Path("."), {}, None, factor=10, down=4, refine=0)
+    assert asked == [1.0, 0.1]
+    asked.clear()
+    bench_pipeline.sweep(settings, "ptychonn", 1, [0.2], None, Path("."), {}, None, down=4, refine=0)
+    assert asked == [0.2, 0.1]
+    asked.clear()
+    monkeypatch.setattr(bench_pipeline, "run_point",
+                        lambda s, p, n, rate, *a: asked.append(rate) or fake_point(rate, capacity=1e9))
+    bench_pipeline.sweep(settings, "ptychonn", 1, [0.2], None, Path("."), {}, None, extend=3, refine=0)
+    assert asked == [0.2]  # x1.2 rounds back to 0.2
+    asked.clear()
+    monkeypatch.setattr(bench_pipeline, "run_point",
+                        lambda s, p, n, rate, *a: asked.append(rate) or fake_point(rate, capacity=1.0))
+    bench_pipeline.sweep(settings, "ptychonn", 1, [1.0, 1.1], None, Path("."), {}, None, stop_after=1, refine=2)
+    assert asked == [1.0, 1.1]  # the middle of 1.0 and 1.1 rounds to one of them
+    assert "max" not in "".join(tags)
+
+
+def test_a_rate_measured_once_per_sweep_whatever_repeats_it(tmp_path, monkeypatch, capsys):
+    """--rate-fractions 0.6,0.6 or two fractions of one rate, and --consumers 1,1, measure each
+    point once (before: twice, on the same channel names, the second one's logs over the first's);
+    a fraction whose rate rounds to 0 is left out and said (before: target 0, as fast as the
+    server can, shown as 'max')."""
+    tags = []
+
+    def run_point(settings, processor, n, rate, base, work, env, procs, tag, delay):
+        tags.append(tag)
+        return fake_point(rate, capacity=1e9)
+
+    fake_streaming(monkeypatch, run_point)
+    args = bench.get_args_parser().parse_args([
+        "--skip", "warm,engine,framepath,zero,passthrough", "--consumers", "1,1", "--no-plots",
+        "--rate-fractions", "0.6,0.6,0.6001,0.0001", "--extend", "0", "--refine", "0",
+        "--model", str(tiny_model(tmp_path / "tiny.onnx")), "--out", str(tmp_path / "out"),
+    ])
+    assert args.consumers == [1] and args.rate_fractions == [0.6, 0.6001, 0.0001]
+    assert bench.main(args) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [p["target_fps"] for p in report["pipeline"]["points"]] == [60.0] and tags == ["ptychonn1r60"]
+    out = capsys.readouterr()
+    assert "rate fraction 0.0001 of 100.0 frames/s rounds to 0 frames/s: not measured" in out.out + out.err
 
 
 def test_unknown_engine_is_an_error(capsys):
@@ -912,6 +996,41 @@ def test_an_interrupted_warm_start_leaves_its_launches_in_the_report(tmp_path, m
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["interrupted"] and report["warm_start"] == [
         {"engine": "onnxruntime", "launch": "first", "first_output_s": 3.25, "error": None}]
+
+
+
+def test_a_warm_start_launch_that_cannot_start_closes_its_collector(tmp_path, monkeypatch):
+    """The consumer's start raises (no such program, a Ctrl-C in it): the output collector
+    opened for that launch is closed too (before: left monitoring), and the server stopped."""
+    from edge_ptychonn.tools import processes as live
+
+    opened = []
+
+    class Collector:
+        def __init__(self, channels, keep_images=True):
+            self.closed = False
+            opened.append(self)
+
+        def close(self):
+            self.closed = True
+
+    stopped = []
+
+    class Procs:
+        def start(self, name, argv, env, log_dir):
+            if name != "server":
+                raise KeyboardInterrupt
+            return name
+
+        def stop(self, proc):
+            stopped.append(proc)
+
+    monkeypatch.setattr(live, "OutputCollector", Collector)
+    settings = bench_pipeline.PipelineSettings(model_path=tmp_path / "m.onnx")
+    with pytest.raises(KeyboardInterrupt):
+        bench_pipeline.warm_start(settings, ["onnxruntime"], bench_pipeline.make_frames(2, (8, 8)), tmp_path, {},
+                                  Procs())
+    assert len(opened) == 1 and opened[0].closed and stopped == ["server"]
 
 
 def test_the_worker_counts_given_are_the_ones_timed(tmp_path):

@@ -53,15 +53,18 @@ def _listed(values: list, text: str, low: float = 1, what: str = "") -> list:
 
 
 def _floats(text: str) -> list[float]:
-    """Comma-separated finite numbers > 0 (a rate fraction of 0 or NaN offers no rate to measure)."""
-    values = [float(x) for x in text.split(",") if x.strip()]
+    """Comma-separated finite numbers > 0 (a rate fraction of 0 or NaN offers no rate to measure),
+    each once, in the order given."""
+    values = list(dict.fromkeys(float(x) for x in text.split(",") if x.strip()))
     if any(not math.isfinite(v) or v <= 0 for v in values):
         raise argparse.ArgumentTypeError(f"values must be finite and > 0, got {text!r}")
     return _listed(values, text, low=0)
 
 
 def _ints(text: str) -> list[int]:
-    return _listed([int(x) for x in text.split(",") if x.strip()], text)
+    """Comma-separated integers >= 1, each once, in the order given (a count measured twice
+    would only repeat itself)."""
+    return _listed(list(dict.fromkeys(int(x) for x in text.split(",") if x.strip())), text)
 
 
 def _threads(text: str) -> list[int]:
@@ -174,7 +177,8 @@ def get_args_parser(prog: str = "edge-ptychonn bench") -> argparse.ArgumentParse
                         "of the engine (default 0: cores / N, at most 4)")
     g.add_argument("--consumers", type=_ints, default=None, help="consumer counts N (default: 1, 2, and more with more cores)")
     g.add_argument("--rate-fractions", type=_floats, default=[0.6, 0.8, 0.9, 1.0, 1.1],
-                   help="offered rates as fractions of the engine-alone rate of the pipeline's engine, precision and batch")
+                   help="offered rates as fractions of the engine-alone rate of the pipeline's engine, precision and batch "
+                        "(to 0.1 frames/s; a fraction whose rate rounds to 0 is left out)")
     g.add_argument("--ceiling-start", type=_number(float, 1), default=500.0,
                    help="first offered rate (frames/s) of the zero-cost and passthrough sweeps, which climb from there")
     g.add_argument("--ceiling-factor", type=_number(float, 1, above=True), default=1.5, help="rate step of those sweeps (x up, / down)")
@@ -401,7 +405,7 @@ def main(args: argparse.Namespace) -> int:
                 ratios.append(row)
                 if "pipeline" not in args.skip:
                     progress.stage(f"pipeline: {n} PtychoNN consumer(s), {settings.engine} {settings.precision} batch {settings.batch}")
-                    rates = [round(f * engine_alone, 1) for f in args.rate_fractions] if engine_alone else []
+                    rates = _rates(args.rate_fractions, engine_alone, progress) if engine_alone else []
                     points = _swept(report, lambda into: bp.sweep(
                         settings, "ptychonn", n, rates, base_frames, out_dir, env, procs, args.stop_after, args.refine,
                         progress, delay, extend=args.extend, down=args.down, into=into))
@@ -462,6 +466,20 @@ def _swept(report: dict, run) -> list:
     finally:
         report["pipeline"]["points"] += [p.to_dict() for p in (measured if points is None else points)]
     return points
+
+
+def _rates(fractions: list[float], engine_alone: float, progress) -> list[float]:
+    """The pipeline's offered rates: ``fractions`` of ``engine_alone``, to 0.1 frames/s, each
+    once. A fraction whose rate rounds to 0 is left out, and said: a target of 0 would
+    stream as fast as the server can."""
+    rates = []
+    for fraction in fractions:
+        rate = round(fraction * engine_alone, 1)
+        if rate <= 0:
+            progress(f"rate fraction {fraction:g} of {engine_alone:.1f} frames/s rounds to 0 frames/s: not measured")
+        elif rate not in rates:
+            rates.append(rate)
+    return rates
 
 
 def _precisions(args) -> dict[str, tuple[str, ...]]:

@@ -15,15 +15,19 @@ Per point:
   cause: ``lost at source`` (published by the server but never received by any
   consumer and not a gap PvaPy saw: the frames still queued for a slow client when
   the sim server exits), ``nMissed`` (the sum of PvaPy's ``processorStats.nMissed``:
-  gaps in uniqueId, i.e. lost in transport), and ``lost by processor`` (received
+  gaps in uniqueId, i.e. lost in transport), ``lost by processor`` (received
   by a consumer, per its ``receiverStats.nReceived`` less its connect update, but
-  never published);
+  never published, per the consumers' own count of frames published: see
+  :func:`consumer_published`), and ``missed by the collector`` (published by a
+  consumer, never received by the bench's output collector);
 - delivered rate: (frames received - 1) / (last arrival - first arrival);
 - latency: the processor's receive-to-publish p50 / p99 (``userStats``; the worst
   consumer), and end to end (server time stamp -> arrival here) for every processor;
-- lossless: nothing lost by the processor or in transport (nMissed 0); frames the
-  source dropped at its exit are reported apart, they say the consumer had a
-  backlog when the stream ended, not that it lost what it received;
+- lossless: nothing lost by the processor, in transport (nMissed 0) or on the way
+  out to the bench's collector (a frame published that no client receives is lost
+  to the chain all the same; the column says whose it was); frames the source
+  dropped at its exit are reported apart, they say the consumer had a backlog
+  when the stream ended, not that it lost what it received;
 - sustained: lossless and delivered >= ``KEEP_UP`` x offered. A short stream can
   be lossless above the pipeline's capacity while the server queue fills up; such
   a point is not counted as sustained, since a longer run would lose frames;
@@ -100,6 +104,8 @@ class PointResult:
     n_consumer_received: int | None = None  # frames the consumers received (receiverStats.nReceived less the connect updates)
     n_lost_source: int | None = None  # published, never received, no gap: dropped by the server at exit
     n_lost_processor: int | None = None  # received by a consumer, not published
+    n_published: int | None = None  # frames the consumers published, by their own statistics
+    n_lost_collector: int | None = None  # published by a consumer, never received by the bench's output collector
     # CPU over the stream (first output -> 90 % of the frames out), per frame out (see CpuSample):
     cpu_consumer_us: float | None = None  # the consumer process(es), every thread
     cpu_server_us: float | None = None  # the sim server
@@ -111,7 +117,7 @@ class PointResult:
         if self.error is not None or self.n_missed:
             return False
         if self.n_lost_processor is not None:  # source exit drops are not the processor's loss
-            return self.n_lost_processor == 0
+            return self.n_lost_processor == 0 and not self.n_lost_collector
         return self.n_lost == 0
 
     @property
@@ -331,10 +337,12 @@ def run_point(
     e2e_p50, e2e_p99 = _percentiles(e2e_ms)
     ok = [s for s in statuses if s]
     n_missed = sum(int(s.get("processorStats", {}).get("nMissed", 0)) for s in ok) if ok else None
-    n_consumer_received = lost_source = lost_processor = None
+    n_consumer_received = lost_source = lost_processor = n_published = lost_collector = None
     if ok and len(ok) == n_consumers:
         n_consumer_received = consumer_frames(s.get("receiverStats", {}).get("nReceived", 0) for s in ok)
-        lost_source, lost_processor = split_losses(n_offered, n_consumer_received, n_missed, len(unique))
+        n_published = consumer_published(ok, is_ptychonn)
+        lost_source, lost_processor, lost_collector = split_losses(
+            n_offered, n_consumer_received, n_missed, len(unique), n_published)
     user = [s.get("userStats", {}) for s in ok]
     n_dropped = sum(int(u.get("nFramesDropped", 0)) for u in user) if is_ptychonn and user else None
     # a status read while the stream flowed, unless its report predates the first outputs (a
@@ -356,7 +364,7 @@ def run_point(
         cpu_layout=", ".join(sorted({str(u.get("device", "")) for u in user})) if is_ptychonn and user else None,
         ready_s=ready_s, start_delay_s=start_delay_s, wall_s=time.perf_counter() - t_start, error=error,
         n_consumer_received=n_consumer_received, n_lost_source=lost_source, n_lost_processor=lost_processor,
-        **cpu,
+        n_published=n_published, n_lost_collector=lost_collector, **cpu,
     )
 
 
@@ -407,16 +415,35 @@ def consumer_frames(n_received) -> int:
     return sum(max(int(n) - CONNECT_UPDATES, 0) for n in n_received)
 
 
-def split_losses(n_offered: int, n_consumer_received: int, n_missed: int, n_unique_out: int) -> tuple[int, int]:
-    """(lost at the source, lost by the processor) of one point.
+def consumer_published(statuses: list[dict], is_ptychonn: bool) -> int | None:
+    """Frames the consumers published on their outputs, by their own statistics, summed;
+    None when a status lacks the count. The PtychoNN processor publishes from its own
+    threads, after PvaPy's ``process()`` returned: its ``userStats.nFramesProcessed``
+    (frames published) is current at every report, where PvaPy's ``publisherStats`` is
+    refreshed only when a frame comes in. The passthrough publishes inside ``process()``:
+    ``publisherStats.nPublished``."""
+    counts = [s.get("userStats", {}).get("nFramesProcessed") if is_ptychonn
+              else s.get("publisherStats", {}).get("nPublished") for s in statuses]
+    return None if any(c is None for c in counts) else sum(int(c) for c in counts)
+
+
+def split_losses(n_offered: int, n_consumer_received: int, n_missed: int, n_unique_out: int,
+                 n_published: int | None = None) -> tuple[int, int, int | None]:
+    """(lost at the source, lost by the processor, missed by the collector) of one point.
 
     Frames the server published that no consumer received, beyond the gaps PvaPy
     counted (nMissed), never left the server: it dropped them at exit, still queued
-    for a slow client. Frames a consumer received that never came out were lost by
-    the processor (or its output transport)."""
+    for a slow client. Frames a consumer received but did not publish (``n_published``,
+    the consumers' own count) were lost by the processor; frames published that the
+    bench's output collector never received were missed by the collector (or on the way
+    to it), not lost by the processor. Without ``n_published`` every frame received
+    that did not come out is the processor's, and the collector's share is None."""
     source = max(0, n_offered - n_consumer_received - (n_missed or 0))
-    processor = max(0, min(n_consumer_received, n_offered) - n_unique_out)
-    return source, processor
+    received = min(n_consumer_received, n_offered)
+    if n_published is None:
+        return source, max(0, received - n_unique_out), None
+    published = max(n_published, n_unique_out)  # what came out was published, whenever the count was read
+    return source, max(0, received - published), max(0, min(published, received) - n_unique_out)
 
 
 class StartDelay:
@@ -461,8 +488,10 @@ def sweep(
     ones, at one with an error, or at a server-limited one (a higher target measures the
     server again); while the highest still keeps up, up to ``extend`` more at x1.2 each;
     when none kept up, up to ``down`` more at /1.5 each until one does; then ``refine``
-    bisections between the best sustained rate and the next. ``into`` gets each point as
-    it is measured."""
+    bisections between the best sustained rate and the next. Rates are to 0.1 frames/s;
+    each is measured once (a step that rounds to a rate already measured, or down to 0,
+    which would mean as fast as the server can, ends that stage). ``into`` gets each
+    point as it is measured."""
     delay = delay or StartDelay(settings.start_delay_s)
     results: list[PointResult] = []
 
@@ -474,7 +503,7 @@ def sweep(
         return r
 
     failed = 0
-    for rate in sorted(rates, key=lambda r: r or float("inf")):  # 0 (server maximum) last
+    for rate in sorted(set(rates), key=lambda r: r or float("inf")):  # 0 (server maximum) last
         r = point(rate)
         if not r.sustained:
             failed += 1
@@ -483,13 +512,19 @@ def sweep(
     for _ in range(extend):
         if failed or not results or results[-1].target_fps <= 0 or results[-1].server_limited:
             break
-        if not point(round(results[-1].target_fps * 1.2, 1)).sustained:
+        higher = round(results[-1].target_fps * 1.2, 1)
+        if higher <= results[-1].target_fps:  # a rate this low rounds back to itself
+            break
+        if not point(higher).sustained:
             failed += 1
     for _ in range(down):  # nothing kept up: go down until something does
         rated = [r.target_fps for r in results if r.target_fps > 0]
         if not rated or any(r.sustained for r in results) or results[-1].error:  # a lower rate mends no error
             break
-        point(round(min(rated) / 1.5, 1))
+        lower = round(min(rated) / 1.5, 1)
+        if not 0 < lower < min(rated):  # no lower rate to offer
+            break
+        point(lower)
     for _ in range(refine):
         good = [r.target_fps for r in results if r.sustained and r.target_fps > 0]
         low = max(good, default=None)
@@ -497,9 +532,10 @@ def sweep(
         if low is None or not above:
             break
         high = min(above)
-        if high / low < 1.04:
+        middle = round((low + high) / 2, 1)
+        if high / low < 1.04 or middle in (low, high):
             break
-        point(round((low + high) / 2, 1))
+        point(middle)
     return sorted(results, key=lambda r: r.offered_fps)
 
 
@@ -512,8 +548,9 @@ def ceiling_sweep(
     each point is sustained (at most ``max_points``); if the first is not, /``factor``
     up to ``down`` times until one is; then ``refine`` bisections between the best
     sustained rate and the first one above it that was not. A server-limited point
-    ends the climb (the ceiling is then at least that rate). ``into`` gets each point
-    as it is measured."""
+    ends the climb (the ceiling is then at least that rate). Rates are to 0.1 frames/s;
+    none is measured twice, and none rounds down to 0 (as fast as the server can): a
+    step to such a rate ends that stage. ``into`` gets each point as it is measured."""
     delay = delay or StartDelay(settings.start_delay_s)
     results: list[PointResult] = []
 
@@ -529,6 +566,8 @@ def ceiling_sweep(
     steps = 0
     # down also from a server-limited point that did not keep up with what the server did publish
     while not r.sustained and not r.error and steps < down:  # a lower rate mends no error
+        if not 0 < round(rate / factor, 1) < round(rate, 1):  # no lower rate to offer (0 is the server's maximum)
+            break
         rate /= factor
         r = point(rate)
         steps += 1
@@ -545,7 +584,10 @@ def ceiling_sweep(
         above = [p.target_fps for p in results if not p.sustained and low is not None and p.target_fps > low]
         if low is None or not above or min(above) / low < 1.04:
             break
-        point((low + min(above)) / 2)
+        middle = round((low + min(above)) / 2, 1)
+        if middle in (low, min(above)):  # rates this close round to one already measured
+            break
+        point(middle)
     return sorted(results, key=lambda p: p.target_fps)
 
 
@@ -577,7 +619,8 @@ def describe(r: PointResult) -> str:
         state += ", server-limited"
     split = ""
     if r.n_lost and r.n_lost_source is not None:
-        split = f" (at source {r.n_lost_source}, by processor {r.n_lost_processor})"
+        collector = f", by collector {r.n_lost_collector}" if r.n_lost_collector is not None else ""
+        split = f" (at source {r.n_lost_source}, by processor {r.n_lost_processor}{collector})"
     text = (
         f"{r.processor} N={r.n_consumers} offered {r.offered_fps:.0f} fps (target {r.target_fps or 'max'}): "
         f"delivered {r.delivered_fps:.0f} fps, lost {r.n_lost}/{r.n_offered}{split}, nMissed {r.n_missed}{lat}{e2e} "
@@ -623,9 +666,10 @@ def warm_start(
                 argv = live.consumer_argv(input_channel, out_prefix, 1, PTYCHONN, args,
                                           batch_updates=1, server_queue_size=settings.server_queue_size)
                 collector = live.OutputCollector([f"{out_prefix}:1:output"], keep_images=False)
-                t0 = time.perf_counter()
-                consumer = procs.start(f"consumer_{engine}_{launch}", argv, env, log_dir)
-                try:
+                consumer = None
+                try:  # the collector is closed however the launch ends, also one that cannot start
+                    t0 = time.perf_counter()
+                    consumer = procs.start(f"consumer_{engine}_{launch}", argv, env, log_dir)
                     deadline = t0 + timeout_s
                     while collector.count() == 0 and consumer.running() and time.perf_counter() < deadline:
                         time.sleep(0.02)
@@ -638,7 +682,8 @@ def warm_start(
                         result = WarmStart(engine, launch, None, f"no output in {timeout_s:.0f} s; log: {consumer.log_path}")
                 finally:
                     collector.close()
-                    procs.stop(consumer)
+                    if consumer is not None:
+                        procs.stop(consumer)
                 results.append(result)
                 if into is not None:
                     into.append(result)
