@@ -1209,3 +1209,12 @@ def test_a_point_without_the_machine_busy_share_is_described(monkeypatch):
     assert cpu["cpu_consumer_us"] == 0.0 and cpu["machine_busy_pct"] is None
     text = bench_pipeline.describe(replace(fake_point(100.0, 1e9), **cpu))
     assert "CPU per frame: consumer 0 us" in text and "machine ? busy" in text
+
+
+def test_help_shows_list_defaults_as_they_are_typed():
+    """The help showed list defaults as Python lists ('[1, 8, 32]'), which the options do
+    not take, and '--no-plots' had no text."""
+    text = bench.get_args_parser().format_help()
+    assert "(default: 1,8,32)" in text and "(default: 0.6,0.8,0.9,1.0,1.1)" in text, text
+    assert "[1, 8, 32]" not in text and "(default: [])" not in text
+    assert "write no PNG plots" in text

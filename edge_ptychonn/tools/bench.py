@@ -125,10 +125,16 @@ def default_consumers(cores: int) -> list[int]:
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each default, except ``None``: those options say in their help what they default to."""
+    """Shows each default as it would be typed (a list comma-separated, as the option takes
+    it), except ``None`` and a store_true's False: those options say in their help what
+    they do by default."""
 
     def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
+        if action.default is None or action.default is False or action.default == []:
+            return action.help
+        if isinstance(action.default, (list, tuple)):
+            return f"{action.help} (default: {','.join(map(str, action.default))})"
+        return super()._get_help_string(action)
 
 
 def get_args_parser(prog: str = "edge-ptychonn bench") -> argparse.ArgumentParser:
@@ -192,7 +198,7 @@ def get_args_parser(prog: str = "edge-ptychonn bench") -> argparse.ArgumentParse
     g.add_argument("--down", type=_number(int, 0), default=4,
                    help="points added below the lowest rate (/1.5 each) while none keeps up")
     g.add_argument("--refine", type=_number(int, 0), default=1, help="bisections between the best sustained rate and the next")
-    g.add_argument("--no-plots", action="store_true")
+    g.add_argument("--no-plots", action="store_true", help="write no PNG plots (the tables and report.json only)")
     return parser
 
 
