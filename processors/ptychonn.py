@@ -16,8 +16,9 @@ Input
     blosc / bslz4 compressed when that package is installed), of a size that
     the preprocessing turns into the model's input (e.g. 128x128, or 516x516
     with ``"crop": [512, 512], "bin": 4``). Float frames with NaN or infinite
-    pixels (or double pixels beyond float32's range) are bad frames
-    (``nonfinite``); records without an image (on connect) are no frames.
+    pixels (or double pixels beyond float32's range, or pixels that binning or
+    scaling takes beyond it) are bad frames (``nonfinite``), never published;
+    records without an image (on connect) are no frames.
 Output (``--output-channel``)
     One NTNDArray per input frame, in input order: float32 phase image
     (model output size, radians), the input's ``uniqueId``, ``timeStamp``,
@@ -199,6 +200,13 @@ def _calling_controller(frame, processor):
     return None
 
 
+def _group_size(id_pattern: tuple[int, int]) -> int:
+    """Consumers in the distributor's group of the pattern (nSequentialUpdates, objectIdOffset):
+    objectIdOffset = (N - 1) * nSequentialUpdates + 1."""
+    n_sequential, id_offset = id_pattern
+    return (id_offset - 1) // n_sequential + 1
+
+
 def _set_pattern(controller, n_sequential: int, id_offset: int) -> None:
     """The distributor pattern PvaPy's controller counts its missed frames in."""
     controller.nSequentialUpdates, controller.objectIdOffset = n_sequential, id_offset
@@ -228,10 +236,9 @@ class PtychoNNProcessor(StatsFromTable, AdImageProcessor):
     @property
     def group_size(self) -> int:
         """Consumers in the distributor's group now (PvaPy's configure changes it as consumers
-        join or leave; a model swap lays its engine out for the group of then):
-        objectIdOffset = (N - 1) * nSequentialUpdates + 1."""
-        n_sequential, id_offset = self.pipeline.id_pattern
-        return (id_offset - 1) // n_sequential + 1
+        join or leave; a model swap lays its engine out for the group of then, or of its own
+        request)."""
+        return _group_size(self.pipeline.id_pattern)
 
     @property
     def config(self) -> ProcessorConfig:
@@ -242,18 +249,21 @@ class PtychoNNProcessor(StatsFromTable, AdImageProcessor):
         c = self.pipeline.config
         return create_engine(c.engine, self._engine_options(c.model_path, c.precision))
 
-    def _engine_options(self, model_path, precision: str) -> EngineOptions:
+    def _engine_options(self, model_path, precision: str, consumers: int | None = None) -> EngineOptions:
+        """``consumers``: the distributor group's size to lay the CPU out for (default: now)."""
         c = self.pipeline.config
         return EngineOptions(
             model_path=model_path, device=c.device, precision=precision,
-            max_batch=c.batch_size, cpu_threads=c.cpu_threads, cpu_workers=c.cpu_workers, consumers=self.group_size,
+            max_batch=c.batch_size, cpu_threads=c.cpu_threads, cpu_workers=c.cpu_workers,
+            consumers=self.group_size if consumers is None else consumers,
             processor_id=self.processor_id, plan_cache_dir=c.plan_cache_dir,
         )
 
-    def _engine_for_model(self, model_path):
-        """An engine of the running kind (engine, device, precision) for another model;
-        called by configure's modelPath on PvaPy's configure thread. The input size is
-        checked before building (a TensorRT build takes minutes)."""
+    def _engine_for_model(self, model_path, id_pattern: tuple[int, int]):
+        """An engine of the running kind (engine, device, precision) for another model, laid
+        out for the distributor pattern ``id_pattern`` (the configure request's, when it
+        changes it too); called by configure's modelPath on PvaPy's configure thread. The input
+        size is checked before building (a TensorRT build takes minutes)."""
         running = self.pipeline.engine
         shape = read_signature(model_path).input_shape  # ValueError: not a readable ONNX model
         if tuple(shape) != tuple(running.input_shape):
@@ -262,7 +272,8 @@ class PtychoNNProcessor(StatsFromTable, AdImageProcessor):
                 f"{running.input_shape[0]}x{running.input_shape[1]}; restart the consumer to change the input size"
             )
         _check_card(model_path, tuple(shape))
-        return create_engine(running.name, self._engine_options(model_path, running.precision))
+        return create_engine(running.name, self._engine_options(model_path, running.precision,
+                                                                _group_size(id_pattern)))
 
     # -- PvaPy lifecycle -------------------------------------------------------------------
     def start(self):

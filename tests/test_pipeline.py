@@ -544,7 +544,7 @@ class Recorded:
     def __init__(self, gate=None):
         self.built, self.gate = [], gate
 
-    def __call__(self, model_path):
+    def __call__(self, model_path, id_pattern):
         if self.gate is not None:
             assert self.gate.wait(30)  # the test decides when the build ends
         engine = create_engine("onnxruntime", EngineOptions(model_path, max_batch=8, cpu_threads=1))
@@ -688,10 +688,10 @@ def test_a_model_that_does_not_fit_is_refused_and_nothing_changes(small_model, m
     pipeline, published, factory = make_pipeline(small_model, batchSize=2, batchTimeout=0.05)
     recorded = Recorded()
 
-    def build(path):
+    def build(path, id_pattern):
         if what == "build-fails":
             raise RuntimeError("the engine library says no\n" + "x" * 5000)
-        return recorded(path)
+        return recorded(path, id_pattern)
 
     pipeline.start(factory, build)
     text = tmp_path / "notes.onnx"
@@ -752,7 +752,7 @@ def test_model_swap_with_batches_in_flight_on_an_async_engine(small_model, model
     images = frames(rng, 24)
     for uid in range(1, 13):  # three full batches wait when the thread starts
         pipeline.submit(good_frame(uid, images[uid - 1]))
-    pipeline.start(lambda: old, lambda path: new)
+    pipeline.start(lambda: old, lambda path, pattern: new)
     assert wait_for(lambda: old.calls == [("submit", 1), ("submit", 2)])  # two in flight, held
     pipeline.configure({"modelPath": str(model_b)})
     gate.set()
@@ -964,7 +964,7 @@ def test_a_new_engine_refused_at_stop_is_closed_without_the_lock_that_frames_nee
 
     building, built, closing, may_close = (threading.Event() for _ in range(4))
 
-    def factory_for(model_path):
+    def factory_for(model_path, id_pattern):
         building.set()
         assert built.wait(30)
         engine = create_engine("onnxruntime", EngineOptions(model_path, max_batch=8, cpu_threads=1))
@@ -997,3 +997,56 @@ def test_a_new_engine_refused_at_stop_is_closed_without_the_lock_that_frames_nee
         configure.join(30)
     assert fed, "submit() waited for the new engine's close"
     assert "stopping" in result["refused"] and pipeline.stats.dropped["stopping"] == 1
+
+
+@pytest.mark.parametrize("args, hw", [({"crop": [128, 128], "bin": 2}, (128, 128)), ({"scale": 4.0}, (64, 64))])
+def test_pixels_that_binning_or_scaling_take_beyond_float32_are_bad_frames(small_model, rng, caplog, args, hw):
+    """Float pixels near float32's maximum, binned or scaled, are infinite in the model's input:
+    a bad frame (nonfinite), never run, and the other frames of its batch are published. Before,
+    the engine ran them and they were counted as nNonFiniteOutputs, blaming the engine."""
+    import logging
+
+    from frames_util import float_frame
+
+    pipeline, published, factory = make_pipeline(small_model, batchSize=4, batchTimeout=0.05, **args)
+    engine, seen_finite = factory(), []
+    real_infer = engine.infer
+    engine.infer = lambda batch: seen_finite.append(bool(np.isfinite(batch).all())) or real_infer(batch)
+    pipeline.start(lambda: engine)
+    good = frames(rng, 3, hw).astype(np.float32)
+    huge = np.full(hw, 3e38, np.float32)
+    with caplog.at_level(logging.ERROR):
+        for uid, image in enumerate([good[0], huge, good[1], good[2]], start=1):
+            pipeline.submit(float_frame(uid, image))
+        assert published.wait(3) == 3
+    pipeline.stop()
+    stats = pipeline.stats
+    assert [p[0] for p in published] == [1, 3, 4]
+    assert (stats.bad["nonfinite"], stats.nonfinite_outputs, stats.inference_errors) == (1, 0, 0)
+    assert stats.unaccounted(pipeline.queued_frames) == 0
+    assert seen_finite == [True]  # the bad frame was never run
+    assert any("frame 2's float pixels go beyond float32's range" in r.getMessage() for r in caplog.records)
+
+
+def test_a_reset_while_a_batch_is_being_published_counts_that_batch_in_the_new_totals(small_model, rng):
+    """A statistics reset that comes while a batch is being published: its frames count as published
+    in the new totals, and so do its batch, engine time and rates. Before, the batch, its engine time
+    and its latencies went to the totals the reset had replaced: 4 frames published in 0 batches,
+    and a frame rate of 0."""
+    pipeline, published, factory = make_pipeline(small_model, batchSize=4, batchTimeout=60)
+
+    def publish_and_reset(pv):
+        if not published:
+            pipeline.reset_stats()  # as the status channel's reset would, from another thread
+        published(pv)
+
+    pipeline._publish = publish_and_reset
+    pipeline.start(factory)
+    for i, image in enumerate(frames(rng, 4)):
+        pipeline.submit(good_frame(i + 1, image))
+    assert published.wait(4) == 4 and pipeline.drain(10.0)
+    pipeline.stop()
+    stats = pipeline.stats
+    assert (stats.received, stats.published, stats.batches) == (4, 4, 1)
+    assert stats.infer_time_s > 0 and stats.recent.frame_rate_hz() > 0
+    assert stats.unaccounted(pipeline.queued_frames) == 0

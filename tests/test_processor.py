@@ -165,7 +165,7 @@ def test_a_card_written_for_another_input_size_is_refused_at_start_and_at_a_swap
     processor = PtychoNNProcessor({**FRAMEWORK, "modelPath": str(small_model), "engine": "onnxruntime"})
     processor.pipeline.engine = type("Running", (), {"input_shape": (64, 64)})()  # what start() would have made
     with pytest.raises(ValueError, match="says input_size 128"):
-        processor._engine_for_model(model)
+        processor._engine_for_model(model, processor.pipeline.id_pattern)
     card = json.loads(card_path(model).read_text())
     card["input_size"] = 64
     card_path(model).write_text(json.dumps(card))
@@ -365,5 +365,31 @@ def test_a_refused_configure_leaves_pvapys_distributor_pattern_as_it_was(small_m
         controller.configure({"objectIdOffset": 5, "nSequentialUpdates": 2})  # accepted: both take it
         assert (controller.nSequentialUpdates, controller.objectIdOffset) == (2, 5) == processor.pipeline.id_pattern
         assert processor.getStats()["nFramesReceived"] == 1
+    finally:
+        processor.stop()
+
+
+def test_a_model_swap_sent_with_a_new_group_lays_its_engine_out_for_the_new_group(small_model, model_b,
+                                                                                 monkeypatch):
+    """One request with modelPath and objectIdOffset (two consumers joined: 9 -> 25 with runs of 8):
+    the new engine's CPU layout is for the 4 consumers of the request; before, the pattern was
+    taken only after the swap, so the engine was laid out for the 2 of before. A refused model
+    leaves the pattern, and the next engine's layout, as they were."""
+    import processors.ptychonn as ptychonn
+
+    builds = []
+    real_create = ptychonn.create_engine
+    monkeypatch.setattr(ptychonn, "create_engine", lambda name, options: builds.append(options)
+                        or real_create(name, options))
+    processor = PtychoNNProcessor({**FRAMEWORK, "outputChannel": "", "modelPath": str(small_model), "engine": "zero"})
+    processor.start()
+    try:
+        assert builds[-1].consumers == 2
+        with pytest.raises(ValueError, match="is not a file"):
+            processor.configure({"modelPath": str(small_model.with_name("none.onnx")), "objectIdOffset": 25})
+        assert processor.group_size == 2
+        processor.configure({"modelPath": str(model_b), "objectIdOffset": 25})
+        assert builds[-1].model_path == model_b and builds[-1].consumers == 4
+        assert processor.group_size == 4 and processor.pipeline.id_pattern == (8, 25)
     finally:
         processor.stop()

@@ -39,13 +39,33 @@ class Batch:
     metas: list[FrameMeta] = field(default_factory=list)
     first_added_s: float = 0.0
     prepared: bool = False
+    # set by Batcher.add for float and 64-bit integer frames: the pixel types whose values, binned,
+    # normalised and scaled within the accepted settings, can go beyond float32's range
+    may_overflow: bool = False
+    # after prepare(): True for each frame whose model input is not finite (float pixels near
+    # float32's maximum, binned or scaled beyond it); None when every frame's is
+    nonfinite: np.ndarray | None = None
 
     def prepare(self) -> np.ndarray:
-        """The model input: the loaded frames, transformed in place (once)."""
+        """The model input: the loaded frames, transformed in place (once). A frame whose
+        input is not finite is set to 0 (so that it cannot disturb the engine) and marked in
+        :attr:`nonfinite`: it is a bad frame, not to be published."""
         if not self.prepared:
-            transform_batch(self.valid, self.preprocess, self.running)
+            if self.may_overflow:
+                with np.errstate(over="ignore", invalid="ignore"):  # counted per frame below
+                    transform_batch(self.valid, self.preprocess, self.running)
+                self._mark_nonfinite()
+            else:
+                transform_batch(self.valid, self.preprocess, self.running)
             self.prepared = True
         return self.valid
+
+    def _mark_nonfinite(self) -> None:
+        rows = self.valid.reshape(self.n, -1)
+        bad = ~np.isfinite(rows).all(axis=1)
+        if bad.any():
+            rows[bad] = 0.0
+            self.nonfinite = bad
 
     @property
     def n(self) -> int:
@@ -152,7 +172,12 @@ class Batcher:
                 raise NoFreeBuffer(f"all {self.n_buffers} batch buffers are in use") from None
             self._current = Batch(buffer, self._preprocess, self._running, first_added_s=time.perf_counter())
         batch = self._current
-        load_into(image, batch.inputs[batch.n, 0], self._preprocess)
+        if image.dtype.kind == "f" or image.dtype.itemsize > 4:
+            batch.may_overflow = True
+            with np.errstate(over="ignore", invalid="ignore"):  # a binned sum beyond float32: see Batch.prepare
+                load_into(image, batch.inputs[batch.n, 0], self._preprocess)
+        else:
+            load_into(image, batch.inputs[batch.n, 0], self._preprocess)
         batch.metas.append(meta)
         if batch.n == self.batch_size:
             self._current = None

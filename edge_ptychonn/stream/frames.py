@@ -10,7 +10,9 @@ no frame, so it is neither processed nor counted as bad. Float frames with NaN
 or infinite pixels are bad frames of their own kind (``nonfinite``): one such
 pixel spreads through the network's convolutions over most of the output. So are
 double frames with pixels beyond float32's range (|x| > 3.4e38), which would be
-infinite in the model's float32 input.
+infinite in the model's float32 input; the pipeline counts as the same kind a
+frame whose pixels binning, normalisation or scaling take beyond that range
+(seen only once a batch is preprocessed: ``Batch.prepare``).
 
 :class:`FrameEncoder` turns a float32 result image and the input's metadata into
 an NTNDArray ready for ``updateOutputChannel``. It reuses one PvObject: the PVA

@@ -185,9 +185,11 @@ class InferencePipeline:
 
     ``publish`` is called from the inference thread with each output NTNDArray,
     in input order. ``engine_factory`` is called by :meth:`start` and returns an
-    ``engines.base.Engine``; ``model_engine_factory(model_path)``, if given to
+    ``engines.base.Engine``; ``model_engine_factory(model_path, id_pattern)``, if given to
     :meth:`start`, builds an engine of the same kind for another model (what
-    ``configure({"modelPath": ...})`` switches to). ``n_sequential`` and ``id_offset`` describe the
+    ``configure({"modelPath": ...})`` switches to), for the distributor pattern
+    ``(n_sequential, id_offset)`` in force once the switch is accepted (the request's own,
+    when it changes the pattern too). ``n_sequential`` and ``id_offset`` describe the
     distributor's pattern (PvaPy's ``nSequentialUpdates``/``objectIdOffset``) for
     counting the frames that never arrived.
     """
@@ -208,7 +210,7 @@ class InferencePipeline:
         self.engine = None  # the engine publishing now (the inference thread switches it)
         self.model_id = ""  # model_identity() of the engine publishing now
         self._output_mask = config.output_mask  # of the model publishing now (the switch changes it)
-        self._model_engine_factory: Callable[[object], object] | None = None
+        self._model_engine_factory: Callable[[object, tuple[int, int]], object] | None = None
         # One configure() at a time (PvaPy runs each on a timer thread of its own);
         # held while a new engine builds, never together with the receive path's lock.
         self._configure_lock = threading.Lock()
@@ -235,9 +237,9 @@ class InferencePipeline:
 
     # -- lifecycle -----------------------------------------------------------------
     def start(self, engine_factory: Callable[[], object],
-              model_engine_factory: Callable[[object], object] | None = None) -> None:
+              model_engine_factory: Callable[[object, tuple[int, int]], object] | None = None) -> None:
         """Create the engine (errors propagate) and start the inference thread.
-        ``model_engine_factory(model_path)`` builds engines for configure's ``modelPath``
+        ``model_engine_factory(model_path, id_pattern)`` builds engines for configure's ``modelPath``
         (without it, a model change is refused)."""
         model_id = model_identity(self.config.model_path)
         engine = engine_factory()
@@ -482,18 +484,26 @@ class InferencePipeline:
             self._done(batch, **counts)
 
     def _done(self, batch: Batch, published: int = 0, nonfinite_outputs: int = 0, publish_errors: int = 0,
-              inference_errors: int = 0, stopping: int = 0) -> None:
+              inference_errors: int = 0, stopping: int = 0, nonfinite_inputs: int = 0,
+              infer_s: float | None = None, latencies_ms: np.ndarray | None = None) -> None:
         """A batch has left the queue: its frames' outcomes are counted together with
-        their leaving, under the lock, so a snapshot (:meth:`counts`) always adds up."""
+        their leaving, under the lock, so a snapshot (:meth:`counts`) always adds up; with
+        ``infer_s`` (it ran), the batch, its engine time and its latencies too, in the same
+        totals (a reset may have come while it was published)."""
         self._batcher.release(batch)
         with self._lock:
             if self._abandoned:  # stop() counted them already
                 return
             stats = self.stats
+            if infer_s is not None:
+                stats.infer_time_s += infer_s
+                stats.batches += 1
+                stats.recent.add(time.perf_counter(), published, infer_s, batch.n, latencies_ms)
             stats.published += published
             stats.nonfinite_outputs += nonfinite_outputs
             stats.publish_errors += publish_errors
             stats.inference_errors += inference_errors
+            stats.bad["nonfinite"] += nonfinite_inputs
             if stopping:
                 self._drop(stopping, "stopping")
             self._frames_in_queue -= batch.n
@@ -508,19 +518,23 @@ class InferencePipeline:
                        batch.n, batch.metas[0].unique_id, batch.metas[-1].unique_id, one_line(exc))
         return batch.n
 
-    def _publish_batch(self, batch: Batch, outputs: np.ndarray, infer_s: float) -> dict[str, int]:
+    def _publish_batch(self, batch: Batch, outputs: np.ndarray, infer_s: float) -> dict:
         """Encode and publish each output; the counts for :meth:`_done`."""
-        stats = self.stats
         outputs = np.asarray(outputs)
         if outputs.ndim != 4 or len(outputs) != batch.n:  # (n, 1, h, w); checked before any frame is published
             raise ValueError(f"the engine returned outputs of shape {outputs.shape} for {batch.n} frame(s)")
         outputs = apply_output_mask(outputs, self._output_mask)
-        stats.infer_time_s += infer_s
-        stats.batches += 1
         finite = np.isfinite(outputs).reshape(batch.n, -1).all(axis=1)
+        bad_inputs = batch.nonfinite if batch.nonfinite is not None else np.zeros(batch.n, bool)
         latencies = np.empty(batch.n)
         n_published = nonfinite = errors = 0
-        for meta, output, ok in zip(batch.metas, outputs, finite):
+        for meta, output, ok, bad_input in zip(batch.metas, outputs, finite, bad_inputs):
+            if bad_input:  # the frame's fault, not the engine's: a bad frame (nonfinite), not run
+                self._log_once("nonfinite-input", logging.ERROR,
+                               "bad frame (nonfinite), not published: frame %d's float pixels go beyond float32's "
+                               "range once binned, normalised or scaled (the model's input would be infinite)",
+                               meta.unique_id)
+                continue
             if not ok:
                 nonfinite += 1
                 self._log_once("nonfinite-output", logging.ERROR,
@@ -535,8 +549,8 @@ class InferencePipeline:
             now = time.perf_counter()
             latencies[n_published] = (now - meta.received_s) * 1e3
             n_published += 1
-        stats.recent.add(time.perf_counter(), n_published, infer_s, batch.n, latencies[:n_published])
-        return {"published": n_published, "nonfinite_outputs": nonfinite, "publish_errors": errors}
+        return {"published": n_published, "nonfinite_outputs": nonfinite, "publish_errors": errors,
+                "nonfinite_inputs": int(bad_inputs.sum()), "infer_s": infer_s, "latencies_ms": latencies[:n_published]}
 
     def _switch_engine(self, switch: _Switch) -> None:
         """Inference thread, at a switch marker: later batches run on the new engine."""
@@ -584,8 +598,8 @@ class InferencePipeline:
                     input_hw = self._batcher.input_hw
                 else:
                     self._apply(new, applied)
-            if "modelPath" in applied:
-                self._swap(new, applied, input_hw)
+            if "modelPath" in applied:  # laid out for the pattern of the request (consumers joined)
+                self._swap(new, applied, input_hw, id_pattern)
             if id_pattern != self._id_pattern:  # PvaPy's own keys: its controller took them too
                 with self._lock:
                     self._id_pattern = id_pattern
@@ -645,14 +659,16 @@ class InferencePipeline:
         if self._model_engine_factory is None:
             raise ValueError("this pipeline cannot change models at run time")
 
-    def _swap(self, new: ProcessorConfig, applied: dict, input_hw: tuple[int, int]) -> None:
-        """Build ``new.model_path``'s engine (lock not held), then switch at a batch boundary."""
+    def _swap(self, new: ProcessorConfig, applied: dict, input_hw: tuple[int, int],
+              id_pattern: tuple[int, int]) -> None:
+        """Build ``new.model_path``'s engine for ``id_pattern`` (lock not held), then switch at a
+        batch boundary."""
         where = short_repr(str(new.model_path), 80)
         model_id = model_identity(new.model_path)
         self.log.info("modelPath %s (%s): building its engine beside the running one", where, model_id)
         t0 = time.perf_counter()
         try:
-            engine = self._model_engine_factory(new.model_path)
+            engine = self._model_engine_factory(new.model_path, id_pattern)
         except Exception as exc:  # whatever the engine library raises: refused, nothing changed
             reason = " ".join(str(exc).replace(str(new.model_path), "it").split()) or type(exc).__name__
             reason = reason if len(reason) <= 160 else reason[:160] + "..."
