@@ -199,7 +199,8 @@ def test_a_status_read_gives_up_on_a_server_that_stops_answering(pva_env):
     server = subprocess.Popen([sys.executable, "-c", MUTE_SERVER, name], env=pva_env, text=True,
                               stdout=subprocess.PIPE, start_new_session=True)
     try:
-        assert server.stdout.readline().strip() == "up"
+        up = lines_until(server.stdout, lambda lines: lines[-1].strip() == "up", 30)
+        assert up and up[-1].strip() == "up", "the server did not start"
         status = Status(timeout_s=0.5)
         assert wait_until(lambda: status.get(name), 20) == {"value": 7}
         os.kill(server.pid, signal.SIGSTOP)

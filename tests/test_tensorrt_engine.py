@@ -62,7 +62,10 @@ def gpu10(monkeypatch):
 
 @pytest.fixture(scope="module")
 def frames():
-    return np.random.default_rng(5).poisson(9, (8, 1, 64, 64)).astype(np.float32) * 0.05
+    # bright enough that the small random model's outputs for two frames differ by far more
+    # than the 1e-5 the results are compared at (at 0.05x they differed by less: a result of
+    # the wrong frame or batch passed); see test_the_frames_results_are_told_apart
+    return np.random.default_rng(5).poisson(9, (8, 1, 64, 64)).astype(np.float32) * 10
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +77,14 @@ def make(model, tmp_path, **kw) -> te.TensorRTEngine:
     options = dict(model_path=model, device="cuda:0", max_batch=8, plan_cache_dir=tmp_path / "plans")
     options.update(kw)
     return create_engine("tensorrt", EngineOptions(**options))
+
+
+def test_the_frames_results_are_told_apart(frames, reference):
+    """The comparisons below at atol=1e-5 can tell one frame's result from another's."""
+    out = reference.infer(frames)
+    gaps = [np.abs(out[i] - out[j]).max() for i in range(len(out)) for j in range(i)]
+    assert min(gaps) > 50 * 1e-5, min(gaps)
+    assert np.abs(reference.infer(np.zeros_like(frames)) - out).max() > 50 * 1e-5
 
 
 # -- contract: the API names we rely on ----------------------------------------------------------
@@ -220,14 +231,16 @@ def test_copy_in_of_the_next_batch_overlaps_compute(gpu10, small_model, tmp_path
     np.testing.assert_allclose(engine.collect(t3), reference.infer(frames[:2]), atol=1e-5)
 
 
-def test_at_most_two_in_flight_and_in_order(gpu10, small_model, tmp_path, frames):
+def test_at_most_two_in_flight_and_in_order(gpu10, small_model, tmp_path, frames, reference):
     engine = make(small_model, tmp_path)
-    a, b = engine.submit(frames[:1]), engine.submit(frames[:2])
+    a, b = engine.submit(frames[:1]), engine.submit(frames[1:3])
     with pytest.raises(RuntimeError, match="2 batches already in flight"):
         engine.submit(frames[:3])
     with pytest.raises(RuntimeError, match="in the order they were submitted"):
         engine.collect(b)
-    engine.collect(a), engine.collect(b)
+    # each ticket gives its own batch's results, untouched by the refused calls
+    np.testing.assert_allclose(engine.collect(a), reference.infer(frames[:1]), atol=1e-5)
+    np.testing.assert_allclose(engine.collect(b), reference.infer(frames[1:3]), atol=1e-5)
 
 
 def test_engine_runs_from_another_thread(gpu10, small_model, tmp_path, frames, reference):
@@ -865,8 +878,10 @@ def test_plans_stored_at_once_in_one_process_are_whole_and_both_stores_succeed(m
     writers[0].start()
     assert halfway.wait(10)
     writers[1].start()
+    deadline = time.monotonic() + 30
     with caplog.at_level(logging.WARNING, logger="engines.tensorrt_engine"):
         while any(w.is_alive() for w in writers):
+            assert time.monotonic() < deadline, "a store did not end within 30 s"
             plan = cache.load(key, "model")
             if plan is not None:
                 seen.append(plan)

@@ -179,10 +179,13 @@ def test_a_pipeline_with_workers_publishes_every_frame_once_in_order(small_model
     assert published.wait(50) == 50
     pipeline.stop()
     assert [p[0] for p in published] == list(range(1, 51))
+    # every frame, whichever worker ran its batch, is the single engine's result on it
     reference = create_engine("onnxruntime", EngineOptions(small_model, max_batch=4, cpu_threads=1))
-    first = reference.infer(np.stack([b for b in _model_inputs(pipeline, images[:4])]))
-    for (_, image, _, _), expected in zip(published[:4], first):
-        np.testing.assert_allclose(image, expected[0], atol=1e-5)
+    inputs = _model_inputs(pipeline, images)
+    expected = np.concatenate([reference.infer(inputs[i:i + 4]) for i in range(0, 50, 4)])
+    assert len(published) == len(expected) == 50
+    for (uid, image, _, _), want in zip(published, expected):
+        np.testing.assert_allclose(image, want[0], atol=1e-5, err_msg=f"uniqueId {uid}")
     stats = pipeline.stats
     assert (stats.received, stats.published, stats.dropped_total) == (50, 50, 0)
     assert stats.unaccounted(pipeline.queued_frames) == 0
