@@ -12,7 +12,10 @@ Blocks (JSON keys):
 
 - ``version``: the schema version (:data:`CARD_VERSION`); a card without one is
   read as version 1. A card from a newer version is refused.
-- ``name``, ``input_size``, ``outputs``: what the network is.
+- ``name``, ``input_size``, ``outputs``: what the network is; with a ``model``
+  block, ``outputs`` is ``["phase"]``, or ``["phase", "amplitude"]`` for a model
+  with ``amplitude_head`` (anything else is refused: the card would say the
+  network gives what it does not).
 - ``preprocess``: :class:`~edge_ptychonn.stream.preprocess.PreprocessConfig`
   fields, the input the network was trained on (the processor's defaults).
 - ``stitch``: :class:`StitchSettings`, which pixels of a predicted patch count.
@@ -246,6 +249,12 @@ class ModelCard:
             raise ValueError(f"outputs must be a non-empty list of names, got {self.outputs!r}")
         if not isinstance(self.limits, (list, tuple)) or not all(isinstance(s, str) for s in self.limits):
             raise ValueError(f"limits must be a list of sentences, got {self.limits!r}")
+        if self.model is not None:
+            given = ("phase", "amplitude") if self.model.amplitude_head else ("phase",)
+            if tuple(self.outputs) != given:
+                raise ValueError(f"outputs {list(self.outputs)} and model.amplitude_head "
+                                 f"{str(self.model.amplitude_head).lower()} disagree: that network's outputs are "
+                                 f"{list(given)}")
         if self.input_size is not None and self.model is not None and self.model.input_size != self.input_size:
             raise ValueError(f"input_size {self.input_size} and model.input_size {self.model.input_size} disagree")
         size = self.input_size if self.input_size is not None else (self.model.input_size if self.model else None)

@@ -505,3 +505,69 @@ def test_a_diverged_finetune_writes_no_model(beamline, tmp_path, capsys):
     assert rc == 1, err
     assert "edge-ptychonn finetune: the loss became nan in epoch" in err and "training diverged; lower --lr" in err
     assert not [p.name for p in tmp_path.iterdir() if p.suffix in (".onnx", ".json", ".md")]
+
+
+def _recording_engines(monkeypatch):
+    """Every engine the held-out scores open, recording the inputs it is given (a list per engine)."""
+    seen = []
+    opened = accuracy.open_engine
+
+    def open_engine(*args, **kwargs):
+        engine, inputs = opened(*args, **kwargs), []
+        infer = engine.infer
+
+        def recorded(x):
+            inputs.append(np.array(x[:, 0]))
+            return infer(x)
+
+        engine.infer = recorded
+        seen.append(inputs)
+        return engine
+
+    monkeypatch.setattr(accuracy, "open_engine", open_engine)
+    return seen
+
+
+@pytest.fixture(scope="module")
+def small_base(tmp_path_factory):
+    """A small random model (width 4, depth 2) with the shipped card's preprocessing and training record."""
+    from dataclasses import replace
+
+    from edge_ptychonn.model_card import save_card
+    from edge_ptychonn.science.model import ModelConfig, build_model, export_onnx
+
+    path = export_onnx(build_model(ModelConfig(width=4, depth=2), seed=0), tmp_path_factory.mktemp("base") / "b.onnx")
+    save_card(replace(load_card(default_model_path()), name="b", model=ModelConfig(width=4, depth=2, batch_norm=False)),
+              path)
+    return path
+
+
+def test_held_out_frames_are_normalised_as_live_and_a_diverged_run_names_no_checkpoint_it_did_not_write(
+        beamline, small_base, tmp_path, capsys, monkeypatch):
+    """normalize 'running': the held-out block ends the scan, so a consumer's running mean has counted the
+    frames before it when the block arrives (and training scales every frame by the recording's mean, the
+    value that running mean settles to). The held-out scores started a running mean of their own at the
+    block: its first frame scaled by its own total, the next by the mean of two, ... other inputs than
+    training and the live stream give (up to a third apart for an absorbing sample).
+    And the checkpoint is written at the end only: a loss that became NaN in epoch 2 was reported as
+    '(<out>.pt holds epoch 1)', a file that did not exist (or an earlier run's)."""
+    from edge_ptychonn.science import train as train_module
+    from edge_ptychonn.stream.preprocess import preprocess
+
+    frames, n = beamline["frames"][:160], 160  # 8 rows of the raster: 32 held out
+    np.save(tmp_path / "frames.npy", frames)
+    np.save(tmp_path / "positions.npy", beamline["truth"].positions_px[:n])
+    seen = _recording_engines(monkeypatch)
+    losses = iter([0.5, float("nan")])  # no steps: only what comes before and after them counts here
+    monkeypatch.setattr(train_module.Trainer, "train_one_epoch", lambda self, *a, **k: (next(losses), False))
+    out = tmp_path / "out" / "site"
+    assert run_cli("--frames", tmp_path / "frames.npy", "--positions", tmp_path / "positions.npy", "--object",
+                   beamline["recon"], "--init-from", small_base, "--out", out, "--epochs", 2, "--max-minutes", 0,
+                   "--device", "cpu", "--quiet") == 1
+    err = capsys.readouterr().err
+    assert "edge-ptychonn finetune: the loss became nan in epoch 2: training diverged; lower --lr\n" in err, err
+    assert "holds epoch" not in err and not list(out.parent.iterdir())
+    pp = load_card(small_base).preprocess
+    assert pp.normalize == "running"
+    [inputs] = seen  # the base model's held-out scores
+    np.testing.assert_allclose(np.concatenate(inputs), preprocess(frames, pp)[-32:], rtol=1e-5, atol=1e-6)

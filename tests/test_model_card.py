@@ -109,6 +109,12 @@ def test_no_card(tmp_path):
     # failed at its end, the demo's stitcher reported no coverage), an eval_n_positions of 0 meant 1024
     ({"stitch": {"min_cover_weight": float("inf")}}, r"stitch: stitch.min_cover_weight must be a finite number"),
     ({"training": {"eval_n_positions": 0}}, r"training: eval_n_positions must be at least 1, got 0"),
+    # outputs that are not what the model block's network gives: before, read without a word, and the
+    # card for people listed outputs the model does not have
+    ({"model": {"amplitude_head": True}}, r"outputs \['phase'\] and model.amplitude_head true disagree: that "
+                                          r"network's outputs are \['phase', 'amplitude'\]"),
+    ({"outputs": ["phase", "amplitude"], "model": {}}, r"outputs \['phase', 'amplitude'\] and model.amplitude_head "
+                                                       r"false disagree"),
 ])
 def test_malformed_cards_are_refused_with_the_reason(tmp_path, card, message):
     (tmp_path / "m.json").write_text(json.dumps(card))

@@ -622,3 +622,57 @@ def test_an_init_from_card_with_a_training_record_of_the_wrong_type_is_refused_b
     assert capsys.readouterr().err == (f"edge-ptychonn train: cannot read model card {ckpt.with_suffix('.json')}: "
                                        "training: train_minutes must be a number, got 'x'\n")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_run_from_a_model_with_another_transform_and_an_amplitude_output_says_what_it_trains(tmp_path, capsys):
+    """The first line said ``sqrt(counts)`` whatever transform the ``--init-from`` model's preprocessing
+    (which the run keeps) has; the card for people said the network gives the phase only, and that the loss
+    is the phase error only, for a model with an amplitude output."""
+    from edge_ptychonn.model_card import save_card
+    from edge_ptychonn.science.model import build_model, export_onnx
+    from edge_ptychonn.stream.preprocess import PreprocessConfig
+
+    base = export_onnx(build_model(ModelConfig(width=4, depth=2, amplitude_head=True), seed=0), tmp_path / "b.onnx")
+    save_card(ModelCard(name="b", input_size=128, outputs=("phase", "amplitude"),
+                        preprocess=PreprocessConfig(transform="log1p", offset=0.5, scale=0.2)), base)
+    out = tmp_path / "m"
+    assert cli.main(["train", "--out", str(out), "--train-scans", "1", "--positions-per-scan", "16", "--batch-size",
+                     "16", "--val-scans", "1", "--epochs", "1", "--width", "4", "--depth", "2", "--amplitude",
+                     "--threads", "1", "--eval", "--quiet", "--init-from", str(base)]) == 0
+    err = capsys.readouterr().err
+    assert ", (log1p(counts) - 0.5) * 0.2; loss over" in err and "sqrt" not in err, err
+    card = load_card(out.with_suffix(".onnx"))
+    assert card.outputs == ("phase", "amplitude") and card.model.amplitude_head
+    md = out.with_suffix(".md").read_text()
+    assert "to the object phase (radians) and amplitude (0..1) of the patch" in md
+    assert "amplitude = sigmoid(.)" in md and "plus mean |amplitude error| there): " in md
+
+
+def test_an_init_from_model_whose_preprocessing_resizes_the_frames_is_refused_before_the_data_are_made(
+        tmp_path, capsys, monkeypatch):
+    """A card that bins (or crops) for another detector turned the simulated 128x128 frames into
+    inputs of another size than the targets: a traceback after the data were simulated. Now one line."""
+    from edge_ptychonn.model_card import save_card
+    from edge_ptychonn.science import train as train_module
+    from edge_ptychonn.science.model import build_model, export_onnx
+    from edge_ptychonn.stream.preprocess import PreprocessConfig
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the data were simulated before the --init-from preprocessing was checked")
+
+    monkeypatch.setattr(train_module, "make_dataset", no_data)
+    base = export_onnx(build_model(ModelConfig(width=4, depth=2, input_size=64), seed=0), tmp_path / "b.onnx")
+    for pp, why in ((PreprocessConfig(transform="sqrt", bin_factor=2), "(64x64 inputs)"),
+                    (PreprocessConfig(crop_hw=(256, 256)),
+                     "(crop 256x256 at (-64, -64) does not fit a 128x128 frame)")):
+        save_card(ModelCard(name="b", input_size=64, preprocess=pp), base)
+        ckpt = tmp_path / "b.pt"  # a checkpoint keeps its preprocessing too
+        torch.save({"state_dict": {}, "model": ModelConfig(width=4, depth=2).to_dict(),
+                    "preprocess": {"bin_factor": pp.bin_factor, "crop_hw": pp.crop_hw}}, ckpt)
+        for init_from in (base, ckpt):
+            assert cli.main(["train", "--out", str(tmp_path / "out" / "m"), "--quiet", "--width", "4", "--depth", "2",
+                             "--init-from", str(init_from)]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith(f"edge-ptychonn train: cannot start from {init_from}: its preprocessing (crop ")
+            assert f"does not take the 128x128 simulated frames to 128x128 inputs {why}" in err, err
+    assert not (tmp_path / "out").exists()

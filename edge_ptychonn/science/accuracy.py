@@ -66,11 +66,14 @@ def open_engine(model_path: str | Path, engine: str = "auto", *, device: str = "
 
 
 def predict(engine, frames: np.ndarray, pp: PreprocessConfig, progress: Progress | None = None,
-            output_mask: OutputMask | None = None) -> np.ndarray:
+            output_mask: OutputMask | None = None, running: RunningTotal | None = None) -> np.ndarray:
     """Raw frames (N, H, W) -> phase patches (N, h, w) float32 through ``engine``
-    (and ``output_mask``, when given, as the processor applies it)."""
+    (and ``output_mask``, when given, as the processor applies it). With ``normalize: "running"``
+    the frames are counted in order into ``running`` (default: a new one, as for frames that start
+    a scan; give one that has counted the frames before them for frames from within a scan)."""
     out = []
-    running = RunningTotal(pp.normalize_window)  # normalize 'running': over this scan's frames, in order
+    if running is None:  # normalize 'running': over this scan's frames, in order
+        running = RunningTotal(pp.normalize_window)
     for start in range(0, len(frames), engine.max_batch):
         x = preprocess(frames[start : start + engine.max_batch], pp, running)[:, None]
         out.append(apply_output_mask(engine.infer(x), output_mask)[:, 0])

@@ -516,16 +516,24 @@ def output_mask_for(card: ModelCard | None, probe: np.ndarray, threshold: float)
 
 def held_out_scores(model_path: Path, frames: np.ndarray, pp: PreprocessConfig, targets: np.ndarray,
                     corners: np.ndarray, object_phase: np.ndarray, weight: np.ndarray, stitch: StitchSettings,
-                    threads: int) -> dict:
+                    threads: int, lead_in: np.ndarray | None = None) -> dict:
     """Scores of ``model_path`` (ONNX Runtime) on the held-out frames against the reconstruction's patches:
     ``mean_abs_error_rad`` (absolute phase over the bright centre: the training loss), per-patch RMSE
-    (each patch's own offset removed), and SSIM/RMSE of the held-out patches stitched (one offset removed)."""
+    (each patch's own offset removed), and SSIM/RMSE of the held-out patches stitched (one offset removed).
+    ``lead_in``: the frames of the scan just before the held-out ones; with ``normalize: "running"`` the
+    running mean has counted them first, as a consumer that received the scan in order had."""
     from edge_ptychonn.science import accuracy
     from edge_ptychonn.science.metrics import patch_errors, score_phase, summarise_patch_errors
+    from edge_ptychonn.science.train import loaded_totals
+    from edge_ptychonn.stream.preprocess import RunningTotal
 
+    running = RunningTotal(pp.normalize_window)
+    if pp.normalize == "running" and lead_in is not None and len(lead_in):
+        for total in loaded_totals(np.asarray(lead_in[-pp.normalize_window:]), pp):
+            running.add(float(total))
     engine = accuracy.open_engine(model_path, "onnxruntime", device="cpu", threads=threads)
     try:
-        predicted = accuracy.predict(engine, frames, pp)
+        predicted = accuracy.predict(engine, frames, pp, running=running)
     finally:
         engine.close()
     st = Stitcher(object_phase.shape, targets.shape[1:], weight=weight)
@@ -542,7 +550,7 @@ def held_out_scores(model_path: Path, frames: np.ndarray, pp: PreprocessConfig, 
 
 def card_markdown(card: ModelCard, base_name: str, data: dict, before: dict, after: dict) -> str:
     """The fine-tuned model's card for people (Markdown)."""
-    from edge_ptychonn.science.train import preprocess_lines
+    from edge_ptychonn.science.train import amplitude_loss_text, mapped_to, preprocess_lines
 
     t, m = card.training, card.model
     n = card.input_size
@@ -551,7 +559,7 @@ def card_markdown(card: ModelCard, base_name: str, data: dict, before: dict, aft
         "",
         f"`{base_name}` fine-tuned on recorded frames and an iterative reconstruction of the same sample "
         "(`edge-ptychonn finetune`). Maps one far-field diffraction frame "
-        f"({n}x{n}) to the object phase (radians) of the patch under the probe; only the probe's bright centre "
+        f"({n}x{n}) to {mapped_to(card)} of the patch under the probe; only the probe's bright centre "
         f"(|probe|^2 >= {card.stitch.probe_threshold} of its peak) is meaningful.",
         "",
         "## Inputs and outputs",
@@ -581,7 +589,8 @@ def card_markdown(card: ModelCard, base_name: str, data: dict, before: dict, aft
         f"decay), weight decay {t.weight_decay}, bf16 autocast {t.bf16}, masked L1 loss on the probe's bright "
         f"centre, seed {t.seed}; {t.train_minutes:.1f} min on {data['device']} ({t.host}); stopped at the time "
         f"limit: {t.stopped_at_time_limit}.",
-        "- Loss per epoch (train / held-out, mean |phase error| in rad over the bright centre): "
+        "- Loss per epoch (train / held-out, mean |phase error| in rad over the bright centre"
+        + amplitude_loss_text(card) + "): "
         + ", ".join(f"{a:.4f} / {b:.4f}" for a, b in zip(t.train_loss, t.val_loss)),
         f"- Command: `{t.command}`",
         "",
@@ -790,7 +799,9 @@ def _finetune(args: argparse.Namespace) -> int:
           f"{probe_from}); {device}", file=sys.stderr)
 
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    val_set = (frames[val_idx], pp, targets[val_idx], corners[val_idx], phase, weight, stitch, args.threads)
+    # the held-out block ends the scan: a live consumer's running mean has counted the frames before it
+    val_set = (frames[val_idx], pp, targets[val_idx], corners[val_idx], phase, weight, stitch, args.threads,
+               frames[:val_idx[0]])
     if Path(args.init_from).suffix == ".onnx":
         before = held_out_scores(Path(args.init_from), *val_set)
     else:  # a checkpoint: score it as the engines would run it, exported
@@ -818,7 +829,7 @@ def _finetune(args: argparse.Namespace) -> int:
         train_loss.append(loss)
         trainer.recalibrate_batchnorm(train_data[0], train_data[1])
         val_loss.append(trainer.validate(val_data))
-        diverged = divergence(epoch, loss, val_loss[-1], output_file(prefix, ".pt"))
+        diverged = divergence(epoch, loss, val_loss[-1], None)  # the checkpoint is written at the end only
         if diverged:  # the weights are lost: write no model
             return _fail(diverged, code=1)
         print(f"epoch {epoch + 1}/{args.epochs}: train loss {loss:.4f}  held-out loss {val_loss[-1]:.4f}  "

@@ -157,11 +157,14 @@ def check_init_from(path: str | Path, model_config: ModelConfig | None = None) -
         raise ValueError(f"init-from {path} is not a file")
     if path.suffix == ".onnx":  # and its card, whose preprocessing the run keeps
         layout = from_onnx(path).config
-        check_input_size(find_card(path), path, (layout.input_size,) * 2)
+        card = find_card(path)
+        check_input_size(card, path, (layout.input_size,) * 2)
+        earlier = card.preprocess if card is not None else PreprocessConfig()
     elif path.suffix == ".pt":
+        ckpt = load_checkpoint(path)
         try:
-            layout = ModelConfig(**load_checkpoint(path)["model"])
-        except TypeError as exc:
+            layout, earlier = ModelConfig(**ckpt["model"]), PreprocessConfig(**ckpt["preprocess"])
+        except (TypeError, ValueError) as exc:
             raise ValueError(f"{path}: not a checkpoint of edge-ptychonn train ({exc})") from None
         find_card(path)  # the card beside it, read at the end for the run's record: a malformed one fails now
     else:
@@ -170,8 +173,24 @@ def check_init_from(path: str | Path, model_config: ModelConfig | None = None) -
     if model_config is not None:
         try:
             init_architecture(layout, model_config, onnx=path.suffix == ".onnx")
+            check_kept_preprocess(earlier, model_config.input_size)
         except ValueError as exc:
             raise ValueError(f"cannot start from {path}: {exc}") from None
+
+
+def check_kept_preprocess(pp: PreprocessConfig, size: int) -> None:
+    """``ValueError`` unless ``pp`` (the ``--init-from`` model's preprocessing, which the run keeps)
+    makes model inputs of ``size`` x ``size`` of the simulated frames, which are that size: a crop or
+    bin for another detector would give inputs of another size than the targets."""
+    try:
+        shape = pp.output_shape((size, size))
+    except ValueError as exc:
+        shape = str(exc)
+    if shape != (size, size):
+        shape = f"{shape[0]}x{shape[1]} inputs" if isinstance(shape, tuple) else shape
+        raise ValueError(f"its preprocessing (crop {pp.crop_hw}, bin {pp.bin_factor}), which training keeps, "
+                         f"does not take the {size}x{size} simulated frames to {size}x{size} inputs ({shape}); "
+                         "fine-tune it on its own detector's frames with edge-ptychonn finetune instead")
 
 
 def init_architecture(layout: ModelConfig, model_config: ModelConfig, *, onnx: bool) -> ModelConfig:
@@ -339,6 +358,15 @@ def choose_preprocess(frames: np.ndarray, normalize: str = "none", reference: fl
     p999 = float(np.percentile(preprocess(sample, norm), 99.9))
     scale = float(f"{1.0 / max(p999, 1.0):.4g}")
     return replace(norm, scale=scale)
+
+
+def input_text(pp: PreprocessConfig) -> str:
+    """The transform, offset and scale of ``pp`` in words, e.g. ``sqrt(counts) * 0.0184`` or
+    ``(log1p(counts) - 1.5) * 0.2`` (model input = (transform(counts) - offset) * scale)."""
+    counts = "counts" if pp.transform == "none" else f"{pp.transform}(counts)"
+    if pp.offset:
+        counts = f"({counts} - {pp.offset:g})"
+    return f"{counts} * {pp.scale}"
 
 
 def output_mask_from_probe(probe: np.ndarray, threshold: float, margin_px: float = 1.0) -> OutputMask:
@@ -711,7 +739,7 @@ def card_markdown(card: ModelCard) -> str:
     lines = [
         f"# PtychoNN model card: `{card.name}`",
         "",
-        f"Maps one far-field diffraction frame (int16 counts, {n}x{n}) to the object phase (radians) of the "
+        f"Maps one far-field diffraction frame (int16 counts, {n}x{n}) to {mapped_to(card)} of the "
         f"patch under the probe. Only the probe's bright centre (|probe|^2 >= {card.stitch.probe_threshold} of "
         "its peak) is meaningful; stitch the patches with `edge_ptychonn.science.stitch`.",
         "",
@@ -728,7 +756,8 @@ def card_markdown(card: ModelCard) -> str:
         f"convolution ({m.batch_norm}), amplitude head {m.amplitude_head}"
         + (f", {m.head_blocks} residual head block(s) at full resolution before the phase head" if m.head_blocks else "")
         + "; "
-        f"{t.n_parameters:,} parameters; phase = pi * tanh(.).",
+        f"{t.n_parameters:,} parameters; phase = pi * tanh(.)"
+        + ("; amplitude = sigmoid(.), from a decoder of its own." if m.amplitude_head else "."),
         "",
         "## Training data (simulated; `edge-ptychonn simulate`)",
         "",
@@ -768,7 +797,7 @@ def card_markdown(card: ModelCard) -> str:
         + f" ({t.host}); stopped at the time limit: {t.stopped_at_time_limit}.",
         "- Loss per epoch (train / validation, mean |phase error| in rad over the bright centre"
         + (", one constant per scan removed" if pp.normalize == "running" else "")
-        + (f", plus {t.ssim_weight:g} x (1 - mean SSIM)" if t.ssim_weight else "") + "): "
+        + (f", plus {t.ssim_weight:g} x (1 - mean SSIM)" if t.ssim_weight else "") + amplitude_loss_text(card) + "): "
         + ", ".join(f"{a:.4f} / {b:.4f}" for a, b in zip(t.train_loss, t.val_loss)),
         f"- Command: `{t.command}`",
         "- After each epoch the BatchNorm running statistics are recomputed for the current weights "
@@ -823,6 +852,17 @@ def card_markdown(card: ModelCard) -> str:
     lines += _precision_lines(acc) + _dose_lines(acc)
     lines += ["", "## Limits", ""] + [f"- {x}" for x in card.limits]
     return "\n".join(lines) + "\n"
+
+
+def mapped_to(card: ModelCard) -> str:
+    """What the network gives for each frame, in the card's words: the phase, and the amplitude
+    when it has an amplitude output (``outputs``, as ``model.amplitude_head``)."""
+    return "the object phase (radians)" + (" and amplitude (0..1)" if "amplitude" in card.outputs else "")
+
+
+def amplitude_loss_text(card: ModelCard) -> str:
+    """The loss term of the amplitude output, for the loss-per-epoch line of the cards (none without one)."""
+    return ", plus mean |amplitude error| there" if "amplitude" in card.outputs else ""
 
 
 def preprocess_lines(card: ModelCard, where: str, fitted: str) -> list[str]:
@@ -1008,13 +1048,14 @@ def main(args: argparse.Namespace) -> int:
         return _train(args)
 
 
-def divergence(epoch: int, loss: float, val_loss: float, checkpoint: Path) -> str | None:
+def divergence(epoch: int, loss: float, val_loss: float, checkpoint: Path | None) -> str | None:
     """The one line to stop with when epoch ``epoch`` (0-based) ended with a loss that is not
-    finite (training diverged: the weights are lost, no model is written); None otherwise."""
+    finite (training diverged: the weights are lost, no model is written); None otherwise.
+    ``checkpoint``: the file that holds the previous epoch's weights, if one does."""
     if math.isfinite(loss) and math.isfinite(val_loss):
         return None
     return (f"the loss became {loss if not math.isfinite(loss) else val_loss} in epoch {epoch + 1}: training "
-            "diverged; lower --lr" + (f" ({checkpoint} holds epoch {epoch})" if epoch else ""))
+            "diverged; lower --lr" + (f" ({checkpoint} holds epoch {epoch})" if epoch and checkpoint else ""))
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -1103,7 +1144,7 @@ def _train(args: argparse.Namespace) -> int:
     continued_from = previous_training(args.init_from)
     print(f"data: {len(train_f)} training and {len(val_f)} validation frames; input: normalize {pp.normalize}"
           + (f" to {pp.reference_total:g} counts" if pp.normalize != "none" else "")
-          + f", sqrt(counts) * {pp.scale}; loss over {int(mask.sum())} bright-centre pixels"
+          + f", {input_text(pp)}; loss over {int(mask.sum())} bright-centre pixels"
           + (f"; photons x {args.dose_range[0]:g}..{args.dose_range[1]:g} per training scan"
              if args.dose_range[0] != args.dose_range[1] else "")
           + (f"; family mix {_mix_text(family_mix)} of the training scans" if family_mix else ""), file=sys.stderr)
