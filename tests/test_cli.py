@@ -699,3 +699,16 @@ def test_configure_does_not_take_another_requests_answer_for_its_own(monkeypatch
     _one_line(err, "edge-ptychonn configure: another request reached cfgbusy:1:control while this one waited for "
               "its answer, so the answer read (\"Configuration failed: a new model's engine is being built\") may be "
               "the other's; the consumer's status channel shows what is in force")
+
+
+@pytest.mark.parametrize("name", sorted(cli.COMMANDS))
+def test_every_option_has_a_help_text_and_no_default_in_pythons_own_notation(name):
+    """train's --lr, --epochs, --width and more had no help text at all; bench showed list
+    defaults as '[1, 8, 32]', a form the option does not take."""
+    import importlib
+
+    parser = importlib.import_module(cli.COMMANDS[name][0]).get_args_parser()
+    bare = [a.option_strings[0] for a in parser._actions if a.option_strings and not a.help]
+    assert bare == [], f"{name}: options without a help text: {bare}"
+    text = parser.format_help()
+    assert "(default: [" not in text and "(default: (" not in text, text

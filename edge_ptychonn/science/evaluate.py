@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from engines import EngineUnavailable
+from engines.registry import ENGINES
 
 from edge_ptychonn.files import check_writable, save_npy_whole, write_bytes_whole
 from edge_ptychonn.model_card import ModelCard, check_input_size, default_model_path, find_card
@@ -59,7 +60,8 @@ def get_args_parser(prog: str = "edge-ptychonn evaluate") -> argparse.ArgumentPa
                         f"else {accuracy.DEFAULT_EVAL_N_POSITIONS}); a scan is scored where overlapping probes "
                         "cover a region wide enough for the SSIM window, so it needs a few: 2 or more at the "
                         "shipped model's scan settings")
-    p.add_argument("--engine", default="auto", help="inference engine: auto, onnxruntime, torch (default: %(default)s)")
+    p.add_argument("--engine", default="auto",
+                   help=f"inference engine: {', '.join(('auto', *ENGINES))} (default: %(default)s)")
     p.add_argument("--precision", default="fp32", choices=("auto", "fp32", "tf32", "fp16", "bf16"),
                    help="fp32, bf16, fp16, tf32 (what the engine offers), or auto: with --engine auto the precision "
                         "a consumer on this machine picks (default: %(default)s)")

@@ -56,6 +56,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_ptychonn.files import check_writable, load_npy, load_npz, whole_file
+from edge_ptychonn.helptext import DefaultsFormatter
 from edge_ptychonn.progress import Progress
 
 FAMILIES = ("mixed", "particles", "smooth", "cells", "siemens", "fibres")
@@ -623,6 +624,7 @@ def get_args_parser(prog: str = "edge-ptychonn simulate") -> argparse.ArgumentPa
         prog=prog,
         description="Simulate a far-field ptychography scan: <out>.npy (int16 frames, "
         "replayable with 'pvapy-ad-sim-server -if') and <out>.npz (positions, ground truth, probe).",
+        formatter_class=DefaultsFormatter,
     )
     p.add_argument("--out", required=True, help="output prefix, e.g. data/generated/demo_scan")
     p.add_argument("--seed", type=int, default=d.seed, help="random seed (object, positions, noise)")

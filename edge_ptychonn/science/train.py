@@ -65,6 +65,7 @@ import numpy as np
 
 from edge_ptychonn import __version__
 from edge_ptychonn.files import check_writable, whole_file, write_bytes_whole
+from edge_ptychonn.helptext import DefaultsFormatter
 from edge_ptychonn.model_card import (
     ModelCard, ModelConfig, StitchSettings, Training, check_input_size, find_card, save_card,
 )
@@ -965,6 +966,7 @@ def get_args_parser(prog: str = "edge-ptychonn train") -> argparse.ArgumentParse
         description="Train PtychoNN on simulated scans (CPU), export <out>.onnx with <out>.json "
         "(preprocessing, training, accuracy) and <out>.md (model card). The defaults finish in "
         "under 30 minutes on 2 CPU cores.",
+        formatter_class=DefaultsFormatter,
     )
     p.add_argument("--out", default="data/generated/ptychonn", help="output prefix: <out>.onnx, .json, .md, .pt")
     p.add_argument("--train-scans", type=int, default=400, help="training scans (one new object each)")
@@ -986,22 +988,22 @@ def get_args_parser(prog: str = "edge-ptychonn train") -> argparse.ArgumentParse
                         "the mean total of the last 1024 frames (live; in training: of the frame's own scan, so it "
                         "also holds with --dose-range), 'total' by each frame's own total (loses the absorption "
                         "cue), 'none' leaves the counts (default: %(default)s)")
-    p.add_argument("--overlap", type=float, default=d.overlap)
-    p.add_argument("--phase-range", type=float, default=d.phase_range_rad)
-    p.add_argument("--density", type=float, default=d.density)
+    p.add_argument("--overlap", type=float, default=d.overlap, help="linear overlap of neighbouring probe discs of the simulated scans, in (0, 1)")
+    p.add_argument("--phase-range", type=float, default=d.phase_range_rad, help="object phase spans [0, this] radians")
+    p.add_argument("--density", type=float, default=d.density, help="feature density of the simulated objects (as simulate --density)")
     p.add_argument("--ssim-weight", type=float, default=0.0, metavar="W",
                    help="add W * (1 - SSIM) of each predicted patch's bright centre to the L1 loss (the SSIM "
                         "window and constants of the scores, the --phase-range as data range; default 0: L1 only)")
-    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--epochs", type=int, default=5, help="passes over the training scans (--max-minutes may stop it first)")
     p.add_argument("--max-minutes", type=float, default=24.0, help="stop training after this long (0: no limit)")
     p.add_argument("--batch-size", type=int, default=32,
                    help="frames per training step; with --normalize running a whole number of the groups of "
                         f"{SCAN_GROUP} frames of one scan (fewer with shorter scans) that a batch is made of "
                         "(default: %(default)s)")
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--width", type=int, default=16)
-    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of AdamW (warm-up, then cosine decay)")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
+    p.add_argument("--width", type=int, default=16, help="channels of the first encoder level (doubled at each level)")
+    p.add_argument("--depth", type=int, default=4, help="encoder and decoder levels (a 2x2 max-pool each)")
     p.add_argument("--amplitude", action="store_true", help="also train an amplitude head")
     p.add_argument("--head-blocks", type=int, default=0, metavar="N",
                    help="residual blocks at full resolution before the phase head (0..8; default 0: PtychoNN as "

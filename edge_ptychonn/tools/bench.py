@@ -32,6 +32,7 @@ import platform
 import sys
 from pathlib import Path
 
+from edge_ptychonn.helptext import DefaultsFormatter
 from edge_ptychonn.model_card import default_model_path
 from edge_ptychonn.progress import Progress
 from engines.base import PRECISIONS, usable_cores
@@ -124,23 +125,10 @@ def default_consumers(cores: int) -> list[int]:
     return counts
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each default as it would be typed (a list comma-separated, as the option takes
-    it), except ``None`` and a store_true's False: those options say in their help what
-    they do by default."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False or action.default == []:
-            return action.help
-        if isinstance(action.default, (list, tuple)):
-            return f"{action.help} (default: {','.join(map(str, action.default))})"
-        return super()._get_help_string(action)
-
-
 def get_args_parser(prog: str = "edge-ptychonn bench") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog, description=__doc__.split("\n\n")[0].replace("``", ""),
-        formatter_class=_HelpFormatter,
+        formatter_class=DefaultsFormatter,
     )
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL,
                         help="ONNX model; when the default is missing, a random-weight PtychoNN of the default architecture is exported and used")
