@@ -712,3 +712,14 @@ def test_every_option_has_a_help_text_and_no_default_in_pythons_own_notation(nam
     assert bare == [], f"{name}: options without a help text: {bare}"
     text = parser.format_help()
     assert "(default: [" not in text and "(default: (" not in text, text
+
+
+@pytest.mark.parametrize("name", ["export", "train", "finetune"])
+def test_a_seed_torch_cannot_take_is_refused_in_one_line(name, capsys):
+    """export --seed 1e20 ended in torch's 'Overflow when unpacking long long' traceback."""
+    with pytest.raises(SystemExit) as stop:
+        cli.main([name, "--seed", "99999999999999999999"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --seed: must be a whole number within +-9223372036854775807 (torch's seeds), got 99999999999999999999" in err
+    assert "Traceback" not in err, err

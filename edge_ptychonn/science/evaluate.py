@@ -141,7 +141,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     finally:
         engine.close()
     print(accuracy.results_table(results))
-    print(f"({sum(r.n_frames for r in results)} frames in {time.monotonic() - t0:.1f} s with {engine.name} {engine.precision} on "
+    print(f"({sum(r.n_frames for r in results)} frames scored in {time.monotonic() - t0:.1f} s, the engine's start, "
+          f"the scans' simulation and the scoring included, with {engine.name} {engine.precision} on "
           f"{engine.device}; scores over the region covered by the probe's bright centre, constant phase offset removed)")
     try:
         for path in (args.json, image_path):

@@ -12,6 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from edge_ptychonn import cli_options
+
 
 def get_args_parser(prog: str = "edge-ptychonn export") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -23,7 +25,7 @@ def get_args_parser(prog: str = "edge-ptychonn export") -> argparse.ArgumentPars
     p.add_argument("--head-blocks", type=int, default=0,
                    help="residual blocks at full resolution before the phase head, 0..8 (as train --head-blocks; "
                         "default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="weights seed (default: %(default)s)")
+    p.add_argument("--seed", type=cli_options.seed, default=0, help="weights seed (default: %(default)s)")
     return p
 
 

@@ -81,7 +81,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_ptychonn import __version__
+from edge_ptychonn import __version__, cli_options
 from edge_ptychonn.files import load_npy, load_npz, whole_file, write_bytes_whole
 from edge_ptychonn.model_card import (
     ModelCard, ModelConfig, StitchSettings, Training, check_input_size, default_model_path, find_card, save_card,
@@ -671,7 +671,7 @@ def get_args_parser(prog: str = "edge-ptychonn finetune") -> argparse.ArgumentPa
     p.add_argument("--device", default="auto", help="auto (a CUDA GPU if torch sees one, else the CPU), cpu, cuda, "
                    "cuda:N (default: %(default)s)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="shuffling seed (default: %(default)s)")
+    p.add_argument("--seed", type=cli_options.seed, default=0, help="shuffling seed (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress display")
     return p
 

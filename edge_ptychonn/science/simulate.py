@@ -56,7 +56,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_ptychonn.files import check_writable, load_npy, load_npz, whole_file
-from edge_ptychonn.helptext import DefaultsFormatter
+from edge_ptychonn.cli_options import DefaultsFormatter
 from edge_ptychonn.progress import Progress
 
 FAMILIES = ("mixed", "particles", "smooth", "cells", "siemens", "fibres")

@@ -63,9 +63,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_ptychonn import __version__
+from edge_ptychonn import __version__, cli_options
 from edge_ptychonn.files import check_writable, whole_file, write_bytes_whole
-from edge_ptychonn.helptext import DefaultsFormatter
+from edge_ptychonn.cli_options import DefaultsFormatter
 from edge_ptychonn.model_card import (
     ModelCard, ModelConfig, StitchSettings, Training, check_input_size, find_card, save_card,
 )
@@ -1012,7 +1012,7 @@ def get_args_parser(prog: str = "edge-ptychonn train") -> argparse.ArgumentParse
     p.add_argument("--device", default="cpu", help="where to train: cpu, cuda, cuda:N or auto (a CUDA GPU when torch "
                    "sees one, else the CPU; default: %(default)s)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    p.add_argument("--seed", type=int, default=0, help="weights and shuffling seed")
+    p.add_argument("--seed", type=cli_options.seed, default=0, help="weights and shuffling seed")
     p.add_argument("--init-from", default=None, metavar="PT_OR_ONNX",
                    help="start from the weights of an earlier run: its <out>.pt, or an exported .onnx of this "
                         "architecture (same --depth; e.g. the shipped data/ptychonn.onnx); its preprocessing "

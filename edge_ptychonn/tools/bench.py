@@ -32,7 +32,7 @@ import platform
 import sys
 from pathlib import Path
 
-from edge_ptychonn.helptext import DefaultsFormatter
+from edge_ptychonn.cli_options import DefaultsFormatter
 from edge_ptychonn.model_card import default_model_path
 from edge_ptychonn.progress import Progress
 from engines.base import PRECISIONS, usable_cores

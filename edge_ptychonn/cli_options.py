@@ -1,4 +1,5 @@
-"""The ``--help`` formatter of the commands whose options have many defaults."""
+"""argparse pieces shared by the commands: the ``--help`` formatter of those with many
+defaults, and the type of a seed option."""
 
 from __future__ import annotations
 
@@ -22,3 +23,19 @@ class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
             sep = "," if action.nargs is None else " "  # one comma-separated value, or several words
             return f"{text} (default: {sep.join(map(str, default))})"
         return f"{text} (default: %(default)s)"
+
+
+MAX_SEED = 2**63 - 1  # torch's seeds are 64-bit integers, and it fails beyond this one
+
+
+def seed(text: str) -> int:
+    """A ``--seed`` value of a command that seeds torch: a whole number within +-(2**63-1) (argparse
+    answers anything else with its one-line usage error; beyond it torch failed with a
+    traceback). The commands say themselves whether they take negative ones (train does not)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if not -MAX_SEED <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be a whole number within +-{MAX_SEED} (torch's seeds), got {text}")
+    return value
