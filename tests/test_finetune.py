@@ -180,6 +180,23 @@ def test_positions_from_the_simulator_an_npy_and_a_uniqueid_table(beamline, tmp_
         finetune.load_positions(table, ids + 1)
 
 
+def test_a_text_table_may_name_its_columns(tmp_path):
+    """A CSV with a header row (``uniqueId,x,y``: common) was refused as unreadable; its names
+    now say which column is which, in any order; names that do not are refused in one line."""
+    ids = np.array([1, 2, 3])
+    yx = np.array([[10.0, 20.0], [11.0, 21.0], [12.0, 22.0]])
+    named = tmp_path / "pos.csv"
+    named.write_text("# from the scan log\nuniqueId, X, y\n" + "".join(f"{u},{x},{y}\n" for u, (y, x) in zip(ids, yx)))
+    np.testing.assert_array_equal(finetune.load_positions(named, ids[::-1]), yx[::-1])
+    plain = tmp_path / "pos.txt"
+    plain.write_text("x y\n" + "".join(f"{x} {y}\n" for y, x in yx))
+    np.testing.assert_array_equal(finetune.load_positions(plain, ids), yx)
+    unnamed = tmp_path / "bad.csv"
+    unnamed.write_text("id,a,b\n1,2,3\n")
+    with pytest.raises(finetune.InputError, match="must name the columns y and x .* got 'id,a,b'"):
+        finetune.load_positions(unnamed, ids[:1])
+
+
 def test_held_out_block_and_guard_band(beamline):
     truth = beamline["truth"]
     corners = truth.positions_px.astype(np.int64)

@@ -225,12 +225,51 @@ def load_frames(path: str | Path) -> Recorded:
     raise InputError(f"{path}: frames must be a .npy stack or an HDF5 file ({', '.join(HDF5_SUFFIXES)})")
 
 
+def _text_table(path: Path) -> np.ndarray:
+    """A text table of numbers; a first row of column names (``uniqueId,y,x``, ``x y``, ...)
+    is read as such: the columns named ``y`` and ``x`` (any case) are put in that order, and a
+    third column is the uniqueId. Without names the columns are ``y x`` or ``uniqueId y x``."""
+    delimiter = "," if path.suffix == ".csv" else None
+    with open(path, encoding="utf-8", errors="replace") as f:
+        first = next((line for line in f if line.strip() and not line.lstrip().startswith("#")), "")
+    names = [t.strip().lower() for t in (first.split(delimiter) if delimiter else first.split())]
+    header = bool(names) and not all(_is_number(t) for t in names)
+    with warnings.catch_warnings():  # numpy's UserWarning for a file without rows: said below in words
+        warnings.simplefilter("ignore", UserWarning)
+        table = np.loadtxt(path, comments="#", delimiter=delimiter, ndmin=2, skiprows=_rows_before(path, first) + 1
+                           if header else 0)
+    if table.size == 0:
+        raise InputError(f"{path}: holds no positions (no rows of numbers)")
+    if not header:
+        return table
+    if len(names) != table.shape[1] or names.count("y") != 1 or names.count("x") != 1 or len(names) not in (2, 3):
+        raise InputError(f"{path}: a first row of column names must name the columns y and x (and a third one, "
+                         f"the uniqueId), one name per column; got {first.strip()!r}")
+    order = [k for k, name in enumerate(names) if name not in ("y", "x")] + [names.index("y"), names.index("x")]
+    return table[:, order]
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _rows_before(path: Path, line: str) -> int:
+    """Lines of ``path`` before its first line equal to ``line`` (blank lines and comments)."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return next(k for k, text in enumerate(f) if text == line)
+
+
 def load_positions(path: str | Path, unique_ids: np.ndarray) -> np.ndarray:
     """Positions (N, 2) y x for frames with ``unique_ids``, in the file's units.
 
     Two columns (``.npz`` ``positions_px``/``positions``, ``.npy`` (N, 2), text
     ``y x``) are matched to the frames by index and must be as many; three text
-    columns ``uniqueId y x`` are matched by uniqueId and must cover every frame.
+    columns ``uniqueId y x`` are matched by uniqueId and must cover every frame. A
+    text table may name its columns in a first row (:func:`_text_table`).
     """
     path = Path(path)
     _need_file(path, "positions file")
@@ -245,11 +284,7 @@ def load_positions(path: str | Path, unique_ids: np.ndarray) -> np.ndarray:
         elif path.suffix == ".npy":
             table = _npy(path)
         elif path.suffix in TEXT_SUFFIXES:
-            with warnings.catch_warnings():  # numpy's UserWarning for a file without rows: said below in words
-                warnings.simplefilter("ignore", UserWarning)
-                table = np.loadtxt(path, comments="#", delimiter="," if path.suffix == ".csv" else None, ndmin=2)
-            if table.size == 0:
-                raise InputError(f"{path}: holds no positions (no rows of numbers)")
+            table = _text_table(path)
             by_id = table.shape[1] == 3
         else:
             raise InputError(f"{path}: positions must be .npz (edge-ptychonn simulate), .npy (N, 2) or a text table "
