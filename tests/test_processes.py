@@ -424,6 +424,20 @@ def test_soak_refuses_more_consumers_than_the_launcher_takes(capsys, monkeypatch
     assert f"--consumers 1..{launch.MAX_CONSUMERS}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--fps", "1e-11"], "--fps must be >= 0.001, got 1e-11"),  # the sim server's timer thread failed
+    (["--prefix", "a*b"], "--prefix must be a channel name part without '*'"),  # outputs never found
+])
+def test_soak_refuses_what_would_fail_late(extra, message, capsys, monkeypatch):
+    from edge_ptychonn.tools import soak
+
+    monkeypatch.setattr(processes, "start", lambda *a, **k: pytest.fail("soak started processes"))
+    args = soak.get_args_parser().parse_args(["--fps", "10", "--model", str(MODEL), *extra])
+    assert soak.main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+
+
 @pytest.mark.parametrize("n_consumers, batch_updates, du", [(2, 1, "1"), (3, 8, "8"), (1, 8, None), (1, 1, None)])
 def test_several_consumers_always_share_the_frames(n_consumers, batch_updates, du):
     """Several consumers get PvaPy's distributor, also for runs of 1 frame (before: no ``-du``

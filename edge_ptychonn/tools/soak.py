@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_ptychonn.model_card import default_model_path
-from edge_ptychonn.tools.launch import MAX_CONSUMERS
+from edge_ptychonn.tools.launch import MAX_CONSUMERS, MIN_FPS
 
 # The output monitor's server-side queue. Each slot the server has filled keeps a
 # frame's worth of memory in the consumer, so the consumer's resident memory grows
@@ -123,6 +123,14 @@ def main(args: argparse.Namespace) -> int:
         # bound had pvapy-hpc-consumer fork that many consumers, each loading its own engine)
         print(f"edge-ptychonn soak: --minutes, --every and --fps must be finite numbers > 0, --consumers 1..{MAX_CONSUMERS}, "
               "--cpu-threads >= 0 and --max-growth-mb >= 0", file=sys.stderr)
+        return 2
+    if args.fps is not None and args.fps < MIN_FPS:  # the sim server's timer fails on a longer period
+        print(f"edge-ptychonn soak: --fps must be >= {MIN_FPS:g}, got {args.fps:g}", file=sys.stderr)
+        return 2
+    if not args.prefix or any(c in args.prefix for c in "*\0") or args.prefix != args.prefix.strip():
+        # '*' is PvaPy's stand-in for the consumer id in the channel names: the outputs would not be found
+        print(f"edge-ptychonn soak: --prefix must be a channel name part without '*', spaces at its ends or NUL, "
+              f"got {args.prefix!r}", file=sys.stderr)
         return 2
     from engines import EngineUnavailable
     from engines.onnx_model import read_signature
