@@ -44,7 +44,8 @@ Training
     skips it); a checkpoint keeps its BatchNorm layers. Frames go through the
     base model's preprocessing (its card), which the output keeps.
     ``train.Trainer`` runs the epochs (AdamW, warm-up and cosine decay to the
-    last step or the time limit, bf16 autocast, masked L1 loss on the probe's
+    last step or the time limit, bf16 autocast where the device has it natively,
+    masked L1 loss on the probe's
     bright centre) on the CPU or a GPU (``--device``).
 
 Held-out positions
@@ -702,7 +703,9 @@ def get_args_parser(prog: str = "edge-ptychonn finetune") -> argparse.ArgumentPa
     p.add_argument("--batch-size", type=int, default=16, help="frames per training step (default: %(default)s)")
     p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default: %(default)s)")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (default: %(default)s)")
-    p.add_argument("--no-bf16", dest="bf16", action="store_false", help="train in float32")
+    from edge_ptychonn.science.train import add_bf16_options
+
+    add_bf16_options(p)
     p.add_argument("--device", default="auto", help="auto (a CUDA GPU if torch sees one, else the CPU), cpu, cuda, "
                    "cuda:N (default: %(default)s)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
@@ -753,12 +756,15 @@ def _finetune(args: argparse.Namespace) -> int:
     t_start = time.monotonic()
     show = not args.quiet
     from edge_ptychonn.science.train import (
-        Trainer, divergence, output_file, previous_training, save_checkpoint, scan_factors,
+        Trainer, divergence, output_file, previous_training, resolve_bf16, save_checkpoint, scan_factors,
         training_device,
     )
 
     try:
         device = training_device(args.device)
+        args.bf16, why = resolve_bf16(args.bf16, device)
+        if why:  # what the run does, with its other lines (stdout): not an error
+            print(why, flush=True)
         recorded = load_frames(args.frames)
         if args.positions:
             positions = load_positions(args.positions, recorded.unique_ids)
