@@ -64,15 +64,17 @@ def repeat_command(prog: str, parser: argparse.ArgumentParser, args: argparse.Na
         if not action.option_strings or action.dest == "help":
             continue
         value = getattr(args, action.dest)
+        if isinstance(action, argparse._StoreConstAction):  # a flag (store_true, --bf16 / --no-bf16 on one dest)
+            if value == action.const and value != action.default:
+                words.append(action.option_strings[0])
+            continue
         default = action.default
         if isinstance(default, str) and action.type is not None:
             default = action.type(default)  # as argparse gives it
         if value == default and not action.required:
             continue
         flag = action.option_strings[0]
-        if isinstance(value, bool):
-            words.append(flag)  # store_true / store_false: the flag is the change
-        elif isinstance(value, (list, tuple)):
+        if isinstance(value, (list, tuple)):
             words += [flag, *map(str, value)]
         else:
             words += [flag, str(value)]

@@ -204,7 +204,7 @@ def test_a_scan_too_small_to_score_is_one_line_naming_the_scan_and_the_remedy(ca
                        "window fits nowhere): score a scan of more positions (evaluate: --n-positions; 2 or more at "
                        "the shipped model's scan settings) or of more overlap\n") and out.out == ""
     assert cli.main([*base, "--simulate", "mixed:1001", "--n-positions", "2"]) == 0
-    assert "(2 frames in " in capsys.readouterr().out
+    assert "(2 frames scored in " in capsys.readouterr().out
     _, truth = simulate_scan(ScanSettings(seed=1, n_positions=1), progress=False)
     with pytest.raises(ValueError, match="^scan one: its 1 frame"):  # also where train scores
         score_scan("one", truth.patches_phase, truth)
