@@ -140,13 +140,15 @@ def lines_until(stream, done, timeout_s: float) -> list[str]:
 @pytest.fixture
 def procs():
     """Processes a test starts (tools.processes.start); stopped by pid at the end, last first:
-    every one, even when stopping another failed; each one's process group must be gone."""
+    every one, even when stopping another failed; each one's process group must be gone.
+    SIGINT gets 2 s before SIGTERM: what a test checks is done by then, and a process that
+    does not take SIGINT (a Qt viewer, a consumer whose child was killed) need not cost 5 s."""
     started = []
     yield started
     problems = []
     for proc in reversed(started):
         try:
-            proc.stop()
+            proc.stop(grace_s=2.0)
         except Exception as exc:  # stop the others all the same
             problems.append(f"{proc.name} (pid {proc.pid}): stop() raised {exc!r}")
     for proc in started:

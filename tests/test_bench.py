@@ -377,7 +377,8 @@ def test_quick_engine_run_marks_emulated_precisions(tmp_path, bench_small_model,
     args = bench.get_args_parser().parse_args([
         "--quick", "--skip", "pipeline,passthrough", "--engines", "torch", "--precisions", "fp32,fp16,bf16",
         "--model", str(bench_small_model), "--out", str(tmp_path), "--no-plots", "--batches", "1",
-    ])
+        "--peak-sizes", "256", "--peak-seconds", "0.1", "--engine-seconds", "0.1", "--engine-repeats", "1",
+    ])  # short timings: emulated precisions are slow to time, and only the marks are checked
     args.batches = [1]
     assert bench.main(args) == 0
     report = json.loads((tmp_path / "report.json").read_text())
