@@ -1,8 +1,10 @@
-"""Stopping a real command with SIGTERM at the moment it writes, for the tests that a
-``kill`` leaves one line, exit 130 and no hidden half-written file."""
+"""Signals for the tests: stopping a real command with SIGTERM at the moment it writes (a
+``kill`` leaves one line, exit 130 and no hidden half-written file), and the processes a
+launcher said it started that are still there."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -28,3 +30,20 @@ def sigterm_while_writing(args: list[str], folder: Path, part_glob: str, timeout
     finally:
         proc.kill()
     return proc.returncode, err
+
+
+def pids_alive(log_text: str) -> list[int]:
+    """The processes a launcher or the demo said it started (its ``started <name> pid N``
+    lines) that still run; each is then killed, so that a failing check leaves nothing behind."""
+    pids = [int(line.split("pid")[1].split()[0]) for line in log_text.splitlines() if line.startswith("started ")]
+    alive = []
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+            alive.append(pid)
+        except ProcessLookupError:
+            pass
+    for pid in alive:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return alive

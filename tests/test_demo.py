@@ -10,6 +10,7 @@ import pytest
 
 from edge_ptychonn.tools import demo
 from channel_names import PREFIX
+from signal_util import pids_alive
 from model_util import training_like_scan
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,7 +40,7 @@ def test_demo_runs_the_chain_and_leaves_a_picture_of_the_stitched_phase(pva_env,
     # every process the chain started (the sim server ends with its replay) is gone
     started = sorted(ln.split()[1] for ln in out.splitlines() if ln.startswith("started "))
     assert started == ["hdf5", "inference", "sim", "stitch"], out[-3000:]
-    assert _pids_alive(out) == [], "the demo left processes running"
+    assert pids_alive(out) == [], "the demo left processes running"
 
     # the picture: the live stitched phase (left) beside the truth (right), at the printed path
     png = Path(re.search(r"^picture\s+(\S+\.png)", out, re.M).group(1))
@@ -53,27 +54,6 @@ def test_demo_runs_the_chain_and_leaves_a_picture_of_the_stitched_phase(pva_env,
     assert np.corrcoef(live[covered], true[covered])[0, 1] > 0.5, "the stitched phase does not look like the truth"
     ssim = float(re.search(r"SSIM (\d\.\d+)", out).group(1))
     assert ssim > 0.3
-
-
-def _pids_alive(log_text: str) -> list[int]:
-    """The processes the demo said it started that still run; each is then killed, so that
-    a failing check leaves nothing behind."""
-    import contextlib
-    import os
-    import signal
-
-    pids = [int(line.split("pid")[1].split()[0]) for line in log_text.splitlines() if line.startswith("started ")]
-    alive = []
-    for pid in pids:
-        try:
-            os.kill(pid, 0)
-            alive.append(pid)
-        except ProcessLookupError:
-            pass
-    for pid in alive:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    return alive
 
 
 def test_demo_sh_takes_relative_paths_from_where_it_is_called(tmp_path):

@@ -50,13 +50,18 @@ def test_requests_that_cannot_be_met_say_why():
         resolve_device("cuda", 1, 2, supports_cuda=False)
 
 
-def test_visible_gpu_count_follows_cuda_visible_devices(monkeypatch, tmp_path):
+def _three_gpus(monkeypatch, tmp_path) -> None:
+    """The driver's folder of GPUs, as devices reads it, holds three."""
     gpus = tmp_path / "gpus"
     gpus.mkdir()
     for i in range(3):
         (gpus / f"0000:0{i}:00.0").mkdir()
     real = devices.Path
     monkeypatch.setattr(devices, "Path", lambda p: gpus if p == "/proc/driver/nvidia/gpus" else real(p))
+
+
+def test_visible_gpu_count_follows_cuda_visible_devices(monkeypatch, tmp_path):
+    _three_gpus(monkeypatch, tmp_path)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert devices.visible_gpu_count() == 3
     for value, count in [("1", 1), ("2,0", 2), ("", 0), ("0,7,1", 1), ("-1", 0), ("GPU-abc,GPU-def", 2)]:
@@ -91,11 +96,6 @@ def test_devices_module_imports_no_numpy():
     ("\u00b9", 0), ("0,\u00b2", 1),  # superscripts are no index (and raised a ValueError)
 ])
 def test_visible_gpu_count_reads_cuda_visible_devices_as_cuda_does(monkeypatch, tmp_path, value, count):
-    gpus = tmp_path / "gpus"
-    gpus.mkdir()
-    for i in range(3):
-        (gpus / f"0000:0{i}:00.0").mkdir()
-    real = devices.Path
-    monkeypatch.setattr(devices, "Path", lambda p: gpus if p == "/proc/driver/nvidia/gpus" else real(p))
+    _three_gpus(monkeypatch, tmp_path)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", value)
     assert devices.visible_gpu_count() == count

@@ -8,7 +8,6 @@ checks the files against the engine and the stitched image against offline stitc
 
 from __future__ import annotations
 
-import contextlib
 import io
 import itertools
 import json
@@ -29,6 +28,7 @@ from edge_ptychonn.tools import processes as live
 from edge_ptychonn.tools.launch import LaunchConfig, Snapshot, Status, chained_argv, collector_argv, last_errors
 from edge_ptychonn.tools.processes import wait_until
 from channel_names import PREFIX
+from signal_util import pids_alive
 from conftest import lines_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -464,7 +464,7 @@ def test_launch_stops_its_processes_when_its_session_closes(tmp_path, sig):
     assert parent.returncode == 130, text
     assert "interrupted: stopping everything" in text
     assert [ln.split()[1] for ln in text.splitlines() if ln.startswith("stopped ")] == ["inference", "stitch", "hdf5"]
-    assert _pids_alive(text) == []
+    assert pids_alive(text) == []
 
 
 # ---------------------------------------------------------------- end to end
@@ -492,23 +492,6 @@ def _launch_to_end(cfg: Path, env: dict, timeout_s: float = 150) -> tuple[str, i
             os.killpg(launch.pid, signal.SIGKILL)
             launch.wait(30)
     return out, launch.returncode
-
-
-def _pids_alive(log_text: str) -> list[int]:
-    """The processes the launcher said it started that still run; each is then killed, so that
-    a failing check leaves nothing behind."""
-    pids = [int(line.split("pid")[1].split()[0]) for line in log_text.splitlines() if line.startswith("started ")]
-    alive = []
-    for pid in pids:
-        try:
-            os.kill(pid, 0)
-            alive.append(pid)
-        except ProcessLookupError:
-            pass
-    for pid in alive:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    return alive
 
 
 @pytest.mark.e2e
@@ -580,7 +563,7 @@ modelCard = "{MODEL.with_suffix('.json')}"
     print(out[-2500:])
     assert launch.returncode == 0, out[-4000:]
     assert len(set(seen)) > 1 and seen[-1] > seen[0], f"the SWMR reader did not see the file grow: {seen}"
-    assert _pids_alive(out) == [], "launch left processes running"
+    assert pids_alive(out) == [], "launch left processes running"
 
     # HDF5: exactly one image per input uniqueId, with the inference output's values
     # (one file per consumer: its frames in the order it preprocessed them, which the
@@ -652,7 +635,7 @@ outputDirectory = "{tmp_path / 'h5'}"
     text = "".join(lines) + out
     assert "interrupted: stopping everything" in text, text[-3000:]
     assert [ln.split()[1] for ln in text.splitlines() if ln.startswith("stopped ")] == ["inference", "stitch", "hdf5"]
-    assert _pids_alive(text) == []
+    assert pids_alive(text) == []
 
 
 def load(tmp_path: Path, text: str) -> LaunchConfig:
@@ -832,7 +815,7 @@ cpuThreads = 1
         if launch.poll() is None:
             os.killpg(launch.pid, signal.SIGKILL)
             launch.wait(30)
-    assert _pids_alive(out) == [], "launch left processes running"
+    assert pids_alive(out) == [], "launch left processes running"
     assert launch.returncode == 1, out[-3000:]
     assert "frames sent          8\n" in out and "frames lost          8\n" in out, out[-3000:]
     assert "inference processed  0 (dropped or bad 8" in out, out[-3000:]
@@ -872,7 +855,7 @@ objectShape = [120, 120]
 outputDirectory = "{tmp_path / 'stitched'}"
 """)
     out, returncode = _launch_to_end(cfg, pva_env)
-    assert _pids_alive(out) == [], "launch left processes running"
+    assert pids_alive(out) == [], "launch left processes running"
     assert returncode == 0, out[-3000:]
     assert f"frames placed        {n} " in out, out[-3000:]
     assert "frames lost          0\n" in out, out[-3000:]
@@ -952,7 +935,7 @@ cpuThreads = 1
 """)
     t0 = time.monotonic()
     out, returncode = _launch_to_end(cfg, pva_env)
-    assert _pids_alive(out) == [], "launch left processes running"
+    assert pids_alive(out) == [], "launch left processes running"
     assert returncode == 1, out[-3000:]
     assert f"{model} is not a readable ONNX model" in out, out[-3000:]
     assert time.monotonic() - t0 < 75, out[-3000:]  # not the 90 s wait for a status channel

@@ -681,6 +681,23 @@ class Recorder(Publisher):
         self.order.append(("final", attrs["ScanIndex"], attrs["FramesPlaced"]))
 
 
+def _held_saves(monkeypatch) -> tuple[threading.Event, threading.Event]:
+    """The stitcher's saves wait (as on a slow or hung disk) until the test sets the second
+    event; the first is set when a save starts."""
+    import processors.stitch as stitch_module
+
+    entered, release = threading.Event(), threading.Event()
+    real_save = stitch_module.save_npy_whole
+
+    def held_save(path, array, replace=True):
+        entered.set()
+        assert release.wait(20), "the test never released the save"
+        real_save(path, array, replace)
+
+    monkeypatch.setattr(stitch_module, "save_npy_whole", held_save)
+    return entered, release
+
+
 def test_process_and_stats_never_wait_for_a_slow_save(tmp_path, rng, monkeypatch):
     """The control command finishes scan 1 on PvaPy's timer thread and its save hangs on
     the disk: meanwhile process() places frames, getStats() answers, and a restart that
@@ -694,15 +711,7 @@ def test_process_and_stats_never_wait_for_a_slow_save(tmp_path, rng, monkeypatch
     p = make({"positionsFile": str(write_npz(tmp_path / "s.npz", positions, probe, (40, 48))),
               "outputDirectory": str(tmp_path / "out")}, recorder)
     p.pvaServer, p.final_channel = recorder, "stitch:1:output:final"
-    entered, release = threading.Event(), threading.Event()
-    real_save = stitch_module.save_npy_whole
-
-    def slow_save(path, array, replace=True):
-        entered.set()
-        assert release.wait(20), "the test never released the save"
-        real_save(path, array, replace)
-
-    monkeypatch.setattr(stitch_module, "save_npy_whole", slow_save)
+    entered, release = _held_saves(monkeypatch)
     for k in range(5):
         p.process(good_frame(k + 1, patches[k]))
     control = threading.Thread(target=p.configure, args=({"newScan": True},), daemon=True)
@@ -1074,15 +1083,7 @@ def test_sigterm_drain_returns_within_its_timeout_while_a_save_hangs(tmp_path, r
     patches, positions, probe = small_scan(rng, n=6)
     p = make({"positionsFile": str(write_npz(tmp_path / "s.npz", positions, probe, (40, 48))),
               "outputDirectory": str(tmp_path / "out")}, Publisher())
-    entered, release = threading.Event(), threading.Event()
-    real_save = stitch_module.save_npy_whole
-
-    def hung_save(path, array, replace=True):
-        entered.set()
-        assert release.wait(20), "the test never released the save"
-        real_save(path, array, replace)
-
-    monkeypatch.setattr(stitch_module, "save_npy_whole", hung_save)
+    entered, release = _held_saves(monkeypatch)
     for k in range(3):
         p.process(good_frame(k + 1, patches[k]))
     with p.lock:  # scan 1 finished: its image queued, to be sent and saved by the drain
