@@ -540,8 +540,9 @@ def test_quick_pipeline_run(tmp_path, bench_small_model):
     if not ok:
         pytest.skip(reason)
     args = bench.get_args_parser().parse_args([
-        "--quick", "--skip", "engine", "--model", str(bench_small_model), "--out", str(tmp_path), "--no-plots",
-    ])
+        "--quick", "--skip", "engine,framepath", "--model", str(bench_small_model), "--out", str(tmp_path),
+        "--no-plots",
+    ])  # the frame path's profile has a test of its own, below
     assert bench.main(args) == 0
     report = json.loads((tmp_path / "report.json").read_text())
     assert {p["processor"] for p in report["pipeline"]["points"]} == {"ptychonn", "passthrough"}
@@ -565,9 +566,7 @@ def test_quick_pipeline_run(tmp_path, bench_small_model):
         assert 0 < p["machine_busy_pct"] <= 100.0, p
     ratio = report["ratios"][0]
     assert ratio["engine_alone_fps"] > 0 and ratio["ptychonn_fps"] > 0
-    frame_path = report["frame_path"]  # the in-process profile ran too
-    assert set(frame_path["stages_us"]) == {"decode", "load", "transform", "engine", "encode", "publish"}
-    assert frame_path["pipeline_us"] > 0 and frame_path["passthrough_us"] > 0
+    assert "frame_path" not in report or report["frame_path"] is None  # skipped as asked
 
 
 def test_frame_path_profile_times_every_stage_and_the_whole_pipeline():

@@ -19,7 +19,7 @@ from channel_names import PREFIX
 
 pytestmark = pytest.mark.e2e
 N_FRAMES = 61  # not a multiple of 8: the last batch is partial
-START_DELAY_S = 12.0  # consumers and the test's monitors connect before frames flow
+START_DELAY_S = 10.0  # consumers and the test's monitors connect before frames flow
 _ports = itertools.count(1)
 
 

@@ -130,7 +130,7 @@ def test_c2dv_windows_show_the_live_chain_under_xvfb(pva_env, procs, tmp_path):
 
     # the sim server's start delay lets every client connect before frames flow (the
     # output channels appear when the first, empty, record reaches the consumer)
-    delay_s = 25.0  # Xvfb, Qt and c2dv start in a few seconds; a loaded machine may take several times that
+    delay_s = 14.0  # Xvfb gives its display in 2-3 s, c2dv connects a few seconds later (checked below)
     procs.append(start("sim", sim_server_argv(tmp_path / "scan.npy", f"{tag}:image", fps=10, start_delay_s=delay_s),
                        pva_env, tmp_path))
     t_sim = time.monotonic()
