@@ -56,16 +56,17 @@ def test_a_detector_chain_keeps_the_environments_epics_settings(tmp_path, monkey
     """A beamline's EPICS settings reach the detector on another host: a detector chain keeps
     them (before: replaced by loopback, so the chain never found the detector); a replay, or an
     environment without EPICS settings, stays on loopback."""
-    monkeypatch.setenv("EPICS_PVA_ADDR_LIST", "10.1.2.3")
-    monkeypatch.setenv("EPICS_PVAS_INTF_ADDR_LIST", "0.0.0.0")
+    # a site's settings (here on loopback too, with a port of the site's own; nothing is sent)
+    monkeypatch.setenv("EPICS_PVA_ADDR_LIST", "127.0.0.1:5999")
+    monkeypatch.setenv("EPICS_PVA_SERVER_PORT", "5998")
     out = io.StringIO()
     chain = launch.Chain(load(tmp_path, MINIMAL), out=out)
-    assert chain.env["EPICS_PVA_ADDR_LIST"] == "10.1.2.3" and chain.env["EPICS_PVAS_INTF_ADDR_LIST"] == "0.0.0.0"
+    assert chain.env["EPICS_PVA_ADDR_LIST"] == "127.0.0.1:5999" and chain.env["EPICS_PVA_SERVER_PORT"] == "5998"
     monkeypatch.setattr(live, "loopback_multicast", lambda: (True, ""))
     monkeypatch.setattr(launch.Chain, "_start", lambda self, name, argv: (_ for _ in ()).throw(RuntimeError("stop")))
     with pytest.raises(RuntimeError, match="stop"):
         chain.start()
-    assert "EPICS pvAccess settings: " in out.getvalue() and "EPICS_PVA_ADDR_LIST=10.1.2.3" in out.getvalue()
+    assert "EPICS pvAccess settings: " in out.getvalue() and "EPICS_PVA_ADDR_LIST=127.0.0.1:5999" in out.getvalue()
     scan = tmp_path / "s.npy"
     np.save(scan, np.zeros((3, 4, 4), np.int16))
     replay = launch.Chain(load(tmp_path, MINIMAL.replace('channel = "det:image"', f'scan = "{scan}"')), out=io.StringIO())
