@@ -635,7 +635,8 @@ outputDirectory = "{tmp_path / 'h5'}"
             os.killpg(launch.pid, signal.SIGKILL)
     text = "".join(lines) + out
     assert "interrupted: stopping everything" in text, text[-3000:]
-    assert [ln.split()[1] for ln in text.splitlines() if ln.startswith("stopped ")] == ["inference", "stitch", "hdf5"]
+    assert [ln.split()[1] for ln in text.splitlines() if ln.startswith("stopped ")] == ["inference", "stitch", "hdf5"], \
+        text[-3000:]
     assert pids_alive(text) == []
 
 
