@@ -231,14 +231,14 @@ def _text_table(path: Path) -> np.ndarray:
     is read as such: the columns named ``y`` and ``x`` (any case) are put in that order, and a
     third column is the uniqueId. Without names the columns are ``y x`` or ``uniqueId y x``."""
     delimiter = "," if path.suffix == ".csv" else None
-    with open(path, encoding="utf-8", errors="replace") as f:
-        first = next((line for line in f if line.strip() and not line.lstrip().startswith("#")), "")
+    with open(path, encoding="utf-8", errors="replace") as f:  # the first line of data, and its index
+        index, first = next(((k, line) for k, line in enumerate(f) if line.strip() and not line.lstrip().startswith("#")),
+                            (0, ""))
     names = [t.strip().lower() for t in (first.split(delimiter) if delimiter else first.split())]
     header = bool(names) and not all(_is_number(t) for t in names)
     with warnings.catch_warnings():  # numpy's UserWarning for a file without rows: said below in words
         warnings.simplefilter("ignore", UserWarning)
-        table = np.loadtxt(path, comments="#", delimiter=delimiter, ndmin=2, skiprows=_rows_before(path, first) + 1
-                           if header else 0)
+        table = np.loadtxt(path, comments="#", delimiter=delimiter, ndmin=2, skiprows=index + 1 if header else 0)
     if table.size == 0:
         raise InputError(f"{path}: holds no positions (no rows of numbers)")
     if not header:
@@ -256,12 +256,6 @@ def _is_number(text: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def _rows_before(path: Path, line: str) -> int:
-    """Lines of ``path`` before its first line equal to ``line`` (blank lines and comments)."""
-    with open(path, encoding="utf-8", errors="replace") as f:
-        return next(k for k, text in enumerate(f) if text == line)
 
 
 def load_positions(path: str | Path, unique_ids: np.ndarray) -> np.ndarray:
