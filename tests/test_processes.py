@@ -408,8 +408,8 @@ def test_stop_gives_up_on_a_process_that_outlives_sigkill(monkeypatch):
     stopper.join(20)
     assert result == [None], "stop() did not return on a process that outlives SIGKILL"
     assert sent[:3] == [signal.SIGINT, signal.SIGTERM, signal.SIGKILL]
-    assert said == ["stuck (pid 4206649) did not stop within 0.1 s of SIGINT: SIGTERM",
-                    "stuck (pid 4206649) did not stop within 2 s of SIGTERM: SIGKILL"], said
+    assert said == ["stuck (pid 4206649) did not stop within 0.1 s of SIGINT (state unknown): SIGTERM",
+                    "stuck (pid 4206649) did not stop within 2 s of SIGTERM (state unknown): SIGKILL"], said
 
 
 def test_soak_refuses_more_consumers_than_the_launcher_takes(capsys, monkeypatch):

@@ -804,7 +804,7 @@ class Chain:
             self._report_lost_consumers(self.consumers_gone)
         code = proc.stop(grace_s=STOP_GRACE_S.get(proc.name, STOP_GRACE_S[""]), say=self.warn)
         if code is None:
-            self.warn(f"could not stop {proc.name} pid {proc.pid}: still there 4 s after SIGKILL (stuck in the "
+            self.warn(f"could not stop {proc.name} pid {proc.pid}: still there {live.KILL_WAIT_S:g} s after SIGKILL (stuck in the "
                       "kernel, in uninterruptible sleep); it ends once the kernel lets it go")
             return
         gone = self.consumers_gone.get(proc.pid, 0)  # PvaPy's parent exits with 0 all the same

@@ -203,16 +203,21 @@ class Proc:
 
     def stop(self, grace_s: float = 5.0, say=None) -> int | None:
         """Stop it and its children by process id: SIGINT, SIGTERM after ``grace_s``, SIGKILL 2 s
-        later; return the exit code, or None when it is still there 4 s after SIGKILL (stuck in
-        the kernel, in uninterruptible sleep: nothing ends it sooner, and waiting on would hang
-        the caller). ``say``: called with a line each time it goes on to a harder signal."""
-        steps = ((signal.SIGINT, grace_s), (signal.SIGTERM, 2.0), (signal.SIGKILL, 2.0))
+        later; return the exit code, or None when it is still there :data:`KILL_WAIT_S` after
+        SIGKILL (stuck in the kernel, in uninterruptible sleep: nothing ends it sooner, and
+        waiting on would hang the caller). ``say``: called with a line each time it goes on to a
+        harder signal, with what the process did meanwhile (its state and the CPU time it and
+        its children used: none on a machine too busy to run it, some when it was stuck)."""
+        steps = ((signal.SIGINT, grace_s), (signal.SIGTERM, 2.0), (signal.SIGKILL, KILL_WAIT_S / 2))
+        cpu_before = float("nan")
         for i, (sig, wait_s) in enumerate(steps):
             if self.popen.poll() is not None:
                 break
             if i and say is not None:
                 before, waited_s = steps[i - 1]
-                say(f"{self.name} (pid {self.pid}) did not stop within {waited_s:g} s of {before.name}: {sig.name}")
+                say(f"{self.name} (pid {self.pid}) did not stop within {waited_s:g} s of {before.name} "
+                    f"({_doing(self.pid, cpu_before)}): {sig.name}")
+            cpu_before = cpu_seconds(self.pid)
             try:
                 os.killpg(self.pid, sig)
             except ProcessLookupError:
@@ -222,7 +227,23 @@ class Proc:
             os.killpg(self.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
-        return self.wait(2.0)
+        return self.wait(KILL_WAIT_S / 2)
+
+
+# SIGKILL cannot be caught: a process still there this long after it is stuck in the kernel (or
+# the machine gave it no time); on a loaded machine tearing down a large process takes seconds
+KILL_WAIT_S = 10.0
+
+
+def _doing(pid: int, cpu_before: float) -> str:
+    """What process ``pid`` is doing: its state letter and the CPU seconds it and its children
+    used since ``cpu_before`` (a :func:`cpu_seconds` reading), as far as /proc tells."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "state unknown"
+    used = cpu_seconds(pid) - cpu_before
+    return f"state {state}" + ("" if used != used else f", {used:.2f} s CPU since")
 
 
 def _children_take_sigint() -> None:
