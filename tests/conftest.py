@@ -139,18 +139,26 @@ def lines_until(stream, done, timeout_s: float) -> list[str]:
 
 @pytest.fixture
 def procs():
-    """Processes a test starts (tools.processes.start); stopped by pid at the end, last first:
+    """Processes a test starts (tools.processes.start); stopped by pid at the end, all at
+    once (each takes seconds to stop: a consumer's final statistics, a sim server's grace):
     every one, even when stopping another failed; each one's process group must be gone.
     SIGINT gets 2 s before SIGTERM: what a test checks is done by then, and a process that
     does not take SIGINT (a Qt viewer, a consumer whose child was killed) need not cost 5 s."""
     started = []
     yield started
     problems = []
-    for proc in reversed(started):
+
+    def stop(proc) -> None:
         try:
             proc.stop(grace_s=2.0)
         except Exception as exc:  # stop the others all the same
             problems.append(f"{proc.name} (pid {proc.pid}): stop() raised {exc!r}")
+
+    stoppers = [threading.Thread(target=stop, args=(proc,), name=f"stop-{proc.name}") for proc in started]
+    for thread in stoppers:
+        thread.start()
+    for thread in stoppers:
+        thread.join()
     for proc in started:
         if not group_gone(proc.pid):
             problems.append(f"{proc.name} (pid {proc.pid}): its process group was still running (killed)")

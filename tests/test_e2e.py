@@ -19,7 +19,7 @@ from channel_names import PREFIX
 
 pytestmark = pytest.mark.e2e
 N_FRAMES = 61  # not a multiple of 8: the last batch is partial
-START_DELAY_S = 10.0  # consumers and the test's monitors connect before frames flow
+START_DELAY_S = 5.0  # consumers and the test's monitors connect before frames flow (1-2 s after start)
 _ports = itertools.count(1)
 
 
@@ -37,7 +37,7 @@ def test_two_consumers_publish_every_frame_once(pva_env, procs, small_model, tmp
     outputs = [f"{prefix}:{i}:output" for i in (1, 2)]
     collector = OutputCollector(outputs)
     try:
-        assert collector.wait_connected(START_DELAY_S - 2), "output channels did not appear:\n" + procs[0].log()[-3000:]
+        assert collector.wait_connected(START_DELAY_S - 1), "output channels did not appear:\n" + procs[0].log()[-3000:]
         got = collector.wait_count(N_FRAMES, timeout_s=60, idle_s=15)
         statuses = wait_status(
             [f"{prefix}:{i}:status" for i in (1, 2)],
@@ -100,7 +100,7 @@ def test_bad_frames_over_pvapy_are_counted_and_good_ones_follow(pva_env, procs, 
     procs.append(start("sim", sim, pva_env, tmp_path))
     collector = OutputCollector([f"{prefix}:1:output"])
     try:
-        assert collector.wait_connected(START_DELAY_S - 2), procs[0].log()[-3000:]
+        assert collector.wait_connected(START_DELAY_S - 1), procs[0].log()[-3000:]
         got = collector.wait_count(11, timeout_s=40, idle_s=10)
         status = wait_status([f"{prefix}:1:status"], lambda rs: rs[0]["userStats"]["nFramesProcessed"] >= 11)[0]
     finally:

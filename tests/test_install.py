@@ -100,10 +100,10 @@ def test_a_consumer_from_the_install_runs_the_default_model(installed, pva_env, 
                                              {"engine": "onnxruntime", "cpuThreads": 1}), env, tmp_path)]
     collector = None
     try:
-        procs.append(start("sim-server", sim_server_argv(tmp_path / "scan.npy", channel, 20.0, start_delay_s=10.0),
+        procs.append(start("sim-server", sim_server_argv(tmp_path / "scan.npy", channel, 20.0, start_delay_s=7.0),
                            env, tmp_path))
         collector = OutputCollector([f"{prefix}:1:output"])
-        assert collector.wait_connected(10.0), procs[0].log()[-3000:]
+        assert collector.wait_connected(6.0), procs[0].log()[-3000:]
         got = collector.wait_count(n_frames, timeout_s=60.0, idle_s=15.0)
         status = wait_status([f"{prefix}:1:status"],
                              lambda rs: rs[0]["userStats"]["nFramesProcessed"] >= n_frames)[0]

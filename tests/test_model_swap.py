@@ -24,7 +24,7 @@ from edge_ptychonn.tools.processes import (
 from engines.base import cpu_layout
 from channel_names import PREFIX
 
-START_DELAY_S = 10.0  # the consumer and the test's monitor connect before frames flow
+START_DELAY_S = 5.0  # the consumer and the test's monitor connect before frames flow (1-2 s after start)
 FPS = 40
 BATCH = 8
 _ports = itertools.count(1)
@@ -119,7 +119,7 @@ def test_models_swap_halfway_through_a_scan_without_a_restart(pva_env, procs, sm
     id_a, id_b = _identity(small_model, "small"), _identity(model_b, "model-b")
     collector = OutputCollector([f"{prefix}:1:output"])
     try:
-        assert collector.wait_connected(START_DELAY_S - 2), consumer.log()[-3000:]
+        assert collector.wait_connected(START_DELAY_S - 1), consumer.log()[-3000:]
         assert wait_until(lambda: collector.count() >= n // 2, START_DELAY_S + 30), consumer.log()[-3000:]
         done = _configure(f"{prefix}:1:control", f"modelPath={model_b}")
         at_reply = collector.count()
@@ -183,7 +183,7 @@ def test_a_model_that_does_not_fit_is_refused_and_the_stream_goes_on(pva_env, pr
     control = f"{prefix}:1:control"
     collector = OutputCollector([f"{prefix}:1:output"], keep_images=False)
     try:
-        assert collector.wait_connected(START_DELAY_S - 2), consumer.log()[-3000:]
+        assert collector.wait_connected(START_DELAY_S - 1), consumer.log()[-3000:]
         assert wait_until(lambda: collector.count() >= BATCH, START_DELAY_S + 30), consumer.log()[-3000:]
         settings = read_status(f"{prefix}:1:status")["userStats"]["settings"]
         refusals = {}
