@@ -117,6 +117,18 @@ def gpu_index(device: str) -> int | None:
     return int(index or 0) if head == "cuda" else None
 
 
+# What an NVIDIA driver leaves on a machine whose GPUs a CUDA library could use: the control
+# device node (also inside containers given a GPU), WSL's GPU node, the driver's /proc entry
+NVIDIA_DRIVER_PATHS = ("/dev/nvidiactl", "/dev/dxg", "/proc/driver/nvidia")
+
+
+def nvidia_driver_present() -> bool:
+    """Whether this machine shows any sign of an NVIDIA driver (:data:`NVIDIA_DRIVER_PATHS`).
+    Where it shows none, no CUDA library finds a GPU, and none need be loaded to learn
+    that (importing torch takes seconds, once per consumer)."""
+    return any(Path(path).exists() for path in NVIDIA_DRIVER_PATHS)
+
+
 def visible_gpu_count() -> int:
     """NVIDIA GPUs this process may use, without loading any CUDA library.
 

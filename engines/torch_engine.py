@@ -64,6 +64,12 @@ class TorchEngine:
 
     @staticmethod
     def count_gpus() -> int:
+        """GPUs torch can use; 0 without loading torch where there is no NVIDIA driver (so
+        that ``auto`` on a CPU-only machine does not load torch into every consumer)."""
+        from edge_ptychonn.devices import nvidia_driver_present
+
+        if not nvidia_driver_present():
+            return 0
         import torch
 
         return torch.cuda.device_count() if torch.cuda.is_available() else 0

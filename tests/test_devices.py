@@ -1,9 +1,15 @@
 """Device strings: one parser for config validation and every engine; consumer -> GPU placement."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from edge_ptychonn import devices
 from edge_ptychonn.devices import DeviceRequest, DeviceUnavailable, parse_device, resolve_device
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -99,3 +105,27 @@ def test_visible_gpu_count_reads_cuda_visible_devices_as_cuda_does(monkeypatch, 
     _three_gpus(monkeypatch, tmp_path)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", value)
     assert devices.visible_gpu_count() == count
+
+
+def test_auto_loads_no_torch_where_there_is_no_nvidia_driver(tmp_path, small_model):
+    """Before: ``auto`` imported torch in every consumer to ask for GPUs (seconds of start-up
+    each, four consumers on two cores took 11-21 s to come up); where the machine shows no
+    NVIDIA driver no library finds a GPU, so torch is not loaded to learn that. Where a driver
+    shows, torch is asked."""
+    script = (
+        "import sys\n"
+        "from edge_ptychonn import devices\n"
+        f"devices.NVIDIA_DRIVER_PATHS = ({str(tmp_path / 'driver')!r},)\n"
+        "from engines import EngineOptions, create_engine\n"
+        f"engine = create_engine('auto', EngineOptions({str(small_model)!r}, max_batch=8))\n"
+        "print(type(engine).__name__, 'torch' in sys.modules)\n"
+        f"open({str(tmp_path / 'driver')!r}, 'w').close()\n"
+        "from engines.torch_engine import TorchEngine\n"
+        "TorchEngine.count_gpus()\n"
+        "print('torch' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    first, second = done.stdout.split("\n")[:2]
+    assert first.split()[1] == "False", done.stdout
+    assert second == "True", done.stdout
