@@ -962,7 +962,7 @@ def test_a_consumer_that_dies_during_a_point_is_named_in_its_error(tmp_path, mon
     settings = bench_pipeline.PipelineSettings(model_path=tmp_path / "unused.onnx", duration_s=0.5)
     try:
         r = bench_pipeline.run_point(settings, "passthrough", n_consumers, 100.0, bench_pipeline.make_frames(8, (32, 32)),
-                                     tmp_path, env, procs, f"{PREFIX}die{n_consumers}", 8.0)
+                                     tmp_path, env, procs, f"{PREFIX}die{n_consumers}", 5.0)
     finally:
         procs.stop_all()
     assert killed, r.error

@@ -519,7 +519,7 @@ timeout_s = 100
 scan = "scan.npy"
 channel = "{tag}:image"
 fps = 40
-start_delay_s = 16  # five clients find their channels; on a loaded 2-core machine 10 s was once too short
+start_delay_s = 14  # five clients find their channels (seen up to 9 s after the sim server started)
 [inference]
 consumers = 2
 prefix = "{tag}:inference"
@@ -845,7 +845,7 @@ idle_s = 1
 scan = "{scan}"
 channel = "{tag}:image"
 fps = 20
-start_delay_s = 8  # the collector connects before frames flow
+start_delay_s = 7  # the collector connects before frames flow (about 4 s after the sim server starts)
 [inference]
 consumers = 1
 prefix = "{tag}:inference"

@@ -489,7 +489,7 @@ def test_positions_from_the_sim_servers_metadata_channels_through_inference(pva_
                                                 args, f"{tag}:stitch", cache_size=8)
                        + ["-mc", f"pva://{y_channel},pva://{x_channel}"], pva_env, tmp_path))
     assert wait_until(lambda: status.get(f"{tag}:inference:1:status") and status.get(f"{tag}:stitch:1:status"), 60)
-    delay_s = 12.0
+    delay_s = 9.0  # every client connects (2-6 s after the sim server starts) before frames flow
     procs.append(start("sim", sim_server_argv(tmp_path / "frames.npy", f"{tag}:image", fps=20, start_delay_s=delay_s)
                        + ["-mpv", f"pva://{y_channel},pva://{x_channel}"], pva_env, tmp_path))
     # this test watches the metadata channels and the inference output too
