@@ -7,12 +7,13 @@ The chain::
                                       +--> pvapy-hpc-consumer -nc N (Hdf5WriterProcessor) --> one .h5 per consumer and scan
                                       +--> c2dv viewers (optional)
 
-Order: the inference consumers, then their clients (stitcher, HDF5 writers), each
-waited for until its status channel answers; then the sim server, whose start
-delay lets every client connect to the channels that appear when the first
-(empty) record reaches the consumers, before frames flow. The launcher reports
-when every client has received its first record, and warns if frames started
-before. It then prints a one-line status every second (from the status
+Order: the inference consumers and, beside them, the sim server (a consumer finds a
+server that is up on its first searches; one that appears later only once its
+searches have backed off); then, once the consumers' status channels answer, their
+clients (stitcher, HDF5 writers), waited for in the same way. The sim server's start
+delay, counted from its start, lets every client connect before frames flow. The
+launcher reports when every client has received its first record, and warns if
+frames started before. It then prints a one-line status every second (from the status
 channels) and, with a sim server replaying once, stops once every stage has taken
 every frame it sent, else when the chain has been idle for ``idle_s`` after the scan
 (at least two status periods, plus the collector's 5 s release time with a stitcher,
@@ -609,6 +610,11 @@ class Chain:
             batch_updates=inf["distributor_updates"], server_queue_size=inf["server_queue_size"], runtime_s=0,
             report_period_s=REPORT_PERIOD_S,
         ))
+        src, streams_from = cfg.source, None
+        if src["scan"] is not None:  # up while the consumers first look for their input (see _wait_clients)
+            self.source = self._start("sim", live.sim_server_argv(
+                cfg.base / src["scan"], src["channel"], fps=src["fps"], start_delay_s=src["start_delay_s"]))
+            streams_from = time.monotonic() + src["start_delay_s"]
         self._wait_answering(dict.fromkeys(self.inference_status(), inference))
         outputs = f"{inf['prefix']}:*:output"
         clients = {}
@@ -627,11 +633,8 @@ class Chain:
         self._wait_answering(clients)
         if cfg.viewer is not None:
             self._start_viewers()
-        src = cfg.source
-        if src["scan"] is not None:
-            self.source = self._start("sim", live.sim_server_argv(
-                cfg.base / src["scan"], src["channel"], fps=src["fps"], start_delay_s=src["start_delay_s"]))
-            self._wait_clients(src["start_delay_s"])
+        if streams_from is not None:
+            self._wait_clients(streams_from)
         self.started_s = time.monotonic()
 
     def _start_viewers(self) -> None:
@@ -678,14 +681,22 @@ class Chain:
                 return False
         return True
 
-    def _wait_clients(self, start_delay_s: float) -> None:
+    def _wait_clients(self, streams_from: float) -> None:
+        """Wait until every client has connected, or until frames flow (``streams_from``, a
+        :func:`time.monotonic` reading).
+
+        The sim server is started right after the inference consumers, before they and the
+        clients are waited for: a consumer finds a server that is up on its first searches,
+        while one that appears seconds later is found only once its searches have backed off.
+        Measured with two consumers and two HDF5 writers: every client ready 4.3-4.7 s after
+        the sim server started beside the consumers, against 5.1-6.5 s after one started
+        once they and the clients answered (and their start-up before that)."""
         t0 = time.monotonic()
         while True:  # looked at once at least: a chain without clients (or all there) and no delay is no news
             if self._clients_ready():
-                self.say(f"all clients connected after {time.monotonic() - t0:.1f} s; "
-                         f"frames flow {start_delay_s:.0f} s after the sim server started")
+                self.say(f"all clients connected {max(0.0, streams_from - time.monotonic()):.1f} s before frames flow")
                 return
-            if time.monotonic() - t0 >= start_delay_s:
+            if time.monotonic() >= streams_from:
                 break
             time.sleep(0.5)
         self.warn("warning: not every client had connected when frames started to flow; "
