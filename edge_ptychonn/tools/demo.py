@@ -7,8 +7,8 @@ The chain (the launcher's, see ``edge-ptychonn launch --help``)::
                                 -> pvapy-hpc-consumer -nc N (Hdf5WriterProcessor: one .h5 per consumer)
 
 The scan is, by default, a held-out scan simulated on first use with the
-model's training settings. The launcher starts the consumers, then their
-clients, then the sim server; prints a one-line status each second; stops
+model's training settings. The launcher starts the consumers with the sim
+server beside them, then their clients; prints a one-line status each second; stops
 everything by process id once the scan has gone through (also on Ctrl-C); and
 prints frames sent, processed, written, placed and lost, the stitcher's cost
 per frame, and the SSIM of the live stitched phase against the scan's truth,
