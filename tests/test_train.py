@@ -28,7 +28,8 @@ def _short_training(lr: str, train, val, pp, epochs: int = EPOCHS) -> tuple[floa
     from edge_ptychonn.progress import Progress
 
     args = get_args_parser().parse_args(["--width", "8", "--depth", "3", "--lr", lr, "--max-minutes", "0"])
-    trainer = Trainer(args, ModelConfig(width=8, depth=3), pp, probe_weight(train[3], 0.1) > 0)
+    size = train[0].shape[-1]
+    trainer = Trainer(args, ModelConfig(width=8, depth=3, input_size=size), pp, probe_weight(train[3], 0.1) > 0)
     before = trainer.validate((val[0], None, val[1], val[2]))
     rng = np.random.default_rng(0)
     steps_per_epoch = len(train[0]) // args.batch_size
@@ -43,15 +44,16 @@ def _short_training(lr: str, train, val, pp, epochs: int = EPOCHS) -> tuple[floa
 
 
 def test_short_training_lowers_the_validation_loss():
-    """Six epochs on two small scans at least halve the held-out loss; two epochs of the same
-    run with a learning rate of 0 (a model that cannot learn) do not.
+    """Six epochs on two small scans (64x64 frames: the claim does not depend on the size) cut
+    the held-out loss well below the bar of 0.6 of its start; two epochs of the same run with a
+    learning rate of 0 (a model that cannot learn) do not.
 
-    Measured (validation loss after / before): 0.379 with bf16 autocast and 0.353 in
-    float32 on an AVX-512-bf16 CPU; 1.95 with lr 0 (BatchNorm statistics drift while the
-    weights stay). The bar, 0.6, leaves a wide margin on either side, so other CPUs'
-    float paths (native or emulated bf16) do not decide the outcome.
+    Measured (validation loss after / before): 0.374 in float32 (1 or 2 threads) and 0.493
+    with emulated bf16 autocast; 1.50 with lr 0 (BatchNorm statistics drift while the weights
+    stay). The bar, 0.6, leaves a margin on either side, so other CPUs' float paths (native
+    or emulated bf16) do not decide the outcome.
     """
-    base = ScanSettings(n_positions=96)
+    base = ScanSettings(n_positions=96, frame_size=64)
     train = make_dataset([0, 1], base, amplitude=False, progress=False, label="t")
     val = make_dataset([900], base, amplitude=False, progress=False, label="v")
     pp = choose_preprocess(train[0])
