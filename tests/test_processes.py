@@ -272,8 +272,8 @@ def test_soak_counts_the_frames_of_a_consumer_that_died_as_lost(pva_env, tmp_pat
     from channel_names import PREFIX
 
     soak = subprocess.Popen(
-        [sys.executable, "-m", "edge_ptychonn.cli", "soak", "--engine", "zero", "--fps", "20", "--minutes", "0.25",
-         "--every", "2", "--prefix", f"{PREFIX}:soak{os.getpid()}"],
+        [sys.executable, "-m", "edge_ptychonn.cli", "soak", "--engine", "zero", "--fps", "20", "--minutes", "0.1",
+         "--every", "1", "--prefix", f"{PREFIX}:soak{os.getpid()}"],
         cwd=MODEL.parent.parent, env={**pva_env, "TMPDIR": str(tmp_path)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True, start_new_session=True)
     try:

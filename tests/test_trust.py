@@ -22,7 +22,10 @@ from edge_ptychonn.tools.soak import engine_rate
 from channel_names import PREFIX
 
 pytestmark = pytest.mark.e2e
-START_DELAY_S = 10.0
+# The sim servers start streaming this long after they start; by then the consumers, started at the
+# same time, are up and connected (2-4 s), and the test's output monitors must be connected a second before.
+START_DELAY_S = 6.0
+CONNECTED_S = START_DELAY_S - 1
 _ports = itertools.count(1)
 
 
@@ -47,19 +50,19 @@ def test_overload_is_dropped_at_the_door_counted_and_recovers(pva_env, procs, sl
     n_over = int(overload_fps * 12)
     rng = np.random.default_rng(11)
     np.save(tmp_path / "over.npy", rng.poisson(30, (n_over, 64, 64)).astype(np.int16))
-    n_after = 40
+    n_after = 20
     np.save(tmp_path / "after.npy", rng.poisson(30, (n_after, 64, 64)).astype(np.int16))
     image, prefix = _names("over")
     args = {"modelPath": str(slow_model), "engine": "onnxruntime", "cpuThreads": 1}
     consumer = start("consumer", consumer_argv(image, prefix, 1, "processors.ptychonn.PtychoNNProcessor", args,
-                                               report_period_s=1.0), pva_env, tmp_path)
+                                               report_period_s=0.5), pva_env, tmp_path)
     procs.append(consumer)
     sim = start("sim1", sim_server_argv(tmp_path / "over.npy", image, fps=overload_fps, start_delay_s=START_DELAY_S),
                 pva_env, tmp_path)
     procs.append(sim)
     collector = OutputCollector([f"{prefix}:1:output"], keep_images=False)
     try:
-        assert collector.wait_connected(START_DELAY_S - 2), consumer.log()[-3000:]
+        assert collector.wait_connected(CONNECTED_S), consumer.log()[-3000:]
         rss_before = rss_mb(consumer.pid)
         assert wait_until(lambda: collector.count() > 0, START_DELAY_S + 10), consumer.log()[-3000:]
         # into the overload: the queue is full and the consumer says it drops frames
@@ -132,7 +135,7 @@ def test_signals_stop_cleanly_with_nothing_lost_and_no_orphan(
     np.save(tmp_path / "scan.npy", frames)
     image, prefix = _names("sig")
     args = {"modelPath": str(small_model), "engine": "onnxruntime", "cpuThreads": 1, "batchTimeout": batch_timeout}
-    argv = consumer_argv(image, prefix, 2, "processors.ptychonn.PtychoNNProcessor", args)
+    argv = consumer_argv(image, prefix, 2, "processors.ptychonn.PtychoNNProcessor", args, report_period_s=0.5)
     if launcher == "edge-ptychonn":
         argv = [tool_path("edge-ptychonn"), "consumer", *argv[1:]]
     consumers = start("consumers", argv, pva_env, tmp_path)
@@ -142,7 +145,7 @@ def test_signals_stop_cleanly_with_nothing_lost_and_no_orphan(
     outputs = [f"{prefix}:{i}:output" for i in (1, 2)]
     collector = OutputCollector(outputs, keep_images=False)
     try:
-        assert collector.wait_connected(START_DELAY_S - 2), consumers.log()[-3000:]
+        assert collector.wait_connected(CONNECTED_S), consumers.log()[-3000:]
         expected = 13 if batch_timeout < 1 else 8  # a long timeout holds the partial batch back
         assert collector.wait_count(expected, timeout_s=START_DELAY_S + 20) >= expected, consumers.log()[-3000:]
         # every frame has reached a consumer (the signal stops what is still on its way)
@@ -175,6 +178,24 @@ def test_signals_stop_cleanly_with_nothing_lost_and_no_orphan(
         assert rc == -signal.SIGTERM
 
 
+def _wait_last_out(out: OutputCollector, last_id: int, timeout_s: float, idle_s: float) -> int:
+    """Wait until the frame with uniqueId ``last_id`` (the scan's last) came out, or nothing
+    new came for ``idle_s``, or ``timeout_s`` passed; return the count. A consumer publishes
+    in input order, so once the last frame is out every frame the live consumers took is out."""
+    deadline = time.monotonic() + timeout_s
+    last, last_change = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        current = out.count()
+        if any(v and v[-1].unique_id >= last_id for v in list(out.received.values())):
+            break
+        if current != last:
+            last, last_change = current, time.monotonic()
+        elif current > 0 and time.monotonic() - last_change > idle_s:
+            break
+        time.sleep(0.05)
+    return out.count()
+
+
 def test_a_killed_consumers_frames_are_counted_downstream(pva_env, procs, small_model, tmp_path):
     """Two consumers; consumer 2 is killed (SIGKILL) while it holds frames it never
     published. Consumer 1 goes on with every later frame; PvaPy's collector, which
@@ -188,8 +209,10 @@ def test_a_killed_consumers_frames_are_counted_downstream(pva_env, procs, small_
     consumers = start("consumers", consumer_argv(image, prefix, 2, "processors.ptychonn.PtychoNNProcessor", args,
                                                  report_period_s=0.5), pva_env, tmp_path)
     procs.append(consumers)
+    # The collector's cache (-ccs) holds 100 frames (2.5 s of the stream) for reordering: a gap is judged
+    # once it is full, or after 5 s without a new frame (with room for the whole scan: 5 s for every gap).
     collector_argv = [tool_path("pvapy-hpc-collector"), "-dc", "-id", "1", "-pid", "1,2", "-ic", f"{prefix}:*:output",
-                      "-sc", f"{prefix}:collector:*:status", "-sqs", "1000", "-ccs", "1000", "-rt", "3600", "-rp", "1"]
+                      "-sc", f"{prefix}:collector:*:status", "-sqs", "1000", "-ccs", "100", "-rt", "3600", "-rp", "1"]
     collector_proc = start("collector", collector_argv, pva_env, tmp_path)
     procs.append(collector_proc)
     procs.append(start("sim", sim_server_argv(tmp_path / "scan.npy", image, fps=40, start_delay_s=START_DELAY_S),
@@ -197,7 +220,7 @@ def test_a_killed_consumers_frames_are_counted_downstream(pva_env, procs, small_
     outputs = [f"{prefix}:{i}:output" for i in (1, 2)]
     out = OutputCollector(outputs, keep_images=False)
     try:
-        assert out.wait_connected(START_DELAY_S - 2), consumers.log()[-3000:]
+        assert out.wait_connected(CONNECTED_S), consumers.log()[-3000:]
         holding = wait_until(lambda: (lambda u: u if u and u["nFramesReceived"] > 0 else None)(_user_stats(prefix, 2)),
                         START_DELAY_S + 15, poll_s=0.05)
         assert holding and holding["nFramesProcessed"] == 0, holding
@@ -206,10 +229,12 @@ def test_a_killed_consumers_frames_are_counted_downstream(pva_env, procs, small_
         assert len(victim) == 2, statuses
         # the forked consumers are started in id order
         os.kill(victim[1], signal.SIGKILL)
-        got = out.wait_count(n, timeout_s=40, idle_s=8)
+        got = _wait_last_out(out, n, timeout_s=40, idle_s=8)
         collected = wait_until(lambda: (lambda r: r if r and r["collectorStats"]["nCollected"] + r["collectorStats"]["nMissed"] >= n - 8 else None)(
             read_status(f"{prefix}:collector:1:status")), 15)
-        survivor = _user_stats(prefix, 1)
+        # its status once it counts every frame it published (statuses lag by up to a report period)
+        survivor = wait_until(lambda: (lambda u: u if u.get("nFramesProcessed", -1) >= len(out.received[outputs[0]])
+                                       else None)(_user_stats(prefix, 1)), 5) or _user_stats(prefix, 1)
     finally:
         out.close()
     seen = {r.unique_id for name in outputs for r in out.received[name]}
@@ -247,7 +272,7 @@ def test_configure_abuse_is_refused_briefly_and_frames_keep_flowing(pva_env, pro
         "1 MB value": json.dumps({"transform": "x" * 1_000_000}),
     }
     try:
-        assert collector.wait_connected(START_DELAY_S - 2), consumer.log()[-3000:]
+        assert collector.wait_connected(CONNECTED_S), consumer.log()[-3000:]
         assert wait_until(lambda: collector.count() > 0, START_DELAY_S + 10)
         settings = _user_stats(prefix)["settings"]
         for what, text in abuse.items():
