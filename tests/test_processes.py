@@ -273,7 +273,7 @@ def test_soak_counts_the_frames_of_a_consumer_that_died_as_lost(pva_env, tmp_pat
 
     soak = subprocess.Popen(
         [sys.executable, "-m", "edge_ptychonn.cli", "soak", "--engine", "zero", "--fps", "20", "--minutes", "0.1",
-         "--every", "1", "--prefix", f"{PREFIX}:soak{os.getpid()}"],
+         "--every", "1", "--start-delay", "4", "--prefix", f"{PREFIX}:soak{os.getpid()}"],
         cwd=MODEL.parent.parent, env={**pva_env, "TMPDIR": str(tmp_path)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True, start_new_session=True)
     try:
@@ -427,6 +427,8 @@ def test_soak_refuses_more_consumers_than_the_launcher_takes(capsys, monkeypatch
 @pytest.mark.parametrize("extra, message", [
     (["--fps", "1e-11"], "--fps must be >= 0.001, got 1e-11"),  # the sim server's timer thread failed
     (["--prefix", "a*b"], "--prefix must be a channel name part without '*'"),  # outputs never found
+    (["--start-delay", "-1"], "--start-delay 0..600"),
+    (["--start-delay", "nan"], "--start-delay 0..600"),
 ])
 def test_soak_refuses_what_would_fail_late(extra, message, capsys, monkeypatch):
     from edge_ptychonn.tools import soak

@@ -107,6 +107,9 @@ def get_args_parser(prog: str = "edge-ptychonn soak") -> argparse.ArgumentParser
                    "times --consumers)")
     p.add_argument("--minutes", type=float, default=10.0, help="how long to stream (default: %(default)s)")
     p.add_argument("--every", type=float, default=30.0, help="seconds between progress lines (default: %(default)s)")
+    p.add_argument("--start-delay", type=float, default=10.0,
+                   help="seconds the sim server waits before streaming, so that every consumer has loaded its "
+                        "engine and connected (0..600; default: %(default)s)")
     p.add_argument("--max-growth-mb", type=float, default=50.0,
                    help="resident memory a consumer may gain after the first minute (default: %(default)s)")
     p.add_argument("--json", type=Path, help="also write the figures here")
@@ -118,11 +121,12 @@ def get_args_parser(prog: str = "edge-ptychonn soak") -> argparse.ArgumentParser
 def main(args: argparse.Namespace) -> int:
     finite = lambda v: v is not None and math.isfinite(v) and v > 0
     if not finite(args.minutes) or not 1 <= args.consumers <= MAX_CONSUMERS or args.cpu_threads < 0 \
-            or not finite(args.every) or not (args.fps is None or finite(args.fps)) or not args.max_growth_mb >= 0:
+            or not finite(args.every) or not (args.fps is None or finite(args.fps)) or not args.max_growth_mb >= 0 \
+            or not 0 <= args.start_delay <= 600:
         # (a --max-growth-mb of nan or below 0 failed every run, with no word of why; a --consumers without
         # bound had pvapy-hpc-consumer fork that many consumers, each loading its own engine)
         print(f"edge-ptychonn soak: --minutes, --every and --fps must be finite numbers > 0, --consumers 1..{MAX_CONSUMERS}, "
-              "--cpu-threads >= 0 and --max-growth-mb >= 0", file=sys.stderr)
+              "--cpu-threads >= 0, --max-growth-mb >= 0 and --start-delay 0..600", file=sys.stderr)
         return 2
     if args.fps is not None and args.fps < MIN_FPS:  # the sim server's timer fails on a longer period
         print(f"edge-ptychonn soak: --fps must be >= {MIN_FPS:g}, got {args.fps:g}", file=sys.stderr)
@@ -171,16 +175,17 @@ def main(args: argparse.Namespace) -> int:
                 image, prefix, args.consumers, "processors.ptychonn.PtychoNNProcessor", p_args,
                 runtime_s=0), env, work, into=procs)  # no runtime of their own (PvaPy's 0): stopped below
             sim = [processes.tool_path("pvapy-ad-sim-server"), "-dc", "-if", str(work / "frames.npy"), "-cn", image,
-                   "-fps", str(fps), "-std", "10", "-shd", "5", "-rt", str(runtime_s), "-cs", "200", "-rp", "1000000"]
+                   "-fps", str(fps), "-std", str(args.start_delay), "-shd", "5", "-rt", str(runtime_s), "-cs", "200", "-rp", "1000000"]
             server = processes.start("sim", sim, env, work, into=procs)
             outputs = [f"{prefix}:{i}:output" for i in range(1, args.consumers + 1)]
             collector = processes.OutputCollector(outputs, keep_images=False, queue_size=QUEUE_SIZE)
             t0 = time.monotonic()
             samples = []  # (seconds, [rss per consumer])
-            end = t0 + 10 + runtime_s + 15
-            next_report = t0 + 10 + args.every
+            delay = args.start_delay
+            end = t0 + delay + runtime_s + 15
+            next_report = t0 + delay + args.every
             forked, failed_at_start = set(), False
-            while time.monotonic() < end and server.running() or time.monotonic() < t0 + 12:
+            while time.monotonic() < end and server.running() or time.monotonic() < t0 + delay + 2:
                 time.sleep(0.5)
                 # they could not start: nothing to learn. With -nc N PvaPy's parent lives on when every
                 # forked consumer has failed (before: the soak streamed its whole --minutes into nothing)
@@ -214,8 +219,8 @@ def main(args: argparse.Namespace) -> int:
             with processes.signals_ignored():  # a second signal must not cut the stopping short
                 if collector is not None:
                     collector.close()
-                for proc in reversed(procs):
-                    proc.stop()
+                for proc in reversed(procs):  # the sim server has nothing to save (and takes no SIGINT while it waits)
+                    proc.stop(grace_s=1.0 if proc.name == "sim" else 5.0)
     ids = sorted(r.unique_id for name in outputs for r in collector.received[name])
     # the sim server's own count (uniqueIds 1..sent): the highest id out misses a lost tail
     published = processes.sim_server_published(server.log())
