@@ -19,7 +19,7 @@ from channel_names import PREFIX
 
 pytestmark = pytest.mark.e2e
 N_FRAMES = 61  # not a multiple of 8: the last batch is partial
-START_DELAY_S = 5.0  # consumers and the test's monitors connect before frames flow (1-2 s after start)
+START_DELAY_S = 6.0  # consumers and the test's monitors connect before frames flow (1-4 s after start)
 _ports = itertools.count(1)
 
 

@@ -24,7 +24,7 @@ from edge_ptychonn.tools.processes import (
 from engines.base import cpu_layout
 from channel_names import PREFIX
 
-START_DELAY_S = 5.0  # the consumer and the test's monitor connect before frames flow (1-2 s after start)
+START_DELAY_S = 6.0  # the consumer and the test's monitor connect before frames flow (1-4 s after start)
 FPS = 40
 BATCH = 8
 _ports = itertools.count(1)

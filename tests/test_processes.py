@@ -447,3 +447,32 @@ def test_several_consumers_always_share_the_frames(n_consumers, batch_updates, d
     argv = processes.consumer_argv("det:image", "inference", n_consumers, "processors.ptychonn.PtychoNNProcessor",
                               batch_updates=batch_updates)
     assert (argv[argv.index("-du") + 1] if "-du" in argv else None) == du, argv
+
+
+def test_a_collector_finds_an_output_channel_that_appears_after_its_searches_backed_off(pva_env):
+    """The output channels of PvaPy's consumers appear only once the sim server's first record
+    reaches them, seconds after the test's collector was made. pvAccess spaces a channel's
+    searches ever further apart (0.2, 0.5, 0.9, 1.8, 3.6, 7.2 s, ...), so before, a channel that
+    appeared at 4 s was found at 7.2 s, after frames had begun to flow (seen in CI: "output
+    channels did not appear" within 4 s). Now an unconnected channel is made afresh every
+    RESEARCH_S while the collector waits, and is found within about a second."""
+    import pvaccess as pva
+
+    from channel_names import PREFIX
+
+    name = f"{PREFIX}:late{os.getpid()}:output"
+    collector = processes.OutputCollector([name])
+    made = time.monotonic()
+    server = None
+    try:
+        assert not collector.wait_connected(4.0)  # no server yet: its searches back off meanwhile
+        server = pva.PvaServer(name, pva.NtNdArray())
+        appeared = time.monotonic()
+        assert collector.wait_connected(2.5), f"not found {time.monotonic() - appeared:.1f} s after it appeared"
+        print(f"found {time.monotonic() - appeared:.2f} s after it appeared, {time.monotonic() - made:.2f} s "
+              "after the collector was made")
+        assert collector.count() == 0  # the empty record of a connect is no frame
+    finally:
+        collector.close()
+        if server is not None:
+            server.stop()

@@ -432,13 +432,17 @@ class OutputCollector:
     def __post_init__(self) -> None:
         import pvaccess as pva
 
+        self._pva = pva
         self._lock = threading.Lock()
-        self._channels = []
         for name in self.channels:
             self.received[name] = []
-            channel = pva.Channel(name)
-            channel.monitor(self._callback(name), f"record[queueSize={self.queue_size}]field()")
-            self._channels.append(channel)
+        self._channels = [self._monitor(name) for name in self.channels]
+        self._made_s = time.monotonic()
+
+    def _monitor(self, name: str):
+        channel = self._pva.Channel(name)
+        channel.monitor(self._callback(name), f"record[queueSize={self.queue_size}]field()")
+        return channel
 
     def _callback(self, name: str):
         def on_update(pv) -> None:
@@ -464,7 +468,24 @@ class OutputCollector:
             return sum(len(v) for v in self.received.values())
 
     def wait_connected(self, timeout_s: float) -> bool:
-        return bool(wait_until(self.connected, timeout_s))
+        """Wait until every channel is connected (True), at most ``timeout_s`` (False). Call it
+        before frames flow. A channel still unconnected :data:`RESEARCH_S` after it was made is
+        made afresh: pvAccess spaces a channel's searches ever further apart (0.2, 0.5, 0.9,
+        1.8, 3.6, 7.2 s, ... after it was made), so a server that came up just after one search
+        was found seconds later, after frames had begun to flow; a new channel searches at once."""
+        deadline = time.monotonic() + timeout_s
+        while not self.connected():
+            now = time.monotonic()
+            if now >= deadline:
+                return False
+            if now - self._made_s >= RESEARCH_S:
+                self._made_s = now
+                for i, channel in enumerate(self._channels):
+                    if not channel.isConnected():
+                        _stop_monitor(channel)
+                        self._channels[i] = self._monitor(self.channels[i])
+            time.sleep(0.05)
+        return True
 
     def wait_count(self, n: int, timeout_s: float, idle_s: float | None = None) -> int:
         """Wait until ``n`` frames arrived, or ``timeout_s`` passed, or nothing new
@@ -484,11 +505,18 @@ class OutputCollector:
 
     def close(self) -> None:
         for channel in self._channels:
-            try:
-                channel.stopMonitor()
-            except Exception:  # already disconnected: nothing left to stop
-                pass
+            _stop_monitor(channel)
         self._channels = []
+
+
+RESEARCH_S = 1.0  # OutputCollector.wait_connected: how often an unconnected channel is made afresh
+
+
+def _stop_monitor(channel) -> None:
+    try:
+        channel.stopMonitor()
+    except Exception:  # already disconnected, or never connected: nothing left to stop
+        pass
 
 
 def wait_until(predicate, timeout_s: float, poll_s: float = 0.05):
