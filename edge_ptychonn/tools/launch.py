@@ -691,7 +691,6 @@ class Chain:
         Measured with two consumers and two HDF5 writers: every client ready 4.3-4.7 s after
         the sim server started beside the consumers, against 5.1-6.5 s after one started
         once they and the clients answered (and their start-up before that)."""
-        t0 = time.monotonic()
         while True:  # looked at once at least: a chain without clients (or all there) and no delay is no news
             if self._clients_ready():
                 self.say(f"all clients connected {max(0.0, streams_from - time.monotonic()):.1f} s before frames flow")
