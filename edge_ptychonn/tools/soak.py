@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_ptychonn.model_card import default_model_path
-from edge_ptychonn.tools.launch import MAX_CONSUMERS, MIN_FPS
+from edge_ptychonn.tools.launch import MAX_CONSUMERS, MAX_START_DELAY_S, MIN_FPS
 
 # The output monitor's server-side queue. Each slot the server has filled keeps a
 # frame's worth of memory in the consumer, so the consumer's resident memory grows
@@ -109,7 +109,7 @@ def get_args_parser(prog: str = "edge-ptychonn soak") -> argparse.ArgumentParser
     p.add_argument("--every", type=float, default=30.0, help="seconds between progress lines (default: %(default)s)")
     p.add_argument("--start-delay", type=float, default=10.0,
                    help="seconds the sim server waits before streaming, so that every consumer has loaded its "
-                        "engine and connected (0..600; default: %(default)s)")
+                        f"engine and connected (0..{MAX_START_DELAY_S:g}; default: %(default)s)")
     p.add_argument("--max-growth-mb", type=float, default=50.0,
                    help="resident memory a consumer may gain after the first minute (default: %(default)s)")
     p.add_argument("--json", type=Path, help="also write the figures here")
@@ -122,11 +122,11 @@ def main(args: argparse.Namespace) -> int:
     finite = lambda v: v is not None and math.isfinite(v) and v > 0
     if not finite(args.minutes) or not 1 <= args.consumers <= MAX_CONSUMERS or args.cpu_threads < 0 \
             or not finite(args.every) or not (args.fps is None or finite(args.fps)) or not args.max_growth_mb >= 0 \
-            or not 0 <= args.start_delay <= 600:
+            or not 0 <= args.start_delay <= MAX_START_DELAY_S:
         # (a --max-growth-mb of nan or below 0 failed every run, with no word of why; a --consumers without
         # bound had pvapy-hpc-consumer fork that many consumers, each loading its own engine)
         print(f"edge-ptychonn soak: --minutes, --every and --fps must be finite numbers > 0, --consumers 1..{MAX_CONSUMERS}, "
-              "--cpu-threads >= 0, --max-growth-mb >= 0 and --start-delay 0..600", file=sys.stderr)
+              f"--cpu-threads >= 0, --max-growth-mb >= 0 and --start-delay 0..{MAX_START_DELAY_S:g}", file=sys.stderr)
         return 2
     if args.fps is not None and args.fps < MIN_FPS:  # the sim server's timer fails on a longer period
         print(f"edge-ptychonn soak: --fps must be >= {MIN_FPS:g}, got {args.fps:g}", file=sys.stderr)
