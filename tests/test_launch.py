@@ -393,6 +393,64 @@ def test_a_process_slow_to_stop_is_named_as_the_launcher_waits_on(tmp_path, monk
     assert f"stopped inference pid {proc.pid:<7} exit -15" in out.getvalue(), out.getvalue()
 
 
+def test_the_clients_are_stopped_at_once_after_inference(tmp_path):
+    """The clients (stitcher, writers, viewer) each take seconds to stop (PvaPy's collector waits 5 s
+    for its clients; a writer writes what is queued) and need nothing of each other: the launcher
+    stops them all at once, after inference (before: one after the other). Each client here
+    exits 0 only when the other has got its SIGINT too (else 3 after 10 s): stopped in turn,
+    the first would wait out its 10 s and exit 3."""
+    cfg = load(tmp_path, f'log_dir = "{tmp_path / "logs"}"\n' + MINIMAL.replace("consumers = 3", "consumers = 1"))
+    out = io.StringIO()
+    chain = launch.Chain(cfg, out=out, err=io.StringIO())
+    client = ("import pathlib, signal, sys, time\n"
+              "me, peer = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])\n"
+              "def stop(*_):\n"
+              "    me.touch()\n"
+              "    deadline = time.monotonic() + 10\n"
+              "    while not peer.exists():\n"
+              "        if time.monotonic() > deadline:\n"
+              "            sys.exit(3)\n"
+              "        time.sleep(0.02)\n"
+              "    sys.exit(0)\n"
+              "signal.signal(signal.SIGINT, stop)\n"
+              "print('up', flush=True)\n"
+              "while True:\n"
+              "    time.sleep(1)\n")
+    a, b = tmp_path / "a.stopping", tmp_path / "b.stopping"
+    started = [chain._start("inference", [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(60)"]),
+               chain._start("stitch", [sys.executable, "-c", client, str(a), str(b)]),
+               chain._start("viewer", [sys.executable, "-c", client, str(b), str(a)])]
+    try:
+        assert wait_until(lambda: all("up" in p.log() for p in started), 30)
+        chain.stop()
+    finally:
+        for proc in started:
+            live.Proc.stop(proc, grace_s=0)
+    stopped = [ln.split() for ln in out.getvalue().splitlines() if ln.startswith("stopped ")]
+    assert [ln[1] for ln in stopped][:1] == ["inference"], out.getvalue()
+    assert sorted((ln[1], ln[-1]) for ln in stopped[1:]) == [("stitch", "0"), ("viewer", "0")], out.getvalue()
+
+
+def test_every_client_is_stopped_when_stopping_one_raises(tmp_path, monkeypatch):
+    """A client whose stop raises (an OSError from /proc, say) does not leave the others running:
+    they are stopped all the same, and the error is raised after."""
+    cfg = load(tmp_path, f'log_dir = "{tmp_path / "logs"}"\n' + MINIMAL.replace("consumers = 3", "consumers = 1"))
+    out = io.StringIO()
+    chain = launch.Chain(cfg, out=out, err=io.StringIO())
+    started = [chain._start(name, [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(60)"])
+               for name in ("inference", "stitch", "viewer")]
+    try:
+        assert wait_until(lambda: all("up" in p.log() for p in started), 30)
+        monkeypatch.setattr(started[1], "stop", lambda grace_s, say: (_ for _ in ()).throw(OSError("no /proc")))
+        with pytest.raises(OSError, match="no /proc"):
+            chain.stop()
+        assert not started[0].running() and not started[2].running()
+        assert "stopped viewer" in out.getvalue() and "stopped stitch" not in out.getvalue()
+    finally:
+        for proc in started:
+            live.Proc.stop(proc, grace_s=0)
+
+
 def test_a_process_that_outlives_sigkill_is_named_not_waited_for(tmp_path, monkeypatch):
     """A process stuck in the kernel outlives SIGKILL (Proc.stop gives up on it, returning None).
     Before: the launcher waited for it for ever; now it says which one and goes on."""
@@ -466,7 +524,8 @@ def test_launch_stops_its_processes_when_its_session_closes(tmp_path, sig):
     text = "".join(lines) + out
     assert parent.returncode == 130, text
     assert "interrupted: stopping everything" in text
-    assert [ln.split()[1] for ln in text.splitlines() if ln.startswith("stopped ")] == ["inference", "stitch", "hdf5"]
+    stopped = [ln.split()[1] for ln in text.splitlines() if ln.startswith("stopped ")]
+    assert stopped[0] == "inference" and sorted(stopped[1:]) == ["hdf5", "stitch"], text  # the clients at once
     assert pids_alive(text) == []
 
 
@@ -640,7 +699,7 @@ outputDirectory = "{tmp_path / 'h5'}"
     stopped = [ln.split()[1] for ln in text.splitlines() if ln.startswith("stopped ")]
     logs = "".join(f"\n--- {log.name} (end)\n{log.read_text(errors='replace')[-2500:]}"
                    for log in sorted((tmp_path / "logs").glob("*.log")) if log.stem not in stopped)
-    assert stopped == ["inference", "stitch", "hdf5"], text[-3000:] + logs
+    assert stopped[:1] == ["inference"] and sorted(stopped[1:]) == ["hdf5", "stitch"], text[-3000:] + logs
     assert pids_alive(text) == []
 
 

@@ -19,7 +19,8 @@ every frame it sent, else when the chain has been idle for ``idle_s`` after the 
 (at least two status periods, plus the collector's 5 s release time with a stitcher,
 so that frames still on their way are counted); a detector chain runs until Ctrl-C. Ctrl-C,
 SIGTERM or SIGHUP (the terminal or ssh session closed) stops everything it
-started, by process id, source first, so the downstream stages see every frame;
+started, by process id, source first, then inference, so the downstream stages see every frame,
+then the clients all at once (each takes seconds);
 their logs are in ``log_dir``; with a replay stopped early, the summary counts the
 frames the sim server sent, once they went through the chain (at most 15 s more, said
 as it waits). Each process gets SIGINT and up to 5 s (15 s for the stitcher and the HDF5
@@ -97,6 +98,7 @@ import json
 import math
 import re
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,6 +115,7 @@ COLLECTOR_RELEASE_S = 5.0  # pvapy-hpc-collector releases a cache that does not 
 # joins its processing thread (up to 5 s) before our stop() runs; an HDF5 writer's stop() may take up
 # to its STOP_TIMEOUT_S (10 s) to write what is queued
 STOP_GRACE_S = {"stitch": 15.0, "hdf5": 15.0, "": 5.0}
+UPSTREAM = ("sim", "inference")  # stopped one after the other, in this order, before the clients
 STITCH_PROCESSOR = "processors.stitch.StitchProcessor"
 HDF5_PROCESSOR = "processors.hdf5_writer.Hdf5WriterProcessor"
 
@@ -803,9 +806,30 @@ class Chain:
 
     # -- stop ---------------------------------------------------------------------------------
     def stop(self) -> None:
-        """Stop everything by pid: source first, then inference, then its clients."""
-        for proc in self.procs_in_stop_order():
+        """Stop everything by pid: source first, then inference (what it still holds reaches
+        clients that still listen), then its clients, all at once: each takes seconds (PvaPy's
+        collector waits 5 s for its clients to read the last updates, an HDF5 writer writes what is
+        queued), and none needs another. Every one is stopped even when stopping another raised."""
+        ordered = self.procs_in_stop_order()
+        upstream = [p for p in ordered if p.name in UPSTREAM]
+        for proc in upstream:
             self._stop(proc)
+        errors: list[BaseException] = []
+
+        def stop_client(proc: live.Proc) -> None:
+            try:
+                self._stop(proc)
+            except BaseException as exc:  # the others are stopped all the same; raised below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=stop_client, args=(p,), name=f"stop-{p.name}")
+                   for p in ordered if p not in upstream]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[0]
 
     def _stop(self, proc: live.Proc) -> None:
         if not proc.running():
@@ -863,7 +887,7 @@ class Chain:
         return published if published is not None else n_scan
 
     def procs_in_stop_order(self) -> list[live.Proc]:
-        rank = {"sim": 0, "inference": 1}
+        rank = {name: k for k, name in enumerate(UPSTREAM)}
         return sorted(self.procs, key=lambda p: rank.get(p.name, 2))
 
 
