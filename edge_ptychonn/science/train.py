@@ -739,7 +739,7 @@ def init_weights(trainer: Trainer, init_from: str, model_config: ModelConfig, pp
     trainer.pp = replace(earlier, normalize=pp.normalize, reference_total=pp.reference_total)
     model = trainer.model if init_config == model_config else build_model(init_config).to(trainer.device)
     if Path(init_from).suffix == ".onnx":
-        sample = np.linspace(0, len(frames) - 1, 512).astype(int)
+        sample = np.unique(np.linspace(0, len(frames) - 1, min(len(frames), 512)).astype(int))  # each frame once
         load_onnx_weights(model, init_from, trainer._inputs(frames[sample], None if factors is None else factors[sample]))
     else:
         model.load_state_dict(ckpt["state_dict"])
