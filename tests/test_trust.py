@@ -63,8 +63,8 @@ def test_overload_is_dropped_at_the_door_counted_and_recovers(pva_env, procs, sl
     collector = OutputCollector([f"{prefix}:1:output"], keep_images=False)
     try:
         assert collector.wait_connected(CONNECTED_S), consumer.log()[-3000:]
-        rss_before = rss_mb(consumer.pid)
         assert wait_until(lambda: collector.count() > 0, START_DELAY_S + 10), consumer.log()[-3000:]
+        rss_before = rss_mb(consumer.pid)  # running: the engine loaded and its first batch out
         # into the overload: the queue is full and the consumer says it drops frames
         s1 = wait_until(lambda: (lambda u: u if u.get("nDroppedOverload", 0) > 0 else None)(_user_stats(prefix)), 20)
         t1 = time.monotonic()
@@ -101,7 +101,10 @@ def test_overload_is_dropped_at_the_door_counted_and_recovers(pva_env, procs, sl
         assert u and u["nBadFrames"] == 0 and u["nFramesUnaccounted"] == 0, u
         rss_after = rss_mb(consumer.pid)
         print(f"after: {n_after} of {n_after} published; RSS {rss_after:.0f} MB")
-        assert rss_during - rss_before < 150 and rss_after - rss_before < 150
+        # measured from a running consumer: +21-32 MB during the overload, +42-54 MB after the second
+        # stream (PvaPy's server queue of 1000 outputs, allocator arenas); keeping every frame of the
+        # overload (its input and output image) would add another 80 MB
+        assert rss_during - rss_before < 100 and rss_after - rss_before < 100, (rss_before, rss_during, rss_after)
     finally:
         collector.close()
 
