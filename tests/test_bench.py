@@ -1218,3 +1218,24 @@ def test_help_shows_list_defaults_as_they_are_typed():
     assert "(default: 1,8,32)" in text and "(default: 0.6,0.8,0.9,1.0,1.1)" in text, text
     assert "[1, 8, 32]" not in text and "(default: [])" not in text
     assert "write no PNG plots" in text
+
+
+def test_final_statuses_are_read_once_taken_after_the_stream(monkeypatch):
+    """The point's final statistics come from status records taken after its last output
+    (their objectTime), polled for (before: a fixed 1.3 s sleep and one read, whatever the
+    records' age); a record that never refreshes is returned after the timeout."""
+    reads = []
+    answers = iter([[{"objectTime": 99.0}, {"objectTime": 101.0}], [{"objectTime": 99.5}, None],
+                    [{"objectTime": 100.2}, {"objectTime": 101.0}]])
+
+    def read(channels, consumer, earlier=None):
+        reads.append(earlier)
+        return next(answers)
+
+    monkeypatch.setattr(bench_pipeline, "_read_statuses", read)
+    got = bench_pipeline._statuses_after(100.0, ["a", "b"], None, ["flowing"], timeout_s=10.0)
+    assert got == [{"objectTime": 100.2}, {"objectTime": 101.0}] and reads == [["flowing"]] * 3
+    monkeypatch.setattr(bench_pipeline, "_read_statuses", lambda channels, consumer, earlier=None: [{"objectTime": 1.0}])
+    t0 = time.monotonic()
+    assert bench_pipeline._statuses_after(100.0, ["a"], None, None, timeout_s=0.3) == [{"objectTime": 1.0}]
+    assert time.monotonic() - t0 < 5

@@ -233,6 +233,21 @@ def _read_statuses(channels: list[str], consumer: live.Proc, earlier: list | Non
     return [None if gone and earlier[k] is None else live.read_status(c) for k, c in enumerate(channels)]
 
 
+def _statuses_after(wall_s: float, channels: list[str], consumer: live.Proc, earlier: list | None,
+                    timeout_s: float = 3.0) -> list[dict | None]:
+    """The consumers' status records (:func:`_read_statuses`) once each one that answers was
+    taken at ``wall_s`` (``time.time()``) or later: the statistics then include the frames that
+    were out by then. A consumer refreshes its status every report period; after ``timeout_s``
+    the last read is returned as it is."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        statuses = _read_statuses(channels, consumer, earlier)
+        taken = [float(s.get("objectTime", 0.0)) for s in statuses if s]
+        if all(t >= wall_s for t in taken) or time.monotonic() > deadline:
+            return statuses
+        time.sleep(0.1)
+
+
 def _published(log: str) -> tuple[int, float] | None:
     match = _PUBLISHED.search(log)
     return (int(match.group(1)), float(match.group(2))) if match else None
@@ -308,8 +323,7 @@ def run_point(
             flowing = _read_statuses([f"{out_prefix}:{i}:status" for i in ids], consumer)
             collector.wait_count(n_frames, timeout_s=left(), idle_s=3.0)
             server.wait(10.0)
-            time.sleep(1.3)  # one status report period, so the statistics include the last frames
-            statuses = _read_statuses([f"{out_prefix}:{i}:status" for i in ids], consumer, flowing)
+            statuses = _statuses_after(time.time(), [f"{out_prefix}:{i}:status" for i in ids], consumer, flowing)
     finally:
         # consumers that died during the point (before they are stopped here): the group itself,
         # or, with -nc N, forked ones (PvaPy's parent leaves them unreaped until it stops)
