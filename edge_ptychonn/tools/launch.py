@@ -888,7 +888,7 @@ class Chain:
 
     def procs_in_stop_order(self) -> list[live.Proc]:
         rank = {name: k for k, name in enumerate(UPSTREAM)}
-        return sorted(self.procs, key=lambda p: rank.get(p.name, 2))
+        return sorted(self.procs, key=lambda p: rank.get(p.name, len(UPSTREAM)))
 
 
 MAX_START_DELAY_S = 600.0  # clients connect in seconds; a longer wait is a typo that never ends
