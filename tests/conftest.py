@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_ptychonn.tools.processes import LOOPBACK_ENV
+from edge_ptychonn.tools.processes import LOOPBACK_ENV, at_once
 
 # Keep every PVA search, beacon and server socket on loopback (EPICS_PVA_ADDR_LIST,
 # EPICS_PVAS_INTF_ADDR_LIST, beacons: tools.processes.LOOPBACK_ENV, their one home), in
@@ -146,19 +146,8 @@ def procs():
     does not take SIGINT (a Qt viewer, a consumer whose child was killed) need not cost 5 s."""
     started = []
     yield started
-    problems = []
-
-    def stop(proc) -> None:
-        try:
-            proc.stop(grace_s=2.0)
-        except Exception as exc:  # stop the others all the same
-            problems.append(f"{proc.name} (pid {proc.pid}): stop() raised {exc!r}")
-
-    stoppers = [threading.Thread(target=stop, args=(proc,), name=f"stop-{proc.name}") for proc in started]
-    for thread in stoppers:
-        thread.start()
-    for thread in stoppers:
-        thread.join()
+    problems = [f"{proc.name} (pid {proc.pid}): stop() raised {exc!r}"
+                for proc, exc in at_once(lambda proc: proc.stop(grace_s=2.0), started)]
     for proc in started:
         if not group_gone(proc.pid):
             problems.append(f"{proc.name} (pid {proc.pid}): its process group was still running (killed)")

@@ -98,7 +98,6 @@ import json
 import math
 import re
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -814,22 +813,9 @@ class Chain:
         upstream = [p for p in ordered if p.name in UPSTREAM]
         for proc in upstream:
             self._stop(proc)
-        errors: list[BaseException] = []
-
-        def stop_client(proc: live.Proc) -> None:
-            try:
-                self._stop(proc)
-            except BaseException as exc:  # the others are stopped all the same; raised below
-                errors.append(exc)
-
-        threads = [threading.Thread(target=stop_client, args=(p,), name=f"stop-{p.name}")
-                   for p in ordered if p not in upstream]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        errors = live.at_once(self._stop, [p for p in ordered if p not in upstream])
         if errors:
-            raise errors[0]
+            raise errors[0][1]
 
     def _stop(self, proc: live.Proc) -> None:
         if not proc.running():

@@ -519,6 +519,26 @@ def _stop_monitor(channel) -> None:
         pass
 
 
+def at_once(stop, procs) -> list[tuple]:
+    """``stop(proc)`` for every one of ``procs``, each in a thread of its own, all at once
+    (each stop takes seconds; none needs another); returns ``(proc, exception)`` for each
+    call that raised (every one is called even when another raised)."""
+    errors: list[tuple] = []
+
+    def call(proc) -> None:
+        try:
+            stop(proc)
+        except BaseException as exc:  # the others are stopped all the same; the caller decides
+            errors.append((proc, exc))
+
+    threads = [threading.Thread(target=call, args=(proc,), name=f"stop-{proc.name}") for proc in procs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return errors
+
+
 def wait_until(predicate, timeout_s: float, poll_s: float = 0.05):
     """Poll ``predicate()`` until it returns something true (returned) or ``timeout_s``
     passes (then its last value)."""
