@@ -39,6 +39,9 @@ Processor arguments (``--processor-args`` JSON; camelCase)
     cpuWorkers, cpuThreads (the engine's CPU layout: batches at once, each on its own copy of
     the engine, and threads per copy; 0: this consumer's share of the cores, cores / the
     distributor group's size, as workers of one thread, at most 4; see engines.base.cpu_layout);
+    ioThreads ('batch' | 'unchanged'; default 'batch': pvAccess's receive and send threads run under Linux's
+    SCHED_BATCH, so that waking up for each frame they do not preempt the inference thread; see
+    edge_ptychonn/io_threads.py);
     crop [h, w]; cropOrigin [y0, x0]; bin (int);
     normalize ('none' | 'running': each frame scaled by referenceTotal over the mean total of the
     last normalizeWindow frames | 'total': each frame scaled to referenceTotal counts);
@@ -89,6 +92,7 @@ import pvaccess as pva
 from pvapy.hpc.adImageProcessor import AdImageProcessor
 
 from edge_ptychonn.callbacks import keep_thread_state
+from edge_ptychonn.io_threads import IoThreads
 from edge_ptychonn.model_card import card_input_size, check_input_size, default_model_path, find_card
 from edge_ptychonn.stream.config import SEED_ALIASES, ProcessorConfig, parse_processor_args, runtime_settings
 from edge_ptychonn.stream.frames import BAD_FRAME_KINDS, output_pv_type
@@ -232,6 +236,7 @@ class PtychoNNProcessor(StatsFromTable, AdImageProcessor):
         self.pipeline = InferencePipeline(
             config, self._publish, self.logger, n_sequential=n_sequential, id_offset=id_offset,
         )
+        self.io_threads = IoThreads(config.io_threads, self.logger)
 
     @property
     def group_size(self) -> int:
@@ -278,6 +283,7 @@ class PtychoNNProcessor(StatsFromTable, AdImageProcessor):
     # -- PvaPy lifecycle -------------------------------------------------------------------
     def start(self):
         self.pipeline.start(self._create_engine, self._engine_for_model)
+        self.io_threads.apply()  # those of the connections made by now; process() looks for new ones
         # SIGTERM (systemd, procServ, docker, kill PID) stops this consumer like Ctrl-C,
         # after publishing what it holds while its PVA server still serves clients.
         shutdown.on_sigterm(self.pipeline.drain, self.logger)
@@ -306,6 +312,7 @@ class PtychoNNProcessor(StatsFromTable, AdImageProcessor):
 
     def process(self, pvObject):
         keep_thread_state()  # PvaPy's receive thread keeps its Python state between frames
+        self.io_threads.poll()  # at most once a second: connections made since (a new client of the output)
         self.pipeline.submit(pvObject)
         return None
 

@@ -29,6 +29,7 @@ def test_user_and_framework_keys_are_separated(small_model):
 def test_defaults(small_model):
     config, _ = parse_processor_args({"modelPath": str(small_model)})
     assert (config.engine, config.batch_size, config.batch_timeout_s) == ("auto", 8, 0.05)
+    assert config.io_threads == "batch"
 
 
 def test_unknown_key_is_named_with_the_accepted_ones(small_model):
@@ -45,6 +46,7 @@ def test_unknown_key_is_named_with_the_accepted_ones(small_model):
         ({"device": "gpu"}, "device must be"),
         ({"precision": "int8"}, "precision must be one of"),
         ({"crop": [512]}, "crop must be a list of two integers"),
+        ({"ioThreads": "fifo"}, "ioThreads must be one of 'batch', 'unchanged', got 'fifo'"),
     ],
 )
 def test_invalid_values(small_model, args, message):

@@ -24,9 +24,10 @@ from typing import Any
 from edge_ptychonn.model_card import find_card
 
 from ..devices import parse_device
+from ..io_threads import POLICIES as IO_POLICIES
 from .arguments import (
-    boolean, check_runtime_request, convert_fields, convert_value, int_pair, integer, number, optional, parse_arguments,
-    path, text,
+    boolean, check_runtime_request, choice, convert_fields, convert_value, int_pair, integer, number, optional,
+    parse_arguments, path, text,
 )
 from .postprocess import OutputMask
 from .preprocess import PreprocessConfig
@@ -56,6 +57,7 @@ class ProcessorConfig:
     cpu_threads: int = 0
     cpu_workers: int = 0
     plan_cache_dir: Path | None = None
+    io_threads: str = "batch"  # edge_ptychonn.io_threads.POLICIES
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     output_mask: OutputMask | None = None  # from the model card; None: outputs published as the network gives them
     output_mask_wanted: bool | None = None  # the user's outputMask (None: the card decides), kept across model swaps
@@ -76,6 +78,7 @@ class ProcessorConfig:
         convert_value("maxPendingFrames", integer(0, 1_000_000), self.max_pending_frames)
         convert_value("cpuThreads", integer(0, 1024), self.cpu_threads)
         convert_value("cpuWorkers", integer(0, 64), self.cpu_workers)
+        convert_value("ioThreads", choice(*IO_POLICIES), self.io_threads)
 
 
 
@@ -94,6 +97,7 @@ _TOP_LEVEL: dict[str, tuple[str, Any]] = {
     "cpuThreads": ("cpu_threads", lambda v: v),
     "cpuWorkers": ("cpu_workers", lambda v: v),
     "planCacheDir": ("plan_cache_dir", path()),
+    "ioThreads": ("io_threads", choice(*IO_POLICIES)),
     "outputMask": ("output_mask", boolean()),
 }
 # camelCase processor argument -> (PreprocessConfig field, converter)
