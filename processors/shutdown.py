@@ -48,7 +48,7 @@ def find_controller(frame):
     return None
 
 
-def _prctl():
+def libc_prctl():
     """libc's ``prctl``, or None where there is none (not Linux)."""
     try:
         return ctypes.CDLL(None, use_errno=True).prctl
@@ -61,7 +61,7 @@ def set_parent_death_signal(sig: int = signal.SIGTERM, parent_pid: int | None = 
     ``parent_pid``: the parent's pid, to see a parent that died before the request (an
     orphan's new parent is 1, or a subreaper: a systemd user manager, a container's init);
     without it only a new parent 1 is seen."""
-    prctl = _prctl()
+    prctl = libc_prctl()
     if prctl is None or prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
         return False
     ppid = os.getppid()
@@ -74,7 +74,7 @@ def parent_death_preexec(sig: int = signal.SIGTERM):
     """A ``subprocess`` ``preexec_fn`` that asks for ``sig`` at this process's death, or None
     (not Linux). libc is looked up here, in the parent: between fork and exec the child
     only makes the call (no library loading, whose locks another thread may have held)."""
-    prctl = _prctl()
+    prctl = libc_prctl()
     if prctl is None:
         return None
     parent = os.getpid()

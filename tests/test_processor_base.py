@@ -148,7 +148,7 @@ def test_a_forked_consumer_whose_parent_died_before_start_stops(monkeypatch):
     from processors import shutdown
 
     sent, handlers = [], []
-    monkeypatch.setattr(shutdown, "_prctl", lambda: lambda *args: 0)  # the request "succeeds", changes nothing
+    monkeypatch.setattr(shutdown, "libc_prctl", lambda: lambda *args: 0)  # the request "succeeds", changes nothing
     monkeypatch.setattr(shutdown.multiprocessing, "parent_process", lambda: type("Parent", (), {"pid": 4100})())
     monkeypatch.setattr(shutdown.signal, "signal", lambda sig, handler: handlers.append(sig))
     monkeypatch.setattr(shutdown.os, "kill", lambda pid, sig: sent.append(sig))

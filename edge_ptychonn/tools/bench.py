@@ -33,6 +33,7 @@ import sys
 from pathlib import Path
 
 from edge_ptychonn.cli_options import DefaultsFormatter
+from edge_ptychonn.io_threads import POLICIES as IO_POLICIES
 from edge_ptychonn.model_card import default_model_path
 from edge_ptychonn.progress import Progress
 from engines.base import PRECISIONS, usable_cores
@@ -169,6 +170,13 @@ def get_args_parser(prog: str = "edge-ptychonn bench") -> argparse.ArgumentParse
     g.add_argument("--consumer-workers", type=_number(int, 0), default=0,
                    help="cpuWorkers of each consumer: batches it runs at once on the CPU, each on its own copy "
                         "of the engine (default 0: cores / N, at most 4)")
+    g.add_argument("--consumer-io-threads", default="batch", choices=tuple(IO_POLICIES),
+                   help="ioThreads of each consumer: 'batch' (pvAccess's I/O threads under SCHED_BATCH, the "
+                        "consumers' default) or 'unchanged' (as pvAccess made them), to compare the two")
+    g.add_argument("--no-realtime", action="store_true",
+                   help="start the sim server and the consumers without the right to real-time scheduling, as a "
+                        "user's processes are (matters where this process has it: root, or RLIMIT_RTPRIO; "
+                        "pvAccess then makes its I/O threads SCHED_FIFO)")
     g.add_argument("--consumers", type=_ints, default=None, help="consumer counts N (default: 1, 2, and more with more cores)")
     g.add_argument("--rate-fractions", type=_floats, default=[0.6, 0.8, 0.9, 1.0, 1.1],
                    help="offered rates as fractions of the engine-alone rate of the pipeline's engine, precision and batch "
@@ -306,7 +314,13 @@ def main(args: argparse.Namespace) -> int:
         "arguments": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "machine": machine_info(),
     }
-    procs = bp.Procs()
+    realtime = live.realtime_allowed() and not args.no_realtime
+    report["machine"]["pvaccess_realtime"] = realtime
+    if realtime:
+        progress("the processes started here may schedule threads in real time (root, or RLIMIT_RTPRIO): pvAccess "
+                 "makes its I/O threads SCHED_FIFO, unlike a consumer a user starts; --no-realtime runs them as a "
+                 "user's")
+    procs = bp.Procs(realtime=realtime)
     signals = contextlib.ExitStack()
     signals.enter_context(live.stop_on_signals())  # SIGTERM and SIGHUP stop it like Ctrl-C
     try:
@@ -327,7 +341,7 @@ def main(args: argparse.Namespace) -> int:
             precision=args.pipeline_precision,
             batch=args.pipeline_batch, duration_s=args.duration, max_frames=args.max_frames,
             server_queue_size=args.server_queue_size, cores=cores, consumer_threads=args.consumer_threads,
-            consumer_workers=args.consumer_workers,
+            consumer_workers=args.consumer_workers, consumer_io_threads=args.consumer_io_threads,
         )
         needs_pva = {"warm", "pipeline", "zero", "passthrough"} - set(args.skip)
         env = None

@@ -77,6 +77,7 @@ class PipelineSettings:
     cores: int = usable_cores()
     consumer_threads: int = 0  # cpuThreads per consumer; 0: the consumer's own layout (engines.base.cpu_layout)
     consumer_workers: int = 0  # cpuWorkers per consumer; 0: the consumer's own layout
+    consumer_io_threads: str = "batch"  # ioThreads per consumer (edge_ptychonn.io_threads.POLICIES)
 
 
 @dataclass
@@ -149,9 +150,10 @@ class Procs:
     """Every process started, so that all are stopped on error or Ctrl-C."""
 
     procs: list = field(default_factory=list)
+    realtime: bool = True  # False: started without the right to real-time scheduling (processes.start)
 
     def start(self, name: str, argv: list[str], env: dict, log_dir: Path) -> live.Proc:
-        return live.start(name, argv, env, log_dir, into=self.procs)
+        return live.start(name, argv, env, log_dir, into=self.procs, realtime=self.realtime)
 
     def stop(self, proc: live.Proc) -> None:
         proc.stop(grace_s=3.0)
@@ -181,6 +183,7 @@ def _processor_args(settings: PipelineSettings, n_consumers: int, engine: str | 
         "modelPath": str(settings.model_path), "engine": engine or settings.engine, "device": settings.device,
         "precision": settings.precision, "batchSize": settings.batch,
         "cpuThreads": settings.consumer_threads, "cpuWorkers": settings.consumer_workers,
+        "ioThreads": settings.consumer_io_threads,
     }
 
 

@@ -19,6 +19,7 @@ import contextlib
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -31,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_ptychonn.callbacks import keep_thread_state
-from processors.shutdown import parent_death_preexec
+from processors.shutdown import libc_prctl, parent_death_preexec
 
 # Keep every PVA search, beacon and server socket on the loopback interface: the one
 # definition (the tests, the demo and the benchmarks use it; the scripts need none).
@@ -261,8 +262,45 @@ def _children_take_sigint() -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+PR_CAPBSET_DROP = 24  # prctl: drop a capability from the bounding set (what an exec may keep)
+CAP_SYS_NICE = 23  # the capability that lets root schedule threads in real time
+
+
+def realtime_allowed() -> bool:
+    """Whether processes started from here may schedule threads in real time: root (or
+    any process with CAP_SYS_NICE, or a non-zero RLIMIT_RTPRIO). pvAccess then creates
+    its threads SCHED_FIFO (EPICS does whenever it may); a consumer started by a user
+    has none of that, and its pvAccess threads run under the normal policy."""
+    if resource.getrlimit(resource.RLIMIT_RTPRIO)[0] != 0:
+        return True
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> CAP_SYS_NICE & 1)
+    except OSError:
+        pass
+    return os.geteuid() == 0
+
+
+def _preexec(tie: bool, realtime: bool):
+    """The child's ``preexec_fn``: SIGTERM at this process's death (``tie``); without
+    ``realtime``, CAP_SYS_NICE dropped from what the exec keeps (root's child then runs
+    its threads like a user's: no SCHED_FIFO for pvAccess). None when there is nothing to do."""
+    death = parent_death_preexec(signal.SIGTERM) if tie else None
+    prctl = None if realtime else libc_prctl()
+    if prctl is None:
+        return death
+
+    def preexec() -> None:
+        prctl(PR_CAPBSET_DROP, CAP_SYS_NICE, 0, 0, 0)  # fails (harmlessly) without CAP_SETPCAP: nothing to drop
+        if death is not None:
+            death()
+
+    return preexec
+
+
 def start(name: str, argv: list[str], env: dict, log_dir: Path, cwd: Path | None = None,
-          into: list | None = None) -> Proc:
+          into: list | None = None, realtime: bool = True) -> Proc:
     """Start ``argv`` in its own session (so that its children stop with it), output to
     ``log_dir/<name>.log``, in ``cwd`` (default: the project root). The child takes
     SIGINT even when this process was started with it ignored.
@@ -276,7 +314,10 @@ def start(name: str, argv: list[str], env: dict, log_dir: Path, cwd: Path | None
     it dies (Linux; nothing elsewhere). The kernel sends it when the *thread* that
     started the child ends, so from any other thread (which may end first) no such
     signal is asked for; nor by a process with pid 1 (a container's first process),
-    whose death ends the container anyway."""
+    whose death ends the container anyway.
+
+    ``realtime`` False: the child may not schedule threads in real time, even when this
+    process may (:func:`realtime_allowed`), as a process that a user starts."""
     _children_take_sigint()
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
@@ -285,7 +326,7 @@ def start(name: str, argv: list[str], env: dict, log_dir: Path, cwd: Path | None
         popen = subprocess.Popen(
             argv, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True, cwd=str(cwd or PROJECT_ROOT),
-            preexec_fn=parent_death_preexec(signal.SIGTERM) if tie else None,
+            preexec_fn=_preexec(tie, realtime),
         )
         proc = Proc(name, popen, log_path)
         if into is not None:
