@@ -33,8 +33,9 @@ log = logging.getLogger(__name__)
 class _Worker:
     """One engine and the thread that runs it; one job at a time."""
 
-    def __init__(self, engine, index: int):
+    def __init__(self, engine, index: int, finished=lambda: None):
         self.engine = engine
+        self._finished = finished  # called after each job, once its result is ready
         self.buffer = np.empty((engine.max_batch, 1, *engine.input_shape), np.float32)
         self._job = threading.Condition()
         self._n = 0  # frames of the job waiting (0: none)
@@ -67,6 +68,10 @@ class _Worker:
             except BaseException as exc:  # handed to collect(): the pipeline counts and logs it
                 self.error = exc  # (any kind: a collect() waiting for this job must not wait for ever)
             self.done.set()
+            try:
+                self._finished()
+            except Exception:  # a caller's wake-up must not end the worker
+                log.exception("%s: the finished-batch callback failed", self.thread.name)
 
     def ask_to_close(self) -> None:
         """Tell the thread to end after the job it runs (if any); returns at once."""
@@ -110,12 +115,26 @@ class WorkerPool:
             threads = f"{threads_per_worker} thread{'s' if threads_per_worker != 1 else ''}"
             self.device = f"{first.device} ({len(engines)} workers x {threads})"
             for i, engine in enumerate(engines):
-                self._workers.append(_Worker(engine, i))
+                self._workers.append(_Worker(engine, i, self._finished))
         except BaseException:
             self._close_after_failure(engines)
             raise
         self._ring = SlotRing(len(engines))
         self._closed = False
+
+    #: Called (with no argument, on the worker's thread) each time a batch is finished, or None.
+    #: The pipeline sets it, so that waiting for the next batch it also hears of a finished
+    #: one: a worker that is free never waits for an older batch to be collected first.
+    on_done = None
+
+    def _finished(self) -> None:
+        callback = self.on_done
+        if callback is not None:
+            callback()
+
+    def done(self, ticket: Ticket) -> bool:
+        """Whether ``ticket``'s batch is finished (:meth:`collect` then returns at once)."""
+        return self._workers[ticket.slot].done.is_set()
 
     def _close_after_failure(self, engines: Sequence, timeout_s: float = 10.0) -> None:
         """Stop the workers made so far (each closes its engine) and close the engines without

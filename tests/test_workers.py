@@ -1,6 +1,7 @@
 """cpuWorkers: several batches at once on the CPU, each on its own copy of the engine."""
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from edge_ptychonn.stream.pipeline import InferencePipeline
 from engines import EngineOptions, create_engine
 from engines.base import cpu_layout
 from engines.workers import WorkerPool
+from edge_ptychonn.tools.processes import wait_until
 from frames_util import good_frame
 from test_pipeline import Published
 
@@ -374,3 +376,26 @@ def test_a_copy_that_cannot_start_closes_every_copy_made_and_keeps_its_error(tmp
         registry._build(Copy, EngineOptions(tmp_path / "model.onnx", cpu_workers=3, cpu_threads=1))
     assert [copy.closed for copy in made] == [True, True]
     assert "closing a copy engine after a failed start also failed: RuntimeError: close failed" in caplog.text
+
+
+def test_a_batch_that_fills_while_the_oldest_runs_goes_to_a_free_worker_at_once(small_model):
+    """Two workers whose batches return only once both run at the same time: the second
+    batch fills while the first runs, and must start then. Before, the inference thread
+    waited for the first batch's result before it looked for the next, so the two never
+    met (the workers ran one batch at a time until a backlog built up)."""
+    barrier = threading.Barrier(2)
+    pool = WorkerPool([Meeting(barrier), Meeting(barrier)], threads_per_worker=1)
+    config, _ = parse_processor_args({"modelPath": str(small_model), "batchSize": 4, "batchTimeout": 30})
+    published = Published()
+    pipeline = InferencePipeline(config, published)
+    pipeline.start(lambda: pool)
+    image = np.ones((8, 8), np.int16)
+    for uid in range(1, 5):
+        pipeline.submit(good_frame(uid, image))
+    assert wait_until(lambda: pool._ring.in_flight == 1, 5), "the first batch did not start"
+    time.sleep(0.1)  # the inference thread is waiting now, the first batch at the barrier
+    for uid in range(5, 9):
+        pipeline.submit(good_frame(uid, image))
+    assert published.wait(8, timeout_s=5) == 8, "the second batch did not start while the first ran"
+    pipeline.stop()
+    assert pipeline.stats.inference_errors == 0 and [p[0] for p in published] == list(range(1, 9))

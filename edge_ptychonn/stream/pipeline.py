@@ -49,6 +49,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Callable
 
 import numpy as np
@@ -62,7 +63,7 @@ from .quote import one_line, short_repr
 
 STATS_WINDOW_S = 5.0  # rates and latency percentiles describe the last few seconds
 CONFIGURE_WAIT_S = 1.0  # configure(): how long a change waits for one in progress before it is refused
-_WAKE = object()  # queued by configure(): the inference thread recomputes its wait
+_WAKE = object()  # queued by configure() and by an engine's on_done: the inference thread recomputes its wait
 _NOTHING = object()  # _next_item(block=False): no batch is ready now
 
 
@@ -81,6 +82,12 @@ def _depth(engine) -> int:
     if callable(getattr(engine, "submit", None)):
         return max(1, int(getattr(engine, "max_in_flight", 1)))
     return 1
+
+
+def _notifies(engine) -> bool:
+    """Whether an engine with submit/collect says when a batch is done: ``done(ticket)`` and
+    an ``on_done`` callback (set by the pipeline)."""
+    return callable(getattr(engine, "done", None)) and getattr(engine, "on_done", None) is not None
 
 
 DROP_REASONS = {
@@ -243,6 +250,7 @@ class InferencePipeline:
         (without it, a model change is refused)."""
         model_id = model_identity(self.config.model_path)
         engine = engine_factory()
+        self._hear_from(engine)
         self.engine, self.model_id = engine, model_id
         self._encoder.model_id = model_id
         self._model_engine_factory = model_engine_factory
@@ -258,6 +266,12 @@ class InferencePipeline:
             "engine %s on %s (%s), input %dx%d, batch %d, model %s",
             engine.name, engine.device, engine.precision, *engine.input_shape, self.config.batch_size, model_id,
         )
+
+    def _hear_from(self, engine) -> None:
+        """Have ``engine`` wake the inference thread whenever it finishes a batch, where it can
+        (``on_done``: CPU workers): see :meth:`_wait_for`."""
+        if hasattr(engine, "on_done") and callable(getattr(engine, "done", None)):
+            engine.on_done = partial(self._queue.put_nowait, _WAKE)
 
     def drain(self, timeout_s: float) -> bool:
         """Send the partial batch to inference now and wait (up to ``timeout_s``) until
@@ -405,11 +419,14 @@ class InferencePipeline:
                 self._enqueue(batch)
 
     # -- inference side --------------------------------------------------------------
-    def _next_item(self, block: bool = True):
+    def _next_item(self, block: bool = True, until: Callable[[], bool] | None = None):
         """The next batch to infer (queued, or the partial one once it is due), a
-        :class:`_Switch` marker, None at stop, or (``block`` False) :data:`_NOTHING`
-        when nothing is ready now."""
+        :class:`_Switch` marker, None at stop, or :data:`_NOTHING` when nothing is ready now
+        (``block`` False) or ``until()`` has become true (checked whenever the queue wakes
+        this thread: an engine's ``on_done`` queues a wake-up)."""
         while True:
+            if until is not None and until():
+                return _NOTHING
             with self._lock:
                 timeout = self.config.batch_timeout_s
                 wait = max(timeout - self._batcher.age_s(), 0.0) if self._batcher.pending else timeout
@@ -428,16 +445,19 @@ class InferencePipeline:
                 return _NOTHING
 
     def _run(self) -> None:
-        """Batches in order. An engine with ``submit``/``collect`` (GPU) gets batch k+1
-        submitted before batch k's results are encoded and published, so the frame
-        path overlaps inference; other engines run one batch at a time. At a switch
-        marker, what is in flight finishes on the old engine first."""
+        """Batches in order. An engine with ``submit``/``collect`` (a GPU, CPU workers) gets
+        batch k+1 submitted before batch k's results are encoded and published, so the
+        frame path overlaps inference; other engines run one batch at a time. An engine
+        that says when a batch is done (``done`` and ``on_done``: CPU workers) is given each
+        batch as soon as it is full while the oldest one runs; with others the oldest is
+        collected first unless the next is ready. At a switch marker, what is in flight
+        finishes on the old engine first."""
         in_flight: deque = deque()  # (batch, engine, ticket or outputs, started at)
         stopping = False
         while not stopping or in_flight:
             engine = self.engine
             if not stopping and len(in_flight) < _depth(engine):
-                item = self._next_item(block=not in_flight)
+                item = self._next_item(**self._wait_for(in_flight))
                 if item is None:
                     stopping = True
                     continue
@@ -450,6 +470,17 @@ class InferencePipeline:
                     self._begin(engine, item, in_flight)
                     continue
             self._finish(*in_flight.popleft())
+
+    @staticmethod
+    def _wait_for(in_flight: deque) -> dict:
+        """How :meth:`_run` waits for the next batch: blocking when nothing is in flight, or
+        until the oldest batch in flight is done when its engine says so; else not at all."""
+        if not in_flight:
+            return {"block": True}
+        _, engine, ticket, _ = in_flight[0]
+        if engine is not None and _notifies(engine):
+            return {"block": True, "until": partial(engine.done, ticket)}
+        return {"block": False}
 
     def _begin(self, engine, batch: Batch, in_flight: deque) -> None:
         if self._outputs_closed:
@@ -555,6 +586,7 @@ class InferencePipeline:
     def _switch_engine(self, switch: _Switch) -> None:
         """Inference thread, at a switch marker: later batches run on the new engine."""
         old, old_id = self.engine, self.model_id
+        self._hear_from(switch.engine)
         self.engine, self.model_id = switch.engine, switch.model_id
         self._output_mask = switch.output_mask
         self._encoder.model_id = switch.model_id
