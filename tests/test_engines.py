@@ -213,12 +213,16 @@ def test_torch_cpu_batches_reuse_freed_memory(torch_engine, diffraction):
         pytest.skip("keep_freed_memory() tunes glibc's malloc only")
     for _ in range(3):  # warm: the heap grows to what a batch needs, once
         torch_engine.infer(diffraction)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    # The count is the whole process's: the best of three windows, so that a thread an earlier
+    # test left finishing (its faults counted here too) cannot fail it.
+    windows = []
     n = 10
-    for _ in range(n):
-        torch_engine.infer(diffraction)
-    per_batch = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / n
-    assert per_batch < 300, f"{per_batch:.0f} page faults per batch"
+    for _ in range(3):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(n):
+            torch_engine.infer(diffraction)
+        windows.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / n)
+    assert min(windows) < 300, f"page faults per batch in three windows: {windows}"
 
 
 def test_precision_not_offered_is_refused(small_model):
