@@ -56,7 +56,7 @@ class IoThreads:
         self.every_s = every_s
         self.names = names
         self._tasks = tasks
-        self._seen: set[int] = set()  # thread ids looked at (set, or not an I/O thread)
+        self._seen: set[int] = set()  # the live I/O threads already set (or refused)
         self._next = 0.0
         self._lock = threading.Lock()  # one scan at a time; poll() never waits for it
         self._why_not = None if policy == "unchanged" else _unsupported(tasks)
@@ -80,17 +80,20 @@ class IoThreads:
             return 0
         try:
             n = 0
+            alive = set()
             for entry in self._tasks.iterdir():
                 tid = int(entry.name)
+                alive.add(tid)
                 if tid in self._seen:
                     continue
-                try:
+                try:  # read each scan until it is an I/O thread: a thread just made has its name a moment later
                     name = (entry / "comm").read_text().strip()
                 except OSError:  # the thread ended meanwhile
                     continue
-                self._seen.add(tid)
-                if name in self.names and self._set(tid, name):
-                    n += 1
+                if name in self.names:
+                    self._seen.add(tid)
+                    n += self._set(tid, name)
+            self._seen &= alive  # threads that ended (a closed connection's)
             self.set_threads += n
             if n:
                 self.log.info("ioThreads batch: %d pvAccess I/O thread(s) set to SCHED_BATCH (%d so far)",

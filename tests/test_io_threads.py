@@ -70,6 +70,16 @@ def test_the_io_threads_and_only_they_are_set_to_batch(named):
     assert io.apply() == 1 and later.policy == os.SCHED_BATCH and io.set_threads == 3
 
 
+def test_a_thread_that_takes_its_name_after_a_scan_is_set_by_the_next(named):
+    """A new thread has the process's name until it names itself: a scan in between must not
+    pass it over for good."""
+    thread = named("pvapy-hpc-consu")
+    io = IoThreads("batch")
+    assert io.apply() == 0
+    Path(f"/proc/self/task/{thread.tid}/comm").write_text("TCP-rx")
+    assert io.apply() == 1 and thread.policy == os.SCHED_BATCH
+
+
 def test_poll_looks_again_only_once_its_interval_has_passed(named):
     io = IoThreads("batch", every_s=3600)
     first = named("TCP-rx")
