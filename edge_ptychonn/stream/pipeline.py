@@ -84,10 +84,15 @@ def _depth(engine) -> int:
     return 1
 
 
+def _can_notify(engine) -> bool:
+    """Whether an engine with submit/collect can say when a batch is done: ``done(ticket)``,
+    and an ``on_done`` callback that the pipeline may set."""
+    return callable(getattr(engine, "done", None)) and hasattr(engine, "on_done")
+
+
 def _notifies(engine) -> bool:
-    """Whether an engine with submit/collect says when a batch is done: ``done(ticket)`` and
-    an ``on_done`` callback (set by the pipeline)."""
-    return callable(getattr(engine, "done", None)) and getattr(engine, "on_done", None) is not None
+    """Whether it does: it can, and its ``on_done`` is set."""
+    return _can_notify(engine) and engine.on_done is not None
 
 
 DROP_REASONS = {
@@ -270,7 +275,7 @@ class InferencePipeline:
     def _hear_from(self, engine) -> None:
         """Have ``engine`` wake the inference thread whenever it finishes a batch, where it can
         (``on_done``: CPU workers): see :meth:`_wait_for`."""
-        if hasattr(engine, "on_done") and callable(getattr(engine, "done", None)):
+        if _can_notify(engine):
             engine.on_done = partial(self._queue.put_nowait, _WAKE)
 
     def drain(self, timeout_s: float) -> bool:
