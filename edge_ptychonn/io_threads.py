@@ -59,15 +59,16 @@ class IoThreads:
         self._seen: set[int] = set()  # the live I/O threads already set (or refused)
         self._next = 0.0
         self._lock = threading.Lock()  # one scan at a time; poll() never waits for it
-        self._why_not = None if policy == "unchanged" else _unsupported(tasks)
+        why_not = None if policy == "unchanged" else _unsupported(tasks)
+        self._active = policy == "batch" and why_not is None  # whether scans set anything
         self.set_threads = 0
-        if self._why_not:
+        if why_not:
             self.log.warning("ioThreads %s: not possible here (%s); pvAccess's I/O threads keep the default policy",
-                             policy, self._why_not)
+                             policy, why_not)
 
     def poll(self) -> None:
         """:meth:`apply` if ``every_s`` has passed since the last scan; else nothing."""
-        if self.policy == "unchanged" or self._why_not:
+        if not self._active:
             return
         now = time.monotonic()
         if now >= self._next:
@@ -76,7 +77,7 @@ class IoThreads:
 
     def apply(self) -> int:
         """Set the I/O threads not seen before; the number set by this call."""
-        if self.policy == "unchanged" or self._why_not or not self._lock.acquire(blocking=False):
+        if not self._active or not self._lock.acquire(blocking=False):
             return 0
         try:
             n = 0
