@@ -295,6 +295,10 @@ def test_soak_counts_the_frames_of_a_consumer_that_died_as_lost(pva_env, tmp_pat
     assert lost == sent - published and lost > 0, summary[0]
     assert "a consumer exited during the run" in summary[0]
     assert soak.returncode == 1, out
+    # the logs stay for reading; the generated frames (megabytes each run) are gone
+    [work] = tmp_path.glob("edge-ptychonn-soak-*")
+    assert not (work / "frames.npy").exists()
+    assert {"consumers.log", "sim.log"} <= {p.name for p in work.iterdir()}, list(work.iterdir())
 
 
 def test_soak_judges_memory_only_after_its_warm_up():

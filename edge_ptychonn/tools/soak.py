@@ -12,7 +12,9 @@ the first minute (warm-up; a run too short to sample memory twice after it is no
 judged on memory, and says so). Consumers that exit before they publish
 a frame (they could not start) end the run early, with exit status 1; one
 that dies later leaves the run going, its frames counted lost. Ctrl-C, SIGTERM or
-SIGHUP stops the processes it started and exits with 130. Not part of the
+SIGHUP stops the processes it started and exits with 130. The processes' logs
+stay in the folder named on the first line (under the temporary folder,
+``TMPDIR``); the frames it generated are removed at the end. Not part of the
 test suite: it runs for minutes (default 10).
 
 Pick ``--fps`` at about 80 % of the highest lossless rate that
@@ -221,6 +223,8 @@ def main(args: argparse.Namespace) -> int:
                     collector.close()
                 for proc in reversed(procs):  # the sim server has nothing to save (and takes no SIGINT while it waits)
                     proc.stop(grace_s=1.0 if proc.name == "sim" else 5.0)
+                # the logs stay for reading; the generated frames (megabytes, made afresh each run) go
+                (work / "frames.npy").unlink(missing_ok=True)
     ids = sorted(r.unique_id for name in outputs for r in collector.received[name])
     # the sim server's own count (uniqueIds 1..sent): the highest id out misses a lost tail
     published = processes.sim_server_published(server.log())
