@@ -567,6 +567,8 @@ def test_quick_pipeline_run(tmp_path, bench_small_model):
     ratio = report["ratios"][0]
     assert ratio["engine_alone_fps"] > 0 and ratio["ptychonn_fps"] > 0
     assert "frame_path" not in report or report["frame_path"] is None  # skipped as asked
+    # the logs stay; the scans it streamed (written for the sim server) are gone
+    assert any((tmp_path / "logs").rglob("*.log")) and not (tmp_path / "scans").exists()
 
 
 def test_frame_path_profile_times_every_stage_and_the_whole_pipeline():

@@ -449,6 +449,7 @@ def main(args: argparse.Namespace) -> int:
     finally:
         with live.signals_ignored():
             procs.stop_all()
+        bp.remove_scans(out_dir)
         signals.close()
         report["machine"]["load_after"] = _load()
         report["finished"] = dt.datetime.now().isoformat(timespec="seconds")

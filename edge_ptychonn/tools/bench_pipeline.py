@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -173,9 +174,22 @@ def make_frames(n: int, shape=(128, 128), seed: int = 0) -> np.ndarray:
     return rng.poisson(envelope, size=(n, *shape)).astype(np.int16)
 
 
-def write_scan(path: Path, base: np.ndarray, n_frames: int) -> Path:
+SCANS = "scans"  # the folder of the results where the sim server's scans are written; removed at the end
+
+
+def write_scan(work_dir: Path, name: str, base: np.ndarray, n_frames: int) -> Path:
+    """``base`` repeated to ``n_frames`` frames, saved as ``work_dir/scans/<name>.npy`` for the
+    sim server."""
+    path = work_dir / SCANS / f"{name}.npy"
+    path.parent.mkdir(parents=True, exist_ok=True)
     np.save(path, np.resize(base, (n_frames, *base.shape[1:])))
     return path
+
+
+def remove_scans(work_dir: Path) -> None:
+    """Remove the scans :func:`write_scan` wrote (a 4000-frame scan is 131 MB: the results
+    keep the report, the plots and the logs)."""
+    shutil.rmtree(work_dir / SCANS, ignore_errors=True)
 
 
 def _processor_args(settings: PipelineSettings, n_consumers: int, engine: str | None = None) -> dict:
@@ -273,7 +287,7 @@ def run_point(
     wanted = round(target_fps * settings.duration_s) if target_fps > 0 else settings.max_frames
     n_frames = int(np.clip(wanted, settings.min_frames, settings.max_frames))
     n_frames = max(n_frames, 2 * settings.batch * n_consumers)
-    scan = write_scan(work_dir / f"scan_{n_frames}.npy", base_frames, n_frames)
+    scan = write_scan(work_dir, f"scan_{n_frames}", base_frames, n_frames)
     prefix = f"eb{os.getpid()}{tag}"
     input_channel, out_prefix = f"{prefix}:image", f"{prefix}:out"
     ids = range(1, n_consumers + 1)
@@ -668,7 +682,7 @@ def warm_start(
 ) -> list[WarmStart]:
     """Consumer launch -> first published output, twice per engine, with a server streaming.
     ``into`` gets each launch as it is measured (a run cut short keeps those)."""
-    scan = write_scan(work_dir / "warm_scan.npy", base_frames, 64)
+    scan = write_scan(work_dir, "warm_scan", base_frames, 64)
     prefix = f"eb{os.getpid()}ws"
     input_channel = f"{prefix}:image"
     log_dir = work_dir / "logs" / "warm"
