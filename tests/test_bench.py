@@ -345,6 +345,16 @@ def test_options_that_only_main_can_judge_are_one_line_errors(tmp_path):
         assert message in str(exit_.value), exit_.value
 
 
+def test_the_real_time_warning_comes_only_where_processes_are_started(tmp_path, capsys, monkeypatch):
+    """Before: every run where real time was allowed said so, an engine-only run too."""
+    monkeypatch.setattr(bench.live, "realtime_allowed", lambda: True)
+    args = bench.get_args_parser().parse_args(["--skip", ",".join(bench.PARTS), "--out", str(tmp_path), "--no-plots"])
+    assert bench.main(args) == 0
+    assert "real time" not in capsys.readouterr().err
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["machine"]["pvaccess_realtime"] is True  # the report says it all the same
+
+
 @pytest.fixture(scope="module")
 def bench_small_model(tmp_path_factory) -> Path:
     """A random PtychoNN for 64x64 frames (dynamic batch)."""
@@ -532,9 +542,9 @@ def test_frames_the_collector_missed_are_not_blamed_on_the_processor():
 
 
 @pytest.mark.e2e
-def test_quick_pipeline_run(tmp_path, bench_small_model):
+def test_quick_pipeline_run(tmp_path, bench_small_model, capsys):
     """One PtychoNN point and one passthrough point with real PvaPy processes (~30 s)."""
-    from edge_ptychonn.tools.processes import loopback_multicast
+    from edge_ptychonn.tools.processes import loopback_multicast, realtime_allowed
 
     ok, reason = loopback_multicast()
     if not ok:
@@ -544,6 +554,8 @@ def test_quick_pipeline_run(tmp_path, bench_small_model):
         "--no-plots",
     ])  # the frame path's profile has a test of its own, below
     assert bench.main(args) == 0
+    # where the processes it starts may schedule in real time (root), it says so: they are not as a user's
+    assert ("SCHED_FIFO" in capsys.readouterr().err) == realtime_allowed()
     report = json.loads((tmp_path / "report.json").read_text())
     assert {p["processor"] for p in report["pipeline"]["points"]} == {"ptychonn", "passthrough"}
     # the best sustained point of each (quick mode steps down until one is sustained)

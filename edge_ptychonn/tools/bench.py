@@ -316,10 +316,6 @@ def main(args: argparse.Namespace) -> int:
     }
     realtime = live.realtime_allowed() and not args.no_realtime
     report["machine"]["pvaccess_realtime"] = realtime
-    if realtime:
-        progress("the processes started here may schedule threads in real time (root, or RLIMIT_RTPRIO): pvAccess "
-                 "makes its I/O threads SCHED_FIFO, unlike a consumer a user starts; --no-realtime runs them as a "
-                 "user's")
     procs = bp.Procs(realtime=realtime)
     signals = contextlib.ExitStack()
     signals.enter_context(live.stop_on_signals())  # SIGTERM and SIGHUP stop it like Ctrl-C
@@ -348,6 +344,10 @@ def main(args: argparse.Namespace) -> int:
         if needs_pva or "framepath" not in args.skip:  # the frame path runs a PVA server in this process
             env = live.use_loopback()
         if needs_pva:
+            if realtime:  # said only where processes are started
+                progress("the processes started here may schedule threads in real time (root, or RLIMIT_RTPRIO): "
+                         "pvAccess makes its I/O threads SCHED_FIFO, unlike a consumer a user starts; --no-realtime "
+                         "runs them as a user's")
             ok, reason = live.loopback_multicast()
             report["machine"]["loopback_multicast"] = reason
             if not ok:
