@@ -32,9 +32,9 @@ def test_the_shipped_card_loads_and_round_trips():
     assert card.stitch == StitchSettings(probe_threshold=0.1, min_cover_weight=0.5)
     assert card.model == ModelConfig(width=16, depth=4, input_size=128)
     assert card.training.eval_n_positions == 1024 and card.training.scan_settings["family"] == "mixed"
-    # a run continued from earlier ones: the first (8 epochs) is thirteen stages back
+    # a run continued from earlier ones: the first (8 epochs) is fourteen stages back
     first = card.training
-    for _ in range(13):
+    for _ in range(14):
         first = first.continued_from
     assert first.epochs_run == 8 and first.continued_from is None
     assert set(card.accuracy["scans"]) >= {"mixed:1001", "siemens:1001"}
