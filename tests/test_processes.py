@@ -264,6 +264,42 @@ def test_soak_stops_what_it_started_on_sigterm_and_sighup(tmp_path, sig):
     assert left == [], "soak left its processes running"
 
 
+# the consumers' stand-in tries to take real-time scheduling, says whether it could, and sleeps
+TAKE_FIFO = ("import os, time\ntry:\n    os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))\n"
+             "    print('fifo taken', flush=True)\nexcept PermissionError:\n    print('fifo refused', flush=True)\n"
+             "time.sleep(120)")
+
+
+@pytest.mark.parametrize("no_realtime", [False, True])
+def test_soak_no_realtime_starts_its_processes_as_a_users(tmp_path, no_realtime):
+    """--no-realtime: what soak starts may not schedule in real time (as bench's option)."""
+    if not processes.realtime_allowed():
+        pytest.skip("this process may not schedule in real time itself: nothing to take away")
+    sim = tmp_path / "sim"
+    sim.write_text("#!/bin/sh\nexec sleep 120\n")
+    sim.chmod(0o755)
+    harness = SOAK.replace('"import time; time.sleep(120)"', repr(TAKE_FIFO))
+    argv = [sys.executable, "-c", harness, str(sim), "--model", str(MODEL), "--fps", "10"]
+    soak = subprocess.Popen(argv + (["--no-realtime"] if no_realtime else []), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env={**os.environ, "TMPDIR": str(tmp_path)})
+    kids = []
+    try:
+        log = lambda: next(tmp_path.glob("edge-ptychonn-soak-*/consumers.log"), None)  # noqa: E731
+        said = wait_until(lambda: "fifo" in log().read_text() if log() else None, 60)
+        kids = child_pids(soak.pid)
+        os.kill(soak.pid, signal.SIGTERM)
+        out, _ = soak.communicate(timeout=60)
+    finally:
+        if soak.poll() is None:
+            os.killpg(soak.pid, signal.SIGKILL)
+            soak.wait(10)
+        _kill_left(kids)
+    assert said, out
+    assert ("fifo refused" if no_realtime else "fifo taken") in log().read_text()
+    assert ("SCHED_FIFO" in out) != no_realtime, out  # the note on real time only where it applies
+
+
 @pytest.mark.e2e
 def test_soak_counts_the_frames_of_a_consumer_that_died_as_lost(pva_env, tmp_path):
     """The consumer is killed mid-run: every frame the sim server published after that is

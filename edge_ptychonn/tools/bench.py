@@ -173,10 +173,7 @@ def get_args_parser(prog: str = "edge-ptychonn bench") -> argparse.ArgumentParse
     g.add_argument("--consumer-io-threads", default="batch", choices=tuple(IO_POLICIES),
                    help="ioThreads of each consumer: 'batch' (pvAccess's I/O threads under SCHED_BATCH, the "
                         "consumers' default) or 'unchanged' (as pvAccess made them), to compare the two")
-    g.add_argument("--no-realtime", action="store_true",
-                   help="start the sim server and the consumers without the right to real-time scheduling, as a "
-                        "user's processes are (matters where this process has it: root, or RLIMIT_RTPRIO; "
-                        "pvAccess then makes its I/O threads SCHED_FIFO)")
+    g.add_argument("--no-realtime", action="store_true", help=live.NO_REALTIME_HELP)
     g.add_argument("--consumers", type=_ints, default=None, help="consumer counts N (default: 1, 2, and more with more cores)")
     g.add_argument("--rate-fractions", type=_floats, default=[0.6, 0.8, 0.9, 1.0, 1.1],
                    help="offered rates as fractions of the engine-alone rate of the pipeline's engine, precision and batch "
@@ -345,9 +342,7 @@ def main(args: argparse.Namespace) -> int:
             env = live.use_loopback()
         if needs_pva:
             if realtime:  # said only where processes are started
-                progress("the processes started here may schedule threads in real time (root, or RLIMIT_RTPRIO): "
-                         "pvAccess makes its I/O threads SCHED_FIFO, unlike a consumer a user starts; --no-realtime "
-                         "runs them as a user's")
+                progress(live.REALTIME_NOTE)
             ok, reason = live.loopback_multicast()
             report["machine"]["loopback_multicast"] = reason
             if not ok:

@@ -282,6 +282,14 @@ def realtime_allowed() -> bool:
     return os.geteuid() == 0
 
 
+NO_REALTIME_HELP = ("start the sim server and the consumers without the right to real-time scheduling, as a "
+                    "user's processes are (matters where this process has it: root, or RLIMIT_RTPRIO; pvAccess "
+                    "then makes its I/O threads SCHED_FIFO)")  # bench's and soak's --no-realtime
+REALTIME_NOTE = ("the processes started here may schedule threads in real time (root, or RLIMIT_RTPRIO): pvAccess "
+                 "makes its I/O threads SCHED_FIFO, unlike a consumer a user starts; --no-realtime runs them as a "
+                 "user's")  # what bench and soak say when they start processes that may
+
+
 def _preexec(tie: bool, realtime: bool):
     """The child's ``preexec_fn``: SIGTERM at this process's death (``tie``); without
     ``realtime``, CAP_SYS_NICE dropped from what the exec keeps (root's child then runs

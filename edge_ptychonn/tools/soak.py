@@ -115,6 +115,7 @@ def get_args_parser(prog: str = "edge-ptychonn soak") -> argparse.ArgumentParser
     p.add_argument("--max-growth-mb", type=float, default=50.0,
                    help="resident memory a consumer may gain after the first minute (default: %(default)s)")
     p.add_argument("--json", type=Path, help="also write the figures here")
+    p.add_argument("--no-realtime", action="store_true", help=processes.NO_REALTIME_HELP)
     p.add_argument("--prefix", default="soak", help="channel prefix: <prefix>:image, <prefix>:inference:<id>:output, "
                    "... (default: %(default)s)")
     return p
@@ -161,6 +162,9 @@ def main(args: argparse.Namespace) -> int:
     if not ok and args.consumers > 1:
         print(f"warning: {reason}", file=sys.stderr)
     runtime_s = args.minutes * 60
+    realtime = processes.realtime_allowed() and not args.no_realtime
+    if realtime:
+        print(f"soak: {processes.REALTIME_NOTE}", file=sys.stderr, flush=True)
     work = Path(tempfile.mkdtemp(prefix="edge-ptychonn-soak-"))
     np.save(work / "frames.npy", np.random.default_rng(1).poisson(20, (200, *hw)).astype(np.int16))
     prefix, image = f"{args.prefix}:inference", f"{args.prefix}:image"
@@ -175,10 +179,10 @@ def main(args: argparse.Namespace) -> int:
         try:
             consumers = processes.start("consumers", processes.consumer_argv(
                 image, prefix, args.consumers, "processors.ptychonn.PtychoNNProcessor", p_args,
-                runtime_s=0), env, work, into=procs)  # no runtime of their own (PvaPy's 0): stopped below
+                runtime_s=0), env, work, into=procs, realtime=realtime)  # no runtime of their own (PvaPy's 0): stopped below
             sim = [processes.tool_path("pvapy-ad-sim-server"), "-dc", "-if", str(work / "frames.npy"), "-cn", image,
                    "-fps", str(fps), "-std", str(args.start_delay), "-shd", "5", "-rt", str(runtime_s), "-cs", "200", "-rp", "1000000"]
-            server = processes.start("sim", sim, env, work, into=procs)
+            server = processes.start("sim", sim, env, work, into=procs, realtime=realtime)
             outputs = [f"{prefix}:{i}:output" for i in range(1, args.consumers + 1)]
             collector = processes.OutputCollector(outputs, keep_images=False, queue_size=QUEUE_SIZE)
             t0 = time.monotonic()
