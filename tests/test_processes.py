@@ -239,18 +239,21 @@ sys.exit(soak.main(soak.get_args_parser().parse_args(sys.argv[2:])))
 """
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
-def test_soak_stops_what_it_started_on_sigterm_and_sighup(tmp_path, sig):
+def _soak_stopped(tmp_path, sig, harness: str = SOAK, extra: tuple = (), started=None):
+    """Run soak in ``harness`` (its processes stand-ins), wait until ``started()`` (default: both
+    its processes are running) and send ``sig``; returns (exit status, output, the processes it
+    had started, those of them still alive after it exited). Kills whatever is left."""
     sim = tmp_path / "sim"
     sim.write_text("#!/bin/sh\nexec sleep 120\n")
     sim.chmod(0o755)
-    soak = subprocess.Popen([sys.executable, "-c", SOAK, str(sim), "--model", str(MODEL), "--fps", "10"],
+    soak = subprocess.Popen([sys.executable, "-c", harness, str(sim), "--model", str(MODEL), "--fps", "10", *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
                             env={**os.environ, "TMPDIR": str(tmp_path)})
     kids = []
     try:
-        kids = wait_until(lambda: child_pids(soak.pid) if len(child_pids(soak.pid)) == 2 else None, 60)
-        assert kids, "soak did not start its two processes"
+        ready = wait_until(lambda: len(child_pids(soak.pid)) == 2 and (started is None or started()), 60)
+        kids = child_pids(soak.pid)
+        assert ready, f"soak did not start its two processes ({len(kids)} running)"
         os.kill(soak.pid, sig)
         out, _ = soak.communicate(timeout=60)
         left = [pid for pid in kids if _alive(pid)]
@@ -258,8 +261,14 @@ def test_soak_stops_what_it_started_on_sigterm_and_sighup(tmp_path, sig):
         if soak.poll() is None:
             os.killpg(soak.pid, signal.SIGKILL)
             soak.wait(10)
-        _kill_left(kids or [])
-    assert soak.returncode == 130, out
+        _kill_left(kids)
+    return soak.returncode, out, kids, left
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_soak_stops_what_it_started_on_sigterm_and_sighup(tmp_path, sig):
+    code, out, kids, left = _soak_stopped(tmp_path, sig)
+    assert code == 130, out
     assert "soak: interrupted: stopping what it started" in out
     assert left == [], "soak left its processes running"
 
@@ -275,27 +284,10 @@ def test_soak_no_realtime_starts_its_processes_as_a_users(tmp_path, no_realtime)
     """--no-realtime: what soak starts may not schedule in real time (as bench's option)."""
     if not processes.realtime_allowed():
         pytest.skip("this process may not schedule in real time itself: nothing to take away")
-    sim = tmp_path / "sim"
-    sim.write_text("#!/bin/sh\nexec sleep 120\n")
-    sim.chmod(0o755)
-    harness = SOAK.replace('"import time; time.sleep(120)"', repr(TAKE_FIFO))
-    argv = [sys.executable, "-c", harness, str(sim), "--model", str(MODEL), "--fps", "10"]
-    soak = subprocess.Popen(argv + (["--no-realtime"] if no_realtime else []), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            env={**os.environ, "TMPDIR": str(tmp_path)})
-    kids = []
-    try:
-        log = lambda: next(tmp_path.glob("edge-ptychonn-soak-*/consumers.log"), None)  # noqa: E731
-        said = wait_until(lambda: "fifo" in log().read_text() if log() else None, 60)
-        kids = child_pids(soak.pid)
-        os.kill(soak.pid, signal.SIGTERM)
-        out, _ = soak.communicate(timeout=60)
-    finally:
-        if soak.poll() is None:
-            os.killpg(soak.pid, signal.SIGKILL)
-            soak.wait(10)
-        _kill_left(kids)
-    assert said, out
+    log = lambda: next(tmp_path.glob("edge-ptychonn-soak-*/consumers.log"), None)  # noqa: E731
+    code, out, _, _ = _soak_stopped(tmp_path, signal.SIGTERM, SOAK.replace('"import time; time.sleep(120)"', repr(TAKE_FIFO)),
+                                    ("--no-realtime",) if no_realtime else (), lambda: log() and "fifo" in log().read_text())
+    assert code == 130, out
     assert ("fifo refused" if no_realtime else "fifo taken") in log().read_text()
     assert ("SCHED_FIFO" in out) != no_realtime, out  # the note on real time only where it applies
 
