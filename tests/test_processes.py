@@ -41,6 +41,20 @@ def test_a_replay_longer_than_an_hour_is_not_cut_short(tmp_path):
     assert float(short[short.index("-rt") + 1]) == 3600.0  # an hour covers a short scan
 
 
+
+def test_a_looping_replay_caches_the_whole_file_and_waits_for_slow_clients(tmp_path):
+    """Without replay_once the server publishes the file over and over (its cache holds every
+    frame; one less would stream it once), and shutdown_delay_s is how long it lives on after
+    its last frame (soak's 5 s, for the frames still queued for a slow consumer)."""
+    scan = tmp_path / "scan.npy"
+    np.save(scan, np.zeros((200, 2, 2), np.int16))
+    argv = processes.sim_server_argv(scan, "det:image", fps=100, runtime_s=30, replay_once=False, shutdown_delay_s=5)
+    assert argv[argv.index("-cs") + 1] == "200"
+    assert argv[argv.index("-shd") + 1] == "5"
+    assert argv[argv.index("-rt") + 1] == "30"
+    once = processes.sim_server_argv(scan, "det:image", fps=100)
+    assert once[once.index("-cs") + 1] == "199" and once[once.index("-shd") + 1] == "1"
+
 def test_stop_ends_the_whole_process_group(tmp_path):
     # a parent that forks a child which ignores SIGINT, as consumers' workers may
     code = "import os, signal, time\nif os.fork() == 0:\n    signal.signal(signal.SIGINT, signal.SIG_IGN)\ntime.sleep(60)"

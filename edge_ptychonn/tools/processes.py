@@ -404,26 +404,31 @@ def signals_ignored():
 
 def sim_server_argv(
     frames_npy: Path, channel: str, fps: float, start_delay_s: float = 5.0,
-    runtime_s: float | None = None, replay_once: bool = True,
+    runtime_s: float | None = None, replay_once: bool = True, shutdown_delay_s: float = 1.0,
 ) -> list[str]:
     """``pvapy-ad-sim-server`` replaying ``frames_npy``; with ``replay_once`` each frame
-    is published exactly once (uniqueId k+1 for frame k), then the server exits.
+    is published exactly once (uniqueId k+1 for frame k), then the server exits; without
+    it the file is published over and over until ``runtime_s``.
     ``runtime_s``: the longest it streams (the server stops there, mid-scan or not); by
     default an hour, and replaying once at least twice the scan's time at ``fps`` plus a
-    minute, so that a long scan is never cut short."""
+    minute, so that a long scan is never cut short. ``shutdown_delay_s``: how long the
+    server lives on after its last frame; what it still has queued for a slow client is
+    lost when it exits."""
     argv = [
         tool_path("pvapy-ad-sim-server"), "-dc", "-if", str(frames_npy), "-cn", channel,
-        "-fps", str(fps), "-std", str(start_delay_s), "-shd", "1", "-rp", "1000000",
+        "-fps", str(fps), "-std", str(start_delay_s), "-shd", f"{shutdown_delay_s:g}", "-rp", "1000000",
     ]
+    n_frames = len(np.load(frames_npy, mmap_mode="r"))
     if replay_once:
         # A frame cache smaller than the file makes the server stream the file once
         # (and exit); one frame less than the file lets it fill the cache ahead.
-        n_frames = len(np.load(frames_npy, mmap_mode="r"))
         if n_frames < 2:
             raise ValueError(f"{frames_npy}: replaying once needs at least 2 frames, has {n_frames}")
         argv += ["-cs", str(n_frames - 1)]
         if runtime_s is None:
             runtime_s = max(3600.0, 2 * n_frames / fps + 60)
+    else:  # a cache that holds the whole file: its frames go out over and over
+        argv += ["-cs", str(n_frames)]
     return argv + ["-rt", str(3600.0 if runtime_s is None else runtime_s)]
 
 

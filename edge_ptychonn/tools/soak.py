@@ -166,7 +166,8 @@ def main(args: argparse.Namespace) -> int:
     if realtime:
         print(f"soak: {processes.REALTIME_NOTE}", file=sys.stderr, flush=True)
     work = Path(tempfile.mkdtemp(prefix="edge-ptychonn-soak-"))
-    np.save(work / "frames.npy", np.random.default_rng(1).poisson(20, (200, *hw)).astype(np.int16))
+    frames = work / "frames.npy"
+    np.save(frames, np.random.default_rng(1).poisson(20, (200, *hw)).astype(np.int16))
     prefix, image = f"{args.prefix}:inference", f"{args.prefix}:image"
     # the consumers run in the project root: a relative --model is taken from here, where soak was called
     p_args = {"modelPath": str(args.model.absolute()), "engine": args.engine, "cpuThreads": args.cpu_threads}
@@ -180,8 +181,9 @@ def main(args: argparse.Namespace) -> int:
             consumers = processes.start("consumers", processes.consumer_argv(
                 image, prefix, args.consumers, "processors.ptychonn.PtychoNNProcessor", p_args,
                 runtime_s=0), env, work, into=procs, realtime=realtime)  # no runtime of their own (PvaPy's 0): stopped below
-            sim = [processes.tool_path("pvapy-ad-sim-server"), "-dc", "-if", str(work / "frames.npy"), "-cn", image,
-                   "-fps", str(fps), "-std", str(args.start_delay), "-shd", "5", "-rt", str(runtime_s), "-cs", "200", "-rp", "1000000"]
+            # the 200 frames over and over; 5 s after the last for the frames still queued for a slow consumer
+            sim = processes.sim_server_argv(frames, image, fps, start_delay_s=args.start_delay, runtime_s=runtime_s,
+                                            replay_once=False, shutdown_delay_s=5.0)
             server = processes.start("sim", sim, env, work, into=procs, realtime=realtime)
             outputs = [f"{prefix}:{i}:output" for i in range(1, args.consumers + 1)]
             collector = processes.OutputCollector(outputs, keep_images=False, queue_size=QUEUE_SIZE)
@@ -228,7 +230,7 @@ def main(args: argparse.Namespace) -> int:
                 for proc in reversed(procs):  # the sim server has nothing to save (and takes no SIGINT while it waits)
                     proc.stop(grace_s=1.0 if proc.name == "sim" else 5.0)
                 # the logs stay for reading; the generated frames (megabytes, made afresh each run) go
-                (work / "frames.npy").unlink(missing_ok=True)
+                frames.unlink(missing_ok=True)
     ids = sorted(r.unique_id for name in outputs for r in collector.received[name])
     # the sim server's own count (uniqueIds 1..sent): the highest id out misses a lost tail
     published = processes.sim_server_published(server.log())
