@@ -43,6 +43,26 @@ def test_the_shipped_card_loads_and_round_trips():
     assert card.to_dict() == json.loads(card_path(model).read_text())  # the file is in the current form
 
 
+def test_the_shipped_card_for_people_numbers_its_runs_from_the_first():
+    """MODEL_CARD.md names each training run by its number from the first (docs cite "run 12",
+    which stays true as runs are added), as card_markdown writes them from the JSON card."""
+    from edge_ptychonn.science.train import card_markdown
+
+    card = load_card(default_model_path())
+    n_runs, run = 1, card.training
+    while run.continued_from:
+        n_runs, run = n_runs + 1, run.continued_from
+    generated = card_markdown(card)
+    shipped = (default_model_path().parent / "MODEL_CARD.md").read_text()
+    assert f"- This is run {n_runs} of {n_runs};" in generated
+    assert "- Run 1: `edge-ptychonn train --out data/generated/ship/ptychonn " in generated
+    assert f"in {n_runs} runs." in generated
+    runs = [line for line in generated.splitlines() if line.startswith(("- Run ", "- This is run "))]
+    assert len(runs) == n_runs  # the heading line and one per earlier run
+    for line in runs:  # the card for people carries the generated history as it is
+        assert line in shipped, line[:80]
+
+
 def test_save_and_load(tmp_path):
     card = ModelCard(name="m", input_size=64, preprocess=PreprocessConfig(crop_hw=(64, 64), bin_factor=2),
                      stitch=StitchSettings(0.2, 1.0), model=ModelConfig(width=4, depth=2, input_size=64),

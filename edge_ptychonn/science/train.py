@@ -837,14 +837,20 @@ def card_markdown(card: ModelCard) -> str:
         f"({min(RECALIBRATION_FRAMES, t.n_train_frames)} training frames, float32); validation runs in eval mode "
         "and float32, as the exported model.",
     ]
-    prev, stage = t.continued_from, 1
-    total_minutes, unknown = t.train_minutes, False
+    earlier = []  # the runs this one continued, newest first
+    prev = t.continued_from
     while prev:
-        stage += 1
+        earlier.append(prev)
+        prev = prev.continued_from
+    n_runs = len(earlier) + 1  # numbered from the first: a run keeps its number as later ones are added
+    if earlier:
+        lines.append(f"- This is run {n_runs} of {n_runs}; the runs it continued, numbered from the first:")
+    total_minutes, unknown = t.train_minutes, False
+    for number, prev in zip(range(n_runs - 1, 0, -1), earlier):
         total_minutes += prev.train_minutes or 0.0
         unknown |= prev.train_minutes is None
         lines.append(
-            f"- Continued from an earlier run (stage {stage} back): `{prev.command or prev.checkpoint}`, "
+            f"- Run {number}: `{prev.command or prev.checkpoint}`, "
             f"{prev.epochs_run or '?'} epochs, {prev.steps or '?'} steps, "
             + (f"{prev.train_minutes:.1f}" if prev.train_minutes is not None else "?") + " min, stopped at the "
             f"time limit: {'?' if prev.stopped_at_time_limit is None else prev.stopped_at_time_limit}"
@@ -858,9 +864,8 @@ def card_markdown(card: ModelCard) -> str:
             + (", ".join(f"{a:.4f} / {b:.4f}" for a, b in zip(prev.train_loss, prev.val_loss or ()))
                if prev.train_loss else "?")
         )
-        prev = prev.continued_from
-    if stage > 1:
-        lines.append(f"- Total training time: {'at least ' if unknown else ''}{total_minutes:.1f} min in {stage} runs.")
+    if earlier:
+        lines.append(f"- Total training time: {'at least ' if unknown else ''}{total_minutes:.1f} min in {n_runs} runs.")
     lines += [
         "",
         "## Accuracy",
