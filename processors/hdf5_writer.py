@@ -144,7 +144,7 @@ def _compression_options(name: str, level: int | None) -> dict:
     try:
         import hdf5plugin
     except ImportError as exc:
-        raise ValueError(f"compression {name!r} needs hdf5plugin: pip install 'edge-ptychonn[hdf5]' hdf5plugin") from exc
+        raise ValueError(f"compression {name!r} needs hdf5plugin: pip install 'edge-ptychonn[hdf5]'") from exc
     return dict(getattr(hdf5plugin, _PLUGIN[name])())
 
 

@@ -222,7 +222,7 @@ def test_held_out_block_and_guard_band(beamline):
     ("complex_frames", "frames must be integer or float counts, got complex64"),
     ("nan_frames", "1 frames hold NaN or infinite pixels"),
     ("no_positions", "holds no positions: give --positions"),
-    ("unknown_filter", "cannot read the frames .* needs hdf5plugin: pip install hdf5plugin"),
+    ("unknown_filter", "cannot read the frames .* needs hdf5plugin: pip install 'edge-ptychonn\\[hdf5\\]'"),
     ("data_group", "no data dataset; expected the layout of processors/hdf5_writer.py"),
     ("frame_size", "become .64, 64. after the base model's preprocessing"),
     ("overwrite_base", "would overwrite the base model"),
@@ -494,16 +494,22 @@ def test_hdf5_frames_are_taken_in_uniqueid_order(tmp_path):
     assert np.array_equal(pos[2], [4.0, 6.0]) and np.array_equal(rec.frames[2], frames[2])
 
 
-def test_hdf5_frames_written_with_a_plugin_compression_are_read(tmp_path):
-    # the writer's blosc, lz4, zstd and bitshuffle come from hdf5plugin; reading them needs its filters too
+@pytest.mark.parametrize("compression", ["blosc", "lz4", "zstd", "bitshuffle"])
+def test_hdf5_frames_written_with_a_plugin_compression_are_read(tmp_path, compression):
+    # the writer's blosc, lz4, zstd and bitshuffle come from hdf5plugin (the hdf5 and test extras);
+    # reading them needs its filters too
     pytest.importorskip("hdf5plugin")
-    writer = Hdf5WriterProcessor({**FRAMEWORK, "outputDirectory": str(tmp_path), "compression": "blosc"})
+    writer = Hdf5WriterProcessor({**FRAMEWORK, "outputDirectory": str(tmp_path), "compression": compression})
     frames = np.arange(5 * 16 * 16, dtype=np.int16).reshape(5, 16, 16)
     writer.start()
     for k, image in enumerate(frames):
         writer.process(good_frame(k + 1, image))
     writer.stop()
     [path] = writer.files
+    with h5py.File(path, "r") as f:  # written with that filter (HDF5's registered ids)
+        plist = f["data"].id.get_create_plist()
+        filters = [plist.get_filter(i)[0] for i in range(plist.get_nfilters())]
+    assert {"blosc": 32001, "lz4": 32004, "zstd": 32015, "bitshuffle": 32008}[compression] in filters
     # read in a fresh process: this one has hdf5plugin's filters, which the writer loaded
     code = ("import sys; from edge_ptychonn.science.finetune import load_frames; "
             "r = load_frames(sys.argv[1]); print(r.unique_ids.tolist(), int(r.frames.sum()))")

@@ -202,7 +202,7 @@ def load_frames(path: str | Path) -> Recorded:
                 data = np.asarray(f["data"][:n])
             except OSError as exc:  # most often a compression filter that this h5py does not have
                 raise InputError(f"{path}: cannot read the frames ({exc}); a file written with compression "
-                                 "blosc, lz4, zstd or bitshuffle needs hdf5plugin: pip install hdf5plugin") from None
+                                 "blosc, lz4, zstd or bitshuffle needs hdf5plugin: pip install 'edge-ptychonn[hdf5]'") from None
             frames = _check_frames(data, f"{path}:data")
             ids = np.asarray(f["uniqueId"][:n], dtype=np.int64)
             positions, problem = None, None
