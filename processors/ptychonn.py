@@ -13,7 +13,7 @@ Usage::
 
 Input
     NTNDArray, mono, any integer or float pixel type (uncompressed, or lz4 /
-    blosc / bslz4 compressed when that package is installed), of a size that
+    blosc / bslz4 compressed: the codecs extra), of a size that
     the preprocessing turns into the model's input (e.g. 128x128, or 516x516
     with ``"crop": [512, 512], "bin": 4``). Float frames with NaN or infinite
     pixels (or double pixels beyond float32's range, or pixels that binning or

@@ -50,7 +50,7 @@ def test_the_conda_environment_pins_what_pyproject_pins():
     wanted = _pins(project["dependencies"] + [r for e in ("torch", "gpu", "viewer", "codecs", "hdf5") for r in extras[e]])
     conda = _pins((ROOT / "environment.yml").read_text().splitlines())
     assert {name: conda.get(name) for name in wanted} == wanted
-    assert conda.get("bitshuffle") == "0.5.2"  # the version pyproject's comment and the README name
+    assert conda.get("bitshuffle") == "0.5.2"  # the codecs extra's bslz4 decoder
 
 
 @pytest.fixture(scope="module")
