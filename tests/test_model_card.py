@@ -34,7 +34,7 @@ def test_the_shipped_card_loads_and_round_trips():
     assert card.training.eval_n_positions == 1024 and card.training.scan_settings["family"] == "mixed"
     # a run continued from earlier ones: the first (8 epochs) is fourteen stages back
     first = card.training
-    for _ in range(14):
+    for _ in range(15):
         first = first.continued_from
     assert first.epochs_run == 8 and first.continued_from is None
     assert set(card.accuracy["scans"]) >= {"mixed:1001", "siemens:1001"}
