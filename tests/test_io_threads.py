@@ -128,6 +128,47 @@ def test_a_child_started_without_realtime_cannot_take_it(tmp_path):
     assert with_it.wait(30) == 0, with_it.log()
 
 
+# a process that serves a channel and monitors it (pvAccess connection threads on both sides), after
+# giving up real time or not, and prints the name and policy of each of its threads
+THREAD_POLICIES = """
+import os, sys, time
+from edge_ptychonn.tools import processes
+if sys.argv[1] == "give-up":
+    print("gave up:", processes.give_up_realtime())
+import pvaccess as pva
+server = pva.PvaServer(sys.argv[2], pva.PvObject({"value": pva.INT}, {"value": 7}))
+channel, got = pva.Channel(sys.argv[2]), []
+channel.subscribe("got", got.append)
+channel.startMonitor()
+names = lambda: {tid: open(f"/proc/self/task/{tid}/comm").read().strip() for tid in os.listdir("/proc/self/task")}
+deadline = time.monotonic() + 20
+while not (got and {"TCP-rx", "TCP-tx"} <= set(names().values())) and time.monotonic() < deadline:
+    time.sleep(0.05)
+for tid, name in names().items():
+    print("thread", "fifo" if os.sched_getscheduler(int(tid)) == os.SCHED_FIFO else "not-fifo", name)
+channel.stopMonitor()
+"""
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("mode", ["give-up", "keep"])
+def test_a_process_that_gave_up_real_time_makes_its_pvaccess_threads_as_a_users(pva_env, tmp_path, mode):
+    """What bench's and soak's --no-realtime do to their own output collector: pvAccess threads
+    made after give_up_realtime() are not SCHED_FIFO, where (root) they would be without it."""
+    if not realtime_allowed():
+        pytest.skip("this process may not schedule in real time itself: nothing to give up")
+    channel = f"{PREFIX}:rt{os.getpid()}:{mode}"
+    run = start(mode, [sys.executable, "-c", THREAD_POLICIES, mode, channel], pva_env, tmp_path)
+    assert run.wait(60) == 0, run.log()
+    threads = [line.split(maxsplit=2)[1:] for line in run.log().splitlines() if line.startswith("thread ")]
+    connection = {policy for policy, name in threads if name in ("TCP-rx", "TCP-tx")}
+    assert {name for _, name in threads} >= {"TCP-rx", "TCP-tx"}, run.log()
+    if mode == "give-up":
+        assert "gave up: True" in run.log() and {policy for policy, _ in threads} == {"not-fifo"}, run.log()
+    else:
+        assert connection == {"fifo"}, run.log()
+
+
 @pytest.mark.e2e
 def test_a_consumers_io_threads_run_under_batch_while_it_streams(pva_env, procs, small_model, tmp_path):
     """A real consumer: once frames flow, its pvAccess receive and send threads (input, and the

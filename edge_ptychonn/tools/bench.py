@@ -312,6 +312,8 @@ def main(args: argparse.Namespace) -> int:
         "machine": machine_info(),
     }
     realtime = live.realtime_allowed() and not args.no_realtime
+    if args.no_realtime:  # this process's own collector too, so before its first channel
+        live.give_up_realtime()
     report["machine"]["pvaccess_realtime"] = realtime
     procs = bp.Procs(realtime=realtime)
     signals = contextlib.ExitStack()

@@ -282,12 +282,41 @@ def realtime_allowed() -> bool:
     return os.geteuid() == 0
 
 
-NO_REALTIME_HELP = ("start the sim server and the consumers without the right to real-time scheduling, as a "
-                    "user's processes are (matters where this process has it: root, or RLIMIT_RTPRIO; pvAccess "
-                    "then makes its I/O threads SCHED_FIFO)")  # bench's and soak's --no-realtime
+NO_REALTIME_HELP = ("run the sim server, the consumers and this process's own output collector without the right "
+                    "to real-time scheduling, as a user's processes are (matters where this process has it: root, "
+                    "or RLIMIT_RTPRIO; pvAccess then makes its I/O threads SCHED_FIFO)")  # bench's and soak's --no-realtime
 REALTIME_NOTE = ("the processes started here may schedule threads in real time (root, or RLIMIT_RTPRIO): pvAccess "
                  "makes its I/O threads SCHED_FIFO, unlike a consumer a user starts; --no-realtime runs them as a "
                  "user's")  # what bench and soak say when they start processes that may
+
+
+_CAP_VERSION_3 = 0x20080522  # linux/capability.h: 64-bit capability sets, as two 32-bit words
+
+
+def give_up_realtime() -> bool:
+    """This process gives up, for good, the right to schedule threads in real time, and so
+    do the processes it starts: CAP_SYS_NICE leaves its effective, permitted and bounding
+    sets, and RLIMIT_RTPRIO becomes 0. pvAccess threads created afterwards (a collector's
+    connections) then run under the normal policy, as in a process that a user starts.
+    Returns whether the right is gone (:func:`realtime_allowed` is False); False where the
+    system refused, with the right kept. Call it before this process's first pvAccess
+    channel: threads already running keep their policy."""
+    import ctypes
+
+    resource.setrlimit(resource.RLIMIT_RTPRIO, (0, 0))  # lowering a limit needs no privilege
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        header = (ctypes.c_uint32 * 2)(_CAP_VERSION_3, 0)  # version, pid 0: this thread
+        data = (ctypes.c_uint32 * 6)()  # effective, permitted, inheritable; low word, then high word
+        if libc.capget(header, data) == 0:
+            data[0] &= ~(1 << CAP_SYS_NICE)
+            data[1] &= ~(1 << CAP_SYS_NICE)
+            libc.capset(header, data)  # the effective and permitted sets of this thread, whose
+            # threads started later inherit them (pvAccess's, created after this call)
+        libc.prctl(PR_CAPBSET_DROP, CAP_SYS_NICE, 0, 0, 0)  # what an exec (a child) may take back
+    except (OSError, AttributeError):  # not Linux
+        pass
+    return not realtime_allowed()
 
 
 def _preexec(tie: bool, realtime: bool):

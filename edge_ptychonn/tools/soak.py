@@ -163,6 +163,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"warning: {reason}", file=sys.stderr)
     runtime_s = args.minutes * 60
     realtime = processes.realtime_allowed() and not args.no_realtime
+    if args.no_realtime:  # this process's own collector too, so before its first channel
+        processes.give_up_realtime()
     if realtime:
         print(f"soak: {processes.REALTIME_NOTE}", file=sys.stderr, flush=True)
     work = Path(tempfile.mkdtemp(prefix="edge-ptychonn-soak-"))
