@@ -25,6 +25,8 @@ from typing import Sequence
 
 import numpy as np
 
+from edge_ptychonn.thread_name import name_this_thread
+
 from .base import SlotRing, Ticket, check_batch
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,7 @@ class _Worker:
             self._job.notify()
 
     def _run(self) -> None:
+        name_this_thread()
         while True:
             with self._job:
                 while not self._n and not self._closing:

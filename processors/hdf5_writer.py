@@ -116,6 +116,7 @@ from edge_ptychonn.stream.arguments import (
     choice, integer, number, optional, path, text, text_list,
 )
 from edge_ptychonn.stream.quote import short_repr
+from edge_ptychonn.thread_name import name_this_thread
 from processors import shutdown
 from processors.base import (
     BAD_KIND_COUNTS, ProcessorBase, RecentIds, at_start, attribute_value, bad_kind_stats, seconds,
@@ -574,6 +575,7 @@ class Hdf5WriterProcessor(ProcessorBase):
 
     # -- the writer thread ------------------------------------------------------------------
     def _run(self) -> None:
+        name_this_thread()
         last_flush = time.monotonic()
         done = False
         while not done:

@@ -128,16 +128,17 @@ import numpy as np
 import pvaccess as pva
 
 from edge_ptychonn.files import NAME_MAX, check_folder, remove_stale_partials, save_npy_whole, unused_stem
-
-NAME_ATTEMPTS = 5  # free names tried when other processes take them as this one saves
 from edge_ptychonn.science.stitch import Stitcher, probe_weight
 from edge_ptychonn.stream.arguments import (
     choice, int_pair, integer, number, optional, path, text, text_list,
 )
+from edge_ptychonn.thread_name import name_this_thread
 from processors import shutdown
 from processors.base import (
     BAD_KIND_COUNTS, ProcessorBase, RecentIds, at_start, attribute_value, bad_kind_stats, seconds,
 )
+
+NAME_ATTEMPTS = 5  # free names tried when other processes take them as this one saves
 
 
 # ---------------------------------------------------------------- positions
@@ -834,6 +835,7 @@ class StitchProcessor(ProcessorBase):
         return pv
 
     def _publish_loop(self) -> None:
+        name_this_thread()
         last_s = -float("inf")  # when the last live image was taken
         # with metadata channels, wake at least every 0.1 s to place frames whose metadata came
         tick_s = 0.1 if self.metadata is not None else None
@@ -874,7 +876,7 @@ class StitchProcessor(ProcessorBase):
                 self.final_channel = ""
         self._stop.clear()
         self._wake.clear()
-        self._thread = threading.Thread(target=self._publish_loop, name="stitch-publisher", daemon=True)
+        self._thread = threading.Thread(target=self._publish_loop, name="stitch-publish", daemon=True)
         self._thread.start()
         # SIGTERM (also the kernel's, when the launcher that started this collector dies)
         # stops the framework as Ctrl-C does, so stop() saves the image: not lost with the process

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -475,7 +476,8 @@ def test_cpu_per_frame_is_taken_between_two_samples():
     before = bench_pipeline.CpuSample(1.0, 2.0, 3.0, 10.0, 40.0, n_out=100)
     later = bench_pipeline.CpuSample(1.5, 2.2, 3.1, 13.0, 44.0, n_out=1100)
     assert before.per_frame_us(later) == {"cpu_consumer_us": 500.0, "cpu_server_us": 200.0,
-                                          "cpu_collector_us": 100.0, "machine_busy_pct": 75.0}
+                                          "cpu_collector_us": 100.0, "machine_busy_pct": 75.0,
+                                          "consumer_threads": None}
     gone = bench_pipeline.CpuSample(1.5, float("nan"), 3.1, 13.0, 44.0, n_out=1100)  # the server had exited
     assert before.per_frame_us(gone)["cpu_server_us"] is None
     too_few = bench_pipeline.CpuSample(1.5, 2.2, 3.1, 13.0, 44.0, n_out=110)
@@ -1212,6 +1214,54 @@ def test_several_consumers_of_batch_1_share_the_frames(tmp_path, monkeypatch):
         argv = started["consumer"]
         assert (argv[argv.index("-du") + 1] if "-du" in argv else None) == du, argv
         assert argv.count("-du") <= 1
+
+
+def test_the_consumers_threads_are_split_by_name_into_running_waiting_and_off_cpu():
+    # two samples 2 s apart of live.thread_times: (pid, tid) -> (name, s on a CPU, s waiting for one)
+    before = {(10, 11): ("ptychonn-infer", 5.0, 1.0), (10, 12): ("TCP-rx", 1.0, 0.5), (20, 22): ("TCP-rx", 2.0, 0.0),
+              (10, 13): ("gone", 1.0, 0.0), (10, 14): ("idle", 3.0, 0.0)}
+    after = {(10, 11): ("ptychonn-infer", 6.0, 1.5), (10, 12): ("TCP-rx", 1.4, 0.9), (20, 22): ("TCP-rx", 2.2, 0.2),
+             (10, 15): ("new", 0.5, 0.0), (10, 14): ("idle", 3.01, 0.0)}
+    split = bench_pipeline.thread_split(before, after, wall_s=2.0)
+    assert split == [{"thread": "ptychonn-infer", "n": 1, "cpu": 50.0, "wait_cpu": 25.0, "off_cpu": 25.0},
+                     {"thread": "TCP-rx", "n": 2, "cpu": 15.0, "wait_cpu": 15.0, "off_cpu": 70.0}]
+    assert bench_pipeline.thread_split(before, {}, wall_s=2.0) is None
+    sample = bench_pipeline.CpuSample(1.0, 2.0, 3.0, 10.0, 40.0, n_out=100, wall_s=0.0, consumer_threads=before)
+    cpu = sample.per_frame_us(replace(sample, n_out=1100, wall_s=2.0, consumer_threads=after))
+    assert cpu["consumer_threads"] == split
+    point = replace(fake_point(100.0, 1000.0), cpu_consumer_us=500.0, consumer_threads=split)
+    assert ("consumer threads, % of wall running / waiting for a core / off a core: ptychonn-infer 50/25/25, "
+            "TCP-rx x2 15/15/70") in bench_pipeline.describe(point)
+
+
+def test_thread_times_reads_this_process_s_named_threads():
+    from edge_ptychonn.thread_name import name_this_thread
+
+    named, done = threading.Event(), threading.Event()
+
+    def run():
+        assert name_this_thread("a-very-long-thread-name")  # the kernel keeps 15 bytes
+        named.set()
+        while not done.is_set():  # some CPU to see
+            sum(range(1000))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    mine = lambda times: [v for (_, tid), v in times.items() if tid == thread.native_id]  # noqa: E731
+    try:
+        assert named.wait(5)
+        deadline = time.monotonic() + 10
+        while True:  # until the thread has run
+            times = bench_pipeline.live.thread_times(os.getpid())
+            if any(cpu_s > 0 for _, cpu_s, _ in mine(times)):
+                break
+            assert time.monotonic() < deadline, times
+    finally:
+        done.set()
+        thread.join()
+    [(name, cpu_s, wait_s)] = mine(times)
+    assert name == "a-very-long-thr" and cpu_s > 0 and wait_s >= 0
+    assert all(pid == os.getpid() for pid, _ in times)
 
 
 def test_a_point_without_the_machine_busy_share_is_described(monkeypatch):

@@ -187,9 +187,11 @@ def test_a_consumers_io_threads_run_under_batch_while_it_streams(pva_env, procs,
         assert collector.wait_connected(4.5), consumer.log()[-3000:]
         assert collector.wait_count(n_frames, timeout_s=30, idle_s=10) == n_frames, consumer.log()[-3000:]
         threads = _io_threads(consumer.pid)  # while the test's client of the output is still connected
+        names = {(task / "comm").read_text().strip() for task in Path(f"/proc/{consumer.pid}/task").iterdir()}
     finally:
         collector.close()
     assert {name for name, _ in threads.values()} == {"TCP-rx", "TCP-tx"}, threads
+    assert "ptychonn-infer" in names, names  # our inference thread, named for the OS (top -H, bench)
     assert all(policy == os.SCHED_BATCH for _, policy in threads.values()), threads
 
 

@@ -54,6 +54,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..thread_name import name_this_thread
 from .accounting import IdTracker
 from .batching import Batch, Batcher, NoFreeBuffer
 from .config import ProcessorConfig, apply_runtime_changes, model_identity
@@ -264,7 +265,7 @@ class InferencePipeline:
                 self.config.batch_size, engine.input_shape, self.config.preprocess,
                 n_buffers=self.config.queue_batches + 2,
             )
-            self._thread = threading.Thread(target=self._run, name="ptychonn-inference", daemon=True)
+            self._thread = threading.Thread(target=self._run, name="ptychonn-infer", daemon=True)
             self._thread.start()
             self._feed_pending()  # as many as the buffers take; the rest as buffers come free
         self.log.info(
@@ -457,6 +458,7 @@ class InferencePipeline:
         batch as soon as it is full while the oldest one runs; with others the oldest is
         collected first unless the next is ready. At a switch marker, what is in flight
         finishes on the old engine first."""
+        name_this_thread()
         in_flight: deque = deque()  # (batch, engine, ticket or outputs, started at)
         stopping = False
         while not stopping or in_flight:

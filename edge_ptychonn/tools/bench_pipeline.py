@@ -113,6 +113,8 @@ class PointResult:
     cpu_server_us: float | None = None  # the sim server
     cpu_collector_us: float | None = None  # this process: the monitor that collects the outputs
     machine_busy_pct: float | None = None  # of all cores, whatever ran on them
+    # the consumers' threads over the same window, by OS name (see thread_split)
+    consumer_threads: list[dict] | None = None
 
     @property
     def lossless(self) -> bool:
@@ -409,12 +411,15 @@ class CpuSample:
     machine_busy_s: float
     machine_total_s: float
     n_out: int
+    wall_s: float = 0.0  # time.monotonic()
+    consumer_threads: dict = field(default_factory=dict)  # live.thread_times of the consumer(s)
 
     @classmethod
     def take(cls, consumer: live.Proc, server: live.Proc, n_out: int) -> "CpuSample":
         own = os.times()
         busy, total = live.machine_cpu_seconds()
-        return cls(live.cpu_seconds(consumer.pid), live.cpu_seconds(server.pid), own.user + own.system, busy, total, n_out)
+        return cls(live.cpu_seconds(consumer.pid), live.cpu_seconds(server.pid), own.user + own.system, busy, total, n_out,
+                   time.monotonic(), live.thread_times(consumer.pid))
 
     def per_frame_us(self, later: "CpuSample", min_frames: int = 16) -> dict:
         """PointResult's cpu_* (us per frame out) and machine_busy_pct from ``self`` to
@@ -432,7 +437,36 @@ class CpuSample:
             "cpu_server_us": us(self.server_s, later.server_s),
             "cpu_collector_us": us(self.collector_s, later.collector_s),
             "machine_busy_pct": round(100.0 * busy / total, 1) if frames >= min_frames and total > 0 else None,
+            "consumer_threads": thread_split(self.consumer_threads, later.consumer_threads, later.wall_s - self.wall_s)
+                                if frames >= min_frames else None,
         }
+
+
+def thread_split(before: dict, after: dict, wall_s: float, min_cpu_pct: float = 1.0) -> list[dict] | None:
+    """Where the consumers' threads spent the window of ``wall_s`` seconds between two
+    ``live.thread_times`` samples, by OS name (our threads carry their Python names; pvAccess
+    names its own, e.g. ``TCP-rx``, ``TCP-tx``; the main thread has the program's name): for
+    each name, the threads of that name (``n``, over all consumers) and, in % of their wall
+    time, ``cpu`` (running), ``wait_cpu`` (runnable, waiting for a core: the machine is
+    short of cores) and ``off_cpu`` (the rest: asleep, waiting for work, a lock, the
+    interpreter lock or I/O). Threads alive over the whole window; names whose threads ran
+    less than ``min_cpu_pct`` left out; busiest first. None where there is nothing to split."""
+    by_name: dict[str, list[float]] = {}
+    for key, (name, cpu_s, wait_s) in after.items():
+        if key in before and before[key][0] == name:
+            entry = by_name.setdefault(name, [0, 0.0, 0.0])
+            entry[0] += 1
+            entry[1] += cpu_s - before[key][1]
+            entry[2] += wait_s - before[key][2]
+    if wall_s <= 0 or not by_name:
+        return None
+    split = []
+    for name, (n, cpu_s, wait_s) in by_name.items():
+        cpu, wait = 100.0 * cpu_s / (n * wall_s), 100.0 * wait_s / (n * wall_s)
+        if cpu >= min_cpu_pct:
+            split.append({"thread": name, "n": n, "cpu": round(cpu, 1), "wait_cpu": round(wait, 1),
+                          "off_cpu": round(max(100.0 - cpu - wait, 0.0), 1)})
+    return sorted(split, key=lambda t: -t["cpu"]) or None
 
 
 # PvaPy's receiverStats.nReceived counts the update a monitor gets when it connects (the
@@ -641,6 +675,11 @@ def _us(value: float | None) -> str:
     return "?" if value is None else f"{value:.0f} us"
 
 
+def _thread_text(t: dict) -> str:
+    count = f" x{t['n']}" if t["n"] > 1 else ""
+    return f"{t['thread']}{count} {t['cpu']:.0f}/{t['wait_cpu']:.0f}/{t['off_cpu']:.0f}"
+
+
 def describe(r: PointResult) -> str:
     lat = f", latency p50/p99 {r.latency_p50_ms:.0f}/{r.latency_p99_ms:.0f} ms" if r.latency_p99_ms is not None else ""
     e2e = f", end-to-end p99 {r.e2e_p99_ms:.0f} ms" if r.e2e_p99_ms is not None else ""
@@ -661,6 +700,9 @@ def describe(r: PointResult) -> str:
         text += (f"; CPU per frame: consumer {r.cpu_consumer_us:.0f} us, server {_us(r.cpu_server_us)}, "
                  f"collector {_us(r.cpu_collector_us)}; machine "
                  + ("?" if r.machine_busy_pct is None else f"{r.machine_busy_pct:.0f} %") + " busy")
+    if r.consumer_threads:
+        text += "; consumer threads, % of wall running / waiting for a core / off a core: " + ", ".join(
+            _thread_text(t) for t in r.consumer_threads)
     return text + (f" ERROR: {r.error}" if r.error else "")
 
 

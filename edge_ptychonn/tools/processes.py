@@ -157,6 +157,26 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
+def thread_times(pid: int) -> dict[tuple[int, int], tuple[str, float, float]]:
+    """Each thread of process ``pid`` and of its running children: (pid, thread id) ->
+    (the thread's OS name, seconds it has run on a CPU, seconds it has waited for one while
+    runnable), from ``/proc/PID/task/TID/schedstat``; {} where there is no such file."""
+    times = {}
+    for p in [pid, *child_pids(pid)]:
+        try:
+            tids = [int(t) for t in os.listdir(f"/proc/{p}/task")]
+        except (OSError, ValueError):
+            continue  # ended meanwhile, or no /proc
+        for tid in tids:
+            try:
+                name = Path(f"/proc/{p}/task/{tid}/comm").read_text().strip()
+                on_cpu_ns, waiting_ns = Path(f"/proc/{p}/task/{tid}/schedstat").read_text().split()[:2]
+            except (OSError, ValueError):
+                continue  # the thread ended meanwhile
+            times[(p, tid)] = (name, int(on_cpu_ns) / 1e9, int(waiting_ns) / 1e9)
+    return times
+
+
 def machine_cpu_seconds() -> tuple[float, float]:
     """(busy, total) CPU seconds of the whole machine since boot, over all cores
     (/proc/stat; idle and I/O wait are not busy); NaNs where there is no /proc."""
