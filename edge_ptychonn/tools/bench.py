@@ -292,6 +292,8 @@ def main(args: argparse.Namespace) -> int:
     from . import bench_pipeline as bp
     from . import bench_report as br
 
+    if args.no_realtime:  # this process's own collector too: first, as it executes this command again
+        live.give_up_realtime()
     if args.quick:
         apply_quick(args)
     if args.pipeline_precision == "auto" and args.pipeline_engine != "auto":
@@ -312,8 +314,6 @@ def main(args: argparse.Namespace) -> int:
         "machine": machine_info(),
     }
     realtime = live.realtime_allowed() and not args.no_realtime
-    if args.no_realtime:  # this process's own collector too, so before its first channel
-        live.give_up_realtime()
     report["machine"]["pvaccess_realtime"] = realtime
     procs = bp.Procs(realtime=realtime)
     signals = contextlib.ExitStack()

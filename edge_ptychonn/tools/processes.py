@@ -310,33 +310,31 @@ REALTIME_NOTE = ("the processes started here may schedule threads in real time (
                  "user's")  # what bench and soak say when they start processes that may
 
 
-_CAP_VERSION_3 = 0x20080522  # linux/capability.h: 64-bit capability sets, as two 32-bit words
+_GAVE_UP = "EDGE_PTYCHONN_GAVE_UP_REALTIME"  # set across give_up_realtime's exec, so that it runs once
 
 
 def give_up_realtime() -> bool:
-    """This process gives up, for good, the right to schedule threads in real time, and so
-    do the processes it starts: CAP_SYS_NICE leaves its effective, permitted and bounding
-    sets, and RLIMIT_RTPRIO becomes 0. pvAccess threads created afterwards (a collector's
-    connections) then run under the normal policy, as in a process that a user starts.
-    Returns whether the right is gone (:func:`realtime_allowed` is False); False where the
-    system refused, with the right kept. Call it before this process's first pvAccess
-    channel: threads already running keep their policy."""
-    import ctypes
+    """Make this process one without the right to schedule threads in real time, as a
+    process that a user starts, and so the processes it starts: where it has the right
+    (:func:`realtime_allowed`), it drops CAP_SYS_NICE from its bounding set, sets
+    RLIMIT_RTPRIO to 0 and executes its own command line again (same pid), which then
+    starts without the capability; pvAccess threads made from then on (a collector's
+    connections) run under the normal policy. The capability is not dropped from the
+    running process instead: EPICS creates its threads ``SCHED_FIFO`` once it has seen
+    that it may, and when that later fails it frees memory twice and aborts.
 
+    Call it first, before anything is printed or started: what was done before the exec
+    is done again. Returns (only where nothing was executed) whether the right is gone."""
+    if os.environ.pop(_GAVE_UP, None) is not None or not realtime_allowed():
+        return not realtime_allowed()  # after the exec (or nothing to give up)
     resource.setrlimit(resource.RLIMIT_RTPRIO, (0, 0))  # lowering a limit needs no privilege
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        header = (ctypes.c_uint32 * 2)(_CAP_VERSION_3, 0)  # version, pid 0: this thread
-        data = (ctypes.c_uint32 * 6)()  # effective, permitted, inheritable; low word, then high word
-        if libc.capget(header, data) == 0:
-            data[0] &= ~(1 << CAP_SYS_NICE)
-            data[1] &= ~(1 << CAP_SYS_NICE)
-            libc.capset(header, data)  # the effective and permitted sets of this thread, whose
-            # threads started later inherit them (pvAccess's, created after this call)
-        libc.prctl(PR_CAPBSET_DROP, CAP_SYS_NICE, 0, 0, 0)  # what an exec (a child) may take back
-    except (OSError, AttributeError):  # not Linux
-        pass
-    return not realtime_allowed()
+    prctl = libc_prctl()
+    if prctl is None or prctl(PR_CAPBSET_DROP, CAP_SYS_NICE, 0, 0, 0) != 0:
+        return not realtime_allowed()  # not Linux, or no CAP_SETPCAP: an exec would not change it
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.environ[_GAVE_UP] = "1"
+    os.execv(sys.executable, sys.orig_argv)
 
 
 def _preexec(tie: bool, realtime: bool):

@@ -122,6 +122,8 @@ def get_args_parser(prog: str = "edge-ptychonn soak") -> argparse.ArgumentParser
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.no_realtime:  # this process's own collector too: first, as it executes this command again
+        processes.give_up_realtime()
     finite = lambda v: v is not None and math.isfinite(v) and v > 0
     if not finite(args.minutes) or not 1 <= args.consumers <= MAX_CONSUMERS or args.cpu_threads < 0 \
             or not finite(args.every) or not (args.fps is None or finite(args.fps)) or not args.max_growth_mb >= 0 \
@@ -163,8 +165,6 @@ def main(args: argparse.Namespace) -> int:
         print(f"warning: {reason}", file=sys.stderr)
     runtime_s = args.minutes * 60
     realtime = processes.realtime_allowed() and not args.no_realtime
-    if args.no_realtime:  # this process's own collector too, so before its first channel
-        processes.give_up_realtime()
     if realtime:
         print(f"soak: {processes.REALTIME_NOTE}", file=sys.stderr, flush=True)
     work = Path(tempfile.mkdtemp(prefix="edge-ptychonn-soak-"))
