@@ -15,12 +15,18 @@ PR_SET_NAME = 15  # prctl: the calling thread's name (at most 15 bytes, as the k
 _MAX_BYTES = 15
 
 
+def _prctl():
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux
+        return None
+
+
+_PRCTL = _prctl()
+
+
 def name_this_thread(name: str | None = None) -> bool:
     """Give the calling thread the OS name ``name`` (default: its Python name), cut to 15
     bytes. Whether it was set: False where the system has no ``prctl`` (not Linux)."""
     raw = (name or threading.current_thread().name).encode("ascii", "replace")[:_MAX_BYTES]
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return False
-    return prctl(PR_SET_NAME, ctypes.c_char_p(raw), 0, 0, 0) == 0
+    return _PRCTL is not None and _PRCTL(PR_SET_NAME, ctypes.c_char_p(raw), 0, 0, 0) == 0

@@ -358,7 +358,8 @@ def test_a_full_queue_waits_at_most_queue_timeout(tmp_path, rng):
     assert (st["nFramesQueued"], st["nLostNotQueued"]) == (2, 2)
     p.start()
     try:
-        p.process(frame(5, images[4]))
+        wait_for(lambda: accounted(p)["nFramesQueued"] == 0, 10)  # the writer takes the two queued frames
+        p.process(frame(5, images[4]))  # the queue takes frames again: neither is lost
         p.process(frame(6, images[5]))
     finally:
         p.stop()
