@@ -11,18 +11,10 @@ from __future__ import annotations
 import ctypes
 import threading
 
-PR_SET_NAME = 15  # prctl: the calling thread's name (at most 15 bytes, as the kernel keeps)
-_MAX_BYTES = 15
+from .prctl import PR_SET_NAME, libc_prctl
 
-
-def _prctl():
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):  # not Linux
-        return None
-
-
-_PRCTL = _prctl()
+_MAX_BYTES = 15  # what the kernel keeps of a thread's name
+_PRCTL = libc_prctl()
 
 
 def name_this_thread(name: str | None = None) -> bool:

@@ -26,14 +26,14 @@ pinned by a contract test.
 from __future__ import annotations
 
 import _thread
-import ctypes
 import logging
 import multiprocessing
 import os
 import signal
 import threading
 
-PR_SET_PDEATHSIG = 1
+from edge_ptychonn.prctl import PR_SET_PDEATHSIG, libc_prctl
+
 DRAIN_TIMEOUT_S = 2.0
 
 
@@ -46,14 +46,6 @@ def find_controller(frame):
                 return candidate
         frame = frame.f_back
     return None
-
-
-def libc_prctl():
-    """libc's ``prctl``, or None where there is none (not Linux)."""
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
 
 
 def set_parent_death_signal(sig: int = signal.SIGTERM, parent_pid: int | None = None) -> bool:

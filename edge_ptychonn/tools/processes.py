@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 
 from edge_ptychonn.callbacks import keep_thread_state
-from processors.shutdown import libc_prctl, parent_death_preexec
+from edge_ptychonn.prctl import PR_CAPBSET_DROP, libc_prctl
+from processors.shutdown import parent_death_preexec
 
 # Keep every PVA search, beacon and server socket on the loopback interface: the one
 # definition (the tests, the demo and the benchmarks use it; the scripts need none).
@@ -282,7 +283,6 @@ def _children_take_sigint() -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-PR_CAPBSET_DROP = 24  # prctl: drop a capability from the bounding set (what an exec may keep)
 CAP_SYS_NICE = 23  # the capability that lets root schedule threads in real time
 
 
