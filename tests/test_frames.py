@@ -1,14 +1,10 @@
-import importlib.util
-
 import numpy as np
 import pvaccess as pva
 import pytest
 from pvapy.utility import adImageUtility
 
-from edge_ptychonn.stream.frames import BadFrame, FrameEncoder, decode
+from edge_ptychonn.stream.frames import CODEC_PACKAGES, BadFrame, FrameEncoder, decode
 from frames_util import bool_frame, colour_frame, compressed_frame, empty_frame, good_frame
-
-CODEC_PACKAGE = {"lz4": "lz4", "blosc": "blosc", "bslz4": "bitshuffle"}
 
 
 def test_decode_keeps_id_timestamps_and_attributes(rng):
@@ -37,22 +33,22 @@ def test_bad_frames_raise_their_kind(pv, kind):
 
 @pytest.mark.parametrize("codec", ["lz4", "blosc", "bslz4"])
 def test_compressed_frames_decode_or_name_the_missing_package(codec, rng, monkeypatch):
-    pytest.importorskip(CODEC_PACKAGE[codec])  # the codecs extra
+    pytest.importorskip(CODEC_PACKAGES[codec])  # the codecs extra
     image = rng.integers(0, 1000, (16, 16), dtype=np.int16)
     pv = compressed_frame(5, codec, image)
     _, out = decode(pv)
     np.testing.assert_array_equal(out, image)
     # pvapy imports each codec's package when it loads and keeps it as a module global only where it
     # is installed: without the global, decoding is what it is on a host that lacks the package
-    monkeypatch.delattr(adImageUtility, CODEC_PACKAGE[codec])
-    with pytest.raises(BadFrame, match=f"install the '{CODEC_PACKAGE[codec]}' package") as info:
+    monkeypatch.delattr(adImageUtility, CODEC_PACKAGES[codec])
+    with pytest.raises(BadFrame, match=f"install the '{CODEC_PACKAGES[codec]}' package") as info:
         decode(pv)
     assert info.value.kind == "codec"
 
 
 @pytest.mark.parametrize("codec", ["lz4", "blosc"])
 def test_corrupt_compressed_frames_are_bad_codec_frames_with_their_id(codec):
-    pytest.importorskip(CODEC_PACKAGE[codec])
+    pytest.importorskip(CODEC_PACKAGES[codec])
     pv = compressed_frame(7, codec, np.ones((8, 8), np.int16))
     field = pv.getSelectedUnionFieldName()
     payload = np.asarray(pv.getUnion()[field])
@@ -89,7 +85,7 @@ def test_a_compressed_frame_bigger_than_it_says_is_a_bad_frame_not_a_crash(codec
     import sys
     from pathlib import Path
 
-    pytest.importorskip(CODEC_PACKAGE[codec])
+    pytest.importorskip(CODEC_PACKAGES[codec])
     tests = Path(__file__).resolve().parent
     run = subprocess.run([sys.executable, "-c", BIGGER_THAN_IT_SAYS, codec, sizes], cwd=tests, capture_output=True,
                          text=True, timeout=60, env={**__import__("os").environ, "PYTHONPATH": str(tests.parent)})
