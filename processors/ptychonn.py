@@ -42,6 +42,11 @@ Processor arguments (``--processor-args`` JSON; camelCase)
     ioThreads ('batch' | 'unchanged'; default 'batch': pvAccess's receive and send threads run under Linux's
     SCHED_BATCH, so that waking up for each frame they do not preempt the inference thread; see
     edge_ptychonn/io_threads.py);
+    batchRunner ('auto' | 'thread' | 'receive'; default 'auto': which thread runs the batches (transform,
+    engine, encode, publish): 'thread' the inference thread, 'receive' PvaPy's receive thread right
+    after the frame that fills a batch (the frame path's Python in one thread, not two taking turns at
+    the interpreter lock); 'auto' picks 'receive' for the zero-cost engine and GPU engines, 'thread'
+    for CPU engines; see edge_ptychonn/stream/pipeline.py);
     crop [h, w]; cropOrigin [y0, x0]; bin (int);
     normalize ('none' | 'running': each frame scaled by referenceTotal over the mean total of the
     last normalizeWindow frames | 'total': each frame scaled to referenceTotal counts);
@@ -72,7 +77,8 @@ Statistics (status channel, ``userStats``)
     See :data:`STATS`: totals of frames received, published, dropped by reason,
     bad by kind, errors, queued, missed upstream, restarts, unaccounted (always 0),
     completeness; engine and frame rates and latency p50/p99 over the last 5 s;
-    the run-time settings (JSON), engine, device, and ``model`` (the modelId now publishing).
+    the run-time settings (JSON), engine, device, ``model`` (the modelId now publishing) and
+    ``batchRunner`` (the thread that runs the batches now: ``receive`` or ``inference``).
 Signals
     SIGTERM publishes what the consumer holds, then stops it like Ctrl-C
     (``processors/shutdown.py``); each consumer prints its final statistics.
@@ -165,6 +171,7 @@ STATS = {
     "engine": (pva.STRING, lambda p: p.pipeline.engine.name if p.pipeline.engine else ""),
     "device": (pva.STRING, lambda p: p.pipeline.engine.device if p.pipeline.engine else ""),
     "model": (pva.STRING, lambda p: p.pipeline.model_id),
+    "batchRunner": (pva.STRING, lambda p: p.pipeline.batch_runner),
 }
 
 
@@ -217,7 +224,8 @@ def _set_pattern(controller, n_sequential: int, id_offset: int) -> None:
 
 
 class PtychoNNProcessor(StatsFromTable, AdImageProcessor):
-    """Batches frames, runs PtychoNN on its own thread, publishes every result."""
+    """Batches frames, runs PtychoNN (on its inference thread, or on the receive thread:
+    ``batchRunner``), publishes every result."""
 
     ARG_ALIASES: dict[str, str] = {}
     STATS = STATS

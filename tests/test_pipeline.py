@@ -1,5 +1,6 @@
 """The consumer pipeline with a real engine and real NTNDArrays, publishing into a list."""
 
+import threading
 import time
 
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 
 from edge_ptychonn.stream.config import model_identity, parse_processor_args
 from edge_ptychonn.stream.frames import CODEC_PACKAGES
-from edge_ptychonn.stream.pipeline import InferencePipeline
+from edge_ptychonn.stream.pipeline import InferencePipeline, runs_in_receive
 from edge_ptychonn.stream.preprocess import preprocess
 from engines import EngineOptions, create_engine
 from frames_util import bool_frame, colour_frame, compressed_frame, empty_frame, good_frame
@@ -20,8 +21,10 @@ class Published(list):
     def __init__(self):
         super().__init__()
         self.model_ids = []
+        self.threads = []  # the name of the thread that published each output
 
     def __call__(self, pv):
+        self.threads.append(threading.current_thread().name)
         image = np.array(pv["value"][0]["floatValue"]).reshape(pv["dimension"][1]["size"], pv["dimension"][0]["size"])
         self.append((pv["uniqueId"], image, pv["timeStamp"], [a["name"] for a in pv["attribute"]]))
         self.model_ids.append(next((a["value"][0]["value"] for a in pv["attribute"] if a["name"] == "modelId"), None))
@@ -45,9 +48,14 @@ def frames(rng, n, hw=(64, 64)):
     return rng.poisson(30, (n, *hw)).astype(np.int16)
 
 
-def test_every_frame_once_in_order_with_the_engines_result(small_model, rng):
-    pipeline, published, factory = make_pipeline(small_model, batchTimeout=0.05)
+RUNNERS = pytest.mark.parametrize("runner", ["thread", "receive"])
+
+
+@RUNNERS
+def test_every_frame_once_in_order_with_the_engines_result(small_model, rng, runner):
+    pipeline, published, factory = make_pipeline(small_model, batchTimeout=0.05, batchRunner=runner)
     pipeline.start(factory)
+    assert pipeline.batch_runner == {"thread": "inference", "receive": "receive"}[runner]
     images = frames(rng, 21)
     inputs = [good_frame(100 + i, img, energy_kev=8.0) for i, img in enumerate(images)]
     for pv in inputs:
@@ -55,6 +63,10 @@ def test_every_frame_once_in_order_with_the_engines_result(small_model, rng):
     assert published.wait(21) == 21  # the last 5 come after batchTimeout
     pipeline.stop()
     assert [p[0] for p in published] == list(range(100, 121))
+    # The two full batches run where the batch runner says; the partial one on the inference
+    # thread, after its timeout (no frame came to fill it).
+    full = "ptychonn-infer" if runner == "thread" else threading.current_thread().name
+    assert published.threads == [full] * 16 + ["ptychonn-infer"] * 5
     reference = create_engine("onnxruntime", EngineOptions(small_model, max_batch=1, cpu_threads=1))
     model_inputs = preprocess(images, pipeline.config.preprocess)[:, None]
     for (_, image, _, _), x in zip(published, model_inputs):
@@ -170,8 +182,9 @@ def test_frames_kept_before_start_beyond_the_batch_buffers_are_all_published(sma
     assert stats.unaccounted(pipeline.queued_frames) == 0
 
 
-def test_stop_flushes_the_partial_batch(small_model, rng):
-    pipeline, published, factory = make_pipeline(small_model, batchTimeout=60)
+@RUNNERS
+def test_stop_flushes_the_partial_batch(small_model, rng, runner):
+    pipeline, published, factory = make_pipeline(small_model, batchTimeout=60, batchRunner=runner)
     pipeline.start(factory)
     for i, img in enumerate(frames(rng, 3)):
         pipeline.submit(good_frame(i + 1, img))
@@ -220,8 +233,6 @@ class SlowEngine:
     """Wraps an engine; each batch waits until the test lets it go."""
 
     def __init__(self, engine):
-        import threading
-
         self._engine, self.go = engine, threading.Event()
         self.name, self.device, self.precision = "slow", "cpu", "fp32"
         self.input_shape, self.max_batch = engine.input_shape, engine.max_batch
@@ -370,8 +381,9 @@ def test_reconnect_records_are_not_frames_and_restarts_are_counted(small_model, 
     assert s.completeness() == pytest.approx(5 / 7)
 
 
-def test_drain_publishes_the_partial_batch_now(small_model, rng):
-    pipeline, published, factory = make_pipeline(small_model, batchTimeout=60)
+@RUNNERS
+def test_drain_publishes_the_partial_batch_now(small_model, rng, runner):
+    pipeline, published, factory = make_pipeline(small_model, batchTimeout=60, batchRunner=runner)
     pipeline.start(factory)
     for uid, image in enumerate(frames(rng, 3), start=1):
         pipeline.submit(good_frame(uid, image))
@@ -384,8 +396,6 @@ class GatedEngine(SlowEngine):
     """Wraps an engine; each batch waits for a permit (``gate.release(n)`` lets n through)."""
 
     def __init__(self, engine):
-        import threading
-
         super().__init__(engine)
         self.gate = threading.Semaphore(0)
 
@@ -397,8 +407,6 @@ class GatedEngine(SlowEngine):
 def test_drain_waits_only_for_the_frames_held_when_it_is_called(small_model, rng):
     """Under a load that keeps the queue full (SIGTERM during a fast scan), drain() returns
     once the frames it found are published, not at its timeout."""
-    import threading
-
     pipeline, published, factory = make_pipeline(small_model, batchSize=4, batchTimeout=60)
     engine = GatedEngine(factory())
     pipeline.start(lambda: engine)
@@ -511,8 +519,6 @@ def test_async_engines_overlap_the_next_batch_with_publishing(small_model, rng, 
     """Engines with submit/collect get batch k+1 submitted before batch k is published;
     every frame still comes out once, in order, with the engine's result, a failed
     batch is counted, not lost, and the inference thread ends cleanly at stop."""
-    import threading
-
     crashes = []
     monkeypatch.setattr(threading, "excepthook", crashes.append)
     pipeline, published, factory = make_pipeline(small_model, batchSize=4, queueBatches=8, batchTimeout=0.05)
@@ -538,6 +544,91 @@ def test_async_engines_overlap_the_next_batch_with_publishing(small_model, rng, 
     model_inputs = preprocess(images, pipeline.config.preprocess)[:, None]
     for uid, image, _, _ in published:
         np.testing.assert_allclose(image, reference.infer(model_inputs[uid - 1][None])[0, 0], atol=1e-5)
+
+
+def test_the_receive_runner_runs_each_full_batch_in_the_thread_that_filled_it(small_model, rng, monkeypatch):
+    """batchRunner receive: the thread that submits the frame that fills a batch runs it, to the
+    publish, before submit() returns (an asynchronous engine's too); the partial batch is the
+    inference thread's, at its timeout or drain()."""
+    crashes = []
+    monkeypatch.setattr(threading, "excepthook", crashes.append)
+    pipeline, published, factory = make_pipeline(small_model, batchSize=4, batchTimeout=60, batchRunner="receive")
+    engine = AsyncEngine(factory())
+    pipeline.start(lambda: engine)
+    images = frames(rng, 30)
+    for i in range(30):
+        pipeline.submit(good_frame(i + 1, images[i]))
+        assert len(published) == (i + 1) // 4 * 4  # each full batch published before submit() returned
+    assert engine.calls == [(call, k) for k in range(1, 8) for call in ("submit", "collect")]
+    assert pipeline.drain(20)
+    pipeline.stop()
+    assert not crashes, crashes[0].exc_value if crashes else None
+    assert [p[0] for p in published] == list(range(1, 31))
+    me = threading.current_thread().name
+    assert published.threads == [me] * 28 + ["ptychonn-infer"] * 2
+    model_inputs = preprocess(images, pipeline.config.preprocess)[:, None]
+    reference = create_engine("onnxruntime", EngineOptions(small_model, max_batch=1, cpu_threads=1))
+    for uid, image, _, _ in published:
+        np.testing.assert_allclose(image, reference.infer(model_inputs[uid - 1][None])[0, 0], atol=1e-5)
+    assert pipeline.stats.published == 30 and pipeline.stats.unaccounted(0) == 0
+
+
+def test_the_receive_runner_never_waits_for_the_inference_thread(small_model, rng):
+    """While the inference thread runs a batch (a partial one, after its timeout) on a slow
+    engine, the receive thread does not wait for it: the frames it receives are batched and
+    queued, and the inference thread runs them, in order, once the engine is free."""
+    pipeline, published, factory = make_pipeline(small_model, batchSize=4, queueBatches=8, batchTimeout=0.05,
+                                                 batchRunner="receive")
+    engine = GatedEngine(factory())
+    pipeline.start(lambda: engine)
+    images = frames(rng, 14)
+    for uid in (1, 2):  # a partial batch: the inference thread takes it after 0.05 s and waits in the engine
+        pipeline.submit(good_frame(uid, images[uid - 1]))
+    assert wait_for(lambda: pipeline.stats.partial_batches == 1 and pipeline._work_lock.locked())
+    t0 = time.perf_counter()
+    for uid in range(3, 15):  # three full batches
+        pipeline.submit(good_frame(uid, images[uid - 1]))
+    assert time.perf_counter() - t0 < 2.0  # none waited for the gated engine
+    assert pipeline.queued_frames == 14 and len(published) == 0
+    engine.gate.release(100)
+    assert published.wait(14) == 14
+    pipeline.stop()
+    assert [p[0] for p in published] == list(range(1, 15))
+    assert set(published.threads) == {"ptychonn-infer"}
+    assert pipeline.stats.dropped_total == 0 and pipeline.stats.unaccounted(0) == 0
+
+
+class _Device:
+    def __init__(self, device, computes_model=True):
+        from engines.base import EngineSpec
+
+        self.device = device
+        self.SPEC = EngineSpec(name="x", summary="", devices=("cpu", "cuda"), precisions=("fp32",),
+                               computes_model=computes_model)
+
+
+@pytest.mark.parametrize("setting, engine, receive", [
+    ("auto", _Device("cpu (2 workers x 1 thread)"), False),
+    ("auto", _Device("cuda:0"), True),
+    ("auto", _Device("cpu", computes_model=False), True),  # the zero-cost engine
+    ("thread", _Device("cuda:0"), False),
+    ("receive", _Device("cpu"), True),
+])
+def test_which_thread_runs_the_batches(setting, engine, receive):
+    assert runs_in_receive(setting, engine) is receive
+
+
+def test_auto_runs_the_zero_engines_batches_in_the_receive_thread_and_says_so(small_model, caplog):
+    pipeline, _, _ = make_pipeline(small_model, engine="zero")
+    with caplog.at_level("INFO"):
+        pipeline.start(lambda: create_engine("zero", EngineOptions(small_model, max_batch=8)))
+    pipeline.stop()
+    assert pipeline.batch_runner == "receive"
+    assert any("batches run in the receive thread (batchRunner auto)" in r.message for r in caplog.records)
+    onnx, _, factory = make_pipeline(small_model)
+    onnx.start(factory)
+    onnx.stop()
+    assert onnx.batch_runner == "inference"
 
 
 # -- model swap (configure modelPath) ------------------------------------------------------
@@ -570,10 +661,11 @@ def expected_outputs(model, images, pre):
     return [reference.infer(x[None, None])[0, 0] for x in preprocess(images, pre)]
 
 
-def test_model_swap_switches_at_a_batch_boundary(small_model, model_b, rng):
+@RUNNERS
+def test_model_swap_switches_at_a_batch_boundary(small_model, model_b, rng, runner):
     """Frames preprocessed before configure run on model A, later ones on model B with B's
     card preprocessing; nothing lost or repeated; the old engine is closed; statistics agree."""
-    pipeline, published, factory = make_pipeline(small_model, batchSize=4, batchTimeout=60)
+    pipeline, published, factory = make_pipeline(small_model, batchSize=4, batchTimeout=60, batchRunner=runner)
     first = factory()
     pipeline.start(lambda: first, Recorded())
     pre_a = pipeline.config.preprocess
@@ -620,8 +712,6 @@ def test_a_slow_build_stalls_neither_receiving_nor_inference(small_model, model_
     """While the new engine builds (held by the test), frames are taken and published by the
     old model at once, and another change is refused at once (before: it waited for the
     build, past its sender's timeout); the switch follows the build."""
-    import threading
-
     pipeline, published, factory = make_pipeline(small_model, batchSize=4, batchTimeout=0.05)
     gate = threading.Event()
     pipeline.start(factory, Recorded(gate))
@@ -654,8 +744,6 @@ def test_reading_a_new_models_card_holds_no_lock_that_frames_need(small_model, m
     """The new model's card is read while frames keep being taken (a card on a slow file
     system, held here by the test); before, it was read under the lock that submit() and the
     inference thread need, and receiving stalled until the read was done."""
-    import threading
-
     from edge_ptychonn.stream import config as config_module
 
     pipeline, published, factory = make_pipeline(small_model, batchSize=4, batchTimeout=0.05)
@@ -743,14 +831,14 @@ def wait_for(predicate, timeout_s=10.0):
     return predicate()
 
 
-def test_model_swap_with_batches_in_flight_on_an_async_engine(small_model, model_b, rng, monkeypatch):
+@RUNNERS
+def test_model_swap_with_batches_in_flight_on_an_async_engine(small_model, model_b, rng, monkeypatch, runner):
     """The batches submitted to the old asynchronous engine are collected and published
     before the switch; the old engine is closed only after its last collect."""
-    import threading
-
     crashes = []
     monkeypatch.setattr(threading, "excepthook", crashes.append)
-    pipeline, published, factory = make_pipeline(small_model, batchSize=4, queueBatches=8, batchTimeout=60)
+    pipeline, published, factory = make_pipeline(small_model, batchSize=4, queueBatches=8, batchTimeout=60,
+                                                 batchRunner=runner)
     gate = threading.Event()
     old = AsyncEngine(factory(), gate=gate)
     new = AsyncEngine(create_engine("onnxruntime", EngineOptions(model_b, max_batch=4, cpu_threads=1)))
@@ -810,8 +898,6 @@ def test_a_reset_inside_a_distributor_run_goes_on_counting_missed_frames(small_m
 
 
 def test_a_status_snapshot_adds_up_while_frames_flow(small_model, rng):
-    import threading
-
     config, _ = parse_processor_args({"modelPath": str(small_model), "engine": "zero", "batchTimeout": 0.01})
     pipeline = InferencePipeline(config, lambda pv: None)
     pipeline.start(lambda: create_engine("zero", EngineOptions(small_model, max_batch=config.batch_size)))
@@ -965,8 +1051,6 @@ def test_a_new_engine_refused_at_stop_is_closed_without_the_lock_that_frames_nee
     """A stop during a new model's build: the new engine is closed, and the change refused. The
     close (held here by the test) ran under the lock that submit() and the inference thread need,
     so receiving waited for it."""
-    import threading
-
     building, built, closing, may_close = (threading.Event() for _ in range(4))
 
     def factory_for(model_path, id_pattern):

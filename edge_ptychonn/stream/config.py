@@ -34,6 +34,10 @@ from .preprocess import PreprocessConfig
 from .quote import short_repr
 
 
+# Which thread runs the batches (stream.pipeline): "auto" (receive for the zero engine and GPU
+# engines, else thread), "thread" (the inference thread), "receive" (the receive thread).
+BATCH_RUNNERS = ("auto", "thread", "receive")
+
 # "auto": the engine picks (engine "auto": the fastest within tolerance of fp32; a named
 # engine: its first). Which engine offers which precision is the engines' business.
 PRECISIONS = ("auto", "fp32", "tf32", "fp16", "bf16")
@@ -58,6 +62,7 @@ class ProcessorConfig:
     cpu_workers: int = 0
     plan_cache_dir: Path | None = None
     io_threads: str = "batch"  # edge_ptychonn.io_threads.POLICIES
+    batch_runner: str = "auto"  # BATCH_RUNNERS: which thread runs the batches (stream.pipeline)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     output_mask: OutputMask | None = None  # from the model card; None: outputs published as the network gives them
     output_mask_wanted: bool | None = None  # the user's outputMask (None: the card decides), kept across model swaps
@@ -79,6 +84,7 @@ class ProcessorConfig:
         convert_value("cpuThreads", integer(0, 1024), self.cpu_threads)
         convert_value("cpuWorkers", integer(0, 64), self.cpu_workers)
         convert_value("ioThreads", choice(*IO_POLICIES), self.io_threads)
+        convert_value("batchRunner", choice(*BATCH_RUNNERS), self.batch_runner)
 
 
 
@@ -98,6 +104,7 @@ _TOP_LEVEL: dict[str, tuple[str, Any]] = {
     "cpuWorkers": ("cpu_workers", lambda v: v),
     "planCacheDir": ("plan_cache_dir", path()),
     "ioThreads": ("io_threads", choice(*IO_POLICIES)),
+    "batchRunner": ("batch_runner", choice(*BATCH_RUNNERS)),
     "outputMask": ("output_mask", boolean()),
 }
 # camelCase processor argument -> (PreprocessConfig field, converter)

@@ -2,10 +2,24 @@
 
     receive thread:   submit(pv) -> decode -> load (crop, bin, cast) into a free
                       batch buffer -> full batch -> queue (never waits)
-    inference thread: batch (full, or partial after batch_timeout_s, or at stop)
+    batch runner:     batch (full, or partial after batch_timeout_s, or at stop)
                       -> transform the whole batch (sqrt/log1p, offset, scale)
                       -> engine.infer -> encode each result with its input's
                       uniqueId / time stamps / attributes -> publish(pv), in order
+
+Who runs the batches (``batchRunner``): the inference thread (``thread``), or the
+receive thread itself, right after the frame that fills a batch (``receive``).
+Either way one thread at a time runs them, holding the work lock, and takes them
+from the queue in order only while it holds it. With ``receive`` the inference
+thread still runs what the receive thread leaves: a partial batch whose timeout
+has come, a batch queued while it held the work lock, a model switch, the stop.
+The receive thread finishes each batch it begins before it returns (an
+asynchronous engine's compute then does not overlap receiving; the batches
+queued at once still overlap each other). ``auto`` (the default) picks
+``receive`` for engines that cost the receive thread little per batch (the
+zero-cost engine, GPU engines: the frame path's Python then runs in one thread,
+not in two that take turns at the interpreter lock) and ``thread`` for engines
+that compute on the CPU (inference then overlaps receiving).
 
 Overload policy: batch buffers come from a fixed pool (``queue_batches + 2``).
 When inference cannot keep up, every buffer holds a batch waiting for the
@@ -18,7 +32,11 @@ machine). A frame dropped this way is not inspected (a bad frame among
 them counts as dropped, not bad). ``submit`` never waits while holding the lock that
 the inference thread needs to give buffers back, so the consumer goes on at
 its full inference rate under any load and is lossless again as soon as the
-load falls below it. At most ``(queue_batches + 1) * batch_size`` frames wait,
+load falls below it. With ``batchRunner`` receive, the receive thread runs the
+batch it filled: an engine slower than the stream then holds up receiving, and
+the frames wait in pvAccess's queues instead (the server's queue for this
+client; what overflows it the consumer counts as missed, from the uniqueIds).
+It still never waits for the inference thread: it only tries the work lock. At most ``(queue_batches + 1) * batch_size`` frames wait,
 which bounds memory and latency (plus, right after start, what is left of the
 frames kept while the engine started, up to ``max_pending_frames``: they go
 first, in order, as buffers come free).
@@ -44,12 +62,10 @@ from __future__ import annotations
 
 import copy
 import logging
-import queue
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
-from functools import partial
 from typing import Callable
 
 import numpy as np
@@ -64,8 +80,7 @@ from .quote import one_line, short_repr
 
 STATS_WINDOW_S = 5.0  # rates and latency percentiles describe the last few seconds
 CONFIGURE_WAIT_S = 1.0  # configure(): how long a change waits for one in progress before it is refused
-_WAKE = object()  # queued by configure() and by an engine's on_done: the inference thread recomputes its wait
-_NOTHING = object()  # _next_item(block=False): no batch is ready now
+_NOTHING = object()  # _take(): nothing to take now
 
 
 @dataclass(frozen=True)
@@ -76,6 +91,24 @@ class _Switch:
     model_id: str
     build_s: float
     output_mask: object = None  # the new model's OutputMask (None: outputs as the network gives them)
+
+
+def _head(items: deque):
+    """The first of ``items``, or None when it is empty (read without the lock: another thread
+    may take it meanwhile)."""
+    try:
+        return items[0]
+    except IndexError:
+        return None
+
+
+def runs_in_receive(setting: str, engine) -> bool:
+    """Whether the receive thread runs the batches (``batchRunner`` ``setting`` for ``engine``):
+    ``auto`` for an engine that computes no model (zero) or whose device is not the CPU (a GPU)."""
+    if setting != "auto":
+        return setting == "receive"
+    spec = getattr(engine, "SPEC", None)
+    return getattr(spec, "computes_model", True) is False or not str(engine.device).startswith("cpu")
 
 
 def _depth(engine) -> int:
@@ -232,9 +265,20 @@ class InferencePipeline:
         self._lock = threading.Lock()
         self._pending: deque = deque()
         self._batcher: Batcher | None = None
-        # Unbounded by construction: at most one item per batch buffer, plus wake-ups
-        # and the stop marker, so put() never blocks.
-        self._queue: queue.Queue = queue.Queue()
+        # Batches, switch markers and the stop marker (None), in order (under the lock).
+        # Unbounded by construction: at most one item per batch buffer, plus the markers.
+        self._items: deque = deque()
+        # Wakes the inference thread (_call_inference_thread): work queued for it, an engine's
+        # batch done, a new batchTimeout.
+        self._ready = threading.Condition(self._lock)
+        self._woken = False  # it has been called and has not looked yet (under the lock)
+        # Held by the thread that runs batches: it alone takes items from the queue, begins,
+        # finishes and publishes them, so outputs keep their order whichever thread runs.
+        # Taken before the lock, never while holding it; the receive thread only tries it.
+        self._work_lock = threading.Lock()
+        self._in_flight: deque = deque()  # (batch, engine, ticket or outputs, started at): the work lock's
+        self._stop_taken = False  # the stop marker has been taken (work lock)
+        self._receive_runs = False  # the receive thread runs full batches (batchRunner; set per engine)
         self._encoder = FrameEncoder()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -260,6 +304,7 @@ class InferencePipeline:
         self.engine, self.model_id = engine, model_id
         self._encoder.model_id = model_id
         self._model_engine_factory = model_engine_factory
+        self._receive_runs = runs_in_receive(self.config.batch_runner, engine)
         with self._lock:
             self._batcher = Batcher(
                 self.config.batch_size, engine.input_shape, self.config.preprocess,
@@ -268,16 +313,23 @@ class InferencePipeline:
             self._thread = threading.Thread(target=self._run, name="ptychonn-infer", daemon=True)
             self._thread.start()
             self._feed_pending()  # as many as the buffers take; the rest as buffers come free
+            self._call_inference_thread()  # it runs those, whichever thread runs batches later
         self.log.info(
-            "engine %s on %s (%s), input %dx%d, batch %d, model %s",
+            "engine %s on %s (%s), input %dx%d, batch %d, model %s; batches run in the %s thread (batchRunner %s)",
             engine.name, engine.device, engine.precision, *engine.input_shape, self.config.batch_size, model_id,
+            self.batch_runner, self.config.batch_runner,
         )
+
+    @property
+    def batch_runner(self) -> str:
+        """Which thread runs full batches now: ``receive`` or ``inference``."""
+        return "receive" if self._receive_runs else "inference"
 
     def _hear_from(self, engine) -> None:
         """Have ``engine`` wake the inference thread whenever it finishes a batch, where it can
-        (``on_done``: CPU workers): see :meth:`_wait_for`."""
+        (``on_done``: CPU workers): see :meth:`_await_work`."""
         if _can_notify(engine):
-            engine.on_done = partial(self._queue.put_nowait, _WAKE)
+            engine.on_done = self._wake
 
     def drain(self, timeout_s: float) -> bool:
         """Send the partial batch to inference now and wait (up to ``timeout_s``) until
@@ -309,8 +361,9 @@ class InferencePipeline:
                 self._drop(len(self._pending), "stopping")
                 self._pending.clear()
             self._flush_partial()
+            self._items.append(None)
+            self._call_inference_thread()
         if self._thread is not None:
-            self._queue.put(None)
             self._thread.join(timeout_s)
             if self._thread.is_alive():
                 with self._lock:
@@ -368,6 +421,22 @@ class InferencePipeline:
                     self._drop(1, "overload")
                 else:
                     self._add(meta, image)
+        if self._receive_runs:
+            self._run_here()
+
+    def _run_here(self) -> None:
+        """Receive thread (``batchRunner`` receive): run the full batches queued, unless another
+        thread is running batches now (it then takes them, in order). Never waits for the work
+        lock; stops at a marker (a switch, the stop), which the inference thread handles."""
+        while isinstance(_head(self._items), Batch):
+            if not self._work_lock.acquire(blocking=False):
+                with self._lock:  # its holder takes what is queued before it lets go; if it has let
+                    self._call_inference_thread()  # go since, the inference thread takes it
+                return
+            try:
+                self._work(by_receive=True)
+            finally:
+                self._work_lock.release()
 
     def _drop_unread(self, pv) -> bool:
         """Overload: count a frame with an image as dropped without decoding it.
@@ -414,8 +483,22 @@ class InferencePipeline:
             self._enqueue(batch)
 
     def _enqueue(self, batch: Batch) -> None:
+        """(lock held) Queue a batch for the batch runner; wake the inference thread unless the
+        receive thread runs it (it does so right after, or the work lock's holder takes it)."""
         self._frames_in_queue += batch.n
-        self._queue.put_nowait(batch)
+        self._items.append(batch)
+        if not self._receive_runs:
+            self._call_inference_thread()
+
+    def _call_inference_thread(self) -> None:
+        """(lock held) Have the inference thread look at the queue and what is in flight."""
+        self._woken = True
+        self._ready.notify()
+
+    def _wake(self) -> None:
+        """An engine's ``on_done`` (a worker's thread): the inference thread looks again."""
+        with self._lock:
+            self._call_inference_thread()
 
     def _flush_partial(self) -> None:
         if self._batcher is not None:
@@ -423,50 +506,68 @@ class InferencePipeline:
             if batch is not None:
                 self.stats.partial_batches += 1
                 self._enqueue(batch)
+                self._call_inference_thread()  # it runs it (a timeout, drain, stop or swap)
 
-    # -- inference side --------------------------------------------------------------
-    def _next_item(self, block: bool = True, until: Callable[[], bool] | None = None):
-        """The next batch to infer (queued, or the partial one once it is due), a
-        :class:`_Switch` marker, None at stop, or :data:`_NOTHING` when nothing is ready now
-        (``block`` False) or ``until()`` has become true (checked whenever the queue wakes
-        this thread: an engine's ``on_done`` queues a wake-up)."""
-        while True:
-            if until is not None and until():
-                return _NOTHING
-            with self._lock:
-                timeout = self.config.batch_timeout_s
-                wait = max(timeout - self._batcher.age_s(), 0.0) if self._batcher.pending else timeout
-            try:
-                item = self._queue.get(timeout=max(wait, 0.0005)) if block else self._queue.get_nowait()
-                if item is not _WAKE:
-                    return item
-                continue
-            except queue.Empty:
-                pass
-            with self._lock:
-                due = self._batcher.pending and self._batcher.age_s() >= self.config.batch_timeout_s
-                if due:
-                    self._flush_partial()  # queued: the next get() takes it
-            if not block and not due:
-                return _NOTHING
+    # -- batch runner ------------------------------------------------------------------
+    def _take(self, batches_only: bool):
+        """The next queued item (a batch, a switch marker, None: the stop), or _NOTHING when
+        there is none (or, ``batches_only``, when it is a marker)."""
+        with self._lock:
+            if self._items and (not batches_only or isinstance(self._items[0], Batch)):
+                return self._items.popleft()
+        return _NOTHING
 
     def _run(self) -> None:
-        """Batches in order. An engine with ``submit``/``collect`` (a GPU, CPU workers) gets
-        batch k+1 submitted before batch k's results are encoded and published, so the
-        frame path overlaps inference; other engines run one batch at a time. An engine
-        that says when a batch is done (``done`` and ``on_done``: CPU workers) is given each
-        batch as soon as it is full while the oldest one runs; with others the oldest is
-        collected first unless the next is ready. At a switch marker, what is in flight
-        finishes on the old engine first."""
+        """The inference thread: waits for work, then runs it holding the work lock, until the
+        stop marker has been taken and nothing is in flight."""
         name_this_thread()
-        in_flight: deque = deque()  # (batch, engine, ticket or outputs, started at)
-        stopping = False
-        while not stopping or in_flight:
+        while True:
+            self._await_work()
+            with self._work_lock:
+                if self._work(by_receive=False):
+                    return
+
+    def _await_work(self) -> None:
+        """Inference thread, without the work lock: return once there is something to do: a
+        call (a batch queued for it, a marker, an engine that finished a batch, a new
+        batchTimeout, a batch the receive thread could not run), a partial batch whose timeout
+        has come (queued here), or a batch in flight to finish that it need not wait for (an
+        engine that does not say when it is done). A full batch that the receive thread queued
+        is its own to run: the inference thread does not race it for the work lock."""
+        with self._lock:
+            while True:
+                if self._woken or not isinstance(_head(self._items), (Batch, type(None))):
+                    self._woken = False
+                    return
+                timeout = self.config.batch_timeout_s
+                if self._batcher.pending:
+                    left = timeout - self._batcher.age_s()
+                    if left <= 0:
+                        self._flush_partial()
+                        return
+                    timeout = left
+                oldest = _head(self._in_flight)
+                if oldest is not None and not _notifies(oldest[1]):
+                    return
+                self._ready.wait(max(timeout, 0.0005))
+
+    def _work(self, by_receive: bool) -> bool:
+        """(work lock held) Run batches in order: begin queued batches while the engine has room;
+        at a switch marker, finish what is in flight and switch; finish the oldest batch in
+        flight when the engine is full, at the stop, or when nothing else is to do, except on an
+        engine that says when a batch is done (CPU workers: ``on_done`` calls the inference thread
+        back), whose batches are finished once done. An engine with ``submit``/``collect`` (a
+        GPU, CPU workers, the zero engine) thus gets batch k+1 before batch k's results are
+        encoded and published whenever k+1 is queued by then. The receive thread
+        (``by_receive``) takes no marker. True once the stop marker has been taken and nothing
+        is in flight."""
+        in_flight = self._in_flight
+        while True:
             engine = self.engine
-            if not stopping and len(in_flight) < _depth(engine):
-                item = self._next_item(**self._wait_for(in_flight))
+            if len(in_flight) < _depth(engine) and not self._stop_taken:
+                item = self._take(batches_only=by_receive)
                 if item is None:
-                    stopping = True
+                    self._stop_taken = True
                     continue
                 if isinstance(item, _Switch):
                     while in_flight:
@@ -476,18 +577,13 @@ class InferencePipeline:
                 if item is not _NOTHING:
                     self._begin(engine, item, in_flight)
                     continue
+            if not in_flight:
+                return self._stop_taken
+            _, oldest_engine, ticket, _ = in_flight[0]
+            if not (oldest_engine is None or len(in_flight) >= _depth(oldest_engine) or self._stop_taken
+                    or not _notifies(oldest_engine) or oldest_engine.done(ticket)):
+                return False
             self._finish(*in_flight.popleft())
-
-    @staticmethod
-    def _wait_for(in_flight: deque) -> dict:
-        """How :meth:`_run` waits for the next batch: blocking when nothing is in flight, or
-        until the oldest batch in flight is done when its engine says so; else not at all."""
-        if not in_flight:
-            return {"block": True}
-        _, engine, ticket, _ = in_flight[0]
-        if engine is not None and _notifies(engine):
-            return {"block": True, "until": partial(engine.done, ticket)}
-        return {"block": False}
 
     def _begin(self, engine, batch: Batch, in_flight: deque) -> None:
         if self._outputs_closed:
@@ -595,6 +691,7 @@ class InferencePipeline:
         old, old_id = self.engine, self.model_id
         self._hear_from(switch.engine)
         self.engine, self.model_id = switch.engine, switch.model_id
+        self._receive_runs = runs_in_receive(self.config.batch_runner, switch.engine)
         self._output_mask = switch.output_mask
         self._encoder.model_id = switch.model_id
         self.log.info("model switched from %s to %s (%s engine built in %.2f s); the old engine is closed",
@@ -687,7 +784,7 @@ class InferencePipeline:
         if self._batcher is not None:
             self._batcher.preprocess = new.preprocess
         if "batchTimeout" in applied and self._thread is not None:
-            self._queue.put_nowait(_WAKE)
+            self._call_inference_thread()
 
     def _check_can_swap(self) -> None:
         """(lock held) ValueError unless a model change can start now."""
@@ -725,7 +822,8 @@ class InferencePipeline:
             if not stopping:
                 self._flush_partial()  # frames preprocessed the old way go to the old engine
                 self._apply(new, applied)
-                self._queue.put_nowait(_Switch(engine, model_id, build_s, new.output_mask))
+                self._items.append(_Switch(engine, model_id, build_s, new.output_mask))
+                self._call_inference_thread()
         if stopping:  # closed without the lock: receiving and inference never wait for an engine
             try:
                 engine.close()
