@@ -36,6 +36,7 @@ from edge_ptychonn.cli_options import DefaultsFormatter
 from edge_ptychonn.io_threads import POLICIES as IO_POLICIES
 from edge_ptychonn.model_card import default_model_path
 from edge_ptychonn.progress import Progress
+from edge_ptychonn.stream.config import BATCH_RUNNERS
 from engines.base import PRECISIONS, usable_cores
 from engines.registry import ENGINES
 
@@ -173,6 +174,10 @@ def get_args_parser(prog: str = "edge-ptychonn bench") -> argparse.ArgumentParse
     g.add_argument("--consumer-io-threads", default="batch", choices=tuple(IO_POLICIES),
                    help="ioThreads of each consumer: 'batch' (pvAccess's I/O threads under SCHED_BATCH, the "
                         "consumers' default) or 'unchanged' (as pvAccess made them), to compare the two")
+    g.add_argument("--consumer-batch-runner", default="auto", choices=BATCH_RUNNERS,
+                   help="batchRunner of each consumer: which thread runs the batches: 'auto' (the consumers' "
+                        "default: the receive thread for the zero-cost and GPU engines, the inference thread for "
+                        "CPU engines), 'thread' or 'receive', to compare them")
     g.add_argument("--no-realtime", action="store_true", help=live.NO_REALTIME_HELP)
     g.add_argument("--consumers", type=_ints, default=None, help="consumer counts N (default: 1, 2, and more with more cores)")
     g.add_argument("--rate-fractions", type=_floats, default=[0.6, 0.8, 0.9, 1.0, 1.1],
@@ -337,6 +342,7 @@ def main(args: argparse.Namespace) -> int:
             batch=args.pipeline_batch, duration_s=args.duration, max_frames=args.max_frames,
             server_queue_size=args.server_queue_size, cores=cores, consumer_threads=args.consumer_threads,
             consumer_workers=args.consumer_workers, consumer_io_threads=args.consumer_io_threads,
+            consumer_batch_runner=args.consumer_batch_runner,
         )
         needs_pva = {"warm", "pipeline", "zero", "passthrough"} - set(args.skip)
         env = None
@@ -390,8 +396,10 @@ def main(args: argparse.Namespace) -> int:
             progress.stage("frame path: CPU per frame of each stage (zero-cost engine, one process)")
             report["frame_path"] = bf.measure(model_path, signature.input_shape,
                                               n_frames=400 if args.quick else 2000, batch=args.pipeline_batch)
-            progress(f"frame path: {report['frame_path']['pipeline_us']:.1f} us/frame in the whole pipeline, "
-                     f"passthrough's own work {report['frame_path']['passthrough_us']:.1f} us/frame")
+            path = report["frame_path"]
+            progress(f"frame path: {path['pipeline_us']:.1f} us/frame in the whole pipeline with batches run by the "
+                     f"receiving thread, {path['pipeline_us_by_runner']['thread']:.1f} by the inference thread; "
+                     f"passthrough's own work {path['passthrough_us']:.1f} us/frame")
 
         if {"pipeline", "zero", "passthrough"} - set(args.skip):
             # the pipeline's rates are fractions of it; the ceilings alone do not need it

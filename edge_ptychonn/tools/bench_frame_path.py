@@ -10,8 +10,11 @@ engine     the zero-cost engine (a copy of the batch)
 encode     result -> output NTNDArray (``stream.frames.FrameEncoder``)
 publish    ``PvaServer.update`` of a record (what PvaPy's publisher calls)
 
-then the whole :class:`~edge_ptychonn.stream.pipeline.InferencePipeline` (both
-threads, publishing into a real PVA record), and what PvaPy's passthrough does
+then the whole :class:`~edge_ptychonn.stream.pipeline.InferencePipeline`
+(publishing into a real PVA record) once with each ``batchRunner``: batches run
+by the inference thread (``thread``: two threads take turns at the interpreter
+lock) and by the thread that submits the frames (``receive``: what ``auto``
+picks for this engine), and what PvaPy's passthrough does
 with a frame in the same process (``PvaServer.update`` with the received
 NTNDArray). No network traffic: the record has no client. The live figures
 (``zero`` and ``passthrough`` parts) add PvaPy's receive path and the transport,
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 
 import numpy as np
 
@@ -87,8 +91,10 @@ def measure(model_path, input_hw: tuple[int, int], n_frames: int = 2000, batch: 
             "publish": _cpu_us_per_frame(lambda: [server.update("framepath:out", encoded) for _ in decoded], n_frames),
         }
 
-        def whole():
-            pipeline = InferencePipeline(config, lambda pv: server.update("framepath:out", pv), logging.getLogger(__name__))
+        def whole(runner):
+            settings, _ = parse_processor_args({"modelPath": str(model_path), "engine": "zero", "batchSize": batch,
+                                                "batchRunner": runner})
+            pipeline = InferencePipeline(settings, lambda pv: server.update("framepath:out", pv), logging.getLogger(__name__))
             pipeline.start(lambda: create_engine("zero", EngineOptions(model_path, max_batch=batch)))
             for start in range(0, n_frames, 8 * batch):  # bursts within the buffer pool: nothing dropped
                 for pv in frames[start:start + 8 * batch]:
@@ -98,14 +104,15 @@ def measure(model_path, input_hw: tuple[int, int], n_frames: int = 2000, batch: 
             if pipeline.stats.published != n_frames:
                 raise RuntimeError(f"frame path: {pipeline.stats.published} of {n_frames} published ({pipeline.summary()})")
 
-        pipeline_us = _cpu_us_per_frame(whole, n_frames, repeats=2)
+        by_runner = {runner: _cpu_us_per_frame(partial(whole, runner), n_frames, repeats=2)
+                     for runner in ("thread", "receive")}
         passthrough_us = _cpu_us_per_frame(lambda: [server.update("framepath:passthrough", pv) for pv in frames], n_frames)
     finally:
         engine.close()
     return {
         "n_frames": n_frames, "batch": batch, "input_hw": list(input_hw),
         "stages_us": stages, "stages_sum_us": sum(stages.values()),
-        "pipeline_us": pipeline_us, "passthrough_us": passthrough_us,
+        "pipeline_us": by_runner["receive"], "pipeline_us_by_runner": by_runner, "passthrough_us": passthrough_us,
     }
 
 
@@ -114,6 +121,10 @@ def table(result: dict) -> str:
 
     rows = [[stage, us] for stage, us in result["stages_us"].items()]
     rows += [["sum of stages", result["stages_sum_us"]],
-             ["whole pipeline (both threads, locks, queues, statistics)", result["pipeline_us"]],
-             ["passthrough: PvaServer.update of the received frame", result["passthrough_us"]]]
+             ["whole pipeline, batches run by the receiving thread (batchRunner receive: auto's choice "
+              "for this engine)", result["pipeline_us"]]]
+    if "pipeline_us_by_runner" in result:
+        rows += [["whole pipeline, batches run by the inference thread (batchRunner thread)",
+                  result["pipeline_us_by_runner"]["thread"]]]
+    rows += [["passthrough: PvaServer.update of the received frame", result["passthrough_us"]]]
     return make_table(["stage", "CPU us/frame"], rows, ["", ".1f"])

@@ -79,6 +79,7 @@ class PipelineSettings:
     consumer_threads: int = 0  # cpuThreads per consumer; 0: the consumer's own layout (engines.base.cpu_layout)
     consumer_workers: int = 0  # cpuWorkers per consumer; 0: the consumer's own layout
     consumer_io_threads: str = "batch"  # ioThreads per consumer (edge_ptychonn.io_threads.POLICIES)
+    consumer_batch_runner: str = "auto"  # batchRunner per consumer (stream.config.BATCH_RUNNERS)
 
 
 @dataclass
@@ -199,7 +200,7 @@ def _processor_args(settings: PipelineSettings, n_consumers: int, engine: str | 
         "modelPath": str(settings.model_path), "engine": engine or settings.engine, "device": settings.device,
         "precision": settings.precision, "batchSize": settings.batch,
         "cpuThreads": settings.consumer_threads, "cpuWorkers": settings.consumer_workers,
-        "ioThreads": settings.consumer_io_threads,
+        "ioThreads": settings.consumer_io_threads, "batchRunner": settings.consumer_batch_runner,
     }
 
 
