@@ -573,10 +573,10 @@ def test_the_receive_runner_runs_each_full_batch_in_the_thread_that_filled_it(sm
     assert pipeline.stats.published == 30 and pipeline.stats.unaccounted(0) == 0
 
 
-def test_the_receive_runner_never_waits_for_the_inference_thread(small_model, rng):
+def test_the_receive_runner_does_not_wait_for_the_inference_thread_while_a_buffer_is_free(small_model, rng):
     """While the inference thread runs a batch (a partial one, after its timeout) on a slow
     engine, the receive thread does not wait for it: the frames it receives are batched and
-    queued, and the inference thread runs them, in order, once the engine is free."""
+    queued, and run, in order, once the engine is free."""
     pipeline, published, factory = make_pipeline(small_model, batchSize=4, queueBatches=8, batchTimeout=0.05,
                                                  batchRunner="receive")
     engine = GatedEngine(factory())
@@ -594,7 +594,34 @@ def test_the_receive_runner_never_waits_for_the_inference_thread(small_model, rn
     assert published.wait(14) == 14
     pipeline.stop()
     assert [p[0] for p in published] == list(range(1, 15))
-    assert set(published.threads) == {"ptychonn-infer"}
+    assert pipeline.stats.dropped_total == 0 and pipeline.stats.unaccounted(0) == 0
+
+
+def test_with_every_buffer_taken_the_receive_runner_waits_for_the_inference_threads_batch(small_model, rng):
+    """batchRunner receive: the inference thread holds the work lock for one batch at a time. A
+    frame that finds every buffer taken by batches queued behind it waits for that batch, then
+    the receive thread runs the queue itself: frames wait (upstream, in a consumer), none is
+    dropped."""
+    pipeline, published, factory = make_pipeline(small_model, batchSize=4, queueBatches=1, batchTimeout=0.05,
+                                                 batchRunner="receive")  # 3 buffers
+    engine = GatedEngine(factory())
+    pipeline.start(lambda: engine)
+    images = frames(rng, 14)
+    for uid in (1, 2):  # the inference thread's partial batch, held in the engine
+        pipeline.submit(good_frame(uid, images[uid - 1]))
+    assert wait_for(lambda: pipeline.stats.partial_batches == 1 and pipeline._work_lock.locked())
+    sender = threading.Thread(target=lambda: [pipeline.submit(good_frame(uid, images[uid - 1]))
+                                              for uid in range(3, 15)])
+    sender.start()
+    assert wait_for(lambda: pipeline.queued_frames == 10)  # two full batches queued; frame 11 waits
+    sender.join(0.3)
+    assert sender.is_alive() and pipeline.stats.dropped_total == 0 and len(published) == 0
+    engine.gate.release(100)
+    sender.join(20)
+    assert not sender.is_alive()
+    assert published.wait(14) == 14
+    pipeline.stop()
+    assert [p[0] for p in published] == list(range(1, 15))
     assert pipeline.stats.dropped_total == 0 and pipeline.stats.unaccounted(0) == 0
 
 
@@ -831,14 +858,12 @@ def wait_for(predicate, timeout_s=10.0):
     return predicate()
 
 
-@RUNNERS
-def test_model_swap_with_batches_in_flight_on_an_async_engine(small_model, model_b, rng, monkeypatch, runner):
+def test_model_swap_with_batches_in_flight_on_an_async_engine(small_model, model_b, rng, monkeypatch):
     """The batches submitted to the old asynchronous engine are collected and published
     before the switch; the old engine is closed only after its last collect."""
     crashes = []
     monkeypatch.setattr(threading, "excepthook", crashes.append)
-    pipeline, published, factory = make_pipeline(small_model, batchSize=4, queueBatches=8, batchTimeout=60,
-                                                 batchRunner=runner)
+    pipeline, published, factory = make_pipeline(small_model, batchSize=4, queueBatches=8, batchTimeout=60)
     gate = threading.Event()
     old = AsyncEngine(factory(), gate=gate)
     new = AsyncEngine(create_engine("onnxruntime", EngineOptions(model_b, max_batch=4, cpu_threads=1)))

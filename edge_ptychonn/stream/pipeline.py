@@ -12,8 +12,11 @@ receive thread itself, right after the frame that fills a batch (``receive``).
 Either way one thread at a time runs them, holding the work lock, and takes them
 from the queue in order only while it holds it. With ``receive`` the inference
 thread still runs what the receive thread leaves: a partial batch whose timeout
-has come, a batch queued while it held the work lock, a model switch, the stop.
-The receive thread finishes each batch it begins before it returns (an
+has come, a model switch, the stop, and a full batch that the receive thread
+queued while the work lock was taken and had no next frame to run it at (none
+came for ``HANDOVER_S``); it runs one item at a time, so the receive thread takes
+the work back at its next frame. The receive thread finishes each batch it
+begins before it returns (an
 asynchronous engine's compute then does not overlap receiving; the batches
 queued at once still overlap each other). ``auto`` (the default) picks
 ``receive`` for engines that cost the receive thread little per batch (the
@@ -36,7 +39,10 @@ load falls below it. With ``batchRunner`` receive, the receive thread runs the
 batch it filled: an engine slower than the stream then holds up receiving, and
 the frames wait in pvAccess's queues instead (the server's queue for this
 client; what overflows it the consumer counts as missed, from the uniqueIds).
-It still never waits for the inference thread: it only tries the work lock. At most ``(queue_batches + 1) * batch_size`` frames wait,
+It waits for the inference thread only when a frame finds every buffer taken by
+batches queued behind the inference thread's one (then it runs them itself
+rather than drop the frame); otherwise it only tries the work lock. At most
+``(queue_batches + 1) * batch_size`` frames wait,
 which bounds memory and latency (plus, right after start, what is left of the
 frames kept while the engine started, up to ``max_pending_frames``: they go
 first, in order, as buffers come free).
@@ -80,7 +86,11 @@ from .quote import one_line, short_repr
 
 STATS_WINDOW_S = 5.0  # rates and latency percentiles describe the last few seconds
 CONFIGURE_WAIT_S = 1.0  # configure(): how long a change waits for one in progress before it is refused
-_NOTHING = object()  # _take(): nothing to take now
+_NOTHING = object()  # _take(), _head(): nothing there now
+# batchRunner receive: a full batch queued and not run by the receive thread (it found the
+# work lock taken) is run by the receive thread at its next frame, or by the inference thread
+# once no frame has come for this long (the stream paused)
+HANDOVER_S = 0.005
 
 
 @dataclass(frozen=True)
@@ -94,12 +104,12 @@ class _Switch:
 
 
 def _head(items: deque):
-    """The first of ``items``, or None when it is empty (read without the lock: another thread
-    may take it meanwhile)."""
+    """The first of ``items``, or _NOTHING when it is empty (read without the lock: another
+    thread may take it meanwhile)."""
     try:
         return items[0]
     except IndexError:
-        return None
+        return _NOTHING
 
 
 def runs_in_receive(setting: str, engine) -> bool:
@@ -274,11 +284,13 @@ class InferencePipeline:
         self._woken = False  # it has been called and has not looked yet (under the lock)
         # Held by the thread that runs batches: it alone takes items from the queue, begins,
         # finishes and publishes them, so outputs keep their order whichever thread runs.
-        # Taken before the lock, never while holding it; the receive thread only tries it.
+        # Taken before the lock, never while holding it; the receive thread only tries it
+        # unless every batch buffer is taken (_run_here).
         self._work_lock = threading.Lock()
         self._in_flight: deque = deque()  # (batch, engine, ticket or outputs, started at): the work lock's
         self._stop_taken = False  # the stop marker has been taken (work lock)
         self._receive_runs = False  # the receive thread runs full batches (batchRunner; set per engine)
+        self._last_submit_s = 0.0  # when submit() was last called (batchRunner receive: see _await_work)
         self._encoder = FrameEncoder()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -388,8 +400,10 @@ class InferencePipeline:
     # -- receive side ----------------------------------------------------------------
     def submit(self, pv) -> None:
         """Take one received NTNDArray (copies what it needs before returning; never waits)."""
-        received_s = time.perf_counter()
+        received_s = self._last_submit_s = time.perf_counter()
         batcher = self._batcher
+        if self._receive_runs:  # batches left queued (the work lock was taken) go first
+            self._run_here(wait=batcher is not None and not batcher.has_room)
         if batcher is not None and not batcher.has_room and self._drop_unread(pv):
             return
         try:
@@ -424,14 +438,14 @@ class InferencePipeline:
         if self._receive_runs:
             self._run_here()
 
-    def _run_here(self) -> None:
-        """Receive thread (``batchRunner`` receive): run the full batches queued, unless another
-        thread is running batches now (it then takes them, in order). Never waits for the work
-        lock; stops at a marker (a switch, the stop), which the inference thread handles."""
+    def _run_here(self, wait: bool = False) -> None:
+        """Receive thread (``batchRunner`` receive): run the batches queued, up to a marker (a
+        switch, the stop: the inference thread's). When the inference thread holds the work lock,
+        return at once (the next frame tries again), unless ``wait``: every batch buffer is taken,
+        and running the queue is what frees one; it then waits for the inference thread's one
+        item (it holds the lock for one at a time) rather than drop the frame."""
         while isinstance(_head(self._items), Batch):
-            if not self._work_lock.acquire(blocking=False):
-                with self._lock:  # its holder takes what is queued before it lets go; if it has let
-                    self._call_inference_thread()  # go since, the inference thread takes it
+            if not self._work_lock.acquire(blocking=wait):
                 return
             try:
                 self._work(by_receive=True)
@@ -509,13 +523,25 @@ class InferencePipeline:
                 self._call_inference_thread()  # it runs it (a timeout, drain, stop or swap)
 
     # -- batch runner ------------------------------------------------------------------
-    def _take(self, batches_only: bool):
-        """The next queued item (a batch, a switch marker, None: the stop), or _NOTHING when
-        there is none (or, ``batches_only``, when it is a marker)."""
+    def _take(self, by_receive: bool):
+        """The next queued item (a batch, a switch marker, None: the stop) that the calling thread
+        runs (:meth:`_ours`), or _NOTHING."""
         with self._lock:
-            if self._items and (not batches_only or isinstance(self._items[0], Batch)):
-                return self._items.popleft()
-        return _NOTHING
+            head = _head(self._items)
+            if head is _NOTHING or not self._ours(head, by_receive):
+                return _NOTHING
+            return self._items.popleft()
+
+    def _ours(self, item, by_receive: bool) -> bool:
+        """(lock held) Whether the receive thread (``by_receive``) or the inference thread runs
+        ``item``: the receive thread runs batches only; with batchRunner receive, a full batch is
+        the receive thread's as long as frames keep coming (it found the work lock taken and runs
+        it at its next frame), the inference thread's once none has come for HANDOVER_S."""
+        if not isinstance(item, Batch):
+            return not by_receive
+        if by_receive or not self._receive_runs or item.n < self._batcher.batch_size:
+            return True
+        return time.perf_counter() - self._last_submit_s >= HANDOVER_S
 
     def _run(self) -> None:
         """The inference thread: waits for work, then runs it holding the work lock, until the
@@ -524,34 +550,41 @@ class InferencePipeline:
         while True:
             self._await_work()
             with self._work_lock:
-                if self._work(by_receive=False):
+                # With batchRunner receive, one item at a time: the receive thread takes the
+                # work back at its next frame instead of queueing frames behind this thread.
+                if self._work(by_receive=False, one_item=self._receive_runs):
                     return
 
     def _await_work(self) -> None:
         """Inference thread, without the work lock: return once there is something to do: a
-        call (a batch queued for it, a marker, an engine that finished a batch, a new
-        batchTimeout, a batch the receive thread could not run), a partial batch whose timeout
-        has come (queued here), or a batch in flight to finish that it need not wait for (an
-        engine that does not say when it is done). A full batch that the receive thread queued
-        is its own to run: the inference thread does not race it for the work lock."""
+        call (work queued for it, an engine that finished a batch, a new batchTimeout), a marker
+        queued, a partial batch whose timeout has come (queued here), a batch in flight to finish
+        that it need not wait for (an engine that does not say when it is done). With
+        batchRunner receive, a full batch that the receive thread queued is the receive thread's
+        to run: the inference thread does not race it for the work lock, and takes it only once
+        no frame has come for HANDOVER_S (the stream paused just after it); the receive thread
+        finishes the batches it begins itself."""
         with self._lock:
             while True:
-                if self._woken or not isinstance(_head(self._items), (Batch, type(None))):
+                head = _head(self._items)
+                if self._woken or (head is not _NOTHING and self._ours(head, by_receive=False)):
                     self._woken = False
                     return
                 timeout = self.config.batch_timeout_s
+                if head is not _NOTHING:  # the receive thread's until no frame has come for HANDOVER_S
+                    timeout = min(timeout, HANDOVER_S - (time.perf_counter() - self._last_submit_s))
                 if self._batcher.pending:
-                    left = timeout - self._batcher.age_s()
+                    left = self.config.batch_timeout_s - self._batcher.age_s()
                     if left <= 0:
                         self._flush_partial()
                         return
-                    timeout = left
+                    timeout = min(timeout, left)
                 oldest = _head(self._in_flight)
-                if oldest is not None and not _notifies(oldest[1]):
+                if oldest is not _NOTHING and not self._receive_runs and not _notifies(oldest[1]):
                     return
                 self._ready.wait(max(timeout, 0.0005))
 
-    def _work(self, by_receive: bool) -> bool:
+    def _work(self, by_receive: bool, one_item: bool = False) -> bool:
         """(work lock held) Run batches in order: begin queued batches while the engine has room;
         at a switch marker, finish what is in flight and switch; finish the oldest batch in
         flight when the engine is full, at the stop, or when nothing else is to do, except on an
@@ -559,13 +592,15 @@ class InferencePipeline:
         back), whose batches are finished once done. An engine with ``submit``/``collect`` (a
         GPU, CPU workers, the zero engine) thus gets batch k+1 before batch k's results are
         encoded and published whenever k+1 is queued by then. The receive thread
-        (``by_receive``) takes no marker. True once the stop marker has been taken and nothing
-        is in flight."""
+        (``by_receive``) takes no marker. ``one_item``: take one item, finish what is in flight,
+        return. True once the stop marker has been taken and nothing is in flight."""
         in_flight = self._in_flight
+        taken = 0
         while True:
             engine = self.engine
-            if len(in_flight) < _depth(engine) and not self._stop_taken:
-                item = self._take(batches_only=by_receive)
+            if len(in_flight) < _depth(engine) and not self._stop_taken and not (one_item and taken):
+                item = self._take(by_receive)
+                taken += item is not _NOTHING
                 if item is None:
                     self._stop_taken = True
                     continue
