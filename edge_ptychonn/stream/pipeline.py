@@ -399,7 +399,9 @@ class InferencePipeline:
 
     # -- receive side ----------------------------------------------------------------
     def submit(self, pv) -> None:
-        """Take one received NTNDArray (copies what it needs before returning; never waits)."""
+        """Take one received NTNDArray (copies what it needs before returning). With the batches
+        on the inference thread it never waits; with batchRunner receive it runs the batches it
+        fills (and those left queued) before it returns (see the module's docstring)."""
         received_s = self._last_submit_s = time.perf_counter()
         batcher = self._batcher
         if self._receive_runs:  # batches left queued (the work lock was taken) go first
