@@ -1,4 +1,4 @@
-"""End to end: real pvapy-ad-sim-server -> 2 real pvapy-hpc-consumer processes -> output channels.
+"""End to end: real pvapy-ad-sim-server -> real pvapy-hpc-consumer processes -> output channels.
 
 Each test starts its own processes on loopback and stops them by process id.
 """
@@ -144,3 +144,35 @@ def test_outputs_chain_into_pvapys_file_saver(pva_env, procs, small_model, tmp_p
         uid = int(f.stem)
         expected = engine.infer(frames[uid - 1][None, None].astype(np.float32))[0, 0]
         np.testing.assert_allclose(np.asarray(Image.open(f)), expected, atol=1e-4)
+
+
+def test_a_zero_cost_consumer_runs_its_batches_on_the_receive_thread(pva_env, procs, small_model, tmp_path):
+    """engine zero: batchRunner auto puts the batches on PvaPy's receive thread; every frame
+    comes out once, in order, equal to its input (no card: no preprocessing), and the status
+    says which thread ran the batches."""
+    n = 400
+    frames = np.random.default_rng(8).poisson(25, (n, 64, 64)).astype(np.int16)
+    np.save(tmp_path / "scan.npy", frames)
+    image_channel, prefix = _channel(f"{PREFIX}:recv:image"), _channel(f"{PREFIX}:recv:inference")
+    args = {"modelPath": str(small_model), "engine": "zero", "batchTimeout": 0.1}
+    procs.append(start("consumer", consumer_argv(image_channel, prefix, 1, "processors.ptychonn.PtychoNNProcessor", args),
+                       pva_env, tmp_path))
+    procs.append(start("sim", sim_server_argv(tmp_path / "scan.npy", image_channel, fps=1000,
+                                              start_delay_s=START_DELAY_S), pva_env, tmp_path))
+    output = f"{prefix}:1:output"
+    collector = OutputCollector([output])
+    try:
+        assert collector.wait_connected(START_DELAY_S - 1), procs[0].log()[-3000:]
+        got = collector.wait_count(n, timeout_s=60, idle_s=15)
+        status = wait_status([f"{prefix}:1:status"], lambda rs: rs[0]["userStats"]["nFramesProcessed"] >= n)[0]
+    finally:
+        collector.close()
+    assert got == n, f"received {got} of {n}\n" + procs[0].log()[-3000:]
+    received = collector.received[output]
+    assert [r.unique_id for r in received] == list(range(1, n + 1))
+    for r in received:
+        np.testing.assert_array_equal(r.image, frames[r.unique_id - 1].astype(np.float32))
+    user = status["userStats"]
+    assert user["batchRunner"] == "receive" and user["engine"] == "zero"
+    assert user["nFramesProcessed"] == n and user["nFramesDropped"] == 0 and user["nFramesUnaccounted"] == 0
+    assert status["processorStats"]["nMissed"] == 0
