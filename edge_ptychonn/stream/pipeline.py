@@ -325,7 +325,7 @@ class InferencePipeline:
             self._thread = threading.Thread(target=self._run, name="ptychonn-infer", daemon=True)
             self._thread.start()
             self._feed_pending()  # as many as the buffers take; the rest as buffers come free
-            self._call_inference_thread()  # it runs those, whichever thread runs batches later
+            self._call_inference_thread()  # the batches made of frames kept before the engine was ready
         self.log.info(
             "engine %s on %s (%s), input %dx%d, batch %d, model %s; batches run in the %s thread (batchRunner %s)",
             engine.name, engine.device, engine.precision, *engine.input_shape, self.config.batch_size, model_id,
@@ -500,7 +500,8 @@ class InferencePipeline:
 
     def _enqueue(self, batch: Batch) -> None:
         """(lock held) Queue a batch for the batch runner; wake the inference thread unless the
-        receive thread runs it (it does so right after, or the work lock's holder takes it)."""
+        receive thread runs it (right after, or at its next frame when the work lock is taken;
+        the inference thread once no frame has come for HANDOVER_S)."""
         self._frames_in_queue += batch.n
         self._items.append(batch)
         if not self._receive_runs:
