@@ -404,8 +404,8 @@ class InferencePipeline:
         fills (and those left queued) before it returns (see the module's docstring)."""
         received_s = self._last_submit_s = time.perf_counter()
         batcher = self._batcher
-        if self._receive_runs:  # batches left queued (the work lock was taken) go first
-            self._run_here(wait=batcher is not None and not batcher.has_room)
+        if self._receive_runs and batcher is not None and not batcher.has_room:
+            self._run_here(wait=True)  # the batches left queued hold every buffer: run them first
         if batcher is not None and not batcher.has_room and self._drop_unread(pv):
             return
         try:
