@@ -10,7 +10,8 @@ On a GPU (:class:`CudaRunner`, used only when ``torch.cuda.is_available()``):
 two buffer sets, each a page-locked host input and output and a device input;
 host-to-device copies on a copy stream of this consumer, the network on a
 compute stream of this consumer, a CUDA graph per buffer set for the full batch
-(captured at start; partial batches run eagerly), the device-to-host copy
+(captured at start; partial batches run eagerly; ``EngineOptions.cuda_graphs`` False
+runs every batch eagerly, for comparison), the device-to-host copy
 queued behind the compute. ``submit`` returns as soon as the work is queued, so
 the next batch's copy-in overlaps this batch's compute; ``collect`` waits.
 fp32 means fp32 (TF32 off); ``tf32`` allows TF32 tensor-core math. tf32 and bf16
@@ -19,7 +20,7 @@ with one line that says what to use, as the TensorRT engine refuses them.
 On the CPU, ``submit`` computes the batch before it returns, so the engine holds one
 batch at a time (``max_in_flight`` 1): each batch's results are published before
 the next batch runs.
-The CUDA path has not run on a GPU in this project's CI (no GPU there).
+CI has no GPU; the CUDA path was measured on an NVIDIA H200 (docs/benchmarks.md, "GPU").
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ class TorchEngine:
 
         return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
-    def __init__(self, options: EngineOptions, *, cuda_graphs: bool = True):
+    def __init__(self, options: EngineOptions):
         try:
             import torch
 
@@ -115,7 +116,7 @@ class TorchEngine:
         self._cuda: CudaRunner | None = None
         self._results: dict[int, np.ndarray] = {}
         try:
-            self._start(options, signature, module, device, dtype, cuda_graphs)
+            self._start(options, signature, module, device, dtype)
         except RuntimeError as exc:
             if self._device.type != "cuda":
                 raise
@@ -135,7 +136,7 @@ class TorchEngine:
             raise EngineUnavailable(f"CUDA failed on {device}: {type(exc).__name__}: {exc}") from exc
         check_compute_capability(precision, name, tuple(capability))
 
-    def _start(self, options: EngineOptions, signature, module, device: str, dtype, cuda_graphs: bool) -> None:
+    def _start(self, options: EngineOptions, signature, module, device: str, dtype) -> None:
         torch = self._torch
         module = module.eval().to(device=device, dtype=dtype, memory_format=torch.channels_last)
         self._module = module
@@ -153,7 +154,7 @@ class TorchEngine:
         if self._device.type == "cuda":
             self.device = f"{device} ({torch.cuda.get_device_name(self._device)})"
             self._cuda = CudaRunner(torch, self._forward, self._device, self.max_batch, self.input_shape,
-                                    n_slots=self.max_in_flight, cuda_graphs=cuda_graphs)
+                                    n_slots=self.max_in_flight, cuda_graphs=options.cuda_graphs)
         else:
             self.device = "cpu"
         # Warm up: the first call pays for lazy initialisation (and cuDNN autotuning).
@@ -207,6 +208,21 @@ class TorchEngine:
             self._torch.cuda.empty_cache()
 
 
+@contextlib.contextmanager
+def _heuristic_convolutions(torch):
+    """cuDNN picks convolution algorithms by its heuristics, not by timing them: a partial
+    batch is a new input size, and with ``cudnn.benchmark`` its first run would time every
+    algorithm of every layer (about a second on an H200, measured: the stream's last batch
+    came that much late). Full batches stay tuned (warm-up and graph capture)."""
+    cudnn = torch.backends.cudnn
+    before = cudnn.benchmark
+    cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        cudnn.benchmark = before
+
+
 class CudaRunner:
     """Pinned buffers, a copy and a compute stream, CUDA graphs: the torch engine on a GPU.
 
@@ -219,7 +235,8 @@ class CudaRunner:
     2. copy stream: wait for ``done[s]`` (the last compute reading device input s),
        copy n frames host -> device, record ``copied[s]``;
     3. compute stream: wait for ``copied[s]``; replay graph s (n == max_batch) or run
-       the module eagerly on the first n rows; copy the n results device -> pinned
+       the module eagerly on the first n rows (a partial batch with cuDNN's heuristic
+       algorithms: no autotuning for each new size); copy the n results device -> pinned
        output s; record ``done[s]``;
     4. collect: wait for ``done[s]``; return a copy of the n rows of pinned output s.
     """
@@ -278,8 +295,11 @@ class CudaRunner:
                 if self.graphs and n == self.max_batch:
                     self.graphs[s].replay()
                     out = self.graph_out[s]
+                elif n == self.max_batch:
+                    out = self.forward(self.d_in[s])
                 else:
-                    out = self.forward(self.d_in[s][:n])
+                    with _heuristic_convolutions(torch):
+                        out = self.forward(self.d_in[s][:n])
                 self.h_out[s][:n].copy_(out[:n], non_blocking=True)
                 self.done[s].record(self.compute_stream)
 

@@ -404,6 +404,45 @@ def test_torch_cuda_graphs_are_captured_thread_local(monkeypatch):
     assert captures == [{"stream": stream, "capture_error_mode": "thread_local"}] * 2
 
 
+def test_torch_cuda_partial_batches_skip_cudnn_autotuning():
+    """A partial batch is a new input size: with cudnn.benchmark its first run timed every
+    algorithm (477 ms on an H200 against 32 ms without, measured), so the stream's last batch
+    came late. Partial batches run with the heuristics; full ones stay tuned."""
+    import contextlib
+    import types
+
+    torch = pytest.importorskip("torch")
+    from engines.base import Ticket
+    from engines.torch_engine import CudaRunner
+
+    cudnn = types.SimpleNamespace(benchmark=True)
+    seen = []
+
+    def forward(x):
+        seen.append((x.shape[0], cudnn.benchmark))
+        return x * 2
+
+    noop = types.SimpleNamespace(wait_event=lambda e: None, record=lambda s: None, synchronize=lambda: None)
+    runner = object.__new__(CudaRunner)
+    runner.torch = types.SimpleNamespace(
+        inference_mode=contextlib.nullcontext, backends=types.SimpleNamespace(cudnn=cudnn),
+        cuda=types.SimpleNamespace(stream=lambda s: contextlib.nullcontext()))
+    runner.forward, runner.max_batch, runner.graphs = forward, 4, []
+    runner.copy_stream = runner.compute_stream = noop
+    runner.copied = runner.done = [noop]
+    runner.h_in = [torch.zeros(4, 1, 2, 2)]
+    runner.h_in_np = [runner.h_in[0].numpy()]
+    runner.h_out = [torch.zeros(4, 1, 2, 2)]
+    runner.h_out_np = [runner.h_out[0].numpy()]
+    runner.d_in = [torch.zeros(4, 1, 2, 2)]
+    for n in (3, 4):
+        batch = np.arange(n * 4, dtype=np.float32).reshape(n, 1, 2, 2)
+        ticket = Ticket(seq=n, slot=0, n=n)
+        runner.submit(ticket, batch)
+        assert np.array_equal(runner.collect(ticket), 2 * batch)
+    assert seen == [(3, False), (4, True)] and cudnn.benchmark  # restored after the partial batch
+
+
 @pytest.mark.parametrize("bad, why", [
     ({"max_batch": 0}, "max_batch must be an integer >= 1, got 0"),
     ({"max_batch": -3}, "max_batch must be an integer >= 1, got -3"),
