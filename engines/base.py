@@ -113,6 +113,7 @@ class EngineOptions:
     consumers: int = 1  # consumers sharing this machine's cores (cpu_layout's share)
     processor_id: int = 1  # picks the GPU with device='auto': (id - 1) % n_gpus
     plan_cache_dir: Path | None = None  # TensorRT plans; None: default_plan_cache_dir()
+    cuda_graphs: bool = True  # torch on a GPU: replay a captured CUDA graph for full batches
 
     def __post_init__(self) -> None:
         """ValueError naming the option for values no engine can run with (before: a batch size

@@ -1306,3 +1306,82 @@ def test_final_statuses_are_read_once_taken_after_the_stream(monkeypatch):
     t0 = time.monotonic()
     assert bench_pipeline._statuses_after(100.0, ["a"], None, None, timeout_s=0.3) == [{"objectTime": 1.0}]
     assert time.monotonic() - t0 < 5
+
+
+def test_the_delivered_rate_leaves_out_each_consumers_last_partial_batch():
+    """A stream of 2250 frames at 1500/s whose last 2 frames (a partial batch) wait for the
+    50 ms batch timeout and a first run of that size: the pipeline kept up (before: 1403
+    delivered, 'falling behind', measured on a GPU). A real backlog still shows."""
+    kept = [k / 1500.0 for k in range(2248)] + [2249 / 1500.0 + 0.083] * 2
+    assert bench_pipeline.delivered_rate(kept, 8) == pytest.approx(1500.0, rel=1e-3)
+    assert bench_pipeline.delivered_rate(kept, 0) < 0.97 * 1500.0  # what the old measure said
+    behind = [k / 1000.0 for k in range(2250)]  # the consumer delivers 1000/s of the 1500 offered
+    assert bench_pipeline.delivered_rate(behind, 8) == pytest.approx(1000.0, rel=1e-3)
+    few = [0.0, 0.1, 0.2, 0.3]  # the tail would leave less than half: all arrivals count
+    assert bench_pipeline.delivered_rate(few, 8) == pytest.approx(10.0)
+    assert bench_pipeline.delivered_rate([1.0], 8) == 0.0 == bench_pipeline.delivered_rate([], 0)
+
+
+def test_pipeline_climb_finds_the_ptychonn_ceiling_from_below_at_n_times_the_start(tmp_path, monkeypatch):
+    """--pipeline-climb --ceiling-per-consumer: the PtychoNN sweep climbs like the ceilings do, from
+    --ceiling-start x N (an engine faster than the transport has no useful fractions)."""
+    asked = []
+
+    def run_point(settings, processor, n, rate, *args):
+        asked.append((processor, n, rate))
+        point = fake_point(rate, capacity=400.0 * n)
+        point.processor, point.n_consumers = processor, n
+        return point
+
+    monkeypatch.setattr(bench_pipeline, "run_point", run_point)
+    monkeypatch.setattr(bench.live, "use_loopback", lambda: {})
+    monkeypatch.setattr(bench.live, "loopback_multicast", lambda: (True, "on"))
+    monkeypatch.setattr(bench, "_engine_alone", lambda *args: 26000.0)
+    args = bench.get_args_parser().parse_args([
+        "--skip", "warm,engine,framepath,zero,passthrough", "--consumers", "1,2", "--no-plots",
+        "--pipeline-climb", "--ceiling-start", "200", "--ceiling-per-consumer", "--ceiling-factor", "1.5",
+        "--refine", "0", "--model", str(tiny_model(tmp_path / "tiny.onnx")), "--out", str(tmp_path / "out"),
+    ])
+    assert bench.main(args) == 0
+    assert asked == [("ptychonn", 1, 200.0), ("ptychonn", 1, 300.0), ("ptychonn", 1, 450.0),
+                     ("ptychonn", 2, 400.0), ("ptychonn", 2, 600.0), ("ptychonn", 2, 900.0)]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [r["ptychonn_fps"] for r in report["ratios"]] == [300.0, 600.0]
+
+
+class _FakeGpuEngine:
+    """Stands in for the torch engine on a GPU: records how it was made."""
+
+    made: list = []
+    name, precision, input_shape, max_in_flight = "torch", "fp16", (8, 8), 1
+
+    def __init__(self, options):
+        self.max_batch, self.device = options.max_batch, "cuda:0 (fake GPU)"
+        _FakeGpuEngine.made.append((options.max_batch, options.cuda_graphs))
+
+    def infer(self, batch):
+        return batch
+
+    def close(self):
+        pass
+
+
+def test_the_torch_gpu_engine_is_timed_at_full_batches_with_and_without_cuda_graphs(tmp_path, monkeypatch):
+    """Its CUDA graph is captured for the engine's full batch: one engine per batch size, so that
+    batch 8 is not timed on an engine made for 64 (eagerly); --cuda-graphs both times each twice."""
+    import engines
+
+    _FakeGpuEngine.made = []
+    monkeypatch.setattr(engines, "create_engine", lambda name, options: _FakeGpuEngine(options))
+    results, skipped = bench_engine.bench_engines(tmp_path / "m.onnx", ["torch"], [8, 64], {"torch": ("fp16",)},
+                                                  0.01, 1e3, {}, threads=[1], device="cuda",
+                                                  cuda_graphs=(True, False))
+    assert not skipped and _FakeGpuEngine.made == [(8, True), (64, True), (8, False), (64, False)]
+    assert [(r.batch, r.cuda_graphs, r.percent_of_peak) for r in results] == [
+        (8, True, None), (64, True, None), (8, False, None), (64, False, None)]
+    table = bench_report.engine_table({"engine": [r.to_dict() for r in results]}).splitlines()
+    assert table[0].split("|")[-2].strip() == "CUDA graphs"
+    assert [row.split("|")[-2].strip() for row in table[2:]] == ["yes", "yes", "no", "no"]
+    # on the CPU one engine times every batch, and the table has no such column
+    assert "CUDA graphs" not in bench_report.engine_table({"engine": [{**r.to_dict(), "cuda_graphs": None}
+                                                                     for r in results]})

@@ -158,6 +158,8 @@ def get_args_parser(prog: str = "edge-ptychonn bench") -> argparse.ArgumentParse
                         "shared machine only slows a window down)")
     g.add_argument("--peak-seconds", type=_number(float, 0, above=True), default=0.7, help="timing of each peak matrix product")
     g.add_argument("--peak-sizes", type=_ints, default=[512, 1024, 2048], help="matrix sizes of the peak measurement")
+    g.add_argument("--cuda-graphs", default="on", choices=("on", "off", "both"),
+                   help="torch on a GPU: time full batches replayed from CUDA graphs (on), run eagerly (off), or both")
     g.add_argument("--device", type=_device, default="cpu",
                    help="engine device: 'cpu', 'auto', 'cuda' or 'cuda:N' (consumers given 'auto' take GPU (processorId - 1) %% nGPUs)")
     g = parser.add_argument_group("pipeline")
@@ -183,8 +185,15 @@ def get_args_parser(prog: str = "edge-ptychonn bench") -> argparse.ArgumentParse
     g.add_argument("--rate-fractions", type=_floats, default=[0.6, 0.8, 0.9, 1.0, 1.1],
                    help="offered rates as fractions of the engine-alone rate of the pipeline's engine, precision and batch "
                         "(to 0.1 frames/s; a fraction whose rate rounds to 0 is left out)")
+    g.add_argument("--pipeline-climb", action="store_true",
+                   help="find the PtychoNN pipeline's highest lossless rate by climbing from --ceiling-start, as the "
+                        "zero-cost and passthrough sweeps do, instead of at fractions of its engine alone (for engines "
+                        "faster than the transport: GPUs)")
     g.add_argument("--ceiling-start", type=_number(float, 1), default=500.0,
-                   help="first offered rate (frames/s) of the zero-cost and passthrough sweeps, which climb from there")
+                   help="first offered rate (frames/s) of the zero-cost and passthrough sweeps (and of the pipeline's "
+                        "with --pipeline-climb), which climb from there")
+    g.add_argument("--ceiling-per-consumer", action="store_true",
+                   help="the climbs start at --ceiling-start x N for N consumers")
     g.add_argument("--ceiling-factor", type=_number(float, 1, above=True), default=1.5, help="rate step of those sweeps (x up, / down)")
     g.add_argument("--ceiling-points", type=_number(int, 1), default=8, help="points of a climb at most (before bisection)")
     g.add_argument("--duration", type=_number(float, 0, above=True, high=3600), default=3.0, help="stream length per point (s)")
@@ -385,6 +394,7 @@ def main(args: argparse.Namespace) -> int:
                     flops.flops_per_frame, report["peaks"], threads=args.threads or _threads("1,all"),
                     device=args.device, progress=progress, repeats=args.engine_repeats,
                     workers=args.workers or _threads("1,all"), into=engine_results,
+                    cuda_graphs={"on": (True,), "off": (False,), "both": (True, False)}[args.cuda_graphs],
                 )
             finally:
                 report["engine"] = [r.to_dict() for r in engine_results]
@@ -418,10 +428,14 @@ def main(args: argparse.Namespace) -> int:
                 ratios.append(row)
                 if "pipeline" not in args.skip:
                     progress.stage(f"pipeline: {n} PtychoNN consumer(s), {settings.engine} {settings.precision} batch {settings.batch}")
-                    rates = _rates(args.rate_fractions, engine_alone, progress) if engine_alone else []
-                    points = _swept(report, lambda into: bp.sweep(
-                        settings, "ptychonn", n, rates, base_frames, out_dir, env, procs, args.stop_after, args.refine,
-                        progress, delay, extend=args.extend, down=args.down, into=into))
+                    if args.pipeline_climb:
+                        points = _swept(report, lambda into: _climb(args, settings, "ptychonn", n, base_frames,
+                                                                    out_dir, env, procs, progress, delay, into))
+                    else:
+                        rates = _rates(args.rate_fractions, engine_alone, progress) if engine_alone else []
+                        points = _swept(report, lambda into: bp.sweep(
+                            settings, "ptychonn", n, rates, base_frames, out_dir, env, procs, args.stop_after,
+                            args.refine, progress, delay, extend=args.extend, down=args.down, into=into))
                     best = bp.best_sustained(points)
                     if best:
                         row["ptychonn_fps"] = best.kept_up_fps
@@ -433,12 +447,9 @@ def main(args: argparse.Namespace) -> int:
                                          ("passthrough", "passthrough (transport ceiling)")):
                     if processor in args.skip:
                         continue
-                    progress.stage(f"{title}: {n} consumer(s), climbing from {args.ceiling_start:.0f} fps")
-                    points = _swept(report, lambda into: bp.ceiling_sweep(
-                        settings, processor, n, args.ceiling_start, base_frames, out_dir, env, procs,
-                        factor=args.ceiling_factor, max_points=args.ceiling_points, refine=args.refine,
-                        progress=progress, delay=delay, down=args.down, into=into,
-                    ))
+                    progress.stage(f"{title}: {n} consumer(s), climbing from {_ceiling_start(args, n):.0f} fps")
+                    points = _swept(report, lambda into: _climb(args, settings, processor, n, base_frames, out_dir,
+                                                                env, procs, progress, delay, into))
                     best = bp.best_sustained(points)
                     row[f"{processor}_fps"] = best.kept_up_fps if best else None
                     # the server could not offer more: the ceiling is at least that rate
@@ -468,6 +479,23 @@ def main(args: argparse.Namespace) -> int:
     print(br.summary_text(report))
     print(f"\nreport: {out_dir / 'report.json'}")
     return 130 if report.get("interrupted") else 0
+
+
+def _ceiling_start(args, n_consumers: int) -> float:
+    """The first rate of a climb: --ceiling-start, times N with --ceiling-per-consumer."""
+    return args.ceiling_start * (n_consumers if args.ceiling_per_consumer else 1)
+
+
+def _climb(args, settings, processor: str, n_consumers: int, base_frames, out_dir, env, procs, progress, delay,
+           into: list) -> list:
+    """bench_pipeline.ceiling_sweep with the command line's climb settings."""
+    from . import bench_pipeline as bp
+
+    return bp.ceiling_sweep(
+        settings, processor, n_consumers, _ceiling_start(args, n_consumers), base_frames, out_dir, env, procs,
+        factor=args.ceiling_factor, max_points=args.ceiling_points, refine=args.refine, progress=progress,
+        delay=delay, down=args.down, into=into,
+    )
 
 
 def _swept(report: dict, run) -> list:

@@ -233,6 +233,7 @@ class EngineResult:
     emulated: bool = False  # the precision has no instructions on this CPU: compared with the fp32 peak
     peak_basis: str | None = None  # the precision whose measured peak the percentage is of
     workers: int = 1  # cpu_workers: copies of the engine running batches at once (engines.workers)
+    cuda_graphs: bool | None = None  # torch on a GPU: full batches replayed from a CUDA graph (None: not torch CUDA)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -279,15 +280,16 @@ def bench_engines(
     model_path: Path, engines: list[str], batches: list[int], precisions: dict[str, tuple[str, ...]],
     seconds: float, flops_per_frame: float, peaks: dict, threads: list[int] | None = None, device: str = "cpu",
     progress=None, repeats: int = 1, workers: list[int] | None = None, into: list | None = None,
+    cuda_graphs: tuple[bool, ...] = (True,),
 ) -> tuple[list[EngineResult], list[dict]]:
     """Time every (engine, precision, layout, batch), best of ``repeats`` windows of
     ``seconds``; returns (results, skipped with reasons). A layout is ``threads`` per
     engine and ``workers`` engine copies running batches at once; on the CPU, more
     than one worker only where workers x threads fits the cores (when no layout
-    does, each is in skipped with the reason). ``into`` gets each result as it is
-    measured (a run cut short keeps those)."""
-    from engines import EngineOptions, create_engine, registry
-
+    does, each is in skipped with the reason). On a GPU the torch engine runs once
+    per value of ``cuda_graphs`` (with and without CUDA graphs), with an engine per batch
+    size (its graph is captured for the engine's full batch). ``into`` gets each
+    result as it is measured (a run cut short keeps those)."""
     rng = np.random.default_rng(0)
     results, skipped = [], []
     cores = usable_cores()
@@ -301,44 +303,65 @@ def bench_engines(
             skipped.append({"engine": e, "precision": p, "threads": t, "workers": w, "reason": reason})
             if progress:
                 progress(f"engine {e} {p} {t} thread(s) x {w} workers: skipped ({reason})")
-    for name, precision, (n_threads, n_workers) in [
-        (e, p, layout) for e in engines for p in precisions.get(e, ("fp32",)) for layout in layouts
+    graph_modes = tuple(dict.fromkeys(cuda_graphs)) or (True,)
+    for name, precision, (n_threads, n_workers), graphs in [
+        (e, p, layout, g) for e in engines for p in precisions.get(e, ("fp32",)) for layout in layouts
+        for g in (graph_modes if e == "torch" and device != "cpu" else (True,))
     ]:
-        label = f"{name} {precision} {n_threads} thread(s)" + (f" x {n_workers} workers" if n_workers > 1 else "")
-        try:
-            engine = create_engine(name, EngineOptions(
-                model_path=model_path, device=device, precision=precision,
-                max_batch=max(batches), cpu_threads=n_threads, cpu_workers=n_workers,
-            ))
-        except Exception as exc:  # a library missing, or an engine that cannot load this model: report why
-            reason = f"{type(exc).__name__}: {exc}"
-            skipped.append({"engine": name, "precision": precision, "threads": n_threads, "workers": n_workers,
-                            "reason": reason})
-            if progress:
-                progress(f"engine {label}: skipped ({reason})")
-            continue
-        try:
-            # 'auto' stands for the engine and precision it chose: those declare what is native
-            ran, ran_precision = (engine.name, engine.precision) if name == "auto" else (name, precision)
-            shown = f"auto ({ran})" if name == "auto" else name
-            label = label.replace(f"{name} {precision} ", f"{shown} {ran_precision} ", 1)
-            on_cpu = engine.device.startswith("cpu")
-            emulated = on_cpu and not registry.spec(ran).native_on_cpu(ran_precision)
-            # a share of the peak only for engines that do the model's arithmetic (not the zero-cost stand-in)
-            basis = (("fp32" if emulated or ran_precision == "tf32" else ran_precision)
-                     if on_cpu and registry.spec(ran).computes_model else None)
-            for batch in batches:
-                fps, ms, n = time_engine(engine, batch, seconds, rng, repeats)
-                peak = peaks.get(basis, {}).get("flops_per_s") if basis else None
-                pct = 100.0 * fps * flops_per_frame / peak if peak else None
-                results.append(EngineResult(shown, engine.device, ran_precision, n_threads, batch, fps, ms, n, pct,
-                                            emulated, basis, n_workers))
-                if into is not None:
-                    into.append(results[-1])
-                if progress:
-                    pct_text = f", {pct:.1f} % of {basis} peak" if pct is not None else ""
-                    pct_text += " (emulated precision)" if emulated else ""
-                    progress(f"engine {label} batch {batch}: {fps:.1f} frames/s{pct_text}")
-        finally:
-            engine.close()
+        # torch on a GPU captures its graph for the engine's full batch: one engine per batch size,
+        # so that each batch is a full one (others time every batch on one engine)
+        groups = [[b] for b in batches] if name == "torch" and device != "cpu" else [batches]
+        for group in groups:
+            if not _time_layout(name, precision, n_threads, n_workers, graphs, group, model_path, device, seconds,
+                                flops_per_frame, peaks, rng, repeats, results, skipped, into, progress):
+                break  # the engine cannot start: said once, in skipped
     return results, skipped
+
+
+def _time_layout(name: str, precision: str, n_threads: int, n_workers: int, graphs: bool, batches: list[int],
+                 model_path: Path, device: str, seconds: float, flops_per_frame: float, peaks: dict, rng,
+                 repeats: int, results: list, skipped: list, into: list | None, progress) -> bool:
+    """Time one engine (created for the largest of ``batches``) at each of ``batches``; False
+    (and the reason in ``skipped``) when it cannot start."""
+    from engines import EngineOptions, create_engine, registry
+
+    label = f"{name} {precision} {n_threads} thread(s)" + (f" x {n_workers} workers" if n_workers > 1 else "")
+    label += "" if graphs else " without CUDA graphs"
+    try:
+        engine = create_engine(name, EngineOptions(
+            model_path=model_path, device=device, precision=precision,
+            max_batch=max(batches), cpu_threads=n_threads, cpu_workers=n_workers, cuda_graphs=graphs,
+        ))
+    except Exception as exc:  # a library missing, or an engine that cannot load this model: report why
+        reason = f"{type(exc).__name__}: {exc}"
+        skipped.append({"engine": name, "precision": precision, "threads": n_threads, "workers": n_workers,
+                        "reason": reason})
+        if progress:
+            progress(f"engine {label}: skipped ({reason})")
+        return False
+    try:
+        # 'auto' stands for the engine and precision it chose: those declare what is native
+        ran, ran_precision = (engine.name, engine.precision) if name == "auto" else (name, precision)
+        shown = f"auto ({ran})" if name == "auto" else name
+        label = label.replace(f"{name} {precision} ", f"{shown} {ran_precision} ", 1)
+        on_cpu = engine.device.startswith("cpu")
+        emulated = on_cpu and not registry.spec(ran).native_on_cpu(ran_precision)
+        # a share of the peak only for engines that do the model's arithmetic (not the zero-cost stand-in)
+        basis = (("fp32" if emulated or ran_precision == "tf32" else ran_precision)
+                 if on_cpu and registry.spec(ran).computes_model else None)
+        torch_cuda = ran == "torch" and not on_cpu
+        for batch in batches:
+            fps, ms, n = time_engine(engine, batch, seconds, rng, repeats)
+            peak = peaks.get(basis, {}).get("flops_per_s") if basis else None
+            pct = 100.0 * fps * flops_per_frame / peak if peak else None
+            results.append(EngineResult(shown, engine.device, ran_precision, n_threads, batch, fps, ms, n, pct,
+                                        emulated, basis, n_workers, graphs if torch_cuda else None))
+            if into is not None:
+                into.append(results[-1])
+            if progress:
+                pct_text = f", {pct:.1f} % of {basis} peak" if pct is not None else ""
+                pct_text += " (emulated precision)" if emulated else ""
+                progress(f"engine {label} batch {batch}: {fps:.1f} frames/s{pct_text}")
+    finally:
+        engine.close()
+    return True

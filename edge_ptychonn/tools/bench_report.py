@@ -50,13 +50,17 @@ def _percent(r: dict) -> str | None:
 
 
 def engine_table(report: dict) -> str:
+    """The engine-alone table; a column 'CUDA graphs' where the torch engine ran on a GPU."""
+    results = report.get("engine", [])
+    graphs = any(r.get("cuda_graphs") is not None for r in results)
     rows = [
         [r["engine"], r["precision"], r["threads"], r.get("workers", 1), r["batch"], r["frames_per_s"],
          r["batch_ms_p50"], _percent(r)]
-        for r in report.get("engine", [])
+        + ([{None: "", True: "yes", False: "no"}[r.get("cuda_graphs")]] if graphs else [])
+        for r in results
     ]
-    return table(["engine", "precision", "threads", "workers", "batch", "frames/s", "ms/batch p50", "% of peak"], rows,
-                 ["", "", "", "", "", ".1f", ".1f", ""])
+    return table(["engine", "precision", "threads", "workers", "batch", "frames/s", "ms/batch p50", "% of peak"]
+                 + (["CUDA graphs"] if graphs else []), rows, ["", "", "", "", "", ".1f", ".1f", ""] + ([""] if graphs else []))
 
 
 def peak_table(report: dict) -> str:
@@ -273,13 +277,15 @@ def _draw_plots(report: dict, out_dir: Path, plt, written: list[str]) -> None:
     engine = report.get("engine", [])
     if engine:
         fig, ax = plt.subplots(figsize=(7, 4.2))
-        configs = list(dict.fromkeys((r["engine"], r["precision"], r["threads"], r.get("workers", 1)) for r in engine))
+        key = lambda r: (r["engine"], r["precision"], r["threads"], r.get("workers", 1), r.get("cuda_graphs"))  # noqa: E731
+        configs = list(dict.fromkeys(key(r) for r in engine))
         batches = sorted({r["batch"] for r in engine})
         width = 0.8 / max(len(configs), 1)
         for i, config in enumerate(configs):
             values = {r["batch"]: r["frames_per_s"] for r in engine
-                      if (r["engine"], r["precision"], r["threads"], r.get("workers", 1)) == config}
+                      if key(r) == config}
             workers = f" x {config[3]} workers" if config[3] > 1 else ""
+            workers += " without CUDA graphs" if config[4] is False else ""
             ax.bar([j + i * width for j in range(len(batches))], [values.get(b, 0) for b in batches], width,
                    label=f"{config[0]} {config[1]}, {config[2]} thread(s){workers}")
         ax.set_xticks([j + width * (len(configs) - 1) / 2 for j in range(len(batches))], [f"batch {b}" for b in batches])
