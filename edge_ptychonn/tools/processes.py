@@ -66,14 +66,39 @@ def use_loopback(keep_site: bool = False) -> dict:
     return env
 
 
+_IFF_MULTICAST = 0x1000
+_SIOCGIFFLAGS, _SIOCSIFFLAGS = 0x8913, 0x8914
+
+
+def _loopback_multicast_ioctl() -> tuple[bool, str]:
+    """``loopback_multicast`` without the ``ip`` command: the interface flags through
+    the kernel's ioctl (reading needs nothing; setting needs root or CAP_NET_ADMIN)."""
+    import fcntl
+    import socket
+    import struct
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            request = struct.pack("16sH", b"lo", 0)
+            flags = struct.unpack("16sH", fcntl.ioctl(sock, _SIOCGIFFLAGS, request)[:18])[1]
+            if flags & _IFF_MULTICAST:
+                return True, "already on"
+            fcntl.ioctl(sock, _SIOCSIFFLAGS, struct.pack("16sH", b"lo", flags | _IFF_MULTICAST))
+        except OSError as exc:
+            return False, (f"turning on multicast on lo failed (needs root; the 'ip' command is missing too: "
+                           f"apt-get install iproute2): {exc}")
+    return True, "turned on"
+
+
 def loopback_multicast() -> tuple[bool, str]:
     """Turn on multicast on ``lo`` (needed when several PVA servers share a host).
 
-    Returns (ok, reason). Needs root (or CAP_NET_ADMIN) and the ``ip`` command.
+    Returns (ok, reason). Needs root (or CAP_NET_ADMIN); with the ``ip`` command,
+    else through the kernel's interface-flags ioctl.
     """
     ip = shutil.which("ip")
     if ip is None:
-        return False, "the 'ip' command is missing (apt-get install iproute2)"
+        return _loopback_multicast_ioctl()
     show = subprocess.run([ip, "link", "show", "lo"], capture_output=True, text=True)
     if "MULTICAST" in show.stdout:
         return True, "already on"
