@@ -731,10 +731,7 @@ def test_ratios_come_from_the_rates_each_sweep_kept_up_with(tmp_path, monkeypatc
         point.processor, point.delivered_fps = processor, point.offered_fps * 1.05
         return point
 
-    monkeypatch.setattr(bench_pipeline, "run_point", run_point)
-    monkeypatch.setattr(bench.live, "use_loopback", lambda: {})
-    monkeypatch.setattr(bench.live, "loopback_multicast", lambda: (True, "on"))
-    monkeypatch.setattr(bench, "_engine_alone", lambda *args: 100.0)
+    fake_streaming(monkeypatch, run_point)
     args = bench.get_args_parser().parse_args([
         "--skip", "warm,engine,framepath,zero", "--consumers", "1", "--ceiling-start", "60", "--no-plots",
         "--model", str(tiny_model(tmp_path / "tiny.onnx")), "--out", str(tmp_path / "out"),
@@ -842,12 +839,12 @@ def test_the_frame_path_alone_keeps_pva_on_loopback(tmp_path, monkeypatch):
     assert seen == LOOPBACK_ENV
 
 
-def fake_streaming(monkeypatch, run_point):
-    """main() with the points of ``run_point`` and an engine-alone rate of 100 frames/s."""
+def fake_streaming(monkeypatch, run_point, engine_alone: float = 100.0):
+    """main() with the points of ``run_point`` and an engine-alone rate of ``engine_alone`` frames/s."""
     monkeypatch.setattr(bench_pipeline, "run_point", run_point)
     monkeypatch.setattr(bench.live, "use_loopback", lambda: {})
     monkeypatch.setattr(bench.live, "loopback_multicast", lambda: (True, "on"))
-    monkeypatch.setattr(bench, "_engine_alone", lambda *args: 100.0)
+    monkeypatch.setattr(bench, "_engine_alone", lambda *args: engine_alone)
 
 
 def test_an_interrupted_sweep_leaves_its_points_in_the_report(tmp_path, monkeypatch):
@@ -1333,10 +1330,7 @@ def test_pipeline_climb_finds_the_ptychonn_ceiling_from_below_at_n_times_the_sta
         point.processor, point.n_consumers = processor, n
         return point
 
-    monkeypatch.setattr(bench_pipeline, "run_point", run_point)
-    monkeypatch.setattr(bench.live, "use_loopback", lambda: {})
-    monkeypatch.setattr(bench.live, "loopback_multicast", lambda: (True, "on"))
-    monkeypatch.setattr(bench, "_engine_alone", lambda *args: 26000.0)
+    fake_streaming(monkeypatch, run_point, engine_alone=26000.0)
     args = bench.get_args_parser().parse_args([
         "--skip", "warm,engine,framepath,zero,passthrough", "--consumers", "1,2", "--no-plots",
         "--pipeline-climb", "--ceiling-start", "200", "--ceiling-per-consumer", "--ceiling-factor", "1.5",
