@@ -127,6 +127,49 @@ def test_unknown_peak_library_is_refused():
         bench_engine.measure_peak("bf16", "onnxruntime", size=8, seconds=0.01)
 
 
+def test_gpu_peaks_are_torch_and_tf32_is_a_gpu_precision():
+    """On a GPU the peak is torch's matrix product (the others run on the CPU); tf32 has no CPU
+    peak, and measure_peaks leaves it out there. Each peak says where it was measured."""
+    with pytest.raises(ValueError, match="with torch, not 'numpy'"):
+        bench_engine.measure_peak("fp32", "numpy", size=8, seconds=0.01, device="cuda:0")
+    with pytest.raises(ValueError, match="tf32 is a GPU precision"):
+        bench_engine.measure_peak("tf32", "torch", size=8, seconds=0.01)
+    pytest.importorskip("torch")
+    peaks = bench_engine.measure_peaks(["fp32", "tf32"], seconds=0.01, sizes=(32,))
+    assert set(peaks) == {"fp32"} and peaks["fp32"]["device"] == "cpu"
+
+
+def test_tf32_is_allowed_only_while_its_gpu_peak_is_timed():
+    torch = pytest.importorskip("torch")
+    before = torch.backends.cuda.matmul.allow_tf32
+    for allow in (True, False):
+        with bench_engine._tf32(torch, allow):
+            assert torch.backends.cuda.matmul.allow_tf32 is allow
+        assert torch.backends.cuda.matmul.allow_tf32 == before
+
+
+@pytest.mark.parametrize("engine, precision, on_cpu, emulated, peak_device, basis", [
+    ("torch", "fp16", False, False, "cuda:0", "fp16"),  # a GPU engine against the GPU's own peak
+    ("torch", "fp16", False, False, "cpu", None),  # ... never against a CPU's
+    ("torch", "fp16", True, True, "cpu", "fp32"),  # emulated on a CPU: against its fp32 peak
+    ("onnxruntime", "fp32", True, False, "cpu", "fp32"),
+    ("onnxruntime", "fp32", True, False, "cuda:0", None),  # peaks of a GPU say nothing of a CPU engine
+    ("zero", "fp32", True, False, "cpu", None),  # does none of the model's arithmetic
+])
+def test_a_share_of_the_peak_is_of_the_device_the_engine_ran_on(engine, precision, on_cpu, emulated, peak_device,
+                                                                basis):
+    peaks = {p: {"flops_per_s": 1e12, "device": peak_device} for p in ("fp32", "fp16")}
+    assert bench_engine._peak_basis(engine, precision, on_cpu, emulated, peaks) == basis
+
+
+def test_the_peak_table_names_the_gpu_it_was_measured_on():
+    peak = {"flops_per_s": 7.9e14, "by_library": {"torch": 7.9e14}, "emulated": False, "device": "cuda:0"}
+    lines = bench_report.peak_table({"peaks": {"bf16": peak}}).splitlines()
+    assert lines[0].split("|")[-2].strip() == "on this GPU" and lines[2].split("|")[-2].strip() == "cuda:0"
+    cpu = {**peak, "device": "cpu", "by_library": {"numpy": 1e11}}
+    assert bench_report.peak_table({"peaks": {"fp32": cpu}}).splitlines()[2].split("|")[-2].strip() == "native"
+
+
 def test_onnxruntime_peak_times_a_real_matrix_product():
     rng = np.random.default_rng(1)
     a, b = rng.standard_normal((2, 64, 64), dtype=np.float32)

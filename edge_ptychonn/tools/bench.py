@@ -157,7 +157,9 @@ def get_args_parser(prog: str = "edge-ptychonn bench") -> argparse.ArgumentParse
                    help="timing windows per engine, precision and batch; the best counts (a passing load on a "
                         "shared machine only slows a window down)")
     g.add_argument("--peak-seconds", type=_number(float, 0, above=True), default=0.7, help="timing of each peak matrix product")
-    g.add_argument("--peak-sizes", type=_ints, default=[512, 1024, 2048], help="matrix sizes of the peak measurement")
+    g.add_argument("--peak-sizes", type=_ints, default=None,
+                   help="matrix sizes of the peak measurement (default: 512, 1024, 2048 on the CPU; 2048, 4096, "
+                        "8192 on a GPU)")
     g.add_argument("--cuda-graphs", default="on", choices=("on", "off", "both"),
                    help="torch on a GPU: time full batches replayed from CUDA graphs (on), run eagerly (off), or both")
     g.add_argument("--device", type=_device, default="cpu",
@@ -217,7 +219,7 @@ def apply_quick(args: argparse.Namespace) -> None:
         "engine_seconds": 0.2,
         "engine_repeats": 1,
         "peak_seconds": 0.2,
-        "peak_sizes": [512, 1024],  # 256 is too small: it measured bf16 a third below its peak
+        "peak_sizes": [512, 1024],  # 256 is too small: it measured bf16 a third below its peak (a CPU's)
         "consumers": [1],
         "rate_fractions": [0.3],
         "ceiling_start": 200.0,
@@ -382,9 +384,16 @@ def main(args: argparse.Namespace) -> int:
             progress.stage(f"engine alone: {flops.flops_per_frame / 1e9:.3f} GFLOP per frame")
             precisions = _precisions(args)
             # fp32 always: emulated precisions are compared with it; tf32 has no CPU matrix product
-            wanted = sorted(({p for ps in precisions.values() for p in ps} | {"fp32"}) - {"tf32"})
-            progress(f"peak: square matrix products of {args.peak_sizes}, {', '.join(wanted)}")
-            report["peaks"] = be.measure_peaks(wanted, args.peak_seconds, args.peak_sizes)
+            peak_device = _peak_device(args.device)
+            wanted = sorted(({p for ps in precisions.values() for p in ps} | {"fp32"})
+                            - ({"tf32"} if peak_device == "cpu" else set()))
+            sizes = args.peak_sizes or ([512, 1024, 2048] if peak_device == "cpu" else [2048, 4096, 8192])
+            progress(f"peak on {peak_device}: square matrix products of {sizes}, {', '.join(wanted)}")
+            try:
+                report["peaks"] = be.measure_peaks(wanted, args.peak_seconds, sizes, device=peak_device)
+            except RuntimeError as exc:  # the GPU refused (memory, driver): no percentages, the engines still run
+                report["peaks"] = {}
+                progress(f"peak on {peak_device} not measured ({type(exc).__name__}: {exc}): no '% of peak'")
             for precision, peak in report["peaks"].items():
                 note = " (emulated on this CPU: not a limit of the machine)" if peak.get("emulated") else ""
                 progress(f"peak {precision}: {peak['flops_per_s'] / 1e9:.1f} GFLOP/s{note}")
@@ -479,6 +488,18 @@ def main(args: argparse.Namespace) -> int:
     print(br.summary_text(report))
     print(f"\nreport: {out_dir / 'report.json'}")
     return 130 if report.get("interrupted") else 0
+
+
+def _peak_device(device: str) -> str:
+    """Where the engines of ``--device`` run, for the peak: 'cpu', or the GPU ('cuda:N') that
+    'auto' or 'cuda' would take (the first) when torch sees one."""
+    if device == "cpu":
+        return "cpu"
+    from engines.torch_engine import TorchEngine
+
+    if TorchEngine.count_gpus() == 0:
+        return "cpu"
+    return device if device.startswith("cuda:") and "," not in device else "cuda:0"
 
 
 def _ceiling_start(args, n_consumers: int) -> float:

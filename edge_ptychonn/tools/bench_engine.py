@@ -18,13 +18,15 @@ the CPU has no instructions for (e.g. fp16 without AVX512-FP16/AMX-FP16, as the
 engines declare in their ``SPEC.cpu_native``) is emulated: its matrix product
 measures the emulation, not a limit of the machine, so engines in an emulated
 precision are compared with the fp32 peak (the units that really do the work)
-and marked ``emulated``.
+and marked ``emulated``. With ``--device`` on a GPU the peaks are the GPU's: torch's
+matrix product there, fp32 (TF32 off), tf32, bf16 and fp16, on larger matrices.
 
 Engines and precisions come from the engines' own declarations (``SPEC``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -140,8 +142,16 @@ def count_flops(model_path: str | Path) -> FlopCount:
 
 
 # -- machine peak ------------------------------------------------------------------------
-def measure_peak(precision: str = "fp32", library: str = "torch", size: int = 2048, seconds: float = 1.0) -> float:
-    """Best FLOP/s of a ``size`` x ``size`` matrix product (2 size^3 FLOPs) over ``seconds``."""
+def measure_peak(precision: str = "fp32", library: str = "torch", size: int = 2048, seconds: float = 1.0,
+                 device: str = "cpu") -> float:
+    """Best FLOP/s of a ``size`` x ``size`` matrix product (2 size^3 FLOPs) over ``seconds``;
+    torch only on a GPU (``device`` 'cuda:N'), each product timed to its end
+    (``torch.cuda.synchronize``). tf32 only on a GPU: fp32 with TF32 tensor-core math
+    (fp32 is fp32 there, TF32 off, as the engines run it)."""
+    if device != "cpu" and library != "torch":
+        raise ValueError(f"on a GPU the peak is measured with torch, not {library!r}")
+    if precision == "tf32" and device == "cpu":
+        raise ValueError("tf32 is a GPU precision: its peak is measured on a GPU only")
     flops = 2.0 * size**3
     rng = np.random.default_rng(0)
     a = rng.standard_normal((size, size), dtype=np.float32)
@@ -160,24 +170,46 @@ def measure_peak(precision: str = "fp32", library: str = "torch", size: int = 20
     elif library == "torch":
         import torch
 
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-        ta, tb = torch.from_numpy(a).to(dtype), torch.from_numpy(b).to(dtype)
+        dtype = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        ta, tb = (torch.from_numpy(m).to(device=device, dtype=dtype) for m in (a, b))
         tc = torch.empty_like(ta)
+        wait = (lambda: torch.cuda.synchronize(device)) if device != "cpu" else (lambda: None)
 
         def run():
             with torch.inference_mode():
                 torch.matmul(ta, tb, out=tc)
+            wait()
+
+        if device != "cpu":
+            with _tf32(torch, precision == "tf32"):
+                return flops / _best_time(run, seconds)
     else:
         raise ValueError(f"unknown library {library!r}; known: numpy, onnxruntime, torch")
-    run()  # warm-up (thread pool, packing buffers)
+    return flops / _best_time(run, seconds)
+
+
+def _best_time(run, seconds: float) -> float:
+    """The shortest of the runs of ``run`` over ``seconds``, after one warm-up run (thread
+    pool, packing buffers, a GPU's kernel selection)."""
+    run()
     best, deadline = float("inf"), time.perf_counter() + seconds
     while True:
         t0 = time.perf_counter()
         run()
         best = min(best, time.perf_counter() - t0)
         if time.perf_counter() > deadline:
-            break
-    return flops / best
+            return best
+
+
+@contextlib.contextmanager
+def _tf32(torch, allow: bool):
+    """TF32 matrix products on a GPU allowed (tf32) or not (fp32), restored afterwards."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allow
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def _matmul_session(size: int):
@@ -193,28 +225,34 @@ def _matmul_session(size: int):
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
-def measure_peaks(precisions, seconds: float = 0.7, sizes=(512, 1024, 2048)) -> dict:
-    """{precision: {"flops_per_s": best, "by_library": {library: best}, "by_size": {...}}}.
+def measure_peaks(precisions, seconds: float = 0.7, sizes=(512, 1024, 2048), device: str = "cpu") -> dict:
+    """{precision: {"flops_per_s": best, "by_library": {library: best}, "by_size": {...},
+    "emulated": bool, "device": device}}.
 
     The peak of a precision is the best rate over the libraries and matrix sizes
-    (small ones fit the caches, large ones amortise the packing)."""
+    (small ones fit the caches, large ones amortise the packing). On a GPU
+    (``device`` 'cuda:N'): torch alone, tf32 too, nothing emulated."""
     import importlib.util
 
     have_torch = importlib.util.find_spec("torch") is not None
     have_ort = importlib.util.find_spec("onnxruntime") is not None
+    on_gpu = device != "cpu"
     peaks = {}
     for precision in precisions:
         by_library, by_size = {}, {}
-        fp32_only = ["numpy"] + (["onnxruntime"] if have_ort else [])
+        fp32_only = [] if on_gpu else ["numpy"] + (["onnxruntime"] if have_ort else [])
         libraries = (fp32_only if precision == "fp32" else []) + (["torch"] if have_torch else [])
+        if precision == "tf32" and not on_gpu:
+            libraries = []
         for library in libraries:
             for size in sizes:
-                rate = measure_peak(precision, library, size, seconds)
+                rate = measure_peak(precision, library, size, seconds, device)
                 by_size[f"{library} {size}"] = rate
                 by_library[library] = max(by_library.get(library, 0.0), rate)
         if by_library:
             peaks[precision] = {"flops_per_s": max(by_library.values()), "by_library": by_library, "by_size": by_size,
-                                "emulated": have_torch and not precision_is_native(precision)}
+                                "emulated": have_torch and not on_gpu and not precision_is_native(precision),
+                                "device": device}
     return peaks
 
 
@@ -229,7 +267,7 @@ class EngineResult:
     frames_per_s: float
     batch_ms_p50: float
     n_batches: int
-    percent_of_peak: float | None  # FLOPs/frame x frames/s / peak of peak_basis (None on a GPU)
+    percent_of_peak: float | None  # FLOPs/frame x frames/s / peak of peak_basis (None: no peak of that device)
     emulated: bool = False  # the precision has no instructions on this CPU: compared with the fp32 peak
     peak_basis: str | None = None  # the precision whose measured peak the percentage is of
     workers: int = 1  # cpu_workers: copies of the engine running batches at once (engines.workers)
@@ -318,6 +356,20 @@ def bench_engines(
     return results, skipped
 
 
+def _peak_basis(engine: str, precision: str, on_cpu: bool, emulated: bool, peaks: dict) -> str | None:
+    """The precision whose measured peak an engine's '% of peak' is of: its own (on a CPU, fp32
+    where it is emulated); None for the zero-cost stand-in (it does none of the model's
+    arithmetic) and where the peaks were measured on another kind of device (a GPU engine
+    against a CPU's peak says nothing)."""
+    from engines import registry
+
+    if not registry.spec(engine).computes_model:
+        return None
+    basis = "fp32" if on_cpu and (emulated or precision == "tf32") else precision
+    measured_on_cpu = peaks.get(basis, {}).get("device", "cpu") == "cpu"
+    return basis if measured_on_cpu == on_cpu else None
+
+
 def _time_layout(name: str, precision: str, n_threads: int, n_workers: int, graphs: bool, batches: list[int],
                  model_path: Path, device: str, seconds: float, flops_per_frame: float, peaks: dict, rng,
                  repeats: int, results: list, skipped: list, into: list | None, progress) -> bool:
@@ -346,9 +398,7 @@ def _time_layout(name: str, precision: str, n_threads: int, n_workers: int, grap
         label = label.replace(f"{name} {precision} ", f"{shown} {ran_precision} ", 1)
         on_cpu = engine.device.startswith("cpu")
         emulated = on_cpu and not registry.spec(ran).native_on_cpu(ran_precision)
-        # a share of the peak only for engines that do the model's arithmetic (not the zero-cost stand-in)
-        basis = (("fp32" if emulated or ran_precision == "tf32" else ran_precision)
-                 if on_cpu and registry.spec(ran).computes_model else None)
+        basis = _peak_basis(ran, ran_precision, on_cpu, emulated, peaks)
         torch_cuda = ran == "torch" and not on_cpu
         for batch in batches:
             fps, ms, n = time_engine(engine, batch, seconds, rng, repeats)

@@ -64,12 +64,16 @@ def engine_table(report: dict) -> str:
 
 
 def peak_table(report: dict) -> str:
+    """The measured peaks; the last column says native or emulated on a CPU, the GPU's name on one."""
     rows = []
-    for precision, peak in report.get("peaks", {}).items():
+    peaks = report.get("peaks", {})
+    on_gpu = any(peak.get("device", "cpu") != "cpu" for peak in peaks.values())
+    for precision, peak in peaks.items():
         libs = ", ".join(f"{k} {v / 1e9:.0f}" for k, v in peak["by_library"].items())
         kind = "emulated: not a limit of this machine" if peak.get("emulated") else "native"
-        rows.append([precision, peak["flops_per_s"] / 1e9, libs, kind])
-    return table(["precision", "peak GFLOP/s", "by library (GFLOP/s)", "on this CPU"], rows, ["", ".1f", "", ""])
+        rows.append([precision, peak["flops_per_s"] / 1e9, libs, peak["device"] if on_gpu else kind])
+    return table(["precision", "peak GFLOP/s", "by library (GFLOP/s)", "on this GPU" if on_gpu else "on this CPU"],
+                 rows, ["", ".1f", "", ""])
 
 
 def pipeline_table(report: dict) -> str:
