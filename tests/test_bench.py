@@ -1066,7 +1066,7 @@ def test_a_warm_start_launch_that_cannot_start_closes_its_collector(tmp_path, mo
     opened = []
 
     class Collector:
-        def __init__(self, channels, keep_images=True):
+        def __init__(self, channels, keep_images=True, keep_attributes=True):
             self.closed = False
             opened.append(self)
 

@@ -332,7 +332,8 @@ def run_point(
     try:
         error = _wait_ready([f"{out_prefix}:{i}:status" for i in ids], is_ptychonn, settings.ready_timeout_s, [consumer])
         if error is None:
-            collector = live.OutputCollector([f"{out_prefix}:{i}:output" for i in ids], keep_images=False)
+            collector = live.OutputCollector([f"{out_prefix}:{i}:output" for i in ids], keep_images=False,
+                                             keep_attributes=False)
             if not collector.wait_connected(10.0):
                 error = "the output channels did not connect in 10 s"
             ready_s = time.perf_counter() - t_server
@@ -752,7 +753,7 @@ def warm_start(
                 args = {**_processor_args(settings, 1), "engine": engine, "precision": "fp32"}
                 argv = live.consumer_argv(input_channel, out_prefix, 1, PTYCHONN, args,
                                           batch_updates=1, server_queue_size=settings.server_queue_size)
-                collector = live.OutputCollector([f"{out_prefix}:1:output"], keep_images=False)
+                collector = live.OutputCollector([f"{out_prefix}:1:output"], keep_images=False, keep_attributes=False)
                 consumer = None
                 try:  # the collector is closed however the launch ends, also one that cannot start
                     t0 = time.perf_counter()

@@ -188,7 +188,8 @@ def main(args: argparse.Namespace) -> int:
                                             replay_once=False, shutdown_delay_s=5.0)
             server = processes.start("sim", sim, env, work, into=procs, realtime=realtime)
             outputs = [f"{prefix}:{i}:output" for i in range(1, args.consumers + 1)]
-            collector = processes.OutputCollector(outputs, keep_images=False, queue_size=QUEUE_SIZE)
+            collector = processes.OutputCollector(outputs, keep_images=False, keep_attributes=False,
+                                                  queue_size=QUEUE_SIZE)
             t0 = time.monotonic()
             samples = []  # (seconds, [rss per consumer])
             delay = args.start_delay
