@@ -71,7 +71,7 @@ def peak_table(report: dict) -> str:
     for precision, peak in peaks.items():
         libs = ", ".join(f"{k} {v / 1e9:.0f}" for k, v in peak["by_library"].items())
         kind = "emulated: not a limit of this machine" if peak.get("emulated") else "native"
-        rows.append([precision, peak["flops_per_s"] / 1e9, libs, peak["device"] if on_gpu else kind])
+        rows.append([precision, peak["flops_per_s"] / 1e9, libs, peak.get("device", "cpu") if on_gpu else kind])
     return table(["precision", "peak GFLOP/s", "by library (GFLOP/s)", "on this GPU" if on_gpu else "on this CPU"],
                  rows, ["", ".1f", "", ""])
 
