@@ -491,15 +491,17 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _peak_device(device: str) -> str:
-    """Where the engines of ``--device`` run, for the peak: 'cpu', or the GPU ('cuda:N') that
-    'auto' or 'cuda' would take (the first) when torch sees one."""
+    """Where the engines of ``--device`` run, for the peak: the device consumer 1 would take
+    ('cuda:N' where torch sees a GPU), else 'cpu'."""
     if device == "cpu":
         return "cpu"
+    from edge_ptychonn.devices import DeviceUnavailable, resolve_device
     from engines.torch_engine import TorchEngine
 
-    if TorchEngine.count_gpus() == 0:
+    try:
+        return resolve_device(device, 1, TorchEngine.count_gpus())
+    except DeviceUnavailable:  # no such GPU: the engines say so themselves; the peak is the CPU's
         return "cpu"
-    return device if device.startswith("cuda:") and "," not in device else "cuda:0"
 
 
 def _ceiling_start(args, n_consumers: int) -> float:
