@@ -16,9 +16,12 @@ Optional asynchronous pair: an engine may offer ``submit(batch) -> ticket``
 (returns once the work is queued; the batch may be reused at once) and
 ``collect(ticket) -> array`` (waits for that result), with at most
 ``max_in_flight`` tickets outstanding, collected in submission order, both
-called from one thread at a time (the pipeline's inference thread). A caller
+called from one thread at a time (the pipeline's batch runner). A caller
 that submits batch k+1 before collecting batch k overlaps k+1's copy-in with k's
 compute. ``infer(batch)`` is always ``collect(submit(batch))`` for such engines.
+Such an engine may also offer ``done(ticket) -> bool``: whether ``collect`` would
+return at once, never waiting (the GPU engines: the batch's event reached; CPU
+workers): the pipeline then leaves a batch in flight while it receives frames.
 """
 
 from __future__ import annotations

@@ -532,6 +532,14 @@ class TensorRTEngine:
         with self._active():
             return self._read(ticket.slot, ticket.n)
 
+    def done(self, ticket: Ticket) -> bool:
+        """Whether ``ticket``'s result is ready, without waiting (collect() then returns at once):
+        its batch's event on the compute stream has been reached."""
+        if ticket.seq in self._sync_results:
+            return True
+        with self._active():
+            return bool(self._done[ticket.slot].query())
+
     def infer(self, batch: np.ndarray) -> np.ndarray:
         return self.collect(self.submit(batch))
 

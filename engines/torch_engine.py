@@ -13,7 +13,9 @@ compute stream of this consumer, a CUDA graph per buffer set for the full batch
 (captured at start; partial batches run eagerly; ``EngineOptions.cuda_graphs`` False
 runs every batch eagerly, for comparison), the device-to-host copy
 queued behind the compute. ``submit`` returns as soon as the work is queued, so
-the next batch's copy-in overlaps this batch's compute; ``collect`` waits.
+the next batch's copy-in overlaps this batch's compute; ``collect`` waits;
+``done`` says whether it would wait (the pipeline's receive thread goes on
+receiving until it would not).
 fp32 means fp32 (TF32 off); ``tf32`` allows TF32 tensor-core math. tf32 and bf16
 need compute capability 8.0 (Ampere), fp16 5.3: on an older GPU they are refused
 with one line that says what to use, as the TensorRT engine refuses them.
@@ -195,6 +197,12 @@ class TorchEngine:
             return self._cuda.collect(ticket)
         return self._results.pop(ticket.seq)
 
+    def done(self, ticket: Ticket) -> bool:
+        """Whether ``ticket``'s results are ready, without waiting (collect() then returns at
+        once): on a GPU, its batch's event has been reached; on the CPU always (submit computed
+        them)."""
+        return self._cuda is None or self._cuda.ready(ticket)
+
     def infer(self, batch: np.ndarray) -> np.ndarray:
         return self.collect(self.submit(batch))
 
@@ -241,7 +249,8 @@ class CudaRunner:
        the module eagerly on the first n rows (a partial batch with cuDNN's heuristic
        algorithms: no autotuning for each new size); copy the n results device -> pinned
        output s; record ``done[s]``;
-    4. collect: wait for ``done[s]``; return a copy of the n rows of pinned output s.
+    4. collect: wait for ``done[s]``; return a copy of the n rows of pinned output s
+       (``ready``: whether it has been reached, without waiting).
     """
 
     def __init__(self, torch, forward, device, max_batch: int, input_shape: tuple[int, int], *,
@@ -305,6 +314,10 @@ class CudaRunner:
                         out = self.forward(self.d_in[s][:n])
                 self.h_out[s][:n].copy_(out[:n], non_blocking=True)
                 self.done[s].record(self.compute_stream)
+
+    def ready(self, ticket: Ticket) -> bool:
+        """Whether ``done[s]`` has been reached (the results are in pinned output s); never waits."""
+        return self.done[ticket.slot].query()
 
     def collect(self, ticket: Ticket) -> np.ndarray:
         self.done[ticket.slot].synchronize()

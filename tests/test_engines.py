@@ -422,7 +422,8 @@ def test_torch_cuda_partial_batches_skip_cudnn_autotuning():
         seen.append((x.shape[0], cudnn.benchmark))
         return x * 2
 
-    noop = types.SimpleNamespace(wait_event=lambda e: None, record=lambda s: None, synchronize=lambda: None)
+    noop = types.SimpleNamespace(wait_event=lambda e: None, record=lambda s: None, synchronize=lambda: None,
+                                 query=lambda: True)
     runner = object.__new__(CudaRunner)
     runner.torch = types.SimpleNamespace(
         inference_mode=contextlib.nullcontext, backends=types.SimpleNamespace(cudnn=cudnn),
@@ -439,6 +440,7 @@ def test_torch_cuda_partial_batches_skip_cudnn_autotuning():
         batch = np.arange(n * 4, dtype=np.float32).reshape(n, 1, 2, 2)
         ticket = Ticket(seq=n, slot=0, n=n)
         runner.submit(ticket, batch)
+        assert runner.ready(ticket)  # the event's query: reached
         assert np.array_equal(runner.collect(ticket), 2 * batch)
     assert seen == [(3, False), (4, True)] and cudnn.benchmark  # restored after the partial batch
 

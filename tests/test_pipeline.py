@@ -573,6 +573,59 @@ def test_the_receive_runner_runs_each_full_batch_in_the_thread_that_filled_it(sm
     assert pipeline.stats.published == 30 and pipeline.stats.unaccounted(0) == 0
 
 
+class PollingEngine(AsyncEngine):
+    """An asynchronous engine that can be asked whether a batch is done (as the GPU engines:
+    their event's query); the test says which batches the "GPU" has finished."""
+
+    def __init__(self, engine):
+        super().__init__(engine)
+        self.finished: set[int] = set()
+        self.collected_by: list[str] = []
+
+    def done(self, ticket):
+        return ticket in self.finished
+
+    def collect(self, ticket):
+        self.collected_by.append(threading.current_thread().name)
+        return super().collect(ticket)
+
+
+def test_the_receive_runner_leaves_a_gpu_batch_in_flight_and_receives_meanwhile(small_model, rng, monkeypatch):
+    """batchRunner receive on an engine with done(): the receive thread submits the batch it filled
+    and goes back to receiving; it publishes it at a later frame once it is done, or when the next
+    batch finds the engine full; once no frame comes for HANDOVER_S the inference thread does."""
+    crashes = []
+    monkeypatch.setattr(threading, "excepthook", crashes.append)
+    pipeline, published, factory = make_pipeline(small_model, batchSize=4, batchTimeout=60, batchRunner="receive")
+    engine = PollingEngine(factory())
+    pipeline.start(lambda: engine)
+    images = frames(rng, 16)
+    me = threading.current_thread().name
+    send = lambda uids: [pipeline.submit(good_frame(uid, images[uid - 1])) for uid in uids]  # noqa: E731
+    send(range(1, 5))  # batch 1 submitted, not done: left in flight
+    assert engine.calls == [("submit", 1)] and len(published) == 0
+    engine.finished.add(1)  # the GPU finishes it
+    send([5])  # the next frame publishes it
+    assert [p[0] for p in published] == [1, 2, 3, 4] and engine.collected_by == [me]
+    send(range(6, 13))  # batch 2 (not done) and batch 3: the engine is full, so batch 2 is collected
+    assert engine.calls[2:] == [("submit", 2), ("submit", 3), ("collect", 2)]
+    assert len(published) == 8 and engine.collected_by == [me, me]
+    # no more frames: after HANDOVER_S the inference thread collects batch 3
+    assert published.wait(12) == 12
+    assert engine.collected_by == [me, me, "ptychonn-infer"]
+    assert published.threads == [me] * 8 + ["ptychonn-infer"] * 4
+    send(range(13, 17))
+    assert pipeline.drain(20)
+    pipeline.stop()
+    assert not crashes, crashes[0].exc_value if crashes else None
+    assert [p[0] for p in published] == list(range(1, 17))
+    model_inputs = preprocess(images, pipeline.config.preprocess)[:, None]
+    reference = create_engine("onnxruntime", EngineOptions(small_model, max_batch=1, cpu_threads=1))
+    for uid, image, _, _ in published:
+        np.testing.assert_allclose(image, reference.infer(model_inputs[uid - 1][None])[0, 0], atol=1e-5)
+    assert pipeline.stats.published == 16 and pipeline.stats.unaccounted(0) == 0
+
+
 def test_the_receive_runner_does_not_wait_for_the_inference_thread_while_a_buffer_is_free(small_model, rng):
     """While the inference thread runs a batch (a partial one, after its timeout) on a slow
     engine, the receive thread does not wait for it: the frames it receives are batched and

@@ -231,6 +231,20 @@ def test_copy_in_of_the_next_batch_overlaps_compute(gpu10, small_model, tmp_path
     np.testing.assert_allclose(engine.collect(t3), reference.infer(frames[:2]), atol=1e-5)
 
 
+def test_done_says_whether_collect_would_wait_and_never_waits(gpu10, small_model, tmp_path, frames, reference):
+    """``done(ticket)``: the batch's event on the compute stream reached. It never runs the
+    stream itself (the pipeline's receive thread asks at each frame and goes on receiving)."""
+    engine = make(small_model, tmp_path)
+    t1 = engine.submit(frames[:4])
+    t2 = engine.submit(frames[4:])
+    assert not engine.done(t1) and not engine.done(t2)  # queued, not run: asking ran nothing
+    assert not engine._compute_stream.is_done()
+    engine._compute_stream.synchronize()  # the GPU gets there
+    assert engine.done(t1) and engine.done(t2)
+    np.testing.assert_allclose(engine.collect(t1), reference.infer(frames[:4]), atol=1e-5)
+    np.testing.assert_allclose(engine.collect(t2), reference.infer(frames[4:]), atol=1e-5)
+
+
 def test_at_most_two_in_flight_and_in_order(gpu10, small_model, tmp_path, frames, reference):
     engine = make(small_model, tmp_path)
     a, b = engine.submit(frames[:1]), engine.submit(frames[1:3])

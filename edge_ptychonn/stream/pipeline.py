@@ -15,10 +15,13 @@ thread still runs what the receive thread leaves: a partial batch whose timeout
 has come, a model switch, the stop, and a full batch that the receive thread
 queued while the work lock was taken and had no next frame to run it at (none
 came for ``HANDOVER_S``); it runs one item at a time, so the receive thread takes
-the work back at its next frame. The receive thread finishes each batch it
-begins before it returns (an
-asynchronous engine's compute then does not overlap receiving; the batches
-queued at once still overlap each other). ``auto`` (the default) picks
+the work back at its next frame. On an engine that can say whether a batch is
+done without waiting (``done(ticket)``: the GPU engines), the receive thread
+leaves the batch it began in flight and goes back to receiving; it finishes it
+(encode, publish) at a later frame once it is done, or when the next batch finds
+the engine full, and the inference thread does once no frame has come for
+``HANDOVER_S``: the GPU computes while the receive thread receives. On other
+engines it finishes each batch it begins before it returns. ``auto`` (the default) picks
 ``receive`` for engines that cost the receive thread little per batch (the
 zero-cost engine, GPU engines: the frame path's Python then runs in one thread,
 not in two that take turns at the interpreter lock) and ``thread`` for engines
@@ -137,6 +140,12 @@ def _can_notify(engine) -> bool:
 def _notifies(engine) -> bool:
     """Whether it does: it can, and its ``on_done`` is set."""
     return _can_notify(engine) and engine.on_done is not None
+
+
+def _can_poll(engine) -> bool:
+    """Whether an engine with submit/collect can say, without waiting, whether a batch is done
+    (``done(ticket)``): the GPU engines (their batch's event reached), CPU workers."""
+    return callable(getattr(engine, "done", None))
 
 
 DROP_REASONS = {
@@ -446,13 +455,15 @@ class InferencePipeline:
         return at once (the next frame tries again), unless ``wait``: every batch buffer is taken,
         and running the queue is what frees one; it then waits for the inference thread's one
         item (it holds the lock for one at a time) rather than drop the frame."""
-        while isinstance(_head(self._items), Batch):
+        while isinstance(_head(self._items), Batch) or _head(self._in_flight) is not _NOTHING:
             if not self._work_lock.acquire(blocking=wait):
                 return
             try:
-                self._work(by_receive=True)
+                self._work(by_receive=True)  # also finishes the batches in flight that are done
             finally:
                 self._work_lock.release()
+            if not isinstance(_head(self._items), Batch):
+                return  # what is still in flight is not done: the next frame looks again
 
     def _drop_unread(self, pv) -> bool:
         """Overload: count a frame with an image as dropped without decoding it.
@@ -565,8 +576,8 @@ class InferencePipeline:
         that it need not wait for (an engine that does not say when it is done). With
         batchRunner receive, a full batch that the receive thread queued is the receive thread's
         to run: the inference thread does not race it for the work lock, and takes it only once
-        no frame has come for HANDOVER_S (the stream paused just after it); the receive thread
-        finishes the batches it begins itself."""
+        no frame has come for HANDOVER_S (the stream paused just after it); so it does with the
+        batches that the receive thread left in flight on a GPU."""
         with self._lock:
             while True:
                 head = _head(self._items)
@@ -583,16 +594,23 @@ class InferencePipeline:
                         return
                     timeout = min(timeout, left)
                 oldest = _head(self._in_flight)
-                if oldest is not _NOTHING and not self._receive_runs and not _notifies(oldest[1]):
-                    return
+                if oldest is not _NOTHING and not _notifies(oldest[1]):
+                    if not self._receive_runs:
+                        return
+                    # left in flight by the receive thread: its to finish at its next frame, this
+                    # thread's once none has come for HANDOVER_S (the stream paused)
+                    quiet = time.perf_counter() - self._last_submit_s
+                    if quiet >= HANDOVER_S:
+                        return
+                    timeout = min(timeout, HANDOVER_S - quiet)
                 self._ready.wait(max(timeout, 0.0005))
 
     def _work(self, by_receive: bool, one_item: bool = False) -> bool:
         """(work lock held) Run batches in order: begin queued batches while the engine has room;
         at a switch marker, finish what is in flight and switch; finish the oldest batch in
-        flight when the engine is full, at the stop, or when nothing else is to do, except on an
-        engine that says when a batch is done (CPU workers: ``on_done`` calls the inference thread
-        back), whose batches are finished once done. An engine with ``submit``/``collect`` (a
+        flight when the engine is full, at the stop, or when nothing else is to do, unless some
+        thread comes back for it (:meth:`_may_leave`): then a batch is finished once it is done.
+        An engine with ``submit``/``collect`` (a
         GPU, CPU workers, the zero engine) thus gets batch k+1 before batch k's results are
         encoded and published whenever k+1 is queued by then. The receive thread
         (``by_receive``) takes no marker. ``one_item``: take one item, finish what is in flight,
@@ -618,10 +636,25 @@ class InferencePipeline:
             if not in_flight:
                 return self._stop_taken
             _, oldest_engine, ticket, _ = in_flight[0]
-            if not (oldest_engine is None or len(in_flight) >= _depth(oldest_engine) or self._stop_taken
-                    or not _notifies(oldest_engine) or oldest_engine.done(ticket)):
+            if self._may_leave(oldest_engine, len(in_flight), by_receive) and not oldest_engine.done(ticket):
+                if by_receive and taken and not _notifies(oldest_engine):
+                    with self._lock:  # the inference thread's wait now ends by HANDOVER_S (it is not called)
+                        self._ready.notify()
                 return False
             self._finish(*in_flight.popleft())
+
+    def _may_leave(self, engine, n_in_flight: int, by_receive: bool) -> bool:
+        """(work lock held) Whether the oldest batch in flight on ``engine`` may stay there when
+        the calling thread returns: the engine has room for another batch, the stop has not been
+        taken, and some thread will come back for it without waiting in the engine: the inference
+        thread, called by the engine's ``on_done`` (CPU workers); or, on an engine that can be
+        asked whether a batch is done (a GPU's), the receive thread (``by_receive``, batchRunner
+        receive) at its next frame, or the inference thread once no frame has come for
+        HANDOVER_S. So the receive thread never waits for a GPU's compute unless the engine is
+        full: it receives the next frames meanwhile."""
+        if engine is None or n_in_flight >= _depth(engine) or self._stop_taken:
+            return False
+        return _notifies(engine) or (by_receive and _can_poll(engine))
 
     def _begin(self, engine, batch: Batch, in_flight: deque) -> None:
         if self._outputs_closed:
