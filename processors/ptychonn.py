@@ -45,7 +45,8 @@ Processor arguments (``--processor-args`` JSON; camelCase)
     batchRunner ('auto' | 'thread' | 'receive'; default 'auto': which thread runs the batches (transform,
     engine, encode, publish): 'thread' the inference thread, 'receive' PvaPy's receive thread right
     after the frame that fills a batch (the frame path's Python in one thread, not two taking turns at
-    the interpreter lock); 'auto' picks 'receive' for the zero-cost engine and GPU engines, 'thread'
+    the interpreter lock; on a GPU it leaves the batch computing and publishes it at a later frame,
+    once it is done); 'auto' picks 'receive' for the zero-cost engine and GPU engines, 'thread'
     for CPU engines; see edge_ptychonn/stream/pipeline.py);
     crop [h, w]; cropOrigin [y0, x0]; bin (int);
     normalize ('none' | 'running': each frame scaled by referenceTotal over the mean total of the
