@@ -504,9 +504,21 @@ def sim_server_argv(
     return argv + ["-rt", str(3600.0 if runtime_s is None else runtime_s)]
 
 
+def fast_source_argv(frames_npy: Path, channel: str, fps: float, start_delay_s: float = 5.0,
+                     shutdown_delay_s: float = 1.0) -> list[str]:
+    """``edge_ptychonn.tools.fast_source`` publishing ``frames_npy`` once on ``channel`` at
+    ``fps`` (0: as fast as it can), uniqueId k+1 for frame k, as :func:`sim_server_argv` with
+    ``replay_once`` does; it prints the sim server's ``Published frames`` line as it exits
+    (:func:`sim_server_published` reads it)."""
+    return [
+        sys.executable, "-m", "edge_ptychonn.tools.fast_source", "-if", str(frames_npy), "-cn", channel,
+        "-fps", str(fps), "-std", str(start_delay_s), "-shd", f"{shutdown_delay_s:g}",
+    ]
+
+
 def sim_server_published(log: str) -> int | None:
-    """The frames ``pvapy-ad-sim-server`` published, from the report it prints as it exits
-    (its log), or None where there is none (killed outright, or still running)."""
+    """The frames ``pvapy-ad-sim-server`` (or the fast source) published, from the report it
+    prints as it exits (its log), or None where there is none (killed outright, or still running)."""
     reported = re.findall(r"^Published frames:\s*(\d+)", log, re.MULTILINE)
     return int(reported[-1]) if reported else None
 
@@ -641,6 +653,176 @@ class OutputCollector:
 
 
 RESEARCH_S = 1.0  # OutputCollector.wait_connected: how often an unconnected channel is made afresh
+CHILD_ANSWER_S = 30.0  # CollectorProcesses: how long a child may take to answer (its start-up included)
+
+
+class CollectorProcesses:
+    """:class:`OutputCollector`'s interface (``channels``, ``received``, ``count``,
+    ``connected``, ``wait_connected``, ``wait_count``, ``close``) over child processes: the
+    channels are dealt out round robin to at most ``processes`` of them (``python -m
+    edge_ptychonn.tools.collector``), each monitoring its share with an ``OutputCollector`` of
+    its own, so that the collectors' Python (a monitor callback per frame) runs on several
+    cores instead of in one interpreter.
+
+    Ids and times only: each :class:`Received` has its uniqueId, its arrival
+    (``time.perf_counter()`` in the child: CLOCK_MONOTONIC on Linux, the same clock in every
+    process of the host) and its ``timeStamp``; no attributes, no image. ``received`` is
+    filled by :meth:`close`, when the children send what they got; until then :meth:`count`
+    asks them (a round trip through a socket pair each, all children at once).
+
+    The children run in sessions of their own (a Ctrl-C reaches this process, which stops
+    them), with this process's environment and scheduling rights; each exits when this process
+    is gone (its end of the socket closed; on Linux also SIGTERM at this process's death, as
+    :func:`start` asks for on the main thread). ``pids``: their process ids, for their CPU time."""
+
+    def __init__(self, channels: list[str], processes: int, queue_size: int = 2000):
+        from multiprocessing import Pipe
+
+        self.channels = list(channels)
+        self.received: dict[str, list[Received]] = {name: [] for name in self.channels}
+        self._closed = False
+        self._children: list[tuple] = []  # (name, Popen, connection, its channels)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(
+            [str(PROJECT_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]))
+        tie = threading.current_thread() is threading.main_thread() and os.getpid() != 1
+        n = max(1, min(processes, len(self.channels)))
+        try:
+            for i in range(n):
+                share = self.channels[i::n]
+                ours, theirs = Pipe()  # a socket pair: no helper process, unlike multiprocessing.Process
+                argv = [sys.executable, "-m", "edge_ptychonn.tools.collector", "--fd", str(theirs.fileno()),
+                        "--queue-size", str(queue_size), *share]
+                try:
+                    with signals_held():
+                        popen = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                                 pass_fds=(theirs.fileno(),), start_new_session=True,
+                                                 cwd=str(PROJECT_ROOT), preexec_fn=_preexec(tie, True))
+                        self._children.append((f"collector-{i + 1}", popen, ours, share))
+                finally:
+                    theirs.close()
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def pids(self) -> list[int]:
+        return [popen.pid for _, popen, _, _ in self._children]
+
+    def _ask(self, request: str, argument=None, timeout_s: float = CHILD_ANSWER_S) -> list:
+        """Send ``request`` to every child, then their answers, in order; RuntimeError where
+        one is gone or gives none within ``timeout_s``."""
+        def gone(name, popen) -> RuntimeError:
+            return RuntimeError(f"{name} (pid {popen.pid}) is gone (exit code {popen.poll()})")
+
+        for name, popen, pipe, _ in self._children:
+            try:
+                pipe.send((request, argument))
+            except OSError:
+                raise gone(name, popen) from None
+        deadline = time.monotonic() + timeout_s
+        answers = []
+        for name, popen, pipe, _ in self._children:
+            try:
+                if not pipe.poll(max(deadline - time.monotonic(), 0.0)):
+                    raise RuntimeError(f"{name} (pid {popen.pid}) gave no answer to {request!r} in {timeout_s:.0f} s")
+                answers.append(pipe.recv())
+            except (EOFError, OSError):
+                raise gone(name, popen) from None
+        return answers
+
+    def count(self) -> int:
+        if self._closed:
+            return sum(len(v) for v in self.received.values())
+        return sum(self._ask("count"))
+
+    def connected(self) -> bool:
+        return self.wait_connected(0.0)
+
+    def wait_connected(self, timeout_s: float) -> bool:
+        """Wait until every channel of every child is connected (True), at most ``timeout_s``
+        from now (False; a child's start-up counts in); each child waits as
+        :meth:`OutputCollector.wait_connected` does, until the same deadline (time.monotonic()
+        is the host's clock)."""
+        deadline = time.monotonic() + timeout_s
+        return all(self._ask("connected", deadline, timeout_s + CHILD_ANSWER_S))
+
+    wait_count = OutputCollector.wait_count
+
+    def close(self) -> None:
+        """Stop the monitors; fill ``received`` with what every child got (a child that does
+        not answer within :data:`CHILD_ANSWER_S` is killed, and what it got is lost); the
+        children exit. Only the first call does anything."""
+        if self._closed:
+            return
+        self._closed = True
+        for _, _, pipe, _ in self._children:
+            try:
+                pipe.send(("close", None))
+            except OSError:
+                continue
+        deadline = time.monotonic() + CHILD_ANSWER_S
+        for _, popen, pipe, share in self._children:
+            try:
+                if pipe.poll(max(deadline - time.monotonic(), 0.0)):
+                    for name, columns in zip(share, pipe.recv()):
+                        self.received[name] = _unpacked(columns)
+            except (EOFError, OSError):
+                pass
+            pipe.close()
+        for _, popen, _, _ in self._children:
+            try:
+                popen.wait(max(deadline - time.monotonic(), 1.0))
+            except subprocess.TimeoutExpired:
+                popen.kill()
+                popen.wait(KILL_WAIT_S)
+
+
+def output_collector(channels: list[str], processes: int = 1, queue_size: int = 2000):
+    """An output collector of ids and times for a bench: in this process (:class:`OutputCollector`,
+    no images, no attributes) when ``processes`` is 1, else :class:`CollectorProcesses`."""
+    if processes <= 1:
+        return OutputCollector(channels, keep_images=False, keep_attributes=False, queue_size=queue_size)
+    return CollectorProcesses(channels, processes, queue_size)
+
+
+def collector_child(pipe, channels: list[str], queue_size: int) -> None:
+    """A :class:`CollectorProcesses` child (``edge_ptychonn.tools.collector``): monitors
+    ``channels`` and answers the parent's requests on ``pipe`` (a ``multiprocessing``
+    connection: 'count'; 'connected' with a time.monotonic() deadline; 'close', answered with
+    what it received, :func:`_packed`, per channel) until 'close' or until the parent is gone
+    (its end of the pipe closed)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops it
+    collector = OutputCollector(channels, keep_images=False, keep_attributes=False, queue_size=queue_size)
+    try:
+        while True:
+            try:
+                request, argument = pipe.recv()
+            except (EOFError, OSError):
+                return
+            if request == "count":
+                pipe.send(collector.count())
+            elif request == "connected":
+                pipe.send(collector.wait_connected(max(argument - time.monotonic(), 0.0)))
+            elif request == "close":
+                collector.close()
+                pipe.send([_packed(collector.received[name]) for name in channels])
+                return
+    finally:
+        collector.close()
+
+
+def _packed(items: list[Received]) -> tuple[np.ndarray, ...]:
+    """(uniqueIds, arrivals, seconds past epoch, nanoseconds) of ``items``, as arrays."""
+    return (np.array([r.unique_id for r in items], np.int64), np.array([r.arrival_s for r in items], np.float64),
+            np.array([r.time_stamp["secondsPastEpoch"] for r in items], np.int64),
+            np.array([r.time_stamp["nanoseconds"] for r in items], np.int64))
+
+
+def _unpacked(columns: tuple[np.ndarray, ...]) -> list[Received]:
+    ids, arrivals, seconds, nanoseconds = (c.tolist() for c in columns)
+    return [Received(i, a, {"secondsPastEpoch": s, "nanoseconds": ns}, [], None)
+            for i, a, s, ns in zip(ids, arrivals, seconds, nanoseconds)]
 
 
 def _stop_monitor(channel) -> None:
