@@ -994,13 +994,13 @@ def test_a_consumer_that_dies_during_a_point_is_named_in_its_error(tmp_path, mon
         killed.append(consumer.pid)
         return connected
 
-    def take_and_kill(cls, consumer, server, n_out):  # called at the first output
+    def take_and_kill(cls, consumer, server, n_out, *collector_pids):  # called at the first output
         if not killed:
             forked = live.child_pids(consumer.pid, zombies=False)
             os.kill(forked[0], signal.SIGKILL)
             assert live.wait_until(lambda: len(live.child_pids(consumer.pid, zombies=False)) == len(forked) - 1, 10)
             killed.append(forked[0])
-        return take(cls, consumer, server, n_out)
+        return take(cls, consumer, server, n_out, *collector_pids)
 
     if n_consumers == 1:
         monkeypatch.setattr(live.OutputCollector, "wait_connected", connect_and_kill)

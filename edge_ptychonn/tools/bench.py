@@ -10,8 +10,9 @@ engine   the model's FLOPs per frame (counted from the ONNX graph), the machine'
 framepath  the frame path's CPU cost per frame, stage by stage (decode, load, transform,
          zero-cost engine, encode, publish), the whole pipeline and the passthrough's
          own work, in one process (no transport)
-pipeline pvapy-ad-sim-server -> N PtychoNN consumers -> outputs, offered rate swept upwards
-         (fractions of the engine-alone rate); loss (at the source, in transport, by the
+pipeline pvapy-ad-sim-server (--source fast: a faster source) -> N PtychoNN consumers ->
+         outputs (collected in this process, or by --collectors child processes); offered
+         rate swept upwards (fractions of the engine-alone rate); loss (at the source, in transport, by the
          processor), delivered rate, latency
 zero     the same processor with the zero-cost engine (no network: the frame path alone),
          its ceiling found from below
@@ -183,6 +184,15 @@ def get_args_parser(prog: str = "edge-ptychonn bench") -> argparse.ArgumentParse
                         "default: the receive thread for the zero-cost and GPU engines, the inference thread for "
                         "CPU engines), 'thread' or 'receive', to compare them")
     g.add_argument("--no-realtime", action="store_true", help=live.NO_REALTIME_HELP)
+    g.add_argument("--source", default="sim", choices=("sim", "fast"),
+                   help="the frames' source at every point of the pipeline, zero and passthrough sweeps: 'sim', "
+                        "PvaPy's pvapy-ad-sim-server; 'fast', edge_ptychonn.tools.fast_source (the same records, "
+                        "built before the stream, for rates the sim server cannot publish); the warm start always "
+                        "uses the sim server")
+    g.add_argument("--collectors", type=_number(int, 1), default=1,
+                   help="processes that collect the consumers' outputs at each point: 1, the bench's own process; "
+                        "more, that many child processes (at most one per consumer), each monitoring its share of "
+                        "the output channels (the warm start always collects in the bench's own process)")
     g.add_argument("--consumers", type=_ints, default=None, help="consumer counts N (default: 1, 2, and more with more cores)")
     g.add_argument("--rate-fractions", type=_floats, default=[0.6, 0.8, 0.9, 1.0, 1.1],
                    help="offered rates as fractions of the engine-alone rate of the pipeline's engine, precision and batch "
@@ -353,7 +363,7 @@ def main(args: argparse.Namespace) -> int:
             batch=args.pipeline_batch, duration_s=args.duration, max_frames=args.max_frames,
             server_queue_size=args.server_queue_size, cores=cores, consumer_threads=args.consumer_threads,
             consumer_workers=args.consumer_workers, consumer_io_threads=args.consumer_io_threads,
-            consumer_batch_runner=args.consumer_batch_runner,
+            consumer_batch_runner=args.consumer_batch_runner, source=args.source, collectors=args.collectors,
         )
         needs_pva = {"warm", "pipeline", "zero", "passthrough"} - set(args.skip)
         env = None

@@ -3,8 +3,12 @@ channels, at a series of offered frame rates; and the warm-start time.
 
 Each sweep point starts its own processes on channel names of its own: a consumer
 group (waited for until every consumer reports its engine ready), an output
-collector in this process, then a sim server that streams a generated ``.npy``
-exactly once (uniqueId k+1 for frame k) at the offered rate. Fresh processes
+collector in this process (or, with ``PipelineSettings.collectors`` > 1, in that many
+child processes, each monitoring its share of the outputs), then a sim server (or,
+with ``PipelineSettings.source`` 'fast', the faster source of
+``edge_ptychonn.tools.fast_source``) that streams a generated ``.npy`` exactly once
+(uniqueId k+1 for frame k) at the offered rate. The warm start always uses the sim
+server and a collector in this process. Fresh processes
 per point cost a few seconds each but keep every point independent: no backlog,
 latency samples or uniqueId history carried over from the previous rate, and
 PvaPy's ``nMissed`` counted from a clean start.
@@ -82,6 +86,8 @@ class PipelineSettings:
     consumer_workers: int = 0  # cpuWorkers per consumer; 0: the consumer's own layout
     consumer_io_threads: str = "batch"  # ioThreads per consumer (edge_ptychonn.io_threads.POLICIES)
     consumer_batch_runner: str = "auto"  # batchRunner per consumer (stream.config.BATCH_RUNNERS)
+    source: str = "sim"  # the frames' source: 'sim' (pvapy-ad-sim-server) or 'fast' (tools.fast_source); SOURCES
+    collectors: int = 1  # processes that collect the outputs: 1, this one; more, processes.CollectorProcesses
 
 
 @dataclass
@@ -113,11 +119,14 @@ class PointResult:
     n_lost_collector: int | None = None  # published by a consumer, never received by the bench's output collector
     # CPU over the stream (first output -> 90 % of the frames out), per frame out (see CpuSample):
     cpu_consumer_us: float | None = None  # the consumer process(es), every thread
-    cpu_server_us: float | None = None  # the sim server
-    cpu_collector_us: float | None = None  # this process: the monitor that collects the outputs
+    cpu_server_us: float | None = None  # the source (sim server or fast source)
+    cpu_collector_us: float | None = None  # the monitors that collect the outputs: this process, and its collector processes
     machine_busy_pct: float | None = None  # of all cores, whatever ran on them
     # the consumers' threads over the same window, by OS name (see thread_split)
     consumer_threads: list[dict] | None = None
+    source: str = "sim"  # the frames' source (PipelineSettings.source)
+    collectors: int = 1  # PipelineSettings.collectors: 1, the collector ran in this process; more, in child processes
+    collector_processes: int = 1  # processes that collected the outputs: 1 in this process, else min(collectors, N) children
 
     @property
     def lossless(self) -> bool:
@@ -207,6 +216,18 @@ def _processor_args(settings: PipelineSettings, n_consumers: int, engine: str | 
 
 
 PROCESSORS = {"ptychonn": (PTYCHONN, None), "zero": (PTYCHONN, "zero"), "passthrough": (PASSTHROUGH, None)}
+# the sweep points' frame sources: what each is called in the reports
+SOURCES = {"sim": "pvapy-ad-sim-server", "fast": "fast source (edge_ptychonn.tools.fast_source)"}
+
+
+def source_argv(settings: PipelineSettings, scan: Path, channel: str, fps: float, start_delay_s: float) -> list[str]:
+    """The command line of a point's source (``settings.source``): ``scan`` published once on
+    ``channel`` at ``fps``, the first frame ``start_delay_s`` after its start."""
+    if settings.source == "fast":
+        return live.fast_source_argv(scan, channel, fps, start_delay_s=start_delay_s)
+    if settings.source != "sim":
+        raise ValueError(f"unknown source {settings.source!r}; known: {', '.join(SOURCES)}")
+    return live.sim_server_argv(scan, channel, fps, start_delay_s=start_delay_s, runtime_s=3600.0, replay_once=True)
 
 
 def _forked_exited(proc: live.Proc, n_consumers: int) -> int:
@@ -319,9 +340,7 @@ def run_point(
     # The server goes first (its channel must exist when the consumers search for it,
     # or their search backs off for seconds), with a start delay long enough for the
     # consumers to get their engines ready; the collector connects once the outputs exist.
-    server = procs.start("server", live.sim_server_argv(
-        scan, input_channel, target_fps, start_delay_s=start_delay_s, runtime_s=3600.0, replay_once=True,
-    ), env, log_dir)
+    server = procs.start("server", source_argv(settings, scan, input_channel, target_fps, start_delay_s), env, log_dir)
     t_server = time.perf_counter()
     consumer = procs.start("consumer", argv, env, log_dir)
     collector = None
@@ -332,8 +351,7 @@ def run_point(
     try:
         error = _wait_ready([f"{out_prefix}:{i}:status" for i in ids], is_ptychonn, settings.ready_timeout_s, [consumer])
         if error is None:
-            collector = live.OutputCollector([f"{out_prefix}:{i}:output" for i in ids], keep_images=False,
-                                             keep_attributes=False)
+            collector = live.output_collector([f"{out_prefix}:{i}:output" for i in ids], settings.collectors)
             if not collector.wait_connected(10.0):
                 error = "the output channels did not connect in 10 s"
             ready_s = time.perf_counter() - t_server
@@ -350,9 +368,9 @@ def run_point(
         if error is None and (collector.count() > 0 or not gone()):
             # CPU is sampled over the stream itself: from the first output to 90 % of the
             # frames out (or until outputs stop for half a second), not the start-up before it.
-            before = CpuSample.take(consumer, server, collector.count())
+            before = CpuSample.take(consumer, server, collector.count(), _pids(collector))
             collector.wait_count(int(0.9 * n_frames), timeout_s=left(), idle_s=0.5)
-            cpu = before.per_frame_us(CpuSample.take(consumer, server, collector.count()))
+            cpu = before.per_frame_us(CpuSample.take(consumer, server, collector.count(), _pids(collector)))
             # latency over the stream: the processors' percentiles cover their last 5 s, which
             # after the stream would be only the last frames (the drain, at a lossy point)
             flowing = _read_statuses([f"{out_prefix}:{i}:status" for i in ids], consumer)
@@ -372,7 +390,8 @@ def run_point(
     received = [r for rs in collector.received.values() for r in rs] if collector is not None else []
     published = _published(server.log())
     if error is None and published is None:
-        error = f"the sim server reported no published frames; log: {server.log_path}"
+        error = f"the {'fast source' if settings.source == 'fast' else 'sim server'} reported no published frames; " \
+                f"log: {server.log_path}"
     n_offered, offered_fps = published if published else (n_frames, 0.0)
     unique = {r.unique_id for r in received if 1 <= r.unique_id <= n_offered}
     arrivals = sorted(r.arrival_s for r in received)
@@ -412,8 +431,28 @@ def run_point(
         cpu_layout=", ".join(sorted({str(u.get("device", "")) for u in user})) if is_ptychonn and user else None,
         ready_s=ready_s, start_delay_s=start_delay_s, wall_s=time.perf_counter() - t_start, error=error,
         n_consumer_received=n_consumer_received, n_lost_source=lost_source, n_lost_processor=lost_processor,
-        n_published=n_published, n_lost_collector=lost_collector, **cpu,
+        n_published=n_published, n_lost_collector=lost_collector, **cpu, source=settings.source,
+        collectors=settings.collectors, collector_processes=collector_processes(settings.collectors, n_consumers),
     )
+
+
+def collector_processes(collectors: int, n_consumers: int) -> int:
+    """The processes that collect N consumers' outputs: this one (1) for ``collectors`` 1, else
+    one child process per consumer's output channel at most (processes.CollectorProcesses)."""
+    return 1 if collectors <= 1 else min(collectors, n_consumers)
+
+
+def collected_by(collectors: int, n_consumers: int) -> str:
+    """Where a point's outputs were collected, in words."""
+    if collectors <= 1:
+        return "the bench's own process"
+    n = collector_processes(collectors, n_consumers)
+    return f"{n} collector process{'es' if n > 1 else ''}"
+
+
+def _pids(collector) -> list[int]:
+    """The process ids of ``collector``'s own processes (none for an in-process one)."""
+    return list(getattr(collector, "pids", []))
 
 
 @dataclass(frozen=True)
@@ -430,10 +469,13 @@ class CpuSample:
     consumer_threads: dict = field(default_factory=dict)  # live.thread_times of the consumer(s)
 
     @classmethod
-    def take(cls, consumer: live.Proc, server: live.Proc, n_out: int) -> "CpuSample":
+    def take(cls, consumer: live.Proc, server: live.Proc, n_out: int, collector_pids=()) -> "CpuSample":
+        """``collector_pids``: the collector's processes (processes.CollectorProcesses), counted
+        with this one's."""
         own = os.times()
+        collector_s = own.user + own.system + sum(live.cpu_seconds(pid) for pid in collector_pids)
         busy, total = live.machine_cpu_seconds()
-        return cls(live.cpu_seconds(consumer.pid), live.cpu_seconds(server.pid), own.user + own.system, busy, total, n_out,
+        return cls(live.cpu_seconds(consumer.pid), live.cpu_seconds(server.pid), collector_s, busy, total, n_out,
                    time.monotonic(), live.thread_times(consumer.pid))
 
     def per_frame_us(self, later: "CpuSample", min_frames: int = 16) -> dict:
@@ -715,6 +757,8 @@ def describe(r: PointResult) -> str:
         text += (f"; CPU per frame: consumer {r.cpu_consumer_us:.0f} us, server {_us(r.cpu_server_us)}, "
                  f"collector {_us(r.cpu_collector_us)}; machine "
                  + ("?" if r.machine_busy_pct is None else f"{r.machine_busy_pct:.0f} %") + " busy")
+    if r.source != "sim" or r.collectors > 1:  # the defaults go unsaid, as before these options
+        text += f"; source {r.source}, outputs collected by {collected_by(r.collectors, r.n_consumers)}"
     if r.consumer_threads:
         text += "; consumer threads, % of wall running / waiting for a core / off a core: " + ", ".join(
             _thread_text(t) for t in r.consumer_threads)

@@ -96,6 +96,18 @@ def pipeline_table(report: dict) -> str:
     )
 
 
+def pipeline_sources(report: dict) -> str:
+    """Which source published the pipeline points' frames and what collected their outputs
+    (points of reports written before the bench had --source and --collectors: the sim server
+    and the bench's own process)."""
+    from .bench_pipeline import SOURCES, collected_by
+
+    points = report.get("pipeline", {}).get("points", [])
+    sources = dict.fromkeys(SOURCES.get(p.get("source", "sim"), p.get("source")) for p in points)
+    collectors = dict.fromkeys(collected_by(p.get("collectors", 1), p["n_consumers"]) for p in points)
+    return f"source: {', '.join(sources)}; outputs collected by {', '.join(collectors)}"
+
+
 def _rounded(value: float, spec: str, up: bool = False) -> str:
     """``value`` with the decimals of ``spec`` (``.2f``), rounded down (up with ``up``) at
     the last digit shown, never to the nearest: a lower bound or a ratio read against a
@@ -192,7 +204,7 @@ def summary_text(report: dict) -> str:
 
         parts += ["", "Frame path, CPU per frame (one process, no transport)", frame_path_table(report["frame_path"])]
     if report.get("pipeline", {}).get("points"):
-        parts += ["", "Pipeline points", pipeline_table(report)]
+        parts += ["", f"Pipeline points ({pipeline_sources(report)})", pipeline_table(report)]
     if report.get("ratios"):
         parts += ["", "Ratios (measured in this run)", summary_table(report)]
     if report.get("warm_start"):
