@@ -477,6 +477,25 @@ def test_configure_refuses_with_a_short_message_and_changes_nothing(small_model,
     pipeline.stop()
 
 
+def assert_the_engines_results(published, images, pipeline, model):
+    """Each published image is the model's result for its input (``images[uid - 1]``)."""
+    reference = create_engine("onnxruntime", EngineOptions(model, max_batch=1, cpu_threads=1))
+    model_inputs = preprocess(images, pipeline.config.preprocess)[:, None]
+    for uid, image, _, _ in published:
+        np.testing.assert_allclose(image, reference.infer(model_inputs[uid - 1][None])[0, 0], atol=1e-5)
+
+
+def receive_pipeline(model, monkeypatch, engine_class):
+    """A batchRunner receive pipeline (batches of 4, no timeout) started on ``engine_class``
+    around the model's engine; thread crashes are collected in the returned list."""
+    crashes = []
+    monkeypatch.setattr(threading, "excepthook", crashes.append)
+    pipeline, published, factory = make_pipeline(model, batchSize=4, batchTimeout=60, batchRunner="receive")
+    engine = engine_class(factory())
+    pipeline.start(lambda: engine)
+    return pipeline, published, engine, crashes
+
+
 class AsyncEngine:
     """Wraps an engine behind submit/collect (as the GPU engines do) and records the
     order of calls; results are computed at collect, with at most two in flight."""
@@ -540,21 +559,14 @@ def test_async_engines_overlap_the_next_batch_with_publishing(small_model, rng, 
     # Overlap: some batch was submitted before its predecessor was collected.
     order = {call: i for i, call in enumerate(engine.calls)}
     assert any(order[("submit", k + 1)] < order[("collect", k)] for k in range(1, 8))
-    reference = create_engine("onnxruntime", EngineOptions(small_model, max_batch=1, cpu_threads=1))
-    model_inputs = preprocess(images, pipeline.config.preprocess)[:, None]
-    for uid, image, _, _ in published:
-        np.testing.assert_allclose(image, reference.infer(model_inputs[uid - 1][None])[0, 0], atol=1e-5)
+    assert_the_engines_results(published, images, pipeline, small_model)
 
 
 def test_the_receive_runner_runs_each_full_batch_in_the_thread_that_filled_it(small_model, rng, monkeypatch):
     """batchRunner receive: the thread that submits the frame that fills a batch runs it, to the
     publish, before submit() returns (an asynchronous engine's too); the partial batch is the
     inference thread's, at its timeout or drain()."""
-    crashes = []
-    monkeypatch.setattr(threading, "excepthook", crashes.append)
-    pipeline, published, factory = make_pipeline(small_model, batchSize=4, batchTimeout=60, batchRunner="receive")
-    engine = AsyncEngine(factory())
-    pipeline.start(lambda: engine)
+    pipeline, published, engine, crashes = receive_pipeline(small_model, monkeypatch, AsyncEngine)
     images = frames(rng, 30)
     for i in range(30):
         pipeline.submit(good_frame(i + 1, images[i]))
@@ -594,11 +606,7 @@ def test_the_receive_runner_leaves_a_gpu_batch_in_flight_and_receives_meanwhile(
     """batchRunner receive on an engine with done(): the receive thread submits the batch it filled
     and goes back to receiving; it publishes it at a later frame once it is done, or when the next
     batch finds the engine full; once no frame comes for HANDOVER_S the inference thread does."""
-    crashes = []
-    monkeypatch.setattr(threading, "excepthook", crashes.append)
-    pipeline, published, factory = make_pipeline(small_model, batchSize=4, batchTimeout=60, batchRunner="receive")
-    engine = PollingEngine(factory())
-    pipeline.start(lambda: engine)
+    pipeline, published, engine, crashes = receive_pipeline(small_model, monkeypatch, PollingEngine)
     images = frames(rng, 16)
     me = threading.current_thread().name
     send = lambda uids: [pipeline.submit(good_frame(uid, images[uid - 1])) for uid in uids]  # noqa: E731
