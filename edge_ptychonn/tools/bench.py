@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import faulthandler
 import math
 import os
 import platform
@@ -318,6 +319,11 @@ def main(args: argparse.Namespace) -> int:
     from . import bench_pipeline as bp
     from . import bench_report as br
 
+    # A crash in a native library (this process loads torch or ONNX Runtime and pvAccess) prints
+    # every thread's Python stack to stderr: twice on a GPU host the bench died of a
+    # segmentation fault at its first pipeline point (cause unknown; the same commands run again
+    # completed), before this was on.
+    faulthandler.enable()
     if args.no_realtime:  # this process's own collector too: first, as it executes this command again
         live.give_up_realtime()
     if args.quick:
