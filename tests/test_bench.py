@@ -382,11 +382,23 @@ def test_options_that_only_main_can_judge_are_one_line_errors(tmp_path):
     blocker.write_text("")
     for argv, message in [
         (["--out", str(blocker / "results")], f"cannot make the results folder {blocker / 'results'}"),
-        (["--pipeline-precision", "auto"], "--pipeline-precision auto needs --pipeline-engine auto"),
+        (["--pipeline-engine", "torch", "--pipeline-precision", "auto"],
+         "--pipeline-precision auto needs --pipeline-engine auto"),
     ]:
         with pytest.raises(SystemExit) as exit_:  # before: a FileExistsError traceback; every point skipped
             bench.main(bench.get_args_parser().parse_args(argv + ["--skip", ",".join(bench.PARTS)]))
         assert message in str(exit_.value), exit_.value
+
+
+@pytest.mark.parametrize("argv, engine, precision", [
+    ([], "auto", "auto"),  # the consumer's own defaults: the pipeline as it runs unless told otherwise
+    (["--pipeline-engine", "torch"], "torch", "fp32"),  # a named engine runs one named precision
+    (["--pipeline-engine", "onnxruntime", "--pipeline-precision", "fp32"], "onnxruntime", "fp32"),
+])
+def test_the_pipelines_engine_is_the_consumers_default_unless_named(tmp_path, argv, engine, precision):
+    args = bench.get_args_parser().parse_args(argv + ["--skip", ",".join(bench.PARTS), "--out", str(tmp_path)])
+    assert bench.main(args) == 0
+    assert (args.pipeline_engine, args.pipeline_precision) == (engine, precision)
 
 
 def test_the_real_time_warning_comes_only_where_processes_are_started(tmp_path, capsys, monkeypatch):

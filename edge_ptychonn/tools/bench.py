@@ -167,9 +167,11 @@ def get_args_parser(prog: str = "edge-ptychonn bench") -> argparse.ArgumentParse
     g.add_argument("--device", type=_device, default="cpu",
                    help="engine device: 'cpu', 'auto', 'cuda' or 'cuda:N' (consumers given 'auto' take GPU (processorId - 1) %% nGPUs)")
     g = parser.add_argument_group("pipeline")
-    g.add_argument("--pipeline-engine", default="onnxruntime", choices=("auto", *ENGINES), help="the consumers' engine")
-    g.add_argument("--pipeline-precision", default="fp32", choices=("auto", *PRECISIONS),
-                   help="the consumers' precision ('auto' with engine 'auto' only)")
+    g.add_argument("--pipeline-engine", default="auto", choices=("auto", *ENGINES),
+                   help="the consumers' engine (default: the consumer's own default, 'auto')")
+    g.add_argument("--pipeline-precision", default=None, choices=("auto", *PRECISIONS),
+                   help="the consumers' precision ('auto' with engine 'auto' only; default: 'auto' with engine "
+                        "'auto', as the consumer's default, else fp32)")
     g.add_argument("--pipeline-batch", type=_number(int, 1, high=256), default=8, help="batchSize, and --distributor-updates for N > 1")
     g.add_argument("--consumer-threads", type=_number(int, 0), default=0,
                    help="cpuThreads of each consumer (default 0: the consumer's own layout, its share of the "
@@ -322,12 +324,15 @@ def main(args: argparse.Namespace) -> int:
     # A crash in a native library (this process loads torch or ONNX Runtime and pvAccess) prints
     # every thread's Python stack to stderr: twice on a GPU host the bench died of a
     # segmentation fault at its first pipeline point (cause unknown; the same commands run again
-    # completed), before this was on.
-    faulthandler.enable()
+    # completed), before this was on. Not where stderr is no file (a caller capturing it).
+    with contextlib.suppress(AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both
+        faulthandler.enable()
     if args.no_realtime:  # this process's own collector too: first, as it executes this command again
         live.give_up_realtime()
     if args.quick:
         apply_quick(args)
+    if args.pipeline_precision is None:  # the consumer's default where the engine is too
+        args.pipeline_precision = "auto" if args.pipeline_engine == "auto" else "fp32"
     if args.pipeline_precision == "auto" and args.pipeline_engine != "auto":
         raise SystemExit("edge-ptychonn bench: --pipeline-precision auto needs --pipeline-engine auto "
                          f"(the {args.pipeline_engine} engine runs one named precision)")
