@@ -597,8 +597,8 @@ class InferencePipeline:
                 if oldest is not _NOTHING and not _notifies(oldest[1]):
                     if not self._receive_runs:
                         return
-                    # left in flight by the receive thread: its to finish at its next frame, this
-                    # thread's once none has come for HANDOVER_S (the stream paused)
+                    # left in flight by the receive thread, which finishes it at its next frame;
+                    # this thread does once none has come for HANDOVER_S (the stream paused)
                     quiet = time.perf_counter() - self._last_submit_s
                     if quiet >= HANDOVER_S:
                         return
