@@ -212,3 +212,22 @@ def test_a_zero_cost_point_from_the_fast_source_with_two_collector_processes_cou
     assert ("Pipeline points (source: fast source (edge_ptychonn.tools.fast_source); outputs collected by "
             "2 collector processes)") in printed.out
     assert "source fast, outputs collected by 2 collector processes" in printed.err
+
+
+def test_a_collector_process_that_dies_is_told_by_name_not_as_any_error(pva_env):
+    """A child of the spread collector killed while it collects: the next count says which one is
+    gone (CollectorFailed, which run_point records as that point's error, not an exception that
+    ends the sweep), and close() still reads the other child's channels (here nothing came: no
+    server publishes them); before, close() read that child's answer to the failed count."""
+    collector = live.output_collector([f"{PREFIX}:dies:{i}" for i in range(2)], processes=2)
+    try:
+        assert collector.count() == 0
+        os.kill(collector.pids[0], signal.SIGKILL)
+        with pytest.raises(live.CollectorFailed, match=r"collector-1 \(pid \d+\) is gone"):
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:  # until the kill has landed
+                collector.count()
+                time.sleep(0.05)
+    finally:
+        collector.close()
+    assert collector.received == {f"{PREFIX}:dies:0": [], f"{PREFIX}:dies:1": []}

@@ -377,6 +377,8 @@ def run_point(
             collector.wait_count(n_frames, timeout_s=left(), idle_s=3.0)
             server.wait(10.0)
             statuses = _statuses_after(time.time(), [f"{out_prefix}:{i}:status" for i in ids], consumer, flowing)
+    except live.CollectorFailed as exc:  # a collector process died or hung: this point's error, not the sweep's end
+        error = f"the output collector failed: {exc}"
     finally:
         # consumers that died during the point (before they are stopped here): the group itself,
         # or, with -nc N, forked ones (PvaPy's parent leaves them unreaped until it stops)

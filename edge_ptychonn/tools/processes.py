@@ -656,6 +656,10 @@ RESEARCH_S = 1.0  # OutputCollector.wait_connected: how often an unconnected cha
 CHILD_ANSWER_S = 30.0  # CollectorProcesses: how long a child may take to answer (its start-up included)
 
 
+class CollectorFailed(RuntimeError):
+    """A :class:`CollectorProcesses` child is gone or gave no answer in time."""
+
+
 class CollectorProcesses:
     """:class:`OutputCollector`'s interface (``channels``, ``received``, ``count``,
     ``connected``, ``wait_connected``, ``wait_count``, ``close``) over child processes: the
@@ -682,6 +686,7 @@ class CollectorProcesses:
         self.received: dict[str, list[Received]] = {name: [] for name in self.channels}
         self._closed = False
         self._children: list[tuple] = []  # (name, Popen, connection, its channels)
+        self._silent: set[str] = set()  # children that gave no answer in time (stopped): nothing more is read
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(
             [str(PROJECT_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]))
@@ -710,25 +715,37 @@ class CollectorProcesses:
         return [popen.pid for _, popen, _, _ in self._children]
 
     def _ask(self, request: str, argument=None, timeout_s: float = CHILD_ANSWER_S) -> list:
-        """Send ``request`` to every child, then their answers, in order; RuntimeError where
-        one is gone or gives none within ``timeout_s``."""
-        def gone(name, popen) -> RuntimeError:
-            return RuntimeError(f"{name} (pid {popen.pid}) is gone (exit code {popen.poll()})")
+        """Send ``request`` to every child, then their answers, in order; CollectorFailed (naming
+        each) where one is gone or gives none within ``timeout_s``. Every answer that comes is
+        read, so that the next request's answers are not a late answer to this one; a child that
+        gave none is stopped (it may be hung), and :meth:`close` reads nothing more from it."""
+        def gone(name, popen) -> str:
+            return f"{name} (pid {popen.pid}) is gone (exit code {popen.poll()})"
 
-        for name, popen, pipe, _ in self._children:
+        failures: list[str] = []
+        asked = []
+        for child in self._children:
+            name, popen, pipe, _ = child
             try:
                 pipe.send((request, argument))
+                asked.append(child)
             except OSError:
-                raise gone(name, popen) from None
+                failures.append(gone(name, popen))
         deadline = time.monotonic() + timeout_s
         answers = []
-        for name, popen, pipe, _ in self._children:
+        for child in asked:
+            name, popen, pipe, _ = child
             try:
-                if not pipe.poll(max(deadline - time.monotonic(), 0.0)):
-                    raise RuntimeError(f"{name} (pid {popen.pid}) gave no answer to {request!r} in {timeout_s:.0f} s")
-                answers.append(pipe.recv())
+                if pipe.poll(max(deadline - time.monotonic(), 0.0)):
+                    answers.append(pipe.recv())
+                    continue
+                failures.append(f"{name} (pid {popen.pid}) gave no answer to {request!r} in {timeout_s:.0f} s")
+                self._silent.add(name)
+                popen.kill()
             except (EOFError, OSError):
-                raise gone(name, popen) from None
+                failures.append(gone(name, popen))
+        if failures:
+            raise CollectorFailed("; ".join(failures))
         return answers
 
     def count(self) -> int:
@@ -762,9 +779,9 @@ class CollectorProcesses:
             except OSError:
                 continue
         deadline = time.monotonic() + CHILD_ANSWER_S
-        for _, popen, pipe, share in self._children:
+        for name, popen, pipe, share in self._children:
             try:
-                if pipe.poll(max(deadline - time.monotonic(), 0.0)):
+                if name not in self._silent and pipe.poll(max(deadline - time.monotonic(), 0.0)):
                     for name, columns in zip(share, pipe.recv()):
                         self.received[name] = _unpacked(columns)
             except (EOFError, OSError):
