@@ -634,6 +634,49 @@ def test_the_receive_runner_leaves_a_gpu_batch_in_flight_and_receives_meanwhile(
     assert pipeline.stats.published == 16 and pipeline.stats.unaccounted(0) == 0
 
 
+class TimedGpu(PollingEngine):
+    """A polling engine whose batches are done a set time after they were submitted (a GPU's
+    latency); collect() waits for that, as a CUDA event's synchronize does."""
+
+    def __init__(self, engine, latency_s):
+        super().__init__(engine)
+        self.latency_s, self._ready_at = latency_s, {}
+
+    def submit(self, batch):
+        ticket = super().submit(batch)
+        self._ready_at[ticket] = time.monotonic() + self.latency_s
+        return ticket
+
+    def done(self, ticket):
+        return time.monotonic() >= self._ready_at[ticket]
+
+    def collect(self, ticket):
+        time.sleep(max(self._ready_at.pop(ticket) - time.monotonic(), 0.0))
+        return super().collect(ticket)
+
+
+def test_gpu_batches_left_in_flight_come_out_once_in_order_whatever_the_frame_gaps(small_model, rng, monkeypatch):
+    """The receive thread and the inference thread hand batches left in flight back and forth
+    (frames in bursts, gaps shorter and longer than HANDOVER_S, a GPU latency of 2 ms, partial
+    batches at the timeout): every frame is published once, in order, with its own result."""
+    pipeline, published, engine, crashes = receive_pipeline(small_model, monkeypatch,
+                                                            lambda e: TimedGpu(e, latency_s=0.002))
+    pipeline.configure({"batchTimeout": 0.02})
+    n = 240
+    images = frames(rng, n)
+    gaps = rng.choice([0.0, 0.0, 0.0, 0.001, 0.004, 0.012, 0.03], size=n)
+    for uid in range(1, n + 1):
+        pipeline.submit(good_frame(uid, images[uid - 1]))
+        time.sleep(gaps[uid - 1])
+    assert pipeline.drain(20)
+    pipeline.stop()
+    assert not crashes, crashes[0].exc_value if crashes else None
+    assert [p[0] for p in published] == list(range(1, n + 1))
+    assert {"ptychonn-infer", threading.current_thread().name} <= set(engine.collected_by)  # both threads did
+    assert_the_engines_results(published, images, pipeline, small_model)
+    assert pipeline.stats.published == n and pipeline.stats.unaccounted(0) == 0
+
+
 def test_the_receive_runner_does_not_wait_for_the_inference_thread_while_a_buffer_is_free(small_model, rng):
     """While the inference thread runs a batch (a partial one, after its timeout) on a slow
     engine, the receive thread does not wait for it: the frames it receives are batched and
