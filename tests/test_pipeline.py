@@ -578,10 +578,7 @@ def test_the_receive_runner_runs_each_full_batch_in_the_thread_that_filled_it(sm
     assert [p[0] for p in published] == list(range(1, 31))
     me = threading.current_thread().name
     assert published.threads == [me] * 28 + ["ptychonn-infer"] * 2
-    model_inputs = preprocess(images, pipeline.config.preprocess)[:, None]
-    reference = create_engine("onnxruntime", EngineOptions(small_model, max_batch=1, cpu_threads=1))
-    for uid, image, _, _ in published:
-        np.testing.assert_allclose(image, reference.infer(model_inputs[uid - 1][None])[0, 0], atol=1e-5)
+    assert_the_engines_results(published, images, pipeline, small_model)
     assert pipeline.stats.published == 30 and pipeline.stats.unaccounted(0) == 0
 
 
@@ -627,10 +624,7 @@ def test_the_receive_runner_leaves_a_gpu_batch_in_flight_and_receives_meanwhile(
     pipeline.stop()
     assert not crashes, crashes[0].exc_value if crashes else None
     assert [p[0] for p in published] == list(range(1, 17))
-    model_inputs = preprocess(images, pipeline.config.preprocess)[:, None]
-    reference = create_engine("onnxruntime", EngineOptions(small_model, max_batch=1, cpu_threads=1))
-    for uid, image, _, _ in published:
-        np.testing.assert_allclose(image, reference.infer(model_inputs[uid - 1][None])[0, 0], atol=1e-5)
+    assert_the_engines_results(published, images, pipeline, small_model)
     assert pipeline.stats.published == 16 and pipeline.stats.unaccounted(0) == 0
 
 
