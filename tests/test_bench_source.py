@@ -57,10 +57,7 @@ class Monitor:
             return len(self.updates)
 
     def close(self) -> None:
-        try:
-            self.channel.stopMonitor()
-        except Exception:  # never connected: nothing to stop
-            pass
+        live.stop_monitor(self.channel)  # kept alive: pvAccess may still be calling back
 
 
 def seconds(stamp: dict) -> float:

@@ -566,3 +566,59 @@ def test_a_collector_keeps_ids_times_and_attributes_unless_told_not_to(pva_env):
         for c in collectors:
             c.close()
         server.stop()
+
+
+CLOSE_WHILE_STREAMING = r"""
+import random, sys, threading, time
+import numpy as np
+import pvaccess as pva
+from pvapy.utility.adImageUtility import AdImageUtility
+from edge_ptychonn.tools.processes import OutputCollector
+
+name, rounds = sys.argv[1], int(sys.argv[2])
+server = pva.PvaServer(name, pva.NtNdArray())
+streaming = threading.Event()
+streaming.set()
+
+def publish():
+    frame = AdImageUtility.generateNtNdArray2D(1, np.zeros((32, 32), np.int16))
+    unique_id = 0
+    while streaming.is_set():
+        unique_id += 1
+        frame["uniqueId"] = unique_id
+        server.update(name, frame)
+        if unique_id % 20 == 0:
+            time.sleep(0.001)
+
+threading.Thread(target=publish, daemon=True).start()
+rng = random.Random(0)
+frames = 0
+for _ in range(rounds):
+    collector = OutputCollector([name], keep_images=False, keep_attributes=False, queue_size=10)
+    time.sleep(rng.uniform(0, 0.02))  # closed before, while and after its channel connects
+    frames += collector.count()
+    collector.close()
+    after = collector.count()
+    time.sleep(0.001)
+    if collector.count() != after:
+        sys.exit("a closed collector still adds frames")
+streaming.clear()
+time.sleep(0.05)
+server.stop()
+print(f"rounds {rounds} frames {frames}")
+"""
+
+
+def test_collectors_closed_while_their_channel_streams_never_crash_the_process(pva_env):
+    """pvAccess may still call a monitor back, or connect it, when stopMonitor() returns; a
+    channel destroyed then crashed the process (a segmentation fault, or "PyThreadState_Get:
+    the function must be called with the GIL held"): this script crashed within 400 rounds in
+    each of four runs before collectors kept their stopped channels (processes.stop_monitor)."""
+    from channel_names import PREFIX
+
+    rounds = 400
+    done = subprocess.run([sys.executable, "-c", CLOSE_WHILE_STREAMING, f"{PREFIX}:close{os.getpid()}:output",
+                           str(rounds)], capture_output=True, text=True, timeout=180, env=pva_env)
+    assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-2000:]}"
+    words = done.stdout.split()
+    assert words[:2] == ["rounds", str(rounds)] and int(words[3]) > 0, done.stdout  # frames did flow

@@ -14,7 +14,7 @@ import pvaccess as pva
 import pytest
 
 from edge_ptychonn.science.stitch import Stitcher, probe_weight
-from edge_ptychonn.tools.processes import wait_until
+from edge_ptychonn.tools.processes import stop_monitor, wait_until
 from channel_names import PREFIX
 from frames_util import good_frame
 from processors.stitch import STATS, PositionTable, StitchProcessor
@@ -518,7 +518,7 @@ def test_positions_from_the_sim_servers_metadata_channels_through_inference(pva_
     finally:
         outputs.close()
         for ch in monitors:
-            ch.stopMonitor()
+            stop_monitor(ch)
     user = stats["userStats"]
     assert user["nFramesByMetadata"] == n and user["nFramesNoPosition"] == 0 and user["nFramesWaiting"] == 0
     assert user["nMetadataReceived"] >= 2 * n

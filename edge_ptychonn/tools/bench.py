@@ -323,8 +323,9 @@ def main(args: argparse.Namespace) -> int:
 
     # A crash in a native library (this process loads torch or ONNX Runtime and pvAccess) prints
     # every thread's Python stack to stderr: twice on a GPU host the bench died of a
-    # segmentation fault at its first pipeline point (cause unknown; the same commands run again
-    # completed), before this was on. Not where stderr is no file (a caller capturing it).
+    # segmentation fault at its first pipeline point (the same commands run again completed),
+    # before this was on; a likely cause, channels destroyed while pvAccess still called them
+    # back, is fixed (processes.stop_monitor). Not where stderr is no file (a caller capturing it).
     with contextlib.suppress(AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both
         faulthandler.enable()
     if args.no_realtime:  # this process's own collector too: first, as it executes this command again

@@ -562,7 +562,9 @@ class OutputCollector:
     The empty record that a monitor gets on connect (no image yet) is ignored.
     ``keep_attributes`` False leaves each :class:`Received`'s attributes empty: reading
     them costs 19 us per frame of this process's Python (two attributes), the most of
-    what the callback reads, where a bench needs only ids and times.
+    what the callback reads, where a bench needs only ids and times. Nothing is added
+    once :meth:`close` has returned; its channels are stopped with :func:`stop_monitor`
+    (kept for the rest of the process, without the frames this collector holds).
     """
 
     channels: list[str]
@@ -578,30 +580,29 @@ class OutputCollector:
         self._lock = threading.Lock()
         for name in self.channels:
             self.received[name] = []
+        # What the callbacks reach this collector through: close() empties it, so that the
+        # channels that stop_monitor keeps do not keep this collector and its frames too.
+        self._owner = [self]
         self._channels = [self._monitor(name) for name in self.channels]
         self._made_s = time.monotonic()
 
     def _monitor(self, name: str):
         channel = self._pva.Channel(name)
-        channel.monitor(self._callback(name), f"record[queueSize={self.queue_size}]field()")
+        channel.monitor(_on_update(self._owner, name), f"record[queueSize={self.queue_size}]field()")
         return channel
 
-    def _callback(self, name: str):
-        def on_update(pv) -> None:
-            keep_thread_state()  # pvAccess calls back on its own thread, once per frame
-            field_name = pv.getSelectedUnionFieldName()
-            if not field_name:
-                return
-            image = None
-            if self.keep_images:
-                dims = pv["dimension"]
-                image = np.array(pv["value"][0][field_name]).reshape(dims[1]["size"], dims[0]["size"])
-            attributes = pv.getStructureArray("attribute") if self.keep_attributes else []
-            item = Received(pv.getInt("uniqueId"), time.perf_counter(), pv.getStructure("timeStamp"), attributes, image)
-            with self._lock:
-                self.received[name].append(item)
-
-        return on_update
+    def _add(self, name: str, pv) -> None:
+        field_name = pv.getSelectedUnionFieldName()
+        if not field_name:
+            return
+        image = None
+        if self.keep_images:
+            dims = pv["dimension"]
+            image = np.array(pv["value"][0][field_name]).reshape(dims[1]["size"], dims[0]["size"])
+        attributes = pv.getStructureArray("attribute") if self.keep_attributes else []
+        item = Received(pv.getInt("uniqueId"), time.perf_counter(), pv.getStructure("timeStamp"), attributes, image)
+        with self._lock:
+            self.received[name].append(item)
 
     def connected(self) -> bool:
         return all(c.isConnected() for c in self._channels)
@@ -625,7 +626,7 @@ class OutputCollector:
                 self._made_s = now
                 for i, channel in enumerate(self._channels):
                     if not channel.isConnected():
-                        _stop_monitor(channel)
+                        stop_monitor(channel)
                         self._channels[i] = self._monitor(self.channels[i])
             time.sleep(0.05)
         return True
@@ -647,9 +648,24 @@ class OutputCollector:
         return self.count()
 
     def close(self) -> None:
+        """Stop every monitor (:func:`stop_monitor`); what arrived stays in ``received``."""
         for channel in self._channels:
-            _stop_monitor(channel)
+            stop_monitor(channel)
         self._channels = []
+        self._owner[0] = None
+
+
+def _on_update(owner: list, name: str):
+    """A monitor callback that adds each frame of channel ``name`` to ``owner[0]`` (an
+    :class:`OutputCollector`), and does nothing once that is None (the collector closed)."""
+
+    def on_update(pv) -> None:
+        keep_thread_state()  # pvAccess calls back on its own thread, once per frame
+        collector = owner[0]
+        if collector is not None:
+            collector._add(name, pv)
+
+    return on_update
 
 
 RESEARCH_S = 1.0  # OutputCollector.wait_connected: how often an unconnected channel is made afresh
@@ -842,11 +858,24 @@ def _unpacked(columns: tuple[np.ndarray, ...]) -> list[Received]:
             for i, a, s, ns in zip(ids, arrivals, seconds, nanoseconds)]
 
 
-def _stop_monitor(channel) -> None:
+# Channels whose monitor stop_monitor() stopped, kept until the process ends (see there).
+_STOPPED_CHANNELS: list = []
+
+
+def stop_monitor(channel) -> None:
+    """Stop a ``pvaccess.Channel``'s monitor and keep the channel alive for the rest of the
+    process. pvAccess can still be calling the monitor's callback, or connecting the channel,
+    when ``stopMonitor()`` returns, and a channel destroyed then crashes the process (a
+    segmentation fault, or "Fatal Python error: PyThreadState_Get: the function must be
+    called with the GIL held"): a process that made and closed collectors of a channel
+    streaming frames crashed within 400 rounds in each of four runs. Keep the channel no
+    longer than that: drop every reference of your own to it after this call, and have its
+    callback hold nothing large (a stopped channel costs a few kilobytes)."""
     try:
         channel.stopMonitor()
     except Exception:  # already disconnected, or never connected: nothing left to stop
         pass
+    _STOPPED_CHANNELS.append(channel)
 
 
 def at_once(stop, procs) -> list[tuple]:
