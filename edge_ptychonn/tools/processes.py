@@ -868,9 +868,9 @@ def stop_monitor(channel) -> None:
     when ``stopMonitor()`` returns, and a channel destroyed then crashes the process (a
     segmentation fault, or "Fatal Python error: PyThreadState_Get: the function must be
     called with the GIL held"): a process that made and closed collectors of a channel
-    streaming frames crashed within 400 rounds in each of four runs. Keep the channel no
-    longer than that: drop every reference of your own to it after this call, and have its
-    callback hold nothing large (a stopped channel costs a few kilobytes)."""
+    streaming frames crashed within 400 rounds in each of four runs. This module holds the
+    channel from then on: drop your own references to it, and give its callback nothing
+    large to hold (it is kept as long as the channel)."""
     try:
         channel.stopMonitor()
     except Exception:  # already disconnected, or never connected: nothing left to stop
