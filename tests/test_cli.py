@@ -701,6 +701,69 @@ def test_configure_does_not_take_another_requests_answer_for_its_own(monkeypatch
               "the other's; the consumer's status channel shows what is in force")
 
 
+class _ControlChannel:
+    """A PvaPy control channel with another caller's request taken and not yet answered (at
+    objectTime 1.0): that answer lands at read ``other_answered_at``; a put stamps objectTime
+    2.0 and is answered ``own_answer`` three reads later."""
+
+    def __init__(self, other_answered_at: int, own_answer: str):
+        self.record = {"objectTime": 1.0, "statusMessage": "Command successful"}
+        self.reads, self.puts, self.due = 0, 0, []
+        self.due.append((other_answered_at, "Configuration successful"))
+        self.own_answer = own_answer
+
+    def __call__(self, name):
+        return self
+
+    def setTimeout(self, timeout_s):
+        pass
+
+    def get(self, request):
+        self.reads += 1
+        for read, message in [d for d in self.due if d[0] <= self.reads]:
+            self.record = {**self.record, "statusMessage": message}
+            self.due.remove((read, message))
+        record = dict(self.record)
+
+        class Answer:
+            def toDict(self):
+                return record
+        return Answer()
+
+    def asyncPut(self, request, done, failed, fields):
+        self.puts += 1
+        self.record = {"objectTime": 2.0, "statusMessage": "Command successful"}
+        self.due.append((self.reads + 3, self.own_answer))
+        done(None)
+
+
+def test_configure_waits_for_an_answer_in_progress_before_it_sends(monkeypatch, capsys):
+    """A request sent while another caller's was taken and not yet answered (a model building)
+    read that answer as its own: an invalid batchTimeout printed "Configuration successful",
+    exit 0, 4 times in 6 in a live trial. Now it waits for that answer, then sends, and reads
+    its own (here a refusal: exit 1)."""
+    import pvaccess as pva
+
+    channel = _ControlChannel(other_answered_at=3, own_answer="Configuration failed: batchTimeout must be a number")
+    monkeypatch.setattr(pva, "Channel", channel)
+    assert cli.main(["configure", "cfgwait:1:control", "batchTimeout=abc", "--timeout", "5"]) == 1
+    assert capsys.readouterr().out == "Configuration failed: batchTimeout must be a number\n"
+    assert channel.puts == 1
+
+
+def test_configure_sends_nothing_while_another_request_stays_unanswered(monkeypatch, capsys):
+    """The other caller's request is not answered within --timeout: nothing is sent, exit 2."""
+    import pvaccess as pva
+
+    channel = _ControlChannel(other_answered_at=10**9, own_answer="Configuration successful")
+    monkeypatch.setattr(pva, "Channel", channel)
+    assert cli.main(["configure", "cfgstuck:1:control", "batchTimeout=0.2", "--timeout", "0.3"]) == 2
+    err = capsys.readouterr().err
+    assert channel.puts == 0
+    assert "edge-ptychonn configure: cfgstuck:1:control is still working on another request" in err, err
+    assert "nothing was sent" in err and err.count("\n") == 1, err
+
+
 @pytest.mark.parametrize("name", sorted(cli.COMMANDS))
 def test_every_option_has_a_help_text_and_no_default_in_pythons_own_notation(name):
     """train's --lr, --epochs, --width and more had no help text at all; bench showed list

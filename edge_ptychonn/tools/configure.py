@@ -21,11 +21,15 @@ minutes). Example:
 
     edge-ptychonn configure inference:1:control modelPath=/models/new.onnx
 
+PvaPy's control channel answers every caller in one field, so a request is
+not sent while another is unanswered (a model building): configure waits for
+that answer first, up to --timeout, and sends nothing if it does not come.
+
 Exit status: 0 when the consumer applied the change, 1 when it refused it
-(nothing changed), 2 for bad arguments, no answer in time, or an answer that
-cannot be told from another's (PvaPy's control channel answers every caller
-in one field: when another request comes in before the answer, its status
-channel says what is in force).
+(nothing changed), 2 for bad arguments, no answer in time, another request
+still unanswered, or an answer that cannot be told from another's (when
+another request comes in before the answer; the consumer's status channel
+says what is in force).
 """
 
 from __future__ import annotations
@@ -101,10 +105,15 @@ def send(channel: str, args_text: str, timeout_s: float = 5.0, connect_timeout_s
     ch = pva.Channel(channel)
     ch.setTimeout(connect_timeout_s)
     try:
-        before = _get(ch, channel, "field(objectTime)", connect_timeout_s)["objectTime"]
+        first = _get(ch, channel, "field(objectTime,statusMessage)", connect_timeout_s)
     except pva.PvaException as exc:
         _not_control(channel, exc)
         raise
+    before = first["objectTime"]
+    if first["statusMessage"] == PENDING:
+        # Another request was taken and is not answered yet: its answer, when it comes, would
+        # be read as this one's (its stamp is older than ours). Let it be answered first.
+        before = _wait_answered(ch, channel, before, timeout_s, connect_timeout_s)
     request = pva.PvObject({"command": pva.STRING, "args": pva.STRING}, {"command": "configure", "args": args_text})
     # An asynchronous put with our own deadline: a synchronous one has been seen to
     # wait for ever, past the channel's timeout, on a heavily loaded machine.
@@ -136,6 +145,31 @@ def send(channel: str, args_text: str, timeout_s: float = 5.0, connect_timeout_s
             if len(stamps) > 1:
                 raise CrossedAnswer(channel, message)
             return message
+        time.sleep(0.05)
+
+
+class Busy(Exception):
+    """Another request to the control channel was still unanswered after the wait."""
+
+
+def _wait_answered(ch, channel: str, taken_s: float, timeout_s: float, connect_timeout_s: float) -> float:
+    """Wait up to ``timeout_s`` until the request in progress on ``channel`` (taken at ``taken_s``,
+    its objectTime) is answered (its statusMessage is no longer :data:`PENDING`); return the
+    channel's objectTime then, else :class:`Busy`."""
+    import pvaccess as pva
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            record = _get(ch, channel, "field(objectTime,statusMessage)", connect_timeout_s)
+            if record["statusMessage"] != PENDING:
+                return record["objectTime"]
+        except pva.PvaException:  # a get that crossed the record's update: ask again
+            pass
+        if time.monotonic() > deadline:
+            raise Busy(f"{channel} is still working on another request (taken {max(0.0, time.time() - taken_s):.0f} s "
+                       f"ago, not answered within {timeout_s:g} s): nothing was sent; send it again once that one is "
+                       "answered (a new model's engine may be building), or give a longer --timeout")
         time.sleep(0.05)
 
 
@@ -205,7 +239,7 @@ def main(args: argparse.Namespace) -> int:
     except (pva.PvaException, TimeoutError) as exc:
         print(f"edge-ptychonn configure: no answer from {args.channel}: {exc}", file=sys.stderr)
         return 2
-    except (ValueError, CrossedAnswer) as exc:
+    except (ValueError, CrossedAnswer, Busy) as exc:
         print(f"edge-ptychonn configure: {exc}", file=sys.stderr)
         return 2
     print(reply)
