@@ -293,8 +293,11 @@ class PtychoNNProcessor(StatsFromTable, AdImageProcessor):
     def start(self):
         self.pipeline.start(self._create_engine, self._engine_for_model)
         self.io_threads.apply()  # those of the connections made by now; process() looks for new ones
-        # SIGTERM (systemd, procServ, docker, kill PID) stops this consumer like Ctrl-C,
-        # after publishing what it holds while its PVA server still serves clients.
+        # Any stop (Ctrl-C, --runtime, the parent's stop of a forked consumer) first publishes
+        # what this consumer holds, while its PVA server still serves clients; SIGTERM
+        # (systemd, procServ, docker, kill PID) stops it so too, where PvaPy would end it at once.
+        shutdown.drain_before_stop(shutdown.calling_processing_controller(sys._getframe(1), self),
+                                   self.pipeline.drain, self.logger)
         shutdown.on_sigterm(self.pipeline.drain, self.logger)
 
     def _publish(self, pv) -> None:

@@ -1,4 +1,5 @@
-"""Clean stops on SIGTERM for processors inside ``pvapy-hpc-consumer``.
+"""Clean stops for processors inside ``pvapy-hpc-consumer``: on SIGTERM, and with what
+they hold published on any stop.
 
 PvaPy 5.6 stops cleanly on Ctrl-C only: SIGTERM (what systemd, procServ, docker
 and ``kill PID`` send) ends a process at once, with no final statistics and the
@@ -21,6 +22,12 @@ exit cleanly on SIGTERM is started through ``edge-ptychonn consumer``.
 The controller is found on the main thread's stack when the signal arrives
 (the frame that runs PvaPy's loop holds it): an adapter to PvaPy's internals,
 pinned by a contract test.
+
+PvaPy's own stops (Ctrl-C, the end of ``--runtime``, a forked consumer's stop
+sent by its parent) stop the consumer's PVA server before the processor's
+``stop()``: :func:`drain_before_stop` makes the DataProcessingController that
+starts the processor publish what it holds first (found on the stack in the
+processor's ``start()``; the same kind of adapter, pinned likewise).
 """
 
 from __future__ import annotations
@@ -77,6 +84,42 @@ def parent_death_preexec(sig: int = signal.SIGTERM):
             os.kill(os.getpid(), sig)
 
     return preexec
+
+
+def calling_processing_controller(frame, processor):
+    """PvaPy's DataProcessingController whose ``start()`` runs in ``frame`` and starts
+    ``processor`` (it calls the processor's ``start()`` last), or None: an adapter to PvaPy's
+    internals, pinned by a contract test."""
+    owner = frame.f_locals.get("self") if frame is not None else None
+    if getattr(owner, "userDataProcessor", None) is processor and callable(getattr(owner, "stop", None)) \
+            and hasattr(owner, "pvaServer"):
+        return owner
+    return None
+
+
+def drain_before_stop(controller, drain, logger: logging.Logger, drain_timeout_s: float = DRAIN_TIMEOUT_S) -> bool:
+    """Make PvaPy's DataProcessingController ``controller`` publish what ``drain(timeout_s)``
+    can before it stops: its ``stop()`` stops the consumer's PVA server and only then calls the
+    processor's ``stop()``, so what the processor held then reached no client (counted as
+    dropped). Every stop goes through it: Ctrl-C, the end of ``--runtime``, a forked consumer
+    stopped by its parent, SIGTERM (whose handler drains first: nothing is left by then).
+    The frames already received have stopped coming by then (PvaPy stops receiving first).
+    A drain that fails is logged and the stop goes on. Returns False (nothing changed) for
+    None."""
+    if controller is None:
+        return False
+    original = controller.stop
+
+    def stop(*args, **kwargs):
+        try:
+            if not drain(drain_timeout_s):
+                logger.warning("stopping: frames still queued after %.1f s; they are counted as dropped", drain_timeout_s)
+        except Exception as exc:
+            logger.error("stopping: publishing the frames held failed (%s: %s)", type(exc).__name__, exc)
+        return original(*args, **kwargs)
+
+    controller.stop = stop
+    return True
 
 
 def on_sigterm(drain, logger: logging.Logger, drain_timeout_s: float = DRAIN_TIMEOUT_S) -> bool:

@@ -1,6 +1,7 @@
 """The PvaPy processor class, and the PvaPy signatures it depends on (contract tests)."""
 
 import inspect
+import logging
 
 import numpy as np
 import pvaccess as pva
@@ -209,6 +210,43 @@ def test_pvapy_contract_for_sigterm():
         return controller.processPvUpdate(1.0)
 
     assert loop(controller) is controller
+
+
+def test_pvapy_contract_for_draining_before_a_stop():
+    """processors/shutdown.py wraps the stop() of the DataProcessingController that calls the
+    processor's start(): PvaPy stops the PVA server there before it calls the processor's stop().
+    The wrapped stop drains first, then stops as before."""
+    from pvapy.hpc.dataProcessingController import DataProcessingController
+
+    from processors.shutdown import calling_processing_controller, drain_before_stop
+
+    start, stop = inspect.getsource(DataProcessingController.start), inspect.getsource(DataProcessingController.stop)
+    assert "self.userDataProcessor.start()" in start
+    assert stop.index("self.pvaServer.stop()") < stop.index("self.userDataProcessor.stop()")
+    calls = []
+
+    class Processor:
+        def start(self):
+            return calling_processing_controller(inspect.currentframe().f_back, self)
+
+    class Controller:  # like DataProcessingController
+        def __init__(self):
+            self.userDataProcessor, self.pvaServer = Processor(), None
+
+        def start(self):
+            return self.userDataProcessor.start()
+
+        def stop(self):
+            calls.append("stop")
+
+    controller = Controller()
+    assert controller.start() is controller
+    assert calling_processing_controller(inspect.currentframe(), Processor()) is None
+    assert drain_before_stop(controller, lambda timeout_s: calls.append(f"drain {timeout_s:g}") or True,
+                             logging.getLogger("test"))
+    controller.stop()
+    assert calls == ["drain 2", "stop"]
+    assert not drain_before_stop(None, None, logging.getLogger("test"))
 
 
 def test_stats_describe_accounting(small_model):

@@ -124,13 +124,17 @@ def _alive(pid: int) -> bool:
         ("edge-ptychonn", signal.SIGTERM, "parent", 0.05, True),
         ("pvapy", signal.SIGTERM, "parent", 0.05, False),
         ("pvapy", signal.SIGINT, "group", 0.05, True),
+        ("pvapy", signal.SIGINT, "group", 30.0, True),
+        ("edge-ptychonn", signal.SIGINT, "parent", 30.0, True),
     ],
-    ids=["sigterm-group", "sigterm-parent", "sigterm-parent-plain-pvapy", "sigint-group"],
+    ids=["sigterm-group", "sigterm-parent", "sigterm-parent-plain-pvapy", "sigint-group", "sigint-group-held",
+         "sigint-parent-held"],
 )
 def test_signals_stop_cleanly_with_nothing_lost_and_no_orphan(
     pva_env, procs, small_model, tmp_path, launcher, sig, target, batch_timeout, clean_parent
 ):
-    """Two consumers, 13 frames (the second consumer's batch is partial), then a signal:
+    """Two consumers, 13 frames (the second consumer's batch is partial, held back for 30 s in the
+    "held" cases: before, Ctrl-C counted it as dropped where SIGTERM published it), then a signal:
     every frame comes out, each consumer prints its final statistics, all exit, and the
     parent exits with 0 where it can (a SIGTERM to a plain pvapy-hpc-consumer parent
     kills it at once; its consumers notice and stop cleanly)."""

@@ -3,11 +3,9 @@
 It takes exactly ``pvapy-hpc-consumer``'s options and runs it in this process,
 with three differences that matter when a service manager runs it:
 
-- SIGTERM stops it cleanly: the consumers publish what they hold while their
-  output channels still serve clients (on Ctrl-C PvaPy stops those channels
-  first, so a partial batch held then is counted as dropped, nDroppedStopping),
-  the framework reports its final statistics, every process exits with 0 (a
-  second SIGTERM or Ctrl-C while it stops is ignored: it would cut the stop short);
+- SIGTERM stops it like Ctrl-C: the consumers publish what they hold, the
+  framework reports its final statistics, every process exits with 0 (a second
+  SIGTERM or Ctrl-C while it stops is ignored: it would cut the stop short);
 - without a terminal, ``-dc`` (no curses screen) is added, since curses cannot
   start there;
 - it exits (status 1) when its consumers are gone: with ``--n-consumers > 1``
