@@ -391,11 +391,16 @@ def check_input_size(card: ModelCard | None, model_path: str | Path, input_shape
                          "applied to this one)")
 
 
+def card_bytes(card: ModelCard) -> bytes:
+    """The ``.json`` file's contents for ``card``."""
+    return (json.dumps(card.to_dict(), indent=2) + "\n").encode()
+
+
 def save_card(card: ModelCard, model_path: str | Path) -> Path:
     """Write ``card`` beside ``model_path`` (as ``.json``); returns the path. The file takes
     its name only when whole, so a reader never finds half a card."""
     path = card_path(model_path)
-    write_bytes_whole(path, (json.dumps(card.to_dict(), indent=2) + "\n").encode())
+    write_bytes_whole(path, card_bytes(card))
     return path
 
 

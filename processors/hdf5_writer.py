@@ -17,8 +17,9 @@ frames written (datasets grow; no zero padding).
 Input
     NTNDArray frames: 2-D images (h, w) of any numeric pixel type (float32
     phase from ``PtychoNNProcessor``), with ``uniqueId``, ``timeStamp``,
-    ``dataTimeStamp`` and attributes. Frames with no image data (the empty
-    record a monitor gets on connect) are ignored.
+    ``dataTimeStamp`` and attributes (the position attributes, and the string
+    ``modelId`` that ``PtychoNNProcessor`` puts on each output). Frames with no
+    image data (the empty record a monitor gets on connect) are ignored.
 Output
     No channel. Files ``<outputDirectory>/<fileNameFormat>``, one per consumer
     (``processorId``) and scan (an existing file is never replaced: the new one
@@ -32,9 +33,18 @@ Output
     ``dataTimeStamp``  (n,) float64, seconds past the epoch (``dataTimeStamp``)
     ``positions``      (n, 2) float64 (y, x) from the ``positionAttributes``,
                        NaN where a frame has none (all NaN when no frame has)
+    ``modelId``        (n,) UTF-8 strings of at most 256 bytes (fixed length: SWMR
+                       cannot hold variable-length data; ``f["modelId"].asstr()[:]``
+                       reads them as str): the frame's ``modelId`` attribute, which
+                       model made it (``ptychonn sha256:1a2b3c4d5e6f``; it changes at
+                       a live model swap); ``""`` where a frame has none (raw
+                       detector frames). A longer id keeps its end (the digest),
+                       after ``…``
     attributes         ``processorSettings`` (JSON of the processor arguments),
                        ``inputChannel``, ``processorId``, ``scan``, ``created``,
-                       ``modelCard`` (text of ``modelCard``, read at start) and
+                       ``modelCard`` (text of the ``modelCard`` file, read once at
+                       start: the card given then, which a live model swap does not
+                       change; ``modelId`` says which model made each frame) and
                        ``modelCardPath``
 
     The file is in SWMR mode: ``h5py.File(path, "r", libver="latest",
@@ -76,7 +86,8 @@ Processor arguments (``--processor-args`` JSON) -- see ``Hdf5WriterProcessor.ARG
     'lz4', 'zstd', 'bitshuffle'); compressionLevel (gzip 0..9); chunkFrames
     (16); flushPeriod (s, 1.0); queueFrames (frames waiting for the writer
     thread, 10000; then ``process()`` waits); queueTimeout (s, 5.0: the longest
-    such wait, 0..60); modelCard (path of a text file, read at start);
+    such wait, 0..60); modelCard (path of a text file, read once at start: the
+    card of the model given then; the ``modelId`` dataset names each frame's);
     positionAttributes (["PosY", "PosX"]); restartWindow (64).
 Run-time changes (control channel ``configure``)
     flushPeriod (applies at once); ``{"newScan": true}`` closes the current file.
@@ -115,16 +126,17 @@ from edge_ptychonn.files import NAME_MAX, check_folder, remove_stale_partials, u
 from edge_ptychonn.stream.arguments import (
     choice, integer, number, optional, path, text, text_list,
 )
+from edge_ptychonn.stream.frames import MODEL_ID_ATTRIBUTE
 from edge_ptychonn.stream.quote import short_repr
 from edge_ptychonn.thread_name import name_this_thread
 from processors import shutdown
-from processors.base import (
-    BAD_KIND_COUNTS, ProcessorBase, RecentIds, at_start, attribute_value, bad_kind_stats, seconds,
-)
+from processors.base import BAD_KIND_COUNTS, ProcessorBase, RecentIds, at_start, bad_kind_stats, seconds
 
 NAME_ATTEMPTS = 5  # free names tried when other processes take them as this one opens a file
 COMPRESSIONS = ("none", "gzip", "lzf", "blosc", "lz4", "zstd", "bitshuffle")
 _PLUGIN = {"blosc": "Blosc", "lz4": "LZ4", "zstd": "Zstd", "bitshuffle": "Bitshuffle"}
+MODEL_ID_BYTES = 256  # the modelId dataset's fixed length (UTF-8)
+_CONTINUATION = bytes(range(0x80, 0xC0))  # UTF-8 bytes that continue a character
 
 
 def _h5py():
@@ -147,6 +159,34 @@ def _compression_options(name: str, level: int | None) -> dict:
     except ImportError as exc:
         raise ValueError(f"compression {name!r} needs hdf5plugin: pip install 'edge-ptychonn[hdf5]'") from exc
     return dict(getattr(hdf5plugin, _PLUGIN[name])())
+
+
+def frame_attributes(attributes: list, y_name: str, x_name: str) -> tuple[tuple[float, float] | None, str]:
+    """A frame's (y, x) position (None unless both attributes are numbers) and its ``modelId``
+    (``""`` when it has none or it is not a string), in one pass over its attribute list (as
+    :func:`edge_ptychonn.stream.frames.decode` gives it; the first attribute of a name counts)."""
+    values: dict = {}
+    for attribute in attributes:
+        name = attribute.get("name")
+        if name in (y_name, x_name, MODEL_ID_ATTRIBUTE) and name not in values:
+            try:
+                values[name] = attribute["value"][0]["value"]
+            except (KeyError, IndexError, TypeError):
+                values[name] = None
+    y, x = values.get(y_name), values.get(x_name)
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (y, x))
+    model_id = values.get(MODEL_ID_ATTRIBUTE)
+    return (float(y), float(x)) if numbers else None, model_id if isinstance(model_id, str) else ""
+
+
+def model_id_bytes(model_id: str) -> bytes:
+    """``model_id`` as the ``modelId`` dataset holds it: UTF-8, at most :data:`MODEL_ID_BYTES`
+    bytes; a longer one keeps its end (the model file's digest) after ``…``, cut between characters."""
+    raw = model_id.encode("utf-8", "replace")
+    if len(raw) <= MODEL_ID_BYTES:
+        return raw
+    ellipsis = "…".encode()
+    return ellipsis + raw[len(raw) - MODEL_ID_BYTES + len(ellipsis):].lstrip(_CONTINUATION)
 
 
 def read_model_card(card: Path) -> str:
@@ -215,6 +255,7 @@ class _Frame:
     time_stamp_s: float
     data_time_stamp_s: float
     position: tuple[float, float] | None
+    model_id: str = ""  # the frame's modelId attribute ("": none)
 
 
 _NEW_SCAN = object()
@@ -230,6 +271,7 @@ class _ScanFile:
     def __init__(self, h5py, file: Path, first: _Frame, settings: Hdf5Settings, attrs: dict):
         self.path = file
         self.f = None
+        self.model_id_dtype = h5py.string_dtype("utf-8", MODEL_ID_BYTES)
         # Built under a hidden name and renamed once in SWMR mode: a reader that sees the
         # file's name can open it (before SWMR mode the writer holds an exclusive lock).
         try:
@@ -258,6 +300,9 @@ class _ScanFile:
         self.dts = self.f.create_dataset("dataTimeStamp", (0,), dtype="f8", maxshape=(None,), chunks=(max(chunk, 256),))
         # always: no dataset can be made once in SWMR mode, and any frame may carry a position
         self.pos = self.f.create_dataset("positions", (0, 2), dtype="f8", maxshape=(None, 2), chunks=(max(chunk, 256), 2))
+        # fixed length: SWMR cannot hold variable-length data (the global heap)
+        self.models = self.f.create_dataset("modelId", (0,), dtype=self.model_id_dtype,
+                                            maxshape=(None,), chunks=(max(chunk, 256),))
         self.ids = self.f.create_dataset("uniqueId", (0,), dtype="i8", maxshape=(None,), chunks=(max(chunk, 256),))
         for key, value in attrs.items():
             self.f.attrs[key] = value
@@ -272,6 +317,8 @@ class _ScanFile:
             ds[n0:n1] = values
         self.pos.resize((n1, 2))
         self.pos[n0:n1] = [f.position if f.position is not None else (np.nan, np.nan) for f in frames]
+        self.models.resize((n1,))
+        self.models[n0:n1] = np.array([model_id_bytes(f.model_id) for f in frames], dtype=self.model_id_dtype)
         self.ids.resize((n1,))  # last: its length counts the complete frames
         self.ids[n0:n1] = [f.unique_id for f in frames]
         self.n = n1
@@ -282,7 +329,7 @@ class _ScanFile:
 
     def truncate_to_confirmed(self) -> None:
         """Shrink every dataset to the confirmed frames (``uniqueId`` first)."""
-        for ds in (self.ids, self.data, self.ts, self.dts, self.pos):
+        for ds in (self.ids, self.data, self.ts, self.dts, self.pos, self.models):
             ds.resize(self.confirmed, axis=0)
         self.n = self.confirmed
 
@@ -686,11 +733,10 @@ class Hdf5WriterProcessor(ProcessorBase):
         if frame is None:
             return None
         meta, image = frame
-        ny, nx = self.settings.position_attributes
-        y, x = attribute_value(meta.attributes, ny), attribute_value(meta.attributes, nx)
+        position, model_id = frame_attributes(meta.attributes, *self.settings.position_attributes)
         frame = _Frame(
             meta.unique_id, np.array(image, copy=True), seconds(meta.time_stamp), seconds(meta.data_time_stamp),
-            (y, x) if y is not None and x is not None else None,
+            position, model_id,
         )
         with self._lock:
             self.counts["received"] += 1

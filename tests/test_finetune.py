@@ -12,6 +12,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pvaccess as pva
@@ -33,14 +34,17 @@ FRAMEWORK = {"processorId": 1, "inputChannel": "ad:image", "outputChannel": "", 
              "objectIdOffset": 1, "skipInitialUpdates": 0, "nSequentialUpdates": 1}
 
 
-def record_hdf5(directory, frames, positions):
-    """Frames written by the HDF5 writer's own code path, positions as frame attributes."""
-    writer = Hdf5WriterProcessor({**FRAMEWORK, "outputDirectory": str(directory)})
+def record_hdf5(directory, frames, positions, model_id=None, **args):
+    """Frames written by the HDF5 writer's own code path, positions (and a ``model_id``, as
+    PtychoNNProcessor's outputs carry it) as frame attributes; ``args``: the writer's."""
+    framework = {**FRAMEWORK, "inputChannel": "inference:1:output"} if model_id else FRAMEWORK
+    writer = Hdf5WriterProcessor({**framework, "outputDirectory": str(directory), **args})
     writer.start()
     for k, (image, (y, x)) in enumerate(zip(frames, positions)):
         pv = good_frame(k + 1, image)
         pv["attribute"] = [pva.NtAttribute("PosY", pva.PvDouble(float(y))),
-                           pva.NtAttribute("PosX", pva.PvDouble(float(x)))]
+                           pva.NtAttribute("PosX", pva.PvDouble(float(x)))] + (
+            [pva.NtAttribute("modelId", pva.PvString(model_id))] if model_id else [])
         writer.process(pv)
     writer.stop()
     assert writer.getStats()["nFramesWritten"] == len(frames)
@@ -257,6 +261,14 @@ def test_held_out_block_and_guard_band(beamline):
     ("zero_frames", r"zeros.npy: every frame is zero everywhere: no diffraction recorded"),
     # a text table without rows: before, numpy's UserWarning with a source line, then the shape (0, 1)
     ("empty_text_positions", r"^edge-ptychonn finetune: \S*empty.txt: holds no positions \(no rows of numbers\)\n$"),
+    # the writer's file of an inference output (float32 phase images): before, trained on as diffraction, exit 0
+    ("model_outputs", r"^edge-ptychonn finetune: \S*inference_1_output_scan0001.h5 holds a model's outputs \(frames "
+                      r"of 'inference:1:output' made by 'ptychonn sha256:1a2b3c4d5e6f'\), not diffraction frames; "
+                      r"the raw frames are recorded by processors/hdf5_writer.py on the detector channel: give that "
+                      r"file\n$"),
+    ("old_model_outputs", r"^edge-ptychonn finetune: \S*old.h5 holds a model's outputs \(frames of "
+                          r"'inference:1:output', written with a modelCard\), not diffraction frames; the raw frames "
+                          r"are recorded by processors/hdf5_writer.py on the detector channel: give that file\n$"),
 ])
 def test_bad_input_is_refused_with_a_clear_message_and_nothing_written(beamline, tmp_path, capsys, case, message):
     d = beamline
@@ -319,6 +331,19 @@ def test_bad_input_is_refused_with_a_clear_message_and_nothing_written(beamline,
                              "uid_float": np.arange(1.0, 5.0)}[case]
             f["positions"] = d["truth"].positions_px[:4]
         frames, positions = tmp_path / f"{case}.h5", None
+    elif case == "model_outputs":  # phase images, as the chain's writer records them
+        phase = np.random.default_rng(1).uniform(-np.pi, np.pi, (4, 128, 128)).astype(np.float32)
+        with capsys.disabled():  # pvapy's logging takes the name of sys.stdout, which capsys's lacks
+            frames = record_hdf5(tmp_path / "h5", phase, d["truth"].positions_px[:4],
+                                 model_id="ptychonn sha256:1a2b3c4d5e6f")
+        positions = None
+    elif case == "old_model_outputs":  # the writer's layout before the modelId dataset
+        with h5py.File(tmp_path / "old.h5", "w") as f:
+            f["data"] = np.random.default_rng(1).uniform(-np.pi, np.pi, (4, 128, 128)).astype(np.float32)
+            f["uniqueId"] = np.arange(1, 5)
+            f["positions"] = d["truth"].positions_px[:4]
+            f.attrs["inputChannel"], f.attrs["modelCard"] = "inference:1:output", '{"name": "ptychonn"}'
+        frames, positions = tmp_path / "old.h5", None
     elif case == "zero_frames":
         np.save(tmp_path / "zeros.npy", np.zeros_like(d["frames"]))
         frames = tmp_path / "zeros.npy"
@@ -472,6 +497,69 @@ def test_a_base_that_crops_keeps_its_crop_and_output_mask_and_a_larger_probe_get
     wide_mask = load_card(tmp_path / "wide.onnx").output_mask
     assert wide_mask == output_mask_from_probe(wide, 0.1) and wide_mask.radius_px > mask.radius_px
     assert finetune.output_mask_for(None, default_probe, 0.1) == output_mask_from_probe(default_probe, 0.1)
+
+
+def test_the_writers_raw_frames_are_taken_whatever_their_pixel_type_or_card(tmp_path):
+    """Model outputs are told from raw frames by the writer's modelId dataset, not by the pixel
+    type: float frames (some detectors give them) from a writer given a modelCard are raw frames."""
+    frames = np.random.default_rng(2).uniform(0, 50, (4, 8, 8)).astype(np.float32)
+    card = tmp_path / "card.json"
+    card.write_text('{"name": "ptychonn"}')
+    path = record_hdf5(tmp_path / "h5", frames, np.zeros((4, 2)), modelCard=str(card))
+    with h5py.File(path, "r") as f:
+        assert "modelCard" in f.attrs and f["modelId"].asstr()[:].tolist() == [""] * 4
+    rec = finetune.load_frames(path)
+    np.testing.assert_array_equal(rec.frames, frames)
+
+
+def test_a_second_finetune_replaces_the_model_whole_and_a_stopped_one_leaves_it_as_it_was(
+        beamline, small_base, tmp_path, capsys, monkeypatch):
+    """The .pt was saved first, then the .md, the .json and the .onnx, each as it was made: a run stopped
+    in between left a .pt that did not match the .onnx beside it. Now the four take their names
+    together at the end, the .pt last, and --help says that --out replaces a model of that name."""
+    import os
+
+    from edge_ptychonn.science import train as train_module
+
+    np.save(tmp_path / "frames.npy", beamline["frames"][:160])
+    np.save(tmp_path / "positions.npy", beamline["truth"].positions_px[:160])
+    monkeypatch.setattr(train_module.Trainer, "train_one_epoch", lambda self, *a, **k: (0.5, False))  # no steps
+    out = tmp_path / "models" / "site1"
+    out.parent.mkdir()
+    earlier = {suffix: f"the earlier model's {suffix}".encode() for suffix in (".onnx", ".json", ".md", ".pt")}
+    for suffix, content in earlier.items():
+        out.with_name(out.name + suffix).write_bytes(content)
+    argv = ["--frames", tmp_path / "frames.npy", "--positions", tmp_path / "positions.npy", "--object",
+            beamline["recon"], "--init-from", small_base, "--out", out, "--epochs", 1, "--max-minutes", 0,
+            "--device", "cpu", "--quiet"]
+    scores = finetune.held_out_scores
+
+    def stopped_after_the_export(onnx, *args):  # the second call scores the new .onnx: the .pt is made by then
+        if scores_seen:
+            raise KeyboardInterrupt
+        scores_seen.append(onnx)
+        return scores(onnx, *args)
+
+    scores_seen = []
+    monkeypatch.setattr(finetune, "held_out_scores", stopped_after_the_export)
+    assert run_cli(*argv) == 130
+    assert {p.name: p.read_bytes() for p in out.parent.iterdir()} == {
+        out.name + suffix: content for suffix, content in earlier.items()}  # as it was, no hidden file left
+
+    monkeypatch.setattr(finetune, "held_out_scores", scores)
+    renamed, replace = [], os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (renamed.append(Path(dst).name), replace(src, dst)))
+    assert run_cli(*argv) == 0, capsys.readouterr().err
+    assert [name for name in renamed if not name.startswith(".")] == [out.name + s for s in (".md", ".json", ".onnx",
+                                                                                              ".pt")]
+    assert sorted(p.name for p in out.parent.iterdir()) == sorted(out.name + s for s in earlier)
+    assert not any(out.with_name(out.name + s).read_bytes() == content for s, content in earlier.items())
+    _, _, pt_card, _ = finetune.load_base(out.with_suffix(".pt"))
+    assert pt_card == load_card(out.with_suffix(".onnx"))  # the checkpoint of this model, with its card
+
+    with pytest.raises(SystemExit):
+        cli.main(["finetune", "--help"])
+    assert "existing model of that name" in " ".join(capsys.readouterr().out.split())
 
 
 def test_hdf5_frames_are_taken_in_uniqueid_order(tmp_path):

@@ -58,9 +58,12 @@ def wait_for(condition, timeout_s=5.0):
         time.sleep(0.01)
 
 
+PER_FRAME = ("data", "timeStamp", "dataTimeStamp", "positions", "modelId")  # a row per uniqueId
+
+
 def ids_in(path):
     with h5py.File(path, "r") as f:
-        assert len(f["data"]) == len(f["uniqueId"])
+        assert all(len(f[name]) == len(f["uniqueId"]) for name in PER_FRAME)
         return f["uniqueId"][:].tolist()
 
 
@@ -94,6 +97,37 @@ def test_frames_ids_time_stamps_positions_and_attributes(tmp_path, rng):
     stats = accounted(p)
     assert stats["nFramesWritten"] == 21 and stats["nEmptyFrames"] == 1 and stats["nFilesWritten"] == 1
     assert stats["nFramesLost"] == 0 and stats["writeTimeUs"] > 0 and stats["nFramesQueued"] == 0
+
+
+def test_each_frame_keeps_the_id_of_the_model_that_made_it(tmp_path, rng):
+    """A live model swap changes the outputs' modelId attribute mid-stream: the file's modelCard
+    attribute is the card given at start, and nothing said which frames came from which model."""
+    card = tmp_path / "model.json"
+    card.write_text(json.dumps({"name": "ptychonn"}))
+    images = rng.normal(size=(7, 4, 4)).astype(np.float32)
+    long_id = "é" * 200 + " sha256:0123456789ab"  # 411 bytes of UTF-8
+    ids = ["ptychonn sha256:1a2b3c4d5e6f"] * 3 + [None, "site1 sha256:abcdef012345", 7, long_id]
+    frames = []
+    for k, model_id in enumerate(ids):
+        pv = frame(k + 1, images[k], pos=(k, k))
+        if model_id is not None:  # a string attribute, as PtychoNNProcessor puts it; 7: not a string
+            value = pva.PvString(model_id) if isinstance(model_id, str) else pva.PvInt(model_id)
+            pv["attribute"] = [*pv["attribute"], pva.NtAttribute("modelId", value)]
+        frames.append(pv)
+    p = Hdf5WriterProcessor({**FRAMEWORK, "outputDirectory": str(tmp_path / "h5"), "modelCard": str(card),
+                             "chunkFrames": 2})
+    run(p, frames)
+    assert ids_in(p.files[0]) == list(range(1, 8))
+    with h5py.File(p.files[0], "r", libver="latest", swmr=True) as f:
+        got = f["modelId"].asstr()[:].tolist()
+        assert f["modelId"].dtype.itemsize == writer.MODEL_ID_BYTES  # fixed length: SWMR holds no vlen data
+        assert json.loads(f.attrs["modelCard"]) == {"name": "ptychonn"}  # the card given at start
+        assert f["positions"][6].tolist() == [6, 6]  # read in the same pass
+    assert got[:6] == ["ptychonn sha256:1a2b3c4d5e6f"] * 3 + ["", "site1 sha256:abcdef012345", ""]
+    # a longer id keeps its end (the model file's digest), cut between characters
+    assert got[6].startswith("…é") and got[6].endswith("é sha256:0123456789ab")
+    assert len(got[6].encode()) <= writer.MODEL_ID_BYTES
+    assert "modelId" in writer.__doc__ and "read once at" in writer.__doc__
 
 
 def test_a_restart_or_a_command_starts_a_new_file(tmp_path, rng):

@@ -14,7 +14,11 @@ Inputs
                      the detector channel (datasets ``data`` (n, H, W),
                      ``uniqueId`` (n,) and, when the frames carried position
                      attributes, ``positions`` (n, 2) y x), taken in uniqueId
-                     order whatever order the writer received them in.
+                     order whatever order the writer received them in. The
+                     writer's file of an inference output channel is refused:
+                     its frames are a model's phase images (a ``modelId`` per
+                     frame, or, in a file from before that dataset, a
+                     ``modelCard`` attribute), not diffraction.
     ``--positions``  the scan positions, unless the HDF5 file has them: the
                      ``.npz`` of ``edge-ptychonn simulate`` (``positions_px``),
                      an ``.npy`` (N, 2), or a text table with rows ``y x`` (by
@@ -65,12 +69,18 @@ Outputs
     models through the ONNX Runtime engine: the median per-patch phase RMSE and
     the SSIM/RMSE of the held-out patches stitched against the reconstruction.
     Put the result live with ``edge-ptychonn configure`` (``modelPath``) or by
-    restarting the consumers with ``"modelPath": "<out>.onnx"``.
+    restarting the consumers with ``"modelPath": "<out>.onnx"``. An existing model
+    of that name (its four files) is replaced, as ``train --out`` replaces one:
+    the four files are written under hidden names and take their names together
+    at the end of the run, the ``.pt`` last, so a run stopped or failed before
+    then leaves the earlier model as it was. ``--out`` may not name the base
+    model's files.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import platform
 import sys
@@ -83,15 +93,17 @@ from pathlib import Path
 import numpy as np
 
 from edge_ptychonn import __version__, cli_options
-from edge_ptychonn.files import load_npy, load_npz, whole_file, write_bytes_whole
+from edge_ptychonn.files import load_npy, load_npz, whole_file
 from edge_ptychonn.model_card import (
-    ModelCard, ModelConfig, StitchSettings, Training, check_input_size, default_model_path, find_card, save_card,
+    ModelCard, ModelConfig, StitchSettings, Training, card_bytes, card_path, check_input_size, default_model_path,
+    find_card,
 )
 from edge_ptychonn.progress import Progress
 from edge_ptychonn.science.simulate import ScanSettings, extract_patches, make_probe
 from edge_ptychonn.science.stitch import Stitcher, probe_weight
 from edge_ptychonn.stream.postprocess import OutputMask
 from edge_ptychonn.stream.preprocess import PreprocessConfig, preprocess
+from edge_ptychonn.stream.quote import short_repr
 
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".nxs")
 TEXT_SUFFIXES = (".txt", ".dat", ".csv", ".tsv")
@@ -190,6 +202,10 @@ def load_frames(path: str | Path) -> Recorded:
             if missing:
                 raise InputError(f"{path}: no {' or '.join(missing)} dataset; expected the layout of "
                                  "processors/hdf5_writer.py (data, uniqueId, positions)")
+            model = _model_outputs(f, h5py)
+            if model is not None:
+                raise InputError(f"{path} holds a model's outputs ({model}), not diffraction frames; the raw frames "
+                                 "are recorded by processors/hdf5_writer.py on the detector channel: give that file")
             uid = f["uniqueId"]
             if uid.ndim != 1 or uid.dtype.kind not in "iu":
                 raise InputError(f"{path}: uniqueId must be a 1-D dataset of whole numbers, got {uid.dtype} "
@@ -224,6 +240,25 @@ def load_frames(path: str | Path) -> Recorded:
             positions = positions[order] if positions is not None else None
         return Recorded(frames, ids, positions, str(path), problem)
     raise InputError(f"{path}: frames must be a .npy stack or an HDF5 file ({', '.join(HDF5_SUFFIXES)})")
+
+
+def _model_outputs(f, h5py) -> str | None:
+    """What says that the HDF5 file ``f`` of ``processors/hdf5_writer.py`` holds a model's outputs
+    (the writer on an inference output channel), in words; None for raw frames. The writer keeps
+    each frame's ``modelId`` (empty for a detector's frames); a file from before that dataset
+    has a ``modelCard`` attribute where the writer was given the model's card. The pixel type
+    says nothing: some detectors give float frames."""
+    channel = f.attrs.get("inputChannel", "")
+    channel = f" of {short_repr(channel)}" if isinstance(channel, str) and channel else ""
+    ids = f.get("modelId")
+    if isinstance(ids, h5py.Dataset):
+        if ids.ndim != 1 or h5py.check_string_dtype(ids.dtype) is None:
+            return None
+        made_by = next((m for m in ids.asstr(errors="replace")[:] if m), None)
+        return f"frames{channel} made by {short_repr(made_by)}" if made_by else None
+    if "modelCard" in f.attrs:
+        return f"frames{channel}, written with a modelCard"
+    return None
 
 
 def _text_table(path: Path) -> np.ndarray:
@@ -661,8 +696,9 @@ def get_args_parser(prog: str = "edge-ptychonn finetune") -> argparse.ArgumentPa
         "<out>.md and <out>.pt. Positions are the top-left corner of the model's input window in object "
         "pixels, as 'edge-ptychonn simulate' writes them (see --pixel-size, --origin, --position-ref).",
     )
-    p.add_argument("--frames", required=True, help="recorded frames: .npy (N, H, W), or an HDF5 file of "
-                   "processors/hdf5_writer.py (data, uniqueId, positions)")
+    p.add_argument("--frames", required=True, help="recorded raw frames: .npy (N, H, W), or an HDF5 file of "
+                   "processors/hdf5_writer.py on the detector channel (data, uniqueId, positions); its file of an "
+                   "inference output channel (a model's phase images) is refused")
     p.add_argument("--positions", default=None, help="scan positions, unless the HDF5 file has them: .npz of "
                    "'edge-ptychonn simulate', .npy (N, 2) y x, or a text table of 'y x' (by frame index) or "
                    "'uniqueId y x' rows")
@@ -682,8 +718,9 @@ def get_args_parser(prog: str = "edge-ptychonn finetune") -> argparse.ArgumentPa
     p.add_argument("--init-from", type=Path, default=default_model_path(),
                    help="base model: ONNX PtychoNN (its .json card beside it) or the <out>.pt of 'edge-ptychonn "
                         "train' or 'finetune' (default: the shipped model)")
-    p.add_argument("--out", default="data/generated/finetuned", help="output prefix: <out>.onnx, .json, .md, .pt "
-                   "(default: %(default)s)")
+    p.add_argument("--out", default="data/generated/finetuned", help="output prefix: <out>.onnx, .json, .md, .pt; "
+                   "an existing model of that name (those four files) is replaced, all four together at the end "
+                   "of the run (default: %(default)s)")
     p.add_argument("--val-fraction", type=float, default=0.2,
                    help="held-out share: the last frames in scan order, a contiguous block (default: %(default)s)")
     p.add_argument("--batchnorm", choices=("unfold", "folded"), default="unfold",
@@ -874,9 +911,7 @@ def _finetune(args: argparse.Namespace) -> int:
             break
     train_minutes = (time.monotonic() - t_train) / 60
     trainer.model.to("cpu")
-    save_checkpoint(trainer, targs, config, output_file(prefix, ".pt"))
-    # the model takes its name after its card: an earlier model of this name and its card stay a pair till then
-    onnx_path, md_path = output_file(prefix, ".onnx"), output_file(prefix, ".md")
+    onnx_path, md_path, pt_path = (output_file(prefix, s) for s in (".onnx", ".md", ".pt"))
     training = Training(
         scan_settings=dict(card.training.scan_settings) if base_settings else None,
         eval_n_positions=card.training.eval_n_positions if base_settings else None,
@@ -897,7 +932,13 @@ def _finetune(args: argparse.Namespace) -> int:
                           if args.batchnorm == "unfold" else "none (trained folded into the convolutions)")
             if folded else "from the checkpoint, folded in the ONNX export", "pixel_size": args.pixel_size,
             "origin": list(args.origin), "position_ref": args.position_ref}
-    with whole_file(onnx_path) as onnx_partial:
+    # the four files are made under hidden names and take their names together at the end, in the reverse
+    # order of these (the .md, the .json, the .onnx, then the .pt): a stop, a full disk or an error before
+    # then leaves an earlier model of this name as it was (a .pt that matches its .onnx), no file half-written
+    with contextlib.ExitStack() as files:
+        pt_partial, onnx_partial, json_partial, md_partial = (
+            files.enter_context(whole_file(path)) for path in (pt_path, onnx_path, card_path(onnx_path), md_path))
+        save_checkpoint(trainer, targs, config, pt_partial)
         export_onnx(trainer.model, onnx_partial)
         after = held_out_scores(onnx_partial, *val_set)
         new_card = ModelCard(
@@ -907,15 +948,13 @@ def _finetune(args: argparse.Namespace) -> int:
             accuracy={"finetune": {"held_out_before": before, "held_out_after": after, "data": data,
                                    "start_val_loss": val_loss[0]}},
         )
-        # the card for people first, then the .json the processor reads, then the model: a stop or a full
-        # disk in between leaves an earlier model of this name with its own .json
-        write_bytes_whole(md_path, card_markdown(new_card, Path(args.init_from).name, data, before, after).encode())
-        card_json = save_card(new_card, onnx_path)
+        md_partial.write_bytes(card_markdown(new_card, Path(args.init_from).name, data, before, after).encode())
+        json_partial.write_bytes(card_bytes(new_card))
     print(f"held-out mean |phase error| {before['mean_abs_error_rad']:.4f} -> {after['mean_abs_error_rad']:.4f} "
           "rad; "
           f"median patch RMSE {before['patch_rmse_median_rad']:.4f} -> {after['patch_rmse_median_rad']:.4f} rad; "
           f"stitched SSIM {before.get('stitched_ssim', math.nan):.3f} -> {after.get('stitched_ssim', math.nan):.3f}")
-    print(f"wrote {onnx_path}, {card_json}, {md_path}, {output_file(prefix, '.pt')} in "
+    print(f"wrote {onnx_path}, {card_path(onnx_path)}, {md_path}, {pt_path} in "
           f"{(time.monotonic() - t_start) / 60:.1f} min; put it live with "
           f"edge-ptychonn configure <control channel> modelPath={onnx_path.resolve()}")
     return 0
