@@ -103,7 +103,7 @@ from edge_ptychonn.io_threads import IoThreads
 from edge_ptychonn.model_card import card_input_size, check_input_size, default_model_path, find_card
 from edge_ptychonn.stream.config import SEED_ALIASES, ProcessorConfig, parse_processor_args, runtime_settings
 from edge_ptychonn.stream.frames import BAD_FRAME_KINDS, output_pv_type
-from edge_ptychonn.stream.pipeline import DROP_REASONS, InferencePipeline, PipelineStats
+from edge_ptychonn.stream.pipeline import DROP_REASONS, InferencePipeline, PipelineStats, group_size
 from processors import shutdown
 from processors.base import StatsFromTable
 from engines import EngineOptions, create_engine
@@ -212,11 +212,37 @@ def _calling_controller(frame, processor):
     return None
 
 
-def _group_size(id_pattern: tuple[int, int]) -> int:
-    """Consumers in the distributor's group of the pattern (nSequentialUpdates, objectIdOffset):
-    objectIdOffset = (N - 1) * nSequentialUpdates + 1."""
-    n_sequential, id_offset = id_pattern
-    return (id_offset - 1) // n_sequential + 1
+def input_channel(frame):
+    """The pvaccess Channel that PvaPy's DataConsumer receives the frames on, found on the stack
+    above ``frame`` (the processor's ``start()`` runs inside the DataConsumer's), or None: an
+    adapter to PvaPy's internals, pinned by a contract test."""
+    while frame is not None:
+        channel = getattr(getattr(frame.f_locals.get("self"), "dataReceiver", None), "channel", None)
+        if callable(getattr(channel, "setConnectionCallback", None)) and callable(getattr(channel, "isConnected", None)):
+            return channel
+        frame = frame.f_back
+    return None
+
+
+class ReconnectWatch:
+    """Tells the pipeline when the input channel connects again after it was lost
+    (:meth:`InferencePipeline.reconnected`); the first connection is PvaPy's to handle."""
+
+    def __init__(self, pipeline: InferencePipeline):
+        self._pipeline = pipeline
+        self._connected_before = False
+
+    def watch(self, channel) -> None:
+        channel.setConnectionCallback(self.on_connection)
+        if channel.isConnected():  # connected before the callback was set
+            self._connected_before = True
+
+    def on_connection(self, connected: bool) -> None:
+        if not connected:
+            return
+        if self._connected_before:
+            self._pipeline.reconnected()
+        self._connected_before = True
 
 
 def _set_pattern(controller, n_sequential: int, id_offset: int) -> None:
@@ -252,7 +278,7 @@ class PtychoNNProcessor(StatsFromTable, AdImageProcessor):
         """Consumers in the distributor's group now (PvaPy's configure changes it as consumers
         join or leave; a model swap lays its engine out for the group of then, or of its own
         request)."""
-        return _group_size(self.pipeline.id_pattern)
+        return group_size(self.pipeline.id_pattern)
 
     @property
     def config(self) -> ProcessorConfig:
@@ -287,7 +313,7 @@ class PtychoNNProcessor(StatsFromTable, AdImageProcessor):
             )
         _check_card(model_path, tuple(shape))
         return create_engine(running.name, self._engine_options(model_path, running.precision,
-                                                                _group_size(id_pattern)))
+                                                                group_size(id_pattern)))
 
     # -- PvaPy lifecycle -------------------------------------------------------------------
     def start(self):
@@ -299,6 +325,9 @@ class PtychoNNProcessor(StatsFromTable, AdImageProcessor):
         shutdown.drain_before_stop(shutdown.calling_processing_controller(sys._getframe(1), self),
                                    self.pipeline.drain, self.logger)
         shutdown.on_sigterm(self.pipeline.drain, self.logger)
+        channel = input_channel(sys._getframe(1))
+        if channel is not None:  # the first record after a reconnection is not the stream's
+            ReconnectWatch(self.pipeline).watch(channel)
 
     def _publish(self, pv) -> None:
         """PvaPy's ``updateOutputChannel``, except that a failed update raises (so the

@@ -178,7 +178,7 @@ def test_frames_kept_before_start_beyond_the_batch_buffers_are_all_published(sma
     pipeline.stop()
     assert [p[0] for p in published] == [*range(1, 41), *range(46, 51)]
     stats = pipeline.stats
-    assert stats.dropped == {"overload": 0, "notReady": 5, "stopping": 0}
+    assert stats.dropped == {"overload": 0, "notReady": 5, "stopping": 0, "reconnect": 0}
     assert stats.unaccounted(pipeline.queued_frames) == 0
 
 
@@ -1262,3 +1262,40 @@ def test_a_reset_while_a_batch_is_being_published_counts_that_batch_in_the_new_t
     assert (stats.received, stats.published, stats.batches) == (4, 4, 1)
     assert stats.infer_time_s > 0 and stats.recent.frame_rate_hz() > 0
     assert stats.unaccounted(pipeline.queued_frames) == 0
+
+
+@pytest.mark.parametrize("consumers", [1, 2])
+def test_the_record_a_reconnection_hands_over_is_dropped_and_counted_when_a_sibling_may_have_it(
+        small_model, rng, consumers):
+    """The first record after the input channel connects again is its current value, handed over
+    outside the distributor. With two consumers it may be the other's frame too (it came out
+    twice): dropped and counted, its id not taken as the first of the stream (no misses
+    counted from it). With one it is this consumer's frame: processed. An empty record there
+    (a server that has not streamed yet) is counted as such and ends the wait."""
+    from frames_util import no_image_record
+
+    config, _ = parse_processor_args({"modelPath": str(small_model), "engine": "onnxruntime", "cpuThreads": 1,
+                                      "batchSize": 4, "batchTimeout": 0.05})
+    published = Published()
+    pipeline = InferencePipeline(config, published, n_sequential=4, id_offset=4 * (consumers - 1) + 1)
+    pipeline.start(lambda: create_engine("onnxruntime", EngineOptions(small_model, max_batch=4, cpu_threads=1)))
+    images = frames(rng, 9)
+    try:
+        for i in range(4):
+            pipeline.submit(good_frame(1 + i, images[i]))
+        pipeline.reconnected()
+        pipeline.submit(good_frame(7, images[4]))  # a sibling's frame, or this consumer's (one consumer)
+        for i in range(4):
+            pipeline.submit(good_frame(9 + i, images[5 + i]))  # the stream again: this consumer's next run
+        pipeline.reconnected()
+        pipeline.submit(no_image_record())
+        expected = [1, 2, 3, 4, 9, 10, 11, 12] if consumers == 2 else [1, 2, 3, 4, 7, 9, 10, 11, 12]
+        assert published.wait(len(expected)) == len(expected)
+        assert pipeline.drain(10.0)
+    finally:
+        pipeline.stop()
+    s = pipeline.stats
+    assert [p[0] for p in published] == expected
+    assert s.dropped["reconnect"] == (1 if consumers == 2 else 0)
+    assert (s.received, s.empty_records, s.unaccounted(0)) == (9, 1, 0)
+    assert s.ids.missed == (0 if consumers == 2 else 3)  # one consumer: 5, 6 and 8 lost (the stream's own)

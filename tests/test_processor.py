@@ -249,6 +249,67 @@ def test_pvapy_contract_for_draining_before_a_stop():
     assert not drain_before_stop(None, None, logging.getLogger("test"))
 
 
+def test_pvapy_contract_for_the_input_channels_reconnections():
+    """processors/ptychonn.py finds the Channel that PvaPy's DataConsumer monitors on the stack
+    of the processor's start() (the DataConsumer starts its receiver, then the processing
+    controller, which starts the processor) and watches its connection: only a connection
+    after one that was lost tells the pipeline."""
+    from pvapy.hpc.dataConsumer import DataConsumer
+    from pvapy.hpc.monitorDataReceiver import MonitorDataReceiver
+
+    from processors.ptychonn import ReconnectWatch, input_channel
+
+    start = inspect.getsource(DataConsumer.start)
+    assert start.index("self.dataReceiver.start()") < start.index("self.processingController.start()")
+    assert "self.channel = pva.Channel(" in inspect.getsource(MonitorDataReceiver.__init__)
+    assert callable(pva.Channel.setConnectionCallback) and callable(pva.Channel.isConnected)
+
+    class Channel:
+        def __init__(self, connected):
+            self.callback, self.connected = None, connected
+
+        def setConnectionCallback(self, callback):
+            self.callback = callback
+
+        def isConnected(self):
+            return self.connected
+
+    class Receiver:
+        def __init__(self, channel):
+            self.channel = channel
+
+    class Consumer:  # like DataConsumer.start() -> the controller's -> the processor's
+        def __init__(self, channel):
+            self.dataReceiver = Receiver(channel)
+
+        def start(self):
+            return controller_start()
+
+    def controller_start():
+        return processor_start()
+
+    def processor_start():
+        return input_channel(inspect.currentframe().f_back)
+
+    channel = Channel(connected=False)
+    assert Consumer(channel).start() is channel
+    assert input_channel(inspect.currentframe()) is None
+
+    class Pipeline:
+        reconnections = 0
+
+        def reconnected(self):
+            self.reconnections += 1
+
+    for connected_at_start, events, told in [(False, [False, True, False, True], 1), (True, [False, True], 1),
+                                              (False, [True], 0), (True, [], 0)]:
+        pipeline, channel = Pipeline(), Channel(connected_at_start)
+        ReconnectWatch(pipeline).watch(channel)
+        for event in events:
+            channel.callback(event)
+        assert pipeline.reconnections == told, (connected_at_start, events)
+
+
 def test_stats_describe_accounting(small_model):
     processor = PtychoNNProcessor({**FRAMEWORK, "modelPath": str(small_model), "engine": "onnxruntime"})
     stats = processor.getStats()

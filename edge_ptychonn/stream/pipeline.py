@@ -124,6 +124,13 @@ def runs_in_receive(setting: str, engine) -> bool:
     return getattr(spec, "computes_model", True) is False or not str(engine.device).startswith("cpu")
 
 
+def group_size(id_pattern: tuple[int, int]) -> int:
+    """Consumers in the distributor's group of the pattern (nSequentialUpdates, objectIdOffset):
+    objectIdOffset = (N - 1) * nSequentialUpdates + 1."""
+    n_sequential, id_offset = id_pattern
+    return (max(int(id_offset or 1), 1) - 1) // max(int(n_sequential or 1), 1) + 1
+
+
 def _depth(engine) -> int:
     """Batches an engine can hold at once: ``max_in_flight`` with submit/collect, else 1."""
     if callable(getattr(engine, "submit", None)):
@@ -152,6 +159,8 @@ DROP_REASONS = {
     "overload": "inference is not keeping up: every batch buffer holds a batch waiting for the engine",
     "notReady": "the engine is not ready and maxPendingFrames frames already wait",
     "stopping": "the frame arrived while the consumer was stopping, or was still held when its output server had stopped",
+    "reconnect": "the input channel's current frame, handed to this consumer as it reconnected, outside the distributor: "
+                 "with several consumers it may be another consumer's too (it would come out twice)",
 }
 
 
@@ -271,6 +280,7 @@ class InferencePipeline:
         self._publish = publish
         self.log = logger or logging.getLogger(__name__)
         self._id_pattern = (n_sequential, id_offset)
+        self._reconnect_record = False  # the next record is the one a reconnection hands over (reconnected())
         self.stats = self._new_stats()
         self.engine = None  # the engine publishing now (the inference thread switches it)
         self.model_id = ""  # model_identity() of the engine publishing now
@@ -412,6 +422,8 @@ class InferencePipeline:
         on the inference thread it never waits; with batchRunner receive it runs the batches it
         fills (and those left queued) before it returns (see the module's docstring)."""
         received_s = self._last_submit_s = time.perf_counter()
+        if self._reconnect_record and self._take_reconnect_record(pv):
+            return
         batcher = self._batcher
         if self._receive_runs and batcher is not None and not batcher.has_room:
             self._run_here(wait=True)  # the batches left queued hold every buffer: run them first
@@ -464,6 +476,32 @@ class InferencePipeline:
                 self._work_lock.release()
             if not isinstance(_head(self._items), Batch):
                 return  # what is still in flight is not done: the next frame looks again
+
+    def reconnected(self) -> None:
+        """The input channel connected again after it was lost (any thread: PvaPy's receiver's
+        connection callback, which pvAccess calls before the first record). That record is the
+        channel's current value, handed over outside the distributor; with several consumers
+        it may be another consumer's frame too, so it is dropped and counted
+        (``dropped['reconnect']``), its uniqueId not taken as the first of this consumer's
+        stream (no misses counted from it). PvaPy skips it on the first connection only
+        (``skipInitialUpdates``). With one consumer it is a frame of this consumer's stream
+        like any other: processed."""
+        if group_size(self._id_pattern) > 1:
+            self._reconnect_record = True
+
+    def _take_reconnect_record(self, pv) -> bool:
+        """The record after :meth:`reconnected`: dropped and counted, unless it holds no image
+        (the empty record of a server that has not streamed yet: the caller counts it so)."""
+        self._reconnect_record = False
+        try:
+            if not pv.getSelectedUnionFieldName():
+                return False
+        except Exception:  # not an NTNDArray: decode says why
+            return False
+        with self._lock:
+            self.stats.received += 1
+            self._drop(1, "reconnect")
+        return True
 
     def _drop_unread(self, pv) -> bool:
         """Overload: count a frame with an image as dropped without decoding it.
