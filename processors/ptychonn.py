@@ -224,6 +224,21 @@ def input_channel(frame):
     return None
 
 
+def create_output_channel(controller) -> bool:
+    """Have PvaPy's DataProcessingController ``controller`` make the output channel now. It makes
+    it at the first input record (an output's type may depend on the input's; ours does not), so
+    while the source was not up a client started after the consumer, as the README's order has
+    it, searched for a channel that did not exist, found it seconds late (pvAccess backs off its
+    searches) and missed the first frames. Its own call at the first record then does nothing.
+    An adapter to PvaPy's internals, pinned by a contract test; False when it cannot."""
+    create = getattr(controller, "createDataPublisher", None)
+    if not callable(create) or not getattr(controller, "outputChannel", None) \
+            or getattr(controller, "dataPublisher", None) is not None:
+        return False
+    create(None)  # our getOutputPvObjectType() does not look at the input record
+    return getattr(controller, "dataPublisher", None) is not None
+
+
 class ReconnectWatch:
     """Tells the pipeline when the input channel connects again after it was lost
     (:meth:`InferencePipeline.reconnected`); the first connection is PvaPy's to handle."""
@@ -322,8 +337,9 @@ class PtychoNNProcessor(StatsFromTable, AdImageProcessor):
         # Any stop (Ctrl-C, --runtime, the parent's stop of a forked consumer) first publishes
         # what this consumer holds, while its PVA server still serves clients; SIGTERM
         # (systemd, procServ, docker, kill PID) stops it so too, where PvaPy would end it at once.
-        shutdown.drain_before_stop(shutdown.calling_processing_controller(sys._getframe(1), self),
-                                   self.pipeline.drain, self.logger)
+        controller = shutdown.calling_processing_controller(sys._getframe(1), self)
+        shutdown.drain_before_stop(controller, self.pipeline.drain, self.logger)
+        create_output_channel(controller)
         shutdown.on_sigterm(self.pipeline.drain, self.logger)
         channel = input_channel(sys._getframe(1))
         if channel is not None:  # the first record after a reconnection is not the stream's

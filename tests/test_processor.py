@@ -310,6 +310,36 @@ def test_pvapy_contract_for_the_input_channels_reconnections():
         assert pipeline.reconnections == told, (connected_at_start, events)
 
 
+def test_pvapy_contract_for_making_the_output_channel_at_start():
+    """processors/ptychonn.py calls the DataProcessingController's createDataPublisher() from the
+    processor's start(), where PvaPy calls it at the first input record only; there it then
+    does nothing, as the publisher is made."""
+    from pvapy.hpc.dataProcessingController import DataProcessingController
+
+    from processors.ptychonn import create_output_channel
+
+    create, process = (inspect.getsource(f) for f in (DataProcessingController.createDataPublisher,
+                                                      DataProcessingController.process))
+    assert "if not self.outputChannel or self.dataPublisher:" in create and "getOutputPvObjectType(pvObject)" in create
+    assert "self.createDataPublisher(pvObject)" in process
+    made = []
+
+    class Controller:
+        outputChannel, dataPublisher = "x:1:output", None
+
+        def createDataPublisher(self, pv):
+            made.append(pv)
+            self.dataPublisher = object()
+
+    controller = Controller()
+    assert create_output_channel(controller) and made == [None]
+    assert not create_output_channel(controller) and made == [None]  # made once
+    assert not create_output_channel(None)
+    controller = Controller()
+    controller.outputChannel = ""
+    assert not create_output_channel(controller) and made == [None]  # no output channel asked for
+
+
 def test_stats_describe_accounting(small_model):
     processor = PtychoNNProcessor({**FRAMEWORK, "modelPath": str(small_model), "engine": "onnxruntime"})
     stats = processor.getStats()

@@ -351,3 +351,27 @@ def test_a_source_restarted_mid_stream_gives_no_frame_twice(pva_env, procs, smal
     assert len(again) > 300, len(again)  # the consumers did find the new server while it streamed
     assert sum(s["nDroppedReconnect"] for s in stats) >= 1, stats
     assert all(s["nFramesUnaccounted"] == 0 for s in stats), stats
+
+
+def test_the_output_channel_is_there_before_the_source_is(pva_env, procs, small_model, tmp_path):
+    """A consumer started before its source, then a client of its output, then the scan (the
+    README's order). Before, PvaPy made the output channel only at the first input record, so the
+    client found it seconds late (pvAccess backs off its searches) and missed the scan's first
+    frames; now the channel is there from the consumer's start, and every frame reaches it."""
+    frames = np.random.default_rng(6).poisson(25, (40, 64, 64)).astype(np.int16)
+    np.save(tmp_path / "scan.npy", frames)
+    image, prefix = _names("early")
+    args = {"modelPath": str(small_model), "engine": "onnxruntime", "cpuThreads": 1, "batchTimeout": 0.05}
+    consumer = start("consumer", consumer_argv(image, prefix, 1, "processors.ptychonn.PtychoNNProcessor", args,
+                                               report_period_s=0.5), pva_env, tmp_path)
+    procs.append(consumer)
+    assert wait_until(lambda: _user_stats(prefix), 20), consumer.log()[-3000:]  # up, with no source
+    collector = OutputCollector([f"{prefix}:1:output"], keep_images=False)
+    try:
+        assert collector.wait_connected(10), "the output channel is not there before the source\n" + consumer.log()[-3000:]
+        procs.append(start("sim", sim_server_argv(tmp_path / "scan.npy", image, fps=50, start_delay_s=2.0),
+                           pva_env, tmp_path))
+        assert collector.wait_count(40, timeout_s=30) == 40, consumer.log()[-3000:]
+    finally:
+        collector.close()
+    assert [r.unique_id for r in collector.received[f"{prefix}:1:output"]] == list(range(1, 41))
