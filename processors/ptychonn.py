@@ -176,7 +176,7 @@ STATS = {
 }
 
 
-def _check_crop(config: ProcessorConfig) -> None:
+def check_crop(config: ProcessorConfig) -> None:
     """ValueError when ``crop`` (and ``bin``) cannot give the model's input size: every frame
     would be refused as a bad frame (shape). Without ``crop`` the frame size decides."""
     pre = config.preprocess
@@ -191,7 +191,7 @@ def _check_crop(config: ProcessorConfig) -> None:
         )
 
 
-def _check_card(model_path, shape=None) -> None:
+def check_card(model_path, shape=None) -> None:
     """ValueError when the model's card was written for another input size than the model
     takes (``shape``; read from the ONNX file only when the card gives a size):
     :func:`edge_ptychonn.model_card.check_input_size`, the one check."""
@@ -278,8 +278,8 @@ class PtychoNNProcessor(StatsFromTable, AdImageProcessor):
             configDict or {}, aliases=self.ARG_ALIASES, default_model=DEFAULT_MODEL
         )
         check_name(config.engine)  # at start-up, not only when start() creates it
-        _check_crop(config)
-        _check_card(config.model_path)
+        check_crop(config)
+        check_card(config.model_path)
         self.processor_id = int(framework.get("processorId", 1) or 1)
         n_sequential = max(int(framework.get("nSequentialUpdates") or 1), 1)
         id_offset = int(framework.get("objectIdOffset") or 1)
@@ -326,7 +326,7 @@ class PtychoNNProcessor(StatsFromTable, AdImageProcessor):
                 f"it takes {shape[0]}x{shape[1]} input, but frames are preprocessed for the running model's "
                 f"{running.input_shape[0]}x{running.input_shape[1]}; restart the consumer to change the input size"
             )
-        _check_card(model_path, tuple(shape))
+        check_card(model_path, tuple(shape))
         return create_engine(running.name, self._engine_options(model_path, running.precision,
                                                                 group_size(id_pattern)))
 

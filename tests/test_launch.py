@@ -223,7 +223,7 @@ def test_a_status_read_gives_up_on_a_server_that_stops_answering(pva_env):
 def _relative_chain(folder: Path) -> Path:
     """A chain file whose every path is relative, beside its scan and model, in ``folder``."""
     folder.mkdir()
-    np.save(folder / "scan.npy", np.zeros((3, 4, 4), np.int16))
+    np.save(folder / "scan.npy", np.zeros((3, 128, 128), np.int16))  # the model's input size
     np.savez(folder / "scan.npz", positions_px=np.zeros((3, 2)))
     (folder / "m.onnx").symlink_to(MODEL)
     (folder / "m.json").symlink_to(MODEL.with_suffix(".json"))
@@ -846,11 +846,12 @@ def test_a_replay_stopped_early_counts_what_the_sim_server_sent(pva_env, tmp_pat
 
 @pytest.mark.e2e
 def test_a_replay_whose_frames_are_all_refused_ends_and_reports_them_lost(pva_env, tmp_path, small_model):
-    """Every frame of the replay refused by inference (frames of another size than the model's):
-    the launcher stops once the chain is idle after the replay, counts them lost, exit status 1.
-    Before: it waited for a processed frame forever (no timeout_s: until Ctrl-C)."""
+    """Every frame of the replay refused by inference (bad frames: NaN pixels; frames of another
+    size than the model's are refused before the chain starts): the launcher stops once the chain
+    is idle after the replay, counts them lost, exit status 1. Before: it waited for a processed
+    frame forever (no timeout_s: until Ctrl-C)."""
     scan = tmp_path / "scan.npy"
-    np.save(scan, np.ones((8, 32, 32), np.int16))  # the model takes 64x64
+    np.save(scan, np.full((8, 64, 64), np.nan, np.float32))  # the model's size, every pixel NaN
     tag = f"{PREFIX}-lr"
     cfg = toml(tmp_path, f"""
 log_dir = "{tmp_path / 'logs'}"
@@ -973,12 +974,18 @@ def test_a_chain_stopped_before_the_replay_started_sent_nothing(tmp_path, monkey
 
 @pytest.mark.e2e
 def test_consumers_that_fail_at_start_are_reported_with_the_reason(pva_env, tmp_path):
-    """Forked inference consumers whose engine cannot load the model (a file that is not ONNX,
-    which --check cannot see) exit; PvaPy's parent lives on. The launcher says so with the
-    reason from the log. Before: it waited 90 s, then showed the parent's "No stats received"
-    lines (or, had the status answered first, only "status channel(s) silent")."""
+    """Forked inference consumers whose engine cannot load the model (an ONNX model with the
+    right input but an operator no engine has, which --check cannot see) exit; PvaPy's parent
+    lives on. The launcher says so with the reason from the log. Before: it waited 90 s, then
+    showed the parent's "No stats received" lines (or, had the status answered first, only
+    "status channel(s) silent")."""
+    import onnx
+    from onnx import TensorProto, helper
+
     model = tmp_path / "model.onnx"
-    model.write_text("not a model")
+    x, y = (helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", 1, 64, 64]) for name in ("x", "phase"))
+    graph = helper.make_graph([helper.make_node("NoSuchOp", ["x"], ["phase"])], "broken", [x], [y])
+    onnx.save(helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 17)]), model)
     scan = tmp_path / "scan.npy"
     np.save(scan, np.ones((4, 64, 64), np.int16))
     tag = f"{PREFIX}-lf"
@@ -1002,7 +1009,7 @@ cpuThreads = 1
     out, returncode = _launch_to_end(cfg, pva_env)
     assert pids_alive(out) == [], "launch left processes running"
     assert returncode == 1, out[-3000:]
-    assert f"{model} is not a readable ONNX model" in out, out[-3000:]
+    assert "No Op registered for NoSuchOp" in out, out[-3000:]
     assert time.monotonic() - t0 < 75, out[-3000:]  # not the 90 s wait for a status channel
 
 
@@ -1234,3 +1241,110 @@ def test_a_stitched_image_too_thin_to_score_names_the_scan_and_the_remedy(tmp_pa
     assert len(lines) == 1 and lines[0].startswith(f"final stitched image  {out / 'stitch_scan0001.npy'} (not scored: "
                                                    f"scan {scan}: its 2 frame(s) cover no region"), lines
     assert "--n-positions" in lines[0] and "mask is too thin" not in lines[0], lines
+
+
+def test_check_refuses_a_model_that_is_not_onnx_or_does_not_fit_the_scan(tmp_path, capsys):
+    """``launch --check`` reads the inference model as the consumers do: a file that is not an
+    ONNX model, or a model whose input the scan's frames do not become, is one line and exit 2.
+    Before: both passed; the launch then started everything and failed (exit 1) with the
+    consumers' tracebacks, or lost every frame as a bad frame (shape)."""
+    scan, not_a_model = tmp_path / "scan.npy", tmp_path / "model.npy"
+    np.save(scan, np.zeros((3, 32, 32), np.int16))
+    np.save(not_a_model, np.zeros(3))
+    chain = f'[source]\nscan = "{scan}"\n[inference]\n[inference.args]\nmodelPath = "{{}}"\n'
+    for model, message in [(not_a_model, f"[inference.args] {not_a_model} is not a readable ONNX model: "),
+                           (MODEL, "[inference.args] the scan's 32x32 frames do not become the 128x128 input of "
+                                   f"modelPath '{MODEL}' with no crop and bin 1: every frame would be refused")]:
+        path = toml(tmp_path, chain.format(model))
+        assert launch.main(launch.get_args_parser().parse_args([str(path), "--check"])) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err.startswith(f"edge-ptychonn launch: {message}"), captured.err
+        assert captured.err.count("\n") == 1, captured.err
+    np.save(scan, np.zeros((3, 128, 128), np.int16))  # the model's size: accepted
+    assert launch.main(launch.get_args_parser().parse_args([str(path), "--check"])) == 0, capsys.readouterr().err
+
+
+STITCHER_LOG_END = """\
+{ 'collectorId': 1,
+  'userStats': { 'coverage': 0.0,
+                 'nFramesByMetadata': 0,
+                 'nFramesNoPosition': 0,
+                 'nFramesPlaced': 400,
+                 'nFramesReceived': 400,
+                 'nFramesWaiting': 0,
+                 'nMetadataReceived': 0,
+                 'stitchTimeUs': 143.11849414062544}}
+"""
+
+
+def test_frames_waiting_for_positions_are_not_taken_and_every_frame_is_counted(tmp_path):
+    """Frames the stitcher holds waiting for their positions from metadata channels have not been
+    taken (the chain is not done), the summary says how many were still waiting, or takes the
+    stitcher's final figures from its log, and says when no metadata update came. Before: taken
+    as soon as received, summary "frames placed 384" of 400, with none waiting nor lost."""
+    cfg = load(tmp_path, MINIMAL + '[stitch]\nmetadata_channels = ["pva://h2scan:y", "pva://h2scan:x"]\n'
+                                   '[stitch.args]\nobjectShape = [64, 64]\npositionChannels = ["h2scan:y", "h2scan:x"]\n'
+                                   'metadataWait = 5.0\n')
+    stitch = {"userStats": {"nFramesReceived": 400, "nFramesPlaced": 384, "nFramesWaiting": 16, "coverage": 0.6}}
+    snap = Snapshot([{"userStats": {"nFramesProcessed": 400}}], stitch, [])
+    assert snap.taken(cfg) == 384
+    assert launch.Chain(cfg, out=io.StringIO()).held_s(snap) == 5.0
+    assert "waiting 16, by metadata 0 (0 updates)" in snap.line(1.0, cfg)
+    lines = "\n".join(launch.summary(cfg, snap, 400))
+    assert "frames placed        384 of 400 received (no position 0, outside 0, 16 still waiting for positions " \
+           "when stopped, coverage 60.0%)" in lines, lines
+    assert "metadata positions   0 of 384 frames placed: no update came from h2scan:y, h2scan:x" in lines, lines
+    final = launch.last_user_stats("{'userStats': {'nFramesPlaced': 300, 'nFramesWaiting': 9}}\n" + STITCHER_LOG_END)
+    assert final["nFramesPlaced"] == 400 and final["nFramesWaiting"] == 0 and final["stitchTimeUs"] > 143
+    assert launch.last_user_stats(STITCHER_LOG_END[:200]) == {}  # cut short: not the last figures
+    done = snap.with_stitch_final(final)
+    assert (done.placed(), done.waiting(), done.taken(cfg)) == (400, 0, 400)
+    assert done.stitch["userStats"]["coverage"] == 0.6  # the last poll's: the final one is of no scan
+    assert "frames placed        400 of 400 received (no position 0, outside 0, coverage 60.0%)" \
+           in launch.summary(cfg, done, 400)
+
+
+@pytest.mark.e2e
+def test_frames_waiting_for_positions_from_metadata_are_placed_before_the_chain_stops(pva_env, tmp_path, small_model):
+    """Positions asked from metadata channels that nobody publishes: each frame waits
+    metadataWait, then takes the file's position. The chain stops once the stitcher has placed
+    them all, the summary counts every frame, and says no metadata update came. Before: the
+    launcher stopped as soon as the stitcher had received the frames, and the summary showed
+    fewer placed than received, with the rest nowhere."""
+    n = 20
+    scan, positions = tmp_path / "scan.npy", tmp_path / "positions.npy"
+    np.save(scan, np.random.default_rng(5).poisson(50, (n, 64, 64)).astype(np.int16))
+    np.save(positions, np.stack(np.divmod(np.arange(n) * 6, 48), axis=1).astype(np.float64))
+    tag = f"{PREFIX}-mw"
+    cfg = toml(tmp_path, f"""
+log_dir = "{tmp_path / 'logs'}"
+idle_s = 1
+[source]
+scan = "{scan}"
+channel = "{tag}:image"
+fps = 40
+start_delay_s = 7  # the collector connects before frames flow (about 4 s after the sim server starts)
+[inference]
+consumers = 1
+prefix = "{tag}:inference"
+[inference.args]
+modelPath = "{small_model}"
+engine = "onnxruntime"
+cpuThreads = 1
+[stitch]
+prefix = "{tag}:stitch"
+metadata_channels = ["pva://{tag}:scan:y", "pva://{tag}:scan:x"]
+[stitch.args]
+positionsFile = "{positions}"
+objectShape = [120, 120]
+positionChannels = ["{tag}:scan:y", "{tag}:scan:x"]
+metadataWait = 3.0
+""")
+    out, returncode = _launch_to_end(cfg, pva_env)
+    assert pids_alive(out) == [], "launch left processes running"
+    assert returncode == 0, out[-3000:]
+    placed = re.search(r"frames placed +(\d+)", out)
+    assert placed and int(placed[1]) == n, out[-3000:]
+    assert f"frames placed        {n} of {n} received (no position 0, outside 0, coverage" in out, out[-3000:]
+    assert f"metadata positions   0 of {n} frames placed: no update came from {tag}:scan:y" in out, out[-3000:]
+    assert "warning: the stitcher's metadata channels" in out, out[-3000:]

@@ -15,17 +15,22 @@ delay, counted from its start, lets every client connect before frames flow. The
 launcher reports when every client has received its first record, and warns if
 frames started before. It then prints a one-line status every second (from the status
 channels) and, with a sim server replaying once, stops once every stage has taken
-every frame it sent, else when the chain has been idle for ``idle_s`` after the scan
-(at least two status periods, plus the collector's 5 s release time with a stitcher,
-so that frames still on their way are counted); a detector chain runs until Ctrl-C. Ctrl-C,
-SIGTERM or SIGHUP (the terminal or ssh session closed) stops everything it
+every frame it sent (the stitcher: placed or counted as not placed, none still waiting
+for its position from metadata channels), else when the chain has been idle for
+``idle_s`` after the scan (at least two status periods, plus the collector's 5 s release
+time with a stitcher, plus its ``metadataWait`` while it holds frames waiting for their
+positions, so that frames still on their way are counted); a detector chain runs until
+Ctrl-C. Ctrl-C, SIGTERM or SIGHUP (the terminal or ssh session closed) stops everything it
 started, by process id, source first, then inference, so the downstream stages see every frame,
 then the clients all at once (each takes seconds);
 their logs are in ``log_dir``; with a replay stopped early, the summary counts the
 frames the sim server sent, once they went through the chain (at most 15 s more, said
-as it waits). Each process gets SIGINT and up to 5 s (15 s for the stitcher and the HDF5
-writers, which save what they hold) to end, then SIGTERM, then SIGKILL; the launcher says
-when one needs a harder signal, names one that outlives SIGKILL (stuck in the kernel)
+as it waits). The summary's stitcher counts are its own as it ended (its log's last
+statistics: as it stops it places the frames still waiting for their positions; without
+them, those still waiting are named), and with ``positionChannels`` it says how many frames
+took their positions from the metadata channels, or that no update came. Each process gets
+SIGINT and up to 5 s (15 s for the stitcher and the HDF5 writers, which save what they
+hold) to end, then SIGTERM, then SIGKILL; the launcher says when one needs a harder signal, names one that outlives SIGKILL (stuck in the kernel)
 instead of waiting for it, and ignores a second Ctrl-C while it stops.
 Should the launcher itself be killed outright (SIGKILL), the kernel sends each
 process it started SIGTERM (Linux). A forked consumer (inference, HDF5 writer) that
@@ -45,7 +50,9 @@ with the accepted ones listed; numbers must be finite; each stage needs a prefix
 of its own, without ``*``). Relative paths, here and in the processors'
 arguments, are taken from the directory you launch from: the processes run
 there. ``--check`` validates the file, the scan and each processor's arguments
-(with the processor's own parsing, as its consumers will), starting nothing::
+(with the processor's own parsing, as its consumers will), and the inference model
+(read as its consumers read it: an ONNX model that the scan's frames, cropped and binned,
+fit), starting nothing; the launch makes the same checks before it starts anything::
 
     log_dir = "results/launch"         # processes' logs (a folder, made if missing)
     idle_s = 8.0                       # with a replayed scan: stop after this long without progress (see above; 0..3600)
@@ -271,6 +278,7 @@ def _check_processor_args(where: str, processor: str, args: dict):
 
             config, _ = parse_processor_args(args, aliases=cls.ARG_ALIASES, default_model=DEFAULT_MODEL)
             check_name(config.engine)
+            _check_model(config)
             return config
         if isinstance(getattr(cls, "ARGS", None), dict) and getattr(cls, "SETTINGS", None) is not None:
             from edge_ptychonn.stream.arguments import parse_arguments
@@ -280,6 +288,49 @@ def _check_processor_args(where: str, processor: str, args: dict):
     except (ValueError, TypeError) as exc:
         raise ValueError(f"{where} {exc}") from None
     return None
+
+
+def _check_model(config) -> None:
+    """ValueError (one line) unless ``config.model_path`` is a single-input ONNX model that the
+    consumers can run: read as the consumers and ``configure modelPath=`` read it
+    (:func:`engines.onnx_model.read_signature`), then their own start-up checks of the crop and the
+    model card against its input size. Before, a ``.npy`` (say) passed, and every consumer failed
+    at start with a traceback."""
+    from engines.onnx_model import read_signature
+    from processors.ptychonn import check_card, check_crop
+
+    read_signature(config.model_path)
+    check_crop(config)
+    check_card(config.model_path)
+
+
+def check_frames_fit(cfg: LaunchConfig) -> None:
+    """ValueError when the replayed scan's frames, cropped and binned as the inference
+    processor's arguments say, are not the input size of its model: the consumers would refuse
+    every frame as a bad frame (shape), and every frame would be lost. Nothing to check for a
+    detector chain, or a processor without a ``modelPath``."""
+    import numpy as np
+
+    from engines.onnx_model import read_signature
+
+    inf = cfg.inference
+    config = _check_processor_args("[inference.args]", inf["processor"], inf["args"])
+    if cfg.source["scan"] is None or getattr(config, "preprocess", None) is None:
+        return
+    fh, fw = np.load(cfg.base / cfg.source["scan"], mmap_mode="r", allow_pickle=False).shape[1:]
+    h, w = read_signature(config.model_path).input_shape
+    pre = config.preprocess
+    try:
+        shape = pre.output_shape((fh, fw))
+        if shape == (h, w):
+            return
+        why = "" if shape == (fh, fw) else f" (they become {shape[0]}x{shape[1]})"
+    except ValueError as exc:
+        why = f" ({exc})"
+    crop = "no crop" if pre.crop_hw is None else f"crop {list(pre.crop_hw)}"
+    raise ValueError(f"[inference.args] the scan's {fh}x{fw} frames do not become the {h}x{w} input of modelPath "
+                     f"{str(config.model_path)!r} with {crop} and bin {pre.bin_factor}{why}: every frame would be "
+                     "refused as a bad frame (shape)")
 
 
 @dataclass
@@ -442,6 +493,28 @@ def _user(record: dict | None, key: str, default=0):
     return (record or {}).get("userStats", {}).get(key, default)
 
 
+# the stitcher's frame counts that its final statistics (as it ends) give: its stop() places the
+# frames still waiting for their positions (the file's, else counted as no position)
+FINAL_COUNTS = ("nFramesReceived", "nFramesPlaced", "nFramesNoPosition", "nFramesOutside", "nFramesWrongShape",
+                "nFramesWaiting", "nFramesByMetadata", "nMetadataReceived", "nBadFrames")
+
+
+def position_channels(cfg: LaunchConfig) -> list[str]:
+    """The metadata channels the stitcher takes positions from (its ``positionChannels``), or []."""
+    return list(cfg.stitch["args"].get("positionChannels") or []) if cfg.stitch is not None else []
+
+
+def last_user_stats(log: str) -> dict[str, int | float]:
+    """The numbers in the ``userStats`` of the last statistics report in a PvaPy process's ``log``
+    (its pretty-printed dict); {} when it holds none, or only one cut short."""
+    start = log.rfind("'userStats': {")
+    end = log.find("}", start)
+    if start < 0 or end < 0:
+        return {}
+    numbers = re.findall(r"'(\w+)': (-?(?:[\d.]+(?:e[-+]?\d+)?|inf)|nan)[,}\s]", log[start:end + 1])
+    return {key: int(value) if value.lstrip("-").isdigit() else float(value) for key, value in numbers}
+
+
 @dataclass
 class Snapshot:
     """What the status channels say, summed over consumers."""
@@ -474,18 +547,34 @@ class Snapshot:
     def placed(self) -> int:
         return _user(self.stitch, "nFramesPlaced")
 
+    def waiting(self) -> int:
+        """Frames the stitcher holds waiting for their positions from its metadata channels (up to
+        its ``metadataWait`` each, then the positions file's)."""
+        return _user(self.stitch, "nFramesWaiting")
+
+    def with_stitch_final(self, final: dict) -> "Snapshot":
+        """This snapshot with the stitcher's frame counts taken from ``final``, its own last
+        statistics as it ended (:meth:`Chain.stitcher_final`; nothing changes when it is empty)."""
+        if not final:
+            return self
+        stitch = dict(self.stitch or {})
+        stitch["userStats"] = {**stitch.get("userStats", {}), **{k: final[k] for k in FINAL_COUNTS if k in final}}
+        return Snapshot(self.inference, stitch, self.hdf5)
+
     def collector_lost(self) -> int:
         c = (self.stitch or {}).get("collectorStats", {})
         return c.get("nMissed", 0) + c.get("nRejected", 0)
 
     def taken(self, cfg: LaunchConfig) -> int:
         """The frames every stage has taken: the fewest of inference (processed, dropped or
-        bad), the HDF5 writers (written) and the stitcher (received)."""
+        bad), the HDF5 writers (written) and the stitcher (received, less those still waiting
+        for their positions: it has not placed or counted them yet)."""
         return min([self.processed() + self.dropped()] + ([self.written()] if cfg.hdf5 is not None else [])
-                   + ([_user(self.stitch, "nFramesReceived")] if cfg.stitch is not None else []))
+                   + ([_user(self.stitch, "nFramesReceived") - self.waiting()] if cfg.stitch is not None else []))
 
     def progress(self) -> tuple:
-        return (self.processed(), self.dropped(), self.written(), self.placed())
+        return (self.processed(), self.dropped(), self.written(), self.placed(),
+                _user(self.stitch, "nFramesReceived"), self.waiting())
 
     def frame_rate(self) -> float:
         """Published frames/s of all inference consumers (each over its last 5 s)."""
@@ -496,8 +585,11 @@ class Snapshot:
         parts = [f"{elapsed_s:6.1f}s", f"inference {self.processed()} frames ({rate:.0f}/s, dropped {self.dropped()})"]
         if cfg.stitch is not None:
             s = self.stitch
+            waiting = f"waiting {self.waiting()}, " if self.waiting() else ""
+            metadata = (f"by metadata {_user(s, 'nFramesByMetadata')} ({_user(s, 'nMetadataReceived')} updates), "
+                        if position_channels(cfg) else "")
             parts.append(f"stitch {self.placed()} placed, cover {_user(s, 'coverage', 0.0):.0%}, "
-                         f"no position {_user(s, 'nFramesNoPosition')}, scan {_user(s, 'nScans')}, "
+                         f"no position {_user(s, 'nFramesNoPosition')}, {waiting}{metadata}scan {_user(s, 'nScans')}, "
                          f"lost {self.collector_lost()}")
         if cfg.hdf5 is not None:
             parts.append(f"hdf5 {self.written()} written")
@@ -531,6 +623,10 @@ class Chain:
         self.latest: Snapshot | None = None  # the last status, each channel's last answer kept
         self.finished = False  # the replayed scan went through and the chain fell idle
         self.n_scan: int | None = None  # the frames of the replayed scan (run() reads them)
+        # how long the stitcher holds a frame waiting for its position from metadata channels
+        self.metadata_wait_s = _check_processor_args("[stitch.args]", STITCH_PROCESSOR, cfg.stitch["args"]) \
+            .metadata_wait_s if position_channels(cfg) else 0.0
+        self.stitch_log_from: int | None = None  # the stitcher's log size when it was told to stop
 
     def delivered_fps(self, snap: Snapshot) -> float | None:
         """The inference stage's delivered rate: the highest sum of the consumers' ``frameRate``
@@ -739,10 +835,12 @@ class Chain:
             # idle since the replay ended and since the last change, whatever became of the frames
             # (all of them dropped or bad is an end too, not a reason to wait forever), for idle_s
             # and at least as long as a stage may take to report frames still on their way (the
-            # collector holds the stitcher's last frames for its release time)
+            # collector holds the stitcher's last frames for its release time; the stitcher holds
+            # frames waiting for their positions from metadata channels up to its metadataWait)
             if replay_end is not None and (
                     (sent is not None and self.latest.taken(self.cfg) >= sent and last_change < now)
-                    or now - max(last_change, replay_end) > max(self.cfg.idle_s, self.quiet_s())):
+                    or now - max(last_change, replay_end)
+                    > max(self.cfg.idle_s, self.quiet_s() + self.held_s(self.latest))):
                 self.finished = True
                 break
             if self.cfg.timeout_s and now - self.started_s > self.cfg.timeout_s:
@@ -822,6 +920,11 @@ class Chain:
             return
         if proc.name in ("inference", "hdf5"):  # consumers that exited since the last look
             self._report_lost_consumers(self.consumers_gone)
+        if proc.name == "stitch":  # its final statistics are logged after this
+            try:
+                self.stitch_log_from = proc.log_path.stat().st_size
+            except OSError:
+                pass
         code = proc.stop(grace_s=STOP_GRACE_S.get(proc.name, STOP_GRACE_S[""]), say=self.warn)
         if code is None:
             self.warn(f"could not stop {proc.name} pid {proc.pid}: still there {live.KILL_WAIT_S:g} s after SIGKILL (stuck in the "
@@ -835,12 +938,12 @@ class Chain:
         """Stopped before the chain fell idle (Ctrl-C, the timeout, a process that exited):
         stop the sim server, then wait until every stage has taken the frames it sent, or
         (some were lost) until the counts have not changed for two status periods and the
-        collector's release time, at most ``timeout_s``. Returns the status then (each
-        silent channel's last answer kept)."""
+        collector's release time (and the stitcher's metadataWait while it holds frames waiting
+        for their positions), at most ``timeout_s``. Returns the status then (each silent
+        channel's last answer kept)."""
         if self.source is not None:
             self._stop(self.source)
         sent = self.frames_sent(None)
-        quiet_s = self.quiet_s()
         deadline = time.monotonic() + timeout_s
         last, changed, told = self.latest, time.monotonic(), False
         while True:
@@ -849,7 +952,8 @@ class Chain:
             if last is None or snap.progress() != last.progress():
                 changed = now
             self.latest = last = snap
-            if (sent is not None and snap.taken(self.cfg) >= sent) or now - changed > quiet_s or now > deadline:
+            if (sent is not None and snap.taken(self.cfg) >= sent) or now - changed > self.quiet_s() + self.held_s(snap) \
+                    or now > deadline:
                 return last
             if not told:  # what the wait is for, once
                 told = True
@@ -862,6 +966,26 @@ class Chain:
         """How long the counts may hold still while frames are still on their way: two status
         periods, and the collector's release time when there is a stitcher."""
         return 2 * REPORT_PERIOD_S + 0.5 + (COLLECTOR_RELEASE_S if self.cfg.stitch is not None else 0.0)
+
+    def held_s(self, snap: Snapshot) -> float:
+        """How much longer the counts may hold still while the stitcher holds frames waiting for
+        their positions from metadata channels (in ``snap``): its ``metadataWait``, else 0."""
+        return self.metadata_wait_s if snap.waiting() else 0.0
+
+    def stitcher_final(self) -> dict:
+        """The stitcher's own last statistics (``userStats``), from the report that PvaPy's
+        collector logs as it ends, after the stitcher's stop() has placed the frames still waiting
+        for their positions; {} when there is none since it was told to stop (killed, or not
+        stopped here)."""
+        proc = next((p for p in self.procs if p.name == "stitch"), None)
+        if proc is None or self.stitch_log_from is None:
+            return {}
+        try:
+            with open(proc.log_path, "rb") as f:
+                f.seek(self.stitch_log_from)
+                return last_user_stats(f.read().decode(errors="replace"))
+        except OSError:
+            return {}
 
     def frames_sent(self, n_scan: int | None) -> int | None:
         """The frames the sim server published (its report as it exits: fewer than the scan's
@@ -909,8 +1033,21 @@ def summary(cfg: LaunchConfig, snap: Snapshot, n_sent: int | None, delivered_fps
         lines.append(f"images written       {snap.written()} (HDF5 files in {cfg.hdf5['args']['outputDirectory']})")
     if cfg.stitch is not None:
         s = snap.stitch
-        lines.append(f"frames placed        {snap.placed()} (no position {_user(s, 'nFramesNoPosition')}, "
-                     f"outside {_user(s, 'nFramesOutside')}, coverage {_user(s, 'coverage', 0.0):.1%})")
+        # every frame the stitcher received: placed, not placed (why), or still waiting for its position
+        more = [f"wrong shape {_user(s, 'nFramesWrongShape')}"] if _user(s, "nFramesWrongShape") else []
+        if snap.waiting():
+            more.append(f"{snap.waiting()} still waiting for positions when stopped")
+        bad = _user(s, "nBadFrames") - _user(s, "nFramesWrongShape")  # not received: no image
+        lines.append(f"frames placed        {snap.placed()} of {_user(s, 'nFramesReceived')} received "
+                     f"(no position {_user(s, 'nFramesNoPosition')}, outside {_user(s, 'nFramesOutside')}, "
+                     + "".join(f"{m}, " for m in more) + f"coverage {_user(s, 'coverage', 0.0):.1%})"
+                     + (f"; {bad} more could not be decoded" if bad else ""))
+        channels = ", ".join(position_channels(cfg))
+        if channels:
+            came = (f"no update came from {channels}" if not _user(s, "nMetadataReceived")
+                    else f"{_user(s, 'nMetadataReceived')} updates from {channels}")
+            lines.append(f"metadata positions   {_user(s, 'nFramesByMetadata')} of {snap.placed()} frames placed: "
+                         f"{came} (the others: the frames' attributes or the positions file)")
         lines.append(f"stitcher cost        {_user(s, 'stitchTimeUs', 0.0):.0f} us CPU per frame")
         lines.append(f"collector lost       {snap.collector_lost()} (missed + rejected)")
     if n_sent is not None:
@@ -926,14 +1063,15 @@ def get_args_parser(prog: str = "edge-ptychonn launch") -> argparse.ArgumentPars
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", type=Path, help="the chain's TOML file (example: scripts/chain.toml)")
     p.add_argument("--check", action="store_true",
-                   help="validate the file (the scan and each processor's arguments too), "
-                        "print the validated settings as JSON, start nothing")
+                   help="validate the file (the scan, each processor's arguments and the inference model "
+                        "too), print the validated settings as JSON, start nothing")
     return p
 
 
 def main(args: argparse.Namespace) -> int:
     try:
         cfg = LaunchConfig.load(args.config)
+        check_frames_fit(cfg)
     except ValueError as exc:
         print(f"edge-ptychonn launch: {exc}", file=sys.stderr)
         return 2
@@ -958,8 +1096,8 @@ def run(cfg: LaunchConfig, prog: str = "edge-ptychonn launch", results: list | N
     argument, on stderr), 130 on Ctrl-C, SIGTERM or SIGHUP. ``results``: a list to
     which ``(snapshot, frames sent, delivered fps)`` is appended: the status once the
     chain fell idle (stopped early: once what the sim server sent went through, see
-    :meth:`Chain.settle`), each channel's last answer kept; the frames the sim server
-    published."""
+    :meth:`Chain.settle`), each channel's last answer kept and the stitcher's counts its own
+    as it ended (:meth:`Chain.stitcher_final`); the frames the sim server published."""
     chain = Chain(cfg)
     n_scan = None
     snap = None
@@ -991,6 +1129,13 @@ def run(cfg: LaunchConfig, prog: str = "edge-ptychonn launch", results: list | N
                 finally:
                     chain.stop()
     n_sent = chain.frames_sent(n_scan)
+    if snap is not None and cfg.stitch is not None:  # its frames placed as it stopped: its own final figures
+        snap = snap.with_stitch_final(chain.stitcher_final())
+        user = snap.stitch["userStats"] if snap.stitch else {}
+        if position_channels(cfg) and user.get("nFramesReceived") and not user.get("nMetadataReceived"):
+            chain.warn(f"warning: the stitcher's metadata channels {', '.join(position_channels(cfg))} sent no "
+                       "update: no frame took its position from them (check [stitch] metadata_channels, and that "
+                       "they are published)")
     if snap is not None:
         print("\n".join(summary(cfg, snap, n_sent, chain.delivered_fps(snap), n_scan)
                         + accuracy(cfg, since=chain.started_at, n_frames=n_sent)), flush=True)
