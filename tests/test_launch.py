@@ -887,6 +887,37 @@ cpuThreads = 1
     assert "inference processed  0 (dropped or bad 8" in out, out[-3000:]
 
 
+def _small_stitch_chain(tmp_path, model, tag: str, n: int, fps: float, stitch: str = "", stitch_args: str = ""):
+    """A launch file for a replay of ``n`` 64x64 frames (positions in a file) through one
+    inference consumer and the stitcher; ``stitch``/``stitch_args``: more lines in those tables."""
+    scan, positions = tmp_path / "scan.npy", tmp_path / "positions.npy"
+    np.save(scan, np.random.default_rng(5).poisson(50, (n, 64, 64)).astype(np.int16))
+    np.save(positions, np.stack(np.divmod(np.arange(n) * 6, 48), axis=1).astype(np.float64))
+    return toml(tmp_path, f"""
+log_dir = "{tmp_path / 'logs'}"
+idle_s = 1
+[source]
+scan = "{scan}"
+channel = "{tag}:image"
+fps = {fps}
+start_delay_s = 7  # the collector connects before frames flow (about 4 s after the sim server starts)
+[inference]
+consumers = 1
+prefix = "{tag}:inference"
+[inference.args]
+modelPath = "{model}"
+engine = "onnxruntime"
+cpuThreads = 1
+[stitch]
+prefix = "{tag}:stitch"
+{stitch}
+[stitch.args]
+positionsFile = "{positions}"
+objectShape = [120, 120]
+{stitch_args}
+""")
+
+
 @pytest.mark.e2e
 def test_the_stitchers_last_frames_held_by_the_collector_are_counted(pva_env, tmp_path, small_model):
     """The collector holds the scan's last frames (fewer than its cache) for its release time
@@ -894,32 +925,8 @@ def test_the_stitchers_last_frames_held_by_the_collector_are_counted(pva_env, tm
     an idle_s shorter than that (the demo's 5 s) the launcher stopped watching first and
     reported those frames as not placed (a sweep counted them lost)."""
     n = 20  # the cache is 2 * 1 consumer * 8 = 16 frames: the last 4 wait for the release
-    scan, positions = tmp_path / "scan.npy", tmp_path / "positions.npy"
-    np.save(scan, np.random.default_rng(5).poisson(50, (n, 64, 64)).astype(np.int16))
-    np.save(positions, np.stack(np.divmod(np.arange(n) * 6, 48), axis=1).astype(np.float64))
-    tag = f"{PREFIX}-lc"
-    cfg = toml(tmp_path, f"""
-log_dir = "{tmp_path / 'logs'}"
-idle_s = 1
-[source]
-scan = "{scan}"
-channel = "{tag}:image"
-fps = 20
-start_delay_s = 7  # the collector connects before frames flow (about 4 s after the sim server starts)
-[inference]
-consumers = 1
-prefix = "{tag}:inference"
-[inference.args]
-modelPath = "{small_model}"
-engine = "onnxruntime"
-cpuThreads = 1
-[stitch]
-prefix = "{tag}:stitch"
-[stitch.args]
-positionsFile = "{positions}"
-objectShape = [120, 120]
-outputDirectory = "{tmp_path / 'stitched'}"
-""")
+    cfg = _small_stitch_chain(tmp_path, small_model, f"{PREFIX}-lc", n, fps=20,
+                              stitch_args=f'outputDirectory = "{tmp_path / "stitched"}"')
     out, returncode = _launch_to_end(cfg, pva_env)
     assert pids_alive(out) == [], "launch left processes running"
     assert returncode == 0, out[-3000:]
@@ -1311,35 +1318,10 @@ def test_frames_waiting_for_positions_from_metadata_are_placed_before_the_chain_
     them all, the summary counts every frame, and says no metadata update came. Before: the
     launcher stopped as soon as the stitcher had received the frames, and the summary showed
     fewer placed than received, with the rest nowhere."""
-    n = 20
-    scan, positions = tmp_path / "scan.npy", tmp_path / "positions.npy"
-    np.save(scan, np.random.default_rng(5).poisson(50, (n, 64, 64)).astype(np.int16))
-    np.save(positions, np.stack(np.divmod(np.arange(n) * 6, 48), axis=1).astype(np.float64))
-    tag = f"{PREFIX}-mw"
-    cfg = toml(tmp_path, f"""
-log_dir = "{tmp_path / 'logs'}"
-idle_s = 1
-[source]
-scan = "{scan}"
-channel = "{tag}:image"
-fps = 40
-start_delay_s = 7  # the collector connects before frames flow (about 4 s after the sim server starts)
-[inference]
-consumers = 1
-prefix = "{tag}:inference"
-[inference.args]
-modelPath = "{small_model}"
-engine = "onnxruntime"
-cpuThreads = 1
-[stitch]
-prefix = "{tag}:stitch"
-metadata_channels = ["pva://{tag}:scan:y", "pva://{tag}:scan:x"]
-[stitch.args]
-positionsFile = "{positions}"
-objectShape = [120, 120]
-positionChannels = ["{tag}:scan:y", "{tag}:scan:x"]
-metadataWait = 3.0
-""")
+    n, tag = 20, f"{PREFIX}-mw"
+    cfg = _small_stitch_chain(tmp_path, small_model, tag, n, fps=40,
+                              stitch=f'metadata_channels = ["pva://{tag}:scan:y", "pva://{tag}:scan:x"]',
+                              stitch_args=f'positionChannels = ["{tag}:scan:y", "{tag}:scan:x"]\nmetadataWait = 3.0')
     out, returncode = _launch_to_end(cfg, pva_env)
     assert pids_alive(out) == [], "launch left processes running"
     assert returncode == 0, out[-3000:]
