@@ -204,10 +204,23 @@ def test_options_the_chain_refuses_are_refused_in_the_demos_own_names_before_any
     assert "[" not in err, err  # no table of the launcher's file
 
 
+def test_a_scan_the_model_cannot_take_is_one_line_before_the_chain(tmp_path, capsys, monkeypatch):
+    """Frames of another size than the model's input (after crop and bin): before, the chain
+    started and every frame was refused as a bad frame (shape), all of them lost."""
+    np.save(tmp_path / "scan.npy", np.zeros((2, 8, 8), np.int16))
+    np.savez(tmp_path / "scan.npz", positions_px=np.zeros((2, 2)))
+    monkeypatch.setattr(demo.launch, "run", lambda *a, **k: pytest.fail("the chain was started"))
+    args = demo.get_args_parser().parse_args(["--scan", str(tmp_path / "scan.npy"), "--out", str(tmp_path / "out")])
+    assert demo.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("edge-ptychonn demo: [inference.args] the scan's 8x8 frames do not become the 128x128 "
+                          "input of modelPath") and len(err.splitlines()) == 1, err
+
+
 def test_no_hint_to_view_the_channels_after_ctrl_c(tmp_path, capsys, monkeypatch):
     """Ctrl-C (or SIGTERM, SIGHUP) stops the chain: there is nothing left to view. Before: the demo
     printed "View the channels live next time with: ..." after the interruption all the same."""
-    np.save(tmp_path / "scan.npy", np.zeros((2, 8, 8), np.int16))
+    np.save(tmp_path / "scan.npy", np.zeros((2, 128, 128), np.int16))  # the shipped model's input size
     np.savez(tmp_path / "scan.npz", positions_px=np.zeros((2, 2)))
     args = demo.get_args_parser().parse_args(["--scan", str(tmp_path / "scan.npy"), "--out", str(tmp_path / "out")])
     monkeypatch.setattr(demo.launch, "run", lambda *a, **k: 130)

@@ -258,10 +258,11 @@ def main(args: argparse.Namespace) -> int:
         rates = _rates(args.sweep) if args.sweep is not None else None
         card = find_card(args.model)
         scan = ensure_scan(args.scan, card)
+        cfg = chain_config(args, scan, card)
+        launch.check_frames_fit(cfg)  # frames the model cannot take: every one would be lost
         if rates is not None:
             return sweep(args, scan, card, rates)
         clear_results(args.out)
-        cfg = chain_config(args, scan, card)
     except (FileNotFoundError, ValueError, OSError) as exc:
         print(f"edge-ptychonn demo: {exc}", file=sys.stderr)
         return 2
