@@ -370,6 +370,31 @@ def test_soak_judges_memory_only_after_its_warm_up():
     assert soak.memory_growth(two) == 60.0
 
 
+def test_soak_waits_for_the_output_queue_to_fill_before_it_judges_memory(capsys):
+    """Each slot of the soak's output queue (2000) keeps a frame's memory once used: a consumer
+    publishing 20 frames/s grew 64 kB a frame for 100 s, and a healthy, lossless 2-minute run
+    was reported as leaking 50.6 MB (exit 1). The warm-up now lasts until the queue is full."""
+    from edge_ptychonn.tools import soak
+
+    assert soak.warmup_seconds(10.0, 800.0, 1) == 80.0  # a fast stream: the first minute
+    assert soak.warmup_seconds(10.0, 20.0, 1) == 10.0 + 100.0 + 10.0  # 2000 frames at 20/s
+    assert soak.warmup_seconds(5.0, 60.0, 4) == 5.0 + 2000 * 4 / 60 + 10.0
+    # growth at 64 kB a frame while the queue fills, then flat: judged only once it is full
+    samples = [(t, [150.0 + 0.064 * 20 * min(t - 10, 100)]) for t in range(20, 140, 10)]
+    assert soak.memory_growth(samples, soak.warmup_seconds(10.0, 20.0, 1)) == 0.0
+
+
+def test_soak_with_the_zero_engine_needs_a_rate(capsys):
+    """Its default rate, 80 % of the engine's own, was 481,000 frames/s for the zero engine (a
+    memory copy): the soak lost 653,441 of 724,478 frames."""
+    from edge_ptychonn.tools import soak
+
+    args = soak.get_args_parser().parse_args(["--engine", "zero", "--minutes", "0.1"])
+    assert soak.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("edge-ptychonn soak: --engine zero needs --fps") and len(err.splitlines()) == 1, err
+
+
 def test_soak_takes_a_relative_model_from_where_it_is_called(tmp_path, monkeypatch):
     """scripts/soak.sh says so. Before: the consumers, which run in the project root, were given
     the relative path and could not start ("modelPath 'm.onnx' is not a file")."""

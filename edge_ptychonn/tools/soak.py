@@ -8,8 +8,10 @@ end it prints a summary: frames sent (what the sim server reports it published),
 published, lost (sent but never out), the consumers' dropped/missed counts and
 the memory growth; it exits with 0 when nothing was lost, every consumer lived
 to the end and the memory of each grew by less than ``--max-growth-mb`` after
-the first minute (warm-up; a run too short to sample memory twice after it is not
-judged on memory, and says so). Consumers that exit before they publish
+the warm-up (the first minute of the stream, and at least until each consumer
+has published as many frames as the output queue the soak asks for holds,
+2000: each slot used keeps a frame's memory; a run too short to sample memory
+twice after it is not judged on memory, and says how long would be). Consumers that exit before they publish
 a frame (they could not start) end the run early, with exit status 1; one
 that dies later leaves the run going, its frames counted lost. Ctrl-C, SIGTERM or
 SIGHUP stops the processes it started and exits with 130. The processes' logs
@@ -64,7 +66,16 @@ def engine_rate(model: Path, engine: str, threads: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-WARMUP_S = 70.0  # the first minute and the sim server's start delay: queues and caches fill
+WARMUP_S = 70.0  # the first minute and the sim server's (default) start delay: queues and caches fill
+
+
+def warmup_seconds(start_delay_s: float, fps: float, consumers: int) -> float:
+    """Seconds from the start before memory is judged: the sim server's start delay, then the
+    first minute of the stream, and at least until each consumer has published :data:`QUEUE_SIZE`
+    frames (every slot of the collector's server queue used once: each keeps a frame's memory),
+    plus 10 s for the consumers' start. Before, a fixed 70 s: a consumer publishing fewer than
+    about 33 frames/s was still filling its queue (64 kB a frame) and was reported as leaking."""
+    return start_delay_s + max(60.0, QUEUE_SIZE * consumers / fps) + 10.0
 
 
 def memory_growth(samples: list[tuple[float, list[float]]], warmup_s: float = WARMUP_S) -> float | None:
@@ -106,14 +117,14 @@ def get_args_parser(prog: str = "edge-ptychonn soak") -> argparse.ArgumentParser
                    help=f"consumers, 1..{MAX_CONSUMERS} (default: %(default)s)")
     p.add_argument("--cpu-threads", type=int, default=1, help="cpuThreads of each consumer: engine threads per CPU worker (default: %(default)s)")
     p.add_argument("--fps", type=float, help="offered frames/s (default: 80%% of the engine's rate measured here, "
-                   "times --consumers)")
+                   "times --consumers; needed with --engine zero)")
     p.add_argument("--minutes", type=float, default=10.0, help="how long to stream (default: %(default)s)")
     p.add_argument("--every", type=float, default=30.0, help="seconds between progress lines (default: %(default)s)")
     p.add_argument("--start-delay", type=float, default=10.0,
                    help="seconds the sim server waits before streaming, so that every consumer has loaded its "
                         f"engine and connected (0..{MAX_START_DELAY_S:g}; default: %(default)s)")
     p.add_argument("--max-growth-mb", type=float, default=50.0,
-                   help="resident memory a consumer may gain after the first minute (default: %(default)s)")
+                   help="resident memory a consumer may gain after the warm-up (default: %(default)s)")
     p.add_argument("--json", type=Path, help="also write the figures here")
     p.add_argument("--no-realtime", action="store_true", help=processes.NO_REALTIME_HELP)
     p.add_argument("--prefix", default="soak", help="channel prefix: <prefix>:image, <prefix>:inference:<id>:output, "
@@ -155,7 +166,12 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError(str(exc).replace("cpuThreads", "--cpu-threads", 1)) from None
         if args.json is not None:
             check_output_file(args.json)
-        fps = args.fps or 0.8 * engine_rate(args.model, args.engine, args.cpu_threads) * args.consumers
+        if args.fps is None and args.engine == "zero":  # it computes nothing: its "rate" is a memory copy's
+            raise ValueError("--engine zero needs --fps: it computes no model, so its own rate says nothing about "
+                             "what the consumers, the sim server and the transport sustain (see 'edge-ptychonn bench' "
+                             "for the zero-cost ceiling)")
+        rate = engine_rate(args.model, args.engine, args.cpu_threads)  # the engine starts here, or says why not
+        fps = args.fps or 0.8 * rate * args.consumers
     except (ValueError, EngineUnavailable) as exc:
         print(f"edge-ptychonn soak: {exc}", file=sys.stderr)
         return 2
@@ -244,14 +260,19 @@ def main(args: argparse.Namespace) -> int:
     user = [s["userStats"] for s in statuses if s]
     dropped = sum(u["nFramesDropped"] for u in user)
     missed = sum(u["nFramesMissed"] for u in user)
-    growth = memory_growth(samples)
+    warmup_s = warmup_seconds(args.start_delay, fps, args.consumers)
+    growth = memory_growth(samples, warmup_s)
     figures = {"fps_offered": fps, "minutes": args.minutes, "consumers": args.consumers, "engine": args.engine,
                "frames_sent": sent, "frames_published": len(ids), "frames_lost": lost, "dropped": dropped,
                "missed": missed, "consumer_gone": gone, "rss_mb": samples, "rss_growth_after_warmup_mb": growth}
     print(f"soak: sent {sent}, published {len(ids)}, lost {lost} (dropped {dropped}, missed {missed}); "
-          + (f"resident memory grew {growth:.1f} MB after the first minute" if growth is not None else
-             f"memory not judged (no two samples after the {WARMUP_S:.0f} s warm-up: run longer or lower --every)")
+          + (f"resident memory grew {growth:.1f} MB after the {warmup_s:.0f} s warm-up"
+             + ("" if growth < args.max_growth_mb else f", not less than --max-growth-mb {args.max_growth_mb:g}")
+             if growth is not None else
+             f"memory not judged (no two samples after the {warmup_s:.0f} s warm-up: run for at least "
+             f"{math.ceil((warmup_s + 2 * args.every - args.start_delay) / 60 * 10) / 10:g} min)")
           + ("; a consumer exited during the run" if gone else ""))
+    figures["warmup_s"] = warmup_s
     if args.json:
         args.json.write_text(json.dumps(figures, indent=1))
     memory_ok = growth is None or growth < args.max_growth_mb
