@@ -147,14 +147,16 @@ def auto_choice(options: EngineOptions) -> AutoChoice:
     return replace(best, reason=reason)
 
 
-def create_engine(name: str, options: EngineOptions) -> Engine:
-    """Create the engine called ``name`` ('auto' chooses, and logs why); raises ValueError
-    for an unknown name and EngineUnavailable when it cannot run here.
+def create_engine(name: str, options: EngineOptions, logger: logging.Logger | None = None) -> Engine:
+    """Create the engine called ``name`` ('auto' chooses, and logs why, to ``logger``: the
+    caller's, e.g. a processor's, whose lines a consumer shows; this module's by default);
+    raises ValueError for an unknown name and EngineUnavailable when it cannot run here.
 
     With ``auto``, a candidate that fails to start (EngineUnavailable) is logged and
     the next one is tried. Under device ``auto``, each candidate runs on the device kind
     it was ranked (and logged) for: a CPU candidate on the CPU even where its engine
     sees a GPU."""
+    log = logger if logger is not None else logging.getLogger(__name__)
     if name != "auto":
         cls = engine_class(name)
         missing = missing_libraries(cls.SPEC)

@@ -302,7 +302,7 @@ class PtychoNNProcessor(StatsFromTable, AdImageProcessor):
 
     def _create_engine(self):
         c = self.pipeline.config
-        return create_engine(c.engine, self._engine_options(c.model_path, c.precision))
+        return create_engine(c.engine, self._engine_options(c.model_path, c.precision), self.logger)
 
     def _engine_options(self, model_path, precision: str, consumers: int | None = None) -> EngineOptions:
         """``consumers``: the distributor group's size to lay the CPU out for (default: now)."""

@@ -101,6 +101,25 @@ def test_auto_prefers_native_bf16_on_the_cpu_and_says_why(small_model, monkeypat
     assert "tensorrt (tensorrt, pycuda not installed)" in text or "tensorrt on a GPU" in text
 
 
+def test_auto_says_why_through_the_processors_logger(small_model, caplog):
+    """A consumer shows its processor's log lines, not the engines module's (no handler there):
+    the choice and the reasons, which the README says are logged, never reached a consumer's log."""
+    import logging
+
+    from processors.ptychonn import PtychoNNProcessor
+
+    processor = PtychoNNProcessor({"processorId": 1, "modelPath": str(small_model), "engine": "auto",
+                                   "device": "cpu"})
+    with caplog.at_level("INFO", logger=processor.logger.name):
+        engine = processor._create_engine()
+    try:
+        chose = [r for r in caplog.records if "engine 'auto' chose" in r.getMessage()]
+        assert chose and chose[0].name == processor.logger.name, [(r.name, r.getMessage()) for r in caplog.records]
+    finally:
+        engine.close()
+    assert logging.getLogger(processor.logger.name) is processor.logger
+
+
 def test_auto_never_picks_an_emulated_precision(small_model, monkeypatch):
     monkeypatch.setattr(devices, "cpu_flags", lambda: frozenset())
     with pytest.raises(EngineUnavailable, match="emulated"):
