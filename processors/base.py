@@ -148,12 +148,14 @@ class ProcessorBase(StatsFromTable, AdImageProcessor):
     # -- problems: counted by kind, logged once per kind ---------------------------------
     def count_problem(self, kind: str, message: str, *args: Any) -> int:
         """Count one problem of ``kind``; log ``message % args`` the first time
-        this kind occurs (later ones are only counted). Returns the new count."""
+        this kind occurs (later ones are only counted), as an error: PvaPy shows
+        warnings only with ``-ll warning``, and a writer that wrote nothing (every
+        frame of an uninstalled codec) said nothing. Returns the new count."""
         with self._problems_lock:
             self._problems[kind] += 1
             n = self._problems[kind]
         if n == 1:
-            self.logger.warning("%s (logged once; further '%s' problems are only counted): " + message, kind, kind, *args)
+            self.logger.error("%s (logged once; further '%s' problems are only counted): " + message, kind, kind, *args)
         return n
 
     def problems(self, kind: str) -> int:

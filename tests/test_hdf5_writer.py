@@ -153,6 +153,21 @@ def test_a_restart_or_a_command_starts_a_new_file(tmp_path, rng):
     assert accounted(p)["nFramesWritten"] == 10
 
 
+@pytest.mark.parametrize("window, files", [
+    (64, [[1, 2, 3, 4, 5, 6, 7, 8], [7, 8, 9, 10, 1, 2, 3, 4]]),  # the default: scans 2 and 3 in one file
+    (0, [[1, 2, 3, 4, 5, 6, 7, 8], [7, 8, 9, 10], [1, 2, 3, 4]]),  # the README's advice for one consumer's share
+])
+def test_a_writer_on_one_consumers_share_needs_restart_window_0_for_short_scans(tmp_path, rng, window, files):
+    """Three 10-frame scans (uniqueIds 1..10 each) shared by two consumers 8 frames in turn:
+    consumer 1's writer sees 1..8, 7..10, 1..4. The next scan's first ids are new to it and
+    close to its highest, so with the default window they joined the previous scan's file; its
+    share comes in order, and restartWindow 0 starts a new file at any id below the highest."""
+    images = rng.normal(size=(16, 4, 4)).astype(np.float32)
+    p = Hdf5WriterProcessor({**FRAMEWORK, "outputDirectory": str(tmp_path), "restartWindow": window})
+    run(p, [frame(uid, images[k]) for k, uid in enumerate([*range(1, 9), 7, 8, 9, 10, 1, 2, 3, 4])])
+    assert [ids_in(f) for f in p.files] == files
+
+
 def test_an_earlier_runs_file_is_never_replaced(tmp_path, rng):
     images = rng.normal(size=(4, 4, 4)).astype(np.float32)
     earlier = tmp_path / "inference_2_output_scan0001.h5"
