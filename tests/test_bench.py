@@ -317,19 +317,37 @@ def test_help_lists_the_options(capsys):
     assert "(default: None)" not in out and "(default: results/bench-<date>-<time>)" in out
 
 
-def test_missing_model_is_an_error(tmp_path):
+def test_missing_model_is_an_error(tmp_path, capsys):
+    """A bad input is exit status 2 (before: 1, a SystemExit with its message as the code)."""
     args = bench.get_args_parser().parse_args(["--model", str(tmp_path / "none.onnx"), "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match="not found"):
+    with pytest.raises(SystemExit) as exit_:
         bench.main(args)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == f"edge-ptychonn bench: model {tmp_path / 'none.onnx'} not found\n"
 
 
-def test_a_model_that_is_not_onnx_is_a_one_line_error(tmp_path):
+def test_a_model_that_is_not_onnx_is_a_one_line_error(tmp_path, capsys):
     """Before: a traceback ending in protobuf's DecodeError."""
     (tmp_path / "model.onnx").write_text("not a model")
     args = bench.get_args_parser().parse_args(["--model", str(tmp_path / "model.onnx"), "--out", str(tmp_path),
                                                "--skip", "warm,pipeline,zero,passthrough", "--no-plots"])
-    with pytest.raises(SystemExit, match="model.onnx is not a readable ONNX model"):
+    with pytest.raises(SystemExit) as exit_:
         bench.main(args)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "model.onnx is not a readable ONNX model" in err and len(err.splitlines()) == 1
+
+
+def test_a_part_that_measured_nothing_is_exit_status_1(tmp_path, capsys):
+    """Only an engine and precision that cannot run (ONNX Runtime has no bf16; TensorRT without
+    its libraries did the same): before, a table of skipped lines and exit 0, as if the bench
+    had measured what was asked."""
+    args = bench.get_args_parser().parse_args(["--out", str(tmp_path), "--skip", "warm,framepath,pipeline,zero,passthrough",
+                                               "--engines", "onnxruntime", "--precisions", "bf16", "--batches", "8",
+                                               "--threads", "1", "--workers", "1", "--engine-seconds", "0.2",
+                                               "--no-plots", "--quick"])
+    assert bench.main(args) == 1
+    out = capsys.readouterr().out
+    assert "not measured: engine: no engine and precision asked for could run here" in out, out
 
 
 def test_unknown_part_is_an_error(capsys):
@@ -377,17 +395,19 @@ def test_bad_options_are_one_line_errors(capsys, option, value, message):
     assert f"error: argument {option}: " in err and message in err and "Traceback" not in err, err
 
 
-def test_options_that_only_main_can_judge_are_one_line_errors(tmp_path):
+def test_options_that_only_main_can_judge_are_one_line_errors(tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    for argv, message in [
-        (["--out", str(blocker / "results")], f"cannot make the results folder {blocker / 'results'}"),
+    for argv, message, code in [
+        (["--out", str(blocker / "results")], f"cannot make the results folder {blocker / 'results'}", 1),
         (["--pipeline-engine", "torch", "--pipeline-precision", "auto"],
-         "--pipeline-precision auto needs --pipeline-engine auto"),
+         "--pipeline-precision auto needs --pipeline-engine auto", 2),  # a bad argument: 2 (before: 1)
     ]:
         with pytest.raises(SystemExit) as exit_:  # before: a FileExistsError traceback; every point skipped
             bench.main(bench.get_args_parser().parse_args(argv + ["--skip", ",".join(bench.PARTS)]))
-        assert message in str(exit_.value), exit_.value
+        err = capsys.readouterr().err
+        assert message in (err if code == 2 else str(exit_.value)), (exit_.value, err)
+        assert (exit_.value.code if code == 2 else 1) == code
 
 
 @pytest.mark.parametrize("argv, engine, precision", [

@@ -303,7 +303,7 @@ def resolve_model(path: Path, out_dir: Path, progress) -> tuple[Path, str | None
         if candidate.is_file():
             return candidate, None
     if path != DEFAULT_MODEL:
-        raise SystemExit(f"edge-ptychonn bench: model {path} not found")
+        raise refused(f"model {path} not found")
     try:
         from edge_ptychonn.science.model import ModelConfig, build_model, export_onnx
     except ImportError as exc:
@@ -314,6 +314,13 @@ def resolve_model(path: Path, out_dir: Path, progress) -> tuple[Path, str | None
             f"({ModelConfig()}) exported to {stand_in}; speed does not depend on the weights")
     progress(note)
     return stand_in, note
+
+
+def refused(message: str) -> SystemExit:
+    """A bad argument or input file: ``message`` on stderr, exit status 2 (a ``SystemExit``
+    with the message as its code exits with 1, which is for a run that did not get what it wanted)."""
+    print(f"edge-ptychonn bench: {message}", file=sys.stderr)
+    return SystemExit(2)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -335,8 +342,8 @@ def main(args: argparse.Namespace) -> int:
     if args.pipeline_precision is None:  # the consumer's default where the engine is too
         args.pipeline_precision = "auto" if args.pipeline_engine == "auto" else "fp32"
     if args.pipeline_precision == "auto" and args.pipeline_engine != "auto":
-        raise SystemExit("edge-ptychonn bench: --pipeline-precision auto needs --pipeline-engine auto "
-                         f"(the {args.pipeline_engine} engine runs one named precision)")
+        raise refused("--pipeline-precision auto needs --pipeline-engine auto "
+                      f"(the {args.pipeline_engine} engine runs one named precision)")
     out_dir = args.out or Path("results") / dt.datetime.now().strftime("bench-%Y%m%d-%H%M%S")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -364,7 +371,7 @@ def main(args: argparse.Namespace) -> int:
             signature = read_signature(model_path)
             flops = be.count_flops(model_path)
         except ValueError as exc:
-            raise SystemExit(f"edge-ptychonn bench: {exc}") from None
+            raise refused(str(exc)) from None
         report["model"] = {"path": str(model_path), "note": note, "input_hw": signature.input_shape,
                            "fixed_batch": signature.fixed_batch, **flops.to_dict()}
         if signature.fixed_batch:
@@ -430,6 +437,9 @@ def main(args: argparse.Namespace) -> int:
             finally:
                 report["engine"] = [r.to_dict() for r in engine_results]
             report["engine_skipped"] = skipped
+            if not engine_results:
+                report.setdefault("not_measured", []).append(
+                    f"engine: no engine and precision asked for could run here (see 'skipped' above)")
 
         if "framepath" not in args.skip:
             from . import bench_frame_path as bf
@@ -509,7 +519,9 @@ def main(args: argparse.Namespace) -> int:
             br.write_json(report, out_dir / "report.json")
     print(br.summary_text(report))
     print(f"\nreport: {out_dir / 'report.json'}")
-    return 130 if report.get("interrupted") else 0
+    if report.get("interrupted"):
+        return 130
+    return 1 if report.get("not_measured") else 0  # a part asked for measured nothing
 
 
 def _peak_device(device: str) -> str:
@@ -601,5 +613,7 @@ def _engine_alone(results, settings, args, flops, report, progress) -> float | N
     report.setdefault("engine_skipped", []).extend(skipped)
     if not extra:
         progress(f"cannot run {settings.engine} {settings.precision}: no pipeline sweep")
+        report.setdefault("not_measured", []).append(
+            f"pipeline: {settings.engine} {settings.precision} cannot run here (see 'skipped' above)")
         return None
     return max(r.frames_per_s for r in extra)

@@ -212,6 +212,8 @@ def summary_text(report: dict) -> str:
         parts += ["", f"Launch -> first published output ({cold})", warm_table(report)]
     if report.get("plots"):
         parts += ["", "Plots: " + ", ".join(report["plots"])]
+    for what in report.get("not_measured", []):
+        parts.append(f"not measured: {what}")
     return "\n".join(parts)
 
 
