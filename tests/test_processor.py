@@ -508,7 +508,7 @@ def test_a_model_swap_sent_with_a_new_group_lays_its_engine_out_for_the_new_grou
 
     builds = []
     real_create = ptychonn.create_engine
-    monkeypatch.setattr(ptychonn, "create_engine", lambda name, options: builds.append(options)
+    monkeypatch.setattr(ptychonn, "create_engine", lambda name, options, *logger: builds.append(options)
                         or real_create(name, options))
     processor = PtychoNNProcessor({**FRAMEWORK, "outputChannel": "", "modelPath": str(small_model), "engine": "zero"})
     processor.start()
