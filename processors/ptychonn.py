@@ -201,13 +201,12 @@ def check_card(model_path, shape=None) -> None:
     check_input_size(card, model_path, read_signature(model_path).input_shape if shape is None else shape)
 
 
-def _calling_controller(frame, processor):
-    """PvaPy's DataProcessingController whose ``configure`` runs in ``frame`` (it calls the
-    processor's after taking its own keys from the request), or None: an adapter to PvaPy's
-    internals, pinned by a contract test."""
+def calling_controller(frame, processor, *needs: str):
+    """PvaPy's DataProcessingController whose method runs in ``frame`` and calls ``processor``'s
+    (its ``configure``, after taking its own keys from the request; its ``start``), if it has the
+    attributes ``needs``; else None: an adapter to PvaPy's internals, pinned by contract tests."""
     owner = frame.f_locals.get("self") if frame is not None else None
-    if getattr(owner, "userDataProcessor", None) is processor and hasattr(owner, "objectIdOffset") \
-            and hasattr(owner, "nSequentialUpdates"):
+    if getattr(owner, "userDataProcessor", None) is processor and all(hasattr(owner, n) for n in needs):
         return owner
     return None
 
@@ -337,7 +336,7 @@ class PtychoNNProcessor(StatsFromTable, AdImageProcessor):
         # Any stop (Ctrl-C, --runtime, the parent's stop of a forked consumer) first publishes
         # what this consumer holds, while its PVA server still serves clients; SIGTERM
         # (systemd, procServ, docker, kill PID) stops it so too, where PvaPy would end it at once.
-        controller = shutdown.calling_processing_controller(sys._getframe(1), self)
+        controller = calling_controller(sys._getframe(1), self, "stop", "pvaServer")
         shutdown.drain_before_stop(controller, self.pipeline.drain, self.logger)
         create_output_channel(controller)
         shutdown.on_sigterm(self.pipeline.drain, self.logger)
@@ -378,7 +377,7 @@ class PtychoNNProcessor(StatsFromTable, AdImageProcessor):
         # controller, our caller, has already taken the request's objectIdOffset and
         # nSequentialUpdates: the pipeline gives them back unless it accepts the request
         # (an objectIdOffset of 0 it refuses made PvaPy's count divide every frame by zero).
-        controller = _calling_controller(sys._getframe(1), self)
+        controller = calling_controller(sys._getframe(1), self, "objectIdOffset", "nSequentialUpdates")
         try:
             self.pipeline.configure(configDict, None if controller is None else partial(_set_pattern, controller))
         except ValueError as exc:  # messages quote at most a short prefix of any value

@@ -26,8 +26,8 @@ pinned by a contract test.
 PvaPy's own stops (Ctrl-C, the end of ``--runtime``, a forked consumer's stop
 sent by its parent) stop the consumer's PVA server before the processor's
 ``stop()``: :func:`drain_before_stop` makes the DataProcessingController that
-starts the processor publish what it holds first (found on the stack in the
-processor's ``start()``; the same kind of adapter, pinned likewise).
+starts the processor publish what it holds first (the processor finds it on the
+stack in its ``start()``; the same kind of adapter, pinned likewise).
 """
 
 from __future__ import annotations
@@ -84,17 +84,6 @@ def parent_death_preexec(sig: int = signal.SIGTERM):
             os.kill(os.getpid(), sig)
 
     return preexec
-
-
-def calling_processing_controller(frame, processor):
-    """PvaPy's DataProcessingController whose ``start()`` runs in ``frame`` and starts
-    ``processor`` (it calls the processor's ``start()`` last), or None: an adapter to PvaPy's
-    internals, pinned by a contract test."""
-    owner = frame.f_locals.get("self") if frame is not None else None
-    if getattr(owner, "userDataProcessor", None) is processor and callable(getattr(owner, "stop", None)) \
-            and hasattr(owner, "pvaServer"):
-        return owner
-    return None
 
 
 def drain_before_stop(controller, drain, logger: logging.Logger, drain_timeout_s: float = DRAIN_TIMEOUT_S) -> bool:

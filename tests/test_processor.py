@@ -218,7 +218,11 @@ def test_pvapy_contract_for_draining_before_a_stop():
     The wrapped stop drains first, then stops as before."""
     from pvapy.hpc.dataProcessingController import DataProcessingController
 
-    from processors.shutdown import calling_processing_controller, drain_before_stop
+    from processors.ptychonn import calling_controller
+    from processors.shutdown import drain_before_stop
+
+    def calling_processing_controller(frame, processor):  # as the processor's start() looks
+        return calling_controller(frame, processor, "stop", "pvaServer")
 
     start, stop = inspect.getsource(DataProcessingController.start), inspect.getsource(DataProcessingController.stop)
     assert "self.userDataProcessor.start()" in start
