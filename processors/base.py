@@ -67,19 +67,24 @@ def at_start() -> bool:
     return not _RUNTIME_CHANGE.get()
 
 
-def attribute_value(attributes: list, name: str) -> float | None:
-    """The numeric value of the NTNDArray attribute ``name`` (as a PvObject's
-    ``attribute`` list of dicts gives it), or None if absent or not a number."""
+def attribute_raw(attributes: list, name: str):
+    """The value of the first NTNDArray attribute called ``name`` (as a PvObject's ``attribute``
+    list of dicts gives it), as PvaPy converted it, or None if absent or malformed."""
     for attribute in attributes:
         if attribute.get("name") == name:
             try:
-                value = attribute["value"][0]["value"]
+                return attribute["value"][0]["value"]
             except (KeyError, IndexError, TypeError):
                 return None
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                return None
-            return float(value)
     return None
+
+
+def attribute_value(attributes: list, name: str) -> float | None:
+    """The numeric value of the NTNDArray attribute ``name``, or None if absent or not a number."""
+    value = attribute_raw(attributes, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
 
 
 def seconds(time_stamp: dict) -> float:

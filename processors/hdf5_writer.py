@@ -130,7 +130,9 @@ from edge_ptychonn.stream.frames import MODEL_ID_ATTRIBUTE
 from edge_ptychonn.stream.quote import short_repr
 from edge_ptychonn.thread_name import name_this_thread
 from processors import shutdown
-from processors.base import BAD_KIND_COUNTS, ProcessorBase, RecentIds, at_start, bad_kind_stats, seconds
+from processors.base import (
+    BAD_KIND_COUNTS, ProcessorBase, RecentIds, at_start, attribute_raw, attribute_value, bad_kind_stats, seconds,
+)
 
 NAME_ATTEMPTS = 5  # free names tried when other processes take them as this one opens a file
 COMPRESSIONS = ("none", "gzip", "lzf", "blosc", "lz4", "zstd", "bitshuffle")
@@ -163,20 +165,11 @@ def _compression_options(name: str, level: int | None) -> dict:
 
 def frame_attributes(attributes: list, y_name: str, x_name: str) -> tuple[tuple[float, float] | None, str]:
     """A frame's (y, x) position (None unless both attributes are numbers) and its ``modelId``
-    (``""`` when it has none or it is not a string), in one pass over its attribute list (as
+    (``""`` when it has none or it is not a string), from its attribute list (as
     :func:`edge_ptychonn.stream.frames.decode` gives it; the first attribute of a name counts)."""
-    values: dict = {}
-    for attribute in attributes:
-        name = attribute.get("name")
-        if name in (y_name, x_name, MODEL_ID_ATTRIBUTE) and name not in values:
-            try:
-                values[name] = attribute["value"][0]["value"]
-            except (KeyError, IndexError, TypeError):
-                values[name] = None
-    y, x = values.get(y_name), values.get(x_name)
-    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (y, x))
-    model_id = values.get(MODEL_ID_ATTRIBUTE)
-    return (float(y), float(x)) if numbers else None, model_id if isinstance(model_id, str) else ""
+    y, x = attribute_value(attributes, y_name), attribute_value(attributes, x_name)
+    model_id = attribute_raw(attributes, MODEL_ID_ATTRIBUTE)
+    return (y, x) if y is not None and x is not None else None, model_id if isinstance(model_id, str) else ""
 
 
 def model_id_bytes(model_id: str) -> bytes:
