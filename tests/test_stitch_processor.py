@@ -822,6 +822,20 @@ def test_frames_by_metadata_count_only_those_placed(rng):
     assert stats["nFramesByMetadata"] == 2 and stats["nFramesWaiting"] == 0
 
 
+def test_a_text_table_may_name_its_columns_in_a_first_row(tmp_path, rng):
+    """A table saved from a spreadsheet starts with its column names: it was refused as 'not a
+    table of numbers'. The names now say which column is which, in any order and case."""
+    _, positions, _ = small_scan(rng, n=4)
+    (tmp_path / "xy.csv").write_text("x,y\n" + "\n".join(f"{x},{y}" for y, x in positions))
+    (tmp_path / "ixy.csv").write_text("# exported\nX, UniqueId, Y\n"
+                                      + "\n".join(f"{x}, {i + 5}, {y}" for i, (y, x) in enumerate(positions)))
+    assert PositionTable.load(tmp_path / "xy.csv").positions[1] == tuple(positions[0])
+    assert PositionTable.load(tmp_path / "ixy.csv").positions[5] == tuple(positions[0])
+    (tmp_path / "bad.csv").write_text("row,col\n1,2\n")
+    with pytest.raises(ValueError, match="a header row names the columns y and x"):
+        PositionTable.load(tmp_path / "bad.csv")
+
+
 def test_a_positions_file_that_cannot_be_read_is_refused_in_one_line(tmp_path):
     """A truncated or mistaken positionsFile raised zipfile.BadZipFile or UnicodeDecodeError
     (a traceback from launch --check, which reports ValueError and OSError in one line) or
