@@ -42,7 +42,8 @@ Output (``--output-channel``)
     object phase (H, W) float32 radians, the weighted average of the patches
     placed so far (``fill`` where none landed); ``uniqueId`` counts the images
     published; attributes ``ScanIndex``, ``FramesPlaced``, ``Coverage`` (fraction
-    of object pixels with summed weight >= ``minCoverWeight``), ``LastUniqueId``.
+    of object pixels with summed weight >= ``minCoverWeight``), ``LastUniqueId`` (of
+    the last frame placed in the image; also the statistic ``lastUniqueId``).
     ``<outputChannel>:final`` holds the finished image of the last finished scan
     (``pvget`` it any time).
 Files
@@ -727,12 +728,12 @@ class StitchProcessor(ProcessorBase):
         if scan is None:
             scan = self.scan = self._new_scan(image.shape)
         now = time.monotonic()
-        scan.last_unique_id = unique_id
         if not scan.stitcher.add(image, position):
             self.counts["outside"] += 1
             self.count_problem("outside", "frame %d at %s misses the object %s", unique_id, position,
                                scan.stitcher.object_shape)
             return False
+        scan.last_unique_id = unique_id  # of the last frame placed: one outside the object is not in the image
         scan.n_placed += 1
         if scan.n_placed == 1:
             scan.first_placed_s = now

@@ -798,6 +798,20 @@ def test_non_finite_numbers_and_a_prefix_with_a_folder_are_refused(tmp_path, rng
         make({"objectShape": [40, 48], "filePrefix": "scan\x00", "outputDirectory": str(tmp_path)})
 
 
+def test_last_unique_id_names_the_last_frame_placed(rng):
+    """lastUniqueId (and the image's LastUniqueId) named a frame that missed the object, which
+    is not in the image."""
+    patches, positions, _ = small_scan(rng, n=3)
+    p = make({"objectShape": [40, 48]})
+    p.process(attributed_frame(1, patches[0], positions[0]))
+    p.process(attributed_frame(2, patches[1], (500.0, 1.0)))
+    stats = p.getStats()
+    assert stats["nFramesOutside"] == 1 and stats["lastUniqueId"] == 1
+    p.process(attributed_frame(3, patches[2], positions[2]))
+    assert p.getStats()["lastUniqueId"] == 3
+    p.stop()
+
+
 def test_frames_by_metadata_count_only_those_placed(rng):
     """nFramesByMetadata counts the frames placed by the metadata channels' positions; a frame
     whose metadata put it outside the object (or one of another patch size) was counted there
