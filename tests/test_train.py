@@ -119,7 +119,9 @@ def test_train_command_writes_onnx_sidecar_and_card(tmp_path, capsys):
     assert meta["output_mask"]["centre_yx"] == [63.5, 63.5] and 20 < meta["output_mask"]["radius_px"] < 24
     assert meta["model"] == ModelConfig(width=4, depth=2).to_dict()
     assert len(meta["training"]["val_loss"]) == 1 and "accuracy" in meta
-    assert "## Accuracy" in out.with_suffix(".md").read_text()
+    # --eval with no scan: the card says it was not scored (it had an empty table)
+    accuracy_md = out.with_suffix(".md").read_text().split("## Accuracy")[1].split("## Limits")[0]
+    assert "Not scored when it was trained" in accuracy_md and "| scan |" not in accuracy_md
     # the BatchNorm statistics are recomputed on the frames there are (at most 2048)
     assert "recomputed for the current weights (64 training frames, float32)" in out.with_suffix(".md").read_text()
     sess = ort.InferenceSession(str(out.with_suffix(".onnx")), providers=["CPUExecutionProvider"])

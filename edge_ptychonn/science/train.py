@@ -875,9 +875,13 @@ def card_markdown(card: ModelCard) -> str:
         "training family and difficulty but use seeds not used in training; out-of-family scans use "
         "objects unlike the training ones with the same probe, photons and overlap.",
         "",
-        "| scan | SSIM | PSNR dB | RMSE rad | median patch RMSE rad | zeros SSIM / RMSE | mean-patch SSIM / RMSE |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
+    if not acc.get("scans"):  # train --eval with no scans: no empty table
+        lines += ["Not scored when it was trained (`--eval` named no scan): score it with "
+                  "`edge-ptychonn evaluate --model <model>.onnx --simulate FAMILY:SEED ...`."]
+    else:
+        lines += ["| scan | SSIM | PSNR dB | RMSE rad | median patch RMSE rad | zeros SSIM / RMSE | mean-patch SSIM / RMSE |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in acc.get("scans", {}).items():
         mo, z, mp = r["model"], r["baselines"]["zeros"], r["baselines"].get("mean_patch")
         lines.append(
