@@ -171,6 +171,7 @@ STATS = {
     "settings": (pva.STRING, lambda p: json.dumps(runtime_settings(p.pipeline.config))),
     "engine": (pva.STRING, lambda p: p.pipeline.engine.name if p.pipeline.engine else ""),
     "device": (pva.STRING, lambda p: p.pipeline.engine.device if p.pipeline.engine else ""),
+    "precision": (pva.STRING, lambda p: p.pipeline.engine.precision if p.pipeline.engine else ""),
     "model": (pva.STRING, lambda p: p.pipeline.model_id),
     "batchRunner": (pva.STRING, lambda p: p.pipeline.batch_runner),
 }

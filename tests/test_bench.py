@@ -649,6 +649,9 @@ def test_quick_pipeline_run(tmp_path, bench_small_model, capsys):
         # and published all of them, by their own statistics: the collector missed none
         assert p["n_published"] == p["n_offered"] and p["n_lost_collector"] == 0, p
     assert points["ptychonn"]["latency_p99_ms"] > 0
+    # the engine and precision the consumers ran, 'auto' resolved (as their status reports them)
+    assert len(points["ptychonn"]["engine"].split()) == 2 and "auto" not in points["ptychonn"]["engine"], points
+    assert points["passthrough"]["engine"] is None
     for p in points.values():  # CPU over the stream (clock ticks of 10 ms: a short window may see 0 of one)
         cpu = [p["cpu_consumer_us"], p["cpu_server_us"], p["cpu_collector_us"]]
         assert None not in cpu and min(cpu) >= 0 and sum(cpu) > 0, p

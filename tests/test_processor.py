@@ -70,7 +70,7 @@ def test_processor_runs_frames_and_reports(small_model, rng):
     stats = processor.getStats()
     assert (stats["nFramesReceived"], stats["nFramesProcessed"], stats["nDroppedStopping"]) == (7, 6, 1)
     assert stats["nFramesUnaccounted"] == 0
-    assert stats["engine"] == "onnxruntime" and stats["device"] == "cpu"
+    assert stats["engine"] == "onnxruntime" and stats["device"] == "cpu" and stats["precision"] == "fp32"
     with pytest.raises(ValueError, match="cannot change batchSize"):
         processor.configure({"batchSize": 2})
     processor.configure({"batchTimeout": 1.5, "skipInitialUpdates": 0})

@@ -127,6 +127,7 @@ class PointResult:
     source: str = "sim"  # the frames' source (PipelineSettings.source)
     collectors: int = 1  # PipelineSettings.collectors: 1, the collector ran in this process; more, in child processes
     collector_processes: int = 1  # processes that collected the outputs: 1 in this process, else min(collectors, N) children
+    engine: str | None = None  # the consumers' engine and precision as their status reports them ('auto' resolved), e.g. 'torch bf16'
 
     @property
     def lossless(self) -> bool:
@@ -431,6 +432,8 @@ def run_point(
         n_missed=n_missed, n_dropped=n_dropped, delivered_fps=delivered, latency_p50_ms=p50, latency_p99_ms=p99,
         e2e_p50_ms=e2e_p50, e2e_p99_ms=e2e_p99,
         cpu_layout=", ".join(sorted({str(u.get("device", "")) for u in user})) if is_ptychonn and user else None,
+        engine=", ".join(sorted({f"{u.get('engine', '')} {u.get('precision', '')}".strip() for u in user}))
+        if is_ptychonn and user else None,
         ready_s=ready_s, start_delay_s=start_delay_s, wall_s=time.perf_counter() - t_start, error=error,
         n_consumer_received=n_consumer_received, n_lost_source=lost_source, n_lost_processor=lost_processor,
         n_published=n_published, n_lost_collector=lost_collector, **cpu, source=settings.source,
@@ -753,7 +756,8 @@ def describe(r: PointResult) -> str:
     text = (
         f"{r.processor} N={r.n_consumers} offered {r.offered_fps:.0f} fps (target {r.target_fps or 'max'}): "
         f"delivered {r.delivered_fps:.0f} fps, lost {r.n_lost}/{r.n_offered}{split}, nMissed {r.n_missed}{lat}{e2e} "
-        f"[{state}, {r.wall_s:.0f} s]" + (f" engine on {r.cpu_layout}" if r.cpu_layout else "")
+        f"[{state}, {r.wall_s:.0f} s]" + (f" engine {r.engine}" if r.engine else "")
+        + (f" on {r.cpu_layout}" if r.cpu_layout else "")
     )
     if r.cpu_consumer_us is not None:
         text += (f"; CPU per frame: consumer {r.cpu_consumer_us:.0f} us, server {_us(r.cpu_server_us)}, "

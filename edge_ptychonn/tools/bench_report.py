@@ -83,16 +83,16 @@ def pipeline_table(report: dict) -> str:
         if p.get("server_limited"):
             state += ", server-limited"
         rows.append([
-            p["processor"], p["n_consumers"], p["target_fps"] or "max", p["offered_fps"], p["delivered_fps"],
+            p["processor"], p["n_consumers"], p.get("engine") or "", p["target_fps"] or "max", p["offered_fps"], p["delivered_fps"],
             f"{p['n_lost']}/{p['n_offered']}", p.get("n_lost_source"), p["n_missed"], p.get("n_lost_processor"),
             p.get("n_lost_collector"), p["latency_p50_ms"], p["latency_p99_ms"], p["e2e_p99_ms"],
             p.get("cpu_consumer_us"), p.get("cpu_server_us"), p.get("machine_busy_pct"), state,
         ])
     return table(
-        ["processor", "N", "target fps", "offered fps", "delivered fps", "lost", "at source", "nMissed",
+        ["processor", "N", "engine", "target fps", "offered fps", "delivered fps", "lost", "at source", "nMissed",
          "by processor", "by collector", "p50 ms", "p99 ms", "e2e p99 ms", "consumer us/frame", "server us/frame",
          "busy %", "state"],
-        rows, ["", "", ".0f", ".1f", ".1f", "", "", "", "", "", ".0f", ".0f", ".0f", ".0f", ".0f", ".0f", ""],
+        rows, ["", "", "", ".0f", ".1f", ".1f", "", "", "", "", "", ".0f", ".0f", ".0f", ".0f", ".0f", ".0f", ""],
     )
 
 
