@@ -51,6 +51,7 @@ def test_seed_geometry_516_to_128():
         ({"transform": "cube"}, "transform must be one of"),
         ({"scale": 0.0}, "scale must be > 0"),
         ({"scale": -1.0}, "scale must be > 0"),
+        ({"scale": 1e-300}, "scale must be > 0, within 1e-12..1e\\+06"),  # 0 in float32: every input 0
         ({"offset": float("nan")}, "offset must be a number within"),
         ({"crop_origin_yx": (0, 0)}, "cropOrigin needs crop"),
     ],

@@ -54,6 +54,7 @@ MAX_NORMALIZE_WINDOW = 100_000
 MAX_REFERENCE_TOTAL = 1e15
 MAX_OFFSET = 1e9  # beyond any detector's counts
 MAX_SCALE = 1e6
+MIN_SCALE = 1e-12  # far below any useful scale, far above float32's smallest: a smaller one is 0 in float32
 
 
 @dataclass(frozen=True)
@@ -98,8 +99,9 @@ class PreprocessConfig:
                              f"{short_repr(self.normalize_window)}")
         if not (np.isfinite(self.offset) and abs(self.offset) <= MAX_OFFSET):
             raise ValueError(f"offset must be a number within +-{MAX_OFFSET:g}, got {self.offset}")
-        if not (np.isfinite(self.scale) and 0 < self.scale <= MAX_SCALE):
-            raise ValueError(f"scale must be > 0 and <= {MAX_SCALE:g} (model input = (x - offset) * scale), got {self.scale}")
+        if not (np.isfinite(self.scale) and MIN_SCALE <= self.scale <= MAX_SCALE):
+            raise ValueError(f"scale must be > 0, within {MIN_SCALE:g}..{MAX_SCALE:g} (model input = (x - offset) * "
+                             f"scale), got {self.scale}")
 
     def output_shape(self, frame_hw: tuple[int, int]) -> tuple[int, int]:
         """The model-input shape that a frame of ``frame_hw`` becomes.
