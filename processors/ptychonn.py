@@ -59,7 +59,8 @@ Run-time changes (control channel ``configure``, e.g. ``edge-ptychonn configure`
     batchTimeout, offset, scale, transform, normalize, modelPath. Anything else is refused and nothing changes,
     except PvaPy's own keys: its objectIdOffset and nSequentialUpdates (consumers added to or removed from the
     distributor group) also set the pattern in which nFramesMissed counts, from the next frame (PvaPy's count
-    and ours alike; a refused request leaves both as they were).
+    and ours alike; a refused request leaves both as they were). skipInitialUpdates is refused: at run time
+    PvaPy would discard that many frames, counted nowhere (give it at start, -siu).
     ``modelPath`` swaps the model without a restart: an engine of the running kind
     (same engine, device and precision as now) is built for it on PvaPy's configure
     thread, beside the running one, while frames keep arriving and being published;
@@ -239,6 +240,35 @@ def create_output_channel(controller) -> bool:
     return getattr(controller, "dataPublisher", None) is not None
 
 
+PVAPY_CONFIGURE_KEYS = ("skipInitialUpdates", "objectIdOffset", "nSequentialUpdates")
+
+
+def restore_on_refusal(controller) -> bool:
+    """Make a refused configure request leave PvaPy's DataProcessingController ``controller`` as
+    it was. Its ``configure`` sets its own keys (:data:`PVAPY_CONFIGURE_KEYS`) from the request
+    before anything can refuse it: when its own ``int()`` of a later key raised, or the processor
+    refused the request, the keys set before stayed (an objectIdOffset that put PvaPy's nMissed
+    wrong; a skipInitialUpdates that made it discard that many frames uncounted). Each key the
+    request names is put back when the request raises. An adapter to PvaPy's internals, pinned by
+    a contract test; returns False (nothing changed) for None."""
+    if controller is None:
+        return False
+    original = controller.configure
+
+    def configure(config_dict, *args, **kwargs):
+        named = [k for k in PVAPY_CONFIGURE_KEYS if isinstance(config_dict, dict) and k in config_dict]
+        kept = {k: getattr(controller, k) for k in named if hasattr(controller, k)}
+        try:
+            return original(config_dict, *args, **kwargs)
+        except Exception:
+            for key, value in kept.items():
+                setattr(controller, key, value)
+            raise
+
+    controller.configure = configure
+    return True
+
+
 class ReconnectWatch:
     """Tells the pipeline when the input channel connects again after it was lost
     (:meth:`InferencePipeline.reconnected`); the first connection is PvaPy's to handle."""
@@ -340,6 +370,7 @@ class PtychoNNProcessor(StatsFromTable, AdImageProcessor):
         controller = calling_controller(sys._getframe(1), self, "stop", "pvaServer")
         shutdown.drain_before_stop(controller, self.pipeline.drain, self.logger)
         create_output_channel(controller)
+        restore_on_refusal(controller)  # a refused configure changes nothing of PvaPy's either
         shutdown.on_sigterm(self.pipeline.drain, self.logger)
         channel = input_channel(sys._getframe(1))
         if channel is not None:  # the first record after a reconnection is not the stream's

@@ -502,6 +502,47 @@ def test_a_refused_configure_leaves_pvapys_distributor_pattern_as_it_was(small_m
         processor.stop()
 
 
+def test_pvapy_contract_for_configure_requests():
+    """restore_on_refusal wraps the configure() of the DataProcessingController that starts the
+    processor: PvaPy's consumer calls it through the attribute (so the wrapper is called), and it
+    sets its own keys from the request before it calls the processor's configure()."""
+    from pvapy.hpc.dataConsumer import DataConsumer
+
+    assert "self.processingController.configure(" in inspect.getsource(DataConsumer)
+    source = inspect.getsource(DataProcessingController.configure)
+    assert source.index("self.skipInitialUpdates =") < source.index("self.userDataProcessor.configure(")
+    for key in ("skipInitialUpdates", "objectIdOffset", "nSequentialUpdates"):
+        assert f"self.{key} = int(" in source, key
+
+
+def test_a_refused_configure_changes_none_of_the_keys_pvapy_took(small_model):
+    """PvaPy's controller sets skipInitialUpdates, objectIdOffset and nSequentialUpdates from a
+    request before anything can refuse it. skipInitialUpdates=300 sent with an invalid key was
+    refused, yet the consumer then discarded 300 frames, counted as missed upstream (accepted, it
+    discarded them counted nowhere); objectIdOffset with nSequentialUpdates=abc (PvaPy's own int()
+    raised before the processor saw the request) left PvaPy's nMissed counting in the new pattern."""
+    framework = {**FRAMEWORK, "outputChannel": "", "objectIdOffset": 2, "nSequentialUpdates": 1, "skipInitialUpdates": 0}
+    processor = PtychoNNProcessor({**framework, "modelPath": str(small_model), "engine": "zero", "batchSize": 1})
+    controller = DataProcessingController(framework, processor)
+    controller.start()
+    try:
+        with pytest.raises(ValueError, match="invalid literal for int"):
+            controller.configure({"objectIdOffset": 5, "nSequentialUpdates": "abc"})
+        assert (controller.nSequentialUpdates, controller.objectIdOffset) == (1, 2)
+        for request in ({"skipInitialUpdates": 300, "transform": "bogus"}, {"skipInitialUpdates": 300}):
+            with pytest.raises(ValueError, match="skipInitialUpdates is not changeable at run time"):
+                controller.configure(request)
+            assert controller.skipInitialUpdates == 0
+        for uid in range(1, 4):
+            controller.process(good_frame(uid, np.zeros((64, 64), np.int16)))
+        assert processor.pipeline.drain(5.0)
+        stats = processor.getStats()
+        assert stats["nFramesReceived"] == 3 and stats["nFramesProcessed"] == 3, stats
+        assert controller.nMissed == 0
+    finally:
+        controller.stop()
+
+
 def test_a_model_swap_sent_with_a_new_group_lays_its_engine_out_for_the_new_group(small_model, model_b,
                                                                                  monkeypatch):
     """One request with modelPath and objectIdOffset (two consumers joined: 9 -> 25 with runs of 8):

@@ -195,8 +195,9 @@ def _output_mask(model_path: Path, wanted: bool | None) -> OutputMask | None:
 def apply_runtime_changes(config: ProcessorConfig, changes: dict) -> tuple[ProcessorConfig, dict]:
     """Validate a ``configure()`` request; return (new config, applied user keys).
 
-    Framework keys (``skipInitialUpdates``, ``objectIdOffset``, ...) are the
-    framework's business and are left out. Raises ``ValueError`` for any other
+    Framework keys (``objectIdOffset``, ...) are the framework's business and are left
+    out, except ``skipInitialUpdates``, refused (PvaPy would discard frames uncounted). Raises
+    ``ValueError`` for any other
     key outside :data:`RUNTIME_KEYS` or any invalid value; then nothing changes.
 
     With ``modelPath``, offset, scale, transform and the normalisation come from
@@ -208,6 +209,9 @@ def apply_runtime_changes(config: ProcessorConfig, changes: dict) -> tuple[Proce
     model fits the running one is checked where its engine is built.
     """
     user = check_runtime_request(changes, RUNTIME_KEYS)
+    if isinstance(changes, dict) and "skipInitialUpdates" in changes:
+        raise ValueError("skipInitialUpdates is not changeable at run time: PvaPy would discard that many frames, "
+                         "counted nowhere (give it at start: pvapy-hpc-consumer -siu)")
     top = convert_fields(user, _TOP_LEVEL)
     pre = convert_fields(user, _PREPROCESS)
     if "model_path" in top:
