@@ -63,6 +63,10 @@ Write errors (a full disk, a lost file server)
     before that count as lost too). A frame for which no file can be created is
     lost the same way. A failed close (at a new scan or at stop) counts the
     frames appended since the last flush as lost, though the file may hold them.
+    A file whose close failed stays marked as open for writing (read it with
+    ``swmr=True``, or ``h5clear -s`` it) and half closed inside libhdf5, which would
+    crash the process releasing it: it is kept, and the process ends with status 1
+    past libhdf5's clean-up (:func:`_keep_unclosed`).
     Every failed create, write, flush or close counts once in ``nWriteErrors``;
     each kind is logged the first time it occurs.
 Backpressure and stop
@@ -111,6 +115,7 @@ Statistics (status channel ``userStats``) -- see :data:`STATS`
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import queue
@@ -327,8 +332,46 @@ class _ScanFile:
         self.n = self.confirmed
 
     def close(self) -> None:
-        self.f.close()
+        try:
+            self.f.close()
+        except Exception:
+            _keep_unclosed(self)
+            raise
         self.confirmed = self.n
+
+
+_UNCLOSED: list[_ScanFile] = []  # files whose close failed: libhdf5 still holds them, half closed
+
+
+def _keep_unclosed(scan_file: _ScanFile) -> None:
+    """A file whose close failed (after a write error that left data it can never write: the
+    file made read-only, its disk gone) stays half closed inside libhdf5, and any later release of
+    its objects crashes the process (SIGSEGV): the next file's creation, Python's garbage
+    collection, libhdf5's own clean-up at exit. So its objects are kept and marked for h5py never
+    to release (``locked``), and the process ends without that clean-up (:func:`_exit_keeping_unclosed`);
+    the frames written and closed in other files are whole."""
+    for obj in (scan_file.f, scan_file.data, scan_file.ts, scan_file.dts, scan_file.pos, scan_file.models,
+                scan_file.ids):
+        obj.id.locked = True
+    if not _UNCLOSED:
+        atexit.register(_exit_keeping_unclosed)
+    _UNCLOSED.append(scan_file)
+
+
+def _exit_keeping_unclosed() -> None:
+    """At exit with files that could not be closed: flush what Python holds, then end the process
+    at once with status 1 (a write error happened), past libhdf5's clean-up, which would crash on
+    them."""
+    import logging
+    import sys
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os._exit(1)
 
 
 @dataclass(frozen=True)
@@ -531,7 +574,8 @@ class Hdf5WriterProcessor(ProcessorBase):
             with self._lock:
                 self.counts["write_errors"] += 1
             self.count_problem("close", "cannot close %s after a write error: %s; frames after its first %d "
-                               "may be missing or zero-filled", cur.path, close_exc, cur.confirmed)
+                               "may be missing or zero-filled; it stays marked as open for writing: read it with "
+                               "swmr=True, or h5clear -s it", cur.path, close_exc, cur.confirmed)
         else:
             with self._lock:
                 self.counts["files"] += 1

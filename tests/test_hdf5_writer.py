@@ -8,14 +8,17 @@ test_launch.py runs it in real ``pvapy-hpc-consumer`` processes behind a real
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pvaccess as pva
 import pytest
 
 h5py = pytest.importorskip("h5py")
+ROOT = Path(__file__).resolve().parent.parent
 
 from frames_util import good_frame  # noqa: E402
 import processors.hdf5_writer as writer  # noqa: E402
@@ -630,3 +633,72 @@ def test_undecodable_frames_are_counted_by_kind(tmp_path):
     assert p.getStats().keys() == p.getStatsPvaTypes().keys()
     p.resetStats()
     assert p.getStats()["nBadColour"] == p.getStats()["nBadDtype"] == 0
+
+
+_UNCLOSABLE_SCRIPT = r"""
+import logging, os, subprocess, sys, time
+import numpy as np
+from frames_util import good_frame
+from processors.hdf5_writer import Hdf5WriterProcessor
+
+logging.basicConfig()
+out = sys.argv[1]
+framework = {"processorId": 1, "inputChannel": "x:1:output", "outputChannel": "", "objectIdField": "uniqueId",
+             "objectIdOffset": 1, "skipInitialUpdates": 0, "nSequentialUpdates": 1}
+p = Hdf5WriterProcessor({**framework, "outputDirectory": out, "flushPeriod": 0.1})
+p.start()
+
+def wait_for(condition):
+    deadline = time.monotonic() + 20
+    while not condition():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+image = np.zeros((64, 64), np.float32)
+for uid in range(1, 81):
+    p.process(good_frame(uid, image + uid))
+    if uid == 20:  # confirmed by a flush, then the file is made immutable: flush and close fail
+        wait_for(lambda: p.getStats()["nFramesWritten"] == 20)
+        first = os.path.join(out, os.listdir(out)[0])
+        subprocess.run(["chattr", "+i", first], check=True)
+    if uid == 30:
+        wait_for(lambda: p.getStats()["nWriteErrors"] >= 2)
+        subprocess.run(["chattr", "-i", first], check=True)
+    time.sleep(0.005)
+p.stop()
+print("STATS", p.getStats(), flush=True)
+"""
+
+
+def test_a_file_that_cannot_be_closed_crashes_nothing(tmp_path):
+    """A file made read-only while written (its flush, then its close failed) stayed half closed
+    inside libhdf5, and the writer process died of SIGSEGV at the next file (in a live chain:
+    the launch stopped, 22 frames lost). Now the writer goes on in a new file, every frame is
+    written or counted lost, and the process ends with status 1, not a crash."""
+    import subprocess
+    import sys
+
+    probe = tmp_path / "probe"
+    probe.write_bytes(b"")
+    if subprocess.run(["chattr", "+i", str(probe)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not possible here (needs root and a file system with the immutable flag)")
+    subprocess.run(["chattr", "-i", str(probe)], check=True)
+    probe.unlink()
+    out = tmp_path / "h5"
+    out.mkdir()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    try:
+        proc = subprocess.run([sys.executable, "-c", _UNCLOSABLE_SCRIPT, str(out)], capture_output=True, text=True,
+                              timeout=120, env=env)
+    finally:
+        subprocess.run(["chattr", "-R", "-i", str(out)], capture_output=True)
+    assert proc.returncode == 1, (proc.returncode, proc.stderr[-3000:])
+    stats = eval(proc.stdout.split("STATS ", 1)[1])
+    assert stats["nFramesReceived"] == 80 and stats["nFramesUnaccounted"] == 0, stats
+    assert stats["nFramesWritten"] + stats["nLostWriteError"] == 80 and stats["nLostWriteError"] > 0, stats
+    assert "it stays marked as open for writing" in proc.stderr
+    ids = []
+    for path in sorted(out.glob("*.h5")):
+        with h5py.File(path, "r", libver="latest", swmr=True) as f:  # the unclosed one too
+            ids += f["uniqueId"][:].tolist()
+    assert len(ids) == len(set(ids)) == stats["nFramesWritten"] and sorted(ids)[:20] == list(range(1, 21)), ids
