@@ -1330,3 +1330,32 @@ def test_frames_waiting_for_positions_from_metadata_are_placed_before_the_chain_
     assert f"frames placed        {n} of {n} received (no position 0, outside 0, coverage" in out, out[-3000:]
     assert f"metadata positions   0 of {n} frames placed: no update came from {tag}:scan:y" in out, out[-3000:]
     assert "warning: the stitcher's metadata channels" in out, out[-3000:]
+
+
+def test_a_chain_whose_channel_names_are_served_already_is_refused_before_anything_starts(pva_env, tmp_path,
+                                                                                        capsys):
+    """A second launch of the same file while the first ran started all the same: each stage's
+    clients connected to either chain's servers, one summary said "frames lost -51", the other
+    exit 0 over a stitched image cut into two scans. Now a chain whose channels already answer
+    is refused (exit 2), nothing started."""
+    import pvaccess as pva
+
+    prefix = f"{PREFIX}:twice"
+    cfg = LaunchConfig.load(toml(tmp_path, f"""
+log_dir = "logs"
+[source]
+channel = "{prefix}:det"
+[inference]
+consumers = 2
+prefix = "{prefix}:inference"
+[inference.args]
+modelPath = "{MODEL}"
+"""))
+    server = pva.PvaServer(f"{prefix}:inference:2:status", pva.PvObject({"value": pva.INT}, {"value": 1}))
+    try:
+        assert launch.run(cfg) == 2
+    finally:
+        server.stop()
+    out, err = capsys.readouterr()
+    assert f"{prefix}:inference:2:status already answers: another chain" in err and "nothing was started" in err, err
+    assert "started" not in out and not (tmp_path / "logs").exists(), out

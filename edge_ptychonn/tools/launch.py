@@ -699,6 +699,7 @@ class Chain:
         cfg = self.cfg
         if cfg.source["scan"] is None:  # which network the chain looks for the detector on
             self.say("EPICS pvAccess settings: " + ", ".join(f"{k}={v}" for k, v in sorted(live.site_epics_settings().items())))
+        self._check_names_free()
         ok, reason = live.loopback_multicast()
         if not ok:
             self.warn(f"warning: {reason}; with several PVA servers on this host some clients may never connect")
@@ -734,6 +735,22 @@ class Chain:
         if streams_from is not None:
             self._wait_clients(streams_from)
         self.started_s = time.monotonic()
+
+    def _check_names_free(self) -> None:
+        """``ValueError`` (exit 2, nothing started) when a server already answers for a channel
+        this chain would serve: another chain of the same names running. Both would start; each
+        stage's clients would connect to either's servers, and each summary count the other's
+        frames too (a negative number lost, a stitched image cut into scans, exit status 0)."""
+        cfg = self.cfg
+        ours = self.inference_status() + self.hdf5_status() + ([self.stitch_status()] if cfg.stitch else [])
+        if cfg.source["scan"] is not None:  # its replay is served by this chain's sim server
+            ours.append(cfg.source["channel"])
+        taken = live.served(ours)
+        if taken:
+            raise ValueError(f"{', '.join(taken[:3])}{' ...' if len(taken) > 3 else ''} already answer"
+                             f"{'s' if len(taken) == 1 else ''}: another chain (or process) with these channel names "
+                             "is running on this network; stop it, or give this chain other prefixes (and source "
+                             "channel); nothing was started")
 
     def _start_viewers(self) -> None:
         import importlib.util

@@ -937,6 +937,22 @@ def read_status(channel: str, timeout_s: float = 3.0) -> dict | None:
     return get_record(ch, answer_s(timeout_s))
 
 
+def served(channels: list[str], timeout_s: float = 1.0) -> list[str]:
+    """Those of ``channels`` that a server answers for now (each read as :func:`read_status`, all
+    at once: the whole search takes about ``timeout_s`` however many there are), in their order."""
+    answered: dict[str, bool] = {}
+
+    def read(name: str) -> None:
+        answered[name] = read_status(name, timeout_s) is not None
+
+    threads = [threading.Thread(target=read, args=(c,), name="pva-search", daemon=True) for c in channels]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(answer_s(timeout_s) + 1.0)
+    return [c for c in channels if answered.get(c)]
+
+
 def answer_s(connect_timeout_s: float) -> float:
     """How long a read of a channel whose ``setTimeout`` is ``connect_timeout_s`` may take in
     all: its connection and its introspection (each bounded by that timeout), then the
