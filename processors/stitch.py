@@ -57,7 +57,8 @@ attributes win over the file)
     ``.npy`` of shape (N, 2) or (N, 3), or a text table (``.csv``, ``.txt``:
     comma or white-space separated, ``#`` comments): 2 columns ``y x`` (row k is
     uniqueId ``firstUniqueId + k``) or 3 columns ``uniqueId y x``; a first row of
-    names (``y,x``, ``uniqueId,x,y``, any order and case) says which column is which.
+    names (``y,x``, ``uniqueId,x,y``, any order and case) says which column is which
+    (:func:`edge_ptychonn.positions.read_text_table`).
     ``positionAttributes`` (default ``["PosY", "PosX"]``): NTNDArray attributes
     holding y and x, times ``positionScale`` (e.g. 1 / pixel size in m).
     ``positionChannels`` ``[yChannel, xChannel]``: two of the collector's
@@ -130,6 +131,7 @@ import numpy as np
 import pvaccess as pva
 
 from edge_ptychonn.files import NAME_MAX, check_folder, remove_stale_partials, save_npy_whole, unused_stem
+from edge_ptychonn.positions import read_text_table
 from edge_ptychonn.science.stitch import Stitcher, probe_weight
 from edge_ptychonn.stream.arguments import (
     choice, int_pair, integer, number, optional, path, text, text_list,
@@ -171,8 +173,6 @@ class PositionTable:
                     names = z.files
             elif file.suffix == ".npy":
                 rows = np.asarray(np.load(file), dtype=np.float64)
-            else:
-                text_ = file.read_text().replace(",", " ")
         except (OSError, EOFError, ValueError, zipfile.BadZipFile) as exc:
             raise ValueError(f"positionsFile {file}: cannot read it ({exc})") from None
         if file.suffix == ".npz":
@@ -185,14 +185,10 @@ class PositionTable:
                     raise ValueError(f"positionsFile {file}: object_phase must be an (H, W) image, got {object_shape}")
             probe = arrays.get("probe")
         elif file.suffix != ".npy":
-            lines = [ln for ln in text_.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
-            order = _header_order(lines[0].split(), file) if lines and _is_header(lines[0]) else None
             try:
-                rows = np.array([[float(v) for v in ln.split()] for ln in lines[order is not None:]], dtype=np.float64)
-            except ValueError as exc:
-                raise ValueError(f"positionsFile {file}: not a table of numbers ({exc})") from exc
-            if order is not None and rows.ndim == 2 and rows.shape[1] == len(order):
-                rows = rows[:, order]
+                rows = read_text_table(file)
+            except ValueError as exc:  # its message names the file
+                raise ValueError(f"positionsFile {exc}") from None
         return cls.from_rows(rows, first_unique_id, object_shape, probe, str(file))
 
     @classmethod
@@ -212,32 +208,6 @@ class PositionTable:
             yx = rows[:, 1:]
         positions = {int(i): (float(y), float(x)) for i, (y, x) in zip(ids, yx)}
         return cls(positions, object_shape, probe)
-
-
-_HEADER_COLUMNS = ("uniqueid", "y", "x")
-
-
-def _is_header(line: str) -> bool:
-    """Whether a text table's first line is a header: no field of it is a number."""
-    def number(v: str) -> bool:
-        try:
-            float(v)
-            return True
-        except ValueError:
-            return False
-    return not any(number(v) for v in line.split())
-
-
-def _header_order(names: list[str], file: Path) -> list[int]:
-    """The column order that a header row (``y x``, ``x y`` or ``uniqueId y x`` in any order,
-    any case) gives a table, as ``y x`` or ``uniqueId y x``; ``ValueError`` naming the file
-    for other names."""
-    lowered = [n.lower() for n in names]
-    want = [c for c in _HEADER_COLUMNS if c in lowered]
-    if sorted(lowered) != sorted(want) or len(want) not in (2, 3) or "y" not in want or "x" not in want:
-        raise ValueError(f"positionsFile {file}: a header row names the columns y and x, and optionally "
-                         f"uniqueId, in any order; got {' '.join(names)!r}")
-    return [lowered.index(c) for c in want]
 
 
 def load_weight(file: Path) -> np.ndarray:

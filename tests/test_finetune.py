@@ -195,6 +195,18 @@ def test_a_text_table_may_name_its_columns(tmp_path):
     plain = tmp_path / "pos.txt"
     plain.write_text("x y\n" + "".join(f"{x} {y}\n" for y, x in yx))
     np.testing.assert_array_equal(finetune.load_positions(plain, ids), yx)
+    # the README's scan_positions.txt with commas, and a .csv of white space, were refused: any text
+    # table reads both (one reader with the live stitcher's positionsFile)
+    commas = tmp_path / "scan_positions.txt"
+    commas.write_text("uniqueId,x,y\n" + "".join(f"{u},{x},{y}\n" for u, (y, x) in zip(ids, yx)))
+    np.testing.assert_array_equal(finetune.load_positions(commas, ids), yx)
+    spaces = tmp_path / "spaces.csv"
+    spaces.write_text("".join(f"{y}  {x}\n" for y, x in yx))
+    np.testing.assert_array_equal(finetune.load_positions(spaces, ids), yx)
+    ragged = tmp_path / "ragged.dat"
+    ragged.write_text("1 2\n3\n")
+    with pytest.raises(finetune.InputError, match="line 2 is not a row of 2 numbers like the first: '3'"):
+        finetune.load_positions(ragged, ids[:2])
     unnamed = tmp_path / "bad.csv"
     unnamed.write_text("id,a,b\n1,2,3\n")
     with pytest.raises(finetune.InputError, match="must name the columns y and x .* got 'id,a,b'"):

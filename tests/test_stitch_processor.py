@@ -846,7 +846,7 @@ def test_a_text_table_may_name_its_columns_in_a_first_row(tmp_path, rng):
     assert PositionTable.load(tmp_path / "xy.csv").positions[1] == tuple(positions[0])
     assert PositionTable.load(tmp_path / "ixy.csv").positions[5] == tuple(positions[0])
     (tmp_path / "bad.csv").write_text("row,col\n1,2\n")
-    with pytest.raises(ValueError, match="a header row names the columns y and x"):
+    with pytest.raises(ValueError, match="a first row of column names must name the columns y and x"):
         PositionTable.load(tmp_path / "bad.csv")
 
 

@@ -86,7 +86,6 @@ import platform
 import sys
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -98,6 +97,7 @@ from edge_ptychonn.model_card import (
     ModelCard, ModelConfig, StitchSettings, Training, card_bytes, card_path, check_input_size, default_model_path,
     find_card,
 )
+from edge_ptychonn.positions import read_text_table
 from edge_ptychonn.progress import Progress
 from edge_ptychonn.science.simulate import ScanSettings, extract_patches, make_probe
 from edge_ptychonn.science.stitch import Stitcher, probe_weight
@@ -261,45 +261,13 @@ def _model_outputs(f, h5py) -> str | None:
     return None
 
 
-def _text_table(path: Path) -> np.ndarray:
-    """A text table of numbers; a first row of column names (``uniqueId,y,x``, ``x y``, ...)
-    is read as such: the columns named ``y`` and ``x`` (any case) are put in that order, and a
-    third column is the uniqueId. Without names the columns are ``y x`` or ``uniqueId y x``."""
-    delimiter = "," if path.suffix == ".csv" else None
-    with open(path, encoding="utf-8", errors="replace") as f:  # the first line of data, and its index
-        index, first = next(((k, line) for k, line in enumerate(f) if line.strip() and not line.lstrip().startswith("#")),
-                            (0, ""))
-    names = [t.strip().lower() for t in (first.split(delimiter) if delimiter else first.split())]
-    header = bool(names) and not all(_is_number(t) for t in names)
-    with warnings.catch_warnings():  # numpy's UserWarning for a file without rows: said below in words
-        warnings.simplefilter("ignore", UserWarning)
-        table = np.loadtxt(path, comments="#", delimiter=delimiter, ndmin=2, skiprows=index + 1 if header else 0)
-    if table.size == 0:
-        raise InputError(f"{path}: holds no positions (no rows of numbers)")
-    if not header:
-        return table
-    if len(names) != table.shape[1] or names.count("y") != 1 or names.count("x") != 1 or len(names) not in (2, 3):
-        raise InputError(f"{path}: a first row of column names must name the columns y and x (and a third one, "
-                         f"the uniqueId), one name per column; got {first.strip()!r}")
-    order = [k for k, name in enumerate(names) if name not in ("y", "x")] + [names.index("y"), names.index("x")]
-    return table[:, order]
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
 def load_positions(path: str | Path, unique_ids: np.ndarray) -> np.ndarray:
     """Positions (N, 2) y x for frames with ``unique_ids``, in the file's units.
 
     Two columns (``.npz`` ``positions_px``/``positions``, ``.npy`` (N, 2), text
     ``y x``) are matched to the frames by index and must be as many; three text
     columns ``uniqueId y x`` are matched by uniqueId and must cover every frame. A
-    text table may name its columns in a first row (:func:`_text_table`).
+    text table may name its columns in a first row (:func:`edge_ptychonn.positions.read_text_table`).
     """
     path = Path(path)
     _need_file(path, "positions file")
@@ -314,7 +282,10 @@ def load_positions(path: str | Path, unique_ids: np.ndarray) -> np.ndarray:
         elif path.suffix == ".npy":
             table = _npy(path)
         elif path.suffix in TEXT_SUFFIXES:
-            table = _text_table(path)
+            try:
+                table = read_text_table(path)
+            except ValueError as exc:  # its message names the file
+                raise InputError(str(exc)) from None
             by_id = table.shape[1] == 3
         else:
             raise InputError(f"{path}: positions must be .npz (edge-ptychonn simulate), .npy (N, 2) or a text table "
