@@ -64,6 +64,11 @@ def test_seed_aliases(small_model):
     assert config.batch_size == 16 and config.model_path == small_model
     with pytest.raises(ValueError, match="either 'bsz' or 'batchSize'"):
         parse_processor_args({"bsz": 16, "batchSize": 8, "modelPath": str(small_model)}, aliases=SEED_ALIASES)
+    # a bad value given by its alias is named as given (the message named batchSize, a key the user never wrote)
+    with pytest.raises(ValueError, match=r"^bsz \(batchSize\) must be an integer 1\.\.256, got 0$"):
+        parse_processor_args({"bsz": 0, "modelPath": str(small_model)}, aliases=SEED_ALIASES)
+    with pytest.raises(ValueError, match=r"^onnx_mdl \(modelPath\) "):
+        parse_processor_args({"onnx_mdl": str(small_model.with_name("none.onnx"))}, aliases=SEED_ALIASES)
 
 
 def test_model_sidecar_gives_default_preprocessing(tmp_path, small_model):

@@ -166,8 +166,22 @@ def parse_processor_args(
 
     ``aliases`` maps extra accepted names onto ours (the seed's ``bsz`` and
     ``onnx_mdl``). ``default_model`` is used when ``modelPath`` is absent.
-    Raises ``ValueError`` naming the offending key and the accepted ones.
+    Raises ``ValueError`` naming the offending key and the accepted ones (a key given by
+    an alias is named as given, e.g. ``bsz (batchSize) must be ...``).
     """
+    used = {new: old for old, new in (aliases or {}).items() if isinstance(config_dict, dict) and old in config_dict}
+    try:
+        return _parse_processor_args(config_dict, aliases, default_model)
+    except ValueError as exc:
+        message = str(exc)
+        for new, old in used.items():
+            if message.startswith(f"{new} "):
+                raise ValueError(f"{old} ({new}){message[len(new):]}") from None
+        raise
+
+
+def _parse_processor_args(config_dict: dict, aliases: dict[str, str] | None, default_model: Path | None
+                          ) -> tuple[ProcessorConfig, dict]:
     given, framework = parse_arguments(config_dict, {**_TOP_LEVEL, **_PREPROCESS}, aliases)
     if "model_path" not in given:
         if default_model is None:
