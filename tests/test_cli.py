@@ -4,6 +4,7 @@ they claim, options out of range give one line and a non-zero exit status, never
 and nothing half-written is left where a later run would take it for a result."""
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -121,26 +122,40 @@ def test_consumer_refuses_a_processor_class_without_its_module_before_anything_s
     assert check_processor_class(["-pf", "my_processor.py", "-pc", "MyProcessor"]) is None  # a name in that file
 
 
-@pytest.mark.parametrize("n_consumers, code, message", [
-    ("1", 2, "edge-ptychonn consumer: modelPath '/nonexistent.onnx' is not a file"),
-    ("2", 1, "edge-ptychonn consumer: every consumer exited (exit statuses 1, 1)"),
+NO_ENGINE_PROCESSOR = (
+    "from engines.base import EngineUnavailable\n"
+    "from processors.ptychonn import PtychoNNProcessor\n\n\n"
+    "class NoEngine(PtychoNNProcessor):\n"
+    "    def _create_engine(self):\n"
+    "        raise EngineUnavailable(\"engine 'tensorrt' cannot run here: tensorrt not installed\")\n"
+)
+
+
+@pytest.mark.parametrize("n_consumers, failure, code, message", [
+    ("1", "arguments", 2, "edge-ptychonn consumer: --processor-args: modelPath '/nonexistent.onnx' is not a file"),
+    ("2", "arguments", 2, "edge-ptychonn consumer: --processor-args: modelPath '/nonexistent.onnx' is not a file"),
+    ("2", "engine", 1, "edge-ptychonn consumer: every consumer exited (exit statuses 1, 1)"),
 ])
-def test_consumer_exits_when_its_consumers_cannot_start(pva_env, n_consumers, code, message):
-    """A processor that refuses its arguments: one consumer in the process is one line and
-    exit status 2 (not a traceback); with -nc 2 the forked consumers both fail, and the
-    parent exits with 1 (before: pvapy-hpc-consumer's parent reported "No stats received"
-    until its runtime ended, here never)."""
+def test_consumer_exits_when_its_consumers_cannot_start(pva_env, tmp_path, n_consumers, failure, code, message):
+    """Processor arguments the processor refuses are one line and exit status 2 before anything
+    starts, also with -nc 2 (there each forked consumer printed two tracebacks and PvaPy's parent
+    its report: about 100 lines). Consumers that fail once started (an engine that cannot run):
+    with -nc 2 both fail and the parent exits with 1 (before: pvapy-hpc-consumer's parent
+    reported "No stats received" until its runtime ended, here never)."""
     from channel_names import PREFIX
 
-    channel = f"{PREFIX}:nocons{n_consumers}"
+    (tmp_path / "noengine_processor.py").write_text(NO_ENGINE_PROCESSOR)
+    channel = f"{PREFIX}:nocons{n_consumers}{failure}"
+    processor, args = (("processors.ptychonn.PtychoNNProcessor", '{"modelPath": "/nonexistent.onnx"}')
+                       if failure == "arguments" else ("noengine_processor.NoEngine", '{"engine": "onnxruntime"}'))
+    env = {**pva_env, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(Path(cli.__file__).parent.parent)])}
     done = subprocess.run([sys.executable, "-m", "edge_ptychonn.cli", "consumer", "-ic", f"{channel}:image",
-                           "-oc", f"{channel}:*:output", "-nc", n_consumers, "-pc", "processors.ptychonn.PtychoNNProcessor",
-                           "-pa", '{"modelPath": "/nonexistent.onnx"}'],
-                          capture_output=True, text=True, timeout=120, env=pva_env, cwd=Path(cli.__file__).parent.parent)
+                           "-oc", f"{channel}:*:output", "-nc", n_consumers, "-pc", processor, "-pa", args],
+                          capture_output=True, text=True, timeout=120, env=env, cwd=Path(cli.__file__).parent.parent)
     assert done.returncode == code, done.stderr[-3000:]
     assert done.stderr.strip().splitlines()[-1].startswith(message), done.stderr[-3000:]
-    if n_consumers == "1":
-        assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    if failure == "arguments":
+        assert done.stderr.strip() == message and done.stdout == "", done.stderr[-3000:]
 
 
 @pytest.mark.parametrize("value", ["-1", "0", "nan", "inf", "soon"])

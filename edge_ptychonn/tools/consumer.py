@@ -17,9 +17,10 @@ with three differences that matter when a service manager runs it:
   whose engine cannot start, or a ``--processor-class`` that cannot be loaded, is one
   line (exit status 2), not a traceback;
   a ``--processor-args`` (``--input-args``, ``--output-args``) that is not a
-  JSON object, an ``--n-consumers`` below 1, or a ``--processor-class`` that is
-  not ``<module>.<Class>`` (without ``--processor-file``), is one line (exit
-  status 2) before anything starts.
+  JSON object, an ``--n-consumers`` below 1, a ``--processor-class`` that is
+  not ``<module>.<Class>`` (without ``--processor-file``), or processor arguments
+  that this project's processor would refuse (checked as ``launch --check`` does,
+  also for ``--n-consumers > 1``), is one line (exit status 2) before anything starts.
 
 With ``--n-consumers > 1`` each consumer also stops by itself if this parent is
 killed (see ``processors/shutdown.py``).
@@ -192,9 +193,39 @@ def check_processor_class(argv: list[str]) -> str | None:
     return None
 
 
+def check_processor_args(argv: list[str]) -> str | None:
+    """Why the processor would refuse its ``--processor-args`` at start-up, or None: checked here
+    as ``edge-ptychonn launch --check`` checks them (:func:`edge_ptychonn.tools.launch.check_processor_args`),
+    before anything starts. With ``--n-consumers > 1`` each forked consumer failed with two
+    tracebacks and PvaPy's parent added its own report, about 100 lines for one bad value. A
+    class that cannot be imported, or one from a ``--processor-file``, is left to PvaPy."""
+    import importlib
+
+    from edge_ptychonn.tools.launch import check_processor_args as check
+
+    if any(True for _ in _option_values(argv, "-pf", "--processor-file", "--processor-f")):
+        return None
+    classes = list(_option_values(argv, "-pc", "--processor-class", "--processor-c"))
+    if not classes:
+        return None
+    module, _, name = classes[-1].rpartition(".")
+    try:
+        getattr(importlib.import_module(module), name)
+    except Exception:  # said by PvaPy's own import, as before
+        return None
+    texts = list(_option_values(argv, "-pa", "--processor-args", "--processor-a"))
+    args = json.loads(texts[-1]) if texts and texts[-1] else {}  # a JSON object: check_json_options saw to it
+    try:
+        check("--processor-args:", classes[-1], args)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def main(args: argparse.Namespace) -> int:
     argv = list(args.consumer_args)
-    problem = check_json_options(argv) or check_n_consumers(argv) or check_processor_class(argv)
+    problem = (check_json_options(argv) or check_n_consumers(argv) or check_processor_class(argv)
+               or check_processor_args(argv))
     if problem:
         print(f"edge-ptychonn consumer: {problem}", file=sys.stderr)
         return 2

@@ -253,7 +253,7 @@ def _check_channel_names(source: str, prefixes: dict[str, str]) -> None:
                          f"{', '.join(repr(p) for p in prefixes.values())}); give it another name")
 
 
-def _check_processor_args(where: str, processor: str, args: dict):
+def check_processor_args(where: str, processor: str, args: dict):
     """Check ``args`` with ``processor``'s own argument parsing, as its consumers will
     at start-up; return its settings (None where the class has no parsing known here).
     Relative paths are taken from the current directory, where the chain runs."""
@@ -314,7 +314,7 @@ def check_frames_fit(cfg: LaunchConfig) -> None:
     from engines.onnx_model import read_signature
 
     inf = cfg.inference
-    config = _check_processor_args("[inference.args]", inf["processor"], inf["args"])
+    config = check_processor_args("[inference.args]", inf["processor"], inf["args"])
     if cfg.source["scan"] is None or getattr(config, "preprocess", None) is None:
         return
     fh, fw = np.load(cfg.base / cfg.source["scan"], mmap_mode="r", allow_pickle=False).shape[1:]
@@ -372,11 +372,11 @@ class LaunchConfig:
             args = tables["stitch"]["args"]
             if npz.is_file() and "positionsFile" not in args and "objectShape" not in args:
                 args["positionsFile"] = str(npz)
-        _check_processor_args("[inference.args]", inf["processor"], inf["args"])
+        check_processor_args("[inference.args]", inf["processor"], inf["args"])
         if tables["hdf5"] is not None:
-            _check_processor_args("[hdf5.args]", HDF5_PROCESSOR, tables["hdf5"]["args"])
+            check_processor_args("[hdf5.args]", HDF5_PROCESSOR, tables["hdf5"]["args"])
         if tables["stitch"] is not None:
-            settings = _check_processor_args("[stitch.args]", STITCH_PROCESSOR, tables["stitch"]["args"])
+            settings = check_processor_args("[stitch.args]", STITCH_PROCESSOR, tables["stitch"]["args"])
             if settings.positions_file is not None:
                 from processors.stitch import PositionTable
 
@@ -624,7 +624,7 @@ class Chain:
         self.finished = False  # the replayed scan went through and the chain fell idle
         self.n_scan: int | None = None  # the frames of the replayed scan (run() reads them)
         # how long the stitcher holds a frame waiting for its position from metadata channels
-        self.metadata_wait_s = _check_processor_args("[stitch.args]", STITCH_PROCESSOR, cfg.stitch["args"]) \
+        self.metadata_wait_s = check_processor_args("[stitch.args]", STITCH_PROCESSOR, cfg.stitch["args"]) \
             .metadata_wait_s if position_channels(cfg) else 0.0
         self.stitch_log_from: int | None = None  # the stitcher's log size when it was told to stop
 
@@ -776,7 +776,7 @@ class Chain:
         from .view import card_levels
 
         inf = self.cfg.inference
-        settings = _check_processor_args("[inference.args]", inf["processor"], inf["args"])
+        settings = check_processor_args("[inference.args]", inf["processor"], inf["args"])
         model = getattr(settings, "model_path", None)
         if model is None:
             return []
