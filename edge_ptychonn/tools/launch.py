@@ -536,7 +536,12 @@ class Snapshot:
         return sum(_user(r, "nFramesProcessed") for r in self.inference)
 
     def dropped(self) -> int:
-        return sum(_user(r, "nFramesDropped") + _user(r, "nBadFrames") for r in self.inference)
+        """Frames the inference consumers dropped (overload, stopping, ...): not bad ones."""
+        return sum(_user(r, "nFramesDropped") for r in self.inference)
+
+    def bad(self) -> int:
+        """Frames the inference consumers refused as bad (colour, NaN pixels, another size, ...)."""
+        return sum(_user(r, "nBadFrames") for r in self.inference)
 
     def written(self) -> int:
         """Frames in the HDF5 files: confirmed by a flush, or appended since the last one
@@ -569,11 +574,11 @@ class Snapshot:
         """The frames every stage has taken: the fewest of inference (processed, dropped or
         bad), the HDF5 writers (written) and the stitcher (received, less those still waiting
         for their positions: it has not placed or counted them yet)."""
-        return min([self.processed() + self.dropped()] + ([self.written()] if cfg.hdf5 is not None else [])
+        return min([self.processed() + self.dropped() + self.bad()] + ([self.written()] if cfg.hdf5 is not None else [])
                    + ([_user(self.stitch, "nFramesReceived") - self.waiting()] if cfg.stitch is not None else []))
 
     def progress(self) -> tuple:
-        return (self.processed(), self.dropped(), self.written(), self.placed(),
+        return (self.processed(), self.dropped(), self.bad(), self.written(), self.placed(),
                 _user(self.stitch, "nFramesReceived"), self.waiting())
 
     def frame_rate(self) -> float:
@@ -582,7 +587,8 @@ class Snapshot:
 
     def line(self, elapsed_s: float, cfg: LaunchConfig) -> str:
         rate = self.frame_rate()
-        parts = [f"{elapsed_s:6.1f}s", f"inference {self.processed()} frames ({rate:.0f}/s, dropped {self.dropped()})"]
+        bad = f", bad {self.bad()}" if self.bad() else ""
+        parts = [f"{elapsed_s:6.1f}s", f"inference {self.processed()} frames ({rate:.0f}/s, dropped {self.dropped()}{bad})"]
         if cfg.stitch is not None:
             s = self.stitch
             waiting = f"waiting {self.waiting()}, " if self.waiting() else ""
@@ -1045,7 +1051,7 @@ def summary(cfg: LaunchConfig, snap: Snapshot, n_sent: int | None, delivered_fps
         of = f" (of {n_scan} in the scan: the replay was stopped)" if n_scan is not None and n_sent < n_scan else ""
         lines.append(f"frames sent          {n_sent}{of}")
     rate = f", at most {delivered_fps:.0f} frames/s over 5 s" if delivered_fps else ""
-    lines.append(f"inference processed  {snap.processed()} (dropped or bad {snap.dropped()}{rate})")
+    lines.append(f"inference processed  {snap.processed()} (dropped {snap.dropped()}, bad {snap.bad()}{rate})")
     if cfg.hdf5 is not None:
         lines.append(f"images written       {snap.written()} (HDF5 files in {cfg.hdf5['args']['outputDirectory']})")
     if cfg.stitch is not None:
@@ -1069,7 +1075,9 @@ def summary(cfg: LaunchConfig, snap: Snapshot, n_sent: int | None, delivered_fps
         lines.append(f"collector lost       {snap.collector_lost()} (missed + rejected)")
     if n_sent is not None:
         reached = snap.written() if cfg.hdf5 is not None else snap.processed()
-        lines.append(f"frames lost          {n_sent - reached}")
+        bad = (f" ({snap.bad()} of them bad frames, refused by inference: its log says why)"
+               if snap.bad() and n_sent - reached > 0 else "")
+        lines.append(f"frames lost          {n_sent - reached}{bad}")
     return lines
 
 
