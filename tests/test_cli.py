@@ -683,14 +683,10 @@ def test_configure_does_not_take_another_requests_answer_for_its_own(monkeypatch
     reported as refused, exit 1). Now the answer is named as possibly the other's, exit 2."""
     import pvaccess as pva
 
-    answers = iter([
-        {"objectTime": 1.0, "statusMessage": "Configuration successful"},  # before our put
-        {"objectTime": 2.0, "statusMessage": "Command successful"},  # ours, taken
-        {"objectTime": 3.0, "statusMessage": "Command successful"},  # another caller's, taken
-        {"objectTime": 3.0, "statusMessage": "Configuration failed: a new model's engine is being built"},
-    ])
-
     class Busy:  # a control channel with a second caller
+        record = {"objectTime": 1.0, "statusMessage": "Configuration successful"}  # before our put
+        watchers: list = []
+
         def __init__(self, name):
             pass
 
@@ -698,15 +694,28 @@ def test_configure_does_not_take_another_requests_answer_for_its_own(monkeypatch
             pass
 
         def get(self, request):
-            record = next(answers)
+            record = dict(Busy.record)
 
             class Answer:
                 def toDict(self):
                     return record
             return Answer()
 
+        def monitor(self, callback, request):
+            Busy.watchers.append(callback)
+            callback(dict(Busy.record))
+
+        def stopMonitor(self):
+            pass
+
         def asyncPut(self, request, done, failed, fields):
             done(None)
+            for update in ({"objectTime": 2.0, "statusMessage": "Command successful"},  # ours, taken
+                           {"objectTime": 3.0, "statusMessage": "Command successful"},  # another caller's, taken
+                           {"objectTime": 3.0, "statusMessage": "Configuration failed: a new model's engine is being built"}):
+                Busy.record = update
+                for watcher in Busy.watchers:
+                    watcher(dict(update))
 
     monkeypatch.setattr(pva, "Channel", Busy)
     assert cli.main(["configure", "cfgbusy:1:control", "modelPath=m.onnx", "--timeout", "5"]) == 2
@@ -719,7 +728,7 @@ def test_configure_does_not_take_another_requests_answer_for_its_own(monkeypatch
 class _ControlChannel:
     """A PvaPy control channel with another caller's request taken and not yet answered (at
     objectTime 1.0): that answer lands at read ``other_answered_at``; a put stamps objectTime
-    2.0 and is answered ``own_answer`` three reads later."""
+    2.0 and is answered ``own_answer``, both changes seen by a monitor."""
 
     def __init__(self, other_answered_at: int, own_answer: str):
         self.record = {"objectTime": 1.0, "statusMessage": "Command successful"}
@@ -745,11 +754,20 @@ class _ControlChannel:
                 return record
         return Answer()
 
+    def monitor(self, callback, request):  # every change of the record from now on, in order
+        self.watcher = callback
+        callback(dict(self.record))
+
+    def stopMonitor(self):
+        pass
+
     def asyncPut(self, request, done, failed, fields):
         self.puts += 1
-        self.record = {"objectTime": 2.0, "statusMessage": "Command successful"}
-        self.due.append((self.reads + 3, self.own_answer))
         done(None)
+        for update in ({"objectTime": 2.0, "statusMessage": "Command successful"},
+                       {"objectTime": 2.0, "statusMessage": self.own_answer}):
+            self.record = update
+            self.watcher(dict(update))
 
 
 def test_configure_waits_for_an_answer_in_progress_before_it_sends(monkeypatch, capsys):
@@ -801,3 +819,27 @@ def test_a_seed_torch_cannot_take_is_refused_in_one_line(name, capsys):
     err = capsys.readouterr().err
     assert "argument --seed: must be a whole number within +-9223372036854775807 (torch's seeds), got 99999999999999999999" in err
     assert "Traceback" not in err, err
+
+
+def test_configure_sees_a_request_taken_within_the_same_moment_as_its_own(monkeypatch, capsys):
+    """Two callers at once: both requests were taken before the first answer, and reads of the
+    record saw only the later stamp, so one caller printed the other's refusal as its own
+    (exit 1 for a change that was applied; 3 trials in 20 live). A monitor sees both stamps."""
+    import pvaccess as pva
+
+    class Racing(_ControlChannel):
+        def asyncPut(self, request, done, failed, fields):
+            self.puts += 1
+            done(None)
+            for update in ({"objectTime": 5.0, "statusMessage": "Command successful"},  # the other caller's
+                           {"objectTime": 6.0, "statusMessage": "Command successful"},  # ours
+                           {"objectTime": 6.0, "statusMessage": "Configuration failed: batchTimeout must be 0.001..60 s"}):
+                self.record = update  # a read now sees only this
+                self.watcher(dict(update))
+
+    channel = Racing(other_answered_at=0, own_answer="")
+    channel.record = {"objectTime": 1.0, "statusMessage": "Configuration successful"}
+    monkeypatch.setattr(pva, "Channel", channel)
+    assert cli.main(["configure", "cfgrace:1:control", "batchTimeout=0.104", "--timeout", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "another request reached cfgrace:1:control while this one waited for its answer" in err, err

@@ -1344,7 +1344,7 @@ def test_a_chain_whose_channel_names_are_served_already_is_refused_before_anythi
 
     prefix = f"{PREFIX}:twice"
     cfg = LaunchConfig.load(toml(tmp_path, f"""
-log_dir = "logs"
+log_dir = "{tmp_path / 'logs'}"
 [source]
 channel = "{prefix}:det"
 [inference]

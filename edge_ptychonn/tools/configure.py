@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import queue
 import sys
 import threading
 import time
@@ -101,6 +102,8 @@ def send(channel: str, args_text: str, timeout_s: float = 5.0, connect_timeout_s
     when another request reached the channel before the answer came."""
     import pvaccess as pva
 
+    from edge_ptychonn.tools.processes import answer_s, stop_monitor
+
     connect_timeout_s = timeout_s if connect_timeout_s is None else connect_timeout_s
     ch = pva.Channel(channel)
     ch.setTimeout(connect_timeout_s)
@@ -114,9 +117,45 @@ def send(channel: str, args_text: str, timeout_s: float = 5.0, connect_timeout_s
         # Another request was taken and is not answered yet: its answer, when it comes, would
         # be read as this one's (its stamp is older than ours). Let it be answered first.
         before = _wait_answered(ch, channel, before, timeout_s, connect_timeout_s)
+    # The consumer stamps objectTime when it takes a command and answers a moment later, in
+    # the same statusMessage for every caller, with no mark of whose request it answers. A
+    # monitor with a queue sees every change of the record in order, from before our put:
+    # a second stamp before the answer is another request's (even one taken within the same
+    # millisecond as ours, which reads of the record could miss), and the answer may be theirs.
+    updates: queue.Queue = queue.Queue()
+    watch = pva.Channel(channel)
+    watch.setTimeout(connect_timeout_s)
+    watch.monitor(lambda record: updates.put((record["objectTime"], record["statusMessage"])),
+                  "record[queueSize=1000]field(objectTime,statusMessage)")
+    try:
+        try:  # the record as it is when the monitor starts: every change after it comes in order
+            stamp, message = updates.get(timeout=answer_s(connect_timeout_s))
+        except queue.Empty:
+            raise TimeoutError(f"{channel}: no update from a monitor within {answer_s(connect_timeout_s):g} s") from None
+        stamps = {stamp} - {before}  # a request taken since the first read: another's
+        _put(pva, ch, channel, args_text, connect_timeout_s)
+        deadline = time.monotonic() + timeout_s
+        message = PENDING
+        while True:
+            try:
+                stamp, message = updates.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:  # no answer in time: the caller says so
+                return message
+            if stamp != before:
+                stamps.add(stamp)
+            if stamps and message != PENDING:
+                if len(stamps) > 1:
+                    raise CrossedAnswer(channel, message)
+                return message
+    finally:
+        stop_monitor(watch)
+
+
+def _put(pva, ch, channel: str, args_text: str, connect_timeout_s: float) -> None:
+    """Hand the ``configure`` request over, within ``connect_timeout_s``. An asynchronous put
+    with our own deadline: a synchronous one has been seen to wait for ever, past the
+    channel's timeout, on a heavily loaded machine."""
     request = pva.PvObject({"command": pva.STRING, "args": pva.STRING}, {"command": "configure", "args": args_text})
-    # An asynchronous put with our own deadline: a synchronous one has been seen to
-    # wait for ever, past the channel's timeout, on a heavily loaded machine.
     put_done, put_errors = threading.Event(), []
     ch.asyncPut(request, lambda _: put_done.set(), lambda error: (put_errors.append(error), put_done.set()),
                 "field(command,args)")
@@ -125,27 +164,6 @@ def send(channel: str, args_text: str, timeout_s: float = 5.0, connect_timeout_s
     if put_errors:
         _not_control(channel, put_errors[0])
         raise pva.PvaException(f"{channel}: the request failed: {put_errors[0]}")
-    # The consumer stamps objectTime when it takes the command and answers a moment later,
-    # in the same statusMessage for every caller, with no mark of whose request it answers:
-    # a second stamp while this one waits is another request's, and the answer may be theirs.
-    deadline = time.monotonic() + timeout_s
-    stamps = set()
-    while True:
-        try:
-            record = _get(ch, channel, "field(objectTime,statusMessage)", connect_timeout_s)
-        except pva.PvaException:  # a get that crossed the record's update: ask again
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-            continue
-        message = record["statusMessage"]
-        if record["objectTime"] != before:
-            stamps.add(record["objectTime"])
-        if (stamps and message != PENDING) or time.monotonic() > deadline:
-            if len(stamps) > 1:
-                raise CrossedAnswer(channel, message)
-            return message
-        time.sleep(0.05)
 
 
 class Busy(Exception):
