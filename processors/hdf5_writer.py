@@ -349,7 +349,10 @@ def _keep_unclosed(scan_file: _ScanFile) -> None:
     its objects crashes the process (SIGSEGV): the next file's creation, Python's garbage
     collection, libhdf5's own clean-up at exit. So its objects are kept and marked for h5py never
     to release (``locked``), and the process ends without that clean-up (:func:`_exit_keeping_unclosed`);
-    the frames written and closed in other files are whole."""
+    the frames written and closed in other files are whole. A file that libhdf5 did close (the
+    error came after it) is not kept."""
+    if not scan_file.f.id.valid:
+        return
     for obj in (scan_file.f, scan_file.data, scan_file.ts, scan_file.dts, scan_file.pos, scan_file.models,
                 scan_file.ids):
         obj.id.locked = True
