@@ -92,6 +92,45 @@ def seconds(time_stamp: dict) -> float:
     return time_stamp.get("secondsPastEpoch", 0) + time_stamp.get("nanoseconds", 0) * 1e-9
 
 
+def calling_controller(frame, processor, *needs: str):
+    """PvaPy's DataProcessingController whose method runs in ``frame`` and calls ``processor``'s
+    (its ``configure``, after taking its own keys from the request; its ``start``), if it has the
+    attributes ``needs``; else None: an adapter to PvaPy's internals, pinned by contract tests."""
+    owner = frame.f_locals.get("self") if frame is not None else None
+    if getattr(owner, "userDataProcessor", None) is processor and all(hasattr(owner, n) for n in needs):
+        return owner
+    return None
+
+
+PVAPY_CONFIGURE_KEYS = ("skipInitialUpdates", "objectIdOffset", "nSequentialUpdates")
+
+
+def restore_on_refusal(controller) -> bool:
+    """Make a refused configure request leave PvaPy's DataProcessingController ``controller`` as
+    it was. Its ``configure`` sets its own keys (:data:`PVAPY_CONFIGURE_KEYS`) from the request
+    before anything can refuse it: when its own ``int()`` of a later key raised, or the processor
+    refused the request, the keys set before stayed (an objectIdOffset that put PvaPy's nMissed
+    wrong; a skipInitialUpdates that made it discard that many frames uncounted). Each key the
+    request names is put back when the request raises. An adapter to PvaPy's internals, pinned by
+    a contract test; returns False (nothing changed) for None."""
+    if controller is None:
+        return False
+    original = controller.configure
+
+    def configure(config_dict, *args, **kwargs):
+        named = [k for k in PVAPY_CONFIGURE_KEYS if isinstance(config_dict, dict) and k in config_dict]
+        kept = {k: getattr(controller, k) for k in named if hasattr(controller, k)}
+        try:
+            return original(config_dict, *args, **kwargs)
+        except Exception:
+            for key, value in kept.items():
+                setattr(controller, key, value)
+            raise
+
+    controller.configure = configure
+    return True
+
+
 class RecentIds:
     """The uniqueIds of a scan that are still recent: those not below a floor that rises with
     the stream (the highest uniqueId less the processor's ``restartWindow``). An id further

@@ -94,7 +94,9 @@ Processor arguments (``--processor-args`` JSON) -- see ``Hdf5WriterProcessor.ARG
     card of the model given then; the ``modelId`` dataset names each frame's);
     positionAttributes (["PosY", "PosX"]); restartWindow (64).
 Run-time changes (control channel ``configure``)
-    flushPeriod (applies at once); ``{"newScan": true}`` closes the current file.
+    flushPeriod (applies at once); ``{"newScan": true}`` closes the current file. A refused
+    request changes nothing, PvaPy's own keys included; PvaPy's skipInitialUpdates (other
+    than 0) is refused.
 Statistics (status channel ``userStats``) -- see :data:`STATS`
     ``nFramesReceived`` counts the frames with an image; each is in exactly one of
     ``nFramesWritten`` (in its file, confirmed by a successful flush or close after
@@ -119,6 +121,7 @@ import atexit
 import json
 import os
 import queue
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -136,7 +139,8 @@ from edge_ptychonn.stream.quote import short_repr
 from edge_ptychonn.thread_name import name_this_thread
 from processors import shutdown
 from processors.base import (
-    BAD_KIND_COUNTS, ProcessorBase, RecentIds, at_start, attribute_raw, attribute_value, bad_kind_stats, seconds,
+    BAD_KIND_COUNTS, ProcessorBase, RecentIds, at_start, attribute_raw, attribute_value, bad_kind_stats,
+    calling_controller, restore_on_refusal, seconds,
 )
 
 NAME_ATTEMPTS = 5  # free names tried when other processes take them as this one opens a file
@@ -366,7 +370,6 @@ def _exit_keeping_unclosed() -> None:
     at once with status 1 (a write error happened), past libhdf5's clean-up, which would crash on
     them."""
     import logging
-    import sys
 
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
@@ -729,6 +732,7 @@ class Hdf5WriterProcessor(ProcessorBase):
             n += isinstance(item, _Frame)
 
     def start(self):
+        restore_on_refusal(calling_controller(sys._getframe(1), self, "configure"))  # a refused configure: no change
         self._thread = threading.Thread(target=self._run, name="hdf5-writer", daemon=True)
         self._thread.start()
         # SIGTERM (also the kernel's, when a forked consumer's parent dies) writes what is

@@ -106,7 +106,7 @@ from edge_ptychonn.stream.config import SEED_ALIASES, ProcessorConfig, parse_pro
 from edge_ptychonn.stream.frames import BAD_FRAME_KINDS, output_pv_type
 from edge_ptychonn.stream.pipeline import DROP_REASONS, InferencePipeline, PipelineStats, group_size
 from processors import shutdown
-from processors.base import StatsFromTable
+from processors.base import StatsFromTable, calling_controller, restore_on_refusal
 from engines import EngineOptions, create_engine
 from engines.onnx_model import read_signature
 from engines.registry import check_name
@@ -203,16 +203,6 @@ def check_card(model_path, shape=None) -> None:
     check_input_size(card, model_path, read_signature(model_path).input_shape if shape is None else shape)
 
 
-def calling_controller(frame, processor, *needs: str):
-    """PvaPy's DataProcessingController whose method runs in ``frame`` and calls ``processor``'s
-    (its ``configure``, after taking its own keys from the request; its ``start``), if it has the
-    attributes ``needs``; else None: an adapter to PvaPy's internals, pinned by contract tests."""
-    owner = frame.f_locals.get("self") if frame is not None else None
-    if getattr(owner, "userDataProcessor", None) is processor and all(hasattr(owner, n) for n in needs):
-        return owner
-    return None
-
-
 def input_channel(frame):
     """The pvaccess Channel that PvaPy's DataConsumer receives the frames on, found on the stack
     above ``frame`` (the processor's ``start()`` runs inside the DataConsumer's), or None: an
@@ -238,35 +228,6 @@ def create_output_channel(controller) -> bool:
         return False
     create(None)  # our getOutputPvObjectType() does not look at the input record
     return getattr(controller, "dataPublisher", None) is not None
-
-
-PVAPY_CONFIGURE_KEYS = ("skipInitialUpdates", "objectIdOffset", "nSequentialUpdates")
-
-
-def restore_on_refusal(controller) -> bool:
-    """Make a refused configure request leave PvaPy's DataProcessingController ``controller`` as
-    it was. Its ``configure`` sets its own keys (:data:`PVAPY_CONFIGURE_KEYS`) from the request
-    before anything can refuse it: when its own ``int()`` of a later key raised, or the processor
-    refused the request, the keys set before stayed (an objectIdOffset that put PvaPy's nMissed
-    wrong; a skipInitialUpdates that made it discard that many frames uncounted). Each key the
-    request names is put back when the request raises. An adapter to PvaPy's internals, pinned by
-    a contract test; returns False (nothing changed) for None."""
-    if controller is None:
-        return False
-    original = controller.configure
-
-    def configure(config_dict, *args, **kwargs):
-        named = [k for k in PVAPY_CONFIGURE_KEYS if isinstance(config_dict, dict) and k in config_dict]
-        kept = {k: getattr(controller, k) for k in named if hasattr(controller, k)}
-        try:
-            return original(config_dict, *args, **kwargs)
-        except Exception:
-            for key, value in kept.items():
-                setattr(controller, key, value)
-            raise
-
-    controller.configure = configure
-    return True
 
 
 class ReconnectWatch:

@@ -105,7 +105,8 @@ Processor arguments (``--processor-args`` JSON) -- see :data:`StitchProcessor.AR
     replacing an earlier run's (then ``_scanNNNN-2.npy``, ...).
 Run-time changes (control channel ``configure``)
     publishRate (applies at once), fill (the image is published again with it within a
-    period); ``{"newScan": true}`` finishes the current image.
+    period); ``{"newScan": true}`` finishes the current image. A refused request changes
+    nothing, PvaPy's own keys included; PvaPy's skipInitialUpdates (other than 0) is refused.
 Statistics (status channel ``userStats``) -- see :data:`STATS`.
     Each frame with an image (``nFramesReceived``) is placed (``nFramesPlaced``),
     waiting for its metadata (``nFramesWaiting``), or not placed: ``nFramesNoPosition``,
@@ -120,6 +121,7 @@ from __future__ import annotations
 
 import bisect
 import os
+import sys
 import threading
 import time
 import zipfile
@@ -139,7 +141,8 @@ from edge_ptychonn.stream.arguments import (
 from edge_ptychonn.thread_name import name_this_thread
 from processors import shutdown
 from processors.base import (
-    BAD_KIND_COUNTS, ProcessorBase, RecentIds, at_start, attribute_value, bad_kind_stats, seconds,
+    BAD_KIND_COUNTS, ProcessorBase, RecentIds, at_start, attribute_value, bad_kind_stats, calling_controller,
+    restore_on_refusal, seconds,
 )
 
 NAME_ATTEMPTS = 5  # free names tried when other processes take them as this one saves
@@ -859,6 +862,7 @@ class StitchProcessor(ProcessorBase):
 
     # -- PvaPy lifecycle ----------------------------------------------------------------------
     def start(self):
+        restore_on_refusal(calling_controller(sys._getframe(1), self, "configure"))  # a refused configure: no change
         if self.metadata is not None:
             missing = [c for c in self.metadata.channels if c not in (self.metadataQueueMap or {})]
             if missing:

@@ -192,3 +192,33 @@ def test_sigterm_stops_the_framework_even_when_the_drain_fails(monkeypatch):
     for thread in [t for t in threading.enumerate() if t.name == "sigterm-stop"]:
         thread.join(5)
     assert controller.shouldBeStopped
+
+
+@pytest.mark.parametrize("processor", ["stitch", "hdf5"])
+def test_a_refused_configure_changes_none_of_pvapys_keys_in_the_stitcher_and_the_writer(tmp_path, processor):
+    """As for the inference consumer: PvaPy's controller took skipInitialUpdates (and
+    objectIdOffset, ...) from a request before the processor refused it, and then threw away that
+    many frames, counted nowhere. A skipInitialUpdates other than 0 is refused, and a refused
+    request leaves every PvaPy key as it was."""
+    from pvapy.hpc.dataProcessingController import DataProcessingController
+
+    from processors.hdf5_writer import Hdf5WriterProcessor
+    from processors.stitch import StitchProcessor
+
+    framework = {"processorId": 1, "inputChannel": "x:1:output", "outputChannel": "", "objectIdField": "uniqueId",
+                 "objectIdOffset": 1, "skipInitialUpdates": 0, "nSequentialUpdates": 1}
+    args = ({"objectShape": [40, 48], "outputDirectory": str(tmp_path)} if processor == "stitch"
+            else {"outputDirectory": str(tmp_path)})
+    cls = StitchProcessor if processor == "stitch" else Hdf5WriterProcessor
+    instance = cls({**framework, **args})
+    controller = DataProcessingController(framework, instance)
+    controller.start()
+    try:
+        with pytest.raises(ValueError, match="skipInitialUpdates is not changeable at run time"):
+            controller.configure({"skipInitialUpdates": 50})
+        with pytest.raises(ValueError, match="invalid literal for int"):
+            controller.configure({"objectIdOffset": 3, "nSequentialUpdates": "abc"})
+        assert (controller.skipInitialUpdates, controller.objectIdOffset, controller.nSequentialUpdates) == (0, 1, 1)
+        controller.configure({"skipInitialUpdates": 0})  # discards nothing: taken
+    finally:
+        controller.stop()

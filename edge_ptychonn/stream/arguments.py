@@ -239,7 +239,8 @@ def runtime_changes(settings: Any, changes: Any, table: ArgTable, runtime_keys: 
 
 def check_runtime_request(changes: Any, runtime_keys: Iterable[str]) -> dict:
     """The user keys of a ``configure()`` request, once it is a JSON object whose keys
-    are all changeable at run time (framework keys are left out); else ``ValueError``
+    are all changeable at run time (framework keys are left out, but a ``skipInitialUpdates``
+    other than 0 is refused: PvaPy would discard frames uncounted); else ``ValueError``
     quoting at most a short prefix of what came (the control channel has no
     authentication)."""
     if not isinstance(changes, dict):
@@ -248,6 +249,9 @@ def check_runtime_request(changes: Any, runtime_keys: Iterable[str]) -> dict:
             f"{short_repr(changes)}"
         )
     runtime_keys = tuple(runtime_keys)
+    if changes.get("skipInitialUpdates", 0) not in (0, "0"):  # PvaPy's key: it would take it
+        raise ValueError("skipInitialUpdates is not changeable at run time: PvaPy would discard that many frames, "
+                         "counted nowhere (give it at start: pvapy-hpc-consumer -siu)")
     user, _ = split_framework_keys(changes)
     bad = [k for k in user if k not in runtime_keys]
     if bad:

@@ -210,8 +210,7 @@ def apply_runtime_changes(config: ProcessorConfig, changes: dict) -> tuple[Proce
     """Validate a ``configure()`` request; return (new config, applied user keys).
 
     Framework keys (``objectIdOffset``, ...) are the framework's business and are left
-    out, except a ``skipInitialUpdates`` other than 0, refused (PvaPy would discard frames
-    uncounted). Raises
+    out (:func:`check_runtime_request`: a ``skipInitialUpdates`` other than 0 is refused). Raises
     ``ValueError`` for any other
     key outside :data:`RUNTIME_KEYS` or any invalid value; then nothing changes.
 
@@ -224,9 +223,6 @@ def apply_runtime_changes(config: ProcessorConfig, changes: dict) -> tuple[Proce
     model fits the running one is checked where its engine is built.
     """
     user = check_runtime_request(changes, RUNTIME_KEYS)
-    if isinstance(changes, dict) and changes.get("skipInitialUpdates", 0) not in (0, "0"):
-        raise ValueError("skipInitialUpdates is not changeable at run time: PvaPy would discard that many frames, "
-                         "counted nowhere (give it at start: pvapy-hpc-consumer -siu)")
     top = convert_fields(user, _TOP_LEVEL)
     pre = convert_fields(user, _PREPROCESS)
     if "model_path" in top:
