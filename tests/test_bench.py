@@ -1457,3 +1457,30 @@ def test_the_torch_gpu_engine_is_timed_at_full_batches_with_and_without_cuda_gra
     # on the CPU one engine times every batch, and the table has no such column
     assert "CUDA graphs" not in bench_report.engine_table({"engine": [{**r.to_dict(), "cuda_graphs": None}
                                                                      for r in results]})
+
+
+def test_a_relative_out_folder_reaches_the_processes_and_a_part_whose_points_all_failed_is_exit_1(
+        tmp_path, monkeypatch, capsys):
+    """The default --out (results/bench-...) is relative; the processes the bench starts run in the
+    project's folder, so the sim server found no scan and every point failed, and the bench exited
+    0 over a table of errors. Now the folder is made absolute, and a part whose every point failed
+    is 'not measured': exit status 1."""
+    works = []
+
+    def run_point(settings, processor, n, rate, base, work, *args):
+        works.append(work)
+        point = fake_point(rate, capacity=1e9)
+        point.error = "the output channels did not connect in 10 s"
+        return point
+
+    fake_streaming(monkeypatch, run_point)
+    monkeypatch.chdir(tmp_path)
+    args = bench.get_args_parser().parse_args([
+        "--skip", "warm,engine,framepath,zero,passthrough", "--consumers", "1", "--no-plots",
+        "--rate-fractions", "0.5,0.6", "--extend", "0", "--refine", "0", "--stop-after", "2",
+        "--model", str(tiny_model(tmp_path / "tiny.onnx")), "--out", "rel",
+    ])
+    assert bench.main(args) == 1
+    assert works and all(Path(w).is_absolute() and Path(w) == tmp_path / "rel" for w in works), works
+    out = capsys.readouterr().out
+    assert "not measured: pipeline N=1: every point failed; the first: the output channels did not connect" in out, out

@@ -344,7 +344,8 @@ def main(args: argparse.Namespace) -> int:
     if args.pipeline_precision == "auto" and args.pipeline_engine != "auto":
         raise refused("--pipeline-precision auto needs --pipeline-engine auto "
                       f"(the {args.pipeline_engine} engine runs one named precision)")
-    out_dir = args.out or Path("results") / dt.datetime.now().strftime("bench-%Y%m%d-%H%M%S")
+    # absolute: the processes it starts run in the project's folder, and the scans they replay are here
+    out_dir = (args.out or Path("results") / dt.datetime.now().strftime("bench-%Y%m%d-%H%M%S")).resolve()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # a file where the folder would be, or no permission: one line
@@ -407,6 +408,8 @@ def main(args: argparse.Namespace) -> int:
                 bp.warm_start(settings, engines, base_frames, out_dir, env, procs, progress=progress, into=measured)
             finally:
                 report["warm_start"] = [w.to_dict() for w in measured]
+            if measured and all(w.error for w in measured):
+                _failed_part(report, "warm start", measured[0].error)
 
         engine_results = []
         if "engine" not in args.skip:
@@ -477,6 +480,8 @@ def main(args: argparse.Namespace) -> int:
                         points = _swept(report, lambda into: bp.sweep(
                             settings, "ptychonn", n, rates, base_frames, out_dir, env, procs, args.stop_after,
                             args.refine, progress, delay, extend=args.extend, down=args.down, into=into))
+                    if points and all(p.error for p in points):
+                        _failed_part(report, f"pipeline N={n}", points[0].error)
                     best = bp.best_sustained(points)
                     if best:
                         row["ptychonn_fps"] = best.kept_up_fps
@@ -491,6 +496,8 @@ def main(args: argparse.Namespace) -> int:
                     progress.stage(f"{title}: {n} consumer(s), climbing from {_ceiling_start(args, n):.0f} fps")
                     points = _swept(report, lambda into: _climb(args, settings, processor, n, base_frames, out_dir,
                                                                 env, procs, progress, delay, into))
+                    if points and all(p.error for p in points):
+                        _failed_part(report, f"{processor} N={n}", points[0].error)
                     best = bp.best_sustained(points)
                     row[f"{processor}_fps"] = best.kept_up_fps if best else None
                     # the server could not offer more: the ceiling is at least that rate
@@ -588,6 +595,12 @@ def _precisions(args) -> dict[str, tuple[str, ...]]:
     out = {e: tuple(p for p in ps if not args.precisions or p in args.precisions)
            for e, ps in engine_precisions(args.device, args.engines).items()}
     return {e: ps for e, ps in out.items() if ps}
+
+
+def _failed_part(report: dict, part: str, first_error: str) -> None:
+    """Say in ``report`` that every point of ``part`` failed: the bench then exits with 1 (it
+    exited with 0 over a table of errors)."""
+    report.setdefault("not_measured", []).append(f"{part}: every point failed; the first: {first_error}")
 
 
 def _engine_alone(results, settings, args, flops, report, progress) -> float | None:
