@@ -704,3 +704,29 @@ def test_bf16_by_default_only_where_the_cpu_runs_it_natively(monkeypatch):
     assert resolve_bf16(get_args_parser().parse_args(["--no-bf16"]).bf16, "cpu") == (False, None)
     monkeypatch.setattr(devices, "cpu_flags", lambda: frozenset())
     assert resolve_bf16(get_args_parser().parse_args(["--bf16"]).bf16, "cpu") == (True, None)
+
+
+def test_a_run_stopped_before_its_end_leaves_the_earlier_models_four_files_as_they_were(tmp_path, monkeypatch):
+    """The weights were saved as <out>.pt after each epoch: a run of an existing name stopped after
+    an epoch left a .pt that was not the .onnx's and .json's (a later --init-from <out>.pt started
+    from weights its card does not describe). Now they go to <out>.epoch.pt, which becomes <out>.pt
+    last."""
+    import hashlib
+
+    import edge_ptychonn.science.model as model_module
+
+    tiny = ["--train-scans", "1", "--positions-per-scan", "64", "--val-scans", "1", "--epochs", "1",
+            "--width", "4", "--depth", "2", "--eval", "--quiet"]
+    out = tmp_path / "m"
+    assert cli.main(["train", "--out", str(out), *tiny]) == 0
+    assert not (tmp_path / "m.epoch.pt").exists()
+    before = {s: hashlib.sha256((tmp_path / f"m{s}").read_bytes()).hexdigest() for s in (".onnx", ".json", ".md", ".pt")}
+
+    def stopped(*args, **kwargs):  # Ctrl-C as the model is exported, after the epoch's weights were saved
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(model_module, "export_onnx", stopped)
+    assert cli.main(["train", "--out", str(out), *tiny, "--seed", "5"]) == 130
+    after = {s: hashlib.sha256((tmp_path / f"m{s}").read_bytes()).hexdigest() for s in (".onnx", ".json", ".md", ".pt")}
+    assert after == before
+    assert (tmp_path / "m.epoch.pt").is_file()  # the stopped run's last epoch, to continue from

@@ -30,8 +30,10 @@ Steps (``main``):
    absolute phase: batches of groups of ``SCAN_GROUP`` frames of one scan, and
    one constant per scan removed from the error, as the scores remove it); after each epoch the BatchNorm running
    statistics are recomputed for the current weights (``recalibrate_batchnorm``);
-4. report the training and validation loss (eval mode, float32) per epoch and save ``<out>.pt``
-   (weights and arguments) after each;
+4. report the training and validation loss (eval mode, float32) per epoch and save the weights
+   and arguments after each to ``<out>.epoch.pt``, which takes the name ``<out>.pt`` last, once the
+   model and its card are written (a run stopped before leaves an earlier model's four files as
+   they were, and its last epoch in ``<out>.epoch.pt``: ``--init-from`` takes it);
 
 ``--init-from`` continues from an earlier run: its ``<out>.pt``, or an
 exported ``.onnx`` of the same architecture (``science.model.from_onnx``: the
@@ -55,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import platform
 import shlex
 import sys
@@ -110,6 +113,7 @@ def batch_layout(n_frames: int, batch_size: int, scan_length: int | None = None)
 
 
 OUTPUT_SUFFIXES = (".onnx", ".json", ".md", ".pt")
+EPOCH_SUFFIX = ".epoch.pt"  # the weights after each epoch; <out>.pt once the run's model is written
 
 
 def output_prefix(out: str | Path) -> Path:
@@ -130,7 +134,7 @@ def output_file(prefix: Path, suffix: str) -> Path:
 def check_outputs(prefix: Path) -> None:
     """``OSError`` unless the files ``<prefix>.onnx``, ``.json``, ``.md``, ``.pt`` can be written
     (their folder is made): checked before the work, not after it."""
-    check_writable(output_file(prefix, s) for s in OUTPUT_SUFFIXES)
+    check_writable(output_file(prefix, s) for s in (*OUTPUT_SUFFIXES, EPOCH_SUFFIX))
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -1213,13 +1217,13 @@ def _train(args: argparse.Namespace) -> int:
         train_loss.append(loss)
         trainer.recalibrate_batchnorm(train_f, train_k)
         val_loss.append(trainer.validate((val_f, val_k, val_p, val_a), scan_length))
-        diverged = divergence(epoch, loss, val_loss[-1], output_file(prefix, ".pt"))
+        diverged = divergence(epoch, loss, val_loss[-1], output_file(prefix, EPOCH_SUFFIX))
         if diverged:  # the weights are lost: write no model
             print(f"edge-ptychonn train: {diverged}", file=sys.stderr)
             return 1
         print(f"epoch {epoch + 1}/{args.epochs}: train loss {loss:.4f}  validation loss {val_loss[-1]:.4f}  "
               f"({(time.monotonic() - t_train) / 60:.1f} min)", file=sys.stderr)
-        save_checkpoint(trainer, args, model_config, output_file(prefix, ".pt"))
+        save_checkpoint(trainer, args, model_config, output_file(prefix, EPOCH_SUFFIX))
         if stopped:
             print(f"stopped at the time limit of {args.max_minutes} min", file=sys.stderr)
             break
@@ -1270,6 +1274,7 @@ def _train(args: argparse.Namespace) -> int:
         # a full disk in between leaves an earlier model with its own .json
         write_bytes_whole(md_path, card_markdown(card).encode())
         card_json = save_card(card, onnx_path)
+    os.replace(output_file(prefix, EPOCH_SUFFIX), output_file(prefix, ".pt"))  # last: the weights of this model
     print(f"wrote {onnx_path} ({onnx_path.stat().st_size / 1e6:.1f} MB), {card_json}, "
           f"{md_path}, {output_file(prefix, '.pt')} in {(time.monotonic() - t_start) / 60:.1f} min")
     return 0
