@@ -110,7 +110,9 @@ Run-time changes (control channel ``configure``)
 Statistics (status channel ``userStats``) -- see :data:`STATS`.
     Each frame with an image (``nFramesReceived``) is placed (``nFramesPlaced``),
     waiting for its metadata (``nFramesWaiting``), or not placed: ``nFramesNoPosition``,
-    ``nFramesOutside``, ``nFramesWrongShape`` (not the shape of its scan's first frame).
+    ``nFramesOutside``, ``nFramesWrongShape`` (not the shape of its scan's first frame),
+    ``nFramesAfterStop`` (handed over after ``stop()`` saved the last image: PvaPy's collector
+    waits 5 s for its processing thread, then stops the processor while that thread goes on).
     ``nBadFrames``: frames that cannot be decoded (by kind: ``nBadShape``, ``nBadColour``,
     ``nBadEmpty``, ``nBadDtype``, ``nBadCodec``, ``nBadMalformed``, ``nBadNonfinite``),
     plus ``nFramesWrongShape``. Each
@@ -448,6 +450,7 @@ STATS = {
     "nFramesNoPosition": (pva.ULONG, _stat("no_position")),
     "nFramesOutside": (pva.ULONG, _stat("outside")),
     "nFramesWrongShape": (pva.ULONG, _stat("wrong_shape")),
+    "nFramesAfterStop": (pva.ULONG, _stat("after_stop")),
     "nBadFrames": (pva.ULONG, lambda p: p.counts["bad"] + p.counts["wrong_shape"]),
     **bad_kind_stats(),
     "nEmptyFrames": (pva.ULONG, _stat("empty")),
@@ -506,8 +509,9 @@ class StitchProcessor(ProcessorBase):
         self.scan_index = 0
         self.counts = dict.fromkeys(
             ("received", "placed", "no_position", "outside", "bad", "wrong_shape", "empty", "published", "saved",
-             "save_errors", "by_metadata", *BAD_KIND_COUNTS), 0
+             "save_errors", "by_metadata", "after_stop", *BAD_KIND_COUNTS), 0
         )
+        self._stopped = False  # stop() saved the last image: a frame handed over later is counted, not placed
         self.metadata = None
         if s.position_channels is not None:
             self.metadata = MetadataPositions(s.position_channels, s.metadata_match == "timeStamp",
@@ -659,6 +663,12 @@ class StitchProcessor(ProcessorBase):
         with self.lock:
             self.counts["received"] += received
             resets = self._resets
+            if self._stopped:  # it would start an image that no stop saves
+                self.counts["after_stop"] += 1
+                self.count_problem("afterStop", "frame %d came after the stitcher stopped (PvaPy's collector hands "
+                                   "over what it holds after its own wait): not placed, counted in nFramesAfterStop",
+                                   unique_id)
+                return False, resets
             if self._is_restart_locked(unique_id):
                 self._finish_locked(publish=True)
             self._max_unique_id = max(self._max_unique_id, unique_id)
@@ -908,7 +918,10 @@ class StitchProcessor(ProcessorBase):
         self._wake.set()
         if self._thread is not None:
             self._thread.join(2.0)
-        self.finish_scan(publish=False)
+        with self.lock:
+            self._stopped = True
+            self._finish_locked(publish=False)
+        self._send_outputs(wait=True)
 
     def process(self, pvObject):
         t0 = time.thread_time()  # CPU time of this thread: the stitcher's own cost, not its waits

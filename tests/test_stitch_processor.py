@@ -1147,3 +1147,22 @@ def test_undecodable_frames_are_counted_by_kind(rng):
     assert (st["nBadFrames"], st["nFramesWrongShape"], st["nBadColour"], st["nBadDtype"], st["nBadShape"]) == (4, 1, 2, 1, 0), st
     p.resetStats()
     assert p.getStats()["nBadColour"] == 0
+
+
+def test_a_frame_handed_over_after_stop_is_counted_not_placed_in_an_image_never_saved(tmp_path, rng):
+    """PvaPy's collector waits 5 s for its processing thread, then calls stop() while that thread
+    may still hand over frames: they started a second image that no stop saved (a tester's SIGINT,
+    1 of 14: nScans 2, nScansSaved 1, 8 frames counted placed in no file). Now they are counted in
+    nFramesAfterStop, and the saved image is the one stop() finished."""
+    patches, positions, _ = small_scan(rng, n=4)
+    p = make({"objectShape": [40, 48], "outputDirectory": str(tmp_path)})
+    for uid in (1, 2):
+        p.process(attributed_frame(uid, patches[uid - 1], positions[uid - 1]))
+    p.stop()
+    for uid in (3, 4):
+        p.process(attributed_frame(uid, patches[uid - 1], positions[uid - 1]))
+    st = p.getStats()
+    assert (st["nFramesReceived"], st["nFramesPlaced"], st["nFramesAfterStop"], st["nScans"], st["nScansSaved"]) \
+        == (4, 2, 2, 1, 1), st
+    assert sorted(f.name for f in tmp_path.glob("*.npy")) == ["stitch_scan0001.npy", "stitch_scan0001_weight.npy"]
+    assert p.problems("afterStop") == 2

@@ -1060,6 +1060,8 @@ def summary(cfg: LaunchConfig, snap: Snapshot, n_sent: int | None, delivered_fps
         more = [f"wrong shape {_user(s, 'nFramesWrongShape')}"] if _user(s, "nFramesWrongShape") else []
         if snap.waiting():
             more.append(f"{snap.waiting()} still waiting for positions when stopped")
+        if _user(s, "nFramesAfterStop"):
+            more.append(f"{_user(s, 'nFramesAfterStop')} handed over after it stopped")
         bad = _user(s, "nBadFrames") - _user(s, "nFramesWrongShape")  # not received: no image
         lines.append(f"frames placed        {snap.placed()} of {_user(s, 'nFramesReceived')} received "
                      f"(no position {_user(s, 'nFramesNoPosition')}, outside {_user(s, 'nFramesOutside')}, "
