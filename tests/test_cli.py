@@ -292,6 +292,10 @@ def test_evaluate_checks_its_outputs_before_the_work(tmp_path, small_scan, tiny_
                             str(tmp_path / "image")]) == 0
     assert "scan" in json.loads((tmp_path / "out" / "scores.json").read_text())
     assert np.load(tmp_path / "image.npy").shape == small_scan[1].object_phase.shape
+    # the name written is said: it is not the one given (np.save's rule adds .npy; it was silent)
+    out = capsys.readouterr().out
+    assert f"wrote the stitched phase of scan to {tmp_path / 'image.npy'}" in out, out
+    assert f"wrote the scores to {tmp_path / 'out' / 'scores.json'}" in out, out
 
 
 @pytest.mark.parametrize("option", ["--n-positions", "--batch-size"])

@@ -70,7 +70,8 @@ def get_args_parser(prog: str = "edge-ptychonn evaluate") -> argparse.ArgumentPa
     p.add_argument("--threads", type=int, default=2,
                    help="engine CPU threads; 0: all usable cores, laid out as a consumer would (default: %(default)s)")
     p.add_argument("--json", default=None, help="write the scores to this JSON file")
-    p.add_argument("--save-image", default=None, help="save the stitched phase of the first scan (.npy float32)")
+    p.add_argument("--save-image", default=None, help="save the stitched phase of the first scan (.npy float32; "
+                   "a name without .npy gets it, as numpy's np.save does: the path written is printed)")
     p.add_argument("--quiet", action="store_true", help="no progress display")
     return p
 
@@ -155,4 +156,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"edge-ptychonn evaluate: cannot write the output: {exc}", file=sys.stderr)
         return 1
+    if args.json:
+        print(f"wrote the scores to {args.json}")
+    if image_path is not None:  # its name may differ from the one given: np.save's rule adds .npy
+        print(f"wrote the stitched phase of {results[0].name} to {image_path} (float32 radians)")
     return 0
