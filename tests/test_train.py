@@ -487,12 +487,12 @@ def test_sigterm_stops_training_like_ctrl_c_and_leaves_no_half_written_file(tmp_
          "--eval", "mixed:1001", "mixed:1002", "mixed:1003"], tmp_path, ".m.onnx.*.part", poll_s=0.02)
     assert code == 130, err
     assert err.strip().endswith("edge-ptychonn train: interrupted") and "Traceback" not in err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]  # the epoch's checkpoint, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.epoch.pt"]  # the epoch's checkpoint, whole
 
 
 def test_a_checkpoint_beside_another_runs_card_does_not_take_that_runs_history(tmp_path):
-    """A run stopped before its end leaves its <out>.pt beside the card of an earlier run of that
-    name (model and card stay a pair); continuing from that .pt must not record the earlier run."""
+    """A .pt beside the card of an earlier run of that name (one copied in; a run stopped before its
+    end now leaves <out>.epoch.pt instead); continuing from that .pt must not record the earlier run."""
     import shutil
 
     small = ["--train-scans", "1", "--val-scans", "1", "--positions-per-scan", "16", "--batch-size", "16",
