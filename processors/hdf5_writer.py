@@ -329,9 +329,13 @@ class _ScanFile:
         self.f.flush()
         self.confirmed = self.n
 
+    def datasets(self) -> tuple:
+        """Every dataset, ``uniqueId`` first (its length counts the complete frames)."""
+        return self.ids, self.data, self.ts, self.dts, self.pos, self.models
+
     def truncate_to_confirmed(self) -> None:
         """Shrink every dataset to the confirmed frames (``uniqueId`` first)."""
-        for ds in (self.ids, self.data, self.ts, self.dts, self.pos, self.models):
+        for ds in self.datasets():
             ds.resize(self.confirmed, axis=0)
         self.n = self.confirmed
 
@@ -357,8 +361,7 @@ def _keep_unclosed(scan_file: _ScanFile) -> None:
     error came after it) is not kept."""
     if not scan_file.f.id.valid:
         return
-    for obj in (scan_file.f, scan_file.data, scan_file.ts, scan_file.dts, scan_file.pos, scan_file.models,
-                scan_file.ids):
+    for obj in (scan_file.f, *scan_file.datasets()):
         obj.id.locked = True
     if not _UNCLOSED:
         atexit.register(_exit_keeping_unclosed)
