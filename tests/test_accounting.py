@@ -86,6 +86,19 @@ def test_a_sibling_that_comes_back_after_dying_is_not_counted_as_missed():
     assert (t.missed, t.foreign, t.stride) == (0, 1, 16)
 
 
+def test_a_replacement_after_a_takeover_inside_the_dead_siblings_run_is_not_counted_as_missed():
+    # 2 consumers, runs of 8: the sibling dies holding 41-45 of its run 41-48, so the
+    # distributor gives this consumer 46 on (a run of its own starting there), then every id;
+    # a replacement joins where the distributor is, not on the old runs' boundaries: it takes
+    # 103-110, then every other run of 8
+    ids = [u for u in range(1, 41) if (u - 1) // 8 % 2 == 0] + list(range(46, 103))
+    ids += [u for u in range(111, 111 + 16 * 10) if (u - 111) // 8 % 2 == 0]
+    t = feed(IdTracker(8, 9), ids)
+    assert (t.missed, t.foreign, t.stride) == (0, 1, 16)
+    t = feed(t, [u for u in range(271, 271 + 16 * 4) if (u - 271) // 8 % 2 == 0 and u != 274])
+    assert t.missed == 1  # the pattern learnt from the replacement's run counts losses exactly
+
+
 def test_frames_lost_before_the_first_are_no_change_of_the_set():
     # 2 consumers, runs of 8: 1-4 never reach this consumer (lost upstream, or it connected
     # in the middle of its run): its first id is 5, inside the run 1-8

@@ -19,8 +19,9 @@ arrive:
   learns the new pattern from the ids that follow: the first jump after a whole
   number of runs gives the new stride (the whole stream, when the ids go on past
   one run). Such a jump, and after the set changed once any jump of whole runs
-  whose stride fits the configured number of consumers (a sibling coming back),
-  is provisional: if the ids break the new pattern within its first run, the
+  whose stride fits the configured number of consumers (a sibling coming back;
+  while every id is this consumer's, wherever the jump falls: the distributor's
+  runs start where the set changed, not on the old runs' boundaries), is provisional: if the ids break the new pattern within its first run, the
   jump was lost frames after all, counted as missed, and the pattern before it
   stays. A gap inside the first run after a change is not counted (it may have
   been a sibling's). With the configured set intact the counting is exact.
@@ -97,16 +98,16 @@ class IdTracker:
     def _is_due(self, uid: int) -> bool:
         return (uid - self._base) % self.stride < self.n_sequential
 
-    def _run_start(self, uid: int) -> int:
-        """First id of the run of ``n_sequential`` that ``uid`` ends or lies in, in the unbroken block."""
-        return self._block + (uid - self._block) // self.n_sequential * self.n_sequential
-
     def _learnt_stride(self, uid: int) -> int | None:
         """The stride that a jump from ``_last`` to ``uid`` shows, when ``_last`` ends a
-        whole run and the jump fits the configured pattern; None otherwise."""
-        if (self._last + 1 - self._block) % self.n_sequential:
+        whole run and the jump fits the configured pattern; None otherwise. While every id
+        is this consumer's (its siblings gone), its runs show no boundaries in the ids: the
+        distributor starts a run where the set changes, wherever that falls (a dead
+        sibling's run split with a survivor moves them), so any jump may end one."""
+        alone = self.stride == self.n_sequential < self.full_stride
+        if not alone and (self._last + 1 - self._block) % self.n_sequential:
             return None  # the jump starts inside a run: frames were lost, not a new pattern
-        stride = uid - self._run_start(self._last)
+        stride = uid - self._last - 1 + self.n_sequential  # from the start of the run _last ends
         if stride % self.n_sequential or not self.n_sequential < stride <= self.full_stride:
             return None
         return stride
