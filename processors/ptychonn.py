@@ -251,6 +251,14 @@ class ReconnectWatch:
         self._connected_before = True
 
 
+def _first_record_processed(framework: dict) -> bool:
+    """Whether PvaPy hands the processor the first connection's record (``-siu 0``)."""
+    try:
+        return int(framework.get("skipInitialUpdates", 1)) == 0
+    except (TypeError, ValueError):  # PvaPy's own int() refuses it first
+        return False
+
+
 def _set_pattern(controller, n_sequential: int, id_offset: int) -> None:
     """The distributor pattern PvaPy's controller counts its missed frames in."""
     controller.nSequentialUpdates, controller.objectIdOffset = n_sequential, id_offset
@@ -278,6 +286,10 @@ class PtychoNNProcessor(StatsFromTable, AdImageProcessor):
             config, self._publish, self.logger, n_sequential=n_sequential, id_offset=id_offset,
         )
         self.io_threads = IoThreads(config.io_threads, self.logger)
+        if _first_record_processed(framework):
+            # PvaPy processes the first connection's record too (-siu 0): the channel's current
+            # value, handed to every consumer outside the distributor, as on a reconnection
+            self.pipeline.reconnected()
 
     @property
     def group_size(self) -> int:

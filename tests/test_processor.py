@@ -567,3 +567,29 @@ def test_a_model_swap_sent_with_a_new_group_lays_its_engine_out_for_the_new_grou
         assert processor.group_size == 4 and processor.pipeline.id_pattern == (8, 25)
     finally:
         processor.stop()
+
+
+@pytest.mark.parametrize("skip, consumers", [(0, 2), (1, 2), (0, 1)])
+def test_the_first_connections_record_is_dropped_with_siblings_when_pvapy_does_not_skip_it(small_model, skip, consumers):
+    """With -siu 0 PvaPy hands every consumer of a group the channel's current value on the first
+    connection, outside the distributor: two consumers started into a running stream both
+    published it (one uniqueId on two outputs), and one of them counted 6 frames missed from it.
+    It is dropped and counted as the record a reconnection hands over; with PvaPy's default
+    (-siu 1, it skips that record itself) or one consumer, every frame is processed."""
+    framework = {**FRAMEWORK, "outputChannel": "", "skipInitialUpdates": skip,
+                 "objectIdOffset": 8 * (consumers - 1) + 1}
+    processor = PtychoNNProcessor({**framework, "modelPath": str(small_model), "engine": "zero"})
+    controller = DataProcessingController(framework, processor)
+    controller.start()
+    try:
+        # the current frame when the consumers connect (any consumer's), then this one's next run
+        for uid in [353, *range(361, 369)] if consumers == 2 else range(353, 362):
+            controller.process(good_frame(uid, np.zeros((64, 64), np.int16)))
+        assert processor.pipeline.drain(5.0)
+        stats = processor.getStats()
+    finally:
+        controller.stop()
+    dropped = 1 if (skip, consumers) == (0, 2) else 0
+    processed = 9 - skip - dropped
+    assert (stats["nFramesReceived"], stats["nFramesProcessed"]) == (9 - skip, processed), stats
+    assert (stats["nDroppedReconnect"], stats["nFramesMissed"], stats["nFramesUnaccounted"]) == (dropped, 0, 0), stats

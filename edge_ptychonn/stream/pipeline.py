@@ -484,8 +484,9 @@ class InferencePipeline:
         it may be another consumer's frame too, so it is dropped and counted
         (``dropped['reconnect']``), its uniqueId not taken as the first of this consumer's
         stream (no misses counted from it). PvaPy skips it on the first connection only
-        (``skipInitialUpdates``). With one consumer it is a frame of this consumer's stream
-        like any other: processed."""
+        (``skipInitialUpdates`` 1, its default); with ``skipInitialUpdates`` 0 the processor
+        calls this before the first connection too. With one consumer it is a frame of this
+        consumer's stream like any other: processed."""
         if group_size(self._id_pattern) > 1:
             self._reconnect_record = True
 
