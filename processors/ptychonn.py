@@ -93,6 +93,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from dataclasses import dataclass
 from functools import partial
 
@@ -215,6 +216,20 @@ def input_channel(frame):
     return None
 
 
+def receiver_queue_owner(frame):
+    """PvaPy's DataConsumer above ``frame`` when it receives into a queue (``-rqs``), else None:
+    its ``pvObjectQueue`` holds records its loop has not handed to ``process()`` yet, and its
+    ``process(pv)`` hands one over as the loop does. An adapter to PvaPy's internals, pinned by a
+    contract test."""
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        queue = getattr(owner, "pvObjectQueue", None)
+        if queue is not None and hasattr(owner, "dataReceiver") and callable(getattr(owner, "process", None)):
+            return owner
+        frame = frame.f_back
+    return None
+
+
 def create_output_channel(controller) -> bool:
     """Have PvaPy's DataProcessingController ``controller`` make the output channel now. It makes
     it at the first input record (an output's type may depend on the input's; ours does not), so
@@ -286,6 +301,7 @@ class PtychoNNProcessor(StatsFromTable, AdImageProcessor):
             config, self._publish, self.logger, n_sequential=n_sequential, id_offset=id_offset,
         )
         self.io_threads = IoThreads(config.io_threads, self.logger)
+        self._receiver = None  # PvaPy's DataConsumer, when it receives into a queue (start() finds it)
         if _first_record_processed(framework):
             # PvaPy processes the first connection's record too (-siu 0): the channel's current
             # value, handed to every consumer outside the distributor, as on a reconnection
@@ -341,13 +357,44 @@ class PtychoNNProcessor(StatsFromTable, AdImageProcessor):
         # what this consumer holds, while its PVA server still serves clients; SIGTERM
         # (systemd, procServ, docker, kill PID) stops it so too, where PvaPy would end it at once.
         controller = calling_controller(sys._getframe(1), self, "stop", "pvaServer")
-        shutdown.drain_before_stop(controller, self.pipeline.drain, self.logger)
+        self._receiver = receiver_queue_owner(sys._getframe(1))
+        shutdown.drain_before_stop(controller, self._drain_before_stop, self.logger)
         create_output_channel(controller)
         restore_on_refusal(controller)  # a refused configure changes nothing of PvaPy's either
         shutdown.on_sigterm(self.pipeline.drain, self.logger)
         channel = input_channel(sys._getframe(1))
         if channel is not None:  # the first record after a reconnection is not the stream's
             ReconnectWatch(self.pipeline).watch(channel)
+
+    def _take_receiver_queue(self, deadline: float | None = None) -> int:
+        """Hand the records waiting in PvaPy's receiver queue (``-rqs``) to this processor, through
+        PvaPy's own path (its loop's), until ``deadline`` (``time.monotonic()``); returns how many.
+        PvaPy stops with them still queued: they reached this consumer and went nowhere, counted
+        nowhere (405 frames at a stop under 300 frames/s). Called once PvaPy stopped receiving,
+        on its loop's thread."""
+        owner, n = self._receiver, 0
+        if owner is None:
+            return 0
+        for _ in range(len(owner.pvObjectQueue)):
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            try:
+                pv = owner.pvObjectQueue.get(0)
+            except pva.QueueEmpty:
+                break
+            owner.process(pv)
+            n += 1
+        return n
+
+    def _drain_before_stop(self, timeout_s: float) -> bool:
+        """Publish what this consumer holds, PvaPy's receiver queue's frames included, before
+        PvaPy stops its output server (see ``shutdown.drain_before_stop``)."""
+        deadline = time.monotonic() + timeout_s
+        self._take_receiver_queue(deadline)
+        return self.pipeline.drain(max(deadline - time.monotonic(), 0.0)) and not self._queued_in_receiver()
+
+    def _queued_in_receiver(self) -> int:
+        return 0 if self._receiver is None else len(self._receiver.pvObjectQueue)
 
     def _publish(self, pv) -> None:
         """PvaPy's ``updateOutputChannel``, except that a failed update raises (so the
@@ -368,6 +415,12 @@ class PtychoNNProcessor(StatsFromTable, AdImageProcessor):
         # PvaPy has stopped this consumer's PVA server by now: what is still held reaches
         # no client, so it is counted as dropped (stopping), not published.
         self.pipeline.stop(outputs_closed=True)
+        if self._receiver is not None:  # what PvaPy still holds for this consumer is dropped, and counted
+            for _ in range(self._queued_in_receiver()):
+                try:
+                    self.pipeline.discard(self._receiver.pvObjectQueue.get(0))
+                except pva.QueueEmpty:
+                    break
         # Printed like the framework's own statistics reports: visible at any log level.
         print(f"consumer {self.processor_id} final statistics: {self.pipeline.summary()}", flush=True)
 

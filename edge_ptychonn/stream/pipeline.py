@@ -522,6 +522,23 @@ class InferencePipeline:
             self._drop(1, "overload")
         return True
 
+    def discard(self, pv) -> None:
+        """A record handed over after :meth:`stop` (the frames PvaPy still held in its receiver
+        queue): counted as received and dropped (``stopping``), its uniqueId seen, without
+        decoding it; a record without an image counts as an empty record."""
+        try:
+            has_image = bool(pv.getSelectedUnionFieldName())
+            unique_id = int(pv["uniqueId"]) if has_image else None
+        except Exception:  # not an NTNDArray: a frame all the same, of no readable id
+            has_image, unique_id = True, None
+        with self._lock:
+            if not has_image:
+                self.stats.empty_records += 1
+                return
+            self.stats.received += 1
+            self._see_id(unique_id)
+            self._drop(1, "stopping")
+
     def _see_id(self, unique_id: int | None) -> None:
         if unique_id is None:
             return
