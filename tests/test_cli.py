@@ -848,3 +848,55 @@ def test_configure_sees_a_request_taken_within_the_same_moment_as_its_own(monkey
     assert cli.main(["configure", "cfgrace:1:control", "batchTimeout=0.104", "--timeout", "5"]) == 2
     err = capsys.readouterr().err
     assert "another request reached cfgrace:1:control while this one waited for its answer" in err, err
+
+
+SLOW_START = """
+import os
+import time
+from processors.ptychonn import PtychoNNProcessor
+
+
+class SlowStart(PtychoNNProcessor):
+    def __init__(self, configDict=None):
+        super().__init__(configDict)
+        open(os.path.join(os.environ["SLOW_START_DIR"], f"starting{self.processor_id}"), "w").close()
+        time.sleep(1.0)  # an engine's import or build: a signal comes in the middle of it
+"""
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("n_consumers", ["1", "2"])
+def test_consumer_stopped_while_it_starts_stops_cleanly_once_started(pva_env, tmp_path, n_consumers):
+    """SIGTERM to the consumer's process group (a service manager's stop, `timeout`) while its
+    processors start. Before: the KeyboardInterrupt it became was raised in the middle of the
+    start-up (an engine's import, pvAccess's set-up): one consumer aborted (SIGABRT) or said
+    "interrupted", two printed tracebacks (one "onnxruntime is not installed") and exited with 1.
+    Now the stop is taken once started: every consumer's final statistics, exit status 0."""
+    import os
+    import signal
+
+    from channel_names import PREFIX
+    from edge_ptychonn.tools.processes import wait_until
+
+    (tmp_path / "slow_start.py").write_text(SLOW_START)
+    channel = f"{PREFIX}:slowstart{n_consumers}"
+    env = {**pva_env, "SLOW_START_DIR": str(tmp_path),
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), str(Path(cli.__file__).parent.parent)])}
+    consumer = subprocess.Popen(
+        [sys.executable, "-m", "edge_ptychonn.cli", "consumer", "-ic", f"{channel}:image", "-oc", f"{channel}:*:output",
+         "-nc", n_consumers, "-pc", "slow_start.SlowStart", "-pa", '{"engine": "zero"}', "-rp", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
+        cwd=Path(cli.__file__).parent.parent)
+    markers = [tmp_path / f"starting{k}" for k in range(1, int(n_consumers) + 1)]
+    try:
+        assert wait_until(lambda: all(m.exists() for m in markers), 60), "the processors never started"
+        os.killpg(consumer.pid, signal.SIGTERM)
+        out, err = consumer.communicate(timeout=60)
+    finally:
+        if consumer.poll() is None:
+            os.killpg(consumer.pid, signal.SIGKILL)
+            consumer.wait(30)
+    assert consumer.returncode == 0, out[-2000:] + err[-3000:]
+    assert "Traceback" not in err and "interrupted" not in err, err[-3000:]
+    for k in range(1, int(n_consumers) + 1):
+        assert f"consumer {k} final statistics: received 0" in out, out[-3000:] + err[-2000:]

@@ -5,7 +5,8 @@ with three differences that matter when a service manager runs it:
 
 - SIGTERM stops it like Ctrl-C: the consumers publish what they hold, the
   framework reports its final statistics, every process exits with 0 (a second
-  SIGTERM or Ctrl-C while it stops is ignored: it would cut the stop short);
+  SIGTERM or Ctrl-C while it stops is ignored: it would cut the stop short; one
+  that comes while the consumers start is taken once they have started);
 - without a terminal, ``-dc`` (no curses screen) is added, since curses cannot
   start there;
 - it exits (status 1) when its consumers are gone: with ``--n-consumers > 1``
@@ -64,7 +65,7 @@ def watch_children(started: list, done: threading.Event, failed: list, stopping:
     """Until ``done``: when every forked consumer in ``started`` has exited and one of them
     failed (a non-zero exit status), put their exit statuses in ``failed`` and stop the
     framework as SIGTERM does (PvaPy's parent would run on without any consumer): through
-    the handler of :func:`stop_handler`, which ignores it when a stop is already under way
+    the handler, :class:`StopHandler`, which ignores it when a stop is already under way
     (the consumers exit as the framework stops them; that is no reason to cut it short), and
     which ``stopping`` (when given) marks: then the watch ends."""
     import _thread
@@ -79,18 +80,62 @@ def watch_children(started: list, done: threading.Event, failed: list, stopping:
             return
 
 
-def stop_handler(stopping: threading.Event):
-    """A handler for SIGTERM (and Ctrl-C) that stops PvaPy's framework cleanly (it takes
+class StopHandler:
+    """SIGTERM (and Ctrl-C) for the consumer: stops PvaPy's framework cleanly (it takes
     ``KeyboardInterrupt`` as its stop) once: a second signal while it stops is ignored, so that
-    the final statistics are reported and the consumers' exit statuses read."""
+    the final statistics are reported and the consumers' exit statuses read.
 
-    def handler(signum, frame):
-        if stopping.is_set():
+    While the consumer starts (from :func:`main`'s first line until a PvaPy controller's
+    ``start()`` has returned: the arguments' checks, the processors' imports and engines,
+    pvAccess's channels and servers; in a forked consumer, its own start), a signal is only
+    noted (``asked``) and taken once the start is over (:meth:`starts`): raised in the middle
+    of an import or of pvAccess's set-up, it made the consumer fail with tracebacks, a false
+    "onnxruntime is not installed", or abort (SIGABRT)."""
+
+    def __init__(self) -> None:
+        self.stopping = threading.Event()  # a stop is under way
+        self.asked = threading.Event()  # a signal came while starting, not taken yet
+        self.starting = True
+
+    def __call__(self, signum, frame) -> None:
+        if self.stopping.is_set():
             return
-        stopping.set()
+        if self.starting:
+            self.asked.set()
+            return
+        self.stopping.set()
         raise KeyboardInterrupt
 
-    return handler
+    @contextlib.contextmanager
+    def starts(self):
+        """Inside the block, the ``start()`` of PvaPy's controllers (one consumer's, and the
+        one that forks ``-nc N``; a forked consumer runs its own in the child) ends the start:
+        a signal noted before is then taken by setting the controller's ``shouldBeStopped``,
+        which its loop polls first (as the processors' own SIGTERM handler does)."""
+        from pvapy.hpc.mpDataConsumerController import MpDataConsumerController
+        from pvapy.hpc.systemController import SystemController
+
+        originals = {cls: cls.__dict__["start"] for cls in (SystemController, MpDataConsumerController)}
+
+        def wrap(original):
+            def start(controller, *args, **kwargs):
+                try:
+                    return original(controller, *args, **kwargs)
+                finally:
+                    self.starting = False
+                    if self.asked.is_set() and not self.stopping.is_set():
+                        self.stopping.set()
+                        controller.shouldBeStopped = True
+
+            return start
+
+        for cls, original in originals.items():
+            cls.start = wrap(original)
+        try:
+            yield self
+        finally:
+            for cls, original in originals.items():
+                cls.start = original
 
 
 @contextlib.contextmanager
@@ -223,7 +268,18 @@ def check_processor_args(argv: list[str]) -> str | None:
 
 
 def main(args: argparse.Namespace) -> int:
-    argv = list(args.consumer_args)
+    handler = StopHandler()  # first: a signal while starting is taken once started
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, handler)}
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when started with SIGINT ignored
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, handler)
+    try:
+        return _run(list(args.consumer_args), handler)
+    finally:
+        for sig, before in previous.items():
+            signal.signal(sig, before)
+
+
+def _run(argv: list[str], handler: StopHandler) -> int:
     problem = (check_json_options(argv) or check_n_consumers(argv) or check_processor_class(argv)
                or check_processor_args(argv))
     if problem:
@@ -236,18 +292,17 @@ def main(args: argparse.Namespace) -> int:
 
     from engines.base import EngineUnavailable
 
-    stopping = threading.Event()
-    handler = stop_handler(stopping)  # KeyboardInterrupt: PvaPy's clean stop
-    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, handler)}
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when started with SIGINT ignored
-        previous[signal.SIGINT] = signal.signal(signal.SIGINT, handler)
+    if handler.asked.is_set():  # stopped while its arguments were checked: nothing has started
+        print("edge-ptychonn consumer: stopped before the consumers started", file=sys.stderr)
+        return 0
+    stopping = handler.stopping
     saved_argv, sys.argv = sys.argv, ["edge-ptychonn consumer", *argv]  # argparse names us in its messages
     started, done, failed = [], threading.Event(), []
     watcher = threading.Thread(target=watch_children, args=(started, done, failed, stopping), name="consumer-watch",
                                daemon=True)
     watcher.start()
     try:
-        with recording_children(started):
+        with recording_children(started), handler.starts():
             hpcConsumer.main()
     except (ValueError, EngineUnavailable) as exc:  # one consumer in this process: its processor refused its
         # arguments, or its engine cannot run here
@@ -261,8 +316,6 @@ def main(args: argparse.Namespace) -> int:
     finally:
         done.set()
         sys.argv = saved_argv
-        for sig, before in previous.items():
-            signal.signal(sig, before)
     if failed:
         print(f"edge-ptychonn consumer: every consumer exited (exit statuses {', '.join(map(str, failed))}); "
               "their errors are above", file=sys.stderr)
