@@ -41,7 +41,7 @@ def test_compressed_frames_decode_or_name_the_missing_package(codec, rng, monkey
     # pvapy imports each codec's package when it loads and keeps it as a module global only where it
     # is installed: without the global, decoding is what it is on a host that lacks the package
     monkeypatch.delattr(adImageUtility, CODEC_PACKAGES[codec])
-    with pytest.raises(BadFrame, match=f"install the '{CODEC_PACKAGES[codec]}' package") as info:
+    with pytest.raises(BadFrame, match=f"^frame 5: .*install the '{CODEC_PACKAGES[codec]}' package") as info:
         decode(pv)
     assert info.value.kind == "codec"
 
@@ -100,6 +100,31 @@ def test_negative_dimensions_are_a_malformed_frame():
     with pytest.raises(BadFrame, match="says it is -8x-8") as info:
         decode(pv)
     assert (info.value.kind, info.value.unique_id) == ("malformed", 8)
+
+
+def _dimensions(pv: pva.PvObject, *sizes: int) -> pva.PvObject:
+    pv["dimension"] = [pva.PvDimension(n, 0, n, 1, False) for n in sizes]
+    return pv
+
+
+@pytest.mark.parametrize("record, kind", [
+    (lambda: colour_frame(13), "colour"),
+    (lambda: empty_frame(13), "empty"),  # dimensions, no data
+    (lambda: _dimensions(good_frame(13, np.ones((8, 8), np.int16))), "empty"),  # data, no dimensions
+    (lambda: _dimensions(good_frame(13, np.ones((8, 8), np.int16)), 0, 8), "empty"),
+    (lambda: _dimensions(good_frame(13, np.ones((8, 8), np.int16)), 64), "malformed"),
+    (lambda: pva.PvObject({"uniqueId": pva.INT}, {"uniqueId": 13}), "malformed"),  # no dimension field
+    (lambda: bool_frame(13), "dtype"),
+    (lambda: compressed_frame(13, "zstd", np.ones((8, 8), np.int16)), "codec"),
+], ids=["colour", "no-data", "no-dimensions", "0x8", "1-dimension", "no-dimension-field", "dtype", "codec"])
+def test_every_bad_frame_message_names_the_frame(record, kind):
+    """The consumer and the writers log only the first bad frame of each kind: its message
+    must name the frame, so that it can be found in the raw file. The colour, dtype, codec
+    and some empty and malformed messages did not."""
+    with pytest.raises(BadFrame) as info:
+        decode(record())
+    assert (info.value.kind, info.value.unique_id) == (kind, 13)
+    assert str(info.value).startswith("frame 13"), str(info.value)
 
 
 def test_unknown_codec_is_refused(rng):

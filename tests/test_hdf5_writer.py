@@ -621,16 +621,22 @@ def test_a_writer_with_no_file_open_sleeps_until_work_comes(tmp_path, rng):
     assert accounted(p)["nFramesWritten"] == 1
 
 
-def test_undecodable_frames_are_counted_by_kind(tmp_path):
+def test_undecodable_frames_are_counted_by_kind(tmp_path, caplog):
     """Each kind of undecodable frame was logged once and then only counted in nBadFrames:
     the status said nothing of the kinds of the others. Now nBad<Kind>, as the inference
-    consumer's status has them, cleared by a reset."""
+    consumer's status has them, cleared by a reset. The one line logged of each kind names
+    its frame (the colour and dtype lines did not)."""
+    import logging
+
     from frames_util import bool_frame, colour_frame
 
     p = Hdf5WriterProcessor({**FRAMEWORK, "outputDirectory": str(tmp_path)})
-    for uid in range(1, 4):
-        p.process(colour_frame(uid))
-    p.process(bool_frame(4))
+    with caplog.at_level(logging.ERROR):
+        for uid in range(1, 4):
+            p.process(colour_frame(uid))
+        p.process(bool_frame(4))
+    logged = [r.getMessage().split(" only counted): ", 1)[1] for r in caplog.records]
+    assert len(logged) == 2 and logged[0].startswith("frame 1 ") and logged[1].startswith("frame 4:"), logged
     st = p.getStats()
     assert (st["nBadFrames"], st["nBadColour"], st["nBadDtype"], st["nBadShape"]) == (4, 3, 1, 0), st
     assert p.getStats().keys() == p.getStatsPvaTypes().keys()

@@ -118,8 +118,9 @@ class Batcher:
         self._preprocess = config
         self._shape_ok.clear()
 
-    def check_shape(self, frame_hw: tuple[int, int]) -> None:
-        """Raise BadFrame('shape') unless frames of ``frame_hw`` become model input."""
+    def check_shape(self, frame_hw: tuple[int, int], unique_id: int) -> None:
+        """Raise BadFrame('shape'), naming frame ``unique_id``, unless frames of ``frame_hw``
+        become model input."""
         problem = self._shape_ok.get(frame_hw)
         if problem is None:
             pre = self._preprocess
@@ -135,8 +136,9 @@ class Batcher:
                 "" if pre.crop_origin_yx is None else f" at cropOrigin {list(pre.crop_origin_yx)}")
             raise BadFrame(
                 "shape",
-                f"a {frame_hw[0]}x{frame_hw[1]} frame does not become the model's "
+                f"frame {unique_id}: a {frame_hw[0]}x{frame_hw[1]} frame does not become the model's "
                 f"{self.input_hw[0]}x{self.input_hw[1]} input with {crop} and bin {pre.bin_factor} ({problem})",
+                unique_id,
             )
 
     @property
@@ -164,7 +166,7 @@ class Batcher:
         Raises BadFrame('shape') for frames that do not fit the model (nothing is
         added) and NoFreeBuffer, without waiting, when every buffer is in use.
         """
-        self.check_shape(image.shape)
+        self.check_shape(image.shape, meta.unique_id)
         if self._current is None:
             try:
                 buffer = self._free.get_nowait()

@@ -84,7 +84,7 @@ def _color_mode(attributes: list) -> int | None:
 
 def decode(pv: pva.PvObject, received_s: float | None = None) -> tuple[FrameMeta, np.ndarray]:
     """One NTNDArray -> (metadata, 2-D image). Raises BadFrame (with the frame's
-    uniqueId where it has one) or NotAFrame."""
+    uniqueId where it has one, which its message then names) or NotAFrame."""
     received_s = time.perf_counter() if received_s is None else received_s
     try:
         unique_id = int(_typed(pv, "uniqueId", pv.getInt))
@@ -109,7 +109,7 @@ def _decode(pv: pva.PvObject, unique_id: int, received_s: float) -> tuple[FrameM
         dims = _typed(pv, "dimension", pv.getStructureArray)
         field = pv.getSelectedUnionFieldName()
     except (KeyError, TypeError, pva.FieldNotFound) as exc:
-        raise BadFrame("malformed", f"not an NTNDArray: {exc}") from exc
+        raise BadFrame("malformed", f"frame {unique_id} is not an NTNDArray: {exc}") from exc
     attributes = _field(pv, "attribute", [], pv.getStructureArray)
     time_stamp = _field(pv, "timeStamp", _ZERO_TS, pv.getStructure)
     data_time_stamp = _field(pv, "dataTimeStamp", _ZERO_TS, pv.getStructure)
@@ -118,21 +118,23 @@ def _decode(pv: pva.PvObject, unique_id: int, received_s: float) -> tuple[FrameM
     meta = FrameMeta(unique_id, time_stamp, data_time_stamp, attributes, received_s)
     color_mode = _color_mode(attributes)
     if len(dims) == 3 or color_mode not in (None, AdImageUtility.COLOR_MODE_MONO):
-        raise BadFrame("colour", f"colour frame (ColorMode {color_mode}, {len(dims)} dimensions); only mono frames are processed")
+        raise BadFrame("colour", f"frame {unique_id} is a colour frame (ColorMode {color_mode}, {len(dims)} dimensions); "
+                       "only mono frames are processed")
     if len(dims) != 2:
-        raise BadFrame("empty" if len(dims) == 0 else "malformed", f"frame has {len(dims)} dimensions; need 2")
+        raise BadFrame("empty" if len(dims) == 0 else "malformed", f"frame {unique_id} has {len(dims)} dimensions; need 2")
     if not field:
-        raise BadFrame("empty", "frame has no data")
+        raise BadFrame("empty", f"frame {unique_id} has no data")
     if field not in SUPPORTED_FIELDS:
-        raise BadFrame("dtype", f"unsupported pixel type {field!r}; supported: {', '.join(sorted(SUPPORTED_FIELDS))}")
+        raise BadFrame("dtype", f"frame {unique_id}: unsupported pixel type {field!r}; "
+                       f"supported: {', '.join(sorted(SUPPORTED_FIELDS))}")
     codec = _field(pv, "codec.name", "", pv.getString)
     if codec and codec not in CODEC_PACKAGES:
-        raise BadFrame("codec", f"unsupported codec {codec!r}; supported: {', '.join(CODEC_PACKAGES)}")
+        raise BadFrame("codec", f"frame {unique_id}: unsupported codec {codec!r}; supported: {', '.join(CODEC_PACKAGES)}")
     nx, ny = dims[0]["size"], dims[1]["size"]
     if nx < 0 or ny < 0:
         raise BadFrame("malformed", f"frame {unique_id} says it is {nx}x{ny}")
     if nx * ny == 0:
-        raise BadFrame("empty", f"frame is {nx}x{ny}")
+        raise BadFrame("empty", f"frame {unique_id} is {nx}x{ny}")
     if codec:
         _check_compressed(pv, codec, field, nx, ny, unique_id)
         image = _decompressed(pv, codec, unique_id)
@@ -144,7 +146,7 @@ def _decode(pv: pva.PvObject, unique_id: int, received_s: float) -> tuple[FrameM
                            f"frame {unique_id} says {nx}x{ny} but holds {size} pixel(s)")
         image = image.reshape(ny, nx)
     if image is None or image.size == 0:
-        raise BadFrame("empty", "frame has no data")
+        raise BadFrame("empty", f"frame {unique_id} has no data")
     if image.dtype.kind == "f" and not np.isfinite(image).all():
         n_bad = int(image.size - np.count_nonzero(np.isfinite(image)))
         raise BadFrame("nonfinite", f"frame {unique_id} has {n_bad} NaN or infinite pixel(s)")
@@ -208,7 +210,8 @@ def _decompressed(pv: pva.PvObject, codec: str, unique_id: int) -> np.ndarray:
         _, image, *_ = AdImageUtility.reshapeNtNdArray(pv)
     except pva.ConfigurationError as exc:
         raise BadFrame(
-            "codec", f"cannot decompress {codec!r} frames: install the {CODEC_PACKAGES.get(codec, codec)!r} package ({exc})"
+            "codec", f"frame {unique_id}: cannot decompress {codec!r} frames: install the "
+                     f"{CODEC_PACKAGES.get(codec, codec)!r} package ({exc})"
         ) from exc
     except Exception as exc:  # corrupt data: each codec library raises its own error type
         raise BadFrame("codec", f"cannot decode frame {unique_id}: {type(exc).__name__}: {exc}") from exc
