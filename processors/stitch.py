@@ -73,7 +73,9 @@ attributes win over the file)
     update has not arrived yet waits up to ``metadataWait`` seconds
     (``nFramesWaiting``), then falls back to the file. Order of precedence: the
     frame's attributes, the metadata channels, the file.
-    A frame with no position is counted (``nFramesNoPosition``), not placed.
+    A frame none of them gives a position (an attribute that is not a number gives none)
+    or whose position is not finite (NaN, infinite) is counted (``nFramesNoPosition``),
+    not placed.
 Weights
     ``weightFile`` (.npy (h, w): finite, >= 0, not all zero), else ``probe_weight(probe,
     probeThreshold)`` from the ``.npz``, else the Stitcher's default centre window (also
@@ -109,8 +111,9 @@ Run-time changes (control channel ``configure``)
     nothing, PvaPy's own keys included; PvaPy's skipInitialUpdates (other than 0) is refused.
 Statistics (status channel ``userStats``) -- see :data:`STATS`.
     Each frame with an image (``nFramesReceived``) is placed (``nFramesPlaced``),
-    waiting for its metadata (``nFramesWaiting``), or not placed: ``nFramesNoPosition``,
-    ``nFramesOutside``, ``nFramesWrongShape`` (not the shape of its scan's first frame),
+    waiting for its metadata (``nFramesWaiting``), or not placed: ``nFramesNoPosition`` (no
+    position, or one that is not finite), ``nFramesOutside`` (its patch misses the object),
+    ``nFramesWrongShape`` (not the shape of its scan's first frame),
     ``nFramesAfterStop`` (handed over after ``stop()`` saved the last image: PvaPy's collector
     waits 5 s for its processing thread, then stops the processor while that thread goes on).
     ``nBadFrames``: frames that cannot be decoded (by kind: ``nBadShape``, ``nBadColour``,
@@ -122,6 +125,7 @@ Statistics (status channel ``userStats``) -- see :data:`STATS`.
 from __future__ import annotations
 
 import bisect
+import math
 import os
 import sys
 import threading
@@ -140,11 +144,12 @@ from edge_ptychonn.science.stitch import Stitcher, probe_weight
 from edge_ptychonn.stream.arguments import (
     choice, int_pair, integer, number, optional, path, text, text_list,
 )
+from edge_ptychonn.stream.quote import short_repr
 from edge_ptychonn.thread_name import name_this_thread
 from processors import shutdown
 from processors.base import (
-    BAD_KIND_COUNTS, ProcessorBase, RecentIds, at_start, attribute_value, bad_kind_stats, calling_controller,
-    restore_on_refusal, seconds,
+    BAD_KIND_COUNTS, ProcessorBase, RecentIds, at_start, attribute_raw, attribute_value, bad_kind_stats,
+    calling_controller, restore_on_refusal, seconds,
 )
 
 NAME_ATTEMPTS = 5  # free names tried when other processes take them as this one saves
@@ -332,6 +337,7 @@ class _Waiting:
     image: np.ndarray
     key: float
     since_s: float
+    attributes: list  # for the log, should no position come
 
 
 # ---------------------------------------------------------------- settings
@@ -597,15 +603,15 @@ class StitchProcessor(ProcessorBase):
         if not new:  # nothing new came: only the oldest can have expired
             while self.waiting and expired(self.waiting[0]):
                 w = self.waiting.popleft()
-                self._place_locked(w.unique_id, w.image, self._table_position(w.unique_id))
+                self._place_locked(w.unique_id, w.image, self._table_position(w.unique_id), w.attributes)
             return
         keep = deque()
         for w in self.waiting:
             position = self._metadata_position_locked(w.key)
             if position is not None:
-                self.counts["by_metadata"] += self._place_locked(w.unique_id, w.image, position)
+                self.counts["by_metadata"] += self._place_locked(w.unique_id, w.image, position, w.attributes)
             elif expired(w):
-                self._place_locked(w.unique_id, w.image, self._table_position(w.unique_id))
+                self._place_locked(w.unique_id, w.image, self._table_position(w.unique_id), w.attributes)
             else:
                 keep.append(w)
         self.waiting = keep
@@ -673,40 +679,38 @@ class StitchProcessor(ProcessorBase):
                 self._finish_locked(publish=True)
             self._max_unique_id = max(self._max_unique_id, unique_id)
             self._received_ids.add(unique_id, self._max_unique_id - self.settings.restart_window)
-            placed = self._add_locked(unique_id, image, position, time_s)
+            placed = self._add_locked(unique_id, image, position, time_s, attributes)
         self._send_outputs()
         return placed, resets
 
-    def _add_locked(self, unique_id: int, image: np.ndarray, position, time_s: float) -> bool:
+    def _add_locked(self, unique_id: int, image: np.ndarray, position, time_s: float, attributes: list) -> bool:
         if self.metadata is not None:
             self._retry_waiting_locked()
             if position is None:
                 key = time_s if self.metadata.by_time else unique_id
                 position = self._metadata_position_locked(key)
                 if position is not None:  # counted once placed (not if outside the object, say)
-                    placed = self._place_locked(unique_id, image, position)
+                    placed = self._place_locked(unique_id, image, position, attributes)
                     self.counts["by_metadata"] += placed
                     return placed
                 if self.settings.metadata_wait_s > 0:
-                    self.waiting.append(_Waiting(unique_id, np.array(image), key, time.monotonic()))
+                    self.waiting.append(_Waiting(unique_id, np.array(image), key, time.monotonic(), attributes))
                     return False
         if position is None:
             position = self._table_position(unique_id)
-        return self._place_locked(unique_id, image, position)
+        return self._place_locked(unique_id, image, position, attributes)
 
-    def _place_locked(self, unique_id: int, image: np.ndarray, position) -> bool:
-        """Place a frame of the current scan at ``position`` (None: counted as no position)."""
+    def _place_locked(self, unique_id: int, image: np.ndarray, position, attributes: list) -> bool:
+        """Place a frame of the current scan at ``position`` (None or not finite: counted as
+        no position, logged with why, from the frame's ``attributes`` where they hold it)."""
         scan = self.scan
         if scan is not None and image.shape != scan.stitcher.patch_shape:
             self.counts["wrong_shape"] += 1
             self.count_problem("shape", "frame %d is %s, the scan's frames are %s: not placed",
                                unique_id, image.shape, scan.stitcher.patch_shape)
             return False
-        if position is None:
-            self.counts["no_position"] += 1
-            self.count_problem("noPosition", "frame %d has no position (no attributes %s%s, not in the positions file)",
-                               unique_id, "/".join(self.settings.position_attributes),
-                               ", no matching metadata" if self.metadata is not None else "")
+        if position is None or not (math.isfinite(position[0]) and math.isfinite(position[1])):
+            self._count_no_position_locked(unique_id, position, attributes)
             return False
         if scan is None:
             scan = self.scan = self._new_scan(image.shape)
@@ -724,6 +728,26 @@ class StitchProcessor(ProcessorBase):
         scan.changed = True
         self.counts["placed"] += 1
         return True
+
+    def _count_no_position_locked(self, unique_id: int, position, attributes: list) -> None:
+        """Count a frame without a usable position in nFramesNoPosition and log why (once per
+        reason): its ``position`` is not finite; or there is none (None), and a position
+        attribute is there but not a number, or none of the position's sources has it."""
+        self.counts["no_position"] += 1
+        if position is not None:
+            self.count_problem("positionNotFinite", "frame %d has no position: %s is not finite", unique_id, position)
+            return
+        metadata = ", no matching metadata" if self.metadata is not None else ""
+        names = self.settings.position_attributes
+        for name in names:
+            value = attribute_raw(attributes, name)
+            if value is not None and attribute_value(attributes, name) is None:
+                self.count_problem("positionNotNumber", "frame %d has no position (its attribute %s is %s, not a "
+                                   "number%s, not in the positions file)", unique_id, name, short_repr(value, 40),
+                                   metadata)
+                return
+        self.count_problem("noPosition", "frame %d has no position (no attributes %s%s, not in the positions file)",
+                           unique_id, "/".join(names), metadata)
 
     def coverage(self) -> float:
         with self.lock:

@@ -812,6 +812,58 @@ def test_last_unique_id_names_the_last_frame_placed(rng):
     p.stop()
 
 
+def _logged(caplog, kind: str) -> str:
+    """The one line the stitcher logged of a problem ``kind`` (count_problem's)."""
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"{kind} (logged once")]
+    assert len(lines) == 1, [r.getMessage() for r in caplog.records]
+    return lines[0]
+
+
+def test_a_position_attribute_that_is_not_a_number_is_reported_as_such(rng, caplog):
+    """PosX published as the string "12" (an IOC string record) was reported as "no attributes
+    PosY/PosX", which sent the user looking for attributes that were there."""
+    import logging
+
+    patches, positions, _ = small_scan(rng, n=2)
+    p = make({"objectShape": [40, 48]})
+    pv = good_frame(5, patches[0])
+    pv["attribute"] = [pva.NtAttribute("PosY", pva.PvDouble(positions[0, 0])), pva.NtAttribute("PosX", pva.PvString("12"))]
+    with caplog.at_level(logging.ERROR):
+        p.process(pv)
+        p.process(good_frame(6, patches[1]))  # no attributes at all: the message of its own
+    stats = p.getStats()
+    assert stats["nFramesNoPosition"] == 2 and stats["nFramesPlaced"] == 0, stats
+    assert _logged(caplog, "positionNotNumber").endswith(
+        "frame 5 has no position (its attribute PosX is '12', not a number, not in the positions file)")
+    assert _logged(caplog, "noPosition").endswith(
+        "frame 6 has no position (no attributes PosY/PosX, not in the positions file)")
+
+
+@pytest.mark.parametrize("source", ["attribute NaN", "attribute inf", "metadata NaN"])
+def test_a_position_that_is_not_finite_is_no_position_not_outside(rng, caplog, source):
+    """A NaN (or infinite) position was counted in nFramesOutside and logged as "frame 21 at
+    (nan, 10.0) misses the object": it is no position, and the log says it is not finite."""
+    import logging
+
+    patches, positions, _ = small_scan(rng, n=2)
+    bad = float("inf") if source == "attribute inf" else float("nan")
+    if source == "metadata NaN":
+        p = make({"objectShape": [40, 48], "positionChannels": ["y", "x"], "metadataMatch": "uniqueId"})
+        p.metadataQueueMap = {"y": pva.PvObjectQueue(10), "x": pva.PvObjectQueue(10)}
+        p.metadataQueueMap["y"].put(metadata_update(bad, unique_id=21))
+        p.metadataQueueMap["x"].put(metadata_update(10.0, unique_id=21))
+        frame = good_frame(21, patches[0])
+    else:
+        p = make({"objectShape": [40, 48]})
+        frame = attributed_frame(21, patches[0], (bad, 10.0))
+    with caplog.at_level(logging.ERROR):
+        p.process(frame)
+    p.process(attributed_frame(22, patches[1], positions[1]))  # a good frame still goes in
+    stats = p.getStats()
+    assert (stats["nFramesNoPosition"], stats["nFramesOutside"], stats["nFramesPlaced"]) == (1, 0, 1), stats
+    assert _logged(caplog, "positionNotFinite").endswith(f"frame 21 has no position: ({bad}, 10.0) is not finite")
+
+
 def test_frames_by_metadata_count_only_those_placed(rng):
     """nFramesByMetadata counts the frames placed by the metadata channels' positions; a frame
     whose metadata put it outside the object (or one of another patch size) was counted there
