@@ -50,7 +50,8 @@ Processor arguments (``--processor-args`` JSON; camelCase)
     for CPU engines; see edge_ptychonn/stream/pipeline.py);
     crop [h, w]; cropOrigin [y0, x0]; bin (int);
     normalize ('none' | 'running': each frame scaled by referenceTotal over the mean total of the
-    last normalizeWindow frames | 'total': each frame scaled to referenceTotal counts);
+    last normalizeWindow frames, totals beyond twice or below half their median left out |
+    'total': each frame scaled to referenceTotal counts);
     referenceTotal (> 0); normalizeWindow (frames, default 1024);
     transform ('none' | 'sqrt' | 'log1p'); offset; scale (> 0);
     outputMask (bool; default true when the card has an output_mask).

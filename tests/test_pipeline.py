@@ -602,7 +602,11 @@ class PollingEngine(AsyncEngine):
 def test_the_receive_runner_leaves_a_gpu_batch_in_flight_and_receives_meanwhile(small_model, rng, monkeypatch):
     """batchRunner receive on an engine with done(): the receive thread submits the batch it filled
     and goes back to receiving; it publishes it at a later frame once it is done, or when the next
-    batch finds the engine full; once no frame comes for HANDOVER_S the inference thread does."""
+    batch finds the engine full; once no frame comes for HANDOVER_S the inference thread does.
+    HANDOVER_S is made 0.5 s here: on a loaded machine the test's own steps took longer than its 5 ms."""
+    import edge_ptychonn.stream.pipeline as pipeline_module
+
+    monkeypatch.setattr(pipeline_module, "HANDOVER_S", 0.5)
     pipeline, published, engine, crashes = receive_pipeline(small_model, monkeypatch, PollingEngine)
     images = frames(rng, 16)
     me = threading.current_thread().name

@@ -18,8 +18,11 @@ The steps, in order, each optional:
      one per consumer, started again when ``normalize`` or the window changes;
      ``preprocess`` one per call unless given). Differences between frames
      stay: the total of a frame tells how much the object under the probe
-     absorbs, which the network uses for the patch's absolute phase. A new
-     dose is followed within a window;
+     absorbs, which the network uses for the patch's absolute phase. Totals
+     more than twice or less than half the window's median are left out of the
+     mean, so that an outlying frame (saturated, a readout glitch, the beam off
+     for a while) spoils only itself. A new dose is followed once it holds half
+     the window;
    - ``"total"``: each frame is scaled so that its own total is
      ``reference_total``. Stateless, but it removes that absorption cue: the
      stitched phase of a held-out scan lost 0.07 SSIM (0.713 -> 0.640) with the
@@ -41,6 +44,7 @@ runs steps 3-5 on the whole stack at once.
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass
 
@@ -130,30 +134,59 @@ class PreprocessConfig:
 
 
 class RunningTotal:
-    """The mean total counts of the last ``window`` frames (``normalize: "running"``)."""
+    """The reference total of the last ``window`` frames (``normalize: "running"``): the mean
+    of their totals, leaving out those more than :data:`OUTLIER_FACTOR` times above or below
+    the window's median total.
+
+    A plain mean of the window let one saturated frame (a total 500 times the others) scale
+    the next 1024 frames down by about half (the stitched phase of a 64-frame scan with its
+    fifth frame saturated: SSIM 0.865 -> 0.450), and 300 frames with the beam off put the
+    frames after it 0.5 rad off. Such a frame now spoils only itself. Totals vary by a few
+    per cent with the object's absorption, so over a scan this is the mean (a median instead
+    cost a held-out scan 0.014 SSIM: it wanders more over the first frames). A new dose is
+    followed once it holds half the window. About 2 us per frame (a sorted list of the
+    window's totals)."""
 
     def __init__(self, window: int = 1024):
         self.window = int(window)
-        self._totals = np.zeros(self.window)
-        self._n = 0
+        self._ring = [0.0] * self.window  # the window's totals, in arrival order
+        self._sorted: list[float] = []  # the same, sorted
+        self._sum = 0.0  # of the window's totals
         self._next = 0
-        self._sum = 0.0
 
     def add(self, total: float) -> float:
-        """Count a frame's ``total`` (if positive and finite: one infinite total, from float
-        pixels whose binned sum overflows float32, would hold the mean at infinity, and
-        then NaN, for two windows); return the mean of the window (0 while empty)."""
+        """Count a frame's ``total`` (if positive and finite: an infinite total comes from
+        float pixels whose binned sum overflows float32); return the reference total of the
+        window (0 while empty)."""
         if 0 < total < math.inf:
-            if self._n == self.window:
-                self._sum -= self._totals[self._next]
-            else:
-                self._n += 1
-            self._totals[self._next] = total
+            total = float(total)
+            if len(self._sorted) == self.window:
+                old = self._ring[self._next]
+                del self._sorted[bisect.bisect_left(self._sorted, old)]
+                self._sum -= old
+            self._ring[self._next] = total
+            bisect.insort(self._sorted, total)
             self._sum += total
             self._next = (self._next + 1) % self.window
             if self._next == 0:  # once per window: no drift from the running sum
-                self._sum = float(self._totals[: self._n].sum())
-        return self._sum / self._n if self._n else 0.0
+                self._sum = math.fsum(self._sorted)
+        return self.reference()
+
+    def reference(self) -> float:
+        """The mean of the window's totals within :data:`OUTLIER_FACTOR` of their median (0 while empty)."""
+        totals, n = self._sorted, len(self._sorted)
+        if n == 0:
+            return 0.0
+        median = totals[n // 2] if n % 2 else 0.5 * (totals[n // 2 - 1] + totals[n // 2])
+        lo = bisect.bisect_left(totals, median / OUTLIER_FACTOR)
+        hi = bisect.bisect_right(totals, median * OUTLIER_FACTOR)
+        if lo == 0 and hi == n:
+            return self._sum / n
+        # the outliers are few: their sums are cheap
+        return (self._sum - math.fsum(totals[:lo]) - math.fsum(totals[hi:])) / (hi - lo)
+
+
+OUTLIER_FACTOR = 2.0  # a frame total beyond this factor of the window's median is left out of its reference
 
 
 def load_into(frame: np.ndarray, out: np.ndarray, config: PreprocessConfig) -> None:
