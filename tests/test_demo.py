@@ -184,6 +184,8 @@ def test_soak_refuses_bad_options_in_one_line_before_it_starts_anything(tmp_path
     (["--scan", "ONE"], "--scan 'ONE' must hold frames (n >= 2, height, width)"),
     (["--scan", "MODEL"], "--scan 'MODEL' is not a NumPy .npy file"),
     (["--scan", "SCAN"], "--scan SCAN has no scan.npz beside it: the stitcher needs the scan's positions"),
+    (["--bin", "0"], "--bin must be an integer 1..64, got 0"),  # the consumers' bin, in the demo's option name
+    (["--crop-origin", "1", "1"], "--crop-origin needs crop"),
 ])
 def test_options_the_chain_refuses_are_refused_in_the_demos_own_names_before_anything(
         tmp_path, capsys, monkeypatch, option, message):
@@ -206,15 +208,42 @@ def test_options_the_chain_refuses_are_refused_in_the_demos_own_names_before_any
 
 def test_a_scan_the_model_cannot_take_is_one_line_before_the_chain(tmp_path, capsys, monkeypatch):
     """Frames of another size than the model's input (after crop and bin): before, the chain
-    started and every frame was refused as a bad frame (shape), all of them lost."""
+    started and every frame was refused as a bad frame (shape), all of them lost. The line names
+    the demo's options that cut the frames (before: "[inference.args] ... modelPath", a file the
+    demo's user never wrote, and no option to give the crop and bin)."""
     np.save(tmp_path / "scan.npy", np.zeros((2, 8, 8), np.int16))
     np.savez(tmp_path / "scan.npz", positions_px=np.zeros((2, 2)))
     monkeypatch.setattr(demo.launch, "run", lambda *a, **k: pytest.fail("the chain was started"))
-    args = demo.get_args_parser().parse_args(["--scan", str(tmp_path / "scan.npy"), "--out", str(tmp_path / "out")])
-    assert demo.main(args) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("edge-ptychonn demo: [inference.args] the scan's 8x8 frames do not become the 128x128 "
-                          "input of modelPath") and len(err.splitlines()) == 1, err
+    for options, cut in (([], "become 8x8 with no crop and bin 1 (the model card's)"),
+                         (["--crop", "8", "8", "--bin", "2"], "become 4x4 with crop 8x8 and bin 2 (--crop, "
+                                                               "--crop-origin, --bin)")):
+        args = demo.get_args_parser().parse_args(["--scan", str(tmp_path / "scan.npy"), "--out", str(tmp_path / "out"),
+                                                  *options])
+        assert demo.main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"edge-ptychonn demo: --scan {tmp_path / 'scan.npy'}: frames of 8x8 {cut}; the model "
+                              "takes 128x128: give the detector's crop and bin with --crop H W (centred, or at "
+                              "--crop-origin Y X) and --bin N, H = W = N x 128") and len(err.splitlines()) == 1, err
+        assert "[" not in err, err  # no table of the launcher's file
+
+
+def test_a_detectors_frames_are_cut_by_the_demos_crop_and_bin_options(tmp_path, capsys, monkeypatch):
+    """A recording of 260x260 detector frames: --crop 256 256 --crop-origin 1 3 --bin 2 make them the
+    shipped model's 128x128 input, and the consumers get them as their crop, cropOrigin and bin."""
+    np.save(tmp_path / "scan.npy", np.zeros((2, 260, 260), np.int16))
+    np.savez(tmp_path / "scan.npz", positions_px=np.zeros((2, 2)))
+    chains = []
+    monkeypatch.setattr(demo.launch, "run", lambda cfg, **k: chains.append(cfg) or 0)
+    args = demo.get_args_parser().parse_args(["--scan", str(tmp_path / "scan.npy"), "--out", str(tmp_path / "out"),
+                                              "--crop", "256", "256", "--crop-origin", "1", "3", "--bin", "2"])
+    assert demo.main(args) == 0, capsys.readouterr().err
+    [cfg] = chains
+    assert {k: cfg.inference["args"][k] for k in ("crop", "cropOrigin", "bin")} == {
+        "crop": [256, 256], "cropOrigin": [1, 3], "bin": 2}
+    assert "--bin N" in demo.get_args_parser().format_help()
+    args.crop = [0, 8]  # refused as the consumers refuse crop, before the chain
+    assert demo.main(args) == 2 and len(chains) == 1
+    assert capsys.readouterr().err == "edge-ptychonn demo: --crop must be [height, width] of positive ints, got (0, 8)\n"
 
 
 def test_no_hint_to_view_the_channels_after_ctrl_c(tmp_path, capsys, monkeypatch):

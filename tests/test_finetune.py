@@ -240,7 +240,8 @@ def test_held_out_block_and_guard_band(beamline):
     ("no_positions", "holds no positions: give --positions"),
     ("unknown_filter", "cannot read the frames .* needs hdf5plugin: pip install 'edge-ptychonn\\[hdf5\\]'"),
     ("data_group", "no data dataset; expected the layout of processors/hdf5_writer.py"),
-    ("frame_size", "become .64, 64. after the base model's preprocessing"),
+    ("frame_size", r"frames of 64x64 become 64x64 with no crop and bin 1 \(the base model's\); the model takes "
+                   r"128x128: give the detector's crop and bin with --crop H W"),
     ("overwrite_base", "would overwrite the base model"),
     ("threads", "threads must be >= 1, got 0"),
     ("max_minutes", r"max-minutes must be a number >= 0 .0: no limit., got nan"),
@@ -509,6 +510,65 @@ def test_a_base_that_crops_keeps_its_crop_and_output_mask_and_a_larger_probe_get
     wide_mask = load_card(tmp_path / "wide.onnx").output_mask
     assert wide_mask == output_mask_from_probe(wide, 0.1) and wide_mask.radius_px > mask.radius_px
     assert finetune.output_mask_for(None, default_probe, 0.1) == output_mask_from_probe(default_probe, 0.1)
+
+
+def test_the_detectors_crop_and_bin_are_options_that_go_into_the_new_card(tmp_path, capsys):
+    """Recorded detector frames larger than the model's input (here 134x134 for a 64x64 model: the
+    content at twice the resolution, binned 2, with a border the crop cuts): before, no option gave
+    the crop and bin, and the refusal named none ("frames of (134, 134) become (134, 134) after the
+    base model's preprocessing (crop None, bin 1)"). ``--crop``, ``--crop-origin`` and ``--bin``
+    override the base card's, are checked as the processor checks them, and go into the new card;
+    the positions (object pixels) stay as they are."""
+    from dataclasses import replace
+
+    from edge_ptychonn.model_card import ModelCard, save_card
+    from edge_ptychonn.science.model import ModelConfig, build_model, export_onnx
+    from edge_ptychonn.science.simulate import ScanSettings
+    from edge_ptychonn.stream.preprocess import PreprocessConfig, preprocess
+
+    frames, truth = simulate_scan(ScanSettings(seed=3, n_positions=64, frame_size=64, overlap=0.6, photons=1e5),
+                                  progress=False)
+    fine = np.kron(frames, np.ones((2, 2), frames.dtype))  # each pixel as a 2x2 block: bin 2 sums it back (x4)
+    detector = np.pad(fine, ((0, 0), (1, 5), (3, 3)), constant_values=50)  # off centre: the crop needs its origin
+    with capsys.disabled():  # PvaPy's logging wants the real stdout
+        h5 = record_hdf5(tmp_path / "raw", detector, truth.positions_px)  # as the README's workflow records them
+    np.save(tmp_path / "recon.npy", (truth.object_amplitude * np.exp(1j * truth.object_phase)).astype(np.complex64))
+    base = export_onnx(build_model(ModelConfig(width=4, depth=2, input_size=64), seed=1).eval(), tmp_path / "b.onnx")
+    pp = PreprocessConfig(transform="sqrt", scale=0.05, normalize="running",
+                          reference_total=float(frames.reshape(64, -1).sum(axis=1).mean()))
+    save_card(ModelCard(name="b", input_size=64, preprocess=pp,
+                        model=ModelConfig(width=4, depth=2, input_size=64, batch_norm=False)), base)
+    common = ["--frames", h5, "--object", tmp_path / "recon.npy", "--init-from", base, "--epochs", 1,
+              "--batch-size", 8, "--max-minutes", 0, "--device", "cpu", "--threads", 1, "--quiet"]
+
+    for options, message in (
+        ([], "frames of 134x134 become 134x134 with no crop and bin 1 (the base model's); the model takes 64x64: "
+             "give the detector's crop and bin with --crop H W (centred, or at --crop-origin Y X) and --bin N, "
+             "H = W = N x 64"),
+        (["--crop", 128, 128], "frames of 134x134 become 128x128 with crop 128x128 and bin 1 (--crop, --crop-origin, "
+                               "--bin); the model takes 64x64: give the detector's crop and bin with --crop H W"),
+        (["--crop", 200, 128, "--bin", 2], "frames of 134x134 cannot be cut so (crop 200x128 at (-33, 3) does not "
+                                           "fit a 134x134 frame) with crop 200x128 and bin 2"),
+        (["--bin", 0], "--bin must be an integer 1..64, got 0"),  # PreprocessConfig's words, the processor's
+        (["--crop", 0, 128], "--crop must be [height, width] of positive ints, got (0, 128)"),
+        (["--crop-origin", 1, 3], "--crop-origin needs crop"),
+    ):
+        assert run_cli(*common, *options, "--out", tmp_path / "refused") == 2, options
+        err = capsys.readouterr().err
+        assert err.startswith(f"edge-ptychonn finetune: {message}") and err.count("\n") == 1, (options, err)
+    assert not list(tmp_path.glob("refused*"))
+
+    assert run_cli(*common, "--crop", 128, 128, "--crop-origin", 1, 3, "--bin", 2, "--out", tmp_path / "ft") == 0, \
+        capsys.readouterr().err
+    card = load_card(tmp_path / "ft.onnx")
+    assert card.preprocess == replace(pp, crop_hw=(128, 128), crop_origin_yx=(1, 3), bin_factor=2)
+    # what the consumers running the new model make of the detector's frames: the model's own inputs
+    np.testing.assert_allclose(preprocess(detector, card.preprocess), preprocess(frames, pp), rtol=1e-5, atol=1e-5)
+    assert finetune.load_base(tmp_path / "ft.pt")[3] == card.preprocess  # the checkpoint's, for a later --init-from
+    md = " ".join((tmp_path / "ft.md").read_text().split())
+    assert "kept from the base model but the detector's crop and bin, given to finetune (--crop, --crop-origin, " \
+           "--bin), in `ft.json`" in md and "crop 128x128, bin 2" in md, md
+    assert "--crop 128 128 --crop-origin 1 3 --bin 2" in card.training.command
 
 
 def test_the_writers_raw_frames_are_taken_whatever_their_pixel_type_or_card(tmp_path):

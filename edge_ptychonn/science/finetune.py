@@ -26,6 +26,14 @@ Inputs
     ``--object``     the reconstructed complex object: a complex ``.npy`` (H, W),
                      or an ``.npz`` with a complex ``object`` array (and,
                      optionally, the reconstructed ``probe``).
+    ``--crop``, ``--crop-origin``, ``--bin``
+                     the detector's crop and bin (the processor's ``crop``,
+                     ``cropOrigin``, ``bin``), where the recorded frames are not
+                     the model's input size (e.g. 516x516: ``--crop 512 512 --bin
+                     4`` for 128x128); each replaces the base model's (key by key,
+                     as the processor's arguments override its card) and goes into
+                     the new card, so that the consumers running the new model cut
+                     the detector's frames the same way.
 
 Position convention
     The network's patch for a frame is the object window of the model's input
@@ -37,6 +45,11 @@ Position convention
     centre`` (positions of the probe centre rather than the window's corner):
     ``corner = position / pixel_size + origin [- n / 2]``, rounded to whole
     pixels. The target phase is ``angle(object * exp(-1j * phase_shift))``.
+    The crop and bin act on the diffraction frames only (reciprocal space) and
+    leave the positions (real space) as they are: the network's patch is n x n
+    object pixels whatever the detector's frame size, and the reconstruction's
+    pixel must be that patch's pixel (the wavelength times the distance over the
+    cropped detector's width; binning does not change it).
 
 Training
     The base model (default: the shipped ``data/ptychonn.onnx``; ``--init-from``
@@ -46,7 +59,8 @@ Training
     them), then ``unfold_batchnorm`` puts BatchNorm layers back with the
     statistics of the recorded frames (same outputs; ``--batchnorm folded``
     skips it); a checkpoint keeps its BatchNorm layers. Frames go through the
-    base model's preprocessing (its card), which the output keeps.
+    base model's preprocessing (its card), with the crop and bin of ``--crop``,
+    ``--crop-origin`` and ``--bin`` where given, which the output keeps.
     ``train.Trainer`` runs the epochs (AdamW, warm-up and cosine decay to the
     last step or the time limit, bf16 autocast where the device has it natively,
     masked L1 loss on the probe's
@@ -61,7 +75,7 @@ Held-out positions
 
 Outputs
     ``<out>.onnx``, ``<out>.json`` (the model card the processor reads:
-    preprocessing and stitch settings of the base model, its output mask unless
+    preprocessing (with the crop and bin given) and stitch settings of the base model, its output mask unless
     the loss probe's bright centre reaches beyond it (then a disc around that
     bright centre, as ``train`` makes it), the architecture, the
     fine-tuning record, held-out scores before and after), ``<out>.md`` (the
@@ -102,7 +116,7 @@ from edge_ptychonn.progress import Progress
 from edge_ptychonn.science.simulate import ScanSettings, extract_patches, make_probe
 from edge_ptychonn.science.stitch import Stitcher, probe_weight
 from edge_ptychonn.stream.postprocess import OutputMask
-from edge_ptychonn.stream.preprocess import PreprocessConfig, preprocess
+from edge_ptychonn.stream.preprocess import PreprocessConfig
 from edge_ptychonn.stream.quote import short_repr
 
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".nxs")
@@ -455,6 +469,24 @@ def load_base(path: str | Path):
                      "checkpoint (.pt)")
 
 
+def detector_preprocess(pp: PreprocessConfig, crop: tuple[int, int] | None = None,
+                        crop_origin: tuple[int, int] | None = None, bin_factor: int | None = None) -> PreprocessConfig:
+    """``pp`` with the detector's crop and bin of ``--crop``, ``--crop-origin`` and ``--bin`` where given, key
+    by key, as the processor's arguments override its card; ``InputError``, in the options' names, for values
+    that the processor refuses as ``crop``, ``cropOrigin`` and ``bin``."""
+    fields = {}
+    if crop is not None:
+        fields["crop_hw"] = tuple(crop)
+    if crop_origin is not None:
+        fields["crop_origin_yx"] = tuple(crop_origin)
+    if bin_factor is not None:
+        fields["bin_factor"] = bin_factor
+    try:
+        return replace(pp, **fields)
+    except ValueError as exc:  # PreprocessConfig's checks, the processor's
+        raise InputError(cli_options.in_option_names(str(exc), cli_options.DETECTOR_OPTIONS)) from None
+
+
 def unfold_batchnorm(folded, frames: np.ndarray, pp: PreprocessConfig, factors: np.ndarray | None = None,
                      batch_size: int = 32, progress: bool = False):
     """A PtychoNN with BatchNorm that computes what ``folded`` (BatchNorm folded away, as in
@@ -602,7 +634,10 @@ def card_markdown(card: ModelCard, base_name: str, data: dict, before: dict, aft
         "",
         f"- ONNX opset 17, input `diffraction` float32 (N, 1, {n}, {n}), outputs "
         f"{', '.join(f'`{o}`' for o in card.outputs)} float32 (N, 1, {n}, {n}); the batch axis is dynamic.",
-    ] + preprocess_lines(card, f"kept from the base model, in `{card.name}.json`",
+    ] + preprocess_lines(card, "kept from the base model" + (
+                             "" if data["crop_bin_from"] == "the base model"
+                             else f" but the detector's crop and bin, given to finetune ({data['crop_bin_from']})")
+                         + f", in `{card.name}.json`",
                          "in fine-tuning, over the mean total of the recorded frames") + [
         f"- Architecture: PtychoNN width {m.width}, depth {m.depth}, BatchNorm: {data['batchnorm']}; "
         f"amplitude head {m.amplitude_head}; "
@@ -665,7 +700,8 @@ def get_args_parser(prog: str = "edge-ptychonn finetune") -> argparse.ArgumentPa
         "cut the reconstruction's phase patches at the scan positions, train the base model on them (CPU or "
         "GPU), score held-out positions before and after, and write <out>.onnx, <out>.json (model card), "
         "<out>.md and <out>.pt. Positions are the top-left corner of the model's input window in object "
-        "pixels, as 'edge-ptychonn simulate' writes them (see --pixel-size, --origin, --position-ref).",
+        "pixels, as 'edge-ptychonn simulate' writes them (see --pixel-size, --origin, --position-ref); the "
+        "detector's crop and bin (--crop, --bin) act on the frames only and leave the positions as they are.",
     )
     p.add_argument("--frames", required=True, help="recorded raw frames: .npy (N, H, W), or an HDF5 file of "
                    "processors/hdf5_writer.py on the detector channel (data, uniqueId, positions); its file of an "
@@ -677,6 +713,7 @@ def get_args_parser(prog: str = "edge-ptychonn finetune") -> argparse.ArgumentPa
                    "complex 'object' (and optionally 'probe')")
     p.add_argument("--probe", default=None, help="probe (complex (n, n) .npy or .npz 'probe') for the loss mask "
                    "(default: the object .npz's probe, else the base model's training probe)")
+    cli_options.add_detector_options(p, "the base model's card; written into the new card")
     p.add_argument("--pixel-size", type=float, default=1.0, help="position units per object pixel (default: 1, "
                    "positions in object pixels)")
     p.add_argument("--origin", type=float, nargs=2, default=(0.0, 0.0), metavar=("Y", "X"),
@@ -785,10 +822,11 @@ def _finetune(args: argparse.Namespace) -> int:
             probe, probe_from = load_probe(args.probe), str(args.probe)
         model, config, card, pp = load_base(args.init_from)
         n = config.input_size
-        shape = preprocess(np.asarray(recorded.frames[:1]), pp).shape[1:]
-        if shape != (n, n):
-            raise InputError(f"frames of {recorded.frames.shape[1:]} become {shape} after the base model's "
-                             f"preprocessing (crop {pp.crop_hw}, bin {pp.bin_factor}); the model takes {n}x{n}")
+        given = (args.crop, args.crop_origin, args.bin) != (None,) * 3
+        crop_bin_from = "--crop, --crop-origin, --bin" if given else "the base model"
+        pp = detector_preprocess(pp, args.crop, args.crop_origin, args.bin)
+        cli_options.check_detector_fit(recorded.frames.shape[1:], pp, (n, n),
+                                       crop_bin_from if given else "the base model's")  # ValueError: one line, exit 2
         corners = to_object_pixels(positions, size=n, object_shape=obj.shape, pixel_size=args.pixel_size,
                                    unique_ids=recorded.unique_ids,
                                    origin=tuple(args.origin), reference=args.position_ref)
@@ -902,7 +940,8 @@ def _finetune(args: argparse.Namespace) -> int:
             "batchnorm": ("unfolded from the ONNX weights for training, folded again in the ONNX export"
                           if args.batchnorm == "unfold" else "none (trained folded into the convolutions)")
             if folded else "from the checkpoint, folded in the ONNX export", "pixel_size": args.pixel_size,
-            "origin": list(args.origin), "position_ref": args.position_ref}
+            "origin": list(args.origin), "position_ref": args.position_ref,
+            "crop_bin_from": crop_bin_from}
     # the four files are made under hidden names and take their names together at the end, in the reverse
     # order of these (the .md, the .json, the .onnx, then the .pt): a stop, a full disk or an error before
     # then leaves an earlier model of this name as it was (a .pt that matches its .onnx), no file half-written

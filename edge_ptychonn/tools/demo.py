@@ -17,6 +17,11 @@ with a PNG of the stitched phase beside the truth at the printed path (in
 'edge-ptychonn[hdf5]'``). Each run first removes the previous run's stitched
 image and HDF5 files from ``--out`` (the demo's own folder; the chain's writers
 never replace a file). Exit status 0 when no frame was lost.
+
+A ``--scan`` whose frames are not the model's input size (a detector's, e.g.
+516x516 for a 128x128 model) is cut as the consumers cut a detector's frames:
+``--crop``, ``--crop-origin`` and ``--bin`` are their ``crop``, ``cropOrigin``
+and ``bin`` (default: the model card's).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_ptychonn import cli_options
 from edge_ptychonn.model_card import ModelCard, default_model_path, find_card
 from edge_ptychonn.science import accuracy
 
@@ -62,6 +68,7 @@ def get_args_parser(prog: str = "edge-ptychonn demo") -> argparse.ArgumentParser
     p.add_argument("--fps", type=float, default=60.0, help="replay frame rate (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=8, help="frames per inference batch and per distributor turn (default: %(default)s)")
     p.add_argument("--cpu-threads", type=int, default=1, help="cpuThreads of each consumer: engine threads per CPU worker, 0 = the consumer's own layout (default: %(default)s)")
+    cli_options.add_detector_options(p, "the model card's")
     p.add_argument("--prefix", default="demo", help="channel prefix: <prefix>:inference:<id>:output, "
                    "<prefix>:stitch:1:output, ... (default: %(default)s)")
     p.add_argument("--channel", default="ad:image", help="detector channel the sim server publishes (default: %(default)s)")
@@ -113,7 +120,8 @@ def chain_config(args: argparse.Namespace, scan: Path, card: ModelCard | None) -
         "inference": {"consumers": args.consumers, "prefix": f"{args.prefix}:inference",
                       "distributor_updates": args.batch_size,
                       "args": {"modelPath": str(args.model.resolve()), "engine": args.engine,
-                               "batchSize": args.batch_size, "cpuThreads": args.cpu_threads}},
+                               "batchSize": args.batch_size, "cpuThreads": args.cpu_threads,
+                               **cli_options.detector_args(args)}},
         "stitch": {"prefix": f"{args.prefix}:stitch", "args": {"outputDirectory": str(out / "stitched"), "publishRate": 2.0}},
     }
     if card is not None:
@@ -211,13 +219,14 @@ def sweep(args: argparse.Namespace, scan: Path, card: ModelCard | None, rates: l
 
 
 # the consumers' processor arguments the demo's options set: named as the user wrote them
-OPTION_OF_ARG = {"batchSize": "--batch-size", "cpuThreads": "--cpu-threads"}
+OPTION_OF_ARG = {"batchSize": "--batch-size", "cpuThreads": "--cpu-threads", **cli_options.DETECTOR_OPTIONS}
 
 
-def check_options(args: argparse.Namespace) -> None:
+def check_options(args: argparse.Namespace):
     """The options the launcher and the consumers would refuse, refused here first in the demo's
     own option names (not the launcher's file keys, ``batchSize`` or ``[inference] prefix``) and
-    before a scan is simulated for nothing. Raises ValueError with the reason."""
+    before a scan is simulated for nothing. Raises ValueError with the reason; returns the
+    consumers' ``ProcessorConfig``."""
     if not 1 <= args.consumers <= launch.MAX_CONSUMERS or not (math.isfinite(args.fps) and args.fps >= launch.MIN_FPS):
         raise ValueError(f"--consumers must be 1..{launch.MAX_CONSUMERS} and --fps a finite number >= {launch.MIN_FPS:g}, "
                          f"got {args.consumers} and {args.fps:g}")
@@ -229,12 +238,10 @@ def check_options(args: argparse.Namespace) -> None:
     except ValueError as exc:
         raise ValueError(f"--engine: {exc}") from None
     try:  # the consumers' own parsing: their ranges, in one place
-        parse_processor_args({"modelPath": str(args.model), "batchSize": args.batch_size,
-                              "cpuThreads": args.cpu_threads})
+        config, _ = parse_processor_args({"modelPath": str(args.model), "batchSize": args.batch_size,
+                                          "cpuThreads": args.cpu_threads, **cli_options.detector_args(args)})
     except ValueError as exc:
-        text = str(exc)
-        key = next((k for k in OPTION_OF_ARG if text.startswith(k + " ")), None)
-        raise ValueError(OPTION_OF_ARG[key] + text[len(key):] if key else text) from None
+        raise ValueError(cli_options.in_option_names(str(exc), OPTION_OF_ARG)) from None
     for option, value in (("--prefix", args.prefix), ("--channel", args.channel)):
         if not value or "*" in value:
             raise ValueError(f"{option} must be a channel name without '*' (PvaPy puts the consumer id there), "
@@ -242,6 +249,20 @@ def check_options(args: argparse.Namespace) -> None:
     if re.match(rf"{re.escape(args.prefix)}:(inference|stitch|hdf5):\d+:", args.channel):
         raise ValueError(f"--channel {args.channel!r} is among the demo's own channels (--prefix {args.prefix!r}); "
                          "give it another name")
+    return config
+
+
+def check_scan_fits(scan: Path, config, input_hw: tuple[int, int], args: argparse.Namespace,
+                    card: ModelCard | None) -> None:
+    """ValueError, in the demo's option names, when the scan's frames, cut by the consumers' crop and bin
+    (``config.preprocess``: ``--crop``, ``--crop-origin``, ``--bin``, else the card's), are not the model's
+    input: every frame would be refused as a bad frame (shape) and lost."""
+    source = ("--crop, --crop-origin, --bin" if cli_options.detector_args(args)
+              else "the model card's" if card is not None else "the model has no card")
+    try:
+        cli_options.check_detector_fit(np.load(scan, mmap_mode="r").shape[1:], config.preprocess, input_hw, source)
+    except ValueError as exc:
+        raise ValueError(f"--scan {scan}: {exc}") from None
 
 
 def main(args: argparse.Namespace) -> int:
@@ -250,16 +271,17 @@ def main(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"model {args.model} not found")
         from engines.onnx_model import read_signature
 
-        read_signature(args.model)  # not ONNX: one line here, not a chain whose consumers all fail
-        check_options(args)
+        signature = read_signature(args.model)  # not ONNX: one line here, not a chain whose consumers all fail
+        config = check_options(args)
         if not (math.isfinite(args.timeout) and args.timeout > 0 and 0 <= args.start_delay <= launch.MAX_START_DELAY_S):
             raise ValueError(f"--timeout must be > 0 and --start-delay 0..{launch.MAX_START_DELAY_S:g} (seconds), got {args.timeout:g} "
                              f"and {args.start_delay:g}")
         rates = _rates(args.sweep) if args.sweep is not None else None
         card = find_card(args.model)
         scan = ensure_scan(args.scan, card)
+        check_scan_fits(scan, config, signature.input_shape, args, card)  # frames the model cannot take
         cfg = chain_config(args, scan, card)
-        launch.check_frames_fit(cfg)  # frames the model cannot take: every one would be lost
+        launch.check_frames_fit(cfg)  # the launcher's checks of the inference stage, as `launch` runs them
         if rates is not None:
             return sweep(args, scan, card, rates)
         clear_results(args.out)
