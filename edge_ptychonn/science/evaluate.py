@@ -12,6 +12,13 @@ model's training scan settings (photons, overlap, phase range, density, probe),
 changing only the object family and the seed (and the photons, with
 ``--photons``). A model without a card (e.g. edgePtychoNN's) is scored with no
 preprocessing, the default stitch settings and the simulator's default scans.
+Recorded frames (an HDF5 recording, or a ``.npy`` without its ``.npz`` truth)
+cannot be scored here: ``edge-ptychonn finetune`` scores models on held-out
+positions against a reconstruction of them.
+
+The engine takes batches of ``--batch-size`` frames (1..256, as the processor's
+``batchSize``), or of the longest scan's frames when that is fewer: an engine
+is made and warmed up for its largest batch.
 
 The patches are scored as the processor publishes them: with the card's
 output mask (a constant outside the illuminated region) unless
@@ -32,10 +39,13 @@ import numpy as np
 from engines import EngineUnavailable
 from engines.registry import ENGINES
 
-from edge_ptychonn.files import check_writable, save_npy_whole, write_bytes_whole
+from edge_ptychonn.files import check_writable, load_npy, save_npy_whole, write_bytes_whole
 from edge_ptychonn.model_card import ModelCard, check_input_size, default_model_path, find_card
 from edge_ptychonn.science import accuracy
-from edge_ptychonn.science.simulate import load_scan, warnings_as_lines
+from edge_ptychonn.science.finetune import HDF5_SUFFIXES
+from edge_ptychonn.science.simulate import load_scan, scan_paths, warnings_as_lines
+from edge_ptychonn.stream.arguments import convert_value, integer
+from edge_ptychonn.stream.config import MAX_BATCH_SIZE
 
 
 def get_args_parser(prog: str = "edge-ptychonn evaluate") -> argparse.ArgumentParser:
@@ -47,7 +57,10 @@ def get_args_parser(prog: str = "edge-ptychonn evaluate") -> argparse.ArgumentPa
     p.add_argument("--model", type=Path, default=default_model_path(),
                    help="ONNX model; its card (.json) beside it gives preprocessing, stitch and scan settings "
                         "(default: the shipped model)")
-    p.add_argument("--scan", action="append", default=[], help="scan prefix written by 'edge-ptychonn simulate' (repeatable)")
+    p.add_argument("--scan", action="append", default=[],
+                   help="scan prefix written by 'edge-ptychonn simulate': frames <prefix>.npy and their truth "
+                        "<prefix>.npz (repeatable); recorded frames have no truth to score against (see "
+                        "'edge-ptychonn finetune', which scores held-out positions against a reconstruction)")
     p.add_argument("--simulate", action="append", default=[], metavar="FAMILY:SEED",
                    help="simulate a scan with the model's training settings but this family and seed (repeatable)")
     p.add_argument("--photons", type=float, default=None,
@@ -66,7 +79,9 @@ def get_args_parser(prog: str = "edge-ptychonn evaluate") -> argparse.ArgumentPa
                    help="fp32, bf16, fp16, tf32 (what the engine offers), or auto: with --engine auto the precision "
                         "a consumer on this machine picks (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=64, help="frames per inference batch (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help=f"frames per inference batch, 1..{MAX_BATCH_SIZE} as the processor's batchSize; the engine is "
+                        "made for at most the longest scan's frames (default: %(default)s)")
     p.add_argument("--threads", type=int, default=2,
                    help="engine CPU threads; 0: all usable cores, laid out as a consumer would (default: %(default)s)")
     p.add_argument("--json", default=None, help="write the scores to this JSON file")
@@ -74,6 +89,32 @@ def get_args_parser(prog: str = "edge-ptychonn evaluate") -> argparse.ArgumentPa
                    "a name without .npy gets it, as numpy's np.save does: the path written is printed)")
     p.add_argument("--quiet", action="store_true", help="no progress display")
     return p
+
+
+def scan_frames(path: str) -> int | None:
+    """The number of frames of the ``--scan`` ``path`` (from its ``.npy``; None when that is unreadable,
+    which ``load_scan`` then says in its words). ``FileNotFoundError`` that says what evaluate needs
+    when the scan's files are not there: an HDF5 recording, or frames without their truth, cannot
+    be scored here."""
+    npy, npz = scan_paths(path)  # ValueError for a name of no file
+    missing = [p for p in (npy, npz) if not p.is_file()]
+    if missing:
+        needs = ("evaluate scores a simulated scan against its truth: frames <prefix>.npy and truth <prefix>.npz "
+                 "beside them, as 'edge-ptychonn simulate --out <prefix>' writes them")
+
+        def recorded(frames) -> str:
+            return ("recorded frames have no truth to score against: 'edge-ptychonn finetune --frames "
+                    f"{frames} --object <reconstruction>' scores the base and the fine-tuned model on held-out "
+                    "positions against your reconstruction")
+
+        if Path(path).suffix.lower() in HDF5_SUFFIXES:
+            raise FileNotFoundError(f"--scan {path} names an HDF5 recording, not a scan: {needs}; {recorded(path)}")
+        raise FileNotFoundError(f"--scan {path}: {' and '.join(map(str, missing))} not found; {needs}"
+                                + (f"; {recorded(npy)}" if npy.is_file() else ""))
+    try:
+        return len(load_npy(npy, mmap_mode="r"))
+    except (ValueError, TypeError):
+        return None
 
 
 def main(args: argparse.Namespace) -> int:
@@ -97,6 +138,11 @@ def _evaluate(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             print(f"edge-ptychonn evaluate: --{name} must be >= 1, got {value}", file=sys.stderr)
             return 2
+    try:  # the processor's check of its batchSize: a larger batch sized the engine for it (10 GB at 5000)
+        convert_value("--batch-size", integer(1, MAX_BATCH_SIZE), args.batch_size)
+    except ValueError as exc:
+        print(f"edge-ptychonn evaluate: {exc}", file=sys.stderr)
+        return 2
     if args.threads < 0:
         print(f"edge-ptychonn evaluate: --threads must be >= 0 (0: all usable cores), got {args.threads}", file=sys.stderr)
         return 2
@@ -116,7 +162,12 @@ def _evaluate(args: argparse.Namespace) -> int:
         if not Path(args.model).is_file():
             raise FileNotFoundError(f"model {args.model} not found")
         card = find_card(args.model)
-        engine = accuracy.open_engine(args.model, args.engine, device=args.device, batch_size=args.batch_size,
+        # the engine is made (and warmed up) for its largest batch: no larger than the longest scan
+        counts = [scan_frames(path) for path in args.scan]
+        if args.simulate:  # the positions of every simulated scan (whatever its family and seed)
+            counts.append(accuracy.held_out_settings(card, 0, n_positions=args.n_positions).n_positions)
+        batch_size = args.batch_size if None in counts else max(1, min(args.batch_size, max(counts)))
+        engine = accuracy.open_engine(args.model, args.engine, device=args.device, batch_size=batch_size,
                                       threads=args.threads, precision=args.precision)
         try:
             check_input_size(card, args.model, engine.input_shape)

@@ -45,6 +45,8 @@ PRECISIONS = ("auto", "fp32", "tf32", "fp16", "bf16")
 # Seed (edgePtychoNN) argument names accepted by the drop-in class.
 SEED_ALIASES = {"bsz": "batchSize", "onnx_mdl": "modelPath"}
 
+MAX_BATCH_SIZE = 256  # the processor's batchSize range: 1..this
+
 
 @dataclass(frozen=True)
 class ProcessorConfig:
@@ -76,7 +78,7 @@ class ProcessorConfig:
         parse_device(self.device)  # ValueError naming the accepted forms (DEVICES_HELP)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {short_repr(self.precision)}")
-        convert_value("batchSize", integer(1, 256), self.batch_size)
+        convert_value("batchSize", integer(1, MAX_BATCH_SIZE), self.batch_size)
         if not 0.001 <= self.batch_timeout_s <= 60:
             raise ValueError(f"batchTimeout must be 0.001..60 s, got {self.batch_timeout_s}")
         convert_value("queueBatches", integer(1, 4096), self.queue_batches)

@@ -1,0 +1,94 @@
+"""edge-ptychonn evaluate: its batch size and the scans it can score, said in its own words."""
+
+import numpy as np
+import pytest
+
+from edge_ptychonn import cli
+from edge_ptychonn.science import accuracy, evaluate
+from edge_ptychonn.science.simulate import ScanSettings, save_scan, simulate_scan
+from edge_ptychonn.stream.config import MAX_BATCH_SIZE
+
+
+@pytest.fixture(scope="module")
+def scan9(tmp_path_factory):
+    """A scan of 9 positions of 64x64 frames (the ``small_model``'s input), saved as ``<dir>/scan``."""
+    prefix = tmp_path_factory.mktemp("scans") / "scan"
+    save_scan(prefix, *simulate_scan(ScanSettings(seed=1, n_positions=9, frame_size=64), progress=False))
+    return prefix
+
+
+def _engine_batches(monkeypatch) -> list:
+    """The batch size of every engine evaluate opens; one sized beyond the processor's batches fails the test
+    before it is made (before: 10 GB and a minute at --batch-size 5000, a traceback at 100000)."""
+    batches, opened = [], accuracy.open_engine
+
+    def open_engine(*args, batch_size, **kwargs):
+        batches.append(batch_size)
+        if batch_size > 256:
+            pytest.fail(f"an engine was made for batches of {batch_size}")
+        return opened(*args, batch_size=batch_size, **kwargs)
+
+    monkeypatch.setattr(accuracy, "open_engine", open_engine)
+    return batches
+
+
+def test_the_batch_size_is_the_processors_and_the_engine_is_sized_for_the_longest_scan(
+        small_model, scan9, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from edge_ptychonn.model_card import ModelCard, Training, save_card
+    from edge_ptychonn.stream.config import parse_processor_args
+
+    batches = _engine_batches(monkeypatch)
+    base = ["evaluate", "--model", str(small_model), "--engine", "onnxruntime", "--device", "cpu", "--threads", "1",
+            "--quiet"]
+    for size in ("100000", "257"):
+        assert cli.main([*base, "--scan", str(scan9), "--batch-size", size]) == 2
+        out = capsys.readouterr()
+        assert out.err == f"edge-ptychonn evaluate: --batch-size must be an integer 1..256, got {size}\n", out.err
+    assert batches == []
+    # the processor's range, the same bound
+    parse_processor_args({"modelPath": str(small_model), "batchSize": MAX_BATCH_SIZE})
+    with pytest.raises(ValueError, match="batchSize must be an integer 1..256"):
+        parse_processor_args({"modelPath": str(small_model), "batchSize": MAX_BATCH_SIZE + 1})
+
+    assert cli.main([*base, "--scan", str(scan9), "--batch-size", "256"]) == 0, capsys.readouterr().err
+    assert cli.main([*base, "--scan", str(scan9), "--batch-size", "4"]) == 0
+    # a simulated scan has the card's eval_n_positions (or --n-positions)
+    model = shutil.copy(small_model, tmp_path / "m.onnx")
+    save_card(ModelCard(input_size=64, training=Training(scan_settings={
+        **ScanSettings(frame_size=64, n_positions=12).to_dict(), "seed": None}, eval_n_positions=12)), model)
+    base[2] = str(model)
+    assert cli.main([*base, "--scan", str(scan9), "--simulate", "mixed:1"]) == 0, capsys.readouterr().err
+    assert cli.main([*base, "--simulate", "mixed:1", "--n-positions", "6"]) == 0, capsys.readouterr().err
+    assert batches == [9, 4, 12, 6]  # min(--batch-size, the longest scan's frames)
+    assert "9 frames scored" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("case", ["hdf5", "npy_without_truth", "nothing"])
+def test_a_recording_or_frames_without_truth_are_refused_saying_what_evaluate_scores(
+        small_model, tmp_path, monkeypatch, capsys, case):
+    """Before: "recording.h5.npy not found; make it with 'edge-ptychonn simulate --out recording.h5'": simulate
+    over the name of the user's recording. Now one line that says what evaluate needs (a simulated scan's
+    frames and truth), and for recorded frames where they can be scored (finetune's held-out positions);
+    before any engine is made."""
+    monkeypatch.setattr(accuracy, "open_engine", lambda *a, **k: pytest.fail("an engine was made"))
+    needs = ("evaluate scores a simulated scan against its truth: frames <prefix>.npy and truth <prefix>.npz beside "
+             "them, as 'edge-ptychonn simulate --out <prefix>' writes them")
+    finetune = ("recorded frames have no truth to score against: 'edge-ptychonn finetune --frames {} --object "
+                "<reconstruction>' scores the base and the fine-tuned model on held-out positions against your "
+                "reconstruction")
+    if case == "hdf5":
+        scan = tmp_path / "recording.h5"
+        scan.write_bytes(b"\x89HDF\r\n\x1a\n")
+        expected = f"--scan {scan} names an HDF5 recording, not a scan: {needs}; {finetune.format(scan)}"
+    elif case == "npy_without_truth":
+        scan = tmp_path / "frames.npy"
+        np.save(scan, np.zeros((4, 64, 64), np.uint16))
+        expected = f"--scan {scan}: {tmp_path / 'frames.npz'} not found; {needs}; {finetune.format(scan)}"
+    else:
+        scan = tmp_path / "scan"
+        expected = f"--scan {scan}: {scan}.npy and {scan}.npz not found; {needs}"
+    assert cli.main(["evaluate", "--model", str(small_model), "--scan", str(scan), "--quiet"]) == 2
+    out = capsys.readouterr()
+    assert out.err == f"edge-ptychonn evaluate: {expected}\n" and out.out == "", out.err
