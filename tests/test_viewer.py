@@ -25,7 +25,7 @@ import pytest
 
 from edge_ptychonn.tools.launch import Status, collector_argv
 from edge_ptychonn.tools.processes import consumer_argv, sim_server_argv, start, tool_path, wait_until
-from edge_ptychonn.tools.view import card_levels, parse_levels
+from edge_ptychonn.tools.view import card_levels, images_only, parse_levels
 from channel_names import PREFIX
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,6 +47,25 @@ def test_levels_come_from_the_model_card_or_the_command_line(tmp_path):
     bare.write_bytes(b"")
     with pytest.raises(ValueError, match="gives no phase range"):
         parse_levels("card", bare)
+
+
+def test_only_records_with_an_image_reach_c2dvs_display():
+    """A consumer's output channel starts with an empty record (no value, no dimensions, no
+    attributes), which a window opened before frames flow gets on connect. Before: c2dv's
+    display took it and logged "Error displaying data: NDArray does not contain ColorMode
+    Attribute." on every connect."""
+    import pvaccess as pva
+    from pvapy.utility.adImageUtility import AdImageUtility
+
+    shown = []
+    on_record = images_only(shown.append)
+    on_record(pva.NtNdArray())  # what the consumer's output channel holds before its first frame
+    no_dimensions = pva.NtNdArray()
+    no_dimensions["value"] = {"floatValue": np.ones(16, np.float32)}
+    on_record(no_dimensions)
+    frame = AdImageUtility.generateNtNdArray2D(7, np.ones((4, 5), np.float32))
+    on_record(frame)
+    assert shown == [frame]
 
 
 def test_bad_arguments_are_refused_before_any_window(capsys):
@@ -173,8 +192,8 @@ def test_c2dv_windows_show_the_live_chain_under_xvfb(pva_env, procs, tmp_path):
 
     def final_image_received():
         # the stitcher's last image (every frame placed; its uniqueIds count its images from 1)
-        # reached the window: a status line counts that many received (c2dv counts the empty
-        # record on connect too, when it came, and displays what it receives at once)
+        # reached the window: a status line counts that many received (c2dv displays what it
+        # receives at once)
         try:
             pv = stitched_channel.get("field()")
         except pva.PvaException:
@@ -191,9 +210,10 @@ def test_c2dv_windows_show_the_live_chain_under_xvfb(pva_env, procs, tmp_path):
 
     state, received, displayed, missed = s[output][:4]
     assert state == "Connected" and s[stitched][0] == "Connected"
-    # full rate: every frame of the one consumer reached the window (+1: the empty record
-    # a monitor gets on connect), none missed
-    assert int(received) in (n, n + 1) and int(missed) == 0, s[output]
+    # full rate: every frame of the one consumer reached the window, none missed; the empty
+    # record a monitor gets on connect is not handed to c2dv's display (nor counted)
+    assert int(received) == n and int(missed) == 0, s[output]
+    assert "Error displaying data" not in viewer.log(), viewer.log()[-2000:]
     assert s[output][4:6] == ("0", "1.5"), "levels: the model card's phase range"
     for channel in (output, stitched):
         x, y, w, h = (int(v) for v in s[channel][-4:])

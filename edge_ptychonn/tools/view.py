@@ -110,6 +110,23 @@ def get_args_parser(prog: str = "edge-ptychonn view") -> argparse.ArgumentParser
     return p
 
 
+def images_only(callback):
+    """``callback`` (c2dv's ``ImageWidget.data_callback``) for the NTNDArray records that carry an
+    image (a value selected in the ``value`` union, and dimensions); any other record is left out.
+
+    A consumer's output channel exists from its start with an empty record (no value, no
+    dimensions, no attributes), which a window opened before frames flow (the README's order)
+    receives on connect. c2dv 1.15.4 fails on any record without an image: it counted each as
+    received and logged "Error displaying data: NDArray does not contain ColorMode Attribute.";
+    left out here, it does neither."""
+
+    def on_record(record):
+        if record.getSelectedUnionFieldName() and record["dimension"]:
+            callback(record)
+
+    return on_record
+
+
 @dataclass
 class Window:
     """One c2dv image window and what it was told."""
@@ -131,6 +148,8 @@ def _open_window(channel: str, index: int, levels, rate: str, queue_size: int) -
     window.move(40 + index * (window.frameGeometry().width() + 20), 40)
     source = DataSource(QtCore.QTimer, default=None)
     window.imageWidget.set_datasource(source)
+    # before the controller, which starts the channel (c2dv reads data_callback at each start)
+    window.imageWidget.data_callback = images_only(window.imageWidget.data_callback)
     stats_timer = QtCore.QTimer()
     controller = ImageController(window, IMAGE_SETTINGS_DIALOG=ImageSettingsDialog(None),
                                  WARNING=WarningDialog(None), PV=[channel], timer=stats_timer, data=source)
