@@ -26,6 +26,7 @@ workers): the pipeline then leaves a batch in flight while it receives frames.
 
 from __future__ import annotations
 
+import importlib
 import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -216,6 +217,32 @@ def keep_freed_memory() -> bool:
 
 class EngineUnavailable(RuntimeError):
     """The engine cannot run here (library or device missing); says what to install."""
+
+
+def import_libraries(spec: EngineSpec, *modules: str) -> tuple:
+    """Import ``modules`` (an engine's libraries, e.g. ``"pycuda.driver"``), in order; the modules.
+
+    EngineUnavailable, one line, when one cannot be imported: a module missing
+    (ModuleNotFoundError: the library itself, or a module it needs) says which is not
+    installed and how to install (``spec.install``); any other ImportError (the library is
+    there, but its import failed: a native library missing, the import interrupted by
+    Ctrl-C) says that it is installed but cannot be imported, with the import's own error."""
+    loaded = []
+    for module in modules:
+        library = module.partition(".")[0]
+        try:
+            loaded.append(importlib.import_module(module))
+        except ImportError as exc:
+            needs = f"the {spec.name} engine needs {' and '.join(spec.requires)}"
+            if isinstance(exc, ModuleNotFoundError):
+                missing = exc.name or module
+                what = (f"{library} is not installed" if missing.partition(".")[0] == library
+                        else f"{library} needs {missing}, which is not installed")
+                raise EngineUnavailable(f"{needs}; {what}: {spec.install}") from exc
+            error = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+            raise EngineUnavailable(f"{needs}; {library} is installed but cannot be imported: "
+                                    f"{type(exc).__name__}" + (f": {error}" if error else "")) from exc
+    return tuple(loaded)
 
 
 class ModelNotSupported(EngineUnavailable, ValueError):

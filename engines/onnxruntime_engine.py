@@ -10,7 +10,7 @@ from edge_ptychonn.devices import parse_device
 
 from .base import (
     AutoCandidate, EngineOptions, EngineSpec, EngineUnavailable, FixedBatchRunner, ModelNotSupported, check_batch,
-    default_cpu_threads, engine_device,
+    default_cpu_threads, engine_device, import_libraries,
 )
 from .onnx_model import read_signature
 
@@ -49,10 +49,7 @@ class OnnxRuntimeEngine:
         return visible_gpu_count() if "CUDAExecutionProvider" in ort.get_available_providers() else 0
 
     def __init__(self, options: EngineOptions):
-        try:
-            import onnxruntime as ort
-        except ImportError as exc:
-            raise EngineUnavailable("onnxruntime is not installed: pip install onnxruntime") from exc
+        (ort,) = import_libraries(self.SPEC, "onnxruntime")
         self.SPEC.check_precision(options.precision)
         signature = read_signature(options.model_path)
         device = engine_device(self.SPEC, options, self.count_gpus())

@@ -55,7 +55,7 @@ from edge_ptychonn.files import remove_stale_partials, write_bytes_whole
 
 from .base import (
     AutoCandidate, EngineOptions, EngineSpec, EngineUnavailable, FixedBatchRunner, SlotRing, Ticket, check_batch,
-    check_compute_capability, engine_device,
+    check_compute_capability, engine_device, import_libraries,
 )
 from .onnx_model import read_signature
 from .onnx_precision import recipe
@@ -304,11 +304,7 @@ class TensorRTEngine:
         return cuda.Device.count()
 
     def __init__(self, options: EngineOptions, *, workspace_bytes: int = WORKSPACE_BYTES):
-        try:
-            import pycuda.driver as cuda
-            import tensorrt as trt
-        except ImportError as exc:
-            raise EngineUnavailable(f"the tensorrt engine needs tensorrt and pycuda: {self.SPEC.install}") from exc
+        cuda, trt = import_libraries(self.SPEC, "pycuda.driver", "tensorrt")
         self.SPEC.check_precision(options.precision)
         t0 = time.perf_counter()
         self._trt, self._cuda = trt, cuda

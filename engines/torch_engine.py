@@ -34,7 +34,7 @@ import numpy as np
 
 from .base import (
     AutoCandidate, EngineOptions, EngineSpec, EngineUnavailable, ModelNotSupported, SlotRing, Ticket, check_batch,
-    check_compute_capability, default_cpu_threads, engine_device, keep_freed_memory,
+    check_compute_capability, default_cpu_threads, engine_device, import_libraries, keep_freed_memory,
 )
 from .onnx_model import read_signature
 
@@ -78,12 +78,8 @@ class TorchEngine:
         return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
     def __init__(self, options: EngineOptions):
-        try:
-            import torch
-
-            from edge_ptychonn.science.model import from_onnx
-        except ImportError as exc:
-            raise EngineUnavailable(f"the torch engine needs torch: {self.SPEC.install}") from exc
+        (torch,) = import_libraries(self.SPEC, "torch")
+        from edge_ptychonn.science.model import from_onnx
         self.SPEC.check_precision(options.precision)
         self._torch = torch
         signature = read_signature(options.model_path)

@@ -162,6 +162,64 @@ def test_missing_library_is_a_clear_error(small_model):
         create_engine("tensorrt", EngineOptions(small_model))
 
 
+class _ImportFails:
+    """A meta path finder: ``name`` is found (installed, as ``importlib.util.find_spec`` sees
+    it), and its import raises ``error``."""
+
+    def __init__(self, name: str, error: ImportError):
+        self.name, self.error = name, error
+
+    def find_spec(self, fullname, path=None, target=None):
+        import importlib.util
+
+        return importlib.util.spec_from_loader(fullname, self) if fullname == self.name else None
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module):
+        raise self.error
+
+
+def _import_fails(monkeypatch, name: str, error: ImportError) -> None:
+    """Until the test ends, importing ``name`` (or a module in it) raises ``error``."""
+    import sys
+
+    for loaded in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
+        monkeypatch.delitem(sys.modules, loaded)
+    monkeypatch.setattr(sys, "meta_path", [_ImportFails(name, error), *sys.meta_path])
+
+
+@pytest.mark.parametrize("name, library", [("onnxruntime", "onnxruntime"), ("torch", "torch"), ("tensorrt", "pycuda")])
+def test_a_library_installed_but_failing_to_import_is_not_called_missing(small_model, monkeypatch, name, library):
+    """Before: a Ctrl-C in the middle of onnxruntime's import ("ImportError: initialization
+    failed") was reported as "onnxruntime is not installed: pip install onnxruntime", telling the
+    operator to reinstall it; so was the tensorrt engine's pycuda with a native library missing."""
+    _import_fails(monkeypatch, library, ImportError("initialization failed\n(more detail)"))
+    spec = registry.spec(name)
+    with pytest.raises(EngineUnavailable) as failed:
+        registry.engine_class(name)(EngineOptions(small_model, device="cpu"))
+    assert str(failed.value) == (f"the {name} engine needs {' and '.join(spec.requires)}; {library} is installed "
+                                 "but cannot be imported: ImportError: initialization failed")
+
+
+def test_a_library_or_a_module_it_needs_not_installed_says_how_to_install(small_model, monkeypatch):
+    from engines.onnxruntime_engine import OnnxRuntimeEngine
+    from engines.tensorrt_engine import TensorRTEngine
+
+    options = EngineOptions(small_model, device="cpu")
+    _import_fails(monkeypatch, "pycuda", ModuleNotFoundError("No module named 'pycuda'", name="pycuda"))
+    with pytest.raises(EngineUnavailable) as failed:
+        TensorRTEngine(options)
+    assert str(failed.value) == ("the tensorrt engine needs tensorrt and pycuda; pycuda is not installed: "
+                                 + TensorRTEngine.SPEC.install)
+    _import_fails(monkeypatch, "onnxruntime", ModuleNotFoundError("No module named 'flatbuffers'", name="flatbuffers"))
+    with pytest.raises(EngineUnavailable) as failed:
+        OnnxRuntimeEngine(options)
+    assert str(failed.value) == ("the onnxruntime engine needs onnxruntime; onnxruntime needs flatbuffers, which is "
+                                 "not installed: pip install onnxruntime (or onnxruntime-gpu)")
+
+
 def test_zero_engine_is_the_identity(small_model):
     engine = create_engine("zero", EngineOptions(small_model, max_batch=4))
     assert (engine.name, engine.device, engine.input_shape) == ("zero", "cpu", (64, 64))
