@@ -537,7 +537,9 @@ def test_a_refused_configure_changes_none_of_the_keys_pvapy_took(small_model):
             controller.process(good_frame(uid, np.zeros((64, 64), np.int16)))
         assert processor.pipeline.drain(5.0)
         stats = processor.getStats()
-        assert stats["nFramesReceived"] == 3 and stats["nFramesProcessed"] == 3, stats
+        # -siu 0 in a group of 2: the first record is the connection's, dropped (the test below)
+        assert stats["nFramesReceived"] == 3 and stats["nFramesProcessed"] == 2, stats
+        assert stats["nDroppedReconnect"] == 1, stats
         assert controller.nMissed == 0
     finally:
         controller.stop()

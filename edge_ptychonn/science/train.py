@@ -79,7 +79,7 @@ from edge_ptychonn.science import accuracy
 from edge_ptychonn.science.simulate import BASE_SIZE, FAMILIES, ScanSettings, simulate_scan, warnings_as_lines
 from edge_ptychonn.science.stitch import probe_weight
 from edge_ptychonn.stream.postprocess import OutputMask
-from edge_ptychonn.stream.preprocess import NORMALIZATIONS, PreprocessConfig, preprocess
+from edge_ptychonn.stream.preprocess import NORMALIZATIONS, PreprocessConfig, preprocess, reference_of
 
 LIMITS = (
     "Trained on simulated data only; real detectors add background, dead pixels, partial coherence and "
@@ -326,8 +326,9 @@ def loaded_totals(frames: np.ndarray, pp: PreprocessConfig) -> np.ndarray:
 def scan_factors(frames: np.ndarray, scan_length: int, pp: PreprocessConfig) -> np.ndarray | None:
     """Each frame's normalisation factor for training with ``normalize: "running"``:
     the reference total over the mean total of the frame's own scan (consecutive
-    runs of ``scan_length`` frames), the value that the live running mean settles
-    to over a scan. Totals are taken after the crop and bin (:func:`loaded_totals`)
+    runs of ``scan_length`` frames; totals beyond twice or below half their median
+    left out: ``preprocess.reference_of``), the value that the live running mean
+    settles to over a scan. Totals are taken after the crop and bin (:func:`loaded_totals`)
     and frames whose total is not positive are neither counted nor scaled, as live.
     Training batches mix shuffled frames of many scans, so one
     running mean across them would see all scans (and all doses) at once; these
@@ -338,9 +339,8 @@ def scan_factors(frames: np.ndarray, scan_length: int, pp: PreprocessConfig) -> 
     if scan_length < 1 or len(frames) % scan_length:
         raise ValueError(f"{len(frames)} frames are not whole scans of {scan_length}")
     totals = loaded_totals(frames, pp).reshape(len(frames) // scan_length, scan_length)
-    counted = totals > 0
-    n = counted.sum(axis=1)
-    means = np.where(counted, totals, 0.0).sum(axis=1) / np.maximum(n, 1)
+    counted = (totals > 0) & np.isfinite(totals)
+    means = np.array([reference_of(scan[ok]) for scan, ok in zip(totals, counted)])
     factors = np.where(means > 0, pp.reference_total / np.where(means > 0, means, 1.0), 1.0)
     return np.where(counted, factors[:, None], 1.0).reshape(-1).astype(np.float32)
 

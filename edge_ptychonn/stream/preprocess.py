@@ -177,9 +177,7 @@ class RunningTotal:
         totals, n = self._sorted, len(self._sorted)
         if n == 0:
             return 0.0
-        median = totals[n // 2] if n % 2 else 0.5 * (totals[n // 2 - 1] + totals[n // 2])
-        lo = bisect.bisect_left(totals, median / OUTLIER_FACTOR)
-        hi = bisect.bisect_right(totals, median * OUTLIER_FACTOR)
+        lo, hi = _kept(totals)
         if lo == 0 and hi == n:
             return self._sum / n
         # the outliers are few: their sums are cheap
@@ -187,6 +185,24 @@ class RunningTotal:
 
 
 OUTLIER_FACTOR = 2.0  # a frame total beyond this factor of the window's median is left out of its reference
+
+
+def _kept(totals) -> tuple[int, int]:
+    """``[lo, hi)``: the totals (sorted, not empty) within :data:`OUTLIER_FACTOR` of their median."""
+    n = len(totals)
+    median = totals[n // 2] if n % 2 else 0.5 * (totals[n // 2 - 1] + totals[n // 2])
+    return bisect.bisect_left(totals, median / OUTLIER_FACTOR), bisect.bisect_right(totals, median * OUTLIER_FACTOR)
+
+
+def reference_of(totals: np.ndarray) -> float:
+    """What :class:`RunningTotal` settles to over ``totals`` (positive, finite: the frames it
+    counts) once its window holds them all: their mean, outliers left out (0 for none). Training
+    scales each scan's frames by it (``train.scan_factors``)."""
+    ordered = np.sort(np.asarray(totals, np.float64))
+    if ordered.size == 0:
+        return 0.0
+    lo, hi = _kept(ordered)
+    return float(ordered[lo:hi].mean())
 
 
 def load_into(frame: np.ndarray, out: np.ndarray, config: PreprocessConfig) -> None:
