@@ -3,8 +3,10 @@ and the commands as a user meets them: outputs that cannot be written, files tha
 they claim, options out of range give one line and a non-zero exit status, never a traceback,
 and nothing half-written is left where a later run would take it for a result."""
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -585,35 +587,39 @@ class SecondCrashes(UserDataProcessor):
 """
 
 
+@contextlib.contextmanager
+def consumer_process(args: list[str], env: dict):
+    """``edge-ptychonn consumer ARGS`` in a session of its own (stdout and stderr piped, as text);
+    its process group is killed on the way out unless it has ended."""
+    consumer = subprocess.Popen([sys.executable, "-m", "edge_ptychonn.cli", "consumer", *args],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                start_new_session=True, cwd=Path(cli.__file__).parent.parent)
+    try:
+        yield consumer
+    finally:
+        if consumer.poll() is None:
+            os.killpg(consumer.pid, signal.SIGKILL)
+            consumer.wait(30)
+
+
 @pytest.mark.e2e
 def test_consumer_reports_a_forked_consumer_that_crashed_when_stopped(pva_env, tmp_path):
     """One of two forked consumers crashes, the other runs on; then SIGTERM. Before: the watch for
     consumers that all exited fired in the middle of PvaPy's stop (by then both had exited), cut it
     short ("edge-ptychonn consumer: interrupted", no final statistics, exit status 130); had it not,
     the parent exited with 0 as if nothing had failed."""
-    import os
-    import signal
-
     from channel_names import PREFIX
     from edge_ptychonn.tools.processes import child_pids, read_status, wait_until
 
     (tmp_path / "second_crashes.py").write_text(CRASHING_SECOND)
     channel = f"{PREFIX}:crash2"
     env = {**pva_env, "PYTHONPATH": os.pathsep.join([str(tmp_path), pva_env.get("PYTHONPATH", "")])}
-    consumer = subprocess.Popen(
-        [sys.executable, "-m", "edge_ptychonn.cli", "consumer", "-ic", f"{channel}:image", "-nc", "2",
-         "-sc", f"{channel}:*:status", "-pc", "second_crashes.SecondCrashes", "-rp", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
-        cwd=Path(cli.__file__).parent.parent)
-    try:
+    with consumer_process(["-ic", f"{channel}:image", "-nc", "2", "-sc", f"{channel}:*:status",
+                           "-pc", "second_crashes.SecondCrashes", "-rp", "0"], env) as consumer:
         assert wait_until(lambda: read_status(f"{channel}:1:status", 1.0), 60), "consumer 1 never answered"
         assert wait_until(lambda: len(child_pids(consumer.pid, zombies=False)) == 1, 30), "consumer 2 did not die"
         os.kill(consumer.pid, signal.SIGTERM)
         out, err = consumer.communicate(timeout=60)
-    finally:
-        if consumer.poll() is None:
-            os.killpg(consumer.pid, signal.SIGKILL)
-            consumer.wait(30)
     assert consumer.returncode == 1, err[-3000:]
     assert "interrupted" not in err and "Combined System Stats" in out, out[-2000:] + err[-2000:]
     assert err.strip().splitlines()[-1] == ("edge-ptychonn consumer: 1 of the 2 consumers failed while the others "
@@ -872,9 +878,6 @@ def test_consumer_stopped_while_it_starts_stops_cleanly_once_started(pva_env, tm
     start-up (an engine's import, pvAccess's set-up): one consumer aborted (SIGABRT) or said
     "interrupted", two printed tracebacks (one "onnxruntime is not installed") and exited with 1.
     Now the stop is taken once started: every consumer's final statistics, exit status 0."""
-    import os
-    import signal
-
     from channel_names import PREFIX
     from edge_ptychonn.tools.processes import wait_until
 
@@ -882,20 +885,12 @@ def test_consumer_stopped_while_it_starts_stops_cleanly_once_started(pva_env, tm
     channel = f"{PREFIX}:slowstart{n_consumers}"
     env = {**pva_env, "SLOW_START_DIR": str(tmp_path),
            "PYTHONPATH": os.pathsep.join([str(tmp_path), str(Path(cli.__file__).parent.parent)])}
-    consumer = subprocess.Popen(
-        [sys.executable, "-m", "edge_ptychonn.cli", "consumer", "-ic", f"{channel}:image", "-oc", f"{channel}:*:output",
-         "-nc", n_consumers, "-pc", "slow_start.SlowStart", "-pa", '{"engine": "zero"}', "-rp", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
-        cwd=Path(cli.__file__).parent.parent)
     markers = [tmp_path / f"starting{k}" for k in range(1, int(n_consumers) + 1)]
-    try:
+    with consumer_process(["-ic", f"{channel}:image", "-oc", f"{channel}:*:output", "-nc", n_consumers,
+                           "-pc", "slow_start.SlowStart", "-pa", '{"engine": "zero"}', "-rp", "0"], env) as consumer:
         assert wait_until(lambda: all(m.exists() for m in markers), 60), "the processors never started"
         os.killpg(consumer.pid, signal.SIGTERM)
         out, err = consumer.communicate(timeout=60)
-    finally:
-        if consumer.poll() is None:
-            os.killpg(consumer.pid, signal.SIGKILL)
-            consumer.wait(30)
     assert consumer.returncode == 0, out[-2000:] + err[-3000:]
     assert "Traceback" not in err and "interrupted" not in err, err[-3000:]
     for k in range(1, int(n_consumers) + 1):
