@@ -367,25 +367,20 @@ class PtychoNNProcessor(StatsFromTable, AdImageProcessor):
         if channel is not None:  # the first record after a reconnection is not the stream's
             ReconnectWatch(self.pipeline).watch(channel)
 
-    def _take_receiver_queue(self, deadline: float | None = None) -> int:
+    def _take_receiver_queue(self, deadline: float) -> None:
         """Hand the records waiting in PvaPy's receiver queue (``-rqs``) to this processor, through
-        PvaPy's own path (its loop's), until ``deadline`` (``time.monotonic()``); returns how many.
-        PvaPy stops with them still queued: they reached this consumer and went nowhere, counted
-        nowhere (405 frames at a stop under 300 frames/s). Called once PvaPy stopped receiving,
-        on its loop's thread."""
-        owner, n = self._receiver, 0
-        if owner is None:
-            return 0
-        for _ in range(len(owner.pvObjectQueue)):
-            if deadline is not None and time.monotonic() >= deadline:
+        PvaPy's own path (its loop's), until ``deadline`` (``time.monotonic()``). PvaPy stops with
+        them still queued: they reached this consumer and went nowhere, counted nowhere (405
+        frames at a stop under 300 frames/s). Called once PvaPy stopped receiving, on its loop's
+        thread."""
+        for _ in range(self._queued_in_receiver()):
+            if time.monotonic() >= deadline:
                 break
             try:
-                pv = owner.pvObjectQueue.get(0)
+                pv = self._receiver.pvObjectQueue.get(0)
             except pva.QueueEmpty:
                 break
-            owner.process(pv)
-            n += 1
-        return n
+            self._receiver.process(pv)
 
     def _drain_before_stop(self, timeout_s: float) -> bool:
         """Publish what this consumer holds, PvaPy's receiver queue's frames included, before
