@@ -895,3 +895,21 @@ def test_consumer_stopped_while_it_starts_stops_cleanly_once_started(pva_env, tm
     assert "Traceback" not in err and "interrupted" not in err, err[-3000:]
     for k in range(1, int(n_consumers) + 1):
         assert f"consumer {k} final statistics: received 0" in out, out[-3000:] + err[-2000:]
+
+
+def test_a_signal_while_the_consumer_starts_waits_for_the_start_and_a_second_one_does_not():
+    """The first SIGTERM or Ctrl-C while the consumers start is noted and taken once they have
+    started; a second one (Ctrl-C pressed again during a long engine build) stops at once."""
+    from edge_ptychonn.tools.consumer import StopHandler
+
+    handler = StopHandler()
+    handler(signal.SIGINT, None)
+    assert handler.asked.is_set() and not handler.stopping.is_set()
+    with pytest.raises(KeyboardInterrupt):
+        handler(signal.SIGINT, None)
+    assert handler.stopping.is_set()
+    handler(signal.SIGINT, None)  # a stop under way: ignored
+    started = StopHandler()
+    started.starting = False
+    with pytest.raises(KeyboardInterrupt):
+        started(signal.SIGTERM, None)

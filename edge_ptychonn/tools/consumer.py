@@ -33,6 +33,7 @@ import argparse
 import contextlib
 import json
 import multiprocessing
+import os
 import signal
 import sys
 import threading
@@ -88,9 +89,11 @@ class StopHandler:
     While the consumer starts (from :func:`main`'s first line until a PvaPy controller's
     ``start()`` has returned: the arguments' checks, the processors' imports and engines,
     pvAccess's channels and servers; in a forked consumer, its own start), a signal is only
-    noted (``asked``) and taken once the start is over (:meth:`starts`): raised in the middle
-    of an import or of pvAccess's set-up, it made the consumer fail with tracebacks, a false
-    "onnxruntime is not installed", or abort (SIGABRT)."""
+    noted (``asked``, with a line on stderr) and taken once the start is over (:meth:`starts`):
+    raised in the middle of an import or of pvAccess's set-up, it made the consumer fail with
+    tracebacks, a false "onnxruntime is not installed", or abort (SIGABRT). A second signal
+    while starting (Ctrl-C pressed again during a long engine build) stops it at once, as
+    before."""
 
     def __init__(self) -> None:
         self.stopping = threading.Event()  # a stop is under way
@@ -100,8 +103,11 @@ class StopHandler:
     def __call__(self, signum, frame) -> None:
         if self.stopping.is_set():
             return
-        if self.starting:
+        if self.starting and not self.asked.is_set():
             self.asked.set()
+            # os.write: print() could find stderr's buffer in use by the interrupted code
+            os.write(2, b"edge-ptychonn consumer: stopping once the consumers have started "
+                        b"(again to stop at once)\n")
             return
         self.stopping.set()
         raise KeyboardInterrupt
