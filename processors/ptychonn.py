@@ -93,6 +93,7 @@ also accepts that processor's ``bsz`` and ``onnx_mdl`` arguments.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -205,29 +206,34 @@ def check_card(model_path, shape=None) -> None:
     check_input_size(card, model_path, read_signature(model_path).input_shape if shape is None else shape)
 
 
-def input_channel(frame):
-    """The pvaccess Channel that PvaPy's DataConsumer receives the frames on, found on the stack
-    above ``frame`` (the processor's ``start()`` runs inside the DataConsumer's), or None: an
-    adapter to PvaPy's internals, pinned by a contract test."""
+def data_consumer(frame):
+    """PvaPy's DataConsumer on the stack above ``frame`` (the processor's ``start()`` runs inside
+    its ``start()``): the first ``self`` there with a ``dataReceiver``; None when there is none.
+    An adapter to PvaPy's internals, pinned by contract tests."""
     while frame is not None:
-        channel = getattr(getattr(frame.f_locals.get("self"), "dataReceiver", None), "channel", None)
-        if callable(getattr(channel, "setConnectionCallback", None)) and callable(getattr(channel, "isConnected", None)):
-            return channel
+        owner = frame.f_locals.get("self")
+        if hasattr(owner, "dataReceiver"):
+            return owner
         frame = frame.f_back
     return None
 
 
+def input_channel(frame):
+    """The pvaccess Channel that PvaPy's DataConsumer (:func:`data_consumer`) receives the frames
+    on, or None."""
+    channel = getattr(getattr(data_consumer(frame), "dataReceiver", None), "channel", None)
+    if callable(getattr(channel, "setConnectionCallback", None)) and callable(getattr(channel, "isConnected", None)):
+        return channel
+    return None
+
+
 def receiver_queue_owner(frame):
-    """PvaPy's DataConsumer above ``frame`` when it receives into a queue (``-rqs``), else None:
-    its ``pvObjectQueue`` holds records its loop has not handed to ``process()`` yet, and its
-    ``process(pv)`` hands one over as the loop does. An adapter to PvaPy's internals, pinned by a
-    contract test."""
-    while frame is not None:
-        owner = frame.f_locals.get("self")
-        queue = getattr(owner, "pvObjectQueue", None)
-        if queue is not None and hasattr(owner, "dataReceiver") and callable(getattr(owner, "process", None)):
-            return owner
-        frame = frame.f_back
+    """PvaPy's DataConsumer (:func:`data_consumer`) when it receives into a queue (``-rqs``), else
+    None: its ``pvObjectQueue`` holds records its loop has not handed to ``process()`` yet, and its
+    ``process(pv)`` hands one over as the loop does."""
+    consumer = data_consumer(frame)
+    if getattr(consumer, "pvObjectQueue", None) is not None and callable(getattr(consumer, "process", None)):
+        return consumer
     return None
 
 
@@ -367,26 +373,25 @@ class PtychoNNProcessor(StatsFromTable, AdImageProcessor):
         if channel is not None:  # the first record after a reconnection is not the stream's
             ReconnectWatch(self.pipeline).watch(channel)
 
-    def _take_receiver_queue(self, deadline: float) -> None:
-        """Hand the records waiting in PvaPy's receiver queue (``-rqs``) to this processor, through
-        PvaPy's own path (its loop's), until ``deadline`` (``time.monotonic()``). PvaPy stops with
-        them still queued: they reached this consumer and went nowhere, counted nowhere (405
-        frames at a stop under 300 frames/s). Called once PvaPy stopped receiving, on its loop's
-        thread."""
+    def _receiver_records(self, deadline: float = math.inf):
+        """The records waiting in PvaPy's receiver queue (``-rqs``), taken one by one until
+        ``deadline`` (``time.monotonic()``) or the queue is empty. PvaPy stops with them still
+        queued: they reached this consumer and went nowhere, counted nowhere (405 frames at a
+        stop under 300 frames/s). Taken once PvaPy stopped receiving, on its loop's thread."""
         for _ in range(self._queued_in_receiver()):
             if time.monotonic() >= deadline:
-                break
+                return
             try:
-                pv = self._receiver.pvObjectQueue.get(0)
+                yield self._receiver.pvObjectQueue.get(0)
             except pva.QueueEmpty:
-                break
-            self._receiver.process(pv)
+                return
 
     def _drain_before_stop(self, timeout_s: float) -> bool:
         """Publish what this consumer holds, PvaPy's receiver queue's frames included, before
         PvaPy stops its output server (see ``shutdown.drain_before_stop``)."""
         deadline = time.monotonic() + timeout_s
-        self._take_receiver_queue(deadline)
+        for pv in self._receiver_records(deadline):
+            self._receiver.process(pv)  # through PvaPy's own path, as its loop would
         return self.pipeline.drain(max(deadline - time.monotonic(), 0.0)) and not self._queued_in_receiver()
 
     def _queued_in_receiver(self) -> int:
@@ -411,12 +416,8 @@ class PtychoNNProcessor(StatsFromTable, AdImageProcessor):
         # PvaPy has stopped this consumer's PVA server by now: what is still held reaches
         # no client, so it is counted as dropped (stopping), not published.
         self.pipeline.stop(outputs_closed=True)
-        if self._receiver is not None:  # what PvaPy still holds for this consumer is dropped, and counted
-            for _ in range(self._queued_in_receiver()):
-                try:
-                    self.pipeline.discard(self._receiver.pvObjectQueue.get(0))
-                except pva.QueueEmpty:
-                    break
+        for pv in self._receiver_records():  # what PvaPy still holds for this consumer: dropped, and counted
+            self.pipeline.discard(pv)
         # Printed like the framework's own statistics reports: visible at any log level.
         print(f"consumer {self.processor_id} final statistics: {self.pipeline.summary()}", flush=True)
 
