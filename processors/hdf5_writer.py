@@ -76,7 +76,10 @@ Backpressure and stop
     thread is never held longer. ``newScan`` waits the same and then fails.
     ``stop()`` gives the writer 10 s to write what is queued and close the file;
     frames it did not take from the queue, and frames received after ``stop()``,
-    are lost (``nLostStopping``); a frame a hung writer holds stays queued.
+    are lost (``nLostStopping``); a frame a hung writer holds stays queued. At the
+    process's exit a writer still running gets 10 s more to write the frames in its
+    hands and close the file; then the process ends with status 1, its file left as
+    a killed writer's (``EXIT_WAIT_S``).
 Scans
     A frame whose uniqueId was already received in this scan, or lies more than
     ``restartWindow`` below the scan's highest uniqueId, starts a new file;
@@ -264,6 +267,7 @@ _NEW_SCAN = object()
 _STOP = object()
 _WAKE = object()  # a new flushPeriod: the writer recomputes its wait (it may be asleep for the old one)
 STOP_TIMEOUT_S = 10.0  # stop(): how long the writer may take to write what is queued
+EXIT_WAIT_S = 10.0  # at exit: how much longer a writer that stop() left running may take to close its file
 LOSS_CAUSES = ("writeError", "notQueued", "stopping")  # nLost<Cause>; their sum is nFramesLost
 
 
@@ -741,6 +745,28 @@ class Hdf5WriterProcessor(ProcessorBase):
         # SIGTERM (also the kernel's, when a forked consumer's parent dies) writes what is
         # queued and stops the framework cleanly, so the file is closed, not cut off
         shutdown.on_sigterm(self._wait_written, self.logger)
+        atexit.register(self._finish_at_exit)
+
+    def _finish_at_exit(self) -> None:
+        """At the process's exit, before Python's finalization: a writer thread that ``stop()``
+        left running (a slow or hung disk) holds h5py's lock, and the finalization (which
+        freezes that thread, then releases h5py's objects) waited for it forever: the process
+        never ended. It gets EXIT_WAIT_S more to write what it holds and close its file; one
+        still running then is left, and the process ends at once with status 1 (its file keeps
+        the frames of its last flush and stays marked as open for writing: read it with
+        ``swmr=True``)."""
+        thread = self._thread
+        if thread is None or not thread.is_alive():
+            return
+        try:
+            self.queue.put_nowait(_STOP)  # stop() was not called, or its _STOP was drained
+        except queue.Full:
+            pass
+        thread.join(EXIT_WAIT_S)
+        if thread.is_alive():
+            self.logger.error("the HDF5 writer did not finish within %.0f s more at exit: the process ends without "
+                              "closing %s (read it with swmr=True)", EXIT_WAIT_S, self.current and self.current.path)
+            _exit_keeping_unclosed()
 
     def _wait_written(self, timeout_s: float) -> bool:
         """Wait (up to ``timeout_s``) until the writer has taken every queued frame; True if it has."""

@@ -711,3 +711,51 @@ def test_a_file_that_cannot_be_closed_crashes_nothing(tmp_path):
         with h5py.File(path, "r", libver="latest", swmr=True) as f:  # the unclosed one too
             ids += f["uniqueId"][:].tolist()
     assert len(ids) == len(set(ids)) == stats["nFramesWritten"] and sorted(ids)[:20] == list(range(1, 21)), ids
+
+
+_SLOW_AT_EXIT_SCRIPT = r"""
+import sys, time
+import h5py
+import numpy as np
+from frames_util import good_frame
+import processors.hdf5_writer as writer
+
+writer.STOP_TIMEOUT_S = 0.3
+append = writer._ScanFile.append
+
+def slow_append(self, frames):  # a slow disk: the writer holds h5py's lock as it writes, for 2 s
+    with h5py._objects.phil:
+        time.sleep(2)
+    append(self, frames)
+
+writer._ScanFile.append = slow_append
+framework = {"processorId": 1, "inputChannel": "x:1:output", "outputChannel": "", "objectIdField": "uniqueId",
+             "objectIdOffset": 1, "skipInitialUpdates": 0, "nSequentialUpdates": 1}
+p = writer.Hdf5WriterProcessor({**framework, "outputDirectory": sys.argv[1]})
+p.start()
+for uid in range(1, 4):
+    p.process(good_frame(uid, np.zeros((8, 8), np.float32) + uid))
+time.sleep(0.2)  # the writer holds them
+p.stop()  # returns after STOP_TIMEOUT_S, the writer still writing
+print("STOPPED", p._thread.is_alive(), flush=True)
+"""
+
+
+def test_a_writer_slower_than_stop_does_not_hang_the_exit(tmp_path):
+    """A writer still writing when stop() gave up (10 s: gzip-9 on 1024x1024 frames, a slow disk)
+    held h5py's lock as Python's finalization froze its thread: the process never ended (only
+    SIGKILL did, the file left marked as open for writing). Now the exit waits for the writer to
+    close its file, and the process ends."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    try:
+        proc = subprocess.run([sys.executable, "-c", _SLOW_AT_EXIT_SCRIPT, str(tmp_path)], capture_output=True,
+                              text=True, timeout=40, env=env)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the process did not end after stop()")
+    assert "STOPPED True" in proc.stdout, proc.stderr[-3000:]
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-3000:])
+    (path,) = tmp_path.glob("*.h5")
+    assert ids_in(path) == [1, 2, 3]  # closed: readable without swmr
