@@ -1361,3 +1361,15 @@ modelPath = "{MODEL}"
     out, err = capsys.readouterr()
     assert f"{prefix}:inference:2:status already answers: another chain" in err and "nothing was started" in err, err
     assert "started" not in out and not (tmp_path / "logs").exists(), out
+
+
+def test_position_channels_not_among_the_metadata_channels_are_refused(tmp_path):
+    """positionChannels that the collector is not given as metadata channels passed --check (the
+    stitcher finds them missing only at start): every frame then waited metadataWait for nothing."""
+    stitch = '\n[stitch]\n{}[stitch.args]\nobjectShape = [200, 200]\npositionChannels = ["hc:y", "hc:x"]\n'
+    with pytest.raises(ValueError, match=r"positionChannels hc:y, hc:x not among \[stitch\] metadata_channels"):
+        LaunchConfig.load(toml(tmp_path, MINIMAL + stitch.format("")))
+    with pytest.raises(ValueError, match=r"positionChannels hc:x not among"):
+        LaunchConfig.load(toml(tmp_path, MINIMAL + stitch.format('metadata_channels = ["pva://hc:y"]\n')))
+    cfg = LaunchConfig.load(toml(tmp_path, MINIMAL + stitch.format('metadata_channels = ["pva://hc:y", "ca://hc:x"]\n')))
+    assert cfg.stitch["args"]["positionChannels"] == ["hc:y", "hc:x"]

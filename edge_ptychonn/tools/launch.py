@@ -79,7 +79,7 @@ fit), starting nothing; the launch makes the same checks before it starts anythi
     server_queue_size = 1000
     metadata_channels = []             # the collector's --metadata-channels, e.g. ["pva://scan:y", "pva://scan:x"]
     [stitch.args]                      # positionsFile defaults to the scan's .npz when there is one
-    publishRate = 2.0                  # positionChannels = ["scan:y", "scan:x"]: positions from those channels
+    publishRate = 2.0                  # positionChannels = ["scan:y", "scan:x"]: positions from those of metadata_channels
 
     [hdf5]                             # omit the table for no files
     prefix = "hdf5"                    # <prefix>:<id>:status, :control
@@ -384,6 +384,15 @@ class LaunchConfig:
                     PositionTable.load(settings.positions_file, settings.first_unique_id)
                 except (ValueError, OSError) as exc:
                     raise ValueError(f"[stitch.args] {exc}") from None
+            if settings.position_channels is not None:  # the stitcher finds them only at start(): not in --check
+                from processors.stitch import channel_name
+
+                given = [channel_name(c) for c in tables["stitch"]["metadata_channels"]]
+                missing = [c for c in settings.position_channels if channel_name(c) not in given]
+                if missing:
+                    raise ValueError(f"[stitch.args] positionChannels {', '.join(missing)} not among [stitch] "
+                                     f"metadata_channels ({', '.join(given) or 'none'}): the collector would not "
+                                     "receive them, and every frame would wait metadataWait for nothing")
         try:  # the processes' logs: made at start, in the directory the chain runs in
             check_folder(top["log_dir"])
         except OSError as exc:
