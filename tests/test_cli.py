@@ -263,6 +263,13 @@ def test_export_refuses_an_input_size_below_the_depth(tmp_path, capsys, size):
     _one_line(capsys.readouterr().err, "edge-ptychonn export: input_size must be a multiple of 2**depth = 16")
 
 
+def test_export_of_a_size_beyond_the_memory_is_one_line(tmp_path, capsys):
+    """An --input-size whose example input torch cannot allocate (8 TB): before, a RuntimeError traceback."""
+    assert cli.main(["export", "--out", str(tmp_path / "r.onnx"), "--input-size", str(2**20)]) == 1
+    _one_line(capsys.readouterr().err, "edge-ptychonn export: not enough memory to export a 1048576x1048576 model")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_export_to_a_folder_is_one_line(tmp_path, capsys):
     assert cli.main(["export", "--out", str(tmp_path), "--width", "2", "--depth", "1", "--input-size", "8"]) == 2
     _one_line(capsys.readouterr().err, "edge-ptychonn export: cannot write")

@@ -65,6 +65,12 @@ def _export(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"edge-ptychonn export: cannot write {args.out}: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:  # torch's CPU allocator refused the sizes (a huge --input-size): not a traceback
+        if "can't allocate memory" not in str(exc):
+            raise
+        print(f"edge-ptychonn export: not enough memory to export a {config.input_size}x{config.input_size} model "
+              f"of width {config.width}; ask for less (--input-size, --width)", file=sys.stderr)
+        return 1
     n_params = sum(p.numel() for p in model.parameters())
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): PtychoNN {config}, {n_params:,} parameters, random weights (seed {args.seed})")
     return 0
