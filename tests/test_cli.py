@@ -366,6 +366,23 @@ def test_train_stopped_while_scoring_leaves_the_earlier_model_and_card_a_pair(tm
     assert (tmp_path / "run.2.onnx").read_bytes() == onnx and (tmp_path / "run.2.json").read_text() == card
 
 
+def test_train_stopped_after_an_epoch_says_where_its_weights_are(tmp_path, capsys, monkeypatch):
+    """Ctrl-C once an epoch has finished (here: while the model is scored): the weights of the last
+    finished epoch stay in <out>.epoch.pt, and the command says so (before: only "interrupted")."""
+    from edge_ptychonn.science import accuracy
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(accuracy, "evaluate_scans", stopped)
+    out = tmp_path / "run"
+    assert _main(TRAIN + ["--out", str(out), "--eval", "mixed:1001"]) == 130
+    err = capsys.readouterr().err
+    _one_line(err, "edge-ptychonn train: interrupted", last=True)
+    assert f"the last finished epoch's weights are in {out}.epoch.pt (--init-from {out}.epoch.pt" in err, err
+    assert (tmp_path / "run.epoch.pt").is_file()
+
+
 # -- finetune ------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -56,6 +56,7 @@ same depth) is widened to ``--width`` first, and head blocks up to
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import platform
@@ -1088,11 +1089,21 @@ def check_batches(args: argparse.Namespace) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """``edge-ptychonn train``; a SIGTERM (a batch system's stop, ``kill``) stops it like Ctrl-C: no
-    half-written file is left behind, and the command ends with one line (exit 130)."""
+    half-written file is left behind, and the command ends with one line (exit 130), after one that
+    names ``<out>.epoch.pt`` when this run finished an epoch (its weights, for ``--init-from``)."""
     from edge_ptychonn.cli import sigterm_interrupts
 
+    started = time.time()
     with sigterm_interrupts():
-        return _train(args)
+        try:
+            return _train(args)
+        except KeyboardInterrupt:  # the finished epochs are kept: say where, before the one line "interrupted"
+            with contextlib.suppress(ValueError, OSError):
+                epoch = output_file(output_prefix(args.out), EPOCH_SUFFIX)
+                if epoch.stat().st_mtime >= started:  # this run's, not one an earlier stopped run left
+                    print(f"edge-ptychonn train: the last finished epoch's weights are in {epoch} "
+                          f"(--init-from {shlex.quote(str(epoch))} continues from them)", file=sys.stderr)
+            raise
 
 
 def divergence(epoch: int, loss: float, val_loss: float, checkpoint: Path | None) -> str | None:
