@@ -522,6 +522,14 @@ def test_a_missing_model_or_a_folder_for_a_file_is_a_bad_argument(recording, tmp
 
 
 
+@pytest.mark.parametrize("device, message", [("xx", "device must be"), ("cpu", "not the CPU")])
+def test_build_engine_answers_a_bad_device_as_a_bad_argument(capsys, device, message):
+    """A --device that names no GPU is exit 2 whether or not TensorRT is installed (before, without
+    it: "needs tensorrt", exit 1, and the device only refused once TensorRT was there)."""
+    assert _main(["build-engine", "--device", device]) == 2
+    assert message in _one_line(capsys.readouterr().err, "edge-ptychonn build-engine: --device:")
+
+
 @pytest.mark.parametrize("command, argv", [
     ("train", ["--out", "/data/run 5/model", "--train-scans", "3", "--eval", "mixed:1", "smooth:2", "--no-bf16"]),
     ("finetune", ["--frames", "/data/run 5/frames.h5", "--object", "recon it's.npz", "--origin", "2.5", "3.5", "--quiet"]),

@@ -49,16 +49,26 @@ def get_args_parser(prog: str = "edge-ptychonn build-engine") -> argparse.Argume
     return parser
 
 
-def _gpus(device: str) -> list[str]:
+def _check_device(device: str):
+    """The parsed ``--device`` (None for 'all'); ``ValueError`` for one that names no GPU (checked
+    before TensorRT is looked for: a bad argument whether or not it is installed)."""
     from edge_ptychonn.devices import parse_device
-    from engines.tensorrt_engine import TensorRTEngine
 
-    n = TensorRTEngine.count_gpus()
     if device == "all":
-        return [f"cuda:{i}" for i in range(n)]
+        return None
     request = parse_device(device)
     if request.kind == "cpu":
         raise ValueError("TensorRT plans are built for GPUs, not the CPU")
+    return request
+
+
+def _gpus(device: str) -> list[str]:
+    from engines.tensorrt_engine import TensorRTEngine
+
+    request = _check_device(device)
+    n = TensorRTEngine.count_gpus()
+    if request is None:
+        return [f"cuda:{i}" for i in range(n)]
     indices = request.indices or tuple(range(n))
     return [f"cuda:{i}" for i in dict.fromkeys(indices)]
 
@@ -79,6 +89,11 @@ def main(args: argparse.Namespace) -> int:
         fixed = read_signature(args.model).fixed_batch  # a model exported at one batch: its plan is for that batch
     except ValueError as exc:  # not an ONNX model of one (N, 1, H, W) input
         print(f"edge-ptychonn build-engine: {exc}", file=sys.stderr)
+        return 2
+    try:
+        _check_device(args.device)
+    except ValueError as exc:
+        print(f"edge-ptychonn build-engine: --device: {exc}", file=sys.stderr)
         return 2
     cls = engine_class("tensorrt")
     missing = missing_libraries(cls.SPEC)
