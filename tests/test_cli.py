@@ -658,6 +658,28 @@ def test_consumer_reports_a_forked_consumer_that_crashed_when_stopped(pva_env, t
                                             "ran on (exit statuses 3); their errors are above"), err[-3000:]
 
 
+def test_consumer_ignores_a_ctrl_c_that_comes_while_its_processors_sigterm_stop_runs(monkeypatch):
+    """With one consumer the processor's SIGTERM handler (processors/shutdown.py) replaces the
+    command's once started, so the command's own handler never saw that SIGTERM: a Ctrl-C during
+    that stop raised KeyboardInterrupt in the middle of it (exit 130 "interrupted", or an abort),
+    where the help says that a second SIGTERM or Ctrl-C while it stops is ignored."""
+    from edge_ptychonn.tools.consumer import StopHandler
+
+    taken = []
+    handlers = {signal.SIGTERM: lambda signum, frame: taken.append(signum)}  # the processor's, installed at its start
+    monkeypatch.setattr(signal, "getsignal", lambda sig: handlers[sig])
+    monkeypatch.setattr(signal, "signal", lambda sig, handler: handlers.__setitem__(sig, handler))
+    command = StopHandler()
+    command.starting = False  # the consumers have started
+    command.follow_sigterm()
+    handlers[signal.SIGTERM](signal.SIGTERM, None)  # the processor's stop, as before
+    assert taken == [signal.SIGTERM]
+    try:
+        command(signal.SIGINT, None)  # ignored
+    except KeyboardInterrupt:
+        pytest.fail("the Ctrl-C cut the SIGTERM stop short")
+
+
 def test_version_is_printed_and_matches_the_package_metadata(capsys):
     from importlib.metadata import version
 

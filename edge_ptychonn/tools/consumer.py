@@ -112,6 +112,21 @@ class StopHandler:
         self.stopping.set()
         raise KeyboardInterrupt
 
+    def follow_sigterm(self) -> None:
+        """With one consumer its processor takes SIGTERM for its own stop once started
+        (``processors/shutdown.py``): that stop is then marked here too, so that a Ctrl-C while it
+        runs is ignored like any second signal (it raised ``KeyboardInterrupt`` in the middle of
+        the stop: exit 130, or an abort)."""
+        taken = signal.getsignal(signal.SIGTERM)
+        if taken is self or not callable(taken):
+            return
+
+        def on_sigterm(signum, frame) -> None:
+            self.stopping.set()
+            taken(signum, frame)
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+
     @contextlib.contextmanager
     def starts(self):
         """Inside the block, the ``start()`` of PvaPy's controllers (one consumer's, and the
@@ -129,6 +144,7 @@ class StopHandler:
                     return original(controller, *args, **kwargs)
                 finally:
                     self.starting = False
+                    self.follow_sigterm()
                     if self.asked.is_set() and not self.stopping.is_set():
                         self.stopping.set()
                         controller.shouldBeStopped = True
