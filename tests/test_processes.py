@@ -1,6 +1,7 @@
 """The process helpers keep PVA traffic on loopback and stop what they start."""
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -415,6 +416,25 @@ def test_soak_takes_a_relative_model_from_where_it_is_called(tmp_path, monkeypat
     with pytest.raises(RuntimeError, match="no consumer started"):
         soak.main(soak.get_args_parser().parse_args(["--model", "m.onnx", "--fps", "10", "--engine", "zero"]))
     assert Path(given[0]["modelPath"]) == tmp_path / "m.onnx", given
+
+
+def test_soak_stopped_says_its_run_is_partial_and_keeps_its_figures(tmp_path, monkeypatch, capsys):
+    """Ctrl-C (SIGTERM, SIGHUP): exit 130, a line that says the run is partial with what it counted,
+    and --json written with "interrupted" (before: no figure, no --json, minutes of a soak lost)."""
+    from edge_ptychonn.tools import soak
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # its logs and frames
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(processes, "consumer_argv", stopped)
+    out = tmp_path / "soak.json"
+    argv = ["--model", str(MODEL), "--fps", "10", "--engine", "zero", "--json", str(out)]
+    assert soak.main(soak.get_args_parser().parse_args(argv)) == 130
+    assert "soak: interrupted: stopping what it started; a partial run, not judged: published 0" in capsys.readouterr().out
+    figures = json.loads(out.read_text())
+    assert figures["interrupted"] is True and figures["frames_published"] == 0
 
 
 @pytest.mark.parametrize("limit", ["nan", "-1"])

@@ -14,7 +14,8 @@ has published as many frames as the output queue the soak asks for holds,
 twice after it is not judged on memory, and says how long would be). Consumers that exit before they publish
 a frame (they could not start) end the run early, with exit status 1; one
 that dies later leaves the run going, its frames counted lost. Ctrl-C, SIGTERM or
-SIGHUP stops the processes it started and exits with 130. The processes' logs
+SIGHUP stops the processes it started and exits with 130, with a line that says the run is
+partial and what it published so far (``--json`` gets the figures so far, marked ``interrupted``). The processes' logs
 stay in the folder named on the first line (under the temporary folder,
 ``TMPDIR``); the frames it generated are removed at the end. Not part of the
 test suite: it runs for minutes (default 10).
@@ -192,7 +193,7 @@ def main(args: argparse.Namespace) -> int:
     procs = []
     print(f"soak: {args.consumers} consumer(s), {args.engine}, {fps:.0f} frames/s for {args.minutes:g} min; "
           f"logs in {work}", flush=True)
-    collector = None
+    collector, samples = None, []  # samples: (seconds, [rss per consumer])
     # SIGTERM and SIGHUP stop it like Ctrl-C: the finally below stops what it started
     with processes.stop_on_signals():
         try:
@@ -207,7 +208,6 @@ def main(args: argparse.Namespace) -> int:
             collector = processes.OutputCollector(outputs, keep_images=False, keep_attributes=False,
                                                   queue_size=QUEUE_SIZE)
             t0 = time.monotonic()
-            samples = []  # (seconds, [rss per consumer])
             delay = args.start_delay
             end = t0 + delay + runtime_s + 15
             next_report = t0 + delay + args.every
@@ -240,7 +240,15 @@ def main(args: argparse.Namespace) -> int:
                 statuses = processes.wait_status([f"{prefix}:{i}:status" for i in range(1, args.consumers + 1)],
                                                  timeout_s=5)
         except (KeyboardInterrupt, processes.Terminated):
-            print("\nsoak: interrupted: stopping what it started", flush=True)
+            # what it measured so far stays: the count and the last memory sample here, all in --json
+            got = collector.count() if collector is not None else 0
+            print("\nsoak: interrupted: stopping what it started; a partial run, not judged: published "
+                  f"{got}" + (f", RSS MB {', '.join(f'{r:.0f}' for r in samples[-1][1])} at {samples[-1][0]:.0f} s"
+                              if samples else ""), flush=True)
+            if args.json:
+                args.json.write_text(json.dumps({"interrupted": True, "fps_offered": fps, "minutes": args.minutes,
+                                                 "consumers": args.consumers, "engine": args.engine,
+                                                 "frames_published": got, "rss_mb": samples}, indent=1))
             return 130
         finally:
             with processes.signals_ignored():  # a second signal must not cut the stopping short
