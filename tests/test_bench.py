@@ -350,6 +350,21 @@ def test_a_part_that_measured_nothing_is_exit_status_1(tmp_path, capsys):
     assert "not measured: engine: no engine and precision asked for could run here" in out, out
 
 
+@pytest.mark.parametrize("engines, precisions, reason", [
+    ("onnxruntime", "bf16", "skipped onnxruntime bf16: offers fp32 on device cpu, not bf16"),
+    ("tensorrt", None, "skipped tensorrt -: runs on cuda only, not device cpu"),
+])
+def test_an_engine_named_that_times_nothing_is_said_why(tmp_path, capsys, engines, precisions, reason):
+    """An engine named in --engines that offers none of --precisions on the device, or does not run
+    there: the report's 'not measured' line points at the skipped lines, so there is one for it."""
+    argv = ["--out", str(tmp_path), "--skip", "warm,framepath,pipeline,zero,passthrough", "--engines", engines,
+            "--batches", "8", "--threads", "1", "--workers", "1", "--no-plots", "--quick"]
+    args = bench.get_args_parser().parse_args(argv + (["--precisions", precisions] if precisions else []))
+    assert bench.main(args) == 1
+    assert reason in capsys.readouterr().out
+    assert json.loads((tmp_path / "report.json").read_text())["engine_skipped"][0]["engine"] == engines
+
+
 def test_unknown_part_is_an_error(capsys):
     with pytest.raises(SystemExit) as exit_:
         bench.get_args_parser().parse_args(["--skip", "engines"])

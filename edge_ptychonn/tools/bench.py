@@ -439,7 +439,10 @@ def main(args: argparse.Namespace) -> int:
                 )
             finally:
                 report["engine"] = [r.to_dict() for r in engine_results]
-            report["engine_skipped"] = skipped
+            not_offered = _not_offered(args, precisions)
+            for skip in not_offered:
+                progress(f"engine {skip['engine']}: skipped ({skip['reason']})")
+            report["engine_skipped"] = not_offered + skipped
             if not engine_results:
                 report.setdefault("not_measured", []).append(
                     f"engine: no engine and precision asked for could run here (see 'skipped' above)")
@@ -595,6 +598,25 @@ def _precisions(args) -> dict[str, tuple[str, ...]]:
     out = {e: tuple(p for p in ps if not args.precisions or p in args.precisions)
            for e, ps in engine_precisions(args.device, args.engines).items()}
     return {e: ps for e, ps in out.items() if ps}
+
+
+def _not_offered(args, precisions: dict[str, tuple[str, ...]]) -> list[dict]:
+    """The engines named in --engines that ``precisions`` (:func:`_precisions`) leaves nothing to time,
+    each a skipped entry with the reason: on --device they offer none of --precisions, or they do not
+    run there at all (before, they were left out without a word under 'see skipped above')."""
+    from engines import registry
+
+    from .bench_engine import engine_precisions
+
+    skipped = []
+    for name in args.engines or []:
+        if name in precisions:
+            continue
+        offered = engine_precisions(args.device, [name]).get(name, ())
+        reason = (f"offers {', '.join(offered)} on device {args.device}, not {', '.join(args.precisions or ())}"
+                  if offered else f"runs on {', '.join(registry.spec(name).devices)} only, not device {args.device}")
+        skipped.append({"engine": name, "precision": ",".join(args.precisions or ()) or "-", "reason": reason})
+    return skipped
 
 
 def _failed_part(report: dict, part: str, first_error: str) -> None:

@@ -197,8 +197,8 @@ def summary_text(report: dict) -> str:
         parts += ["", "Engine alone", engine_table(report)]
     for skip in report.get("engine_skipped", []):
         workers = f" x {skip['workers']} workers" if skip.get("workers", 1) > 1 else ""
-        parts.append(f"  skipped {skip['engine']} {skip['precision']} ({skip.get('threads', '?')} threads{workers}): "
-                     f"{skip['reason']}")
+        layout = f" ({skip['threads']} threads{workers})" if skip.get("threads") is not None else ""
+        parts.append(f"  skipped {skip['engine']} {skip['precision']}{layout}: {skip['reason']}")
     if report.get("frame_path"):
         from .bench_frame_path import table as frame_path_table
 
