@@ -365,6 +365,21 @@ def test_an_engine_named_that_times_nothing_is_said_why(tmp_path, capsys, engine
     assert json.loads((tmp_path / "report.json").read_text())["engine_skipped"][0]["engine"] == engines
 
 
+def test_an_interrupted_run_says_its_tables_are_partial(tmp_path, capsys, monkeypatch):
+    """Ctrl-C (SIGTERM, SIGHUP) in the middle: exit 130 and the printed summary says the run is
+    partial (before, only the report.json's "interrupted" and a progress line on stderr did)."""
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench_engine, "bench_engines", stopped)
+    args = bench.get_args_parser().parse_args(["--out", str(tmp_path), "--skip", "warm,framepath,pipeline,zero,passthrough",
+                                               "--engines", "onnxruntime", "--batches", "8", "--threads", "1",
+                                               "--workers", "1", "--no-plots", "--quick"])
+    assert bench.main(args) == 130
+    assert "interrupted: a partial run" in capsys.readouterr().out
+    assert json.loads((tmp_path / "report.json").read_text())["interrupted"] is True
+
+
 def test_unknown_part_is_an_error(capsys):
     with pytest.raises(SystemExit) as exit_:
         bench.get_args_parser().parse_args(["--skip", "engines"])

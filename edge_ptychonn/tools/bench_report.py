@@ -214,6 +214,9 @@ def summary_text(report: dict) -> str:
         parts += ["", "Plots: " + ", ".join(report["plots"])]
     for what in report.get("not_measured", []):
         parts.append(f"not measured: {what}")
+    if report.get("interrupted"):  # Ctrl-C, SIGTERM, SIGHUP: a partial run, not the bench's figures
+        parts.append("interrupted: a partial run; the tables hold only what was measured before the stop (a sweep "
+                     "cut short has no best rate or ratios)")
     return "\n".join(parts)
 
 
