@@ -380,6 +380,17 @@ def test_an_interrupted_run_says_its_tables_are_partial(tmp_path, capsys, monkey
     assert json.loads((tmp_path / "report.json").read_text())["interrupted"] is True
 
 
+def test_a_pipeline_with_no_rate_to_offer_is_exit_status_1(tmp_path, capsys, monkeypatch):
+    """--rate-fractions that all round to 0 frames/s of the engine's rate: no point is measured,
+    and the bench says so and exits with 1 (before: an empty table and exit 0)."""
+    monkeypatch.setattr(bench, "_engine_alone", lambda *args: 300.0)
+    args = bench.get_args_parser().parse_args(["--out", str(tmp_path), "--skip", "warm,engine,framepath,zero,passthrough",
+                                               "--pipeline-engine", "onnxruntime", "--rate-fractions", "0.0001",
+                                               "--consumers", "1", "--down", "0", "--no-plots", "--quick"])
+    assert bench.main(args) == 1
+    assert "not measured: pipeline N=1: no rate to offer" in capsys.readouterr().out
+
+
 def test_unknown_part_is_an_error(capsys):
     with pytest.raises(SystemExit) as exit_:
         bench.get_args_parser().parse_args(["--skip", "engines"])

@@ -485,6 +485,10 @@ def main(args: argparse.Namespace) -> int:
                             args.refine, progress, delay, extend=args.extend, down=args.down, into=into))
                     if points and all(p.error for p in points):
                         _failed_part(report, f"pipeline N={n}", points[0].error)
+                    if not points and engine_alone:  # every fraction rounded to 0 frames/s: nothing was offered
+                        report.setdefault("not_measured", []).append(
+                            f"pipeline N={n}: no rate to offer (every --rate-fractions of the engine's "
+                            f"{engine_alone:.1f} frames/s rounds to 0)")
                     best = bp.best_sustained(points)
                     if best:
                         row["ptychonn_fps"] = best.kept_up_fps
