@@ -658,28 +658,6 @@ def test_consumer_reports_a_forked_consumer_that_crashed_when_stopped(pva_env, t
                                             "ran on (exit statuses 3); their errors are above"), err[-3000:]
 
 
-def test_consumer_ignores_a_ctrl_c_that_comes_while_its_processors_sigterm_stop_runs(monkeypatch):
-    """With one consumer the processor's SIGTERM handler (processors/shutdown.py) replaces the
-    command's once started, so the command's own handler never saw that SIGTERM: a Ctrl-C during
-    that stop raised KeyboardInterrupt in the middle of it (exit 130 "interrupted", or an abort),
-    where the help says that a second SIGTERM or Ctrl-C while it stops is ignored."""
-    from edge_ptychonn.tools.consumer import StopHandler
-
-    taken = []
-    handlers = {signal.SIGTERM: lambda signum, frame: taken.append(signum)}  # the processor's, installed at its start
-    monkeypatch.setattr(signal, "getsignal", lambda sig: handlers[sig])
-    monkeypatch.setattr(signal, "signal", lambda sig, handler: handlers.__setitem__(sig, handler))
-    command = StopHandler()
-    command.starting = False  # the consumers have started
-    command.follow_sigterm()
-    handlers[signal.SIGTERM](signal.SIGTERM, None)  # the processor's stop, as before
-    assert taken == [signal.SIGTERM]
-    try:
-        command(signal.SIGINT, None)  # ignored
-    except KeyboardInterrupt:
-        pytest.fail("the Ctrl-C cut the SIGTERM stop short")
-
-
 def test_version_is_printed_and_matches_the_package_metadata(capsys):
     from importlib.metadata import version
 
@@ -949,6 +927,49 @@ def test_consumer_stopped_while_it_starts_stops_cleanly_once_started(pva_env, tm
     assert "Traceback" not in err and "interrupted" not in err, err[-3000:]
     for k in range(1, int(n_consumers) + 1):
         assert f"consumer {k} final statistics: received 0" in out, out[-3000:] + err[-2000:]
+
+
+SLOW_STOP = """
+import os
+import time
+from processors.ptychonn import PtychoNNProcessor
+
+
+class SlowStop(PtychoNNProcessor):
+    def start(self):
+        super().start()
+        open(os.path.join(os.environ["SLOW_STOP_DIR"], "started"), "w").close()
+
+    def stop(self):
+        open(os.path.join(os.environ["SLOW_STOP_DIR"], "stopping"), "w").close()
+        time.sleep(1.5)  # a long drain or file close: a Ctrl-C comes in the middle of it
+        return super().stop()
+"""
+
+
+@pytest.mark.e2e
+def test_consumer_ignores_a_ctrl_c_that_comes_while_its_processors_sigterm_stop_runs(pva_env, tmp_path):
+    """One consumer: SIGTERM, then Ctrl-C while the processor stops. Its processor's SIGTERM handler
+    (processors/shutdown.py) replaces the command's once started, so the command never saw the SIGTERM
+    and took the Ctrl-C for a first signal: KeyboardInterrupt in the middle of the stop, "interrupted",
+    exit 130 (once an abort). The help says a second SIGTERM or Ctrl-C while it stops is ignored."""
+    from channel_names import PREFIX
+    from edge_ptychonn.tools.processes import wait_until
+
+    (tmp_path / "slow_stop.py").write_text(SLOW_STOP)
+    channel = f"{PREFIX}:slowstop"
+    env = {**pva_env, "SLOW_STOP_DIR": str(tmp_path),
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), str(Path(cli.__file__).parent.parent)])}
+    with consumer_process(["-ic", f"{channel}:image", "-oc", f"{channel}:output", "-pc", "slow_stop.SlowStop",
+                           "-pa", '{"engine": "zero"}', "-rp", "0"], env) as consumer:
+        assert wait_until(lambda: (tmp_path / "started").exists(), 60), "the processor never started"
+        os.kill(consumer.pid, signal.SIGTERM)
+        assert wait_until(lambda: (tmp_path / "stopping").exists(), 30), "the SIGTERM did not stop the processor"
+        os.kill(consumer.pid, signal.SIGINT)
+        out, err = consumer.communicate(timeout=60)
+    assert consumer.returncode == 0, out[-2000:] + err[-3000:]
+    assert "Traceback" not in err and "interrupted" not in err, err[-3000:]
+    assert "final statistics: received 0" in out, out[-3000:] + err[-2000:]
 
 
 def test_a_signal_while_the_consumer_starts_waits_for_the_start_and_a_second_one_does_not():
