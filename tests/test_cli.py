@@ -338,6 +338,17 @@ def test_train_refuses_an_init_from_that_is_no_model_before_the_work(tmp_path, c
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]
 
 
+def test_a_pickle_that_is_not_plain_weights_is_refused_without_torchs_unsafe_advice(tmp_path, capsys):
+    """torch's safe loader refuses it and advises weights_only=False, which would run the file's
+    code: the one line keeps only the loader's complaint."""
+    path = tmp_path / "odd.pt"
+    path.write_bytes(b"\x80\x02garbage" * 10)
+    assert cli.main(TRAIN + ["--out", str(tmp_path / "m"), "--init-from", str(path), "--eval"]) == 2
+    line = _one_line(capsys.readouterr().err, f"edge-ptychonn train: {path}: not a checkpoint of edge-ptychonn train "
+                                              "(not plain weights: Unsupported operand")
+    assert "weights_only" not in line, line
+
+
 def test_train_into_an_output_it_cannot_write_is_one_line(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("")

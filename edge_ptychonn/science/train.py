@@ -146,12 +146,22 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu")
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, struct.error, ...: all mean "not one"
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ValueError(f"{path}: not a checkpoint of edge-ptychonn train ({reason})") from None
+        raise ValueError(f"{path}: not a checkpoint of edge-ptychonn train ({_load_failure(exc)})") from None
     missing = [k for k in ("state_dict", "model", "preprocess") if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise ValueError(f"{path}: not a checkpoint of edge-ptychonn train (no {', '.join(missing)})")
     return ckpt
+
+
+def _load_failure(exc: Exception) -> str:
+    """The reason in ``torch.load``'s error, in a line. Its safe loader's refusal advises loading
+    with ``weights_only=False``, which would run whatever code the file holds: only the
+    unpickler's own complaint is kept of it."""
+    text = str(exc).strip()
+    if "WeightsUnpickler error:" in text:
+        detail = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
+        return f"not plain weights: {' '.join(detail.split()) or type(exc).__name__}"
+    return (text.splitlines() or [type(exc).__name__])[0]
 
 
 def check_init_from(path: str | Path, model_config: ModelConfig | None = None) -> None:
