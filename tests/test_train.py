@@ -588,13 +588,13 @@ def test_an_init_from_model_of_another_architecture_is_refused_before_the_data_a
                 "preprocess": {}}, ckpt)
     monkeypatch.setattr(train_module, "make_dataset", no_data)
     for init_from, argv, why in (
-            (default_model_path(), ["--depth", "3"], "'depth': 4, 'input_size': 128, 'batch_norm': True, 'amplitude_head': "
-                                                     "False, 'head_blocks': 0} model, not {'width': 16, 'depth': 3,"),
-            (ckpt, ["--width", "4", "--depth", "2"], "(a wider one cannot be narrowed)")):
+            (default_model_path(), ["--depth", "3"], "another architecture: depth 4 (this run: 3)\n"),
+            (ckpt, ["--width", "4", "--depth", "2"], "another architecture: width 8 (this run: 4) (a wider one cannot be "
+                                                     "narrowed)\n")):
         assert cli.main(["train", "--out", str(tmp_path / "out" / "m"), "--quiet", "--init-from", str(init_from),
                          *argv]) == 2
         err = capsys.readouterr().err
-        assert err.startswith(f"edge-ptychonn train: cannot start from {init_from}: it holds a ") and why in err, err
+        assert err.startswith(f"edge-ptychonn train: cannot start from {init_from}: it is ") and why in err, err
     assert not (tmp_path / "out").exists()
 
 

@@ -222,7 +222,11 @@ def init_architecture(layout: ModelConfig, model_config: ModelConfig, *, onnx: b
     wider = init_config.width > model_config.width
     more_blocks = init_config.head_blocks > model_config.head_blocks
     if grown != model_config or wider or more_blocks:
-        raise ValueError(f"it holds a {init_config.to_dict()} model, not {model_config.to_dict()}"
+        have, want = init_config.to_dict(), model_config.to_dict()
+        grows = {"width": not wider, "head_blocks": not more_blocks}  # what loading may still change
+        differ = [k for k in want if have.get(k) != want[k] and not grows.get(k)]
+        raise ValueError("it is another architecture: " + ", ".join(f"{k} {have.get(k)} (this run: {want[k]})"
+                                                                       for k in differ)
                          + (" (a wider one cannot be narrowed)" if wider else "")
                          + (" (head blocks cannot be removed)" if more_blocks else ""))
     return init_config
