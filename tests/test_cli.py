@@ -270,6 +270,15 @@ def test_export_of_a_size_beyond_the_memory_is_one_line(tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_export_under_a_file_names_the_file(tmp_path, capsys):
+    """Before: "[Errno 17] File exists" once the model was built; now the other commands' words, first."""
+    (tmp_path / "afile").write_text("")
+    out = tmp_path / "afile" / "m.onnx"
+    assert cli.main(["export", "--out", str(out), "--width", "2", "--depth", "1", "--input-size", "8"]) == 2
+    _one_line(capsys.readouterr().err, f"edge-ptychonn export: cannot write {out}: {tmp_path / 'afile'} is a file, "
+                                       "not a folder")
+
+
 def test_export_to_a_folder_is_one_line(tmp_path, capsys):
     assert cli.main(["export", "--out", str(tmp_path), "--width", "2", "--depth", "1", "--input-size", "8"]) == 2
     _one_line(capsys.readouterr().err, "edge-ptychonn export: cannot write")

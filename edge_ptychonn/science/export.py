@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from edge_ptychonn import cli_options
+from edge_ptychonn.files import check_folder
 
 
 def get_args_parser(prog: str = "edge-ptychonn export") -> argparse.ArgumentParser:
@@ -53,6 +54,11 @@ def _export(args: argparse.Namespace) -> int:
     if out.name in ("", ".", "..") or str(args.out).endswith("/") or out.is_dir():  # "models/": a folder
         print(f"edge-ptychonn export: cannot write {args.out!r}: it names no file (a folder); give a file name, "
               "e.g. data/generated/random.onnx", file=sys.stderr)
+        return 2
+    try:  # before the model is built: "x.onnx/m.onnx" under a file, an unwritable folder
+        check_folder(out.parent)
+    except OSError as exc:
+        print(f"edge-ptychonn export: cannot write {args.out}: {exc}", file=sys.stderr)
         return 2
     card = card_path(out)
     if card.exists():  # the processor and evaluate would read it as this model's card
