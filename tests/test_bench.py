@@ -427,6 +427,7 @@ def test_unknown_part_is_an_error(capsys):
     ("--ceiling-factor", "1", "must be finite and > 1"),  # before: a climb that never climbs
     ("--ceiling-start", "0.01", "must be finite and >= 1"),  # before: rounded to a target of 0, the server's top speed
     ("--stop-after", "0", "must be >= 1"),  # before: every sweep stopped after its first point
+    ("--out", "", "must name a folder"),  # before: the results went into the current folder
 ])
 def test_bad_options_are_one_line_errors(capsys, option, value, message):
     with pytest.raises(SystemExit) as exit_:  # argparse's usage error, before anything runs
@@ -440,12 +441,14 @@ def test_options_that_only_main_can_judge_are_one_line_errors(tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     for argv, message, code in [
-        (["--out", str(blocker / "results")], f"cannot make the results folder {blocker / 'results'}", 1),
+        (["--out", str(blocker / "results")], f"cannot make the results folder {blocker / 'results'}", 2),  # 1 before
+        (["--model", str(tmp_path)], f"--model {tmp_path} is a folder", 2),  # before: "not found"
         (["--pipeline-engine", "torch", "--pipeline-precision", "auto"],
          "--pipeline-precision auto needs --pipeline-engine auto", 2),  # a bad argument: 2 (before: 1)
     ]:
         with pytest.raises(SystemExit) as exit_:  # before: a FileExistsError traceback; every point skipped
-            bench.main(bench.get_args_parser().parse_args(argv + ["--skip", ",".join(bench.PARTS)]))
+            bench.main(bench.get_args_parser().parse_args(argv + ["--skip", ",".join(bench.PARTS)]
+                                                          + ([] if "--out" in argv else ["--out", str(tmp_path / "r")])))
         err = capsys.readouterr().err
         assert message in (err if code == 2 else str(exit_.value)), (exit_.value, err)
         assert (exit_.value.code if code == 2 else 1) == code

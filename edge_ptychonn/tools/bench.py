@@ -136,7 +136,7 @@ def get_args_parser(prog: str = "edge-ptychonn bench") -> argparse.ArgumentParse
     )
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL,
                         help="ONNX model; when the default is missing, a random-weight PtychoNN of the default architecture is exported and used")
-    parser.add_argument("--out", type=Path, default=None, help="results folder (default: results/bench-<date>-<time>)")
+    parser.add_argument("--out", type=_folder, default=None, help="results folder (default: results/bench-<date>-<time>)")
     parser.add_argument("--quick", action="store_true",
                         help="a fast smoke run: short timings, one consumer, few points, no warm and zero parts "
                              "(an option given a value other than its default keeps it)")
@@ -296,12 +296,21 @@ def drop_caches(progress) -> bool:
     return True
 
 
+def _folder(text: str) -> Path:
+    """An ``--out`` folder: not empty (that would write into the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must name a folder, got an empty string")
+    return Path(text)
+
+
 def resolve_model(path: Path, out_dir: Path, progress) -> tuple[Path, str | None]:
     """The model to benchmark, and a note when it is a stand-in."""
     candidates = [path] if path.is_absolute() else [path, live.PROJECT_ROOT / path]
     for candidate in candidates:
         if candidate.is_file():
             return candidate, None
+        if candidate.is_dir():
+            raise refused(f"--model {path} is a folder; give the ONNX file, e.g. {DEFAULT_MODEL}")
     if path != DEFAULT_MODEL:
         raise refused(f"model {path} not found")
     try:
@@ -348,8 +357,8 @@ def main(args: argparse.Namespace) -> int:
     out_dir = (args.out or Path("results") / dt.datetime.now().strftime("bench-%Y%m%d-%H%M%S")).resolve()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:  # a file where the folder would be, or no permission: one line
-        raise SystemExit(f"edge-ptychonn bench: cannot make the results folder {out_dir}: {exc.strerror or exc}") from None
+    except OSError as exc:  # a file where the folder would be, or no permission: a bad argument, in one line
+        raise refused(f"cannot make the results folder {out_dir}: {exc.strerror or exc}") from None
     progress = Progress()
     cores = usable_cores()
     consumers = args.consumers or default_consumers(cores)
