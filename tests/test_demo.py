@@ -2,6 +2,7 @@
 PvaPy processes (sim server, 2 inference consumers with the shipped model, the stitcher in
 pvapy-hpc-collector, 2 HDF5 writers), its status lines, its summary and its PNG."""
 
+import json
 import re
 from pathlib import Path
 
@@ -300,7 +301,8 @@ def test_soak_makes_the_folders_of_its_json_file_before_it_starts(tmp_path, monk
     target = tmp_path / "new" / "deeper" / "soak.json"
     args = soak.get_args_parser().parse_args(["--fps", "10", "--minutes", "0.01", "--json", str(target)])
     assert soak.main(args) == 130 and started  # stopped as it started its first process
-    assert target.parent.is_dir() and not target.exists()  # the folder made; no file before the figures
+    assert target.parent.is_dir()  # the folder made, and the stopped run's figures so far written there
+    assert json.loads(target.read_text())["interrupted"] is True
 
 
 def test_soak_longer_than_an_hour_keeps_its_consumers_to_the_end(monkeypatch):
