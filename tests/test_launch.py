@@ -803,6 +803,120 @@ def test_the_summary_keeps_the_last_answer_of_a_consumer_that_went_silent(tmp_pa
     assert snap.processed() == 3 and chain.finished
 
 
+def test_the_status_line_keeps_a_silent_stages_last_counts_and_marks_it(tmp_path, monkeypatch):
+    """A collector killed, one of two consumers killed: the status line keeps their last counts
+    and marks the stage silent, with how long. Before: "stitch 0 placed, ... scan 0" and
+    "inference 100 frames" (the survivor's only), then "| 2 status channel(s) silent"."""
+    scan = tmp_path / "s.npy"
+    np.save(scan, np.zeros((3, 4, 4), np.int16))
+    cfg = load(tmp_path, f'log_dir = "{tmp_path / "logs"}"\nidle_s = 0\n'
+               + MINIMAL.replace('channel = "det:image"', f'scan = "{scan}"').replace("consumers = 3", "consumers = 2")
+               + "[stitch]\n[stitch.args]\nobjectShape = [64, 64]\n")
+    inference = [{"userStats": {"nFramesProcessed": 100, "frameRate": 20.0}},
+                 {"userStats": {"nFramesProcessed": 88, "frameRate": 20.0}}]
+    stitch = {"userStats": {"nFramesPlaced": 188, "nFramesReceived": 188, "nScans": 1, "coverage": 0.4}}
+    answers = iter([Snapshot(inference, stitch, []), Snapshot(inference, stitch, [])])
+    monkeypatch.setattr(launch.Chain, "snapshot",
+                        lambda self: next(answers, Snapshot([inference[0], None], None, [])))
+    monkeypatch.setattr(launch, "REPORT_PERIOD_S", 0.5)  # the chain falls idle sooner
+    monkeypatch.setattr(launch, "COLLECTOR_RELEASE_S", 0.5)
+    out = io.StringIO()
+    chain = launch.Chain(cfg, out=out)
+    chain.source = chain._start("sim", [sys.executable, "-c", "pass"])  # the replay is over
+    chain.source.wait(30)
+    snap = chain.watch()
+    lines = out.getvalue().splitlines()[1:]  # after "started sim ..."
+    assert "silent" not in lines[0] and "stitch 188 placed, cover 40%" in lines[0], lines
+    assert len(lines) >= 3, lines
+    for line in lines[1:]:
+        assert re.search(r"\| inference \(1 of 2 silent \d+ s\) 188 frames \(20/s, ", line), line
+        assert re.search(r"\| stitch \(silent \d+ s\) 188 placed, cover 40%, no position 0, scan 1, ", line), line
+    assert re.search(r"silent ([1-9]|\d\d) s", lines[-1]), lines  # counted from its last answer
+    assert snap.processed() == 188 and snap.placed() == 188
+
+
+def _finished_replay(monkeypatch, snap: Snapshot, n_sent: int):
+    """``launch.run`` as if a replay of ``n_sent`` frames went through the chain and fell idle
+    with ``snap`` as its last status, nothing started and nothing failed."""
+
+    def watch(self):
+        self.finished = True
+        return snap
+
+    monkeypatch.setattr(launch.Chain, "start", lambda self: None)
+    monkeypatch.setattr(launch.Chain, "watch", watch)
+    monkeypatch.setattr(launch.Chain, "frames_sent", lambda self, n_scan: n_sent)
+    monkeypatch.setattr(launch.Chain, "stitcher_final", lambda self: {})
+
+
+def test_frames_the_stitchers_collector_lost_make_exit_status_1_and_the_verdict_says_where(
+        tmp_path, monkeypatch, capsys):
+    """Every frame written, but 26 never reached the stitcher (a consumer lagged beyond the
+    collector's cache): exit status 1, and the summary's verdict names the collector. Before:
+    "collector lost 26" on a line of its own, "frames lost 0" and exit status 0."""
+    scan = tmp_path / "s.npy"
+    np.save(scan, np.zeros((200, 4, 4), np.int16))
+    cfg = load(tmp_path, f'log_dir = "{tmp_path / "logs"}"\n'
+               + MINIMAL.replace('channel = "det:image"', f'scan = "{scan}"').replace("consumers = 3", "consumers = 1")
+               + '[stitch]\n[stitch.args]\nobjectShape = [64, 64]\n[hdf5]\n[hdf5.args]\noutputDirectory = "h"\n')
+    stitch = {"userStats": {"nFramesPlaced": 174, "nFramesReceived": 174},
+              "collectorStats": {"nMissed": 20, "nRejected": 6}}
+    writers = [{"userStats": {"nFramesWritten": 200}}]
+    _finished_replay(monkeypatch, Snapshot([_record(200)], stitch, writers), 200)
+    assert launch.run(cfg) == 1
+    out = capsys.readouterr().out
+    assert "collector lost       26 (missed + rejected)\nframes lost          0\n" in out, out
+    assert "verdict              frames lost: 26 never reached the stitcher (its collector missed or rejected " \
+           "them)\n" in out, out
+    # lost on the way to the files too: both places named; nothing lost anywhere: exit status 0
+    writers[0]["userStats"]["nFramesWritten"] = 190
+    assert launch.run(cfg) == 1
+    assert "verdict              frames lost: 10 of the 200 sent did not reach the HDF5 files; 26 never reached " \
+           "the stitcher" in capsys.readouterr().out
+    writers[0]["userStats"]["nFramesWritten"] = 200
+    stitch.update({"userStats": {"nFramesPlaced": 200, "nFramesReceived": 200}, "collectorStats": {}})
+    assert launch.run(cfg) == 0
+    assert "frames lost          0\nverdict              no frame lost\n" in capsys.readouterr().out
+
+
+def test_the_summary_names_why_the_hdf5_writers_lost_frames_and_their_log(tmp_path, monkeypatch, capsys):
+    """A full disk for the HDF5 folder (the two writers' last status in such a run): the summary
+    gives the writers' losses by cause, their failed operations, and the log that says why.
+    Before: "images written 1" and "frames lost 199", the causes only in the writers' log."""
+    scan = tmp_path / "s.npy"
+    np.save(scan, np.zeros((200, 4, 4), np.int16))
+    cfg = load(tmp_path, f'log_dir = "{tmp_path / "logs"}"\n'
+               + MINIMAL.replace('channel = "det:image"', f'scan = "{scan}"').replace("consumers = 3", "consumers = 2")
+               + '[hdf5]\n[hdf5.args]\noutputDirectory = "h"\n')
+    writers = [{"userStats": {"nFramesWritten": 0, "nFramesLost": 96, "nLostWriteError": 96, "nLostNotQueued": 0,
+                              "nLostStopping": 0, "nWriteErrors": 4}},
+               {"userStats": {"nFramesWritten": 1, "nFramesLost": 103, "nLostWriteError": 103, "nLostNotQueued": 0,
+                              "nLostStopping": 0, "nWriteErrors": 3}}]
+    _finished_replay(monkeypatch, Snapshot([_record(96), _record(104)], None, writers), 200)
+    assert launch.run(cfg) == 1
+    out = capsys.readouterr().out
+    assert (f"images written       1 (HDF5 files in h)\nwriters lost         199 (199 at write errors; 7 HDF5 "
+            f"creates, writes, flushes or closes failed): their log {tmp_path / 'logs' / 'hdf5.log'} says why\n") \
+        in out, out
+    assert "frames lost          199\nverdict              frames lost: 199 of the 200 sent did not reach the HDF5 " \
+           "files (199 lost by the writers: 'writers lost' above)\n" in out, out
+    # every cause named; none: no such line
+    writers[0]["userStats"].update(nLostWriteError=0, nLostNotQueued=90, nLostStopping=6, nWriteErrors=0)
+    writers[1]["userStats"].update(nLostWriteError=0, nWriteErrors=0)
+    assert "writers lost         96 (90 not queued (the writer's queue full or its thread gone); 6 not written at " \
+           "stop; 0 HDF5" in "\n".join(launch.summary(cfg, Snapshot([_record(200)], None, writers), 200))
+    writers[0]["userStats"].update(nLostNotQueued=0, nLostStopping=0)
+    assert "writers lost" not in "\n".join(launch.summary(cfg, Snapshot([_record(200)], None, writers), 200))
+
+
+def test_the_writer_loss_causes_are_the_hdf5_writers():
+    """The summary names every cause the writer counts (nLost<Cause>), and only those."""
+    from processors.hdf5_writer import LOSS_CAUSES, STATS
+
+    assert set(launch.WRITER_LOSSES) == {f"nLost{c[0].upper()}{c[1:]}" for c in LOSS_CAUSES} < set(STATS)
+    assert "nWriteErrors" in STATS
+
+
 @pytest.mark.e2e
 def test_a_replay_stopped_early_counts_what_the_sim_server_sent(pva_env, tmp_path, monkeypatch, capsys):
     """Ctrl-C while a real sim server replays: "frames sent" is what it published (not the

@@ -14,7 +14,8 @@ clients (stitcher, HDF5 writers), waited for in the same way. The sim server's s
 delay, counted from its start, lets every client connect before frames flow. The
 launcher reports when every client has received its first record, and warns if
 frames started before. It then prints a one-line status every second (from the status
-channels) and, with a sim server replaying once, stops once every stage has taken
+channels; a stage whose channel went silent keeps its last counts there, marked
+"(silent 5 s)") and, with a sim server replaying once, stops once every stage has taken
 every frame it sent (the stitcher: placed or counted as not placed, none still waiting
 for its position from metadata channels), else when the chain has been idle for
 ``idle_s`` after the scan (at least two status periods, plus the collector's 5 s release
@@ -23,9 +24,10 @@ positions, so that frames still on their way are counted); a detector chain runs
 Ctrl-C. Ctrl-C, SIGTERM or SIGHUP (the terminal or ssh session closed) stops everything it
 started, by process id, source first, then inference, so the downstream stages see every frame,
 then the clients all at once (each takes seconds);
-their logs are in ``log_dir``; with a replay stopped early, the summary counts the
-frames the sim server sent, once they went through the chain (at most 15 s more, said
-as it waits). The summary's stitcher counts are its own as it ended (its log's last
+their logs are in ``log_dir`` (the summary names the HDF5 writers' when they lost frames,
+with the causes their status gives: write errors, not queued, not written at stop); with a
+replay stopped early, the summary counts the frames the sim server sent, once they
+went through the chain (at most 15 s more, said as it waits). The summary's stitcher counts are its own as it ended (its log's last
 statistics: as it stops it places the frames still waiting for their positions; without
 them, those still waiting are named), and with ``positionChannels`` it says how many frames
 took their positions from the metadata channels, or that no update came. Each process gets
@@ -90,7 +92,8 @@ fit), starting nothing; the launch makes the same checks before it starts anythi
     [viewer]                           # omit for no viewer; needs c2dv (pip install 'edge-ptychonn[viewer]') and a display
     channels = ["stitch:1:output"]     # one window each (edge-ptychonn view: full rate, levels from the chain model's card)
 
-Exit status: 0; 1 when frames were lost or a process failed; 2 for a bad file
+Exit status: 0; 1 when frames were lost (before the end of the chain, or in the
+stitcher's collector: the summary's verdict says where) or a process failed; 2 for a bad file
 (or a scan or argument that fails as the chain starts); 130 on Ctrl-C, SIGTERM
 or SIGHUP.
 
@@ -502,6 +505,11 @@ def _user(record: dict | None, key: str, default=0):
     return (record or {}).get("userStats", {}).get(key, default)
 
 
+# the HDF5 writer's lost frames by cause (its nLost<Cause>, processors.hdf5_writer.LOSS_CAUSES) -> what the
+# summary calls the cause
+WRITER_LOSSES = {"nLostWriteError": "at write errors", "nLostNotQueued": "not queued (the writer's queue full or "
+                 "its thread gone)", "nLostStopping": "not written at stop"}
+
 # the stitcher's frame counts that its final statistics (as it ends) give: its stop() places the
 # frames still waiting for their positions (the file's, else counted as no position)
 FINAL_COUNTS = ("nFramesReceived", "nFramesPlaced", "nFramesNoPosition", "nFramesOutside", "nFramesWrongShape",
@@ -558,6 +566,11 @@ class Snapshot:
         the flush may come long after the scan)."""
         return sum(_user(r, "nFramesWritten") + _user(r, "nFramesUnflushed") for r in self.hdf5)
 
+    def writer_losses(self) -> dict[str, int]:
+        """The frames the HDF5 writers lost, by cause (:data:`WRITER_LOSSES`), and their failed
+        creates, writes, flushes and closes (``nWriteErrors``), summed over the writers."""
+        return {key: sum(_user(r, key) for r in self.hdf5) for key in [*WRITER_LOSSES, "nWriteErrors"]}
+
     def placed(self) -> int:
         return _user(self.stitch, "nFramesPlaced")
 
@@ -590,28 +603,51 @@ class Snapshot:
         return (self.processed(), self.dropped(), self.bad(), self.written(), self.placed(),
                 _user(self.stitch, "nFramesReceived"), self.waiting())
 
-    def frame_rate(self) -> float:
-        """Published frames/s of all inference consumers (each over its last 5 s)."""
-        return sum(_user(r, "frameRate", 0.0) for r in self.inference)
+    def frame_rate(self, skip=()) -> float:
+        """Published frames/s of all inference consumers (each over its last 5 s), but those whose
+        index is in ``skip`` (silent: their last rate is stale)."""
+        return sum(_user(r, "frameRate", 0.0) for i, r in enumerate(self.inference) if i not in skip)
 
-    def line(self, elapsed_s: float, cfg: LaunchConfig) -> str:
-        rate = self.frame_rate()
+    def silent(self) -> dict[str, dict[int, float | None]]:
+        """Stage -> the indices of its status channels without an answer here (None: for how long
+        is not known); what :meth:`line` marks when it is not told (:meth:`Chain.silences`)."""
+        return {"inference": {i: None for i, r in enumerate(self.inference) if r is None},
+                "stitch": {0: None} if self.stitch is None else {},
+                "hdf5": {i: None for i, r in enumerate(self.hdf5) if r is None}}
+
+    def line(self, elapsed_s: float, cfg: LaunchConfig, silent: dict[str, dict[int, float | None]] | None = None) -> str:
+        """The status line. A stage whose status channels (``silent``: stage -> channel index ->
+        seconds since it last answered; default: the channels without an answer here) did not
+        answer is marked so, with how long; its counts are what this snapshot holds (the watch's:
+        each channel's last answer, :meth:`merged`), not 0."""
+        silent = self.silent() if silent is None else silent
+        rate = self.frame_rate(skip=silent.get("inference", {}))
         bad = f", bad {self.bad()}" if self.bad() else ""
-        parts = [f"{elapsed_s:6.1f}s", f"inference {self.processed()} frames ({rate:.0f}/s, dropped {self.dropped()}{bad})"]
+        mark = lambda stage, n: _silent_mark(silent.get(stage, {}), n)
+        parts = [f"{elapsed_s:6.1f}s", f"inference{mark('inference', len(self.inference))} {self.processed()} frames "
+                                       f"({rate:.0f}/s, dropped {self.dropped()}{bad})"]
         if cfg.stitch is not None:
             s = self.stitch
             waiting = f"waiting {self.waiting()}, " if self.waiting() else ""
             metadata = (f"by metadata {_user(s, 'nFramesByMetadata')} ({_user(s, 'nMetadataReceived')} updates), "
                         if position_channels(cfg) else "")
-            parts.append(f"stitch {self.placed()} placed, cover {_user(s, 'coverage', 0.0):.0%}, "
+            parts.append(f"stitch{mark('stitch', 1)} {self.placed()} placed, cover {_user(s, 'coverage', 0.0):.0%}, "
                          f"no position {_user(s, 'nFramesNoPosition')}, {waiting}{metadata}scan {_user(s, 'nScans')}, "
                          f"lost {self.collector_lost()}")
         if cfg.hdf5 is not None:
-            parts.append(f"hdf5 {self.written()} written")
-        down = sum(r is None for r in [*self.inference, *self.hdf5]) + (cfg.stitch is not None and self.stitch is None)
-        if down:
-            parts.append(f"{down} status channel(s) silent")
+            parts.append(f"hdf5{mark('hdf5', len(self.hdf5))} {self.written()} written")
         return " | ".join(parts)
+
+
+def _silent_mark(silent: dict[int, float | None], n: int) -> str:
+    """How a stage of ``n`` status channels is marked on the status line when those in ``silent``
+    (index -> seconds since it last answered, None: not known) did not answer: " (silent 5 s)",
+    " (1 of 2 silent 5 s)" (the longest silence); "" when every one answered."""
+    if not silent:
+        return ""
+    known = [s for s in silent.values() if s is not None]
+    some = f"{len(silent)} of {n} " if len(silent) < n else ""
+    return f" ({some}silent{f' {max(known):.0f} s' if known else ''})"
 
 
 # ---------------------------------------------------------------- the chain
@@ -636,6 +672,7 @@ class Chain:
         self.consumers_gone: dict[int, int] = {}  # pvapy-hpc-consumer -nc N pid -> its consumers reported exited
         self.peak_fps = 0.0  # the highest published rate the inference consumers reported
         self.latest: Snapshot | None = None  # the last status, each channel's last answer kept
+        self.answered_s: dict[tuple[str, int], float] = {}  # (stage, channel index) -> when it last answered
         self.finished = False  # the replayed scan went through and the chain fell idle
         self.n_scan: int | None = None  # the frames of the replayed scan (run() reads them)
         # how long the stitcher holds a frame waiting for its position from metadata channels
@@ -677,6 +714,21 @@ class Chain:
         return Snapshot([self.status.get(c) for c in self.inference_status()],
                         self.status.get(stitch) if stitch else None,
                         [self.status.get(c) for c in self.hdf5_status()])
+
+    def silences(self, snap: Snapshot, now: float) -> dict[str, dict[int, float]]:
+        """Stage -> index -> seconds since each of its status channels that did not answer in
+        ``snap`` (this read, at ``now``, a :func:`time.monotonic` reading) last answered (one
+        that never did: since the first read); notes when those that did answered."""
+        silent: dict[str, dict[int, float]] = {}
+        for stage, records in (("inference", snap.inference), ("stitch", [snap.stitch] if self.cfg.stitch else []),
+                               ("hdf5", snap.hdf5)):
+            silent[stage] = {}
+            for i, record in enumerate(records):
+                if record is not None or (stage, i) not in self.answered_s:
+                    self.answered_s[stage, i] = now
+                if record is None:
+                    silent[stage][i] = now - self.answered_s[stage, i]
+        return silent
 
     # -- start ------------------------------------------------------------------------------
     def _start(self, name: str, argv: list[str]) -> live.Proc:
@@ -840,12 +892,14 @@ class Chain:
         viewers_gone: set[int] = set()  # pids of viewers whose exit was reported
         self.peak_fps = 0.0
         snap = self.latest = self.snapshot()
+        self.silences(snap, time.monotonic())
         while True:
             time.sleep(1.0)
             snap = self.snapshot()
             self.latest = snap.merged(self.latest)
             now = time.monotonic()
-            line = snap.line(now - self.started_s, self.cfg)
+            # a silent channel's last counts, marked silent (before: 0, as if the stage had lost them)
+            line = self.latest.line(now - self.started_s, self.cfg, self.silences(snap, now))
             print(("\r" + line + "\x1b[K") if tty else line, end="" if tty else "\n", file=self.out, flush=True)
             dead = [p for p in self.procs if p is not self.source and not p.name.startswith("viewer") and not p.running()]
             if dead:
@@ -1063,6 +1117,7 @@ def summary(cfg: LaunchConfig, snap: Snapshot, n_sent: int | None, delivered_fps
     lines.append(f"inference processed  {snap.processed()} (dropped {snap.dropped()}, bad {snap.bad()}{rate})")
     if cfg.hdf5 is not None:
         lines.append(f"images written       {snap.written()} (HDF5 files in {cfg.hdf5['args']['outputDirectory']})")
+        lines += _writer_losses(cfg, snap)
     if cfg.stitch is not None:
         s = snap.stitch
         # every frame the stitcher received: placed, not placed (why), or still waiting for its position
@@ -1089,6 +1144,9 @@ def summary(cfg: LaunchConfig, snap: Snapshot, n_sent: int | None, delivered_fps
         bad = (f" ({snap.bad()} of them bad frames, refused by inference: its log says why)"
                if snap.bad() and n_sent - reached > 0 else "")
         lines.append(f"frames lost          {n_sent - reached}{bad}")
+    where = losses(cfg, snap, n_sent)
+    if where or n_sent is not None:
+        lines.append(f"verdict              {'frames lost: ' + '; '.join(where) if where else 'no frame lost'}")
     return lines
 
 
@@ -1125,10 +1183,42 @@ def frames_lost(cfg: LaunchConfig, snap: Snapshot, n_sent: int | None) -> int | 
     return n_sent - (snap.written() if cfg.hdf5 is not None else snap.processed())
 
 
+def _writer_losses(cfg: LaunchConfig, snap: Snapshot) -> list[str]:
+    """The summary's line on the frames the HDF5 writers lost, by cause (from their status), and
+    their failed HDF5 operations, naming their log (where each kind of error is logged); none
+    when they lost nothing and nothing failed. Before, a full disk showed only "images written 1"
+    and "frames lost 199"."""
+    counts = snap.writer_losses()
+    lost = sum(counts[key] for key in WRITER_LOSSES)
+    if not lost and not counts["nWriteErrors"]:
+        return []
+    causes = [f"{counts[key]} {cause}" for key, cause in WRITER_LOSSES.items() if counts[key]]
+    failed = f"{counts['nWriteErrors']} HDF5 creates, writes, flushes or closes failed"
+    return [f"writers lost         {lost} ({'; '.join(causes + [failed])}): their log "
+            f"{cfg.base / cfg.log_dir / 'hdf5.log'} says why"]
+
+
+def losses(cfg: LaunchConfig, snap: Snapshot, n_sent: int | None) -> list[str]:
+    """Where the chain lost frames, one phrase per place ([]: nowhere): the frames of a replayed
+    scan that did not reach the end of the chain (:func:`frames_lost`; how many of them the HDF5
+    writers lost, by cause in the summary's "writers lost"), and those the stitcher's
+    collector missed or rejected (they never reached the stitcher, whatever reached the files).
+    Any of them makes the exit status 1."""
+    where = []
+    lost = frames_lost(cfg, snap, n_sent)
+    by_writers = sum(v for k, v in snap.writer_losses().items() if k in WRITER_LOSSES)
+    if lost:
+        where.append(f"{lost} of the {n_sent} sent did not reach the {'HDF5 files' if cfg.hdf5 is not None else 'inference outputs'}"
+                     + (f" ({by_writers} lost by the writers: 'writers lost' above)" if by_writers else ""))
+    if cfg.stitch is not None and snap.collector_lost():
+        where.append(f"{snap.collector_lost()} never reached the stitcher (its collector missed or rejected them)")
+    return where
+
+
 def run(cfg: LaunchConfig, prog: str = "edge-ptychonn launch", results: list | None = None) -> int:
     """Start the chain, print the status line until it is done, stop it, print the
     summary (and the scored, pictured stitched image). Exit status: 0, 1 when frames
-    were lost or a process failed, 2 when the chain could not start (a bad scan or
+    were lost anywhere (:func:`losses`, the summary's verdict) or a process failed, 2 when the chain could not start (a bad scan or
     argument, on stderr), 130 on Ctrl-C, SIGTERM or SIGHUP. ``results``: a list to
     which ``(snapshot, frames sent, delivered fps)`` is appended: the status once the
     chain fell idle (stopped early: once what the sim server sent went through, see
@@ -1177,7 +1267,7 @@ def run(cfg: LaunchConfig, prog: str = "edge-ptychonn launch", results: list | N
                         + accuracy(cfg, since=chain.started_at, n_frames=n_sent)), flush=True)
         if results is not None:
             results.append((snap, n_sent, chain.delivered_fps(snap)))
-        if code == 0 and (chain.failed or frames_lost(cfg, snap, n_sent)):
+        if code == 0 and (chain.failed or losses(cfg, snap, n_sent)):
             code = 1
     return code
 
