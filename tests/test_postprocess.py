@@ -133,8 +133,11 @@ def test_a_model_swap_keeps_the_users_output_mask_choice(small_model, carded_mod
     assert swapped.output_mask == OutputMask(centre_yx=(31.5, 31.5), radius_px=12.0)  # the new card's
     assert apply_runtime_changes(swapped, {"modelPath": str(small_model)})[0].output_mask is None  # no card: none
     on, _ = parse_processor_args({"modelPath": str(carded_model), "outputMask": True})
-    with pytest.raises(ValueError, match="outputMask is true but the model card"):
+    with pytest.raises(ValueError, match="outputMask is true but the model card") as refused:
         apply_runtime_changes(on, {"modelPath": str(small_model)})
+    # outputMask cannot change at run time: the advice is a restart, not "give outputMask false"
+    assert "restart the consumer with outputMask false" in str(refused.value)
+    assert "; give outputMask false" not in str(refused.value)
 
 
 @pytest.mark.parametrize("masked", [True, False])

@@ -198,13 +198,17 @@ def _parse_processor_args(config_dict: dict, aliases: dict[str, str] | None, def
     return ProcessorConfig(**top, preprocess=PreprocessConfig(**pre)), framework
 
 
-def _output_mask(model_path: Path, wanted: bool | None) -> OutputMask | None:
-    """The card's output mask unless ``outputMask`` is false; ``outputMask: true`` needs one."""
+def _output_mask(model_path: Path, wanted: bool | None, running: bool = False) -> OutputMask | None:
+    """The card's output mask unless ``outputMask`` is false; ``outputMask: true`` needs one.
+    ``running``: a model swap, where outputMask (a start-up argument) cannot be changed."""
     card = find_card(model_path) if wanted is not False else None
     mask = card.output_mask if card is not None else None
     if wanted and mask is None:
+        remedy = ("the consumer was started with outputMask true: give a model trained by this version, or restart "
+                  "the consumer with outputMask false" if running else
+                  "give outputMask false, or a model trained by this version")
         raise ValueError(f"outputMask is true but the model card of {short_repr(str(model_path))} has no output_mask "
-                         "(the illuminated region); give outputMask false, or a model trained by this version")
+                         f"(the illuminated region); {remedy}")
     return mask
 
 
@@ -233,6 +237,6 @@ def apply_runtime_changes(config: ProcessorConfig, changes: dict) -> tuple[Proce
         defaults = asdict(PreprocessConfig())
         pre = {**{f: card.get(f, defaults[f]) for f in fields_}, **pre}
         if top["model_path"].is_file():
-            top["output_mask"] = _output_mask(top["model_path"], config.output_mask_wanted)
+            top["output_mask"] = _output_mask(top["model_path"], config.output_mask_wanted, running=True)
     new = replace(config, **top, preprocess=replace(config.preprocess, **pre))
     return new, user
