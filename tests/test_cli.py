@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -781,7 +782,7 @@ def test_configure_does_not_take_another_requests_answer_for_its_own(monkeypatch
                     watcher(dict(update))
 
     monkeypatch.setattr(pva, "Channel", Busy)
-    assert cli.main(["configure", "cfgbusy:1:control", "modelPath=m.onnx", "--timeout", "5"]) == 2
+    assert cli.main(["configure", "cfgbusy:1:control", "modelPath=/models/m.onnx", "--timeout", "5"]) == 2
     err = capsys.readouterr().err
     _one_line(err, "edge-ptychonn configure: another request reached cfgbusy:1:control while this one waited for "
               "its answer, so the answer read (\"Configuration failed: a new model's engine is being built\") may be "
@@ -1008,3 +1009,56 @@ def test_a_signal_while_the_consumer_starts_waits_for_the_start_and_a_second_one
     started.starting = False
     with pytest.raises(KeyboardInterrupt):
         started(signal.SIGTERM, None)
+
+
+# a control channel that takes a request and never answers (a consumer building a model) until killed
+SILENT_CONTROL = """
+import sys, time
+import pvaccess as pva
+record = pva.PvObject({"objectTime": pva.DOUBLE, "statusMessage": pva.STRING, "command": pva.STRING,
+                       "args": pva.STRING}, {"objectTime": 1.0, "statusMessage": "Configuration successful"})
+server = pva.PvaServer()
+server.addRecord(sys.argv[1], record, lambda written: open(sys.argv[2], "w").close())  # the request came
+print("up", flush=True)
+while True:
+    time.sleep(1)
+"""
+
+
+@pytest.mark.e2e
+def test_configure_gives_up_when_the_consumer_goes_away_before_it_answers(pva_env, procs, tmp_path, capsys,
+                                                                           monkeypatch):
+    """A consumer stopped (SIGTERM, a crash) while it builds a new model never answers: configure
+    says so once its control channel goes away. Before: it waited out its 600 s and then said
+    the consumer "did not answer within 600 s"."""
+    from channel_names import PREFIX
+    from edge_ptychonn.tools.processes import read_status, start, wait_until
+
+    for key, value in pva_env.items():
+        monkeypatch.setenv(key, value)
+    channel = f"{PREFIX}:silent:control"
+    (tmp_path / "silent.py").write_text(SILENT_CONTROL)
+    taken = tmp_path / "taken"
+    server = start("silent", [sys.executable, str(tmp_path / "silent.py"), channel, str(taken)], pva_env, tmp_path,
+                   into=procs)
+    assert wait_until(lambda: read_status(channel, 1.0), 60), "the fake control channel did not appear"
+
+    def kill_once_the_request_came():  # the consumer goes away while its answer is awaited
+        if wait_until(taken.exists, 60):
+            os.killpg(server.pid, signal.SIGKILL)
+
+    threading.Thread(target=kill_once_the_request_came, daemon=True).start()
+    t0 = time.monotonic()
+    assert cli.main(["configure", channel, "modelPath=/models/new.onnx", "--timeout", "120"]) == 2
+    elapsed = time.monotonic() - t0
+    err = capsys.readouterr().err
+    _one_line(err, f"edge-ptychonn configure: no answer from {channel}")
+    assert "went away" in err and elapsed < 30
+
+
+@pytest.mark.parametrize("argv", [["modelPath=models/site1.onnx"], ["--json", '{"modelPath": "site1.onnx"}']])
+def test_configure_refuses_a_relative_model_path(argv, capsys):
+    """The consumer resolves modelPath in its own working directory: a relative path typed in
+    another swapped to another file of that name (or to none), with "Configuration successful"."""
+    assert cli.main(["configure", "inference:1:control", *argv]) == 2
+    _one_line(capsys.readouterr().err, "edge-ptychonn configure: modelPath ")

@@ -21,12 +21,16 @@ minutes). Example:
 
     edge-ptychonn configure inference:1:control modelPath=/models/new.onnx
 
+modelPath must be absolute: the consumer would take a relative one from its
+own working directory, not this command's.
+
 PvaPy's control channel answers every caller in one field, so a request is
 not sent while another is unanswered (a model building): configure waits for
 that answer first, up to --timeout, and sends nothing if it does not come.
 
 Exit status: 0 when the consumer applied the change, 1 when it refused it
-(nothing changed), 2 for bad arguments, no answer in time, another request
+(nothing changed), 2 for bad arguments, no answer in time (or the consumer
+gone before it answered), another request
 still unanswered, or an answer that cannot be told from another's (when
 another request comes in before the answer; the consumer's status channel
 says what is in force).
@@ -125,22 +129,35 @@ def send(channel: str, args_text: str, timeout_s: float = 5.0, connect_timeout_s
     updates: queue.Queue = queue.Queue()
     watch = pva.Channel(channel)
     watch.setTimeout(connect_timeout_s)
+    # A consumer that stops (SIGTERM, a crash) while it builds a new model never answers: its
+    # channel's disconnection, once connected, ends the wait (None) rather than the whole --timeout.
+    connected_once = threading.Event()
+    if callable(getattr(watch, "setConnectionCallback", None)):
+        watch.setConnectionCallback(lambda connected: connected_once.set() if connected
+                                    else connected_once.is_set() and updates.put(None))
     watch.monitor(lambda record: updates.put((record["objectTime"], record["statusMessage"])),
                   "record[queueSize=1000]field(objectTime,statusMessage)")
     try:
         try:  # the record as it is when the monitor starts: every change after it comes in order
-            stamp, message = updates.get(timeout=answer_s(connect_timeout_s))
+            update = updates.get(timeout=answer_s(connect_timeout_s))
         except queue.Empty:
             raise TimeoutError(f"{channel}: no update from a monitor within {answer_s(connect_timeout_s):g} s") from None
+        if update is None:
+            raise ConnectionError(f"{channel} went away before the request was sent")
+        stamp, message = update
         stamps = {stamp} - {before}  # a request taken since the first read: another's
         _put(pva, ch, channel, args_text, connect_timeout_s)
         deadline = time.monotonic() + timeout_s
         message = PENDING
         while True:
             try:
-                stamp, message = updates.get(timeout=max(0.0, deadline - time.monotonic()))
+                update = updates.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:  # no answer in time: the caller says so
                 return message
+            if update is None:
+                raise ConnectionError(f"{channel} went away before it answered (the consumer stopped?); once it "
+                                      "runs again, its status channel shows what is in force")
+            stamp, message = update
             if stamp != before:
                 stamps.add(stamp)
             if stamps and message != PENDING:
@@ -200,6 +217,19 @@ def _changes_model(args_text: str) -> bool:
     return isinstance(request, dict) and "modelPath" in request
 
 
+def check_model_path(args_text: str) -> None:
+    """ValueError for a relative ``modelPath``: the consumer would take it from its own working
+    directory, not this command's, and could swap to another file of that name without a word."""
+    try:
+        request = json.loads(args_text)
+    except json.JSONDecodeError:
+        return  # the consumer refuses it, with its reason
+    path = request.get("modelPath") if isinstance(request, dict) else None
+    if isinstance(path, str) and path and not path.startswith("/"):
+        raise ValueError(f"modelPath {path!r} is relative: the consumer would take it from its own working "
+                         f"directory, not this one; give an absolute path, e.g. modelPath=$PWD/{path}")
+
+
 def positive_seconds(text: str) -> float:
     """``--timeout``: seconds > 0, at most :data:`MAX_TIMEOUT_S` (argparse answers anything else
     with exit 2; beyond ``threading.TIMEOUT_MAX`` the wait itself failed with an OverflowError)."""
@@ -243,6 +273,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     try:
         text = args.raw if args.raw is not None else json.dumps(parse_pairs(args.changes))
+        check_model_path(text)
     except ValueError as exc:
         print(f"edge-ptychonn configure: {exc}", file=sys.stderr)
         return 2
@@ -254,7 +285,7 @@ def main(args: argparse.Namespace) -> int:
     connect_s = args.timeout if args.timeout is not None else DEFAULT_TIMEOUT_S
     try:
         reply = send(args.channel, text, timeout_s, connect_s)
-    except (pva.PvaException, TimeoutError) as exc:
+    except (pva.PvaException, TimeoutError, ConnectionError) as exc:
         print(f"edge-ptychonn configure: no answer from {args.channel}: {exc}", file=sys.stderr)
         return 2
     except (ValueError, CrossedAnswer, Busy) as exc:
