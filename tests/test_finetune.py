@@ -588,7 +588,8 @@ def test_a_second_finetune_replaces_the_model_whole_and_a_stopped_one_leaves_it_
         beamline, small_base, tmp_path, capsys, monkeypatch):
     """The .pt was saved first, then the .md, the .json and the .onnx, each as it was made: a run stopped
     in between left a .pt that did not match the .onnx beside it. Now the four take their names
-    together at the end, the .pt last, and --help says that --out replaces a model of that name."""
+    together at the end, the .pt last (the last epoch's <out>.epoch.pt, which a run stopped before
+    leaves beside the earlier model), and --help says that --out replaces a model of that name."""
     import os
 
     from edge_ptychonn.science import train as train_module
@@ -615,15 +616,16 @@ def test_a_second_finetune_replaces_the_model_whole_and_a_stopped_one_leaves_it_
     scores_seen = []
     monkeypatch.setattr(finetune, "held_out_scores", stopped_after_the_export)
     assert run_cli(*argv) == 130
-    assert {p.name: p.read_bytes() for p in out.parent.iterdir()} == {
-        out.name + suffix: content for suffix, content in earlier.items()}  # as it was, no hidden file left
+    left = {p.name: p.read_bytes() for p in out.parent.iterdir()}
+    assert left.pop(out.name + ".epoch.pt")  # the stopped run's epoch
+    assert left == {out.name + suffix: content for suffix, content in earlier.items()}  # as it was, nothing hidden
 
     monkeypatch.setattr(finetune, "held_out_scores", scores)
     renamed, replace = [], os.replace
     monkeypatch.setattr(os, "replace", lambda src, dst: (renamed.append(Path(dst).name), replace(src, dst)))
     assert run_cli(*argv) == 0, capsys.readouterr().err
-    assert [name for name in renamed if not name.startswith(".")] == [out.name + s for s in (".md", ".json", ".onnx",
-                                                                                              ".pt")]
+    assert [name for name in renamed if not name.startswith(".")] == [out.name + s for s in (
+        ".epoch.pt", ".md", ".json", ".onnx", ".pt")]  # the epoch's checkpoint, then the model: the .pt last
     assert sorted(p.name for p in out.parent.iterdir()) == sorted(out.name + s for s in earlier)
     assert not any(out.with_name(out.name + s).read_bytes() == content for s, content in earlier.items())
     _, _, pt_card, _ = finetune.load_base(out.with_suffix(".pt"))
@@ -732,8 +734,9 @@ def test_held_out_frames_are_normalised_as_live_and_a_diverged_run_names_no_chec
     value that running mean settles to). The held-out scores started a running mean of their own at the
     block: its first frame scaled by its own total, the next by the mean of two, ... other inputs than
     training and the live stream give (up to a third apart for an absorbing sample).
-    And the checkpoint is written at the end only: a loss that became NaN in epoch 2 was reported as
-    '(<out>.pt holds epoch 1)', a file that did not exist (or an earlier run's)."""
+    And a diverged run names only a checkpoint it wrote: a loss that became NaN in epoch 2 was reported as
+    '(<out>.pt holds epoch 1)', a file that did not exist (or an earlier run's); now epoch 1 is saved to
+    <out>.epoch.pt, which the line names."""
     from edge_ptychonn.science import train as train_module
     from edge_ptychonn.stream.preprocess import preprocess
 
@@ -748,9 +751,124 @@ def test_held_out_frames_are_normalised_as_live_and_a_diverged_run_names_no_chec
                    beamline["recon"], "--init-from", small_base, "--out", out, "--epochs", 2, "--max-minutes", 0,
                    "--device", "cpu", "--quiet") == 1
     err = capsys.readouterr().err
-    assert "edge-ptychonn finetune: the loss became nan in epoch 2: training diverged; lower --lr\n" in err, err
-    assert "holds epoch" not in err and not list(out.parent.iterdir())
+    assert (f"edge-ptychonn finetune: the loss became nan in epoch 2: training diverged; lower --lr ({out}.epoch.pt "
+            "holds epoch 1)\n") in err, err
+    assert [p.name for p in out.parent.iterdir()] == ["site.epoch.pt"]
     pp = load_card(small_base).preprocess
     assert pp.normalize == "running"
     [inputs] = seen  # the base model's held-out scores
     np.testing.assert_allclose(np.concatenate(inputs), preprocess(frames, pp)[-32:], rtol=1e-5, atol=1e-6)
+
+
+def _cropped_detector_run(tmp_path):
+    """A small run on detector frames that need a crop and bin: 132x132 frames (the 64x64 content at
+    twice the resolution, binned 2, in a border the crop cuts) for a width-4 64x64 base model.
+    Returns the options of a finetune run and the preprocessing the crop and bin make of the base's."""
+    from dataclasses import replace
+
+    from edge_ptychonn.model_card import ModelCard, save_card
+    from edge_ptychonn.science.model import ModelConfig, build_model, export_onnx
+    from edge_ptychonn.science.simulate import ScanSettings
+    from edge_ptychonn.stream.preprocess import PreprocessConfig
+
+    frames, truth = simulate_scan(ScanSettings(seed=3, n_positions=64, frame_size=64, overlap=0.6, photons=1e5),
+                                  progress=False)
+    detector = np.pad(np.kron(frames, np.ones((2, 2), frames.dtype)), ((0, 0), (2, 2), (2, 2)), constant_values=50)
+    np.save(tmp_path / "frames.npy", detector)
+    np.save(tmp_path / "positions.npy", truth.positions_px)
+    np.save(tmp_path / "recon.npy", (truth.object_amplitude * np.exp(1j * truth.object_phase)).astype(np.complex64))
+    base = export_onnx(build_model(ModelConfig(width=4, depth=2, input_size=64), seed=1).eval(), tmp_path / "b.onnx")
+    pp = PreprocessConfig(transform="sqrt", scale=0.05, normalize="running",
+                          reference_total=float(frames.reshape(64, -1).sum(axis=1).mean()))
+    save_card(ModelCard(name="b", input_size=64, preprocess=pp,
+                        model=ModelConfig(width=4, depth=2, input_size=64, batch_norm=False)), base)
+    options = ["--frames", tmp_path / "frames.npy", "--positions", tmp_path / "positions.npy", "--object",
+               tmp_path / "recon.npy", "--batch-size", 8, "--max-minutes", 0, "--device", "cpu", "--threads", 1,
+               "--quiet"]
+    return options, base, replace(pp, crop_hw=(128, 128), bin_factor=2)
+
+
+def test_a_finetune_stopped_after_an_epoch_keeps_it_in_out_epoch_pt_and_init_from_continues(
+        tmp_path, capsys, monkeypatch):
+    """A tester's run: 4 epochs had brought the held-out loss from 0.831 to 0.261, and after Ctrl-C no
+    file was left (the weights were saved at the end only). Now each finished epoch is saved to
+    <out>.epoch.pt, as train saves it; a run stopped after one (here by SIGTERM, in epoch 2) keeps it,
+    names it before its one line "interrupted" (exit 130), and finetune --init-from that file continues
+    from those weights with their crop and bin; the run that finishes leaves no <out>.epoch.pt."""
+    import os
+    import signal
+
+    from edge_ptychonn.science import train as train_module
+
+    options, base, cropped = _cropped_detector_run(tmp_path)
+    epochs_run, one_epoch = [], train_module.Trainer.train_one_epoch
+
+    def stopped_in_the_second_epoch(self, *args, **kwargs):
+        epochs_run.append(self.step)
+        if len(epochs_run) == 2:  # a batch system's stop (finetune's main turns it into Ctrl-C)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return one_epoch(self, *args, **kwargs)
+
+    monkeypatch.setattr(train_module.Trainer, "train_one_epoch", stopped_in_the_second_epoch)
+    out = tmp_path / "out" / "ft"
+    assert run_cli(*options, "--init-from", base, "--crop", 128, 128, "--bin", 2, "--epochs", 2, "--out", out) == 130
+    err = capsys.readouterr().err
+    assert err.endswith(f"edge-ptychonn finetune: the last finished epoch's weights are in {out}.epoch.pt "
+                        f"(--init-from {out}.epoch.pt continues from them)\nedge-ptychonn finetune: interrupted\n"), err
+    assert [p.name for p in out.parent.iterdir()] == ["ft.epoch.pt"]  # nothing else, nothing hidden
+    epoch = out.with_name("ft.epoch.pt")
+    steps = epochs_run[1]  # the steps of epoch 1
+    assert steps >= 1 and train_module.load_checkpoint(epoch)["step"] == steps
+    assert finetune.load_base(epoch)[3] == cropped  # with the crop and bin, for --init-from
+    train_module.check_init_from(epoch)  # a checkpoint train --init-from takes too
+    held_out = float(err.split("epoch 1/2: ")[1].split("held-out loss ")[1].split()[0])
+
+    monkeypatch.setattr(train_module.Trainer, "train_one_epoch", one_epoch)
+    assert run_cli(*options, "--init-from", epoch, "--epochs", 1, "--out", out) == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"start: held-out loss {held_out:.4f}\n" in err, err  # the stopped run's epoch-1 weights, as they were
+    assert sorted(p.name for p in out.parent.iterdir()) == ["ft.json", "ft.md", "ft.onnx", "ft.pt"]  # no .epoch.pt
+    card = load_card(out.with_name("ft.onnx"))
+    assert card.preprocess == cropped and card.training.init_from == str(epoch)
+    assert card.training.continued_from.checkpoint == str(epoch) and card.training.steps >= 1
+
+
+def test_a_finetune_stopped_before_its_first_epoch_leaves_no_file(tmp_path, capsys, monkeypatch):
+    """Ctrl-C before an epoch has finished: exit 130 with the one line "interrupted", no file of this
+    run, and an <out>.epoch.pt that an earlier stopped run left is neither named nor touched."""
+    import os
+
+    from edge_ptychonn.science import train as train_module
+
+    options, base, _ = _cropped_detector_run(tmp_path)
+
+    def stopped(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module.Trainer, "train_one_epoch", stopped)
+    out = tmp_path / "out" / "ft"
+    argv = [*options, "--init-from", base, "--crop", 128, 128, "--bin", 2, "--epochs", 2, "--out", out]
+    assert run_cli(*argv) == 130
+    err = capsys.readouterr().err
+    assert err.endswith("edge-ptychonn finetune: interrupted\n") and "epoch.pt" not in err, err
+    assert not list(out.parent.iterdir())
+
+    earlier = out.with_name("ft.epoch.pt")
+    earlier.write_bytes(b"an earlier stopped run's epoch")
+    os.utime(earlier, (1e9, 1e9))
+    assert run_cli(*argv) == 130
+    err = capsys.readouterr().err
+    assert err.endswith("edge-ptychonn finetune: interrupted\n") and "epoch.pt" not in err, err
+    assert [p.name for p in out.parent.iterdir()] == ["ft.epoch.pt"]
+    assert earlier.read_bytes() == b"an earlier stopped run's epoch"
+
+
+def test_an_epoch_file_that_cannot_be_written_is_refused_before_the_work(tmp_path, capsys):
+    """<out>.epoch.pt is one of the run's outputs: a folder of that name is refused at once (exit 2,
+    one line), as an unwritable .onnx or .pt is, not after the first epoch."""
+    out = tmp_path / "out" / "ft"
+    out.with_name("ft.epoch.pt").mkdir(parents=True)
+    assert run_cli("--frames", tmp_path / "none.npy", "--object", tmp_path / "none.npy", "--out", out) == 2
+    err = capsys.readouterr().err
+    assert err == f"edge-ptychonn finetune: cannot write --out {out}: {out}.epoch.pt is a folder\n", err
+    assert [p.name for p in out.parent.iterdir()] == ["ft.epoch.pt"]

@@ -53,18 +53,22 @@ Position convention
 
 Training
     The base model (default: the shipped ``data/ptychonn.onnx``; ``--init-from``
-    another ONNX model, or a ``<out>.pt`` checkpoint of ``edge-ptychonn train``)
+    another ONNX model, or a ``<out>.pt`` or ``<out>.epoch.pt`` checkpoint of
+    ``edge-ptychonn train`` or ``finetune``)
     is loaded into the project's PyTorch PtychoNN: an ONNX model through
     ``model.from_onnx`` (its convolutions in graph order, BatchNorm folded into
     them), then ``unfold_batchnorm`` puts BatchNorm layers back with the
     statistics of the recorded frames (same outputs; ``--batchnorm folded``
     skips it); a checkpoint keeps its BatchNorm layers. Frames go through the
-    base model's preprocessing (its card), with the crop and bin of ``--crop``,
+    base model's preprocessing (its card, or a checkpoint's own), with the crop and bin of ``--crop``,
     ``--crop-origin`` and ``--bin`` where given, which the output keeps.
     ``train.Trainer`` runs the epochs (AdamW, warm-up and cosine decay to the
     last step or the time limit, bf16 autocast where the device has it natively,
     masked L1 loss on the probe's
-    bright centre) on the CPU or a GPU (``--device``).
+    bright centre) on the CPU or a GPU (``--device``). After each epoch (its
+    BatchNorm statistics recomputed, the held-out loss reported) the weights,
+    architecture and preprocessing (crop and bin included) are saved to
+    ``<out>.epoch.pt``, as ``train`` saves them (``train.save_checkpoint``).
 
 Held-out positions
     A contiguous block: the last ``--val-fraction`` of the frames in scan order
@@ -86,9 +90,15 @@ Outputs
     restarting the consumers with ``"modelPath": "<out>.onnx"``. An existing model
     of that name (its four files) is replaced, as ``train --out`` replaces one:
     the four files are written under hidden names and take their names together
-    at the end of the run, the ``.pt`` last, so a run stopped or failed before
-    then leaves the earlier model as it was. ``--out`` may not name the base
-    model's files.
+    at the end of the run, the ``.pt`` last (the last epoch's ``<out>.epoch.pt``
+    takes that name), so a run stopped or failed before then leaves the earlier
+    model as it was. A run stopped (Ctrl-C, SIGTERM) after an epoch, or that
+    diverged after one, leaves the weights of its last finished epoch in
+    ``<out>.epoch.pt`` and names it:
+    ``finetune --init-from <out>.epoch.pt`` continues from them (with their
+    crop and bin; ``train --init-from`` takes the file as it takes a ``.pt``);
+    one stopped before its first epoch leaves no file. ``--out`` may not
+    name the base model's files.
 """
 
 from __future__ import annotations
@@ -699,7 +709,8 @@ def get_args_parser(prog: str = "edge-ptychonn finetune") -> argparse.ArgumentPa
         description="Fine-tune PtychoNN on recorded frames and an iterative reconstruction of the same sample: "
         "cut the reconstruction's phase patches at the scan positions, train the base model on them (CPU or "
         "GPU), score held-out positions before and after, and write <out>.onnx, <out>.json (model card), "
-        "<out>.md and <out>.pt. Positions are the top-left corner of the model's input window in object "
+        "<out>.md and <out>.pt; the weights after each epoch are kept in <out>.epoch.pt until then, and a run "
+        "stopped after an epoch leaves them there (--init-from <out>.epoch.pt continues). Positions are the top-left corner of the model's input window in object "
         "pixels, as 'edge-ptychonn simulate' writes them (see --pixel-size, --origin, --position-ref); the "
         "detector's crop and bin (--crop, --bin) act on the frames only and leave the positions as they are.",
     )
@@ -724,11 +735,12 @@ def get_args_parser(prog: str = "edge-ptychonn finetune") -> argparse.ArgumentPa
     p.add_argument("--phase-shift", type=float, default=0.0,
                    help="subtract this constant (rad) from the reconstruction's phase before cutting patches")
     p.add_argument("--init-from", type=Path, default=default_model_path(),
-                   help="base model: ONNX PtychoNN (its .json card beside it) or the <out>.pt of 'edge-ptychonn "
-                        "train' or 'finetune' (default: the shipped model)")
+                   help="base model: ONNX PtychoNN (its .json card beside it) or the <out>.pt or <out>.epoch.pt of "
+                        "'edge-ptychonn train' or 'finetune' (default: the shipped model)")
     p.add_argument("--out", default="data/generated/finetuned", help="output prefix: <out>.onnx, .json, .md, .pt; "
                    "an existing model of that name (those four files) is replaced, all four together at the end "
-                   "of the run (default: %(default)s)")
+                   "of the run; until then each finished epoch's weights are in <out>.epoch.pt, which a stopped "
+                   "run leaves (default: %(default)s)")
     p.add_argument("--val-fraction", type=float, default=0.2,
                    help="held-out share: the last frames in scan order, a contiguous block (default: %(default)s)")
     p.add_argument("--batchnorm", choices=("unfold", "folded"), default="unfold",
@@ -766,10 +778,14 @@ def _fail(message: str, code: int = 2) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
-    """``edge-ptychonn finetune``; SIGTERM stops it like Ctrl-C (no half-written file, exit 130)."""
+    """``edge-ptychonn finetune``; a SIGTERM (a batch system's stop, ``kill``) stops it like Ctrl-C: no
+    half-written file is left behind, and the command ends with one line (exit 130), after one that
+    names ``<out>.epoch.pt`` when this run finished an epoch (its weights, for ``--init-from``), as
+    ``train`` does (``train.naming_the_last_epoch``)."""
     from edge_ptychonn.cli import sigterm_interrupts
+    from edge_ptychonn.science.train import naming_the_last_epoch
 
-    with sigterm_interrupts():
+    with sigterm_interrupts(), naming_the_last_epoch("finetune", args.out):
         return _finetune(args)
 
 
@@ -795,8 +811,8 @@ def _finetune(args: argparse.Namespace) -> int:
     t_start = time.monotonic()
     show = not args.quiet
     from edge_ptychonn.science.train import (
-        Trainer, divergence, output_file, previous_training, resolve_bf16, save_checkpoint, scan_factors,
-        training_device,
+        EPOCH_SUFFIX, Trainer, divergence, keep_last_epoch, output_file, previous_training, resolve_bf16,
+        save_checkpoint, scan_factors, training_device,
     )
 
     try:
@@ -889,7 +905,8 @@ def _finetune(args: argparse.Namespace) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             before = held_out_scores(export_onnx(model, Path(tmp) / "base.onnx"), *val_set)
 
-    # a .pt base: its card counts only when it is that checkpoint's run (train.previous_training)
+    # a .pt base: its card counts only when it is that checkpoint's run (train.previous_training); read before
+    # this run's epochs can replace an --init-from <out>.epoch.pt
     continued_from = previous_training(str(args.init_from))
     targs = argparse.Namespace(seed=args.seed, lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size,
                                max_minutes=args.max_minutes, bf16=args.bf16)
@@ -899,6 +916,7 @@ def _finetune(args: argparse.Namespace) -> int:
     t_train = time.monotonic()
     deadline = t_train + args.max_minutes * 60 if args.max_minutes else math.inf
     rng = np.random.default_rng(args.seed)
+    epoch_path = output_file(prefix, EPOCH_SUFFIX)  # the weights after each epoch, as train keeps them
     train_loss, val_loss = [], [trainer.validate(val_data)]
     print(f"start: held-out loss {val_loss[0]:.4f}", file=sys.stderr)
     stopped = False
@@ -910,17 +928,18 @@ def _finetune(args: argparse.Namespace) -> int:
         train_loss.append(loss)
         trainer.recalibrate_batchnorm(train_data[0], train_data[1])
         val_loss.append(trainer.validate(val_data))
-        diverged = divergence(epoch, loss, val_loss[-1], None)  # the checkpoint is written at the end only
-        if diverged:  # the weights are lost: write no model
+        diverged = divergence(epoch, loss, val_loss[-1], epoch_path)
+        if diverged:  # the weights are lost: write no model (the previous epoch's stay in <out>.epoch.pt)
             return _fail(diverged, code=1)
         print(f"epoch {epoch + 1}/{args.epochs}: train loss {loss:.4f}  held-out loss {val_loss[-1]:.4f}  "
               f"({(time.monotonic() - t_train) / 60:.1f} min)", file=sys.stderr)
+        save_checkpoint(trainer, targs, config, epoch_path)
         if stopped:
             print(f"stopped at the time limit of {args.max_minutes} min", file=sys.stderr)
             break
     train_minutes = (time.monotonic() - t_train) / 60
     trainer.model.to("cpu")
-    onnx_path, md_path, pt_path = (output_file(prefix, s) for s in (".onnx", ".md", ".pt"))
+    onnx_path, md_path = (output_file(prefix, s) for s in (".onnx", ".md"))
     training = Training(
         scan_settings=dict(card.training.scan_settings) if base_settings else None,
         eval_n_positions=card.training.eval_n_positions if base_settings else None,
@@ -943,12 +962,12 @@ def _finetune(args: argparse.Namespace) -> int:
             "origin": list(args.origin), "position_ref": args.position_ref,
             "crop_bin_from": crop_bin_from}
     # the four files are made under hidden names and take their names together at the end, in the reverse
-    # order of these (the .md, the .json, the .onnx, then the .pt): a stop, a full disk or an error before
-    # then leaves an earlier model of this name as it was (a .pt that matches its .onnx), no file half-written
+    # order of these (the .md, the .json, the .onnx), then the last epoch's <out>.epoch.pt becomes the .pt (as
+    # train's does): a stop, a full disk or an error before then leaves an earlier model of this name as it was
+    # (a .pt that matches its .onnx), no file half-written, and this run's last epoch in <out>.epoch.pt
     with contextlib.ExitStack() as files:
-        pt_partial, onnx_partial, json_partial, md_partial = (
-            files.enter_context(whole_file(path)) for path in (pt_path, onnx_path, card_path(onnx_path), md_path))
-        save_checkpoint(trainer, targs, config, pt_partial)
+        onnx_partial, json_partial, md_partial = (
+            files.enter_context(whole_file(path)) for path in (onnx_path, card_path(onnx_path), md_path))
         export_onnx(trainer.model, onnx_partial)
         after = held_out_scores(onnx_partial, *val_set)
         new_card = ModelCard(
@@ -960,6 +979,7 @@ def _finetune(args: argparse.Namespace) -> int:
         )
         md_partial.write_bytes(card_markdown(new_card, Path(args.init_from).name, data, before, after).encode())
         json_partial.write_bytes(card_bytes(new_card))
+    pt_path = keep_last_epoch(prefix)  # last: the weights of this model
     print(f"held-out mean |phase error| {before['mean_abs_error_rad']:.4f} -> {after['mean_abs_error_rad']:.4f} "
           "rad; "
           f"median patch RMSE {before['patch_rmse_median_rad']:.4f} -> {after['patch_rmse_median_rad']:.4f} rad; "

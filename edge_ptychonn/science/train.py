@@ -133,9 +133,37 @@ def output_file(prefix: Path, suffix: str) -> Path:
 
 
 def check_outputs(prefix: Path) -> None:
-    """``OSError`` unless the files ``<prefix>.onnx``, ``.json``, ``.md``, ``.pt`` can be written
-    (their folder is made): checked before the work, not after it."""
+    """``OSError`` unless the files ``<prefix>.onnx``, ``.json``, ``.md``, ``.pt`` and the epochs'
+    ``<prefix>.epoch.pt`` can be written (their folder is made): checked before the work, not after it."""
     check_writable(output_file(prefix, s) for s in (*OUTPUT_SUFFIXES, EPOCH_SUFFIX))
+
+
+@contextlib.contextmanager
+def naming_the_last_epoch(command: str, out: str | Path):
+    """Around a run of ``train`` or ``finetune`` (``command``) that saves each finished epoch to
+    ``<out>.epoch.pt`` (:func:`save_checkpoint`): a ``KeyboardInterrupt`` (Ctrl-C, or SIGTERM under
+    ``cli.sigterm_interrupts``) first says on stderr where that epoch's weights are, when this run
+    wrote the file (not an earlier stopped run), then goes on to the command's one line "interrupted"
+    (exit 130). A run stopped before its first epoch has written nothing and says nothing more."""
+    started = time.time()
+    try:
+        yield
+    except KeyboardInterrupt:  # the finished epochs are kept: say where, before the one line "interrupted"
+        with contextlib.suppress(ValueError, OSError):
+            epoch = output_file(output_prefix(out), EPOCH_SUFFIX)
+            if epoch.stat().st_mtime >= started:  # this run's, not one an earlier stopped run left
+                print(f"edge-ptychonn {command}: the last finished epoch's weights are in {epoch} "
+                      f"(--init-from {shlex.quote(str(epoch))} continues from them)", file=sys.stderr)
+        raise
+
+
+def keep_last_epoch(prefix: Path) -> Path:
+    """``<prefix>.epoch.pt`` (the last epoch's :func:`save_checkpoint`) takes the name
+    ``<prefix>.pt``, which it returns: the last step of a run whose model and card are written,
+    so that a run stopped before leaves an earlier model's ``.pt`` with its ``.onnx``."""
+    pt = output_file(prefix, ".pt")
+    os.replace(output_file(prefix, EPOCH_SUFFIX), pt)
+    return pt
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -1107,17 +1135,8 @@ def main(args: argparse.Namespace) -> int:
     names ``<out>.epoch.pt`` when this run finished an epoch (its weights, for ``--init-from``)."""
     from edge_ptychonn.cli import sigterm_interrupts
 
-    started = time.time()
-    with sigterm_interrupts():
-        try:
-            return _train(args)
-        except KeyboardInterrupt:  # the finished epochs are kept: say where, before the one line "interrupted"
-            with contextlib.suppress(ValueError, OSError):
-                epoch = output_file(output_prefix(args.out), EPOCH_SUFFIX)
-                if epoch.stat().st_mtime >= started:  # this run's, not one an earlier stopped run left
-                    print(f"edge-ptychonn train: the last finished epoch's weights are in {epoch} "
-                          f"(--init-from {shlex.quote(str(epoch))} continues from them)", file=sys.stderr)
-            raise
+    with sigterm_interrupts(), naming_the_last_epoch("train", args.out):
+        return _train(args)
 
 
 def divergence(epoch: int, loss: float, val_loss: float, checkpoint: Path | None) -> str | None:
@@ -1299,7 +1318,7 @@ def _train(args: argparse.Namespace) -> int:
         # a full disk in between leaves an earlier model with its own .json
         write_bytes_whole(md_path, card_markdown(card).encode())
         card_json = save_card(card, onnx_path)
-    os.replace(output_file(prefix, EPOCH_SUFFIX), output_file(prefix, ".pt"))  # last: the weights of this model
+    pt_path = keep_last_epoch(prefix)  # last: the weights of this model
     print(f"wrote {onnx_path} ({onnx_path.stat().st_size / 1e6:.1f} MB), {card_json}, "
-          f"{md_path}, {output_file(prefix, '.pt')} in {(time.monotonic() - t_start) / 60:.1f} min")
+          f"{md_path}, {pt_path} in {(time.monotonic() - t_start) / 60:.1f} min")
     return 0
