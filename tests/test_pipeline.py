@@ -1303,3 +1303,35 @@ def test_the_record_a_reconnection_hands_over_is_dropped_and_counted_when_a_sibl
     assert s.dropped["reconnect"] == (1 if consumers == 2 else 0)
     assert (s.received, s.empty_records, s.unaccounted(0)) == (9, 1, 0)
     assert s.ids.missed == (0 if consumers == 2 else 3)  # one consumer: 5, 6 and 8 lost (the stream's own)
+
+
+class SleepingEngine:
+    """A CPU engine whose every batch takes ``seconds`` of sleep (so that workers run at once)."""
+
+    def __init__(self, input_shape, seconds):
+        self.name, self.device, self.precision = "sleeping", "cpu", "fp32"
+        self.input_shape, self.max_batch, self.seconds = tuple(input_shape), 8, seconds
+
+    def infer(self, batch):
+        time.sleep(self.seconds)
+        return np.zeros((len(batch), 1, *self.input_shape), np.float32)
+
+    def close(self):
+        pass
+
+
+def test_infer_rate_counts_the_time_workers_share_once(small_model, rng):
+    """inferRate is the engine's own speed: two CPU workers, each taking 0.2 s per batch of 8 and
+    running at once, do 80 frames/s; summing each batch's engine time said 40 (half of what the
+    consumer published, with the default two workers of one consumer on 2 cores)."""
+    from engines.workers import WorkerPool
+
+    pipeline, published, _ = make_pipeline(small_model, batchSize=8, batchTimeout=0.05)
+    pool = WorkerPool([SleepingEngine((64, 64), 0.2) for _ in range(2)], 1)
+    pipeline.start(lambda: pool)
+    for i, image in enumerate(frames(rng, 32)):  # 4 full batches at once: two run side by side
+        pipeline.submit(good_frame(i + 1, image))
+    assert published.wait(32) == 32
+    rate = pipeline.stats.recent.infer_rate_hz()
+    pipeline.stop()
+    assert 60 < rate <= 81, rate

@@ -71,6 +71,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -173,12 +174,17 @@ class RecentWindow:
     def __init__(self, window_s: float = STATS_WINDOW_S):
         self.window_s = window_s
         self._lock = threading.Lock()
-        self._items: deque = deque()  # (time, frames published, engine seconds, frames inferred, latencies ms)
+        # (time, frames published, engine seconds, frames inferred, latencies ms, when the batch entered the engine)
+        self._items: deque = deque()
         self._started = time.perf_counter()
 
-    def add(self, now: float, published: int, infer_s: float, inferred: int, latencies_ms: np.ndarray) -> None:
+    def add(self, now: float, published: int, infer_s: float, inferred: int, latencies_ms: np.ndarray,
+            started_s: float | None = None) -> None:
+        """``started_s``: when the batch entered the engine (``time.perf_counter()``; default
+        ``now - infer_s``): its engine time is ``[started_s, started_s + infer_s]``."""
         with self._lock:
-            self._items.append((now, published, infer_s, inferred, latencies_ms))
+            start = now - infer_s if started_s is None else started_s
+            self._items.append((now, published, infer_s, inferred, latencies_ms, start))
             self._prune(now)
 
     def _prune(self, now: float) -> None:
@@ -198,9 +204,16 @@ class RecentWindow:
         return sum(i[1] for i in items) / span if span > 0 else 0.0
 
     def infer_rate_hz(self) -> float:
-        """Frames per second of engine time over the window (the engine's own speed)."""
+        """Frames per second of engine time over the window (the engine's own speed). Engine
+        time is the time during which at least one batch was in the engine: batches that ran at
+        once (CPU workers, two batches in flight on a GPU) count their shared time once, not
+        once each (which reported half the speed of two workers)."""
         _, items = self._snapshot()
-        busy = sum(i[2] for i in items)
+        busy, reached = 0.0, -math.inf
+        for start, end in sorted((i[5], i[5] + i[2]) for i in items):
+            if end > reached:
+                busy += end - max(start, reached)
+                reached = end
         return sum(i[3] for i in items) / busy if busy > 0 else 0.0
 
     def latency_percentiles_ms(self) -> tuple[float, float]:
@@ -738,7 +751,7 @@ class InferencePipeline:
                 counts = {"stopping": batch.n}
                 return
             try:
-                counts = self._publish_batch(batch, result, time.perf_counter() - t0)
+                counts = {**self._publish_batch(batch, result, time.perf_counter() - t0), "infer_started_s": t0}
             except Exception as exc:  # outputs it cannot use: these frames are lost, the thread goes on
                 self._inference_failed(batch, exc)
         finally:
@@ -746,7 +759,8 @@ class InferencePipeline:
 
     def _done(self, batch: Batch, published: int = 0, nonfinite_outputs: int = 0, publish_errors: int = 0,
               inference_errors: int = 0, stopping: int = 0, nonfinite_inputs: int = 0,
-              infer_s: float | None = None, latencies_ms: np.ndarray | None = None) -> None:
+              infer_s: float | None = None, latencies_ms: np.ndarray | None = None,
+              infer_started_s: float | None = None) -> None:
         """A batch has left the queue: its frames' outcomes are counted together with
         their leaving, under the lock, so a snapshot (:meth:`counts`) always adds up; with
         ``infer_s`` (it ran), the batch, its engine time and its latencies too, in the same
@@ -759,7 +773,7 @@ class InferencePipeline:
             if infer_s is not None:
                 stats.infer_time_s += infer_s
                 stats.batches += 1
-                stats.recent.add(time.perf_counter(), published, infer_s, batch.n, latencies_ms)
+                stats.recent.add(time.perf_counter(), published, infer_s, batch.n, latencies_ms, infer_started_s)
             stats.published += published
             stats.nonfinite_outputs += nonfinite_outputs
             stats.publish_errors += publish_errors
