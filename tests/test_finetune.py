@@ -521,23 +521,13 @@ def test_the_detectors_crop_and_bin_are_options_that_go_into_the_new_card(tmp_pa
     the positions (object pixels) stay as they are."""
     from dataclasses import replace
 
-    from edge_ptychonn.model_card import ModelCard, save_card
-    from edge_ptychonn.science.model import ModelConfig, build_model, export_onnx
-    from edge_ptychonn.science.simulate import ScanSettings
-    from edge_ptychonn.stream.preprocess import PreprocessConfig, preprocess
+    from edge_ptychonn.stream.preprocess import preprocess
 
-    frames, truth = simulate_scan(ScanSettings(seed=3, n_positions=64, frame_size=64, overlap=0.6, photons=1e5),
-                                  progress=False)
+    frames, truth, base, pp = _small_scan_and_base(tmp_path)
     fine = np.kron(frames, np.ones((2, 2), frames.dtype))  # each pixel as a 2x2 block: bin 2 sums it back (x4)
     detector = np.pad(fine, ((0, 0), (1, 5), (3, 3)), constant_values=50)  # off centre: the crop needs its origin
     with capsys.disabled():  # PvaPy's logging wants the real stdout
         h5 = record_hdf5(tmp_path / "raw", detector, truth.positions_px)  # as the README's workflow records them
-    np.save(tmp_path / "recon.npy", (truth.object_amplitude * np.exp(1j * truth.object_phase)).astype(np.complex64))
-    base = export_onnx(build_model(ModelConfig(width=4, depth=2, input_size=64), seed=1).eval(), tmp_path / "b.onnx")
-    pp = PreprocessConfig(transform="sqrt", scale=0.05, normalize="running",
-                          reference_total=float(frames.reshape(64, -1).sum(axis=1).mean()))
-    save_card(ModelCard(name="b", input_size=64, preprocess=pp,
-                        model=ModelConfig(width=4, depth=2, input_size=64, batch_norm=False)), base)
     common = ["--frames", h5, "--object", tmp_path / "recon.npy", "--init-from", base, "--epochs", 1,
               "--batch-size", 8, "--max-minutes", 0, "--device", "cpu", "--threads", 1, "--quiet"]
 
@@ -760,12 +750,10 @@ def test_held_out_frames_are_normalised_as_live_and_a_diverged_run_names_no_chec
     np.testing.assert_allclose(np.concatenate(inputs), preprocess(frames, pp)[-32:], rtol=1e-5, atol=1e-6)
 
 
-def _cropped_detector_run(tmp_path):
-    """A small run on detector frames that need a crop and bin: 132x132 frames (the 64x64 content at
-    twice the resolution, binned 2, in a border the crop cuts) for a width-4 64x64 base model.
-    Returns the options of a finetune run and the preprocessing the crop and bin make of the base's."""
-    from dataclasses import replace
-
+def _small_scan_and_base(tmp_path):
+    """A 64-position scan of 64x64 frames, its truth as the "reconstruction" (``recon.npy``) and a
+    width-4 64x64 base model ``b.onnx`` with a card (running normalisation, sqrt): returns the
+    frames, the truth, the base model's path and its preprocessing."""
     from edge_ptychonn.model_card import ModelCard, save_card
     from edge_ptychonn.science.model import ModelConfig, build_model, export_onnx
     from edge_ptychonn.science.simulate import ScanSettings
@@ -773,15 +761,25 @@ def _cropped_detector_run(tmp_path):
 
     frames, truth = simulate_scan(ScanSettings(seed=3, n_positions=64, frame_size=64, overlap=0.6, photons=1e5),
                                   progress=False)
-    detector = np.pad(np.kron(frames, np.ones((2, 2), frames.dtype)), ((0, 0), (2, 2), (2, 2)), constant_values=50)
-    np.save(tmp_path / "frames.npy", detector)
-    np.save(tmp_path / "positions.npy", truth.positions_px)
     np.save(tmp_path / "recon.npy", (truth.object_amplitude * np.exp(1j * truth.object_phase)).astype(np.complex64))
     base = export_onnx(build_model(ModelConfig(width=4, depth=2, input_size=64), seed=1).eval(), tmp_path / "b.onnx")
     pp = PreprocessConfig(transform="sqrt", scale=0.05, normalize="running",
                           reference_total=float(frames.reshape(64, -1).sum(axis=1).mean()))
     save_card(ModelCard(name="b", input_size=64, preprocess=pp,
                         model=ModelConfig(width=4, depth=2, input_size=64, batch_norm=False)), base)
+    return frames, truth, base, pp
+
+
+def _cropped_detector_run(tmp_path):
+    """A small run on detector frames that need a crop and bin: 132x132 frames (the 64x64 content at
+    twice the resolution, binned 2, in a border the crop cuts) for a width-4 64x64 base model.
+    Returns the options of a finetune run and the preprocessing the crop and bin make of the base's."""
+    from dataclasses import replace
+
+    frames, truth, base, pp = _small_scan_and_base(tmp_path)
+    detector = np.pad(np.kron(frames, np.ones((2, 2), frames.dtype)), ((0, 0), (2, 2), (2, 2)), constant_values=50)
+    np.save(tmp_path / "frames.npy", detector)
+    np.save(tmp_path / "positions.npy", truth.positions_px)
     options = ["--frames", tmp_path / "frames.npy", "--positions", tmp_path / "positions.npy", "--object",
                tmp_path / "recon.npy", "--batch-size", 8, "--max-minutes", 0, "--device", "cpu", "--threads", 1,
                "--quiet"]
