@@ -12,11 +12,19 @@ class OnnxSignature:
     output_names: tuple[str, ...]
     input_shape: tuple[int, int]  # (H, W)
     fixed_batch: int | None  # the batch size baked into the model, or None if dynamic
+    sigmoid_outputs: tuple[str, ...] = ()  # outputs a Sigmoid makes (PtychoNN's amplitude head)
 
     @property
     def phase_output(self) -> str:
-        """The phase output: named 'phase' if there is one, else the first."""
-        return "phase" if "phase" in self.output_names else self.output_names[0]
+        """The phase output: named 'phase' if there is one; else, of two outputs of which one is
+        made by a Sigmoid (an amplitude head, as the original PtychoNN's, which returns (amplitude,
+        phase)), the other one; else the first."""
+        if "phase" in self.output_names:
+            return "phase"
+        others = [n for n in self.output_names if n not in self.sigmoid_outputs]
+        if len(self.output_names) == 2 and len(others) == 1:
+            return others[0]
+        return self.output_names[0]
 
 
 def read_signature(model_path: Path) -> OnnxSignature:
@@ -49,9 +57,12 @@ def read_signature(model_path: Path) -> OnnxSignature:
     values = [d.dim_value if d.HasField("dim_value") else None for d in dims]
     if values[1] not in (1, None) or values[2] is None or values[3] is None:
         raise ValueError(f"{model_path}: input must be (N, 1, H, W) with fixed H, W, got {values}")
+    outputs = tuple(o.name for o in model.graph.output)
     return OnnxSignature(
         input_name=inputs[0].name,
-        output_names=tuple(o.name for o in model.graph.output),
+        output_names=outputs,
         input_shape=(values[2], values[3]),
         fixed_batch=values[0] or None,
+        sigmoid_outputs=tuple(out for n in model.graph.node if n.op_type == "Sigmoid" for out in n.output
+                              if out in outputs),
     )

@@ -764,3 +764,38 @@ def test_the_torch_engine_refuses_a_precision_its_gpu_lacks_in_one_line(small_mo
         create_engine("torch", EngineOptions(small_model, device="cuda", precision=precision, max_batch=2))
     for fine in (("fp32", (5, 2)), ("fp16", (7, 5)), ("bf16", (8, 0)), ("tf32", (9, 0))):
         check_compute_capability(fine[0], "a GPU", fine[1])  # no refusal
+
+
+def test_the_engines_publish_the_phase_of_a_graph_with_unnamed_outputs_amplitude_first(tmp_path):
+    """The original PtychoNN returns (amplitude, phase); exported without output names, its graph
+    lists the amplitude (a Sigmoid's output) first. Both engines published the amplitude as the
+    phase, silently (they took the first output when none is called 'phase')."""
+    pytest.importorskip("torch")
+    import onnx
+    import onnxruntime as ort
+
+    from edge_ptychonn.science.model import ModelConfig, build_model, export_onnx
+
+    path = export_onnx(build_model(ModelConfig(width=4, depth=2, input_size=32, amplitude_head=True), seed=0),
+                       tmp_path / "amp.onnx")
+    proto = onnx.load(str(path))
+    renamed = {"phase": "95", "amplitude": "94"}
+    for node in proto.graph.node:
+        for i, out in enumerate(node.output):
+            node.output[i] = renamed.get(out, out)
+    outputs = list(proto.graph.output)
+    for out in outputs:
+        out.name = renamed[out.name]
+    del proto.graph.output[:]
+    proto.graph.output.extend(outputs[::-1])  # amplitude ('94') first
+    model = tmp_path / "unnamed.onnx"
+    onnx.save(proto, str(model))
+    assert read_signature(model).output_names == ("94", "95")
+    assert read_signature(model).phase_output == "95"
+    x = np.random.default_rng(0).poisson(3.0, (2, 1, 32, 32)).astype(np.float32)
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    amplitude, phase = session.run(["94", "95"], {"diffraction": x})
+    assert np.abs(phase - amplitude).max() > 0.1
+    for name in ("onnxruntime", "torch"):
+        got = create_engine(name, EngineOptions(model, device="cpu", max_batch=2)).infer(x)
+        np.testing.assert_allclose(got, phase, atol=1e-5, err_msg=name)
