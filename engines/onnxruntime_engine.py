@@ -66,6 +66,10 @@ class OnnxRuntimeEngine:
             providers = [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
         try:
             self._session = ort.InferenceSession(str(options.model_path), so, providers=providers)
+            # a batch that fails raises, and the pipeline counts it and logs it once: ONNX Runtime's
+            # own logger would also write an error line to stderr for every failed batch
+            self._run_options = ort.RunOptions()
+            self._run_options.log_severity_level = 4  # fatal only
         except Exception as exc:
             raise _unavailable(exc, f"onnxruntime cannot load {options.model_path}") from exc
         if device != "cpu" and self._session.get_providers()[0] != "CUDAExecutionProvider":
@@ -95,7 +99,7 @@ class OnnxRuntimeEngine:
             )
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
-        return self._session.run(self._outputs, {self._input: batch})[0]
+        return self._session.run(self._outputs, {self._input: batch}, self._run_options)[0]
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         check_batch(self, batch)
