@@ -1335,3 +1335,35 @@ def test_infer_rate_counts_the_time_workers_share_once(small_model, rng):
     rate = pipeline.stats.recent.infer_rate_hz()
     pipeline.stop()
     assert 60 < rate <= 81, rate
+
+
+class BrokenEngine(SleepingEngine):
+    """An engine whose every batch fails (a model that does not run on these batches)."""
+
+    def infer(self, batch):
+        raise RuntimeError(f"{self.name} cannot run this batch")
+
+
+def test_a_swapped_in_model_that_fails_is_logged_though_the_last_one_failed_too(small_model, model_b, rng, caplog):
+    """Problems are logged once per kind; a model's own (its engine failing, non-finite inputs or
+    outputs) once per model: before, after one inference error nothing said that the next model
+    failed too (only the counters)."""
+    pipeline, published, _ = make_pipeline(small_model, batchSize=2, batchTimeout=0.05)
+    first = BrokenEngine((64, 64), 0)
+    first.name = "model A"
+    second = BrokenEngine((64, 64), 0)
+    second.name = "model B"
+    pipeline.start(lambda: first, lambda model_path, id_pattern: second)
+    images = frames(rng, 8)
+    with caplog.at_level("ERROR"):
+        for uid in range(1, 5):
+            pipeline.submit(good_frame(uid, images[uid - 1]))
+        assert pipeline.drain(10.0)
+        pipeline.configure({"modelPath": str(model_b)})
+        for uid in range(5, 9):
+            pipeline.submit(good_frame(uid, images[uid - 1]))
+        assert pipeline.drain(10.0)
+    pipeline.stop()
+    failed = [r.getMessage() for r in caplog.records if "inference failed" in r.getMessage()]
+    assert len(failed) == 2 and "model A cannot" in failed[0] and "model B cannot" in failed[1], failed
+    assert pipeline.stats.inference_errors == 8 and pipeline.stats.unaccounted(pipeline.queued_frames) == 0

@@ -132,6 +132,11 @@ def group_size(id_pattern: tuple[int, int]) -> int:
     return (max(int(id_offset or 1), 1) - 1) // max(int(n_sequential or 1), 1) + 1
 
 
+# the problems logged once that a model makes (its engine failing, non-finite inputs from its
+# preprocessing, non-finite outputs): logged once per model, again after a swap
+MODEL_LOG_KEYS = frozenset({"inference", "nonfinite-input", "nonfinite-output"})
+
+
 def _depth(engine) -> int:
     """Batches an engine can hold at once: ``max_in_flight`` with submit/collect, else 1."""
     if callable(getattr(engine, "submit", None)):
@@ -835,6 +840,7 @@ class InferencePipeline:
         self._receive_runs = runs_in_receive(self.config.batch_runner, switch.engine)
         self._output_mask = switch.output_mask
         self._encoder.model_id = switch.model_id
+        self._logged -= MODEL_LOG_KEYS  # the new model's first failure of each kind is logged too
         self.log.info("model switched from %s to %s (%s engine built in %.2f s); the old engine is closed",
                       old_id, switch.model_id, switch.engine.name, switch.build_s)
         try:
