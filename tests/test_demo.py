@@ -112,6 +112,19 @@ def test_sweep_table_counts_a_frame_the_stitcher_missed_as_lost():
             demo._rates(text)
 
 
+def test_sweep_table_does_not_count_frames_dropped_by_inference_again_as_the_collectors():
+    """Inference dropped 10 of 100 under load; the stitcher received the 90 it published, and
+    PvaPy's collector counted 2 gaps those drops left: the "collector lost" column says 0 (before: 2)."""
+    from edge_ptychonn.tools.launch import Snapshot
+
+    inference = {"userStats": {"nFramesProcessed": 90, "nFramesDropped": 10}}
+    stitch = {"userStats": {"nFramesPlaced": 90, "nFramesReceived": 90, "stitchTimeUs": 150.0},
+              "collectorStats": {"nMissed": 2, "nRejected": 0}}
+    rows = demo.sweep_rows([60], [(Snapshot([inference], stitch, [{"userStats": {"nFramesWritten": 90}}]), 100, 50.0)],
+                           cfg_hdf5=True)
+    assert rows[0][6:8] == ["10", "0"]
+
+
 def test_a_demo_run_removes_the_previous_runs_image_and_hdf5_files(tmp_path):
     for name in ("stitched/stitch_scan0001.npy", "stitched/stitch_scan0001.png", "h5/demo_1_scan0001.h5",
                  "h5/demo_1_scan0001-2.h5", "h5/notes.txt"):

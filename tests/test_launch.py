@@ -879,6 +879,34 @@ def test_frames_the_stitchers_collector_lost_make_exit_status_1_and_the_verdict_
     assert "frames lost          0\nverdict              no frame lost\n" in capsys.readouterr().out
 
 
+def test_frames_dropped_by_inference_are_not_counted_again_as_the_collectors(tmp_path, monkeypatch, capsys):
+    """A demo on a loaded machine: inference dropped 131 of 1024 (overload), the stitcher received
+    every frame it published (893 of 893), and PvaPy's collector counted 3 gaps that those drops
+    left in the uniqueIds. Before: "verdict ... 3 never reached the stitcher (its collector missed
+    or rejected them)", frames counted twice and blamed on the collector."""
+    scan = tmp_path / "s.npy"
+    np.save(scan, np.zeros((1024, 4, 4), np.int16))
+    cfg = load(tmp_path, f'log_dir = "{tmp_path / "logs"}"\n'
+               + MINIMAL.replace('channel = "det:image"', f'scan = "{scan}"').replace("consumers = 3", "consumers = 1")
+               + '[stitch]\n[stitch.args]\nobjectShape = [64, 64]\n[hdf5]\n[hdf5.args]\noutputDirectory = "h"\n')
+    inference = _record(893)
+    inference["userStats"]["nFramesDropped"] = 131
+    stitch = {"userStats": {"nFramesPlaced": 893, "nFramesReceived": 893}, "collectorStats": {"nMissed": 3, "nRejected": 0}}
+    writers = [{"userStats": {"nFramesWritten": 893}}]
+    _finished_replay(monkeypatch, Snapshot([inference], stitch, writers), 1024)
+    assert launch.run(cfg) == 1  # a real loss: 131 frames
+    out = capsys.readouterr().out
+    assert "collector lost       3 (missed + rejected; 3 of them dropped or refused by inference, not lost by the " \
+           "collector)\n" in out, out
+    assert "verdict              frames lost: 131 of the 1024 sent did not reach the HDF5 files (131 dropped by " \
+           "inference)\n" in out, out
+    # the collector's own loss still shows beside upstream drops: 5 published frames never received
+    stitch.update({"userStats": {"nFramesPlaced": 888, "nFramesReceived": 888}, "collectorStats": {"nMissed": 8}})
+    assert launch.run(cfg) == 1
+    assert "dropped by inference); 5 never reached the stitcher (its collector missed or rejected them)\n" \
+        in capsys.readouterr().out
+
+
 def test_the_summary_names_why_the_hdf5_writers_lost_frames_and_their_log(tmp_path, monkeypatch, capsys):
     """A full disk for the HDF5 folder (the two writers' last status in such a run): the summary
     gives the writers' losses by cause, their failed operations, and the log that says why.

@@ -167,7 +167,7 @@ def sweep_rows(rates: list[float], results: list, cfg_hdf5: bool) -> list[list[s
         reached = min(snap.written() if cfg_hdf5 else snap.processed(), snap.placed())
         rows.append([f"{fps:g}", str(n_sent), str(snap.processed()), f"{delivered:.0f}" if delivered else "-",
                      str(snap.written()) if cfg_hdf5 else "-", str(snap.placed()), str(n_sent - reached),
-                     str(snap.collector_lost()),
+                     str(snap.stitcher_lost()),  # not the gaps of frames dropped upstream
                      f"{(snap.stitch or {}).get('userStats', {}).get('stitchTimeUs', 0.0):.0f}"])
     return rows
 

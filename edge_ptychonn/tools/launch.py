@@ -589,8 +589,19 @@ class Snapshot:
         return Snapshot(self.inference, stitch, self.hdf5)
 
     def collector_lost(self) -> int:
+        """PvaPy's collector counts (``nMissed`` + ``nRejected``): gaps in the uniqueIds it saw,
+        frames that the inference consumers dropped or refused upstream among them."""
         c = (self.stitch or {}).get("collectorStats", {})
         return c.get("nMissed", 0) + c.get("nRejected", 0)
+
+    def stitcher_lost(self) -> int:
+        """Frames that the inference consumers published but the stitcher never received (its
+        collector missed or rejected them): the collector's count, less the gaps that frames
+        dropped or refused upstream left in the uniqueIds, which it counts too (at most the
+        frames published that the stitcher did not receive)."""
+        s = self.stitch or {}
+        undecoded = _user(s, "nBadFrames") - _user(s, "nFramesWrongShape")
+        return min(self.collector_lost(), max(0, self.processed() - _user(s, "nFramesReceived") - undecoded))
 
     def taken(self, cfg: LaunchConfig) -> int:
         """The frames every stage has taken: the fewest of inference (processed, dropped or
@@ -1138,7 +1149,10 @@ def summary(cfg: LaunchConfig, snap: Snapshot, n_sent: int | None, delivered_fps
             lines.append(f"metadata positions   {_user(s, 'nFramesByMetadata')} of {snap.placed()} frames placed: "
                          f"{came} (the others: the frames' attributes or the positions file)")
         lines.append(f"stitcher cost        {_user(s, 'stitchTimeUs', 0.0):.0f} us CPU per frame")
-        lines.append(f"collector lost       {snap.collector_lost()} (missed + rejected)")
+        upstream = snap.collector_lost() - snap.stitcher_lost()
+        lines.append(f"collector lost       {snap.collector_lost()} (missed + rejected"
+                     + (f"; {upstream} of them dropped or refused by inference, not lost by the collector)"
+                        if upstream else ")"))
     if n_sent is not None:
         reached = snap.written() if cfg.hdf5 is not None else snap.processed()
         bad = (f" ({snap.bad()} of them bad frames, refused by inference: its log says why)"
@@ -1208,10 +1222,13 @@ def losses(cfg: LaunchConfig, snap: Snapshot, n_sent: int | None) -> list[str]:
     lost = frames_lost(cfg, snap, n_sent)
     by_writers = sum(v for k, v in snap.writer_losses().items() if k in WRITER_LOSSES)
     if lost:
+        why = ([f"{snap.dropped()} dropped by inference"] if snap.dropped() else []) \
+            + ([f"{snap.bad()} refused by inference as bad"] if snap.bad() else []) \
+            + ([f"{by_writers} lost by the writers: 'writers lost' above"] if by_writers else [])
         where.append(f"{lost} of the {n_sent} sent did not reach the {'HDF5 files' if cfg.hdf5 is not None else 'inference outputs'}"
-                     + (f" ({by_writers} lost by the writers: 'writers lost' above)" if by_writers else ""))
-    if cfg.stitch is not None and snap.collector_lost():
-        where.append(f"{snap.collector_lost()} never reached the stitcher (its collector missed or rejected them)")
+                     + (f" ({'; '.join(why)})" if why else ""))
+    if cfg.stitch is not None and snap.stitcher_lost():
+        where.append(f"{snap.stitcher_lost()} never reached the stitcher (its collector missed or rejected them)")
     return where
 
 
