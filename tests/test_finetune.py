@@ -597,11 +597,11 @@ def test_a_second_finetune_replaces_the_model_whole_and_a_stopped_one_leaves_it_
             "--device", "cpu", "--quiet"]
     scores = finetune.held_out_scores
 
-    def stopped_after_the_export(onnx, *args):  # the second call scores the new .onnx: the .pt is made by then
+    def stopped_after_the_export(onnx, *args, **kwargs):  # the second call scores the new .onnx
         if scores_seen:
             raise KeyboardInterrupt
         scores_seen.append(onnx)
-        return scores(onnx, *args)
+        return scores(onnx, *args, **kwargs)
 
     scores_seen = []
     monkeypatch.setattr(finetune, "held_out_scores", stopped_after_the_export)
@@ -870,3 +870,20 @@ def test_an_epoch_file_that_cannot_be_written_is_refused_before_the_work(tmp_pat
     err = capsys.readouterr().err
     assert err == f"edge-ptychonn finetune: cannot write --out {out}: {out}.epoch.pt is a folder\n", err
     assert [p.name for p in out.parent.iterdir()] == ["ft.epoch.pt"]
+
+
+def test_a_wrapped_or_conjugated_reconstruction_is_warned_about(beamline, tmp_path, capsys):
+    """The other sign convention (exp(-i phi)) or a global phase that wraps the phase at +-pi is a
+    warning line on stderr, not silent training on the wrong targets."""
+    obj = np.load(beamline["recon"])
+    for name, recon, expected in (("wrap", obj * np.exp(2.5j), "wraps at +-pi"),):
+        np.save(tmp_path / f"{name}.npy", recon.astype(np.complex64))
+        assert run_cli("--frames", beamline["npy"], "--positions", beamline["npz"], "--object", tmp_path / f"{name}.npy",
+                       "--out", tmp_path / name, "--epochs", 1, "--max-minutes", 0, "--quiet") == 0
+        err = capsys.readouterr().err
+        assert expected in err, err
+    pairs, shift = finetune.phase_wraps(np.angle(obj).astype(np.float32), beamline["truth"].positions_px.astype(int),
+                                        np.ones((128, 128), bool))
+    assert pairs == 0
+    assert finetune.sign_flipped({"patch_rmse_median_rad": 0.58, "conjugate_patch_rmse_median_rad": 0.088})
+    assert not finetune.sign_flipped({"patch_rmse_median_rad": 0.088, "conjugate_patch_rmse_median_rad": 0.58})

@@ -592,9 +592,35 @@ def output_mask_for(card: ModelCard | None, probe: np.ndarray, threshold: float)
 # ---------------------------------------------------------------- scores
 
 
+def phase_wraps(phase: np.ndarray, corners: np.ndarray, bright: np.ndarray) -> tuple[int, float]:
+    """``(pairs, shift)``: how many neighbouring pixel pairs of the scanned region (the union of the
+    patches' bright centres ``bright`` at ``corners``) differ by more than pi in ``phase`` (the
+    reconstruction's phase wraps at +-pi there: the targets jump by 2 pi where the object does not), and
+    the circular mean phase of that region (a ``--phase-shift`` that centres the phase on 0)."""
+    region = np.zeros(phase.shape, dtype=bool)
+    n_y, n_x = bright.shape
+    for y, x in np.asarray(corners, dtype=np.int64):
+        region[y : y + n_y, x : x + n_x] |= bright
+    pairs = 0
+    for axis in (0, 1):
+        jump = np.abs(np.diff(phase, axis=axis)) > np.pi
+        both = region[1:, :] & region[:-1, :] if axis == 0 else region[:, 1:] & region[:, :-1]
+        pairs += int(np.count_nonzero(jump & both))
+    shift = float(np.angle(np.mean(np.exp(1j * phase[region].astype(np.float64))))) if region.any() else 0.0
+    return pairs, shift
+
+
+def sign_flipped(before: dict) -> bool:
+    """Whether the base model's held-out patches match the reconstruction's phase far better with its sign
+    flipped (``held_out_scores(..., conjugate=True)``): a reconstruction in the other convention,
+    ``exp(-i phi)`` (its conjugate is what the network was trained on)."""
+    flipped = before.get("conjugate_patch_rmse_median_rad")
+    return flipped is not None and flipped < 0.5 * before["patch_rmse_median_rad"]
+
+
 def held_out_scores(model_path: Path, frames: np.ndarray, pp: PreprocessConfig, targets: np.ndarray,
                     corners: np.ndarray, object_phase: np.ndarray, weight: np.ndarray, stitch: StitchSettings,
-                    threads: int, lead_in: np.ndarray | None = None) -> dict:
+                    threads: int, lead_in: np.ndarray | None = None, conjugate: bool = False) -> dict:
     """Scores of ``model_path`` (ONNX Runtime) on the held-out frames against the reconstruction's patches:
     ``mean_abs_error_rad`` (absolute phase over the bright centre: the training loss), per-patch RMSE
     (each patch's own offset removed), and SSIM/RMSE of the held-out patches stitched (one offset removed).
@@ -622,8 +648,11 @@ def held_out_scores(model_path: Path, frames: np.ndarray, pp: PreprocessConfig, 
         stitched = {}
     bright = weight > 0
     mean_abs = float(np.mean(np.abs(predicted - targets)[:, bright]))  # absolute phase, as trained
-    return {"mean_abs_error_rad": mean_abs, **summarise_patch_errors(patch_errors(predicted, targets, weight)),
-            **{f"stitched_{k}": v for k, v in stitched.items()}}
+    out = {"mean_abs_error_rad": mean_abs, **summarise_patch_errors(patch_errors(predicted, targets, weight)),
+           **{f"stitched_{k}": v for k, v in stitched.items()}}
+    if conjugate:  # the same patches against the phase with its sign flipped (sign_flipped)
+        out["conjugate_patch_rmse_median_rad"] = float(np.median(patch_errors(predicted, -targets, weight)))
+    return out
 
 
 def card_markdown(card: ModelCard, base_name: str, data: dict, before: dict, after: dict) -> str:
@@ -883,6 +912,12 @@ def _finetune(args: argparse.Namespace) -> int:
         model = unfold_batchnorm(model, frames[sel], pp, None if factors is None else factors[sel], progress=show)
         config = model.config
     phase = np.angle(obj * np.exp(-1j * args.phase_shift)).astype(np.float32)
+    wraps, centre = phase_wraps(phase, corners, mask)
+    if wraps:
+        print(f"warning: the reconstruction's phase wraps at +-pi inside the scanned region ({wraps} neighbouring "
+              f"pixel pairs differ by more than pi): the network would learn 2 pi jumps that the object does not "
+              f"have; centre its phase on 0 with --phase-shift {args.phase_shift + centre:.3f}, or unwrap it",
+              file=sys.stderr)
     targets = extract_patches(phase, corners, (n, n))
     amps = None
     if config.amplitude_head:  # the reconstruction's amplitude trains the amplitude head
@@ -900,10 +935,17 @@ def _finetune(args: argparse.Namespace) -> int:
     val_set = (frames[val_idx], pp, targets[val_idx], corners[val_idx], phase, weight, stitch, args.threads,
                frames[:val_idx[0]])
     if Path(args.init_from).suffix == ".onnx":
-        before = held_out_scores(Path(args.init_from), *val_set)
+        before = held_out_scores(Path(args.init_from), *val_set, conjugate=True)
     else:  # a checkpoint: score it as the engines would run it, exported
         with tempfile.TemporaryDirectory() as tmp:
-            before = held_out_scores(export_onnx(model, Path(tmp) / "base.onnx"), *val_set)
+            before = held_out_scores(export_onnx(model, Path(tmp) / "base.onnx"), *val_set, conjugate=True)
+    if sign_flipped(before):
+        print(f"warning: the base model's held-out patches match the reconstruction's phase with its sign flipped "
+              f"(median patch RMSE {before['conjugate_patch_rmse_median_rad']:.4f} rad against "
+              f"{before['patch_rmse_median_rad']:.4f} rad as given): the reconstruction may use the other sign "
+              "convention, exp(-i phi); fine-tuning on it teaches the network the opposite sign. Save "
+              "np.conj(object) if so", file=sys.stderr)
+    before.pop("conjugate_patch_rmse_median_rad", None)
 
     # a .pt base: its card counts only when it is that checkpoint's run (train.previous_training); read before
     # this run's epochs can replace an --init-from <out>.epoch.pt
