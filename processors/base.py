@@ -34,8 +34,10 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import heapq
+import json
 import threading
 from collections import Counter
+from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import pvaccess as pva
@@ -266,6 +268,12 @@ class ProcessorBase(StatsFromTable, AdImageProcessor):
                 self.settings = old
                 self.logger.error("configuration failed, nothing changed: %s", exc)
                 raise
+
+    def settings_in_force(self) -> str:
+        """JSON of the run-time changeable settings now in force (camelCase; ``newScan`` is a
+        command, not a setting): the status channel's ``settings``."""
+        values = {key: getattr(self.settings, self.ARGS[key][0]) for key in self.RUNTIME_KEYS if key in self.ARGS}
+        return json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in values.items()})
 
     def new_scan(self) -> None:
         """Finish the current scan and start a new one (processors with scans override it)."""

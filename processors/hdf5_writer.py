@@ -115,7 +115,8 @@ Statistics (status channel ``userStats``) -- see :data:`STATS`
     ``nBadNonfinite``), ``nEmptyFrames``,
     ``nFilesWritten`` (files closed without error, one cut back after a write
     error included), ``nWriteErrors``, ``writeRate`` (frames appended per second),
-    ``writeTimeUs`` (per frame appended), ``currentFile``.
+    ``writeTimeUs`` (per frame appended), ``currentFile``, ``settings`` (JSON of the settings
+    in force that ``configure`` can change: ``flushPeriod``).
 """
 
 from __future__ import annotations
@@ -396,6 +397,7 @@ class _StatsView:
     first_write_s: float
     last_write_s: float
     current_file: str
+    settings: str = "{}"
 
     def write_rate_hz(self) -> float:
         dt = self.last_write_s - self.first_write_s
@@ -423,6 +425,7 @@ STATS = {
     "writeRate": (pva.DOUBLE, lambda s: s.write_rate_hz()),
     "writeTimeUs": (pva.DOUBLE, lambda s: 1e6 * s.write_time_s / max(s.counts["appended"], 1)),
     "currentFile": (pva.STRING, lambda s: s.current_file),
+    "settings": (pva.STRING, lambda s: s.settings),  # flushPeriod in force (JSON)
 }
 
 
@@ -493,7 +496,7 @@ class Hdf5WriterProcessor(ProcessorBase):
         cur = self.current
         with self._lock:
             return _StatsView(dict(self.counts), self.write_time_s, self.first_write_s, self.last_write_s,
-                              str(cur.path) if cur else "")
+                              str(cur.path) if cur else "", self.settings_in_force())
 
     # -- files ----------------------------------------------------------------------------
     def _channel(self) -> str:

@@ -107,8 +107,12 @@ Processor arguments (``--processor-args`` JSON) -- see :data:`StitchProcessor.AR
     replacing an earlier run's (then ``_scanNNNN-2.npy``, ...).
 Run-time changes (control channel ``configure``)
     publishRate (applies at once), fill (the image is published again with it within a
-    period); ``{"newScan": true}`` finishes the current image. A refused request changes
-    nothing, PvaPy's own keys included; PvaPy's skipInitialUpdates (other than 0) is refused.
+    period); ``{"newScan": true}`` finishes the current image with the frames handed to the
+    stitcher so far: frames that PvaPy's collector still holds to sort them (up to its cache size,
+    or 5 s) go into the next image, where an HDF5 writer on the same stream cuts at what it has
+    received. Send it more than 5 s after a scan's last frame to finish that scan whole. A refused
+    request changes nothing, PvaPy's own keys included; PvaPy's skipInitialUpdates (other than 0)
+    is refused. The status's ``settings`` (JSON) gives the publishRate and fill in force.
 Statistics (status channel ``userStats``) -- see :data:`STATS`.
     Each frame with an image (``nFramesReceived``) is placed (``nFramesPlaced``),
     waiting for its metadata (``nFramesWaiting``), or not placed: ``nFramesNoPosition`` (no
@@ -472,6 +476,7 @@ STATS = {
     "nFramesByMetadata": (pva.ULONG, _stat("by_metadata")),
     "nFramesWaiting": (pva.ULONG, lambda p: len(p.waiting)),
     "nMetadataReceived": (pva.ULONG, lambda p: p.metadata.n_received if p.metadata else 0),
+    "settings": (pva.STRING, lambda p: p.settings_in_force()),  # publishRate, fill in force (JSON)
 }
 
 

@@ -759,3 +759,15 @@ def test_a_writer_slower_than_stop_does_not_hang_the_exit(tmp_path):
     assert proc.returncode == 0, (proc.returncode, proc.stderr[-3000:])
     (path,) = tmp_path.glob("*.h5")
     assert ids_in(path) == [1, 2, 3]  # closed: readable without swmr
+
+
+def test_status_says_the_settings_in_force(tmp_path):
+    """The status had no word of flushPeriod after a configure, though `edge-ptychonn
+    configure` sends the user to the status channel for what is in force."""
+    p = Hdf5WriterProcessor({**FRAMEWORK, "outputDirectory": str(tmp_path), "flushPeriod": 1.0})
+    assert json.loads(p.getStats()["settings"]) == {"flushPeriod": 1.0}
+    p.configure({"flushPeriod": 0.25})
+    assert json.loads(p.getStats()["settings"]) == {"flushPeriod": 0.25}
+    with pytest.raises(ValueError):
+        p.configure({"flushPeriod": -1})
+    assert json.loads(p.getStats()["settings"]) == {"flushPeriod": 0.25}

@@ -1218,3 +1218,17 @@ def test_a_frame_handed_over_after_stop_is_counted_not_placed_in_an_image_never_
         == (4, 2, 2, 1, 1), st
     assert sorted(f.name for f in tmp_path.glob("*.npy")) == ["stitch_scan0001.npy", "stitch_scan0001_weight.npy"]
     assert p.problems("afterStop") == 2
+
+
+def test_status_says_the_settings_in_force(tmp_path):
+    """The status had no word of publishRate or fill after a configure, though `edge-ptychonn
+    configure` sends the user to the status channel for what is in force."""
+    import json
+    p = make({"objectShape": [64, 64], "publishRate": 2})
+    assert json.loads(p.getStats()["settings"]) == {"publishRate": 2.0, "fill": 0.0}
+    p.configure({"publishRate": 5, "fill": 1.5})
+    assert json.loads(p.getStats()["settings"]) == {"publishRate": 5.0, "fill": 1.5}
+    with pytest.raises(ValueError):
+        p.configure({"publishRate": 0})
+    assert json.loads(p.getStats()["settings"])["publishRate"] == 5.0
+    assert "settings" in p.getStatsPvaTypes()
