@@ -714,7 +714,7 @@ def test_a_file_that_cannot_be_closed_crashes_nothing(tmp_path):
 
 
 _SLOW_AT_EXIT_SCRIPT = r"""
-import sys, time
+import sys, threading, time
 import h5py
 import numpy as np
 from frames_util import good_frame
@@ -722,9 +722,11 @@ import processors.hdf5_writer as writer
 
 writer.STOP_TIMEOUT_S = 0.3
 append = writer._ScanFile.append
+writing = threading.Event()
 
 def slow_append(self, frames):  # a slow disk: the writer holds h5py's lock as it writes, for 2 s
     with h5py._objects.phil:
+        writing.set()
         time.sleep(2)
     append(self, frames)
 
@@ -735,7 +737,7 @@ p = writer.Hdf5WriterProcessor({**framework, "outputDirectory": sys.argv[1]})
 p.start()
 for uid in range(1, 4):
     p.process(good_frame(uid, np.zeros((8, 8), np.float32) + uid))
-time.sleep(0.2)  # the writer holds them
+assert writing.wait(60)  # the writer holds them (a loaded machine may take a while to get there)
 p.stop()  # returns after STOP_TIMEOUT_S, the writer still writing
 print("STOPPED", p._thread.is_alive(), flush=True)
 """
@@ -752,7 +754,7 @@ def test_a_writer_slower_than_stop_does_not_hang_the_exit(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
     try:
         proc = subprocess.run([sys.executable, "-c", _SLOW_AT_EXIT_SCRIPT, str(tmp_path)], capture_output=True,
-                              text=True, timeout=40, env=env)
+                              text=True, timeout=120, env=env)
     except subprocess.TimeoutExpired:
         pytest.fail("the process did not end after stop()")
     assert "STOPPED True" in proc.stdout, proc.stderr[-3000:]
