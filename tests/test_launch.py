@@ -1515,3 +1515,22 @@ def test_position_channels_not_among_the_metadata_channels_are_refused(tmp_path)
         LaunchConfig.load(toml(tmp_path, MINIMAL + stitch.format('metadata_channels = ["pva://hc:y"]\n')))
     cfg = LaunchConfig.load(toml(tmp_path, MINIMAL + stitch.format('metadata_channels = ["pva://hc:y", "ca://hc:x"]\n')))
     assert cfg.stitch["args"]["positionChannels"] == ["hc:y", "hc:x"]
+
+
+def test_the_summary_picture_of_an_image_filled_with_nan_is_black_where_uncovered(tmp_path):
+    """After `configure stitch:1:control fill=NaN` the saved image holds NaN where no patch landed:
+    the picture cast them to garbage pixels (numpy's "invalid value encountered in cast")."""
+    import warnings
+
+    from PIL import Image
+
+    truth = np.linspace(0, 1.5, 64, dtype=np.float32).reshape(8, 8)
+    covered = np.zeros((8, 8), bool)
+    covered[2:6, 2:6] = True
+    covered[2, 2] = False  # inside the scanned region's box, which the picture crops to
+    image = np.where(covered, truth, np.nan).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        path = launch._save_png(tmp_path / "p.png", image, truth, covered)
+    picture = np.asarray(Image.open(path))
+    assert picture.shape[0] > 24 and picture.min() == 0  # drawn, the uncovered border black

@@ -1346,7 +1346,8 @@ def _save_png(path: Path, image, truth, covered) -> Path:
     lo, hi = float(truth[covered].min()), float(truth[covered].max())
     grey = lambda a: (np.clip((a - lo) / max(hi - lo, 1e-12), 0, 1) * 255).astype(np.uint8)
     zoom = max(1, -(-256 // truth.shape[1]))  # small scans: enlarged (nearest) to at least 256 px wide
-    left = np.kron(np.where(covered, grey(image), 0), np.ones((zoom, zoom), np.uint8))
+    # uncovered pixels hold the stitcher's fill, NaN too (configure fill=NaN): black, never cast
+    left = np.kron(np.where(covered, grey(np.where(covered, image, lo)), 0), np.ones((zoom, zoom), np.uint8))
     right = np.kron(grey(truth), np.ones((zoom, zoom), np.uint8))
     h, w = right.shape
     gap, top = 16, 24
