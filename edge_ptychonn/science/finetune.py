@@ -138,8 +138,8 @@ LIMITS = (
     "convention along with the sample, and may do worse on samples unlike it.",
     "The probe, photon count and detector geometry of the recorded frames are built in: a new probe or "
     "beam energy needs another fine-tune.",
-    "Phase is absolute only up to a constant: the per-patch and stitched scores remove that constant, the mean "
-    "absolute error (the training loss) does not.",
+    "Phase is absolute only up to a constant: the training loss and every score remove it (one constant for the "
+    "training batch or the held-out frames, per patch, per stitched image).",
 )
 
 
@@ -622,7 +622,8 @@ def held_out_scores(model_path: Path, frames: np.ndarray, pp: PreprocessConfig, 
                     corners: np.ndarray, object_phase: np.ndarray, weight: np.ndarray, stitch: StitchSettings,
                     threads: int, lead_in: np.ndarray | None = None, conjugate: bool = False) -> dict:
     """Scores of ``model_path`` (ONNX Runtime) on the held-out frames against the reconstruction's patches:
-    ``mean_abs_error_rad`` (absolute phase over the bright centre: the training loss), per-patch RMSE
+    ``mean_abs_error_rad`` (over the bright centre, one constant for the held-out frames removed: the
+    training loss; a reconstruction's absolute phase is its code's arbitrary choice), per-patch RMSE
     (each patch's own offset removed), and SSIM/RMSE of the held-out patches stitched (one offset removed).
     ``lead_in``: the frames of the scan just before the held-out ones; with ``normalize: "running"`` the
     running mean has counted them first, as a consumer that received the scan in order had."""
@@ -647,7 +648,8 @@ def held_out_scores(model_path: Path, frames: np.ndarray, pp: PreprocessConfig, 
     except ValueError:
         stitched = {}
     bright = weight > 0
-    mean_abs = float(np.mean(np.abs(predicted - targets)[:, bright]))  # absolute phase, as trained
+    error = (predicted - targets)[:, bright]
+    mean_abs = float(np.mean(np.abs(error - error.mean())))  # one constant removed, as trained
     out = {"mean_abs_error_rad": mean_abs, **summarise_patch_errors(patch_errors(predicted, targets, weight)),
            **{f"stitched_{k}": v for k, v in stitched.items()}}
     if conjugate:  # the same patches against the phase with its sign flipped (sign_flipped)
@@ -697,9 +699,9 @@ def card_markdown(card: ModelCard, base_name: str, data: dict, before: dict, aft
         "",
         f"- {t.epochs_run} epochs ({t.steps} steps, batch {t.batch_size}), AdamW lr {t.lr} (warm-up, cosine "
         f"decay), weight decay {t.weight_decay}, bf16 autocast {t.bf16}, masked L1 loss on the probe's bright "
-        f"centre, seed {t.seed}; {t.train_minutes:.1f} min on {data['device']} ({t.host}); stopped at the time "
+        f"centre (one constant per batch removed), seed {t.seed}; {t.train_minutes:.1f} min on {data['device']} ({t.host}); stopped at the time "
         f"limit: {t.stopped_at_time_limit}.",
-        "- Loss per epoch (train / held-out, mean |phase error| in rad over the bright centre"
+        "- Loss per epoch (train / held-out, mean |phase error| in rad over the bright centre, one constant removed"
         + amplitude_loss_text(card) + "): "
         + ", ".join(f"{a:.4f} / {b:.4f}" for a, b in zip(t.train_loss, t.val_loss)),
         f"- Command: `{t.command}`",
@@ -953,23 +955,26 @@ def _finetune(args: argparse.Namespace) -> int:
     targs = argparse.Namespace(seed=args.seed, lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size,
                                max_minutes=args.max_minutes, bf16=args.bf16)
     trainer = Trainer(targs, config, pp, mask, model=model, device=device)
-    steps_per_epoch = len(train_idx) // args.batch_size
+    # one scan: its absolute phase is the reconstruction's arbitrary choice, which the base model never
+    # learnt (train removes one constant per scan): the loss removes the batch's constant too
+    scan_length = len(train_idx)
+    steps_per_epoch = len(trainer.batches(len(train_idx), np.random.default_rng(0), scan_length))
     total_steps = steps_per_epoch * args.epochs
     t_train = time.monotonic()
     deadline = t_train + args.max_minutes * 60 if args.max_minutes else math.inf
     rng = np.random.default_rng(args.seed)
     epoch_path = output_file(prefix, EPOCH_SUFFIX)  # the weights after each epoch, as train keeps them
-    train_loss, val_loss = [], [trainer.validate(val_data)]
+    train_loss, val_loss = [], [trainer.validate(val_data, len(val_idx))]
     print(f"start: held-out loss {val_loss[0]:.4f}", file=sys.stderr)
     stopped = False
     for epoch in range(args.epochs):
         bar = Progress(steps_per_epoch * args.batch_size, f"epoch {epoch + 1}/{args.epochs}", unit="frames",
                        enabled=show)
-        loss, stopped = trainer.train_one_epoch(train_data, rng, total_steps, deadline, bar)
+        loss, stopped = trainer.train_one_epoch(train_data, rng, total_steps, deadline, bar, scan_length)
         bar.close()
         train_loss.append(loss)
         trainer.recalibrate_batchnorm(train_data[0], train_data[1])
-        val_loss.append(trainer.validate(val_data))
+        val_loss.append(trainer.validate(val_data, len(val_idx)))
         diverged = divergence(epoch, loss, val_loss[-1], epoch_path)
         if diverged:  # the weights are lost: write no model (the previous epoch's stay in <out>.epoch.pt)
             return _fail(diverged, code=1)
