@@ -47,12 +47,22 @@ def sigterm_interrupts():
     thread; the default comes back at the end."""
     take = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     if take:
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         yield
     finally:
         if take:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+_SIGTERM_SEEN = threading.Event()  # a SIGTERM came inside sigterm_interrupts
+
+
+def _interrupt(signum, frame):
+    """SIGTERM as Ctrl-C; noted, because a library may turn the ``KeyboardInterrupt`` it raises in
+    the middle of its work into an error of its own (numpy's ``tofile`` a ``TypeError``)."""
+    _SIGTERM_SEEN.set()
+    raise KeyboardInterrupt
 
 
 def repeat_command(prog: str, parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
@@ -119,13 +129,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback
         print(f"edge-ptychonn {name}: interrupted", file=sys.stderr)
         return 130
-    except OSError as exc:  # a file or folder that cannot be read or written: one line, not a traceback
-        print(f"edge-ptychonn {name}: {exc}", file=sys.stderr)
-        return 1
-    except MemoryError as exc:  # sizes beyond this machine (numpy names the array it could not make)
-        print(f"edge-ptychonn {name}: not enough memory{': ' + str(exc) if str(exc) else ''}; "
-              "ask for less (fewer or smaller frames, a smaller batch)", file=sys.stderr)
-        return 1
+    except Exception as exc:
+        if _SIGTERM_SEEN.is_set():  # the SIGTERM's KeyboardInterrupt, turned into another error on its way
+            print(f"edge-ptychonn {name}: interrupted", file=sys.stderr)
+            return 130
+        if isinstance(exc, OSError):  # a file or folder that cannot be read or written: one line, not a traceback
+            print(f"edge-ptychonn {name}: {exc}", file=sys.stderr)
+            return 1
+        if isinstance(exc, MemoryError):  # sizes beyond this machine (numpy names the array it could not make)
+            print(f"edge-ptychonn {name}: not enough memory{': ' + str(exc) if str(exc) else ''}; "
+                  "ask for less (fewer or smaller frames, a smaller batch)", file=sys.stderr)
+            return 1
+        raise
 
 
 if __name__ == "__main__":

@@ -1062,3 +1062,25 @@ def test_configure_refuses_a_relative_model_path(argv, capsys):
     another swapped to another file of that name (or to none), with "Configuration successful"."""
     assert cli.main(["configure", "inference:1:control", *argv]) == 2
     _one_line(capsys.readouterr().err, "edge-ptychonn configure: modelPath ")
+
+
+def test_a_sigterm_that_a_library_turns_into_its_own_error_is_still_an_interruption(tmp_path, capsys, monkeypatch):
+    """numpy's tofile, interrupted by the SIGTERM's KeyboardInterrupt while writing, raised a TypeError
+    ("expected str, bytes or os.PathLike object, not BufferedWriter"): simulate ended with that traceback
+    and exit 1 (seen once in the test of a SIGTERM while writing). Now: one line, exit 130."""
+    from edge_ptychonn import cli as cli_module
+    from edge_ptychonn.science import export
+
+    monkeypatch.setattr(cli_module, "_SIGTERM_SEEN", threading.Event())
+
+    def writing(args):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the signal comes here
+        except KeyboardInterrupt:
+            raise TypeError("expected str, bytes or os.PathLike object, not BufferedWriter") from None
+        return 0
+
+    monkeypatch.setattr(export, "_export", writing)
+    assert cli.main(["export", "--out", str(tmp_path / "m.onnx")]) == 130
+    _one_line(capsys.readouterr().err, "edge-ptychonn export: interrupted")
