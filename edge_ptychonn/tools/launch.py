@@ -571,6 +571,10 @@ class Snapshot:
         creates, writes, flushes and closes (``nWriteErrors``), summed over the writers."""
         return {key: sum(_user(r, key) for r in self.hdf5) for key in [*WRITER_LOSSES, "nWriteErrors"]}
 
+    def writer_lost(self) -> int:
+        """The frames the HDF5 writers lost, all causes."""
+        return sum(sum(_user(r, key) for r in self.hdf5) for key in WRITER_LOSSES)
+
     def placed(self) -> int:
         return _user(self.stitch, "nFramesPlaced")
 
@@ -619,19 +623,12 @@ class Snapshot:
         index is in ``skip`` (silent: their last rate is stale)."""
         return sum(_user(r, "frameRate", 0.0) for i, r in enumerate(self.inference) if i not in skip)
 
-    def silent(self) -> dict[str, dict[int, float | None]]:
-        """Stage -> the indices of its status channels without an answer here (None: for how long
-        is not known); what :meth:`line` marks when it is not told (:meth:`Chain.silences`)."""
-        return {"inference": {i: None for i, r in enumerate(self.inference) if r is None},
-                "stitch": {0: None} if self.stitch is None else {},
-                "hdf5": {i: None for i, r in enumerate(self.hdf5) if r is None}}
-
-    def line(self, elapsed_s: float, cfg: LaunchConfig, silent: dict[str, dict[int, float | None]] | None = None) -> str:
+    def line(self, elapsed_s: float, cfg: LaunchConfig, silent: dict[str, dict[int, float]] | None = None) -> str:
         """The status line. A stage whose status channels (``silent``: stage -> channel index ->
-        seconds since it last answered; default: the channels without an answer here) did not
-        answer is marked so, with how long; its counts are what this snapshot holds (the watch's:
-        each channel's last answer, :meth:`merged`), not 0."""
-        silent = self.silent() if silent is None else silent
+        seconds since it last answered, :meth:`Chain.silences`; default: none) did not answer is
+        marked so, with how long; its counts are what this snapshot holds (the watch's: each
+        channel's last answer, :meth:`merged`), not 0."""
+        silent = silent or {}
         rate = self.frame_rate(skip=silent.get("inference", {}))
         bad = f", bad {self.bad()}" if self.bad() else ""
         mark = lambda stage, n: _silent_mark(silent.get(stage, {}), n)
@@ -650,15 +647,14 @@ class Snapshot:
         return " | ".join(parts)
 
 
-def _silent_mark(silent: dict[int, float | None], n: int) -> str:
+def _silent_mark(silent: dict[int, float], n: int) -> str:
     """How a stage of ``n`` status channels is marked on the status line when those in ``silent``
-    (index -> seconds since it last answered, None: not known) did not answer: " (silent 5 s)",
-    " (1 of 2 silent 5 s)" (the longest silence); "" when every one answered."""
+    (index -> seconds since it last answered) did not answer: " (silent 5 s)", " (1 of 2 silent
+    5 s)" (the longest silence); "" when every one answered."""
     if not silent:
         return ""
-    known = [s for s in silent.values() if s is not None]
     some = f"{len(silent)} of {n} " if len(silent) < n else ""
-    return f" ({some}silent{f' {max(known):.0f} s' if known else ''})"
+    return f" ({some}silent {max(silent.values()):.0f} s)"
 
 
 # ---------------------------------------------------------------- the chain
@@ -1202,8 +1198,7 @@ def _writer_losses(cfg: LaunchConfig, snap: Snapshot) -> list[str]:
     their failed HDF5 operations, naming their log (where each kind of error is logged); none
     when they lost nothing and nothing failed. Before, a full disk showed only "images written 1"
     and "frames lost 199"."""
-    counts = snap.writer_losses()
-    lost = sum(counts[key] for key in WRITER_LOSSES)
+    counts, lost = snap.writer_losses(), snap.writer_lost()
     if not lost and not counts["nWriteErrors"]:
         return []
     causes = [f"{counts[key]} {cause}" for key, cause in WRITER_LOSSES.items() if counts[key]]
@@ -1220,7 +1215,7 @@ def losses(cfg: LaunchConfig, snap: Snapshot, n_sent: int | None) -> list[str]:
     Any of them makes the exit status 1."""
     where = []
     lost = frames_lost(cfg, snap, n_sent)
-    by_writers = sum(v for k, v in snap.writer_losses().items() if k in WRITER_LOSSES)
+    by_writers = snap.writer_lost()
     if lost:
         why = ([f"{snap.dropped()} dropped by inference"] if snap.dropped() else []) \
             + ([f"{snap.bad()} refused by inference as bad"] if snap.bad() else []) \
