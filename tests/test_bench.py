@@ -1108,8 +1108,13 @@ def test_a_consumer_that_dies_during_a_point_is_named_in_its_error(tmp_path, mon
     told = "consumer exited during the point (code -9)" if n_consumers == 1 else "1 of 2 consumers exited during the point"
     assert r.error == f"{told}; log: {log}", r.error
     assert not r.sustained and "[error," in bench_pipeline.describe(r)
-    # a consumer known to be gone is not asked again (before: the dead one twice, 3 s each)
-    assert len(unanswered) == (0 if n_consumers == 1 else 1), unanswered
+    # a consumer known to be gone is not asked again (before: the dead one twice, 3 s each); of
+    # two, the dead one's one unanswered read is what told; a live one's read may time out once
+    # on a loaded machine too (seen), but no channel goes unanswered twice
+    if n_consumers == 1:
+        assert unanswered == [], unanswered
+    else:
+        assert unanswered and max(unanswered.count(c) for c in unanswered) == 1, unanswered
     if n_consumers == 1:  # no wait for outputs from a consumer that is gone
         assert r.n_received == 0 and r.wall_s - r.ready_s < 10, (r.wall_s, r.ready_s)
 
