@@ -131,7 +131,7 @@ class EngineOptions:
 @runtime_checkable
 class Engine(Protocol):
     name: str  # registry name, e.g. 'onnxruntime'
-    device: str  # where it runs, e.g. 'cpu' or 'cuda:0 (NVIDIA RTX A6000)'
+    device: str  # where it runs, e.g. 'cpu' or 'cuda:0 (NVIDIA RTX A6000)'; create_engine adds the CPU layout
     precision: str
     input_shape: tuple[int, int]  # (H, W) of one frame
     max_batch: int
@@ -183,6 +183,12 @@ def cpu_layout(threads: int = 0, workers: int = 0, consumers: int = 1, cores: in
     if not workers:
         workers = min(share, MAX_DEFAULT_WORKERS)
     return workers, max(1, share // workers)
+
+
+def cpu_layout_device(device: str, workers: int, threads: int) -> str:
+    """``device`` with the CPU layout it runs, e.g. ``"cpu (1 worker x 2 threads)"`` or
+    ``"cpu (2 workers x 1 thread)"``: what a consumer's statistics call its ``device``."""
+    return f"{device} ({workers} worker{'s' if workers != 1 else ''} x {threads} thread{'s' if threads != 1 else ''})"
 
 
 def default_cpu_threads() -> int:

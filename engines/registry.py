@@ -196,13 +196,18 @@ def _build(cls, options: EngineOptions) -> Engine:
     """``cls(options)``; on the CPU, the layout of :func:`~engines.base.cpu_layout`: with
     more than one worker, that many copies behind one :class:`~engines.workers.WorkerPool`
     (a GPU engine ignores the CPU layout, and a stand-in that computes no model, ``zero``,
-    runs as one: it stands for a GPU's inference cost, where there are no workers)."""
-    from .base import cpu_layout
+    runs as one: it stands for a GPU's inference cost, where there are no workers). An
+    engine that computes the model on the CPU says its layout in its ``device``, one
+    worker too: ``cpu (1 worker x 2 threads)``, ``cpu (2 workers x 1 thread)``."""
+    from .base import cpu_layout, cpu_layout_device
 
     workers, threads = cpu_layout(options.cpu_threads, options.cpu_workers, options.consumers)
     options = replace(options, cpu_threads=threads, cpu_workers=workers)
     engine = cls(options)
-    if workers <= 1 or engine.device != "cpu" or not cls.SPEC.computes_model:
+    if engine.device != "cpu" or not cls.SPEC.computes_model:
+        return engine
+    if workers <= 1:
+        engine.device = cpu_layout_device(engine.device, 1, threads)
         return engine
     # the copies run where the first one does: under device 'auto' an engine that fell back to
     # the CPU (ONNX Runtime's CUDA provider failing) would try the GPU again in each copy

@@ -27,7 +27,7 @@ import numpy as np
 
 from edge_ptychonn.thread_name import name_this_thread
 
-from .base import SlotRing, Ticket, check_batch
+from .base import SlotRing, Ticket, check_batch, cpu_layout_device
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +115,7 @@ class WorkerPool:
             self.input_shape = tuple(first.input_shape)
             self.max_batch = first.max_batch
             self.max_in_flight = len(engines)
-            threads = f"{threads_per_worker} thread{'s' if threads_per_worker != 1 else ''}"
-            self.device = f"{first.device} ({len(engines)} workers x {threads})"
+            self.device = cpu_layout_device(first.device, len(engines), threads_per_worker)
             for i, engine in enumerate(engines):
                 self._workers.append(_Worker(engine, i, self._finished))
         except BaseException:

@@ -38,7 +38,8 @@ Processor arguments (``--processor-args`` JSON; camelCase)
     maxPendingFrames (frames kept before the engine is ready, default 2000)
     cpuWorkers, cpuThreads (the engine's CPU layout: batches at once, each on its own copy of
     the engine, and threads per copy; 0: this consumer's share of the cores, cores / the
-    distributor group's size, as workers of one thread, at most 4; see engines.base.cpu_layout);
+    distributor group's size, as workers of one thread, at most 4; see engines.base.cpu_layout;
+    more workers x threads than the cores this process may run on is run as asked, with a warning at start);
     ioThreads ('batch' | 'unchanged'; default 'batch': pvAccess's receive and send threads run under Linux's
     SCHED_BATCH, so that waking up for each frame they do not preempt the inference thread; see
     edge_ptychonn/io_threads.py);
@@ -80,7 +81,8 @@ Statistics (status channel, ``userStats``)
     See :data:`STATS`: totals of frames received, published, dropped by reason,
     bad by kind, errors, queued, missed upstream, restarts, unaccounted (always 0),
     completeness; engine and frame rates and latency p50/p99 over the last 5 s;
-    the run-time settings (JSON), engine, device, ``model`` (the modelId now publishing) and
+    the run-time settings (JSON), engine, device (on the CPU with its layout, e.g. ``cpu (1 worker x
+    2 threads)``), ``model`` (the modelId now publishing) and
     ``batchRunner`` (the thread that runs the batches now: ``receive`` or ``inference``).
 Signals
     SIGTERM publishes what the consumer holds, then stops it like Ctrl-C
@@ -111,6 +113,7 @@ from edge_ptychonn.stream.pipeline import DROP_REASONS, InferencePipeline, Pipel
 from processors import shutdown
 from processors.base import StatsFromTable, calling_controller, restore_on_refusal
 from engines import EngineOptions, create_engine
+from engines.base import cpu_layout, usable_cores
 from engines.onnx_model import read_signature
 from engines.registry import check_name
 
@@ -204,6 +207,26 @@ def check_card(model_path, shape=None) -> None:
     if card_input_size(card) is None:
         return
     check_input_size(card, model_path, read_signature(model_path).input_shape if shape is None else shape)
+
+
+def cpu_oversubscription(config: ProcessorConfig, consumers: int, cores: int | None = None) -> str | None:
+    """What a ``cpuWorkers`` x ``cpuThreads`` layout costs when it needs more threads than the
+    ``cores`` this process may run on (default: its CPU affinity), as one warning; None when
+    they fit (the default layout always does). Not refused: it is the user's choice."""
+    cores = cores or usable_cores()
+    workers, threads = cpu_layout(config.cpu_threads, config.cpu_workers, consumers, cores)
+    if workers * threads <= cores:
+        return None
+    plural = lambda n, word: f"{n} {word}{'s' if n != 1 else ''}"
+    default = cpu_layout(0, 0, consumers, cores)
+    return (
+        f"cpuWorkers {config.cpu_workers} x cpuThreads {config.cpu_threads} run {plural(workers, 'worker')} x "
+        f"{plural(threads, 'thread')} = {workers * threads} inference threads on the {plural(cores, 'core')} this "
+        f"process may run on: the workers fight for the cores (each waits for a core while holding its batch, "
+        f"so frames/s does not rise and latency does, and PvaPy's receive and send threads wait too); the "
+        f"default (cpuWorkers 0, cpuThreads 0) would be {plural(default[0], 'worker')} x "
+        f"{plural(default[1], 'thread')} here. Running as asked"
+    )
 
 
 def data_consumer(frame):
@@ -328,7 +351,13 @@ class PtychoNNProcessor(StatsFromTable, AdImageProcessor):
 
     def _create_engine(self):
         c = self.pipeline.config
-        return create_engine(c.engine, self._engine_options(c.model_path, c.precision), self.logger)
+        engine = create_engine(c.engine, self._engine_options(c.model_path, c.precision), self.logger)
+        # the CPU layout matters only where the engine computes the model on the CPU
+        on_cpu = str(engine.device).startswith("cpu") and getattr(getattr(engine, "SPEC", None), "computes_model", True)
+        warning = cpu_oversubscription(c, self.group_size) if on_cpu else None
+        if warning:
+            self.logger.warning("%s", warning)
+        return engine
 
     def _engine_options(self, model_path, precision: str, consumers: int | None = None) -> EngineOptions:
         """``consumers``: the distributor group's size to lay the CPU out for (default: now)."""

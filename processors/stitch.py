@@ -60,10 +60,14 @@ attributes win over the file)
     names (``y,x``, ``uniqueId,x,y``, any order and case) says which column is which
     (:func:`edge_ptychonn.positions.read_text_table`).
     ``positionAttributes`` (default ``["PosY", "PosX"]``): NTNDArray attributes
-    holding y and x, times ``positionScale`` (e.g. 1 / pixel size in m).
+    holding y and x, times ``positionScale`` (e.g. 1 / pixel size in m), plus
+    ``positionOrigin`` ``[y0, x0]`` (default ``[0, 0]``: the object pixel of position
+    (0, 0), as ``edge-ptychonn finetune --origin``): ``corner = value * positionScale
+    + positionOrigin``.
     ``positionChannels`` ``[yChannel, xChannel]``: two of the collector's
     ``--metadata-channels`` (PvaPy delivers their updates, ``value`` and
-    ``timeStamp``, to ``metadataQueueMap``), times ``positionScale``. A frame
+    ``timeStamp``, to ``metadataQueueMap``), times ``positionScale``, plus
+    ``positionOrigin``, as the attributes. A frame
     takes the update of each channel whose time stamp plus
     ``metadataTimeOffset`` lies within ``metadataTolerance`` seconds of the
     frame's ``timeStamp`` (the inference consumers keep the detector frame's),
@@ -97,7 +101,7 @@ Scans
     never wait for the disk; the ``process()`` call whose frame finishes a scan
     saves it itself (in ``stitchTimeUs``).
 Processor arguments (``--processor-args`` JSON) -- see :data:`StitchProcessor.ARGS`
-    positionsFile, firstUniqueId (1), positionAttributes, positionScale (1.0),
+    positionsFile, firstUniqueId (1), positionAttributes, positionScale (1.0), positionOrigin ([0, 0]),
     positionChannels, metadataMatch ("timeStamp"), metadataTolerance (s, 0.001),
     metadataTimeOffset (s, 0), metadataWait (s, 2.0),
     objectShape [H, W] (required without a positionsFile), weightFile,
@@ -355,6 +359,7 @@ class StitchSettings:
     first_unique_id: int = 1
     position_attributes: tuple[str, str] = ("PosY", "PosX")
     position_scale: float = 1.0
+    position_origin: tuple[float, float] = (0.0, 0.0)  # object pixel (y, x) of position (0, 0)
     object_shape: tuple[int, int] | None = None
     weight_file: Path | None = None
     probe_threshold: float = 0.1
@@ -406,6 +411,16 @@ def _nonzero(value):
     if v == 0:
         raise ValueError(f"must be a non-zero number, got {value!r}")
     return v
+
+
+def _number_pair(value) -> tuple[float, float]:
+    """A list of two finite numbers, as a tuple of floats."""
+    try:
+        if not isinstance(value, (list, tuple)) or len(value) != 2:
+            raise ValueError
+        return number()(value[0]), number()(value[1])
+    except ValueError:
+        raise ValueError(f"must be a list of two finite numbers, got {short_repr(value)}") from None
 
 
 # ---------------------------------------------------------------- one scan
@@ -488,6 +503,7 @@ class StitchProcessor(ProcessorBase):
         "firstUniqueId": ("first_unique_id", integer(0)),
         "positionAttributes": ("position_attributes", text_list(2)),
         "positionScale": ("position_scale", _nonzero),
+        "positionOrigin": ("position_origin", _number_pair),
         "objectShape": ("object_shape", optional(int_pair(1))),
         "weightFile": ("weight_file", optional(path())),
         "probeThreshold": ("probe_threshold", number(0, 1)),
@@ -556,9 +572,14 @@ class StitchProcessor(ProcessorBase):
         ny, nx = self.settings.position_attributes
         y, x = attribute_value(attributes, ny), attribute_value(attributes, nx)
         if y is not None and x is not None:
-            k = self.settings.position_scale
-            return y * k, x * k
+            return self._to_object_pixels(y, x)
         return None
+
+    def _to_object_pixels(self, y: float, x: float) -> tuple[float, float]:
+        """A position of the attributes or the metadata channels in object pixels:
+        ``value * positionScale + positionOrigin`` (finetune's ``position / pixel_size + origin``)."""
+        k, (y0, x0) = self.settings.position_scale, self.settings.position_origin
+        return y * k + y0, x * k + x0
 
     def _table_position(self, unique_id: int) -> tuple[float, float] | None:
         return self.table.positions.get(unique_id) if self.table is not None else None
@@ -593,8 +614,7 @@ class StitchProcessor(ProcessorBase):
         found = self.metadata.lookup(key)
         if found is None:
             return None
-        k = self.settings.position_scale
-        return found[0] * k, found[1] * k
+        return self._to_object_pixels(found[0], found[1])
 
     def _retry_waiting_locked(self, final: bool = False) -> None:
         """Place the waiting frames whose metadata came; give up on those that waited

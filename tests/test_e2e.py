@@ -14,7 +14,7 @@ import pytest
 
 from edge_ptychonn.tools.processes import OutputCollector, consumer_argv, sim_server_argv, start, tool_path, wait_status
 from engines import EngineOptions, create_engine
-from engines.base import cpu_layout
+from engines.base import cpu_layout, cpu_layout_device
 from channel_names import PREFIX
 
 pytestmark = pytest.mark.e2e
@@ -83,7 +83,7 @@ def test_two_consumers_publish_every_frame_once(pva_env, procs, small_model, tmp
     assert {u["engine"] for u in user} == {"onnxruntime"}
     # two consumers of one distributor group share the cores (cpuThreads 1: workers fill each one's share)
     workers = cpu_layout(1, 0, consumers=2)[0]
-    assert {u["device"] for u in user} == {"cpu" if workers == 1 else f"cpu ({workers} workers x 1 thread)"}
+    assert {u["device"] for u in user} == {cpu_layout_device("cpu", workers, 1)}
 
 
 def test_bad_frames_over_pvapy_are_counted_and_good_ones_follow(pva_env, procs, small_model, tmp_path):

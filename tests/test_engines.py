@@ -8,8 +8,14 @@ import pytest
 
 from edge_ptychonn import devices
 from engines import ENGINE_NAMES, EngineOptions, EngineUnavailable, available_engines, create_engine, registry
-from engines.base import PRECISIONS, Engine, SlotRing
+from engines.base import PRECISIONS, Engine, SlotRing, cpu_layout, cpu_layout_device
 from engines.onnx_model import read_signature
+
+
+def one_worker() -> str:
+    """The ``device`` of a CPU engine made with the default options (one worker, its threads
+    filling the cores)."""
+    return cpu_layout_device("cpu", 1, cpu_layout(workers=1)[1])
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +87,7 @@ def test_registry_names_and_auto(small_model, monkeypatch):
     # a CPU without native bf16, no GPU: ONNX Runtime fp32
     monkeypatch.setattr(devices, "cpu_flags", lambda: frozenset({"avx2"}))
     engine = create_engine("auto", EngineOptions(small_model, device="cpu", precision="auto"))
-    assert (engine.name, engine.device, engine.precision) == ("onnxruntime", "cpu", "fp32")
+    assert (engine.name, engine.device, engine.precision) == ("onnxruntime", one_worker(), "fp32")
     # an explicit fp32 keeps fp32 everywhere
     engine = create_engine("auto", EngineOptions(small_model, device="cpu"))
     assert (engine.name, engine.precision) == ("onnxruntime", "fp32")
@@ -95,7 +101,7 @@ def test_auto_prefers_native_bf16_on_the_cpu_and_says_why(small_model, monkeypat
     assert "rank 1.55" in choice.reason and "tensorrt" not in choice.reason  # device cpu: GPUs not considered
     with caplog.at_level("INFO", logger="engines.registry"):
         engine = create_engine("auto", EngineOptions(small_model, device="auto", precision="auto"))
-    assert (engine.name, engine.precision, engine.device) == ("torch", "bf16", "cpu")
+    assert (engine.name, engine.precision, engine.device) == ("torch", "bf16", one_worker())
     text = caplog.text
     assert "engine 'auto' chose torch bf16 on the CPU" in text
     assert "tensorrt (tensorrt, pycuda not installed)" in text or "tensorrt on a GPU" in text
@@ -410,7 +416,7 @@ def test_onnxruntime_never_reports_a_gpu_it_fell_back_from(small_model, monkeypa
         with pytest.raises(EngineUnavailable, match="could not start its CUDA provider for cuda:0"):
             create_engine("onnxruntime", EngineOptions(small_model, device="cuda", max_batch=2))
         engine = create_engine("onnxruntime", EngineOptions(small_model, device="auto", max_batch=2))
-    assert engine.device == "cpu" and engine._session.get_providers() == ["CPUExecutionProvider"]
+    assert engine.device == one_worker() and engine._session.get_providers() == ["CPUExecutionProvider"]
 
 
 def test_the_torch_engine_publishes_the_phase_of_a_graph_that_lists_the_amplitude_first(tmp_path):
@@ -573,7 +579,7 @@ def test_a_gpu_the_torch_engine_cannot_start_on_is_unavailable_and_auto_goes_on(
     with caplog.at_level(logging.INFO, logger="engines.registry"):
         engine = create_engine("auto", EngineOptions(small_model, precision="auto", max_batch=2, cpu_threads=1,
                                                      cpu_workers=1))
-    assert engine.device == "cpu"
+    assert engine.device == "cpu (1 worker x 1 thread)"
     assert "engine 'auto' chose torch fp16 on a GPU" in caplog.text and "torch fp16 cannot start" in caplog.text
     # the next candidate, torch on the CPU, runs on the CPU (before: device 'auto' sent it to the full GPU again)
     assert caplog.text.count("cannot start") == 1 and engine.name == "torch"
@@ -600,7 +606,7 @@ def test_auto_runs_a_cpu_choice_on_the_cpu_where_its_engine_sees_a_gpu(small_mod
         engine = create_engine("auto", EngineOptions(small_model, precision="auto", max_batch=2, cpu_threads=1,
                                                      cpu_workers=1))
     assert "engine 'auto' chose onnxruntime fp32 on the CPU" in caplog.text
-    assert (engine.name, engine.device) == ("onnxruntime", "cpu")
+    assert (engine.name, engine.device) == ("onnxruntime", "cpu (1 worker x 1 thread)")
     assert asked == [["CPUExecutionProvider"]] and "CUDA provider" not in caplog.text
     engine.close()
 

@@ -21,7 +21,7 @@ import pytest
 from edge_ptychonn.tools.processes import (
     OutputCollector, consumer_argv, read_status, sim_server_argv, start, tool_path, wait_status, wait_until,
 )
-from engines.base import cpu_layout
+from engines.base import cpu_layout, cpu_layout_device
 from channel_names import PREFIX
 
 START_DELAY_S = 6.0  # the consumer and the test's monitor connect before frames flow (1-4 s after start)
@@ -154,7 +154,7 @@ def test_models_swap_halfway_through_a_scan_without_a_restart(pva_env, procs, sm
     assert f"model switched from {id_a} to {id_b}" in consumer.log()
     # a consumer alone takes the cores as workers (cpuThreads 1); the new model's engine is the same layout
     workers = cpu_layout(1, 0, consumers=1)[0]
-    assert user["device"] == ("cpu" if workers == 1 else f"cpu ({workers} workers x 1 thread)")
+    assert user["device"] == cpu_layout_device("cpu", workers, 1)
 
     # no pause at the switch beyond a batch: the gaps between outputs there, against the rest
     arrival = np.array([r.arrival_s for r in out])

@@ -10,6 +10,7 @@ from pvapy.hpc.adImageProcessor import AdImageProcessor
 from pvapy.hpc.dataProcessingController import DataProcessingController
 from pvapy.utility.adImageUtility import AdImageUtility
 
+from engines.base import cpu_layout, cpu_layout_device
 from frames_util import good_frame
 from processors.ptychonn import STATS, InferPtychoNNImageProcessor, PtychoNNProcessor
 
@@ -70,7 +71,9 @@ def test_processor_runs_frames_and_reports(small_model, rng):
     stats = processor.getStats()
     assert (stats["nFramesReceived"], stats["nFramesProcessed"], stats["nDroppedStopping"]) == (7, 6, 1)
     assert stats["nFramesUnaccounted"] == 0
-    assert stats["engine"] == "onnxruntime" and stats["device"] == "cpu" and stats["precision"] == "fp32"
+    # two consumers in the distributor group (FRAMEWORK): this one's share of the cores, its layout stated
+    assert stats["engine"] == "onnxruntime" and stats["precision"] == "fp32"
+    assert stats["device"] == cpu_layout_device("cpu", *cpu_layout(consumers=2))
     with pytest.raises(ValueError, match="cannot change batchSize"):
         processor.configure({"batchSize": 2})
     processor.configure({"batchTimeout": 1.5, "skipInitialUpdates": 0})

@@ -196,6 +196,38 @@ def test_positions_from_attributes_win_over_the_file(tmp_path, rng):
         StitchProcessor({**FRAMEWORK})
 
 
+def test_positions_from_attributes_take_an_origin_as_finetune_does(tmp_path, rng):
+    """Motor positions in physical units about a centre: ``value * positionScale +
+    positionOrigin`` gives the patch's corner in object pixels, as ``edge-ptychonn finetune``'s
+    ``position / pixel_size + origin`` (before: a scale only, so positions about a centre,
+    negative ones among them, could not be placed)."""
+    from edge_ptychonn.science.finetune import to_object_pixels
+
+    patches, corners, _ = small_scan(rng, n=8)
+    pixel_m, origin = 1e-8, (12.0, 16.0)
+    motors = (corners - np.array(origin)) * pixel_m  # metres about the object pixel (12, 16)
+    assert (motors < 0).any()
+    np.testing.assert_array_equal(  # finetune maps the same positions to the same corners
+        to_object_pixels(motors, size=PATCH, object_shape=(40, 48), pixel_size=pixel_m, origin=origin), corners)
+    p = make({"objectShape": [40, 48], "positionScale": 1 / pixel_m, "positionOrigin": list(origin)})
+    for k in range(8):
+        p.process(attributed_frame(k + 1, patches[k], motors[k]))
+    assert p.getStats()["nFramesPlaced"] == 8 and p.getStats()["nFramesOutside"] == 0
+    image, _ = p.image()
+    np.testing.assert_allclose(image, offline(patches, corners, (40, 48), None).image(), atol=1e-6)
+    assert p.position_of(1, attributed_frame(1, patches[0], (0.0, -1e-8))["attribute"]) == pytest.approx((12.0, 15.0))
+    # the metadata channels' values too, as their scale
+    p = make({"objectShape": [40, 48], "positionChannels": ["scan:y", "scan:x"], "metadataMatch": "uniqueId",
+              "positionScale": 1 / pixel_m, "positionOrigin": list(origin)})
+    p.metadata.add("scan:y", 7, -2e-8)
+    p.metadata.add("scan:x", 7, 3e-8)
+    assert p._metadata_position_locked(7) == pytest.approx((10.0, 19.0))
+    assert make({"objectShape": [40, 48]}).settings.position_origin == (0.0, 0.0)  # the default: none
+    for bad in ([1.0], [0, float("nan")], "0 0", [True, 0]):
+        with pytest.raises(ValueError, match="positionOrigin must be a list of two finite numbers"):
+            make({"objectShape": [40, 48], "positionOrigin": bad})
+
+
 def test_a_restart_or_a_command_starts_a_new_image(tmp_path, rng):
     patches, positions, probe = small_scan(rng, n=10)
     publisher = Publisher()

@@ -475,7 +475,7 @@ def test_auto_falls_back_when_tensorrt_cannot_start(gpu10, small_model, tmp_path
     gpu10.trt.fail_next_build = True
     with caplog.at_level(logging.INFO, logger="engines.registry"):
         engine = create_engine("auto", EngineOptions(small_model, precision="auto", plan_cache_dir=tmp_path / "p"))
-    assert engine.name != "tensorrt" and engine.device == "cpu"
+    assert engine.name != "tensorrt" and engine.device.startswith("cpu (1 worker x ")
     assert "tensorrt fp16 cannot start" in caplog.text
 
 
@@ -661,17 +661,17 @@ def test_a_gpu_that_refuses_a_context_memory_or_an_execution_context_is_unavaila
     monkeypatch.setattr(driver.Device, "retain_primary_context", busy)
     with pytest.raises(EngineUnavailable, match="CUDA cannot start on cuda:0: LogicError: .*busy"):
         make(small_model, tmp_path)
-    assert create_engine("auto", EngineOptions(small_model, **options)).device == "cpu"
+    assert create_engine("auto", EngineOptions(small_model, **options)).device == "cpu (1 worker x 1 thread)"
     monkeypatch.setattr(driver.Device, "retain_primary_context", retain)
     monkeypatch.setattr(driver, "mem_alloc", full)
     with pytest.raises(EngineUnavailable, match="CUDA failed on cuda:0: .*out of memory"):
         make(small_model, tmp_path)
-    assert create_engine("auto", EngineOptions(small_model, **options)).device == "cpu"
+    assert create_engine("auto", EngineOptions(small_model, **options)).device == "cpu (1 worker x 1 thread)"
     monkeypatch.setattr(driver, "mem_alloc", alloc)
     monkeypatch.setattr(gpu10.trt.ICudaEngine, "create_execution_context", lambda self: None)
     with pytest.raises(EngineUnavailable, match="could not create an execution context"):
         make(small_model, tmp_path)
-    assert create_engine("auto", EngineOptions(small_model, **options)).device == "cpu"
+    assert create_engine("auto", EngineOptions(small_model, **options)).device == "cpu (1 worker x 1 thread)"
 
 
 # -- a plan cache this process may read but not write ----------------------------------------------
@@ -793,7 +793,7 @@ def test_a_plan_tensorrt_will_not_run_is_unavailable_and_auto_goes_on(gpu10, sma
     assert gpu10.cuda.stack() == []
     engine = create_engine("auto", EngineOptions(small_model, precision="auto", plan_cache_dir=tmp_path / "plans",
                                                  cpu_threads=1, cpu_workers=1))
-    assert engine.device == "cpu"
+    assert engine.device == "cpu (1 worker x 1 thread)"
 
 
 def test_a_driver_that_cannot_start_is_unavailable(gpu10, small_model, tmp_path, monkeypatch):
@@ -852,7 +852,7 @@ def test_a_cuda_error_in_the_cleanup_after_a_failed_start_keeps_the_first_error(
     assert gpu10.cuda.stack() == []
     engine = create_engine("auto", EngineOptions(small_model, precision="auto", plan_cache_dir=tmp_path / "plans",
                                                  cpu_threads=1, cpu_workers=1))
-    assert engine.device == "cpu"
+    assert engine.device == "cpu (1 worker x 1 thread)"
     engine.close()
 
 

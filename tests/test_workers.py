@@ -161,7 +161,7 @@ def test_the_layout_shares_the_cores_this_process_may_run_on(small_model, monkey
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3}, raising=False)
     assert cpu_layout() == (1, 1) and cpu_layout(consumers=2) == (1, 1)
     engine = create_engine("onnxruntime", EngineOptions(small_model, max_batch=4, cpu_workers=0))
-    assert not isinstance(engine, WorkerPool) and engine.device == "cpu"
+    assert not isinstance(engine, WorkerPool) and engine.device == "cpu (1 worker x 1 thread)"
     engine.close()
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
     assert cpu_layout() == (4, 2) and cpu_layout(consumers=4) == (2, 1)
@@ -202,7 +202,7 @@ def _model_inputs(pipeline, images):
 @pytest.mark.parametrize("offset, n_sequential, layout", [
     (1, 1, "cpu (4 workers x 1 thread)"),  # a consumer alone has all 4 cores
     (9, 8, "cpu (2 workers x 1 thread)"),  # two consumers of 8 updates each share them
-    (25, 8, "cpu"),  # four consumers: one core each
+    (25, 8, "cpu (1 worker x 1 thread)"),  # four consumers: one core each (before: plain "cpu")
 ])
 def test_the_processor_shares_the_cores_among_its_distributor_group(small_model, monkeypatch, offset, n_sequential,
                                                                     layout):
@@ -217,6 +217,64 @@ def test_the_processor_shares_the_cores_among_its_distributor_group(small_model,
     processor.start()
     try:
         assert processor.getStats()["device"] == layout
+    finally:
+        processor.stop()
+
+
+def test_one_worker_states_its_threads_as_several_workers_do(small_model, monkeypatch):
+    """The statistics' ``device`` gave the layout of several workers (``cpu (2 workers x 1
+    thread)``) but read plain ``cpu`` for one worker, whatever its threads."""
+    import os
+
+    from processors.ptychonn import PtychoNNProcessor
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    processor = PtychoNNProcessor({"processorId": 1, "modelPath": str(small_model), "engine": "onnxruntime",
+                                   "batchSize": 4, "cpuWorkers": 1, "cpuThreads": 2})
+    processor.start()
+    try:
+        assert processor.getStats()["device"] == "cpu (1 worker x 2 threads)"
+    finally:
+        processor.stop()
+    # the zero-cost engine computes nothing and runs no layout: plain "cpu"
+    processor = PtychoNNProcessor({"processorId": 1, "modelPath": str(small_model), "engine": "zero"})
+    processor.start()
+    try:
+        assert processor.getStats()["device"] == "cpu"
+    finally:
+        processor.stop()
+
+
+@pytest.mark.parametrize("args, warned", [
+    ({"cpuWorkers": 3, "cpuThreads": 1}, "cpuWorkers 3 x cpuThreads 1 run 3 workers x 1 thread = 3 inference threads"),
+    ({"cpuWorkers": 0, "cpuThreads": 4}, "cpuWorkers 0 x cpuThreads 4 run 1 worker x 4 threads = 4 inference threads"),
+    ({"cpuWorkers": 2, "cpuThreads": 1}, None),  # fits the 2 cores
+    ({}, None),  # the default always fits
+])
+def test_a_layout_beyond_the_cores_is_run_with_one_warning_at_start(small_model, monkeypatch, caplog, args, warned):
+    """cpuWorkers x cpuThreads above the cores this process may run on (its CPU affinity) was
+    taken without a word: now one warning says what it costs and what the default would be."""
+    import logging
+    import os
+
+    from processors.ptychonn import PtychoNNProcessor
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)  # the host's cores: not what the process may use
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    processor = PtychoNNProcessor({"processorId": 1, "modelPath": str(small_model), "engine": "onnxruntime",
+                                   "batchSize": 4, **args})
+    with caplog.at_level(logging.WARNING, logger=processor.logger.name):
+        processor.start()
+    try:
+        warnings = [r.getMessage() for r in caplog.records if "cpuWorkers" in r.getMessage()]
+        if warned is None:
+            assert warnings == []
+            return
+        assert len(warnings) == 1 and warnings[0].startswith(warned), warnings
+        assert "on the 2 cores this process may run on: the workers fight for the cores" in warnings[0]
+        assert "the default (cpuWorkers 0, cpuThreads 0) would be 2 workers x 1 thread here" in warnings[0]
+        assert "Running as asked" in warnings[0]
+        assert processor.getStats()["nFramesUnaccounted"] == 0  # not refused: it runs
     finally:
         processor.stop()
 
