@@ -85,7 +85,8 @@ Outputs
     fine-tuning record, held-out scores before and after), ``<out>.md`` (the
     card for people) and ``<out>.pt`` (weights). Held-out scores run both
     models through the ONNX Runtime engine: the median per-patch phase RMSE and
-    the SSIM/RMSE of the held-out patches stitched against the reconstruction.
+    the SSIM/RMSE of the held-out patches stitched against the reconstruction (its phase measured
+    from its floor, so that its arbitrary constant does not change the SSIM).
     Put the result live with ``edge-ptychonn configure`` (``modelPath``) or by
     restarting the consumers with ``"modelPath": "<out>.onnx"``. An existing model
     of that name (its four files) is replaced, as ``train --out`` replaces one:
@@ -618,13 +619,27 @@ def sign_flipped(before: dict) -> bool:
     return flipped is not None and flipped < 0.5 * before["patch_rmse_median_rad"]
 
 
+FLOOR_PERCENTILE = 1.0
+
+
+def phase_floor(object_phase: np.ndarray, mask: np.ndarray) -> float:
+    """The reconstruction's phase that the stitched scores take as zero: its :data:`FLOOR_PERCENTILE`
+    percentile over ``mask`` (0 where the mask is empty). SSIM's brightness term reads absolute
+    levels, and a reconstruction's absolute phase is its code's arbitrary choice: measured from its
+    lowest phase, as the simulated truth that ``evaluate`` scores against (an empty object reads
+    0 rad), the same reconstruction shifted by any constant scores the same."""
+    values = object_phase[mask]
+    return float(np.percentile(values, FLOOR_PERCENTILE)) if values.size else 0.0
+
+
 def held_out_scores(model_path: Path, frames: np.ndarray, pp: PreprocessConfig, targets: np.ndarray,
                     corners: np.ndarray, object_phase: np.ndarray, weight: np.ndarray, stitch: StitchSettings,
                     threads: int, lead_in: np.ndarray | None = None, conjugate: bool = False) -> dict:
     """Scores of ``model_path`` (ONNX Runtime) on the held-out frames against the reconstruction's patches:
     ``mean_abs_error_rad`` (over the bright centre, one constant for the held-out frames removed: the
     training loss; a reconstruction's absolute phase is its code's arbitrary choice), per-patch RMSE
-    (each patch's own offset removed), and SSIM/RMSE of the held-out patches stitched (one offset removed).
+    (each patch's own offset removed), and SSIM/RMSE of the held-out patches stitched (one offset removed;
+    the reconstruction's phase measured from its floor, :func:`phase_floor`).
     ``lead_in``: the frames of the scan just before the held-out ones; with ``normalize: "running"`` the
     running mean has counted them first, as a consumer that received the scan in order had."""
     from edge_ptychonn.science import accuracy
@@ -643,8 +658,9 @@ def held_out_scores(model_path: Path, frames: np.ndarray, pp: PreprocessConfig, 
         engine.close()
     st = Stitcher(object_phase.shape, targets.shape[1:], weight=weight)
     st.add_many(predicted, corners)
+    covered = st.covered(stitch.min_cover_weight)
     try:  # a held-out block too small to score stitched (no pixel, or none the SSIM window fits) has no such scores
-        stitched = score_phase(st.image(), object_phase, st.covered(stitch.min_cover_weight))
+        stitched = score_phase(st.image(), object_phase - phase_floor(object_phase, covered), covered)
     except ValueError:
         stitched = {}
     bright = weight > 0
