@@ -148,12 +148,16 @@ def test_missing_codec_package_is_counted(small_model, rng, monkeypatch, codec):
     assert pipeline.stats.bad["codec"] == 1
 
 
-def test_frames_before_start_are_kept_up_to_the_bound(small_model, rng):
-    pipeline, published, factory = make_pipeline(small_model, maxPendingFrames=5, batchSize=4)
+@RUNNERS
+def test_frames_before_start_are_kept_up_to_the_bound(small_model, rng, runner):
+    """Kept, then published once the engine runs, though no frame comes after: with batchRunner
+    receive too, whose full batch the inference thread takes once no frame came for HANDOVER_S."""
+    pipeline, published, factory = make_pipeline(small_model, maxPendingFrames=5, batchSize=4, batchRunner=runner)
     for i, img in enumerate(frames(rng, 7)):
         pipeline.submit(good_frame(i + 1, img))
     assert pipeline.stats.dropped["notReady"] == 2 and pipeline.queued_frames == 5
     pipeline.start(factory)
+    assert pipeline.batch_runner == {"thread": "inference", "receive": "receive"}[runner]
     assert published.wait(5) == 5
     pipeline.stop()
     assert [p[0] for p in published] == [1, 2, 3, 4, 5]

@@ -362,7 +362,11 @@ class InferencePipeline:
             self._thread = threading.Thread(target=self._run, name="ptychonn-infer", daemon=True)
             self._thread.start()
             self._feed_pending()  # as many as the buffers take; the rest as buffers come free
-            self._call_inference_thread()  # the batches made of frames kept before the engine was ready
+            # The inference thread needs no call: it looks at the queue (the batches made of frames
+            # kept before the engine was ready, the partial one's timeout) as soon as this lock is
+            # free. A call made it take the work lock for nothing when it first ran; a frame that
+            # filled a batch then found the lock taken, and with batchRunner receive its batch
+            # waited for the next frame (or HANDOVER_S).
         self.log.info(
             "engine %s on %s (%s), input %dx%d, batch %d, model %s; batches run in the %s thread (batchRunner %s)",
             engine.name, engine.device, engine.precision, *engine.input_shape, self.config.batch_size, model_id,
