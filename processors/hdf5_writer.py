@@ -767,7 +767,7 @@ class Hdf5WriterProcessor(ProcessorBase):
             pass
         thread.join(EXIT_WAIT_S)
         if thread.is_alive():
-            self.logger.error("the HDF5 writer did not finish within %.0f s more at exit: the process ends without "
+            self.logger.error("the HDF5 writer did not finish within %g s more at exit: the process ends without "
                               "closing %s (read it with swmr=True)", EXIT_WAIT_S, self.current and self.current.path)
             _exit_keeping_unclosed()
 
@@ -791,7 +791,7 @@ class Hdf5WriterProcessor(ProcessorBase):
             if self._put(_STOP, STOP_TIMEOUT_S):
                 thread.join(max(0.0, deadline - time.monotonic()))
             if thread.is_alive():
-                self.logger.error("the HDF5 writer did not finish within %.0f s; %s may lack its last frames",
+                self.logger.error("the HDF5 writer did not finish within %g s; %s may lack its last frames",
                                   STOP_TIMEOUT_S, self.current and self.current.path)
         left = self._drain()  # what the writer did not take will not be written
         if thread is not None and thread.is_alive():
