@@ -182,6 +182,9 @@ class ProcessorBase(StatsFromTable, AdImageProcessor):
     ARGS: ClassVar[ArgTable] = {}
     SETTINGS: ClassVar[type | None] = None
     RUNTIME_KEYS: ClassVar[tuple[str, ...]] = ()
+    # float frames with NaN or infinite pixels are bad frames (``nonfinite``), as for a
+    # model's input; a processor that only records pixels sets False and takes them as they are
+    FINITE_FRAMES: ClassVar[bool] = True
 
     def __init__(self, configDict: dict | None = None):
         super().__init__(configDict or {})
@@ -224,7 +227,7 @@ class ProcessorBase(StatsFromTable, AdImageProcessor):
         thread's state (:func:`edge_ptychonn.callbacks.keep_thread_state`)."""
         keep_thread_state()
         try:
-            return decode(pvObject)
+            return decode(pvObject, finite=self.FINITE_FRAMES)
         except NotAFrame:
             keys = ("empty",)
         except BadFrame as exc:

@@ -19,7 +19,9 @@ Input
     phase from ``PtychoNNProcessor``), with ``uniqueId``, ``timeStamp``,
     ``dataTimeStamp`` and attributes (the position attributes, and the string
     ``modelId`` that ``PtychoNNProcessor`` puts on each output). Frames with no
-    image data (the empty record a monitor gets on connect) are ignored.
+    image data (the empty record a monitor gets on connect) are ignored. Float
+    pixels are written as they are, NaN and infinite ones too (a detector's masked
+    pixels): the inference consumers refuse such frames, a recorder does not.
 Output
     No channel. Files ``<outputDirectory>/<fileNameFormat>``, one per consumer
     (``processorId``) and scan (an existing file is never replaced: the new one
@@ -111,8 +113,8 @@ Statistics (status channel ``userStats``) -- see :data:`STATS`
     differs from the current file's; also in ``nBadFrames``). All are read under
     one lock, so ``nFramesUnaccounted`` (received minus the five) is always 0.
     Also: ``nBadFrames`` (undecodable or wrong shape; the undecodable by kind: ``nBadShape``,
-    ``nBadColour``, ``nBadEmpty``, ``nBadDtype``, ``nBadCodec``, ``nBadMalformed``,
-    ``nBadNonfinite``), ``nEmptyFrames``,
+    ``nBadColour``, ``nBadEmpty``, ``nBadDtype``, ``nBadCodec``, ``nBadMalformed``; the
+    inference consumer's ``nBadNonfinite`` is always 0 here: such frames are written), ``nEmptyFrames``,
     ``nFilesWritten`` (files closed without error, one cut back after a write
     error included), ``nWriteErrors``, ``writeRate`` (frames appended per second),
     ``writeTimeUs`` (per frame appended), ``currentFile``, ``settings`` (JSON of the settings
@@ -448,6 +450,7 @@ class Hdf5WriterProcessor(ProcessorBase):
     SETTINGS = Hdf5Settings
     STATS = STATS
     RUNTIME_KEYS = ("flushPeriod", "newScan")
+    FINITE_FRAMES = False  # a recorder: NaN and infinite float pixels are written as they are
 
     def __init__(self, configDict: dict | None = None):
         super().__init__(configDict)

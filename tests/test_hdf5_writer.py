@@ -644,6 +644,28 @@ def test_undecodable_frames_are_counted_by_kind(tmp_path, caplog):
     assert p.getStats()["nBadColour"] == p.getStats()["nBadDtype"] == 0
 
 
+def test_float_frames_with_nan_or_infinite_pixels_are_written_as_they_are(tmp_path):
+    """A detector's float frames that mark dead or masked pixels NaN (module gaps), and double
+    frames beyond float32's range, were refused as bad frames (nBadNonfinite), the check
+    meant for a model's input: the writer, which runs no model, recorded none of them and
+    the file of a whole scan was missing. Now they are written, pixel for pixel."""
+    masked = np.arange(48, dtype=np.float32).reshape(6, 8)
+    masked[0, :] = np.nan
+    masked[1, 2] = np.inf
+    huge = np.full((6, 8), 1e300, np.float64)
+    huge[2, 3] = -np.inf
+    for image in (masked, huge):
+        out = tmp_path / str(image.dtype)
+        p = Hdf5WriterProcessor({**FRAMEWORK, "outputDirectory": str(out)})
+        run(p, [good_frame(uid, image) for uid in (1, 2, 3)])
+        st = accounted(p)
+        assert (st["nFramesWritten"], st["nBadFrames"], st["nBadNonfinite"]) == (3, 0, 0), st
+        [file] = p.files
+        with h5py.File(file, "r") as f:
+            assert f["data"].dtype == image.dtype and f["uniqueId"][:].tolist() == [1, 2, 3]
+            np.testing.assert_array_equal(f["data"][:], np.stack([image] * 3))  # NaN where NaN
+
+
 _UNCLOSABLE_SCRIPT = r"""
 import logging, os, subprocess, sys, time
 import numpy as np

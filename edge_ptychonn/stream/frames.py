@@ -12,7 +12,8 @@ pixel spreads through the network's convolutions over most of the output. So are
 double frames with pixels beyond float32's range (|x| > 3.4e38), which would be
 infinite in the model's float32 input; the pipeline counts as the same kind a
 frame whose pixels binning, normalisation or scaling take beyond that range
-(seen only once a batch is preprocessed: ``Batch.prepare``).
+(seen only once a batch is preprocessed: ``Batch.prepare``). A caller that runs no
+model on the pixels (a recorder) passes ``finite=False`` and gets such frames as they are.
 
 :class:`FrameEncoder` turns a float32 result image and the input's metadata into
 an NTNDArray ready for ``updateOutputChannel``. It reuses one PvObject: the PVA
@@ -82,16 +83,18 @@ def _color_mode(attributes: list) -> int | None:
     return None
 
 
-def decode(pv: pva.PvObject, received_s: float | None = None) -> tuple[FrameMeta, np.ndarray]:
+def decode(pv: pva.PvObject, received_s: float | None = None, finite: bool = True) -> tuple[FrameMeta, np.ndarray]:
     """One NTNDArray -> (metadata, 2-D image). Raises BadFrame (with the frame's
-    uniqueId where it has one, which its message then names) or NotAFrame."""
+    uniqueId where it has one, which its message then names) or NotAFrame.
+    ``finite``: float pixels must be finite and within float32's range (a model's input),
+    else ``BadFrame("nonfinite")``; False takes them as they are (a recorder)."""
     received_s = time.perf_counter() if received_s is None else received_s
     try:
         unique_id = int(_typed(pv, "uniqueId", pv.getInt))
     except (AttributeError, KeyError, TypeError, ValueError, OverflowError, pva.FieldNotFound) as exc:
         raise BadFrame("malformed", f"not an NTNDArray: {exc}") from exc  # OverflowError: an infinite double id
     try:
-        return _decode(pv, unique_id, received_s)
+        return _decode(pv, unique_id, received_s, finite)
     except BadFrame as bad:
         bad.unique_id = unique_id
         raise
@@ -101,7 +104,7 @@ def decode(pv: pva.PvObject, received_s: float | None = None) -> tuple[FrameMeta
         raise BadFrame("malformed", f"cannot decode frame {unique_id}: {type(exc).__name__}: {exc}", unique_id) from exc
 
 
-def _decode(pv: pva.PvObject, unique_id: int, received_s: float) -> tuple[FrameMeta, np.ndarray]:
+def _decode(pv: pva.PvObject, unique_id: int, received_s: float, finite: bool = True) -> tuple[FrameMeta, np.ndarray]:
     # Each field is read once, through the getter of its type where it has one (a third to
     # a quarter of pv[name]'s cost): every read converts PVA data to Python objects, and
     # this runs for every frame on the receive thread.
@@ -147,6 +150,8 @@ def _decode(pv: pva.PvObject, unique_id: int, received_s: float) -> tuple[FrameM
         image = image.reshape(ny, nx)
     if image is None or image.size == 0:
         raise BadFrame("empty", f"frame {unique_id} has no data")
+    if not finite:
+        return meta, image
     if image.dtype.kind == "f" and not np.isfinite(image).all():
         n_bad = int(image.size - np.count_nonzero(np.isfinite(image)))
         raise BadFrame("nonfinite", f"frame {unique_id} has {n_bad} NaN or infinite pixel(s)")
