@@ -105,16 +105,63 @@ def calling_controller(frame, processor, *needs: str):
 
 
 PVAPY_CONFIGURE_KEYS = ("skipInitialUpdates", "objectIdOffset", "nSequentialUpdates")
+# the keys that PvaPy's DataCollector (collectorCacheSize; its producer channels' receiverQueueSize)
+# and DataConsumer (receiverQueueSize) take from a configure request before its controller sees it
+PVAPY_SOURCE_CONFIGURE_KEYS = ("collectorCacheSize", "receiverQueueSize")
 
 
-def restore_on_refusal(controller) -> bool:
+def data_source(frame, controller):
+    """PvaPy's DataConsumer or DataCollector that hands its configure requests and its resets to
+    ``controller`` (its ``processingController``), found on the stack at ``frame`` and above (the
+    processor's ``start()`` runs inside its ``start()``); None when there is none (or ``controller``
+    is None). An adapter to PvaPy's internals, pinned by contract tests."""
+    while controller is not None and frame is not None:
+        owner = frame.f_locals.get("self")
+        if getattr(owner, "processingController", None) is controller and callable(getattr(owner, "configure", None)):
+            return owner
+        frame = frame.f_back
+    return None
+
+
+def _source_sizes(source) -> list[tuple[Any, str, Any]]:
+    """(object, attribute, value) of the sizes that ``source``'s configure may change: its own
+    and its producer channels' ``collectorCacheSize``, ``receiverQueueSize`` and receiver queue
+    length."""
+    kept = []
+    for holder in (source, *(getattr(source, "producerChannelMap", None) or {}).values()):
+        kept += [(holder, key, getattr(holder, key)) for key in PVAPY_SOURCE_CONFIGURE_KEYS if hasattr(holder, key)]
+        receiver_queue = getattr(holder, "pvObjectQueue", None)
+        if receiver_queue is not None and hasattr(receiver_queue, "maxLength"):
+            kept.append((receiver_queue, "maxLength", receiver_queue.maxLength))
+    return kept
+
+
+def restore_on_refusal(controller, source=None) -> bool:
     """Make a refused configure request leave PvaPy's DataProcessingController ``controller`` as
     it was. Its ``configure`` sets its own keys (:data:`PVAPY_CONFIGURE_KEYS`) from the request
     before anything can refuse it: when its own ``int()`` of a later key raised, or the processor
     refused the request, the keys set before stayed (an objectIdOffset that put PvaPy's nMissed
     wrong; a skipInitialUpdates that made it discard that many frames uncounted). Each key the
-    request names is put back when the request raises. An adapter to PvaPy's internals, pinned by
-    a contract test; returns False (nothing changed) for None."""
+    request names is put back when the request raises. So are the sizes that ``source`` (the
+    DataCollector or DataConsumer above it, :func:`data_source`) took before: a collectorCacheSize
+    refused by the stitcher ("cannot change collectorCacheSize at run time") still set the
+    collector's cache, and 100000 held every frame from the stitcher until the stream ended. An
+    adapter to PvaPy's internals, pinned by a contract test; returns False (nothing changed) for
+    None."""
+    if source is not None and callable(getattr(source, "configure", None)):
+        source_configure = source.configure
+
+        def configure_source(config_dict, *args, **kwargs):
+            named = isinstance(config_dict, dict) and any(k in config_dict for k in PVAPY_SOURCE_CONFIGURE_KEYS)
+            kept = _source_sizes(source) if named else []
+            try:
+                return source_configure(config_dict, *args, **kwargs)
+            except Exception:
+                for holder, key, value in kept:
+                    setattr(holder, key, value)
+                raise
+
+        source.configure = configure_source
     if controller is None:
         return False
     original = controller.configure
@@ -130,6 +177,36 @@ def restore_on_refusal(controller) -> bool:
             raise
 
     controller.configure = configure
+    return True
+
+
+def reset_with_source(source, controller) -> bool:
+    """Make a ``reset_stats`` of ``source`` (PvaPy's DataCollector or DataConsumer above
+    ``controller``, :func:`data_source`) reset ``controller``'s statistics and the processor's too.
+    PvaPy 5.6's DataCollector resets only its own and its producers' counts: under
+    ``pvapy-hpc-collector`` the control channel answered "Stats reset successful" and the stitcher's
+    userStats (and PvaPy's processorStats) went on counting from start. A source that already
+    resets them (the DataConsumer) is left to do it. An adapter to PvaPy's internals, pinned by a
+    contract test; returns False (nothing changed) when either is None."""
+    if source is None or controller is None or not callable(getattr(source, "resetStats", None)) \
+            or not callable(getattr(controller, "resetStats", None)):
+        return False
+    source_reset, controller_reset = source.resetStats, controller.resetStats
+    resets = [0]
+
+    def reset_controller(*args, **kwargs):
+        resets[0] += 1
+        return controller_reset(*args, **kwargs)
+
+    def reset_source(*args, **kwargs):
+        before = resets[0]
+        result = source_reset(*args, **kwargs)
+        if resets[0] == before:  # the source did not reset its controller: do it here
+            reset_controller()
+        return result
+
+    controller.resetStats = reset_controller
+    source.resetStats = reset_source
     return True
 
 

@@ -146,7 +146,7 @@ from edge_ptychonn.thread_name import name_this_thread
 from processors import shutdown
 from processors.base import (
     BAD_KIND_COUNTS, ProcessorBase, RecentIds, at_start, attribute_raw, attribute_value, bad_kind_stats,
-    calling_controller, restore_on_refusal, seconds,
+    calling_controller, data_source, reset_with_source, restore_on_refusal, seconds,
 )
 
 NAME_ATTEMPTS = 5  # free names tried when other processes take them as this one opens a file
@@ -745,7 +745,10 @@ class Hdf5WriterProcessor(ProcessorBase):
             n += isinstance(item, _Frame)
 
     def start(self):
-        restore_on_refusal(calling_controller(sys._getframe(1), self, "configure"))  # a refused configure: no change
+        controller = calling_controller(sys._getframe(1), self, "configure")
+        source = data_source(sys._getframe(1), controller)  # the collector or consumer above it
+        restore_on_refusal(controller, source)  # a refused configure: no change
+        reset_with_source(source, controller)  # reset_stats resets this processor's counts too
         self._thread = threading.Thread(target=self._run, name="hdf5-writer", daemon=True)
         self._thread.start()
         # SIGTERM (also the kernel's, when a forked consumer's parent dies) writes what is

@@ -111,7 +111,7 @@ from edge_ptychonn.stream.config import SEED_ALIASES, ProcessorConfig, parse_pro
 from edge_ptychonn.stream.frames import BAD_FRAME_KINDS, output_pv_type
 from edge_ptychonn.stream.pipeline import DROP_REASONS, InferencePipeline, PipelineStats, group_size
 from processors import shutdown
-from processors.base import StatsFromTable, calling_controller, restore_on_refusal
+from processors.base import StatsFromTable, calling_controller, data_source, reset_with_source, restore_on_refusal
 from engines import EngineOptions, create_engine
 from engines.base import cpu_layout, usable_cores
 from engines.onnx_model import read_signature
@@ -396,7 +396,9 @@ class PtychoNNProcessor(StatsFromTable, AdImageProcessor):
         self._receiver = receiver_queue_owner(sys._getframe(1))
         shutdown.drain_before_stop(controller, self._drain_before_stop, self.logger)
         create_output_channel(controller)
-        restore_on_refusal(controller)  # a refused configure changes nothing of PvaPy's either
+        source = data_source(sys._getframe(1), controller)  # PvaPy's DataConsumer above it
+        restore_on_refusal(controller, source)  # a refused configure changes nothing of PvaPy's either
+        reset_with_source(source, controller)
         shutdown.on_sigterm(self.pipeline.drain, self.logger)
         channel = input_channel(sys._getframe(1))
         if channel is not None:  # the first record after a reconnection is not the stream's

@@ -116,8 +116,10 @@ Run-time changes (control channel ``configure``)
     or 5 s) go into the next image, where an HDF5 writer on the same stream cuts at what it has
     received. Send it more than 5 s after a scan's last frame to finish that scan whole. A refused
     request changes nothing, PvaPy's own keys included; PvaPy's skipInitialUpdates (other than 0)
-    is refused. The status's ``settings`` (JSON) gives the publishRate and fill in force.
-Statistics (status channel ``userStats``) -- see :data:`STATS`.
+    is refused; so is PvaPy's collectorCacheSize, and the collector's cache stays as it was. The status's
+    ``settings`` (JSON) gives the publishRate and fill in force.
+Statistics (status channel ``userStats``) -- see :data:`STATS`. Totals since start or ``reset_stats``
+    (PvaPy's collector resets only its own counts: the stitcher takes the reset from it at start).
     Each frame with an image (``nFramesReceived``) is placed (``nFramesPlaced``),
     waiting for its metadata (``nFramesWaiting``), or not placed: ``nFramesNoPosition`` (no
     position, or one that is not finite), ``nFramesOutside`` (its patch misses the object),
@@ -157,7 +159,7 @@ from edge_ptychonn.thread_name import name_this_thread
 from processors import shutdown
 from processors.base import (
     BAD_KIND_COUNTS, ProcessorBase, RecentIds, at_start, attribute_raw, attribute_value, bad_kind_stats,
-    calling_controller, restore_on_refusal, seconds,
+    calling_controller, data_source, reset_with_source, restore_on_refusal, seconds,
 )
 
 NAME_ATTEMPTS = 5  # free names tried when other processes take them as this one saves
@@ -921,7 +923,10 @@ class StitchProcessor(ProcessorBase):
 
     # -- PvaPy lifecycle ----------------------------------------------------------------------
     def start(self):
-        restore_on_refusal(calling_controller(sys._getframe(1), self, "configure"))  # a refused configure: no change
+        controller = calling_controller(sys._getframe(1), self, "configure")
+        source = data_source(sys._getframe(1), controller)  # the collector or consumer above it
+        restore_on_refusal(controller, source)  # a refused configure: no change
+        reset_with_source(source, controller)  # reset_stats resets this processor's counts too
         if self.metadata is not None:
             missing = [c for c in self.metadata.channels if c not in (self.metadataQueueMap or {})]
             if missing:

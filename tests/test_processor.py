@@ -644,3 +644,26 @@ def test_frames_left_in_pvapys_receiver_queue_after_the_stop_are_counted_as_drop
     assert len(consumer.pvObjectQueue) == 0
     assert (stats["nFramesReceived"], stats["nDroppedStopping"], stats["nFramesMissed"]) == (20, 16, 0), stats
     assert stats["nFramesProcessed"] + stats["nDroppedStopping"] == 20 and stats["nFramesUnaccounted"] == 0
+
+
+def test_a_refused_configure_leaves_pvapys_receiver_queue_size(small_model):
+    """PvaPy's DataConsumer takes receiverQueueSize (-rqs) from a configure request before the
+    processor sees it: a request refused for another key ("nothing changed") still resized the
+    receiver queue. Refused, it is left as it was; a reset_stats resets the processor once."""
+    consumer, processor = _queued_consumer(small_model, 4)
+    try:
+        with pytest.raises(ValueError, match="scale must be > 0"):
+            consumer.configure({"receiverQueueSize": 5, "scale": -1})
+        assert (consumer.receiverQueueSize, consumer.pvObjectQueue.maxLength) == (1000, 1000)
+        consumer.configure({"receiverQueueSize": 2000})  # PvaPy's key, accepted: PvaPy takes it
+        assert (consumer.receiverQueueSize, consumer.pvObjectQueue.maxLength) == (2000, 2000)
+        for _ in range(4):
+            assert consumer.processFromQueue(0.1)
+        assert processor.pipeline.drain(5.0)
+        resets = []
+        real_reset = processor.pipeline.reset_stats
+        processor.pipeline.reset_stats = lambda: resets.append(1) or real_reset()
+        consumer.resetStats()
+        assert len(resets) == 1 and processor.getStats()["nFramesReceived"] == 0
+    finally:
+        consumer.stop()

@@ -1264,3 +1264,57 @@ def test_status_says_the_settings_in_force(tmp_path):
         p.configure({"publishRate": 0})
     assert json.loads(p.getStats()["settings"])["publishRate"] == 5.0
     assert "settings" in p.getStatsPvaTypes()
+
+
+def _collected_stitcher(rng, cache_size=32):
+    """A StitchProcessor started by a real PvaPy DataCollector (two producers on channels nobody
+    serves), as pvapy-hpc-collector starts it, with 3 frames placed."""
+    from pvapy.hpc.dataCollector import DataCollector
+    from pvapy.hpc.dataProcessingController import DataProcessingController
+
+    patches, positions, _ = small_scan(rng, n=3)
+    framework = {**FRAMEWORK, "outputChannel": ""}
+    p = StitchProcessor({**framework, "objectShape": [40, 48]})
+    collector = DataCollector(1, f"{PREFIX}:nobody:*:output", producerIdList=[1, 2], collectorCacheSize=cache_size,
+                              processingController=DataProcessingController(framework, p))
+    # no processing thread: the frames are handed over below (its stop would wait 5 s for it)
+    collector.processingThread.start = collector.processingThread.join = lambda *args: None
+    collector.start()
+    for uid in (1, 2, 3):
+        collector.processingController.process(attributed_frame(uid, patches[uid - 1], positions[uid - 1]))
+    return collector, p
+
+
+def test_a_refused_configure_leaves_the_collectors_cache_size(rng):
+    """PvaPy's DataCollector takes collectorCacheSize from a configure request before the
+    stitcher sees it: `edge-ptychonn configure stitch:1:control collectorCacheSize=100000` was
+    refused ("cannot change collectorCacheSize at run time", exit 1, "nothing changed"), yet the
+    collector's cache became 100000 and held every frame from the stitcher until the stream ended
+    (the live image stopped). A refused request now leaves the cache as it was."""
+    collector, p = _collected_stitcher(rng)
+    try:
+        for request in ({"collectorCacheSize": 100000}, {"collectorCacheSize": 100000, "publishRate": 5},
+                        {"collectorCacheSize": 100000, "receiverQueueSize": 7, "fill": "x"}):
+            with pytest.raises(ValueError):
+                collector.configure(request)
+            assert collector.collectorCacheSize == 32, request
+            assert p.settings.publish_rate_hz == 2.0
+        collector.configure({"publishRate": 5})  # an accepted request still goes through
+        assert p.settings.publish_rate_hz == 5.0
+    finally:
+        collector.stop()
+
+
+def test_reset_stats_through_the_collector_resets_the_stitchers_counts(rng):
+    """PvaPy's DataCollector.resetStats() resets only its own counts: `reset_stats` on the
+    stitcher's control channel answered "Stats reset successful" while its userStats (and PvaPy's
+    processorStats) went on counting from the start."""
+    collector, p = _collected_stitcher(rng)
+    try:
+        assert p.getStats()["nFramesPlaced"] == 3 and collector.processingController.nProcessed == 3
+        collector.resetStats()
+        st = p.getStats()
+        assert (st["nFramesReceived"], st["nFramesPlaced"]) == (0, 0), st
+        assert collector.processingController.nProcessed == 0
+    finally:
+        collector.stop()
