@@ -235,22 +235,37 @@ class RecentIds:
             self._ids.discard(heapq.heappop(self._heap))
 
 
+RESETS_KEY = "nStatsResets"  # every processor's: the reset_stats it took since start (never reset)
+
+
 class StatsFromTable:
     """``getStats`` and ``getStatsPvaTypes`` derived from one class attribute ``STATS``
-    (``key -> (pva type, getter(processor))``), so their keys cannot drift."""
+    (``key -> (pva type, getter(processor))``), so their keys cannot drift; plus
+    :data:`RESETS_KEY`, the ``reset_stats`` calls since start (:meth:`count_stats_reset`): the
+    one count a reset does not clear, so that a reader of totals (``edge-ptychonn launch``'s
+    summary) knows they no longer count from the start."""
 
     STATS: ClassVar[StatsTable] = {}
+    stats_resets: int = 0
+    # set by the processor's start(): PvaPy's DataProcessingController resets its processor once
+    # as it is made, before any count; that is no reset of the run's totals
+    counting_resets: bool = False
 
     def stats_source(self):
         """What the getters read (the processor; a subclass may give a consistent copy)."""
         return self
 
+    def count_stats_reset(self) -> None:
+        """Called by the processor's ``resetStats``: counted once the processor has started."""
+        if self.counting_resets:
+            self.stats_resets += 1
+
     def getStats(self) -> dict:
         source = self.stats_source()
-        return {key: getter(source) for key, (_, getter) in self.STATS.items()}
+        return {**{key: getter(source) for key, (_, getter) in self.STATS.items()}, RESETS_KEY: self.stats_resets}
 
     def getStatsPvaTypes(self) -> dict:
-        return {key: pva_type for key, (pva_type, _) in self.STATS.items()}
+        return {**{key: pva_type for key, (pva_type, _) in self.STATS.items()}, RESETS_KEY: pva.ULONG}
 
 
 class ProcessorBase(StatsFromTable, AdImageProcessor):
@@ -360,6 +375,7 @@ class ProcessorBase(StatsFromTable, AdImageProcessor):
 
     # -- PvaPy overrides -----------------------------------------------------------------
     def resetStats(self) -> None:
+        self.count_stats_reset()
         self.reset_problems()
 
     def getOutputPvObjectType(self, pvObject):

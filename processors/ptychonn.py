@@ -78,6 +78,7 @@ Run-time changes (control channel ``configure``, e.g. ``edge-ptychonn configure`
     in the cache takes minutes). The switch is logged; ``model`` and ``settings``
     in the statistics show the new model.
 Statistics (status channel, ``userStats``)
+    ``nStatsResets``: the ``reset_stats`` calls since start (every processor's; a reset keeps it).
     See :data:`STATS`: totals of frames received, published, dropped by reason,
     bad by kind, errors, queued, missed upstream, restarts, unaccounted (always 0),
     completeness; engine and frame rates and latency p50/p99 over the last 5 s;
@@ -387,6 +388,7 @@ class PtychoNNProcessor(StatsFromTable, AdImageProcessor):
 
     # -- PvaPy lifecycle -------------------------------------------------------------------
     def start(self):
+        self.counting_resets = True  # a reset_stats from now on clears the run's totals: nStatsResets
         self.pipeline.start(self._create_engine, self._engine_for_model)
         self.io_threads.apply()  # those of the connections made by now; process() looks for new ones
         # Any stop (Ctrl-C, --runtime, the parent's stop of a forked consumer) first publishes
@@ -471,6 +473,7 @@ class PtychoNNProcessor(StatsFromTable, AdImageProcessor):
             raise
 
     def resetStats(self):
+        self.count_stats_reset()
         self.pipeline.reset_stats()
 
     def getOutputPvObjectType(self, pvObject):

@@ -923,6 +923,7 @@ class StitchProcessor(ProcessorBase):
 
     # -- PvaPy lifecycle ----------------------------------------------------------------------
     def start(self):
+        self.counting_resets = True  # a reset_stats from now on clears the run's totals: nStatsResets
         controller = calling_controller(sys._getframe(1), self, "configure")
         source = data_source(sys._getframe(1), controller)  # the collector or consumer above it
         restore_on_refusal(controller, source)  # a refused configure: no change

@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 from frames_util import good_frame  # noqa: E402
 import processors.hdf5_writer as writer  # noqa: E402
+from processors.base import RESETS_KEY  # noqa: E402
 from processors.hdf5_writer import STATS, Hdf5WriterProcessor  # noqa: E402
 
 FRAMEWORK = {"processorId": 2, "inputChannel": "inference:2:output", "outputChannel": "", "objectIdField": "uniqueId",
@@ -72,7 +73,7 @@ def ids_in(path):
 
 def test_stats_table(tmp_path):
     p = Hdf5WriterProcessor({**FRAMEWORK, "outputDirectory": str(tmp_path)})
-    assert p.getStats().keys() == p.getStatsPvaTypes().keys() == STATS.keys()
+    assert p.getStats().keys() == p.getStatsPvaTypes().keys() == {*STATS, RESETS_KEY}
     pva.PvObject(p.getStatsPvaTypes()).set(p.getStats())
 
 

@@ -907,6 +907,32 @@ def test_frames_dropped_by_inference_are_not_counted_again_as_the_collectors(tmp
         in capsys.readouterr().out
 
 
+def test_statistics_reset_during_the_run_make_the_verdict_not_judged_and_exit_status_1(tmp_path, monkeypatch, capsys):
+    """reset_stats on an inference consumer and a writer during a 600-frame replay (their last
+    status in such a run): their totals restart, so frames cannot be counted lost or not.
+    Before: "frames lost 206" and "206 of the 600 sent did not reach the HDF5 files", which held
+    all 600."""
+    scan = tmp_path / "s.npy"
+    np.save(scan, np.zeros((600, 4, 4), np.int16))
+    cfg = load(tmp_path, f'log_dir = "{tmp_path / "logs"}"\n'
+               + MINIMAL.replace('channel = "det:image"', f'scan = "{scan}"').replace("consumers = 3", "consumers = 2")
+               + '[hdf5]\n[hdf5.args]\noutputDirectory = "h"\n')
+    inference = [_record(392), _record(300)]
+    inference[0]["userStats"]["nStatsResets"] = 1
+    writers = [{"userStats": {"nFramesWritten": 94, "nStatsResets": 1}}, {"userStats": {"nFramesWritten": 300}}]
+    _finished_replay(monkeypatch, Snapshot(inference, None, writers), 600)
+    assert launch.run(cfg) == 1
+    out = capsys.readouterr().out
+    told = ("not judged: the statistics of inference 1, hdf5 1 were reset (reset_stats) during the run, so their "
+            "totals do not count every frame\n")
+    assert f"frames lost          {told}" in out and f"verdict              {told}" in out, out
+    assert "did not reach" not in out, out
+    for r in (inference[0], writers[0]):  # the same counts without the resets: judged, a loss
+        r["userStats"]["nStatsResets"] = 0
+    assert launch.run(cfg) == 1
+    assert "verdict              frames lost: 206 of the 600 sent did not reach the HDF5 files\n" in capsys.readouterr().out
+
+
 def test_the_summary_names_why_the_hdf5_writers_lost_frames_and_their_log(tmp_path, monkeypatch, capsys):
     """A full disk for the HDF5 folder (the two writers' last status in such a run): the summary
     gives the writers' losses by cause, their failed operations, and the log that says why.

@@ -13,6 +13,7 @@ from pvapy.utility.adImageUtility import AdImageUtility
 from engines.base import cpu_layout, cpu_layout_device
 from frames_util import good_frame
 from processors.ptychonn import STATS, InferPtychoNNImageProcessor, PtychoNNProcessor
+from processors.base import RESETS_KEY
 
 FRAMEWORK = {
     "processorId": 1, "inputChannel": "ad:image", "outputChannel": "inference:1:output",
@@ -36,7 +37,7 @@ def test_pvapy_contract():
 
 def test_stats_keys_and_types_come_from_one_table(small_model):
     processor = PtychoNNProcessor({**FRAMEWORK, "modelPath": str(small_model), "engine": "onnxruntime"})
-    assert processor.getStats().keys() == processor.getStatsPvaTypes().keys() == STATS.keys()
+    assert processor.getStats().keys() == processor.getStatsPvaTypes().keys() == {*STATS, RESETS_KEY}
     for key in ("nFramesProcessed", "nBatchesProcessed", "nFramesQueued", "nFramesDropped", "nBadShape",
                 "nBadColour", "nBadEmpty", "nBadDtype", "nBadCodec", "inferRate", "frameRate",
                 "latencyP50Ms", "latencyP99Ms", "engine", "device"):
@@ -665,5 +666,6 @@ def test_a_refused_configure_leaves_pvapys_receiver_queue_size(small_model):
         processor.pipeline.reset_stats = lambda: resets.append(1) or real_reset()
         consumer.resetStats()
         assert len(resets) == 1 and processor.getStats()["nFramesReceived"] == 0
+        assert processor.getStats()["nStatsResets"] == 1  # the one count a reset keeps: launch judges no loss
     finally:
         consumer.stop()

@@ -94,7 +94,7 @@ def test_runtime_changes_only_the_allowed_keys():
 def test_base_builds_settings_and_derives_stats_from_one_table():
     p = Counter({**FRAMEWORK, "rate": 3})
     assert p.settings == Settings(rate_hz=3.0) and p.processor_id == 3
-    assert p.getStats() == {"nSeen": 0, "rateHz": 3.0, "name": "counter"}
+    assert p.getStats() == {"nSeen": 0, "rateHz": 3.0, "name": "counter", "nStatsResets": 0}
     assert p.getStats().keys() == p.getStatsPvaTypes().keys()
     pva.PvObject(p.getStatsPvaTypes()).set(p.getStats())  # the status record PvaPy builds accepts them
     assert isinstance(p.getOutputPvObjectType(None), pva.PvObject)
@@ -123,8 +123,13 @@ def test_problems_are_counted_by_kind_and_logged_once():
     p.count_problem("outside", "frame %d outside", 9)
     assert p.problems("noPosition") == 5 and p.problems("outside") == 1
     assert sum("noPosition" in m for m in messages) == 1 and "frame 0 has no position" in messages[0]
+    assert p.getStats()["nStatsResets"] == 0
     p.resetStats()
     assert p.problems("noPosition") == 0
+    assert p.getStats()["nStatsResets"] == 0  # before start: PvaPy's controller resets its processor as it is made
+    p.counting_resets = True  # what a processor's start() sets
+    p.resetStats()
+    assert p.getStats()["nStatsResets"] == 1  # the one count a reset keeps: launch judges no loss from the rest
 
 
 def test_attribute_helpers():

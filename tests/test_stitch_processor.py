@@ -17,6 +17,7 @@ from edge_ptychonn.science.stitch import Stitcher, probe_weight
 from edge_ptychonn.tools.processes import stop_monitor, wait_until
 from channel_names import PREFIX
 from frames_util import good_frame
+from processors.base import RESETS_KEY
 from processors.stitch import STATS, PositionTable, StitchProcessor
 
 FRAMEWORK = {"processorId": 1, "inputChannel": "inference:*:output", "outputChannel": "stitch:1:output",
@@ -65,7 +66,7 @@ def offline(patches, positions, shape, weight):
 def test_stats_table_and_contract(tmp_path, rng):
     patches, positions, probe = small_scan(rng)
     p = make({"positionsFile": str(write_npz(tmp_path / "s.npz", positions, probe, (40, 48)))})
-    assert p.getStats().keys() == p.getStatsPvaTypes().keys() == STATS.keys()
+    assert p.getStats().keys() == p.getStatsPvaTypes().keys() == {*STATS, RESETS_KEY}
     pva.PvObject(p.getStatsPvaTypes()).set(p.getStats())
     for key in ("nFramesPlaced", "coverage", "placeRate", "nFramesNoPosition", "stitchTimeUs", "nScans"):
         assert key in STATS

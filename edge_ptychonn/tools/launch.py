@@ -93,7 +93,9 @@ fit), starting nothing; the launch makes the same checks before it starts anythi
     channels = ["stitch:1:output"]     # one window each (edge-ptychonn view: full rate, levels from the chain model's card)
 
 Exit status: 0; 1 when frames were lost (before the end of the chain, or in the
-stitcher's collector: the summary's verdict says where) or a process failed; 2 for a bad file
+stitcher's collector: the summary's verdict says where), a stage's statistics were reset
+(reset_stats) during the run (its totals no longer count every frame: the verdict says "not
+judged") or a process failed; 2 for a bad file
 (or a scan or argument that fails as the chain starts); 130 on Ctrl-C, SIGTERM
 or SIGHUP.
 
@@ -513,7 +515,7 @@ WRITER_LOSSES = {"nLostWriteError": "at write errors", "nLostNotQueued": "not qu
 # the stitcher's frame counts that its final statistics (as it ends) give: its stop() places the
 # frames still waiting for their positions (the file's, else counted as no position)
 FINAL_COUNTS = ("nFramesReceived", "nFramesPlaced", "nFramesNoPosition", "nFramesOutside", "nFramesWrongShape",
-                "nFramesWaiting", "nFramesByMetadata", "nMetadataReceived", "nBadFrames")
+                "nFramesWaiting", "nFramesByMetadata", "nMetadataReceived", "nBadFrames", "nStatsResets")
 
 
 def position_channels(cfg: LaunchConfig) -> list[str]:
@@ -606,6 +608,14 @@ class Snapshot:
         s = self.stitch or {}
         undecoded = _user(s, "nBadFrames") - _user(s, "nFramesWrongShape")
         return min(self.collector_lost(), max(0, self.processed() - _user(s, "nFramesReceived") - undecoded))
+
+    def stats_resets(self) -> list[str]:
+        """The stages whose statistics a ``reset_stats`` cleared during the run (their
+        ``nStatsResets``, the one count a reset keeps), e.g. ``["inference 1", "hdf5 2"]``:
+        their totals no longer count every frame from the start, so no loss can be judged from
+        them. Before: 206 of 600 frames "did not reach the HDF5 files" that held all 600."""
+        named = lambda stage, records: [f"{stage} {i}" for i, r in enumerate(records, 1) if _user(r, "nStatsResets")]
+        return named("inference", self.inference) + named("stitch", [self.stitch]) + named("hdf5", self.hdf5)
 
     def taken(self, cfg: LaunchConfig) -> int:
         """The frames every stage has taken: the fewest of inference (processed, dropped or
@@ -1149,6 +1159,14 @@ def summary(cfg: LaunchConfig, snap: Snapshot, n_sent: int | None, delivered_fps
         lines.append(f"collector lost       {snap.collector_lost()} (missed + rejected"
                      + (f"; {upstream} of them dropped or refused by inference, not lost by the collector)"
                         if upstream else ")"))
+    reset = snap.stats_resets()
+    if reset:  # counts that no longer start at the run's start: neither a loss nor "no frame lost" can be told
+        unjudged = (f"not judged: the statistics of {', '.join(reset)} were reset (reset_stats) during the run, "
+                    "so their totals do not count every frame")
+        if n_sent is not None:
+            lines.append(f"frames lost          {unjudged}")
+        lines.append(f"verdict              {unjudged}")
+        return lines
     if n_sent is not None:
         reached = snap.written() if cfg.hdf5 is not None else snap.processed()
         bad = (f" ({snap.bad()} of them bad frames, refused by inference: its log says why)"
@@ -1230,7 +1248,8 @@ def losses(cfg: LaunchConfig, snap: Snapshot, n_sent: int | None) -> list[str]:
 def run(cfg: LaunchConfig, prog: str = "edge-ptychonn launch", results: list | None = None) -> int:
     """Start the chain, print the status line until it is done, stop it, print the
     summary (and the scored, pictured stitched image). Exit status: 0, 1 when frames
-    were lost anywhere (:func:`losses`, the summary's verdict) or a process failed, 2 when the chain could not start (a bad scan or
+    were lost anywhere (:func:`losses`, the summary's verdict), a stage's statistics were reset
+    during the run (no loss can be judged: :meth:`Snapshot.stats_resets`) or a process failed, 2 when the chain could not start (a bad scan or
     argument, on stderr), 130 on Ctrl-C, SIGTERM or SIGHUP. ``results``: a list to
     which ``(snapshot, frames sent, delivered fps)`` is appended: the status once the
     chain fell idle (stopped early: once what the sim server sent went through, see
@@ -1279,7 +1298,7 @@ def run(cfg: LaunchConfig, prog: str = "edge-ptychonn launch", results: list | N
                         + accuracy(cfg, since=chain.started_at, n_frames=n_sent)), flush=True)
         if results is not None:
             results.append((snap, n_sent, chain.delivered_fps(snap)))
-        if code == 0 and (chain.failed or losses(cfg, snap, n_sent)):
+        if code == 0 and (chain.failed or losses(cfg, snap, n_sent) or snap.stats_resets()):
             code = 1
     return code
 
