@@ -94,6 +94,53 @@ def test_a_compressed_frame_bigger_than_it_says_is_a_bad_frame_not_a_crash(codec
     assert (kind, uid) == ("malformed" if sizes == "dims" else "codec", "5"), run.stdout
 
 
+TRUNCATED_BSLZ4 = """
+import numpy as np
+from frames_util import compressed_frame
+from edge_ptychonn.stream.frames import BadFrame, decode
+image = np.random.default_rng(0).poisson(30, (128, 128)).astype(np.uint16)
+pv = compressed_frame(9, "bslz4", image)
+field = pv.getSelectedUnionFieldName()
+payload = np.asarray(pv.getUnion()[field])
+for cut in (payload.size // 2, payload.size - 1, 6, 2):
+    pv["value"] = {field: payload[:cut]}
+    try:
+        decode(pv)
+        print("decoded", cut)
+    except BadFrame as bad:
+        print(bad.kind, bad.unique_id, cut)
+"""
+
+
+def test_a_truncated_bslz4_frame_is_a_bad_frame_not_a_crash():
+    """A bslz4 payload cut short (a frame truncated on its way, an IOC's buffer too small):
+    bitshuffle reads each block where the previous block's header puts it, without a bound,
+    and read past the payload's end, which crashed the consumer (a segmentation fault); it is
+    a bad frame (codec) now, with its id. In a child process, so that a crash fails this test
+    instead of ending the run."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip(CODEC_PACKAGES["bslz4"])
+    tests = Path(__file__).resolve().parent
+    run = subprocess.run([sys.executable, "-c", TRUNCATED_BSLZ4], cwd=tests, capture_output=True, text=True,
+                         timeout=60, env={**__import__("os").environ, "PYTHONPATH": str(tests.parent)})
+    assert run.returncode == 0, (run.returncode, run.stderr[-2000:])
+    assert [line.split()[:2] for line in run.stdout.splitlines()] == [["codec", "9"]] * 4, run.stdout
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.uint32, np.float32, np.float64])
+@pytest.mark.parametrize("hw", [(1, 1), (7, 9), (100, 101), (128, 128), (257, 263)])
+def test_whole_bslz4_frames_of_any_size_decode(dtype, hw, rng):
+    """The check of a bslz4 payload's blocks takes no whole frame for a truncated one: frames
+    whose pixels fill no whole block, or leave elements after the last block, decode."""
+    pytest.importorskip(CODEC_PACKAGES["bslz4"])
+    image = rng.integers(0, 200, hw).astype(dtype)
+    _, out = decode(compressed_frame(3, "bslz4", image))
+    np.testing.assert_array_equal(out, image)
+
+
 def test_negative_dimensions_are_a_malformed_frame():
     pv = good_frame(8, np.ones((8, 8), np.int16))
     pv["dimension"] = [pva.PvDimension(-8, 0, -8, 1, False), pva.PvDimension(-8, 0, -8, 1, False)]

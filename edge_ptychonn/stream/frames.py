@@ -183,10 +183,11 @@ def _field(pv: pva.PvObject, name: str, default, getter):
 def _check_compressed(pv: pva.PvObject, codec: str, field: str, nx: int, ny: int, unique_id: int) -> None:
     """``BadFrame`` unless a compressed frame's sizes agree: its dimensions and uncompressed
     pixel type with its ``uncompressedSize`` ("malformed"), and for blosc those with the sizes
-    in the payload's own header ("codec", as other undecodable payloads). A blosc payload
-    that holds more than the frame says would be decompressed by pvapy into a buffer of the
-    frame's size (``blosc.decompress_ptr``, which cannot check): past its end, which crashes
-    the process."""
+    in the payload's own header, for bslz4 the payload's length with its blocks' headers ("codec",
+    as other undecodable payloads). A blosc payload that holds more than the frame says would be
+    decompressed by pvapy into a buffer of the frame's size (``blosc.decompress_ptr``, which
+    cannot check): past its end, which crashes the process; a bslz4 payload shorter than its
+    blocks say is read past its end (:func:`_bslz4_bytes`), which crashes it too."""
     try:
         dtype = AdImageUtility.NUMPY_DATA_TYPE_MAP.get(pv["codec.parameters"][0]["value"])
         size = int(pv["uncompressedSize"])
@@ -199,14 +200,47 @@ def _check_compressed(pv: pva.PvObject, codec: str, field: str, nx: int, ny: int
     if size != want:
         raise BadFrame("malformed", f"frame {unique_id} says {nx}x{ny} {dtype} ({want} bytes) but uncompressedSize "
                        f"{size}", unique_id)
+    if codec not in ("blosc", "bslz4"):
+        return
+    payload = np.ascontiguousarray(AdImageUtility.getCompressedPayload(pv.getUnion()[field])).view(np.uint8)
     if codec == "blosc":  # header: version, versionlz, flags, typesize, then nbytes, blocksize, cbytes (uint32 LE)
-        payload = np.ascontiguousarray(AdImageUtility.getCompressedPayload(pv.getUnion()[field])).view(np.uint8)
         nbytes = int.from_bytes(payload[4:8].tobytes(), "little") if payload.size >= 16 else -1
         cbytes = int.from_bytes(payload[12:16].tobytes(), "little") if payload.size >= 16 else -1
         if nbytes != size or not 16 <= cbytes <= payload.size:
             raise BadFrame("codec", f"cannot decode frame {unique_id}: its blosc payload of {payload.size} bytes says "
                            f"{nbytes} bytes uncompressed and {cbytes} compressed, the frame {size} and {payload.size}",
                            unique_id)
+    else:
+        need = _bslz4_bytes(payload, nx * ny, dtype.itemsize)
+        if need > payload.size:
+            raise BadFrame("codec", f"cannot decode frame {unique_id}: its bslz4 payload of {payload.size} bytes is "
+                           f"truncated: its blocks need {need} bytes for {nx}x{ny} {dtype}", unique_id)
+
+
+_BSHUF_BLOCKED_MULT = 8  # bitshuffle's block sizes are multiples of this many elements
+_BSHUF_TARGET_BLOCK_BYTES = 8192  # its default block: this many bytes, at least 128 elements
+
+
+def _bslz4_bytes(payload: np.ndarray, n_elements: int, item_size: int) -> int:
+    """The bytes a bitshuffle-LZ4 payload (pvapy's ``bslz4``: blocks of a 4-byte big-endian
+    compressed size and that many bytes, then the last ``n % 8`` elements as they are) needs
+    for ``n_elements`` of ``item_size`` bytes, read from its block headers; more than
+    ``payload.size`` when a header lies beyond its end or says more than is left.
+    ``bitshuffle.decompress_lz4`` reads each block where its predecessor's header puts it,
+    unchecked: a truncated payload made it read past the buffer's end, which crashed the
+    process (a segmentation fault, checked)."""
+    block = AdImageUtility.BSLZ4_BLOCK_SIZE or max(
+        _BSHUF_TARGET_BLOCK_BYTES // item_size // _BSHUF_BLOCKED_MULT * _BSHUF_BLOCKED_MULT, 128)
+    last = n_elements % block - n_elements % block % _BSHUF_BLOCKED_MULT
+    n_blocks = n_elements // block + (last > 0)
+    offset, end = 0, payload.size
+    for _ in range(n_blocks):
+        if offset + 4 > end:
+            return offset + 4
+        offset += 4 + int.from_bytes(payload[offset:offset + 4].tobytes(), "big")
+        if offset > end:
+            return offset
+    return offset + n_elements % _BSHUF_BLOCKED_MULT * item_size
 
 
 def _decompressed(pv: pva.PvObject, codec: str, unique_id: int) -> np.ndarray:
