@@ -110,17 +110,27 @@ PVAPY_CONFIGURE_KEYS = ("skipInitialUpdates", "objectIdOffset", "nSequentialUpda
 PVAPY_SOURCE_CONFIGURE_KEYS = ("collectorCacheSize", "receiverQueueSize")
 
 
-def data_source(frame, controller):
-    """PvaPy's DataConsumer or DataCollector that hands its configure requests and its resets to
-    ``controller`` (its ``processingController``), found on the stack at ``frame`` and above (the
-    processor's ``start()`` runs inside its ``start()``); None when there is none (or ``controller``
-    is None). An adapter to PvaPy's internals, pinned by contract tests."""
-    while controller is not None and frame is not None:
+def caller_self(frame, accept):
+    """The first ``self`` of the methods running at ``frame`` and above for which ``accept(self)``
+    holds (PvaPy's objects whose methods called the processor's: its ``start()`` runs inside
+    theirs), or None."""
+    while frame is not None:
         owner = frame.f_locals.get("self")
-        if getattr(owner, "processingController", None) is controller and callable(getattr(owner, "configure", None)):
+        if owner is not None and accept(owner):
             return owner
         frame = frame.f_back
     return None
+
+
+def data_source(frame, controller):
+    """PvaPy's DataConsumer or DataCollector that hands its configure requests and its resets to
+    ``controller`` (its ``processingController``), found on the stack at ``frame`` and above
+    (:func:`caller_self`); None when there is none (or ``controller`` is None). An adapter to
+    PvaPy's internals, pinned by contract tests."""
+    if controller is None:
+        return None
+    return caller_self(frame, lambda owner: getattr(owner, "processingController", None) is controller
+                       and callable(getattr(owner, "configure", None)))
 
 
 def _source_sizes(source) -> list[tuple[Any, str, Any]]:

@@ -112,7 +112,9 @@ from edge_ptychonn.stream.config import SEED_ALIASES, ProcessorConfig, parse_pro
 from edge_ptychonn.stream.frames import BAD_FRAME_KINDS, output_pv_type
 from edge_ptychonn.stream.pipeline import DROP_REASONS, InferencePipeline, PipelineStats, group_size
 from processors import shutdown
-from processors.base import StatsFromTable, calling_controller, data_source, reset_with_source, restore_on_refusal
+from processors.base import (
+    StatsFromTable, caller_self, calling_controller, data_source, reset_with_source, restore_on_refusal,
+)
 from engines import EngineOptions, create_engine
 from engines.base import cpu_layout, usable_cores
 from engines.onnx_model import read_signature
@@ -234,12 +236,7 @@ def data_consumer(frame):
     """PvaPy's DataConsumer on the stack above ``frame`` (the processor's ``start()`` runs inside
     its ``start()``): the first ``self`` there with a ``dataReceiver``; None when there is none.
     An adapter to PvaPy's internals, pinned by contract tests."""
-    while frame is not None:
-        owner = frame.f_locals.get("self")
-        if hasattr(owner, "dataReceiver"):
-            return owner
-        frame = frame.f_back
-    return None
+    return caller_self(frame, lambda owner: hasattr(owner, "dataReceiver"))
 
 
 def input_channel(frame):
