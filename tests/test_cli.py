@@ -256,6 +256,22 @@ def test_a_scan_with_nan_frames_is_refused_naming_the_file(tmp_path, small_scan)
         load_scan(tmp_path / "scan")
 
 
+def test_a_scan_with_double_pixels_beyond_float32_is_refused_naming_the_file(tmp_path, small_scan):
+    """Double pixels beyond float32's range are infinite as the model's input (the processor counts such a
+    frame ``nonfinite``). Before: evaluate ran the model on them, numpy's "overflow encountered in cast" and
+    then "predicted and truth must be finite inside the mask", naming no file or frame."""
+    frames, truth = small_scan
+    bad = frames.astype(np.float64)
+    bad[1, 2, 3] = 1e300
+    save_scan(tmp_path / "scan", bad, truth)
+    with pytest.raises(ValueError, match=r"scan\.npy: 1 frames hold NaN or infinite pixels \(or pixels beyond "
+                                         r"float32's range, \|x\| > 3\.4e38, infinite as the model's input\)"):
+        load_scan(tmp_path / "scan")
+    bad[1, 2, 3] = 3e38  # within float32's range: a frame like any other
+    save_scan(tmp_path / "ok", bad, truth)
+    assert load_scan(tmp_path / "ok")[0].shape == frames.shape
+
+
 # -- export --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("size", ["0", "-16"])

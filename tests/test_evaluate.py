@@ -92,3 +92,64 @@ def test_a_recording_or_frames_without_truth_are_refused_saying_what_evaluate_sc
     assert cli.main(["evaluate", "--model", str(small_model), "--scan", str(scan), "--quiet"]) == 2
     out = capsys.readouterr()
     assert out.err == f"edge-ptychonn evaluate: {expected}\n" and out.out == "", out.err
+
+
+def test_an_output_that_names_an_input_is_refused_and_the_inputs_are_kept(small_model, scan9, tmp_path, monkeypatch,
+                                                                          capsys):
+    """Before: ``--json models/site1.json`` beside ``models/site1.onnx`` replaced the model's card with the scores
+    (exit 0; every command and the processor then refused the model), and ``--save-image`` of a scan's name
+    replaced its frames with the stitched phase. Now one line, exit 2, before any engine is made, and every
+    input as it was."""
+    import shutil
+
+    from edge_ptychonn.model_card import ModelCard, save_card
+
+    model = shutil.copy(small_model, tmp_path / "site1.onnx")
+    save_card(ModelCard(input_size=64), model)
+    scan = tmp_path / "scan"
+    for suffix in (".npy", ".npz"):
+        shutil.copy(scan9.with_suffix(suffix), scan.with_suffix(suffix))
+    inputs = {p: p.read_bytes() for p in tmp_path.iterdir()}
+    monkeypatch.setattr(accuracy, "open_engine", lambda *a, **k: pytest.fail("an engine was made"))
+    base = ["evaluate", "--model", str(model), "--scan", str(scan), "--quiet"]
+    for options, expected in (
+        (["--json", tmp_path / "site1.json"], f"--json {tmp_path / 'site1.json'} would overwrite the model card of "
+                                              f"{model}, which evaluate reads; choose another file"),
+        (["--json", model], f"--json {model} would overwrite the model, which evaluate reads; choose another file"),
+        (["--json", f"{scan}.npz"], f"--json {scan}.npz would overwrite the truth of --scan {scan}, which evaluate "
+                                    "reads; choose another file"),
+        (["--save-image", scan], f"--save-image {scan}.npy would overwrite the frames of --scan {scan}, which "
+                                 "evaluate reads; choose another file"),
+        (["--json", tmp_path / "o.npy", "--save-image", tmp_path / "o"],
+         f"--json and --save-image name the same file {tmp_path / 'o.npy'}; choose two files"),
+    ):
+        assert cli.main([*base, *map(str, options)]) == 2, options
+        out = capsys.readouterr()
+        assert out.err == f"edge-ptychonn evaluate: {expected}\n" and out.out == "", out.err
+    assert {p: p.read_bytes() for p in tmp_path.iterdir()} == inputs
+
+
+def test_a_model_with_the_detectors_crop_and_bin_is_scored_on_simulated_scans(small_model, scan9, tmp_path, capsys):
+    """A fine-tuned model's card holds the detector's crop and bin (``finetune --crop 128 128 --bin 2`` for a
+    64x64 model); the README scores it with ``evaluate --simulate``, whose frames the simulator makes at the
+    model's input size. Before: ``scan ...: crop 128x128 at (-32, -32) does not fit a 64x64 frame``, exit 2.
+    Now frames of the model's input size are taken as cut: the scores of the same model without the crop."""
+    import json
+    import shutil
+
+    from edge_ptychonn.model_card import ModelCard, Training, save_card
+    from edge_ptychonn.stream.preprocess import PreprocessConfig
+
+    training = Training(scan_settings={**ScanSettings(frame_size=64, n_positions=9).to_dict(), "seed": None},
+                        eval_n_positions=9)
+    scores = []
+    for name, pp in (("plain", PreprocessConfig(transform="sqrt", scale=0.05)),
+                     ("cropped", PreprocessConfig(transform="sqrt", scale=0.05, crop_hw=(128, 128), bin_factor=2))):
+        model = shutil.copy(small_model, tmp_path / f"{name}.onnx")
+        save_card(ModelCard(input_size=64, preprocess=pp, training=training), model)
+        argv = ["evaluate", "--model", str(model), "--scan", str(scan9), "--simulate", "mixed:1", "--engine",
+                "onnxruntime", "--device", "cpu", "--threads", "1", "--quiet",
+                "--json", str(tmp_path / f"{name}-scores.json")]
+        assert cli.main(argv) == 0, capsys.readouterr().err
+        scores.append(json.loads((tmp_path / f"{name}-scores.json").read_text()))
+    assert scores[0] == scores[1]

@@ -437,6 +437,22 @@ def test_bad_input_is_refused_with_a_clear_message_and_nothing_written(beamline,
             base.with_suffix(".json").name, base.name]
 
 
+def test_double_frames_beyond_float32_are_refused_as_nan_frames_are(tmp_path):
+    """A double pixel beyond float32's range is infinite as the model's input (the processor counts such a frame
+    ``nonfinite``). Before: taken, numpy's "overflow encountered in cast" warnings with a source line, "start:
+    held-out loss nan", a whole epoch, then "the loss became nan in epoch 1: training diverged; lower --lr"
+    (exit 1): a wrong remedy. Now refused when the frames are read, as NaN frames are."""
+    frames = np.random.default_rng(0).uniform(0, 50, (3, 8, 8))
+    frames[2, 4, 4] = 1e300
+    np.save(tmp_path / "big.npy", frames)
+    with pytest.raises(finetune.InputError, match=r"big\.npy: 1 frames hold NaN or infinite pixels \(or pixels "
+                                                  r"beyond float32's range"):
+        finetune.load_frames(tmp_path / "big.npy")
+    frames[2, 4, 4] = -3e38  # within its range
+    np.save(tmp_path / "ok.npy", frames)
+    assert finetune.load_frames(tmp_path / "ok.npy").frames.shape == (3, 8, 8)
+
+
 def test_help_names_the_convention(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["finetune", "--help"])

@@ -183,16 +183,28 @@ def simulate_held_out(specs: list[str], card: ModelCard | None, n_positions: int
     return scans
 
 
+def scan_preprocess(pp: PreprocessConfig, frame_hw, input_hw) -> PreprocessConfig:
+    """``pp`` for frames of ``frame_hw``: frames already of the model's input size ``input_hw`` (a simulated
+    scan's: the simulator makes them at the card's training frame size) are taken as the detector's crop and
+    bin made them, so ``pp`` without its crop and bin (a fine-tuned model's card holds the detector's, e.g.
+    ``crop 512x512``, ``bin 4``, which no such frame fits); other frames get ``pp`` as it is. Where the crop
+    and bin fit such frames they leave them as they are: the same inputs either way."""
+    if tuple(frame_hw) == tuple(input_hw) and (pp.crop_hw is not None or pp.bin_factor != 1):
+        return replace(pp, crop_hw=None, crop_origin_yx=None, bin_factor=1)
+    return pp
+
+
 def evaluate_scans(engine, pp: PreprocessConfig, scans: list[tuple[str, np.ndarray, ScanTruth]],
                    stitch: StitchSettings = StitchSettings(), *, progress: bool = True,
                    output_mask: OutputMask | None = None) -> list[ScanResult]:
     """Predict every scan's frames with ``engine`` (and ``output_mask``) and score each (:func:`score_scan`).
 
+    Frames already of the engine's input size skip the card's crop and bin (:func:`scan_preprocess`).
     ``ValueError`` naming the scan, before any prediction, when a scan's frames do not become the
     engine's input shape through ``pp``, or cover too little to be scored (:func:`check_scorable`)."""
     for name, frames, truth in scans:
         try:
-            shape = pp.output_shape(frames.shape[1:])
+            shape = scan_preprocess(pp, frames.shape[1:], engine.input_shape).output_shape(frames.shape[1:])
         except ValueError as exc:
             raise ValueError(f"scan {name}: {exc}") from None
         if shape != tuple(engine.input_shape):
@@ -203,7 +215,8 @@ def evaluate_scans(engine, pp: PreprocessConfig, scans: list[tuple[str, np.ndarr
     results = []
     for name, frames, truth in scans:
         bar = Progress(len(frames), f"predict {name}", unit="frames", enabled=progress)
-        predicted = predict(engine, frames, pp, bar, output_mask)
+        scan_pp = scan_preprocess(pp, frames.shape[1:], engine.input_shape)
+        predicted = predict(engine, frames, scan_pp, bar, output_mask)
         bar.close()
         results.append(score_scan(name, predicted, truth, stitch))
     return results

@@ -40,7 +40,7 @@ from engines import EngineUnavailable
 from engines.registry import ENGINES
 
 from edge_ptychonn.files import check_writable, load_npy, save_npy_whole, write_bytes_whole
-from edge_ptychonn.model_card import ModelCard, check_input_size, default_model_path, find_card
+from edge_ptychonn.model_card import ModelCard, card_path, check_input_size, default_model_path, find_card
 from edge_ptychonn.science import accuracy
 from edge_ptychonn.science.finetune import HDF5_SUFFIXES
 from edge_ptychonn.science.simulate import load_scan, scan_paths, warnings_as_lines
@@ -117,6 +117,31 @@ def scan_frames(path: str) -> int | None:
         return None
 
 
+def output_clash(args: argparse.Namespace, image_path: Path | None) -> str | None:
+    """What is wrong when ``--json`` or ``--save-image`` (``image_path``, with its ``.npy``) names a file
+    that evaluate reads (the model, its card, a ``--scan``'s frames or truth) or the other output: the
+    scores would replace it (``--json models/site1.json`` beside ``models/site1.onnx`` replaced the
+    model's card, which every command and the processor then refused); None when nothing clashes."""
+    inputs = {card_path(args.model).resolve(): f"the model card of {args.model}",
+              Path(args.model).resolve(): "the model"}
+    for scan in args.scan:
+        try:
+            npy, npz = scan_paths(scan)
+        except ValueError:  # a name of no file: said in its own words later
+            continue
+        inputs[npy.resolve()] = f"the frames of --scan {scan}"
+        inputs[npz.resolve()] = f"the truth of --scan {scan}"
+    outputs = [(option, Path(path)) for option, path in (("--json", args.json), ("--save-image", image_path))
+               if path is not None]
+    for option, path in outputs:
+        read = inputs.get(path.resolve())
+        if read:
+            return f"{option} {path} would overwrite {read}, which evaluate reads; choose another file"
+    if len(outputs) == 2 and outputs[0][1].resolve() == outputs[1][1].resolve():
+        return f"--json and --save-image name the same file {outputs[0][1]}; choose two files"
+    return None
+
+
 def main(args: argparse.Namespace) -> int:
     """``edge-ptychonn evaluate``; a SIGTERM (a batch system's stop, ``kill``) stops it like Ctrl-C: the
     engine is closed, no half-written output is left behind, and the command ends with one line (exit 130).
@@ -156,6 +181,10 @@ def _evaluate(args: argparse.Namespace) -> int:
         check_writable([p for p in (args.json, image_path) if p is not None])
     except OSError as exc:
         print(f"edge-ptychonn evaluate: cannot write the output: {exc}", file=sys.stderr)
+        return 2
+    clash = output_clash(args, image_path)
+    if clash:
+        print(f"edge-ptychonn evaluate: {clash}", file=sys.stderr)
         return 2
     t0 = time.monotonic()
     try:

@@ -124,7 +124,8 @@ from edge_ptychonn.model_card import (
 )
 from edge_ptychonn.positions import read_text_table
 from edge_ptychonn.progress import Progress
-from edge_ptychonn.science.simulate import ScanSettings, extract_patches, make_probe
+from edge_ptychonn.science.simulate import (NONFINITE_FRAMES, ScanSettings, extract_patches, make_probe,
+                                            nonfinite_frames)
 from edge_ptychonn.science.stitch import Stitcher, probe_weight
 from edge_ptychonn.stream.postprocess import OutputMask
 from edge_ptychonn.stream.preprocess import PreprocessConfig
@@ -169,10 +170,9 @@ def _check_frames(frames: np.ndarray, where: str) -> np.ndarray:
         raise InputError(f"{where}: frames must be integer or float counts, got {frames.dtype}")
     if len(frames) < 2:
         raise InputError(f"{where}: needs at least 2 frames, got {len(frames)}")
-    if frames.dtype.kind == "f":
-        bad = int(np.count_nonzero(~np.isfinite(frames).all(axis=(1, 2))))
-        if bad:
-            raise InputError(f"{where}: {bad} frames hold NaN or infinite pixels")
+    bad = nonfinite_frames(frames)
+    if bad:
+        raise InputError(f"{where}: {bad} frames {NONFINITE_FRAMES}")
     if not np.any(frames):  # a detector that was off, or a file of placeholders: nothing to learn from
         raise InputError(f"{where}: every frame is zero everywhere: no diffraction recorded")
     return frames

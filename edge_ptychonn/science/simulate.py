@@ -555,15 +555,34 @@ def load_scan(path: str | Path) -> tuple[np.ndarray, ScanTruth]:
     return frames, truth
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+NONFINITE_FRAMES = ("hold NaN or infinite pixels (or pixels beyond float32's range, |x| > 3.4e38, infinite "
+                    "as the model's input)")
+
+
+def nonfinite_frames(frames: np.ndarray, chunk: int = 256) -> int:
+    """How many of ``frames`` (N, H, W) hold a pixel that is NaN or infinite, or, for double pixels, beyond
+    float32's range (the model's input: there it is infinite, as the processor counts a bad frame
+    ``nonfinite``); 0 for integer frames. Checked ``chunk`` frames at a time (bounded memory)."""
+    if frames.dtype.kind != "f":
+        return 0
+    bad = 0
+    for start in range(0, len(frames), chunk):
+        part = np.asarray(frames[start : start + chunk])
+        ok = np.abs(part) <= FLOAT32_MAX if part.dtype.itemsize > 4 else np.isfinite(part)  # NaN: False
+        bad += int(np.count_nonzero(~ok.all(axis=(1, 2))))
+    return bad
+
+
 def _check_scan(frames: np.ndarray, truth: ScanTruth, npy: Path, npz: Path) -> None:
     """``ValueError`` naming the file and field where ``load_scan``'s arrays do not form a scan."""
     if frames.ndim != 3 or frames.dtype.kind not in "iuf":
         raise ValueError(f"{npy}: frames must be a stack (N, H, W) of counts, got {frames.dtype} {frames.shape}")
     if len(frames) == 0:
         raise ValueError(f"{npy} holds no frames")
-    if frames.dtype.kind == "f" and not np.isfinite(frames).all():
-        bad = int(np.count_nonzero(~np.isfinite(frames).all(axis=(1, 2))))
-        raise ValueError(f"{npy}: {bad} frames hold NaN or infinite pixels")
+    bad = nonfinite_frames(frames)
+    if bad:
+        raise ValueError(f"{npy}: {bad} frames {NONFINITE_FRAMES}")
     pos = truth.positions_px
     if pos.dtype.kind not in "iuf" or pos.ndim != 2 or pos.shape[1] != 2:
         raise ValueError(f"{npz}: positions_px must be (N, 2) rows of y x, got {pos.dtype} {pos.shape}")
