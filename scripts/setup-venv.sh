@@ -2,8 +2,8 @@
 # Create or update .venv with the project and its pinned dependencies.
 # Usage: scripts/setup-venv.sh [EXTRAS]   (default extras: torch,test,codecs; extras installed
 # before are kept)
-# Installs Debian's iproute2 (for 'ip link set lo multicast on') when missing and run as root,
-# and with the viewer extra Xvfb and Qt's xcb libraries.
+# Installs Debian's iproute2 (for 'ip link set lo multicast on') and python3.N-venv (for
+# 'python3 -m venv') when missing and run as root, and with the viewer extra Xvfb and Qt's xcb libraries.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-torch,test,codecs}"
@@ -38,7 +38,24 @@ fi
 
 python=${PYTHON:-python3}
 "$python" -c 'import sys; sys.exit(sys.version_info < (3, 10))' || { echo "Python >= 3.10 is required" >&2; exit 1; }
-[ -x .venv/bin/python ] || "$python" -m venv .venv
+if [ ! -x .venv/bin/python ]; then
+    # 'python3 -m venv' installs pip with ensurepip, which Debian and Ubuntu ship apart (python3.N-venv,
+    # missing on a fresh machine): without it venv fails half-way and leaves a .venv without pip.
+    if ! "$python" -c 'import ensurepip' 2>/dev/null; then
+        venv_deb="python$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')-venv"
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+            echo "installing $venv_deb (for 'python3 -m venv')" >&2
+            apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$venv_deb" >/dev/null || true
+        fi
+        if ! "$python" -c 'import ensurepip' 2>/dev/null; then
+            echo "$python cannot make a virtual environment with pip: its ensurepip is missing (Debian/Ubuntu: apt-get install $venv_deb)" >&2
+            exit 1
+        fi
+    fi
+    made_here=$([ -e .venv ] || echo 1)
+    # a venv that failed half-way would pass for made at the next run: removed, unless .venv was there before
+    "$python" -m venv .venv || { [ -z "$made_here" ] || rm -rf .venv; echo "'$python -m venv .venv' failed" >&2; exit 1; }
+fi
 
 # Install only when the dependency pins change or an extra is asked for that is not installed
 # yet; the extras installed before are kept (the demo's and the tests' sets in turn install once).

@@ -274,6 +274,30 @@ def test_no_hint_to_view_the_channels_after_ctrl_c(tmp_path, capsys, monkeypatch
     assert "View the channels live next time with: bash scripts/view.sh" in capsys.readouterr().out
 
 
+def test_the_hint_to_view_names_the_viewer_extra_when_c2dv_is_missing(tmp_path, capsys, monkeypatch):
+    """The demo's set-up leaves the viewer extra out, so right after a first demo the hint's
+    view.sh could only fail ("c2dv is not installed"). Before: the hint said nothing of it."""
+    import importlib.machinery
+    import sys
+    import types
+
+    np.save(tmp_path / "scan.npy", np.zeros((2, 128, 128), np.int16))
+    np.savez(tmp_path / "scan.npz", positions_px=np.zeros((2, 2)))
+    args = demo.get_args_parser().parse_args(["--scan", str(tmp_path / "scan.npy"), "--out", str(tmp_path / "out")])
+    monkeypatch.setattr(demo.launch, "run", lambda *a, **k: 0)
+    monkeypatch.setitem(sys.modules, "c2dataviewer", None)  # not importable
+    assert demo.main(args) == 0
+    out = capsys.readouterr().out
+    assert "View the channels live next time with: bash scripts/view.sh" in out
+    assert "viewer extra" in out and "bash scripts/setup-venv.sh viewer" in out
+    installed = types.ModuleType("c2dataviewer")
+    installed.__spec__ = importlib.machinery.ModuleSpec("c2dataviewer", None)
+    monkeypatch.setitem(sys.modules, "c2dataviewer", installed)  # importable: the hint alone
+    assert demo.main(args) == 0
+    out = capsys.readouterr().out
+    assert "View the channels live next time with: bash scripts/view.sh" in out and "viewer extra" not in out
+
+
 def _soak_stopped_at_start(monkeypatch):
     """soak's processes.start: stops the soak (as Ctrl-C would) at its first process, recording argv."""
     from edge_ptychonn.tools import processes

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import math
 import re
@@ -297,4 +298,14 @@ def main(args: argparse.Namespace) -> int:
         return code
     print(f"\nView the channels live next time with: bash scripts/view.sh {args.prefix}:stitch:1:output "
           f"{args.prefix}:inference:1:output", flush=True)
+    if not viewer_installed():  # the demo's set-up leaves the viewer extra out: view.sh would only say so
+        print("(view.sh needs the viewer extra, which the demo leaves out: bash scripts/setup-venv.sh viewer)", flush=True)
     return code
+
+
+def viewer_installed() -> bool:
+    """Whether c2dv (c2dataviewer, the viewer extra) can be imported, without importing it (Qt)."""
+    try:
+        return importlib.util.find_spec("c2dataviewer") is not None
+    except (ImportError, ValueError):
+        return False
