@@ -337,6 +337,55 @@ def test_a_model_that_is_not_onnx_is_a_one_line_error(tmp_path, capsys):
     assert exit_.value.code == 2 and "model.onnx is not a readable ONNX model" in err and len(err.splitlines()) == 1
 
 
+def test_a_refused_model_leaves_no_report_and_no_folder(tmp_path, capsys):
+    """A mistyped --model is refused before anything is measured: the folder made for the run is
+    removed again, and an earlier run's report.json in an --out given again is kept (before: a
+    report.json of the run that never ran, with no word of the refusal, written over it)."""
+    fresh = tmp_path / "new" / "run"
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(bench.get_args_parser().parse_args(["--model", str(tmp_path / "none.onnx"), "--out", str(fresh)]))
+    assert exit_.value.code == 2 and not (tmp_path / "new").exists()
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "report.json").write_text('{"engine": []}\n')
+    (tmp_path / "model.onnx").write_text("not a model")
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(bench.get_args_parser().parse_args(["--model", str(tmp_path / "model.onnx"), "--out", str(earlier)]))
+    assert exit_.value.code == 2
+    assert (earlier / "report.json").read_text() == '{"engine": []}\n'
+    assert sorted(p.name for p in earlier.iterdir()) == ["report.json"]
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("option, value, expected", [
+    ("--batches", "1,x", "give comma-separated whole numbers, got '1,x'"),
+    ("--consumers", "1.5", "give comma-separated whole numbers, got '1.5'"),
+    ("--threads", "two", "give comma-separated whole numbers or 'all', got 'two'"),
+    ("--workers", "1,all,x", "give comma-separated whole numbers or 'all', got '1,all,x'"),
+    ("--rate-fractions", "half", "give comma-separated numbers, got 'half'"),
+])
+def test_a_word_where_numbers_belong_is_named_plainly(capsys, option, value, expected):
+    """Before: "invalid _ints value: '1,x'", naming the bench's own parser function."""
+    with pytest.raises(SystemExit) as exit_:
+        bench.get_args_parser().parse_args([option, value])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.splitlines()[-1].endswith(f"error: argument {option}: {expected}"), err
+    assert "_ints" not in err and "_floats" not in err and "_threads" not in err
+
+
+def test_the_reports_command_repeats_the_run_with_a_space_in_a_path(tmp_path, monkeypatch, capsys):
+    """Before: "--out /x/my results" in report.json, two words where one was given."""
+    import shlex
+
+    out = tmp_path / "my results"
+    argv = ["bench", "--skip", ",".join(bench.PARTS), "--out", str(out), "--no-plots"]
+    monkeypatch.setattr("sys.argv", ["edge-ptychonn", *argv])
+    assert bench.main(bench.get_args_parser().parse_args(argv[1:])) == 0
+    command = json.loads((out / "report.json").read_text())["command"]
+    assert shlex.split(command) == ["edge-ptychonn", *argv], command
+    capsys.readouterr()
+
+
 def test_a_part_that_measured_nothing_is_exit_status_1(tmp_path, capsys):
     """Only an engine and precision that cannot run (ONNX Runtime has no bf16; TensorRT without
     its libraries did the same): before, a table of skipped lines and exit 0, as if the bench
@@ -660,6 +709,15 @@ def test_frames_the_collector_missed_are_not_blamed_on_the_processor():
     lines = bench_report.pipeline_table(report).splitlines()
     cells = dict(zip([c.strip() for c in lines[0].split("|")], [c.strip() for c in lines[2].split("|")]))
     assert cells["by processor"] == "0" and cells["by collector"] == "5", cells
+
+
+def test_the_pipeline_tables_target_is_the_reports_to_a_tenth():
+    """Rates are set to 0.1 frames/s; the table showed targets to the frame (8.2 as 8, the
+    bisected 250.4 and 250.5 both as 250) where report.json and the progress line say 8.2."""
+    points = [fake_point(rate, 1000.0).to_dict() for rate in (8.2, 250.4, 250.5)]
+    lines = bench_report.pipeline_table({"pipeline": {"points": points}}).splitlines()
+    column = [c.strip() for c in lines[0].split("|")].index("target fps")
+    assert [line.split("|")[column].strip() for line in lines[2:]] == ["8.2", "250.4", "250.5"]
 
 
 @pytest.mark.e2e

@@ -342,6 +342,36 @@ def test_soak_makes_the_folders_of_its_json_file_before_it_starts(tmp_path, monk
     assert json.loads(target.read_text())["interrupted"] is True
 
 
+def test_a_refused_soak_leaves_no_folders_for_its_json_file(tmp_path, capsys, monkeypatch):
+    """--json in folders not made yet, then a refusal (an engine that needs --fps): exit 2 and
+    nothing left (before: the empty folders, made by the --json check before the refusal)."""
+    from edge_ptychonn.tools import soak
+
+    started = _soak_stopped_at_start(monkeypatch)
+    target = tmp_path / "new" / "deeper" / "soak.json"
+    args = soak.get_args_parser().parse_args(["--engine", "zero", "--minutes", "0.01", "--json", str(target)])
+    assert soak.main(args) == 2 and started == []
+    assert "--engine zero needs --fps" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_soak_json_of_a_consumer_that_died_is_strict_json(tmp_path):
+    """A consumer that died reads NaN resident memory; --json wrote it as the bare word NaN, which
+    strict JSON parsers (a browser's, a JSON schema check) refuse. It is null now."""
+    from edge_ptychonn.tools import soak
+
+    target = tmp_path / "soak.json"
+    soak.write_figures(target, {"rss_mb": [(10.0, [150.5, 151.0]), (14.0, [float("nan"), 152.0])],
+                                "rss_growth_after_warmup_mb": float("nan"), "frames_lost": 3})
+
+    def refuse(word):
+        raise AssertionError(f"{word} in the JSON")
+
+    figures = json.loads(target.read_text(), parse_constant=refuse)
+    assert figures == {"rss_mb": [[10.0, [150.5, 151.0]], [14.0, [None, 152.0]]],
+                       "rss_growth_after_warmup_mb": None, "frames_lost": 3}
+
+
 def test_soak_longer_than_an_hour_keeps_its_consumers_to_the_end(monkeypatch):
     """Before: the consumers were started with PvaPy's runtime of an hour (-rt 3600), so a soak of
     90 minutes lost every frame of its last half hour to consumers that had stopped by themselves."""

@@ -31,6 +31,7 @@ import faulthandler
 import math
 import os
 import platform
+import shlex
 import sys
 from pathlib import Path
 
@@ -57,10 +58,20 @@ def _listed(values: list, text: str, low: float = 1, what: str = "") -> list:
     return values
 
 
+def _parsed(kind, word: str, text: str, what: str = ""):
+    """``kind(word)``, or argparse's one-line error naming what was expected (before: "invalid
+    _ints value", the name of this module's parser, not of what the option takes)."""
+    try:
+        return kind(word)
+    except ValueError:
+        what = what or {int: "whole numbers", float: "numbers"}[kind]
+        raise argparse.ArgumentTypeError(f"give comma-separated {what}, got {text!r}") from None
+
+
 def _floats(text: str) -> list[float]:
     """Comma-separated finite numbers > 0 (a rate fraction of 0 or NaN offers no rate to measure),
     each once, in the order given."""
-    values = list(dict.fromkeys(float(x) for x in text.split(",") if x.strip()))
+    values = list(dict.fromkeys(_parsed(float, x, text) for x in text.split(",") if x.strip()))
     if any(not math.isfinite(v) or v <= 0 for v in values):
         raise argparse.ArgumentTypeError(f"values must be finite and > 0, got {text!r}")
     return _listed(values, text, low=0)
@@ -69,13 +80,14 @@ def _floats(text: str) -> list[float]:
 def _ints(text: str) -> list[int]:
     """Comma-separated integers >= 1, each once, in the order given (a count measured twice
     would only repeat itself)."""
-    return _listed(list(dict.fromkeys(int(x) for x in text.split(",") if x.strip())), text)
+    return _listed(list(dict.fromkeys(_parsed(int, x, text) for x in text.split(",") if x.strip())), text)
 
 
 def _threads(text: str) -> list[int]:
     cores = usable_cores()
-    return _listed(sorted({cores if x.strip() == "all" else int(x) for x in text.split(",") if x.strip()}), text,
-                   what="counts ('all' or 1 and up)")
+    counts = {cores if x.strip() == "all" else _parsed(int, x, text, "whole numbers or 'all'")
+              for x in text.split(",") if x.strip()}
+    return _listed(sorted(counts), text, what="counts ('all' or 1 and up)")
 
 
 def _words(text: str) -> list[str]:
@@ -355,6 +367,7 @@ def main(args: argparse.Namespace) -> int:
                       f"(the {args.pipeline_engine} engine runs one named precision)")
     # absolute: the processes it starts run in the project's folder, and the scans they replay are here
     out_dir = (args.out or Path("results") / dt.datetime.now().strftime("bench-%Y%m%d-%H%M%S")).resolve()
+    made = next((p for p in [*reversed(out_dir.parents), out_dir] if not p.exists()), None)  # the top folder it makes
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # a file where the folder would be, or no permission: a bad argument, in one line
@@ -363,7 +376,8 @@ def main(args: argparse.Namespace) -> int:
     cores = usable_cores()
     consumers = args.consumers or default_consumers(cores)
     report: dict = {
-        "command": " ".join(["edge-ptychonn", "bench", *sys.argv[2:]]) if sys.argv[1:2] == ["bench"] else " ".join(sys.argv),
+        # quoted for a shell: the command repeats the run (before, a path with a space in it became two words)
+        "command": shlex.join(["edge-ptychonn", "bench", *sys.argv[2:]] if sys.argv[1:2] == ["bench"] else sys.argv),
         "started": dt.datetime.now().isoformat(timespec="seconds"),
         "arguments": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "machine": machine_info(),
@@ -372,6 +386,7 @@ def main(args: argparse.Namespace) -> int:
     report["machine"]["pvaccess_realtime"] = realtime
     procs = bp.Procs(realtime=realtime)
     signals = contextlib.ExitStack()
+    refused_run = False
     signals.enter_context(live.stop_on_signals())  # SIGTERM and SIGHUP stop it like Ctrl-C
     try:
         model_path, note = resolve_model(args.model, out_dir, progress)
@@ -526,25 +541,52 @@ def main(args: argparse.Namespace) -> int:
     except (KeyboardInterrupt, live.Terminated):
         report["interrupted"] = True
         progress("interrupted: stopping every process started")
+    except SystemExit:  # a refused model (:func:`refused`): nothing was measured, and no report says otherwise
+        refused_run = True
+        raise
     finally:
         with live.signals_ignored():
             procs.stop_all()
         bp.remove_scans(out_dir)
         signals.close()
-        report["machine"]["load_after"] = _load()
-        report["finished"] = dt.datetime.now().isoformat(timespec="seconds")
-        br.write_json(report, out_dir / "report.json")  # first: whatever the plots do, the report is kept
-        if not args.no_plots and report.get("pipeline", report.get("engine")):
-            plots, reason = br.write_plots(report, out_dir)
-            report["plots"] = plots
-            if reason:
-                progress(reason)
-            br.write_json(report, out_dir / "report.json")
+        if refused_run:  # before: a report.json of a run that never ran, in a folder made for it
+            _remove_empty_folders(out_dir, made)
+        else:
+            _write_report(report, out_dir, args.no_plots, progress)
     print(br.summary_text(report))
     print(f"\nreport: {out_dir / 'report.json'}")
     if report.get("interrupted"):
         return 130
     return 1 if report.get("not_measured") else 0  # a part asked for measured nothing
+
+
+def _write_report(report: dict, out_dir: Path, no_plots: bool, progress) -> None:
+    """report.json, then the plots (and report.json again, naming them)."""
+    from . import bench_report as br
+
+    report["machine"]["load_after"] = _load()
+    report["finished"] = dt.datetime.now().isoformat(timespec="seconds")
+    br.write_json(report, out_dir / "report.json")  # first: whatever the plots do, the report is kept
+    if not no_plots and report.get("pipeline", report.get("engine")):
+        plots, reason = br.write_plots(report, out_dir)
+        report["plots"] = plots
+        if reason:
+            progress(reason)
+        br.write_json(report, out_dir / "report.json")
+
+
+def _remove_empty_folders(out_dir: Path, top: Path | None) -> None:
+    """The folders from ``out_dir`` up to ``top`` (the first one this run made; None: it made none),
+    each only while empty: what a run refused before it measured anything leaves nothing behind."""
+    if top is None:
+        return
+    for folder in [out_dir, *out_dir.parents]:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (something else was put there), or gone
+            return
+        if folder == top:
+            return
 
 
 def _peak_device(device: str) -> str:

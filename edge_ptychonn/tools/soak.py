@@ -91,22 +91,42 @@ def memory_growth(samples: list[tuple[float, list[float]]], warmup_s: float = WA
 
 def check_output_file(path: Path) -> None:
     """``--json``: a file that can be written once the run is over, checked before it starts (a
-    run of minutes must not end in "no such folder" with its figures lost); missing parent
-    folders are made. Raises ValueError with the reason."""
+    run of minutes must not end in "no such folder" with its figures lost). The check leaves
+    nothing: missing parent folders are made when the figures are written (before, here, and a
+    run refused afterwards, an unknown engine, left them behind). Raises ValueError with the reason."""
+    from edge_ptychonn.files import check_folder
+
     if path.is_dir():
         raise ValueError(f"--json {path} is a folder; give a file name")
     existing = next(p for p in [path.parent, *path.parent.parents] if p.exists() or p == p.parent)
     if not existing.is_dir():
         raise ValueError(f"--json {path}: {existing} is not a folder")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        existed = path.exists()
-        with open(path, "a"):  # writable here (as root, os.access says yes even where it is not)
-            pass
-        if not existed:
-            path.unlink()
+        check_folder(path.parent)  # writable here (as root, os.access says yes even where it is not)
     except OSError as exc:
-        raise ValueError(f"--json {path}: cannot be written: {exc.strerror or exc}") from None
+        raise ValueError(f"--json {path}: cannot be written: {exc}") from None
+
+
+def _json_safe(value):
+    """``value`` with every float that is not finite as None: the resident memory of a consumer that
+    died reads NaN, which ``json.dumps`` writes as ``NaN``, a word strict JSON parsers refuse."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_figures(path: Path, figures: dict) -> None:
+    """``--json``: the figures, in the folders missing made now, written whole (a file cut short
+    by a stop or a full disk is never left under ``path``); a memory sample of a consumer that
+    was gone is null."""
+    from edge_ptychonn.files import write_bytes_whole
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_whole(path, (json.dumps(_json_safe(figures), indent=1, allow_nan=False) + "\n").encode())
 
 
 def get_args_parser(prog: str = "edge-ptychonn soak") -> argparse.ArgumentParser:
@@ -246,9 +266,9 @@ def main(args: argparse.Namespace) -> int:
                   f"{got}" + (f", RSS MB {', '.join(f'{r:.0f}' for r in samples[-1][1])} at {samples[-1][0]:.0f} s"
                               if samples else ""), flush=True)
             if args.json:
-                args.json.write_text(json.dumps({"interrupted": True, "fps_offered": fps, "minutes": args.minutes,
-                                                 "consumers": args.consumers, "engine": args.engine,
-                                                 "frames_published": got, "rss_mb": samples}, indent=1))
+                write_figures(args.json, {"interrupted": True, "fps_offered": fps, "minutes": args.minutes,
+                                          "consumers": args.consumers, "engine": args.engine,
+                                          "frames_published": got, "rss_mb": samples})
             return 130
         finally:
             with processes.signals_ignored():  # a second signal must not cut the stopping short
@@ -282,6 +302,6 @@ def main(args: argparse.Namespace) -> int:
           + ("; a consumer exited during the run" if gone else ""))
     figures["warmup_s"] = warmup_s
     if args.json:
-        args.json.write_text(json.dumps(figures, indent=1))
+        write_figures(args.json, figures)
     memory_ok = growth is None or growth < args.max_growth_mb
     return 0 if lost == 0 and dropped == 0 and sent > 0 and memory_ok and not gone else 1
