@@ -183,3 +183,16 @@ def model_32(tmp_path_factory):
     from model_util import export_small_model
 
     return export_small_model(tmp_path_factory.mktemp("swap32") / "m32.onnx", seed=2, input_size=32)
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers_restored():
+    """Each test leaves SIGTERM, SIGINT and SIGHUP as it found them: a processor started in-process
+    installs its SIGTERM handler (processors.shutdown.on_sigterm), and a later test of a command that
+    takes SIGTERM only where it has its default action (cli.sigterm_interrupts) then ran without it
+    (test_cli's SIGTERM tests failed after the stitcher's or the writer's tests)."""
+    kept = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    yield
+    for s, handler in kept.items():
+        if handler is not None and signal.getsignal(s) is not handler:
+            signal.signal(s, handler)
