@@ -99,7 +99,8 @@ def unused_stem(stem: Path, endings: tuple[str, ...]) -> Path:
     data files are never replaced."""
     stem = Path(stem)
     candidate, n = stem, 1
-    while any(Path(f"{candidate}{ending}").exists() for ending in endings):
+    # lexists: a name held by a dangling symbolic link is taken too (no file can be made under it)
+    while any(os.path.lexists(f"{candidate}{ending}") for ending in endings):
         n += 1
         candidate = stem.with_name(f"{stem.name}-{n}")
     return candidate
@@ -130,8 +131,10 @@ def whole_file(path: Path, replace: bool = True):
             os.replace(partial, path)
         else:
             _rename_no_replace(partial, path)
-    except BaseException:
+    except BaseException as exc:
         partial.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno and not exc.filename:  # a write's error names no file: this one
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
         raise
     with contextlib.suppress(OSError):  # some file systems cannot sync a folder: the data are safe anyway
         _sync(path.parent)
@@ -159,9 +162,23 @@ def write_bytes_whole(path: Path, data: bytes) -> None:
         partial.write_bytes(data)
 
 
+class _WriteOnly:
+    """A file seen only through ``write()``."""
+
+    def __init__(self, f):
+        self.write = f.write
+
+
+def write_npy(f, array) -> None:
+    """``np.save(f, array)`` (no pickles), whose failure says why: numpy writes to a real file with
+    ``ndarray.tofile``, whose error on a full disk is "N requested and M written", without the
+    reason; through ``write()`` it is the system's (``[Errno 28] No space left on device``)."""
+    np.lib.format.write_array(_WriteOnly(f), np.asanyarray(array), allow_pickle=False)
+
+
 def save_npy_whole(path: Path, array: np.ndarray, replace: bool = True) -> None:
     with whole_file(path, replace) as partial, open(partial, "wb") as f:
-        np.save(f, array)
+        write_npy(f, array)
 
 
 _NUMPY_READ_ERRORS = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error)
@@ -230,6 +247,9 @@ def check_folder(folder) -> None:
     since permission bits alone pass root everywhere (``/proc``). Leaves nothing."""
     folder = Path(folder)
     while not folder.exists() and folder != folder.parent:
+        if folder.is_symlink():  # a dangling link: no folder can be made under its name
+            raise NotADirectoryError(f"{folder} is a symbolic link to {os.readlink(folder)}, which does not exist "
+                                     "(or is a loop of links)")
         folder = folder.parent  # the folders missing are made when the files are written
     if not folder.is_dir():
         raise NotADirectoryError(f"{folder} is a file, not a folder")

@@ -148,7 +148,9 @@ from pathlib import Path
 import numpy as np
 import pvaccess as pva
 
-from edge_ptychonn.files import NAME_MAX, check_folder, remove_stale_partials, save_npy_whole, unused_stem
+from edge_ptychonn.files import (
+    NAME_MAX, check_folder, load_npy, load_npz, remove_stale_partials, save_npy_whole, unused_stem,
+)
 from edge_ptychonn.positions import read_text_table
 from edge_ptychonn.science.stitch import Stitcher, probe_weight
 from edge_ptychonn.stream.arguments import (
@@ -186,15 +188,13 @@ class PositionTable:
         if not file.is_file():
             raise ValueError(f"positionsFile {str(file)!r} is not a file")
         object_shape = probe = None
-        try:  # a file of another kind, truncated or unreadable: one line naming it
+        try:  # a file of another kind (an .npy under an .npz name, ...), truncated or unreadable: one line naming it
             if file.suffix == ".npz":
-                with np.load(file) as z:
-                    arrays = {k: np.asarray(z[k]) for k in ("positions_px", "object_phase", "probe") if k in z.files}
-                    names = z.files
+                names, arrays = load_npz(file, ("positions_px", "object_phase", "probe"))
             elif file.suffix == ".npy":
-                rows = np.asarray(np.load(file), dtype=np.float64)
-        except (OSError, EOFError, ValueError, zipfile.BadZipFile) as exc:
-            raise ValueError(f"positionsFile {file}: cannot read it ({exc})") from None
+                rows = np.asarray(load_npy(file), dtype=np.float64)
+        except (OSError, EOFError, ValueError, TypeError, zipfile.BadZipFile) as exc:
+            raise ValueError(f"positionsFile {file}: cannot read it ({str(exc).removeprefix(f'{file}: ')})") from None
         if file.suffix == ".npz":
             if "positions_px" not in arrays:
                 raise ValueError(f"positionsFile {file} has no 'positions_px' array (has {', '.join(names)})")
@@ -234,9 +234,9 @@ def load_weight(file: Path) -> np.ndarray:
     """The (h, w) weights of ``weightFile`` (float64): finite, >= 0 and not all zero, else
     ``ValueError`` naming the file (checked at start, not at every frame)."""
     try:
-        weight = np.asarray(np.load(file), dtype=np.float64)
+        weight = np.asarray(load_npy(file), dtype=np.float64)
     except (OSError, EOFError, ValueError, TypeError) as exc:
-        raise ValueError(f"weightFile {file}: cannot read it ({exc})") from None
+        raise ValueError(f"weightFile {file}: cannot read it ({str(exc).removeprefix(f'{file}: ')})") from None
     if weight.ndim != 2 or weight.size == 0 or not np.all(np.isfinite(weight)) or weight.min() < 0 or weight.max() <= 0:
         raise ValueError(f"weightFile {file}: need an (h, w) array of finite weights >= 0, not all zero "
                          f"(got shape {weight.shape})")

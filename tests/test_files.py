@@ -199,3 +199,49 @@ def test_a_long_name_that_fits_gets_a_partial_that_fits(tmp_path, dead_pid):
     dead = partial_name(tmp_path / ("z" * 240 + ".h5"), dead_pid)  # a long partial of a dead process
     dead.write_bytes(b"x")
     assert remove_stale_partials(tmp_path, LOG) == [dead]
+
+
+def test_a_dangling_link_is_no_folder_to_write_in(tmp_path):
+    """Before: passed as writable (the check climbed to the folder above), and the first write
+    failed with a bare "[Errno 17] File exists" (a writer's output folder, a launch's log_dir,
+    finetune --out after its training)."""
+    link = tmp_path / "scans"
+    link.symlink_to(tmp_path / "gone")
+    for folder in (link, link / "run5"):
+        with pytest.raises(NotADirectoryError, match=rf"{link} is a symbolic link to {tmp_path / 'gone'}, which "
+                                                     "does not exist"):
+            check_folder(folder)
+    with pytest.raises(NotADirectoryError, match="symbolic link"):
+        check_writable([link / "out.json"])
+
+
+def test_a_name_held_by_a_dangling_link_is_taken(tmp_path):
+    """Before: the name of a dangling link was "free", no file could be made under it, and every
+    new try got that name again: the HDF5 writer lost every frame of the scan, the stitcher its image."""
+    (tmp_path / "scan0001.h5").symlink_to(tmp_path / "gone.h5")
+    stem = unused_stem(tmp_path / "scan0001", (".h5",))
+    assert stem == tmp_path / "scan0001-2"
+    with whole_file(Path(f"{stem}.h5"), replace=False) as partial:
+        partial.write_bytes(b"data")
+    assert (tmp_path / "scan0001-2.h5").read_bytes() == b"data" and (tmp_path / "scan0001.h5").is_symlink()
+
+
+def test_a_full_disk_is_said_with_the_file_and_the_reason(tmp_path, monkeypatch):
+    """Before: "6553600 requested and 1048512 written" (numpy's tofile), naming neither the file
+    nor the reason. /dev/full answers every write with ENOSPC."""
+    import errno
+
+    import edge_ptychonn.files as files
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    monkeypatch.setattr(files, "open", lambda path, mode: open("/dev/full", mode), raising=False)
+    target = tmp_path / "image.npy"
+    with pytest.raises(OSError) as info:
+        save_npy_whole(target, np.zeros((64, 64), np.float32))
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(target), info.value
+    assert "No space left on device" in str(info.value) and str(target) in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    save_npy_whole(target, np.arange(6.0).reshape(2, 3))  # what it writes is np.save's file
+    assert np.array_equal(load_npy(target), np.arange(6.0).reshape(2, 3))

@@ -773,6 +773,16 @@ def test_a_log_dir_that_cannot_be_made_is_refused_by_check(tmp_path):
     assert not (tmp_path / "new").exists()  # checked, not made
 
 
+def test_a_home_folder_in_log_dir_and_scan_is_expanded(tmp_path, monkeypatch):
+    """Before: a TOML file is no shell, and "~/..." made a folder named "~" in the launch directory
+    (the processors' own paths in the same file take "~" as the home folder)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    np.save(tmp_path / "scan.npy", np.zeros((2, 8, 8), np.int16))
+    cfg = load(tmp_path, 'log_dir = "~/logs"\n' + MINIMAL.replace('channel = "det:image"', 'scan = "~/scan.npy"'))
+    assert cfg.log_dir == tmp_path / "logs" and cfg.source["scan"] == str(tmp_path / "scan.npy")
+
+
 def test_a_file_name_format_with_a_folder_is_refused(tmp_path):
     """Before: accepted, and every frame was lost (no file could be created in a folder that
     does not exist)."""

@@ -1319,3 +1319,16 @@ def test_reset_stats_through_the_collector_resets_the_stitchers_counts(rng):
         assert collector.processingController.nProcessed == 0
     finally:
         collector.stop()
+
+
+def test_a_positions_file_of_the_other_numpy_kind_is_refused_naming_it(tmp_path):
+    """Before: an .npy array under an .npz name stopped the stitcher with a TypeError traceback
+    ("'numpy.ndarray' object does not support the context manager protocol"), naming no file."""
+    with open(tmp_path / "pos.npz", "wb") as f:
+        np.save(f, np.zeros((4, 2)))
+    with open(tmp_path / "pos.npy", "wb") as f:
+        np.savez(f, positions_px=np.zeros((4, 2)))
+    with pytest.raises(ValueError, match=r"pos\.npz: cannot read it \(a \.npy array, not an \.npz archive\)"):
+        PositionTable.load(tmp_path / "pos.npz")
+    with pytest.raises(ValueError, match=r"pos\.npy: cannot read it \(an \.npz archive, not a \.npy array\)"):
+        PositionTable.load(tmp_path / "pos.npy")

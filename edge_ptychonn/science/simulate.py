@@ -55,7 +55,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_ptychonn.files import check_writable, load_npy, load_npz, whole_file
+from edge_ptychonn.files import check_writable, load_npy, load_npz, whole_file, write_npy
 from edge_ptychonn.cli_options import DefaultsFormatter
 from edge_ptychonn.progress import Progress
 
@@ -505,10 +505,10 @@ def save_scan(out: str | Path, frames: np.ndarray, truth: ScanTruth) -> tuple[Pa
     """
     npy, npz = scan_paths(out)
     npy.parent.mkdir(parents=True, exist_ok=True)
-    with whole_file(npy) as npy_part, whole_file(npz) as npz_part:
+    with whole_file(npy) as npy_part:  # the .npz's opened once the .npy is written: an error names its file
         with open(npy_part, "wb") as f:
-            np.save(f, frames)
-        with open(npz_part, "wb") as f:
+            write_npy(f, frames)
+        with whole_file(npz) as npz_part, open(npz_part, "wb") as f:
             np.savez(
                 f,
                 positions_px=truth.positions_px,

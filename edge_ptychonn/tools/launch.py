@@ -108,6 +108,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -362,6 +363,10 @@ class LaunchConfig:
         if not 1 <= inf["consumers"] <= MAX_CONSUMERS:
             raise ValueError(f"[inference] consumers must be 1..{MAX_CONSUMERS}, got {inf['consumers']}")
         src = tables["source"]
+        # "~" as the processors' paths take it (a TOML file is no shell): not a folder named "~" in the launch directory
+        top["log_dir"] = os.path.expanduser(top["log_dir"])
+        if src["scan"] is not None:
+            src["scan"] = os.path.expanduser(src["scan"])
         if src["fps"] < MIN_FPS or not 0 <= src["start_delay_s"] <= MAX_START_DELAY_S:
             raise ValueError(f"[source] fps must be >= {MIN_FPS:g} and start_delay_s 0..{MAX_START_DELAY_S:g} s")
         if src["scan"] is not None:
