@@ -124,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[name][0])
     # argparse answers --help (exit 0) and bad arguments (usage and error on stderr, exit 2) itself
     args = module.get_args_parser(prog=f"edge-ptychonn {name}").parse_args(rest)
+    _SIGTERM_SEEN.clear()  # this command's own: an earlier one's in the same process is no interruption of it
     try:
         return int(module.main(args) or 0)
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback

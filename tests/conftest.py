@@ -185,14 +185,24 @@ def model_32(tmp_path_factory):
     return export_small_model(tmp_path_factory.mktemp("swap32") / "m32.onnx", seed=2, input_size=32)
 
 
-@pytest.fixture(autouse=True)
-def _signal_handlers_restored():
-    """Each test leaves SIGTERM, SIGINT and SIGHUP as it found them: a processor started in-process
-    installs its SIGTERM handler (processors.shutdown.on_sigterm), and a later test of a command that
-    takes SIGTERM only where it has its default action (cli.sigterm_interrupts) then ran without it
-    (test_cli's SIGTERM tests failed after the stitcher's or the writer's tests)."""
-    kept = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-    yield
-    for s, handler in kept.items():
+_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_SESSION_HANDLERS = {s: signal.getsignal(s) for s in _SIGNALS}  # as the test session started
+
+
+def _restore_signal_handlers() -> None:
+    for s, handler in _SESSION_HANDLERS.items():
         if handler is not None and signal.getsignal(s) is not handler:
             signal.signal(s, handler)
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers_restored():
+    """Each test runs, and leaves, SIGTERM, SIGINT and SIGHUP as the session started with them: a
+    processor started in-process installs its SIGTERM handler (processors.shutdown.on_sigterm),
+    which stays after its test, and one used once ignores every later SIGTERM. A command that
+    takes SIGTERM only where it has its default action (cli.sigterm_interrupts) then ran without
+    it: test_cli's SIGTERM test failed after the stitcher's or the writer's tests, and finetune's
+    after a module fixture had started an HDF5 writer."""
+    _restore_signal_handlers()  # what module or session fixtures set up for this test left
+    yield
+    _restore_signal_handlers()

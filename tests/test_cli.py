@@ -1100,3 +1100,22 @@ def test_a_sigterm_that_a_library_turns_into_its_own_error_is_still_an_interrupt
     monkeypatch.setattr(export, "_export", writing)
     assert cli.main(["export", "--out", str(tmp_path / "m.onnx")]) == 130
     _one_line(capsys.readouterr().err, "edge-ptychonn export: interrupted")
+
+
+def test_an_earlier_commands_sigterm_is_no_interruption_of_the_next(monkeypatch, capsys):
+    """cli.main run twice in one process (the tests do): a SIGTERM noted in the first command made
+    every error of a later one read "interrupted", exit 130 (test_ctrl_c_and_file_errors_are_one_line
+    failed after finetune's SIGTERM test)."""
+    from edge_ptychonn import cli as cli_module
+    from edge_ptychonn.science import simulate
+
+    seen = threading.Event()
+    seen.set()  # what the first command's SIGTERM left
+    monkeypatch.setattr(cli_module, "_SIGTERM_SEEN", seen)
+
+    def full_disk(args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(simulate, "main", full_disk)
+    assert cli.main(["simulate", "--out", "x"]) == 1
+    _one_line(capsys.readouterr().err, "edge-ptychonn simulate: [Errno 28] No space left on device")
