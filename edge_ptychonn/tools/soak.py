@@ -29,7 +29,6 @@ second) times ``--consumers``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -122,11 +121,10 @@ def _json_safe(value):
 def write_figures(path: Path, figures: dict) -> None:
     """``--json``: the figures, in the folders missing made now, written whole (a file cut short
     by a stop or a full disk is never left under ``path``); a memory sample of a consumer that
-    was gone is null."""
-    from edge_ptychonn.files import write_bytes_whole
+    was gone is null (the bench's report writer, :func:`~edge_ptychonn.tools.bench_report.write_json`)."""
+    from .bench_report import write_json
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_bytes_whole(path, (json.dumps(_json_safe(figures), indent=1, allow_nan=False) + "\n").encode())
+    write_json(_json_safe(figures), path)
 
 
 def get_args_parser(prog: str = "edge-ptychonn soak") -> argparse.ArgumentParser:
