@@ -206,7 +206,9 @@ def test_the_cards_eval_scores_are_what_the_evaluate_command_it_names_gives(tmp_
     assert cli.main(["train", "--out", str(out), "--train-scans", "1", "--positions-per-scan", "16",
                      "--batch-size", "16", "--val-scans", "1", "--epochs", "1", "--width", "4", "--depth", "2",
                      "--threads", "1", "--eval", "smooth:1", "--quiet", "--family", "siemens", "--photons", "1e8"]) == 0
-    err = capsys.readouterr().err
+    out_text, err = capsys.readouterr()
+    row = re.compile(r"^smooth:1 +model ", re.MULTILINE)  # the score table is a result: stdout (was stderr)
+    assert row.search(out_text) and not row.search(err), (out_text, err)
     assert re.search(r"^edge-ptychonn train: warning: scan smooth:1: \d+ pixels exceeded the int16 range", err,
                      re.MULTILINE) and "UserWarning" not in err, err
     family = [line for line in out.with_suffix(".md").read_text().splitlines() if "Object family" in line]
@@ -217,6 +219,7 @@ def test_the_cards_eval_scores_are_what_the_evaluate_command_it_names_gives(tmp_
     assert command[:2] == ["edge-ptychonn", "evaluate"]
     assert cli.main([*command[1:], "--engine", "onnxruntime", "--threads", "1", "--quiet",
                      "--json", str(tmp_path / "scores.json")]) == 0
+    assert row.search(capsys.readouterr().out)  # evaluate's table too, on stdout
     scores = json.loads((tmp_path / "scores.json").read_text())["smooth:1"]
     recorded = card["accuracy"]["scans"]["smooth:1"]
     for key in ("outside_mean_abs_rad", "outside_max_abs_rad", "patch_rmse_median_rad"):

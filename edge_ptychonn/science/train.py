@@ -1308,7 +1308,7 @@ def _train(args: argparse.Namespace) -> int:
                 results = accuracy.evaluate_scans(engine, pp, scans, stitch, progress=show, output_mask=output_mask)
             finally:
                 engine.close()
-            print(accuracy.results_table(results), file=sys.stderr)
+            print(accuracy.results_table(results), flush=True)  # a result: stdout, as evaluate
             card = replace(card, accuracy={
                 "scans": accuracy.results_json(results),
                 "command": shlex.join(["edge-ptychonn", "evaluate", "--model", str(onnx_path),
