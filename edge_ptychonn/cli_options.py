@@ -29,15 +29,15 @@ MAX_SEED = 2**63 - 1  # torch's seeds are 64-bit integers, and it fails beyond t
 
 
 def seed(text: str) -> int:
-    """A ``--seed`` value of a command that seeds torch: a whole number within +-(2**63-1) (argparse
-    answers anything else with its one-line usage error; beyond it torch failed with a
-    traceback). The commands say themselves whether they take negative ones (train does not)."""
+    """A ``--seed`` value of a command that seeds torch: a whole number from 0 to 2**63-1 (argparse
+    answers anything else with its one-line usage error; beyond it torch failed with a traceback;
+    simulate's seeds, and so the scans', are never negative either)."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
-    if not -MAX_SEED <= value <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"must be a whole number within +-{MAX_SEED} (torch's seeds), got {text}")
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 0 to {MAX_SEED} (torch's seeds), got {text}")
     return value
 
 

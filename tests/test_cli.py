@@ -891,13 +891,15 @@ def test_every_option_has_a_help_text_and_no_default_in_pythons_own_notation(nam
 
 
 @pytest.mark.parametrize("name", ["export", "train", "finetune"])
-def test_a_seed_torch_cannot_take_is_refused_in_one_line(name, capsys):
-    """export --seed 1e20 ended in torch's 'Overflow when unpacking long long' traceback."""
+@pytest.mark.parametrize("value", ["99999999999999999999", "-1"])
+def test_a_seed_torch_cannot_take_is_refused_in_one_line(name, value, capsys):
+    """export --seed 1e20 ended in torch's 'Overflow when unpacking long long' traceback; export
+    and finetune took --seed -1, where train and simulate refuse a negative seed."""
     with pytest.raises(SystemExit) as stop:
-        cli.main([name, "--seed", "99999999999999999999"])
+        cli.main([name, "--seed", value])
     assert stop.value.code == 2
     err = capsys.readouterr().err
-    assert "argument --seed: must be a whole number within +-9223372036854775807 (torch's seeds), got 99999999999999999999" in err
+    assert f"argument --seed: must be a whole number from 0 to 9223372036854775807 (torch's seeds), got {value}" in err
     assert "Traceback" not in err, err
 
 

@@ -256,7 +256,6 @@ def test_bad_training_arguments(tmp_path, capsys):
                       (["--max-minutes", "-1"], "max-minutes must be a number >= 0 (0: no limit), got -1.0"),
                       (["--lr", "nan"], "lr must be a number >= 0, got nan"),
                       (["--weight-decay=-1e-4"], "weight-decay must be a number >= 0"),
-                      (["--seed", "-1"], "seed must be >= 0, got -1"),
                       (["--seed-base", "-3"], "seed-base must be >= 0 (scan seeds), got -3"),
                       (["--val-seed-base", "-1"], "val-seed-base must be >= 0"),
                       (["--eval", "mixed:-1"], "seed must be >= 0, got 'mixed:-1'")):
