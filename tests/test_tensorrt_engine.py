@@ -770,14 +770,26 @@ def test_a_plan_that_cannot_be_cached_is_built_and_run_with_a_log_line(gpu10, sm
 
 
 def test_build_engine_fails_when_the_plan_cannot_be_saved(gpu10, small_model, tmp_path, capsys, monkeypatch):
-    """build-engine exists to save plans: one it cannot save is a failure (exit 1), never
-    'built -> path' for a file that is not there."""
+    """build-engine exists to save plans: one it cannot save is a failure, never 'built -> path'
+    for a file that is not there; a folder it cannot write in is refused before any build
+    (exit 2; before: the failure was said after building every plan), and a folder that turns
+    read-only during the build fails that plan (exit 1)."""
     from edge_ptychonn.tools import build_engine
 
     plans = tmp_path / "plans"
     plans.mkdir()
-    refuse_writes_under(monkeypatch, plans)
     argv = ["--model", str(small_model), "--precision", "fp32", "--plan-cache-dir", str(plans)]
+    with monkeypatch.context() as m:
+        refuse_writes_under(m, plans)
+        assert build_engine.main(build_engine.get_args_parser().parse_args(argv)) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and not gpu10.calls("build_serialized_network")
+    assert captured.err.startswith(f"edge-ptychonn build-engine: cannot save plans in --plan-cache-dir {plans}: ")
+    assert "not writable" in captured.err and captured.err.count("\n") == 1, captured.err
+
+    real_folder_check = build_engine.check_folder
+    monkeypatch.setattr(build_engine, "check_folder", lambda folder: (real_folder_check(folder),
+                                                                      refuse_writes_under(monkeypatch, plans)))
     assert build_engine.main(build_engine.get_args_parser().parse_args(argv)) == 1
     captured = capsys.readouterr()
     assert captured.out == ""

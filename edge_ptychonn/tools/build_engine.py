@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from edge_ptychonn.files import check_folder
+
 
 def _precisions(text: str) -> list[str]:
     from engines.tensorrt_engine import TensorRTEngine
@@ -94,6 +96,12 @@ def main(args: argparse.Namespace) -> int:
         _check_device(args.device)
     except ValueError as exc:
         print(f"edge-ptychonn build-engine: --device: {exc}", file=sys.stderr)
+        return 2
+    try:  # before a build of minutes: the plans are what this command is for
+        check_folder(args.plan_cache_dir)
+    except OSError as exc:
+        print(f"edge-ptychonn build-engine: cannot save plans in --plan-cache-dir {args.plan_cache_dir}: {exc}",
+              file=sys.stderr)
         return 2
     cls = engine_class("tensorrt")
     missing = missing_libraries(cls.SPEC)
