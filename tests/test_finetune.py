@@ -259,7 +259,6 @@ def test_held_out_block_and_guard_band(beamline):
     ("overwrite_base", "would overwrite the base model"),
     ("threads", "threads must be >= 1, got 0"),
     ("max_minutes", r"max-minutes must be a number >= 0 .0: no limit., got nan"),
-    ("seed", "seed must be >= 0, got -1"),
     # files that hold no arrays (a copy still running, a wrong name): before, EOFError, AttributeError tracebacks
     ("empty_frames", r"empty.npy: not a numpy array file \(the file is empty\)"),
     ("npz_frames", r"scan.npz.npy: an .npz archive, not a .npy array"),
@@ -306,8 +305,8 @@ def test_bad_input_is_refused_with_a_clear_message_and_nothing_written(beamline,
         positions = tmp_path / "pos.npy"
     elif case == "outside":
         extra = ["--origin", "0", "10"]
-    elif case in ("threads", "max_minutes", "seed"):  # train's checks (train.check_training_options)
-        extra = {"threads": ["--threads", "0"], "max_minutes": ["--max-minutes", "nan"], "seed": ["--seed=-1"]}[case]
+    elif case in ("threads", "max_minutes"):  # train's checks (train.check_training_options); --seed: test_cli
+        extra = {"threads": ["--threads", "0"], "max_minutes": ["--max-minutes", "nan"]}[case]
     elif case == "real_object":
         np.save(tmp_path / "phase.npy", d["truth"].object_phase)
         obj = tmp_path / "phase.npy"
