@@ -153,3 +153,24 @@ def test_a_model_with_the_detectors_crop_and_bin_is_scored_on_simulated_scans(sm
         assert cli.main(argv) == 0, capsys.readouterr().err
         scores.append(json.loads((tmp_path / f"{name}-scores.json").read_text()))
     assert scores[0] == scores[1]
+
+
+def test_a_scan_whose_truth_is_not_of_the_models_patch_size_is_refused_before_predicting(small_model, tmp_path,
+                                                                                         monkeypatch, capsys):
+    """A scan simulated with ``--bin 2`` for the 64x64 model: 128x128 frames binned to 64x64, whose
+    truth patches are 128x128 object pixels. Before: every frame was predicted, then "predicted
+    patches (9, 64, 64) do not match the truth (9, 128, 128)", naming no scan."""
+    prefix = tmp_path / "binned"
+    save_scan(prefix, *simulate_scan(ScanSettings(seed=1, n_positions=9, frame_size=64, bin_factor=2),
+                                     progress=False))
+    assert np.load(prefix.with_suffix(".npy")).shape == (9, 64, 64)
+    predicted = []
+    monkeypatch.setattr(accuracy, "predict", lambda *args, **kwargs: predicted.append(1))
+    argv = ["evaluate", "--model", str(small_model), "--scan", str(prefix), "--engine", "onnxruntime",
+            "--device", "cpu", "--threads", "1", "--quiet"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.splitlines(keepends=True)[-1]  # after: "no model card beside ..."
+    assert err == ("edge-ptychonn evaluate: scan binned: its truth's patches are 128x128 object pixels, the model's "
+                   "phase patches 64x64: they cannot be stitched together (a scan simulated with --bin has patches "
+                   "of the detector's size before binning)\n"), err
+    assert predicted == []

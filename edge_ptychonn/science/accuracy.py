@@ -201,7 +201,9 @@ def evaluate_scans(engine, pp: PreprocessConfig, scans: list[tuple[str, np.ndarr
 
     Frames already of the engine's input size skip the card's crop and bin (:func:`scan_preprocess`).
     ``ValueError`` naming the scan, before any prediction, when a scan's frames do not become the
-    engine's input shape through ``pp``, or cover too little to be scored (:func:`check_scorable`)."""
+    engine's input shape through ``pp``, when its truth's patches are not the size of the model's
+    phase patches (a scan simulated with ``--bin``), or when it covers too little to be scored
+    (:func:`check_scorable`)."""
     for name, frames, truth in scans:
         try:
             shape = scan_preprocess(pp, frames.shape[1:], engine.input_shape).output_shape(frames.shape[1:])
@@ -211,6 +213,11 @@ def evaluate_scans(engine, pp: PreprocessConfig, scans: list[tuple[str, np.ndarr
             raise ValueError(f"scan {name}: its {frames.shape[1]}x{frames.shape[2]} frames become {shape[0]}x{shape[1]} "
                              f"model inputs after preprocessing, the model takes "
                              f"{engine.input_shape[0]}x{engine.input_shape[1]}")
+        if tuple(truth.patch_shape) != tuple(engine.input_shape):  # PtychoNN's patches are its input's size
+            (ph, pw), (h, w) = truth.patch_shape, engine.input_shape
+            raise ValueError(f"scan {name}: its truth's patches are {ph}x{pw} object pixels, the model's phase "
+                             f"patches {h}x{w}: they cannot be stitched together (a scan simulated with --bin has "
+                             "patches of the detector's size before binning)")
         check_scorable(name, coverage(truth, stitch), len(frames), stitch)
     results = []
     for name, frames, truth in scans:
