@@ -482,7 +482,7 @@ STATS = {
     **bad_kind_stats(),
     "nEmptyFrames": (pva.ULONG, _stat("empty")),
     "nImagesPublished": (pva.ULONG, _stat("published")),
-    "nScans": (pva.ULONG, lambda p: p.scan_index),
+    "nScans": (pva.ULONG, lambda p: p.scan_index),  # scans with a frame placed (an image), this one included
     "nScansSaved": (pva.ULONG, _stat("saved")),
     "nSaveErrors": (pva.ULONG, _stat("save_errors")),
     "scanFramesPlaced": (pva.ULONG, _scan_stat(lambda scan: scan.n_placed, 0)),
@@ -668,10 +668,11 @@ class StitchProcessor(ProcessorBase):
         return None
 
     def _new_scan(self, patch_shape: tuple[int, int]) -> _Scan:
-        self.scan_index += 1
+        """The next scan; it counts (``nScans``) and keeps its index once a frame is placed in
+        it: a scan whose every frame missed the object leaves its index to the next one."""
         stitcher = Stitcher(self._object_shape(patch_shape), patch_shape, weight=self._weight(patch_shape))
-        self.logger.info("scan %d: object %s, patches %s", self.scan_index, stitcher.object_shape, patch_shape)
-        return _Scan(self.scan_index, stitcher)
+        self.logger.info("scan %d: object %s, patches %s", self.scan_index + 1, stitcher.object_shape, patch_shape)
+        return _Scan(self.scan_index + 1, stitcher)
 
     def _is_restart_locked(self, unique_id: int) -> bool:
         """A frame of a new scan: its uniqueId was already received in this scan (placed,
@@ -751,6 +752,7 @@ class StitchProcessor(ProcessorBase):
         scan.n_placed += 1
         if scan.n_placed == 1:
             scan.first_placed_s = now
+            self.scan_index = scan.index  # a scan with an image: it counts
         scan.last_placed_s = now
         scan.changed = True
         self.counts["placed"] += 1
@@ -801,6 +803,8 @@ class StitchProcessor(ProcessorBase):
         self.scan = None
         self._max_unique_id = 0
         self._received_ids = RecentIds()
+        if scan is not None and not scan.n_placed:
+            self.logger.info("scan %d: no frame placed, no image; the next scan takes its index", scan.index)
         if scan is None or not scan.n_placed:
             return
         save = not scan.saved and self.settings.output_directory is not None

@@ -1113,6 +1113,23 @@ def test_a_run_time_change_is_not_refused_for_a_file_read_at_start(tmp_path):
         make({"objectShape": [40, 48], "weightFile": str(weight)})
 
 
+def test_a_scan_in_which_no_frame_was_placed_takes_no_index(tmp_path, rng):
+    """A scan whose every frame missed the object (a wrong positionScale, say): no image. Before,
+    it still took a scan index: nScans counted it and the next scan's file skipped a number
+    (stitch_scan0002.npy with no stitch_scan0001.npy)."""
+    patches, positions, _ = small_scan(rng, n=4)
+    p = make({"objectShape": [40, 48], "outputDirectory": str(tmp_path / "out")})
+    p.process(attributed_frame(1, patches[0], (500, 500)))  # outside the object: a scan of nothing
+    p.configure({"newScan": True})
+    assert p.getStats()["nScans"] == 0 and p.getStats()["nFramesOutside"] == 1
+    for k in range(2):
+        p.process(attributed_frame(k + 1, patches[k], positions[k]))
+    p.configure({"newScan": True})
+    st = p.getStats()
+    assert (st["nScans"], st["nScansSaved"]) == (1, 1), st
+    assert sorted(f.name for f in (tmp_path / "out").iterdir()) == ["stitch_scan0001.npy", "stitch_scan0001_weight.npy"]
+
+
 def test_the_statistics_say_what_became_of_each_frame(rng):
     """nBadFrames mixed frames that could not be decoded (not received) with frames of another
     shape than their scan's (received, not placed): the frames received did not add up, and
