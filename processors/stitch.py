@@ -809,7 +809,9 @@ class StitchProcessor(ProcessorBase):
             return
         save = not scan.saved and self.settings.output_directory is not None
         scan.saved = True  # once, whichever thread finishes it
-        self._outputs.append(self._snapshot_locked(scan, live=publish, final=publish, save=save))
+        # on the live channel only when it changed since it was last published there (else a
+        # viewer got the same image twice, at once, beyond publishRate), on the final channel always
+        self._outputs.append(self._snapshot_locked(scan, live=publish and scan.changed, final=publish, save=save))
 
     def _snapshot_locked(self, scan: _Scan, live: bool, final: bool = False, save: bool = False) -> _Output:
         scan.changed = False

@@ -285,6 +285,43 @@ def test_publisher_thread_publishes_changes_at_the_rate(tmp_path, rng):
     np.testing.assert_allclose(image, offline(patches, positions, (40, 48), probe_weight(probe)).image(), atol=1e-6)
 
 
+def test_a_finished_image_already_published_live_is_not_published_live_again(tmp_path, rng):
+    """At a new scan the finished image goes to the final channel; on the live channel only
+    when it changed since the publishing thread last sent it. Before: the same image went out
+    live once more, at once, beyond publishRate."""
+    class Server:  # what the stitcher uses of PvaPy's PvaServer
+        def __init__(self):
+            self.records = {}
+
+        def addRecord(self, name, pv, handler):
+            self.records[name] = []
+
+        def update(self, name, pv):
+            self.records[name].append(pv["uniqueId"])
+
+    patches, positions, probe = small_scan(rng, n=6)
+    publisher = Publisher()
+    p = make({"positionsFile": str(write_npz(tmp_path / "s.npz", positions, probe, (40, 48))), "publishRate": 50},
+             publisher)
+    p.pvaServer = server = Server()
+    p.start()
+    try:
+        for k in range(3):
+            p.process(good_frame(k + 1, patches[k]))
+        assert wait_until(lambda: publisher.images and publisher.images[-1][2]["FramesPlaced"] == 3, 10)
+        live = len(publisher.images)
+        p.configure({"newScan": True})
+        assert len(publisher.images) == live and server.records["stitch:1:output:final"] == [1]
+        p.configure({"publishRate": 0.01})  # the thread sends nothing more: the finish publishes what changed
+        for k in range(3, 6):
+            p.process(good_frame(k + 1, patches[k]))
+        p.configure({"newScan": True})
+        assert [attrs["FramesPlaced"] for _, _, attrs in publisher.images[live:]] == [3]
+        assert server.records["stitch:1:output:final"] == [1, 2]
+    finally:
+        p.stop()
+
+
 def test_bad_frames_are_counted(tmp_path, rng):
     patches, positions, probe = small_scan(rng, n=4)
     p = make({"positionsFile": str(write_npz(tmp_path / "s.npz", positions, probe, (40, 48)))})
