@@ -87,7 +87,9 @@ Statistics (status channel, ``userStats``)
     ``batchRunner`` (the thread that runs the batches now: ``receive`` or ``inference``).
 Signals
     SIGTERM publishes what the consumer holds, then stops it like Ctrl-C
-    (``processors/shutdown.py``); each consumer prints its final statistics.
+    (``processors/shutdown.py``); each consumer prints its final statistics. Any stop closes
+    the input channel once PvaPy has stopped receiving, so that the siblings of a distributor
+    group get this consumer's turns at once (``shutdown.release_input``).
 
 ``InferPtychoNNImageProcessor`` is the drop-in for edgePtychoNN's processor: it
 also accepts that processor's ``bsz`` and ``onnx_mdl`` arguments.
@@ -329,6 +331,7 @@ class PtychoNNProcessor(StatsFromTable, AdImageProcessor):
             config, self._publish, self.logger, n_sequential=n_sequential, id_offset=id_offset,
         )
         self.io_threads = IoThreads(config.io_threads, self.logger)
+        self._consumer = None  # PvaPy's DataConsumer above start() (closes its input as it stops)
         self._receiver = None  # PvaPy's DataConsumer, when it receives into a queue (start() finds it)
         if _first_record_processed(framework):
             # PvaPy processes the first connection's record too (-siu 0): the channel's current
@@ -392,6 +395,7 @@ class PtychoNNProcessor(StatsFromTable, AdImageProcessor):
         # what this consumer holds, while its PVA server still serves clients; SIGTERM
         # (systemd, procServ, docker, kill PID) stops it so too, where PvaPy would end it at once.
         controller = calling_controller(sys._getframe(1), self, "stop", "pvaServer")
+        self._consumer = data_consumer(sys._getframe(1))
         self._receiver = receiver_queue_owner(sys._getframe(1))
         shutdown.drain_before_stop(controller, self._drain_before_stop, self.logger)
         create_output_channel(controller)
@@ -418,7 +422,10 @@ class PtychoNNProcessor(StatsFromTable, AdImageProcessor):
 
     def _drain_before_stop(self, timeout_s: float) -> bool:
         """Publish what this consumer holds, PvaPy's receiver queue's frames included, before
-        PvaPy stops its output server (see ``shutdown.drain_before_stop``)."""
+        PvaPy stops its output server (see ``shutdown.drain_before_stop``). PvaPy has stopped
+        receiving by then: the input channel is closed first, so that a distributor group's
+        siblings get this consumer's turns at once (``shutdown.release_input``)."""
+        shutdown.release_input(self._consumer)
         deadline = time.monotonic() + timeout_s
         for pv in self._receiver_records(deadline):
             self._receiver.process(pv)  # through PvaPy's own path, as its loop would

@@ -669,3 +669,63 @@ def test_a_refused_configure_leaves_pvapys_receiver_queue_size(small_model):
         assert processor.getStats()["nStatsResets"] == 1  # the one count a reset keeps: launch judges no loss
     finally:
         consumer.stop()
+
+
+def test_a_stopped_consumer_leaves_its_distributor_group_at_once(pva_env, small_model):
+    """A consumer of a distributor group that stops while its siblings go on (a SIGTERM to one
+    of N forked consumers; one process of a group stopped) kept its input channel open after
+    PvaPy stopped its monitor, until the process exited (a forked consumer sleeps a second after
+    its final statistics): the source's distributor waited for it to take its turn, and no
+    consumer got a frame. A SIGTERM to one of three consumers at 300 frames/s lost about 300
+    frames of every consumer's runs, counted by none of them. The stop now closes the channel:
+    a real PvaPy DataConsumer (our processor under it) and a sibling on one in-process server
+    with the distributor; once the consumer has stopped (its process still alive), the
+    sibling gets every later frame."""
+    from pvapy.hpc.dataConsumer import DataConsumer
+    from pvapy.hpc.monitorDataReceiver import MonitorDataReceiver
+
+    from channel_names import PREFIX
+    from edge_ptychonn.tools.processes import wait_until
+
+    # PvaPy 5.6: the receiver stops its monitor before the processing controller stops (the
+    # processor's drain before the stop runs there); its statistics read the channel's counters
+    stop = inspect.getsource(DataConsumer.stop)
+    assert stop.index("self.dataReceiver.stop()") < stop.index("self.processingController.stop()")
+    assert "self.channel.getMonitorCounters()" in inspect.getsource(MonitorDataReceiver.getStats)
+
+    name = f"{PREFIX}:leave:image"
+    frame = lambda uid: good_frame(uid, np.zeros((64, 64), np.int16))
+    server = pva.PvaServer(name, frame(0))
+    framework = {**FRAMEWORK, "outputChannel": "", "objectIdOffset": 3, "nSequentialUpdates": 2}
+    processor = PtychoNNProcessor({**framework, "modelPath": str(small_model), "engine": "zero"})
+    consumer = DataConsumer(1, name, serverQueueSize=100, distributorTriggerFieldName="uniqueId",
+                            distributorUpdates=2, processingController=DataProcessingController(framework, processor))
+    sibling, got = pva.Channel(name), []
+    sibling.monitor(lambda pv: got.append(pv.getInt("uniqueId")), consumer.getPvMonitorRequest())
+    consumer.start()
+    stopped = False
+    try:
+        uid = 0
+
+        def publish() -> None:
+            nonlocal uid
+            uid += 1
+            server.update(name, frame(uid))
+
+        # one frame at a time until the distributor has given both of them frames
+        assert wait_until(lambda: publish() or (processor.getStats()["nFramesReceived"] and any(got)), 5.0, 0.01)
+        consumer.stop()  # PvaPy's stop: the process lives on a while (its final statistics, then a second)
+        stopped = True
+        before = uid
+        assert wait_until(lambda: publish() or any(u > before for u in got), 3.0, 0.01), f"no frame since: {got}"
+        before = uid
+        for _ in range(8):
+            publish()
+        assert wait_until(lambda: got[-1:] == [before + 8], 3.0), f"the sibling stopped getting frames: {got}"
+        assert [u for u in got if u > before] == list(range(before + 1, before + 9))
+        assert not isinstance(consumer.dataReceiver.channel, pva.Channel)  # closed: the receiver keeps none
+        assert isinstance(consumer.getStats(), dict)  # the final statistics still read the receiver's
+    finally:
+        if not stopped:
+            consumer.stop()
+        sibling.stopMonitor()
