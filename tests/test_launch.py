@@ -917,6 +917,35 @@ def test_frames_dropped_by_inference_are_not_counted_again_as_the_collectors(tmp
         in capsys.readouterr().out
 
 
+def test_frames_no_inference_output_carried_are_not_said_to_be_dropped_or_refused_by_inference(
+        tmp_path, monkeypatch, capsys):
+    """A SIGTERM (or SIGKILL) to one of two inference consumers mid-scan: 62 frames reached no
+    output (not received by any consumer, or held by the one that exited), and inference
+    dropped and refused none. Before: "collector lost 62 (missed + rejected; 62 of them dropped
+    or refused by inference, not lost by the collector)", where inference said "dropped 0, bad 0"."""
+    scan = tmp_path / "s.npy"
+    np.save(scan, np.zeros((400, 4, 4), np.int16))
+    cfg = load(tmp_path, f'log_dir = "{tmp_path / "logs"}"\n'
+               + MINIMAL.replace('channel = "det:image"', f'scan = "{scan}"').replace("consumers = 3", "consumers = 2")
+               + '[stitch]\n[stitch.args]\nobjectShape = [64, 64]\n[hdf5]\n[hdf5.args]\noutputDirectory = "h"\n')
+    inference = [_record(248), _record(90)]
+    stitch = {"userStats": {"nFramesPlaced": 338, "nFramesReceived": 338}, "collectorStats": {"nMissed": 62}}
+    writers = [{"userStats": {"nFramesWritten": 248}}, {"userStats": {"nFramesWritten": 90}}]
+    _finished_replay(monkeypatch, Snapshot(inference, stitch, writers), 400)
+    assert launch.run(cfg) == 1
+    out = capsys.readouterr().out
+    assert "collector lost       62 (missed + rejected; 62 of them never published by inference (not received by " \
+           "a consumer, or held by one that exited), not lost by the collector)\n" in out, out
+    assert "dropped or refused" not in out, out
+    assert "verdict              frames lost: 62 of the 400 sent did not reach the HDF5 files\n" in out, out
+    # some dropped too: each count where it belongs
+    inference[1]["userStats"]["nFramesDropped"] = 10
+    assert launch.run(cfg) == 1
+    assert "collector lost       62 (missed + rejected; 10 of them dropped or refused by inference and 52 never " \
+           "published by inference (not received by a consumer, or held by one that exited), not lost by the " \
+           "collector)\n" in capsys.readouterr().out
+
+
 def test_statistics_reset_during_the_run_make_the_verdict_not_judged_and_exit_status_1(tmp_path, monkeypatch, capsys):
     """reset_stats on an inference consumer and a writer during a 600-frame replay (their last
     status in such a run): their totals restart, so frames cannot be counted lost or not.
@@ -1489,6 +1518,51 @@ def test_frames_waiting_for_positions_are_not_taken_and_every_frame_is_counted(t
     assert done.stitch["userStats"]["coverage"] == 0.6  # the last poll's: the final one is of no scan
     assert "frames placed        400 of 400 received (no position 0, outside 0, coverage 60.0%)" \
            in launch.summary(cfg, done, 400)
+
+
+# the end of an inference log: consumer 2 stopped (a SIGTERM to it) after its status channel's last
+# answer (60 frames), and PvaPy's parent logged its final report, then consumer 1's
+INFERENCE_LOG_END = """\
+consumer 2 final statistics: received 104, published 104, dropped 0 (none), bad 0 (none), ...
+{ 'consumerId': 2,
+  'processorStats': {'endTime': 1796472336.8457s, 'nMissed': 0, 'nProcessed': 104},
+  'userStats': { 'completeness': 1.0,
+                 'nFramesDropped': 0,
+                 'nFramesProcessed': 104,
+                 'nFramesReceived': 104,
+                 'nStatsResets': 0}}
+{'consumerId': 2}
+{ 'consumerId': 1,
+  'processorStats': {'endTime': 0.0s, 'nMissed': 0, 'nProcessed': 296},
+  'userStats': { 'nFramesProcessed': 296,
+                 'nFramesReceived': 296}}
+{ 'processorStats': {'endTime': 0.0s, 'nProcessed': 400}}
+"""
+
+
+def test_a_consumer_stopped_before_the_chain_counts_what_it_reported_as_it_ended(tmp_path):
+    """A SIGTERM to one of two inference consumers mid-scan: it publishes what it holds and
+    stops, its status channel falls silent, and its final statistics are in the log only. The
+    summary counted its status channel's last answer: "inference processed 356" of the 400
+    frames written, and without HDF5 writers "frames lost: 44 of the 400 sent did not reach the
+    inference outputs", frames that it had published. Its final report now counts."""
+    scan = tmp_path / "s.npy"
+    np.save(scan, np.zeros((400, 4, 4), np.int16))
+    cfg = load(tmp_path, MINIMAL.replace('channel = "det:image"', f'scan = "{scan}"').replace("consumers = 3", "consumers = 2"))
+    last_answers = [{"userStats": {"nFramesReceived": 296, "nFramesProcessed": 296, "frameRate": 0.0}},
+                    {"userStats": {"nFramesReceived": 60, "nFramesProcessed": 60, "frameRate": 40.0}}]
+    finals = launch.consumer_user_stats("{ 'consumerId': 2,\n  'userStats': { 'nFramesProcessed': 20}}\n"
+                                        + INFERENCE_LOG_END)
+    assert finals == {1: {"nFramesProcessed": 296, "nFramesReceived": 296},
+                      2: {"completeness": 1.0, "nFramesDropped": 0, "nFramesProcessed": 104, "nFramesReceived": 104,
+                          "nStatsResets": 0}}
+    done = Snapshot(last_answers, None, []).with_inference_final(finals)
+    assert done.processed() == 400 and done.inference[1]["userStats"]["frameRate"] == 40.0
+    lines = "\n".join(launch.summary(cfg, done, 400))
+    assert "inference processed  400 (dropped 0, bad 0)" in lines and "verdict              no frame lost" in lines, lines
+    # a report older than the last answer (a consumer killed between reports) changes nothing
+    assert Snapshot(last_answers, None, []).with_inference_final({2: {"nFramesProcessed": 50}}).processed() == 356
+    assert launch.consumer_user_stats(INFERENCE_LOG_END[:150]) == {}  # cut short: no figures
 
 
 @pytest.mark.e2e

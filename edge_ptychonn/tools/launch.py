@@ -29,7 +29,9 @@ with the causes their status gives: write errors, not queued, not written at sto
 replay stopped early, the summary counts the frames the sim server sent, once they
 went through the chain (at most 15 s more, said as it waits). The summary's stitcher counts are its own as it ended (its log's last
 statistics: as it stops it places the frames still waiting for their positions; without
-them, those still waiting are named), and with ``positionChannels`` it says how many frames
+them, those still waiting are named), an inference consumer's those of its last report in the
+inference log where they go further than its status channel's last answer (one stopped before
+the chain logs its final statistics there), and with ``positionChannels`` it says how many frames
 took their positions from the metadata channels, or that no update came. Each process gets
 SIGINT and up to 5 s (15 s for the stitcher and the HDF5 writers, which save what they
 hold) to end, then SIGTERM, then SIGKILL; the launcher says when one needs a harder signal, names one that outlives SIGKILL (stuck in the kernel)
@@ -539,6 +541,25 @@ def last_user_stats(log: str) -> dict[str, int | float]:
     return {key: int(value) if value.lstrip("-").isdigit() else float(value) for key, value in numbers}
 
 
+def consumer_user_stats(log: str) -> dict[int, dict[str, int | float]]:
+    """Each consumer's numbers in the ``userStats`` of its last statistics report in the ``log`` of
+    a ``pvapy-hpc-consumer`` (one pretty-printed dict per consumer and report, ``{ 'consumerId': k,
+    ...``): consumer id -> numbers (:func:`last_user_stats`); a consumer with none is left out."""
+    reports: dict[int, dict[str, int | float]] = {}
+    starts = [m.start() for m in re.finditer(r"^\{", log, re.M)] + [len(log)]
+    for start, end in zip(starts, starts[1:]):
+        found = re.match(r"\{ 'consumerId': (\d+),", log[start:end])
+        stats = last_user_stats(log[start:end]) if found else {}
+        if stats:
+            reports[int(found.group(1))] = stats
+    return reports
+
+
+def _progress(user: dict) -> tuple:
+    """How far a consumer's counts have got: later reports compare greater."""
+    return user.get("nStatsResets", 0), user.get("nFramesReceived", 0), user.get("nFramesProcessed", 0)
+
+
 @dataclass
 class Snapshot:
     """What the status channels say, summed over consumers."""
@@ -590,6 +611,21 @@ class Snapshot:
         its ``metadataWait`` each, then the positions file's)."""
         return _user(self.stitch, "nFramesWaiting")
 
+    def with_inference_final(self, finals: dict[int, dict]) -> "Snapshot":
+        """This snapshot with each inference consumer's counts taken from ``finals`` (consumer id ->
+        its last report in its process's log, :func:`consumer_user_stats`) where those went further
+        than its last status answer: a consumer stopped before the chain (a SIGTERM to one of
+        them) kept publishing after its status channel's last answer and reported its final
+        counts only in the log; its last answer undercounted it (inference processed 356 of the
+        400 frames written)."""
+        records = []
+        for consumer_id, record in enumerate(self.inference, 1):
+            final, user = finals.get(consumer_id), (record or {}).get("userStats", {})
+            if final and _progress(final) > _progress(user):
+                record = {**(record or {}), "userStats": {**user, **{k: v for k, v in final.items() if k[:1] == "n"}}}
+            records.append(record)
+        return Snapshot(records, self.stitch, self.hdf5)
+
     def with_stitch_final(self, final: dict) -> "Snapshot":
         """This snapshot with the stitcher's frame counts taken from ``final``, its own last
         statistics as it ended (:meth:`Chain.stitcher_final`; nothing changes when it is empty)."""
@@ -601,14 +637,14 @@ class Snapshot:
 
     def collector_lost(self) -> int:
         """PvaPy's collector counts (``nMissed`` + ``nRejected``): gaps in the uniqueIds it saw,
-        frames that the inference consumers dropped or refused upstream among them."""
+        frames that the inference consumers dropped, refused or never published among them."""
         c = (self.stitch or {}).get("collectorStats", {})
         return c.get("nMissed", 0) + c.get("nRejected", 0)
 
     def stitcher_lost(self) -> int:
         """Frames that the inference consumers published but the stitcher never received (its
         collector missed or rejected them): the collector's count, less the gaps that frames
-        dropped or refused upstream left in the uniqueIds, which it counts too (at most the
+        never published upstream left in the uniqueIds, which it counts too (at most the
         frames published that the stitcher did not receive)."""
         s = self.stitch or {}
         undecoded = _user(s, "nBadFrames") - _user(s, "nFramesWrongShape")
@@ -1080,6 +1116,12 @@ class Chain:
         their positions from metadata channels (in ``snap``): its ``metadataWait``, else 0."""
         return self.metadata_wait_s if snap.waiting() else 0.0
 
+    def inference_final(self) -> dict[int, dict]:
+        """Each inference consumer's last statistics in the inference log (:func:`consumer_user_stats`):
+        as it ended, for one that stopped before the chain; {} without the process or its log."""
+        proc = next((p for p in self.procs if p.name == "inference"), None)
+        return {} if proc is None else consumer_user_stats(proc.log())
+
     def stitcher_final(self) -> dict:
         """The stitcher's own last statistics (``userStats``), from the report that PvaPy's
         collector logs as it ends, after the stitcher's stop() has placed the frames still waiting
@@ -1160,10 +1202,17 @@ def summary(cfg: LaunchConfig, snap: Snapshot, n_sent: int | None, delivered_fps
             lines.append(f"metadata positions   {_user(s, 'nFramesByMetadata')} of {snap.placed()} frames placed: "
                          f"{came} (the others: the frames' attributes or the positions file)")
         lines.append(f"stitcher cost        {_user(s, 'stitchTimeUs', 0.0):.0f} us CPU per frame")
+        # the collector's gaps that no output carried: frames inference dropped or refused, and
+        # frames it never published otherwise (never received: a consumer that left the group
+        # or an upstream queue that overflowed; or held by a consumer that was killed)
         upstream = snap.collector_lost() - snap.stitcher_lost()
+        refused = min(upstream, snap.dropped() + snap.bad())
+        parts = [f"{refused} of them dropped or refused by inference"] if refused else []
+        if upstream > refused:
+            parts.append(f"{upstream - refused}{'' if refused else ' of them'} never published by inference "
+                         "(not received by a consumer, or held by one that exited)")
         lines.append(f"collector lost       {snap.collector_lost()} (missed + rejected"
-                     + (f"; {upstream} of them dropped or refused by inference, not lost by the collector)"
-                        if upstream else ")"))
+                     + (f"; {' and '.join(parts)}, not lost by the collector)" if parts else ")"))
     reset = snap.stats_resets()
     if reset:  # counts that no longer start at the run's start: neither a loss nor "no frame lost" can be told
         unjudged = (f"not judged: the statistics of {', '.join(reset)} were reset (reset_stats) during the run, "
@@ -1291,6 +1340,8 @@ def run(cfg: LaunchConfig, prog: str = "edge-ptychonn launch", results: list | N
                 finally:
                     chain.stop()
     n_sent = chain.frames_sent(n_scan)
+    if snap is not None:  # a consumer stopped before the chain: its final counts, from its log
+        snap = snap.with_inference_final(chain.inference_final())
     if snap is not None and cfg.stitch is not None:  # its frames placed as it stopped: its own final figures
         snap = snap.with_stitch_final(chain.stitcher_final())
         user = snap.stitch["userStats"] if snap.stitch else {}
