@@ -791,6 +791,21 @@ def test_a_file_name_format_with_a_folder_is_refused(tmp_path):
                                  'fileNameFormat = "{channel}/scan{scan:04d}.h5"\n')
 
 
+STITCH = "[stitch]\n[stitch.args]\nobjectShape = [64, 64]\n"  # stages of a chain file
+HDF5 = '[hdf5]\n[hdf5.args]\noutputDirectory = "h"\n'
+
+
+def _replay_config(tmp_path, n_frames: int, consumers: int = 3, idle: bool = False, stages: str = ""):
+    """MINIMAL's chain replaying a scan of ``n_frames`` 4x4 frames (``tmp_path/s.npy``) with
+    ``consumers`` inference consumers, its logs in ``tmp_path/logs``, ``idle_s = 0`` if ``idle``,
+    and the chain file's further ``stages`` (TOML)."""
+    scan = tmp_path / "s.npy"
+    np.save(scan, np.zeros((n_frames, 4, 4), np.int16))
+    return load(tmp_path, f'log_dir = "{tmp_path / "logs"}"\n' + ("idle_s = 0\n" if idle else "")
+                + MINIMAL.replace('channel = "det:image"', f'scan = "{scan}"').replace(
+                    "consumers = 3", f"consumers = {consumers}") + stages)
+
+
 def _record(processed: int) -> dict:
     return {"userStats": {"nFramesProcessed": processed}}
 
@@ -798,10 +813,7 @@ def _record(processed: int) -> dict:
 def test_the_summary_keeps_the_last_answer_of_a_consumer_that_went_silent(tmp_path, monkeypatch):
     """A consumer that died after publishing its frames: the summary counts what it reported
     (before: only the survivors' frames were "processed")."""
-    scan = tmp_path / "s.npy"
-    np.save(scan, np.zeros((3, 4, 4), np.int16))
-    cfg = load(tmp_path, f'log_dir = "{tmp_path / "logs"}"\nidle_s = 0\n'
-               + MINIMAL.replace('channel = "det:image"', f'scan = "{scan}"'))
+    cfg = _replay_config(tmp_path, 3, idle=True)
     answers = iter([[_record(1), _record(2)], [_record(1), _record(2)], [_record(1), None]])
     last = [[_record(1), None]]
     monkeypatch.setattr(launch.Chain, "snapshot",
@@ -817,11 +829,7 @@ def test_the_status_line_keeps_a_silent_stages_last_counts_and_marks_it(tmp_path
     """A collector killed, one of two consumers killed: the status line keeps their last counts
     and marks the stage silent, with how long. Before: "stitch 0 placed, ... scan 0" and
     "inference 100 frames" (the survivor's only), then "| 2 status channel(s) silent"."""
-    scan = tmp_path / "s.npy"
-    np.save(scan, np.zeros((3, 4, 4), np.int16))
-    cfg = load(tmp_path, f'log_dir = "{tmp_path / "logs"}"\nidle_s = 0\n'
-               + MINIMAL.replace('channel = "det:image"', f'scan = "{scan}"').replace("consumers = 3", "consumers = 2")
-               + "[stitch]\n[stitch.args]\nobjectShape = [64, 64]\n")
+    cfg = _replay_config(tmp_path, 3, consumers=2, idle=True, stages=STITCH)
     inference = [{"userStats": {"nFramesProcessed": 100, "frameRate": 20.0}},
                  {"userStats": {"nFramesProcessed": 88, "frameRate": 20.0}}]
     stitch = {"userStats": {"nFramesPlaced": 188, "nFramesReceived": 188, "nScans": 1, "coverage": 0.4}}
@@ -864,11 +872,7 @@ def test_frames_the_stitchers_collector_lost_make_exit_status_1_and_the_verdict_
     """Every frame written, but 26 never reached the stitcher (a consumer lagged beyond the
     collector's cache): exit status 1, and the summary's verdict names the collector. Before:
     "collector lost 26" on a line of its own, "frames lost 0" and exit status 0."""
-    scan = tmp_path / "s.npy"
-    np.save(scan, np.zeros((200, 4, 4), np.int16))
-    cfg = load(tmp_path, f'log_dir = "{tmp_path / "logs"}"\n'
-               + MINIMAL.replace('channel = "det:image"', f'scan = "{scan}"').replace("consumers = 3", "consumers = 1")
-               + '[stitch]\n[stitch.args]\nobjectShape = [64, 64]\n[hdf5]\n[hdf5.args]\noutputDirectory = "h"\n')
+    cfg = _replay_config(tmp_path, 200, consumers=1, stages=STITCH + HDF5)
     stitch = {"userStats": {"nFramesPlaced": 174, "nFramesReceived": 174},
               "collectorStats": {"nMissed": 20, "nRejected": 6}}
     writers = [{"userStats": {"nFramesWritten": 200}}]
@@ -894,11 +898,7 @@ def test_frames_dropped_by_inference_are_not_counted_again_as_the_collectors(tmp
     every frame it published (893 of 893), and PvaPy's collector counted 3 gaps that those drops
     left in the uniqueIds. Before: "verdict ... 3 never reached the stitcher (its collector missed
     or rejected them)", frames counted twice and blamed on the collector."""
-    scan = tmp_path / "s.npy"
-    np.save(scan, np.zeros((1024, 4, 4), np.int16))
-    cfg = load(tmp_path, f'log_dir = "{tmp_path / "logs"}"\n'
-               + MINIMAL.replace('channel = "det:image"', f'scan = "{scan}"').replace("consumers = 3", "consumers = 1")
-               + '[stitch]\n[stitch.args]\nobjectShape = [64, 64]\n[hdf5]\n[hdf5.args]\noutputDirectory = "h"\n')
+    cfg = _replay_config(tmp_path, 1024, consumers=1, stages=STITCH + HDF5)
     inference = _record(893)
     inference["userStats"]["nFramesDropped"] = 131
     stitch = {"userStats": {"nFramesPlaced": 893, "nFramesReceived": 893}, "collectorStats": {"nMissed": 3, "nRejected": 0}}
@@ -923,11 +923,7 @@ def test_frames_no_inference_output_carried_are_not_said_to_be_dropped_or_refuse
     output (not received by any consumer, or held by the one that exited), and inference
     dropped and refused none. Before: "collector lost 62 (missed + rejected; 62 of them dropped
     or refused by inference, not lost by the collector)", where inference said "dropped 0, bad 0"."""
-    scan = tmp_path / "s.npy"
-    np.save(scan, np.zeros((400, 4, 4), np.int16))
-    cfg = load(tmp_path, f'log_dir = "{tmp_path / "logs"}"\n'
-               + MINIMAL.replace('channel = "det:image"', f'scan = "{scan}"').replace("consumers = 3", "consumers = 2")
-               + '[stitch]\n[stitch.args]\nobjectShape = [64, 64]\n[hdf5]\n[hdf5.args]\noutputDirectory = "h"\n')
+    cfg = _replay_config(tmp_path, 400, consumers=2, stages=STITCH + HDF5)
     inference = [_record(248), _record(90)]
     stitch = {"userStats": {"nFramesPlaced": 338, "nFramesReceived": 338}, "collectorStats": {"nMissed": 62}}
     writers = [{"userStats": {"nFramesWritten": 248}}, {"userStats": {"nFramesWritten": 90}}]
@@ -951,11 +947,7 @@ def test_statistics_reset_during_the_run_make_the_verdict_not_judged_and_exit_st
     status in such a run): their totals restart, so frames cannot be counted lost or not.
     Before: "frames lost 206" and "206 of the 600 sent did not reach the HDF5 files", which held
     all 600."""
-    scan = tmp_path / "s.npy"
-    np.save(scan, np.zeros((600, 4, 4), np.int16))
-    cfg = load(tmp_path, f'log_dir = "{tmp_path / "logs"}"\n'
-               + MINIMAL.replace('channel = "det:image"', f'scan = "{scan}"').replace("consumers = 3", "consumers = 2")
-               + '[hdf5]\n[hdf5.args]\noutputDirectory = "h"\n')
+    cfg = _replay_config(tmp_path, 600, consumers=2, stages=HDF5)
     inference = [_record(392), _record(300)]
     inference[0]["userStats"]["nStatsResets"] = 1
     writers = [{"userStats": {"nFramesWritten": 94, "nStatsResets": 1}}, {"userStats": {"nFramesWritten": 300}}]
@@ -976,11 +968,7 @@ def test_the_summary_names_why_the_hdf5_writers_lost_frames_and_their_log(tmp_pa
     """A full disk for the HDF5 folder (the two writers' last status in such a run): the summary
     gives the writers' losses by cause, their failed operations, and the log that says why.
     Before: "images written 1" and "frames lost 199", the causes only in the writers' log."""
-    scan = tmp_path / "s.npy"
-    np.save(scan, np.zeros((200, 4, 4), np.int16))
-    cfg = load(tmp_path, f'log_dir = "{tmp_path / "logs"}"\n'
-               + MINIMAL.replace('channel = "det:image"', f'scan = "{scan}"').replace("consumers = 3", "consumers = 2")
-               + '[hdf5]\n[hdf5.args]\noutputDirectory = "h"\n')
+    cfg = _replay_config(tmp_path, 200, consumers=2, stages=HDF5)
     writers = [{"userStats": {"nFramesWritten": 0, "nFramesLost": 96, "nLostWriteError": 96, "nLostNotQueued": 0,
                               "nLostStopping": 0, "nWriteErrors": 4}},
                {"userStats": {"nFramesWritten": 1, "nFramesLost": 103, "nLostWriteError": 103, "nLostNotQueued": 0,
