@@ -744,6 +744,19 @@ def test_numbers_and_channel_names_the_chain_cannot_run_with_are_refused(tmp_pat
         load(tmp_path, text)
 
 
+@pytest.mark.parametrize("device", ["cuda", "cuda:0,1"])
+def test_a_gpu_asked_for_on_a_host_without_an_nvidia_driver_is_refused(tmp_path, monkeypatch, device):
+    """Before: --check passed, and every consumer then failed at start (exit status 1)."""
+    from edge_ptychonn import devices
+
+    monkeypatch.setattr(devices, "NVIDIA_DRIVER_PATHS", (str(tmp_path / "no-driver"),))
+    text = MINIMAL + f'device = "{device}"\n'
+    with pytest.raises(ValueError, match=rf"^\[inference.args\] device '{device}' asks for an NVIDIA GPU, but this "
+                                         r"host has no NVIDIA driver: give 'auto' \(the CPU here\) or 'cpu'$"):
+        load(tmp_path, text)
+    assert load(tmp_path, text.replace(device, "auto")).inference["args"]["device"] == "auto"
+
+
 def test_distinct_prefixes_and_a_source_named_like_a_stage_are_accepted(tmp_path):
     cfg = load(tmp_path, MINIMAL.replace('"det:image"', '"inference:raw"')
                + '\n[stitch]\n[stitch.args]\nobjectShape = [9, 9]\n[hdf5]\n[hdf5.args]\noutputDirectory = "h"\n')

@@ -56,7 +56,8 @@ arguments, are taken from the directory you launch from: the processes run
 there. ``--check`` validates the file, the scan and each processor's arguments
 (with the processor's own parsing, as its consumers will), and the inference model
 (read as its consumers read it: an ONNX model that the scan's frames, cropped and binned,
-fit), starting nothing; the launch makes the same checks before it starts anything::
+fit; a ``device`` that asks for a GPU on a host without an NVIDIA driver is refused), starting
+nothing; the launch makes the same checks before it starts anything::
 
     log_dir = "results/launch"         # processes' logs (a folder, made if missing)
     idle_s = 8.0                       # with a replayed scan: stop after this long without progress (see above; 0..3600)
@@ -287,6 +288,7 @@ def check_processor_args(where: str, processor: str, args: dict):
             config, _ = parse_processor_args(args, aliases=cls.ARG_ALIASES, default_model=DEFAULT_MODEL)
             check_name(config.engine)
             _check_model(config)
+            _check_device(config)
             return config
         if isinstance(getattr(cls, "ARGS", None), dict) and getattr(cls, "SETTINGS", None) is not None:
             from edge_ptychonn.stream.arguments import parse_arguments
@@ -310,6 +312,17 @@ def _check_model(config) -> None:
     read_signature(config.model_path)
     check_crop(config)
     check_card(config.model_path)
+
+
+def _check_device(config) -> None:
+    """ValueError (one line) when the consumers' ``device`` asks for an NVIDIA GPU on a host that
+    shows no sign of an NVIDIA driver (:func:`edge_ptychonn.devices.nvidia_driver_present`):
+    every consumer would fail at start. Before, ``--check`` passed it."""
+    from edge_ptychonn.devices import nvidia_driver_present, parse_device
+
+    if parse_device(config.device).kind == "cuda" and not nvidia_driver_present():
+        raise ValueError(f"device {config.device!r} asks for an NVIDIA GPU, but this host has no NVIDIA driver: "
+                         "give 'auto' (the CPU here) or 'cpu'")
 
 
 def check_frames_fit(cfg: LaunchConfig) -> None:
