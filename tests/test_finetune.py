@@ -825,9 +825,20 @@ def test_a_finetune_stopped_after_an_epoch_keeps_it_in_out_epoch_pt_and_init_fro
     import os
     import signal
 
+    from dataclasses import replace
+
+    from edge_ptychonn.model_card import StitchSettings, Training, save_card
     from edge_ptychonn.science import train as train_module
+    from edge_ptychonn.science.simulate import ScanSettings
 
     options, base, cropped = _cropped_detector_run(tmp_path)
+    # a base card with its training scans and stitch settings, which the continued run's card keeps too
+    # (it had the simulator's default probe and stitch settings and no scan settings: no card lies beside
+    # an <out>.epoch.pt, so the checkpoint holds its base's)
+    settings = ScanSettings(frame_size=64, probe_diameter_px=24, phase_range_rad=1.2).to_dict()
+    base_card = replace(load_card(base), stitch=StitchSettings(probe_threshold=0.2),
+                        training=Training(scan_settings=settings))
+    save_card(base_card, base)
     epochs_run, one_epoch = [], train_module.Trainer.train_one_epoch
 
     def stopped_in_the_second_epoch(self, *args, **kwargs):
@@ -858,6 +869,8 @@ def test_a_finetune_stopped_after_an_epoch_keeps_it_in_out_epoch_pt_and_init_fro
     card = load_card(out.with_name("ft.onnx"))
     assert card.preprocess == cropped and card.training.init_from == str(epoch)
     assert card.training.continued_from.checkpoint == str(epoch) and card.training.steps >= 1
+    assert card.training.scan_settings == settings and card.stitch == base_card.stitch
+    assert card.accuracy["finetune"]["data"]["probe"] == "the base model's training probe"
 
 
 def test_a_finetune_stopped_before_its_first_epoch_leaves_no_file(tmp_path, capsys, monkeypatch):

@@ -68,7 +68,8 @@ Training
     bright centre) on the CPU or a GPU (``--device``). After each epoch (its
     BatchNorm statistics recomputed, the held-out loss reported) the weights,
     architecture and preprocessing (crop and bin included) are saved to
-    ``<out>.epoch.pt``, as ``train`` saves them (``train.save_checkpoint``).
+    ``<out>.epoch.pt``, as ``train`` saves them (``train.save_checkpoint``), with the base
+    model's card, which a run continued from that file (no card beside it) takes as its base's.
 
 Held-out positions
     A contiguous block: the last ``--val-fraction`` of the frames in scan order
@@ -450,7 +451,8 @@ def held_out_split(corners: np.ndarray, bright: np.ndarray, val_fraction: float)
 
 def load_base(path: str | Path):
     """``(model, ModelConfig, card or None, PreprocessConfig)`` from an ONNX model or an
-    ``edge-ptychonn train`` ``.pt`` (the card beside it, if any)."""
+    ``edge-ptychonn train`` ``.pt`` (the card beside it, if any; else, for finetune's
+    ``<out>.epoch.pt``, the card of that run's base model, which the checkpoint holds)."""
     import torch
 
     from edge_ptychonn.science.model import build_model, from_onnx
@@ -470,6 +472,8 @@ def load_base(path: str | Path):
         try:
             config = ModelConfig(**ckpt["model"])
             pp = PreprocessConfig(**ckpt["preprocess"])
+            if card is None and ckpt.get("base_card") is not None:  # a stopped finetune's <out>.epoch.pt
+                card = ModelCard.from_dict(ckpt["base_card"])
         except (TypeError, ValueError) as exc:
             raise InputError(f"{path}: not a checkpoint of edge-ptychonn train ({exc})") from None
         check_input_size(card, path, (config.input_size,) * 2)
@@ -996,7 +1000,7 @@ def _finetune(args: argparse.Namespace) -> int:
             return _fail(diverged, code=1)
         print(f"epoch {epoch + 1}/{args.epochs}: train loss {loss:.4f}  held-out loss {val_loss[-1]:.4f}  "
               f"({(time.monotonic() - t_train) / 60:.1f} min)", file=sys.stderr)
-        save_checkpoint(trainer, targs, config, epoch_path)
+        save_checkpoint(trainer, targs, config, epoch_path, base_card=None if card is None else card.to_dict())
         if stopped:
             print(f"stopped at the time limit of {args.max_minutes} min", file=sys.stderr)
             break

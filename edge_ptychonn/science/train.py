@@ -802,13 +802,18 @@ def init_weights(trainer: Trainer, init_from: str, model_config: ModelConfig, pp
     return trainer.pp
 
 
-def save_checkpoint(trainer: Trainer, args: argparse.Namespace, model_config: ModelConfig, path: Path) -> None:
-    """Weights, arguments, architecture and preprocessing (``--init-from`` reads it); the file
-    takes its name only when whole."""
+def save_checkpoint(trainer: Trainer, args: argparse.Namespace, model_config: ModelConfig, path: Path,
+                    base_card: dict | None = None) -> None:
+    """Weights, arguments, architecture and preprocessing (``--init-from`` reads it), and ``base_card``
+    (``finetune``'s base model's card, JSON form) when given: an ``<out>.epoch.pt`` has no card
+    beside it, and a run continued from it keeps the base's stitch settings, training probe and scan
+    settings. The file takes its name only when whole."""
+    ckpt = {"state_dict": trainer.model.state_dict(), "args": vars(args), "model": model_config.to_dict(),
+            "preprocess": asdict(trainer.pp), "step": trainer.step}
+    if base_card is not None:
+        ckpt["base_card"] = base_card
     with whole_file(path) as partial:
-        trainer.torch.save({"state_dict": trainer.model.state_dict(), "args": vars(args),
-                            "model": model_config.to_dict(), "preprocess": asdict(trainer.pp), "step": trainer.step},
-                           partial)
+        trainer.torch.save(ckpt, partial)
 
 
 def card_markdown(card: ModelCard) -> str:
