@@ -79,16 +79,16 @@ def check_detector_fit(frame_hw: tuple[int, int], pp, input_hw: tuple[int, int],
     and bin of ``pp`` (a ``PreprocessConfig``, its ``output_shape``: the processor's rule); ``source``
     says where that crop and bin came from. The message names the options that give them."""
     (fh, fw), (h, w) = frame_hw, input_hw
+    crop = "no crop" if pp.crop_hw is None else f"crop {pp.crop_hw[0]}x{pp.crop_hw[1]}" + (
+        f" at {pp.crop_origin_yx[0]},{pp.crop_origin_yx[1]}" if pp.crop_origin_yx is not None else "")
     try:
         shape = pp.output_shape((fh, fw))
         if shape == (h, w):
             return
-        why = f"become {shape[0]}x{shape[1]}"
-    except ValueError as exc:
-        why = f"cannot be cut so ({exc})"
-    crop = "no crop" if pp.crop_hw is None else f"crop {pp.crop_hw[0]}x{pp.crop_hw[1]}" + (
-        f" at {pp.crop_origin_yx[0]},{pp.crop_origin_yx[1]}" if pp.crop_origin_yx is not None else "")
+        what = f"become {shape[0]}x{shape[1]} with {crop} and bin {pp.bin_factor} ({source})"
+    except ValueError as exc:  # "crop 200x128 at (-33, 3) does not fit a 134x134 frame"
+        what = f"cannot take {crop} and bin {pp.bin_factor} ({source}): {exc}"
     sizes = f"H = W = N x {h}" if h == w else f"H = N x {h}, W = N x {w}"
-    raise ValueError(f"frames of {fh}x{fw} {why} with {crop} and bin {pp.bin_factor} ({source}); the model takes "
+    raise ValueError(f"frames of {fh}x{fw} {what}; the model takes "
                      f"{h}x{w}: give the detector's crop and bin with --crop H W (centred, or at --crop-origin Y X) "
                      f"and --bin N, {sizes} (e.g. 516x516 frames: --crop 512 512 --bin 4 for 128x128)")

@@ -566,8 +566,9 @@ def test_the_detectors_crop_and_bin_are_options_that_go_into_the_new_card(tmp_pa
              "H = W = N x 64"),
         (["--crop", 128, 128], "frames of 134x134 become 128x128 with crop 128x128 and bin 1 (--crop, --crop-origin, "
                                "--bin); the model takes 64x64: give the detector's crop and bin with --crop H W"),
-        (["--crop", 200, 128, "--bin", 2], "frames of 134x134 cannot be cut so (crop 200x128 at (-33, 3) does not "
-                                           "fit a 134x134 frame) with crop 200x128 and bin 2"),
+        (["--crop", 200, 128, "--bin", 2], "frames of 134x134 cannot take crop 200x128 and bin 2 (--crop, --crop-origin, "
+                                           "--bin): crop 200x128 at (-33, 3) does not fit a 134x134 frame; the model "
+                                           "takes 64x64: give"),
         (["--bin", 0], "--bin must be an integer 1..64, got 0"),  # PreprocessConfig's words, the processor's
         (["--crop", 0, 128], "--crop must be [height, width] of positive ints, got (0, 128)"),
         (["--crop-origin", 1, 3], "--crop-origin needs crop"),
