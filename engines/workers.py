@@ -32,6 +32,10 @@ from .base import SlotRing, Ticket, check_batch, cpu_layout_device
 log = logging.getLogger(__name__)
 
 
+def _nothing() -> None:
+    pass
+
+
 class _Worker:
     """One engine and the thread that runs it; one job at a time."""
 
@@ -92,6 +96,7 @@ class _Worker:
             log.warning("%s still busy %.1f s after close; its engine is left open", self.thread.name, timeout_s)
             return
         self.engine_closed = True
+        self._finished = _nothing  # drops the pool's callback: no cycle, so a closed pool is freed at once
         self.engine.close()
 
 

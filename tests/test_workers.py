@@ -41,6 +41,27 @@ def batches(n, size=4):
     return [np.full((size, 1, 8, 8), float(i), np.float32) for i in range(n)]
 
 
+def test_a_closed_pool_is_freed_without_the_garbage_collector():
+    """Its workers held the pool's callback, the pool its workers: a cycle that kept every
+    closed engine until a full collection, and kept a swapped-out model's memory in the consumer."""
+    import gc
+    import weakref
+
+    barrier = threading.Barrier(1)
+    pool = WorkerPool([Meeting(barrier), Meeting(barrier)], threads_per_worker=1)
+    pool.collect(pool.submit(batches(1)[0]))
+    refs = [weakref.ref(pool), *(weakref.ref(w.engine) for w in pool._workers)]
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        pool.close()
+        del pool
+        assert [r() for r in refs] == [None, None, None]
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def test_workers_run_batches_at_the_same_time_and_return_them_in_order():
     barrier = threading.Barrier(2)
     engines = [Meeting(barrier), Meeting(barrier)]
