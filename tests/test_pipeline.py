@@ -12,6 +12,7 @@ from edge_ptychonn.stream.pipeline import InferencePipeline, runs_in_receive
 from edge_ptychonn.stream.preprocess import preprocess
 from engines import EngineOptions, create_engine
 from frames_util import bool_frame, colour_frame, compressed_frame, empty_frame, good_frame
+from model_util import export_small_model
 
 
 class Published(list):
@@ -909,7 +910,8 @@ def test_reading_a_new_models_card_holds_no_lock_that_frames_need(small_model, m
     assert pipeline.model_id == model_identity(model_b) and pipeline.stats.unaccounted(0) == 0
 
 
-@pytest.mark.parametrize("what", ["other-input-size", "not-onnx", "missing", "bad-card", "build-fails"])
+@pytest.mark.parametrize("what", ["other-input-size", "other-detector-geometry", "not-onnx", "missing", "bad-card",
+                                  "build-fails"])
 def test_a_model_that_does_not_fit_is_refused_and_nothing_changes(small_model, model_32, rng, tmp_path, what):
     pipeline, published, factory = make_pipeline(small_model, batchSize=2, batchTimeout=0.05)
     recorded = Recorded()
@@ -925,8 +927,13 @@ def test_a_model_that_does_not_fit_is_refused_and_nothing_changes(small_model, m
     bad_card = tmp_path / "carded.onnx"
     bad_card.write_bytes(small_model.read_bytes())
     bad_card.with_suffix(".json").write_text('{"preprocess": {"scael": 2}}')
+    # fine-tuned for a detector cut to 128x128 and binned by 2: 64x64 like the running model, but the
+    # running consumer takes its 64x64 frames as they come (before: run at another magnification)
+    binned = export_small_model(tmp_path / "binned.onnx", seed=2, name="binned", crop_hw=(128, 128), bin_factor=2)
     model, message = {
         "other-input-size": (model_32, "takes 32x32 input, but frames are preprocessed for the running model's 64x64"),
+        "other-detector-geometry": (binned, "was made for frames with crop 128x128 and bin 2, but this consumer runs "
+                                            "no crop and bin 1 .*restart the consumer with this model"),
         "not-onnx": (text, "is not a readable ONNX model"),
         "missing": (tmp_path / "nowhere.onnx", "is not a file"),
         "bad-card": (bad_card, "unknown key.*scael"),

@@ -212,6 +212,28 @@ def _output_mask(model_path: Path, wanted: bool | None, running: bool = False) -
     return mask
 
 
+def _geometry(crop_hw, bin_factor: int) -> str:
+    crop = "no crop" if crop_hw is None else f"crop {crop_hw[0]}x{crop_hw[1]}"
+    return f"{crop} and bin {bin_factor}"
+
+
+def _check_detector_geometry(model_path: Path, card: dict, running: PreprocessConfig) -> None:
+    """``ValueError`` when the new model's card was made for frames cut or binned otherwise than
+    the running consumer cuts them: a swap keeps the detector's crop and bin, and the model would
+    see the diffraction at another magnification. A card with no crop and bin 1 states no
+    detector (a model trained on frames of its input size) and fits any."""
+    crop, bin_factor = card.get("crop_hw"), card.get("bin_factor", 1)
+    if crop is None and bin_factor == 1:
+        return
+    crop = tuple(crop) if crop is not None else None
+    running_crop = tuple(running.crop_hw) if running.crop_hw is not None else None
+    if (crop, bin_factor) != (running_crop, running.bin_factor):
+        raise ValueError(f"the model card of {short_repr(str(model_path))} was made for frames with "
+                         f"{_geometry(crop, bin_factor)}, but this consumer runs {_geometry(running_crop, running.bin_factor)} "
+                         "(the detector's, set at start, which a swap keeps): restart the consumer with this model "
+                         "to change them")
+
+
 def apply_runtime_changes(config: ProcessorConfig, changes: dict) -> tuple[ProcessorConfig, dict]:
     """Validate a ``configure()`` request; return (new config, applied user keys).
 
@@ -223,7 +245,7 @@ def apply_runtime_changes(config: ProcessorConfig, changes: dict) -> tuple[Proce
     With ``modelPath``, offset, scale, transform and the normalisation come from
     the new model's card as at start-up (a model without a card: 0, 1, none,
     none), and those given in the same request win; crop, cropOrigin and bin
-    stay; the output mask is the new card's (none without one) unless
+    stay (a card made for another crop or bin is refused); the output mask is the new card's (none without one) unless
     ``outputMask`` was given at start: false keeps it off, true refuses a model
     whose card has none. Whether the
     model fits the running one is checked where its engine is built.
@@ -233,6 +255,7 @@ def apply_runtime_changes(config: ProcessorConfig, changes: dict) -> tuple[Proce
     pre = convert_fields(user, _PREPROCESS)
     if "model_path" in top:
         card = _preprocess_defaults(top["model_path"]) if top["model_path"].is_file() else {}
+        _check_detector_geometry(top["model_path"], card, config.preprocess)
         fields_ = [_PREPROCESS[k][0] for k in CARD_RUNTIME_KEYS]
         defaults = asdict(PreprocessConfig())
         pre = {**{f: card.get(f, defaults[f]) for f in fields_}, **pre}
