@@ -63,14 +63,14 @@ nothing; the launch makes the same checks before it starts anything::
     idle_s = 8.0                       # with a replayed scan: stop after this long without progress (see above; 0..3600)
     timeout_s = 0                      # stop after this many seconds (0: no limit)
 
-    [source]
+    [source]                           # required (may be empty: a detector on ad:image)
     scan = "data/generated/scan.npy"   # frames (n >= 2, height, width) replayed by pvapy-ad-sim-server; omit for a detector
     channel = "ad:image"               # the detector channel (sim server: the channel it publishes)
     fps = 100.0                        # sim server frame rate
     start_delay_s = 12.0               # sim server: wait before streaming, so every client connects (0..600)
 
-    [inference]
-    consumers = 2
+    [inference]                        # required (may be empty: the defaults below)
+    consumers = 2                      # 1..64
     prefix = "inference"               # <prefix>:<id>:output, :status, :control
     processor = "processors.ptychonn.PtychoNNProcessor"  # module.Class, a class with process(pv)
     distributor_updates = 8            # frames each consumer takes in turn (1..256)
@@ -89,7 +89,7 @@ nothing; the launch makes the same checks before it starts anything::
     [hdf5]                             # omit the table for no files
     prefix = "hdf5"                    # <prefix>:<id>:status, :control
     server_queue_size = 1000
-    [hdf5.args]
+    [hdf5.args]                        # required
     outputDirectory = "results/h5"     # required
 
     [viewer]                           # omit for no viewer; needs c2dv (pip install 'edge-ptychonn[viewer]') and a display
