@@ -1,12 +1,25 @@
 #!/usr/bin/env bash
 # Create or update .venv with the project and its pinned dependencies.
-# Usage: scripts/setup-venv.sh [EXTRAS]   (default extras: torch,test,codecs; extras installed
-# before are kept)
+# Usage: scripts/setup-venv.sh [EXTRAS]   (comma-separated extras of pyproject.toml; default:
+# torch,test,codecs; extras installed before are kept)
 # Installs Debian's iproute2 (for 'ip link set lo multicast on') and python3.N-venv (for
 # 'python3 -m venv') when missing and run as root, and with the viewer extra Xvfb and Qt's xcb libraries.
 set -euo pipefail
+if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
+    sed -n '2,6s/^# \{0,1\}//p' "$0"
+    exit 0
+fi
 cd "$(dirname "$0")/.."
 extras="${1:-torch,test,codecs}"
+# Each extra must be one of pyproject.toml's: pip only warns about an unknown one (a typo), and it
+# would be recorded below as installed.
+known="$(sed -n '/^\[project.optional-dependencies\]/,/^\[/s/^\([a-z0-9_-]*\) = \[.*/\1/p' pyproject.toml | paste -sd, -)"
+for extra in ${extras//,/ }; do
+    if [[ ",$known," != *",$extra,"* ]]; then
+        echo "setup-venv.sh: unknown extra '$extra'; the extras are $known (comma-separated, e.g. torch,test,codecs)" >&2
+        exit 2
+    fi
+done
 
 if ! command -v ip >/dev/null 2>&1; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
