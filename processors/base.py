@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import heapq
 import json
 import threading
@@ -146,6 +147,20 @@ def _source_sizes(source) -> list[tuple[Any, str, Any]]:
     return kept
 
 
+def _as_pvapy_sets(value):
+    """The value PvaPy's controller sets a key of a configure request to (its ``int()``), or None
+    when that raises (then it set nothing: its configure stopped there)."""
+    try:
+        return int(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def _same(a, b) -> bool:
+    """Whether two setting values are the same (the same object too: a NaN fill is itself)."""
+    return a is b or a == b
+
+
 def restore_on_refusal(controller, source=None) -> bool:
     """Make a refused configure request leave PvaPy's DataProcessingController ``controller`` as
     it was. Its ``configure`` sets its own keys (:data:`PVAPY_CONFIGURE_KEYS`) from the request
@@ -157,7 +172,14 @@ def restore_on_refusal(controller, source=None) -> bool:
     refused by the stitcher ("cannot change collectorCacheSize at run time") still set the
     collector's cache, and 100000 held every frame from the stitcher until the stream ended. An
     adapter to PvaPy's internals, pinned by a contract test; returns False (nothing changed) for
-    None."""
+    None.
+
+    A key goes back only while it still holds the value this request gave it: PvaPy runs each
+    request on a timer thread of its own, and one accepted meanwhile (a model swap with the
+    objectIdOffset of a group that grew, while the refused request waited for it), or the
+    processor telling PvaPy the pattern in force, set it since; putting back the value from before
+    this request undid that (PvaPy's nMissed counted in the old pattern, the consumer's in the
+    new one)."""
     if source is not None and callable(getattr(source, "configure", None)):
         source_configure = source.configure
 
@@ -183,7 +205,8 @@ def restore_on_refusal(controller, source=None) -> bool:
             return original(config_dict, *args, **kwargs)
         except Exception:
             for key, value in kept.items():
-                setattr(controller, key, value)
+                if getattr(controller, key, None) == _as_pvapy_sets(config_dict[key]):
+                    setattr(controller, key, value)
             raise
 
     controller.configure = configure
@@ -295,6 +318,9 @@ class ProcessorBase(StatsFromTable, AdImageProcessor):
         self.processor_id = int(self.framework.get("processorId", 1) or 1)
         self._problems: Counter[str] = Counter()
         self._problems_lock = threading.Lock()
+        # One run-time change of the settings at a time, from the settings in force to the new
+        # ones (see apply_changes); held for that only, never while a change waits (newScan).
+        self._settings_lock = threading.Lock()
 
     # -- problems: counted by kind, logged once per kind ---------------------------------
     def count_problem(self, kind: str, message: str, *args: Any) -> int:
@@ -344,25 +370,55 @@ class ProcessorBase(StatsFromTable, AdImageProcessor):
     def apply_changes(self, changes: Any) -> dict:
         """Validate ``changes`` against ``RUNTIME_KEYS``, swap in the new settings,
         and return the user keys applied (raises ``ValueError``: nothing changes)."""
-        token = _RUNTIME_CHANGE.set(True)
-        try:
-            new, applied = runtime_changes(self.settings, changes, self.ARGS, self.RUNTIME_KEYS)
-        finally:
-            _RUNTIME_CHANGE.reset(token)
-        self.settings = new
-        return applied
+        return self._change_settings(changes)[2]
+
+    def _change_settings(self, changes: Any) -> tuple[Any, Any, dict]:
+        """:meth:`apply_changes`; (the settings before, the new ones, the user keys applied).
+        The new settings are made from those in force and put in force under one lock: PvaPy
+        runs each configure request on a timer thread of its own, and a request put in force
+        between the two was undone by the other (answered "Configuration successful")."""
+        with self._settings_lock:
+            token = _RUNTIME_CHANGE.set(True)
+            try:
+                old = self.settings
+                new, applied = runtime_changes(old, changes, self.ARGS, self.RUNTIME_KEYS)
+            finally:
+                _RUNTIME_CHANGE.reset(token)
+            self.settings = new
+        return old, new, applied
+
+    def _take_back(self, old: Any, mine: Any) -> None:
+        """Undo one request's change of the settings from ``old`` to ``mine``: each setting it
+        changed goes back, unless a request accepted since (while a newScan waited) changed it
+        again. Putting all of ``old`` back undid that request's change too, after it had been
+        answered "Configuration successful"."""
+        with self._settings_lock:
+            now = self.settings
+            if now is mine:  # nothing changed since: all of it goes back
+                self.settings = old
+                return
+            if not dataclasses.is_dataclass(now):
+                return
+            back = {f.name: getattr(old, f.name) for f in dataclasses.fields(mine)
+                    if not _same(getattr(mine, f.name), getattr(old, f.name))
+                    and _same(getattr(now, f.name), getattr(mine, f.name))}
+            if back:
+                token = _RUNTIME_CHANGE.set(True)
+                try:
+                    self.settings = dataclasses.replace(now, **back)
+                finally:
+                    _RUNTIME_CHANGE.reset(token)
 
     def configure(self, configDict):
         """Apply run-time changes (all-or-nothing); ``{"newScan": true}`` then calls
         :meth:`new_scan`. An error (a ValueError, or :meth:`new_scan` failing: the other
         changes are taken back) reaches the control channel as "Configuration failed: ..."
         and changes nothing."""
-        old = self.settings
         try:
             new_scan = False
             if isinstance(configDict, dict) and "newScan" in configDict:
                 new_scan = convert_value("newScan", boolean(), configDict["newScan"])
-            self.apply_changes(configDict)
+            old, mine, _ = self._change_settings(configDict)
         except ValueError as exc:
             self.logger.error("configuration refused, nothing changed: %s", exc)
             raise
@@ -370,7 +426,7 @@ class ProcessorBase(StatsFromTable, AdImageProcessor):
             try:
                 self.new_scan()
             except Exception as exc:
-                self.settings = old
+                self._take_back(old, mine)
                 self.logger.error("configuration failed, nothing changed: %s", exc)
                 raise
 

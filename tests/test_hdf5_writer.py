@@ -595,6 +595,42 @@ def test_a_new_scan_that_fails_takes_the_other_changes_back(tmp_path):
     assert p.settings.flush_period_s == 1.0
 
 
+def test_a_failed_new_scan_keeps_a_change_accepted_while_it_waited(tmp_path):
+    """A newScan waits up to queueTimeout on PvaPy's timer thread; a flushPeriod sent meanwhile
+    (on another timer thread) was answered "Configuration successful", then taken back when the
+    newScan failed: its rollback put back every setting of before it, the other request's too."""
+    p = Hdf5WriterProcessor({**FRAMEWORK, "outputDirectory": str(tmp_path), "queueFrames": 1, "queueTimeout": 0.05})
+    p.queue.put(object())  # full, and no writer thread takes from it: the newScan fails
+    waiting, go_on = threading.Event(), threading.Event()
+    new_scan = p.new_scan
+
+    def held_new_scan():  # the newScan's wait, held until the other request is answered
+        waiting.set()
+        assert go_on.wait(10)
+        new_scan()
+
+    p.new_scan = held_new_scan
+    failed = []
+
+    def control():
+        try:
+            p.configure({"newScan": True})
+        except RuntimeError as exc:
+            failed.append(exc)
+
+    thread = threading.Thread(target=control, daemon=True)
+    thread.start()
+    try:
+        assert waiting.wait(10)
+        p.configure({"flushPeriod": 0.5})  # accepted
+    finally:
+        go_on.set()
+        thread.join(10)
+    assert failed and not thread.is_alive()
+    assert p.settings.flush_period_s == 0.5
+    assert json.loads(p.getStats()["settings"]) == {"flushPeriod": 0.5}
+
+
 def test_a_writer_with_no_file_open_sleeps_until_work_comes(tmp_path, rng):
     """With no file open (before the first frame, after a scan ended) the writer thread woke
     every 10 ms to flush nothing: 100 wake-ups a second per idle writer."""

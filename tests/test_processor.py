@@ -2,6 +2,7 @@
 
 import inspect
 import logging
+import time
 
 import numpy as np
 import pvaccess as pva
@@ -546,6 +547,73 @@ def test_a_refused_configure_changes_none_of_the_keys_pvapy_took(small_model):
         assert stats["nDroppedReconnect"] == 1, stats
         assert controller.nMissed == 0
     finally:
+        controller.stop()
+
+
+def test_a_refused_configure_does_not_undo_the_pattern_another_request_set_meanwhile(small_model, model_b,
+                                                                                      monkeypatch):
+    """PvaPy runs each configure request on a timer thread of its own. A model swap with a new
+    objectIdOffset (consumers joined) was accepted while a refused request with an objectIdOffset
+    waited for it; the refused one's wrapper then put back PvaPy's objectIdOffset of before both,
+    so PvaPy's nMissed counted in the old pattern and ours in the new one."""
+    import threading
+
+    import processors.ptychonn as ptychonn
+
+    building, built = threading.Event(), threading.Event()
+    real_create = ptychonn.create_engine
+
+    def held_create(name, options, *logger):  # the swap's engine is built once the test says so
+        if options.model_path == model_b:
+            building.set()
+            assert built.wait(10)
+        return real_create(name, options)
+
+    monkeypatch.setattr(ptychonn, "create_engine", held_create)
+    framework = {**FRAMEWORK, "outputChannel": "", "objectIdOffset": 1, "nSequentialUpdates": 1}
+    processor = PtychoNNProcessor({**framework, "modelPath": str(small_model), "engine": "zero"})
+    controller = DataProcessingController(framework, processor)
+    controller.start()
+    pipeline = processor.pipeline
+
+    class SeenLock:  # the configure lock, telling the test when the second request waits for it
+        def __init__(self, lock):
+            self.lock, self.tries = lock, 0
+
+        def acquire(self, *args, **kwargs):
+            self.tries += 1
+            return self.lock.acquire(*args, **kwargs)
+
+        def release(self):
+            self.lock.release()
+
+    pipeline._configure_lock = lock = SeenLock(pipeline._configure_lock)
+    answers = {}
+
+    def send(name, request):
+        try:
+            answers[name] = controller.configure(request)
+        except ValueError as exc:
+            answers[name] = exc
+
+    swap = threading.Thread(target=send, args=("swap", {"modelPath": str(model_b), "objectIdOffset": 3}), daemon=True)
+    refused = threading.Thread(target=send, args=("refused", {"objectIdOffset": 5, "scale": -1}), daemon=True)
+    try:
+        swap.start()
+        assert building.wait(10)
+        refused.start()
+        deadline = time.monotonic() + 10
+        while lock.tries < 2:  # the refused request waits for the swap's lock
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        built.set()
+        swap.join(10)
+        refused.join(10)
+        assert isinstance(answers["refused"], ValueError) and not isinstance(answers["swap"], ValueError), answers
+        assert pipeline.id_pattern == (1, 3)
+        assert (controller.nSequentialUpdates, controller.objectIdOffset) == (1, 3)
+    finally:
+        built.set()
         controller.stop()
 
 

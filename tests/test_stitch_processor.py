@@ -1069,6 +1069,70 @@ def test_a_new_publish_rate_applies_at_once(tmp_path, rng):
         p.stop()
 
 
+def test_two_configure_requests_at_once_keep_both_changes(rng, monkeypatch):
+    """PvaPy runs each configure request on a timer thread of its own. Each made its new
+    settings from those in force and then put them in force, without a lock: a request that
+    put its own in force between the two was undone by the other (publishRate answered
+    "Configuration successful" and stayed as it was)."""
+    import processors.base as base
+
+    p = make({"objectShape": [40, 48]})
+    made, other_done = threading.Event(), threading.Event()
+    runtime_changes = base.runtime_changes
+
+    def held(settings, changes, *args):  # the publishRate request: its settings made, not yet in force
+        new = runtime_changes(settings, changes, *args)
+        if "publishRate" in changes:
+            made.set()
+            other_done.wait(0.5)
+        return new
+
+    monkeypatch.setattr(base, "runtime_changes", held)
+    first = threading.Thread(target=p.configure, args=({"publishRate": 5},), daemon=True)
+    first.start()
+    assert made.wait(10)
+    second = threading.Thread(target=p.configure, args=({"fill": 1.5},), daemon=True)
+    second.start()
+    second.join(5)
+    other_done.set()
+    first.join(5)
+    assert not first.is_alive() and not second.is_alive()
+    assert (p.settings.publish_rate_hz, p.settings.fill) == (5, 1.5)
+
+
+def test_a_failed_new_scan_takes_back_its_own_changes_only(rng):
+    """A newScan that fails takes back the other changes of its request; those of a request
+    accepted while it ran (PvaPy's timer threads) stay: putting back all the settings of before
+    it undid a publishRate answered "Configuration successful"."""
+    p = make({"objectShape": [40, 48]})
+    running, go_on = threading.Event(), threading.Event()
+
+    def failing_new_scan():
+        running.set()
+        assert go_on.wait(10)
+        raise RuntimeError("the disk is gone")
+
+    p.new_scan = failing_new_scan
+    failed = []
+
+    def control():
+        try:
+            p.configure({"fill": 2.0, "newScan": True})
+        except RuntimeError as exc:
+            failed.append(exc)
+
+    thread = threading.Thread(target=control, daemon=True)
+    thread.start()
+    try:
+        assert running.wait(10)
+        p.configure({"publishRate": 5})
+    finally:
+        go_on.set()
+        thread.join(10)
+    assert failed and not thread.is_alive()
+    assert (p.settings.fill, p.settings.publish_rate_hz) == (0.0, 5)
+
+
 @pytest.mark.parametrize("reset_at", ["before placing", "after placing"])
 def test_a_reset_between_a_frames_counts_keeps_them_consistent(rng, reset_at):
     """process() counted a frame received, then placed it, then added its time, each under
