@@ -236,7 +236,8 @@ class PlanCache:
 
 
 def _network_flags(trt) -> int:
-    """Strongly typed where the flag exists (10.x); TensorRT 11 networks always are."""
+    """Strongly typed: the flag's bit is 1 in 10.x and 0 in 11.x (there deprecated and ignored:
+    TensorRT 11 networks always are strongly typed); none where the flag is gone."""
     strongly = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
     return 1 << int(strongly) if strongly is not None else 0
 
@@ -446,9 +447,9 @@ class TensorRTEngine:
         full = (self._capacity, 1, *self.input_shape)
         if not self._exec.set_input_shape(self._input_name, full):
             raise EngineUnavailable(f"TensorRT refused input shape {full}")
-        in_dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(self._input_name)))
+        in_dtype = self._numpy_dtype(self._input_name)
         out_shapes = {n: tuple(self._exec.get_tensor_shape(n)) for n in self._outputs}
-        out_dtypes = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in self._outputs}
+        out_dtypes = {n: self._numpy_dtype(n) for n in self._outputs}
         if out_shapes[self._phase_name][1:] != (1, *self.input_shape):
             raise EngineUnavailable(f"phase output shape {out_shapes[self._phase_name]} is not (n, 1, *input)")
         slots = range(self.max_in_flight)
@@ -465,6 +466,15 @@ class TensorRTEngine:
         self._done = [cuda.Event() for _ in slots]
         for event in self._done:
             event.record(self._compute_stream)
+
+    def _numpy_dtype(self, name: str) -> np.dtype:
+        """The numpy type of I/O tensor ``name``; EngineUnavailable where it has none
+        (``trt.nptype`` raises TypeError for e.g. a bf16 output of the model)."""
+        dtype = self._engine.get_tensor_dtype(name)
+        try:
+            return np.dtype(self._trt.nptype(dtype))
+        except TypeError as exc:
+            raise EngineUnavailable(f"the plan's tensor {name} is {dtype}, which has no numpy type: {exc}") from exc
 
     # -- Engine protocol ---------------------------------------------------------------
     def submit(self, batch: np.ndarray) -> Ticket:

@@ -135,6 +135,25 @@ def test_contract_removed_apis_are_absent_from_the_stand_in_and_unused():
         assert re.search(rf"\b{re.escape(removed)}\b", body) is None, removed
 
 
+def test_contract_the_stand_ins_flag_values_and_errors_are_tensorrts():
+    """As TensorRT's bindings have them, where the engine relies on them: STRONGLY_TYPED is
+    bit 1 in 10 and bit 0 in 11 (deprecated there and ignored; EXPLICIT_BATCH, bit 0 in 10,
+    is gone), so the engine passes 2 and 1; set_shape raises RuntimeError for inconsistent
+    shapes; nptype raises TypeError for bf16, which numpy lacks."""
+    trt10 = fake_tensorrt.make_module(fake_pycuda.FakeCuda(), "10.16.1.11")
+    trt11 = fake_tensorrt.make_module(fake_pycuda.FakeCuda(), "11.4.1.2")
+    assert int(trt10.NetworkDefinitionCreationFlag.EXPLICIT_BATCH) == 0
+    assert int(trt10.NetworkDefinitionCreationFlag.STRONGLY_TYPED) == 1 and te._network_flags(trt10) == 2
+    assert int(trt11.NetworkDefinitionCreationFlag.STRONGLY_TYPED) == 0 and te._network_flags(trt11) == 1
+    for trt in (trt10, trt11):
+        builder = trt.Builder(trt.Logger(trt.Logger.WARNING))
+        assert builder.create_network(te._network_flags(trt)).flags == te._network_flags(trt)
+        with pytest.raises(RuntimeError):
+            builder.create_optimization_profile().set_shape("x", (8, 1), (1, 1), (8, 1))
+        with pytest.raises(TypeError):
+            trt.nptype(trt.DataType.BF16)
+
+
 def test_contract_against_the_real_tensorrt_when_installed():
     if "tensorrt" in sys.modules and getattr(sys.modules["tensorrt"], "fail_next_build", None) is not None:
         pytest.skip("stand-in installed")
@@ -451,6 +470,23 @@ def test_deserialize_returning_none_after_a_build_is_a_clear_error(gpu10, small_
     monkeypatch.setattr(gpu10.trt.Runtime, "deserialize_cuda_engine", lambda self, plan: None)
     with pytest.raises(EngineUnavailable, match="could not deserialize the plan it has just built"):
         make(small_model, tmp_path)
+
+
+def test_a_plan_tensor_with_no_numpy_type_is_unavailable(gpu10, small_model, tmp_path, monkeypatch):
+    """trt.nptype raises TypeError for a type numpy lacks (e.g. a model with a bf16 output):
+    EngineUnavailable, so that 'auto' goes on to the next engine (not a TypeError traceback)."""
+    trt = gpu10.trt
+    dtype = trt.ICudaEngine.get_tensor_dtype
+
+    def bf16_outputs(self, name):
+        return trt.DataType.BF16 if self.get_tensor_mode(name) == trt.TensorIOMode.OUTPUT else dtype(self, name)
+
+    monkeypatch.setattr(trt.ICudaEngine, "get_tensor_dtype", bf16_outputs)
+    with pytest.raises(EngineUnavailable, match=r"the plan's tensor \S+ is DataType.BF16, which has no numpy type"):
+        make(small_model, tmp_path)
+    assert gpu10.cuda.stack() == []  # the context was popped
+    options = dict(precision="auto", plan_cache_dir=tmp_path / "plans", cpu_threads=1)
+    assert create_engine("auto", EngineOptions(small_model, **options)).device == "cpu (1 worker x 1 thread)"
 
 
 def test_fixed_batch_models_are_padded(gpu10, tmp_path, fixed8_model):

@@ -6,6 +6,10 @@ It offers the names and signatures of the TensorRT 10/11 Python API that an ONNX
 also lacks what 11 removed (``BuilderFlag.FP16``/``BF16``, the ``EXPLICIT_BATCH``
 network flag). Behaviour modelled on the real library:
 
+- ``NetworkDefinitionCreationFlag`` has TensorRT's values (``STRONGLY_TYPED`` is
+  bit 1 in 10, bit 0 in 11, where it is deprecated and ignored);
+  ``IOptimizationProfile.set_shape`` raises RuntimeError for inconsistent shapes;
+  ``nptype`` raises TypeError for a type with no numpy equivalent (bf16);
 - ``OnnxParser.parse`` returns False and keeps errors for an unreadable model,
   an operator it has no importer for, or a graph whose types its operators do
   not accept at the model's opset (strict ONNX type and shape inference: e.g.
@@ -108,14 +112,20 @@ def make_module(cuda_state, version: str = "10.16.1.11", build_delay_s: float = 
     MemoryPoolType = enum("MemoryPoolType", ["WORKSPACE", "DLA_MANAGED_SRAM", "TACTIC_DRAM"])
     TensorIOMode = enum("TensorIOMode", ["NONE", "INPUT", "OUTPUT"])
     DataType = enum("DataType", ["FLOAT", "HALF", "INT8", "INT32", "BOOL", "BF16"])
+    # the values are TensorRT's: 11 dropped EXPLICIT_BATCH (bit 0 in 10) and kept STRONGLY_TYPED, deprecated and
+    # ignored (its networks always are strongly typed), as bit 0
+    creation_flags = (["EXPLICIT_BATCH", "STRONGLY_TYPED", "PREFER_JIT_PYTHON_PLUGINS", "PREFER_AOT_PYTHON_PLUGINS"]
+                      if major < 11 else ["STRONGLY_TYPED", "PREFER_JIT_PYTHON_PLUGINS", "PREFER_AOT_PYTHON_PLUGINS"])
     NetworkDefinitionCreationFlag = type("NetworkDefinitionCreationFlag", (), {})
-    if major < 11:
-        NetworkDefinitionCreationFlag.EXPLICIT_BATCH = _Enum("EXPLICIT_BATCH", 0)
-    NetworkDefinitionCreationFlag.STRONGLY_TYPED = _Enum("STRONGLY_TYPED", 1)
+    for i, member in enumerate(creation_flags):
+        setattr(NetworkDefinitionCreationFlag, member, _Enum(member, i))
 
     def nptype(dtype):
-        return {"DataType.FLOAT": np.float32, "DataType.HALF": np.float16, "DataType.INT32": np.int32,
-                "DataType.INT8": np.int8, "DataType.BOOL": np.bool_}[dtype.name]
+        mapping = {"DataType.FLOAT": np.float32, "DataType.HALF": np.float16, "DataType.INT32": np.int32,
+                   "DataType.INT8": np.int8, "DataType.BOOL": np.bool_}
+        if dtype.name not in mapping:  # e.g. bf16: no numpy type
+            raise TypeError("Could not resolve TensorRT datatype to an equivalent numpy datatype.")
+        return mapping[dtype.name]
 
     class INetworkDefinition:
         def __init__(self, flags: int):
@@ -197,7 +207,7 @@ def make_module(cuda_state, version: str = "10.16.1.11", build_delay_s: float = 
         def set_shape(self, input: str, min, opt, max):
             lo, mid, hi = tuple(min), tuple(opt), tuple(max)
             if not (len(lo) == len(mid) == len(hi)) or any(not a <= b <= c for a, b, c in zip(lo, mid, hi)):
-                raise ValueError(f"profile shapes for {input} must satisfy min <= opt <= max: {lo} {mid} {hi}")
+                raise RuntimeError(f"profile shapes for {input} must satisfy min <= opt <= max: {lo} {mid} {hi}")
             self.shapes[input] = (lo, mid, hi)
 
         def get_shape(self, input: str):
@@ -241,8 +251,6 @@ def make_module(cuda_state, version: str = "10.16.1.11", build_delay_s: float = 
             self.logger = logger
 
         def create_network(self, flags: int = 0) -> INetworkDefinition:
-            if major >= 11 and flags & 1:
-                raise TypeError("NetworkDefinitionCreationFlag.EXPLICIT_BATCH was removed in TensorRT 11")
             return INetworkDefinition(flags)
 
         def create_builder_config(self) -> IBuilderConfig:
@@ -272,7 +280,8 @@ def make_module(cuda_state, version: str = "10.16.1.11", build_delay_s: float = 
                 "version": version, "gpu": gpu_name, "cc": list(cc), "inputs": network.inputs,
                 "outputs": network.outputs, "flags": sorted(f.name for f in config.flags),
                 "profiles": [{k: [list(s) for s in v] for k, v in p.shapes.items()} for p in profiles],
-                "strongly_typed": bool(network.flags & 2) or major >= 11,
+                "strongly_typed": bool(network.flags & 1 << int(NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+                or major >= 11,
             }
             return IHostMemory(MAGIC + json.dumps(header).encode() + b"\n" + network.onnx)
 
