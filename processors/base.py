@@ -268,6 +268,10 @@ class RecentIds:
             self._ids.discard(heapq.heappop(self._heap))
 
 
+# a processor keeps the names of the last RECENT_FILES files it made (``files``, ``saved_files``),
+# not all: a run makes a file or two per scan for days, and a list of them all grew with every scan
+RECENT_FILES = 100
+
 RESETS_KEY = "nStatsResets"  # every processor's: the reset_stats it took since start (never reset)
 
 

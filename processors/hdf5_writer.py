@@ -130,6 +130,7 @@ import queue
 import sys
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,7 +146,7 @@ from edge_ptychonn.stream.quote import short_repr
 from edge_ptychonn.thread_name import name_this_thread
 from processors import shutdown
 from processors.base import (
-    BAD_KIND_COUNTS, ProcessorBase, RecentIds, at_start, attribute_raw, attribute_value, bad_kind_stats,
+    BAD_KIND_COUNTS, RECENT_FILES, ProcessorBase, RecentIds, at_start, attribute_raw, attribute_value, bad_kind_stats,
     calling_controller, data_source, reset_with_source, restore_on_refusal, seconds,
 )
 
@@ -480,7 +481,7 @@ class Hdf5WriterProcessor(ProcessorBase):
         self._in_hand = 0  # frames the writer thread took from the queue and has not yet settled
         self._overloaded = False  # the last put timed out: the next ones do not wait
         self._stopping = False
-        self.files: list[Path] = []
+        self.files: deque[Path] = deque(maxlen=RECENT_FILES)  # the files made last, newest at the end
         self._thread: threading.Thread | None = None
 
     # -- counting ---------------------------------------------------------------------------

@@ -160,7 +160,7 @@ from edge_ptychonn.stream.quote import short_repr
 from edge_ptychonn.thread_name import name_this_thread
 from processors import shutdown
 from processors.base import (
-    BAD_KIND_COUNTS, ProcessorBase, RecentIds, at_start, attribute_raw, attribute_value, bad_kind_stats,
+    BAD_KIND_COUNTS, RECENT_FILES, ProcessorBase, RecentIds, at_start, attribute_raw, attribute_value, bad_kind_stats,
     calling_controller, data_source, reset_with_source, restore_on_refusal, seconds,
 )
 
@@ -553,7 +553,7 @@ class StitchProcessor(ProcessorBase):
         self._received_ids = RecentIds()
         self.process_time_s = 0.0
         self._resets = 0  # resetStats() calls: a frame counted before one adds no time after it
-        self.saved_files: list[Path] = []
+        self.saved_files: deque[Path] = deque(maxlen=RECENT_FILES)  # the images saved last, newest at the end
         self.final_channel = ""
         self._stop = threading.Event()
         self._wake = threading.Event()  # the publishing thread's sleep ends early: stop, a new publishRate

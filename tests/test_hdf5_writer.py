@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 from frames_util import good_frame  # noqa: E402
 import processors.hdf5_writer as writer  # noqa: E402
-from processors.base import RESETS_KEY  # noqa: E402
+from processors.base import RECENT_FILES, RESETS_KEY  # noqa: E402
 from processors.hdf5_writer import STATS, Hdf5WriterProcessor  # noqa: E402
 
 FRAMEWORK = {"processorId": 2, "inputChannel": "inference:2:output", "outputChannel": "", "objectIdField": "uniqueId",
@@ -495,6 +495,19 @@ def test_a_long_scan_keeps_only_the_restart_windows_ids(tmp_path):
     p.stop()
     assert [len(ids_in(f)) for f in p.files] == [3000, 2, 1]
     assert accounted(p)["nFramesWritten"] == 3003
+
+
+def test_many_scans_keep_only_the_last_file_names(tmp_path):
+    """Every file's name was kept for the whole run: the writer's memory grew by each scan, for
+    as long as it ran (days of scans at a beamline). Now only the last RECENT_FILES; every
+    scan still has its file."""
+    image = np.zeros((2, 2), np.float32)
+    p = Hdf5WriterProcessor({**FRAMEWORK, "outputDirectory": str(tmp_path), "fileNameFormat": "s{scan}.h5"})
+    n = RECENT_FILES + 5
+    run(p, [frame(1, image)] * n)  # uniqueId 1 again: each frame starts a new scan, a new file
+    assert accounted(p)["nFilesWritten"] == n and len(list(tmp_path.glob("s*.h5"))) == n
+    assert len(p.files) == RECENT_FILES
+    assert p.files[0].name == "s6.h5" and p.files[-1].name == f"s{n}.h5" and ids_in(p.files[-1]) == [1]
 
 
 @pytest.mark.parametrize("kind", ["bad", "empty"])

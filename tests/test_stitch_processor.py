@@ -17,7 +17,7 @@ from edge_ptychonn.science.stitch import Stitcher, probe_weight
 from edge_ptychonn.tools.processes import stop_monitor, wait_until
 from channel_names import PREFIX
 from frames_util import good_frame
-from processors.base import RESETS_KEY
+from processors.base import RECENT_FILES, RESETS_KEY
 from processors.stitch import STATS, PositionTable, StitchProcessor
 
 FRAMEWORK = {"processorId": 1, "inputChannel": "inference:*:output", "outputChannel": "stitch:1:output",
@@ -815,7 +815,7 @@ def test_process_and_stats_never_wait_for_a_slow_save(tmp_path, rng, monkeypatch
     weight = probe_weight(probe, 0.1)
     np.testing.assert_allclose(np.load(out / "stitch_scan0001.npy"), offline(patches[:5], positions[:5], (40, 48), weight).image(), atol=1e-6)
     np.testing.assert_allclose(np.load(out / "stitch_scan0002.npy"), offline(patches[5:8], positions[5:8], (40, 48), weight).image(), atol=1e-6)
-    assert p.getStats()["nScansSaved"] == 2 and p.saved_files == [out / "stitch_scan0001.npy", out / "stitch_scan0002.npy"]
+    assert p.getStats()["nScansSaved"] == 2 and list(p.saved_files) == [out / "stitch_scan0001.npy", out / "stitch_scan0002.npy"]
 
 
 def attributed_frame(uid, patch, yx):
@@ -823,6 +823,22 @@ def attributed_frame(uid, patch, yx):
     pv["attribute"] = [pva.NtAttribute("PosY", pva.PvDouble(float(yx[0]))),
                        pva.NtAttribute("PosX", pva.PvDouble(float(yx[1])))]
     return pv
+
+
+def test_many_scans_keep_only_the_last_saved_names(tmp_path, rng):
+    """Every saved image's name was kept for the whole run: the stitcher's memory grew by each
+    scan, for as long as it ran (days of scans at a beamline). Now only the last RECENT_FILES;
+    every image is still saved."""
+    patches, positions, _ = small_scan(rng, n=2)
+    out = tmp_path / "out"
+    p = make({"objectShape": [40, 48], "outputDirectory": str(out)})
+    n = RECENT_FILES + 5
+    for _ in range(n):  # uniqueId 1 again: each frame starts a new scan, the last one is saved
+        p.process(attributed_frame(1, patches[1], positions[1]))
+    p.stop()
+    assert p.getStats()["nScansSaved"] == n and len(list(out.glob("stitch_scan*_weight.npy"))) == n
+    assert len(p.saved_files) == RECENT_FILES
+    assert p.saved_files[0] == out / "stitch_scan0006.npy" and p.saved_files[-1] == out / f"stitch_scan{n:04d}.npy"
 
 
 def test_a_weight_file_is_checked_at_start_and_one_of_another_shape_places_the_frames(tmp_path, rng):
@@ -1279,7 +1295,7 @@ def test_a_long_file_prefix_is_saved_or_refused_at_start(tmp_path, rng):
     p = make({"objectShape": [40, 48], "outputDirectory": str(out), "filePrefix": "p" * 225})
     p.process(attributed_frame(1, patches[1], positions[1]))
     p.stop()
-    assert p.getStats()["nScansSaved"] == 1 and p.saved_files == [out / ("p" * 225 + "_scan0001.npy")]
+    assert p.getStats()["nScansSaved"] == 1 and list(p.saved_files) == [out / ("p" * 225 + "_scan0001.npy")]
     assert sorted(f.name for f in out.iterdir()) == ["p" * 225 + "_scan0001.npy", "p" * 225 + "_scan0001_weight.npy"]
     with pytest.raises(ValueError, match=r"filePrefix is too long \(240 bytes; at most 233"):
         make({"objectShape": [40, 48], "outputDirectory": str(out), "filePrefix": "p" * 240})
@@ -1330,7 +1346,7 @@ def test_sigterm_drain_returns_within_its_timeout_while_a_save_hangs(tmp_path, r
         release.set()
     p.process(good_frame(1, patches[3]))  # scan 2
     p.stop()
-    assert p.saved_files == [tmp_path / "out" / "stitch_scan0001.npy", tmp_path / "out" / "stitch_scan0002.npy"]
+    assert list(p.saved_files) == [tmp_path / "out" / "stitch_scan0001.npy", tmp_path / "out" / "stitch_scan0002.npy"]
     assert p.getStats()["nScansSaved"] == 2
 
 
