@@ -135,6 +135,7 @@ Statistics (status channel ``userStats``) -- see :data:`STATS`. Totals since sta
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 import os
 import sys
@@ -258,8 +259,10 @@ class MetadataPositions:
     ``add(channel, key, value)`` records one update (key: its time stamp in seconds,
     or its uniqueId); ``lookup(key)`` gives (y, x) when both channels have an update
     matching ``key`` (time: the nearest within ``tolerance_s`` after adding
-    ``offset_s`` to the update's time), else None. Each channel keeps at most
-    ``max_updates`` updates (the oldest go first).
+    ``offset_s`` to the update's time), else None. Each channel keeps the newest
+    ``max_updates`` updates: once it holds a sixteenth more, the oldest go, down to
+    ``max_updates`` in one go (dropping one with each update shifted the whole store each
+    time: 29-34 us per update once full, against 0.4-0.6 while filling).
 
     By uniqueId, uniqueIds repeat from scan to scan, so: a channel keeps one update per
     uniqueId, the newest (a later scan's replaces an earlier one's); a matched update is
@@ -295,16 +298,22 @@ class MetadataPositions:
             self._arrived[channel] += 1
             updates.pop(key, None)  # the newest wins, and goes to the end of the arrival order
             updates[key] = (self._arrived[channel], float(value))
-            while len(updates) > self.max_updates:
-                del updates[next(iter(updates))]
+            for old in list(itertools.islice(updates, self._excess(len(updates)))):
+                del updates[old]
             return
         keys, values = self._keys[channel], self._values[channel]
         key = key + self.offset_s
         i = bisect.bisect_right(keys, key)  # updates normally come in order: an append
         keys.insert(i, key)
         values.insert(i, float(value))
-        if len(keys) > self.max_updates:
-            del keys[: len(keys) - self.max_updates], values[: len(values) - self.max_updates]
+        excess = self._excess(len(keys))
+        if excess:
+            del keys[:excess], values[:excess]
+
+    def _excess(self, n: int) -> int:
+        """How many of ``n`` updates kept to drop now (the oldest): none until a sixteenth more
+        than ``max_updates`` are kept, then all above it."""
+        return n - self.max_updates if n > self.max_updates + self.max_updates // 16 else 0
 
     def _find(self, channel: str, key) -> float | None:
         keys = self._keys[channel]
