@@ -35,21 +35,22 @@ def test_a_python_without_ensurepip_is_named_and_leaves_no_broken_venv(tmp_path)
     assert not (tree / ".venv").exists()
 
 
-def _tree(tmp_path: Path) -> Path:
+def _run_copy(tmp_path: Path, *args: str) -> tuple[Path, subprocess.CompletedProcess]:
+    """setup-venv.sh run with ``args`` in a tree of its own (the script and pyproject.toml)."""
     tree = tmp_path / "tree"
     (tree / "scripts").mkdir(parents=True)
     shutil.copy(ROOT / "scripts" / "setup-venv.sh", tree / "scripts")
     shutil.copy(ROOT / "pyproject.toml", tree)
-    return tree
+    env = dict(os.environ, PYTHON=sys.executable)
+    env.pop("VIRTUAL_ENV", None)
+    done = subprocess.run(["bash", "scripts/setup-venv.sh", *args], cwd=tree, env=env, capture_output=True,
+                          text=True, timeout=60)
+    return tree, done
 
 
 def test_help_prints_the_usage_and_makes_nothing(tmp_path):
     """Before: --help was taken as an extra, a .venv was made and pip failed with a traceback."""
-    tree = _tree(tmp_path)
-    env = dict(os.environ, PYTHON=sys.executable)
-    env.pop("VIRTUAL_ENV", None)
-    done = subprocess.run(["bash", "scripts/setup-venv.sh", "--help"], cwd=tree, env=env, capture_output=True,
-                          text=True, timeout=60)
+    tree, done = _run_copy(tmp_path, "--help")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Usage: scripts/setup-venv.sh [EXTRAS]" in done.stdout
     assert not (tree / ".venv").exists()
@@ -57,11 +58,7 @@ def test_help_prints_the_usage_and_makes_nothing(tmp_path):
 
 def test_an_unknown_extra_is_refused_before_anything_is_made(tmp_path):
     """Before: a misspelt extra was only a pip warning, and was recorded as installed."""
-    tree = _tree(tmp_path)
-    env = dict(os.environ, PYTHON=sys.executable)
-    env.pop("VIRTUAL_ENV", None)
-    done = subprocess.run(["bash", "scripts/setup-venv.sh", "torch,viewr"], cwd=tree, env=env, capture_output=True,
-                          text=True, timeout=60)
+    tree, done = _run_copy(tmp_path, "torch,viewr")
     assert done.returncode == 2, done.stdout + done.stderr
     assert "unknown extra 'viewr'" in done.stderr and "viewer" in done.stderr, done.stderr
     assert not (tree / ".venv").exists()
