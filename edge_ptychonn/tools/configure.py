@@ -49,6 +49,7 @@ PENDING = "Command successful"  # PvaPy's reply before the configure timer has r
 DEFAULT_TIMEOUT_S = 5.0
 MODEL_TIMEOUT_S = 600.0  # modelPath: the consumer answers once the new engine is built
 MAX_TIMEOUT_S = 86400.0  # --timeout: a day is more than any engine build
+DISCONNECT_POLL_S = 0.25  # while an answer is awaited: how often the control channel is seen to be still there
 
 
 def parse_pairs(pairs: list[str]) -> dict:
@@ -129,12 +130,6 @@ def send(channel: str, args_text: str, timeout_s: float = 5.0, connect_timeout_s
     updates: queue.Queue = queue.Queue()
     watch = pva.Channel(channel)
     watch.setTimeout(connect_timeout_s)
-    # A consumer that stops (SIGTERM, a crash) while it builds a new model never answers: its
-    # channel's disconnection, once connected, ends the wait (None) rather than the whole --timeout.
-    connected_once = threading.Event()
-    if callable(getattr(watch, "setConnectionCallback", None)):
-        watch.setConnectionCallback(lambda connected: connected_once.set() if connected
-                                    else connected_once.is_set() and updates.put(None))
     watch.monitor(lambda record: updates.put((record["objectTime"], record["statusMessage"])),
                   "record[queueSize=1000]field(objectTime,statusMessage)")
     try:
@@ -142,21 +137,25 @@ def send(channel: str, args_text: str, timeout_s: float = 5.0, connect_timeout_s
             update = updates.get(timeout=answer_s(connect_timeout_s))
         except queue.Empty:
             raise TimeoutError(f"{channel}: no update from a monitor within {answer_s(connect_timeout_s):g} s") from None
-        if update is None:
-            raise ConnectionError(f"{channel} went away before the request was sent")
         stamp, message = update
         stamps = {stamp} - {before}  # a request taken since the first read: another's
         _put(pva, ch, channel, args_text, connect_timeout_s)
         deadline = time.monotonic() + timeout_s
         message = PENDING
         while True:
+            # A consumer that stops (SIGTERM, a crash) while it builds a new model never answers:
+            # its channel's disconnection, seen between updates, ends the wait rather than the
+            # whole --timeout. Polled: PvaPy's connection callback (setConnectionCallback) aborted
+            # this process now and then ("PyThreadState_Get: ... the GIL is released"; 2 in ~200 runs).
             try:
-                update = updates.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:  # no answer in time: the caller says so
-                return message
-            if update is None:
-                raise ConnectionError(f"{channel} went away before it answered (the consumer stopped?); once it "
-                                      "runs again, its status channel shows what is in force")
+                update = updates.get(timeout=max(0.0, min(deadline - time.monotonic(), DISCONNECT_POLL_S)))
+            except queue.Empty:
+                if not watch.isConnected():
+                    raise ConnectionError(f"{channel} went away before it answered (the consumer stopped?); once "
+                                          "it runs again, its status channel shows what is in force") from None
+                if time.monotonic() >= deadline:  # no answer in time: the caller says so
+                    return message
+                continue
             stamp, message = update
             if stamp != before:
                 stamps.add(stamp)
