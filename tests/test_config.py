@@ -124,6 +124,26 @@ def test_a_new_model_brings_its_cards_preprocessing_and_keeps_the_geometry(tmp_p
         apply_runtime_changes(config, {"modelPath": 3})
 
 
+def test_a_new_models_card_must_bin_as_the_running_consumer_does(tmp_path, small_model):
+    """A swap keeps the detector's crop and bin: a card made for another bin is refused (the model
+    would see another magnification); the same bin fits, whether the card names the window as a
+    crop or as whole frames (same input size, so the same window); a card stating no detector fits."""
+    config, _ = parse_processor_args({"modelPath": str(small_model), "crop": [128, 128], "bin": 2})
+    cards = {"whole-frames-bin-2": {"bin_factor": 2}, "crop-bin-2": {"crop_hw": [128, 128], "bin_factor": 2},
+             "none": {}, "crop-256-bin-4": {"crop_hw": [256, 256], "bin_factor": 4}, "bin-1": {"crop_hw": [64, 64]}}
+    for name, preprocess in cards.items():
+        model = tmp_path / f"{name}.onnx"
+        model.write_bytes(small_model.read_bytes())
+        (tmp_path / f"{name}.json").write_text(json.dumps({"preprocess": preprocess}))
+    for name in ("whole-frames-bin-2", "crop-bin-2", "none"):
+        swapped, _ = apply_runtime_changes(config, {"modelPath": str(tmp_path / f"{name}.onnx")})
+        assert (swapped.preprocess.crop_hw, swapped.preprocess.bin_factor) == ((128, 128), 2), name
+    for name, theirs in (("crop-256-bin-4", "crop 256x256 and bin 4"), ("bin-1", "crop 64x64 and bin 1")):
+        with pytest.raises(ValueError, match=f"made for frames with {theirs}, but this consumer runs crop 128x128 and "
+                                             "bin 2 .*restart the consumer with this model"):
+            apply_runtime_changes(config, {"modelPath": str(tmp_path / f"{name}.onnx")})
+
+
 def test_model_identity_names_the_card_and_the_content(tmp_path, small_model):
     import hashlib
 

@@ -218,20 +218,21 @@ def _geometry(crop_hw, bin_factor: int) -> str:
 
 
 def _check_detector_geometry(model_path: Path, card: dict, running: PreprocessConfig) -> None:
-    """``ValueError`` when the new model's card was made for frames cut or binned otherwise than
-    the running consumer cuts them: a swap keeps the detector's crop and bin, and the model would
-    see the diffraction at another magnification. A card with no crop and bin 1 states no
-    detector (a model trained on frames of its input size) and fits any."""
+    """``ValueError`` when the new model's card was made for frames binned otherwise than the
+    running consumer bins them: a swap keeps the detector's crop and bin, and the model would see
+    the diffraction at another magnification. The bin decides: the new model takes the running
+    one's input size, so the same bin means the same window of the detector, whether the card
+    names it as a crop or as whole frames. A card with no crop and bin 1 states no detector (a
+    model trained on frames of its input size) and fits any."""
     crop, bin_factor = card.get("crop_hw"), card.get("bin_factor", 1)
-    if crop is None and bin_factor == 1:
+    if (crop is None and bin_factor == 1) or bin_factor == running.bin_factor:
         return
     crop = tuple(crop) if crop is not None else None
     running_crop = tuple(running.crop_hw) if running.crop_hw is not None else None
-    if (crop, bin_factor) != (running_crop, running.bin_factor):
-        raise ValueError(f"the model card of {short_repr(str(model_path))} was made for frames with "
-                         f"{_geometry(crop, bin_factor)}, but this consumer runs {_geometry(running_crop, running.bin_factor)} "
-                         "(the detector's, set at start, which a swap keeps): restart the consumer with this model "
-                         "to change them")
+    raise ValueError(f"the model card of {short_repr(str(model_path))} was made for frames with "
+                     f"{_geometry(crop, bin_factor)}, but this consumer runs {_geometry(running_crop, running.bin_factor)} "
+                     "(the detector's, set at start, which a swap keeps): restart the consumer with this model "
+                     "to change them")
 
 
 def apply_runtime_changes(config: ProcessorConfig, changes: dict) -> tuple[ProcessorConfig, dict]:
