@@ -73,9 +73,10 @@ Run-time changes (control channel ``configure``, e.g. ``edge-ptychonn configure`
     none, no mask); crop, cropOrigin and bin stay. A
     model that does not fit is refused with the reason ("Configuration failed:
     ...") and nothing changes: another input size than the running model's, a
-    card made for another crop or bin than the running ones, a file that is missing or not ONNX, a malformed card, an engine that fails to
-    build. The reply comes once the engine is built (seconds; a TensorRT plan not
-    in the cache takes minutes). The switch is logged; ``model`` and ``settings``
+    card made for another crop or bin than the running ones, a file that is
+    missing or not ONNX, a malformed card, an engine that fails to build. The
+    reply comes once the engine is built (seconds; a TensorRT plan not in the
+    cache takes minutes). The switch is logged; ``model`` and ``settings``
     in the statistics show the new model.
 Statistics (status channel, ``userStats``)
     ``nStatsResets``: the ``reset_stats`` calls since start (every processor's; a reset keeps it).

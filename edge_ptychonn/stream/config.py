@@ -229,10 +229,10 @@ def _check_detector_geometry(model_path: Path, card: dict, running: PreprocessCo
         return
     crop = tuple(crop) if crop is not None else None
     running_crop = tuple(running.crop_hw) if running.crop_hw is not None else None
+    ours = _geometry(running_crop, running.bin_factor)
     raise ValueError(f"the model card of {short_repr(str(model_path))} was made for frames with "
-                     f"{_geometry(crop, bin_factor)}, but this consumer runs {_geometry(running_crop, running.bin_factor)} "
-                     "(the detector's, set at start, which a swap keeps): restart the consumer with this model "
-                     "to change them")
+                     f"{_geometry(crop, bin_factor)}, but this consumer runs {ours} (the detector's, set at "
+                     "start, which a swap keeps): restart the consumer with this model to change them")
 
 
 def apply_runtime_changes(config: ProcessorConfig, changes: dict) -> tuple[ProcessorConfig, dict]:
