@@ -166,6 +166,7 @@ from processors.base import (
 )
 
 NAME_ATTEMPTS = 5  # free names tried when other processes take them as this one saves
+STOP_TIMEOUT_S = 10.0  # stop(): how long the images still queued may take to be saved
 
 
 # ---------------------------------------------------------------- positions
@@ -572,6 +573,7 @@ class StitchProcessor(ProcessorBase):
         # by whichever thread holds self._output_lock (see _send_outputs)
         self._outputs: deque[_Output] = deque()
         self._output_lock = threading.Lock()
+        self._saving: set[int] = set()  # the scan whose image is being saved now (under self.lock)
 
     # -- the science: where a frame goes ----------------------------------------------------
     def position_of(self, unique_id: int, attributes: list) -> tuple[float, float] | None:
@@ -898,7 +900,13 @@ class StitchProcessor(ProcessorBase):
                     self.count_problem("publishFinal", "cannot update %s: %s", self.final_channel, exc)
         finally:  # the image is saved even if publishing failed
             if out.save:
-                self._save(out)
+                with self.lock:
+                    self._saving.add(out.scan.index)
+                try:
+                    self._save(out)
+                finally:
+                    with self.lock:
+                        self._saving.discard(out.scan.index)
 
     def _encode(self, out: _Output, unique_id: int) -> pva.PvObject:
         pv = self.generateNtNdArray2D(unique_id, np.ascontiguousarray(out.image, dtype=np.float32))
@@ -991,7 +999,14 @@ class StitchProcessor(ProcessorBase):
         with self.lock:
             self._stopped = True
             self._finish_locked(publish=False)
-        self._send_outputs(wait=True)
+            unsaved = sorted({out.scan.index for out in self._outputs if out.save} | self._saving)
+        # on a thread of its own, as SIGTERM's drain: a slow or hung disk holds the save, not the stop
+        if not self._send_queued(STOP_TIMEOUT_S):
+            with self.lock:
+                unsaved = sorted(set(unsaved) & ({out.scan.index for out in self._outputs if out.save} | self._saving))
+            scans = ("scan " if len(unsaved) == 1 else "scans ") + ", ".join(map(str, unsaved))
+            self.logger.error("stopping with the image of %s not saved after %g s (the disk is slow or hung): "
+                              "the save goes on until the process exits", scans, STOP_TIMEOUT_S)
 
     def process(self, pvObject):
         t0 = time.thread_time()  # CPU time of this thread: the stitcher's own cost, not its waits

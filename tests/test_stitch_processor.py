@@ -6,6 +6,7 @@ inside a real ``pvapy-hpc-collector`` behind real inference consumers.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
@@ -1368,6 +1369,35 @@ def test_sigterm_drain_returns_within_its_timeout_while_a_save_hangs(tmp_path, r
     p.stop()
     assert list(p.saved_files) == [tmp_path / "out" / "stitch_scan0001.npy", tmp_path / "out" / "stitch_scan0002.npy"]
     assert p.getStats()["nScansSaved"] == 2
+
+
+def test_stop_returns_within_its_timeout_while_a_save_hangs(tmp_path, rng, monkeypatch, caplog):
+    """stop() saves the finished image, but a disk that holds the save (or one of the drain's
+    before it) does not hold the consumer's stop for ever: it returns after STOP_TIMEOUT_S with an
+    error naming what is still unsaved, and the save goes on on its own thread once the disk
+    answers. stop() waited for the save without a limit."""
+    import processors.stitch as stitch_module
+
+    monkeypatch.setattr(stitch_module, "STOP_TIMEOUT_S", 0.3)
+    patches, positions, probe = small_scan(rng, n=6)
+    p = make({"positionsFile": str(write_npz(tmp_path / "s.npz", positions, probe, (40, 48))),
+              "outputDirectory": str(tmp_path / "out")}, Publisher())
+    entered, release = _held_saves(monkeypatch)
+    for k in range(3):
+        p.process(good_frame(k + 1, patches[k]))
+    stopped = []
+    stopper = threading.Thread(target=lambda: (p.stop(), stopped.append(True)), daemon=True)
+    try:
+        with caplog.at_level(logging.ERROR):
+            stopper.start()
+            stopper.join(5)
+        assert stopped == [True], "stop() waited for the hung save"
+        assert entered.is_set()
+        assert any("not saved" in r.getMessage() and "scan 1" in r.getMessage() for r in caplog.records), caplog.text
+    finally:
+        release.set()
+    assert wait_until(lambda: p.saved_files, 10), "the save never ended after the disk answered"
+    assert list(p.saved_files) == [tmp_path / "out" / "stitch_scan0001.npy"]
 
 
 def test_undecodable_frames_are_counted_by_kind(rng):
