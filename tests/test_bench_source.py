@@ -228,3 +228,17 @@ def test_a_collector_process_that_dies_is_told_by_name_not_as_any_error(pva_env)
     finally:
         collector.close()
     assert collector.received == {f"{PREFIX}:dies:0": [], f"{PREFIX}:dies:1": []}
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--fd", "99", "ch"], "--fd 99 is not an open file descriptor"),
+    (["--fd", "0", "ch"], "--fd 0 is not a socket"),
+    (["--fd", "3", "--queue-size", "0", "ch"], "--queue-size must be >= 1"),
+])
+def test_a_collector_process_started_by_hand_with_a_wrong_fd_says_so_in_one_line(args, says):
+    """The collector process reads its parent's socket from --fd; started by hand with a wrong
+    one it ended in a traceback of multiprocessing's (exit 0 even, from the closing handle)."""
+    done = subprocess.run([sys.executable, "-m", "edge_ptychonn.tools.collector", *args], stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert says in done.stderr and "Traceback" not in done.stderr, done.stderr

@@ -11,6 +11,8 @@ when the parent is gone. Started by ``CollectorProcesses``, not by hand.
 from __future__ import annotations
 
 import argparse
+import os
+import stat
 import sys
 
 
@@ -25,6 +27,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queue-size", type=int, default=2000, help="server-side queue of each monitor")
     parser.add_argument("channels", nargs="+", help="output channels to monitor")
     args = parser.parse_args(argv)
+    if args.queue_size < 1:
+        parser.error(f"--queue-size must be >= 1, got {args.queue_size}")
+    try:
+        if not stat.S_ISSOCK(os.fstat(args.fd).st_mode):
+            parser.error(f"--fd {args.fd} is not a socket: this process is started by the bench, not by hand")
+    except (OSError, OverflowError) as exc:
+        parser.error(f"--fd {args.fd} is not an open file descriptor ({getattr(exc, 'strerror', None) or exc}): "
+                     "this process is started by the bench, not by hand")
 
     from multiprocessing.connection import Connection
 
