@@ -36,6 +36,7 @@ import contextvars
 import dataclasses
 import heapq
 import json
+import math
 import threading
 from collections import Counter
 from pathlib import Path
@@ -275,6 +276,17 @@ RECENT_FILES = 100
 RESETS_KEY = "nStatsResets"  # every processor's: the reset_stats it took since start (never reset)
 
 
+def _json_value(value):
+    """``value`` as strict JSON holds it: a path as text, a NaN or infinite float as the text
+    that ``edge-ptychonn configure`` takes for it (``"NaN"``, ``"Infinity"``, ``"-Infinity"``;
+    Python writes them as bare words, which JSON readers other than Python's refuse)."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    return value
+
+
 class StatsFromTable:
     """``getStats`` and ``getStatsPvaTypes`` derived from one class attribute ``STATS``
     (``key -> (pva type, getter(processor))``), so their keys cannot drift; plus
@@ -438,7 +450,7 @@ class ProcessorBase(StatsFromTable, AdImageProcessor):
         """JSON of the run-time changeable settings now in force (camelCase; ``newScan`` is a
         command, not a setting): the status channel's ``settings``."""
         values = {key: getattr(self.settings, self.ARGS[key][0]) for key in self.RUNTIME_KEYS if key in self.ARGS}
-        return json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in values.items()})
+        return json.dumps({k: _json_value(v) for k, v in values.items()}, allow_nan=False)
 
     def new_scan(self) -> None:
         """Finish the current scan and start a new one (processors with scans override it)."""

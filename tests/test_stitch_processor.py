@@ -1449,6 +1449,11 @@ def test_status_says_the_settings_in_force(tmp_path):
         p.configure({"publishRate": 0})
     assert json.loads(p.getStats()["settings"])["publishRate"] == 5.0
     assert "settings" in p.getStatsPvaTypes()
+    # fill NaN ("no data" where no frame covers) is strict JSON (Python wrote a bare NaN, which
+    # JavaScript's and jq's readers refuse), the text that configure takes for it
+    p.configure({"fill": float("nan")})
+    settings = json.loads(p.getStats()["settings"], parse_constant=lambda word: pytest.fail(f"not strict JSON: {word}"))
+    assert settings == {"publishRate": 5.0, "fill": "NaN"}
 
 
 def _collected_stitcher(rng, cache_size=32):
