@@ -31,6 +31,11 @@ batch overlaps the compute of this one; ``submit`` returns once the work is
 queued, ``collect`` waits for its result (``infer`` = both). ``close`` frees the
 buffers, streams and events with the context current (from any thread).
 
+Log: TensorRT's own messages go to this module's Python logger (``engines.tensorrt_engine``),
+through :func:`tensorrt_logger` (a ``trt.ILogger`` subclass), with the consumer's other log
+lines: its errors and warnings at ERROR (CRITICAL for internal errors) and WARNING, its
+information at DEBUG and its verbose build details at :data:`TRT_VERBOSE`, below DEBUG.
+
 Honesty: no TensorRT or GPU is reachable where this project is developed; this
 module has run only against the stand-in in ``tests/fakes`` (the 10/11 API
 names and signatures, recorded calls, outputs computed with ONNX Runtime).
@@ -43,6 +48,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import threading
 import time
 import weakref
@@ -64,8 +70,10 @@ log = logging.getLogger(__name__)
 
 # The TensorRT Python API this engine uses (10.x and 11.x); nothing removed in 10 or 11.
 TRT_API = {
-    "module": ("__version__", "Logger", "Builder", "OnnxParser", "Runtime", "MemoryPoolType", "BuilderFlag",
+    "module": ("__version__", "ILogger", "Builder", "OnnxParser", "Runtime", "MemoryPoolType", "BuilderFlag",
                "TensorIOMode", "NetworkDefinitionCreationFlag", "nptype"),
+    "ILogger": ("Severity", "log"),
+    "ILogger.Severity": ("INTERNAL_ERROR", "ERROR", "WARNING", "INFO", "VERBOSE"),
     "Builder": ("create_network", "create_builder_config", "create_optimization_profile", "build_serialized_network"),
     "OnnxParser": ("parse", "num_errors", "get_error"),
     "IBuilderConfig": ("set_memory_pool_limit", "set_flag", "clear_flag", "add_optimization_profile"),
@@ -91,6 +99,69 @@ PYCUDA_API = {
 }
 
 WORKSPACE_BYTES = 1 << 30
+
+# TensorRT's verbose messages are logged at this level, below DEBUG: a build makes thousands
+# of them (one or more per layer and tactic), which would bury the DEBUG log of everything else
+TRT_VERBOSE = 5
+# Python logging level for each TensorRT severity (ILogger.Severity's members, by name)
+TRT_LOG_LEVELS = {
+    "INTERNAL_ERROR": logging.CRITICAL, "ERROR": logging.ERROR, "WARNING": logging.WARNING,
+    "INFO": logging.DEBUG, "VERBOSE": TRT_VERBOSE,
+}
+
+# tensorrt module -> the process's one logger for it (see tensorrt_logger)
+_TRT_LOGGERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_TRT_LOGGER_LOCK = threading.Lock()
+
+
+def _logging_bridge_class(trt):
+    """A ``trt.ILogger`` subclass that hands TensorRT's messages to a Python logger (made
+    here: ``trt`` is imported only when the engine starts)."""
+    members = trt.ILogger.Severity
+
+    class LoggingBridge(trt.ILogger):
+        """TensorRT's messages as Python log records of ``target``, prefixed ``TensorRT:``.
+
+        TensorRT calls ``log`` for every message, whatever its severity, so the levels of
+        :data:`TRT_LOG_LEVELS` and ``target``'s own level do the filtering: errors and
+        warnings reach a consumer's usual log; TensorRT's information (memory use, timing
+        cache, plan sizes: a few dozen lines per build) is at DEBUG, so that the INFO log
+        keeps this engine's own lines about building and loading plans, not TensorRT's
+        chatter; its verbose messages are at TRT_VERBOSE. To see them:
+        ``logging.getLogger("engines.tensorrt_engine").setLevel(TRT_VERBOSE)``.
+
+        TensorRT may call ``log`` from any thread (logging is thread-safe), and an exception
+        must not get back to it: it cannot take one (the message then goes to stderr).
+        """
+
+        def __init__(self, target: logging.Logger):
+            trt.ILogger.__init__(self)
+            self.target = target
+            self.levels = {getattr(members, name): level for name, level in TRT_LOG_LEVELS.items()}
+
+        def log(self, severity, msg):
+            try:
+                level = self.levels.get(severity, logging.WARNING)
+                if self.target.isEnabledFor(level):
+                    self.target.log(level, "TensorRT: %s", str(msg).rstrip())
+            except Exception:
+                with contextlib.suppress(Exception):
+                    print(f"TensorRT: {msg}", file=sys.stderr)
+
+    return LoggingBridge
+
+
+def tensorrt_logger(trt):
+    """The logger every TensorRT builder, parser and runtime of this process is given: one
+    per ``tensorrt`` module, made on first use, kept for as long as the module is (TensorRT
+    needs a logger to outlive everything made through it, and its older versions asked for
+    one logger per process). It sends TensorRT's messages to this module's logger:
+    see ``LoggingBridge`` in :func:`_logging_bridge_class`."""
+    with _TRT_LOGGER_LOCK:
+        logger = _TRT_LOGGERS.get(trt)
+        if logger is None:
+            logger = _TRT_LOGGERS[trt] = _logging_bridge_class(trt)(log)
+        return logger
 
 
 # pycuda driver module -> {device number: its primary context, retained once}
@@ -277,7 +348,8 @@ def build_plan(trt, logger, onnx_bytes: bytes, input_name: str, shapes: tuple, p
     config.add_optimization_profile(profile)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
-        raise EngineUnavailable(f"TensorRT could not build a {precision} plan for {source} (see TensorRT's log above)")
+        raise EngineUnavailable(f"TensorRT could not build a {precision} plan for {source} "
+                                "(see TensorRT's messages logged above)")
     return bytes(plan)
 
 
@@ -365,7 +437,7 @@ class TensorRTEngine:
             major, minor = dev.compute_capability()
             check_compute_capability(self.precision, name, (major, minor))
             self.device = f"{device} ({name})"
-            self._logger = trt.Logger(trt.Logger.WARNING)
+            self._logger = tensorrt_logger(trt)
             batch_shape = lambda n: (n, 1, *self.input_shape)  # noqa: E731
             shapes = ((batch_shape(self._capacity),) * 3 if self._fixed
                       else (batch_shape(1), batch_shape(self._capacity), batch_shape(self._capacity)))
@@ -443,7 +515,8 @@ class TensorRTEngine:
             )
         self._exec = engine.create_execution_context()
         if self._exec is None:  # TensorRT returns None when it cannot (e.g. too little GPU memory)
-            raise EngineUnavailable("TensorRT could not create an execution context (see TensorRT's log above)")
+            raise EngineUnavailable("TensorRT could not create an execution context "
+                                    "(see TensorRT's messages logged above)")
         full = (self._capacity, 1, *self.input_shape)
         if not self._exec.set_input_shape(self._input_name, full):
             raise EngineUnavailable(f"TensorRT refused input shape {full}")
@@ -521,7 +594,7 @@ class TensorRTEngine:
         for name in self._outputs:
             self._exec.set_tensor_address(name, int(self._d_out[s][name]))
         if not self._exec.execute_async_v3(self._compute_stream.handle):
-            raise RuntimeError("TensorRT execute_async_v3 failed (see TensorRT's log)")
+            raise RuntimeError("TensorRT execute_async_v3 failed (see TensorRT's messages in the log)")
         cuda.memcpy_dtoh_async(self._h_out[s][:n], self._d_out[s][self._phase_name], self._compute_stream)
         self._done[s].record(self._compute_stream)
 

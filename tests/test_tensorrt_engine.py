@@ -90,11 +90,12 @@ def test_the_frames_results_are_told_apart(frames, reference):
 # -- contract: the API names we rely on ----------------------------------------------------------
 def _trt_objects(trt):
     """One instance (or class) per API group, from the stand-in or the real module."""
-    logger = trt.Logger(trt.Logger.WARNING)
+    logger = te.tensorrt_logger(trt)
     builder = trt.Builder(logger)
     network = builder.create_network(0)
     return {
-        "module": trt, "Builder": builder, "OnnxParser": trt.OnnxParser(network, logger),
+        "module": trt, "ILogger": logger, "ILogger.Severity": trt.ILogger.Severity, "Builder": builder,
+        "OnnxParser": trt.OnnxParser(network, logger),
         "IBuilderConfig": builder.create_builder_config(), "IOptimizationProfile": builder.create_optimization_profile(),
         "Runtime": trt.Runtime(logger), "ICudaEngine": trt.ICudaEngine, "IExecutionContext": trt.IExecutionContext,
         "MemoryPoolType": trt.MemoryPoolType, "BuilderFlag": trt.BuilderFlag, "TensorIOMode": trt.TensorIOMode,
@@ -437,6 +438,128 @@ def test_precision_needs_the_compute_capability(monkeypatch, small_model, tmp_pa
     with pytest.raises(EngineUnavailable, match="offers precisions fp32, tf32, fp16, bf16, not 'int8'"):
         make(small_model, tmp_path, precision="int8")
     assert make(small_model, tmp_path, precision="fp16").precision == "fp16"
+
+
+# -- TensorRT's messages in Python logging -------------------------------------------------------
+TRT_LOG = "engines.tensorrt_engine"
+
+
+def trt_records(caplog) -> list[tuple[str, int, str]]:
+    """(logger name, level, message) of the records that carry TensorRT's own messages."""
+    return [(r.name, r.levelno, r.getMessage()) for r in caplog.records if r.getMessage().startswith("TensorRT: ")]
+
+
+def test_tensorrts_messages_reach_python_logging_at_their_levels(gpu, small_model, tmp_path, caplog, frames,
+                                                                 reference):
+    """TensorRT's messages come as records of the engine module's logger, prefixed 'TensorRT:':
+    a warning at WARNING, its information at DEBUG, its verbose messages below DEBUG; and
+    the engine builds and runs as before (before: a trt.Logger that kept them to itself)."""
+    options = EngineOptions(small_model, device="cuda:0", max_batch=8, plan_cache_dir=tmp_path / "plans")
+    with caplog.at_level(1, logger=TRT_LOG):  # everything
+        engine = te.TensorRTEngine(options, workspace_bytes=16 << 20)  # under what the best tactics ask for
+    records = trt_records(caplog)
+    assert {name for name, _, _ in records} == {TRT_LOG}
+    assert (TRT_LOG, logging.WARNING, "TensorRT: Tactic Device request: 64MB Available: 16MB. Device memory is "
+            "insufficient to use tactic.") in records
+    levels = {message: level for _, level, message in records}
+    assert levels["TensorRT: Global timing cache in use. Profiling results in this builder pass will be stored."] \
+        == logging.DEBUG
+    assert levels["TensorRT: Engine generation completed in 0.1 seconds."] == logging.DEBUG
+    assert {levels[m] for m in levels if m.startswith("TensorRT: Loaded engine size:")} == {logging.DEBUG}
+    assert {levels[m] for m in levels if m.startswith("TensorRT: Parsing node: ")} == {te.TRT_VERBOSE}
+    assert engine.plan_source == "built"
+    np.testing.assert_allclose(engine.infer(frames), reference.infer(frames), atol=1e-5)
+    engine.close()
+
+
+def test_tensorrts_information_and_verbose_messages_stay_out_of_the_info_log(gpu10, small_model, tmp_path, caplog,
+                                                                            frames, reference):
+    with caplog.at_level(logging.INFO, logger=TRT_LOG):
+        engine = make(small_model, tmp_path)
+        np.testing.assert_allclose(engine.infer(frames), reference.infer(frames), atol=1e-5)
+        engine.close()
+    assert "building the TensorRT fp32 plan" in caplog.text  # the engine's own lines stay
+    assert trt_records(caplog) == []  # a build with nothing to warn of: none of TensorRT's chatter
+    with caplog.at_level(logging.DEBUG, logger=TRT_LOG):
+        make(small_model, tmp_path / "again").close()
+    assert [r for r in trt_records(caplog) if "Global timing cache" in r[2]]  # at DEBUG: its information
+    assert not [r for r in trt_records(caplog) if "Parsing node" in r[2]]  # its verbose messages only below
+
+
+def test_tensorrts_errors_reach_python_logging_and_the_plan_is_rebuilt(gpu10, small_model, tmp_path, caplog,
+                                                                       frames, reference):
+    """A cached plan (its key matching) that TensorRT will not deserialize: TensorRT's error is
+    an ERROR record of the engine's logger, before the engine's own warning; then rebuilt."""
+    make(small_model, tmp_path).close()
+    plan = next((tmp_path / "plans").glob("*.plan"))
+    plan.write_bytes(b"NOTAPLAN" + plan.read_bytes()[8:])
+    with caplog.at_level(logging.WARNING, logger=TRT_LOG):
+        engine = make(small_model, tmp_path)
+    refused = (TRT_LOG, logging.ERROR, "TensorRT: deserializeCudaEngine: magic tag does not match")
+    assert trt_records(caplog) == [refused]
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages.index(refused[2]) < next(i for i, m in enumerate(messages) if "could not deserialize plan" in m)
+    assert engine.plan_source == "rebuilt"
+    np.testing.assert_allclose(engine.infer(frames), reference.infer(frames), atol=1e-5)
+    caplog.clear()
+    gpu10.trt.fail_next_build = True  # and a build that fails says why in the log
+    with caplog.at_level(logging.WARNING, logger=TRT_LOG), pytest.raises(EngineUnavailable, match="could not build"):
+        make(small_model, tmp_path / "other")
+    assert (TRT_LOG, logging.ERROR, "TensorRT: simulated build failure") in trt_records(caplog)
+
+
+def test_the_tensorrt_logger_maps_each_severity_and_is_one_per_process(gpu, caplog, capsys):
+    trt = gpu.trt
+    logger = te.tensorrt_logger(trt)
+    assert isinstance(logger, trt.ILogger) and not isinstance(logger, trt.Logger)
+    assert te.tensorrt_logger(trt) is logger  # every engine's builder and runtime get this one
+    severity = trt.ILogger.Severity
+    with caplog.at_level(1, logger=TRT_LOG):
+        for member in (severity.INTERNAL_ERROR, severity.ERROR, severity.WARNING, severity.INFO, severity.VERBOSE):
+            logger.log(member, f"said at {member.name}\n")
+    assert trt_records(caplog) == [
+        (TRT_LOG, logging.CRITICAL, "TensorRT: said at INTERNAL_ERROR"),
+        (TRT_LOG, logging.ERROR, "TensorRT: said at ERROR"),
+        (TRT_LOG, logging.WARNING, "TensorRT: said at WARNING"),
+        (TRT_LOG, logging.DEBUG, "TensorRT: said at INFO"),
+        (TRT_LOG, te.TRT_VERBOSE, "TensorRT: said at VERBOSE"),
+    ]
+    assert trt.Builder(logger).logger is logger and trt.Runtime(logger).logger is logger
+
+    class Broken(logging.Logger):
+        def isEnabledFor(self, level):
+            raise RuntimeError("a broken handler")
+
+    # an exception must not get back to TensorRT, which cannot take one: the message goes to stderr
+    type(logger)(Broken("broken")).log(severity.ERROR, "still said")
+    assert "TensorRT: still said" in capsys.readouterr().err
+
+
+def test_contract_the_stand_ins_loggers_are_tensorrts():
+    """As pybind11 and TensorRT have them: a subclass of ILogger must call ILogger.__init__;
+    the severities are also ILogger's attributes; Logger is an ILogger that keeps what is at
+    or above its min_severity; builders, parsers and runtimes take only an ILogger."""
+    trt = fake_tensorrt.make_module(fake_pycuda.FakeCuda())
+
+    class Forgetful(trt.ILogger):
+        def __init__(self):
+            pass
+
+        def log(self, severity, msg):
+            pass
+
+    with pytest.raises(TypeError, match="__init__"):
+        Forgetful()
+    assert [int(getattr(trt.ILogger.Severity, n)) for n in ("INTERNAL_ERROR", "ERROR", "WARNING", "INFO", "VERBOSE")] \
+        == [0, 1, 2, 3, 4]
+    assert trt.ILogger.WARNING == trt.ILogger.Severity.WARNING == trt.Logger.WARNING
+    kept = trt.Logger(trt.Logger.WARNING)
+    for member in (trt.ILogger.ERROR, trt.ILogger.WARNING, trt.ILogger.INFO, trt.ILogger.VERBOSE):
+        kept.log(member, member.name)
+    assert isinstance(kept, trt.ILogger) and kept.messages == ["ERROR", "WARNING"]
+    for make_one in (trt.Builder, trt.Runtime, lambda logger: trt.OnnxParser(None, logger)):
+        with pytest.raises(TypeError, match="incompatible constructor arguments"):
+            make_one(logging.getLogger(TRT_LOG))
 
 
 # -- error paths ---------------------------------------------------------------------------------

@@ -26,7 +26,21 @@ network flag). Behaviour modelled on the real library:
   context. Outputs are computed with ONNX Runtime on the parsed graph (bf16 graphs
   with their weights rounded to bf16 and computed in fp32: ONNX Runtime has no
   CPU bf16 kernels).
-- build time is simulated as ``build_delay_s`` (default 0).
+- build time is simulated as ``build_delay_s`` (default 0);
+- logging: ``ILogger`` is the abstract base a Python logger subclasses (its
+  ``__init__`` must be called, as pybind11 requires, else TypeError at creation;
+  ``Severity`` has TensorRT's five members, also reachable as ``ILogger.ERROR``
+  and so on); ``Logger`` is TensorRT's own, which keeps the messages at or above
+  its ``min_severity`` (here in ``messages``, where the real one prints them).
+  ``Builder``, ``OnnxParser`` and ``Runtime`` refuse anything else (TypeError),
+  keep the logger they are given (``.logger``; engines and execution contexts use
+  their runtime's), and call its ``log(severity, msg)`` for every message,
+  whatever its severity, where TensorRT would: INFO when a builder is made, a
+  build starts and ends and a plan is loaded; VERBOSE for each node parsed and
+  built; a WARNING when the workspace limit is under ``TACTIC_WORKSPACE_BYTES``
+  (tactics skipped; the build still succeeds); an ERROR for a build that fails,
+  a plan that cannot be deserialized, an input shape outside the profile and an
+  ``execute_async_v3`` without its addresses or shapes.
 
 Every call that matters is recorded in the shared ``FakeCuda.calls``.
 """
@@ -41,6 +55,18 @@ import types
 import numpy as np
 
 MAGIC = b"FAKETRTPLAN1\n"
+# the workspace the stand-in's best tactics ask for: a smaller limit skips them, with a WARNING
+TACTIC_WORKSPACE_BYTES = 64 << 20
+
+
+class _PybindInit(type):
+    """pybind11's check for Python subclasses of a bound class: the base ``__init__`` must run."""
+
+    def __call__(cls, *args, **kwargs):
+        obj = super().__call__(*args, **kwargs)
+        if not obj.__dict__.get("_base_init_called"):
+            raise TypeError(f"{cls.__name__}.__init__() must be called when overriding __init__")
+        return obj
 
 
 def _upcast_bf16(model):
@@ -97,15 +123,36 @@ def make_module(cuda_state, version: str = "10.16.1.11", build_delay_s: float = 
             setattr(cls, member, _Enum(f"{name}.{member}", i))
         return cls
 
-    class Logger:
-        INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = range(5)
+    class ILogger(metaclass=_PybindInit):
+        class Severity:
+            pass
 
-        def __init__(self, min_severity=1):
+        def __init__(self):
+            self._base_init_called = True
+
+        def log(self, severity, msg):
+            raise RuntimeError('Tried to call pure virtual function "ILogger::log"')
+
+    for i, member in enumerate(["INTERNAL_ERROR", "ERROR", "WARNING", "INFO", "VERBOSE"]):
+        setattr(ILogger.Severity, member, _Enum(member, i))
+        setattr(ILogger, member, getattr(ILogger.Severity, member))
+    Severity = ILogger.Severity
+
+    class Logger(ILogger):
+        def __init__(self, min_severity=Severity.WARNING):
+            ILogger.__init__(self)
             self.min_severity = min_severity
             self.messages: list[str] = []
 
         def log(self, severity, msg):
-            self.messages.append(msg)
+            if int(severity) <= int(self.min_severity):
+                self.messages.append(msg)
+
+    def check_logger(owner: str, logger):
+        if not isinstance(logger, ILogger):
+            raise TypeError(f"{owner}.__init__(): incompatible constructor arguments; got {type(logger).__name__}, "
+                            "expected tensorrt.ILogger")
+        return logger
 
     flags = ["FP16", "BF16", "INT8", "TF32", "REFIT"] if major < 11 else ["TF32", "REFIT"]
     BuilderFlag = enum("BuilderFlag", flags)
@@ -153,8 +200,8 @@ def make_module(cuda_state, version: str = "10.16.1.11", build_delay_s: float = 
             return f"In node -1 (parseGraph): UNSUPPORTED_NODE: {self._desc}"
 
     class OnnxParser:
-        def __init__(self, network: INetworkDefinition, logger: Logger):
-            self.network, self.logger = network, logger
+        def __init__(self, network: INetworkDefinition, logger: ILogger):
+            self.network, self.logger = network, check_logger("OnnxParser", logger)
             self._errors: list[ParserError] = []
 
         @property
@@ -186,6 +233,8 @@ def make_module(cuda_state, version: str = "10.16.1.11", build_delay_s: float = 
             except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
                 self._errors.append(ParserError(f"type check failed: {exc}"))
                 return False
+            for i, node in enumerate(proto.graph.node):
+                self.logger.log(Severity.VERBOSE, f"Parsing node: {node.name or f'node_{i}'} [{node.op_type}]")
             init = {t.name for t in proto.graph.initializer}
 
             def dims(vi):
@@ -247,8 +296,9 @@ def make_module(cuda_state, version: str = "10.16.1.11", build_delay_s: float = 
             return len(self)
 
     class Builder:
-        def __init__(self, logger: Logger):
-            self.logger = logger
+        def __init__(self, logger: ILogger):
+            self.logger = check_logger("Builder", logger)
+            self.logger.log(Severity.INFO, "[MemUsageChange] Init CUDA: CPU +2, GPU +0, now: CPU 20, GPU 310 (MiB)")
 
         def create_network(self, flags: int = 0) -> INetworkDefinition:
             return INetworkDefinition(flags)
@@ -264,17 +314,27 @@ def make_module(cuda_state, version: str = "10.16.1.11", build_delay_s: float = 
             state.record("build_serialized_network", [f.name for f in config.flags])
             if build_delay_s:
                 time.sleep(build_delay_s)
+            self.logger.log(Severity.INFO, "Global timing cache in use. Profiling results in this builder pass "
+                            "will be stored.")
             if trt.fail_next_build:
                 trt.fail_next_build = False
-                self.logger.log(Logger.ERROR, "simulated build failure")
+                self.logger.log(Severity.ERROR, "simulated build failure")
                 return None
             if network.onnx is None:
+                self.logger.log(Severity.ERROR, "Network must have at least one output")
                 return None
             profiles = config.profiles
             for name, dims in network.inputs:
                 if -1 in dims and not any(name in p.shapes for p in profiles):
-                    self.logger.log(Logger.ERROR, f"{name} has dynamic dimensions but no optimization profile")
+                    self.logger.log(Severity.ERROR, f"{name} has dynamic dimensions but no optimization profile")
                     return None
+            for name, _ in network.outputs:
+                self.logger.log(Severity.VERBOSE, f"Tactic selected for the layers ending in {name}")
+            workspace = config.pools.get(MemoryPoolType.WORKSPACE, TACTIC_WORKSPACE_BYTES)
+            if workspace < TACTIC_WORKSPACE_BYTES:
+                self.logger.log(Severity.WARNING, f"Tactic Device request: {TACTIC_WORKSPACE_BYTES >> 20}MB Available: "
+                                f"{workspace >> 20}MB. Device memory is insufficient to use tactic.")
+            self.logger.log(Severity.INFO, "Engine generation completed in 0.1 seconds.")
             gpu_name, cc = state.gpus[device]
             header = {
                 "version": version, "gpu": gpu_name, "cc": list(cc), "inputs": network.inputs,
@@ -286,8 +346,8 @@ def make_module(cuda_state, version: str = "10.16.1.11", build_delay_s: float = 
             return IHostMemory(MAGIC + json.dumps(header).encode() + b"\n" + network.onnx)
 
     class ICudaEngine:
-        def __init__(self, header: dict, onnx_bytes: bytes):
-            self.header, self.onnx_bytes = header, onnx_bytes
+        def __init__(self, header: dict, onnx_bytes: bytes, logger: ILogger):
+            self.header, self.onnx_bytes, self.logger = header, onnx_bytes, logger
             self.io = [(n, d, TensorIOMode.INPUT) for n, d in header["inputs"]] + [
                 (n, d, TensorIOMode.OUTPUT) for n, d in header["outputs"]
             ]
@@ -345,9 +405,12 @@ def make_module(cuda_state, version: str = "10.16.1.11", build_delay_s: float = 
             state.record("set_input_shape", name, shape)
             dims, mode = self.engine._find(name)
             if mode != TensorIOMode.INPUT:
+                self.engine.logger.log(Severity.ERROR, f"IExecutionContext::setInputShape: {name} is not an input")
                 return False
             lo, _, hi = self.engine.header["profiles"][0][name] if self.engine.header["profiles"] else (dims, dims, dims)
             if len(shape) != len(dims) or any(not a <= s <= b for a, s, b in zip(lo, shape, hi)):
+                self.engine.logger.log(Severity.ERROR, f"IExecutionContext::setInputShape: Error Code 3: API Usage "
+                                       f"Error ({name} dimensions {shape} are outside the profile {lo}..{hi})")
                 return False
             self.shapes[name] = shape
             return True
@@ -373,9 +436,14 @@ def make_module(cuda_state, version: str = "10.16.1.11", build_delay_s: float = 
             state.record("execute_async_v3", stream_handle, dict(self.shapes))
             names = [n for n, _, _ in self.engine.io]
             if any(n not in self.addresses for n in names):
+                missing = ", ".join(n for n in names if n not in self.addresses)
+                self.engine.logger.log(Severity.ERROR, f"IExecutionContext::enqueueV3: Error Code 3: API Usage Error "
+                                       f"(address of tensor {missing} is not set)")
                 return False
             inputs = [n for n, _, m in self.engine.io if m == TensorIOMode.INPUT]
             if any(n not in self.shapes for n in inputs):
+                self.engine.logger.log(Severity.ERROR, "IExecutionContext::enqueueV3: Error Code 3: API Usage Error "
+                                       "(input shapes are not all specified)")
                 return False
             stream = state.streams.get(int(stream_handle))
             if stream is None:
@@ -400,34 +468,35 @@ def make_module(cuda_state, version: str = "10.16.1.11", build_delay_s: float = 
             return True
 
     class Runtime:
-        def __init__(self, logger: Logger):
-            self.logger = logger
+        def __init__(self, logger: ILogger):
+            self.logger = check_logger("Runtime", logger)
 
         def deserialize_cuda_engine(self, serialized_engine):
             device = state.current_device()
             data = bytes(serialized_engine)
             state.record("deserialize_cuda_engine", len(data))
             if not data.startswith(MAGIC):
-                self.logger.log(Logger.ERROR, "deserializeCudaEngine: magic tag does not match")
+                self.logger.log(Severity.ERROR, "deserializeCudaEngine: magic tag does not match")
                 return None
             try:
                 head, onnx_bytes = data[len(MAGIC):].split(b"\n", 1)
                 header = json.loads(head)
             except ValueError:
-                self.logger.log(Logger.ERROR, "deserializeCudaEngine: corrupt plan")
+                self.logger.log(Severity.ERROR, "deserializeCudaEngine: corrupt plan")
                 return None
             gpu_name, cc = state.gpus[device]
             if header["version"] != version:
-                self.logger.log(Logger.ERROR, f"plan built by TensorRT {header['version']}, this is {version}")
+                self.logger.log(Severity.ERROR, f"plan built by TensorRT {header['version']}, this is {version}")
                 return None
             if tuple(header["cc"]) != tuple(cc) or header["gpu"] != gpu_name:
-                self.logger.log(Logger.ERROR, "plan built for another GPU")
+                self.logger.log(Severity.ERROR, "plan built for another GPU")
                 return None
-            return ICudaEngine(header, onnx_bytes)
+            self.logger.log(Severity.INFO, f"Loaded engine size: {max(1, len(data) >> 20)} MiB")
+            return ICudaEngine(header, onnx_bytes, self.logger)
 
     for name, value in dict(
-        Logger=Logger, Builder=Builder, OnnxParser=OnnxParser, Runtime=Runtime, BuilderFlag=BuilderFlag,
-        MemoryPoolType=MemoryPoolType, TensorIOMode=TensorIOMode, DataType=DataType,
+        ILogger=ILogger, Logger=Logger, Builder=Builder, OnnxParser=OnnxParser, Runtime=Runtime,
+        BuilderFlag=BuilderFlag, MemoryPoolType=MemoryPoolType, TensorIOMode=TensorIOMode, DataType=DataType,
         NetworkDefinitionCreationFlag=NetworkDefinitionCreationFlag, nptype=nptype, IHostMemory=IHostMemory,
         ICudaEngine=ICudaEngine, IExecutionContext=IExecutionContext, IBuilderConfig=IBuilderConfig,
         IOptimizationProfile=IOptimizationProfile, INetworkDefinition=INetworkDefinition,
