@@ -1,5 +1,6 @@
 """The consumer pipeline with a real engine and real NTNDArrays, publishing into a list."""
 
+import logging
 import threading
 import time
 
@@ -1378,3 +1379,32 @@ def test_a_swapped_in_model_that_fails_is_logged_though_the_last_one_failed_too(
     failed = [r.getMessage() for r in caplog.records if "inference failed" in r.getMessage()]
     assert len(failed) == 2 and "model A cannot" in failed[0] and "model B cannot" in failed[1], failed
     assert pipeline.stats.inference_errors == 8 and pipeline.stats.unaccounted(pipeline.queued_frames) == 0
+
+
+def test_a_problem_met_by_two_threads_at_once_is_logged_once(small_model, caplog):
+    """The receive thread and the inference thread both log problems once per kind; both could
+    find a kind not yet logged and log it twice. The look and the note are one step now."""
+    pipeline, _, _ = make_pipeline(small_model)
+
+    class SlowLook(set):  # widens the gap between looking for a kind and noting it
+        def __contains__(self, key):
+            found = super().__contains__(key)
+            time.sleep(0.05)
+            return found
+
+    pipeline._logged = SlowLook()
+    both = threading.Barrier(2)
+
+    def meet():
+        both.wait(5)
+        pipeline._log_once("publish", logging.ERROR, "cannot publish frame %d: %s", 1, "gone")
+
+    with caplog.at_level(logging.ERROR):
+        threads = [threading.Thread(target=meet) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+    logged = [r for r in caplog.records if "cannot publish frame 1" in r.getMessage()]
+    assert len(logged) == 1, [r.getMessage() for r in logged]
+

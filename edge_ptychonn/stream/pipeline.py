@@ -336,7 +336,8 @@ class InferencePipeline:
         self._frames_finished = 0  # frames that have left the queue since start (drain() waits on it)
         self._abandoned = False  # stop() timed out with outputs closed: it counted the frames left
         self._idle = threading.Condition(self._lock)  # notified when _frames_in_queue falls
-        self._logged: set[str] = set()
+        self._logged: set[str] = set()  # the kinds of problem logged (under _logged_lock)
+        self._logged_lock = threading.Lock()
 
     def _new_stats(self) -> PipelineStats:
         return PipelineStats(ids=IdTracker(*self._id_pattern))
@@ -844,7 +845,8 @@ class InferencePipeline:
         self._receive_runs = runs_in_receive(self.config.batch_runner, switch.engine)
         self._output_mask = switch.output_mask
         self._encoder.model_id = switch.model_id
-        self._logged -= MODEL_LOG_KEYS  # the new model's first failure of each kind is logged too
+        with self._logged_lock:  # the new model's first failure of each kind is logged too
+            self._logged -= MODEL_LOG_KEYS
         self.log.info("model switched from %s to %s (%s engine built in %.2f s); the old engine is closed",
                       old_id, switch.model_id, switch.engine.name, switch.build_s)
         try:
@@ -1032,7 +1034,8 @@ class InferencePipeline:
         self._log_once(f"drop:{reason}", logging.ERROR, "dropped %d frame(s): %s", n, DROP_REASONS[reason])
 
     def _log_once(self, key: str, level: int, message: str, *args) -> None:
-        if key in self._logged:
-            return
-        self._logged.add(key)
+        with self._logged_lock:  # the receive and inference threads both log: one look-and-note
+            if key in self._logged:
+                return
+            self._logged.add(key)
         self.log.log(level, message + " (logged once; see the statistics for counts)", *args)
