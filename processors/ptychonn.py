@@ -111,9 +111,12 @@ from pvapy.hpc.adImageProcessor import AdImageProcessor
 from edge_ptychonn.callbacks import keep_thread_state
 from edge_ptychonn.io_threads import IoThreads
 from edge_ptychonn.model_card import card_input_size, check_input_size, default_model_path, find_card
-from edge_ptychonn.stream.config import SEED_ALIASES, ProcessorConfig, parse_processor_args, runtime_settings
+from edge_ptychonn.stream.config import (
+    SEED_ALIASES, ProcessorConfig, parse_processor_args, runtime_settings, start_geometry_warning,
+)
 from edge_ptychonn.stream.frames import BAD_FRAME_KINDS, output_pv_type
 from edge_ptychonn.stream.pipeline import DROP_REASONS, InferencePipeline, PipelineStats, group_size
+from edge_ptychonn.warnings_shown import warn
 from processors import shutdown
 from processors.base import (
     StatsFromTable, caller_self, calling_controller, data_source, reset_with_source, restore_on_refusal,
@@ -325,6 +328,9 @@ class PtychoNNProcessor(StatsFromTable, AdImageProcessor):
         check_name(config.engine)  # at start-up, not only when start() creates it
         check_crop(config)
         check_card(config.model_path)
+        geometry = start_geometry_warning(config)
+        if geometry:
+            warn(self.logger, "%s", geometry)
         self.processor_id = int(framework.get("processorId", 1) or 1)
         n_sequential = max(int(framework.get("nSequentialUpdates") or 1), 1)
         id_offset = int(framework.get("objectIdOffset") or 1)
@@ -358,7 +364,7 @@ class PtychoNNProcessor(StatsFromTable, AdImageProcessor):
         on_cpu = str(engine.device).startswith("cpu") and getattr(getattr(engine, "SPEC", None), "computes_model", True)
         warning = cpu_oversubscription(c, self.group_size) if on_cpu else None
         if warning:
-            self.logger.warning("%s", warning)
+            warn(self.logger, "%s", warning)
         return engine
 
     def _engine_options(self, model_path, precision: str, consumers: int | None = None) -> EngineOptions:

@@ -8,6 +8,7 @@ from edge_ptychonn.stream.config import (
     model_identity,
     parse_processor_args,
     runtime_settings,
+    start_geometry_warning,
 )
 
 FRAMEWORK = {
@@ -142,6 +143,24 @@ def test_a_new_models_card_must_bin_as_the_running_consumer_does(tmp_path, small
         with pytest.raises(ValueError, match=f"made for frames with {theirs}, but this consumer runs crop 128x128 and "
                                              "bin 2 .*restart the consumer with this model"):
             apply_runtime_changes(config, {"modelPath": str(tmp_path / f"{name}.onnx")})
+
+
+def test_a_start_with_a_crop_and_bin_that_bin_otherwise_than_the_card_is_warned_of(tmp_path, small_model):
+    """A consumer started with crop and bin arguments that bin otherwise than its model's card was
+    made for ran without a word (a swap to such a card is refused); now the start warns. Arguments
+    that agree with the card, no arguments (the card's own), and a card stating no detector: none."""
+    model = tmp_path / "m.onnx"
+    model.write_bytes(small_model.read_bytes())
+    card = tmp_path / "m.json"
+    card.write_text(json.dumps({"preprocess": {"crop_hw": [256, 256], "bin_factor": 4}}))
+    warned = lambda **args: start_geometry_warning(parse_processor_args({"modelPath": str(model), **args})[0])  # noqa: E731
+    message = warned(crop=[128, 128], bin=2)
+    assert message and "made for frames with crop 256x256 and bin 4, but this consumer was started with crop " \
+        "128x128 and bin 2" in message and "another magnification" in message, message
+    assert "bin 1" in warned(bin=1, crop=None)
+    assert warned() is None and warned(crop=[512, 512]) is None  # the card's bin: the same detector window
+    card.write_text(json.dumps({"preprocess": {}}))  # a model trained on frames of its input size
+    assert warned(crop=[128, 128], bin=2) is None
 
 
 def test_model_identity_names_the_card_and_the_content(tmp_path, small_model):

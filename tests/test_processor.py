@@ -1,6 +1,7 @@
 """The PvaPy processor class, and the PvaPy signatures it depends on (contract tests)."""
 
 import inspect
+import json
 import logging
 import time
 
@@ -34,6 +35,21 @@ def test_pvapy_contract():
     # and passes our arguments merged with its own keys.
     assert "getOutputPvObjectType" in inspect.getsource(DataProcessingController.createDataPublisher)
     assert "processorId" in inspect.getsource(DataProcessingController.__init__)
+
+
+def test_a_consumer_started_with_a_crop_and_bin_its_models_card_was_not_made_for_warns(tmp_path, small_model, capfd):
+    """The start says what start_geometry_warning says (before, nothing), at PvaPy's default log
+    level too (its loggers show only errors: a warning logged through them went nowhere)."""
+    model = tmp_path / "m.onnx"
+    model.write_bytes(small_model.read_bytes())
+    (tmp_path / "m.json").write_text(json.dumps({"preprocess": {"crop_hw": [256, 256], "bin_factor": 4}}))
+    processor = PtychoNNProcessor({**FRAMEWORK, "modelPath": str(model), "engine": "onnxruntime",
+                                   "crop": [128, 128], "bin": 2})
+    assert not processor.logger.isEnabledFor(logging.WARNING)  # PvaPy's default: errors only
+    out = capfd.readouterr().out
+    assert "PtychoNNProcessor WARNING: the model card of" in out and "crop 256x256 and bin 4" in out, out
+    PtychoNNProcessor({**FRAMEWORK, "modelPath": str(model), "engine": "onnxruntime"})  # the card's own
+    assert "WARNING" not in capfd.readouterr().out
 
 
 def test_stats_keys_and_types_come_from_one_table(small_model):

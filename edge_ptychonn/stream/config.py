@@ -217,22 +217,44 @@ def _geometry(crop_hw, bin_factor: int) -> str:
     return f"{crop} and bin {bin_factor}"
 
 
-def _check_detector_geometry(model_path: Path, card: dict, running: PreprocessConfig) -> None:
-    """``ValueError`` when the new model's card was made for frames binned otherwise than the
-    running consumer bins them: a swap keeps the detector's crop and bin, and the model would see
-    the diffraction at another magnification. The bin decides: the new model takes the running
-    one's input size, so the same bin means the same window of the detector, whether the card
-    names it as a crop or as whole frames. A card with no crop and bin 1 states no detector (a
-    model trained on frames of its input size) and fits any."""
+def _detector_mismatch(card: dict, running: PreprocessConfig) -> tuple[str, str] | None:
+    """``(the card's crop and bin, the consumer's)`` as words when a model card was made for
+    frames binned otherwise than ``running`` bins them, else None. The bin decides: a model takes
+    one input size, so the same bin means the same window of the detector, whether the card names
+    it as a crop or as whole frames. A card with no crop and bin 1 states no detector (a model
+    trained on frames of its input size) and fits any."""
     crop, bin_factor = card.get("crop_hw"), card.get("bin_factor", 1)
     if (crop is None and bin_factor == 1) or bin_factor == running.bin_factor:
-        return
+        return None
     crop = tuple(crop) if crop is not None else None
     running_crop = tuple(running.crop_hw) if running.crop_hw is not None else None
-    ours = _geometry(running_crop, running.bin_factor)
-    raise ValueError(f"the model card of {short_repr(str(model_path))} was made for frames with "
-                     f"{_geometry(crop, bin_factor)}, but this consumer runs {ours} (the detector's, set at "
-                     "start, which a swap keeps): restart the consumer with this model to change them")
+    return _geometry(crop, bin_factor), _geometry(running_crop, running.bin_factor)
+
+
+def _check_detector_geometry(model_path: Path, card: dict, running: PreprocessConfig) -> None:
+    """``ValueError`` when the new model's card was made for frames binned otherwise than the
+    running consumer bins them (:func:`_detector_mismatch`): a swap keeps the detector's crop and
+    bin, and the model would see the diffraction at another magnification."""
+    mismatch = _detector_mismatch(card, running)
+    if mismatch is not None:
+        raise ValueError(f"the model card of {short_repr(str(model_path))} was made for frames with {mismatch[0]}, "
+                         f"but this consumer runs {mismatch[1]} (the detector's, set at start, which a swap keeps): "
+                         "restart the consumer with this model to change them")
+
+
+def start_geometry_warning(config: ProcessorConfig) -> str | None:
+    """A warning for the log when the consumer starts with a crop and bin (its ``crop``/``bin``
+    arguments) that bin otherwise than the model's card was made for (:func:`_detector_mismatch`):
+    the model then sees the diffraction at another magnification than in training, which is right
+    only where this detector's frames are already binned or its pixels differ by that factor.
+    None when they agree or the card states no detector (or there is no card)."""
+    mismatch = _detector_mismatch(_preprocess_defaults(config.model_path), config.preprocess)
+    if mismatch is None:
+        return None
+    return (f"the model card of {short_repr(str(config.model_path))} was made for frames with {mismatch[0]}, but "
+            f"this consumer was started with {mismatch[1]} (its crop and bin arguments): the model sees the "
+            "diffraction at another magnification than it was trained on, unless this detector's frames are "
+            "already binned, or its pixels differ, by that factor")
 
 
 def apply_runtime_changes(config: ProcessorConfig, changes: dict) -> tuple[ProcessorConfig, dict]:

@@ -81,6 +81,7 @@ from typing import Callable
 import numpy as np
 
 from ..thread_name import name_this_thread
+from ..warnings_shown import warn
 from .accounting import IdTracker
 from .batching import Batch, Batcher, NoFreeBuffer
 from .config import ProcessorConfig, apply_runtime_changes, model_identity
@@ -428,8 +429,8 @@ class InferencePipeline:
                         self._abandoned = True
                         self._drop(left, "stopping")
                         self._frames_in_queue = 0
-                self.log.warning("inference thread still busy %.1f s after stop; %d frame(s) left%s", timeout_s,
-                                 left, " (counted as dropped)" if outputs_closed and left else "")
+                warn(self.log, "inference thread still busy %.1f s after stop; %d frame(s) left%s", timeout_s,
+                     left, " (counted as dropped)" if outputs_closed and left else "")
         # Only once the inference thread has ended: every batch handed to the engine (a worker
         # pool's workers included) has been collected, so closing waits for no batch. A busy
         # thread leaves the engine open (the process is ending): stop() never waits for it.
