@@ -1342,18 +1342,23 @@ def test_a_reset_keeps_the_frames_waiting_for_metadata_counted(rng):
     assert (st["nFramesReceived"], st["nFramesPlaced"], st["nFramesWaiting"]) == (2, 2, 0), st
 
 
-def test_sigterm_drain_returns_within_its_timeout_while_a_save_hangs(tmp_path, rng, monkeypatch):
-    """SIGTERM's drain (``on_sigterm``'s ``drain(timeout_s)``) returns False within its timeout
-    while the disk holds a save, so that the framework is told to stop; the image is still
-    saved once the disk answers, and stop() saves the rest after it."""
-    import processors.stitch as stitch_module
-
+def _three_frames_with_saves_held(tmp_path, rng, monkeypatch):
+    """A stitcher that placed the first 3 of a small scan's 6 frames, its saves held
+    (:func:`_held_saves`): ``(processor, the scan's patches, entered, release)``."""
     patches, positions, probe = small_scan(rng, n=6)
     p = make({"positionsFile": str(write_npz(tmp_path / "s.npz", positions, probe, (40, 48))),
               "outputDirectory": str(tmp_path / "out")}, Publisher())
     entered, release = _held_saves(monkeypatch)
     for k in range(3):
         p.process(good_frame(k + 1, patches[k]))
+    return p, patches, entered, release
+
+
+def test_sigterm_drain_returns_within_its_timeout_while_a_save_hangs(tmp_path, rng, monkeypatch):
+    """SIGTERM's drain (``on_sigterm``'s ``drain(timeout_s)``) returns False within its timeout
+    while the disk holds a save, so that the framework is told to stop; the image is still
+    saved once the disk answers, and stop() saves the rest after it."""
+    p, patches, entered, release = _three_frames_with_saves_held(tmp_path, rng, monkeypatch)
     with p.lock:  # scan 1 finished: its image queued, to be sent and saved by the drain
         p._finish_locked(publish=True)
     answer = []
@@ -1379,12 +1384,7 @@ def test_stop_returns_within_its_timeout_while_a_save_hangs(tmp_path, rng, monke
     import processors.stitch as stitch_module
 
     monkeypatch.setattr(stitch_module, "STOP_TIMEOUT_S", 0.3)
-    patches, positions, probe = small_scan(rng, n=6)
-    p = make({"positionsFile": str(write_npz(tmp_path / "s.npz", positions, probe, (40, 48))),
-              "outputDirectory": str(tmp_path / "out")}, Publisher())
-    entered, release = _held_saves(monkeypatch)
-    for k in range(3):
-        p.process(good_frame(k + 1, patches[k]))
+    p, _, entered, release = _three_frames_with_saves_held(tmp_path, rng, monkeypatch)
     stopped = []
     stopper = threading.Thread(target=lambda: (p.stop(), stopped.append(True)), daemon=True)
     try:
