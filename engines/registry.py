@@ -11,6 +11,8 @@ import importlib.util
 import logging
 from dataclasses import dataclass, replace
 
+from edge_ptychonn.warnings_shown import warn
+
 from .base import AutoCandidate, Engine, EngineOptions, EngineSpec, EngineUnavailable
 
 log = logging.getLogger(__name__)
@@ -183,7 +185,7 @@ def create_engine(name: str, options: EngineOptions, logger: logging.Logger | No
         try:
             return _build(engine_class(choice.engine), chosen)
         except EngineUnavailable as exc:
-            log.warning("engine 'auto': %s %s cannot start (%s); trying the next", choice.engine, choice.precision, exc)
+            warn(log, "engine 'auto': %s %s cannot start (%s); trying the next", choice.engine, choice.precision, exc)
             failures.append(f"{choice.engine} {choice.precision}: {exc}")
     raise EngineUnavailable(
         f"engine 'auto' found nothing to run device {options.device!r} precision {options.precision!r}"

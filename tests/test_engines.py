@@ -366,6 +366,21 @@ def test_auto_runs_a_graph_the_torch_engine_refuses_with_the_next_engine(small_m
         create_engine("torch", EngineOptions(fixed8_model, device="cpu"))
 
 
+def test_autos_first_choice_failing_is_said_at_pvapys_default_log_level(fixed8_model, monkeypatch, capsys):
+    """A consumer's logger shows only errors unless -ll says otherwise (PvaPy's default): the
+    warning that auto's first choice could not start, logged through it, went nowhere."""
+    import logging
+
+    pytest.importorskip("torch")
+    monkeypatch.setattr(devices, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    consumer_log = logging.getLogger("consumer.errors.only")
+    consumer_log.setLevel(logging.ERROR)
+    engine = create_engine("auto", EngineOptions(fixed8_model, device="cpu", precision="auto"), consumer_log)
+    engine.close()
+    out = capsys.readouterr().out
+    assert "consumer.errors.only WARNING: engine 'auto': torch bf16 cannot start" in out, out
+
+
 @pytest.mark.parametrize("grid", ["align_corners", "asymmetric"])
 def test_the_torch_engine_never_runs_another_upsampling_grid_than_the_models(small_model, tmp_path, grid,
                                                                               monkeypatch):
