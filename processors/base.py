@@ -274,6 +274,7 @@ class RecentIds:
 RECENT_FILES = 100
 
 RESETS_KEY = "nStatsResets"  # every processor's: the reset_stats it took since start (never reset)
+_RESETS_LOCK = threading.Lock()  # a count of resets, rare: one lock for every processor of the process
 
 
 def _json_value(value):
@@ -305,9 +306,11 @@ class StatsFromTable:
         return self
 
     def count_stats_reset(self) -> None:
-        """Called by the processor's ``resetStats``: counted once the processor has started."""
+        """Called by the processor's ``resetStats``: counted once the processor has started. Two
+        ``reset_stats`` requests may run at once (PvaPy runs each on a thread of its own)."""
         if self.counting_resets:
-            self.stats_resets += 1
+            with _RESETS_LOCK:
+                self.stats_resets += 1
 
     def getStats(self) -> dict:
         source = self.stats_source()

@@ -813,3 +813,32 @@ def test_a_stopped_consumer_leaves_its_distributor_group_at_once(pva_env, small_
         if not stopped:
             consumer.stop()
         sibling.stopMonitor()
+
+
+def test_two_stats_resets_at_once_are_both_counted():
+    """PvaPy runs each reset_stats request on a thread of its own: two at once could count one."""
+    import threading
+
+    from processors.base import StatsFromTable
+
+    class SlowRead(StatsFromTable):  # widens the gap between reading the count and writing it back
+        counting_resets = True
+        _count = 0
+
+        @property
+        def stats_resets(self):
+            count = self._count
+            time.sleep(0.05)
+            return count
+
+        @stats_resets.setter
+        def stats_resets(self, value):
+            self._count = value
+
+    counted = SlowRead()
+    threads = [threading.Thread(target=counted.count_stats_reset) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(5)
+    assert counted._count == 2
