@@ -20,6 +20,7 @@ import pytest
 h5py = pytest.importorskip("h5py")
 ROOT = Path(__file__).resolve().parent.parent
 
+from configure_util import configure_while_new_scan_held  # noqa: E402
 from frames_util import good_frame  # noqa: E402
 import processors.hdf5_writer as writer  # noqa: E402
 from processors.base import RECENT_FILES, RESETS_KEY  # noqa: E402
@@ -614,32 +615,8 @@ def test_a_failed_new_scan_keeps_a_change_accepted_while_it_waited(tmp_path):
     newScan failed: its rollback put back every setting of before it, the other request's too."""
     p = Hdf5WriterProcessor({**FRAMEWORK, "outputDirectory": str(tmp_path), "queueFrames": 1, "queueTimeout": 0.05})
     p.queue.put(object())  # full, and no writer thread takes from it: the newScan fails
-    waiting, go_on = threading.Event(), threading.Event()
-    new_scan = p.new_scan
-
-    def held_new_scan():  # the newScan's wait, held until the other request is answered
-        waiting.set()
-        assert go_on.wait(10)
-        new_scan()
-
-    p.new_scan = held_new_scan
-    failed = []
-
-    def control():
-        try:
-            p.configure({"newScan": True})
-        except RuntimeError as exc:
-            failed.append(exc)
-
-    thread = threading.Thread(target=control, daemon=True)
-    thread.start()
-    try:
-        assert waiting.wait(10)
-        p.configure({"flushPeriod": 0.5})  # accepted
-    finally:
-        go_on.set()
-        thread.join(10)
-    assert failed and not thread.is_alive()
+    failed = configure_while_new_scan_held(p, {"newScan": True}, {"flushPeriod": 0.5}, p.new_scan)  # 2nd accepted
+    assert failed
     assert p.settings.flush_period_s == 0.5
     assert json.loads(p.getStats()["settings"]) == {"flushPeriod": 0.5}
 

@@ -17,6 +17,7 @@ import pytest
 from edge_ptychonn.science.stitch import Stitcher, probe_weight
 from edge_ptychonn.tools.processes import stop_monitor, wait_until
 from channel_names import PREFIX
+from configure_util import configure_while_new_scan_held
 from frames_util import good_frame
 from processors.base import RECENT_FILES, RESETS_KEY
 from processors.stitch import STATS, PositionTable, StitchProcessor
@@ -1142,31 +1143,12 @@ def test_a_failed_new_scan_takes_back_its_own_changes_only(rng):
     accepted while it ran (PvaPy's timer threads) stay: putting back all the settings of before
     it undid a publishRate answered "Configuration successful"."""
     p = make({"objectShape": [40, 48]})
-    running, go_on = threading.Event(), threading.Event()
 
     def failing_new_scan():
-        running.set()
-        assert go_on.wait(10)
         raise RuntimeError("the disk is gone")
 
-    p.new_scan = failing_new_scan
-    failed = []
-
-    def control():
-        try:
-            p.configure({"fill": 2.0, "newScan": True})
-        except RuntimeError as exc:
-            failed.append(exc)
-
-    thread = threading.Thread(target=control, daemon=True)
-    thread.start()
-    try:
-        assert running.wait(10)
-        p.configure({"publishRate": 5})
-    finally:
-        go_on.set()
-        thread.join(10)
-    assert failed and not thread.is_alive()
+    failed = configure_while_new_scan_held(p, {"fill": 2.0, "newScan": True}, {"publishRate": 5}, failing_new_scan)
+    assert failed
     assert (p.settings.fill, p.settings.publish_rate_hz) == (0.0, 5)
 
 
