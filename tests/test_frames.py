@@ -16,6 +16,24 @@ def test_decode_keeps_id_timestamps_and_attributes(rng):
     assert meta.time_stamp["secondsPastEpoch"] > 0
 
 
+def test_decode_can_leave_the_attributes_unread(rng):
+    """forwardAttributes false: the NDAttributes are not converted (the frame path's cost per
+    attribute); the rest of the frame is as before, a 3-D colour frame is still refused, and a
+    2-D frame is taken as mono whatever its ColorMode says (it is not read)."""
+    image = rng.integers(0, 1000, (32, 48), dtype=np.int16)
+    meta, out = decode(good_frame(42, image, energy_kev=8.5), read_attributes=False)
+    assert (meta.unique_id, meta.attributes) == (42, []) and meta.time_stamp["secondsPastEpoch"] > 0
+    np.testing.assert_array_equal(out, image)
+    with pytest.raises(BadFrame) as info:
+        decode(colour_frame(1), read_attributes=False)
+    assert info.value.kind == "colour"
+    bayer = good_frame(2, image)
+    bayer["attribute"] = [pva.NtAttribute("ColorMode", pva.PvInt(1))]  # areaDetector's NDColorModeBayer
+    with pytest.raises(BadFrame, match="colour"):
+        decode(bayer)
+    assert decode(bayer, read_attributes=False)[0].unique_id == 2
+
+
 @pytest.mark.parametrize(
     "pv, kind",
     [

@@ -487,6 +487,43 @@ def test_every_pixel_type_of_a_non_square_frame_gives_the_same_output_record(sma
         assert out["attribute"][1]["value"][0]["value"] == 8.0 + pv["uniqueId"]
 
 
+def test_forward_attributes_false_publishes_colour_mode_and_model_id_alone(small_model):
+    """forwardAttributes false: the outputs carry ColorMode and modelId, not the input's
+    attributes (left unread); id, time stamps and image as with them."""
+    published = []
+
+    class Publisher:
+        nErrors = 0
+
+        def updateOutputChannel(self, pv):
+            published.append(pva.PvObject(pv.getStructureDict(), pv.get()))
+
+    image = np.random.default_rng(5).integers(0, 100, (64, 64)).astype(np.int16)
+    outputs = {}
+    for forward in (True, False):
+        published.clear()
+        processor = PtychoNNProcessor({**FRAMEWORK, "modelPath": str(small_model), "engine": "onnxruntime",
+                                       "cpuThreads": 1, "batchSize": 2, "forwardAttributes": forward})
+        processor.outputChannel, processor.dataPublisher = FRAMEWORK["outputChannel"], Publisher()
+        processor.start()
+        try:
+            inputs = [good_frame(uid, image, energy_kev=8.0 + uid) for uid in (1, 2)]
+            for pv in inputs:
+                processor.process(pv)
+            assert processor.pipeline.drain(20.0)
+        finally:
+            processor.stop()
+        assert [out["uniqueId"] for out in published] == [1, 2]
+        for pv, out in zip(inputs, published):
+            assert out["timeStamp"] == pv["timeStamp"] and out["dataTimeStamp"] == pv["dataTimeStamp"]
+        outputs[forward] = [(out["attribute"], np.asarray(out["value"][0]["floatValue"])) for out in published]
+    assert [a["name"] for a in outputs[True][1][0]] == ["ColorMode", "EnergyKeV", "modelId"]
+    assert [a["name"] for a in outputs[False][1][0]] == ["ColorMode", "modelId"]
+    assert outputs[False][1][0][1]["value"][0]["value"] == outputs[True][1][0][2]["value"][0]["value"]  # the same model
+    for (_, with_them), (_, without) in zip(outputs[True], outputs[False]):
+        np.testing.assert_array_equal(with_them, without)
+
+
 def test_the_distributor_group_follows_pvapys_configure_for_a_later_model_swap(small_model):
     """objectIdOffset 9 with runs of 8 is a group of 2; when two consumers join, PvaPy's configure
     says 25: a model swap after that lays its engine out for 4 consumers (it kept 2)."""

@@ -68,6 +68,7 @@ class ProcessorConfig:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     output_mask: OutputMask | None = None  # from the model card; None: outputs published as the network gives them
     output_mask_wanted: bool | None = None  # the user's outputMask (None: the card decides), kept across model swaps
+    forward_attributes: bool = True  # outputs carry the input's NDAttributes (False: ColorMode and modelId only)
 
     def __post_init__(self) -> None:
         if not self.model_path.is_file():
@@ -108,6 +109,7 @@ _TOP_LEVEL: dict[str, tuple[str, Any]] = {
     "ioThreads": ("io_threads", choice(*IO_POLICIES)),
     "batchRunner": ("batch_runner", choice(*BATCH_RUNNERS)),
     "outputMask": ("output_mask", boolean()),
+    "forwardAttributes": ("forward_attributes", boolean()),
 }
 # camelCase processor argument -> (PreprocessConfig field, converter)
 _PREPROCESS: dict[str, tuple[str, Any]] = {

@@ -454,7 +454,7 @@ class InferencePipeline:
         if batcher is not None and not batcher.has_room and self._drop_unread(pv):
             return
         try:
-            meta, image = decode(pv, received_s)
+            meta, image = decode(pv, received_s, read_attributes=self.config.forward_attributes)
         except NotAFrame as info:
             with self._lock:
                 self.stats.empty_records += 1
