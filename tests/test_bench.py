@@ -777,8 +777,12 @@ def test_frame_path_profile_times_every_stage_and_the_whole_pipeline():
     assert result["pipeline_us"] > result["stages_us"]["decode"] + result["stages_us"]["encode"]
     assert result["pipeline_us_by_runner"]["receive"] == result["pipeline_us"]
     assert result["pipeline_us_by_runner"]["thread"] > result["stages_us"]["decode"] + result["stages_us"]["encode"]
+    # what each NDAttribute costs: read and written, or left unread (forwardAttributes false)
+    assert set(result["attribute_us"]) == {"unchanged", "changing", "not_forwarded"}
+    assert all(us >= 0 for us in result["attribute_us"].values()), result["attribute_us"]
     text = bench_frame_path.table(result)
     assert "whole pipeline" in text and "passthrough" in text and "batchRunner thread" in text
+    assert "NDAttribute" in text and "forwardAttributes false" in text
 
 
 def test_sweep_goes_on_upwards_while_the_pipeline_keeps_up(monkeypatch):
@@ -1008,7 +1012,8 @@ def test_the_frame_path_alone_keeps_pva_on_loopback(tmp_path, monkeypatch):
     def measure(*args, **kwargs):
         seen.update({name: os.environ.get(name) for name in LOOPBACK_ENV})
         return {"stages_us": {}, "stages_sum_us": 0.0, "pipeline_us": 1.0, "passthrough_us": 1.0,
-                "pipeline_us_by_runner": {"thread": 1.0, "receive": 1.0}}
+                "pipeline_us_by_runner": {"thread": 1.0, "receive": 1.0},
+                "attribute_us": {"unchanged": 1.0, "changing": 1.0, "not_forwarded": 0.0}}
 
     monkeypatch.setattr(bench_frame_path, "measure", measure)
     args = bench.get_args_parser().parse_args([

@@ -8,8 +8,8 @@ warm     consumer launch -> first published output, first and second launch per 
 engine   the model's FLOPs per frame (counted from the ONNX graph), the machine's peak
          (large matrix product, same process), frames/s of every engine, precision, batch
 framepath  the frame path's CPU cost per frame, stage by stage (decode, load, transform,
-         zero-cost engine, encode, publish), the whole pipeline and the passthrough's
-         own work, in one process (no transport)
+         zero-cost engine, encode, publish), what each NDAttribute of the input adds, the
+         whole pipeline and the passthrough's own work, in one process (no transport)
 pipeline pvapy-ad-sim-server (--source fast: a faster source) -> N PtychoNN consumers ->
          outputs (collected in this process, or by --collectors child processes); offered
          rate swept upwards (fractions of the engine-alone rate); loss (at the source, in transport, by the
@@ -480,7 +480,9 @@ def main(args: argparse.Namespace) -> int:
             path = report["frame_path"]
             progress(f"frame path: {path['pipeline_us']:.1f} us/frame in the whole pipeline with batches run by the "
                      f"receiving thread, {path['pipeline_us_by_runner']['thread']:.1f} by the inference thread; "
-                     f"passthrough's own work {path['passthrough_us']:.1f} us/frame")
+                     f"passthrough's own work {path['passthrough_us']:.1f} us/frame; each input NDAttribute "
+                     f"{path['attribute_us']['unchanged']:.1f} us/frame unchanged, "
+                     f"{path['attribute_us']['changing']:.1f} changing")
 
         if {"pipeline", "zero", "passthrough"} - set(args.skip):
             # the pipeline's rates are fractions of it; the ceilings alone do not need it

@@ -10,7 +10,13 @@ engine     the zero-cost engine (a copy of the batch)
 encode     result -> output NTNDArray (``stream.frames.FrameEncoder``)
 publish    ``PvaServer.update`` of a record (what PvaPy's publisher calls)
 
-then the whole :class:`~edge_ptychonn.stream.pipeline.InferencePipeline`
+then what each further NDAttribute of the input costs (decode and encode of frames
+that carry :data:`ATTRIBUTES` of them, the same in every frame or changing in every
+frame as a motor position does, against frames with ColorMode alone: PvaPy converts
+each attribute into Python on every read and back on every write, and an output
+carries the input's attributes; and what is left with ``forwardAttributes`` false,
+which does not read them), then the whole
+:class:`~edge_ptychonn.stream.pipeline.InferencePipeline`
 (publishing into a real PVA record) once with each ``batchRunner``: batches run
 by the inference thread (``thread``: two threads take turns at the interpreter
 lock) and by the thread that submits the frames (``receive``: what ``auto``
@@ -38,6 +44,45 @@ def _cpu_us_per_frame(run, n_frames: int, repeats: int = 3) -> float:
         run()
         best = min(best, time.process_time() - t0)
     return best / n_frames * 1e6
+
+
+ATTRIBUTES = 10  # further NDAttributes (doubles, as motor positions or a ring current) on the attribute frames
+
+
+def _with_attributes(images: np.ndarray, n_frames: int, changing: bool) -> list:
+    """NTNDArrays of ``images`` with ColorMode and :data:`ATTRIBUTES` double attributes, whose
+    values change from frame to frame when ``changing``."""
+    import pvaccess as pva
+    from pvapy.utility.adImageUtility import AdImageUtility
+
+    frames = []
+    for i in range(n_frames):
+        pv = AdImageUtility.generateNtNdArray2D(i + 1, images[i % len(images)])
+        pv["attribute"] = [pva.NtAttribute("ColorMode", pva.PvInt(AdImageUtility.COLOR_MODE_MONO))] + [
+            pva.NtAttribute(f"Position{k}", pva.PvDouble(0.5 * k + (1e-3 * i if changing else 0.0)))
+            for k in range(ATTRIBUTES)]
+        frames.append(pv)
+    return frames
+
+
+def attribute_costs(images: np.ndarray, plain_frames: list, output: np.ndarray) -> dict:
+    """CPU us per frame and per attribute of decoding and encoding :data:`ATTRIBUTES` further
+    attributes: ``unchanged`` (the same in every frame), ``changing`` (a new value in each), and
+    ``not_forwarded`` (changing, with ``forwardAttributes`` false: left unread)."""
+    from edge_ptychonn.stream.frames import FrameEncoder, decode
+
+    n = min(len(plain_frames), 1000)
+
+    def decode_encode(frames, read_attributes=True):
+        encoder = FrameEncoder(model_id="framepath")  # its own: it sets attributes only when they change
+        return lambda: [encoder.encode(meta, output)
+                        for meta, _ in (decode(pv, read_attributes=read_attributes) for pv in frames)]
+
+    base = _cpu_us_per_frame(decode_encode(plain_frames[:n]), n)
+    changing = _with_attributes(images, n, changing=True)
+    costs = {"unchanged": decode_encode(_with_attributes(images, n, changing=False)),
+             "changing": decode_encode(changing), "not_forwarded": decode_encode(changing, read_attributes=False)}
+    return {kind: max(_cpu_us_per_frame(run, n) - base, 0.0) / ATTRIBUTES for kind, run in costs.items()}
 
 
 def measure(model_path, input_hw: tuple[int, int], n_frames: int = 2000, batch: int = 8) -> dict:
@@ -104,6 +149,7 @@ def measure(model_path, input_hw: tuple[int, int], n_frames: int = 2000, batch: 
             if pipeline.stats.published != n_frames:
                 raise RuntimeError(f"frame path: {pipeline.stats.published} of {n_frames} published ({pipeline.summary()})")
 
+        attributes_us = attribute_costs(images, frames, outputs[0, 0])
         by_runner = {runner: _cpu_us_per_frame(partial(whole, runner), n_frames, repeats=2)
                      for runner in ("thread", "receive")}
         passthrough_us = _cpu_us_per_frame(lambda: [server.update("framepath:passthrough", pv) for pv in frames], n_frames)
@@ -113,6 +159,7 @@ def measure(model_path, input_hw: tuple[int, int], n_frames: int = 2000, batch: 
         "n_frames": n_frames, "batch": batch, "input_hw": list(input_hw),
         "stages_us": stages, "stages_sum_us": sum(stages.values()),
         "pipeline_us": by_runner["receive"], "pipeline_us_by_runner": by_runner, "passthrough_us": passthrough_us,
+        "attribute_us": attributes_us,
     }
 
 
@@ -127,4 +174,10 @@ def table(result: dict) -> str:
         rows += [["whole pipeline, batches run by the inference thread (batchRunner thread)",
                   result["pipeline_us_by_runner"]["thread"]]]
     rows += [["passthrough: PvaServer.update of the received frame", result["passthrough_us"]]]
+    if "attribute_us" in result:
+        rows += [["each further NDAttribute of the input, the same in every frame (decode + encode)",
+                  result["attribute_us"]["unchanged"]],
+                 ["each further NDAttribute of the input, changing in every frame (decode + encode)",
+                  result["attribute_us"]["changing"]],
+                 ["the same with forwardAttributes false (left unread)", result["attribute_us"]["not_forwarded"]]]
     return make_table(["stage", "CPU us/frame"], rows, ["", ".1f"])
