@@ -494,6 +494,7 @@ def test_options_that_only_main_can_judge_are_one_line_errors(tmp_path, capsys):
         (["--model", str(tmp_path)], f"--model {tmp_path} is a folder", 2),  # before: "not found"
         (["--pipeline-engine", "torch", "--pipeline-precision", "auto"],
          "--pipeline-precision auto needs --pipeline-engine auto", 2),  # a bad argument: 2 (before: 1)
+        (["--source-attributes", "10"], "--source-attributes needs --source fast", 2),  # the sim server's are fixed
     ]:
         with pytest.raises(SystemExit) as exit_:  # before: a FileExistsError traceback; every point skipped
             bench.main(bench.get_args_parser().parse_args(argv + ["--skip", ",".join(bench.PARTS)]
@@ -501,6 +502,22 @@ def test_options_that_only_main_can_judge_are_one_line_errors(tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in (err if code == 2 else str(exit_.value)), (exit_.value, err)
         assert (exit_.value.code if code == 2 else 1) == code
+
+
+def test_the_source_attributes_and_the_consumers_forward_attributes_reach_the_processes(tmp_path):
+    """--source-attributes N goes to the fast source's command line, --consumer-forward-attributes
+    to every consumer's forwardAttributes (true unless told)."""
+    settings = bench_pipeline.PipelineSettings(model_path=tmp_path / "m.onnx", source="fast", source_attributes=10,
+                                               consumer_forward_attributes=False)
+    argv = bench_pipeline.source_argv(settings, tmp_path / "scan.npy", "det:image", 100.0, 2.0)
+    assert argv[argv.index("-na") + 1] == "10"
+    assert bench_pipeline._processor_args(settings, 1)["forwardAttributes"] is False
+    default = bench_pipeline.PipelineSettings(model_path=tmp_path / "m.onnx", source="fast")
+    assert "-na" not in bench_pipeline.source_argv(default, tmp_path / "scan.npy", "det:image", 100.0, 2.0)
+    assert bench_pipeline._processor_args(default, 1)["forwardAttributes"] is True
+    args = bench.get_args_parser().parse_args(["--consumer-forward-attributes", "false", "--source", "fast",
+                                               "--source-attributes", "3"])
+    assert (args.consumer_forward_attributes, args.source_attributes) == ("false", 3)
 
 
 @pytest.mark.parametrize("argv, engine, precision", [

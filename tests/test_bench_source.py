@@ -131,6 +131,29 @@ def test_a_scan_the_fast_source_cannot_publish_is_a_one_line_error(tmp_path):
     assert "Traceback" not in done.stderr
 
 
+def test_the_fast_sources_attributes_change_from_frame_to_frame(tmp_path):
+    """--attributes N: each record has ColorMode and N double attributes whose values change from
+    frame to frame (what a detector sending motor positions costs the consumers); the consumers'
+    decoder reads them as any NDAttributes. Out of range is a one-line error."""
+    from edge_ptychonn.stream.frames import decode
+    from edge_ptychonn.tools.fast_source import build_records
+
+    frames = np.arange(3 * 4 * 4, dtype=np.int16).reshape(3, 4, 4)
+    records = build_records(frames, attributes=2)
+    assert [r["uniqueId"] for r in records] == [1, 2, 3]
+    for k, record in enumerate(records):
+        meta, image = decode(record)
+        np.testing.assert_array_equal(image, frames[k])
+        assert [a["name"] for a in meta.attributes] == ["ColorMode", "Attribute1", "Attribute2"]
+        assert [a["value"][0]["value"] for a in meta.attributes[1:]] == [k + 0.001, k + 0.002]
+    assert [a["name"] for a in decode(build_records(frames)[1])[0].attributes] == ["ColorMode"]  # none asked: as before
+    np.save(tmp_path / "scan.npy", frames)
+    done = subprocess.run([sys.executable, "-m", "edge_ptychonn.tools.fast_source", "-if", str(tmp_path / "scan.npy"),
+                           "--attributes", "-1"], capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, **live.LOOPBACK_ENV))
+    assert done.returncode == 2 and "--attributes must be 0..1000, got -1" in done.stderr, done.stderr
+
+
 @pytest.mark.e2e
 def test_collector_processes_that_never_connect_say_so_and_stop(pva_env):
     """Channels no server publishes: wait_connected is False within its bound, count is 0, and

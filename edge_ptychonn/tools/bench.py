@@ -204,6 +204,13 @@ def get_args_parser(prog: str = "edge-ptychonn bench") -> argparse.ArgumentParse
                         "PvaPy's pvapy-ad-sim-server; 'fast', edge_ptychonn.tools.fast_source (the same records, "
                         "built before the stream, for rates the sim server cannot publish); the warm start always "
                         "uses the sim server")
+    g.add_argument("--source-attributes", type=_number(int, 0, high=1000), default=0,
+                   help="with --source fast: further double NDAttributes on each frame besides ColorMode, changing "
+                        "from frame to frame as motor positions do (what a detector's attributes cost the consumers; "
+                        "see --consumer-forward-attributes)")
+    g.add_argument("--consumer-forward-attributes", default="true", choices=("true", "false"),
+                   help="forwardAttributes of each consumer: 'true' (the default: outputs carry the input's "
+                        "attributes) or 'false' (left unread), to compare the two")
     g.add_argument("--collectors", type=_number(int, 1), default=1,
                    help="processes that collect the consumers' outputs at each point: 1, the bench's own process; "
                         "more, that many child processes (at most one per consumer), each monitoring its share of "
@@ -362,6 +369,8 @@ def main(args: argparse.Namespace) -> int:
         apply_quick(args)
     if args.pipeline_precision is None:  # the consumer's default where the engine is too
         args.pipeline_precision = "auto" if args.pipeline_engine == "auto" else "fp32"
+    if args.source_attributes and args.source != "fast":
+        raise refused("--source-attributes needs --source fast (the sim server sends ColorMode alone)")
     if args.pipeline_precision == "auto" and args.pipeline_engine != "auto":
         raise refused("--pipeline-precision auto needs --pipeline-engine auto "
                       f"(the {args.pipeline_engine} engine runs one named precision)")
@@ -408,6 +417,8 @@ def main(args: argparse.Namespace) -> int:
             server_queue_size=args.server_queue_size, cores=cores, consumer_threads=args.consumer_threads,
             consumer_workers=args.consumer_workers, consumer_io_threads=args.consumer_io_threads,
             consumer_batch_runner=args.consumer_batch_runner, source=args.source, collectors=args.collectors,
+            consumer_forward_attributes=args.consumer_forward_attributes == "true",
+            source_attributes=args.source_attributes,
         )
         needs_pva = {"warm", "pipeline", "zero", "passthrough"} - set(args.skip)
         env = None

@@ -86,6 +86,8 @@ class PipelineSettings:
     consumer_workers: int = 0  # cpuWorkers per consumer; 0: the consumer's own layout
     consumer_io_threads: str = "batch"  # ioThreads per consumer (edge_ptychonn.io_threads.POLICIES)
     consumer_batch_runner: str = "auto"  # batchRunner per consumer (stream.config.BATCH_RUNNERS)
+    consumer_forward_attributes: bool = True  # forwardAttributes per consumer
+    source_attributes: int = 0  # further NDAttributes on each frame, changing from frame to frame (fast source only)
     source: str = "sim"  # the frames' source: 'sim' (pvapy-ad-sim-server) or 'fast' (tools.fast_source); SOURCES
     collectors: int = 1  # processes that collect the outputs: 1, this one; more, processes.CollectorProcesses
 
@@ -213,6 +215,7 @@ def _processor_args(settings: PipelineSettings, n_consumers: int, engine: str | 
         "precision": settings.precision, "batchSize": settings.batch,
         "cpuThreads": settings.consumer_threads, "cpuWorkers": settings.consumer_workers,
         "ioThreads": settings.consumer_io_threads, "batchRunner": settings.consumer_batch_runner,
+        "forwardAttributes": settings.consumer_forward_attributes,
     }
 
 
@@ -225,9 +228,11 @@ def source_argv(settings: PipelineSettings, scan: Path, channel: str, fps: float
     """The command line of a point's source (``settings.source``): ``scan`` published once on
     ``channel`` at ``fps``, the first frame ``start_delay_s`` after its start."""
     if settings.source == "fast":
-        return live.fast_source_argv(scan, channel, fps, start_delay_s=start_delay_s)
+        return live.fast_source_argv(scan, channel, fps, start_delay_s=start_delay_s, attributes=settings.source_attributes)
     if settings.source != "sim":
         raise ValueError(f"unknown source {settings.source!r}; known: {', '.join(SOURCES)}")
+    if settings.source_attributes:
+        raise ValueError("source attributes need the fast source (the sim server sends ColorMode alone)")
     return live.sim_server_argv(scan, channel, fps, start_delay_s=start_delay_s, runtime_s=3600.0, replay_once=True)
 
 

@@ -44,24 +44,33 @@ import numpy as np
 
 SLEEP_AHEAD_S = 1e-3  # sleep until a frame's time only when it is this far ahead of the schedule
 CHECK_EVERY = 1000  # records built between checks for a stop signal
+MAX_ATTRIBUTES = 1000  # --attributes: at most this many per frame
 
 
-def build_records(frames: np.ndarray, stop: threading.Event | None = None) -> list:
+def build_records(frames: np.ndarray, stop: threading.Event | None = None, attributes: int = 0) -> list:
     """One NTNDArray per frame of ``frames`` (n, ny, nx), uniqueId k+1 for frame k; the first
     made by PvaPy's ``AdImageUtility.generateNtNdArray2D`` (what the sim server publishes),
-    the others copies of it with their own pixels. Stops early (a shorter list) once
-    ``stop`` is set."""
+    the others copies of it with their own pixels. ``attributes``: that many further double
+    NDAttributes (``Attribute1``...) after ``ColorMode``, whose values change from frame to
+    frame as a motor position's do (frame k's ``Attribute<j>`` is k + j / 1000). Stops early
+    (a shorter list) once ``stop`` is set."""
+    import pvaccess as pva
     from pvapy.utility.adImageUtility import AdImageUtility
 
     key = AdImageUtility.NTNDA_DATA_FIELD_KEY_MAP[frames.dtype]
     template = AdImageUtility.generateNtNdArray2D(1, np.ascontiguousarray(frames[0]))
-    records = [template]
-    for k in range(1, len(frames)):
+    colour_mode = pva.NtAttribute("ColorMode", pva.PvInt(AdImageUtility.COLOR_MODE_MONO))
+    records = []
+    for k in range(len(frames)):
         if k % CHECK_EVERY == 0 and stop is not None and stop.is_set():
             break
-        record = template.copy()
-        record["value"] = {key: np.ascontiguousarray(frames[k]).ravel()}
-        record.setInt("uniqueId", k + 1)
+        record = template if k == 0 else template.copy()
+        if k:
+            record["value"] = {key: np.ascontiguousarray(frames[k]).ravel()}
+            record.setInt("uniqueId", k + 1)
+        if attributes:
+            record["attribute"] = [colour_mode] + [pva.NtAttribute(f"Attribute{j}", pva.PvDouble(k + j / 1000))
+                                                   for j in range(1, attributes + 1)]
         records.append(record)
     return records
 
@@ -147,6 +156,9 @@ def get_args_parser(prog: str = "python -m edge_ptychonn.tools.fast_source") -> 
                              "the records are built then too)")
     parser.add_argument("-shd", "--shutdown-delay", type=float, default=1.0,
                         help="seconds it keeps serving after the last frame")
+    parser.add_argument("-na", "--attributes", type=int, default=0,
+                        help="further double NDAttributes on each frame besides ColorMode (Attribute1...), whose "
+                             f"values change from frame to frame as motor positions do (0..{MAX_ATTRIBUTES})")
     return parser
 
 
@@ -157,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         value = getattr(args, name)
         if not np.isfinite(value) or value < 0:
             parser.error(f"--{name.replace('_', '-')} must be finite and >= 0, got {value}")
+    if not 0 <= args.attributes <= MAX_ATTRIBUTES:
+        parser.error(f"--attributes must be 0..{MAX_ATTRIBUTES}, got {args.attributes}")
     try:
         frames = load_frames(args.input_file)
     except ValueError as exc:
@@ -177,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     print(f"Serving {args.channel_name}: {len(frames)} frames ({frames.shape[2]}x{frames.shape[1]}, {frames.dtype}) "
           f"from {args.input_file}, at {args.frame_rate:g} fps (0: as fast as it can)", flush=True)
-    records = build_records(frames, stop)
+    records = build_records(frames, stop, args.attributes)
     built = time.perf_counter() - started
     print(f"Built {len(records)} records in {built:.2f} s", flush=True)
     if built > args.start_delay:

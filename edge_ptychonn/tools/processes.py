@@ -505,14 +505,16 @@ def sim_server_argv(
 
 
 def fast_source_argv(frames_npy: Path, channel: str, fps: float, start_delay_s: float = 5.0,
-                     shutdown_delay_s: float = 1.0) -> list[str]:
+                     shutdown_delay_s: float = 1.0, attributes: int = 0) -> list[str]:
     """``edge_ptychonn.tools.fast_source`` publishing ``frames_npy`` once on ``channel`` at
     ``fps`` (0: as fast as it can), uniqueId k+1 for frame k, as :func:`sim_server_argv` with
-    ``replay_once`` does; it prints the sim server's ``Published frames`` line as it exits
+    ``replay_once`` does, each frame with ``attributes`` further NDAttributes that change from
+    frame to frame; it prints the sim server's ``Published frames`` line as it exits
     (:func:`sim_server_published` reads it)."""
     return [
         sys.executable, "-m", "edge_ptychonn.tools.fast_source", "-if", str(frames_npy), "-cn", channel,
         "-fps", str(fps), "-std", str(start_delay_s), "-shd", f"{shutdown_delay_s:g}",
+        *(["-na", str(attributes)] if attributes else []),
     ]
 
 
