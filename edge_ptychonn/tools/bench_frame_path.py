@@ -50,17 +50,16 @@ ATTRIBUTES = 10  # further NDAttributes (doubles, as motor positions or a ring c
 
 
 def _with_attributes(images: np.ndarray, n_frames: int, changing: bool) -> list:
-    """NTNDArrays of ``images`` with ColorMode and :data:`ATTRIBUTES` double attributes, whose
-    values change from frame to frame when ``changing``."""
-    import pvaccess as pva
+    """NTNDArrays of ``images`` with ColorMode and :data:`ATTRIBUTES` double attributes (the fast
+    source's), whose values change from frame to frame when ``changing``."""
     from pvapy.utility.adImageUtility import AdImageUtility
+
+    from .fast_source import frame_attributes
 
     frames = []
     for i in range(n_frames):
         pv = AdImageUtility.generateNtNdArray2D(i + 1, images[i % len(images)])
-        pv["attribute"] = [pva.NtAttribute("ColorMode", pva.PvInt(AdImageUtility.COLOR_MODE_MONO))] + [
-            pva.NtAttribute(f"Position{k}", pva.PvDouble(0.5 * k + (1e-3 * i if changing else 0.0)))
-            for k in range(ATTRIBUTES)]
+        pv["attribute"] = frame_attributes(ATTRIBUTES, i if changing else 0)
         frames.append(pv)
     return frames
 

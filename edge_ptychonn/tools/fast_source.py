@@ -54,25 +54,32 @@ def build_records(frames: np.ndarray, stop: threading.Event | None = None, attri
     NDAttributes (``Attribute1``...) after ``ColorMode``, whose values change from frame to
     frame as a motor position's do (frame k's ``Attribute<j>`` is k + j / 1000). Stops early
     (a shorter list) once ``stop`` is set."""
-    import pvaccess as pva
     from pvapy.utility.adImageUtility import AdImageUtility
 
     key = AdImageUtility.NTNDA_DATA_FIELD_KEY_MAP[frames.dtype]
     template = AdImageUtility.generateNtNdArray2D(1, np.ascontiguousarray(frames[0]))
-    colour_mode = pva.NtAttribute("ColorMode", pva.PvInt(AdImageUtility.COLOR_MODE_MONO))
     records = []
     for k in range(len(frames)):
-        if k % CHECK_EVERY == 0 and stop is not None and stop.is_set():
+        if k and k % CHECK_EVERY == 0 and stop is not None and stop.is_set():
             break
         record = template if k == 0 else template.copy()
         if k:
             record["value"] = {key: np.ascontiguousarray(frames[k]).ravel()}
             record.setInt("uniqueId", k + 1)
         if attributes:
-            record["attribute"] = [colour_mode] + [pva.NtAttribute(f"Attribute{j}", pva.PvDouble(k + j / 1000))
-                                                   for j in range(1, attributes + 1)]
+            record["attribute"] = frame_attributes(attributes, k)
         records.append(record)
     return records
+
+
+def frame_attributes(n: int, k: int = 0) -> list:
+    """``ColorMode`` (mono) and ``n`` double NDAttributes ``Attribute1``... with frame ``k``'s
+    values, k + j / 1000 for ``Attribute<j>``."""
+    import pvaccess as pva
+    from pvapy.utility.adImageUtility import AdImageUtility
+
+    return [pva.NtAttribute("ColorMode", pva.PvInt(AdImageUtility.COLOR_MODE_MONO))] + [
+        pva.NtAttribute(f"Attribute{j}", pva.PvDouble(k + j / 1000)) for j in range(1, n + 1)]
 
 
 def load_frames(path: Path) -> np.ndarray:
