@@ -44,6 +44,7 @@ from engines.base import PRECISIONS, usable_cores
 from engines.registry import ENGINES
 
 from . import processes as live
+from .fast_source import MAX_ATTRIBUTES as MAX_SOURCE_ATTRIBUTES
 
 DEFAULT_MODEL = default_model_path()
 PARTS = ("warm", "engine", "framepath", "pipeline", "zero", "passthrough")
@@ -204,7 +205,7 @@ def get_args_parser(prog: str = "edge-ptychonn bench") -> argparse.ArgumentParse
                         "PvaPy's pvapy-ad-sim-server; 'fast', edge_ptychonn.tools.fast_source (the same records, "
                         "built before the stream, for rates the sim server cannot publish); the warm start always "
                         "uses the sim server")
-    g.add_argument("--source-attributes", type=_number(int, 0, high=1000), default=0,
+    g.add_argument("--source-attributes", type=_number(int, 0, high=MAX_SOURCE_ATTRIBUTES), default=0,
                    help="with --source fast: further double NDAttributes on each frame besides ColorMode, changing "
                         "from frame to frame as motor positions do (what a detector's attributes cost the consumers; "
                         "see --consumer-forward-attributes)")

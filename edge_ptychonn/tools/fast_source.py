@@ -58,17 +58,17 @@ def build_records(frames: np.ndarray, stop: threading.Event | None = None, attri
 
     key = AdImageUtility.NTNDA_DATA_FIELD_KEY_MAP[frames.dtype]
     template = AdImageUtility.generateNtNdArray2D(1, np.ascontiguousarray(frames[0]))
-    records = []
-    for k in range(len(frames)):
-        if k and k % CHECK_EVERY == 0 and stop is not None and stop.is_set():
+    records = [template]
+    for k in range(1, len(frames)):
+        if k % CHECK_EVERY == 0 and stop is not None and stop.is_set():
             break
-        record = template if k == 0 else template.copy()
-        if k:
-            record["value"] = {key: np.ascontiguousarray(frames[k]).ravel()}
-            record.setInt("uniqueId", k + 1)
-        if attributes:
-            record["attribute"] = frame_attributes(attributes, k)
+        record = template.copy()
+        record["value"] = {key: np.ascontiguousarray(frames[k]).ravel()}
+        record.setInt("uniqueId", k + 1)
         records.append(record)
+    if attributes:
+        for k, record in enumerate(records):
+            record["attribute"] = frame_attributes(attributes, k)
     return records
 
 
