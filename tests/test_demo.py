@@ -23,7 +23,7 @@ def test_demo_runs_the_chain_and_leaves_a_picture_of_the_stitched_phase(pva_env,
     pytest.importorskip("h5py")
     from PIL import Image
 
-    n = 36
+    n = 32  # the collector's cache (2 consumers x 2 x 8): no frame waits its 5 s release at the end
     training_like_scan(tmp_path / "scan", MODEL, seed=1001, n_positions=n)
     args = demo.get_args_parser().parse_args([
         "--scan", str(tmp_path / "scan.npy"), "--engine", "onnxruntime", "--fps", "40", "--start-delay", "10",

@@ -566,7 +566,7 @@ def test_launch_runs_a_small_chain_to_the_end(pva_env, tmp_path):
     from edge_ptychonn.stream.postprocess import apply_output_mask
     from engines import EngineOptions, create_engine
 
-    n = 49
+    n = 64  # twice the collector cache (2 consumers x 2 x 8): no frame waits its 5 s release at the end
     frames, truth = _simulated_scan(tmp_path / "scan", n)
     tag = f"{PREFIX}-lt"
     # launched from tmp_path with relative paths: the stitcher finds scan.npz there, the files land there
@@ -607,7 +607,9 @@ modelCard = "{MODEL.with_suffix('.json')}"
         file = tmp_path / "h5" / f"{tag}_inference_1_output_scan0001.h5"
         while not file.exists() and time.monotonic() < deadline and launch.poll() is None:
             time.sleep(0.2)
-        assert file.exists(), "no HDF5 file appeared"
+        if not file.exists():
+            os.killpg(launch.pid, signal.SIGTERM)
+            pytest.fail(f"no HDF5 file appeared; the launcher's output:\n{launch.communicate(timeout=60)[0][-4000:]}")
         with h5py.File(file, "r", libver="latest", swmr=True) as f:
             while launch.poll() is None and time.monotonic() < deadline and (not seen or seen[-1] < 25):
                 f["uniqueId"].refresh()
@@ -1128,22 +1130,6 @@ objectShape = [120, 120]
 """)
 
 
-@pytest.mark.e2e
-def test_the_stitchers_last_frames_held_by_the_collector_are_counted(pva_env, tmp_path, small_model):
-    """The collector holds the scan's last frames (fewer than its cache) for its release time
-    (5 s) before the stitcher places them: the chain is not done before they are. Before: with
-    an idle_s shorter than that (the demo's 5 s) the launcher stopped watching first and
-    reported those frames as not placed (a sweep counted them lost)."""
-    n = 20  # the cache is 2 * 1 consumer * 8 = 16 frames: the last 4 wait for the release
-    cfg = _small_stitch_chain(tmp_path, small_model, f"{PREFIX}-lc", n, fps=20,
-                              stitch_args=f'outputDirectory = "{tmp_path / "stitched"}"')
-    out, returncode = _launch_to_end(cfg, pva_env)
-    assert pids_alive(out) == [], "launch left processes running"
-    assert returncode == 0, out[-3000:]
-    assert f"frames placed        {n} " in out, out[-3000:]
-    assert "frames lost          0\n" in out, out[-3000:]
-
-
 def test_a_binary_file_is_refused_naming_it(tmp_path, capsys):
     """``edge-ptychonn launch scan.npy`` (the scan for the file). Before: only "'utf-8' codec
     can't decode byte 0x93 in position 0", naming no file."""
@@ -1572,8 +1558,14 @@ def test_frames_waiting_for_positions_from_metadata_are_placed_before_the_chain_
     metadataWait, then takes the file's position. The chain stops once the stitcher has placed
     them all, the summary counts every frame, and says no metadata update came. Before: the
     launcher stopped as soon as the stitcher had received the frames, and the summary showed
-    fewer placed than received, with the rest nowhere."""
-    n, tag = 20, f"{PREFIX}-mw"
+    fewer placed than received, with the rest nowhere.
+
+    The collector also holds the scan's last frames (fewer than its cache) for its release
+    time (5 s) before the stitcher gets them: the chain is not done before they are placed,
+    with an idle_s (1 s) much shorter than that. Before: with an idle_s shorter than the
+    release (the demo's 5 s) the launcher stopped watching first and reported those frames as
+    not placed (a sweep counted them lost)."""
+    n, tag = 20, f"{PREFIX}-mw"  # the cache is 2 * 1 consumer * 8 = 16 frames: the last 4 wait for the release
     cfg = _small_stitch_chain(tmp_path, small_model, tag, n, fps=40,
                               stitch=f'metadata_channels = ["pva://{tag}:scan:y", "pva://{tag}:scan:x"]',
                               stitch_args=f'positionChannels = ["{tag}:scan:y", "{tag}:scan:x"]\nmetadataWait = 3.0')
@@ -1583,6 +1575,7 @@ def test_frames_waiting_for_positions_from_metadata_are_placed_before_the_chain_
     placed = re.search(r"frames placed +(\d+)", out)
     assert placed and int(placed[1]) == n, out[-3000:]
     assert f"frames placed        {n} of {n} received (no position 0, outside 0, coverage" in out, out[-3000:]
+    assert "frames lost          0\n" in out, out[-3000:]
     assert f"metadata positions   0 of {n} frames placed: no update came from {tag}:scan:y" in out, out[-3000:]
     assert "warning: the stitcher's metadata channels" in out, out[-3000:]
 

@@ -356,7 +356,7 @@ def test_collector_merges_two_producers_positions_from_attributes_and_a_restart(
     from edge_ptychonn.tools.processes import OutputCollector, start, wait_until
 
     tag = f"{PREFIX}-st"
-    patches, positions, _ = small_scan(rng, n=40, shape=(64, 64))
+    patches, positions, _ = small_scan(rng, n=48, shape=(64, 64))  # scans of 32 and 16: whole collector caches
     server = pva.PvaServer()
     try:
         outputs = [f"{tag}:inference:{i}:output" for i in (1, 2)]
@@ -390,15 +390,15 @@ def test_collector_merges_two_producers_positions_from_attributes_and_a_restart(
             first = wait_until(lambda: (lambda got: got and attributes(got[-1])["FramesPlaced"] == 32 and got[-1])(
                 list(live.received[live.channels[0]])), 10)
             assert first, [attributes(r)["FramesPlaced"] for r in live.received[live.channels[0]]]
-            for k in range(8):  # scan 2: uniqueIds restart at 1
+            for k in range(16):  # scan 2: uniqueIds restart at 1
                 publish(k + 1, patches[32 + k], positions[32 + k])
-            assert placed(40), procs[0].log()[-3000:]
+            assert placed(48), procs[0].log()[-3000:]
             stats = wait_until(lambda: (status.get(stitch_status) or {}).get("userStats", {}).get("nScans", 0) == 2 and status.get(stitch_status), 10)
             final = pva.Channel(f"{tag}:stitch:1:output:final").get("field()")
         finally:
             live.close()
         user = stats["userStats"]
-        assert user["nFramesPlaced"] == 40 and user["nFramesNoPosition"] == 0 and user["scanFramesPlaced"] == 8
+        assert user["nFramesPlaced"] == 48 and user["nFramesNoPosition"] == 0 and user["scanFramesPlaced"] == 16
         assert stats["collectorStats"]["nRejected"] == 0
         expected = offline(patches[:32], positions[:32], (64, 64), None).image()
         # the live channel's last image of scan 1 is the offline stitching of its 32 frames

@@ -131,7 +131,7 @@ def test_c2dv_windows_show_the_live_chain_under_xvfb(pva_env, procs, tmp_path):
 
     from model_util import training_like_scan
 
-    n = 25
+    n = 24  # whole collector caches (8): no frame waits the collector's 5 s release at the end
     training_like_scan(tmp_path / "scan", MODEL, seed=777, n_positions=n)
 
     tag = f"{PREFIX}-vw"
