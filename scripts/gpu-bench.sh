@@ -30,7 +30,7 @@ while [ $# -gt 0 ]; do
         --consumers) consumers=${2:?--consumers needs a value}; shift 2 ;;
         --out) out=${2:?--out needs a value}; shift 2 ;;
         --dry-run) dry=1; shift ;;
-        -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
         *) echo "gpu-bench.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
 done

@@ -92,3 +92,11 @@ def test_bad_arguments_are_one_line_errors(tmp_path, args, message):
     done = subprocess.run(["bash", str(SCRIPT), "--dry-run", *args], cwd=tmp_path, capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 2 and message in done.stderr and done.stdout == "", (done.stdout, done.stderr)
+
+
+def test_help_is_the_scripts_header_whole():
+    done = subprocess.run(["bash", str(SCRIPT), "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("Measure a GPU host") and lines[-1] == "as the bench does.", done.stdout
+    assert any(line.startswith("Usage: bash scripts/gpu-bench.sh [--parts engine,pipeline,frame]") for line in lines)
