@@ -58,12 +58,8 @@ tensorrt=0
 if [ -n "$python" ] && "$python" -c "import tensorrt, pycuda" >/dev/null 2>&1; then
     tensorrt=1
 fi
-engines=torch
 pipeline_engine=torch
-if [ "$tensorrt" = 1 ]; then
-    engines=torch,tensorrt
-    pipeline_engine=tensorrt
-fi
+[ "$tensorrt" = 1 ] && pipeline_engine=tensorrt
 # the options every run shares: the GPU, one engine per consumer, the consumers as a user's processes
 common=(--device auto --threads 1 --workers 1 --no-realtime --no-plots)
 
@@ -91,7 +87,7 @@ case ",$parts," in *,engine,*)
     ;;
 esac
 case ",$parts," in *,pipeline,*)
-    run pipeline --skip warm,engine,framepath,zero,passthrough "${common[@]}" --engines "$engines" \
+    run pipeline --skip warm,engine,framepath,zero,passthrough "${common[@]}" \
         --pipeline-engine "$pipeline_engine" --pipeline-precision fp16 --source fast --collectors 4 \
         --consumers "$consumers" --pipeline-climb --ceiling-per-consumer --ceiling-start 2500 \
         --ceiling-factor 1.35 --refine 0 --down 2 --duration 1.5 --max-frames 24000
