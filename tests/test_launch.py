@@ -53,6 +53,31 @@ modelPath = "{MODEL}"
 """
 
 
+class _SlowStream(io.StringIO):
+    """A terminal or pipe that takes a moment per write: the threads that say lines meanwhile
+    get their turn."""
+
+    def write(self, text: str) -> int:
+        time.sleep(0.002)
+        return super().write(text)
+
+
+def test_lines_said_by_threads_at_once_come_out_whole(tmp_path):
+    """The clients are stopped at once, each thread saying its "stopped ..." line. Before:
+    ``print`` wrote a line and its newline apart, so two lines could come out as one
+    ("stopped stitch    pid 26892   exit -2stopped hdf5 ..."), which a reader of the output
+    (and the session-close test) took for one stopped process."""
+    out = _SlowStream()
+    chain = launch.Chain(load(tmp_path, MINIMAL), out=out)
+    lines = [f"stopped client{i} pid {1000 + i}" for i in range(8)]
+    threads = [threading.Thread(target=chain.say, args=(line,)) for line in lines]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert sorted(out.getvalue().splitlines()) == sorted(lines), out.getvalue()
+
+
 def test_a_detector_chain_keeps_the_environments_epics_settings(tmp_path, monkeypatch):
     """A beamline's EPICS settings reach the detector on another host: a detector chain keeps
     them (before: replaced by loopback, so the chain never found the detector); a replay, or an

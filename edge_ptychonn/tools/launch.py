@@ -114,6 +114,7 @@ import math
 import os
 import re
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -750,6 +751,9 @@ class Chain:
         self.metadata_wait_s = check_processor_args("[stitch.args]", STITCH_PROCESSOR, cfg.stitch["args"]) \
             .metadata_wait_s if position_channels(cfg) else 0.0
         self.stitch_log_from: int | None = None  # the stitcher's log size when it was told to stop
+        # say(): one line at a time; reentrant, as a signal handler in the main thread may say a
+        # line while that thread is saying one
+        self._saying = threading.RLock()
 
     def delivered_fps(self, snap: Snapshot) -> float | None:
         """The inference stage's delivered rate: the highest sum of the consumers' ``frameRate``
@@ -758,8 +762,14 @@ class Chain:
         return self.peak_fps or None
 
     def say(self, message: str, stream=None) -> None:
+        """``message`` as one line of ``stream`` (``out``): written whole, with its newline, by one
+        thread at a time (the clients are stopped at once, each thread saying its line; print
+        writes the newline apart, and two lines could come out as one)."""
+        stream = stream or self.out
         try:
-            print(message, file=stream or self.out, flush=True)
+            with self._saying:
+                stream.write(message + "\n")
+                stream.flush()
         except (OSError, ValueError):  # the terminal is gone (SIGHUP): stop quietly
             pass
 
