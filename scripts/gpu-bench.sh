@@ -10,8 +10,9 @@
 #   pipeline  the live chain from the fast source: the highest lossless rate of 1, 2, 4 and 8
 #             consumers on the GPU (torch fp16, or TensorRT fp16 when it imports), climbing from
 #             2500 frames/s per consumer
-#   frame     zero-cost and PvaPy passthrough consumers (1 and 2) from the fast source: what the
-#             frame path costs against PvaPy's own
+#   frame     zero-cost, floor and PvaPy passthrough consumers (1 and 2) from the fast source: what
+#             the frame path costs against PvaPy's own, and how close to it any Python processor of
+#             model outputs comes (the floor: PvaPy's calls alone)
 # Usage: bash scripts/gpu-bench.sh [--parts engine,pipeline,frame] [--consumers 1,2,4,8]
 #                                  [--out results/gpu-bench] [--dry-run]
 # --dry-run prints the commands instead of running them. It needs a GPU that torch sees (the
@@ -77,17 +78,17 @@ case ",$parts," in *,engine,*)
         echo "== engine: ${tool:-edge-ptychonn} build-engine --batch 8 --precision fp32,fp16"
         [ "$dry" = 1 ] || "$tool" build-engine --batch 8 --precision fp32,fp16
     fi
-    run engine --skip framepath,pipeline,zero,passthrough "${common[@]}" --engines torch \
+    run engine --skip framepath,pipeline,zero,floor,passthrough "${common[@]}" --engines torch \
         --precisions fp32,tf32,bf16,fp16 --batches 1,8,32,64 --cuda-graphs both \
         --engine-seconds 0.4 --engine-repeats 2
     if [ "$tensorrt" = 1 ]; then  # its warm start from the plans just built, and the engine alone
-        run engine-tensorrt --skip framepath,pipeline,zero,passthrough "${common[@]}" --engines tensorrt \
+        run engine-tensorrt --skip framepath,pipeline,zero,floor,passthrough "${common[@]}" --engines tensorrt \
             --precisions fp32,fp16 --batches 8 --engine-seconds 0.4 --engine-repeats 2
     fi
     ;;
 esac
 case ",$parts," in *,pipeline,*)
-    run pipeline --skip warm,engine,framepath,zero,passthrough "${common[@]}" \
+    run pipeline --skip warm,engine,framepath,zero,floor,passthrough "${common[@]}" \
         --pipeline-engine "$pipeline_engine" --pipeline-precision fp16 --source fast --collectors 4 \
         --consumers "$consumers" --pipeline-climb --ceiling-per-consumer --ceiling-start 2500 \
         --ceiling-factor 1.35 --refine 0 --down 2 --duration 1.5 --max-frames 24000

@@ -330,7 +330,7 @@ def test_a_model_that_is_not_onnx_is_a_one_line_error(tmp_path, capsys):
     """Before: a traceback ending in protobuf's DecodeError."""
     (tmp_path / "model.onnx").write_text("not a model")
     args = bench.get_args_parser().parse_args(["--model", str(tmp_path / "model.onnx"), "--out", str(tmp_path),
-                                               "--skip", "warm,pipeline,zero,passthrough", "--no-plots"])
+                                               "--skip", "warm,pipeline,zero,floor,passthrough", "--no-plots"])
     with pytest.raises(SystemExit) as exit_:
         bench.main(args)
     err = capsys.readouterr().err
@@ -390,7 +390,7 @@ def test_a_part_that_measured_nothing_is_exit_status_1(tmp_path, capsys):
     """Only an engine and precision that cannot run (ONNX Runtime has no bf16; TensorRT without
     its libraries did the same): before, a table of skipped lines and exit 0, as if the bench
     had measured what was asked."""
-    args = bench.get_args_parser().parse_args(["--out", str(tmp_path), "--skip", "warm,framepath,pipeline,zero,passthrough",
+    args = bench.get_args_parser().parse_args(["--out", str(tmp_path), "--skip", "warm,framepath,pipeline,zero,floor,passthrough",
                                                "--engines", "onnxruntime", "--precisions", "bf16", "--batches", "8",
                                                "--threads", "1", "--workers", "1", "--engine-seconds", "0.2",
                                                "--no-plots", "--quick"])
@@ -406,7 +406,7 @@ def test_a_part_that_measured_nothing_is_exit_status_1(tmp_path, capsys):
 def test_an_engine_named_that_times_nothing_is_said_why(tmp_path, capsys, engines, precisions, reason):
     """An engine named in --engines that offers none of --precisions on the device, or does not run
     there: the report's 'not measured' line points at the skipped lines, so there is one for it."""
-    argv = ["--out", str(tmp_path), "--skip", "warm,framepath,pipeline,zero,passthrough", "--engines", engines,
+    argv = ["--out", str(tmp_path), "--skip", "warm,framepath,pipeline,zero,floor,passthrough", "--engines", engines,
             "--batches", "8", "--threads", "1", "--workers", "1", "--no-plots", "--quick"]
     args = bench.get_args_parser().parse_args(argv + (["--precisions", precisions] if precisions else []))
     assert bench.main(args) == 1
@@ -421,7 +421,7 @@ def test_an_interrupted_run_says_its_tables_are_partial(tmp_path, capsys, monkey
         raise KeyboardInterrupt
 
     monkeypatch.setattr(bench_engine, "bench_engines", stopped)
-    args = bench.get_args_parser().parse_args(["--out", str(tmp_path), "--skip", "warm,framepath,pipeline,zero,passthrough",
+    args = bench.get_args_parser().parse_args(["--out", str(tmp_path), "--skip", "warm,framepath,pipeline,zero,floor,passthrough",
                                                "--engines", "onnxruntime", "--batches", "8", "--threads", "1",
                                                "--workers", "1", "--no-plots", "--quick"])
     assert bench.main(args) == 130
@@ -433,7 +433,7 @@ def test_a_pipeline_with_no_rate_to_offer_is_exit_status_1(tmp_path, capsys, mon
     """--rate-fractions that all round to 0 frames/s of the engine's rate: no point is measured,
     and the bench says so and exits with 1 (before: an empty table and exit 0)."""
     monkeypatch.setattr(bench, "_engine_alone", lambda *args: 300.0)
-    args = bench.get_args_parser().parse_args(["--out", str(tmp_path), "--skip", "warm,engine,framepath,zero,passthrough",
+    args = bench.get_args_parser().parse_args(["--out", str(tmp_path), "--skip", "warm,engine,framepath,zero,floor,passthrough",
                                                "--pipeline-engine", "onnxruntime", "--rate-fractions", "0.0001",
                                                "--consumers", "1", "--down", "0", "--no-plots", "--quick"])
     assert bench.main(args) == 1
@@ -444,7 +444,7 @@ def test_unknown_part_is_an_error(capsys):
     with pytest.raises(SystemExit) as exit_:
         bench.get_args_parser().parse_args(["--skip", "engines"])
     assert exit_.value.code == 2
-    assert "known: warm, engine, framepath, pipeline, zero, passthrough" in capsys.readouterr().err
+    assert "known: warm, engine, framepath, pipeline, zero, floor, passthrough" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("option, value, message", [
@@ -800,6 +800,60 @@ def test_frame_path_profile_times_every_stage_and_the_whole_pipeline():
     text = bench_frame_path.table(result)
     assert "whole pipeline" in text and "passthrough" in text and "batchRunner thread" in text
     assert "NDAttribute" in text and "forwardAttributes false" in text
+    # the floor: PvaPy's calls alone cost more than nothing, and less than decoding and encoding a frame
+    assert 0 < result["floor_us"] < result["stages_us"]["decode"] + result["stages_us"]["encode"], result
+    assert "floor: PvaPy's calls alone" in text
+
+
+@pytest.mark.e2e
+def test_the_floor_part_republishes_every_frame_with_real_processes(tmp_path, bench_small_model, capsys):
+    """The floor alone, one point: PvaPy's calls alone publish every frame once, in a real
+    pvapy-hpc-consumer; its ratio to the passthrough is left out when the passthrough is not run."""
+    from edge_ptychonn.tools.processes import loopback_multicast
+
+    ok, reason = loopback_multicast()
+    if not ok:
+        pytest.skip(reason)
+    args = bench.get_args_parser().parse_args([
+        "--skip", "warm,engine,framepath,pipeline,zero,passthrough", "--consumers", "1", "--ceiling-start", "100",
+        "--ceiling-points", "1", "--refine", "0", "--duration", "1", "--down", "2",
+        "--model", str(bench_small_model), "--out", str(tmp_path), "--no-plots",
+    ])
+    assert bench.main(args) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    points = report["pipeline"]["points"]
+    assert {p["processor"] for p in points} == {"floor"}
+    best = max((p for p in points if p["sustained"]), key=lambda p: p["delivered_fps"])
+    assert best["error"] is None and best["n_lost"] == 0 and best["n_unique"] == best["n_offered"] >= 64, best
+    assert best["n_published"] == best["n_offered"] and best["engine"] is None, best
+    row = report["ratios"][0]
+    assert row["floor_fps"] == min(best["delivered_fps"], best["offered_fps"]) > 0, row
+    assert row["floor_over_passthrough"] is None, row
+    assert "floor (PvaPy's calls alone" in capsys.readouterr().err
+
+
+def test_the_floor_processor_publishes_a_float32_image_with_the_frames_id_and_time():
+    """What the floor processor publishes for a frame, and nothing for a record without an image."""
+    import pvaccess as pva
+    from pvapy.utility.adImageUtility import AdImageUtility
+
+    from edge_ptychonn.tools.floor_processor import FloorProcessor
+
+    processor, published = FloorProcessor(), []
+    processor.updateOutputChannel = lambda pv: published.append(
+        (pv["uniqueId"], pv["timeStamp"], [d["size"] for d in pv["dimension"]], pv.getUnion()))
+    processor.process(pva.NtNdArray())  # a (re)connect update: no frame
+    assert published == []
+    for unique_id, shape in ((7, (48, 64)), (8, (48, 64)), (9, (32, 32))):
+        frame = AdImageUtility.generateNtNdArray2D(unique_id, np.ones(shape, np.int16))
+        frame["timeStamp"] = {"secondsPastEpoch": 100 + unique_id, "nanoseconds": 5, "userTag": 0}
+        processor.process(frame)
+    assert [p[0] for p in published] == [7, 8, 9]
+    assert [p[1]["secondsPastEpoch"] for p in published] == [107, 108, 109]
+    assert [p[2] for p in published] == [[64, 48], [64, 48], [32, 32]]  # x first, as an NTNDArray has them
+    for _, _, (nx, ny), union in published:
+        image = union["floatValue"]
+        assert image.dtype == np.float32 and image.size == nx * ny and not image.any()
 
 
 def test_sweep_goes_on_upwards_while_the_pipeline_keeps_up(monkeypatch):
@@ -904,7 +958,7 @@ def test_a_rate_measured_once_per_sweep_whatever_repeats_it(tmp_path, monkeypatc
 
     fake_streaming(monkeypatch, run_point)
     args = bench.get_args_parser().parse_args([
-        "--skip", "warm,engine,framepath,zero,passthrough", "--consumers", "1,1", "--no-plots",
+        "--skip", "warm,engine,framepath,zero,floor,passthrough", "--consumers", "1,1", "--no-plots",
         "--rate-fractions", "0.6,0.6,0.6001,0.0001", "--extend", "0", "--refine", "0",
         "--model", str(tiny_model(tmp_path / "tiny.onnx")), "--out", str(tmp_path / "out"),
     ])
@@ -944,11 +998,13 @@ def test_ratios_come_from_the_rates_each_sweep_kept_up_with(tmp_path, monkeypatc
     assert [p["target_fps"] for p in report["pipeline"]["points"] if p["processor"] == "ptychonn"] == [60, 80, 90, 100]
     assert row["ptychonn_fps"] == 85.0 and row["pipeline_over_engine"] == 0.85 and row["ptychonn_server_limited"]
     assert row["passthrough_fps"] == 85.0 and row["passthrough_server_limited"]
+    assert row["floor_fps"] == 85.0 and row["floor_server_limited"] and row["floor_over_passthrough"] == 1.0
     out = capsys.readouterr().out
     table = out[out.index("Ratios (measured in this run)"):].splitlines()
     cells = dict(zip([c.strip() for c in table[1].split("|")], [c.strip() for c in table[3].split("|")]))
     assert cells["best lossless fps"] == ">= 85 (server-limited)" and cells["pipeline/engine"] == ">= 0.85", cells
     assert cells["ptychonn/passthrough"] == "? (1.000, both lower bounds)", cells
+    assert cells["floor fps"] == ">= 85 (server-limited)" and cells["floor/passthrough"] == "? (1.00, both lower bounds)", cells
 
 
 def test_the_ceilings_alone_time_no_engine(tmp_path, monkeypatch):
@@ -959,7 +1015,7 @@ def test_the_ceilings_alone_time_no_engine(tmp_path, monkeypatch):
     timed = []
     monkeypatch.setattr(bench, "_engine_alone", lambda *args: timed.append(args) or 100.0)
     args = bench.get_args_parser().parse_args([
-        "--skip", "warm,engine,framepath,pipeline,zero", "--consumers", "1", "--ceiling-points", "1", "--refine", "0",
+        "--skip", "warm,engine,framepath,pipeline,zero,floor", "--consumers", "1", "--ceiling-points", "1", "--refine", "0",
         "--no-plots", "--model", str(tiny_model(tmp_path / "tiny.onnx")), "--out", str(tmp_path / "out"),
     ])
     assert bench.main(args) == 0
@@ -1028,13 +1084,13 @@ def test_the_frame_path_alone_keeps_pva_on_loopback(tmp_path, monkeypatch):
 
     def measure(*args, **kwargs):
         seen.update({name: os.environ.get(name) for name in LOOPBACK_ENV})
-        return {"stages_us": {}, "stages_sum_us": 0.0, "pipeline_us": 1.0, "passthrough_us": 1.0,
+        return {"stages_us": {}, "stages_sum_us": 0.0, "pipeline_us": 1.0, "passthrough_us": 1.0, "floor_us": 1.0,
                 "pipeline_us_by_runner": {"thread": 1.0, "receive": 1.0},
                 "attribute_us": {"unchanged": 1.0, "changing": 1.0, "not_forwarded": 0.0}}
 
     monkeypatch.setattr(bench_frame_path, "measure", measure)
     args = bench.get_args_parser().parse_args([
-        "--skip", "warm,engine,pipeline,zero,passthrough", "--no-plots",
+        "--skip", "warm,engine,pipeline,zero,floor,passthrough", "--no-plots",
         "--model", str(tiny_model(tmp_path / "tiny.onnx")), "--out", str(tmp_path / "out"),
     ])
     assert bench.main(args) == 0
@@ -1062,7 +1118,7 @@ def test_an_interrupted_sweep_leaves_its_points_in_the_report(tmp_path, monkeypa
 
     fake_streaming(monkeypatch, run_point)
     args = bench.get_args_parser().parse_args([
-        "--skip", "warm,engine,framepath,zero", "--consumers", "1", "--no-plots",
+        "--skip", "warm,engine,framepath,zero,floor", "--consumers", "1", "--no-plots",
         "--model", str(tiny_model(tmp_path / "tiny.onnx")), "--out", str(tmp_path / "out"),
     ])
     assert bench.main(args) == 130
@@ -1212,7 +1268,7 @@ def test_an_interrupted_warm_start_leaves_its_launches_in_the_report(tmp_path, m
     fake_streaming(monkeypatch, lambda *a: pytest.fail("no pipeline point in this run"))
     monkeypatch.setattr(bench_pipeline, "warm_start", warm_start)
     args = bench.get_args_parser().parse_args([
-        "--skip", "engine,framepath,pipeline,zero,passthrough", "--engines", "onnxruntime", "--no-plots",
+        "--skip", "engine,framepath,pipeline,zero,floor,passthrough", "--engines", "onnxruntime", "--no-plots",
         "--model", str(tiny_model(tmp_path / "tiny.onnx")), "--out", str(tmp_path / "out"),
     ])
     assert bench.main(args) == 130
@@ -1312,7 +1368,7 @@ def test_an_interrupted_engine_part_leaves_its_timings_in_the_report(tmp_path, m
 
     monkeypatch.setattr(bench_engine, "time_engine", time_then_interrupt)
     args = bench.get_args_parser().parse_args([
-        "--skip", "warm,framepath,pipeline,zero,passthrough", "--engines", "zero", "--precisions", "fp32",
+        "--skip", "warm,framepath,pipeline,zero,floor,passthrough", "--engines", "zero", "--precisions", "fp32",
         "--batches", "1,8", "--threads", "1", "--workers", "1", "--engine-seconds", "0.01", "--engine-repeats", "1",
         "--peak-sizes", "64", "--peak-seconds", "0.01", "--no-plots",
         "--model", str(tiny_model(tmp_path / "tiny.onnx")), "--out", str(tmp_path / "out"),
@@ -1382,7 +1438,7 @@ def test_plots_that_fail_lose_neither_the_report_nor_the_tables(tmp_path, monkey
     fake_streaming(monkeypatch, lambda s, processor, n, rate, *a: replace(fake_point(rate, 1e9), processor=processor))
     fake_matplotlib(monkeypatch, fail)
     args = bench.get_args_parser().parse_args([
-        "--skip", "warm,engine,framepath,zero,passthrough", "--consumers", "1", "--rate-fractions", "0.5",
+        "--skip", "warm,engine,framepath,zero,floor,passthrough", "--consumers", "1", "--rate-fractions", "0.5",
         "--extend", "0", "--refine", "0", "--model", str(tiny_model(tmp_path / "tiny.onnx")), "--out", str(tmp_path / "out"),
     ])
     if isinstance(fail, KeyboardInterrupt):
@@ -1539,7 +1595,7 @@ def test_pipeline_climb_finds_the_ptychonn_ceiling_from_below_at_n_times_the_sta
 
     fake_streaming(monkeypatch, run_point, engine_alone=26000.0)
     args = bench.get_args_parser().parse_args([
-        "--skip", "warm,engine,framepath,zero,passthrough", "--consumers", "1,2", "--no-plots",
+        "--skip", "warm,engine,framepath,zero,floor,passthrough", "--consumers", "1,2", "--no-plots",
         "--pipeline-climb", "--ceiling-start", "200", "--ceiling-per-consumer", "--ceiling-factor", "1.5",
         "--refine", "0", "--model", str(tiny_model(tmp_path / "tiny.onnx")), "--out", str(tmp_path / "out"),
     ])
@@ -1605,7 +1661,7 @@ def test_a_relative_out_folder_reaches_the_processes_and_a_part_whose_points_all
     fake_streaming(monkeypatch, run_point)
     monkeypatch.chdir(tmp_path)
     args = bench.get_args_parser().parse_args([
-        "--skip", "warm,engine,framepath,zero,passthrough", "--consumers", "1", "--no-plots",
+        "--skip", "warm,engine,framepath,zero,floor,passthrough", "--consumers", "1", "--no-plots",
         "--rate-fractions", "0.5,0.6", "--extend", "0", "--refine", "0", "--stop-after", "2",
         "--model", str(tiny_model(tmp_path / "tiny.onnx")), "--out", "rel",
     ])

@@ -59,7 +59,7 @@ def test_the_dry_run_prints_bench_commands_the_bench_accepts(tmp_path):
     assert pipeline.consumers == [1, 2, 4, 8] and pipeline.pipeline_climb and pipeline.source == "fast"
     assert (pipeline.pipeline_engine, pipeline.pipeline_precision) == ("torch", "fp16")
     frame = runs["frame"]
-    assert set(bench.PARTS) - set(frame.skip) == {"zero", "passthrough"} and frame.source == "fast"
+    assert set(bench.PARTS) - set(frame.skip) == {"zero", "floor", "passthrough"} and frame.source == "fast"
 
 
 def test_with_tensorrt_its_plans_are_built_first_and_it_runs_the_pipeline(tmp_path):

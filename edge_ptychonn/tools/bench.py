@@ -9,13 +9,17 @@ engine   the model's FLOPs per frame (counted from the ONNX graph), the machine'
          (large matrix product, same process), frames/s of every engine, precision, batch
 framepath  the frame path's CPU cost per frame, stage by stage (decode, load, transform,
          zero-cost engine, encode, publish), what each NDAttribute of the input adds, the
-         whole pipeline and the passthrough's own work, in one process (no transport)
+         whole pipeline, the passthrough's own work and the floor (PvaPy's calls alone to read
+         a frame and publish a model's image), in one process (no transport)
 pipeline pvapy-ad-sim-server (--source fast: a faster source) -> N PtychoNN consumers ->
          outputs (collected in this process, or by --collectors child processes); offered
          rate swept upwards (fractions of the engine-alone rate); loss (at the source, in transport, by the
          processor), delivered rate, latency
 zero     the same processor with the zero-cost engine (no network: the frame path alone),
          its ceiling found from below
+floor    a processor that makes only PvaPy's calls to read each frame and publish a float32
+         image with its uniqueId (tools/floor_processor.py): the ceiling of any Python
+         processor of model outputs, found from below
 passthrough  PvaPy's UserDataProcessor republishing every frame: the transport ceiling,
          found from below the same way
 
@@ -47,7 +51,7 @@ from . import processes as live
 from .fast_source import MAX_ATTRIBUTES as MAX_SOURCE_ATTRIBUTES
 
 DEFAULT_MODEL = default_model_path()
-PARTS = ("warm", "engine", "framepath", "pipeline", "zero", "passthrough")
+PARTS = ("warm", "engine", "framepath", "pipeline", "zero", "floor", "passthrough")
 
 
 def _listed(values: list, text: str, low: float = 1, what: str = "") -> list:
@@ -201,7 +205,7 @@ def get_args_parser(prog: str = "edge-ptychonn bench") -> argparse.ArgumentParse
                         "CPU engines), 'thread' or 'receive', to compare them")
     g.add_argument("--no-realtime", action="store_true", help=live.NO_REALTIME_HELP)
     g.add_argument("--source", default="sim", choices=("sim", "fast"),
-                   help="the frames' source at every point of the pipeline, zero and passthrough sweeps: 'sim', "
+                   help="the frames' source at every point of the pipeline, zero, floor and passthrough sweeps: 'sim', "
                         "PvaPy's pvapy-ad-sim-server; 'fast', edge_ptychonn.tools.fast_source (the same records, "
                         "built before the stream, for rates the sim server cannot publish); the warm start always "
                         "uses the sim server")
@@ -222,10 +226,10 @@ def get_args_parser(prog: str = "edge-ptychonn bench") -> argparse.ArgumentParse
                         "(to 0.1 frames/s; a fraction whose rate rounds to 0 is left out)")
     g.add_argument("--pipeline-climb", action="store_true",
                    help="find the PtychoNN pipeline's highest lossless rate by climbing from --ceiling-start, as the "
-                        "zero-cost and passthrough sweeps do, instead of at fractions of its engine alone (for engines "
+                        "zero-cost, floor and passthrough sweeps do, instead of at fractions of its engine alone (for engines "
                         "faster than the transport: GPUs)")
     g.add_argument("--ceiling-start", type=_number(float, 1), default=500.0,
-                   help="first offered rate (frames/s) of the zero-cost and passthrough sweeps (and of the pipeline's "
+                   help="first offered rate (frames/s) of the zero-cost, floor and passthrough sweeps (and of the pipeline's "
                         "with --pipeline-climb), which climb from there")
     g.add_argument("--ceiling-per-consumer", action="store_true",
                    help="the climbs start at --ceiling-start x N for N consumers")
@@ -268,7 +272,7 @@ def apply_quick(args: argparse.Namespace) -> None:
     for name, value in quick.items():
         if getattr(args, name) == getattr(defaults, name):
             setattr(args, name, value)
-    args.skip = sorted(set(args.skip) | {"warm", "zero"})
+    args.skip = sorted(set(args.skip) | {"warm", "zero", "floor"})
 
 
 def machine_info() -> dict:
@@ -421,7 +425,7 @@ def main(args: argparse.Namespace) -> int:
             consumer_forward_attributes=args.consumer_forward_attributes == "true",
             source_attributes=args.source_attributes,
         )
-        needs_pva = {"warm", "pipeline", "zero", "passthrough"} - set(args.skip)
+        needs_pva = {"warm", "pipeline", "zero", "floor", "passthrough"} - set(args.skip)
         env = None
         if needs_pva or "framepath" not in args.skip:  # the frame path runs a PVA server in this process
             env = live.use_loopback()
@@ -492,11 +496,12 @@ def main(args: argparse.Namespace) -> int:
             path = report["frame_path"]
             progress(f"frame path: {path['pipeline_us']:.1f} us/frame in the whole pipeline with batches run by the "
                      f"receiving thread, {path['pipeline_us_by_runner']['thread']:.1f} by the inference thread; "
-                     f"passthrough's own work {path['passthrough_us']:.1f} us/frame; each input NDAttribute "
+                     f"passthrough's own work {path['passthrough_us']:.1f} us/frame; PvaPy's calls alone to "
+                     f"republish a model's output (the floor) {path['floor_us']:.1f} us/frame; each input NDAttribute "
                      f"{path['attribute_us']['unchanged']:.1f} us/frame unchanged, "
                      f"{path['attribute_us']['changing']:.1f} changing")
 
-        if {"pipeline", "zero", "passthrough"} - set(args.skip):
+        if {"pipeline", "zero", "floor", "passthrough"} - set(args.skip):
             # the pipeline's rates are fractions of it; the ceilings alone do not need it
             engine_alone = (_engine_alone(engine_results, settings, args, flops, report, progress)
                             if "pipeline" not in args.skip else None)
@@ -505,11 +510,11 @@ def main(args: argparse.Namespace) -> int:
             delay = bp.StartDelay(settings.start_delay_s)
             for n in consumers:
                 row = {"n_consumers": n, "engine_alone_fps": engine_alone, "ptychonn_fps": None,
-                       "pipeline_over_engine": None, "zero_fps": None, "passthrough_fps": None,
-                       "ptychonn_over_passthrough": None, "zero_over_passthrough": None,
+                       "pipeline_over_engine": None, "zero_fps": None, "floor_fps": None, "passthrough_fps": None,
+                       "ptychonn_over_passthrough": None, "zero_over_passthrough": None, "floor_over_passthrough": None,
                        "ptychonn_server_limited": None, "passthrough_server_limited": None,
-                       "zero_server_limited": None, "ptychonn_lower_bound": None,
-                       "passthrough_lower_bound": None, "zero_lower_bound": None}
+                       "zero_server_limited": None, "floor_server_limited": None, "ptychonn_lower_bound": None,
+                       "passthrough_lower_bound": None, "zero_lower_bound": None, "floor_lower_bound": None}
                 ratios.append(row)
                 if "pipeline" not in args.skip:
                     progress.stage(f"pipeline: {n} PtychoNN consumer(s), {settings.engine} {settings.precision} batch {settings.batch}")
@@ -535,6 +540,7 @@ def main(args: argparse.Namespace) -> int:
                     row["ptychonn_server_limited"] = any(p.server_limited and p.sustained for p in points)
                     row["ptychonn_lower_bound"] = bp.is_lower_bound(points, best)
                 for processor, title in (("zero", "zero-cost engine (the frame path alone)"),
+                                         ("floor", "floor (PvaPy's calls alone to republish a model's image)"),
                                          ("passthrough", "passthrough (transport ceiling)")):
                     if processor in args.skip:
                         continue
@@ -549,7 +555,7 @@ def main(args: argparse.Namespace) -> int:
                     row[f"{processor}_server_limited"] = any(p.server_limited and p.sustained for p in points)
                     row[f"{processor}_lower_bound"] = bp.is_lower_bound(points, best)
                 if row["passthrough_fps"]:
-                    for key in ("ptychonn", "zero"):
+                    for key in ("ptychonn", "zero", "floor"):
                         if row[f"{key}_fps"]:
                             row[f"{key}_over_passthrough"] = row[f"{key}_fps"] / row["passthrough_fps"]
     except (KeyboardInterrupt, live.Terminated):

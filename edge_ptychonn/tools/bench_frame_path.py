@@ -22,7 +22,10 @@ by the inference thread (``thread``: two threads take turns at the interpreter
 lock) and by the thread that submits the frames (``receive``: what ``auto``
 picks for this engine), and what PvaPy's passthrough does
 with a frame in the same process (``PvaServer.update`` with the received
-NTNDArray). No network traffic: the record has no client. The live figures
+NTNDArray), and the floor of any processor that republishes a model's images: PvaPy's
+calls alone that read a frame's uniqueId and pixels and write them, as a float32 image,
+into an output record that is published (:func:`pvapy_floor_us`; no Python of a
+pipeline around them). No network traffic: the record has no client. The live figures
 (``zero`` and ``passthrough`` parts) add PvaPy's receive path and the transport,
 which both processors pay alike.
 """
@@ -152,14 +155,36 @@ def measure(model_path, input_hw: tuple[int, int], n_frames: int = 2000, batch: 
         by_runner = {runner: _cpu_us_per_frame(partial(whole, runner), n_frames, repeats=2)
                      for runner in ("thread", "receive")}
         passthrough_us = _cpu_us_per_frame(lambda: [server.update("framepath:passthrough", pv) for pv in frames], n_frames)
+        floor_us = pvapy_floor_us(frames, outputs[0, 0], partial(server.update, "framepath:out"))
     finally:
         engine.close()
     return {
         "n_frames": n_frames, "batch": batch, "input_hw": list(input_hw),
         "stages_us": stages, "stages_sum_us": sum(stages.values()),
         "pipeline_us": by_runner["receive"], "pipeline_us_by_runner": by_runner, "passthrough_us": passthrough_us,
-        "attribute_us": attributes_us,
+        "floor_us": floor_us, "attribute_us": attributes_us,
     }
+
+
+def pvapy_floor_us(frames: list, output: np.ndarray, publish) -> float:
+    """CPU us per frame of the PvaPy calls that any processor republishing a model's output
+    with the frame's uniqueId makes, and nothing else: read the uniqueId, the pixel type and
+    the pixels; set the uniqueId and a float32 image in one reused output NTNDArray;
+    ``publish`` it. What a consumer spends above this is its own Python."""
+    import pvaccess as pva
+
+    out = pva.NtNdArray()
+    image = np.ascontiguousarray(output, dtype=np.float32).ravel()
+
+    def run():
+        for pv in frames:
+            unique_id = pv.getInt("uniqueId")
+            pv.getUnion()[pv.getSelectedUnionFieldName()]
+            out.setInt("uniqueId", unique_id)
+            out.setUnion("value", {"floatValue": image})
+            publish(out)
+
+    return _cpu_us_per_frame(run, len(frames))
 
 
 def table(result: dict) -> str:
@@ -173,6 +198,9 @@ def table(result: dict) -> str:
         rows += [["whole pipeline, batches run by the inference thread (batchRunner thread)",
                   result["pipeline_us_by_runner"]["thread"]]]
     rows += [["passthrough: PvaServer.update of the received frame", result["passthrough_us"]]]
+    if "floor_us" in result:
+        rows += [["floor: PvaPy's calls alone to read a frame's uniqueId and pixels, write them as a float32 "
+                  "image and publish it", result["floor_us"]]]
     if "attribute_us" in result:
         rows += [["each further NDAttribute of the input, the same in every frame (decode + encode)",
                   result["attribute_us"]["unchanged"]],

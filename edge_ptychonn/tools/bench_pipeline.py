@@ -42,7 +42,9 @@ Per point:
 
 Processors: ``ptychonn`` (the PtychoNN processor with the pipeline's engine),
 ``zero`` (the same processor with the zero-cost engine: the frame path alone),
-``passthrough`` (PvaPy's own processor republishing each frame: the transport).
+``floor`` (PvaPy's calls alone to republish each frame as a float32 image:
+:mod:`~edge_ptychonn.tools.floor_processor`), ``passthrough`` (PvaPy's own processor
+republishing each frame: the transport).
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ from . import processes as live
 
 PTYCHONN = "processors.ptychonn.PtychoNNProcessor"
 PASSTHROUGH = "pvapy.hpc.userDataProcessor.UserDataProcessor"
+FLOOR = "edge_ptychonn.tools.floor_processor.FloorProcessor"
 KEEP_UP = 0.97
 SERVER_LIMITED = 0.9
 TOO_LATE = "consumers not ready before streaming began"
@@ -219,7 +222,8 @@ def _processor_args(settings: PipelineSettings, n_consumers: int, engine: str | 
     }
 
 
-PROCESSORS = {"ptychonn": (PTYCHONN, None), "zero": (PTYCHONN, "zero"), "passthrough": (PASSTHROUGH, None)}
+PROCESSORS = {"ptychonn": (PTYCHONN, None), "zero": (PTYCHONN, "zero"), "floor": (FLOOR, None),
+              "passthrough": (PASSTHROUGH, None)}
 # the sweep points' frame sources: what each is called in the reports
 SOURCES = {"sim": "pvapy-ad-sim-server", "fast": "fast source (edge_ptychonn.tools.fast_source)"}
 

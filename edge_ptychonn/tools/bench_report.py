@@ -155,19 +155,21 @@ def bounded_ratio(ratio, numerator_limited: bool, denominator_limited: bool, spe
 def summary_table(report: dict) -> str:
     rows = []
     for s in report.get("ratios", []):
-        (ptychonn_server, ptychonn_limited), (zero_server, zero_limited), (pass_server, pass_limited) = (
-            _bounds(s, key) for key in ("ptychonn", "zero", "passthrough"))
+        (ptychonn_server, ptychonn_limited), (zero_server, zero_limited), (floor_server, floor_limited), \
+            (pass_server, pass_limited) = (_bounds(s, key) for key in ("ptychonn", "zero", "floor", "passthrough"))
         rows.append([s["n_consumers"], s["engine_alone_fps"],
                      _at_least(s["ptychonn_fps"], ptychonn_server, ptychonn_limited),
                      bounded_ratio(s["pipeline_over_engine"], ptychonn_limited, False, ".2f"),
                      _at_least(s.get("zero_fps"), zero_server, zero_limited),
+                     _at_least(s.get("floor_fps"), floor_server, floor_limited),
                      _at_least(s["passthrough_fps"], pass_server, pass_limited),
                      bounded_ratio(s["ptychonn_over_passthrough"], ptychonn_limited, pass_limited, ".3f"),
-                     bounded_ratio(s.get("zero_over_passthrough"), zero_limited, pass_limited, ".2f")])
+                     bounded_ratio(s.get("zero_over_passthrough"), zero_limited, pass_limited, ".2f"),
+                     bounded_ratio(s.get("floor_over_passthrough"), floor_limited, pass_limited, ".2f")])
     return table(
-        ["N", "engine alone fps", "best lossless fps", "pipeline/engine", "zero-cost engine fps", "passthrough fps",
-         "ptychonn/passthrough", "zero-cost/passthrough"],
-        rows, ["", ".1f", ".1f", ".2f", ".0f", ".0f", ".3f", ".2f"],
+        ["N", "engine alone fps", "best lossless fps", "pipeline/engine", "zero-cost engine fps", "floor fps",
+         "passthrough fps", "ptychonn/passthrough", "zero-cost/passthrough", "floor/passthrough"],
+        rows, ["", ".1f", ".1f", ".2f", ".0f", ".0f", ".0f", ".3f", ".2f", ".2f"],
     )
 
 
@@ -254,7 +256,7 @@ def write_plots(report: dict, out_dir: Path) -> tuple[list[str], str | None]:
 def _draw_plots(report: dict, out_dir: Path, plt, written: list[str]) -> None:
     """Draws each plot into ``out_dir``, its file name appended to ``written`` once saved."""
     points = report.get("pipeline", {}).get("points", [])
-    for processor in ("ptychonn", "zero", "passthrough"):
+    for processor in ("ptychonn", "zero", "floor", "passthrough"):
         series = _series(points, processor)
         if not series:
             continue
