@@ -209,7 +209,7 @@ def test_a_zero_cost_point_from_the_fast_source_with_two_collector_processes_cou
     the report and the tables say which source and collectors ran."""
     out = tmp_path / "out"
     args = bench.get_args_parser().parse_args([
-        "--skip", "warm,engine,framepath,pipeline,passthrough", "--model", str(small_model), "--out", str(out),
+        "--skip", "warm,engine,framepath,pipeline,floor,passthrough", "--model", str(small_model), "--out", str(out),
         "--consumers", "2", "--source", "fast", "--collectors", "2", "--ceiling-start", "400", "--ceiling-points", "1",
         "--refine", "0", "--down", "0", "--duration", "1", "--no-plots",
     ])

@@ -23,9 +23,9 @@ lock) and by the thread that submits the frames (``receive``: what ``auto``
 picks for this engine), and what PvaPy's passthrough does
 with a frame in the same process (``PvaServer.update`` with the received
 NTNDArray), and the floor of any processor that republishes a model's images: PvaPy's
-calls alone that read a frame's uniqueId and pixels and write them, as a float32 image,
-into an output record that is published (:func:`pvapy_floor_us`; no Python of a
-pipeline around them). No network traffic: the record has no client. The live figures
+calls alone that read a frame's uniqueId, time stamp and pixels and write them, the
+pixels as a float32 image, into an output record that is published (the bench's floor
+processor, :func:`pvapy_floor_us`; no Python of a pipeline around them). No network traffic: the record has no client. The live figures
 (``zero`` and ``passthrough`` parts) add PvaPy's receive path and the transport,
 which both processors pay alike.
 """
@@ -155,7 +155,7 @@ def measure(model_path, input_hw: tuple[int, int], n_frames: int = 2000, batch: 
         by_runner = {runner: _cpu_us_per_frame(partial(whole, runner), n_frames, repeats=2)
                      for runner in ("thread", "receive")}
         passthrough_us = _cpu_us_per_frame(lambda: [server.update("framepath:passthrough", pv) for pv in frames], n_frames)
-        floor_us = pvapy_floor_us(frames, outputs[0, 0], partial(server.update, "framepath:out"))
+        floor_us = pvapy_floor_us(frames, partial(server.update, "framepath:out"))
     finally:
         engine.close()
     return {
@@ -166,25 +166,16 @@ def measure(model_path, input_hw: tuple[int, int], n_frames: int = 2000, batch: 
     }
 
 
-def pvapy_floor_us(frames: list, output: np.ndarray, publish) -> float:
-    """CPU us per frame of the PvaPy calls that any processor republishing a model's output
-    with the frame's uniqueId makes, and nothing else: read the uniqueId, the pixel type and
-    the pixels; set the uniqueId and a float32 image in one reused output NTNDArray;
-    ``publish`` it. What a consumer spends above this is its own Python."""
-    import pvaccess as pva
+def pvapy_floor_us(frames: list, publish) -> float:
+    """CPU us per frame of :class:`~edge_ptychonn.tools.floor_processor.FloorProcessor`'s
+    ``process()``, each output given to ``publish``: the PvaPy calls that any processor
+    republishing a model's float32 image with the frame's uniqueId and time stamp makes, and
+    nothing else. What a consumer spends above this is its own Python."""
+    from .floor_processor import FloorProcessor
 
-    out = pva.NtNdArray()
-    image = np.ascontiguousarray(output, dtype=np.float32).ravel()
-
-    def run():
-        for pv in frames:
-            unique_id = pv.getInt("uniqueId")
-            pv.getUnion()[pv.getSelectedUnionFieldName()]
-            out.setInt("uniqueId", unique_id)
-            out.setUnion("value", {"floatValue": image})
-            publish(out)
-
-    return _cpu_us_per_frame(run, len(frames))
+    processor = FloorProcessor()
+    processor.updateOutputChannel = publish  # what pvapy-hpc-consumer's publisher would do with it
+    return _cpu_us_per_frame(lambda: [processor.process(pv) for pv in frames], len(frames))
 
 
 def table(result: dict) -> str:
@@ -199,8 +190,8 @@ def table(result: dict) -> str:
                   result["pipeline_us_by_runner"]["thread"]]]
     rows += [["passthrough: PvaServer.update of the received frame", result["passthrough_us"]]]
     if "floor_us" in result:
-        rows += [["floor: PvaPy's calls alone to read a frame's uniqueId and pixels, write them as a float32 "
-                  "image and publish it", result["floor_us"]]]
+        rows += [["floor: PvaPy's calls alone to read a frame's uniqueId, time stamp and pixels, write them "
+                  "(the pixels as a float32 image) and publish them", result["floor_us"]]]
     if "attribute_us" in result:
         rows += [["each further NDAttribute of the input, the same in every frame (decode + encode)",
                   result["attribute_us"]["unchanged"]],

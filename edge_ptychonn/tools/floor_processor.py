@@ -8,8 +8,8 @@ No batching, preprocessing, model, accounting or checks. Its highest lossless ra
 against PvaPy's passthrough (which republishes the record it received, half the bytes of
 a float32 image for int16 frames) says how close to the transport any Python processor
 of model outputs can come on this machine; the zero-cost engine's rate against it says
-what PtychoNN's own frame path costs above that floor. Not for use at a beamline: its
-images are zeros.
+what PtychoNN's own frame path costs above that floor. The bench's ``framepath`` part
+times its ``process()`` in one process too. Not for use at a beamline: its images are zeros.
 """
 
 from __future__ import annotations
