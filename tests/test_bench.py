@@ -837,17 +837,15 @@ def test_the_floor_processor_publishes_a_float32_image_with_the_frames_id_and_ti
     import pvaccess as pva
     from pvapy.utility.adImageUtility import AdImageUtility
 
-    from edge_ptychonn.tools.floor_processor import FloorProcessor
+    from edge_ptychonn.tools.floor_processor import FloorImages
 
-    processor, published = FloorProcessor(), []
-    processor.updateOutputChannel = lambda pv: published.append(
-        (pv["uniqueId"], pv["timeStamp"], [d["size"] for d in pv["dimension"]], pv.getUnion()))
-    processor.process(pva.NtNdArray())  # a (re)connect update: no frame
-    assert published == []
+    images, published = FloorImages(), []
+    assert images.output(pva.NtNdArray()) is None  # a (re)connect update: no frame
     for unique_id, shape in ((7, (48, 64)), (8, (48, 64)), (9, (32, 32))):
         frame = AdImageUtility.generateNtNdArray2D(unique_id, np.ones(shape, np.int16))
         frame["timeStamp"] = {"secondsPastEpoch": 100 + unique_id, "nanoseconds": 5, "userTag": 0}
-        processor.process(frame)
+        pv = images.output(frame)
+        published.append((pv["uniqueId"], pv["timeStamp"], [d["size"] for d in pv["dimension"]], pv.getUnion()))
     assert [p[0] for p in published] == [7, 8, 9]
     assert [p[1]["secondsPastEpoch"] for p in published] == [107, 108, 109]
     assert [p[2] for p in published] == [[64, 48], [64, 48], [32, 32]]  # x first, as an NTNDArray has them

@@ -167,15 +167,14 @@ def measure(model_path, input_hw: tuple[int, int], n_frames: int = 2000, batch: 
 
 
 def pvapy_floor_us(frames: list, publish) -> float:
-    """CPU us per frame of :class:`~edge_ptychonn.tools.floor_processor.FloorProcessor`'s
-    ``process()``, each output given to ``publish``: the PvaPy calls that any processor
-    republishing a model's float32 image with the frame's uniqueId and time stamp makes, and
-    nothing else. What a consumer spends above this is its own Python."""
-    from .floor_processor import FloorProcessor
+    """CPU us per frame of the floor processor's work (:class:`~edge_ptychonn.tools.
+    floor_processor.FloorImages`), each output given to ``publish``: the PvaPy calls that any
+    processor republishing a model's float32 image with the frame's uniqueId and time stamp
+    makes, and nothing else. What a consumer spends above this is its own Python."""
+    from .floor_processor import FloorImages
 
-    processor = FloorProcessor()
-    processor.updateOutputChannel = publish  # what pvapy-hpc-consumer's publisher would do with it
-    return _cpu_us_per_frame(lambda: [processor.process(pv) for pv in frames], len(frames))
+    images = FloorImages()  # not the processor itself: PvaPy's base class sets up logging to stdout
+    return _cpu_us_per_frame(lambda: [publish(images.output(pv)) for pv in frames], len(frames))
 
 
 def table(result: dict) -> str:

@@ -8,8 +8,9 @@ No batching, preprocessing, model, accounting or checks. Its highest lossless ra
 against PvaPy's passthrough (which republishes the record it received, half the bytes of
 a float32 image for int16 frames) says how close to the transport any Python processor
 of model outputs can come on this machine; the zero-cost engine's rate against it says
-what PtychoNN's own frame path costs above that floor. The bench's ``framepath`` part
-times its ``process()`` in one process too. Not for use at a beamline: its images are zeros.
+what PtychoNN's own frame path costs above that floor. Its work for a frame is
+:class:`FloorImages`, which the bench's ``framepath`` part also times in one process. Not for
+use at a beamline: its images are zeros.
 """
 
 from __future__ import annotations
@@ -19,28 +20,42 @@ import pvaccess as pva
 from pvapy.hpc.userDataProcessor import UserDataProcessor
 
 
+class FloorImages:
+    """The floor's work for one frame: the output NTNDArray to publish for it."""
+
+    def __init__(self) -> None:
+        self._out = pva.NtNdArray()
+        self._image = np.zeros(0, np.float32)
+
+    def output(self, frame: pva.PvObject) -> pva.PvObject | None:
+        """One reused NTNDArray with ``frame``'s uniqueId and time stamp and a float32 image of
+        zeros of its size; None for a record without an image (a monitor's (re)connect update)."""
+        field = frame.getSelectedUnionFieldName()
+        if not field:
+            return None
+        pixels = frame.getUnion()[field]
+        out = self._out
+        if pixels.size != self._image.size:  # a new frame size: read its dimensions once
+            self._image = np.zeros(pixels.size, np.float32)
+            out["dimension"] = [pva.PvDimension(d["size"], 0, d["size"], 1, False)
+                                for d in frame.getStructureArray("dimension")]
+        out.setInt("uniqueId", frame.getInt("uniqueId"))
+        out.setStructure("timeStamp", frame.getStructure("timeStamp"))
+        out.setUnion("value", {"floatValue": self._image})
+        return out
+
+
 class FloorProcessor(UserDataProcessor):
     """Publishes a float32 image of zeros with each frame's uniqueId and time stamp."""
 
     def __init__(self, configDict: dict | None = None):
         UserDataProcessor.__init__(self, configDict or {})
-        self._out = pva.NtNdArray()
-        self._image = np.zeros(0, np.float32)
+        self._images = FloorImages()
 
     def process(self, pvObject):
-        field = pvObject.getSelectedUnionFieldName()
-        if not field:  # the record a monitor gets on (re)connect: no frame
-            return pvObject
-        pixels = pvObject.getUnion()[field]
-        out = self._out
-        if pixels.size != self._image.size:  # a new frame size: read its dimensions once
-            self._image = np.zeros(pixels.size, np.float32)
-            out["dimension"] = [pva.PvDimension(d["size"], 0, d["size"], 1, False)
-                                for d in pvObject.getStructureArray("dimension")]
-        out.setInt("uniqueId", pvObject.getInt("uniqueId"))
-        out.setStructure("timeStamp", pvObject.getStructure("timeStamp"))
-        out.setUnion("value", {"floatValue": self._image})
-        self.updateOutputChannel(out)
+        out = self._images.output(pvObject)
+        if out is not None:
+            self.updateOutputChannel(out)
         return pvObject
 
     def getOutputPvObjectType(self, pvObject):
